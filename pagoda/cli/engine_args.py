@@ -1,0 +1,46 @@
+"""Engine flags shared by every command that starts an engine (vLLM's names)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '4G', '1073741824' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of device memory this engine may use (CPU: of available RAM)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size in bytes (e.g. 2GiB); overrides the fraction")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="disable CUDA graphs (accepted for vLLM compatibility)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for LLM(...) from parsed engine flags."""
+    return {
+        "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "kv_cache_memory": args.kv_cache_memory,
+        "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
+        "seed": args.seed,
+    }

@@ -1,0 +1,88 @@
+"""Engine configuration: model, KV cache and scheduler settings, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device,
+                  checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """Map a dtype name ('auto' included) to a torch dtype for this device."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ConfigError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.bfloat16
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available")
+    return device
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """KV cache layout and size. Size: absolute bytes, else a fraction of memory."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache
+    memory_utilization: float | None = None  # fraction of the device this engine may use
+    enable_prefix_caching: bool = True
+    cpu_default_kv_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ConfigError("block_size must be a power of two in [1, 256]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be positive")
+        if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Token budget and concurrency limits of one engine step."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything an engine needs to start; the model part is resolved at load time."""
+
+    model: str = "smollm2"
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "auto"

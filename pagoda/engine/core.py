@@ -1,0 +1,126 @@
+"""EngineCore: synchronous, I/O-free step loop (schedule -> run -> update)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagoda.config import EngineConfig, resolve_device, resolve_dtype
+from pagoda.engine.request import EngineCoreRequest, RequestStatus
+from pagoda.errors import ConfigError
+from pagoda.kv_cache.hashing import BlockHasher
+from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.layers.attention.selector import select_backend
+from pagoda.logger import get_logger
+from pagoda.models.loader import load_model, weight_bytes
+from pagoda.models.source import ModelSource, resolve_model
+from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
+from pagoda.runner.model_runner import ModelRunner, RunnerConfig
+from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput
+from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
+
+logger = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """Facts about the loaded model that the frontend needs."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int | None
+    extra_eos_token_ids: list[int]
+    num_kv_blocks: int
+    block_size: int
+    kv_capacity_tokens: int
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window:  # sliding-window attention is not implemented: stay inside one window
+        limit = min(limit, int(window))
+    if requested is None:
+        return int(limit)
+    if requested > limit:
+        raise ConfigError(f"max_model_len={requested} exceeds the model's limit of {limit}")
+    return requested
+
+
+def eos_ids(hf_config: Any) -> list[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+class EngineCore:
+    """Loads the model, sizes the KV cache, and runs scheduler + runner one step at a time."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        self.config = config
+        self.source = source or resolve_model(config.model, config.load_format)
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        hf = self.source.hf_config
+        self.dtype = resolve_dtype(config.dtype, self.device, getattr(hf, "dtype", None))
+        self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
+        model = load_model(self.source, self.dtype, self.device, self.max_model_len, config.seed)
+        backend = select_backend(config.attention_backend, self.device)
+        block_size = config.cache.block_size
+        self.runner = ModelRunner(model, RunnerConfig(self.device, self.dtype, block_size,
+                                                      hf.vocab_size), backend)
+        num_blocks = self._size_kv_cache(model)
+        self.runner.initialize_kv_cache(num_blocks)
+        hasher = BlockHasher(block_size, model_id=self.source.name)
+        self.kv_manager = KVCacheManager(num_blocks, block_size,
+                                         config.cache.enable_prefix_caching, hasher)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        eos = eos_ids(hf)
+        self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
+                                    eos[0] if eos else None, eos[1:], num_blocks, block_size,
+                                    self.kv_manager.capacity_tokens)
+        self._log_capacity()
+
+    def _size_kv_cache(self, model: torch.nn.Module) -> int:
+        spec = self.runner.kv_cache_spec()
+        non_kv = weight_bytes(model)
+        if self.device.type == "cuda":
+            non_kv = torch.cuda.memory_reserved(self.device)
+        budget = kv_budget_bytes(self.config.cache, self.device, non_kv)
+        return num_blocks_for(budget, spec, self.max_model_len)
+
+    def _log_capacity(self) -> None:
+        cap = self.model_info.kv_capacity_tokens
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency "
+                    "at max_model_len=%d: %.1fx", self.model_info.num_kv_blocks - 1,
+                    self.model_info.block_size, cap,
+                    self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30,
+                    self.max_model_len, cap / self.max_model_len)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched_out)
+        if sched_out.is_empty:
+            runner_out = ModelRunnerOutput()
+        return self.scheduler.update_from_output(sched_out, runner_out)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_manager.reset_prefix_cache()

@@ -1,0 +1,75 @@
+"""Turns user prompts and parameters into validated EngineCoreRequests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from pagoda.engine.core import ModelInfo
+from pagoda.engine.request import EngineCoreRequest
+from pagoda.errors import ContextLengthExceededError, InvalidRequestError
+from pagoda.sampling_params import SamplingParams
+
+
+class TokensPrompt(TypedDict, total=False):
+    """A prompt given as token ids (optionally with the text it came from)."""
+
+    prompt_token_ids: list[int]
+    prompt: str
+
+
+PromptType = str | list[int] | TokensPrompt
+
+
+@dataclass(slots=True)
+class ProcessedPrompt:
+    """A prompt's text (if known) and its token ids."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+class InputProcessor:
+    """Tokenizes and validates; raises InvalidRequestError before anything is scheduled."""
+
+    def __init__(self, tokenizer: Any, info: ModelInfo) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+
+    def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            return ProcessedPrompt(prompt, self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, dict):
+            ids = prompt.get("prompt_token_ids")
+            if ids is None:
+                raise InvalidRequestError("a dict prompt needs 'prompt_token_ids'", "prompt")
+            return ProcessedPrompt(prompt.get("prompt"), list(ids))
+        if isinstance(prompt, (list, tuple)):
+            return ProcessedPrompt(None, list(prompt))
+        raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.info.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(f"prompt token id {t!r} is out of vocabulary "
+                                          f"(size {vocab})", "prompt")
+        limit = self.info.max_model_len
+        if len(token_ids) >= limit:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"prompt has {len(token_ids)} tokens, which leaves no room for output.")
+
+    def process(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                priority: int = 0, cache_salt: str | None = None,
+                parent_id: str | None = None) -> EngineCoreRequest:
+        self.validate_prompt(prompt.token_ids)
+        params.check_vocab(self.info.vocab_size)
+        if self.info.extra_eos_token_ids and not params.ignore_eos:
+            extra = [t for t in self.info.extra_eos_token_ids if t not in params.stop_token_ids]
+            params = params.clone(stop_token_ids=params.stop_token_ids + extra)
+        return EngineCoreRequest(request_id, prompt.token_ids, params, self.info.eos_token_id,
+                                 time.monotonic(), priority, cache_salt, parent_id)

@@ -1,0 +1,26 @@
+"""The attention-backend interface: build step metadata once, then run each layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from pagoda.layers.attention.metadata import CommonAttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a KV cache of shape [2, num_blocks, block_size, kv_heads, head_dim]."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        """Precompute whatever this backend needs for the step (shared across layers)."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+        """Write k/v ([tokens, kv_heads, dim]) into the cache at the step's slots, then attend
+        q ([tokens, heads, dim]) over each sequence's cached context with causal masking."""

@@ -1,0 +1,32 @@
+"""The attention module a model holds: bound to its layer's KV cache view and a backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.layers.attention.backend import AttentionBackend
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer; the runner binds kv_cache and backend before use."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.kv_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        assert self.kv_cache is not None and self.backend is not None, "KV cache not bound"
+        out = self.backend.forward(q.view(-1, self.num_heads, self.head_dim),
+                                   k.view(-1, self.num_kv_heads, self.head_dim),
+                                   v.view(-1, self.num_kv_heads, self.head_dim),
+                                   self.kv_cache, attn_metadata, self.scale)
+        return out.view(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,64 @@
+"""Build a model for a resolved source and fill its weights (checkpoint or random)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.logger import get_logger
+from pagoda.models.loader.dummy import init_dummy_weights
+from pagoda.models.registry import model_class
+from pagoda.models.source import ModelSource, iter_weights
+
+logger = get_logger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
+               max_position: int, seed: int = 0) -> nn.Module:
+    """Instantiate the model on the device in dtype and load its weights."""
+    start = time.perf_counter()
+    cls = model_class(source.hf_config)
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(source.hf_config, max_position)
+    if source.format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        _load_checkpoint(model, source)
+    model.eval()
+    logger.info("loaded %s (%s, %s) in %.1fs: %.2f GiB of weights", source.name, source.format,
+                str(dtype).removeprefix("torch."), time.perf_counter() - start,
+                weight_bytes(model) / 2**30)
+    return model
+
+
+def _load_checkpoint(model: nn.Module, source: ModelSource) -> None:
+    loaded = model.load_weights(iter_weights(source))
+    missing = model.expected_weights() - loaded
+    if missing:
+        sample = ", ".join(sorted(missing)[:5])
+        raise UnsupportedModelError(
+            f"checkpoint {source.name!r} lacks {len(missing)} weights the model needs ({sample})")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel() * param.element_size()
+    return total

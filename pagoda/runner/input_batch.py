@@ -1,0 +1,129 @@
+"""The runner's persistent per-request state, updated from each step's scheduler diff."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pagoda.layers.attention.metadata import CommonAttentionMetadata
+from pagoda.scheduler.output import NewRequestData, SchedulerOutput
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    """Everything the runner keeps about one request between steps."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_prompt_logprobs_done: int = 0  # prompt positions already reported (survives preemption)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        out_start = max(start - len(prompt), 0)
+        head = prompt[start:] if start < len(prompt) else []
+        return head + self.output_token_ids[out_start:end - len(prompt)]
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """The flat tensors of one step, plus which rows sample and which want prompt logprobs."""
+
+    request_ids: list[str]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: CommonAttentionMetadata
+    sample_rows: list[int]  # batch rows whose last scheduled token ends the known sequence
+    logits_indices: list[int]  # flat token index of each sampling row's last token
+
+
+class InputBatch:
+    """Holds request states and turns a SchedulerOutput into a StepBatch."""
+
+    def __init__(self, device: torch.device, block_size: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def update(self, out: SchedulerOutput) -> None:
+        for request_id in out.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in out.new_requests:
+            self.requests[new.request_id] = self._new_state(new)
+        for cached in out.cached_requests:
+            state = self.requests[cached.request_id]
+            if cached.resumed_from_preemption:
+                state.block_ids = list(cached.new_block_ids)
+            else:
+                state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _new_state(self, new: NewRequestData) -> CachedRequestState:
+        seed = new.sampling_params.seed
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed % (1 << 64))
+        return CachedRequestState(new.request_id, list(new.prompt_token_ids), new.sampling_params,
+                                  new.eos_token_id, list(new.block_ids),
+                                  new.num_computed_tokens, generator)
+
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        request_ids = list(out.num_scheduled_tokens)
+        counts = [out.num_scheduled_tokens[r] for r in request_ids]
+        states = [self.requests[r] for r in request_ids]
+        starts = [s.num_computed_tokens for s in states]
+        input_ids = np.fromiter((t for s, a, n in zip(states, starts, counts)
+                                 for t in s.tokens(a, a + n)), dtype=np.int64)
+        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts)])
+        seq_lens = [a + n for a, n in zip(starts, counts)]
+        query_start = np.zeros(len(states) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        tables = self._block_tables(states)
+        token_rows = np.repeat(np.arange(len(states)), counts)
+        slots = tables[token_rows, positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+        sample_rows = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
+        return StepBatch(
+            request_ids, self._to_device(input_ids), self._to_device(positions),
+            self._attn_metadata(query_start, seq_lens, tables, slots, max(counts)),
+            sample_rows, [int(query_start[i + 1]) - 1 for i in sample_rows])
+
+    def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
+        width = max(len(s.block_ids) for s in states)
+        tables = np.zeros((len(states), width), dtype=np.int64)
+        for i, s in enumerate(states):
+            tables[i, :len(s.block_ids)] = s.block_ids
+        return tables
+
+    def _attn_metadata(self, query_start: np.ndarray, seq_lens: list[int], tables: np.ndarray,
+                       slots: np.ndarray, max_query_len: int) -> CommonAttentionMetadata:
+        return CommonAttentionMetadata(
+            num_tokens=int(query_start[-1]), num_seqs=len(seq_lens),
+            max_query_len=max_query_len, max_seq_len=max(seq_lens),
+            query_start_loc=self._to_device(query_start, torch.int32),
+            seq_lens=self._to_device(np.asarray(seq_lens), torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            slot_mapping=self._to_device(slots),
+            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=list(seq_lens),
+            block_size=self.block_size)
+
+    def _to_device(self, array: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor

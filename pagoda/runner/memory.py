@@ -1,0 +1,72 @@
+"""KV cache sizing: bytes per block, and how many blocks a memory budget buys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.config import CacheConfig
+from pagoda.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """Shape of the KV cache: one [2, blocks, block_size, kv_heads, head_dim] slab per layer."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); falls back to total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_budget_bytes(cache: CacheConfig, device: torch.device, non_kv_peak: int) -> int:
+    """Bytes the KV cache may take: explicit bytes, else a fraction of the device's memory
+    minus what weights and activations need (non_kv_peak), else the per-device default."""
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+        fraction = cache.memory_utilization if cache.memory_utilization is not None else 0.9
+        return int(total * fraction) - non_kv_peak
+    available = available_host_memory()
+    if cache.memory_utilization is not None:
+        return int(available * cache.memory_utilization)
+    return min(cache.cpu_default_kv_bytes, available // 2)
+
+
+def num_blocks_for(budget: int, spec: KVCacheSpec, max_model_len: int) -> int:
+    """Blocks that fit the budget; refuses a cache that cannot hold one full-length sequence."""
+    num_blocks = budget // spec.bytes_per_block
+    needed = -(-max_model_len // spec.block_size) + 1  # +1: the reserved null block
+    if num_blocks < needed:
+        have = max(budget, 0) / 2**20
+        want = needed * spec.bytes_per_block / 2**20
+        raise ConfigError(
+            f"the KV cache budget ({have:.1f} MiB) cannot hold one sequence of max_model_len="
+            f"{max_model_len} tokens ({want:.1f} MiB needed); raise the KV cache memory "
+            f"(--kv-cache-memory / --gpu-memory-utilization) or lower --max-model-len")
+    return int(num_blocks)

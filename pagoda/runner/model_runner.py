@@ -1,0 +1,117 @@
+"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
+from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.runner.input_batch import CachedRequestState, InputBatch, StepBatch
+from pagoda.runner.memory import KVCacheSpec
+from pagoda.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
+from pagoda.sampling.metadata import SamplingMetadata, SamplingRow
+from pagoda.sampling.sampler import Sampler
+from pagoda.scheduler.output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    """What the runner needs to know about the engine it serves."""
+
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    vocab_size: int
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensor, the per-request batch state and the sampler."""
+
+    def __init__(self, model: nn.Module, config: RunnerConfig, backend: AttentionBackend) -> None:
+        self.model = model
+        self.config = config
+        self.backend = backend
+        self.batch = InputBatch(config.device, config.block_size)
+        self.sampler = Sampler()
+        self.kv_cache: torch.Tensor | None = None
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        layer = self.model.attention_layers()[0]
+        return KVCacheSpec(len(self.model.attention_layers()), self.config.block_size,
+                           layer.num_kv_heads, layer.head_dim, self.config.dtype)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate one KV tensor and bind each attention layer to its slice."""
+        spec = self.kv_cache_spec()
+        shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=spec.dtype, device=self.config.device)
+        self.kv_cache[:, :, NULL_BLOCK_ID].zero_()  # padding reads land here
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.kv_cache = self.kv_cache[i]
+            layer.backend = self.backend
+
+    @torch.inference_mode()
+    def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.update(sched_out)
+        if sched_out.is_empty:
+            return ModelRunnerOutput()
+        step = self.batch.prepare(sched_out)
+        attn_metadata = self.backend.build_metadata(step.attn)
+        hidden = self.model(step.input_ids, step.positions, attn_metadata)
+        out = ModelRunnerOutput()
+        self._prompt_logprobs(step, hidden, out)
+        if step.sample_rows:
+            self._sample(step, hidden, out)
+        return out
+
+    def _sample(self, step: StepBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]
+        logits = self.model.compute_logits(hidden[step.logits_indices])
+        meta = SamplingMetadata.build([_sampling_row(s) for s in states],
+                                      self.config.vocab_size, self.config.device)
+        result = self.sampler(logits, meta)
+        sampled = result.sampled_token_ids.tolist()
+        for row, (state, token_id) in enumerate(zip(states, sampled)):
+            state.output_token_ids.append(token_id)
+            out.sampled_token_ids[state.request_id] = [token_id]
+            if result.logprobs is not None and state.sampling_params.logprobs is not None:
+                out.logprobs[state.request_id] = _rows_to_lists(
+                    result.logprobs, [row], state.sampling_params.logprobs)
+
+    def _prompt_logprobs(self, step: StepBatch, hidden: torch.Tensor,
+                         out: ModelRunnerOutput) -> None:
+        """Logprobs of each prompt token given its prefix, for requests that asked."""
+        qsl = step.attn.query_start_loc_cpu
+        for row, request_id in enumerate(step.request_ids):
+            state = self.batch.requests[request_id]
+            num_top = state.sampling_params.prompt_logprobs
+            if num_top is None:
+                continue
+            start = max(step.attn.seq_lens_cpu[row] - (qsl[row + 1] - qsl[row]),
+                        state.num_prompt_logprobs_done)
+            # hidden state at position p scores prompt token p + 1
+            end = min(step.attn.seq_lens_cpu[row], len(state.prompt_token_ids) - 1)
+            if end <= start:
+                continue
+            first = qsl[row] + start - (step.attn.seq_lens_cpu[row] - (qsl[row + 1] - qsl[row]))
+            targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1],
+                                   device=self.config.device)
+            logits = self.model.compute_logits(hidden[first:first + end - start])
+            lp = compute_prompt_logprobs(logits, targets, num_top)
+            out.prompt_logprobs[request_id] = _rows_to_lists(lp, list(range(end - start)), num_top)
+            state.num_prompt_logprobs_done = end
+
+def _sampling_row(state: CachedRequestState) -> SamplingRow:
+    return SamplingRow(state.sampling_params, state.prompt_token_ids, state.output_token_ids,
+                       state.generator, state.eos_token_id)
+
+
+def _rows_to_lists(lp: LogprobsTensors, rows: list[int], num_top: int) -> LogprobsLists:
+    width = num_top + 1
+    ids = lp.token_ids[rows, :width].tolist()
+    values = lp.logprobs[rows, :width].tolist()
+    ranks = lp.ranks[rows].tolist()
+    return ids, values, ranks

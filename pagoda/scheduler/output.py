@@ -1,0 +1,75 @@
+"""The scheduler <-> runner contract: a diff per step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has not seen: everything needed to build its state."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the runner already holds: only what changed since its last step."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    resumed_from_preemption: bool = False  # new_block_ids then replaces the whole table
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's work: which requests run how many tokens, and what left the batch."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    preempted_request_ids: set[str] = field(default_factory=set)
+    finished_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+# Per position: (token ids [k+1], logprobs [k+1], rank of the first id). Col 0 is the actual token.
+LogprobsLists = tuple[list[list[int]], list[list[float]], list[int]]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """What one step produced, keyed by request id."""
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """New tokens (and whether it finished) for one request after one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: LogprobsLists | None = None
+    new_prompt_logprobs: LogprobsLists | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

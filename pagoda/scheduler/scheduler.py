@@ -1,0 +1,229 @@
+"""Phase-free token-budget scheduler with chunked prefill and recompute preemption.
+
+Every request has num_computed_tokens catching up with num_tokens. A step hands out at most
+max_num_batched_tokens: running requests first (in priority order), then waiting ones.
+Prefill chunks, prefix-cache hits and decodes are all the same rule. When KV blocks run out
+the lowest-priority (then newest) running request is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pagoda.config import SchedulerConfig
+from pagoda.engine.request import EngineCoreRequest, Request, RequestStatus
+from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.scheduler.output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from pagoda.scheduler.queue import WaitingQueue
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters the engine exposes (and the server turns into metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_computed_tokens_total: int = 0
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()
+        self._next_seq = 0
+        self.num_preemptions = 0
+        self.num_computed_tokens_total = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+    def add_request(self, core_req: EngineCoreRequest) -> None:
+        if core_req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {core_req.request_id!r}")
+        max_tokens = self.max_model_len - len(core_req.prompt_token_ids)
+        if core_req.sampling_params.max_tokens is not None:
+            max_tokens = min(max_tokens, core_req.sampling_params.max_tokens)
+        request = Request.from_core_request(core_req, max_tokens, self._next_seq)
+        self._next_seq += 1
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_requests(self, request_ids: list[str] | set[str],
+                        status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End requests now (abort, or a stop string the frontend found); frees their blocks."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids,
+                              preempted_request_ids=self._preempted_ids)
+        self._finished_ids, self._preempted_ids = set(), set()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.sort_key)
+        budget = self._schedule_running(out, budget)
+        if not out.preempted_request_ids:
+            self._schedule_waiting(out, budget)
+        for request_id, n in out.num_scheduled_tokens.items():
+            self.requests[request_id].num_computed_tokens += n
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        self.num_computed_tokens_total += out.total_num_scheduled_tokens
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_block_ids = self._allocate_or_preempt(request, num_new, out)
+            if new_block_ids is None:
+                break  # the request preempted itself: everything after it is gone too
+            out.cached_requests.append(CachedRequestData(
+                request.request_id, new_block_ids, request.num_computed_tokens))
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             out: SchedulerOutput) -> list[int] | None:
+        while True:
+            new_block_ids = self.kv.allocate_slots(request, num_new)
+            if new_block_ids is not None:
+                return new_block_ids
+            victim = self.running[-1]  # running is sorted: the last is the least important
+            self._preempt(victim, out)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(request)
+        out.preempted_request_ids.add(request.request_id)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            new_block_ids = self.kv.allocate_slots(request, num_new, hit_blocks, num_hit)
+            if new_block_ids is None:
+                break
+            self.waiting.pop()
+            self._admit(request, num_hit, num_new, out)
+            budget -= num_new
+
+    def _admit(self, request: Request, num_hit: int, num_new: int, out: SchedulerOutput) -> None:
+        resumed = request.status == RequestStatus.PREEMPTED
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_hit
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+            request.first_scheduled_time = time.monotonic()
+        self.running.append(request)
+        block_ids = self.kv.block_ids(request.request_id)
+        if resumed:
+            out.cached_requests.append(CachedRequestData(
+                request.request_id, block_ids, num_hit, resumed_from_preemption=True))
+        else:
+            out.new_requests.append(NewRequestData(
+                request.request_id, request.prompt_token_ids, request.sampling_params,
+                request.eos_token_id, block_ids, num_hit))
+        out.num_scheduled_tokens[request.request_id] = num_new
+
+    # ---- results -----------------------------------------------------------------------------
+    def update_from_output(self, sched_out: SchedulerOutput,
+                           runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for request_id in sched_out.num_scheduled_tokens:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            sampled = runner_out.sampled_token_ids.get(request_id, [])
+            prompt_logprobs = runner_out.prompt_logprobs.get(request_id)
+            if not sampled and prompt_logprobs is None:
+                continue  # a prefill chunk that ended mid-prompt
+            new_tokens = self._append_tokens(request, sampled)
+            outputs.append(EngineCoreOutput(
+                request_id, new_tokens, runner_out.logprobs.get(request_id), prompt_logprobs,
+                request.status.finish_reason, request.stop_reason,
+                max(request.num_cached_tokens, 0)))
+            if request.is_finished:
+                self.running.remove(request)
+                self._finish(request, request.status)
+        return outputs
+
+    def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
+        new_tokens = []
+        for token_id in sampled:
+            request.append_output_token(token_id)
+            new_tokens.append(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                request.status = status
+                break
+        return new_tokens
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id == request.eos_token_id and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        self._finished_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def stats(self) -> SchedulerStats:
+        prefix = self.kv.stats
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage, num_preemptions=self.num_preemptions,
+            prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
+            num_computed_tokens_total=self.num_computed_tokens_total)

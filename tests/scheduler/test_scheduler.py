@@ -1,0 +1,222 @@
+"""Scheduler: token budget, chunked prefill, joining, preemption, abort, priority.
+
+Driven by a fake runner whose 'model' emits a token that depends on the whole sequence, so
+any scheduling mistake (lost or repeated tokens) changes the outputs.
+"""
+
+from __future__ import annotations
+
+from pagoda.config import SchedulerConfig
+from pagoda.engine.request import EngineCoreRequest, RequestStatus
+from pagoda.kv_cache.hashing import BlockHasher
+from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.sampling_params import SamplingParams
+from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from pagoda.scheduler.scheduler import Scheduler
+
+BS = 4
+
+
+class FakeRunner:
+    """Tracks per-request tokens from the scheduler diff and 'samples' sum(tokens) % 97."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in out.finished_request_ids:
+            self.tokens.pop(rid, None)
+        for new in out.new_requests:
+            self.tokens[new.request_id] = list(new.prompt_token_ids)
+            self.computed[new.request_id] = new.num_computed_tokens
+        for cached in out.cached_requests:
+            assert self.computed[cached.request_id] == cached.num_computed_tokens or \
+                cached.resumed_from_preemption
+            self.computed[cached.request_id] = cached.num_computed_tokens
+        result = ModelRunnerOutput()
+        for rid, n in out.num_scheduled_tokens.items():
+            self.computed[rid] += n
+            toks = self.tokens[rid]
+            assert self.computed[rid] <= len(toks)
+            if self.computed[rid] == len(toks):
+                token = sum(toks) % 97
+                toks.append(token)
+                result.sampled_token_ids[rid] = [token]
+        return result
+
+
+def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True):
+    kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"))
+    return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len)
+
+
+def add(sched, rid, prompt, max_tokens=8, priority=0, **params):
+    sched.add_request(EngineCoreRequest(
+        rid, prompt, SamplingParams(max_tokens=max_tokens, **params), eos_token_id=None,
+        priority=priority))
+
+
+def run(sched, runner=None, max_steps=10_000, on_step=None):
+    runner = runner or FakeRunner()
+    outputs: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    steps = 0
+    while sched.has_unfinished_requests() and steps < max_steps:
+        out = sched.schedule()
+        assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
+        assert len(out.num_scheduled_tokens) <= sched.config.max_num_seqs
+        for o in sched.update_from_output(out, runner.execute(out)):
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        steps += 1
+        if on_step:
+            on_step(sched, steps)
+    return outputs, reasons, steps
+
+
+def prompts(n, base_len=10):
+    return {f"r{i}": [(i * 7 + j) % 50 + 1 for j in range(base_len + 3 * i)] for i in range(n)}
+
+
+def reference_outputs(ps, max_tokens=8):
+    out = {}
+    for rid, p in ps.items():
+        sched = make_scheduler(budget=4096, num_blocks=256)
+        add(sched, rid, p, max_tokens)
+        out[rid] = run(sched)[0][rid]
+    return out
+
+
+def test_token_budget_and_chunked_prefill():
+    sched = make_scheduler(budget=16)
+    add(sched, "long", list(range(1, 50)))
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"long": 16}
+    assert [r.request_id for r in out.new_requests] == ["long"]
+
+
+def test_new_requests_join_a_running_batch():
+    sched = make_scheduler(budget=64)
+    runner = FakeRunner()
+    add(sched, "a", list(range(1, 9)), max_tokens=20)
+    first = sched.schedule()
+    sched.update_from_output(first, runner.execute(first))
+    add(sched, "b", list(range(1, 5)))
+    second = sched.schedule()
+    assert second.num_scheduled_tokens == {"a": 1, "b": 4}
+
+
+def test_batched_outputs_equal_solo_outputs():
+    ps = prompts(12)
+    sched = make_scheduler(budget=24)
+    for rid, p in ps.items():
+        add(sched, rid, p)
+    outputs, reasons, _ = run(sched)
+    assert outputs == reference_outputs(ps)
+    assert set(reasons.values()) == {"length"}
+
+
+def test_preemption_keeps_outputs_identical_and_frees_everything():
+    ps = prompts(8)
+    sched = make_scheduler(num_blocks=14, budget=64)  # too few blocks for all at once
+    for rid, p in ps.items():
+        add(sched, rid, p, max_tokens=12)
+    outputs, _, _ = run(sched)
+    assert sched.num_preemptions > 0
+    assert outputs == reference_outputs(ps, max_tokens=12)
+    assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+def test_abort_at_any_step_frees_all_blocks():
+    for abort_step in range(1, 8):
+        sched = make_scheduler(budget=8)
+        for rid, p in prompts(4).items():
+            add(sched, rid, p)
+
+        def abort(s, step):
+            if step == abort_step:
+                s.finish_requests(["r1", "r3"])
+        outputs, reasons, _ = run(sched, on_step=abort)
+        assert "r1" not in reasons and "r3" not in reasons
+        assert reasons["r0"] == "length" and reasons["r2"] == "length"
+        assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+        assert not sched.requests
+
+
+def test_abort_of_waiting_request():
+    sched = make_scheduler(max_seqs=1)
+    add(sched, "a", [1, 2, 3])
+    add(sched, "b", [4, 5, 6])
+    sched.schedule()
+    sched.finish_requests(["b"])
+    assert len(sched.waiting) == 0 and "b" in sched.schedule().finished_request_ids
+
+
+def test_max_num_seqs_limits_running():
+    sched = make_scheduler(max_seqs=2, budget=1000)
+    for rid, p in prompts(5).items():
+        add(sched, rid, p)
+    assert len(sched.schedule().num_scheduled_tokens) == 2
+
+
+def test_priority_orders_admission_and_preemption():
+    sched = make_scheduler(max_seqs=1, budget=1000)
+    add(sched, "low", [1, 2, 3], priority=5)
+    add(sched, "high", [4, 5, 6], priority=-1)
+    assert list(sched.schedule().num_scheduled_tokens) == ["high"]
+
+    sched = make_scheduler(num_blocks=5, budget=1000)  # 4 usable blocks
+    add(sched, "important", [1] * 6, priority=0, max_tokens=20)
+    add(sched, "meh", [2] * 6, priority=9, max_tokens=20)
+    runner = FakeRunner()
+    preempted = set()
+    for _ in range(6):
+        out = sched.schedule()
+        preempted |= out.preempted_request_ids
+        sched.update_from_output(out, runner.execute(out))
+    assert preempted == {"meh"}
+
+
+def test_stop_conditions():
+    sched = make_scheduler()
+    # the fake model's first token for prompt [1, 2] is 3
+    add(sched, "eos", [1, 2], max_tokens=8)
+    sched.requests["eos"].eos_token_id = 3
+    add(sched, "stop_id", [1, 2], max_tokens=8, stop_token_ids=[3])
+    add(sched, "min", [1, 2], max_tokens=8, min_tokens=2, stop_token_ids=[3])
+    add(sched, "ignore", [1, 2], max_tokens=3, ignore_eos=True)
+    sched.requests["ignore"].eos_token_id = 3
+    outputs, reasons, _ = run(sched)
+    assert outputs["eos"] == [3] and reasons["eos"] == "stop"
+    assert outputs["stop_id"] == [3] and reasons["stop_id"] == "stop"
+    assert len(outputs["min"]) >= 2
+    assert len(outputs["ignore"]) == 3 and reasons["ignore"] == "length"
+
+
+def test_max_model_len_ends_generation():
+    sched = make_scheduler(max_len=12)
+    add(sched, "a", list(range(1, 11)), max_tokens=100)
+    outputs, reasons, _ = run(sched)
+    assert len(outputs["a"]) == 2 and reasons["a"] == "length"
+
+
+def test_prefix_hit_skips_computation():
+    sched = make_scheduler(budget=1000)
+    runner = FakeRunner()
+    prompt = list(range(1, 30))
+    add(sched, "a", prompt, max_tokens=1)
+    run(sched, runner)
+    add(sched, "b", prompt + [5, 6], max_tokens=1)
+    out = sched.schedule()
+    assert out.num_scheduled_tokens["b"] == 31 - 28
+    assert out.new_requests[0].num_computed_tokens == 28
+
+
+def test_finished_status_is_reported():
+    sched = make_scheduler()
+    add(sched, "a", [1, 2], max_tokens=1)
+    run(sched)
+    assert RequestStatus.FINISHED_LENGTH.finish_reason == "length"
+    assert "a" in sched.schedule().finished_request_ids
