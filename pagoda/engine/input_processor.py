@@ -39,6 +39,9 @@ class InputProcessor:
 
     def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: give prompt token ids",
+                                          "prompt")
             return ProcessedPrompt(prompt, self.tokenizer(prompt).input_ids)
         if isinstance(prompt, dict):
             ids = prompt.get("prompt_token_ids")

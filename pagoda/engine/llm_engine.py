@@ -9,8 +9,8 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.errors import InvalidRequestError
-from pagoda.models.source import load_tokenizer, resolve_model
+from pagoda.errors import InvalidRequestError, ModelNotFoundError
+from pagoda.models.source import ModelSource, load_tokenizer, resolve_model
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         source = resolve_model(config.model, config.load_format)
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = _optional_tokenizer(source)
         self.core = EngineCore(config, source)
         self.model_info = self.core.model_info
         self.input_processor = InputProcessor(self.tokenizer, self.model_info)
@@ -73,3 +73,13 @@ class LLMEngine:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+
+def _optional_tokenizer(source: ModelSource) -> Any | None:
+    """The tokenizer; random-weight models without tokenizer files run on token ids alone."""
+    try:
+        return load_tokenizer(source)
+    except ModelNotFoundError:
+        if source.format != "dummy":
+            raise
+        return None

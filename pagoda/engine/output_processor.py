@@ -59,7 +59,7 @@ class OutputProcessor:
 
     def _child(self, index: int, params: SamplingParams, prompt_ids: list[int]) -> ChildState:
         detok = None
-        if params.detokenize:
+        if params.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                            params.stop, params.include_stop_str_in_output)
         logprobs = [] if params.logprobs is not None else None
@@ -145,8 +145,8 @@ class OutputProcessor:
             for k, (token_id, value) in enumerate(zip(ids, values)):
                 if token_id in position:
                     continue
-                position[token_id] = Logprob(value, rank if k == 0 else k,
-                                             decode_token(self.tokenizer, token_id))
+                text = decode_token(self.tokenizer, token_id) if self.tokenizer else None
+                position[token_id] = Logprob(value, rank if k == 0 else k, text)
             result.append(position)
         return result
 

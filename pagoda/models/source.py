@@ -1,4 +1,4 @@
-"""Resolving a model spec (pulled name, directory, .gguf file) and reading its config, weights and tokenizer."""
+"""Resolving a model spec (pulled name, directory, .gguf file); reading its config, weights, tokenizer."""
 
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ class ModelSource:
     hf_config: PretrainedConfig
     gguf_file: Path | None = None
     tokenizer_path: Path | None = None  # directory with tokenizer files; None: use the GGUF
-
 
 
 def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
@@ -162,7 +161,6 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-
 @dataclass(slots=True)
 class GGUFMeta:
     """Typed access to the metadata and tensor index of one GGUF file."""
@@ -197,7 +195,7 @@ class GGUFMeta:
 
     def count(self, key: str) -> int | None:
         """Length of array metadata `key` without decoding its items."""
-        field = self.reader.fields.get(key)
+        field = self.reader.fields.get(key.format(arch=self.arch))
         return None if field is None else len(field.data)
 
     def tensor(self, name: str) -> gguf.ReaderTensor | None:
@@ -219,6 +217,8 @@ class GGUFArch:
 def gguf_hf_config(path: Path) -> PretrainedConfig:
     """Build the transformers config of GGUF file `path` from its metadata."""
     meta = GGUFMeta.open(path)
+    if int(meta.get("split.count", 1)) > 1:
+        raise UnsupportedModelError(f"{path} is one shard of a split GGUF; merge it with llama-gguf-split")
     return _arch(meta).build_config(meta)
 
 
@@ -226,7 +226,8 @@ def _arch(meta: GGUFMeta) -> GGUFArch:
     spec = GGUF_ARCHS.get(meta.arch)
     if spec is None:
         supported = ", ".join(GGUF_ARCHS)
-        raise UnsupportedModelError(f"{meta.path}: GGUF architecture {meta.arch!r} is not supported ({supported})")
+        raise UnsupportedModelError(
+            f"{meta.path}: GGUF architecture {meta.arch!r} is not supported (supported: {supported})")
     return spec
 
 
@@ -322,7 +323,6 @@ def llama3_rope_factors(params: Mapping[str, Any], theta: float, head_dim: int) 
     low, high, factor = params["low_freq_factor"], params["high_freq_factor"], params["factor"]
     smooth = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
     return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
-
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -430,7 +430,6 @@ GGUF_ARCHS: Mapping[str, GGUFArch] = MappingProxyType({
         skipped=frozenset({"rope_freqs.weight"}),
     ),
 })
-
 
 
 def load_tokenizer(source: ModelSource) -> Any:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 
-SMOLLM_TOKENIZER = Path("/tmp/dl/tok")
 
 TEXTS = [
     "Hello, world!",
@@ -75,10 +73,8 @@ def _byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def smollm() -> Any:
-    if not SMOLLM_TOKENIZER.is_dir():
-        pytest.skip(f"SmolLM2 tokenizer not found at {SMOLLM_TOKENIZER}")
-    return AutoTokenizer.from_pretrained(str(SMOLLM_TOKENIZER))
+def smollm(smollm2_tokenizer: Any) -> Any:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -175,3 +175,15 @@ def test_bad_requests_are_rejected_before_scheduling(smollm2_llm, smollm2_tokeni
 def test_unknown_model_path_raises_model_not_found(tmp_path):
     with pytest.raises(ModelNotFoundError):
         LLM(str(tmp_path / "no-such-model"))
+
+
+def test_random_weights_without_tokenizer_run_on_token_ids(tmp_path):
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256
+                ).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=4 << 20)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5 and out[0].outputs[0].text == ""
+    with pytest.raises(InvalidRequestError, match="no tokenizer"):
+        llm.generate(["text needs a tokenizer"])

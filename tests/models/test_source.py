@@ -105,6 +105,10 @@ def write_llama_gguf(path: Path, config: LlamaConfig, tensors: dict[str, np.ndar
     return path
 
 
+def embedding(vocab: int, hidden: int) -> dict[str, np.ndarray]:
+    return {"token_embd.weight": np.zeros((vocab, hidden), np.float32)}
+
+
 def gguf_tensors_from_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in state.items():
@@ -118,15 +122,6 @@ def gguf_tensors_from_hf(state: dict[str, torch.Tensor], config: LlamaConfig) ->
 
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The pulled SmolLM2 directory (`pagoda pull smollm2`, which `make test` runs first)."""
-    path = store.find_pulled("smollm2")
-    if path is None:
-        pytest.skip("SmolLM2 is not pulled: run `pagoda pull smollm2` (or `make model`)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -171,12 +166,14 @@ def test_smollm2_config_fields(smollm2_config: LlamaConfig) -> None:
     assert config.architectures == ["LlamaForCausalLM"]
 
 
-def test_smollm2_config_matches_transformers(smollm2_config: LlamaConfig, hf_smollm2: torch.nn.Module) -> None:
+def test_smollm2_config_matches_transformers(smollm2_config: LlamaConfig,
+                                             hf_smollm2: torch.nn.Module) -> None:
     theirs = hf_smollm2.config.to_dict()
     ours = smollm2_config.to_dict()
     skip = {"_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version",
             "architectures", "unk_token_id", "dtype"}
-    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in theirs.items() if k not in skip}
+    assert {k: v for k, v in ours.items() if k not in skip} == {
+        k: v for k, v in theirs.items() if k not in skip}
 
 
 def test_pulled_name_and_alias_resolve_fast_path(smollm2_dir: Path, smollm2_config: LlamaConfig,
@@ -204,7 +201,8 @@ def test_smollm2_weight_names_and_shapes(smollm2_weights: dict[str, torch.Tensor
         "model.layers.7.self_attn.o_proj.weight": (576, 576),
         "model.layers.7.mlp.gate_proj.weight": (1536, 576), "model.layers.7.mlp.up_proj.weight": (1536, 576),
         "model.layers.7.mlp.down_proj.weight": (576, 1536),
-        "model.layers.7.input_layernorm.weight": (576,), "model.layers.7.post_attention_layernorm.weight": (576,),
+        "model.layers.7.input_layernorm.weight": (576,),
+        "model.layers.7.post_attention_layernorm.weight": (576,),
     }
     assert {name: tuple(smollm2_weights[name].shape) for name in expect} == expect
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in smollm2_weights.values())
@@ -234,7 +232,7 @@ def test_tokenizer_round_trip_and_chat_template(smollm2_dir: Path) -> None:
 
 def test_gguf_file_and_plain_directory_specs(tmp_path: Path) -> None:
     config = tiny_llama_config()
-    real = write_llama_gguf(tmp_path / "real.gguf", config, {"token_embd.weight": np.zeros((300, 64), np.float32)})
+    real = write_llama_gguf(tmp_path / "real.gguf", config, embedding(300, 64))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "linked.gguf").symlink_to(real)  # like a Hugging Face cache snapshot
@@ -278,10 +276,10 @@ def test_synthetic_gguf_round_trips_hf_weights(tmp_path: Path) -> None:
       "{arch}.rope.scaling.original_context_length": 64.0},
      {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
 ])
-def test_rope_scaling_metadata(tmp_path: Path, metadata: dict[str, object], expected: dict[str, object]) -> None:
+def test_rope_scaling_metadata(tmp_path: Path, metadata: dict[str, object],
+                               expected: dict[str, object]) -> None:
     config = tiny_llama_config()
-    embedding = {"token_embd.weight": np.zeros((300, 64), np.float32)}
-    path = write_llama_gguf(tmp_path / "rope.gguf", config, embedding, metadata)
+    path = write_llama_gguf(tmp_path / "rope.gguf", config, embedding(300, 64), metadata)
     assert gguf_hf_config(path).rope_parameters == expected | {"rope_theta": 10000.0}
 
 
@@ -296,7 +294,7 @@ def test_llama3_rope_recovered_from_rope_freqs(tmp_path: Path) -> None:
     plain = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     factors = (plain / scaled.double()).float().numpy()  # what llama.cpp stores as rope_freqs
     np.testing.assert_allclose(llama3_rope_factors(rope, 500000.0, 128), factors, rtol=1e-5)
-    tensors = {"token_embd.weight": np.zeros((300, 512), np.float32), "rope_freqs.weight": factors}
+    tensors = embedding(300, 512) | {"rope_freqs.weight": factors}
     source = resolve_model(str(write_llama_gguf(tmp_path / "l3.gguf", config, tensors)))
     assert source.hf_config.rope_parameters == rope
     scaled_again, _ = ROPE_INIT_FUNCTIONS["llama3"](source.hf_config, "cpu")
@@ -306,14 +304,13 @@ def test_llama3_rope_recovered_from_rope_freqs(tmp_path: Path) -> None:
 
 def test_vocab_size_falls_back_to_embedding_rows(tmp_path: Path) -> None:
     config = tiny_llama_config()
-    path = write_llama_gguf(tmp_path / "v.gguf", config, {"token_embd.weight": np.zeros((123, 64), np.float32)})
+    path = write_llama_gguf(tmp_path / "v.gguf", config, embedding(123, 64))
     assert gguf_hf_config(path).vocab_size == 123
 
 
 def test_unsupported_gguf_architecture_and_garbage(tmp_path: Path) -> None:
     config = tiny_llama_config()
-    path = write_llama_gguf(tmp_path / "m.gguf", config, {"token_embd.weight": np.zeros((300, 64), np.float32)},
-                            arch="mamba")
+    path = write_llama_gguf(tmp_path / "m.gguf", config, embedding(300, 64), arch="mamba")
     with pytest.raises(UnsupportedModelError, match="'mamba' is not supported"):
         resolve_model(str(path))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all, just text padding....")
@@ -334,7 +331,7 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return path, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_safetensors_checkpoint_resolves_and_iterates(hf_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
+def test_safetensors_checkpoint_resolves_and_iterates(hf_checkpoint: tuple[Path, dict]) -> None:
     path, state = hf_checkpoint
     source = resolve_model(str(path))
     assert source.format == "safetensors" and source.path == path and source.gguf_file is None
@@ -350,7 +347,8 @@ def test_safetensors_checkpoint_resolves_and_iterates(hf_checkpoint: tuple[Path,
         load_tokenizer(source)
 
 
-def test_safetensors_with_tokenizer_files(smollm2_dir: Path, hf_checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+def test_safetensors_with_tokenizer_files(smollm2_dir: Path, hf_checkpoint: tuple[Path, dict],
+                                          tmp_path: Path) -> None:
     path, _ = hf_checkpoint
     for item in path.iterdir():
         (tmp_path / item.name).symlink_to(item)

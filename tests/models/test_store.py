@@ -20,7 +20,8 @@ from pagoda.models.source import GGUF_CONFIG_VERSION, load_tokenizer, resolve_mo
 
 TINY = store.BuiltinModel(name="tiny", package="pagoda-tiny-test", version="1.0",
                           member="pagoda_tiny/tiny.Q.gguf", aliases=("Tiny-Llama",))
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}")
 
 
 def byte_level_tokens() -> list[str]:
