@@ -6,7 +6,7 @@ PAGODA := $(VENV)/bin/pagoda
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install model test generate chat clean
+.PHONY: install model test generate chat serve clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ chat: model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+serve: model
+	$(PAGODA) serve $(SERVE_ARGS)

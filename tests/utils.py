@@ -20,3 +20,95 @@ def save_random_checkpoint(config, path: Path, tokenizer_dir: Path | None, seed:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, path / name)
     return path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RemoteServer:
+    """A real `pagoda serve` subprocess on a free loopback port."""
+
+    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None,
+                 startup_timeout: float = 240.0) -> None:
+        import os
+        import subprocess
+        import sys
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "pagoda.cli.main", "serve", model, "--host", "127.0.0.1",
+               "--port", str(self.port), *args]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"pagoda-serve-{self.port}.log",
+                        "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import time
+
+        import httpx
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def engine_pids(self) -> list[int]:
+        """The server's engine-core children (multiprocessing's helpers excluded)."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"spawn_main" in cmdline:
+                    pids.append(int(pid))
+        return pids
+
+    def client(self, **kwargs):
+        import openai
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"),
+                             max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs):
+        import openai
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1",
+                                  api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+    def stop(self, sig: int | None = None, timeout: float = 60.0) -> int:
+        import signal
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def tiny_chat_model(path: Path, tokenizer_dir: Path) -> Path:
+    """A random-weight Llama small enough to start in about a second, with SmolLM2's
+    tokenizer and chat template, so the server's whole surface works on it."""
+    from transformers import LlamaConfig
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    return save_random_checkpoint(config, path, tokenizer_dir)

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "generate": "pagoda.cli.generate",
     "chat": "pagoda.cli.generate",
     "bench": "pagoda.cli.bench",
+    "serve": "pagoda.cli.serve",
 }
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pagoda.config import EngineConfig, resolve_device, resolve_dtype
+from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
 from pagoda.engine.request import EngineCoreRequest, RequestStatus
-from pagoda.errors import ConfigError
+from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.layers.attention.selector import select_backend
@@ -22,20 +22,6 @@ from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput
 from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
 
 logger = get_logger(__name__)
-
-
-@dataclass(slots=True)
-class ModelInfo:
-    """Facts about the loaded model that the frontend needs."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_id: int | None
-    extra_eos_token_ids: list[int]
-    num_kv_blocks: int
-    block_size: int
-    kv_capacity_tokens: int
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
@@ -91,7 +77,16 @@ class EngineCore:
         if self.device.type == "cuda":
             non_kv = torch.cuda.memory_reserved(self.device)
         budget = kv_budget_bytes(self.config.cache, self.device, non_kv)
-        return num_blocks_for(budget, spec, self.max_model_len)
+        return num_blocks_for(budget, spec, self.max_model_len, self._default_block_cap())
+
+    def _default_block_cap(self) -> int | None:
+        """With no size given on CPU, never take more than a full batch of full-length
+        sequences could use, twice over (the rest keeps prefix-cache hits warm)."""
+        cache = self.config.cache
+        if self.device.type != "cpu" or cache.kv_cache_memory or cache.memory_utilization:
+            return None
+        per_seq = -(-self.max_model_len // cache.block_size)
+        return 2 * self.config.scheduler.max_num_seqs * per_seq + 1
 
     def _log_capacity(self) -> None:
         cap = self.model_info.kv_capacity_tokens
@@ -102,6 +97,12 @@ class EngineCore:
                     self.max_model_len, cap / self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
+        validate_prompt_ids(request.prompt_token_ids, self.model_info)
+        request.sampling_params.check_vocab(self.model_info.vocab_size)
+        if request.request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
+                                      "request_id")
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from pagoda.engine.core import ModelInfo
+from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
 from pagoda.engine.request import EngineCoreRequest
-from pagoda.errors import ContextLengthExceededError, InvalidRequestError
+from pagoda.errors import InvalidRequestError
 from pagoda.sampling_params import SamplingParams
 
 
@@ -53,18 +53,7 @@ class InputProcessor:
         raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
 
     def validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        vocab = self.info.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidRequestError(f"prompt token id {t!r} is out of vocabulary "
-                                          f"(size {vocab})", "prompt")
-        limit = self.info.max_model_len
-        if len(token_ids) >= limit:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {limit} tokens. However, your "
-                f"prompt has {len(token_ids)} tokens, which leaves no room for output.")
+        validate_prompt_ids(token_ids, self.info)
 
     def process(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                 priority: int = 0, cache_salt: str | None = None,
@@ -76,3 +65,22 @@ class InputProcessor:
             params = params.clone(stop_token_ids=params.stop_token_ids + extra)
         return EngineCoreRequest(request_id, prompt.token_ids, params, self.info.eos_token_id,
                                  time.monotonic(), priority, cache_salt, parent_id)
+
+    def fan_out(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                priority: int = 0, cache_salt: str | None = None
+                ) -> tuple[list[tuple[str, SamplingParams]], list[EngineCoreRequest]]:
+        """The engine requests of one user request: one per `n` sequence (validated)."""
+        children = child_params(request_id, params)
+        parent = request_id if params.n > 1 else None
+        requests = [self.process(child_id, prompt, child, priority, cache_salt, parent)
+                    for child_id, child in children]
+        return children, requests
+
+
+def child_params(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """The n sequences of a request; seeded ones get seed + index so they differ."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [(f"{request_id}#{i}",
+             params.clone(n=1, seed=None if params.seed is None else params.seed + i))
+            for i in range(params.n)]

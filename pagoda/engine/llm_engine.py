@@ -9,8 +9,9 @@ from pagoda.config import EngineConfig
 from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.output_processor import OutputProcessor
-from pagoda.errors import InvalidRequestError, ModelNotFoundError
-from pagoda.models.source import ModelSource, load_tokenizer, resolve_model
+from pagoda.errors import InvalidRequestError
+from pagoda.models.source import resolve_model
+from pagoda.tokenizer.tokenizer import get_tokenizer
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -21,7 +22,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         source = resolve_model(config.model, config.load_format)
-        self.tokenizer = _optional_tokenizer(source)
+        self.tokenizer = get_tokenizer(source, config.tokenizer)
         self.core = EngineCore(config, source)
         self.model_info = self.core.model_info
         self.input_processor = InputProcessor(self.tokenizer, self.model_info)
@@ -39,24 +40,12 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         processed = prompt if isinstance(prompt, ProcessedPrompt) else \
             self.input_processor.tokenize(prompt)
-        children = self._children(request_id, params)
-        core_requests = [self.input_processor.process(
-            child_id, processed, child_params, priority, cache_salt,
-            parent_id=request_id if params.n > 1 else None)
-            for child_id, child_params in children]
+        children, core_requests = self.input_processor.fan_out(
+            request_id, processed, params, priority, cache_salt)
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           children)
         for core_request in core_requests:
             self.core.add_request(core_request)
-
-    @staticmethod
-    def _children(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
-        """The n sequences of a request; seeded ones get seed + index so they differ."""
-        if params.n == 1:
-            return [(request_id, params)]
-        return [(f"{request_id}#{i}",
-                 params.clone(n=1, seed=None if params.seed is None else params.seed + i))
-                for i in range(params.n)]
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.core.abort_requests(self.output_processor.child_ids(request_id))
@@ -74,12 +63,3 @@ class LLMEngine:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
-
-def _optional_tokenizer(source: ModelSource) -> Any | None:
-    """The tokenizer; random-weight models without tokenizer files run on token ids alone."""
-    try:
-        return load_tokenizer(source)
-    except ModelNotFoundError:
-        if source.format != "dummy":
-            raise
-        return None

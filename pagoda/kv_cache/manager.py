@@ -59,7 +59,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self._record_lookup(request, len(hits) * self.block_size)
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
@@ -114,7 +113,10 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_cached[request.request_id] = max(start, end)
 
-    def _record_lookup(self, request: Request, hit_tokens: int) -> None:
+    def record_lookup(self, request: Request, hit_tokens: int) -> None:
+        """Count one admitted request's prefix lookup (failed admissions are not counted)."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return
         self.stats.requests += 1
         self.stats.queries += request.num_tokens
         self.stats.hits += hit_tokens

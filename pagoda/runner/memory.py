@@ -58,9 +58,13 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device, non_kv_peak: int) 
     return min(cache.cpu_default_kv_bytes, available // 2)
 
 
-def num_blocks_for(budget: int, spec: KVCacheSpec, max_model_len: int) -> int:
-    """Blocks that fit the budget; refuses a cache that cannot hold one full-length sequence."""
+def num_blocks_for(budget: int, spec: KVCacheSpec, max_model_len: int,
+                   cap: int | None = None) -> int:
+    """Blocks that fit the budget (at most cap); refuses a cache that cannot hold one
+    full-length sequence."""
     num_blocks = budget // spec.bytes_per_block
+    if cap is not None:
+        num_blocks = min(num_blocks, cap)
     needed = -(-max_model_len // spec.block_size) + 1  # +1: the reserved null block
     if num_blocks < needed:
         have = max(budget, 0) / 2**20

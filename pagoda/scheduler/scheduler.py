@@ -151,6 +151,7 @@ class Scheduler:
 
     def _admit(self, request: Request, num_hit: int, num_new: int, out: SchedulerOutput) -> None:
         resumed = request.status == RequestStatus.PREEMPTED
+        self.kv.record_lookup(request, num_hit)
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = num_hit
         if request.num_cached_tokens < 0:
@@ -179,15 +180,22 @@ class Scheduler:
             prompt_logprobs = runner_out.prompt_logprobs.get(request_id)
             if not sampled and prompt_logprobs is None:
                 continue  # a prefill chunk that ended mid-prompt
+            first = request.num_output_tokens == 0
             new_tokens = self._append_tokens(request, sampled)
             outputs.append(EngineCoreOutput(
                 request_id, new_tokens, runner_out.logprobs.get(request_id), prompt_logprobs,
                 request.status.finish_reason, request.stop_reason,
-                max(request.num_cached_tokens, 0)))
+                max(request.num_cached_tokens, 0), self._queue_time(request) if first else None))
             if request.is_finished:
                 self.running.remove(request)
                 self._finish(request, request.status)
         return outputs
+
+    @staticmethod
+    def _queue_time(request: Request) -> float | None:
+        if request.first_scheduled_time is None:
+            return None
+        return max(request.first_scheduled_time - request.arrival_time, 0.0)
 
     def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
         new_tokens = []

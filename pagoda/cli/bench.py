@@ -1,0 +1,145 @@
+"""`pagoda bench throughput`: benchmark commands, with `vllm bench` flag names."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# flag dest -> LLM keyword argument; only passed on when the flag was given
+_ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
+                 "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
+                 "enable_prefix_caching", "block_size")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `bench` and its sub-subcommands."""
+    bench = subparsers.add_parser("bench", help="benchmark the engine")
+    kinds = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    throughput = kinds.add_parser(
+        "throughput", help="offline throughput: every request submitted at once",
+        description="Offline throughput on random prompts with fixed output lengths "
+                    "(ignore_eos), optionally against transformers in the same process.")
+    add_throughput_args(throughput)
+    throughput.set_defaults(func=run_throughput, command_parser=throughput)
+    bench.set_defaults(func=lambda args: _help(bench))
+
+
+def add_throughput_args(parser: argparse.ArgumentParser) -> None:
+    """The workload, engine and comparison flags of `bench throughput`."""
+    _add_workload_args(parser)
+    _add_engine_args(parser)
+    parser.add_argument("--compare", choices=["hf"], default=None,
+                        help="also run the workload through transformers' generate and "
+                             "print pagoda/reference ratios")
+    parser.add_argument("--hf-max-batch-size", type=int, default=16,
+                        help="batch size of the transformers comparison (default 16)")
+    parser.add_argument("--output-json", default=None, help="write the full result here")
+    parser.add_argument("--notes", default=None,
+                        help="free text stored in the result (machine conditions, purpose)")
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=64, help="number of requests")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="lengths uniform in [len*(1-r), len*(1+r)]")
+    parser.add_argument("--input-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="prompt lengths uniform in [MIN, MAX] (overrides --input-len)")
+    parser.add_argument("--output-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="output lengths uniform in [MIN, MAX] (overrides --output-len)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--seed", type=int, default=0, help="workload, sampling and weight seed")
+    parser.add_argument("--disable-detokenize", action="store_true",
+                        help="skip detokenizing outputs (measures the engine alone)")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="pulled name, .gguf file, safetensors directory or config dir")
+    parser.add_argument("--load-format", default=None,
+                        choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=parse_bytes,
+                        default=None,
+                        help="KV cache bytes (suffixes K, M, G, T, e.g. 4G)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=None)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="accepted for vLLM compatibility (no CUDA graphs yet)")
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '4G', '512MiB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}")
+    return int(float(match[1]) * _BYTE_UNITS[match[2]])
+
+
+def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The command line that reproduces `args`: flags that differ from their defaults."""
+    command = ["pagoda", "bench", "throughput"]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or value is None or value == action.default:
+            continue
+        command += _render_flag(action, value)
+    return command
+
+
+def _render_flag(action: argparse.Action, value: Any) -> list[str]:
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if value else "--no-" + flag.removeprefix("--")]
+    if action.nargs == 0:
+        return [flag]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [flag, *(str(v) for v in values)]
+
+
+def throughput_config(args: argparse.Namespace, command: list[str] | None = None) -> Any:
+    """Map parsed flags onto a ThroughputConfig."""
+    from pagoda.bench.throughput import ThroughputConfig
+
+    engine = {name: getattr(args, name) for name in _ENGINE_FLAGS
+              if getattr(args, name) is not None}
+    return ThroughputConfig(
+        model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
+        output_len=args.output_len, range_ratio=args.random_range_ratio,
+        input_len_range=tuple(args.input_len_range) if args.input_len_range else None,
+        output_len_range=tuple(args.output_len_range) if args.output_len_range else None,
+        temperature=args.temperature, seed=args.seed, detokenize=not args.disable_detokenize,
+        compare=args.compare, hf_max_batch_size=args.hf_max_batch_size, engine_kwargs=engine,
+        command=command, notes=args.notes)
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    """Entry point of `pagoda bench throughput`."""
+    from pagoda.bench import throughput
+    from pagoda.errors import PagodaError
+    from pagoda.logger import configure_logging
+
+    configure_logging()
+    try:
+        command = canonical_command(args.command_parser, args)
+        throughput.main(throughput_config(args, command), args.output_json)
+    except (PagodaError, ValueError) as exc:
+        print(f"pagoda bench throughput: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2

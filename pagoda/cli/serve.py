@@ -1,0 +1,71 @@
+"""`pagoda serve [MODEL]`: the OpenAI-compatible HTTP server (vLLM's flags)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pagoda.cli.engine_args import add_engine_args, engine_kwargs, parse_bytes
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None, help="model name or path (default: smollm2)")
+    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names the API answers to (the first is reported)")
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require this bearer key (repeatable; env PAGODA_API_KEY also works)")
+    g.add_argument("--chat-template", default=None, help="a Jinja chat template, file or inline")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow requests to bring their own chat template")
+    g.add_argument("--disable-log-requests", action="store_true")
+    g.add_argument("--enable-log-requests", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+    g.add_argument("--max-pending-requests", type=int, default=1024,
+                   help="in-flight requests beyond this get 503 with Retry-After")
+    g.add_argument("--max-request-body", type=parse_bytes, default=32 << 20)
+    g.add_argument("--uvicorn-log-level", default="warning")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
+    add_engine_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """A file path or the template text itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if len(value) < 4096 and path.is_file():
+        return path.read_text()
+    return value
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pagoda.logger import configure_logging
+    configure_logging()
+    if args.tensor_parallel_size != 1:
+        print("error: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
+              file=sys.stderr)
+        return 2
+    from pagoda.entrypoints.openai.server import serve
+    model = args.model or args.model_flag or "smollm2"
+    keys = list(args.api_key or [])
+    if os.environ.get("PAGODA_API_KEY"):
+        keys.append(os.environ["PAGODA_API_KEY"])
+    return serve(model, engine_kwargs(args), host=args.host, port=args.port,
+                 served_model_names=args.served_model_name or [model], api_keys=keys,
+                 chat_template=read_chat_template(args.chat_template),
+                 trust_request_chat_template=args.trust_request_chat_template,
+                 log_requests=not args.disable_log_requests,
+                 shutdown_timeout=args.shutdown_timeout,
+                 max_pending=args.max_pending_requests, max_body_bytes=args.max_request_body,
+                 uvicorn_log_level=args.uvicorn_log_level)

@@ -1,0 +1,38 @@
+"""Facts about a loaded model that the frontend needs, and prompt checks against them.
+Kept free of torch so the API process can import it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagoda.errors import ContextLengthExceededError, InvalidRequestError
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What the engine reports about its model once loaded."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int | None
+    extra_eos_token_ids: list[int]
+    num_kv_blocks: int
+    block_size: int
+    kv_capacity_tokens: int
+
+
+def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:
+    """Non-empty, in vocabulary, and leaving room for at least one output token."""
+    if not token_ids:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    vocab = info.vocab_size
+    for t in token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise InvalidRequestError(f"prompt token id {t!r} is out of vocabulary "
+                                      f"(size {vocab})", "prompt")
+    limit = info.max_model_len
+    if len(token_ids) >= limit:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {limit} tokens. However, your "
+            f"prompt has {len(token_ids)} tokens, which leaves no room for output.")

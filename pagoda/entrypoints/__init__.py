@@ -1,0 +1,1 @@
+"""Network entrypoints: the OpenAI-compatible HTTP server and its helpers."""

@@ -1,0 +1,106 @@
+"""Prometheus metrics under vLLM's names and meanings, labelled by model, so existing
+dashboards work unchanged."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagoda.engine.async_engine import RequestTiming
+from pagoda.scheduler.scheduler import SchedulerStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class EngineMetrics:
+    """One registry per server; implements the AsyncEngine's EngineObserver."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self._last = SchedulerStats()
+        self._gauges()
+        self._counters()
+        self._histograms()
+
+    def _labels(self, metric, **extra):
+        return metric.labels(model_name=self.model_name, **extra)
+
+    def _gauges(self) -> None:
+        r, lbl = self.registry, ["model_name"]
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch",
+                             lbl, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled",
+                             lbl, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc",
+                              "KV-cache usage (1 = every block in use)", lbl, registry=r)
+
+    def _counters(self) -> None:
+        r, lbl = self.registry, ["model_name"]
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", lbl,
+                                     registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", lbl,
+                                         registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason",
+                               ["model_name", "finished_reason"], registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Cumulative preemptions", lbl,
+                                   registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries",
+                                      "Prefix-cache lookups, in tokens", lbl, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens", lbl,
+                                   registry=r)
+        for reason in FINISH_REASONS:  # export zeros so rate() works from the start
+            self._labels(self.success, finished_reason=reason)
+
+    def _histograms(self) -> None:
+        r, lbl = self.registry, ["model_name"]
+
+        def hist(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, lbl, buckets=buckets, registry=r)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token")
+        self.itl = hist("vllm:inter_token_latency_seconds", "Time between output tokens")
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = hist("vllm:request_queue_time_seconds", "Time waiting before scheduling")
+        self.req_prompt = hist("vllm:request_prompt_tokens", "Prompt tokens per request",
+                               _TOKEN_BUCKETS)
+        self.req_gen = hist("vllm:request_generation_tokens", "Generated tokens per request",
+                            _TOKEN_BUCKETS)
+
+    # ---- EngineObserver ------------------------------------------------------------------------
+    def on_stats(self, stats: SchedulerStats) -> None:
+        self._labels(self.running).set(stats.num_running)
+        self._labels(self.waiting).set(stats.num_waiting)
+        self._labels(self.kv_usage).set(stats.kv_cache_usage)
+        last = self._last
+        self._inc(self.preemptions, stats.num_preemptions - last.num_preemptions)
+        self._inc(self.prefix_queries, stats.prefix_cache_queries - last.prefix_cache_queries)
+        self._inc(self.prefix_hits, stats.prefix_cache_hits - last.prefix_cache_hits)
+        self._last = stats
+
+    def on_request_finished(self, finish_reason: str, timing: RequestTiming) -> None:
+        now = time.monotonic()
+        self._labels(self.success, finished_reason=finish_reason).inc()
+        self._inc(self.prompt_tokens, timing.num_prompt_tokens)
+        self._inc(self.generation_tokens, timing.num_generation_tokens)
+        self._labels(self.req_prompt).observe(timing.num_prompt_tokens)
+        self._labels(self.req_gen).observe(timing.num_generation_tokens)
+        self._labels(self.e2e).observe(now - timing.arrival)
+        if timing.first_token is not None:
+            self._labels(self.ttft).observe(timing.first_token - timing.arrival)
+        if timing.queue_time is not None:
+            self._labels(self.queue).observe(timing.queue_time)
+        itl = self._labels(self.itl)
+        for latency in timing.inter_token_latencies:
+            itl.observe(latency)
+
+    def _inc(self, counter: Counter, amount: float) -> None:
+        if amount > 0:
+            self._labels(counter).inc(amount)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

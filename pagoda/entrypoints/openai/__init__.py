@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: protocol models, error envelope, application and routes."""

@@ -1,0 +1,97 @@
+"""Starting and stopping the HTTP server around an engine-core process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import uvicorn
+
+from pagoda.engine.async_engine import AsyncEngine
+from pagoda.engine.client import MPClient
+from pagoda.engine.llm import engine_config
+from pagoda.entrypoints.metrics import EngineMetrics
+from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
+from pagoda.logger import get_logger
+from pagoda.models.source import resolve_model
+from pagoda.tokenizer.tokenizer import get_tokenizer
+
+logger = get_logger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop admitting, let in-flight requests finish for up to
+    shutdown_timeout, abort the rest (finish_reason 'abort'), then exit. A second signal
+    exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_task is not None or sig not in (signal.SIGTERM, signal.SIGINT):
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        logger.info("draining %d in-flight requests (up to %.0fs)",
+                    self.state.engine.num_in_flight, self.shutdown_timeout)
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        engine = self.state.engine
+        while engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            logger.info("aborting %d requests still in flight", engine.num_in_flight)
+            engine.abort_all()
+            await asyncio.sleep(0.2)  # let the final chunks reach their clients
+        self.should_exit = True
+
+    async def watch_engine(self) -> None:
+        """Exit (non-zero, see serve()) once the engine core is dead."""
+        while self.state.engine.dead is None and self.state.engine.client.is_alive():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # in-flight requests receive their errors first
+        self.should_exit = True
+
+
+def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
+          served_model_names: list[str], api_keys: list[str], chat_template: str | None,
+          trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
+          max_pending: int, max_body_bytes: int, uvicorn_log_level: str) -> int:
+    started = time.monotonic()
+    config = engine_config(model, **engine_kwargs)
+    source = resolve_model(config.model, config.load_format)
+    tokenizer = get_tokenizer(source, config.tokenizer)
+    logger.info("starting the engine for %s", model)
+    client = MPClient(config)
+    metrics = EngineMetrics(served_model_names[0])
+    engine = AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
+    state = ServerState(engine, ServerConfig(served_model_names, api_keys, max_body_bytes,
+                                             chat_template, trust_request_chat_template,
+                                             log_requests), metrics)
+    app = build_app(state)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level,
+                                           access_log=False, lifespan="on"),
+                            state, shutdown_timeout)
+    info = client.model_info
+    logger.info("serving %s as %s on http://%s:%d (max_model_len %d, KV cache %d tokens) — "
+                "ready in %.1fs", model, ", ".join(served_model_names), host, port,
+                info.max_model_len, info.kv_capacity_tokens, time.monotonic() - started)
+    try:
+        asyncio.run(_run(server))
+    finally:
+        client.shutdown()
+    return 1 if engine.dead is not None else 0
+
+
+async def _run(server: DrainingServer) -> None:
+    watcher = asyncio.get_running_loop().create_task(server.watch_engine())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
