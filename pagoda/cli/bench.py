@@ -24,6 +24,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(ignore_eos), optionally against transformers in the same process.")
     add_throughput_args(throughput)
     throughput.set_defaults(func=run_throughput, command_parser=throughput)
+    overhead = kinds.add_parser(
+        "http-overhead", help="the same workload offline and through `pagoda serve` over HTTP",
+        description="Measures the HTTP server's overhead: throughput through a real "
+                    "`pagoda serve` as a fraction of the offline engine's, same workload.")
+    _add_workload_args(overhead)
+    _add_engine_args(overhead)
+    overhead.add_argument("--port", type=int, default=8199)
+    overhead.add_argument("--output-json", default=None, help="write the full result here")
+    overhead.add_argument("--notes", default=None, help="free text stored in the result")
+    overhead.set_defaults(func=run_http_overhead, command_parser=overhead, compare=None,
+                          hf_max_batch_size=16)
     bench.set_defaults(func=lambda args: _help(bench))
 
 
@@ -137,6 +148,26 @@ def run_throughput(args: argparse.Namespace) -> int:
     except (PagodaError, ValueError) as exc:
         print(f"pagoda bench throughput: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_http_overhead(args: argparse.Namespace) -> int:
+    """Entry point of `pagoda bench http-overhead`."""
+    import json
+
+    from pagoda.bench.http_overhead import run_overhead
+    from pagoda.logger import configure_logging
+
+    configure_logging()
+    cfg = throughput_config(args, canonical_command(args.command_parser, args))
+    result = run_overhead(cfg, args.port)
+    for name, figures in result["systems"].items():
+        print(f"{name:8s} {figures['output_tokens_per_s']:10.1f} output tok/s "
+              f"{figures['requests_per_s']:8.2f} req/s  ({figures['elapsed_s']:.1f} s)")
+    print(f"HTTP / offline output tok/s: {result['http_over_offline']['output_tokens_per_s']:.3f}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 

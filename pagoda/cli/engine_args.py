@@ -32,6 +32,43 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true",
                    help="disable CUDA graphs (accepted for vLLM compatibility)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
+    g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
+    add_compat_args(parser)
+
+
+# vLLM flags that guides pass but that have nothing to configure here (yet): accepted so
+# their command lines run unchanged; a non-default value is reported at startup.
+COMPAT_FLAGS: dict[str, dict[str, Any]] = {
+    "--enable-chunked-prefill": {"action": argparse.BooleanOptionalAction, "default": None},
+    "--disable-log-stats": {"action": "store_true"},
+    "--swap-space": {"type": float, "default": None},
+    "--download-dir": {"default": None},
+    "--revision": {"default": None},
+    "--kv-cache-dtype": {"default": "auto"},
+    "--quantization": {"default": None},
+    "--max-log-len": {"type": int, "default": None},
+    "--disable-custom-all-reduce": {"action": "store_true"},
+    "--distributed-executor-backend": {"default": None},
+}
+
+
+def add_compat_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("accepted for vLLM compatibility")
+    for flag, spec in COMPAT_FLAGS.items():
+        g.add_argument(flag, help=argparse.SUPPRESS, **spec)
+
+
+def compat_notes(args: argparse.Namespace) -> list[str]:
+    """One line per compatibility flag that was given a value pagoda does not act on."""
+    notes = []
+    if args.kv_cache_dtype not in ("auto", None):
+        notes.append(f"--kv-cache-dtype {args.kv_cache_dtype} is not supported; using the model dtype")
+    if args.quantization not in (None, "gguf"):
+        notes.append(f"--quantization {args.quantization} is not supported; weights load as stored")
+    if args.enable_chunked_prefill is False:
+        notes.append("--no-enable-chunked-prefill ignored: chunked prefill is always on")
+    return notes
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,5 +79,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size, "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_memory": args.kv_cache_memory,
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
-        "seed": args.seed,
+        "seed": args.seed, "tokenizer": args.tokenizer,
+        "attention_backend": args.attention_backend,
     }

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-request-body", type=parse_bytes, default=32 << 20)
     g.add_argument("--uvicorn-log-level", default="warning")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="priority",
+                   help="priority (default): lower `priority` values run first, FCFS among "
+                        "equals; fcfs: request priorities are ignored")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
     add_engine_args(p)
@@ -50,8 +53,11 @@ def read_chat_template(value: str | None) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pagoda.logger import configure_logging
+    from pagoda.cli.engine_args import compat_notes
+    from pagoda.logger import configure_logging, get_logger
     configure_logging()
+    for note in compat_notes(args):
+        get_logger("pagoda.cli").warning(note)
     if args.tensor_parallel_size != 1:
         print("error: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
               file=sys.stderr)
@@ -68,4 +74,5 @@ def run_serve(args: argparse.Namespace) -> int:
                  log_requests=not args.disable_log_requests,
                  shutdown_timeout=args.shutdown_timeout,
                  max_pending=args.max_pending_requests, max_body_bytes=args.max_request_body,
-                 uvicorn_log_level=args.uvicorn_log_level)
+                 uvicorn_log_level=args.uvicorn_log_level,
+                 honor_priority=args.scheduling_policy == "priority")

@@ -47,6 +47,7 @@ class ServerConfig:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     log_requests: bool = True
+    honor_priority: bool = True
 
 
 @dataclass(slots=True)

@@ -62,7 +62,8 @@ class DrainingServer(uvicorn.Server):
 def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
           served_model_names: list[str], api_keys: list[str], chat_template: str | None,
           trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
-          max_pending: int, max_body_bytes: int, uvicorn_log_level: str) -> int:
+          max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
+          honor_priority: bool = True) -> int:
     started = time.monotonic()
     config = engine_config(model, **engine_kwargs)
     source = resolve_model(config.model, config.load_format)
@@ -73,7 +74,7 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
     engine = AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
     state = ServerState(engine, ServerConfig(served_model_names, api_keys, max_body_bytes,
                                              chat_template, trust_request_chat_template,
-                                             log_requests), metrics)
+                                             log_requests, honor_priority), metrics)
     app = build_app(state)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level,
                                            access_log=False, lifespan="on"),

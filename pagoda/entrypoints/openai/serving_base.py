@@ -94,6 +94,8 @@ class ServingBase:
         if self.state.config.log_requests:
             logger.info("request %s: %d prompt tokens, max_tokens %s, n %d", request_id,
                         len(prompt.token_ids), params.max_tokens, params.n)
+        if not self.state.config.honor_priority:
+            priority = 0
         return self.engine.generate(request_id, prompt, params, priority, arrival)
 
 

@@ -47,12 +47,23 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
 
 
 def _load_checkpoint(model: nn.Module, source: ModelSource) -> None:
-    loaded = model.load_weights(iter_weights(source))
+    total = len(model.expected_weights())
+    loaded = model.load_weights(_with_progress(iter_weights(source), total, source.name))
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])
         raise UnsupportedModelError(
             f"checkpoint {source.name!r} lacks {len(missing)} weights the model needs ({sample})")
+
+
+def _with_progress(weights: Iterator[tuple[str, torch.Tensor]], total: int,
+                   name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Log loading progress at every quarter of the expected tensors."""
+    marks = {max(1, total * q // 4) for q in (1, 2, 3)}
+    for count, item in enumerate(weights, 1):
+        if count in marks:
+            logger.info("loading %s: %d%% of weights", name, round(100 * count / total))
+        yield item
 
 
 def weight_bytes(model: nn.Module) -> int:
