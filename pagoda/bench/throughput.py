@@ -63,6 +63,9 @@ class ThroughputConfig:
     detokenize: bool = True
     compare: str | None = None  # None | "hf"
     hf_max_batch_size: int = 16
+    hf_num_prompts: int | None = None  # the reference runs the first N requests only
+    gpu_busy: bool = False  # rerun the workload under the profiler for the GPU busy fraction
+    single_stream: bool = False  # also time the first request alone (TTFT, TPOT)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # LLM(model, **engine_kwargs)
     command: list[str] | None = None  # the CLI command reproducing this run, if any
     notes: str | None = None  # free text kept in the result (machine conditions, purpose)
@@ -303,15 +306,69 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     result["model"] = model_facts(llm)
     source, device, dtype = llm.engine.core.source, llm.engine.core.device, llm.engine.core.dtype
     result["environment"]["device_name"] = device_name(device)
+    result["gpu"] = _gpu_extras(llm, cfg, requests) if device.type == "cuda" else {}
+    max_batch = _max_concurrency(llm, requests)
     del llm
     release_memory(device)
     if cfg.compare == "hf":
-        systems["hf"] = run_hf(load_hf_model(source, dtype, device, cfg.seed), cfg, requests)
+        systems |= _run_references(cfg, source, dtype, device, requests)
+    result["bounds"] = _bounds(systems, cfg, hf_config, dtype, device, requests, max_batch)
     result |= {"config": config_dict(cfg), "workload": workload_stats(requests),
                "systems": {name: asdict(fig) for name, fig in systems.items()},
-               "ratios": ratios(systems), "bounds": {}, "finished_at": _now()}
+               "ratios": ratios(systems), "finished_at": _now()}
     result["environment"]["loadavg_end"] = _loadavg()
     return result
+
+
+def _gpu_extras(llm: Any, cfg: ThroughputConfig, requests: list[BenchRequest]) -> dict[str, Any]:
+    """GPU busy fraction (a profiled rerun) and single-stream latency, when asked."""
+    from pagoda.bench.gpu_figures import gpu_busy_fraction, single_stream_latency
+
+    extras: dict[str, Any] = {}
+    if cfg.gpu_busy:
+        llm.engine.core.reset_prefix_cache()
+        extras["busy"] = gpu_busy_fraction(lambda: run_pagoda(llm, cfg, requests))
+    if cfg.single_stream or cfg.num_prompts == 1:
+        llm.engine.core.reset_prefix_cache()
+        extras["single_stream"] = single_stream_latency(llm, requests[0])
+    return extras
+
+
+def _max_concurrency(llm: Any, requests: list[BenchRequest]) -> int:
+    """Most sequences the engine can hold at once for this workload (KV and max_num_seqs)."""
+    longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    by_kv = llm.engine.model_info.kv_capacity_tokens // longest
+    return max(1, min(llm.engine.core.config.scheduler.max_num_seqs, by_kv))
+
+
+def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
+                    device: torch.device, requests: list[BenchRequest]) -> dict[str, Any]:
+    subset = requests[:cfg.hf_num_prompts] if cfg.hf_num_prompts else requests
+    model = load_hf_model(source, dtype, device, cfg.seed)
+    out = {"hf": run_hf(model, cfg, subset)}
+    if device.type == "cuda":
+        from pagoda.bench.gpu_figures import run_hf_continuous_batching
+        out["hf-cb"] = run_hf_continuous_batching(model, subset, cfg.temperature, SystemFigures)
+    del model
+    release_memory(device)
+    return out
+
+
+def _bounds(systems: dict[str, SystemFigures], cfg: ThroughputConfig, hf_config: Any,
+            dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
+            max_batch: int) -> dict[str, Any]:
+    """Roofline floors on CUDA; each system's fraction = floor / its elapsed time."""
+    if device.type != "cuda":
+        return {}
+    from pagoda.bench.gpu_figures import bounds, subset_floor
+    from pagoda.bench.roofline import Ceilings
+
+    found = bounds(hf_config, dtype, device, requests, max_batch)
+    ceil = Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9, found["matmul_tflops"] * 1e12)
+    for fig in systems.values():
+        floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch)
+        fig.fraction_of_bound["workload"] = floor / max(fig.elapsed_s, 1e-12)
+    return found
 
 
 def synchronize(device: torch.device) -> None:
@@ -457,8 +514,40 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         cells += [f"{result['ratios'][r][metric]:.2f}x" if metric in RATIO_METRICS else ""
                   for r in ratio_cols]
         table.add_row(metric, *cells)
-    (console or Console()).print(table)
-    _print_engine_line(systems["pagoda"]["details"], console or Console())
+    console = console or Console()
+    console.print(table)
+    _print_engine_line(systems["pagoda"]["details"], console)
+    _print_gpu_lines(result, console)
+
+
+def _print_gpu_lines(result: dict[str, Any], console: Any) -> None:
+    """Roofline fractions, GPU busy fraction and single-stream latency, when measured."""
+    found = result.get("bounds") or {}
+    if found:
+        floor = found["workload_floor"]
+        console.print(f"roofline on {found['device']}: {found['bandwidth_gb_s']:.0f} GB/s, "
+                      f"{found['matmul_tflops']:.0f} TFLOP/s measured; workload floor "
+                      f"{floor['total_s']:.2f} s (prefill {floor['prefill_s']:.2f} s, decode "
+                      f"{floor['decode_s']:.2f} s) at up to {found['max_batch']} sequences")
+        for name, fig in result["systems"].items():
+            fraction = fig["fraction_of_bound"].get("workload")
+            if fraction is not None:
+                console.print(f"  {name}: {100 * fraction:.1f}% of the roofline "
+                              f"({fig['num_requests']} requests)")
+    gpu = result.get("gpu") or {}
+    if "busy" in gpu:
+        console.print(f"GPU busy {100 * gpu['busy']['gpu_busy_fraction']:.1f}% of wall time "
+                      f"(profiled rerun: {gpu['busy']['gpu_busy_s']:.2f} s of "
+                      f"{gpu['busy']['wall_s']:.2f} s)")
+    if "single_stream" in gpu:
+        single = gpu["single_stream"]
+        line = f"single stream: TTFT {1e3 * single['ttft_s']:.1f} ms, TPOT " \
+               f"{1e3 * single['tpot_s']:.2f} ms"
+        if found:
+            floor_tpot = found["decode1_tpot_floor_s"]
+            line += f" (floor {1e3 * floor_tpot:.2f} ms: {100 * floor_tpot / single['tpot_s']:.1f}% " \
+                    "of the roofline)"
+        console.print(line)
 
 
 _TABLE_ROWS = (("elapsed_s", "{:.2f}"), ("requests_per_s", "{:.2f}"),

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
 
-_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from pagoda.cli.engine_args import parse_bytes
+
 # flag dest -> LLM keyword argument; only passed on when the flag was given
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
-                 "enable_prefix_caching", "block_size")
+                 "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +47,13 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
                              "print pagoda/reference ratios")
     parser.add_argument("--hf-max-batch-size", type=int, default=16,
                         help="batch size of the transformers comparison (default 16)")
+    parser.add_argument("--hf-num-prompts", type=int, default=None,
+                        help="run the transformers references on the first N requests only "
+                             "(rates are compared; the floor is computed for N requests)")
+    parser.add_argument("--gpu-busy", action="store_true",
+                        help="rerun the workload under the profiler: GPU busy fraction")
+    parser.add_argument("--single-stream", action="store_true",
+                        help="also time the first request alone: TTFT and time per token")
     parser.add_argument("--output-json", default=None, help="write the full result here")
     parser.add_argument("--notes", default=None,
                         help="free text stored in the result (machine conditions, purpose)")
@@ -86,16 +93,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=None)
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="accepted for vLLM compatibility (no CUDA graphs yet)")
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '4G', '512MiB' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}")
-    return int(float(match[1]) * _BYTE_UNITS[match[2]])
+    parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--attention-backend", default=None, help="auto, torch or triton")
 
 
 def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -131,7 +130,10 @@ def throughput_config(args: argparse.Namespace, command: list[str] | None = None
         input_len_range=tuple(args.input_len_range) if args.input_len_range else None,
         output_len_range=tuple(args.output_len_range) if args.output_len_range else None,
         temperature=args.temperature, seed=args.seed, detokenize=not args.disable_detokenize,
-        compare=args.compare, hf_max_batch_size=args.hf_max_batch_size, engine_kwargs=engine,
+        compare=args.compare, hf_max_batch_size=args.hf_max_batch_size,
+        hf_num_prompts=getattr(args, "hf_num_prompts", None),
+        gpu_busy=getattr(args, "gpu_busy", False),
+        single_stream=getattr(args, "single_stream", False), engine_kwargs=engine,
         command=command, notes=args.notes)
 
 

@@ -30,8 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="disable CUDA graphs (accepted for vLLM compatibility)")
+    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     add_compat_args(parser)
@@ -80,5 +79,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
         "seed": args.seed, "tokenizer": args.tokenizer,
-        "attention_backend": args.attention_backend,
+        "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
     }

@@ -61,6 +61,8 @@ class EngineCore:
                                                       hf.vocab_size), backend)
         num_blocks = self._size_kv_cache(model)
         self.runner.initialize_kv_cache(num_blocks)
+        if self._use_cuda_graphs(backend.name):
+            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         hasher = BlockHasher(block_size, model_id=self.source.name)
         self.kv_manager = KVCacheManager(num_blocks, block_size,
                                          config.cache.enable_prefix_caching, hasher)
@@ -75,9 +77,26 @@ class EngineCore:
         spec = self.runner.kv_cache_spec()
         non_kv = weight_bytes(model)
         if self.device.type == "cuda":
-            non_kv = torch.cuda.memory_reserved(self.device)
+            non_kv = self._profile_non_kv_bytes()
         budget = kv_budget_bytes(self.config.cache, self.device, non_kv)
         return num_blocks_for(budget, spec, self.max_model_len, self._default_block_cap())
+
+    def _use_cuda_graphs(self, backend_name: str) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager \
+            and backend_name == "triton"
+
+    def _profile_non_kv_bytes(self) -> int:
+        """Everything but the KV cache at its peak: weights and activations of a full-budget
+        step (profiled), plus memory outside torch's allocator (CUDA context, libraries)."""
+        sched = self.config.scheduler
+        torch_peak = self.runner.profile_peak_memory(sched.max_num_batched_tokens,
+                                                     sched.max_num_seqs, self.max_model_len)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        logger.info("memory profile: weights %.2f GiB, step peak %.2f GiB, outside torch "
+                    "%.2f GiB", weight_bytes(self.runner.model) / 2**30, torch_peak / 2**30,
+                    outside_torch / 2**30)
+        return torch_peak + max(outside_torch, 0)
 
     def _default_block_cap(self) -> int | None:
         """With no size given on CPU, never take more than a full batch of full-length

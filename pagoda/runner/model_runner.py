@@ -9,12 +9,19 @@ from torch import nn
 
 from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
 from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.runner.cuda_graphs import CudaGraphRunner
 from pagoda.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from pagoda.runner.memory import KVCacheSpec
 from pagoda.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagoda.sampling.metadata import SamplingMetadata, SamplingRow
 from pagoda.sampling.sampler import Sampler
-from pagoda.scheduler.output import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.scheduler.output import (
+    LogprobsLists,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 
 
 @dataclass(slots=True)
@@ -37,6 +44,15 @@ class ModelRunner:
         self.batch = InputBatch(config.device, config.block_size)
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
+        self.graphs: CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
+        hidden = self.model.config.hidden_size
+        self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
+                                      max_num_seqs, max_model_len, hidden, self.config.dtype,
+                                      self.config.device)
+        self.graphs.capture()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         layer = self.model.attention_layers()[0]
@@ -54,18 +70,62 @@ class ModelRunner:
             layer.backend = self.backend
 
     @torch.inference_mode()
+    def profile_peak_memory(self, num_tokens: int, num_seqs: int, max_model_len: int) -> int:
+        """Peak device bytes of one step at the full token budget: a forward over num_tokens
+        prompt tokens (as sequences of at most max_model_len) plus logits and sampling for
+        num_seqs rows. Runs on a temporary KV cache just big enough."""
+        lens = [min(max_model_len, num_tokens - start)
+                for start in range(0, num_tokens, max_model_len)]
+        bs = self.config.block_size
+        self.initialize_kv_cache(sum(-(-n // bs) for n in lens) + 1)
+        sched_out, next_block = SchedulerOutput(), 1
+        for i, n in enumerate(lens):
+            blocks = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(blocks)
+            sched_out.new_requests.append(NewRequestData(
+                f"profile-{i}", [i % self.config.vocab_size] * n, SamplingParams(max_tokens=1),
+                None, blocks, 0))
+            sched_out.num_scheduled_tokens[f"profile-{i}"] = n
+        batch = InputBatch(self.config.device, bs)
+        batch.update(sched_out)
+        step = batch.prepare(sched_out)
+        torch.cuda.reset_peak_memory_stats(self.config.device)
+        hidden = self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
+        rows = hidden[torch.arange(num_seqs, device=hidden.device) % hidden.shape[0]]
+        logits = self.model.compute_logits(rows)
+        meta = SamplingMetadata.build(
+            [SamplingRow(SamplingParams(temperature=1.0, top_p=0.9, top_k=50), [0], [], None,
+                         None)] * num_seqs, self.config.vocab_size, self.config.device)
+        self.sampler(logits, meta)
+        torch.cuda.synchronize(self.config.device)
+        peak = torch.cuda.max_memory_allocated(self.config.device)
+        self.release_kv_cache()
+        return peak
+
+    def release_kv_cache(self) -> None:
+        for layer in self.model.attention_layers():
+            layer.kv_cache = None
+        self.kv_cache = None
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
         self.batch.update(sched_out)
         if sched_out.is_empty:
             return ModelRunnerOutput()
         step = self.batch.prepare(sched_out)
-        attn_metadata = self.backend.build_metadata(step.attn)
-        hidden = self.model(step.input_ids, step.positions, attn_metadata)
+        hidden = self._forward(step)
         out = ModelRunnerOutput()
         self._prompt_logprobs(step, hidden, out)
         if step.sample_rows:
             self._sample(step, hidden, out)
         return out
+
+    def _forward(self, step: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(step.attn):
+            return self.graphs.run(step.input_ids, step.positions, step.attn)
+        return self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
 
     def _sample(self, step: StepBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,21 +54,47 @@ class ServerConfig:
 
 @dataclass(slots=True)
 class ServerState:
-    """What the routes share: the engine, its metrics, and whether we are draining."""
+    """What the routes share: the engine (None while it loads), its metrics, and whether
+    we are draining. `load_engine`, if set, builds the engine off the event loop at startup
+    so the server answers /health with 503 while the model loads."""
 
-    engine: AsyncEngine
+    engine: AsyncEngine | None
     config: ServerConfig
     metrics: EngineMetrics
+    load_engine: Callable[[], AsyncEngine] | None = None
+    load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
     draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.engine is not None and self.engine.is_ready
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        engine = await asyncio.to_thread(state.load_engine)
+    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
+        logger.error("the engine failed to start: %s", exc)
+        state.load_error = exc
+        return
+    engine.start()
+    state.engine = engine
 
 
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.engine.start()
+        loader = None
+        if state.engine is not None:
+            state.engine.start()
+        elif state.load_engine is not None:
+            loader = asyncio.get_running_loop().create_task(_load(state))
         yield
-        await state.engine.stop()
+        if loader is not None:
+            loader.cancel()
+        if state.engine is not None:
+            await state.engine.stop()
 
     app = FastAPI(title="pagoda", version=pagoda.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -84,9 +112,7 @@ def build_app(state: ServerState) -> FastAPI:
 def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if state.draining or not state.engine.is_ready:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200 if state.ready else 503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -123,9 +149,10 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
 
 
 def _model_card(state: ServerState, name: str) -> ModelCard:
+    info = state.engine.model_info if state.engine is not None else None
     return ModelCard(id=name, created=int(state.started), owned_by="pagoda",
-                     root=state.engine.model_info.name,
-                     max_model_len=state.engine.model_info.max_model_len)
+                     root=info.name if info else None,
+                     max_model_len=info.max_model_len if info else None)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -36,13 +36,17 @@ class DrainingServer(uvicorn.Server):
         if self._drain_task is not None or sig not in (signal.SIGTERM, signal.SIGINT):
             return super().handle_exit(sig, frame)
         self.state.draining = True
+        engine = self.state.engine
         logger.info("draining %d in-flight requests (up to %.0fs)",
-                    self.state.engine.num_in_flight, self.shutdown_timeout)
+                    engine.num_in_flight if engine else 0, self.shutdown_timeout)
         self._drain_task = asyncio.get_event_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
         engine = self.state.engine
+        if engine is None:  # still loading: nothing to drain
+            self.should_exit = True
+            return
         while engine.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if engine.num_in_flight:
@@ -52,11 +56,21 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def watch_engine(self) -> None:
-        """Exit (non-zero, see serve()) once the engine core is dead."""
-        while self.state.engine.dead is None and self.state.engine.client.is_alive():
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # in-flight requests receive their errors first
+        """Exit (non-zero, see serve()) once the engine failed to load or died."""
+        state = self.state
+        while state.engine is None and state.load_error is None:
+            await asyncio.sleep(0.1)
+        if state.engine is not None:
+            logger.info("ready: %s", _summary(state))
+            while state.engine.dead is None and state.engine.client.is_alive():
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # in-flight requests receive their errors first
         self.should_exit = True
+
+    @property
+    def failed(self) -> bool:
+        engine = self.state.engine
+        return self.state.load_error is not None or (engine is not None and engine.dead is not None)
 
 
 def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
@@ -64,30 +78,39 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
           trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
           max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
           honor_priority: bool = True) -> int:
-    started = time.monotonic()
+    """Listen at once (/health answers 503 until the model is loaded), start the engine
+    process, serve until SIGTERM or engine death; returns the exit code."""
     config = engine_config(model, **engine_kwargs)
     source = resolve_model(config.model, config.load_format)
     tokenizer = get_tokenizer(source, config.tokenizer)
-    logger.info("starting the engine for %s", model)
-    client = MPClient(config)
     metrics = EngineMetrics(served_model_names[0])
-    engine = AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
-    state = ServerState(engine, ServerConfig(served_model_names, api_keys, max_body_bytes,
-                                             chat_template, trust_request_chat_template,
-                                             log_requests, honor_priority), metrics)
-    app = build_app(state)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level,
-                                           access_log=False, lifespan="on"),
-                            state, shutdown_timeout)
-    info = client.model_info
-    logger.info("serving %s as %s on http://%s:%d (max_model_len %d, KV cache %d tokens) — "
-                "ready in %.1fs", model, ", ".join(served_model_names), host, port,
-                info.max_model_len, info.kv_capacity_tokens, time.monotonic() - started)
+    clients: list[MPClient] = []
+
+    def load_engine() -> AsyncEngine:
+        logger.info("starting the engine for %s", model)
+        clients.append(MPClient(config))
+        return AsyncEngine(clients[0], tokenizer, max_pending=max_pending, observer=metrics)
+
+    server_config = ServerConfig(served_model_names, api_keys, max_body_bytes, chat_template,
+                                 trust_request_chat_template, log_requests, honor_priority)
+    state = ServerState(None, server_config, metrics, load_engine=load_engine)
+    server = DrainingServer(uvicorn.Config(build_app(state), host=host, port=port,
+                                           log_level=uvicorn_log_level, access_log=False,
+                                           lifespan="on"), state, shutdown_timeout)
+    logger.info("listening on http://%s:%d (serving %s as %s)", host, port, model,
+                ", ".join(served_model_names))
     try:
         asyncio.run(_run(server))
     finally:
-        client.shutdown()
-    return 1 if engine.dead is not None else 0
+        for client in clients:
+            client.shutdown()
+    return 1 if server.failed else 0
+
+
+def _summary(state: ServerState) -> str:
+    info = state.engine.model_info
+    return (f"{info.name}, max_model_len {info.max_model_len}, KV cache "
+            f"{info.kv_capacity_tokens} tokens, up {time.time() - state.started:.1f}s")
 
 
 async def _run(server: DrainingServer) -> None:

@@ -14,7 +14,12 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from pagoda.engine.input_processor import ProcessedPrompt
-from pagoda.entrypoints.openai.errors import UnknownModelError, exception_to_response
+from pagoda.engine.async_engine import AsyncEngine
+from pagoda.entrypoints.openai.errors import (
+    ServerOverloadedError,
+    UnknownModelError,
+    exception_to_response,
+)
 from pagoda.errors import ContextLengthExceededError
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
@@ -49,7 +54,15 @@ class ServingBase:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.engine = state.engine
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine; 503 with Retry-After while the model is still loading."""
+        engine = self.state.engine
+        if engine is None:
+            raise ServerOverloadedError("The model is still loading; retry shortly.",
+                                        retry_after=5)
+        return engine
 
     @property
     def model_name(self) -> str:
@@ -62,7 +75,6 @@ class ServingBase:
     def check_admission(self) -> None:
         """Refuse new work while draining (503 + Retry-After via the error mapping)."""
         if self.state.draining:
-            from pagoda.entrypoints.openai.errors import ServerOverloadedError
             raise ServerOverloadedError("The server is shutting down.", retry_after=5)
 
     def resolve_max_tokens(self, prompt: ProcessedPrompt, requested: int | None,

@@ -161,3 +161,36 @@ def test_engine_dies_with_a_killed_server(tiny_model):
         time.sleep(0.1)
     assert not alive(engine_pid)
     srv.stop()
+
+
+def test_health_is_503_while_the_model_loads(tiny_model):
+    import subprocess
+    import sys
+
+    from tests.utils import free_port
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "pagoda.cli.main", "serve", tiny_model,
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    statuses, early_completion = [], None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in statuses:
+            try:
+                statuses.append(httpx.get(f"{url}/health", timeout=1).status_code)
+                if statuses[-1] == 503 and early_completion is None:
+                    early_completion = httpx.post(f"{url}/v1/completions",
+                                                  json={"prompt": "hi", "max_tokens": 2})
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert 503 in statuses and statuses[-1] == 200
+    assert statuses.index(200) > statuses.index(503)
+    assert early_completion is not None and early_completion.status_code in (200, 503)
+    if early_completion.status_code == 503:  # still loading (it may have finished meanwhile)
+        assert int(early_completion.headers["retry-after"]) >= 1
+        assert early_completion.json()["error"]["code"] == "server_is_overloaded"

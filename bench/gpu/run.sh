@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
+# Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
+#   decode1 small throughput coldstart. Results go to $OUT (or /tmp/out).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+export PYTHONUNBUFFERED=1 PAGODA_LOG_LEVEL=INFO
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
+B8=bench/configs/llama-3.1-8b
+B1=bench/configs/llama-3.2-1b
+COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
+
+run_stage() {
+  case "$1" in
+    tests) python3 -m pytest -q -x tests/gpu 2>&1 | tail -40 ;;
+    kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
+    decode1) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1 \
+               --input-len 1024 --output-len 256 --output-json "$OUT/decode1.json" $EXTRA 2>&1 | grep -v INFO ;;
+    small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
+               --input-len-range 100 1024 --output-len-range 100 1024 --max-num-seqs 256 \
+               --max-num-batched-tokens 8192 --gpu-busy --output-json "$OUT/small.json" $EXTRA 2>&1 | grep -v INFO ;;
+    throughput) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
+               --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+               --compare hf --hf-num-prompts ${HF_PROMPTS:-64} --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
+    coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
+               python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;
+  esac
+}
+EXTRA=${EXTRA:-}
+for stage in "$@"; do
+  echo "=== $stage ==="
+  start=$(date +%s)
+  run_stage "$stage"
+  echo "=== $stage done in $(( $(date +%s) - start )) s ==="
+done

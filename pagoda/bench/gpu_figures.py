@@ -1,0 +1,106 @@
+"""What the GPU benchmark adds: transformers' continuous batching as a reference, the
+fraction of wall time the GPU is busy, single-stream decode latency, and roofline bounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pagoda.bench.datasets import BenchRequest
+from pagoda.bench.roofline import (
+    Ceilings,
+    ModelShape,
+    decode_step_floor,
+    measure_ceilings,
+    workload_floor,
+)
+
+
+@torch.inference_mode()
+def run_hf_continuous_batching(model: Any, requests: list[BenchRequest], temperature: float,
+                               figures_cls: type) -> Any:
+    """The workload through transformers' generate_batch (its continuous batching)."""
+    from transformers import GenerationConfig
+
+    longest = max(r.output_len for r in requests)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
+        {"do_sample": False}
+    gen = GenerationConfig(max_new_tokens=longest, eos_token_id=None, pad_token_id=0,
+                           **sampling)
+    inputs = [r.prompt_token_ids for r in requests]
+    model.generate_batch(inputs[:2], generation_config=gen.__class__(
+        max_new_tokens=4, eos_token_id=None, pad_token_id=0, do_sample=False))
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    results = sorted(outputs.values(), key=lambda o: int(str(o.request_id).rsplit("_", 1)[-1]))
+    useful = sum(min(len(o.generated_tokens), r.output_len) for o, r in zip(results, requests))
+    return figures_cls("hf-cb", elapsed, len(requests),
+                       sum(len(r.prompt_token_ids) for r in requests), useful)
+
+
+def gpu_busy_fraction(run: Callable[[], Any]) -> dict[str, float]:
+    """Runs `run` under the profiler; the union of kernel intervals over the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    busy_us, cur_start, cur_end = 0.0, None, None
+    for s, e in intervals:
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                busy_us += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_end is not None:
+        busy_us += cur_end - cur_start
+    return {"gpu_busy_s": busy_us / 1e6, "wall_s": wall, "gpu_busy_fraction": busy_us / 1e6 / wall}
+
+
+def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
+    """TTFT and mean time per output token of one request alone (streamed)."""
+    from pagoda.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True,
+                            detokenize=False)
+    stamps, start = [], time.perf_counter()
+    for out in llm.stream({"prompt_token_ids": request.prompt_token_ids}, params):
+        stamps.append((time.perf_counter(), len(out.outputs[0].token_ids)))
+    ttft = stamps[0][0] - start
+    decode_tokens = stamps[-1][1] - stamps[0][1]
+    tpot = (stamps[-1][0] - stamps[0][0]) / max(decode_tokens, 1)
+    return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": stamps[-1][1]}
+
+
+def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
+           requests: list[BenchRequest], max_batch: int) -> dict[str, Any]:
+    """Measured ceilings and this workload's floor (and the single-stream decode floor)."""
+    ceil = measure_ceilings(device, dtype)
+    shape = ModelShape.from_config(hf_config, dtype)
+    floor = workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
+                           [r.output_len for r in requests], max_batch)
+    first = requests[0]
+    mid_context = len(first.prompt_token_ids) + first.output_len // 2
+    return {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
+            "matmul_tflops": ceil.matmul_flops / 1e12, "max_batch": max_batch,
+            "weight_gb_per_step": shape.weight_bytes_read / 1e9,
+            "kv_bytes_per_token": shape.kv_bytes_per_token, "workload_floor": floor,
+            "decode1_tpot_floor_s": decode_step_floor(shape, ceil, [mid_context])}
+
+
+def subset_floor(hf_config: Any, dtype: torch.dtype, ceil: Ceilings,
+                 requests: list[BenchRequest], max_batch: int) -> float:
+    shape = ModelShape.from_config(hf_config, dtype)
+    return workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
+                          [r.output_len for r in requests], max_batch)["total_s"]

@@ -1,0 +1,87 @@
+"""The GPU attention backend: a Triton KV-store kernel plus the unified paged-attention kernel
+(split-KV for small decode batches with long contexts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.layers.attention.metadata import CommonAttentionMetadata
+from pagoda.layers.attention.triton_kv_store import store_kv
+from pagoda.layers.attention.triton_unified import AttentionPlan, plan_attention, unified_attention
+
+# Multiprocessor count assumed off-GPU (the Triton interpreter): an H100 SXM's.
+_DEFAULT_NUM_SMS = 132
+
+
+@dataclass(slots=True)
+class TritonAttentionMetadata:
+    """One step's device tensors plus the host facts the launch plans are derived from.
+    Plans are made once per (heads, kv_heads, head_dim, dtype) and shared by every layer."""
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    num_seqs: int
+    max_seq_len: int
+    query_lens: list[int]
+    num_sms: int
+    num_segments: int | None  # forced split (None: heuristic)
+    plans: dict[tuple[int, int, int, torch.dtype], AttentionPlan] = field(default_factory=dict)
+
+    def plan(self, num_heads: int, num_kv_heads: int, head_dim: int,
+             dtype: torch.dtype) -> AttentionPlan:
+        key = (num_heads, num_kv_heads, head_dim, dtype)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = plan_attention(num_heads, num_kv_heads, head_dim, self.query_lens,
+                                  self.max_seq_len, self.num_sms, self.num_segments, dtype=dtype)
+            self.plans[key] = plan
+        return plan
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Triton paged attention. `num_segments` forces the split-KV choice (1 = never split);
+    None lets `choose_num_segments` decide from the step's host-side lengths.
+
+    CUDA graphs: forward launches two or three kernels whose shapes depend only on q's shape
+    and the metadata's host ints, and the split workspace lives in the metadata, so a decode
+    step replays as captured. The split decision is frozen at capture: capture with metadata
+    whose max_seq_len is representative (e.g. max_model_len) or force num_segments; results
+    are exact either way, only speed differs."""
+
+    name = "triton"
+
+    def __init__(self, num_segments: int | None = None) -> None:
+        self.num_segments = num_segments
+        self._num_sms: dict[torch.device, int] = {}
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata(
+            slot_mapping=common.slot_mapping, query_start_loc=common.query_start_loc,
+            seq_lens=common.seq_lens, block_tables=common.block_tables,
+            num_seqs=common.num_seqs, max_seq_len=common.max_seq_len,
+            query_lens=common.query_lens_cpu, num_sms=self._sm_count(common.seq_lens.device),
+            num_segments=self.num_segments)
+
+    def _sm_count(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return _DEFAULT_NUM_SMS
+        count = self._num_sms.get(device)
+        if count is None:
+            count = torch.cuda.get_device_properties(device).multi_processor_count
+            self._num_sms[device] = count
+        return count
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: TritonAttentionMetadata,
+                scale: float) -> torch.Tensor:
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype)
+        return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
+                                 metadata.seq_lens, metadata.block_tables, scale,
+                                 metadata.num_seqs, plan)

@@ -1,0 +1,351 @@
+"""Unified Triton paged attention: one launch serves a mixed batch of prefill chunks (with
+cached context) and decodes; a split-KV variant plus a reduce kernel serve small decode
+batches with long contexts; `plan_attention` picks the variant and `unified_attention` runs it.
+
+Layout. q/out are packed [tokens, heads, dim]; sequence s owns tokens
+[query_start_loc[s], query_start_loc[s+1]) and has seq_lens[s] tokens of KV in total, the last
+q_len of which are its queries (query j sits at position seq_len - q_len + j). KV caches are
+[num_blocks, block_size, kv_heads, dim], addressed through block_tables[s, pos // block_size].
+
+Grid. A program owns BLOCK_Q consecutive query tokens of one sequence times the GROUP query
+heads of one KV head: BLOCK_M = BLOCK_Q * GROUP rows (padded up to a power of two), so a decode
+still fills a tensor-core tile with the heads that share its KV. Dimension 0 is the host-free
+upper bound `num_tokens // BLOCK_Q + num_seqs` on the number of q-blocks: sequence s owns
+programs [query_start_loc[s] // BLOCK_Q + s, query_start_loc[s+1] // BLOCK_Q + s + 1), found by
+binary search; programs past a sequence's queries (or past the last sequence) exit. Decode-only
+batches skip the search (program = sequence). Dimension 1 is the KV head; the split variant
+adds dimension 2, the KV segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Split-KV heuristic (see choose_num_segments).
+SPLIT_MAX_QUERY_LEN = 16  # decode and speculative-decode batches only
+MIN_SEGMENT_TOKENS = 256  # a segment must read at least this much KV to pay for its partials
+MAX_SEGMENTS = 16
+PROGRAMS_PER_SM = 2  # the split grid aims for this many programs per multiprocessor
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    """The largest s in [0, num_seqs] with query_start_loc[s] // BLOCK_Q + s <= pid."""
+    lo = pid * 0
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _attend_tiles(
+    q, acc, l_i, m_i, k_base, v_base, table_ptr, q_pos, tile_lo, tile_hi, kv_end, qk_scale,
+    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of q's rows over KV tiles [tile_lo, tile_hi); scores in log2 units."""
+    offs_t = tl.arange(0, TILE)
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_ok = dims < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        pos = tile * TILE + offs_t
+        pos_ok = pos < kv_end
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        in_block = pos % BLOCK_SIZE
+        k = tl.load(k_base + block[None, :] * stride_kb + in_block[None, :] * stride_ks
+                    + dims[:, None] * stride_kd,
+                    mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
+        v = tl.load(v_base + block[:, None] * stride_vb + in_block[:, None] * stride_vs
+                    + dims[None, :] * stride_vd,
+                    mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
+def _unified_attention_kernel(
+    q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    num_seqs, num_segments, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt, stride_wt, stride_wh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (q-block, kv head[, segment]): the output rows, or with SPLIT the partial
+    (max, sum, acc) of this segment."""
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if DECODE_ONLY:
+        seq = pid
+    else:
+        seq = _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_Q)
+    if seq >= num_seqs:
+        return
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if DECODE_ONLY:
+        q_block_start = q_len * 0
+    else:
+        q_block_start = (pid - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if q_block_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_local = q_block_start + rows // GROUP
+    row_ok = (rows // GROUP < BLOCK_Q) & (q_local < q_len)
+    heads = kv_head * GROUP + rows % GROUP
+    tokens = (q_start + q_local).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    # Padding rows borrow the last query's position so that no row is ever fully masked.
+    q_pos = context + tl.minimum(q_local, q_len - 1)
+    kv_end = context + tl.minimum(q_block_start + BLOCK_Q, q_len)  # causal limit of the block
+    num_tiles = tl.cdiv(kv_end, TILE)
+    if SPLIT:
+        per_segment = tl.cdiv(num_tiles, num_segments)
+        tile_lo = tl.program_id(2) * per_segment
+        tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    k_base = key_cache_ptr + kv_head * stride_kh
+    v_base = value_cache_ptr + kv_head * stride_vh
+    acc, l_i, m_i = _attend_tiles(
+        q, acc, l_i, m_i, k_base, v_base, block_tables_ptr + seq.to(tl.int64) * stride_bt,
+        q_pos, tile_lo, tile_hi, kv_end, qk_scale,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION)
+
+    if SPLIT:
+        w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
+        tl.store(seg_max_ptr + w, m_i, mask=row_ok)
+        tl.store(seg_sum_ptr + w, l_i, mask=row_ok)
+        tl.store(seg_acc_ptr + w[:, None] * HEAD_DIM_P + dims[None, :], acc,
+                 mask=row_ok[:, None])
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
+def _reduce_segments_kernel(
+    out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr, query_start_loc_ptr,
+    num_seqs, num_segments, stride_wt, stride_wh, stride_ot, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SEG_P: tl.constexpr,
+):
+    """Combine one (token, head)'s segment partials into its output row."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence
+        return
+    segs = tl.arange(0, SEG_P)
+    seg_ok = segs < num_segments
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_ok = dims < HEAD_DIM
+    w = token * stride_wt + head * stride_wh + segs
+    m = tl.load(seg_max_ptr + w, mask=seg_ok, other=float("-inf"))
+    s = tl.load(seg_sum_ptr + w, mask=seg_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    weight = tl.math.exp2(m - m_max)
+    total = tl.sum(s * weight, 0)
+    acc = tl.load(seg_acc_ptr + w[:, None] * HEAD_DIM_P + dims[None, :],
+                  mask=seg_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / total
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Tile shape and launch parameters of the attention kernel."""
+
+    block_m: int  # rows per program: block_q query tokens x the GQA group (power of two)
+    tile: int  # KV positions per inner-loop step (power of two, >= 16)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    """How one step's attention is launched for one (heads, kv_heads, head_dim) shape;
+    holds the split-KV workspace so that layers (and CUDA-graph replays) reuse it."""
+
+    config: KernelConfig
+    decode_only: bool  # every sequence has exactly one query: program = sequence
+    num_segments: int  # 1 = the unsplit kernel
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(max, sum, acc) partials: [tokens, heads, segments] x2 and [..., head_dim_p] fp32."""
+        shape = (num_tokens, num_heads, self.num_segments)
+        ws = self.workspace
+        if ws is None or ws[0].shape != shape or ws[0].device != device:
+            ws = (torch.empty(shape, dtype=torch.float32, device=device),
+                  torch.empty(shape, dtype=torch.float32, device=device),
+                  torch.empty(shape + (head_dim_p,), dtype=torch.float32, device=device))
+            self.workspace = ws
+        return ws
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims are padded (and masked) to a power of two of at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def default_config(group: int, head_dim: int, max_query_len: int,
+                   dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """Small row tiles for decode-like batches (few queries per sequence), 64-row tiles for
+    prefill so each KV tile loaded serves more queries. fp32 (no tensor cores, a correctness
+    dtype) always takes the small tiles, which compile without register spills."""
+    head_dim_p = padded_head_dim(head_dim)
+    small = max_query_len * group <= 16 or dtype == torch.float32
+    block_m = max(16 if small else 64, triton.next_power_of_2(group))
+    tile = 64 if head_dim_p <= 128 else 32
+    num_warps = 4 if block_m * head_dim_p <= 64 * 128 else 8
+    return KernelConfig(block_m, tile, num_warps, 3 if small else 2)
+
+
+def choose_num_segments(num_programs: int, max_query_len: int, max_seq_len: int,
+                        num_sms: int) -> int:
+    """Split KV only when the unsplit grid is less than one wave (num_programs < num_sms) and
+    queries are short (max_query_len <= SPLIT_MAX_QUERY_LEN). Segments = the power of two that
+    brings the grid to PROGRAMS_PER_SM * num_sms, capped by MAX_SEGMENTS and by giving each
+    segment at least MIN_SEGMENT_TOKENS of the longest context. 1 means unsplit."""
+    if num_programs <= 0 or num_programs >= num_sms or max_query_len > SPLIT_MAX_QUERY_LEN:
+        return 1
+    wanted = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms, num_programs))
+    fits = max_seq_len // MIN_SEGMENT_TOKENS
+    fits = 1 << (fits.bit_length() - 1) if fits >= 1 else 1
+    segments = min(MAX_SEGMENTS, wanted, fits)
+    return segments if segments >= 2 else 1
+
+
+def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens: Sequence[int],
+                   max_seq_len: int, num_sms: int, num_segments: int | None = None,
+                   config: KernelConfig | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> AttentionPlan:
+    """Choose kernel config and split-KV for a step (host ints only, no device sync).
+    num_segments / config override the heuristics (tests, benchmarks, CUDA-graph capture)."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    group = num_heads // num_kv_heads
+    max_query_len = max(query_lens, default=0)
+    if config is None:
+        config = default_config(group, head_dim, max_query_len, dtype)
+    _check_config(config, group)
+    if num_segments is None:
+        block_q = config.block_m // group
+        num_programs = sum(-(-n // block_q) for n in query_lens) * num_kv_heads
+        num_segments = choose_num_segments(num_programs, max_query_len, max_seq_len, num_sms)
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    return AttentionPlan(config, max_query_len == 1, num_segments)
+
+
+def _check_config(config: KernelConfig, group: int) -> None:
+    for name in ("block_m", "tile"):
+        value = getattr(config, name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if config.block_m < group:
+        raise ValueError(f"block_m {config.block_m} is smaller than the GQA group {group}")
+
+
+def _check_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported query dtype {q.dtype} (float16, bfloat16, float32)")
+    if key_cache.shape != value_cache.shape or key_cache.dim() != 4:
+        raise ValueError(f"key/value caches must both be [blocks, block_size, kv_heads, dim], "
+                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if key_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"query head_dim {q.shape[2]} != cache head_dim {key_cache.shape[3]}")
+    if q.shape[1] % key_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of "
+                         f"{key_cache.shape[2]} kv heads")
+
+
+def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float, num_seqs: int,
+                      plan: AttentionPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal paged attention of q [tokens, heads, dim] over the cached KV of each sequence.
+    Launch shapes depend only on q.shape, num_seqs and the plan, so the call is CUDA-graph
+    capturable; output rows of tokens past query_start_loc[num_seqs] are left unwritten."""
+    _check_inputs(q, key_cache, value_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    cfg = plan.config
+    block_q = cfg.block_m // group
+    head_dim_p = padded_head_dim(head_dim)
+    grid_q = num_seqs if plan.decode_only else num_tokens // block_q + num_seqs
+    split = plan.num_segments > 1
+    if split:
+        seg_max, seg_sum, seg_acc = plan.segment_buffers(num_tokens, num_heads, head_dim_p,
+                                                         q.device)
+        grid = (grid_q, num_kv_heads, plan.num_segments)
+    else:
+        seg_max = seg_sum = seg_acc = out  # unused
+        grid = (grid_q, num_kv_heads)
+    _unified_attention_kernel[grid](
+        q, key_cache, value_cache, out, seg_max, seg_sum, seg_acc,
+        query_start_loc, seq_lens, block_tables,
+        num_seqs, plan.num_segments, scale * LOG2E,
+        *q.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
+        block_tables.stride(0), num_heads * plan.num_segments, plan.num_segments,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        BLOCK_SIZE=key_cache.shape[1], TILE=cfg.tile, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
+        DECODE_ONLY=plan.decode_only, SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _reduce_segments_kernel[(num_tokens, num_heads)](
+            out, seg_max, seg_sum, seg_acc, query_start_loc,
+            num_seqs, plan.num_segments, num_heads * plan.num_segments, plan.num_segments,
+            *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            SEG_P=triton.next_power_of_2(plan.num_segments), num_warps=4,
+        )
+    return out

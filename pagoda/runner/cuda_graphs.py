@@ -1,0 +1,112 @@
+"""CUDA graphs for decode-only steps, captured at startup over a ladder of padded batch
+sizes. Replay copies the step's inputs into static buffers; padded rows write nothing
+(slot -1) and attend nothing (query length 0)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.layers.attention.metadata import CommonAttentionMetadata
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_num_seqs (which is always included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class StaticInputs:
+    """Device buffers a captured graph reads; sized for the largest batch."""
+
+    def __init__(self, max_bs: int, max_blocks: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(max_bs, dtype=i64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=i64, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=i64, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=i32, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=i32, device=device)
+        self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
+
+    def metadata(self, bs: int, max_seq_len: int, block_size: int) -> CommonAttentionMetadata:
+        return CommonAttentionMetadata(
+            num_tokens=bs, num_seqs=bs, max_query_len=1, max_seq_len=max_seq_len,
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[max_seq_len] * bs,
+            block_size=block_size)
+
+    def load(self, n: int, bs: int, input_ids: torch.Tensor, positions: torch.Tensor,
+             attn: CommonAttentionMetadata) -> None:
+        """Copy a real decode step of n sequences in; rows n..bs become inert padding."""
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(attn.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.query_start_loc[:n + 1].copy_(attn.query_start_loc, non_blocking=True)
+        self.query_start_loc[n + 1:bs + 1].fill_(n)  # padded sequences have no queries
+        self.seq_lens[:n].copy_(attn.seq_lens, non_blocking=True)
+        self.seq_lens[n:bs].zero_()
+        width = attn.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(attn.block_tables, non_blocking=True)
+
+
+class CudaGraphRunner:
+    """Owns the captured graphs; run() replays the smallest one that fits the batch."""
+
+    def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int,
+                 max_num_seqs: int, max_model_len: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_num_seqs)
+        max_blocks = -(-max_model_len // block_size)
+        self.inputs = StaticInputs(self.sizes[-1], max_blocks, hidden_size, dtype, device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        for bs in reversed(self.sizes):  # largest first: smaller ones reuse its memory pool
+            self.graphs[bs] = self._capture_one(bs)
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.graphs),
+                    self.sizes[0], self.sizes[-1], time.perf_counter() - start)
+
+    def _capture_one(self, bs: int) -> torch.cuda.CUDAGraph:
+        inputs = self.inputs
+        attn = self.backend.build_metadata(
+            inputs.metadata(bs, self.max_model_len, self.block_size))
+        for _ in range(2):  # warm up: compile kernels outside the capture
+            inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph
+
+    def can_run(self, attn: CommonAttentionMetadata) -> bool:
+        return attn.max_query_len == 1 and attn.num_seqs <= self.sizes[-1] \
+            and attn.block_tables.shape[1] <= self.inputs.block_tables.shape[1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            attn: CommonAttentionMetadata) -> torch.Tensor:
+        n = attn.num_seqs
+        bs = next(s for s in self.sizes if s >= n)
+        self.inputs.load(n, bs, input_ids, positions, attn)
+        self.graphs[bs].replay()
+        return self.inputs.hidden[:n]

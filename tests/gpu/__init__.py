@@ -1,0 +1,1 @@
+"""Tests that need a CUDA device (run on the lent GPU machine; skipped elsewhere)."""

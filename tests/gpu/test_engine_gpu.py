@@ -1,0 +1,59 @@
+"""The engine on CUDA: Triton backend, CUDA graphs and memory sizing (device only)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pagoda import LLM, SamplingParams
+from tests.utils import save_random_checkpoint
+
+PROMPTS = [[(7 * i + 3 * j) % 4000 + 5 for j in range(n)] for i, n in
+           enumerate((3, 17, 64, 200, 511, 1000, 9, 33))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+                         max_position_embeddings=4096, initializer_range=0.1,
+                         tie_word_embeddings=False)
+    return str(save_random_checkpoint(config, tmp_path_factory.mktemp("gpu-llama"), None))
+
+
+def greedy(llm: LLM, n: int = 48) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def make(checkpoint: str, **kwargs) -> LLM:
+    return LLM(checkpoint, device="cuda", kv_cache_memory=1 << 30, max_num_seqs=32, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graphs_equal_eager(checkpoint, dtype):
+    eager = greedy(make(checkpoint, dtype=dtype, enforce_eager=True))
+    graphed_llm = make(checkpoint, dtype=dtype)
+    assert graphed_llm.engine.core.runner.graphs is not None
+    assert greedy(graphed_llm) == eager
+
+
+def test_triton_equals_torch_backend(checkpoint):
+    triton_out = greedy(make(checkpoint, dtype="float32", enforce_eager=True,
+                             attention_backend="triton"))
+    torch_out = greedy(make(checkpoint, dtype="float32", attention_backend="torch"))
+    assert triton_out == torch_out
+
+
+def test_memory_fraction_sizing(checkpoint):
+    gc.collect()
+    torch.cuda.empty_cache()
+    llm = LLM(checkpoint, device="cuda", gpu_memory_utilization=0.3, max_num_seqs=16)
+    _, total = torch.cuda.mem_get_info()
+    assert llm.engine.model_info.kv_capacity_tokens > 0
+    assert greedy(llm, 8)
+    assert torch.cuda.max_memory_allocated() <= 0.3 * total  # the engine stays in its share

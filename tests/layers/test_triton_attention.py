@@ -1,0 +1,368 @@
+"""The Triton attention kernels (KV store, unified, split-KV) equal dense causal attention and
+the torch_ref backend on random paged layouts, run on CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, so the kernel checks run in
+one subprocess (`python -m tests.layers.test_triton_attention`, which prints a JSON verdict
+per case) and each case is a pytest test asserting its verdict. The batch builders and checks
+here are shared with tests/gpu/test_triton_attention.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagoda.layers.attention.metadata import CommonAttentionMetadata
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULT_MARKER = "TRITON-INTERPRETER-RESULTS "
+
+
+@dataclass
+class Batch:
+    """A step: new q/k/v of every sequence, a paged cache holding their cached context, and
+    the full per-sequence K/V (context + new) the reference attends over."""
+
+    meta: CommonAttentionMetadata
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, dim]
+    q: torch.Tensor  # [tokens (+ padding), heads, dim]
+    k: torch.Tensor  # [tokens (+ padding), kv_heads, dim]
+    v: torch.Tensor
+    keys: list[torch.Tensor]  # per sequence [seq_len, kv_heads, dim]
+    values: list[torch.Tensor]
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.meta.query_start_loc_cpu[-1]
+
+
+def make_batch(seqs: list[tuple[int, int]], *, block_size: int, heads: int, kv_heads: int,
+               head_dim: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               seed: int = 0, pad_tokens: int = 0) -> Batch:
+    """seqs: (cached context, new query tokens) per sequence. The cache is filled with random
+    values (the context is whatever its slots hold); padding tokens get slot -1."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+    blocks_per_seq = [-(-(c + n) // block_size) for c, n in seqs]
+    num_blocks = 1 + sum(blocks_per_seq) + 4
+    kv_cache = randn(2, num_blocks, block_size, kv_heads, head_dim)
+    kv_cache[:, 0] = 0.0  # the null block
+    order = torch.randperm(num_blocks - 1, generator=gen, device=device) + 1
+    width = max(blocks_per_seq)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32, device=device)
+    flat = kv_cache.flatten(1, 2)
+    keys, values, new_k, new_v, slots, qsl, lens, used = [], [], [], [], [], [0], [], 0
+    for i, (context, query) in enumerate(seqs):
+        total = context + query
+        blocks = order[used:used + blocks_per_seq[i]]
+        used += blocks_per_seq[i]
+        tables[i, :len(blocks)] = blocks.int()
+        pos = torch.arange(total, device=device)
+        seq_slots = blocks[pos // block_size].long() * block_size + pos % block_size
+        k, v = randn(query, kv_heads, head_dim), randn(query, kv_heads, head_dim)
+        keys.append(torch.cat([flat[0, seq_slots[:context]], k]))
+        values.append(torch.cat([flat[1, seq_slots[:context]], v]))
+        new_k.append(k)
+        new_v.append(v)
+        slots.append(seq_slots[context:])
+        qsl.append(qsl[-1] + query)
+        lens.append(total)
+    num_tokens = qsl[-1] + pad_tokens
+    slots.append(torch.full((pad_tokens,), -1, dtype=torch.long, device=device))
+    new_k.append(randn(pad_tokens, kv_heads, head_dim))
+    new_v.append(randn(pad_tokens, kv_heads, head_dim))
+    meta = CommonAttentionMetadata(
+        num_tokens=num_tokens, num_seqs=len(seqs), max_query_len=max(n for _, n in seqs),
+        max_seq_len=max(lens), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables,
+        slot_mapping=torch.cat(slots), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
+        block_size=block_size)
+    return Batch(meta, kv_cache, randn(num_tokens, heads, head_dim), torch.cat(new_k),
+                 torch.cat(new_v), keys, values)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        chunk: int = 512) -> torch.Tensor:
+    """Dense causal attention of q [Lq, H, D] as the last Lq positions of k/v [L, KVH, D];
+    float64 on CPU, float32 on GPU, queries in chunks to bound memory."""
+    acc_dtype = torch.float64 if q.device.type == "cpu" else torch.float32
+    lq, heads, _ = q.shape
+    total, kv_heads, _ = k.shape
+    k = k.to(acc_dtype).repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    v = v.to(acc_dtype).repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    out = torch.empty(lq, heads, q.shape[2], dtype=acc_dtype, device=q.device)
+    key_pos = torch.arange(total, device=q.device)
+    for start in range(0, lq, chunk):
+        qc = q[start:start + chunk].to(acc_dtype).transpose(0, 1)  # [H, c, D]
+        scores = qc @ k.transpose(1, 2) * scale
+        q_pos = torch.arange(start, start + qc.shape[1], device=q.device) + (total - lq)
+        scores.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[start:start + qc.shape[1]] = (scores.softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """Kernel output vs the fp32/fp64 reference on the same (rounded) inputs."""
+    return {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+
+
+def run_triton(batch: Batch, scale: float, num_segments: int | None = None,
+               config=None) -> torch.Tensor:
+    """Store the new K/V and attend with the Triton kernels (config overrides the tile shape)."""
+    from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+    from pagoda.layers.attention.triton_kv_store import store_kv
+    from pagoda.layers.attention.triton_unified import plan_attention, unified_attention
+    if config is None:
+        backend = TritonAttentionBackend(num_segments=num_segments)
+        return backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
+                               backend.build_metadata(batch.meta), scale)
+    meta, (_, heads, dim), kv_heads = batch.meta, batch.q.shape, batch.k.shape[1]
+    store_kv(batch.k, batch.v, batch.kv_cache[0], batch.kv_cache[1], meta.slot_mapping)
+    plan = plan_attention(heads, kv_heads, dim, meta.query_lens_cpu, meta.max_seq_len, 132,
+                          num_segments, config, batch.q.dtype)
+    return unified_attention(batch.q, batch.kv_cache[0], batch.kv_cache[1], meta.query_start_loc,
+                             meta.seq_lens, meta.block_tables, scale, meta.num_seqs, plan)
+
+
+def dense_outputs(batch: Batch, scale: float) -> list[torch.Tensor]:
+    """The reference output rows of each sequence."""
+    qsl = batch.meta.query_start_loc_cpu
+    return [reference_attention(batch.q[qsl[i]:qsl[i + 1]], keys, values, scale)
+            for i, (keys, values) in enumerate(zip(batch.keys, batch.values))]
+
+
+def check_against_dense(batch: Batch, out: torch.Tensor, scale: float,
+                        expected_rows: list[torch.Tensor] | None = None) -> float:
+    """Assert each sequence's rows equal dense attention; returns the max abs error."""
+    worst = 0.0
+    qsl = batch.meta.query_start_loc_cpu
+    expected_rows = expected_rows or dense_outputs(batch, scale)
+    for i, expected in enumerate(expected_rows):
+        if expected.numel() == 0:  # a padding sequence without queries
+            continue
+        got = out[qsl[i]:qsl[i + 1]].to(expected.dtype)
+        torch.testing.assert_close(got, expected, **tolerance(batch.q.dtype),
+                                   msg=lambda m, i=i: f"sequence {i}: {m}")
+        worst = max(worst, (got - expected).abs().max().item())
+    return worst
+
+
+def check_cache_written(batch: Batch, before: torch.Tensor) -> None:
+    """The cache equals `before` with exactly the non-negative slots overwritten by k/v."""
+    expected = before.clone().flatten(1, 2)
+    slots = batch.meta.slot_mapping
+    keep = slots >= 0
+    expected[0, slots[keep]] = batch.k[keep].to(expected.dtype)
+    expected[1, slots[keep]] = batch.v[keep].to(expected.dtype)
+    assert torch.equal(batch.kv_cache.flatten(1, 2), expected), "KV cache contents differ"
+
+
+def check_triton_vs_references(batch: Batch, scale: float, num_segments: int | None = None,
+                               config=None, compare_torch_ref: bool = True) -> float:
+    """Triton output == dense reference (and == torch_ref backend); cache written correctly."""
+    from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+    before = batch.kv_cache.clone()
+    out = run_triton(batch, scale, num_segments, config)
+    check_cache_written(batch, before)
+    worst = check_against_dense(batch, out, scale)
+    if compare_torch_ref and batch.q.shape[0] == batch.num_real_tokens:
+        ref_cache = before.clone()
+        backend = TorchAttentionBackend()
+        ref = backend.forward(batch.q, batch.k, batch.v, ref_cache,
+                              backend.build_metadata(batch.meta), scale)
+        torch.testing.assert_close(out, ref, **tolerance(batch.q.dtype))
+    return worst
+
+
+MIXED = [(0, 1), (0, 13), (20, 1), (5, 7), (33, 1), (17, 30), (0, 2)]
+DECODES = [(0, 1), (5, 1), (40, 1), (100, 1), (300, 1), (17, 1)]
+
+
+def _mixed(block_size: int, heads: int, kv_heads: int, head_dim: int, dtype=torch.float32,
+           num_segments: int | None = None, config=None, seqs=MIXED, pad_tokens: int = 0,
+           scale: float | None = None, strided: bool = False) -> Callable[[], None]:
+    def case() -> None:
+        batch = make_batch(seqs, block_size=block_size, heads=heads, kv_heads=kv_heads,
+                           head_dim=head_dim, dtype=dtype, seed=heads * 7 + block_size,
+                           pad_tokens=pad_tokens)
+        if strided:  # q, k, v as views into one fused qkv projection output
+            fused = torch.cat([batch.q, batch.k, batch.v], dim=1)
+            batch.q, batch.k, batch.v = (fused[:, :heads], fused[:, heads:heads + kv_heads],
+                                         fused[:, heads + kv_heads:])
+        check_triton_vs_references(batch, scale or head_dim ** -0.5, num_segments, config)
+    return case
+
+
+def _store_case() -> None:
+    """Slots -1 are skipped, strided (non-contiguous) k/v and fp32 -> fp16 casts work."""
+    from pagoda.layers.attention.triton_kv_store import store_kv
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 6, 16, 3, 24, generator=gen).half()
+    qkv = torch.randn(10, 9, 24, generator=gen)  # k, v are strided views into a fused buffer
+    k, v = qkv[:, 3:6], qkv[:, 6:9]
+    slots = torch.tensor([17, -1, 18, 95, -1, 40, 41, 16, -1, 0])
+    before = cache.clone()
+    store_kv(k, v, cache[0], cache[1], slots)
+    expected = before.flatten(1, 2)
+    keep = slots >= 0
+    expected[0, slots[keep]] = k[keep].half()
+    expected[1, slots[keep]] = v[keep].half()
+    assert torch.equal(cache.flatten(1, 2), expected)
+
+
+def _interpreter_cases() -> dict[str, Callable[[], None]]:
+    from pagoda.layers.attention.triton_unified import KernelConfig
+    return {
+        "store_skips_negative_slots": _store_case,
+        "mixed_bs16_mha": _mixed(16, 4, 4, 32),
+        "mixed_bs32_gqa4": _mixed(32, 8, 2, 16),
+        "mixed_bs16_gqa3_smollm2": _mixed(16, 9, 3, 64),
+        "mixed_bs64_gqa8_dim24": _mixed(64, 16, 2, 24),
+        "mixed_bs16_gqa18": _mixed(16, 18, 1, 16),
+        "mixed_split3": _mixed(16, 8, 2, 32, num_segments=3),
+        "decode_unsplit": _mixed(16, 8, 2, 32, seqs=DECODES, num_segments=1),
+        "decode_split4_gqa3": _mixed(32, 9, 3, 16, seqs=DECODES, num_segments=4),
+        "decode_auto_split": _mixed(16, 4, 1, 16, seqs=[(600, 1), (1000, 1)]),
+        "long_prefill_with_context": _mixed(16, 8, 2, 32, dtype=torch.float16,
+                                           seqs=[(200, 150), (0, 1), (90, 70)]),
+        "dim128_strided_qkv": _mixed(32, 4, 2, 128, strided=True, seqs=[(40, 1), (10, 20)]),
+        "tile16_bs64": _mixed(64, 8, 2, 16, config=KernelConfig(64, 16, 4, 2)),
+        "tile64_bs16_blockm16": _mixed(16, 8, 2, 16, config=KernelConfig(16, 64, 4, 2)),
+        "blockm128_tile32": _mixed(16, 4, 2, 16, config=KernelConfig(128, 32, 8, 2)),
+        "fp16": _mixed(16, 8, 2, 32, dtype=torch.float16),
+        # bf16 runs on GPU only: the interpreter's tl.dot multiplies bf16's raw uint16 bits.
+        "fp16_split2": _mixed(16, 8, 2, 32, dtype=torch.float16, seqs=DECODES, num_segments=2),
+        "padding_tokens_slot_minus1": _mixed(16, 8, 2, 16, pad_tokens=5, scale=0.3),
+        "padding_decode_split": _mixed(16, 8, 2, 16, seqs=DECODES, pad_tokens=3,
+                                       num_segments=2),
+        # The CUDA-graph runner's decode padding: empty sequences plus slot -1 tokens.
+        "graph_padding_unsplit": _mixed(16, 8, 2, 16, seqs=DECODES + [(0, 0)] * 2,
+                                        pad_tokens=2, num_segments=1),
+        "graph_padding_split": _mixed(16, 8, 2, 16, seqs=DECODES + [(0, 0)] * 2,
+                                      pad_tokens=2, num_segments=4),
+    }
+
+
+# Names only (no triton import in the pytest process); must match _interpreter_cases().
+INTERPRETER_CASES = [
+    "store_skips_negative_slots", "mixed_bs16_mha", "mixed_bs32_gqa4", "mixed_bs16_gqa3_smollm2",
+    "mixed_bs64_gqa8_dim24", "mixed_bs16_gqa18", "mixed_split3", "decode_unsplit",
+    "decode_split4_gqa3", "decode_auto_split", "long_prefill_with_context", "dim128_strided_qkv",
+    "tile16_bs64", "tile64_bs16_blockm16",
+    "blockm128_tile32", "fp16", "fp16_split2", "padding_tokens_slot_minus1",
+    "padding_decode_split", "graph_padding_unsplit", "graph_padding_split",
+]
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses
+    (triton-lang/triton#9171): tensor loop bounds (`range(lo, hi)`) then fail."""
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interpreter._patch_lang_tensor = patched
+
+
+def _run_interpreter_cases() -> None:
+    """Subprocess entry: run every case under the interpreter, print one JSON line."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    _patch_interpreter_for_numpy_2_4()
+    results = {}
+    for name, case in _interpreter_cases().items():
+        start = time.perf_counter()
+        try:
+            case()
+            results[name] = {"ok": True, "seconds": round(time.perf_counter() - start, 2)}
+        except Exception:  # report every failure, not just the first
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+    print(RESULT_MARKER + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.layers.test_triton_attention"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def test_triton_is_installed():
+    """triton is a test dependency: without it this fails rather than skips."""
+    import triton
+    assert triton.__version__
+
+
+def test_case_names_match(interpreter_results):
+    assert sorted(interpreter_results) == sorted(INTERPRETER_CASES)
+
+
+@pytest.mark.parametrize("name", INTERPRETER_CASES)
+def test_kernel_under_interpreter(name, interpreter_results):
+    result = interpreter_results.get(name)
+    assert result is not None, f"case {name} did not run"
+    assert result["ok"], result.get("error")
+
+
+def test_split_heuristic():
+    from pagoda.layers.attention.triton_unified import choose_num_segments, plan_attention
+    # Llama-3.1-8B decode (8 kv heads) on 132 SMs.
+    assert choose_num_segments(8, 1, 8192, 132) == 16  # batch 1: split as far as allowed
+    assert choose_num_segments(8, 1, 1024, 132) == 4  # ... but >= 256 tokens per segment
+    assert choose_num_segments(64, 1, 4096, 132) == 8  # batch 8
+    assert choose_num_segments(512, 1, 4096, 132) == 1  # batch 64 fills the GPU already
+    assert choose_num_segments(8, 1, 300, 132) == 1  # short context
+    assert choose_num_segments(8, 512, 8192, 132) == 1  # prefill never splits
+    decode = plan_attention(32, 8, 128, [1] * 8, 4096, 132)
+    assert decode.decode_only and decode.num_segments == 8 and decode.config.block_m == 16
+    prefill = plan_attention(32, 8, 128, [1, 2048], 8192, 132)
+    assert not prefill.decode_only and prefill.num_segments == 1 and prefill.config.block_m == 64
+    assert plan_attention(9, 3, 64, [1, 1], 4096, 132, num_segments=1).num_segments == 1
+    fp32 = plan_attention(32, 8, 128, [1, 2048], 8192, 132, dtype=torch.float32)
+    assert fp32.config.block_m == 16  # no tensor cores: small tiles, no register spills
+
+
+def test_plan_rejects_bad_shapes():
+    from pagoda.layers.attention.triton_unified import KernelConfig, plan_attention
+    with pytest.raises(ValueError, match="multiple"):
+        plan_attention(10, 3, 64, [1], 10, 132)
+    with pytest.raises(ValueError, match="power of two"):
+        plan_attention(8, 2, 64, [1], 10, 132, config=KernelConfig(48, 32, 4, 2))
+    with pytest.raises(ValueError, match="GQA group"):
+        plan_attention(64, 1, 64, [1], 10, 132, config=KernelConfig(32, 32, 4, 2))
+
+
+def test_selector():
+    from pagoda.errors import ConfigError
+    from pagoda.layers.attention.selector import select_backend
+    assert select_backend("auto", torch.device("cpu")).name == "torch"
+    assert select_backend("torch", "cpu").name == "torch"
+    with pytest.raises(ConfigError, match="CUDA"):
+        select_backend("triton", "cpu")
+    with pytest.raises(ConfigError, match="unknown attention backend"):
+        select_backend("flash", "cpu")
+
+
+if __name__ == "__main__":
+    _run_interpreter_cases()
