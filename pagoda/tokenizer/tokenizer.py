@@ -5,18 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from pagoda.errors import ModelNotFoundError
-from pagoda.models.source import ModelSource, load_tokenizer
+from pagoda.logger import get_logger
+from pagoda.models.source import ModelSource, load_tokenizer, resolve_model
+
+logger = get_logger(__name__)
 
 
 def get_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any | None:
-    """`tokenizer` (a path or pulled name) if given, else the model's. Random-weight models
-    without tokenizer files get None and run on token ids alone."""
+    """`tokenizer` (a path or pulled name) if given, else the model's. A checkpoint without
+    tokenizer files gets None and runs on token ids alone (text prompts are then refused)."""
     if tokenizer is not None:
-        from pagoda.models.source import resolve_model
         return load_tokenizer(resolve_model(tokenizer))
     try:
         return load_tokenizer(source)
     except ModelNotFoundError:
-        if source.format != "dummy":
-            raise
+        logger.warning("%s has no tokenizer: only token-id prompts will work", source.name)
         return None
