@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -87,3 +88,17 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
+
+
+_CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
+_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs"}
+
+
+def engine_config(model: str, **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from vLLM-style flat keyword arguments."""
+    cache = {k: kwargs.pop(k) for k in list(kwargs) if k in _CACHE_KEYS}
+    if "gpu_memory_utilization" in kwargs:
+        cache["memory_utilization"] = kwargs.pop("gpu_memory_utilization")
+    sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
+    return EngineConfig(model=model, cache=CacheConfig(**cache),
+                        scheduler=SchedulerConfig(**sched), **kwargs)

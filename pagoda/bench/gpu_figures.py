@@ -19,7 +19,6 @@ from pagoda.bench.roofline import (
 )
 
 
-@torch.inference_mode()
 def run_hf_continuous_batching(model: Any, requests: list[BenchRequest], temperature: float,
                                figures_cls: type) -> Any:
     """The workload through transformers' generate_batch (its continuous batching)."""
@@ -31,13 +30,16 @@ def run_hf_continuous_batching(model: Any, requests: list[BenchRequest], tempera
     gen = GenerationConfig(max_new_tokens=longest, eos_token_id=None, pad_token_id=0,
                            **sampling)
     inputs = [r.prompt_token_ids for r in requests]
-    model.generate_batch(inputs[:2], generation_config=gen.__class__(
-        max_new_tokens=4, eos_token_id=None, pad_token_id=0, do_sample=False))
+    warm = GenerationConfig(max_new_tokens=4, eos_token_id=None, pad_token_id=0, do_sample=False)
+    model.generate_batch(inputs[:2], generation_config=warm)
     start = time.perf_counter()
     outputs = model.generate_batch(inputs, generation_config=gen)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     results = sorted(outputs.values(), key=lambda o: int(str(o.request_id).rsplit("_", 1)[-1]))
+    failed = [o.request_id for o in results if o.error or not o.generated_tokens]
+    if len(results) != len(requests) or failed:
+        raise RuntimeError(f"transformers generate_batch failed {len(failed)} requests")
     useful = sum(min(len(o.generated_tokens), r.output_len) for o, r in zip(results, requests))
     return figures_cls("hf-cb", elapsed, len(requests),
                        sum(len(r.prompt_token_ids) for r in requests), useful)

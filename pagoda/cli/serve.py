@@ -62,11 +62,26 @@ def run_serve(args: argparse.Namespace) -> int:
         print("error: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
               file=sys.stderr)
         return 2
-    from pagoda.entrypoints.openai.server import serve
+    from pagoda.errors import PagodaError
     model = args.model or args.model_flag or "smollm2"
+    engine_starting = _start_engine_early(model, engine_kwargs(args))
+    try:
+        return _serve(args, model, keys_from(args), engine_starting)
+    except PagodaError as exc:
+        print(f"pagoda serve: {exc}", file=sys.stderr)
+        _stop(engine_starting)
+        return 1
+
+
+def keys_from(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key or [])
     if os.environ.get("PAGODA_API_KEY"):
         keys.append(os.environ["PAGODA_API_KEY"])
+    return keys
+
+
+def _serve(args: argparse.Namespace, model: str, keys: list[str], engine_starting) -> int:
+    from pagoda.entrypoints.openai.server import serve
     return serve(model, engine_kwargs(args), host=args.host, port=args.port,
                  served_model_names=args.served_model_name or [model], api_keys=keys,
                  chat_template=read_chat_template(args.chat_template),
@@ -75,4 +90,20 @@ def run_serve(args: argparse.Namespace) -> int:
                  shutdown_timeout=args.shutdown_timeout,
                  max_pending=args.max_pending_requests, max_body_bytes=args.max_request_body,
                  uvicorn_log_level=args.uvicorn_log_level,
-                 honor_priority=args.scheduling_policy == "priority")
+                 honor_priority=args.scheduling_policy == "priority",
+                 engine_starting=engine_starting)
+
+
+def _stop(engine_starting) -> None:
+    try:
+        engine_starting.result().shutdown()
+    except Exception:  # it failed to start too; nothing to stop
+        pass
+
+
+def _start_engine_early(model: str, kwargs: dict):
+    """Spawn the engine process before importing the server: its startup (imports, CUDA,
+    weights) then overlaps ours."""
+    from pagoda.config import engine_config
+    from pagoda.engine.client import start_in_background
+    return start_in_background(engine_config(model, **kwargs))

@@ -22,8 +22,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -31,14 +32,16 @@ import zmq.asyncio
 
 from pagoda.config import EngineConfig
 from pagoda.engine import serial
-from pagoda.engine.core import EngineCore
 from pagoda.engine.model_info import ModelInfo
-from pagoda.engine.core_proc import spawn_main
+from pagoda.engine.core_entry import spawn_main
 from pagoda.engine.request import EngineCoreRequest
 from pagoda.engine.serial import EngineCoreOutputs, RequestError
 from pagoda.scheduler.output import EngineCoreOutput
 from pagoda.errors import PagodaError
 from pagoda.logger import get_logger
+
+if TYPE_CHECKING:
+    from pagoda.engine.core import EngineCore
 
 __all__ = ["EngineCoreClient", "EngineCoreOutputs", "EngineDeadError", "EngineStartupError",
            "InprocClient", "MPClient", "RequestError"]
@@ -107,6 +110,7 @@ class InprocClient(EngineCoreClient):
     """
 
     def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
+        from pagoda.engine.core import EngineCore
         self.core = core or EngineCore(config)
         self.model_info = self.core.model_info
         self._wakeup: asyncio.Event | None = None
@@ -460,3 +464,10 @@ def _exit_hint(exit_code: int | None, after_startup: bool = False) -> str:
                 if -exit_code == signal.SIGKILL else "")
         return f"{what}: killed by signal {name}{hint}"
     return f"{what} with exit code {exit_code}; its log (stderr) says why"
+
+
+def start_in_background(config: EngineConfig) -> Future[MPClient]:
+    """Spawn the engine process from a worker thread; the caller goes on while it loads."""
+    logger.info("starting the engine for %s", config.model)
+    return ThreadPoolExecutor(1, thread_name_prefix="pagoda-engine-start").submit(
+        MPClient, config)

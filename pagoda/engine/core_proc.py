@@ -26,6 +26,7 @@ from pagoda.engine import serial
 from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.engine.request import EngineCoreRequest
+from pagoda.errors import PagodaError
 from pagoda.logger import configure_logging, get_logger
 from pagoda.scheduler.output import EngineCoreOutput
 
@@ -197,7 +198,8 @@ def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq
     try:
         core = EngineCore(config)
     except Exception as exc:  # noqa: BLE001 -- reported to the client, then we exit
-        logger.error("engine failed to start:\n%s", traceback.format_exc())
+        detail = str(exc) if isinstance(exc, PagodaError) else traceback.format_exc()
+        logger.error("engine failed to start: %s", detail)
         output_sock.send(serial.encode(serial.StartupFailed(type(exc).__name__, str(exc))))
         return 1
     output_sock.send(serial.encode(serial.Ready(core.model_info)))

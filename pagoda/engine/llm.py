@@ -5,26 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pagoda.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.config import engine_config
 from pagoda.engine.input_processor import PromptType, TokensPrompt
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer.chat_template import Conversation, render_chat
-
-_CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
-_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs"}
-
-
-def engine_config(model: str, **kwargs: Any) -> EngineConfig:
-    """Build an EngineConfig from vLLM-style flat keyword arguments."""
-    cache = {k: kwargs.pop(k) for k in list(kwargs) if k in _CACHE_KEYS}
-    if "gpu_memory_utilization" in kwargs:
-        cache["memory_utilization"] = kwargs.pop("gpu_memory_utilization")
-    sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
-    return EngineConfig(model=model, cache=CacheConfig(**cache),
-                        scheduler=SchedulerConfig(**sched), **kwargs)
-
 
 class LLM:
     """Runs a model offline over batches of prompts with continuous batching."""

@@ -34,12 +34,32 @@ def make(checkpoint: str, **kwargs) -> LLM:
     return LLM(checkpoint, device="cuda", kv_cache_memory=1 << 30, max_num_seqs=32, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graphs_equal_eager(checkpoint, dtype):
-    eager = greedy(make(checkpoint, dtype=dtype, enforce_eager=True))
-    graphed_llm = make(checkpoint, dtype=dtype)
+def test_graphs_equal_eager_float32(checkpoint):
+    eager = greedy(make(checkpoint, dtype="float32", enforce_eager=True))
+    graphed_llm = make(checkpoint, dtype="float32")
     assert graphed_llm.engine.core.runner.graphs is not None
     assert greedy(graphed_llm) == eager
+
+
+def test_graphs_match_eager_bfloat16_up_to_near_ties(checkpoint, gpu_report):
+    """In bf16 the padded graph batch and the eager batch use different GEMM shapes, so
+    rounding differs; a greedy path may only part where the top two tokens nearly tie."""
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    eager = make(checkpoint, dtype="bfloat16", enforce_eager=True).generate(prompts, params)
+    graphed = make(checkpoint, dtype="bfloat16").generate(prompts, params)
+    identical = 0
+    for e, g in zip(eager, graphed):
+        e_ids, g_ids = e.outputs[0].token_ids, g.outputs[0].token_ids
+        if e_ids == g_ids:
+            identical += 1
+            continue
+        i = next(k for k, (a, b) in enumerate(zip(e_ids, g_ids)) if a != b)
+        position = e.outputs[0].logprobs[i]
+        top = sorted((lp.logprob for lp in position.values()), reverse=True)
+        assert top[0] - top[1] < 0.1, f"diverged at {i} with a clear winner"
+    gpu_report(identical_sequences=identical, of=len(PROMPTS))
+    assert identical >= len(PROMPTS) // 2
 
 
 def test_triton_equals_torch_backend(checkpoint):

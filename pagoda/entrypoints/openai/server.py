@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import uvicorn
 
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.engine.client import MPClient
-from pagoda.engine.llm import engine_config
+from pagoda.engine.client import MPClient, start_in_background
+from pagoda.config import engine_config
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
 from pagoda.logger import get_logger
@@ -77,19 +78,19 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
           served_model_names: list[str], api_keys: list[str], chat_template: str | None,
           trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
           max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
-          honor_priority: bool = True) -> int:
+          honor_priority: bool = True, engine_starting: Future[MPClient] | None = None) -> int:
     """Listen at once (/health answers 503 until the model is loaded), start the engine
-    process, serve until SIGTERM or engine death; returns the exit code."""
+    process (or take the one `engine_starting` is already starting), serve until SIGTERM
+    or engine death; returns the exit code."""
     config = engine_config(model, **engine_kwargs)
+    engine_starting = engine_starting or start_in_background(config)
     source = resolve_model(config.model, config.load_format)
     tokenizer = get_tokenizer(source, config.tokenizer)
     metrics = EngineMetrics(served_model_names[0])
-    clients: list[MPClient] = []
 
     def load_engine() -> AsyncEngine:
-        logger.info("starting the engine for %s", model)
-        clients.append(MPClient(config))
-        return AsyncEngine(clients[0], tokenizer, max_pending=max_pending, observer=metrics)
+        client = engine_starting.result()
+        return AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
 
     server_config = ServerConfig(served_model_names, api_keys, max_body_bytes, chat_template,
                                  trust_request_chat_template, log_requests, honor_priority)
@@ -102,9 +103,16 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
     try:
         asyncio.run(_run(server))
     finally:
-        for client in clients:
-            client.shutdown()
+        _shutdown(engine_starting)
     return 1 if server.failed else 0
+
+
+def _shutdown(engine_starting: Future[MPClient]) -> None:
+    try:
+        client = engine_starting.result()
+    except Exception:  # it never started; its error was reported already
+        return
+    client.shutdown()
 
 
 def _summary(state: ServerState) -> str:
