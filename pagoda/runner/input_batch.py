@@ -48,7 +48,7 @@ class StepBatch:
     positions: torch.Tensor
     attn: CommonAttentionMetadata
     sample_rows: list[int]  # batch rows whose last scheduled token ends the known sequence
-    logits_indices: list[int]  # flat token index of each sampling row's last token
+    logits_indices: torch.Tensor  # flat token index of each sampling row's last token
 
 
 class InputBatch:
@@ -58,6 +58,8 @@ class InputBatch:
         self.device = device
         self.block_size = block_size
         self.requests: dict[str, CachedRequestState] = {}
+        self._staging: torch.Tensor | None = None  # reused host buffer for uploads
+        self._uploaded: torch.cuda.Event | None = None  # marks the last upload's completion
 
     def update(self, out: SchedulerOutput) -> None:
         for request_id in out.finished_request_ids:
@@ -98,10 +100,17 @@ class InputBatch:
         slots = tables[token_rows, positions // self.block_size] * self.block_size \
             + positions % self.block_size
         sample_rows = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
-        return StepBatch(
-            request_ids, self._to_device(input_ids), self._to_device(positions),
-            self._attn_metadata(query_start, seq_lens, tables, slots, max(counts)),
-            sample_rows, [int(query_start[i + 1]) - 1 for i in sample_rows])
+        logits_indices = query_start[1:][sample_rows] - 1
+        dev = self._upload([input_ids, positions, slots, query_start, np.asarray(seq_lens),
+                            tables.ravel(), logits_indices])
+        i32 = torch.int32
+        attn = CommonAttentionMetadata(
+            num_tokens=int(query_start[-1]), num_seqs=len(states), max_query_len=max(counts),
+            max_seq_len=max(seq_lens), query_start_loc=dev[3].to(i32), seq_lens=dev[4].to(i32),
+            block_tables=dev[5].view(tables.shape).to(i32), slot_mapping=dev[2],
+            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens,
+            block_size=self.block_size)
+        return StepBatch(request_ids, dev[0], dev[1], attn, sample_rows, dev[6])
 
     def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
         width = max(len(s.block_ids) for s in states)
@@ -110,20 +119,24 @@ class InputBatch:
             tables[i, :len(s.block_ids)] = s.block_ids
         return tables
 
-    def _attn_metadata(self, query_start: np.ndarray, seq_lens: list[int], tables: np.ndarray,
-                       slots: np.ndarray, max_query_len: int) -> CommonAttentionMetadata:
-        return CommonAttentionMetadata(
-            num_tokens=int(query_start[-1]), num_seqs=len(seq_lens),
-            max_query_len=max_query_len, max_seq_len=max(seq_lens),
-            query_start_loc=self._to_device(query_start, torch.int32),
-            seq_lens=self._to_device(np.asarray(seq_lens), torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
-            slot_mapping=self._to_device(slots),
-            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=list(seq_lens),
-            block_size=self.block_size)
-
-    def _to_device(self, array: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """All of a step's index arrays in one host->device copy (through a reused pinned
+        buffer on CUDA); returns one int64 device view per array."""
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(max(total, 2 * (0 if self._staging is None else
+                                                        self._staging.numel())),
+                                        dtype=torch.int64,
+                                        pin_memory=self.device.type == "cuda")
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the last step's copy has left the buffer
+        staging = self._staging[:total]
+        np.concatenate([a.astype(np.int64, copy=False).ravel() for a in arrays],
+                       out=staging.numpy())
+        if self.device.type == "cpu":
+            return list(staging.clone().split(sizes))
+        flat = staging.to(self.device, non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        return list(flat.split(sizes))
