@@ -30,6 +30,9 @@ run_stage() {
     throughput) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --compare hf --hf-num-prompts ${HF_PROMPTS:-64} --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
+    throughput-only) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
+               --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+               --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
                python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.custom_op import DeviceDispatch
 
-class SiluAndMul(nn.Module):
+
+class SiluAndMul(DeviceDispatch):
     """silu(gate) * up, for an input laid out as [gate | up] on the last dim."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        from pagoda.layers.fused import silu_and_mul
+        return silu_and_mul(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

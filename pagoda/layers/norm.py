@@ -5,17 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.layers.custom_op import DeviceDispatch
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32."""
+
+class RMSNorm(DeviceDispatch):
+    """x / rms(x) * weight, computed in float32; with a residual, the add is fused in."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cuda(self, x: torch.Tensor,
+                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagoda.layers.fused import add_rms_norm
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def forward_native(self, x: torch.Tensor,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:
             x = x + residual
         residual = x

@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from pagoda.errors import UnsupportedModelError
+from pagoda.layers.custom_op import DeviceDispatch
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def inv_freq_for(p: dict[str, Any], dim: int, max_pos: int) -> tuple[torch.Tenso
     raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(DeviceDispatch):
     """Applies RoPE to q and k of shape [tokens, heads, head_dim] at given positions."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any],
@@ -98,8 +98,14 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat([angles.cos() * scale, angles.sin() * scale], dim=-1).float()
         self.register_buffer("cos_sin", cache, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cuda(self, positions: torch.Tensor, q: torch.Tensor,
+                     k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagoda.layers.fused import rope_qk_
+        rope_qk_(positions, q, k, self.cos_sin, self.rotary_dim)  # in place
+        return q, k
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
