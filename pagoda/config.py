@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagoda.errors import ConfigError
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported lazily here: the server builds a config and spawns the engine process
+# before paying for torch, so both processes start up at the same time.
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+           "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device,
                   checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
     """Map a dtype name ('auto' included) to a torch dtype for this device."""
+    import torch
     if isinstance(name, torch.dtype):
         return name
     if name != "auto":
         if name not in _DTYPES:
             raise ConfigError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
-        return _DTYPES[name]
+        return getattr(torch, _DTYPES[name])
     if device.type == "cpu":
         return torch.float32
     if checkpoint_dtype in (torch.float16, torch.bfloat16):
@@ -33,6 +35,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device,
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
