@@ -37,6 +37,7 @@ PARENT_POLL_S = 0.25  # how often the watchdog thread checks the parent (covers 
 FLUSH_LINGER_MS = 2000  # how long the last frames may take to leave when the engine exits
 FAIL_AT_STEP_ENV = "PAGODA_TEST_FAIL_AT_STEP"  # test hook: step N raises inside the loop
 EXIT_AT_STEP_ENV = "PAGODA_TEST_EXIT_AT_STEP"  # test hook: step N hard-exits the process
+STARTUP_DELAY_ENV = "PAGODA_TEST_STARTUP_DELAY_S"
 
 
 class _ParentGone(Exception):
@@ -195,6 +196,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
 
 def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq.Socket,
                   parent_pid: int, input_addr: str) -> int:
+    time.sleep(float(os.environ.get(STARTUP_DELAY_ENV, "0")))  # test hook: a slow model load
     try:
         core = EngineCore(config)
     except Exception as exc:  # noqa: BLE001 -- reported to the client, then we exit
