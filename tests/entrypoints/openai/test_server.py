@@ -291,3 +291,23 @@ def test_disconnect_mid_stream_frees_blocks(server):
     assert metric_value(metrics, "vllm:num_requests_running") == 0
     assert metric_value(metrics, "vllm:kv_cache_usage_perc") == 0
     assert metric_value(metrics, "vllm:request_success_total", finished_reason="abort") >= 1
+
+
+def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
+    import time
+    before = metric_value(httpx.get(f"{server.url}/metrics").text, "vllm:request_success_total",
+                          finished_reason="abort")
+    body = {"model": MODEL, "prompt": "Write a very long essay.", "max_tokens": 1500,
+            "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the socket
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        aborted = metric_value(metrics, "vllm:request_success_total", finished_reason="abort")
+        if aborted > before and metric_value(metrics, "vllm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert aborted == before + 1
+    assert metric_value(metrics, "vllm:num_requests_running") == 0
+    assert metric_value(metrics, "vllm:kv_cache_usage_perc") == 0
