@@ -78,14 +78,7 @@ class ModelRunner:
                 for start in range(0, num_tokens, max_model_len)]
         bs = self.config.block_size
         self.initialize_kv_cache(sum(-(-n // bs) for n in lens) + 1)
-        sched_out, next_block = SchedulerOutput(), 1
-        for i, n in enumerate(lens):
-            blocks = list(range(next_block, next_block + -(-n // bs)))
-            next_block += len(blocks)
-            sched_out.new_requests.append(NewRequestData(
-                f"profile-{i}", [i % self.config.vocab_size] * n, SamplingParams(max_tokens=1),
-                None, blocks, 0))
-            sched_out.num_scheduled_tokens[f"profile-{i}"] = n
+        sched_out = _prefill_schedule(lens, bs, self.config.vocab_size)
         batch = InputBatch(self.config.device, bs)
         batch.update(sched_out)
         step = batch.prepare(sched_out)
@@ -163,6 +156,18 @@ class ModelRunner:
             lp = compute_prompt_logprobs(logits, targets, num_top)
             out.prompt_logprobs[request_id] = _rows_to_lists(lp, list(range(end - start)), num_top)
             state.num_prompt_logprobs_done = end
+
+def _prefill_schedule(lens: list[int], block_size: int, vocab_size: int) -> SchedulerOutput:
+    """A step prefilling sequences of these lengths from scratch, on consecutive blocks."""
+    sched_out, next_block = SchedulerOutput(), 1
+    for i, n in enumerate(lens):
+        blocks = list(range(next_block, next_block + -(-n // block_size)))
+        next_block += len(blocks)
+        sched_out.new_requests.append(NewRequestData(
+            f"profile-{i}", [i % vocab_size] * n, SamplingParams(max_tokens=1), None, blocks, 0))
+        sched_out.num_scheduled_tokens[f"profile-{i}"] = n
+    return sched_out
+
 
 def _sampling_row(state: CachedRequestState) -> SamplingRow:
     return SamplingRow(state.sampling_params, state.prompt_token_ids, state.output_token_ids,
