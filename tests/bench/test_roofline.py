@@ -1,0 +1,49 @@
+"""Roofline arithmetic against the figures computed by hand for Llama-3.1-8B."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from pagoda.bench.roofline import (
+    Ceilings,
+    ModelShape,
+    decode_step_floor,
+    prefill_floor,
+    workload_floor,
+)
+
+H200 = Ceilings("H200", bandwidth=4.3e12, matmul_flops=807e12)
+
+
+@pytest.fixture(scope="module")
+def llama8b() -> ModelShape:
+    return ModelShape.from_config(AutoConfig.from_pretrained("bench/configs/llama-3.1-8b"),
+                                  torch.bfloat16)
+
+
+def test_model_shape_matches_the_reference(llama8b):
+    assert llama8b.matmul_params == 7_504_658_432  # 8.03B minus the 525M input embedding
+    assert llama8b.kv_bytes_per_token == 131_072  # 128 KiB per token
+    assert llama8b.weight_bytes_read == pytest.approx(15.01e9, rel=1e-3)
+
+
+def test_decode_floor_is_bandwidth_bound(llama8b):
+    one = decode_step_floor(llama8b, H200, [1024])
+    assert one == pytest.approx((15.01e9 + 1024 * 131_072) / 4.3e12, rel=1e-3)  # ~3.5 ms
+    batch = decode_step_floor(llama8b, H200, [1024] * 256)
+    assert batch == pytest.approx((15.01e9 + 256 * 1024 * 131_072) / 4.3e12, rel=1e-3)
+
+
+def test_prefill_floor_is_compute_bound(llama8b):
+    floor = prefill_floor(llama8b, H200, [1024])
+    flops = 2 * 7_504_658_432 * 1024 + 4 * 32 * 4096 * 1024 * 1024 / 2
+    assert floor == pytest.approx(flops / 807e12)
+
+
+def test_workload_floor_waves(llama8b):
+    one_wave = workload_floor(llama8b, H200, [100] * 4, [3] * 4, max_batch=4)
+    two_waves = workload_floor(llama8b, H200, [100] * 4, [3] * 4, max_batch=2)
+    assert two_waves["decode_s"] == pytest.approx(2 * one_wave["decode_s"], rel=0.01)
+    assert one_wave["total_s"] == pytest.approx(one_wave["prefill_s"] + one_wave["decode_s"])
