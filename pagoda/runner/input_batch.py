@@ -58,14 +58,22 @@ class InputBatch:
         self.device = device
         self.block_size = block_size
         self.requests: dict[str, CachedRequestState] = {}
+        self._num_prompt_logprobs = 0  # live requests that asked for prompt logprobs
         self._staging: torch.Tensor | None = None  # reused host buffer for uploads
         self._uploaded: torch.cuda.Event | None = None  # marks the last upload's completion
 
+    @property
+    def num_prompt_logprob_requests(self) -> int:
+        return self._num_prompt_logprobs
+
     def update(self, out: SchedulerOutput) -> None:
         for request_id in out.finished_request_ids:
-            self.requests.pop(request_id, None)
+            state = self.requests.pop(request_id, None)
+            if state is not None and state.sampling_params.prompt_logprobs is not None:
+                self._num_prompt_logprobs -= 1
         for new in out.new_requests:
             self.requests[new.request_id] = self._new_state(new)
+            self._num_prompt_logprobs += new.sampling_params.prompt_logprobs is not None
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
             if cached.resumed_from_preemption:

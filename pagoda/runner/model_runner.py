@@ -137,6 +137,8 @@ class ModelRunner:
     def _prompt_logprobs(self, step: StepBatch, hidden: torch.Tensor,
                          out: ModelRunnerOutput) -> None:
         """Logprobs of each prompt token given its prefix, for requests that asked."""
+        if not self.batch.num_prompt_logprob_requests:
+            return
         qsl = step.attn.query_start_loc_cpu
         for row, request_id in enumerate(step.request_ids):
             state = self.batch.requests[request_id]
