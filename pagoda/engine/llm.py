@@ -79,7 +79,7 @@ class LLM:
     def _run_to_completion(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(ids) and self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(final_only=True):
                 if out.finished:
                     finished[out.request_id] = out
         return [finished[i] for i in ids]

@@ -54,8 +54,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
-    def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(self.core.step())
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One engine step; returns the requests it advanced (only finished ones if
+        final_only)."""
+        outputs, stopped = self.output_processor.process(self.core.step(), final_only)
         if stopped:
             self.core.abort_requests(stopped)
         return outputs

@@ -33,10 +33,14 @@ class RequestState:
     children: dict[str, ChildState]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    num_unfinished: int = 0  # children still generating (kept as a count: checked per step)
+
+    def __post_init__(self) -> None:
+        self.num_unfinished = len(self.children)
 
     @property
     def finished(self) -> bool:
-        return all(c.completion.finished for c in self.children.values())
+        return self.num_unfinished == 0
 
 
 class OutputProcessor:
@@ -71,8 +75,11 @@ class OutputProcessor:
         state = self.requests.get(request_id)
         return list(state.children) if state else []
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's outputs; returns updated requests and child ids to abort."""
+    def process(self, outputs: list[EngineCoreOutput], final_only: bool = False
+                ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's outputs; returns updated requests (only finished ones with
+        final_only, which spares copying every live request each step) and child ids to
+        abort."""
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -80,10 +87,13 @@ class OutputProcessor:
             if parent_id is None:
                 continue
             state = self.requests[parent_id]
-            if self._apply(state, state.children[out.request_id], out):
+            child = state.children[out.request_id]
+            was_finished = child.completion.finished
+            if self._apply(state, child, out):
                 to_abort.append(out.request_id)
+            state.num_unfinished -= child.completion.finished and not was_finished
             touched[parent_id] = state
-        results = [self._snapshot(s) for s in touched.values()]
+        results = [self._snapshot(s) for s in touched.values() if s.finished or not final_only]
         for state in touched.values():
             if state.finished:
                 self._forget(state)
@@ -97,6 +107,7 @@ class OutputProcessor:
         for child in state.children.values():
             if not child.completion.finished:
                 child.completion.finish_reason = "abort"
+                state.num_unfinished -= 1
         result = self._snapshot(state)
         self._forget(state)
         return result

@@ -106,8 +106,10 @@ class KVCacheManager:
 
     def _publish_full_blocks(self, request: Request, blocks: list[KVBlock], total: int) -> None:
         """Register blocks that will be full once this step's tokens are written."""
-        self._update_hashes(request)
         start = self._num_cached.get(request.request_id, 0)
+        if total // self.block_size <= start:
+            return  # no block fills this step (most decode steps)
+        self._update_hashes(request)
         end = min(total // self.block_size, len(request.block_hashes))
         for i in range(start, end):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
