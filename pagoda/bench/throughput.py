@@ -313,7 +313,7 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     release_memory(device)
     if cfg.compare == "hf":
         systems |= _run_references(cfg, source, dtype, device, requests)
-    result["bounds"] = _bounds(systems, cfg, hf_config, dtype, device, requests, max_batch)
+    result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch)
     result |= {"config": config_dict(cfg), "workload": workload_stats(requests),
                "systems": {name: asdict(fig) for name, fig in systems.items()},
                "ratios": ratios(systems), "finished_at": _now()}
@@ -355,7 +355,7 @@ def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
     return out
 
 
-def _bounds(systems: dict[str, SystemFigures], cfg: ThroughputConfig, hf_config: Any,
+def _bounds(systems: dict[str, SystemFigures], hf_config: Any,
             dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
             max_batch: int) -> dict[str, Any]:
     """Roofline floors on CUDA; each system's fraction = floor / its elapsed time."""

@@ -146,8 +146,7 @@ class OutputProcessor:
         positions = self._logprob_dicts(lists)
         assert completion.logprobs is not None and completion.cumulative_logprob is not None
         completion.logprobs.extend(positions)
-        for ids, values in zip(lists[0], lists[1]):
-            completion.cumulative_logprob += values[0]
+        completion.cumulative_logprob += sum(values[0] for values in lists[1])
 
     def _logprob_dicts(self, lists: LogprobsLists) -> list[PositionLogprobs]:
         result = []

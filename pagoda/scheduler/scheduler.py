@@ -82,9 +82,6 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def num_unfinished_requests(self) -> int:
-        return len(self.running) + len(self.waiting)
-
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_request_ids=self._finished_ids,

@@ -110,10 +110,8 @@ class CompletionServing(ServingBase):
             key = (p, c.index)
             first = key not in sent
             chars, tokens = sent.get(key, (0, 0))
-            if not first and len(c.text) == chars and not c.finished:
-                continue
-            if not first and chars == -1:
-                continue  # already finished
+            if chars < 0 or (not first and len(c.text) == chars and not c.finished):
+                continue  # finished earlier, or nothing new to send
             text = c.text[chars:]
             if first and body.echo:
                 text = (prompt.text or "") + text

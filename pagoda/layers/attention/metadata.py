@@ -28,7 +28,3 @@ class CommonAttentionMetadata:
     def query_lens_cpu(self) -> list[int]:
         q = self.query_start_loc_cpu
         return [q[i + 1] - q[i] for i in range(self.num_seqs)]
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1

@@ -8,12 +8,11 @@ from typing import Any
 import openai
 import pytest
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from pagoda.entrypoints.openai import errors as e
+from pagoda.entrypoints.openai.app import _add_error_handlers
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.errors import (
     ConfigError,
@@ -196,14 +195,7 @@ def client() -> openai.OpenAI:
         body.to_sampling_params(16)
         raise e.ServerOverloadedError(retry_after=200)  # > 120 s: the client will not retry
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Any, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(e.pydantic_error_to_body(exc), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Any, exc: Exception) -> JSONResponse:
-        status, body, headers = e.exception_to_response(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+    _add_error_handlers(app)  # the server's own handlers
 
     http = TestClient(app, raise_server_exceptions=False)
     return openai.OpenAI(api_key="k", base_url="http://testserver/v1", http_client=http,
