@@ -1,0 +1,57 @@
+"""`pagoda generate` and `pagoda chat` stream the same text the offline API produces."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+from pagoda.cli.generate import stream_to
+from pagoda.cli.main import main
+from tests.utils import tiny_chat_model
+
+ARGS = ["--kv-cache-memory", "16MiB", "--max-tokens", "12", "--temperature", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir):
+    return str(tiny_chat_model(tmp_path_factory.mktemp("tiny"), smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model):
+    return LLM(tiny_model, kv_cache_memory=16 << 20)
+
+
+def test_stream_to_writes_each_new_piece():
+    class Out:
+        def __init__(self, text):
+            self.outputs = [type("C", (), {"text": text})()]
+    sink = io.StringIO()
+    assert stream_to(sink, [Out("Hel"), Out("Hello"), Out("Hello!")]) == "Hello!"
+    assert sink.getvalue() == "Hello!\n"
+
+
+def test_generate_raw_matches_offline(tiny_model, offline, capsys):
+    assert main(["generate", "The sky is", "--model", tiny_model, "--raw", *ARGS]) == 0
+    expected = offline.generate(["The sky is"], SamplingParams(temperature=0, max_tokens=12))
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
+def test_generate_applies_the_chat_template(tiny_model, offline, capsys):
+    assert main(["generate", "Hi there", "--model", tiny_model, *ARGS]) == 0
+    expected = offline.chat([{"role": "user", "content": "Hi there"}],
+                            SamplingParams(temperature=0, max_tokens=12))
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
+def test_chat_keeps_the_conversation(tiny_model, offline, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd again\n\n"))
+    assert main(["chat", "--model", tiny_model, *ARGS]) == 0
+    params = SamplingParams(temperature=0, max_tokens=12)
+    first = offline.chat([{"role": "user", "content": "Hello"}], params)[0].outputs[0].text
+    second = offline.chat([{"role": "user", "content": "Hello"},
+                           {"role": "assistant", "content": first},
+                           {"role": "user", "content": "And again"}], params)[0].outputs[0].text
+    assert capsys.readouterr().out.split("> ")[1:] == [first + "\n", second + "\n", ""]

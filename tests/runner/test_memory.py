@@ -1,0 +1,49 @@
+"""KV cache sizing: bytes, a fraction of available memory, and refusing a useless cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.config import CacheConfig
+from pagoda.errors import ConfigError
+from pagoda.runner.memory import (
+    KVCacheSpec,
+    available_host_memory,
+    kv_budget_bytes,
+    num_blocks_for,
+)
+
+CPU = torch.device("cpu")
+SPEC = KVCacheSpec(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64,
+                   dtype=torch.float32)
+
+
+def test_spec_bytes():
+    assert SPEC.bytes_per_token == 2 * 30 * 3 * 64 * 4
+    assert SPEC.bytes_per_block == 16 * SPEC.bytes_per_token
+
+
+def test_explicit_bytes_win():
+    cache = CacheConfig(kv_cache_memory=123 << 20, memory_utilization=0.5)
+    assert kv_budget_bytes(cache, CPU, non_kv_peak=0) == 123 << 20
+
+
+def test_fraction_of_available_host_memory():
+    budget = kv_budget_bytes(CacheConfig(memory_utilization=0.1), CPU, non_kv_peak=0)
+    assert budget == pytest.approx(0.1 * available_host_memory(), rel=0.05)
+
+
+def test_cpu_default_is_capped():
+    budget = kv_budget_bytes(CacheConfig(), CPU, non_kv_peak=0)
+    assert budget == min(4 << 30, available_host_memory() // 2)
+
+
+def test_blocks_for_budget_and_cap():
+    assert num_blocks_for(100 * SPEC.bytes_per_block, SPEC, max_model_len=160) == 100
+    assert num_blocks_for(100 * SPEC.bytes_per_block, SPEC, 160, cap=40) == 40
+
+
+def test_a_cache_that_cannot_hold_one_sequence_is_refused():
+    with pytest.raises(ConfigError, match="cannot hold one sequence of max_model_len=8192"):
+        num_blocks_for(10 * SPEC.bytes_per_block, SPEC, max_model_len=8192)
