@@ -274,7 +274,8 @@ def test_bad_messages_get_errors_and_the_engine_lives_on(mp_client):
         mp_client._input.send(_add_frame(temperature=-1.0))
         mp_client._input.send(msgspec.msgpack.encode({"type": "call", "call_id": "x"}))
         mp_client.add_request(request("oov", [1, 299, 300]))
-        mp_client.add_request(request("dup", [3, 4, 5], max_tokens=4))
+        # long enough to be still running when its duplicate arrives, even on a loaded machine
+        mp_client.add_request(request("dup", [3, 4, 5], max_tokens=200))
         mp_client.add_request(request("dup", [3, 4, 5], max_tokens=4))
         errors, finished_ids = [], set()
         while len(errors) < 5 or "dup" not in finished_ids:  # the first "dup" is valid: let it end
