@@ -1,4 +1,4 @@
-"""`pagoda bench throughput`: benchmark commands, with `vllm bench` flag names."""
+"""`pagoda bench`: benchmark commands, with `vllm bench` flag names."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from pagoda.cli.bench_serve import add_serve_parser
 from pagoda.cli.engine_args import parse_bytes
 
 # flag dest -> LLM keyword argument; only passed on when the flag was given
@@ -35,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     overhead.add_argument("--notes", default=None, help="free text stored in the result")
     overhead.set_defaults(func=run_http_overhead, command_parser=overhead, compare=None,
                           hf_max_batch_size=16)
+    add_serve_parser(kinds)
     bench.set_defaults(func=lambda args: _help(bench))
 
 
@@ -97,12 +99,16 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None, help="auto, torch or triton")
 
 
-def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    """The command line that reproduces `args`: flags that differ from their defaults."""
-    command = ["pagoda", "bench", "throughput"]
+def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      prefix: tuple[str, ...] = ("pagoda", "bench", "throughput"),
+                      secret: tuple[str, ...] = ()) -> list[str]:
+    """The command line that reproduces `args`: flags that differ from their defaults
+    (the `secret` ones left out)."""
+    command = list(prefix)
     for action in parser._actions:
         value = getattr(args, action.dest, None)
-        if not action.option_strings or value is None or value == action.default:
+        if not action.option_strings or value is None or value == action.default \
+                or action.dest in secret:
             continue
         command += _render_flag(action, value)
     return command
@@ -161,7 +167,8 @@ def run_http_overhead(args: argparse.Namespace) -> int:
     from pagoda.logger import configure_logging
 
     configure_logging()
-    cfg = throughput_config(args, canonical_command(args.command_parser, args))
+    cfg = throughput_config(args, canonical_command(args.command_parser, args,
+                                                    ("pagoda", "bench", "http-overhead")))
     result = run_overhead(cfg, args.port)
     for name, figures in result["systems"].items():
         print(f"{name:8s} {figures['output_tokens_per_s']:10.1f} output tok/s "

@@ -1,0 +1,1 @@
+"""`pagoda bench serve`: an online serving benchmark for any OpenAI-compatible server."""

@@ -1,0 +1,109 @@
+"""`pagoda bench serve`: one serving benchmark against any OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pagoda.bench.serve.client import RequestSettings
+from pagoda.bench.serve.datasets import DatasetSpec, ServeRequest, build_dataset
+from pagoda.bench.serve.report import format_report
+from pagoda.bench.serve.runner import RunResult, RunSettings, run_benchmark
+
+
+@dataclass(slots=True)
+class ServeBenchConfig:
+    """A whole benchmark: target, workload and arrival settings."""
+
+    request: RequestSettings
+    dataset: DatasetSpec
+    run: RunSettings
+    tokenizer: str | None = None
+    label: str | None = None  # the system under test, as results and plots name it
+    command: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_benchmark_tokenizer(name: str | None, model: str) -> Any | None:
+    """`name` (or else the served model's name) as a tokenizer: a pulled pagoda model, a
+    checkpoint directory, or a name in the local Hugging Face cache. None if not found
+    and none was asked for explicitly."""
+    from pagoda.errors import PagodaError
+    from pagoda.models.source import load_tokenizer, resolve_model
+
+    spec = name or model
+    try:
+        return load_tokenizer(resolve_model(spec))
+    except (PagodaError, OSError, ValueError):
+        pass
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        if name is not None:
+            raise ValueError(f"cannot load tokenizer {name!r}") from None
+        return None
+
+
+def discover_model(base_url: str, api_key: str | None, timeout_s: float = 30.0) -> str:
+    """The first model the server lists at /v1/models."""
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=timeout_s)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"could not list the models at {base_url}/v1/models ({exc}); "
+                         f"pass --model") from None
+
+
+def build_requests(cfg: ServeBenchConfig, tokenizer: Any | None,
+                   seed_offset: int = 0) -> list[ServeRequest]:
+    spec = cfg.dataset
+    if seed_offset:
+        spec = DatasetSpec(**{**asdict(spec), "seed": spec.seed + seed_offset})
+    return build_dataset(spec, tokenizer)
+
+
+def run_once(cfg: ServeBenchConfig, requests: list[ServeRequest]) -> RunResult:
+    return asyncio.run(run_benchmark(cfg.request, cfg.run, requests))
+
+
+def result_document(cfg: ServeBenchConfig, result: RunResult) -> dict[str, Any]:
+    """The saved JSON: settings, summary figures, errors and every request's timings."""
+    return {**describe(cfg), **result.to_json()}
+
+
+def describe(cfg: ServeBenchConfig) -> dict[str, Any]:
+    request = asdict(cfg.request)
+    request.pop("api_key", None)
+    run = asdict(cfg.run)
+    run["request_rate"] = _json_rate(cfg.run.request_rate)
+    return {
+        "benchmark": "serve", "label": cfg.label,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": cfg.command, "tokenizer": cfg.tokenizer, "client_host": platform.node(),
+        "request_settings": request, "dataset": asdict(cfg.dataset), "run_settings": run,
+        **cfg.extra,
+    }
+
+
+def _json_rate(rate: float) -> float | str:
+    return "inf" if rate == float("inf") else rate
+
+
+def print_report(cfg: ServeBenchConfig, result: RunResult) -> None:
+    print(format_report(result.metrics, result.to_json()["errors"],
+                        cfg.run.max_concurrency, cfg.run.request_rate))
+
+
+def save_json(document: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
