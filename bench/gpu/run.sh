@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   decode1 small throughput coldstart. Results go to $OUT (or /tmp/out).
+#   decode1 small throughput coldstart serve-sweep. Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -34,9 +34,23 @@ run_stage() {
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
+    serve-sweep) serve_sweep ;;
     coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
                python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;
   esac
+}
+# pagoda serve on the dummy 8B (with a word tokenizer, so it serves text), swept by bench serve
+serve_sweep() {
+  python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
+  python3 -m pagoda.cli.main serve /tmp/b8w $COMMON --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --port 8011 --disable-log-requests > "$OUT/serve-sweep-server.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://localhost:8011/health')" 2>/dev/null && break; sleep 0.5; done
+  python3 -m pagoda.cli.main bench serve --port 8011 --tokenizer /tmp/b8w --random-input-len 1024 \
+    --random-output-len 128 --ignore-eos --sweep max-concurrency=${SWEEP:-1,4,16,64} \
+    --sweep-prompts-per-concurrency ${PER_CONC:-8} --label "pagoda $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    --metric-percentiles 50,90,99 --result-dir "$OUT" --result-filename serve-sweep-8b.json --disable-tqdm
+  kill $server; wait $server
 }
 EXTRA=${EXTRA:-}
 for stage in "$@"; do
