@@ -5,6 +5,7 @@ sizes. Replay copies the step's inputs into static buffers; padded rows write no
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,18 +75,21 @@ class CudaGraphRunner:
         max_blocks = -(-max_model_len // block_size)
         self.inputs = StaticInputs(self.sizes[-1], max_blocks, hidden_size, dtype, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # each graph's capture-time metadata: its attention plans own the split-KV workspace
+        # the graph writes to, which must live (and stay unshared) as long as the graph does
+        self.graph_metadata: dict[int, Any] = {}
         self.pool = None
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first: smaller ones reuse its memory pool
-            self.graphs[bs] = self._capture_one(bs)
+            self.graphs[bs], self.graph_metadata[bs] = self._capture_one(bs)
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.graphs),
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
-    def _capture_one(self, bs: int) -> torch.cuda.CUDAGraph:
+    def _capture_one(self, bs: int) -> tuple[torch.cuda.CUDAGraph, Any]:
         inputs = self.inputs
         attn = self.backend.build_metadata(
             inputs.metadata(bs, self.max_model_len, self.block_size))
@@ -97,7 +101,7 @@ class CudaGraphRunner:
             inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
         if self.pool is None:
             self.pool = graph.pool()
-        return graph
+        return graph, attn
 
     def can_run(self, attn: CommonAttentionMetadata) -> bool:
         return attn.max_query_len == 1 and attn.num_seqs <= self.sizes[-1] \
