@@ -70,6 +70,10 @@ def run_sweep(cfg: ServeBenchConfig, tokenizer: Any, parameter: str, values: lis
     return {**describe(cfg), "sweep": sweep, "points": points}
 
 
+def _value_label(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def plot_sweep(document: dict[str, Any], path: Path) -> Path:
     """Output throughput against median TTFT and median TPOT, each point labelled."""
     import matplotlib
@@ -85,7 +89,7 @@ def plot_sweep(document: dict[str, Any], path: Path) -> Path:
         latency = [p["metrics"].get(metric, {}).get("median_ms", float("nan")) for p in points]
         ax.plot(throughput, latency, marker="o")
         for x, y, p in zip(throughput, latency, points):
-            ax.annotate(f"{p['value']}", (x, y), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(_value_label(p["value"]), (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
         ax.set_xlabel("output throughput (tok/s)")
         ax.set_ylabel(title)
