@@ -2,7 +2,8 @@
 
 A chunk counts as a token event when it carries generated text (completion `text`, chat
 `content`, `reasoning_content`/`reasoning`, or tool-call deltas). The first event gives the
-time to first token; the gaps between later events are the inter-token latencies. Token
+time to first token; the gaps between later events are the inter-token latencies. A response
+whose tokens all decode to nothing (special tokens only) has its finish as first token. Token
 counts come only from the server's usage report (`stream_options.include_usage`): a
 response without one fails, as does any error event, HTTP error, missing finish reason,
 stream cut short, or timeout.
@@ -112,23 +113,37 @@ async def _stream(http: httpx.AsyncClient, settings: RequestSettings, request: S
                            headers=settings.headers()) as response:
         if response.status_code != 200:
             raise RequestFailed(await _http_error(response))
-        last_event = start
-        done = False
+        timer = StreamTimer(record, start)
         async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
+            if line.startswith("data:") and timer.on_data(line[5:].strip(), time.perf_counter()):
                 break
-            now = time.perf_counter()
-            if _read_chunk(_decode(data), record):
-                if record.ttft_s is None:
-                    record.ttft_s = now - start
-                else:
-                    record.itl_s.append(now - last_event)
-                last_event = now
-    _check_complete(record, done)
+    _check_complete(record, timer.done)
+
+
+class StreamTimer:
+    """Folds a stream's `data:` payloads, as they arrive, into a request's timings."""
+
+    def __init__(self, record: RequestRecord, start: float) -> None:
+        self.record = record
+        self.start = start
+        self.last_event = start
+        self.done = False
+
+    def on_data(self, data: str, now: float) -> bool:
+        """Take one payload received at `now`; True once the stream says [DONE]."""
+        if data == "[DONE]":
+            self.done = True
+            return True
+        record = self.record
+        if _read_chunk(_decode(data), record):
+            if record.ttft_s is None:
+                record.ttft_s = now - self.start
+            else:
+                record.itl_s.append(now - self.last_event)
+            self.last_event = now
+        elif record.ttft_s is None and record.finish_reason is not None:
+            record.ttft_s = now - self.start  # finished without visible text (only EOS, say)
+        return False
 
 
 def _decode(data: str) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pagoda.bench.serve.client import (
     RequestFailed,
     RequestRecord,
     RequestSettings,
+    StreamTimer,
     _check_complete,
     _decode,
     _read_chunk,
@@ -74,3 +77,25 @@ def test_error_events_and_garbage_fail():
         _decode("{not json")
     with pytest.raises(RequestFailed, match="malformed"):
         _decode("[1, 2]")
+
+
+def test_stream_timings():
+    r = record()
+    timer = StreamTimer(r, start=10.0)
+    events = [(10.5, {"choices": [{"index": 0, "text": "a"}]}),
+              (10.6, {"choices": [{"index": 0, "text": ""}]}),  # no text: not a token event
+              (10.8, {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}]}),
+              (10.9, {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})]
+    for now, chunk in events:
+        assert not timer.on_data(json.dumps(chunk), now)
+    assert timer.on_data("[DONE]", 11.0) and timer.done
+    assert r.ttft_s == pytest.approx(0.5) and r.itl_s == [pytest.approx(0.3)]
+
+
+def test_a_response_without_visible_text_has_its_finish_as_first_token():
+    """Special tokens only: no chunk carries text, yet the request succeeded."""
+    r = record()
+    timer = StreamTimer(r, start=1.0)
+    timer.on_data(json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}),
+                  1.25)
+    assert r.ttft_s == pytest.approx(0.25) and r.itl_s == []
