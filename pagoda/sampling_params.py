@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from pagoda.errors import InvalidRequestError
+from pagoda.structured_output.params import StructuredOutputsParams
 
 # Hard bounds on user-controlled sizes (the server may tighten them further).
 MAX_N = 128
@@ -41,6 +42,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -24,6 +24,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, file or inline")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="allow requests to bring their own chat template")
+    g.add_argument("--tool-call-parser", default="auto", metavar="FORMAT",
+                   help="tool-call format of the model's output: auto (from the chat template, "
+                        "else hermes), hermes, llama3_json, mistral or pythonic")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool_choice auto is always enabled")
+    g.add_argument("--reasoning-parser", default="auto", metavar="FORMAT",
+                   help="split <think> reasoning from the answer: auto (from the chat "
+                        "template), none, deepseek_r1 or qwen3")
     g.add_argument("--disable-log-requests", action="store_true")
     g.add_argument("--enable-log-requests", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -43,13 +51,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """A file path or the template text itself."""
+    """The --chat-template text: the file ``value`` names, else ``value`` itself when it looks
+    like Jinja (has '{' or a newline). It is compiled here, so a bad one fails at startup."""
     if value is None:
         return None
-    path = Path(value).expanduser()
-    if len(value) < 4096 and path.is_file():
-        return path.read_text()
-    return value
+    from pagoda.errors import ConfigError, InvalidRequestError
+    from pagoda.tokenizer.chat_template import compile_template
+    text = _template_file_text(value)
+    if text is None and "{" not in value and "\n" not in value:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    text = value if text is None else text
+    try:
+        compile_template(text)
+    except InvalidRequestError as exc:
+        raise ConfigError(f"--chat-template: {exc.message}") from None
+    return text
+
+
+def _template_file_text(value: str) -> str | None:
+    """The text of the file ``value`` names, or None if it names none."""
+    from pagoda.errors import ConfigError
+    try:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            return None
+    except (OSError, RuntimeError, ValueError):  # too long for a path, unknown ~user, NUL byte
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--chat-template: cannot read {value}: {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -91,6 +122,7 @@ def _serve(args: argparse.Namespace, model: str, keys: list[str], engine_startin
                  max_pending=args.max_pending_requests, max_body_bytes=args.max_request_body,
                  uvicorn_log_level=args.uvicorn_log_level,
                  honor_priority=args.scheduling_policy == "priority",
+                 tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                  engine_starting=engine_starting)
 
 

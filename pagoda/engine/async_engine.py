@@ -105,6 +105,11 @@ class AsyncEngine:
             return ProcessedPrompt(text, self.tokenizer(text, add_special_tokens=False).input_ids)
         return await asyncio.to_thread(work)
 
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the output constraint off the event loop (InvalidRequestError if bad)."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.input_processor.check_structured_outputs, params)
+
     async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                        priority: int = 0, arrival: float | None = None
                        ) -> AsyncIterator[RequestOutput]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -18,8 +20,14 @@ from pagoda.models.loader import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import ModelRunner, RunnerConfig
-from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput
+from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
+from pagoda.structured_output.grammar import (
+    GrammarCompiler,
+    GrammarMatcherState,
+    new_bitmask,
+)
+from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 
@@ -71,6 +79,10 @@ class EngineCore:
         self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
                                     eos[0] if eos else None, eos[1:], num_blocks, block_size,
                                     self.kv_manager.capacity_tokens)
+        self.grammars = GrammarCompiler(
+            lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
+        self._compiling: dict[str, Future] = {}  # request id -> its grammar being compiled
+        self._rejected: list[tuple[str, Exception]] = []
         self._log_capacity()
 
     def _size_kv_cache(self, model: torch.nn.Module) -> int:
@@ -123,6 +135,10 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
                                       "request_id")
         self.scheduler.add_request(request)
+        constraint = request.sampling_params.structured_outputs
+        if constraint is not None:
+            self.scheduler.requests[request.request_id].waiting_for_grammar = True
+            self._compiling[request.request_id] = self.grammars.submit(constraint)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -133,11 +149,55 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         if not self.scheduler.has_unfinished_requests():
             return []
+        failed = self._collect_grammars()
         sched_out = self.scheduler.schedule()
+        if sched_out.is_empty and self._compiling:
+            concurrent.futures.wait(self._compiling.values(), timeout=0.005,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        self._fill_grammar_bitmask(sched_out)
         runner_out = self.runner.execute(sched_out)
         if sched_out.is_empty:
             runner_out = ModelRunnerOutput()
-        return self.scheduler.update_from_output(sched_out, runner_out)
+        return failed + self.scheduler.update_from_output(sched_out, runner_out)
+
+    def _collect_grammars(self) -> list[EngineCoreOutput]:
+        """Give each request whose grammar finished compiling its matcher; a request whose
+        grammar failed ends with finish_reason "error" (and is listed by take_rejections)."""
+        failed = []
+        for request_id, future in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            request = self.scheduler.requests.get(request_id)
+            if request is None:
+                continue  # aborted while compiling
+            if future.exception() is not None:
+                self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+                self._rejected.append((request_id, future.exception()))
+                failed.append(EngineCoreOutput(request_id, [], finish_reason="error"))
+                continue
+            request.grammar = GrammarMatcherState(future.result())
+            request.waiting_for_grammar = False
+        return failed
+
+    def _fill_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
+        """The allowed-token bitmask of each constrained request that samples this step."""
+        rows = {}
+        for request_id in sched_out.num_scheduled_tokens:
+            request = self.scheduler.requests[request_id]
+            if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
+                rows[request_id] = len(rows)
+        if not rows:
+            return
+        bitmask = new_bitmask(len(rows), self.model_info.vocab_size)
+        for request_id, row in rows.items():
+            self.scheduler.requests[request_id].grammar.fill_bitmask(bitmask, row)
+        sched_out.grammar_rows, sched_out.grammar_bitmask = rows, bitmask
+
+    def take_rejections(self) -> list[tuple[str, Exception]]:
+        """Requests the engine ended on its own since the last call, and why."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

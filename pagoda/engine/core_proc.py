@@ -73,11 +73,15 @@ class _Pending:
     errors: list[serial.RequestError] = field(default_factory=list)
 
     def reject(self, request_id: str | None, exc: BaseException) -> None:
+        self.explain(request_id, exc)
+        if request_id is not None:
+            self.outputs.append(EngineCoreOutput(request_id, [], finish_reason="error"))
+
+    def explain(self, request_id: str | None, exc: BaseException) -> None:
+        """Why a request ended in error (its "error" output is sent separately)."""
         message = str(exc) or type(exc).__name__
         logger.warning("rejected request %s: %s", request_id, message)
         self.errors.append(serial.RequestError(request_id, type(exc).__name__, message))
-        if request_id is not None:
-            self.outputs.append(EngineCoreOutput(request_id, [], finish_reason="error"))
 
 
 class EngineLoop:
@@ -158,6 +162,8 @@ class EngineLoop:
             self.faults.before_step(self.num_steps)
         self.num_steps += 1
         outputs = self.core.step()
+        for request_id, exc in self.core.take_rejections():
+            self.pending.explain(request_id, exc)
         self.stats_stale = True
         if outputs or self.pending.errors:
             self._send_batch(outputs)

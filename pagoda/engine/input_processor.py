@@ -10,6 +10,7 @@ from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
 from pagoda.engine.request import EngineCoreRequest
 from pagoda.errors import InvalidRequestError
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_output.grammar import GrammarCompiler
 
 
 class TokensPrompt(TypedDict, total=False):
@@ -36,6 +37,13 @@ class InputProcessor:
     def __init__(self, tokenizer: Any, info: ModelInfo) -> None:
         self.tokenizer = tokenizer
         self.info = info
+        self.grammars = GrammarCompiler(lambda: self.tokenizer, info.vocab_size)
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint, if any, under the compile time limit:
+        a bad or too costly one is an InvalidRequestError before anything is queued."""
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
 
     def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
         if isinstance(prompt, str):

@@ -10,10 +10,13 @@ from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.errors import InvalidRequestError
+from pagoda.logger import get_logger
 from pagoda.models.source import resolve_model
-from pagoda.tokenizer.tokenizer import get_tokenizer
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer.tokenizer import get_tokenizer
+
+logger = get_logger(__name__)
 
 
 class LLMEngine:
@@ -40,6 +43,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         processed = prompt if isinstance(prompt, ProcessedPrompt) else \
             self.input_processor.tokenize(prompt)
+        self.input_processor.check_structured_outputs(params)
         children, core_requests = self.input_processor.fan_out(
             request_id, processed, params, priority, cache_salt)
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
@@ -57,7 +61,10 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """One engine step; returns the requests it advanced (only finished ones if
         final_only)."""
-        outputs, stopped = self.output_processor.process(self.core.step(), final_only)
+        core_outputs = self.core.step()
+        for request_id, exc in self.core.take_rejections():
+            logger.error("request %s failed in the engine: %s", request_id, exc)
+        outputs, stopped = self.output_processor.process(core_outputs, final_only)
         if stopped:
             self.core.abort_requests(stopped)
         return outputs

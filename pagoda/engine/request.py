@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagoda.sampling_params import SamplingParams
 
@@ -76,6 +77,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    grammar: Any = None  # GrammarMatcherState of a constrained request, once compiled
+    waiting_for_grammar: bool = False  # not schedulable until its grammar is compiled
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

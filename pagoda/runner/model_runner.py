@@ -22,6 +22,7 @@ from pagoda.scheduler.output import (
     NewRequestData,
     SchedulerOutput,
 )
+from pagoda.structured_output.grammar import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ class ModelRunner:
         out = ModelRunnerOutput()
         self._prompt_logprobs(step, hidden, out)
         if step.sample_rows:
-            self._sample(step, hidden, out)
+            self._sample(step, hidden, out, sched_out)
         return out
 
     def _forward(self, step: StepBatch) -> torch.Tensor:
@@ -120,9 +121,12 @@ class ModelRunner:
             return self.graphs.run(step.input_ids, step.positions, step.attn)
         return self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
 
-    def _sample(self, step: StepBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+    def _sample(self, step: StepBatch, hidden: torch.Tensor, out: ModelRunnerOutput,
+                sched_out: SchedulerOutput) -> None:
         states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]
         logits = self.model.compute_logits(hidden[step.logits_indices])
+        if sched_out.grammar_rows:
+            self._apply_grammars(logits, states, sched_out)
         meta = SamplingMetadata.build([_sampling_row(s) for s in states],
                                       self.config.vocab_size, self.config.device)
         result = self.sampler(logits, meta)
@@ -133,6 +137,18 @@ class ModelRunner:
             if result.logprobs is not None and state.sampling_params.logprobs is not None:
                 out.logprobs[state.request_id] = _rows_to_lists(
                     result.logprobs, [row], state.sampling_params.logprobs)
+
+    def _apply_grammars(self, logits: torch.Tensor, states: list[CachedRequestState],
+                        sched_out: SchedulerOutput) -> None:
+        """Mask the logits rows of constrained requests to the tokens their grammar allows."""
+        rows, mask_rows = [], []
+        for row, state in enumerate(states):
+            mask_row = sched_out.grammar_rows.get(state.request_id)
+            if mask_row is not None:
+                rows.append(row)
+                mask_rows.append(mask_row)
+        bitmask = sched_out.grammar_bitmask[mask_rows].to(self.config.device, non_blocking=True)
+        apply_bitmask(logits, bitmask, rows)
 
     def _prompt_logprobs(self, step: StepBatch, hidden: torch.Tensor,
                          out: ModelRunnerOutput) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from pagoda.sampling_params import SamplingParams
 
 
@@ -39,6 +41,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     preempted_request_ids: set[str] = field(default_factory=set)
     finished_request_ids: set[str] = field(default_factory=set)
+    # constrained requests that sample this step -> their row of grammar_bitmask
+    grammar_rows: dict[str, int] = field(default_factory=dict)
+    grammar_bitmask: torch.Tensor | None = None  # int32 [rows, ceil(vocab/32)], bit = allowed
 
     @property
     def is_empty(self) -> bool:

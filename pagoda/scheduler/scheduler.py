@@ -135,8 +135,12 @@ class Scheduler:
         out.preempted_request_ids.add(request.request_id)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        not_ready = []  # constrained requests whose grammar is still compiling keep their place
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if request.waiting_for_grammar:
+                not_ready.append(self.waiting.pop())
+                continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             new_block_ids = self.kv.allocate_slots(request, num_new, hit_blocks, num_hit)
@@ -145,6 +149,8 @@ class Scheduler:
             self.waiting.pop()
             self._admit(request, num_hit, num_new, out)
             budget -= num_new
+        for request in not_ready:
+            self.waiting.push(request)
 
     def _admit(self, request: Request, num_hit: int, num_new: int, out: SchedulerOutput) -> None:
         resumed = request.status == RequestStatus.PREEMPTED
@@ -199,11 +205,21 @@ class Scheduler:
         for token_id in sampled:
             request.append_output_token(token_id)
             new_tokens.append(token_id)
-            status = self._check_stop(request, token_id)
+            status = self._advance_grammar(request, token_id) or self._check_stop(request, token_id)
             if status is not None:
                 request.status = status
                 break
         return new_tokens
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
+        """Feed a constrained request's grammar; it stops once the grammar is complete (or,
+        defensively, if a token the mask allowed is refused)."""
+        if request.grammar is None:
+            return None
+        if not request.grammar.accept(token_id) or request.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -50,6 +50,8 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     log_requests: bool = True
     honor_priority: bool = True
+    tool_call_parser: str | None = None  # None or "auto": from the chat template
+    reasoning_parser: str | None = None  # None or "auto": from the chat template; "none": off
 
 
 @dataclass(slots=True)
@@ -65,6 +67,7 @@ class ServerState:
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
     draining: bool = False
+    output_parsers: Any = None  # OutputParsers, resolved on the first chat request
 
     @property
     def ready(self) -> bool:

@@ -39,6 +39,12 @@ from pagoda.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from pagoda.structured_output.params import (
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    MAX_SPEC_CHARS,
+    StructuredOutputsParams,
+)
 
 # Bounds on request sizes (the HTTP layer's body limit bounds the total on top of these).
 MAX_MESSAGES = 4096
@@ -229,6 +235,7 @@ class AssistantMessage(_MessageBase):
 
     def template_dict(self) -> dict[str, Any]:
         out = super().template_dict()
+        out.setdefault("content", "")  # a tool-calling turn has none; templates concatenate it
         for call in out.get("tool_calls", []):
             call["function"]["arguments"] = _json_object_or_text(call["function"]["arguments"])
         return out
@@ -323,6 +330,39 @@ class ResponseFormat(OpenAIModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+SpecText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SPEC_CHARS)]
+Choices = Annotated[list[Annotated[str, StringConstraints(min_length=1,
+                                                          max_length=MAX_CHOICE_CHARS)]],
+                    Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's ``structured_outputs``: exactly one constraint on the generated text."""
+
+    json_: dict[str, Any] | SpecText | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: SpecText | None = None
+    choice: Choices | None = None
+    grammar: SpecText | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_params(self, field: str) -> StructuredOutputsParams:
+        schema = self.json_
+        if isinstance(schema, dict):
+            schema = json.dumps(schema)
+        return _structured_params(field, json=schema, json_object=bool(self.json_object),
+                                  regex=self.regex, choice=list(self.choice or []),
+                                  grammar=self.grammar)
+
+
+def _structured_params(field: str, **kwargs: Any) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(exc.message, field) from None
+
+
 class StreamOptions(OpenAIModel):
     """``stream_options``: a final usage chunk, and (vLLM) usage on every chunk."""
 
@@ -361,6 +401,12 @@ class _GenerationRequest(OpenAIModel):
     priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     cache_salt: CacheSalt | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    # the older vLLM spelling of structured_outputs
+    guided_json: dict[str, Any] | SpecText | None = None
+    guided_regex: SpecText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: SpecText | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -400,6 +446,29 @@ class _GenerationRequest(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens)
         return kwargs
+
+    def structured_constraints(self) -> list[tuple[str, StructuredOutputsParams]]:
+        """Each output constraint the request sets, with the field that set it."""
+        found = []
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs",
+                          self.structured_outputs.to_params("structured_outputs")))
+        guided = {"json": self.guided_json, "regex": self.guided_regex,
+                  "choice": self.guided_choice, "grammar": self.guided_grammar}
+        given = [name for name, value in guided.items() if value is not None]
+        if given:
+            field = f"guided_{given[0]}"
+            found.append((field, StructuredOutputsRequest(**guided).to_params(field)))
+        return found
+
+    @staticmethod
+    def _one_constraint(found: list[tuple[str, StructuredOutputsParams]]
+                        ) -> StructuredOutputsParams | None:
+        if len(found) > 1:
+            fields = " and ".join(name for name, _ in found)
+            raise InvalidRequestError(f"give only one output constraint, not {fields}",
+                                      found[1][0])
+        return found[0][1] if found else None
 
     def _build(self, kwargs: dict[str, Any], api_names: Mapping[str, str]) -> SamplingParams:
         """SamplingParams, its errors renamed to the API field the client actually sent."""
@@ -443,7 +512,8 @@ class CompletionRequest(_GenerationRequest):
             prompt_logprobs = self.logprobs
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
         kwargs.update(max_tokens=max_tokens, logprobs=self.logprobs,
-                      prompt_logprobs=prompt_logprobs)
+                      prompt_logprobs=prompt_logprobs,
+                      structured_outputs=self._one_constraint(self.structured_constraints()))
         names = {} if self.prompt_logprobs is not None else {"prompt_logprobs": "logprobs"}
         return self._build(kwargs, names)
 
@@ -492,6 +562,21 @@ class ChatCompletionRequest(_GenerationRequest):
             raise InvalidRequestError("tool_choice names a function that is not in tools",
                                       "tool_choice")
 
+    def chat_constraints(self) -> list[tuple[str, StructuredOutputsParams]]:
+        """The output constraints, ``response_format`` included."""
+        found = self.structured_constraints()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format",
+                          _structured_params("response_format", json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise InvalidRequestError("response_format json_schema needs a schema",
+                                          "response_format")
+            found.append(("response_format", _structured_params(
+                "response_format", json=json.dumps(fmt.json_schema.json_schema))))
+        return found
+
     @property
     def effective_max_tokens(self) -> int | None:
         """``max_completion_tokens`` if given, else the deprecated ``max_tokens``."""
@@ -514,7 +599,8 @@ class ChatCompletionRequest(_GenerationRequest):
             prompt_logprobs = logprobs
         max_tokens = self.effective_max_tokens
         kwargs.update(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                      structured_outputs=self._one_constraint(self.chat_constraints()))
         names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
                  if self.max_completion_tokens is not None else "max_tokens"}
         if self.prompt_logprobs is None:
@@ -656,6 +742,8 @@ class ChatResponseMessage(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=_omit_none)
+    reasoning: str | None = Field(None, exclude_if=_omit_none)  # vLLM's newer name, same text
     tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
@@ -702,6 +790,8 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    reasoning_content: str | None = Field(None, exclude_if=_omit_none)
+    reasoning: str | None = Field(None, exclude_if=_omit_none)
     tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_omit_none)
 
 

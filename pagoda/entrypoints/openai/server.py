@@ -10,11 +10,12 @@ from typing import Any
 
 import uvicorn
 
+from pagoda.config import engine_config
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.client import MPClient, start_in_background
-from pagoda.config import engine_config
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
+from pagoda.entrypoints.openai.output_parsers import check_parser_names
 from pagoda.logger import get_logger
 from pagoda.models.source import resolve_model
 from pagoda.tokenizer.tokenizer import get_tokenizer
@@ -78,7 +79,9 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
           served_model_names: list[str], api_keys: list[str], chat_template: str | None,
           trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
           max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
-          honor_priority: bool = True, engine_starting: Future[MPClient] | None = None) -> int:
+          honor_priority: bool = True, tool_call_parser: str | None = None,
+          reasoning_parser: str | None = None,
+          engine_starting: Future[MPClient] | None = None) -> int:
     """Listen at once (/health answers 503 until the model is loaded), start the engine
     process (or take the one `engine_starting` is already starting), serve until SIGTERM
     or engine death; returns the exit code."""
@@ -92,8 +95,10 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
         client = engine_starting.result()
         return AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
 
+    check_parser_names(tool_call_parser, reasoning_parser)
     server_config = ServerConfig(served_model_names, api_keys, max_body_bytes, chat_template,
-                                 trust_request_chat_template, log_requests, honor_priority)
+                                 trust_request_chat_template, log_requests, honor_priority,
+                                 tool_call_parser, reasoning_parser)
     state = ServerState(None, server_config, metrics, load_engine=load_engine)
     server = DrainingServer(uvicorn.Config(build_app(state), host=host, port=port,
                                            log_level=uvicorn_log_level, access_log=False,

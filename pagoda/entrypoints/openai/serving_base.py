@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from pagoda.engine.input_processor import ProcessedPrompt
 from pagoda.engine.async_engine import AsyncEngine
+from pagoda.engine.input_processor import ProcessedPrompt
 from pagoda.entrypoints.openai.errors import (
     ServerOverloadedError,
     UnknownModelError,
     exception_to_response,
 )
-from pagoda.errors import ContextLengthExceededError
+from pagoda.errors import ContextLengthExceededError, InvalidRequestError
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -100,6 +100,14 @@ class ServingBase:
     def validate_prompt(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
         self.engine.input_processor.validate_prompt(prompt.token_ids)
         params.check_vocab(self.engine.model_info.vocab_size)
+
+    async def check_structured_outputs(self, params: SamplingParams, field: str) -> None:
+        """Compile the output constraint (off the event loop); a bad one is a 400 that
+        names `field`, the request field it came from."""
+        try:
+            await self.engine.check_structured_outputs(params)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, field, exc.code) from None
 
     def stream_outputs(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                        priority: int, arrival: float) -> AsyncIterator[RequestOutput]:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagoda.engine.input_processor import ProcessedPrompt
+from pagoda.entrypoints.openai.chat_output import (
+    ChoiceStream,
+    ToolSetup,
+    forced_tool_constraint,
+    whole_message,
+)
 from pagoda.entrypoints.openai.logprobs import chat_logprobs
+from pagoda.entrypoints.openai.output_parsers import OutputParsers
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -42,7 +50,7 @@ class ChatServing(ServingBase):
         arrival = now()
         self.check_model(body.model)
         self.check_admission()
-        self._check_supported(body)
+        tools = ToolSetup.of(body, self.parsers.tools)
         prompt = await self.engine.render_chat(
             body.conversation(), chat_template=self._template(body),
             add_generation_prompt=body.add_generation_prompt,
@@ -52,25 +60,39 @@ class ChatServing(ServingBase):
                                              "max_completion_tokens"
                                              if body.max_completion_tokens else "max_tokens",
                                              "messages")
-        params = body.to_sampling_params(max_tokens).clone(max_tokens=max_tokens)
+        params = self._sampling_params(body, tools, max_tokens)
         self.validate_prompt(prompt, params)
+        await self.check_structured_outputs(params, _constraint_field(body, tools))
         request_id = new_request_id("chatcmpl")
         stream = self.stream_outputs(request_id, prompt, params, body.priority, arrival)
         if body.stream:
-            return StreamingResponse(self._stream(body, request_id, prompt, params, stream),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
+                                                  stream), media_type="text/event-stream")
         (final,) = await until_disconnect(request, last_outputs([stream]))
-        return self._response(body, request_id, prompt, params, final)
+        return self._response(body, request_id, prompt, params, tools, final)
+
+    @property
+    def parsers(self) -> OutputParsers:
+        """The tool-call and reasoning formats, resolved once from flags and template."""
+        if self.state.output_parsers is None:
+            template = self.state.config.chat_template or getattr(
+                self.engine.tokenizer, "chat_template", None)
+            self.state.output_parsers = OutputParsers.resolve(
+                self.state.config.tool_call_parser, self.state.config.reasoning_parser,
+                template if isinstance(template, str) else None)
+        return self.state.output_parsers
 
     @staticmethod
-    def _check_supported(body: ChatCompletionRequest) -> None:
-        if body.response_format is not None and body.response_format.type != "text":
-            raise InvalidRequestError("response_format other than 'text' is not supported yet",
-                                      "response_format")
-        if body.tool_choice == "required" or (body.tool_choice is not None
-                                              and not isinstance(body.tool_choice, str)):
-            raise InvalidRequestError("forcing tool calls (tool_choice 'required' or a named "
-                                      "function) is not supported yet", "tool_choice")
+    def _sampling_params(body: ChatCompletionRequest, tools: ToolSetup,
+                         max_tokens: int) -> SamplingParams:
+        params = body.to_sampling_params(max_tokens).clone(max_tokens=max_tokens)
+        forced = forced_tool_constraint(body, tools)
+        if forced is None:
+            return params
+        if params.structured_outputs is not None:
+            raise InvalidRequestError("tool_choice 'required' or a named function cannot be "
+                                      "combined with another output constraint", "tool_choice")
+        return params.clone(structured_outputs=forced)
 
     def _template(self, body: ChatCompletionRequest) -> str | None:
         if body.chat_template is not None:
@@ -87,15 +109,24 @@ class ChatServing(ServingBase):
         return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
     def _response(self, body: ChatCompletionRequest, request_id: str, prompt: ProcessedPrompt,
-                  params: SamplingParams, final: RequestOutput) -> ChatCompletionResponse:
+                  params: SamplingParams, tools: ToolSetup,
+                  final: RequestOutput) -> ChatCompletionResponse:
         choices = []
         for c in final.outputs:
             logprobs = None
             if params.logprobs is not None:
                 logprobs = chat_logprobs(self.engine.tokenizer, c, params.logprobs)
+            stream = ChoiceStream(self.parsers.reasoning, tools,
+                                         params.structured_outputs is not None)
+            parts = whole_message(stream, c.text)
+            content = parts.content or None if parts.tool_calls else \
+                self._echo(body) + parts.content
+            message = ChatResponseMessage(
+                content=content, reasoning_content=parts.reasoning or None,
+                reasoning=parts.reasoning or None, tool_calls=parts.tool_calls or None)
             choices.append(ChatCompletionResponseChoice(
-                index=c.index, message=ChatResponseMessage(content=self._echo(body) + c.text),
-                logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                index=c.index, message=message, logprobs=logprobs,
+                finish_reason=stream.finish_reason(c.finish_reason), stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                       usage=_usage(prompt, [final]))
 
@@ -108,19 +139,22 @@ class ChatServing(ServingBase):
         return last.content
 
     async def _stream(self, body: ChatCompletionRequest, request_id: str,
-                      prompt: ProcessedPrompt, params: SamplingParams,
+                      prompt: ProcessedPrompt, params: SamplingParams, tools: ToolSetup,
                       stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
-        sent: dict[int, tuple[int, int]] = {}
+        choices: dict[int, _StreamedChoice] = {}
         final = None
         try:
-            for index in range(body.n):
-                yield sse(self._chunk(request_id, index, DeltaMessage(role="assistant",
-                                                                      content=self._echo(body))))
             async for out in stream:
                 final = out
                 for c in out.outputs:
-                    chunk = self._delta(request_id, params, c, sent)
-                    if chunk is not None:
+                    state = choices.get(c.index)
+                    if state is None:  # the role chunk goes out with the first output
+                        state = choices[c.index] = _StreamedChoice(
+                            ChoiceStream(self.parsers.reasoning, tools,
+                                         params.structured_outputs is not None))
+                        yield sse(self._chunk(request_id, c.index, DeltaMessage(
+                            role="assistant", content=self._echo(body))))
+                    for chunk in self._deltas(request_id, params, c, state):
                         yield sse(chunk)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield sse(ChatCompletionStreamResponse(
@@ -130,27 +164,53 @@ class ChatServing(ServingBase):
         except Exception as exc:
             yield sse_error(exc)
 
-    def _delta(self, request_id: str, params: SamplingParams, c: CompletionOutput,
-               sent: dict[int, tuple[int, int]]) -> ChatCompletionStreamResponse | None:
-        chars, tokens = sent.get(c.index, (0, 0))
-        if chars < 0 or (len(c.text) == chars and not c.finished):
-            return None
+    def _deltas(self, request_id: str, params: SamplingParams, c: CompletionOutput,
+                state: _StreamedChoice) -> list[ChatCompletionStreamResponse]:
+        """The chunks for what one choice produced since the last output."""
+        if state.finished or (len(c.text) == state.chars and not c.finished):
+            return []
         logprobs = None
         if params.logprobs is not None:
-            logprobs = chat_logprobs(self.engine.tokenizer, c, params.logprobs, start=tokens)
-        sent[c.index] = (-1, 0) if c.finished else (len(c.text), len(c.token_ids))
-        text = c.text[chars:]
-        return self._chunk(request_id, c.index, DeltaMessage(content=text if text else None),
-                           logprobs, c.finish_reason, c.stop_reason)
+            logprobs = chat_logprobs(self.engine.tokenizer, c, params.logprobs,
+                                     start=state.tokens)
+        deltas = state.stream.feed(c.text[state.chars:])
+        if c.finished:
+            deltas += state.stream.finish()
+            state.finished = True
+        state.chars, state.tokens = len(c.text), len(c.token_ids)
+        if not deltas:
+            deltas = [DeltaMessage()]  # carries logprobs or the finish reason
+        chunks = [self._chunk(request_id, c.index, delta) for delta in deltas]
+        chunks[0].choices[0].logprobs = logprobs
+        if c.finished:
+            last = chunks[-1].choices[0]
+            last.finish_reason = state.stream.finish_reason(c.finish_reason)
+            last.stop_reason = c.stop_reason
+        return chunks
 
-    def _chunk(self, request_id: str, index: int, delta: DeltaMessage, logprobs: Any = None,
-               finish_reason: str | None = None,
-               stop_reason: int | str | None = None) -> ChatCompletionStreamResponse:
+    def _chunk(self, request_id: str, index: int,
+               delta: DeltaMessage) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
             id=request_id, model=self.model_name,
-            choices=[ChatCompletionResponseStreamChoice(
-                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
-                stop_reason=stop_reason)])
+            choices=[ChatCompletionResponseStreamChoice(index=index, delta=delta)])
+
+
+def _constraint_field(body: ChatCompletionRequest, tools: ToolSetup) -> str:
+    """The request field an output constraint came from (for error messages)."""
+    if tools.mode in ("named", "required"):
+        return "tools"
+    found = body.chat_constraints()
+    return found[0][0] if found else "structured_outputs"
+
+
+@dataclass(slots=True)
+class _StreamedChoice:
+    """How far one choice of a stream has been sent."""
+
+    stream: ChoiceStream
+    chars: int = 0
+    tokens: int = 0
+    finished: bool = False
 
 
 def _usage(prompt: ProcessedPrompt, finals: list[RequestOutput]) -> UsageInfo:

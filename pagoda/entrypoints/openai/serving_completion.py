@@ -43,6 +43,9 @@ class CompletionServing(ServingBase):
         body.check_supported()
         prompts = [await self._tokenize(p) for p in _prompt_list(body.prompt)]
         plans = [self._plan(body, p) for p in prompts]
+        found = body.structured_constraints()
+        await self.check_structured_outputs(plans[0][1],
+                                            found[0][0] if found else "structured_outputs")
         request_id = new_request_id("cmpl")
         streams = [self.stream_outputs(f"{request_id}-{i}", prompt, params, body.priority, arrival)
                    for i, (prompt, params) in enumerate(plans)]

@@ -1,0 +1,183 @@
+"""Reasoning parsers: split a model's output into ``<think>`` reasoning and the answer.
+
+Each parser is incremental: its streamer takes text deltas and returns reasoning and content
+pieces, and ``parse()`` runs that same streamer over the whole text, so both modes agree for
+any split of the text, markers split across deltas included.
+
+Shared rules:
+
+* Whitespace before an opening ``<think>`` at the start of the output is dropped with it.
+* Reasoning ends at the first ``</think>``; one newline right after it is dropped, so content
+  starts after ``</think>\\n`` (only the first newline: ``</think>\\n\\nHi`` gives ``"\\nHi"``).
+* Empty reasoning or content is ``None``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+_SPACE = re.compile(r"\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """One streamed piece: exactly one of the two fields is set."""
+
+    reasoning: str | None = None
+    content: str | None = None
+
+
+def _partial_marker_len(text: str, start: int, marker: str) -> int:
+    """Length of the longest tail of ``text[start:]`` that is a proper prefix of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text) - start), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
+
+
+_Handler = Callable[[str, int, bool], "int | None"]
+
+
+class StreamingReasoningParser:
+    """Splits one output incrementally: ``feed()`` each delta, then ``finish()`` once.
+
+    ``implicit_reasoning`` says what an output without a leading ``<think>`` is: reasoning
+    (the template opened the block in the prompt) or plain content.
+    """
+
+    def __init__(self, implicit_reasoning: bool) -> None:
+        self._implicit_reasoning = implicit_reasoning
+        self._carry = ""
+        self._leading_space: list[str] = []
+        self._events: list[ReasoningDelta] = []
+        self._state: _Handler = self._at_start
+        self._finished = False
+
+    def feed(self, delta: str) -> list[ReasoningDelta]:
+        """Pieces made certain by ``delta``; a possible partial marker is held back."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        text, self._carry = self._carry + delta, ""
+        self._run(text, final=False)
+        return self._take_events()
+
+    def finish(self) -> list[ReasoningDelta]:
+        """The remaining pieces: whatever was held back is released."""
+        if self._finished:
+            return []
+        self._finished = True
+        text, self._carry = self._carry, ""
+        self._run(text, final=True)
+        return self._take_events()
+
+    def _run(self, text: str, final: bool) -> None:
+        start: int | None = 0
+        while start is not None:
+            start = self._state(text, start, final)
+
+    def _take_events(self) -> list[ReasoningDelta]:
+        events, self._events = self._events, []
+        return events
+
+    def _emit(self, text: str, reasoning: bool) -> None:
+        if text:
+            self._events.append(ReasoningDelta(reasoning=text) if reasoning
+                                else ReasoningDelta(content=text))
+
+    def _at_start(self, text: str, start: int, final: bool) -> int | None:
+        """Leading whitespace, then ``<think>`` or not."""
+        pos = _SPACE.match(text, start).end()
+        if pos > start:
+            self._leading_space.append(text[start:pos])
+        if text.startswith(THINK_OPEN, pos):
+            self._leading_space.clear()
+            self._state = self._in_reasoning
+            return pos + len(THINK_OPEN)
+        rest = text[pos:]
+        if not final and len(rest) < len(THINK_OPEN) and THINK_OPEN.startswith(rest):
+            self._carry = rest
+            return None
+        self._emit("".join(self._leading_space), self._implicit_reasoning)
+        self._leading_space.clear()
+        self._state = self._in_reasoning if self._implicit_reasoning else self._in_content
+        return pos
+
+    def _in_reasoning(self, text: str, start: int, final: bool) -> int | None:
+        found = text.find(THINK_CLOSE, start)
+        if found < 0:
+            end = len(text) - (0 if final else _partial_marker_len(text, start, THINK_CLOSE))
+            self._emit(text[start:end], reasoning=True)
+            self._carry = text[end:]
+            return None
+        self._emit(text[start:found], reasoning=True)
+        self._state = self._after_close
+        return found + len(THINK_CLOSE)
+
+    def _after_close(self, text: str, start: int, final: bool) -> int | None:
+        """Drop one newline right after ``</think>``."""
+        if start == len(text):
+            return None
+        self._state = self._in_content
+        return start + 1 if text[start] == "\n" else start
+
+    def _in_content(self, text: str, start: int, final: bool) -> int | None:
+        self._emit(text[start:], reasoning=False)
+        return None
+
+
+class ReasoningParser:
+    """A reasoning format: ``parse()`` a whole output, or ``streamer()`` for deltas."""
+
+    name: ClassVar[str]
+    implicit_reasoning: ClassVar[bool]
+
+    def streamer(self) -> StreamingReasoningParser:
+        return StreamingReasoningParser(self.implicit_reasoning)
+
+    def parse(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole output."""
+        streamer = self.streamer()
+        return _collect(streamer.feed(text) + streamer.finish())
+
+
+def _collect(events: list[ReasoningDelta]) -> tuple[str | None, str | None]:
+    reasoning = "".join(event.reasoning for event in events if event.reasoning)
+    content = "".join(event.content for event in events if event.content)
+    return reasoning or None, content or None
+
+
+class DeepSeekR1ReasoningParser(ReasoningParser):
+    """DeepSeek-R1: reasoning until ``</think>``; the opening ``<think>`` is optional (the
+    template may have put it in the prompt), and without ``</think>`` all is reasoning."""
+
+    name = "deepseek_r1"
+    implicit_reasoning = True
+
+
+class Qwen3ReasoningParser(ReasoningParser):
+    """Qwen3: reasoning only when the output starts with ``<think>``; it runs to ``</think>``
+    or, unterminated, to the end. Without a leading ``<think>`` all is content (a later
+    ``</think>`` included)."""
+
+    name = "qwen3"
+    implicit_reasoning = False
+
+
+REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
+    parser.name: parser for parser in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)
+}
+
+
+def detect_reasoning_parser(chat_template: str | None) -> str | None:
+    """The reasoning parser a chat template implies: one that mentions ``<think>`` gets
+    ``"qwen3"`` if it also mentions ``enable_thinking`` (Qwen3's switch), else
+    ``"deepseek_r1"``; any other template gets ``None``."""
+    if not chat_template or THINK_OPEN not in chat_template:
+        return None
+    return "qwen3" if "enable_thinking" in chat_template else "deepseek_r1"

@@ -1,0 +1,76 @@
+"""Grammar compilation (errors, time limit) and the logits bitmask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.errors import InvalidRequestError
+from pagoda.structured_output.grammar import (
+    GrammarCompiler,
+    GrammarMatcherState,
+    apply_bitmask,
+    new_bitmask,
+)
+from pagoda.structured_output.params import StructuredOutputsParams as Spec
+
+
+@pytest.fixture(scope="module")
+def compiler(smollm2_tokenizer):
+    return GrammarCompiler(lambda: smollm2_tokenizer, 49152)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (Spec(json='{"type": "objec"}'), 'invalid json constraint: Unsupported type "objec"'),
+    (Spec(json='{"type": "integer", "minimum": 5, "maximum": 1}'), "minimum greater"),
+    (Spec(regex="[a-"), "invalid regex constraint: Regex parsing error"),
+    (Spec(regex=r"(a)\1"), "Backreference"),
+    (Spec(grammar="root ::= undefined_rule"), "invalid grammar constraint"),
+])
+def test_bad_constraints_are_400s_with_a_clean_message(compiler, spec, message):
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        compiler.compile(spec)
+    assert ".cc:" not in info.value.message  # xgrammar's C++ log prefix is stripped
+
+
+def test_a_slow_compile_is_refused(smollm2_tokenizer):
+    slow = GrammarCompiler(lambda: smollm2_tokenizer, 49152, timeout_s=1e-9)
+    with pytest.raises(InvalidRequestError, match="took more than"):
+        slow.compile(Spec(json='{"type": "object", "properties": {"a": {"type": "string"}}}'))
+
+
+def test_models_without_a_tokenizer_refuse_constraints():
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        GrammarCompiler(lambda: None, 100).compile(Spec(regex="a"))
+
+
+def test_matcher_masks_and_follows_tokens(compiler, smollm2_tokenizer):
+    state = GrammarMatcherState(compiler.compile(Spec(choice=["yes", "no"])))
+    bitmask = new_bitmask(1, 49152)
+    state.fill_bitmask(bitmask, 0)
+    logits = torch.zeros(1, 49152)
+    apply_bitmask(logits, bitmask, [0])
+    allowed = {smollm2_tokenizer.decode([t]) for t in torch.isfinite(logits[0]).nonzero()[:, 0]}
+    assert allowed and all("yes".startswith(a) or "no".startswith(a) for a in allowed)
+    for token in smollm2_tokenizer.encode("no", add_special_tokens=False):
+        assert state.accept(token)
+    assert not state.is_terminated
+    assert state.accept(smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert state.is_terminated
+
+
+def test_apply_bitmask_matches_xgrammar():
+    import xgrammar as xgr
+    gen = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, -(-vocab // 32)), dtype=torch.int32,
+                            generator=gen)
+    logits = torch.randn(5, vocab, generator=gen)
+    ours, theirs = logits.clone(), logits.clone()
+    rows = [0, 2, 4]
+    apply_bitmask(ours, bitmask, rows)
+    full = new_bitmask(5, vocab)
+    full[rows] = bitmask
+    xgr.apply_token_bitmask_inplace(theirs, full)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[[1, 3]], logits[[1, 3]])  # unconstrained rows untouched
