@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   decode1 small throughput coldstart serve-sweep. Results go to $OUT (or /tmp/out).
+#   decode1 small throughput coldstart serve-sweep structured (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,6 +35,9 @@ run_stage() {
                --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     serve-sweep) serve_sweep ;;
+    structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
+               --num-prompts 256 --input-len 256 --output-len 256 --max-num-seqs 256 --disable-detokenize \
+               --output-json "$OUT/structured.json" $EXTRA 2>&1 | grep -v INFO ;;
     coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
                python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;
   esac
@@ -49,7 +52,8 @@ serve_sweep() {
   python3 -m pagoda.cli.main bench serve --port 8011 --tokenizer /tmp/b8w --random-input-len 1024 \
     --random-output-len 128 --ignore-eos --sweep max-concurrency=${SWEEP:-1,4,16,64} \
     --sweep-prompts-per-concurrency ${PER_CONC:-8} --label "pagoda $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
-    --metric-percentiles 50,90,99 --result-dir "$OUT" --result-filename serve-sweep-8b.json --disable-tqdm
+    --num-warmups 8 --metric-percentiles 50,90,99 --result-dir "$OUT" --result-filename serve-sweep-8b.json \
+    --disable-tqdm
   kill $server; wait $server
 }
 EXTRA=${EXTRA:-}

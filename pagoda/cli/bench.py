@@ -12,7 +12,8 @@ from pagoda.cli.engine_args import parse_bytes
 # flag dest -> LLM keyword argument; only passed on when the flag was given
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
-                 "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend")
+                 "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend",
+                 "tokenizer")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     overhead.add_argument("--notes", default=None, help="free text stored in the result")
     overhead.set_defaults(func=run_http_overhead, command_parser=overhead, compare=None,
                           hf_max_batch_size=16)
+    structured = kinds.add_parser(
+        "structured", help="the cost of grammar-constrained output (same tokens, with and "
+                           "without the grammar)",
+        description="Runs the workload under an output constraint, then free with the same "
+                    "output lengths, and reports the throughput ratio.")
+    _add_workload_args(structured)
+    _add_engine_args(structured)
+    structured.add_argument("--constraint", choices=["json-schema", "json-object"],
+                            default="json-schema")
+    structured.add_argument("--output-json", default=None, help="write the full result here")
+    structured.add_argument("--notes", default=None, help="free text stored in the result")
+    structured.set_defaults(func=run_structured, command_parser=structured, compare=None,
+                            hf_max_batch_size=16)
     add_serve_parser(kinds)
     bench.set_defaults(func=lambda args: _help(bench))
 
@@ -81,6 +95,8 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2",
                         help="pulled name, .gguf file, safetensors directory or config dir")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer path or pulled name (default: the model's)")
     parser.add_argument("--load-format", default=None,
                         choices=["auto", "safetensors", "gguf", "dummy"])
     parser.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
@@ -174,6 +190,24 @@ def run_http_overhead(args: argparse.Namespace) -> int:
         print(f"{name:8s} {figures['output_tokens_per_s']:10.1f} output tok/s "
               f"{figures['requests_per_s']:8.2f} req/s  ({figures['elapsed_s']:.1f} s)")
     print(f"HTTP / offline output tok/s: {result['http_over_offline']['output_tokens_per_s']:.3f}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def run_structured(args: argparse.Namespace) -> int:
+    """Entry point of `pagoda bench structured`."""
+    import json
+
+    from pagoda.bench.structured import print_result, run_structured
+    from pagoda.logger import configure_logging
+
+    configure_logging()
+    cfg = throughput_config(args, canonical_command(args.command_parser, args,
+                                                    ("pagoda", "bench", "structured")))
+    result = run_structured(cfg, args.constraint)
+    print_result(result)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
