@@ -23,9 +23,9 @@ from pagoda.runner.model_runner import ModelRunner, RunnerConfig
 from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
 from pagoda.structured_output.grammar import (
+    BitmaskFiller,
     GrammarCompiler,
     GrammarMatcherState,
-    new_bitmask,
 )
 from pagoda.tokenizer.tokenizer import get_tokenizer
 
@@ -81,6 +81,7 @@ class EngineCore:
                                     self.kv_manager.capacity_tokens)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
+        self.bitmask_filler = BitmaskFiller(hf.vocab_size)
         self._compiling: dict[str, Future] = {}  # request id -> its grammar being compiled
         self._rejected: list[tuple[str, Exception]] = []
         self._log_capacity()
@@ -154,7 +155,7 @@ class EngineCore:
         if sched_out.is_empty and self._compiling:
             concurrent.futures.wait(self._compiling.values(), timeout=0.005,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        self._fill_grammar_bitmask(sched_out)
+        self._plan_grammar_bitmask(sched_out)
         runner_out = self.runner.execute(sched_out)
         if sched_out.is_empty:
             runner_out = ModelRunnerOutput()
@@ -180,19 +181,18 @@ class EngineCore:
             request.waiting_for_grammar = False
         return failed
 
-    def _fill_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
-        """The allowed-token bitmask of each constrained request that samples this step."""
-        rows = {}
+    def _plan_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
+        """Which constrained requests sample this step; their bitmask is filled when the
+        runner asks for it, while the forward pass runs."""
+        rows, states = {}, []
         for request_id in sched_out.num_scheduled_tokens:
             request = self.scheduler.requests[request_id]
             if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
                 rows[request_id] = len(rows)
-        if not rows:
-            return
-        bitmask = new_bitmask(len(rows), self.model_info.vocab_size)
-        for request_id, row in rows.items():
-            self.scheduler.requests[request_id].grammar.fill_bitmask(bitmask, row)
-        sched_out.grammar_rows, sched_out.grammar_bitmask = rows, bitmask
+                states.append(request.grammar)
+        if rows:
+            sched_out.grammar_rows = rows
+            sched_out.grammar_bitmask = lambda: self.bitmask_filler.fill(states)
 
     def take_rejections(self) -> list[tuple[str, Exception]]:
         """Requests the engine ended on its own since the last call, and why."""

@@ -128,7 +128,7 @@ def _pulled_source(spec: str, path: Path, manifest: store.Manifest) -> ModelSour
     gguf_file = path / manifest.gguf
     cached = manifest.config_version == GGUF_CONFIG_VERSION and (path / "config.json").is_file()
     config = _read_hf_config(path) if cached else gguf_hf_config(gguf_file)
-    tokenizer = path if _has_tokenizer_files(path) else None
+    tokenizer = path if has_tokenizer_files(path) else None
     return ModelSource(spec, path, "gguf", config, gguf_file=gguf_file, tokenizer_path=tokenizer)
 
 
@@ -137,7 +137,7 @@ def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:
 
 
 def _hf_source(spec: str, path: Path) -> ModelSource:
-    tokenizer = path if _has_tokenizer_files(path) else None
+    tokenizer = path if has_tokenizer_files(path) else None
     return ModelSource(spec, path, "safetensors", _read_hf_config(path), tokenizer_path=tokenizer)
 
 
@@ -148,7 +148,7 @@ def _read_hf_config(path: Path) -> PretrainedConfig:
         raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {exc}") from None
 
 
-def _has_tokenizer_files(path: Path) -> bool:
+def has_tokenizer_files(path: Path) -> bool:
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 

@@ -147,7 +147,8 @@ class ModelRunner:
             if mask_row is not None:
                 rows.append(row)
                 mask_rows.append(mask_row)
-        bitmask = sched_out.grammar_bitmask[mask_rows].to(self.config.device, non_blocking=True)
+        bitmask = sched_out.grammar_bitmask()[mask_rows].to(self.config.device,
+                                                            non_blocking=True)
         apply_bitmask(logits, bitmask, rows)
 
     def _prompt_logprobs(self, step: StepBatch, hidden: torch.Tensor,

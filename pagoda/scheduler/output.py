@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +42,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     preempted_request_ids: set[str] = field(default_factory=set)
     finished_request_ids: set[str] = field(default_factory=set)
-    # constrained requests that sample this step -> their row of grammar_bitmask
+    # constrained requests that sample this step -> their row of the grammar bitmask
     grammar_rows: dict[str, int] = field(default_factory=dict)
-    grammar_bitmask: torch.Tensor | None = None  # int32 [rows, ceil(vocab/32)], bit = allowed
+    # fills and returns that int32 [rows, ceil(vocab/32)] bitmask (bit set = allowed); the
+    # runner calls it once the forward pass is queued, so the CPU work overlaps the GPU's
+    grammar_bitmask: Callable[[], torch.Tensor] | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -3,6 +3,7 @@ and the per-request matcher that masks logits and follows the sampled tokens."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ COMPILE_TIMEOUT_S = 10.0
 CACHE_LIMIT_BYTES = 256 << 20  # xgrammar's compiled-grammar cache
 COMPILE_WORKERS = 2
 ANY_OBJECT_SCHEMA = '{"type": "object"}'
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # bitmask rows filled in parallel
 
 
 class GrammarCompiler:
@@ -104,17 +106,34 @@ class GrammarMatcherState:
 
     def __init__(self, compiled: Any) -> None:
         import xgrammar as xgr
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self.matcher = xgr.GrammarMatcher(compiled)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> bool:
-        return self._matcher.accept_token(token_id)
+        return self.matcher.accept_token(token_id)
 
     @property
     def is_terminated(self) -> bool:
-        return self._matcher.is_terminated()
+        return self.matcher.is_terminated()
+
+
+class BitmaskFiller:
+    """Fills a step's bitmask rows for many matchers at once, on several CPU threads."""
+
+    def __init__(self, vocab_size: int, threads: int = FILL_THREADS) -> None:
+        self.vocab_size = vocab_size
+        self.threads = threads
+        self._batch: Any = None
+
+    def fill(self, states: list[GrammarMatcherState]) -> torch.Tensor:
+        if self._batch is None:
+            import xgrammar as xgr
+            self._batch = xgr.BatchGrammarMatcher(self.threads)
+        bitmask = new_bitmask(len(states), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
+        return bitmask
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pagoda.errors import ModelNotFoundError
 from pagoda.logger import get_logger
-from pagoda.models.source import ModelSource, load_tokenizer, resolve_model
+from pagoda.models.source import (
+    ModelSource,
+    has_tokenizer_files,
+    load_tokenizer,
+    resolve_model,
+)
 
 logger = get_logger(__name__)
 
@@ -15,6 +21,10 @@ def get_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any | No
     """`tokenizer` (a path or pulled name) if given, else the model's. A checkpoint without
     tokenizer files gets None and runs on token ids alone (text prompts are then refused)."""
     if tokenizer is not None:
+        path = Path(tokenizer).expanduser()
+        if path.is_dir() and has_tokenizer_files(path):  # a tokenizer alone, no weights
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(path)
         return load_tokenizer(resolve_model(tokenizer))
     try:
         return load_tokenizer(source)

@@ -432,3 +432,16 @@ def test_incomplete_pull_is_not_taken_as_pulled(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(ModelNotFoundError, match="not pulled yet"):
         resolve_model("smollm2")
     assert os.path.exists(directory / SMOLLM2_GGUF)
+
+
+def test_a_tokenizer_directory_alone_is_a_tokenizer(tmp_path, smollm2_dir):
+    """`--tokenizer DIR` may name a directory with tokenizer files and no weights."""
+    import shutil
+
+    from pagoda.models.source import resolve_model
+    from pagoda.tokenizer.tokenizer import get_tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    tokenizer = get_tokenizer(resolve_model(str(smollm2_dir)), str(tmp_path))
+    assert tokenizer.encode("hello world") == \
+        get_tokenizer(resolve_model(str(smollm2_dir))).encode("hello world")
