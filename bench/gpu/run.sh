@@ -34,6 +34,7 @@ run_stage() {
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
+    profile-host) python3 bench/gpu/profile_host.py 2>&1 | grep -v "^$" | grep -v INFO | head -120 ;;
     serve-sweep) serve_sweep ;;
     structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
                --num-prompts 256 --input-len 256 --output-len 256 --max-num-seqs 256 --disable-detokenize \

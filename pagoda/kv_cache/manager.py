@@ -66,9 +66,11 @@ class KVCacheManager:
                        num_computed_hit_tokens: int = 0) -> list[int] | None:
         """Reserve blocks so the request can hold num_new_tokens more tokens after its computed
         ones (plus any prefix hit). Returns the new block ids, or None if memory is short."""
+        total = request.num_computed_tokens + num_computed_hit_tokens + num_new_tokens
+        if not computed_blocks and self._fits_without_change(request.request_id, total):
+            return []  # most decode steps: room in the last block, and no block fills
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        total = request.num_computed_tokens + num_computed_hit_tokens + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
         reviving = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + reviving > self.pool.num_free_blocks:
@@ -81,6 +83,11 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         self._publish_full_blocks(request, blocks, total)
         return [b.block_id for b in new_blocks]
+
+    def _fits_without_change(self, request_id: str, total: int) -> bool:
+        blocks = self.req_blocks.get(request_id)
+        return blocks is not None and total <= len(blocks) * self.block_size \
+            and total // self.block_size <= self._num_cached.get(request_id, 0)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first so shared prefixes are evicted last."""
