@@ -88,3 +88,21 @@ def test_a_bad_constraint_is_refused_before_queueing(smollm2_llm):
     with pytest.raises(InvalidRequestError, match="regex"):
         smollm2_llm.generate(["x"], constrained(Spec(regex="(unclosed")))
     assert not smollm2_llm.engine.has_unfinished_requests()
+
+
+def test_a_constraint_the_engine_cannot_compile_ends_that_request_alone(smollm2_llm):
+    """Bypassing the frontend's check, a bad constraint reaches the engine: that request
+    ends with finish_reason "error" and a reason; the engine keeps serving."""
+    from pagoda.engine.request import EngineCoreRequest
+
+    core = smollm2_llm.engine.core
+    bad = SamplingParams(max_tokens=4, structured_outputs=Spec(regex="(unclosed"))
+    core.add_request(EngineCoreRequest("bad-constraint", [1, 2, 3], bad))
+    outputs = []
+    while core.has_unfinished_requests():
+        outputs += core.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("bad-constraint", "error")]
+    ((request_id, error),) = core.take_rejections()
+    assert request_id == "bad-constraint" and "regex" in str(error)
+    ok = smollm2_llm.generate(["Hi"], SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(ok[0].outputs[0].token_ids) == 3

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pagoda.entrypoints.openai.tool_parsers import partial_marker_len
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -31,14 +33,6 @@ class ReasoningDelta:
 
     reasoning: str | None = None
     content: str | None = None
-
-
-def _partial_marker_len(text: str, start: int, marker: str) -> int:
-    """Length of the longest tail of ``text[start:]`` that is a proper prefix of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text) - start), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
 
 
 _Handler = Callable[[str, int, bool], "int | None"]
@@ -111,7 +105,7 @@ class StreamingReasoningParser:
     def _in_reasoning(self, text: str, start: int, final: bool) -> int | None:
         found = text.find(THINK_CLOSE, start)
         if found < 0:
-            end = len(text) - (0 if final else _partial_marker_len(text, start, THINK_CLOSE))
+            end = len(text) - (0 if final else partial_marker_len(text, start, THINK_CLOSE))
             self._emit(text[start:end], reasoning=True)
             self._carry = text[end:]
             return None

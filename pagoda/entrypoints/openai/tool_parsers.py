@@ -104,7 +104,7 @@ def _match_marker(text: str, start: int, marker: str, final: bool) -> str:
     return _MISMATCH
 
 
-def _partial_marker_len(text: str, start: int, marker: str) -> int:
+def partial_marker_len(text: str, start: int, marker: str) -> int:
     """Length of the longest tail of ``text[start:]`` that is a proper prefix of ``marker``."""
     for size in range(min(len(marker) - 1, len(text) - start), 0, -1):
         if text.endswith(marker[:size]):
@@ -347,7 +347,7 @@ class StreamingToolParser:
             return self._passthrough(text, start, final)
         found = text.find(marker, start)
         if found < 0:
-            end = len(text) - (0 if final else _partial_marker_len(text, start, marker))
+            end = len(text) - (0 if final else partial_marker_len(text, start, marker))
             self._emit_content(text[start:end])
             self._carry = text[end:]
             return None
