@@ -128,10 +128,14 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _submit(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                priority: int, arrival: float) -> asyncio.Queue[RequestOutput | Exception]:
+    def check_alive(self) -> None:
+        """Raise EngineDeadError once the engine has died."""
         if self.dead is not None:
             raise EngineDeadError("the engine is not running")
+
+    def _submit(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                priority: int, arrival: float) -> asyncio.Queue[RequestOutput | Exception]:
+        self.check_alive()
         if self.num_in_flight >= self.max_pending:
             raise EngineOverloadedError(
                 f"the server is at its limit of {self.max_pending} in-flight requests")

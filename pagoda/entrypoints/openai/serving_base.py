@@ -116,6 +116,7 @@ class ServingBase:
                         len(prompt.token_ids), params.max_tokens, params.n)
         if not self.state.config.honor_priority:
             priority = 0
+        self.engine.check_alive()  # a 503 now, not an error event after a 200
         return self.engine.generate(request_id, prompt, params, priority, arrival)
 
 
