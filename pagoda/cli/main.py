@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "chat": "pagoda.cli.generate",
     "bench": "pagoda.cli.bench",
     "serve": "pagoda.cli.serve",
+    "estimate": "pagoda.cli.estimate",
 }
 
 

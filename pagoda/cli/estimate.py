@@ -1,0 +1,69 @@
+"""`pagoda estimate MODEL`: weight, KV and peak memory from the config, before loading."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "estimate", help="memory a model needs, from its config alone",
+        description="Weights, KV cache for --concurrency sequences of --max-model-len tokens, "
+                    "an activation allowance, and whether it fits --device; nothing is loaded.")
+    p.add_argument("model", help="pulled name, checkpoint directory, .gguf file or config dir")
+    p.add_argument("--max-model-len", type=int, required=True)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--device", default=None, help="H100, H200, A100-80G, ... or cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pagoda.errors import PagodaError
+    from pagoda.models.estimate import estimate
+    try:
+        result = estimate(_source(args.model), args.max_model_len, args.concurrency,
+                          args.tp, args.dtype, args.device, args.max_num_batched_tokens,
+                          args.max_num_seqs, args.gpu_memory_utilization)
+    except PagodaError as exc:
+        print(f"pagoda estimate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_estimate(result))
+    return 0 if result.fits is not False else 3
+
+
+def _source(spec: str):
+    """The checkpoint, or a config-only directory (its weights are not needed here)."""
+    from pagoda.errors import ModelNotFoundError
+    from pagoda.models.source import resolve_model
+    try:
+        return resolve_model(spec)
+    except ModelNotFoundError:
+        return resolve_model(spec, "dummy")
+
+
+def format_estimate(e) -> str:
+    gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
+    per_gpu = " per GPU" if e.tensor_parallel > 1 else ""
+    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters, {e.dtype}"
+             f"{f', tensor parallel {e.tensor_parallel}' if e.tensor_parallel > 1 else ''}",
+             f"  weights{per_gpu:9s} {gib(e.weight_bytes)}",
+             f"  KV cache         {gib(e.kv_bytes)}  ({e.concurrency} x {e.max_model_len} tokens, "
+             f"{e.kv_bytes_per_token / 1024:.0f} KiB per token)",
+             f"  activations      {gib(e.activation_bytes)}  (allowance for one full step)",
+             f"  overhead         {gib(e.overhead_bytes)}",
+             f"  peak             {gib(e.peak_bytes)}"]
+    if e.fits is not None:
+        verdict = "fits" if e.fits else "does NOT fit"
+        lines.append(f"  {e.device}: {gib(e.usable_bytes)} usable -> {verdict}")
+    return "\n".join(lines)
