@@ -116,8 +116,7 @@ class ChatServing(ServingBase):
             logprobs = None
             if params.logprobs is not None:
                 logprobs = chat_logprobs(self.engine.tokenizer, c, params.logprobs)
-            stream = ChoiceStream(self.parsers.reasoning, tools,
-                                         params.structured_outputs is not None)
+            stream = self._choice_stream(params, tools)
             parts = whole_message(stream, c.text)
             content = parts.content or None if parts.tool_calls else \
                 self._echo(body) + parts.content
@@ -129,6 +128,9 @@ class ChatServing(ServingBase):
                 finish_reason=stream.finish_reason(c.finish_reason), stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                       usage=_usage(prompt, [final]))
+
+    def _choice_stream(self, params: SamplingParams, tools: ToolSetup) -> ChoiceStream:
+        return ChoiceStream(self.parsers.reasoning, tools, params.structured_outputs is not None)
 
     @staticmethod
     def _echo(body: ChatCompletionRequest) -> str:
@@ -150,8 +152,7 @@ class ChatServing(ServingBase):
                     state = choices.get(c.index)
                     if state is None:  # the role chunk goes out with the first output
                         state = choices[c.index] = _StreamedChoice(
-                            ChoiceStream(self.parsers.reasoning, tools,
-                                         params.structured_outputs is not None))
+                            self._choice_stream(params, tools))
                         yield sse(self._chunk(request_id, c.index, DeltaMessage(
                             role="assistant", content=self._echo(body))))
                     for chunk in self._deltas(request_id, params, c, state):
@@ -178,8 +179,10 @@ class ChatServing(ServingBase):
             deltas += state.stream.finish()
             state.finished = True
         state.chars, state.tokens = len(c.text), len(c.token_ids)
-        if not deltas:
-            deltas = [DeltaMessage()]  # carries logprobs or the finish reason
+        if not deltas:  # text held back (a possible marker): only logprobs or the end to send
+            if logprobs is None and not c.finished:
+                return []
+            deltas = [DeltaMessage()]
         chunks = [self._chunk(request_id, c.index, delta) for delta in deltas]
         chunks[0].choices[0].logprobs = logprobs
         if c.finished:
