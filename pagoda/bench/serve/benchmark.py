@@ -12,6 +12,7 @@ from typing import Any
 
 from pagoda.bench.serve.client import RequestSettings
 from pagoda.bench.serve.datasets import DatasetSpec, ServeRequest, build_dataset
+from pagoda.bench.serve.metrics import error_counts
 from pagoda.bench.serve.report import format_report
 from pagoda.bench.serve.runner import RunResult, RunSettings, run_benchmark
 
@@ -99,7 +100,7 @@ def _json_rate(rate: float) -> float | str:
 
 
 def print_report(cfg: ServeBenchConfig, result: RunResult) -> None:
-    print(format_report(result.metrics, result.to_json()["errors"],
+    print(format_report(result.metrics, error_counts(result.records),
                         cfg.run.max_concurrency, cfg.run.request_rate))
 
 

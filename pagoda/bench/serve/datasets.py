@@ -132,7 +132,7 @@ def random_dataset(tokenizer: Any, num: int, input_len: int, output_len: int,
     output_lens = rng.integers(out_low, out_high, size=num, endpoint=True)
     prefix = maker.random_ids(prefix_len)
     requests = []
-    for n, m in zip(input_lens, output_lens):
+    for n, m in zip(input_lens, output_lens, strict=True):
         text, length = maker.text(prefix + maker.random_ids(int(n)))
         requests.append(ServeRequest(text, int(m), length))
     return requests

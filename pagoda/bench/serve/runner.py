@@ -132,8 +132,8 @@ async def _release(http: httpx.AsyncClient, settings: RequestSettings,
             progress.update(1)
         return record
 
-    return list(await asyncio.gather(*(one(i, r, float(t))
-                                       for i, (r, t) in enumerate(zip(requests, times)))))
+    pairs = enumerate(zip(requests, times, strict=True))
+    return list(await asyncio.gather(*(one(i, r, float(t)) for i, (r, t) in pairs)))
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

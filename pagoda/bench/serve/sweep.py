@@ -88,7 +88,7 @@ def plot_sweep(document: dict[str, Any], path: Path) -> Path:
                               (axes[1], "tpot", "median TPOT (ms)")):
         latency = [p["metrics"].get(metric, {}).get("median_ms", float("nan")) for p in points]
         ax.plot(throughput, latency, marker="o")
-        for x, y, p in zip(throughput, latency, points):
+        for x, y, p in zip(throughput, latency, points, strict=True):
             ax.annotate(_value_label(p["value"]), (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
         ax.set_xlabel("output throughput (tok/s)")
