@@ -177,41 +177,40 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 def run_http_overhead(args: argparse.Namespace) -> int:
     """Entry point of `pagoda bench http-overhead`."""
-    import json
-
     from pagoda.bench.http_overhead import run_overhead
-    from pagoda.logger import configure_logging
 
-    configure_logging()
-    cfg = throughput_config(args, canonical_command(args.command_parser, args,
-                                                    ("pagoda", "bench", "http-overhead")))
-    result = run_overhead(cfg, args.port)
+    result = run_overhead(_config(args, "http-overhead"), args.port)
     for name, figures in result["systems"].items():
         print(f"{name:8s} {figures['output_tokens_per_s']:10.1f} output tok/s "
               f"{figures['requests_per_s']:8.2f} req/s  ({figures['elapsed_s']:.1f} s)")
     print(f"HTTP / offline output tok/s: {result['http_over_offline']['output_tokens_per_s']:.3f}")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    _save(result, args.output_json)
     return 0
 
 
 def run_structured(args: argparse.Namespace) -> int:
     """Entry point of `pagoda bench structured`."""
-    import json
-
     from pagoda.bench.structured import print_result, run_structured
+
+    result = run_structured(_config(args, "structured"), args.constraint)
+    print_result(result)
+    _save(result, args.output_json)
+    return 0
+
+
+def _config(args: argparse.Namespace, benchmark: str) -> Any:
+    """Logging on, and the ThroughputConfig of `pagoda bench BENCHMARK`'s flags."""
     from pagoda.logger import configure_logging
 
     configure_logging()
-    cfg = throughput_config(args, canonical_command(args.command_parser, args,
-                                                    ("pagoda", "bench", "structured")))
-    result = run_structured(cfg, args.constraint)
-    print_result(result)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return throughput_config(args, canonical_command(args.command_parser, args,
+                                                     ("pagoda", "bench", benchmark)))
+
+
+def _save(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        from pagoda.bench.throughput import write_json
+        write_json(result, path)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -135,6 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pagoda.bench.serve import benchmark, sweep
+    from pagoda.bench.throughput import write_json
 
     cfg = serve_config(args)
     tokenizer = benchmark.load_benchmark_tokenizer(args.tokenizer, cfg.request.model)
@@ -143,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         parameter, values = sweep.parse_sweep(args.sweep)
         document = sweep.run_sweep(cfg, tokenizer, parameter, values,
                                    args.sweep_prompts_per_concurrency)
-        json_path = benchmark.save_json(document, _result_path(args, cfg, "sweep"))
+        json_path = _result_path(args, cfg, "sweep")
+        write_json(document, json_path)
         plot = sweep.plot_sweep(document, Path(args.plot) if args.plot
                                 else json_path.with_suffix(".png"))
         print(f"saved {json_path} and {plot}")
@@ -151,8 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     result = benchmark.run_once(cfg, benchmark.build_requests(cfg, tokenizer))
     benchmark.print_report(cfg, result)
     if args.save_result:
-        path = benchmark.save_json(benchmark.result_document(cfg, result),
-                                   _result_path(args, cfg, "serve"))
+        path = _result_path(args, cfg, "serve")
+        write_json(benchmark.result_document(cfg, result), path)
         print(f"saved {path}")
     return 0 if result.metrics["completed"] else 1
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pagoda.bench.serve.client import RequestSettings
@@ -102,9 +100,3 @@ def _json_rate(rate: float) -> float | str:
 def print_report(cfg: ServeBenchConfig, result: RunResult) -> None:
     print(format_report(result.metrics, error_counts(result.records),
                         cfg.run.max_concurrency, cfg.run.request_rate))
-
-
-def save_json(document: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path
