@@ -83,6 +83,7 @@ class EngineCore:
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)
         self._compiling: dict[str, Future] = {}  # request id -> its grammar being compiled
+        self._constrained: set[str] = set()  # ids of live requests with a grammar
         self._rejected: list[tuple[str, Exception]] = []
         self._log_capacity()
 
@@ -140,6 +141,7 @@ class EngineCore:
         if constraint is not None:
             self.scheduler.requests[request.request_id].waiting_for_grammar = True
             self._compiling[request.request_id] = self.grammars.submit(constraint)
+            self._constrained.add(request.request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -184,8 +186,11 @@ class EngineCore:
     def _plan_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
         """Which constrained requests sample this step; their bitmask is filled when the
         runner asks for it, while the forward pass runs."""
+        if not self._constrained:
+            return  # no per-request work on steps without constrained requests
+        self._constrained &= self.scheduler.requests.keys()
         rows, states = {}, []
-        for request_id in sched_out.num_scheduled_tokens:
+        for request_id in self._constrained.intersection(sched_out.num_scheduled_tokens):
             request = self.scheduler.requests[request_id]
             if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
                 rows[request_id] = len(rows)
