@@ -74,9 +74,6 @@ class GrammarCompiler:
             raise InvalidRequestError(f"invalid {params.kind} constraint: {_short(exc)}",
                                       "structured_outputs") from None
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
 
 def _compile_with(compiler: Any, params: StructuredOutputsParams) -> Any:
     kind = params.kind
@@ -107,9 +104,6 @@ class GrammarMatcherState:
     def __init__(self, compiled: Any) -> None:
         import xgrammar as xgr
         self.matcher = xgr.GrammarMatcher(compiled)
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> bool:
         return self.matcher.accept_token(token_id)

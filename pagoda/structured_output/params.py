@@ -69,10 +69,6 @@ class StructuredOutputsParams:
         if not isinstance(schema, (dict, bool)):
             raise InvalidRequestError("a JSON schema must be an object", "structured_outputs")
 
-    def cache_key(self) -> str:
-        """One string per distinct constraint."""
-        return json.dumps([self.kind, self.json, self.regex, self.choice, self.grammar])
-
 
 def choice_grammar(options: list[str]) -> str:
     """An EBNF grammar whose only sentences are the given strings."""

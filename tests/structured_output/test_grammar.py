@@ -7,6 +7,7 @@ import torch
 
 from pagoda.errors import InvalidRequestError
 from pagoda.structured_output.grammar import (
+    BitmaskFiller,
     GrammarCompiler,
     GrammarMatcherState,
     apply_bitmask,
@@ -46,8 +47,7 @@ def test_models_without_a_tokenizer_refuse_constraints():
 
 def test_matcher_masks_and_follows_tokens(compiler, smollm2_tokenizer):
     state = GrammarMatcherState(compiler.compile(Spec(choice=["yes", "no"])))
-    bitmask = new_bitmask(1, 49152)
-    state.fill_bitmask(bitmask, 0)
+    bitmask = BitmaskFiller(49152).fill([state])
     logits = torch.zeros(1, 49152)
     apply_bitmask(logits, bitmask, [0])
     allowed = {smollm2_tokenizer.decode([t]) for t in torch.isfinite(logits[0]).nonzero()[:, 0]}
