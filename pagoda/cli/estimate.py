@@ -1,4 +1,5 @@
-"""`pagoda estimate MODEL`: weight, KV and peak memory from the config, before loading."""
+"""`pagoda estimate MODEL`: weight, KV and peak memory from the config and the safetensors or
+GGUF headers, before any weight is read."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "estimate", help="memory a model needs, from its config alone",
+        "estimate", help="memory a model needs, from its config and weight headers",
         description="Weights, KV cache for --concurrency sequences of --max-model-len tokens, "
-                    "an activation allowance, and whether it fits --device; nothing is loaded.")
+                    "an activation allowance, and whether it fits --device, from the config and "
+                    "the safetensors or GGUF headers; no weight is read.")
     p.add_argument("model", help="pulled name, checkpoint directory, .gguf file or config dir")
     p.add_argument("--max-model-len", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=1)
@@ -53,13 +55,16 @@ def _source(spec: str):
 
 
 def format_estimate(e) -> str:
-    gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
+    def gib(n: int) -> str:
+        return f"{n / 2**30:8.2f} GiB"
+
     per_gpu = " per GPU" if e.tensor_parallel > 1 else ""
-    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters, {e.dtype}"
-             f"{f', tensor parallel {e.tensor_parallel}' if e.tensor_parallel > 1 else ''}",
-             f"  weights{per_gpu:9s} {gib(e.weight_bytes)}",
-             f"  KV cache         {gib(e.kv_bytes)}  ({e.concurrency} x {e.max_model_len} tokens, "
-             f"{e.kv_bytes_per_token / 1024:.0f} KiB per token)",
+    kv_shape = (f"{e.concurrency} x {e.max_model_len} tokens, "
+                f"{e.kv_bytes_per_token / 1024:.0f} KiB per token")
+    tp = f", tensor parallel {e.tensor_parallel}" if e.tensor_parallel > 1 else ""
+    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters, {e.dtype}{tp}",
+             f"  weights{per_gpu:9s} {gib(e.weight_bytes)}  (from {e.weights_from})",
+             f"  KV cache         {gib(e.kv_bytes)}  ({kv_shape})",
              f"  activations      {gib(e.activation_bytes)}  (allowance for one full step)",
              f"  overhead         {gib(e.overhead_bytes)}",
              f"  peak             {gib(e.peak_bytes)}"]

@@ -1,22 +1,29 @@
-"""Memory a model will need, from its config alone (no weight is read): weights, KV cache for
-a concurrency at a context length, an activation allowance, and whether it fits a device.
+"""Memory a model will need, before any weight is read: weights, KV cache for a concurrency at
+a context length, an activation allowance, and whether it fits a device.
 
-Weights and KV are computed exactly as the engine allocates them (pagoda's Llama layers, the
-dtype the engine would pick, 16-token KV blocks plus the reserved null block). The
-activation figure is an allowance, not a measurement: on a GPU the engine profiles the real
-peak at startup.
+Weights count the checkpoint's tensors from the safetensors or GGUF headers (only those the
+engine keeps as parameters) at the dtype the engine would pick; a config-only source falls
+back to the parameter formula of pagoda's Llama layers. KV is computed as the engine
+allocates it (16-token blocks plus the reserved null block). The activation figure is an
+allowance, not a measurement: on a GPU the engine profiles the real peak at startup.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pagoda.config import resolve_dtype
-from pagoda.errors import ConfigError
-from pagoda.models.source import ModelSource
+from pagoda.errors import ConfigError, UnsupportedModelError
+from pagoda.models.llama import IGNORED_PARAMS
+from pagoda.models.source import GGUFMeta, ModelSource, _arch, _hf_name, _safetensors_files
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
@@ -31,6 +38,7 @@ class MemoryEstimate:
     model: str
     dtype: str
     num_parameters: int
+    weights_from: str  # "safetensors header", "gguf header" or "config"
     weight_bytes: int  # per GPU (weights split over tp)
     kv_bytes_per_token: int  # per GPU
     kv_bytes: int  # per GPU: concurrency x max_model_len, in whole blocks, + the null block
@@ -50,7 +58,8 @@ class MemoryEstimate:
 
 
 def llama_parameters(config: Any) -> int:
-    """Parameters of pagoda's Llama/Mistral model built from this HF config."""
+    """Parameters of pagoda's Llama/Mistral model built from this HF config (for a source
+    without weight files)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or \
         config.num_attention_heads
@@ -63,6 +72,61 @@ def llama_parameters(config: Any) -> int:
     embeddings = config.vocab_size * hidden
     lm_head = 0 if getattr(config, "tie_word_embeddings", False) else embeddings
     return embeddings + config.num_hidden_layers * per_layer + hidden + lm_head
+
+
+def engine_keeps(name: str, config: Any) -> bool:
+    """Whether pagoda's Llama model allocates a parameter for checkpoint tensor `name`: not
+    for rotary buffers, nor for an lm_head tied to the embedding."""
+    if name.endswith(IGNORED_PARAMS):
+        return False
+    return not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
+
+
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets}, read from the header of one .safetensors
+    file (a little-endian u64 length, then that many bytes of JSON); no tensor data is read."""
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        raw = file.read(length) if length >= 0 else b""
+    if length < 0 or len(raw) != length:
+        raise UnsupportedModelError(f"{path}: truncated safetensors header")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{path}: unreadable safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(tensor name, shape) for every tensor of the checkpoint directory's shards."""
+    for shard in _safetensors_files(path):
+        for name, info in safetensors_header(shard).items():
+            yield name, tuple(info["shape"])
+
+
+def gguf_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
+    file's tensor index (memory-mapped; no tensor is dequantized)."""
+    meta = GGUFMeta.open(path)
+    arch = _arch(meta)
+    for tensor in meta.reader.tensors:
+        if tensor.name not in arch.skipped:
+            name = _hf_name(arch, tensor.name) or tensor.name
+            yield name, tuple(int(d) for d in reversed(tensor.shape))
+
+
+def count_parameters(source: ModelSource) -> tuple[int, str]:
+    """Parameters the engine allocates for `source`, and where the count came from."""
+    config = source.hf_config
+    if source.format == "safetensors":
+        shapes, origin = safetensors_shapes(source.path), "safetensors header"
+    elif source.format == "gguf" and source.gguf_file is not None:
+        shapes, origin = gguf_shapes(source.gguf_file), "gguf header"
+    else:
+        return llama_parameters(config), "config"
+    return sum(math.prod(shape) for name, shape in shapes if engine_keeps(name, config)), origin
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype, tp: int = 1) -> int:
@@ -97,7 +161,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     torch_dtype = resolve_dtype(dtype, torch.device("cuda" if on_gpu else "cpu"),
                                 getattr(config, "dtype", None))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    params = llama_parameters(config)
+    params, weights_from = count_parameters(source)
     weights = params * itemsize // tp
     per_token = kv_bytes_per_token(config, torch_dtype, tp)
     blocks = concurrency * -(-max_model_len // BLOCK_SIZE) + 1
@@ -106,10 +170,10 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     overhead = CUDA_CONTEXT_BYTES if on_gpu else 0
     result = MemoryEstimate(
         model=source.name, dtype=str(torch_dtype).removeprefix("torch."),
-        num_parameters=params, weight_bytes=weights, kv_bytes_per_token=per_token,
-        kv_bytes=kv, activation_bytes=activations, overhead_bytes=overhead,
-        peak_bytes=weights + kv + activations + overhead, max_model_len=max_model_len,
-        concurrency=concurrency, tensor_parallel=tp)
+        num_parameters=params, weights_from=weights_from, weight_bytes=weights,
+        kv_bytes_per_token=per_token, kv_bytes=kv, activation_bytes=activations,
+        overhead_bytes=overhead, peak_bytes=weights + kv + activations + overhead,
+        max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp)
     if on_gpu:
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)

@@ -1,17 +1,25 @@
-"""`pagoda estimate`: weights and KV computed from the config equal what the engine then
-allocates; fit verdicts and the command line."""
+"""`pagoda estimate`: weights counted from the safetensors or GGUF headers (never the tensor
+data) and KV from the config equal what the engine then allocates; fit verdicts and the
+command line."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+from pathlib import Path
 
+import gguf
 import pytest
-from transformers import MistralConfig
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, MistralConfig
 
 from pagoda import LLM
 from pagoda.cli.main import main
 from pagoda.errors import ConfigError
-from pagoda.models.estimate import estimate
+from pagoda.models import source as source_module
+from pagoda.models.estimate import MemoryEstimate, estimate, llama_parameters
 from pagoda.models.loader import weight_bytes
 from pagoda.models.source import resolve_model
 from tests.utils import save_random_checkpoint
@@ -23,18 +31,51 @@ def allocated(llm: LLM) -> tuple[int, int]:
     return weight_bytes(core.runner.model), kv.numel() * kv.element_size()
 
 
-def check_matches(spec: str, **engine_kwargs) -> None:
+def check_matches(spec: str, **engine_kwargs) -> MemoryEstimate:
+    """The engine allocates exactly the estimated weights and (within 5%) the estimated KV."""
     source = resolve_model(spec, engine_kwargs.get("load_format", "auto"))
     e = estimate(source, max_model_len=256, concurrency=3)
     llm = LLM(spec, kv_cache_memory=e.kv_bytes, max_model_len=256, **engine_kwargs)
     weights, kv = allocated(llm)
-    assert weights == pytest.approx(e.weight_bytes, rel=0.05)
+    assert weights == e.weight_bytes
     assert kv == pytest.approx(e.kv_bytes, rel=0.05)
     assert llm.engine.core.model_info.kv_capacity_tokens >= 3 * 256
+    return e
+
+
+def check_header_agrees_with_config(spec: str, weights_from: str) -> None:
+    source = resolve_model(spec)
+    e = estimate(source, max_model_len=256)
+    assert e.weights_from == weights_from
+    assert e.num_parameters == llama_parameters(source.hf_config)
+
+
+def tiny_llama(tied: bool) -> LlamaConfig:
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                       max_position_embeddings=512, tie_word_embeddings=tied)
+
+
+def header_length(path: Path) -> int:
+    with path.open("rb") as file:
+        return struct.unpack("<Q", file.read(8))[0]
 
 
 def test_smollm2_estimate_matches_the_engine(smollm2_dir):
-    check_matches(str(smollm2_dir))
+    assert check_matches(str(smollm2_dir)).weights_from == "gguf header"
+    check_header_agrees_with_config(str(smollm2_dir), "gguf header")
+
+
+def test_gguf_estimate_dequantizes_nothing(smollm2_dir, monkeypatch):
+    source = resolve_model(str(smollm2_dir))
+    expected = estimate(source, max_model_len=256)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the estimate read GGUF tensor data")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    monkeypatch.setattr(source_module, "_dequantize", refuse)
+    assert estimate(source, max_model_len=256) == expected
 
 
 def test_untied_gqa_checkpoint_with_head_dim_matches_the_engine(tmp_path):
@@ -42,13 +83,51 @@ def test_untied_gqa_checkpoint_with_head_dim_matches_the_engine(tmp_path):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                            vocab_size=300, max_position_embeddings=512,
                            tie_word_embeddings=False)
-    check_matches(str(save_random_checkpoint(config, tmp_path, None)))
+    spec = str(save_random_checkpoint(config, tmp_path, None))
+    assert check_matches(spec).weights_from == "safetensors header"
+    check_header_agrees_with_config(spec, "safetensors header")
+
+
+def test_safetensors_estimate_reads_only_the_headers(tmp_path):
+    spec = str(save_random_checkpoint(tiny_llama(tied=False), tmp_path, None))
+    full = estimate(resolve_model(spec), max_model_len=512, concurrency=2)
+    assert full.weights_from == "safetensors header"
+    for path in tmp_path.glob("*.safetensors"):
+        size = path.stat().st_size
+        with path.open("r+b") as file:
+            file.truncate(8 + header_length(path))
+        assert path.stat().st_size < size
+    assert estimate(resolve_model(spec), max_model_len=512, concurrency=2) == full
+
+
+def test_sharded_checkpoint_counts_only_the_parameters_the_engine_keeps(tmp_path):
+    """Two shards named by an index; a duplicate lm_head of tied embeddings and rotary
+    inv_freq buffers are in the files but the engine allocates neither."""
+    whole = save_random_checkpoint(tiny_llama(tied=True), tmp_path / "whole", None)
+    tensors = load_file(whole / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(whole / "config.json", sharded / "config.json")
+    names = sorted(tensors)
+    extras = {"lm_head.weight": tensors["model.embed_tokens.weight"].clone()}
+    extras |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(2)}
+    shards = {"model-00001-of-00002.safetensors": {n: tensors[n] for n in names[::2]},
+              "model-00002-of-00002.safetensors": {n: tensors[n] for n in names[1::2]} | extras}
+    for file_name, part in shards.items():
+        save_file(part, sharded / file_name)
+    weight_map = {n: file_name for file_name, part in shards.items() for n in part}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    e = check_matches(str(sharded))
+    assert e.weights_from == "safetensors header"
+    assert e.num_parameters == estimate(resolve_model(str(whole)), 256).num_parameters
+    check_header_agrees_with_config(str(sharded), "safetensors header")
 
 
 def test_fit_verdicts_and_tensor_parallel():
     source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
     h100 = estimate(source, 8192, concurrency=32, device="H100")
-    assert h100.dtype == "bfloat16" and h100.fits
+    assert h100.dtype == "bfloat16" and h100.fits and h100.weights_from == "config"
     assert h100.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
     assert h100.num_parameters == pytest.approx(8.03e9, rel=0.01)
     l4 = estimate(source, 131072, concurrency=4, device="L4", tp=2)
@@ -62,6 +141,9 @@ def test_the_command(capsys, smollm2_dir):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kv_bytes"] == (4 * 2048 // 16 + 1) * 16 * result["kv_bytes_per_token"]
+    assert result["weights_from"] == "gguf header"
+    assert main(["estimate", "smollm2", "--max-model-len", "2048"]) == 0
+    assert "(from gguf header)" in capsys.readouterr().out
     assert main(["estimate", "bench/configs/llama-3.1-8b", "--max-model-len", "131072",
                  "--concurrency", "8", "--device", "L4"]) == 3  # does not fit
     assert "does NOT fit" in capsys.readouterr().out
