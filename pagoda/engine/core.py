@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -67,6 +68,7 @@ class EngineCore:
         block_size = config.cache.block_size
         self.runner = ModelRunner(model, RunnerConfig(self.device, self.dtype, block_size,
                                                       hf.vocab_size), backend)
+        self.activation_bytes = 0
         num_blocks = self._size_kv_cache(model)
         self.runner.initialize_kv_cache(num_blocks)
         if self._use_cuda_graphs(backend.name):
@@ -76,9 +78,12 @@ class EngineCore:
                                          config.cache.enable_prefix_caching, hasher)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         eos = eos_ids(hf)
+        kv = self.runner.kv_cache
         self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
                                     eos[0] if eos else None, eos[1:], num_blocks, block_size,
-                                    self.kv_manager.capacity_tokens)
+                                    self.kv_manager.capacity_tokens, str(self.device),
+                                    weight_bytes(model), kv.numel() * kv.element_size(),
+                                    self.activation_bytes)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)
@@ -105,6 +110,7 @@ class EngineCore:
         sched = self.config.scheduler
         torch_peak = self.runner.profile_peak_memory(sched.max_num_batched_tokens,
                                                      sched.max_num_seqs, self.max_model_len)
+        self.activation_bytes = max(torch_peak - weight_bytes(self.runner.model), 0)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
         logger.info("memory profile: weights %.2f GiB, step peak %.2f GiB, outside torch "
@@ -131,6 +137,9 @@ class EngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
+        if self.runner.asleep:  # the frontend wakes us first; never run on missing weights
+            logger.warning("a request arrived while asleep: waking up")
+            self.wake_up()
         validate_prompt_ids(request.prompt_token_ids, self.model_info)
         request.sampling_params.check_vocab(self.model_info.vocab_size)
         if request.request_id in self.scheduler.requests:
@@ -209,3 +218,29 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_manager.reset_prefix_cache()
+
+    def sleep(self) -> float:
+        """Free the KV cache and move the weights to host memory; returns the seconds it
+        took. Refused while requests are in flight (abort them first)."""
+        if self.scheduler.has_unfinished_requests():
+            raise RuntimeError("cannot sleep with requests in flight")
+        start = time.perf_counter()
+        self.kv_manager.reset_prefix_cache()  # the cached blocks' contents are about to go
+        self.runner.sleep()
+        seconds = time.perf_counter() - start
+        logger.info("asleep: freed %.2f GiB of weights and KV cache in %.2fs",
+                    (self.model_info.weight_bytes * (self.device.type == "cuda")
+                     + self.model_info.kv_cache_bytes) / 2**30, seconds)
+        return seconds
+
+    def wake_up(self) -> float:
+        """Undo sleep(); returns the seconds it took."""
+        start = time.perf_counter()
+        recaptured = self.runner.wake_up()
+        seconds = time.perf_counter() - start
+        logger.info("awake in %.2fs%s", seconds,
+                    " (CUDA graphs re-captured: their addresses moved)" if recaptured else "")
+        return seconds
+
+    def is_sleeping(self) -> bool:
+        return self.runner.asleep

@@ -20,6 +20,10 @@ class ModelInfo:
     num_kv_blocks: int
     block_size: int
     kv_capacity_tokens: int
+    device: str = "cpu"  # where the engine runs: "cpu" or "cuda:N"
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
+    activation_bytes: int = 0  # profiled step peak above the weights (GPU); 0 where unmeasured
 
 
 def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:

@@ -24,6 +24,9 @@ from pagoda.scheduler.scheduler import SchedulerStats
 UTILITY_METHODS: dict[str, Any] = {
     "reset_prefix_cache": bool,
     "stats": SchedulerStats,
+    "sleep": float,
+    "wake_up": float,
+    "is_sleeping": bool,
 }
 
 UtilityArg = bool | int | float | str | None

@@ -12,6 +12,7 @@ from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.runner.cuda_graphs import CudaGraphRunner
 from pagoda.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from pagoda.runner.memory import KVCacheSpec
+from pagoda.runner.sleep import KVArena, WeightSleeper, address_fingerprint
 from pagoda.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagoda.sampling.metadata import SamplingMetadata, SamplingRow
 from pagoda.sampling.sampler import Sampler
@@ -45,26 +46,66 @@ class ModelRunner:
         self.batch = InputBatch(config.device, config.block_size)
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
+        self.num_kv_blocks = 0
         self.graphs: CudaGraphRunner | None = None
+        self._graph_shape: tuple[int, int] | None = None  # (max_num_seqs, max_model_len)
+        self._graph_addresses: tuple | None = None  # what the captured graphs point at
+        self.weight_sleeper = WeightSleeper(model, config.device)
+        self.kv_arena = KVArena(config.device)
+        self.asleep = False
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
         hidden = self.model.config.hidden_size
+        self.graphs = None  # an earlier capture's memory pool goes before the new one's
         self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
                                       max_num_seqs, max_model_len, hidden, self.config.dtype,
                                       self.config.device)
         self.graphs.capture()
+        self._graph_shape = (max_num_seqs, max_model_len)
+        self._graph_addresses = self._addresses()
+
+    def _addresses(self) -> tuple:
+        return address_fingerprint(self.weight_sleeper.tensors, self.kv_cache)
+
+    def sleep(self) -> None:
+        """Give the weights' and KV cache's device memory back (the KV contents are lost;
+        weights go to host memory). Only while no request is running."""
+        if self.asleep:
+            return
+        self.release_kv_cache()
+        self.kv_arena.release()
+        self.weight_sleeper.sleep()
+        self.asleep = True
+
+    def wake_up(self) -> bool:
+        """Undo sleep(); re-captures the CUDA graphs only if an address they use moved.
+        Returns whether it re-captured."""
+        if not self.asleep:
+            return False
+        self.weight_sleeper.wake()
+        self.initialize_kv_cache(self.num_kv_blocks, allocate=self.kv_arena.allocate)
+        self.asleep = False
+        if self.graphs is None or self._addresses() == self._graph_addresses:
+            return False
+        self.capture_cuda_graphs(*self._graph_shape)
+        return True
 
     def kv_cache_spec(self) -> KVCacheSpec:
         layer = self.model.attention_layers()[0]
         return KVCacheSpec(len(self.model.attention_layers()), self.config.block_size,
                            layer.num_kv_heads, layer.head_dim, self.config.dtype)
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate one KV tensor and bind each attention layer to its slice."""
+    def initialize_kv_cache(self, num_blocks: int, allocate=None) -> None:
+        """Allocate one KV tensor (with `allocate(shape, dtype)` if given) and bind each
+        attention layer to its slice."""
         spec = self.kv_cache_spec()
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=spec.dtype, device=self.config.device)
+        if allocate is None:
+            self.kv_cache = torch.empty(shape, dtype=spec.dtype, device=self.config.device)
+        else:
+            self.kv_cache = allocate(shape, spec.dtype)
+        self.num_kv_blocks = num_blocks
         self.kv_cache[:, :, NULL_BLOCK_ID].zero_()  # padding reads land here
         for i, layer in enumerate(self.model.attention_layers()):
             layer.kv_cache = self.kv_cache[i]
