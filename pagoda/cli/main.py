@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": "pagoda.cli.bench",
     "serve": "pagoda.cli.serve",
     "estimate": "pagoda.cli.estimate",
+    "ps": "pagoda.cli.ps",
 }
 
 

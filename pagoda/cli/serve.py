@@ -12,7 +12,8 @@ from pagoda.cli.engine_args import add_engine_args, engine_kwargs, parse_bytes
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None, help="model name or path (default: smollm2)")
+    p.add_argument("model", nargs="*", default=[],
+                   help="model name or path (default: smollm2); several share one endpoint")
     p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
@@ -46,6 +47,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "equals; fcfs: request priorities are ignored")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
+    m = p.add_argument_group("several models (given more than one model, or --config)")
+    m.add_argument("--config", default=None, metavar="YAML",
+                   help="a models file: per-model names, aliases, pinning, keep-alive, "
+                        "priority, replicas and engine options")
+    m.add_argument("--keep-alive", default="-1",
+                   help="how long an idle model stays loaded: a duration (5m), 0 or -1 "
+                        "(forever, the default); requests may set keep_alive too")
+    m.add_argument("--memory-limit", type=parse_bytes, default=None,
+                   help="device memory the models may share (default: 90%% of each GPU, 80%% "
+                        "of available RAM on CPU)")
+    m.add_argument("--host-memory-limit", type=parse_bytes, default=None,
+                   help="host memory for sleeping models' weights (default: half the "
+                        "available RAM); beyond it idle models are unloaded instead")
+    m.add_argument("--swap-timeout", type=float, default=120.0,
+                   help="seconds a request waits for its model to load before a 503")
+    m.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="requests waiting for models to load beyond this get a 503")
     add_engine_args(p)
     p.set_defaults(func=run_serve)
 
@@ -94,7 +112,13 @@ def run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from pagoda.errors import PagodaError
-    model = args.model or args.model_flag or "smollm2"
+    if args.config or len(args.model) > 1:
+        try:
+            return _serve_fleet(args)
+        except PagodaError as exc:
+            print(f"pagoda serve: {exc}", file=sys.stderr)
+            return 1
+    model = (args.model[0] if args.model else None) or args.model_flag or "smollm2"
     engine_starting = _start_engine_early(model, engine_kwargs(args))
     try:
         return _serve(args, model, keys_from(args), engine_starting)
@@ -124,6 +148,39 @@ def _serve(args: argparse.Namespace, model: str, keys: list[str], engine_startin
                  honor_priority=args.scheduling_policy == "priority",
                  tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                  engine_starting=engine_starting)
+
+
+def _serve_fleet(args: argparse.Namespace) -> int:
+    from pagoda.entrypoints.openai.server import serve_fleet
+    from pagoda.fleet.spec import fleet_from_args, fleet_from_yaml, parse_keep_alive
+    kwargs = engine_kwargs(args)
+    if args.config:
+        fleet = fleet_from_yaml(args.config)
+        if args.model:
+            print("pagoda serve: give models either on the command line or in --config",
+                  file=sys.stderr)
+            return 2
+    else:
+        fleet = fleet_from_args(args.model, {}, args.served_model_name, args.keep_alive)
+    if args.memory_limit is not None:
+        fleet.memory_limit = args.memory_limit
+    if args.keep_alive != "-1":  # the flag wins over the file
+        fleet.keep_alive = parse_keep_alive(args.keep_alive)
+    for spec in fleet.models:
+        spec.chat_template = read_chat_template(spec.chat_template)
+    return serve_fleet(fleet, kwargs, host=args.host, port=args.port, api_keys=keys_from(args),
+                       chat_template=read_chat_template(args.chat_template),
+                       trust_request_chat_template=args.trust_request_chat_template,
+                       log_requests=not args.disable_log_requests,
+                       shutdown_timeout=args.shutdown_timeout,
+                       max_pending=args.max_pending_requests,
+                       max_body_bytes=args.max_request_body,
+                       uvicorn_log_level=args.uvicorn_log_level,
+                       honor_priority=args.scheduling_policy == "priority",
+                       tool_call_parser=args.tool_call_parser,
+                       reasoning_parser=args.reasoning_parser,
+                       max_waiting=args.max_waiting_requests, swap_timeout=args.swap_timeout,
+                       host_memory_limit=args.host_memory_limit)
 
 
 def _stop(engine_starting) -> None:

@@ -3,6 +3,7 @@ dashboards work unchanged."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,6 +27,16 @@ class EngineMetrics:
         self._gauges()
         self._counters()
         self._histograms()
+
+    def for_model(self, model_name: str) -> EngineMetrics:
+        """An observer for another model (or replica) that reports into the same registry
+        under its own model_name label."""
+        other = copy.copy(self)
+        other.model_name = model_name
+        other._last = SchedulerStats()
+        for reason in FINISH_REASONS:
+            other._labels(other.success, finished_reason=reason)
+        return other
 
     def _labels(self, metric, **extra):
         return metric.labels(model_name=self.model_name, **extra)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 import pagoda
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai import errors as api_errors
+from pagoda.entrypoints.openai.errors import ServerOverloadedError
 from pagoda.entrypoints.openai.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -32,7 +33,7 @@ from pagoda.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from pagoda.entrypoints.openai.serving import OpenAIServing
-from pagoda.entrypoints.openai.serving_base import ClientDisconnected
+from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
 from pagoda.errors import PagodaError
 from pagoda.logger import get_logger
 
@@ -68,10 +69,26 @@ class ServerState:
     started: float = field(default_factory=time.time)
     draining: bool = False
     output_parsers: Any = None  # OutputParsers, resolved on the first chat request
+    manager: Any = None  # a fleet.ModelManager when the server hosts several models
+    manager_started: bool = False
 
     @property
     def ready(self) -> bool:
+        if self.manager is not None:
+            return not self.draining and self.manager_started
         return not self.draining and self.engine is not None and self.engine.is_ready
+
+    @property
+    def num_in_flight(self) -> int:
+        if self.manager is not None:
+            return self.manager.num_in_flight
+        return self.engine.num_in_flight if self.engine is not None else 0
+
+    def abort_all(self) -> None:
+        if self.manager is not None:
+            self.manager.abort_all()
+        elif self.engine is not None:
+            self.engine.abort_all()
 
 
 async def _load(state: ServerState) -> None:
@@ -85,17 +102,31 @@ async def _load(state: ServerState) -> None:
     state.engine = engine
 
 
+async def _start_manager(state: ServerState) -> None:
+    try:
+        await state.manager.start()
+    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
+        logger.error("the models failed to start: %s", exc)
+        state.load_error = exc
+        return
+    state.manager_started = True
+
+
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = None
-        if state.engine is not None:
+        if state.manager is not None:
+            loader = asyncio.get_running_loop().create_task(_start_manager(state))
+        elif state.engine is not None:
             state.engine.start()
         elif state.load_engine is not None:
             loader = asyncio.get_running_loop().create_task(_load(state))
         yield
         if loader is not None:
             loader.cancel()
+        if state.manager is not None:
+            await state.manager.stop()
         if state.engine is not None:
             await state.engine.stop()
 
@@ -127,35 +158,117 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
 
     @app.get("/v1/models")
     async def models() -> ModelList:
+        if state.manager is not None:
+            return ModelList(data=fleet_model_cards(state))
         return ModelList(data=[_model_card(state, name) for name in state.config.served_model_names])
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
+        if state.manager is not None:
+            state.manager.resolve(model_id)
+            return next(c for c in fleet_model_cards(state) if c.id == model_id)
         serving.check_model(model_id)
         return _model_card(state, model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await serving.completions(body, request)
+        return await routed(state, body.model, body.keep_alive_seconds(),
+                            lambda: serving.completions(body, request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await serving.chat_completions(body, request)
+        return await routed(state, body.model, body.keep_alive_seconds(),
+                            lambda: serving.chat_completions(body, request))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Any:
-        return await serving.tokenize(body)
+        return await routed(state, body.model, None, lambda: serving.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Any:
-        return await serving.detokenize(body)
+        return await routed(state, body.model, None, lambda: serving.detokenize(body))
+
+    @app.get("/pagoda/plan")
+    async def plan() -> dict[str, Any]:
+        """The memory plan of every device (several-model servers)."""
+        if state.manager is None:
+            raise HTTPException(404, "this server hosts one model: it has no memory plan")
+        return {"devices": [p.to_json() for p in state.manager.plans()]}
+
+    @app.get("/pagoda/ps")
+    async def ps() -> dict[str, Any]:
+        """Each hosted model replica: device, state, bytes held, idle time."""
+        return {"models": ps_rows(state)}
+
+
+async def routed(state: ServerState, model: str | None, keep_alive: float | None,
+                 handler: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an endpoint with its model leased (several-model servers): the model is brought
+    in first if needed and stays resident until the response, streamed or not, is done."""
+    if state.manager is None:
+        return await handler()
+    if state.draining:
+        raise ServerOverloadedError("The server is shutting down.", retry_after=5)
+    lease = await state.manager.acquire(model, keep_alive)
+    current_lease.set(lease)
+    try:
+        response = await handler()
+    except BaseException:
+        lease.release()
+        raise
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _release_when_done(lease, response.body_iterator)
+    else:
+        lease.release()
+    return response
+
+
+async def _release_when_done(lease: Any, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    current_lease.set(lease)  # the stream may run in another task than the route did
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        lease.release()
+
+
+def fleet_model_cards(state: ServerState) -> list[ModelCard]:
+    """A card for every served name and alias, with its model's state."""
+    cards = []
+    for model in state.manager.models:
+        info = model.handle.model_info if model.handle is not None else None
+        for name in model.spec.names:
+            cards.append(ModelCard(id=name, created=int(state.started), owned_by="pagoda",
+                                   root=model.spec.model,
+                                   parent=None if name == model.name else model.name,
+                                   max_model_len=info.max_model_len if info else None,
+                                   state=str(model.state)))
+    return cards
+
+
+def ps_rows(state: ServerState) -> list[dict[str, Any]]:
+    if state.manager is not None:
+        return state.manager.ps()
+    engine = state.engine
+    if engine is None:
+        return []
+    info = engine.model_info
+    return [{"model": state.config.served_model_names[0], "replica": 0, "device": info.device,
+             "state": "loaded", "weight_bytes": info.weight_bytes,
+             "kv_cache_bytes": info.kv_cache_bytes,
+             "held_bytes": info.weight_bytes + info.kv_cache_bytes + info.activation_bytes,
+             "pinned": True, "in_flight": engine.num_in_flight, "idle_seconds": None,
+             "expires_in_seconds": None, "load_seconds": None, "wake_seconds": None,
+             "requests_routed": None, "engine_pid": getattr(engine.client, "engine_pid", None),
+             "error": None}]
 
 
 def _model_card(state: ServerState, name: str) -> ModelCard:
     info = state.engine.model_info if state.engine is not None else None
     return ModelCard(id=name, created=int(state.started), owned_by="pagoda",
                      root=info.name if info else None,
-                     max_model_len=info.max_model_len if info else None)
+                     max_model_len=info.max_model_len if info else None,
+                     state="loaded" if info else "loading")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pagoda.errors import InvalidRequestError
+from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -407,6 +407,24 @@ class _GenerationRequest(OpenAIModel):
     guided_regex: SpecText | None = None
     guided_choice: Choices | None = None
     guided_grammar: SpecText | None = None
+    # Ollama's: how long the model stays loaded after this request ("5m", 0, -1)
+    keep_alive: int | float | Annotated[str, StringConstraints(max_length=32)] | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> Any:
+        if value is not None:
+            from pagoda.fleet.spec import parse_keep_alive
+            try:
+                parse_keep_alive(value)
+            except ConfigError as exc:
+                raise PydanticCustomError("keep_alive", str(exc)) from None
+        return value
+
+    def keep_alive_seconds(self) -> float | None:
+        """keep_alive in seconds (FOREVER for negative values), None if not given."""
+        from pagoda.fleet.spec import parse_keep_alive
+        return None if self.keep_alive is None else parse_keep_alive(self.keep_alive)
 
     @field_validator("logit_bias")
     @classmethod
@@ -826,6 +844,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    state: str | None = None  # pagoda: loaded, sleeping, unloaded, loading or waking
 
 
 class ModelList(BaseModel):

@@ -16,6 +16,7 @@ from pagoda.engine.client import MPClient, start_in_background
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
 from pagoda.entrypoints.openai.output_parsers import check_parser_names
+from pagoda.fleet.spec import FleetSpec
 from pagoda.logger import get_logger
 from pagoda.models.source import resolve_model
 from pagoda.tokenizer.tokenizer import get_tokenizer
@@ -38,28 +39,30 @@ class DrainingServer(uvicorn.Server):
         if self._drain_task is not None or sig not in (signal.SIGTERM, signal.SIGINT):
             return super().handle_exit(sig, frame)
         self.state.draining = True
-        engine = self.state.engine
-        logger.info("draining %d in-flight requests (up to %.0fs)",
-                    engine.num_in_flight if engine else 0, self.shutdown_timeout)
+        logger.info("draining %d in-flight requests (up to %.0fs)", self.state.num_in_flight,
+                    self.shutdown_timeout)
         self._drain_task = asyncio.get_event_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
-        engine = self.state.engine
-        if engine is None:  # still loading: nothing to drain
-            self.should_exit = True
-            return
-        while engine.num_in_flight and time.monotonic() < deadline:
+        state = self.state
+        while state.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if engine.num_in_flight:
-            logger.info("aborting %d requests still in flight", engine.num_in_flight)
-            engine.abort_all()
+        if state.num_in_flight:
+            logger.info("aborting %d requests still in flight", state.num_in_flight)
+            state.abort_all()
             await asyncio.sleep(0.2)  # let the final chunks reach their clients
         self.should_exit = True
 
     async def watch_engine(self) -> None:
         """Exit (non-zero, see serve()) once the engine failed to load or died."""
         state = self.state
+        if state.manager is not None:  # one model's engine dying does not stop the others
+            while not state.manager_started and state.load_error is None:
+                await asyncio.sleep(0.1)
+            if state.load_error is not None:
+                self.should_exit = True
+            return
         while state.engine is None and state.load_error is None:
             await asyncio.sleep(0.1)
         if state.engine is not None:
@@ -109,6 +112,34 @@ def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
         asyncio.run(_run(server))
     finally:
         _shutdown(engine_starting)
+    return 1 if server.failed else 0
+
+
+def serve_fleet(fleet: FleetSpec, engine_kwargs: dict[str, Any], *, host: str, port: int,
+                api_keys: list[str], chat_template: str | None,
+                trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
+                max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
+                honor_priority: bool = True, tool_call_parser: str | None = None,
+                reasoning_parser: str | None = None, max_waiting: int = 256,
+                swap_timeout: float = 120.0, host_memory_limit: int | None = None) -> int:
+    """Serve several models from one endpoint (see pagoda.fleet); returns the exit code."""
+    from pagoda.fleet.manager import ModelManager
+    check_parser_names(tool_call_parser, reasoning_parser)
+    metrics = EngineMetrics(fleet.models[0].name)
+    manager = ModelManager(fleet, engine_kwargs, max_pending=max_pending, max_waiting=max_waiting,
+                           swap_timeout=swap_timeout, metrics=metrics,
+                           host_memory_limit=host_memory_limit)
+    manager.configure()
+    names = [name for spec in fleet.models for name in spec.names]
+    server_config = ServerConfig(names, api_keys, max_body_bytes, chat_template,
+                                 trust_request_chat_template, log_requests, honor_priority,
+                                 tool_call_parser, reasoning_parser)
+    state = ServerState(None, server_config, metrics, manager=manager)
+    server = DrainingServer(uvicorn.Config(build_app(state), host=host, port=port,
+                                           log_level=uvicorn_log_level, access_log=False,
+                                           lifespan="on"), state, shutdown_timeout)
+    logger.info("listening on http://%s:%d (serving %s)", host, port, ", ".join(names))
+    asyncio.run(_run(server))
     return 1 if server.failed else 0
 
 

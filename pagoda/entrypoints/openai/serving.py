@@ -42,7 +42,7 @@ class OpenAIServing(ServingBase):
         tokenizer = self._tokenizer()
         if body.messages is not None:
             prompt = await self.engine.render_chat(
-                body.conversation(), chat_template=self.state.config.chat_template,
+                body.conversation(), chat_template=self.server_chat_template(),
                 add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
                 chat_template_kwargs=body.chat_template_kwargs)

@@ -4,6 +4,7 @@ disconnect-aware collection, SSE framing and merging several output streams."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 import uuid
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
+# The model lease of the request being handled, when the server hosts several models
+# (pagoda.fleet); unset on a single-model server.
+current_lease: contextvars.ContextVar[Any] = contextvars.ContextVar("pagoda_lease",
+                                                                     default=None)
 
 
 def new_request_id(prefix: str) -> str:
@@ -58,6 +63,9 @@ class ServingBase:
     @property
     def engine(self) -> AsyncEngine:
         """The engine; 503 with Retry-After while the model is still loading."""
+        lease = current_lease.get()
+        if lease is not None:
+            return lease.engine
         engine = self.state.engine
         if engine is None:
             raise ServerOverloadedError("The model is still loading; retry shortly.",
@@ -66,11 +74,23 @@ class ServingBase:
 
     @property
     def model_name(self) -> str:
+        lease = current_lease.get()
+        if lease is not None:
+            return lease.model.name
         return self.state.config.served_model_names[0]
 
     def check_model(self, model: str | None) -> None:
+        if current_lease.get() is not None:
+            return  # the route resolved the model when it leased it
         if model is not None and model not in self.state.config.served_model_names:
             raise UnknownModelError(model)
+
+    def server_chat_template(self) -> str | None:
+        """The operator's chat template: the model's own setting, else --chat-template."""
+        lease = current_lease.get()
+        if lease is not None and lease.model.spec.chat_template:
+            return lease.model.spec.chat_template
+        return self.state.config.chat_template
 
     def check_admission(self) -> None:
         """Refuse new work while draining (503 + Retry-After via the error mapping)."""

@@ -31,6 +31,7 @@ from pagoda.entrypoints.openai.protocol import (
 from pagoda.entrypoints.openai.serving_base import (
     SSE_DONE,
     ServingBase,
+    current_lease,
     last_outputs,
     new_request_id,
     now,
@@ -74,13 +75,15 @@ class ChatServing(ServingBase):
     @property
     def parsers(self) -> OutputParsers:
         """The tool-call and reasoning formats, resolved once from flags and template."""
-        if self.state.output_parsers is None:
-            template = self.state.config.chat_template or getattr(
+        owner = current_lease.get()
+        owner = self.state if owner is None else owner.model  # each model has its own
+        if owner.output_parsers is None:
+            template = self.server_chat_template() or getattr(
                 self.engine.tokenizer, "chat_template", None)
-            self.state.output_parsers = OutputParsers.resolve(
+            owner.output_parsers = OutputParsers.resolve(
                 self.state.config.tool_call_parser, self.state.config.reasoning_parser,
                 template if isinstance(template, str) else None)
-        return self.state.output_parsers
+        return owner.output_parsers
 
     @staticmethod
     def _sampling_params(body: ChatCompletionRequest, tools: ToolSetup,
@@ -100,7 +103,7 @@ class ChatServing(ServingBase):
                 raise InvalidRequestError("this server does not accept chat templates in requests "
                                           "(see --trust-request-chat-template)", "chat_template")
             return body.chat_template
-        return self.state.config.chat_template
+        return self.server_chat_template()
 
     @staticmethod
     def _tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:

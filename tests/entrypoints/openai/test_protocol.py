@@ -487,7 +487,7 @@ def test_model_list_matches_openai() -> None:
     first = data["data"][0]
     assert first == {"id": "smollm2", "object": "model", "created": first["created"],
                      "owned_by": "pagoda", "root": "smollm2", "parent": None,
-                     "max_model_len": 2048}
+                     "max_model_len": 2048, "state": None}
 
 
 def test_tokenize_responses() -> None:

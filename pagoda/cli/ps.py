@@ -1,0 +1,59 @@
+"""`pagoda ps`: the models a running server holds: device, state, memory, idle time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ps", help="list the models a running `pagoda serve` holds")
+    p.add_argument("--url", default=os.environ.get("PAGODA_URL", "http://127.0.0.1:8000"),
+                   help="the server (default: $PAGODA_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"))
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/pagoda/ps", headers=headers, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"pagoda ps: cannot ask {args.url}: {exc}", file=sys.stderr)
+        return 1
+    rows = response.json()["models"]
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m"
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    header = ("NAME", "DEVICE", "STATE", "WEIGHTS", "KV CACHE", "HELD", "IN FLIGHT", "IDLE",
+              "UNTIL")
+    table = [header]
+    for r in rows:
+        name = r["model"] if r["replica"] == 0 else f"{r['model']}#{r['replica']}"
+        state = r["state"] + (" (pinned)" if r["pinned"] else "")
+        table.append((name, r["device"], state, _gib(r["weight_bytes"]),
+                      _gib(r["kv_cache_bytes"]), _gib(r["held_bytes"]), str(r["in_flight"]),
+                      _seconds(r["idle_seconds"]),
+                      "forever" if r["expires_in_seconds"] is None and r["state"] != "unloaded"
+                      else _seconds(r["expires_in_seconds"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)

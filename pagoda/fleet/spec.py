@@ -1,0 +1,175 @@
+"""What the operator asks for: the models one server hosts and their options, from the
+command line (`pagoda serve A B ...`) or a YAML file (`pagoda serve --config models.yaml`).
+
+YAML layout::
+
+    memory_limit: 20GiB        # optional: the device budget (default: 90% of the device)
+    keep_alive: -1             # default for every model: duration, 0 or -1 (forever)
+    defaults: {max_model_len: 4096}
+    models:
+      - model: smollm2         # pulled name, checkpoint directory or .gguf
+        name: smol             # the served name (default: the model spec)
+        aliases: [gpt-4o-mini]
+        pinned: true           # always loaded, never evicted
+        keep_alive: 5m
+        priority: 10           # higher: evicted later
+        replicas: 2            # engine replicas behind this name
+        devices: [cuda:0, cuda:1]
+        max_model_len: 2048    # any engine option: dtype, max_num_seqs, enforce_eager, ...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagoda.errors import ConfigError
+
+FOREVER = -1.0
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# engine options a model entry may set (EngineConfig / engine_config keyword names)
+ENGINE_KEYS = {"max_model_len", "dtype", "load_format", "tokenizer", "seed", "block_size",
+               "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs",
+               "enforce_eager", "attention_backend"}
+_MODEL_KEYS = ENGINE_KEYS | {"model", "name", "aliases", "pinned", "keep_alive", "priority",
+                             "replicas", "devices", "chat_template", "preload"}
+_FILE_KEYS = {"models", "defaults", "memory_limit", "keep_alive"}
+
+
+def parse_keep_alive(value: Any) -> float:
+    """Ollama's keep_alive: a duration ("5m", "30s", "1h", 90), 0 (unload when idle) or a
+    negative value (keep forever). Returns seconds, FOREVER for negative values."""
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"keep_alive {value!r}: use a duration like 5m, 0 or -1")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ConfigError(f"keep_alive {value!r}: use a duration like 30s, 5m, 1h, 0 or -1")
+        seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+    return FOREVER if seconds < 0 else seconds
+
+
+def parse_bytes(value: Any) -> int:
+    """Bytes from 1234, "20GiB", "512MB", "1.5G"."""
+    from pagoda.cli.engine_args import parse_bytes as parse
+    try:
+        return parse(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{value!r} is not a byte size (e.g. 20GiB): {exc}") from None
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """One hosted model and its options."""
+
+    model: str
+    name: str
+    aliases: list[str] = field(default_factory=list)
+    pinned: bool = False
+    keep_alive: float | None = None  # seconds; None: the server default
+    priority: int = 0
+    replicas: int = 1
+    devices: list[str] = field(default_factory=list)  # one per replica; empty: the default
+    chat_template: str | None = None
+    preload: bool = True  # load at startup if it fits without evicting anyone
+    engine: dict[str, Any] = field(default_factory=dict)  # engine_config keyword arguments
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"model {self.name!r}: replicas must be at least 1")
+        if self.devices and len(self.devices) != self.replicas:
+            raise ConfigError(f"model {self.name!r}: {len(self.devices)} devices for "
+                              f"{self.replicas} replicas")
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+    def device_of(self, replica: int) -> str | None:
+        return self.devices[replica] if self.devices else None
+
+
+@dataclass(slots=True)
+class FleetSpec:
+    """Every model of one server, plus server-wide memory and keep-alive settings."""
+
+    models: list[ModelSpec]
+    memory_limit: int | None = None
+    keep_alive: float = FOREVER
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("no model to serve")
+        seen: dict[str, str] = {}
+        for spec in self.models:
+            for name in spec.names:
+                if name in seen:
+                    raise ConfigError(f"served name {name!r} is used by both {seen[name]!r} "
+                                      f"and {spec.model!r}")
+                seen[name] = spec.model
+
+
+def fleet_from_args(models: list[str], engine_kwargs: dict[str, Any],
+                    served_names: list[str] | None = None, keep_alive: Any = FOREVER,
+                    memory_limit: int | None = None) -> FleetSpec:
+    """`pagoda serve A B ...`: every model gets the command line's engine options;
+    --served-model-name, if given, names them in order (one name each)."""
+    if served_names and len(served_names) != len(models):
+        raise ConfigError(f"--served-model-name gives {len(served_names)} names for "
+                          f"{len(models)} models")
+    names = served_names or models
+    specs = [ModelSpec(model=m, name=n, engine=dict(engine_kwargs))
+             for m, n in zip(models, names, strict=True)]
+    return FleetSpec(specs, memory_limit, parse_keep_alive(keep_alive))
+
+
+def fleet_from_yaml(path: str | Path) -> FleetSpec:
+    """Read a models file. Its engine options override the command line's."""
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise ConfigError(f"{path}: expected a mapping with a 'models' list")
+    _check_keys(data, _FILE_KEYS, str(path))
+    defaults = dict(data.get("defaults") or {})
+    _check_keys(defaults, ENGINE_KEYS | {"keep_alive"}, f"{path}: defaults")
+    keep_alive = parse_keep_alive(data.get("keep_alive", defaults.pop("keep_alive", FOREVER)))
+    memory = data.get("memory_limit")
+    specs = [_model_entry(entry, defaults, f"{path}: models[{i}]")
+             for i, entry in enumerate(data["models"])]
+    return FleetSpec(specs, parse_bytes(memory) if memory is not None else None, keep_alive)
+
+
+def _model_entry(entry: Any, defaults: dict[str, Any], where: str) -> ModelSpec:
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{where}: each model needs at least 'model: NAME_OR_PATH'")
+    _check_keys(entry, _MODEL_KEYS, where)
+    engine = {**defaults, **{k: v for k, v in entry.items() if k in ENGINE_KEYS}}
+    aliases = entry.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise ConfigError(f"{where}: aliases must be a list of names")
+    keep_alive = entry.get("keep_alive")
+    return ModelSpec(
+        model=str(entry["model"]), name=str(entry.get("name") or entry["model"]),
+        aliases=aliases, pinned=bool(entry.get("pinned", False)),
+        keep_alive=None if keep_alive is None else parse_keep_alive(keep_alive),
+        priority=int(entry.get("priority", 0)), replicas=int(entry.get("replicas", 1)),
+        devices=[str(d) for d in entry.get("devices") or []],
+        chat_template=entry.get("chat_template"), preload=bool(entry.get("preload", True)),
+        engine=engine)
+
+
+def _check_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
