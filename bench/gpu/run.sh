@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   decode1 small throughput coldstart serve-sweep structured (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   decode1 small throughput coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -16,6 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
 B8=bench/configs/llama-3.1-8b
 B1=bench/configs/llama-3.2-1b
+B3=bench/configs/llama-3.2-3b
 COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
 
 run_stage() {
@@ -39,6 +40,9 @@ run_stage() {
     structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
                --num-prompts 256 --input-len 256 --output-len 256 --max-num-seqs 256 --disable-detokenize \
                --output-json "$OUT/structured.json" $EXTRA 2>&1 | grep -v INFO ;;
+    fleet) python3 -m pagoda.cli.main bench fleet --model llama8b=$B8 --model llama3b=$B3 \
+               --model llama1b=$B1 --wake llama8b=$B8 --wake llama1b=$B1 --num-prompts ${FLEET_PROMPTS:-128} \
+               --max-concurrency 32 --output-json "$OUT/fleet.json" 2>&1 | grep -v INFO ;;
     coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
                python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;
   esac

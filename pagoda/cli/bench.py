@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from pagoda.bench import fleet as fleet_bench
 from pagoda.cli.bench_serve import add_serve_parser
 from pagoda.cli.engine_args import parse_bytes
 
@@ -51,7 +52,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     structured.set_defaults(func=run_structured, command_parser=structured, compare=None,
                             hf_max_batch_size=16)
     add_serve_parser(kinds)
+    fleet = kinds.add_parser(
+        "fleet", help="several models on one device: throughput alone and all busy, wake "
+                      "time from sleep", description=fleet_bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    fleet_bench.add_arguments(fleet)
+    fleet.set_defaults(func=run_fleet)
     bench.set_defaults(func=lambda args: _help(bench))
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    return fleet_bench.run(args)
 
 
 def add_throughput_args(parser: argparse.ArgumentParser) -> None:
