@@ -41,7 +41,8 @@ run_stage() {
                --num-prompts 256 --input-len 256 --output-len 256 --max-num-seqs 256 --disable-detokenize \
                --output-json "$OUT/structured.json" $EXTRA 2>&1 | grep -v INFO ;;
     fleet) python3 -m pagoda.cli.main bench fleet --model llama8b=$B8 --model llama3b=$B3 \
-               --model llama1b=$B1 --wake llama8b=$B8 --wake llama1b=$B1 --num-prompts ${FLEET_PROMPTS:-128} \
+               --model llama1b=$B1 --wake llama8b=$B8 --wake llama1b=$B1 \
+               --swap llama8b=$B8 --swap llama1b=$B1 --swap-limit 20GiB --num-prompts ${FLEET_PROMPTS:-128} \
                --max-concurrency 32 --output-json "$OUT/fleet.json" 2>&1 | grep -v INFO ;;
     coldstart) python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/coldstart.json"; \
                python3 -c "import json; print('cold start', json.load(open('$OUT/coldstart.json'))['seconds_to_first_token'])" ;;

@@ -39,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--wake-repeats", type=int, default=3)
+    p.add_argument("--swap", action="append", default=[], metavar="NAME=CONFIG_DIR",
+                   help="two models served under --swap-limit, asked in turn (each request "
+                        "then wakes its model)")
+    p.add_argument("--swap-limit", default="20GiB",
+                   help="the memory limit of the --swap server: room for one model awake")
+    p.add_argument("--swap-rounds", type=int, default=4)
     p.add_argument("--port", type=int, default=8311)
     p.add_argument("--output-json", default=None)
 
@@ -54,7 +60,7 @@ def _pairs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def write_models_file(models: list[tuple[str, Path]], args: argparse.Namespace,
-                      work: Path) -> Path:
+                      work: Path, memory_limit: str | None = None) -> Path:
     import yaml
     entries = []
     for name, config_dir in models:
@@ -63,7 +69,9 @@ def write_models_file(models: list[tuple[str, Path]], args: argparse.Namespace,
     document = {"defaults": {"dtype": args.dtype, "max_model_len": args.max_model_len,
                              "max_num_seqs": args.max_num_seqs},
                 "models": entries}
-    path = work / "models.yaml"
+    if memory_limit is not None:
+        document["memory_limit"] = memory_limit
+    path = work / f"models-{len(list(work.glob('models-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
 
@@ -120,8 +128,8 @@ def bench_serve(server: FleetServer, name: str, tokenizer: Path, args: argparse.
 def throughput_of(path: Path) -> dict[str, float]:
     metrics = json.loads(path.read_text())["metrics"]
     return {"output_throughput": metrics["output_throughput"], "completed": metrics["completed"],
-            "failed": metrics.get("failed", 0), "median_tpot_ms": metrics.get("median_tpot_ms"),
-            "median_ttft_ms": metrics.get("median_ttft_ms")}
+            "failed": metrics["failed"], "median_tpot_ms": metrics["tpot"]["median_ms"],
+            "median_ttft_ms": metrics["ttft"]["median_ms"]}
 
 
 def measure_sharing(models: list[tuple[str, Path]], args: argparse.Namespace,
@@ -148,6 +156,32 @@ def measure_sharing(models: list[tuple[str, Path]], args: argparse.Namespace,
               for name in alone}
     return {"startup_seconds": server.startup_seconds, "plan": plan, "ps": ps,
             "alone": alone, "together": together, "together_over_alone": ratios}
+
+
+def measure_swaps(models: list[tuple[str, Path]], args: argparse.Namespace,
+                  work: Path) -> dict[str, Any]:
+    """Ask two models that cannot both be awake in turn: every request wakes its model."""
+    models_file = write_models_file(models, args, work, args.swap_limit)
+    server = FleetServer(models_file, args.port + 1, work / "swap-server.log")
+    requests = []
+    try:
+        for round_ in range(args.swap_rounds):
+            for name, _ in models:
+                start = time.monotonic()
+                response = httpx.post(server.url + "/v1/completions", timeout=300, json={
+                    "model": name, "prompt": "word " * 64, "max_tokens": 16,
+                    "ignore_eos": True, "temperature": 0})
+                response.raise_for_status()
+                requests.append({"round": round_, "model": name,
+                                 "seconds": time.monotonic() - start})
+        ps = server.get("/pagoda/ps")
+        plan = server.get("/pagoda/plan")
+    finally:
+        server.stop()
+        if args.output_json:
+            shutil.copy(work / "swap-server.log",
+                        Path(args.output_json).with_suffix(".swap-server.log"))
+    return {"memory_limit": args.swap_limit, "requests": requests, "ps": ps, "plan": plan}
 
 
 def measure_wake(name: str, config_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -189,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}: alone {result['sharing']['alone'][name]['output_throughput']:.0f}"
                       f" tok/s, all busy {result['sharing']['together'][name]['output_throughput']:.0f}"
                       f" tok/s ({ratio:.2f}x)")
+        if args.swap:
+            result["swap"] = measure_swaps(_pairs(args.swap), args, Path(tmp))
+            for r in result["swap"]["requests"]:
+                print(f"swap round {r['round']} {r['model']}: {r['seconds']:.2f} s")
         result["wake"] = [measure_wake(name, path, args) for name, path in _pairs(args.wake)]
         for w in result["wake"]:
             print(f"{w['model']}: wake {', '.join(f'{s:.3f}' for s in w['wake_seconds'])} s, "

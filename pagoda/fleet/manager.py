@@ -212,8 +212,10 @@ class ModelManager:
                     f"{self.budgets[device] / 2**30:.2f} GiB")
 
     async def start(self) -> None:
-        """Load pinned models, then the others that fit without evicting anyone."""
+        """Load pinned models, then the others that fit without evicting anyone, all at
+        once (each engine gets its absolute budget, so they cannot collide)."""
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        chosen = []
         for model in sorted(self.models, key=lambda m: not m.spec.pinned):
             if not (model.spec.pinned or model.spec.preload):
                 continue
@@ -221,10 +223,16 @@ class ModelManager:
                 logger.info("%s will load on demand (it does not fit next to the others)",
                             model.name)
                 continue
-            async with self._swap:
-                await self._load(model)
+            self._reserve(model, self._kv_budget(model))
+            chosen.append(model)
+        async with self._swap:
+            results = await asyncio.gather(*(self._spawn(m) for m in chosen),
+                                           return_exceptions=True)
         for line in self.plan_text().splitlines():
             logger.info("%s", line)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
 
     async def stop(self) -> None:
         if self._reaper is not None:
@@ -421,13 +429,23 @@ class ModelManager:
     async def _load(self, model: ManagedModel) -> None:
         kv = self._kv_budget(model)
         await self._make_room(model, model.need.fixed_bytes + kv)
-        model.kv_bytes, model.state = kv, ModelState.LOADING
+        self._reserve(model, kv)
+        await self._spawn(model)
+
+    @staticmethod
+    def _reserve(model: ManagedModel, kv_bytes: int) -> None:
+        """Count the model's memory as taken from now on (its engines are starting)."""
+        model.kv_bytes, model.state = kv_bytes, ModelState.LOADING
+
+    async def _spawn(self, model: ManagedModel) -> None:
+        """Start the model's engines with the KV budget _reserve() gave it."""
         start = time.monotonic()
         try:
             if model.tokenizer is None:
                 model.tokenizer = await asyncio.to_thread(self._tokenizer, model.spec)
-            clients = await asyncio.gather(*(asyncio.to_thread(self._start_engine, model, r, kv)
-                                             for r in model.replicas), return_exceptions=True)
+            clients = await asyncio.gather(
+                *(asyncio.to_thread(self._start_engine, model, r, model.kv_bytes)
+                  for r in model.replicas), return_exceptions=True)
             failed = next((c for c in clients if isinstance(c, BaseException)), None)
             if failed is not None:
                 for client in clients:
@@ -446,7 +464,8 @@ class ModelManager:
         model.load_seconds = time.monotonic() - start
         model.state, model.error = ModelState.LOADED, None
         logger.info("loaded %s in %.1fs: KV cache %.2f GiB (%d tokens)", model.name,
-                    model.load_seconds, kv / 2**30, model.handle.model_info.kv_capacity_tokens)
+                    model.load_seconds, model.kv_bytes / 2**30,
+                    model.handle.model_info.kv_capacity_tokens)
 
     def _tokenizer(self, spec: ModelSpec) -> Any:
         from pagoda.models.source import resolve_model
