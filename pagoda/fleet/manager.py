@@ -43,6 +43,10 @@ CPU_BUDGET_FRACTION = 0.8  # of available host memory
 CPU_KV_DEMAND_CAP = 4 << 30  # a CPU model's KV demand never exceeds this
 HOST_BANDWIDTH = 10e9  # bytes/s assumed for a wake before one was measured
 REAPER_PERIOD_S = 0.25
+# Of a GPU's budget, what KV sizing leaves unassigned: a model's first KV budget rests on
+# estimates (its activation peak is only measured once it loads).
+GPU_PLAN_MARGIN = 0.02
+GPU_PLAN_MARGIN_MIN = 256 << 20
 
 
 class ModelState(enum.StrEnum):
@@ -397,6 +401,8 @@ class ModelManager:
         asleep. Never more than the device has once idle models are put to sleep."""
         device = model.replicas[0].device
         budget = self.budgets[device]
+        if device != "cpu":
+            budget -= max(int(budget * GPU_PLAN_MARGIN), GPU_PLAN_MARGIN_MIN)
         others = [m for m in self._on(device) if m is not model]
         try:
             share = divide_kv(budget, [model.need, *(m.need for m in others)])[model.name]
