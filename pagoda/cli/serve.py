@@ -137,17 +137,24 @@ def keys_from(args: argparse.Namespace) -> list[str]:
 
 def _serve(args: argparse.Namespace, model: str, keys: list[str], engine_starting) -> int:
     from pagoda.entrypoints.openai.server import serve
-    return serve(model, engine_kwargs(args), host=args.host, port=args.port,
-                 served_model_names=args.served_model_name or [model], api_keys=keys,
-                 chat_template=read_chat_template(args.chat_template),
-                 trust_request_chat_template=args.trust_request_chat_template,
-                 log_requests=not args.disable_log_requests,
-                 shutdown_timeout=args.shutdown_timeout,
-                 max_pending=args.max_pending_requests, max_body_bytes=args.max_request_body,
-                 uvicorn_log_level=args.uvicorn_log_level,
-                 honor_priority=args.scheduling_policy == "priority",
-                 tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-                 engine_starting=engine_starting)
+    return serve(model, engine_kwargs(args),
+                 server_config(args, args.served_model_name or [model], keys),
+                 listen_options(args), engine_starting=engine_starting)
+
+
+def server_config(args: argparse.Namespace, names: list[str], keys: list[str]):
+    from pagoda.entrypoints.openai.app import ServerConfig
+    return ServerConfig(
+        names, keys, args.max_request_body, read_chat_template(args.chat_template),
+        args.trust_request_chat_template, log_requests=not args.disable_log_requests,
+        honor_priority=args.scheduling_policy == "priority",
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+
+
+def listen_options(args: argparse.Namespace):
+    from pagoda.entrypoints.openai.server import ListenOptions
+    return ListenOptions(args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level,
+                         args.max_pending_requests)
 
 
 def _serve_fleet(args: argparse.Namespace) -> int:
@@ -168,19 +175,9 @@ def _serve_fleet(args: argparse.Namespace) -> int:
         fleet.keep_alive = parse_keep_alive(args.keep_alive)
     for spec in fleet.models:
         spec.chat_template = read_chat_template(spec.chat_template)
-    return serve_fleet(fleet, kwargs, host=args.host, port=args.port, api_keys=keys_from(args),
-                       chat_template=read_chat_template(args.chat_template),
-                       trust_request_chat_template=args.trust_request_chat_template,
-                       log_requests=not args.disable_log_requests,
-                       shutdown_timeout=args.shutdown_timeout,
-                       max_pending=args.max_pending_requests,
-                       max_body_bytes=args.max_request_body,
-                       uvicorn_log_level=args.uvicorn_log_level,
-                       honor_priority=args.scheduling_policy == "priority",
-                       tool_call_parser=args.tool_call_parser,
-                       reasoning_parser=args.reasoning_parser,
-                       max_waiting=args.max_waiting_requests, swap_timeout=args.swap_timeout,
-                       host_memory_limit=args.host_memory_limit)
+    return serve_fleet(fleet, kwargs, server_config(args, [], keys_from(args)),
+                       listen_options(args), max_waiting=args.max_waiting_requests,
+                       swap_timeout=args.swap_timeout, host_memory_limit=args.host_memory_limit)
 
 
 def _stop(engine_starting) -> None:

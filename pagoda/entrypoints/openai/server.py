@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -78,67 +79,65 @@ class DrainingServer(uvicorn.Server):
         return self.state.load_error is not None or (engine is not None and engine.dead is not None)
 
 
-def serve(model: str, engine_kwargs: dict[str, Any], *, host: str, port: int,
-          served_model_names: list[str], api_keys: list[str], chat_template: str | None,
-          trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
-          max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
-          honor_priority: bool = True, tool_call_parser: str | None = None,
-          reasoning_parser: str | None = None,
-          engine_starting: Future[MPClient] | None = None) -> int:
+@dataclass(slots=True)
+class ListenOptions:
+    """Where and how the HTTP server runs."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    shutdown_timeout: float = 30.0
+    uvicorn_log_level: str = "warning"
+    max_pending: int = 1024  # in-flight requests per engine before 503s
+
+
+def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
+          listen: ListenOptions, engine_starting: Future[MPClient] | None = None) -> int:
     """Listen at once (/health answers 503 until the model is loaded), start the engine
     process (or take the one `engine_starting` is already starting), serve until SIGTERM
     or engine death; returns the exit code."""
-    config = engine_config(model, **engine_kwargs)
-    engine_starting = engine_starting or start_in_background(config)
-    source = resolve_model(config.model, config.load_format)
-    tokenizer = get_tokenizer(source, config.tokenizer)
-    metrics = EngineMetrics(served_model_names[0])
+    check_parser_names(config.tool_call_parser, config.reasoning_parser)
+    engine_cfg = engine_config(model, **engine_kwargs)
+    engine_starting = engine_starting or start_in_background(engine_cfg)
+    source = resolve_model(engine_cfg.model, engine_cfg.load_format)
+    tokenizer = get_tokenizer(source, engine_cfg.tokenizer)
+    metrics = EngineMetrics(config.served_model_names[0])
 
     def load_engine() -> AsyncEngine:
         client = engine_starting.result()
-        return AsyncEngine(client, tokenizer, max_pending=max_pending, observer=metrics)
+        return AsyncEngine(client, tokenizer, max_pending=listen.max_pending, observer=metrics)
 
-    check_parser_names(tool_call_parser, reasoning_parser)
-    server_config = ServerConfig(served_model_names, api_keys, max_body_bytes, chat_template,
-                                 trust_request_chat_template, log_requests, honor_priority,
-                                 tool_call_parser, reasoning_parser)
-    state = ServerState(None, server_config, metrics, load_engine=load_engine)
-    server = DrainingServer(uvicorn.Config(build_app(state), host=host, port=port,
-                                           log_level=uvicorn_log_level, access_log=False,
-                                           lifespan="on"), state, shutdown_timeout)
-    logger.info("listening on http://%s:%d (serving %s as %s)", host, port, model,
-                ", ".join(served_model_names))
+    state = ServerState(None, config, metrics, load_engine=load_engine)
+    logger.info("listening on http://%s:%d (serving %s as %s)", listen.host, listen.port,
+                model, ", ".join(config.served_model_names))
     try:
-        asyncio.run(_run(server))
+        return _run_server(state, listen)
     finally:
         _shutdown(engine_starting)
-    return 1 if server.failed else 0
 
 
-def serve_fleet(fleet: FleetSpec, engine_kwargs: dict[str, Any], *, host: str, port: int,
-                api_keys: list[str], chat_template: str | None,
-                trust_request_chat_template: bool, log_requests: bool, shutdown_timeout: float,
-                max_pending: int, max_body_bytes: int, uvicorn_log_level: str,
-                honor_priority: bool = True, tool_call_parser: str | None = None,
-                reasoning_parser: str | None = None, max_waiting: int = 256,
-                swap_timeout: float = 120.0, host_memory_limit: int | None = None) -> int:
-    """Serve several models from one endpoint (see pagoda.fleet); returns the exit code."""
+def serve_fleet(fleet: FleetSpec, engine_kwargs: dict[str, Any], config: ServerConfig,
+                listen: ListenOptions, *, max_waiting: int = 256, swap_timeout: float = 120.0,
+                host_memory_limit: int | None = None) -> int:
+    """Serve several models from one endpoint (see pagoda.fleet); returns the exit code.
+    `config.served_model_names` is filled from the fleet."""
     from pagoda.fleet.manager import ModelManager
-    check_parser_names(tool_call_parser, reasoning_parser)
+    check_parser_names(config.tool_call_parser, config.reasoning_parser)
     metrics = EngineMetrics(fleet.models[0].name)
-    manager = ModelManager(fleet, engine_kwargs, max_pending=max_pending, max_waiting=max_waiting,
-                           swap_timeout=swap_timeout, metrics=metrics,
+    manager = ModelManager(fleet, engine_kwargs, max_pending=listen.max_pending,
+                           max_waiting=max_waiting, swap_timeout=swap_timeout, metrics=metrics,
                            host_memory_limit=host_memory_limit)
     manager.configure()
-    names = [name for spec in fleet.models for name in spec.names]
-    server_config = ServerConfig(names, api_keys, max_body_bytes, chat_template,
-                                 trust_request_chat_template, log_requests, honor_priority,
-                                 tool_call_parser, reasoning_parser)
-    state = ServerState(None, server_config, metrics, manager=manager)
-    server = DrainingServer(uvicorn.Config(build_app(state), host=host, port=port,
-                                           log_level=uvicorn_log_level, access_log=False,
-                                           lifespan="on"), state, shutdown_timeout)
-    logger.info("listening on http://%s:%d (serving %s)", host, port, ", ".join(names))
+    config.served_model_names = [name for spec in fleet.models for name in spec.names]
+    state = ServerState(None, config, metrics, manager=manager)
+    logger.info("listening on http://%s:%d (serving %s)", listen.host, listen.port,
+                ", ".join(config.served_model_names))
+    return _run_server(state, listen)
+
+
+def _run_server(state: ServerState, listen: ListenOptions) -> int:
+    server = DrainingServer(uvicorn.Config(build_app(state), host=listen.host, port=listen.port,
+                                           log_level=listen.uvicorn_log_level, access_log=False,
+                                           lifespan="on"), state, listen.shutdown_timeout)
     asyncio.run(_run(server))
     return 1 if server.failed else 0
 
