@@ -59,6 +59,8 @@ class EngineCore:
         self.config = config
         self.source = source or resolve_model(config.model, config.load_format)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
         torch.manual_seed(config.seed)
         hf = self.source.hf_config
         self.dtype = resolve_dtype(config.dtype, self.device, getattr(hf, "dtype", None))

@@ -512,8 +512,12 @@ class ModelManager:
 
     # ---- sleep, wake, unload ---------------------------------------------------------------------
     async def _sleep(self, model: ManagedModel) -> None:
-        seconds = await self._call_all(model, "sleep")
-        model.state = ModelState.SLEEPING
+        model.state = ModelState.SLEEPING  # from now on new requests wait for a wake
+        try:
+            seconds = await self._call_all(model, "sleep")
+        except Exception:
+            await self._unload(model, "it failed to go to sleep")
+            raise
         model.expires_at = self._expiry(model)
         for replica in model.replicas:
             replica.prefixes.clear()  # their caches are gone
@@ -537,6 +541,7 @@ class ModelManager:
         if model.state is ModelState.UNLOADED:
             return
         logger.info("unloading %s: %s", model.name, why)
+        model.state, model.handle = ModelState.UNLOADED, None  # no new lease from now on
         for replica in model.replicas:
             if replica.engine is not None:
                 await replica.engine.stop()
@@ -544,8 +549,7 @@ class ModelManager:
                 await asyncio.to_thread(replica.client.shutdown)
             replica.client = replica.engine = None
             replica.prefixes.clear()
-        model.handle, model.state, model.kv_bytes = None, ModelState.UNLOADED, 0
-        model.expires_at = None
+        model.kv_bytes, model.expires_at = 0, None
         self._idle.set()
 
     async def _reap(self) -> None:
