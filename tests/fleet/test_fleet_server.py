@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.cli.main import main
 from tests.utils import RemoteServer, tiny_chat_model
 
 PROMPTS = ["The capital of France is", "Water boils at", "One, two, three,"]
@@ -80,6 +81,22 @@ def test_models_lists_every_name_with_its_state(pair):
     assert set(cards) == {"smol", "gpt-4o-mini", "tiny"}
     assert all(card.model_extra["state"] == "loaded" for card in cards.values())
     assert cards["gpt-4o-mini"].model_extra["parent"] == "smol"
+
+
+def test_pagoda_ps_and_the_memory_plan(pair, capsys):
+    assert main(["ps", "--url", pair.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "DEVICE", "STATE"]
+    assert {line.split()[0] for line in lines[1:]} == {"smol", "tiny", "tiny#1"}
+    assert all(" cpu " in line and "loaded" in line for line in lines[1:])
+    plan = httpx.get(f"{pair.url}/pagoda/plan").json()["devices"]
+    assert [d["device"] for d in plan] == ["cpu"]
+    entries = plan[0]["models"]
+    assert sorted((e["model"], e["replica"]) for e in entries) == [
+        ("smol", 0), ("tiny", 0), ("tiny", 1)]
+    assert all(e["measured"] and e["kv_bytes"] > 0 for e in entries)
+    assert plan[0]["used_bytes"] == sum(e["resident_bytes"] for e in entries)
+    assert main(["ps", "--url", "http://127.0.0.1:1"]) == 1  # nobody there: a clear error
 
 
 def test_interleaved_requests_answer_as_each_model_alone(pair, expected):

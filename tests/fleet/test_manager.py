@@ -1,0 +1,104 @@
+"""ModelManager's decisions without engines: KV shares, which idle model to evict, sleep or
+unload, keep-alive expiry. Needs come from the real configs (SmolLM2 and a tiny Llama)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pagoda.fleet.manager import ModelManager, ModelState
+from pagoda.fleet.planner import DoesNotFit
+from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
+from tests.utils import tiny_chat_model
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny"), smollm2_dir)
+
+
+def manager(*specs: ModelSpec, memory_limit: int | None = None,
+            keep_alive: float = FOREVER) -> ModelManager:
+    m = ModelManager(FleetSpec(list(specs), memory_limit, keep_alive),
+                     {"device": "cpu", "max_model_len": 256})
+    m.configure()
+    return m
+
+
+def loaded(m: ModelManager, name: str, idle: float = 0.0) -> None:
+    model = m.by_name[name]
+    model.state, model.kv_bytes = ModelState.LOADED, m._kv_budget(model)
+    model.last_used = time.monotonic() - idle
+
+
+def test_needs_come_from_the_config(smollm2_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"))
+    need = m.by_name["a"].need
+    assert need.weight_bytes == 538060032  # SmolLM2-135M in float32, as the engine allocates
+    assert need.kv_min_bytes < need.kv_demand_bytes and not need.measured
+
+
+def test_models_that_all_fit_split_by_demand_and_keep_their_share(smollm2_dir, tiny_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"), ModelSpec(str(tiny_dir), "t"),
+                memory_limit=4 * GIB)
+    share = m._kv_budget(m.by_name["a"])
+    assert share == m.by_name["a"].need.kv_demand_bytes  # the whole demand fits
+    loaded(m, "t")
+    assert m._kv_budget(m.by_name["a"]) == share  # stable whatever else is loaded
+
+
+def test_an_oversubscribed_device_sizes_for_the_others_asleep(smollm2_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"), ModelSpec(str(smollm2_dir), "b"),
+                memory_limit=int(1.3 * GIB))
+    a, b = m.by_name["a"], m.by_name["b"]
+    kv = m._kv_budget(a)
+    assert a.need.fixed_bytes + kv + b.need.weight_bytes <= 1.3 * GIB  # b asleep keeps weights
+    assert kv >= a.need.kv_min_bytes
+
+
+def test_a_model_bigger_than_the_device_is_refused_at_startup(smollm2_dir):
+    with pytest.raises(DoesNotFit, match="needs 0.6"):
+        manager(ModelSpec(str(smollm2_dir), "a"), memory_limit=GIB // 2)
+
+
+def test_victims_lowest_priority_then_longest_idle_never_pinned_or_busy(smollm2_dir, tiny_dir):
+    specs = [ModelSpec(str(tiny_dir), name) for name in ("new", "old", "older", "vip")]
+    specs.append(ModelSpec(str(tiny_dir), "pinned", pinned=True))
+    specs[3].priority = 10
+    m = manager(*specs)
+    for name, idle in (("old", 10), ("older", 100), ("vip", 1000), ("pinned", 5000)):
+        loaded(m, name, idle)
+    new = m.by_name["new"]
+    assert m._pick_victim(new, "cpu").name == "older"
+    m.by_name["older"].leases = 1  # serving a request
+    assert m._pick_victim(new, "cpu").name == "old"
+    m.by_name["old"].state = ModelState.SLEEPING  # sleeping ones go after loaded ones
+    assert m._pick_victim(new, "cpu").name == "vip"
+    m.by_name["vip"].waiters = 1  # a request waits for it
+    assert m._pick_victim(new, "cpu").name == "old"
+    m.by_name["old"].state = ModelState.UNLOADED
+    assert m._pick_victim(new, "cpu") is None  # only the pinned one is left
+
+
+def test_sleep_is_chosen_only_when_it_frees_enough(smollm2_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"), ModelSpec(str(smollm2_dir), "b"),
+                memory_limit=int(1.3 * GIB))
+    loaded(m, "a")
+    a, b = m.by_name["a"], m.by_name["b"]
+    frees = a.held_bytes() - a.need.weight_bytes  # on CPU the weights stay
+    assert m._sleeping_suffices(b, "cpu", frees)
+    assert not m._sleeping_suffices(b, "cpu", frees + 1)
+
+
+def test_keep_alive_sets_when_an_idle_model_expires(smollm2_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a", keep_alive=60),
+                ModelSpec(str(smollm2_dir), "b", pinned=True), keep_alive=FOREVER)
+    a, b = m.by_name["a"], m.by_name["b"]
+    assert 59 < m._expiry(a) - time.monotonic() <= 60
+    a.keep_alive = FOREVER  # a request said -1
+    assert m._expiry(a) is None
+    b.keep_alive = 0
+    assert m._expiry(b) is None  # pinned models never expire
