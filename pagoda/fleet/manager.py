@@ -20,7 +20,7 @@ from typing import Any
 
 from pagoda.config import engine_config
 from pagoda.engine.async_engine import AsyncEngine, EngineObserver
-from pagoda.engine.client import MPClient
+from pagoda.engine.client import EngineDeadError, MPClient
 from pagoda.entrypoints.openai.errors import ServerOverloadedError, UnknownModelError
 from pagoda.errors import PagodaError
 from pagoda.fleet.devices import DeviceMemory, default_device, device_memory
@@ -35,6 +35,7 @@ from pagoda.fleet.planner import (
 from pagoda.fleet.replicas import PrefixIndex, ReplicaSet
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
 from pagoda.logger import get_logger
+from pagoda.runner.memory import available_host_memory
 
 logger = get_logger(__name__)
 
@@ -90,6 +91,7 @@ class ManagedModel:
     handle: ReplicaSet | None = None
     output_parsers: Any = None  # the chat endpoint's parsers for this model's template
     error: str | None = None  # why its last load failed or its engine died
+    host_copy: bool = False  # its engines keep a pinned host copy of the weights (GPU)
 
     @property
     def name(self) -> str:
@@ -128,6 +130,8 @@ class Lease:
 
     @property
     def engine(self) -> ReplicaSet:
+        if self.model.handle is None:  # its engine died and was unloaded meanwhile
+            raise EngineDeadError(f"the engine of {self.model.name!r} is gone; retry")
         return self.model.handle
 
     def release(self) -> None:
@@ -179,6 +183,8 @@ class ModelManager:
                 self.by_name[name] = model
         for device in self.devices:
             self._check_minimums(device)
+        if self.host_memory_limit is None:
+            self.host_memory_limit = available_host_memory() // 2
 
     def _budget(self, memory: DeviceMemory) -> int:
         if self.fleet.memory_limit is not None:
@@ -364,15 +370,13 @@ class ModelManager:
         return model.load_seconds or 10.0
 
     def _can_sleep(self, model: ManagedModel) -> bool:
-        if not model.on_gpu:
+        """On GPU: whether host memory can take its weights (a model that slept once keeps
+        its host copy until it is unloaded, so later sleeps cost nothing)."""
+        if not model.on_gpu or model.host_copy:
             return True
         held = sum(m.need.weight_bytes * len(m.replicas) for m in self.models
-                   if m.state is ModelState.SLEEPING)
-        limit = self.host_memory_limit
-        if limit is None:
-            from pagoda.runner.memory import available_host_memory
-            limit = available_host_memory() // 2
-        return held + model.need.weight_bytes * len(model.replicas) <= limit
+                   if m.host_copy and m is not model)
+        return held + model.need.weight_bytes * len(model.replicas) <= self.host_memory_limit
 
     def _sleeping_suffices(self, model: ManagedModel, device: str, shortfall: int) -> bool:
         """Whether putting idle models to sleep (rather than unloading them) can free
@@ -513,6 +517,7 @@ class ModelManager:
     # ---- sleep, wake, unload ---------------------------------------------------------------------
     async def _sleep(self, model: ManagedModel) -> None:
         model.state = ModelState.SLEEPING  # from now on new requests wait for a wake
+        model.host_copy = model.on_gpu
         try:
             seconds = await self._call_all(model, "sleep")
         except Exception:
@@ -549,7 +554,7 @@ class ModelManager:
                 await asyncio.to_thread(replica.client.shutdown)
             replica.client = replica.engine = None
             replica.prefixes.clear()
-        model.kv_bytes, model.expires_at = 0, None
+        model.kv_bytes, model.expires_at, model.host_copy = 0, None, False
         self._idle.set()
 
     async def _reap(self) -> None:
@@ -617,6 +622,7 @@ class ModelManager:
                     "model": model.name, "replica": replica.index, "device": replica.device,
                     "state": str(model.state), "weight_bytes": model.need.weight_bytes,
                     "kv_cache_bytes": model.kv_bytes, "held_bytes": model.held_bytes(),
+                    "host_bytes": model.need.weight_bytes if model.host_copy else 0,
                     "pinned": model.spec.pinned, "in_flight": (replica.engine.num_in_flight
                                                                if replica.engine else 0),
                     "idle_seconds": round(model.idle_seconds(now), 1),

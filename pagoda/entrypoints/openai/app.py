@@ -257,6 +257,7 @@ def ps_rows(state: ServerState) -> list[dict[str, Any]]:
              "state": "loaded", "weight_bytes": info.weight_bytes,
              "kv_cache_bytes": info.kv_cache_bytes,
              "held_bytes": info.weight_bytes + info.kv_cache_bytes + info.activation_bytes,
+             "host_bytes": 0,
              "pinned": True, "in_flight": engine.num_in_flight, "idle_seconds": None,
              "expires_in_seconds": None, "load_seconds": None, "wake_seconds": None,
              "requests_routed": None, "engine_pid": getattr(engine.client, "engine_pid", None),
