@@ -53,6 +53,8 @@ class ModelRunner:
         self.weight_sleeper = WeightSleeper(model, config.device)
         self.kv_arena = KVArena(config.device)
         self.asleep = False
+        self._sampling_key: list[str] | None = None  # the rows _sampling_meta was built for
+        self._sampling_meta: SamplingMetadata | None = None
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
@@ -168,9 +170,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if sched_out.grammar_rows:
             self._apply_grammars(logits, states, sched_out)
-        meta = SamplingMetadata.build([_sampling_row(s) for s in states],
-                                      self.config.vocab_size, self.config.device)
-        result = self.sampler(logits, meta)
+        result = self.sampler(logits, self._sampling_metadata(states))
         sampled = result.sampled_token_ids.tolist()
         for row, (state, token_id) in enumerate(zip(states, sampled)):
             state.output_token_ids.append(token_id)
@@ -178,6 +178,20 @@ class ModelRunner:
             if result.logprobs is not None and state.sampling_params.logprobs is not None:
                 out.logprobs[state.request_id] = _rows_to_lists(
                     result.logprobs, [row], state.sampling_params.logprobs)
+
+    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        """The batch's sampling tensors. Reused while the same requests sample in the same
+        order (every decode step between arrivals and departures) unless a row's tensors
+        change with its output (penalties, a pending min_tokens)."""
+        key = [s.request_id for s in states]
+        if key == self._sampling_key:
+            return self._sampling_meta
+        meta = SamplingMetadata.build([_sampling_row(s) for s in states],
+                                      self.config.vocab_size, self.config.device)
+        steady = not any(s.sampling_params.uses_penalties or s.sampling_params.min_tokens
+                         for s in states)
+        self._sampling_key, self._sampling_meta = (key if steady else None), meta
+        return meta
 
     def _apply_grammars(self, logits: torch.Tensor, states: list[CachedRequestState],
                         sched_out: SchedulerOutput) -> None:
