@@ -204,7 +204,7 @@ class ModelManager:
         seqs = int(kwargs.get("max_num_seqs", 64))
         on_gpu = device.startswith("cuda")
         e = estimate(source, max_len, concurrency=1, dtype=kwargs.get("dtype") or "auto",
-                     device="H100" if on_gpu else None,
+                     device="cuda" if on_gpu else None,
                      token_budget=int(kwargs.get("max_num_batched_tokens", 2048)),
                      max_num_seqs=seqs)
         demand = (seqs * -(-max_len // 16) + 1) * 16 * e.kv_bytes_per_token

@@ -153,7 +153,9 @@ def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
 def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: int = 1,
              dtype: str = "auto", device: str | None = None, token_budget: int = 2048,
              max_num_seqs: int = 64, gpu_memory_utilization: float = 0.9) -> MemoryEstimate:
-    """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens."""
+    """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens.
+    `device`: a GPU name (H100, ...) to get a fit verdict, "cuda" for GPU figures without
+    one, None or "cpu" for CPU figures."""
     config = source.hf_config
     if max_model_len < 1 or concurrency < 1 or tp < 1:
         raise ConfigError("max_model_len, concurrency and tp must be at least 1")
@@ -174,7 +176,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
         kv_bytes_per_token=per_token, kv_bytes=kv, activation_bytes=activations,
         overhead_bytes=overhead, peak_bytes=weights + kv + activations + overhead,
         max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp)
-    if on_gpu:
+    if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)
         result.fits = result.peak_bytes <= result.usable_bytes
