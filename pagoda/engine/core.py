@@ -235,6 +235,11 @@ class EngineCore:
                      + self.model_info.kv_cache_bytes) / 2**30, seconds)
         return seconds
 
+    def prepare_sleep(self) -> bool:
+        """Make the weights' host copy in the background now, so that the first sleep is as
+        quick as the later ones; returns whether there is anything to copy (GPU only)."""
+        return self.runner.weight_sleeper.prepare()
+
     def wake_up(self) -> float:
         """Undo sleep(); returns the seconds it took."""
         start = time.perf_counter()

@@ -25,6 +25,7 @@ UTILITY_METHODS: dict[str, Any] = {
     "reset_prefix_cache": bool,
     "stats": SchedulerStats,
     "sleep": float,
+    "prepare_sleep": bool,
     "wake_up": float,
     "is_sleeping": bool,
 }

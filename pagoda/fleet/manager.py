@@ -378,6 +378,13 @@ class ModelManager:
                    if m.host_copy and m is not model)
         return held + model.need.weight_bytes * len(model.replicas) <= self.host_memory_limit
 
+    def _may_sleep_soon(self, model: ManagedModel) -> bool:
+        """A GPU model whose device cannot hold every model at once: make its host copy now,
+        so that the eviction that puts it to sleep does not wait for pinning memory."""
+        device = model.replicas[0].device
+        crowded = sum(m.need.min_bytes for m in self._on(device)) > self.budgets[device]
+        return model.on_gpu and crowded and not model.host_copy and self._can_sleep(model)
+
     def _sleeping_suffices(self, model: ManagedModel, device: str, shortfall: int) -> bool:
         """Whether putting idle models to sleep (rather than unloading them) can free
         `shortfall` bytes."""
@@ -473,6 +480,9 @@ class ModelManager:
         self._attach(model, clients)
         model.load_seconds = time.monotonic() - start
         model.state, model.error = ModelState.LOADED, None
+        if self._may_sleep_soon(model):
+            await self._call_all(model, "prepare_sleep")
+            model.host_copy = True
         logger.info("loaded %s in %.1fs: KV cache %.2f GiB (%d tokens)", model.name,
                     model.load_seconds, model.kv_bytes / 2**30,
                     model.handle.model_info.kv_capacity_tokens)

@@ -10,6 +10,7 @@ graphs still valid. Without it, or on the first wake, the caller re-captures (se
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +68,30 @@ class WeightSleeper:
         self.host: torch.Tensor | None = None  # flat pinned copy, made on the first sleep
         self.arena: DeviceArena | None = None
         self._use_arena = arenas_supported(device)
+        self._preparing: Future[torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    def prepare(self) -> bool:
+        """Start making the host copy in the background, so that the first sleep need not
+        wait for pinning gigabytes of host memory. Returns whether a copy is (being) made."""
+        if self.device.type != "cuda":
+            return False
+        if self.host is None and self._preparing is None:
+            loaded = torch.cuda.Event()
+            loaded.record()  # the copy starts after everything queued so far
+            self._preparing = ThreadPoolExecutor(1, thread_name_prefix="pagoda-host-copy") \
+                .submit(self._copy_to_host, loaded)
+        return True
+
     def sleep(self) -> None:
         """Hand the weights' device memory back (a no-op on CPU)."""
         if self.device.type != "cuda":
             return
+        if self._preparing is not None:
+            self.host, self._preparing = self._preparing.result(), None
         if self.host is None:
             self.host = self._copy_to_host()
         for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
@@ -94,11 +110,17 @@ class WeightSleeper:
             tensor.data = _view(flat, offset, tensor)
         torch.cuda.synchronize(self.device)
 
-    def _copy_to_host(self) -> torch.Tensor:
+    def _copy_to_host(self, after: torch.cuda.Event | None = None) -> torch.Tensor:
+        """The flat pinned copy, made on a side stream (the weights are only read, so steps
+        may run meanwhile)."""
         host = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
-        for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
-            _view(host, offset, tensor).copy_(tensor, non_blocking=True)
-        torch.cuda.synchronize(self.device)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
+                _view(host, offset, tensor).copy_(tensor, non_blocking=True)
+        stream.synchronize()
         return host
 
     def _device_buffer(self) -> torch.Tensor:

@@ -35,6 +35,11 @@ def test_outputs_after_waking_equal_those_before(llm):
     assert texts(llm) == before
 
 
+def test_nothing_to_prepare_on_cpu(llm):
+    assert not llm.engine.core.prepare_sleep()  # the weights already live in host memory
+    assert llm.engine.core.runner.weight_sleeper.host is None
+
+
 def test_sleep_is_refused_while_requests_run(llm):
     core = llm.engine.core
     core.add_request(EngineCoreRequest("busy", [1, 2, 3], GREEDY.clone(max_tokens=4)))
