@@ -19,7 +19,6 @@ from torch import nn
 from pagoda.runner.device_arena import DeviceArena, arenas_supported
 
 ALIGN = 256  # bytes: every tensor starts on a boundary any dtype and kernel is happy with
-HOST_CHUNK = 256 << 20  # bytes pinned per allocation for the host copy
 
 
 def _aligned(n: int) -> int:
@@ -58,48 +57,6 @@ def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     return flat[offset:offset + nbytes].view(like.dtype).view(like.shape)
 
 
-class _HostCopy:
-    """The weights in pinned host memory, in chunks of about HOST_CHUNK bytes cut on tensor
-    boundaries: pinning is done under the GIL, and one huge buffer would hold it for seconds
-    and stall the engine loop while the copy is made in the background."""
-
-    def __init__(self, layout: _Layout) -> None:
-        self.starts: list[int] = []  # each chunk's offset in the flat layout
-        self.chunks: list[torch.Tensor] = []
-        self.where: list[tuple[int, int]] = []  # per tensor: (chunk, offset in the chunk)
-        bounds = [*layout.offsets, layout.nbytes]
-        start = 0
-        for i, offset in enumerate(layout.offsets):
-            self.where.append((len(self.starts), offset - start))
-            end = bounds[i + 1]
-            if end - start >= HOST_CHUNK or end == layout.nbytes:
-                self.starts.append(start)
-                self.chunks.append(torch.empty(0, dtype=torch.uint8))  # pinned in fill()
-                start = end
-        self._sizes = [b - a for a, b in zip(self.starts, [*self.starts[1:], layout.nbytes],
-                                             strict=True)]
-
-    def fill(self, tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
-        """Pin each chunk and queue the copies of its tensors on `stream`."""
-        by_chunk: list[list[int]] = [[] for _ in self.chunks]
-        for i, (chunk, _) in enumerate(self.where):
-            by_chunk[chunk].append(i)
-        for chunk, members in enumerate(by_chunk):
-            self.chunks[chunk] = torch.empty(self._sizes[chunk], dtype=torch.uint8,
-                                             pin_memory=True)
-            with torch.cuda.stream(stream):
-                for i in members:
-                    self.view(i, tensors[i]).copy_(tensors[i], non_blocking=True)
-
-    def view(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        chunk, offset = self.where[i]
-        return _view(self.chunks[chunk], offset, like)
-
-    def copy_to(self, flat: torch.Tensor) -> None:
-        for start, chunk in zip(self.starts, self.chunks, strict=True):
-            flat[start:start + chunk.numel()].copy_(chunk, non_blocking=True)
-
-
 class WeightSleeper:
     """Moves a model's weights between the device and a host copy; tensors keep their Python
     identity (only `.data` changes), so every module and captured reference stays wired."""
@@ -108,10 +65,10 @@ class WeightSleeper:
         self.device = device
         self.tensors = model_tensors(model)
         self.layout = _Layout.of(self.tensors)
-        self.host: _HostCopy | None = None  # pinned copy, made on the first sleep
+        self.host: torch.Tensor | None = None  # flat pinned copy, made on the first sleep
         self.arena: DeviceArena | None = None
         self._use_arena = arenas_supported(device)
-        self._preparing: Future[_HostCopy] | None = None
+        self._preparing: Future[torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -137,8 +94,8 @@ class WeightSleeper:
             self.host, self._preparing = self._preparing.result(), None
         if self.host is None:
             self.host = self._copy_to_host()
-        for i, tensor in enumerate(self.tensors):
-            tensor.data = self.host.view(i, tensor)
+        for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
+            tensor.data = _view(self.host, offset, tensor)
         if self.arena is not None:
             self.arena.release()
         torch.cuda.empty_cache()
@@ -148,19 +105,21 @@ class WeightSleeper:
         if self.device.type != "cuda" or self.host is None:
             return
         flat = self._device_buffer()
-        self.host.copy_to(flat)
+        flat[:self.layout.nbytes].copy_(self.host, non_blocking=True)
         for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
             tensor.data = _view(flat, offset, tensor)
         torch.cuda.synchronize(self.device)
 
-    def _copy_to_host(self, after: torch.cuda.Event | None = None) -> _HostCopy:
-        """The pinned copy, made on a side stream (the weights are only read, so steps may
-        run meanwhile)."""
-        host = _HostCopy(self.layout)
+    def _copy_to_host(self, after: torch.cuda.Event | None = None) -> torch.Tensor:
+        """The flat pinned copy, made on a side stream (the weights are only read, so steps
+        may run meanwhile)."""
+        host = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
         stream = torch.cuda.Stream(self.device)
-        if after is not None:
-            stream.wait_event(after)
-        host.fill(self.tensors, stream)
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
+                _view(host, offset, tensor).copy_(tensor, non_blocking=True)
         stream.synchronize()
         return host
 
