@@ -236,8 +236,9 @@ class EngineCore:
         return seconds
 
     def prepare_sleep(self) -> bool:
-        """Make the weights' host copy in the background now, so that the first sleep is as
-        quick as the later ones; returns whether there is anything to copy (GPU only)."""
+        """Make the weights' host copy now (seconds for an 8B: best while idle), so that the
+        first sleep is as quick as the later ones; returns whether there was anything to
+        copy (GPU only)."""
         return self.runner.weight_sleeper.prepare()
 
     def wake_up(self) -> float:

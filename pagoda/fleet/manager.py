@@ -238,6 +238,7 @@ class ModelManager:
         async with self._swap:
             results = await asyncio.gather(*(self._spawn(m) for m in chosen),
                                            return_exceptions=True)
+            await self._prepare_sleeps(chosen)
         for line in self.plan_text().splitlines():
             logger.info("%s", line)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
@@ -378,9 +379,16 @@ class ModelManager:
                    if m.host_copy and m is not model)
         return held + model.need.weight_bytes * len(model.replicas) <= self.host_memory_limit
 
+    async def _prepare_sleeps(self, models: list[ManagedModel]) -> None:
+        """Before the server is ready, make the host copies of the GPU models that share a
+        device with more models than it holds: their first eviction then takes milliseconds
+        instead of the seconds that pinning takes (and stalls the device for)."""
+        ready = [m for m in models if m.state is ModelState.LOADED and self._may_sleep_soon(m)]
+        await asyncio.gather(*(self._call_all(m, "prepare_sleep") for m in ready))
+        for model in ready:
+            model.host_copy = True
+
     def _may_sleep_soon(self, model: ManagedModel) -> bool:
-        """A GPU model whose device cannot hold every model at once: make its host copy now,
-        so that the eviction that puts it to sleep does not wait for pinning memory."""
         device = model.replicas[0].device
         crowded = sum(m.need.min_bytes for m in self._on(device)) > self.budgets[device]
         return model.on_gpu and crowded and not model.host_copy and self._can_sleep(model)
@@ -480,9 +488,6 @@ class ModelManager:
         self._attach(model, clients)
         model.load_seconds = time.monotonic() - start
         model.state, model.error = ModelState.LOADED, None
-        if self._may_sleep_soon(model):
-            await self._call_all(model, "prepare_sleep")
-            model.host_copy = True
         logger.info("loaded %s in %.1fs: KV cache %.2f GiB (%d tokens)", model.name,
                     model.load_seconds, model.kv_bytes / 2**30,
                     model.handle.model_info.kv_capacity_tokens)

@@ -10,7 +10,6 @@ graphs still valid. Without it, or on the first wake, the caller re-captures (se
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -68,30 +67,25 @@ class WeightSleeper:
         self.host: torch.Tensor | None = None  # flat pinned copy, made on the first sleep
         self.arena: DeviceArena | None = None
         self._use_arena = arenas_supported(device)
-        self._preparing: Future[torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
     def prepare(self) -> bool:
-        """Start making the host copy in the background, so that the first sleep need not
-        wait for pinning gigabytes of host memory. Returns whether a copy is (being) made."""
+        """Make the host copy now (pinning gigabytes takes seconds and stalls the device
+        meanwhile), so that the first sleep is as quick as the later ones. Returns whether
+        there is a copy to make (GPU only)."""
         if self.device.type != "cuda":
             return False
-        if self.host is None and self._preparing is None:
-            loaded = torch.cuda.Event()
-            loaded.record()  # the copy starts after everything queued so far
-            self._preparing = ThreadPoolExecutor(1, thread_name_prefix="pagoda-host-copy") \
-                .submit(self._copy_to_host, loaded)
+        if self.host is None:
+            self.host = self._copy_to_host()
         return True
 
     def sleep(self) -> None:
         """Hand the weights' device memory back (a no-op on CPU)."""
         if self.device.type != "cuda":
             return
-        if self._preparing is not None:
-            self.host, self._preparing = self._preparing.result(), None
         if self.host is None:
             self.host = self._copy_to_host()
         for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
@@ -110,17 +104,11 @@ class WeightSleeper:
             tensor.data = _view(flat, offset, tensor)
         torch.cuda.synchronize(self.device)
 
-    def _copy_to_host(self, after: torch.cuda.Event | None = None) -> torch.Tensor:
-        """The flat pinned copy, made on a side stream (the weights are only read, so steps
-        may run meanwhile)."""
+    def _copy_to_host(self) -> torch.Tensor:
         host = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            if after is not None:
-                stream.wait_event(after)
-            for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
-                _view(host, offset, tensor).copy_(tensor, non_blocking=True)
-        stream.synchronize()
+        for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
+            _view(host, offset, tensor).copy_(tensor, non_blocking=True)
+        torch.cuda.synchronize(self.device)
         return host
 
     def _device_buffer(self) -> torch.Tensor:

@@ -66,7 +66,6 @@ def test_a_prepared_host_copy_makes_the_first_sleep_quick(gpu_report):
     core = llm.engine.core
     before = token_ids(llm)
     assert core.prepare_sleep()
-    assert token_ids(llm) == before  # steps run while the copy is made
     first_sleep = core.sleep()
     core.wake_up()
     assert token_ids(llm) == before
