@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from pagoda.bench.http_overhead import wait_healthy
 from pagoda.bench.word_tokenizer import with_word_tokenizer
 
 
@@ -87,21 +88,8 @@ class FleetServer:
             [sys.executable, "-m", "pagoda.cli.main", "serve", "--config", str(models_file),
              "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready(900)
+        wait_healthy(self.proc, self.url, 900)
         self.startup_seconds = time.monotonic() - start
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the server did not become ready")
 
     def get(self, path: str) -> Any:
         return httpx.get(self.url + path, timeout=30).json()

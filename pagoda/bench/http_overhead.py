@@ -41,13 +41,19 @@ def server_command(cfg: ThroughputConfig, port: int) -> list[str]:
 def start_server(cfg: ThroughputConfig, port: int, timeout: float = 600.0) -> subprocess.Popen:
     proc = subprocess.Popen(server_command(cfg, port), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", timeout)
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float) -> None:
+    """Wait for a `pagoda serve` process to answer /health with 200; kill it if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"pagoda serve exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
