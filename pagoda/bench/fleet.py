@@ -179,7 +179,7 @@ def measure_wake(name: str, config_dir: Path, args: argparse.Namespace) -> dict[
               kv_cache_memory=8 << 30)
     core = llm.engine.core
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    prompt = [{"prompt_token_ids": list(range(1, 257))}]
+    prompt = [{"prompt_token_ids": list(range(1, 1 + min(256, args.max_model_len // 2)))}]
     before = llm.generate(prompt, params)[0].outputs[0].token_ids
     sleeps, wakes, same = [], [], True
     for _ in range(args.wake_repeats):
