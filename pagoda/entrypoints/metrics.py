@@ -24,6 +24,8 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self._last = SchedulerStats()
+        self._part = object()
+        self._gauge_parts: dict[str, dict[object, SchedulerStats]] = {}  # shared by copies
         self._gauges()
         self._counters()
         self._histograms()
@@ -34,6 +36,7 @@ class EngineMetrics:
         other = copy.copy(self)
         other.model_name = model_name
         other._last = SchedulerStats()
+        other._part = object()  # this observer's share of the model's gauges
         for reason in FINISH_REASONS:
             other._labels(other.success, finished_reason=reason)
         return other
@@ -84,14 +87,26 @@ class EngineMetrics:
 
     # ---- EngineObserver ------------------------------------------------------------------------
     def on_stats(self, stats: SchedulerStats) -> None:
-        self._labels(self.running).set(stats.num_running)
-        self._labels(self.waiting).set(stats.num_waiting)
-        self._labels(self.kv_usage).set(stats.kv_cache_usage)
+        # the replicas of one model report under one label: the gauges show their sum
+        self._gauge_parts.setdefault(self.model_name, {})[self._part] = stats
+        self._publish_gauges()
         last = self._last
         self._inc(self.preemptions, stats.num_preemptions - last.num_preemptions)
         self._inc(self.prefix_queries, stats.prefix_cache_queries - last.prefix_cache_queries)
         self._inc(self.prefix_hits, stats.prefix_cache_hits - last.prefix_cache_hits)
         self._last = stats
+
+    def forget(self) -> None:
+        """This observer's engine is gone: its share leaves the model's gauges."""
+        self._gauge_parts.get(self.model_name, {}).pop(self._part, None)
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        parts = list(self._gauge_parts.get(self.model_name, {}).values())
+        self._labels(self.running).set(sum(p.num_running for p in parts))
+        self._labels(self.waiting).set(sum(p.num_waiting for p in parts))
+        self._labels(self.kv_usage).set(
+            sum(p.kv_cache_usage for p in parts) / len(parts) if parts else 0.0)
 
     def on_request_finished(self, finish_reason: str, timing: RequestTiming) -> None:
         now = time.monotonic()
