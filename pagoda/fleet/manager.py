@@ -286,6 +286,7 @@ class ModelManager:
         finally:
             self.waiting -= 1
             model.waiters -= 1
+            self._idle.set()  # a swap waiting for room re-checks whether anyone still waits
 
     async def _wait_resident(self, model: ManagedModel, keep_alive: float | None) -> Lease:
         while True:
@@ -342,14 +343,23 @@ class ModelManager:
             if victim is None:
                 if model.waiters == 0:
                     raise ServerOverloadedError("nobody waits for this model any more")
+                if not self._may_become_evictable(model, device):
+                    raise ServerOverloadedError(
+                        f"model {model.name!r} does not fit beside the pinned models",
+                        retry_after=60)
                 self._idle.clear()
-                await self._idle.wait()
+                await self._idle.wait()  # a lease ends, a waiter leaves or a model goes
                 continue
             if victim.state is ModelState.LOADED and self._can_sleep(victim) \
                     and self._sleeping_suffices(model, device, needed - self._free(device)):
                 await self._sleep(victim)
             else:
                 await self._unload(victim, f"evicted to make room for {model.name}")
+
+    def _may_become_evictable(self, model: ManagedModel, device: str) -> bool:
+        """Whether some other model of the device, busy now, could be evicted later."""
+        return any(m is not model and not m.spec.pinned
+                   and m.state in (*_RESIDENT, ModelState.SLEEPING) for m in self._on(device))
 
     def _pick_victim(self, model: ManagedModel, device: str) -> ManagedModel | None:
         """Cost-aware LRU: lowest priority first, then the longest idle per second it would

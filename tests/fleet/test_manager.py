@@ -3,6 +3,7 @@ unload, keep-alive expiry. Needs come from the real configs (SmolLM2 and a tiny 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -102,3 +103,14 @@ def test_keep_alive_sets_when_an_idle_model_expires(smollm2_dir):
     assert m._expiry(a) is None
     b.keep_alive = 0
     assert m._expiry(b) is None  # pinned models never expire
+
+
+def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused_at_once(smollm2_dir):
+    from pagoda.entrypoints.openai.errors import ServerOverloadedError
+    m = manager(ModelSpec(str(smollm2_dir), "pinned", pinned=True),
+                ModelSpec(str(smollm2_dir), "other"), memory_limit=int(1.3 * GIB))
+    loaded(m, "pinned")
+    other = m.by_name["other"]
+    other.waiters = 1
+    with pytest.raises(ServerOverloadedError, match="beside the pinned"):
+        asyncio.run(m._make_room(other, other.need.min_bytes))
