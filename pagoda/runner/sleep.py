@@ -68,10 +68,6 @@ class WeightSleeper:
         self.arena: DeviceArena | None = None
         self._use_arena = arenas_supported(device)
 
-    @property
-    def nbytes(self) -> int:
-        return self.layout.nbytes
-
     def prepare(self) -> bool:
         """Make the host copy now (pinning gigabytes takes seconds and stalls the device
         meanwhile), so that the first sleep is as quick as the later ones. Returns whether
@@ -84,10 +80,8 @@ class WeightSleeper:
 
     def sleep(self) -> None:
         """Hand the weights' device memory back (a no-op on CPU)."""
-        if self.device.type != "cuda":
+        if not self.prepare():
             return
-        if self.host is None:
-            self.host = self._copy_to_host()
         for tensor, offset in zip(self.tensors, self.layout.offsets, strict=True):
             tensor.data = _view(self.host, offset, tensor)
         if self.arena is not None:
