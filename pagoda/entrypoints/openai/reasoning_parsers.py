@@ -15,11 +15,10 @@ Shared rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pagoda.entrypoints.openai.tool_parsers import partial_marker_len
+from pagoda.entrypoints.openai.incremental import IncrementalParser, partial_marker_len
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -35,49 +34,17 @@ class ReasoningDelta:
     content: str | None = None
 
 
-_Handler = Callable[[str, int, bool], "int | None"]
-
-
-class StreamingReasoningParser:
-    """Splits one output incrementally: ``feed()`` each delta, then ``finish()`` once.
+class StreamingReasoningParser(IncrementalParser[ReasoningDelta]):
+    """Splits one output incrementally (see IncrementalParser).
 
     ``implicit_reasoning`` says what an output without a leading ``<think>`` is: reasoning
     (the template opened the block in the prompt) or plain content.
     """
 
     def __init__(self, implicit_reasoning: bool) -> None:
+        super().__init__(self._at_start)
         self._implicit_reasoning = implicit_reasoning
-        self._carry = ""
         self._leading_space: list[str] = []
-        self._events: list[ReasoningDelta] = []
-        self._state: _Handler = self._at_start
-        self._finished = False
-
-    def feed(self, delta: str) -> list[ReasoningDelta]:
-        """Pieces made certain by ``delta``; a possible partial marker is held back."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        text, self._carry = self._carry + delta, ""
-        self._run(text, final=False)
-        return self._take_events()
-
-    def finish(self) -> list[ReasoningDelta]:
-        """The remaining pieces: whatever was held back is released."""
-        if self._finished:
-            return []
-        self._finished = True
-        text, self._carry = self._carry, ""
-        self._run(text, final=True)
-        return self._take_events()
-
-    def _run(self, text: str, final: bool) -> None:
-        start: int | None = 0
-        while start is not None:
-            start = self._state(text, start, final)
-
-    def _take_events(self) -> list[ReasoningDelta]:
-        events, self._events = self._events, []
-        return events
 
     def _emit(self, text: str, reasoning: bool) -> None:
         if text:

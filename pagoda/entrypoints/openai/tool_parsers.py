@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from itertools import accumulate, repeat
 from typing import Any, ClassVar
 
+from pagoda.entrypoints.openai.incremental import Handler, IncrementalParser, partial_marker_len
+
 MAX_TOOL_CALLS = 128
 MAX_JSON_DEPTH = 64
 MAX_PYTHONIC_CHARS = 64 * 1024  # ast parsing of the largest list stays well under a second
@@ -102,14 +104,6 @@ def _match_marker(text: str, start: int, marker: str, final: bool) -> str:
     if not final and rest < len(marker) and marker.startswith(text[start:]):
         return _MAYBE
     return _MISMATCH
-
-
-def partial_marker_len(text: str, start: int, marker: str) -> int:
-    """Length of the longest tail of ``text[start:]`` that is a proper prefix of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text) - start), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
 
 
 class _JsonExtentScanner:
@@ -229,61 +223,27 @@ def _call_from_object(value: Any, argument_keys: tuple[str, ...]) -> tuple[str, 
 
 # --- streaming machinery ---------------------------------------------------------------------
 
-_Handler = Callable[[str, int, bool], "int | None"]
-
-
-class StreamingToolParser:
-    """Parses one output incrementally: ``feed()`` each delta, then ``finish()`` once.
-
-    Subclasses are small state machines. A state is a handler ``(text, start, final)`` that
-    consumes ``text[start:]`` and returns where to continue, or ``None`` once it has used or
-    stashed all of it. Text that may still turn out to be a call (a partial marker in
-    ``_carry``, a block in progress in ``_held``) waits; a failed block's held text becomes
-    content.
+class StreamingToolParser(IncrementalParser[StreamEvent]):
+    """Parses one output incrementally (see IncrementalParser). Subclasses are small state
+    machines. Text that may still turn out to be a call (a partial marker in ``_carry``, a
+    block in progress in ``_held``) waits; a failed block's held text becomes content.
     """
 
     def __init__(self) -> None:
-        self._carry = ""
+        super().__init__(self._passthrough)
         self._held: list[str] = []
         self._held_chars = 0
-        self._events: list[StreamEvent] = []
         self._num_calls = 0
         self._pending_space: list[str] = []
         self._has_text = False
-        self._finished = False
         self._scanner = _JsonExtentScanner()
         self._json_start = self._json_end = 0  # the JSON value's slice of ``_held``
-        self._state: _Handler = self._passthrough
-        self._fallback: _Handler = self._passthrough  # the state a failed block returns to
+        self._fallback: Handler = self._passthrough  # the state a failed block returns to
 
-    def feed(self, delta: str) -> list[StreamEvent]:
-        """Events made certain by ``delta``."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        text, self._carry = self._carry + delta, ""
-        self._run(text, final=False)
-        return self._take_events()
-
-    def finish(self) -> list[StreamEvent]:
-        """The remaining events: the output has ended, so everything held is resolved."""
-        if self._finished:
-            return []
-        self._finished = True
-        text, self._carry = self._carry, ""
-        self._run(text, final=True)
+    def _at_end(self) -> None:
         if self._pending_space and not self._num_calls:
             self._events.append(ContentDelta("".join(self._pending_space)))
         self._pending_space.clear()
-        return self._take_events()
-
-    def _run(self, text: str, final: bool) -> None:
-        start: int | None = 0
-        while start is not None:
-            start = self._state(text, start, final)
-
-    def _take_events(self) -> list[StreamEvent]:
-        events, self._events = self._events, []
-        return events
 
     # emitting
 
@@ -341,7 +301,7 @@ class StreamingToolParser:
         return None
 
     def _find_marker(self, text: str, start: int, final: bool, marker: str,
-                     after_marker: _Handler) -> int | None:
+                     after_marker: Handler) -> int | None:
         """Content up to ``marker``; then hold the marker and switch to ``after_marker``."""
         if self._calls_left() <= 0:
             return self._passthrough(text, start, final)
@@ -471,7 +431,7 @@ class _Llama3JsonStreamer(StreamingToolParser):
         return self._after_separator(text, start, final, "{", self._expect_object)
 
     def _after_separator(self, text: str, start: int, final: bool, expected: str,
-                         then: _Handler) -> int | None:
+                         then: Handler) -> int | None:
         """Whitespace, then ``expected``; a trailing ``;`` and whitespace are dropped."""
         pos = self._hold_space(text, start)
         if pos == len(text):
@@ -616,7 +576,7 @@ class _PythonicStreamer(StreamingToolParser):
         return self._expect(text, start, final, lambda char: char == "(", self._in_body)
 
     def _expect(self, text: str, start: int, final: bool, accepts: Callable[[str], bool],
-                then: _Handler, consume: bool = True) -> int | None:
+                then: Handler, consume: bool = True) -> int | None:
         """Whitespace, then a character ``accepts`` allows; otherwise this is content."""
         pos = self._hold_space(text, start)
         if pos == len(text):
