@@ -35,7 +35,9 @@ from pagoda.fleet.planner import (
 from pagoda.fleet.replicas import PrefixIndex, ReplicaSet
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
 from pagoda.logger import get_logger
+from pagoda.models.source import resolve_model
 from pagoda.runner.memory import available_host_memory
+from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 
@@ -87,6 +89,7 @@ class ManagedModel:
     load_seconds: float | None = None
     wake_seconds: float | None = None
     transition: asyncio.Task | None = None
+    source: Any = None  # its ModelSource, resolved once
     tokenizer: Any = None
     handle: ReplicaSet | None = None
     output_parsers: Any = None  # the chat endpoint's parsers for this model's template
@@ -177,7 +180,11 @@ class ModelManager:
                 if replica.device not in self.devices:
                     self.devices[replica.device] = device_memory(replica.device)
                     self.budgets[replica.device] = self._budget(self.devices[replica.device])
-            model = ManagedModel(spec, replicas, self._estimate_need(spec, replicas[0].device))
+            source = resolve_model(spec.model, self._engine_kwargs(spec).get("load_format",
+                                                                              "auto"))
+            model = ManagedModel(spec, replicas, self._estimate_need(spec, source,
+                                                                     replicas[0].device),
+                                 source=source)
             self.models.append(model)
             for name in spec.names:
                 self.by_name[name] = model
@@ -195,12 +202,15 @@ class ModelManager:
         already_used = memory.total_bytes - memory.free_bytes  # by other processes
         return max(int(memory.total_bytes * fraction) - already_used, 0)
 
-    def _estimate_need(self, spec: ModelSpec, device: str) -> ModelNeed:
+    def _engine_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
+        """The command line's engine options under the model's own."""
+        return {**self.engine_kwargs, **spec.engine}
+
+    def _estimate_need(self, spec: ModelSpec, source: Any, device: str) -> ModelNeed:
+        from pagoda.engine.core import resolve_max_model_len
         from pagoda.models.estimate import estimate
-        from pagoda.models.source import resolve_model
-        kwargs = {**self.engine_kwargs, **spec.engine}
-        source = resolve_model(spec.model, kwargs.get("load_format", "auto"))
-        max_len = _max_model_len(source.hf_config, kwargs.get("max_model_len"))
+        kwargs = self._engine_kwargs(spec)
+        max_len = resolve_max_model_len(source.hf_config, kwargs.get("max_model_len"))
         seqs = int(kwargs.get("max_num_seqs", 64))
         on_gpu = device.startswith("cuda")
         e = estimate(source, max_len, concurrency=1, dtype=kwargs.get("dtype") or "auto",
@@ -477,7 +487,8 @@ class ModelManager:
         start = time.monotonic()
         try:
             if model.tokenizer is None:
-                model.tokenizer = await asyncio.to_thread(self._tokenizer, model.spec)
+                model.tokenizer = await asyncio.to_thread(
+                    get_tokenizer, model.source, self._engine_kwargs(model.spec).get("tokenizer"))
             clients = await asyncio.gather(
                 *(asyncio.to_thread(self._start_engine, model, r, model.kv_bytes)
                   for r in model.replicas), return_exceptions=True)
@@ -502,15 +513,8 @@ class ModelManager:
                     model.load_seconds, model.kv_bytes / 2**30,
                     model.handle.model_info.kv_capacity_tokens)
 
-    def _tokenizer(self, spec: ModelSpec) -> Any:
-        from pagoda.models.source import resolve_model
-        from pagoda.tokenizer.tokenizer import get_tokenizer
-        kwargs = {**self.engine_kwargs, **spec.engine}
-        source = resolve_model(spec.model, kwargs.get("load_format", "auto"))
-        return get_tokenizer(source, kwargs.get("tokenizer"))
-
     def _start_engine(self, model: ManagedModel, replica: Replica, kv_bytes: int) -> MPClient:
-        kwargs = {**self.engine_kwargs, **model.spec.engine, "kv_cache_memory": kv_bytes,
+        kwargs = {**self._engine_kwargs(model.spec), "kv_cache_memory": kv_bytes,
                   "device": replica.device}
         return MPClient(engine_config(model.spec.model, **kwargs))
 
@@ -665,7 +669,3 @@ class ModelManager:
 def _normal_device(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
 
-
-def _max_model_len(hf_config: Any, requested: int | None) -> int:
-    from pagoda.engine.core import resolve_max_model_len
-    return resolve_max_model_len(hf_config, requested)
