@@ -51,6 +51,9 @@ class EngineObserver(Protocol):
 
     def on_request_finished(self, finish_reason: str, timing: RequestTiming) -> None: ...
 
+    def forget(self) -> None:
+        """The engine stopped: what it reported about its current state no longer holds."""
+
 
 class AsyncEngine:
     """generate() yields RequestOutputs as they advance; cancellation aborts the request."""
@@ -80,6 +83,8 @@ class AsyncEngine:
             self._handler.cancel()
             await asyncio.gather(self._handler, return_exceptions=True)
             self._handler = None
+        if self.observer is not None:
+            self.observer.forget()
 
     @property
     def num_in_flight(self) -> int:

@@ -579,8 +579,6 @@ class ModelManager:
         for replica in model.replicas:
             if replica.engine is not None:
                 await replica.engine.stop()
-                if hasattr(replica.engine.observer, "forget"):
-                    replica.engine.observer.forget()
             if replica.client is not None:
                 await asyncio.to_thread(replica.client.shutdown)
             replica.client = replica.engine = None
