@@ -69,6 +69,9 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    # schedule and launch step N+1 while step N runs on the device (its sampled tokens feed
+    # N+1 on the device); None: on for CUDA, where it hides the host's work behind the GPU's
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -93,7 +96,7 @@ class EngineConfig:
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
-_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs"}
+_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
 
 
 def engine_config(model: str, **kwargs: Any) -> EngineConfig:

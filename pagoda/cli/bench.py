@@ -14,7 +14,7 @@ from pagoda.cli.engine_args import parse_bytes
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend",
-                 "tokenizer")
+                 "tokenizer", "async_scheduling")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -123,6 +123,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None, help="overlap step preparation with the device")
     parser.add_argument("--attention-backend", default=None, help="auto, torch or triton")
 
 

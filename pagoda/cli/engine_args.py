@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare each step while the previous one runs (default: on for CUDA)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     add_compat_args(parser)
@@ -80,4 +82,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
         "seed": args.seed, "tokenizer": args.tokenizer,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
     }

@@ -20,8 +20,8 @@ from pagoda.logger import get_logger
 from pagoda.models.loader import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
-from pagoda.runner.model_runner import ModelRunner, RunnerConfig
-from pagoda.scheduler.output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
+from pagoda.scheduler.output import EngineCoreOutput, SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
 from pagoda.structured_output.grammar import (
     BitmaskFiller,
@@ -92,6 +92,11 @@ class EngineCore:
         self._compiling: dict[str, Future] = {}  # request id -> its grammar being compiled
         self._constrained: set[str] = set()  # ids of live requests with a grammar
         self._rejected: list[tuple[str, Exception]] = []
+        self.async_scheduling = config.scheduler.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda"
+        self._token_dependent: set[str] = set()  # live requests that rule out overlap
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._log_capacity()
 
     def _size_kv_cache(self, model: torch.nn.Module) -> int:
@@ -148,6 +153,9 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
                                       "request_id")
         self.scheduler.add_request(request)
+        params = request.sampling_params
+        if params.uses_penalties or params.min_tokens:
+            self._token_dependent.add(request.request_id)
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:
             self.scheduler.requests[request.request_id].waiting_for_grammar = True
@@ -158,21 +166,46 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule and launch one step; returns the outputs of the steps that finished.
+        With async scheduling the step launched is left running and the previous one's
+        outputs are returned, so the host's work overlaps the device's."""
+        outputs = []
+        if self._in_flight is not None and not self._can_overlap():
+            outputs += self._finish_in_flight()  # the next step needs its tokens on the host
         if not self.scheduler.has_unfinished_requests():
-            return []
-        failed = self._collect_grammars()
+            return outputs + self._finish_in_flight()
+        outputs += self._collect_grammars()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and self._compiling:
             concurrent.futures.wait(self._compiling.values(), timeout=0.005,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         self._plan_grammar_bitmask(sched_out)
-        runner_out = self.runner.execute(sched_out)
-        if sched_out.is_empty:
-            runner_out = ModelRunnerOutput()
-        return failed + self.scheduler.update_from_output(sched_out, runner_out)
+        launched = (sched_out, self.runner.launch(sched_out))
+        outputs += self._finish_in_flight()
+        self._in_flight = launched
+        if not self._can_overlap():
+            outputs += self._finish_in_flight()
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be scheduled before this one's tokens are back: not
+        when a live request's sampling depends on its latest token (a grammar, penalties,
+        min_tokens)."""
+        if not self.async_scheduling or self._constrained:
+            return False
+        self._token_dependent &= self.scheduler.requests.keys()
+        return not self._token_dependent
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        if self._in_flight is None:
+            return []
+        sched_out, launched = self._in_flight
+        self._in_flight = None
+        runner_out = self.runner.finish(launched)
+        return self.scheduler.update_from_output(sched_out, runner_out)
 
     def _collect_grammars(self) -> list[EngineCoreOutput]:
         """Give each request whose grammar finished compiling its matcher; a request whose
@@ -226,6 +259,7 @@ class EngineCore:
         took. Refused while requests are in flight (abort them first)."""
         if self.scheduler.has_unfinished_requests():
             raise RuntimeError("cannot sleep with requests in flight")
+        self._finish_in_flight()  # only ended requests' tokens: nobody waits for them
         start = time.perf_counter()
         self.kv_manager.reset_prefix_cache()  # the cached blocks' contents are about to go
         self.runner.sleep()

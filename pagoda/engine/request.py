@@ -56,6 +56,8 @@ class Request:
 
     num_computed_tokens catches up with num_tokens; whatever lies between is the work left,
     whether prompt (prefill), recomputation after preemption, or the newest sampled token.
+    With async scheduling a step may be scheduled before the previous step's token is back:
+    that token counts in num_pending_tokens until update_from_output appends it.
     """
 
     request_id: str
@@ -71,6 +73,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # sampled on the device by a step whose result is not back yet
     num_cached_tokens: int = -1  # prefix-cache hit length at first scheduling
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -94,6 +97,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

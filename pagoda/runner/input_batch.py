@@ -25,9 +25,13 @@ class CachedRequestState:
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
     num_prompt_logprobs_done: int = 0  # prompt positions already reported (survives preemption)
+    # the newest token is still on the device: its row in the sampled ids of step pending_step
+    pending_row: int = -1
+    pending_step: int = -1
 
     @property
     def num_tokens(self) -> int:
+        """Tokens known on the host (the pending one, if any, not counted)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def tokens(self, start: int, end: int) -> list[int]:
@@ -47,7 +51,7 @@ class StepBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: CommonAttentionMetadata
-    sample_rows: list[int]  # batch rows whose last scheduled token ends the known sequence
+    sample_rows: list[int]  # batch rows whose last scheduled token ends the sequence
     logits_indices: torch.Tensor  # flat token index of each sampling row's last token
 
 
@@ -59,8 +63,10 @@ class InputBatch:
         self.block_size = block_size
         self.requests: dict[str, CachedRequestState] = {}
         self._num_prompt_logprobs = 0  # live requests that asked for prompt logprobs
-        self._staging: torch.Tensor | None = None  # reused host buffer for uploads
-        self._uploaded: torch.cuda.Event | None = None  # marks the last upload's completion
+        # two reused host buffers for uploads, used in turn, and their last copies' events
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
 
     @property
     def num_prompt_logprob_requests(self) -> int:
@@ -92,25 +98,31 @@ class InputBatch:
                                   new.eos_token_id, list(new.block_ids),
                                   new.num_computed_tokens, generator)
 
-    def prepare(self, out: SchedulerOutput) -> StepBatch:
+    def prepare(self, out: SchedulerOutput,
+                last_sampled: torch.Tensor | None = None) -> StepBatch:
+        """The step's tensors. A request whose newest token is still on the device (sampled
+        by the previous step, whose ids are `last_sampled`) gets it copied in there."""
         request_ids = list(out.num_scheduled_tokens)
         counts = [out.num_scheduled_tokens[r] for r in request_ids]
         states = [self.requests[r] for r in request_ids]
         starts = [s.num_computed_tokens for s in states]
-        input_ids = np.fromiter((t for s, a, n in zip(states, starts, counts)
-                                 for t in s.tokens(a, a + n)), dtype=np.int64)
-        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts)])
-        seq_lens = [a + n for a, n in zip(starts, counts)]
         query_start = np.zeros(len(states) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
+        input_ids, fill_at, fill_from = self._input_ids(states, starts, counts, query_start)
+        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts)])
+        seq_lens = [a + n for a, n in zip(starts, counts)]
         tables = self._block_tables(states)
         token_rows = np.repeat(np.arange(len(states)), counts)
         slots = tables[token_rows, positions // self.block_size] * self.block_size \
             + positions % self.block_size
-        sample_rows = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
+        sample_rows = [i for i, s in enumerate(states)
+                       if seq_lens[i] == s.num_tokens + (s.pending_row >= 0)]
         logits_indices = query_start[1:][sample_rows] - 1
         dev = self._upload([input_ids, positions, slots, query_start, np.asarray(seq_lens),
-                            tables.ravel(), logits_indices])
+                            tables.ravel(), logits_indices, np.asarray(fill_at, np.int64),
+                            np.asarray(fill_from, np.int64)])
+        if fill_at:
+            dev[0][dev[7]] = last_sampled[dev[8]]
         i32 = torch.int32
         attn = CommonAttentionMetadata(
             num_tokens=int(query_start[-1]), num_seqs=len(states), max_query_len=max(counts),
@@ -120,6 +132,28 @@ class InputBatch:
             block_size=self.block_size)
         return StepBatch(request_ids, dev[0], dev[1], attn, sample_rows, dev[6])
 
+    @staticmethod
+    def _input_ids(states: list[CachedRequestState], starts: list[int], counts: list[int],
+                   query_start: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
+        """The scheduled tokens, flat; a pending token is a 0 placeholder, listed in
+        fill_at (its flat index) and fill_from (its row in the previous step's ids)."""
+        ids: list[int] = []
+        fill_at, fill_from = [], []
+        for row, (state, start, count) in enumerate(zip(states, starts, counts)):
+            end = start + count
+            known = state.num_tokens
+            if end <= known:
+                ids += state.tokens(start, end)
+                continue
+            if end != known + 1 or state.pending_row < 0:
+                raise RuntimeError(f"request {state.request_id} scheduled past its known "
+                                   "tokens with no pending token")
+            ids += state.tokens(start, known)
+            ids.append(0)
+            fill_at.append(int(query_start[row + 1]) - 1)
+            fill_from.append(state.pending_row)
+        return np.asarray(ids, dtype=np.int64), fill_at, fill_from
+
     def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
         width = max(len(s.block_ids) for s in states)
         tables = np.zeros((len(states), width), dtype=np.int64)
@@ -128,23 +162,25 @@ class InputBatch:
         return tables
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """All of a step's index arrays in one host->device copy (through a reused pinned
-        buffer on CUDA); returns one int64 device view per array."""
+        """All of a step's index arrays in one host->device copy (through one of two reused
+        pinned buffers on CUDA, so preparing a step never waits on the previous step's
+        copy); returns one int64 device view per array."""
         sizes = [a.size for a in arrays]
         total = sum(sizes)
-        if self._staging is None or self._staging.numel() < total:
-            self._staging = torch.empty(max(total, 2 * (0 if self._staging is None else
-                                                        self._staging.numel())),
-                                        dtype=torch.int64,
-                                        pin_memory=self.device.type == "cuda")
-        if self._uploaded is not None:
-            self._uploaded.synchronize()  # the last step's copy has left the buffer
-        staging = self._staging[:total]
+        self._slot ^= 1
+        staging = self._staging[self._slot]
+        if staging is None or staging.numel() < total:
+            size = max(total, 2 * (0 if staging is None else staging.numel()))
+            staging = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            self._staging[self._slot] = staging
+        elif self._uploaded[self._slot] is not None:
+            self._uploaded[self._slot].synchronize()  # its last copy has left the buffer
+        staging = staging[:total]
         np.concatenate([a.astype(np.int64, copy=False).ravel() for a in arrays],
                        out=staging.numpy())
         if self.device.type == "cpu":
             return list(staging.clone().split(sizes))
         flat = staging.to(self.device, non_blocking=True)
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        self._uploaded[self._slot] = torch.cuda.Event()
+        self._uploaded[self._slot].record()
         return list(flat.split(sizes))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,18 @@ from pagoda.scheduler.output import (
     SchedulerOutput,
 )
 from pagoda.structured_output.grammar import apply_bitmask
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: who samples, and the host copies on their way."""
+
+    step_id: int
+    output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
+    states: list[CachedRequestState] = field(default_factory=list)  # in sampled-row order
+    sampled_host: torch.Tensor | None = None
+    logprobs_host: LogprobsTensors | None = None
+    copied: torch.cuda.Event | None = None  # the host copies are complete (CUDA)
 
 
 @dataclass(slots=True)
@@ -55,6 +67,8 @@ class ModelRunner:
         self.asleep = False
         self._sampling_key: list[str] | None = None  # the rows _sampling_meta was built for
         self._sampling_meta: SamplingMetadata | None = None
+        self._step_id = 0
+        self._last_sampled: torch.Tensor | None = None  # the latest step's ids, on the device
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
@@ -146,17 +160,43 @@ class ModelRunner:
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its results."""
+        return self.finish(self.launch(sched_out))
+
+    @torch.inference_mode()
+    def launch(self, sched_out: SchedulerOutput) -> LaunchedStep:
+        """Queue one step's work on the device and return without waiting for it (except
+        for prompt logprobs). Call finish() on it before launching the step after next."""
         self.batch.update(sched_out)
+        self._step_id += 1
+        launched = LaunchedStep(self._step_id)
         if sched_out.is_empty:
-            return ModelRunnerOutput()
-        step = self.batch.prepare(sched_out)
+            return launched
+        step = self.batch.prepare(sched_out, self._last_sampled)
         hidden = self._forward(step)
-        out = ModelRunnerOutput()
-        self._prompt_logprobs(step, hidden, out)
+        self._prompt_logprobs(step, hidden, launched.output)
         if step.sample_rows:
-            self._sample(step, hidden, out, sched_out)
+            self._sample(step, hidden, launched, sched_out)
+        return launched
+
+    def finish(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled tokens and hand them to the requests."""
+        out = launched.output
+        if not launched.states:
+            return out
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        sampled = launched.sampled_host.tolist()
+        lp = launched.logprobs_host
+        for row, (state, token_id) in enumerate(zip(launched.states, sampled)):
+            state.output_token_ids.append(token_id)
+            if state.pending_step == launched.step_id:
+                state.pending_row = state.pending_step = -1
+            out.sampled_token_ids[state.request_id] = [token_id]
+            if lp is not None and state.sampling_params.logprobs is not None:
+                out.logprobs[state.request_id] = _rows_to_lists(
+                    lp, [row], state.sampling_params.logprobs)
         return out
 
     def _forward(self, step: StepBatch) -> torch.Tensor:
@@ -164,20 +204,27 @@ class ModelRunner:
             return self.graphs.run(step.input_ids, step.positions, step.attn)
         return self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
 
-    def _sample(self, step: StepBatch, hidden: torch.Tensor, out: ModelRunnerOutput,
+    def _sample(self, step: StepBatch, hidden: torch.Tensor, launched: LaunchedStep,
                 sched_out: SchedulerOutput) -> None:
+        """Queue logits and sampling; the sampled ids stay on the device for the next step's
+        pending tokens and are copied to the host in the background."""
         states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if sched_out.grammar_rows:
             self._apply_grammars(logits, states, sched_out)
         result = self.sampler(logits, self._sampling_metadata(states))
-        sampled = result.sampled_token_ids.tolist()
-        for row, (state, token_id) in enumerate(zip(states, sampled)):
-            state.output_token_ids.append(token_id)
-            out.sampled_token_ids[state.request_id] = [token_id]
-            if result.logprobs is not None and state.sampling_params.logprobs is not None:
-                out.logprobs[state.request_id] = _rows_to_lists(
-                    result.logprobs, [row], state.sampling_params.logprobs)
+        for row, state in enumerate(states):
+            state.pending_row, state.pending_step = row, launched.step_id
+        self._last_sampled = result.sampled_token_ids
+        launched.states = states
+        launched.sampled_host = _to_host(result.sampled_token_ids)
+        if result.logprobs is not None:
+            lp = result.logprobs
+            launched.logprobs_host = LogprobsTensors(_to_host(lp.token_ids),
+                                                     _to_host(lp.logprobs), _to_host(lp.ranks))
+        if self.config.device.type == "cuda":
+            launched.copied = torch.cuda.Event()
+            launched.copied.record()
 
     def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
         """The batch's sampling tensors. Reused while the same requests sample in the same
@@ -241,6 +288,11 @@ def _prefill_schedule(lens: list[int], block_size: int, vocab_size: int) -> Sche
             f"profile-{i}", [i % vocab_size] * n, SamplingParams(max_tokens=1), None, blocks, 0))
         sched_out.num_scheduled_tokens[f"profile-{i}"] = n
     return sched_out
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying to (pinned) host memory without waiting; CPU tensors pass through."""
+    return tensor.to("cpu", non_blocking=True) if tensor.is_cuda else tensor
 
 
 def _sampling_row(state: CachedRequestState) -> SamplingRow:

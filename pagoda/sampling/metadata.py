@@ -99,6 +99,16 @@ class SamplingMetadata:
         )
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of `values` on `device`. To a GPU it goes through pinned memory without
+    waiting: a plain copy would wait for everything already queued (with async scheduling,
+    the whole step in flight)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """A request's own random generator on `device`, seeded once for its lifetime."""
     generator = torch.Generator(device=device)
@@ -109,7 +119,7 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 def _greedy_mask(random: list[bool], device: torch.device) -> Tensor | None:
     if all(random) or not any(random):
         return None
-    return torch.tensor([not r for r in random], dtype=torch.bool, device=device)
+    return to_device([not r for r in random], torch.bool, device)
 
 
 def _random_row_values(params: list[SamplingParams], random: list[bool],
@@ -119,7 +129,7 @@ def _random_row_values(params: list[SamplingParams], random: list[bool],
     values = [float(value(p)) if r else neutral for p, r in zip(params, random)]
     if all(v == neutral for v in values):
         return None
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return to_device(values, torch.float32, device)
 
 
 def _top_k(params: list[SamplingParams], random: list[bool], vocab_size: int,
@@ -128,7 +138,7 @@ def _top_k(params: list[SamplingParams], random: list[bool], vocab_size: int,
     ks = [p.top_k if r and 0 < p.top_k < vocab_size else 0 for p, r in zip(params, random)]
     if not any(ks):
         return None, 0
-    return torch.tensor(ks, dtype=torch.int64, device=device), max(ks)
+    return to_device(ks, torch.int64, device), max(ks)
 
 
 def _logit_bias(params: list[SamplingParams], vocab_size: int,
@@ -138,8 +148,8 @@ def _logit_bias(params: list[SamplingParams], vocab_size: int,
     if not entries:
         return None
     rows, tokens, values = zip(*entries)
-    index = torch.tensor([rows, tokens], dtype=torch.int64, device=device)
-    return LogitBias(index[0], index[1], torch.tensor(values, dtype=torch.float32, device=device))
+    index = to_device([rows, tokens], torch.int64, device)
+    return LogitBias(index[0], index[1], to_device(values, torch.float32, device))
 
 
 def _stop_mask(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> TokenMask | None:
@@ -149,7 +159,7 @@ def _stop_mask(rows: list[SamplingRow], vocab_size: int, device: torch.device) -
              for token in _stop_ids(r) if 0 <= token < vocab_size]
     if not pairs:
         return None
-    index = torch.tensor(pairs, dtype=torch.int64, device=device).T
+    index = to_device(pairs, torch.int64, device).T
     return TokenMask(index[0], index[1])
 
 
@@ -164,9 +174,9 @@ def _penalties(rows: list[SamplingRow], vocab_size: int, device: torch.device) -
     if not penalized:
         return None
     repeated = [i for i in penalized if rows[i].params.repetition_penalty != 1.0]
-    factors = torch.tensor(
+    factors = to_device(
         [[r.params.presence_penalty, r.params.frequency_penalty, r.params.repetition_penalty]
-         for r in rows], dtype=torch.float32, device=device)
+         for r in rows], torch.float32, device)
     shape = (len(rows), vocab_size)
     return Penalties(
         presence=factors[:, 0],
@@ -185,6 +195,6 @@ def _token_counts(seqs: list[Sequence[int]], row_ids: list[int], shape: tuple[in
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     tokens = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.int64)
     rows = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.int64), lengths)
-    index = torch.stack([rows, tokens]).to(device)
+    index = to_device(torch.stack([rows, tokens]), torch.int64, device)
     counts = torch.zeros(shape, dtype=torch.float32, device=device)
     return counts.index_put_((index[0], index[1]), counts.new_ones(()), accumulate=True)

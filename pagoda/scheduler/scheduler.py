@@ -4,6 +4,11 @@ Every request has num_computed_tokens catching up with num_tokens. A step hands 
 max_num_batched_tokens: running requests first (in priority order), then waiting ones.
 Prefill chunks, prefix-cache hits and decodes are all the same rule. When KV blocks run out
 the lowest-priority (then newest) running request is preempted and later recomputed.
+
+A step may be scheduled before the previous one's results are back (async scheduling): a
+request that samples counts the token as pending until update_from_output brings it, its
+next decode is scheduled on that pending token, and a request whose pending token ends it
+(max_tokens, max_model_len) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -89,20 +94,30 @@ class Scheduler:
         self._finished_ids, self._preempted_ids = set(), set()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=lambda r: r.sort_key)
-        budget = self._schedule_running(out, budget)
+        budget, num_ending = self._schedule_running(out, budget)
         if not out.preempted_request_ids:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, len(self.running) - num_ending)
         for request_id, n in out.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += n
+            request = self.requests[request_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens == request.num_tokens_with_pending:
+                request.num_pending_tokens += 1  # it samples this step
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         self.num_computed_tokens_total += out.total_num_scheduled_tokens
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, int]:
+        """Returns the budget left and how many running requests are only waiting for the
+        token that ends them (their seats go to waiting requests now, as they would once
+        finished)."""
+        i = num_ending = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._ends_with_pending_token(request):
+                i += 1
+                num_ending += 1
+                continue
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             new_block_ids = self._allocate_or_preempt(request, num_new, out)
             if new_block_ids is None:
                 break  # the request preempted itself: everything after it is gone too
@@ -111,7 +126,14 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
             i += 1
-        return budget
+        return budget, num_ending
+
+    def _ends_with_pending_token(self, request: Request) -> bool:
+        """Its token still on the device will finish it by length: nothing left to compute."""
+        if not request.num_pending_tokens:
+            return False
+        return request.num_output_tokens + request.num_pending_tokens >= request.max_tokens \
+            or request.num_tokens_with_pending >= self.max_model_len
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              out: SchedulerOutput) -> list[int] | None:
@@ -134,11 +156,13 @@ class Scheduler:
         self.waiting.push(request)
         out.preempted_request_ids.add(request.request_id)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        not_ready = []  # constrained requests whose grammar is still compiling keep their place
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, num_active: int) -> None:
+        # keep their place: constrained requests whose grammar is still compiling, and
+        # preempted ones whose last sampled token is not back yet
+        not_ready = []
+        while self.waiting and budget > 0 and num_active < self.config.max_num_seqs:
             request = self.waiting.peek()
-            if request.waiting_for_grammar:
+            if request.waiting_for_grammar or request.num_pending_tokens:
                 not_ready.append(self.waiting.pop())
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
@@ -149,6 +173,7 @@ class Scheduler:
             self.waiting.pop()
             self._admit(request, num_hit, num_new, out)
             budget -= num_new
+            num_active += 1
         for request in not_ready:
             self.waiting.push(request)
 
@@ -184,13 +209,15 @@ class Scheduler:
             if not sampled and prompt_logprobs is None:
                 continue  # a prefill chunk that ended mid-prompt
             first = request.num_output_tokens == 0
+            request.num_pending_tokens -= len(sampled)
+            was_running = request.status == RequestStatus.RUNNING  # else preempted meanwhile
             new_tokens = self._append_tokens(request, sampled)
             outputs.append(EngineCoreOutput(
                 request_id, new_tokens, runner_out.logprobs.get(request_id), prompt_logprobs,
                 request.status.finish_reason, request.stop_reason,
                 max(request.num_cached_tokens, 0), self._queue_time(request) if first else None))
             if request.is_finished:
-                self.running.remove(request)
+                (self.running if was_running else self.waiting).remove(request)
                 self._finish(request, request.status)
         return outputs
 

@@ -6,6 +6,8 @@ any scheduling mistake (lost or repeated tokens) changes the outputs.
 
 from __future__ import annotations
 
+import pytest
+
 from pagoda.config import SchedulerConfig
 from pagoda.engine.request import EngineCoreRequest, RequestStatus
 from pagoda.kv_cache.hashing import BlockHasher
@@ -57,19 +59,28 @@ def add(sched, rid, prompt, max_tokens=8, priority=0, **params):
         priority=priority))
 
 
-def run(sched, runner=None, max_steps=10_000, on_step=None):
+def run(sched, runner=None, max_steps=10_000, on_step=None, overlap=False):
+    """Step until done. With overlap, each step is scheduled (and 'run') before the previous
+    step's results reach the scheduler, as the engine's async scheduling does."""
     runner = runner or FakeRunner()
     outputs: dict[str, list[int]] = {}
     reasons: dict[str, str] = {}
     steps = 0
-    while sched.has_unfinished_requests() and steps < max_steps:
-        out = sched.schedule()
-        assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
-        assert len(out.num_scheduled_tokens) <= sched.config.max_num_seqs
-        for o in sched.update_from_output(out, runner.execute(out)):
-            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason
+    in_flight = None
+    while (sched.has_unfinished_requests() or in_flight) and steps < max_steps:
+        launched = None
+        if sched.has_unfinished_requests():
+            out = sched.schedule()
+            assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
+            assert len(out.num_scheduled_tokens) <= sched.config.max_num_seqs
+            launched = (out, runner.execute(out))
+        finished_step = in_flight if overlap else launched
+        if finished_step:
+            for o in sched.update_from_output(*finished_step):
+                outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+                if o.finished:
+                    reasons[o.request_id] = o.finish_reason
+        in_flight = launched if overlap else None
         steps += 1
         if on_step:
             on_step(sched, steps)
@@ -108,25 +119,43 @@ def test_new_requests_join_a_running_batch():
     assert second.num_scheduled_tokens == {"a": 1, "b": 4}
 
 
-def test_batched_outputs_equal_solo_outputs():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_batched_outputs_equal_solo_outputs(overlap):
     ps = prompts(12)
     sched = make_scheduler(budget=24)
     for rid, p in ps.items():
         add(sched, rid, p)
-    outputs, reasons, _ = run(sched)
+    outputs, reasons, _ = run(sched, overlap=overlap)
     assert outputs == reference_outputs(ps)
     assert set(reasons.values()) == {"length"}
 
 
-def test_preemption_keeps_outputs_identical_and_frees_everything():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_keeps_outputs_identical_and_frees_everything(overlap):
     ps = prompts(8)
     sched = make_scheduler(num_blocks=14, budget=64)  # too few blocks for all at once
     for rid, p in ps.items():
         add(sched, rid, p, max_tokens=12)
-    outputs, _, _ = run(sched)
+    outputs, _, _ = run(sched, overlap=overlap)
     assert sched.num_preemptions > 0
     assert outputs == reference_outputs(ps, max_tokens=12)
     assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+def test_overlapped_steps_count_the_token_in_flight():
+    sched = make_scheduler()
+    runner = FakeRunner()
+    add(sched, "a", [1, 2, 3], max_tokens=2)
+    first = sched.schedule()
+    request = sched.requests["a"]
+    assert request.num_pending_tokens == 1  # sampled by the prefill, not back yet
+    second = sched.schedule()  # decodes that pending token
+    assert second.num_scheduled_tokens == {"a": 1} and request.num_pending_tokens == 2
+    assert sched.schedule().num_scheduled_tokens == {}  # its second token ends it: max_tokens
+    sched.update_from_output(first, runner.execute(first))
+    assert request.num_pending_tokens == 1 and request.output_token_ids == [6]
+    outputs = sched.update_from_output(second, runner.execute(second))
+    assert outputs[0].finish_reason == "length" and not sched.requests
 
 
 def test_abort_at_any_step_frees_all_blocks():
@@ -179,7 +208,8 @@ def test_priority_orders_admission_and_preemption():
     assert preempted == {"meh"}
 
 
-def test_stop_conditions():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_conditions(overlap):
     sched = make_scheduler()
     # the fake model's first token for prompt [1, 2] is 3
     add(sched, "eos", [1, 2], max_tokens=8)
@@ -188,17 +218,18 @@ def test_stop_conditions():
     add(sched, "min", [1, 2], max_tokens=8, min_tokens=2, stop_token_ids=[3])
     add(sched, "ignore", [1, 2], max_tokens=3, ignore_eos=True)
     sched.requests["ignore"].eos_token_id = 3
-    outputs, reasons, _ = run(sched)
+    outputs, reasons, _ = run(sched, overlap=overlap)
     assert outputs["eos"] == [3] and reasons["eos"] == "stop"
     assert outputs["stop_id"] == [3] and reasons["stop_id"] == "stop"
     assert len(outputs["min"]) >= 2
     assert len(outputs["ignore"]) == 3 and reasons["ignore"] == "length"
 
 
-def test_max_model_len_ends_generation():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_max_model_len_ends_generation(overlap):
     sched = make_scheduler(max_len=12)
     add(sched, "a", list(range(1, 11)), max_tokens=100)
-    outputs, reasons, _ = run(sched)
+    outputs, reasons, _ = run(sched, overlap=overlap)
     assert len(outputs["a"]) == 2 and reasons["a"] == "length"
 
 

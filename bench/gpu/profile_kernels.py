@@ -1,0 +1,36 @@
+"""Where a decode step's GPU time goes: torch.profiler over single-stream decode (CUDA graphs
+on), kernel time summed by name, per step, against the step's wall time."""
+
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pagoda import LLM, SamplingParams
+
+model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.1-8b"
+batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
+          max_num_seqs=max(batch, 8))
+prompts = [{"prompt_token_ids": list(range(1000 + i, 2024 + i))} for i in range(batch)]
+steps = 64
+params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)
+llm.generate(prompts, params)
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+for e in kernels:
+    entry = by_name[e.name[:90]]
+    entry[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    entry[1] += 1
+total_us = sum(v[0] for v in by_name.values())
+span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels))
+print(f"batch {batch}: {steps} steps, kernel time {total_us / 1e3:.1f} ms over a GPU span of "
+      f"{span_us / 1e3:.1f} ms ({100 * total_us / span_us:.1f}% busy); "
+      f"{total_us / steps / 1e3:.3f} ms of kernels per step, {len(kernels) / steps:.0f} kernels")
+for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+    print(f"{us / steps:9.1f} us/step {n // steps:5d}x/step  {100 * us / total_us:5.1f}%  {name}")
