@@ -1,0 +1,71 @@
+"""Where the GPU waits in a batched workload: CUDA events around every launched step give
+each step's device time and the device's idle time before it; grouped by step kind and batch
+size, that says which steps the host cannot keep up with. Default workload: the 1B
+host-overhead one (256 requests, input and output lengths uniform in [100, 1024])."""
+
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.bench.datasets import random_requests
+
+model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.2-1b"
+extra = {"async_scheduling": False} if "--sync" in sys.argv else {}
+llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
+          max_num_seqs=256, max_num_batched_tokens=8192, **extra)
+requests = random_requests(256, vocab_size=128000, input_len_range=(100, 1024),
+                           output_len_range=(100, 1024), seed=0)
+prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True,
+                         detokenize=False) for r in requests]
+llm.generate(prompts[:8], params[:8])
+
+runner = llm.engine.core.runner
+real_launch = runner.launch
+steps = []  # (start event, end event, num seqs, num tokens, host seconds in launch)
+
+
+def timed_launch(sched_out):
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    launched = real_launch(sched_out)
+    host = time.perf_counter() - t0
+    end.record()
+    steps.append((start, end, len(sched_out.num_scheduled_tokens),
+                  sched_out.total_num_scheduled_tokens, host))
+    return launched
+
+
+runner.launch = timed_launch
+t0 = time.perf_counter()
+llm.generate(prompts, params)
+torch.cuda.synchronize()
+wall = time.perf_counter() - t0
+
+groups = defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # steps, gpu ms, idle-before ms, host ms
+prev_end = None
+for start, end, seqs, tokens, host in steps:
+    if tokens == 0:
+        continue
+    kind = "decode" if tokens == seqs else "mixed"
+    bucket = 1 << max(seqs - 1, 0).bit_length()
+    g = groups[(kind, bucket)]
+    g[0] += 1
+    g[1] += start.elapsed_time(end)
+    g[2] += prev_end.elapsed_time(start) if prev_end is not None else 0.0
+    g[3] += host * 1e3
+    prev_end = end
+gpu = sum(g[1] for g in groups.values())
+idle = sum(g[2] for g in groups.values())
+print(f"{len(steps)} steps in {wall:.2f} s: device in steps {gpu / 1e3:.2f} s, idle between "
+      f"steps {idle / 1e3:.2f} s ({100 * gpu / 1e3 / wall:.1f}% of wall in steps)")
+print(f"{'kind':>7} {'seqs<=':>6} {'steps':>6} {'gpu ms/step':>11} {'idle ms/step':>12} "
+      f"{'launch host ms':>14} {'idle total s':>12}")
+for (kind, bucket), (n, g_ms, i_ms, h_ms) in sorted(groups.items()):
+    print(f"{kind:>7} {bucket:>6} {n:>6} {g_ms / n:>11.3f} {i_ms / n:>12.3f} {h_ms / n:>14.3f} "
+          f"{i_ms / 1e3:>12.3f}")
