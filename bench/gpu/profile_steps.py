@@ -42,10 +42,18 @@ def timed_launch(sched_out):
 
 
 runner.launch = timed_launch
+if "--sync-debug" in sys.argv:  # warn (with a stack) at every op that waits for the device
+    torch.cuda.set_sync_debug_mode("warn")
+stats_before = torch.cuda.memory_stats()
 t0 = time.perf_counter()
 llm.generate(prompts, params)
 torch.cuda.synchronize()
 wall = time.perf_counter() - t0
+torch.cuda.set_sync_debug_mode(0)
+stats = torch.cuda.memory_stats()
+print("allocator during the run:", {k: stats.get(k, 0) - stats_before.get(k, 0) for k in
+                                     ("num_alloc_retries", "num_device_alloc",
+                                      "num_device_free", "num_sync_all_streams")})
 
 groups = defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # steps, gpu ms, idle-before ms, host ms
 prev_end = None

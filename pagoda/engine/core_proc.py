@@ -28,6 +28,7 @@ from pagoda.engine.input_processor import InputProcessor
 from pagoda.engine.request import EngineCoreRequest
 from pagoda.errors import PagodaError
 from pagoda.logger import configure_logging, get_logger
+from pagoda.process import freeze_startup_objects
 from pagoda.scheduler.output import EngineCoreOutput
 
 logger = get_logger(__name__)
@@ -211,6 +212,7 @@ def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq
         output_sock.send(serial.encode(serial.StartupFailed(type(exc).__name__, str(exc))))
         return 1
     output_sock.send(serial.encode(serial.Ready(core.model_info)))
+    freeze_startup_objects()
     try:
         EngineLoop(core, input_sock, output_sock, parent_pid).run()
     except _ParentGone:

@@ -9,6 +9,7 @@ from pagoda.config import engine_config
 from pagoda.engine.input_processor import PromptType, TokensPrompt
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.outputs import RequestOutput
+from pagoda.process import startup_objects_frozen
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer.chat_template import Conversation, render_chat
 
@@ -78,10 +79,11 @@ class LLM:
 
     def _run_to_completion(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        while len(finished) < len(ids) and self.engine.has_unfinished_requests():
-            for out in self.engine.step(final_only=True):
-                if out.finished:
-                    finished[out.request_id] = out
+        with startup_objects_frozen():
+            while len(finished) < len(ids) and self.engine.has_unfinished_requests():
+                for out in self.engine.step(final_only=True):
+                    if out.finished:
+                        finished[out.request_id] = out
         return [finished[i] for i in ids]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,7 +110,9 @@ class InputBatch:
         query_start = np.zeros(len(states) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         input_ids, fill_at, fill_from = self._input_ids(states, starts, counts, query_start)
-        positions = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts)])
+        # token i of row r sits at starts[r] + (i - query_start[r])
+        positions = np.arange(query_start[-1]) + np.repeat(
+            np.asarray(starts, dtype=np.int64) - query_start[:-1], counts)
         seq_lens = [a + n for a, n in zip(starts, counts)]
         tables = self._block_tables(states)
         token_rows = np.repeat(np.arange(len(states)), counts)
@@ -155,10 +158,12 @@ class InputBatch:
         return np.asarray(ids, dtype=np.int64), fill_at, fill_from
 
     def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
-        width = max(len(s.block_ids) for s in states)
-        tables = np.zeros((len(states), width), dtype=np.int64)
-        for i, s in enumerate(states):
-            tables[i, :len(s.block_ids)] = s.block_ids
+        """[rows, longest table] block ids, zero-padded, filled in one masked assignment."""
+        lens = np.fromiter((len(s.block_ids) for s in states), dtype=np.int64, count=len(states))
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_ids for s in states),
+                           dtype=np.int64, count=int(lens.sum()))
+        tables = np.zeros((len(states), int(lens.max())), dtype=np.int64)
+        tables[np.arange(tables.shape[1]) < lens[:, None]] = flat
         return tables
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
 from pagoda.entrypoints.openai.output_parsers import check_parser_names
 from pagoda.fleet.spec import FleetSpec
 from pagoda.logger import get_logger
+from pagoda.process import freeze_startup_objects
 from pagoda.models.source import resolve_model
 from pagoda.tokenizer.tokenizer import get_tokenizer
 
@@ -138,6 +139,7 @@ def _run_server(state: ServerState, listen: ListenOptions) -> int:
     server = DrainingServer(uvicorn.Config(build_app(state), host=listen.host, port=listen.port,
                                            log_level=listen.uvicorn_log_level, access_log=False,
                                            lifespan="on"), state, listen.shutdown_timeout)
+    freeze_startup_objects()
     asyncio.run(_run(server))
     return 1 if server.failed else 0
 
