@@ -108,3 +108,71 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](x, out, n_cols, BLOCK=block,
                                                            num_warps=4)
     return out
+
+
+@triton.jit(do_not_specialize=["num_slots"])
+def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, key_cache_ptr,
+                          value_cache_ptr, q_stride, k_stride, v_stride, num_slots,
+                          num_q_heads, num_k_heads, stride_kcb, stride_kcs, stride_vcb,
+                          stride_vcs, HALF: tl.constexpr, ROT_HALF: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr):
+    """RoPE on one token's q and k (in place), then its k and v rows into the paged cache
+    (heads contiguous in a cache slot); slot < 0, or a token past num_slots, stores nothing."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token)
+    offs = tl.arange(0, HALF)
+    rot = offs < ROT_HALF
+    cos = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + offs, mask=rot, other=1.0)
+    sin = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + ROT_HALF + offs, mask=rot, other=0.0)
+    heads = tl.arange(0, BLOCK_H)
+    _rope_heads(q_ptr + token * q_stride, heads, num_q_heads, offs, rot, cos, sin, ROT_HALF,
+                HEAD_DIM)
+    _rope_heads(k_ptr + token * k_stride, heads, num_k_heads, offs, rot, cos, sin, ROT_HALF,
+                HEAD_DIM)
+    if token >= num_slots:
+        return
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:  # CUDA-graph padding: this token has no KV slot
+        return
+    tl.debug_barrier()  # every thread's rotated k is in memory before the copy reads it
+    kv_heads = tl.arange(0, BLOCK_KH)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (kv_heads[:, None] < num_k_heads) & (dims[None, :] < HEAD_DIM)
+    row = kv_heads[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(k_ptr + token * k_stride + row, mask=mask)
+    v = tl.load(v_ptr + token * v_stride + row, mask=mask)
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    tl.store(key_cache_ptr + block * stride_kcb + offset * stride_kcs + row,
+             k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + block * stride_vcb + offset * stride_vcs + row,
+             v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos_sin: torch.Tensor, rotary_dim: int, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """rope_qk_ and the KV store in one launch: q and k [tokens, heads, dim] are rotated in
+    place, then each token's k and v rows go to caches [blocks, block_size, kv_heads, dim]
+    at slot_mapping (negative slots and tokens past its length are skipped)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_k_heads, cache_dim = key_cache.shape
+    if k.shape[1:] != (num_k_heads, cache_dim) or v.shape[1:] != (num_k_heads, cache_dim) \
+            or head_dim != cache_dim:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache "
+                         f"({num_k_heads} kv heads, head_dim {cache_dim})")
+    if key_cache.stride()[2:] != (head_dim, 1) or value_cache.stride() != key_cache.stride() \
+            or k.stride()[1:] != (head_dim, 1) or v.stride()[1:] != (head_dim, 1):
+        raise ValueError("rope_store_kv_ needs each token's heads contiguous")
+    if num_tokens == 0:
+        return
+    rot_half = rotary_dim // 2
+    _rope_store_kv_kernel[(num_tokens,)](
+        positions, q, k, v, cos_sin, slot_mapping, key_cache, value_cache,
+        q.stride(0), k.stride(0), v.stride(0), slot_mapping.shape[0], num_q_heads,
+        num_k_heads, key_cache.stride(0), key_cache.stride(1), value_cache.stride(0),
+        value_cache.stride(1), HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
+        BLOCK_KH=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size, num_warps=4)

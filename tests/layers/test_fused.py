@@ -1,4 +1,5 @@
-"""Fused Triton kernels (RMSNorm+residual, RoPE, SiLU-and-mul) equal the layers' torch paths.
+"""Fused Triton kernels (RMSNorm+residual, RoPE, RoPE+KV store, SiLU-and-mul) equal the
+layers' torch paths.
 
 They run here under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_fused.py.
@@ -48,10 +49,33 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
         fused.rope_qk_(positions, q, k, rope.cos_sin, rot_dim)
         errors[f"rope_{rot_dim}"] = max((q.float() - ref_q.float()).abs().max().item(),
                                         (k.float() - ref_k.float()).abs().max().item())
+        errors[f"rope_store_kv_{rot_dim}"] = _rope_store_kv_error(rope, rot_dim, randn, tokens,
+                                                                  device)
     gate_up = randn(tokens, 2 * 1100)
     errors["silu_and_mul"] = (fused.silu_and_mul(gate_up).float()
                               - SiluAndMul().forward_native(gate_up).float()).abs().max().item()
     return errors
+
+
+def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
+    """The fused RoPE + KV store against RoPE, then a plain copy into the cache slots
+    (slot -1 and a token past the slot list store nothing)."""
+    from pagoda.layers import fused
+    qkv = randn(tokens, 9 * 64 + 2 * 3 * 64)
+    q = qkv[:, :576].view(tokens, 9, 64)
+    k = qkv[:, 576:768].view(tokens, 3, 64)
+    v = qkv[:, 768:].view(tokens, 3, 64)
+    positions = torch.tensor([0, 3, 17, 64, 127][:tokens], device=device)
+    slots = torch.tensor([5, -1, 9, 0][:max(tokens - 1, 1)], device=device)
+    ref_q, ref_k = rope.forward_native(positions, q.clone(), k.clone())
+    ref_cache = torch.full((2, 4 * 4, 3, 64), 7.0, dtype=q.dtype, device=device)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            ref_cache[0, slot], ref_cache[1, slot] = ref_k[t], v[t]
+    cache = torch.full((2, 4, 4, 3, 64), 7.0, dtype=q.dtype, device=device)
+    fused.rope_store_kv_(positions, q, k, v, rope.cos_sin, rot_dim, cache[0], cache[1], slots)
+    return max((q.float() - ref_q.float()).abs().max().item(),
+               (cache.flatten(1, 2).float() - ref_cache.float()).abs().max().item())
 
 
 def test_fused_kernels_match_torch_under_the_interpreter():
@@ -61,7 +85,8 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line[len(MARKER):])
-    assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "silu_and_mul"}
+    assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
+                           "rope_store_kv_32", "silu_and_mul"}
     for name, error in errors.items():
         assert error < 1e-5, (name, error)
 

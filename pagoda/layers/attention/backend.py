@@ -24,3 +24,11 @@ class AttentionBackend(ABC):
                 kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
         """Write k/v ([tokens, kv_heads, dim]) into the cache at the step's slots, then attend
         q ([tokens, heads, dim]) over each sequence's cached context with causal masking."""
+
+    def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor, metadata: Any,
+                       scale: float) -> torch.Tensor:
+        """RoPE on q and k at `positions` (rotary: a RotaryEmbedding), then forward(). A
+        backend may fuse the rotation into its KV store."""
+        q, k = rotary(positions, q, k)
+        return self.forward(q, k, v, kv_cache, metadata, scale)

@@ -1,9 +1,11 @@
-"""The GPU attention backend: a Triton KV-store kernel plus the unified paged-attention kernel
-(split-KV for small decode batches with long contexts)."""
+"""The GPU attention backend: a Triton KV-store kernel (or, for rotary models, RoPE fused into
+the store) plus the unified paged-attention kernel (split-KV for small decode batches with
+long contexts)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -11,6 +13,7 @@ from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.triton_kv_store import store_kv
 from pagoda.layers.attention.triton_unified import AttentionPlan, plan_attention, unified_attention
+from pagoda.layers.fused import rope_store_kv_
 
 # Multiprocessor count assumed off-GPU (the Triton interpreter): an H100 SXM's.
 _DEFAULT_NUM_SMS = 132
@@ -81,6 +84,20 @@ class TritonAttentionBackend(AttentionBackend):
                 scale: float) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        return self._attend(q, key_cache, value_cache, metadata, scale)
+
+    def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor,
+                       metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
+        """RoPE and the KV store in one kernel (one launch per layer fewer)."""
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        rope_store_kv_(positions, q, k, v, rotary.cos_sin, rotary.rotary_dim, key_cache,
+                       value_cache, metadata.slot_mapping)
+        return self._attend(q, key_cache, value_cache, metadata, scale)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
         plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype)
         return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
                                  metadata.seq_lens, metadata.block_tables, scale,
