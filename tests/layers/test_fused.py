@@ -59,7 +59,9 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
 
 def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
     """The fused RoPE + KV store against RoPE, then a plain copy into the cache slots
-    (slot -1 and a token past the slot list store nothing)."""
+    (slot -1 and a token past the slot list store nothing). Error relative to 1 + |value|:
+    the kernel may round the rotation (fused multiply-add) one bf16 ulp differently, and at
+    |value| >= 4 that ulp (2^-5) alone exceeds the absolute bf16 tolerance."""
     from pagoda.layers import fused
     qkv = randn(tokens, 9 * 64 + 2 * 3 * 64)
     q = qkv[:, :576].view(tokens, 9, 64)
@@ -74,8 +76,12 @@ def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
             ref_cache[0, slot], ref_cache[1, slot] = ref_k[t], v[t]
     cache = torch.full((2, 4, 4, 3, 64), 7.0, dtype=q.dtype, device=device)
     fused.rope_store_kv_(positions, q, k, v, rope.cos_sin, rot_dim, cache[0], cache[1], slots)
-    return max((q.float() - ref_q.float()).abs().max().item(),
-               (cache.flatten(1, 2).float() - ref_cache.float()).abs().max().item())
+    return max(_relative_error(q, ref_q), _relative_error(cache.flatten(1, 2), ref_cache))
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.float()
+    return ((actual.float() - expected).abs() / (1 + expected.abs())).max().item()
 
 
 def test_fused_kernels_match_torch_under_the_interpreter():
