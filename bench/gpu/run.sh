@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   decode1 small throughput profile profile-kernels profile-steps profile-host coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -38,6 +38,7 @@ run_stage() {
     profile-kernels) python3 bench/gpu/profile_kernels.py $B8 1 2>&1 | grep -v INFO | tail -28; \
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;
     profile-steps) python3 bench/gpu/profile_steps.py $B1 2>&1 | grep -v INFO | tail -30 ;;
+    profile-cpu-ops) python3 bench/gpu/profile_cpu_ops.py $B1 2>&1 | grep -v INFO | tail -30 ;;
     profile-host) python3 bench/gpu/profile_host.py 2>&1 | grep -v "^$" | grep -v INFO | head -120 ;;
     serve-sweep) serve_sweep ;;
     structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
