@@ -46,6 +46,15 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_h
                  num_k_heads, HALF: tl.constexpr, ROT_HALF: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
+    _rope_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
+                num_k_heads, HALF, ROT_HALF, HEAD_DIM, BLOCK_H)
+
+
+@triton.jit
+def _rope_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
+                num_k_heads, HALF: tl.constexpr, ROT_HALF: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """RoPE in place on every q and k head of one token."""
     pos = tl.load(pos_ptr + token)
     offs = tl.arange(0, HALF)
     rot = offs < ROT_HALF
@@ -121,16 +130,8 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, k
     """RoPE on one token's q and k (in place), then its k and v rows into the paged cache
     (heads contiguous in a cache slot); slot < 0, or a token past num_slots, stores nothing."""
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token)
-    offs = tl.arange(0, HALF)
-    rot = offs < ROT_HALF
-    cos = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + offs, mask=rot, other=1.0)
-    sin = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + ROT_HALF + offs, mask=rot, other=0.0)
-    heads = tl.arange(0, BLOCK_H)
-    _rope_heads(q_ptr + token * q_stride, heads, num_q_heads, offs, rot, cos, sin, ROT_HALF,
-                HEAD_DIM)
-    _rope_heads(k_ptr + token * k_stride, heads, num_k_heads, offs, rot, cos, sin, ROT_HALF,
-                HEAD_DIM)
+    _rope_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
+                num_k_heads, HALF, ROT_HALF, HEAD_DIM, BLOCK_H)
     if token >= num_slots:
         return
     slot = tl.load(slot_ptr + token).to(tl.int64)

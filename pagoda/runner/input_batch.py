@@ -124,8 +124,9 @@ class InputBatch:
         dev = self._upload([input_ids, positions, slots, query_start, np.asarray(seq_lens),
                             tables.ravel(), logits_indices, np.asarray(fill_at, np.int64),
                             np.asarray(fill_from, np.int64)])
-        if fill_at:
-            dev[0][dev[7]] = last_sampled[dev[8]]
+        if fill_at:  # pending tokens: straight from the previous step's sampled ids
+            input_ids_dev, fill_at_dev, fill_from_dev = dev[0], dev[7], dev[8]
+            input_ids_dev[fill_at_dev] = last_sampled[fill_from_dev]
         i32 = torch.int32
         attn = CommonAttentionMetadata(
             num_tokens=int(query_start[-1]), num_seqs=len(states), max_query_len=max(counts),
