@@ -19,11 +19,11 @@ def freeze_startup_objects() -> None:
 
 
 @contextlib.contextmanager
-def startup_objects_frozen() -> Iterator[None]:
-    """Within the block, everything alive on entry is out of the collector's reach (as with
-    freeze_startup_objects), and back on exit, so nothing is kept forever: for a busy stretch
-    of a process that also frees what it built (an LLM's generate call). Does nothing if
-    objects are frozen already."""
+def existing_objects_frozen() -> Iterator[None]:
+    """Within the block, everything alive on entry is out of the collector's reach (as
+    freeze_startup_objects does for good), and back on exit, so nothing is kept forever:
+    for a busy stretch of a process that also frees what it built (an LLM's generate call).
+    Does nothing if objects are frozen already."""
     if gc.get_freeze_count():
         yield
         return

@@ -62,6 +62,12 @@ class SamplingParams:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
 
+    @property
+    def sampling_reads_output(self) -> bool:
+        """Whether sampling the next token looks at the tokens generated so far (penalties
+        count them, min_tokens counts how many)."""
+        return self.uses_penalties or self.min_tokens > 0
+
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad field."""
         _check_int(self.n, "n", 1, MAX_N)

@@ -153,8 +153,7 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
                                       "request_id")
         self.scheduler.add_request(request)
-        params = request.sampling_params
-        if params.uses_penalties or params.min_tokens:
+        if request.sampling_params.sampling_reads_output:
             self._token_dependent.add(request.request_id)
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:

@@ -9,9 +9,10 @@ from pagoda.config import engine_config
 from pagoda.engine.input_processor import PromptType, TokensPrompt
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.outputs import RequestOutput
-from pagoda.process import startup_objects_frozen
+from pagoda.process import existing_objects_frozen
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer.chat_template import Conversation, render_chat
+
 
 class LLM:
     """Runs a model offline over batches of prompts with continuous batching."""
@@ -79,7 +80,7 @@ class LLM:
 
     def _run_to_completion(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        with startup_objects_frozen():
+        with existing_objects_frozen():
             while len(finished) < len(ids) and self.engine.has_unfinished_requests():
                 for out in self.engine.step(final_only=True):
                     if out.finished:

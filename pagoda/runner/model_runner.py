@@ -160,10 +160,6 @@ class ModelRunner:
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for its results."""
-        return self.finish(self.launch(sched_out))
-
     @torch.inference_mode()
     def launch(self, sched_out: SchedulerOutput) -> LaunchedStep:
         """Queue one step's work on the device and return without waiting for it (except
@@ -235,8 +231,7 @@ class ModelRunner:
             return self._sampling_meta
         meta = SamplingMetadata.build([_sampling_row(s) for s in states],
                                       self.config.vocab_size, self.config.device)
-        steady = not any(s.sampling_params.uses_penalties or s.sampling_params.min_tokens
-                         for s in states)
+        steady = not any(s.sampling_params.sampling_reads_output for s in states)
         self._sampling_key, self._sampling_meta = (key if steady else None), meta
         return meta
 

@@ -208,6 +208,15 @@ def test_priority_orders_admission_and_preemption():
     assert preempted == {"meh"}
 
 
+def test_a_request_ended_by_its_pending_token_gives_up_its_seat_at_once():
+    sched = make_scheduler(max_seqs=1)
+    add(sched, "a", [1, 2, 3], max_tokens=1)
+    add(sched, "b", [4, 5, 6])
+    assert list(sched.schedule().num_scheduled_tokens) == ["a"]  # its token is still pending
+    # that token is a's last: b takes the seat before a's result is back, as it would after
+    assert list(sched.schedule().num_scheduled_tokens) == ["b"]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_stop_conditions(overlap):
     sched = make_scheduler()

@@ -23,16 +23,12 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any,
-                positions: torch.Tensor | None = None, rotary: Any = None) -> torch.Tensor:
-        """Attention of q over the cache after storing k and v; with `rotary` (a
-        RotaryEmbedding) q and k are rotated at `positions` first, by the backend."""
+                positions: torch.Tensor, rotary: Any) -> torch.Tensor:
+        """q and k rotated at `positions` by `rotary` (a RotaryEmbedding; the backend may
+        fuse that into its KV store), k and v stored, then q's attention over the cache."""
         assert self.kv_cache is not None and self.backend is not None, "KV cache not bound"
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if rotary is None:
-            out = self.backend.forward(q, k, v, self.kv_cache, attn_metadata, self.scale)
-        else:
-            out = self.backend.forward_rotary(positions, q, k, v, rotary, self.kv_cache,
-                                              attn_metadata, self.scale)
+        out = self.backend.forward_rotary(positions, q.view(-1, self.num_heads, self.head_dim),
+                                          k.view(-1, self.num_kv_heads, self.head_dim),
+                                          v.view(-1, self.num_kv_heads, self.head_dim), rotary,
+                                          self.kv_cache, attn_metadata, self.scale)
         return out.view(-1, self.num_heads * self.head_dim)
