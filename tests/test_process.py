@@ -19,10 +19,11 @@ def test_objects_are_frozen_inside_the_block_and_released_after():
 def test_an_existing_freeze_is_left_alone():
     gc.freeze()
     try:
-        before = gc.get_freeze_count()
         with existing_objects_frozen():
             pass
-        assert gc.get_freeze_count() == before  # not unfrozen by the block
+        # Still frozen after the block (an unfreeze empties the permanent generation). The
+        # count itself may drop meanwhile: frozen objects freed by refcount leave it.
+        assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
 
