@@ -1,9 +1,10 @@
-"""Process-wide settings for pagoda's long-running processes."""
+"""Process-wide settings and startup timing for pagoda's long-running processes."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 
 
@@ -32,3 +33,28 @@ def existing_objects_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+class StartupPhases:
+    """Wall time of a process's startup, phase by phase, for a log line that says where it
+    went. Wall clock (time.time), so the start may be taken in another process: the parent
+    that spawned this one."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.time() if start is None else start
+        self._last = self.start
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        """The phase that just ended, timed from the previous mark."""
+        now = time.time()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return self._last - self.start
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phases)
+        return f"{self.total:.1f}s ({parts})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,8 +39,21 @@ def measure_cold_start(model: str, serve_args: list[str], port: int = 8299,
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
+    lines = log.splitlines()
     return {"benchmark": "cold-start", "command": cmd, "seconds_to_first_token": first - start,
-            "server_log_tail": log.splitlines()[-25:]}
+            "engine_startup_s": engine_phases(lines), "server_log_tail": lines[-25:]}
+
+
+_PHASE = re.compile(r"([A-Za-z][\w ]*?) (\d+(?:\.\d+)?)s")
+
+
+def engine_phases(log_lines: list[str]) -> dict[str, float]:
+    """The engine's startup phases (seconds by name) from its "engine started in" line."""
+    for line in log_lines:
+        if "engine started in" in line and "(" in line:
+            inside = line[line.index("(") + 1:line.rindex(")")]
+            return {name: float(seconds) for name, seconds in _PHASE.findall(inside)}
+    return {}
 
 
 def main(argv: list[str]) -> int:

@@ -204,7 +204,7 @@ class MPClient(EngineCoreClient):
         self._output = self._ctx.socket(zmq.PULL, socket_class=zmq.asyncio.Socket)
         self._proc = multiprocessing.get_context("spawn").Process(
             target=spawn_main, name="pagoda-engine",
-            args=(serial.encode_config(config), *self._bind(), os.getpid()))
+            args=(serial.encode_config(config), *self._bind(), os.getpid(), time.time()))
         self._finalizer = multiprocessing.util.Finalize(
             self, _teardown, exitpriority=10,
             args=(self._proc, self._ctx, self._input, self._sock_dir, self._stopping, 5.0))

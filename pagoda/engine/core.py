@@ -19,6 +19,7 @@ from pagoda.layers.attention.selector import select_backend
 from pagoda.logger import get_logger
 from pagoda.models.loader import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
+from pagoda.process import StartupPhases
 from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
 from pagoda.scheduler.output import EngineCoreOutput, SchedulerOutput
@@ -55,26 +56,35 @@ def eos_ids(hf_config: Any) -> list[int]:
 class EngineCore:
     """Loads the model, sizes the KV cache, and runs scheduler + runner one step at a time."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None,
+                 startup: StartupPhases | None = None) -> None:
+        """`startup` has the phases before this one (the engine process's start and
+        imports); the log line at the end times them all."""
+        startup = startup or StartupPhases()
         self.config = config
         self.source = source or resolve_model(config.model, config.load_format)
+        startup.mark("model config")
         self.device = resolve_device(config.device)
-        if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
+        self._init_device()
+        startup.mark("device init")
         torch.manual_seed(config.seed)
         hf = self.source.hf_config
         self.dtype = resolve_dtype(config.dtype, self.device, getattr(hf, "dtype", None))
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
         model = load_model(self.source, self.dtype, self.device, self.max_model_len, config.seed)
+        startup.mark("weights")
         backend = select_backend(config.attention_backend, self.device)
         block_size = config.cache.block_size
         self.runner = ModelRunner(model, RunnerConfig(self.device, self.dtype, block_size,
                                                       hf.vocab_size), backend)
         self.activation_bytes = 0
         num_blocks = self._size_kv_cache(model)
+        startup.mark("memory profile")
         self.runner.initialize_kv_cache(num_blocks)
+        startup.mark("KV cache")
         if self._use_cuda_graphs(backend.name):
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+            startup.mark("CUDA graphs")
         hasher = BlockHasher(block_size, model_id=self.source.name)
         self.kv_manager = KVCacheManager(num_blocks, block_size,
                                          config.cache.enable_prefix_caching, hasher)
@@ -98,6 +108,16 @@ class EngineCore:
         self._token_dependent: set[str] = set()  # live requests that rule out overlap
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._log_capacity()
+        logger.info("engine started in %s", startup.summary())
+
+    def _init_device(self) -> None:
+        """Create the CUDA context now, so that its cost is timed on its own, not as part of
+        the first weight copy."""
+        if self.device.type != "cuda":
+            return
+        if self.device.index is not None:
+            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
+        torch.empty(1, device=self.device)
 
     def _size_kv_cache(self, model: torch.nn.Module) -> int:
         spec = self.runner.kv_cache_spec()

@@ -3,7 +3,13 @@ names it as the spawn target, and only the child pays for importing models and k
 
 from __future__ import annotations
 
+from pagoda.process import StartupPhases
 
-def spawn_main(config_frame: bytes, input_addr: str, output_addr: str, parent_pid: int) -> None:
+
+def spawn_main(config_frame: bytes, input_addr: str, output_addr: str, parent_pid: int,
+               spawned_at: float) -> None:
+    phases = StartupPhases(spawned_at)
+    phases.mark("process start")
     from pagoda.engine.core_proc import spawn_main as main
-    main(config_frame, input_addr, output_addr, parent_pid)
+    phases.mark("imports")
+    main(config_frame, input_addr, output_addr, parent_pid, phases)

@@ -28,7 +28,7 @@ from pagoda.engine.input_processor import InputProcessor
 from pagoda.engine.request import EngineCoreRequest
 from pagoda.errors import PagodaError
 from pagoda.logger import configure_logging, get_logger
-from pagoda.process import freeze_startup_objects
+from pagoda.process import StartupPhases, freeze_startup_objects
 from pagoda.scheduler.output import EngineCoreOutput
 
 logger = get_logger(__name__)
@@ -178,7 +178,7 @@ class EngineLoop:
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
-                    parent_pid: int) -> None:
+                    parent_pid: int, startup: StartupPhases | None = None) -> None:
     """The engine process's main: load, send READY (or StartupFailed), loop until told to stop.
 
     Exits with 0 on Shutdown, 1 when loading or a step fails, 2 when the parent is gone.
@@ -193,7 +193,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     output_sock.setsockopt(zmq.SNDHWM, 0)
     output_sock.connect(output_addr)
     try:
-        code = _load_and_run(config, input_sock, output_sock, parent_pid, input_addr)
+        code = _load_and_run(config, input_sock, output_sock, parent_pid, input_addr, startup)
     finally:
         input_sock.close(linger=0)
         output_sock.close(linger=FLUSH_LINGER_MS)
@@ -202,10 +202,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
 
 
 def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq.Socket,
-                  parent_pid: int, input_addr: str) -> int:
+                  parent_pid: int, input_addr: str, startup: StartupPhases | None) -> int:
     time.sleep(float(os.environ.get(STARTUP_DELAY_ENV, "0")))  # test hook: a slow model load
     try:
-        core = EngineCore(config)
+        core = EngineCore(config, startup=startup)
     except Exception as exc:  # noqa: BLE001 -- reported to the client, then we exit
         detail = str(exc) if isinstance(exc, PagodaError) else traceback.format_exc()
         logger.error("engine failed to start: %s", detail)
@@ -252,7 +252,9 @@ def _remove_socket_dir(addr: str) -> None:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def spawn_main(config_frame: bytes, input_addr: str, output_addr: str, parent_pid: int) -> None:
+def spawn_main(config_frame: bytes, input_addr: str, output_addr: str, parent_pid: int,
+               startup: StartupPhases) -> None:
     """multiprocessing entry point: the config arrives as msgpack, not as a pickled object."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us
-    run_engine_core(serial.decode_config(config_frame), input_addr, output_addr, parent_pid)
+    run_engine_core(serial.decode_config(config_frame), input_addr, output_addr, parent_pid,
+                    startup)

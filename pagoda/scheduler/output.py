@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the frontend imports this module before the engine: keep torch out of it
+    import torch
 
 
 @dataclass(slots=True)

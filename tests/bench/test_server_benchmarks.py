@@ -20,6 +20,9 @@ def test_cold_start_reaches_a_first_token(tiny_model):
                                 timeout=120)
     assert 0 < result["seconds_to_first_token"] < 120
     assert any("ready" in line for line in result["server_log_tail"])
+    phases = result["engine_startup_s"]
+    assert {"process start", "imports", "weights", "KV cache"} <= phases.keys()
+    assert all(seconds >= 0 for seconds in phases.values())
 
 
 def test_http_overhead_counts_the_same_tokens(tiny_model):
