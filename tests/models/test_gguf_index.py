@@ -1,0 +1,75 @@
+"""A GGUF tensor index saved at pull time reads the same tensors as gguf's reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from pagoda.models.gguf_index import (
+    INDEX_NAME,
+    read_tensor_index,
+    reader_tensors,
+    write_tensor_index,
+)
+from pagoda.models.source import GGUFMeta, iter_weights, resolve_model
+
+
+@pytest.fixture
+def indexed(tmp_path: Path, smollm2_gguf: Path) -> tuple[gguf.GGUFReader, Path]:
+    reader = gguf.GGUFReader(smollm2_gguf, "r")
+    write_tensor_index(reader, "llama", smollm2_gguf, tmp_path / INDEX_NAME)
+    return reader, tmp_path / INDEX_NAME
+
+
+def test_the_index_reads_every_tensor_as_the_reader_does(indexed, smollm2_gguf):
+    reader, index_file = indexed
+    index = read_tensor_index(smollm2_gguf, index_file)
+    assert index is not None and index.architecture == "llama"
+    expected = list(reader_tensors(reader))
+    assert len(index.tensors) == len(expected) > 100
+    types = set()
+    for got, want in zip(index.tensors, expected):
+        assert (got.name, got.tensor_type, got.shape) == (want.name, want.tensor_type, want.shape)
+        assert got.data.dtype == want.data.dtype and np.array_equal(got.data, want.data)
+        types.add(got.tensor_type.name)
+    assert {"Q4_1", "Q8_0", "F32"} <= types  # quantized rows and plain arrays both covered
+
+
+@pytest.mark.parametrize("damage", ["file size", "format", "offset", "not json"])
+def test_an_index_that_does_not_fit_the_file_is_not_used(indexed, smollm2_gguf, damage):
+    _, index_file = indexed
+    index = json.loads(index_file.read_text())
+    if damage == "file size":
+        index["file_bytes"] += 1
+    elif damage == "format":
+        index["format"] = 99
+    elif damage == "offset":
+        index["tensors"][-1]["offset"] = smollm2_gguf.stat().st_size
+    index_file.write_text("{" if damage == "not json" else json.dumps(index))
+    assert read_tensor_index(smollm2_gguf, index_file) is None
+
+
+def test_a_missing_index_is_not_used(tmp_path, smollm2_gguf):
+    assert read_tensor_index(smollm2_gguf, tmp_path / INDEX_NAME) is None
+
+
+def test_pulled_weights_load_through_the_index_unchanged(monkeypatch):
+    """The pulled model's weights come through its index, with no metadata parsed, and equal
+    those read through gguf's reader."""
+    source = resolve_model("smollm2")
+    assert source.gguf_index is not None and source.gguf_index.is_file()
+
+    def no_parsing(path):
+        raise AssertionError("the GGUF's metadata was parsed")
+    with monkeypatch.context() as patch:
+        patch.setattr(GGUFMeta, "open", no_parsing)
+        via_index = dict(iter_weights(source))
+    monkeypatch.setattr("pagoda.models.source.read_tensor_index", lambda *args: None)
+    via_reader = dict(iter_weights(source))
+    assert via_index.keys() == via_reader.keys()
+    assert all(torch.equal(via_index[name], via_reader[name]) for name in via_index)
