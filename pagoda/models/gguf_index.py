@@ -44,6 +44,7 @@ class GGUFIndex:
 
 
 def reader_tensors(reader: gguf.GGUFReader) -> Iterator[GGUFTensor]:
+    """The tensors of a file gguf's reader has parsed."""
     for t in reader.tensors:
         yield GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in t.shape), t.data)
 
@@ -72,7 +73,7 @@ def read_tensor_index(gguf_file: Path, index_file: Path) -> GGUFIndex | None:
     try:
         return GGUFIndex(str(index["architecture"]),
                          [_tensor(mapped, entry) for entry in index["tensors"]])
-    except (KeyError, TypeError, ValueError):  # a damaged index: the reader will do
+    except (KeyError, IndexError, TypeError, ValueError):  # damaged: the reader will do
         return None
 
 

@@ -40,7 +40,7 @@ def test_the_index_reads_every_tensor_as_the_reader_does(indexed, smollm2_gguf):
     assert {"Q4_1", "Q8_0", "F32"} <= types  # quantized rows and plain arrays both covered
 
 
-@pytest.mark.parametrize("damage", ["file size", "format", "offset", "not json"])
+@pytest.mark.parametrize("damage", ["file size", "format", "offset", "no shape", "not json"])
 def test_an_index_that_does_not_fit_the_file_is_not_used(indexed, smollm2_gguf, damage):
     _, index_file = indexed
     index = json.loads(index_file.read_text())
@@ -50,6 +50,8 @@ def test_an_index_that_does_not_fit_the_file_is_not_used(indexed, smollm2_gguf, 
         index["format"] = 99
     elif damage == "offset":
         index["tensors"][-1]["offset"] = smollm2_gguf.stat().st_size
+    elif damage == "no shape":
+        index["tensors"][0]["shape"] = []
     index_file.write_text("{" if damage == "not json" else json.dumps(index))
     assert read_tensor_index(smollm2_gguf, index_file) is None
 
