@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -462,8 +463,12 @@ def load_tokenizer(source: ModelSource) -> Any:
 
 
 def tokenizer_from_gguf(gguf_file: Path) -> Any:
-    """Convert the tokenizer embedded in a GGUF file (slow: seconds for a 50k vocabulary)."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    """Convert the tokenizer embedded in a GGUF file (slow: seconds for a 50k vocabulary).
+    It is read from a directory holding (a link to) the GGUF alone: transformers would also
+    read tokenizer files lying next to it, such as an earlier conversion's, and mix them in."""
+    with tempfile.TemporaryDirectory(prefix="pagoda-gguf-") as alone:
+        (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = GGUFMeta.open(gguf_file).get("tokenizer.chat_template")
     return tokenizer

