@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -112,3 +115,21 @@ def tiny_chat_model(path: Path, tokenizer_dir: Path) -> Path:
                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True)
     return save_random_checkpoint(config, path, tokenizer_dir)
+
+
+@contextlib.contextmanager
+def logged_messages(logger_name: str) -> Iterator[list[str]]:
+    """The INFO-and-above messages `logger_name` emits within the block (caught at the logger
+    itself: pagoda's tree does not propagate to the root once an entry point configured it)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

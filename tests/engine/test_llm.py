@@ -187,3 +187,18 @@ def test_random_weights_without_tokenizer_run_on_token_ids(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 5 and out[0].outputs[0].text == ""
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         llm.generate(["text needs a tokenizer"])
+
+
+def test_startup_is_logged_phase_by_phase(tmp_path):
+    from transformers import LlamaConfig
+
+    from pagoda.bench.cold_start import engine_phases
+    from tests.utils import logged_messages
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256
+                ).save_pretrained(tmp_path)
+    with logged_messages("pagoda.engine.core") as messages:
+        LLM(str(tmp_path), load_format="dummy", kv_cache_memory=4 << 20)
+    phases = engine_phases(messages)
+    assert list(phases) == ["model config", "device init", "weights", "memory profile", "KV cache"]
+    assert all(seconds >= 0 for seconds in phases.values())

@@ -97,3 +97,13 @@ def test_async_scheduling_matches_the_synchronous_loop(checkpoint):
         assert [o.outputs[0].token_ids for o in overlapped.generate(prompts, params)] == expected
     kv = overlapped.engine.core.kv_manager
     assert kv.num_free_blocks == kv.pool.num_usable_blocks
+
+
+def test_startup_is_logged_phase_by_phase(checkpoint):
+    from pagoda.bench.cold_start import engine_phases
+    from tests.utils import logged_messages
+    with logged_messages("pagoda.engine.core") as messages:
+        make(checkpoint, dtype="bfloat16")
+    phases = engine_phases(messages)
+    assert list(phases) == ["model config", "device init", "weights", "memory profile",
+                            "KV cache", "CUDA graphs"]
