@@ -22,8 +22,9 @@ import torch
 
 from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError, UnsupportedModelError
+from pagoda.models.gguf_index import GGUFIndex
 from pagoda.models.llama import IGNORED_PARAMS
-from pagoda.models.source import ModelSource, _arch, _gguf_tensors, _hf_name, _safetensors_files
+from pagoda.models.source import ModelSource, _arch, _hf_name, _safetensors_files, read_gguf_tensors
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
@@ -106,12 +107,13 @@ def safetensors_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield name, tuple(info["shape"])
 
 
-def gguf_shapes(path: Path, index: Path | None = None) -> Iterator[tuple[str, tuple[int, ...]]]:
+def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
+                ) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
-    file's tensor index (the one saved at pull when there is one; no tensor is dequantized)."""
-    architecture, tensors = _gguf_tensors(path, index)
-    arch = _arch(architecture, path)
-    for tensor in tensors:
+    file's tensor index (`tensors`, when the source has it; no tensor is dequantized)."""
+    found = tensors or read_gguf_tensors(path)
+    arch = _arch(found.architecture, path)
+    for tensor in found.tensors:
         if tensor.name not in arch.skipped:
             name = _hf_name(arch, tensor.name) or tensor.name
             yield name, tuple(int(d) for d in reversed(tensor.shape))
@@ -123,7 +125,7 @@ def count_parameters(source: ModelSource) -> tuple[int, str]:
     if source.format == "safetensors":
         shapes, origin = safetensors_shapes(source.path), "safetensors header"
     elif source.format == "gguf" and source.gguf_file is not None:
-        shapes, origin = gguf_shapes(source.gguf_file, source.gguf_index), "gguf header"
+        shapes, origin = gguf_shapes(source.gguf_file, source.gguf_tensors), "gguf header"
     else:
         return llama_parameters(config), "config"
     return sum(math.prod(shape) for name, shape in shapes if engine_keeps(name, config)), origin

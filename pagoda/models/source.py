@@ -7,8 +7,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +20,13 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfi
 
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
-from pagoda.models.gguf_index import INDEX_NAME, GGUFTensor, read_tensor_index, reader_tensors
+from pagoda.models.gguf_index import (
+    INDEX_NAME,
+    GGUFIndex,
+    GGUFTensor,
+    read_tensor_index,
+    reader_tensors,
+)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
@@ -45,7 +51,9 @@ class ModelSource:
     hf_config: PretrainedConfig
     gguf_file: Path | None = None
     tokenizer_path: Path | None = None  # directory with tokenizer files; None: use the GGUF
-    gguf_index: Path | None = None  # the GGUF's tensor index saved at pull time, if any
+    # the GGUF's tensors as found while resolving (through the index saved at pull, or from
+    # the metadata the config was built from), so loading parses nothing; None: read at load
+    gguf_tensors: GGUFIndex | None = field(default=None, compare=False, repr=False)
 
 
 def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
@@ -131,15 +139,25 @@ def _apply_format(source: ModelSource, load_format: str) -> ModelSource:
 def _pulled_source(spec: str, path: Path, manifest: store.Manifest) -> ModelSource:
     gguf_file = path / manifest.gguf
     cached = manifest.config_version == GGUF_CONFIG_VERSION and (path / "config.json").is_file()
-    config = _read_hf_config(path) if cached else gguf_hf_config(gguf_file)
+    if cached:
+        config, tensors = _read_hf_config(path), read_tensor_index(gguf_file, path / INDEX_NAME)
+    else:
+        config, tensors = _gguf_config_and_tensors(gguf_file)
     tokenizer = path if has_tokenizer_files(path) else None
-    index = path / INDEX_NAME if cached else None
     return ModelSource(spec, path, "gguf", config, gguf_file=gguf_file, tokenizer_path=tokenizer,
-                       gguf_index=index)
+                       gguf_tensors=tensors)
 
 
 def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:
-    return ModelSource(spec, gguf_file.parent, "gguf", gguf_hf_config(gguf_file), gguf_file=gguf_file)
+    config, tensors = _gguf_config_and_tensors(gguf_file)
+    return ModelSource(spec, gguf_file.parent, "gguf", config, gguf_file=gguf_file,
+                       gguf_tensors=tensors)
+
+
+def _gguf_config_and_tensors(gguf_file: Path) -> tuple[PretrainedConfig, GGUFIndex]:
+    """The config and tensors of a GGUF, from one parse of its metadata."""
+    meta = GGUFMeta.open(gguf_file)
+    return gguf_hf_config(gguf_file, meta), GGUFIndex(meta.arch, list(reader_tensors(meta.reader)))
 
 
 def _hf_source(spec: str, path: Path) -> ModelSource:
@@ -337,7 +355,7 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.format == "safetensors":
         yield from _iter_safetensors(source.path)
     elif source.format == "gguf" and source.gguf_file is not None:
-        yield from _iter_gguf(source.gguf_file, source.hf_config, source.gguf_index)
+        yield from _iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors)
     else:
         raise UnsupportedModelError(f"{source.name}: no weights to read for format {source.format!r}")
 
@@ -352,27 +370,24 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_gguf(path: Path, config: PretrainedConfig,
-               index: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+               tensors: GGUFIndex | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize each tensor to float32, renamed to HF and transformed into HF's layout."""
-    architecture, tensors = _gguf_tensors(path, index)
-    arch = _arch(architecture, path)
-    for tensor in tensors:
+    found = tensors or read_gguf_tensors(path)
+    arch = _arch(found.architecture, path)
+    for tensor in found.tensors:
         if tensor.name in arch.skipped:
             continue
         name = _hf_name(arch, tensor.name)
         if name is None:
-            raise UnsupportedModelError(f"{path}: no HF name for GGUF tensor {tensor.name!r} ({architecture})")
+            raise UnsupportedModelError(
+                f"{path}: no HF name for GGUF tensor {tensor.name!r} ({found.architecture})")
         yield name, torch.from_numpy(arch.transform(name, _dequantize(tensor), config))
 
 
-def _gguf_tensors(path: Path, index: Path | None) -> tuple[str, Iterable[GGUFTensor]]:
-    """The file's architecture and tensors: through its saved index when it has a valid one
-    (no metadata parsing), else through gguf's reader."""
-    found = read_tensor_index(path, index) if index is not None else None
-    if found is not None:
-        return found.architecture, found.tensors
+def read_gguf_tensors(path: Path) -> GGUFIndex:
+    """The file's architecture and tensors, through gguf's reader (parses all metadata)."""
     meta = GGUFMeta.open(path)
-    return meta.arch, reader_tensors(meta.reader)
+    return GGUFIndex(meta.arch, list(reader_tensors(meta.reader)))
 
 
 def _hf_name(arch: GGUFArch, gguf_name: str) -> str | None:

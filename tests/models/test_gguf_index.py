@@ -63,15 +63,28 @@ def test_a_missing_index_is_not_used(tmp_path, smollm2_gguf):
 def test_pulled_weights_load_through_the_index_unchanged(monkeypatch):
     """The pulled model's weights come through its index, with no metadata parsed, and equal
     those read through gguf's reader."""
-    source = resolve_model("smollm2")
-    assert source.gguf_index is not None and source.gguf_index.is_file()
-
     def no_parsing(path):
         raise AssertionError("the GGUF's metadata was parsed")
     with monkeypatch.context() as patch:
         patch.setattr(GGUFMeta, "open", no_parsing)
+        source = resolve_model("smollm2")
         via_index = dict(iter_weights(source))
-    monkeypatch.setattr("pagoda.models.source.read_tensor_index", lambda *args: None)
+    source.gguf_tensors = None  # read at load time, through gguf's reader
     via_reader = dict(iter_weights(source))
     assert via_index.keys() == via_reader.keys()
     assert all(torch.equal(via_index[name], via_reader[name]) for name in via_index)
+
+
+def test_a_gguf_given_by_path_is_parsed_once(smollm2_gguf, monkeypatch):
+    """Its config and its tensors come from one parse of the metadata."""
+    opened = []
+    real_open = GGUFMeta.open
+
+    def counting_open(path):
+        opened.append(path)
+        return real_open(path)
+    monkeypatch.setattr(GGUFMeta, "open", counting_open)
+    source = resolve_model(str(smollm2_gguf))
+    assert source.gguf_tensors is not None and source.gguf_tensors.architecture == "llama"
+    weights = dict(iter_weights(source))
+    assert len(opened) == 1 and "model.embed_tokens.weight" in weights
