@@ -88,3 +88,10 @@ def test_a_gguf_given_by_path_is_parsed_once(smollm2_gguf, monkeypatch):
     assert source.gguf_tensors is not None and source.gguf_tensors.architecture == "llama"
     weights = dict(iter_weights(source))
     assert len(opened) == 1 and "model.embed_tokens.weight" in weights
+
+
+def test_loading_lets_go_of_the_mapped_file(smollm2_gguf):
+    from pagoda.models.loader import load_model
+    source = resolve_model(str(smollm2_gguf))
+    load_model(source, torch.float32, torch.device("cpu"), max_position=256)
+    assert source.gguf_tensors is None

@@ -39,6 +39,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         init_dummy_weights(model, seed)
     else:
         _load_checkpoint(model, source)
+        source.gguf_tensors = None  # unmap the GGUF: its pages would count as ours for good
     model.eval()
     logger.info("loaded %s (%s, %s) in %.1fs: %.2f GiB of weights", source.name, source.format,
                 str(dtype).removeprefix("torch."), time.perf_counter() - start,
