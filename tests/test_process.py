@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pagoda.process import StartupPhases, existing_objects_frozen
 
 
@@ -58,8 +60,8 @@ def test_startup_phases_time_each_phase_from_the_previous_mark():
     phases.mark("imports")
     (first, before), (second, imports) = phases.phases
     assert (first, second) == ("process start", "imports")
-    assert 1.9 < before < 2.5 and 0.04 < imports < 0.5
-    assert phases.total == before + imports
+    assert 1.9 < before < 5 and 0.04 < imports < 5  # generous: a loaded machine oversleeps
+    assert phases.total == pytest.approx(before + imports)
     assert phases.summary() == f"{phases.total:.1f}s (process start {before:.1f}s, " \
         f"imports {imports:.1f}s)"
 
