@@ -3,20 +3,12 @@
 
 import cProfile
 import pstats
-import sys
 import time
 
-from pagoda import LLM, SamplingParams
-from pagoda.bench.datasets import random_requests
+from workload import host_overhead_llm, host_overhead_requests
 
-model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.2-1b"
-llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
-          max_num_seqs=256, max_num_batched_tokens=8192)
-requests = random_requests(256, vocab_size=128000, input_len_range=(100, 1024),
-                           output_len_range=(100, 1024), seed=0)
-prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-          for r in requests]
+llm = host_overhead_llm()
+prompts, params = host_overhead_requests()
 llm.generate(prompts[:8], params[:8])
 start = time.perf_counter()
 llm.generate(prompts, params)
