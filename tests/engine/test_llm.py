@@ -177,28 +177,29 @@ def test_unknown_model_path_raises_model_not_found(tmp_path):
         LLM(str(tmp_path / "no-such-model"))
 
 
-def test_random_weights_without_tokenizer_run_on_token_ids(tmp_path):
+@pytest.fixture
+def config_only_model(tmp_path) -> str:
+    """A directory with a tiny Llama config and nothing else: a model for dummy weights."""
     from transformers import LlamaConfig
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=256
                 ).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=4 << 20)
+    return str(tmp_path)
+
+
+def test_random_weights_without_tokenizer_run_on_token_ids(config_only_model):
+    llm = LLM(config_only_model, load_format="dummy", kv_cache_memory=4 << 20)
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 5 and out[0].outputs[0].text == ""
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         llm.generate(["text needs a tokenizer"])
 
 
-def test_startup_is_logged_phase_by_phase(tmp_path):
-    from transformers import LlamaConfig
-
+def test_startup_is_logged_phase_by_phase(config_only_model):
     from pagoda.bench.cold_start import engine_phases
     from tests.utils import logged_messages
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256
-                ).save_pretrained(tmp_path)
     with logged_messages("pagoda.engine.core") as messages:
-        LLM(str(tmp_path), load_format="dummy", kv_cache_memory=4 << 20)
+        LLM(config_only_model, load_format="dummy", kv_cache_memory=4 << 20)
     phases = engine_phases(messages)
     assert list(phases) == ["model config", "device init", "weights", "memory profile", "KV cache"]
     assert all(seconds >= 0 for seconds in phases.values())
