@@ -24,11 +24,8 @@ from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
 from pagoda.scheduler.output import EngineCoreOutput, SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
-from pagoda.structured_output.grammar import (
-    BitmaskFiller,
-    GrammarCompiler,
-    GrammarMatcherState,
-)
+from pagoda.structured_output.bitmask import BitmaskFiller
+from pagoda.structured_output.grammar import GrammarCompiler, GrammarMatcherState
 from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)

@@ -23,7 +23,7 @@ from pagoda.scheduler.output import (
     NewRequestData,
     SchedulerOutput,
 )
-from pagoda.structured_output.grammar import apply_bitmask
+from pagoda.structured_output.bitmask import apply_bitmask
 
 
 @dataclass(slots=True)

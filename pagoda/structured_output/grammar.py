@@ -1,16 +1,13 @@
 """Compiling structured-output constraints to xgrammar grammars, bounded in time and memory,
-and the per-request matcher that masks logits and follows the sampled tokens."""
+and the per-request matcher that follows the sampled tokens (bitmask.py masks the logits)."""
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
-
-import torch
 
 from pagoda.errors import InvalidRequestError
 from pagoda.logger import get_logger
@@ -22,7 +19,6 @@ COMPILE_TIMEOUT_S = 10.0
 CACHE_LIMIT_BYTES = 256 << 20  # xgrammar's compiled-grammar cache
 COMPILE_WORKERS = 2
 ANY_OBJECT_SCHEMA = '{"type": "object"}'
-FILL_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # bitmask rows filled in parallel
 
 
 class GrammarCompiler:
@@ -111,38 +107,3 @@ class GrammarMatcherState:
     @property
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
-
-
-class BitmaskFiller:
-    """Fills a step's bitmask rows for many matchers at once, on several CPU threads."""
-
-    def __init__(self, vocab_size: int, threads: int = FILL_THREADS) -> None:
-        self.vocab_size = vocab_size
-        self.threads = threads
-        self._batch: Any = None
-
-    def fill(self, states: list[GrammarMatcherState]) -> torch.Tensor:
-        if self._batch is None:
-            import xgrammar as xgr
-            self._batch = xgr.BatchGrammarMatcher(self.threads)
-        bitmask = new_bitmask(len(states), self.vocab_size)
-        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
-        return bitmask
-
-
-def bitmask_words(vocab_size: int) -> int:
-    return -(-vocab_size // 32)
-
-
-def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    """An int32 [rows, ceil(V/32)] bitmask with every token allowed (bit set = allowed)."""
-    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Set logits[rows[i], t] to -inf wherever bit t of bitmask[i] is clear (in place)."""
-    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :logits.shape[-1]]
-    index = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, index)
-    logits.index_copy_(0, index, sub.masked_fill(~allowed.to(logits.device), float("-inf")))

@@ -1,4 +1,4 @@
-"""Grammar compilation (errors, time limit) and the logits bitmask."""
+"""Grammar compilation (errors, time limit) and the matcher following sampled tokens."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from pagoda.errors import InvalidRequestError
-from pagoda.structured_output.grammar import (
-    BitmaskFiller,
-    GrammarCompiler,
-    GrammarMatcherState,
-    apply_bitmask,
-    new_bitmask,
-)
+from pagoda.structured_output.bitmask import BitmaskFiller, apply_bitmask
+from pagoda.structured_output.grammar import GrammarCompiler, GrammarMatcherState
 from pagoda.structured_output.params import StructuredOutputsParams as Spec
 
 
@@ -57,20 +52,3 @@ def test_matcher_masks_and_follows_tokens(compiler, smollm2_tokenizer):
     assert not state.is_terminated
     assert state.accept(smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
     assert state.is_terminated
-
-
-def test_apply_bitmask_matches_xgrammar():
-    import xgrammar as xgr
-    gen = torch.Generator().manual_seed(0)
-    vocab = 1000  # not a multiple of 32
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, -(-vocab // 32)), dtype=torch.int32,
-                            generator=gen)
-    logits = torch.randn(5, vocab, generator=gen)
-    ours, theirs = logits.clone(), logits.clone()
-    rows = [0, 2, 4]
-    apply_bitmask(ours, bitmask, rows)
-    full = new_bitmask(5, vocab)
-    full[rows] = bitmask
-    xgr.apply_token_bitmask_inplace(theirs, full)
-    assert torch.equal(ours, theirs)
-    assert torch.equal(ours[[1, 3]], logits[[1, 3]])  # unconstrained rows untouched
