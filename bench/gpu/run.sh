@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   kernels-graph decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,6 +23,7 @@ run_stage() {
   case "$1" in
     tests) python3 -m pytest -q -x tests/gpu 2>&1 | tail -40 ;;
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
+    kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 2>&1 | grep -v "^  " ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1 \
                --input-len 1024 --output-len 256 --output-json "$OUT/decode1.json" $EXTRA 2>&1 | grep -v INFO ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
@@ -39,6 +40,8 @@ run_stage() {
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;
     profile-steps) python3 bench/gpu/profile_steps.py $B1 2>&1 | grep -v INFO | tail -30 ;;
     profile-cpu-ops) python3 bench/gpu/profile_cpu_ops.py $B1 2>&1 | grep -v INFO | tail -30 ;;
+    imports) python3 bench/gpu/import_profile.py --top 12 torch pagoda.engine.core_proc \
+               pagoda.entrypoints.openai.server ;;
     profile-host) python3 bench/gpu/profile_host.py 2>&1 | grep -v "^$" | grep -v INFO | head -120 ;;
     serve-sweep) serve_sweep ;;
     structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
@@ -48,11 +51,15 @@ run_stage() {
                --model llama1b=$B1 --wake llama8b=$B8 --wake llama1b=$B1 \
                --swap llama8b=$B8 --swap llama1b=$B1 --swap-limit 20GiB --num-prompts ${FLEET_PROMPTS:-128} \
                --max-concurrency 32 --output-json "$OUT/fleet.json" 2>&1 | grep -v INFO ;;
-    # twice: the first run meets cold disk and Triton caches (as on a fresh machine), the second warm ones
-    coldstart) for run in coldstart coldstart-warm; do
+    # the first run meets cold disk and Triton caches (as on a fresh machine), the second warm
+    # ones, the third warm disk but an empty Triton cache (it lists the kernels compiled)
+    coldstart) for run in coldstart coldstart-warm coldstart-triton-cold; do
+                 [ $run = coldstart-triton-cold ] && export TRITON_CACHE_DIR=$(mktemp -d)
                  python3 -m pagoda.bench.cold_start $B8 $COMMON --max-num-seqs 256 > "$OUT/$run.json"
                  python3 -c "import json; r = json.load(open('$OUT/$run.json')); print('$run', round(r['seconds_to_first_token'], 1), r['engine_startup_s'])"
-               done ;;
+               done
+               find "$TRITON_CACHE_DIR" -name "*.cubin" | xargs -n1 basename | sort | uniq -c
+               unset TRITON_CACHE_DIR ;;
   esac
 }
 # pagoda serve on the dummy 8B (with a word tokenizer, so it serves text), swept by bench serve

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
@@ -205,6 +205,53 @@ def bench_sweep(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def time_layers_in_graph(inp: Inputs, caches: list[torch.Tensor], plan: AttentionPlan) -> float:
+    """Median milliseconds per layer of attention replayed from a CUDA graph over one KV
+    cache per layer, as a decode step runs it: no launch gaps, and the caches (more than L2
+    holds) read from memory, not L2."""
+    out = torch.empty_like(inp.q)
+    m, scale = inp.meta, inp.q.shape[2] ** -0.5
+
+    def step() -> None:
+        for cache in caches:
+            unified_attention(inp.q, cache[0], cache[1], m.query_start_loc, m.seq_lens,
+                              m.block_tables, scale, m.num_seqs, plan, out=out)
+    step()  # compiles outside the capture
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
+
+
+def bench_graph_sweep(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
+    """Small-batch decode as CUDA graphs replay it: the plan is made at the capture length
+    (`--capture-len`, as for max_model_len) while the real contexts are shorter; kernel
+    configs x split-KV segments, best first per point."""
+    cfgs = [KernelConfig(16, t, w, st) for t in (16, 32, 64) for w in (2, 4) for st in (1, 2, 3)]
+    rows = []
+    for batch, context in ((1, 1100), (8, 1100), (32, 600)):
+        inp = make_inputs([(context - 1, 1)] * batch, args, seed=batch)
+        caches = [inp.kv_cache] + [inp.kv_cache.clone() for _ in range(31)]  # 32 layers
+        captured = make_inputs([(args.capture_len - 1, 1)] * batch, args, seed=batch)
+        default = make_plan(captured)
+        results = []
+        for segments in (1, 4, 8, 16, 32, 64):
+            for cfg in cfgs:
+                plan = make_plan(captured, segments, cfg)
+                try:
+                    results.append((time_layers_in_graph(inp, caches, plan), cfg, segments))
+                except Exception as exc:  # a config may exceed shared memory: skip it
+                    print(f"  skip {cfg} S={segments}: {type(exc).__name__}", file=sys.stderr)
+        baseline = time_layers_in_graph(inp, caches, default)
+        for ms, cfg, segments in sorted(results, key=lambda r: r[0])[:args.sweep_top]:
+            rows.append({"batch": batch, "context": context, "tile": cfg.tile,
+                         "warps": cfg.num_warps, "stages": cfg.num_stages, "S": segments,
+                         "us": ms * 1e3, "default_us": baseline * 1e3,
+                         "default": f"{default.config.tile}/{default.config.num_warps}/"
+                                    f"{default.config.num_stages} S={default.num_segments}",
+                         "%copy": 100 * inp.kv_bytes / (ms * 1e-3) / 1e9 / copy_gbs})
+            _progress(rows[-1])
+    return rows
+
+
 def _progress(row: dict) -> None:
     print("  " + " ".join(f"{k}={_fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
 
@@ -248,6 +295,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
     p.add_argument("--sweep-top", type=int, default=4, help="configs shown per sweep point")
+    p.add_argument("--graph-sweep", action="store_true",
+                   help="small-batch decode configs timed in CUDA graphs, then exit")
+    p.add_argument("--capture-len", type=int, default=4096,
+                   help="the sequence length graph-sweep plans are made at (max_model_len)")
     p.add_argument("--output-json", help="write the results here")
     return p.parse_args()
 
@@ -259,6 +310,10 @@ def main() -> None:
     started = datetime.now(timezone.utc).isoformat()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s", file=sys.stderr)
+    if args.graph_sweep:
+        print_table("small-batch decode in CUDA graphs (us per layer, best first)",
+                    bench_graph_sweep(args, copy_gbs))
+        return
     tables = {"decode": bench_decode(args, copy_gbs)}
     if not args.skip_backends:
         tables["backends"] = bench_backends(args)
