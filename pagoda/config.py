@@ -18,11 +18,14 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device,
-                  checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
-    """Map a dtype name ('auto' included) to a torch dtype for this device."""
+                  checkpoint_dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """Map a dtype name ('auto' included) to a torch dtype for this device; 'auto' takes the
+    checkpoint's (config.json's dtype name) where it is a GPU half type."""
     import torch
     if isinstance(name, torch.dtype):
         return name
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, _DTYPES.get(checkpoint_dtype, ""), None)
     if name != "auto":
         if name not in _DTYPES:
             raise ConfigError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")

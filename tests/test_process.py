@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import time
@@ -75,3 +76,38 @@ def test_the_frontend_spawns_the_engine_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def imported_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after running `code`."""
+    code += ("\nimport json, sys\n"
+             f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_engine_starts_without_importing_transformers(tmp_path):
+    """transformers' config classes take 6-9 s to import on a GPU host: the engine process
+    reads config.json itself (pagoda.models.hf_config)."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}))
+    code = ("from pagoda.engine.core_proc import spawn_main\n"
+            "from pagoda.config import engine_config\n"
+            "from pagoda.engine.core import EngineCore\n"
+            f"core = EngineCore(engine_config({str(tmp_path)!r}, load_format='dummy', "
+            "kv_cache_memory=4 << 20))\n"
+            "assert core.model_info.vocab_size == 300")
+    assert imported_after(code, ("torch", "transformers")) == ["torch"]
+
+
+def test_the_frontend_loads_a_tokenizer_without_torch(smollm2_dir):
+    """`pagoda serve smollm2` resolves the model and loads its tokenizer while the engine
+    starts: neither needs torch nor transformers' config classes."""
+    code = ("from pagoda.entrypoints.openai.server import serve\n"
+            "from pagoda.models.source import resolve_model\n"
+            "from pagoda.tokenizer.tokenizer import get_tokenizer\n"
+            "assert get_tokenizer(resolve_model('smollm2')).eos_token is not None")
+    assert imported_after(code, ("torch", "transformers.configuration_utils")) == []

@@ -213,7 +213,7 @@ def load_hf_model(source: Any, dtype: torch.dtype, device: torch.device, seed: i
     if source.format == "dummy":
         torch.manual_seed(seed)
         with torch.device(device):  # random init where it runs: fast for large models
-            model = AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(source.hf_config.to_transformers(), dtype=dtype)
     elif source.format == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
             str(source.gguf_file.parent), gguf_file=source.gguf_file.name, dtype=dtype)

@@ -9,20 +9,7 @@ import torch
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.custom_op import DeviceDispatch
-
-
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """The config's rope settings as one dict (transformers 5 `rope_parameters`, or the
-    older `rope_theta` + `rope_scaling` pair)."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    scaling = getattr(config, "rope_scaling", None) or {}
-    for key, value in scaling.items():
-        params.setdefault(key, value)
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    params.setdefault("rope_type", "default")
-    return params
+from pagoda.models.hf_config import rope_parameters
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ from pagoda.layers.attention.layer import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import Linear, MergedLinear, copy_checked
 from pagoda.layers.norm import RMSNorm
-from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
+from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.models.hf_config import rope_parameters
 
 # checkpoint name fragment -> (merged module name, shard index)
 STACKED_PARAMS = {

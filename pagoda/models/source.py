@@ -11,12 +11,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
-import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
@@ -27,12 +25,18 @@ from pagoda.models.gguf_index import (
     read_tensor_index,
     reader_tensors,
 )
+from pagoda.models.hf_config import HFConfig
+from pagoda.tokenizer.hf_tokenizer import load_hf_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
 # index): pulled models then re-derive instead of trusting them, until `pagoda pull` redoes
-# the conversion. 2: the tensor index (gguf-tensors.json) was added.
-GGUF_CONFIG_VERSION = 2
+# the conversion. 2: the tensor index (gguf-tensors.json) was added. 3: config.json is
+# written by pagoda (HFConfig.save), not transformers.
+GGUF_CONFIG_VERSION = 3
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _LAYOUTS = (
@@ -48,7 +52,7 @@ class ModelSource:
     name: str
     path: Path  # directory of the checkpoint
     format: str  # "safetensors" | "gguf" | "dummy"
-    hf_config: PretrainedConfig
+    hf_config: HFConfig
     gguf_file: Path | None = None
     tokenizer_path: Path | None = None  # directory with tokenizer files; None: use the GGUF
     # the GGUF's tensors as found while resolving (through the index saved at pull, or from
@@ -154,7 +158,7 @@ def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:
                        gguf_tensors=tensors)
 
 
-def _gguf_config_and_tensors(gguf_file: Path) -> tuple[PretrainedConfig, GGUFIndex]:
+def _gguf_config_and_tensors(gguf_file: Path) -> tuple[HFConfig, GGUFIndex]:
     """The config and tensors of a GGUF, from one parse of its metadata."""
     meta = GGUFMeta.open(gguf_file)
     return gguf_hf_config(gguf_file, meta), GGUFIndex(meta.arch, list(reader_tensors(meta.reader)))
@@ -165,11 +169,8 @@ def _hf_source(spec: str, path: Path) -> ModelSource:
     return ModelSource(spec, path, "safetensors", _read_hf_config(path), tokenizer_path=tokenizer)
 
 
-def _read_hf_config(path: Path) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {exc}") from None
+def _read_hf_config(path: Path) -> HFConfig:
+    return HFConfig.from_dir(path)
 
 
 def has_tokenizer_files(path: Path) -> bool:
@@ -231,15 +232,15 @@ class GGUFMeta:
 class GGUFArch:
     """How one GGUF `general.architecture` maps onto a transformers config and HF tensor names."""
 
-    build_config: Callable[[GGUFMeta], PretrainedConfig]
+    build_config: Callable[[GGUFMeta], HFConfig]
     global_names: Mapping[str, str]  # GGUF tensor stem -> HF module path
     block_names: Mapping[str, str]  # GGUF per-block stem -> HF module path under model.layers.N
-    transform: Callable[[str, np.ndarray, PretrainedConfig], np.ndarray]
+    transform: Callable[[str, np.ndarray, HFConfig], np.ndarray]
     skipped: frozenset[str] = frozenset()  # tensors consumed by build_config, not parameters
 
 
-def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> PretrainedConfig:
-    """Build the transformers config of GGUF file `path` from its metadata (`meta`, if the
+def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> HFConfig:
+    """Build the HF config of GGUF file `path` from its metadata (`meta`, if the
     caller has the file open already)."""
     meta = meta or GGUFMeta.open(path)
     if int(meta.get("split.count", 1)) > 1:
@@ -256,14 +257,15 @@ def _arch(arch: str, path: Path) -> GGUFArch:
     return spec
 
 
-def _llama_config(meta: GGUFMeta) -> LlamaConfig:
+def _llama_config(meta: GGUFMeta) -> HFConfig:
     if meta.get("{arch}.expert_count"):
         raise UnsupportedModelError(f"{meta.path}: llama GGUF with experts (MoE) is not supported yet")
     hidden = int(meta.require("{arch}.embedding_length"))
     heads = int(meta.require("{arch}.attention.head_count"))
     head_dim = int(meta.get("{arch}.attention.key_length") or meta.get("{arch}.rope.dimension_count")
                    or hidden // heads)
-    return LlamaConfig(
+    return HFConfig.from_dict(dict(
+        model_type="llama",
         vocab_size=_vocab_size(meta),
         hidden_size=hidden,
         intermediate_size=int(meta.require("{arch}.feed_forward_length")),
@@ -277,7 +279,7 @@ def _llama_config(meta: GGUFMeta) -> LlamaConfig:
         tie_word_embeddings=meta.tensor("output.weight") is None,
         architectures=["LlamaForCausalLM"],
         **_special_token_ids(meta),
-    )
+    ))
 
 
 def _vocab_size(meta: GGUFMeta) -> int:
@@ -369,9 +371,10 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensors.get_tensor(name)
 
 
-def _iter_gguf(path: Path, config: PretrainedConfig,
+def _iter_gguf(path: Path, config: HFConfig,
                tensors: GGUFIndex | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize each tensor to float32, renamed to HF and transformed into HF's layout."""
+    import torch
     found = tensors or read_gguf_tensors(path)
     arch = _arch(found.architecture, path)
     for tensor in found.tensors:
@@ -416,7 +419,7 @@ def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     return values
 
 
-def _llama_transform(name: str, weight: np.ndarray, config: PretrainedConfig) -> np.ndarray:
+def _llama_transform(name: str, weight: np.ndarray, config: HFConfig) -> np.ndarray:
     """Undo llama.cpp's rotary row permutation of q_proj / k_proj."""
     if ".self_attn.q_proj." in name:
         return unpermute_rope_rows(weight, config.num_attention_heads)
@@ -468,7 +471,7 @@ GGUF_ARCHS: Mapping[str, GGUFArch] = MappingProxyType({
 def load_tokenizer(source: ModelSource) -> Any:
     """The model's transformers tokenizer, with its chat template set when the GGUF has one."""
     if source.tokenizer_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path)
+        tokenizer = load_hf_tokenizer(source.tokenizer_path)
         if tokenizer.chat_template is None and source.gguf_file is not None:
             tokenizer.chat_template = GGUFMeta.open(source.gguf_file).get("tokenizer.chat_template")
         return tokenizer
@@ -483,6 +486,7 @@ def tokenizer_from_gguf(gguf_file: Path) -> Any:
     read tokenizer files lying next to it, such as an earlier conversion's, and mix them in."""
     with tempfile.TemporaryDirectory(prefix="pagoda-gguf-") as alone:
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
+        from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = GGUFMeta.open(gguf_file).get("tokenizer.chat_template")

@@ -241,7 +241,7 @@ def _write_converted_files(dest: Path, gguf_file: Path) -> int:
     try:
         tokenizer_from_gguf(gguf_file).save_pretrained(staging)
         meta = GGUFMeta.open(gguf_file)
-        gguf_hf_config(gguf_file, meta).save_pretrained(staging)
+        gguf_hf_config(gguf_file, meta).save(staging)
         write_tensor_index(meta.reader, meta.arch, gguf_file, staging / INDEX_NAME)
         for path in staging.iterdir():
             os.replace(path, dest / path.name)

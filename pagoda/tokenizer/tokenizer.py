@@ -13,6 +13,7 @@ from pagoda.models.source import (
     load_tokenizer,
     resolve_model,
 )
+from pagoda.tokenizer.hf_tokenizer import load_hf_tokenizer
 
 logger = get_logger(__name__)
 
@@ -23,8 +24,7 @@ def get_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any | No
     if tokenizer is not None:
         path = Path(tokenizer).expanduser()
         if path.is_dir() and has_tokenizer_files(path):  # a tokenizer alone, no weights
-            from transformers import AutoTokenizer
-            return AutoTokenizer.from_pretrained(path)
+            return load_hf_tokenizer(path)
         return load_tokenizer(resolve_model(tokenizer))
     try:
         return load_tokenizer(source)

@@ -8,7 +8,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.rotary import RotaryEmbedding, inv_freq_for, rope_parameters
+from pagoda.layers.rotary import RotaryEmbedding, inv_freq_for
+from pagoda.models.hf_config import rope_parameters
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
+from pagoda.models.hf_config import HFConfig
 from pagoda.models.source import (
     GGUF_CONFIG_VERSION,
     ModelSource,
@@ -135,7 +136,7 @@ def hf_smollm2(smollm2_dir: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def smollm2_config(smollm2_dir: Path) -> LlamaConfig:
+def smollm2_config(smollm2_dir: Path) -> HFConfig:
     return gguf_hf_config(smollm2_dir / SMOLLM2_GGUF)
 
 
@@ -153,9 +154,9 @@ def empty_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # ------------------------------------------------------------------------------------- real GGUF
 
 
-def test_smollm2_config_fields(smollm2_config: LlamaConfig) -> None:
+def test_smollm2_config_fields(smollm2_config: HFConfig) -> None:
     config = smollm2_config
-    assert isinstance(config, LlamaConfig)
+    assert isinstance(config, HFConfig)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
     assert (config.vocab_size, config.max_position_embeddings) == (49152, 8192)
@@ -166,17 +167,17 @@ def test_smollm2_config_fields(smollm2_config: LlamaConfig) -> None:
     assert config.architectures == ["LlamaForCausalLM"]
 
 
-def test_smollm2_config_matches_transformers(smollm2_config: LlamaConfig,
+def test_smollm2_config_matches_transformers(smollm2_config: HFConfig,
                                              hf_smollm2: torch.nn.Module) -> None:
     theirs = hf_smollm2.config.to_dict()
-    ours = smollm2_config.to_dict()
+    ours = smollm2_config.to_transformers().to_dict()
     skip = {"_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version",
             "architectures", "unk_token_id", "dtype"}
     assert {k: v for k, v in ours.items() if k not in skip} == {
         k: v for k, v in theirs.items() if k not in skip}
 
 
-def test_pulled_name_and_alias_resolve_fast_path(smollm2_dir: Path, smollm2_config: LlamaConfig,
+def test_pulled_name_and_alias_resolve_fast_path(smollm2_dir: Path, smollm2_config: HFConfig,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGODA_HOME", str(smollm2_dir.parent.parent))
     source = resolve_model("SmolLM2-135M-Instruct")
@@ -297,7 +298,7 @@ def test_llama3_rope_recovered_from_rope_freqs(tmp_path: Path) -> None:
     tensors = embedding(300, 512) | {"rope_freqs.weight": factors}
     source = resolve_model(str(write_llama_gguf(tmp_path / "l3.gguf", config, tensors)))
     assert source.hf_config.rope_parameters == rope
-    scaled_again, _ = ROPE_INIT_FUNCTIONS["llama3"](source.hf_config, "cpu")
+    scaled_again, _ = ROPE_INIT_FUNCTIONS["llama3"](source.hf_config.to_transformers(), "cpu")
     torch.testing.assert_close(scaled_again, scaled)
     assert [name for name, _ in iter_weights(source)] == ["model.embed_tokens.weight"]
 
