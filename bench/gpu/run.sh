@@ -23,7 +23,8 @@ run_stage() {
   case "$1" in
     tests) python3 -m pytest -q -x tests/gpu 2>&1 | tail -40 ;;
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
-    kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 2>&1 | grep -v "^  " ;;
+    kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
+                     2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1 \
                --input-len 1024 --output-len 256 --output-json "$OUT/decode1.json" $EXTRA 2>&1 | grep -v INFO ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
