@@ -51,7 +51,7 @@ def test_decode_batches(batch_size, head_dim, heads, kv_heads, dtype, gpu_report
                        dtype=DTYPES[dtype], device="cuda", seed=batch_size + head_dim)
     scale = head_dim ** -0.5
     expected = dense_outputs(batch, scale)
-    for variant, segments in (("auto", None), ("unsplit", 1), ("split8", 8)):
+    for variant, segments in (("auto", None), ("unsplit", 1), ("split8", 8), ("split32", 32)):
         err = float("nan")
         try:
             err = _run_and_check(batch, segments, scale, expected)

@@ -365,14 +365,19 @@ def test_kernel_under_interpreter(name, interpreter_results):
 def test_split_heuristic():
     from pagoda.layers.attention.triton_unified import choose_num_segments, plan_attention
     # Llama-3.1-8B decode (8 kv heads) on 132 SMs.
-    assert choose_num_segments(8, 1, 8192, 132) == 16  # batch 1: split as far as allowed
-    assert choose_num_segments(8, 1, 1024, 132) == 4  # ... but >= 256 tokens per segment
+    assert choose_num_segments(8, 1, 8192, 132) == 32  # batch 1: split as far as allowed
+    assert choose_num_segments(8, 1, 1024, 132) == 8  # ... but >= 128 tokens per segment
     assert choose_num_segments(64, 1, 4096, 132) == 8  # batch 8
     assert choose_num_segments(512, 1, 4096, 132) == 1  # batch 64 fills the GPU already
-    assert choose_num_segments(8, 1, 300, 132) == 1  # short context
+    assert choose_num_segments(8, 1, 200, 132) == 1  # short context
     assert choose_num_segments(8, 512, 8192, 132) == 1  # prefill never splits
     decode = plan_attention(32, 8, 128, [1] * 8, 4096, 132)
     assert decode.decode_only and decode.num_segments == 8 and decode.config.block_m == 16
+    assert decode.config.num_stages == 3  # 8 tiles of 64 per segment: pipelined
+    single = plan_attention(32, 8, 128, [1], 4096, 132)
+    assert single.num_segments == 32 and single.config.num_stages == 1  # 2 tiles per segment
+    forced = plan_attention(32, 8, 128, [1], 4096, 132, config=decode.config)
+    assert forced.num_segments == 32 and forced.config == decode.config  # given configs stay
     prefill = plan_attention(32, 8, 128, [1, 2048], 8192, 132)
     assert not prefill.decode_only and prefill.num_segments == 1 and prefill.config.block_m == 64
     assert plan_attention(9, 3, 64, [1, 1], 4096, 132, num_segments=1).num_segments == 1

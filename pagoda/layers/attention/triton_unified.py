@@ -20,7 +20,7 @@ adds dimension 2, the KV segment.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -30,9 +30,14 @@ LOG2E = 1.4426950408889634
 
 # Split-KV heuristic (see choose_num_segments).
 SPLIT_MAX_QUERY_LEN = 16  # decode and speculative-decode batches only
-MIN_SEGMENT_TOKENS = 256  # a segment must read at least this much KV to pay for its partials
-MAX_SEGMENTS = 16
+# Tuned on an H200 by `attention_bench.py --graph-sweep` (decode replayed in CUDA graphs over
+# 32 layers' caches, planned at a 4096 capture length): batch 1 at 1.1k context took 9.6 ->
+# 7.8 us per layer going from 16 segments of 3 pipeline stages to 32 segments of one stage;
+# batch 8 stays at 8 segments (more were no faster there).
+MIN_SEGMENT_TOKENS = 128  # a segment must read at least this much KV to pay for its partials
+MAX_SEGMENTS = 32
 PROGRAMS_PER_SM = 2  # the split grid aims for this many programs per multiprocessor
+UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pipelining
 
 
 @triton.jit
@@ -268,16 +273,27 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     group = num_heads // num_kv_heads
     max_query_len = max(query_lens, default=0)
-    if config is None:
-        config = default_config(group, head_dim, max_query_len, dtype)
-    _check_config(config, group)
+    chosen = config or default_config(group, head_dim, max_query_len, dtype)
+    _check_config(chosen, group)
     if num_segments is None:
-        block_q = config.block_m // group
+        block_q = chosen.block_m // group
         num_programs = sum(-(-n // block_q) for n in query_lens) * num_kv_heads
         num_segments = choose_num_segments(num_programs, max_query_len, max_seq_len, num_sms)
     if num_segments < 1:
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
-    return AttentionPlan(config, max_query_len == 1, num_segments)
+    if config is None:
+        chosen = _stages_for_segments(chosen, max_seq_len, num_segments)
+    return AttentionPlan(chosen, max_query_len == 1, num_segments)
+
+
+def _stages_for_segments(config: KernelConfig, max_seq_len: int,
+                         num_segments: int) -> KernelConfig:
+    """One pipeline stage when a split segment walks so few tiles that prefetching the next
+    one has nothing to overlap with (it only lengthens the prologue)."""
+    if num_segments > 1 and triton.cdiv(max_seq_len, config.tile * num_segments) \
+            <= UNPIPELINED_TILES:
+        return replace(config, num_stages=1)
+    return config
 
 
 def _check_config(config: KernelConfig, group: int) -> None:
