@@ -9,7 +9,6 @@ import torch
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.custom_op import DeviceDispatch
-from pagoda.models.hf_config import rope_parameters
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
