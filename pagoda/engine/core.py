@@ -16,7 +16,6 @@ from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.layers.attention.selector import select_backend
-from pagoda.layers.triton_launch import can_compile_ahead
 from pagoda.logger import get_logger
 from pagoda.models.loader import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
@@ -76,17 +75,11 @@ class EngineCore:
         self.runner = ModelRunner(model, RunnerConfig(self.device, self.dtype, block_size,
                                                       hf.vocab_size), backend)
         self.activation_bytes = 0
-        cuda_graphs = self._use_cuda_graphs(backend.name)
-        if self.device.type == "cuda" and can_compile_ahead():
-            self.runner.compile_kernels_ahead(config.scheduler.max_num_batched_tokens,
-                                              config.scheduler.max_num_seqs,
-                                              self.max_model_len, cuda_graphs)
-            startup.mark("kernel compile")
         num_blocks = self._size_kv_cache(model)
         startup.mark("memory profile")
         self.runner.initialize_kv_cache(num_blocks)
         startup.mark("KV cache")
-        if cuda_graphs:
+        if self._use_cuda_graphs(backend.name):
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
             startup.mark("CUDA graphs")
         hasher = BlockHasher(block_size, model_id=self.source.name)

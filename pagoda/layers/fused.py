@@ -9,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.triton_launch import launch
-
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
@@ -36,8 +34,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     has_res = residual is not None
-    launch(
-        _add_rms_norm_kernel, (n_rows,),
+    _add_rms_norm_kernel[(n_rows,)](
         x, residual.contiguous() if has_res else x, weight, out, res_out, n_cols, eps,
         HAS_RESIDUAL=has_res, BLOCK=triton.next_power_of_2(n_cols),
         num_warps=min(max(triton.next_power_of_2(n_cols) // 256, 1), 16))
@@ -92,8 +89,7 @@ def rope_qk_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin:
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     rot_half = rotary_dim // 2
-    launch(
-        _rope_kernel, (num_tokens,),
+    _rope_kernel[(num_tokens,)](
         positions, q, k, cos_sin, q.stride(0), k.stride(0), num_q_heads, num_k_heads,
         HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)), num_warps=4)
@@ -118,8 +114,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n_cols = width // 2
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block = 1024
-    launch(_silu_mul_kernel, (n_rows, triton.cdiv(n_cols, block)), x, out, n_cols,
-           BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](x, out, n_cols, BLOCK=block,
+                                                           num_warps=4)
     return out
 
 
@@ -173,8 +169,7 @@ def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     if num_tokens == 0:
         return
     rot_half = rotary_dim // 2
-    launch(
-        _rope_store_kv_kernel, (num_tokens,),
+    _rope_store_kv_kernel[(num_tokens,)](
         positions, q, k, v, cos_sin, slot_mapping, key_cache, value_cache,
         q.stride(0), k.stride(0), v.stride(0), slot_mapping.shape[0], num_q_heads,
         num_k_heads, key_cache.stride(0), key_cache.stride(1), value_cache.stride(0),

@@ -89,32 +89,19 @@ class CudaGraphRunner:
         logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.graphs),
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
-    @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Run every size's decode step once, uncaptured: what capture() runs first."""
-        for bs in reversed(self.sizes):
-            self._decode_step(bs, self._metadata(bs))
-
     def _capture_one(self, bs: int) -> tuple[torch.cuda.CUDAGraph, Any]:
-        attn = self._metadata(bs)
+        inputs = self.inputs
+        attn = self.backend.build_metadata(
+            inputs.metadata(bs, self.max_model_len, self.block_size))
         for _ in range(2):  # warm up: compile kernels outside the capture
-            self._decode_step(bs, attn)
+            inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._decode_step(bs, attn)
+            inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
         if self.pool is None:
             self.pool = graph.pool()
         return graph, attn
-
-    def _metadata(self, bs: int) -> Any:
-        """Batch size bs's attention metadata, planned for max_model_len-long sequences."""
-        return self.backend.build_metadata(
-            self.inputs.metadata(bs, self.max_model_len, self.block_size))
-
-    def _decode_step(self, bs: int, attn: Any) -> None:
-        inputs = self.inputs
-        inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
 
     def can_run(self, attn: CommonAttentionMetadata) -> bool:
         return attn.max_query_len == 1 and attn.num_seqs <= self.sizes[-1] \

@@ -9,7 +9,6 @@ from torch import nn
 
 from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
 from pagoda.layers.attention.backend import AttentionBackend
-from pagoda.layers.triton_launch import compile_ahead
 from pagoda.runner.cuda_graphs import CudaGraphRunner
 from pagoda.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from pagoda.runner.memory import KVCacheSpec
@@ -73,32 +72,14 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
+        hidden = self.model.config.hidden_size
         self.graphs = None  # an earlier capture's memory pool goes before the new one's
-        self.graphs = self._graph_runner(max_num_seqs, max_model_len)
+        self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
+                                      max_num_seqs, max_model_len, hidden, self.config.dtype,
+                                      self.config.device)
         self.graphs.capture()
         self._graph_shape = (max_num_seqs, max_model_len)
         self._graph_addresses = self._addresses()
-
-    def _graph_runner(self, max_num_seqs: int, max_model_len: int) -> CudaGraphRunner:
-        return CudaGraphRunner(self.model, self.backend, self.config.block_size, max_num_seqs,
-                               max_model_len, self.model.config.hidden_size, self.config.dtype,
-                               self.config.device)
-
-    @torch.inference_mode()
-    def compile_kernels_ahead(self, num_tokens: int, max_num_seqs: int, max_model_len: int,
-                              cuda_graphs: bool) -> None:
-        """Compile, all at once, the Triton kernels that profile_peak_memory and (with
-        `cuda_graphs`) capture_cuda_graphs will launch: the same forwards run first with
-        their Triton launches turned into compiles (pagoda.layers.triton_launch)."""
-        def forwards() -> None:
-            step = self._profile_step(num_tokens, max_model_len)
-            self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
-            if cuda_graphs:
-                self._graph_runner(max_num_seqs, max_model_len).warm_up()
-        try:
-            compile_ahead(forwards)
-        finally:
-            self.release_kv_cache()
 
     def _addresses(self) -> tuple:
         return address_fingerprint(self.weight_sleeper.tensors, self.kv_cache)
@@ -151,7 +132,14 @@ class ModelRunner:
         """Peak device bytes of one step at the full token budget: a forward over num_tokens
         prompt tokens (as sequences of at most max_model_len) plus logits and sampling for
         num_seqs rows. Runs on a temporary KV cache just big enough."""
-        step = self._profile_step(num_tokens, max_model_len)
+        lens = [min(max_model_len, num_tokens - start)
+                for start in range(0, num_tokens, max_model_len)]
+        bs = self.config.block_size
+        self.initialize_kv_cache(sum(-(-n // bs) for n in lens) + 1)
+        sched_out = _prefill_schedule(lens, bs, self.config.vocab_size)
+        batch = InputBatch(self.config.device, bs)
+        batch.update(sched_out)
+        step = batch.prepare(sched_out)
         torch.cuda.reset_peak_memory_stats(self.config.device)
         hidden = self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
         rows = hidden[torch.arange(num_seqs, device=hidden.device) % hidden.shape[0]]
@@ -164,18 +152,6 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.config.device)
         self.release_kv_cache()
         return peak
-
-    def _profile_step(self, num_tokens: int, max_model_len: int) -> StepBatch:
-        """The inputs of a step prefilling num_tokens prompt tokens (as sequences of at most
-        max_model_len), on a temporary KV cache just big enough."""
-        lens = [min(max_model_len, num_tokens - start)
-                for start in range(0, num_tokens, max_model_len)]
-        bs = self.config.block_size
-        self.initialize_kv_cache(sum(-(-n // bs) for n in lens) + 1)
-        sched_out = _prefill_schedule(lens, bs, self.config.vocab_size)
-        batch = InputBatch(self.config.device, bs)
-        batch.update(sched_out)
-        return batch.prepare(sched_out)
 
     def release_kv_cache(self) -> None:
         for layer in self.model.attention_layers():

@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.triton_launch import launch
-
 # A program copies at most this many elements of one token's K (and as many of its V).
 _MAX_ELEMS_PER_PROGRAM = 2048
 
@@ -62,8 +60,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _MAX_ELEMS_PER_PROGRAM // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    launch(
-        _kv_store_kernel, grid,
+    _kv_store_kernel[grid](
         k, v, key_cache, value_cache, slot_mapping,
         *k.stride(), *v.stride(), *key_cache.stride(), *value_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,

@@ -26,8 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.triton_launch import launch
-
 LOG2E = 1.4426950408889634
 
 # Split-KV heuristic (see choose_num_segments).
@@ -347,8 +345,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     else:
         seg_max = seg_sum = seg_acc = out  # unused
         grid = (grid_q, num_kv_heads)
-    launch(
-        _unified_attention_kernel, grid,
+    _unified_attention_kernel[grid](
         q, key_cache, value_cache, out, seg_max, seg_sum, seg_acc,
         query_start_loc, seq_lens, block_tables,
         num_seqs, plan.num_segments, scale * LOG2E,
@@ -361,8 +358,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
-        launch(
-            _reduce_segments_kernel, (num_tokens, num_heads),
+        _reduce_segments_kernel[(num_tokens, num_heads)](
             out, seg_max, seg_sum, seg_acc, query_start_loc,
             num_seqs, plan.num_segments, num_heads * plan.num_segments, plan.num_segments,
             *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
