@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 from pagoda.errors import UnsupportedModelError
@@ -44,10 +44,10 @@ _MISTRAL_DEFAULTS: Mapping[str, Any] = {
     "max_position_embeddings": 4096 * 32,
     "sliding_window": 4096,
 }
-MODEL_TYPE_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
-    "llama": _LLAMA_DEFAULTS,
-    "mistral": _MISTRAL_DEFAULTS,
-}
+MODEL_TYPE_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "llama": MappingProxyType(_LLAMA_DEFAULTS),
+    "mistral": MappingProxyType(_MISTRAL_DEFAULTS),
+})
 
 
 class HFConfig(SimpleNamespace):
@@ -59,18 +59,12 @@ class HFConfig(SimpleNamespace):
         merged = dict(MODEL_TYPE_DEFAULTS.get(values.get("model_type") or "", {}))
         merged.update(values)
         if merged.get("dtype") is None and merged.get("torch_dtype") is not None:
-            merged["dtype"] = merged["torch_dtype"]  # the name before transformers 4.56
+            merged["dtype"] = merged["torch_dtype"]  # the field's older name
         merged.pop("torch_dtype", None)
         if "num_attention_heads" in merged:
-            merged.setdefault("num_key_value_heads", None)
-            merged["num_key_value_heads"] = (merged["num_key_value_heads"]
-                                             or merged["num_attention_heads"])
-            if merged.get("head_dim") is None and "hidden_size" in merged:
-                merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+            _fill_head_shape(merged)
         if merged.get("model_type") in MODEL_TYPE_DEFAULTS:
-            merged["rope_parameters"] = rope_parameters(SimpleNamespace(**merged))
-            merged.pop("rope_scaling", None)
-            merged.pop("rope_theta", None)
+            _merge_rope_fields(merged)
         return cls(**merged)
 
     @classmethod
@@ -97,6 +91,21 @@ class HFConfig(SimpleNamespace):
         from transformers import AutoConfig
         values = self.to_dict()
         return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def _fill_head_shape(values: dict[str, Any]) -> None:
+    """KV heads default to the query heads, and head_dim to hidden_size / heads."""
+    values["num_key_value_heads"] = (values.get("num_key_value_heads")
+                                     or values["num_attention_heads"])
+    if values.get("head_dim") is None and "hidden_size" in values:
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+
+
+def _merge_rope_fields(values: dict[str, Any]) -> None:
+    """rope_theta and rope_scaling folded into rope_parameters, as transformers 5 keeps them."""
+    values["rope_parameters"] = rope_parameters(SimpleNamespace(**values))
+    values.pop("rope_scaling", None)
+    values.pop("rope_theta", None)
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

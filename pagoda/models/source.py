@@ -144,7 +144,7 @@ def _pulled_source(spec: str, path: Path, manifest: store.Manifest) -> ModelSour
     gguf_file = path / manifest.gguf
     cached = manifest.config_version == GGUF_CONFIG_VERSION and (path / "config.json").is_file()
     if cached:
-        config, tensors = _read_hf_config(path), read_tensor_index(gguf_file, path / INDEX_NAME)
+        config, tensors = HFConfig.from_dir(path), read_tensor_index(gguf_file, path / INDEX_NAME)
     else:
         config, tensors = _gguf_config_and_tensors(gguf_file)
     tokenizer = path if has_tokenizer_files(path) else None
@@ -166,11 +166,7 @@ def _gguf_config_and_tensors(gguf_file: Path) -> tuple[HFConfig, GGUFIndex]:
 
 def _hf_source(spec: str, path: Path) -> ModelSource:
     tokenizer = path if has_tokenizer_files(path) else None
-    return ModelSource(spec, path, "safetensors", _read_hf_config(path), tokenizer_path=tokenizer)
-
-
-def _read_hf_config(path: Path) -> HFConfig:
-    return HFConfig.from_dir(path)
+    return ModelSource(spec, path, "safetensors", HFConfig.from_dir(path), tokenizer_path=tokenizer)
 
 
 def has_tokenizer_files(path: Path) -> bool:
@@ -230,7 +226,7 @@ class GGUFMeta:
 
 @dataclass(frozen=True, slots=True)
 class GGUFArch:
-    """How one GGUF `general.architecture` maps onto a transformers config and HF tensor names."""
+    """How one GGUF `general.architecture` maps onto an HF config and HF tensor names."""
 
     build_config: Callable[[GGUFMeta], HFConfig]
     global_names: Mapping[str, str]  # GGUF tensor stem -> HF module path
@@ -484,9 +480,9 @@ def tokenizer_from_gguf(gguf_file: Path) -> Any:
     """Convert the tokenizer embedded in a GGUF file (slow: seconds for a 50k vocabulary).
     It is read from a directory holding (a link to) the GGUF alone: transformers would also
     read tokenizer files lying next to it, such as an earlier conversion's, and mix them in."""
+    from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory(prefix="pagoda-gguf-") as alone:
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
-        from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = GGUFMeta.open(gguf_file).get("tokenizer.chat_template")

@@ -88,7 +88,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
+# Integers that only size the launch or index the small split-KV workspace are not
+# specialized on: each value class would otherwise compile its own variant at startup.
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh"])
 def _unified_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -168,7 +170,7 @@ def _unified_attention_kernel(
                  mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh"])
 def _reduce_segments_kernel(
     out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr, query_start_loc_ptr,
     num_seqs, num_segments, stride_wt, stride_wh, stride_ot, stride_oh, stride_od,
@@ -362,6 +364,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             out, seg_max, seg_sum, seg_acc, query_start_loc,
             num_seqs, plan.num_segments, num_heads * plan.num_segments, plan.num_segments,
             *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-            SEG_P=triton.next_power_of_2(plan.num_segments), num_warps=4,
+            # one lane width for every heuristic segment count: one compiled variant
+            SEG_P=max(MAX_SEGMENTS, triton.next_power_of_2(plan.num_segments)), num_warps=4,
         )
     return out
