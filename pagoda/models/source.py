@@ -161,7 +161,7 @@ def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:
 def _gguf_config_and_tensors(gguf_file: Path) -> tuple[HFConfig, GGUFIndex]:
     """The config and tensors of a GGUF, from one parse of its metadata."""
     meta = GGUFMeta.open(gguf_file)
-    return gguf_hf_config(gguf_file, meta), GGUFIndex(meta.arch, list(reader_tensors(meta.reader)))
+    return gguf_hf_config(gguf_file, meta), meta.tensor_index()
 
 
 def _hf_source(spec: str, path: Path) -> ModelSource:
@@ -218,6 +218,10 @@ class GGUFMeta:
         """Length of array metadata `key` without decoding its items."""
         field = self.reader.fields.get(key.format(arch=self.arch))
         return None if field is None else len(field.data)
+
+    def tensor_index(self) -> GGUFIndex:
+        """The file's architecture and tensors, as the reader parsed them."""
+        return GGUFIndex(self.arch, list(reader_tensors(self.reader)))
 
     def tensor(self, name: str) -> gguf.ReaderTensor | None:
         """The tensor called `name`, if the file has one."""
@@ -385,8 +389,7 @@ def _iter_gguf(path: Path, config: HFConfig,
 
 def read_gguf_tensors(path: Path) -> GGUFIndex:
     """The file's architecture and tensors, through gguf's reader (parses all metadata)."""
-    meta = GGUFMeta.open(path)
-    return GGUFIndex(meta.arch, list(reader_tensors(meta.reader)))
+    return GGUFMeta.open(path).tensor_index()
 
 
 def _hf_name(arch: GGUFArch, gguf_name: str) -> str | None:
