@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.client import EngineCoreClient, EngineDeadError
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.output_processor import OutputProcessor
@@ -16,8 +17,6 @@ from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.scheduler.output import EngineCoreOutput
-from pagoda.scheduler.scheduler import SchedulerStats
 from pagoda.tokenizer.chat_template import Conversation, render_chat
 
 logger = get_logger(__name__)

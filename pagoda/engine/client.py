@@ -31,14 +31,14 @@ import zmq
 import zmq.asyncio
 
 from pagoda.config import EngineConfig
+from pagoda.core_outputs import EngineCoreOutput
 from pagoda.engine import serial
-from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.core_entry import spawn_main
-from pagoda.engine.request import EngineCoreRequest
+from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.serial import EngineCoreOutputs, RequestError
-from pagoda.scheduler.output import EngineCoreOutput
 from pagoda.errors import PagodaError
 from pagoda.logger import get_logger
+from pagoda.request import EngineCoreRequest
 
 if TYPE_CHECKING:
     from pagoda.engine.core import EngineCore

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from pagoda.config import EngineConfig, resolve_device, resolve_dtype
+from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
-from pagoda.engine.request import EngineCoreRequest, RequestStatus
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
@@ -20,10 +20,11 @@ from pagoda.logger import get_logger
 from pagoda.models.loader import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
+from pagoda.request import EngineCoreRequest, RequestStatus
 from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
-from pagoda.scheduler.output import EngineCoreOutput, SchedulerOutput
-from pagoda.scheduler.scheduler import Scheduler, SchedulerStats
+from pagoda.scheduler.output import SchedulerOutput
+from pagoda.scheduler.scheduler import Scheduler
 from pagoda.structured_output.bitmask import BitmaskFiller
 from pagoda.structured_output.grammar import GrammarCompiler, GrammarMatcherState
 from pagoda.tokenizer.tokenizer import get_tokenizer

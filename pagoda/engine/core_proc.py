@@ -22,14 +22,14 @@ import msgspec
 import zmq
 
 from pagoda.config import EngineConfig
+from pagoda.core_outputs import EngineCoreOutput
 from pagoda.engine import serial
 from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor
-from pagoda.engine.request import EngineCoreRequest
 from pagoda.errors import PagodaError
 from pagoda.logger import configure_logging, get_logger
 from pagoda.process import StartupPhases, freeze_startup_objects
-from pagoda.scheduler.output import EngineCoreOutput
+from pagoda.request import EngineCoreRequest
 
 logger = get_logger(__name__)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
-from pagoda.engine.request import EngineCoreRequest
 from pagoda.errors import InvalidRequestError
+from pagoda.request import EngineCoreRequest
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import GrammarCompiler
 

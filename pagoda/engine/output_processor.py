@@ -9,7 +9,7 @@ from typing import Any
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.scheduler.output import EngineCoreOutput, LogprobsLists
+from pagoda.core_outputs import EngineCoreOutput, LogprobsLists
 
 
 @dataclass(slots=True)

@@ -15,10 +15,9 @@ from typing import Any
 import msgspec
 
 from pagoda.config import EngineConfig
+from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo
-from pagoda.engine.request import EngineCoreRequest
-from pagoda.scheduler.output import EngineCoreOutput
-from pagoda.scheduler.scheduler import SchedulerStats
+from pagoda.request import EngineCoreRequest
 
 # Utility methods the client may call on the engine, and the type each one returns.
 UTILITY_METHODS: dict[str, Any] = {

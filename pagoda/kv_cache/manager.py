@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagoda.engine.request import Request
 from pagoda.kv_cache.block_pool import BlockPool, KVBlock
 from pagoda.kv_cache.hashing import BlockHasher
+from pagoda.request import Request
 
 
 @dataclass(slots=True)

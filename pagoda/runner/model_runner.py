@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pagoda.core_outputs import LogprobsLists
 from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
 from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.runner.cuda_graphs import CudaGraphRunner
@@ -17,12 +18,7 @@ from pagoda.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagoda.sampling.metadata import SamplingMetadata, SamplingRow
 from pagoda.sampling.sampler import Sampler
 from pagoda.sampling_params import SamplingParams
-from pagoda.scheduler.output import (
-    LogprobsLists,
-    ModelRunnerOutput,
-    NewRequestData,
-    SchedulerOutput,
-)
+from pagoda.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.structured_output.bitmask import apply_bitmask
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pagoda.core_outputs import LogprobsLists
 from pagoda.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the frontend imports this module before the engine: keep torch out of it
@@ -55,10 +56,6 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens == 0
 
 
-# Per position: (token ids [k+1], logprobs [k+1], rank of the first id). Col 0 is the actual token.
-LogprobsLists = tuple[list[list[int]], list[list[float]], list[int]]
-
-
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """What one step produced, keyed by request id."""
@@ -66,21 +63,3 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """New tokens (and whether it finished) for one request after one step."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: LogprobsLists | None = None
-    new_prompt_logprobs: LogprobsLists | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to first scheduling; first output only
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 
-from pagoda.engine.request import Request
+from pagoda.request import Request
 
 
 class WaitingQueue:

@@ -14,32 +14,18 @@ next decode is scheduled on that pending token, and a request whose pending toke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from pagoda.config import SchedulerConfig
-from pagoda.engine.request import EngineCoreRequest, Request, RequestStatus
+from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.request import EngineCoreRequest, Request, RequestStatus
 from pagoda.scheduler.output import (
     CachedRequestData,
-    EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
 from pagoda.scheduler.queue import WaitingQueue
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """Counters the engine exposes (and the server turns into metrics)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_computed_tokens_total: int = 0
 
 
 class Scheduler:

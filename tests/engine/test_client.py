@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from pagoda.config import CacheConfig, EngineConfig
+from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine import serial
 from pagoda.engine.client import (
     EngineCoreOutputs,
@@ -23,12 +24,10 @@ from pagoda.engine.client import (
     InprocClient,
     MPClient,
 )
-from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.core_proc import EXIT_AT_STEP_ENV, FAIL_AT_STEP_ENV
-from pagoda.engine.request import EngineCoreRequest
+from pagoda.engine.model_info import ModelInfo
+from pagoda.request import EngineCoreRequest
 from pagoda.sampling_params import SamplingParams
-from pagoda.scheduler.output import EngineCoreOutput
-from pagoda.scheduler.scheduler import SchedulerStats
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = {"a": [5, 6, 7, 8, 9], "b": [1, 2, 3] * 7, "c": [42] * 17}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.engine.request import EngineCoreRequest
+from pagoda.request import EngineCoreRequest
 
 PROMPTS = ["The capital of France is", "Water boils at"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)

@@ -93,7 +93,7 @@ def test_a_bad_constraint_is_refused_before_queueing(smollm2_llm):
 def test_a_constraint_the_engine_cannot_compile_ends_that_request_alone(smollm2_llm):
     """Bypassing the frontend's check, a bad constraint reaches the engine: that request
     ends with finish_reason "error" and a reason; the engine keeps serving."""
-    from pagoda.engine.request import EngineCoreRequest
+    from pagoda.request import EngineCoreRequest
 
     core = smollm2_llm.engine.core
     bad = SamplingParams(max_tokens=4, structured_outputs=Spec(regex="(unclosed"))

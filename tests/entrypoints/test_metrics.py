@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pagoda.core_outputs import SchedulerStats
 from pagoda.entrypoints.metrics import EngineMetrics
-from pagoda.scheduler.scheduler import SchedulerStats
 
 
 def samples(metrics: EngineMetrics, name: str) -> dict[str, float]:

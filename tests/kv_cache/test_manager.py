@@ -1,8 +1,8 @@
 """KVCacheManager: prefix hits, allocation accounting, freeing."""
 
-from pagoda.engine.request import EngineCoreRequest, Request
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.request import EngineCoreRequest, Request
 from pagoda.sampling_params import SamplingParams
 
 BS = 4

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from pagoda.config import SchedulerConfig
-from pagoda.engine.request import EngineCoreRequest, RequestStatus
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
+from pagoda.request import EngineCoreRequest, RequestStatus
 from pagoda.sampling_params import SamplingParams
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler

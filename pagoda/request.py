@@ -1,4 +1,5 @@
-"""Engine-side request state: tokens, progress through the sequence, status."""
+"""Request state inside the engine core: the request as it arrives, its lifecycle status, and
+the scheduler's view of its tokens and progress (shared by the scheduler and the KV cache)."""
 
 from __future__ import annotations
 
