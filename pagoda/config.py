@@ -37,6 +37,15 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device,
     return torch.bfloat16
 
 
+def parse_bytes(text: str) -> int:
+    """'512MiB', '4G', '1073741824' -> bytes (ValueError if it is not a size)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
 def resolve_device(name: str) -> torch.device:
     import torch
     if name == "auto":

@@ -8,7 +8,7 @@ from typing import Any
 
 from pagoda.bench import fleet as fleet_bench
 from pagoda.cli.bench_serve import add_serve_parser
-from pagoda.cli.engine_args import parse_bytes
+from pagoda.config import parse_bytes
 
 # flag dest -> LLM keyword argument; only passed on when the flag was given
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",

@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-def parse_bytes(text: str) -> int:
-    """'512MiB', '4G', '1073741824' -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    s = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * units[s[-1]])
-    return int(s)
+from pagoda.config import parse_bytes
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from pagoda.cli.engine_args import add_engine_args, engine_kwargs, parse_bytes
+from pagoda.cli.engine_args import add_engine_args, engine_kwargs
+from pagoda.config import parse_bytes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

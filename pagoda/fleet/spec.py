@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagoda.config import parse_bytes
 from pagoda.errors import ConfigError
 
 FOREVER = -1.0
@@ -54,11 +55,10 @@ def parse_keep_alive(value: Any) -> float:
     return FOREVER if seconds < 0 else seconds
 
 
-def parse_bytes(value: Any) -> int:
+def parse_memory(value: Any) -> int:
     """Bytes from 1234, "20GiB", "512MB", "1.5G"."""
-    from pagoda.cli.engine_args import parse_bytes as parse
     try:
-        return parse(str(value))
+        return parse_bytes(str(value))
     except ValueError as exc:
         raise ConfigError(f"{value!r} is not a byte size (e.g. 20GiB): {exc}") from None
 
@@ -144,7 +144,7 @@ def fleet_from_yaml(path: str | Path) -> FleetSpec:
     memory = data.get("memory_limit")
     specs = [_model_entry(entry, defaults, f"{path}: models[{i}]")
              for i, entry in enumerate(data["models"])]
-    return FleetSpec(specs, parse_bytes(memory) if memory is not None else None, keep_alive)
+    return FleetSpec(specs, parse_memory(memory) if memory is not None else None, keep_alive)
 
 
 def _model_entry(entry: Any, defaults: dict[str, Any], where: str) -> ModelSpec:

@@ -6,8 +6,9 @@ import shlex
 
 import pytest
 
-from pagoda.cli.engine_args import compat_notes, engine_kwargs, parse_bytes
+from pagoda.cli.engine_args import compat_notes, engine_kwargs
 from pagoda.cli.main import build_parser
+from pagoda.config import parse_bytes
 
 VLLM_LINES = [
     "serve meta-llama/Llama-3.1-8B-Instruct --host 0.0.0.0 --port 8000 "
