@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+_MAX_NAME_CHARS = 128  # of a model name quoted back in an error message
+
 
 class PagodaError(Exception):
     """Base class of every error pagoda raises on purpose."""
@@ -34,3 +36,25 @@ class UnsupportedModelError(PagodaError, ValueError):
 
 class ConfigError(PagodaError, ValueError):
     """Engine configuration that cannot work (e.g. the KV cache cannot hold one sequence)."""
+
+
+class UnknownModelError(PagodaError, LookupError):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, model: str | None = None) -> None:
+        name = (model or "")[:_MAX_NAME_CHARS]
+        self.message = f"The model `{name}` does not exist." if name else \
+            "The model does not exist."
+        super().__init__(self.message)
+        self.param = "model"
+        self.code = "model_not_found"
+
+
+class ModelUnavailableError(PagodaError):
+    """A hosted model cannot take the request now (still loading, no room beside the models
+    that must stay, too many waiting); worth retrying after `retry_after` seconds if given."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after

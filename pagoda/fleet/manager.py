@@ -21,8 +21,12 @@ from typing import Any
 from pagoda.config import engine_config
 from pagoda.engine.async_engine import AsyncEngine, EngineObserver
 from pagoda.engine.client import EngineDeadError, MPClient
-from pagoda.entrypoints.openai.errors import ServerOverloadedError, UnknownModelError
-from pagoda.errors import PagodaError
+from pagoda.errors import (
+    InvalidRequestError,
+    ModelUnavailableError,
+    PagodaError,
+    UnknownModelError,
+)
 from pagoda.fleet.devices import DeviceMemory, default_device, device_memory
 from pagoda.fleet.planner import (
     GPU_PROCESS_OVERHEAD,
@@ -269,7 +273,6 @@ class ModelManager:
         if name is None:
             if len(self.models) == 1:
                 return self.models[0]
-            from pagoda.errors import InvalidRequestError
             raise InvalidRequestError("this server hosts several models: name one in "
                                       "'model'", "model")
         model = self.by_name.get(name)
@@ -283,7 +286,7 @@ class ModelManager:
         if model.state is ModelState.LOADED and model.transition is None:
             return self._lease(model, keep_alive)
         if self.waiting >= self.max_waiting:
-            raise ServerOverloadedError("too many requests are waiting for models to load; "
+            raise ModelUnavailableError("too many requests are waiting for models to load; "
                                         "retry shortly", retry_after=5)
         self.waiting += 1
         model.waiters += 1
@@ -291,7 +294,7 @@ class ModelManager:
             return await asyncio.wait_for(self._wait_resident(model, keep_alive),
                                           self.swap_timeout)
         except TimeoutError:
-            raise ServerOverloadedError(f"model {model.name!r} is still being loaded; retry "
+            raise ModelUnavailableError(f"model {model.name!r} is still being loaded; retry "
                                         f"shortly", retry_after=5) from None
         finally:
             self.waiting -= 1
@@ -352,9 +355,9 @@ class ModelManager:
             victim = self._pick_victim(model, device)
             if victim is None:
                 if model.waiters == 0:
-                    raise ServerOverloadedError("nobody waits for this model any more")
+                    raise ModelUnavailableError("nobody waits for this model any more")
                 if not self._may_become_evictable(model, device):
-                    raise ServerOverloadedError(
+                    raise ModelUnavailableError(
                         f"model {model.name!r} does not fit beside the pinned models",
                         retry_after=60)
                 self._idle.clear()

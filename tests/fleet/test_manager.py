@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pagoda.errors import ModelUnavailableError
 from pagoda.fleet.manager import ModelManager, ModelState
 from pagoda.fleet.planner import DoesNotFit
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
@@ -106,11 +107,10 @@ def test_keep_alive_sets_when_an_idle_model_expires(smollm2_dir):
 
 
 def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused_at_once(smollm2_dir):
-    from pagoda.entrypoints.openai.errors import ServerOverloadedError
     m = manager(ModelSpec(str(smollm2_dir), "pinned", pinned=True),
                 ModelSpec(str(smollm2_dir), "other"), memory_limit=int(1.3 * GIB))
     loaded(m, "pinned")
     other = m.by_name["other"]
     other.waiters = 1
-    with pytest.raises(ServerOverloadedError, match="beside the pinned"):
+    with pytest.raises(ModelUnavailableError, match="beside the pinned"):
         asyncio.run(m._make_room(other, other.need.min_bytes))

@@ -89,17 +89,6 @@ class AuthenticationError(APIError):
     default_message = "Invalid or missing API key."
 
 
-class UnknownModelError(APIError):
-    """The request names a model this server does not serve (404)."""
-
-    status, type, code = 404, "invalid_request_error", "model_not_found"
-    default_message = "The model does not exist."
-
-    def __init__(self, model: str | None = None) -> None:
-        name = (model or "")[:MAX_PARAM_CHARS]
-        super().__init__(f"The model `{name}` does not exist." if name else None, param="model")
-
-
 class RequestTooLargeError(APIError):
     """The request body is over the server's byte limit (413)."""
 
@@ -148,6 +137,8 @@ _KINDS: Mapping[str, ErrorKind] = MappingProxyType({
     "InvalidRequestError": ErrorKind(400, "invalid_request_error"),
     "ModelNotFoundError": ErrorKind(404, "invalid_request_error", "model_not_found",
                                     expose_message=False, message="The model does not exist."),
+    "UnknownModelError": ErrorKind(404, "invalid_request_error", "model_not_found"),
+    "ModelUnavailableError": ErrorKind(503, "service_unavailable_error", "server_is_overloaded"),
     "UnsupportedModelError": ErrorKind(400, "invalid_request_error", "model_not_supported",
                                        expose_message=False,
                                        message="The model is not supported by this server."),

@@ -16,12 +16,8 @@ from pydantic import BaseModel
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.input_processor import ProcessedPrompt
-from pagoda.entrypoints.openai.errors import (
-    ServerOverloadedError,
-    UnknownModelError,
-    exception_to_response,
-)
-from pagoda.errors import ContextLengthExceededError, InvalidRequestError
+from pagoda.entrypoints.openai.errors import ServerOverloadedError, exception_to_response
+from pagoda.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams

@@ -19,7 +19,9 @@ from pagoda.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
     ModelNotFoundError,
+    ModelUnavailableError,
     PagodaError,
+    UnknownModelError,
 )
 
 LEAKS = ("Traceback", "File \"", "site-packages", "/work", " at 0x", "pydantic", "Value error",
@@ -77,7 +79,9 @@ class EngineOverloadedError(PagodaError):
      "invalid_request_error", "context_length_exceeded", "prompt"),
     (ModelNotFoundError("/work/SECRET/models does not look like a model"), 404,
      "invalid_request_error", "model_not_found", None),
-    (e.UnknownModelError("gpt-9"), 404, "invalid_request_error", "model_not_found", "model"),
+    (UnknownModelError("gpt-9"), 404, "invalid_request_error", "model_not_found", "model"),
+    (ModelUnavailableError("still loading", retry_after=5), 503, "service_unavailable_error",
+     "server_is_overloaded", None),
     (e.AuthenticationError(), 401, "authentication_error", "invalid_api_key", None),
     (e.RequestTooLargeError(), 413, "invalid_request_error", "request_too_large", None),
     (e.RateLimitedError(retry_after=2), 429, "rate_limit_error", "rate_limit_exceeded", None),
@@ -106,9 +110,9 @@ def test_own_messages_pass_through() -> None:
     _, body, _ = e.exception_to_response(ContextLengthExceededError(
         "This model's maximum context length is 2048 tokens. However, you requested 3000 tokens."))
     assert "maximum context length is 2048 tokens" in body["error"]["message"]
-    _, body, _ = e.exception_to_response(e.UnknownModelError("gpt-9"))
+    _, body, _ = e.exception_to_response(UnknownModelError("gpt-9"))
     assert body["error"]["message"] == "The model `gpt-9` does not exist."
-    _, body, _ = e.exception_to_response(e.UnknownModelError("x" * 10_000))
+    _, body, _ = e.exception_to_response(UnknownModelError("x" * 10_000))
     assert len(body["error"]["message"]) < 200
 
 
@@ -116,6 +120,7 @@ def test_retry_after_headers() -> None:
     assert e.exception_to_response(e.RateLimitedError(retry_after=2.5))[2] == {
         "Retry-After": "3", "retry-after-ms": "2500"}
     assert e.exception_to_response(EngineOverloadedError("busy", 1))[2]["Retry-After"] == "1"
+    assert e.exception_to_response(ModelUnavailableError("no room", 60))[2]["Retry-After"] == "60"
     assert e.exception_to_response(e.ServerOverloadedError())[2] == {}
     assert e.exception_to_response(InvalidRequestError("x"))[2] == {}
     assert e.retry_after_headers(float("inf")) == {} and e.retry_after_headers(-1) == {}
