@@ -9,15 +9,24 @@ from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
 
 
-def dense_attention(q, k, v, scale):
-    """q [Lq, H, D] for the last Lq positions of k/v [L, KVH, D], causal."""
+def hf_visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """transformers' own mask functions (the oracle of the semantics) on index grids."""
+    from transformers.masking_utils import (
+        causal_mask_function, sliding_window_causal_mask_function)
+    fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    return fn(0, 0, q_pos, kv_pos)
+
+
+def dense_attention(q, k, v, scale, window=None):
+    """q [Lq, H, D] for the last Lq positions of k/v [L, KVH, D], causal (and windowed)."""
     lq, heads, _ = q.shape
     total, kv_heads, _ = k.shape
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
     q_pos = torch.arange(total - lq, total).unsqueeze(1)
-    scores = scores.masked_fill(torch.arange(total).unsqueeze(0) > q_pos, float("-inf"))
+    visible = hf_visible(q_pos, torch.arange(total).unsqueeze(0), window)
+    scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).to(q.dtype)
 
 
@@ -85,3 +94,89 @@ def test_null_block_padding_is_harmless():
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0:1], dense_attention(q[0:1], ks[0], vs[0], 8 ** -0.5),
                                rtol=1e-4, atol=1e-4)
+
+
+def _poison_invisible(cache, meta, seqs, window):
+    """inf into every cached K/V no query of its sequence may see: a read of one shows."""
+    flat = cache.flatten(1, 2)
+    for i, (context, _) in enumerate(seqs):
+        first = max(0, context - window + 1)
+        pos = torch.arange(first)
+        slots = meta.block_tables[i, pos // meta.block_size].long() * meta.block_size \
+            + pos % meta.block_size
+        flat[:, slots] = float("inf")
+
+
+def _check_window_step(seqs, window, block_size, heads, kv_heads, seed, windows=()):
+    """One step's metadata serves layers of several windows; each equals the dense oracle."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = 16
+    meta, cache, ks, vs = build_step(seqs, block_size, 512, kv_heads, dim, gen)
+    q = torch.randn(meta.num_tokens, heads, dim, generator=gen)
+    new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, ks)])
+    new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, vs)])
+    _poison_invisible(cache, meta, seqs, window)
+    backend = TorchAttentionBackend()
+    attn_meta = backend.build_metadata(meta)
+    for w in (window, *windows):
+        out = backend.forward(q, new_k, new_v, cache, attn_meta, dim ** -0.5, sliding_window=w)
+        for i, ((context, query), k, v) in enumerate(zip(seqs, ks, vs)):
+            rows = slice(meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1])
+            torch.testing.assert_close(out[rows], dense_attention(q[rows], k, v, dim ** -0.5, w),
+                                       rtol=1e-4, atol=1e-4, msg=lambda m: f"window {w}: {m}")
+    assert set(attn_meta.windows) == {window, *windows}  # one gather per window
+
+
+WINDOW_STEPS = {
+    "prefill_longer_than_window": [(0, 40)],
+    "chunk_context_past_window": [(30, 12), (9, 5)],
+    "decode": [(40, 1), (3, 1), (7, 1), (8, 1), (100, 1)],
+    "mixed": [(0, 40), (30, 12), (40, 1), (3, 1), (0, 2), (7, 9), (100, 1)],
+}
+
+
+@pytest.mark.parametrize("window", [1, 5, 8, 16])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("step", list(WINDOW_STEPS))
+def test_sliding_window_matches_dense(step, block_size, window):
+    """Keys before the window are masked and never read (their slots hold inf)."""
+    _check_window_step(WINDOW_STEPS[step], window, block_size, 8, 2, seed=block_size + window)
+
+
+def test_window_and_full_layers_share_one_step():
+    """Full (None) and windowed layers, and a window wider than every sequence, on one
+    metadata object; a window wider than the context equals full attention."""
+    _check_window_step(WINDOW_STEPS["mixed"], 300, 4, 9, 3, seed=1, windows=(None, 8, 1000))
+
+
+def test_window_semantics_match_transformers():
+    """The query at position p sees exactly the keys at (p - window, p]."""
+    from tests.layers.test_triton_attention import visible_mask
+    q_pos = torch.arange(40).unsqueeze(1)
+    kv_pos = torch.arange(40).unsqueeze(0)
+    for window in (None, 1, 2, 7, 16, 64):
+        expected = hf_visible(q_pos, kv_pos, window)
+        assert torch.equal(visible_mask(q_pos, kv_pos, window), expected)
+        if window is not None:
+            assert torch.equal(expected, (kv_pos <= q_pos) & (q_pos - kv_pos < window))
+            assert int(expected[39].sum()) == min(window, 40)  # counting the query itself
+
+
+def test_layer_passes_its_window():
+    """Attention(sliding_window=W) hands W to its backend on every call; W < 1 is refused."""
+    from pagoda.layers.attention.layer import Attention
+    calls = []
+
+    class Recorder(TorchAttentionBackend):
+        def forward_rotary(self, positions, q, k, v, rotary, kv_cache, metadata, scale,
+                           sliding_window=None):
+            calls.append(sliding_window)
+            return q
+    for window in (None, 512):
+        layer = Attention(4, 2, 8, 0.5, sliding_window=window)
+        layer.kv_cache, layer.backend = torch.zeros(2, 1, 1, 2, 8), Recorder()
+        layer(torch.zeros(3, 32), torch.zeros(3, 16), torch.zeros(3, 16), None,
+              torch.zeros(3, dtype=torch.long), None)
+    assert calls == [None, 512]
+    with pytest.raises(ValueError, match="sliding_window"):
+        Attention(4, 2, 8, 0.5, sliding_window=0)

@@ -1,5 +1,6 @@
 """The Triton attention kernels (KV store, unified, split-KV) equal dense causal attention and
-the torch_ref backend on random paged layouts, run on CPU by Triton's interpreter.
+the torch_ref backend on random paged layouts (full and sliding-window), run on CPU by
+Triton's interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported, so the kernel checks run in
 one subprocess (`python -m tests.layers.test_triton_attention`, which prints a JSON verdict
@@ -93,10 +94,18 @@ def make_batch(seqs: list[tuple[int, int]], *, block_size: int, heads: int, kv_h
                  torch.cat(new_v), keys, values)
 
 
+def visible_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query sees: causal, and with a window W only kv in (q - W, q]
+    (checked against transformers' mask functions in test_torch_attention)."""
+    visible = kv_pos <= q_pos
+    return visible if window is None else visible & (kv_pos > q_pos - window)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        chunk: int = 512) -> torch.Tensor:
-    """Dense causal attention of q [Lq, H, D] as the last Lq positions of k/v [L, KVH, D];
-    float64 on CPU, float32 on GPU, queries in chunks to bound memory."""
+                        chunk: int = 512, window: int | None = None) -> torch.Tensor:
+    """Dense causal (optionally sliding-window) attention of q [Lq, H, D] as the last Lq
+    positions of k/v [L, KVH, D]; float64 on CPU, float32 on GPU, queries in chunks to bound
+    memory."""
     acc_dtype = torch.float64 if q.device.type == "cpu" else torch.float32
     lq, heads, _ = q.shape
     total, kv_heads, _ = k.shape
@@ -108,7 +117,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         qc = q[start:start + chunk].to(acc_dtype).transpose(0, 1)  # [H, c, D]
         scores = qc @ k.transpose(1, 2) * scale
         q_pos = torch.arange(start, start + qc.shape[1], device=q.device) + (total - lq)
-        scores.masked_fill_(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        visible = visible_mask(q_pos[:, None], key_pos[None, :], window)
+        scores.masked_fill_(~visible[None], float("-inf"))
         out[start:start + qc.shape[1]] = (scores.softmax(-1) @ v).transpose(0, 1)
     return out
 
@@ -120,7 +130,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 
 def run_triton(batch: Batch, scale: float, num_segments: int | None = None,
-               config=None) -> torch.Tensor:
+               config=None, window: int | None = None) -> torch.Tensor:
     """Store the new K/V and attend with the Triton kernels (config overrides the tile shape)."""
     from pagoda.layers.attention.triton_backend import TritonAttentionBackend
     from pagoda.layers.attention.triton_kv_store import store_kv
@@ -128,28 +138,43 @@ def run_triton(batch: Batch, scale: float, num_segments: int | None = None,
     if config is None:
         backend = TritonAttentionBackend(num_segments=num_segments)
         return backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
-                               backend.build_metadata(batch.meta), scale)
+                               backend.build_metadata(batch.meta), scale, window)
     meta, (_, heads, dim), kv_heads = batch.meta, batch.q.shape, batch.k.shape[1]
     store_kv(batch.k, batch.v, batch.kv_cache[0], batch.kv_cache[1], meta.slot_mapping)
     plan = plan_attention(heads, kv_heads, dim, meta.query_lens_cpu, meta.max_seq_len, 132,
-                          num_segments, config, batch.q.dtype)
+                          num_segments, config, batch.q.dtype, sliding_window=window)
     return unified_attention(batch.q, batch.kv_cache[0], batch.kv_cache[1], meta.query_start_loc,
-                             meta.seq_lens, meta.block_tables, scale, meta.num_seqs, plan)
+                             meta.seq_lens, meta.block_tables, scale, meta.num_seqs, plan,
+                             sliding_window=window)
 
 
-def dense_outputs(batch: Batch, scale: float) -> list[torch.Tensor]:
+def dense_outputs(batch: Batch, scale: float, window: int | None = None) -> list[torch.Tensor]:
     """The reference output rows of each sequence."""
     qsl = batch.meta.query_start_loc_cpu
-    return [reference_attention(batch.q[qsl[i]:qsl[i + 1]], keys, values, scale)
+    return [reference_attention(batch.q[qsl[i]:qsl[i + 1]], keys, values, scale, window=window)
             for i, (keys, values) in enumerate(zip(batch.keys, batch.values))]
 
 
+def poison_out_of_window(batch: Batch, window: int) -> None:
+    """inf into each sequence's cached K/V that none of its queries sees (positions before
+    context - window + 1): the kernels must not read them (0 * inf would show as NaN).
+    The reference keeps the original values in batch.keys/values."""
+    meta, flat = batch.meta, batch.kv_cache.flatten(1, 2)
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        q_len = meta.query_start_loc_cpu[i + 1] - meta.query_start_loc_cpu[i]
+        pos = torch.arange(max(0, seq_len - q_len - window + 1), device=flat.device)
+        table = meta.block_tables[i].long()
+        flat[:, table[pos // meta.block_size] * meta.block_size + pos % meta.block_size] = \
+            float("inf")
+
+
 def check_against_dense(batch: Batch, out: torch.Tensor, scale: float,
-                        expected_rows: list[torch.Tensor] | None = None) -> float:
+                        expected_rows: list[torch.Tensor] | None = None,
+                        window: int | None = None) -> float:
     """Assert each sequence's rows equal dense attention; returns the max abs error."""
     worst = 0.0
     qsl = batch.meta.query_start_loc_cpu
-    expected_rows = expected_rows or dense_outputs(batch, scale)
+    expected_rows = expected_rows or dense_outputs(batch, scale, window)
     for i, expected in enumerate(expected_rows):
         if expected.numel() == 0:  # a padding sequence without queries
             continue
@@ -171,29 +196,35 @@ def check_cache_written(batch: Batch, before: torch.Tensor) -> None:
 
 
 def check_triton_vs_references(batch: Batch, scale: float, num_segments: int | None = None,
-                               config=None, compare_torch_ref: bool = True) -> float:
+                               config=None, compare_torch_ref: bool = True,
+                               window: int | None = None) -> float:
     """Triton output == dense reference (and == torch_ref backend); cache written correctly."""
     from pagoda.layers.attention.torch_ref import TorchAttentionBackend
     before = batch.kv_cache.clone()
-    out = run_triton(batch, scale, num_segments, config)
+    out = run_triton(batch, scale, num_segments, config, window)
     check_cache_written(batch, before)
-    worst = check_against_dense(batch, out, scale)
+    worst = check_against_dense(batch, out, scale, window=window)
     if compare_torch_ref and batch.q.shape[0] == batch.num_real_tokens:
         ref_cache = before.clone()
         backend = TorchAttentionBackend()
         ref = backend.forward(batch.q, batch.k, batch.v, ref_cache,
-                              backend.build_metadata(batch.meta), scale)
+                              backend.build_metadata(batch.meta), scale, window)
         torch.testing.assert_close(out, ref, **tolerance(batch.q.dtype))
     return worst
 
 
 MIXED = [(0, 1), (0, 13), (20, 1), (5, 7), (33, 1), (17, 30), (0, 2)]
 DECODES = [(0, 1), (5, 1), (40, 1), (100, 1), (300, 1), (17, 1)]
+# Sliding-window steps: prefills longer than the window, chunks whose context reaches past it,
+# decodes inside and past it (windows below are deliberately not multiples of 16 or 64).
+WINDOW_MIXED = [(0, 70), (150, 40), (130, 1), (5, 1), (0, 2), (60, 9), (300, 1)]
+WINDOW_LONG_DECODES = [(1500, 1), (700, 1), (150, 1), (3, 1), (37, 1)]
 
 
 def _mixed(block_size: int, heads: int, kv_heads: int, head_dim: int, dtype=torch.float32,
            num_segments: int | None = None, config=None, seqs=MIXED, pad_tokens: int = 0,
-           scale: float | None = None, strided: bool = False) -> Callable[[], None]:
+           scale: float | None = None, strided: bool = False,
+           window: int | None = None) -> Callable[[], None]:
     def case() -> None:
         batch = make_batch(seqs, block_size=block_size, heads=heads, kv_heads=kv_heads,
                            head_dim=head_dim, dtype=dtype, seed=heads * 7 + block_size,
@@ -202,7 +233,10 @@ def _mixed(block_size: int, heads: int, kv_heads: int, head_dim: int, dtype=torc
             fused = torch.cat([batch.q, batch.k, batch.v], dim=1)
             batch.q, batch.k, batch.v = (fused[:, :heads], fused[:, heads:heads + kv_heads],
                                          fused[:, heads + kv_heads:])
-        check_triton_vs_references(batch, scale or head_dim ** -0.5, num_segments, config)
+        if window is not None:
+            poison_out_of_window(batch, window)
+        check_triton_vs_references(batch, scale or head_dim ** -0.5, num_segments, config,
+                                   window=window)
     return case
 
 
@@ -249,6 +283,34 @@ def _rotary_case() -> None:
     assert torch.equal(outputs["triton"][1], outputs["torch"][1]), "KV cache contents differ"
 
 
+def _rotary_window_case() -> None:
+    """forward_rotary passes the layer's window through (Triton vs torch_ref, padded)."""
+    from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+    from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+    from pagoda.layers.rotary import RotaryEmbedding
+    heads, kv_heads, dim, window = 8, 2, 32, 13
+    batch = make_batch([(40, 1), (10, 20), (0, 3)], block_size=16, heads=heads,
+                       kv_heads=kv_heads, head_dim=dim, seed=12, pad_tokens=2)
+    rope = RotaryEmbedding(dim, 256, {"rope_type": "default", "rope_theta": 1e4})
+    positions = torch.cat([torch.tensor([40]), torch.arange(10, 30), torch.arange(0, 3),
+                           torch.zeros(2, dtype=torch.long)])
+    real = batch.num_real_tokens
+    outputs = []
+    for backend, meta, n in ((TorchAttentionBackend(), _without_padding(batch.meta), real),
+                             (TritonAttentionBackend(), batch.meta, batch.q.shape[0])):
+        cache = batch.kv_cache.clone()
+        q, k, v = batch.q.clone(), batch.k.clone(), batch.v.clone()
+        out = backend.forward_rotary(positions[:n], q[:n], k[:n], v[:n], rope, cache,
+                                     backend.build_metadata(meta), dim ** -0.5, window)
+        outputs.append(out[:real])
+    torch.testing.assert_close(outputs[1], outputs[0], **tolerance(torch.float32))
+    full = TorchAttentionBackend()
+    out = full.forward_rotary(positions[:real], batch.q[:real].clone(), batch.k[:real].clone(),
+                              batch.v[:real].clone(), rope, batch.kv_cache.clone(),
+                              full.build_metadata(_without_padding(batch.meta)), dim ** -0.5)
+    assert not torch.allclose(out, outputs[0]), "the window changed nothing"
+
+
 def _without_padding(meta: CommonAttentionMetadata) -> CommonAttentionMetadata:
     real = meta.query_start_loc_cpu[-1]
     return CommonAttentionMetadata(
@@ -290,6 +352,39 @@ def _interpreter_cases() -> dict[str, Callable[[], None]]:
                                         pad_tokens=2, num_segments=1),
         "graph_padding_split": _mixed(16, 8, 2, 16, seqs=DECODES + [(0, 0)] * 2,
                                       pad_tokens=2, num_segments=4),
+        **_window_cases(KernelConfig),
+    }
+
+
+def _window_cases(KernelConfig) -> dict[str, Callable[[], None]]:
+    """Sliding-window cases; out-of-window K/V hold inf, so any read of them fails."""
+    return {
+        "rotary_store_fused_window": _rotary_window_case,
+        "window24_mixed_bs16": _mixed(16, 8, 2, 32, seqs=WINDOW_MIXED, window=24),
+        "window1_mixed": _mixed(16, 4, 4, 16, seqs=WINDOW_MIXED, window=1),
+        "window_wider_than_context": _mixed(16, 8, 2, 16, seqs=WINDOW_MIXED, window=5000),
+        # tiles of 16 inside 32-token blocks: whole tiles and blocks before the window skipped
+        "window20_tile16_bs32": _mixed(32, 8, 2, 16, seqs=WINDOW_MIXED, window=20,
+                                       config=KernelConfig(16, 16, 4, 2)),
+        "window40_tile16_bs64": _mixed(64, 8, 2, 16, seqs=WINDOW_MIXED, window=40,
+                                       config=KernelConfig(64, 16, 4, 2)),
+        # 16 queries per program, window 10: rows of one program start their windows apart
+        "window10_blockm64_gqa4": _mixed(16, 8, 2, 16, seqs=WINDOW_MIXED, window=10,
+                                         config=KernelConfig(64, 32, 4, 2)),
+        "window200_decode_split4": _mixed(16, 8, 2, 32, seqs=WINDOW_LONG_DECODES,
+                                          window=200, num_segments=4),
+        "window100_decode_split16_gqa3": _mixed(32, 9, 3, 16, seqs=WINDOW_LONG_DECODES,
+                                                window=100, num_segments=16),
+        "window300_decode_auto_split": _mixed(16, 4, 1, 16, seqs=[(3000, 1), (1000, 1)],
+                                              window=300),
+        "window37_speculative_split3": _mixed(16, 8, 2, 16, seqs=[(500, 4), (90, 3), (2, 5)],
+                                              window=37, num_segments=3),
+        "window50_fp16_split2": _mixed(16, 8, 2, 32, dtype=torch.float16,
+                                       seqs=WINDOW_LONG_DECODES, window=50, num_segments=2),
+        "window50_graph_padding_split": _mixed(16, 8, 2, 16, seqs=DECODES + [(0, 0)] * 2,
+                                               pad_tokens=2, num_segments=4, window=50),
+        "window50_graph_padding_unsplit": _mixed(16, 8, 2, 16, seqs=DECODES + [(0, 0)] * 2,
+                                                 pad_tokens=2, num_segments=1, window=50),
     }
 
 
@@ -301,6 +396,11 @@ INTERPRETER_CASES = [
     "tile16_bs64", "tile64_bs16_blockm16",
     "blockm128_tile32", "fp16", "fp16_split2", "padding_tokens_slot_minus1",
     "padding_decode_split", "graph_padding_unsplit", "graph_padding_split",
+    "rotary_store_fused_window", "window24_mixed_bs16", "window1_mixed",
+    "window_wider_than_context", "window20_tile16_bs32", "window40_tile16_bs64",
+    "window10_blockm64_gqa4", "window200_decode_split4", "window100_decode_split16_gqa3",
+    "window300_decode_auto_split", "window37_speculative_split3", "window50_fp16_split2",
+    "window50_graph_padding_split", "window50_graph_padding_unsplit",
 ]
 
 
@@ -383,6 +483,30 @@ def test_split_heuristic():
     assert plan_attention(9, 3, 64, [1, 1], 4096, 132, num_segments=1).num_segments == 1
     fp32 = plan_attention(32, 8, 128, [1, 2048], 8192, 132, dtype=torch.float32)
     assert fp32.config.block_m == 16  # no tensor cores: small tiles, no register spills
+
+
+def test_window_plans():
+    """A local layer's split is sized by its window, not the context; one plan per window."""
+    from pagoda.layers.attention.metadata import CommonAttentionMetadata
+    from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+    from pagoda.layers.attention.triton_unified import plan_attention
+    # Gemma 3 1B (4 heads, 1 kv head, dim 256), batch-1 decode at 8k
+    assert plan_attention(4, 1, 256, [1], 8192, 132).num_segments == 32
+    local = plan_attention(4, 1, 256, [1], 8192, 132, sliding_window=512)
+    assert local.num_segments == 4 and local.decode_only
+    assert plan_attention(4, 1, 256, [1], 8192, 132, sliding_window=100).num_segments == 1
+    assert plan_attention(4, 1, 256, [1], 300, 132, sliding_window=4096) \
+        == plan_attention(4, 1, 256, [1], 300, 132)  # a window wider than the context
+    common = CommonAttentionMetadata(
+        num_tokens=1, num_seqs=1, max_query_len=1, max_seq_len=8192,
+        query_start_loc=torch.tensor([0, 1]), seq_lens=torch.tensor([8192]),
+        block_tables=torch.zeros(1, 512, dtype=torch.int32), slot_mapping=torch.tensor([5]),
+        query_start_loc_cpu=[0, 1], seq_lens_cpu=[8192], block_size=16)
+    meta = TritonAttentionBackend().build_metadata(common)
+    full = meta.plan(4, 1, 256, torch.bfloat16)
+    assert meta.plan(4, 1, 256, torch.bfloat16, None) is full
+    assert meta.plan(4, 1, 256, torch.bfloat16, 512) is meta.plan(4, 1, 256, torch.bfloat16, 512)
+    assert meta.plan(4, 1, 256, torch.bfloat16, 512).num_segments == 4 != full.num_segments
 
 
 def test_plan_rejects_bad_shapes():

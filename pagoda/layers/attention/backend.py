@@ -11,7 +11,11 @@ from pagoda.layers.attention.metadata import CommonAttentionMetadata
 
 
 class AttentionBackend(ABC):
-    """Paged attention over a KV cache of shape [2, num_blocks, block_size, kv_heads, head_dim]."""
+    """Paged attention over a KV cache of shape [2, num_blocks, block_size, kv_heads, head_dim].
+
+    sliding_window (per layer, per call): None is full causal attention; an int W >= 1 lets
+    the query at position p see only the keys at positions (p - W, p] (transformers'
+    sliding-window causal mask). One step's metadata serves layers of any window."""
 
     name: str = "abstract"
 
@@ -21,14 +25,16 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: Any, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         """Write k/v ([tokens, kv_heads, dim]) into the cache at the step's slots, then attend
-        q ([tokens, heads, dim]) over each sequence's cached context with causal masking."""
+        q ([tokens, heads, dim]) over each sequence's cached context with causal masking
+        (and the sliding window, when given)."""
 
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor, metadata: Any,
-                       scale: float) -> torch.Tensor:
+                       scale: float, sliding_window: int | None = None) -> torch.Tensor:
         """RoPE on q and k at `positions` (rotary: a RotaryEmbedding), then forward(). A
         backend may fuse the rotation into its KV store."""
         q, k = rotary(positions, q, k)
-        return self.forward(q, k, v, kv_cache, metadata, scale)
+        return self.forward(q, k, v, kv_cache, metadata, scale, sliding_window)

@@ -11,14 +11,20 @@ from pagoda.layers.attention.backend import AttentionBackend
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer; the runner binds kv_cache and backend before use."""
+    """Paged attention for one layer; the runner binds kv_cache and backend before use.
+    sliding_window: None for full causal attention, else W >= 1: the query at position p
+    sees the keys at (p - W, p] (see AttentionBackend)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None
 
@@ -30,5 +36,11 @@ class Attention(nn.Module):
         out = self.backend.forward_rotary(positions, q.view(-1, self.num_heads, self.head_dim),
                                           k.view(-1, self.num_kv_heads, self.head_dim),
                                           v.view(-1, self.num_kv_heads, self.head_dim), rotary,
-                                          self.kv_cache, attn_metadata, self.scale)
+                                          self.kv_cache, attn_metadata, self.scale,
+                                          self.sliding_window)
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        window = f", sliding_window={self.sliding_window}" if self.sliding_window else ""
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}{window}")

@@ -1,9 +1,14 @@
 """Pure-torch paged attention: gather each sequence's pages, then SDPA. The CPU path and
-the oracle the GPU kernels are tested against."""
+the oracle the GPU kernels are tested against.
+
+Sliding window (transformers' `sliding_window_causal_mask_function`: `kv_idx <= q_idx` and
+`kv_idx > q_idx - window`): the query at absolute position p sees the keys at positions
+(p - window, p], i.e. `0 <= p - kv < window`, `window` keys counting itself. Only the slots
+some query of the sequence can see are gathered."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -18,8 +23,8 @@ class PrefillSeq:
 
     query_start: int
     query_len: int
-    slots: torch.Tensor  # [seq_len] int64
-    mask: torch.Tensor | None  # [query_len, seq_len] bool; None when plain causal suffices
+    slots: torch.Tensor  # [visible kv] int64: positions [kv_first, seq_len)
+    mask: torch.Tensor | None  # [query_len, visible kv] bool; None when plain causal suffices
 
 
 @dataclass(slots=True)
@@ -32,18 +37,90 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
-class TorchAttentionMetadata:
-    """The step's metadata as the torch backend consumes it."""
+class WindowGathers:
+    """The step's gathers and masks for one attention window (None: full causal)."""
 
-    slot_mapping: torch.Tensor
     decodes: DecodeGroup | None
     prefills: list[PrefillSeq]
 
 
-def _block_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """KV slot index of each of a sequence's first seq_len tokens."""
-    pos = torch.arange(seq_len, device=block_table.device)
+@dataclass(slots=True)
+class TorchAttentionMetadata:
+    """The step's metadata as the torch backend consumes it: gathers per window, built by
+    the first layer with that window and shared by the others."""
+
+    common: CommonAttentionMetadata
+    windows: dict[int | None, WindowGathers] = field(default_factory=dict)
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.common.slot_mapping
+
+    def gathers(self, window: int | None) -> WindowGathers:
+        """The (cached) gathers of layers whose sliding window is `window`."""
+        found = self.windows.get(window)
+        if found is None:
+            found = _build_gathers(self.common, window)
+            self.windows[window] = found
+        return found
+
+
+def _first_visible(q_pos: int, window: int | None) -> int:
+    """The first kv position the query at q_pos sees."""
+    return 0 if window is None else max(0, q_pos - window + 1)
+
+
+def _block_slots(block_table: torch.Tensor, start: int, end: int,
+                 block_size: int) -> torch.Tensor:
+    """KV slot index of each of a sequence's tokens at positions [start, end)."""
+    pos = torch.arange(start, end, device=block_table.device)
     return block_table[pos // block_size].long() * block_size + pos % block_size
+
+
+def _build_gathers(common: CommonAttentionMetadata, window: int | None) -> WindowGathers:
+    query_lens = common.query_lens_cpu
+    decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
+    prefills = [_prefill_seq(common, i, window) for i, n in enumerate(query_lens) if n > 1]
+    decodes = _decode_group(common, decode_rows, window) if decode_rows else None
+    return WindowGathers(decodes, prefills)
+
+
+def _prefill_seq(common: CommonAttentionMetadata, i: int, window: int | None) -> PrefillSeq:
+    start, seq_len = common.query_start_loc_cpu[i], common.seq_lens_cpu[i]
+    q_len = common.query_start_loc_cpu[i + 1] - start
+    context = seq_len - q_len
+    kv_first = _first_visible(context, window)
+    slots = _block_slots(common.block_tables[i], kv_first, seq_len, common.block_size)
+    mask = None
+    if context > 0 or (window is not None and window < q_len):  # not plain causal
+        device = common.block_tables.device
+        q_pos = torch.arange(context, seq_len, device=device).unsqueeze(1)
+        kv_pos = torch.arange(kv_first, seq_len, device=device).unsqueeze(0)
+        mask = kv_pos <= q_pos
+        if window is not None:
+            mask &= kv_pos > q_pos - window
+    return PrefillSeq(start, q_len, slots, mask)
+
+
+def _decode_group(common: CommonAttentionMetadata, rows: list[int],
+                  window: int | None) -> DecodeGroup:
+    """Row r reads its last min(seq_len, window) positions, padded to the longest row."""
+    device, bs = common.block_tables.device, common.block_size
+    seq_lens = [common.seq_lens_cpu[i] for i in rows]
+    firsts = [_first_visible(n - 1, window) for n in seq_lens]
+    max_len = max(n - f for n, f in zip(seq_lens, firsts))
+    offs = torch.arange(max_len, device=device)
+    lens = torch.tensor(seq_lens, device=device)
+    if window is None:
+        pos = offs.unsqueeze(0).expand(len(rows), -1)
+    else:
+        pos = torch.tensor(firsts, device=device).unsqueeze(1) + offs
+    valid = pos < lens.unsqueeze(1)
+    tables = common.block_tables[rows].long()
+    block = torch.gather(tables, 1, (pos // bs).clamp(max=tables.shape[1] - 1))
+    slots = torch.where(valid, block * bs + pos % bs, torch.zeros_like(block))
+    index = torch.tensor([common.query_start_loc_cpu[i] for i in rows], device=device)
+    return DecodeGroup(index, slots, valid[:, None, None, :])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -52,46 +129,19 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        query_lens = common.query_lens_cpu
-        decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
-        prefills = [self._prefill_seq(common, i) for i, n in enumerate(query_lens) if n > 1]
-        decodes = self._decode_group(common, decode_rows) if decode_rows else None
-        return TorchAttentionMetadata(common.slot_mapping, decodes, prefills)
-
-    def _prefill_seq(self, common: CommonAttentionMetadata, i: int) -> PrefillSeq:
-        start, seq_len = common.query_start_loc_cpu[i], common.seq_lens_cpu[i]
-        q_len = common.query_start_loc_cpu[i + 1] - start
-        slots = _block_slots(common.block_tables[i], seq_len, common.block_size)
-        mask = None
-        if q_len != seq_len:  # queries continue a cached context: causal with an offset
-            device = common.block_tables.device
-            q_pos = torch.arange(q_len, device=device).unsqueeze(1) + (seq_len - q_len)
-            mask = torch.arange(seq_len, device=device).unsqueeze(0) <= q_pos
-        return PrefillSeq(start, q_len, slots, mask)
-
-    def _decode_group(self, common: CommonAttentionMetadata, rows: list[int]) -> DecodeGroup:
-        device, bs = common.block_tables.device, common.block_size
-        lens = torch.tensor([common.seq_lens_cpu[i] for i in rows], device=device)
-        max_len = int(max(common.seq_lens_cpu[i] for i in rows))
-        pos = torch.arange(max_len, device=device)
-        valid = pos.unsqueeze(0) < lens.unsqueeze(1)
-        tables = common.block_tables[rows].long()
-        block = torch.gather(tables, 1, (pos // bs).clamp(max=tables.shape[1] - 1)
-                             .unsqueeze(0).expand(len(rows), -1))
-        slots = torch.where(valid, block * bs + pos % bs, torch.zeros_like(block))
-        index = torch.tensor([common.query_start_loc_cpu[i] for i in rows], device=device)
-        return DecodeGroup(index, slots, valid[:, None, None, :])
+        return TorchAttentionMetadata(common)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: TorchAttentionMetadata,
-                scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0].flatten(0, 1), kv_cache[1].flatten(0, 1)
         key_cache.index_copy_(0, metadata.slot_mapping, k.to(key_cache.dtype))
         value_cache.index_copy_(0, metadata.slot_mapping, v.to(value_cache.dtype))
+        gathers = metadata.gathers(sliding_window)
         out = torch.empty_like(q)
-        if metadata.decodes is not None:
-            self._decode(q, key_cache, value_cache, metadata.decodes, scale, out)
-        for seq in metadata.prefills:
+        if gathers.decodes is not None:
+            self._decode(q, key_cache, value_cache, gathers.decodes, scale, out)
+        for seq in gathers.prefills:
             self._prefill(q, key_cache, value_cache, seq, scale, out)
         return out
 

@@ -22,7 +22,8 @@ _DEFAULT_NUM_SMS = 132
 @dataclass(slots=True)
 class TritonAttentionMetadata:
     """One step's device tensors plus the host facts the launch plans are derived from.
-    Plans are made once per (heads, kv_heads, head_dim, dtype) and shared by every layer."""
+    Plans are made once per (heads, kv_heads, head_dim, dtype, sliding window) and shared by
+    every layer of that shape and window."""
 
     slot_mapping: torch.Tensor
     query_start_loc: torch.Tensor
@@ -33,15 +34,17 @@ class TritonAttentionMetadata:
     query_lens: list[int]
     num_sms: int
     num_segments: int | None  # forced split (None: heuristic)
-    plans: dict[tuple[int, int, int, torch.dtype], AttentionPlan] = field(default_factory=dict)
+    plans: dict[tuple[int, int, int, torch.dtype, int | None], AttentionPlan] = \
+        field(default_factory=dict)
 
-    def plan(self, num_heads: int, num_kv_heads: int, head_dim: int,
-             dtype: torch.dtype) -> AttentionPlan:
-        key = (num_heads, num_kv_heads, head_dim, dtype)
+    def plan(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+             sliding_window: int | None = None) -> AttentionPlan:
+        key = (num_heads, num_kv_heads, head_dim, dtype, sliding_window)
         plan = self.plans.get(key)
         if plan is None:
             plan = plan_attention(num_heads, num_kv_heads, head_dim, self.query_lens,
-                                  self.max_seq_len, self.num_sms, self.num_segments, dtype=dtype)
+                                  self.max_seq_len, self.num_sms, self.num_segments, dtype=dtype,
+                                  sliding_window=sliding_window)
             self.plans[key] = plan
         return plan
 
@@ -54,7 +57,9 @@ class TritonAttentionBackend(AttentionBackend):
     and the metadata's host ints, and the split workspace lives in the metadata, so a decode
     step replays as captured. The split decision is frozen at capture: capture with metadata
     whose max_seq_len is representative (e.g. max_model_len) or force num_segments; results
-    are exact either way, only speed differs."""
+    are exact either way, only speed differs. A sliding-window layer gets its own plan (split
+    for the window's length, not the context's) and its own workspace; the window is a kernel
+    argument, fixed per layer, so replays of a graph spanning both kinds of layer are exact."""
 
     name = "triton"
 
@@ -80,25 +85,27 @@ class TritonAttentionBackend(AttentionBackend):
         return count
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: TritonAttentionMetadata,
-                scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: TritonAttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
-        return self._attend(q, key_cache, value_cache, metadata, scale)
+        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window)
 
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor,
-                       metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
+                       metadata: TritonAttentionMetadata, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
         """RoPE and the KV store in one kernel (one launch per layer fewer)."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         rope_store_kv_(positions, q, k, v, rotary.cos_sin, rotary.rotary_dim, key_cache,
                        value_cache, metadata.slot_mapping)
-        return self._attend(q, key_cache, value_cache, metadata, scale)
+        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window)
 
     @staticmethod
     def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
-        plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype)
+                metadata: TritonAttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype, sliding_window)
         return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
                                  metadata.seq_lens, metadata.block_tables, scale,
-                                 metadata.num_seqs, plan)
+                                 metadata.num_seqs, plan, sliding_window=sliding_window)

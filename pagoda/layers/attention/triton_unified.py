@@ -15,6 +15,14 @@ programs [query_start_loc[s] // BLOCK_Q + s, query_start_loc[s+1] // BLOCK_Q + s
 binary search; programs past a sequence's queries (or past the last sequence) exit. Decode-only
 batches skip the search (program = sequence). Dimension 1 is the KV head; the split variant
 adds dimension 2, the KV segment.
+
+Sliding window (SLIDING, a constexpr: False compiles exactly the full-attention kernel; the
+window itself is a runtime argument, so every window shares one variant). As transformers'
+`sliding_window_causal_mask_function` (`q_idx - window < kv_idx <= q_idx`), the query at
+position p sees the keys at positions (p - window, p]. A program's KV loop starts at the tile
+holding kv_start = max(0, first query position - window + 1): the tiles wholly before it, and
+the positions before it inside that tile (their block-table entries too), are never read. The
+split variant divides the tiles [kv_start // TILE, cdiv(kv_end, TILE)) among the segments.
 """
 
 from __future__ import annotations
@@ -55,18 +63,23 @@ def _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_tiles(
-    q, acc, l_i, m_i, k_base, v_base, table_ptr, q_pos, tile_lo, tile_hi, kv_end, qk_scale,
-    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+    q, acc, l_i, m_i, k_base, v_base, table_ptr, q_pos, tile_lo, tile_hi, kv_start, kv_end,
+    window, qk_scale, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr,
 ):
-    """Online softmax of q's rows over KV tiles [tile_lo, tile_hi); scores in log2 units."""
+    """Online softmax of q's rows over KV tiles [tile_lo, tile_hi); scores in log2 units.
+    With SLIDING, positions before kv_start are not loaded and row r sees (q_pos[r] - window,
+    q_pos[r]]; without, kv_start and window are unused."""
     offs_t = tl.arange(0, TILE)
     dims = tl.arange(0, HEAD_DIM_P)
     dim_ok = dims < HEAD_DIM
     for tile in range(tile_lo, tile_hi):
         pos = tile * TILE + offs_t
-        pos_ok = pos < kv_end
+        if SLIDING:
+            pos_ok = (pos < kv_end) & (pos >= kv_start)
+        else:
+            pos_ok = pos < kv_end
         block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
         k = tl.load(k_base + block[None, :] * stride_kb + in_block[None, :] * stride_ks
@@ -76,7 +89,11 @@ def _attend_tiles(
                     + dims[None, :] * stride_vd,
                     mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        if SLIDING:
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        else:
+            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far
         p = tl.math.exp2(s - m_safe[:, None])
@@ -88,9 +105,24 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _window_tiles(first_tile, num_tiles, num_segments, SPLIT: tl.constexpr):
+    """The KV tiles [lo, hi) a sliding-window program walks: [first_tile, num_tiles), or with
+    SPLIT this segment's share of them."""
+    if SPLIT:
+        per_segment = tl.cdiv(num_tiles - first_tile, num_segments)
+        tile_lo = first_tile + tl.program_id(2) * per_segment
+        tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+    else:
+        tile_lo = first_tile
+        tile_hi = num_tiles
+    return tile_lo, tile_hi
+
+
 # Integers that only size the launch or index the small split-KV workspace are not
-# specialized on: each value class would otherwise compile its own variant at startup.
-@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh"])
+# specialized on: each value class would otherwise compile its own variant at startup. Nor is
+# the window (0 for full layers, where it is unused): one variant serves every window.
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh", "window"])
 def _unified_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -99,10 +131,11 @@ def _unified_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    stride_bt, stride_wt, stride_wh,
+    stride_bt, stride_wt, stride_wh, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (q-block, kv head[, segment]): the output rows, or with SPLIT the partial
     (max, sum, acc) of this segment."""
@@ -138,13 +171,18 @@ def _unified_attention_kernel(
     q_pos = context + tl.minimum(q_local, q_len - 1)
     kv_end = context + tl.minimum(q_block_start + BLOCK_Q, q_len)  # causal limit of the block
     num_tiles = tl.cdiv(kv_end, TILE)
-    if SPLIT:
-        per_segment = tl.cdiv(num_tiles, num_segments)
-        tile_lo = tl.program_id(2) * per_segment
-        tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+    if SLIDING:  # the window of the block's first query starts at kv_start
+        kv_start = tl.maximum(context + q_block_start - window + 1, 0)
+        tile_lo, tile_hi = _window_tiles(kv_start // TILE, num_tiles, num_segments, SPLIT)
     else:
-        tile_lo = 0
-        tile_hi = num_tiles
+        kv_start = 0
+        if SPLIT:
+            per_segment = tl.cdiv(num_tiles, num_segments)
+            tile_lo = tl.program_id(2) * per_segment
+            tile_hi = tl.minimum(tile_lo + per_segment, num_tiles)
+        else:
+            tile_lo = 0
+            tile_hi = num_tiles
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -153,9 +191,9 @@ def _unified_attention_kernel(
     v_base = value_cache_ptr + kv_head * stride_vh
     acc, l_i, m_i = _attend_tiles(
         q, acc, l_i, m_i, k_base, v_base, block_tables_ptr + seq.to(tl.int64) * stride_bt,
-        q_pos, tile_lo, tile_hi, kv_end, qk_scale,
+        q_pos, tile_lo, tile_hi, kv_start, kv_end, window, qk_scale,
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
 
     if SPLIT:
         w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
@@ -268,23 +306,28 @@ def choose_num_segments(num_programs: int, max_query_len: int, max_seq_len: int,
 def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens: Sequence[int],
                    max_seq_len: int, num_sms: int, num_segments: int | None = None,
                    config: KernelConfig | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> AttentionPlan:
+                   dtype: torch.dtype = torch.bfloat16,
+                   sliding_window: int | None = None) -> AttentionPlan:
     """Choose kernel config and split-KV for a step (host ints only, no device sync).
-    num_segments / config override the heuristics (tests, benchmarks, CUDA-graph capture)."""
+    num_segments / config override the heuristics (tests, benchmarks, CUDA-graph capture).
+    A sliding window bounds the KV a query block reads, which is what the split is sized by."""
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     group = num_heads // num_kv_heads
     max_query_len = max(query_lens, default=0)
     chosen = config or default_config(group, head_dim, max_query_len, dtype)
     _check_config(chosen, group)
+    kv_len = max_seq_len
+    if sliding_window is not None:
+        kv_len = min(max_seq_len, sliding_window + max_query_len - 1)
     if num_segments is None:
         block_q = chosen.block_m // group
         num_programs = sum(-(-n // block_q) for n in query_lens) * num_kv_heads
-        num_segments = choose_num_segments(num_programs, max_query_len, max_seq_len, num_sms)
+        num_segments = choose_num_segments(num_programs, max_query_len, kv_len, num_sms)
     if num_segments < 1:
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
     if config is None:
-        chosen = _stages_for_segments(chosen, max_seq_len, num_segments)
+        chosen = _stages_for_segments(chosen, kv_len, num_segments)
     return AttentionPlan(chosen, max_query_len == 1, num_segments)
 
 
@@ -323,11 +366,15 @@ def _check_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, num_seqs: int,
-                      plan: AttentionPlan, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal paged attention of q [tokens, heads, dim] over the cached KV of each sequence.
+                      plan: AttentionPlan, out: torch.Tensor | None = None,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Causal paged attention of q [tokens, heads, dim] over the cached KV of each sequence;
+    with sliding_window W the query at position p sees only the keys at (p - W, p].
     Launch shapes depend only on q.shape, num_seqs and the plan, so the call is CUDA-graph
     capturable; output rows of tokens past query_start_loc[num_seqs] are left unwritten."""
     _check_inputs(q, key_cache, value_cache)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -353,9 +400,10 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         num_seqs, plan.num_segments, scale * LOG2E,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
         block_tables.stride(0), num_heads * plan.num_segments, plan.num_segments,
+        sliding_window or 0,
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=key_cache.shape[1], TILE=cfg.tile, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
-        DECODE_ONLY=plan.decode_only, SPLIT=split,
+        DECODE_ONLY=plan.decode_only, SPLIT=split, SLIDING=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
