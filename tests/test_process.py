@@ -105,6 +105,6 @@ def test_the_frontend_loads_a_tokenizer_without_torch(smollm2_dir):
     starts: neither needs torch nor transformers' config classes."""
     code = ("from pagoda.entrypoints.openai.server import serve\n"
             "from pagoda.models.source import resolve_model\n"
-            "from pagoda.tokenizer.tokenizer import get_tokenizer\n"
+            "from pagoda.models.loader.tokenizer import get_tokenizer\n"
             "assert get_tokenizer(resolve_model('smollm2')).eos_token is not None")
     assert imported_after(code, ("torch", "transformers.configuration_utils")) == []

@@ -17,6 +17,7 @@ git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
 B8=bench/configs/llama-3.1-8b
 B1=bench/configs/llama-3.2-1b
 B3=bench/configs/llama-3.2-3b
+MODEL=${MODEL:-$B8}  # the decode1 and throughput stages' model (bench/configs/...)
 COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
 
 run_stage() {
@@ -25,15 +26,15 @@ run_stage() {
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
-    decode1) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1 \
+    decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \
                --input-len 1024 --output-len 256 --output-json "$OUT/decode1.json" $EXTRA 2>&1 | grep -v INFO ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
                --input-len-range 100 1024 --output-len-range 100 1024 --max-num-seqs 256 \
                --max-num-batched-tokens 8192 --gpu-busy --output-json "$OUT/small.json" $EXTRA 2>&1 | grep -v INFO ;;
-    throughput) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
+    throughput) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1000 \
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --compare hf --hf-num-prompts ${HF_PROMPTS:-64} --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
-    throughput-only) python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
+    throughput-only) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1000 \
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from pagoda.models.arch.base import LayerAttention, head_dim
+from pagoda.models.registry import arch_spec
+
 
 @dataclass(frozen=True, slots=True)
 class Ceilings:
@@ -24,34 +27,56 @@ class Ceilings:
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """What one token costs the model, from its config."""
+    """What one token costs the model, from its architecture's declaration: the weights it
+    streams and, per layer, the KV it reads (a sliding-window layer reads only its window)."""
 
-    num_layers: int
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    matmul_params: int  # parameters multiplied per token (excludes the input embedding)
-    weight_bytes_read: int  # bytes streamed per step (matmul weights + norms)
-    kv_bytes_per_token: int
+    layers: tuple[LayerAttention, ...]
+    query_width: int  # query heads x head_dim
+    matmul_params: int  # parameters read per token (all but an untied input embedding)
+    weight_bytes_read: int  # bytes streamed per step
+    itemsize: int
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype) -> ModelShape:
-        h, layers = config.hidden_size, config.num_hidden_layers
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or h // heads
-        inter, vocab = config.intermediate_size, config.vocab_size
-        per_layer = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * inter
-        matmul = layers * per_layer + vocab * h  # + lm_head
-        norms = (2 * layers + 1) * h
+        spec = arch_spec(config)
+        params = spec.count_parameters(config)
+        if not getattr(config, "tie_word_embeddings", False):
+            params -= config.vocab_size * config.hidden_size  # the input embedding is gathered
         size = torch.empty((), dtype=dtype).element_size()
-        return cls(layers, h, kv_heads, head_dim, matmul, (matmul + norms) * size,
-                   2 * layers * kv_heads * head_dim * size)
+        return cls(tuple(spec.layer_attention(config)),
+                   config.num_attention_heads * head_dim(config), params, params * size, size)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token adds over all layers."""
+        return sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.layers) * self.itemsize
+
+    def kv_bytes_read(self, context: int) -> int:
+        """KV bytes one query token reads over `context` keys (all layers)."""
+        return sum(2 * layer.num_kv_heads * layer.head_dim * _seen(context, layer.sliding_window)
+                   for layer in self.layers) * self.itemsize
 
     def attention_flops(self, context: int) -> float:
         """QK^T and PV for one query token over `context` keys (all layers)."""
-        heads_dim = self.hidden_size  # q heads * head_dim for Llama-style models
-        return 4.0 * self.num_layers * heads_dim * context
+        return 4.0 * self.query_width * sum(_seen(context, layer.sliding_window)
+                                            for layer in self.layers)
+
+    def prefill_attention_flops(self, n: int) -> float:
+        """QK^T and PV for a causal prefill of n tokens (all layers)."""
+        return 4.0 * self.query_width * sum(_causal_pairs(n, layer.sliding_window)
+                                            for layer in self.layers)
+
+
+def _seen(context: int, window: int | None) -> int:
+    return context if window is None else min(context, window)
+
+
+def _causal_pairs(n: int, window: int | None) -> float:
+    """(query, key) pairs of causal attention over n tokens (n^2 / 2 as Llama's reference
+    figure counts them), each query seeing at most `window` keys."""
+    if window is None or n <= window:
+        return n * n / 2
+    return window * window / 2 + (n - window) * window
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ceilings:
@@ -72,7 +97,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) 
 
 def decode_step_floor(shape: ModelShape, ceil: Ceilings, contexts: list[int]) -> float:
     """Seconds one decode step over sequences of these context lengths needs at least."""
-    kv_bytes = shape.kv_bytes_per_token * sum(contexts)
+    kv_bytes = sum(shape.kv_bytes_read(c) for c in contexts)
     flops = 2.0 * shape.matmul_params * len(contexts) + sum(
         shape.attention_flops(c) for c in contexts)
     return max((shape.weight_bytes_read + kv_bytes) / ceil.bandwidth, flops / ceil.matmul_flops)
@@ -80,7 +105,7 @@ def decode_step_floor(shape: ModelShape, ceil: Ceilings, contexts: list[int]) ->
 
 def prefill_floor(shape: ModelShape, ceil: Ceilings, prompt_lens: list[int]) -> float:
     """Seconds to prefill these prompts at least (compute: matmuls + causal attention)."""
-    flops = sum(2.0 * shape.matmul_params * n + shape.attention_flops(n) * n / 2
+    flops = sum(2.0 * shape.matmul_params * n + shape.prefill_attention_flops(n)
                 for n in prompt_lens)
     return flops / ceil.matmul_flops
 

@@ -17,7 +17,8 @@ from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.layers.attention.selector import select_backend
 from pagoda.logger import get_logger
-from pagoda.models.loader import load_model, weight_bytes
+from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
 from pagoda.request import EngineCoreRequest, RequestStatus
@@ -27,16 +28,12 @@ from pagoda.scheduler.output import SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler
 from pagoda.structured_output.bitmask import BitmaskFiller
 from pagoda.structured_output.grammar import GrammarCompiler, GrammarMatcherState
-from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    window = getattr(hf_config, "sliding_window", None)
-    if window:  # sliding-window attention is not implemented: stay inside one window
-        limit = min(limit, int(window))
     if requested is None:
         return int(limit)
     if requested > limit:

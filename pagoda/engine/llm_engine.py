@@ -11,10 +11,10 @@ from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, Promp
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.errors import InvalidRequestError
 from pagoda.logger import get_logger
+from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import resolve_model
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 

@@ -39,9 +39,9 @@ from pagoda.fleet.planner import (
 from pagoda.fleet.replicas import PrefixIndex, ReplicaSet
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
 from pagoda.logger import get_logger
+from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import resolve_model
 from pagoda.runner.memory import available_host_memory
-from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 

@@ -1,4 +1,5 @@
-"""Token embedding and the LM head (which may share the embedding's weight)."""
+"""Token embedding and the LM head, split over a tensor-parallel group by vocabulary rows
+(the LM head may share the embedding's weight)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,59 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.linear import copy_checked, new_parameter
+from pagoda.layers.parallel import SINGLE, ParallelGroup
 
-class VocabEmbedding(nn.Module):
-    """Looks up token ids in a [vocab, hidden] table."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+class VocabShard(nn.Module):
+    """A [vocab, hidden] table of which this rank holds rows [start, start + rows); the
+    vocabulary is padded so that every rank holds the same number of rows. `shared` makes it
+    use another table's parameter instead of its own (tied embeddings)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup,
+                 shared: nn.Parameter | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.vocab_size, self.group = vocab_size, group
+        self.rows = -(-vocab_size // group.size)
+        self.start = group.rank * self.rows
+        self.weight = shared if shared is not None else new_parameter(
+            self.rows, hidden_size, loader=self.weight_loader, output_dim=0)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        if tensor.shape[1:] != param.shape[1:] or tensor.shape[0] != self.vocab_size:
+            raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit "
+                             f"a [{self.vocab_size}, {param.shape[1]}] vocabulary table")
+        end = min(self.start + self.rows, self.vocab_size)
+        copy_checked(param.data[:end - self.start], tensor[self.start:end])
+        param.data[end - self.start:].zero_()  # padding rows
+
+
+class VocabEmbedding(VocabShard):
+    """Looks up token ids; with a group, each rank looks up its rows and the sum is taken."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup = SINGLE) -> None:
+        super().__init__(vocab_size, hidden_size, group)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.group.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
 
-class LMHead(nn.Module):
-    """Projects hidden states to float32 vocabulary logits."""
+class LMHead(VocabShard):
+    """Projects hidden states to float32 vocabulary logits (each rank its rows, gathered);
+    tied to the embedding, it uses the embedding's parameter."""
 
-    def __init__(self, vocab_size: int, hidden_size: int,
-                 tied_to: VocabEmbedding | None = None) -> None:
-        super().__init__()
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None,
+                 group: ParallelGroup = SINGLE) -> None:
+        super().__init__(vocab_size, hidden_size, group,
+                         shared=tied_to.weight if tied_to is not None else None)
         self.tied = tied_to is not None
-        if tied_to is not None:
-            self.weight = tied_to.weight
-        else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        logits = self.group.all_gather(F.linear(hidden, self.weight))
+        return logits[..., :self.vocab_size].float()

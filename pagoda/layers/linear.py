@@ -1,48 +1,21 @@
-"""Linear layers, including merged projections loaded shard by shard (qkv, gate_up)."""
+"""Linear layers. Each owns its parameters through a *linear method* (how weights are stored
+and multiplied: 16-bit today; quantized formats and adapters add methods) and knows its
+shard of a tensor-parallel group: column-parallel layers keep a slice of the outputs,
+row-parallel ones a slice of the inputs and sum over the group. Every parameter carries a
+`weight_loader` that copies a checkpoint tensor (or one piece of a fused one) into it."""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.parallel import SINGLE, ParallelGroup
 
-class Linear(nn.Module):
-    """y = x W^T (+ b), with a weight_loader hook for checkpoint tensors."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def load(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
-        param = self.weight if name == "weight" else self.bias
-        copy_checked(param, tensor)
-
-
-class MergedLinear(Linear):
-    """Several projections of the same input stacked on the output dim (e.g. q, k, v)."""
-
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias)
-        self.out_sizes = list(out_sizes)
-        self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
-
-    def load(self, name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
-        if shard is None:
-            return super().load(name, tensor)
-        param = self.weight if name == "weight" else self.bias
-        assert param is not None
-        start, size = self.offsets[shard], self.out_sizes[shard]
-        copy_checked(param.data.narrow(0, start, size), tensor)
-
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(y.split(self.out_sizes, dim=-1))
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -50,3 +23,179 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
         raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit "
                          f"parameter of shape {tuple(dst.shape)}")
     dst.data.copy_(src)
+
+
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor,
+                          shard: int | None = None) -> None:
+    """Copy a whole checkpoint tensor into a parameter of the same shape."""
+    copy_checked(param, tensor)
+
+
+def new_parameter(*shape: int, loader: WeightLoader | None = None,
+                  output_dim: int | None = None, input_dim: int | None = None) -> nn.Parameter:
+    """An uninitialised parameter; `output_dim`/`input_dim` name the dims a shard slices."""
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = loader or default_weight_loader
+    param.output_dim, param.input_dim = output_dim, input_dim
+    return param
+
+
+class LinearMethod(ABC):
+    """How a linear layer stores its weights and computes x W^T."""
+
+    @abstractmethod
+    def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        """Register the layer's weight parameters (local shard shape) with `loader`."""
+
+    @abstractmethod
+    def apply(self, layer: LinearBase, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) with the layer's local weights."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Weights in the model's dtype, one [out, in] matrix."""
+
+    def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        layer.weight = new_parameter(layer.local_out, layer.local_in, loader=loader,
+                                     output_dim=0, input_dim=1)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Common state: full and local feature counts, the method, the group, the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 method: LinearMethod | None, group: ParallelGroup,
+                 local_in: int, local_out: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.local_in, self.local_out = local_in, local_out
+        self.group = group
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, self.weight_loader)
+        self.bias = new_parameter(self.bias_size, loader=self.weight_loader,
+                                  output_dim=0) if bias else None
+
+    @property
+    def bias_size(self) -> int:
+        return self.local_out
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        copy_checked(param, tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole matrix on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 method: LinearMethod | None = None) -> None:
+        super().__init__(in_features, out_features, bias, method, SINGLE,
+                         in_features, out_features)
+
+
+def _narrow(tensor: torch.Tensor, dim: int | None, start: int, size: int) -> torch.Tensor:
+    return tensor if dim is None else tensor.narrow(dim, start, size)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Each rank holds a contiguous slice of the outputs (no gather: the next layer is
+    row-parallel or consumes per-rank heads)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 method: LinearMethod | None = None, group: ParallelGroup = SINGLE) -> None:
+        super().__init__(in_features, out_features, bias, method, group, in_features,
+                         group.split(out_features)[1])
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        start, size = self.group.split(tensor.shape[param.output_dim])
+        copy_checked(param, _narrow(tensor, param.output_dim, start, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input stacked on the output dim (gate and
+    up); checkpoint piece i loads into its rank-local slice."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False,
+                 method: LinearMethod | None = None, group: ParallelGroup = SINGLE) -> None:
+        self.local_sizes = [group.split(size)[1] for size in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, method, group)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.local_sizes)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        if shard is None:
+            raise ValueError("a merged projection loads its pieces one by one")
+        dim = param.output_dim
+        offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
+        piece = _narrow(tensor, dim, self.group.rank * size, size)
+        copy_checked(param.data.narrow(dim, offset, size), piece)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(y.split(self.local_sizes, dim=-1))
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """The q, k and v projections as one matrix; query heads split over the group, KV heads
+    split too, or replicated when the group is larger than the KV head count."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, method: LinearMethod | None = None,
+                 group: ParallelGroup = SINGLE) -> None:
+        if num_heads % group.size or (num_kv_heads % group.size and group.size % num_kv_heads):
+            raise ValueError(f"{num_heads} query / {num_kv_heads} KV heads do not split over "
+                             f"{group.size} ranks")
+        self.head_dim = head_dim
+        self.local_heads = num_heads // group.size
+        self.local_kv_heads = max(1, num_kv_heads // group.size)
+        self.kv_replicas = max(1, group.size // num_kv_heads)
+        q, kv = self.local_heads * head_dim, self.local_kv_heads * head_dim
+        self.local_sizes = [q, kv, kv]
+        LinearBase.__init__(self, hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias,
+                            method, group, hidden_size, q + 2 * kv)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        if shard is None:
+            raise ValueError("the qkv projection loads q, k and v one by one")
+        dim = param.output_dim
+        offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
+        rank_part = self.group.rank if shard == 0 else self.group.rank // self.kv_replicas
+        copy_checked(param.data.narrow(dim, offset, size),
+                     _narrow(tensor, dim, rank_part * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Each rank holds a slice of the inputs; partial products are summed over the group and
+    the bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 method: LinearMethod | None = None, group: ParallelGroup = SINGLE) -> None:
+        super().__init__(in_features, out_features, bias, method, group,
+                         group.split(in_features)[1], out_features)
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
+                      shard: int | None = None) -> None:
+        dim = param.input_dim
+        if dim is None:  # the bias: whole on every rank
+            copy_checked(param, tensor)
+            return
+        start, size = self.group.split(tensor.shape[dim])
+        copy_checked(param, tensor.narrow(dim, start, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return self.method.apply(self, x, self.bias)
+        y = self.group.all_reduce(self.method.apply(self, x))
+        return y if self.bias is None else y + self.bias

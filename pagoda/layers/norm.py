@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.custom_op import DeviceDispatch
+from pagoda.layers.linear import copy_checked
 
 
 class RMSNorm(DeviceDispatch):
@@ -29,3 +30,16 @@ class RMSNorm(DeviceDispatch):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * self.weight.float()).to(x.dtype), residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's x / rms(x) * (1 + w): the parameter holds 1 + w (added at load), so the same
+    kernels run it. Random or missing weights (w = 0) are ones, as for RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = self._load_shifted
+
+    @staticmethod
+    def _load_shifted(param: nn.Parameter, tensor: torch.Tensor, shard: int | None = None) -> None:
+        copy_checked(param, tensor.float() + 1.0)

@@ -3,28 +3,26 @@ a context length, an activation allowance, and whether it fits a device.
 
 Weights count the checkpoint's tensors from the safetensors or GGUF headers (only those the
 engine keeps as parameters) at the dtype the engine would pick; a config-only source falls
-back to the parameter formula of pagoda's Llama layers. KV is computed as the engine
+back to the parameter count its architecture declares (models/arch/). KV is computed as the engine
 allocates it (16-token blocks plus the reserved null block). The activation figure is an
 allowance, not a measurement: on a GPU the engine profiles the real peak at startup.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pagoda.config import resolve_dtype
-from pagoda.errors import ConfigError, UnsupportedModelError
-from pagoda.models.gguf_index import GGUFIndex
-from pagoda.models.llama import IGNORED_PARAMS
-from pagoda.models.source import ModelSource, _arch, _hf_name, _safetensors_files, read_gguf_tensors
+from pagoda.errors import ConfigError
+from pagoda.models.arch.base import ArchSpec
+from pagoda.models.loader.gguf import gguf_shapes
+from pagoda.models.loader.safetensors import safetensors_shapes
+from pagoda.models.registry import arch_spec
+from pagoda.models.source import ModelSource
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
@@ -58,68 +56,7 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def llama_parameters(config: Any) -> int:
-    """Parameters of pagoda's Llama/Mistral model built from this HF config (for a source
-    without weight files)."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or \
-        config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    if getattr(config, "attention_bias", False):
-        attention += head_dim * (heads + 2 * kv_heads) + hidden
-    mlp = 3 * hidden * inter + (2 * inter + hidden if getattr(config, "mlp_bias", False) else 0)
-    per_layer = attention + mlp + 2 * hidden
-    embeddings = config.vocab_size * hidden
-    lm_head = 0 if getattr(config, "tie_word_embeddings", False) else embeddings
-    return embeddings + config.num_hidden_layers * per_layer + hidden + lm_head
-
-
-def engine_keeps(name: str, config: Any) -> bool:
-    """Whether pagoda's Llama model allocates a parameter for checkpoint tensor `name`: not
-    for rotary buffers, nor for an lm_head tied to the embedding."""
-    if name.endswith(IGNORED_PARAMS):
-        return False
-    return not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
-
-
-def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {dtype, shape, data_offsets}, read from the header of one .safetensors
-    file (a little-endian u64 length, then that many bytes of JSON); no tensor data is read."""
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        raw = file.read(length) if length >= 0 else b""
-    if length < 0 or len(raw) != length:
-        raise UnsupportedModelError(f"{path}: truncated safetensors header")
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise UnsupportedModelError(f"{path}: unreadable safetensors header: {exc}") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def safetensors_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(tensor name, shape) for every tensor of the checkpoint directory's shards."""
-    for shard in _safetensors_files(path):
-        for name, info in safetensors_header(shard).items():
-            yield name, tuple(info["shape"])
-
-
-def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
-                ) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
-    file's tensor index (`tensors`, when the source has it; no tensor is dequantized)."""
-    found = tensors or read_gguf_tensors(path)
-    arch = _arch(found.architecture, path)
-    for tensor in found.tensors:
-        if tensor.name not in arch.skipped:
-            name = _hf_name(arch, tensor.name) or tensor.name
-            yield name, tuple(int(d) for d in reversed(tensor.shape))
-
-
-def count_parameters(source: ModelSource) -> tuple[int, str]:
+def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
     """Parameters the engine allocates for `source`, and where the count came from."""
     config = source.hf_config
     if source.format == "safetensors":
@@ -127,16 +64,17 @@ def count_parameters(source: ModelSource) -> tuple[int, str]:
     elif source.format == "gguf" and source.gguf_file is not None:
         shapes, origin = gguf_shapes(source.gguf_file, source.gguf_tensors), "gguf header"
     else:
-        return llama_parameters(config), "config"
-    return sum(math.prod(shape) for name, shape in shapes if engine_keeps(name, config)), origin
+        return spec.count_parameters(config), "config"
+    return sum(math.prod(shape) for name, shape in shapes
+               if spec.keeps_weight(name, config)), origin
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype, tp: int = 1) -> int:
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def kv_bytes_per_token(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1) -> int:
+    """KV bytes one token takes over all layers on one GPU (KV heads split over tp, at least
+    one per GPU)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * max(kv_heads // tp, 1) * head_dim * itemsize
+    return sum(2 * max(layer.num_kv_heads // tp, 1) * layer.head_dim * itemsize
+               for layer in spec.layer_attention(config))
 
 
 def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
@@ -161,13 +99,14 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     config = source.hf_config
     if max_model_len < 1 or concurrency < 1 or tp < 1:
         raise ConfigError("max_model_len, concurrency and tp must be at least 1")
+    spec = arch_spec(config)
     on_gpu = device is not None and device.lower() != "cpu"
     torch_dtype = resolve_dtype(dtype, torch.device("cuda" if on_gpu else "cpu"),
                                 getattr(config, "dtype", None))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    params, weights_from = count_parameters(source)
+    params, weights_from = count_parameters(source, spec)
     weights = params * itemsize // tp
-    per_token = kv_bytes_per_token(config, torch_dtype, tp)
+    per_token = kv_bytes_per_token(spec, config, torch_dtype, tp)
     blocks = concurrency * -(-max_model_len // BLOCK_SIZE) + 1
     kv = blocks * BLOCK_SIZE * per_token
     activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs)

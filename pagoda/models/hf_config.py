@@ -3,8 +3,9 @@
 Importing transformers' config classes pulls in torch._dynamo, torch.distributed and, where
 installed, torchvision and scikit-learn: 6-9 s on a GPU host, paid by every engine start.
 pagoda's models read a few dozen fields, so the file is read as plain JSON, with the
-defaults transformers gives the supported model types for fields the file leaves out
-(tests/models/test_hf_config.py holds them to transformers' own).
+defaults transformers gives the supported model types for fields the file leaves out (each
+architecture declares them in models/arch/; tests/models/test_hf_config.py holds them to
+transformers' own).
 """
 
 from __future__ import annotations
@@ -12,42 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 from pagoda.errors import UnsupportedModelError
 
 CONFIG_NAME = "config.json"
 DEFAULT_ROPE_THETA = 10000.0
-
-# transformers' defaults for the fields pagoda's models read, per model_type
-_LLAMA_DEFAULTS: Mapping[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "hidden_act": "silu",
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "pad_token_id": None,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
-}
-_MISTRAL_DEFAULTS: Mapping[str, Any] = {
-    **{k: v for k, v in _LLAMA_DEFAULTS.items() if k not in ("attention_bias", "mlp_bias")},
-    "intermediate_size": 14336,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 4096 * 32,
-    "sliding_window": 4096,
-}
-MODEL_TYPE_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "llama": MappingProxyType(_LLAMA_DEFAULTS),
-    "mistral": MappingProxyType(_MISTRAL_DEFAULTS),
-})
 
 
 class HFConfig(SimpleNamespace):
@@ -56,15 +28,17 @@ class HFConfig(SimpleNamespace):
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> HFConfig:
         """The config `values` describe, completed with its model type's defaults."""
-        merged = dict(MODEL_TYPE_DEFAULTS.get(values.get("model_type") or "", {}))
+        from pagoda.models.registry import spec_for_model_type
+        spec = spec_for_model_type(values.get("model_type"))
+        merged = dict(spec.config_defaults.get(values["model_type"], {}) if spec else {})
         merged.update(values)
         if merged.get("dtype") is None and merged.get("torch_dtype") is not None:
             merged["dtype"] = merged["torch_dtype"]  # the field's older name
         merged.pop("torch_dtype", None)
         if "num_attention_heads" in merged:
             _fill_head_shape(merged)
-        if merged.get("model_type") in MODEL_TYPE_DEFAULTS:
-            _merge_rope_fields(merged)
+        if spec is not None:
+            (spec.complete_config or merge_rope_fields)(merged)
         return cls(**merged)
 
     @classmethod
@@ -101,7 +75,7 @@ def _fill_head_shape(values: dict[str, Any]) -> None:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
 
 
-def _merge_rope_fields(values: dict[str, Any]) -> None:
+def merge_rope_fields(values: dict[str, Any]) -> None:
     """rope_theta and rope_scaling folded into rope_parameters, as transformers 5 keeps them."""
     values["rope_parameters"] = rope_parameters(SimpleNamespace(**values))
     values.pop("rope_scaling", None)

@@ -1,9 +1,10 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style configs) on pagoda's layers."""
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral, Yi, TinyLlama) on pagoda's layers; its
+attention and decoder layer take the options that Qwen2 and Qwen3 change."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -11,55 +12,78 @@ from torch import nn
 from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention.layer import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
-from pagoda.layers.linear import Linear, MergedLinear, copy_checked
+from pagoda.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagoda.layers.norm import RMSNorm
+from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.rotary import RotaryEmbedding
+from pagoda.models.arch.base import head_dim, layer_windows
 from pagoda.models.hf_config import rope_parameters
+from pagoda.models.interface import CausalLM
 
-# checkpoint name fragment -> (merged module name, shard index)
-STACKED_PARAMS = {
-    ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
-    ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
-}
-IGNORED_PARAMS = ("rotary_emb.inv_freq",)
+LLAMA_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+@dataclass(frozen=True, slots=True)
+class AttentionOptions:
+    """What differs between the attention layers of the Llama-like families."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: type[RMSNorm] | None = None  # per-head RMSNorm of q and k before RoPE
+    scale: float | None = None  # None: head_dim ** -0.5
+    rope: dict[str, Any] | None = None  # None: the config's rope parameters
+    sliding_window: int | None = None
 
 
 class LlamaAttention(nn.Module):
-    """Self-attention: merged qkv projection, RoPE, paged attention, output projection."""
+    """Self-attention: fused qkv projection, optional q/k norm, RoPE, paged attention,
+    output projection; heads split over the tensor-parallel group."""
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup,
+                 options: AttentionOptions) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        bias = bool(getattr(config, "attention_bias", False))
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, rope_parameters(config))
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.head_dim ** -0.5)
+        self.head_dim = head_dim(config)
+        heads = config.num_attention_heads
+        kv_heads = config.num_key_value_heads or heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, kv_heads,
+                                          options.qkv_bias, group=group)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size,
+                                        options.o_bias, group=group)
+        norm = options.qk_norm
+        self.q_norm = norm(self.head_dim, config.rms_norm_eps) if norm else None
+        self.k_norm = norm(self.head_dim, config.rms_norm_eps) if norm else None
+        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position,
+                                          options.rope or rope_parameters(config))
+        self.attn = Attention(self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads,
+                              self.head_dim, options.scale or self.head_dim ** -0.5,
+                              sliding_window=options.sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        if self.q_norm is not None:
+            q, k = self._per_head(self.q_norm, q), self._per_head(self.k_norm, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata, positions, self.rotary_emb))
+
+    def _per_head(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x.reshape(-1, self.head_dim))[0].view(x.shape)
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward with a merged gate/up projection."""
+    """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, group: ParallelGroup, act: nn.Module | None = None) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], bias)
-        self.down_proj = Linear(inter, config.hidden_size, bias)
-        self.act = SiluAndMul()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias,
+                                                       group=group)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, group=group)
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -68,12 +92,13 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried through the fused norms."""
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup,
+                 options: AttentionOptions) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, max_position)
+        self.self_attn = LlamaAttention(config, max_position, group, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, group)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None,
@@ -87,11 +112,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm."""
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, layers: list[nn.Module], config: Any, group: ParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -102,16 +126,26 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
-    """Causal LM head over LlamaModel; loads HF-named checkpoint tensors."""
+class LlamaForCausalLM(CausalLM):
+    """Causal LM head over LlamaModel; subclasses change `attention_options`."""
 
-    def __init__(self, config: Any, max_position: int) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, max_position)
+    packed_modules: ClassVar = LLAMA_PACKED
+
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE) -> None:
+        super().__init__(config, max_position, group)
+        windows = layer_windows(config)
+        layers = [LlamaDecoderLayer(config, max_position, group,
+                                    self.attention_options(config, windows[i]))
+                  for i in range(config.num_hidden_layers)]
+        self.model = LlamaModel(layers, config, group)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size,
-                              self.model.embed_tokens if tied else None)
+                              self.model.embed_tokens if tied else None, group)
+
+    @classmethod
+    def attention_options(cls, config: Any, window: int | None) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, sliding_window=window)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
@@ -119,46 +153,3 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
-
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors into parameters; returns the parameter names filled."""
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(IGNORED_PARAMS) or (name == "lm_head.weight" and self.lm_head.tied):
-                continue
-            target, shard = self._target(name)
-            module_name, _, param_name = target.rpartition(".")
-            module = modules.get(module_name)
-            if module is None or not isinstance(getattr(module, param_name, None), nn.Parameter):
-                raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
-            if isinstance(module, Linear):
-                module.load(param_name, tensor, shard)
-            else:
-                copy_checked(getattr(module, param_name), tensor)
-            loaded.add(target if shard is None else f"{target}#{shard}")
-        return loaded
-
-    @staticmethod
-    def _target(name: str) -> tuple[str, int | None]:
-        for fragment, (merged, shard) in STACKED_PARAMS.items():
-            if fragment in name:
-                return name.replace(fragment, merged), shard
-        return name, None
-
-    def expected_weights(self) -> set[str]:
-        """Names load_weights must fill for a complete checkpoint."""
-        expected = set()
-        for module_name, module in self.named_modules():
-            if isinstance(module, LMHead) and module.tied:
-                continue
-            for p, _ in module.named_parameters(recurse=False):
-                name = f"{module_name}.{p}"
-                if isinstance(module, MergedLinear):
-                    expected |= {f"{name}#{i}" for i in range(len(module.out_sizes))}
-                else:
-                    expected.add(name)
-        return expected

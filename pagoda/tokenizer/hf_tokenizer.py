@@ -13,9 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # tokenizer_config.json `tokenizer_class` values AutoTokenizer maps to TokenizersBackend
 GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 DIRECT_MODEL_TYPES = ("llama",)
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_hf_tokenizer(path: Path) -> Any:

@@ -24,7 +24,8 @@ def llama8b() -> ModelShape:
 
 
 def test_model_shape_matches_the_reference(llama8b):
-    assert llama8b.matmul_params == 7_504_658_432  # 8.03B minus the 525M input embedding
+    # 8.03B minus the 525M input embedding (the 266k norm weights included)
+    assert llama8b.matmul_params == 7_504_658_432 + 266_240
     assert llama8b.kv_bytes_per_token == 131_072  # 128 KiB per token
     assert llama8b.weight_bytes_read == pytest.approx(15.01e9, rel=1e-3)
 
@@ -38,7 +39,7 @@ def test_decode_floor_is_bandwidth_bound(llama8b):
 
 def test_prefill_floor_is_compute_bound(llama8b):
     floor = prefill_floor(llama8b, H200, [1024])
-    flops = 2 * 7_504_658_432 * 1024 + 4 * 32 * 4096 * 1024 * 1024 / 2
+    flops = 2 * (7_504_658_432 + 266_240) * 1024 + 4 * 32 * 4096 * 1024 * 1024 / 2
     assert floor == pytest.approx(flops / 807e12)
 
 
@@ -47,3 +48,15 @@ def test_workload_floor_waves(llama8b):
     two_waves = workload_floor(llama8b, H200, [100] * 4, [3] * 4, max_batch=2)
     assert two_waves["decode_s"] == pytest.approx(2 * one_wave["decode_s"], rel=0.01)
     assert one_wave["total_s"] == pytest.approx(one_wave["prefill_s"] + one_wave["decode_s"])
+
+
+def test_sliding_window_layers_read_and_attend_only_their_window():
+    config = AutoConfig.from_pretrained("bench/configs/gemma-3-4b")
+    shape = ModelShape.from_config(config, torch.bfloat16)
+    per_layer = 2 * 4 * 256 * 2  # K and V, 4 KV heads of 256, bf16
+    assert shape.kv_bytes_per_token == 34 * per_layer
+    local, total = 29, 34  # every sixth of 34 layers is global
+    assert shape.kv_bytes_read(8192) == per_layer * (local * 1024 + (total - local) * 8192)
+    assert shape.attention_flops(100) == 4.0 * 8 * 256 * 34 * 100
+    assert shape.prefill_attention_flops(4096) == 4.0 * 8 * 256 * (
+        local * (1024 * 1024 / 2 + 3072 * 1024) + (total - local) * 4096 * 4096 / 2)

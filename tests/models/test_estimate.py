@@ -18,9 +18,10 @@ from transformers import LlamaConfig, MistralConfig
 from pagoda import LLM
 from pagoda.cli.main import main
 from pagoda.errors import ConfigError
-from pagoda.models import source as source_module
-from pagoda.models.estimate import MemoryEstimate, estimate, llama_parameters
-from pagoda.models.loader import weight_bytes
+from pagoda.models.estimate import MemoryEstimate, estimate
+from pagoda.models.loader import gguf as gguf_loader
+from pagoda.models.loader.checkpoint import weight_bytes
+from pagoda.models.registry import arch_spec
 from pagoda.models.source import resolve_model
 from tests.utils import save_random_checkpoint
 
@@ -47,7 +48,7 @@ def check_header_agrees_with_config(spec: str, weights_from: str) -> None:
     source = resolve_model(spec)
     e = estimate(source, max_model_len=256)
     assert e.weights_from == weights_from
-    assert e.num_parameters == llama_parameters(source.hf_config)
+    assert e.num_parameters == arch_spec(source.hf_config).count_parameters(source.hf_config)
 
 
 def tiny_llama(tied: bool) -> LlamaConfig:
@@ -74,7 +75,7 @@ def test_gguf_estimate_dequantizes_nothing(smollm2_dir, monkeypatch):
         raise AssertionError("the estimate read GGUF tensor data")
 
     monkeypatch.setattr(gguf.quants, "dequantize", refuse)
-    monkeypatch.setattr(source_module, "_dequantize", refuse)
+    monkeypatch.setattr(gguf_loader, "dequantize", refuse)
     assert estimate(source, max_model_len=256) == expected
 
 
@@ -147,3 +148,29 @@ def test_the_command(capsys, smollm2_dir):
     assert main(["estimate", "bench/configs/llama-3.1-8b", "--max-model-len", "131072",
                  "--concurrency", "8", "--device", "L4"]) == 3  # does not fit
     assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qwen2-gqa2-tied", "qwen3-gqa4-wide-heads-untied",
+                                  "gemma3-window-8-pattern-6"])
+def test_each_architecture_declares_what_the_engine_allocates(name, tmp_path):
+    from tests.models.test_gemma3 import CONFIGS as GEMMA3
+    from tests.models.test_qwen import CONFIGS as QWEN
+    spec = str(save_random_checkpoint((QWEN | GEMMA3)[name], tmp_path, None))
+    assert check_matches(spec).weights_from == "safetensors header"
+    check_header_agrees_with_config(spec, "safetensors header")
+
+
+def write_unknown_architecture(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(
+        {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": 64}))
+    return path
+
+
+def test_unknown_architecture_is_one_line_naming_the_supported_ones(tmp_path, capsys):
+    path = write_unknown_architecture(tmp_path / "mamba")
+    assert main(["estimate", str(path), "--max-model-len", "256"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "MambaForCausalLM" in err and "Gemma3ForCausalLM" in err and "Qwen3ForCausalLM" in err
+    assert "Traceback" not in err

@@ -16,7 +16,9 @@ from pagoda.models.gguf_index import (
     reader_tensors,
     write_tensor_index,
 )
-from pagoda.models.source import GGUFMeta, iter_weights, resolve_model
+from pagoda.models.loader.checkpoint import iter_weights
+from pagoda.models.loader.gguf import GGUFMeta
+from pagoda.models.source import resolve_model
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def test_a_gguf_given_by_path_is_parsed_once(smollm2_gguf, monkeypatch):
 
 
 def test_loading_lets_go_of_the_mapped_file(smollm2_gguf):
-    from pagoda.models.loader import load_model
+    from pagoda.models.loader.checkpoint import load_model
     source = resolve_model(str(smollm2_gguf))
     load_model(source, torch.float32, torch.device("cpu"), max_position=256)
     assert source.gguf_tensors is None

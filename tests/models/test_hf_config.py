@@ -9,7 +9,11 @@ import pytest
 from transformers import AutoConfig
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.models.hf_config import MODEL_TYPE_DEFAULTS, HFConfig, rope_parameters
+from pagoda.models.hf_config import HFConfig, rope_parameters
+from pagoda.models.registry import ARCH_SPECS
+
+MODEL_TYPE_DEFAULTS = {model_type: defaults for spec in ARCH_SPECS
+                       for model_type, defaults in spec.config_defaults.items()}
 
 BENCH_CONFIGS = sorted(Path(__file__).parents[2].glob("bench/configs/*/config.json"))
 # every config field pagoda reads (models, loader, estimate, roofline, engine limits)
@@ -18,7 +22,8 @@ READ_FIELDS = (
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
     "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "sliding_window", "bos_token_id", "eos_token_id",
-    "pad_token_id",
+    "pad_token_id", "layer_types", "hidden_activation", "query_pre_attn_scalar",
+    "final_logit_softcapping", "attn_logit_softcapping",
 )
 PARTIAL_CONFIGS = [
     {"model_type": "llama"},
@@ -29,6 +34,14 @@ PARTIAL_CONFIGS = [
     {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}},
     {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
      "dtype": "float16"},
+    {"model_type": "qwen2", "sliding_window": 32768, "max_window_layers": 70},
+    {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
+     "max_window_layers": 3, "num_hidden_layers": 5},
+    {"model_type": "qwen3", "rope_theta": 1e6, "head_dim": 64, "tie_word_embeddings": True},
+    {"model_type": "gemma3_text"},
+    {"model_type": "gemma3_text", "sliding_window_pattern": 3, "num_hidden_layers": 7,
+     "rope_theta": 5e5, "rope_local_base_freq": 2e4,
+     "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     {"model_type": "llama", "torch_dtype": "bfloat16", "eos_token_id": [5, 7],
      "tie_word_embeddings": True, "head_dim": 96},
 ]
@@ -39,9 +52,17 @@ def transformers_view(values: dict[str, Any]) -> Any:
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
+def their_field(theirs: Any, name: str) -> Any:
+    """A field of transformers' config; head_dim derived where the class has none (Qwen2)."""
+    value = getattr(theirs, name, None)
+    if name == "head_dim" and value is None:
+        return theirs.hidden_size // theirs.num_attention_heads
+    return value
+
+
 def same_fields(ours: HFConfig, theirs: Any) -> None:
     for name in READ_FIELDS:
-        assert getattr(ours, name, None) == getattr(theirs, name, None), name
+        assert getattr(ours, name, None) == their_field(theirs, name), name
     assert ours.rope_parameters == theirs.rope_parameters
     assert rope_parameters(ours) == rope_parameters(theirs)
     their_dtype = getattr(theirs, "dtype", None)

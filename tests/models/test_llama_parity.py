@@ -1,8 +1,5 @@
-"""pagoda's Llama against transformers on the same weights: greedy tokens and logprobs.
-
-Tolerance: float32 on both sides; per-token logprobs agree within 2e-3 (the two
-implementations order their float32 reductions differently; observed differences are ~1e-5).
-"""
+"""pagoda's Llama against transformers on the same weights: greedy tokens and logprobs
+(tests/models/parity.py has the checks and their tolerance)."""
 
 from __future__ import annotations
 
@@ -13,10 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from pagoda import LLM, SamplingParams
-
+from tests.models.parity import check_parity, check_random_checkpoint, hf_greedy
 from tests.utils import save_random_checkpoint
 
-LOGPROB_TOL = 2e-3
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -24,31 +20,6 @@ PROMPTS = [
     "1, 2, 3, 4, 5,",
     "Les fleurs du jardin sont",
 ]
-
-
-def hf_greedy(model, ids: list[int], n: int, ignore_eos: bool = True) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n,
-                         min_new_tokens=n if ignore_eos else 0, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def hf_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    lp = torch.log_softmax(logits, dim=-1)
-    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-
-
-def check_parity(llm: LLM, hf_model, prompts: list[list[int]], num_tokens: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True,
-                            prompt_logprobs=0, logprobs=0)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    for ids, out in zip(prompts, outputs):
-        assert out.outputs[0].token_ids == hf_greedy(hf_model, ids, num_tokens)
-        ours = torch.tensor([pos[ids[i + 1]].logprob
-                             for i, pos in enumerate(out.prompt_logprobs[1:])])
-        theirs = hf_prompt_logprobs(hf_model, ids)
-        assert (ours - theirs).abs().max().item() < LOGPROB_TOL
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +56,10 @@ RANDOM_CONFIGS = {
         num_key_value_heads=3, head_dim=32, vocab_size=49152, max_position_embeddings=1024,
         initializer_range=0.2, sliding_window=None, rope_theta=10000.0),
 }
+WINDOWED_MISTRAL = MistralConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, initializer_range=0.2,
+    sliding_window=24)
 
 
 @pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
@@ -95,3 +70,7 @@ def test_random_checkpoint_matches_transformers(name, tmp_path, smollm2_dir):
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 49152, (n,), generator=gen).tolist() for n in (5, 37, 90)]
     check_parity(llm, hf_model, prompts, num_tokens=16)
+
+
+def test_mistral_sliding_window_shorter_than_the_prompt_matches_transformers(tmp_path):
+    check_random_checkpoint(WINDOWED_MISTRAL, tmp_path / "mistral-window")

@@ -14,18 +14,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
+from pagoda.models.arch.llama import llama3_rope_factors, unpermute_rope_rows
 from pagoda.models.hf_config import HFConfig
-from pagoda.models.source import (
-    GGUF_CONFIG_VERSION,
-    ModelSource,
-    gguf_hf_config,
-    iter_weights,
-    llama3_rope_factors,
-    load_tokenizer,
-    resolve_model,
-    tokenizer_from_gguf,
-    unpermute_rope_rows,
-)
+from pagoda.models.loader.checkpoint import iter_weights
+from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, gguf_hf_config
+from pagoda.models.loader.tokenizer import load_tokenizer
+from pagoda.models.source import ModelSource, resolve_model
+from pagoda.tokenizer.gguf import tokenizer_from_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MULTI_BYTE = "Grüße, 世界! 🌏🚀 naïve café — ½ ∑ x² <|im_end|>"
@@ -447,10 +442,19 @@ def test_a_tokenizer_directory_alone_is_a_tokenizer(tmp_path, smollm2_dir):
     """`--tokenizer DIR` may name a directory with tokenizer files and no weights."""
     import shutil
 
+    from pagoda.models.loader.tokenizer import get_tokenizer
     from pagoda.models.source import resolve_model
-    from pagoda.tokenizer.tokenizer import get_tokenizer
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_dir / name, tmp_path / name)
     tokenizer = get_tokenizer(resolve_model(str(smollm2_dir)), str(tmp_path))
     assert tokenizer.encode("hello world") == \
         get_tokenizer(resolve_model(str(smollm2_dir))).encode("hello world")
+
+
+def test_unknown_architecture_fails_at_resolution_naming_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'MambaForCausalLM' is not supported \(supported: Gemma3ForCausalLM"):
+        resolve_model(str(tmp_path))

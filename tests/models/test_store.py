@@ -17,7 +17,9 @@ from pagoda.cli.main import main
 from pagoda.errors import ModelNotFoundError
 from pagoda.models import store
 from pagoda.models.gguf_index import INDEX_NAME
-from pagoda.models.source import GGUF_CONFIG_VERSION, load_tokenizer, resolve_model
+from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION
+from pagoda.models.loader.tokenizer import load_tokenizer
+from pagoda.models.source import resolve_model
 
 TINY = store.BuiltinModel(name="tiny", package="pagoda-tiny-test", version="1.0",
                           member="pagoda_tiny/tiny.Q.gguf", aliases=("Tiny-Llama",))

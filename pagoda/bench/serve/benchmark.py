@@ -33,7 +33,8 @@ def load_benchmark_tokenizer(name: str | None, model: str) -> Any | None:
     checkpoint directory, or a name in the local Hugging Face cache. None if not found
     and none was asked for explicitly."""
     from pagoda.errors import PagodaError
-    from pagoda.models.source import load_tokenizer, resolve_model
+    from pagoda.models.loader.tokenizer import load_tokenizer
+    from pagoda.models.source import resolve_model
 
     spec = name or model
     try:

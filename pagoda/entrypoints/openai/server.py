@@ -19,9 +19,9 @@ from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
 from pagoda.entrypoints.openai.output_parsers import check_parser_names
 from pagoda.fleet.spec import FleetSpec
 from pagoda.logger import get_logger
+from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import resolve_model
 from pagoda.process import freeze_startup_objects
-from pagoda.tokenizer.tokenizer import get_tokenizer
 
 logger = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""The tokenizer an engine's frontend uses: the model's own, an explicit one, or none."""
+"""A model's tokenizer: its checkpoint's files, the one its GGUF embeds, or an explicit one."""
 
 from __future__ import annotations
 
@@ -7,15 +7,27 @@ from typing import Any
 
 from pagoda.errors import ModelNotFoundError
 from pagoda.logger import get_logger
-from pagoda.models.source import (
-    ModelSource,
+from pagoda.models.source import ModelSource, resolve_model
+from pagoda.tokenizer.gguf import gguf_chat_template, tokenizer_from_gguf
+from pagoda.tokenizer.hf_tokenizer import (
+    TOKENIZER_FILES,
     has_tokenizer_files,
-    load_tokenizer,
-    resolve_model,
+    load_hf_tokenizer,
 )
-from pagoda.tokenizer.hf_tokenizer import load_hf_tokenizer
 
 logger = get_logger(__name__)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The model's transformers tokenizer, with its chat template set when the GGUF has one."""
+    if source.tokenizer_path is not None:
+        tokenizer = load_hf_tokenizer(source.tokenizer_path)
+        if tokenizer.chat_template is None and source.gguf_file is not None:
+            tokenizer.chat_template = gguf_chat_template(source.gguf_file)
+        return tokenizer
+    if source.gguf_file is not None:
+        return tokenizer_from_gguf(source.gguf_file)
+    raise ModelNotFoundError(f"{source.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
 def get_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any | None:

@@ -1,0 +1,1 @@
+"""Architecture declarations: what pagoda knows about each model family without torch."""

@@ -1,0 +1,196 @@
+"""Reading GGUF files: metadata, the HF config an architecture builds from it, and the
+weights dequantized and renamed to HF (the architecture's GGUF layout says how)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.models.gguf_index import GGUFIndex, GGUFTensor, reader_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagoda.models.arch.base import GGUFLayout
+    from pagoda.models.hf_config import HFConfig
+
+# Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
+# index): pulled models then re-derive instead of trusting them, until `pagoda pull` redoes
+# the conversion. 2: the tensor index (gguf-tensors.json) was added. 3: config.json is
+# written by pagoda (HFConfig.save), not transformers.
+GGUF_CONFIG_VERSION = 3
+
+
+@dataclass(slots=True)
+class GGUFMeta:
+    """Typed access to the metadata and tensor index of one GGUF file."""
+
+    path: Path
+    reader: gguf.GGUFReader
+    arch: str
+
+    @classmethod
+    def open(cls, path: Path) -> GGUFMeta:
+        """Memory-map `path` and read its header."""
+        try:
+            reader = gguf.GGUFReader(path, "r")
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise UnsupportedModelError(f"{path} is not a readable GGUF file: {exc}") from None
+        field = reader.fields.get("general.architecture")
+        if field is None:
+            raise UnsupportedModelError(f"{path} has no general.architecture metadata")
+        return cls(path, reader, str(field.contents()))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Value of metadata `key` ("{arch}" is replaced by the architecture), else default."""
+        field = self.reader.fields.get(key.format(arch=self.arch))
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        """Value of metadata `key`; a missing key is an unsupported file."""
+        value = self.get(key)
+        if value is None:
+            raise UnsupportedModelError(f"{self.path} lacks GGUF metadata {key.format(arch=self.arch)}")
+        return value
+
+    def count(self, key: str) -> int | None:
+        """Length of array metadata `key` without decoding its items."""
+        field = self.reader.fields.get(key.format(arch=self.arch))
+        return None if field is None else len(field.data)
+
+    def tensor_index(self) -> GGUFIndex:
+        """The file's architecture and tensors, as the reader parsed them."""
+        return GGUFIndex(self.arch, list(reader_tensors(self.reader)))
+
+    def tensor(self, name: str) -> gguf.ReaderTensor | None:
+        """The tensor called `name`, if the file has one."""
+        return next((t for t in self.reader.tensors if t.name == name), None)
+
+
+def gguf_layout(arch: str, path: Path) -> GGUFLayout:
+    """The layout of GGUF architecture `arch`, or one clear error naming the supported ones."""
+    from pagoda.models.registry import gguf_layouts
+    layouts = gguf_layouts()
+    if arch not in layouts:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
+                                    f"(supported: {', '.join(sorted(layouts))})")
+    return layouts[arch]
+
+
+def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> HFConfig:
+    """Build the HF config of GGUF file `path` from its metadata (`meta`, if the
+    caller has the file open already)."""
+    meta = meta or GGUFMeta.open(path)
+    if int(meta.get("split.count", 1)) > 1:
+        raise UnsupportedModelError(f"{path} is one shard of a split GGUF; merge it with llama-gguf-split")
+    return gguf_layout(meta.arch, meta.path).build_config(meta)
+
+
+def decoder_config(meta: GGUFMeta, rms_eps_default: float = 1e-6) -> dict[str, Any]:
+    """The config fields every llama.cpp decoder architecture stores the same way."""
+    if meta.get("{arch}.expert_count"):
+        raise UnsupportedModelError(f"{meta.path}: {meta.arch} GGUF with experts (MoE) is not "
+                                    "supported yet")
+    hidden = int(meta.require("{arch}.embedding_length"))
+    heads = int(meta.require("{arch}.attention.head_count"))
+    return dict(
+        vocab_size=vocab_size(meta),
+        hidden_size=hidden,
+        intermediate_size=int(meta.require("{arch}.feed_forward_length")),
+        num_hidden_layers=int(meta.require("{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get("{arch}.attention.head_count_kv", heads)),
+        head_dim=int(meta.get("{arch}.attention.key_length")
+                     or meta.get("{arch}.rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(meta.get("{arch}.attention.layer_norm_rms_epsilon", rms_eps_default)),
+        max_position_embeddings=int(meta.get("{arch}.context_length", 2048)),
+        tie_word_embeddings=meta.tensor("output.weight") is None,
+        **special_token_ids(meta),
+    )
+
+
+def vocab_size(meta: GGUFMeta) -> int:
+    size = meta.get("{arch}.vocab_size") or meta.count("tokenizer.ggml.tokens")
+    if size is None:
+        embedding = meta.tensor("token_embd.weight")
+        if embedding is None:
+            raise UnsupportedModelError(f"{meta.path}: cannot tell the vocabulary size")
+        size = int(embedding.shape[-1])  # GGUF lists dims innermost first
+    return int(size)
+
+
+def special_token_ids(meta: GGUFMeta) -> dict[str, Any]:
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    extra = (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id"))
+    stops = list(dict.fromkeys(int(t) for t in (eos, *extra) if t is not None))
+    return {
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
+def iter_gguf(path: Path, config: HFConfig,
+              tensors: GGUFIndex | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize each tensor to float32, renamed to HF and transformed into HF's layout."""
+    import torch
+    found = tensors or read_gguf_tensors(path)
+    layout = gguf_layout(found.architecture, path)
+    for tensor in found.tensors:
+        if tensor.name in layout.skipped:
+            continue
+        name = hf_name(layout, tensor.name)
+        if name is None:
+            raise UnsupportedModelError(
+                f"{path}: no HF name for GGUF tensor {tensor.name!r} ({found.architecture})")
+        yield name, torch.from_numpy(layout.transform(name, dequantize(tensor), config))
+
+
+def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
+                ) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
+    file's tensor index (`tensors`, when the source has it; no tensor is dequantized)."""
+    found = tensors or read_gguf_tensors(path)
+    layout = gguf_layout(found.architecture, path)
+    for tensor in found.tensors:
+        if tensor.name not in layout.skipped:
+            name = hf_name(layout, tensor.name) or tensor.name
+            yield name, tuple(int(d) for d in reversed(tensor.shape))
+
+
+def read_gguf_tensors(path: Path) -> GGUFIndex:
+    """The file's architecture and tensors, through gguf's reader (parses all metadata)."""
+    return GGUFMeta.open(path).tensor_index()
+
+
+def hf_name(layout: GGUFLayout, gguf_name: str) -> str | None:
+    stem, _, kind = gguf_name.rpartition(".")
+    block = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if block is not None:
+        module = layout.block_names.get(block[2])
+        return None if module is None else f"model.layers.{block[1]}.{module}.{kind}"
+    module = layout.global_names.get(stem)
+    return None if module is None else f"{module}.{kind}"
+
+
+def dequantize(tensor: GGUFTensor) -> np.ndarray:
+    """The tensor as a writable float32 array in torch's dim order (GGUF lists dims reversed)."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        if tensor.data.dtype == np.uint8:  # a block-quantized type gguf cannot decode
+            raise UnsupportedModelError(f"GGUF tensor {tensor.name}: type {tensor.tensor_type.name} "
+                                        "cannot be dequantized") from None
+        values = tensor.data  # plain F64 / integer tensors
+    values = np.asarray(values).reshape(shape)
+    if values.dtype != np.float32 or not values.flags.writeable:
+        values = values.astype(np.float32)  # copies: never hand torch the read-only memory map
+    return values

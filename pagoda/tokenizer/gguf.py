@@ -1,0 +1,28 @@
+"""The tokenizer and chat template a GGUF file embeds."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+
+def gguf_chat_template(gguf_file: Path) -> str | None:
+    """The file's `tokenizer.chat_template` metadata, if it has one."""
+    field = gguf.GGUFReader(gguf_file, "r").fields.get("tokenizer.chat_template")
+    return None if field is None else str(field.contents())
+
+
+def tokenizer_from_gguf(gguf_file: Path) -> Any:
+    """Convert the tokenizer embedded in a GGUF file (slow: seconds for a 50k vocabulary).
+    It is read from a directory holding (a link to) the GGUF alone: transformers would also
+    read tokenizer files lying next to it, such as an earlier conversion's, and mix them in."""
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory(prefix="pagoda-gguf-") as alone:
+        (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = gguf_chat_template(gguf_file)
+    return tokenizer
