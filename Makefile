@@ -18,6 +18,7 @@ install: $(STAMP)
 
 model: install
 	$(PAGODA) pull smollm2
+	$(PAGODA) pull gemma3-270m
 
 test: model
 	$(PY) -m pytest -q $(PYTEST_ARGS)

