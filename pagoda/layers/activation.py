@@ -23,6 +23,10 @@ class SiluAndMul(DeviceDispatch):
 class GeluTanhAndMul(DeviceDispatch):
     """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh), for [gate | up] on the last dim."""
 
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        from pagoda.layers.fused import gelu_tanh_and_mul
+        return gelu_tanh_and_mul(x)
+
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up

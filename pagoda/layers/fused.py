@@ -96,27 +96,42 @@ def rope_qk_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin:
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    """act(gate) * up over one row's block of columns; act is SiLU, or GELU's tanh form."""
     row = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
-    out = gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, out.to(up.dtype), mask=mask)
+    if GELU_TANH:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2/pi)
+        act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(inner)
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + row * n_cols + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[:, :d]) * x[:, d:] for x [tokens, 2d]."""
+def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     x = x.contiguous()
     n_rows, width = x.shape
     n_cols = width // 2
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](x, out, n_cols, BLOCK=block,
-                                                           num_warps=4)
+    _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](x, out, n_cols,
+                                                            GELU_TANH=gelu_tanh, BLOCK=block,
+                                                            num_warps=4)
     return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :d]) * x[:, d:] for x [tokens, 2d]."""
+    return _gated_act(x, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x[:, :d]) * x[:, d:] for x [tokens, 2d] (Gemma's gelu_pytorch_tanh)."""
+    return _gated_act(x, gelu_tanh=True)
 
 
 @triton.jit(do_not_specialize=["num_slots"])

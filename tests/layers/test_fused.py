@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from pagoda.layers.activation import SiluAndMul
+from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 
@@ -53,6 +53,8 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
     gate_up = randn(tokens, 2 * 1100)
     errors["silu_and_mul"] = _relative_error(fused.silu_and_mul(gate_up),
                                              SiluAndMul().forward_native(gate_up))
+    errors["gelu_tanh_and_mul"] = _relative_error(fused.gelu_tanh_and_mul(gate_up),
+                                                  GeluTanhAndMul().forward_native(gate_up))
     return errors
 
 
@@ -91,7 +93,7 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line[len(MARKER):])
     assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
-                           "rope_store_kv_32", "silu_and_mul"}
+                           "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul"}
     for name, error in errors.items():
         assert error < 1e-5, (name, error)
 
