@@ -1,5 +1,5 @@
-"""Fused Triton kernels for the small per-token ops (RMSNorm with the residual add, RoPE on
-q and k, SiLU-and-multiply). On a GPU each unfused op is several tiny kernels, and at decode
+"""Fused Triton kernels for the small per-token ops (RMSNorm with the residual add, per-head
+q/k RMSNorm, RoPE on q and k, gated activations). On a GPU each unfused op is several tiny kernels, and at decode
 batch sizes their launch and latency cost rivals the matmuls. The torch versions in the
 layers stay the CPU path and the reference these are tested against."""
 
@@ -39,6 +39,76 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         HAS_RESIDUAL=has_res, BLOCK=triton.next_power_of_2(n_cols),
         num_warps=min(max(triton.next_power_of_2(n_cols) // 256, 1), 16))
     return out, res_out
+
+
+@triton.jit
+def _norm_add_rms_norm_kernel(x_ptr, res_ptr, w_pre_ptr, w_ptr, out_ptr, res_out_ptr, n_cols,
+                              eps_pre, eps, BLOCK: tl.constexpr):
+    """rms_norm(x) * w_pre, rounded to x's dtype, added to the residual, then normed again."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps_pre)
+    w_pre = tl.load(w_pre_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (xf * rstd * w_pre).to(x.dtype)
+    h = h + tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    tl.store(res_out_ptr + row * n_cols + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (hf * rstd * w).to(x.dtype), mask=mask)
+
+
+def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight_pre: torch.Tensor,
+                      eps_pre: float, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = rms_norm(x) * weight_pre + residual; (rms_norm(h) * weight, h) in one pass: a
+    block's output norm, its residual add and the next pre-norm (Gemma)."""
+    x = x.contiguous()
+    n_rows, n_cols = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    block = triton.next_power_of_2(n_cols)
+    _norm_add_rms_norm_kernel[(n_rows,)](x, residual.contiguous(), weight_pre, weight, out,
+                                         res_out, n_cols, eps_pre, eps, BLOCK=block,
+                                         num_warps=min(max(block // 256, 1), 16))
+    return out, res_out
+
+
+@triton.jit
+def _head_rms_norm_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, q_stride, k_stride, num_q_heads, eps,
+                          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """In place: one head of one token's q (heads [0, num_q_heads)) or k (the rest)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HEAD_DIM
+    if head < num_q_heads:
+        ptr = q_ptr + token * q_stride + head * HEAD_DIM + cols
+        w_ptr = wq_ptr
+    else:
+        ptr = k_ptr + token * k_stride + (head - num_q_heads) * HEAD_DIM + cols
+        w_ptr = wk_ptr
+    x = tl.load(ptr, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HEAD_DIM + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, (xf * rstd * w).to(x.dtype), mask=mask)
+
+
+def head_rms_norm_(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
+                   weight_k: torch.Tensor, eps: float, head_dim: int) -> None:
+    """RMSNorm over each head_dim-wide head of q [tokens, q_heads * d] and k [tokens,
+    kv_heads * d], in place (rows may be strided views of a fused qkv output)."""
+    num_tokens = q.shape[0]
+    num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    if num_tokens == 0:
+        return
+    _head_rms_norm_kernel[(num_tokens, num_q_heads + num_k_heads)](
+        q, k, weight_q, weight_k, q.stride(0), k.stride(0), num_q_heads, eps,
+        HEAD_DIM=head_dim, BLOCK=triton.next_power_of_2(head_dim), num_warps=1)
 
 
 @triton.jit

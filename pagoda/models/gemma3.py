@@ -12,7 +12,7 @@ from torch import nn
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.activation import GeluTanhAndMul
 from pagoda.layers.embedding import LMHead, VocabEmbedding
-from pagoda.layers.norm import GemmaRMSNorm
+from pagoda.layers.norm import GemmaRMSNorm, norm_add_norm
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.models.arch.base import FULL, SLIDING, layer_windows
 from pagoda.models.interface import CausalLM
@@ -28,7 +28,9 @@ def attention_options(config: Any, window: int | None) -> AttentionOptions:
 
 class Gemma3DecoderLayer(nn.Module):
     """Norms before and after both attention and MLP; each output is normed before its
-    residual add (the add is fused into the next pre-norm)."""
+    residual add, in one kernel with the add and the next pre-norm. The layer returns its
+    MLP output before the post-feedforward norm, which the model fuses the same way with the
+    next layer's input norm."""
 
     def __init__(self, config: Any, max_position: int, group: ParallelGroup,
                  window: int | None) -> None:
@@ -42,15 +44,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, group, act=GeluTanhAndMul())
         self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None,
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
                 attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
+        """`hidden` is already input-normed; returns the MLP output (not yet post-normed)."""
         hidden = self.self_attn(positions, hidden, attn_metadata)
-        hidden = self.post_attention_layernorm(hidden)[0]
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        hidden = self.post_feedforward_layernorm(self.mlp(hidden))[0]
-        return hidden, residual
+        hidden, residual = norm_add_norm(hidden, residual, self.post_attention_layernorm,
+                                         self.pre_feedforward_layernorm)
+        return self.mlp(hidden), residual
 
 
 class Gemma3Model(nn.Module):
@@ -70,9 +70,13 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None
+        output_norm = None  # the previous layer's post-feedforward norm, still to apply
         for layer in self.layers:
+            hidden, residual = norm_add_norm(hidden, residual, output_norm,
+                                             layer.input_layernorm)
             hidden, residual = layer(positions, hidden, residual, attn_metadata)
-        return self.norm(hidden, residual)[0]
+            output_norm = layer.post_feedforward_layernorm
+        return norm_add_norm(hidden, residual, output_norm, self.norm)[0]
 
 
 class Gemma3ForCausalLM(CausalLM):

@@ -17,7 +17,7 @@ from pagoda.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagoda.layers.norm import RMSNorm
+from pagoda.layers.norm import RMSNorm, norm_qk_heads
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.arch.base import head_dim, layer_windows
@@ -66,11 +66,8 @@ class LlamaAttention(nn.Module):
                 attn_metadata: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         if self.q_norm is not None:
-            q, k = self._per_head(self.q_norm, q), self._per_head(self.k_norm, k)
+            q, k = norm_qk_heads(q, k, self.q_norm, self.k_norm, self.head_dim)
         return self.o_proj(self.attn(q, k, v, attn_metadata, positions, self.rotary_emb))
-
-    def _per_head(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        return norm(x.reshape(-1, self.head_dim))[0].view(x.shape)
 
 
 class LlamaMLP(nn.Module):

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
-from pagoda.layers.norm import RMSNorm
+from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 
 MARKER = "FUSED-RESULTS "
@@ -50,6 +50,8 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
         errors[f"rope_{rot_dim}"] = max(_relative_error(q, ref_q), _relative_error(k, ref_k))
         errors[f"rope_store_kv_{rot_dim}"] = _rope_store_kv_error(rope, rot_dim, randn, tokens,
                                                                   device)
+    errors["head_rms_norm"] = _head_rms_norm_error(randn, tokens, device)
+    errors["norm_add_rms_norm"] = _norm_add_rms_norm_error(randn, tokens, device)
     gate_up = randn(tokens, 2 * 1100)
     errors["silu_and_mul"] = _relative_error(fused.silu_and_mul(gate_up),
                                              SiluAndMul().forward_native(gate_up))
@@ -78,6 +80,35 @@ def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
     return max(_relative_error(q, ref_q), _relative_error(cache.flatten(1, 2), ref_cache))
 
 
+def _head_rms_norm_error(randn, tokens, device) -> float:
+    """In-place per-head norm of q and k, strided views of a fused qkv output, against each
+    head normed by the torch path (Gemma's 1 + w form on k: the weights are just weights)."""
+    from pagoda.layers import fused
+    q_norm, k_norm = RMSNorm(64, 1e-6).to(device), GemmaRMSNorm(64, 1e-6).to(device)
+    q_norm.weight.data = randn(64).float().to(device)
+    k_norm.weight.data = randn(64).float().to(device)
+    qkv = randn(tokens, (6 + 2 * 2) * 64)
+    q, k = qkv[:, :384], qkv[:, 384:512]
+    ref_q = q_norm.forward_native(q.reshape(-1, 64))[0].view(q.shape)
+    ref_k = k_norm.forward_native(k.reshape(-1, 64))[0].view(k.shape)
+    v_before = qkv[:, 512:].clone()
+    fused.head_rms_norm_(q, k, q_norm.weight, k_norm.weight, 1e-6, 64)
+    untouched = 0.0 if torch.equal(qkv[:, 512:], v_before) else float("inf")
+    return max(_relative_error(q, ref_q), _relative_error(k, ref_k), untouched)
+
+
+def _norm_add_rms_norm_error(randn, tokens, device) -> float:
+    from pagoda.layers import fused
+    first, second = RMSNorm(96, 1e-6).to(device), RMSNorm(96, 1e-5).to(device)
+    first.weight.data = randn(96).float().to(device)
+    second.weight.data = randn(96).float().to(device)
+    x, res = randn(tokens, 96), randn(tokens, 96)
+    ref_out, ref_res = second.forward_native(first.forward_native(x)[0], res)
+    out, new_res = fused.norm_add_rms_norm(x, res, first.weight, first.eps, second.weight,
+                                           second.eps)
+    return max(_relative_error(out, ref_out), _relative_error(new_res, ref_res))
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max |actual - expected| / (1 + |expected|): a kernel may round one ulp differently
     (fused multiply-adds), and in bf16 one ulp at |x| >= 4 is already 2^-5."""
@@ -93,7 +124,8 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line[len(MARKER):])
     assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
-                           "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul"}
+                           "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul", "head_rms_norm",
+                           "norm_add_rms_norm"}
     for name, error in errors.items():
         assert error < 1e-5, (name, error)
 
