@@ -35,6 +35,9 @@ class ModelSource:
     # the GGUF's tensors as found while resolving (through the index saved at pull, or from
     # the metadata the config was built from), so loading parses nothing; None: read at load
     gguf_tensors: GGUFIndex | None = field(default=None, compare=False, repr=False)
+    # a pull's current conversion lies beside the GGUF: the tokenizer there carries the chat
+    # template the GGUF had (else the architecture's default), so the GGUF is not read for it
+    converted: bool = False
 
 
 def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
@@ -127,7 +130,7 @@ def _pulled_source(spec: str, path: Path, manifest: store.Manifest) -> ModelSour
         config, tensors = _gguf_config_and_tensors(gguf_file)
     tokenizer = path if has_tokenizer_files(path) else None
     return ModelSource(spec, path, "gguf", config, gguf_file=gguf_file, tokenizer_path=tokenizer,
-                       gguf_tensors=tensors)
+                       gguf_tensors=tensors, converted=cached and tokenizer is not None)
 
 
 def _gguf_source(spec: str, gguf_file: Path) -> ModelSource:

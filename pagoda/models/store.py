@@ -305,17 +305,22 @@ def _refresh_conversion(directory: Path) -> None:
 
 
 def _write_converted_files(dest: Path, gguf_file: Path) -> int:
-    """Save the tokenizer, HF config and tensor index converted from the GGUF next to it;
-    return the conversion's version."""
+    """Save the tokenizer (with the GGUF's chat template, else the architecture's default),
+    HF config and tensor index converted from the GGUF next to it; return the conversion's
+    version."""
     from pagoda.models.gguf_index import INDEX_NAME, write_tensor_index
     from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, GGUFMeta, gguf_hf_config
+    from pagoda.models.loader.tokenizer import with_default_chat_template
     from pagoda.tokenizer.gguf import tokenizer_from_gguf
 
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=".convert-"))
     try:
-        tokenizer_from_gguf(gguf_file).save_pretrained(staging)
         meta = GGUFMeta.open(gguf_file)
-        gguf_hf_config(gguf_file, meta).save(staging)
+        config = gguf_hf_config(gguf_file, meta)
+        tokenizer = with_default_chat_template(tokenizer_from_gguf(gguf_file), config,
+                                               gguf_file.name)
+        tokenizer.save_pretrained(staging)
+        config.save(staging)
         write_tensor_index(meta.reader, meta.arch, gguf_file, staging / INDEX_NAME)
         for path in staging.iterdir():
             os.replace(path, dest / path.name)

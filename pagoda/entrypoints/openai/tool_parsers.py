@@ -50,6 +50,7 @@ _SIMPLE_STRING = re.compile(r'"[^"\\]*"')
 _BRACKET = re.compile(r"[\[\]{}]")
 _PYTHON_START = "<|python_start|>"
 _PYTHON_END = "<|python_end|>"
+_PYTHONIC_EXAMPLE = re.compile(r"\[[A-Za-z_]\w*\([A-Za-z_]\w*=")  # "[func_name1(param_name1="
 
 
 @dataclass(frozen=True, slots=True)
@@ -788,7 +789,10 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     1. ``<tool_call>`` in the template: ``"hermes"`` (Hermes, Qwen2.5, Qwen3);
     2. ``[TOOL_CALLS]``: ``"mistral"``;
     3. ``<|python_tag|>``, or both ``"parameters"`` (quoted) and ``ipython``: ``"llama3_json"``;
-    4. otherwise ``None`` (pythonic output cannot be told from a template).
+    4. an example call list such as ``[func_name1(param_name1=value1, ...)]`` (how pythonic
+       templates, vLLM's for Llama 3.2 and Gemma 3 and pagoda's Gemma 3 default, describe the
+       format): ``"pythonic"``;
+    5. otherwise ``None``.
     """
     if not chat_template:
         return None
@@ -799,4 +803,6 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     if "<|python_tag|>" in chat_template or (
             '"parameters"' in chat_template and "ipython" in chat_template):
         return "llama3_json"
+    if _PYTHONIC_EXAMPLE.search(chat_template):
+        return "pythonic"
     return None

@@ -55,6 +55,9 @@ class ArchSpec:
     complete_config: Callable[[dict[str, Any]], None] | None = None
     gguf: Mapping[str, GGUFLayout] = field(default_factory=dict)  # general.architecture -> layout
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)  # checkpoint tensors not kept
+    # file name under pagoda/tokenizer/templates/ of the chat template a model of this
+    # architecture gets when its tokenizer has none (None: such a model has no chat template)
+    default_chat_template: str | None = None
 
     def load_class(self) -> type:
         """The torch model class (imports torch)."""

@@ -132,4 +132,5 @@ GEMMA3 = ArchSpec(
         block_names=GEMMA3_BLOCK_NAMES,
         transform=_unshift_norms,
     )}),
+    default_chat_template="gemma3.jinja",  # Gemma's turns, pythonic tool calls
 )

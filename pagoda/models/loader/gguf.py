@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 # Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
 # index): pulled models then re-derive instead of trusting them, until `pagoda pull` redoes
 # the conversion. 2: the tensor index (gguf-tensors.json) was added. 3: config.json is
-# written by pagoda (HFConfig.save), not transformers.
-GGUF_CONFIG_VERSION = 3
+# written by pagoda (HFConfig.save), not transformers. 4: the tokenizer is saved with its chat
+# template (the GGUF's, else the architecture's default), so loads never read the GGUF for it.
+GGUF_CONFIG_VERSION = 4
 
 
 @dataclass(slots=True)
