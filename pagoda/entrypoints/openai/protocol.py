@@ -232,6 +232,9 @@ class AssistantMessage(_MessageBase):
     role: Literal["assistant"]
     content: Content | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    # the reasoning a response returned, passed back (Qwen3's template keeps it in <think>)
+    reasoning_content: Text | None = None
+    reasoning: Text | None = None  # vLLM's newer name for the same text
 
     def template_dict(self) -> dict[str, Any]:
         out = super().template_dict()
