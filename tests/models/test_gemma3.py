@@ -38,3 +38,10 @@ def test_every_sixth_layer_is_global_with_its_own_rope_base():
     assert layer_windows(config) == ([512] * 5 + [None]) * 2
     assert config.rope_parameters[FULL]["rope_theta"] == 1e6
     assert config.rope_parameters[SLIDING]["rope_theta"] == 1e4
+
+
+def test_the_real_gemma3_gguf_stops_at_end_of_turn(gemma3_270m_dir):
+    """The file lists only <eos> (1); Gemma's turns end with <end_of_turn> (106)."""
+    from pagoda.models.loader.gguf import gguf_hf_config
+    config = gguf_hf_config(next(gemma3_270m_dir.glob("*.gguf")))
+    assert config.eos_token_id == [1, 106]

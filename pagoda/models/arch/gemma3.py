@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0
 SLIDING_PATTERN = 6  # every sixth layer is global
+END_OF_TURN = "<end_of_turn>"
 
 # transformers' defaults (Gemma3TextConfig) for the fields pagoda's model reads
 GEMMA3_DEFAULTS = frozen({
@@ -87,6 +88,7 @@ def gguf_config(meta: GGUFMeta) -> HFConfig:
         full |= {"rope_type": "linear", "factor": float(factor)}
     return HFConfig.from_dict(dict(
         values,
+        eos_token_id=_stop_ids(meta, values["eos_token_id"]),
         model_type="gemma3_text",
         architectures=["Gemma3ForCausalLM"],
         sliding_window=int(meta.require("{arch}.attention.sliding_window")),
@@ -94,6 +96,16 @@ def gguf_config(meta: GGUFMeta) -> HFConfig:
         final_logit_softcapping=meta.get("{arch}.final_logit_softcapping"),
         rope_parameters={FULL: full, SLIDING: {"rope_type": "default", "rope_theta": LOCAL_THETA}},
     ))
+
+
+def _stop_ids(meta: GGUFMeta, eos: int | list[int] | None) -> int | list[int] | None:
+    """The file's end-of-sequence ids and Gemma's end of turn, which GGUF files do not list
+    (llama.cpp, like Gemma's generation config, stops on it too)."""
+    stops = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    end_of_turn = meta.token_id(END_OF_TURN)
+    if end_of_turn is not None and end_of_turn not in stops:
+        stops.append(end_of_turn)
+    return stops[0] if len(stops) == 1 else (stops or None)
 
 
 def _unshift_norms(name: str, weight: np.ndarray, config: HFConfig) -> np.ndarray:

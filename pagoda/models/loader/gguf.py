@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # the conversion. 2: the tensor index (gguf-tensors.json) was added. 3: config.json is
 # written by pagoda (HFConfig.save), not transformers. 4: the tokenizer is saved with its chat
 # template (the GGUF's, else the architecture's default), so loads never read the GGUF for it.
-GGUF_CONFIG_VERSION = 4
+# 5: Gemma 3's config lists <end_of_turn> among its stop ids.
+GGUF_CONFIG_VERSION = 5
 
 
 @dataclass(slots=True)
@@ -65,6 +66,18 @@ class GGUFMeta:
         """Length of array metadata `key` without decoding its items."""
         field = self.reader.fields.get(key.format(arch=self.arch))
         return None if field is None else len(field.data)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled `text` (llama.cpp finds end-of-turn tokens
+        this way), read entry by entry from the start of the vocabulary."""
+        field = self.reader.fields.get("tokenizer.ggml.tokens")
+        if field is None:
+            return None
+        wanted = text.encode()
+        for token_id, part in enumerate(field.data):
+            if field.parts[part].tobytes() == wanted:
+                return token_id
+        return None
 
     def tensor_index(self) -> GGUFIndex:
         """The file's architecture and tensors, as the reader parsed them."""
