@@ -196,13 +196,21 @@ class EngineCore:
         if sched_out.is_empty and self._compiling:
             concurrent.futures.wait(self._compiling.values(), timeout=0.005,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        self._plan_grammar_bitmask(sched_out)
-        launched = (sched_out, self.runner.launch(sched_out))
+        launched = (sched_out, self._execute(sched_out))
         outputs += self._finish_in_flight()
         self._in_flight = launched
         if not self._can_overlap():
             outputs += self._finish_in_flight()
         return outputs
+
+    def _execute(self, sched_out: SchedulerOutput) -> LaunchedStep:
+        """Queue the step on the runner: the forward pass first, then the sampling, with
+        the grammar bitmask filled on the host meanwhile (while the device runs)."""
+        grammar_states = self._plan_grammar_rows(sched_out)
+        launched = self.runner.launch(sched_out)
+        bitmask = self.bitmask_filler.fill(grammar_states) if grammar_states else None
+        self.runner.sample_tokens(launched, bitmask)
+        return launched
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are back: not
@@ -241,11 +249,11 @@ class EngineCore:
             request.waiting_for_grammar = False
         return failed
 
-    def _plan_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
-        """Which constrained requests sample this step; their bitmask is filled when the
-        runner asks for it, while the forward pass runs."""
+    def _plan_grammar_rows(self, sched_out: SchedulerOutput) -> list[GrammarMatcherState]:
+        """Which constrained requests sample this step: their rows of the grammar bitmask go
+        into sched_out.grammar_rows; returns their matchers in row order."""
         if not self._constrained:
-            return  # no per-request work on steps without constrained requests
+            return []  # no per-request work on steps without constrained requests
         self._constrained &= self.scheduler.requests.keys()
         rows, states = {}, []
         for request_id in self._constrained.intersection(sched_out.num_scheduled_tokens):
@@ -253,9 +261,8 @@ class EngineCore:
             if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
                 rows[request_id] = len(rows)
                 states.append(request.grammar)
-        if rows:
-            sched_out.grammar_rows = rows
-            sched_out.grammar_bitmask = lambda: self.bitmask_filler.fill(states)
+        sched_out.grammar_rows = rows
+        return states
 
     def take_rejections(self) -> list[tuple[str, Exception]]:
         """Requests the engine ended on its own since the last call, and why."""

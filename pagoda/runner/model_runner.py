@@ -1,4 +1,8 @@
-"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens."""
+"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens.
+
+A step is three calls: launch() queues the forward pass and the logits, sample_tokens()
+queues the sampling (with the grammar bitmask the caller filled on the host meanwhile), and
+finish() waits for the sampled tokens."""
 
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ class LaunchedStep:
 
     step_id: int
     output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
+    # from launch() until sample_tokens(): the batch, its sampling rows' logits, and which
+    # requests' rows a grammar constrains (request id -> row of the grammar bitmask)
+    step_batch: StepBatch | None = None
+    logits: torch.Tensor | None = None
+    grammar_rows: dict[str, int] = field(default_factory=dict)
     states: list[CachedRequestState] = field(default_factory=list)  # in sampled-row order
     sampled_host: torch.Tensor | None = None
     logprobs_host: LogprobsTensors | None = None
@@ -158,8 +167,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, sched_out: SchedulerOutput) -> LaunchedStep:
-        """Queue one step's work on the device and return without waiting for it (except
-        for prompt logprobs). Call finish() on it before launching the step after next."""
+        """Queue one step's forward pass and logits on the device and return without waiting
+        for them (except for prompt logprobs). Call sample_tokens() on it before launching
+        the next step, and finish() before launching the step after next."""
         self.batch.update(sched_out)
         self._step_id += 1
         launched = LaunchedStep(self._step_id)
@@ -169,8 +179,22 @@ class ModelRunner:
         hidden = self._forward(step)
         self._prompt_logprobs(step, hidden, launched.output)
         if step.sample_rows:
-            self._sample(step, hidden, launched, sched_out)
+            launched.step_batch, launched.grammar_rows = step, sched_out.grammar_rows
+            launched.logits = self.model.compute_logits(hidden[step.logits_indices])
         return launched
+
+    @torch.inference_mode()
+    def sample_tokens(self, launched: LaunchedStep,
+                      grammar_bitmask: torch.Tensor | None = None) -> None:
+        """Queue the sampling of the step launched last (the next launch reads its tokens).
+        grammar_bitmask: int32 [rows, ceil(vocab/32)] (bit set = allowed), the rows the
+        step's grammar_rows name; required when it has any."""
+        if launched.logits is None:
+            return  # nothing samples this step
+        if launched.grammar_rows and grammar_bitmask is None:
+            raise ValueError("this step samples constrained requests: pass their bitmask")
+        self._sample(launched, grammar_bitmask)
+        launched.step_batch = launched.logits = None
 
     def finish(self, launched: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's sampled tokens and hand them to the requests."""
@@ -196,14 +220,13 @@ class ModelRunner:
             return self.graphs.run(step.input_ids, step.positions, step.attn)
         return self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
 
-    def _sample(self, step: StepBatch, hidden: torch.Tensor, launched: LaunchedStep,
-                sched_out: SchedulerOutput) -> None:
-        """Queue logits and sampling; the sampled ids stay on the device for the next step's
+    def _sample(self, launched: LaunchedStep, grammar_bitmask: torch.Tensor | None) -> None:
+        """Queue the sampling; the sampled ids stay on the device for the next step's
         pending tokens and are copied to the host in the background."""
+        step, logits = launched.step_batch, launched.logits
         states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]
-        logits = self.model.compute_logits(hidden[step.logits_indices])
-        if sched_out.grammar_rows:
-            self._apply_grammars(logits, states, sched_out)
+        if grammar_bitmask is not None:
+            self._apply_grammars(logits, states, launched.grammar_rows, grammar_bitmask)
         result = self.sampler(logits, self._sampling_metadata(states))
         for row, state in enumerate(states):
             state.pending_row, state.pending_step = row, launched.step_id
@@ -232,16 +255,17 @@ class ModelRunner:
         return meta
 
     def _apply_grammars(self, logits: torch.Tensor, states: list[CachedRequestState],
-                        sched_out: SchedulerOutput) -> None:
+                        grammar_rows: dict[str, int], grammar_bitmask: torch.Tensor) -> None:
         """Mask the logits rows of constrained requests to the tokens their grammar allows."""
         rows, mask_rows = [], []
         for row, state in enumerate(states):
-            mask_row = sched_out.grammar_rows.get(state.request_id)
+            mask_row = grammar_rows.get(state.request_id)
             if mask_row is not None:
                 rows.append(row)
                 mask_rows.append(mask_row)
-        bitmask = sched_out.grammar_bitmask()[mask_rows].to(self.config.device,
-                                                            non_blocking=True)
+        if not rows:
+            return
+        bitmask = grammar_bitmask[mask_rows].to(self.config.device, non_blocking=True)
         apply_bitmask(logits, bitmask, rows)
 
     def _prompt_logprobs(self, step: StepBatch, hidden: torch.Tensor,

@@ -1,16 +1,12 @@
-"""The scheduler <-> runner contract: a diff per step, and what comes back."""
+"""The scheduler <-> runner contract: a diff per step, and what comes back. Pure data and no
+torch, so that it can be sent to worker processes (and imported by the frontend cheaply)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pagoda.core_outputs import LogprobsLists
 from pagoda.sampling_params import SamplingParams
-
-if TYPE_CHECKING:  # the frontend imports this module before the engine: keep torch out of it
-    import torch
 
 
 @dataclass(slots=True)
@@ -45,11 +41,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     preempted_request_ids: set[str] = field(default_factory=set)
     finished_request_ids: set[str] = field(default_factory=set)
-    # constrained requests that sample this step -> their row of the grammar bitmask
+    # constrained requests that sample this step -> their row of the step's grammar bitmask
+    # (int32 [rows, ceil(vocab/32)], bit set = allowed), which the engine core fills while
+    # the forward pass runs and hands to the runner's sampling call
     grammar_rows: dict[str, int] = field(default_factory=dict)
-    # fills and returns that int32 [rows, ceil(vocab/32)] bitmask (bit set = allowed); the
-    # runner calls it once the forward pass is queued, so the CPU work overlaps the GPU's
-    grammar_bitmask: Callable[[], torch.Tensor] | None = None
 
     @property
     def is_empty(self) -> bool:
