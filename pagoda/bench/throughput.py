@@ -184,14 +184,13 @@ def model_facts(llm: Any) -> dict[str, Any]:
     """What was loaded: spec, format, architecture, size, dtype, KV capacity."""
     core = llm.engine.core
     hf = core.source.hf_config
-    model = core.runner.model
     return {
         "spec": core.source.name,
         "path": str(core.source.gguf_file or core.source.path),
         "format": core.source.format,
         "architecture": (getattr(hf, "architectures", None) or [None])[0],
         "model_type": getattr(hf, "model_type", None),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": core.executor.loaded_model.num_parameters,
         "num_layers": getattr(hf, "num_hidden_layers", None),
         "hidden_size": getattr(hf, "hidden_size", None),
         "vocab_size": hf.vocab_size,

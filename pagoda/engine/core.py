@@ -9,21 +9,19 @@ from typing import Any
 
 import torch
 
-from pagoda.config import EngineConfig, resolve_device, resolve_dtype
+from pagoda.config import EngineConfig
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
 from pagoda.errors import ConfigError, InvalidRequestError
+from pagoda.executor.base import KVCacheSizing, WorkerConfig
+from pagoda.executor.factory import executor_for
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
-from pagoda.layers.attention.selector import select_backend
 from pagoda.logger import get_logger
-from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
 from pagoda.request import EngineCoreRequest, RequestStatus
-from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
-from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
 from pagoda.scheduler.output import SchedulerOutput
 from pagoda.scheduler.scheduler import Scheduler
 from pagoda.structured_output.bitmask import BitmaskFiller
@@ -49,7 +47,8 @@ def eos_ids(hf_config: Any) -> list[int]:
 
 
 class EngineCore:
-    """Loads the model, sizes the KV cache, and runs scheduler + runner one step at a time."""
+    """Starts the executor, sizes the KV cache, and runs scheduler + executor one step at a
+    time."""
 
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
                  startup: StartupPhases | None = None) -> None:
@@ -59,38 +58,22 @@ class EngineCore:
         self.config = config
         self.source = source or resolve_model(config.model, config.load_format)
         startup.mark("model config")
-        self.device = resolve_device(config.device)
-        self._init_device()
-        startup.mark("device init")
-        torch.manual_seed(config.seed)
         hf = self.source.hf_config
-        self.dtype = resolve_dtype(config.dtype, self.device, getattr(hf, "dtype", None))
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
-        model = load_model(self.source, self.dtype, self.device, self.max_model_len, config.seed)
-        startup.mark("weights")
-        backend = select_backend(config.attention_backend, self.device)
+        self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
+        sizing, kv_bytes = self._start_executor(startup)
+        loaded = self.executor.loaded_model
+        self.device, self.dtype = torch.device(loaded.device), getattr(torch, loaded.dtype)
         block_size = config.cache.block_size
-        self.runner = ModelRunner(model, RunnerConfig(self.device, self.dtype, block_size,
-                                                      hf.vocab_size), backend)
-        self.activation_bytes = 0
-        num_blocks = self._size_kv_cache(model)
-        startup.mark("memory profile")
-        self.runner.initialize_kv_cache(num_blocks)
-        startup.mark("KV cache")
-        if self._use_cuda_graphs(backend.name):
-            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
-            startup.mark("CUDA graphs")
         hasher = BlockHasher(block_size, model_id=self.source.name)
-        self.kv_manager = KVCacheManager(num_blocks, block_size,
+        self.kv_manager = KVCacheManager(sizing.num_blocks, block_size,
                                          config.cache.enable_prefix_caching, hasher)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         eos = eos_ids(hf)
-        kv = self.runner.kv_cache
         self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
-                                    eos[0] if eos else None, eos[1:], num_blocks, block_size,
-                                    self.kv_manager.capacity_tokens, str(self.device),
-                                    weight_bytes(model), kv.numel() * kv.element_size(),
-                                    self.activation_bytes)
+                                    eos[0] if eos else None, eos[1:], sizing.num_blocks,
+                                    block_size, self.kv_manager.capacity_tokens, loaded.device,
+                                    loaded.weight_bytes, kv_bytes, sizing.activation_bytes)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)
@@ -101,65 +84,35 @@ class EngineCore:
         if self.async_scheduling is None:
             self.async_scheduling = self.device.type == "cuda"
         self._token_dependent: set[str] = set()  # live requests that rule out overlap
-        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._in_flight: SchedulerOutput | None = None  # executed, output not collected yet
+        self._asleep = False
         self._log_capacity()
         logger.info("engine started in %s", startup.summary())
 
-    def _init_device(self) -> None:
-        """Create the CUDA context now, so that its cost is timed on its own, not as part of
-        the first weight copy."""
-        if self.device.type != "cuda":
-            return
-        if self.device.index is not None:
-            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
-        torch.empty(1, device=self.device)
-
-    def _size_kv_cache(self, model: torch.nn.Module) -> int:
-        spec = self.runner.kv_cache_spec()
-        non_kv = weight_bytes(model)
-        if self.device.type == "cuda":
-            non_kv = self._profile_non_kv_bytes()
-        budget = kv_budget_bytes(self.config.cache, self.device, non_kv)
-        return num_blocks_for(budget, spec, self.max_model_len, self._default_block_cap())
-
-    def _use_cuda_graphs(self, backend_name: str) -> bool:
-        return self.device.type == "cuda" and not self.config.enforce_eager \
-            and backend_name == "triton"
-
-    def _profile_non_kv_bytes(self) -> int:
-        """Everything but the KV cache at its peak: weights and activations of a full-budget
-        step (profiled), plus memory outside torch's allocator (CUDA context, libraries)."""
-        sched = self.config.scheduler
-        torch_peak = self.runner.profile_peak_memory(sched.max_num_batched_tokens,
-                                                     sched.max_num_seqs, self.max_model_len)
-        self.activation_bytes = max(torch_peak - weight_bytes(self.runner.model), 0)
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        logger.info("memory profile: weights %.2f GiB, step peak %.2f GiB, outside torch "
-                    "%.2f GiB", weight_bytes(self.runner.model) / 2**30, torch_peak / 2**30,
-                    outside_torch / 2**30)
-        return torch_peak + max(outside_torch, 0)
-
-    def _default_block_cap(self) -> int | None:
-        """With no size given on CPU, never take more than a full batch of full-length
-        sequences could use, twice over (the rest keeps prefix-cache hits warm)."""
-        cache = self.config.cache
-        if self.device.type != "cpu" or cache.kv_cache_memory or cache.memory_utilization:
-            return None
-        per_seq = -(-self.max_model_len // cache.block_size)
-        return 2 * self.config.scheduler.max_num_seqs * per_seq + 1
+    def _start_executor(self, startup: StartupPhases) -> tuple[KVCacheSizing, int]:
+        """Bring the executor up, timing each phase; returns the KV cache's sizing and bytes."""
+        self.executor.init_device()
+        startup.mark("device init")
+        self.executor.load_model()
+        startup.mark("weights")
+        sizing = self.executor.determine_kv_cache_size()
+        startup.mark("memory profile")
+        kv_bytes = self.executor.initialize_kv_cache(sizing.num_blocks)
+        startup.mark("KV cache")
+        if self.executor.capture_cuda_graphs():
+            startup.mark("CUDA graphs")
+        return sizing, kv_bytes
 
     def _log_capacity(self) -> None:
         cap = self.model_info.kv_capacity_tokens
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency "
                     "at max_model_len=%d: %.1fx", self.model_info.num_kv_blocks - 1,
-                    self.model_info.block_size, cap,
-                    self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**30,
+                    self.model_info.block_size, cap, self.model_info.kv_cache_bytes / 2**30,
                     self.max_model_len, cap / self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
-        if self.runner.asleep:  # the frontend wakes us first; never run on missing weights
+        if self._asleep:  # the frontend wakes us first; never run on missing weights
             logger.warning("a request arrived while asleep: waking up")
             self.wake_up()
         validate_prompt_ids(request.prompt_token_ids, self.model_info)
@@ -196,21 +149,20 @@ class EngineCore:
         if sched_out.is_empty and self._compiling:
             concurrent.futures.wait(self._compiling.values(), timeout=0.005,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        launched = (sched_out, self._execute(sched_out))
+        self._execute(sched_out)
         outputs += self._finish_in_flight()
-        self._in_flight = launched
+        self._in_flight = sched_out
         if not self._can_overlap():
             outputs += self._finish_in_flight()
         return outputs
 
-    def _execute(self, sched_out: SchedulerOutput) -> LaunchedStep:
-        """Queue the step on the runner: the forward pass first, then the sampling, with
+    def _execute(self, sched_out: SchedulerOutput) -> None:
+        """Queue the step on the executor: the forward pass first, then the sampling, with
         the grammar bitmask filled on the host meanwhile (while the device runs)."""
         grammar_states = self._plan_grammar_rows(sched_out)
-        launched = self.runner.launch(sched_out)
+        self.executor.execute_model(sched_out)
         bitmask = self.bitmask_filler.fill(grammar_states) if grammar_states else None
-        self.runner.sample_tokens(launched, bitmask)
-        return launched
+        self.executor.sample_tokens(bitmask)
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are back: not
@@ -224,9 +176,8 @@ class EngineCore:
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:
             return []
-        sched_out, launched = self._in_flight
-        self._in_flight = None
-        runner_out = self.runner.finish(launched)
+        sched_out, self._in_flight = self._in_flight, None
+        runner_out = self.executor.collect_output()
         return self.scheduler.update_from_output(sched_out, runner_out)
 
     def _collect_grammars(self) -> list[EngineCoreOutput]:
@@ -283,7 +234,8 @@ class EngineCore:
         self._finish_in_flight()  # only ended requests' tokens: nobody waits for them
         start = time.perf_counter()
         self.kv_manager.reset_prefix_cache()  # the cached blocks' contents are about to go
-        self.runner.sleep()
+        self.executor.sleep()
+        self._asleep = True
         seconds = time.perf_counter() - start
         logger.info("asleep: freed %.2f GiB of weights and KV cache in %.2fs",
                     (self.model_info.weight_bytes * (self.device.type == "cuda")
@@ -294,16 +246,22 @@ class EngineCore:
         """Make the weights' host copy now (seconds for an 8B: best while idle), so that the
         first sleep is as quick as the later ones; returns whether there was anything to
         copy (GPU only)."""
-        return self.runner.weight_sleeper.prepare()
+        return self.executor.prepare_sleep()
 
     def wake_up(self) -> float:
         """Undo sleep(); returns the seconds it took."""
         start = time.perf_counter()
-        recaptured = self.runner.wake_up()
+        recaptured = self.executor.wake_up()
+        self._asleep = False
         seconds = time.perf_counter() - start
         logger.info("awake in %.2fs%s", seconds,
                     " (CUDA graphs re-captured: their addresses moved)" if recaptured else "")
         return seconds
 
     def is_sleeping(self) -> bool:
-        return self.runner.asleep
+        return self._asleep
+
+    def shutdown(self) -> None:
+        """Stop the executor (and its workers); the core is unusable afterwards."""
+        self._in_flight = None
+        self.executor.shutdown()

@@ -224,6 +224,8 @@ def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         output_sock.send(serial.encode(serial.EngineDead(message)), zmq.NOBLOCK)
         return 1
+    finally:
+        core.shutdown()
     return 0
 
 

@@ -26,18 +26,19 @@ def test_outputs_after_waking_equal_those_before(llm):
     core = llm.engine.core
     assert core.kv_manager.pool.cached  # the prompts' blocks are cached
     core.sleep()
-    assert core.is_sleeping() and core.runner.kv_cache is None
-    assert all(layer.kv_cache is None for layer in core.runner.model.attention_layers())
+    runner = core.executor.worker.runner
+    assert core.is_sleeping() and runner.asleep and runner.kv_cache is None
+    assert all(layer.kv_cache is None for layer in runner.model.attention_layers())
     core.wake_up()
-    assert not core.is_sleeping()
-    assert core.runner.kv_cache.shape[2] == core.model_info.num_kv_blocks  # same capacity
+    assert not core.is_sleeping() and not runner.asleep
+    assert runner.kv_cache.shape[2] == core.model_info.num_kv_blocks  # same capacity
     assert not core.kv_manager.pool.cached  # the cached prefixes went with the memory
     assert texts(llm) == before
 
 
 def test_nothing_to_prepare_on_cpu(llm):
     assert not llm.engine.core.prepare_sleep()  # the weights already live in host memory
-    assert llm.engine.core.runner.weight_sleeper.host is None
+    assert llm.engine.core.executor.worker.runner.weight_sleeper.host is None
 
 
 def test_sleep_is_refused_while_requests_run(llm):

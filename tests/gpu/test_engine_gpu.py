@@ -37,7 +37,7 @@ def make(checkpoint: str, **kwargs) -> LLM:
 def test_graphs_equal_eager_float32(checkpoint):
     eager = greedy(make(checkpoint, dtype="float32", enforce_eager=True))
     graphed_llm = make(checkpoint, dtype="float32")
-    assert graphed_llm.engine.core.runner.graphs is not None
+    assert graphed_llm.engine.core.executor.worker.runner.graphs is not None
     assert greedy(graphed_llm) == eager
 
 

@@ -49,11 +49,11 @@ def test_sleep_frees_memory_and_wake_restores_outputs(gpu_report):
     freed = device_free() - free_awake
     assert freed >= 0.95 * held
     first_wake = core.wake_up()
-    graphs = core.runner.graphs
+    graphs = core.executor.worker.runner.graphs
     assert token_ids(llm) == before
     core.sleep()
     second_wake = core.wake_up()
-    assert core.runner.graphs is graphs  # the addresses held: no re-capture
+    assert core.executor.worker.runner.graphs is graphs  # the addresses held: no re-capture
     assert token_ids(llm) == before
     gpu_report(model="llama-3.2-1b dummy", held_gib=round(held / 2**30, 2),
                freed_gib=round(freed / 2**30, 2), first_wake_s=round(first_wake, 3),

@@ -27,7 +27,7 @@ def llm(tmp_path_factory):
 
 
 def test_constraints_hold_on_cuda_in_mixed_batches(llm):
-    assert llm.engine.core.runner.graphs is not None
+    assert llm.engine.core.executor.worker.runner.graphs is not None
     choices = ["w5", "w77", "w123"]
     params = []
     for i in range(12):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.runner.model_runner import ModelRunner, _sampling_row
 from pagoda.sampling import metadata
 from tests.utils import tiny_chat_model
 
@@ -29,14 +30,13 @@ def run(llm: LLM, params: list[SamplingParams], monkeypatch, fresh_every_step: b
 
     monkeypatch.setattr(metadata.SamplingMetadata, "build", counting_build)
     if fresh_every_step:  # the behaviour before reuse: build for every sampling step
-        monkeypatch.setattr(type(llm.engine.core.runner), "_sampling_metadata", _rebuild_always)
+        monkeypatch.setattr(ModelRunner, "_sampling_metadata", _rebuild_always)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     monkeypatch.undo()
     return [o.outputs[0].token_ids for o in outs], len(builds)
 
 
 def _rebuild_always(runner, states):
-    from pagoda.runner.model_runner import _sampling_row
     return metadata.SamplingMetadata.build([_sampling_row(s) for s in states],
                                            runner.config.vocab_size, runner.config.device)
 

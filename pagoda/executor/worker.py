@@ -1,0 +1,130 @@
+"""Worker: one device's share of the engine: the device, the model's weights and the
+ModelRunner that runs them, with the steps it has launched but not yet handed back."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from pagoda.config import resolve_device, resolve_dtype
+from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
+from pagoda.layers.attention.selector import select_backend
+from pagoda.logger import get_logger
+from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.source import ModelSource, resolve_model
+from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
+from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
+from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
+
+logger = get_logger(__name__)
+
+
+class Worker:
+    """Initializes its device, loads the model, and runs the ModelRunner for the executor."""
+
+    def __init__(self, config: WorkerConfig, source: ModelSource | None = None) -> None:
+        """`source`: the model already resolved by the caller (in the same process); a
+        worker elsewhere resolves it from the config."""
+        self.config = config
+        self.source = source or resolve_model(config.engine.model, config.engine.load_format)
+        self.device = torch.device("cpu")
+        self.runner: ModelRunner | None = None
+        self.info: LoadedModelInfo | None = None
+        self._launched: deque[LaunchedStep] = deque()  # launched, not yet collected
+
+    def init_device(self) -> None:
+        """Create the CUDA context now, so that its cost is timed on its own, not as part of
+        the first weight copy."""
+        self.device = resolve_device(self.config.engine.device)
+        if self.device.type != "cuda":
+            return
+        if self.device.index is not None:
+            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
+        torch.empty(1, device=self.device)
+
+    def load_model(self) -> LoadedModelInfo:
+        engine, hf = self.config.engine, self.source.hf_config
+        torch.manual_seed(engine.seed)
+        dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
+        model = load_model(self.source, dtype, self.device, self.config.max_model_len,
+                           engine.seed)
+        backend = select_backend(engine.attention_backend, self.device)
+        self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
+                                                      hf.vocab_size), backend)
+        self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
+                                    backend.name, weight_bytes(model),
+                                    sum(p.numel() for p in model.parameters()))
+        return self.info
+
+    def determine_kv_cache_size(self) -> KVCacheSizing:
+        """Blocks the KV budget buys: explicit bytes, else a fraction of the device's memory
+        less everything else at its peak (profiled on CUDA)."""
+        spec = self.runner.kv_cache_spec()
+        non_kv, activation = self.info.weight_bytes, 0
+        if self.device.type == "cuda":
+            non_kv, activation = self._profile_non_kv_bytes()
+        budget = kv_budget_bytes(self.config.engine.cache, self.device, non_kv)
+        num_blocks = num_blocks_for(budget, spec, self.config.max_model_len,
+                                    self._default_block_cap())
+        return KVCacheSizing(num_blocks, activation)
+
+    def _profile_non_kv_bytes(self) -> tuple[int, int]:
+        """Everything but the KV cache at its peak: weights and activations of a full-budget
+        step (profiled), plus memory outside torch's allocator (CUDA context, libraries);
+        and the activations' share of that peak."""
+        sched = self.config.engine.scheduler
+        torch_peak = self.runner.profile_peak_memory(sched.max_num_batched_tokens,
+                                                     sched.max_num_seqs, self.config.max_model_len)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        logger.info("memory profile: weights %.2f GiB, step peak %.2f GiB, outside torch "
+                    "%.2f GiB", self.info.weight_bytes / 2**30, torch_peak / 2**30,
+                    outside_torch / 2**30)
+        return torch_peak + max(outside_torch, 0), max(torch_peak - self.info.weight_bytes, 0)
+
+    def _default_block_cap(self) -> int | None:
+        """With no size given on CPU, never take more than a full batch of full-length
+        sequences could use, twice over (the rest keeps prefix-cache hits warm)."""
+        cache = self.config.engine.cache
+        if self.device.type != "cpu" or cache.kv_cache_memory or cache.memory_utilization:
+            return None
+        per_seq = -(-self.config.max_model_len // cache.block_size)
+        return 2 * self.config.engine.scheduler.max_num_seqs * per_seq + 1
+
+    def initialize_kv_cache(self, num_blocks: int) -> int:
+        self.runner.initialize_kv_cache(num_blocks)
+        kv = self.runner.kv_cache
+        return kv.numel() * kv.element_size()
+
+    def capture_cuda_graphs(self) -> bool:
+        """Capture decode steps on CUDA with a graph-safe backend, unless told not to."""
+        engine = self.config.engine
+        if self.device.type != "cuda" or engine.enforce_eager \
+                or self.runner.backend.name != "triton":
+            return False
+        self.runner.capture_cuda_graphs(engine.scheduler.max_num_seqs, self.config.max_model_len)
+        return True
+
+    def execute_model(self, sched_out: SchedulerOutput) -> None:
+        self._launched.append(self.runner.launch(sched_out))
+
+    def sample_tokens(self, grammar_bitmask: torch.Tensor | None) -> None:
+        self.runner.sample_tokens(self._launched[-1], grammar_bitmask)
+
+    def collect_output(self) -> ModelRunnerOutput:
+        return self.runner.finish(self._launched.popleft())
+
+    def sleep(self) -> None:
+        self.runner.sleep()
+
+    def wake_up(self) -> bool:
+        return self.runner.wake_up()
+
+    def prepare_sleep(self) -> bool:
+        return self.runner.weight_sleeper.prepare()
+
+    def shutdown(self) -> None:
+        """Drop the launched steps and the runner (with its model, KV cache and graphs)."""
+        self._launched.clear()
+        self.runner = None
