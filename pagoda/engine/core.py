@@ -67,12 +67,15 @@ class EngineCore:
         block_size = config.cache.block_size
         hasher = BlockHasher(block_size, model_id=self.source.name)
         self.kv_manager = KVCacheManager(sizing.num_blocks, block_size,
-                                         config.cache.enable_prefix_caching, hasher)
+                                         config.cache.enable_prefix_caching, hasher,
+                                         sizing.windows)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         eos = eos_ids(hf)
+        capacity = self.kv_manager.capacity_tokens(self.max_model_len,
+                                                   config.scheduler.max_num_batched_tokens)
         self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
                                     eos[0] if eos else None, eos[1:], sizing.num_blocks,
-                                    block_size, self.kv_manager.capacity_tokens, loaded.device,
+                                    block_size, capacity, loaded.device,
                                     loaded.weight_bytes, kv_bytes, sizing.activation_bytes)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)

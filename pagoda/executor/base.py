@@ -44,6 +44,7 @@ class KVCacheSizing:
 
     num_blocks: int  # the null block included
     activation_bytes: int = 0  # profiled step peak above the weights (GPU); 0 where unmeasured
+    windows: tuple[int | None, ...] = (None,)  # each KV group's sliding window, group 0 first
 
 
 class Executor(abc.ABC):

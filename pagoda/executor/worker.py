@@ -59,15 +59,16 @@ class Worker:
 
     def determine_kv_cache_size(self) -> KVCacheSizing:
         """Blocks the KV budget buys: explicit bytes, else a fraction of the device's memory
-        less everything else at its peak (profiled on CUDA)."""
+        less everything else at its peak (profiled on CUDA); and the model's KV groups."""
         spec = self.runner.kv_cache_spec()
         non_kv, activation = self.info.weight_bytes, 0
         if self.device.type == "cuda":
             non_kv, activation = self._profile_non_kv_bytes()
         budget = kv_budget_bytes(self.config.engine.cache, self.device, non_kv)
         num_blocks = num_blocks_for(budget, spec, self.config.max_model_len,
-                                    self._default_block_cap())
-        return KVCacheSizing(num_blocks, activation)
+                                    self._default_block_cap(),
+                                    self.config.engine.scheduler.max_num_batched_tokens)
+        return KVCacheSizing(num_blocks, activation, spec.windows)
 
     def _profile_non_kv_bytes(self) -> tuple[int, int]:
         """Everything but the KV cache at its peak: weights and activations of a full-budget
@@ -86,11 +87,12 @@ class Worker:
     def _default_block_cap(self) -> int | None:
         """With no size given on CPU, never take more than a full batch of full-length
         sequences could use, twice over (the rest keeps prefix-cache hits warm)."""
-        cache = self.config.engine.cache
+        cache, sched = self.config.engine.cache, self.config.engine.scheduler
         if self.device.type != "cpu" or cache.kv_cache_memory or cache.memory_utilization:
             return None
-        per_seq = -(-self.config.max_model_len // cache.block_size)
-        return 2 * self.config.engine.scheduler.max_num_seqs * per_seq + 1
+        per_seq = self.runner.kv_cache_spec().blocks_per_seq(self.config.max_model_len,
+                                                             sched.max_num_batched_tokens)
+        return 2 * sched.max_num_seqs * per_seq + 1
 
     def initialize_kv_cache(self, num_blocks: int) -> int:
         self.runner.initialize_kv_cache(num_blocks)

@@ -1,6 +1,7 @@
 """CUDA graphs for decode-only steps, captured at startup over a ladder of padded batch
-sizes. Replay copies the step's inputs into static buffers; padded rows write nothing
-(slot -1) and attend nothing (query length 0)."""
+sizes. Replay copies the step's inputs into static buffers (each KV group's block tables and
+slot mapping, stacked); padded rows write nothing (slot -1) and attend nothing (query length
+0)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.attention.backend import AttentionBackend
-from pagoda.layers.attention.metadata import CommonAttentionMetadata
+from pagoda.layers.attention.metadata import CommonAttentionMetadata, StepKVGroups
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -25,40 +26,45 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class StaticInputs:
-    """Device buffers a captured graph reads; sized for the largest batch."""
+    """Device buffers a captured graph reads; sized for the largest batch. Every KV group
+    has its own block tables and slot mapping (rows of the stacked buffers)."""
 
     def __init__(self, max_bs: int, max_blocks: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
         i32, i64 = torch.int32, torch.int64
         self.input_ids = torch.zeros(max_bs, dtype=i64, device=device)
         self.positions = torch.zeros(max_bs, dtype=i64, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=i64, device=device)
+        self.slot_mapping = torch.full((num_kv_groups, max_bs), -1, dtype=i64, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=device)
         self.seq_lens = torch.zeros(max_bs, dtype=i32, device=device)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=i32, device=device)
+        self.block_tables = torch.zeros(num_kv_groups, max_bs, max_blocks, dtype=i32,
+                                        device=device)
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
 
-    def metadata(self, bs: int, max_seq_len: int, block_size: int) -> CommonAttentionMetadata:
-        return CommonAttentionMetadata(
+    def metadata(self, bs: int, max_seq_len: int,
+                 block_size: int) -> list[CommonAttentionMetadata]:
+        """Each KV group's metadata of a batch of bs decodes."""
+        return [CommonAttentionMetadata(
             num_tokens=bs, num_seqs=bs, max_query_len=1, max_seq_len=max_seq_len,
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            block_tables=tables[:bs], slot_mapping=slots[:bs],
             query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[max_seq_len] * bs,
-            block_size=block_size)
+            block_size=block_size) for tables, slots in zip(self.block_tables, self.slot_mapping)]
 
     def load(self, n: int, bs: int, input_ids: torch.Tensor, positions: torch.Tensor,
-             attn: CommonAttentionMetadata) -> None:
+             groups: StepKVGroups) -> None:
         """Copy a real decode step of n sequences in; rows n..bs become inert padding."""
+        attn = groups.metadata[0]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(attn.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:bs].fill_(-1)
+        self.slot_mapping[:, :n].copy_(groups.slot_mapping, non_blocking=True)
+        self.slot_mapping[:, n:bs].fill_(-1)
         self.query_start_loc[:n + 1].copy_(attn.query_start_loc, non_blocking=True)
         self.query_start_loc[n + 1:bs + 1].fill_(n)  # padded sequences have no queries
         self.seq_lens[:n].copy_(attn.seq_lens, non_blocking=True)
         self.seq_lens[n:bs].zero_()
         width = attn.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(attn.block_tables, non_blocking=True)
+        self.block_tables[:, :n, :width].copy_(groups.block_tables, non_blocking=True)
 
 
 class CudaGraphRunner:
@@ -66,14 +72,15 @@ class CudaGraphRunner:
 
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int,
                  max_num_seqs: int, max_model_len: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         max_blocks = -(-max_model_len // block_size)
-        self.inputs = StaticInputs(self.sizes[-1], max_blocks, hidden_size, dtype, device)
+        self.inputs = StaticInputs(self.sizes[-1], max_blocks, hidden_size, dtype, device,
+                                   num_kv_groups)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # each graph's capture-time metadata: its attention plans own the split-KV workspace
         # the graph writes to, which must live (and stay unshared) as long as the graph does
@@ -91,7 +98,7 @@ class CudaGraphRunner:
 
     def _capture_one(self, bs: int) -> tuple[torch.cuda.CUDAGraph, Any]:
         inputs = self.inputs
-        attn = self.backend.build_metadata(
+        attn = self.backend.build_group_metadata(
             inputs.metadata(bs, self.max_model_len, self.block_size))
         for _ in range(2):  # warm up: compile kernels outside the capture
             inputs.hidden[:bs] = self.model(inputs.input_ids[:bs], inputs.positions[:bs], attn)
@@ -105,12 +112,12 @@ class CudaGraphRunner:
 
     def can_run(self, attn: CommonAttentionMetadata) -> bool:
         return attn.max_query_len == 1 and attn.num_seqs <= self.sizes[-1] \
-            and attn.block_tables.shape[1] <= self.inputs.block_tables.shape[1]
+            and attn.block_tables.shape[1] <= self.inputs.block_tables.shape[2]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            attn: CommonAttentionMetadata) -> torch.Tensor:
-        n = attn.num_seqs
+            groups: StepKVGroups) -> torch.Tensor:
+        n = groups.metadata[0].num_seqs
         bs = next(s for s in self.sizes if s >= n)
-        self.inputs.load(n, bs, input_ids, positions, attn)
+        self.inputs.load(n, bs, input_ids, positions, groups)
         self.graphs[bs].replay()
         return self.inputs.hidden[:n]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from pagoda.layers.attention.metadata import CommonAttentionMetadata
+from pagoda.layers.attention.metadata import CommonAttentionMetadata, StepKVGroups
 from pagoda.scheduler.output import NewRequestData, SchedulerOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ class CachedRequestState:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: int | None
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV group
     num_computed_tokens: int
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
@@ -51,9 +51,10 @@ class StepBatch:
     request_ids: list[str]
     input_ids: torch.Tensor
     positions: torch.Tensor
-    attn: CommonAttentionMetadata
+    attn: CommonAttentionMetadata  # KV group 0's (every group's but the tables and slots)
     sample_rows: list[int]  # batch rows whose last scheduled token ends the sequence
     logits_indices: torch.Tensor  # flat token index of each sampling row's last token
+    kv_groups: StepKVGroups  # every KV group's metadata, attn first
 
 
 class InputBatch:
@@ -84,9 +85,10 @@ class InputBatch:
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
             if cached.resumed_from_preemption:
-                state.block_ids = list(cached.new_block_ids)
+                state.block_ids = [list(ids) for ids in cached.new_block_ids]
             else:
-                state.block_ids.extend(cached.new_block_ids)
+                for table, new_ids in zip(state.block_ids, cached.new_block_ids):
+                    table.extend(new_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _new_state(self, new: NewRequestData) -> CachedRequestState:
@@ -96,7 +98,7 @@ class InputBatch:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed % (1 << 64))
         return CachedRequestState(new.request_id, list(new.prompt_token_ids), new.sampling_params,
-                                  new.eos_token_id, list(new.block_ids),
+                                  new.eos_token_id, [list(ids) for ids in new.block_ids],
                                   new.num_computed_tokens, generator)
 
     def prepare(self, out: SchedulerOutput,
@@ -116,8 +118,7 @@ class InputBatch:
         seq_lens = [a + n for a, n in zip(starts, counts)]
         tables = self._block_tables(states)
         token_rows = np.repeat(np.arange(len(states)), counts)
-        slots = tables[token_rows, positions // self.block_size] * self.block_size \
-            + positions % self.block_size
+        slots = self._slot_mapping(tables, token_rows, positions)
         sample_rows = [i for i, s in enumerate(states)
                        if seq_lens[i] == s.num_tokens + (s.pending_row >= 0)]
         logits_indices = query_start[1:][sample_rows] - 1
@@ -134,7 +135,9 @@ class InputBatch:
             block_tables=dev[5].view(tables.shape).to(i32), slot_mapping=dev[2],
             query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens,
             block_size=self.block_size)
-        return StepBatch(request_ids, dev[0], dev[1], attn, sample_rows, dev[6])
+        kv_groups = self._kv_groups(attn)
+        return StepBatch(request_ids, dev[0], dev[1], kv_groups.metadata[0], sample_rows, dev[6],
+                         kv_groups)
 
     @staticmethod
     def _input_ids(states: list[CachedRequestState], starts: list[int], counts: list[int],
@@ -160,12 +163,25 @@ class InputBatch:
 
     def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
         """[rows, longest table] block ids, zero-padded, filled in one masked assignment."""
-        lens = np.fromiter((len(s.block_ids) for s in states), dtype=np.int64, count=len(states))
-        flat = np.fromiter(itertools.chain.from_iterable(s.block_ids for s in states),
+        lens = np.fromiter((len(s.block_ids[0]) for s in states), dtype=np.int64,
+                           count=len(states))
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_ids[0] for s in states),
                            dtype=np.int64, count=int(lens.sum()))
         tables = np.zeros((len(states), int(lens.max())), dtype=np.int64)
         tables[np.arange(tables.shape[1]) < lens[:, None]] = flat
         return tables
+
+    def _slot_mapping(self, tables: np.ndarray, token_rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        """The KV slot each scheduled token is written to."""
+        return tables[token_rows, positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+
+    @staticmethod
+    def _kv_groups(attn: CommonAttentionMetadata) -> StepKVGroups:
+        """One KV group: its tables and slots stand for the stacked ones (a copy into a
+        [1, ...] buffer broadcasts them)."""
+        return StepKVGroups((attn,), attn.block_tables, attn.slot_mapping)
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """All of a step's index arrays in one host->device copy (through one of two reused
@@ -190,3 +206,44 @@ class InputBatch:
         self._uploaded[self._slot] = torch.cuda.Event()
         self._uploaded[self._slot].record()
         return list(flat.split(sizes))
+
+
+class GroupedInputBatch(InputBatch):
+    """An InputBatch for a model of several KV groups: a block table and slot mapping per
+    group (a request's tables are equally long in every group), uploaded stacked."""
+
+    def __init__(self, device: torch.device, block_size: int, num_kv_groups: int) -> None:
+        super().__init__(device, block_size)
+        self.num_kv_groups = num_kv_groups
+
+    def _block_tables(self, states: list[CachedRequestState]) -> np.ndarray:
+        """[groups, rows, longest table] block ids, zero-padded."""
+        lens = np.fromiter((len(s.block_ids[0]) for s in states), dtype=np.int64,
+                           count=len(states))
+        tables = np.zeros((self.num_kv_groups, len(states), int(lens.max())), dtype=np.int64)
+        filled, count = np.arange(tables.shape[2]) < lens[:, None], int(lens.sum())
+        for g, table in enumerate(tables):
+            table[filled] = np.fromiter(
+                itertools.chain.from_iterable(s.block_ids[g] for s in states),
+                dtype=np.int64, count=count)
+        return tables
+
+    def _slot_mapping(self, tables: np.ndarray, token_rows: np.ndarray,
+                      positions: np.ndarray) -> np.ndarray:
+        """[groups, tokens]: each group's slot of every scheduled token."""
+        return tables[:, token_rows, positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+
+    def _kv_groups(self, attn: CommonAttentionMetadata) -> StepKVGroups:
+        """Split the step's stacked tables and slots into one metadata per group."""
+        slot_mapping = attn.slot_mapping.view(self.num_kv_groups, -1)
+        return StepKVGroups(tuple(replace(attn, block_tables=tables, slot_mapping=slots)
+                                  for tables, slots in zip(attn.block_tables, slot_mapping)),
+                            attn.block_tables, slot_mapping)
+
+
+def make_input_batch(device: torch.device, block_size: int, num_kv_groups: int) -> InputBatch:
+    """The batch for a model of num_kv_groups KV groups."""
+    if num_kv_groups == 1:
+        return InputBatch(device, block_size)
+    return GroupedInputBatch(device, block_size, num_kv_groups)

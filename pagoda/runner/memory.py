@@ -9,17 +9,21 @@ import torch
 
 from pagoda.config import CacheConfig
 from pagoda.errors import ConfigError
+from pagoda.kv_cache.groups import seq_blocks
 
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
-    """Shape of the KV cache: one [2, blocks, block_size, kv_heads, head_dim] slab per layer."""
+    """Shape of the KV cache: one [2, blocks, block_size, kv_heads, head_dim] slab per layer
+    slot (a block holds the K and V of one KV group's num_layers layers), and each group's
+    sliding window (None: full attention)."""
 
     num_layers: int
     block_size: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    windows: tuple[int | None, ...] = (None,)
 
     @property
     def bytes_per_token(self) -> int:
@@ -29,6 +33,11 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
+
+    def blocks_per_seq(self, seq_len: int, chunk: int) -> int:
+        """Blocks one sequence of seq_len tokens holds at most, over every group, when it
+        runs at most `chunk` tokens a step (sliding-window groups free what falls out)."""
+        return sum(seq_blocks(w, seq_len, chunk, self.block_size) for w in self.windows)
 
 
 def available_host_memory() -> int:
@@ -59,13 +68,14 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device, non_kv_peak: int) 
 
 
 def num_blocks_for(budget: int, spec: KVCacheSpec, max_model_len: int,
-                   cap: int | None = None) -> int:
+                   cap: int | None = None, chunk: int | None = None) -> int:
     """Blocks that fit the budget (at most cap); refuses a cache that cannot hold one
-    full-length sequence."""
+    full-length sequence run `chunk` tokens a step (default: all at once)."""
     num_blocks = budget // spec.bytes_per_block
     if cap is not None:
         num_blocks = min(num_blocks, cap)
-    needed = -(-max_model_len // spec.block_size) + 1  # +1: the reserved null block
+    # +1: the reserved null block
+    needed = spec.blocks_per_seq(max_model_len, chunk or max_model_len) + 1
     if num_blocks < needed:
         have = max(budget, 0) / 2**20
         want = needed * spec.bytes_per_block / 2**20

@@ -13,9 +13,10 @@ from torch import nn
 
 from pagoda.core_outputs import LogprobsLists
 from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
+from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.runner.cuda_graphs import CudaGraphRunner
-from pagoda.runner.input_batch import CachedRequestState, InputBatch, StepBatch
+from pagoda.runner.input_batch import CachedRequestState, StepBatch, make_input_batch
 from pagoda.runner.memory import KVCacheSpec
 from pagoda.runner.sleep import KVArena, WeightSleeper, address_fingerprint
 from pagoda.sampling.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -60,7 +61,9 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.backend = backend
-        self.batch = InputBatch(config.device, config.block_size)
+        self.kv_layout = group_layers(model.kv_cache_spec())
+        self.batch = make_input_batch(config.device, config.block_size,
+                                      len(self.kv_layout.groups))
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
         self.num_kv_blocks = 0
@@ -81,7 +84,7 @@ class ModelRunner:
         self.graphs = None  # an earlier capture's memory pool goes before the new one's
         self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
                                       max_num_seqs, max_model_len, hidden, self.config.dtype,
-                                      self.config.device)
+                                      self.config.device, len(self.kv_layout.groups))
         self.graphs.capture()
         self._graph_shape = (max_num_seqs, max_model_len)
         self._graph_addresses = self._addresses()
@@ -113,13 +116,13 @@ class ModelRunner:
         return True
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        layer = self.model.attention_layers()[0]
-        return KVCacheSpec(len(self.model.attention_layers()), self.config.block_size,
-                           layer.num_kv_heads, layer.head_dim, self.config.dtype)
+        layout = self.kv_layout
+        return KVCacheSpec(layout.slots, self.config.block_size, layout.num_kv_heads,
+                           layout.head_dim, self.config.dtype, layout.windows)
 
     def initialize_kv_cache(self, num_blocks: int, allocate=None) -> None:
-        """Allocate one KV tensor (with `allocate(shape, dtype)` if given) and bind each
-        attention layer to its slice."""
+        """Allocate one KV tensor (with `allocate(shape, dtype)` if given), one slab per layer
+        slot of a block, and bind each attention layer to its KV group and slot's slab."""
         spec = self.kv_cache_spec()
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         if allocate is None:
@@ -128,8 +131,10 @@ class ModelRunner:
             self.kv_cache = allocate(shape, spec.dtype)
         self.num_kv_blocks = num_blocks
         self.kv_cache[:, :, NULL_BLOCK_ID].zero_()  # padding reads land here
+        places = self.kv_layout.places()
         for i, layer in enumerate(self.model.attention_layers()):
-            layer.kv_cache = self.kv_cache[i]
+            layer.kv_group, slot = places[i]
+            layer.kv_cache = self.kv_cache[slot]
             layer.backend = self.backend
 
     @torch.inference_mode()
@@ -141,12 +146,14 @@ class ModelRunner:
                 for start in range(0, num_tokens, max_model_len)]
         bs = self.config.block_size
         self.initialize_kv_cache(sum(-(-n // bs) for n in lens) + 1)
-        sched_out = _prefill_schedule(lens, bs, self.config.vocab_size)
-        batch = InputBatch(self.config.device, bs)
+        groups = len(self.kv_layout.groups)
+        sched_out = _prefill_schedule(lens, bs, self.config.vocab_size, groups)
+        batch = make_input_batch(self.config.device, bs, groups)
         batch.update(sched_out)
         step = batch.prepare(sched_out)
         torch.cuda.reset_peak_memory_stats(self.config.device)
-        hidden = self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
+        hidden = self.model(step.input_ids, step.positions,
+                            self.backend.build_group_metadata(step.kv_groups.metadata))
         rows = hidden[torch.arange(num_seqs, device=hidden.device) % hidden.shape[0]]
         logits = self.model.compute_logits(rows)
         meta = SamplingMetadata.build(
@@ -217,8 +224,9 @@ class ModelRunner:
 
     def _forward(self, step: StepBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(step.attn):
-            return self.graphs.run(step.input_ids, step.positions, step.attn)
-        return self.model(step.input_ids, step.positions, self.backend.build_metadata(step.attn))
+            return self.graphs.run(step.input_ids, step.positions, step.kv_groups)
+        return self.model(step.input_ids, step.positions,
+                          self.backend.build_group_metadata(step.kv_groups.metadata))
 
     def _sample(self, launched: LaunchedStep, grammar_bitmask: torch.Tensor | None) -> None:
         """Queue the sampling; the sampled ids stay on the device for the next step's
@@ -293,14 +301,17 @@ class ModelRunner:
             out.prompt_logprobs[request_id] = _rows_to_lists(lp, list(range(end - start)), num_top)
             state.num_prompt_logprobs_done = end
 
-def _prefill_schedule(lens: list[int], block_size: int, vocab_size: int) -> SchedulerOutput:
-    """A step prefilling sequences of these lengths from scratch, on consecutive blocks."""
+def _prefill_schedule(lens: list[int], block_size: int, vocab_size: int,
+                      num_kv_groups: int) -> SchedulerOutput:
+    """A step prefilling sequences of these lengths from scratch, on consecutive blocks (the
+    same ones in every KV group: only the memory peak matters)."""
     sched_out, next_block = SchedulerOutput(), 1
     for i, n in enumerate(lens):
         blocks = list(range(next_block, next_block + -(-n // block_size)))
         next_block += len(blocks)
         sched_out.new_requests.append(NewRequestData(
-            f"profile-{i}", [i % vocab_size] * n, SamplingParams(max_tokens=1), None, blocks, 0))
+            f"profile-{i}", [i % vocab_size] * n, SamplingParams(max_tokens=1), None,
+            [blocks] * num_kv_groups, 0))
         sched_out.num_scheduled_tokens[f"profile-{i}"] = n
     return sched_out
 

@@ -3,6 +3,7 @@ torch, so that it can be sent to worker processes (and imported by the frontend 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagoda.core_outputs import LogprobsLists
@@ -17,7 +18,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: int | None
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV group (0: the null block)
     num_computed_tokens: int
 
 
@@ -26,9 +27,9 @@ class CachedRequestData:
     """A request the runner already holds: only what changed since its last step."""
 
     request_id: str
-    new_block_ids: list[int]
+    new_block_ids: Sequence[list[int]]  # per KV group; empty: no group got a block
     num_computed_tokens: int
-    resumed_from_preemption: bool = False  # new_block_ids then replaces the whole table
+    resumed_from_preemption: bool = False  # new_block_ids then replaces the whole tables
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import gc
 import torch
 from torch import nn
 
+from pagoda.layers.attention.metadata import StepKVGroups
 from pagoda.layers.attention.triton_backend import TritonAttentionBackend
 from pagoda.runner.cuda_graphs import CudaGraphRunner
 from tests.layers.test_triton_attention import make_batch, reference_attention
@@ -26,7 +27,7 @@ class AttentionOnly(nn.Module):
 
     def forward(self, input_ids, positions, attn):
         n = input_ids.shape[0]
-        out = self.backend.forward(self.q[:n], self.k[:n], self.v[:n], self.kv_cache, attn,
+        out = self.backend.forward(self.q[:n], self.k[:n], self.v[:n], self.kv_cache, attn[0],
                                    self.scale)
         return out.flatten(1)
 
@@ -58,7 +59,8 @@ def test_replay_writes_only_memory_the_graphs_own():
     for t, src in ((q, batch.q), (k, batch.k), (v, batch.v)):
         t[:n].copy_(src)
     out = runner.run(torch.zeros(n, dtype=torch.long, device="cuda"),
-                     torch.tensor(contexts, device="cuda"), batch.meta).clone()
+                     torch.tensor(contexts, device="cuda"),
+                     StepKVGroups.single(batch.meta)).clone()
     torch.cuda.synchronize()
 
     assert all(bool((s == SENTINEL).all()) for s in sentinels), "a replay wrote freed memory"
@@ -79,7 +81,7 @@ class WindowAndFull(nn.Module):
 
     def forward(self, input_ids, positions, attn):
         n = input_ids.shape[0]
-        outs = [self.backend.forward(q[:n], k[:n], v[:n], cache, attn, self.scale, window)
+        outs = [self.backend.forward(q[:n], k[:n], v[:n], cache, attn[0], self.scale, window)
                 for (q, k, v), cache, window in zip(self.rows, self.caches, self.windows)]
         return torch.cat(outs, dim=1).flatten(1)
 
@@ -110,7 +112,8 @@ def test_replay_mixes_window_and_full_layers():
         for t, s in zip(layer_rows, src):
             t[:n].copy_(s)
     out = runner.run(torch.zeros(n, dtype=torch.long, device="cuda"),
-                     torch.tensor(contexts, device="cuda"), batch.meta).clone()
+                     torch.tensor(contexts, device="cuda"),
+                     StepKVGroups.single(batch.meta)).clone()
     torch.cuda.synchronize()
     out = out.view(n, 2, HEADS, HEAD_DIM)
     for layer, ((q, k, v), cache, w) in enumerate(zip(new_rows, model.caches, model.windows)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda.config import SchedulerConfig
+from pagoda.kv_cache.groups import first_needed_block
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.request import EngineCoreRequest, RequestStatus
@@ -48,8 +49,9 @@ class FakeRunner:
         return result
 
 
-def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True):
-    kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"))
+def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True,
+                   windows=(None,)):
+    kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"), windows)
     return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len)
 
 
@@ -260,3 +262,85 @@ def test_finished_status_is_reported():
     run(sched)
     assert RequestStatus.FINISHED_LENGTH.finish_reason == "length"
     assert "a" in sched.schedule().finished_request_ids
+
+
+# ---- KV groups ---------------------------------------------------------------------------
+class TableCheckingRunner(FakeRunner):
+    """Also keeps each request's block tables from the diffs, as the model runner does, and
+    checks every step that each block it reads (from the first its window sees) or writes is
+    one the request holds in the manager, and that the blocks it writes are its alone."""
+
+    def __init__(self, sched) -> None:
+        super().__init__()
+        self.kv = sched.kv
+        self.tables: dict[str, list[list[int]]] = {}
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for new in out.new_requests:
+            self.tables[new.request_id] = [list(t) for t in new.block_ids]
+        for cached in out.cached_requests:
+            if cached.resumed_from_preemption:
+                self.tables[cached.request_id] = [list(t) for t in cached.new_block_ids]
+            else:
+                for table, ids in zip(self.tables[cached.request_id], cached.new_block_ids):
+                    table.extend(ids)
+        starts = {r.request_id: r.num_computed_tokens
+                  for r in (*out.new_requests, *out.cached_requests)}
+        for rid, n in out.num_scheduled_tokens.items():
+            self._check(rid, starts[rid], n)
+        return super().execute(out)
+
+    def _check(self, rid: str, start: int, n: int) -> None:
+        held = self.kv.req_blocks[rid]
+        for g, group in enumerate(self.kv.groups):
+            window = getattr(group, "window", None)
+            first = 0 if window is None else first_needed_block(window, start, BS)
+            for i in range(first, (start + n - 1) // BS + 1):
+                block_id = self.tables[rid][g][i]
+                assert block_id != 0 and held[g][i].block_id == block_id, (rid, g, i)
+                if i >= start // BS:  # written this step
+                    assert self.kv.pool.blocks[block_id].ref_cnt == 1, (rid, g, i)
+
+
+def local_run(sched, overlap=False):
+    return run(sched, TableCheckingRunner(sched), overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_window_groups_read_only_blocks_they_hold_and_change_no_output(overlap):
+    ps = prompts(12, base_len=30)
+    sched = make_scheduler(budget=24, num_blocks=128, windows=(None, 8, 8))
+    for rid, p in ps.items():
+        add(sched, rid, p, max_tokens=20)
+    outputs, _, _ = local_run(sched, overlap)
+    assert outputs == reference_outputs(ps, max_tokens=20)
+    assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_window_groups_survive_preemption_and_prefix_hits(overlap):
+    ps = prompts(8, base_len=30)
+    ps.update({f"again-{rid}": p for rid, p in list(ps.items())[:3]})  # prefix hits
+    sched = make_scheduler(num_blocks=40, budget=64, windows=(None, 6))
+    for rid, p in ps.items():
+        add(sched, rid, p, max_tokens=16)
+    outputs, _, _ = local_run(sched, overlap)
+    assert sched.num_preemptions > 0 and sched.kv.stats.hits > 0
+    expected = reference_outputs({rid: p for rid, p in ps.items()}, max_tokens=16)
+    assert outputs == expected
+    assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+def test_freeing_the_window_avoids_preemption_where_full_tables_would_not_fit():
+    """Four 60-token prompts decoding 20 tokens in 16-token chunks, on 60 blocks: with every
+    block kept each needs 20, with a window of 8 only 5 or 6."""
+    ps = {f"r{i}": [(i * 13 + j) % 50 + 1 for j in range(60)] for i in range(4)}
+    counts = {}
+    for windows in ((8,), (None,)):
+        sched = make_scheduler(num_blocks=61, budget=64, windows=windows)
+        for rid, p in ps.items():
+            add(sched, rid, p, max_tokens=20)
+        outputs, _, _ = local_run(sched)
+        assert outputs == reference_outputs(ps, max_tokens=20)
+        counts[windows] = sched.num_preemptions
+    assert counts[(8,)] == 0 and counts[(None,)] > 0

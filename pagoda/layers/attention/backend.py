@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,11 @@ class AttentionBackend(ABC):
     @abstractmethod
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
         """Precompute whatever this backend needs for the step (shared across layers)."""
+
+    def build_group_metadata(self, groups: Sequence[CommonAttentionMetadata]) -> list[Any]:
+        """Each KV group's metadata, in group order (the groups differ only in block tables
+        and slot mappings; a backend may share the rest)."""
+        return [self.build_metadata(common) for common in groups]
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,9 +12,10 @@ from pagoda.layers.attention.backend import AttentionBackend
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer; the runner binds kv_cache and backend before use.
-    sliding_window: None for full causal attention, else W >= 1: the query at position p
-    sees the keys at (p - W, p] (see AttentionBackend)."""
+    """Paged attention for one layer; the runner binds kv_cache, kv_group and backend before
+    use. sliding_window: None for full causal attention, else W >= 1: the query at position p
+    sees the keys at (p - W, p] (see AttentionBackend). The step's attn_metadata holds one
+    entry per KV group; the layer reads its group's."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None) -> None:
@@ -26,18 +28,20 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
+        self.kv_group = 0
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any,
-                positions: torch.Tensor, rotary: Any) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: Sequence[Any], positions: torch.Tensor,
+                rotary: Any) -> torch.Tensor:
         """q and k rotated at `positions` by `rotary` (a RotaryEmbedding; the backend may
         fuse that into its KV store), k and v stored, then q's attention over the cache."""
         assert self.kv_cache is not None and self.backend is not None, "KV cache not bound"
         out = self.backend.forward_rotary(positions, q.view(-1, self.num_heads, self.head_dim),
                                           k.view(-1, self.num_kv_heads, self.head_dim),
                                           v.view(-1, self.num_kv_heads, self.head_dim), rotary,
-                                          self.kv_cache, attn_metadata, self.scale,
-                                          self.sliding_window)
+                                          self.kv_cache, attn_metadata[self.kv_group],
+                                          self.scale, self.sliding_window)
         return out.view(-1, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

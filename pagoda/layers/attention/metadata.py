@@ -28,3 +28,22 @@ class CommonAttentionMetadata:
     def query_lens_cpu(self) -> list[int]:
         q = self.query_start_loc_cpu
         return [q[i + 1] - q[i] for i in range(self.num_seqs)]
+
+
+@dataclass(slots=True)
+class StepKVGroups:
+    """One step's metadata for each KV group (they differ only in block tables and slot
+    mappings, stacked here [groups, ...] so that a CUDA graph replay copies them at once).
+    A model's forward gets each group's backend metadata, in group order; an attention
+    layer reads the entry of its group."""
+
+    metadata: tuple[CommonAttentionMetadata, ...]
+    # [groups, num_seqs, max_blocks] int32 and [groups, num_tokens] int64, device; with one
+    # group, its own tables and slots (what a copy into [1, ...] buffers broadcasts)
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @classmethod
+    def single(cls, common: CommonAttentionMetadata) -> StepKVGroups:
+        """The groups of a model with one KV group."""
+        return cls((common,), common.block_tables, common.slot_mapping)

@@ -4,7 +4,8 @@ long contexts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -74,6 +75,14 @@ class TritonAttentionBackend(AttentionBackend):
             num_seqs=common.num_seqs, max_seq_len=common.max_seq_len,
             query_lens=common.query_lens_cpu, num_sms=self._sm_count(common.seq_lens.device),
             num_segments=self.num_segments)
+
+    def build_group_metadata(self, groups: Sequence[CommonAttentionMetadata]
+                             ) -> list[TritonAttentionMetadata]:
+        """The groups share the first one's plans (hence its split workspaces: layers run one
+        after another, and every layer's reduce consumes its workspace before the next)."""
+        first = self.build_metadata(groups[0])
+        return [first] + [replace(first, block_tables=c.block_tables, slot_mapping=c.slot_mapping)
+                          for c in groups[1:]]
 
     def _sm_count(self, device: torch.device) -> int:
         if device.type != "cuda":
