@@ -64,10 +64,13 @@ def format_estimate(e) -> str:
     tp = f", tensor parallel {e.tensor_parallel}" if e.tensor_parallel > 1 else ""
     lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters, {e.dtype}{tp}",
              f"  weights{per_gpu:9s} {gib(e.weight_bytes)}  (from {e.weights_from})",
-             f"  KV cache         {gib(e.kv_bytes)}  ({kv_shape})",
-             f"  activations      {gib(e.activation_bytes)}  (allowance for one full step)",
-             f"  overhead         {gib(e.overhead_bytes)}",
-             f"  peak             {gib(e.peak_bytes)}"]
+             f"  KV cache         {gib(e.kv_bytes)}  ({kv_shape})"]
+    if e.kv_bytes_without_freeing != e.kv_bytes:
+        lines.append(f"                   (local layers: min(window + {e.token_budget}, context)"
+                     f" tokens; {e.kv_bytes_without_freeing / 2**30:.2f} GiB if they kept all)")
+    lines += [f"  activations      {gib(e.activation_bytes)}  (allowance for one full step)",
+              f"  overhead         {gib(e.overhead_bytes)}",
+              f"  peak             {gib(e.peak_bytes)}"]
     if e.fits is not None:
         verdict = "fits" if e.fits else "does NOT fit"
         lines.append(f"  {e.device}: {gib(e.usable_bytes)} usable -> {verdict}")

@@ -221,7 +221,7 @@ class ModelManager:
                      device="cuda" if on_gpu else None,
                      token_budget=int(kwargs.get("max_num_batched_tokens", 2048)),
                      max_num_seqs=seqs)
-        demand = (seqs * -(-max_len // 16) + 1) * 16 * e.kv_bytes_per_token
+        demand = seqs * e.kv_bytes_per_seq + (e.kv_bytes - e.kv_bytes_per_seq)  # + null block
         if not on_gpu:
             demand = min(demand, max(CPU_KV_DEMAND_CAP, e.kv_bytes))
         return ModelNeed(spec.name, e.weight_bytes, e.activation_bytes,

@@ -4,7 +4,8 @@ A model's fixed need is its weights, its activation peak for one full step of it
 budget and a per-process overhead (CUDA context, graph pools). Its KV cache needs at least
 one sequence of its max length; what a device has beyond everyone's minimum is divided
 among the resident models' KV caches in proportion to their demand (the KV bytes of
-max_num_seqs full sequences), never giving a model more than it can use. Each engine is then
+max_num_seqs full sequences, a sliding-window layer holding its window and a step's chunk of
+each), never giving a model more than it can use. Each engine is then
 started with that absolute byte budget: nobody types a fraction.
 
 Figures come from the config before a model loads (`pagoda.models.estimate`) and are
@@ -32,6 +33,7 @@ class ModelNeed:
     overhead_bytes: int
     kv_min_bytes: int  # one sequence of max_model_len (and the reserved null block)
     kv_demand_bytes: int  # what it could use: max_num_seqs sequences of max_model_len
+    # (in every case as the engine allocates them: sliding-window layers hold their window)
     measured: bool = False  # figures from the loaded engine rather than the config
 
     @property

@@ -4,8 +4,10 @@ a context length, an activation allowance, and whether it fits a device.
 Weights count the checkpoint's tensors from the safetensors or GGUF headers (only those the
 engine keeps as parameters) at the dtype the engine would pick; a config-only source falls
 back to the parameter count its architecture declares (models/arch/). KV is computed as the engine
-allocates it (16-token blocks plus the reserved null block). The activation figure is an
-allowance, not a measurement: on a GPU the engine profiles the real peak at startup.
+allocates it (16-token blocks of its KV groups plus the reserved null block): a sliding-window
+layer holds min(window + chunk, context) tokens of a sequence (in whole blocks), where chunk is
+the token budget of a step. The activation figure is an allowance, not a measurement: on a GPU
+the engine profiles the real peak at startup.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError
+from pagoda.kv_cache.groups import group_layers
 from pagoda.models.arch.base import ArchSpec
 from pagoda.models.loader.gguf import gguf_shapes
 from pagoda.models.loader.safetensors import safetensors_shapes
@@ -39,14 +42,17 @@ class MemoryEstimate:
     num_parameters: int
     weights_from: str  # "safetensors header", "gguf header" or "config"
     weight_bytes: int  # per GPU (weights split over tp)
-    kv_bytes_per_token: int  # per GPU
-    kv_bytes: int  # per GPU: concurrency x max_model_len, in whole blocks, + the null block
+    kv_bytes_per_token: int  # per GPU, every layer
+    kv_bytes: int  # per GPU: concurrency x kv_bytes_per_seq + the null block
+    kv_bytes_per_seq: int  # per GPU: one max_model_len sequence's blocks at their peak
+    kv_bytes_without_freeing: int  # kv_bytes if sliding-window layers kept every token
     activation_bytes: int  # an allowance for one full step of the token budget
     overhead_bytes: int
     peak_bytes: int  # per GPU
     max_model_len: int
     concurrency: int
     tensor_parallel: int
+    token_budget: int  # tokens a step runs: a sliding-window layer holds its window + this
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
@@ -75,6 +81,21 @@ def kv_bytes_per_token(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int 
     itemsize = torch.empty((), dtype=dtype).element_size()
     return sum(2 * max(layer.num_kv_heads // tp, 1) * layer.head_dim * itemsize
                for layer in spec.layer_attention(config))
+
+
+def kv_block_bytes(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1) -> int:
+    """Bytes of one KV block on one GPU: BLOCK_SIZE tokens of one KV group's layer slots."""
+    layout = group_layers(spec.layer_attention(config))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return BLOCK_SIZE * 2 * layout.slots * max(layout.num_kv_heads // tp, 1) * layout.head_dim \
+        * itemsize
+
+
+def kv_blocks_per_seq(spec: ArchSpec, config: Any, max_model_len: int, chunk: int) -> int:
+    """Blocks one sequence of max_model_len holds at most, over every KV group, run `chunk`
+    tokens a step."""
+    layout = group_layers(spec.layer_attention(config))
+    return layout.blocks_per_seq(max_model_len, chunk, BLOCK_SIZE)
 
 
 def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
@@ -107,16 +128,20 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     params, weights_from = count_parameters(source, spec)
     weights = params * itemsize // tp
     per_token = kv_bytes_per_token(spec, config, torch_dtype, tp)
-    blocks = concurrency * -(-max_model_len // BLOCK_SIZE) + 1
-    kv = blocks * BLOCK_SIZE * per_token
+    block_bytes = kv_block_bytes(spec, config, torch_dtype, tp)
+    per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget) * block_bytes
+    kv = concurrency * per_seq + block_bytes
+    kv_unfreed = (concurrency * -(-max_model_len // BLOCK_SIZE) + 1) * BLOCK_SIZE * per_token
     activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs)
     overhead = CUDA_CONTEXT_BYTES if on_gpu else 0
     result = MemoryEstimate(
         model=source.name, dtype=str(torch_dtype).removeprefix("torch."),
         num_parameters=params, weights_from=weights_from, weight_bytes=weights,
-        kv_bytes_per_token=per_token, kv_bytes=kv, activation_bytes=activations,
+        kv_bytes_per_token=per_token, kv_bytes=kv, kv_bytes_per_seq=per_seq,
+        kv_bytes_without_freeing=kv_unfreed, activation_bytes=activations,
         overhead_bytes=overhead, peak_bytes=weights + kv + activations + overhead,
-        max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp)
+        max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp,
+        token_budget=token_budget)
     if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)

@@ -114,3 +114,19 @@ def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused_at_once(smollm2_d
     other.waiters = 1
     with pytest.raises(ModelUnavailableError, match="beside the pinned"):
         asyncio.run(m._make_room(other, other.need.min_bytes))
+
+
+def test_kv_demand_counts_only_the_window_of_sliding_window_layers():
+    """Gemma 3 1B (22 of 26 layers local, window 512): 8 sequences of 4096 tokens in 512-token
+    chunks need under half the KV they would if every layer kept every token."""
+    m = ModelManager(FleetSpec([ModelSpec("bench/configs/gemma-3-1b", "g", engine={
+        "load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 8,
+        "max_num_batched_tokens": 512})]), {"device": "cpu"})
+    m.configure()
+    need = m.by_name["g"].need
+    per_token = 2 * 26 * 256 * 4  # K and V, 26 layers, one KV head of 256, float32
+    block = 16 * 2 * 4 * 256 * 4  # a block holds one group's 4 layers
+    per_seq = (4096 // 16 + 6 * (-(-(511 + 512) // 16) + 1)) * block  # full group + 6 local
+    assert need.kv_demand_bytes == 8 * per_seq + block
+    assert need.kv_min_bytes == per_seq + block
+    assert need.kv_demand_bytes < (8 * 4096 + 16) * per_token / 2

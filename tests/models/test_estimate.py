@@ -174,3 +174,23 @@ def test_unknown_architecture_is_one_line_naming_the_supported_ones(tmp_path, ca
     assert len(err.splitlines()) == 1
     assert "MambaForCausalLM" in err and "Gemma3ForCausalLM" in err and "Qwen3ForCausalLM" in err
     assert "Traceback" not in err
+
+
+def test_sliding_window_layers_hold_their_window_and_a_chunk(tmp_path):
+    """Gemma 3 with a window of 8 (one full group, six local groups of one layer): a local
+    layer holds min(window + chunk, context) tokens of a sequence, in whole blocks (+1 where
+    they straddle one), as the engine then allocates and reports."""
+    from pagoda.cli.estimate import format_estimate
+    from pagoda.kv_cache.groups import seq_blocks
+    from tests.models.test_gemma3 import CONFIGS as GEMMA3
+    spec = str(save_random_checkpoint(GEMMA3["gemma3-window-8-pattern-6"], tmp_path, None))
+    e = estimate(resolve_model(spec), max_model_len=256, concurrency=3, token_budget=16)
+    block_bytes = 16 * 2 * 2 * 32 * 4  # tokens x (K, V) x KV heads x head size x float32
+    per_seq = 256 // 16 + 6 * seq_blocks(8, 256, 16, 16)
+    assert per_seq == 16 + 6 * 3
+    assert e.kv_bytes == (3 * per_seq + 1) * block_bytes
+    assert e.kv_bytes_without_freeing == (3 * 256 // 16 + 1) * 16 * e.kv_bytes_per_token
+    assert "local layers: min(window + 16, context)" in format_estimate(e)
+    llm = LLM(spec, kv_cache_memory=e.kv_bytes, max_model_len=256, max_num_batched_tokens=16)
+    assert allocated(llm)[1] == e.kv_bytes
+    assert llm.engine.core.model_info.kv_capacity_tokens == 3 * 256
