@@ -108,10 +108,11 @@ class EngineCore:
 
     def _log_capacity(self) -> None:
         cap = self.model_info.kv_capacity_tokens
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency "
-                    "at max_model_len=%d: %.1fx", self.model_info.num_kv_blocks - 1,
-                    self.model_info.block_size, cap, self.model_info.kv_cache_bytes / 2**30,
-                    self.max_model_len, cap / self.max_model_len)
+        logger.info("KV cache: %d blocks of %d tokens, %d KV group(s) (%.2f GiB) = %d tokens "
+                    "of context; max concurrency at max_model_len=%d: %.1fx",
+                    self.model_info.num_kv_blocks - 1, self.model_info.block_size,
+                    len(self.kv_manager.groups), self.model_info.kv_cache_bytes / 2**30,
+                    cap, self.max_model_len, cap / self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
