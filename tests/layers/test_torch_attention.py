@@ -162,21 +162,23 @@ def test_window_semantics_match_transformers():
             assert int(expected[39].sum()) == min(window, 40)  # counting the query itself
 
 
-def test_layer_passes_its_window():
-    """Attention(sliding_window=W) hands W to its backend on every call; W < 1 is refused."""
+def test_layer_passes_its_window_and_its_kv_groups_metadata():
+    """Attention(sliding_window=W) hands W to its backend on every call, with the step
+    metadata of the KV group it is bound to; W < 1 is refused."""
     from pagoda.layers.attention.layer import Attention
     calls = []
 
     class Recorder(TorchAttentionBackend):
         def forward_rotary(self, positions, q, k, v, rotary, kv_cache, metadata, scale,
                            sliding_window=None):
-            calls.append(sliding_window)
+            calls.append((sliding_window, metadata))
             return q
-    for window in (None, 512):
+    for group, window in ((0, None), (1, 512)):
         layer = Attention(4, 2, 8, 0.5, sliding_window=window)
         layer.kv_cache, layer.backend = torch.zeros(2, 1, 1, 2, 8), Recorder()
-        layer(torch.zeros(3, 32), torch.zeros(3, 16), torch.zeros(3, 16), None,
+        layer.kv_group = group
+        layer(torch.zeros(3, 32), torch.zeros(3, 16), torch.zeros(3, 16), ["full", "local"],
               torch.zeros(3, dtype=torch.long), None)
-    assert calls == [None, 512]
+    assert calls == [(None, "full"), (512, "local")]
     with pytest.raises(ValueError, match="sliding_window"):
         Attention(4, 2, 8, 0.5, sliding_window=0)
