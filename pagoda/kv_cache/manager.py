@@ -38,9 +38,11 @@ class FullAttentionGroup:
         self.pool = pool
         self.suffix = b"" if group_id == 0 else b"/g" + group_id.to_bytes(2, "little")
 
-    def key(self, block_hash: BlockHash) -> BlockHash:
-        """The hash this group's block of those tokens is cached under."""
-        return block_hash + self.suffix
+    def publish(self, table: list[KVBlock], hashes: Sequence[BlockHash], start: int,
+                end: int) -> None:
+        """Cache the table's blocks [start, end) under their hashes (salted with the group)."""
+        for i in range(start, end):
+            self.pool.cache_block(table[i], hashes[i] + self.suffix)
 
     def find_hit(self, hashes: Sequence[BlockHash], max_blocks: int) -> list[KVBlock]:
         """The longest cached prefix of at most max_blocks blocks, as the table it gives."""
@@ -83,6 +85,13 @@ class SlidingWindowGroup(FullAttentionGroup):
             return [self.null] * max_blocks
         return run[::-1]  # a run from block 0 holds the whole window before its end
 
+    def publish(self, table: list[KVBlock], hashes: Sequence[BlockHash], start: int,
+                end: int) -> None:
+        """Cache the table's blocks [start, end) that it still holds."""
+        for i in range(start, end):
+            if table[i] is not self.null:
+                self.pool.cache_block(table[i], hashes[i] + self.suffix)
+
     def free_skipped(self, table: list[KVBlock], num_computed: int) -> None:
         """Free the blocks before the window of the step starting at num_computed, newest
         first (stops at the first null entry: everything before it is gone already)."""
@@ -102,6 +111,11 @@ def _make_group(group_id: int, window: int | None, pool: BlockPool,
     if window is None:
         return FullAttentionGroup(group_id, pool)
     return SlidingWindowGroup(group_id, pool, window, block_size)
+
+
+def _num_free(hits: Tables) -> int:
+    """Hit blocks nobody holds (they come off the free list)."""
+    return sum(1 for hit in hits for b in hit if b.ref_cnt == 0)
 
 
 class KVCacheManager:
@@ -177,17 +191,16 @@ class KVCacheManager:
         tables = self.req_blocks.get(request.request_id)
         if tables is None:
             tables = [[] for _ in self.groups]
-        else:
+        elif self._sliding:
             self._free_skipped(tables, request.num_computed_tokens)
-        hits = computed_blocks or [[] for _ in self.groups]
-        num_new_blocks = max(self.blocks_needed(total) - len(tables[0]) - len(hits[0]), 0)
-        reviving = sum(1 for hit in hits for b in hit if b.ref_cnt == 0)
+        num_hit = len(computed_blocks[0]) if computed_blocks else 0
+        num_new_blocks = max(self.blocks_needed(total) - len(tables[0]) - num_hit, 0)
+        reviving = _num_free(computed_blocks) if computed_blocks else 0
         if num_new_blocks * len(self.groups) + reviving > self.pool.num_free_blocks:
             return None
         self.req_blocks[request.request_id] = tables
-        for table, hit in zip(tables, hits, strict=True):  # every hit off the free list first
-            self.pool.touch(b for b in hit if b.block_id != NULL_BLOCK_ID)
-            table.extend(hit)
+        if computed_blocks:
+            self._take_hits(tables, computed_blocks)
         new_ids = []
         for table in tables:
             new_blocks = self.pool.allocate(num_new_blocks)
@@ -195,6 +208,14 @@ class KVCacheManager:
             new_ids.append([b.block_id for b in new_blocks])
         self._publish_full_blocks(request, tables, total)
         return new_ids
+
+    def _take_hits(self, tables: Tables, hits: Tables) -> None:
+        """Every group's hits off the free list, before any group allocates (one of them may
+        be next in line)."""
+        for table, hit in zip(tables, hits, strict=True):
+            self.pool.touch(b for b in hit if b.block_id != NULL_BLOCK_ID)
+            table.extend(hit)
+
 
     def _fits_without_change(self, request_id: str, total: int) -> bool:
         """Room in the allocated blocks and no block fills. A sliding window's blocks are
@@ -247,9 +268,7 @@ class KVCacheManager:
         self._update_hashes(request)
         end = min(total // self.block_size, len(request.block_hashes))
         for group, table in zip(self.groups, tables, strict=True):
-            for i in range(start, end):
-                if table[i].block_id != NULL_BLOCK_ID:
-                    self.pool.cache_block(table[i], group.key(request.block_hashes[i]))
+            group.publish(table, request.block_hashes, start, end)
         self._num_cached[request.request_id] = max(start, end)
 
     def record_lookup(self, request: Request, hit_tokens: int) -> None:

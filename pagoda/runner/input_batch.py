@@ -86,7 +86,7 @@ class InputBatch:
             state = self.requests[cached.request_id]
             if cached.resumed_from_preemption:
                 state.block_ids = [list(ids) for ids in cached.new_block_ids]
-            else:
+            elif cached.new_block_ids:  # empty on most decode steps
                 for table, new_ids in zip(state.block_ids, cached.new_block_ids):
                     table.extend(new_ids)
             state.num_computed_tokens = cached.num_computed_tokens
