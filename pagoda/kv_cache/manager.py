@@ -54,9 +54,6 @@ class FullAttentionGroup:
             hits.append(block)
         return hits
 
-    def free_skipped(self, table: list[KVBlock], num_computed: int) -> None:
-        """Give back the blocks no later query reads (none, for full attention)."""
-
 
 class SlidingWindowGroup(FullAttentionGroup):
     """A group of sliding-window layers: a query at position p reads (p - window, p] only."""
@@ -72,6 +69,8 @@ class SlidingWindowGroup(FullAttentionGroup):
     def find_hit(self, hashes: Sequence[BlockHash], max_blocks: int) -> list[KVBlock]:
         """The longest hit of at most max_blocks blocks whose last `hit_blocks` blocks (or
         all of them, when it is that short) are cached; the blocks before are null."""
+        if self.hit_blocks == 0:  # a window of one token reads nothing cached
+            return [self.null] * max_blocks
         run: list[KVBlock] = []
         for i in range(max_blocks - 1, -1, -1):
             block = self.pool.lookup(hashes[i] + self.suffix)
@@ -81,8 +80,6 @@ class SlidingWindowGroup(FullAttentionGroup):
             run.append(block)
             if len(run) >= self.hit_blocks:
                 return [self.null] * i + run[::-1]
-        if self.hit_blocks == 0:  # a window of one token sees nothing cached
-            return [self.null] * max_blocks
         return run[::-1]  # a run from block 0 holds the whole window before its end
 
     def publish(self, table: list[KVBlock], hashes: Sequence[BlockHash], start: int,

@@ -297,3 +297,16 @@ def test_every_groups_hits_are_taken_before_any_group_allocates():
     held_ids = held(kv, "b", 0) + held(kv, "b", 1)
     assert len(set(held_ids)) == len(held_ids) == 11 + 3
     assert all(kv.pool.blocks[i].ref_cnt == 1 for i in held_ids)
+
+
+def test_a_window_of_one_token_needs_no_cached_block_for_a_hit():
+    """Each query then reads only its own K and V: any prefix is a hit, with null blocks."""
+    kv = hybrid(windows=(1,))
+    blocks, hit = kv.get_computed_blocks(make_request("b", list(range(100, 141))))
+    assert hit == 40 and {x.block_id for x in blocks[0]} == {0}
+    a = make_request("a", list(range(40)))
+    a.num_computed_tokens = 8
+    kv.allocate_slots(a, 8)  # not a hit: a chunk [8, 16) after a computed [0, 8)
+    a.num_computed_tokens = 16
+    kv.allocate_slots(a, 8)
+    assert kv.block_ids("a")[0] == [0, 0, 0, 0] + held(kv, "a", 0) and len(held(kv, "a", 0)) == 2
