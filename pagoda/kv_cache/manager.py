@@ -19,7 +19,6 @@ from pagoda.kv_cache.hashing import BlockHash, BlockHasher
 from pagoda.request import Request
 
 Tables = list[list[KVBlock]]  # one block table per group
-NO_NEW_BLOCKS: tuple[list[int], ...] = ()  # allocate_slots' answer when nothing changed
 
 
 @dataclass(slots=True)
@@ -178,13 +177,13 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: Tables | None = None,
-                       num_computed_hit_tokens: int = 0) -> Sequence[list[int]] | None:
+                       num_computed_hit_tokens: int = 0) -> list[list[int]] | None:
         """Reserve blocks so the request can hold num_new_tokens more tokens after its computed
-        ones (plus any prefix hit). Returns each group's new block ids (NO_NEW_BLOCKS when
-        none), or None if memory is short."""
+        ones (plus any prefix hit). Returns each group's new block ids (an empty list when no
+        group changed), or None if memory is short."""
         total = request.num_computed_tokens + num_computed_hit_tokens + num_new_tokens
         if not computed_blocks and self._fits_without_change(request.request_id, total):
-            return NO_NEW_BLOCKS  # most decode steps: room in the last block, and no block fills
+            return []  # most decode steps: room in the last block, and no block fills
         tables = self.req_blocks.get(request.request_id)
         if tables is None:
             tables = [[] for _ in self.groups]

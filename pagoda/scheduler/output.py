@@ -3,7 +3,6 @@ torch, so that it can be sent to worker processes (and imported by the frontend 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagoda.core_outputs import LogprobsLists
@@ -27,7 +26,7 @@ class CachedRequestData:
     """A request the runner already holds: only what changed since its last step."""
 
     request_id: str
-    new_block_ids: Sequence[list[int]]  # per KV group; empty: no group got a block
+    new_block_ids: list[list[int]]  # per KV group; empty: no group got a block
     num_computed_tokens: int
     resumed_from_preemption: bool = False  # new_block_ids then replaces the whole tables
 

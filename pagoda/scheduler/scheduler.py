@@ -14,7 +14,6 @@ next decode is scheduled on that pending token, and a request whose pending toke
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from pagoda.config import SchedulerConfig
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
@@ -123,7 +122,7 @@ class Scheduler:
             or request.num_tokens_with_pending >= self.max_model_len
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
-                             out: SchedulerOutput) -> Sequence[list[int]] | None:
+                             out: SchedulerOutput) -> list[list[int]] | None:
         while True:
             new_block_ids = self.kv.allocate_slots(request, num_new)
             if new_block_ids is not None:

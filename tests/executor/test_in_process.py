@@ -44,7 +44,7 @@ def executor(tiny_dir) -> InProcessExecutor:
 
 def prefill(request_id: str, prompt: list[int], params: SamplingParams, block: int,
             finished: set[str] | None = None) -> SchedulerOutput:
-    new = NewRequestData(request_id, prompt, params, None, [block], 0)
+    new = NewRequestData(request_id, prompt, params, None, [[block]], 0)
     return SchedulerOutput(new_requests=[new], num_scheduled_tokens={request_id: len(prompt)},
                            total_num_scheduled_tokens=len(prompt),
                            finished_request_ids=finished or set())
@@ -99,8 +99,8 @@ def test_the_bitmask_constrains_only_its_rows(executor):
     free = run(executor, prefill("free", PROMPT, GREEDY, block=2))["free"]
     assert free != [42]
     both = SchedulerOutput(
-        new_requests=[NewRequestData("free2", PROMPT, GREEDY, None, [3], 0),
-                      NewRequestData("bound", PROMPT, GREEDY, None, [4], 0)],
+        new_requests=[NewRequestData("free2", PROMPT, GREEDY, None, [[3]], 0),
+                      NewRequestData("bound", PROMPT, GREEDY, None, [[4]], 0)],
         num_scheduled_tokens={"free2": 5, "bound": 5}, total_num_scheduled_tokens=10,
         finished_request_ids={"free"}, grammar_rows={"bound": 0})
     sampled = run(executor, both, only_token(42))

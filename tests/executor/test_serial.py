@@ -24,12 +24,12 @@ def mixed_step() -> SchedulerOutput:
                                  structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
     return SchedulerOutput(
         new_requests=[
-            NewRequestData("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), 2, [1, 2], 0),
-            NewRequestData("b", [9] * 20, constrained, None, [3, 4, 5], 16)],
-        cached_requests=[CachedRequestData("c", [6], 31),
-                         CachedRequestData("d", [7, 8], 0, resumed_from_preemption=True)],
-        num_scheduled_tokens={"a": 5, "b": 4, "c": 1, "d": 12},
-        total_num_scheduled_tokens=22,
+            NewRequestData("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), 2, [[1, 2]], 0),
+            NewRequestData("b", [9] * 20, constrained, None, [[3, 4, 5], [0, 10, 11]], 16)],
+        cached_requests=[CachedRequestData("c", [[6], [12]], 31), CachedRequestData("h", [], 9),
+                         CachedRequestData("d", [[7, 8]], 0, resumed_from_preemption=True)],
+        num_scheduled_tokens={"a": 5, "b": 4, "c": 1, "h": 1, "d": 12},
+        total_num_scheduled_tokens=23,
         preempted_request_ids={"e"},
         finished_request_ids={"f", "g"},
         grammar_rows={"b": 0})
@@ -59,7 +59,7 @@ def test_invalid_sampling_params_in_a_frame_are_refused():
     """The decoder rebuilds SamplingParams through its constructor, which validates."""
     frame = msgspec.msgpack.encode({"new_requests": [{
         "request_id": "x", "prompt_token_ids": [1], "sampling_params": {"temperature": -1.0},
-        "eos_token_id": None, "block_ids": [1], "num_computed_tokens": 0}]})
+        "eos_token_id": None, "block_ids": [[1]], "num_computed_tokens": 0}]})
     with pytest.raises(msgspec.MsgspecError):
         serial.decode_scheduler_output(frame)
     with pytest.raises(msgspec.MsgspecError):

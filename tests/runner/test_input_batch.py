@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.kv_cache.manager import NO_NEW_BLOCKS
 from pagoda.runner.input_batch import GroupedInputBatch, InputBatch, make_input_batch
 from pagoda.sampling_params import SamplingParams
 from pagoda.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -54,7 +53,7 @@ def test_diffs_extend_replace_or_leave_every_groups_table():
         CachedRequestData("a", [[4], [8]], 4)]), {"a": 1}))
     assert batch.requests["a"].block_ids == [[3, 4], [7, 8]]
     batch.update(step(SchedulerOutput(cached_requests=[
-        CachedRequestData("a", NO_NEW_BLOCKS, 5)]), {"a": 1}))
+        CachedRequestData("a", [], 5)]), {"a": 1}))
     assert batch.requests["a"].block_ids == [[3, 4], [7, 8]]
     batch.update(step(SchedulerOutput(cached_requests=[  # resumed with a hit: null entries
         CachedRequestData("a", [[3, 4], [0, 8]], 4, resumed_from_preemption=True)]), {"a": 2}))
