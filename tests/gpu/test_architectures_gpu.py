@@ -40,7 +40,7 @@ def test_float32_greedy_matches_transformers(name, enforce_eager, tmp_path, gpu_
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     llm = LLM(str(path), device="cuda", dtype="float32", kv_cache_memory=1 << 30,
               max_num_seqs=16, enforce_eager=enforce_eager)
-    assert (llm.engine.core.runner.graphs is None) == enforce_eager
+    assert (llm.engine.core.executor.worker.runner.graphs is None) == enforce_eager
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     worst = 0.0

@@ -27,9 +27,9 @@ from tests.utils import save_random_checkpoint
 
 
 def allocated(llm: LLM) -> tuple[int, int]:
-    core = llm.engine.core
-    kv = core.runner.kv_cache
-    return weight_bytes(core.runner.model), kv.numel() * kv.element_size()
+    runner = llm.engine.core.executor.worker.runner
+    kv = runner.kv_cache
+    return weight_bytes(runner.model), kv.numel() * kv.element_size()
 
 
 def check_matches(spec: str, **engine_kwargs) -> MemoryEstimate:
