@@ -103,6 +103,7 @@ def test_each_layer_is_bound_to_its_groups_slab(served):
     runner = llm.engine.core.executor.worker.runner
     layout = layout_of(config)
     assert runner.kv_layout == layout
+    assert llm.engine.core.kv_manager.windows == layout.windows  # as the executor reported
     assert runner.kv_cache.shape[0] == layout.slots
     for i, layer in enumerate(runner.model.attention_layers()):
         group, slot = layout.places()[i]

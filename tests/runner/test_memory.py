@@ -47,3 +47,14 @@ def test_blocks_for_budget_and_cap():
 def test_a_cache_that_cannot_hold_one_sequence_is_refused():
     with pytest.raises(ConfigError, match="cannot hold one sequence of max_model_len=8192"):
         num_blocks_for(10 * SPEC.bytes_per_block, SPEC, max_model_len=8192)
+
+
+def test_a_sliding_window_group_needs_only_its_window_and_a_chunk():
+    spec = KVCacheSpec(num_layers=4, block_size=16, num_kv_heads=1, head_dim=256,
+                       dtype=torch.bfloat16, windows=(None, 512))
+    per_seq = 32768 // 16 + (-(-(511 + 2048) // 16) + 1)  # full group + window and chunk
+    assert spec.blocks_per_seq(32768, 2048) == per_seq
+    budget = (per_seq + 1) * spec.bytes_per_block
+    assert num_blocks_for(budget, spec, 32768, chunk=2048) == per_seq + 1
+    with pytest.raises(ConfigError, match="cannot hold one sequence"):
+        num_blocks_for(budget, spec, 32768)  # the whole sequence in one step: 2 x 2048 blocks
