@@ -5,7 +5,9 @@ pool and all as long as its sequence: entry i covers positions [i * block_size, 
 block_size). A sliding-window group gives back the blocks no query will read again (their
 entries become the null block) and keeps their hashes, so they stay prefix-cache hits until
 evicted. Blocks are published under a hash salted with the group id: equal tokens in two
-groups are different layers' K and V.
+groups are different layers' K and V. The runner is not told of freed blocks: its copy of a
+table keeps their ids, which no kernel reads (they lie wholly before every query's window);
+a new or resumed request's tables carry the null block there.
 """
 
 from __future__ import annotations

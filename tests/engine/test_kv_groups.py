@@ -1,7 +1,8 @@
 """Sliding-window layers give their old KV blocks back: a random Gemma 3 checkpoint (a full
 group and two local groups) and a windowed Mistral (one local group) run a batch that fits
 their KV budget only because of it, with no preemption, and still match transformers; the
-layers are bound to their group's slab, and sleep and wake keep the outputs."""
+layers are bound to their group's slab, and sleep and wake keep the outputs; with half that
+budget, requests are preempted and recomputed, and still match."""
 
 from __future__ import annotations
 
@@ -53,13 +54,16 @@ def served(request, tmp_path_factory):
     path = save_random_checkpoint(config, tmp_path_factory.mktemp(request.param), None)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     budget, _, _ = tight_budget(config)
-    llm = LLM(str(path), kv_cache_memory=budget, max_model_len=MAX_LEN, max_num_seqs=SEQS,
-              max_num_batched_tokens=CHUNK, block_size=BLOCK)
-    return config, llm, hf_model
+    return config, make(path, budget), hf_model, path
+
+
+def make(path, kv_bytes: int) -> LLM:
+    return LLM(str(path), kv_cache_memory=kv_bytes, max_model_len=MAX_LEN, max_num_seqs=SEQS,
+               max_num_batched_tokens=CHUNK, block_size=BLOCK)
 
 
 def test_the_batch_fits_only_because_windows_free_their_blocks(served):
-    config, llm, hf_model = served
+    config, llm, hf_model, _ = served
     _, with_freeing, without = tight_budget(config)
     assert llm.engine.core.model_info.num_kv_blocks == with_freeing + 1
     assert with_freeing < without
@@ -88,7 +92,7 @@ def track_unfreed_blocks(core) -> list[int]:
 def test_prefix_hits_of_the_window_match_transformers(served):
     """Hits need only the window before their end in a local group (its older blocks may be
     gone): the same prompt again, then another sharing its first 80 tokens."""
-    config, llm, hf_model = served
+    config, llm, hf_model, _ = served
     prompt = random_prompts(config.vocab_size, (90,), seed=7)[0]
     shared = prompt[:80] + random_prompts(config.vocab_size, (30,), seed=8)[0]
     stats = llm.engine.core.kv_manager.stats
@@ -99,7 +103,7 @@ def test_prefix_hits_of_the_window_match_transformers(served):
 
 
 def test_each_layer_is_bound_to_its_groups_slab(served):
-    config, llm, _ = served
+    config, llm, _, _ = served
     runner = llm.engine.core.executor.worker.runner
     layout = layout_of(config)
     assert runner.kv_layout == layout
@@ -113,10 +117,24 @@ def test_each_layer_is_bound_to_its_groups_slab(served):
 
 
 def test_sleep_and_wake_keep_the_outputs(served):
-    config, llm, _ = served
+    config, llm, _, _ = served
     prompts = [{"prompt_token_ids": p} for p in random_prompts(config.vocab_size, (70, 40), 3)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     llm.engine.core.sleep()
     llm.engine.core.wake_up()
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == before
+
+
+def test_preempted_requests_recompute_and_match_transformers(served):
+    """Room for two of the four sequences at their peak: the others wait or are preempted,
+    then resume from their own cached blocks (a local group needing only its window)."""
+    config, _, hf_model, path = served
+    layout = layout_of(config)
+    block_bytes = 2 * layout.slots * layout.num_kv_heads * layout.head_dim * BLOCK * 4
+    llm = make(path, (2 * layout.blocks_per_seq(MAX_LEN, CHUNK, BLOCK) + 1) * block_bytes)
+    prompts = random_prompts(config.vocab_size, PROMPT_LENS, seed=5)
+    check_parity(llm, hf_model, prompts, NEW_TOKENS, prompt_logprobs=False)
+    core = llm.engine.core
+    assert core.scheduler.num_preemptions > 0
+    assert core.kv_manager.num_free_blocks == core.kv_manager.pool.num_usable_blocks
