@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from pagoda.models.arch.base import LayerAttention
+
+class LayerKV(Protocol):
+    """What the cache needs of one attention layer (a model's `LayerAttention`)."""
+
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
 
 # a kind whose layer count is within this factor of the smallest kind's shares its group size
 # (a few unused slots instead of an extra group), as vLLM's hybrid allocator does
@@ -55,7 +60,7 @@ class KVLayout:
         return sum(seq_blocks(w, seq_len, chunk, block_size) for w in self.windows)
 
 
-def group_layers(layers: Sequence[LayerAttention]) -> KVLayout:
+def group_layers(layers: Sequence[LayerKV]) -> KVLayout:
     """Group layers by window (full attention first, then windows in increasing order)."""
     if not layers:
         raise ValueError("a model without attention layers has no KV cache")
