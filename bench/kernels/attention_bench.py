@@ -227,13 +227,13 @@ def bench_graph_sweep(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
     configs x split-KV segments, best first per point."""
     cfgs = [KernelConfig(16, t, w, st) for t in (16, 32, 64) for w in (2, 4) for st in (1, 2, 3)]
     rows = []
-    for batch, context in ((1, 1100), (8, 1100), (32, 600)):
+    for batch, context in args.graph_points:
         inp = make_inputs([(context - 1, 1)] * batch, args, seed=batch)
         caches = [inp.kv_cache] + [inp.kv_cache.clone() for _ in range(31)]  # 32 layers
         captured = make_inputs([(args.capture_len - 1, 1)] * batch, args, seed=batch)
         default = make_plan(captured)
         results = []
-        for segments in (1, 4, 8, 16, 32, 64):
+        for segments in args.graph_segments:
             for cfg in cfgs:
                 plan = make_plan(captured, segments, cfg)
                 try:
@@ -299,8 +299,18 @@ def parse_args() -> argparse.Namespace:
                    help="small-batch decode configs timed in CUDA graphs, then exit")
     p.add_argument("--capture-len", type=int, default=4096,
                    help="the sequence length graph-sweep plans are made at (max_model_len)")
+    p.add_argument("--graph-points", type=_batch_by_context, nargs="+",
+                   default=[(1, 1100), (8, 1100), (32, 600)],
+                   help="graph-sweep points as BATCHxCONTEXT (default: 1x1100 8x1100 32x600)")
+    p.add_argument("--graph-segments", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64],
+                   help="split-KV segment counts the graph sweep tries")
     p.add_argument("--output-json", help="write the results here")
     return p.parse_args()
+
+
+def _batch_by_context(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition("x")
+    return int(batch), int(context)
 
 
 def main() -> None:

@@ -1,13 +1,19 @@
-"""Fused Triton kernels for the small per-token ops (RMSNorm with the residual add, per-head
-q/k RMSNorm, RoPE on q and k, gated activations). On a GPU each unfused op is several tiny kernels, and at decode
-batch sizes their launch and latency cost rivals the matmuls. The torch versions in the
+"""Fused Triton kernels for the small per-token ops (RMSNorm with the residual add, RoPE on q
+and k with their per-head RMSNorm and the KV store, gated activations). On a GPU each unfused
+op is several tiny kernels, and at decode batch sizes their launch and latency cost rivals the
+matmuls. The torch versions in the
 layers stay the CPU path and the reference these are tested against."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from pagoda.layers.norm import RMSNorm
 
 
 @triton.jit
@@ -75,40 +81,6 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight_pre: torch
                                          res_out, n_cols, eps_pre, eps, BLOCK=block,
                                          num_warps=min(max(block // 256, 1), 16))
     return out, res_out
-
-
-@triton.jit
-def _head_rms_norm_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, q_stride, k_stride, num_q_heads, eps,
-                          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """In place: one head of one token's q (heads [0, num_q_heads)) or k (the rest)."""
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HEAD_DIM
-    if head < num_q_heads:
-        ptr = q_ptr + token * q_stride + head * HEAD_DIM + cols
-        w_ptr = wq_ptr
-    else:
-        ptr = k_ptr + token * k_stride + (head - num_q_heads) * HEAD_DIM + cols
-        w_ptr = wk_ptr
-    x = tl.load(ptr, mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HEAD_DIM + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (xf * rstd * w).to(x.dtype), mask=mask)
-
-
-def head_rms_norm_(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
-                   weight_k: torch.Tensor, eps: float, head_dim: int) -> None:
-    """RMSNorm over each head_dim-wide head of q [tokens, q_heads * d] and k [tokens,
-    kv_heads * d], in place (rows may be strided views of a fused qkv output)."""
-    num_tokens = q.shape[0]
-    num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
-    if num_tokens == 0:
-        return
-    _head_rms_norm_kernel[(num_tokens, num_q_heads + num_k_heads)](
-        q, k, weight_q, weight_k, q.stride(0), k.stride(0), num_q_heads, eps,
-        HEAD_DIM=head_dim, BLOCK=triton.next_power_of_2(head_dim), num_warps=1)
 
 
 @triton.jit
@@ -204,17 +176,39 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _gated_act(x, gelu_tanh=True)
 
 
+@triton.jit
+def _norm_heads(base, num_heads, w_ptr, eps, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """RMSNorm in place over each HEAD_DIM-wide head of one token (heads contiguous)."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < num_heads) & (dims[None, :] < HEAD_DIM)
+    ptr = base + heads[:, None] * HEAD_DIM + dims[None, :]
+    x = tl.load(ptr, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)
+    w = tl.load(w_ptr + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+    tl.store(ptr, (xf * rstd[:, None] * w[None, :]).to(x.dtype), mask=mask)
+
+
 @triton.jit(do_not_specialize=["num_slots"])
 def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, key_cache_ptr,
-                          value_cache_ptr, q_stride, k_stride, v_stride, num_slots,
-                          num_q_heads, num_k_heads, stride_kcb, stride_kcs, stride_vcb,
-                          stride_vcs, HALF: tl.constexpr, ROT_HALF: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr):
-    """RoPE on one token's q and k (in place), then its k and v rows into the paged cache
-    (heads contiguous in a cache slot); slot < 0, or a token past num_slots, stores nothing."""
+                          value_cache_ptr, q_norm_ptr, k_norm_ptr, q_eps, k_eps, q_stride,
+                          k_stride, v_stride, num_slots, num_q_heads, num_k_heads, stride_kcb,
+                          stride_kcs, stride_vcb, stride_vcs, QK_NORM: tl.constexpr,
+                          HALF: tl.constexpr, ROT_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """With QK_NORM, each head of one token's q and k RMS-normed (in place); RoPE on them
+    (in place), then its k and v rows into the paged cache (heads contiguous in a cache
+    slot); slot < 0, or a token past num_slots, stores nothing."""
     token = tl.program_id(0).to(tl.int64)
+    if QK_NORM:
+        _norm_heads(q_ptr + token * q_stride, num_q_heads, q_norm_ptr, q_eps, HEAD_DIM, BLOCK_H,
+                    BLOCK_D)
+        _norm_heads(k_ptr + token * k_stride, num_k_heads, k_norm_ptr, k_eps, HEAD_DIM, BLOCK_H,
+                    BLOCK_D)
+        tl.debug_barrier()  # the normed heads are in memory before RoPE reads their halves
     _rope_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
                 num_k_heads, HALF, ROT_HALF, HEAD_DIM, BLOCK_H)
     if token >= num_slots:
@@ -238,10 +232,12 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, k
 
 def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos_sin: torch.Tensor, rotary_dim: int, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> None:
     """rope_qk_ and the KV store in one launch: q and k [tokens, heads, dim] are rotated in
-    place, then each token's k and v rows go to caches [blocks, block_size, kv_heads, dim]
-    at slot_mapping (negative slots and tokens past its length are skipped)."""
+    place (after each head is normed by qk_norm's q and k norm, when given: Qwen3, Gemma 3),
+    then each token's k and v rows go to caches [blocks, block_size, kv_heads, dim] at
+    slot_mapping (negative slots and tokens past its length are skipped)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_k_heads, cache_dim = key_cache.shape
     if k.shape[1:] != (num_k_heads, cache_dim) or v.shape[1:] != (num_k_heads, cache_dim) \
@@ -254,11 +250,15 @@ def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     if num_tokens == 0:
         return
     rot_half = rotary_dim // 2
+    q_norm, k_norm = qk_norm or (None, None)
     _rope_store_kv_kernel[(num_tokens,)](
         positions, q, k, v, cos_sin, slot_mapping, key_cache, value_cache,
+        q_norm.weight if q_norm else q, k_norm.weight if k_norm else k,
+        q_norm.eps if q_norm else 0.0, k_norm.eps if k_norm else 0.0,
         q.stride(0), k.stride(0), v.stride(0), slot_mapping.shape[0], num_q_heads,
         num_k_heads, key_cache.stride(0), key_cache.stride(1), value_cache.stride(0),
-        value_cache.stride(1), HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half,
+        value_cache.stride(1), QK_NORM=qk_norm is not None,
+        HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
         BLOCK_KH=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, num_warps=4)

@@ -45,18 +45,6 @@ class GemmaRMSNorm(RMSNorm):
         copy_checked(param, tensor.float() + 1.0)
 
 
-def norm_qk_heads(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
-                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each head of q [tokens, heads * d] and k normed by q_norm / k_norm (over d): one
-    in-place kernel on CUDA, the norms' torch path elsewhere."""
-    if q.is_cuda:
-        from pagoda.layers.fused import head_rms_norm_
-        head_rms_norm_(q, k, q_norm.weight, k_norm.weight, q_norm.eps, head_dim)
-        return q, k
-    return (q_norm(q.reshape(-1, head_dim))[0].view(q.shape),
-            k_norm(k.reshape(-1, head_dim))[0].view(k.shape))
-
-
 def norm_add_norm(x: torch.Tensor, residual: torch.Tensor | None, first: RMSNorm | None,
                   second: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`second(first(x) + residual)` and the new residual: a block's output norm (none when

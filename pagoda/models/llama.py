@@ -17,7 +17,7 @@ from pagoda.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagoda.layers.norm import RMSNorm, norm_qk_heads
+from pagoda.layers.norm import RMSNorm
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.arch.base import head_dim, layer_windows
@@ -65,9 +65,9 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        if self.q_norm is not None:
-            q, k = norm_qk_heads(q, k, self.q_norm, self.k_norm, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, attn_metadata, positions, self.rotary_emb))
+        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        return self.o_proj(self.attn(q, k, v, attn_metadata, positions, self.rotary_emb,
+                                     qk_norm))
 
 
 class LlamaMLP(nn.Module):

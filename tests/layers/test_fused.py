@@ -1,5 +1,5 @@
-"""Fused Triton kernels (RMSNorm+residual, RoPE, RoPE+KV store, SiLU-and-mul) equal the
-layers' torch paths.
+"""Fused Triton kernels (RMSNorm+residual, RoPE, q/k head norms+RoPE+KV store, SiLU-and-mul)
+equal the layers' torch paths.
 
 They run here under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_fused.py.
@@ -50,7 +50,7 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
         errors[f"rope_{rot_dim}"] = max(_relative_error(q, ref_q), _relative_error(k, ref_k))
         errors[f"rope_store_kv_{rot_dim}"] = _rope_store_kv_error(rope, rot_dim, randn, tokens,
                                                                   device)
-    errors["head_rms_norm"] = _head_rms_norm_error(randn, tokens, device)
+    errors["qk_norm_rope_store_kv"] = _qk_norm_rope_store_kv_error(randn, tokens, device)
     errors["norm_add_rms_norm"] = _norm_add_rms_norm_error(randn, tokens, device)
     gate_up = randn(tokens, 2 * 1100)
     errors["silu_and_mul"] = _relative_error(fused.silu_and_mul(gate_up),
@@ -80,21 +80,29 @@ def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
     return max(_relative_error(q, ref_q), _relative_error(cache.flatten(1, 2), ref_cache))
 
 
-def _head_rms_norm_error(randn, tokens, device) -> float:
-    """In-place per-head norm of q and k, strided views of a fused qkv output, against each
-    head normed by the torch path (Gemma's 1 + w form on k: the weights are just weights)."""
+def _qk_norm_rope_store_kv_error(randn, tokens, device) -> float:
+    """The fused kernel with per-head q/k norms against the torch path: each head of q and k
+    (strided views of a fused qkv output) normed, rotated, then copied into the cache slots
+    (Gemma's 1 + w form on k: the weights are just weights)."""
     from pagoda.layers import fused
-    q_norm, k_norm = RMSNorm(64, 1e-6).to(device), GemmaRMSNorm(64, 1e-6).to(device)
+    q_norm, k_norm = RMSNorm(64, 1e-6).to(device), GemmaRMSNorm(64, 1e-5).to(device)
     q_norm.weight.data = randn(64).float().to(device)
     k_norm.weight.data = randn(64).float().to(device)
+    rope = RotaryEmbedding(64, 128, {"rope_type": "default", "rope_theta": 1e4}).to(device)
     qkv = randn(tokens, (6 + 2 * 2) * 64)
-    q, k = qkv[:, :384], qkv[:, 384:512]
-    ref_q = q_norm.forward_native(q.reshape(-1, 64))[0].view(q.shape)
-    ref_k = k_norm.forward_native(k.reshape(-1, 64))[0].view(k.shape)
-    v_before = qkv[:, 512:].clone()
-    fused.head_rms_norm_(q, k, q_norm.weight, k_norm.weight, 1e-6, 64)
-    untouched = 0.0 if torch.equal(qkv[:, 512:], v_before) else float("inf")
-    return max(_relative_error(q, ref_q), _relative_error(k, ref_k), untouched)
+    q, k = qkv[:, :384].view(tokens, 6, 64), qkv[:, 384:512].view(tokens, 2, 64)
+    v = qkv[:, 512:].view(tokens, 2, 64)
+    positions = torch.tensor([0, 3, 17, 64, 127][:tokens], device=device)
+    slots = torch.arange(tokens, device=device) * 3
+    normed_q = q_norm.forward_native(q.reshape(-1, 64))[0].view(q.shape)
+    normed_k = k_norm.forward_native(k.reshape(-1, 64))[0].view(k.shape)
+    ref_q, ref_k = rope.forward_native(positions, normed_q, normed_k)
+    cache = torch.zeros((2, 4, 4, 2, 64), dtype=q.dtype, device=device)
+    fused.rope_store_kv_(positions, q, k, v, rope.cos_sin, 64, cache[0], cache[1], slots,
+                         (q_norm, k_norm))
+    stored = cache.flatten(1, 2)[:, slots]
+    return max(_relative_error(q, ref_q), _relative_error(k, ref_k),
+               _relative_error(stored[0], ref_k), _relative_error(stored[1], v))
 
 
 def _norm_add_rms_norm_error(randn, tokens, device) -> float:
@@ -124,7 +132,7 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line[len(MARKER):])
     assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
-                           "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul", "head_rms_norm",
+                           "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul", "qk_norm_rope_store_kv",
                            "norm_add_rms_norm"}
     for name, error in errors.items():
         assert error < 1e-5, (name, error)

@@ -170,7 +170,7 @@ def test_layer_passes_its_window_and_its_kv_groups_metadata():
 
     class Recorder(TorchAttentionBackend):
         def forward_rotary(self, positions, q, k, v, rotary, kv_cache, metadata, scale,
-                           sliding_window=None):
+                           sliding_window=None, qk_norm=None):
             calls.append((sliding_window, metadata))
             return q
     for group, window in ((0, None), (1, 512)):

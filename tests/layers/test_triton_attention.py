@@ -257,16 +257,27 @@ def _store_case() -> None:
     assert torch.equal(cache.flatten(1, 2), expected)
 
 
-def _rotary_case() -> None:
-    """forward_rotary (RoPE fused into the KV store) equals the torch backend's RoPE then
-    store then attention, on views into one qkv buffer, with graph padding."""
+def _rotary(qk_norm: bool) -> Callable[[], None]:
+    return lambda: _rotary_case(qk_norm)
+
+
+def _rotary_case(with_qk_norm: bool) -> None:
+    """forward_rotary (RoPE, and the q/k head norms when given, fused into the KV store)
+    equals the torch backend's norms, RoPE, store and attention, on views into one qkv
+    buffer, with graph padding."""
     from pagoda.layers.attention.torch_ref import TorchAttentionBackend
     from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+    from pagoda.layers.norm import GemmaRMSNorm
     from pagoda.layers.rotary import RotaryEmbedding
     heads, kv_heads, dim = 8, 2, 32
     batch = make_batch([(40, 1), (10, 20), (0, 3)], block_size=16, heads=heads,
                        kv_heads=kv_heads, head_dim=dim, seed=11, pad_tokens=2)
     rope = RotaryEmbedding(dim, 256, {"rope_type": "default", "rope_theta": 1e4})
+    qk_norm = None
+    if with_qk_norm:
+        qk_norm = (GemmaRMSNorm(dim, 1e-6), GemmaRMSNorm(dim, 1e-6))
+        for norm, seed in zip(qk_norm, (1, 2)):
+            norm.weight.data = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
     positions = torch.cat([torch.tensor([40]), torch.arange(10, 30), torch.arange(0, 3),
                            torch.zeros(2, dtype=torch.long)])
     qkv = torch.cat([batch.q, batch.k, batch.v], dim=1)
@@ -277,10 +288,14 @@ def _rotary_case() -> None:
         real = batch.num_real_tokens if name == "torch" else fused.shape[0]  # no padding there
         meta = batch.meta if name == "triton" else _without_padding(batch.meta)
         out = backend.forward_rotary(positions[:real], q[:real], k[:real], v[:real], rope, cache,
-                                     backend.build_metadata(meta), dim ** -0.5)
+                                     backend.build_metadata(meta), dim ** -0.5, None, qk_norm)
         outputs[name] = (out[:batch.num_real_tokens], cache)
     torch.testing.assert_close(outputs["triton"][0], outputs["torch"][0], **tolerance(torch.float32))
-    assert torch.equal(outputs["triton"][1], outputs["torch"][1]), "KV cache contents differ"
+    if with_qk_norm:  # the kernel's fp32 norm may sum in another order
+        torch.testing.assert_close(outputs["triton"][1], outputs["torch"][1],
+                                   **tolerance(torch.float32))
+    else:
+        assert torch.equal(outputs["triton"][1], outputs["torch"][1]), "KV cache contents differ"
 
 
 def _rotary_window_case() -> None:
@@ -325,7 +340,8 @@ def _interpreter_cases() -> dict[str, Callable[[], None]]:
     from pagoda.layers.attention.triton_unified import KernelConfig
     return {
         "store_skips_negative_slots": _store_case,
-        "rotary_store_fused": _rotary_case,
+        "rotary_store_fused": _rotary(qk_norm=False),
+        "qk_norm_rotary_store_fused": _rotary(qk_norm=True),
         "mixed_bs16_mha": _mixed(16, 4, 4, 32),
         "mixed_bs32_gqa4": _mixed(32, 8, 2, 16),
         "mixed_bs16_gqa3_smollm2": _mixed(16, 9, 3, 64),
@@ -390,7 +406,7 @@ def _window_cases(KernelConfig) -> dict[str, Callable[[], None]]:
 
 # Names only (no triton import in the pytest process); must match _interpreter_cases().
 INTERPRETER_CASES = [
-    "store_skips_negative_slots", "rotary_store_fused", "mixed_bs16_mha", "mixed_bs32_gqa4", "mixed_bs16_gqa3_smollm2",
+    "store_skips_negative_slots", "rotary_store_fused", "qk_norm_rotary_store_fused", "mixed_bs16_mha", "mixed_bs32_gqa4", "mixed_bs16_gqa3_smollm2",
     "mixed_bs64_gqa8_dim24", "mixed_bs16_gqa18", "mixed_split3", "decode_unsplit",
     "decode_split4_gqa3", "decode_auto_split", "long_prefill_with_context", "dim128_strided_qkv",
     "tile16_bs64", "tile64_bs16_blockm16",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
+
+if TYPE_CHECKING:
+    from pagoda.layers.norm import RMSNorm
 
 
 class AttentionBackend(ABC):
@@ -39,8 +42,17 @@ class AttentionBackend(ABC):
 
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor, metadata: Any,
-                       scale: float, sliding_window: int | None = None) -> torch.Tensor:
-        """RoPE on q and k at `positions` (rotary: a RotaryEmbedding), then forward(). A
-        backend may fuse the rotation into its KV store."""
+                       scale: float, sliding_window: int | None = None,
+                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        """Each head of q and k normed by qk_norm's q and k norm (when given), RoPE on them
+        at `positions` (rotary: a RotaryEmbedding), then forward(). A backend may fuse the
+        norm and the rotation into its KV store."""
+        if qk_norm is not None:
+            q, k = _norm_heads(q, qk_norm[0]), _norm_heads(k, qk_norm[1])
         q, k = rotary(positions, q, k)
         return self.forward(q, k, v, kv_cache, metadata, scale, sliding_window)
+
+
+def _norm_heads(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """norm over the last dim of x [tokens, heads, dim]."""
+    return norm(x.reshape(-1, x.shape[-1]))[0].view(x.shape)

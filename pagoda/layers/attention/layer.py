@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pagoda.layers.attention.backend import AttentionBackend
+
+if TYPE_CHECKING:
+    from pagoda.layers.norm import RMSNorm
 
 
 class Attention(nn.Module):
@@ -32,16 +35,17 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: Sequence[Any], positions: torch.Tensor,
-                rotary: Any) -> torch.Tensor:
-        """q and k rotated at `positions` by `rotary` (a RotaryEmbedding; the backend may
-        fuse that into its KV store), k and v stored, then q's attention over the cache."""
+                attn_metadata: Sequence[Any], positions: torch.Tensor, rotary: Any,
+                qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        """Each head of q and k normed by qk_norm (q's norm, k's norm) when given, q and k
+        rotated at `positions` by `rotary` (a RotaryEmbedding; the backend may fuse both into
+        its KV store), k and v stored, then q's attention over the cache."""
         assert self.kv_cache is not None and self.backend is not None, "KV cache not bound"
         out = self.backend.forward_rotary(positions, q.view(-1, self.num_heads, self.head_dim),
                                           k.view(-1, self.num_kv_heads, self.head_dim),
                                           v.view(-1, self.num_kv_heads, self.head_dim), rotary,
                                           self.kv_cache, attn_metadata[self.kv_group],
-                                          self.scale, self.sliding_window)
+                                          self.scale, self.sliding_window, qk_norm)
         return out.view(-1, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.triton_kv_store import store_kv
-from pagoda.layers.attention.triton_unified import AttentionPlan, plan_attention, unified_attention
+from pagoda.layers.attention.triton_unified import (
+    AttentionPlan,
+    plan_attention,
+    unified_attention,
+)
 from pagoda.layers.fused import rope_store_kv_
+
+if TYPE_CHECKING:
+    from pagoda.layers.norm import RMSNorm
 
 # Multiprocessor count assumed off-GPU (the Triton interpreter): an H100 SXM's.
 _DEFAULT_NUM_SMS = 132
@@ -103,11 +110,13 @@ class TritonAttentionBackend(AttentionBackend):
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor,
                        metadata: TritonAttentionMetadata, scale: float,
-                       sliding_window: int | None = None) -> torch.Tensor:
-        """RoPE and the KV store in one kernel (one launch per layer fewer)."""
+                       sliding_window: int | None = None,
+                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        """The q/k head norms, RoPE and the KV store in one kernel (one or two launches per
+        layer fewer)."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         rope_store_kv_(positions, q, k, v, rotary.cos_sin, rotary.rotary_dim, key_cache,
-                       value_cache, metadata.slot_mapping)
+                       value_cache, metadata.slot_mapping, qk_norm)
         return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window)
 
     @staticmethod
