@@ -481,12 +481,12 @@ def test_kernel_under_interpreter(name, interpreter_results):
 def test_split_heuristic():
     from pagoda.layers.attention.triton_unified import choose_num_segments, plan_attention
     # Llama-3.1-8B decode (8 kv heads) on 132 SMs.
-    assert choose_num_segments(8, 1, 8192, 132) == 32  # batch 1: split as far as allowed
-    assert choose_num_segments(8, 1, 1024, 132) == 8  # ... but >= 128 tokens per segment
-    assert choose_num_segments(64, 1, 4096, 132) == 8  # batch 8
-    assert choose_num_segments(512, 1, 4096, 132) == 1  # batch 64 fills the GPU already
-    assert choose_num_segments(8, 1, 200, 132) == 1  # short context
-    assert choose_num_segments(8, 512, 8192, 132) == 1  # prefill never splits
+    assert choose_num_segments(8, 1, 8192, 132, 64) == 32  # batch 1: split as far as allowed
+    assert choose_num_segments(8, 1, 1024, 132, 64) == 16  # ... but a whole tile per segment
+    assert choose_num_segments(64, 1, 4096, 132, 64) == 8  # batch 8
+    assert choose_num_segments(512, 1, 4096, 132, 64) == 1  # batch 64 fills the GPU already
+    assert choose_num_segments(8, 1, 100, 132, 64) == 1  # context shorter than two tiles
+    assert choose_num_segments(8, 512, 8192, 132, 64) == 1  # prefill never splits
     decode = plan_attention(32, 8, 128, [1] * 8, 4096, 132)
     assert decode.decode_only and decode.num_segments == 8 and decode.config.block_m == 16
     assert decode.config.num_stages == 3  # 8 tiles of 64 per segment: pipelined
@@ -509,8 +509,11 @@ def test_window_plans():
     # Gemma 3 1B (4 heads, 1 kv head, dim 256), batch-1 decode at 8k
     assert plan_attention(4, 1, 256, [1], 8192, 132).num_segments == 32
     local = plan_attention(4, 1, 256, [1], 8192, 132, sliding_window=512)
-    assert local.num_segments == 4 and local.decode_only
-    assert plan_attention(4, 1, 256, [1], 8192, 132, sliding_window=100).num_segments == 1
+    assert local.num_segments == 16 and local.decode_only  # one 32-token tile each
+    assert local.config.num_stages == 1 and local.config.tile == 32
+    assert plan_attention(4, 1, 256, [1], 8192, 132, sliding_window=40).num_segments == 1
+    # dim 256 keeps two pipeline stages where dim 128 takes three (shared memory)
+    assert plan_attention(8, 4, 256, [1] * 8, 4096, 132).config.num_stages == 2
     assert plan_attention(4, 1, 256, [1], 300, 132, sliding_window=4096) \
         == plan_attention(4, 1, 256, [1], 300, 132)  # a window wider than the context
     common = CommonAttentionMetadata(
@@ -522,7 +525,7 @@ def test_window_plans():
     full = meta.plan(4, 1, 256, torch.bfloat16)
     assert meta.plan(4, 1, 256, torch.bfloat16, None) is full
     assert meta.plan(4, 1, 256, torch.bfloat16, 512) is meta.plan(4, 1, 256, torch.bfloat16, 512)
-    assert meta.plan(4, 1, 256, torch.bfloat16, 512).num_segments == 4 != full.num_segments
+    assert meta.plan(4, 1, 256, torch.bfloat16, 512).num_segments == 16 != full.num_segments
 
 
 def test_plan_rejects_bad_shapes():

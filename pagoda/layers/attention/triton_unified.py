@@ -41,8 +41,10 @@ SPLIT_MAX_QUERY_LEN = 16  # decode and speculative-decode batches only
 # Tuned on an H200 by `attention_bench.py --graph-sweep` (decode replayed in CUDA graphs over
 # 32 layers' caches, planned at a 4096 capture length): batch 1 at 1.1k context took 9.6 ->
 # 7.8 us per layer going from 16 segments of 3 pipeline stages to 32 segments of one stage;
-# batch 8 stays at 8 segments (more were no faster there).
-MIN_SEGMENT_TOKENS = 128  # a segment must read at least this much KV to pay for its partials
+# batch 8 stays at 8 segments (more were no faster there). Gemma 3 4B's shape (4 kv heads,
+# dim 256), batch 1 at 1.1k context: a 1024-token window split 8 ways took 14.6 us per layer,
+# 32 ways (one 32-token tile per segment) 9.1 us: the grid, not the partials, is what costs
+# when there are few kv heads, so a segment need only hold one KV tile.
 MAX_SEGMENTS = 32
 PROGRAMS_PER_SM = 2  # the split grid aims for this many programs per multiprocessor
 UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pipelining
@@ -285,19 +287,23 @@ def default_config(group: int, head_dim: int, max_query_len: int,
     block_m = max(16 if small else 64, triton.next_power_of_2(group))
     tile = 64 if head_dim_p <= 128 else 32
     num_warps = 4 if block_m * head_dim_p <= 64 * 128 else 8
-    return KernelConfig(block_m, tile, num_warps, 3 if small else 2)
+    # A third stage of 256-wide K and V tiles costs shared memory (and so occupancy) more
+    # than it hides latency: at dim 256 two stages measured 17.4 us per layer against 23.3
+    # (batch 8, 16 segments, H200).
+    stages = 3 if small and head_dim_p <= 128 else 2
+    return KernelConfig(block_m, tile, num_warps, stages)
 
 
 def choose_num_segments(num_programs: int, max_query_len: int, max_seq_len: int,
-                        num_sms: int) -> int:
+                        num_sms: int, tile: int) -> int:
     """Split KV only when the unsplit grid is less than one wave (num_programs < num_sms) and
     queries are short (max_query_len <= SPLIT_MAX_QUERY_LEN). Segments = the power of two that
     brings the grid to PROGRAMS_PER_SM * num_sms, capped by MAX_SEGMENTS and by giving each
-    segment at least MIN_SEGMENT_TOKENS of the longest context. 1 means unsplit."""
+    segment at least one KV tile of the longest context. 1 means unsplit."""
     if num_programs <= 0 or num_programs >= num_sms or max_query_len > SPLIT_MAX_QUERY_LEN:
         return 1
     wanted = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms, num_programs))
-    fits = max_seq_len // MIN_SEGMENT_TOKENS
+    fits = max_seq_len // tile
     fits = 1 << (fits.bit_length() - 1) if fits >= 1 else 1
     segments = min(MAX_SEGMENTS, wanted, fits)
     return segments if segments >= 2 else 1
@@ -323,7 +329,8 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
     if num_segments is None:
         block_q = chosen.block_m // group
         num_programs = sum(-(-n // block_q) for n in query_lens) * num_kv_heads
-        num_segments = choose_num_segments(num_programs, max_query_len, kv_len, num_sms)
+        num_segments = choose_num_segments(num_programs, max_query_len, kv_len, num_sms,
+                                           chosen.tile)
     if num_segments < 1:
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
     if config is None:
