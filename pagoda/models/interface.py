@@ -13,6 +13,7 @@ from pagoda.layers.attention.layer import Attention
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.models.arch.base import LayerAttention
 from pagoda.models.loader.weights import expected_weights, load_named_weights
+from pagoda.models.registry import arch_spec
 
 
 class CausalLM(nn.Module):
@@ -23,7 +24,6 @@ class CausalLM(nn.Module):
     into it, in order) and their capabilities, which later features read."""
 
     packed_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {}
-    ignored_weights: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
     supports_lora: ClassVar[bool] = False
     supports_pipeline_parallel: ClassVar[bool] = False
 
@@ -57,8 +57,10 @@ class CausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors in through each parameter's weight loader;
-        returns the names filled (a fused piece as `name#index`)."""
-        return load_named_weights(self, weights, self.packed_modules, self.ignored_weights)
+        returns the names filled (a fused piece as `name#index`); tensors the architecture's
+        declaration ignores are skipped."""
+        return load_named_weights(self, weights, self.packed_modules,
+                                  arch_spec(self.config).ignored_weights)
 
     def expected_weights(self) -> set[str]:
         """Names load_weights must fill for a complete checkpoint."""

@@ -18,6 +18,7 @@ from pagoda.models.arch.gemma3 import GEMMA3_BLOCK_NAMES
 from pagoda.models.arch.llama import DECODER_BLOCK_NAMES, DECODER_GLOBAL_NAMES
 from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
 from pagoda.models.loader.gguf import gguf_hf_config
+from tests.models.gguf_files import add_decoder_metadata, write_gguf
 from tests.models.parity import check_parity, random_prompts
 from tests.models.test_qwen import CONFIGS as QWEN_CONFIGS
 
@@ -51,23 +52,20 @@ def gguf_name(hf_name: str, block_names) -> str | None:
     return None if gguf_stem is None else f"{gguf_stem}.{kind}"
 
 
-def write_gguf(path: Path, config, arch: str, block_names, state: dict[str, torch.Tensor]) -> Path:
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(dim)
-    writer.add_value_length(dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    rope = config.rope_parameters
-    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
-    if arch == "gemma3":
-        writer.add_sliding_window(config.sliding_window)
+def write_arch_gguf(path: Path, config, arch: str, block_names,
+                    state: dict[str, torch.Tensor]) -> Path:
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        add_decoder_metadata(writer, config)
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+        writer.add_vocab_size(config.vocab_size)
+        rope = config.rope_parameters
+        writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
+        if arch == "gemma3":
+            writer.add_sliding_window(config.sliding_window)
+
+    tensors = {}
     for name, tensor in state.items():
         target = gguf_name(name, block_names)
         if target is None:  # a tied lm_head
@@ -75,12 +73,8 @@ def write_gguf(path: Path, config, arch: str, block_names, state: dict[str, torc
         array = tensor.float().numpy()
         if arch == "gemma3" and name.endswith("norm.weight"):
             array = array + 1.0
-        writer.add_tensor(target, np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        tensors[target] = array
+    return write_gguf(path, arch, tensors, add_metadata)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -89,7 +83,7 @@ def test_gguf_matches_transformers_loading_the_same_file(case, tmp_path):
     torch.manual_seed(0)
     source_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.detach() for k, v in source_model.state_dict().items()}
-    path = write_gguf(tmp_path / f"{case}.gguf", config, arch, block_names, state)
+    path = write_arch_gguf(tmp_path / f"{case}.gguf", config, arch, block_names, state)
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                     dtype=torch.float32).eval()
     ours = gguf_hf_config(path)

@@ -21,6 +21,7 @@ from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, gguf_hf_config
 from pagoda.models.loader.tokenizer import load_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.tokenizer.gguf import tokenizer_from_gguf
+from tests.models.gguf_files import add_decoder_metadata, write_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MULTI_BYTE = "Grüße, 世界! 🌏🚀 naïve café — ½ ∑ x² <|im_end|>"
@@ -77,28 +78,17 @@ def tiny_llama_state(config: LlamaConfig) -> dict[str, torch.Tensor]:
 def write_llama_gguf(path: Path, config: LlamaConfig, tensors: dict[str, np.ndarray],
                      metadata: dict[str, object] | None = None, arch: str = "llama") -> Path:
     """A float32 GGUF with llama metadata for `config` plus extra `metadata` keys."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    for key, value in (metadata or {}).items():
-        add = writer.add_string if isinstance(value, str) else writer.add_float32
-        add(key.format(arch=arch), value)
-    for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        add_decoder_metadata(writer, config)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        writer.add_bos_token_id(config.bos_token_id)
+        writer.add_eos_token_id(config.eos_token_id)
+        for key, value in (metadata or {}).items():
+            add = writer.add_string if isinstance(value, str) else writer.add_float32
+            add(key.format(arch=arch), value)
+
+    return write_gguf(path, arch, tensors, add_metadata)
 
 
 def embedding(vocab: int, hidden: int) -> dict[str, np.ndarray]:
