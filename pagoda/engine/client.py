@@ -190,6 +190,8 @@ class MPClient(EngineCoreClient):
     and later get_outputs()/call() raises EngineDeadError, and so do add_request()/abort.
     """
 
+    sends_heartbeats = True  # the engine loop sends a batch at least every HEARTBEAT_S
+
     def __init__(self, config: EngineConfig, startup_timeout: float = 600.0) -> None:
         self._dead: str | None = None  # why the engine is dead; None while it is alive
         self._stopping = threading.Event()  # set before any deliberate stop of the engine
