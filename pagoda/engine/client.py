@@ -55,6 +55,8 @@ _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 class EngineDeadError(PagodaError):
     """The engine is gone (crashed, killed or shut down); no request can make progress."""
 
+    retry_after = 1.0  # its 503 says when to retry (elsewhere: this server is exiting)
+
 
 class EngineStartupError(PagodaError):
     """The engine process failed to load the model or to report READY in time."""
