@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ class ServerProcess:
         self._log.flush()
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        atexit.register(self._kill)  # the suite interrupted: leave no server behind
         started = time.monotonic()
         wait_healthy(self.proc, self.url, startup_timeout)
         self.startup_s = time.monotonic() - started
@@ -78,6 +80,11 @@ class ServerProcess:
             time.sleep(0.5)
             values = self.metrics()
         return values
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench reliability: unknown phases {sorted(unknown)}; known: {PHASES}")
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so atexit stops the servers
     logs = Path(args.log_dir or tempfile.mkdtemp(prefix="pagoda-reliability-"))
     logs.mkdir(parents=True, exist_ok=True)
     suite = Suite(args, profile, logs)
