@@ -1,7 +1,8 @@
 """Fuzzing every route of a live server from its own OpenAPI schema (schemathesis): schema-
 conforming and schema-violating cases, plus a generation profile that steers conforming
 completion and chat bodies to the served model and a small max_tokens, so they generate.
-Figures: cases, status histogram, 5xx (must be 0), hangs, cases that generated."""
+Figures: cases, status histogram, 5xx (must be 0; a 503 with Retry-After is load shedding and
+counted apart), hangs (no answer within the request timeout), cases that generated."""
 
 from __future__ import annotations
 
@@ -28,28 +29,43 @@ class FuzzResult:
     statuses: Counter = field(default_factory=Counter)
     by_route: dict[str, Counter] = field(default_factory=dict)
     generated: int = 0  # 200s from a generation route that produced tokens
+    shed: int = 0  # 503 with Retry-After: honest load shedding, not an error
     hangs: int = 0
+    hang_samples: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
     transport_errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, route: str, status: int | None, generated: bool, note: str) -> None:
+    def record(self, route: str, status: int | None, generated: bool, note: str,
+               retry_after: bool = False) -> None:
         with self.lock:
-            self._record(route, status, generated, note)
+            self._record(route, status, generated, note, retry_after)
 
-    def _record(self, route: str, status: int | None, generated: bool, note: str) -> None:
+    def hung(self, route: str, body: Any) -> None:
+        with self.lock:
+            self.hangs += 1
+            if isinstance(body, dict):
+                body = {k: body.get(k) for k in ("n", "max_tokens", "max_completion_tokens",
+                                                 "stream")}
+            self.hang_samples.append(f"{route} {json.dumps(body, default=str)}"[:300])
+
+    def _record(self, route: str, status: int | None, generated: bool, note: str,
+                retry_after: bool) -> None:
         self.cases += 1
         key = str(status) if status is not None else "no response"
         self.statuses[key] += 1
         self.by_route.setdefault(route, Counter())[key] += 1
         self.generated += int(generated)
-        if status is not None and status >= 500:
+        if status == 503 and retry_after:
+            self.shed += 1
+        elif status is not None and status >= 500:
             self.server_errors.append(f"{route} {status}: {note}"[:400])
 
     def to_json(self) -> dict[str, Any]:
         return {"cases": self.cases, "generated": self.generated,
-                "server_5xx": sum(v for k, v in self.statuses.items() if k.startswith("5")),
-                "hangs": self.hangs, "statuses": dict(sorted(self.statuses.items())),
+                "server_5xx": len(self.server_errors), "shed_503_with_retry_after": self.shed,
+                "hangs": self.hangs, "hang_samples": self.hang_samples[:10],
+                "statuses": dict(sorted(self.statuses.items())),
                 "by_route": {r: dict(sorted(c.items())) for r, c in sorted(self.by_route.items())},
                 "server_error_samples": self.server_errors[:10],
                 "transport_error_samples": self.transport_errors[:10]}
@@ -93,7 +109,7 @@ def steer_to_generation(body: Any, model: str, rng: random.Random) -> Any:
 class Fuzzer:
     """Draws cases per operation and sends them from a few threads."""
 
-    def __init__(self, base_url: str, model: str, request_timeout: float = 120.0,
+    def __init__(self, base_url: str, model: str, request_timeout: float = 300.0,
                  concurrency: int = 4, seed: int = 0) -> None:
         import schemathesis
         self.base_url = base_url
@@ -140,7 +156,7 @@ class Fuzzer:
         try:
             response = case.call(base_url=self.base_url, timeout=self.timeout)
         except requests.Timeout:
-            self.result.hangs += 1
+            self.result.hung(route, case.body)
             self.result.record(route, None, False, "timeout")
             return
         except requests.RequestException as exc:
@@ -149,8 +165,9 @@ class Fuzzer:
             return
         generated = steer and response.status_code == 200 and _generated(response)
         if time.monotonic() - started > self.timeout:
-            self.result.hangs += 1
-        self.result.record(route, response.status_code, generated, response.text[:300])
+            self.result.hung(route, case.body)
+        self.result.record(route, response.status_code, generated, response.text[:300],
+                           bool(response.headers.get("retry-after")))
 
 
 def _generated(response: Any) -> bool:

@@ -129,7 +129,15 @@ async def send(http: httpx.AsyncClient, base: str, mix: Mix, path: str, body: di
     except httpx.HTTPError as exc:
         outcome.kind, outcome.detail = "lost", repr(exc)
     outcome.ended = time.monotonic()
+    if outcome.kind == "lost":
+        outcome.detail += f" after {outcome.ended - sent:.1f} s; {_summary(path, body)}"
     return outcome
+
+
+def _summary(path: str, body: dict[str, Any]) -> str:
+    """What a request asked for, for the report of one that went wrong."""
+    keys = ("n", "max_tokens", "stream", "stop")
+    return f"{path} " + json.dumps({k: body.get(k) for k in keys})
 
 
 async def _call(http: httpx.AsyncClient, base: str, path: str, body: dict[str, Any],

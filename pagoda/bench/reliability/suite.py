@@ -43,7 +43,7 @@ PROFILES = {
     "short": Profile(fuzz_cases_per_route=3, generation_cases=16, soak_s=6, overload=2.0,
                      stop_s=3.5, fault_workers=4, warmup_s=1.0, swap_s=5, swap_phase_s=2,
                      max_tokens=(4, 24), stall_timeout=1.5),
-    "full": Profile(fuzz_cases_per_route=50, generation_cases=1200, soak_s=600, overload=2.0,
+    "full": Profile(fuzz_cases_per_route=70, generation_cases=1200, soak_s=600, overload=2.0,
                     stop_s=15, fault_workers=16, warmup_s=5.0, swap_s=120, swap_phase_s=10,
                     max_tokens=(16, 128), stall_timeout=None),
 }
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     logs = Path(args.log_dir or tempfile.mkdtemp(prefix="pagoda-reliability-"))
     logs.mkdir(parents=True, exist_ok=True)
     suite = Suite(args, profile, logs)
+    commit = _commit()  # the code this run imported, before anything else is committed
     started = time.monotonic()
     figures: dict[str, Any] = {}
     for phase in phases:
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         figures[phase] = getattr(suite, phase)()
         print(json.dumps(figures[phase], indent=1, default=str), flush=True)
     report = {"suite": "reliability", "profile": args.profile, "model": args.model,
-              "commit": _commit(), "command": "pagoda " + shlex.join(sys.argv[1:]),
+              "commit": commit, "command": "pagoda " + shlex.join(sys.argv[1:]),
               "server_args": suite.base_args(), "wall_s": round(time.monotonic() - started, 1),
               "verdict": verdict(figures), **figures}
     path = _output_path(args, report["commit"])
