@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   kernels-graph decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   kernels-graph decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -46,6 +46,7 @@ run_stage() {
                pagoda.entrypoints.openai.server ;;
     profile-host) python3 bench/gpu/profile_host.py 2>&1 | grep -v "^$" | grep -v INFO | head -120 ;;
     serve-sweep) serve_sweep ;;
+    reliability) reliability ;;
     structured) python3 -m pagoda.cli.main bench structured --model $B8 $COMMON --tokenizer .bench-tok \
                --num-prompts 256 --input-len 256 --output-len 256 --max-num-seqs 256 --disable-detokenize \
                --output-json "$OUT/structured.json" $EXTRA 2>&1 | grep -v INFO ;;
@@ -77,6 +78,19 @@ serve_sweep() {
     --num-warmups 8 --metric-percentiles 50,90,99 --result-dir "$OUT" --result-filename serve-sweep-8b.json \
     --disable-tqdm
   kill $server; wait $server
+}
+# the reliability suite (fuzz, 2x overload soak, faults, swaps) on the dummy 8B with a word
+# tokenizer; needs schemathesis in .whl (../shared/tools/device-wheels.sh schemathesis). One
+# device command runs at most 10 minutes: split with RELIABILITY_PHASES (fuzz / soak /
+# faults,swaps) and SOAK_S; every call writes its own JSON.
+reliability() {
+  python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
+  local phases=${RELIABILITY_PHASES:-fuzz,soak,faults,swaps}
+  python3 -m pagoda.cli.main bench reliability --model /tmp/b8w --profile full --phases "$phases" \
+    --max-num-seqs 256 --soak-seconds ${SOAK_S:-600} --soak-max-queue-wait ${QUEUE_WAIT:-1} \
+    --server-args "$COMMON --max-num-batched-tokens 8192" --label h200 \
+    --output-json "$OUT/reliability-8b-${phases//,/-}.json" --log-dir "$OUT/reliability-logs" \
+    2>&1 | grep -v INFO
 }
 EXTRA=${EXTRA:-}
 for stage in "$@"; do

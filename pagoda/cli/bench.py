@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from pagoda.bench import fleet as fleet_bench
+from pagoda.bench.reliability import suite as reliability_suite
 from pagoda.cli.bench_serve import add_serve_parser
 from pagoda.config import parse_bytes
 
@@ -58,6 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     fleet_bench.add_arguments(fleet)
     fleet.set_defaults(func=run_fleet)
+    reliability = kinds.add_parser(
+        "reliability", help="a live server under fuzzing, 2x overload, faults and model swaps",
+        description=reliability_suite.__doc__)
+    reliability_suite.add_arguments(reliability)
+    reliability.set_defaults(func=reliability_suite.run)
     bench.set_defaults(func=lambda args: _help(bench))
 
 

@@ -40,6 +40,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds SIGTERM waits for in-flight requests before aborting them")
     g.add_argument("--max-pending-requests", type=int, default=1024,
                    help="in-flight requests beyond this get 503 with Retry-After")
+    g.add_argument("--max-pending-sequences", type=int, default=None,
+                   help="sequences in flight (each request's n counted) beyond this get 503 "
+                        "(default: 4 x --max-num-seqs)")
+    g.add_argument("--max-pending-tokens", type=int, default=None,
+                   help="tokens owed (prompts not yet computed + outputs up to max_tokens) "
+                        "beyond this get 503 (default: 4 x the KV cache's tokens)")
+    g.add_argument("--max-queue-wait", type=float, default=10.0,
+                   help="seconds a new request may be expected to wait before it starts, from "
+                        "the rate sequences finish; beyond it the request gets 503 (default 10)")
+    g.add_argument("--engine-stall-timeout", type=float, default=10.0,
+                   help="seconds without a heartbeat from the engine loop before /health and "
+                        "/live answer 503 (default 10)")
     g.add_argument("--max-request-body", type=parse_bytes, default=32 << 20)
     g.add_argument("--uvicorn-log-level", default="warning")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -155,7 +167,9 @@ def server_config(args: argparse.Namespace, names: list[str], keys: list[str]):
 def listen_options(args: argparse.Namespace):
     from pagoda.entrypoints.openai.server import ListenOptions
     return ListenOptions(args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level,
-                         args.max_pending_requests)
+                         args.max_pending_requests, args.max_pending_sequences,
+                         args.max_pending_tokens, args.max_queue_wait,
+                         args.engine_stall_timeout)
 
 
 def _serve_fleet(args: argparse.Namespace) -> int:

@@ -1,5 +1,7 @@
-"""AsyncEngine: the asyncio facade the server uses. Tokenizes off the event loop, fans
-engine-core outputs out to per-request queues, aborts requests whose consumer went away."""
+"""AsyncEngine: the asyncio facade the server uses. Tokenizes off the event loop, admits
+requests by the work they bring (pagoda.engine.admission), fans engine-core outputs out to
+per-request streams, aborts requests whose consumer went away, and notices an engine that
+stopped answering."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
+from pagoda.engine.admission import Admission, AdmissionLimits, EngineOverloadedError, Work
 from pagoda.engine.client import EngineCoreClient, EngineDeadError
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.output_processor import OutputProcessor
@@ -22,12 +25,8 @@ from pagoda.tokenizer.chat_template import Conversation, render_chat
 logger = get_logger(__name__)
 
 
-class EngineOverloadedError(PagodaError):
-    """Too many requests are in flight; the client should retry later."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+__all__ = ["AsyncEngine", "EngineOverloadedError", "RequestStream"]
+DEFAULT_STALL_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -54,23 +53,79 @@ class EngineObserver(Protocol):
         """The engine stopped: what it reported about its current state no longer holds."""
 
 
+class RequestStream:
+    """The outputs of one submitted request, as an async iterator. Closing it (or leaving
+    it unfinished and unreferenced) aborts the request, whether or not it was ever read."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str,
+                 queue: asyncio.Queue[RequestOutput | Exception]) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self.close()
+            raise item
+        if item.finished:
+            self._done = True
+            self._engine._forget(self.request_id)
+        return item
+
+    def close(self) -> None:
+        """Stop following the request; abort it in the engine if it has not finished."""
+        if self._done:
+            return
+        self._done = True
+        self._engine._forget(self.request_id)
+        self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._done and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.close)
+
+
 class AsyncEngine:
-    """generate() yields RequestOutputs as they advance; cancellation aborts the request."""
+    """generate() admits and submits a request at once (EngineOverloadedError if it may
+    not start) and returns a RequestStream of its outputs; closing the stream aborts it."""
 
     def __init__(self, client: EngineCoreClient, tokenizer: Any, max_pending: int = 4096,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None,
+                 limits: AdmissionLimits | None = None,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.model_info = client.model_info
         self.input_processor = InputProcessor(tokenizer, self.model_info)
         self.output_processor = OutputProcessor(tokenizer)
-        self.max_pending = max_pending
+        limits = limits or AdmissionLimits(max_requests=max_pending)
+        info = self.model_info
+        self.admission = Admission(limits.resolve(info.max_num_seqs or 64,
+                                                  info.kv_capacity_tokens),
+                                   info.max_num_seqs or 64)
+        self.stall_timeout = stall_timeout
         self.observer = observer
         self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._timings: dict[str, RequestTiming] = {}
         self._handler: asyncio.Task[None] | None = None
         self.dead: BaseException | None = None
         self.stats = SchedulerStats()
+        self.last_heard = time.monotonic()  # when the engine last sent a batch
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,8 +145,31 @@ class AsyncEngine:
         return len(self._queues)
 
     @property
+    def max_pending(self) -> int:
+        return self.admission.limits.max_requests
+
+    @property
     def is_ready(self) -> bool:
-        return self.dead is None and self.client.is_alive()
+        return self.dead is None and self.client.is_alive() and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """The engine sent nothing for stall_timeout seconds although it should have: it
+        beats every second (MPClient) or it has work pending."""
+        if self.dead is not None or self._handler is None:
+            return False
+        beats = getattr(self.client, "sends_heartbeats", False)
+        silent = time.monotonic() - self.last_heard
+        return silent > self.stall_timeout and (beats or self.num_in_flight > 0)
+
+    @property
+    def has_room(self) -> bool:
+        """A one-sequence request would be admitted now."""
+        try:
+            self.admission.check(Work(1, 1, 1))
+        except EngineOverloadedError:
+            return False
+        return True
 
     # ---- input ---------------------------------------------------------------------------------
     async def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
@@ -114,23 +192,16 @@ class AsyncEngine:
         if params.structured_outputs is not None:
             await asyncio.to_thread(self.input_processor.check_structured_outputs, params)
 
-    async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       priority: int = 0, arrival: float | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs; leaving the loop early aborts it."""
+    def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                 priority: int = 0, arrival: float | None = None) -> RequestStream:
+        """Admit and submit a request now (raises EngineOverloadedError, EngineDeadError
+        before anything is queued); the returned stream yields its outputs."""
         queue = self._submit(request_id, prompt, params, priority, arrival or time.monotonic())
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue)
+
+    def _forget(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None:
+            self.admission.finish_request()
 
     def check_alive(self) -> None:
         """Raise EngineDeadError once the engine has died."""
@@ -140,15 +211,15 @@ class AsyncEngine:
     def _submit(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                 priority: int, arrival: float) -> asyncio.Queue[RequestOutput | Exception]:
         self.check_alive()
-        if self.num_in_flight >= self.max_pending:
-            raise EngineOverloadedError(
-                f"the server is at its limit of {self.max_pending} in-flight requests")
+        work = Work(params.n, len(prompt.token_ids), params.max_tokens or 0)
+        self.admission.check(work)
         if request_id in self._queues:
             raise PagodaError(f"request id {request_id!r} is already in use")
         children, core_requests = self.input_processor.fan_out(request_id, prompt, params,
                                                                priority)
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._queues[request_id] = queue
+        self.admission.admit([r.request_id for r in core_requests], work)
         self.output_processor.add_request(request_id, prompt.text, prompt.token_ids, children)
         for core_request in core_requests:
             self._timings[core_request.request_id] = RequestTiming(arrival, len(prompt.token_ids))
@@ -180,6 +251,7 @@ class AsyncEngine:
         try:
             while True:
                 batch = await self.client.get_outputs()
+                self.last_heard = time.monotonic()
                 self._reject(batch.errors)
                 self._record_tokens(batch.outputs)
                 results, stopped = self.output_processor.process(batch.outputs)
@@ -228,6 +300,7 @@ class AsyncEngine:
             if out.queue_time is not None:
                 timing.queue_time = out.queue_time
             if out.new_token_ids:
+                self.admission.progress(out.request_id, len(out.new_token_ids))
                 if timing.first_token is None:
                     timing.first_token = now
                 elif timing.last_token is not None:
@@ -238,6 +311,7 @@ class AsyncEngine:
                 self._finish_timing(out.request_id, out.finish_reason)
 
     def _finish_timing(self, child_id: str, finish_reason: str) -> None:
+        self.admission.finish_sequence(child_id, finish_reason in ("stop", "length"))
         timing = self._timings.pop(child_id, None)
         if timing is not None and self.observer is not None:
             self.observer.on_request_finished(finish_reason, timing)

@@ -55,6 +55,8 @@ _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 class EngineDeadError(PagodaError):
     """The engine is gone (crashed, killed or shut down); no request can make progress."""
 
+    retry_after = 1.0  # its 503 says when to retry (elsewhere: this server is exiting)
+
 
 class EngineStartupError(PagodaError):
     """The engine process failed to load the model or to report READY in time."""
@@ -189,6 +191,8 @@ class MPClient(EngineCoreClient):
     earlier one are abandoned). A thread watches the child: when it exits, every pending
     and later get_outputs()/call() raises EngineDeadError, and so do add_request()/abort.
     """
+
+    sends_heartbeats = True  # the engine loop sends a batch at least every HEARTBEAT_S
 
     def __init__(self, config: EngineConfig, startup_timeout: float = 600.0) -> None:
         self._dead: str | None = None  # why the engine is dead; None while it is alive

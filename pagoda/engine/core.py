@@ -76,7 +76,8 @@ class EngineCore:
         self.model_info = ModelInfo(self.source.name, self.max_model_len, hf.vocab_size,
                                     eos[0] if eos else None, eos[1:], sizing.num_blocks,
                                     block_size, capacity, loaded.device,
-                                    loaded.weight_bytes, kv_bytes, sizing.activation_bytes)
+                                    loaded.weight_bytes, kv_bytes, sizing.activation_bytes,
+                                    config.scheduler.max_num_seqs, torch.get_num_threads())
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)

@@ -24,6 +24,7 @@ import zmq
 from pagoda.config import EngineConfig
 from pagoda.core_outputs import EngineCoreOutput
 from pagoda.engine import serial
+from pagoda.engine.cpu_threads import configure_cpu_threads
 from pagoda.engine.core import EngineCore
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.errors import PagodaError
@@ -34,6 +35,7 @@ from pagoda.request import EngineCoreRequest
 logger = get_logger(__name__)
 
 IDLE_POLL_MS = 250  # how long an idle engine blocks on input before checking its parent again
+HEARTBEAT_S = 1.0  # the loop sends (at least) a stats batch this often, busy or idle
 PARENT_POLL_S = 0.25  # how often the watchdog thread checks the parent (covers model loading)
 FLUSH_LINGER_MS = 2000  # how long the last frames may take to leave when the engine exits
 FAIL_AT_STEP_ENV = "PAGODA_TEST_FAIL_AT_STEP"  # test hook: step N raises inside the loop
@@ -100,6 +102,7 @@ class EngineLoop:
         self.num_steps = 0
         self.running = True
         self.stats_stale = False  # state changed since the last batch we sent
+        self.last_sent = time.monotonic()
 
     def run(self) -> None:
         """Returns on a Shutdown frame; raises _ParentGone, or whatever step() raised."""
@@ -112,6 +115,8 @@ class EngineLoop:
                 self._step()
             elif self.pending.errors or self.stats_stale:
                 self._send_batch([])  # idle now: publish final stats (freed blocks, aborts)
+            if time.monotonic() - self.last_sent >= HEARTBEAT_S:
+                self._send_batch([])  # the heartbeat: the frontend sees the loop turning
 
     def _drain(self, timeout_ms: int) -> None:
         if not self.input.poll(timeout_ms):
@@ -172,6 +177,7 @@ class EngineLoop:
     def _send_batch(self, outputs: list[EngineCoreOutput]) -> None:
         pending, self.pending = self.pending, _Pending()
         self.stats_stale = False
+        self.last_sent = time.monotonic()
         batch = serial.EngineCoreOutputs(pending.outputs + outputs, self.core.stats(),
                                          time.monotonic(), pending.errors)
         self.output.send(serial.encode(batch))
@@ -184,6 +190,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     Exits with 0 on Shutdown, 1 when loading or a step fails, 2 when the parent is gone.
     """
     configure_logging()
+    configure_cpu_threads()
     _watch_parent(parent_pid, input_addr)
     ctx = zmq.Context()
     input_sock = ctx.socket(zmq.PULL)

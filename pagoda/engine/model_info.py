@@ -24,6 +24,8 @@ class ModelInfo:
     weight_bytes: int = 0
     kv_cache_bytes: int = 0
     activation_bytes: int = 0  # profiled step peak above the weights (GPU); 0 where unmeasured
+    max_num_seqs: int = 0  # sequences one step runs at most; 0 where unknown
+    cpu_threads: int = 0  # torch's intra-op threads in the engine process
 
 
 def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:

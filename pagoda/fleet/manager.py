@@ -153,8 +153,10 @@ class ModelManager:
     def __init__(self, fleet: FleetSpec, engine_kwargs: dict[str, Any], *,
                  max_pending: int = 1024, max_waiting: int = 256,
                  swap_timeout: float = 120.0, metrics: Any = None,
-                 host_memory_limit: int | None = None) -> None:
+                 host_memory_limit: int | None = None,
+                 engine_options: dict[str, Any] | None = None) -> None:
         self.fleet = fleet
+        self.engine_options = engine_options or {}  # AsyncEngine's: admission, stall timeout
         self.engine_kwargs = {k: v for k, v in engine_kwargs.items()
                               if k not in ("kv_cache_memory", "gpu_memory_utilization")}
         self.fraction = engine_kwargs.get("gpu_memory_utilization")
@@ -528,7 +530,7 @@ class ModelManager:
             if self.metrics is not None:
                 observer = self.metrics.for_model(model.name)
             engine = AsyncEngine(client, model.tokenizer, max_pending=self.max_pending,
-                                 observer=observer)
+                                 observer=observer, **self.engine_options)
             engine.start()
             replica.client, replica.engine = client, engine
             replica.prefixes.clear()

@@ -18,7 +18,7 @@ import pagoda
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai import errors as api_errors
-from pagoda.entrypoints.openai.errors import ServerOverloadedError
+from pagoda.entrypoints.openai.errors import ServerShuttingDownError
 from pagoda.entrypoints.openai.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -74,9 +74,38 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
+        """Healthy (vLLM's /health): loaded, not draining, the engine alive and turning."""
         if self.manager is not None:
-            return not self.draining and self.manager_started
+            return not self.draining and self.manager_started and not self.stalled
         return not self.draining and self.engine is not None and self.engine.is_ready
+
+    @property
+    def live(self) -> bool:
+        """The process is worth keeping (/live): nothing failed to load, no engine died or
+        stalled. Loading and draining are live; a restart would not help them."""
+        if self.load_error is not None or self.stalled:
+            return False
+        if self.manager is not None:
+            return True  # a fleet reloads a model whose engine died
+        return self.engine is None or (self.engine.dead is None and self.engine.client.is_alive())
+
+    @property
+    def accepting(self) -> bool:
+        """Ready and with room for one more request now (/ready)."""
+        if not self.ready:
+            return False
+        engines = self._engines()
+        return not engines or any(e.has_room for e in engines)
+
+    @property
+    def stalled(self) -> bool:
+        return any(e.stalled for e in self._engines())
+
+    def _engines(self) -> list[AsyncEngine]:
+        if self.manager is not None:
+            return [r.engine for m in self.manager.models for r in m.replicas
+                    if r.engine is not None]
+        return [self.engine] if self.engine is not None else []
 
     @property
     def num_in_flight(self) -> int:
@@ -146,7 +175,18 @@ def build_app(state: ServerState) -> FastAPI:
 def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> None:
     @app.get("/health")
     async def health() -> Response:
+        """vLLM's health check: 200 once loaded while the engine is alive and turning."""
         return Response(status_code=200 if state.ready else 503)
+
+    @app.get("/live")
+    async def live() -> Response:
+        """Liveness: 503 only when a restart would help (engine dead, stalled, failed)."""
+        return Response(status_code=200 if state.live else 503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: healthy and with room to admit a request now."""
+        return Response(status_code=200 if state.accepting else 503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -208,7 +248,7 @@ async def routed(state: ServerState, model: str | None, keep_alive: float | None
     if state.manager is None:
         return await handler()
     if state.draining:
-        raise ServerOverloadedError("The server is shutting down.", retry_after=5)
+        raise ServerShuttingDownError()
     lease = await state.manager.acquire(model, keep_alive)
     current_lease.set(lease)
     try:
@@ -261,6 +301,7 @@ def ps_rows(state: ServerState) -> list[dict[str, Any]]:
              "pinned": True, "in_flight": engine.num_in_flight, "idle_seconds": None,
              "expires_in_seconds": None, "load_seconds": None, "wake_seconds": None,
              "requests_routed": None, "engine_pid": getattr(engine.client, "engine_pid", None),
+             "cpu_threads": info.cpu_threads,
              "error": None}]
 
 

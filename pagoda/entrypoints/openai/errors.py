@@ -110,6 +110,16 @@ class ServerOverloadedError(APIError):
     default_message = "The server is overloaded; retry later."
 
 
+class ServerShuttingDownError(APIError):
+    """The server is draining after SIGTERM (503; retry on another replica)."""
+
+    status, type, code = 503, "service_unavailable_error", "server_shutting_down"
+    default_message = "The server is shutting down; retry on another instance."
+
+    def __init__(self, message: str | None = None, retry_after: float = 5.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class ServerError(APIError):
     """An unexpected failure (500); its message is always the generic one."""
 

@@ -71,7 +71,8 @@ class ApiKeyMiddleware:
     """Bearer-token auth on every route except the open ones; constant-time comparison."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str],
-                 open_paths: frozenset[str] = frozenset({"/health"})) -> None:
+                 open_paths: frozenset[str] = frozenset({"/health", "/live", "/ready"})
+                 ) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.open_paths = open_paths

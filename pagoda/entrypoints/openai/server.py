@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from pagoda.config import engine_config
+from pagoda.engine.admission import AdmissionLimits
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.client import MPClient, start_in_background
 from pagoda.entrypoints.metrics import EngineMetrics
@@ -89,6 +90,16 @@ class ListenOptions:
     shutdown_timeout: float = 30.0
     uvicorn_log_level: str = "warning"
     max_pending: int = 1024  # in-flight requests per engine before 503s
+    max_pending_sequences: int | None = None  # None: 4 x max_num_seqs
+    max_pending_tokens: int | None = None  # None: 4 x the KV cache's tokens
+    max_queue_wait: float = 10.0  # seconds a new request may be expected to wait to start
+    engine_stall_timeout: float = 10.0  # silent engine with work -> unhealthy after this
+
+    def engine_options(self) -> dict[str, Any]:
+        """AsyncEngine's keyword arguments for admission and stall detection."""
+        limits = AdmissionLimits(self.max_pending, self.max_pending_sequences,
+                                 self.max_pending_tokens, self.max_queue_wait)
+        return {"limits": limits, "stall_timeout": self.engine_stall_timeout}
 
 
 def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
@@ -105,7 +116,7 @@ def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
 
     def load_engine() -> AsyncEngine:
         client = engine_starting.result()
-        return AsyncEngine(client, tokenizer, max_pending=listen.max_pending, observer=metrics)
+        return AsyncEngine(client, tokenizer, observer=metrics, **listen.engine_options())
 
     state = ServerState(None, config, metrics, load_engine=load_engine)
     logger.info("listening on http://%s:%d (serving %s as %s)", listen.host, listen.port,
@@ -126,7 +137,8 @@ def serve_fleet(fleet: FleetSpec, engine_kwargs: dict[str, Any], config: ServerC
     metrics = EngineMetrics(fleet.models[0].name)
     manager = ModelManager(fleet, engine_kwargs, max_pending=listen.max_pending,
                            max_waiting=max_waiting, swap_timeout=swap_timeout, metrics=metrics,
-                           host_memory_limit=host_memory_limit)
+                           host_memory_limit=host_memory_limit,
+                           engine_options=listen.engine_options())
     manager.configure()
     config.served_model_names = [name for spec in fleet.models for name in spec.names]
     state = ServerState(None, config, metrics, manager=manager)

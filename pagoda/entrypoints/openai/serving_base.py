@@ -16,7 +16,11 @@ from pydantic import BaseModel
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.input_processor import ProcessedPrompt
-from pagoda.entrypoints.openai.errors import ServerOverloadedError, exception_to_response
+from pagoda.entrypoints.openai.errors import (
+    ServerOverloadedError,
+    ServerShuttingDownError,
+    exception_to_response,
+)
 from pagoda.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
@@ -91,7 +95,7 @@ class ServingBase:
     def check_admission(self) -> None:
         """Refuse new work while draining (503 + Retry-After via the error mapping)."""
         if self.state.draining:
-            raise ServerOverloadedError("The server is shutting down.", retry_after=5)
+            raise ServerShuttingDownError()
 
     def resolve_max_tokens(self, prompt: ProcessedPrompt, requested: int | None,
                            field: str, prompt_field: str) -> int:
@@ -125,8 +129,25 @@ class ServingBase:
         except InvalidRequestError as exc:
             raise InvalidRequestError(exc.message, field, exc.code) from None
 
+    def open_streams(self, plans: list[tuple[str, ProcessedPrompt, SamplingParams]],
+                     priority: int, arrival: float) -> list[AsyncIterator[RequestOutput]]:
+        """Admit and submit every (request id, prompt, params) now, before any response
+        starts: a refusal is an HTTP error (503 + Retry-After), not an event in a 200
+        stream. If one is refused, the ones already submitted are aborted."""
+        streams: list[Any] = []
+        try:
+            for request_id, prompt, params in plans:
+                streams.append(self.stream_outputs(request_id, prompt, params, priority,
+                                                   arrival))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
     def stream_outputs(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                        priority: int, arrival: float) -> AsyncIterator[RequestOutput]:
+        """Submit one request now (see AsyncEngine.generate) and return its output stream."""
         if self.state.config.log_requests:
             logger.info("request %s: %d prompt tokens, max_tokens %s, n %d", request_id,
                         len(prompt.token_ids), params.max_tokens, params.n)
@@ -137,7 +158,19 @@ class ServingBase:
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave several async iterators as items arrive: yields (stream index, item)."""
+    """Interleave several async iterators as items arrive: yields (stream index, item).
+    Every stream is closed when this ends, however it ends."""
+    try:
+        async for pair in _merged(streams):
+            yield pair
+    finally:
+        for stream in streams:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     if len(streams) == 1:
         async for item in streams[0]:
             yield 0, item

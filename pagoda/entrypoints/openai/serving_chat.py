@@ -167,6 +167,8 @@ class ChatServing(ServingBase):
             yield SSE_DONE
         except Exception as exc:
             yield sse_error(exc)
+        finally:
+            await stream.aclose()  # the client left early: abort the request now
 
     def _deltas(self, request_id: str, params: SamplingParams, c: CompletionOutput,
                 state: _StreamedChoice) -> list[ChatCompletionStreamResponse]:

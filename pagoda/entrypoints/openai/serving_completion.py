@@ -47,8 +47,9 @@ class CompletionServing(ServingBase):
         await self.check_structured_outputs(plans[0][1],
                                             found[0][0] if found else "structured_outputs")
         request_id = new_request_id("cmpl")
-        streams = [self.stream_outputs(f"{request_id}-{i}", prompt, params, body.priority, arrival)
-                   for i, (prompt, params) in enumerate(plans)]
+        streams = self.open_streams([(f"{request_id}-{i}", prompt, params)
+                                     for i, (prompt, params) in enumerate(plans)],
+                                    body.priority, arrival)
         if body.stream:
             return StreamingResponse(self._stream(body, request_id, plans, streams),
                                      media_type="text/event-stream")

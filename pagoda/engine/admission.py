@@ -1,0 +1,154 @@
+"""Admission control for one engine: bound the work in flight (requests, sequences, tokens
+owed) and shed a request that could not start within a bounded time, before it is queued."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagoda.errors import PagodaError
+
+RATE_WINDOW_S = 60.0  # sequence completions counted for the start-time estimate
+MIN_RATE_SAMPLES = 4  # completions needed before the estimate is trusted
+MAX_RETRY_AFTER_S = 60.0
+
+
+class EngineOverloadedError(PagodaError):
+    """The engine has more work than it may take; the client should retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """What one engine admits. None: derived from the engine (see `resolve`)."""
+
+    max_requests: int = 1024
+    max_sequences: int | None = None  # default: 4 x max_num_seqs
+    max_tokens: int | None = None  # prompt + output tokens owed; default: 4 x KV capacity
+    max_queue_wait: float = 10.0  # seconds a new sequence may be expected to wait to start
+
+    def resolve(self, max_num_seqs: int, kv_capacity_tokens: int) -> AdmissionLimits:
+        seqs = self.max_sequences if self.max_sequences is not None else 4 * max_num_seqs
+        tokens = self.max_tokens if self.max_tokens is not None else 4 * kv_capacity_tokens
+        return AdmissionLimits(self.max_requests, max(1, seqs), max(1, tokens),
+                               self.max_queue_wait)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What one request costs: its sequences (n), prompt tokens and output tokens owed."""
+
+    sequences: int
+    prompt_tokens: int  # per sequence
+    max_tokens: int  # per sequence
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * (self.prompt_tokens + self.max_tokens)
+
+
+@dataclass(slots=True)
+class _Owed:
+    prompt: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.output
+
+
+@dataclass(slots=True)
+class Admission:
+    """Counts the work of every admitted sequence until it finishes; `check` raises
+    EngineOverloadedError (a 503 with Retry-After) for a request that must not start."""
+
+    limits: AdmissionLimits
+    max_num_seqs: int  # sequences the engine runs at once
+    requests: int = 0
+    owed: dict[str, _Owed] = field(default_factory=dict)  # sequence id -> tokens owed
+    tokens_owed: int = 0
+    finished: deque[float] = field(default_factory=deque)  # completion times (monotonic)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.owed)
+
+    def check(self, work: Work) -> None:
+        """Raise if `work` may not be admitted now; an idle engine admits anything."""
+        if self.requests == 0:
+            return
+        limits = self.limits
+        if self.requests + 1 > limits.max_requests:
+            self._shed(f"the server is at its limit of {limits.max_requests} requests in "
+                       f"flight", self.expected_wait(1))
+        if self.sequences + work.sequences > limits.max_sequences:
+            self._shed(f"the server has {self.sequences} sequences in flight and a limit of "
+                       f"{limits.max_sequences}; this request adds {work.sequences}",
+                       self.expected_wait(work.sequences))
+        if self.tokens_owed + work.tokens > limits.max_tokens:
+            self._shed(f"the server owes {self.tokens_owed} tokens (prompts and outputs) and "
+                       f"takes at most {limits.max_tokens}; this request adds {work.tokens}",
+                       self.expected_wait(work.sequences))
+        wait = self.expected_wait(work.sequences)
+        if wait is not None and wait > limits.max_queue_wait:
+            self._shed(f"this request would wait about {wait:.1f} s to start (limit "
+                       f"{limits.max_queue_wait:g} s)", wait)
+
+    def expected_wait(self, sequences: int) -> float | None:
+        """Seconds until `sequences` new sequences would all be running, from the rate at
+        which sequences finished lately; 0 if there is room now, None if unknown."""
+        ahead = self.sequences + sequences - self.max_num_seqs
+        if ahead <= 0:
+            return 0.0
+        rate = self.finish_rate()
+        return None if rate is None else ahead / rate
+
+    def finish_rate(self, now: float | None = None) -> float | None:
+        now = time.monotonic() if now is None else now
+        self._forget_old(now)
+        if len(self.finished) < MIN_RATE_SAMPLES:
+            return None
+        span = max(now - self.finished[0], 1.0)
+        return len(self.finished) / span
+
+    def admit(self, sequence_ids: list[str], work: Work) -> None:
+        self.requests += 1
+        for seq_id in sequence_ids:
+            self.owed[seq_id] = _Owed(work.prompt_tokens, work.max_tokens)
+        self.tokens_owed += work.tokens
+
+    def progress(self, seq_id: str, new_tokens: int) -> None:
+        """A sequence produced tokens: its prompt is computed and it owes fewer outputs."""
+        owed = self.owed.get(seq_id)
+        if owed is None:
+            return
+        before = owed.total
+        owed.prompt = 0
+        owed.output = max(0, owed.output - new_tokens)
+        self.tokens_owed -= before - owed.total
+
+    def finish_sequence(self, seq_id: str, completed: bool) -> None:
+        owed = self.owed.pop(seq_id, None)
+        if owed is None:
+            return
+        self.tokens_owed -= owed.total
+        if completed:
+            self.finished.append(time.monotonic())
+
+    def finish_request(self) -> None:
+        self.requests = max(0, self.requests - 1)
+
+    def _forget_old(self, now: float) -> None:
+        while self.finished and now - self.finished[0] > RATE_WINDOW_S:
+            self.finished.popleft()
+
+    @staticmethod
+    def _shed(reason: str, wait: float | None) -> None:
+        retry = 1.0 if wait is None else min(max(wait, 1.0), MAX_RETRY_AFTER_S)
+        raise EngineOverloadedError(f"The server is overloaded: {reason}. Retry after "
+                                    f"{math.ceil(retry)} s.", retry_after=retry)

@@ -1,0 +1,45 @@
+"""`pagoda bench reliability --profile short` against real servers (tiny random-weight model
+with SmolLM2's tokenizer): every phase runs, and the suite's own targets hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.utils import tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir):
+    return str(tiny_chat_model(tmp_path_factory.mktemp("tiny"), smollm2_dir))
+
+
+def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_path):
+    out = tmp_path / "reliability.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pagoda.cli.main", "bench", "reliability", "--model", tiny_model,
+         "--profile", "short", "--server-args", "--kv-cache-memory 16MiB",
+         "--output-json", str(out), "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=400)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["verdict"] and all(report["verdict"].values()), report["verdict"]
+    assert proc.returncode == 0
+    fuzz = report["fuzz"]
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /health",
+            "GET /ready", "GET /live"} <= set(fuzz["routes"])
+    assert fuzz["cases"] >= 40 and fuzz["generated"] >= 1 and fuzz["server_5xx"] == 0
+    soak = report["soak"]
+    assert soak["sent"] > soak["workers"] and soak["completed"] > 0 and soak["cancelled"] > 0
+    assert not any(soak["residue_after"].values())
+    kill = report["faults"]["engine_kill"]
+    assert kill["to_unhealthy_s"] < 5 and kill["to_exit_s"] < 30 and kill["exit_code"] != 0
+    stop = report["faults"]["engine_stop"]
+    assert stop["to_unhealthy_s"] is not None and stop["live_while_stopped"] == 503
+    assert report["faults"]["server_term"]["exit_code"] == 0
+    swaps = report["swaps"]
+    assert swaps["completed"] > 0 and not swaps["half_loaded"]
+    assert any("loading" in k or "waking" in k for k in swaps["transitions_seen"])
