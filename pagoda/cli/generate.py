@@ -37,9 +37,13 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from pagoda.engine.llm import LLM
+    """The engine, or None after one line on stderr if a vLLM flag was refused."""
+    from pagoda.cli.engine_args import check_vllm_flags
     from pagoda.logger import configure_logging
     configure_logging()
+    if not check_vllm_flags(args):
+        return None
+    from pagoda.engine.llm import LLM
     return LLM(args.model, **engine_kwargs(args))
 
 
@@ -58,6 +62,8 @@ def stream_to(out: TextIO, outputs) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
+    if llm is None:
+        return 2
     params = _sampling_params(args)
     if args.raw or not getattr(llm.get_tokenizer(), "chat_template", None):
         stream_to(sys.stdout, llm.stream(prompt, params))
@@ -68,6 +74,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
+    if llm is None:
+        return 2
     params = _sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)

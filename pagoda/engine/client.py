@@ -56,6 +56,15 @@ class EngineDeadError(PagodaError):
     """The engine is gone (crashed, killed or shut down); no request can make progress."""
 
 
+def _startup_failure(message) -> str:
+    """The engine's load error in one line: pagoda's own errors speak for themselves."""
+    from pagoda import errors
+    error_class = getattr(errors, message.error_type, None)
+    if isinstance(error_class, type) and issubclass(error_class, PagodaError):
+        return f"the engine failed to load the model: {message.message}"
+    return f"the engine failed to load the model: {message.error_type}: {message.message}"
+
+
 class EngineStartupError(PagodaError):
     """The engine process failed to load the model or to report READY in time."""
 
@@ -263,9 +272,8 @@ class MPClient(EngineCoreClient):
             return message.model_info
         if isinstance(message, serial.StartupFailed):
             self._proc.join(5.0)
-            raise EngineStartupError(
-                f"the engine failed to load the model: {message.error_type}: {message.message}",
-                self._proc.exitcode, message.error_type)
+            raise EngineStartupError(_startup_failure(message), self._proc.exitcode,
+                                     message.error_type)
         logger.warning("unexpected %s frame from the engine during startup",
                        type(message).__name__)
         return None
@@ -370,7 +378,7 @@ class MPClient(EngineCoreClient):
             self._dead = reason
             state = self._state
         if reason:
-            (logger.info if self._stopping.is_set() else logger.error)("engine: %s", reason)
+            (logger.debug if self._stopping.is_set() else logger.error)("engine: %s", reason)
         if state is None or state.loop.is_closed():
             return
         try:

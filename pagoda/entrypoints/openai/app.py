@@ -94,8 +94,7 @@ class ServerState:
 async def _load(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(state.load_engine)
-    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
-        logger.error("the engine failed to start: %s", exc)
+    except Exception as exc:  # the server's watcher stops it; serve() reports the error
         state.load_error = exc
         return
     engine.start()
@@ -105,8 +104,7 @@ async def _load(state: ServerState) -> None:
 async def _start_manager(state: ServerState) -> None:
     try:
         await state.manager.start()
-    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
-        logger.error("the models failed to start: %s", exc)
+    except Exception as exc:  # the server's watcher stops it; serve_fleet() reports it
         state.load_error = exc
         return
     state.manager_started = True
