@@ -30,11 +30,12 @@ from pagoda.entrypoints.openai.protocol import (
     DetokenizeRequest,
     ModelCard,
     ModelList,
+    StopRequest,
     TokenizeRequest,
 )
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
-from pagoda.errors import PagodaError
+from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -197,6 +198,15 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
     async def ps() -> dict[str, Any]:
         """Each hosted model replica: device, state, bytes held, idle time."""
         return {"models": ps_rows(state)}
+
+    @app.post("/pagoda/stop")
+    async def stop(body: StopRequest) -> dict[str, Any]:
+        """Unload an idle model now (`pagoda stop`); its next request loads it again."""
+        if state.manager is None:
+            raise InvalidRequestError("this server hosts one model: stop the server itself "
+                                      "(SIGTERM, Ctrl-C) to unload it", "model")
+        model = await state.manager.stop_model(body.model)
+        return {"model": model.name, "state": str(model.state)}
 
 
 async def routed(state: ServerState, model: str | None, keep_alive: float | None,
