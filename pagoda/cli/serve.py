@@ -112,7 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not check_vllm_flags(args):
         return 2
     if args.tensor_parallel_size != 1:
-        print("error: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
+        print("pagoda serve: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
               file=sys.stderr)
         return 2
     from pagoda.errors import PagodaError
@@ -123,6 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"pagoda serve: {exc}", file=sys.stderr)
             return 1
     model = (args.model[0] if args.model else None) or args.model_flag or "smollm2"
+    read_chat_template(args.chat_template)  # a bad one stops us before any weight loads
     engine_starting = _start_engine_early(model, engine_kwargs(args))
     try:
         return _serve(args, model, keys_from(args), engine_starting)

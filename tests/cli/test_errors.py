@@ -74,3 +74,11 @@ def test_version():
     from pagoda import __version__
     proc = _run("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"pagoda {__version__}"
+
+
+def test_a_bad_chat_template_stops_serve_before_the_engine_starts():
+    proc = _run("serve", "smollm2", "--port", "0", "--chat-template", "{% for %}")
+    assert proc.returncode == 1
+    lines = _error_lines(proc, "serve")
+    assert len(lines) == 1 and lines[0].startswith("pagoda serve: --chat-template:")
+    assert "starting the engine" not in proc.stderr and "loading" not in proc.stderr
