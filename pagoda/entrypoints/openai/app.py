@@ -22,6 +22,7 @@ from pagoda.entrypoints.openai.errors import ServerOverloadedError
 from pagoda.entrypoints.openai.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    JsonBodyMiddleware,
     RequestIdMiddleware,
 )
 from pagoda.entrypoints.openai.protocol import (
@@ -137,6 +138,7 @@ def build_app(state: ServerState) -> FastAPI:
     _add_error_handlers(app)
     if state.config.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=state.config.api_keys)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
