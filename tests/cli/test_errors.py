@@ -49,7 +49,8 @@ def test_too_long_max_model_len_is_one_line(smollm2_dir):
     proc = _run("generate", "hi", "--model", str(smollm2_dir), "--max-model-len", "100000")
     assert proc.returncode == 1
     assert _error_lines(proc, "generate") == [
-        "pagoda generate: max_model_len=100000 exceeds the model's limit of 8192"]
+        "pagoda generate: max_model_len=100000 exceeds the model's limit of 8192 "
+        "(max_position_embeddings in its config)"]
 
 
 def test_serve_reports_a_load_failure_once_and_never_after_listening(tmp_path, smollm2_dir):
