@@ -24,7 +24,7 @@ test: model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 generate: model
-	$(PAGODA) generate "The capital of France is" --max-tokens 32
+	$(PAGODA) generate "The capital of France is" --raw --max-tokens 32 --stop '\n'
 
 chat: model
 	$(PAGODA) chat

@@ -58,3 +58,20 @@ class ModelUnavailableError(PagodaError):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+
+
+class ModelDoesNotFitError(PagodaError):
+    """A hosted model can never be loaded beside the models that must stay (pinned): a
+    configuration problem, not a busy server; retrying does not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelBusyError(PagodaError):
+    """The model has requests in flight, so it cannot be stopped now."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

@@ -46,7 +46,9 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds one request may take in all (default 600)")
     g.add_argument("--stall-timeout", type=float, default=60.0,
-                   help="seconds without any data before a request fails (default 60)")
+                   help="seconds without data after a request's first token before it "
+                        "fails (default 60); waiting for the first token (queued) is bounded "
+                        "only by --request-timeout")
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser) -> None:

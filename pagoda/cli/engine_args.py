@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pagoda.cli.vllm_flags import add_vllm_flags
 from pagoda.config import parse_bytes
 
 
@@ -18,51 +19,45 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of device memory this engine may use (CPU: of available RAM)")
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+    g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=parse_bytes,
+                   default=None,
                    help="KV cache size in bytes (e.g. 2GiB); overrides the fraction")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="disable CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare each step while the previous one runs (default: on for CUDA)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
-    add_compat_args(parser)
+    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
+    add_vllm_flags(parser)
 
 
-# vLLM flags that guides pass but that have nothing to configure here (yet): accepted so
-# their command lines run unchanged; a non-default value is reported at startup.
-COMPAT_FLAGS: dict[str, dict[str, Any]] = {
-    "--enable-chunked-prefill": {"action": argparse.BooleanOptionalAction, "default": None},
-    "--disable-log-stats": {"action": "store_true"},
-    "--swap-space": {"type": float, "default": None},
-    "--download-dir": {"default": None},
-    "--revision": {"default": None},
-    "--kv-cache-dtype": {"default": "auto"},
-    "--quantization": {"default": None},
-    "--max-log-len": {"type": int, "default": None},
-    "--disable-custom-all-reduce": {"action": "store_true"},
-    "--distributed-executor-backend": {"default": None},
-}
+def check_vllm_flags(args: argparse.Namespace) -> bool:
+    """Log a startup line for each vLLM flag pagoda ignores; False (after one line on stderr)
+    if a flag is refused on purpose: the caller exits with status 2."""
+    import sys
 
-
-def add_compat_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("accepted for vLLM compatibility")
-    for flag, spec in COMPAT_FLAGS.items():
-        g.add_argument(flag, help=argparse.SUPPRESS, **spec)
+    from pagoda.errors import ConfigError
+    from pagoda.logger import get_logger
+    try:
+        notes = compat_notes(args)
+    except ConfigError as exc:
+        print(f"pagoda {args.command}: {exc}", file=sys.stderr)
+        return False
+    for note in notes:
+        get_logger("pagoda.cli").warning(note)
+    return True
 
 
 def compat_notes(args: argparse.Namespace) -> list[str]:
-    """One line per compatibility flag that was given a value pagoda does not act on."""
-    notes = []
-    if args.kv_cache_dtype not in ("auto", None):
-        notes.append(f"--kv-cache-dtype {args.kv_cache_dtype} is not supported; using the model dtype")
-    if args.quantization not in (None, "gguf"):
-        notes.append(f"--quantization {args.quantization} is not supported; weights load as stored")
-    if args.enable_chunked_prefill is False:
-        notes.append("--no-enable-chunked-prefill ignored: chunked prefill is always on")
-    return notes
+    """One startup line per vLLM flag given that pagoda does not act on (ConfigError for a
+    flag refused on purpose)."""
+    from pagoda.cli.vllm_flags import vllm_flag_notes
+    return vllm_flag_notes(args)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

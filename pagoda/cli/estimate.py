@@ -15,10 +15,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "an activation allowance, and whether it fits --device, from the config and "
                     "the safetensors or GGUF headers; no weight is read.")
     p.add_argument("model", help="pulled name, checkpoint directory, .gguf file or config dir")
-    p.add_argument("--max-model-len", type=int, required=True)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--device", default=None, help="H100, H200, A100-80G, ... or cpu")
+    p.add_argument("--device", default=None,
+                   help="a GPU (H100, A100, RTX 4090, MI300X, ...: any spelling) or cpu; "
+                        "default: this machine's available RAM")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -31,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from pagoda.errors import PagodaError
     from pagoda.models.estimate import estimate
     try:
-        result = estimate(_source(args.model), args.max_model_len, args.concurrency,
+        source = _source(args.model)
+        max_model_len = args.max_model_len or int(
+            getattr(source.hf_config, "max_position_embeddings", None) or 2048)
+        result = estimate(source, max_model_len, args.concurrency,
                           args.tp, args.dtype, args.device, args.max_num_batched_tokens,
                           args.max_num_seqs, args.gpu_memory_utilization)
     except PagodaError as exc:
@@ -74,4 +80,6 @@ def format_estimate(e) -> str:
     if e.fits is not None:
         verdict = "fits" if e.fits else "does NOT fit"
         lines.append(f"  {e.device}: {gib(e.usable_bytes)} usable -> {verdict}")
+        if e.suggestions:
+            lines.append("  would fit with: " + "; or ".join(e.suggestions))
     return "\n".join(lines)

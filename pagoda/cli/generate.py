@@ -27,19 +27,29 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=None, type=_unescape,
+                        help="stop at this text (repeatable; \\n and \\t are understood)")
     add_engine_args(parser)
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _sampling_params(args: argparse.Namespace):
     from pagoda.sampling_params import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed)
+                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
 
 
 def _load(args: argparse.Namespace):
-    from pagoda.engine.llm import LLM
+    """The engine, or None after one line on stderr if a vLLM flag was refused."""
+    from pagoda.cli.engine_args import check_vllm_flags
     from pagoda.logger import configure_logging
     configure_logging()
+    if not check_vllm_flags(args):
+        return None
+    from pagoda.engine.llm import LLM
     return LLM(args.model, **engine_kwargs(args))
 
 
@@ -58,6 +68,8 @@ def stream_to(out: TextIO, outputs) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
+    if llm is None:
+        return 2
     params = _sampling_params(args)
     if args.raw or not getattr(llm.get_tokenizer(), "chat_template", None):
         stream_to(sys.stdout, llm.stream(prompt, params))
@@ -66,9 +78,21 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_info_logs() -> None:
+    """Once the model is loaded, INFO lines would land in the middle of the prompt: show only
+    warnings from now on (unless PAGODA_LOG_LEVEL asks for more)."""
+    import logging
+    import os
+    if "PAGODA_LOG_LEVEL" not in os.environ:
+        logging.getLogger("pagoda").setLevel(logging.WARNING)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
+    if llm is None:
+        return 2
     params = _sampling_params(args)
+    _quiet_info_logs()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
     while True:

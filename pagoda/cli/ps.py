@@ -1,4 +1,5 @@
-"""`pagoda ps`: the models a running server holds: device, state, memory, idle time."""
+"""`pagoda ps`: the models a running server holds: device, state, memory, idle time;
+`pagoda stop MODEL`: unload one of them."""
 
 from __future__ import annotations
 
@@ -11,16 +12,48 @@ from typing import Any
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ps", help="list the models a running `pagoda serve` holds")
+    _add_server_args(p)
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+    p.set_defaults(func=run)
+    stop = subparsers.add_parser("stop", help="unload a model from a running `pagoda serve`")
+    stop.add_argument("model", help="the model's name (see `pagoda ps`)")
+    _add_server_args(stop)
+    stop.set_defaults(func=run_stop)
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("PAGODA_URL", "http://127.0.0.1:8000"),
                    help="the server (default: $PAGODA_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=os.environ.get("PAGODA_API_KEY"))
-    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
-    p.set_defaults(func=run)
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    """Ask the server to unload the model; its error message if it cannot (status 1)."""
+    import httpx
+    try:
+        response = httpx.post(args.url.rstrip("/") + "/pagoda/stop", json={"model": args.model},
+                              headers=_headers(args), timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"pagoda stop: cannot ask {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {response.status_code}"
+        print(f"pagoda stop: {message}", file=sys.stderr)
+        return 1
+    print(f"stopped {response.json()['model']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = _headers(args)
     try:
         response = httpx.get(args.url.rstrip("/") + "/pagoda/ps", headers=headers, timeout=10)
         response.raise_for_status()

@@ -19,6 +19,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=run_pull)
     listing = subparsers.add_parser("list", help="list pulled models and the built-in models pagoda can pull")
     listing.set_defaults(func=run_list)
+    rm = subparsers.add_parser("rm", help="delete a pulled model from pagoda's model directory")
+    rm.add_argument("name", nargs="+", help="pulled model name(s) (see `pagoda list`)")
+    rm.set_defaults(func=run_rm)
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    """Delete each named pulled model; an unknown name is an error (status 1)."""
+    for name in args.name:
+        path = store.remove(name)
+        print(f"deleted {name} ({path})")
+    return 0
 
 
 def run_pull(args: argparse.Namespace) -> int:

@@ -24,18 +24,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--api-key", action="append", default=None,
                    help="require this bearer key (repeatable; env PAGODA_API_KEY also works)")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, file or inline")
-    g.add_argument("--trust-request-chat-template", action="store_true",
+    g.add_argument("--trust-request-chat-template", action=argparse.BooleanOptionalAction,
+                   default=False,
                    help="allow requests to bring their own chat template")
     g.add_argument("--tool-call-parser", default="auto", metavar="FORMAT",
                    help="tool-call format of the model's output: auto (from the chat template, "
                         "else hermes), hermes, llama3_json, mistral or pythonic")
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="accepted for vLLM compatibility: tool_choice auto is always enabled")
+    g.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="accepted for vLLM compatibility. Unlike vLLM, which refuses "
+                        "tool_choice auto without it, pagoda always parses tool calls in "
+                        "the model's output (--tool-call-parser)")
     g.add_argument("--reasoning-parser", default="auto", metavar="FORMAT",
                    help="split <think> reasoning from the answer: auto (from the chat "
                         "template), none, deepseek_r1 or qwen3")
     g.add_argument("--disable-log-requests", action="store_true")
-    g.add_argument("--enable-log-requests", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction,
+                   default=None, help=argparse.SUPPRESS)
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before aborting them")
     g.add_argument("--max-pending-requests", type=int, default=1024,
@@ -58,8 +63,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="priority",
                    help="priority (default): lower `priority` values run first, FCFS among "
                         "equals; fcfs: request priorities are ignored")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
     m = p.add_argument_group("several models (given more than one model, or --config)")
     m.add_argument("--config", default=None, metavar="YAML",
                    help="a models file: per-model names, aliases, pinning, keep-alive, "
@@ -115,13 +118,13 @@ def _template_file_text(value: str) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pagoda.cli.engine_args import compat_notes
-    from pagoda.logger import configure_logging, get_logger
+    from pagoda.cli.engine_args import check_vllm_flags
+    from pagoda.logger import configure_logging
     configure_logging()
-    for note in compat_notes(args):
-        get_logger("pagoda.cli").warning(note)
+    if not check_vllm_flags(args):
+        return 2
     if args.tensor_parallel_size != 1:
-        print("error: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
+        print("pagoda serve: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
               file=sys.stderr)
         return 2
     from pagoda.errors import PagodaError
@@ -132,6 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"pagoda serve: {exc}", file=sys.stderr)
             return 1
     model = (args.model[0] if args.model else None) or args.model_flag or "smollm2"
+    read_chat_template(args.chat_template)  # a bad one stops us before any weight loads
     engine_starting = _start_engine_early(model, engine_kwargs(args))
     try:
         return _serve(args, model, keys_from(args), engine_starting)

@@ -58,6 +58,15 @@ class EngineDeadError(PagodaError):
     retry_after = 1.0  # its 503 says when to retry (elsewhere: this server is exiting)
 
 
+def _startup_failure(message) -> str:
+    """The engine's load error in one line: pagoda's own errors speak for themselves."""
+    from pagoda import errors
+    error_class = getattr(errors, message.error_type, None)
+    if isinstance(error_class, type) and issubclass(error_class, PagodaError):
+        return f"the engine failed to load the model: {message.message}"
+    return f"the engine failed to load the model: {message.error_type}: {message.message}"
+
+
 class EngineStartupError(PagodaError):
     """The engine process failed to load the model or to report READY in time."""
 
@@ -267,9 +276,8 @@ class MPClient(EngineCoreClient):
             return message.model_info
         if isinstance(message, serial.StartupFailed):
             self._proc.join(5.0)
-            raise EngineStartupError(
-                f"the engine failed to load the model: {message.error_type}: {message.message}",
-                self._proc.exitcode, message.error_type)
+            raise EngineStartupError(_startup_failure(message), self._proc.exitcode,
+                                     message.error_type)
         logger.warning("unexpected %s frame from the engine during startup",
                        type(message).__name__)
         return None
@@ -374,7 +382,7 @@ class MPClient(EngineCoreClient):
             self._dead = reason
             state = self._state
         if reason:
-            (logger.info if self._stopping.is_set() else logger.error)("engine: %s", reason)
+            (logger.debug if self._stopping.is_set() else logger.error)("engine: %s", reason)
         if state is None or state.loop.is_closed():
             return
         try:

@@ -35,7 +35,8 @@ def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
     if requested is None:
         return int(limit)
     if requested > limit:
-        raise ConfigError(f"max_model_len={requested} exceeds the model's limit of {limit}")
+        raise ConfigError(f"max_model_len={requested} exceeds the model's limit of {limit} "
+                          f"(max_position_embeddings in its config)")
     return requested
 
 

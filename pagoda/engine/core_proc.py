@@ -214,8 +214,9 @@ def _load_and_run(config: EngineConfig, input_sock: zmq.Socket, output_sock: zmq
     try:
         core = EngineCore(config, startup=startup)
     except Exception as exc:  # noqa: BLE001 -- reported to the client, then we exit
-        detail = str(exc) if isinstance(exc, PagodaError) else traceback.format_exc()
-        logger.error("engine failed to start: %s", detail)
+        # the client reports the error in one line; the traceback is for --log-level debug
+        if not isinstance(exc, PagodaError):
+            logger.debug("engine failed to start: %s", traceback.format_exc())
         output_sock.send(serial.encode(serial.StartupFailed(type(exc).__name__, str(exc))))
         return 1
     output_sock.send(serial.encode(serial.Ready(core.model_info)))

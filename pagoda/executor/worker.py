@@ -13,7 +13,7 @@ from pagoda.layers.attention.selector import select_backend
 from pagoda.logger import get_logger
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
-from pagoda.runner.memory import kv_budget_bytes, num_blocks_for
+from pagoda.runner.memory import describe_kv_budget, kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
@@ -65,9 +65,15 @@ class Worker:
         if self.device.type == "cuda":
             non_kv, activation = self._profile_non_kv_bytes()
         budget = kv_budget_bytes(self.config.engine.cache, self.device, non_kv)
-        num_blocks = num_blocks_for(budget, spec, self.config.max_model_len,
-                                    self._default_block_cap(),
+        cap = self._default_block_cap()
+        num_blocks = num_blocks_for(budget, spec, self.config.max_model_len, cap,
                                     self.config.engine.scheduler.max_num_batched_tokens)
+        note = describe_kv_budget(self.config.engine.cache, self.device, budget)
+        if cap is not None and num_blocks == cap and cap * spec.bytes_per_block < budget:
+            note += (f"; only {num_blocks * spec.bytes_per_block / 2**30:.2f} GiB of it used: "
+                     f"{self.config.engine.scheduler.max_num_seqs} sequences of "
+                     f"{self.config.max_model_len} tokens, twice over")
+        logger.info("%s", note)
         return KVCacheSizing(num_blocks, activation, spec.windows)
 
     def _profile_non_kv_bytes(self) -> tuple[int, int]:
@@ -85,11 +91,11 @@ class Worker:
         return torch_peak + max(outside_torch, 0), max(torch_peak - self.info.weight_bytes, 0)
 
     def _default_block_cap(self) -> int | None:
-        """With no size given on CPU, never take more than a full batch of full-length
+        """With no size in bytes on CPU, never take more than a full batch of full-length
         sequences could use, twice over (the rest keeps prefix-cache hits warm)."""
         cache, sched = self.config.engine.cache, self.config.engine.scheduler
-        if self.device.type != "cpu" or cache.kv_cache_memory or cache.memory_utilization:
-            return None
+        if self.device.type != "cpu" or cache.kv_cache_memory:
+            return None  # (a fraction on CPU is capped too: it was most likely meant for a GPU)
         per_seq = self.runner.kv_cache_spec().blocks_per_seq(self.config.max_model_len,
                                                              sched.max_num_batched_tokens)
         return 2 * sched.max_num_seqs * per_seq + 1

@@ -23,6 +23,8 @@ from pagoda.engine.async_engine import AsyncEngine, EngineObserver
 from pagoda.engine.client import EngineDeadError, MPClient
 from pagoda.errors import (
     InvalidRequestError,
+    ModelBusyError,
+    ModelDoesNotFitError,
     ModelUnavailableError,
     PagodaError,
     UnknownModelError,
@@ -353,15 +355,14 @@ class ModelManager:
         """Evict idle models from the device until `needed` bytes are free; waits for a busy
         model to go idle when nothing can be evicted yet."""
         device = model.replicas[0].device
+        self._check_fits_beside_pinned(model, device, needed)  # before evicting anything
         while self._free(device) < needed:
             victim = self._pick_victim(model, device)
             if victim is None:
                 if model.waiters == 0:
                     raise ModelUnavailableError("nobody waits for this model any more")
                 if not self._may_become_evictable(model, device):
-                    raise ModelUnavailableError(
-                        f"model {model.name!r} does not fit beside the pinned models",
-                        retry_after=60)
+                    raise self._misfit(model, device, needed)
                 self._idle.clear()
                 await self._idle.wait()  # a lease ends, a waiter leaves or a model goes
                 continue
@@ -370,6 +371,25 @@ class ModelManager:
                 await self._sleep(victim)
             else:
                 await self._unload(victim, f"evicted to make room for {model.name}")
+
+    def _check_fits_beside_pinned(self, model: ManagedModel, device: str, needed: int) -> None:
+        """Raise ModelDoesNotFitError when evicting every model that may go would still not
+        free `needed` bytes: the pinned ones stay, so no wait or retry can help."""
+        if self._free(device) + self._evictable_ever(model, device) < needed:
+            raise self._misfit(model, device, needed)
+
+    def _evictable_ever(self, model: ManagedModel, device: str) -> int:
+        """Bytes the device's unpinned models hold (all of it freed if they are unloaded)."""
+        return sum(m.held_bytes() * sum(r.device == device for r in m.replicas)
+                   for m in self._on(device) if m is not model and not m.spec.pinned)
+
+    def _misfit(self, model: ManagedModel, device: str, needed: int) -> ModelDoesNotFitError:
+        pinned = [m.name for m in self._on(device) if m.spec.pinned and m.held_bytes()]
+        return ModelDoesNotFitError(
+            f"model {model.name!r} needs {needed / 2**30:.2f} GiB on {device} and can never "
+            f"fit beside the pinned models ({', '.join(pinned) or 'none'}) within the "
+            f"{self.budgets[device] / 2**30:.2f} GiB budget: unpin one, raise the memory "
+            f"limit or lower this model's max_model_len")
 
     def _may_become_evictable(self, model: ManagedModel, device: str) -> bool:
         """Whether some other model of the device, busy now, could be evicted later."""
@@ -612,6 +632,17 @@ class ModelManager:
                         if model.leases == 0 and model.transition is None:
                             await self._unload(model, "keep_alive expired")
 
+    async def stop_model(self, name: str) -> ManagedModel:
+        """Unload a model now (`pagoda stop`); its next request loads it again. A model with
+        requests in flight is refused (ModelBusyError): it would cut them off."""
+        model = self.resolve(name)
+        async with self._swap:
+            if model.leases or model.waiters or model.transition is not None:
+                raise ModelBusyError(f"model {model.name!r} is busy ({model.leases} requests "
+                                     f"in flight, {model.waiters} waiting); stop it once idle")
+            await self._unload(model, "stopped on request")
+        return model
+
     # ---- reports ---------------------------------------------------------------------------------
     @property
     def num_in_flight(self) -> int:
@@ -659,7 +690,8 @@ class ModelManager:
                     "host_bytes": model.need.weight_bytes if model.host_copy else 0,
                     "pinned": model.spec.pinned, "in_flight": (replica.engine.num_in_flight
                                                                if replica.engine else 0),
-                    "idle_seconds": round(model.idle_seconds(now), 1),
+                    "idle_seconds": (None if model.state is ModelState.UNLOADED
+                                     else round(model.idle_seconds(now), 1)),
                     "expires_in_seconds": None if expires is None else round(expires, 1),
                     "load_seconds": model.load_seconds, "wake_seconds": model.wake_seconds,
                     "requests_routed": (model.handle.routed[replica.index]

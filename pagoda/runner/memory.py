@@ -11,6 +11,8 @@ from pagoda.config import CacheConfig
 from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import seq_blocks
 
+CPU_MAX_FRACTION = 0.5  # of available RAM a CPU KV cache may take, whatever the flag says
+
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
@@ -63,8 +65,32 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device, non_kv_peak: int) 
         return int(total * fraction) - non_kv_peak
     available = available_host_memory()
     if cache.memory_utilization is not None:
-        return int(available * cache.memory_utilization)
+        # a GPU fraction (0.9 in most guides) pasted onto a CPU machine must not take the
+        # host's RAM from everything else: on CPU it never takes more than half of it
+        return int(available * min(cache.memory_utilization, CPU_MAX_FRACTION))
     return min(cache.cpu_default_kv_bytes, available // 2)
+
+
+def describe_kv_budget(cache: CacheConfig, device: torch.device, budget: int) -> str:
+    """One startup line: how the KV cache budget was sized, and from what."""
+    gib = budget / 2**30
+    if cache.kv_cache_memory is not None:
+        return f"KV cache budget {gib:.2f} GiB from --kv-cache-memory"
+    if device.type == "cuda":
+        fraction = cache.memory_utilization if cache.memory_utilization is not None else 0.9
+        return (f"KV cache budget {gib:.2f} GiB: {fraction:g} of {device}'s memory less the "
+                f"weights and the profiled activation peak")
+    available = available_host_memory() / 2**30
+    if cache.memory_utilization is not None:
+        used = min(cache.memory_utilization, CPU_MAX_FRACTION)
+        capped = (f" (--gpu-memory-utilization {cache.memory_utilization:g} is capped at "
+                  f"{CPU_MAX_FRACTION:g} on CPU)" if used < cache.memory_utilization else "")
+        return (f"KV cache budget {gib:.2f} GiB: {used:g} of the {available:.1f} GiB of RAM "
+                f"available after loading the weights{capped}; --kv-cache-memory sets it exactly")
+    default = cache.cpu_default_kv_bytes / 2**30
+    return (f"KV cache budget {gib:.2f} GiB: the CPU default, min({default:g} GiB, half of the "
+            f"{available:.1f} GiB of RAM available); --kv-cache-memory or "
+            f"--gpu-memory-utilization set it")
 
 
 def num_blocks_for(budget: int, spec: KVCacheSpec, max_model_len: int,

@@ -16,7 +16,7 @@ VLLM_LINES = [
     "serve smollm2 --served-model-name my-model --api-key secret --max-num-seqs 128 "
     "--max-num-batched-tokens 8192 --enable-prefix-caching --enable-chunked-prefill "
     "--disable-log-requests --disable-log-stats --seed 0 --tensor-parallel-size 1",
-    "serve --model smollm2 --enforce-eager --kv-cache-dtype auto --swap-space 4 "
+    "serve --model smollm2 --enforce-eager --kv-cache-dtype auto "
     "--chat-template ./template.jinja --uvicorn-log-level info --block-size 16",
 ]
 

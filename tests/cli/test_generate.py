@@ -55,3 +55,35 @@ def test_chat_keeps_the_conversation(tiny_model, offline, capsys, monkeypatch):
                            {"role": "assistant", "content": first},
                            {"role": "user", "content": "And again"}], params)[0].outputs[0].text
     assert capsys.readouterr().out.split("> ")[1:] == [first + "\n", second + "\n", ""]
+
+
+def test_chat_shows_no_info_lines_once_the_prompt_is_up(tiny_model, capsys, monkeypatch):
+    from pagoda.logger import get_logger
+    monkeypatch.delenv("PAGODA_LOG_LEVEL", raising=False)
+    lines = iter(["Hello", ""])
+
+    def typed(prompt: str) -> str:
+        get_logger("pagoda.engine").info("an engine note")  # what used to cut into the prompt
+        get_logger("pagoda.engine").warning("a warning")
+        return next(lines)
+    monkeypatch.setattr("builtins.input", typed)
+    try:
+        assert main(["chat", "--model", tiny_model, *ARGS]) == 0
+    finally:
+        import logging
+        logging.getLogger("pagoda").setLevel(logging.INFO)
+    err = capsys.readouterr().err
+    assert "an engine note" not in err and "a warning" in err
+
+
+def test_make_generate_completes_the_sentence(smollm2_dir, capsys):
+    """`make generate`'s own command line (read from the Makefile) answers what a user
+    expects from "The capital of France is"."""
+    import shlex
+    from pathlib import Path
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    line = next(line for line in makefile.splitlines() if "$(PAGODA) generate" in line)
+    argv = shlex.split(line.split("$(PAGODA)", 1)[1])
+    assert main([*argv, "--model", str(smollm2_dir), "--kv-cache-memory", "64MiB",
+                 "--max-model-len", "512"]) == 0
+    assert capsys.readouterr().out == " Paris.\n"

@@ -151,6 +151,18 @@ def test_keep_alive_zero_unloads_and_the_next_request_reloads(pair, expected):
     assert row["state"] == "loaded" and 250 < row["expires_in_seconds"] <= 300
 
 
+def test_pagoda_stop_unloads_a_model_and_the_next_request_reloads_it(pair, expected, capsys):
+    complete(pair.client(), "tiny", PROMPTS[0])
+    assert main(["stop", "tiny", "--url", pair.url]) == 0
+    assert capsys.readouterr().out.strip() == "stopped tiny"
+    rows = ps(pair)
+    assert rows["tiny"]["state"] == "unloaded" and rows["tiny"]["idle_seconds"] is None
+    assert rows["smol"]["state"] == "loaded"
+    assert main(["stop", "nope", "--url", pair.url]) == 1
+    assert "`nope` does not exist" in capsys.readouterr().err
+    assert complete(pair.client(), "tiny", PROMPTS[1]) == expected["tiny"][PROMPTS[1]]
+
+
 def test_one_engine_dying_leaves_the_other_model_serving(pair, expected):
     client = pair.client()
     os.kill(ps(pair)["smol"]["engine_pid"], signal.SIGKILL)

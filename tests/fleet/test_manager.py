@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pagoda.errors import ModelUnavailableError
+from pagoda.errors import ModelDoesNotFitError, ModelUnavailableError
 from pagoda.fleet.manager import ModelManager, ModelState
 from pagoda.fleet.planner import DoesNotFit
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec
@@ -112,8 +112,36 @@ def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused_at_once(smollm2_d
     loaded(m, "pinned")
     other = m.by_name["other"]
     other.waiters = 1
-    with pytest.raises(ModelUnavailableError, match="beside the pinned"):
+    with pytest.raises(ModelDoesNotFitError, match="can never fit beside the pinned models "
+                                                   r"\(pinned\)"):
         asyncio.run(m._make_room(other, other.need.min_bytes))
+
+
+def test_fit_is_decided_before_any_idle_model_is_evicted(smollm2_dir, tiny_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "pinned", pinned=True),
+                ModelSpec(str(tiny_dir), "idle"), ModelSpec(str(smollm2_dir), "other"),
+                memory_limit=int(1.3 * GIB))
+    loaded(m, "pinned")
+    loaded(m, "idle", idle=100)
+    other = m.by_name["other"]
+    other.waiters = 1
+    with pytest.raises(ModelDoesNotFitError):
+        asyncio.run(m._make_room(other, other.need.min_bytes))
+    assert m.by_name["idle"].state is ModelState.LOADED  # nothing was unloaded for nothing
+
+
+def test_a_misfit_is_a_400_without_a_retry_hint():
+    from pagoda.entrypoints.openai.errors import exception_to_response
+    status, body, headers = exception_to_response(ModelDoesNotFitError("too big"))
+    assert status == 400 and body["error"]["code"] == "model_does_not_fit"
+    assert "Retry-After" not in headers
+
+
+def test_ps_shows_no_idle_time_for_a_model_never_loaded(smollm2_dir, tiny_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"), ModelSpec(str(tiny_dir), "t"))
+    loaded(m, "t", idle=30)
+    rows = {row["model"]: row for row in m.ps()}
+    assert rows["a"]["idle_seconds"] is None and rows["t"]["idle_seconds"] >= 30
 
 
 def test_kv_demand_counts_only_the_window_of_sliding_window_layers():

@@ -73,3 +73,14 @@ def test_command_line_models():
     assert fleet.models[1].engine == {"max_model_len": 512}
     with pytest.raises(ConfigError, match="2 models"):
         fleet_from_args(["a", "b"], {}, ["only-one"])
+
+
+def test_the_example_models_file_reads():
+    from pathlib import Path
+
+    from pagoda.fleet.spec import fleet_from_yaml
+    fleet = fleet_from_yaml(str(Path(__file__).parents[2] / "examples" / "models.yaml"))
+    smol, gemma = fleet.models
+    assert (smol.name, smol.pinned, smol.names) == ("smollm2", True, ["smollm2", "gpt-4o-mini"])
+    assert (gemma.name, gemma.keep_alive, gemma.priority) == ("gemma", 300, 5)
+    assert gemma.engine["max_num_seqs"] == 8 and fleet.memory_limit == 6 << 30

@@ -98,7 +98,10 @@ def test_safetensors_estimate_reads_only_the_headers(tmp_path):
         with path.open("r+b") as file:
             file.truncate(8 + header_length(path))
         assert path.stat().st_size < size
-    assert estimate(resolve_model(spec), max_model_len=512, concurrency=2) == full
+    again = estimate(resolve_model(spec), max_model_len=512, concurrency=2)
+    moving = ("device_bytes", "usable_bytes")  # this machine's available RAM, now
+    assert {k: v for k, v in again.to_json().items() if k not in moving} == \
+        {k: v for k, v in full.to_json().items() if k not in moving}
 
 
 def test_sharded_checkpoint_counts_only_the_parameters_the_engine_keeps(tmp_path):
@@ -194,3 +197,43 @@ def test_sliding_window_layers_hold_their_window_and_a_chunk(tmp_path):
     llm = LLM(spec, kv_cache_memory=e.kv_bytes, max_model_len=256, max_num_batched_tokens=16)
     assert allocated(llm)[1] == e.kv_bytes
     assert llm.engine.core.model_info.kv_capacity_tokens == 3 * 256
+
+
+@pytest.mark.parametrize("spelling, device", [("RTX 4090", "RTX4090"), ("rtx-3090", "RTX3090"),
+                                              ("A100", "A100-80G"), ("t4", "T4"),
+                                              ("RTX 5090", "RTX5090"), ("L40", "L40"),
+                                              ("H20", "H20"), ("B200", "B200"),
+                                              ("MI300X", "MI300X"), ("a100-40g", "A100-40G")])
+def test_device_names_in_any_spelling(spelling, device):
+    source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    assert estimate(source, 1024, device=spelling).device == device
+
+
+@pytest.mark.parametrize("tp", [3, 5, 64])
+def test_tensor_parallel_sizes_that_cannot_split_the_heads_are_refused(tp):
+    source = resolve_model("bench/configs/llama-3.1-8b", "dummy")  # 32 heads, 8 KV heads
+    with pytest.raises(ConfigError, match=f"--tp {tp} "):
+        estimate(source, 1024, tp=tp, device="H100")
+    assert estimate(source, 1024, tp=16, device="H100").fits  # 8 KV heads, each on two GPUs
+
+
+def test_a_misfit_says_what_would_fit():
+    source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    e = estimate(source, 131072, concurrency=8, device="L4")
+    assert not e.fits
+    shorter = next(t for t in e.suggestions if t.startswith("--max-model-len"))
+    tokens = int(shorter.split()[1])
+    assert estimate(source, tokens, concurrency=8, device="L4").fits
+    assert not estimate(source, tokens + 256, concurrency=8, device="L4").fits
+    assert any("--tp 2" in t for t in e.suggestions)
+    assert any("4-bit variant" in t for t in e.suggestions)
+    fewer = estimate(source, 8192, concurrency=64, device="L4")
+    tip = next(t for t in fewer.suggestions if t.startswith("--concurrency"))
+    assert estimate(source, 8192, concurrency=int(tip.split()[1]), device="L4").fits
+
+
+def test_without_a_device_the_verdict_is_for_this_machine(capsys, smollm2_dir):
+    assert main(["estimate", "smollm2"]) == 0  # --max-model-len: the model's (8192)
+    out = capsys.readouterr().out
+    assert "(1 x 8192 tokens" in out and "this machine (CPU, available RAM)" in out
+    assert "-> fits" in out

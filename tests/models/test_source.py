@@ -304,6 +304,26 @@ def test_unsupported_gguf_architecture_and_garbage(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "junk.gguf"))
 
 
+def test_an_unsupported_gguf_architecture_is_refused_before_the_metadata_is_parsed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_llama_config()
+    path = write_llama_gguf(tmp_path / "m.gguf", config, embedding(300, 64), arch="mamba")
+
+    def no_full_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole GGUF header was parsed")
+    monkeypatch.setattr(gguf, "GGUFReader", no_full_parse)
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'mamba' is not supported"):
+        resolve_model(str(path))
+
+
+def test_peek_architecture_reads_the_first_keys_only(tmp_path: Path) -> None:
+    from pagoda.models.loader.gguf import peek_architecture
+    path = write_llama_gguf(tmp_path / "l.gguf", tiny_llama_config(), embedding(300, 64))
+    assert peek_architecture(path) == "llama"
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 9)
+    assert peek_architecture(tmp_path / "junk.gguf") is None
+
+
 def test_a_gguf_tensor_with_no_hf_name_is_unsupported(tmp_path: Path) -> None:
     config = tiny_llama_config()
     tensors = embedding(300, 64) | {"mystery.weight": np.zeros(4, np.float32)}

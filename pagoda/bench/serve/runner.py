@@ -81,7 +81,10 @@ async def run_benchmark(settings: RequestSettings, run: RunSettings,
     run.check()
     limits = httpx.Limits(max_connections=run.max_concurrency or len(requests) + 1,
                           max_keepalive_connections=run.max_concurrency or len(requests) + 1)
-    timeout = httpx.Timeout(settings.stall_timeout_s, pool=None)
+    # reads wait as long as the request may (a queued request is silent until its first
+    # token); the client times silence after the first token itself (client.Stalled)
+    timeout = httpx.Timeout(settings.stall_timeout_s, read=settings.request_timeout_s,
+                            pool=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         await _test_request(http, settings, requests[0])
         if run.num_warmups:

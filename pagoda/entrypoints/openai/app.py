@@ -22,6 +22,7 @@ from pagoda.entrypoints.openai.errors import ServerShuttingDownError
 from pagoda.entrypoints.openai.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    JsonBodyMiddleware,
     RequestIdMiddleware,
 )
 from pagoda.entrypoints.openai.protocol import (
@@ -30,11 +31,12 @@ from pagoda.entrypoints.openai.protocol import (
     DetokenizeRequest,
     ModelCard,
     ModelList,
+    StopRequest,
     TokenizeRequest,
 )
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
-from pagoda.errors import PagodaError
+from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -123,8 +125,7 @@ class ServerState:
 async def _load(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(state.load_engine)
-    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
-        logger.error("the engine failed to start: %s", exc)
+    except Exception as exc:  # the server's watcher stops it; serve() reports the error
         state.load_error = exc
         return
     engine.start()
@@ -134,8 +135,7 @@ async def _load(state: ServerState) -> None:
 async def _start_manager(state: ServerState) -> None:
     try:
         await state.manager.start()
-    except Exception as exc:  # reported by the server's watcher, which then exits non-zero
-        logger.error("the models failed to start: %s", exc)
+    except Exception as exc:  # the server's watcher stops it; serve_fleet() reports it
         state.load_error = exc
         return
     state.manager_started = True
@@ -167,6 +167,7 @@ def build_app(state: ServerState) -> FastAPI:
     _add_error_handlers(app)
     if state.config.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=state.config.api_keys)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
@@ -239,6 +240,15 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
     async def ps() -> dict[str, Any]:
         """Each hosted model replica: device, state, bytes held, idle time."""
         return {"models": ps_rows(state)}
+
+    @app.post("/pagoda/stop")
+    async def stop(body: StopRequest) -> dict[str, Any]:
+        """Unload an idle model now (`pagoda stop`); its next request loads it again."""
+        if state.manager is None:
+            raise InvalidRequestError("this server hosts one model: stop the server itself "
+                                      "(SIGTERM, Ctrl-C) to unload it", "model")
+        model = await state.manager.stop_model(body.model)
+        return {"model": model.name, "state": str(model.state)}
 
 
 async def routed(state: ServerState, model: str | None, keep_alive: float | None,

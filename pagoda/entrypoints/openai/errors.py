@@ -149,6 +149,9 @@ _KINDS: Mapping[str, ErrorKind] = MappingProxyType({
                                     expose_message=False, message="The model does not exist."),
     "UnknownModelError": ErrorKind(404, "invalid_request_error", "model_not_found"),
     "ModelUnavailableError": ErrorKind(503, "service_unavailable_error", "server_is_overloaded"),
+    # a permanent misfit: 4xx so that clients do not retry (OpenAI's retry 409, 429 and 5xx)
+    "ModelDoesNotFitError": ErrorKind(400, "invalid_request_error", "model_does_not_fit"),
+    "ModelBusyError": ErrorKind(409, "invalid_request_error", "model_busy"),
     "UnsupportedModelError": ErrorKind(400, "invalid_request_error", "model_not_supported",
                                        expose_message=False,
                                        message="The model is not supported by this server."),

@@ -96,6 +96,23 @@ class ApiKeyMiddleware:
         return ok
 
 
+class JsonBodyMiddleware:
+    """Every body this API takes is JSON: one sent without a JSON Content-Type (curl -d sends
+    application/x-www-form-urlencoded; some clients send none or text/plain) is read as JSON
+    rather than refused as "not a JSON object"."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            kind = (_header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+            if not kind.endswith(b"json") and not kind.startswith(b"multipart/"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Reject request bodies over max_bytes with 413, by header or while streaming in."""
 

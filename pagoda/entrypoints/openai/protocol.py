@@ -659,6 +659,12 @@ class DetokenizeRequest(OpenAIModel):
     tokens: AnyTokenIds
 
 
+class StopRequest(OpenAIModel):
+    """POST /pagoda/stop: unload one model of a several-model server."""
+
+    model: Name
+
+
 # --------------------------------------------------------------------------- responses
 
 

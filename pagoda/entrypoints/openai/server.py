@@ -14,10 +14,11 @@ import uvicorn
 from pagoda.config import engine_config
 from pagoda.engine.admission import AdmissionLimits
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.engine.client import MPClient, start_in_background
+from pagoda.engine.client import EngineStartupError, MPClient, start_in_background
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai.app import ServerConfig, ServerState, build_app
 from pagoda.entrypoints.openai.output_parsers import check_parser_names
+from pagoda.errors import PagodaError
 from pagoda.fleet.spec import FleetSpec
 from pagoda.logger import get_logger
 from pagoda.models.loader.tokenizer import get_tokenizer
@@ -119,6 +120,8 @@ def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
         return AsyncEngine(client, tokenizer, observer=metrics, **listen.engine_options())
 
     state = ServerState(None, config, metrics, load_engine=load_engine)
+    if engine_starting.done() and engine_starting.exception() is not None:
+        raise engine_starting.exception()  # failed already: no "listening" line before it
     logger.info("listening on http://%s:%d (serving %s as %s)", listen.host, listen.port,
                 model, ", ".join(config.served_model_names))
     try:
@@ -153,7 +156,16 @@ def _run_server(state: ServerState, listen: ListenOptions) -> int:
                                            lifespan="on"), state, listen.shutdown_timeout)
     freeze_startup_objects()
     asyncio.run(_run(server))
+    if state.load_error is not None:
+        raise _as_pagoda_error(state.load_error)
     return 1 if server.failed else 0
+
+
+def _as_pagoda_error(exc: BaseException) -> PagodaError:
+    """A load failure as one line for the command line (its type named if unexpected)."""
+    if isinstance(exc, PagodaError):
+        return exc
+    return EngineStartupError(f"the model failed to load: {type(exc).__name__}: {exc}")
 
 
 def _shutdown(engine_starting: Future[MPClient]) -> None:

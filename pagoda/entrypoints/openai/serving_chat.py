@@ -123,6 +123,11 @@ class ChatServing(ServingBase):
             parts = whole_message(stream, c.text)
             content = parts.content or None if parts.tool_calls else \
                 self._echo(body) + parts.content
+            if not content and parts.reasoning:
+                content = None  # thought but said nothing: null, as OpenAI clients expect
+            if not parts.tool_calls and tools.mode in ("required", "named") \
+                    and c.finish_reason == "length":
+                content = c.text  # a forced call cut off by max_tokens: show the partial call
             message = ChatResponseMessage(
                 content=content, reasoning_content=parts.reasoning or None,
                 reasoning=parts.reasoning or None, tool_calls=parts.tool_calls or None)

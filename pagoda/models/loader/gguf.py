@@ -4,6 +4,7 @@ weights dequantized and renamed to HF (the architecture's GGUF layout says how).
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,11 @@ class GGUFMeta:
 
     @classmethod
     def open(cls, path: Path) -> GGUFMeta:
-        """Memory-map `path` and read its header."""
+        """Memory-map `path` and read its header (after checking its architecture: a full
+        parse of a big vocabulary takes a minute)."""
+        arch = peek_architecture(path)
+        if arch is not None:
+            gguf_layout(arch, path)  # an unsupported one fails here, in milliseconds
         try:
             reader = gguf.GGUFReader(path, "r")
         except (ValueError, OSError, IndexError, KeyError) as exc:
@@ -86,6 +91,39 @@ class GGUFMeta:
     def tensor(self, name: str) -> gguf.ReaderTensor | None:
         """The tensor called `name`, if the file has one."""
         return next((t for t in self.reader.tensors if t.name == name), None)
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def peek_architecture(path: Path, max_keys: int = 64) -> str | None:
+    """general.architecture read straight from the header's first key-value pairs (where
+    writers put it), without parsing the rest; None if not found there or not a GGUF."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
+                return None
+            _, num_keys = struct.unpack("<QQ", f.read(16))
+            for _ in range(min(num_keys, max_keys)):
+                key = f.read(struct.unpack("<Q", f.read(8))[0])
+                kind = struct.unpack("<I", f.read(4))[0]
+                if kind == _GGUF_STRING:
+                    value = f.read(struct.unpack("<Q", f.read(8))[0])
+                    if key == b"general.architecture":
+                        return value.decode("utf-8", errors="replace")
+                elif kind in _GGUF_SCALARS:
+                    f.seek(_GGUF_SCALARS[kind], 1)
+                elif kind == _GGUF_ARRAY:
+                    item, count = struct.unpack("<IQ", f.read(12))
+                    if item not in _GGUF_SCALARS:
+                        return None  # arrays of strings (the vocabulary): stop looking
+                    f.seek(_GGUF_SCALARS[item] * count, 1)
+                else:
+                    return None
+    except (OSError, struct.error, ValueError):
+        return None
+    return None
 
 
 def gguf_layout(arch: str, path: Path) -> GGUFLayout:

@@ -92,6 +92,17 @@ def test_reported_figures_match_the_saved_timings(server, tmp_path, smollm2_dir,
     assert m["goodput"]["good_requests"] == good
     assert m["goodput"]["request_goodput"] == pytest.approx(good / duration)
 
+    # vLLM's flat keys, for its tools and notebooks
+    assert doc["completed"] == 12 and doc["duration"] == duration
+    assert doc["ttfts"] == [r["ttft_s"] for r in requests]
+    assert doc["itls"] == [r["itl_s"] for r in requests]
+    assert doc["input_lens"] == [r["prompt_tokens"] for r in requests]
+    for name in samples:
+        for key, value in m[name].items():
+            stat = key.removesuffix("_ms")
+            assert doc[f"{stat}_{name}_ms"] == value
+    assert doc["request_goodput"] == m["goodput"]["request_goodput"]
+
     table = capsys.readouterr().out
     assert re.search(r"Successful requests:\s+12\n", table)
     assert f"{m['output_throughput']:.2f}" in table
@@ -126,7 +137,10 @@ def test_failed_requests_are_counted_with_their_errors(server, tmp_path, smollm2
     failed = [r for r in doc["requests"] if not r["success"]]
     assert [r["index"] for r in failed] == [1, 3]
     assert all(r["error"].startswith("HTTP 400") for r in failed)
-    assert doc["errors"] == {failed[0]["error"]: 2}
+    assert doc["error_counts"] == {failed[0]["error"]: 2}
+    assert doc["errors"] == ["", failed[0]["error"], "", failed[1]["error"]]  # vLLM's layout
+    assert doc["output_lens"] == [r["output_tokens"] if r["success"] else 0
+                                  for r in doc["requests"]]
     assert m["total_output_tokens"] == sum(r["output_tokens"] for r in doc["requests"]
                                            if r["success"])
 

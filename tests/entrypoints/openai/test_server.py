@@ -202,6 +202,20 @@ def test_malformed_bodies_get_400(server, raw):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded",
+                                          "text/plain"])
+def test_a_json_body_without_a_json_content_type_is_read_as_json(server, content_type):
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    with httpx.Client() as http:  # (curl -d sends the form type)
+        request = http.build_request("POST", f"{server.url}/v1/completions", content=body,
+                                     headers=headers)
+        assert request.headers.get("content-type") == content_type
+        r = http.send(request)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_bad_input_does_not_disturb_a_concurrent_request(server):
     async def run():
         aclient = server.async_client()

@@ -155,6 +155,19 @@ def test_auto_tool_choice_parses_the_models_format(client):
     jsonschema.validate(json.loads(call.function.arguments), ADD)
 
 
+def test_a_forced_call_cut_off_by_max_tokens_comes_back_as_text(client):
+    out = chat(client, tools=TOOLS, max_tokens=5, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert out.finish_reason == "length" and not out.message.tool_calls
+    assert out.message.content and out.message.content.lstrip().startswith("{")
+
+
+def test_reasoning_without_an_answer_has_null_content(client):
+    thought = r"<think>[a-z ]{4,30}</think>"
+    out = chat(client, extra_body={"structured_outputs": {"regex": thought}}).choices[0]
+    assert out.message.reasoning_content and out.message.content is None
+
+
 def test_reasoning_is_split_from_the_answer(client):
     thought = r"<think>[a-z ]{4,30}</think>[A-Z][a-z ]{2,20}"
     whole = chat(client, extra_body={"structured_outputs": {"regex": thought}}).choices[0]
