@@ -146,7 +146,8 @@ def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
                      num_assignments, N: tl.constexpr, K: tl.constexpr,
                      A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
 
     A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
@@ -175,10 +176,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + N * K, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_up += tl.dot(a, b_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if GATED:
@@ -195,13 +196,16 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
                   config: MoEConfig) -> None:
     n, k = out.shape[1], a.shape[1]
     block_n = config.block_n // 2 if gated else config.block_n  # two accumulators
+    wide = a.dtype == torch.float32  # twice the shared memory per stage
     grid = (blocks.expert_ids.numel() * triton.cdiv(n, block_n),)
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out, blocks.sorted_ids,
         blocks.expert_ids, out.shape[0], N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
         MUL_WEIGHT=weights is not None, BLOCK_M=config.block_m, BLOCK_N=block_n,
-        BLOCK_K=min(config.block_k, triton.next_power_of_2(k)),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_K=max(16, min(config.block_k, triton.next_power_of_2(k))),
+        DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
+        num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
+        config.num_stages)
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
