@@ -84,7 +84,7 @@ def test_expert_ranges_sum_to_the_whole_layer():
 
 
 def test_a_packed_tensor_of_the_wrong_expert_count_is_refused():
-    _, w13, w2, _, _ = random_moe(1, 4, 2, 16, 8, torch.float32, "cpu")
+    w13 = random_moe(1, 4, 2, 16, 8, torch.float32, "cpu")[1]
     layer = FusedMoE(6, 2, 16, 8, True)
     with pytest.raises(ValueError, match="6 experts"):
         layer.gate_up_proj.weight_loader(layer.gate_up_proj, w13, None)

@@ -12,7 +12,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from pagoda import LLM
 from pagoda.models.arch.gemma3 import GEMMA3_BLOCK_NAMES

@@ -1,5 +1,6 @@
 """Walks a checkpoint's (name, tensor) pairs onto a model's parameters through each
-parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj)."""
+parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj) and each
+expert's projections onto the stacked expert weights of a mixture of experts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from torch import nn
 
 from pagoda.layers.linear import default_weight_loader
-
 
 # one expert's projection: Qwen-style names, or Mixtral's w1 (gate), w3 (up), w2 (down)
 EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
