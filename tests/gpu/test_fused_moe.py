@@ -8,10 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.moe.native import fused_moe_native
-from pagoda.layers.moe.triton_moe import fused_moe_triton
-from tests.layers.moe_cases import kernel_error, random_moe
+from pagoda.layers.moe.triton_moe import fused_moe_routed, fused_moe_triton
+from tests.layers.moe_cases import (
+    distinct_logits,
+    kernel_error,
+    random_moe,
+    routed_error,
+)
 
 BF16_TOL = 2e-2  # relative to 1 + max |reference|: bf16 rows, float32 accumulation
 QWEN3_30B = (2048, 768)  # hidden, one expert's intermediate size
@@ -42,17 +46,22 @@ def test_kernel_with_experts_on_another_rank(tokens, gpu_report):
     assert error < BF16_TOL
 
 
+ROUTED = [(1, 128, 8, True, 0, None), (64, 128, 8, False, 0, None), (4096, 128, 8, True, 0, None),
+          (300, 8, 2, True, 0, None), (100, 128, 8, True, 32, 32)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 100])
-def test_layer_routes_and_runs_like_the_torch_path(dtype, tokens):
-    layer = FusedMoE(16, 4, 256, 128, renormalize=True).to(device="cuda", dtype=dtype)
-    torch.nn.init.normal_(layer.gate_up_proj, std=256 ** -0.5)
-    torch.nn.init.normal_(layer.down_proj, std=128 ** -0.5)
-    x = torch.randn(tokens, 256, device="cuda", dtype=dtype)
-    logits = torch.randn(tokens, 16, device="cuda", dtype=dtype)
-    ours, ref = layer.forward_cuda(x, logits).float(), layer.forward_native(x, logits).float()
-    tol = 1e-4 if dtype == torch.float32 else BF16_TOL
-    assert ((ours - ref).abs().max() / (1 + ref.abs().max())).item() < tol
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize", "start", "local"), ROUTED)
+def test_layer_from_router_logits_matches_the_torch_path(dtype, tokens, experts, top_k,
+                                                          renormalize, start, local,
+                                                          gpu_report):
+    """The fused routing kernel (softmax, top-k, renormalise, local ids, counts) and the
+    experts against select_experts and the torch experts."""
+    error = routed_error(tokens, experts, top_k, *QWEN3_30B, renormalize, dtype, "cuda",
+                         start, local)
+    gpu_report(tokens=tokens, experts=experts, top_k=top_k, shape="routed layer",
+               dtype=str(dtype).removeprefix("torch."), error=error)
+    assert error < (1e-4 if dtype == torch.float32 else BF16_TOL)
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 256])
@@ -74,3 +83,20 @@ def test_cuda_graph_replays_new_routing_like_eager(tokens):
         torch.testing.assert_close(captured, eager, rtol=0, atol=0)
         ref = fused_moe_native(x.float(), w13.float(), w2.float(), weights, ids)
         assert ((captured.float() - ref).abs().max() / (1 + ref.abs().max())).item() < BF16_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_cuda_graph_of_the_routed_layer_replays_like_eager(tokens):
+    x, w13, w2, _, _ = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
+    logits = distinct_logits(tokens, 128, torch.bfloat16, "cuda")
+    fused_moe_routed(x, logits, w13, w2, 8, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe_routed(x, logits, w13, w2, 8, True)
+    for seed in (1, 2):
+        logits.copy_(distinct_logits(tokens, 128, torch.bfloat16, "cuda", seed=seed))
+        x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
+        graph.replay()
+        torch.testing.assert_close(captured, fused_moe_routed(x, logits, w13, w2, 8, True),
+                                   rtol=0, atol=0)

@@ -37,3 +37,34 @@ def kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
     ours = fused_moe_triton(x, w13, w2, weights, ids, partial=drop_experts).float()
     ref = fused_moe_native(x.float(), w13.float(), w2.float(), weights, ids)
     return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()
+
+
+def distinct_logits(tokens: int, experts: int, dtype: torch.dtype, device: str,
+                    seed: int = 0) -> torch.Tensor:
+    """Router logits with no two equal in a row, even in bf16 (small integers / 8): which
+    of two tied experts a top-k picks is unspecified."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(experts, generator=gen) for _ in range(tokens)]
+    return (torch.stack(rows).float() / 8).to(device=device, dtype=dtype)
+
+
+def routed_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                 renormalize: bool, dtype: torch.dtype, device: str,
+                 expert_start: int = 0, local_experts: int | None = None) -> float:
+    """The layer from router logits (routing, grouping and experts in Triton) against the
+    torch path, experts [expert_start, expert_start + local_experts) on this rank."""
+    from pagoda.layers.moe.layer import ExpertRange, FusedMoE
+    from pagoda.layers.moe.triton_moe import fused_moe_routed
+    x, w13, w2, _, _ = random_moe(tokens, experts, top_k, hidden, inter, dtype, device)
+    placement = ExpertRange(experts, expert_start, local_experts)
+    layer = FusedMoE(experts, top_k, hidden, inter, renormalize, experts=placement)
+    layer = layer.to(device=device, dtype=dtype)
+    local = slice(expert_start, expert_start + placement.local)
+    layer.gate_up_proj.data.copy_(w13[local])
+    layer.down_proj.data.copy_(w2[local])
+    logits = distinct_logits(tokens, experts, dtype, device)
+    ours = fused_moe_routed(x, logits, layer.gate_up_proj, layer.down_proj, top_k, renormalize,
+                            expert_start, partial=not placement.whole).float()
+    ref = layer.forward_native(x.float(), logits.float()) if dtype == torch.float32 else \
+        layer.float().forward_native(x.float(), logits.float())
+    return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()

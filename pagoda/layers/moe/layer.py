@@ -132,8 +132,8 @@ class FusedMoE(DeviceDispatch):
         return self.group.all_reduce(out)
 
     def forward_cuda(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        from pagoda.layers.moe.triton_moe import fused_moe_triton
-        weights, ids = self.route(router_logits)
-        out = fused_moe_triton(x, self.gate_up_proj, self.down_proj, weights, ids,
+        from pagoda.layers.moe.triton_moe import fused_moe_routed
+        out = fused_moe_routed(x, router_logits, self.gate_up_proj, self.down_proj, self.top_k,
+                               self.renormalize, self.placement.start,
                                partial=not self.placement.whole)
         return self.group.all_reduce(out)

@@ -116,6 +116,9 @@ def _scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, n, BLOCK: tl
     tl.store(sorted_ids_ptr + start + rank, offs, mask=hit)
 
 
+ALIGN_BLOCK = 256  # assignments per program of the count and scatter kernels
+
+
 def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
     """Group the assignments of `topk_ids` [tokens, top_k] (local expert ids, -1: not on
     this rank) by expert in blocks of block_m rows."""
@@ -123,23 +126,90 @@ def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     if flat.dtype != torch.int32:
         flat = flat.to(torch.int32)
     n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    ranks = torch.empty(n, dtype=torch.int32, device=flat.device)
+    _count_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat, counts, ranks, n, BLOCK=ALIGN_BLOCK)
+    return _blocks_from_counts(flat, counts, ranks, block_m)
+
+
+def _blocks_from_counts(flat_ids: torch.Tensor, counts: torch.Tensor, ranks: torch.Tensor,
+                        block_m: int) -> ExpertBlocks:
+    """The padded blocks, given each expert's count and each assignment's rank in it."""
+    n, num_experts, device = flat_ids.numel(), counts.numel(), flat_ids.device
     n_blocks = max_blocks(n, num_experts, block_m)
-    device = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
-    ranks = torch.empty(n, dtype=torch.int32, device=device)
     starts = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    block = 256
-    _count_kernel[(triton.cdiv(n, block),)](flat, counts, ranks, n, BLOCK=block)
     block_b = 16
     _pad_kernel[(triton.cdiv(n_blocks, block_b),)](
         counts, starts, expert_ids, num_padded, sorted_ids, n, n_blocks,
         NUM_EXPERTS=num_experts, BLOCK_E=triton.next_power_of_2(num_experts),
         BLOCK_M=block_m, BLOCK_B=block_b)
-    _scatter_kernel[(triton.cdiv(n, block),)](flat, ranks, starts, sorted_ids, n, BLOCK=block)
+    _scatter_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat_ids, ranks, starts, sorted_ids, n,
+                                                    BLOCK=ALIGN_BLOCK)
     return ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tokens,
+                  stride_t, expert_start, NUM_EXPERTS: tl.constexpr,
+                  LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """select_experts and the count of _count_kernel in one pass over BLOCK_T tokens:
+    float32 softmax over the experts, the top k by repeated arg-max (the lowest expert
+    among equal probabilities), optionally renormalised; ids stored as local indices (-1:
+    another rank's expert), each local assignment counted and ranked in its expert."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = tokens < n_tokens
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + experts[None, :],
+                     mask=t_ok[:, None] & (experts[None, :] < NUM_EXPERTS),
+                     other=float("-inf")).to(tl.float32)
+    logits = tl.where(t_ok[:, None], logits, 0.0)  # rows past the end: no NaN
+    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = probs / tl.sum(probs, axis=1)[:, None]
+    slots = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_id = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, axis=1)
+        pick = tl.min(tl.where(probs == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        top_w = tl.where(slots[None, :] == j, best[:, None], top_w)
+        top_id = tl.where(slots[None, :] == j, pick[:, None], top_id)
+        probs = tl.where(experts[None, :] == pick[:, None], -1.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    local = top_id - expert_start
+    here = (local >= 0) & (local < LOCAL_EXPERTS)
+    local = tl.where(here, local, -1)
+    out = tokens[:, None] * TOP_K + slots[None, :]
+    ok = t_ok[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out, top_w, mask=ok)
+    tl.store(ids_ptr + out, local, mask=ok)
+    rank = tl.atomic_add(counts_ptr + local, 1, mask=ok & here)
+    tl.store(ranks_ptr + out, rank, mask=ok)
+
+
+def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     expert_start: int, local_experts: int,
+                     block_m: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBlocks]:
+    """select_experts, the global -> local id map and align_to_experts in three kernels:
+    (float32 weights, local ids or -1) [tokens, top_k] and the expert blocks."""
+    tokens, num_experts = router_logits.shape
+    device = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+    counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
+    ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(16, 4096 // block_e))
+    _route_kernel[(triton.cdiv(tokens, block_t),)](
+        router_logits, weights, ids, counts, ranks, tokens, router_logits.stride(0),
+        expert_start, NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
+    return weights, ids, _blocks_from_counts(ids.view(-1), counts, ranks, block_m)
 
 
 @triton.jit
@@ -211,15 +281,35 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      config: MoEConfig | None = None, partial: bool = False) -> torch.Tensor:
-    """The same sum as fused_moe_native, in four small launches and two grouped GEMMs.
-    Each (token, slot) row is rounded to x's dtype before the top-k sum, which runs in
-    float32. `partial`: some ids are -1 (experts on other ranks), whose rows add nothing."""
+    """The same sum as fused_moe_native, given the routing: four small launches to group
+    the assignments, two grouped GEMMs and the top-k sum. `partial`: some ids are -1
+    (experts on other ranks), whose rows add nothing."""
+    tokens, top_k = topk_ids.shape
+    config = config or moe_config(tokens, top_k, w13.shape[0])
+    blocks = align_to_experts(topk_ids, w13.shape[0], config.block_m)
+    return experts_forward(x, w13, w2, topk_weights, blocks, top_k, config, partial)
+
+
+def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
+                     w2: torch.Tensor, top_k: int, renormalize: bool, expert_start: int = 0,
+                     partial: bool = False) -> torch.Tensor:
+    """The whole layer from the router's logits: routing and grouping in three kernels
+    (route_to_experts), then the experts. Experts [expert_start, expert_start + w13.shape[0])
+    live here."""
+    config = moe_config(x.shape[0], top_k, w13.shape[0])
+    weights, _, blocks = route_to_experts(router_logits, top_k, renormalize, expert_start,
+                                          w13.shape[0], config.block_m)
+    return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
+
+
+def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, blocks: ExpertBlocks, top_k: int,
+                    config: MoEConfig, partial: bool) -> torch.Tensor:
+    """gate/up with SiLU-and-mul, down with the routing weight, then each token's top-k
+    rows summed (float32 accumulation). Each row is rounded to x's dtype before the sum."""
     tokens, hidden = x.shape
-    top_k = topk_ids.shape[1]
-    num_experts, inter2, _ = w13.shape
-    config = config or moe_config(tokens, top_k, num_experts)
     x = x.contiguous()
-    blocks = align_to_experts(topk_ids, num_experts, config.block_m)
+    inter2 = w13.shape[1]
     act = torch.empty(tokens * top_k, inter2 // 2, dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, blocks, None, top_k, True, config)
     # rows of experts on other ranks are never written: zeroed, they add nothing
@@ -227,4 +317,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     down = alloc(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     _grouped_gemm(act, w2, down, blocks, weights, 1, False, config)
-    return down.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    if top_k == 1:
+        return down
+    # one reduction kernel; torch accumulates 16-bit sums in float32
+    return down.view(tokens, top_k, hidden).sum(dim=1)
