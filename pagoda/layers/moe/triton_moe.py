@@ -81,21 +81,19 @@ def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
-                sentinel, n_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Each program: the padded expert offsets (program 0 stores them), then for its
-    BLOCK_B blocks the owning expert (-1 past the end) and sentinel-filled rows."""
-    pid = tl.program_id(0)
+def _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                sentinel, n_blocks, blocks, STORE_STARTS: tl.constexpr,
+                NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The padded expert offsets (stored if STORE_STARTS), then for `blocks` the owning
+    expert (-1 past the end) and sentinel-filled rows."""
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     total = tl.sum(padded, axis=0)
-    if pid == 0:
+    if STORE_STARTS:
         tl.store(starts_ptr + experts, ends - padded, mask=experts < NUM_EXPERTS)
         tl.store(num_padded_ptr, total)
-    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     first_row = blocks * BLOCK_M
     owner = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
     owner = tl.where(first_row < total, owner, -1)
@@ -103,6 +101,21 @@ def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_i
     rows = first_row[:, None] + tl.arange(0, BLOCK_M)[None, :]
     tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + sentinel,
              mask=(blocks < n_blocks)[:, None])
+
+
+@triton.jit
+def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                sentinel, n_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Each program recomputes the offsets (program 0 stores them) for its BLOCK_B blocks."""
+    pid = tl.program_id(0)
+    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    if pid == 0:
+        _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                    sentinel, n_blocks, blocks, True, NUM_EXPERTS, BLOCK_E, BLOCK_M)
+    else:
+        _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                    sentinel, n_blocks, blocks, False, NUM_EXPERTS, BLOCK_E, BLOCK_M)
 
 
 @triton.jit
@@ -152,15 +165,15 @@ def _blocks_from_counts(flat_ids: torch.Tensor, counts: torch.Tensor, ranks: tor
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tokens,
-                  stride_t, expert_start, NUM_EXPERTS: tl.constexpr,
-                  LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """select_experts and the count of _count_kernel in one pass over BLOCK_T tokens:
-    float32 softmax over the experts, the top k by repeated arg-max (the lowest expert
-    among equal probabilities), optionally renormalised; ids stored as local indices (-1:
-    another rank's expert), each local assignment counted and ranked in its expert."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens, n_tokens,
+                stride_t, expert_start, NUM_EXPERTS: tl.constexpr, LOCAL_EXPERTS: tl.constexpr,
+                TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """select_experts and the count of _count_kernel for `tokens`: float32 softmax over the
+    experts, the top k by repeated arg-max (the lowest expert among equal probabilities),
+    optionally renormalised; ids stored as local indices (-1: another rank's expert), each
+    local assignment counted and ranked in its expert. Returns (local ids, assignment
+    indices, mask of local assignments), [BLOCK_T, BLOCK_K]."""
     t_ok = tokens < n_tokens
     experts = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + experts[None, :],
@@ -189,26 +202,86 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tok
     tl.store(ids_ptr + out, local, mask=ok)
     rank = tl.atomic_add(counts_ptr + local, 1, mask=ok & here)
     tl.store(ranks_ptr + out, rank, mask=ok)
+    return local, out, ok & here
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tokens,
+                  stride_t, expert_start, NUM_EXPERTS: tl.constexpr,
+                  LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens, n_tokens,
+                stride_t, expert_start, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE,
+                BLOCK_T, BLOCK_E, BLOCK_K)
+
+
+@triton.jit
+def _route_align_one_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr,
+                            starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                            n_tokens, stride_t, expert_start, n_blocks,
+                            NUM_EXPERTS: tl.constexpr, LOCAL_EXPERTS: tl.constexpr,
+                            TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_LE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Decode batches (all tokens in one program): zero the counts, route and count, pad,
+    scatter, in one launch instead of four; barriers order the phases within the block."""
+    local_experts = tl.arange(0, BLOCK_LE)
+    tl.store(counts_ptr + local_experts, tl.zeros_like(local_experts),
+             mask=local_experts < LOCAL_EXPERTS)
+    tl.debug_barrier()
+    local, out, hit = _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr,
+                                  tl.arange(0, BLOCK_T), n_tokens, stride_t, expert_start,
+                                  NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE, BLOCK_T,
+                                  BLOCK_E, BLOCK_K)
+    tl.debug_barrier()
+    _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                n_tokens * TOP_K, n_blocks, tl.arange(0, BLOCK_B), True, LOCAL_EXPERTS,
+                BLOCK_LE, BLOCK_M)
+    tl.debug_barrier()
+    rank = tl.load(ranks_ptr + out, mask=hit, other=0)
+    start = tl.load(starts_ptr + local, mask=hit, other=0)
+    tl.store(sorted_ids_ptr + start + rank, out, mask=hit)
+
+
+ONE_PROGRAM_TOKENS = 16  # up to this many tokens route and group in a single launch
 
 
 def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                      expert_start: int, local_experts: int,
                      block_m: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBlocks]:
-    """select_experts, the global -> local id map and align_to_experts in three kernels:
-    (float32 weights, local ids or -1) [tokens, top_k] and the expert blocks."""
+    """select_experts, the global -> local id map and align_to_experts: (float32 weights,
+    local ids or -1) [tokens, top_k] and the expert blocks. Decode batches take one launch,
+    larger ones four (zeroed counts, route and count, pad, scatter)."""
     tokens, num_experts = router_logits.shape
     device = router_logits.device
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
-    counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
     ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
     block_e = triton.next_power_of_2(num_experts)
+    common = dict(NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
+                  RENORMALIZE=renormalize, BLOCK_E=block_e,
+                  BLOCK_K=triton.next_power_of_2(top_k))
+    if tokens <= ONE_PROGRAM_TOKENS:
+        n_blocks = max_blocks(tokens * top_k, local_experts, block_m)
+        counts = torch.empty(local_experts, dtype=torch.int32, device=device)
+        starts = torch.empty(local_experts, dtype=torch.int32, device=device)
+        sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
+        expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=device)
+        num_padded = torch.empty(1, dtype=torch.int32, device=device)
+        _route_align_one_kernel[(1,)](
+            router_logits, weights, ids, counts, ranks, starts, expert_ids, num_padded,
+            sorted_ids, tokens, router_logits.stride(0), expert_start, n_blocks,
+            BLOCK_T=triton.next_power_of_2(tokens),
+            BLOCK_LE=triton.next_power_of_2(local_experts), BLOCK_M=block_m,
+            BLOCK_B=triton.next_power_of_2(n_blocks), num_warps=4, **common)
+        return weights, ids, ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
+    counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
     block_t = max(1, min(16, 4096 // block_e))
     _route_kernel[(triton.cdiv(tokens, block_t),)](
         router_logits, weights, ids, counts, ranks, tokens, router_logits.stride(0),
-        expert_start, NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
-        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
+        expert_start, BLOCK_T=block_t, num_warps=4, **common)
     return weights, ids, _blocks_from_counts(ids.view(-1), counts, ranks, block_m)
 
 
