@@ -87,7 +87,10 @@ def _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_i
     """The padded expert offsets (stored if STORE_STARTS), then for `blocks` the owning
     expert (-1 past the end) and sentinel-filled rows."""
     experts = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    # .cg: read at L2, where the atomics counted (the one-program kernel reads it after a
+    # block barrier)
+    counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0,
+                     cache_modifier=".cg")
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     total = tl.sum(padded, axis=0)
@@ -240,12 +243,17 @@ def _route_align_one_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_
                 n_tokens * TOP_K, n_blocks, tl.arange(0, BLOCK_B), True, LOCAL_EXPERTS,
                 BLOCK_LE, BLOCK_M)
     tl.debug_barrier()
-    rank = tl.load(ranks_ptr + out, mask=hit, other=0)
-    start = tl.load(starts_ptr + local, mask=hit, other=0)
+    rank = tl.load(ranks_ptr + out, mask=hit, other=0, cache_modifier=".cg")
+    start = tl.load(starts_ptr + local, mask=hit, other=0, cache_modifier=".cg")
     tl.store(sorted_ids_ptr + start + rank, out, mask=hit)
 
 
 ONE_PROGRAM_TOKENS = 16  # up to this many tokens route and group in a single launch
+
+
+def _block(n: int) -> int:
+    """A power-of-two tile of at least 2 holding n."""
+    return max(2, triton.next_power_of_2(n))
 
 
 def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
@@ -259,10 +267,9 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
     ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = _block(num_experts)
     common = dict(NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
-                  RENORMALIZE=renormalize, BLOCK_E=block_e,
-                  BLOCK_K=triton.next_power_of_2(top_k))
+                  RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_K=_block(top_k))
     if tokens <= ONE_PROGRAM_TOKENS:
         n_blocks = max_blocks(tokens * top_k, local_experts, block_m)
         counts = torch.empty(local_experts, dtype=torch.int32, device=device)
@@ -273,9 +280,8 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         _route_align_one_kernel[(1,)](
             router_logits, weights, ids, counts, ranks, starts, expert_ids, num_padded,
             sorted_ids, tokens, router_logits.stride(0), expert_start, n_blocks,
-            BLOCK_T=triton.next_power_of_2(tokens),
-            BLOCK_LE=triton.next_power_of_2(local_experts), BLOCK_M=block_m,
-            BLOCK_B=triton.next_power_of_2(n_blocks), num_warps=4, **common)
+            BLOCK_T=_block(tokens), BLOCK_LE=_block(local_experts), BLOCK_M=block_m,
+            BLOCK_B=_block(n_blocks), num_warps=4, **common)
         return weights, ids, ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
     counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
     block_t = max(1, min(16, 4096 // block_e))
