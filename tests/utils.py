@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 
-def save_random_checkpoint(config, path: Path, tokenizer_dir: Path | None, seed: int = 0) -> Path:
-    """A random-weight HF checkpoint (safetensors + config [+ tokenizer]) for any config."""
+def save_random_checkpoint(config, path: Path, tokenizer_dir: Path | None, seed: int = 0,
+                           original_format: bool = True) -> Path:
+    """A random-weight HF checkpoint (safetensors + config [+ tokenizer]) for any config;
+    `original_format` False: tensors as transformers 5 holds them (packed experts)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
+    model.save_pretrained(path, save_original_format=original_format)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                      "special_tokens_map.json"):

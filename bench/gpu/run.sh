@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   kernels-graph decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   kernels-graph moe-kernels decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -24,6 +24,8 @@ run_stage() {
   case "$1" in
     tests) python3 -m pytest -q -x tests/gpu 2>&1 | tail -40 ;;
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
+    moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
+               python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \

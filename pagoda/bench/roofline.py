@@ -3,6 +3,11 @@
 Decode is bandwidth-bound: each step must stream every weight byte (the input embedding is
 only gathered) plus the KV of every active sequence. Prefill is compute-bound. A step's
 floor is max(bytes / bandwidth, FLOPs / peak); a workload's floor sums its steps' floors.
+
+A mixture of experts reads, per step, the weights every token runs (attention, router, dense
+layers, head) and only the experts its tokens picked: top_k per MoE layer for one token, the
+expected number of distinct experts E * (1 - (1 - k / E) ** batch) for a batch (all of them
+soon at throughput batch sizes). Its FLOPs are those of the active parameters.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pagoda.models.arch.base import LayerAttention, head_dim
+from pagoda.models.arch.base import ExpertLayout, LayerAttention, head_dim
 from pagoda.models.registry import arch_spec
 
 
@@ -32,19 +37,31 @@ class ModelShape:
 
     layers: tuple[LayerAttention, ...]
     query_width: int  # query heads x head_dim
-    matmul_params: int  # parameters read per token (all but an untied input embedding)
-    weight_bytes_read: int  # bytes streamed per step
+    matmul_params: int  # parameters one token runs (all but an untied input embedding and,
+    # in a mixture of experts, the experts it was not routed to)
+    weight_bytes_read: int  # bytes streamed per step of one token
     itemsize: int
+    experts: ExpertLayout | None = None  # a mixture of experts' routed experts
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype) -> ModelShape:
         spec = arch_spec(config)
-        params = spec.count_parameters(config)
+        params = spec.count_active_parameters(config)
         if not getattr(config, "tie_word_embeddings", False):
             params -= config.vocab_size * config.hidden_size  # the input embedding is gathered
         size = torch.empty((), dtype=dtype).element_size()
         return cls(tuple(spec.layer_attention(config)),
-                   config.num_attention_heads * head_dim(config), params, params * size, size)
+                   config.num_attention_heads * head_dim(config), params, params * size, size,
+                   spec.experts(config) if spec.experts else None)
+
+    def step_weight_bytes(self, batch: int) -> float:
+        """Weight bytes a decode step of `batch` tokens streams: a dense model all of them,
+        a mixture of experts the experts its tokens are expected to touch."""
+        if self.experts is None or batch <= 1:
+            return self.weight_bytes_read
+        e = self.experts
+        extra = e.moe_layers * (e.experts_touched(batch) - e.top_k) * e.params_per_expert
+        return self.weight_bytes_read + extra * self.itemsize
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -100,7 +117,8 @@ def decode_step_floor(shape: ModelShape, ceil: Ceilings, contexts: list[int]) ->
     kv_bytes = sum(shape.kv_bytes_read(c) for c in contexts)
     flops = 2.0 * shape.matmul_params * len(contexts) + sum(
         shape.attention_flops(c) for c in contexts)
-    return max((shape.weight_bytes_read + kv_bytes) / ceil.bandwidth, flops / ceil.matmul_flops)
+    return max((shape.step_weight_bytes(len(contexts)) + kv_bytes) / ceil.bandwidth,
+               flops / ceil.matmul_flops)
 
 
 def prefill_floor(shape: ModelShape, ceil: Ceilings, prompt_lens: list[int]) -> float:

@@ -68,7 +68,9 @@ def format_estimate(e) -> str:
     kv_shape = (f"{e.concurrency} x {e.max_model_len} tokens, "
                 f"{e.kv_bytes_per_token / 1024:.0f} KiB per token")
     tp = f", tensor parallel {e.tensor_parallel}" if e.tensor_parallel > 1 else ""
-    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters, {e.dtype}{tp}",
+    active = ("" if e.active_parameters is None
+              else f" ({e.active_parameters / 1e9:.2f} B active per token)")
+    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters{active}, {e.dtype}{tp}",
              f"  weights{per_gpu:9s} {gib(e.weight_bytes)}  (from {e.weights_from})",
              f"  KV cache         {gib(e.kv_bytes)}  ({kv_shape})"]
     if e.kv_bytes_without_freeing != e.kv_bytes:

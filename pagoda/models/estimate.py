@@ -60,6 +60,7 @@ class MemoryEstimate:
     concurrency: int
     tensor_parallel: int
     token_budget: int  # tokens a step runs: a sliding-window layer holds its window + this
+    active_parameters: int | None = None  # a mixture of experts: what one token runs
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
@@ -81,6 +82,12 @@ def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
         return spec.count_parameters(config), "config"
     return sum(math.prod(shape) for name, shape in shapes
                if spec.keeps_weight(name, config)), origin
+
+
+def active_parameters(spec: ArchSpec, config: Any, total: int) -> int | None:
+    """Of `total` parameters, those one token runs (a mixture of experts runs top_k of its
+    experts); None for a dense model."""
+    return None if spec.experts is None else total - spec.experts(config).idle_parameters
 
 
 def kv_bytes_per_token(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1) -> int:
@@ -150,7 +157,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
         kv_bytes_without_freeing=kv_unfreed, activation_bytes=activations,
         overhead_bytes=overhead, peak_bytes=weights + kv + activations + overhead,
         max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp,
-        token_budget=token_budget)
+        token_budget=token_budget, active_parameters=active_parameters(spec, config, params))
     if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)

@@ -90,12 +90,12 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried through the fused norms."""
 
     def __init__(self, config: Any, max_position: int, group: ParallelGroup,
-                 options: AttentionOptions) -> None:
+                 options: AttentionOptions, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, max_position, group, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, group)
+        self.mlp = mlp or LlamaMLP(config, group)  # a mixture of experts passes its own
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None,

@@ -9,10 +9,11 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.models.arch.base import ArchSpec, GGUFLayout
 from pagoda.models.arch.gemma3 import GEMMA3
 from pagoda.models.arch.llama import LLAMA
+from pagoda.models.arch.moe import MIXTRAL, QWEN3_MOE
 from pagoda.models.arch.qwen import QWEN2, QWEN3
 
 # Extension point: one entry per architecture file under models/arch/.
-ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3)
+ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3, QWEN3_MOE, MIXTRAL)
 
 
 def supported_architectures() -> list[str]:

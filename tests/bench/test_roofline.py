@@ -60,3 +60,37 @@ def test_sliding_window_layers_read_and_attend_only_their_window():
     assert shape.attention_flops(100) == 4.0 * 8 * 256 * 34 * 100
     assert shape.prefill_attention_flops(4096) == 4.0 * 8 * 256 * (
         local * (1024 * 1024 / 2 + 3072 * 1024) + (total - local) * 4096 * 4096 / 2)
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b_a3b() -> ModelShape:
+    return ModelShape.from_config(AutoConfig.from_pretrained("bench/configs/qwen3-30b-a3b"),
+                                  torch.bfloat16)
+
+
+def test_mixture_of_experts_decodes_one_token_at_its_active_size(qwen3_30b_a3b):
+    embedding = 151936 * 2048
+    per_expert = 3 * 2048 * 768
+    total = 30_532_122_624  # every expert of every layer
+    active = total - 48 * (128 - 8) * per_expert
+    assert qwen3_30b_a3b.matmul_params == active - embedding
+    assert qwen3_30b_a3b.step_weight_bytes(1) == 2 * (active - embedding)
+    one = decode_step_floor(qwen3_30b_a3b, H200, [1024])
+    kv = 1024 * 48 * 2 * 4 * 128 * 2
+    assert one == pytest.approx((2 * (active - embedding) + kv) / 4.3e12)
+
+
+def test_mixture_of_experts_batches_touch_more_experts_up_to_all(qwen3_30b_a3b):
+    embedding = 151936 * 2048
+    every_expert = 2 * (30_532_122_624 - embedding)
+    two = qwen3_30b_a3b.step_weight_bytes(2)
+    expected_two = 128 * (1 - (1 - 8 / 128) ** 2)  # 15.5 distinct experts per layer
+    assert two == pytest.approx(qwen3_30b_a3b.weight_bytes_read
+                                + 2 * 48 * (expected_two - 8) * 3 * 2048 * 768)
+    assert qwen3_30b_a3b.step_weight_bytes(1) < two < qwen3_30b_a3b.step_weight_bytes(16)
+    assert qwen3_30b_a3b.step_weight_bytes(256) == pytest.approx(every_expert, rel=1e-6)
+
+
+def test_dense_models_stream_the_same_bytes_at_any_batch(llama8b):
+    assert llama8b.step_weight_bytes(256) == llama8b.step_weight_bytes(1) \
+        == llama8b.weight_bytes_read

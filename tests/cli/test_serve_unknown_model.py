@@ -18,4 +18,5 @@ def test_serve_names_the_architecture_and_the_supported_ones(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("pagoda serve:")]
     assert lines == ["pagoda serve: model architecture 'MambaForCausalLM' is not supported "
                      "(supported: Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
-                     "Qwen2ForCausalLM, Qwen3ForCausalLM)"]
+                     "MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                     "Qwen3MoeForCausalLM)"]

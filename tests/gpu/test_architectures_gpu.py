@@ -1,11 +1,19 @@
-"""Qwen2, Qwen3 and Gemma 3 on CUDA (Triton attention with sliding windows, fused q/k norms
-and GELU, CUDA graphs) against transformers on the same GPU and weights (device only)."""
+"""Qwen2, Qwen3, Gemma 3, Qwen3-MoE and Mixtral on CUDA (Triton attention with sliding windows,
+fused q/k norms and GELU, the fused MoE kernel, CUDA graphs) against transformers on the same
+GPU and weights (device only)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from pagoda import LLM, SamplingParams
 from tests.models.parity import LOGPROB_TOL
@@ -22,6 +30,14 @@ CONFIGS = {
                                num_key_value_heads=2, head_dim=128, sliding_window=100,
                                query_pre_attn_scalar=128, final_logit_softcapping=30.0,
                                **COMMON),
+    "qwen3-moe": Qwen3MoeConfig(num_hidden_layers=3, num_attention_heads=8,
+                                num_key_value_heads=2, head_dim=64, num_experts=16,
+                                num_experts_per_tok=4, moe_intermediate_size=96,
+                                norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1e6,
+                                **COMMON),
+    "mixtral": MixtralConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                             num_local_experts=8, num_experts_per_tok=2, eos_token_id=None,
+                             **COMMON),
 }
 PROMPTS = [[(7 * i + 3 * j) % 2000 + 5 for j in range(n)] for i, n in
            enumerate((3, 17, 150, 400, 1000, 33))]

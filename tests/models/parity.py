@@ -53,11 +53,13 @@ def random_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 1) -> 
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def check_random_checkpoint(config, path: Path, num_tokens: int = 32) -> None:
+def check_random_checkpoint(config, path: Path, num_tokens: int = 32,
+                            original_format: bool = True) -> None:
     """A random checkpoint of `config` served by pagoda matches transformers: alone, batched,
     with prefix-cache hits (the same prompts again, and a shared prefix), and with prefill
-    split into 8-token chunks."""
-    path = save_random_checkpoint(config, path, None)
+    split into 8-token chunks. `original_format` False: saved as transformers 5 holds the
+    tensors (packed experts)."""
+    path = save_random_checkpoint(config, path, None, original_format=original_format)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = random_prompts(config.vocab_size, (5, 37, 90))
     shared = prompts[2][:64] + random_prompts(config.vocab_size, (9,), seed=2)[0]

@@ -237,3 +237,27 @@ def test_without_a_device_the_verdict_is_for_this_machine(capsys, smollm2_dir):
     out = capsys.readouterr().out
     assert "(1 x 8192 tokens" in out and "this machine (CPU, available RAM)" in out
     assert "-> fits" in out
+
+
+@pytest.mark.parametrize(("name", "original_format"), [
+    ("qwen3moe-top2-norm-dense-layer-1", True), ("mixtral-top2-of-4", False)])
+def test_mixtures_of_experts_count_every_expert_and_the_active_ones(name, original_format,
+                                                                   tmp_path):
+    from tests.models.test_moe import CONFIGS as MOE
+    spec = str(save_random_checkpoint(MOE[name], tmp_path, None, original_format=original_format))
+    e = check_matches(spec)
+    assert e.weights_from == "safetensors header"
+    check_header_agrees_with_config(spec, "safetensors header")
+    config = resolve_model(spec).hf_config
+    assert e.active_parameters == arch_spec(config).count_active_parameters(config)
+    assert 0 < e.active_parameters < e.num_parameters
+
+
+def test_the_command_reports_active_parameters(capsys):
+    assert main(["estimate", "bench/configs/qwen3-30b-a3b", "--max-model-len", "4096",
+                 "--device", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "30.53 B parameters (3.35 B active per token)" in out, out
+    assert main(["estimate", "bench/configs/llama-3.1-8b", "--max-model-len", "4096",
+                 "--device", "H200"]) == 0
+    assert "active" not in capsys.readouterr().out

@@ -23,7 +23,9 @@ READ_FIELDS = (
     "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "sliding_window", "bos_token_id", "eos_token_id",
     "pad_token_id", "layer_types", "hidden_activation", "query_pre_attn_scalar",
-    "final_logit_softcapping", "attn_logit_softcapping",
+    "final_logit_softcapping", "attn_logit_softcapping", "num_experts", "num_local_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+    "mlp_only_layers",
 )
 PARTIAL_CONFIGS = [
     {"model_type": "llama"},
@@ -42,6 +44,12 @@ PARTIAL_CONFIGS = [
     {"model_type": "gemma3_text", "sliding_window_pattern": 3, "num_hidden_layers": 7,
      "rope_theta": 5e5, "rope_local_base_freq": 2e4,
      "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    {"model_type": "qwen3_moe"},
+    {"model_type": "qwen3_moe", "num_experts": 64, "mlp_only_layers": [0, 3],
+     "use_sliding_window": True, "sliding_window": 128},
+    {"model_type": "qwen3_moe", "num_local_experts": 16, "norm_topk_prob": True},
+    {"model_type": "mixtral"},
+    {"model_type": "mixtral", "num_local_experts": 4, "rope_theta": 1e4, "sliding_window": 64},
     {"model_type": "llama", "torch_dtype": "bfloat16", "eos_token_id": [5, 7],
      "tie_word_embeddings": True, "head_dim": 96},
 ]

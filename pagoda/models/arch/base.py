@@ -41,6 +41,26 @@ class GGUFLayout:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertLayout:
+    """A mixture-of-experts model's routed experts, for counting what a token reads."""
+
+    moe_layers: int  # layers whose MLP is routed experts
+    num_experts: int  # experts per MoE layer
+    top_k: int  # experts each token runs per MoE layer
+    params_per_expert: int  # gate, up and down of one expert
+
+    @property
+    def idle_parameters(self) -> int:
+        """Expert parameters one token does not run (all layers)."""
+        return self.moe_layers * (self.num_experts - self.top_k) * self.params_per_expert
+
+    def experts_touched(self, batch: int) -> float:
+        """Experts per MoE layer a batch of `batch` tokens runs, expected under uniform
+        routing: E * (1 - (1 - k / E) ** batch); k for one token, E for large batches."""
+        return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** batch)
+
+
+@dataclass(frozen=True, slots=True)
 class ArchSpec:
     """One architecture's declaration; the model class itself is imported only to build it."""
 
@@ -58,6 +78,13 @@ class ArchSpec:
     # file name under pagoda/tokenizer/templates/ of the chat template a model of this
     # architecture gets when its tokenizer has none (None: such a model has no chat template)
     default_chat_template: str | None = None
+    # the routed experts of a mixture-of-experts model (None: a dense model)
+    experts: Callable[[HFConfig], ExpertLayout] | None = None
+
+    def count_active_parameters(self, config: HFConfig) -> int:
+        """Parameters one token runs: all but the experts the router did not pick."""
+        total = self.count_parameters(config)
+        return total if self.experts is None else total - self.experts(config).idle_parameters
 
     def load_class(self) -> type:
         """The torch model class (imports torch)."""

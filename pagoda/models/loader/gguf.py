@@ -145,9 +145,11 @@ def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> HFConfig:
     return gguf_layout(meta.arch, meta.path).build_config(meta)
 
 
-def decoder_config(meta: GGUFMeta, rms_eps_default: float = 1e-6) -> dict[str, Any]:
-    """The config fields every llama.cpp decoder architecture stores the same way."""
-    if meta.get("{arch}.expert_count"):
+def decoder_config(meta: GGUFMeta, rms_eps_default: float = 1e-6,
+                   experts: bool = False) -> dict[str, Any]:
+    """The config fields every llama.cpp decoder architecture stores the same way
+    (`experts`: the architecture reads its expert fields itself)."""
+    if meta.get("{arch}.expert_count") and not experts:
         raise UnsupportedModelError(f"{meta.path}: {meta.arch} GGUF with experts (MoE) is not "
                                     "supported yet")
     hidden = int(meta.require("{arch}.embedding_length"))

@@ -1,18 +1,53 @@
 """Walks a checkpoint's (name, tensor) pairs onto a model's parameters through each
-parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj)."""
+parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj) and each
+expert's projections onto the stacked expert weights of a mixture of experts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from pagoda.layers.linear import default_weight_loader
 
+# one expert's projection: Qwen-style names, or Mixtral's w1 (gate), w3 (up), w2 (down)
+EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+# every expert's one projection stacked on dim 0 (how GGUF files store experts)
+STACKED_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")
+GATE_UP_HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}
+
+
+def expert_target(name: str) -> tuple[str, int] | None:
+    """A per-expert checkpoint tensor's stacked parameter and piece: gate_up_proj piece
+    2 * expert (+ 1 for up), down_proj piece expert."""
+    match = EXPERT_WEIGHT.fullmatch(name)
+    if match is None:
+        return None
+    prefix, expert, projection = match[1], int(match[2]), match[3]
+    if projection in GATE_UP_HALF:
+        return f"{prefix}.gate_up_proj", 2 * expert + GATE_UP_HALF[projection]
+    return f"{prefix}.down_proj", expert
+
+
+def split_stacked_experts(weights: Iterable[tuple[str, torch.Tensor]]
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each [experts, ...] stack of one projection as one tensor per expert (views)."""
+    for name, tensor in weights:
+        match = STACKED_EXPERTS.fullmatch(name)
+        if match is None or tensor.dim() != 3:
+            yield name, tensor
+            continue
+        for expert in range(tensor.shape[0]):
+            yield f"{match[1]}.{expert}.{match[2]}.weight", tensor[expert]
+
 
 def fused_target(name: str, packed: Mapping[str, tuple[str, ...]]) -> tuple[str, int | None]:
     """The parameter a checkpoint name loads into, and its piece index in a fused module."""
+    expert = expert_target(name)
+    if expert is not None:
+        return expert
     for fused, pieces in packed.items():
         for index, piece in enumerate(pieces):
             fragment = f".{piece}."
@@ -38,8 +73,15 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
         loader = getattr(param, "weight_loader", default_weight_loader)
         loader(param, tensor, piece)
-        loaded.add(target if piece is None else f"{target}#{piece}")
+        loaded |= _pieces(target, param) if piece is None else {f"{target}#{piece}"}
     return loaded
+
+
+def _pieces(name: str, param: nn.Parameter) -> set[str]:
+    """The names a whole tensor fills: every piece of a parameter loaded in pieces or whole
+    (stacked experts), else the parameter."""
+    count = getattr(param, "num_pieces", None)
+    return {f"{name}#{i}" for i in range(count)} if count else {name}
 
 
 def expected_weights(model: nn.Module) -> set[str]:
@@ -49,7 +91,7 @@ def expected_weights(model: nn.Module) -> set[str]:
         if getattr(module, "tied", False):
             continue
         pieces = getattr(module, "num_shards", None)
-        for param_name, _ in module.named_parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"
-            expected |= {f"{name}#{i}" for i in range(pieces)} if pieces else {name}
+            expected |= {f"{name}#{i}" for i in range(pieces)} if pieces else _pieces(name, param)
     return expected

@@ -1,0 +1,139 @@
+"""The fused expert layer: every expert's SwiGLU MLP stacked into two parameters,
+`gate_up_proj` [experts, 2 * inter, hidden] (each expert's gate rows, then its up rows) and
+`down_proj` [experts, hidden, inter], named as transformers 5 names its packed experts.
+
+Checkpoints hold experts either one tensor each (`experts.{i}.gate_proj` / `up_proj` /
+`down_proj`, Mixtral's `w1` / `w3` / `w2`), or packed (`experts.gate_up_proj`,
+`experts.down_proj`): the weight loaders take both. A per-expert piece is numbered by its
+global expert (gate_up: 2 * expert + 0 for gate, + 1 for up; down: expert), so that a complete
+load is checked piece by piece.
+
+Splitting: a tensor-parallel group splits every expert's intermediate size (outputs summed
+over the group); an `ExpertRange` keeps only a contiguous range of the experts on this rank
+(expert parallelism): routing stays global, assignments to other ranks' experts add nothing
+here, and the caller sums the ranks' partial outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagoda.layers.custom_op import DeviceDispatch
+from pagoda.layers.linear import copy_checked, new_parameter
+from pagoda.layers.moe.native import fused_moe_native
+from pagoda.layers.moe.router import select_experts
+from pagoda.layers.parallel import SINGLE, ParallelGroup
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertRange:
+    """Experts [start, start + count) of `total` live on this rank."""
+
+    total: int
+    start: int = 0
+    count: int | None = None
+
+    @property
+    def local(self) -> int:
+        return self.total - self.start if self.count is None else self.count
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.local == self.total
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start and self.local > 0 and self.start + self.local <= self.total):
+            raise ValueError(f"experts [{self.start}, {self.start}+{self.count}) are not a "
+                             f"range of {self.total}")
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> this rank's indices, -1 for experts elsewhere."""
+        if self.whole:
+            return ids
+        shifted = ids - self.start
+        return torch.where((shifted >= 0) & (shifted < self.local), shifted,
+                           torch.full_like(shifted, -1))
+
+
+class FusedMoE(DeviceDispatch):
+    """Routes each token to its top-k experts and sums their weighted SwiGLU outputs."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 renormalize: bool, group: ParallelGroup = SINGLE,
+                 experts: ExpertRange | None = None) -> None:
+        super().__init__()
+        self.top_k, self.renormalize, self.group = top_k, renormalize, group
+        self.placement = experts or ExpertRange(num_experts)
+        if self.placement.total != num_experts:
+            raise ValueError("the expert range does not cover the layer's experts")
+        self.intermediate_size = intermediate_size
+        self.local_inter = group.split(intermediate_size)[1]
+        local = self.placement.local
+        self.gate_up_proj = new_parameter(local, 2 * self.local_inter, hidden_size,
+                                          loader=self._load_gate_up)
+        self.gate_up_proj.num_pieces = 2 * num_experts
+        self.down_proj = new_parameter(local, hidden_size, self.local_inter,
+                                       loader=self._load_down)
+        self.down_proj.num_pieces = num_experts
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _local_expert(self, expert: int) -> int | None:
+        index = expert - self.placement.start
+        return index if 0 <= index < self.placement.local else None
+
+    def _rank_part(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of an expert's intermediate dim."""
+        return tensor.narrow(dim, self.group.rank * self.local_inter, self.local_inter)
+
+    def _packed_local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The experts of a packed [experts, ...] tensor that live here."""
+        if tensor.shape[0] != self.placement.total:
+            raise ValueError(f"packed experts of shape {tuple(tensor.shape)} do not hold "
+                             f"{self.placement.total} experts")
+        return tensor.narrow(0, self.placement.start, self.placement.local)
+
+    def _load_gate_up(self, param: nn.Parameter, tensor: torch.Tensor,
+                      piece: int | None = None) -> None:
+        inter = self.local_inter
+        if piece is None:  # packed [experts, 2 * inter, hidden]: gate rows, then up rows
+            full = self.intermediate_size
+            local = self._packed_local(tensor)
+            for half in (0, 1):
+                part = self._rank_part(local.narrow(1, half * full, full), 1)
+                copy_checked(param.data.narrow(1, half * inter, inter), part)
+            return
+        index = self._local_expert(piece // 2)
+        if index is not None:  # one expert's gate (even piece) or up (odd) [inter, hidden]
+            copy_checked(param.data[index].narrow(0, piece % 2 * inter, inter),
+                         self._rank_part(tensor, 0))
+
+    def _load_down(self, param: nn.Parameter, tensor: torch.Tensor,
+                   piece: int | None = None) -> None:
+        if piece is None:  # packed [experts, hidden, inter]
+            copy_checked(param, self._rank_part(self._packed_local(tensor), 2))
+            return
+        index = self._local_expert(piece)
+        if index is not None:  # one expert's [hidden, inter]
+            copy_checked(param.data[index], self._rank_part(tensor, 1))
+
+    # -- compute -------------------------------------------------------------------------
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 weights, local expert ids or -1) [tokens, top_k]."""
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return weights, self.placement.local_ids(ids)
+
+    def forward_native(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(router_logits)
+        out = fused_moe_native(x, self.gate_up_proj, self.down_proj, weights, ids)
+        return self.group.all_reduce(out)
+
+    def forward_cuda(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        from pagoda.layers.moe.triton_moe import fused_moe_routed
+        out = fused_moe_routed(x, router_logits, self.gate_up_proj, self.down_proj, self.top_k,
+                               self.renormalize, self.placement.start,
+                               partial=not self.placement.whole)
+        return self.group.all_reduce(out)

@@ -1,0 +1,402 @@
+"""The experts on GPU: tokens grouped by expert, then one grouped GEMM for gate/up (with the
+SiLU-and-mul fused into its epilogue) and one for down (with the routing weight fused), and
+the top-k rows of each token summed.
+
+Grouping ("alignment"): each (token, slot) assignment gets a row in a list sorted by expert,
+each expert's rows padded to a multiple of BLOCK_M, so that every BLOCK_M-row block of the
+list belongs to one expert; padding rows hold a sentinel (tokens * top_k) that loads
+nothing and stores nothing. Three small kernels do it with no host sync: a count with atomic
+adds (each assignment's rank within its expert is the counter's old value; the order inside
+an expert does not change any result, each row being computed alone), the padded offsets
+with each block's expert, and the scatter of assignments to their rows.
+
+Every buffer is sized for the worst case of the token count (each of min(experts, tokens *
+top_k) experts hit padding up to BLOCK_M - 1 rows), so shapes depend on the token count alone
+and the whole layer can be captured in a CUDA graph. Blocks past the real rows see expert -1
+and return at once.
+
+Loop bounds (hidden and intermediate sizes) are compile-time constants: one compilation per
+layer shape, and Triton's CPU interpreter (which tests run on) cannot take a runtime bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """Tile sizes and launch shape of the grouped GEMMs for one batch size."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    """Tiles by the rows each expert gets on average: decode batches (a few rows per expert,
+    the weights streamed once) want small M tiles and many N tiles to spread the weight
+    reads over every SM; prefill batches (hundreds of rows per expert) want large tiles."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        return MoEConfig(16, 64, 128, 4, 4)
+    if rows_per_expert <= 48:
+        return MoEConfig(32, 64, 128, 4, 3)
+    if rows_per_expert <= 128:
+        return MoEConfig(64, 128, 64, 8, 3)
+    return MoEConfig(128, 128, 64, 8, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertBlocks:
+    """Assignments grouped by expert: `sorted_ids` [max_blocks * block_m] (assignment index
+    t * top_k + j, or the sentinel), `expert_ids` [max_blocks] (-1: nothing to do) and
+    `num_padded` [1] (rows in use)."""
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+
+
+def max_blocks(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """Blocks the padded list can need: every hit expert wastes at most block_m - 1 rows."""
+    worst = num_assignments + min(num_experts, num_assignments) * (block_m - 1)
+    return triton.cdiv(worst, block_m)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
+    rank = tl.atomic_add(counts_ptr + ids, 1, mask=mask & (ids >= 0))
+    tl.store(ranks_ptr + offs, rank, mask=mask)
+
+
+@triton.jit
+def _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                sentinel, n_blocks, blocks, STORE_STARTS: tl.constexpr,
+                NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The padded expert offsets (stored if STORE_STARTS), then for `blocks` the owning
+    expert (-1 past the end) and sentinel-filled rows."""
+    experts = tl.arange(0, BLOCK_E)
+    # .cg: read at L2, where the atomics counted (the one-program kernel reads it after a
+    # block barrier)
+    counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0,
+                     cache_modifier=".cg")
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    if STORE_STARTS:
+        tl.store(starts_ptr + experts, ends - padded, mask=experts < NUM_EXPERTS)
+        tl.store(num_padded_ptr, total)
+    first_row = blocks * BLOCK_M
+    owner = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+    owner = tl.where(first_row < total, owner, -1)
+    tl.store(expert_ids_ptr + blocks, owner, mask=blocks < n_blocks)
+    rows = first_row[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_ids_ptr + rows, tl.zeros_like(rows) + sentinel,
+             mask=(blocks < n_blocks)[:, None])
+
+
+@triton.jit
+def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                sentinel, n_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Each program recomputes the offsets (program 0 stores them) for its BLOCK_B blocks."""
+    pid = tl.program_id(0)
+    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    if pid == 0:
+        _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                    sentinel, n_blocks, blocks, True, NUM_EXPERTS, BLOCK_E, BLOCK_M)
+    else:
+        _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                    sentinel, n_blocks, blocks, False, NUM_EXPERTS, BLOCK_E, BLOCK_M)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
+    hit = mask & (ids >= 0)
+    rank = tl.load(ranks_ptr + offs, mask=hit, other=0)
+    start = tl.load(starts_ptr + ids, mask=hit, other=0)
+    tl.store(sorted_ids_ptr + start + rank, offs, mask=hit)
+
+
+ALIGN_BLOCK = 256  # assignments per program of the count and scatter kernels
+
+
+def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Group the assignments of `topk_ids` [tokens, top_k] (local expert ids, -1: not on
+    this rank) by expert in blocks of block_m rows."""
+    flat = topk_ids.reshape(-1)
+    if flat.dtype != torch.int32:
+        flat = flat.to(torch.int32)
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    ranks = torch.empty(n, dtype=torch.int32, device=flat.device)
+    _count_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat, counts, ranks, n, BLOCK=ALIGN_BLOCK)
+    return _blocks_from_counts(flat, counts, ranks, block_m)
+
+
+def _blocks_from_counts(flat_ids: torch.Tensor, counts: torch.Tensor, ranks: torch.Tensor,
+                        block_m: int) -> ExpertBlocks:
+    """The padded blocks, given each expert's count and each assignment's rank in it."""
+    n, num_experts, device = flat_ids.numel(), counts.numel(), flat_ids.device
+    n_blocks = max_blocks(n, num_experts, block_m)
+    starts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    block_b = 16
+    _pad_kernel[(triton.cdiv(n_blocks, block_b),)](
+        counts, starts, expert_ids, num_padded, sorted_ids, n, n_blocks,
+        NUM_EXPERTS=num_experts, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m, BLOCK_B=block_b)
+    _scatter_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat_ids, ranks, starts, sorted_ids, n,
+                                                    BLOCK=ALIGN_BLOCK)
+    return ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
+
+
+@triton.jit
+def _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens, n_tokens,
+                stride_t, expert_start, NUM_EXPERTS: tl.constexpr, LOCAL_EXPERTS: tl.constexpr,
+                TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """select_experts and the count of _count_kernel for `tokens`: float32 softmax over the
+    experts, the top k by repeated arg-max (the lowest expert among equal probabilities),
+    optionally renormalised; ids stored as local indices (-1: another rank's expert), each
+    local assignment counted and ranked in its expert. Returns (local ids, assignment
+    indices, mask of local assignments), [BLOCK_T, BLOCK_K]."""
+    t_ok = tokens < n_tokens
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + experts[None, :],
+                     mask=t_ok[:, None] & (experts[None, :] < NUM_EXPERTS),
+                     other=float("-inf")).to(tl.float32)
+    logits = tl.where(t_ok[:, None], logits, 0.0)  # rows past the end: no NaN
+    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = probs / tl.sum(probs, axis=1)[:, None]
+    slots = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_id = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, axis=1)
+        pick = tl.min(tl.where(probs == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        top_w = tl.where(slots[None, :] == j, best[:, None], top_w)
+        top_id = tl.where(slots[None, :] == j, pick[:, None], top_id)
+        probs = tl.where(experts[None, :] == pick[:, None], -1.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    local = top_id - expert_start
+    here = (local >= 0) & (local < LOCAL_EXPERTS)
+    local = tl.where(here, local, -1)
+    out = tokens[:, None] * TOP_K + slots[None, :]
+    ok = t_ok[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out, top_w, mask=ok)
+    tl.store(ids_ptr + out, local, mask=ok)
+    rank = tl.atomic_add(counts_ptr + local, 1, mask=ok & here)
+    tl.store(ranks_ptr + out, rank, mask=ok)
+    return local, out, ok & here
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tokens,
+                  stride_t, expert_start, NUM_EXPERTS: tl.constexpr,
+                  LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens, n_tokens,
+                stride_t, expert_start, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE,
+                BLOCK_T, BLOCK_E, BLOCK_K)
+
+
+@triton.jit
+def _route_align_one_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr,
+                            starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                            n_tokens, stride_t, expert_start, n_blocks,
+                            NUM_EXPERTS: tl.constexpr, LOCAL_EXPERTS: tl.constexpr,
+                            TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_LE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Decode batches (all tokens in one program): zero the counts, route and count, pad,
+    scatter, in one launch instead of four; barriers order the phases within the block."""
+    local_experts = tl.arange(0, BLOCK_LE)
+    tl.store(counts_ptr + local_experts, tl.zeros_like(local_experts),
+             mask=local_experts < LOCAL_EXPERTS)
+    tl.debug_barrier()
+    local, out, hit = _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr,
+                                  tl.arange(0, BLOCK_T), n_tokens, stride_t, expert_start,
+                                  NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE, BLOCK_T,
+                                  BLOCK_E, BLOCK_K)
+    tl.debug_barrier()
+    _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
+                n_tokens * TOP_K, n_blocks, tl.arange(0, BLOCK_B), True, LOCAL_EXPERTS,
+                BLOCK_LE, BLOCK_M)
+    tl.debug_barrier()
+    rank = tl.load(ranks_ptr + out, mask=hit, other=0, cache_modifier=".cg")
+    start = tl.load(starts_ptr + local, mask=hit, other=0, cache_modifier=".cg")
+    tl.store(sorted_ids_ptr + start + rank, out, mask=hit)
+
+
+ONE_PROGRAM_TOKENS = 16  # up to this many tokens route and group in a single launch
+
+
+def _block(n: int) -> int:
+    """A power-of-two tile of at least 2 holding n."""
+    return max(2, triton.next_power_of_2(n))
+
+
+def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     expert_start: int, local_experts: int,
+                     block_m: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBlocks]:
+    """select_experts, the global -> local id map and align_to_experts: (float32 weights,
+    local ids or -1) [tokens, top_k] and the expert blocks. Decode batches take one launch,
+    larger ones four (zeroed counts, route and count, pad, scatter)."""
+    tokens, num_experts = router_logits.shape
+    device = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+    ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
+    block_e = _block(num_experts)
+    common = dict(NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
+                  RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_K=_block(top_k))
+    if tokens <= ONE_PROGRAM_TOKENS:
+        n_blocks = max_blocks(tokens * top_k, local_experts, block_m)
+        counts = torch.empty(local_experts, dtype=torch.int32, device=device)
+        starts = torch.empty(local_experts, dtype=torch.int32, device=device)
+        sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
+        expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=device)
+        num_padded = torch.empty(1, dtype=torch.int32, device=device)
+        _route_align_one_kernel[(1,)](
+            router_logits, weights, ids, counts, ranks, starts, expert_ids, num_padded,
+            sorted_ids, tokens, router_logits.stride(0), expert_start, n_blocks,
+            BLOCK_T=_block(tokens), BLOCK_LE=_block(local_experts), BLOCK_M=block_m,
+            BLOCK_B=_block(n_blocks), num_warps=4, **common)
+        return weights, ids, ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
+    counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
+    block_t = max(1, min(16, 4096 // block_e))
+    _route_kernel[(triton.cdiv(tokens, block_t),)](
+        router_logits, weights, ids, counts, ranks, tokens, router_logits.stride(0),
+        expert_start, BLOCK_T=block_t, num_warps=4, **common)
+    return weights, ids, _blocks_from_counts(ids.view(-1), counts, ranks, block_m)
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                     num_assignments, N: tl.constexpr, K: tl.constexpr,
+                     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
+
+    A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
+    B holds gate rows [0, N) and up rows [N, 2N); C gets silu(gate) * up. MUL_WEIGHT: each
+    row is scaled by its assignment's routing weight."""
+    pid = tl.program_id(0)
+    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    expert = tl.load(expert_ids_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < num_assignments
+    a_rows = (rows // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    b_base = b_ptr + expert.to(tl.int64) * (N * (2 if GATED else 1) * K)
+    a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
+    b_ptrs = b_base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + N * K, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
+        acc = acc * w[:, None]
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: ExpertBlocks,
+                  weights: torch.Tensor | None, a_row_div: int, gated: bool,
+                  config: MoEConfig) -> None:
+    n, k = out.shape[1], a.shape[1]
+    block_n = config.block_n // 2 if gated else config.block_n  # two accumulators
+    wide = a.dtype == torch.float32  # twice the shared memory per stage
+    grid = (blocks.expert_ids.numel() * triton.cdiv(n, block_n),)
+    _moe_gemm_kernel[grid](
+        a, b, out, weights if weights is not None else out, blocks.sorted_ids,
+        blocks.expert_ids, out.shape[0], N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
+        MUL_WEIGHT=weights is not None, BLOCK_M=config.block_m, BLOCK_N=block_n,
+        BLOCK_K=max(16, min(config.block_k, triton.next_power_of_2(k))),
+        DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
+        num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
+        config.num_stages)
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     config: MoEConfig | None = None, partial: bool = False) -> torch.Tensor:
+    """The same sum as fused_moe_native, given the routing: four small launches to group
+    the assignments, two grouped GEMMs and the top-k sum. `partial`: some ids are -1
+    (experts on other ranks), whose rows add nothing."""
+    tokens, top_k = topk_ids.shape
+    config = config or moe_config(tokens, top_k, w13.shape[0])
+    blocks = align_to_experts(topk_ids, w13.shape[0], config.block_m)
+    return experts_forward(x, w13, w2, topk_weights, blocks, top_k, config, partial)
+
+
+def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
+                     w2: torch.Tensor, top_k: int, renormalize: bool, expert_start: int = 0,
+                     partial: bool = False) -> torch.Tensor:
+    """The whole layer from the router's logits: routing and grouping in three kernels
+    (route_to_experts), then the experts. Experts [expert_start, expert_start + w13.shape[0])
+    live here."""
+    config = moe_config(x.shape[0], top_k, w13.shape[0])
+    weights, _, blocks = route_to_experts(router_logits, top_k, renormalize, expert_start,
+                                          w13.shape[0], config.block_m)
+    return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
+
+
+def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, blocks: ExpertBlocks, top_k: int,
+                    config: MoEConfig, partial: bool) -> torch.Tensor:
+    """gate/up with SiLU-and-mul, down with the routing weight, then each token's top-k
+    rows summed (float32 accumulation). Each row is rounded to x's dtype before the sum."""
+    tokens, hidden = x.shape
+    x = x.contiguous()
+    inter2 = w13.shape[1]
+    act = torch.empty(tokens * top_k, inter2 // 2, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, act, blocks, None, top_k, True, config)
+    # rows of experts on other ranks are never written: zeroed, they add nothing
+    alloc = torch.zeros if partial else torch.empty
+    down = alloc(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    _grouped_gemm(act, w2, down, blocks, weights, 1, False, config)
+    if top_k == 1:
+        return down
+    # one reduction kernel; torch accumulates 16-bit sums in float32
+    return down.view(tokens, top_k, hidden).sum(dim=1)

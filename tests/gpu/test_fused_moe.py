@@ -1,0 +1,102 @@
+"""The Triton MoE kernel against the torch reference at real widths, bf16: token counts
+1...8192, expert counts 8...128, top-k 1...8; an expert range (expert parallelism); the
+whole layer (router + kernel); the kernel captured in a CUDA graph against eager
+(device only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.layers.moe.native import fused_moe_native
+from pagoda.layers.moe.triton_moe import fused_moe_routed, fused_moe_triton
+from tests.layers.moe_cases import (
+    distinct_logits,
+    kernel_error,
+    random_moe,
+    routed_error,
+)
+
+BF16_TOL = 2e-2  # relative to 1 + max |reference|: bf16 rows, float32 accumulation
+QWEN3_30B = (2048, 768)  # hidden, one expert's intermediate size
+MIXTRAL = (4096, 14336)
+TOKENS = [1, 2, 7, 16, 33, 128, 255, 1024, 4096, 8192]
+ROUTING = [(8, 1), (8, 2), (60, 4), (128, 8)]  # (experts, top_k)
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize(("experts", "top_k"), ROUTING, ids=[f"e{e}k{k}" for e, k in ROUTING])
+def test_kernel_matches_torch_bf16(tokens, experts, top_k, gpu_report):
+    error = kernel_error(tokens, experts, top_k, *QWEN3_30B, torch.bfloat16, "cuda")
+    gpu_report(tokens=tokens, experts=experts, top_k=top_k, shape="qwen3-30b", error=error)
+    assert error < BF16_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_kernel_matches_torch_at_mixtral_width(tokens, gpu_report):
+    error = kernel_error(tokens, 8, 2, *MIXTRAL, torch.bfloat16, "cuda")
+    gpu_report(tokens=tokens, experts=8, top_k=2, shape="mixtral", error=error)
+    assert error < BF16_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_kernel_with_experts_on_another_rank(tokens, gpu_report):
+    error = kernel_error(tokens, 64, 8, *QWEN3_30B, torch.bfloat16, "cuda", drop_experts=True)
+    gpu_report(tokens=tokens, experts=64, top_k=8, shape="half the experts", error=error)
+    assert error < BF16_TOL
+
+
+ROUTED = [(1, 128, 8, True, 0, None), (64, 128, 8, False, 0, None), (4096, 128, 8, True, 0, None),
+          (300, 8, 2, True, 0, None), (100, 128, 8, True, 32, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize", "start", "local"), ROUTED)
+def test_layer_from_router_logits_matches_the_torch_path(dtype, tokens, experts, top_k,
+                                                          renormalize, start, local,
+                                                          gpu_report):
+    """The fused routing kernel (softmax, top-k, renormalise, local ids, counts) and the
+    experts against select_experts and the torch experts."""
+    error = routed_error(tokens, experts, top_k, *QWEN3_30B, renormalize, dtype, "cuda",
+                         start, local)
+    gpu_report(tokens=tokens, experts=experts, top_k=top_k, shape="routed layer",
+               dtype=str(dtype).removeprefix("torch."), error=error)
+    assert error < (1e-4 if dtype == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 256])
+def test_cuda_graph_replays_new_routing_like_eager(tokens):
+    x, w13, w2, weights, ids = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
+    fused_moe_triton(x, w13, w2, weights, ids)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe_triton(x, w13, w2, weights, ids)
+    for seed in (1, 2):  # new inputs and routing, written into the captured buffers
+        new_x, _, _, new_weights, new_ids = random_moe(tokens, 128, 8, *QWEN3_30B,
+                                                       torch.bfloat16, "cuda", seed=seed)
+        x.copy_(new_x)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        graph.replay()
+        eager = fused_moe_triton(x, w13, w2, weights, ids)
+        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+        ref = fused_moe_native(x.float(), w13.float(), w2.float(), weights, ids)
+        assert ((captured.float() - ref).abs().max() / (1 + ref.abs().max())).item() < BF16_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_cuda_graph_of_the_routed_layer_replays_like_eager(tokens):
+    x, w13, w2, _, _ = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
+    logits = distinct_logits(tokens, 128, torch.bfloat16, "cuda")
+    fused_moe_routed(x, logits, w13, w2, 8, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe_routed(x, logits, w13, w2, 8, True)
+    for seed in (1, 2):
+        logits.copy_(distinct_logits(tokens, 128, torch.bfloat16, "cuda", seed=seed))
+        x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
+        graph.replay()
+        torch.testing.assert_close(captured, fused_moe_routed(x, logits, w13, w2, 8, True),
+                                   rtol=0, atol=0)

@@ -1,0 +1,70 @@
+"""Shared by the CPU (interpreted Triton) and GPU tests of the fused MoE kernel: random
+experts and routing, and the kernel's error against the torch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.layers.moe.native import fused_moe_native
+from pagoda.layers.moe.router import select_experts
+
+
+def random_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+               dtype: torch.dtype, device: str, seed: int = 0):
+    """(x, w13, w2, weights, ids): weights scaled so activations stay near unit size."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = randn(tokens, hidden)
+    w13 = randn(experts, 2 * inter, hidden, scale=hidden ** -0.5)
+    w2 = randn(experts, hidden, inter, scale=inter ** -0.5)
+    logits = randn(tokens, experts).float()
+    weights, ids = select_experts(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                 dtype: torch.dtype, device: str, drop_experts: bool = False) -> float:
+    """Max |triton - reference| / (1 + max |reference|). The reference runs in float32 on
+    the same (rounded) inputs. `drop_experts`: the upper half of the experts live on another
+    rank (ids -1)."""
+    from pagoda.layers.moe.triton_moe import fused_moe_triton
+    x, w13, w2, weights, ids = random_moe(tokens, experts, top_k, hidden, inter, dtype, device)
+    if drop_experts:
+        ids = torch.where(ids < experts // 2, ids, torch.full_like(ids, -1))
+    ours = fused_moe_triton(x, w13, w2, weights, ids, partial=drop_experts).float()
+    ref = fused_moe_native(x.float(), w13.float(), w2.float(), weights, ids)
+    return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()
+
+
+def distinct_logits(tokens: int, experts: int, dtype: torch.dtype, device: str,
+                    seed: int = 0) -> torch.Tensor:
+    """Router logits with no two equal in a row, even in bf16 (small integers / 8): which
+    of two tied experts a top-k picks is unspecified."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(experts, generator=gen) for _ in range(tokens)]
+    return (torch.stack(rows).float() / 8).to(device=device, dtype=dtype)
+
+
+def routed_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                 renormalize: bool, dtype: torch.dtype, device: str,
+                 expert_start: int = 0, local_experts: int | None = None) -> float:
+    """The layer from router logits (routing, grouping and experts in Triton) against the
+    torch path, experts [expert_start, expert_start + local_experts) on this rank."""
+    from pagoda.layers.moe.layer import ExpertRange, FusedMoE
+    from pagoda.layers.moe.triton_moe import fused_moe_routed
+    x, w13, w2, _, _ = random_moe(tokens, experts, top_k, hidden, inter, dtype, device)
+    placement = ExpertRange(experts, expert_start, local_experts)
+    layer = FusedMoE(experts, top_k, hidden, inter, renormalize, experts=placement)
+    layer = layer.to(device=device, dtype=dtype)
+    local = slice(expert_start, expert_start + placement.local)
+    layer.gate_up_proj.data.copy_(w13[local])
+    layer.down_proj.data.copy_(w2[local])
+    logits = distinct_logits(tokens, experts, dtype, device)
+    ours = fused_moe_routed(x, logits, layer.gate_up_proj, layer.down_proj, top_k, renormalize,
+                            expert_start, partial=not placement.whole).float()
+    ref = layer.forward_native(x.float(), logits.float()) if dtype == torch.float32 else \
+        layer.float().forward_native(x.float(), logits.float())
+    return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()
