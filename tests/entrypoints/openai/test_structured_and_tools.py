@@ -155,11 +155,15 @@ def test_auto_tool_choice_parses_the_models_format(client):
     jsonschema.validate(json.loads(call.function.arguments), ADD)
 
 
-def test_a_forced_call_cut_off_by_max_tokens_comes_back_as_text(client):
-    out = chat(client, tools=TOOLS, max_tokens=5, tool_choice={
+def test_a_forced_call_cut_off_by_max_tokens_is_not_lost(client):
+    required = chat(client, tools=TOOLS, max_tokens=5, tool_choice="required").choices[0]
+    assert required.finish_reason == "length" and not required.message.tool_calls
+    assert required.message.content.lstrip().startswith("[")  # the partial call, as text
+    named = chat(client, tools=TOOLS, max_tokens=5, tool_choice={
         "type": "function", "function": {"name": "get_weather"}}).choices[0]
-    assert out.finish_reason == "length" and not out.message.tool_calls
-    assert out.message.content and out.message.content.lstrip().startswith("{")
+    (call,) = named.message.tool_calls  # a named function: its partial arguments
+    assert named.finish_reason == "length" and call.function.name == "get_weather"
+    assert call.function.arguments.startswith("{")
 
 
 def test_reasoning_without_an_answer_has_null_content(client):
