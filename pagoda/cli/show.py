@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def chat_template(source: Any) -> str | None:
-    from pagoda.models.loader.tokenizer import load_tokenizer
     from pagoda.errors import ModelNotFoundError
+    from pagoda.models.loader.tokenizer import load_tokenizer
     try:
         template = load_tokenizer(source).chat_template
     except ModelNotFoundError:  # a checkpoint without tokenizer files
@@ -88,8 +88,8 @@ def format_summary(s: dict[str, Any]) -> str:
              f"    name              {s['name']}",
              f"    path              {s['path']}",
              f"    architecture      {s['architecture']}",
-             f"    parameters        {s['parameters'] / 1e9:.2f} B (from the "
-             f"{s['parameters_from']})",
+             (f"    parameters        {s['parameters'] / 1e9:.2f} B (from the "
+              f"{s['parameters_from']})"),
              f"    format            {s['format']}, {s['size_bytes'] / 1e6:.0f} MB on disk",
              f"    context length    {s['context_length']}",
              f"    layers            {s['layers']}, {heads}",

@@ -12,7 +12,7 @@ import pytest
 
 def _run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pagoda.cli.main", *argv], input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def _error_lines(proc: subprocess.CompletedProcess, command: str) -> list[str]:
@@ -48,9 +48,9 @@ def test_unsupported_architecture_is_one_line(unsupported_checkpoint):
 def test_too_long_max_model_len_is_one_line(smollm2_dir):
     proc = _run("generate", "hi", "--model", str(smollm2_dir), "--max-model-len", "100000")
     assert proc.returncode == 1
-    assert _error_lines(proc, "generate") == [
+    assert _error_lines(proc, "generate") == [(
         "pagoda generate: max_model_len=100000 exceeds the model's limit of 8192 "
-        "(max_position_embeddings in its config)"]
+        "(max_position_embeddings in its config)")]
 
 
 def test_serve_reports_a_load_failure_once_and_never_after_listening(tmp_path, smollm2_dir):
