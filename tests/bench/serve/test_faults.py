@@ -93,11 +93,11 @@ def test_a_stalled_server_fails_requests_by_timeout(tiny_model, smollm2_tokenize
 
 
 def test_queued_requests_are_measured_not_failed_as_stalls(tiny_model, smollm2_tokenizer):
-    """One sequence at a time, 12 requests at once: most wait far longer than the stall
-    timeout for their first token, and all of them complete."""
-    server = start(tiny_model, extra=("--max-num-seqs", "1"))
+    """One sequence at a time, 12 requests at once (the server admits them all): most wait
+    far longer than the stall timeout for their first token, and all of them complete."""
+    server = start(tiny_model, extra=("--max-num-seqs", "1", "--max-pending-sequences", "16"))
     try:
-        result = run(server, smollm2_tokenizer, 12, 24, rate=float("inf"), stall_s=1.0)
+        result = run(server, smollm2_tokenizer, 12, 64, rate=float("inf"), stall_s=1.0)
     finally:
         server.stop()
     assert result.metrics["completed"] == 12, [r.error for r in result.records]
