@@ -59,19 +59,24 @@ class ChatServing(ServingBase):
         (final,) = await until_disconnect(request, last_outputs([stream]))
         return self._response(body, request_id, prompt, params, tools, final)
 
-    async def prepare(self, body: ChatCompletionRequest) -> PreparedChat:
+    async def prepare(self, body: ChatCompletionRequest,
+                      raw_prompt: str | None = None) -> PreparedChat:
         """Validate, render and bound a chat request without starting it: the one path
-        every protocol (OpenAI, Ollama, Anthropic, Responses) takes into the engine."""
+        every protocol (OpenAI, Ollama, Anthropic, Responses) takes into the engine.
+        `raw_prompt`, if given, is the prompt text as it is (no chat template)."""
         arrival = now()
         self.check_model(body.model)
         self.check_admission()
         body = apply_model_defaults(body, self.model_defaults())
         tools = ToolSetup.of(body, self.parsers.tools)
-        prompt = await self.engine.render_chat(
-            body.conversation(), chat_template=self._template(body),
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs, tools=self._tools(body))
+        if raw_prompt is not None:
+            prompt = await self.engine.tokenize(raw_prompt)
+        else:
+            prompt = await self.engine.render_chat(
+                body.conversation(), chat_template=self._template(body),
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs, tools=self._tools(body))
         max_tokens = self.resolve_max_tokens(prompt, body.effective_max_tokens,
                                              "max_completion_tokens"
                                              if body.max_completion_tokens else "max_tokens",
