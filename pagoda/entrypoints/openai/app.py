@@ -35,8 +35,10 @@ from pagoda.entrypoints.openai.protocol import (
     StopRequest,
     TokenizeRequest,
 )
+from pagoda.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
+from pagoda.entrypoints.openai.serving_responses import ResponsesServing
 from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
 
@@ -261,6 +263,21 @@ def _add_protocols(app: FastAPI, state: ServerState) -> None:
     chat = ChatServing(state)
     add_ollama_routes(app, state, chat)
     add_anthropic_routes(app, state, chat)
+    _add_responses_routes(app, state, ResponsesServing(chat))
+
+
+def _add_responses_routes(app: FastAPI, state: ServerState, serving: ResponsesServing) -> None:
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        return await routed(state, body.model, None, lambda: serving.create(body, request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Any:
+        return serving.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Any:
+        return serving.delete(response_id)
 
 
 async def routed(state: ServerState, model: str | None, keep_alive: float | None,
