@@ -37,5 +37,9 @@ def reshape(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
     protocol = protocol_of(path)
     if protocol == "openai":
         return body
-    message = str(body.get("error", {}).get("message", "error"))
+    error = body.get("error", {})
+    message = str(error.get("message", "error"))
+    param = error.get("param")
+    if param and param.split(".")[-1] not in message:
+        message = f"{param}: {message}"
     return ollama_error(message) if protocol == "ollama" else anthropic_error(status, message)

@@ -13,10 +13,15 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from pagoda.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
+from pagoda.entrypoints.anthropic.protocol import (
+    FIELD_NAMES,
+    CountTokensRequest,
+    MessagesRequest,
+)
 from pagoda.entrypoints.error_shapes import anthropic_error
 from pagoda.entrypoints.openai.errors import exception_to_response
 from pagoda.entrypoints.openai.protocol import DeltaMessage
+from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.serving_base import until_disconnect
 from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
 from pagoda.outputs import RequestOutput
@@ -107,7 +112,8 @@ class AnthropicServing:
         self.chat = chat
 
     async def messages(self, body: MessagesRequest, request: Request) -> Any:
-        prepared = await self.chat.prepare(body.to_chat())
+        with client_field_names(FIELD_NAMES):
+            prepared = await self.chat.prepare(body.to_chat())
         message_id = f"msg_{uuid.uuid4().hex}"
         outputs = self.chat.start(prepared, message_id)
         if body.stream:

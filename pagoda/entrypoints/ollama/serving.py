@@ -14,10 +14,16 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagoda.entrypoints.error_shapes import ollama_error
-from pagoda.entrypoints.ollama.protocol import ChatRequest, GenerateRequest, Options
+from pagoda.entrypoints.ollama.protocol import (
+    OPTION_NAMES,
+    ChatRequest,
+    GenerateRequest,
+    Options,
+)
 from pagoda.entrypoints.openai.chat_output import ChoiceMessage
 from pagoda.entrypoints.openai.errors import exception_to_response
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
+from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.serving_base import new_request_id, until_disconnect
 from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
 from pagoda.errors import ContextLengthExceededError
@@ -85,7 +91,8 @@ class OllamaServing:
             self.chat.check_model(body.model.removesuffix(":latest"))
             reason = "unload" if body.keep_alive_seconds() == 0 else "load"
             return lines.done(name, _Reply(), reason, {})
-        prepared = await self.chat.prepare(internal, raw)
+        with client_field_names(OPTION_NAMES):
+            prepared = await self.chat.prepare(internal, raw)
         _bound_by_num_ctx(prepared, body.options)
         outputs = self.chat.start(prepared, new_request_id("ollama"))
         if body.stream:

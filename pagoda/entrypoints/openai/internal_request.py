@@ -3,6 +3,8 @@ mapping, its validation errors raised as one InvalidRequestError naming the fiel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pydantic
@@ -27,3 +29,18 @@ def chat_request(data: dict[str, Any], names: dict[str, str] | None = None
         if top and renamed != param:
             message = message.replace(top, renamed, 1)
         raise InvalidRequestError(message, renamed) from None
+
+
+@contextmanager
+def client_field_names(names: dict[str, str]) -> Iterator[None]:
+    """Errors raised inside name the client's field (``format``) instead of the internal one
+    (``response_format``)."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        param = exc.param or ""
+        top = param.split(".", 1)[0]
+        if top not in names or names[top] == top:
+            raise
+        raise InvalidRequestError(exc.message, names[top] + param[len(top):],
+                                  exc.code) from None

@@ -18,10 +18,12 @@ from fastapi.responses import StreamingResponse
 from pagoda.entrypoints.openai.errors import APIError, exception_to_response
 from pagoda.entrypoints.openai.protocol import DeltaMessage
 from pagoda.entrypoints.openai.protocol_responses import (
+    FIELD_NAMES,
     ResponsesRequest,
     json_size,
     output_messages,
 )
+from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.serving_base import until_disconnect
 from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
 from pagoda.errors import InvalidRequestError
@@ -187,7 +189,8 @@ class ResponsesServing:
                     f"(pagoda keeps responses only when they are created with store: true).",
                     "previous_response_id") from None
         internal = body.to_chat(history)
-        prepared = await self.chat.prepare(internal)
+        with client_field_names(FIELD_NAMES):
+            prepared = await self.chat.prepare(internal)
         response_id = f"resp_{uuid.uuid4().hex}"
         outputs = self.chat.start(prepared, response_id)
         shell = self._response(body, response_id, prepared, [], "in_progress", None)
