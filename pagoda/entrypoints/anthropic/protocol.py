@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pagoda.entrypoints.openai.internal_request import chat_request
+from pagoda.errors import InvalidRequestError
 from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_CHARS,
     MAX_CONTENT_PARTS,
@@ -189,11 +190,11 @@ class _MessagesBase(AnthropicModel):
     def _tool_choice_names_a_tool(self) -> _MessagesBase:
         choice = self.tool_choice
         if choice is not None and choice.type in ("any", "tool") and not self.tools:
-            raise PydanticCustomError("tool_choice", "tool_choice requires tools")
+            raise InvalidRequestError("tool_choice requires tools", "tool_choice")
         if choice is not None and choice.type == "tool" and choice.name not in {
                 t.name for t in self.tools or []}:
-            raise PydanticCustomError("tool_choice",
-                                      "tool_choice.name must name one of the tools")
+            raise InvalidRequestError("tool_choice.name must name one of the tools",
+                                      "tool_choice")
         return self
 
     def _chat_fields(self) -> dict[str, Any]:
@@ -242,8 +243,8 @@ class MessagesRequest(_MessagesBase):
     def _budget_below_max_tokens(self) -> MessagesRequest:
         budget = self.thinking.budget_tokens if self.thinking is not None else None
         if budget is not None and budget >= self.max_tokens:
-            raise PydanticCustomError("thinking", "thinking.budget_tokens must be less than "
-                                                  "max_tokens")
+            raise InvalidRequestError("thinking.budget_tokens must be less than max_tokens",
+                                      "thinking")
         return self
 
     def to_chat(self) -> ChatCompletionRequest:

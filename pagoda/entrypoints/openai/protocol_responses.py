@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pagoda.entrypoints.openai.internal_request import chat_request
+from pagoda.errors import InvalidRequestError
 from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_CHARS,
     MAX_CONTENT_PARTS,
@@ -182,11 +183,11 @@ class ResponsesRequest(OpenAIModel):
     user: Name | None = None
 
     @model_validator(mode="after")
-    def _previous_needs_no_instructions_conflict(self) -> ResponsesRequest:
+    def _tool_choice_names_a_tool(self) -> ResponsesRequest:
         if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in {
                 t.name for t in self.tools or []}:
-            raise PydanticCustomError("tool_choice", "tool_choice names a function that is "
-                                                     "not in tools")
+            raise InvalidRequestError("tool_choice names a function that is not in tools",
+                                      "tool_choice")
         return self
 
     def input_messages(self) -> list[dict[str, Any]]:
