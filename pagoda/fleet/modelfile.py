@@ -123,8 +123,10 @@ def add_to_models_file(path: Path, name: str, entry: dict[str, Any]) -> None:
     models = [m for m in data["models"] if not (isinstance(m, dict) and m.get("name") == name)]
     base = next((m for m in models if isinstance(m, dict) and m.get("name") == entry["model"]),
                 None)
+    if base is not None:  # built on another entry: its model, then this file's changes
+        entry = {**entry, "model": base["model"]}
     merged = {"name": name, **({k: v for k, v in base.items() if k not in ("name", "aliases")}
-                 if base else {}), **entry, "name": name}
+                 if base else {}), **entry}
     if base and "parameters" in base and "parameters" in entry:
         merged["parameters"] = {**base["parameters"], **entry["parameters"]}
     data["models"] = [*models, merged]
