@@ -38,19 +38,26 @@ class _Blocks:
     content: list[dict[str, Any]] = field(default_factory=list)
     open_kind: str | None = None  # "thinking", "text" or "tool_use:<call index>"
     arguments: dict[int, str] = field(default_factory=dict)  # tool-call index -> JSON text
+    spaces: str = ""  # whitespace-only text held back: it opens no block of its own
 
     def add(self, delta: DeltaMessage) -> list[str]:
         events: list[str] = []
+        text = delta.content or ""
+        if text and not text.strip() and self.open_kind != "text":
+            self.spaces += text  # between tool calls, or before text still to come
+            text = ""
+        elif text:
+            text, self.spaces = self.spaces + text, ""
         if delta.reasoning_content:
             events += self._extend("thinking", {"type": "thinking", "thinking": "",
                                                 "signature": ""},
                                    {"type": "thinking_delta",
                                     "thinking": delta.reasoning_content})
             self.content[-1]["thinking"] += delta.reasoning_content
-        if delta.content:
+        if text:
             events += self._extend("text", {"type": "text", "text": ""},
-                                   {"type": "text_delta", "text": delta.content})
-            self.content[-1]["text"] += delta.content
+                                   {"type": "text_delta", "text": text})
+            self.content[-1]["text"] += text
         for call in delta.tool_calls or []:
             start = {"type": "tool_use", "id": call.id or f"toolu_{uuid.uuid4().hex[:24]}",
                      "name": call.function.name if call.function else "", "input": {}}

@@ -91,8 +91,15 @@ class _Items:
     output: list[dict[str, Any]] = field(default_factory=list)
     open_kind: str | None = None  # "reasoning", "message" or "call:<index>"
     events: list[dict[str, Any]] = field(default_factory=list)
+    spaces: str = ""  # whitespace-only text held back: it opens no item of its own
 
     def add(self, delta: DeltaMessage) -> None:
+        text = delta.content or ""
+        if text and not text.strip() and self.open_kind != "message":
+            self.spaces += text  # between function calls, or before text still to come
+            text = ""
+        elif text:
+            text, self.spaces = self.spaces + text, ""
         if delta.reasoning_content:
             item = self._open("reasoning", lambda: {
                 "id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [],
@@ -100,14 +107,14 @@ class _Items:
             item["content"][0]["text"] += delta.reasoning_content
             self._emit("response.reasoning_text.delta", item, content_index=0,
                        delta=delta.reasoning_content)
-        if delta.content:
+        if text:
             item = self._open("message", lambda: {
                 "id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
                 "status": "in_progress", "content": [{"type": "output_text", "text": "",
                                                       "annotations": [], "logprobs": []}]})
-            item["content"][0]["text"] += delta.content
+            item["content"][0]["text"] += text
             self._emit("response.output_text.delta", item, content_index=0,
-                       delta=delta.content, logprobs=[])
+                       delta=text, logprobs=[])
         for call in delta.tool_calls or []:
             item = self._open(f"call:{call.index}", lambda c=call: {
                 "id": f"fc_{uuid.uuid4().hex}", "type": "function_call",
