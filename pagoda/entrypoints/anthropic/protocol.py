@@ -20,7 +20,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pagoda.entrypoints.openai.internal_request import chat_request
-from pagoda.errors import InvalidRequestError
 from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_CHARS,
     MAX_CONTENT_PARTS,
@@ -30,6 +29,7 @@ from pagoda.entrypoints.openai.protocol import (
     MAX_TOOLS,
     ChatCompletionRequest,
 )
+from pagoda.errors import InvalidRequestError
 from pagoda.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]

@@ -13,10 +13,10 @@ from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
+    MAX_SEED,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     MIN_SEED,
-    MAX_SEED,
     ChatCompletionRequest,
 )
 from pagoda.errors import ConfigError, InvalidRequestError

@@ -22,8 +22,8 @@ from pagoda.entrypoints.ollama.protocol import (
 )
 from pagoda.entrypoints.openai.chat_output import ChoiceMessage
 from pagoda.entrypoints.openai.errors import exception_to_response
-from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.internal_request import client_field_names
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.serving_base import new_request_id, until_disconnect
 from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
 from pagoda.errors import ContextLengthExceededError

@@ -18,7 +18,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pagoda.entrypoints.openai.internal_request import chat_request
-from pagoda.errors import InvalidRequestError
 from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_CHARS,
     MAX_CONTENT_PARTS,
@@ -29,6 +28,7 @@ from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     OpenAIModel,
 )
+from pagoda.errors import InvalidRequestError
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]

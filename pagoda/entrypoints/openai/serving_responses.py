@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagoda.entrypoints.openai.errors import APIError, exception_to_response
+from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.protocol import DeltaMessage
 from pagoda.entrypoints.openai.protocol_responses import (
     FIELD_NAMES,
@@ -23,7 +24,6 @@ from pagoda.entrypoints.openai.protocol_responses import (
     json_size,
     output_messages,
 )
-from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.serving_base import until_disconnect
 from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
 from pagoda.errors import InvalidRequestError
@@ -202,10 +202,10 @@ class ResponsesServing:
         outputs = self.chat.start(prepared, response_id)
         shell = self._response(body, response_id, prepared, [], "in_progress", None)
         if body.stream:
-            return StreamingResponse(self._stream(body, prepared, shell, outputs),
+            return StreamingResponse(self._stream(body, prepared, shell, outputs, history),
                                      media_type="text/event-stream")
         items, final = await until_disconnect(request, self._collect(prepared, outputs))
-        return self._finish(body, prepared, shell, items, final)
+        return self._finish(body, prepared, shell, items, final, history)
 
     def retrieve(self, response_id: str) -> dict[str, Any]:
         return self.store.get(response_id).response
@@ -233,7 +233,8 @@ class ResponsesServing:
                                               produced}}}
 
     def _finish(self, body: ResponsesRequest, prepared: PreparedChat, shell: dict[str, Any],
-                items: _Items, final: RequestOutput | None) -> dict[str, Any]:
+                items: _Items, final: RequestOutput | None,
+                history: list[dict[str, Any]]) -> dict[str, Any]:
         items.close()
         length = final is not None and final.outputs[0].finish_reason == "length"
         response = self._response(body, shell["id"], prepared, items.output,
@@ -241,8 +242,8 @@ class ResponsesServing:
         response["created_at"] = shell["created_at"]
         if length:
             response["incomplete_details"] = {"reason": "max_output_tokens"}
-        if body.store:
-            conversation = prepared.body.conversation() + output_messages(items.output)
+        if body.store:  # the turns themselves: instructions are not carried over
+            conversation = history + body.input_messages() + output_messages(items.output)
             self.store.put(response, conversation)
         return response
 
@@ -256,8 +257,8 @@ class ResponsesServing:
         return items, final
 
     async def _stream(self, body: ResponsesRequest, prepared: PreparedChat,
-                      shell: dict[str, Any], outputs: AsyncIterator[RequestOutput]
-                      ) -> AsyncIterator[str]:
+                      shell: dict[str, Any], outputs: AsyncIterator[RequestOutput],
+                      history: list[dict[str, Any]]) -> AsyncIterator[str]:
         sequence = _Sequence()
         items, final = _Items(), None
         try:
@@ -269,7 +270,7 @@ class ResponsesServing:
                     items.add(delta)
                 for event in items.take():
                     yield sequence.event(event)
-            response = self._finish(body, prepared, shell, items, final)
+            response = self._finish(body, prepared, shell, items, final, history)
             for event in items.take():
                 yield sequence.event(event)
             kind = "response.incomplete" if response["status"] == "incomplete" else \
