@@ -97,8 +97,8 @@ def test_forced_tool_call_and_tool_result_round_trip(client):
     assert called.stop_reason == "tool_use"
     (use,) = [b for b in called.content if b.type == "tool_use"]
     assert use.name == "get_weather" and isinstance(use.input.get("city"), str)
-    streamed = client.messages.create(
-        model=MODEL, max_tokens=24, messages=[{"role": "user", "content": "Weather in Paris?"}],
+    streamed = client.messages.create(  # `any`: a JSON array of calls, so more tokens
+        model=MODEL, max_tokens=48, messages=[{"role": "user", "content": "Weather in Paris?"}],
         tools=[WEATHER_TOOL], tool_choice={"type": "any"}, stream=True, extra_body=GREEDY)
     events = list(streamed)
     starts = [e.content_block for e in events if e.type == "content_block_start"]
