@@ -32,7 +32,6 @@ def add_ollama_routes(app: FastAPI, state: ServerState, chat: ChatServing) -> No
     from pagoda.entrypoints.openai.app import routed
     serving = OllamaServing(chat)
     models = OllamaModels(state)
-    app.add_middleware(JsonBodyByDefault)
 
     @app.post("/api/chat")
     async def api_chat(body: ChatRequest, request: Request) -> Any:
@@ -89,16 +88,3 @@ async def _ndjson(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     async for item in items:
         yield json.dumps(item) + "\n"
 
-
-class JsonBodyByDefault:
-    """Ollama reads every /api/ body as JSON whatever its Content-Type (``curl -d`` sends a
-    form type); so does pagoda there."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith("/api/"):
-            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
