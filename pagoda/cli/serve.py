@@ -19,6 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--ollama-port", type=int, default=None, metavar="PORT",
+                   help="also listen on this port (Ollama's is 11434), so Ollama's clients "
+                        "work with their default address; every API answers on both ports")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to (the first is reported)")
     g.add_argument("--api-key", action="append", default=None,
@@ -173,7 +176,8 @@ def listen_options(args: argparse.Namespace):
     return ListenOptions(args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level,
                          args.max_pending_requests, args.max_pending_sequences,
                          args.max_pending_tokens, args.max_queue_wait,
-                         args.engine_stall_timeout)
+                         args.engine_stall_timeout,
+                         ollama_port=args.ollama_port)
 
 
 def _serve_fleet(args: argparse.Namespace) -> int:

@@ -36,7 +36,17 @@ ENGINE_KEYS = {"max_model_len", "dtype", "load_format", "tokenizer", "seed", "bl
                "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs",
                "enforce_eager", "attention_backend", "async_scheduling"}
 _MODEL_KEYS = ENGINE_KEYS | {"model", "name", "aliases", "pinned", "keep_alive", "priority",
-                             "replicas", "devices", "chat_template", "preload"}
+                             "replicas", "devices", "chat_template", "preload", "system",
+                             "parameters", "template"}
+# Modelfile-style default sampling parameters a model entry may set (Ollama's names):
+# name -> (type, low, high); the request's own values win.
+MODEL_PARAMETERS: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0), "top_p": (float, 0.0, 1.0), "top_k": (int, -1, 1 << 30),
+    "min_p": (float, 0.0, 1.0), "num_predict": (int, -2, 1 << 30),
+    "seed": (int, -(1 << 63), (1 << 64) - 1), "repeat_penalty": (float, 0.0, 100.0),
+    "presence_penalty": (float, -2.0, 2.0), "frequency_penalty": (float, -2.0, 2.0),
+    "stop": (list, 0, 16)}
+MAX_SYSTEM_CHARS = 1 << 16
 _FILE_KEYS = {"models", "defaults", "memory_limit", "keep_alive"}
 
 
@@ -78,6 +88,8 @@ class ModelSpec:
     chat_template: str | None = None
     preload: bool = True  # load at startup if it fits without evicting anyone
     engine: dict[str, Any] = field(default_factory=dict)  # engine_config keyword arguments
+    system: str | None = None  # Modelfile-style default system prompt
+    parameters: dict[str, Any] = field(default_factory=dict)  # default sampling (Ollama names)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -164,8 +176,59 @@ def _model_entry(entry: Any, defaults: dict[str, Any], where: str) -> ModelSpec:
         keep_alive=None if keep_alive is None else parse_keep_alive(keep_alive),
         priority=int(entry.get("priority", 0)), replicas=int(entry.get("replicas", 1)),
         devices=[str(d) for d in entry.get("devices") or []],
-        chat_template=entry.get("chat_template"), preload=bool(entry.get("preload", True)),
-        engine=engine)
+        chat_template=_template_of(entry, where), preload=bool(entry.get("preload", True)),
+        engine=engine, system=_system_of(entry, where),
+        parameters=check_parameters(entry.get("parameters") or {}, where))
+
+
+def _template_of(entry: dict[str, Any], where: str) -> str | None:
+    """`chat_template` (Jinja text or file) or `template` (Jinja, or a Go template in
+    Ollama's style, translated); not both."""
+    if entry.get("template") is None:
+        return entry.get("chat_template")
+    if entry.get("chat_template") is not None:
+        raise ConfigError(f"{where}: give chat_template or template, not both")
+    from pagoda.tokenizer.go_template import to_jinja
+    try:
+        return to_jinja(str(entry["template"]))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: template: {exc}") from None
+
+
+def _system_of(entry: dict[str, Any], where: str) -> str | None:
+    system = entry.get("system")
+    if system is not None and (not isinstance(system, str) or len(system) > MAX_SYSTEM_CHARS):
+        raise ConfigError(f"{where}: system must be text of at most {MAX_SYSTEM_CHARS} "
+                          f"characters")
+    return system
+
+
+def check_parameters(parameters: Any, where: str) -> dict[str, Any]:
+    """Default sampling parameters of a model entry, each known and within its bounds."""
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{where}: parameters must be a mapping")
+    checked = {}
+    for name, value in parameters.items():
+        if name not in MODEL_PARAMETERS:
+            raise ConfigError(f"{where}: unknown parameter {name!r}; known: "
+                              f"{', '.join(sorted(MODEL_PARAMETERS))}")
+        checked[name] = _parameter_value(name, value, where)
+    return checked
+
+
+def _parameter_value(name: str, value: Any, where: str) -> Any:
+    kind, low, high = MODEL_PARAMETERS[name]
+    if kind is list:
+        value = [value] if isinstance(value, str) else value
+        if (not isinstance(value, list) or not low <= len(value) <= high
+                or not all(isinstance(v, str) and 0 < len(v) <= 256 for v in value)):
+            raise ConfigError(f"{where}: parameter stop must be up to {int(high)} strings")
+        return value
+    ok_type = (isinstance(value, (int, float)) and not isinstance(value, bool)
+               and (kind is float or float(value).is_integer()))
+    if not ok_type or not low <= value <= high:
+        raise ConfigError(f"{where}: parameter {name} must be a number in [{low}, {high}]")
+    return kind(value)
 
 
 def _check_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:

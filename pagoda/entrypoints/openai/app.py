@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 import pagoda
 from pagoda.engine.async_engine import AsyncEngine
+from pagoda.entrypoints.error_shapes import reshape
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai import errors as api_errors
 from pagoda.entrypoints.openai.errors import ServerShuttingDownError
@@ -34,8 +35,10 @@ from pagoda.entrypoints.openai.protocol import (
     StopRequest,
     TokenizeRequest,
 )
+from pagoda.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
+from pagoda.entrypoints.openai.serving_responses import ResponsesServing
 from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
 
@@ -164,6 +167,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.server = state
     serving = OpenAIServing(state)
     _add_routes(app, state, serving)
+    _add_protocols(app, state)
     _add_error_handlers(app)
     if state.config.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=state.config.api_keys)
@@ -251,6 +255,31 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
         return {"model": model.name, "state": str(model.state)}
 
 
+def _add_protocols(app: FastAPI, state: ServerState) -> None:
+    """The other APIs on the same server, each over the chat path of this one."""
+    from pagoda.entrypoints.anthropic.routes import add_anthropic_routes
+    from pagoda.entrypoints.ollama.routes import add_ollama_routes
+    from pagoda.entrypoints.openai.serving_chat import ChatServing
+    chat = ChatServing(state)
+    add_ollama_routes(app, state, chat)
+    add_anthropic_routes(app, state, chat)
+    _add_responses_routes(app, state, ResponsesServing(chat))
+
+
+def _add_responses_routes(app: FastAPI, state: ServerState, serving: ResponsesServing) -> None:
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        return await routed(state, body.model, None, lambda: serving.create(body, request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Any:
+        return serving.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Any:
+        return serving.delete(response_id)
+
+
 async def routed(state: ServerState, model: str | None, keep_alive: float | None,
                  handler: Callable[[], Awaitable[Any]]) -> Any:
     """Run an endpoint with its model leased (several-model servers): the model is brought
@@ -324,14 +353,19 @@ def _model_card(state: ServerState, name: str) -> ModelCard:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def error(request: Request, status: int, body: dict[str, Any],
+              headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(reshape(request.url.path, status, body), status_code=status,
+                            headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(api_errors.pydantic_error_to_body(exc), status_code=400)
+        return error(request, 400, api_errors.pydantic_error_to_body(exc))
 
     @app.exception_handler(PagodaError)
     async def on_pagoda_error(request: Request, exc: PagodaError) -> JSONResponse:
         status, body, headers = api_errors.exception_to_response(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return error(request, status, body, headers)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -339,8 +373,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             exc.status_code)
         message = str(exc.detail) if exc.status_code < 500 else "Internal server error."
-        return JSONResponse(api_errors.error_body(exc.status_code, message, kind, code=code),
-                            status_code=exc.status_code)
+        return error(request, exc.status_code,
+                     api_errors.error_body(exc.status_code, message, kind, code=code))
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
@@ -349,5 +383,5 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(api_errors.error_body(500, "Internal server error.", "server_error"),
-                            status_code=500)
+        return error(request, 500,
+                     api_errors.error_body(500, "Internal server error.", "server_error"))

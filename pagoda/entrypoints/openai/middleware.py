@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from pagoda.entrypoints.error_shapes import reshape
 from pagoda.entrypoints.openai.errors import error_body
 
 Scope = dict[str, Any]
@@ -68,7 +69,8 @@ def _clean_request_id(raw: bytes | None) -> str | None:
 
 
 class ApiKeyMiddleware:
-    """Bearer-token auth on every route except the open ones; constant-time comparison."""
+    """Bearer-token auth (or Anthropic's ``x-api-key`` header) on every route except the
+    open ones; constant-time comparison."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str],
                  open_paths: frozenset[str] = frozenset({"/health", "/live", "/ready"})
@@ -80,16 +82,19 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.open_paths:
             return await self.app(scope, receive, send)
-        if not self._authorized(_header(scope, b"authorization")):
+        if not self._authorized(_header(scope, b"authorization"), _header(scope, b"x-api-key")):
             body = error_body(401, "Invalid or missing API key.", "authentication_error",
                               code="invalid_api_key")
-            return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            return await send_json(send, 401, reshape(scope.get("path", ""), 401, body),
+                                   [(b"www-authenticate", b"Bearer")])
         await self.app(scope, receive, send)
 
-    def _authorized(self, header: bytes | None) -> bool:
+    def _authorized(self, header: bytes | None, api_key: bytes | None) -> bool:
         token = b""
         if header and header[:7].lower() == b"bearer ":
             token = header[7:].strip()
+        elif api_key:
+            token = api_key.strip()
         ok = False
         for key in self.keys:  # compare against every key so timing reveals nothing
             ok |= hmac.compare_digest(token, key)
@@ -125,7 +130,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await send_json(send, 413, self._body())
+            return await send_json(send, 413, reshape(scope.get("path", ""), 413, self._body()))
         received = 0
 
         async def limited_receive() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class ListenOptions:
     max_pending_tokens: int | None = None  # None: 4 x the KV cache's tokens
     max_queue_wait: float = 10.0  # seconds a new request may be expected to wait to start
     engine_stall_timeout: float = 10.0  # silent engine with work -> unhealthy after this
+    ollama_port: int | None = None  # also listen here (Ollama's clients default to 11434)
 
     def engine_options(self) -> dict[str, Any]:
         """AsyncEngine's keyword arguments for admission and stall detection."""
@@ -154,8 +156,9 @@ def _run_server(state: ServerState, listen: ListenOptions) -> int:
     server = DrainingServer(uvicorn.Config(build_app(state), host=listen.host, port=listen.port,
                                            log_level=listen.uvicorn_log_level, access_log=False,
                                            lifespan="on"), state, listen.shutdown_timeout)
+    sockets = _sockets(listen)
     freeze_startup_objects()
-    asyncio.run(_run(server))
+    asyncio.run(_run(server, sockets))
     if state.load_error is not None:
         raise _as_pagoda_error(state.load_error)
     return 1 if server.failed else 0
@@ -166,6 +169,28 @@ def _as_pagoda_error(exc: BaseException) -> PagodaError:
     if isinstance(exc, PagodaError):
         return exc
     return EngineStartupError(f"the model failed to load: {type(exc).__name__}: {exc}")
+
+
+def _sockets(listen: ListenOptions) -> list[socket.socket] | None:
+    """Both listening sockets when the Ollama port is asked for (None: uvicorn binds one)."""
+    if listen.ollama_port is None or listen.ollama_port == listen.port:
+        return None
+    logger.info("Ollama's API also on http://%s:%d", listen.host, listen.ollama_port)
+    return [_bind(listen.host, port) for port in (listen.port, listen.ollama_port)]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from pagoda.errors import ConfigError
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _shutdown(engine_starting: Future[MPClient]) -> None:
@@ -182,9 +207,9 @@ def _summary(state: ServerState) -> str:
             f"{info.kv_capacity_tokens} tokens, up {time.time() - state.started:.1f}s")
 
 
-async def _run(server: DrainingServer) -> None:
+async def _run(server: DrainingServer, sockets: list[socket.socket] | None = None) -> None:
     watcher = asyncio.get_running_loop().create_task(server.watch_engine())
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         watcher.cancel()

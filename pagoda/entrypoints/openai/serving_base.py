@@ -92,6 +92,11 @@ class ServingBase:
             return lease.model.spec.chat_template
         return self.state.config.chat_template
 
+    def model_defaults(self) -> Any:
+        """The hosted model's Modelfile-style defaults (its fleet spec), None if it has none."""
+        lease = current_lease.get()
+        return lease.model.spec if lease is not None else None
+
     def check_admission(self) -> None:
         """Refuse new work while draining (503 + Retry-After via the error mapping)."""
         if self.state.draining:

@@ -17,6 +17,7 @@ from pagoda.entrypoints.openai.chat_output import (
     whole_message,
 )
 from pagoda.entrypoints.openai.logprobs import chat_logprobs
+from pagoda.entrypoints.openai.model_defaults import apply_model_defaults
 from pagoda.entrypoints.openai.output_parsers import OutputParsers
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -48,15 +49,34 @@ class ChatServing(ServingBase):
     """Renders the conversation with the chat template, then generates."""
 
     async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
+        prepared = await self.prepare(body)
+        request_id = new_request_id("chatcmpl")
+        stream = self.start(prepared, request_id)
+        prompt, params, tools = prepared.prompt, prepared.params, prepared.tools
+        if body.stream:
+            return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
+                                                  stream), media_type="text/event-stream")
+        (final,) = await until_disconnect(request, last_outputs([stream]))
+        return self._response(body, request_id, prompt, params, tools, final)
+
+    async def prepare(self, body: ChatCompletionRequest,
+                      raw_prompt: str | None = None) -> PreparedChat:
+        """Validate, render and bound a chat request without starting it: the one path
+        every protocol (OpenAI, Ollama, Anthropic, Responses) takes into the engine.
+        `raw_prompt`, if given, is the prompt text as it is (no chat template)."""
         arrival = now()
         self.check_model(body.model)
         self.check_admission()
+        body = apply_model_defaults(body, self.model_defaults())
         tools = ToolSetup.of(body, self.parsers.tools)
-        prompt = await self.engine.render_chat(
-            body.conversation(), chat_template=self._template(body),
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs, tools=self._tools(body))
+        if raw_prompt is not None:
+            prompt = await self.engine.tokenize(raw_prompt)
+        else:
+            prompt = await self.engine.render_chat(
+                body.conversation(), chat_template=self._template(body),
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs, tools=self._tools(body))
         max_tokens = self.resolve_max_tokens(prompt, body.effective_max_tokens,
                                              "max_completion_tokens"
                                              if body.max_completion_tokens else "max_tokens",
@@ -64,13 +84,26 @@ class ChatServing(ServingBase):
         params = self._sampling_params(body, tools, max_tokens)
         self.validate_prompt(prompt, params)
         await self.check_structured_outputs(params, _constraint_field(body, tools))
-        request_id = new_request_id("chatcmpl")
-        stream = self.stream_outputs(request_id, prompt, params, body.priority, arrival)
-        if body.stream:
-            return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
-                                                  stream), media_type="text/event-stream")
-        (final,) = await until_disconnect(request, last_outputs([stream]))
-        return self._response(body, request_id, prompt, params, tools, final)
+        return PreparedChat(body, prompt, params, tools, arrival)
+
+    def start(self, prepared: PreparedChat, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Submit a prepared request; its outputs as the engine makes them."""
+        return self.stream_outputs(request_id, prepared.prompt, prepared.params,
+                                   prepared.body.priority, prepared.arrival)
+
+    def choice_stream(self, prepared: PreparedChat) -> ChoiceStream:
+        """A fresh splitter of one choice's text into content, reasoning and tool calls."""
+        return self._choice_stream(prepared.params, prepared.tools)
+
+    async def count_prompt_tokens(self, body: ChatCompletionRequest) -> int:
+        """How many tokens the rendered conversation (with its tools) takes."""
+        self.check_model(body.model)
+        body = apply_model_defaults(body, self.model_defaults())
+        prompt = await self.engine.render_chat(
+            body.conversation(), chat_template=self._template(body),
+            add_generation_prompt=body.add_generation_prompt,
+            chat_template_kwargs=body.chat_template_kwargs, tools=self._tools(body))
+        return len(prompt.token_ids)
 
     @property
     def parsers(self) -> OutputParsers:
@@ -214,6 +247,30 @@ def _constraint_field(body: ChatCompletionRequest, tools: ToolSetup) -> str:
         return "tools"
     found = body.chat_constraints()
     return found[0][0] if found else "structured_outputs"
+
+
+@dataclass(slots=True)
+class PreparedChat:
+    """A validated, rendered chat request, ready to submit."""
+
+    body: ChatCompletionRequest
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    tools: ToolSetup
+    arrival: float
+
+
+async def message_deltas(stream: ChoiceStream, outputs: AsyncIterator[RequestOutput]
+                         ) -> AsyncIterator[tuple[list[DeltaMessage], RequestOutput]]:
+    """For a one-choice request: the message deltas each engine output settles, with it."""
+    sent = 0
+    async for out in outputs:
+        choice = out.outputs[0]
+        deltas = stream.feed(choice.text[sent:]) if len(choice.text) > sent else []
+        sent = len(choice.text)
+        if choice.finished:
+            deltas += stream.finish()
+        yield deltas, out
 
 
 @dataclass(slots=True)

@@ -239,3 +239,27 @@ def test_server_passes_enable_thinking_to_the_template(server):
         model=MODEL, messages=ASK, max_tokens=4, temperature=0,
         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert response.usage.prompt_tokens == off["count"]
+
+
+@pytest.mark.slow
+def test_thinking_switches_of_every_protocol_reach_the_template(server):
+    """Anthropic's `thinking`, the Responses API's `reasoning.effort` and Ollama's `think`
+    become enable_thinking, as chat_template_kwargs do."""
+    body = {"model": MODEL, "messages": ASK}
+    thinking = httpx.post(f"{server.url}/tokenize", json=body).json()["count"]
+    off = httpx.post(f"{server.url}/tokenize", json={
+        **body, "chat_template_kwargs": {"enable_thinking": False}}).json()["count"]
+    assert off > thinking
+
+    def anthropic_count(kind: str) -> int:
+        return httpx.post(f"{server.url}/v1/messages/count_tokens", json={
+            **body, "thinking": {"type": kind}}).json()["input_tokens"]
+
+    assert (anthropic_count("enabled"), anthropic_count("disabled")) == (thinking, off)
+    responses = server.client().responses.create(model=MODEL, input=ASK, max_output_tokens=1,
+                                                 temperature=0, reasoning={"effort": "none"})
+    assert responses.usage.input_tokens == off
+    via_ollama = httpx.post(f"{server.url}/api/chat", timeout=60, json={
+        **body, "think": False, "stream": False,
+        "options": {"temperature": 0, "num_predict": 1}}).json()
+    assert via_ollama["prompt_eval_count"] == off
