@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "rm": "pagoda.cli.pull",
     "show": "pagoda.cli.show",
     "stop": "pagoda.cli.ps",
+    "deploy": "pagoda.cli.deploy",
 }
 
 # Exit statuses of every subcommand (README, "Exit status").

@@ -56,11 +56,12 @@ def make_install_recipe() -> list[str]:
 def test_images_and_make_install_through_the_one_script():
     recipe = make_install_recipe()
     assert any(line.startswith(f"sh {INSTALL} $(PY) ") for line in recipe), recipe
-    assert not any("pip install" in line for line in recipe), "make must install only via the script"
+    assert not any("pip install" in line for line in recipe), "make installs only via the script"
     for dockerfile in DOCKERFILES:
         runs = run_lines(dockerfile)
         assert any(f"sh {INSTALL} /opt/venv/bin/python ." in run for run in runs), dockerfile
-        assert not any("pip install" in run for run in runs), f"{dockerfile.name} installs around the script"
+        assert not any("pip install" in run for run in runs), \
+            f"{dockerfile.name} installs around the script"
     script = (REPO / INSTALL).read_text()
     assert "-c constraints/cpu.txt" in script
 

@@ -124,7 +124,8 @@ def test_overlay_serves_as_the_guides_need(overlay, tmp_path):
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm", "/data", "/tmp"}
     gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
-    dcgm = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "dcgm-exporter"]
+    dcgm = [d for d in docs
+            if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "dcgm-exporter"]
     if overlay in GPU_OVERLAYS:
         assert gpus and dcgm
     else:
@@ -153,7 +154,8 @@ def test_multi_node_leader_serves_and_workers_join():
 
 
 def test_multi_model_overlay_serves_several_models_without_fractions(tmp_path):
-    (tmp_path / "models.yaml").write_text(one(render("multi-model"), "ConfigMap")["data"]["models.yaml"])
+    models = one(render("multi-model"), "ConfigMap")["data"]["models.yaml"]
+    (tmp_path / "models.yaml").write_text(models)
     fleet = fleet_from_yaml(tmp_path / "models.yaml")
     assert len(fleet.models) >= 3
     assert not any("gpu_memory_utilization" in m.engine for m in fleet.models)

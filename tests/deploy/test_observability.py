@@ -75,7 +75,8 @@ def test_dashboard_has_the_panels_the_issue_lists():
     titles = {p["title"] for p in board["panels"]}
     assert {"Request rate", "Output tokens/s", "Time to first token", "Time per output token",
             "Inter-token latency", "End-to-end latency", "Running and waiting requests",
-            "KV cache usage", "Prefix-cache hit rate", "Preemptions", "Sleep / wake events"} <= titles
+            "KV cache usage", "Prefix-cache hit rate", "Preemptions",
+            "Sleep / wake events"} <= titles
     rows = [p for p in board["panels"] if p["type"] == "row" and p.get("repeat") == "model_name"]
     assert rows, "a row repeated per model"
     assert set(alert_measures()) == {"PagodaEngineDown", "PagodaQueueGrowing",
@@ -158,8 +159,8 @@ def scraped_after_traffic(server, prometheus):
     served = httpx.get(f"{server.url}/metrics").text
     finished = re.search(r'vllm:e2e_request_latency_seconds_count\{model_name="smollm2"\} (\S+)',
                          served).group(1)
-    wait_for(lambda: query(
-        prometheus, f'vllm:e2e_request_latency_seconds_count{{model_name="{MODEL}"}} >= {finished}'), 60)
+    counted = f'vllm:e2e_request_latency_seconds_count{{model_name="{MODEL}"}} >= {finished}'
+    wait_for(lambda: query(prometheus, counted), 60)
     time.sleep(2)  # a couple more scrapes, so rates have two samples after the traffic
     return prometheus
 
