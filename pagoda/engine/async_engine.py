@@ -43,7 +43,6 @@ class RequestTiming:
     num_generation_tokens: int = 0
     inter_token_latencies: list[float] = field(default_factory=list)
 
-
     @property
     def scheduled(self) -> float | None:
         """When the engine first scheduled the request (None until it reports so)."""
