@@ -60,10 +60,25 @@ def test_images_and_make_install_through_the_one_script():
     for dockerfile in DOCKERFILES:
         runs = run_lines(dockerfile)
         assert any(f"sh {INSTALL} /opt/venv/bin/python ." in run for run in runs), dockerfile
+        unpinned = re.findall(r"PAGODA_UNPIN=(\S+)", " ".join(runs))
+        assert unpinned in ([], ["triton"]), unpinned  # only the CUDA image's Triton
         assert not any("pip install" in run for run in runs), \
             f"{dockerfile.name} installs around the script"
     script = (REPO / INSTALL).read_text()
-    assert "-c constraints/cpu.txt" in script
+    assert "constraints=constraints/cpu.txt" in script and '-c "$constraints"' in script
+
+
+def test_install_script_leaves_out_only_the_pins_named(tmp_path):
+    pip = tmp_path / "python"  # stands in for the interpreter: records what pip was asked
+    pip.write_text('#!/bin/sh\nshift 2\n[ "$1" = install ] && [ "$2" = -q ] && '
+                   '[ "$3" = -c ] && cp "$4" "$RECORD"\nexit 0\n')
+    pip.chmod(0o755)
+    record = tmp_path / "constraints.txt"
+    env = {"PATH": "/usr/bin:/bin", "RECORD": str(record), "PAGODA_UNPIN": "triton"}
+    subprocess.run(["sh", INSTALL, str(pip), "."], cwd=REPO, env=env, check=True, timeout=60)
+    pins = (REPO / "constraints" / "cpu.txt").read_text().splitlines()
+    assert record.read_text().splitlines() == [p for p in pins if not p.startswith("triton==")]
+    assert any(p.startswith("torch==") for p in record.read_text().splitlines())
 
 
 def test_images_run_pagoda_serve_as_a_user_with_one_data_volume():
