@@ -35,28 +35,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 2 for a bad command line, 1 for a bad models file or output directory."""
     from pagoda.errors import ConfigError
-    try:
-        models_yaml, pull = _models_file(args.model, args.config)
-        _check(args)
-    except ConfigError as exc:
-        print(f"pagoda deploy: {exc}", file=sys.stderr)
+    usage = _usage_error(args)
+    if usage:
+        print(f"pagoda deploy: {usage}", file=sys.stderr)
         return 2
     out = Path(args.output)
-    if out.exists() and not args.force:
-        print(f"pagoda deploy: {out} exists (use --force to replace it)", file=sys.stderr)
-        return 2
+    try:
+        models_yaml, pull = _models_file(args.model, args.config)
+        if not (DEPLOY_DIR / "base").is_dir():
+            raise ConfigError(f"{DEPLOY_DIR} is missing: run pagoda deploy from a pagoda checkout")
+        if out.exists() and not args.force:
+            raise ConfigError(f"{out} exists (use --force to replace it)")
+    except ConfigError as exc:
+        print(f"pagoda deploy: {exc}", file=sys.stderr)
+        return 1
     write_kustomization(out, args, models_yaml, pull)
     print(f"wrote {out}/: apply it with `kubectl apply -k {out}`")
     return 0
 
 
-def _check(args: argparse.Namespace) -> None:
-    from pagoda.errors import ConfigError
+def _usage_error(args: argparse.Namespace) -> str | None:
+    if bool(args.model) == bool(args.config):
+        return "give either MODEL arguments or --config"
     if not 0 <= args.gpus <= MAX_GPUS:
-        raise ConfigError(f"--gpus must be 0..{MAX_GPUS} (several nodes: the multi-node overlay)")
-    if not (DEPLOY_DIR / "base").is_dir():
-        raise ConfigError(f"{DEPLOY_DIR} is missing: run pagoda deploy from a pagoda checkout")
+        return f"--gpus must be 0..{MAX_GPUS} (several nodes: the multi-node overlay)"
+    return None
 
 
 def _models_file(models: list[str], config: str | None) -> tuple[str, list[str]]:
@@ -69,8 +74,6 @@ def _models_file(models: list[str], config: str | None) -> tuple[str, list[str]]
     from pagoda.errors import ConfigError
     from pagoda.fleet.spec import fleet_from_yaml
     from pagoda.models import store
-    if bool(models) == bool(config):
-        raise ConfigError("give either MODEL arguments or --config")
     if config:
         try:
             text = Path(config).read_text(encoding="utf-8")

@@ -118,8 +118,10 @@ def test_overlay_serves_as_the_guides_need(overlay, tmp_path):
     container = spec["containers"][0]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health", probe
+    probes = {probe: container[probe]["httpGet"]["path"]
+              for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes == {"startupProbe": "/health", "readinessProbe": "/ready",
+                      "livenessProbe": "/live"}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm", "/data", "/tmp"}
