@@ -6,12 +6,11 @@ PAGODA := $(VENV)/bin/pagoda
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install model test generate chat serve clean
+.PHONY: install model deploy-tools test generate chat serve clean
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt deploy/install.sh
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[test]'
+	sh deploy/install.sh $(PY) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,7 +19,17 @@ model: install
 	$(PAGODA) pull smollm2
 	$(PAGODA) pull gemma3-270m
 
-test: model
+# The real tools the deploy/ tests run besides the Python ones: Prometheus and promtool (Debian's
+# package, installed when missing and we are root with apt) and the published schemas (npm).
+deploy-tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends prometheus >/dev/null; } || \
+		echo "WARNING: could not install Debian's prometheus (needs root and apt): its tests will skip"
+	@command -v npm >/dev/null && npm ci --prefix tests/deploy/node --no-audit --no-fund --silent || \
+		echo "WARNING: npm is missing or failed: the schema checks that need it will skip"
+
+test: model deploy-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 generate: model

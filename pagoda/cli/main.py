@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "show": "pagoda.cli.show",
     "stop": "pagoda.cli.ps",
     "create": "pagoda.cli.create",
+    "deploy": "pagoda.cli.deploy",
 }
 
 # Exit statuses of every subcommand (README, "Exit status").

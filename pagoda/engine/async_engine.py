@@ -15,6 +15,7 @@ from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.admission import Admission, AdmissionLimits, EngineOverloadedError, Work
 from pagoda.engine.client import EngineCoreClient, EngineDeadError
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
@@ -35,17 +36,29 @@ class RequestTiming:
 
     arrival: float
     num_prompt_tokens: int
+    max_tokens: int = 0  # the most tokens the request may generate
     first_token: float | None = None
     last_token: float | None = None
     queue_time: float | None = None
     num_generation_tokens: int = 0
     inter_token_latencies: list[float] = field(default_factory=list)
 
+    @property
+    def scheduled(self) -> float | None:
+        """When the engine first scheduled the request (None until it reports so)."""
+        return None if self.queue_time is None else self.arrival + self.queue_time
+
 
 class EngineObserver(Protocol):
     """Receives what metrics need; the server's Prometheus exporter implements it."""
 
+    def on_model_info(self, info: ModelInfo) -> None:
+        """The engine loaded its model with this cache configuration."""
+
     def on_stats(self, stats: SchedulerStats) -> None: ...
+
+    def on_tokens(self, timing: RequestTiming, num_new_tokens: int) -> None:
+        """A running request produced tokens (its first ones end its prefill)."""
 
     def on_request_finished(self, finish_reason: str, timing: RequestTiming) -> None: ...
 
@@ -126,6 +139,8 @@ class AsyncEngine:
         self.dead: BaseException | None = None
         self.stats = SchedulerStats()
         self.last_heard = time.monotonic()  # when the engine last sent a batch
+        if observer is not None:
+            observer.on_model_info(self.model_info)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,9 +237,14 @@ class AsyncEngine:
         self.admission.admit([r.request_id for r in core_requests], work)
         self.output_processor.add_request(request_id, prompt.text, prompt.token_ids, children)
         for core_request in core_requests:
-            self._timings[core_request.request_id] = RequestTiming(arrival, len(prompt.token_ids))
+            self._timings[core_request.request_id] = RequestTiming(
+                arrival, len(prompt.token_ids), self._max_tokens(params, len(prompt.token_ids)))
             self.client.add_request(core_request)
         return queue
+
+    def _max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> int:
+        limit = self.model_info.max_model_len - num_prompt_tokens
+        return limit if params.max_tokens is None else min(params.max_tokens, limit)
 
     def abort(self, request_id: str) -> None:
         child_ids = self.output_processor.child_ids(request_id)
@@ -307,6 +327,8 @@ class AsyncEngine:
                     timing.inter_token_latencies.append(now - timing.last_token)
                 timing.last_token = now
                 timing.num_generation_tokens += len(out.new_token_ids)
+                if self.observer is not None:
+                    self.observer.on_tokens(timing, len(out.new_token_ids))
             if out.finish_reason is not None:
                 self._finish_timing(out.request_id, out.finish_reason)
 

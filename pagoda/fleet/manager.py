@@ -534,6 +534,7 @@ class ModelManager:
         self._attach(model, clients)
         model.load_seconds = time.monotonic() - start
         model.state, model.error = ModelState.LOADED, None
+        self._record(model, "load")
         logger.info("loaded %s in %.1fs: KV cache %.2f GiB (%d tokens)", model.name,
                     model.load_seconds, model.kv_bytes / 2**30,
                     model.handle.model_info.kv_capacity_tokens)
@@ -580,6 +581,7 @@ class ModelManager:
         model.expires_at = self._expiry(model)
         for replica in model.replicas:
             replica.prefixes.clear()  # their caches are gone
+        self._record(model, "sleep")
         logger.info("put %s to sleep in %.2fs", model.name, seconds)
 
     async def _wake(self, model: ManagedModel) -> None:
@@ -590,6 +592,7 @@ class ModelManager:
             await self._unload(model, "it failed to wake")
             raise
         model.state = ModelState.LOADED
+        self._record(model, "wake")
         logger.info("woke %s in %.2fs", model.name, model.wake_seconds)
 
     async def _call_all(self, model: ManagedModel, method: str) -> float:
@@ -609,7 +612,12 @@ class ModelManager:
             replica.client = replica.engine = None
             replica.prefixes.clear()
         model.kv_bytes, model.expires_at, model.host_copy = 0, None, False
+        self._record(model, "unload")
         self._idle.set()
+
+    def _record(self, model: ManagedModel, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_model_event(model.name, event)
 
     async def _reap(self) -> None:
         """Unload models whose keep-alive ran out, and models whose engine died."""

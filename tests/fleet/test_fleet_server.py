@@ -199,8 +199,21 @@ def test_only_one_fits_so_alternate_requests_sleep_and_wake(swap, expected):
         assert states == {model: "loaded", "ab".replace(model, ""): "sleeping"}
     rows = ps(swap)
     assert rows["a"]["wake_seconds"] is not None and rows["b"]["wake_seconds"] is not None
+    events = model_events(swap)  # a woke twice and b once; each slept before the other woke
+    assert events["a", "wake"] >= 2 and events["b", "wake"] >= 1
+    assert events["a", "sleep"] >= 2 and events["b", "sleep"] >= 1
+    assert events["a", "load"] >= 1 and events["b", "load"] >= 1
+    assert events["a", "unload"] == events["b", "unload"] == 0
     plan = httpx.get(f"{swap.url}/pagoda/plan").json()["devices"][0]
     assert plan["used_bytes"] <= plan["budget_bytes"] == int(1.3 * 2**30)
+
+
+def model_events(server) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{server.url}/metrics").text
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "pagoda:model_events")
+    return {(s.labels["model_name"], s.labels["event"]): s.value for s in family.samples}
 
 
 def test_concurrent_requests_to_both_all_succeed(swap, expected):
