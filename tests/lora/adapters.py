@@ -32,3 +32,13 @@ def peft_model(base_dir: Path, adapter_dir: Path):
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """n argmax tokens, EOS included (pagoda's ignore_eos: it neither stops nor is banned,
+    whereas transformers' min_new_tokens bans it)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
