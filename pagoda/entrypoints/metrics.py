@@ -52,6 +52,11 @@ class EngineMetrics:
                              lbl, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc",
                               "KV-cache usage (1 = every block in use)", lbl, registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters "
+                               "(value: the time of the update)",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                               registry=r)
+        self.max_loras = 0  # set by the server when LoRA is on
 
     def _counters(self) -> None:
         r, lbl = self.registry, ["model_name"]
@@ -69,6 +74,15 @@ class EngineMetrics:
                                    registry=r)
         for reason in FINISH_REASONS:  # export zeros so rate() works from the start
             self._labels(self.success, finished_reason=reason)
+        lora = ["model_name", "lora_name"]
+        self.lora_success = Counter("pagoda:lora_request_success", "Finished requests per "
+                                    "LoRA adapter and finish reason",
+                                    lora + ["finished_reason"], registry=r)
+        self.lora_prompt_tokens = Counter("pagoda:lora_prompt_tokens", "Prompt tokens per "
+                                          "LoRA adapter", lora, registry=r)
+        self.lora_generation_tokens = Counter("pagoda:lora_generation_tokens",
+                                              "Generated tokens per LoRA adapter", lora,
+                                              registry=r)
 
     def _histograms(self) -> None:
         r, lbl = self.registry, ["model_name"]
@@ -95,6 +109,16 @@ class EngineMetrics:
         self._inc(self.prefix_queries, stats.prefix_cache_queries - last.prefix_cache_queries)
         self._inc(self.prefix_hits, stats.prefix_cache_hits - last.prefix_cache_hits)
         self._last = stats
+        if self.max_loras:
+            self._publish_lora_info(stats)
+
+    def _publish_lora_info(self, stats: SchedulerStats) -> None:
+        """vLLM's info gauge: one series, the current adapters in its labels."""
+        self.lora_info.clear()
+        self.lora_info.labels(max_lora=str(self.max_loras),
+                              waiting_lora_adapters=",".join(stats.waiting_lora_adapters),
+                              running_lora_adapters=",".join(stats.running_lora_adapters)
+                              ).set(time.time())
 
     def forget(self) -> None:
         """This observer's engine is gone: its share leaves the model's gauges."""
@@ -123,6 +147,16 @@ class EngineMetrics:
         itl = self._labels(self.itl)
         for latency in timing.inter_token_latencies:
             itl.observe(latency)
+        if timing.lora_name is not None:
+            self._count_lora(finish_reason, timing)
+
+    def _count_lora(self, finish_reason: str, timing: RequestTiming) -> None:
+        """LoRA traffic on its own (it is in the model's counters too)."""
+        name = timing.lora_name
+        self._labels(self.lora_success, lora_name=name, finished_reason=finish_reason).inc()
+        self._labels(self.lora_prompt_tokens, lora_name=name).inc(timing.num_prompt_tokens)
+        self._labels(self.lora_generation_tokens, lora_name=name).inc(
+            timing.num_generation_tokens)
 
     def _inc(self, counter: Counter, amount: float) -> None:
         if amount > 0:

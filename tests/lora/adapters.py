@@ -11,9 +11,23 @@ def save_random_adapter(base_dir: Path, out: Path, rank: int, targets: list[str]
                         seed: int, alpha: float = 16.0, use_rslora: bool = False) -> Path:
     """A LoRA of `rank` on `targets` of the checkpoint in base_dir, with every A and B
     random (PEFT initialises B to zero: such an adapter would change nothing)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return _save_adapter(base, out, rank, targets, seed, alpha, use_rslora)
+
+
+def save_adapter_for_config(config, out: Path, rank: int, targets: list[str], seed: int
+                            ) -> Path:
+    """The same for a model of `config` (random base weights: only the shapes matter)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return _save_adapter(AutoModelForCausalLM.from_config(config, dtype=torch.float32), out,
+                         rank, targets, seed, 16.0, False)
+
+
+def _save_adapter(base, out: Path, rank: int, targets: list[str], seed: int, alpha: float,
+                  use_rslora: bool) -> Path:
+    from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                         use_rslora=use_rslora, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)

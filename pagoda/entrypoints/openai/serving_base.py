@@ -82,8 +82,15 @@ class ServingBase:
     def check_model(self, model: str | None) -> None:
         if current_lease.get() is not None:
             return  # the route resolved the model when it leased it
-        if model is not None and model not in self.state.config.served_model_names:
+        if model is not None and model not in self.state.config.served_model_names \
+                and not (self.state.loras and self.state.loras.is_adapter(model)):
             raise UnknownModelError(model)
+
+    def lora_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        if current_lease.get() is not None or self.state.loras is None:
+            return None
+        return model if self.state.loras.is_adapter(model) else None
 
     def server_chat_template(self) -> str | None:
         """The operator's chat template: the model's own setting, else --chat-template."""
@@ -130,7 +137,8 @@ class ServingBase:
             raise InvalidRequestError(exc.message, field, exc.code) from None
 
     def open_streams(self, plans: list[tuple[str, ProcessedPrompt, SamplingParams]],
-                     priority: int, arrival: float) -> list[AsyncIterator[RequestOutput]]:
+                     priority: int, arrival: float,
+                     lora_name: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Admit and submit every (request id, prompt, params) now, before any response
         starts: a refusal is an HTTP error (503 + Retry-After), not an event in a 200
         stream. If one is refused, the ones already submitted are aborted."""
@@ -138,7 +146,7 @@ class ServingBase:
         try:
             for request_id, prompt, params in plans:
                 streams.append(self.stream_outputs(request_id, prompt, params, priority,
-                                                   arrival))
+                                                   arrival, lora_name))
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -146,7 +154,8 @@ class ServingBase:
         return streams
 
     def stream_outputs(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       priority: int, arrival: float) -> AsyncIterator[RequestOutput]:
+                       priority: int, arrival: float,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit one request now (see AsyncEngine.generate) and return its output stream."""
         if self.state.config.log_requests:
             logger.info("request %s: %d prompt tokens, max_tokens %s, n %d", request_id,
@@ -154,7 +163,7 @@ class ServingBase:
         if not self.state.config.honor_priority:
             priority = 0
         self.engine.check_alive()  # a 503 now, not an error event after a 200
-        return self.engine.generate(request_id, prompt, params, priority, arrival)
+        return self.engine.generate(request_id, prompt, params, priority, arrival, lora_name)
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -65,7 +65,8 @@ class ChatServing(ServingBase):
         self.validate_prompt(prompt, params)
         await self.check_structured_outputs(params, _constraint_field(body, tools))
         request_id = new_request_id("chatcmpl")
-        stream = self.stream_outputs(request_id, prompt, params, body.priority, arrival)
+        stream = self.stream_outputs(request_id, prompt, params, body.priority, arrival,
+                                     self.lora_for(body.model))
         if body.stream:
             return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
                                                   stream), media_type="text/event-stream")
