@@ -325,7 +325,7 @@ def fleet_model_cards(state: ServerState) -> list[ModelCard]:
         info = model.handle.model_info if model.handle is not None else None
         for name in model.spec.names:
             cards.append(ModelCard(id=name, created=int(state.started), owned_by="pagoda",
-                                   root=model.spec.model,
+                                   root=model.spec.lora_modules.get(name, model.spec.model),
                                    parent=None if name == model.name else model.name,
                                    max_model_len=info.max_model_len if info else None,
                                    state=str(model.state)))

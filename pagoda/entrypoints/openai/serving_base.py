@@ -88,7 +88,10 @@ class ServingBase:
 
     def lora_for(self, model: str | None) -> str | None:
         """The LoRA adapter a request's `model` names (None: the base model)."""
-        if current_lease.get() is not None or self.state.loras is None:
+        lease = current_lease.get()
+        if lease is not None:
+            return lease.lora_name
+        if self.state.loras is None:
             return None
         return model if self.state.loras.is_adapter(model) else None
 
