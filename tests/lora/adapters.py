@@ -51,8 +51,11 @@ def peft_model(base_dir: Path, adapter_dir: Path):
 def greedy(model, ids: list[int], n: int) -> list[int]:
     """n argmax tokens, EOS included (pagoda's ignore_eos: it neither stops nor is banned,
     whereas transformers' min_new_tokens bans it)."""
-    seq = list(ids)
+    tokens, past, step = [], None, torch.tensor([ids])
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+            out = model(step, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step = torch.tensor([[tokens[-1]]])
+    return tokens

@@ -37,6 +37,15 @@ def llama(tmp_path_factory) -> dict:
                                                   alpha=32, use_rslora=True)}
 
 
+@pytest.fixture(scope="module")
+def llama_llm(llama) -> LLM:
+    """One engine with both adapters for the tests that leave it idle."""
+    llm = engine(llama["base"])
+    for name in ("q_v_down_r8", "all_r16_rslora"):
+        llm.add_lora(name, str(llama[name]))
+    return llm
+
+
 def engine(base: Path, **kwargs) -> LLM:
     options = dict(kv_cache_memory=32 << 20, max_num_batched_tokens=64, enable_lora=True,
                    max_loras=2) | kwargs
@@ -54,21 +63,18 @@ def oracle_tokens(base: Path, adapter: Path | None, prompts: list[list[int]]) ->
     return [greedy(model, p, NUM_TOKENS) for p in prompts]
 
 
-def test_llama_adapters_match_peft_and_the_base_is_unchanged(llama):
+def test_llama_adapters_match_peft_and_the_base_is_unchanged(llama, llama_llm):
     prompts = random_prompts(512, (5, 37, 70))
-    llm = engine(llama["base"])
     for name in ("q_v_down_r8", "all_r16_rslora"):
-        llm.add_lora(name, str(llama[name]))
-        assert generate(llm, prompts, name) == oracle_tokens(llama["base"], llama[name], prompts)
-    assert generate(llm, prompts, None) == oracle_tokens(llama["base"], None, prompts)
+        assert generate(llama_llm, prompts, name) == oracle_tokens(llama["base"], llama[name],
+                                                                   prompts)
+    assert generate(llama_llm, prompts, None) == oracle_tokens(llama["base"], None, prompts)
 
 
-def test_two_adapters_and_the_base_in_one_batch_equal_their_runs_alone(llama):
+def test_two_adapters_and_the_base_in_one_batch_equal_their_runs_alone(llama_llm):
     prompts = random_prompts(512, (9, 40, 23, 61, 14, 33), seed=3)
     loras = ["q_v_down_r8", None, "all_r16_rslora", "q_v_down_r8", None, "all_r16_rslora"]
-    llm = engine(llama["base"])
-    for name in ("q_v_down_r8", "all_r16_rslora"):
-        llm.add_lora(name, str(llama[name]))
+    llm = llama_llm
     mixed = generate(llm, prompts, loras)
     alone = [generate(llm, [p], lora)[0] for p, lora in zip(prompts, loras)]
     assert mixed == alone
@@ -91,10 +97,9 @@ def test_one_slot_and_one_host_copy_swap_adapters_in_and_out(llama):
     assert len(lora.host) == 1 and len(lora.slot_lru) == 1
 
 
-def test_prefix_cache_blocks_are_keyed_by_adapter(llama):
+def test_prefix_cache_blocks_are_keyed_by_adapter(llama, llama_llm):
     prompt = random_prompts(512, (64,), seed=5)
-    llm = engine(llama["base"])
-    llm.add_lora("q_v_down_r8", str(llama["q_v_down_r8"]))
+    llm = llama_llm
     stats = llm.engine.core.kv_manager.stats
     base_tokens = generate(llm, prompt, None)
     hits = stats.hits
