@@ -20,9 +20,12 @@ LoRAKernel = Callable[["LoRAWeights", torch.Tensor, torch.Tensor, torch.Tensor],
 
 @dataclass(slots=True)
 class LoRAStepState:
-    """The step's per-token adapter slot (int32, -1 = base model), fixed size and address."""
+    """The step's per-token adapter slot (int32, -1 = base model), fixed size and address;
+    `active`: whether the layers add adapter deltas at all (off for a step of base-model
+    tokens only; always on while CUDA graphs are captured, so replays read the slots)."""
 
     token_slots: torch.Tensor
+    active: bool = True
 
     @classmethod
     def allocate(cls, max_tokens: int, device: torch.device) -> LoRAStepState:
@@ -97,6 +100,8 @@ class LoRALinearMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         y = self.base.apply(layer, x, bias)
+        if not self.state.active:
+            return y
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         self.kernel(self.weights, flat_x, flat_y, self.state.token_slots[:flat_x.shape[0]])
         return y

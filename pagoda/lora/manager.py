@@ -137,6 +137,7 @@ class LoRAManager:
         slot_of = self.activate({i for i in row_lora_ids if i})
         row_slots = np.fromiter((slot_of.get(i, -1) for i in row_lora_ids), np.int32,
                                 len(row_lora_ids))
+        self.state.active = bool(slot_of)
         tokens = np.repeat(row_slots, row_tokens)
         self._turn ^= 1
         if self._copied[self._turn] is not None:

@@ -85,6 +85,8 @@ class ModelRunner:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
         hidden = self.model.config.hidden_size
         self.graphs = None  # an earlier capture's memory pool goes before the new one's
+        if self.lora is not None:
+            self.lora.state.active = True  # the graphs must hold the adapter kernels
         self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
                                       max_num_seqs, max_model_len, hidden, self.config.dtype,
                                       self.config.device, len(self.kv_layout.groups))
@@ -239,7 +241,7 @@ class ModelRunner:
                            [qsl[i + 1] - qsl[i] for i in range(len(step.request_ids))])
 
     def _forward(self, step: StepBatch) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(step.attn):
+        if self.graphs is not None and self.graphs.can_run(step.attn):  # LoRA always in
             return self.graphs.run(step.input_ids, step.positions, step.kv_groups)
         return self.model(step.input_ids, step.positions,
                           self.backend.build_group_metadata(step.kv_groups.metadata))
