@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pagoda.engine.llm import LLM
     cfg = ThroughputConfig(model=args.model, num_prompts=args.num_prompts,
                            input_len=args.input_len, output_len=args.output_len)
-    engine = dict(load_format=args.load_format, max_num_seqs=args.max_num_seqs,
-                  max_model_len=args.input_len + args.output_len + 16)
+    engine = {"load_format": args.load_format, "max_num_seqs": args.max_num_seqs,
+              "max_model_len": args.input_len + args.output_len + 16}
     result: dict[str, Any] = {"environment": environment(), "git": git_info(),
                               "config": vars(args), "runs": {}}
     plain = LLM(args.model, **engine)

@@ -14,8 +14,8 @@ from torch import nn
 from pagoda.config import LoRAConfig, resolve_dtype
 from pagoda.logger import get_logger
 from pagoda.lora.adapter import LoRAAdapter, load_adapter
-from pagoda.lora.request import LoRAAdapterError, LoRARequest
 from pagoda.lora.layers import LoRAStepState, LoRAWeights, add_lora_layers, lora_torch
+from pagoda.lora.request import LoRAAdapterError, LoRARequest
 
 logger = get_logger(__name__)
 

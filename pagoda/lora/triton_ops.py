@@ -63,7 +63,7 @@ def lora_triton(weights: LoRAWeights, x: torch.Tensor, y: torch.Tensor,
     num_tokens = x.shape[0]
     if num_tokens == 0:
         return
-    slots, pieces, rank, k = weights.a.shape
+    _, pieces, rank, k = weights.a.shape
     if pieces > 3:
         raise ValueError("the expand kernel handles layers of at most 3 pieces")
     x = x.to(weights.a.dtype).contiguous()

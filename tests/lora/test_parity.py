@@ -18,8 +18,8 @@ from tests.models.parity import random_prompts
 from tests.utils import save_random_checkpoint
 
 NUM_TOKENS = 32
-COMMON = dict(hidden_size=64, intermediate_size=128, vocab_size=512, max_position_embeddings=512,
-              initializer_range=0.2)
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 512,
+          "max_position_embeddings": 512, "initializer_range": 0.2}
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,8 +47,8 @@ def llama_llm(llama) -> LLM:
 
 
 def engine(base: Path, **kwargs) -> LLM:
-    options = dict(kv_cache_memory=32 << 20, max_num_batched_tokens=64, enable_lora=True,
-                   max_loras=2) | kwargs
+    options = {"kv_cache_memory": 32 << 20, "max_num_batched_tokens": 64, "enable_lora": True,
+               "max_loras": 2} | kwargs
     return LLM(str(base), **options)
 
 

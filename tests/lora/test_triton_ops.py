@@ -58,7 +58,7 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 7, in_features: i
 def test_kernels_match_torch_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "tests.lora.test_triton_ops"], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
