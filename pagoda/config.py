@@ -90,6 +90,34 @@ class SchedulerConfig:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(slots=True)
+class LoRAConfig:
+    """LoRA adapters (vLLM's flags): how many share one batch (device slots), the largest
+    rank, how many stay loaded in host memory, and the adapters' dtype."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    lora_dtype: str = "auto"  # auto: the model's dtype
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError("max_loras must be >= 1")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError("max_cpu_loras must be >= max_loras")
+        if self.lora_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ConfigError("lora_dtype must be auto, float16, bfloat16 or float32")
+
+    @property
+    def host_capacity(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything an engine needs to start; the model part is resolved at load time."""
@@ -105,10 +133,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
+    lora: LoRAConfig | None = None  # None: LoRA adapters off
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
+_LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
 
 
 def engine_config(model: str, **kwargs: Any) -> EngineConfig:
@@ -117,5 +147,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     if "gpu_memory_utilization" in kwargs:
         cache["memory_utilization"] = kwargs.pop("gpu_memory_utilization")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
+    lora = {k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS}
+    lora_config = LoRAConfig(**lora) if kwargs.pop("enable_lora", False) else None
     return EngineConfig(model=model, cache=CacheConfig(**cache),
-                        scheduler=SchedulerConfig(**sched), **kwargs)
+                        scheduler=SchedulerConfig(**sched), lora=lora_config, **kwargs)

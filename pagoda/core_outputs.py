@@ -3,7 +3,7 @@ scheduler's counters. Plain data without torch, so the API process imports it ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Per position: (token ids [k+1], logprobs [k+1], rank of the first id). Col 0 is the actual token.
 LogprobsLists = tuple[list[list[int]], list[list[float]], list[int]]
@@ -38,3 +38,5 @@ class SchedulerStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_computed_tokens_total: int = 0
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)

@@ -49,6 +49,7 @@ class EngineCoreRequest:
     priority: int = 0
     cache_salt: str | None = None
     parent_id: str | None = None  # set on the `n` children of one user request
+    lora_name: str | None = None  # the LoRA adapter the request runs with (None: the base)
 
 
 @dataclass(slots=True, eq=False)
@@ -71,6 +72,8 @@ class Request:
     priority: int = 0
     cache_salt: str | None = None
     parent_id: str | None = None
+    lora_name: str | None = None
+    lora_id: int = 0  # the adapter's engine id (0: the base model)
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -88,12 +91,14 @@ class Request:
         self.all_token_ids = list(self.prompt_token_ids)
 
     @classmethod
-    def from_core_request(cls, req: EngineCoreRequest, max_tokens: int, seq: int) -> Request:
+    def from_core_request(cls, req: EngineCoreRequest, max_tokens: int, seq: int,
+                          lora_id: int = 0) -> Request:
         return cls(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, max_tokens=max_tokens,
             eos_token_id=req.eos_token_id, arrival_time=req.arrival_time, arrival_seq=seq,
-            priority=req.priority, cache_salt=req.cache_salt, parent_id=req.parent_id)
+            priority=req.priority, cache_salt=req.cache_salt, parent_id=req.parent_id,
+            lora_name=req.lora_name if lora_id else None, lora_id=lora_id)
 
     @property
     def num_tokens(self) -> int:

@@ -33,7 +33,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
+    add_lora_args(parser)
     add_vllm_flags(parser)
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("LoRA adapters")
+    g.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="serve LoRA adapters")
+    g.add_argument("--max-loras", type=int, default=1,
+                   help="adapters one batch may use (device slots)")
+    g.add_argument("--max-lora-rank", type=int, default=16,
+                   help="largest adapter rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512")
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept loaded in host memory (default: --max-loras); the "
+                        "others are read from disk again when needed")
+    g.add_argument("--lora-dtype", default="auto", help="auto (the model's), float16 or bfloat16")
 
 
 def check_vllm_flags(args: argparse.Namespace) -> bool:
@@ -70,5 +85,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
         "seed": args.seed, "tokenizer": args.tokenizer,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling,
+        "async_scheduling": args.async_scheduling, "enable_lora": args.enable_lora,
+        "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras, "lora_dtype": args.lora_dtype,
     }

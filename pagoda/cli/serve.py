@@ -66,6 +66,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="priority",
                    help="priority (default): lower `priority` values run first, FCFS among "
                         "equals; fcfs: request priorities are ignored")
+    lora = p.add_argument_group("LoRA adapters (with --enable-lora)")
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                      help="adapters to serve: name=path, or JSON "
+                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    lora.add_argument("--lora-dir", default=None,
+                      help="the only directory runtime-loaded adapters may come from "
+                           "(default: the model store)")
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                           "(env VLLM_ALLOW_RUNTIME_LORA_UPDATING=True also does)")
     m = p.add_argument_group("several models (given more than one model, or --config)")
     m.add_argument("--config", default=None, metavar="YAML",
                    help="a models file: per-model names, aliases, pinning, keep-alive, "
@@ -168,7 +178,23 @@ def server_config(args: argparse.Namespace, names: list[str], keys: list[str]):
         names, keys, args.max_request_body, read_chat_template(args.chat_template),
         args.trust_request_chat_template, log_requests=not args.disable_log_requests,
         honor_priority=args.scheduling_policy == "priority",
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        lora=lora_server_config(args))
+
+
+def lora_server_config(args: argparse.Namespace):
+    """The server's LoRA settings; adapters without --enable-lora are a startup error."""
+    from pagoda.entrypoints.openai.serving_lora import (
+        LoRAServerConfig,
+        parse_lora_module,
+    )
+    from pagoda.errors import ConfigError
+    if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
+        raise ConfigError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+    return LoRAServerConfig(
+        [parse_lora_module(v) for v in args.lora_modules],
+        Path(args.lora_dir).expanduser() if args.lora_dir else None,
+        args.allow_runtime_lora_updating, args.max_loras if args.enable_lora else 0)
 
 
 def listen_options(args: argparse.Namespace):

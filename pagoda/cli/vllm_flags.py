@@ -174,15 +174,8 @@ _add("prefill and decode run in this one server; no KV is sent elsewhere", """
 --kv-transfer-config value
 --ec-transfer-config value""", refused=True)
 _add("no KV cache events are published", "--kv-events-config value")
-_add("LoRA adapters are not supported yet", """
---enable-lora switch
---lora-modules values""", refused=True)
-_add("LoRA adapters are not supported yet", """
---max-loras value
---max-lora-rank value
---lora-dtype value
+_add("these LoRA options have no pagoda counterpart", """
 --enable-tower-connector-lora switch
---max-cpu-loras value
 --fully-sharded-loras switch
 --lora-target-modules values
 --default-mm-loras value

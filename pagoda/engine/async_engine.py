@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
-from pagoda.engine.admission import Admission, AdmissionLimits, EngineOverloadedError, Work
+from pagoda.engine.admission import (
+    Admission,
+    AdmissionLimits,
+    EngineOverloadedError,
+    Work,
+)
 from pagoda.engine.client import EngineCoreClient, EngineDeadError
 from pagoda.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
+from pagoda.lora.request import LoRAAdapterError
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 from pagoda.tokenizer.chat_template import Conversation, render_chat
@@ -42,6 +47,7 @@ class RequestTiming:
     queue_time: float | None = None
     num_generation_tokens: int = 0
     inter_token_latencies: list[float] = field(default_factory=list)
+    lora_name: str | None = None  # the LoRA adapter it ran with
 
     @property
     def scheduled(self) -> float | None:
@@ -208,10 +214,12 @@ class AsyncEngine:
             await asyncio.to_thread(self.input_processor.check_structured_outputs, params)
 
     def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                 priority: int = 0, arrival: float | None = None) -> RequestStream:
+                 priority: int = 0, arrival: float | None = None,
+                 lora_name: str | None = None) -> RequestStream:
         """Admit and submit a request now (raises EngineOverloadedError, EngineDeadError
         before anything is queued); the returned stream yields its outputs."""
-        queue = self._submit(request_id, prompt, params, priority, arrival or time.monotonic())
+        queue = self._submit(request_id, prompt, params, priority, arrival or time.monotonic(),
+                             lora_name)
         return RequestStream(self, request_id, queue)
 
     def _forget(self, request_id: str) -> None:
@@ -223,22 +231,41 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError("the engine is not running")
 
+    async def add_lora(self, name: str, path: str) -> int:
+        """Load a LoRA adapter in the engine (LoRAAdapterError if it does not fit)."""
+        return await self._lora_call("add_lora", name, path)
+
+    async def remove_lora(self, name: str) -> bool:
+        """Unload an adapter: new requests are refused, running ones finish."""
+        return await self._lora_call("remove_lora", name)
+
+    async def _lora_call(self, method: str, *args: str) -> Any:
+        try:
+            return await self.client.call(method, *args)
+        except RuntimeError as exc:  # the engine process reports errors by type name
+            _, sep, message = str(exc).partition(f"{LoRAAdapterError.__name__}: ")
+            if sep:
+                raise LoRAAdapterError(message) from None
+            raise
+
     def _submit(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                priority: int, arrival: float) -> asyncio.Queue[RequestOutput | Exception]:
+                priority: int, arrival: float,
+                lora_name: str | None = None) -> asyncio.Queue[RequestOutput | Exception]:
         self.check_alive()
         work = Work(params.n, len(prompt.token_ids), params.max_tokens or 0)
         self.admission.check(work)
         if request_id in self._queues:
             raise PagodaError(f"request id {request_id!r} is already in use")
         children, core_requests = self.input_processor.fan_out(request_id, prompt, params,
-                                                               priority)
+                                                               priority, lora_name=lora_name)
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._queues[request_id] = queue
         self.admission.admit([r.request_id for r in core_requests], work)
         self.output_processor.add_request(request_id, prompt.text, prompt.token_ids, children)
         for core_request in core_requests:
             self._timings[core_request.request_id] = RequestTiming(
-                arrival, len(prompt.token_ids), self._max_tokens(params, len(prompt.token_ids)))
+                arrival, len(prompt.token_ids), self._max_tokens(params, len(prompt.token_ids)),
+                lora_name=lora_name)
             self.client.add_request(core_request)
         return queue
 
@@ -298,7 +325,8 @@ class AsyncEngine:
             queue = self._queues.get(parent or "")
             if queue is None:
                 continue
-            if error.error_type in ("InvalidRequestError", "ContextLengthExceededError"):
+            if error.error_type in ("InvalidRequestError", "ContextLengthExceededError",
+                                    "LoRANotLoadedError"):
                 queue.put_nowait(InvalidRequestError(error.message))
             else:
                 queue.put_nowait(PagodaError("the engine rejected the request"))

@@ -18,6 +18,7 @@ from pagoda.executor.factory import executor_for
 from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.logger import get_logger
+from pagoda.lora.registry import LoRARegistry
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
@@ -70,7 +71,9 @@ class EngineCore:
         self.kv_manager = KVCacheManager(sizing.num_blocks, block_size,
                                          config.cache.enable_prefix_caching, hasher,
                                          sizing.windows)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
+                                   config.lora.max_loras if config.lora else 0)
+        self.loras = LoRARegistry(config.lora is not None)
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,
                                                    config.scheduler.max_num_batched_tokens)
@@ -126,7 +129,8 @@ class EngineCore:
         if request.request_id in self.scheduler.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
                                       "request_id")
-        self.scheduler.add_request(request)
+        lora_id = self.loras.id_of(request.lora_name)
+        self.scheduler.add_request(request, lora_id)
         if request.sampling_params.sampling_reads_output:
             self._token_dependent.add(request.request_id)
         constraint = request.sampling_params.structured_outputs
@@ -160,6 +164,7 @@ class EngineCore:
         self._in_flight = sched_out
         if not self._can_overlap():
             outputs += self._finish_in_flight()
+        self._retire_loras()
         return outputs
 
     def _execute(self, sched_out: SchedulerOutput) -> None:
@@ -228,6 +233,34 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Load a LoRA adapter under `name` (checked against the model now; a
+        LoRAAdapterError says why it does not fit); returns its engine id."""
+        request = self.loras.reserve(name, path)
+        self.executor.add_lora(request)
+        self.loras.add(request)
+        return request.lora_id
+
+    def remove_lora(self, name: str) -> bool:
+        """Stop taking requests for the adapter; the ones running with it finish. Returns
+        whether it was loaded."""
+        if self.loras.remove(name) is None:
+            return False
+        self._retire_loras()
+        return True
+
+    def _retire_loras(self) -> None:
+        """Tell the workers about unloaded adapters no request waits for or runs with."""
+        if not self.loras.retiring:
+            return
+        done = self.loras.retiring - self.scheduler.live_lora_ids()
+        for lora_id in done:
+            self.executor.remove_lora(lora_id)
+        self.loras.retiring -= done
+
+    def list_loras(self) -> list[str]:
+        return self.loras.names()
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_manager.reset_prefix_cache()

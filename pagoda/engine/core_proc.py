@@ -24,8 +24,8 @@ import zmq
 from pagoda.config import EngineConfig
 from pagoda.core_outputs import EngineCoreOutput
 from pagoda.engine import serial
-from pagoda.engine.cpu_threads import configure_cpu_threads
 from pagoda.engine.core import EngineCore
+from pagoda.engine.cpu_threads import configure_cpu_threads
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.errors import PagodaError
 from pagoda.logger import configure_logging, get_logger

@@ -65,22 +65,23 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                 priority: int = 0, cache_salt: str | None = None,
-                parent_id: str | None = None) -> EngineCoreRequest:
+                parent_id: str | None = None, lora_name: str | None = None
+                ) -> EngineCoreRequest:
         self.validate_prompt(prompt.token_ids)
         params.check_vocab(self.info.vocab_size)
         if self.info.extra_eos_token_ids and not params.ignore_eos:
             extra = [t for t in self.info.extra_eos_token_ids if t not in params.stop_token_ids]
             params = params.clone(stop_token_ids=params.stop_token_ids + extra)
         return EngineCoreRequest(request_id, prompt.token_ids, params, self.info.eos_token_id,
-                                 time.monotonic(), priority, cache_salt, parent_id)
+                                 time.monotonic(), priority, cache_salt, parent_id, lora_name)
 
     def fan_out(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                priority: int = 0, cache_salt: str | None = None
+                priority: int = 0, cache_salt: str | None = None, lora_name: str | None = None
                 ) -> tuple[list[tuple[str, SamplingParams]], list[EngineCoreRequest]]:
         """The engine requests of one user request: one per `n` sequence (validated)."""
         children = child_params(request_id, params)
         parent = request_id if params.n > 1 else None
-        requests = [self.process(child_id, prompt, child, priority, cache_salt, parent)
+        requests = [self.process(child_id, prompt, child, priority, cache_salt, parent, lora_name)
                     for child_id, child in children]
         return children, requests
 

@@ -23,17 +23,29 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def add_lora(self, name: str, path: str) -> int:
+        """Load a PEFT LoRA adapter (needs enable_lora=True); returns its engine id."""
+        return self.engine.core.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        return self.engine.core.remove_lora(name)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in prompt order."""
+                 priority: Sequence[int] | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order. `lora`: the
+        adapter (added with add_lora) of all prompts, or one per prompt (None: the base)."""
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params or SamplingParams(), len(prompts))
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} adapters for {len(prompts)} prompts")
         ids = [self.engine.next_request_id() for _ in prompts]
         try:
             for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
                 self.engine.add_request(request_id, prompt, params[i],
-                                        priority[i] if priority else 0)
+                                        priority[i] if priority else 0, lora_name=loras[i])
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)

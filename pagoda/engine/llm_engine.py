@@ -37,7 +37,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
                     params: SamplingParams, priority: int = 0,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, lora_name: str | None = None) -> None:
         """Validate and queue a request; raises InvalidRequestError before scheduling anything."""
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -45,7 +45,7 @@ class LLMEngine:
             self.input_processor.tokenize(prompt)
         self.input_processor.check_structured_outputs(params)
         children, core_requests = self.input_processor.fan_out(
-            request_id, processed, params, priority, cache_salt)
+            request_id, processed, params, priority, cache_salt, lora_name)
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           children)
         for core_request in core_requests:

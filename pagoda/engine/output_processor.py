@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagoda.core_outputs import EngineCoreOutput, LogprobsLists
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from pagoda.sampling_params import SamplingParams
-from pagoda.core_outputs import EngineCoreOutput, LogprobsLists
 
 
 @dataclass(slots=True)

@@ -27,6 +27,9 @@ UTILITY_METHODS: dict[str, Any] = {
     "prepare_sleep": bool,
     "wake_up": float,
     "is_sleeping": bool,
+    "add_lora": int,
+    "remove_lora": bool,
+    "list_loras": list[str],
 }
 
 UtilityArg = bool | int | float | str | None

@@ -6,7 +6,13 @@ from __future__ import annotations
 import copy
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import Metric
 
 from pagoda.core_outputs import SchedulerStats
@@ -88,6 +94,11 @@ class EngineMetrics:
         self.cache_config = Gauge("vllm:cache_config_info", "The KV cache's configuration",
                                   ["model_name", "block_size", "num_gpu_blocks", "device"],
                                   registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters "
+                               "(value: the time of the update)",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                               registry=r)
+        self.max_loras = 0  # set by the server when LoRA is on
 
     def _counters(self) -> None:
         r, lbl = self.registry, ["model_name"]
@@ -105,6 +116,15 @@ class EngineMetrics:
                                    registry=r)
         self.model_events = Counter("pagoda:model_events", "Model loads, sleeps, wakes and unloads",
                                     ["model_name", "event"], registry=r)
+        lora = ["model_name", "lora_name"]
+        self.lora_success = Counter("pagoda:lora_request_success", "Finished requests per "
+                                    "LoRA adapter and finish reason",
+                                    lora + ["finished_reason"], registry=r)
+        self.lora_prompt_tokens = Counter("pagoda:lora_prompt_tokens", "Prompt tokens per "
+                                          "LoRA adapter", lora, registry=r)
+        self.lora_generation_tokens = Counter("pagoda:lora_generation_tokens",
+                                              "Generated tokens per LoRA adapter", lora,
+                                              registry=r)
 
     def _histograms(self) -> None:
         r, lbl = self.registry, ["model_name"]
@@ -161,6 +181,16 @@ class EngineMetrics:
         if step_tokens > 0:
             self._labels(self.iteration_tokens).observe(step_tokens)
         self._last = stats
+        if self.max_loras:
+            self._publish_lora_info(stats)
+
+    def _publish_lora_info(self, stats: SchedulerStats) -> None:
+        """vLLM's info gauge: one series, the current adapters in its labels."""
+        self.lora_info.clear()
+        self.lora_info.labels(max_lora=str(self.max_loras),
+                              waiting_lora_adapters=",".join(stats.waiting_lora_adapters),
+                              running_lora_adapters=",".join(stats.running_lora_adapters)
+                              ).set(time.time())
 
     def forget(self) -> None:
         """This observer's engine is gone: its share leaves the model's gauges."""
@@ -196,6 +226,8 @@ class EngineMetrics:
         for latency in timing.inter_token_latencies:
             itl.observe(latency)
         self._observe_phases(timing)
+        if timing.lora_name is not None:
+            self._count_lora(finish_reason, timing)
 
     def _observe_phases(self, timing: RequestTiming) -> None:
         """Prefill, decode and inference time, and the request's mean time per output token."""
@@ -209,6 +241,14 @@ class EngineMetrics:
         if scheduled is not None:
             self._labels(self.prefill).observe(max(first - scheduled, 0.0))
             self._labels(self.inference).observe(max(last - scheduled, 0.0))
+
+    def _count_lora(self, finish_reason: str, timing: RequestTiming) -> None:
+        """LoRA traffic on its own (it is in the model's counters too)."""
+        name = timing.lora_name
+        self._labels(self.lora_success, lora_name=name, finished_reason=finish_reason).inc()
+        self._labels(self.lora_prompt_tokens, lora_name=name).inc(timing.num_prompt_tokens)
+        self._labels(self.lora_generation_tokens, lora_name=name).inc(
+            timing.num_generation_tokens)
 
     def _inc(self, counter: Counter, amount: float) -> None:
         if amount > 0:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pagoda.config import EngineConfig
+from pagoda.lora.request import LoRARequest
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -93,6 +94,15 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def collect_output(self) -> ModelRunnerOutput:
         """Wait for the oldest uncollected step and return what it produced."""
+
+    @abc.abstractmethod
+    def add_lora(self, request: LoRARequest) -> int:
+        """Read and check a LoRA adapter on every worker (LoRAAdapterError if it does not
+        fit the model); returns its host bytes."""
+
+    @abc.abstractmethod
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter once the workers' live requests are done with it."""
 
     @abc.abstractmethod
     def sleep(self) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from pagoda.executor.base import Executor, KVCacheSizing, LoadedModelInfo, WorkerConfig
 from pagoda.executor.worker import Worker
+from pagoda.lora.request import LoRARequest
 from pagoda.models.source import ModelSource
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
@@ -45,6 +46,12 @@ class InProcessExecutor(Executor):
 
     def collect_output(self) -> ModelRunnerOutput:
         return self.worker.collect_output()
+
+    def add_lora(self, request: LoRARequest) -> int:
+        return self.worker.add_lora(request)
+
+    def remove_lora(self, lora_id: int) -> None:
+        self.worker.remove_lora(lora_id)
 
     def sleep(self) -> None:
         self.worker.sleep()

@@ -11,6 +11,8 @@ from pagoda.config import resolve_device, resolve_dtype
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
 from pagoda.layers.attention.selector import select_backend
 from pagoda.logger import get_logger
+from pagoda.lora.manager import LoRAManager
+from pagoda.lora.request import LoRAAdapterError, LoRARequest
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import describe_kv_budget, kv_budget_bytes, num_blocks_for
@@ -50,8 +52,13 @@ class Worker:
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
                            engine.seed)
         backend = select_backend(engine.attention_backend, self.device)
+        lora = None
+        if engine.lora is not None:
+            sched = engine.scheduler
+            lora = LoRAManager(model, engine.lora, self.device, dtype,
+                               max(sched.max_num_batched_tokens, sched.max_num_seqs))
         self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
-                                                      hf.vocab_size), backend)
+                                                      hf.vocab_size), backend, lora)
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
                                     backend.name, weight_bytes(model),
                                     sum(p.numel() for p in model.parameters()))
@@ -122,6 +129,15 @@ class Worker:
 
     def collect_output(self) -> ModelRunnerOutput:
         return self.runner.finish(self._launched.popleft())
+
+    def add_lora(self, request: LoRARequest) -> int:
+        if self.runner.lora is None:
+            raise LoRAAdapterError("LoRA adapters are off: start the server with --enable-lora")
+        return self.runner.lora.add(request)
+
+    def remove_lora(self, lora_id: int) -> None:
+        if self.runner.lora is not None:
+            self.runner.remove_lora(lora_id)
 
     def sleep(self) -> None:
         self.runner.sleep()

@@ -136,6 +136,7 @@ class Lease:
     model: ManagedModel
     keep_alive: float | None = None
     released: bool = False
+    lora_name: str | None = None  # the model's LoRA adapter the request named
 
     @property
     def engine(self) -> ReplicaSet:
@@ -286,7 +287,12 @@ class ModelManager:
 
     async def acquire(self, name: str | None, keep_alive: float | None = None) -> Lease:
         """Lease the model, bringing it in first if needed (waits at most swap_timeout)."""
-        model = self.resolve(name)
+        lease = await self._acquire(self.resolve(name), keep_alive)
+        if name in lease.model.spec.lora_modules:
+            lease.lora_name = name
+        return lease
+
+    async def _acquire(self, model: ManagedModel, keep_alive: float | None) -> Lease:
         if model.state is ModelState.LOADED and model.transition is None:
             return self._lease(model, keep_alive)
         if self.waiting >= self.max_waiting:
@@ -532,6 +538,7 @@ class ModelManager:
                 raise
             raise PagodaError(f"model {model.name!r} failed to load: {exc}") from exc
         self._attach(model, clients)
+        await self._add_adapters(model)
         model.load_seconds = time.monotonic() - start
         model.state, model.error = ModelState.LOADED, None
         self._record(model, "load")
@@ -558,6 +565,13 @@ class ModelManager:
             engines.append(engine)
         model.handle = ReplicaSet(engines, [r.prefixes for r in model.replicas])
         self._measure(model, clients[0].model_info)
+
+    @staticmethod
+    async def _add_adapters(model: ManagedModel) -> None:
+        """Load the model's LoRA adapters into every replica's engine."""
+        for name, path in model.spec.lora_modules.items():
+            for engine in model.handle.engines:
+                await engine.add_lora(name, path)
 
     @staticmethod
     def _measure(model: ManagedModel, info: Any) -> None:

@@ -94,8 +94,9 @@ class ReplicaSet:
         return chosen
 
     def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                 priority: int = 0, arrival: float | None = None
-                 ) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, arrival: float | None = None,
+                 lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         index = self.choose(prompt.token_ids)
         self.routed[index] += 1
-        return self.engines[index].generate(request_id, prompt, params, priority, arrival)
+        return self.engines[index].generate(request_id, prompt, params, priority, arrival,
+                                            lora_name)

@@ -34,10 +34,11 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # engine options a model entry may set (EngineConfig / engine_config keyword names)
 ENGINE_KEYS = {"max_model_len", "dtype", "load_format", "tokenizer", "seed", "block_size",
                "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs",
-               "enforce_eager", "attention_backend", "async_scheduling"}
+               "enforce_eager", "attention_backend", "async_scheduling", "enable_lora",
+               "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
 _MODEL_KEYS = ENGINE_KEYS | {"model", "name", "aliases", "pinned", "keep_alive", "priority",
                              "replicas", "devices", "chat_template", "preload", "system",
-                             "parameters", "template"}
+                             "parameters", "template", "lora_modules"}
 # Modelfile-style default sampling parameters a model entry may set (Ollama's names):
 # name -> (type, low, high); the request's own values win.
 MODEL_PARAMETERS: dict[str, tuple[type, float, float]] = {
@@ -90,8 +91,11 @@ class ModelSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # engine_config keyword arguments
     system: str | None = None  # Modelfile-style default system prompt
     parameters: dict[str, Any] = field(default_factory=dict)  # default sampling (Ollama names)
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> directory
 
     def __post_init__(self) -> None:
+        if self.lora_modules and not self.engine.get("enable_lora"):
+            raise ConfigError(f"model {self.name!r}: lora_modules need enable_lora: true")
         if self.replicas < 1:
             raise ConfigError(f"model {self.name!r}: replicas must be at least 1")
         if self.devices and len(self.devices) != self.replicas:
@@ -100,7 +104,8 @@ class ModelSpec:
 
     @property
     def names(self) -> list[str]:
-        return [self.name, *self.aliases]
+        """The names that reach the model: its own, aliases, and its adapters'."""
+        return [self.name, *self.aliases, *self.lora_modules]
 
     def device_of(self, replica: int) -> str | None:
         return self.devices[replica] if self.devices else None
@@ -178,7 +183,8 @@ def _model_entry(entry: Any, defaults: dict[str, Any], where: str) -> ModelSpec:
         devices=[str(d) for d in entry.get("devices") or []],
         chat_template=_template_of(entry, where), preload=bool(entry.get("preload", True)),
         engine=engine, system=_system_of(entry, where),
-        parameters=check_parameters(entry.get("parameters") or {}, where))
+        parameters=check_parameters(entry.get("parameters") or {}, where),
+        lora_modules=_lora_modules(entry.get("lora_modules"), where))
 
 
 def _template_of(entry: dict[str, Any], where: str) -> str | None:
@@ -229,6 +235,21 @@ def _parameter_value(name: str, value: Any, where: str) -> Any:
     if not ok_type or not low <= value <= high:
         raise ConfigError(f"{where}: parameter {name} must be a number in [{low}, {high}]")
     return kind(value)
+
+
+def _lora_modules(value: Any, where: str) -> dict[str, str]:
+    """`lora_modules:` as a list of name=path strings or {name, path} mappings."""
+    modules: dict[str, str] = {}
+    for item in value or []:
+        if isinstance(item, str) and "=" in item:
+            name, _, path = item.partition("=")
+        elif isinstance(item, dict) and isinstance(item.get("name"), str) \
+                and isinstance(item.get("path"), str):
+            name, path = item["name"], item["path"]
+        else:
+            raise ConfigError(f"{where}: lora_modules entries are name=path or {{name, path}}")
+        modules[name] = str(Path(path).expanduser())
+    return modules
 
 
 def _check_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:

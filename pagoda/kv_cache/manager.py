@@ -249,7 +249,8 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def _update_hashes(self, request: Request) -> None:
-        self.hasher.extend(request.block_hashes, request.all_token_ids, self._salt(request))
+        self.hasher.extend(request.block_hashes, request.all_token_ids, self._salt(request),
+                           request.lora_id)
 
     def _salt(self, request: Request) -> str | None:
         # Without prefix caching, a private salt still lets a request's own `n` siblings

@@ -127,6 +127,7 @@ class LlamaForCausalLM(CausalLM):
     """Causal LM head over LlamaModel; subclasses change `attention_options`."""
 
     packed_modules: ClassVar = LLAMA_PACKED
+    supports_lora: ClassVar[bool] = True
 
     def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE) -> None:
         super().__init__(config, max_position, group)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from pagoda.layers.attention.metadata import CommonAttentionMetadata, StepKVGroups
-from pagoda.scheduler.output import NewRequestData, SchedulerOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.scheduler.output import NewRequestData, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -24,6 +24,7 @@ class CachedRequestState:
     block_ids: list[list[int]]  # one block table per KV group
     num_computed_tokens: int
     generator: torch.Generator | None
+    lora_id: int = 0  # its LoRA adapter (0: the base model)
     output_token_ids: list[int] = field(default_factory=list)
     num_prompt_logprobs_done: int = 0  # prompt positions already reported (survives preemption)
     # the newest token is still on the device: its row in the sampled ids of step pending_step
@@ -99,7 +100,7 @@ class InputBatch:
             generator.manual_seed(seed % (1 << 64))
         return CachedRequestState(new.request_id, list(new.prompt_token_ids), new.sampling_params,
                                   new.eos_token_id, [list(ids) for ids in new.block_ids],
-                                  new.num_computed_tokens, generator)
+                                  new.num_computed_tokens, generator, new.lora_id)
 
     def prepare(self, out: SchedulerOutput,
                 last_sampled: torch.Tensor | None = None) -> StepBatch:

@@ -15,6 +15,7 @@ from pagoda.core_outputs import LogprobsLists
 from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.lora.manager import LoRAManager
 from pagoda.runner.cuda_graphs import CudaGraphRunner
 from pagoda.runner.input_batch import CachedRequestState, StepBatch, make_input_batch
 from pagoda.runner.memory import KVCacheSpec
@@ -57,8 +58,10 @@ class RunnerConfig:
 class ModelRunner:
     """Owns the model, the KV cache tensor, the per-request batch state and the sampler."""
 
-    def __init__(self, model: nn.Module, config: RunnerConfig, backend: AttentionBackend) -> None:
+    def __init__(self, model: nn.Module, config: RunnerConfig, backend: AttentionBackend,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora  # the adapters' slots and each step's per-token slot index
         self.config = config
         self.backend = backend
         self.kv_layout = group_layers(model.kv_cache_spec())
@@ -82,6 +85,8 @@ class ModelRunner:
         """Capture decode steps (needs a CUDA device and a graph-safe backend)."""
         hidden = self.model.config.hidden_size
         self.graphs = None  # an earlier capture's memory pool goes before the new one's
+        if self.lora is not None:
+            self.lora.state.active = True  # the graphs must hold the adapter kernels
         self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
                                       max_num_seqs, max_model_len, hidden, self.config.dtype,
                                       self.config.device, len(self.kv_layout.groups))
@@ -180,9 +185,13 @@ class ModelRunner:
         self.batch.update(sched_out)
         self._step_id += 1
         launched = LaunchedStep(self._step_id)
+        if self.lora is not None:
+            self.lora.retire(s.lora_id for s in self.batch.requests.values())
         if sched_out.is_empty:
             return launched
         step = self.batch.prepare(sched_out, self._last_sampled)
+        if self.lora is not None:
+            self._set_lora_step(step)
         hidden = self._forward(step)
         self._prompt_logprobs(step, hidden, launched.output)
         if step.sample_rows:
@@ -222,8 +231,17 @@ class ModelRunner:
                     lp, [row], state.sampling_params.logprobs)
         return out
 
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter once no request of the batch uses it."""
+        self.lora.remove(lora_id, (s.lora_id for s in self.batch.requests.values()))
+
+    def _set_lora_step(self, step: StepBatch) -> None:
+        qsl = step.attn.query_start_loc_cpu
+        self.lora.set_step([self.batch.requests[r].lora_id for r in step.request_ids],
+                           [qsl[i + 1] - qsl[i] for i in range(len(step.request_ids))])
+
     def _forward(self, step: StepBatch) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(step.attn):
+        if self.graphs is not None and self.graphs.can_run(step.attn):  # LoRA always in
             return self.graphs.run(step.input_ids, step.positions, step.kv_groups)
         return self.model(step.input_ids, step.positions,
                           self.backend.build_group_metadata(step.kv_groups.metadata))

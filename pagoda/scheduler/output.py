@@ -19,6 +19,7 @@ class NewRequestData:
     eos_token_id: int | None
     block_ids: list[list[int]]  # one block table per KV group (0: the null block)
     num_computed_tokens: int
+    lora_id: int = 0  # the LoRA adapter it runs with (0: the base model)
 
 
 @dataclass(slots=True)

@@ -32,8 +32,9 @@ class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 max_model_len: int) -> None:
+                 max_model_len: int, max_loras: int = 0) -> None:
         self.config = config
+        self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold
         self.kv = kv_manager
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
@@ -46,13 +47,13 @@ class Scheduler:
         self.num_computed_tokens_total = 0
 
     # ---- admission and removal -------------------------------------------------------------
-    def add_request(self, core_req: EngineCoreRequest) -> None:
+    def add_request(self, core_req: EngineCoreRequest, lora_id: int = 0) -> None:
         if core_req.request_id in self.requests:
             raise ValueError(f"duplicate request id {core_req.request_id!r}")
         max_tokens = self.max_model_len - len(core_req.prompt_token_ids)
         if core_req.sampling_params.max_tokens is not None:
             max_tokens = min(max_tokens, core_req.sampling_params.max_tokens)
-        request = Request.from_core_request(core_req, max_tokens, self._next_seq)
+        request = Request.from_core_request(core_req, max_tokens, self._next_seq, lora_id)
         self._next_seq += 1
         self.requests[request.request_id] = request
         self.waiting.push(request)
@@ -145,10 +146,13 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, num_active: int) -> None:
         # keep their place: constrained requests whose grammar is still compiling, and
         # preempted ones whose last sampled token is not back yet
+        # and requests whose adapter would be one more than --max-loras in the batch
         not_ready = []
+        adapters = {r.lora_id for r in self.running if r.lora_id}
         while self.waiting and budget > 0 and num_active < self.config.max_num_seqs:
             request = self.waiting.peek()
-            if request.waiting_for_grammar or request.num_pending_tokens:
+            if request.waiting_for_grammar or request.num_pending_tokens \
+                    or not self._adapter_fits(request, adapters):
                 not_ready.append(self.waiting.pop())
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
@@ -157,11 +161,17 @@ class Scheduler:
             if new_block_ids is None:
                 break
             self.waiting.pop()
+            if request.lora_id:
+                adapters.add(request.lora_id)
             self._admit(request, num_hit, num_new, out)
             budget -= num_new
             num_active += 1
         for request in not_ready:
             self.waiting.push(request)
+
+    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
+        return not request.lora_id or request.lora_id in adapters \
+            or len(adapters) < self.max_loras
 
     def _admit(self, request: Request, num_hit: int, num_new: int, out: SchedulerOutput) -> None:
         resumed = request.status == RequestStatus.PREEMPTED
@@ -179,7 +189,7 @@ class Scheduler:
         else:
             out.new_requests.append(NewRequestData(
                 request.request_id, request.prompt_token_ids, request.sampling_params,
-                request.eos_token_id, block_ids, num_hit))
+                request.eos_token_id, block_ids, num_hit, request.lora_id))
         out.num_scheduled_tokens[request.request_id] = num_new
 
     # ---- results -----------------------------------------------------------------------------
@@ -260,4 +270,14 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.waiting),
             kv_cache_usage=self.kv.usage, num_preemptions=self.num_preemptions,
             prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
-            num_computed_tokens_total=self.num_computed_tokens_total)
+            num_computed_tokens_total=self.num_computed_tokens_total,
+            running_lora_adapters=_adapter_names(self.running),
+            waiting_lora_adapters=_adapter_names(self.waiting))
+
+    def live_lora_ids(self) -> set[int]:
+        """The adapters of every unfinished request."""
+        return {r.lora_id for r in self.requests.values() if r.lora_id}
+
+
+def _adapter_names(requests) -> list[str]:
+    return sorted({r.lora_name for r in requests if r.lora_name})

@@ -4,7 +4,7 @@ step, filled from the requests' grammar matchers and applied to the logits."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 

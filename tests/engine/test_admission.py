@@ -6,7 +6,12 @@ import time
 
 import pytest
 
-from pagoda.engine.admission import Admission, AdmissionLimits, EngineOverloadedError, Work
+from pagoda.engine.admission import (
+    Admission,
+    AdmissionLimits,
+    EngineOverloadedError,
+    Work,
+)
 
 
 def admission(**limits) -> Admission:

@@ -13,7 +13,6 @@ from transformers import PreTrainedTokenizerFast
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 
-
 TEXTS = [
     "Hello, world!",
     "The quick brown fox jumps over the lazy dog.",

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from pagoda.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 
 
 def ids(tokenizer, text):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pagoda.errors import ModelDoesNotFitError, ModelUnavailableError
+from pagoda.errors import ModelDoesNotFitError
 from pagoda.fleet.manager import ModelManager, ModelState
 from pagoda.fleet.planner import DoesNotFit
 from pagoda.fleet.spec import FOREVER, FleetSpec, ModelSpec

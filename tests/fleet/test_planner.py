@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.fleet.planner import GIB, DevicePlan, DoesNotFit, ModelNeed, PlanEntry, divide_kv
+from pagoda.fleet.planner import (
+    GIB,
+    DevicePlan,
+    DoesNotFit,
+    ModelNeed,
+    PlanEntry,
+    divide_kv,
+)
 
 
 def need(name: str, weights: float, kv_min: float, demand: float) -> ModelNeed:

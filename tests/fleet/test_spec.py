@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pagoda.errors import ConfigError
-from pagoda.fleet.spec import FOREVER, fleet_from_args, fleet_from_yaml, parse_keep_alive
+from pagoda.fleet.spec import (
+    FOREVER,
+    fleet_from_args,
+    fleet_from_yaml,
+    parse_keep_alive,
+)
 
 
 @pytest.mark.parametrize(("value", "seconds"), [

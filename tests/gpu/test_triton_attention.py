@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from tests.layers.test_triton_attention import (
-    Batch, check_against_dense, check_cache_written, dense_outputs, make_batch,
-    poison_out_of_window, reference_attention, run_triton, tolerance)
+    Batch,
+    check_against_dense,
+    check_cache_written,
+    dense_outputs,
+    make_batch,
+    poison_out_of_window,
+    reference_attention,
+    run_triton,
+    tolerance,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CONTEXT = 8300  # "8k+": crosses 8192

@@ -12,7 +12,9 @@ from pagoda.layers.attention.torch_ref import TorchAttentionBackend
 def hf_visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """transformers' own mask functions (the oracle of the semantics) on index grids."""
     from transformers.masking_utils import (
-        causal_mask_function, sliding_window_causal_mask_function)
+        causal_mask_function,
+        sliding_window_causal_mask_function,
+    )
     fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
     return fn(0, 0, q_pos, kv_pos)
 

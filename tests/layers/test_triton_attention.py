@@ -479,7 +479,10 @@ def test_kernel_under_interpreter(name, interpreter_results):
 
 
 def test_split_heuristic():
-    from pagoda.layers.attention.triton_unified import choose_num_segments, plan_attention
+    from pagoda.layers.attention.triton_unified import (
+        choose_num_segments,
+        plan_attention,
+    )
     # Llama-3.1-8B decode (8 kv heads) on 132 SMs.
     assert choose_num_segments(8, 1, 8192, 132, 64) == 32  # batch 1: split as far as allowed
     assert choose_num_segments(8, 1, 1024, 132, 64) == 16  # ... but a whole tile per segment

@@ -13,7 +13,11 @@ import pytest
 from pagoda.cli.serve import read_chat_template
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.tokenizer import chat_template as ct
-from pagoda.tokenizer.chat_template import compile_template, render_chat, render_template
+from pagoda.tokenizer.chat_template import (
+    compile_template,
+    render_chat,
+    render_template,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -73,7 +73,8 @@ class FuzzResult:
 
 def _collect(strategy: Any, count: int, seed: int) -> list[Any]:
     """Draw `count` cases from a hypothesis strategy (generation only, no shrinking)."""
-    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as fix_seed
     cases: list[Any] = []
 
     @fix_seed(seed)

@@ -23,7 +23,11 @@ from pagoda.entrypoints.openai.errors import exception_to_response
 from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.protocol import DeltaMessage
 from pagoda.entrypoints.openai.serving_base import until_disconnect
-from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
+from pagoda.entrypoints.openai.serving_chat import (
+    ChatServing,
+    PreparedChat,
+    message_deltas,
+)
 from pagoda.outputs import RequestOutput
 
 

@@ -25,7 +25,11 @@ from pagoda.entrypoints.openai.errors import exception_to_response
 from pagoda.entrypoints.openai.internal_request import client_field_names
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
 from pagoda.entrypoints.openai.serving_base import new_request_id, until_disconnect
-from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
+from pagoda.entrypoints.openai.serving_chat import (
+    ChatServing,
+    PreparedChat,
+    message_deltas,
+)
 from pagoda.errors import ContextLengthExceededError
 from pagoda.outputs import RequestOutput
 

@@ -11,7 +11,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException
 
 import pagoda
@@ -19,7 +24,10 @@ from pagoda.engine.async_engine import AsyncEngine
 from pagoda.entrypoints.error_shapes import reshape
 from pagoda.entrypoints.metrics import EngineMetrics
 from pagoda.entrypoints.openai import errors as api_errors
-from pagoda.entrypoints.openai.errors import ServerShuttingDownError
+from pagoda.entrypoints.openai.errors import (
+    ServerOverloadedError,
+    ServerShuttingDownError,
+)
 from pagoda.entrypoints.openai.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -38,6 +46,13 @@ from pagoda.entrypoints.openai.protocol import (
 from pagoda.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagoda.entrypoints.openai.serving import OpenAIServing
 from pagoda.entrypoints.openai.serving_base import ClientDisconnected, current_lease
+from pagoda.entrypoints.openai.serving_lora import (
+    LoadLoRAAdapterRequest,
+    LoRAServerConfig,
+    LoRAServing,
+    UnloadLoRAAdapterRequest,
+    runtime_updating_allowed,
+)
 from pagoda.entrypoints.openai.serving_responses import ResponsesServing
 from pagoda.errors import InvalidRequestError, PagodaError
 from pagoda.logger import get_logger
@@ -58,6 +73,7 @@ class ServerConfig:
     honor_priority: bool = True
     tool_call_parser: str | None = None  # None or "auto": from the chat template
     reasoning_parser: str | None = None  # None or "auto": from the chat template; "none": off
+    lora: LoRAServerConfig = field(default_factory=LoRAServerConfig)
 
 
 @dataclass(slots=True)
@@ -76,6 +92,7 @@ class ServerState:
     output_parsers: Any = None  # OutputParsers, resolved on the first chat request
     manager: Any = None  # a fleet.ModelManager when the server hosts several models
     manager_started: bool = False
+    loras: LoRAServing | None = None  # the LoRA adapters on top of the model (set by build_app)
 
     @property
     def ready(self) -> bool:
@@ -128,10 +145,11 @@ class ServerState:
 async def _load(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(state.load_engine)
+        engine.start()
+        await state.loras.load_static(engine, state.config.served_model_names[0])
     except Exception as exc:  # the server's watcher stops it; serve() reports the error
         state.load_error = exc
         return
-    engine.start()
     state.engine = engine
 
 
@@ -165,9 +183,12 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="pagoda", version=pagoda.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.server = state
+    state.loras = LoRAServing(state, state.config.lora)
     serving = OpenAIServing(state)
     _add_routes(app, state, serving)
     _add_protocols(app, state)
+    if state.loras.enabled and runtime_updating_allowed(state.config.lora.allow_runtime_updating):
+        _add_lora_routes(app, state)
     _add_error_handlers(app)
     if state.config.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=state.config.api_keys)
@@ -205,7 +226,9 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
     async def models() -> ModelList:
         if state.manager is not None:
             return ModelList(data=fleet_model_cards(state))
-        return ModelList(data=[_model_card(state, name) for name in state.config.served_model_names])
+        info = state.engine.model_info if state.engine is not None else None
+        return ModelList(data=[_model_card(state, name) for name in state.config.served_model_names]
+                         + state.loras.cards(info.max_model_len if info else None))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
@@ -213,6 +236,8 @@ def _add_routes(app: FastAPI, state: ServerState, serving: OpenAIServing) -> Non
             state.manager.resolve(model_id)
             return next(c for c in fleet_model_cards(state) if c.id == model_id)
         serving.check_model(model_id)
+        if state.loras.is_adapter(model_id):
+            return next(c for c in state.loras.cards(None) if c.id == model_id)
         return _model_card(state, model_id)
 
     @app.post("/v1/completions")
@@ -280,6 +305,25 @@ def _add_responses_routes(app: FastAPI, state: ServerState, serving: ResponsesSe
         return serving.delete(response_id)
 
 
+def _add_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """Runtime adapter loading (vLLM's routes and answers)."""
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        engine = _ready_engine(state)
+        text = await state.loras.load(engine, body, state.config.served_model_names[0])
+        return PlainTextResponse(text)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        return PlainTextResponse(await state.loras.unload(_ready_engine(state), body))
+
+
+def _ready_engine(state: ServerState) -> AsyncEngine:
+    if state.engine is None:
+        raise ServerOverloadedError("The model is still loading; retry shortly.", retry_after=5)
+    return state.engine
+
+
 async def routed(state: ServerState, model: str | None, keep_alive: float | None,
                  handler: Callable[[], Awaitable[Any]]) -> Any:
     """Run an endpoint with its model leased (several-model servers): the model is brought
@@ -318,7 +362,7 @@ def fleet_model_cards(state: ServerState) -> list[ModelCard]:
         info = model.handle.model_info if model.handle is not None else None
         for name in model.spec.names:
             cards.append(ModelCard(id=name, created=int(state.started), owned_by="pagoda",
-                                   root=model.spec.model,
+                                   root=model.spec.lora_modules.get(name, model.spec.model),
                                    parent=None if name == model.name else model.name,
                                    max_model_len=info.max_model_len if info else None,
                                    state=str(model.state)))

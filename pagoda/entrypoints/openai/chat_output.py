@@ -27,7 +27,10 @@ from pagoda.entrypoints.openai.protocol import (
     NamedToolChoice,
     ToolCall,
 )
-from pagoda.entrypoints.openai.reasoning_parsers import ReasoningParser, StreamingReasoningParser
+from pagoda.entrypoints.openai.reasoning_parsers import (
+    ReasoningParser,
+    StreamingReasoningParser,
+)
 from pagoda.entrypoints.openai.tool_parsers import (
     ContentDelta,
     StreamEvent,

@@ -148,6 +148,7 @@ _KINDS: Mapping[str, ErrorKind] = MappingProxyType({
     "ModelNotFoundError": ErrorKind(404, "invalid_request_error", "model_not_found",
                                     expose_message=False, message="The model does not exist."),
     "UnknownModelError": ErrorKind(404, "invalid_request_error", "model_not_found"),
+    "LoRANotLoadedError": ErrorKind(404, "not_found_error", "lora_not_found"),
     "ModelUnavailableError": ErrorKind(503, "service_unavailable_error", "server_is_overloaded"),
     # a permanent misfit: 4xx so that clients do not retry (OpenAI's retry 409, 429 and 5xx)
     "ModelDoesNotFitError": ErrorKind(400, "invalid_request_error", "model_does_not_fit"),

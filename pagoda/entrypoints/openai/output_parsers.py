@@ -10,7 +10,11 @@ from pagoda.entrypoints.openai.reasoning_parsers import (
     ReasoningParser,
     detect_reasoning_parser,
 )
-from pagoda.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser, detect_tool_parser
+from pagoda.entrypoints.openai.tool_parsers import (
+    TOOL_PARSERS,
+    ToolParser,
+    detect_tool_parser,
+)
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)

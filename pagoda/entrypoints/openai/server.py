@@ -116,6 +116,7 @@ def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
     source = resolve_model(engine_cfg.model, engine_cfg.load_format)
     tokenizer = get_tokenizer(source, engine_cfg.tokenizer)
     metrics = EngineMetrics(config.served_model_names[0])
+    metrics.max_loras = config.lora.max_loras
 
     def load_engine() -> AsyncEngine:
         client = engine_starting.result()

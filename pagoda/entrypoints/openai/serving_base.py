@@ -21,7 +21,11 @@ from pagoda.entrypoints.openai.errors import (
     ServerShuttingDownError,
     exception_to_response,
 )
-from pagoda.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
+from pagoda.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    UnknownModelError,
+)
 from pagoda.logger import get_logger
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -82,8 +86,18 @@ class ServingBase:
     def check_model(self, model: str | None) -> None:
         if current_lease.get() is not None:
             return  # the route resolved the model when it leased it
-        if model is not None and model not in self.state.config.served_model_names:
+        if model is not None and model not in self.state.config.served_model_names \
+                and not (self.state.loras and self.state.loras.is_adapter(model)):
             raise UnknownModelError(model)
+
+    def lora_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        lease = current_lease.get()
+        if lease is not None:
+            return lease.lora_name
+        if self.state.loras is None:
+            return None
+        return model if self.state.loras.is_adapter(model) else None
 
     def server_chat_template(self) -> str | None:
         """The operator's chat template: the model's own setting, else --chat-template."""
@@ -135,7 +149,8 @@ class ServingBase:
             raise InvalidRequestError(exc.message, field, exc.code) from None
 
     def open_streams(self, plans: list[tuple[str, ProcessedPrompt, SamplingParams]],
-                     priority: int, arrival: float) -> list[AsyncIterator[RequestOutput]]:
+                     priority: int, arrival: float,
+                     lora_name: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Admit and submit every (request id, prompt, params) now, before any response
         starts: a refusal is an HTTP error (503 + Retry-After), not an event in a 200
         stream. If one is refused, the ones already submitted are aborted."""
@@ -143,7 +158,7 @@ class ServingBase:
         try:
             for request_id, prompt, params in plans:
                 streams.append(self.stream_outputs(request_id, prompt, params, priority,
-                                                   arrival))
+                                                   arrival, lora_name))
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -151,7 +166,8 @@ class ServingBase:
         return streams
 
     def stream_outputs(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       priority: int, arrival: float) -> AsyncIterator[RequestOutput]:
+                       priority: int, arrival: float,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit one request now (see AsyncEngine.generate) and return its output stream."""
         if self.state.config.log_requests:
             logger.info("request %s: %d prompt tokens, max_tokens %s, n %d", request_id,
@@ -159,7 +175,7 @@ class ServingBase:
         if not self.state.config.honor_priority:
             priority = 0
         self.engine.check_alive()  # a 503 now, not an error event after a 200
-        return self.engine.generate(request_id, prompt, params, priority, arrival)
+        return self.engine.generate(request_id, prompt, params, priority, arrival, lora_name)
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

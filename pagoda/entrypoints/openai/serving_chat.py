@@ -89,7 +89,8 @@ class ChatServing(ServingBase):
     def start(self, prepared: PreparedChat, request_id: str) -> AsyncIterator[RequestOutput]:
         """Submit a prepared request; its outputs as the engine makes them."""
         return self.stream_outputs(request_id, prepared.prompt, prepared.params,
-                                   prepared.body.priority, prepared.arrival)
+                                   prepared.body.priority, prepared.arrival,
+                                   self.lora_for(prepared.body.model))
 
     def choice_stream(self, prepared: PreparedChat) -> ChoiceStream:
         """A fresh splitter of one choice's text into content, reasoning and tool calls."""

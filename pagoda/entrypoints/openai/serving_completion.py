@@ -49,7 +49,7 @@ class CompletionServing(ServingBase):
         request_id = new_request_id("cmpl")
         streams = self.open_streams([(f"{request_id}-{i}", prompt, params)
                                      for i, (prompt, params) in enumerate(plans)],
-                                    body.priority, arrival)
+                                    body.priority, arrival, self.lora_for(body.model))
         if body.stream:
             return StreamingResponse(self._stream(body, request_id, plans, streams),
                                      media_type="text/event-stream")

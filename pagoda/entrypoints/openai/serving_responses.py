@@ -25,7 +25,11 @@ from pagoda.entrypoints.openai.protocol_responses import (
     output_messages,
 )
 from pagoda.entrypoints.openai.serving_base import until_disconnect
-from pagoda.entrypoints.openai.serving_chat import ChatServing, PreparedChat, message_deltas
+from pagoda.entrypoints.openai.serving_chat import (
+    ChatServing,
+    PreparedChat,
+    message_deltas,
+)
 from pagoda.errors import InvalidRequestError
 from pagoda.outputs import RequestOutput
 

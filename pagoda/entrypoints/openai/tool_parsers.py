@@ -34,7 +34,11 @@ from dataclasses import dataclass
 from itertools import accumulate, repeat
 from typing import Any, ClassVar
 
-from pagoda.entrypoints.openai.incremental import Handler, IncrementalParser, partial_marker_len
+from pagoda.entrypoints.openai.incremental import (
+    Handler,
+    IncrementalParser,
+    partial_marker_len,
+)
 
 MAX_TOOL_CALLS = 128
 MAX_JSON_DEPTH = 64

@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT loading, slot weights on the linear layers, kernels."""

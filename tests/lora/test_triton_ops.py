@@ -1,0 +1,71 @@
+"""The Triton shrink/expand kernels equal the torch LoRA path on mixed batches (adapters of
+several ranks in several slots, base-model tokens between them, fused layers of 1-3 pieces).
+
+They run here under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
+imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_lora_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from pagoda.lora.layers import LoRAWeights, lora_torch
+from tests.lora.test_layers import random_adapter
+
+MARKER = "LORA-KERNEL-ERRORS "
+LAYOUTS = {"qkv": [48, 16, 16], "gate_up": [40, 40], "o": [24]}
+
+
+def random_weights(sizes: list[int], in_features: int, max_loras: int, max_rank: int,
+                   dtype: torch.dtype, device: str) -> LoRAWeights:
+    modules = [f"m{i}" for i in range(len(sizes))]
+    weights = LoRAWeights(modules, sizes, in_features, max_loras, max_rank, dtype,
+                          torch.device(device))
+    for slot in range(max_loras):
+        rank = max(1, max_rank >> slot)  # 16, 8, 4 ...: padded ranks too
+        targets = modules[slot % len(modules):] or modules
+        sized = [sizes[modules.index(m)] for m in targets]
+        weights.load(slot, random_adapter(slot + 1, targets, sized, rank, in_features,
+                                          seed=slot))
+    return weights
+
+
+def compare_all(device: str, dtype: torch.dtype, tokens: int = 7, in_features: int = 40,
+                max_loras: int = 3, max_rank: int = 16) -> dict[str, float]:
+    """Max |triton - torch| / (1 + |torch|) per layout, on one mixed batch."""
+    from pagoda.lora.triton_ops import lora_triton
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.randint(-1, max_loras, (tokens,), generator=gen, dtype=torch.int32)
+    slots[0] = -1
+    errors = {}
+    for name, sizes in LAYOUTS.items():
+        weights = random_weights(sizes, in_features, max_loras, max_rank, dtype, device)
+        x = torch.randn(tokens, in_features, generator=gen).to(device, dtype)
+        base = torch.randn(tokens, sum(sizes), generator=gen).to(device, dtype)
+        expected, got = base.clone(), base.clone()
+        lora_torch(weights, x, expected, slots.to(device))
+        lora_triton(weights, x, got, slots.to(device))
+        errors[name] = ((got.float() - expected.float()).abs()
+                        / (1 + expected.float().abs())).max().item()
+        errors[f"{name}_base_rows_untouched"] = float(not torch.equal(got[0], base[0]))
+    return errors
+
+
+def test_kernels_match_torch_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.lora.test_triton_ops"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
+    errors = json.loads(line.removeprefix(MARKER))
+    assert set(errors) >= set(LAYOUTS)
+    for name, error in errors.items():
+        assert error < 1e-5, (name, error)
+
+
+if __name__ == "__main__":
+    print(MARKER + json.dumps(compare_all("cpu", torch.float32)))
