@@ -1,6 +1,6 @@
 """The real Gemma 3 270M (Q4_K_M GGUF, pulled by `make model`) in pagoda against transformers
 loading the same file: greedy tokens and prompt logprobs (tolerance in tests/models/parity.py),
-on short prompts, a chat and a prompt longer than the local layers' 512-token window."""
+on a short prompt, a chat and a prompt longer than the local layers' 512-token window."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ from transformers import AutoModelForCausalLM
 from pagoda import LLM
 from tests.models.parity import check_parity
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-]
+PROMPTS = ["The capital of France is"]
 CHAT = [{"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "What is the capital of France?"}]
 # about 630 tokens: the sliding-window layers (512) no longer see the beginning
@@ -39,7 +36,7 @@ def gemma3_llm(gemma3_270m_dir: Path) -> LLM:
 
 
 def test_greedy_tokens_and_prompt_logprobs_match_transformers(gemma3_llm, gemma3_hf):
-    """One batch: short prompts, a chat in pagoda's Gemma template, and a prompt whose local
+    """One batch: a short prompt, a chat in pagoda's Gemma template, and a prompt whose local
     layers see only its last 512 positions (the global ones see all)."""
     tokenizer = gemma3_llm.get_tokenizer()
     chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
@@ -49,4 +46,4 @@ def test_greedy_tokens_and_prompt_logprobs_match_transformers(gemma3_llm, gemma3
     assert all(ids[0] == tokenizer.bos_token_id for ids in prompts)
     window = gemma3_llm.engine.core.source.hf_config.sliding_window
     assert window == 512 < len(prompts[-1]) < 1024 - 32
-    check_parity(gemma3_llm, gemma3_hf, prompts, num_tokens=32)
+    check_parity(gemma3_llm, gemma3_hf, prompts, num_tokens=16)

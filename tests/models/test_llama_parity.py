@@ -16,8 +16,6 @@ from tests.utils import save_random_checkpoint
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
-    "Once upon a time, in a land far away,",
-    "1, 2, 3, 4, 5,",
     "Les fleurs du jardin sont",
 ]
 
