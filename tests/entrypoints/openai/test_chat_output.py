@@ -57,7 +57,7 @@ CASES = [
     (ToolSetup("auto", parser=HermesToolParser()), DeepSeekR1ReasoningParser(),
      'let me add</think>\n<tool_call>{"name": "add", "arguments": {"a": 3}}</tool_call>',
      [("add", {"a": 3})], ""),
-    (ToolSetup(), DeepSeekR1ReasoningParser(), "hmm</think>\nhello", [], "hello"),
+    (ToolSetup(), DeepSeekR1ReasoningParser(), "hmm</think>\nhello", [], "\nhello"),
 ]
 
 
