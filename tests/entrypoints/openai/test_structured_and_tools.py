@@ -169,6 +169,18 @@ def test_a_forced_call_cut_off_by_max_tokens_is_not_lost(client):
     assert call.function.arguments.startswith("{")
 
 
+def test_a_streamed_forced_call_cut_off_by_max_tokens_is_not_lost(client):
+    content, calls, finish = "", [], None
+    for chunk in chat(client, tools=TOOLS, max_tokens=5, tool_choice="required", stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    whole = chat(client, tools=TOOLS, max_tokens=5, tool_choice="required").choices[0]
+    assert finish == "length" and not calls
+    assert content == whole.message.content and content.lstrip().startswith("[")
+
+
 def test_reasoning_without_an_answer_has_null_content(client):
     thought = r"<think>[a-z ]{4,30}</think>"
     out = chat(client, extra_body={"structured_outputs": {"regex": thought}}).choices[0]
