@@ -78,8 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "(env VLLM_ALLOW_RUNTIME_LORA_UPDATING=True also does)")
     m = p.add_argument_group("several models (given more than one model, or --config)")
     m.add_argument("--config", default=None, metavar="YAML",
-                   help="a models file: per-model names, aliases, pinning, keep-alive, "
-                        "priority, replicas and engine options")
+                   help="a models file (a 'models:' list): per-model names, aliases, pinning, "
+                        "keep-alive, priority, replicas and engine options. A YAML of serve "
+                        "flags instead (vLLM's --config: port: 8000, max-model-len: 4096, "
+                        "model: ...) is read as those flags; the command line's win")
     m.add_argument("--keep-alive", default="-1",
                    help="how long an idle model stays loaded: a duration (5m), 0 or -1 "
                         "(forever, the default); requests may set keep_alive too")
