@@ -99,25 +99,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def read_chat_template(value: str | None) -> str | None:
-    """The --chat-template text: the file ``value`` names, else ``value`` itself when it looks
-    like Jinja (has '{' or a newline). It is compiled here, so a bad one fails at startup."""
+def read_chat_template(value: str | None, origin: str = "--chat-template") -> str | None:
+    """The chat template text: the file ``value`` names, else ``value`` itself when it looks
+    like Jinja (has '{' or a newline). It is compiled here, so a bad one fails at startup,
+    before any weight loads; ``origin`` (the flag, or a models-file entry) names it."""
     if value is None:
         return None
     from pagoda.errors import ConfigError, InvalidRequestError
     from pagoda.tokenizer.chat_template import compile_template
-    text = _template_file_text(value)
+    text = _template_file_text(value, origin)
     if text is None and "{" not in value and "\n" not in value:
-        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+        raise ConfigError(f"{origin} {value!r} is neither a file nor a Jinja template")
     text = value if text is None else text
     try:
         compile_template(text)
     except InvalidRequestError as exc:
-        raise ConfigError(f"--chat-template: {exc.message}") from None
+        raise ConfigError(f"{origin}: {exc.message}") from None
     return text
 
 
-def _template_file_text(value: str) -> str | None:
+def _template_file_text(value: str, origin: str) -> str | None:
     """The text of the file ``value`` names, or None if it names none."""
     from pagoda.errors import ConfigError
     try:
@@ -129,7 +130,7 @@ def _template_file_text(value: str) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--chat-template: cannot read {value}: {exc}") from None
+        raise ConfigError(f"{origin}: cannot read {value}: {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -225,7 +226,8 @@ def _serve_fleet(args: argparse.Namespace) -> int:
     if args.keep_alive != "-1":  # the flag wins over the file
         fleet.keep_alive = parse_keep_alive(args.keep_alive)
     for spec in fleet.models:
-        spec.chat_template = read_chat_template(spec.chat_template)
+        spec.chat_template = read_chat_template(
+            spec.chat_template, f"model {spec.name!r}: chat_template")
     return serve_fleet(fleet, kwargs, server_config(args, [], keys_from(args)),
                        listen_options(args), max_waiting=args.max_waiting_requests,
                        swap_timeout=args.swap_timeout, host_memory_limit=args.host_memory_limit)

@@ -83,3 +83,13 @@ def test_a_bad_chat_template_stops_serve_before_the_engine_starts():
     lines = _error_lines(proc, "serve")
     assert len(lines) == 1 and lines[0].startswith("pagoda serve: --chat-template:")
     assert "starting the engine" not in proc.stderr and "loading" not in proc.stderr
+
+
+def test_a_bad_chat_template_in_a_models_file_stops_serve_before_any_engine(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text('models:\n  - {model: smollm2, name: smol, chat_template: "{% for %}"}\n')
+    proc = _run("serve", "--config", str(models), "--port", "0")
+    assert proc.returncode == 1
+    lines = _error_lines(proc, "serve")
+    assert len(lines) == 1 and lines[0].startswith("pagoda serve: model 'smol': chat_template:")
+    assert "starting the engine" not in proc.stderr and "loading" not in proc.stderr
