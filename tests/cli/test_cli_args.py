@@ -57,3 +57,9 @@ def test_enable_auto_tool_choice_is_accepted_and_its_difference_documented():
            "tool calls" in help_text
     readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
     assert 'tool_choice: "auto"` works without `--enable-auto-tool-choice`' in readme
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve", "smollm2"]])
+def test_trust_remote_code_is_accepted_by_every_model_command(command):
+    argv = [*command, "--trust-remote-code"]
+    assert build_parser(argv).parse_args(argv).trust_remote_code is True
