@@ -59,7 +59,7 @@ class ChatServing(ServingBase):
         request_id = new_request_id("chatcmpl")
         stream = self.start(prepared, request_id)
         prompt, params, tools = prepared.prompt, prepared.params, prepared.tools
-        headers = self.warning_headers(tools)
+        headers = self.warning_headers(body, tools)
         if body.stream:
             return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
                                                   stream), media_type="text/event-stream",
@@ -130,11 +130,16 @@ class ChatServing(ServingBase):
                 renders_tools(self.engine.tokenizer, server_template) is not False)
         return owner.output_parsers
 
-    def warning_headers(self, tools: ToolSetup) -> dict[str, str] | None:
+    def warning_headers(self, body: ChatCompletionRequest,
+                        tools: ToolSetup) -> dict[str, str] | None:
         """The header that marks a response whose request's tools the template dropped."""
-        if tools.mode == "none" or self.parsers.renders_tools:
+        if tools.mode == "none":
             return None
-        return {TOOLS_WARNING_HEADER: TOOLS_WARNING}
+        if body.chat_template is not None:  # the request's own (trusted) template
+            rendered = renders_tools(self.engine.tokenizer, body.chat_template) is not False
+        else:
+            rendered = self.parsers.renders_tools
+        return None if rendered else {TOOLS_WARNING_HEADER: TOOLS_WARNING}
 
     @staticmethod
     def _sampling_params(body: ChatCompletionRequest, tools: ToolSetup,
