@@ -151,14 +151,24 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"pagoda serve: {exc}", file=sys.stderr)
             return 1
     model = (args.model[0] if args.model else None) or args.model_flag or "smollm2"
-    read_chat_template(args.chat_template)  # a bad one stops us before any weight loads
+    check_before_loading(args)
     engine_starting = _start_engine_early(model, engine_kwargs(args))
     try:
         return _serve(args, model, keys_from(args), engine_starting)
     except PagodaError as exc:
+        _stop(engine_starting)  # first, so that the error is the last line
         print(f"pagoda serve: {exc}", file=sys.stderr)
-        _stop(engine_starting)
         return 1
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """Settings that are wrong whatever the model: refused before any engine starts (and so
+    before any weight loads), each as a ConfigError."""
+    from pagoda.config import check_dtype_name
+    from pagoda.entrypoints.openai.output_parsers import check_parser_names
+    read_chat_template(args.chat_template)
+    check_parser_names(args.tool_call_parser, args.reasoning_parser)
+    check_dtype_name(args.dtype)
 
 
 def keys_from(args: argparse.Namespace) -> list[str]:
@@ -212,6 +222,7 @@ def listen_options(args: argparse.Namespace):
 def _serve_fleet(args: argparse.Namespace) -> int:
     from pagoda.entrypoints.openai.server import serve_fleet
     from pagoda.fleet.spec import fleet_from_args, fleet_from_yaml, parse_keep_alive
+    check_before_loading(args)
     kwargs = engine_kwargs(args)
     if args.config:
         fleet = fleet_from_yaml(args.config)

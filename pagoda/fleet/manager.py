@@ -217,7 +217,7 @@ class ModelManager:
         return {**self.engine_kwargs, **spec.engine}
 
     def _estimate_need(self, spec: ModelSpec, source: Any, device: str) -> ModelNeed:
-        from pagoda.engine.core import resolve_max_model_len
+        from pagoda.config import resolve_max_model_len
         from pagoda.models.estimate import estimate
         kwargs = self._engine_kwargs(spec)
         max_len = resolve_max_model_len(source.hf_config, kwargs.get("max_model_len"))
