@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to (the first is reported)")
     g.add_argument("--api-key", action="append", default=None,
-                   help="require this bearer key (repeatable; env PAGODA_API_KEY also works)")
+                   help="require this bearer key (repeatable; env PAGODA_API_KEY, or vLLM's "
+                        "VLLM_API_KEY, also works)")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, file or inline")
     g.add_argument("--trust-request-chat-template", action=argparse.BooleanOptionalAction,
                    default=False,
@@ -173,8 +174,9 @@ def check_before_loading(args: argparse.Namespace) -> None:
 
 def keys_from(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key or [])
-    if os.environ.get("PAGODA_API_KEY"):
-        keys.append(os.environ["PAGODA_API_KEY"])
+    for variable in ("PAGODA_API_KEY", "VLLM_API_KEY"):  # vLLM guides set the second
+        if os.environ.get(variable):
+            keys.append(os.environ[variable])
     return keys
 
 

@@ -63,3 +63,13 @@ def test_enable_auto_tool_choice_is_accepted_and_its_difference_documented():
 def test_trust_remote_code_is_accepted_by_every_model_command(command):
     argv = [*command, "--trust-remote-code"]
     assert build_parser(argv).parse_args(argv).trust_remote_code is True
+
+
+def test_vllm_api_key_from_the_environment_guards_the_server_too(monkeypatch):
+    """A vLLM guide sets VLLM_API_KEY: pagoda must not then serve without a key."""
+    from pagoda.cli.serve import keys_from
+    argv = ["serve", "smollm2", "--api-key", "flag"]
+    args = build_parser(argv).parse_args(argv)
+    monkeypatch.delenv("PAGODA_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert keys_from(args) == ["flag", "from-vllm"]
