@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "list": "pagoda.cli.pull",
     "generate": "pagoda.cli.generate",
     "chat": "pagoda.cli.generate",
+    "run": "pagoda.cli.generate",
     "bench": "pagoda.cli.bench",
     "serve": "pagoda.cli.serve",
     "estimate": "pagoda.cli.estimate",
