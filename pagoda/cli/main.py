@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "estimate": "pagoda.cli.estimate",
     "ps": "pagoda.cli.ps",
     "rm": "pagoda.cli.pull",
+    "cp": "pagoda.cli.pull",
     "show": "pagoda.cli.show",
     "stop": "pagoda.cli.ps",
     "create": "pagoda.cli.create",
