@@ -17,6 +17,24 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+def check_dtype_name(name: Any) -> None:
+    """Refuse a dtype name that resolve_dtype() would not know (without importing torch)."""
+    if isinstance(name, str) and name != "auto" and name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    """The context length: the model's (max_position_embeddings) unless a shorter one is
+    asked for; a longer one is a ConfigError that says where the limit comes from."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return int(limit)
+    if requested > limit:
+        raise ConfigError(f"max_model_len={requested} exceeds the model's limit of {limit} "
+                          f"(max_position_embeddings in its config)")
+    return requested
+
+
 def resolve_dtype(name: str | torch.dtype, device: torch.device,
                   checkpoint_dtype: str | torch.dtype | None = None) -> torch.dtype:
     """Map a dtype name ('auto' included) to a torch dtype for this device; 'auto' takes the
@@ -27,8 +45,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device,
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, _DTYPES.get(checkpoint_dtype, ""), None)
     if name != "auto":
-        if name not in _DTYPES:
-            raise ConfigError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+        check_dtype_name(name)
         return getattr(torch, _DTYPES[name])
     if device.type == "cpu":
         return torch.float32

@@ -1,4 +1,5 @@
-"""`pagoda generate` (one prompt) and `pagoda chat` (interactive), streaming tokens."""
+"""`pagoda generate` (one prompt), `pagoda chat` (interactive) and Ollama's `pagoda run MODEL
+[PROMPT]` (either), streaming tokens."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _common(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=run_chat)
+    run = subparsers.add_parser("run", help="Ollama's run: chat with MODEL, or answer PROMPT "
+                                            "once (through the chat template)")
+    run.add_argument("run_model", metavar="MODEL", help="model name or path")
+    run.add_argument("prompt", nargs="?", default=None,
+                     help="answer this and exit ('-' reads standard input); without it, chat")
+    _common(run)
+    run.add_argument("--system", default=None, help="system prompt (chat)")
+    run.set_defaults(func=run_model, raw=False)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -106,3 +115,9 @@ def run_chat(args: argparse.Namespace) -> int:
         reply = stream_to(sys.stdout, llm.stream_chat(messages, params))
         messages.append({"role": "assistant", "content": reply})
     return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """`pagoda run MODEL [PROMPT]`: a prompt is answered once, else the chat starts."""
+    args.model = args.run_model
+    return run_chat(args) if args.prompt is None else run_generate(args)

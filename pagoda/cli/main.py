@@ -12,11 +12,13 @@ SUBCOMMANDS = {
     "list": "pagoda.cli.pull",
     "generate": "pagoda.cli.generate",
     "chat": "pagoda.cli.generate",
+    "run": "pagoda.cli.generate",
     "bench": "pagoda.cli.bench",
     "serve": "pagoda.cli.serve",
     "estimate": "pagoda.cli.estimate",
     "ps": "pagoda.cli.ps",
     "rm": "pagoda.cli.pull",
+    "cp": "pagoda.cli.pull",
     "show": "pagoda.cli.show",
     "stop": "pagoda.cli.ps",
     "create": "pagoda.cli.create",
@@ -63,6 +65,16 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse; `serve --config` naming a YAML of flags (vLLM's --config) adds its flags."""
+    args = parse(parser, argv)
+    if getattr(args, "command", None) == "serve" and args.config:
+        from pagoda.cli.flag_file import apply_flag_file
+        args = apply_flag_file(_subparsers(parser)["serve"], argv, args,
+                               lambda again: parse(parser, again))
+    return args
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:  # argparse has no public accessor for its subparsers
         if isinstance(action, argparse._SubParsersAction):
@@ -73,7 +85,12 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def main(argv: list[str] | None = None) -> int:
     argv = dashed(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parse(parser, argv)
+    from pagoda.errors import PagodaError
+    try:
+        args = parse_command_line(parser, argv)
+    except PagodaError as exc:
+        print(f"pagoda {argv[0]}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -1,4 +1,5 @@
-"""`pagoda pull` and `pagoda list`: fetch built-in models and show what is on disk."""
+"""`pagoda pull`, `list`, `rm` and `cp`: fetch built-in models, show, delete and copy what is
+on disk."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pagoda.models import store
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the `pull` and `list` subcommands."""
+    """Register the `pull`, `list`, `rm` and `cp` subcommands."""
     names = ", ".join(model.name for model in store.BUILTIN_MODELS)
     pull = subparsers.add_parser("pull", help="download a built-in model into pagoda's model directory")
     pull.add_argument("name", help=f"model to pull: {names} (or an alias)")
@@ -22,6 +23,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rm = subparsers.add_parser("rm", help="delete a pulled model from pagoda's model directory")
     rm.add_argument("name", nargs="+", help="pulled model name(s) (see `pagoda list`)")
     rm.set_defaults(func=run_rm)
+    cp = subparsers.add_parser("cp", help="copy a pulled model under a new name")
+    cp.add_argument("source", help="a pulled model (see `pagoda list`)")
+    cp.add_argument("destination", help="the new name")
+    cp.set_defaults(func=run_cp)
+
+
+def run_cp(args: argparse.Namespace) -> int:
+    """Copy a pulled model (its files hard-linked where the disk allows)."""
+    path = store.copy(args.source, args.destination)
+    print(f"copied {args.source} to {args.destination} ({path})")
+    return 0
 
 
 def run_rm(args: argparse.Namespace) -> int:

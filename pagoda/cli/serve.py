@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to (the first is reported)")
     g.add_argument("--api-key", action="append", default=None,
-                   help="require this bearer key (repeatable; env PAGODA_API_KEY also works)")
+                   help="require this bearer key (repeatable; env PAGODA_API_KEY, or vLLM's "
+                        "VLLM_API_KEY, also works)")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, file or inline")
     g.add_argument("--trust-request-chat-template", action=argparse.BooleanOptionalAction,
                    default=False,
@@ -78,8 +79,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "(env VLLM_ALLOW_RUNTIME_LORA_UPDATING=True also does)")
     m = p.add_argument_group("several models (given more than one model, or --config)")
     m.add_argument("--config", default=None, metavar="YAML",
-                   help="a models file: per-model names, aliases, pinning, keep-alive, "
-                        "priority, replicas and engine options")
+                   help="a models file (a 'models:' list): per-model names, aliases, pinning, "
+                        "keep-alive, priority, replicas and engine options. A YAML of serve "
+                        "flags instead (vLLM's --config: port: 8000, max-model-len: 4096, "
+                        "model: ...) is read as those flags; the command line's win")
     m.add_argument("--keep-alive", default="-1",
                    help="how long an idle model stays loaded: a duration (5m), 0 or -1 "
                         "(forever, the default); requests may set keep_alive too")
@@ -97,25 +100,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def read_chat_template(value: str | None) -> str | None:
-    """The --chat-template text: the file ``value`` names, else ``value`` itself when it looks
-    like Jinja (has '{' or a newline). It is compiled here, so a bad one fails at startup."""
+def read_chat_template(value: str | None, origin: str = "--chat-template") -> str | None:
+    """The chat template text: the file ``value`` names, else ``value`` itself when it looks
+    like Jinja (has '{' or a newline). It is compiled here, so a bad one fails at startup,
+    before any weight loads; ``origin`` (the flag, or a models-file entry) names it."""
     if value is None:
         return None
     from pagoda.errors import ConfigError, InvalidRequestError
     from pagoda.tokenizer.chat_template import compile_template
-    text = _template_file_text(value)
+    text = _template_file_text(value, origin)
     if text is None and "{" not in value and "\n" not in value:
-        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+        raise ConfigError(f"{origin} {value!r} is neither a file nor a Jinja template")
     text = value if text is None else text
     try:
         compile_template(text)
     except InvalidRequestError as exc:
-        raise ConfigError(f"--chat-template: {exc.message}") from None
+        raise ConfigError(f"{origin}: {exc.message}") from None
     return text
 
 
-def _template_file_text(value: str) -> str | None:
+def _template_file_text(value: str, origin: str) -> str | None:
     """The text of the file ``value`` names, or None if it names none."""
     from pagoda.errors import ConfigError
     try:
@@ -127,7 +131,7 @@ def _template_file_text(value: str) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--chat-template: cannot read {value}: {exc}") from None
+        raise ConfigError(f"{origin}: cannot read {value}: {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -148,20 +152,31 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"pagoda serve: {exc}", file=sys.stderr)
             return 1
     model = (args.model[0] if args.model else None) or args.model_flag or "smollm2"
-    read_chat_template(args.chat_template)  # a bad one stops us before any weight loads
+    check_before_loading(args)
     engine_starting = _start_engine_early(model, engine_kwargs(args))
     try:
         return _serve(args, model, keys_from(args), engine_starting)
     except PagodaError as exc:
+        _stop(engine_starting)  # first, so that the error is the last line
         print(f"pagoda serve: {exc}", file=sys.stderr)
-        _stop(engine_starting)
         return 1
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """Settings that are wrong whatever the model: refused before any engine starts (and so
+    before any weight loads), each as a ConfigError."""
+    from pagoda.config import check_dtype_name
+    from pagoda.entrypoints.openai.output_parsers import check_parser_names
+    read_chat_template(args.chat_template)
+    check_parser_names(args.tool_call_parser, args.reasoning_parser)
+    check_dtype_name(args.dtype)
 
 
 def keys_from(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key or [])
-    if os.environ.get("PAGODA_API_KEY"):
-        keys.append(os.environ["PAGODA_API_KEY"])
+    for variable in ("PAGODA_API_KEY", "VLLM_API_KEY"):  # vLLM guides set the second
+        if os.environ.get(variable):
+            keys.append(os.environ[variable])
     return keys
 
 
@@ -209,6 +224,7 @@ def listen_options(args: argparse.Namespace):
 def _serve_fleet(args: argparse.Namespace) -> int:
     from pagoda.entrypoints.openai.server import serve_fleet
     from pagoda.fleet.spec import fleet_from_args, fleet_from_yaml, parse_keep_alive
+    check_before_loading(args)
     kwargs = engine_kwargs(args)
     if args.config:
         fleet = fleet_from_yaml(args.config)
@@ -223,7 +239,8 @@ def _serve_fleet(args: argparse.Namespace) -> int:
     if args.keep_alive != "-1":  # the flag wins over the file
         fleet.keep_alive = parse_keep_alive(args.keep_alive)
     for spec in fleet.models:
-        spec.chat_template = read_chat_template(spec.chat_template)
+        spec.chat_template = read_chat_template(
+            spec.chat_template, f"model {spec.name!r}: chat_template")
     return serve_fleet(fleet, kwargs, server_config(args, [], keys_from(args)),
                        listen_options(args), max_waiting=args.max_waiting_requests,
                        swap_timeout=args.swap_timeout, host_memory_limit=args.host_memory_limit)

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from pagoda.config import EngineConfig
+from pagoda.config import EngineConfig, resolve_max_model_len
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
-from pagoda.errors import ConfigError, InvalidRequestError
+from pagoda.errors import InvalidRequestError
 from pagoda.executor.base import KVCacheSizing, WorkerConfig
 from pagoda.executor.factory import executor_for
 from pagoda.kv_cache.hashing import BlockHasher
@@ -29,16 +29,6 @@ from pagoda.structured_output.bitmask import BitmaskFiller
 from pagoda.structured_output.grammar import GrammarCompiler, GrammarMatcherState
 
 logger = get_logger(__name__)
-
-
-def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    if requested is None:
-        return int(limit)
-    if requested > limit:
-        raise ConfigError(f"max_model_len={requested} exceeds the model's limit of {limit} "
-                          f"(max_position_embeddings in its config)")
-    return requested
 
 
 def eos_ids(hf_config: Any) -> list[int]:

@@ -67,6 +67,7 @@ class ModelState(enum.StrEnum):
 
 
 _RESIDENT = (ModelState.LOADED, ModelState.LOADING, ModelState.WAKING)
+_IDLE_STATES = (ModelState.LOADED, ModelState.SLEEPING)  # where `pagoda ps` shows idle time
 
 
 @dataclass(slots=True)
@@ -216,7 +217,7 @@ class ModelManager:
         return {**self.engine_kwargs, **spec.engine}
 
     def _estimate_need(self, spec: ModelSpec, source: Any, device: str) -> ModelNeed:
-        from pagoda.engine.core import resolve_max_model_len
+        from pagoda.config import resolve_max_model_len
         from pagoda.models.estimate import estimate
         kwargs = self._engine_kwargs(spec)
         max_len = resolve_max_model_len(source.hf_config, kwargs.get("max_model_len"))
@@ -712,8 +713,8 @@ class ModelManager:
                     "host_bytes": model.need.weight_bytes if model.host_copy else 0,
                     "pinned": model.spec.pinned, "in_flight": (replica.engine.num_in_flight
                                                                if replica.engine else 0),
-                    "idle_seconds": (None if model.state is ModelState.UNLOADED
-                                     else round(model.idle_seconds(now), 1)),
+                    "idle_seconds": (round(model.idle_seconds(now), 1)
+                                     if model.state in _IDLE_STATES else None),
                     "expires_in_seconds": None if expires is None else round(expires, 1),
                     "load_seconds": model.load_seconds, "wake_seconds": model.wake_seconds,
                     "requests_routed": (model.handle.routed[replica.index]

@@ -162,16 +162,23 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
         result.device, result.device_bytes = _device(device)
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)
     else:  # this machine's RAM: what a CPU engine may take (half of what is available)
-        from pagoda.runner.memory import CPU_MAX_FRACTION, available_host_memory
+        from pagoda.runner.memory import available_host_memory
         result.device = "this machine (CPU, available RAM)"
         result.device_bytes = available_host_memory()
-        # the weights load first; the KV cache then takes at most half of what is left
-        result.usable_bytes = weights + int(max(result.device_bytes - weights, 0)
-                                            * CPU_MAX_FRACTION)
+        result.usable_bytes = cpu_usable_bytes(result.device_bytes, weights)
     result.fits = result.peak_bytes <= result.usable_bytes
     if not result.fits:
         result.suggestions = what_would_fit(result, per_seq, block_bytes)
     return result
+
+
+def cpu_usable_bytes(available: int, weights: int) -> int:
+    """What a CPU engine may use of `available` RAM: the weights load first, then the KV
+    cache takes at most CPU_MAX_FRACTION of what is left; never more than is available."""
+    from pagoda.runner.memory import CPU_MAX_FRACTION
+    if weights >= available:
+        return available
+    return weights + int((available - weights) * CPU_MAX_FRACTION)
 
 
 def what_would_fit(e: MemoryEstimate, per_seq: int, block_bytes: int) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
-from pagoda.errors import ModelNotFoundError, PagodaError
+from pagoda.errors import ConfigError, ModelNotFoundError, PagodaError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -175,6 +175,36 @@ def remove(name: str) -> Path:
         raise ModelNotFoundError(f"no pulled model {name!r} in {models_dir()} (see `pagoda list`)")
     shutil.rmtree(directory)
     return directory
+
+
+def copy(source: str, destination: str) -> Path:
+    """The pulled model `source` under a second, new plain name: its files hard-linked (else
+    copied) into models_dir()/<destination>, its manifest renamed; returns that directory.
+    ModelNotFoundError if `source` is not pulled; ConfigError for an unusable destination."""
+    origin = find_pulled(source)
+    if origin is None:
+        raise ModelNotFoundError(f"no pulled model {source!r} in {models_dir()} "
+                                 f"(see `pagoda list`)")
+    if not _is_plain_name(destination) or lookup(destination) is not None:
+        raise ConfigError(f"destination {destination!r} must be a new plain name")
+    target = models_dir() / destination
+    if target.exists():
+        raise ConfigError(f"model {destination!r} already exists")
+    shutil.copytree(origin, target, copy_function=_link_or_copy)
+    manifest = read_manifest(target)
+    if manifest is not None:
+        (target / MANIFEST_NAME).write_text(replace(manifest, name=destination).to_json())
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if Path(src).name == MANIFEST_NAME:
+        shutil.copy2(src, dst)  # rewritten afterwards: never a link to the original's
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def list_pulled() -> list[tuple[Path, Manifest]]:

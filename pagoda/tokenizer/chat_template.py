@@ -46,6 +46,7 @@ _CLOCK_EVERY = 256  # trace events between two clock reads
 _TEMPLATE_FILENAME = "<template>"  # what jinja names the code it compiles from a string
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_PROBE_TOOL = "pagoda_probe_tool"  # renders_tools() looks for it in the prompt
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -65,6 +66,20 @@ def render_chat(tokenizer: Any, messages: Conversation, chat_template: str | Non
     final_text = _mark_final_message(variables["messages"]) if continue_final_message else None
     text = render_template(source, variables, size_param=_size_param(variables))
     return text if final_text is None else _cut_at_tag(text, final_text)
+
+
+def renders_tools(tokenizer: Any, chat_template: str | None = None) -> bool | None:
+    """Whether the chat template puts a request's tools into the prompt: a probe tool's name
+    must appear in the rendered text. None when the template cannot render a plain
+    conversation at all (nothing to say about its tools)."""
+    tools = [{"type": "function", "function": {
+        "name": _PROBE_TOOL, "description": "probe", "parameters": {"type": "object"}}}]
+    try:
+        text = render_chat(tokenizer, [{"role": "user", "content": "hi"}], chat_template,
+                           tools=tools)
+    except InvalidRequestError:
+        return None
+    return _PROBE_TOOL in text
 
 
 def render_template(source: str, variables: Mapping[str, Any],

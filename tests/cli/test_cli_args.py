@@ -41,3 +41,35 @@ def test_unsupported_values_are_reported_not_silently_ignored():
                                          ("1.5m", 3 << 19), ("512MiB", 512 << 20)])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
+
+
+def test_enable_auto_tool_choice_is_accepted_and_its_difference_documented():
+    """vLLM refuses tool_choice auto without the flag; pagoda parses tool calls either way,
+    and says so in --help and the README."""
+    from pathlib import Path
+
+    from pagoda.cli.main import _subparsers
+    argv = ["serve", "smollm2", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    parser = build_parser(argv)
+    assert parser.parse_args(argv).enable_auto_tool_choice is True
+    help_text = " ".join(_subparsers(parser)["serve"].format_help().split())
+    assert "Unlike vLLM, which refuses tool_choice auto without it, pagoda always parses " \
+           "tool calls" in help_text
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert 'tool_choice: "auto"` works without `--enable-auto-tool-choice`' in readme
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve", "smollm2"]])
+def test_trust_remote_code_is_accepted_by_every_model_command(command):
+    argv = [*command, "--trust-remote-code"]
+    assert build_parser(argv).parse_args(argv).trust_remote_code is True
+
+
+def test_vllm_api_key_from_the_environment_guards_the_server_too(monkeypatch):
+    """A vLLM guide sets VLLM_API_KEY: pagoda must not then serve without a key."""
+    from pagoda.cli.serve import keys_from
+    argv = ["serve", "smollm2", "--api-key", "flag"]
+    args = build_parser(argv).parse_args(argv)
+    monkeypatch.delenv("PAGODA_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert keys_from(args) == ["flag", "from-vllm"]

@@ -83,3 +83,34 @@ def test_a_bad_chat_template_stops_serve_before_the_engine_starts():
     lines = _error_lines(proc, "serve")
     assert len(lines) == 1 and lines[0].startswith("pagoda serve: --chat-template:")
     assert "starting the engine" not in proc.stderr and "loading" not in proc.stderr
+
+
+def test_a_bad_chat_template_in_a_models_file_stops_serve_before_any_engine(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text('models:\n  - {model: smollm2, name: smol, chat_template: "{% for %}"}\n')
+    proc = _run("serve", "--config", str(models), "--port", "0")
+    assert proc.returncode == 1
+    lines = _error_lines(proc, "serve")
+    assert len(lines) == 1 and lines[0].startswith("pagoda serve: model 'smol': chat_template:")
+    assert "starting the engine" not in proc.stderr and "loading" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "foo"], "unknown dtype 'foo'"),
+    (["--tool-call-parser", "foo"], "unknown --tool-call-parser 'foo'"),
+    (["--reasoning-parser", "foo"], "unknown --reasoning-parser 'foo'"),
+])
+def test_bad_settings_stop_serve_before_the_engine_starts(flags, message):
+    proc = _run("serve", "smollm2", "--port", "0", *flags)
+    assert proc.returncode == 1
+    lines = _error_lines(proc, "serve")
+    assert len(lines) == 1 and message in lines[0]
+    assert "starting the engine" not in proc.stderr
+
+
+def test_a_too_long_max_model_len_stops_serve_before_it_listens():
+    proc = _run("serve", "smollm2", "--port", "0", "--max-model-len", "100000")
+    assert proc.returncode == 1
+    lines = _error_lines(proc, "serve")
+    assert len(lines) == 1 and "exceeds the model's limit of 8192" in lines[0]
+    assert "listening" not in proc.stderr and proc.stderr.splitlines()[-1] == lines[0]

@@ -57,6 +57,18 @@ def test_chat_keeps_the_conversation(tiny_model, offline, capsys, monkeypatch):
     assert capsys.readouterr().out.split("> ")[1:] == [first + "\n", second + "\n", ""]
 
 
+def test_run_answers_a_prompt_once_or_chats_like_ollama(tiny_model, offline, capsys,
+                                                        monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    assert main(["run", tiny_model, "Hi there", *ARGS]) == 0
+    answer = offline.chat([{"role": "user", "content": "Hi there"}], params)[0].outputs[0].text
+    assert capsys.readouterr().out == answer + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\n"))
+    assert main(["run", tiny_model, *ARGS]) == 0
+    first = offline.chat([{"role": "user", "content": "Hello"}], params)[0].outputs[0].text
+    assert capsys.readouterr().out.split("> ")[1:] == [first + "\n", ""]
+
+
 def test_chat_shows_no_info_lines_once_the_prompt_is_up(tiny_model, capsys, monkeypatch):
     from pagoda.logger import get_logger
     monkeypatch.delenv("PAGODA_LOG_LEVEL", raising=False)

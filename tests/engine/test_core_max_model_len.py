@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.engine.core import resolve_max_model_len
+from pagoda.config import resolve_max_model_len
 from pagoda.errors import ConfigError
 from pagoda.models.hf_config import HFConfig
 

@@ -53,7 +53,7 @@ def test_anthropic_blocks_and_events(seed):
     lines += blocks.close()
     assert [b["type"] for b in blocks.content] == ["thinking", "text", "tool_use", "tool_use"]
     assert blocks.content[0]["thinking"].strip() == REASONING.strip()
-    assert blocks.content[1]["text"] == "\nLet me check."
+    assert blocks.content[1]["text"] == "\n\nLet me check."
     assert [(b["name"], b["input"]) for b in blocks.content[2:]] == [
         ("get_weather", {"city": "Zürich"}), ("add", {"a": 2, "b": 3})]
     events = sse_events(lines)
@@ -77,7 +77,7 @@ def test_responses_items_and_events(seed):
     kinds = [item["type"] for item in items.output]
     assert kinds == ["reasoning", "message", "function_call", "function_call"]
     assert items.output[0]["content"][0]["text"].strip() == REASONING.strip()
-    assert items.output[1]["content"][0]["text"] == "\nLet me check."
+    assert items.output[1]["content"][0]["text"] == "\n\nLet me check."
     assert [(i["name"], json.loads(i["arguments"])) for i in items.output[2:]] == [
         ("get_weather", {"city": "Zürich"}), ("add", {"a": 2, "b": 3})]
     assert all(item["status"] == "completed" for item in items.output)
@@ -85,7 +85,7 @@ def test_responses_items_and_events(seed):
     done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
     assert added == done == [0, 1, 2, 3]
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
-    assert text == "\nLet me check."
+    assert text == "\n\nLet me check."
 
 
 def test_ollama_tool_calls_carry_argument_objects():

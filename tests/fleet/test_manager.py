@@ -142,6 +142,8 @@ def test_ps_shows_no_idle_time_for_a_model_never_loaded(smollm2_dir, tiny_dir):
     loaded(m, "t", idle=30)
     rows = {row["model"]: row for row in m.ps()}
     assert rows["a"]["idle_seconds"] is None and rows["t"]["idle_seconds"] >= 30
+    m.by_name["a"].state = ModelState.LOADING  # its first load: not idle yet either
+    assert next(r for r in m.ps() if r["model"] == "a")["idle_seconds"] is None
 
 
 def test_kv_demand_counts_only_the_window_of_sliding_window_layers():

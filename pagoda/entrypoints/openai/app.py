@@ -142,7 +142,7 @@ class ServerState:
             self.engine.abort_all()
 
 
-async def _load(state: ServerState) -> None:
+async def _load(state: ServerState, on_loaded: Callable[[], Any]) -> None:
     try:
         engine = await asyncio.to_thread(state.load_engine)
         engine.start()
@@ -151,6 +151,7 @@ async def _load(state: ServerState) -> None:
         state.load_error = exc
         return
     state.engine = engine
+    on_loaded()
 
 
 async def _start_manager(state: ServerState) -> None:
@@ -170,8 +171,10 @@ def build_app(state: ServerState) -> FastAPI:
             loader = asyncio.get_running_loop().create_task(_start_manager(state))
         elif state.engine is not None:
             state.engine.start()
+            serving.resolve_output_parsers()
         elif state.load_engine is not None:
-            loader = asyncio.get_running_loop().create_task(_load(state))
+            loader = asyncio.get_running_loop().create_task(
+                _load(state, serving.resolve_output_parsers))
         yield
         if loader is not None:
             loader.cancel()

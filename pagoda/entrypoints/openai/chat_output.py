@@ -103,7 +103,9 @@ class _NamedCallStream:
 
 
 class _RequiredCallsStream:
-    """The output is a JSON array of calls; each is sent once its object is complete."""
+    """The output is a JSON array of calls; each is sent once its object is complete. An
+    output that ends before its first call is complete (cut off by max_tokens) comes back
+    as content, so the partial call is not lost, streamed or not."""
 
     def __init__(self) -> None:
         self.buffer = ""
@@ -122,7 +124,9 @@ class _RequiredCallsStream:
         return events
 
     def finish(self) -> list[StreamEvent]:
-        return []
+        if self.count or not self.buffer.strip():
+            return []
+        return [ContentDelta(self.buffer)]
 
     def _next_call(self) -> tuple[str, str] | None:
         text, pos = self.buffer, self.position

@@ -37,16 +37,27 @@ def check_parser_names(tool_parser: str | None, reasoning_parser: str | None) ->
                           f"{', '.join(REASONING_PARSER_CHOICES)}")
 
 
+TOOLS_NOT_RENDERED = ("the chat template does not render tools: a request's tools never "
+                      "reach the prompt, so tool_choice auto rarely calls one (required and "
+                      "named choices are still enforced by grammar); give a tool-aware "
+                      "template with --chat-template")
+# the response header that says so, on chat responses to requests with tools
+TOOLS_WARNING_HEADER = "x-pagoda-warning"
+TOOLS_WARNING = "the chat template does not render tools; they did not reach the prompt"
+
+
 @dataclass(slots=True)
 class OutputParsers:
     tools: ToolParser | None
     reasoning: ReasoningParser | None
+    renders_tools: bool = True  # whether the chat template puts tools into the prompt
 
     @classmethod
     def resolve(cls, tool_parser: str | None, reasoning_parser: str | None,
-                template: str | None) -> OutputParsers:
+                template: str | None, renders_tools: bool = True) -> OutputParsers:
         """`auto` (or None) detects from the chat template: tools fall back to hermes,
-        reasoning to no splitting; `none` turns reasoning splitting off."""
+        reasoning to no splitting; `none` turns reasoning splitting off. A template that
+        does not render tools is warned about here (once per model)."""
         tool_name = tool_parser if tool_parser not in (None, AUTO) else (
             detect_tool_parser(template) or DEFAULT_TOOL_PARSER)
         reasoning_name = reasoning_parser if reasoning_parser not in (None, AUTO) else \
@@ -55,5 +66,7 @@ class OutputParsers:
             reasoning_name = None
         logger.info("tool-call format: %s; reasoning format: %s", tool_name,
                     reasoning_name or "none")
+        if not renders_tools:
+            logger.warning(TOOLS_NOT_RENDERED)
         reasoning = REASONING_PARSERS[reasoning_name]() if reasoning_name else None
-        return cls(TOOL_PARSERS[tool_name](), reasoning)
+        return cls(TOOL_PARSERS[tool_name](), reasoning, renders_tools)

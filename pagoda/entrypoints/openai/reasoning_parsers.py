@@ -7,8 +7,8 @@ any split of the text, markers split across deltas included.
 Shared rules:
 
 * Whitespace before an opening ``<think>`` at the start of the output is dropped with it.
-* Reasoning ends at the first ``</think>``; one newline right after it is dropped, so content
-  starts after ``</think>\\n`` (only the first newline: ``</think>\\n\\nHi`` gives ``"\\nHi"``).
+* Reasoning ends at the first ``</think>``; the content is everything after it, as the model
+  wrote it (``</think>\\n\\nHi`` gives ``"\\n\\nHi"``, as vLLM returns it).
 * Empty reasoning or content is ``None``.
 """
 
@@ -77,15 +77,8 @@ class StreamingReasoningParser(IncrementalParser[ReasoningDelta]):
             self._carry = text[end:]
             return None
         self._emit(text[start:found], reasoning=True)
-        self._state = self._after_close
-        return found + len(THINK_CLOSE)
-
-    def _after_close(self, text: str, start: int, final: bool) -> int | None:
-        """Drop one newline right after ``</think>``."""
-        if start == len(text):
-            return None
         self._state = self._in_content
-        return start + 1 if text[start] == "\n" else start
+        return found + len(THINK_CLOSE)
 
     def _in_content(self, text: str, start: int, final: bool) -> int | None:
         self._emit(text[start:], reasoning=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from pagoda.config import engine_config
+from pagoda.config import engine_config, resolve_max_model_len
 from pagoda.engine.admission import AdmissionLimits
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.client import EngineStartupError, MPClient, start_in_background
@@ -114,6 +114,7 @@ def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
     engine_cfg = engine_config(model, **engine_kwargs)
     engine_starting = engine_starting or start_in_background(engine_cfg)
     source = resolve_model(engine_cfg.model, engine_cfg.load_format)
+    resolve_max_model_len(source.hf_config, engine_cfg.max_model_len)  # before "listening"
     tokenizer = get_tokenizer(source, engine_cfg.tokenizer)
     metrics = EngineMetrics(config.served_model_names[0])
     metrics.max_loras = config.lora.max_loras

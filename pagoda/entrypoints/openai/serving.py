@@ -31,6 +31,11 @@ class OpenAIServing(ServingBase):
         self._completion = CompletionServing(state)
         self._chat = ChatServing(state)
 
+    def resolve_output_parsers(self) -> None:
+        """Settle the model's tool-call and reasoning formats now, so that what they warn
+        about (a chat template that drops tools) is logged at startup."""
+        _ = self._chat.parsers
+
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         return await self._completion.create(body, request)
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagoda.engine.input_processor import ProcessedPrompt
 from pagoda.entrypoints.openai.chat_output import (
@@ -18,7 +19,11 @@ from pagoda.entrypoints.openai.chat_output import (
 )
 from pagoda.entrypoints.openai.logprobs import chat_logprobs
 from pagoda.entrypoints.openai.model_defaults import apply_model_defaults
-from pagoda.entrypoints.openai.output_parsers import OutputParsers
+from pagoda.entrypoints.openai.output_parsers import (
+    TOOLS_WARNING,
+    TOOLS_WARNING_HEADER,
+    OutputParsers,
+)
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -43,6 +48,7 @@ from pagoda.entrypoints.openai.serving_base import (
 from pagoda.errors import InvalidRequestError
 from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer.chat_template import renders_tools
 
 
 class ChatServing(ServingBase):
@@ -53,11 +59,15 @@ class ChatServing(ServingBase):
         request_id = new_request_id("chatcmpl")
         stream = self.start(prepared, request_id)
         prompt, params, tools = prepared.prompt, prepared.params, prepared.tools
+        headers = self.warning_headers(body, tools)
         if body.stream:
             return StreamingResponse(self._stream(body, request_id, prompt, params, tools,
-                                                  stream), media_type="text/event-stream")
+                                                  stream), media_type="text/event-stream",
+                                     headers=headers)
         (final,) = await until_disconnect(request, last_outputs([stream]))
-        return self._response(body, request_id, prompt, params, tools, final)
+        response = self._response(body, request_id, prompt, params, tools, final)
+        return response if headers is None else \
+            JSONResponse(jsonable_encoder(response), headers=headers)
 
     async def prepare(self, body: ChatCompletionRequest,
                       raw_prompt: str | None = None) -> PreparedChat:
@@ -112,12 +122,24 @@ class ChatServing(ServingBase):
         owner = current_lease.get()
         owner = self.state if owner is None else owner.model  # each model has its own
         if owner.output_parsers is None:
-            template = self.server_chat_template() or getattr(
-                self.engine.tokenizer, "chat_template", None)
+            server_template = self.server_chat_template()
+            template = server_template or getattr(self.engine.tokenizer, "chat_template", None)
             owner.output_parsers = OutputParsers.resolve(
                 self.state.config.tool_call_parser, self.state.config.reasoning_parser,
-                template if isinstance(template, str) else None)
+                template if isinstance(template, str) else None,
+                renders_tools(self.engine.tokenizer, server_template) is not False)
         return owner.output_parsers
+
+    def warning_headers(self, body: ChatCompletionRequest,
+                        tools: ToolSetup) -> dict[str, str] | None:
+        """The header that marks a response whose request's tools the template dropped."""
+        if tools.mode == "none":
+            return None
+        if body.chat_template is not None:  # the request's own (trusted) template
+            rendered = renders_tools(self.engine.tokenizer, body.chat_template) is not False
+        else:
+            rendered = self.parsers.renders_tools
+        return None if rendered else {TOOLS_WARNING_HEADER: TOOLS_WARNING}
 
     @staticmethod
     def _sampling_params(body: ChatCompletionRequest, tools: ToolSetup,
@@ -159,9 +181,6 @@ class ChatServing(ServingBase):
                 self._echo(body) + parts.content
             if not content and parts.reasoning:
                 content = None  # thought but said nothing: null, as OpenAI clients expect
-            if not parts.tool_calls and tools.mode in ("required", "named") \
-                    and c.finish_reason == "length":
-                content = c.text  # a forced call cut off by max_tokens: show the partial call
             message = ChatResponseMessage(
                 content=content, reasoning_content=parts.reasoning or None,
                 reasoning=parts.reasoning or None, tool_calls=parts.tool_calls or None)

@@ -57,7 +57,11 @@ CASES = [
     (ToolSetup("auto", parser=HermesToolParser()), DeepSeekR1ReasoningParser(),
      'let me add</think>\n<tool_call>{"name": "add", "arguments": {"a": 3}}</tool_call>',
      [("add", {"a": 3})], ""),
-    (ToolSetup(), DeepSeekR1ReasoningParser(), "hmm</think>\nhello", [], "hello"),
+    (ToolSetup(), DeepSeekR1ReasoningParser(), "hmm</think>\nhello", [], "\nhello"),
+    # `required` cut off by max_tokens before its first call is whole: the partial call is
+    # the content, streamed as well as whole
+    (ToolSetup("required"), None, '[{"name": "add", "param', [], '[{"name": "add", "param'),
+    (ToolSetup("required"), None, REQUIRED[:-9], [("add", {"a": 1})], ""),
 ]
 
 

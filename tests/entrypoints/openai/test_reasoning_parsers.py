@@ -1,4 +1,4 @@
-"""Reasoning parsers: where reasoning ends, the newline rule, markers split across deltas,
+"""Reasoning parsers: where reasoning ends, content kept whole after it, markers split across deltas,
 bounded time, and streaming that reassembles to exactly what ``parse()`` returns."""
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ QWEN3_RECORDED = (
 DEEPSEEK_CASES = [
     ("recorded", R1_RECORDED,
      ("\nOkay, the user is asking for 17 * 23. Let me break it down: 17 * 20 = 340 and "
-      "17 * 3 = 51, so 340 + 51 = 391.\n"), "\n17 × 23 = **391**."),
-    ("opening_in_prompt", "Okay, 2 + 2.\n</think>\n\n4", "Okay, 2 + 2.\n", "\n4"),
+      "17 * 3 = 51, so 340 + 51 = 391.\n"), "\n\n17 × 23 = **391**."),
+    ("opening_in_prompt", "Okay, 2 + 2.\n</think>\n\n4", "Okay, 2 + 2.\n", "\n\n4"),
     ("unterminated", "<think>still thinking", "still thinking", None),
     ("no_markers", "just reasoning", "just reasoning", None),
     ("empty_reasoning", "<think></think>Answer", None, "Answer"),
     ("close_only", "</think>Answer", None, "Answer"),
-    ("one_newline_stripped", "r</think>\nA", "r", "A"),
-    ("only_first_newline", "r</think>\n\nA", "r", "\nA"),
+    ("newline_kept", "r</think>\nA", "r", "\nA"),
+    ("both_newlines_kept", "r</think>\n\nA", "r", "\n\nA"),
     ("no_newline", "r</think>A\n", "r", "A\n"),
     ("space_not_stripped", "r</think> A", "r", " A"),
     ("space_before_open", "\n\n<think>r</think>a", "r", "a"),
@@ -49,21 +49,21 @@ DEEPSEEK_CASES = [
     ("partial_markers_are_text", "a </thin b <thi", "a </thin b <thi", None),
     ("ends_with_partial_close", "abc</thi", "abc</thi", None),
     ("empty", "", None, None),
-    ("close_and_newline", "</think>\n", None, None),
-    ("unicode", "<think>思考 😀</think>\n答案", "思考 😀", "答案"),
+    ("close_and_newline", "</think>\n", None, "\n"),
+    ("unicode", "<think>思考 😀</think>\n答案", "思考 😀", "\n答案"),
 ]
 
 QWEN3_CASES = [
     ("recorded", QWEN3_RECORDED, "\nThe user wants the capital of France. That's Paris.\n",
-     "\nThe capital of France is Paris."),
+     "\n\nThe capital of France is Paris."),
     ("thinking_disabled", "The capital of France is Paris.", None,
      "The capital of France is Paris."),
     ("unterminated", "<think>reasoning...", "reasoning...", None),
     ("close_without_open_is_content", "a</think>b", None, "a</think>b"),
     ("open_not_at_start", "Hi <think>x</think>y", None, "Hi <think>x</think>y"),
-    ("space_before_open", "\n<think>r</think>\na", "r", "a"),
+    ("space_before_open", "\n<think>r</think>\na", "r", "\na"),
     ("leading_space_content", "  hello", None, "  hello"),
-    ("empty_reasoning", "<think></think>\n\nA", None, "\nA"),
+    ("empty_reasoning", "<think></think>\n\nA", None, "\n\nA"),
     ("partial_open", "<thin", None, "<thin"),
     ("open_only", "<think>", None, None),
     ("empty", "", None, None),
@@ -149,7 +149,7 @@ def test_close_marker_split_across_deltas() -> None:
     streamer = DeepSeekR1ReasoningParser().streamer()
     assert streamer.feed("abc</thi") == [ReasoningDelta(reasoning="abc")]
     assert streamer.feed("nk>") == []
-    assert streamer.feed("\n") == []  # the newline after </think> is dropped
+    assert streamer.feed("\n") == [ReasoningDelta(content="\n")]  # kept, as vLLM keeps it
     assert streamer.feed("\nX") == [ReasoningDelta(content="\nX")]
     assert streamer.finish() == []
 
@@ -197,7 +197,7 @@ def _hostile_cases() -> list[tuple[str, dict[str, tuple[str | None, str | None]]
                                "qwen3": (None, "</think>" * closes)}),
         (spaces, {"deepseek_r1": (spaces, None), "qwen3": (None, spaces)}),
         ("<think>" + "<" * MB + "</think>\n" + "y" * MB,
-         {"deepseek_r1": ("<" * MB, "y" * MB), "qwen3": ("<" * MB, "y" * MB)}),
+         {"deepseek_r1": ("<" * MB, "\n" + "y" * MB), "qwen3": ("<" * MB, "\n" + "y" * MB)}),
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -140,6 +141,25 @@ def test_raw_sse_is_well_formed(server):
 def test_request_id_header_is_echoed(server):
     r = httpx.get(f"{server.url}/v1/models", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_a_template_that_drops_tools_is_warned_about_at_startup_and_in_responses(server,
+                                                                                   client):
+    """SmolLM2's own template renders no tools: the log says so once the model is loaded,
+    and a response to a request with tools carries a header that says so."""
+    from pagoda.entrypoints.openai.output_parsers import (
+        TOOLS_WARNING,
+        TOOLS_WARNING_HEADER,
+    )
+    assert "the chat template does not render tools" in Path(server.log.name).read_text()
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {}}}]
+    asked = {"model": MODEL, "messages": CHAT, "max_tokens": 1}
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(**asked, tools=tools,
+                                                               stream=stream)
+        assert raw.headers.get(TOOLS_WARNING_HEADER) == TOOLS_WARNING
+    plain = client.chat.completions.with_raw_response.create(**asked)
+    assert TOOLS_WARNING_HEADER not in plain.headers and plain.parse().choices
 
 
 def test_tokenize_detokenize(server, smollm2_tokenizer):

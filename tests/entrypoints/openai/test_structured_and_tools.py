@@ -40,7 +40,7 @@ def server(tmp_path_factory, smollm2_dir):
     # streamed response can be compared with the same request answered whole
     srv = RemoteServer(str(smollm2_dir), "--served-model-name", MODEL, "--max-model-len",
                        "1024", "--kv-cache-memory", "64MiB", "--chat-template", str(template),
-                       "--no-enable-prefix-caching")
+                       "--no-enable-prefix-caching", "--trust-request-chat-template")
     yield srv
     assert srv.stop() == 0
 
@@ -169,6 +169,18 @@ def test_a_forced_call_cut_off_by_max_tokens_is_not_lost(client):
     assert call.function.arguments.startswith("{")
 
 
+def test_a_streamed_forced_call_cut_off_by_max_tokens_is_not_lost(client):
+    content, calls, finish = "", [], None
+    for chunk in chat(client, tools=TOOLS, max_tokens=5, tool_choice="required", stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    whole = chat(client, tools=TOOLS, max_tokens=5, tool_choice="required").choices[0]
+    assert finish == "length" and not calls
+    assert content == whole.message.content and content.lstrip().startswith("[")
+
+
 def test_reasoning_without_an_answer_has_null_content(client):
     thought = r"<think>[a-z ]{4,30}</think>"
     out = chat(client, extra_body={"structured_outputs": {"regex": thought}}).choices[0]
@@ -203,3 +215,19 @@ def test_bad_constraints_are_400s(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, **kwargs)
     assert info.value.body["param"] == param
+
+
+def test_the_tools_warning_follows_the_template_that_renders_the_request(client):
+    """This server's template drops tools: responses to requests with tools say so; a
+    request that brings a template which renders them gets no such header."""
+    from pagoda.entrypoints.openai.output_parsers import TOOLS_WARNING_HEADER
+    tool_aware = TEMPLATE.replace("{% for m in messages %}",
+                                  "{% for t in tools or [] %}{{ t | tojson }}{% endfor %}"
+                                  "{% for m in messages %}")
+    asked = {"model": MODEL, "messages": ASK, "max_tokens": 1, "tools": TOOLS}
+    dropped = client.chat.completions.with_raw_response.create(**asked)
+    assert TOOLS_WARNING_HEADER in dropped.headers
+    rendered = client.chat.completions.with_raw_response.create(
+        **asked, extra_body={"chat_template": tool_aware})
+    assert TOOLS_WARNING_HEADER not in rendered.headers
+    assert rendered.parse().usage.prompt_tokens > dropped.parse().usage.prompt_tokens
