@@ -4,12 +4,15 @@ ModelRunner that runs them, with the steps it has launched but not yet handed ba
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from pagoda.config import resolve_device, resolve_dtype
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
 from pagoda.layers.attention.selector import select_backend
+from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
@@ -21,15 +24,31 @@ from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 logger = get_logger(__name__)
 
+DISTRIBUTED_TIMEOUT_S = 600  # a collective that waits longer than this fails (a lost rank)
+
+
+@dataclass(frozen=True, slots=True)
+class RankSetup:
+    """Where this worker sits in a group of workers: its rank of `world_size`, and the
+    address (`tcp://host:port`) torch.distributed's processes meet at."""
+
+    rank: int
+    world_size: int
+    init_method: str
+
 
 class Worker:
     """Initializes its device, loads the model, and runs the ModelRunner for the executor."""
 
-    def __init__(self, config: WorkerConfig, source: ModelSource | None = None) -> None:
+    def __init__(self, config: WorkerConfig, source: ModelSource | None = None,
+                 rank: RankSetup | None = None) -> None:
         """`source`: the model already resolved by the caller (in the same process); a
-        worker elsewhere resolves it from the config."""
+        worker elsewhere resolves it from the config. `rank`: this worker's place in a
+        group of worker processes (None: the only worker)."""
         self.config = config
         self.source = source or resolve_model(config.engine.model, config.engine.load_format)
+        self.rank_setup = rank
+        self.group: ParallelGroup = SINGLE
         self.device = torch.device("cpu")
         self.runner: ModelRunner | None = None
         self.info: LoadedModelInfo | None = None
@@ -37,20 +56,25 @@ class Worker:
 
     def init_device(self) -> None:
         """Create the CUDA context now, so that its cost is timed on its own, not as part of
-        the first weight copy."""
+        the first weight copy. A worker of a group takes the device of its rank (cuda:rank)
+        and joins the group's torch.distributed process group (NCCL on CUDA, gloo on CPU)."""
         self.device = resolve_device(self.config.engine.device)
-        if self.device.type != "cuda":
-            return
-        if self.device.index is not None:
-            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
-        torch.empty(1, device=self.device)
+        setup = self.rank_setup
+        if setup is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", setup.rank)
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)  # kernels and graphs use the current device
+            torch.empty(1, device=self.device)
+        if setup is not None:
+            self.group = _join_group(setup, self.device)
 
     def load_model(self) -> LoadedModelInfo:
         engine, hf = self.config.engine, self.source.hf_config
         torch.manual_seed(engine.seed)
         dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
-                           engine.seed)
+                           engine.seed, self.group)
         backend = select_backend(engine.attention_backend, self.device)
         lora = None
         if engine.lora is not None:
@@ -152,3 +176,16 @@ class Worker:
         """Drop the launched steps and the runner (with its model, KV cache and graphs)."""
         self._launched.clear()
         self.runner = None
+        if self.rank_setup is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _join_group(setup: RankSetup, device: torch.device) -> ParallelGroup:
+    """Join the workers' process group; every rank is one tensor-parallel shard."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend, init_method=setup.init_method, rank=setup.rank, world_size=setup.world_size,
+        timeout=timedelta(seconds=DISTRIBUTED_TIMEOUT_S),
+        device_id=device if device.type == "cuda" else None)
+    logger.info("rank %d of %d on %s (%s)", setup.rank, setup.world_size, device, backend)
+    return ParallelGroup(setup.rank, setup.world_size, torch.distributed.group.WORLD)
