@@ -19,6 +19,7 @@ from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.logger import get_logger
 from pagoda.lora.registry import LoRARegistry
+from pagoda.models.estimate import check_tensor_parallel
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
@@ -62,6 +63,7 @@ class EngineCore:
         startup.mark("model config")
         hf = self.source.hf_config
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
+        check_tensor_parallel(hf, config.parallel.tensor_parallel_size)
         self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
         sizing, kv_bytes = self._start_executor(startup)
         loaded = self.executor.loaded_model

@@ -77,7 +77,7 @@ class MultiprocExecutor(Executor):
                 process = ctx.Process(
                     target=worker_main, name=f"pagoda-worker-{rank}",
                     args=(frame, config.max_model_len, (rank, self.world_size, init_method),
-                          theirs, alive_reader, threads))
+                          theirs, alive_reader, threads, dict(os.environ)))
                 process.start()
                 theirs.close()
                 self.workers.append(_WorkerProcess(rank, process, ours))

@@ -30,10 +30,14 @@ EXIT_AT_STEP_ENV = "PAGODA_TEST_WORKER_EXIT_AT_STEP"  # test hook: "rank:step" h
 
 
 def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, str],
-                conn: Connection, alive: Connection, threads: int) -> None:
+                conn: Connection, alive: Connection, threads: int,
+                environ: dict[str, str]) -> None:
     """multiprocessing entry point: the config arrives as msgpack; `alive` reaches its end
-    when the engine process is gone."""
+    when the engine process is gone; `environ` is the engine's environment now (the fork
+    server's is the one it had when the server started)."""
     from pagoda.engine.serial import decode_config
+    os.environ.clear()
+    os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us
     rank = RankSetup(*setup)
     configure_logging(None if rank.rank == 0 else "WARNING")  # rank 0 speaks for all

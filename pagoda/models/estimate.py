@@ -206,18 +206,24 @@ def _device(name: str) -> tuple[str, int]:
 
 
 def check_tensor_parallel(config: Any, tp: int) -> None:
-    """Tensor parallelism splits attention heads evenly: tp must divide the query heads, and
-    the KV heads (or be a multiple of them, which are then replicated)."""
+    """Tensor parallelism splits attention heads and MLP widths evenly: tp must divide the
+    query heads, the KV heads (or be a multiple of them, which are then replicated), and the
+    intermediate sizes."""
     heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     if heads is None or tp == 1:
         return
     if heads % tp:
-        raise ConfigError(f"--tp {tp} does not divide the model's {heads} attention heads; "
-                          f"use one of {_divisors(heads)}")
+        raise ConfigError(f"tensor parallel size {tp} does not divide the model's {heads} "
+                          f"attention heads; use one of {_divisors(heads)}")
     if kv % tp and tp % kv:
-        raise ConfigError(f"--tp {tp} neither divides the model's {kv} KV heads nor is a "
-                          f"multiple of them; use one of {_divisors(heads)}")
+        raise ConfigError(f"tensor parallel size {tp} neither divides the model's {kv} KV "
+                          f"heads nor is a multiple of them; use one of {_divisors(heads)}")
+    for name in ("intermediate_size", "moe_intermediate_size"):
+        size = getattr(config, name, None)
+        if isinstance(size, int) and size % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide the model's "
+                              f"{name} of {size}")
 
 
 def _divisors(n: int) -> str:
