@@ -62,7 +62,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "/live answer 503 (default 10)")
     g.add_argument("--max-request-body", type=parse_bytes, default=32 << 20)
     g.add_argument("--uvicorn-log-level", default="warning")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="priority",
                    help="priority (default): lower `priority` values run first, FCFS among "
                         "equals; fcfs: request priorities are ignored")
@@ -136,12 +135,12 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging()
     if not check_vllm_flags(args):
         return 2
-    if args.tensor_parallel_size != 1:
-        print("pagoda serve: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
-              file=sys.stderr)
-        return 2
     from pagoda.errors import PagodaError
     if args.config or len(args.model) > 1:
+        if args.tensor_parallel_size != 1:
+            print("pagoda serve: several models share one server on one device each; "
+                  "--tensor-parallel-size needs a single model", file=sys.stderr)
+            return 2
         try:
             return _serve_fleet(args)
         except PagodaError as exc:

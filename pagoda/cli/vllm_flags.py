@@ -41,15 +41,18 @@ def _add(reason: str, specs: str, quiet: tuple[str, ...] = (), refused: bool = F
         VLLM_FLAGS[flag.names[0]] = flag
 
 
-ONE_DEVICE = "pagoda runs each model on one device, in one engine process"
-_add(ONE_DEVICE, """
---pipeline-parallel-size/-pp value
+ONE_ENGINE = ("pagoda runs one engine per model, split over this machine's devices only by "
+              "--tensor-parallel-size")
+_add(ONE_ENGINE, """
 --data-parallel-size/-dp value
 --decode-context-parallel-size/-dcp value
 --prefill-context-parallel-size/-pcp value""", quiet=("1",))
-_add(ONE_DEVICE, """
+_add("pipeline parallelism is not implemented; split the model with --tensor-parallel-size",
+     "--pipeline-parallel-size/-pp value", quiet=("1",), refused=True)
+_add("pagoda starts its workers as processes on this machine (mp); Ray placement and "
+     "multi-node serving are not supported", """
 --distributed-executor-backend value""", quiet=("mp", "uni"))
-_add(ONE_DEVICE, """
+_add(ONE_ENGINE, """
 --master-addr value
 --master-port value
 --distributed-timeout-seconds value

@@ -38,7 +38,8 @@ from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 logger = get_logger(__name__)
 
-STOP_TIMEOUT_S = 5.0  # a worker gets this long to exit after shutdown before it is killed
+STOP_TIMEOUT_S = 5.0
+DEATH_GRACE_S = 1.0  # after a worker's error, how long to look for a dead rank behind it  # a worker gets this long to exit after shutdown before it is killed
 # errors a worker raises that keep their type across the pipe (one-argument constructors)
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls for cls in (ConfigError, UnsupportedModelError, ModelNotFoundError,
@@ -224,14 +225,21 @@ class MultiprocExecutor(Executor):
 
     def _raise_worker_error(self, worker: _WorkerProcess, method: str,
                             reply: serial.WorkerReply) -> None:
-        known = _KNOWN_ERRORS.get(reply.error_type or "")
         if reply.error_type == "LoRAAdapterError":
             raise LoRAAdapterError(reply.error or "")  # the worker goes on after it
-        self._dead = f"worker rank {worker.rank} failed in {method}: {reply.error_type}: " \
-                     f"{reply.error}"
-        if known is not None:
-            raise known(reply.error or "")
-        raise WorkerError(self._dead)
+        error = f"worker rank {worker.rank} failed in {method}: {reply.error_type}: {reply.error}"
+        dead = self._first_dead(DEATH_GRACE_S)
+        if dead is not None:  # the root cause: the others' collectives failed with it
+            self._fail(f"{self._death_note(dead)} ({error})")
+        self._dead = error
+        known = _KNOWN_ERRORS.get(reply.error_type or "")
+        raise known(reply.error or "") if known is not None else WorkerError(error)
+
+    def _first_dead(self, timeout: float) -> _WorkerProcess | None:
+        """A worker that has exited, waiting up to `timeout` for one to."""
+        sentinels = {w.process.sentinel: w for w in self.workers}
+        ready = wait(list(sentinels), timeout)
+        return sentinels[ready[0]] if ready else None
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -40,7 +40,8 @@ def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, 
     os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us
     rank = RankSetup(*setup)
-    configure_logging(None if rank.rank == 0 else "WARNING")  # rank 0 speaks for all
+    configure_logging(None if rank.rank == 0 or os.environ.get("PAGODA_LOG_LEVEL") == "DEBUG"
+                      else "WARNING")  # rank 0 speaks for all
     _watch_engine(alive)
     import torch
     torch.set_num_threads(threads)
@@ -73,7 +74,12 @@ class WorkerLoop:
             try:
                 value = self._run(method, call)
             except Exception as exc:  # noqa: BLE001 -- sent to the executor, which raises it
-                logger.exception("worker rank %d: %s failed", self.worker.group.rank, method)
+                # one line: the executor reports it (a rank whose peer died fails here too)
+                logger.error("worker rank %d: %s failed: %s: %s", self.worker.group.rank,
+                             method, type(exc).__name__, str(exc).splitlines()[0] if str(exc)
+                             else "")
+                logger.debug("worker rank %d: %s", self.worker.group.rank, method,
+                             exc_info=True)
                 self.conn.send_bytes(serial.encode_reply(error=exc))
                 if type(exc).__name__ in SURVIVABLE_ERRORS:
                     continue
