@@ -52,10 +52,12 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
     return model
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) for every weight of the checkpoint."""
+def iter_weights(source: ModelSource, sliced: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) for every weight of the checkpoint. `sliced`: a
+    tensor-parallel rank's load, which reads only the slices it keeps (safetensors)."""
     if source.format == "safetensors":
-        yield from iter_safetensors(source.path)
+        yield from iter_safetensors(source.path, lazy=sliced)
     elif source.format == "gguf" and source.gguf_file is not None:
         yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors)
     else:
@@ -64,7 +66,8 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _load_checkpoint(model: CausalLM, source: ModelSource) -> None:
     total = len(model.expected_weights())
-    loaded = model.load_weights(_with_progress(iter_weights(source), total, source.name))
+    weights = iter_weights(source, sliced=model.group.size > 1)
+    loaded = model.load_weights(_with_progress(weights, total, source.name))
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])
