@@ -51,7 +51,7 @@ _add("pipeline parallelism is not implemented; split the model with --tensor-par
      "--pipeline-parallel-size/-pp value", quiet=("1",), refused=True)
 _add("pagoda starts its workers as processes on this machine (mp); Ray placement and "
      "multi-node serving are not supported", """
---distributed-executor-backend value""", quiet=("mp", "uni"))
+--distributed-executor-backend value""", quiet=("mp", "uni", "auto"))
 _add(ONE_ENGINE, """
 --master-addr value
 --master-port value

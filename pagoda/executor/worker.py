@@ -56,12 +56,13 @@ class Worker:
 
     def init_device(self) -> None:
         """Create the CUDA context now, so that its cost is timed on its own, not as part of
-        the first weight copy. A worker of a group takes the device of its rank (cuda:rank)
+        the first weight copy. A worker of a group takes the device of its rank (cuda:N+rank
+        where the config names cuda:N)
         and joins the group's torch.distributed process group (NCCL on CUDA, gloo on CPU)."""
         self.device = resolve_device(self.config.engine.device)
         setup = self.rank_setup
-        if setup is not None and self.device.type == "cuda":
-            self.device = torch.device("cuda", setup.rank)
+        if setup is not None and self.device.type == "cuda":  # ranks from the named GPU on
+            self.device = torch.device("cuda", (self.device.index or 0) + setup.rank)
         if self.device.type == "cuda":
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)  # kernels and graphs use the current device
