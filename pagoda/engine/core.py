@@ -65,7 +65,11 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
         check_tensor_parallel(hf, config.parallel.tensor_parallel_size)
         self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
-        sizing, kv_bytes = self._start_executor(startup)
+        try:
+            sizing, kv_bytes = self._start_executor(startup)
+        except BaseException:
+            self.executor.shutdown()  # worker processes end with the failed start
+            raise
         loaded = self.executor.loaded_model
         self.device, self.dtype = torch.device(loaded.device), getattr(torch, loaded.dtype)
         block_size = config.cache.block_size

@@ -19,6 +19,7 @@ import socket
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import msgspec
 import torch
 
 from pagoda.engine.cpu_threads import affinity_cores
@@ -168,7 +169,7 @@ class MultiprocExecutor(Executor):
         frame, method = serial.encode(call), serial.method_of(call)
         for worker in self.workers:
             if not self._try_send(worker, frame):
-                self._fail(self._death_note(worker))
+                self._fail_dead(worker)
             worker.owed.append(method)
 
     def _call_all(self, call: serial.WorkerCall) -> list[Any]:
@@ -196,13 +197,13 @@ class MultiprocExecutor(Executor):
                 try:
                     return worker.conn.recv_bytes()
                 except (EOFError, OSError):
-                    self._fail(self._death_note(worker))
+                    self._fail_dead(worker)
             sentinels = {w.process.sentinel: w for w in self.workers}
             ready = wait([worker.conn, *sentinels])
             for handle in ready:
                 dead = sentinels.get(handle)
                 if dead is not None and not (dead is worker and worker.conn.poll()):
-                    self._fail(self._death_note(dead))
+                    self._fail_dead(dead)
 
     def _try_send(self, worker: _WorkerProcess, frame: bytes) -> bool:
         try:
@@ -211,12 +212,37 @@ class MultiprocExecutor(Executor):
         except (BrokenPipeError, EOFError, OSError):
             return False
 
+    def _fail_dead(self, worker: _WorkerProcess) -> None:
+        """Raise for a dead worker: the error it reported last where that is one of pagoda's
+        own (a checkpoint that does not load), else WorkerError saying how it ended."""
+        note, last = self._death_note(worker), self._last_error(worker)
+        if last is None:
+            self._fail(note)
+        error_type, message = last
+        self._dead = f"{note} after {error_type}: {message}"
+        logger.error("%s; the engine cannot go on", self._dead)
+        known = _KNOWN_ERRORS.get(error_type)
+        raise known(message) if known is not None else WorkerError(self._dead)
+
     def _death_note(self, worker: _WorkerProcess) -> str:
+        """Which worker died and how."""
         worker.process.join(1.0)
         code = worker.process.exitcode
         how = "is unreachable" if code is None else (
             f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
         return f"worker process rank {worker.rank} (pid {worker.process.pid}) {how}"
+
+    def _last_error(self, worker: _WorkerProcess) -> tuple[str, str] | None:
+        """The error among the replies a dead worker left unread, if any."""
+        error = None
+        try:
+            while worker.conn.poll():
+                reply = serial.decode_reply(worker.conn.recv_bytes())
+                if reply.error_type is not None:
+                    error = (reply.error_type, reply.error or "")
+        except (EOFError, OSError, msgspec.MsgspecError):
+            pass
+        return error
 
     def _fail(self, message: str) -> None:
         self._dead = message
@@ -225,15 +251,20 @@ class MultiprocExecutor(Executor):
 
     def _raise_worker_error(self, worker: _WorkerProcess, method: str,
                             reply: serial.WorkerReply) -> None:
+        """Raise what a worker reported: pagoda's own errors as themselves; anything else
+        as WorkerError, or as the death of a rank behind it (a collective that failed
+        because its peer died)."""
         if reply.error_type == "LoRAAdapterError":
             raise LoRAAdapterError(reply.error or "")  # the worker goes on after it
-        error = f"worker rank {worker.rank} failed in {method}: {reply.error_type}: {reply.error}"
-        dead = self._first_dead(DEATH_GRACE_S)
-        if dead is not None:  # the root cause: the others' collectives failed with it
-            self._fail(f"{self._death_note(dead)} ({error})")
-        self._dead = error
+        self._dead = f"worker rank {worker.rank} failed in {method}: {reply.error_type}: " \
+                     f"{reply.error}"
         known = _KNOWN_ERRORS.get(reply.error_type or "")
-        raise known(reply.error or "") if known is not None else WorkerError(error)
+        if known is not None:
+            raise known(reply.error or "")
+        dead = self._first_dead(DEATH_GRACE_S)
+        if dead is not None and dead is not worker:
+            self._fail_dead(dead)
+        self._fail(self._dead)
 
     def _first_dead(self, timeout: float) -> _WorkerProcess | None:
         """A worker that has exited, waiting up to `timeout` for one to."""

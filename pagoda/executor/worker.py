@@ -97,10 +97,15 @@ class Worker:
         if self.device.type == "cuda":
             non_kv, activation = self._profile_non_kv_bytes()
         budget = kv_budget_bytes(self.config.engine.cache, self.device, non_kv)
+        shared = self.device.type == "cpu" and not self.config.engine.cache.kv_cache_memory
+        if shared and self.group.size > 1:
+            budget //= self.group.size  # the CPU ranks share this host's memory
         cap = self._default_block_cap()
         num_blocks = num_blocks_for(budget, spec, self.config.max_model_len, cap,
                                     self.config.engine.scheduler.max_num_batched_tokens)
         note = describe_kv_budget(self.config.engine.cache, self.device, budget)
+        if shared and self.group.size > 1:
+            note += f" (each of {self.group.size} ranks: its share of this host's)"
         if cap is not None and num_blocks == cap and cap * spec.bytes_per_block < budget:
             note += (f"; only {num_blocks * spec.bytes_per_block / 2**30:.2f} GiB of it used: "
                      f"{self.config.engine.scheduler.max_num_seqs} sequences of "

@@ -6,14 +6,17 @@ call at once with its rank and why, never a hang."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 
 import pytest
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import engine_config
-from pagoda.errors import ConfigError
+from pagoda.errors import ConfigError, UnsupportedModelError
 from pagoda.executor.base import WorkerConfig
 from pagoda.executor.factory import executor_for
 from pagoda.executor.multiproc import MultiprocExecutor, WorkerError
@@ -28,7 +31,7 @@ from tests.executor.test_in_process import (
     prefill,
     run,
 )
-from tests.utils import tiny_chat_model
+from tests.utils import save_random_checkpoint, tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,16 @@ def test_a_killed_worker_fails_the_next_call(tiny_dir):
 def test_a_size_that_does_not_split_the_heads_is_refused_before_any_worker_starts(tiny_dir):
     with pytest.raises(ConfigError, match="does not divide the model's 4 attention heads"):
         LLM(str(tiny_dir), max_model_len=64, tensor_parallel_size=3)
+
+
+def test_a_failed_start_reports_the_workers_error_and_ends_them(tmp_path):
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=128)
+    path = save_random_checkpoint(config, tmp_path / "ckpt", None)
+    weights = load_file(path / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, path / "model.safetensors")
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UnsupportedModelError, match="lacks 1 weights the model needs"):
+        LLM(str(path), max_model_len=64, tensor_parallel_size=2)
+    assert not set(multiprocessing.active_children()) - before
