@@ -123,26 +123,28 @@ EXECUTOR_BACKENDS = ("auto", "uni", "mp")
 
 @dataclass(slots=True)
 class ParallelConfig:
-    """How many devices one engine spreads the model over, and how its workers run: `uni`
-    is one worker inside the engine process, `mp` one worker process per rank (auto: `mp`
-    when there is more than one rank, else `uni`)."""
+    """How many devices one engine spreads the model over (tensor-parallel ranks per
+    pipeline stage, times the stages), and how its workers run: `uni` is one worker inside
+    the engine process, `mp` one worker process per rank (auto: `mp` when there is more than
+    one rank, else `uni`)."""
 
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ConfigError(f"distributed_executor_backend must be one of "
                               f"{', '.join(EXECUTOR_BACKENDS)} (ray is not supported yet)")
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' "
-                              "for tensor_parallel_size > 1")
+                              "for more than one rank")
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def backend(self) -> str:
@@ -171,15 +173,16 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        if self.lora is not None and self.parallel.tensor_parallel_size > 1:
-            raise ConfigError("LoRA adapters with tensor parallelism are not supported yet "
-                              "(--enable-lora needs --tensor-parallel-size 1)")
+        if self.lora is not None and self.parallel.world_size > 1:
+            raise ConfigError("LoRA adapters with tensor or pipeline parallelism are not "
+                              "supported yet (--enable-lora needs one device)")
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
 _LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
-_PARALLEL_KEYS = {"tensor_parallel_size", "distributed_executor_backend"}
+_PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size",
+                  "distributed_executor_backend"}
 
 
 def engine_config(model: str, **kwargs: Any) -> EngineConfig:

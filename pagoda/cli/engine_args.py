@@ -32,8 +32,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over this many devices (one worker process each; "
+                   help="split every layer over this many devices (one worker process each; "
                         "gloo on CPU, NCCL on GPUs)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages, each on its own "
+                        "--tensor-parallel-size devices")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
     add_lora_args(parser)
@@ -92,6 +95,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         "max_cpu_loras": args.max_cpu_loras, "lora_dtype": args.lora_dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
         "distributed_executor_backend": executor_backend(args),
     }
 

@@ -137,9 +137,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from pagoda.errors import PagodaError
     if args.config or len(args.model) > 1:
-        if args.tensor_parallel_size != 1:
+        if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
             print("pagoda serve: several models share one server on one device each; "
-                  "--tensor-parallel-size needs a single model", file=sys.stderr)
+                  "--tensor-parallel-size and --pipeline-parallel-size need a single model",
+                  file=sys.stderr)
             return 2
         try:
             return _serve_fleet(args)

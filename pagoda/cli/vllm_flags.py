@@ -42,13 +42,11 @@ def _add(reason: str, specs: str, quiet: tuple[str, ...] = (), refused: bool = F
 
 
 ONE_ENGINE = ("pagoda runs one engine per model, split over this machine's devices only by "
-              "--tensor-parallel-size")
+              "--tensor-parallel-size and --pipeline-parallel-size")
 _add(ONE_ENGINE, """
 --data-parallel-size/-dp value
 --decode-context-parallel-size/-dcp value
 --prefill-context-parallel-size/-pcp value""", quiet=("1",))
-_add("pipeline parallelism is not implemented; split the model with --tensor-parallel-size",
-     "--pipeline-parallel-size/-pp value", quiet=("1",), refused=True)
 _add("pagoda starts its workers as processes on this machine (mp); Ray placement and "
      "multi-node serving are not supported", """
 --distributed-executor-backend value""", quiet=("mp", "uni", "auto"))

@@ -19,7 +19,7 @@ from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.logger import get_logger
 from pagoda.lora.registry import LoRARegistry
-from pagoda.models.estimate import check_tensor_parallel
+from pagoda.models.estimate import check_pipeline_parallel, check_tensor_parallel
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
@@ -64,6 +64,7 @@ class EngineCore:
         hf = self.source.hf_config
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
         check_tensor_parallel(hf, config.parallel.tensor_parallel_size)
+        check_pipeline_parallel(hf, config.parallel.pipeline_parallel_size)
         self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
         try:
             sizing, kv_bytes = self._start_executor(startup)
@@ -87,7 +88,9 @@ class EngineCore:
                                     eos[0] if eos else None, eos[1:], sizing.num_blocks,
                                     block_size, capacity, loaded.device,
                                     loaded.weight_bytes, kv_bytes, sizing.activation_bytes,
-                                    config.scheduler.max_num_seqs, torch.get_num_threads())
+                                    config.scheduler.max_num_seqs, torch.get_num_threads(),
+                                    config.parallel.tensor_parallel_size,
+                                    config.parallel.pipeline_parallel_size)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)

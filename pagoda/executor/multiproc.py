@@ -60,11 +60,14 @@ class _WorkerProcess:
 
 
 class MultiprocExecutor(Executor):
-    """Starts tensor_parallel_size worker processes and drives them in lockstep."""
+    """Starts tensor_parallel_size x pipeline_parallel_size worker processes and drives
+    them in lockstep."""
 
     def __init__(self, config: WorkerConfig) -> None:
         parallel = config.engine.parallel
         self.world_size = parallel.world_size
+        # the rank whose step outputs are returned: the last stage's first TP rank
+        self._output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         self._info: LoadedModelInfo | None = None
         self._dead: str | None = None
         ctx = _worker_context()
@@ -78,7 +81,8 @@ class MultiprocExecutor(Executor):
                 ours, theirs = ctx.Pipe(duplex=True)
                 process = ctx.Process(
                     target=worker_main, name=f"pagoda-worker-{rank}",
-                    args=(frame, config.max_model_len, (rank, self.world_size, init_method),
+                    args=(frame, config.max_model_len,
+                          (rank, self.world_size, init_method, parallel.tensor_parallel_size),
                           theirs, alive_reader, threads, dict(os.environ)))
                 process.start()
                 theirs.close()
@@ -107,6 +111,11 @@ class MultiprocExecutor(Executor):
 
     def determine_kv_cache_size(self) -> KVCacheSizing:
         sizes = self._call_all(serial.PlainCall("determine_kv_cache_size"))
+        if len({sizing.windows for sizing in sizes}) > 1:  # one block table per KV group
+            raise ConfigError(
+                "the pipeline stages would hold different KV cache groups (attention windows "
+                f"{sorted({s.windows for s in sizes}, key=str)}); choose another "
+                "pipeline_parallel_size")
         return min(sizes, key=lambda sizing: sizing.num_blocks)
 
     def initialize_kv_cache(self, num_blocks: int) -> int:
@@ -126,7 +135,7 @@ class MultiprocExecutor(Executor):
         self._send_all(serial.SampleTokens(mask.numpy().tobytes(), *mask.shape))
 
     def collect_output(self) -> ModelRunnerOutput:
-        return self._call_all(serial.PlainCall("collect_output"))[0]
+        return self._call_all(serial.PlainCall("collect_output"))[self._output_rank]
 
     def add_lora(self, request: LoRARequest) -> int:
         return self._call_all(serial.AddLoRA(request))[0]

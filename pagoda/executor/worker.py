@@ -12,7 +12,13 @@ import torch
 from pagoda.config import resolve_device, resolve_dtype
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
 from pagoda.layers.attention.selector import select_backend
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import (
+    SINGLE,
+    WHOLE,
+    ParallelGroup,
+    PipelineStage,
+    layer_ranges,
+)
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
@@ -29,12 +35,22 @@ DISTRIBUTED_TIMEOUT_S = 600  # a collective that waits longer than this fails (a
 
 @dataclass(frozen=True, slots=True)
 class RankSetup:
-    """Where this worker sits in a group of workers: its rank of `world_size`, and the
-    address (`tcp://host:port`) torch.distributed's processes meet at."""
+    """Where this worker sits in a group of workers: its rank of `world_size` (pipeline
+    stage rank // tensor_parallel_size, tensor-parallel rank the remainder), and the address
+    (`tcp://host:port`) torch.distributed's processes meet at."""
 
     rank: int
     world_size: int
     init_method: str
+    tensor_parallel_size: int = 0  # 0: all of world_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.tensor_parallel_size or self.world_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.world_size // self.tp_size
 
 
 class Worker:
@@ -49,6 +65,7 @@ class Worker:
         self.source = source or resolve_model(config.engine.model, config.engine.load_format)
         self.rank_setup = rank
         self.group: ParallelGroup = SINGLE
+        self.stage: PipelineStage = WHOLE
         self.device = torch.device("cpu")
         self.runner: ModelRunner | None = None
         self.info: LoadedModelInfo | None = None
@@ -68,14 +85,15 @@ class Worker:
                 torch.cuda.set_device(self.device)  # kernels and graphs use the current device
             torch.empty(1, device=self.device)
         if setup is not None:
-            self.group = _join_group(setup, self.device)
+            self.group, self.stage = _join_groups(
+                setup, self.device, self.source.hf_config.num_hidden_layers)
 
     def load_model(self) -> LoadedModelInfo:
         engine, hf = self.config.engine, self.source.hf_config
         torch.manual_seed(engine.seed)
         dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
-                           engine.seed, self.group)
+                           engine.seed, self.group, self.stage)
         backend = select_backend(engine.attention_backend, self.device)
         lora = None
         if engine.lora is not None:
@@ -146,10 +164,16 @@ class Worker:
         """Capture decode steps on CUDA with a graph-safe backend, unless told not to."""
         engine = self.config.engine
         if self.device.type != "cuda" or engine.enforce_eager \
-                or self.runner.backend.name != "triton":
+                or self.runner.backend.name != "triton" or self.stage.count > 1:
             return False
         self.runner.capture_cuda_graphs(engine.scheduler.max_num_seqs, self.config.max_model_len)
         return True
+
+    @property
+    def returns_output(self) -> bool:
+        """Whether this worker's step outputs are the engine's: the last pipeline stage's
+        first tensor-parallel rank (every rank holds the same tokens)."""
+        return self.stage.is_last and self.group.rank == 0
 
     def execute_model(self, sched_out: SchedulerOutput) -> None:
         self._launched.append(self.runner.launch(sched_out))
@@ -186,12 +210,30 @@ class Worker:
             torch.distributed.destroy_process_group()
 
 
-def _join_group(setup: RankSetup, device: torch.device) -> ParallelGroup:
-    """Join the workers' process group; every rank is one tensor-parallel shard."""
+def _join_groups(setup: RankSetup, device: torch.device,
+                 num_layers: int) -> tuple[ParallelGroup, PipelineStage]:
+    """Join the workers' process group; returns this rank's tensor-parallel group (the ranks
+    of its pipeline stage) and its stage (its layers, and its neighbours' ranks)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(
         backend, init_method=setup.init_method, rank=setup.rank, world_size=setup.world_size,
         timeout=timedelta(seconds=DISTRIBUTED_TIMEOUT_S),
         device_id=device if device.type == "cuda" else None)
-    logger.info("rank %d of %d on %s (%s)", setup.rank, setup.world_size, device, backend)
-    return ParallelGroup(setup.rank, setup.world_size, torch.distributed.group.WORLD)
+    tp, pp = setup.tp_size, setup.pp_size
+    stage_index, tp_rank = divmod(setup.rank, tp)
+    process_group = torch.distributed.group.WORLD
+    if pp > 1 and tp > 1:  # every rank creates every stage's group, in the same order
+        groups = [torch.distributed.new_group(list(range(s * tp, (s + 1) * tp)))
+                  for s in range(pp)]
+        process_group = groups[stage_index]
+    group = ParallelGroup(tp_rank, tp, process_group) if tp > 1 else SINGLE
+    start, end = layer_ranges(num_layers, pp)[stage_index]
+    stage = PipelineStage(
+        stage_index, pp, start, end,
+        prev_rank=setup.rank - tp if stage_index > 0 else None,
+        next_rank=setup.rank + tp if stage_index < pp - 1 else None,
+        last_rank=(pp - 1) * tp) if pp > 1 else WHOLE
+    logger.info("rank %d of %d on %s (%s): tensor-parallel rank %d of %d, pipeline stage %d "
+                "of %d (layers %d-%d)", setup.rank, setup.world_size, device, backend, tp_rank,
+                tp, stage_index, pp, start, end - 1)
+    return group, stage

@@ -29,7 +29,7 @@ SURVIVABLE_ERRORS = ("LoRAAdapterError",)  # the worker's state is intact after 
 EXIT_AT_STEP_ENV = "PAGODA_TEST_WORKER_EXIT_AT_STEP"  # test hook: "rank:step" hard-exits
 
 
-def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, str],
+def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, str, int],
                 conn: Connection, alive: Connection, threads: int,
                 environ: dict[str, str]) -> None:
     """multiprocessing entry point: the config arrives as msgpack; `alive` reaches its end
@@ -102,8 +102,8 @@ class WorkerLoop:
         if isinstance(call, serial.RemoveLoRA):
             return worker.remove_lora(call.lora_id)
         value = getattr(worker, method)()
-        if method == "collect_output" and worker.group.rank != 0:
-            return None  # every rank sampled the same tokens: rank 0's are returned
+        if method == "collect_output" and not worker.returns_output:
+            return None  # every rank holds the same tokens: one rank's are returned
         return value
 
     def _count_step(self) -> None:

@@ -226,5 +226,12 @@ def check_tensor_parallel(config: Any, tp: int) -> None:
                               f"{name} of {size}")
 
 
+def check_pipeline_parallel(config: Any, pp: int) -> None:
+    """Pipeline parallelism gives every stage at least one decoder layer."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if pp > 1 and isinstance(layers, int) and pp > layers:
+        raise ConfigError(f"pipeline parallel size {pp} exceeds the model's {layers} layers")
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)

@@ -119,8 +119,8 @@ def test_tensor_parallel_flags_are_acted_on():
     assert engine_kwargs(_parse([]))["distributed_executor_backend"] == "auto"
     ray = _parse(["--distributed-executor-backend", "ray"])
     assert engine_kwargs(ray)["distributed_executor_backend"] == "auto"  # local processes
-    with pytest.raises(ConfigError, match="pipeline parallelism is not implemented"):
-        compat_notes(_parse(["--pipeline-parallel-size", "2"]))
+    assert engine_kwargs(_parse(["-pp", "2"]))["pipeline_parallel_size"] == 2
+    assert compat_notes(_parse(["-tp", "2", "-pp", "2"])) == []
 
 
 def test_underscored_spellings_are_accepted_like_vllm():

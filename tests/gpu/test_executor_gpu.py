@@ -1,6 +1,7 @@
 """The multi-process executor on CUDA: one worker process (TP=1) with its CUDA graphs gives
 the in-process engine's tokens, at nearly its decode speed; a killed worker fails the call;
-with two GPUs, TP=2 over NCCL (collectives inside the CUDA graphs) gives TP=1's tokens."""
+with two GPUs, TP=2 over NCCL (collectives inside the CUDA graphs) and PP=2 give TP=1's
+tokens."""
 
 from __future__ import annotations
 
@@ -85,3 +86,6 @@ def test_two_ranks_over_nccl_equal_one(checkpoint):
         two = make(checkpoint, tensor_parallel_size=2, enforce_eager=eager)
         assert greedy(two) == expected
         two.engine.core.shutdown()
+    stages = make(checkpoint, pipeline_parallel_size=2)  # activations between GPUs
+    assert greedy(stages) == expected
+    stages.engine.core.shutdown()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
@@ -33,13 +33,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-               max_position: int, seed: int = 0, group: ParallelGroup = SINGLE) -> CausalLM:
-    """Instantiate the model (this rank's shard of it) on the device in dtype and load its
-    weights."""
+               max_position: int, seed: int = 0, group: ParallelGroup = SINGLE,
+               stage: PipelineStage = WHOLE) -> CausalLM:
+    """Instantiate the model (this rank's shard of it: its tensor-parallel slice of its
+    pipeline stage's layers) on the device in dtype and load its weights."""
     start = time.perf_counter()
     cls = model_class(source.hf_config)
+    if stage.count > 1 and not cls.supports_pipeline_parallel:
+        raise UnsupportedModelError(f"{cls.__name__} does not support pipeline parallelism")
     with _default_dtype(dtype), torch.device(device):
-        model = cls(source.hf_config, max_position, group)
+        model = cls(source.hf_config, max_position, group, stage)
     if source.format == "dummy":
         init_dummy_weights(model, seed)
     else:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.cli.ps import format_rows
 from tests.utils import RemoteServer, tiny_chat_model
 
 PROMPT = [5, 17, 300, 4000, 12]
@@ -61,6 +62,11 @@ def test_openai_client_on_two_ranks_gets_one_devices_tokens(server, tiny_model):
     assert chat.choices[0].finish_reason == "length"
     assert len(worker_pids(server)) == 2
     assert "2 worker process(es)" in server.output()
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'tensor_parallel_size="2"' in metrics and "pagoda:parallel_config_info" in metrics
+    row = httpx.get(f"{server.url}/pagoda/ps").json()["models"][0]
+    assert (row["tensor_parallel_size"], row["pipeline_parallel_size"]) == (2, 1)
+    assert "(tp 2 x pp 1, per rank)" in format_rows([row])
 
 
 def test_a_killed_worker_fails_the_request_and_the_server_exits_nonzero(server):
