@@ -41,10 +41,9 @@ def _add(reason: str, specs: str, quiet: tuple[str, ...] = (), refused: bool = F
         VLLM_FLAGS[flag.names[0]] = flag
 
 
-ONE_ENGINE = ("pagoda runs one engine per model, split over this machine's devices only by "
-              "--tensor-parallel-size and --pipeline-parallel-size")
+ONE_ENGINE = ("pagoda runs engines on this machine only: one per model, or --data-parallel-size "
+              "replicas, each split by --tensor-parallel-size and --pipeline-parallel-size")
 _add(ONE_ENGINE, """
---data-parallel-size/-dp value
 --decode-context-parallel-size/-dcp value
 --prefill-context-parallel-size/-pcp value""", quiet=("1",))
 _add("pagoda starts its workers as processes on this machine (mp); Ray placement and "

@@ -97,7 +97,8 @@ def test_the_six_flags_from_common_guides_parse(flag):
     ("--distributed-executor-backend ray",
      "--distributed-executor-backend ray ignored: pagoda starts its workers as processes"),
     ("--disable-custom-all-reduce", "--disable-custom-all-reduce ignored: pagoda has no"),
-    ("--data-parallel-size 2", "--data-parallel-size 2 ignored: pagoda runs one engine"),
+    ("--decode-context-parallel-size 2",
+     "--decode-context-parallel-size 2 ignored: pagoda runs engines on this machine only"),
     ("--cpu-offload-gb 4", "--cpu-offload-gb 4 ignored: weights stay on the device"),
 ])
 def test_flags_pagoda_does_not_act_on_get_a_startup_note(line, note):
