@@ -131,6 +131,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "auto"
+    # mixture-of-experts layers split their experts over the tensor-parallel ranks
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
@@ -182,7 +184,7 @@ _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
 _LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
 _PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size",
-                  "distributed_executor_backend"}
+                  "distributed_executor_backend", "enable_expert_parallel"}
 
 
 def engine_config(model: str, **kwargs: Any) -> EngineConfig:

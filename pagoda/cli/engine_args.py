@@ -37,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers into this many stages, each on its own "
                         "--tensor-parallel-size devices")
+    g.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="mixture-of-experts layers: split the experts over the tensor-parallel "
+                        "ranks (whole experts each) instead of every expert's width")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
     add_lora_args(parser)
@@ -96,6 +100,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_cpu_loras": args.max_cpu_loras, "lora_dtype": args.lora_dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
         "distributed_executor_backend": executor_backend(args),
     }
 

@@ -75,8 +75,8 @@ _add("multi-node serving is not supported; this machine would serve alone", """
 _add("multi-node serving is not supported; this machine would serve alone", """
 --node-rank/-r value""", quiet=("0",), refused=True)
 _add("pagoda always runs an API server with its engine", "--headless switch", refused=True)
-_add("expert parallelism is not implemented; experts are not split across devices", """
---enable-expert-parallel/-ep switch
+_add("with --enable-expert-parallel, experts are split evenly over the tensor-parallel ranks; "
+     "pagoda has no other expert-parallel options", """
 --enable-ep-weight-filter switch
 --all2all-backend value
 --enable-dbo switch

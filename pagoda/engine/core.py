@@ -19,7 +19,11 @@ from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.logger import get_logger
 from pagoda.lora.registry import LoRARegistry
-from pagoda.models.estimate import check_pipeline_parallel, check_tensor_parallel
+from pagoda.models.estimate import (
+    check_expert_parallel,
+    check_pipeline_parallel,
+    check_tensor_parallel,
+)
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
@@ -65,6 +69,8 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
         check_tensor_parallel(hf, config.parallel.tensor_parallel_size)
         check_pipeline_parallel(hf, config.parallel.pipeline_parallel_size)
+        if config.parallel.enable_expert_parallel:
+            check_expert_parallel(hf, config.parallel.tensor_parallel_size)
         self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
         try:
             sizing, kv_bytes = self._start_executor(startup)

@@ -86,7 +86,8 @@ class Worker:
             torch.empty(1, device=self.device)
         if setup is not None:
             self.group, self.stage = _join_groups(
-                setup, self.device, self.source.hf_config.num_hidden_layers)
+                setup, self.device, self.source.hf_config.num_hidden_layers,
+                self.config.engine.parallel.enable_expert_parallel)
 
     def load_model(self) -> LoadedModelInfo:
         engine, hf = self.config.engine, self.source.hf_config
@@ -210,10 +211,11 @@ class Worker:
             torch.distributed.destroy_process_group()
 
 
-def _join_groups(setup: RankSetup, device: torch.device,
-                 num_layers: int) -> tuple[ParallelGroup, PipelineStage]:
+def _join_groups(setup: RankSetup, device: torch.device, num_layers: int,
+                 expert_parallel: bool = False) -> tuple[ParallelGroup, PipelineStage]:
     """Join the workers' process group; returns this rank's tensor-parallel group (the ranks
-    of its pipeline stage) and its stage (its layers, and its neighbours' ranks)."""
+    of its pipeline stage; `expert_parallel`: splitting experts rather than their width) and
+    its stage (its layers, and its neighbours' ranks)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(
         backend, init_method=setup.init_method, rank=setup.rank, world_size=setup.world_size,
@@ -226,7 +228,7 @@ def _join_groups(setup: RankSetup, device: torch.device,
         groups = [torch.distributed.new_group(list(range(s * tp, (s + 1) * tp)))
                   for s in range(pp)]
         process_group = groups[stage_index]
-    group = ParallelGroup(tp_rank, tp, process_group) if tp > 1 else SINGLE
+    group = ParallelGroup(tp_rank, tp, process_group, expert_parallel) if tp > 1 else SINGLE
     start, end = layer_ranges(num_layers, pp)[stage_index]
     stage = PipelineStage(
         stage_index, pp, start, end,

@@ -11,11 +11,14 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class ParallelGroup:
-    """Rank `rank` of `size` devices; `process_group` is torch.distributed's group when size > 1."""
+    """Rank `rank` of `size` devices; `process_group` is torch.distributed's group when size > 1.
+    `expert_parallel`: mixture-of-experts layers split their experts over the group (each
+    rank whole experts) instead of every expert's width."""
 
     rank: int = 0
     size: int = 1
     process_group: Any = None
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:

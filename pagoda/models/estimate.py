@@ -226,6 +226,16 @@ def check_tensor_parallel(config: Any, tp: int) -> None:
                               f"{name} of {size}")
 
 
+def check_expert_parallel(config: Any, tp: int) -> None:
+    """Expert parallelism gives every tensor-parallel rank an equal share of the experts."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not experts:
+        raise ConfigError("expert parallelism needs a mixture-of-experts model")
+    if experts % tp:
+        raise ConfigError(f"tensor parallel size {tp} does not divide the model's {experts} "
+                          "experts (with expert parallelism)")
+
+
 def check_pipeline_parallel(config: Any, pp: int) -> None:
     """Pipeline parallelism gives every stage at least one decoder layer."""
     layers = getattr(config, "num_hidden_layers", None)

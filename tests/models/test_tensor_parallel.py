@@ -3,7 +3,7 @@ random checkpoints of every architecture family: Llama with biases on every proj
 layers (split 2 + 1 over two stages) and a vocabulary that does not split evenly (padded LM
 head and embedding shards), Qwen3 with one KV head (replicated on both ranks) and a tied head,
 Gemma 3 with sliding-window and global layers and soft-capped logits, Qwen3-MoE with every
-expert split across the ranks.
+expert split across the ranks (or, with expert parallelism, its experts).
 
 TP=2, PP=2 and TP=2 x PP=2 must give the same greedy tokens and the same seeded samples as
 one device, and their prompt and sampled logprobs agree within LOGPROB_TOL (the all-reduce
@@ -42,9 +42,10 @@ ENGINE = dict(kv_cache_memory=4 << 20, max_model_len=128, max_num_batched_tokens
               max_num_seqs=4)
 
 
-CASES = [(name, 2, 1) for name in sorted(CONFIGS)] + [
-    ("llama-biases-odd-vocab", 1, 2), ("gemma3-window-softcap", 1, 2),
-    ("qwen3moe-experts-split", 1, 2), ("llama-biases-odd-vocab", 2, 2)]
+CASES = [(name, 2, 1, False) for name in sorted(CONFIGS)] + [
+    ("llama-biases-odd-vocab", 1, 2, False), ("gemma3-window-softcap", 1, 2, False),
+    ("qwen3moe-experts-split", 1, 2, False), ("llama-biases-odd-vocab", 2, 2, False),
+    ("qwen3moe-experts-split", 2, 1, True)]  # expert parallel: two whole experts per rank
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +86,12 @@ def prompt_logprobs(output, prompt: list[int]) -> list[float]:
     return [pos[prompt[i + 1]].logprob for i, pos in enumerate(output.prompt_logprobs[1:])]
 
 
-@pytest.mark.parametrize(("name", "tp", "pp"), CASES,
-                         ids=[f"{name}-tp{tp}-pp{pp}" for name, tp, pp in CASES])
-def test_ranks_match_one_device(name, tp, pp, reference):
+@pytest.mark.parametrize(("name", "tp", "pp", "ep"), CASES,
+                         ids=[f"{n}-tp{tp}-pp{pp}{'-ep' * ep}" for n, tp, pp, ep in CASES])
+def test_ranks_match_one_device(name, tp, pp, ep, reference):
     path, prompts, one, one_bytes = reference(name)
     two, two_bytes = generate(path, prompts, tensor_parallel_size=tp,
-                              pipeline_parallel_size=pp)
+                              pipeline_parallel_size=pp, enable_expert_parallel=ep)
     if tp > 1:  # each rank holds its shard (norms and router whole)
         assert two_bytes < 0.6 * one_bytes
     if pp > 1:  # the first stage holds its layers only (embedding and head on every stage)
