@@ -16,6 +16,8 @@ from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeCon
 
 from pagoda import LLM, SamplingParams
 from pagoda.errors import ConfigError
+from pagoda.models.estimate import estimate
+from pagoda.models.source import resolve_model
 from tests.models.parity import random_prompts
 from tests.utils import save_random_checkpoint
 
@@ -96,6 +98,8 @@ def test_ranks_match_one_device(name, tp, pp, ep, reference):
         assert two_bytes < 0.6 * one_bytes
     if pp > 1:  # the first stage holds its layers only (embedding and head on every stage)
         assert two_bytes < one_bytes
+    if tp == 1:  # what `pagoda estimate --pp` says the first stage holds
+        assert estimate(resolve_model(str(path)), 128, pp=pp).weight_bytes == two_bytes
     for prompt, a, b in zip(prompts, one, two):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         for ours, theirs in ((sampled_logprobs(b.outputs[0]), sampled_logprobs(a.outputs[0])),
