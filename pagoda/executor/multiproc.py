@@ -14,6 +14,7 @@ naming the rank and why (exit status or its error), never waits forever on the o
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import socket
 from multiprocessing.connection import Connection, wait
@@ -89,8 +90,13 @@ class MultiprocExecutor(Executor):
                 self.workers.append(_WorkerProcess(rank, process, ours))
             alive_reader.close()
         except BaseException:
-            self.shutdown()
+            _stop_workers(self.workers, self._alive)
             raise
+        finally:
+            # at interpreter exit too (multiprocessing would otherwise wait for the workers,
+            # which wait for this process to go)
+            self._finalizer = multiprocessing.util.Finalize(
+                self, _stop_workers, args=(self.workers, self._alive), exitpriority=10)
         logger.info("multi-process executor: %d worker process(es) (pids %s), %d CPU "
                     "thread(s) each", self.world_size,
                     ", ".join(str(w.process.pid) for w in self.workers), threads)
@@ -158,14 +164,7 @@ class MultiprocExecutor(Executor):
             for worker in self.workers:
                 self._try_send(worker, serial.encode(serial.PlainCall("shutdown")))
         self._dead = self._dead or "the executor was shut down"
-        for worker in self.workers:
-            worker.process.join(STOP_TIMEOUT_S)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
-        self.workers = []
-        self._alive.close()
+        self._finalizer()
 
     # ---- the control channel ------------------------------------------------------------------
     def worker_pids(self) -> list[int]:
@@ -280,6 +279,19 @@ class MultiprocExecutor(Executor):
         sentinels = {w.process.sentinel: w for w in self.workers}
         ready = wait(list(sentinels), timeout)
         return sentinels[ready[0]] if ready else None
+
+
+def _stop_workers(workers: list[_WorkerProcess], alive: Connection) -> None:
+    """End the worker processes (those not gone within STOP_TIMEOUT_S are killed) and close
+    the pipes; the list is emptied."""
+    alive.close()  # workers still running exit on their own when this closes
+    for worker in workers:
+        worker.process.join(STOP_TIMEOUT_S)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+    workers.clear()
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

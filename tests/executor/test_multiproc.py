@@ -9,6 +9,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -170,3 +173,16 @@ def test_a_failed_start_reports_the_workers_error_and_ends_them(tmp_path):
     with pytest.raises(UnsupportedModelError, match="lacks 1 weights the model needs"):
         LLM(str(path), max_model_len=64, tensor_parallel_size=2)
     assert not set(multiprocessing.active_children()) - before
+
+
+def test_a_script_that_never_shuts_its_engine_down_still_exits(tmp_path):
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=128)
+    path = save_random_checkpoint(config, tmp_path / "ckpt", None)
+    script = ("from pagoda import LLM, SamplingParams\n"
+              f"llm = LLM({str(path)!r}, max_model_len=64, tensor_parallel_size=2)\n"
+              "out = llm.generate([{'prompt_token_ids': [1, 2]}], SamplingParams(max_tokens=2))\n"
+              "print(len(out[0].outputs[0].token_ids))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])
+    assert (proc.returncode, proc.stdout.strip()) == (0, "2"), proc.stderr[-2000:]
