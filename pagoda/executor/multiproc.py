@@ -159,10 +159,13 @@ class MultiprocExecutor(Executor):
         return any(self._call_all(serial.PlainCall("prepare_sleep")))
 
     def shutdown(self) -> None:
-        """Ask every live worker to stop, then end the ones that do not in time."""
+        """Ask every worker to stop and give it STOP_TIMEOUT_S to; then end them all. After
+        a worker's death the others are ended at once (they may wait in a collective)."""
         if self._dead is None:
             for worker in self.workers:
                 self._try_send(worker, serial.encode(serial.PlainCall("shutdown")))
+            for worker in self.workers:
+                worker.process.join(STOP_TIMEOUT_S)
         self._dead = self._dead or "the executor was shut down"
         self._finalizer()
 
@@ -282,8 +285,8 @@ class MultiprocExecutor(Executor):
 
 
 def _stop_workers(workers: list[_WorkerProcess], alive: Connection) -> None:
-    """End the worker processes (those not gone within STOP_TIMEOUT_S are killed) and close
-    the pipes; the list is emptied."""
+    """End the worker processes: closing `alive` makes each exit; one not gone within
+    STOP_TIMEOUT_S is killed. The pipes are closed and the list emptied."""
     alive.close()  # workers still running exit on their own when this closes
     for worker in workers:
         worker.process.join(STOP_TIMEOUT_S)

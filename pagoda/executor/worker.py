@@ -74,8 +74,8 @@ class Worker:
     def init_device(self) -> None:
         """Create the CUDA context now, so that its cost is timed on its own, not as part of
         the first weight copy. A worker of a group takes the device of its rank (cuda:N+rank
-        where the config names cuda:N)
-        and joins the group's torch.distributed process group (NCCL on CUDA, gloo on CPU)."""
+        where the config names cuda:N) and joins the group's torch.distributed process group
+        (NCCL on CUDA, gloo on CPU)."""
         self.device = resolve_device(self.config.engine.device)
         setup = self.rank_setup
         if setup is not None and self.device.type == "cuda":  # ranks from the named GPU on
