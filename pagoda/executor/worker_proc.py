@@ -9,6 +9,7 @@ parent (the engine process) is gone.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -75,13 +76,14 @@ class WorkerLoop:
                 value = self._run(method, call)
             except Exception as exc:  # noqa: BLE001 -- sent to the executor, which raises it
                 # one line: the executor reports it (a rank whose peer died fails here too)
-                logger.error("worker rank %d: %s failed: %s: %s", self.worker.group.rank,
-                             method, type(exc).__name__, str(exc).splitlines()[0] if str(exc)
-                             else "")
+                survivable = type(exc).__name__ in SURVIVABLE_ERRORS
+                logger.log(logging.WARNING if survivable else logging.ERROR,
+                           "worker rank %d: %s failed: %s: %s", self.worker.group.rank, method,
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 logger.debug("worker rank %d: %s", self.worker.group.rank, method,
                              exc_info=True)
                 self.conn.send_bytes(serial.encode_reply(error=exc))
-                if type(exc).__name__ in SURVIVABLE_ERRORS:
+                if survivable:
                     continue
                 return 1
             self.conn.send_bytes(serial.encode_reply(value))

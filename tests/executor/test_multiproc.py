@@ -1,8 +1,9 @@
 """The multi-process executor: two worker processes (gloo on CPU) driven by hand with plain
 scheduler outputs as EngineCore drives them, giving the engine's tokens; the grammar bitmask
 and sleep/wake crossing to every rank; an engine on one worker process equal to the
-in-process one; and a worker that dies (exits mid-step, or is killed) failing the waiting
-call at once with its rank and why, never a hang."""
+in-process one (an adapter it refuses leaves it serving); a worker that dies (exits
+mid-step, or is killed) failing the waiting call at once with its rank and why, never a
+hang; a failed start and a script's exit ending the workers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pagoda.executor.base import WorkerConfig
 from pagoda.executor.factory import executor_for
 from pagoda.executor.multiproc import MultiprocExecutor, WorkerError
 from pagoda.executor.worker_proc import EXIT_AT_STEP_ENV
+from pagoda.lora.request import LoRAAdapterError
 from pagoda.scheduler.output import NewRequestData, SchedulerOutput
 from tests.executor.test_in_process import (
     BLOCK_BYTES,
@@ -118,9 +120,14 @@ def test_one_worker_process_serves_like_the_in_process_worker(tiny_dir):
     params = [GREEDY.clone(logprobs=2), SamplingParams(max_tokens=4, temperature=0.8, seed=11)]
     results = {}
     for backend in ("uni", "mp"):
-        llm = LLM(str(tiny_dir), max_model_len=64, distributed_executor_backend=backend)
+        llm = LLM(str(tiny_dir), max_model_len=64, distributed_executor_backend=backend,
+                  enable_lora=True)
         assert isinstance(llm.engine.core.executor, MultiprocExecutor) == (backend == "mp")
         results[backend] = llm.generate(prompts, params)
+        with pytest.raises(LoRAAdapterError, match="does not exist"):  # the worker goes on
+            llm.add_lora("missing", str(tiny_dir / "no-such-adapter"))
+        assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids == \
+            results[backend][0].outputs[0].token_ids
         llm.engine.core.shutdown()
     for uni, mp in zip(results["uni"], results["mp"]):
         assert mp.outputs[0].token_ids == uni.outputs[0].token_ids
