@@ -128,11 +128,16 @@ class EngineCore:
 
     def _log_capacity(self) -> None:
         cap = self.model_info.kv_capacity_tokens
-        logger.info("KV cache: %d blocks of %d tokens, %d KV group(s) (%.2f GiB) = %d tokens "
+        parallel = self.config.parallel
+        per_rank = "" if parallel.world_size == 1 else (
+            f" on each of {parallel.world_size} ranks (tensor parallel "
+            f"{parallel.tensor_parallel_size} x pipeline parallel "
+            f"{parallel.pipeline_parallel_size})")
+        logger.info("KV cache: %d blocks of %d tokens, %d KV group(s) (%.2f GiB%s) = %d tokens "
                     "of context; max concurrency at max_model_len=%d: %.1fx",
                     self.model_info.num_kv_blocks - 1, self.model_info.block_size,
                     len(self.kv_manager.groups), self.model_info.kv_cache_bytes / 2**30,
-                    cap, self.max_model_len, cap / self.max_model_len)
+                    per_rank, cap, self.max_model_len, cap / self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
