@@ -135,6 +135,44 @@ class LoRAConfig:
         return self.max_cpu_loras or self.max_loras
 
 
+EXECUTOR_BACKENDS = ("auto", "uni", "mp")
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    """How many devices one engine spreads the model over (tensor-parallel ranks per
+    pipeline stage, times the stages), and how its workers run: `uni` is one worker inside
+    the engine process, `mp` one worker process per rank (auto: `mp` when there is more than
+    one rank, else `uni`)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "auto"
+    # mixture-of-experts layers split their experts over the tensor-parallel ranks
+    enable_expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be one of "
+                              f"{', '.join(EXECUTOR_BACKENDS)} (ray is not supported yet)")
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
+            raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' "
+                              "for more than one rank")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def backend(self) -> str:
+        """The executor backend resolved: `uni` or `mp`."""
+        if self.distributed_executor_backend != "auto":
+            return self.distributed_executor_backend
+        return "mp" if self.world_size > 1 else "uni"
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything an engine needs to start; the model part is resolved at load time."""
@@ -151,11 +189,19 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     lora: LoRAConfig | None = None  # None: LoRA adapters off
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.lora is not None and self.parallel.world_size > 1:
+            raise ConfigError("LoRA adapters with tensor or pipeline parallelism are not "
+                              "supported yet (--enable-lora needs one device)")
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
 _LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
+_PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size",
+                  "distributed_executor_backend", "enable_expert_parallel"}
 
 
 def engine_config(model: str, **kwargs: Any) -> EngineConfig:
@@ -166,5 +212,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     lora = {k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS}
     lora_config = LoRAConfig(**lora) if kwargs.pop("enable_lora", False) else None
+    parallel = {k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS}
     return EngineConfig(model=model, cache=CacheConfig(**cache),
-                        scheduler=SchedulerConfig(**sched), lora=lora_config, **kwargs)
+                        scheduler=SchedulerConfig(**sched), lora=lora_config,
+                        parallel=ParallelConfig(**parallel), **kwargs)

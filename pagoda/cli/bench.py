@@ -15,7 +15,8 @@ from pagoda.config import parse_bytes
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend",
-                 "tokenizer", "async_scheduling")
+                 "tokenizer", "async_scheduling", "tensor_parallel_size",
+                 "pipeline_parallel_size", "distributed_executor_backend")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -132,6 +133,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap step preparation with the device")
     parser.add_argument("--attention-backend", default=None, help="auto, torch or triton")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                        help="split the model over this many devices (worker processes)")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None,
+                        help="split the layers into this many stages (worker processes)")
+    parser.add_argument("--distributed-executor-backend", default=None,
+                        choices=["auto", "uni", "mp"],
+                        help="uni: the worker in the engine process; mp: one worker process "
+                             "per rank (the default with more than one)")
 
 
 def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace,

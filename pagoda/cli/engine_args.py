@@ -31,6 +31,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="prepare each step while the previous one runs (default: on for CUDA)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer over this many devices (one worker process each; "
+                        "gloo on CPU, NCCL on GPUs)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages, each on its own "
+                        "--tensor-parallel-size devices")
+    g.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="mixture-of-experts layers: split the experts over the tensor-parallel "
+                        "ranks (whole experts each) instead of every expert's width")
     g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for vLLM compatibility; pagoda never runs checkpoint code")
     add_lora_args(parser)
@@ -88,4 +98,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "async_scheduling": args.async_scheduling, "enable_lora": args.enable_lora,
         "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         "max_cpu_loras": args.max_cpu_loras, "lora_dtype": args.lora_dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
+        "distributed_executor_backend": executor_backend(args),
     }
+
+
+def executor_backend(args: argparse.Namespace) -> str:
+    """--distributed-executor-backend as pagoda runs it: `mp` and `uni` as given; anything
+    else (ray: its startup note says so) as the default, worker processes on this machine."""
+    given = getattr(args, "vllm_distributed_executor_backend", None)
+    return given if given in ("mp", "uni") else "auto"

@@ -19,6 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="context length (default: the model's)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1,
+                   help="pipeline stages: figures for the largest (every stage also holds "
+                        "the embedding and LM head)")
     p.add_argument("--device", default=None,
                    help="a GPU (H100, A100, RTX 4090, MI300X, ...: any spelling) or cpu; "
                         "default: this machine's available RAM")
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             getattr(source.hf_config, "max_position_embeddings", None) or 2048)
         result = estimate(source, max_model_len, args.concurrency,
                           args.tp, args.dtype, args.device, args.max_num_batched_tokens,
-                          args.max_num_seqs, args.gpu_memory_utilization)
+                          args.max_num_seqs, args.gpu_memory_utilization, args.pp)
     except PagodaError as exc:
         print(f"pagoda estimate: {exc}", file=sys.stderr)
         return 1
@@ -64,10 +67,12 @@ def format_estimate(e) -> str:
     def gib(n: int) -> str:
         return f"{n / 2**30:8.2f} GiB"
 
-    per_gpu = " per GPU" if e.tensor_parallel > 1 else ""
+    per_gpu = " per GPU" if e.tensor_parallel > 1 or e.pipeline_parallel > 1 else ""
     kv_shape = (f"{e.concurrency} x {e.max_model_len} tokens, "
                 f"{e.kv_bytes_per_token / 1024:.0f} KiB per token")
     tp = f", tensor parallel {e.tensor_parallel}" if e.tensor_parallel > 1 else ""
+    if e.pipeline_parallel > 1:
+        tp += f", pipeline parallel {e.pipeline_parallel} (the first stage's figures)"
     active = ("" if e.active_parameters is None
               else f" ({e.active_parameters / 1e9:.2f} B active per token)")
     lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters{active}, {e.dtype}{tp}",

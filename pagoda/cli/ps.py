@@ -75,6 +75,14 @@ def _seconds(s: float | None) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m"
 
 
+def _device(row: dict[str, Any]) -> str:
+    """The device, and how the model is split when it is (weights and KV: per rank)."""
+    tp, pp = row.get("tensor_parallel_size", 1), row.get("pipeline_parallel_size", 1)
+    if tp == pp == 1:
+        return row["device"]
+    return f"{row['device']} (tp {tp} x pp {pp}, per rank)"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "DEVICE", "STATE", "WEIGHTS", "KV CACHE", "HELD", "IN FLIGHT", "IDLE",
               "UNTIL")
@@ -82,7 +90,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         name = r["model"] if r["replica"] == 0 else f"{r['model']}#{r['replica']}"
         state = r["state"] + (" (pinned)" if r["pinned"] else "")
-        table.append((name, r["device"], state, _gib(r["weight_bytes"]),
+        table.append((name, _device(r), state, _gib(r["weight_bytes"]),
                       _gib(r["kv_cache_bytes"]), _gib(r["held_bytes"]), str(r["in_flight"]),
                       _seconds(r["idle_seconds"]),
                       "forever" if r["expires_in_seconds"] is None and r["state"] != "unloaded"

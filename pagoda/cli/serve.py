@@ -63,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "/live answer 503 (default 10)")
     g.add_argument("--max-request-body", type=parse_bytes, default=32 << 20)
     g.add_argument("--uvicorn-log-level", default="warning")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="run this many engine replicas of the model behind the endpoint, "
+                        "routed by prompt prefix and load (one GPU each, else all on the "
+                        "device given)")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="priority",
                    help="priority (default): lower `priority` values run first, FCFS among "
                         "equals; fcfs: request priorities are ignored")
@@ -140,12 +143,12 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging()
     if not check_vllm_flags(args):
         return 2
-    if args.tensor_parallel_size != 1:
-        print("pagoda serve: tensor parallelism is not supported yet (--tensor-parallel-size 1)",
-              file=sys.stderr)
-        return 2
     from pagoda.errors import PagodaError
-    if args.config or len(args.model) > 1:
+    problem = _parallel_problem(args)
+    if problem:
+        print(f"pagoda serve: {problem}", file=sys.stderr)
+        return 2
+    if args.config or len(args.model) > 1 or args.data_parallel_size > 1:
         try:
             return _serve_fleet(args)
         except PagodaError as exc:
@@ -233,7 +236,10 @@ def _serve_fleet(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     else:
-        fleet = fleet_from_args(args.model, {}, args.served_model_name, args.keep_alive)
+        models = args.model or [args.model_flag or "smollm2"]
+        replicas = args.data_parallel_size
+        fleet = fleet_from_args(models, {}, args.served_model_name, args.keep_alive,
+                                replicas=replicas, devices=replica_devices(args, replicas))
     if args.memory_limit is not None:
         fleet.memory_limit = args.memory_limit
     if args.keep_alive != "-1":  # the flag wins over the file
@@ -244,6 +250,32 @@ def _serve_fleet(args: argparse.Namespace) -> int:
     return serve_fleet(fleet, kwargs, server_config(args, [], keys_from(args)),
                        listen_options(args), max_waiting=args.max_waiting_requests,
                        swap_timeout=args.swap_timeout, host_memory_limit=args.host_memory_limit)
+
+
+def _parallel_problem(args: argparse.Namespace) -> str | None:
+    """Why these parallel sizes cannot be served together, if they cannot."""
+    split = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1
+    if args.data_parallel_size < 1:
+        return "--data-parallel-size must be at least 1"
+    if split and (args.config or len(args.model) > 1 or args.data_parallel_size > 1):
+        return ("--tensor-parallel-size and --pipeline-parallel-size need a single model "
+                "and one replica (several models and data-parallel replicas run on one "
+                "device each)")
+    if args.data_parallel_size > 1 and (args.config or len(args.model) > 1):
+        return "--data-parallel-size serves one model; in a models file, set `replicas`"
+    return None
+
+
+def replica_devices(args: argparse.Namespace, replicas: int) -> list[str]:
+    """One GPU per replica (cuda:0, cuda:1, ...) where --device allows and there are enough;
+    else none named: every replica on the default device."""
+    if replicas == 1 or args.device not in ("auto", "cuda"):
+        return []
+    from pagoda.fleet.devices import gpus
+    found = gpus()
+    if len(found) < replicas:
+        return []
+    return [f"cuda:{i}" for i in range(replicas)]
 
 
 def _stop(engine_starting) -> None:

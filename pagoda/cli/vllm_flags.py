@@ -41,15 +41,15 @@ def _add(reason: str, specs: str, quiet: tuple[str, ...] = (), refused: bool = F
         VLLM_FLAGS[flag.names[0]] = flag
 
 
-ONE_DEVICE = "pagoda runs each model on one device, in one engine process"
-_add(ONE_DEVICE, """
---pipeline-parallel-size/-pp value
---data-parallel-size/-dp value
+ONE_ENGINE = ("pagoda runs engines on this machine only: one per model, or --data-parallel-size "
+              "replicas, each split by --tensor-parallel-size and --pipeline-parallel-size")
+_add(ONE_ENGINE, """
 --decode-context-parallel-size/-dcp value
 --prefill-context-parallel-size/-pcp value""", quiet=("1",))
-_add(ONE_DEVICE, """
---distributed-executor-backend value""", quiet=("mp", "uni"))
-_add(ONE_DEVICE, """
+_add("pagoda starts its workers as processes on this machine (mp); Ray placement and "
+     "multi-node serving are not supported", """
+--distributed-executor-backend value""", quiet=("mp", "uni", "auto"))
+_add(ONE_ENGINE, """
 --master-addr value
 --master-port value
 --distributed-timeout-seconds value
@@ -75,8 +75,8 @@ _add("multi-node serving is not supported; this machine would serve alone", """
 _add("multi-node serving is not supported; this machine would serve alone", """
 --node-rank/-r value""", quiet=("0",), refused=True)
 _add("pagoda always runs an API server with its engine", "--headless switch", refused=True)
-_add("expert parallelism is not implemented; experts are not split across devices", """
---enable-expert-parallel/-ep switch
+_add("with --enable-expert-parallel, experts are split evenly over the tensor-parallel ranks; "
+     "pagoda has no other expert-parallel options", """
 --enable-ep-weight-filter switch
 --all2all-backend value
 --enable-dbo switch

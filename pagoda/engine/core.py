@@ -19,6 +19,11 @@ from pagoda.kv_cache.hashing import BlockHasher
 from pagoda.kv_cache.manager import KVCacheManager
 from pagoda.logger import get_logger
 from pagoda.lora.registry import LoRARegistry
+from pagoda.models.estimate import (
+    check_expert_parallel,
+    check_pipeline_parallel,
+    check_tensor_parallel,
+)
 from pagoda.models.loader.tokenizer import get_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.process import StartupPhases
@@ -52,8 +57,16 @@ class EngineCore:
         startup.mark("model config")
         hf = self.source.hf_config
         self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
+        check_tensor_parallel(hf, config.parallel.tensor_parallel_size)
+        check_pipeline_parallel(hf, config.parallel.pipeline_parallel_size)
+        if config.parallel.enable_expert_parallel:
+            check_expert_parallel(hf, config.parallel.tensor_parallel_size)
         self.executor = executor_for(WorkerConfig(config, self.max_model_len), self.source)
-        sizing, kv_bytes = self._start_executor(startup)
+        try:
+            sizing, kv_bytes = self._start_executor(startup)
+        except BaseException:
+            self.executor.shutdown()  # worker processes end with the failed start
+            raise
         loaded = self.executor.loaded_model
         self.device, self.dtype = torch.device(loaded.device), getattr(torch, loaded.dtype)
         block_size = config.cache.block_size
@@ -71,7 +84,9 @@ class EngineCore:
                                     eos[0] if eos else None, eos[1:], sizing.num_blocks,
                                     block_size, capacity, loaded.device,
                                     loaded.weight_bytes, kv_bytes, sizing.activation_bytes,
-                                    config.scheduler.max_num_seqs, torch.get_num_threads())
+                                    config.scheduler.max_num_seqs, torch.get_num_threads(),
+                                    config.parallel.tensor_parallel_size,
+                                    config.parallel.pipeline_parallel_size)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)
@@ -103,11 +118,16 @@ class EngineCore:
 
     def _log_capacity(self) -> None:
         cap = self.model_info.kv_capacity_tokens
-        logger.info("KV cache: %d blocks of %d tokens, %d KV group(s) (%.2f GiB) = %d tokens "
+        parallel = self.config.parallel
+        per_rank = "" if parallel.world_size == 1 else (
+            f" on each of {parallel.world_size} ranks (tensor parallel "
+            f"{parallel.tensor_parallel_size} x pipeline parallel "
+            f"{parallel.pipeline_parallel_size})")
+        logger.info("KV cache: %d blocks of %d tokens, %d KV group(s) (%.2f GiB%s) = %d tokens "
                     "of context; max concurrency at max_model_len=%d: %.1fx",
                     self.model_info.num_kv_blocks - 1, self.model_info.block_size,
                     len(self.kv_manager.groups), self.model_info.kv_cache_bytes / 2**30,
-                    cap, self.max_model_len, cap / self.max_model_len)
+                    per_rank, cap, self.max_model_len, cap / self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""

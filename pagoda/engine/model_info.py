@@ -26,6 +26,9 @@ class ModelInfo:
     activation_bytes: int = 0  # profiled step peak above the weights (GPU); 0 where unmeasured
     max_num_seqs: int = 0  # sequences one step runs at most; 0 where unknown
     cpu_threads: int = 0  # torch's intra-op threads in the engine process
+    # the model split over devices: weight_bytes and kv_cache_bytes are one rank's
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
 
 def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:

@@ -94,6 +94,9 @@ class EngineMetrics:
         self.cache_config = Gauge("vllm:cache_config_info", "The KV cache's configuration",
                                   ["model_name", "block_size", "num_gpu_blocks", "device"],
                                   registry=r)
+        self.parallel_config = Gauge(
+            "pagoda:parallel_config_info", "How the model is split over devices (value 1)",
+            ["model_name", "tensor_parallel_size", "pipeline_parallel_size"], registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters "
                                "(value: the time of the update)",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
@@ -168,6 +171,9 @@ class EngineMetrics:
         self._cache_info = {"model_name": self.model_name, "block_size": str(info.block_size),
                             "num_gpu_blocks": str(info.num_kv_blocks), "device": info.device}
         self.cache_config.labels(**self._cache_info).set(1)
+        self.parallel_config.labels(
+            model_name=self.model_name, tensor_parallel_size=str(info.tensor_parallel_size),
+            pipeline_parallel_size=str(info.pipeline_parallel_size)).set(1)
 
     def on_stats(self, stats: SchedulerStats) -> None:
         # the replicas of one model report under one label: the gauges show their sum

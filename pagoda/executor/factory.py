@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pagoda.executor.base import Executor, WorkerConfig
-from pagoda.executor.in_process import InProcessExecutor
 from pagoda.models.source import ModelSource
 
 
 def executor_for(config: WorkerConfig, source: ModelSource | None = None) -> Executor:
-    """The executor for this config: one worker in this process (the only kind so far).
-    `source`: the model as the caller already resolved it, so it is not resolved twice."""
+    """The executor for this config: one worker in this process (backend `uni`), or one
+    worker process per rank (`mp`, the default with more than one rank). `source`: the
+    model as the caller already resolved it, so that an in-process worker does not resolve
+    it twice (worker processes resolve it themselves)."""
+    if config.engine.parallel.backend == "mp":
+        from pagoda.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config)
+    from pagoda.executor.in_process import InProcessExecutor
     return InProcessExecutor(config, source)

@@ -4,12 +4,21 @@ ModelRunner that runs them, with the steps it has launched but not yet handed ba
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from pagoda.config import resolve_device, resolve_dtype
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
 from pagoda.layers.attention.selector import select_backend
+from pagoda.layers.parallel import (
+    SINGLE,
+    WHOLE,
+    ParallelGroup,
+    PipelineStage,
+    layer_ranges,
+)
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
@@ -21,15 +30,42 @@ from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 logger = get_logger(__name__)
 
+DISTRIBUTED_TIMEOUT_S = 600  # a collective that waits longer than this fails (a lost rank)
+
+
+@dataclass(frozen=True, slots=True)
+class RankSetup:
+    """Where this worker sits in a group of workers: its rank of `world_size` (pipeline
+    stage rank // tensor_parallel_size, tensor-parallel rank the remainder), and the address
+    (`tcp://host:port`) torch.distributed's processes meet at."""
+
+    rank: int
+    world_size: int
+    init_method: str
+    tensor_parallel_size: int = 0  # 0: all of world_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.tensor_parallel_size or self.world_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.world_size // self.tp_size
+
 
 class Worker:
     """Initializes its device, loads the model, and runs the ModelRunner for the executor."""
 
-    def __init__(self, config: WorkerConfig, source: ModelSource | None = None) -> None:
+    def __init__(self, config: WorkerConfig, source: ModelSource | None = None,
+                 rank: RankSetup | None = None) -> None:
         """`source`: the model already resolved by the caller (in the same process); a
-        worker elsewhere resolves it from the config."""
+        worker elsewhere resolves it from the config. `rank`: this worker's place in a
+        group of worker processes (None: the only worker)."""
         self.config = config
         self.source = source or resolve_model(config.engine.model, config.engine.load_format)
+        self.rank_setup = rank
+        self.group: ParallelGroup = SINGLE
+        self.stage: PipelineStage = WHOLE
         self.device = torch.device("cpu")
         self.runner: ModelRunner | None = None
         self.info: LoadedModelInfo | None = None
@@ -37,20 +73,28 @@ class Worker:
 
     def init_device(self) -> None:
         """Create the CUDA context now, so that its cost is timed on its own, not as part of
-        the first weight copy."""
+        the first weight copy. A worker of a group takes the device of its rank (cuda:N+rank
+        where the config names cuda:N) and joins the group's torch.distributed process group
+        (NCCL on CUDA, gloo on CPU)."""
         self.device = resolve_device(self.config.engine.device)
-        if self.device.type != "cuda":
-            return
-        if self.device.index is not None:
-            torch.cuda.set_device(self.device)  # kernels and graphs use the current device
-        torch.empty(1, device=self.device)
+        setup = self.rank_setup
+        if setup is not None and self.device.type == "cuda":  # ranks from the named GPU on
+            self.device = torch.device("cuda", (self.device.index or 0) + setup.rank)
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)  # kernels and graphs use the current device
+            torch.empty(1, device=self.device)
+        if setup is not None:
+            self.group, self.stage = _join_groups(
+                setup, self.device, self.source.hf_config.num_hidden_layers,
+                self.config.engine.parallel.enable_expert_parallel)
 
     def load_model(self) -> LoadedModelInfo:
         engine, hf = self.config.engine, self.source.hf_config
         torch.manual_seed(engine.seed)
         dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
-                           engine.seed)
+                           engine.seed, self.group, self.stage)
         backend = select_backend(engine.attention_backend, self.device)
         lora = None
         if engine.lora is not None:
@@ -72,10 +116,15 @@ class Worker:
         if self.device.type == "cuda":
             non_kv, activation = self._profile_non_kv_bytes()
         budget = kv_budget_bytes(self.config.engine.cache, self.device, non_kv)
+        shared = self.device.type == "cpu" and not self.config.engine.cache.kv_cache_memory
+        if shared and self.group.size > 1:
+            budget //= self.group.size  # the CPU ranks share this host's memory
         cap = self._default_block_cap()
         num_blocks = num_blocks_for(budget, spec, self.config.max_model_len, cap,
                                     self.config.engine.scheduler.max_num_batched_tokens)
         note = describe_kv_budget(self.config.engine.cache, self.device, budget)
+        if shared and self.group.size > 1:
+            note += f" (each of {self.group.size} ranks: its share of this host's)"
         if cap is not None and num_blocks == cap and cap * spec.bytes_per_block < budget:
             note += (f"; only {num_blocks * spec.bytes_per_block / 2**30:.2f} GiB of it used: "
                      f"{self.config.engine.scheduler.max_num_seqs} sequences of "
@@ -116,10 +165,16 @@ class Worker:
         """Capture decode steps on CUDA with a graph-safe backend, unless told not to."""
         engine = self.config.engine
         if self.device.type != "cuda" or engine.enforce_eager \
-                or self.runner.backend.name != "triton":
+                or self.runner.backend.name != "triton" or self.stage.count > 1:
             return False
         self.runner.capture_cuda_graphs(engine.scheduler.max_num_seqs, self.config.max_model_len)
         return True
+
+    @property
+    def returns_output(self) -> bool:
+        """Whether this worker's step outputs are the engine's: the last pipeline stage's
+        first tensor-parallel rank (every rank holds the same tokens)."""
+        return self.stage.is_last and self.group.rank == 0
 
     def execute_model(self, sched_out: SchedulerOutput) -> None:
         self._launched.append(self.runner.launch(sched_out))
@@ -152,3 +207,35 @@ class Worker:
         """Drop the launched steps and the runner (with its model, KV cache and graphs)."""
         self._launched.clear()
         self.runner = None
+        if self.rank_setup is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _join_groups(setup: RankSetup, device: torch.device, num_layers: int,
+                 expert_parallel: bool = False) -> tuple[ParallelGroup, PipelineStage]:
+    """Join the workers' process group; returns this rank's tensor-parallel group (the ranks
+    of its pipeline stage; `expert_parallel`: splitting experts rather than their width) and
+    its stage (its layers, and its neighbours' ranks)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend, init_method=setup.init_method, rank=setup.rank, world_size=setup.world_size,
+        timeout=timedelta(seconds=DISTRIBUTED_TIMEOUT_S),
+        device_id=device if device.type == "cuda" else None)
+    tp, pp = setup.tp_size, setup.pp_size
+    stage_index, tp_rank = divmod(setup.rank, tp)
+    process_group = torch.distributed.group.WORLD
+    if pp > 1 and tp > 1:  # every rank creates every stage's group, in the same order
+        groups = [torch.distributed.new_group(list(range(s * tp, (s + 1) * tp)))
+                  for s in range(pp)]
+        process_group = groups[stage_index]
+    group = ParallelGroup(tp_rank, tp, process_group, expert_parallel) if tp > 1 else SINGLE
+    start, end = layer_ranges(num_layers, pp)[stage_index]
+    stage = PipelineStage(
+        stage_index, pp, start, end,
+        prev_rank=setup.rank - tp if stage_index > 0 else None,
+        next_rank=setup.rank + tp if stage_index < pp - 1 else None,
+        last_rank=(pp - 1) * tp) if pp > 1 else WHOLE
+    logger.info("rank %d of %d on %s (%s): tensor-parallel rank %d of %d, pipeline stage %d "
+                "of %d (layers %d-%d)", setup.rank, setup.world_size, device, backend, tp_rank,
+                tp, stage_index, pp, start, end - 1)
+    return group, stage

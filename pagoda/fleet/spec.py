@@ -133,14 +133,17 @@ class FleetSpec:
 
 def fleet_from_args(models: list[str], engine_kwargs: dict[str, Any],
                     served_names: list[str] | None = None, keep_alive: Any = FOREVER,
-                    memory_limit: int | None = None) -> FleetSpec:
+                    memory_limit: int | None = None, replicas: int = 1,
+                    devices: list[str] | None = None) -> FleetSpec:
     """`pagoda serve A B ...`: every model gets the command line's engine options;
-    --served-model-name, if given, names them in order (one name each)."""
+    --served-model-name, if given, names them in order (one name each). `replicas` engines
+    of each (--data-parallel-size), on `devices` (one each) if given."""
     if served_names and len(served_names) != len(models):
         raise ConfigError(f"--served-model-name gives {len(served_names)} names for "
                           f"{len(models)} models")
     names = served_names or models
-    specs = [ModelSpec(model=m, name=n, engine=dict(engine_kwargs))
+    specs = [ModelSpec(model=m, name=n, engine=dict(engine_kwargs), replicas=replicas,
+                       devices=list(devices or []))
              for m, n in zip(models, names, strict=True)]
     return FleetSpec(specs, memory_limit, parse_keep_alive(keep_alive))
 

@@ -19,10 +19,13 @@ WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into `dst` of the same shape; a checkpoint slice not read yet is read now
+    (only the part that `dst` takes)."""
     if dst.shape != src.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit "
                          f"parameter of shape {tuple(dst.shape)}")
-    dst.data.copy_(src)
+    materialize = getattr(src, "materialize", None)
+    dst.data.copy_(materialize() if materialize is not None else src)
 
 
 def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor,

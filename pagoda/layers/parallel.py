@@ -11,11 +11,14 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class ParallelGroup:
-    """Rank `rank` of `size` devices; `process_group` is torch.distributed's group when size > 1."""
+    """Rank `rank` of `size` devices; `process_group` is torch.distributed's group when size > 1.
+    `expert_parallel`: mixture-of-experts layers split their experts over the group (each
+    rank whole experts) instead of every expert's width."""
 
     rank: int = 0
     size: int = 1
     process_group: Any = None
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -44,3 +47,66 @@ class ParallelGroup:
 
 
 SINGLE = ParallelGroup()
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStage:
+    """Stage `index` of `count`: decoder layers [start, end) live here. `prev_rank` and
+    `next_rank` are the global ranks activations come from and go to (None at the ends);
+    `last_rank` is the rank whose sampled tokens every rank takes (the last stage's first
+    tensor-parallel rank)."""
+
+    index: int = 0
+    count: int = 1
+    start: int = 0
+    end: int | None = None  # None: every layer
+    prev_rank: int | None = None
+    next_rank: int | None = None
+    last_rank: int = 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+    def owns(self, layer: int) -> bool:
+        return self.start <= layer and (self.end is None or layer < self.end)
+
+    def send(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Activations to the next stage (point to point)."""
+        for tensor in tensors:
+            torch.distributed.send(tensor.contiguous(), self.next_rank)
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                count: int) -> tuple[torch.Tensor, ...]:
+        """`count` tensors of `shape` from the previous stage."""
+        tensors = tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(count))
+        for tensor in tensors:
+            torch.distributed.recv(tensor, self.prev_rank)
+        return tensors
+
+    def share_sampled(self, sampled: torch.Tensor) -> torch.Tensor:
+        """The last stage's sampled ids on every rank (`sampled`: a buffer elsewhere)."""
+        if self.count > 1:
+            torch.distributed.broadcast(sampled, self.last_rank)
+        return sampled
+
+
+def layer_ranges(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Each stage's [start, end) of the decoder layers: equal parts, the earlier stages one
+    more where they do not divide."""
+    if stages > num_layers:
+        raise ValueError(f"{num_layers} layers do not split over {stages} pipeline stages")
+    base, extra = divmod(num_layers, stages)
+    ranges, start = [], 0
+    for stage in range(stages):
+        end = start + base + (stage < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+WHOLE = PipelineStage()

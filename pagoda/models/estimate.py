@@ -21,7 +21,8 @@ import torch
 from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
-from pagoda.models.arch.base import ArchSpec
+from pagoda.layers.parallel import layer_ranges
+from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes
 from pagoda.models.loader.safetensors import safetensors_shapes
 from pagoda.models.registry import arch_spec
@@ -48,7 +49,7 @@ class MemoryEstimate:
     dtype: str
     num_parameters: int
     weights_from: str  # "safetensors header", "gguf header" or "config"
-    weight_bytes: int  # per GPU (weights split over tp)
+    weight_bytes: int  # per GPU (weights split over tp, layers over pp)
     kv_bytes_per_token: int  # per GPU, every layer
     kv_bytes: int  # per GPU: concurrency x kv_bytes_per_seq + the null block
     kv_bytes_per_seq: int  # per GPU: one max_model_len sequence's blocks at their peak
@@ -61,6 +62,7 @@ class MemoryEstimate:
     tensor_parallel: int
     token_budget: int  # tokens a step runs: a sliding-window layer holds its window + this
     active_parameters: int | None = None  # a mixture of experts: what one token runs
+    pipeline_parallel: int = 1  # with more than one stage, the figures are the first's
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
@@ -90,26 +92,37 @@ def active_parameters(spec: ArchSpec, config: Any, total: int) -> int | None:
     return None if spec.experts is None else total - spec.experts(config).idle_parameters
 
 
-def kv_bytes_per_token(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1) -> int:
-    """KV bytes one token takes over all layers on one GPU (KV heads split over tp, at least
-    one per GPU)."""
+def stage_layers(spec: ArchSpec, config: Any, pp: int = 1) -> list[LayerAttention]:
+    """The attention layers of the largest pipeline stage (the first: stages are equal
+    parts, the earlier ones one layer more); every layer without pipeline parallelism."""
+    layers = spec.layer_attention(config)
+    start, end = layer_ranges(len(layers), pp)[0]
+    return layers[start:end]
+
+
+def kv_bytes_per_token(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1,
+                       pp: int = 1) -> int:
+    """KV bytes one token takes over a stage's layers on one GPU (KV heads split over tp, at
+    least one per GPU)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return sum(2 * max(layer.num_kv_heads // tp, 1) * layer.head_dim * itemsize
-               for layer in spec.layer_attention(config))
+               for layer in stage_layers(spec, config, pp))
 
 
-def kv_block_bytes(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1) -> int:
+def kv_block_bytes(spec: ArchSpec, config: Any, dtype: torch.dtype, tp: int = 1,
+                   pp: int = 1) -> int:
     """Bytes of one KV block on one GPU: BLOCK_SIZE tokens of one KV group's layer slots."""
-    layout = group_layers(spec.layer_attention(config))
+    layout = group_layers(stage_layers(spec, config, pp))
     itemsize = torch.empty((), dtype=dtype).element_size()
     return BLOCK_SIZE * 2 * layout.slots * max(layout.num_kv_heads // tp, 1) * layout.head_dim \
         * itemsize
 
 
-def kv_blocks_per_seq(spec: ArchSpec, config: Any, max_model_len: int, chunk: int) -> int:
+def kv_blocks_per_seq(spec: ArchSpec, config: Any, max_model_len: int, chunk: int,
+                      pp: int = 1) -> int:
     """Blocks one sequence of max_model_len holds at most, over every KV group, run `chunk`
     tokens a step."""
-    layout = group_layers(spec.layer_attention(config))
+    layout = group_layers(stage_layers(spec, config, pp))
     return layout.blocks_per_seq(max_model_len, chunk, BLOCK_SIZE)
 
 
@@ -128,24 +141,26 @@ def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
 
 def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: int = 1,
              dtype: str = "auto", device: str | None = None, token_budget: int = 2048,
-             max_num_seqs: int = 64, gpu_memory_utilization: float = 0.9) -> MemoryEstimate:
+             max_num_seqs: int = 64, gpu_memory_utilization: float = 0.9,
+             pp: int = 1) -> MemoryEstimate:
     """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens.
     `device`: a GPU name (H100, ...) to get a fit verdict, "cuda" for GPU figures without
     one, None or "cpu" for CPU figures."""
     config = source.hf_config
-    if max_model_len < 1 or concurrency < 1 or tp < 1:
-        raise ConfigError("max_model_len, concurrency and tp must be at least 1")
+    if max_model_len < 1 or concurrency < 1 or tp < 1 or pp < 1:
+        raise ConfigError("max_model_len, concurrency, tp and pp must be at least 1")
     spec = arch_spec(config)
     check_tensor_parallel(config, tp)
+    check_pipeline_parallel(config, pp)
     on_gpu = device is not None and device.lower() != "cpu"
     torch_dtype = resolve_dtype(dtype, torch.device("cuda" if on_gpu else "cpu"),
                                 getattr(config, "dtype", None))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     params, weights_from = count_parameters(source, spec)
-    weights = params * itemsize // tp
-    per_token = kv_bytes_per_token(spec, config, torch_dtype, tp)
-    block_bytes = kv_block_bytes(spec, config, torch_dtype, tp)
-    per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget) * block_bytes
+    weights = stage_parameters(config, params, pp) * itemsize // tp
+    per_token = kv_bytes_per_token(spec, config, torch_dtype, tp, pp)
+    block_bytes = kv_block_bytes(spec, config, torch_dtype, tp, pp)
+    per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget, pp) * block_bytes
     kv = concurrency * per_seq + block_bytes
     kv_unfreed = (concurrency * -(-max_model_len // BLOCK_SIZE) + 1) * BLOCK_SIZE * per_token
     activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs)
@@ -157,6 +172,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
         kv_bytes_without_freeing=kv_unfreed, activation_bytes=activations,
         overhead_bytes=overhead, peak_bytes=weights + kv + activations + overhead,
         max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp,
+        pipeline_parallel=pp,
         token_budget=token_budget, active_parameters=active_parameters(spec, config, params))
     if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
         result.device, result.device_bytes = _device(device)
@@ -179,6 +195,19 @@ def cpu_usable_bytes(available: int, weights: int) -> int:
     if weights >= available:
         return available
     return weights + int((available - weights) * CPU_MAX_FRACTION)
+
+
+def stage_parameters(config: Any, params: int, pp: int) -> int:
+    """Parameters the largest pipeline stage holds: its share of the decoder layers (layers
+    taken as equal) plus the embedding, LM head and final norm, which every stage keeps."""
+    if pp == 1:
+        return params
+    hidden, vocab = config.hidden_size, config.vocab_size
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    every_stage = vocab * hidden * (1 if tied else 2) + hidden
+    layers = config.num_hidden_layers
+    start, end = layer_ranges(layers, pp)[0]
+    return every_stage + (params - every_stage) * (end - start) // layers
 
 
 def what_would_fit(e: MemoryEstimate, per_seq: int, block_bytes: int) -> list[str]:
@@ -213,18 +242,41 @@ def _device(name: str) -> tuple[str, int]:
 
 
 def check_tensor_parallel(config: Any, tp: int) -> None:
-    """Tensor parallelism splits attention heads evenly: tp must divide the query heads, and
-    the KV heads (or be a multiple of them, which are then replicated)."""
+    """Tensor parallelism splits attention heads and MLP widths evenly: tp must divide the
+    query heads, the KV heads (or be a multiple of them, which are then replicated), and the
+    intermediate sizes."""
     heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     if heads is None or tp == 1:
         return
     if heads % tp:
-        raise ConfigError(f"--tp {tp} does not divide the model's {heads} attention heads; "
-                          f"use one of {_divisors(heads)}")
+        raise ConfigError(f"tensor parallel size {tp} does not divide the model's {heads} "
+                          f"attention heads; use one of {_divisors(heads)}")
     if kv % tp and tp % kv:
-        raise ConfigError(f"--tp {tp} neither divides the model's {kv} KV heads nor is a "
-                          f"multiple of them; use one of {_divisors(heads)}")
+        raise ConfigError(f"tensor parallel size {tp} neither divides the model's {kv} KV "
+                          f"heads nor is a multiple of them; use one of {_divisors(heads)}")
+    for name in ("intermediate_size", "moe_intermediate_size"):
+        size = getattr(config, name, None)
+        if isinstance(size, int) and size % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide the model's "
+                              f"{name} of {size}")
+
+
+def check_expert_parallel(config: Any, tp: int) -> None:
+    """Expert parallelism gives every tensor-parallel rank an equal share of the experts."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not experts:
+        raise ConfigError("expert parallelism needs a mixture-of-experts model")
+    if experts % tp:
+        raise ConfigError(f"tensor parallel size {tp} does not divide the model's {experts} "
+                          "experts (with expert parallelism)")
+
+
+def check_pipeline_parallel(config: Any, pp: int) -> None:
+    """Pipeline parallelism gives every stage at least one decoder layer."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if pp > 1 and isinstance(layers, int) and pp > layers:
+        raise ConfigError(f"pipeline parallel size {pp} exceeds the model's {layers} layers")
 
 
 def _divisors(n: int) -> str:

@@ -13,9 +13,9 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.activation import GeluTanhAndMul
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.norm import GemmaRMSNorm, norm_add_norm
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.models.arch.base import FULL, SLIDING, layer_windows
-from pagoda.models.interface import CausalLM
+from pagoda.models.interface import CausalLM, Intermediate, MissingLayer
 from pagoda.models.llama import LLAMA_PACKED, AttentionOptions, LlamaAttention, LlamaMLP
 
 
@@ -54,28 +54,38 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    """Scaled embedding, decoder layers, final norm."""
+    """Scaled embedding, decoder layers (a pipeline stage's only), final norm."""
 
-    def __init__(self, config: Any, max_position: int, group: ParallelGroup) -> None:
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup,
+                 stage: PipelineStage = WHOLE) -> None:
         super().__init__()
+        self.stage = stage
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group)
         # transformers rounds the scale to the weights' dtype before multiplying
         self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5,
                                               dtype=torch.get_default_dtype()))
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, max_position, group, window)
-            for window in layer_windows(config))
+            if stage.owns(i) else MissingLayer()
+            for i, window in enumerate(layer_windows(config)))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None
+        else:  # the previous stage applied its last post-feedforward norm
+            hidden, residual = intermediate
         output_norm = None  # the previous layer's post-feedforward norm, still to apply
         for layer in self.layers:
+            if isinstance(layer, MissingLayer):
+                continue
             hidden, residual = norm_add_norm(hidden, residual, output_norm,
                                              layer.input_layernorm)
             hidden, residual = layer(positions, hidden, residual, attn_metadata)
             output_norm = layer.post_feedforward_layernorm
+        if not self.stage.is_last:
+            return output_norm(hidden)[0], residual
         return norm_add_norm(hidden, residual, output_norm, self.norm)[0]
 
 
@@ -83,20 +93,22 @@ class Gemma3ForCausalLM(CausalLM):
     """Causal LM over Gemma3Model; logits soft-capped when the config says so."""
 
     packed_modules: ClassVar = LLAMA_PACKED
+    supports_pipeline_parallel: ClassVar[bool] = True
 
-    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE) -> None:
-        super().__init__(config, max_position, group)
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE,
+                 stage: PipelineStage = WHOLE) -> None:
+        super().__init__(config, max_position, group, stage)
         if getattr(config, "attn_logit_softcapping", None):
             raise UnsupportedModelError("Gemma 3 with attn_logit_softcapping is not supported")
-        self.model = Gemma3Model(config, max_position, group)
+        self.model = Gemma3Model(config, max_position, group, stage)
         tied = bool(getattr(config, "tie_word_embeddings", True))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size,
                               self.model.embed_tokens if tied else None, group)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

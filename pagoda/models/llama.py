@@ -18,11 +18,11 @@ from pagoda.layers.linear import (
     RowParallelLinear,
 )
 from pagoda.layers.norm import RMSNorm
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.arch.base import head_dim, layer_windows
 from pagoda.models.hf_config import rope_parameters
-from pagoda.models.interface import CausalLM
+from pagoda.models.interface import CausalLM, Intermediate, MissingLayer
 
 LLAMA_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -107,19 +107,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm."""
+    """Embedding, decoder layers (a pipeline stage's only, the others MissingLayer), final
+    norm."""
 
-    def __init__(self, layers: list[nn.Module], config: Any, group: ParallelGroup) -> None:
+    def __init__(self, layers: list[nn.Module], config: Any, group: ParallelGroup,
+                 stage: PipelineStage = WHOLE) -> None:
         super().__init__()
+        self.stage = stage
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+            if not isinstance(layer, MissingLayer):
+                hidden, residual = layer(positions, hidden, residual, attn_metadata)
+        if not self.stage.is_last:
+            return hidden, residual
         return self.norm(hidden, residual)[0]
 
 
@@ -129,13 +138,17 @@ class LlamaForCausalLM(CausalLM):
     packed_modules: ClassVar = LLAMA_PACKED
     supports_lora: ClassVar[bool] = True
 
-    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE) -> None:
-        super().__init__(config, max_position, group)
+    supports_pipeline_parallel: ClassVar[bool] = True
+
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE,
+                 stage: PipelineStage = WHOLE) -> None:
+        super().__init__(config, max_position, group, stage)
         windows = layer_windows(config)
         layers = [LlamaDecoderLayer(config, max_position, group,
                                     self.attention_options(config, windows[i]))
+                  if stage.owns(i) else MissingLayer()
                   for i in range(config.num_hidden_layers)]
-        self.model = LlamaModel(layers, config, group)
+        self.model = LlamaModel(layers, config, group, stage)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size,
                               self.model.embed_tokens if tied else None, group)
@@ -145,9 +158,9 @@ class LlamaForCausalLM(CausalLM):
         bias = bool(getattr(config, "attention_bias", False))
         return AttentionOptions(qkv_bias=bias, o_bias=bias, sliding_window=window)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

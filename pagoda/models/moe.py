@@ -13,10 +13,10 @@ from torch import nn
 from pagoda.layers.embedding import LMHead
 from pagoda.layers.linear import ReplicatedLinear
 from pagoda.layers.moe.layer import FusedMoE
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.models.arch.base import layer_windows
 from pagoda.models.arch.moe import is_moe_layer, moe_intermediate_size, num_experts
-from pagoda.models.interface import CausalLM
+from pagoda.models.interface import CausalLM, Intermediate, MissingLayer
 from pagoda.models.llama import (
     LLAMA_PACKED,
     AttentionOptions,
@@ -48,14 +48,18 @@ class MoeForCausalLM(CausalLM):
 
     packed_modules: ClassVar = LLAMA_PACKED
 
-    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE) -> None:
-        super().__init__(config, max_position, group)
+    supports_pipeline_parallel: ClassVar[bool] = True
+
+    def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE,
+                 stage: PipelineStage = WHOLE) -> None:
+        super().__init__(config, max_position, group, stage)
         layers = [
             LlamaDecoderLayer(config, max_position, group, self.attention_options(config, window),
                               SparseMoeBlock(config, group, self.renormalize(config))
                               if is_moe_layer(config, i) else None)
+            if stage.owns(i) else MissingLayer()
             for i, window in enumerate(layer_windows(config))]
-        self.model = LlamaModel(layers, config, group)
+        self.model = LlamaModel(layers, config, group, stage)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size,
                               self.model.embed_tokens if tied else None, group)
@@ -68,9 +72,9 @@ class MoeForCausalLM(CausalLM):
     def renormalize(cls, config: Any) -> bool:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

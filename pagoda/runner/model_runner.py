@@ -157,8 +157,18 @@ class ModelRunner:
         batch.update(sched_out)
         step = batch.prepare(sched_out)
         torch.cuda.reset_peak_memory_stats(self.config.device)
+        stage, hidden_size = self.model.stage, self.model.config.hidden_size
+        intermediate = None if stage.is_first else tuple(
+            torch.zeros(step.input_ids.shape[0], hidden_size, dtype=self.config.dtype,
+                        device=self.config.device) for _ in range(2))
         hidden = self.model(step.input_ids, step.positions,
-                            self.backend.build_group_metadata(step.kv_groups.metadata))
+                            self.backend.build_group_metadata(step.kv_groups.metadata),
+                            *(() if intermediate is None else (intermediate,)))
+        if not stage.is_last:  # no logits here: the activations are the peak
+            torch.cuda.synchronize(self.config.device)
+            peak = torch.cuda.max_memory_allocated(self.config.device)
+            self.release_kv_cache()
+            return peak
         rows = hidden[torch.arange(num_seqs, device=hidden.device) % hidden.shape[0]]
         logits = self.model.compute_logits(rows)
         meta = SamplingMetadata.build(
@@ -192,11 +202,13 @@ class ModelRunner:
         step = self.batch.prepare(sched_out, self._last_sampled)
         if self.lora is not None:
             self._set_lora_step(step)
-        hidden = self._forward(step)
-        self._prompt_logprobs(step, hidden, launched.output)
+        hidden = self._forward(step)  # None on a pipeline stage before the last
+        if hidden is not None:
+            self._prompt_logprobs(step, hidden, launched.output)
         if step.sample_rows:
             launched.step_batch, launched.grammar_rows = step, sched_out.grammar_rows
-            launched.logits = self.model.compute_logits(hidden[step.logits_indices])
+            if hidden is not None:
+                launched.logits = self.model.compute_logits(hidden[step.logits_indices])
         return launched
 
     @torch.inference_mode()
@@ -205,9 +217,9 @@ class ModelRunner:
         """Queue the sampling of the step launched last (the next launch reads its tokens).
         grammar_bitmask: int32 [rows, ceil(vocab/32)] (bit set = allowed), the rows the
         step's grammar_rows name; required when it has any."""
-        if launched.logits is None:
+        if launched.step_batch is None:
             return  # nothing samples this step
-        if launched.grammar_rows and grammar_bitmask is None:
+        if launched.grammar_rows and grammar_bitmask is None and launched.logits is not None:
             raise ValueError("this step samples constrained requests: pass their bitmask")
         self._sample(launched, grammar_bitmask)
         launched.step_batch = launched.logits = None
@@ -240,26 +252,45 @@ class ModelRunner:
         self.lora.set_step([self.batch.requests[r].lora_id for r in step.request_ids],
                            [qsl[i + 1] - qsl[i] for i in range(len(step.request_ids))])
 
-    def _forward(self, step: StepBatch) -> torch.Tensor:
+    def _forward(self, step: StepBatch) -> torch.Tensor | None:
+        """The step's hidden states; on a pipeline stage, the previous stage's activations
+        come in first, and a stage before the last sends its own on and returns None."""
         if self.graphs is not None and self.graphs.can_run(step.attn):  # LoRA always in
             return self.graphs.run(step.input_ids, step.positions, step.kv_groups)
-        return self.model(step.input_ids, step.positions,
-                          self.backend.build_group_metadata(step.kv_groups.metadata))
+        metadata = self.backend.build_group_metadata(step.kv_groups.metadata)
+        stage = self.model.stage
+        if stage.count == 1:
+            return self.model(step.input_ids, step.positions, metadata)
+        intermediate = None
+        if not stage.is_first:
+            shape = (step.input_ids.shape[0], self.model.config.hidden_size)
+            intermediate = stage.receive(shape, self.config.dtype, self.config.device, 2)
+        out = self.model(step.input_ids, step.positions, metadata, intermediate)
+        if stage.is_last:
+            return out
+        stage.send(out)
+        return None
 
     def _sample(self, launched: LaunchedStep, grammar_bitmask: torch.Tensor | None) -> None:
         """Queue the sampling; the sampled ids stay on the device for the next step's
         pending tokens and are copied to the host in the background."""
         step, logits = launched.step_batch, launched.logits
         states = [self.batch.requests[step.request_ids[i]] for i in step.sample_rows]
-        if grammar_bitmask is not None:
-            self._apply_grammars(logits, states, launched.grammar_rows, grammar_bitmask)
-        result = self.sampler(logits, self._sampling_metadata(states))
+        result = None
+        if logits is not None:
+            if grammar_bitmask is not None:
+                self._apply_grammars(logits, states, launched.grammar_rows, grammar_bitmask)
+            result = self.sampler(logits, self._sampling_metadata(states))
+            sampled = result.sampled_token_ids
+        else:  # a pipeline stage before the last: the last stage's tokens arrive here
+            sampled = torch.empty(len(states), dtype=torch.int64, device=self.config.device)
+        sampled = self.model.stage.share_sampled(sampled)
         for row, state in enumerate(states):
             state.pending_row, state.pending_step = row, launched.step_id
-        self._last_sampled = result.sampled_token_ids
+        self._last_sampled = sampled
         launched.states = states
-        launched.sampled_host = _to_host(result.sampled_token_ids)
-        if result.logprobs is not None:
+        launched.sampled_host = _to_host(sampled)
+        if result is not None and result.logprobs is not None:
             lp = result.logprobs
             launched.logprobs_host = LogprobsTensors(_to_host(lp.token_ids),
                                                      _to_host(lp.logprobs), _to_host(lp.ranks))

@@ -121,3 +121,15 @@ def test_throughput_counts_json_and_hf_ratio(tiny_llama, tmp_path, monkeypatch, 
     assert result["command"][result["command"].index("--compare") + 1] == "hf"
     assert "--enforce-eager" in result["command"] and "--seed" not in result["command"]
     assert "pagoda/hf" in capsys.readouterr().out
+
+
+def test_the_executor_backend_and_tensor_parallel_size_reach_the_engine():
+    """The mp-versus-in-process overhead runs (`--distributed-executor-backend mp|uni`)."""
+    from pagoda.cli.bench import throughput_config
+    from pagoda.cli.main import build_parser, parse
+    argv = ["bench", "throughput", "--distributed-executor-backend", "mp", "-tp", "1"]
+    args = parse(build_parser(argv), argv)
+    engine = throughput_config(args).engine_kwargs
+    assert engine["distributed_executor_backend"] == "mp" and engine["tensor_parallel_size"] == 1
+    assert "distributed_executor_backend" not in throughput_config(
+        parse(build_parser(argv[:2]), argv[:2])).engine_kwargs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.cli.engine_args import compat_notes
+from pagoda.cli.engine_args import compat_notes, engine_kwargs
 from pagoda.cli.main import build_parser, dashed, parse
 from pagoda.cli.vllm_flags import VLLM_FLAGS
 from pagoda.errors import ConfigError
@@ -95,9 +95,10 @@ def test_the_six_flags_from_common_guides_parse(flag):
 @pytest.mark.parametrize("line, note", [
     ("--swap-space 16", "--swap-space 16 ignored: preempted requests are recomputed"),
     ("--distributed-executor-backend ray",
-     "--distributed-executor-backend ray ignored: pagoda runs each model on one device"),
+     "--distributed-executor-backend ray ignored: pagoda starts its workers as processes"),
     ("--disable-custom-all-reduce", "--disable-custom-all-reduce ignored: pagoda has no"),
-    ("--pipeline-parallel-size 2", "--pipeline-parallel-size 2 ignored:"),
+    ("--decode-context-parallel-size 2",
+     "--decode-context-parallel-size 2 ignored: pagoda runs engines on this machine only"),
     ("--cpu-offload-gb 4", "--cpu-offload-gb 4 ignored: weights stay on the device"),
 ])
 def test_flags_pagoda_does_not_act_on_get_a_startup_note(line, note):
@@ -110,6 +111,17 @@ def test_flags_pagoda_does_not_act_on_get_a_startup_note(line, note):
                                   "--enable-chunked-prefill", "--kv-cache-dtype auto"])
 def test_values_pagoda_already_honours_are_quiet(line):
     assert compat_notes(_parse(line.split())) == []
+
+
+def test_tensor_parallel_flags_are_acted_on():
+    args = _parse(["-tp", "2", "--distributed-executor-backend", "mp"])
+    assert engine_kwargs(args)["tensor_parallel_size"] == 2
+    assert engine_kwargs(args)["distributed_executor_backend"] == "mp"
+    assert engine_kwargs(_parse([]))["distributed_executor_backend"] == "auto"
+    ray = _parse(["--distributed-executor-backend", "ray"])
+    assert engine_kwargs(ray)["distributed_executor_backend"] == "auto"  # local processes
+    assert engine_kwargs(_parse(["-pp", "2"]))["pipeline_parallel_size"] == 2
+    assert compat_notes(_parse(["-tp", "2", "-pp", "2"])) == []
 
 
 def test_underscored_spellings_are_accepted_like_vllm():

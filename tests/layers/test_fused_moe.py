@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from pagoda.layers.moe.layer import ExpertRange, FusedMoE
 from pagoda.layers.moe.native import fused_moe_native
 from pagoda.layers.moe.router import select_experts
+from pagoda.layers.parallel import SINGLE, ParallelGroup
 from tests.layers.moe_cases import random_moe
 
 MARKER = "MOE-RESULTS "
@@ -56,8 +57,8 @@ def test_torch_path_is_the_per_token_sum():
 
 
 def layer_with(w13: torch.Tensor, w2: torch.Tensor, experts: ExpertRange | None = None,
-               packed: bool = False) -> FusedMoE:
-    layer = FusedMoE(w13.shape[0], 2, w13.shape[2], w2.shape[2], True, experts=experts)
+               packed: bool = False, group: ParallelGroup = SINGLE) -> FusedMoE:
+    layer = FusedMoE(w13.shape[0], 2, w13.shape[2], w2.shape[2], True, group, experts=experts)
     if packed:
         layer.gate_up_proj.weight_loader(layer.gate_up_proj, w13, None)
         layer.down_proj.weight_loader(layer.down_proj, w2, None)
@@ -85,6 +86,22 @@ def test_expert_ranges_sum_to_the_whole_layer():
     whole = layer_with(w13, w2)(x, logits)
     halves = [layer_with(w13, w2, ExpertRange(6, start, 3))(x, logits) for start in (0, 3)]
     torch.testing.assert_close(halves[0] + halves[1], whole)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_expert_parallel_group_gives_each_rank_whole_experts(packed):
+    x, w13, w2, _, _ = random_moe(5, 6, 2, 16, 8, torch.float32, "cpu")
+    logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    parts = []
+    for rank in (0, 1):
+        layer = layer_with(w13, w2, packed=packed,
+                           group=ParallelGroup(rank, 2, expert_parallel=True))
+        assert (layer.placement.start, layer.placement.local) == (3 * rank, 3)
+        assert torch.equal(layer.gate_up_proj, w13[3 * rank:3 * rank + 3])  # full width
+        assert torch.equal(layer.down_proj, w2[3 * rank:3 * rank + 3])
+        weights, ids = layer.route(logits)  # the group's all-reduce is the sum below
+        parts.append(fused_moe_native(x, layer.gate_up_proj, layer.down_proj, weights, ids))
+    torch.testing.assert_close(parts[0] + parts[1], layer_with(w13, w2)(x, logits))
 
 
 def test_a_packed_tensor_of_the_wrong_expert_count_is_refused():

@@ -214,7 +214,7 @@ def test_device_names_in_any_spelling(spelling, device):
 @pytest.mark.parametrize("tp", [3, 5, 64])
 def test_tensor_parallel_sizes_that_cannot_split_the_heads_are_refused(tp):
     source = resolve_model("bench/configs/llama-3.1-8b", "dummy")  # 32 heads, 8 KV heads
-    with pytest.raises(ConfigError, match=f"--tp {tp} "):
+    with pytest.raises(ConfigError, match=f"tensor parallel size {tp} "):
         estimate(source, 1024, tp=tp, device="H100")
     assert estimate(source, 1024, tp=16, device="H100").fits  # 8 KV heads, each on two GPUs
 

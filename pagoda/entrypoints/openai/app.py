@@ -388,6 +388,8 @@ def ps_rows(state: ServerState) -> list[dict[str, Any]]:
              "expires_in_seconds": None, "load_seconds": None, "wake_seconds": None,
              "requests_routed": None, "engine_pid": getattr(engine.client, "engine_pid", None),
              "cpu_threads": info.cpu_threads,
+             "tensor_parallel_size": info.tensor_parallel_size,
+             "pipeline_parallel_size": info.pipeline_parallel_size,
              "error": None}]
 
 

@@ -10,8 +10,9 @@ load is checked piece by piece.
 
 Splitting: a tensor-parallel group splits every expert's intermediate size (outputs summed
 over the group); an `ExpertRange` keeps only a contiguous range of the experts on this rank
-(expert parallelism): routing stays global, assignments to other ranks' experts add nothing
-here, and the caller sums the ranks' partial outputs."""
+(expert parallelism: a group with `expert_parallel` gives each rank an equal range of whole
+experts): routing stays global, assignments to other ranks' experts add nothing here, and the
+ranks' partial outputs are summed over the group."""
 
 from __future__ import annotations
 
@@ -65,11 +66,18 @@ class FusedMoE(DeviceDispatch):
                  experts: ExpertRange | None = None) -> None:
         super().__init__()
         self.top_k, self.renormalize, self.group = top_k, renormalize, group
+        split_experts = group.expert_parallel and group.size > 1
+        if experts is None and split_experts:  # expert parallelism: whole experts per rank
+            start, count = group.split(num_experts)
+            experts = ExpertRange(num_experts, start, count)
         self.placement = experts or ExpertRange(num_experts)
         if self.placement.total != num_experts:
             raise ValueError("the expert range does not cover the layer's experts")
         self.intermediate_size = intermediate_size
-        self.local_inter = group.split(intermediate_size)[1]
+        # the slice of every expert's width this rank holds: all of it with expert parallelism
+        self.width_rank = 0 if split_experts else group.rank
+        self.local_inter = intermediate_size if split_experts else \
+            group.split(intermediate_size)[1]
         local = self.placement.local
         self.gate_up_proj = new_parameter(local, 2 * self.local_inter, hidden_size,
                                           loader=self._load_gate_up)
@@ -86,7 +94,7 @@ class FusedMoE(DeviceDispatch):
 
     def _rank_part(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's slice of an expert's intermediate dim."""
-        return tensor.narrow(dim, self.group.rank * self.local_inter, self.local_inter)
+        return tensor.narrow(dim, self.width_rank * self.local_inter, self.local_inter)
 
     def _packed_local(self, tensor: torch.Tensor) -> torch.Tensor:
         """The experts of a packed [experts, ...] tensor that live here."""

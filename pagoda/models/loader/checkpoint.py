@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
@@ -33,13 +33,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-               max_position: int, seed: int = 0, group: ParallelGroup = SINGLE) -> CausalLM:
-    """Instantiate the model (this rank's shard of it) on the device in dtype and load its
-    weights."""
+               max_position: int, seed: int = 0, group: ParallelGroup = SINGLE,
+               stage: PipelineStage = WHOLE) -> CausalLM:
+    """Instantiate the model (this rank's shard of it: its tensor-parallel slice of its
+    pipeline stage's layers) on the device in dtype and load its weights."""
     start = time.perf_counter()
     cls = model_class(source.hf_config)
+    if stage.count > 1 and not cls.supports_pipeline_parallel:
+        raise UnsupportedModelError(f"{cls.__name__} does not support pipeline parallelism")
     with _default_dtype(dtype), torch.device(device):
-        model = cls(source.hf_config, max_position, group)
+        model = cls(source.hf_config, max_position, group, stage)
     if source.format == "dummy":
         init_dummy_weights(model, seed)
     else:
@@ -52,10 +55,12 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
     return model
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) for every weight of the checkpoint."""
+def iter_weights(source: ModelSource, sliced: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) for every weight of the checkpoint. `sliced`: a
+    tensor-parallel rank's load, which reads only the slices it keeps (safetensors)."""
     if source.format == "safetensors":
-        yield from iter_safetensors(source.path)
+        yield from iter_safetensors(source.path, lazy=sliced)
     elif source.format == "gguf" and source.gguf_file is not None:
         yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors)
     else:
@@ -64,7 +69,8 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _load_checkpoint(model: CausalLM, source: ModelSource) -> None:
     total = len(model.expected_weights())
-    loaded = model.load_weights(_with_progress(iter_weights(source), total, source.name))
+    weights = iter_weights(source, sliced=model.group.size > 1)
+    loaded = model.load_weights(_with_progress(weights, total, source.name))
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])

@@ -25,14 +25,79 @@ def safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the directory's shards."""
+def iter_safetensors(path: Path, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the directory's shards. `lazy`: each tensor as a
+    CheckpointSlice, of which a weight loader reads only the part its rank keeps."""
     from safetensors import safe_open
 
     for shard in safetensors_files(path):
         with safe_open(shard, framework="pt") as tensors:
             for name in tensors.keys():
-                yield name, tensors.get_tensor(name)
+                if lazy:
+                    part = tensors.get_slice(name)
+                    yield name, CheckpointSlice(part, [(0, n) for n in part.get_shape()])
+                else:
+                    yield name, tensors.get_tensor(name)
+
+
+class CheckpointSlice:
+    """A checkpoint tensor not read yet. `shape`, `dim()`, `narrow()` and indexing (ints
+    and plain slices) only narrow down which part is wanted; `materialize()` reads just that
+    part from the file. Anything else reads the part and acts on the tensor."""
+
+    def __init__(self, source: Any, ranges: list[tuple[int, int]],
+                 dropped: frozenset[int] = frozenset()) -> None:
+        self._source = source  # safetensors' slice of the whole tensor
+        self._ranges = ranges  # [start, stop) in every dim of the stored tensor
+        self._dropped = dropped  # stored dims indexed by an int: not in this view's shape
+
+    @property
+    def _kept(self) -> list[int]:
+        return [d for d in range(len(self._ranges)) if d not in self._dropped]
+
+    @property
+    def shape(self) -> torch.Size:
+        import torch
+        return torch.Size(self._ranges[d][1] - self._ranges[d][0] for d in self._kept)
+
+    def dim(self) -> int:
+        return len(self._kept)
+
+    def narrow(self, dim: int, start: int, length: int) -> CheckpointSlice:
+        stored = self._kept[dim]
+        first, stop = self._ranges[stored]
+        if start < 0 or length < 0 or first + start + length > stop:
+            raise IndexError(f"narrow({dim}, {start}, {length}) is outside {tuple(self.shape)}")
+        ranges = list(self._ranges)
+        ranges[stored] = (first + start, first + start + length)
+        return CheckpointSlice(self._source, ranges, self._dropped)
+
+    def __getitem__(self, key: Any) -> CheckpointSlice:
+        keys = key if isinstance(key, tuple) else (key,)
+        view, dropped = self, set()
+        for dim, k in enumerate(keys):
+            if isinstance(k, int):
+                size = view.shape[dim]
+                index = k + size if k < 0 else k
+                if not 0 <= index < size:
+                    raise IndexError(f"index {k} is outside dim {dim} of {tuple(view.shape)}")
+                view = view.narrow(dim, index, 1)
+                dropped.add(self._kept[dim])
+            elif isinstance(k, slice) and k.step in (None, 1):
+                start, stop, _ = k.indices(view.shape[dim])
+                view = view.narrow(dim, start, max(stop - start, 0))
+            else:
+                raise TypeError(f"a checkpoint slice takes ints and plain slices, not {k!r}")
+        return CheckpointSlice(self._source, view._ranges, self._dropped | dropped)
+
+    def materialize(self) -> torch.Tensor:
+        part = self._source[tuple(slice(a, b) for a, b in self._ranges)]
+        return part.reshape(self.shape)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
 
 
 def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:

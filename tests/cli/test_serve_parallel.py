@@ -1,0 +1,39 @@
+"""`pagoda serve` with parallel sizes: --data-parallel-size becomes engine replicas behind one
+endpoint (the fleet's replica router, as `replicas:` in a models file), and the sizes that
+cannot be combined yet stop it with one line and status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda.cli.main import build_parser, parse
+from pagoda.cli.serve import run_serve
+
+
+def serve(argv: list[str], monkeypatch):
+    """run_serve's exit status, and the fleet it would serve (None if it serves none)."""
+    from pagoda.entrypoints.openai import server
+    served = []
+    monkeypatch.setattr(server, "serve_fleet", lambda fleet, *a, **k: served.append(fleet) or 0)
+    argv = ["serve", *argv]
+    return run_serve(parse(build_parser(argv), argv)), (served[0] if served else None)
+
+
+def test_data_parallel_replicas_serve_one_model_through_the_replica_router(monkeypatch):
+    status, fleet = serve(["tiny-dir", "-dp", "2", "--served-model-name", "tiny",
+                           "--device", "cpu", "--max-num-seqs", "8"], monkeypatch)
+    assert status == 0
+    (spec,) = fleet.models
+    assert (spec.model, spec.name, spec.replicas, spec.devices) == ("tiny-dir", "tiny", 2, [])
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["m", "-dp", "2", "-tp", "2"], "need a single model and one replica"),
+    (["a", "b", "-pp", "2"], "need a single model and one replica"),
+    (["a", "b", "-dp", "2"], "--data-parallel-size serves one model"),
+    (["m", "-dp", "0"], "--data-parallel-size must be at least 1"),
+])
+def test_sizes_that_do_not_combine_yet_are_refused(argv, problem, monkeypatch, capsys):
+    status, fleet = serve(argv, monkeypatch)
+    assert (status, fleet) == (2, None)
+    assert problem in capsys.readouterr().err
