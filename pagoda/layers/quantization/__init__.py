@@ -17,6 +17,13 @@ def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
     if name == "gguf":
         from pagoda.layers.quantization.gguf import GGUFConfig
         return GGUFConfig()
+    values = getattr(hf_config, "quantization_config", None) or {}
+    if name == "awq":
+        from pagoda.layers.quantization.int4_checkpoints import AWQConfig
+        return AWQConfig(values)
+    if name == "gptq":
+        from pagoda.layers.quantization.int4_checkpoints import GPTQConfig
+        return GPTQConfig(values)
     raise NotImplementedError(f"--quantization {name} is not implemented yet")
 
 
