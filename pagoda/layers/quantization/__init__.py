@@ -13,7 +13,8 @@ from pagoda.layers.quantization.base import QuantizationConfig
 
 
 def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
-    """The config of format `name` (a name `pagoda.models.quantization` accepted)."""
+    """The config of format `name` (a name `pagoda.models.quantization` accepted); a
+    checkpoint without quantization_config asking for fp8 is quantized at load."""
     if name == "gguf":
         from pagoda.layers.quantization.gguf import GGUFConfig
         return GGUFConfig()
@@ -24,6 +25,12 @@ def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
     if name == "gptq":
         from pagoda.layers.quantization.int4_checkpoints import GPTQConfig
         return GPTQConfig(values)
+    if name == "fp8":
+        from pagoda.layers.quantization.fp8 import Fp8Config
+        return Fp8Config(values or None)
+    if name == "compressed-tensors":
+        from pagoda.layers.quantization.fp8 import CompressedTensorsConfig
+        return CompressedTensorsConfig(values)
     raise NotImplementedError(f"--quantization {name} is not implemented yet")
 
 

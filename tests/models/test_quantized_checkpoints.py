@@ -1,7 +1,8 @@
-"""Tiny random Llama checkpoints packed as AWQ and as act-order GPTQ (packers written from
-the formats' documentation) served by pagoda: greedy tokens against the same model with
-the weights those tensors stand for, saved as a float32 checkpoint (transformers cannot
-read these formats without their kernels' packages)."""
+"""Tiny random Llama checkpoints packed as AWQ, as act-order GPTQ (packers written from the
+formats' documentation) and as FP8 with block scales, and a float32 one quantized to FP8
+at load, served by pagoda: tokens against the same model with the weights those tensors
+stand for, saved as a float32 checkpoint (transformers cannot read these formats without
+their kernels' packages)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
+from pagoda.layers.quantization.fp8 import FP8
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.models.parity import random_prompts
 from tests.utils import save_random_checkpoint
@@ -64,8 +66,8 @@ def source(tmp_path_factory):
     return save_random_checkpoint(CONFIG, tmp_path_factory.mktemp("tiny") / "fp32", None)
 
 
-def greedy(path, prompts: list[list[int]]) -> list[list[int]]:
-    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128)
+def greedy(path, prompts: list[list[int]], **options) -> list[list[int]]:
+    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128, **options)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(
         [{"prompt_token_ids": p} for p in prompts], params)]
@@ -95,3 +97,62 @@ def test_next_tokens_agree_with_the_weights_they_stand_for(fmt, source, tmp_path
     rate = sum(agreed) / (len(prompts) * NUM_TOKENS)
     print(f"{fmt}: next-token agreement {rate:.3f}")
     assert rate >= 0.9
+
+
+def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 weights and a scale per 128x128 block (block max / 448), as DeepSeek and
+    Qwen3-FP8 checkpoints store them."""
+    rows, columns = weight.shape
+    blocks = weight.reshape(rows // 128, 128, columns // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448
+    values = (blocks / scale[:, None, :, None]).to(FP8).reshape(rows, columns)
+    return values, scale
+
+
+def expand_blocks(scale: torch.Tensor) -> torch.Tensor:
+    return scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+
+
+def write_fp8(source, quantized_dir, reference_dir) -> None:
+    tensors = load_file(source / "model.safetensors")
+    packed, reference = {}, {}
+    for name, tensor in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rpartition(".")[2] in PROJECTIONS:
+            values, scale = fp8_blocks(tensor.float())
+            packed |= {name: values, f"{module}.weight_scale_inv": scale}
+            reference[name] = values.float() * expand_blocks(scale)
+        else:
+            packed[name] = reference[name] = tensor
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+              "weight_block_size": [128, 128]}
+    for directory, weights in ((quantized_dir, packed), (reference_dir, reference)):
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  directory / "model.safetensors")
+        values = json.loads((source / "config.json").read_text())
+        if directory is quantized_dir:
+            values["quantization_config"] = config
+        (directory / "config.json").write_text(json.dumps(values))
+
+
+def test_an_fp8_block_checkpoint_gives_its_weights_tokens(source, tmp_path):
+    """Decoded per call in float32, the weights are exactly the reference's: equal tokens."""
+    write_fp8(source, tmp_path / "fp8", tmp_path / "reference")
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    assert greedy(tmp_path / "fp8", prompts) == greedy(tmp_path / "reference", prompts)
+
+
+def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    for name, tensor in tensors.items():
+        if name.endswith(".weight") and name.removesuffix(".weight").rpartition(".")[2] \
+                in PROJECTIONS:
+            scale = tensor.float().abs().amax(1, keepdim=True) / 448
+            tensors[name] = (tensor.float() / scale).to(FP8).float() * scale
+    save_file(tensors, reference / "model.safetensors")
+    (reference / "config.json").write_text((source / "config.json").read_text())
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    assert greedy(source, prompts, quantization="fp8") == greedy(reference, prompts)
