@@ -78,3 +78,16 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> str | No
         hint = f"; drop --quantization or pass --quantization {stored}"
     raise ConfigError(f"--quantization {requested} does not match {source.name}, which holds "
                       f"{held}{hint}")
+
+
+def load_quantization(requested: str | None, source: ModelSource, device_type: str) -> str | None:
+    """The form the engine holds the weights in on a `device_type` device: as
+    resolve_quantization says, except that a GGUF found on a GPU (no GPU kernels for its
+    blocks yet) is dequantized at load unless `--quantization gguf` asks to keep them."""
+    found = resolve_quantization(requested, source)
+    return None if found == "gguf" and requested is None and device_type != "cpu" else found
+
+
+def quantizes_at_load(quantization: str | None, source: ModelSource) -> bool:
+    """Whether `quantization` is applied at load to a checkpoint of floats."""
+    return quantization in AT_LOAD and checkpoint_quantization(source) is None

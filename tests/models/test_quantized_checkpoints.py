@@ -14,6 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
+from pagoda.models.estimate import estimate
+from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.source import resolve_model
 from pagoda.layers.quantization.fp8 import FP8
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.models.parity import random_prompts
@@ -156,3 +159,22 @@ def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_pa
     (reference / "config.json").write_text((source / "config.json").read_text())
     prompts = random_prompts(CONFIG.vocab_size, (7, 19))
     assert greedy(source, prompts, quantization="fp8") == greedy(reference, prompts)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "fp8", "fp8 at load"])
+def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
+    if fmt == "fp8":
+        write_fp8(source, tmp_path / fmt, tmp_path / "reference")
+    elif fmt in FORMATS:
+        write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
+    path, flag = (source, "fp8") if fmt == "fp8 at load" else (tmp_path / fmt, None)
+    expected = estimate(resolve_model(str(path)), 128, quantization=flag)
+    assert expected.quantization == fmt.split()[0]
+    model = load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"), 128,
+                       quantization=fmt.split()[0])
+    assert expected.weight_bytes == weight_bytes(model)
+    assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
+
+
+def source_model_params(source):
+    return load_file(source / "model.safetensors").values()

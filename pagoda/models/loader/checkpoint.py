@@ -23,7 +23,7 @@ from pagoda.models.loader.dummy import init_dummy_weights
 from pagoda.models.loader.gguf import iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
 from pagoda.models.loader.weights import fused_target
-from pagoda.models.quantization import resolve_quantization
+from pagoda.models.quantization import load_quantization, resolve_quantization
 from pagoda.models.registry import model_class
 from pagoda.models.source import ModelSource
 
@@ -74,11 +74,10 @@ def model_quantization(requested: str | None, source: ModelSource,
     """The format to load with: `--quantization` checked against the checkpoint (a
     mismatch raises ConfigError), else the checkpoint's. A GGUF found on a GPU, with no
     GPU kernels for its blocks yet, is dequantized at load as before (one log line)."""
-    quantization = resolve_quantization(requested, source)
-    if quantization == "gguf" and requested is None and device.type != "cpu":
+    quantization = load_quantization(requested, source, device.type)
+    if quantization is None and resolve_quantization(requested, source) == "gguf":
         logger.info("%s: GGUF weights dequantized at load on %s (pass --quantization gguf "
                     "to keep their blocks, decoded per call)", source.name, device.type)
-        return None
     return quantization
 
 

@@ -232,6 +232,15 @@ def block_types(tensors: GGUFIndex) -> set[str]:
     return {t.tensor_type.name for t in tensors.tensors} - _FLOAT_TYPES
 
 
+def gguf_types(path: Path, tensors: GGUFIndex | None = None) -> Iterator[tuple[str, str]]:
+    """(HF tensor name, GGUF type name) for every tensor the loader turns into a weight."""
+    found = tensors or read_gguf_tensors(path)
+    layout = gguf_layout(found.architecture, path)
+    for tensor in found.tensors:
+        if tensor.name not in layout.skipped:
+            yield hf_name(layout, tensor.name) or tensor.name, tensor.tensor_type.name
+
+
 def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
                 ) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
