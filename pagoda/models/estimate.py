@@ -117,7 +117,13 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
-    shapes = dict(_shapes(source)[0])
+    found = _shapes(source)
+    if found is None:  # config only (dummy weights): every parameter but the vocabulary
+        config = source.hf_config  # tables is a linear weight, one byte each (+ its scales)
+        tables = config.vocab_size * config.hidden_size * \
+            (1 + (not getattr(config, "tie_word_embeddings", False)))
+        return tables * itemsize + (params - tables)
+    shapes = dict(found[0])
     if quantization == "gguf":
         types = dict(gguf_types(source.gguf_file, source.gguf_tensors))
         packed = sum(math.prod(shapes[name]) for name, kind in types.items()

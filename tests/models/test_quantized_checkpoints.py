@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
+from pagoda.layers.quantization.fp8 import FP8
 from pagoda.models.estimate import estimate
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.source import resolve_model
-from pagoda.layers.quantization.fp8 import FP8
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.models.parity import random_prompts
 from tests.utils import save_random_checkpoint
