@@ -44,8 +44,3 @@ class Int4PackedWeight(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
                                                         self.scales_zeros)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def dequantized(self) -> torch.Tensor:
-        """The [out, in] float32 weights the kernel multiplies by (for tests)."""
-        eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE)
-        return self(eye).float().t()
