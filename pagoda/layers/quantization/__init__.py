@@ -29,8 +29,10 @@ def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
         from pagoda.layers.quantization.fp8 import Fp8Config
         return Fp8Config(values or None)
     if name == "compressed-tensors":
-        from pagoda.layers.quantization.fp8 import CompressedTensorsConfig
-        return CompressedTensorsConfig(values)
+        from pagoda.layers.quantization.compressed_tensors import (
+            compressed_tensors_config,
+        )
+        return compressed_tensors_config(values)
     raise NotImplementedError(f"--quantization {name} is not implemented yet")
 
 

@@ -107,7 +107,7 @@ class Fp8WeightOnlyMethod(LinearMethod):
         return "fp8 weights decoded per call (weight-only)"
 
 
-def _skipped(prefix: str, names: list[str]) -> bool:
+def skipped_module(prefix: str, names: list[str]) -> bool:
     """Whether module `prefix` is among `names` (module names or their last parts;
     compressed-tensors' "re:" patterns match by regular expression)."""
     import re
@@ -133,34 +133,27 @@ class Fp8Config(QuantizationConfig):
                             or ())
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
-        if _skipped(prefix, self.skipped):
+        if skipped_module(prefix, self.skipped):
             return None
         return Fp8WeightOnlyMethod(self.block, self.at_load)
 
 
-class CompressedTensorsConfig(QuantizationConfig):
+class CompressedTensorsFp8Config(QuantizationConfig):
     """compressed-tensors checkpoints of FP8 weights (`float-quantized`, llmcompressor's
-    FP8 and FP8_DYNAMIC schemes): one config group targeting Linear layers."""
+    FP8 and FP8_DYNAMIC schemes): `weights` is the config group's weight arguments."""
 
     name = "compressed-tensors"
 
-    def __init__(self, values: dict[str, Any]) -> None:
-        groups = list((values.get("config_groups") or {}).values())
-        weights = [g.get("weights") or {} for g in groups]
-        if len(groups) != 1 or weights[0].get("type") != "float" \
-                or int(weights[0].get("num_bits", 0)) != 8:
-            kinds = ", ".join(f"{w.get('type')}{w.get('num_bits')}" for w in weights) or "none"
-            raise UnsupportedModelError(f"compressed-tensors weights of {kinds} are not "
-                                        "supported yet (one group of 8-bit float weights is)")
-        strategy = weights[0].get("strategy", "tensor")
+    def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
+        strategy = weights.get("strategy", "tensor")
         if strategy not in ("tensor", "channel", "block"):
             raise UnsupportedModelError(f"compressed-tensors fp8 {strategy} scales are not "
                                         "supported")
-        block = weights[0].get("block_structure") if strategy == "block" else None
+        block = weights.get("block_structure") if strategy == "block" else None
         self.block = tuple(int(b) for b in block) if block else None
-        self.skipped = list(values.get("ignore") or ())
+        self.skipped = ignore
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
-        if _skipped(prefix, self.skipped):
+        if skipped_module(prefix, self.skipped):
             return None
         return Fp8WeightOnlyMethod(self.block)

@@ -1,5 +1,5 @@
-"""4-bit weight-only checkpoints (W4A16): AWQ (GEMM packing, zero points) and GPTQ
-(symmetric or not, `desc_act` with `g_idx`). Each layer's pieces are unpacked to codes, a
+"""4-bit weight-only checkpoints (W4A16): AWQ (GEMM packing, zero points), GPTQ
+(symmetric or not, `desc_act` with `g_idx`) and compressed-tensors `pack-quantized`. Each layer's pieces are unpacked to codes, a
 scale and a min per group of inputs and packed for torch's int4 CPU matmul; GPTQ's
 act-order inputs are sorted by group first and the activations permuted to match.
 
@@ -9,7 +9,11 @@ nibble order 0 2 4 6 1 3 5 7; qzeros int32 [in / group, out / 8] likewise; scale
 GPTQ: qweight int32 [in / 8, out], eight consecutive inputs per int32, lowest nibble
 first; qzeros int32 [groups, out / 8], eight consecutive outputs per int32; scales
 [groups, out]; g_idx [in], each input's group; weight = (q - (zero + 1)) * scale (the "+1"
-of the original gptq format; gptq_v2 stores zero itself)."""
+of the original gptq format; gptq_v2 stores zero itself).
+compressed-tensors pack-quantized: weight_packed int32 [out, in / 8], eight consecutive
+inputs per int32, lowest nibble first, each the signed code + 8; weight_scale [out, groups];
+asymmetric: weight_zero_point int32 [out / 8, groups], packed along the outputs likewise;
+weight_g_idx optional (act order); weight = (code - zero) * scale."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
 from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.fp8 import skipped_module
 from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
 from pagoda.layers.quantization.pieces import (
     add_collected_parameters,
@@ -91,7 +96,7 @@ class Int4CheckpointMethod(LinearMethod):
                 f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
                 f"{self.config.group_size})")
         add_collected_parameters(layer, self.config.tensor_names, self.config.name,
-                                 optional=("g_idx",))
+                                 optional=self.config.optional_names)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         pieces = collected_pieces(layer)
@@ -120,6 +125,7 @@ class Int4CheckpointConfig(QuantizationConfig):
     """What AWQ and GPTQ share: 4 bits, a group size, modules left unquantized."""
 
     tensor_names: tuple[str, ...] = ()
+    optional_names: tuple[str, ...] = ("g_idx",)
 
     def __init__(self, values: dict[str, Any]) -> None:
         bits = int(values.get("bits", values.get("w_bit", 4)))
@@ -133,7 +139,7 @@ class Int4CheckpointConfig(QuantizationConfig):
         self.skipped = tuple(values.get("modules_to_not_convert") or ())
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
-        if any(part in prefix.split(".") for part in self.skipped):
+        if skipped_module(prefix, self.skipped):
             return None
         return Int4CheckpointMethod(self)
 
@@ -179,3 +185,33 @@ class GPTQConfig(Int4CheckpointConfig):
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return gptq_groups(piece, self.zero_offset)
+
+
+class PackedInt4Config(Int4CheckpointConfig):
+    """compressed-tensors `pack-quantized` 4-bit weights (`weights`: the config group's
+    weight arguments), grouped; symmetric or with zero points."""
+
+    name = "compressed-tensors"
+    tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                    "weight_g_idx")
+    optional_names = ("weight_zero_point", "weight_g_idx")
+
+    def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
+        if weights.get("strategy") != "group":
+            raise UnsupportedModelError(f"compressed-tensors int4 {weights.get('strategy')} "
+                                        "scales are not supported (group is)")
+        super().__init__({"bits": weights.get("num_bits"), "group_size": weights.get("group_size"),
+                          "modules_to_not_convert": ignore})
+        self.symmetric = bool(weights.get("symmetric", True))
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        renamed = [{"g_idx": p["weight_g_idx"]} if "weight_g_idx" in p else {} for p in pieces]
+        return GPTQConfig.input_order(self, renamed) if renamed[0] else None
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        codes = unpack_int32(piece["weight_packed"], 1)
+        scale = piece["weight_scale"].float()
+        if self.symmetric:
+            return codes, scale, -8.0 * scale
+        zeros = unpack_int32(piece["weight_zero_point"], 0)[:codes.shape[0]]
+        return codes, scale, -zeros.float() * scale

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import QKVParallelLinear, RowParallelLinear
-from pagoda.layers.quantization.fp8 import FP8, CompressedTensorsConfig, Fp8Config
+from pagoda.layers.quantization.compressed_tensors import compressed_tensors_config
+from pagoda.layers.quantization.fp8 import FP8, Fp8Config
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 64, 4, 2
 SIZES = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
@@ -54,7 +55,7 @@ def test_a_per_tensor_scale_per_piece_and_an_input_scale():
 
 
 def test_compressed_tensors_channel_scales():
-    config = CompressedTensorsConfig({"quant_method": "compressed-tensors", "config_groups": {
+    config = compressed_tensors_config({"quant_method": "compressed-tensors", "config_groups": {
         "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
                                                        "strategy": "channel"}}},
         "ignore": ["lm_head"]})
@@ -81,6 +82,6 @@ def test_16_bit_weights_quantized_at_load_stay_within_fp8_rounding():
 
 
 def test_compressed_tensors_formats_pagoda_does_not_read_are_refused():
-    with pytest.raises(UnsupportedModelError, match="int4 are not supported"):
-        CompressedTensorsConfig({"config_groups": {"g": {"weights": {"type": "int",
-                                                                      "num_bits": 4}}}})
+    with pytest.raises(UnsupportedModelError, match="int8 are not supported"):
+        compressed_tensors_config({"config_groups": {"g": {"weights": {"type": "int",
+                                                                        "num_bits": 8}}}})
