@@ -183,6 +183,7 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    quantization: str | None = None  # vLLM's names; None: what the checkpoint holds
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -43,9 +43,10 @@ def smollm2_tokenizer(smollm2_dir: Path):
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_dir: Path):
-    """One engine shared by read-only tests (each test must leave it idle)."""
+    """One engine shared by read-only tests (each test must leave it idle); its weights are
+    dequantized to float32 at load, as transformers reads the GGUF it is compared with."""
     from pagoda import LLM
     llm = LLM(str(smollm2_dir), kv_cache_memory=256 << 20, max_model_len=2048,
-              max_num_seqs=32, max_num_batched_tokens=1024)
+              max_num_seqs=32, max_num_batched_tokens=1024, quantization="none")
     yield llm
     assert not llm.engine.has_unfinished_requests()

@@ -24,6 +24,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes (e.g. 2GiB); overrides the fraction")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--quantization", "-q", default=None, metavar="FORMAT",
+                   help="fp8, awq, gptq, compressed-tensors or gguf (default: what the "
+                        "checkpoint holds; fp8 also quantizes a 16-bit checkpoint at load; "
+                        "none dequantizes a GGUF at load)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="disable CUDA graphs")
@@ -93,7 +97,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size, "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_memory": args.kv_cache_memory,
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
-        "seed": args.seed, "tokenizer": args.tokenizer,
+        "quantization": args.quantization, "seed": args.seed, "tokenizer": args.tokenizer,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "enable_lora": args.enable_lora,
         "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,

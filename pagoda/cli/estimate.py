@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a GPU (H100, A100, RTX 4090, MI300X, ...: any spelling) or cpu; "
                         "default: this machine's available RAM")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", "-q", default=None,
+                   help="as serve's (default: what the checkpoint holds; fp8 quantizes a "
+                        "16-bit checkpoint, none dequantizes a GGUF)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             getattr(source.hf_config, "max_position_embeddings", None) or 2048)
         result = estimate(source, max_model_len, args.concurrency,
                           args.tp, args.dtype, args.device, args.max_num_batched_tokens,
-                          args.max_num_seqs, args.gpu_memory_utilization, args.pp)
+                          args.max_num_seqs, args.gpu_memory_utilization, args.pp,
+                          args.quantization)
     except PagodaError as exc:
         print(f"pagoda estimate: {exc}", file=sys.stderr)
         return 1
@@ -75,7 +79,8 @@ def format_estimate(e) -> str:
         tp += f", pipeline parallel {e.pipeline_parallel} (the first stage's figures)"
     active = ("" if e.active_parameters is None
               else f" ({e.active_parameters / 1e9:.2f} B active per token)")
-    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters{active}, {e.dtype}{tp}",
+    held = f", {e.quantization} weights" if e.quantization else ""
+    lines = [f"{e.model}: {e.num_parameters / 1e9:.2f} B parameters{active}, {e.dtype}{held}{tp}",
              f"  weights{per_gpu:9s} {gib(e.weight_bytes)}  (from {e.weights_from})",
              f"  KV cache         {gib(e.kv_bytes)}  ({kv_shape})"]
     if e.kv_bytes_without_freeing != e.kv_bytes:

@@ -162,9 +162,7 @@ _add("the KV cache is sized by --kv-cache-memory or --gpu-memory-utilization",
      "--num-gpu-blocks-override value")
 _add("prefix blocks are hashed with pagoda's own chained hash",
      "--prefix-caching-hash-algo value", quiet=("sha256", "sha256_cbor"))
-_add("weights load as stored (GGUF is dequantized at load)", "--quantization/-q value",
-     quiet=("gguf",))
-_add("weights load as stored (GGUF is dequantized at load)", """
+_add("every --quantization format pagoda reads is current", """
 --allow-deprecated-quantization switch""", quiet=("true",))
 _add("there is no speculative decoding", """
 --speculative-config/-sc value

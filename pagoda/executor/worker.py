@@ -22,7 +22,7 @@ from pagoda.layers.parallel import (
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
-from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.loader.checkpoint import load_model, model_quantization, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import describe_kv_budget, kv_budget_bytes, num_blocks_for
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
@@ -93,8 +93,9 @@ class Worker:
         engine, hf = self.config.engine, self.source.hf_config
         torch.manual_seed(engine.seed)
         dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
+        quantization = model_quantization(engine.quantization, self.source, self.device)
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
-                           engine.seed, self.group, self.stage)
+                           engine.seed, self.group, self.stage, quantization=quantization)
         backend = select_backend(engine.attention_backend, self.device)
         lora = None
         if engine.lora is not None:

@@ -226,7 +226,7 @@ class ModelManager:
         e = estimate(source, max_len, concurrency=1, dtype=kwargs.get("dtype") or "auto",
                      device="cuda" if on_gpu else None,
                      token_budget=int(kwargs.get("max_num_batched_tokens", 2048)),
-                     max_num_seqs=seqs)
+                     max_num_seqs=seqs, quantization=kwargs.get("quantization"))
         demand = seqs * e.kv_bytes_per_seq + (e.kv_bytes - e.kv_bytes_per_seq)  # + null block
         if not on_gpu:
             demand = min(demand, max(CPU_KV_DEMAND_CAP, e.kv_bytes))

@@ -7,7 +7,9 @@ row-parallel ones a slice of the inputs and sum over the group. Every parameter 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -16,6 +18,21 @@ from torch.nn import functional as F
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
+
+# set while a model is built whose linear methods are chosen afterwards, by layer name
+_METHODS_DEFERRED: ContextVar[bool] = ContextVar("linear_methods_deferred", default=False)
+
+
+@contextmanager
+def deferred_linear_methods() -> Iterator[None]:
+    """Layers built inside create no weights until `bind_method` gives them a method (a
+    quantization format picks one per layer by its name, known only once the model is
+    built); nothing is allocated for weights that would be replaced."""
+    token = _METHODS_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _METHODS_DEFERRED.reset(token)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -55,6 +72,13 @@ class LinearMethod(ABC):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the layer's local weights."""
 
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """Turn the loaded checkpoint tensors into the form `apply` reads (repacking)."""
+
+    def kernel(self, layer: LinearBase) -> str:
+        """What computes the layer's product, for the startup log."""
+        return "dense matmul"
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """Weights in the model's dtype, one [out, in] matrix."""
@@ -78,14 +102,22 @@ class LinearBase(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.local_in, self.local_out = local_in, local_out
         self.group = group
-        self.method = method or UnquantizedLinearMethod()
-        self.method.create_weights(self, self.weight_loader)
+        self.method: LinearMethod | None = None
+        if method is not None or not _METHODS_DEFERRED.get():
+            self.bind_method(method or UnquantizedLinearMethod())
         self.bias = new_parameter(self.bias_size, loader=self.weight_loader,
                                   output_dim=0) if bias else None
 
     @property
     def bias_size(self) -> int:
         return self.local_out
+
+    def bind_method(self, method: LinearMethod) -> None:
+        """Give a layer built without one its method, which creates its weights."""
+        if self.method is not None:
+            raise RuntimeError("the linear layer already has a method")
+        self.method = method
+        method.create_weights(self, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
                       shard: int | None = None) -> None:

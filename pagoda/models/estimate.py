@@ -2,8 +2,9 @@
 a context length, an activation allowance, and whether it fits a device.
 
 Weights count the checkpoint's tensors from the safetensors or GGUF headers (only those the
-engine keeps as parameters) at the dtype the engine would pick; a config-only source falls
-back to the parameter count its architecture declares (models/arch/). KV is computed as the engine
+engine keeps as parameters) at the dtype the engine would pick, or, for quantized weights, in
+the form the engine holds them (`held_bytes`); a config-only source falls back to the
+parameter count its architecture declares (models/arch/). KV is computed as the engine
 allocates it (16-token blocks of its KV groups plus the reserved null block): a sliding-window
 layer holds min(window + chunk, context) tokens of a sequence (in whole blocks), where chunk is
 the token budget of a step. The activation figure is an allowance, not a measurement: on a GPU
@@ -13,6 +14,7 @@ the engine profiles the real peak at startup.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,8 +25,9 @@ from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.parallel import layer_ranges
 from pagoda.models.arch.base import ArchSpec, LayerAttention
-from pagoda.models.loader.gguf import gguf_shapes
-from pagoda.models.loader.safetensors import safetensors_shapes
+from pagoda.models.loader.gguf import gguf_shapes, gguf_types
+from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
+from pagoda.models.quantization import load_quantization, quantizes_at_load
 from pagoda.models.registry import arch_spec
 from pagoda.models.source import ModelSource
 
@@ -63,6 +66,7 @@ class MemoryEstimate:
     token_budget: int  # tokens a step runs: a sliding-window layer holds its window + this
     active_parameters: int | None = None  # a mixture of experts: what one token runs
     pipeline_parallel: int = 1  # with more than one stage, the figures are the first's
+    quantization: str | None = None  # the form the weights are held in (None: --dtype)
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
@@ -73,17 +77,97 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
-    """Parameters the engine allocates for `source`, and where the count came from."""
-    config = source.hf_config
+# a linear layer's weight, which quantization formats replace (experts and routers stay)
+_LINEAR_WEIGHT = re.compile(r".*\.(q|k|v|o|gate|up|down)_proj\.(weight|qweight)")
+# tensors of quantized checkpoints that hold no parameters of their own
+_QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale")
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                      "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def _shapes(source: ModelSource) -> tuple[Any, str] | None:
     if source.format == "safetensors":
-        shapes, origin = safetensors_shapes(source.path), "safetensors header"
-    elif source.format == "gguf" and source.gguf_file is not None:
-        shapes, origin = gguf_shapes(source.gguf_file, source.gguf_tensors), "gguf header"
-    else:
+        return safetensors_shapes(source.path), "safetensors header"
+    if source.format == "gguf" and source.gguf_file is not None:
+        return gguf_shapes(source.gguf_file, source.gguf_tensors), "gguf header"
+    return None
+
+
+def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
+    """Parameters the engine allocates for `source` (a packed 4-bit tensor counts the
+    weights it holds; scales and zero points none), and where the count came from."""
+    config = source.hf_config
+    found = _shapes(source)
+    if found is None:
         return spec.count_parameters(config), "config"
-    return sum(math.prod(shape) for name, shape in shapes
-               if spec.keeps_weight(name, config)), origin
+    shapes, origin = found
+    total = 0
+    for name, shape in shapes:
+        if not spec.keeps_weight(name, config) or name.rpartition(".")[2] in _QUANT_AUX:
+            continue
+        total += math.prod(shape) * (8 if name.endswith(".qweight") else 1)
+    return total, origin
+
+
+def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
+               device: str) -> int:
+    """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF 4-bit
+    linear weights packed for the int4 CPU kernel (4 bits and a bfloat16 scale and zero per
+    32), AWQ/GPTQ likewise (scales and zeros doubling the scales' 16 bits), FP8 weights one
+    byte (+ float32 scales at load), everything else at `itemsize`."""
+    from pagoda.layers.quantization.gguf import keeps_blocks
+    params, _ = count_parameters(source, spec)
+    if quantization is None:
+        return params * itemsize
+    found = _shapes(source)
+    if found is None:  # config only (dummy weights): every parameter but the vocabulary
+        config = source.hf_config  # tables is a linear weight, one byte each (+ its scales)
+        tables = config.vocab_size * config.hidden_size * \
+            (1 + (not getattr(config, "tie_word_embeddings", False)))
+        return tables * itemsize + (params - tables)
+    shapes = dict(found[0])
+    if quantization == "gguf":
+        types = dict(gguf_types(source.gguf_file, source.gguf_tensors))
+        packed = sum(math.prod(shapes[name]) for name, kind in types.items()
+                     if _LINEAR_WEIGHT.fullmatch(name) and ".experts." not in name
+                     and keeps_blocks(kind, torch.device(device)))
+        return (params - packed) * itemsize + packed * 5 // 8
+    if quantizes_at_load(quantization, source):
+        linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
+                  and ".experts." not in n}
+        weights = sum(math.prod(s) for s in linear.values())
+        return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
+    return _quantized_safetensors_bytes(source, spec, shapes, itemsize)
+
+
+def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:
+    """An fp8 layer's scales as held: float32 per row, times the column blocks for block
+    scales ([out / 128, in / 128] in the checkpoint)."""
+    rows = weight[0]
+    blocks = scale[1] if len(scale) == 2 and scale[0] < rows else 1
+    return 4 * rows * blocks
+
+
+def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
+                                 shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
+    """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
+    (AWQ/GPTQ scales twice: a bfloat16 scale and zero each; zero points folded in)."""
+    total = 0
+    for name, dtype in safetensors_dtypes(source.path):
+        if not spec.keeps_weight(name, source.hf_config):
+            continue
+        count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
+        if leaf in ("qzeros", "g_idx", "input_scale"):
+            continue
+        if leaf == "scales":
+            total += 4 * count
+        elif leaf in ("weight_scale", "weight_scale_inv"):
+            total += _fp8_scale_bytes(shapes[name], shapes[name.removesuffix(leaf) + "weight"])
+        elif leaf == "qweight" or dtype.startswith("F8"):
+            total += count * _SAFETENSORS_BYTES.get(dtype, 4)
+        else:
+            total += count * itemsize
+    return total
 
 
 def active_parameters(spec: ArchSpec, config: Any, total: int) -> int | None:
@@ -142,10 +226,11 @@ def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
 def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: int = 1,
              dtype: str = "auto", device: str | None = None, token_budget: int = 2048,
              max_num_seqs: int = 64, gpu_memory_utilization: float = 0.9,
-             pp: int = 1) -> MemoryEstimate:
+             pp: int = 1, quantization: str | None = None) -> MemoryEstimate:
     """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens.
     `device`: a GPU name (H100, ...) to get a fit verdict, "cuda" for GPU figures without
-    one, None or "cpu" for CPU figures."""
+    one, None or "cpu" for CPU figures. `quantization`: as `--quantization` (None: what the
+    checkpoint holds)."""
     config = source.hf_config
     if max_model_len < 1 or concurrency < 1 or tp < 1 or pp < 1:
         raise ConfigError("max_model_len, concurrency, tp and pp must be at least 1")
@@ -157,7 +242,10 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
                                 getattr(config, "dtype", None))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     params, weights_from = count_parameters(source, spec)
-    weights = stage_parameters(config, params, pp) * itemsize // tp
+    held = load_quantization(quantization, source, "cuda" if on_gpu else "cpu")
+    held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu")
+    # a pipeline stage holds its share of the layers (bytes taken as spread like parameters)
+    weights = held_total * stage_parameters(config, params, pp) // params // tp
     per_token = kv_bytes_per_token(spec, config, torch_dtype, tp, pp)
     block_bytes = kv_block_bytes(spec, config, torch_dtype, tp, pp)
     per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget, pp) * block_bytes
@@ -166,7 +254,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs)
     overhead = CUDA_CONTEXT_BYTES if on_gpu else 0
     result = MemoryEstimate(
-        model=source.name, dtype=str(torch_dtype).removeprefix("torch."),
+        model=source.name, dtype=str(torch_dtype).removeprefix("torch."), quantization=held,
         num_parameters=params, weights_from=weights_from, weight_bytes=weights,
         kv_bytes_per_token=per_token, kv_bytes=kv, kv_bytes_per_seq=per_seq,
         kv_bytes_without_freeing=kv_unfreed, activation_bytes=activations,

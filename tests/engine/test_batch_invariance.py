@@ -66,7 +66,7 @@ def test_prefix_cache_hits(smollm2_llm, smollm2_tokenizer, solo_outputs):
 def test_forced_preemption(smollm2_dir, prompts, solo_outputs):
     block_bytes = 2 * 30 * 3 * 64 * 4 * 16
     llm = LLM(str(smollm2_dir), max_model_len=64, kv_cache_memory=12 * block_bytes,
-              max_num_seqs=16)
+              max_num_seqs=16, quantization="none")  # smollm2_llm's float32 weights
     outputs = llm.generate(prompts, GREEDY)
     core = llm.engine.core
     assert core.scheduler.num_preemptions > 0

@@ -177,10 +177,10 @@ def test_one_engine_dying_leaves_the_other_model_serving(pair, expected):
 @pytest.fixture(scope="module")
 def swap(tmp_path_factory, smollm2_dir):
     # each copy holds 0.66 GiB awake plus its KV; asleep on CPU it keeps its 0.5 GiB of
-    # weights: 1.3 GiB fits one awake and one asleep, never both awake
+    # weights (dequantized to float32): 1.3 GiB fits one awake and one asleep, never both
     config = models_file(tmp_path_factory.mktemp("swap"), f"""
 memory_limit: 1.3GiB
-defaults: {{max_model_len: 256}}
+defaults: {{max_model_len: 256, quantization: none}}
 models:
   - {{model: {smollm2_dir}, name: a}}
   - {{model: {smollm2_dir}, name: b}}

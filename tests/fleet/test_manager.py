@@ -23,9 +23,10 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 
 
 def manager(*specs: ModelSpec, memory_limit: int | None = None,
-            keep_alive: float = FOREVER) -> ModelManager:
+            keep_alive: float = FOREVER, quantization: str | None = "none") -> ModelManager:
+    """Models dequantized to float32 by default: the limits below are sized for that."""
     m = ModelManager(FleetSpec(list(specs), memory_limit, keep_alive),
-                     {"device": "cpu", "max_model_len": 256})
+                     {"device": "cpu", "max_model_len": 256, "quantization": quantization})
     m.configure()
     return m
 
@@ -41,6 +42,11 @@ def test_needs_come_from_the_config(smollm2_dir):
     need = m.by_name["a"].need
     assert need.weight_bytes == 538060032  # SmolLM2-135M in float32, as the engine allocates
     assert need.kv_min_bytes < need.kv_demand_bytes and not need.measured
+
+
+def test_needs_count_weights_kept_quantized(smollm2_dir):
+    m = manager(ModelSpec(str(smollm2_dir), "a"), quantization=None)
+    assert m.by_name["a"].need.weight_bytes == 179741952  # Q4_1 linears packed to 5 bits
 
 
 def test_models_that_all_fit_split_by_demand_and_keep_their_share(smollm2_dir, tiny_dir):

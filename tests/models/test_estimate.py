@@ -277,3 +277,13 @@ def test_the_command_reports_active_parameters(capsys):
     assert main(["estimate", "bench/configs/llama-3.1-8b", "--max-model-len", "4096",
                  "--device", "H200"]) == 0
     assert "active" not in capsys.readouterr().out
+
+
+def test_fp8_at_load_counts_a_byte_per_linear_weight_of_a_config_only_model():
+    source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    bf16 = estimate(source, 8192, device="H100")
+    fp8 = estimate(source, 8192, device="H100", quantization="fp8")
+    config = source.hf_config
+    tables = config.vocab_size * config.hidden_size * 2  # untied embedding and LM head
+    assert fp8.quantization == "fp8" and bf16.quantization is None
+    assert fp8.weight_bytes == 2 * tables + (bf16.num_parameters - tables)

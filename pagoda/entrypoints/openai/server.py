@@ -23,6 +23,7 @@ from pagoda.errors import PagodaError
 from pagoda.fleet.spec import FleetSpec
 from pagoda.logger import get_logger
 from pagoda.models.loader.tokenizer import get_tokenizer
+from pagoda.models.quantization import resolve_quantization
 from pagoda.models.source import resolve_model
 from pagoda.process import freeze_startup_objects
 
@@ -114,7 +115,12 @@ def serve(model: str, engine_kwargs: dict[str, Any], config: ServerConfig,
     engine_cfg = engine_config(model, **engine_kwargs)
     engine_starting = engine_starting or start_in_background(engine_cfg)
     source = resolve_model(engine_cfg.model, engine_cfg.load_format)
-    resolve_max_model_len(source.hf_config, engine_cfg.max_model_len)  # before "listening"
+    try:  # before "listening": a mismatch or a too-long context is one line, now
+        resolve_quantization(engine_cfg.quantization, source)
+        resolve_max_model_len(source.hf_config, engine_cfg.max_model_len)
+    except PagodaError:
+        _shutdown(engine_starting)
+        raise
     tokenizer = get_tokenizer(source, engine_cfg.tokenizer)
     metrics = EngineMetrics(config.served_model_names[0])
     metrics.max_loras = config.lora.max_loras

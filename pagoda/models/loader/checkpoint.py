@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import deferred_linear_methods
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
+from pagoda.layers.quantization import (
+    bind_linear_methods,
+    finish_linear_layers,
+    get_quantization_config,
+)
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
 from pagoda.models.loader.gguf import iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
+from pagoda.models.loader.weights import fused_target
+from pagoda.models.quantization import load_quantization, resolve_quantization
 from pagoda.models.registry import model_class
 from pagoda.models.source import ModelSource
 
@@ -34,43 +42,90 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
                max_position: int, seed: int = 0, group: ParallelGroup = SINGLE,
-               stage: PipelineStage = WHOLE) -> CausalLM:
+               stage: PipelineStage = WHOLE, quantization: str | None = None) -> CausalLM:
     """Instantiate the model (this rank's shard of it: its tensor-parallel slice of its
-    pipeline stage's layers) on the device in dtype and load its weights."""
+    pipeline stage's layers) on the device in dtype and load its weights, its linear layers
+    in `quantization`'s form (a name resolve_quantization gave)."""
     start = time.perf_counter()
     cls = model_class(source.hf_config)
     if stage.count > 1 and not cls.supports_pipeline_parallel:
         raise UnsupportedModelError(f"{cls.__name__} does not support pipeline parallelism")
+    config = get_quantization_config(quantization, source.hf_config) if quantization else None
     with _default_dtype(dtype), torch.device(device):
-        model = cls(source.hf_config, max_position, group, stage)
-    if source.format == "dummy":
-        init_dummy_weights(model, seed)
-    else:
-        _load_checkpoint(model, source)
-        source.gguf_tensors = None  # unmap the GGUF: its pages would count as ours for good
+        with deferred_linear_methods():
+            model = cls(source.hf_config, max_position, group, stage)
+        bind_linear_methods(model, config)
+        if source.format == "dummy":
+            init_dummy_weights(model, seed)
+        else:
+            _load_checkpoint(model, source)
+            source.gguf_tensors = None  # unmap the GGUF: its pages would count as ours for good
+        kernels = finish_linear_layers(model)
     model.eval()
-    logger.info("loaded %s (%s, %s) in %.1fs: %.2f GiB of weights", source.name, source.format,
-                str(dtype).removeprefix("torch."), time.perf_counter() - start,
-                weight_bytes(model) / 2**30)
+    logger.info("loaded %s (%s, %s%s) in %.1fs: %.2f GiB of weights", source.name,
+                source.format, str(dtype).removeprefix("torch."),
+                f", {quantization} weights" if quantization else "",
+                time.perf_counter() - start, weight_bytes(model) / 2**30)
+    if quantization:
+        logger.info("linear kernels: %s", "; ".join(f"{leaf}: {kernel}"
+                                                    for leaf, kernel in kernels.items()))
     return model
 
 
-def iter_weights(source: ModelSource, sliced: bool = False
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) for every weight of the checkpoint. `sliced`: a
-    tensor-parallel rank's load, which reads only the slices it keeps (safetensors)."""
+def model_quantization(requested: str | None, source: ModelSource,
+                       device: torch.device) -> str | None:
+    """The format to load with: `--quantization` checked against the checkpoint (a
+    mismatch raises ConfigError), else the checkpoint's. A GGUF found on a GPU, with no
+    GPU kernels for its blocks yet, is dequantized at load as before (one log line)."""
+    quantization = load_quantization(requested, source, device.type)
+    if quantization is None and resolve_quantization(requested, source) == "gguf":
+        logger.info("%s: GGUF weights dequantized at load on %s (pass --quantization gguf "
+                    "to keep their blocks, decoded per call)", source.name, device.type)
+    return quantization
+
+
+def iter_weights(source: ModelSource, keep_blocks: Callable[[str, str], bool] | None = None,
+                 sliced: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) for every weight of the checkpoint; GGUF tensors
+    that `keep_blocks(name, type)` picks come as their blocks. `sliced`: a tensor-parallel
+    rank's load, which reads only the slices it keeps (safetensors)."""
     if source.format == "safetensors":
         yield from iter_safetensors(source.path, lazy=sliced)
     elif source.format == "gguf" and source.gguf_file is not None:
-        yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors)
+        yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors,
+                             keep_blocks)
     else:
         raise UnsupportedModelError(f"{source.name}: no weights to read for format {source.format!r}")
 
 
+class _BlockKeeper:
+    """Whether GGUF tensor `name` of a block type loads into a parameter that keeps that
+    type's blocks; remembers the types such a parameter had decoded instead."""
+
+    def __init__(self, model: CausalLM) -> None:
+        self.params = dict(model.named_parameters())
+        self.packed = model.packed_modules
+        self.decoded: set[str] = set()
+
+    def __call__(self, name: str, type_name: str) -> bool:
+        target = self.params.get(fused_target(name, self.packed)[0])
+        keeps = getattr(target, "gguf_blocks", None)
+        if keeps is None:
+            return False
+        if not keeps(type_name):
+            self.decoded.add(type_name)
+            return False
+        return True
+
+
 def _load_checkpoint(model: CausalLM, source: ModelSource) -> None:
     total = len(model.expected_weights())
-    weights = iter_weights(source, sliced=model.group.size > 1)
+    keeper = _BlockKeeper(model) if source.format == "gguf" else None
+    weights = iter_weights(source, keeper, sliced=model.group.size > 1)
     loaded = model.load_weights(_with_progress(weights, total, source.name))
+    if keeper is not None and keeper.decoded:
+        logger.info("%s: GGUF %s weights of linear layers decoded at load (no kernel for their "
+                    "blocks on this device)", source.name, ", ".join(sorted(keeper.decoded)))
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])

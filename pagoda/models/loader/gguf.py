@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from pagoda.models.gguf_index import GGUFIndex, GGUFTensor, reader_tensors
 if TYPE_CHECKING:
     import torch
 
+    from pagoda.layers.quantization.gguf import GGUFWeight
     from pagoda.models.arch.base import GGUFLayout
     from pagoda.models.hf_config import HFConfig
 
@@ -191,9 +192,12 @@ def special_token_ids(meta: GGUFMeta) -> dict[str, Any]:
     }
 
 
-def iter_gguf(path: Path, config: HFConfig,
-              tensors: GGUFIndex | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantize each tensor to float32, renamed to HF and transformed into HF's layout."""
+def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
+              keep_blocks: Callable[[str, str], bool] | None = None
+              ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+    """Each tensor renamed to HF and transformed into HF's layout: dequantized to float32,
+    or, where `keep_blocks(HF name, GGUF type name)` says so, as its rows of blocks (the
+    layout's transforms only reorder rows, which blocks allow)."""
     import torch
     found = tensors or read_gguf_tensors(path)
     layout = gguf_layout(found.architecture, path)
@@ -204,7 +208,37 @@ def iter_gguf(path: Path, config: HFConfig,
         if name is None:
             raise UnsupportedModelError(
                 f"{path}: no HF name for GGUF tensor {tensor.name!r} ({found.architecture})")
-        yield name, torch.from_numpy(layout.transform(name, dequantize(tensor), config))
+        if keep_blocks is not None and len(tensor.shape) == 2 \
+                and keep_blocks(name, tensor.tensor_type.name):
+            yield name, _block_rows(tensor, layout.transform(name, tensor.data, config))
+        else:
+            yield name, torch.from_numpy(layout.transform(name, dequantize(tensor), config))
+
+
+def _block_rows(tensor: GGUFTensor, rows: np.ndarray) -> GGUFWeight:
+    """The tensor's [out, row bytes] blocks, copied out of the memory map."""
+    import torch
+
+    from pagoda.layers.quantization.gguf import GGUFWeight
+    return GGUFWeight(torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)),
+                      tensor.tensor_type.name, int(tensor.shape[0]))
+
+
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
+
+
+def block_types(tensors: GGUFIndex) -> set[str]:
+    """The quantized (block) types among the file's tensors."""
+    return {t.tensor_type.name for t in tensors.tensors} - _FLOAT_TYPES
+
+
+def gguf_types(path: Path, tensors: GGUFIndex | None = None) -> Iterator[tuple[str, str]]:
+    """(HF tensor name, GGUF type name) for every tensor the loader turns into a weight."""
+    found = tensors or read_gguf_tensors(path)
+    layout = gguf_layout(found.architecture, path)
+    for tensor in found.tensors:
+        if tensor.name not in layout.skipped:
+            yield hf_name(layout, tensor.name) or tensor.name, tensor.tensor_type.name
 
 
 def gguf_shapes(path: Path, tensors: GGUFIndex | None = None

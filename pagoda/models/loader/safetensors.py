@@ -122,3 +122,10 @@ def safetensors_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     for shard in safetensors_files(path):
         for name, info in safetensors_header(shard).items():
             yield name, tuple(info["shape"])
+
+
+def safetensors_dtypes(path: Path) -> Iterator[tuple[str, str]]:
+    """(tensor name, safetensors dtype name: F16, I32, F8_E4M3...) for every tensor."""
+    for shard in safetensors_files(path):
+        for name, info in safetensors_header(shard).items():
+            yield name, str(info["dtype"])

@@ -92,6 +92,8 @@ def expected_weights(model: nn.Module) -> set[str]:
             continue
         pieces = getattr(module, "num_shards", None)
         for param_name, param in module.named_parameters(recurse=False):
+            if getattr(param, "optional", False):
+                continue  # a checkpoint may hold it or not (GPTQ's g_idx)
             name = f"{module_name}.{param_name}"
             expected |= {f"{name}#{i}" for i in range(pieces)} if pieces else _pieces(name, param)
     return expected

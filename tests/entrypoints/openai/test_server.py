@@ -19,8 +19,10 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
+    # float32 weights, as the offline smollm2_llm its answers are compared with
     srv = RemoteServer(str(smollm2_dir), "--served-model-name", MODEL, "--max-model-len", "2048",
-                       "--kv-cache-memory", "256MiB", "--max-num-seqs", "64")
+                       "--kv-cache-memory", "256MiB", "--max-num-seqs", "64",
+                       "--quantization", "none")
     yield srv
     assert srv.stop() == 0
 

@@ -1,0 +1,57 @@
+"""Quantized weights: each `--quantization` format as a config that picks the linear method
+of every layer by name; binding those methods to a model built with deferred linear
+methods, and finishing the layers once the checkpoint is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pagoda.layers.linear import LinearBase, UnquantizedLinearMethod
+from pagoda.layers.quantization.base import QuantizationConfig
+
+
+def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
+    """The config of format `name` (a name `pagoda.models.quantization` accepted); a
+    checkpoint without quantization_config asking for fp8 is quantized at load."""
+    if name == "gguf":
+        from pagoda.layers.quantization.gguf import GGUFConfig
+        return GGUFConfig()
+    values = getattr(hf_config, "quantization_config", None) or {}
+    if name == "awq":
+        from pagoda.layers.quantization.int4_checkpoints import AWQConfig
+        return AWQConfig(values)
+    if name == "gptq":
+        from pagoda.layers.quantization.int4_checkpoints import GPTQConfig
+        return GPTQConfig(values)
+    if name == "fp8":
+        from pagoda.layers.quantization.fp8 import Fp8Config
+        return Fp8Config(values or None)
+    if name == "compressed-tensors":
+        from pagoda.layers.quantization.compressed_tensors import (
+            compressed_tensors_config,
+        )
+        return compressed_tensors_config(values)
+    raise NotImplementedError(f"--quantization {name} is not implemented yet")
+
+
+def bind_linear_methods(model: nn.Module, config: QuantizationConfig | None) -> None:
+    """Give every linear layer built without a method the format's method for its name
+    (or 16-bit weights); this creates their weights."""
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and module.method is None:
+            method = config.linear_method(name, module) if config is not None else None
+            module.bind_method(method or UnquantizedLinearMethod())
+
+
+def finish_linear_layers(model: nn.Module) -> dict[str, str]:
+    """Let each linear method repack what it loaded; returns the kernel each layer type
+    (the last part of its name: qkv_proj, down_proj...) runs on."""
+    kernels: dict[str, dict[str, None]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            module.method.process_weights_after_loading(module)
+            leaf = name.rpartition(".")[2]
+            kernels.setdefault(leaf, {})[module.method.kernel(module)] = None
+    return {leaf: ", ".join(found) for leaf, found in kernels.items()}

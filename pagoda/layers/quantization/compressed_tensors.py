@@ -1,0 +1,31 @@
+"""compressed-tensors checkpoints (what llmcompressor writes): one config group targeting
+Linear layers, either 8-bit float weights (`float-quantized`: FP8, FP8_DYNAMIC) or 4-bit
+integers packed eight to an int32 (`pack-quantized`: W4A16, W4A16_ASYM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.quantization.base import QuantizationConfig
+
+
+def compressed_tensors_config(values: dict[str, Any]) -> QuantizationConfig:
+    """The config of a checkpoint's `quantization_config` (quant_method compressed-tensors)."""
+    groups = list((values.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    kinds = ", ".join(f"{w.get('type')}{w.get('num_bits')}" for w in weights) or "none"
+    if len(groups) != 1:
+        raise UnsupportedModelError(f"compressed-tensors with {len(groups)} config groups "
+                                    f"({kinds}) is not supported yet (one group is)")
+    args, ignore = weights[0], list(values.get("ignore") or ())
+    kind = (args.get("type"), int(args.get("num_bits") or 0))
+    if kind == ("float", 8):
+        from pagoda.layers.quantization.fp8 import CompressedTensorsFp8Config
+        return CompressedTensorsFp8Config(args, ignore)
+    fmt = groups[0].get("format") or values.get("format")
+    if kind == ("int", 4) and fmt == "pack-quantized":
+        from pagoda.layers.quantization.int4_checkpoints import PackedInt4Config
+        return PackedInt4Config(args, ignore)
+    raise UnsupportedModelError(f"compressed-tensors {fmt or ''} weights of {kinds} are not "
+                                "supported yet (float8, and int4 pack-quantized, are)")

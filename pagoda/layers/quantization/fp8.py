@@ -1,0 +1,159 @@
+"""FP8 (E4M3) weights, weight-only: each layer keeps its float8 weights and their scales and
+decodes them to the activation dtype at each call (the CPU path; GPU tensor-core kernels are
+still to come). Three sources:
+
+- `fp8` checkpoints (quantization_config quant_method "fp8"): `weight` with a per-tensor
+  `weight_scale`, or with `weight_block_size` [128, 128] a `weight_scale_inv` per block;
+- compressed-tensors float-quantized checkpoints (llmcompressor's FP8 / FP8_DYNAMIC):
+  `weight` with `weight_scale` per tensor, per output channel or per block;
+- `--quantization fp8` on a 16/32-bit checkpoint: per-channel scales computed at load.
+A weight is float8 value * its scale; activation scales (`input_scale`) are read and unused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import (
+    LinearBase,
+    LinearMethod,
+    UnquantizedLinearMethod,
+    WeightLoader,
+)
+from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.pieces import (
+    add_collected_parameters,
+    collected_pieces,
+    piece_sizes,
+)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] floats -> float8 weights and a float32 scale per row [out, 1]."""
+    scale = (weight.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def row_scales(scale: torch.Tensor, rows: int, columns: int,
+               block: tuple[int, int] | None) -> torch.Tensor:
+    """A piece's scale as [rows, column groups] float32: one group of all columns for a
+    per-tensor or per-channel scale, `block[1]` columns per group for block scales."""
+    scale = scale.float()
+    if block is None:
+        return scale.reshape(-1, 1).expand(rows, 1) if scale.numel() == 1 else \
+            scale.reshape(rows, 1)
+    block_rows, block_columns = block
+    expected = (-(-rows // block_rows), -(-columns // block_columns))
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"block scales of shape {tuple(scale.shape)}, not {expected}")
+    return scale.repeat_interleave(block_rows, dim=0)[:rows]
+
+
+class Fp8WeightOnlyMethod(LinearMethod):
+    """A layer of float8 weights with row (and column block) scales, decoded per call."""
+
+    def __init__(self, block: tuple[int, int] | None, at_load: bool = False) -> None:
+        self.block = block
+        self.at_load = at_load
+
+    def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        if self.at_load:  # 16-bit weights load as usual, then are quantized
+            UnquantizedLinearMethod().create_weights(layer, loader)
+            return
+        if self.block is not None and layer.local_in % self.block[1]:
+            raise UnsupportedModelError(f"fp8 block scales of {self.block[1]} columns do not "
+                                        f"divide the layer's {layer.local_in} inputs")
+        add_collected_parameters(layer, ("weight", "weight_scale", "weight_scale_inv",
+                                         "input_scale"), "fp8",
+                                 optional=("weight_scale", "weight_scale_inv", "input_scale"))
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if self.at_load:
+            weight, scale = quantize_per_channel(layer.weight.data)
+            del layer.weight
+        else:
+            weight, scale = self._from_checkpoint(layer)
+        layer.fp8_weight = nn.Parameter(weight, requires_grad=False)
+        layer.fp8_scale = nn.Parameter(scale, requires_grad=False)
+
+    def _from_checkpoint(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, scales = [], []
+        for rows, piece in zip(piece_sizes(layer), collected_pieces(layer)):
+            scale = piece.get("weight_scale_inv", piece.get("weight_scale"))
+            if "weight" not in piece or scale is None:
+                raise UnsupportedModelError("an fp8 layer lacks its weight or weight scale")
+            if tuple(piece["weight"].shape) != (rows, layer.local_in):
+                raise ValueError(f"fp8 weight of shape {tuple(piece['weight'].shape)} does not "
+                                 f"fit a [{rows}, {layer.local_in}] piece")
+            weights.append(piece["weight"].to(FP8))
+            scales.append(row_scales(scale, rows, layer.local_in, self.block))
+        return torch.cat(weights), torch.cat(scales)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        weight, scale = layer.fp8_weight, layer.fp8_scale
+        groups = weight.to(x.dtype).view(weight.shape[0], scale.shape[1], -1)
+        decoded = (groups * scale.to(x.dtype).unsqueeze(-1)).view(weight.shape)
+        return F.linear(x, decoded, bias)
+
+    def kernel(self, layer: LinearBase) -> str:
+        return "fp8 weights decoded per call (weight-only)"
+
+
+def skipped_module(prefix: str, names: list[str]) -> bool:
+    """Whether module `prefix` is among `names` (module names or their last parts;
+    compressed-tensors' "re:" patterns match by regular expression)."""
+    import re
+    for name in names:
+        if name.startswith("re:") and re.fullmatch(name[3:], prefix):
+            return True
+        if prefix == name or prefix.endswith("." + name) or name in prefix.split("."):
+            return True
+    return False
+
+
+class Fp8Config(QuantizationConfig):
+    """An fp8 checkpoint's config, or `--quantization fp8` on a 16-bit one (`values` None)."""
+
+    name = "fp8"
+
+    def __init__(self, values: dict[str, Any] | None) -> None:
+        self.at_load = values is None
+        values = values or {}
+        block = values.get("weight_block_size")
+        self.block = tuple(int(b) for b in block) if block else None
+        self.skipped = list(values.get("modules_to_not_convert") or values.get("ignored_layers")
+                            or ())
+
+    def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
+        if skipped_module(prefix, self.skipped):
+            return None
+        return Fp8WeightOnlyMethod(self.block, self.at_load)
+
+
+class CompressedTensorsFp8Config(QuantizationConfig):
+    """compressed-tensors checkpoints of FP8 weights (`float-quantized`, llmcompressor's
+    FP8 and FP8_DYNAMIC schemes): `weights` is the config group's weight arguments."""
+
+    name = "compressed-tensors"
+
+    def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
+        strategy = weights.get("strategy", "tensor")
+        if strategy not in ("tensor", "channel", "block"):
+            raise UnsupportedModelError(f"compressed-tensors fp8 {strategy} scales are not "
+                                        "supported")
+        block = weights.get("block_structure") if strategy == "block" else None
+        self.block = tuple(int(b) for b in block) if block else None
+        self.skipped = ignore
+
+    def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
+        if skipped_module(prefix, self.skipped):
+            return None
+        return Fp8WeightOnlyMethod(self.block)

@@ -1,0 +1,170 @@
+"""GGUF weights kept in their blocks. The loader hands a linear layer each checkpoint tensor
+as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
+may differ in type) become kernels: 4-bit types packed for torch's int4 CPU matmul, other
+block types decoded per call (only the blocks stay resident), float tensors dense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.gguf_blocks import (
+    FORMATS,
+    INT4_FORMATS,
+    dequantize_rows,
+    int4_groups,
+)
+from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
+
+
+@dataclass(slots=True)
+class GGUFWeight:
+    """One checkpoint tensor as rows of GGUF blocks: [out, row bytes] uint8."""
+
+    rows: torch.Tensor
+    type_name: str
+    columns: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.shape[0], self.columns
+
+
+class BlockRows(nn.Module):
+    """Rows of blocks of one type, decoded to the activation dtype at each call."""
+
+    def __init__(self, rows: torch.Tensor, type_name: str) -> None:
+        super().__init__()
+        self.type_name = type_name
+        self.rows = nn.Parameter(rows, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_rows(self.rows, self.type_name).to(x.dtype))
+
+
+class DenseRows(nn.Module):
+    """A float tensor (F32/F16 in the file) in the model's dtype."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def _kernel_name(kernel: nn.Module) -> str:
+    if isinstance(kernel, Int4PackedWeight):
+        return "int4pack_mm_for_cpu"
+    if isinstance(kernel, BlockRows):
+        return f"{kernel.type_name} decoded per call"
+    return "dense matmul"
+
+
+class GGUFLinearMethod(LinearMethod):
+    """A linear layer whose weights stay in the GGUF's blocks."""
+
+    def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        if layer.group.size != 1:
+            raise UnsupportedModelError("GGUF weights kept quantized do not split over a "
+                                        "tensor-parallel group yet")
+        # a placeholder the checkpoint's tensors are loaded through (the layer keeps them)
+        layer.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        layer.weight.weight_loader = partial(_store_piece, layer)
+        layer.weight.gguf_blocks = partial(keeps_blocks, device=layer.weight.device)
+        layer.weight.output_dim, layer.weight.input_dim = 0, 1
+        layer.gguf_pieces = {}
+        layer.gguf_kernels = nn.ModuleList()
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        pieces = [layer.gguf_pieces[key] for key in sorted(layer.gguf_pieces, key=_order)]
+        layer.gguf_pieces = {}
+        for group in _runs(pieces, layer.weight.device):
+            layer.gguf_kernels.append(_kernel(group, layer))
+
+    def apply(self, layer: LinearBase, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = [kernel(x) for kernel in layer.gguf_kernels]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return y if bias is None else y + bias
+
+    def kernel(self, layer: LinearBase) -> str:
+        return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))
+
+
+def _store_piece(layer: LinearBase, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,
+                 shard: int | None = None) -> None:
+    """Keep one checkpoint tensor (blocks, or floats) of the layer until loading ends."""
+    expected = _piece_rows(layer, shard)
+    if tuple(tensor.shape) != (expected, layer.local_in):
+        raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit "
+                         f"a [{expected}, {layer.local_in}] piece")
+    layer.gguf_pieces[shard] = tensor
+
+
+def _order(key: int | None) -> int:
+    return -1 if key is None else key
+
+
+def _piece_rows(layer: LinearBase, shard: int | None) -> int:
+    sizes = getattr(layer, "local_sizes", None)
+    return layer.local_out if shard is None or sizes is None else sizes[shard]
+
+
+def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
+    """What a piece becomes: "int4" (packable), its block type, or "dense"."""
+    if isinstance(piece, torch.Tensor):
+        return "dense"
+    if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
+        return "int4"
+    return piece.type_name
+
+
+def _runs(pieces: list, device: torch.device) -> list[list]:
+    """Consecutive pieces that one kernel can hold, rows stacked."""
+    runs: list[list] = []
+    for piece in pieces:
+        if runs and _kind(runs[-1][-1], device) == _kind(piece, device):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
+
+
+def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
+    device = layer.weight.device
+    kind = _kind(pieces[0], device)
+    if kind == "dense":
+        return DenseRows(torch.cat(pieces).to(device, torch.get_default_dtype()))
+    if kind == "int4":
+        groups = [int4_groups(p.rows, p.type_name) for p in pieces]
+        codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
+        return Int4PackedWeight(codes, scale, low, 32)
+    return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
+
+
+class GGUFConfig(QuantizationConfig):
+    """Every linear layer of a GGUF model keeps its blocks; embeddings and norms are read
+    as floats (the loader decodes the tensors no linear layer takes)."""
+
+    name = "gguf"
+
+    def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
+        return GGUFLinearMethod()
+
+
+def keeps_blocks(type_name: str, device: torch.device) -> bool:
+    """Whether a linear layer on `device` keeps a tensor of GGUF type `type_name` in its
+    blocks: on CPU the 4-bit types, which torch's int4 matmul runs faster than floats
+    (decoding the others at every call costs 5-15x the matmul: they are decoded at load);
+    elsewhere every type pagoda decodes, decoded per call until GPU kernels exist."""
+    if device.type == "cpu":
+        return type_name in INT4_FORMATS
+    return type_name in FORMATS

@@ -1,0 +1,146 @@
+"""GGUF's block-quantized weight formats in torch: how many bytes a block of how many
+weights takes, and how a row of blocks decodes back to floats (the formats as llama.cpp's
+ggml-common.h lays them out). 4-bit formats also decode to (codes, scale, min) per group of
+32 weights, the form torch's int4 weight-packed matmul takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256  # weights per super-block of the k-quants
+
+
+@dataclass(frozen=True, slots=True)
+class BlockFormat:
+    """One GGUF quantized type: weights per block and bytes per block."""
+
+    name: str
+    block_weights: int
+    block_bytes: int
+
+    def row_bytes(self, columns: int) -> int:
+        return columns // self.block_weights * self.block_bytes
+
+
+FORMATS = {f.name: f for f in (
+    BlockFormat("Q4_0", 32, 18), BlockFormat("Q4_1", 32, 20), BlockFormat("Q5_0", 32, 22),
+    BlockFormat("Q5_1", 32, 24), BlockFormat("Q8_0", 32, 34),
+    BlockFormat("Q4_K", QK_K, 144), BlockFormat("Q5_K", QK_K, 176),
+    BlockFormat("Q6_K", QK_K, 210),
+)}
+INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
+
+
+def _half(raw: torch.Tensor) -> torch.Tensor:
+    """Little-endian float16 fields ([..., 2] bytes) as float32 [...]."""
+    return raw.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 2n]: the n low nibbles, then the n high nibbles."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+
+
+def _bits(raw: torch.Tensor, count: int) -> torch.Tensor:
+    """[..., count/8] bytes -> [..., count] bits, least significant bit of byte 0 first."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
+    return ((raw.unsqueeze(-1) >> shifts) & 1).reshape(*raw.shape[:-1], count)
+
+
+def _blocks(rows: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """[rows, row bytes] -> [rows, blocks, block bytes]."""
+    return rows.reshape(rows.shape[0], -1, fmt.block_bytes)
+
+
+def _k_scales_mins(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit mins -> two [..., 8]."""
+    raw = raw.to(torch.int32)
+    low, mid, high = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
+    scales = torch.cat([low & 63, (high & 15) | ((low >> 6) << 4)], dim=-1)
+    mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def int4_groups(rows: torch.Tensor, name: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4-bit format's rows as codes [rows, columns] (0..15, uint8) and a scale and a min
+    per group of 32 ([rows, columns / 32] float32): weight = code * scale + min."""
+    fmt = FORMATS[name]
+    blocks = _blocks(rows, fmt)
+    if name == "Q4_0":
+        scale = _half(blocks[..., 0:2])
+        codes, low = _nibbles(blocks[..., 2:18]), -8.0 * scale
+    elif name == "Q4_1":
+        scale, low = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+        codes = _nibbles(blocks[..., 4:20])
+    elif name == "Q4_K":
+        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+        sc, m = _k_scales_mins(blocks[..., 4:16])
+        scale, low = d.unsqueeze(-1) * sc, -dmin.unsqueeze(-1) * m
+        # four 32-byte chunks: low nibbles = sub-block 2j, high nibbles = sub-block 2j + 1
+        codes = _nibbles(blocks[..., 16:144].reshape(*blocks.shape[:2], 4, 32))
+    else:
+        raise ValueError(f"{name} is not a 4-bit GGUF format")
+    count = rows.shape[0]
+    return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1)
+
+
+def _q5(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """Q5_0/Q5_1 codes (0..31) from 4 bytes of high bits at `offset` then 16 bytes of nibbles."""
+    high = _bits(blocks[..., offset:offset + 4], 32)
+    return _nibbles(blocks[..., offset + 4:offset + 20]) | (high << 4)
+
+
+def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+    sc, m = _k_scales_mins(blocks[..., 4:16])
+    high = _bits(blocks[..., 16:48], 256).reshape(*blocks.shape[:2], 32, 8)  # [l, bit]
+    low = _nibbles(blocks[..., 48:176].reshape(*blocks.shape[:2], 4, 32))  # [chunk, 64]
+    # sub-block s = 2 * chunk + half takes bit s of qh[l] as its fifth bit
+    fifth = high.permute(0, 1, 3, 2).reshape(*blocks.shape[:2], 4, 64)
+    codes = (low | (fifth << 4)).float().reshape(*blocks.shape[:2], 8, 32)
+    weights = d[..., None, None] * sc[..., None] * codes - dmin[..., None, None] * m[..., None]
+    return weights.reshape(blocks.shape[0], -1)
+
+
+def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    rows, count = blocks.shape[:2]
+    ql = blocks[..., 0:128].reshape(rows, count, 2, 2, 32)  # [half, low/high 32 bytes, l]
+    qh = blocks[..., 128:192].reshape(rows, count, 2, 1, 32)
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
+    d = _half(blocks[..., 208:210])
+    low = torch.stack([ql & 0x0F, ql >> 4], dim=3)  # [half, nibble, which 32, l]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
+    high = ((qh >> shifts.view(1, 1, 1, 4, 1)) & 3).reshape(rows, count, 2, 2, 2, 32)
+    # element 32 * (2 * nibble + which) + l of each half; qh shift 2 * (2 * nibble + which)
+    codes = (low | (high << 4)).to(torch.int32) - 32
+    codes = codes.reshape(rows, count, 2, 4, 2, 16).float()  # [half, quarter, l / 16, 16]
+    factor = (d[..., None] * scales).reshape(rows, count, 2, 4, 2, 1)
+    # scale index within a half: 2 * quarter + l / 16
+    return (codes * factor).reshape(rows, -1)
+
+
+def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
+    """[rows, row bytes] uint8 blocks of GGUF type `name` -> [rows, columns] float32."""
+    fmt = FORMATS[name]
+    blocks = _blocks(rows, fmt)
+    if name in INT4_FORMATS:
+        codes, scale, low = int4_groups(rows, name)
+        groups = codes.reshape(rows.shape[0], -1, 32).float()
+        return (groups * scale[..., None] + low[..., None]).reshape(rows.shape[0], -1)
+    if name == "Q8_0":
+        values = blocks[..., 2:34].contiguous().view(torch.int8).float()
+        return (_half(blocks[..., 0:2])[..., None] * values).reshape(rows.shape[0], -1)
+    if name == "Q5_0":
+        codes = _q5(blocks, 2).float() - 16.0
+        return (_half(blocks[..., 0:2])[..., None] * codes).reshape(rows.shape[0], -1)
+    if name == "Q5_1":
+        weights = _half(blocks[..., 0:2])[..., None] * _q5(blocks, 4).float()
+        return (weights + _half(blocks[..., 2:4])[..., None]).reshape(rows.shape[0], -1)
+    if name == "Q5_K":
+        return _dequantize_q5_k(blocks)
+    if name == "Q6_K":
+        return _dequantize_q6_k(blocks)
+    raise ValueError(f"GGUF type {name} has no torch decoder")

@@ -1,0 +1,217 @@
+"""4-bit weight-only checkpoints (W4A16): AWQ (GEMM packing, zero points), GPTQ
+(symmetric or not, `desc_act` with `g_idx`) and compressed-tensors `pack-quantized`. Each layer's pieces are unpacked to codes, a
+scale and a min per group of inputs and packed for torch's int4 CPU matmul; GPTQ's
+act-order inputs are sorted by group first and the activations permuted to match.
+
+AWQ (AutoAWQ's GEMM layout): qweight int32 [in, out / 8], eight outputs per int32 in the
+nibble order 0 2 4 6 1 3 5 7; qzeros int32 [in / group, out / 8] likewise; scales
+[in / group, out]; weight = (q - zero) * scale.
+GPTQ: qweight int32 [in / 8, out], eight consecutive inputs per int32, lowest nibble
+first; qzeros int32 [groups, out / 8], eight consecutive outputs per int32; scales
+[groups, out]; g_idx [in], each input's group; weight = (q - (zero + 1)) * scale (the "+1"
+of the original gptq format; gptq_v2 stores zero itself).
+compressed-tensors pack-quantized: weight_packed int32 [out, in / 8], eight consecutive
+inputs per int32, lowest nibble first, each the signed code + 8; weight_scale [out, groups];
+asymmetric: weight_zero_point int32 [out / 8, groups], packed along the outputs likewise;
+weight_g_idx optional (act order); weight = (code - zero) * scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.fp8 import skipped_module
+from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
+from pagoda.layers.quantization.pieces import (
+    add_collected_parameters,
+    collected_pieces,
+    piece_sizes,
+)
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output each nibble of an AWQ int32 holds
+
+
+def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))
+                 ) -> torch.Tensor:
+    """int32 holding eight nibbles -> 8x as many values along `dim`; nibble i (bits 4i..)
+    is element `order[i]` of its group of eight."""
+    shifts = torch.tensor([4 * order.index(j) for j in range(8)], dtype=torch.int32,
+                          device=packed.device)
+    values = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [..., 8] per int32
+    values = values.movedim(-1, dim + 1 if dim >= 0 else dim)
+    shape = list(packed.shape)
+    shape[dim] *= 8
+    return values.reshape(shape)
+
+
+def _group_rows(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[groups, out] scale and zero point -> [out, groups] scale and min (-zero * scale)."""
+    scale = scales.float()
+    return scale.t(), (-zeros.float() * scale).t()
+
+
+def awq_groups(piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """An AWQ piece as codes [out, in], scale [out, groups], min [out, groups]."""
+    codes = unpack_int32(piece["qweight"], 1, AWQ_ORDER).t()
+    zeros = unpack_int32(piece["qzeros"], 1, AWQ_ORDER)
+    return (codes, *_group_rows(piece["scales"], zeros))
+
+
+def gptq_groups(piece: dict[str, torch.Tensor], zero_offset: int
+                ) -> tuple[torch.Tensor, ...]:
+    """A GPTQ piece as codes [out, in] (inputs in checkpoint order), scale and min per
+    group [out, groups]."""
+    codes = unpack_int32(piece["qweight"], 0).t()
+    zeros = unpack_int32(piece["qzeros"], 1) + zero_offset
+    return (codes, *_group_rows(piece["scales"], zeros))
+
+
+def act_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """The permutation that puts GPTQ's inputs in group order (None: already in order);
+    every group must hold `group_size` inputs."""
+    g_idx = g_idx.to(torch.int64)
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    if torch.equal(g_idx, expected):
+        return None
+    order = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[order], expected):
+        raise UnsupportedModelError("GPTQ g_idx whose groups differ in size is not supported")
+    return order
+
+
+class Int4CheckpointMethod(LinearMethod):
+    """A linear layer of an AWQ or GPTQ checkpoint, run by the int4 CPU kernel."""
+
+    def __init__(self, config: Int4CheckpointConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        if not int4_packable(torch.empty(0).device, layer.local_in, self.config.group_size):
+            raise UnsupportedModelError(
+                f"{self.config.name} weights run on CPU only for now, with group size one of "
+                f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
+                f"{self.config.group_size})")
+        add_collected_parameters(layer, self.config.tensor_names, self.config.name,
+                                 optional=self.config.optional_names)
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        pieces = collected_pieces(layer)
+        order = self.config.input_order(pieces)
+        groups = [self.config.unpack(piece) for piece in pieces]
+        codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
+        if codes.shape != (sum(piece_sizes(layer)), layer.local_in):
+            raise ValueError(f"{self.config.name} tensors unpack to {tuple(codes.shape)}, "
+                             f"not the layer's [{layer.local_out}, {layer.local_in}]")
+        if order is not None:
+            codes = codes[:, order]
+            layer.register_buffer("input_order", order, persistent=False)
+        layer.int4 = Int4PackedWeight(codes, scale, low, self.config.group_size)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        order = getattr(layer, "input_order", None)
+        y = layer.int4(x if order is None else x.index_select(-1, order))
+        return y if bias is None else y + bias
+
+    def kernel(self, layer: LinearBase) -> str:
+        return "int4pack_mm_for_cpu" + (" (act order)" if hasattr(layer, "input_order") else "")
+
+
+class Int4CheckpointConfig(QuantizationConfig):
+    """What AWQ and GPTQ share: 4 bits, a group size, modules left unquantized."""
+
+    tensor_names: tuple[str, ...] = ()
+    optional_names: tuple[str, ...] = ("g_idx",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        bits = int(values.get("bits", values.get("w_bit", 4)))
+        if bits != 4:
+            raise UnsupportedModelError(f"{self.name} with {bits}-bit weights is not supported "
+                                        "(4 bits are)")
+        self.group_size = int(values.get("group_size", values.get("q_group_size", 128)))
+        if self.group_size <= 0:
+            raise UnsupportedModelError(f"{self.name} without groups (group_size "
+                                        f"{self.group_size}) is not supported")
+        self.skipped = tuple(values.get("modules_to_not_convert") or ())
+
+    def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
+        if skipped_module(prefix, self.skipped):
+            return None
+        return Int4CheckpointMethod(self)
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        return None
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class AWQConfig(Int4CheckpointConfig):
+    name = "awq"
+    tensor_names = ("qweight", "qzeros", "scales")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        version = str(values.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UnsupportedModelError(f"AWQ {version} packing is not supported (GEMM is)")
+        if not values.get("zero_point", True):
+            raise UnsupportedModelError("AWQ without zero points is not supported")
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return awq_groups(piece)
+
+
+class GPTQConfig(Int4CheckpointConfig):
+    name = "gptq"
+    tensor_names = ("qweight", "qzeros", "scales", "g_idx")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.zero_offset = 0 if values.get("checkpoint_format") == "gptq_v2" else 1
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        g_idx = pieces[0].get("g_idx")
+        if g_idx is None:
+            return None
+        if any(not torch.equal(p["g_idx"], g_idx) for p in pieces[1:] if "g_idx" in p):
+            raise UnsupportedModelError("GPTQ pieces of one fused layer with different g_idx "
+                                        "are not supported")
+        return act_order(g_idx, self.group_size)
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return gptq_groups(piece, self.zero_offset)
+
+
+class PackedInt4Config(Int4CheckpointConfig):
+    """compressed-tensors `pack-quantized` 4-bit weights (`weights`: the config group's
+    weight arguments), grouped; symmetric or with zero points."""
+
+    name = "compressed-tensors"
+    tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                    "weight_g_idx")
+    optional_names = ("weight_zero_point", "weight_g_idx")
+
+    def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
+        if weights.get("strategy") != "group":
+            raise UnsupportedModelError(f"compressed-tensors int4 {weights.get('strategy')} "
+                                        "scales are not supported (group is)")
+        super().__init__({"bits": weights.get("num_bits"), "group_size": weights.get("group_size"),
+                          "modules_to_not_convert": ignore})
+        self.symmetric = bool(weights.get("symmetric", True))
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        renamed = [{"g_idx": p["weight_g_idx"]} if "weight_g_idx" in p else {} for p in pieces]
+        return GPTQConfig.input_order(self, renamed) if renamed[0] else None
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        codes = unpack_int32(piece["weight_packed"], 1)
+        scale = piece["weight_scale"].float()
+        if self.symmetric:
+            return codes, scale, -8.0 * scale
+        zeros = unpack_int32(piece["weight_zero_point"], 0)[:codes.shape[0]]
+        return codes, scale, -zeros.float() * scale

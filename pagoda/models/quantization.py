@@ -1,0 +1,93 @@
+"""Which quantization a checkpoint holds (its config's `quantization_config`, or the GGUF's
+tensor types) and whether `--quantization` agrees with it; no torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pagoda.errors import ConfigError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from pagoda.models.source import ModelSource
+
+# vLLM's `--quantization` names that pagoda reads
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors", "gguf")
+# formats applied at load to a checkpoint in 16 or 32 bits
+AT_LOAD = frozenset({"fp8"})
+# pagoda's own value: decode the checkpoint's blocks to --dtype at load (the path every
+# GGUF took before its blocks were kept; the reference the quantized path is checked against)
+DEQUANTIZE = "none"
+DEQUANTIZABLE = frozenset({"gguf"})
+_ALIASES = {"compressed_tensors": "compressed-tensors"}
+
+
+def quantization_config(hf_config: Any) -> dict[str, Any] | None:
+    """The config's `quantization_config` as a dict, if it has one."""
+    value = getattr(hf_config, "quantization_config", None)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UnsupportedModelError("the checkpoint's quantization_config is not an object")
+    return value
+
+
+def checkpoint_quantization(source: ModelSource) -> str | None:
+    """The format the checkpoint's weights are stored in; None: 16 or 32-bit floats."""
+    if source.format == "dummy":
+        return None
+    if source.format == "gguf":
+        from pagoda.models.loader.gguf import block_types, read_gguf_tensors
+        tensors = source.gguf_tensors or read_gguf_tensors(source.gguf_file)
+        return "gguf" if block_types(tensors) else None
+    config = quantization_config(source.hf_config)
+    if config is None:
+        return None
+    method = str(config.get("quant_method", "")).lower()
+    method = _ALIASES.get(method, method)
+    if method not in QUANTIZATION_METHODS:
+        raise UnsupportedModelError(
+            f"{source.name}: quantization {method or '(unnamed)'!r} is not supported "
+            f"(supported: {', '.join(QUANTIZATION_METHODS)})")
+    return method
+
+
+def resolve_quantization(requested: str | None, source: ModelSource) -> str | None:
+    """The format to load `source` with: `requested` (`--quantization`) if it agrees with
+    the checkpoint, else the checkpoint's own (None: floats; "none" asks for that of a
+    GGUF); ConfigError on a mismatch."""
+    if requested is not None:
+        requested = _ALIASES.get(requested.lower(), requested.lower())
+        if requested not in (*QUANTIZATION_METHODS, DEQUANTIZE):
+            raise ConfigError(f"unknown --quantization {requested!r}; pagoda reads "
+                              f"{', '.join(QUANTIZATION_METHODS)} (or {DEQUANTIZE}: dequantize "
+                              "a GGUF at load)")
+    stored = checkpoint_quantization(source)
+    if requested == DEQUANTIZE:
+        if stored is not None and stored not in DEQUANTIZABLE:
+            raise ConfigError(f"--quantization {DEQUANTIZE}: {source.name}'s {stored} weights "
+                              "cannot be dequantized at load; drop the flag")
+        return None
+    if requested is None or requested == stored:
+        return stored
+    if stored is None and requested in AT_LOAD:
+        return requested
+    held = f"{stored}-quantized weights" if stored else "unquantized weights"
+    if stored is None and requested not in AT_LOAD:
+        hint = f"; only {', '.join(sorted(AT_LOAD))} quantizes a 16-bit checkpoint at load"
+    else:
+        hint = f"; drop --quantization or pass --quantization {stored}"
+    raise ConfigError(f"--quantization {requested} does not match {source.name}, which holds "
+                      f"{held}{hint}")
+
+
+def load_quantization(requested: str | None, source: ModelSource, device_type: str) -> str | None:
+    """The form the engine holds the weights in on a `device_type` device: as
+    resolve_quantization says, except that a GGUF found on a GPU (no GPU kernels for its
+    blocks yet) is dequantized at load unless `--quantization gguf` asks to keep them."""
+    found = resolve_quantization(requested, source)
+    return None if found == "gguf" and requested is None and device_type != "cpu" else found
+
+
+def quantizes_at_load(quantization: str | None, source: ModelSource) -> bool:
+    """Whether `quantization` is applied at load to a checkpoint of floats."""
+    return quantization in AT_LOAD and checkpoint_quantization(source) is None

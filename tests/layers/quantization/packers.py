@@ -1,0 +1,79 @@
+"""Writers of AWQ and GPTQ 4-bit tensors, from the formats' documentation (AutoAWQ's GEMM
+layout; GPTQ's qweight/qzeros/scales/g_idx), for checkpoints made in the tests; and the
+weights those tensors stand for, the reference the loaded layers are checked against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+@dataclass
+class Quantized:
+    """Codes [out, in] (0..15), zero points and scales [groups, out], each input's group."""
+
+    codes: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
+    def weights(self) -> torch.Tensor:
+        """[out, in] float32: (code - zero) * scale, each input by its group."""
+        zeros = self.zeros[self.g_idx].t().float()
+        scales = self.scales[self.g_idx].t().float()
+        return (self.codes.float() - zeros) * scales
+
+
+def quantize(weight: torch.Tensor, group: int, symmetric: bool,
+             g_idx: torch.Tensor | None = None) -> Quantized:
+    """Round-to-nearest 4-bit quantization per group of inputs (`g_idx`: each input's
+    group, as act-order GPTQ assigns them; default: consecutive runs of `group`)."""
+    out_features, in_features = weight.shape
+    if g_idx is None:
+        g_idx = torch.arange(in_features) // group
+    groups = int(g_idx.max()) + 1
+    zeros = torch.empty(groups, out_features, dtype=torch.int32)
+    scales = torch.empty(groups, out_features, dtype=torch.float16)
+    codes = torch.empty(out_features, in_features, dtype=torch.int32)
+    for g in range(groups):
+        cols = (g_idx == g).nonzero().squeeze(1)
+        part = weight[:, cols]
+        if symmetric:
+            scale = (part.abs().amax(1) / 7.5).clamp(min=1e-6)
+            zero = torch.full((out_features,), 8)
+        else:
+            low, high = part.amin(1).clamp(max=0), part.amax(1).clamp(min=0)
+            scale = ((high - low) / 15).clamp(min=1e-6)
+            zero = torch.round(-low / scale).clamp(0, 15).to(torch.int32)
+        scale = scale.half()
+        q = torch.round(part / scale.float()[:, None]) + zero[:, None]
+        codes[:, cols] = q.clamp(0, 15).to(torch.int32)
+        zeros[g], scales[g] = zero, scale
+    return Quantized(codes, zeros, scales, g_idx.to(torch.int32))
+
+
+def pack_nibbles(values: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))
+                 ) -> torch.Tensor:
+    """Eight 4-bit values per int32 along `dim`; element order[i] of each eight goes to
+    bits 4i..4i+3."""
+    values = values.to(torch.int64).movedim(dim, -1)
+    eights = values.reshape(*values.shape[:-1], -1, 8)
+    packed = torch.zeros(eights.shape[:-1], dtype=torch.int64)
+    for nibble, element in enumerate(order):
+        packed |= eights[..., element] << (4 * nibble)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # as int32 bits
+    return packed.to(torch.int32).movedim(-1, dim)
+
+
+def awq_tensors(q: Quantized) -> dict[str, torch.Tensor]:
+    return {"qweight": pack_nibbles(q.codes.t(), 1, AWQ_ORDER),
+            "qzeros": pack_nibbles(q.zeros, 1, AWQ_ORDER), "scales": q.scales}
+
+
+def gptq_tensors(q: Quantized) -> dict[str, torch.Tensor]:
+    """The original gptq format: zero points stored minus one."""
+    return {"qweight": pack_nibbles(q.codes.t(), 0), "qzeros": pack_nibbles(q.zeros - 1, 1),
+            "scales": q.scales, "g_idx": q.g_idx}

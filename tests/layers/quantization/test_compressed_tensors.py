@@ -1,0 +1,84 @@
+"""compressed-tensors checkpoints packed by compressed-tensors itself (the library
+llmcompressor writes them with): int4 pack-quantized (symmetric and with zero points) and
+float8 weights, each loaded into a fused qkv and checked against the weights the library
+decompresses them to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.naive_quantized.base import (
+    FloatQuantizationCompressor,
+)
+from compressed_tensors.compressors.pack_quantized.base import (
+    PackedQuantizationCompressor,
+)
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from torch.nn import functional as F
+
+from pagoda.layers.linear import QKVParallelLinear
+from pagoda.layers.quantization.compressed_tensors import compressed_tensors_config
+
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
+SIZES = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+
+
+def compressed(compressor, args: QuantizationArgs, rows: int, group: int | None, seed: int
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One piece as the library stores it, and the weights it decompresses them to."""
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    weight = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed)) * 0.05
+    groups = weight.reshape(rows, -1, group or HIDDEN)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    stored = compressor.compress({"weight": weight, "weight_scale": scale,
+                                  "weight_zero_point": zero}, scheme)
+    return stored, compressor.decompress(dict(stored), scheme)["weight"]
+
+
+def qkv_layer(values: dict) -> QKVParallelLinear:
+    config = compressed_tensors_config(values)
+    return QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
+                             method=config.linear_method("model.layers.0.self_attn.qkv_proj",
+                                                         None))
+
+
+def load(layer, pieces: list[dict[str, torch.Tensor]]) -> None:
+    for shard, tensors in enumerate(pieces):
+        for name, tensor in tensors.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, tensor, shard)
+    layer.method.process_weights_after_loading(layer)
+
+
+def config_of(args: QuantizationArgs, fmt: str) -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt,
+                                          "weights": args.model_dump()}}}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_pack_quantized_matches_the_librarys_weights(symmetric):
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group",
+                            group_size=128)
+    layer = qkv_layer(config_of(args, "pack-quantized"))
+    pieces = [compressed(PackedQuantizationCompressor, args, rows, 128, seed)
+              for seed, rows in enumerate(SIZES)]
+    assert ("weight_zero_point" in pieces[0][0]) != symmetric
+    load(layer, [stored for stored, _ in pieces])
+    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu"
+    x = torch.randn(4, HIDDEN)
+    expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
+    # bfloat16 activations and scales in the int4 kernel
+    torch.testing.assert_close(layer(x), expected, rtol=0,
+                               atol=2e-2 * expected.abs().max().item())
+
+
+def test_float8_channel_weights_match_the_librarys_weights():
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    layer = qkv_layer(config_of(args, "float-quantized"))
+    pieces = [compressed(FloatQuantizationCompressor, args, rows, None, seed)
+              for seed, rows in enumerate(SIZES)]
+    load(layer, [stored for stored, _ in pieces])
+    x = torch.randn(4, HIDDEN)
+    torch.testing.assert_close(layer(x), F.linear(x, torch.cat([w for _, w in pieces])))

@@ -1,0 +1,100 @@
+"""GGUF linear layers kept in blocks against gguf-py's dequantized weights: a fused qkv
+whose pieces differ in type (4-bit ones packed for torch's int4 CPU matmul, others decoded
+per call), a float piece, bias, and a piece of the wrong shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pagoda.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    deferred_linear_methods,
+)
+from pagoda.layers.quantization.gguf import (
+    BlockRows,
+    DenseRows,
+    GGUFLinearMethod,
+    GGUFWeight,
+)
+from pagoda.layers.quantization.int4 import Int4PackedWeight
+from tests.layers.quantization.test_gguf_blocks import gguf_py, random_rows
+
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
+
+
+def gguf_piece(name: str, rows: int, columns: int, seed: int) -> tuple[GGUFWeight, torch.Tensor]:
+    """A checkpoint piece in blocks and its weights as gguf-py decodes them."""
+    raw = random_rows(name, rows, columns, seed)
+    return (GGUFWeight(torch.from_numpy(raw), name, columns),
+            torch.from_numpy(gguf_py(raw, name)))
+
+
+def loaded(layer, pieces) -> None:
+    for shard, piece in enumerate(pieces):
+        layer.weight.weight_loader(layer.weight, piece, shard if len(pieces) > 1 else None)
+    layer.method.process_weights_after_loading(layer)
+
+
+def int4_tolerance(reference: torch.Tensor) -> dict:
+    # the int4 kernel runs on bfloat16 activations and scales: ~2^-8 relative per term
+    return dict(rtol=0, atol=2e-2 * reference.abs().max().item())
+
+
+def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights():
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
+    q, q_ref = gguf_piece("Q4_K", HEADS * HEAD_DIM, HIDDEN, 1)
+    k, k_ref = gguf_piece("Q4_1", KV_HEADS * HEAD_DIM, HIDDEN, 2)
+    v, v_ref = gguf_piece("Q6_K", KV_HEADS * HEAD_DIM, HIDDEN, 3)
+    loaded(layer, [q, k, v])
+    kernels = list(layer.gguf_kernels)
+    assert [type(k) for k in kernels] == [Int4PackedWeight, BlockRows]  # q and k share one
+    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu + Q6_K decoded per call"
+    x = torch.randn(7, HIDDEN)
+    y = layer(x)
+    q_out, k_out, v_out = layer.split(y)
+    int4_ref = F.linear(x, torch.cat([q_ref, k_ref]))
+    torch.testing.assert_close(torch.cat([q_out, k_out], -1), int4_ref, **int4_tolerance(int4_ref))
+    torch.testing.assert_close(v_out, F.linear(x, v_ref))  # decoded per call: float32 exact
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K"])
+def test_a_row_parallel_layer_with_bias_matches(name):
+    layer = RowParallelLinear(HIDDEN, 64, bias=True, method=GGUFLinearMethod())
+    piece, ref = gguf_piece(name, 64, HIDDEN, 4)
+    loaded(layer, [piece])
+    layer.bias.data.copy_(torch.randn(64))
+    x = torch.randn(3, 2, HIDDEN)
+    expected = F.linear(x, ref, layer.bias)
+    tolerance = int4_tolerance(expected) if name == "Q4_0" else {}
+    torch.testing.assert_close(layer(x), expected, **tolerance)
+
+
+def test_a_float_piece_stays_dense_beside_blocks():
+    layer = MergedColumnParallelLinear(HIDDEN, [64, 64], method=GGUFLinearMethod())
+    gate, gate_ref = gguf_piece("Q8_0", 64, HIDDEN, 5)
+    up = torch.randn(64, HIDDEN)
+    loaded(layer, [gate, up])
+    assert [type(k) for k in layer.gguf_kernels] == [BlockRows, DenseRows]
+    x = torch.randn(4, HIDDEN)
+    torch.testing.assert_close(layer(x), F.linear(x, torch.cat([gate_ref, up])))
+
+
+def test_a_piece_of_the_wrong_shape_is_refused():
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
+    wrong, _ = gguf_piece("Q4_0", KV_HEADS * HEAD_DIM, HIDDEN, 6)
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.weight.weight_loader(layer.weight, wrong, 0)
+
+
+def test_deferred_layers_allocate_no_weights_until_bound():
+    with deferred_linear_methods():
+        layer = RowParallelLinear(HIDDEN, 64)
+    assert layer.method is None and not hasattr(layer, "weight")
+    layer.bind_method(GGUFLinearMethod())
+    assert layer.weight.numel() == 0 and layer.weight.gguf_blocks
+    with pytest.raises(RuntimeError):
+        layer.bind_method(GGUFLinearMethod())

@@ -1,0 +1,82 @@
+"""AWQ and GPTQ linear layers (fused pieces, act order, zero points) against the weights
+their packed tensors stand for, through torch's int4 CPU kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import QKVParallelLinear, RowParallelLinear
+from pagoda.layers.quantization.int4_checkpoints import (
+    AWQConfig,
+    GPTQConfig,
+    unpack_int32,
+)
+from tests.layers.quantization.packers import (
+    AWQ_ORDER,
+    awq_tensors,
+    gptq_tensors,
+    pack_nibbles,
+    quantize,
+)
+
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
+
+
+def load(layer, pieces: list[dict[str, torch.Tensor]]) -> None:
+    for shard, tensors in enumerate(pieces):
+        for name, tensor in tensors.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, tensor, shard if len(pieces) > 1 else None)
+    layer.method.process_weights_after_loading(layer)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # bfloat16 activations and scales in the kernel: ~2^-8 relative per term
+    torch.testing.assert_close(actual, expected, rtol=0,
+                               atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("order", [tuple(range(8)), AWQ_ORDER])
+def test_nibbles_unpack_as_they_were_packed(order):
+    values = torch.randint(0, 16, (16, 32), dtype=torch.int32)
+    assert torch.equal(unpack_int32(pack_nibbles(values, 1, order), 1, order), values)
+    assert torch.equal(unpack_int32(pack_nibbles(values, 0), 0), values)
+
+
+def test_an_awq_fused_qkv_matches_its_weights():
+    config = AWQConfig({"quant_method": "awq", "bits": 4, "group_size": 128,
+                        "zero_point": True, "version": "gemm"})
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
+                              method=config.linear_method("qkv_proj", None))
+    sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+    quantized = [quantize(torch.randn(n, HIDDEN) * 0.05, 128, symmetric=False) for n in sizes]
+    load(layer, [awq_tensors(q) for q in quantized])
+    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu"
+    x = torch.randn(5, HIDDEN)
+    close(layer(x), F.linear(x, torch.cat([q.weights() for q in quantized])))
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_a_gptq_layer_matches_its_weights(desc_act):
+    config = GPTQConfig({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
+                         "desc_act": desc_act})
+    layer = RowParallelLinear(HIDDEN, 96, bias=True, method=config.linear_method("o_proj", None))
+    g_idx = torch.randperm(HIDDEN) // 64 if desc_act else None  # act order: groups scattered
+    q = quantize(torch.randn(96, HIDDEN) * 0.05, 64, symmetric=True, g_idx=g_idx)
+    load(layer, [gptq_tensors(q)])
+    layer.bias.data.copy_(torch.randn(96))
+    assert layer.method.kernel(layer).endswith("(act order)") == desc_act
+    x = torch.randn(3, HIDDEN)
+    close(layer(x), F.linear(x, q.weights(), layer.bias))
+
+
+def test_formats_pagoda_does_not_read_are_refused():
+    with pytest.raises(UnsupportedModelError, match="gemv packing"):
+        AWQConfig({"version": "GEMV"})
+    with pytest.raises(UnsupportedModelError, match="8-bit"):
+        GPTQConfig({"bits": 8})
+    assert AWQConfig({"modules_to_not_convert": ["down_proj"]}).linear_method(
+        "model.layers.0.mlp.down_proj", None) is None

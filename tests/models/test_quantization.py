@@ -1,0 +1,61 @@
+"""Which quantization a checkpoint is loaded with: detected from its quantization_config or
+its GGUF tensor types, checked against --quantization (a mismatch is one ConfigError)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pagoda.errors import ConfigError, UnsupportedModelError
+from pagoda.models.hf_config import HFConfig
+from pagoda.models.quantization import checkpoint_quantization, resolve_quantization
+from pagoda.models.source import ModelSource, resolve_model
+
+
+def hf_source(quantization_config: dict | None) -> ModelSource:
+    values = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 128}
+    if quantization_config is not None:
+        values["quantization_config"] = quantization_config
+    return ModelSource("tiny", Path("/nowhere"), "safetensors", HFConfig.from_dict(values))
+
+
+@pytest.mark.parametrize("stored, name", [
+    ({"quant_method": "awq", "bits": 4}, "awq"), ({"quant_method": "gptq"}, "gptq"),
+    ({"quant_method": "fp8"}, "fp8"), ({"quant_method": "compressed-tensors"},
+                                       "compressed-tensors"), (None, None)])
+def test_the_checkpoint_says_its_format(stored, name):
+    assert checkpoint_quantization(hf_source(stored)) == name
+    assert resolve_quantization(None, hf_source(stored)) == name
+    assert resolve_quantization(name, hf_source(stored)) == name
+
+
+def test_an_unknown_format_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="'bitsandbytes' is not supported"):
+        checkpoint_quantization(hf_source({"quant_method": "bitsandbytes"}))
+
+
+@pytest.mark.parametrize("flag, stored, words", [
+    ("gptq", {"quant_method": "awq"}, "holds awq-quantized weights; drop --quantization or "
+                                      "pass --quantization awq"),
+    ("awq", None, "holds unquantized weights; only fp8 quantizes"),
+    ("gguf", None, "holds unquantized weights"),
+    ("int3", None, "unknown --quantization 'int3'"),
+])
+def test_a_flag_the_checkpoint_disagrees_with_is_one_error(flag, stored, words):
+    with pytest.raises(ConfigError) as caught:
+        resolve_quantization(flag, hf_source(stored))
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_fp8_quantizes_a_16_bit_checkpoint_at_load():
+    assert resolve_quantization("fp8", hf_source(None)) == "fp8"
+
+
+def test_a_quantized_gguf_is_gguf(smollm2_dir):
+    source = resolve_model(str(smollm2_dir))
+    assert checkpoint_quantization(source) == "gguf"
+    assert resolve_quantization("GGUF", source) == "gguf"
+    with pytest.raises(ConfigError, match="holds gguf-quantized weights"):
+        resolve_quantization("awq", source)

@@ -1,0 +1,180 @@
+"""Tiny random Llama checkpoints packed as AWQ, as act-order GPTQ (packers written from the
+formats' documentation) and as FP8 with block scales, and a float32 one quantized to FP8
+at load, served by pagoda: tokens against the same model with the weights those tensors
+stand for, saved as a float32 checkpoint (transformers cannot read these formats without
+their kernels' packages)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from pagoda import LLM, SamplingParams
+from pagoda.layers.quantization.fp8 import FP8
+from pagoda.models.estimate import estimate
+from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.source import resolve_model
+from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
+from tests.models.parity import random_prompts
+from tests.utils import save_random_checkpoint
+
+CONFIG = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                     max_position_embeddings=256, initializer_range=0.2,
+                     tie_word_embeddings=False)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NUM_TOKENS = 32
+FORMATS = {
+    "awq": ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+             "version": "gemm"}, False, awq_tensors),
+    "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+              "desc_act": True}, True, gptq_tensors),
+}
+
+
+def write_quantized(source, quantized_dir, reference_dir, fmt: str) -> None:
+    """The checkpoint in `fmt` beside a float32 one holding the weights it stands for."""
+    config, symmetric, pack = FORMATS[fmt]
+    tensors = load_file(source / "model.safetensors")
+    packed, reference, orders = {}, {}, {}
+    torch.manual_seed(1)
+    for name, tensor in tensors.items():
+        module = name.removesuffix(".weight")
+        parent, _, projection = module.rpartition(".")
+        if name.endswith(".weight") and projection in PROJECTIONS:
+            # act order: one input order per input (q, k, v share one; gate and up too)
+            key = (parent, projection in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+            orders.setdefault(key, torch.randperm(tensor.shape[1]) // 128)
+            q = quantize(tensor.float(), 128, symmetric, orders[key] if fmt == "gptq" else None)
+            packed |= {f"{module}.{key}": value for key, value in pack(q).items()}
+            reference[name] = q.weights()
+        else:
+            packed[name] = reference[name] = tensor
+    for directory, weights in ((quantized_dir, packed), (reference_dir, reference)):
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  directory / "model.safetensors")
+        values = json.loads((source / "config.json").read_text())
+        if directory is quantized_dir:
+            values["quantization_config"] = config
+        (directory / "config.json").write_text(json.dumps(values))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_random_checkpoint(CONFIG, tmp_path_factory.mktemp("tiny") / "fp32", None)
+
+
+def greedy(path, prompts: list[list[int]], **options) -> list[list[int]]:
+    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128, **options)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def top_tokens(path, sequences: list[list[int]], fmt: str) -> list[list[int]]:
+    """The most likely next token at every position of each sequence (teacher-forced)."""
+    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128, quantization=fmt)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": s} for s in sequences], params)
+    return [[next(t for t, lp in position.items() if lp.rank == 1)
+             for position in out.prompt_logprobs[1:]] for out in outputs]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_next_tokens_agree_with_the_weights_they_stand_for(fmt, source, tmp_path):
+    """The reference's greedy continuations, scored by the quantized model: its top token at
+    each of the NUM_TOKENS generated positions is the reference's at >= 90% of them (a random
+    model's logits are close to ties; bfloat16 activations in the int4 kernel flip a few)."""
+    write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    continuations = greedy(tmp_path / "reference", prompts)
+    sequences = [p + c for p, c in zip(prompts, continuations)]
+    ours = top_tokens(tmp_path / fmt, sequences, fmt)
+    agreed = [sum(a == b for a, b in zip(top[len(p) - 1:], c))
+              for top, p, c in zip(ours, prompts, continuations)]
+    rate = sum(agreed) / (len(prompts) * NUM_TOKENS)
+    print(f"{fmt}: next-token agreement {rate:.3f}")
+    assert rate >= 0.9
+
+
+def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 weights and a scale per 128x128 block (block max / 448), as DeepSeek and
+    Qwen3-FP8 checkpoints store them."""
+    rows, columns = weight.shape
+    blocks = weight.reshape(rows // 128, 128, columns // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448
+    values = (blocks / scale[:, None, :, None]).to(FP8).reshape(rows, columns)
+    return values, scale
+
+
+def expand_blocks(scale: torch.Tensor) -> torch.Tensor:
+    return scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+
+
+def write_fp8(source, quantized_dir, reference_dir) -> None:
+    tensors = load_file(source / "model.safetensors")
+    packed, reference = {}, {}
+    for name, tensor in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rpartition(".")[2] in PROJECTIONS:
+            values, scale = fp8_blocks(tensor.float())
+            packed |= {name: values, f"{module}.weight_scale_inv": scale}
+            reference[name] = values.float() * expand_blocks(scale)
+        else:
+            packed[name] = reference[name] = tensor
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+              "weight_block_size": [128, 128]}
+    for directory, weights in ((quantized_dir, packed), (reference_dir, reference)):
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  directory / "model.safetensors")
+        values = json.loads((source / "config.json").read_text())
+        if directory is quantized_dir:
+            values["quantization_config"] = config
+        (directory / "config.json").write_text(json.dumps(values))
+
+
+def test_an_fp8_block_checkpoint_gives_its_weights_tokens(source, tmp_path):
+    """Decoded per call in float32, the weights are exactly the reference's: equal tokens."""
+    write_fp8(source, tmp_path / "fp8", tmp_path / "reference")
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    assert greedy(tmp_path / "fp8", prompts) == greedy(tmp_path / "reference", prompts)
+
+
+def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    for name, tensor in tensors.items():
+        if name.endswith(".weight") and name.removesuffix(".weight").rpartition(".")[2] \
+                in PROJECTIONS:
+            scale = tensor.float().abs().amax(1, keepdim=True) / 448
+            tensors[name] = (tensor.float() / scale).to(FP8).float() * scale
+    save_file(tensors, reference / "model.safetensors")
+    (reference / "config.json").write_text((source / "config.json").read_text())
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    assert greedy(source, prompts, quantization="fp8") == greedy(reference, prompts)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "fp8", "fp8 at load"])
+def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
+    if fmt == "fp8":
+        write_fp8(source, tmp_path / fmt, tmp_path / "reference")
+    elif fmt in FORMATS:
+        write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
+    path, flag = (source, "fp8") if fmt == "fp8 at load" else (tmp_path / fmt, None)
+    expected = estimate(resolve_model(str(path)), 128, quantization=flag)
+    assert expected.quantization == fmt.split()[0]
+    model = load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"), 128,
+                       quantization=fmt.split()[0])
+    assert expected.weight_bytes == weight_bytes(model)
+    assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
+
+
+def source_model_params(source):
+    return load_file(source / "model.safetensors").values()
