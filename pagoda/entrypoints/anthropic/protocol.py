@@ -25,16 +25,17 @@ from pagoda.entrypoints.openai.protocol import (
     MAX_CONTENT_PARTS,
     MAX_DESCRIPTION_CHARS,
     MAX_MESSAGES,
-    MAX_NAME_CHARS,
     MAX_TOOLS,
     ChatCompletionRequest,
+    NonEmptyName,
+    StopString,
+    Text,
 )
 from pagoda.errors import InvalidRequestError
-from pagoda.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from pagoda.sampling_params import MAX_STOP_STRINGS
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
-Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
-StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+Name = NonEmptyName
+StopSequence = StopString
 MAX_OUTPUT_TOKENS = 1 << 20
 
 # internal chat-request fields -> Anthropic's names, for error messages

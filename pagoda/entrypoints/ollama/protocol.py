@@ -10,20 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from pagoda.entrypoints.openai.internal_request import chat_request
 from pagoda.entrypoints.openai.protocol import (
-    MAX_CONTENT_CHARS,
     MAX_MESSAGES,
-    MAX_NAME_CHARS,
     MAX_SEED,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     MIN_SEED,
     ChatCompletionRequest,
+    NonEmptyName,
+    Text,
 )
 from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
-Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+Name = NonEmptyName
 KeepAlive = int | float | Annotated[str, StringConstraints(max_length=32)] | None
 MAX_IMAGES = 16
 IMAGES_REFUSED = ("images are not supported: pagoda serves text-only models here; send "

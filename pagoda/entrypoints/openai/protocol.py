@@ -95,7 +95,8 @@ StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 LogitBiasKey = Annotated[str, StringConstraints(max_length=MAX_LOGIT_BIAS_KEY_CHARS)]
 LogitBiasValue = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 LogitBias = Annotated[dict[LogitBiasKey, LogitBiasValue], Field(max_length=MAX_LOGIT_BIAS)]
-CacheSalt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+NonEmptyName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+CacheSalt = NonEmptyName
 ChatTemplate = Annotated[str, StringConstraints(max_length=MAX_CHAT_TEMPLATE_CHARS)]
 TemplateKwargs = Annotated[dict[str, Any], Field(max_length=MAX_CHAT_TEMPLATE_KWARGS)]
 

@@ -19,19 +19,18 @@ from pydantic_core import PydanticCustomError
 
 from pagoda.entrypoints.openai.internal_request import chat_request
 from pagoda.entrypoints.openai.protocol import (
-    MAX_CONTENT_CHARS,
     MAX_CONTENT_PARTS,
     MAX_DESCRIPTION_CHARS,
     MAX_MESSAGES,
-    MAX_NAME_CHARS,
     MAX_TOOLS,
     ChatCompletionRequest,
+    NonEmptyName,
     OpenAIModel,
+    Text,
 )
 from pagoda.errors import InvalidRequestError
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
-Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+Name = NonEmptyName
 MAX_METADATA = 16
 FIELD_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "tools": "tools",
                "tool_choice": "tool_choice", "response_format": "text",
