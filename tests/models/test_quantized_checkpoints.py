@@ -7,6 +7,7 @@ their kernels' packages)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,13 +55,19 @@ def write_quantized(source, quantized_dir, reference_dir, fmt: str) -> None:
             reference[name] = q.weights()
         else:
             packed[name] = reference[name] = tensor
-    for directory, weights in ((quantized_dir, packed), (reference_dir, reference)):
+    write_checkpoints(source, (quantized_dir, packed, config), (reference_dir, reference, None))
+
+
+def write_checkpoints(source: Path, *checkpoints: tuple[Path, dict, dict | None]) -> None:
+    """Each (directory, tensors, quantization_config or None) as a checkpoint with the
+    config of `source`."""
+    for directory, weights, quantization_config in checkpoints:
         directory.mkdir()
         save_file({k: v.contiguous() for k, v in weights.items()},
                   directory / "model.safetensors")
         values = json.loads((source / "config.json").read_text())
-        if directory is quantized_dir:
-            values["quantization_config"] = config
+        if quantization_config is not None:
+            values["quantization_config"] = quantization_config
         (directory / "config.json").write_text(json.dumps(values))
 
 
@@ -129,14 +136,7 @@ def write_fp8(source, quantized_dir, reference_dir) -> None:
             packed[name] = reference[name] = tensor
     config = {"quant_method": "fp8", "activation_scheme": "dynamic",
               "weight_block_size": [128, 128]}
-    for directory, weights in ((quantized_dir, packed), (reference_dir, reference)):
-        directory.mkdir()
-        save_file({k: v.contiguous() for k, v in weights.items()},
-                  directory / "model.safetensors")
-        values = json.loads((source / "config.json").read_text())
-        if directory is quantized_dir:
-            values["quantization_config"] = config
-        (directory / "config.json").write_text(json.dumps(values))
+    write_checkpoints(source, (quantized_dir, packed, config), (reference_dir, reference, None))
 
 
 def test_an_fp8_block_checkpoint_gives_its_weights_tokens(source, tmp_path):
