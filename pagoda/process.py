@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Iterator
 
@@ -58,3 +59,11 @@ class StartupPhases:
     def summary(self) -> str:
         parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phases)
         return f"{self.total:.1f}s ({parts})"
+
+
+def affinity_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1

@@ -37,6 +37,7 @@ from pagoda.engine.core_entry import spawn_main
 from pagoda.engine.model_info import ModelInfo
 from pagoda.engine.serial import EngineCoreOutputs, RequestError
 from pagoda.errors import PagodaError
+from pagoda.executor.serial import encode_config
 from pagoda.logger import get_logger
 from pagoda.request import EngineCoreRequest
 
@@ -217,7 +218,7 @@ class MPClient(EngineCoreClient):
         self._output = self._ctx.socket(zmq.PULL, socket_class=zmq.asyncio.Socket)
         self._proc = multiprocessing.get_context("spawn").Process(
             target=spawn_main, name="pagoda-engine",
-            args=(serial.encode_config(config), *self._bind(), os.getpid(), time.time()))
+            args=(encode_config(config), *self._bind(), os.getpid(), time.time()))
         self._finalizer = multiprocessing.util.Finalize(
             self, _teardown, exitpriority=10,
             args=(self._proc, self._ctx, self._input, self._sock_dir, self._stopping, 5.0))

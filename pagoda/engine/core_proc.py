@@ -28,6 +28,7 @@ from pagoda.engine.core import EngineCore
 from pagoda.engine.cpu_threads import configure_cpu_threads
 from pagoda.engine.input_processor import InputProcessor
 from pagoda.errors import PagodaError
+from pagoda.executor.serial import decode_config
 from pagoda.logger import configure_logging, get_logger
 from pagoda.process import StartupPhases, freeze_startup_objects
 from pagoda.request import EngineCoreRequest
@@ -266,5 +267,5 @@ def spawn_main(config_frame: bytes, input_addr: str, output_addr: str, parent_pi
                startup: StartupPhases) -> None:
     """multiprocessing entry point: the config arrives as msgpack, not as a pickled object."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us
-    run_engine_core(serial.decode_config(config_frame), input_addr, output_addr, parent_pid,
+    run_engine_core(decode_config(config_frame), input_addr, output_addr, parent_pid,
                     startup)

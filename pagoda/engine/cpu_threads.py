@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagoda.logger import get_logger
+from pagoda.process import affinity_cores
 
 logger = get_logger(__name__)
 
@@ -33,13 +34,6 @@ class CpuBudget:
     def engine_threads(self, http_cores: int = HTTP_PROCESS_CORES) -> int:
         """Threads for the engine: the usable cores less the HTTP process's, at least 1."""
         return max(1, self.usable - http_cores)
-
-
-def affinity_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")

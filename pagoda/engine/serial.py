@@ -14,7 +14,6 @@ from typing import Any
 
 import msgspec
 
-from pagoda.config import EngineConfig
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo
 from pagoda.request import EngineCoreRequest
@@ -119,7 +118,6 @@ EngineOutput = Ready | StartupFailed | EngineCoreOutputs | UtilityResult | Engin
 _encoder = msgspec.msgpack.Encoder()
 _input_decoder = msgspec.msgpack.Decoder(EngineInput)
 _output_decoder = msgspec.msgpack.Decoder(EngineOutput)
-_config_decoder = msgspec.msgpack.Decoder(EngineConfig)
 _result_decoders = {name: msgspec.msgpack.Decoder(t) for name, t in UTILITY_METHODS.items()}
 _NONE = msgspec.Raw(_encoder.encode(None))
 
@@ -137,14 +135,6 @@ def decode_input(data: bytes) -> EngineInput:
 def decode_output(data: bytes) -> EngineOutput:
     """Raises msgspec.MsgspecError on a malformed or invalid frame."""
     return _output_decoder.decode(data)
-
-
-def encode_config(config: EngineConfig) -> bytes:
-    return _encoder.encode(config)
-
-
-def decode_config(data: bytes) -> EngineConfig:
-    return _config_decoder.decode(data)
 
 
 def make_result(call_id: int, value: Any = None, error: str | None = None) -> UtilityResult:

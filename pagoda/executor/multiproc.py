@@ -23,8 +23,6 @@ from typing import Any
 import msgspec
 import torch
 
-from pagoda.engine.cpu_threads import affinity_cores
-from pagoda.engine.serial import encode_config
 from pagoda.errors import (
     ConfigError,
     ModelNotFoundError,
@@ -36,6 +34,7 @@ from pagoda.executor.base import Executor, KVCacheSizing, LoadedModelInfo, Worke
 from pagoda.executor.worker_proc import worker_main
 from pagoda.logger import get_logger
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
+from pagoda.process import affinity_cores
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 logger = get_logger(__name__)
@@ -75,7 +74,7 @@ class MultiprocExecutor(Executor):
         alive_reader, self._alive = ctx.Pipe(duplex=False)  # closes when this process ends
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         threads = _threads_per_worker(self.world_size)
-        frame = encode_config(config.engine)
+        frame = serial.encode_config(config.engine)
         self.workers: list[_WorkerProcess] = []
         try:
             for rank in range(self.world_size):

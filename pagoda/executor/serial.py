@@ -15,11 +15,13 @@ from typing import Any
 
 import msgspec
 
+from pagoda.config import EngineConfig
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo
 from pagoda.lora.request import LoRARequest
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 _encoder = msgspec.msgpack.Encoder()
+_config_decoder = msgspec.msgpack.Decoder(EngineConfig)
 _scheduler_output_decoder = msgspec.msgpack.Decoder(SchedulerOutput)
 _runner_output_decoder = msgspec.msgpack.Decoder(ModelRunnerOutput)
 
@@ -127,3 +129,11 @@ def decode_value(method: str, raw: msgspec.Raw) -> Any:
     """A reply's value, as the type `method` returns (None for methods that return none)."""
     decoder = _result_decoders.get(method)
     return decoder.decode(raw) if decoder is not None else None
+
+
+def encode_config(config: EngineConfig) -> bytes:
+    return _encoder.encode(config)
+
+
+def decode_config(data: bytes) -> EngineConfig:
+    return _config_decoder.decode(data)

@@ -36,7 +36,7 @@ def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, 
     """multiprocessing entry point: the config arrives as msgpack; `alive` reaches its end
     when the engine process is gone; `environ` is the engine's environment now (the fork
     server's is the one it had when the server started)."""
-    from pagoda.engine.serial import decode_config
+    from pagoda.executor.serial import decode_config
     os.environ.clear()
     os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us

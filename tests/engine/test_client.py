@@ -166,12 +166,6 @@ def test_utility_results_decode_typed():
         serial.decode_result("stats", result.result)
 
 
-def test_config_round_trips():
-    config = EngineConfig(model="/m", dtype="float32", max_model_len=77,
-                          cache=CacheConfig(block_size=8, kv_cache_memory=1 << 20))
-    assert serial.decode_config(serial.encode_config(config)) == config
-
-
 def _add_frame(**sampling: object) -> bytes:
     params = msgspec.to_builtins(SamplingParams())
     params.update(sampling)

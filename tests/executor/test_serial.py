@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from pagoda.config import CacheConfig, EngineConfig
 from pagoda.executor import serial
 from pagoda.sampling_params import SamplingParams
 from pagoda.scheduler.output import (
@@ -64,3 +65,9 @@ def test_invalid_sampling_params_in_a_frame_are_refused():
         serial.decode_scheduler_output(frame)
     with pytest.raises(msgspec.MsgspecError):
         serial.decode_scheduler_output(b"\xc1")
+
+
+def test_config_round_trips():
+    config = EngineConfig(model="/m", dtype="float32", max_model_len=77,
+                          cache=CacheConfig(block_size=8, kv_cache_memory=1 << 20))
+    assert serial.decode_config(serial.encode_config(config)) == config
