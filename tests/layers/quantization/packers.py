@@ -1,6 +1,7 @@
 """Writers of AWQ and GPTQ 4-bit tensors, from the formats' documentation (AutoAWQ's GEMM
 layout; GPTQ's qweight/qzeros/scales/g_idx), for checkpoints made in the tests; and the
-weights those tensors stand for, the reference the loaded layers are checked against."""
+weights those tensors stand for, the reference the loaded layers are checked against; and
+loading pieces into a layer."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def gptq_tensors(q: Quantized) -> dict[str, torch.Tensor]:
     """The original gptq format: zero points stored minus one."""
     return {"qweight": pack_nibbles(q.codes.t(), 0), "qzeros": pack_nibbles(q.zeros - 1, 1),
             "scales": q.scales, "g_idx": q.g_idx}
+
+
+def load_pieces(layer, pieces: list[dict[str, torch.Tensor]]) -> None:
+    """Load each piece (parameter name -> tensor) through the layer's weight loaders, as
+    shard i of a fused layer when there are several, then finish the layer's method."""
+    for shard, tensors in enumerate(pieces):
+        for name, tensor in tensors.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, tensor, shard if len(pieces) > 1 else None)
+    layer.method.process_weights_after_loading(layer)

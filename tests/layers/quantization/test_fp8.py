@@ -12,17 +12,10 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagoda.layers.quantization.compressed_tensors import compressed_tensors_config
 from pagoda.layers.quantization.fp8 import FP8, Fp8Config
+from tests.layers.quantization.packers import load_pieces as load
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 64, 4, 2
 SIZES = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
-
-
-def load(layer, pieces: list[dict[str, torch.Tensor]]) -> None:
-    for shard, tensors in enumerate(pieces):
-        for name, tensor in tensors.items():
-            param = getattr(layer, name)
-            param.weight_loader(param, tensor, shard if len(pieces) > 1 else None)
-    layer.method.process_weights_after_loading(layer)
 
 
 def fp8_weight(rows: int, columns: int) -> torch.Tensor:

@@ -21,16 +21,9 @@ from tests.layers.quantization.packers import (
     pack_nibbles,
     quantize,
 )
+from tests.layers.quantization.packers import load_pieces as load
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
-
-
-def load(layer, pieces: list[dict[str, torch.Tensor]]) -> None:
-    for shard, tensors in enumerate(pieces):
-        for name, tensor in tensors.items():
-            param = getattr(layer, name)
-            param.weight_loader(param, tensor, shard if len(pieces) > 1 else None)
-    layer.method.process_weights_after_loading(layer)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
