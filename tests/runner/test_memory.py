@@ -35,9 +35,11 @@ def test_fraction_of_available_host_memory():
     assert budget == pytest.approx(0.1 * available_host_memory(), rel=0.05)
 
 
-def test_cpu_default_is_capped():
-    budget = kv_budget_bytes(CacheConfig(), CPU, non_kv_peak=0)
-    assert budget == min(4 << 30, available_host_memory() // 2)
+def test_cpu_default_is_capped(monkeypatch):
+    monkeypatch.setattr("pagoda.runner.memory.available_host_memory", lambda: 64 << 30)
+    assert kv_budget_bytes(CacheConfig(), CPU, non_kv_peak=0) == 4 << 30
+    monkeypatch.setattr("pagoda.runner.memory.available_host_memory", lambda: 6 << 30)
+    assert kv_budget_bytes(CacheConfig(), CPU, non_kv_peak=0) == 3 << 30
 
 
 def test_blocks_for_budget_and_cap():
