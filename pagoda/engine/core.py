@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -74,8 +75,11 @@ class EngineCore:
         self.kv_manager = KVCacheManager(sizing.num_blocks, block_size,
                                          config.cache.enable_prefix_caching, hasher,
                                          sizing.windows)
+        # a pipeline keeps one step in flight per stage, each with requests of its own
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
-                                   config.lora.max_loras if config.lora else 0)
+                                   config.lora.max_loras if config.lora else 0,
+                                   pipeline_depth=self.pipeline_depth)
         self.loras = LoRARegistry(config.lora is not None)
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,
@@ -97,7 +101,7 @@ class EngineCore:
         if self.async_scheduling is None:
             self.async_scheduling = self.device.type == "cuda"
         self._token_dependent: set[str] = set()  # live requests that rule out overlap
-        self._in_flight: SchedulerOutput | None = None  # executed, output not collected yet
+        self._in_flight: deque[SchedulerOutput] = deque()  # executed, outputs not collected
         self._asleep = False
         self._log_capacity()
         logger.info("engine started in %s", startup.summary())
@@ -153,14 +157,15 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule and launch one step; returns the outputs of the steps that finished.
         With async scheduling the step launched is left running and the previous one's
-        outputs are returned, so the host's work overlaps the device's."""
+        outputs are returned, so the host's work overlaps the device's; a pipeline of M
+        stages leaves up to M - 1 steps running, of other requests, as the stages work."""
         outputs = []
-        if self._in_flight is not None and not self._can_overlap():
+        if self._steps_left_running() == 0:
             outputs += self._finish_in_flight()  # the next step needs its tokens on the host
         if not self.scheduler.has_unfinished_requests():
             return outputs + self._finish_in_flight()
@@ -169,11 +174,11 @@ class EngineCore:
         if sched_out.is_empty and self._compiling:
             concurrent.futures.wait(self._compiling.values(), timeout=0.005,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
+        if self._in_flight and _carries_nothing(sched_out):
+            return outputs + self._finish_in_flight(len(self._in_flight) - 1)
         self._execute(sched_out)
-        outputs += self._finish_in_flight()
-        self._in_flight = sched_out
-        if not self._can_overlap():
-            outputs += self._finish_in_flight()
+        self._in_flight.append(sched_out)
+        outputs += self._finish_in_flight(self._steps_left_running())
         self._retire_loras()
         return outputs
 
@@ -185,6 +190,12 @@ class EngineCore:
         bitmask = self.bitmask_filler.fill(grammar_states) if grammar_states else None
         self.executor.sample_tokens(bitmask)
 
+    def _steps_left_running(self) -> int:
+        """How many launched steps a step may leave running when it returns."""
+        if self.pipeline_depth > 1:
+            return self.pipeline_depth - 1
+        return 1 if self._can_overlap() else 0
+
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are back: not
         when a live request's sampling depends on its latest token (a grammar, penalties,
@@ -194,12 +205,14 @@ class EngineCore:
         self._token_dependent &= self.scheduler.requests.keys()
         return not self._token_dependent
 
-    def _finish_in_flight(self) -> list[EngineCoreOutput]:
-        if self._in_flight is None:
-            return []
-        sched_out, self._in_flight = self._in_flight, None
-        runner_out = self.executor.collect_output()
-        return self.scheduler.update_from_output(sched_out, runner_out)
+    def _finish_in_flight(self, leave: int = 0) -> list[EngineCoreOutput]:
+        """Collect the oldest launched steps until `leave` are left running."""
+        outputs = []
+        while len(self._in_flight) > leave:
+            sched_out = self._in_flight.popleft()
+            runner_out = self.executor.collect_output()
+            outputs += self.scheduler.update_from_output(sched_out, runner_out)
+        return outputs
 
     def _collect_grammars(self) -> list[EngineCoreOutput]:
         """Give each request whose grammar finished compiling its matcher; a request whose
@@ -312,5 +325,12 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the executor (and its workers); the core is unusable afterwards."""
-        self._in_flight = None
+        self._in_flight.clear()
         self.executor.shutdown()
+
+
+def _carries_nothing(sched_out: SchedulerOutput) -> bool:
+    """No tokens to compute and no request for the workers to forget: not worth a launch
+    (every runnable request is in a step still running)."""
+    return sched_out.is_empty and not sched_out.finished_request_ids \
+        and not sched_out.preempted_request_ids

@@ -231,11 +231,14 @@ def _join_groups(setup: RankSetup, device: torch.device, num_layers: int,
         process_group = groups[stage_index]
     group = ParallelGroup(tp_rank, tp, process_group, expert_parallel) if tp > 1 else SINGLE
     start, end = layer_ranges(num_layers, pp)[stage_index]
-    stage = PipelineStage(
-        stage_index, pp, start, end,
-        prev_rank=setup.rank - tp if stage_index > 0 else None,
-        next_rank=setup.rank + tp if stage_index < pp - 1 else None,
-        last_rank=(pp - 1) * tp) if pp > 1 else WHOLE
+    stage = WHOLE
+    if pp > 1:  # the sampled ids travel back on a group of their own (see share_sampled)
+        stage = PipelineStage(
+            stage_index, pp, start, end,
+            prev_rank=setup.rank - tp if stage_index > 0 else None,
+            next_rank=setup.rank + tp if stage_index < pp - 1 else None,
+            last_rank=(pp - 1) * tp,
+            token_group=torch.distributed.new_group(list(range(setup.world_size))))
     logger.info("rank %d of %d on %s (%s): tensor-parallel rank %d of %d, pipeline stage %d "
                 "of %d (layers %d-%d)", setup.rank, setup.world_size, device, backend, tp_rank,
                 tp, stage_index, pp, start, end - 1)

@@ -47,6 +47,7 @@ class ParallelGroup:
 
 
 SINGLE = ParallelGroup()
+SAMPLED_TAG = 1  # the point-to-point tag of the sampled ids a pipeline's last stage sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class PipelineStage:
     prev_rank: int | None = None
     next_rank: int | None = None
     last_rank: int = 0
+    token_group: Any = None  # every rank: the sampled ids go back on it
 
     @property
     def is_first(self) -> bool:
@@ -88,11 +90,20 @@ class PipelineStage:
             torch.distributed.recv(tensor, self.prev_rank)
         return tensors
 
-    def share_sampled(self, sampled: torch.Tensor) -> torch.Tensor:
-        """The last stage's sampled ids on every rank (`sampled`: a buffer elsewhere)."""
-        if self.count > 1:
-            torch.distributed.broadcast(sampled, self.last_rank)
-        return sampled
+    def share_sampled(self, sampled: torch.Tensor) -> list[Any]:
+        """Start sending the last stage's sampled ids to every other rank (`sampled`: their
+        buffer elsewhere); returns the transfers to wait for before reading or reusing it.
+        Point to point on a group of their own, so that a stage can run the next batch's
+        layers while this one's tokens are still on their way (a pipeline keeps several
+        batches in flight)."""
+        if self.count == 1:
+            return []
+        me = torch.distributed.get_rank()
+        if me != self.last_rank:
+            return [torch.distributed.irecv(sampled, self.last_rank, group=self.token_group,
+                                            tag=SAMPLED_TAG)]
+        return [torch.distributed.isend(sampled, rank, group=self.token_group, tag=SAMPLED_TAG)
+                for rank in range(torch.distributed.get_world_size()) if rank != me]
 
 
 def layer_ranges(num_layers: int, stages: int) -> list[tuple[int, int]]:

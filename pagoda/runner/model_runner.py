@@ -43,6 +43,9 @@ class LaunchedStep:
     sampled_host: torch.Tensor | None = None
     logprobs_host: LogprobsTensors | None = None
     copied: torch.cuda.Event | None = None  # the host copies are complete (CUDA)
+    # a pipeline stage: the sampled ids' sends or receive, and where they land
+    transfers: list = field(default_factory=list)
+    sampled_device: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -191,7 +194,9 @@ class ModelRunner:
     def launch(self, sched_out: SchedulerOutput) -> LaunchedStep:
         """Queue one step's forward pass and logits on the device and return without waiting
         for them (except for prompt logprobs). Call sample_tokens() on it before launching
-        the next step, and finish() before launching the step after next."""
+        the next step, and finish() before launching a step that reads its tokens as pending
+        ones (the next but one with async scheduling; a pipeline's steps never do, as no
+        request is scheduled again before its token is back)."""
         self.batch.update(sched_out)
         self._step_id += 1
         launched = LaunchedStep(self._step_id)
@@ -229,8 +234,12 @@ class ModelRunner:
         out = launched.output
         if not launched.states:
             return out
+        for transfer in launched.transfers:
+            transfer.wait()
         if launched.copied is not None:
             launched.copied.synchronize()
+        if launched.sampled_host is None:
+            launched.sampled_host = launched.sampled_device.cpu()
         sampled = launched.sampled_host.tolist()
         lp = launched.logprobs_host
         for row, (state, token_id) in enumerate(zip(launched.states, sampled)):
@@ -284,12 +293,15 @@ class ModelRunner:
             sampled = result.sampled_token_ids
         else:  # a pipeline stage before the last: the last stage's tokens arrive here
             sampled = torch.empty(len(states), dtype=torch.int64, device=self.config.device)
-        sampled = self.model.stage.share_sampled(sampled)
+        launched.transfers = self.model.stage.share_sampled(sampled)
         for row, state in enumerate(states):
             state.pending_row, state.pending_step = row, launched.step_id
         self._last_sampled = sampled
         launched.states = states
-        launched.sampled_host = _to_host(sampled)
+        if launched.transfers:  # a pipeline: the ids are read once they are here (finish)
+            launched.sampled_device = sampled
+        else:
+            launched.sampled_host = _to_host(sampled)
         if result is not None and result.logprobs is not None:
             lp = result.logprobs
             launched.logprobs_host = LogprobsTensors(_to_host(lp.token_ids),

@@ -9,6 +9,11 @@ A step may be scheduled before the previous one's results are back (async schedu
 request that samples counts the token as pending until update_from_output brings it, its
 next decode is scheduled on that pending token, and a request whose pending token ends it
 (max_tokens, max_model_len) is not scheduled again.
+
+A pipeline (`pipelined`: its number of stages) keeps several steps in flight the other way:
+each step schedules only requests whose tokens are all back, and at most its share of the
+live requests, so the steps in flight hold different requests and every stage has one to
+work on.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 max_model_len: int, max_loras: int = 0) -> None:
+                 max_model_len: int, max_loras: int = 0, pipeline_depth: int = 1) -> None:
         self.config = config
+        self.pipeline_depth = pipeline_depth  # steps in flight, each with its own requests
         self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold
         self.kv = kv_manager
         self.max_model_len = max_model_len
@@ -43,6 +49,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self._next_seq = 0
+        self._step_seats = config.max_num_seqs
         self.num_preemptions = 0
         self.num_computed_tokens_total = 0
 
@@ -80,6 +87,7 @@ class Scheduler:
                               preempted_request_ids=self._preempted_ids)
         self._finished_ids, self._preempted_ids = set(), set()
         budget = self.config.max_num_batched_tokens
+        self._step_seats = self._seats_per_step()
         self.running.sort(key=lambda r: r.sort_key)
         budget, num_ending = self._schedule_running(out, budget)
         if not out.preempted_request_ids:
@@ -93,16 +101,31 @@ class Scheduler:
         self.num_computed_tokens_total += out.total_num_scheduled_tokens
         return out
 
+    @property
+    def pipelined(self) -> bool:
+        return self.pipeline_depth > 1
+
+    def _seats_per_step(self) -> int:
+        """Requests one step may take: all of them, or in a pipeline its stage's share."""
+        if not self.pipelined:
+            return self.config.max_num_seqs
+        live = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
+        return max(1, -(-live // self.pipeline_depth))
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, int]:
         """Returns the budget left and how many running requests are only waiting for the
         token that ends them (their seats go to waiting requests now, as they would once
         finished)."""
         i = num_ending = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 \
+                and len(out.num_scheduled_tokens) < self._step_seats:
             request = self.running[i]
             if self._ends_with_pending_token(request):
                 i += 1
                 num_ending += 1
+                continue
+            if self.pipelined and request.num_pending_tokens:
+                i += 1  # in a step still in the pipeline
                 continue
             num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             new_block_ids = self._allocate_or_preempt(request, num_new, out)
@@ -149,7 +172,8 @@ class Scheduler:
         # and requests whose adapter would be one more than --max-loras in the batch
         not_ready = []
         adapters = {r.lora_id for r in self.running if r.lora_id}
-        while self.waiting and budget > 0 and num_active < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and num_active < self.config.max_num_seqs \
+                and len(out.num_scheduled_tokens) < self._step_seats:
             request = self.waiting.peek()
             if request.waiting_for_grammar or request.num_pending_tokens \
                     or not self._adapter_fits(request, adapters):

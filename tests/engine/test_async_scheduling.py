@@ -81,11 +81,11 @@ def test_the_engine_overlaps_steps_and_falls_back_for_token_dependent_sampling(e
     core = overlapped.engine
     core.add_request("plain", "Hello", SamplingParams(max_tokens=8, temperature=0))
     core.step()  # prefill: launched, its token not back yet
-    assert core.core._in_flight is not None
+    assert core.core._in_flight
     core.add_request("penalised", "Hi",
                      SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3))
     core.step()  # a penalised request needs its tokens on the host before each step
-    assert core.core._in_flight is None
+    assert not core.core._in_flight
     while core.has_unfinished_requests():
         core.step()
     assert_all_blocks_free(overlapped)

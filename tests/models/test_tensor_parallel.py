@@ -115,3 +115,43 @@ def test_stages_with_different_kv_groups_are_refused(tmp_path):
     path = save_random_checkpoint(config, tmp_path / "gemma3", None)  # stages: SF | S
     with pytest.raises(ConfigError, match="different KV cache groups"):
         LLM(str(path), pipeline_parallel_size=2, **ENGINE)
+
+
+def test_a_pipeline_keeps_a_step_of_other_requests_per_stage_in_flight(reference):
+    """PP=2: a step is launched while the one before is still in the pipeline, and the two
+    never hold the same request's decode; the outputs stay those of one device."""
+    path, prompts, one, _ = reference("llama-biases-odd-vocab")
+    llm = LLM(str(path), pipeline_parallel_size=2, **ENGINE)
+    core = llm.engine.core
+    execute, overlaps = core.executor.execute_model, []
+
+    def execute_and_look(sched_out):
+        running = [s for s in core._in_flight if not s.is_empty]  # launched, not collected
+        if running and not sched_out.is_empty:
+            earlier = running[-1]
+            both = earlier.num_scheduled_tokens.keys() & sched_out.num_scheduled_tokens.keys()
+            # only a prompt's next chunk may follow the one before into the pipeline: there,
+            # the earlier step ended inside the prompt (it sampled nothing to wait for)
+            requests = core.scheduler.requests
+            overlaps.append({r: _chunk_end(earlier, r) < requests[r].num_prompt_tokens
+                             for r in both})
+        execute(sched_out)
+
+    core.executor.execute_model = execute_and_look
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+    finally:
+        core.shutdown()
+    assert len(overlaps) > 4
+    assert all(all(within_prompt.values()) for within_prompt in overlaps), overlaps
+    assert [o.outputs[0].token_ids for o in outputs] == \
+        [o.outputs[0].token_ids for o in one[:len(prompts)]]
+
+
+def _chunk_end(step, request_id: str) -> int:
+    """Where the request's part of the step ends: its tokens computed after it."""
+    for data in (*step.new_requests, *step.cached_requests):
+        if data.request_id == request_id:
+            return data.num_computed_tokens + step.num_scheduled_tokens[request_id]
+    raise KeyError(request_id)

@@ -6,6 +6,8 @@ any scheduling mistake (lost or repeated tokens) changes the outputs.
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 
 from pagoda.config import SchedulerConfig
@@ -50,9 +52,10 @@ class FakeRunner:
 
 
 def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True,
-                   windows=(None,)):
+                   windows=(None,), pipeline_depth=1):
     kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"), windows)
-    return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len)
+    return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len,
+                     pipeline_depth=pipeline_depth)
 
 
 def add(sched, rid, prompt, max_tokens=8, priority=0, **params):
@@ -61,28 +64,37 @@ def add(sched, rid, prompt, max_tokens=8, priority=0, **params):
         priority=priority))
 
 
-def run(sched, runner=None, max_steps=10_000, on_step=None, overlap=False):
+def run(sched, runner=None, max_steps=10_000, on_step=None, overlap=False, depth=None,
+        busy=None):
     """Step until done. With overlap, each step is scheduled (and 'run') before the previous
-    step's results reach the scheduler, as the engine's async scheduling does."""
+    step's results reach the scheduler, as the engine's async scheduling does; `depth`: up to
+    that many steps are in flight (a pipeline's stages), the oldest delivered first. `busy`:
+    a list to append, after each launch, how many steps in flight compute something."""
     runner = runner or FakeRunner()
+    depth = depth or (2 if overlap else 1)
     outputs: dict[str, list[int]] = {}
     reasons: dict[str, str] = {}
     steps = 0
-    in_flight = None
+    in_flight: deque = deque()
     while (sched.has_unfinished_requests() or in_flight) and steps < max_steps:
-        launched = None
         if sched.has_unfinished_requests():
             out = sched.schedule()
             assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
             assert len(out.num_scheduled_tokens) <= sched.config.max_num_seqs
-            launched = (out, runner.execute(out))
-        finished_step = in_flight if overlap else launched
-        if finished_step:
-            for o in sched.update_from_output(*finished_step):
+            if sched.pipelined:  # no request's token is still on its way
+                assert not any(out.num_scheduled_tokens.keys() & result.sampled_token_ids.keys()
+                               for _, result in in_flight)
+            in_flight.append((out, runner.execute(out)))
+            if busy is not None:
+                busy.append(sum(not step.is_empty for step, _ in in_flight))
+            leave = depth - 1
+        else:
+            leave = len(in_flight) - 1  # nothing to schedule: deliver the oldest
+        while len(in_flight) > leave:
+            for o in sched.update_from_output(*in_flight.popleft()):
                 outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
                 if o.finished:
                     reasons[o.request_id] = o.finish_reason
-        in_flight = launched if overlap else None
         steps += 1
         if on_step:
             on_step(sched, steps)
@@ -142,6 +154,38 @@ def test_preemption_keeps_outputs_identical_and_frees_everything(overlap):
     assert sched.num_preemptions > 0
     assert outputs == reference_outputs(ps, max_tokens=12)
     assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_pipeline_keeps_steps_of_other_requests_in_flight(depth):
+    """Pipelined: up to `depth` steps in flight, never two sampling the same request (run()
+    checks it), and the outputs those of each request alone, with and without preemption."""
+    for n, num_blocks, max_tokens in ((12, 64, 8), (8, 14, 12)):
+        ps = prompts(n)
+        sched = make_scheduler(num_blocks=num_blocks, budget=24, pipeline_depth=depth)
+        for rid, p in ps.items():
+            add(sched, rid, p, max_tokens=max_tokens)
+        busy = []
+        outputs, reasons, _ = run(sched, depth=depth, busy=busy)
+        if num_blocks == 64:  # room for everyone: every stage had a step of its own
+            assert max(busy) == depth
+        assert outputs == reference_outputs(ps, max_tokens=max_tokens)
+        assert set(reasons.values()) == {"length"}
+        assert sched.kv.num_free_blocks == sched.kv.pool.num_usable_blocks
+    assert sched.num_preemptions > 0
+
+
+def test_a_pipelined_step_skips_requests_whose_token_is_on_its_way():
+    sched = make_scheduler(pipeline_depth=2)
+    runner = FakeRunner()
+    add(sched, "a", [1, 2, 3], max_tokens=4)
+    first = sched.schedule()
+    add(sched, "b", [4, 5])
+    second = sched.schedule()  # a's token is not back: only b runs
+    assert second.num_scheduled_tokens == {"b": 2}
+    assert sched.schedule().is_empty  # both in flight
+    sched.update_from_output(first, runner.execute(first))
+    assert sched.schedule().num_scheduled_tokens == {"a": 1}
 
 
 def test_overlapped_steps_count_the_token_in_flight():
