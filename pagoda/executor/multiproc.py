@@ -12,7 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import os
-import socket
 from multiprocessing.connection import Connection, wait
 
 import msgspec
@@ -23,7 +22,7 @@ from pagoda.executor.base import WorkerConfig
 from pagoda.executor.worker_group import RankHandle, WorkerError, WorkerGroupExecutor
 from pagoda.executor.worker_proc import worker_main
 from pagoda.logger import get_logger
-from pagoda.process import affinity_cores
+from pagoda.process import affinity_cores, free_port
 
 logger = get_logger(__name__)
 
@@ -49,7 +48,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
         parallel = config.engine.parallel
         ctx = _worker_context()
         alive_reader, self._alive = ctx.Pipe(duplex=False)  # closes when this process ends
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = _threads_per_worker(self.world_size)
         frame = serial.encode_config(config.engine)
         self.workers: list[_WorkerProcess] = []
@@ -170,12 +169,6 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pagoda.executor.worker_proc"])
     return ctx
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _threads_per_worker(world_size: int) -> int:

@@ -8,14 +8,13 @@ This module imports Ray only inside the actor's methods, so that it loads withou
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 from pagoda.executor import serial
 from pagoda.executor.base import WorkerConfig
 from pagoda.executor.worker import RankSetup, Worker
-from pagoda.executor.worker_calls import CallAnswerer
-from pagoda.logger import configure_logging
+from pagoda.executor.worker_calls import CallAnswerer, configure_rank_logging
+from pagoda.process import free_port
 
 HOST_IP_ENV = "PAGODA_HOST_IP"  # this node's address for the other ranks (vLLM's VLLM_HOST_IP)
 
@@ -43,8 +42,7 @@ class RayWorkerHost:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.answerer: CallAnswerer | None = None
-        configure_logging(None if rank == 0 or os.environ.get("PAGODA_LOG_LEVEL") == "DEBUG"
-                          else "WARNING")  # rank 0 speaks for all
+        configure_rank_logging(rank)
 
     def placement(self) -> tuple:
         """Its RankPlacement's fields (plain values: the executor builds the dataclass)."""
@@ -57,9 +55,7 @@ class RayWorkerHost:
 
     def free_port(self) -> int:
         """A port free on this node now, for torch.distributed's rendezvous (rank 0)."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
+        return free_port("")
 
     def start(self, config_frame: bytes, max_model_len: int, setup: tuple) -> bytes:
         """Build the Worker; a reply frame: nothing, or the error that stopped it (a model

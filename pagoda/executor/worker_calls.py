@@ -17,12 +17,18 @@ import msgspec
 
 from pagoda.executor import serial
 from pagoda.executor.worker import Worker
-from pagoda.logger import get_logger
+from pagoda.logger import configure_logging, get_logger
 
 logger = get_logger(__name__)
 
 SURVIVABLE_ERRORS = ("LoRAAdapterError",)  # the worker's state is intact after these
 EXIT_AT_STEP_ENV = "PAGODA_TEST_WORKER_EXIT_AT_STEP"  # test hook: "rank:step" hard-exits
+
+
+def configure_rank_logging(rank: int) -> None:
+    """Rank 0 speaks for all: the others log warnings and errors only (unless DEBUG)."""
+    configure_logging(None if rank == 0 or os.environ.get("PAGODA_LOG_LEVEL") == "DEBUG"
+                      else "WARNING")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,11 @@ from multiprocessing.connection import Connection
 
 from pagoda.executor.base import WorkerConfig
 from pagoda.executor.worker import RankSetup, Worker
-from pagoda.executor.worker_calls import EXIT_AT_STEP_ENV, CallAnswerer
-from pagoda.logger import configure_logging
+from pagoda.executor.worker_calls import (
+    EXIT_AT_STEP_ENV,
+    CallAnswerer,
+    configure_rank_logging,
+)
 
 __all__ = ["EXIT_AT_STEP_ENV", "WorkerLoop", "worker_main"]
 
@@ -33,8 +36,7 @@ def worker_main(config_frame: bytes, max_model_len: int, setup: tuple[int, int, 
     os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the frontend, which stops us
     rank = RankSetup(*setup)
-    configure_logging(None if rank.rank == 0 or os.environ.get("PAGODA_LOG_LEVEL") == "DEBUG"
-                      else "WARNING")  # rank 0 speaks for all
+    configure_rank_logging(rank.rank)
     _watch_engine(alive)
     import torch
     torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def cluster():
             ray.shutdown()
         for proc in reversed(nodes):
             _stop_node(proc)
+        shutil.rmtree(temp, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
