@@ -9,11 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +25,7 @@ from pagoda.errors import ConfigError  # noqa: E402
 from pagoda.executor import ray_executor  # noqa: E402
 from pagoda.executor.ray_executor import RayExecutor, WorkerError  # noqa: E402
 from tests.executor.test_in_process import GREEDY, PROMPT  # noqa: E402
-from tests.utils import free_port, tiny_chat_model  # noqa: E402
-
-NODE_START_TIMEOUT_S = 60.0
-RAY = str(Path(sys.executable).with_name("ray"))
+from tests.utils import free_port, local_ray_cluster, tiny_chat_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,60 +65,26 @@ def test_without_ray_installed_the_error_names_the_extra(monkeypatch):
         ray_executor.import_ray()
 
 
-def _start_node(args: list[str], log: Path) -> subprocess.Popen:
-    """One `ray start --block` (it ends its node's processes when terminated), once its
-    node is up."""
-    # the actors see their node's environment: PAGODA_HOST_IP is the address ranks meet at
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PAGODA_HOST_IP": "127.0.0.1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1",
-                                 "--object-store-memory=80000000", "--disable-usage-stats",
-                                 *args],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + NODE_START_TIMEOUT_S
-    while "Ray runtime started" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_node(proc)
-            pytest.fail(f"`ray start` failed:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    return proc
-
-
-def _stop_node(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node and a second node on this machine; RAY_ADDRESS names the head, and the
-    engine's GLOO_SOCKET_IFNAME (loopback) reaches the actors."""
-    port = free_port()
-    # short: Ray's socket paths live under it and must fit a unix socket's 107 bytes
-    temp = Path(tempfile.mkdtemp(prefix="pgray", dir="/tmp"))
-    nodes = []
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "GLOO_SOCKET_IFNAME")}
-    try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false",
-                                  f"--temp-dir={temp}"], temp / "head.log"))
-        nodes.append(_start_node([f"--address=127.0.0.1:{port}"], temp / "node2.log"))
-        os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", GLOO_SOCKET_IFNAME="lo")
-        yield f"127.0.0.1:{port}"
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        for proc in reversed(nodes):
-            _stop_node(proc)
-        shutil.rmtree(temp, ignore_errors=True)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    """A head node and a second node on this machine, one CPU each; RAY_ADDRESS names the
+    head, PAGODA_HOST_IP (each node's own) is loopback, and the engine's GLOO_SOCKET_IFNAME
+    (loopback too) reaches the actors."""
+    node = ["--num-cpus=1"]
+    with local_ray_cluster([*node, "--include-dashboard=false"], node,
+                           env={"PAGODA_HOST_IP": "127.0.0.1"}) as address:
+        saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "GLOO_SOCKET_IFNAME")}
+        os.environ.update(RAY_ADDRESS=address, GLOO_SOCKET_IFNAME="lo")
+        try:
+            yield address
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()  # this process leaves the cluster before it stops
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +117,8 @@ def test_a_killed_rank_fails_the_next_step_at_once(two_node_llm):
     rank1 = two_node_llm.engine.core.executor.placements()[1]
     os.kill(rank1.pid, signal.SIGKILL)
     start = time.monotonic()
-    with pytest.raises(WorkerError, match=r"Ray worker rank 1: node 127\.0\.0\.1 .* is gone"):
+    with pytest.raises(WorkerError, match=r"Ray worker rank 1: node 127\.0\.0\.1 .*, pid "
+                                          r"\d+ is gone: ActorDiedError"):
         two_node_llm.generate([{"prompt_token_ids": PROMPT}], GREEDY.clone(max_tokens=4))
     assert time.monotonic() - start < 20
     with pytest.raises(WorkerError, match="rank 1"):  # and every later call, at once
