@@ -145,13 +145,16 @@ class RayExecutor(WorkerGroupExecutor):
         self._stop()
 
     def _stop(self) -> None:
+        """Kill the actors and free their bundles (nothing left to do once this process has
+        left the cluster: Ray ended them then)."""
         from ray.util.placement_group import remove_placement_group
-        for worker in self.workers:
-            self._ray.kill(worker.actor)
+        if self._ray.is_initialized():
+            for worker in self.workers:
+                self._ray.kill(worker.actor)
+            if self._group is not None:
+                remove_placement_group(self._group)
         self.workers.clear()
-        if self._group is not None:
-            remove_placement_group(self._group)
-            self._group = None
+        self._group = None
 
     # ---- the control channel ------------------------------------------------------------------
     def _send(self, worker: _RankActor, frame: bytes) -> bool:
@@ -186,7 +189,9 @@ class RayExecutor(WorkerGroupExecutor):
 
     def _fail_dead(self, worker: _RankActor) -> None:
         where = worker.placement.describe() if worker.placement else f"rank {worker.rank}"
-        why = str(worker.death).strip().splitlines()[0] if worker.death else "is unreachable"
+        if worker.death is None:
+            self._fail(f"Ray worker {where} is unreachable")
+        why = (str(worker.death).strip().splitlines() or [""])[0]
         self._fail(f"Ray worker {where} is gone: {type(worker.death).__name__}: {why}")
 
     def _first_dead(self, timeout: float) -> _RankActor | None:
