@@ -227,8 +227,9 @@ def connect(ray: Any) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "auto"
+    host, _, port = address.rpartition(":")
     if address != "auto" and not address.startswith("ray://") \
-            and not _reachable(address.rpartition(":")[0], address.rpartition(":")[2]):
+            and not _reachable(host.strip("[]"), port):
         raise ConfigError(f"no Ray cluster answers at RAY_ADDRESS={address}: {CLUSTER_HINT}")
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)

@@ -72,19 +72,15 @@ def cluster():
     (loopback too) reaches the actors."""
     node = ["--num-cpus=1"]
     with local_ray_cluster([*node, "--include-dashboard=false"], node,
-                           env={"PAGODA_HOST_IP": "127.0.0.1"}) as address:
-        saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "GLOO_SOCKET_IFNAME")}
-        os.environ.update(RAY_ADDRESS=address, GLOO_SOCKET_IFNAME="lo")
+                           env={"PAGODA_HOST_IP": "127.0.0.1"}) as address, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", address)
+        patch.setenv("GLOO_SOCKET_IFNAME", "lo")
         try:
             yield address
         finally:
             if ray.is_initialized():
                 ray.shutdown()  # this process leaves the cluster before it stops
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

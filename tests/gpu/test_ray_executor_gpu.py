@@ -4,8 +4,6 @@ gives the multi-process executor's greedy tokens, over NCCL with two GPUs."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -23,18 +21,14 @@ checkpoint = test_executor_gpu.checkpoint  # the same random Llama fixture
 def cluster():
     gpus = torch.cuda.device_count()
     with local_ray_cluster([f"--num-gpus={gpus}", "--num-cpus=4",
-                            "--include-dashboard=false"]) as address:
-        saved = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = address
+                            "--include-dashboard=false"]) as address, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", address)
         try:
             yield gpus
         finally:
             if ray.is_initialized():
                 ray.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_ADDRESS", None)
-            else:
-                os.environ["RAY_ADDRESS"] = saved
 
 
 def test_each_rank_gets_its_own_gpu_and_the_mp_tokens(cluster, checkpoint):
