@@ -159,8 +159,8 @@ class ParallelConfig:
             raise ConfigError(f"distributed_executor_backend must be one of "
                               f"{', '.join(EXECUTOR_BACKENDS)}")
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
-            raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' or 'ray' "
-                              "for more than one rank")
+            raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' or "
+                              "'ray' for more than one rank")
 
     @property
     def world_size(self) -> int:
