@@ -135,15 +135,16 @@ class LoRAConfig:
         return self.max_cpu_loras or self.max_loras
 
 
-EXECUTOR_BACKENDS = ("auto", "uni", "mp")
+EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 
 
 @dataclass(slots=True)
 class ParallelConfig:
     """How many devices one engine spreads the model over (tensor-parallel ranks per
     pipeline stage, times the stages), and how its workers run: `uni` is one worker inside
-    the engine process, `mp` one worker process per rank (auto: `mp` when there is more than
-    one rank, else `uni`)."""
+    the engine process, `mp` one worker process per rank on this machine, `ray` one Ray actor
+    per rank on a running Ray cluster, across its nodes (auto: `mp` when there is more than
+    one rank, else `uni`; `ray` only when asked for)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -156,10 +157,10 @@ class ParallelConfig:
             raise ConfigError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ConfigError(f"distributed_executor_backend must be one of "
-                              f"{', '.join(EXECUTOR_BACKENDS)} (ray is not supported yet)")
+                              f"{', '.join(EXECUTOR_BACKENDS)}")
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
-            raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' "
-                              "for more than one rank")
+            raise ConfigError("distributed_executor_backend 'uni' runs one worker: use 'mp' or "
+                              "'ray' for more than one rank")
 
     @property
     def world_size(self) -> int:
@@ -167,7 +168,7 @@ class ParallelConfig:
 
     @property
     def backend(self) -> str:
-        """The executor backend resolved: `uni` or `mp`."""
+        """The executor backend resolved: `uni`, `mp` or `ray`."""
         if self.distributed_executor_backend != "auto":
             return self.distributed_executor_backend
         return "mp" if self.world_size > 1 else "uni"

@@ -67,3 +67,11 @@ def affinity_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now ("": on every address of this machine)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,52 @@ def logged_messages(logger_name: str) -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+RAY_NODE_START_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def local_ray_cluster(head: list[str], *others: list[str],
+                      env: dict[str, str] | None = None) -> Iterator[str]:
+    """Ray nodes on this machine, each one `ray start --block` process with its own
+    arguments (`head`: the head node's); yields the head's address. Every node ends with the
+    block, even after a failure (a terminated `ray start --block` ends its node's processes)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import pytest
+    port = free_port()
+    # short: Ray's socket paths live under it and must fit a unix socket's 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="pgray", dir="/tmp"))
+    ray = str(Path(sys.executable).with_name("ray"))
+    environ = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    common = ["--object-store-memory=80000000", "--disable-usage-stats"]
+    nodes: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: Path) -> None:
+        with log.open("wb") as out:
+            nodes.append(subprocess.Popen([ray, "start", "--block", *common, *args],
+                                          stdout=out, stderr=subprocess.STDOUT, env=environ))
+        deadline = time.monotonic() + RAY_NODE_START_TIMEOUT_S
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if nodes[-1].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"`ray start` failed:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+
+    try:
+        start(["--head", f"--port={port}", f"--temp-dir={temp}", *head], temp / "head.log")
+        for n, args in enumerate(others, 1):
+            start([f"--address=127.0.0.1:{port}", *args], temp / f"node{n}.log")
+        yield f"127.0.0.1:{port}"
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            try:
+                node.wait(20)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -138,9 +138,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None,
                         help="split the layers into this many stages (worker processes)")
     parser.add_argument("--distributed-executor-backend", default=None,
-                        choices=["auto", "uni", "mp"],
+                        choices=["auto", "uni", "mp", "ray"],
                         help="uni: the worker in the engine process; mp: one worker process "
-                             "per rank (the default with more than one)")
+                             "per rank (the default with more than one); ray: one actor per "
+                             "rank on a running Ray cluster")
 
 
 def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -41,6 +41,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers into this many stages, each on its own "
                         "--tensor-parallel-size devices")
+    g.add_argument("--distributed-executor-backend", default="auto",
+                   choices=["auto", "uni", "mp", "ray"],
+                   help="how the ranks run: mp, one worker process each on this machine (the "
+                        "default with more than one rank; needs no Ray); uni, the one worker "
+                        "in the engine process; ray, one Ray actor each on a running Ray "
+                        "cluster, across its nodes (`ray start --head`, then `ray start "
+                        "--address=HEAD:6379` on the others; pip install pagoda[ray])")
     g.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
                    default=False,
                    help="mixture-of-experts layers: split the experts over the tensor-parallel "
@@ -105,12 +112,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "enable_expert_parallel": args.enable_expert_parallel,
-        "distributed_executor_backend": executor_backend(args),
+        "distributed_executor_backend": args.distributed_executor_backend,
     }
-
-
-def executor_backend(args: argparse.Namespace) -> str:
-    """--distributed-executor-backend as pagoda runs it: `mp` and `uni` as given; anything
-    else (ray: its startup note says so) as the default, worker processes on this machine."""
-    given = getattr(args, "vllm_distributed_executor_backend", None)
-    return given if given in ("mp", "uni") else "auto"

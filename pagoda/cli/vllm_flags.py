@@ -42,13 +42,11 @@ def _add(reason: str, specs: str, quiet: tuple[str, ...] = (), refused: bool = F
 
 
 ONE_ENGINE = ("pagoda runs engines on this machine only: one per model, or --data-parallel-size "
-              "replicas, each split by --tensor-parallel-size and --pipeline-parallel-size")
+              "replicas, each split by --tensor-parallel-size and --pipeline-parallel-size "
+              "(whose ranks span a Ray cluster's nodes with --distributed-executor-backend ray)")
 _add(ONE_ENGINE, """
 --decode-context-parallel-size/-dcp value
 --prefill-context-parallel-size/-pcp value""", quiet=("1",))
-_add("pagoda starts its workers as processes on this machine (mp); Ray placement and "
-     "multi-node serving are not supported", """
---distributed-executor-backend value""", quiet=("mp", "uni", "auto"))
 _add(ONE_ENGINE, """
 --master-addr value
 --master-port value
@@ -70,9 +68,11 @@ _add(ONE_ENGINE, """
 --engine-use-ray switch
 --api-server-count/-asc value""", quiet=("1",))
 _add("pagoda has no custom all-reduce kernel", "--disable-custom-all-reduce switch")
-_add("multi-node serving is not supported; this machine would serve alone", """
+MULTI_NODE = ("pagoda serves across nodes on a Ray cluster only (--distributed-executor-backend "
+              "ray); this machine would serve alone")
+_add(MULTI_NODE, """
 --nnodes/-n value""", quiet=("1",), refused=True)
-_add("multi-node serving is not supported; this machine would serve alone", """
+_add(MULTI_NODE, """
 --node-rank/-r value""", quiet=("0",), refused=True)
 _add("pagoda always runs an API server with its engine", "--headless switch", refused=True)
 _add("with --enable-expert-parallel, experts are split evenly over the tensor-parallel ranks; "

@@ -43,6 +43,9 @@ class RankSetup:
     world_size: int
     init_method: str
     tensor_parallel_size: int = 0  # 0: all of world_size
+    # the CUDA device this rank takes; None: the configured one's index plus the rank (one
+    # host's GPUs in rank order). A Ray actor sees only its own GPU: index 0.
+    device_index: int | None = None
 
     @property
     def tp_size(self) -> int:
@@ -79,7 +82,9 @@ class Worker:
         self.device = resolve_device(self.config.engine.device)
         setup = self.rank_setup
         if setup is not None and self.device.type == "cuda":  # ranks from the named GPU on
-            self.device = torch.device("cuda", (self.device.index or 0) + setup.rank)
+            index = setup.device_index
+            self.device = torch.device(
+                "cuda", (self.device.index or 0) + setup.rank if index is None else index)
         if self.device.type == "cuda":
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)  # kernels and graphs use the current device

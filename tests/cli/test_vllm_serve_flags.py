@@ -94,8 +94,6 @@ def test_the_six_flags_from_common_guides_parse(flag):
 
 @pytest.mark.parametrize("line, note", [
     ("--swap-space 16", "--swap-space 16 ignored: preempted requests are recomputed"),
-    ("--distributed-executor-backend ray",
-     "--distributed-executor-backend ray ignored: pagoda starts its workers as processes"),
     ("--disable-custom-all-reduce", "--disable-custom-all-reduce ignored: pagoda has no"),
     ("--decode-context-parallel-size 2",
      "--decode-context-parallel-size 2 ignored: pagoda runs engines on this machine only"),
@@ -119,7 +117,8 @@ def test_tensor_parallel_flags_are_acted_on():
     assert engine_kwargs(args)["distributed_executor_backend"] == "mp"
     assert engine_kwargs(_parse([]))["distributed_executor_backend"] == "auto"
     ray = _parse(["--distributed-executor-backend", "ray"])
-    assert engine_kwargs(ray)["distributed_executor_backend"] == "auto"  # local processes
+    assert engine_kwargs(ray)["distributed_executor_backend"] == "ray"
+    assert compat_notes(ray) == []
     assert engine_kwargs(_parse(["-pp", "2"]))["pipeline_parallel_size"] == 2
     assert compat_notes(_parse(["-tp", "2", "-pp", "2"])) == []
 
