@@ -90,6 +90,11 @@ def _check_config(raw: Mapping[str, Any], max_rank: int) -> AdapterConfig:
     if raw.get("bias", "none") != "none":
         raise LoRAAdapterError("adapters that train biases are not supported (bias must be "
                                "'none')")
+    if raw.get("target_parameters"):
+        raise LoRAAdapterError(
+            f"LoRA on parameters (target_parameters {raw['target_parameters']!r}, as PEFT "
+            "makes for mixture-of-experts experts) is not supported: only the q/k/v/o and "
+            "dense gate/up/down projections take adapters")
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise LoRAAdapterError(f"per-module ranks ({key}) are not supported")
