@@ -193,10 +193,6 @@ class EngineConfig:
     lora: LoRAConfig | None = None  # None: LoRA adapters off
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def __post_init__(self) -> None:
-        if self.lora is not None and self.parallel.world_size > 1:
-            raise ConfigError("LoRA adapters with tensor or pipeline parallelism are not "
-                              "supported yet (--enable-lora needs one device)")
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}

@@ -161,6 +161,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False,
                  method: LinearMethod | None = None, group: ParallelGroup = SINGLE) -> None:
+        self.out_sizes = list(out_sizes)  # each checkpoint piece's whole output count
         self.local_sizes = [group.split(size)[1] for size in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, method, group)
 
@@ -168,13 +169,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def num_shards(self) -> int:
         return len(self.local_sizes)
 
+    def piece_start(self, shard: int) -> int:
+        """Where this rank's outputs begin within checkpoint piece `shard`'s."""
+        return self.group.rank * self.local_sizes[shard]
+
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
                       shard: int | None = None) -> None:
         if shard is None:
             raise ValueError("a merged projection loads its pieces one by one")
         dim = param.output_dim
         offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
-        piece = _narrow(tensor, dim, self.group.rank * size, size)
+        piece = _narrow(tensor, dim, self.piece_start(shard), size)
         copy_checked(param.data.narrow(dim, offset, size), piece)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -196,9 +201,16 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.local_kv_heads = max(1, num_kv_heads // group.size)
         self.kv_replicas = max(1, group.size // num_kv_heads)
         q, kv = self.local_heads * head_dim, self.local_kv_heads * head_dim
+        self.out_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
         self.local_sizes = [q, kv, kv]
         LinearBase.__init__(self, hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias,
                             method, group, hidden_size, q + 2 * kv)
+
+    def piece_start(self, shard: int) -> int:
+        """q: this rank's query heads; k and v: its KV heads (shared by `kv_replicas`
+        ranks when there are fewer KV heads than ranks)."""
+        rank_part = self.group.rank if shard == 0 else self.group.rank // self.kv_replicas
+        return rank_part * self.local_sizes[shard]
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
                       shard: int | None = None) -> None:
@@ -206,9 +218,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
             raise ValueError("the qkv projection loads q, k and v one by one")
         dim = param.output_dim
         offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
-        rank_part = self.group.rank if shard == 0 else self.group.rank // self.kv_replicas
         copy_checked(param.data.narrow(dim, offset, size),
-                     _narrow(tensor, dim, rank_part * size, size))
+                     _narrow(tensor, dim, self.piece_start(shard), size))
 
 
 class RowParallelLinear(LinearBase):

@@ -90,6 +90,11 @@ def _check_config(raw: Mapping[str, Any], max_rank: int) -> AdapterConfig:
     if raw.get("bias", "none") != "none":
         raise LoRAAdapterError("adapters that train biases are not supported (bias must be "
                                "'none')")
+    if raw.get("target_parameters"):
+        raise LoRAAdapterError(
+            f"LoRA on parameters (target_parameters {raw['target_parameters']!r}, as PEFT "
+            "makes for mixture-of-experts experts) is not supported: only the q/k/v/o and "
+            "dense gate/up/down projections take adapters")
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise LoRAAdapterError(f"per-module ranks ({key}) are not supported")
@@ -111,9 +116,11 @@ def _check_config(raw: Mapping[str, Any], max_rank: int) -> AdapterConfig:
 
 
 def load_adapter(request: LoRARequest, shapes: Mapping[str, ModuleShape], max_rank: int,
-                 dtype: torch.dtype) -> LoRAAdapter:
+                 dtype: torch.dtype, elsewhere: tuple[str, ...] = ()) -> LoRAAdapter:
     """Read the adapter in request.path and check it against `shapes` (checkpoint module
-    name -> the shape it must have). Raises LoRAAdapterError naming the first problem."""
+    name -> the shape it must have). Modules under a prefix in `elsewhere` (the decoder
+    layers another pipeline stage holds, "model.layers.7.") are left out unread: that
+    stage checks them. Raises LoRAAdapterError naming the first problem."""
     directory = Path(request.path)
     if not directory.is_dir():
         raise LoRAAdapterError(f"adapter directory {request.path!r} does not exist")
@@ -124,6 +131,8 @@ def load_adapter(request: LoRARequest, shapes: Mapping[str, ModuleShape], max_ra
     if not pairs:
         raise LoRAAdapterError(f"{WEIGHTS_FILE} holds no lora_A/lora_B weights")
     for module, (a, b) in sorted(pairs.items()):
+        if elsewhere and module.startswith(elsewhere):
+            continue
         _check_module(module, a, b, shapes, config.rank)
         adapter.weights[module] = (a.to(dtype), (b.float() * config.scaling).to(dtype))
     return adapter
@@ -173,6 +182,9 @@ def _check_module(module: str, a: torch.Tensor, b: torch.Tensor,
         raise LoRAAdapterError(f"module {module!r}: LoRA on {leaf!r} is not supported (only "
                                f"{', '.join(SUPPORTED_MODULES)})")
     shape = shapes.get(module)
+    if shape is None and ".experts." in module:
+        raise LoRAAdapterError(f"module {module!r}: LoRA on mixture-of-experts experts is not "
+                               "supported (attention and dense MLP projections only)")
     if shape is None:
         raise LoRAAdapterError(f"module {module!r} does not exist in the base model")
     want_a, want_b = (rank, shape.in_features), (shape.out_features, rank)

@@ -2,17 +2,31 @@
 for every token, its adapter's B A x (scaling folded into B). Each adapted layer holds its
 adapters' weights stacked in `max_loras` fixed slots; the step's per-token slot index (-1:
 the base model) lives in one buffer the runner fills before each forward pass, so the same
-tensors serve eager steps and captured CUDA graphs."""
+tensors serve eager steps and captured CUDA graphs.
+
+Under tensor parallelism each rank holds its shard of every adapter, cut like the layer's own
+weight: a column-parallel layer (q/k/v, gate/up, fused or not) keeps all of A and the rows of
+B for its outputs, each fused piece's own slice; a row-parallel layer (o, down) keeps the
+columns of A for its input slice and all of B, so its delta B (A_r x_r) is a partial sum like
+the layer's W_r x_r: added before the layer's all-reduce, the ranks' parts add up to B A x,
+counted once and with no collective of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethod,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    WeightLoader,
+)
 from pagoda.lora.adapter import SUPPORTED_MODULES, LoRAAdapter, ModuleShape
 
 LoRAKernel = Callable[["LoRAWeights", torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -32,31 +46,62 @@ class LoRAStepState:
         return cls(torch.full((max_tokens,), -1, dtype=torch.int32, device=device))
 
 
+@dataclass(frozen=True, slots=True)
+class ModuleShard:
+    """This rank's part of one checkpoint module's LoRA: A's input columns [in_start,
+    in_start + in_size) and B's output rows [out_start, out_start + out_size). `shape`: the
+    whole module, as an adapter holds it."""
+
+    shape: ModuleShape
+    in_start: int
+    in_size: int
+    out_start: int
+    out_size: int
+
+    @classmethod
+    def whole(cls, in_features: int, out_features: int) -> ModuleShard:
+        """One device's: all of the module."""
+        return cls(ModuleShape(in_features, out_features), 0, in_features, 0, out_features)
+
+    def take(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (A, B) of the module's whole A [rank, in] and B [out, rank]."""
+        return (a.narrow(1, self.in_start, self.in_size).contiguous(),
+                b.narrow(0, self.out_start, self.out_size).contiguous())
+
+
+def shard_adapter(adapter: LoRAAdapter, shards: Mapping[str, ModuleShard]) -> LoRAAdapter:
+    """The adapter as this rank holds it: every module cut to its shard."""
+    return LoRAAdapter(adapter.request, adapter.rank, adapter.scaling,
+                       {module: shards[module].take(a, b)
+                        for module, (a, b) in adapter.weights.items()})
+
+
 class LoRAWeights:
     """One layer's adapters in slots: A [slots, pieces, rank, in] and B [slots, rank, out]
-    (the pieces' outputs side by side, as in the fused layer)."""
+    (the pieces' outputs side by side, as in the fused layer), both this rank's shard."""
 
-    def __init__(self, modules: Sequence[str], piece_sizes: Sequence[int], in_features: int,
-                 max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, modules: Sequence[str], shards: Sequence[ModuleShard], max_loras: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.modules = tuple(modules)  # checkpoint module of each piece
-        self.piece_sizes = tuple(piece_sizes)
-        self.offsets = tuple(sum(piece_sizes[:i]) for i in range(len(piece_sizes)))
-        self.a = torch.zeros(max_loras, len(modules), max_rank, in_features, dtype=dtype,
+        self.module_shards = tuple(shards)
+        self.piece_sizes = tuple(shard.out_size for shard in shards)
+        self.offsets = tuple(sum(self.piece_sizes[:i]) for i in range(len(shards)))
+        self.a = torch.zeros(max_loras, len(modules), max_rank, shards[0].in_size, dtype=dtype,
                              device=device)
-        self.b = torch.zeros(max_loras, max_rank, sum(piece_sizes), dtype=dtype, device=device)
+        self.b = torch.zeros(max_loras, max_rank, sum(self.piece_sizes), dtype=dtype,
+                             device=device)
 
     @property
     def max_rank(self) -> int:
         return self.a.shape[2]
 
-    def shapes(self) -> dict[str, ModuleShape]:
-        """Each checkpoint module's shape, as an adapter must match it."""
-        return {m: ModuleShape(self.a.shape[3], size)
-                for m, size in zip(self.modules, self.piece_sizes)}
+    def shards(self) -> dict[str, ModuleShard]:
+        """Each checkpoint module's shard (its `shape`: what an adapter must match)."""
+        return dict(zip(self.modules, self.module_shards))
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy the adapter's pieces for this layer into `slot` (zeros where it has none)."""
+        """Copy the adapter's pieces for this layer (already cut to this rank's shards by
+        shard_adapter) into `slot`, zeros where it has none."""
         self.a[slot].zero_()
         self.b[slot].zero_()
         for piece, module in enumerate(self.modules):
@@ -107,36 +152,52 @@ class LoRALinearMethod(LinearMethod):
         return y
 
 
-def _pieces(name: str, layer: LinearBase, packed: dict[str, tuple[str, ...]]
-            ) -> tuple[list[str], list[int]] | None:
-    """The checkpoint modules a layer stacks and their output sizes, if LoRA applies."""
+def _modules(name: str, layer: LinearBase, packed: dict[str, tuple[str, ...]]
+             ) -> list[str] | None:
+    """The checkpoint modules a layer stacks, if LoRA applies to it."""
     prefix, _, leaf = name.rpartition(".")
     modules = packed.get(leaf, (leaf,))
     if not all(m in SUPPORTED_MODULES for m in modules):
         return None
-    sizes = list(getattr(layer, "local_sizes", [layer.local_out]))
-    if len(sizes) != len(modules):
+    if len(getattr(layer, "local_sizes", [layer.local_out])) != len(modules):
         return None
-    return [f"{prefix}.{m}" if prefix else m for m in modules], sizes
+    return [f"{prefix}.{m}" if prefix else m for m in modules]
+
+
+def layer_shards(layer: LinearBase) -> list[ModuleShard]:
+    """Each stacked piece's shard, cut as the layer cuts its own weight: a row-parallel
+    layer its inputs, a column-parallel one its outputs (each fused piece its own slice)."""
+    if isinstance(layer, RowParallelLinear):
+        in_start, in_size = layer.group.split(layer.in_features)
+    else:
+        in_start, in_size = 0, layer.in_features
+    if isinstance(layer, MergedColumnParallelLinear):
+        outs = [(layer.piece_start(i), size, whole)
+                for i, (size, whole) in enumerate(zip(layer.local_sizes, layer.out_sizes))]
+    elif isinstance(layer, ColumnParallelLinear):
+        outs = [(*layer.group.split(layer.out_features), layer.out_features)]
+    elif layer.group.size == 1 or isinstance(layer, RowParallelLinear):
+        outs = [(0, layer.out_features, layer.out_features)]
+    else:
+        raise NotImplementedError(f"LoRA on a tensor-parallel {type(layer).__name__}")
+    return [ModuleShard(ModuleShape(layer.in_features, whole), in_start, in_size, start, size)
+            for start, size, whole in outs]
 
 
 def add_lora_layers(model: nn.Module, packed: dict[str, tuple[str, ...]], max_loras: int,
                     max_rank: int, dtype: torch.dtype, state: LoRAStepState,
                     kernel: LoRAKernel) -> list[LoRAWeights]:
     """Wrap the method of every q/k/v/o/gate/up/down projection (fused ones included) in
-    a LoRALinearMethod; returns each adapted layer's slot weights."""
+    a LoRALinearMethod; returns each adapted layer's slot weights (this rank's shard)."""
     added = []
     for name, layer in model.named_modules():
         if not isinstance(layer, LinearBase):
             continue
-        pieces = _pieces(name, layer, packed)
-        if pieces is None:
+        modules = _modules(name, layer, packed)
+        if modules is None:
             continue
-        if layer.group.size != 1:
-            raise NotImplementedError("LoRA with tensor parallelism is not supported yet")
         device = next(layer.parameters()).device
-        weights = LoRAWeights(pieces[0], pieces[1], layer.local_in, max_loras, max_rank,
-                              dtype, device)
+        weights = LoRAWeights(modules, layer_shards(layer), max_loras, max_rank, dtype, device)
         layer.method = LoRALinearMethod(layer.method, weights, state, kernel)
         added.append(weights)
     return added

@@ -14,8 +14,15 @@ from torch import nn
 from pagoda.config import LoRAConfig, resolve_dtype
 from pagoda.logger import get_logger
 from pagoda.lora.adapter import LoRAAdapter, load_adapter
-from pagoda.lora.layers import LoRAStepState, LoRAWeights, add_lora_layers, lora_torch
+from pagoda.lora.layers import (
+    LoRAStepState,
+    LoRAWeights,
+    add_lora_layers,
+    lora_torch,
+    shard_adapter,
+)
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
+from pagoda.models.interface import MissingLayer
 
 logger = get_logger(__name__)
 
@@ -42,7 +49,11 @@ class LoRAManager:
         self.layers: list[LoRAWeights] = add_lora_layers(
             model, dict(model.packed_modules), config.max_loras, config.max_lora_rank,
             self.dtype, self.state, kernel or pick_kernel(device))
-        self.shapes = {m: s for layer in self.layers for m, s in layer.shapes().items()}
+        self.shards = {m: s for layer in self.layers for m, s in layer.shards().items()}
+        self.shapes = {m: shard.shape for m, shard in self.shards.items()}
+        # the decoder layers other pipeline stages hold: their adapter modules are theirs
+        self.elsewhere = tuple(f"{name}." for name, module in model.named_modules()
+                               if isinstance(module, MissingLayer))
         self.known: dict[int, LoRARequest] = {}
         self.retiring: set[int] = set()  # removed, still used by live requests
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU first
@@ -60,7 +71,7 @@ class LoRAManager:
     def add(self, request: LoRARequest) -> int:
         """Read and check the adapter now (LoRAAdapterError if it does not fit); returns
         its host bytes."""
-        adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.dtype)
+        adapter = self._read(request)
         self.known[request.lora_id] = request
         self._keep_in_host(adapter)
         logger.info("LoRA adapter %r (id %d): rank %d, %d modules, %.1f MiB", request.name,
@@ -97,10 +108,16 @@ class LoRAManager:
     def _adapter(self, lora_id: int) -> LoRAAdapter:
         adapter = self.host.get(lora_id)
         if adapter is None:
-            adapter = load_adapter(self.known[lora_id], self.shapes, self.config.max_lora_rank,
-                                   self.dtype)
+            adapter = self._read(self.known[lora_id])
         self._keep_in_host(adapter)
         return adapter
+
+    def _read(self, request: LoRARequest) -> LoRAAdapter:
+        """The adapter from disk, checked whole, kept as this rank's shard of this stage's
+        modules."""
+        adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.dtype,
+                               self.elsewhere)
+        return shard_adapter(adapter, self.shards)
 
     # ---- slots --------------------------------------------------------------------------------
     def activate(self, lora_ids: set[int]) -> dict[int, int]:

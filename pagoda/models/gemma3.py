@@ -93,6 +93,7 @@ class Gemma3ForCausalLM(CausalLM):
     """Causal LM over Gemma3Model; logits soft-capped when the config says so."""
 
     packed_modules: ClassVar = LLAMA_PACKED
+    supports_lora: ClassVar[bool] = True
     supports_pipeline_parallel: ClassVar[bool] = True
 
     def __init__(self, config: Any, max_position: int, group: ParallelGroup = SINGLE,

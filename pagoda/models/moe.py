@@ -44,9 +44,12 @@ class SparseMoeBlock(nn.Module):
 
 class MoeForCausalLM(CausalLM):
     """Llama's decoder with routed experts in the layers `is_moe_layer` picks; subclasses
-    set the attention options and whether the top-k weights are renormalised."""
+    set the attention options and whether the top-k weights are renormalised. LoRA adapts
+    the attention projections and the dense MLP layers; the experts and the router take
+    none (an adapter for them is refused)."""
 
     packed_modules: ClassVar = LLAMA_PACKED
+    supports_lora: ClassVar[bool] = True
 
     supports_pipeline_parallel: ClassVar[bool] = True
 

@@ -1,6 +1,7 @@
 """LoRA on CUDA (device only): the Triton shrink/expand kernels against the torch path at 8B
 widths with 16 slots, and PEFT parity through the engine with CUDA graphs captured (adapters
-mixed with the base model in decode steps replayed from graphs)."""
+mixed with the base model in decode steps replayed from graphs), on one GPU and, with two,
+over TP=2 (NCCL all-reduces inside the graphs) and PP=2."""
 
 from __future__ import annotations
 
@@ -89,3 +90,45 @@ def test_engine_with_cuda_graphs_matches_peft(tmp_path):
         oracle = (peft_model(base, adapters[lora]) if lora else
                   __import__("transformers").AutoModelForCausalLM.from_pretrained(base))
         assert out.outputs[0].token_ids == greedy(oracle.eval(), prompt, 32), lora
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_ranks_with_adapters_match_one_gpu_and_peft(tmp_path):
+    """Two adapters of different ranks on all seven projections and the base in one batch:
+    TP=2 (eager and with graphs) and PP=2 give one GPU's tokens, which are PEFT's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pagoda import LLM, SamplingParams
+    from tests.lora.adapters import greedy, peft_model, save_random_adapter
+    from tests.models.parity import random_prompts
+    from tests.utils import save_random_checkpoint
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, vocab_size=1024,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.1)
+    base = save_random_checkpoint(config, tmp_path / "base", None)
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = {"r8": save_random_adapter(base, tmp_path / "r8", 8, seven, 1),
+                "r16": save_random_adapter(base, tmp_path / "r16", 16, seven, 2)}
+    prompts = random_prompts(1024, (7, 19, 33, 60), seed=3)
+    loras = ["r8", None, "r16", "r8"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def tokens(**parallel) -> list[list[int]]:
+        llm = LLM(str(base), device="cuda", dtype="float32", kv_cache_memory=256 << 20,
+                  enable_lora=True, max_loras=2, max_num_seqs=8, **parallel)
+        try:
+            for name, path in adapters.items():
+                llm.add_lora(name, str(path))
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                lora=loras)
+            return [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.engine.core.shutdown()
+
+    one = tokens()
+    oracles = {name: peft_model(base, path) for name, path in adapters.items()}
+    oracles[None] = AutoModelForCausalLM.from_pretrained(base).eval()
+    assert one == [greedy(oracles[lora], p, 24) for p, lora in zip(prompts, loras)]
+    for eager in (True, False):
+        assert tokens(tensor_parallel_size=2, enforce_eager=eager) == one, eager
+    assert tokens(pipeline_parallel_size=2) == one

@@ -49,6 +49,7 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
     ({"peft_type": "IA3"}, "peft_type"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+    ({"target_parameters": ["gate_up_proj"]}, "target_parameters.*mixture-of-experts"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, config, message):
     with pytest.raises(LoRAAdapterError, match=message):
@@ -102,3 +103,30 @@ def test_a_corrupt_weights_file_is_refused(tmp_path):
 def test_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(LoRAAdapterError, match="does not exist"):
         load(tmp_path / "nowhere")
+
+
+def lora_pair(module: str, a_shape=(4, 8), b_shape=(8, 4)) -> dict[str, torch.Tensor]:
+    name = f"base_model.model.{module}"
+    return {f"{name}.lora_A.weight": torch.ones(*a_shape),
+            f"{name}.lora_B.weight": torch.ones(*b_shape)}
+
+
+def test_lora_on_moe_experts_is_refused_as_such(tmp_path):
+    tensors = lora_pair("model.layers.0.mlp.experts.3.gate_proj", b_shape=(16, 4))
+    with pytest.raises(LoRAAdapterError, match="experts.3.gate_proj.*mixture-of-experts"):
+        load(write_adapter(tmp_path / "a", tensors=tensors))
+
+
+def test_modules_of_another_pipeline_stage_are_left_to_it(tmp_path):
+    """Stage 0 holds layer 0: layer 1's module is not its to check; layer 7 is nobody's."""
+    tensors = lora_pair("model.layers.0.self_attn.q_proj") | lora_pair(
+        "model.layers.1.self_attn.q_proj", a_shape=(4, 99))
+    path = write_adapter(tmp_path / "a", tensors=tensors)
+    adapter = load_adapter(LoRARequest(1, "a", str(path)), SHAPES, 16, torch.float32,
+                           elsewhere=("model.layers.1.",))
+    assert list(adapter.weights) == ["model.layers.0.self_attn.q_proj"]
+    tensors |= lora_pair("model.layers.7.self_attn.q_proj")
+    path = write_adapter(tmp_path / "b", tensors=tensors)
+    with pytest.raises(LoRAAdapterError, match="layers.7.self_attn.q_proj.*does not exist"):
+        load_adapter(LoRARequest(1, "b", str(path)), SHAPES, 16, torch.float32,
+                     elsewhere=("model.layers.1.",))

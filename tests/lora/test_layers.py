@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from pagoda.layers.parallel import ParallelGroup
 from pagoda.lora.adapter import LoRAAdapter
-from pagoda.lora.layers import LoRAWeights, lora_torch
+from pagoda.lora.layers import (
+    LoRAWeights,
+    ModuleShard,
+    layer_shards,
+    lora_torch,
+    shard_adapter,
+)
 from pagoda.lora.request import LoRARequest
 
 
@@ -36,8 +48,9 @@ def per_token(adapters: list[LoRAAdapter | None], x: torch.Tensor, modules: list
 
 def test_fused_layer_mixed_adapters_and_base_tokens():
     modules, sizes, in_features = ["q", "k", "v"], [12, 4, 4], 10
-    weights = LoRAWeights(modules, sizes, in_features, max_loras=3, max_rank=8,
-                          dtype=torch.float32, device=torch.device("cpu"))
+    weights = LoRAWeights(modules, [ModuleShard.whole(in_features, n) for n in sizes],
+                          max_loras=3, max_rank=8, dtype=torch.float32,
+                          device=torch.device("cpu"))
     rank8 = random_adapter(1, modules, sizes, 8, in_features, seed=1)
     q_and_v_rank4 = random_adapter(2, ["q", "v"], [12, 4], 4, in_features, seed=2)
     weights.load(0, rank8)
@@ -53,8 +66,51 @@ def test_fused_layer_mixed_adapters_and_base_tokens():
 
 
 def test_reloading_a_slot_clears_the_previous_adapter():
-    weights = LoRAWeights(["q"], [4], 4, 1, 8, torch.float32, torch.device("cpu"))
+    weights = LoRAWeights(["q"], [ModuleShard.whole(4, 4)], 1, 8, torch.float32,
+                          torch.device("cpu"))
     weights.load(0, random_adapter(1, ["q"], [4], 8, 4, seed=1))
     weights.load(0, random_adapter(2, ["q"], [4], 2, 4, seed=2))
     assert torch.count_nonzero(weights.a[0, 0, 2:]) == 0
     assert torch.count_nonzero(weights.b[0, 2:]) == 0
+
+
+def sharded_delta(layer, modules: list[str], adapter: LoRAAdapter, x: torch.Tensor
+                  ) -> torch.Tensor:
+    """One rank's delta of `layer` (its input slice of x when row-parallel)."""
+    weights = LoRAWeights(modules, layer_shards(layer), 1, 8, torch.float32,
+                          torch.device("cpu"))
+    weights.load(0, shard_adapter(adapter, weights.shards()))
+    shard = weights.module_shards[0]
+    x_local = x.narrow(1, shard.in_start, shard.in_size)
+    y = torch.zeros(x.shape[0], sum(weights.piece_sizes))
+    lora_torch(weights, x_local, y, torch.zeros(x.shape[0], dtype=torch.int32))
+    return y
+
+
+def test_tensor_parallel_shards_add_up_to_the_whole_delta():
+    """Two ranks: q/k/v with one KV head (k and v whole on both ranks) and gate/up keep
+    their pieces' output slices; down keeps its input slice, the ranks' deltas summing to
+    the whole (as the layer's all-reduce sums them)."""
+    ranks = [ParallelGroup(rank, 2) for rank in range(2)]
+    x = torch.randn(5, 16)
+    qkv = ["q", "k", "v"]
+    adapter = random_adapter(1, qkv, [16, 4, 4], 8, 16, seed=3)
+    parts = [sharded_delta(QKVParallelLinear(16, 4, 4, 1, group=g), qkv, adapter, x)
+             for g in ranks]
+    whole = per_token([adapter] * 5, x, qkv, [16, 4, 4])
+    for rank, part in enumerate(parts):
+        q, kv = whole[:, :16].chunk(2, dim=1)[rank], whole[:, 16:]
+        torch.testing.assert_close(part, torch.cat([q, kv], dim=1))
+    gate_up = ["gate", "up"]
+    adapter = random_adapter(2, gate_up, [12, 12], 8, 16, seed=4)
+    whole = per_token([adapter] * 5, x, gate_up, [12, 12])
+    for rank, g in enumerate(ranks):
+        part = sharded_delta(MergedColumnParallelLinear(16, [12, 12], group=g), gate_up,
+                             adapter, x)
+        expected = torch.cat([whole[:, :12].chunk(2, 1)[rank], whole[:, 12:].chunk(2, 1)[rank]],
+                             dim=1)
+        torch.testing.assert_close(part, expected)
+    adapter = random_adapter(3, ["down"], [10], 8, 16, seed=5)
+    total = sum(sharded_delta(RowParallelLinear(16, 10, group=g), ["down"], adapter, x)
+                for g in ranks)
+    torch.testing.assert_close(total, per_token([adapter] * 5, x, ["down"], [10]))

@@ -1,5 +1,6 @@
 """pagoda with LoRA adapters against transformers + PEFT on random-weight checkpoints with
-random non-zero adapters: the same greedy tokens, the base model unchanged, adapters and the
+random non-zero adapters (Llama, Qwen3, Gemma 3, Qwen3-MoE): the same greedy tokens, the
+base model unchanged, adapters and the
 base in one batch as alone, slots and the host cache swapping, prefix caching per adapter,
 and an adapter unloaded while its requests run."""
 
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from pagoda import LLM, SamplingParams
 from pagoda.errors import InvalidRequestError
@@ -146,6 +153,45 @@ def test_qwen3_adapter_matches_peft(tmp_path):
     llm.add_lora("qwen-adapter", str(adapter))
     assert generate(llm, prompts, "qwen-adapter") == oracle_tokens(base, adapter, prompts)
     assert generate(llm, prompts, None) == oracle_tokens(base, None, prompts)
+
+
+def adapter_matches_peft(base: Path, adapter: Path, seed: int) -> LLM:
+    """pagoda with the adapter and without one gives PEFT's tokens and transformers'
+    (returns the engine)."""
+    prompts = random_prompts(512, (6, 29), seed=seed)
+    llm = engine(base)
+    llm.add_lora("adapter", str(adapter))
+    adapted = generate(llm, prompts, "adapter")
+    assert adapted == oracle_tokens(base, adapter, prompts)
+    base_tokens = generate(llm, prompts, None)
+    assert base_tokens == oracle_tokens(base, None, prompts)
+    assert adapted != base_tokens
+    return llm
+
+
+def test_gemma3_adapter_matches_peft(tmp_path):
+    """Local and global layers, q/k norms after the adapted q and k projections (smaller
+    random weights: at 0.2 the scaled embedding drowns the layers and every token repeats)."""
+    config = Gemma3TextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                              query_pre_attn_scalar=16, **(COMMON | {"initializer_range": 0.05}))
+    base = save_random_checkpoint(config, tmp_path / "base", None)
+    adapter_matches_peft(base, save_random_adapter(base, tmp_path / "a", 8, ALL_SEVEN, seed=10),
+                         seed=10)
+
+
+def test_moe_adapter_on_attention_matches_peft_and_one_on_experts_is_refused(tmp_path):
+    """Qwen3-MoE: an adapter on q/k/v/o serves; PEFT turns gate/up/down targets into its
+    experts' parameters (target_parameters), which pagoda refuses, naming them."""
+    config = Qwen3MoeConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, moe_intermediate_size=32, num_experts=4,
+                            num_experts_per_tok=2, norm_topk_prob=True, **COMMON)
+    base = save_random_checkpoint(config, tmp_path / "base", None)
+    llm = adapter_matches_peft(base, save_random_adapter(base, tmp_path / "a", 8,
+                                                         ALL_SEVEN[:4], seed=12), seed=12)
+    experts = save_random_adapter(base, tmp_path / "experts", 8, ALL_SEVEN, seed=13)
+    with pytest.raises(InvalidRequestError, match="target_parameters.*mixture-of-experts"):
+        llm.add_lora("experts", str(experts))
 
 
 def test_an_adapter_for_another_model_is_refused(llama, tmp_path):

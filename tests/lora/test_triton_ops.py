@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from pagoda.lora.layers import LoRAWeights, lora_torch
+from pagoda.lora.layers import LoRAWeights, ModuleShard, lora_torch
 from tests.lora.test_layers import random_adapter
 
 MARKER = "LORA-KERNEL-ERRORS "
@@ -23,8 +23,8 @@ LAYOUTS = {"qkv": [48, 16, 16], "gate_up": [40, 40], "o": [24]}
 def random_weights(sizes: list[int], in_features: int, max_loras: int, max_rank: int,
                    dtype: torch.dtype, device: str) -> LoRAWeights:
     modules = [f"m{i}" for i in range(len(sizes))]
-    weights = LoRAWeights(modules, sizes, in_features, max_loras, max_rank, dtype,
-                          torch.device(device))
+    weights = LoRAWeights(modules, [ModuleShard.whole(in_features, n) for n in sizes],
+                          max_loras, max_rank, dtype, torch.device(device))
     for slot in range(max_loras):
         rank = max(1, max_rank >> slot)  # 16, 8, 4 ...: padded ranks too
         targets = modules[slot % len(modules):] or modules
