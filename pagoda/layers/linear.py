@@ -123,6 +123,15 @@ class LinearBase(nn.Module):
                       shard: int | None = None) -> None:
         copy_checked(param, tensor)
 
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        """(start, size) of the output rows of checkpoint piece `shard` (None: the whole
+        tensor) this rank keeps; None when it keeps them all."""
+        return None
+
+    def rank_inputs(self) -> tuple[int, int] | None:
+        """(start, size) of the input columns this rank keeps; None when it keeps them all."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
@@ -154,6 +163,9 @@ class ColumnParallelLinear(LinearBase):
         start, size = self.group.split(tensor.shape[param.output_dim])
         copy_checked(param, _narrow(tensor, param.output_dim, start, size))
 
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        return self.group.split(self.out_features) if self.group.size > 1 else None
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input stacked on the output dim (gate and
@@ -174,8 +186,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("a merged projection loads its pieces one by one")
         dim = param.output_dim
         offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
-        piece = _narrow(tensor, dim, self.group.rank * size, size)
-        copy_checked(param.data.narrow(dim, offset, size), piece)
+        start, size = self._piece_range(shard)
+        copy_checked(param.data.narrow(dim, offset, size), _narrow(tensor, dim, start, size))
+
+    def _piece_range(self, shard: int) -> tuple[int, int]:
+        size = self.local_sizes[shard]
+        return self.group.rank * size, size
+
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        if self.group.size == 1:
+            return None
+        if shard is None:
+            raise ValueError("a merged projection loads its pieces one by one")
+        return self._piece_range(shard)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.local_sizes, dim=-1))
@@ -206,9 +229,13 @@ class QKVParallelLinear(MergedColumnParallelLinear):
             raise ValueError("the qkv projection loads q, k and v one by one")
         dim = param.output_dim
         offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
+        start, size = self._piece_range(shard)
+        copy_checked(param.data.narrow(dim, offset, size), _narrow(tensor, dim, start, size))
+
+    def _piece_range(self, shard: int) -> tuple[int, int]:
+        size = self.local_sizes[shard]
         rank_part = self.group.rank if shard == 0 else self.group.rank // self.kv_replicas
-        copy_checked(param.data.narrow(dim, offset, size),
-                     _narrow(tensor, dim, rank_part * size, size))
+        return rank_part * size, size
 
 
 class RowParallelLinear(LinearBase):
@@ -228,6 +255,9 @@ class RowParallelLinear(LinearBase):
             return
         start, size = self.group.split(tensor.shape[dim])
         copy_checked(param, tensor.narrow(dim, start, size))
+
+    def rank_inputs(self) -> tuple[int, int] | None:
+        return self.group.split(self.in_features) if self.group.size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:

@@ -1,7 +1,11 @@
 """GGUF weights kept in their blocks. The loader hands a linear layer each checkpoint tensor
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: 4-bit types packed for torch's int4 CPU matmul, other
-block types decoded per call (only the blocks stay resident), float tensors dense."""
+block types decoded per call (only the blocks stay resident), float tensors dense.
+
+Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
+rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
+fall whole on each rank's inputs is decoded at load instead (then sliced like floats)."""
 
 from __future__ import annotations
 
@@ -72,13 +76,10 @@ class GGUFLinearMethod(LinearMethod):
     """A linear layer whose weights stay in the GGUF's blocks."""
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
-        if layer.group.size != 1:
-            raise UnsupportedModelError("GGUF weights kept quantized do not split over a "
-                                        "tensor-parallel group yet")
         # a placeholder the checkpoint's tensors are loaded through (the layer keeps them)
         layer.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         layer.weight.weight_loader = partial(_store_piece, layer)
-        layer.weight.gguf_blocks = partial(keeps_blocks, device=layer.weight.device)
+        layer.weight.gguf_blocks = partial(_keeps_blocks_on_rank, layer)
         layer.weight.output_dim, layer.weight.input_dim = 0, 1
         layer.gguf_pieces = {}
         layer.gguf_kernels = nn.ModuleList()
@@ -101,12 +102,45 @@ class GGUFLinearMethod(LinearMethod):
 
 def _store_piece(layer: LinearBase, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,
                  shard: int | None = None) -> None:
-    """Keep one checkpoint tensor (blocks, or floats) of the layer until loading ends."""
+    """Keep this rank's part of one checkpoint tensor (blocks, or floats) of the layer until
+    loading ends."""
+    tensor = _rank_part(layer, tensor, shard)
     expected = _piece_rows(layer, shard)
     if tuple(tensor.shape) != (expected, layer.local_in):
         raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit "
                          f"a [{expected}, {layer.local_in}] piece")
     layer.gguf_pieces[shard] = tensor
+
+
+def _keeps_blocks_on_rank(layer: LinearBase, type_name: str) -> bool:
+    """Whether the layer keeps GGUF type `type_name` in its blocks: a type it has a kernel
+    for, whose blocks fall whole on this rank's inputs."""
+    if not keeps_blocks(type_name, layer.weight.device):
+        return False
+    inputs = layer.rank_inputs()
+    block = FORMATS[type_name].block_weights
+    return inputs is None or (inputs[0] % block == 0 and inputs[1] % block == 0)
+
+
+def _rank_part(layer: LinearBase, tensor: GGUFWeight | torch.Tensor, shard: int | None
+               ) -> GGUFWeight | torch.Tensor:
+    """The rows (column-parallel) or inputs (row-parallel) of a piece this rank keeps."""
+    outputs, inputs = layer.rank_outputs(shard), layer.rank_inputs()
+    if not isinstance(tensor, GGUFWeight):
+        tensor = tensor if outputs is None else tensor.narrow(0, *outputs)
+        return tensor if inputs is None else tensor.narrow(1, *inputs)
+    rows, columns = tensor.rows, tensor.columns
+    if outputs is not None:
+        rows = rows.narrow(0, *outputs)
+    if inputs is not None:
+        fmt = FORMATS[tensor.type_name]
+        start, size = inputs
+        if start % fmt.block_weights or size % fmt.block_weights:
+            raise UnsupportedModelError(
+                f"GGUF {tensor.type_name} blocks of {fmt.block_weights} weights do not fall "
+                f"whole on a rank's {size} inputs (tensor-parallel size {layer.group.size})")
+        rows, columns = rows.narrow(1, fmt.row_bytes(start), fmt.row_bytes(size)), size
+    return GGUFWeight(rows, tensor.type_name, columns)
 
 
 def _order(key: int | None) -> int:
