@@ -71,7 +71,7 @@ def gptq_groups(piece: dict[str, torch.Tensor], zero_offset: int
     return (codes, *_group_rows(piece["scales"], zeros))
 
 
-def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase
+def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str = "gptq"
               ) -> torch.Tensor | None:
     """The permutation that puts GPTQ's inputs in group order (None: already in order);
     every group must hold `group_size` inputs. A row-parallel rank's `g_idx` covers its
@@ -82,7 +82,7 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase
     expected = torch.arange(start, start + g_idx.numel(), device=g_idx.device) // group_size
     if inputs is not None and not torch.equal(g_idx, expected):
         raise UnsupportedModelError(
-            f"GPTQ act-order (desc_act) weights do not split over the inputs of a "
+            f"{fmt} act-order (desc_act) weights do not split over the inputs of a "
             f"row-parallel layer (tensor-parallel size {layer.group.size}): a rank's inputs "
             "fall in groups all over the matrix; use a checkpoint without act order, or no "
             "tensor parallelism")
@@ -214,7 +214,7 @@ class GPTQConfig(Int4CheckpointConfig):
         if any(not torch.equal(p["g_idx"], g_idx) for p in pieces[1:] if "g_idx" in p):
             raise UnsupportedModelError("GPTQ pieces of one fused layer with different g_idx "
                                         "are not supported")
-        return act_order(g_idx, self.group_size, layer)
+        return act_order(g_idx, self.group_size, layer, self.name)
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return gptq_groups(piece, self.zero_offset)
