@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.embedding import VocabEmbedding
+from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
@@ -184,14 +185,54 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
+def decode_table_rows(rows: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a vocabulary table kept in GGUF blocks, gathered for a lookup, as floats."""
+    return dequantize_rows(rows, type_name).to(dtype)
+
+
+def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
+                 tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
+    """Keep this rank's rows of the checkpoint's table as the embedding's weight: its rows of
+    blocks (decoded per lookup), or floats."""
+    dtype = torch.get_default_dtype()
+    if not isinstance(tensor, GGUFWeight):
+        embedding.weight = new_parameter(embedding.rows, embedding.hidden_size,
+                                         loader=embedding.weight_loader, output_dim=0)
+        embedding.weight_loader(embedding.weight, tensor)
+        return
+    if tensor.shape != (embedding.vocab_size, embedding.hidden_size):
+        raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit a "
+                         f"[{embedding.vocab_size}, {embedding.hidden_size}] vocabulary table")
+    end = min(embedding.start + embedding.rows, embedding.vocab_size)
+    rows = torch.zeros(embedding.rows, tensor.rows.shape[1], dtype=torch.uint8,
+                       device=param.device)  # padding rows decode to zeros
+    rows[:end - embedding.start] = tensor.rows[embedding.start:end]
+    param.data = rows
+    embedding.decode_rows = partial(decode_table_rows, type_name=tensor.type_name, dtype=dtype)
+
+
 class GGUFConfig(QuantizationConfig):
-    """Every linear layer of a GGUF model keeps its blocks; embeddings and norms are read
-    as floats (the loader decodes the tensors no linear layer takes)."""
+    """Every linear layer of a GGUF model keeps its blocks, and so does an embedding no LM
+    head is tied to (decoded per lookup: an LM head needs every row at every step); tied
+    tables and norms are read as floats (the loader decodes the tensors nothing keeps)."""
 
     name = "gguf"
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         return GGUFLinearMethod()
+
+    def bind_embedding(self, embedding: VocabEmbedding) -> None:
+        # a placeholder for the float table: the checkpoint's loads through it
+        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        placeholder.weight_loader = partial(_store_table, embedding)
+        placeholder.gguf_blocks = keeps_table_blocks
+        embedding.weight = placeholder
+
+
+def keeps_table_blocks(type_name: str) -> bool:
+    """Whether an embedding keeps a table of GGUF type `type_name` in blocks: every block
+    type pagoda decodes (a lookup decodes a few rows, whatever the device)."""
+    return type_name in FORMATS
 
 
 def keeps_blocks(type_name: str, device: torch.device) -> bool:

@@ -13,6 +13,7 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import deferred_linear_methods
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.quantization import (
+    bind_embeddings,
     bind_linear_methods,
     finish_linear_layers,
     get_quantization_config,
@@ -55,6 +56,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         with deferred_linear_methods():
             model = cls(source.hf_config, max_position, group, stage)
         bind_linear_methods(model, config)
+        bind_embeddings(model, config)
         if source.format == "dummy":
             init_dummy_weights(model, seed)
         else:
