@@ -2,7 +2,8 @@
 formats' documentation) and as FP8 with block scales, and a float32 one quantized to FP8
 at load, served by pagoda: tokens against the same model with the weights those tensors
 stand for, saved as a float32 checkpoint (transformers cannot read these formats without
-their kernels' packages)."""
+their kernels' packages); on two tensor-parallel ranks, one device's tokens (act-order GPTQ
+refused)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
+from pagoda.errors import UnsupportedModelError
 from pagoda.layers.quantization.fp8 import FP8
 from pagoda.models.estimate import estimate
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
@@ -204,3 +206,11 @@ def greedy_and_weight_bytes(path, prompts: list[list[int]], **options
         return [o.outputs[0].token_ids for o in outputs], llm.engine.model_info.weight_bytes
     finally:
         llm.engine.core.shutdown()
+
+
+def test_act_order_gptq_on_two_ranks_is_refused_in_one_line(source, tmp_path):
+    """o_proj and down_proj split their inputs, which act order scatters over every group."""
+    write_quantized(source, tmp_path / "gptq", tmp_path / "reference", "gptq")
+    with pytest.raises(UnsupportedModelError, match="^gptq act-order .* row-parallel layer"):
+        LLM(str(tmp_path / "gptq"), kv_cache_memory=8 << 20, max_model_len=128,
+            tensor_parallel_size=2)
