@@ -52,21 +52,28 @@ def test_greedy_tokens_equal_the_dequantized_engines(quantized_llm, smollm2_llm)
     assert ours == theirs
 
 
+UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=32, hidden_size=64, intermediate_size=128, vocab_size=4096,
+                     max_position_embeddings=256, initializer_range=0.2,
+                     tie_word_embeddings=False)
+
+
+def write_untied_gguf(path):
+    """A random Qwen3 (UNTIED) as a GGUF: its token_embd Q8_0, every other tensor float32."""
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in
+             AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()}
+    return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state,
+                           types={"token_embd.weight": "Q8_0"})
+
+
 def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
     """An untied Qwen3 GGUF whose token_embd is Q8_0: with `--quantization gguf` the table
     stays in blocks (each lookup decodes its rows; two tensor-parallel ranks each keep their
     half of the vocabulary's), its bytes are what the estimate says, and the tokens are those
     of the table dequantized at load."""
-    config = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=32, hidden_size=64, intermediate_size=128, vocab_size=4096,
-                         max_position_embeddings=256, initializer_range=0.2,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    state = {k: v.detach() for k, v in
-             AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict().items()}
-    path = write_arch_gguf(tmp_path / "untied.gguf", config, "qwen3", QWEN3_BLOCK_NAMES, state,
-                           types={"token_embd.weight": "Q8_0"})
-    prompts = random_prompts(config.vocab_size, (5, 17))
+    path = write_untied_gguf(tmp_path / "untied.gguf")
+    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens, held = {}, {}
     for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
