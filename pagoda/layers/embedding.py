@@ -1,7 +1,10 @@
 """Token embedding and the LM head, split over a tensor-parallel group by vocabulary rows
-(the LM head may share the embedding's weight)."""
+(the LM head may share the embedding's weight). An embedding's table may be held in another
+form (quantized rows, `decode_rows` decoding only the rows looked up)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ class VocabShard(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup,
                  shared: nn.Parameter | None = None) -> None:
         super().__init__()
-        self.vocab_size, self.group = vocab_size, group
+        self.vocab_size, self.group, self.hidden_size = vocab_size, group, hidden_size
         self.rows = -(-vocab_size // group.size)
         self.start = group.rank * self.rows
         self.weight = shared if shared is not None else new_parameter(
@@ -40,14 +43,23 @@ class VocabEmbedding(VocabShard):
 
     def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup = SINGLE) -> None:
         super().__init__(vocab_size, hidden_size, group)
+        # set: `weight` holds rows in another form, which this turns into [n, hidden] floats
+        self.decode_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self.lookup(local.masked_fill(outside, 0))
         return self.group.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+    def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of this rank's table at `local_ids`."""
+        if self.decode_rows is None:
+            return F.embedding(local_ids, self.weight)
+        rows = self.decode_rows(self.weight.index_select(0, local_ids.reshape(-1)))
+        return rows.reshape(*local_ids.shape, rows.shape[-1])
 
 
 class LMHead(VocabShard):

@@ -123,6 +123,15 @@ class LinearBase(nn.Module):
                       shard: int | None = None) -> None:
         copy_checked(param, tensor)
 
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        """(start, size) of the output rows of checkpoint piece `shard` (None: the whole
+        tensor) this rank keeps; None when it keeps them all."""
+        return None
+
+    def rank_inputs(self) -> tuple[int, int] | None:
+        """(start, size) of the input columns this rank keeps; None when it keeps them all."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
@@ -154,6 +163,9 @@ class ColumnParallelLinear(LinearBase):
         start, size = self.group.split(tensor.shape[param.output_dim])
         copy_checked(param, _narrow(tensor, param.output_dim, start, size))
 
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        return self.group.split(self.out_features) if self.group.size > 1 else None
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input stacked on the output dim (gate and
@@ -181,6 +193,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
         piece = _narrow(tensor, dim, self.piece_start(shard), size)
         copy_checked(param.data.narrow(dim, offset, size), piece)
+
+    def rank_outputs(self, shard: int | None = None) -> tuple[int, int] | None:
+        if self.group.size == 1:
+            return None
+        if shard is None:
+            raise ValueError("a merged projection loads its pieces one by one")
+        return self.piece_start(shard), self.local_sizes[shard]
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.local_sizes, dim=-1))
@@ -212,15 +231,6 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         rank_part = self.group.rank if shard == 0 else self.group.rank // self.kv_replicas
         return rank_part * self.local_sizes[shard]
 
-    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
-                      shard: int | None = None) -> None:
-        if shard is None:
-            raise ValueError("the qkv projection loads q, k and v one by one")
-        dim = param.output_dim
-        offset, size = sum(self.local_sizes[:shard]), self.local_sizes[shard]
-        copy_checked(param.data.narrow(dim, offset, size),
-                     _narrow(tensor, dim, self.piece_start(shard), size))
-
 
 class RowParallelLinear(LinearBase):
     """Each rank holds a slice of the inputs; partial products are summed over the group and
@@ -239,6 +249,9 @@ class RowParallelLinear(LinearBase):
             return
         start, size = self.group.split(tensor.shape[dim])
         copy_checked(param, tensor.narrow(dim, start, size))
+
+    def rank_inputs(self) -> tuple[int, int] | None:
+        return self.group.split(self.in_features) if self.group.size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:

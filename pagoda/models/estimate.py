@@ -79,6 +79,7 @@ class MemoryEstimate:
 
 # a linear layer's weight, which quantization formats replace (experts and routers stay)
 _LINEAR_WEIGHT = re.compile(r".*\.(q|k|v|o|gate|up|down)_proj\.(weight|qweight)")
+_EMBEDDING = "model.embed_tokens.weight"
 # tensors of quantized checkpoints that hold no parameters of their own
 _QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale")
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
@@ -131,13 +132,28 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         packed = sum(math.prod(shapes[name]) for name, kind in types.items()
                      if _LINEAR_WEIGHT.fullmatch(name) and ".experts." not in name
                      and keeps_blocks(kind, torch.device(device)))
-        return (params - packed) * itemsize + packed * 5 // 8
+        table, table_bytes = _gguf_table(source, shapes, types)
+        return (params - packed - table) * itemsize + packed * 5 // 8 + table_bytes
     if quantizes_at_load(quantization, source):
         linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
                   and ".experts." not in n}
         weights = sum(math.prod(s) for s in linear.values())
         return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
     return _quantized_safetensors_bytes(source, spec, shapes, itemsize)
+
+
+def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
+               types: dict[str, str]) -> tuple[int, int]:
+    """(parameters, bytes) of a GGUF's embedding table kept in its blocks (untied, of a
+    block type pagoda decodes); (0, 0) when it is held as floats."""
+    from pagoda.layers.quantization.gguf import keeps_table_blocks
+    from pagoda.layers.quantization.gguf_blocks import FORMATS
+    kind = types.get(_EMBEDDING)
+    if getattr(source.hf_config, "tie_word_embeddings", False) or kind is None \
+            or not keeps_table_blocks(kind):
+        return 0, 0
+    rows, columns = shapes[_EMBEDDING]
+    return rows * columns, rows * FORMATS[kind].row_bytes(columns)
 
 
 def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:

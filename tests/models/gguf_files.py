@@ -22,13 +22,20 @@ def add_decoder_metadata(writer: gguf.GGUFWriter, config) -> None:
 
 
 def write_gguf(path: Path, arch: str, tensors: Mapping[str, np.ndarray],
-               add_metadata: Callable[[gguf.GGUFWriter], None]) -> Path:
-    """A GGUF of architecture `arch` holding `tensors` (as float32) and the metadata
-    `add_metadata` writes."""
+               add_metadata: Callable[[gguf.GGUFWriter], None],
+               types: Mapping[str, str] | None = None) -> Path:
+    """A GGUF of architecture `arch` holding `tensors` (as float32, or quantized by gguf-py
+    to the type `types` names for them) and the metadata `add_metadata` writes."""
     writer = gguf.GGUFWriter(str(path), arch)
     add_metadata(writer)
     for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        kind = (types or {}).get(name)
+        if kind is None:
+            writer.add_tensor(name, array)
+        else:
+            raw_dtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quants.quantize(array, raw_dtype), raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

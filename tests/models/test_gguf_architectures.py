@@ -59,8 +59,10 @@ def gguf_name(hf_name: str, block_names) -> str | None:
 
 
 def write_arch_gguf(path: Path, config, arch: str, block_names,
-                    state: dict[str, torch.Tensor], extra_metadata=None) -> Path:
-    """`extra_metadata`: a function adding the architecture's own keys to the writer."""
+                    state: dict[str, torch.Tensor], extra_metadata=None,
+                    types: dict[str, str] | None = None) -> Path:
+    """`extra_metadata`: a function adding the architecture's own keys to the writer;
+    `types`: GGUF tensor name -> the block type it is stored in (default float32)."""
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         add_decoder_metadata(writer, config)
         if extra_metadata is not None:
@@ -83,7 +85,7 @@ def write_arch_gguf(path: Path, config, arch: str, block_names,
         if arch == "gemma3" and name.endswith("norm.weight"):
             array = array + 1.0
         tensors[target] = array
-    return write_gguf(path, arch, tensors, add_metadata)
+    return write_gguf(path, arch, tensors, add_metadata, types)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -1,14 +1,22 @@
 """SmolLM2 (Q4_1) served with its linear weights in 4-bit form on CPU: every projection on
 the int4 kernel, its weights at most 0.4x the dequantized model's, and greedy tokens equal to
-the dequantized engine's (the shared `smollm2_llm`) over 32 tokens."""
+the dequantized engine's (the shared `smollm2_llm`) over 32 tokens. A tiny untied GGUF keeps
+its Q8_0 embedding table in blocks."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
 
 from pagoda import LLM, SamplingParams
 from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
+from pagoda.models.estimate import estimate
+from pagoda.models.source import resolve_model
+from tests.models.parity import random_prompts
+from tests.models.test_gguf_architectures import write_arch_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 NUM_TOKENS = 32
@@ -42,3 +50,46 @@ def test_greedy_tokens_equal_the_dequantized_engines(quantized_llm, smollm2_llm)
     ours = [o.outputs[0].token_ids for o in quantized_llm.generate(PROMPTS, params)]
     theirs = [o.outputs[0].token_ids for o in smollm2_llm.generate(PROMPTS, params)]
     assert ours == theirs
+
+
+UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=32, hidden_size=64, intermediate_size=128, vocab_size=4096,
+                     max_position_embeddings=256, initializer_range=0.2,
+                     tie_word_embeddings=False)
+
+
+def write_untied_gguf(path):
+    """A random Qwen3 (UNTIED) as a GGUF: its token_embd Q8_0, every other tensor float32."""
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in
+             AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()}
+    return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state,
+                           types={"token_embd.weight": "Q8_0"})
+
+
+def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
+    """An untied Qwen3 GGUF whose token_embd is Q8_0: with `--quantization gguf` the table
+    stays in blocks (each lookup decodes its rows; two tensor-parallel ranks each keep their
+    half of the vocabulary's), its bytes are what the estimate says, and the tokens are those
+    of the table dequantized at load."""
+    path = write_untied_gguf(tmp_path / "untied.gguf")
+    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens, held = {}, {}
+    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
+        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
+                  tensor_parallel_size=tp)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        tokens[mode, tp] = [o.outputs[0].token_ids for o in outputs]
+        held[mode, tp] = llm.engine.model_info.weight_bytes
+        if tp == 1:
+            table = _model(llm).model.embed_tokens
+            assert (table.decode_rows is not None) == (mode == "gguf")
+            assert table.weight.dtype == (torch.uint8 if mode == "gguf" else torch.float32)
+        llm.engine.core.shutdown()
+    assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
+    float_table, q8_table = 4096 * 64 * 4, 4096 * 64 // 32 * 34
+    assert held["none", 1] - held["gguf", 1] == float_table - q8_table
+    assert held["gguf", 2] < 0.6 * held["gguf", 1]
+    assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+        == held["gguf", 1]

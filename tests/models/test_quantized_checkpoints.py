@@ -2,7 +2,8 @@
 formats' documentation) and as FP8 with block scales, and a float32 one quantized to FP8
 at load, served by pagoda: tokens against the same model with the weights those tensors
 stand for, saved as a float32 checkpoint (transformers cannot read these formats without
-their kernels' packages)."""
+their kernels' packages); on two tensor-parallel ranks, one device's tokens (act-order GPTQ
+refused)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
+from pagoda.errors import UnsupportedModelError
 from pagoda.layers.quantization.fp8 import FP8
 from pagoda.models.estimate import estimate
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
@@ -178,3 +180,37 @@ def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
 
 def source_model_params(source):
     return load_file(source / "model.safetensors").values()
+
+
+@pytest.mark.parametrize("fmt", ["awq", "fp8"])
+def test_two_tensor_parallel_ranks_give_one_devices_tokens(fmt, source, tmp_path):
+    """Each rank reads its slice of the packed tensors (k and v: half a block of FP8 scales
+    each; o_proj and down_proj: whole groups of int4 inputs) and the tokens are one device's."""
+    if fmt == "fp8":
+        write_fp8(source, tmp_path / fmt, tmp_path / "reference")
+    else:
+        write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    one, one_bytes = greedy_and_weight_bytes(tmp_path / fmt, prompts)
+    two, two_bytes = greedy_and_weight_bytes(tmp_path / fmt, prompts, tensor_parallel_size=2)
+    assert two == one
+    assert two_bytes < 0.6 * one_bytes  # a rank holds its half (norms whole)
+
+
+def greedy_and_weight_bytes(path, prompts: list[list[int]], **options
+                            ) -> tuple[list[list[int]], int]:
+    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128, **options)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return [o.outputs[0].token_ids for o in outputs], llm.engine.model_info.weight_bytes
+    finally:
+        llm.engine.core.shutdown()
+
+
+def test_act_order_gptq_on_two_ranks_is_refused_in_one_line(source, tmp_path):
+    """o_proj and down_proj split their inputs, which act order scatters over every group."""
+    write_quantized(source, tmp_path / "gptq", tmp_path / "reference", "gptq")
+    with pytest.raises(UnsupportedModelError, match="^gptq act-order .* row-parallel layer"):
+        LLM(str(tmp_path / "gptq"), kv_cache_memory=8 << 20, max_model_len=128,
+            tensor_parallel_size=2)

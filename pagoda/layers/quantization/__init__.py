@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, UnquantizedLinearMethod
 from pagoda.layers.quantization.base import QuantizationConfig
 
@@ -43,6 +44,16 @@ def bind_linear_methods(model: nn.Module, config: QuantizationConfig | None) -> 
         if isinstance(module, LinearBase) and module.method is None:
             method = config.linear_method(name, module) if config is not None else None
             module.bind_method(method or UnquantizedLinearMethod())
+
+
+def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
+    """Let the format hold each embedding table no LM head is tied to in its own form."""
+    if config is None:
+        return
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, LMHead) and m.tied}
+    for module in model.modules():
+        if isinstance(module, VocabEmbedding) and id(module.weight) not in tied:
+            config.bind_embedding(module)
 
 
 def finish_linear_layers(model: nn.Module) -> dict[str, str]:

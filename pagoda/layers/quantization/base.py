@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
 
 
@@ -16,3 +17,7 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         """The method of the linear layer called `prefix` (its module path)."""
+
+    def bind_embedding(self, embedding: VocabEmbedding) -> None:
+        """Give an embedding whose table no LM head shares the format's form of its table
+        (by default it stays in the model's dtype)."""

@@ -26,8 +26,11 @@ from pagoda.layers.linear import (
 )
 from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.quantization.pieces import (
+    Layout,
     add_collected_parameters,
     collected_pieces,
+    first_row_offset,
+    piece_shards,
     piece_sizes,
 )
 
@@ -42,18 +45,19 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def row_scales(scale: torch.Tensor, rows: int, columns: int,
-               block: tuple[int, int] | None) -> torch.Tensor:
+               block: tuple[int, int] | None, offset: int = 0) -> torch.Tensor:
     """A piece's scale as [rows, column groups] float32: one group of all columns for a
-    per-tensor or per-channel scale, `block[1]` columns per group for block scales."""
+    per-tensor or per-channel scale, `block[1]` columns per group for block scales (the
+    piece's first row is row `offset` of the first block row)."""
     scale = scale.float()
     if block is None:
         return scale.reshape(-1, 1).expand(rows, 1) if scale.numel() == 1 else \
             scale.reshape(rows, 1)
     block_rows, block_columns = block
-    expected = (-(-rows // block_rows), -(-columns // block_columns))
+    expected = (-(-(offset + rows) // block_rows), -(-columns // block_columns))
     if tuple(scale.shape) != expected:
         raise ValueError(f"block scales of shape {tuple(scale.shape)}, not {expected}")
-    return scale.repeat_interleave(block_rows, dim=0)[:rows]
+    return scale.repeat_interleave(block_rows, dim=0)[offset:offset + rows]
 
 
 class Fp8WeightOnlyMethod(LinearMethod):
@@ -70,9 +74,17 @@ class Fp8WeightOnlyMethod(LinearMethod):
         if self.block is not None and layer.local_in % self.block[1]:
             raise UnsupportedModelError(f"fp8 block scales of {self.block[1]} columns do not "
                                         f"divide the layer's {layer.local_in} inputs")
-        add_collected_parameters(layer, ("weight", "weight_scale", "weight_scale_inv",
-                                         "input_scale"), "fp8",
+        add_collected_parameters(layer, self._layouts(), "fp8",
                                  optional=("weight_scale", "weight_scale_inv", "input_scale"))
+
+    def _layouts(self) -> dict[str, Layout | None]:
+        """The weight slices like a dense one; a per-channel scale along with its rows, a
+        per-tensor one stays whole, block scales by the blocks covering a rank's rows."""
+        rows, columns = self.block or (1, 1)
+        scale = Layout(output_dim=0, input_dim=1, output_unit=rows, input_unit=columns,
+                       covering_outputs=self.block is not None)
+        return {"weight": Layout(output_dim=0, input_dim=1), "weight_scale": scale,
+                "weight_scale_inv": scale, "input_scale": None}
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         if self.at_load:
@@ -85,7 +97,8 @@ class Fp8WeightOnlyMethod(LinearMethod):
 
     def _from_checkpoint(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor]:
         weights, scales = [], []
-        for rows, piece in zip(piece_sizes(layer), collected_pieces(layer)):
+        pieces = collected_pieces(layer)
+        for rows, shard, piece in zip(piece_sizes(layer), piece_shards(layer, pieces), pieces):
             scale = piece.get("weight_scale_inv", piece.get("weight_scale"))
             if "weight" not in piece or scale is None:
                 raise UnsupportedModelError("an fp8 layer lacks its weight or weight scale")
@@ -93,7 +106,8 @@ class Fp8WeightOnlyMethod(LinearMethod):
                 raise ValueError(f"fp8 weight of shape {tuple(piece['weight'].shape)} does not "
                                  f"fit a [{rows}, {layer.local_in}] piece")
             weights.append(piece["weight"].to(FP8))
-            scales.append(row_scales(scale, rows, layer.local_in, self.block))
+            offset = first_row_offset(layer, shard, self.block[0]) if self.block else 0
+            scales.append(row_scales(scale, rows, layer.local_in, self.block, offset))
         return torch.cat(weights), torch.cat(scales)
 
     def apply(self, layer: LinearBase, x: torch.Tensor,

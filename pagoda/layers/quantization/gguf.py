@@ -1,7 +1,11 @@
 """GGUF weights kept in their blocks. The loader hands a linear layer each checkpoint tensor
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: 4-bit types packed for torch's int4 CPU matmul, other
-block types decoded per call (only the blocks stay resident), float tensors dense."""
+block types decoded per call (only the blocks stay resident), float tensors dense.
+
+Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
+rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
+fall whole on each rank's inputs is decoded at load instead (then sliced like floats)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.embedding import VocabEmbedding
+from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
@@ -72,13 +77,10 @@ class GGUFLinearMethod(LinearMethod):
     """A linear layer whose weights stay in the GGUF's blocks."""
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
-        if layer.group.size != 1:
-            raise UnsupportedModelError("GGUF weights kept quantized do not split over a "
-                                        "tensor-parallel group yet")
         # a placeholder the checkpoint's tensors are loaded through (the layer keeps them)
         layer.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         layer.weight.weight_loader = partial(_store_piece, layer)
-        layer.weight.gguf_blocks = partial(keeps_blocks, device=layer.weight.device)
+        layer.weight.gguf_blocks = partial(_keeps_blocks_on_rank, layer)
         layer.weight.output_dim, layer.weight.input_dim = 0, 1
         layer.gguf_pieces = {}
         layer.gguf_kernels = nn.ModuleList()
@@ -101,12 +103,45 @@ class GGUFLinearMethod(LinearMethod):
 
 def _store_piece(layer: LinearBase, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,
                  shard: int | None = None) -> None:
-    """Keep one checkpoint tensor (blocks, or floats) of the layer until loading ends."""
+    """Keep this rank's part of one checkpoint tensor (blocks, or floats) of the layer until
+    loading ends."""
+    tensor = _rank_part(layer, tensor, shard)
     expected = _piece_rows(layer, shard)
     if tuple(tensor.shape) != (expected, layer.local_in):
         raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit "
                          f"a [{expected}, {layer.local_in}] piece")
     layer.gguf_pieces[shard] = tensor
+
+
+def _keeps_blocks_on_rank(layer: LinearBase, type_name: str) -> bool:
+    """Whether the layer keeps GGUF type `type_name` in its blocks: a type it has a kernel
+    for, whose blocks fall whole on this rank's inputs."""
+    if not keeps_blocks(type_name, layer.weight.device):
+        return False
+    inputs = layer.rank_inputs()
+    block = FORMATS[type_name].block_weights
+    return inputs is None or (inputs[0] % block == 0 and inputs[1] % block == 0)
+
+
+def _rank_part(layer: LinearBase, tensor: GGUFWeight | torch.Tensor, shard: int | None
+               ) -> GGUFWeight | torch.Tensor:
+    """The rows (column-parallel) or inputs (row-parallel) of a piece this rank keeps."""
+    outputs, inputs = layer.rank_outputs(shard), layer.rank_inputs()
+    if not isinstance(tensor, GGUFWeight):
+        tensor = tensor if outputs is None else tensor.narrow(0, *outputs)
+        return tensor if inputs is None else tensor.narrow(1, *inputs)
+    rows, columns = tensor.rows, tensor.columns
+    if outputs is not None:
+        rows = rows.narrow(0, *outputs)
+    if inputs is not None:
+        fmt = FORMATS[tensor.type_name]
+        start, size = inputs
+        if start % fmt.block_weights or size % fmt.block_weights:
+            raise UnsupportedModelError(
+                f"GGUF {tensor.type_name} blocks of {fmt.block_weights} weights do not fall "
+                f"whole on a rank's {size} inputs (tensor-parallel size {layer.group.size})")
+        rows, columns = rows.narrow(1, fmt.row_bytes(start), fmt.row_bytes(size)), size
+    return GGUFWeight(rows, tensor.type_name, columns)
 
 
 def _order(key: int | None) -> int:
@@ -150,14 +185,54 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
+def decode_table_rows(rows: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a vocabulary table kept in GGUF blocks, gathered for a lookup, as floats."""
+    return dequantize_rows(rows, type_name).to(dtype)
+
+
+def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
+                 tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
+    """Keep this rank's rows of the checkpoint's table as the embedding's weight: its rows of
+    blocks (decoded per lookup), or floats."""
+    dtype = torch.get_default_dtype()
+    if not isinstance(tensor, GGUFWeight):
+        embedding.weight = new_parameter(embedding.rows, embedding.hidden_size,
+                                         loader=embedding.weight_loader, output_dim=0)
+        embedding.weight_loader(embedding.weight, tensor)
+        return
+    if tensor.shape != (embedding.vocab_size, embedding.hidden_size):
+        raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit a "
+                         f"[{embedding.vocab_size}, {embedding.hidden_size}] vocabulary table")
+    end = min(embedding.start + embedding.rows, embedding.vocab_size)
+    rows = torch.zeros(embedding.rows, tensor.rows.shape[1], dtype=torch.uint8,
+                       device=param.device)  # padding rows decode to zeros
+    rows[:end - embedding.start] = tensor.rows[embedding.start:end]
+    param.data = rows
+    embedding.decode_rows = partial(decode_table_rows, type_name=tensor.type_name, dtype=dtype)
+
+
 class GGUFConfig(QuantizationConfig):
-    """Every linear layer of a GGUF model keeps its blocks; embeddings and norms are read
-    as floats (the loader decodes the tensors no linear layer takes)."""
+    """Every linear layer of a GGUF model keeps its blocks, and so does an embedding no LM
+    head is tied to (decoded per lookup: an LM head needs every row at every step); tied
+    tables and norms are read as floats (the loader decodes the tensors nothing keeps)."""
 
     name = "gguf"
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         return GGUFLinearMethod()
+
+    def bind_embedding(self, embedding: VocabEmbedding) -> None:
+        # a placeholder for the float table: the checkpoint's loads through it
+        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        placeholder.weight_loader = partial(_store_table, embedding)
+        placeholder.gguf_blocks = keeps_table_blocks
+        embedding.weight = placeholder
+
+
+def keeps_table_blocks(type_name: str) -> bool:
+    """Whether an embedding keeps a table of GGUF type `type_name` in blocks: every block
+    type pagoda decodes (a lookup decodes a few rows, whatever the device)."""
+    return type_name in FORMATS
 
 
 def keeps_blocks(type_name: str, device: torch.device) -> bool:

@@ -27,6 +27,7 @@ from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.quantization.fp8 import skipped_module
 from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
 from pagoda.layers.quantization.pieces import (
+    Layout,
     add_collected_parameters,
     collected_pieces,
     piece_sizes,
@@ -70,11 +71,21 @@ def gptq_groups(piece: dict[str, torch.Tensor], zero_offset: int
     return (codes, *_group_rows(piece["scales"], zeros))
 
 
-def act_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str = "gptq"
+              ) -> torch.Tensor | None:
     """The permutation that puts GPTQ's inputs in group order (None: already in order);
-    every group must hold `group_size` inputs."""
+    every group must hold `group_size` inputs. A row-parallel rank's `g_idx` covers its
+    inputs only: they must be in order (its groups' scales are the only ones it holds)."""
     g_idx = g_idx.to(torch.int64)
-    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    inputs = layer.rank_inputs()
+    start = 0 if inputs is None else inputs[0]
+    expected = torch.arange(start, start + g_idx.numel(), device=g_idx.device) // group_size
+    if inputs is not None and not torch.equal(g_idx, expected):
+        raise UnsupportedModelError(
+            f"{fmt} act-order (desc_act) weights do not split over the inputs of a "
+            f"row-parallel layer (tensor-parallel size {layer.group.size}): a rank's inputs "
+            "fall in groups all over the matrix; use a checkpoint without act order, or no "
+            "tensor parallelism")
     if torch.equal(g_idx, expected):
         return None
     order = torch.argsort(g_idx, stable=True)
@@ -90,17 +101,23 @@ class Int4CheckpointMethod(LinearMethod):
         self.config = config
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
+        inputs = layer.rank_inputs()
+        if inputs is not None and inputs[1] % self.config.group_size:
+            raise UnsupportedModelError(
+                f"{self.config.name} weights do not split over {layer.group.size} "
+                f"tensor-parallel ranks here: each rank's {inputs[1]} of the {layer.in_features} "
+                f"inputs are not whole groups of {self.config.group_size}")
         if not int4_packable(torch.empty(0).device, layer.local_in, self.config.group_size):
             raise UnsupportedModelError(
                 f"{self.config.name} weights run on CPU only for now, with group size one of "
                 f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
                 f"{self.config.group_size})")
-        add_collected_parameters(layer, self.config.tensor_names, self.config.name,
+        add_collected_parameters(layer, self.config.tensor_layouts(), self.config.name,
                                  optional=self.config.optional_names)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         pieces = collected_pieces(layer)
-        order = self.config.input_order(pieces)
+        order = self.config.input_order(pieces, layer)
         groups = [self.config.unpack(piece) for piece in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
         if codes.shape != (sum(piece_sizes(layer)), layer.local_in):
@@ -124,7 +141,6 @@ class Int4CheckpointMethod(LinearMethod):
 class Int4CheckpointConfig(QuantizationConfig):
     """What AWQ and GPTQ share: 4 bits, a group size, modules left unquantized."""
 
-    tensor_names: tuple[str, ...] = ()
     optional_names: tuple[str, ...] = ("g_idx",)
 
     def __init__(self, values: dict[str, Any]) -> None:
@@ -143,7 +159,12 @@ class Int4CheckpointConfig(QuantizationConfig):
             return None
         return Int4CheckpointMethod(self)
 
-    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    def tensor_layouts(self) -> dict[str, Layout | None]:
+        """Each checkpoint tensor's name and where its outputs and inputs lie."""
+        raise NotImplementedError
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]], layer: LinearBase
+                    ) -> torch.Tensor | None:
         return None
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -152,7 +173,6 @@ class Int4CheckpointConfig(QuantizationConfig):
 
 class AWQConfig(Int4CheckpointConfig):
     name = "awq"
-    tensor_names = ("qweight", "qzeros", "scales")
 
     def __init__(self, values: dict[str, Any]) -> None:
         super().__init__(values)
@@ -162,26 +182,39 @@ class AWQConfig(Int4CheckpointConfig):
         if not values.get("zero_point", True):
             raise UnsupportedModelError("AWQ without zero points is not supported")
 
+    def tensor_layouts(self) -> dict[str, Layout | None]:
+        group = self.group_size  # eight outputs per int32 of qweight and qzeros
+        return {"qweight": Layout(output_dim=1, input_dim=0, output_unit=8),
+                "qzeros": Layout(output_dim=1, input_dim=0, output_unit=8, input_unit=group),
+                "scales": Layout(output_dim=1, input_dim=0, input_unit=group)}
+
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return awq_groups(piece)
 
 
 class GPTQConfig(Int4CheckpointConfig):
     name = "gptq"
-    tensor_names = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, values: dict[str, Any]) -> None:
         super().__init__(values)
         self.zero_offset = 0 if values.get("checkpoint_format") == "gptq_v2" else 1
 
-    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    def tensor_layouts(self) -> dict[str, Layout | None]:
+        group = self.group_size  # eight inputs per int32 of qweight, eight outputs of qzeros
+        return {"qweight": Layout(output_dim=1, input_dim=0, input_unit=8),
+                "qzeros": Layout(output_dim=1, input_dim=0, output_unit=8, input_unit=group),
+                "scales": Layout(output_dim=1, input_dim=0, input_unit=group),
+                "g_idx": Layout(input_dim=0)}
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]], layer: LinearBase
+                    ) -> torch.Tensor | None:
         g_idx = pieces[0].get("g_idx")
         if g_idx is None:
             return None
         if any(not torch.equal(p["g_idx"], g_idx) for p in pieces[1:] if "g_idx" in p):
             raise UnsupportedModelError("GPTQ pieces of one fused layer with different g_idx "
                                         "are not supported")
-        return act_order(g_idx, self.group_size)
+        return act_order(g_idx, self.group_size, layer, self.name)
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return gptq_groups(piece, self.zero_offset)
@@ -192,8 +225,6 @@ class PackedInt4Config(Int4CheckpointConfig):
     weight arguments), grouped; symmetric or with zero points."""
 
     name = "compressed-tensors"
-    tensor_names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                    "weight_g_idx")
     optional_names = ("weight_zero_point", "weight_g_idx")
 
     def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
@@ -204,9 +235,19 @@ class PackedInt4Config(Int4CheckpointConfig):
                           "modules_to_not_convert": ignore})
         self.symmetric = bool(weights.get("symmetric", True))
 
-    def input_order(self, pieces: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    def tensor_layouts(self) -> dict[str, Layout | None]:
+        group = self.group_size  # eight inputs per int32 of weight_packed, eight outputs
+        return {"weight_packed": Layout(output_dim=0, input_dim=1, input_unit=8),  # of zeros
+                "weight_scale": Layout(output_dim=0, input_dim=1, input_unit=group),
+                "weight_shape": None,
+                "weight_zero_point": Layout(output_dim=0, input_dim=1, output_unit=8,
+                                            input_unit=group),
+                "weight_g_idx": Layout(input_dim=0)}
+
+    def input_order(self, pieces: list[dict[str, torch.Tensor]], layer: LinearBase
+                    ) -> torch.Tensor | None:
         renamed = [{"g_idx": p["weight_g_idx"]} if "weight_g_idx" in p else {} for p in pieces]
-        return GPTQConfig.input_order(self, renamed) if renamed[0] else None
+        return GPTQConfig.input_order(self, renamed, layer) if renamed[0] else None
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         codes = unpack_int32(piece["weight_packed"], 1)

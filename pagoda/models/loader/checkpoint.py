@@ -13,6 +13,7 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import deferred_linear_methods
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.quantization import (
+    bind_embeddings,
     bind_linear_methods,
     finish_linear_layers,
     get_quantization_config,
@@ -20,7 +21,7 @@ from pagoda.layers.quantization import (
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
-from pagoda.models.loader.gguf import iter_gguf
+from pagoda.models.loader.gguf import FLOAT_TYPES, iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
 from pagoda.models.loader.weights import fused_target
 from pagoda.models.quantization import load_quantization, resolve_quantization
@@ -55,6 +56,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         with deferred_linear_methods():
             model = cls(source.hf_config, max_position, group, stage)
         bind_linear_methods(model, config)
+        bind_embeddings(model, config)
         if source.format == "dummy":
             init_dummy_weights(model, seed)
         else:
@@ -113,7 +115,8 @@ class _BlockKeeper:
         if keeps is None:
             return False
         if not keeps(type_name):
-            self.decoded.add(type_name)
+            if type_name not in FLOAT_TYPES:  # floats are read as floats, not decoded
+                self.decoded.add(type_name)
             return False
         return True
 

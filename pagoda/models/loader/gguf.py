@@ -224,12 +224,12 @@ def _block_rows(tensor: GGUFTensor, rows: np.ndarray) -> GGUFWeight:
                       tensor.tensor_type.name, int(tensor.shape[0]))
 
 
-_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
 
 
 def block_types(tensors: GGUFIndex) -> set[str]:
     """The quantized (block) types among the file's tensors."""
-    return {t.tensor_type.name for t in tensors.tensors} - _FLOAT_TYPES
+    return {t.tensor_type.name for t in tensors.tensors} - FLOAT_TYPES
 
 
 def gguf_types(path: Path, tensors: GGUFIndex | None = None) -> Iterator[tuple[str, str]]:
