@@ -109,14 +109,14 @@ class RemoteServer:
         return self.proc.returncode
 
 
-def tiny_chat_model(path: Path, tokenizer_dir: Path) -> Path:
+def tiny_chat_model(path: Path, tokenizer_dir: Path, **config_overrides) -> Path:
     """A random-weight Llama small enough to start in about a second, with SmolLM2's
     tokenizer and chat template, so the server's whole surface works on it."""
     from transformers import LlamaConfig
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(**{**dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=True), **config_overrides})
     return save_random_checkpoint(config, path, tokenizer_dir)
 
 

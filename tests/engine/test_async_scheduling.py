@@ -1,33 +1,44 @@
 """Async scheduling (step N+1 scheduled and launched before step N's tokens are back) gives
 exactly the outputs of the synchronous loop: greedy and seeded sampling, logprobs, stops
 that the host only learns of a step late, chunked prefill, preemption, aborts, and requests
-(penalties, min_tokens) that make the engine fall back to one step at a time."""
+(penalties, min_tokens) that make the engine fall back to one step at a time.
+
+On a tiny random Llama with SmolLM2's tokenizer (large initial weights: peaked logits, so
+that no greedy choice is a near tie), which takes milliseconds a step."""
 
 from __future__ import annotations
 
 import pytest
 
 from pagoda import LLM, SamplingParams
+from tests.utils import tiny_chat_model
 
 TEXTS = ["The capital of France is", "Water boils at", "def add(a, b):", "In 1492, Columbus",
          "Once upon a time there was a dragon who", "List three fruits:", "Dear hiring manager,",
          "SELECT name FROM users WHERE"]
 
 
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 16
+
+
 def make_llm(path, async_scheduling: bool, **kwargs) -> LLM:
     kwargs.setdefault("max_num_seqs", 4)
-    # float32 weights: the 4-bit kernel's bfloat16 activations can turn attention's tiny
-    # reduction-order differences between chunkings into a different greedy token
-    kwargs.setdefault("quantization", "none")
     return LLM(str(path), async_scheduling=async_scheduling, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def engines(smollm2_dir):
+def tiny_model(tmp_path_factory, smollm2_dir):
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny"), smollm2_dir, initializer_range=0.2,
+                           num_hidden_layers=NUM_LAYERS, num_key_value_heads=NUM_KV_HEADS,
+                           hidden_size=4 * HEAD_DIM)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
     """(sync, async) engines on the same weights, with a small token budget so prompts
     are prefilled in chunks while others decode."""
-    return (make_llm(smollm2_dir, False, max_num_batched_tokens=9),
-            make_llm(smollm2_dir, True, max_num_batched_tokens=9))
+    return (make_llm(tiny_model, False, max_num_batched_tokens=9),
+            make_llm(tiny_model, True, max_num_batched_tokens=9))
 
 
 def results(llm: LLM, params) -> list[tuple]:
@@ -101,9 +112,13 @@ def test_penalties_and_min_tokens_in_the_batch_match(engines):
 
 def test_stop_strings_and_prompt_logprobs_match(engines):
     sync, overlapped = engines
-    params = SamplingParams(temperature=0, max_tokens=20, stop=[" the", "\n"],
-                            prompt_logprobs=1)
+    free = sync.generate(TEXTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    # each request stops at three characters of what it writes about halfway
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1,
+                             stop=[text[len(text) // 2:len(text) // 2 + 3]])
+              for text in (o.outputs[0].text for o in free)]
     a, b = sync.generate(TEXTS, params), overlapped.generate(TEXTS, params)
+    assert {o.outputs[0].finish_reason for o in a} == {"stop"}
     assert [o.outputs[0].text for o in a] == [o.outputs[0].text for o in b]
     assert [o.outputs[0].finish_reason for o in a] == [o.outputs[0].finish_reason for o in b]
     for x, y in zip(a, b):
@@ -134,12 +149,12 @@ def test_abort_while_a_step_is_in_flight(engines):
     assert_all_blocks_free(overlapped)
 
 
-def test_preemption_with_tokens_in_flight(smollm2_dir):
-    block_bytes = 2 * 30 * 3 * 64 * 4 * 16
+def test_preemption_with_tokens_in_flight(tiny_model):
+    block_bytes = 2 * NUM_LAYERS * NUM_KV_HEADS * HEAD_DIM * 4 * 16  # K and V, float32, 16 tokens
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outputs = {}
     for mode in (False, True):
-        llm = make_llm(smollm2_dir, mode, max_model_len=64, kv_cache_memory=10 * block_bytes,
+        llm = make_llm(tiny_model, mode, max_model_len=64, kv_cache_memory=10 * block_bytes,
                        max_num_seqs=8)
         outputs[mode] = results(llm, params)
         assert llm.engine.core.scheduler.num_preemptions > 0
@@ -147,11 +162,11 @@ def test_preemption_with_tokens_in_flight(smollm2_dir):
     assert outputs[True] == outputs[False]
 
 
-def test_max_model_len_reached_with_a_token_in_flight(smollm2_dir):
+def test_max_model_len_reached_with_a_token_in_flight(tiny_model):
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     outputs = {}
     for mode in (False, True):
-        llm = make_llm(smollm2_dir, mode, max_model_len=24)
+        llm = make_llm(tiny_model, mode, max_model_len=24)
         outputs[mode] = results(llm, params)
         assert_all_blocks_free(llm)
     assert outputs[True] == outputs[False]
