@@ -219,9 +219,12 @@ class MPClient(EngineCoreClient):
         self._proc = multiprocessing.get_context("spawn").Process(
             target=spawn_main, name="pagoda-engine",
             args=(encode_config(config), *self._bind(), os.getpid(), time.time()))
+        # the finalizer holds both sockets: collected with the client, an unclosed one would
+        # leave the context's termination waiting for it forever
         self._finalizer = multiprocessing.util.Finalize(
             self, _teardown, exitpriority=10,
-            args=(self._proc, self._ctx, self._input, self._sock_dir, self._stopping, 5.0))
+            args=(self._proc, self._ctx, (self._input, self._output), self._sock_dir,
+                  self._stopping, 5.0))
         try:
             self._proc.start()
             self.model_info = self._wait_ready(startup_timeout)
@@ -247,7 +250,7 @@ class MPClient(EngineCoreClient):
             return (self._input.getsockopt_string(zmq.LAST_ENDPOINT),
                     self._output.getsockopt_string(zmq.LAST_ENDPOINT))
         except BaseException:
-            _release(self._ctx, self._sock_dir)
+            _release(self._ctx, (self._input, self._output), self._sock_dir)
             raise
 
     # ---- startup ---------------------------------------------------------------------------
@@ -411,7 +414,8 @@ class MPClient(EngineCoreClient):
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._finalizer.still_active():
             self._finalizer.cancel()
-            _teardown(self._proc, self._ctx, self._input, self._sock_dir, self._stopping, timeout)
+            _teardown(self._proc, self._ctx, (self._input, self._output), self._sock_dir,
+                      self._stopping, timeout)
         self._mark_dead("the engine was shut down")
 
 
@@ -426,8 +430,8 @@ def _watch_engine(sentinel: int, client_ref: weakref.ref) -> None:
 
 
 def _teardown(proc: multiprocessing.process.BaseProcess, ctx: zmq.Context,
-              input_sock: zmq.Socket, sock_dir: str | None, stopping: threading.Event,
-              timeout: float) -> None:
+              sockets: tuple[zmq.Socket, zmq.Socket], sock_dir: str | None,
+              stopping: threading.Event, timeout: float) -> None:
     """Ask the engine to exit, then terminate/kill it; close the sockets; remove the dir.
 
     Runs from shutdown(), or as a finalizer when the client is collected or at exit.
@@ -435,7 +439,7 @@ def _teardown(proc: multiprocessing.process.BaseProcess, ctx: zmq.Context,
     stopping.set()
     if proc.pid is not None and proc.exitcode is None:
         try:
-            input_sock.send(serial.encode(serial.Shutdown()), zmq.NOBLOCK)
+            sockets[0].send(serial.encode(serial.Shutdown()), zmq.NOBLOCK)  # the input socket
         except zmq.ZMQError:
             pass
         proc.join(timeout)
@@ -446,7 +450,7 @@ def _teardown(proc: multiprocessing.process.BaseProcess, ctx: zmq.Context,
         if proc.exitcode is None:
             proc.kill()
             proc.join()
-    _release(ctx, sock_dir)
+    _release(ctx, sockets, sock_dir)
 
 
 def _make_socket_dir() -> str | None:
@@ -463,7 +467,11 @@ def _make_socket_dir() -> str | None:
     return tempfile.mkdtemp(prefix="pagoda-", dir=parent)
 
 
-def _release(ctx: zmq.Context, sock_dir: str | None) -> None:
+def _release(ctx: zmq.Context, sockets: tuple[zmq.Socket, ...], sock_dir: str | None) -> None:
+    """Close the sockets, then end the context (which waits for every socket of its own to
+    close: one it no longer tracks, as during a garbage collection, must be closed here)."""
+    for sock in sockets:
+        sock.close(linger=0)
     ctx.destroy(linger=0)
     if sock_dir is not None:
         shutil.rmtree(sock_dir, ignore_errors=True)

@@ -374,6 +374,36 @@ if __name__ == "__main__":
 """
 
 
+COLLECTED = """
+import asyncio, gc, sys
+from pagoda.config import CacheConfig, EngineConfig
+from pagoda.engine.client import MPClient
+
+if __name__ == "__main__":
+    client = MPClient(EngineConfig(model=sys.argv[1], load_format="dummy",
+                                   cache=CacheConfig(kv_cache_memory=4 << 20)))
+    asyncio.run(client.call("stats"))  # the output socket has been read from a loop
+    print(client.engine_pid, flush=True)
+    client.cycle = client  # only the garbage collector can free it
+    del client
+    gc.collect()
+    print("collected", flush=True)
+"""
+
+
+def test_a_client_freed_by_the_garbage_collector_stops_its_engine(tiny_model, tmp_path):
+    """Its finalizer runs when the collector breaks the cycle: the sockets the context no
+    longer tracks by then must still be closed, or ending the context waits forever."""
+    script = tmp_path / "collected.py"
+    script.write_text(COLLECTED)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run([sys.executable, str(script), str(tiny_model)], env=env,
+                          capture_output=True, text=True, timeout=90)
+    engine_pid, collected = done.stdout.split()
+    assert collected == "collected" and done.returncode == 0, done.stderr[-2000:]
+    assert process_gone(int(engine_pid))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_engine_exits_when_its_parent_is_sigkilled(tiny_model, tmp_path):
     script, pid_file = tmp_path / "helper.py", tmp_path / "engine.pid"

@@ -7,6 +7,7 @@ implementations order their float32 reductions differently; observed differences
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -74,3 +75,70 @@ def check_random_checkpoint(config, path: Path, num_tokens: int = 32,
     chunked = LLM(str(path), kv_cache_memory=32 << 20, max_num_batched_tokens=8,
                   max_num_seqs=4, enable_prefix_caching=False)
     check_parity(chunked, hf_model, prompts, num_tokens)
+
+
+# ------------------------------------------------------------------ transformers' GGUF, faster
+# transformers reads a GGUF's metadata with gguf-py, one memory-mapped slice per array element:
+# tens of seconds for a 49k- or 262k-token vocabulary, read twice (config, then weights). The
+# model needs none of the tokenizer's arrays, so the reference loads a copy without them: the
+# same tensors, byte for byte, and every other key (the tokenizer's scalar ids included).
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def hf_gguf_model(gguf_file: Path, work_dir: Path):
+    """transformers' float32 model of `gguf_file` (read from a copy without the tokenizer's
+    arrays, made in `work_dir`)."""
+    slim = gguf_without_tokenizer_arrays(gguf_file, work_dir / gguf_file.name)
+    return AutoModelForCausalLM.from_pretrained(work_dir, gguf_file=slim.name,
+                                                dtype=torch.float32).eval()
+
+
+def gguf_without_tokenizer_arrays(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    magic, version, num_tensors, num_keys = struct.unpack_from("<4sIQQ", data, 0)
+    assert magic == b"GGUF" and version >= 2, (magic, version)
+    pos, kept, alignment = 24, [], 32
+    for _ in range(num_keys):
+        start = pos
+        key, pos = _gguf_string(data, pos)
+        (kind,), pos = struct.unpack_from("<I", data, pos), pos + 4
+        value_start = pos
+        pos = _skip_gguf_value(data, pos, kind)
+        if key == "general.alignment":
+            alignment = struct.unpack_from("<I", data, value_start)[0]
+        if not (key.startswith("tokenizer.") and kind == _ARRAY):
+            kept.append(data[start:pos])
+    infos_start = pos
+    for _ in range(num_tensors):
+        _, pos = _gguf_string(data, pos)
+        (dims,) = struct.unpack_from("<I", data, pos)
+        pos += 4 + 8 * dims + 4 + 8  # the dims, the type, the offset into the data
+    data_start = -(-pos // alignment) * alignment
+    head = struct.pack("<4sIQQ", magic, version, num_tensors, len(kept)) + b"".join(kept) \
+        + data[infos_start:pos]
+    head += b"\0" * (-len(head) % alignment)
+    with dst.open("wb") as out:
+        out.write(head)
+        out.write(memoryview(data)[data_start:])
+    return dst
+
+
+def _gguf_string(data: bytes, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", data, pos)
+    return data[pos + 8:pos + 8 + length].decode("utf-8", "replace"), pos + 8 + length
+
+
+def _skip_gguf_value(data: bytes, pos: int, kind: int) -> int:
+    if kind == _STRING:
+        return _gguf_string(data, pos)[1]
+    if kind == _ARRAY:
+        element, count = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        if element in _SCALAR_SIZES:
+            return pos + count * _SCALAR_SIZES[element]
+        for _ in range(count):
+            pos = _skip_gguf_value(data, pos, element)
+        return pos
+    return pos + _SCALAR_SIZES[kind]
