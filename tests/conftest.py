@@ -36,6 +36,14 @@ def smollm2_gguf(smollm2_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory):
+    """transformers' own float32 load of the same GGUF: the oracle for config, names, layout
+    and values (read from a copy without the tokenizer's arrays: tests/models/parity.py)."""
+    from tests.models.parity import hf_gguf_model
+    return hf_gguf_model(smollm2_gguf, tmp_path_factory.mktemp("smollm2-hf"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -81,7 +81,8 @@ def check_random_checkpoint(config, path: Path, num_tokens: int = 32,
 # transformers reads a GGUF's metadata with gguf-py, one memory-mapped slice per array element:
 # tens of seconds for a 49k- or 262k-token vocabulary, read twice (config, then weights). The
 # model needs none of the tokenizer's arrays, so the reference loads a copy without them: the
-# same tensors, byte for byte, and every other key (the tokenizer's scalar ids included).
+# same tensors, byte for byte, and every other key (the tokenizer's scalar ids included), plus
+# `<arch>.vocab_size` where transformers would have counted the vocabulary's tokens instead.
 
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
@@ -99,17 +100,22 @@ def gguf_without_tokenizer_arrays(src: Path, dst: Path) -> Path:
     data = src.read_bytes()
     magic, version, num_tensors, num_keys = struct.unpack_from("<4sIQQ", data, 0)
     assert magic == b"GGUF" and version >= 2, (magic, version)
-    pos, kept, alignment = 24, [], 32
+    pos, kept, values, alignment = 24, [], {}, 32
     for _ in range(num_keys):
         start = pos
         key, pos = _gguf_string(data, pos)
         (kind,), pos = struct.unpack_from("<I", data, pos), pos + 4
-        value_start = pos
+        values[key] = (kind, pos)
         pos = _skip_gguf_value(data, pos, kind)
-        if key == "general.alignment":
-            alignment = struct.unpack_from("<I", data, value_start)[0]
         if not (key.startswith("tokenizer.") and kind == _ARRAY):
             kept.append(data[start:pos])
+    if "general.alignment" in values:
+        alignment = struct.unpack_from("<I", data, values["general.alignment"][1])[0]
+    arch = _gguf_string(data, values["general.architecture"][1])[0]
+    if f"{arch}.vocab_size" not in values and "tokenizer.ggml.tokens" in values:
+        (num_tokens,) = struct.unpack_from("<Q", data, values["tokenizer.ggml.tokens"][1] + 4)
+        key = f"{arch}.vocab_size".encode()
+        kept.append(struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, num_tokens))
     infos_start = pos
     for _ in range(num_tensors):
         _, pos = _gguf_string(data, pos)

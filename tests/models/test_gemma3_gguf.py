@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from pagoda import LLM
-from tests.models.parity import check_parity
+from tests.models.parity import check_parity, hf_gguf_model
 
 PROMPTS = ["The capital of France is"]
 CHAT = [{"role": "system", "content": "Answer briefly."},
@@ -23,10 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gemma3_hf(gemma3_270m_dir: Path):
-    gguf_file = next(gemma3_270m_dir.glob("*.gguf"))
-    return AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, gguf_file=gguf_file.name,
-                                                dtype=torch.float32).eval()
+def gemma3_hf(gemma3_270m_dir: Path, tmp_path_factory):
+    return hf_gguf_model(next(gemma3_270m_dir.glob("*.gguf")), tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
@@ -18,12 +16,6 @@ PROMPTS = [
     "def fibonacci(n):\n    ",
     "Les fleurs du jardin sont",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf: Path):
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 
 
 def test_smollm2_gguf_matches_transformers(smollm2_llm, smollm2_hf, smollm2_tokenizer):

@@ -111,16 +111,6 @@ def gguf_tensors_from_hf(state: dict[str, torch.Tensor], config: LlamaConfig) ->
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_dir: Path) -> torch.nn.Module:
-    """transformers' own float32 load of the same GGUF: the oracle for config, names, layout, values."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-
-
-@pytest.fixture(scope="session")
 def smollm2_config(smollm2_dir: Path) -> HFConfig:
     return gguf_hf_config(smollm2_dir / SMOLLM2_GGUF)
 
@@ -153,8 +143,8 @@ def test_smollm2_config_fields(smollm2_config: HFConfig) -> None:
 
 
 def test_smollm2_config_matches_transformers(smollm2_config: HFConfig,
-                                             hf_smollm2: torch.nn.Module) -> None:
-    theirs = hf_smollm2.config.to_dict()
+                                             smollm2_hf: torch.nn.Module) -> None:
+    theirs = smollm2_hf.config.to_dict()
     ours = smollm2_config.to_transformers().to_dict()
     skip = {"_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version",
             "architectures", "unk_token_id", "dtype"}
@@ -195,9 +185,9 @@ def test_smollm2_weight_names_and_shapes(smollm2_weights: dict[str, torch.Tensor
 
 
 def test_smollm2_weights_equal_transformers(smollm2_weights: dict[str, torch.Tensor],
-                                            hf_smollm2: torch.nn.Module) -> None:
+                                            smollm2_hf: torch.nn.Module) -> None:
     """Whole state dict, q/k rotary unpermutation included, equals transformers' GGUF load."""
-    theirs = hf_smollm2.state_dict()
+    theirs = smollm2_hf.state_dict()
     assert set(smollm2_weights) | {"lm_head.weight"} == set(theirs)
     worst = {name: (ours - theirs[name]).abs().max().item() for name, ours in smollm2_weights.items()}
     assert max(worst.values()) <= 1e-6, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
