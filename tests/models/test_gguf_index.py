@@ -21,11 +21,16 @@ from pagoda.models.loader.gguf import GGUFMeta
 from pagoda.models.source import resolve_model
 
 
+@pytest.fixture(scope="module")
+def smollm2_reader(smollm2_gguf: Path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(smollm2_gguf, "r")  # seconds: its whole vocabulary is parsed
+
+
 @pytest.fixture
-def indexed(tmp_path: Path, smollm2_gguf: Path) -> tuple[gguf.GGUFReader, Path]:
-    reader = gguf.GGUFReader(smollm2_gguf, "r")
-    write_tensor_index(reader, "llama", smollm2_gguf, tmp_path / INDEX_NAME)
-    return reader, tmp_path / INDEX_NAME
+def indexed(tmp_path: Path, smollm2_gguf: Path,
+            smollm2_reader: gguf.GGUFReader) -> tuple[gguf.GGUFReader, Path]:
+    write_tensor_index(smollm2_reader, "llama", smollm2_gguf, tmp_path / INDEX_NAME)
+    return smollm2_reader, tmp_path / INDEX_NAME
 
 
 def test_the_index_reads_every_tensor_as_the_reader_does(indexed, smollm2_gguf):
