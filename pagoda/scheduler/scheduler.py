@@ -10,7 +10,7 @@ request that samples counts the token as pending until update_from_output brings
 next decode is scheduled on that pending token, and a request whose pending token ends it
 (max_tokens, max_model_len) is not scheduled again.
 
-A pipeline (`pipelined`: its number of stages) keeps several steps in flight the other way:
+A pipeline (`pipeline_depth`: its number of stages) keeps several steps in flight another way:
 each step schedules only requests whose tokens are all back, and at most its share of the
 live requests, so the steps in flight hold different requests and every stage has one to
 work on.
@@ -49,7 +49,6 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self._next_seq = 0
-        self._step_seats = config.max_num_seqs
         self.num_preemptions = 0
         self.num_computed_tokens_total = 0
 
@@ -86,12 +85,11 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids,
                               preempted_request_ids=self._preempted_ids)
         self._finished_ids, self._preempted_ids = set(), set()
-        budget = self.config.max_num_batched_tokens
-        self._step_seats = self._seats_per_step()
+        budget, seats = self.config.max_num_batched_tokens, self._seats_per_step()
         self.running.sort(key=lambda r: r.sort_key)
-        budget, num_ending = self._schedule_running(out, budget)
+        budget, num_ending = self._schedule_running(out, budget, seats)
         if not out.preempted_request_ids:
-            self._schedule_waiting(out, budget, len(self.running) - num_ending)
+            self._schedule_waiting(out, budget, len(self.running) - num_ending, seats)
         for request_id, n in out.num_scheduled_tokens.items():
             request = self.requests[request_id]
             request.num_computed_tokens += n
@@ -112,13 +110,13 @@ class Scheduler:
         live = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
         return max(1, -(-live // self.pipeline_depth))
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, int]:
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          seats: int) -> tuple[int, int]:
         """Returns the budget left and how many running requests are only waiting for the
         token that ends them (their seats go to waiting requests now, as they would once
-        finished)."""
+        finished). `seats`: how many requests this step may take."""
         i = num_ending = 0
-        while i < len(self.running) and budget > 0 \
-                and len(out.num_scheduled_tokens) < self._step_seats:
+        while i < len(self.running) and budget > 0 and len(out.num_scheduled_tokens) < seats:
             request = self.running[i]
             if self._ends_with_pending_token(request):
                 i += 1
@@ -166,14 +164,15 @@ class Scheduler:
         self.waiting.push(request)
         out.preempted_request_ids.add(request.request_id)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, num_active: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, num_active: int,
+                          seats: int) -> None:
         # keep their place: constrained requests whose grammar is still compiling, and
         # preempted ones whose last sampled token is not back yet
         # and requests whose adapter would be one more than --max-loras in the batch
         not_ready = []
         adapters = {r.lora_id for r in self.running if r.lora_id}
         while self.waiting and budget > 0 and num_active < self.config.max_num_seqs \
-                and len(out.num_scheduled_tokens) < self._step_seats:
+                and len(out.num_scheduled_tokens) < seats:
             request = self.waiting.peek()
             if request.waiting_for_grammar or request.num_pending_tokens \
                     or not self._adapter_fits(request, adapters):
