@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagoda import LLM, SamplingParams
+from pagoda.models.loader.gguf import GGUF_ARRAY, GGUF_SCALAR_SIZES, GGUF_STRING
 from tests.utils import save_random_checkpoint
 
 LOGPROB_TOL = 2e-3
@@ -84,10 +85,6 @@ def check_random_checkpoint(config, path: Path, num_tokens: int = 32,
 # same tensors, byte for byte, and every other key (the tokenizer's scalar ids included), plus
 # `<arch>.vocab_size` where transformers would have counted the vocabulary's tokens instead.
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
 def hf_gguf_model(gguf_file: Path, work_dir: Path):
     """transformers' float32 model of `gguf_file` (read from a copy without the tokenizer's
     arrays, made in `work_dir`)."""
@@ -107,7 +104,7 @@ def gguf_without_tokenizer_arrays(src: Path, dst: Path) -> Path:
         (kind,), pos = struct.unpack_from("<I", data, pos), pos + 4
         values[key] = (kind, pos)
         pos = _skip_gguf_value(data, pos, kind)
-        if not (key.startswith("tokenizer.") and kind == _ARRAY):
+        if not (key.startswith("tokenizer.") and kind == GGUF_ARRAY):
             kept.append(data[start:pos])
     if "general.alignment" in values:
         alignment = struct.unpack_from("<I", data, values["general.alignment"][1])[0]
@@ -137,14 +134,14 @@ def _gguf_string(data: bytes, pos: int) -> tuple[str, int]:
 
 
 def _skip_gguf_value(data: bytes, pos: int, kind: int) -> int:
-    if kind == _STRING:
+    if kind == GGUF_STRING:
         return _gguf_string(data, pos)[1]
-    if kind == _ARRAY:
+    if kind == GGUF_ARRAY:
         element, count = struct.unpack_from("<IQ", data, pos)
         pos += 12
-        if element in _SCALAR_SIZES:
-            return pos + count * _SCALAR_SIZES[element]
+        if element in GGUF_SCALAR_SIZES:
+            return pos + count * GGUF_SCALAR_SIZES[element]
         for _ in range(count):
             pos = _skip_gguf_value(data, pos, element)
         return pos
-    return pos + _SCALAR_SIZES[kind]
+    return pos + GGUF_SCALAR_SIZES[kind]

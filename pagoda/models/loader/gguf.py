@@ -94,8 +94,9 @@ class GGUFMeta:
         return next((t for t in self.reader.tensors if t.name == name), None)
 
 
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# a GGUF value's type code -> its size in bytes (scalars); strings and arrays are read by length
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
 def peek_architecture(path: Path, max_keys: int = 64) -> str | None:
@@ -109,17 +110,17 @@ def peek_architecture(path: Path, max_keys: int = 64) -> str | None:
             for _ in range(min(num_keys, max_keys)):
                 key = f.read(struct.unpack("<Q", f.read(8))[0])
                 kind = struct.unpack("<I", f.read(4))[0]
-                if kind == _GGUF_STRING:
+                if kind == GGUF_STRING:
                     value = f.read(struct.unpack("<Q", f.read(8))[0])
                     if key == b"general.architecture":
                         return value.decode("utf-8", errors="replace")
-                elif kind in _GGUF_SCALARS:
-                    f.seek(_GGUF_SCALARS[kind], 1)
-                elif kind == _GGUF_ARRAY:
+                elif kind in GGUF_SCALAR_SIZES:
+                    f.seek(GGUF_SCALAR_SIZES[kind], 1)
+                elif kind == GGUF_ARRAY:
                     item, count = struct.unpack("<IQ", f.read(12))
-                    if item not in _GGUF_SCALARS:
+                    if item not in GGUF_SCALAR_SIZES:
                         return None  # arrays of strings (the vocabulary): stop looking
-                    f.seek(_GGUF_SCALARS[item] * count, 1)
+                    f.seek(GGUF_SCALAR_SIZES[item] * count, 1)
                 else:
                     return None
     except (OSError, struct.error, ValueError):
