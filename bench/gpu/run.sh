@@ -22,7 +22,7 @@ COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
 
 run_stage() {
   case "$1" in
-    tests) python3 -m pytest -q -x tests/gpu 2>&1 | tail -40 ;;
+    tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
     moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
                python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
