@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   kernels-graph moe-kernels decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   kernels-graph moe-kernels executor-cost decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -39,6 +39,15 @@ run_stage() {
     throughput-only) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1000 \
                --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                --output-json "$OUT/throughput.json" $EXTRA 2>&1 | grep -v INFO ;;
+    # the multi-process executor with one rank against the in-process one, alternated
+    executor-cost) for backend in uni mp; do
+                     python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1 \
+                       --input-len 1024 --output-len 256 --distributed-executor-backend $backend \
+                       --output-json "$OUT/decode1-$backend.json" 2>&1 | grep -v INFO
+                     python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON --num-prompts 1000 \
+                       --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+                       --distributed-executor-backend $backend --output-json "$OUT/throughput-$backend.json" 2>&1 | grep -v INFO
+                   done ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     profile-kernels) python3 bench/gpu/profile_kernels.py $B8 1 2>&1 | grep -v INFO | tail -28; \
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;
