@@ -12,10 +12,11 @@ from pagoda.layers.moe.router import select_experts
 def random_moe(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
                dtype: torch.dtype, device: str, seed: int = 0):
     """(x, w13, w2, weights, ids): weights scaled so activations stay near unit size."""
-    gen = torch.Generator().manual_seed(seed)
+    # drawn on the device: the CPU's generator takes seconds at Mixtral's width
+    gen = torch.Generator(device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
     x = randn(tokens, hidden)
     w13 = randn(experts, 2 * inter, hidden, scale=hidden ** -0.5)
