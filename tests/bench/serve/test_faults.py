@@ -77,7 +77,7 @@ def test_a_stalled_server_fails_requests_by_timeout(tiny_model, smollm2_tokenize
     stopper = when(lambda: successes(server) >= 3, lambda: os.kill(engine, signal.SIGSTOP))
     began = time.monotonic()
     try:
-        result = run(server, smollm2_tokenizer, 16, 24, rate=8.0, stall_s=1.5, timeout_s=15)
+        result = run(server, smollm2_tokenizer, 16, 24, rate=8.0, stall_s=1.5, timeout_s=6)
     finally:
         stopper.join()
         os.kill(engine, signal.SIGCONT)
@@ -89,7 +89,7 @@ def test_a_stalled_server_fails_requests_by_timeout(tiny_model, smollm2_tokenize
         if not r.success:
             assert r.error == ("stalled: no data for 1.5 s after its first token"
                                if r.ttft_s is not None else
-                               "timed out after 15 s (no first token yet: queued)"), r.error
+                               "timed out after 6 s (no first token yet: queued)"), r.error
 
 
 def test_queued_requests_are_measured_not_failed_as_stalls(tiny_model, smollm2_tokenizer):
