@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,21 +30,74 @@ from pagoda.layers.linear import (
 )
 from pagoda.lora.adapter import SUPPORTED_MODULES, LoRAAdapter, ModuleShape
 
-LoRAKernel = Callable[["LoRAWeights", torch.Tensor, torch.Tensor, torch.Tensor], None]
+LoRAKernel = Callable[["LoRAWeights", torch.Tensor, torch.Tensor, "LoRAStepState"], None]
+
+TILE_TOKENS = 16  # tokens of one adapter per work tile of the Triton kernels
 
 
-@dataclass(slots=True)
+def max_tiles(num_tokens: int, max_loras: int) -> int:
+    """Tiles a step of num_tokens can need: each adapter's tokens in tiles of TILE_TOKENS,
+    the last one of each adapter partly filled."""
+    return -(-num_tokens // TILE_TOKENS) + min(max_loras, num_tokens)
+
+
 class LoRAStepState:
-    """The step's per-token adapter slot (int32, -1 = base model), fixed size and address;
+    """The step's adapters per token, in one int32 device buffer of fixed size and address
+    (CUDA graphs replay on it), filled from the host before each forward pass:
+
+    - `token_slots` [max_tokens]: each token's adapter slot, -1 for the base model;
+    - `sorted_tokens` [max_tokens]: the adapted tokens' indices, grouped by slot;
+    - `tiles` [max_tiles, 3]: (slot, start in sorted_tokens, count) covering each slot's
+      tokens TILE_TOKENS at a time; count 0 marks a tile with nothing to do.
+
     `active`: whether the layers add adapter deltas at all (off for a step of base-model
-    tokens only; always on while CUDA graphs are captured, so replays read the slots)."""
+    tokens only; always on while CUDA graphs are captured, so replays read the buffer)."""
 
-    token_slots: torch.Tensor
-    active: bool = True
+    def __init__(self, max_tokens: int, max_loras: int, device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.packed = torch.zeros(self.packed_size(max_tokens, max_loras), dtype=torch.int32,
+                                  device=device)
+        self.token_slots = self.packed[:max_tokens]
+        self.token_slots.fill_(-1)
+        self.sorted_tokens = self.packed[max_tokens:2 * max_tokens]
+        self.tiles = self.packed[2 * max_tokens:].view(-1, 3)
+        self.active = True
 
-    @classmethod
-    def allocate(cls, max_tokens: int, device: torch.device) -> LoRAStepState:
-        return cls(torch.full((max_tokens,), -1, dtype=torch.int32, device=device))
+    @staticmethod
+    def packed_size(max_tokens: int, max_loras: int) -> int:
+        return 2 * max_tokens + 3 * max_tiles(max_tokens, max_loras)
+
+    def set(self, token_slots: np.ndarray) -> None:
+        """Fill the buffer for a step whose tokens have these slots (a synchronous copy;
+        the runner stages it in pinned memory instead)."""
+        host = np.empty(self.packed.numel(), dtype=np.int32)
+        pack_step(host, token_slots, self.max_tokens)
+        self.packed.copy_(torch.from_numpy(host))
+
+
+def pack_step(packed: np.ndarray, token_slots: np.ndarray, max_tokens: int) -> None:
+    """Write a step into a host array laid out as LoRAStepState's buffer: the per-token
+    slots (-1 past the step), the adapted tokens grouped by slot (in token order within a
+    slot) and the tiles covering each slot's group (count 0 past the last)."""
+    n = len(token_slots)
+    slots, grouped = packed[:max_tokens], packed[max_tokens:2 * max_tokens]
+    tiles = packed[2 * max_tokens:].reshape(-1, 3)
+    slots[:n] = token_slots
+    slots[n:] = -1
+    adapted = np.flatnonzero(token_slots >= 0)
+    order = adapted[np.argsort(token_slots[adapted], kind="stable")]
+    grouped[:len(order)] = order
+    group_slot, group_start, group_count = np.unique(token_slots[order], return_index=True,
+                                                     return_counts=True)
+    per_group = -(-group_count // TILE_TOKENS)
+    group = np.repeat(np.arange(len(group_slot)), per_group)
+    offset = (np.arange(len(group)) - np.repeat(np.cumsum(per_group) - per_group, per_group)) \
+        * TILE_TOKENS
+    used = len(group)
+    tiles[:used, 0] = group_slot[group]
+    tiles[:used, 1] = group_start[group] + offset
+    tiles[:used, 2] = np.minimum(TILE_TOKENS, group_count[group] - offset)
+    tiles[used:] = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +183,12 @@ def lora_torch(weights: LoRAWeights, x: torch.Tensor, y: torch.Tensor,
         y[:, offset:offset + size] += delta.to(y.dtype)
 
 
+def lora_torch_step(weights: LoRAWeights, x: torch.Tensor, y: torch.Tensor,
+                    state: LoRAStepState) -> None:
+    """lora_torch on the step's per-token slots: the kernel of devices without Triton."""
+    lora_torch(weights, x, y, state.token_slots[:x.shape[0]])
+
+
 class LoRALinearMethod(LinearMethod):
     """The layer's own method, then each token's adapter delta."""
 
@@ -148,7 +208,7 @@ class LoRALinearMethod(LinearMethod):
         if not self.state.active:
             return y
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        self.kernel(self.weights, flat_x, flat_y, self.state.token_slots[:flat_x.shape[0]])
+        self.kernel(self.weights, flat_x, flat_y, self.state)
         return y
 
 

@@ -18,7 +18,8 @@ from pagoda.lora.layers import (
     LoRAStepState,
     LoRAWeights,
     add_lora_layers,
-    lora_torch,
+    lora_torch_step,
+    pack_step,
     shard_adapter,
 )
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
@@ -32,7 +33,7 @@ def pick_kernel(device: torch.device):
     if device.type == "cuda":
         from pagoda.lora.triton_ops import lora_triton
         return lora_triton
-    return lora_torch
+    return lora_torch_step
 
 
 class LoRAManager:
@@ -45,7 +46,7 @@ class LoRAManager:
         self.config = config
         self.dtype = (model_dtype if config.lora_dtype == "auto"
                       else resolve_dtype(config.lora_dtype, device))
-        self.state = LoRAStepState.allocate(max_tokens, device)
+        self.state = LoRAStepState(max_tokens, config.max_loras, device)
         self.layers: list[LoRAWeights] = add_lora_layers(
             model, dict(model.packed_modules), config.max_loras, config.max_lora_rank,
             self.dtype, self.state, kernel or pick_kernel(device))
@@ -62,7 +63,8 @@ class LoRAManager:
         pinned = device.type == "cuda"
         # two host buffers used in turn (a step is prepared while the previous one's copy
         # may still be queued), and the events of their last copies
-        self._staging = [torch.full((max_tokens,), -1, dtype=torch.int32, pin_memory=pinned)
+        size = LoRAStepState.packed_size(max_tokens, config.max_loras)
+        self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
                          for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
@@ -159,10 +161,8 @@ class LoRAManager:
         self._turn ^= 1
         if self._copied[self._turn] is not None:
             self._copied[self._turn].synchronize()
-        host = self._staging[self._turn].numpy()
-        host[:len(tokens)] = tokens
-        host[len(tokens):] = -1
-        self.state.token_slots.copy_(self._staging[self._turn], non_blocking=True)
-        if self.state.token_slots.is_cuda:
+        pack_step(self._staging[self._turn].numpy(), tokens, self.state.max_tokens)
+        self.state.packed.copy_(self._staging[self._turn], non_blocking=True)
+        if self.state.packed.is_cuda:
             self._copied[self._turn] = torch.cuda.Event()
             self._copied[self._turn].record()

@@ -5,10 +5,11 @@ over TP=2 (NCCL all-reduces inside the graphs) and PP=2."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from pagoda.lora.layers import lora_torch
+from pagoda.lora.layers import LoRAStepState, lora_torch
 from tests.lora.test_triton_ops import compare_all, random_weights
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -34,9 +35,11 @@ def test_kernels_match_torch_at_8b_widths(layer, tokens, gpu_report):
     slots = torch.randint(-1, 16, (tokens,), generator=gen, device="cuda", dtype=torch.int32)
     x = torch.randn(tokens, in_features, generator=gen, device="cuda", dtype=torch.bfloat16)
     base = torch.randn(tokens, sum(sizes), generator=gen, device="cuda", dtype=torch.bfloat16)
+    state = LoRAStepState(tokens, 16, torch.device("cuda"))
+    state.set(slots.cpu().numpy())
     expected, got = base.clone(), base.clone()
     lora_torch(weights, x, expected, slots)
-    lora_triton(weights, x, got, slots)
+    lora_triton(weights, x, got, state)
     error = ((got.float() - expected.float()).abs() / (1 + expected.float().abs())).max().item()
     gpu_report(layer=layer, tokens=tokens, error=error)
     assert error <= TOLERANCE[torch.bfloat16]
@@ -48,16 +51,17 @@ def test_kernels_capture_in_a_cuda_graph():
     weights = random_weights([64, 32, 32], 48, 4, 16, torch.float32, "cuda")
     x = torch.randn(8, 48, device="cuda")
     y = torch.zeros(8, 128, device="cuda")
-    slots = torch.full((8,), -1, dtype=torch.int32, device="cuda")
-    lora_triton(weights, x, y, slots)  # compile outside the capture
+    state = LoRAStepState(8, 4, torch.device("cuda"))
+    lora_triton(weights, x, y, state)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y.zero_()
-        lora_triton(weights, x, y, slots)
-    slots.copy_(torch.tensor([0, 1, 2, 3, -1, 3, 2, 1], dtype=torch.int32))
+        lora_triton(weights, x, y, state)
+    slots = np.array([0, 1, 2, 3, -1, 3, 2, 1], dtype=np.int32)
+    state.set(slots)
     graph.replay()
     expected = torch.zeros(8, 128, device="cuda")
-    lora_torch(weights, x, expected, slots)
+    lora_torch(weights, x, expected, torch.from_numpy(slots).cuda())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagoda.layers.linear import (
@@ -12,10 +13,14 @@ from pagoda.layers.linear import (
 from pagoda.layers.parallel import ParallelGroup
 from pagoda.lora.adapter import LoRAAdapter
 from pagoda.lora.layers import (
+    TILE_TOKENS,
+    LoRAStepState,
     LoRAWeights,
     ModuleShard,
     layer_shards,
     lora_torch,
+    max_tiles,
+    pack_step,
     shard_adapter,
 )
 from pagoda.lora.request import LoRARequest
@@ -114,3 +119,30 @@ def test_tensor_parallel_shards_add_up_to_the_whole_delta():
     total = sum(sharded_delta(RowParallelLinear(16, 10, group=g), ["down"], adapter, x)
                 for g in ranks)
     torch.testing.assert_close(total, per_token([adapter] * 5, x, ["down"], [10]))
+
+
+def test_a_step_packs_each_adapters_tokens_into_tiles():
+    """Tokens grouped by slot in token order, tiles of at most TILE_TOKENS covering every
+    adapted token exactly once, nothing for base tokens, and empty tiles after the last."""
+    rows = [(0, 3), (-1, 5), (2, 40), (0, 20), (-1, 2), (1, 1)]  # (slot, tokens) per request
+    token_slots = np.repeat([s for s, _ in rows], [n for _, n in rows]).astype(np.int32)
+    max_tokens, max_loras = 128, 4
+    packed = np.full(LoRAStepState.packed_size(max_tokens, max_loras), 7, dtype=np.int32)
+    pack_step(packed, token_slots, max_tokens)
+    n = len(token_slots)
+    assert (packed[:n] == token_slots).all() and (packed[n:max_tokens] == -1).all()
+    grouped = packed[max_tokens:2 * max_tokens]
+    tiles = packed[2 * max_tokens:].reshape(-1, 3)
+    covered = []
+    for slot, start, count in tiles[tiles[:, 2] > 0]:
+        assert 0 < count <= TILE_TOKENS
+        members = grouped[start:start + count]
+        assert (token_slots[members] == slot).all()
+        covered += members.tolist()
+    adapted = np.flatnonzero(token_slots >= 0)
+    assert sorted(covered) == adapted.tolist() and len(covered) == len(set(covered))
+    in_slot_order = [t for slot in range(max_loras) for t in adapted if token_slots[t] == slot]
+    assert grouped[:len(adapted)].tolist() == in_slot_order
+    used = int((tiles[:, 2] > 0).sum())
+    assert used == 2 + 1 + 3 <= max_tiles(n, max_loras)  # slot 0: 23, 1: 1, 2: 40 tokens
+    assert (tiles[used:] == 0).all()
