@@ -86,7 +86,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, sorted_ptr, tiles_ptr, num_tokens, N, ra
             u += tl.load(u_ptr + u_rows[:, None] * BLOCK_R + r[None, :], mask=m_ok[:, None],
                          other=0.0)
         # a tile's columns may straddle two pieces: each piece's u meets only its columns
-        b_piece = tl.where((piece_of_n == piece)[None, :], b, 0.0)
+        b_piece = tl.where((piece_of_n == piece)[None, :], b, tl.zeros_like(b))
         delta = tl.dot(u.to(b.dtype), b_piece, delta, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows[:, None] * stride_y + n[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
