@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,12 +79,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def sock_root(tmp_path, monkeypatch) -> Path:
-    """Socket dirs of clients made in this test go here, so leftovers can be checked."""
-    root = tmp_path / "socks"
-    root.mkdir()
+def sock_root(monkeypatch) -> Iterator[Path]:
+    """Socket dirs of clients made in this test go here, so leftovers can be checked (a
+    short path under /tmp: a socket's path must fit in about 100 bytes, and pytest's
+    temporary paths can be longer)."""
+    root = Path(tempfile.mkdtemp(prefix="socks-", dir="/tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +401,7 @@ def test_a_client_freed_by_the_garbage_collector_stops_its_engine(tiny_model, tm
     script = tmp_path / "collected.py"
     script.write_text(COLLECTED)
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    done = subprocess.run([sys.executable, str(script), str(tiny_model)], env=env,
+    done = subprocess.run([sys.executable, str(script), str(tiny_model)], env=env, check=False,
                           capture_output=True, text=True, timeout=90)
     engine_pid, collected = done.stdout.split()
     assert collected == "collected" and done.returncode == 0, done.stderr[-2000:]
