@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PAGODA := $(VENV)/bin/pagoda
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# two test processes, each taking whole test files (module fixtures such as servers start once)
+TEST_WORKERS ?= 2
 
 .PHONY: install model deploy-tools test generate chat serve clean
 
@@ -30,7 +32,7 @@ deploy-tools:
 		echo "WARNING: npm is missing or failed: the schema checks that need it will skip"
 
 test: model deploy-tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 generate: model
 	$(PAGODA) generate "The capital of France is" --raw --max-tokens 32 --stop '\n'
