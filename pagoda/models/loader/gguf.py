@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,12 +218,15 @@ def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
 
 
 def _block_rows(tensor: GGUFTensor, rows: np.ndarray) -> GGUFWeight:
-    """The tensor's [out, row bytes] blocks, copied out of the memory map."""
+    """The tensor's [out, row bytes] blocks as a read-only view of the memory map: the layer
+    that keeps them copies only this rank's rows and blocks (nothing writes to the view)."""
     import torch
 
     from pagoda.layers.quantization.gguf import GGUFWeight
-    return GGUFWeight(torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True)),
-                      tensor.tensor_type.name, int(tensor.shape[0]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        view = torch.from_numpy(np.asarray(rows, dtype=np.uint8))
+    return GGUFWeight(view, tensor.tensor_type.name, int(tensor.shape[0]))
 
 
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
