@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   kernels-graph moe-kernels executor-cost decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out).
+#   kernels-graph moe-kernels executor-cost decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out); the tests stage stops after
+#   TESTS_TIMEOUT seconds (default 360).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

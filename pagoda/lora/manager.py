@@ -151,8 +151,9 @@ class LoRAManager:
         self.slot_lru[lora_id] = slot
 
     def set_step(self, row_lora_ids: Sequence[int], row_tokens: Sequence[int]) -> None:
-        """Fill the per-token slot buffer for a step whose rows have these adapters (0:
-        none) and token counts; every token past the step's is -1."""
+        """Fill the step buffer (LoRAStepState) for a step whose rows have these adapters
+        (0: none) and token counts: each token's slot (-1 past the step's tokens), the
+        tokens grouped by slot and their tiles."""
         slot_of = self.activate({i for i in row_lora_ids if i})
         row_slots = np.fromiter((slot_of.get(i, -1) for i in row_lora_ids), np.int32,
                                 len(row_lora_ids))

@@ -2,7 +2,8 @@
 several ranks in several slots, base-model tokens between them, fused layers of 1-3 pieces).
 
 They run here under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
-imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_lora_gpu.py."""
+imported, hence a subprocess) and are compiled for sm_90 with no GPU; they run at real sizes
+on the GPU in tests/gpu/test_lora_gpu.py."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ def random_weights(sizes: list[int], in_features: int, max_loras: int, max_rank:
     return weights
 
 
-# (tokens, input features): a few tokens; then more than one tile per adapter and an input
-# wide enough that shrink splits it (pagoda.lora.triton_ops.split_k)
-SHAPES = [(7, 40), (40, 1024)]
-# float32 sums of a thousand products differ by their order: on the wide shape the torch
-# path itself is 4e-5 (relative) from a float64 evaluation
-TOLERANCE = {"(7, 40)": 1e-5, "(40, 1024)": 1e-4}
+# (tokens, input features) -> tolerance: a few tokens; then more than one tile per adapter and
+# an input wide enough that shrink splits it (pagoda.lora.triton_ops.split_k). float32 sums of
+# a thousand products differ by their order: on the wide shape the torch path itself is 4e-5
+# (relative) from a float64 evaluation.
+TOLERANCE = {(7, 40): 1e-5, (40, 1024): 1e-4}
+
+
+def shape_name(tokens: int, width: int) -> str:
+    return f"{tokens}x{width}"
 
 
 def compare_all(device: str, dtype: torch.dtype, tokens: int = 7, in_features: int = 40,
@@ -74,17 +78,12 @@ def test_kernels_match_torch_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
-    assert set(errors) == set(TOLERANCE) == {f"{shape}" for shape in SHAPES}
+    tolerance = {shape_name(*shape): value for shape, value in TOLERANCE.items()}
+    assert set(errors) == set(tolerance)
     for shape, by_layout in errors.items():
         assert set(by_layout) >= set(LAYOUTS)
         for name, error in by_layout.items():
-            assert error < TOLERANCE[shape], (shape, name, error)
-
-
-if __name__ == "__main__":
-    print(MARKER + json.dumps({f"{(tokens, width)}": compare_all("cpu", torch.float32, tokens,
-                                                                   width)
-                               for tokens, width in SHAPES}))
+            assert error < tolerance[shape], (shape, name, error)
 
 
 def _compile_for_hopper(kernel, signature: dict, constants: dict) -> None:
@@ -115,3 +114,9 @@ def test_kernels_compile_for_hopper(dtype, precision):
         "stride_bs": "i32", "stride_br": "i32", "OFF1": "i32", "OFF2": "i32"},
         {"NUM_PIECES": 3, "SPLIT_K": 8, "BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_N": 128,
          "DOT_PRECISION": precision})
+
+
+if __name__ == "__main__":
+    print(MARKER + json.dumps({shape_name(tokens, width): compare_all("cpu", torch.float32,
+                                                                     tokens, width)
+                               for tokens, width in TOLERANCE}))

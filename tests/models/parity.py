@@ -85,6 +85,7 @@ def check_random_checkpoint(config, path: Path, num_tokens: int = 32,
 # same tensors, byte for byte, and every other key (the tokenizer's scalar ids included), plus
 # `<arch>.vocab_size` where transformers would have counted the vocabulary's tokens instead.
 
+
 def hf_gguf_model(gguf_file: Path, work_dir: Path):
     """transformers' float32 model of `gguf_file` (read from a copy without the tokenizer's
     arrays, made in `work_dir`)."""
