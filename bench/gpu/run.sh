@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
-# Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...   stages: tests kernels
-#   kernels-graph moe-kernels executor-cost decode1 small throughput profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir). Results go to $OUT (or /tmp/out); the tests stage stops after
-#   TESTS_TIMEOUT seconds (default 360).
+# Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
+#   stages: tests kernels kernels-graph moe-kernels executor-cost lora decode1 small throughput
+#   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
+#   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
+# Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
+# after TESTS_TIMEOUT seconds (default 360).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,7 +26,12 @@ COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
 
 run_stage() {
   case "$1" in
-    tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
+    tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE ${TESTS:-tests/gpu} 2>&1 \
+             | tee -a "$OUT/gpu-tests.log" | tail -40 ;;
+    # LoRA against the base model in one pass (issue 19's benchmark; LORA_PROMPTS of 1000)
+    lora) timeout ${LORA_TIMEOUT:-420} python3 -m pagoda.bench.lora --model $B8 --load-format dummy \
+            --num-prompts ${LORA_PROMPTS:-1000} --input-len 1024 --output-len 512 --adapters 1 4 16 \
+            --max-loras 16 --rank 16 --output-json "$OUT/lora-8b.json" 2>&1 | grep -v INFO | tail -30 ;;
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
     moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
                python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
