@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
-#   stages: tests kernels kernels-graph moe-kernels executor-cost lora decode1 small throughput
+#   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
+#   quant-decode1 quant-throughput decode1 small throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
@@ -57,6 +58,24 @@ run_stage() {
                        --input-len 1024 --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 \
                        --distributed-executor-backend $backend --output-json "$OUT/throughput-$backend.json" 2>&1 | grep -v INFO
                    done ;;
+    # issue 18: the quantized kernels at the 8B's layer shapes, then decode-1 and throughput
+    # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
+    quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
+                     ${QUANT_SWEEP:+--sweep} 2>&1 | tail -70 ;;
+    quant-decode1) for q in bf16 fp8 awq; do
+                     case $q in bf16) m=$B8 flag= ;; fp8) m=$B8 flag="--quantization fp8" ;;
+                                awq) m=$B8-awq flag= ;; esac
+                     python3 -m pagoda.cli.main bench throughput --model $m $COMMON $flag \
+                       --num-prompts 1 --input-len 1024 --output-len 256 \
+                       --output-json "$OUT/decode1-$q.json" 2>&1 | grep -v INFO | tail -4
+                   done ;;
+    quant-throughput) for q in bf16 fp8; do
+                        flag=; [ $q = fp8 ] && flag="--quantization fp8"
+                        python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON $flag \
+                          --num-prompts 1000 --input-len 1024 --output-len 512 --max-num-seqs 256 \
+                          --max-num-batched-tokens 8192 --output-json "$OUT/throughput-$q.json" \
+                          2>&1 | grep -v INFO | tail -4
+                      done ;;
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     profile-kernels) python3 bench/gpu/profile_kernels.py $B8 1 2>&1 | grep -v INFO | tail -28; \
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;

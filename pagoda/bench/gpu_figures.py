@@ -85,11 +85,19 @@ def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
     return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": stamps[-1][1]}
 
 
+def model_shape(hf_config: Any, dtype: torch.dtype, held_bytes: int | None) -> ModelShape:
+    """The roofline's shape of the model; `held_bytes`: the weights of a quantized model as
+    the engine holds them (None: the model dtype's bytes)."""
+    shape = ModelShape.from_config(hf_config, dtype)
+    return shape if held_bytes is None else shape.holding(held_bytes, hf_config)
+
+
 def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
-           requests: list[BenchRequest], max_batch: int) -> dict[str, Any]:
+           requests: list[BenchRequest], max_batch: int,
+           held_bytes: int | None = None) -> dict[str, Any]:
     """Measured ceilings and this workload's floor (and the single-stream decode floor)."""
     ceil = measure_ceilings(device, dtype)
-    shape = ModelShape.from_config(hf_config, dtype)
+    shape = model_shape(hf_config, dtype, held_bytes)
     floor = workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                            [r.output_len for r in requests], max_batch)
     first = requests[0]
@@ -102,7 +110,8 @@ def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
 
 
 def subset_floor(hf_config: Any, dtype: torch.dtype, ceil: Ceilings,
-                 requests: list[BenchRequest], max_batch: int) -> float:
-    shape = ModelShape.from_config(hf_config, dtype)
+                 requests: list[BenchRequest], max_batch: int,
+                 held_bytes: int | None = None) -> float:
+    shape = model_shape(hf_config, dtype, held_bytes)
     return workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                           [r.output_len for r in requests], max_batch)["total_s"]

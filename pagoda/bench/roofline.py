@@ -12,7 +12,7 @@ soon at throughput batch sizes). Its FLOPs are those of the active parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,6 +53,14 @@ class ModelShape:
         return cls(tuple(spec.layer_attention(config)),
                    config.num_attention_heads * head_dim(config), params, params * size, size,
                    spec.experts(config) if spec.experts else None)
+
+    def holding(self, held_bytes: int, config: Any) -> ModelShape:
+        """The shape of a dense model whose weights the engine holds in `held_bytes` (a
+        quantized one): a step streams those bytes, less an untied input embedding's
+        (gathered, in the model dtype)."""
+        table = 0 if getattr(config, "tie_word_embeddings", False) else \
+            config.vocab_size * config.hidden_size * self.itemsize
+        return replace(self, weight_bytes_read=held_bytes - table)
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens streams: a dense model all of them,

@@ -308,11 +308,13 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     result["environment"]["device_name"] = device_name(device)
     result["gpu"] = _gpu_extras(llm, cfg, requests) if device.type == "cuda" else {}
     max_batch = _max_concurrency(llm, requests)
+    held = llm.engine.model_info.weight_bytes if cfg.engine_kwargs.get("quantization") \
+        not in (None, "none") else None
     del llm
     release_memory(device)
     if cfg.compare == "hf":
         systems |= _run_references(cfg, source, dtype, device, requests)
-    result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch)
+    result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch, held)
     result |= {"config": config_dict(cfg), "workload": workload_stats(requests),
                "systems": {name: asdict(fig) for name, fig in systems.items()},
                "ratios": ratios(systems), "finished_at": _now()}
@@ -356,17 +358,19 @@ def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
 
 def _bounds(systems: dict[str, SystemFigures], hf_config: Any,
             dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
-            max_batch: int) -> dict[str, Any]:
-    """Roofline floors on CUDA; each system's fraction = floor / its elapsed time."""
+            max_batch: int, held_bytes: int | None) -> dict[str, Any]:
+    """Roofline floors on CUDA (of the weights as held: `held_bytes` for a quantized
+    engine); each system's fraction = floor / its elapsed time."""
     if device.type != "cuda":
         return {}
     from pagoda.bench.gpu_figures import bounds, subset_floor
     from pagoda.bench.roofline import Ceilings
 
-    found = bounds(hf_config, dtype, device, requests, max_batch)
+    found = bounds(hf_config, dtype, device, requests, max_batch, held_bytes)
     ceil = Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9, found["matmul_tflops"] * 1e12)
     for fig in systems.values():
-        floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch)
+        floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch,
+                             held_bytes)
         fig.fraction_of_bound["workload"] = floor / max(fig.elapsed_s, 1e-12)
     return found
 

@@ -16,7 +16,7 @@ _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seq
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend",
                  "tokenizer", "async_scheduling", "tensor_parallel_size",
-                 "pipeline_parallel_size", "distributed_executor_backend")
+                 "pipeline_parallel_size", "distributed_executor_backend", "quantization")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -118,6 +118,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default=None,
                         choices=["auto", "safetensors", "gguf", "dummy"])
     parser.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--quantization", "-q", default=None,
+                        help="weight format, as pagoda serve's flag (the roofline then counts "
+                             "the bytes the engine holds)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)

@@ -79,6 +79,12 @@ class LinearMethod(ABC):
         """What computes the layer's product, for the startup log."""
         return "dense matmul"
 
+    def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
+        """Give the layer random weights of about `std` in the method's own form, as if a
+        checkpoint had loaded (before process_weights_after_loading); False: the method has
+        no such form and its parameters are filled like any other."""
+        return False
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """Weights in the model's dtype, one [out, in] matrix."""

@@ -112,11 +112,12 @@ def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
 
 def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
                device: str) -> int:
-    """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF 4-bit
-    linear weights packed for the int4 CPU kernel (4 bits and a bfloat16 scale and zero per
-    32), AWQ/GPTQ likewise (scales and zeros doubling the scales' 16 bits), FP8 weights one
+    """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear
+    weights as their kernel holds them (gguf.held_bits: on CPU 4-bit types with a bfloat16
+    scale and zero per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and
+    mins), AWQ/GPTQ likewise (scales and zeros doubling the scales' 16 bits), FP8 weights one
     byte (+ float32 scales at load), everything else at `itemsize`."""
-    from pagoda.layers.quantization.gguf import keeps_blocks
+    from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
@@ -129,11 +130,14 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     shapes = dict(found[0])
     if quantization == "gguf":
         types = dict(gguf_types(source.gguf_file, source.gguf_tensors))
-        packed = sum(math.prod(shapes[name]) for name, kind in types.items()
-                     if _LINEAR_WEIGHT.fullmatch(name) and ".experts." not in name
-                     and keeps_blocks(kind, torch.device(device)))
+        on = torch.device(device)
+        kept = {name: kind for name, kind in types.items() if _LINEAR_WEIGHT.fullmatch(name)
+                and ".experts." not in name and keeps_blocks(kind, on)}
+        packed = sum(math.prod(shapes[name]) for name in kept)
+        packed_bits = sum(math.prod(shapes[name]) * held_bits(kind, on)
+                          for name, kind in kept.items())
         table, table_bytes = _gguf_table(source, shapes, types)
-        return (params - packed - table) * itemsize + packed * 5 // 8 + table_bytes
+        return (params - packed - table) * itemsize + packed_bits // 8 + table_bytes
     if quantizes_at_load(quantization, source):
         linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
                   and ".experts." not in n}

@@ -30,6 +30,16 @@ def test_model_shape_matches_the_reference(llama8b):
     assert llama8b.weight_bytes_read == pytest.approx(15.01e9, rel=1e-3)
 
 
+def test_a_quantized_model_streams_the_bytes_it_holds_less_the_input_table(llama8b):
+    config = AutoConfig.from_pretrained("bench/configs/llama-3.1-8b")
+    table = config.vocab_size * config.hidden_size * 2  # untied, bfloat16, gathered
+    held = 5_700_000_000  # e.g. 4-bit projections, a bfloat16 LM head and input table
+    quantized = llama8b.holding(held, config)
+    assert quantized.weight_bytes_read == held - table
+    assert quantized.matmul_params == llama8b.matmul_params  # the same FLOPs
+    assert decode_step_floor(quantized, H200, [1024]) < decode_step_floor(llama8b, H200, [1024])
+
+
 def test_decode_floor_is_bandwidth_bound(llama8b):
     one = decode_step_floor(llama8b, H200, [1024])
     assert one == pytest.approx((15.01e9 + 1024 * 131_072) / 4.3e12, rel=1e-3)  # ~3.5 ms

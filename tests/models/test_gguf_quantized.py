@@ -67,6 +67,22 @@ def write_untied_gguf(path):
                            types={"token_embd.weight": "Q8_0"})
 
 
+# a block type per projection: q, k and v of one fused layer in three types
+TYPED = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q5_0", "attn_output": "Q5_1",
+         "ffn_gate": "Q8_0", "ffn_up": "Q4_0", "ffn_down": "Q8_0"}
+
+
+def write_typed_gguf(path):
+    """The random Qwen3 of write_untied_gguf with each projection in TYPED's block type (the
+    types gguf-py can quantize to), embeddings and norms float32."""
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in
+             AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()}
+    types = {f"blk.{i}.{name}.weight": kind for i in range(UNTIED.num_hidden_layers)
+             for name, kind in TYPED.items()}
+    return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state, types=types)
+
+
 def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
     """An untied Qwen3 GGUF whose token_embd is Q8_0: with `--quantization gguf` the table
     stays in blocks (each lookup decodes its rows; two tensor-parallel ranks each keep their

@@ -1,6 +1,9 @@
-"""FP8 (E4M3) weights, weight-only: each layer keeps its float8 weights and their scales and
-decodes them to the activation dtype at each call (the CPU path; GPU tensor-core kernels are
-still to come). Three sources:
+"""FP8 (E4M3) weights: each layer keeps its float8 weights and their scales. On CUDA the
+Triton group kernel (group_gemm) reads them for calls of few tokens (weight-only: decode is
+bound by the bytes of weights read), and calls of more tokens with a scale per output row run
+on FP8 tensor cores (`torch._scaled_mm`, Hopper and Ada) with the activations quantized per
+token at each call (W8A8); block-scaled layers use the Triton kernel at every size.
+Elsewhere the weights are decoded to the activation dtype at each call. Three sources:
 
 - `fp8` checkpoints (quantization_config quant_method "fp8"): `weight` with a per-tensor
   `weight_scale`, or with `weight_block_size` [128, 128] a `weight_scale_inv` per block;
@@ -11,6 +14,7 @@ A weight is float8 value * its scale; activation scales (`input_scale`) are read
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from pagoda.layers.linear import (
     WeightLoader,
 )
 from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.group_gemm import FP8, SMALL_M, GroupQuantWeight, supports
 from pagoda.layers.quantization.pieces import (
     Layout,
     add_collected_parameters,
@@ -34,7 +39,6 @@ from pagoda.layers.quantization.pieces import (
     piece_sizes,
 )
 
-FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
@@ -92,6 +96,10 @@ class Fp8WeightOnlyMethod(LinearMethod):
             del layer.weight
         else:
             weight, scale = self._from_checkpoint(layer)
+        group = weight.shape[1] // scale.shape[1]
+        if weight.is_cuda and supports(weight.shape[1], group, 8):
+            layer.fp8 = GroupQuantWeight(weight, scale, None, group, 8)
+            return
         layer.fp8_weight = nn.Parameter(weight, requires_grad=False)
         layer.fp8_scale = nn.Parameter(scale, requires_grad=False)
 
@@ -112,13 +120,46 @@ class Fp8WeightOnlyMethod(LinearMethod):
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
+        quantized = getattr(layer, "fp8", None)
+        if quantized is not None:
+            y = scaled_mm(x, quantized) if runs_on_tensor_cores(x, quantized) else quantized(x)
+            return y if bias is None else y + bias
         weight, scale = layer.fp8_weight, layer.fp8_scale
         groups = weight.to(x.dtype).view(weight.shape[0], scale.shape[1], -1)
         decoded = (groups * scale.to(x.dtype).unsqueeze(-1)).view(weight.shape)
         return F.linear(x, decoded, bias)
 
     def kernel(self, layer: LinearBase) -> str:
-        return "fp8 weights decoded per call (weight-only)"
+        quantized = getattr(layer, "fp8", None)
+        if quantized is None:
+            return "fp8 weights decoded per call (weight-only)"
+        if quantized.group_size == quantized.in_features and _has_fp8_tensor_cores():
+            return f"triton group gemm up to {SMALL_M} tokens, torch._scaled_mm above"
+        return "triton group gemm (fp8 weights)"
+
+
+@functools.cache
+def _has_fp8_tensor_cores() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
+    """Whether a call goes to torch._scaled_mm: more than SMALL_M bfloat16 tokens, one
+    scale per output row, a GPU with FP8 tensor cores, dims its kernels take."""
+    return (x.dtype == torch.bfloat16 and x.numel() > SMALL_M * weight.in_features
+            and weight.group_size == weight.in_features and _has_fp8_tensor_cores()
+            and weight.in_features % 16 == 0 and weight.out_features % 16 == 0)
+
+
+def scaled_mm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
+    """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX), the
+    product rescaled by the token's and the output row's scales."""
+    flat = x.reshape(-1, weight.in_features)
+    x_scale = (flat.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    x_fp8 = (flat / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
+                         out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], weight.out_features)
 
 
 def skipped_module(prefix: str, names: list[str]) -> bool:

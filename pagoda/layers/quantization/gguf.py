@@ -1,7 +1,9 @@
 """GGUF weights kept in their blocks. The loader hands a linear layer each checkpoint tensor
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
-may differ in type) become kernels: 4-bit types packed for torch's int4 CPU matmul, other
-block types decoded per call (only the blocks stay resident), float tensors dense.
+may differ in type) become kernels: on CUDA every block type as codes with a scale and a min
+per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
+others); on CPU the 4-bit types packed for torch's int4 matmul (the others are decoded at
+load); elsewhere blocks decoded per call; float tensors dense.
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -20,9 +22,11 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     INT4_FORMATS,
+    byte_groups,
     dequantize_rows,
     int4_groups,
 )
@@ -68,6 +72,8 @@ class DenseRows(nn.Module):
 def _kernel_name(kernel: nn.Module) -> str:
     if isinstance(kernel, Int4PackedWeight):
         return "int4pack_mm_for_cpu"
+    if isinstance(kernel, GroupQuantWeight):
+        return f"triton group gemm ({kernel.bits}-bit codes, groups of {kernel.group_size})"
     if isinstance(kernel, BlockRows):
         return f"{kernel.type_name} decoded per call"
     return "dense matmul"
@@ -153,12 +159,21 @@ def _piece_rows(layer: LinearBase, shard: int | None) -> int:
     return layer.local_out if shard is None or sizes is None else sizes[shard]
 
 
+def group_layout(type_name: str) -> tuple[int, int]:
+    """(bits per code, inputs per group) of GGUF type `type_name` held for the GPU kernel."""
+    return (4 if type_name in INT4_FORMATS else 8), (16 if type_name == "Q6_K" else 32)
+
+
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes: "int4" (packable), its block type, or "dense"."""
+    """What a piece becomes: "int4" (packable), "group<bits>x<group>" (the GPU kernel), its
+    block type, or "dense"."""
     if isinstance(piece, torch.Tensor):
         return "dense"
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
+    bits, group = group_layout(piece.type_name)
+    if device.type == "cuda" and supports(piece.columns, group, bits):
+        return f"group{bits}x{group}"
     return piece.type_name
 
 
@@ -182,6 +197,11 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
         groups = [int4_groups(p.rows, p.type_name) for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
         return Int4PackedWeight(codes, scale, low, 32)
+    if kind.startswith("group"):
+        bits, group = group_layout(pieces[0].type_name)
+        groups = [byte_groups(p.rows.to(device), p.type_name)[:3] for p in pieces]
+        codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
+        return GroupQuantWeight(codes, scale, low, group, bits)
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
@@ -229,6 +249,17 @@ class GGUFConfig(QuantizationConfig):
         embedding.weight = placeholder
 
 
+def held_bits(type_name: str, device: torch.device) -> int:
+    """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
+    code and its share of a 16-bit scale and min per group."""
+    if device.type == "cuda":
+        bits, group = group_layout(type_name)
+        return bits + 32 // group
+    if type_name in INT4_FORMATS:
+        return 4 + 32 // 32
+    return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights
+
+
 def keeps_table_blocks(type_name: str) -> bool:
     """Whether an embedding keeps a table of GGUF type `type_name` in blocks: every block
     type pagoda decodes (a lookup decodes a few rows, whatever the device)."""
@@ -239,7 +270,7 @@ def keeps_blocks(type_name: str, device: torch.device) -> bool:
     """Whether a linear layer on `device` keeps a tensor of GGUF type `type_name` in its
     blocks: on CPU the 4-bit types, which torch's int4 matmul runs faster than floats
     (decoding the others at every call costs 5-15x the matmul: they are decoded at load);
-    elsewhere every type pagoda decodes, decoded per call until GPU kernels exist."""
+    elsewhere every type pagoda decodes (on CUDA the Triton kernel runs them)."""
     if device.type == "cpu":
         return type_name in INT4_FORMATS
     return type_name in FORMATS

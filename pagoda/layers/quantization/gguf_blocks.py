@@ -1,7 +1,8 @@
 """GGUF's block-quantized weight formats in torch: how many bytes a block of how many
 weights takes, and how a row of blocks decodes back to floats (the formats as llama.cpp's
 ggml-common.h lays them out). 4-bit formats also decode to (codes, scale, min) per group of
-32 weights, the form torch's int4 weight-packed matmul takes."""
+32 weights, the form torch's int4 weight-packed matmul takes; every format decodes to byte
+codes with a scale and a min per group, the form of the GPU kernel (group_gemm)."""
 
 from __future__ import annotations
 
@@ -93,19 +94,26 @@ def _q5(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     return _nibbles(blocks[..., offset + 4:offset + 20]) | (high << 4)
 
 
-def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
-    sc, m = _k_scales_mins(blocks[..., 4:16])
+def _q5_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K's codes (0..31) as [rows, blocks, 8 sub-blocks, 32]."""
     high = _bits(blocks[..., 16:48], 256).reshape(*blocks.shape[:2], 32, 8)  # [l, bit]
     low = _nibbles(blocks[..., 48:176].reshape(*blocks.shape[:2], 4, 32))  # [chunk, 64]
     # sub-block s = 2 * chunk + half takes bit s of qh[l] as its fifth bit
     fifth = high.permute(0, 1, 3, 2).reshape(*blocks.shape[:2], 4, 64)
-    codes = (low | (fifth << 4)).float().reshape(*blocks.shape[:2], 8, 32)
+    return (low | (fifth << 4)).reshape(*blocks.shape[:2], 8, 32)
+
+
+def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+    sc, m = _k_scales_mins(blocks[..., 4:16])
+    codes = _q5_k_codes(blocks).float()
     weights = d[..., None, None] * sc[..., None] * codes - dmin[..., None, None] * m[..., None]
     return weights.reshape(blocks.shape[0], -1)
 
 
-def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K's codes (0..63, the weight's multiple of its scale plus 32) as [rows, blocks,
+    16 groups, 16] uint8, and each group's scale [rows, blocks, 16] float32."""
     rows, count = blocks.shape[:2]
     ql = blocks[..., 0:128].reshape(rows, count, 2, 2, 32)  # [half, low/high 32 bytes, l]
     qh = blocks[..., 128:192].reshape(rows, count, 2, 1, 32)
@@ -114,12 +122,48 @@ def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     low = torch.stack([ql & 0x0F, ql >> 4], dim=3)  # [half, nibble, which 32, l]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
     high = ((qh >> shifts.view(1, 1, 1, 4, 1)) & 3).reshape(rows, count, 2, 2, 2, 32)
-    # element 32 * (2 * nibble + which) + l of each half; qh shift 2 * (2 * nibble + which)
-    codes = (low | (high << 4)).to(torch.int32) - 32
-    codes = codes.reshape(rows, count, 2, 4, 2, 16).float()  # [half, quarter, l / 16, 16]
-    factor = (d[..., None] * scales).reshape(rows, count, 2, 4, 2, 1)
+    # element 32 * (2 * nibble + which) + l of each half; qh shift 2 * (2 * nibble + which);
     # scale index within a half: 2 * quarter + l / 16
-    return (codes * factor).reshape(rows, -1)
+    codes = (low | (high << 4)).reshape(rows, count, 16, 16)
+    return codes, d[..., None] * scales
+
+
+def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    codes, factor = _q6_k_codes(blocks)
+    return ((codes.to(torch.int32) - 32).float() * factor[..., None]).reshape(blocks.shape[0], -1)
+
+
+def byte_groups(rows: torch.Tensor, name: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Any type's rows as codes [rows, columns] (uint8), a scale and a min per group
+    ([rows, groups] float32) and the group's size: weight = code * scale + min. The 4-bit
+    types' codes fit 4 bits (int4_groups); the others' 5, 6 or 8."""
+    fmt = FORMATS[name]
+    blocks = _blocks(rows, fmt)
+    count = rows.shape[0]
+    if name in INT4_FORMATS:
+        return (*int4_groups(rows, name), 32)
+    if name == "Q6_K":
+        codes, scale = _q6_k_codes(blocks)
+        return codes.reshape(count, -1), scale.reshape(count, -1), \
+            (-32.0 * scale).reshape(count, -1), 16
+    if name == "Q5_K":
+        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+        sc, m = _k_scales_mins(blocks[..., 4:16])
+        scale, low = d[..., None] * sc, -dmin[..., None] * m
+        codes = _q5_k_codes(blocks)
+    elif name == "Q8_0":
+        scale = _half(blocks[..., 0:2])
+        codes = (blocks[..., 2:34].contiguous().view(torch.int8).to(torch.int16) + 128
+                 ).to(torch.uint8)
+        low = -128.0 * scale
+    elif name in ("Q5_0", "Q5_1"):
+        scale = _half(blocks[..., 0:2])
+        codes = _q5(blocks, 2 if name == "Q5_0" else 4)
+        low = -16.0 * scale if name == "Q5_0" else _half(blocks[..., 2:4])
+    else:
+        raise ValueError(f"GGUF type {name} has no code decoder")
+    return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1), 32
 
 
 def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:

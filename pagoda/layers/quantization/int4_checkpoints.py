@@ -1,6 +1,7 @@
 """4-bit weight-only checkpoints (W4A16): AWQ (GEMM packing, zero points), GPTQ
-(symmetric or not, `desc_act` with `g_idx`) and compressed-tensors `pack-quantized`. Each layer's pieces are unpacked to codes, a
-scale and a min per group of inputs and packed for torch's int4 CPU matmul; GPTQ's
+(symmetric or not, `desc_act` with `g_idx`) and compressed-tensors `pack-quantized`. Each
+layer's pieces are unpacked to codes, a scale and a min per group of inputs, then held for
+the Triton kernel on CUDA (group_gemm) or packed for torch's int4 matmul on CPU; GPTQ's
 act-order inputs are sorted by group first and the activations permuted to match.
 
 AWQ (AutoAWQ's GEMM layout): qweight int32 [in, out / 8], eight outputs per int32 in the
@@ -25,6 +26,7 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
 from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.quantization.fp8 import skipped_module
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
 from pagoda.layers.quantization.pieces import (
     Layout,
@@ -95,7 +97,7 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str 
 
 
 class Int4CheckpointMethod(LinearMethod):
-    """A linear layer of an AWQ or GPTQ checkpoint, run by the int4 CPU kernel."""
+    """A linear layer of an AWQ, GPTQ or compressed-tensors int4 checkpoint."""
 
     def __init__(self, config: Int4CheckpointConfig) -> None:
         self.config = config
@@ -107,18 +109,35 @@ class Int4CheckpointMethod(LinearMethod):
                 f"{self.config.name} weights do not split over {layer.group.size} "
                 f"tensor-parallel ranks here: each rank's {inputs[1]} of the {layer.in_features} "
                 f"inputs are not whole groups of {self.config.group_size}")
-        if not int4_packable(torch.empty(0).device, layer.local_in, self.config.group_size):
+        device = torch.empty(0).device
+        if device.type == "cuda" and not supports(layer.local_in, self.config.group_size, 4):
             raise UnsupportedModelError(
-                f"{self.config.name} weights run on CPU only for now, with group size one of "
+                f"{self.config.name} weights on CUDA need groups of a multiple of 32 inputs "
+                f"and a multiple of 64 inputs ({layer.local_in}, group "
+                f"{self.config.group_size})")
+        if device.type != "cuda" and not int4_packable(device, layer.local_in,
+                                                       self.config.group_size):
+            raise UnsupportedModelError(
+                f"{self.config.name} weights run on CUDA, or on CPU with group size one of "
                 f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
                 f"{self.config.group_size})")
         add_collected_parameters(layer, self.config.tensor_layouts(), self.config.name,
                                  optional=self.config.optional_names)
 
+    def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
+        rows, groups = sum(piece_sizes(layer)), layer.local_in // self.config.group_size
+        device = generator.device
+        codes = torch.randint(0, 16, (rows, layer.local_in), generator=generator,
+                              device=device, dtype=torch.uint8)
+        scale = torch.full((rows, groups), std / 4.6, device=device)  # codes' std is 4.6
+        layer.dummy_groups = (codes, scale, -8.0 * scale)
+        return True
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         pieces = collected_pieces(layer)
         order = self.config.input_order(pieces, layer)
-        groups = [self.config.unpack(piece) for piece in pieces]
+        dummy = layer.__dict__.pop("dummy_groups", None)
+        groups = [dummy] if dummy is not None else [self.config.unpack(p) for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
         if codes.shape != (sum(piece_sizes(layer)), layer.local_in):
             raise ValueError(f"{self.config.name} tensors unpack to {tuple(codes.shape)}, "
@@ -126,7 +145,10 @@ class Int4CheckpointMethod(LinearMethod):
         if order is not None:
             codes = codes[:, order]
             layer.register_buffer("input_order", order, persistent=False)
-        layer.int4 = Int4PackedWeight(codes, scale, low, self.config.group_size)
+        if codes.is_cuda:
+            layer.int4 = GroupQuantWeight(codes, scale, low, self.config.group_size, 4)
+        else:
+            layer.int4 = Int4PackedWeight(codes, scale, low, self.config.group_size)
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +157,9 @@ class Int4CheckpointMethod(LinearMethod):
         return y if bias is None else y + bias
 
     def kernel(self, layer: LinearBase) -> str:
-        return "int4pack_mm_for_cpu" + (" (act order)" if hasattr(layer, "input_order") else "")
+        name = "triton group gemm" if isinstance(layer.int4, GroupQuantWeight) else \
+            "int4pack_mm_for_cpu"
+        return name + (" (act order)" if hasattr(layer, "input_order") else "")
 
 
 class Int4CheckpointConfig(QuantizationConfig):

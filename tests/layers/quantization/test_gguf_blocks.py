@@ -11,6 +11,7 @@ import torch
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     INT4_FORMATS,
+    byte_groups,
     dequantize_rows,
     int4_groups,
 )
@@ -54,6 +55,19 @@ def test_int4_groups_rebuild_the_weights(name):
     # float32 products may round where gguf-py fuses differently: within one ulp or so
     torch.testing.assert_close(weights.reshape(3, -1), torch.from_numpy(gguf_py(rows, name)),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_byte_groups_rebuild_the_weights(name):
+    rows = random_rows(name, 3, 512, seed=2)
+    codes, scale, low, group = byte_groups(torch.from_numpy(rows), name)
+    assert codes.dtype == torch.uint8 and codes.shape == (3, 512)
+    assert scale.shape == low.shape == (3, 512 // group)
+    weights = codes.reshape(3, -1, group).float() * scale[..., None] + low[..., None]
+    expected = torch.from_numpy(gguf_py(rows, name))
+    # code * scale + min rounds differently from gguf-py's (code - offset) * scale
+    torch.testing.assert_close(weights.reshape(3, -1), expected, rtol=1e-5,
+                               atol=1e-6 * float(expected.abs().max()))
 
 
 def _first_tensors_by_type(tensors) -> dict[str, object]:

@@ -1,0 +1,141 @@
+"""Microbenchmark of the quantized linear kernels on CUDA against bfloat16 (cuBLAS), measured
+in one run, at one decoder layer of Llama-3.1-8B (qkv 4096->6144, o 4096->4096, gate_up
+4096->28672, down 14336->4096).
+
+For each weight layout and token count: the four projections' time (CUDA-graph medians,
+triton.testing.do_bench_cudagraph), the bytes of weights they read over that time as a
+fraction of the device-copy bandwidth measured in the same run, and the speed-up over
+bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
+128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
+Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). `--sweep` also times a grid
+of launch configurations at one token (4-bit groups of 128 and FP8 per row, qkv and down)
+and prints the best per projection.
+
+    PYTHONPATH=. python bench/kernels/quant_bench.py [--sweep] [--output-json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from datetime import datetime, timezone
+
+import torch
+from torch.nn import functional as F
+from triton.testing import do_bench_cudagraph
+
+from pagoda.bench.roofline import measure_ceilings
+from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
+from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
+from pagoda.layers.quantization.triton_group_gemm import group_gemm
+
+PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+               "down": (4096, 14336)}
+# name -> (group (None: the whole row), bits, with a min, float8 values)
+LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, True),
+           "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
+           "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False)}
+TOKENS = [1, 4, 16, 64, 256, 2048]
+
+
+def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
+              float8: bool) -> GroupQuantWeight:
+    group = group or inputs
+    if float8:
+        codes = torch.randn(outputs, inputs, device="cuda").to(FP8)
+    else:
+        codes = torch.randint(0, 2 ** bits, (outputs, inputs), device="cuda", dtype=torch.uint8)
+    scale = torch.full((outputs, inputs // group), 1e-3, device="cuda")
+    return GroupQuantWeight(codes, scale, -scale if with_min else None, group, bits)
+
+
+def held_bytes(weight: GroupQuantWeight) -> int:
+    held = [weight.codes, weight.scale] + ([weight.low] if weight.low is not None else [])
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def layer_call(layout: str | None):
+    """(one decoder layer's four products as a function of x, bytes of weights they read)."""
+    if layout is None:
+        weights = {n: torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.02
+                   for n, (o, i) in PROJECTIONS.items()}
+        return (lambda xs: [F.linear(xs[n], w) for n, w in weights.items()],
+                sum(w.numel() * 2 for w in weights.values()))
+    weights = {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
+
+    def call(xs):
+        return [scaled_mm(xs[n], w) if runs_on_tensor_cores(xs[n], w) else group_gemm(xs[n], w)
+                for n, w in weights.items()]
+    return call, sum(held_bytes(w) for w in weights.values())
+
+
+def inputs(tokens: int) -> dict[str, torch.Tensor]:
+    return {n: torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16)
+            for n, (_, i) in PROJECTIONS.items()}
+
+
+def sweep(bandwidth: float) -> list[dict]:
+    """Launch configurations at one token, per projection and layout; the best ones."""
+    rows = []
+    for layout in ("int4-g128", "fp8-row"):
+        for name in ("qkv", "down"):
+            outputs, ins = PROJECTIONS[name]
+            weight = quantized(outputs, ins, *LAYOUTS[layout])
+            x = torch.randn(1, ins, device="cuda", dtype=torch.bfloat16)
+            best = None
+            for block_n, splits, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16),
+                                                             (3, 5)):
+                if ins % (splits * 64) or ins // splits < 256:
+                    continue
+                config = {"BLOCK_M": 16, "BLOCK_N": block_n, "splits": splits,
+                          "num_warps": 4, "num_stages": stages}
+                ms = do_bench_cudagraph(lambda: group_gemm(x, weight, config), rep=10)
+                if best is None or ms < best[0]:
+                    best = (ms, config)
+            default_ms = do_bench_cudagraph(lambda: group_gemm(x, weight), rep=20)
+            row = {"layout": layout, "projection": name, "default_us": 1e3 * default_ms,
+                   "best_us": 1e3 * best[0], "best": best[1],
+                   "best_fraction_of_bandwidth": held_bytes(weight) / (best[0] / 1e3) / bandwidth}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args(argv)
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
+              "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
+    print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s")
+    print(f"{'layout':>13} {'tokens':>6} {'us':>8} {'GB/s':>7} {'%bw':>6} {'x bf16':>7}")
+    for tokens in args.tokens:
+        xs = inputs(tokens)
+        base_ms = None
+        for layout in [None, *LAYOUTS]:
+            call, nbytes = layer_call(layout)
+            ms = do_bench_cudagraph(lambda: call(xs), rep=50)
+            base_ms = base_ms or ms
+            row = {"layout": layout or "bf16", "tokens": tokens, "us": 1e3 * ms,
+                   "weight_bytes": nbytes, "gb_s": nbytes / ms / 1e6,
+                   "fraction_of_bandwidth": nbytes / (ms / 1e3) / ceil.bandwidth,
+                   "speedup_over_bf16": base_ms / ms}
+            result["rows"].append(row)
+            print(f"{row['layout']:>13} {tokens:>6} {row['us']:>8.1f} {row['gb_s']:>7.0f} "
+                  f"{100 * row['fraction_of_bandwidth']:>5.1f}% {row['speedup_over_bf16']:>6.2f}x",
+                  flush=True)
+            del call
+    if args.sweep:
+        result["sweep"] = sweep(ceil.bandwidth)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

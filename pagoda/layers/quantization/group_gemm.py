@@ -1,0 +1,105 @@
+"""Quantized weights on the GPU: every format pagoda keeps quantized there is, per output row,
+codes times a scale plus a min (or no min) per group of consecutive inputs:
+
+- 4-bit codes 0..15 (AWQ, GPTQ, compressed-tensors int4, GGUF Q4_0/Q4_1/Q4_K), packed two
+  to a byte;
+- 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
+  byte each);
+- float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
+
+`GroupQuantWeight` holds one layer's weights in that form and multiplies with the Triton
+kernel of `pagoda.layers.quantization.triton_group_gemm` on CUDA (the codes are decoded in
+registers tile by tile: the weights are read once, in their quantized bytes); elsewhere it
+decodes them and runs a dense matmul (the reference the kernel is tested against).
+
+Layout (chosen for the kernel's loads, contiguous along the outputs): codes [in, out]
+(float8 values stay [out, in], the layout torch._scaled_mm takes), or for 4 bits
+[in / 2, out] where, within each chunk of 64 inputs, byte j holds input j in its
+low nibble and input j + 32 in its high one; scales and mins [groups, out] float16 (float32
+scales for float8 values, whose per-row scales may be smaller than float16 holds)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FP8 = torch.float8_e4m3fn
+CHUNK = 64  # inputs per packed 4-bit chunk (two halves of HALF)
+HALF = CHUNK // 2
+SCALE_DTYPE = torch.float16
+SMALL_M = 64  # calls of at most this many tokens count as decode-sized (the kernel splits
+# their inputs; FP8 layers keep them off the tensor-core path)
+
+
+def pack_int4_halves(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes 0..15 (in a multiple of CHUNK) -> [in / 2, out] uint8 bytes, input j of
+    each chunk in the low nibble and input j + HALF in the high one."""
+    out_features, in_features = codes.shape
+    halves = codes.to(torch.uint8).reshape(out_features, in_features // CHUNK, 2, HALF)
+    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
+    return packed.reshape(out_features, in_features // 2).t().contiguous()
+
+
+def unpack_int4_halves(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4_halves' inverse: [in / 2, out] bytes -> [out, in] codes."""
+    half_rows, out_features = packed.shape
+    chunks = packed.t().reshape(out_features, half_rows // HALF, 1, HALF)
+    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(out_features, 2 * half_rows)
+
+
+def supports(in_features: int, group_size: int, bits: int) -> bool:
+    """Whether GroupQuantWeight holds this shape: 4-bit groups a multiple of HALF and inputs
+    a multiple of CHUNK; 8-bit groups of 16 or a multiple of 32 dividing the inputs."""
+    if in_features % group_size:
+        return False
+    if bits == 4:
+        return group_size % HALF == 0 and in_features % CHUNK == 0
+    return group_size == 16 or group_size % 32 == 0
+
+
+class GroupQuantWeight(nn.Module):
+    """One linear layer's weights as codes with a scale (and a min) per group of inputs;
+    `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group]."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
+                 group_size: int, bits: int) -> None:
+        """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
+        `low` [out, in / group_size] (low None: no min)."""
+        super().__init__()
+        out_features, in_features = codes.shape
+        if not supports(in_features, group_size, bits):
+            raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs "
+                             "are not a supported layout")
+        self.out_features, self.in_features = out_features, in_features
+        self.group_size, self.bits = group_size, bits
+        if bits == 4:
+            stored = pack_int4_halves(codes)
+        elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes
+            stored = codes.contiguous()
+        else:
+            stored = codes.to(torch.uint8).t().contiguous()
+        self.codes = nn.Parameter(stored, requires_grad=False)
+        scale_dtype = torch.float32 if codes.dtype == FP8 else SCALE_DTYPE
+        self.scale = nn.Parameter(scale.t().to(scale_dtype).contiguous(), requires_grad=False)
+        self.low = None if low is None else nn.Parameter(
+            low.t().to(SCALE_DTYPE).contiguous(), requires_grad=False)
+
+    def codes_by_input(self) -> torch.Tensor:
+        """The codes as a [in (4 bits: in / 2), out] view."""
+        return self.codes.t() if self.codes.dtype == FP8 else self.codes
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights as a dense [out, in] tensor of `dtype`."""
+        codes = unpack_int4_halves(self.codes) if self.bits == 4 else self.codes_by_input().t()
+        groups = codes.float().reshape(self.out_features, -1, self.group_size)
+        weight = groups * self.scale.t().float().unsqueeze(-1)
+        if self.low is not None:
+            weight = weight + self.low.t().float().unsqueeze(-1)
+        return weight.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from pagoda.layers.quantization.triton_group_gemm import group_gemm
+            return group_gemm(x, self)
+        return F.linear(x, self.dequantize(x.dtype))

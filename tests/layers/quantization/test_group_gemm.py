@@ -1,0 +1,140 @@
+"""The GPU form of quantized weights (codes with a scale and a min per group) and its Triton
+kernel: the packing round-trips, the torch path is the formula, and the kernel equals the
+dense product of the decoded weights under Triton's CPU interpreter (TRITON_INTERPRET=1
+must be set before triton is imported, hence a subprocess) for every code width, group size
+and token count class it has a path for; it compiles for sm_90 with no GPU. Real sizes run
+on the GPU in tests/gpu/test_quantized_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pagoda.layers.quantization.group_gemm import (
+    FP8,
+    GroupQuantWeight,
+    pack_int4_halves,
+    supports,
+    unpack_int4_halves,
+)
+
+MARKER = "GROUP-GEMM-ERRORS "
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the split-input
+# decode path (one token over 1024 inputs), a few tokens, more than the small-call limit
+CASES = {
+    "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
+    "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
+    "int4-g64-large": (80, 48, 128, 64, 4, True, False),
+    "int8-g16": (3, 40, 128, 16, 8, True, False),
+    "int8-g32-large": (70, 40, 96, 32, 8, True, False),
+    "fp8-per-row": (5, 40, 256, 256, 8, False, True),
+    "fp8-blocks": (5, 40, 256, 128, 8, False, True),
+}
+
+
+def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bool,
+                  float8: bool, generator: torch.Generator) -> GroupQuantWeight:
+    if float8:
+        codes = (torch.randn(outputs, inputs, generator=generator) * 100).clamp(-448, 448)
+        codes = codes.to(FP8)
+    else:
+        codes = torch.randint(0, 2 ** bits, (outputs, inputs), generator=generator)
+    scale = torch.rand(outputs, inputs // group, generator=generator) * 0.01 + 0.001
+    low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
+    return GroupQuantWeight(codes, scale, low, group, bits)
+
+
+def kernel_errors() -> dict[str, float]:
+    """Max |kernel - dense| / (1 + |dense|) per case, float32 activations."""
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    for name, (tokens, outputs, inputs, *layout) in CASES.items():
+        weight = random_weight(outputs, inputs, *layout, generator)
+        x = torch.randn(tokens, inputs, generator=generator)
+        expected = F.linear(x, weight.dequantize(torch.float32))
+        errors[name] = ((group_gemm(x, weight) - expected).abs()
+                        / (1 + expected.abs())).max().item()
+    return errors
+
+
+def test_int4_halves_round_trip():
+    codes = torch.randint(0, 16, (48, 192), generator=torch.Generator().manual_seed(1))
+    packed = pack_int4_halves(codes)
+    assert packed.shape == (96, 48) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4_halves(packed), codes.to(torch.uint8))
+    # byte j of a chunk: input j low, input j + 32 high
+    assert int(packed[0, 0]) == int(codes[0, 0]) | int(codes[0, 32]) << 4
+
+
+def test_supported_layouts():
+    assert supports(4096, 128, 4) and supports(4096, 32, 4) and supports(4096, 16, 8)
+    assert not supports(4096, 16, 4)  # a 4-bit half of 32 inputs would span two groups
+    assert not supports(96, 32, 4)  # not whole chunks of 64
+    assert not supports(4096, 48, 8) and not supports(100, 32, 8)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_torch_path_is_codes_times_scale_plus_min(name):
+    _, outputs, inputs, group, bits, with_min, float8 = CASES[name]
+    generator = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2 ** bits, (outputs, inputs), generator=generator)
+    if float8:
+        codes = codes.to(FP8)
+    scale = torch.rand(outputs, inputs // group, generator=generator)
+    low = torch.rand(outputs, inputs // group, generator=generator) if with_min else None
+    weight = GroupQuantWeight(codes, scale, low, group, bits)
+    held = scale if float8 else scale.half().float()  # float8 values keep float32 scales
+    decoded = codes.float() * held.repeat_interleave(group, dim=1)
+    if with_min:
+        decoded += low.half().float().repeat_interleave(group, dim=1)
+    torch.testing.assert_close(weight.dequantize(torch.float32), decoded)
+    x = torch.randn(3, inputs, generator=generator)
+    torch.testing.assert_close(weight(x), x @ decoded.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_small_calls_split_the_inputs_and_large_ones_do_not():
+    from pagoda.layers.quantization.triton_group_gemm import launch_config
+    decode = launch_config(1, 4096, 14336, 32, 132)
+    assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
+    assert 14336 // decode["splits"] >= 512
+    assert launch_config(1, 28672, 4096, 32, 132)["splits"] < decode["splits"]
+    assert launch_config(4096, 4096, 14336, 32, 132)["splits"] == 1
+    assert launch_config(1, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
+
+
+def test_the_kernel_matches_the_dense_product_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.layers.quantization.test_group_gemm"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
+    errors = json.loads(line.removeprefix(MARKER))
+    assert set(errors) == set(CASES)
+    for name, error in errors.items():
+        assert error < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize(("codes", "bits", "activations", "precision"), [
+    ("u8", 4, "bf16", "tf32"), ("u8", 8, "fp16", "tf32"), ("fp8e4nv", 8, "bf16", "tf32"),
+    ("u8", 4, "fp32", "ieee")])
+def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
+    from pagoda.layers.quantization.triton_group_gemm import _group_gemm_kernel
+    from tests.lora.test_triton_ops import _compile_for_hopper
+    ints = dict.fromkeys(["M", "N", "stride_xm", "stride_ck", "stride_om", "stride_os"], "i32")
+    _compile_for_hopper(_group_gemm_kernel, {
+        "x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
+        "low_ptr": "*fp16", "out_ptr": "*fp32", **ints, "stride_cn": "i32"},
+        {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
+         "STEP": 32 if bits == 4 else 16, "HAS_LOW": True, "BLOCK_M": 16, "BLOCK_N": 64,
+         "DOT_PRECISION": precision})
+
+
+if __name__ == "__main__":
+    print(MARKER + json.dumps(kernel_errors()))
