@@ -8,8 +8,8 @@ fraction of the device-copy bandwidth measured in the same run, and the speed-up
 bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
 128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
 Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). `--sweep` also times a grid
-of launch configurations at one token (4-bit groups of 128 and FP8 per row, qkv and down)
-and prints the best per projection.
+of launch configurations at one token (one token per program or 16-row tiles; 4-bit groups
+of 128 and FP8 per row; qkv and down) and prints the best per projection.
 
     PYTHONPATH=. python bench/kernels/quant_bench.py [--sweep] [--output-json PATH]
 """
@@ -37,7 +37,7 @@ PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, True),
            "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False)}
-TOKENS = [1, 4, 16, 64, 256, 2048]
+TOKENS = [1, 4, 8, 16, 64, 256, 2048]
 
 
 def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
@@ -85,11 +85,11 @@ def sweep(bandwidth: float) -> list[dict]:
             weight = quantized(outputs, ins, *LAYOUTS[layout])
             x = torch.randn(1, ins, device="cuda", dtype=torch.bfloat16)
             best = None
-            for block_n, splits, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16),
-                                                             (3, 5)):
+            for block_m, block_n, splits, stages in itertools.product(
+                    (0, 16), (64, 128, 256), (1, 4, 8, 16), (3, 5)):
                 if ins % (splits * 64) or ins // splits < 256:
                     continue
-                config = {"BLOCK_M": 16, "BLOCK_N": block_n, "splits": splits,
+                config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
                           "num_warps": 4, "num_stages": stages}
                 ms = do_bench_cudagraph(lambda: group_gemm(x, weight, config), rep=10)
                 if best is None or ms < best[0]:

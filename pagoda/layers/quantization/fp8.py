@@ -152,11 +152,11 @@ def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
 
 
 def scaled_mm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
-    """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX), the
-    product rescaled by the token's and the output row's scales."""
+    """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX) in
+    one Triton launch, the product rescaled by the token's and the output row's scales."""
+    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
     flat = x.reshape(-1, weight.in_features)
-    x_scale = (flat.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    x_fp8 = (flat / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    x_fp8, x_scale = fp8_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), FP8_MAX)
     y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
                          out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], weight.out_features)

@@ -145,7 +145,7 @@ class Int4CheckpointMethod(LinearMethod):
         if order is not None:
             codes = codes[:, order]
             layer.register_buffer("input_order", order, persistent=False)
-        if codes.is_cuda:
+        if codes.is_cuda:  # the collected tensors are on the layer's device
             layer.int4 = GroupQuantWeight(codes, scale, low, self.config.group_size, 4)
         else:
             layer.int4 = Int4PackedWeight(codes, scale, low, self.config.group_size)

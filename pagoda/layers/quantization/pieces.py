@@ -49,7 +49,8 @@ def _collect(layer: LinearBase, name: str, layout: Layout | None, fmt: str,
     if layout is not None:
         tensor = rank_part(layer, tensor, layout, shard, f"{fmt} {name}")
     materialize = getattr(tensor, "materialize", None)  # a checkpoint slice: read it now
-    layer.collected[(name, shard)] = materialize() if materialize is not None else tensor
+    tensor = materialize() if materialize is not None else tensor
+    layer.collected[(name, shard)] = tensor.to(param.device)  # where the layer repacks it
 
 
 def rank_part(layer: LinearBase, tensor: torch.Tensor, layout: Layout, shard: int | None,

@@ -18,9 +18,11 @@ import triton.language as tl
 from pagoda.layers.quantization.group_gemm import CHUNK, HALF, SMALL_M, GroupQuantWeight
 
 # calls of at most SMALL_M tokens split the inputs into about TARGET_PROGRAMS programs per
-# streaming multiprocessor, each split covering at least MIN_SPLIT_INPUTS inputs
-TARGET_PROGRAMS = 2
+# streaming multiprocessor, each split covering at least MIN_SPLIT_INPUTS inputs (a sweep on
+# the H200 found 8-16 splits of the 8B's projections fastest at one token)
+TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
+GEMV_TOKENS = 8  # calls of at most this many tokens run one token per program
 
 
 @triton.jit
@@ -76,6 +78,57 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stri
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gemv_step(acc, acc_low, x_ptr, codes, k, n, n_ok, N, scale_ptr, low_ptr,
+               GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr):
+    """acc [STEP, BLOCK_N] += code * scale * x (one group's STEP inputs); acc_low += min *
+    the inputs' sum (every code of a group shares its min)."""
+    group = k // GROUP
+    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + k + tl.arange(0, STEP)).to(tl.float32)
+    acc += codes.to(tl.float32) * (x[:, None] * scale[None, :])
+    if HAS_LOW:
+        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+        acc_low += low * tl.sum(x, axis=0)
+    return acc, acc_low
+
+
+@triton.jit
+def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, N, stride_xm, stride_ck,
+                       stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
+                       HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One token's outputs (program axis 0) without tensor cores: products accumulate
+    elementwise over the split's inputs and are summed once at the end."""
+    x_ptr += tl.program_id(0) * stride_xm
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    n_ok = n < N
+    rows = tl.arange(0, STEP)
+    acc = tl.zeros((STEP, BLOCK_N), dtype=tl.float32)
+    acc_low = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first = split * K_SPLIT
+    if BITS == 4:
+        for offset in range(0, K_SPLIT, 2 * STEP):
+            k = first + offset
+            packed = tl.load(codes_ptr + (k // 2 + rows)[:, None] * stride_ck
+                             + n[None, :] * stride_cn, mask=n_ok[None, :])
+            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, packed & 15, k, n, n_ok, N,
+                                      scale_ptr, low_ptr, GROUP, STEP, HAS_LOW)
+            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, packed >> 4, k + STEP, n, n_ok, N,
+                                      scale_ptr, low_ptr, GROUP, STEP, HAS_LOW)
+    else:
+        for offset in range(0, K_SPLIT, STEP):
+            k = first + offset
+            codes = tl.load(codes_ptr + (k + rows)[:, None] * stride_ck + n[None, :] * stride_cn,
+                            mask=n_ok[None, :])
+            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, codes, k, n, n_ok, N, scale_ptr,
+                                      low_ptr, GROUP, STEP, HAS_LOW)
+    total = tl.sum(acc, axis=0) + acc_low
+    out = out_ptr + split * stride_os + tl.program_id(0) * stride_om + n
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 @functools.cache
 def _multiprocessors(device_index: int | None) -> int:
     if device_index is None:  # the CPU interpreter: an H200's count
@@ -85,12 +138,17 @@ def _multiprocessors(device_index: int | None) -> int:
 
 def launch_config(tokens: int, out_features: int, in_features: int, step: int,
                   multiprocessors: int) -> dict[str, int]:
-    """Tile sizes, input splits and warps for a call of `tokens` rows."""
-    block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
-    block_n = 64 if tokens <= SMALL_M else 128
+    """Tile sizes, input splits and warps for a call of `tokens` rows (BLOCK_M 0: the
+    one-token-per-program kernel, for at most GEMV_TOKENS)."""
+    if tokens <= GEMV_TOKENS:
+        block_m, block_n = 0, 128
+    else:
+        block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
+        block_n = 128
     splits = 1
     if tokens <= SMALL_M:
-        tiles = triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n)
+        tiles = (tokens if block_m == 0 else triton.cdiv(tokens, block_m)) * \
+            triton.cdiv(out_features, block_n)
         unit = max(step, CHUNK)
         while (tiles * splits * 2 <= TARGET_PROGRAMS * multiprocessors
                and in_features % (2 * splits * unit) == 0
@@ -117,15 +175,47 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
         out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(splits, tokens, out_features, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(tokens, config["BLOCK_M"]), triton.cdiv(out_features, config["BLOCK_N"]),
-            splits)
     codes = weight.codes_by_input()
-    _group_gemm_kernel[grid](
-        flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, tokens, out_features, flat.stride(0), codes.stride(0), codes.stride(1), out_features,
-        tokens * out_features, K_SPLIT=weight.in_features // splits, GROUP=weight.group_size,
-        BITS=weight.bits, STEP=step, HAS_LOW=weight.low is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
+    low = weight.low if weight.low is not None else weight.scale
+    shared = {"K_SPLIT": weight.in_features // splits, "GROUP": weight.group_size,
+              "BITS": weight.bits, "STEP": step, "HAS_LOW": weight.low is not None}
+    block_m = config.pop("BLOCK_M")
+    grid_n = triton.cdiv(out_features, config["BLOCK_N"])
+    if block_m == 0:
+        _group_gemv_kernel[(tokens, grid_n, splits)](
+            flat, codes, weight.scale, low, out, out_features, flat.stride(0), codes.stride(0),
+            codes.stride(1), out_features, tokens * out_features, **shared, **config)
+    else:
+        _group_gemm_kernel[(triton.cdiv(tokens, block_m), grid_n, splits)](
+            flat, codes, weight.scale, low, out, tokens, out_features, flat.stride(0),
+            codes.stride(0), codes.stride(1), out_features, tokens * out_features, **shared,
+            BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            **config)
     if splits > 1:
         out = out.sum(0).to(x.dtype)
     return out.reshape(*x.shape[:-1], out_features)
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK_K)
+    ok = k < K
+    x = tl.load(x_ptr + row * stride_x + k, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, 1e-12)
+    values = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    tl.store(out_ptr + row * K + k, values.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(scale_ptr + row, scale)
+
+
+def fp8_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, K] -> float8 values and a float32 scale per token [tokens, 1] (the row's
+    absolute max over `fp8_max`), in one launch."""
+    tokens, width = x.shape
+    values = torch.empty(tokens, width, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(width)
+    _fp8_rows_kernel[(tokens,)](x, values, scale, width, x.stride(0), FP8_MAX=fp8_max,
+                                BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
+    return values, scale

@@ -25,12 +25,14 @@ from pagoda.layers.quantization.group_gemm import (
 )
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the split-input
-# decode path (one token over 1024 inputs), a few tokens, more than the small-call limit
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the one-token-
+# per-program kernel (at most 8 tokens; split inputs over 1024), the tile kernel with split
+# inputs (12 tokens), and past the small-call limit (64 tokens)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
+    "int4-g32-tiles-split": (12, 40, 1024, 32, 4, True, False),
     "int8-g16": (3, 40, 128, 16, 8, True, False),
     "int8-g32-large": (70, 40, 96, 32, 8, True, False),
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
@@ -61,7 +63,19 @@ def kernel_errors() -> dict[str, float]:
         expected = F.linear(x, weight.dequantize(torch.float32))
         errors[name] = ((group_gemm(x, weight) - expected).abs()
                         / (1 + expected.abs())).max().item()
+    errors["fp8-rows"] = fp8_rows_error(generator)
     return errors
+
+
+def fp8_rows_error(generator: torch.Generator) -> float:
+    """The one-launch per-token FP8 quantization's scales against torch's (the interpreter
+    rounds float32 to float8 unlike the GPU: the values are compared on the GPU, in
+    tests/gpu/test_quantized_gpu.py)."""
+    from pagoda.layers.quantization.fp8 import FP8_MAX
+    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
+    x = torch.randn(5, 300, generator=generator) * 3
+    _, scale = fp8_rows(x, FP8_MAX)
+    return (scale - x.abs().amax(dim=1, keepdim=True) / FP8_MAX).abs().max().item()
 
 
 def test_int4_halves_round_trip():
@@ -102,6 +116,8 @@ def test_the_torch_path_is_codes_times_scale_plus_min(name):
 def test_small_calls_split_the_inputs_and_large_ones_do_not():
     from pagoda.layers.quantization.triton_group_gemm import launch_config
     decode = launch_config(1, 4096, 14336, 32, 132)
+    assert decode["BLOCK_M"] == 0  # one token per program
+    assert launch_config(16, 4096, 14336, 32, 132)["BLOCK_M"] == 16
     assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
     assert 14336 // decode["splits"] >= 512
     assert launch_config(1, 28672, 4096, 32, 132)["splits"] < decode["splits"]
@@ -116,7 +132,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
-    assert set(errors) == set(CASES)
+    assert set(errors) == set(CASES) | {"fp8-rows"}
     for name, error in errors.items():
         assert error < 1e-5, (name, error)
 
