@@ -39,6 +39,7 @@ from pagoda.bench.datasets import (
     random_requests,
     special_token_ids,
 )
+from pagoda.models.quantization import resolve_quantization
 from pagoda.sampling_params import SamplingParams
 
 SCHEMA = "pagoda.bench.throughput/1"
@@ -308,8 +309,8 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     result["environment"]["device_name"] = device_name(device)
     result["gpu"] = _gpu_extras(llm, cfg, requests) if device.type == "cuda" else {}
     max_batch = _max_concurrency(llm, requests)
-    held = llm.engine.model_info.weight_bytes if cfg.engine_kwargs.get("quantization") \
-        not in (None, "none") else None
+    quantized = resolve_quantization(cfg.engine_kwargs.get("quantization"), source)
+    held = llm.engine.model_info.weight_bytes if quantized else None
     del llm
     release_memory(device)
     if cfg.compare == "hf":

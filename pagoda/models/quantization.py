@@ -21,6 +21,9 @@ DEQUANTIZABLE = frozenset({"gguf"})
 _ALIASES = {"compressed_tensors": "compressed-tensors"}
 
 
+DUMMY_FORMATS = ("awq", "gptq")  # formats whose linear method makes random weights
+
+
 def quantization_config(hf_config: Any) -> dict[str, Any] | None:
     """The config's `quantization_config` as a dict, if it has one."""
     value = getattr(hf_config, "quantization_config", None)
@@ -32,9 +35,12 @@ def quantization_config(hf_config: Any) -> dict[str, Any] | None:
 
 
 def checkpoint_quantization(source: ModelSource) -> str | None:
-    """The format the checkpoint's weights are stored in; None: 16 or 32-bit floats."""
+    """The format the checkpoint's weights are stored in; None: 16 or 32-bit floats. Dummy
+    weights take the config's format where it has random weights of its own (4-bit
+    AWQ/GPTQ), floats otherwise."""
     if source.format == "dummy":
-        return None
+        method = str((quantization_config(source.hf_config) or {}).get("quant_method", ""))
+        return method.lower() if method.lower() in DUMMY_FORMATS else None
     if source.format == "gguf":
         from pagoda.models.loader.gguf import block_types, read_gguf_tensors
         tensors = source.gguf_tensors or read_gguf_tensors(source.gguf_file)

@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
 from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization.fp8 import FP8
 from pagoda.models.estimate import estimate
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
@@ -214,3 +215,18 @@ def test_act_order_gptq_on_two_ranks_is_refused_in_one_line(source, tmp_path):
     with pytest.raises(UnsupportedModelError, match="^gptq act-order .* row-parallel layer"):
         LLM(str(tmp_path / "gptq"), kv_cache_memory=8 << 20, max_model_len=128,
             tensor_parallel_size=2)
+
+
+def test_dummy_weights_of_an_awq_config_are_4_bit(tmp_path):
+    """Benchmarks of a quantized format with no checkpoint: an AWQ config with
+    `--load-format dummy` holds random 4-bit weights (a float config gets floats)."""
+    CONFIG.save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    values["quantization_config"] = FORMATS["awq"][0]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
+    model = llm.engine.core.executor.worker.runner.model
+    kernels = {m.method.kernel(m) for m in model.modules() if isinstance(m, LinearBase)}
+    assert kernels == {"int4pack_mm_for_cpu"}
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids) == 4
