@@ -26,8 +26,8 @@ from pagoda.layers.quantization.group_gemm import (
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the one-token-
-# per-program kernel (at most 8 tokens; split inputs over 1024), the tile kernel with split
-# inputs (12 tokens), and past the small-call limit (64 tokens)
+# per-program kernel (one token; split inputs over 1024), the tile kernel with split inputs
+# (3-12 tokens), and past the small-call limit (64 tokens)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
@@ -37,6 +37,7 @@ CASES = {
     "int8-g32-large": (70, 40, 96, 32, 8, True, False),
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
     "fp8-blocks": (5, 40, 256, 128, 8, False, True),
+    "fp8-one-token": (1, 40, 256, 128, 8, False, True),
 }
 
 
