@@ -88,8 +88,9 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> str | No
 
 def load_quantization(requested: str | None, source: ModelSource, device_type: str) -> str | None:
     """The form the engine holds the weights in on a `device_type` device: as
-    resolve_quantization says, except that a GGUF found on a GPU (no GPU kernels for its
-    blocks yet) is dequantized at load unless `--quantization gguf` asks to keep them."""
+    resolve_quantization says, except that a GGUF found on a GPU is dequantized at load
+    unless `--quantization gguf` asks to keep it quantized (its GPU kernel is correct but
+    still slower than bf16's matmul)."""
     found = resolve_quantization(requested, source)
     return None if found == "gguf" and requested is None and device_type != "cpu" else found
 

@@ -78,11 +78,12 @@ def model_quantization(requested: str | None, source: ModelSource,
                        device: torch.device) -> str | None:
     """The format to load with: `--quantization` checked against the checkpoint (a
     mismatch raises ConfigError), else the checkpoint's. A GGUF found on a GPU, with no
-    GPU kernels for its blocks yet, is dequantized at load as before (one log line)."""
+    faster kernel for its blocks than bf16's yet, is dequantized at load (one log line)."""
     quantization = load_quantization(requested, source, device.type)
     if quantization is None and resolve_quantization(requested, source) == "gguf":
         logger.info("%s: GGUF weights dequantized at load on %s (pass --quantization gguf "
-                    "to keep their blocks, decoded per call)", source.name, device.type)
+                    "to keep them quantized: less memory, slower than bf16 for now)",
+                    source.name, device.type)
     return quantization
 
 
