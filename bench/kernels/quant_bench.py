@@ -7,7 +7,8 @@ triton.testing.do_bench_cudagraph), the bytes of weights they read over that tim
 fraction of the device-copy bandwidth measured in the same run, and the speed-up over
 bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
 128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
-Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). `--sweep` also times a grid
+Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Then, at one token, the tile
+kernel against the one-token-per-program kernel per layout. `--sweep` also times a grid
 of launch configurations at one token (one token per program or 16-row tiles; 4-bit groups
 of 128 and FP8 per row; qkv and down) and prints the best per projection.
 
@@ -103,6 +104,32 @@ def sweep(bandwidth: float) -> list[dict]:
     return rows
 
 
+def one_token_kernels(bandwidth: float) -> list[dict]:
+    """At one token, per layout: the tile kernel (16-row tiles, tensor cores) against the
+    one-token-per-program kernel, both with launch_config's splits."""
+    from pagoda.layers.quantization.triton_group_gemm import _multiprocessors, launch_config
+    rows = []
+    for layout in LAYOUTS:
+        weights = {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
+        xs = inputs(1)
+        times = {}
+        for kernel, block_m in (("tile", 16), ("one-token", 0)):
+            configs = {}
+            for n, w in weights.items():
+                config = launch_config(1, w.out_features, w.in_features,
+                                       min(32, w.group_size), _multiprocessors(0), w.group_size)
+                configs[n] = config | {"BLOCK_M": block_m}
+            times[kernel] = do_bench_cudagraph(
+                lambda: [group_gemm(xs[n], w, configs[n]) for n, w in weights.items()], rep=50)
+        nbytes = sum(held_bytes(w) for w in weights.values())
+        row = {"layout": layout, "tile_us": 1e3 * times["tile"],
+               "one_token_us": 1e3 * times["one-token"],
+               "tile_fraction_of_bandwidth": nbytes / (times["tile"] / 1e3) / bandwidth}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
@@ -130,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{100 * row['fraction_of_bandwidth']:>5.1f}% {row['speedup_over_bf16']:>6.2f}x",
                   flush=True)
             del call
+    result["one_token_kernels"] = one_token_kernels(ceil.bandwidth)
     if args.sweep:
         result["sweep"] = sweep(ceil.bandwidth)
     if args.output_json:
