@@ -134,8 +134,12 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stri
                 part_high, x_sum_high = _dot_step(part_high, x_sum_high, x_ptr, packed >> 4,
                                                   k + STEP, m, m_ok, stride_xm, STEP, DECODE,
                                                   sum_x, DOT_PRECISION)
-            acc += _scaled(part_high, x_sum_high, (k_span + STEP) // GROUP, n, n_ok, N,
-                           scale_ptr, low_ptr, HAS_LOW, MAGIC, SCALE_FACTOR)
+            if GROUP == STEP:  # each half its own group
+                acc += _scaled(part_high, x_sum_high, (k_span + STEP) // GROUP, n, n_ok, N,
+                               scale_ptr, low_ptr, HAS_LOW, MAGIC, SCALE_FACTOR)
+            else:  # both halves in the span's group
+                part += part_high
+                x_sum += x_sum_high
         else:
             for offset in range(0, SPAN, STEP):
                 k = k_span + offset
