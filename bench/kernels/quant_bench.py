@@ -117,7 +117,7 @@ def one_token_kernels(bandwidth: float) -> list[dict]:
             configs = {}
             for n, w in weights.items():
                 config = launch_config(1, w.out_features, w.in_features,
-                                       min(32, w.group_size), _multiprocessors(0), w.group_size)
+                                       min(32, w.group_size), _multiprocessors(0))
                 configs[n] = config | {"BLOCK_M": block_m}
             times[kernel] = do_bench_cudagraph(
                 lambda: [group_gemm(xs[n], w, configs[n]) for n, w in weights.items()], rep=50)

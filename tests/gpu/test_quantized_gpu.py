@@ -72,8 +72,6 @@ def test_kernel_matches_the_dense_product(shape, layout, tokens, dtype, gpu_repo
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K",
                                   "Q8_0"])
 def test_gguf_blocks_through_the_kernel_match_their_decoding(name, dtype, gpu_report):
-    """float32 activations: decoded codes; bfloat16: codes under 128 (all but Q8_0's) read
-    as 128 + code without a conversion."""
     rows = torch.from_numpy(random_rows(name, 256, 1024)).cuda()
     codes, scale, low, group = byte_groups(rows, name)
     bits = 4 if name in ("Q4_0", "Q4_1", "Q4_K") else 8

@@ -73,10 +73,6 @@ class GroupQuantWeight(nn.Module):
                              "are not a supported layout")
         self.out_features, self.in_features = out_features, in_features
         self.group_size, self.bits = group_size, bits
-        # integer codes are below this (the kernel decodes codes under 128 without a
-        # conversion in bfloat16: every 4-bit type, and GGUF's 5 and 6-bit ones)
-        self.code_limit = 16 if bits == 4 else 256 if codes.dtype == FP8 else \
-            int(codes.max()) + 1 if codes.numel() else 1
         if bits == 4:
             stored = pack_int4_halves(codes)
         elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes

@@ -15,140 +15,67 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.quantization.group_gemm import (
-    CHUNK,
-    FP8,
-    HALF,
-    SMALL_M,
-    GroupQuantWeight,
-)
+from pagoda.layers.quantization.group_gemm import CHUNK, HALF, SMALL_M, GroupQuantWeight
 
 # calls of at most SMALL_M tokens split the inputs into about TARGET_PROGRAMS programs per
 # streaming multiprocessor, each split covering at least MIN_SPLIT_INPUTS inputs (a sweep on
 # the H200 found 8-16 splits of the 8B's projections fastest at one token)
 TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
-# calls of at most this many tokens run one token per program (float32 arithmetic per
-# weight, no tensor cores). On the H200 it beat the first tile kernel at one token and lost
-# at 4 and 8 (each token reads the weights again); the tile kernel decodes without
-# conversions since, and `bench/kernels/quant_bench.py` compares the two at one token.
-GEMV_TOKENS = 0
-
-
-# How the tile kernel turns codes into the dot's operand (constexpr DECODE), without an
-# int-to-float conversion per weight where it can: the conversions run at a fraction of the
-# rate of other instructions and bound the kernel otherwise.
-PLAIN = 0  # code -> float32 -> the activations' dtype
-CODE_BF16 = 1  # code c < 128, bits 0x4300 | c: bfloat16 128 + c (MAGIC 128 taken off per span)
-CODE_FP16 = 2  # code c < 1024, bits 0x6400 | c: float16 1024 + c (MAGIC 1024)
-FP8_BF16 = 3  # float8 E4M3 bits moved into bfloat16's fields: the value times 2^-120 (scales
-# times 2^120); exact for normal and subnormal E4M3 values
-FP8_TO_BF16_FACTOR = 2.0 ** 120
-
-
-def decode_mode(weight: GroupQuantWeight, activations: torch.dtype) -> tuple[int, float]:
-    """(DECODE, MAGIC) for a layer's codes and the activations' dtype."""
-    if weight.codes.dtype == FP8:
-        return (FP8_BF16, 0.0) if activations == torch.bfloat16 else (PLAIN, 0.0)
-    if activations == torch.float16:
-        return CODE_FP16, 1024.0
-    if activations == torch.bfloat16 and weight.code_limit <= 128:
-        return CODE_BF16, 128.0
-    return PLAIN, 0.0
+# calls of at most this many tokens run one token per program: on the H200 it beat the tile
+# kernel at one token (127 against 141 us for an 8B layer's FP8 projections) and lost at 4
+# and 8 (each token reads the weights again)
+GEMV_TOKENS = 1
 
 
 @triton.jit
-def _decode(codes, dtype: tl.constexpr, DECODE: tl.constexpr):
-    if DECODE == 1:
-        return (codes.to(tl.int16) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    elif DECODE == 2:
-        return (codes.to(tl.int16) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    elif DECODE == 3:
-        bits = codes.to(tl.uint8, bitcast=True).to(tl.int16)
-        fields = ((bits & 0x7F) << 4) | ((bits & 0x80) << 8)
-        return fields.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        return codes.to(tl.float32).to(dtype)
-
-
-@triton.jit
-def _dot_step(part, x_sum, x_ptr, codes, k, m, m_ok, stride_xm, STEP: tl.constexpr,
-              DECODE: tl.constexpr, SUM_X: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """part + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]), and x_sum + the inputs' sums."""
+def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
+                  GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """acc + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]); the STEP inputs lie in one group."""
+    group = k // GROUP
+    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+    weights = codes.to(tl.float32) * scale[None, :]
+    if HAS_LOW:
+        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+        weights += low[None, :]
     columns = k + tl.arange(0, STEP)
     x = tl.load(x_ptr + m[:, None] * stride_xm + columns[None, :], mask=m_ok[:, None],
                 other=0.0)
-    if SUM_X:
-        x_sum += tl.sum(x.to(tl.float32), axis=1)
-    weights = _decode(codes, x.dtype, DECODE)
-    return tl.dot(x, weights, part, input_precision=DOT_PRECISION), x_sum
-
-
-@triton.jit
-def _scaled(part, x_sum, group, n, n_ok, N, scale_ptr, low_ptr, HAS_LOW: tl.constexpr,
-            MAGIC: tl.constexpr, SCALE_FACTOR: tl.constexpr):
-    """One group's products (codes as decoded) -> their weights' products: less the magic
-    offset times the inputs' sum, times the scale, plus the min times the inputs' sum."""
-    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-    if MAGIC != 0.0:
-        part -= MAGIC * x_sum[:, None]
-    out = part * (scale * SCALE_FACTOR)[None, :]
-    if HAS_LOW:
-        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-        out += x_sum[:, None] * low[None, :]
-    return out
+    return acc + tl.dot(x, weights.to(x.dtype), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stride_xm,
-                       stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
-                       SPAN: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                       STEP: tl.constexpr, HAS_LOW: tl.constexpr, DECODE: tl.constexpr,
-                       MAGIC: tl.constexpr, SCALE_FACTOR: tl.constexpr,
+                       stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr, GROUP: tl.constexpr,
+                       BITS: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
-    """Tiles of BLOCK_M tokens x BLOCK_N outputs over one split of the inputs. The codes'
-    products accumulate over a span of inputs that shares its scales (SPAN: a group, or the
-    split if shorter) before the scales apply; 4-bit chunks keep their halves apart (with
-    groups of 32 each half is its own group)."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     m_ok, n_ok = m < M, n < N
     rows = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_x: tl.constexpr = HAS_LOW or MAGIC != 0.0
-    for span in range(0, K_SPLIT, SPAN):
-        k_span = split * K_SPLIT + span
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if BITS == 4:  # a chunk of 2 * STEP inputs per STEP rows of bytes
-            part_high = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            x_sum_high = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for offset in range(0, SPAN, 2 * STEP):
-                k = k_span + offset
-                packed = tl.load(codes_ptr + (k // 2 + rows)[:, None] * stride_ck
-                                 + n[None, :] * stride_cn, mask=n_ok[None, :])
-                part, x_sum = _dot_step(part, x_sum, x_ptr, packed & 15, k, m, m_ok,
-                                        stride_xm, STEP, DECODE, sum_x, DOT_PRECISION)
-                part_high, x_sum_high = _dot_step(part_high, x_sum_high, x_ptr, packed >> 4,
-                                                  k + STEP, m, m_ok, stride_xm, STEP, DECODE,
-                                                  sum_x, DOT_PRECISION)
-            if GROUP == STEP:  # each half its own group
-                acc += _scaled(part_high, x_sum_high, (k_span + STEP) // GROUP, n, n_ok, N,
-                               scale_ptr, low_ptr, HAS_LOW, MAGIC, SCALE_FACTOR)
-            else:  # both halves in the span's group
-                part += part_high
-                x_sum += x_sum_high
-        else:
-            for offset in range(0, SPAN, STEP):
-                k = k_span + offset
-                codes = tl.load(codes_ptr + (k + rows)[:, None] * stride_ck
-                                + n[None, :] * stride_cn, mask=n_ok[None, :])
-                part, x_sum = _dot_step(part, x_sum, x_ptr, codes, k, m, m_ok, stride_xm,
-                                        STEP, DECODE, sum_x, DOT_PRECISION)
-        acc += _scaled(part, x_sum, k_span // GROUP, n, n_ok, N, scale_ptr, low_ptr, HAS_LOW,
-                       MAGIC, SCALE_FACTOR)
+    first = split * K_SPLIT
+    if BITS == 4:  # a chunk of 2 * STEP inputs per STEP rows of bytes
+        for offset in range(0, K_SPLIT, 2 * STEP):
+            k = first + offset
+            packed = tl.load(codes_ptr + (k // 2 + rows)[:, None] * stride_ck
+                             + n[None, :] * stride_cn,
+                             mask=n_ok[None, :])
+            acc = _decoded_step(acc, x_ptr, packed & 15, k, m, m_ok, n, n_ok, N, stride_xm,
+                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION)
+            acc = _decoded_step(acc, x_ptr, packed >> 4, k + STEP, m, m_ok, n, n_ok, N,
+                                stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW,
+                                DOT_PRECISION)
+    else:
+        for offset in range(0, K_SPLIT, STEP):
+            k = first + offset
+            codes = tl.load(codes_ptr + (k + rows)[:, None] * stride_ck + n[None, :] * stride_cn,
+                            mask=n_ok[None, :])
+            acc = _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm,
+                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION)
     # (columns past N load undefined codes: their sums are never stored)
     out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -213,10 +140,9 @@ def _multiprocessors(device_index: int | None) -> int:
 
 
 def launch_config(tokens: int, out_features: int, in_features: int, step: int,
-                  multiprocessors: int, group: int) -> dict[str, int]:
+                  multiprocessors: int) -> dict[str, int]:
     """Tile sizes, input splits and warps for a call of `tokens` rows (BLOCK_M 0: the
-    one-token-per-program kernel, for at most GEMV_TOKENS). A split holds whole groups, or
-    a whole number of splits fill a group."""
+    one-token-per-program kernel, for at most GEMV_TOKENS)."""
     if tokens <= GEMV_TOKENS:
         block_m, block_n = 0, 128
     else:
@@ -229,23 +155,11 @@ def launch_config(tokens: int, out_features: int, in_features: int, step: int,
         unit = max(step, CHUNK)
         while (tiles * splits * 2 <= TARGET_PROGRAMS * multiprocessors
                and in_features % (2 * splits * unit) == 0
-               and in_features // (2 * splits) >= MIN_SPLIT_INPUTS
-               and _splits_groups(in_features // (2 * splits), group)):
+               and in_features // (2 * splits) >= MIN_SPLIT_INPUTS):
             splits *= 2
     large = tokens > SMALL_M
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
             "num_warps": 8 if large else 4, "num_stages": 3 if large else 4}
-
-
-def _splits_groups(split_inputs: int, group: int) -> bool:
-    return split_inputs % group == 0 or group % split_inputs == 0
-
-
-def span_inputs(split_inputs: int, group: int, bits: int) -> int:
-    """Inputs the tile kernel sums before applying their scales: a group, or the split if
-    shorter; at least a 4-bit chunk (whose halves it scales apart)."""
-    span = min(group, split_inputs)
-    return max(span, CHUNK) if bits == 4 else span
 
 
 def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
@@ -257,9 +171,8 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
         flat = flat.contiguous()
     tokens, out_features = flat.shape[0], weight.out_features
     step = min(HALF, weight.group_size)
-    config = dict(config or launch_config(
-        tokens, out_features, weight.in_features, step,
-        _multiprocessors(x.device.index if x.is_cuda else None), weight.group_size))
+    config = dict(config or launch_config(tokens, out_features, weight.in_features, step,
+                                          _multiprocessors(x.device.index if x.is_cuda else None)))
     splits = config.pop("splits")
     if splits == 1:
         out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
@@ -276,13 +189,9 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
             flat, codes, weight.scale, low, out, out_features, flat.stride(0), codes.stride(0),
             codes.stride(1), out_features, tokens * out_features, **shared, **config)
     else:
-        decode, magic = decode_mode(weight, x.dtype)
         _group_gemm_kernel[(triton.cdiv(tokens, block_m), grid_n, splits)](
             flat, codes, weight.scale, low, out, tokens, out_features, flat.stride(0),
             codes.stride(0), codes.stride(1), out_features, tokens * out_features, **shared,
-            SPAN=span_inputs(shared["K_SPLIT"], weight.group_size, weight.bits),
-            DECODE=decode, MAGIC=magic,
-            SCALE_FACTOR=FP8_TO_BF16_FACTOR if decode == FP8_BF16 else 1.0,
             BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             **config)
     if splits > 1:

@@ -25,8 +25,9 @@ from pagoda.layers.quantization.group_gemm import (
 )
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): split inputs
-# (1 token over 1024 inputs, 12 tokens), a few tokens, past the small-call limit (64 tokens)
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the one-token
+# kernel (one token; split inputs over 1024), the tile kernel with split inputs (3-12
+# tokens), and past the small-call limit (64 tokens)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
@@ -74,27 +75,12 @@ def kernel_errors() -> dict[str, float]:
     return errors
 
 
-# cases run again with float16 activations (4-bit codes decoded as 1024 + code without a
-# conversion; relative error of the whole product, float16 output). bfloat16 activations
-# cannot run under the interpreter (its bfloat16 arithmetic is wrong): they run on the GPU.
+# cases run again with float16 activations (relative error of the whole product, float16
+# output). bfloat16 activations cannot run under the interpreter (its bfloat16 arithmetic is
+# wrong): they run on the GPU.
 HALF_CASES = ("int4-g32-split", "int4-g128-nomin", "int4-g64-large", "int4-g32-tiles-split",
               "fp8-blocks")
 HALF_TOLERANCE = 1e-3
-
-
-def test_decoding_without_conversions_gives_the_codes_values():
-    """The bit patterns the tile kernel builds (triton_group_gemm._decode): 0x4300 | c is
-    bfloat16 128 + c, 0x6400 | c float16 1024 + c, and an E4M3 byte's bits moved into
-    bfloat16's fields its value times 2^-120 (subnormals too)."""
-    codes = torch.arange(16, dtype=torch.int16)
-    assert torch.equal((codes | 0x4300).view(torch.bfloat16).float(), 128 + codes.float())
-    assert torch.equal((codes | 0x6400).view(torch.float16).float(), 1024 + codes.float())
-    e4m3 = torch.arange(256, dtype=torch.int16)
-    values = e4m3.to(torch.uint8).view(FP8).float()
-    fields = ((e4m3 & 0x7F) << 4) | ((e4m3 & 0x80) << 8)
-    moved = fields.view(torch.bfloat16).float() * 2.0 ** 120
-    finite = ~values.isnan()
-    assert torch.equal(moved[finite], values[finite])
 
 
 def fp8_rows_error(generator: torch.Generator) -> float:
@@ -145,14 +131,15 @@ def test_the_torch_path_is_codes_times_scale_plus_min(name):
 
 def test_small_calls_split_the_inputs_and_large_ones_do_not():
     from pagoda.layers.quantization.triton_group_gemm import launch_config
-    decode = launch_config(1, 4096, 14336, 32, 132, 32)
-    assert decode["BLOCK_M"] == 16  # tiles of 16 rows from one token up
-    assert launch_config(65, 4096, 14336, 32, 132, 32)["BLOCK_M"] == 128
+    decode = launch_config(1, 4096, 14336, 32, 132)
+    assert decode["BLOCK_M"] == 0  # one token per program
+    assert launch_config(2, 4096, 14336, 32, 132)["BLOCK_M"] == 16
+    assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
     assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
     assert 14336 // decode["splits"] >= 512
-    assert launch_config(1, 28672, 4096, 32, 132, 32)["splits"] < decode["splits"]
-    assert launch_config(4096, 4096, 14336, 32, 132, 32)["splits"] == 1
-    assert launch_config(1, 4096, 576, 32, 132, 32)["splits"] == 1  # 9 chunks: no even split
+    assert launch_config(1, 28672, 4096, 32, 132)["splits"] < decode["splits"]
+    assert launch_config(4096, 4096, 14336, 32, 132)["splits"] == 1
+    assert launch_config(1, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
 
 
 def test_the_kernel_matches_the_dense_product_under_the_interpreter():
@@ -167,10 +154,10 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
         assert error < (HALF_TOLERANCE if name.endswith("-fp16") else 1e-5), (name, error)
 
 
-@pytest.mark.parametrize(("codes", "bits", "activations", "precision", "decode"), [
-    ("u8", 4, "bf16", "tf32", 1), ("u8", 4, "fp16", "tf32", 2), ("fp8e4nv", 8, "bf16", "tf32", 3),
-    ("u8", 8, "fp16", "tf32", 0), ("u8", 4, "fp32", "ieee", 0)])
-def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision, decode):
+@pytest.mark.parametrize(("codes", "bits", "activations", "precision"), [
+    ("u8", 4, "bf16", "tf32"), ("u8", 8, "fp16", "tf32"), ("fp8e4nv", 8, "bf16", "tf32"),
+    ("u8", 4, "fp32", "ieee")])
+def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
     from pagoda.layers.quantization.triton_group_gemm import (
         _group_gemm_kernel,
         _group_gemv_kernel,
@@ -183,9 +170,7 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision, dec
     layout = {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
               "STEP": 32 if bits == 4 else 16, "HAS_LOW": True}
     _compile_for_hopper(_group_gemm_kernel, {**pointers, "M": "i32", "N": "i32", **strides}, {
-        **layout, "SPAN": 128 if bits == 4 else 16, "DECODE": decode,
-        "MAGIC": {1: 128.0, 2: 1024.0}.get(decode, 0.0), "SCALE_FACTOR": 1.0, "BLOCK_M": 16,
-        "BLOCK_N": 64, "DOT_PRECISION": precision})
+        **layout, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
     _compile_for_hopper(_group_gemv_kernel, {**pointers, "N": "i32", **strides},
                         {**layout, "BLOCK_N": 128})
 
