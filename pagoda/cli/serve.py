@@ -257,25 +257,31 @@ def _parallel_problem(args: argparse.Namespace) -> str | None:
     split = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1
     if args.data_parallel_size < 1:
         return "--data-parallel-size must be at least 1"
-    if split and (args.config or len(args.model) > 1 or args.data_parallel_size > 1):
+    if split and (args.config or len(args.model) > 1):
         return ("--tensor-parallel-size and --pipeline-parallel-size need a single model "
-                "and one replica (several models and data-parallel replicas run on one "
-                "device each)")
+                "(several models share a device each)")
     if args.data_parallel_size > 1 and (args.config or len(args.model) > 1):
         return "--data-parallel-size serves one model; in a models file, set `replicas`"
     return None
 
 
 def replica_devices(args: argparse.Namespace, replicas: int) -> list[str]:
-    """One GPU per replica (cuda:0, cuda:1, ...) where --device allows and there are enough;
-    else none named: every replica on the default device."""
+    """Each replica's first GPU where --device allows and there are enough: cuda:0, cuda:S,
+    cuda:2S ... for replicas of S = tensor x pipeline ranks (a replica's ranks take the GPUs
+    from its first on). Else none named: every replica on the default device; on a GPU
+    machine too few GPUs for split replicas is a ConfigError (they would overlap)."""
     if replicas == 1 or args.device not in ("auto", "cuda"):
         return []
+    from pagoda.errors import ConfigError
     from pagoda.fleet.devices import gpus
     found = gpus()
-    if len(found) < replicas:
+    span = args.tensor_parallel_size * args.pipeline_parallel_size
+    if len(found) < replicas * span:
+        if span > 1 and found:
+            raise ConfigError(f"--data-parallel-size {replicas} with {span} ranks per replica "
+                              f"needs {replicas * span} GPUs; {len(found)} visible")
         return []
-    return [f"cuda:{i}" for i in range(replicas)]
+    return [f"cuda:{replica * span}" for replica in range(replicas)]
 
 
 def _stop(engine_starting) -> None:

@@ -224,7 +224,9 @@ class ModelManager:
         seqs = int(kwargs.get("max_num_seqs", 64))
         on_gpu = device.startswith("cuda")
         e = estimate(source, max_len, concurrency=1, dtype=kwargs.get("dtype") or "auto",
-                     device="cuda" if on_gpu else None,
+                     device="cuda" if on_gpu else None,  # one rank's share when split
+                     tp=int(kwargs.get("tensor_parallel_size") or 1),
+                     pp=int(kwargs.get("pipeline_parallel_size") or 1),
                      token_budget=int(kwargs.get("max_num_batched_tokens", 2048)),
                      max_num_seqs=seqs, quantization=kwargs.get("quantization"))
         demand = seqs * e.kv_bytes_per_seq + (e.kv_bytes - e.kv_bytes_per_seq)  # + null block

@@ -1,6 +1,7 @@
 """`pagoda serve` with parallel sizes: --data-parallel-size becomes engine replicas behind one
-endpoint (the fleet's replica router, as `replicas:` in a models file), and the sizes that
-cannot be combined yet stop it with one line and status 2."""
+endpoint (the fleet's replica router, as `replicas:` in a models file), each replica split
+over its own GPUs with -tp/-pp, and the sizes that cannot be combined stop it with one line
+and status 2."""
 
 from __future__ import annotations
 
@@ -27,9 +28,28 @@ def test_data_parallel_replicas_serve_one_model_through_the_replica_router(monke
     assert (spec.model, spec.name, spec.replicas, spec.devices) == ("tiny-dir", "tiny", 2, [])
 
 
+def test_split_replicas_take_their_ranks_gpus_in_turn(monkeypatch):
+    """-dp 2 -tp 2: two replicas of two tensor-parallel ranks each; with four GPUs the
+    second replica's ranks start at cuda:2."""
+    from pagoda.fleet import devices
+    monkeypatch.setattr(devices, "gpus", lambda: [object()] * 4)
+    status, fleet = serve(["tiny-dir", "-dp", "2", "-tp", "2"], monkeypatch)
+    assert status == 0
+    (spec,) = fleet.models
+    assert (spec.replicas, spec.devices) == (2, ["cuda:0", "cuda:2"])
+
+
+def test_split_replicas_on_too_few_gpus_are_refused(monkeypatch, capsys):
+    from pagoda.fleet import devices
+    monkeypatch.setattr(devices, "gpus", lambda: [object()] * 3)
+    status, fleet = serve(["tiny-dir", "-dp", "2", "-tp", "2"], monkeypatch)
+    assert (status, fleet) == (1, None)
+    assert "needs 4 GPUs; 3 visible" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, problem", [
-    (["m", "-dp", "2", "-tp", "2"], "need a single model and one replica"),
-    (["a", "b", "-pp", "2"], "need a single model and one replica"),
+    (["a", "b", "-tp", "2"], "need a single model"),
+    (["a", "b", "-pp", "2"], "need a single model"),
     (["a", "b", "-dp", "2"], "--data-parallel-size serves one model"),
     (["m", "-dp", "0"], "--data-parallel-size must be at least 1"),
 ])
