@@ -1,8 +1,17 @@
 """Admission control for one engine: bound the work in flight (requests, sequences, tokens
-owed) and shed a request that could not start within a bounded time, before it is queued."""
+owed) and shed a request that could not start within a bounded time, before it is queued.
+
+The time to start is predicted from what is in flight: a new sequence needs one of the
+engine's max_num_seqs slots; running sequences free theirs once they have produced the
+output tokens they still owe (at most: a stop or EOS ends them sooner), and sequences
+already waiting take freed slots first and hold them for their own outputs. Steps times the
+decode step time measured from the tokens streaming back gives seconds. An upper bound on
+the work ahead keeps the admitted requests' time to first token under the limit, rather
+than under it on average."""
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -10,9 +19,10 @@ from dataclasses import dataclass, field
 
 from pagoda.errors import PagodaError
 
-RATE_WINDOW_S = 60.0  # sequence completions counted for the start-time estimate
-MIN_RATE_SAMPLES = 4  # completions needed before the estimate is trusted
+RATE_WINDOW_S = 60.0  # sequence completions counted for the fallback estimate
+MIN_RATE_SAMPLES = 4  # completions needed before the fallback estimate is trusted
 MAX_RETRY_AFTER_S = 60.0
+STEP_TIME_WEIGHT = 0.05  # weight of each new sample in the decode step time's moving average
 
 
 class EngineOverloadedError(PagodaError):
@@ -56,6 +66,7 @@ class Work:
 class _Owed:
     prompt: int
     output: int
+    last_token_at: float | None = None  # when its latest tokens arrived (monotonic)
 
     @property
     def total(self) -> int:
@@ -73,6 +84,7 @@ class Admission:
     owed: dict[str, _Owed] = field(default_factory=dict)  # sequence id -> tokens owed
     tokens_owed: int = 0
     finished: deque[float] = field(default_factory=deque)  # completion times (monotonic)
+    step_time: float | None = None  # seconds per output token of a running sequence
 
     @property
     def sequences(self) -> int:
@@ -100,13 +112,32 @@ class Admission:
                        f"{limits.max_queue_wait:g} s)", wait)
 
     def expected_wait(self, sequences: int) -> float | None:
-        """Seconds until `sequences` new sequences would all be running, from the rate at
-        which sequences finished lately; 0 if there is room now, None if unknown."""
+        """Seconds until `sequences` new sequences would all be running: 0 if there is room
+        now; else the steps until enough slots free (`steps_to_start`) times the measured
+        step time, or before any step was measured the rate at which sequences finished
+        lately; None if neither is known."""
         ahead = self.sequences + sequences - self.max_num_seqs
         if ahead <= 0:
             return 0.0
+        if self.step_time is not None:
+            return self.steps_to_start(sequences) * self.step_time
         rate = self.finish_rate()
         return None if rate is None else ahead / rate
+
+    def steps_to_start(self, sequences: int) -> int:
+        """Decode steps until the last of `sequences` new sequences gets a slot, if every
+        sequence in flight produces all the tokens it owes: slots free as running sequences
+        finish; waiting ones (no token yet) take them first, in admission order."""
+        running = [o.output for o in self.owed.values() if o.prompt == 0]
+        free_at = running + [0] * max(0, self.max_num_seqs - len(running))
+        heapq.heapify(free_at)
+        for owed in self.owed.values():
+            if owed.prompt > 0:  # waiting: holds the next free slot for its outputs
+                heapq.heappush(free_at, heapq.heappop(free_at) + owed.output + 1)
+        start = 0
+        for _ in range(sequences):
+            start = heapq.heappop(free_at)
+        return start
 
     def finish_rate(self, now: float | None = None) -> float | None:
         now = time.monotonic() if now is None else now
@@ -127,10 +158,18 @@ class Admission:
         owed = self.owed.get(seq_id)
         if owed is None:
             return
+        now = time.monotonic()
+        if owed.last_token_at is not None and new_tokens > 0:  # a decode step's time
+            self._measure_step((now - owed.last_token_at) / new_tokens)
+        owed.last_token_at = now
         before = owed.total
         owed.prompt = 0
         owed.output = max(0, owed.output - new_tokens)
         self.tokens_owed -= before - owed.total
+
+    def _measure_step(self, seconds: float) -> None:
+        self.step_time = seconds if self.step_time is None else \
+            self.step_time + STEP_TIME_WEIGHT * (seconds - self.step_time)
 
     def finish_sequence(self, seq_id: str, completed: bool) -> None:
         owed = self.owed.pop(seq_id, None)

@@ -66,3 +66,36 @@ def test_unknown_rate_admits_within_the_other_bounds():
     adm.admit([f"s{i}" for i in range(4)], Work(4, 1, 1))
     assert adm.expected_wait(1) is None
     adm.check(Work(1, 1, 1))
+
+
+def running(adm: Admission, owed_outputs: list[int]) -> None:
+    """Sequences that have produced their first token and still owe `owed_outputs`."""
+    for i, owed in enumerate(owed_outputs):
+        adm.admit([f"r{i}"], Work(1, 10, owed + 1))
+        adm.progress(f"r{i}", 1)
+
+
+def test_slots_free_as_running_sequences_finish_their_owed_tokens():
+    adm = admission()
+    running(adm, [10, 20, 30, 40])  # every one of the 4 slots busy
+    assert adm.steps_to_start(1) == 10
+    assert adm.steps_to_start(2) == 20
+    adm.admit(["w0"], Work(1, 10, 5))  # waiting: takes the slot freed at 10, until 16
+    adm.admit(["w1"], Work(1, 10, 5))  # ... then that one, at 16, until 22
+    assert adm.steps_to_start(1) == 20  # the new one: the slot freed at 20
+
+
+def test_the_step_time_comes_from_the_tokens_streaming_back(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    adm = admission(max_queue_wait=1.0, max_sequences=100, max_tokens=10**9)
+    running(adm, [100, 100, 100, 100])
+    assert adm.step_time is None  # a first token says nothing about the step time
+    clock[0] += 0.2
+    for i in range(4):
+        adm.progress(f"r{i}", 4)  # 4 tokens in 0.2 s: 50 ms a step
+    assert adm.step_time == pytest.approx(0.05)
+    assert adm.expected_wait(1) == pytest.approx(96 * 0.05)  # they owe 96 more each
+    with pytest.raises(EngineOverloadedError, match="wait about 4.8 s") as info:
+        adm.check(Work(1, 1, 1))
+    assert info.value.retry_after == pytest.approx(4.8)
