@@ -64,8 +64,9 @@ def row_scales(scale: torch.Tensor, rows: int, columns: int,
     return scale.repeat_interleave(block_rows, dim=0)[offset:offset + rows]
 
 
-class Fp8WeightOnlyMethod(LinearMethod):
-    """A layer of float8 weights with row (and column block) scales, decoded per call."""
+class Fp8LinearMethod(LinearMethod):
+    """A layer of float8 weights with row (and column block) scales: on CUDA the group
+    kernel or FP8 tensor cores, elsewhere decoded per call."""
 
     def __init__(self, block: tuple[int, int] | None, at_load: bool = False) -> None:
         self.block = block
@@ -190,7 +191,7 @@ class Fp8Config(QuantizationConfig):
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         if skipped_module(prefix, self.skipped):
             return None
-        return Fp8WeightOnlyMethod(self.block, self.at_load)
+        return Fp8LinearMethod(self.block, self.at_load)
 
 
 class CompressedTensorsFp8Config(QuantizationConfig):
@@ -211,4 +212,4 @@ class CompressedTensorsFp8Config(QuantizationConfig):
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         if skipped_module(prefix, self.skipped):
             return None
-        return Fp8WeightOnlyMethod(self.block)
+        return Fp8LinearMethod(self.block)

@@ -2,10 +2,12 @@
 a min) per group of inputs. Each program computes a BLOCK_M x BLOCK_N tile of y over one
 split of the inputs: it loads a tile of codes (4-bit: a 32-byte-row tile of packed bytes,
 both nibbles used), decodes it in registers with the group's scale and min, and multiplies
-it with the matching tile of x on the tensor cores. Few-token calls (decode) split the inputs
-over several programs so that the weight reads spread over the whole GPU; their partial
-sums add up in float32. No autotuning and no host sync: the configuration is a function of
-the shapes, so CUDA graphs capture it."""
+it with the matching tile of x on the tensor cores. A one-token call runs another kernel,
+one program per tile of outputs, products accumulated elementwise in float32 and summed
+once. Few-token calls (decode) split the inputs over several programs so that the weight
+reads spread over the whole GPU; their partial sums add up in float32. No autotuning and no
+host sync: the configuration is a function of the shapes, so CUDA graphs capture it. Also
+here: per-token FP8 quantization of activations in one launch (fp8_rows)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_pt
 
 @triton.jit
 def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stride_xm,
-                       stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr, GROUP: tl.constexpr,
+                       stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
+                       GROUP: tl.constexpr,
                        BITS: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
