@@ -30,7 +30,8 @@ from triton.testing import do_bench_cudagraph
 from pagoda.bench.roofline import measure_ceilings
 from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
 from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
-from pagoda.layers.quantization.triton_group_gemm import group_gemm
+from pagoda.layers.quantization.triton_group_gemm import group_gemm, weight_config
+from pagoda.models.loader.checkpoint import weight_bytes
 
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                "down": (4096, 14336)}
@@ -52,11 +53,6 @@ def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min:
     return GroupQuantWeight(codes, scale, -scale if with_min else None, group, bits)
 
 
-def held_bytes(weight: GroupQuantWeight) -> int:
-    held = [weight.codes, weight.scale] + ([weight.low] if weight.low is not None else [])
-    return sum(t.numel() * t.element_size() for t in held)
-
-
 def layer_call(layout: str | None):
     """(one decoder layer's four products as a function of x, bytes of weights they read)."""
     if layout is None:
@@ -69,7 +65,7 @@ def layer_call(layout: str | None):
     def call(xs):
         return [scaled_mm(xs[n], w) if runs_on_tensor_cores(xs[n], w) else group_gemm(xs[n], w)
                 for n, w in weights.items()]
-    return call, sum(held_bytes(w) for w in weights.values())
+    return call, sum(weight_bytes(w) for w in weights.values())
 
 
 def inputs(tokens: int) -> dict[str, torch.Tensor]:
@@ -98,7 +94,7 @@ def sweep(bandwidth: float) -> list[dict]:
             default_ms = do_bench_cudagraph(lambda: group_gemm(x, weight), rep=20)
             row = {"layout": layout, "projection": name, "default_us": 1e3 * default_ms,
                    "best_us": 1e3 * best[0], "best": best[1],
-                   "best_fraction_of_bandwidth": held_bytes(weight) / (best[0] / 1e3) / bandwidth}
+                   "best_fraction_of_bandwidth": weight_bytes(weight) / (best[0] / 1e3) / bandwidth}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -107,21 +103,17 @@ def sweep(bandwidth: float) -> list[dict]:
 def one_token_kernels(bandwidth: float) -> list[dict]:
     """At one token, per layout: the tile kernel (16-row tiles, tensor cores) against the
     one-token-per-program kernel, both with launch_config's splits."""
-    from pagoda.layers.quantization.triton_group_gemm import _multiprocessors, launch_config
     rows = []
     for layout in LAYOUTS:
         weights = {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
         xs = inputs(1)
         times = {}
         for kernel, block_m in (("tile", 16), ("one-token", 0)):
-            configs = {}
-            for n, w in weights.items():
-                config = launch_config(1, w.out_features, w.in_features,
-                                       min(32, w.group_size), _multiprocessors(0))
-                configs[n] = config | {"BLOCK_M": block_m}
+            configs = {n: weight_config(1, w, 0) | {"BLOCK_M": block_m}
+                       for n, w in weights.items()}
             times[kernel] = do_bench_cudagraph(
                 lambda: [group_gemm(xs[n], w, configs[n]) for n, w in weights.items()], rep=50)
-        nbytes = sum(held_bytes(w) for w in weights.values())
+        nbytes = sum(weight_bytes(w) for w in weights.values())
         row = {"layout": layout, "tile_us": 1e3 * times["tile"],
                "one_token_us": 1e3 * times["one-token"],
                "tile_fraction_of_bandwidth": nbytes / (times["tile"] / 1e3) / bandwidth}
@@ -156,7 +148,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['layout']:>13} {tokens:>6} {row['us']:>8.1f} {row['gb_s']:>7.0f} "
                   f"{100 * row['fraction_of_bandwidth']:>5.1f}% {row['speedup_over_bf16']:>6.2f}x",
                   flush=True)
-            del call
     result["one_token_kernels"] = one_token_kernels(ceil.bandwidth)
     if args.sweep:
         result["sweep"] = sweep(ceil.bandwidth)

@@ -113,7 +113,7 @@ class Int4CheckpointMethod(LinearMethod):
         if device.type == "cuda" and not supports(layer.local_in, self.config.group_size, 4):
             raise UnsupportedModelError(
                 f"{self.config.name} weights on CUDA need groups of a multiple of 32 inputs "
-                f"and a multiple of 64 inputs ({layer.local_in}, group "
+                f"and a layer width a multiple of 64 (width {layer.local_in}, group "
                 f"{self.config.group_size})")
         if device.type != "cuda" and not int4_packable(device, layer.local_in,
                                                        self.config.group_size):

@@ -17,7 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.quantization.group_gemm import CHUNK, HALF, SMALL_M, GroupQuantWeight
+from pagoda.layers.quantization.group_gemm import (
+    CHUNK,
+    FP8,
+    HALF,
+    SMALL_M,
+    GroupQuantWeight,
+)
 
 # calls of at most SMALL_M tokens split the inputs into about TARGET_PROGRAMS programs per
 # streaming multiprocessor, each split covering at least MIN_SPLIT_INPUTS inputs (a sweep on
@@ -50,9 +56,8 @@ def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_pt
 @triton.jit
 def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stride_xm,
                        stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
-                       GROUP: tl.constexpr,
-                       BITS: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
+                       HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,6 +170,18 @@ def launch_config(tokens: int, out_features: int, in_features: int, step: int,
             "num_warps": 8 if large else 4, "num_stages": 3 if large else 4}
 
 
+def weight_config(tokens: int, weight: GroupQuantWeight, device_index: int | None
+                  ) -> dict[str, int]:
+    """launch_config for a call of `tokens` rows on `weight` (device None: the interpreter)."""
+    return launch_config(tokens, weight.out_features, weight.in_features,
+                         _step(weight), _multiprocessors(device_index))
+
+
+def _step(weight: GroupQuantWeight) -> int:
+    """Inputs per decoded tile: a 4-bit half chunk, or a group if shorter."""
+    return min(HALF, weight.group_size)
+
+
 def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
                config: dict[str, int] | None = None) -> torch.Tensor:
     """x [..., in] @ weight^T -> [..., out] in x's dtype; `config` overrides launch_config's
@@ -173,9 +190,7 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     tokens, out_features = flat.shape[0], weight.out_features
-    step = min(HALF, weight.group_size)
-    config = dict(config or launch_config(tokens, out_features, weight.in_features, step,
-                                          _multiprocessors(x.device.index if x.is_cuda else None)))
+    config = dict(config or weight_config(tokens, weight, x.device.index if x.is_cuda else None))
     splits = config.pop("splits")
     if splits == 1:
         out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
@@ -184,7 +199,7 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
     codes = weight.codes_by_input()
     low = weight.low if weight.low is not None else weight.scale
     shared = {"K_SPLIT": weight.in_features // splits, "GROUP": weight.group_size,
-              "BITS": weight.bits, "STEP": step, "HAS_LOW": weight.low is not None}
+              "BITS": weight.bits, "STEP": _step(weight), "HAS_LOW": weight.low is not None}
     block_m = config.pop("BLOCK_M")
     grid_n = triton.cdiv(out_features, config["BLOCK_N"])
     if block_m == 0:
@@ -219,7 +234,7 @@ def fp8_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tenso
     """[tokens, K] -> float8 values and a float32 scale per token [tokens, 1] (the row's
     absolute max over `fp8_max`), in one launch."""
     tokens, width = x.shape
-    values = torch.empty(tokens, width, dtype=torch.float8_e4m3fn, device=x.device)
+    values = torch.empty(tokens, width, dtype=FP8, device=x.device)
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(width)
     _fp8_rows_kernel[(tokens,)](x, values, scale, width, x.stride(0), FP8_MAX=fp8_max,
