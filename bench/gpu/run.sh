@@ -61,7 +61,7 @@ run_stage() {
     # issue 18: the quantized kernels at the 8B's layer shapes, then decode-1 and throughput
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
-                     ${QUANT_SWEEP:+--sweep} 2>&1 | tail -70 ;;
+                     ${QUANT_SWEEP:+--sweep} ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
     quant-decode1) for q in bf16 fp8 awq; do
                      case $q in bf16) m=$B8 flag= ;; fp8) m=$B8 flag="--quantization fp8" ;;
                                 awq) m=$B8-awq flag= ;; esac

@@ -8,9 +8,10 @@ fraction of the device-copy bandwidth measured in the same run, and the speed-up
 bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
 128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
 Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Then, at one token, the tile
-kernel against the one-token-per-program kernel per layout. `--sweep` also times a grid
-of launch configurations at one token (one token per program or 16-row tiles; 4-bit groups
-of 128 and FP8 per row; qkv and down) and prints the best per projection.
+kernel against the one-token kernel per layout. Every timed call reads enough distinct
+weights (copies) that the L2 cache holds none of them from one call to the next. `--sweep`
+also times the one-token kernel's launch configurations per projection for 4-bit groups of
+128 and FP8 per row and prints the best against the default.
 
     PYTHONPATH=. python bench/kernels/quant_bench.py [--sweep] [--output-json PATH]
 """
@@ -40,6 +41,7 @@ LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, Tr
            "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False)}
 TOKENS = [1, 4, 8, 16, 64, 256, 2048]
+L2_FLUSH_BYTES = 256 << 20  # weights read per timed call: several times the H200's L2
 
 
 def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
@@ -53,19 +55,31 @@ def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min:
     return GroupQuantWeight(codes, scale, -scale if with_min else None, group, bits)
 
 
-def layer_call(layout: str | None):
-    """(one decoder layer's four products as a function of x, bytes of weights they read)."""
+def layer_weights(layout: str | None) -> dict:
+    """One decoder layer's four weights in `layout` (None: bfloat16)."""
     if layout is None:
-        weights = {n: torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.02
-                   for n, (o, i) in PROJECTIONS.items()}
-        return (lambda xs: [F.linear(xs[n], w) for n, w in weights.items()],
-                sum(w.numel() * 2 for w in weights.values()))
-    weights = {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
+        return {n: torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.02
+                for n, (o, i) in PROJECTIONS.items()}
+    return {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
+
+
+def product(x: torch.Tensor, weight) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    return scaled_mm(x, weight) if runs_on_tensor_cores(x, weight) else group_gemm(x, weight)
+
+
+def layers_call(layout: str | None):
+    """(the four products of enough distinct layers that the L2 cache holds none of them
+    between calls, as a function of x; the layers; bytes of weights one layer reads)."""
+    first = layer_weights(layout)
+    nbytes = sum(w.numel() * 2 if isinstance(w, torch.Tensor) else weight_bytes(w)
+                 for w in first.values())
+    layers = [first] + [layer_weights(layout) for _ in range(-(-L2_FLUSH_BYTES // nbytes) - 1)]
 
     def call(xs):
-        return [scaled_mm(xs[n], w) if runs_on_tensor_cores(xs[n], w) else group_gemm(xs[n], w)
-                for n, w in weights.items()]
-    return call, sum(weight_bytes(w) for w in weights.values())
+        return [product(xs[n], w) for layer in layers for n, w in layer.items()]
+    return call, len(layers), nbytes
 
 
 def inputs(tokens: int) -> dict[str, torch.Tensor]:
@@ -73,50 +87,75 @@ def inputs(tokens: int) -> dict[str, torch.Tensor]:
             for n, (_, i) in PROJECTIONS.items()}
 
 
+def distinct_copies(outputs: int, inputs: int, layout: str) -> list[GroupQuantWeight]:
+    """Enough copies of one projection's weights (at least L2_FLUSH_BYTES in all) that a
+    call over all of them reads every byte from memory, not from the L2 cache."""
+    first = quantized(outputs, inputs, *LAYOUTS[layout])
+    count = -(-L2_FLUSH_BYTES // weight_bytes(first))
+    return [first] + [quantized(outputs, inputs, *LAYOUTS[layout]) for _ in range(count - 1)]
+
+
 def sweep(bandwidth: float) -> list[dict]:
-    """Launch configurations at one token, per projection and layout; the best ones."""
+    """The one-token kernel's launch configurations per projection and layout, coordinate
+    by coordinate (column tile and splits, then tiles per iteration and warps); the best
+    against the default."""
     rows = []
     for layout in ("int4-g128", "fp8-row"):
-        for name in ("qkv", "down"):
-            outputs, ins = PROJECTIONS[name]
-            weight = quantized(outputs, ins, *LAYOUTS[layout])
+        for name, (outputs, ins) in PROJECTIONS.items():
+            weights = distinct_copies(outputs, ins, layout)
             x = torch.randn(1, ins, device="cuda", dtype=torch.bfloat16)
-            best = None
-            for block_m, block_n, splits, stages in itertools.product(
-                    (0, 16), (64, 128, 256), (1, 4, 8, 16), (3, 5)):
-                if ins % (splits * 64) or ins // splits < 256:
-                    continue
-                config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
-                          "num_warps": 4, "num_stages": stages}
-                ms = do_bench_cudagraph(lambda: group_gemm(x, weight, config), rep=10)
-                if best is None or ms < best[0]:
-                    best = (ms, config)
-            default_ms = do_bench_cudagraph(lambda: group_gemm(x, weight), rep=20)
-            row = {"layout": layout, "projection": name, "default_us": 1e3 * default_ms,
-                   "best_us": 1e3 * best[0], "best": best[1],
-                   "best_fraction_of_bandwidth": weight_bytes(weight) / (best[0] / 1e3) / bandwidth}
+
+            def timed(config):
+                ms = do_bench_cudagraph(
+                    lambda: [group_gemm(x, w, config) for w in weights], rep=20)
+                return 1e3 * ms / len(weights)
+            default = weight_config(1, weights[0], 0)
+            best = (timed(default), default)
+            for block_n, splits in itertools.product((64, 128, 256), (1, 2, 4, 8, 16, 32)):
+                best = min(best, _try(timed, ins, best[1] | {"BLOCK_N": block_n,
+                                                             "splits": splits}),
+                           key=lambda r: r[0])
+            for unroll, warps in itertools.product((1, 2, 4, 8), (4, 8)):
+                best = min(best, _try(timed, ins, best[1] | {"UNROLL": unroll,
+                                                             "num_warps": warps}),
+                           key=lambda r: r[0])
+            nbytes = weight_bytes(weights[0])
+            row = {"layout": layout, "projection": name, "default": default,
+                   "default_us": timed(default), "best_us": best[0], "best": best[1],
+                   "default_fraction_of_bandwidth": nbytes / timed(default) / 1e-6 / bandwidth,
+                   "best_fraction_of_bandwidth": nbytes / best[0] / 1e-6 / bandwidth}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
 
 
+def _try(timed, inputs: int, config: dict) -> tuple[float, dict]:
+    """(microseconds, config), infinite where the splits do not divide the inputs."""
+    if inputs % (config["splits"] * config["UNROLL"] * 64):
+        return float("inf"), config
+    return timed(config), config
+
+
 def one_token_kernels(bandwidth: float) -> list[dict]:
-    """At one token, per layout: the tile kernel (16-row tiles, tensor cores) against the
-    one-token-per-program kernel, both with launch_config's splits."""
+    """At one token, per layout: the tile kernel (16-row tiles, tensor cores, its few-token
+    configuration) against the one-token kernel."""
     rows = []
     for layout in LAYOUTS:
-        weights = {n: quantized(o, i, *LAYOUTS[layout]) for n, (o, i) in PROJECTIONS.items()}
+        weights = layer_weights(layout)
+        copies = -(-L2_FLUSH_BYTES // sum(weight_bytes(w) for w in weights.values()))
+        layers = [weights] + [layer_weights(layout) for _ in range(copies - 1)]
         xs = inputs(1)
         times = {}
-        for kernel, block_m in (("tile", 16), ("one-token", 0)):
-            configs = {n: weight_config(1, w, 0) | {"BLOCK_M": block_m}
-                       for n, w in weights.items()}
+        for kernel, tokens in (("tile", 2), ("one-token", 1)):
+            configs = {n: weight_config(tokens, w, 0) for n, w in weights.items()}
             times[kernel] = do_bench_cudagraph(
-                lambda: [group_gemm(xs[n], w, configs[n]) for n, w in weights.items()], rep=50)
+                lambda: [group_gemm(xs[n], w, configs[n]) for layer in layers
+                         for n, w in layer.items()], rep=50) / len(layers)
         nbytes = sum(weight_bytes(w) for w in weights.values())
         row = {"layout": layout, "tile_us": 1e3 * times["tile"],
                "one_token_us": 1e3 * times["one-token"],
-               "tile_fraction_of_bandwidth": nbytes / (times["tile"] / 1e3) / bandwidth}
+               "one_token_fraction_of_bandwidth":
+                   nbytes / (times["one-token"] / 1e3) / bandwidth}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -137,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         xs = inputs(tokens)
         base_ms = None
         for layout in [None, *LAYOUTS]:
-            call, nbytes = layer_call(layout)
-            ms = do_bench_cudagraph(lambda: call(xs), rep=50)
+            call, layers, nbytes = layers_call(layout)
+            ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
             base_ms = base_ms or ms
             row = {"layout": layout or "bf16", "tokens": tokens, "us": 1e3 * ms,
                    "weight_bytes": nbytes, "gb_s": nbytes / ms / 1e6,

@@ -34,6 +34,10 @@ MIN_SPLIT_INPUTS = 512
 # kernel at one token (127 against 141 us for an 8B layer's FP8 projections) and lost at 4
 # and 8 (each token reads the weights again)
 GEMV_TOKENS = 1
+# the one-token kernel's column tile, tiles loaded per iteration and warps
+GEMV_BLOCK_N = 128
+GEMV_UNROLL = 4
+GEMV_WARPS = 4
 
 
 @triton.jit
@@ -90,54 +94,73 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stri
 
 
 @triton.jit
-def _gemv_step(acc, acc_low, x_ptr, codes, k, n, n_ok, N, scale_ptr, low_ptr,
-               GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr):
-    """acc [STEP, BLOCK_N] += code * scale * x (one group's STEP inputs); acc_low += min *
-    the inputs' sum (every code of a group shares its min)."""
-    group = k // GROUP
-    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + k + tl.arange(0, STEP)).to(tl.float32)
-    acc += codes.to(tl.float32) * (x[:, None] * scale[None, :])
+def _gemv_tiles(acc, acc_low, x_ptr, codes, k, rows, n, n_ok, N, scale_ptr, low_ptr,
+                GROUP: tl.constexpr, HAS_LOW: tl.constexpr):
+    """acc [STEP, BLOCK_N] += sum over the UNROLL tiles of code * scale * x, for `codes`
+    [UNROLL, STEP, BLOCK_N] whose tile u holds inputs k[u] + rows (one group's); acc_low +=
+    min * the inputs' sum (every code of a group shares its min)."""
+    group = k // GROUP  # [UNROLL, 1]
+    scale = tl.load(scale_ptr + group * N + n[None, :], mask=n_ok[None, :],
+                    other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + k[:, :, None] + rows[None, :, None]).to(tl.float32)  # [U, STEP, 1]
+    acc += tl.sum(codes.to(tl.float32) * (x * scale[:, None, :]), axis=0)
     if HAS_LOW:
-        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-        acc_low += low * tl.sum(x, axis=0)
+        low = tl.load(low_ptr + group * N + n[None, :], mask=n_ok[None, :],
+                      other=0.0).to(tl.float32)
+        acc_low += tl.sum(low * tl.sum(x, axis=1), axis=0)
     return acc, acc_low
 
 
 @triton.jit
-def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, N, stride_xm, stride_ck,
-                       stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
+def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                       N, stride_ck, stride_cn, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                        GROUP: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
-                       HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One token's outputs (program axis 0) without tensor cores: products accumulate
-    elementwise over the split's inputs and are summed once at the end."""
-    x_ptr += tl.program_id(0) * stride_xm
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(2)
+                       HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """One token's BLOCK_N outputs (program axis 0) over one split of the inputs (axis 1),
+    without tensor cores: each iteration loads UNROLL tiles of codes at once (more bytes in
+    flight), products accumulate elementwise and are summed once. With several splits, each
+    program stores its float32 partial sums and counts itself done on its column tile's
+    counter; the last one adds the partials in split order, stores the output and resets
+    the counter for the next call (no second launch)."""
+    n_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     rows = tl.arange(0, STEP)
+    codes_at = rows[None, :, None] * stride_ck + n[None, None, :] * stride_cn
+    unrolled = tl.arange(0, UNROLL)[:, None]
     acc = tl.zeros((STEP, BLOCK_N), dtype=tl.float32)
     acc_low = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first = split * K_SPLIT
-    if BITS == 4:
-        for offset in range(0, K_SPLIT, 2 * STEP):
-            k = first + offset
-            packed = tl.load(codes_ptr + (k // 2 + rows)[:, None] * stride_ck
-                             + n[None, :] * stride_cn, mask=n_ok[None, :])
-            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, packed & 15, k, n, n_ok, N,
-                                      scale_ptr, low_ptr, GROUP, STEP, HAS_LOW)
-            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, packed >> 4, k + STEP, n, n_ok, N,
-                                      scale_ptr, low_ptr, GROUP, STEP, HAS_LOW)
+    if BITS == 4:  # tile u: the chunk of 2 * STEP inputs at k[u], STEP rows of bytes
+        for offset in range(0, K_SPLIT, 2 * STEP * UNROLL):
+            k = first + offset + unrolled * (2 * STEP)
+            packed = tl.load(codes_ptr + (k // 2)[:, :, None] * stride_ck + codes_at,
+                             mask=n_ok[None, None, :])
+            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, packed & 15, k, rows, n, n_ok, N,
+                                       scale_ptr, low_ptr, GROUP, HAS_LOW)
+            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, packed >> 4, k + STEP, rows, n,
+                                       n_ok, N, scale_ptr, low_ptr, GROUP, HAS_LOW)
     else:
-        for offset in range(0, K_SPLIT, STEP):
-            k = first + offset
-            codes = tl.load(codes_ptr + (k + rows)[:, None] * stride_ck + n[None, :] * stride_cn,
-                            mask=n_ok[None, :])
-            acc, acc_low = _gemv_step(acc, acc_low, x_ptr, codes, k, n, n_ok, N, scale_ptr,
-                                      low_ptr, GROUP, STEP, HAS_LOW)
+        for offset in range(0, K_SPLIT, STEP * UNROLL):
+            k = first + offset + unrolled * STEP
+            codes = tl.load(codes_ptr + k[:, :, None] * stride_ck + codes_at,
+                            mask=n_ok[None, None, :])
+            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, codes, k, rows, n, n_ok, N,
+                                       scale_ptr, low_ptr, GROUP, HAS_LOW)
     total = tl.sum(acc, axis=0) + acc_low
-    out = out_ptr + split * stride_os + tl.program_id(0) * stride_om + n
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+    if SPLITS == 1:
+        tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(partial_ptr + split * N + n, total, mask=n_ok)
+        tl.debug_barrier()  # every thread's partial sums stored before the count
+        if tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel") == SPLITS - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for part in tl.static_range(SPLITS):
+                total += tl.load(partial_ptr + part * N + n, mask=n_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(count_ptr + n_tile, 0)
 
 
 @functools.cache
@@ -150,24 +173,36 @@ def _multiprocessors(device_index: int | None) -> int:
 def launch_config(tokens: int, out_features: int, in_features: int, step: int,
                   multiprocessors: int) -> dict[str, int]:
     """Tile sizes, input splits and warps for a call of `tokens` rows (BLOCK_M 0: the
-    one-token-per-program kernel, for at most GEMV_TOKENS)."""
+    one-token kernel, for at most GEMV_TOKENS, with UNROLL tiles per iteration)."""
     if tokens <= GEMV_TOKENS:
-        block_m, block_n = 0, 128
-    else:
-        block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
-        block_n = 128
+        unroll = GEMV_UNROLL
+        while in_features % (unroll * CHUNK):
+            unroll //= 2
+        splits = _splits(tokens * triton.cdiv(out_features, GEMV_BLOCK_N), in_features,
+                         unroll * CHUNK, multiprocessors)
+        return {"BLOCK_M": 0, "BLOCK_N": GEMV_BLOCK_N, "UNROLL": unroll, "splits": splits,
+                "num_warps": GEMV_WARPS, "num_stages": 1}
+    block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
+    block_n = 128
     splits = 1
     if tokens <= SMALL_M:
-        tiles = (tokens if block_m == 0 else triton.cdiv(tokens, block_m)) * \
-            triton.cdiv(out_features, block_n)
-        unit = max(step, CHUNK)
-        while (tiles * splits * 2 <= TARGET_PROGRAMS * multiprocessors
-               and in_features % (2 * splits * unit) == 0
-               and in_features // (2 * splits) >= MIN_SPLIT_INPUTS):
-            splits *= 2
+        splits = _splits(triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n),
+                         in_features, max(step, CHUNK), multiprocessors)
     large = tokens > SMALL_M
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
             "num_warps": 8 if large else 4, "num_stages": 3 if large else 4}
+
+
+def _splits(tiles: int, in_features: int, unit: int, multiprocessors: int) -> int:
+    """Input splits (a power of two) for `tiles` output tiles: about TARGET_PROGRAMS
+    programs per multiprocessor, each split a whole number of `unit`s of inputs and at
+    least MIN_SPLIT_INPUTS."""
+    splits = 1
+    while (tiles * splits * 2 <= TARGET_PROGRAMS * multiprocessors
+           and in_features % (2 * splits * unit) == 0
+           and in_features // (2 * splits) >= MIN_SPLIT_INPUTS):
+        splits *= 2
+    return splits
 
 
 def weight_config(tokens: int, weight: GroupQuantWeight, device_index: int | None
@@ -189,32 +224,78 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    tokens, out_features = flat.shape[0], weight.out_features
-    config = dict(config or weight_config(tokens, weight, x.device.index if x.is_cuda else None))
+    config = dict(config or weight_config(flat.shape[0], weight,
+                                          x.device.index if x.is_cuda else None))
+    block_m = config.pop("BLOCK_M")
+    if block_m == 0:
+        rows = [_gemv(row, weight, dict(config)) for row in flat.split(1)]
+        out = rows[0] if len(rows) == 1 else torch.cat(rows)
+    else:
+        out = _tile_gemm(flat, weight, block_m, config)
+    return out.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _layout(weight: GroupQuantWeight) -> dict:
+    """The kernels' arguments describing the weight (codes by input, scales, mins)."""
+    codes = weight.codes_by_input()
+    return {"codes_ptr": codes, "scale_ptr": weight.scale,
+            "low_ptr": weight.low if weight.low is not None else weight.scale,
+            "stride_ck": codes.stride(0), "stride_cn": codes.stride(1),
+            "GROUP": weight.group_size, "BITS": weight.bits, "STEP": _step(weight),
+            "HAS_LOW": weight.low is not None}
+
+
+def _gemv(x: torch.Tensor, weight: GroupQuantWeight, config: dict[str, int]) -> torch.Tensor:
+    """One token [1, in] @ weight^T with the one-token kernel, its splits reduced in-kernel."""
+    splits, out_features = config.pop("splits"), weight.out_features
+    grid_n = triton.cdiv(out_features, config["BLOCK_N"])
+    out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
+    partial = out if splits == 1 else torch.empty(splits, out_features, dtype=torch.float32,
+                                                  device=x.device)
+    _group_gemv_kernel[(grid_n, splits)](
+        x, out_ptr=out, partial_ptr=partial, count_ptr=_split_counters(x.device, grid_n),
+        N=out_features, K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        **_layout(weight), **config)
+    return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per column tile, for the one-token kernel's in-kernel
+    reduction; every launch leaves them zero again, so one set per device serves every
+    layer of a stream. A call under CUDA-graph capture before any eager call gets its own
+    (captured with its zeroing)."""
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= tiles:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
+def _tile_gemm(x: torch.Tensor, weight: GroupQuantWeight, block_m: int,
+               config: dict[str, int]) -> torch.Tensor:
+    """x [tokens, in] @ weight^T with the tile kernel; split inputs summed after."""
     splits = config.pop("splits")
+    tokens, out_features = x.shape[0], weight.out_features
     if splits == 1:
         out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(splits, tokens, out_features, dtype=torch.float32, device=x.device)
-    codes = weight.codes_by_input()
-    low = weight.low if weight.low is not None else weight.scale
-    shared = {"K_SPLIT": weight.in_features // splits, "GROUP": weight.group_size,
-              "BITS": weight.bits, "STEP": _step(weight), "HAS_LOW": weight.low is not None}
-    block_m = config.pop("BLOCK_M")
-    grid_n = triton.cdiv(out_features, config["BLOCK_N"])
-    if block_m == 0:
-        _group_gemv_kernel[(tokens, grid_n, splits)](
-            flat, codes, weight.scale, low, out, out_features, flat.stride(0), codes.stride(0),
-            codes.stride(1), out_features, tokens * out_features, **shared, **config)
-    else:
-        _group_gemm_kernel[(triton.cdiv(tokens, block_m), grid_n, splits)](
-            flat, codes, weight.scale, low, out, tokens, out_features, flat.stride(0),
-            codes.stride(0), codes.stride(1), out_features, tokens * out_features, **shared,
-            BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            **config)
+    layout = _layout(weight)
+    grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
+    _group_gemm_kernel[grid](
+        x, layout.pop("codes_ptr"), layout.pop("scale_ptr"), layout.pop("low_ptr"), out,
+        tokens, out_features, x.stride(0), layout.pop("stride_ck"), layout.pop("stride_cn"),
+        out_features, tokens * out_features, K_SPLIT=weight.in_features // splits, **layout,
+        BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **config)
     if splits > 1:
         out = out.sum(0).to(x.dtype)
-    return out.reshape(*x.shape[:-1], out_features)
+    return out
 
 
 @triton.jit

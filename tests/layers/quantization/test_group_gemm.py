@@ -26,10 +26,11 @@ from pagoda.layers.quantization.group_gemm import (
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the one-token
-# kernel (one token; split inputs over 1024), the tile kernel with split inputs (3-12
-# tokens), and past the small-call limit (64 tokens)
+# kernel (one token; its inputs split, and reduced in the kernel, from 1024), the tile
+# kernel with split inputs (3-12 tokens), and past the small-call limit (64 tokens)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
+    "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
     "int4-g32-tiles-split": (12, 40, 1024, 32, 4, True, False),
@@ -72,7 +73,14 @@ def kernel_errors() -> dict[str, float]:
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
     errors["fp8-rows"] = fp8_rows_error(generator)
+    errors["split-counters-left-nonzero"] = float(split_counters_left())
     return errors
+
+
+def split_counters_left() -> int:
+    """How many of the one-token kernel's split counters are not back at zero."""
+    from pagoda.layers.quantization.triton_group_gemm import _COUNTERS
+    return sum(int(counters.count_nonzero()) for counters in _COUNTERS.values())
 
 
 # cases run again with float16 activations (relative error of the whole product, float16
@@ -126,7 +134,9 @@ def test_the_torch_path_is_codes_times_scale_plus_min(name):
         decoded += low.half().float().repeat_interleave(group, dim=1)
     torch.testing.assert_close(weight.dequantize(torch.float32), decoded)
     x = torch.randn(3, inputs, generator=generator)
-    torch.testing.assert_close(weight(x), x @ decoded.t(), rtol=1e-5, atol=1e-4)
+    expected = x @ decoded.t()  # float32 sums of up to 2,048 terms: rounding by magnitude
+    torch.testing.assert_close(weight(x), expected, rtol=1e-5,
+                               atol=1e-6 * float(expected.abs().max()) + 1e-4)
 
 
 def test_small_calls_split_the_inputs_and_large_ones_do_not():
@@ -149,9 +159,10 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
-    assert set(errors) == set(CASES) | {f"{n}-fp16" for n in HALF_CASES} | {"fp8-rows"}
+    assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
+                           | {"fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
-        assert error < (HALF_TOLERANCE if name.endswith("-fp16") else 1e-5), (name, error)
+        assert error < (HALF_TOLERANCE if name.endswith("-fp16") else 5e-5), (name, error)
 
 
 @pytest.mark.parametrize(("codes", "bits", "activations", "precision"), [
@@ -171,8 +182,9 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
               "STEP": 32 if bits == 4 else 16, "HAS_LOW": True}
     _compile_for_hopper(_group_gemm_kernel, {**pointers, "M": "i32", "N": "i32", **strides}, {
         **layout, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
-    _compile_for_hopper(_group_gemv_kernel, {**pointers, "N": "i32", **strides},
-                        {**layout, "BLOCK_N": 128})
+    _compile_for_hopper(_group_gemv_kernel, {
+        **pointers, "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "stride_ck": "i32",
+        "stride_cn": "i32"}, {**layout, "SPLITS": 4, "BLOCK_N": 128, "UNROLL": 4})
 
 
 if __name__ == "__main__":
