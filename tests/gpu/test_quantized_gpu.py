@@ -123,16 +123,17 @@ def test_graphs_replay_the_eager_products(layout):
         torch.testing.assert_close(captured, group_gemm(x, weight), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("layout", ["int4-g128", "int8-g32", "fp8-row"])
-def test_one_token_split_sums_are_the_same_on_every_call(layout):
-    """The one-token kernel's splits are added by whichever program finishes last, in split
-    order: repeated calls (shapes with many splits, interleaved) give identical bits, and
-    the counters are back at zero after."""
+def test_split_sums_are_the_same_on_every_call(layout, tokens):
+    """Split inputs are added by whichever program of a tile finishes last, in split order:
+    repeated calls (shapes with many splits, interleaved) give identical bits, and the
+    counters are back at zero after."""
     from pagoda.layers.quantization.triton_group_gemm import _COUNTERS
     calls = []
     for outputs, inputs in (*SHAPES.values(), (28672, 4096), (4096, 4096)):
         weight = random_weight(outputs, inputs, *LAYOUTS[layout])
-        calls.append((torch.randn(1, inputs, device="cuda", dtype=torch.bfloat16), weight))
+        calls.append((torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16), weight))
     first = [group_gemm(x, weight) for x, weight in calls]
     for _ in range(100):
         for (x, weight), expected in zip(calls, first):

@@ -3,11 +3,12 @@ a min) per group of inputs. Each program computes a BLOCK_M x BLOCK_N tile of y 
 split of the inputs: it loads a tile of codes (4-bit: a 32-byte-row tile of packed bytes,
 both nibbles used), decodes it in registers with the group's scale and min, and multiplies
 it with the matching tile of x on the tensor cores. A one-token call runs another kernel,
-one program per tile of outputs, products accumulated elementwise in float32 and summed
-once. Few-token calls (decode) split the inputs over several programs so that the weight
-reads spread over the whole GPU; their partial sums add up in float32. No autotuning and no
-host sync: the configuration is a function of the shapes, so CUDA graphs capture it. Also
-here: per-token FP8 quantization of activations in one launch (fp8_rows)."""
+one program per tile of outputs, several tiles of codes loaded per iteration, products
+accumulated elementwise in float32 and summed once. Few-token calls (decode) split the
+inputs over several programs so that the weight reads spread over the whole GPU; the last
+program of a tile to finish adds the splits' float32 partial sums (no second launch). No
+autotuning and no host sync: the configuration is a function of the shapes, so CUDA graphs
+capture it. Also here: per-token FP8 quantization of activations in one launch (fp8_rows)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_pt
 
 
 @triton.jit
-def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stride_xm,
-                       stride_ck, stride_cn, stride_om, stride_os, K_SPLIT: tl.constexpr,
-                       GROUP: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
-                       HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                       M, N, stride_xm, stride_ck, stride_cn, K_SPLIT: tl.constexpr,
+                       SPLITS: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                       STEP: tl.constexpr, HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -89,8 +90,30 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, M, N, stri
             acc = _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm,
                                 scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION)
     # (columns past N load undefined codes: their sums are never stored)
-    out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _store_split_sums(acc, out_ptr, m[:, None] * N + n[None, :], m_ok[:, None] & n_ok[None, :],
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+
+
+@triton.jit
+def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
+                      SPLITS: tl.constexpr):
+    """Store a program's float32 sums over its split of the inputs at out_ptr + at. With
+    several splits: each program stores them as partials (split_stride apart) and counts
+    itself done on its tile's counter; the last one adds the partials in split order, stores
+    the output and resets the counter for the next call (no second launch)."""
+    if SPLITS == 1:
+        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(partial_ptr + split * split_stride + at, total, mask=ok)
+        tl.debug_barrier()  # every thread's partial sums stored before the count
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
+            total = tl.zeros_like(total)
+            for part in tl.static_range(SPLITS):
+                total += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
 @triton.jit
@@ -118,10 +141,7 @@ def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
     """One token's BLOCK_N outputs (program axis 0) over one split of the inputs (axis 1),
     without tensor cores: each iteration loads UNROLL tiles of codes at once (more bytes in
-    flight), products accumulate elementwise and are summed once. With several splits, each
-    program stores its float32 partial sums and counts itself done on its column tile's
-    counter; the last one adds the partials in split order, stores the output and resets
-    the counter for the next call (no second launch)."""
+    flight), products accumulate elementwise and are summed once."""
     n_tile = tl.program_id(0)
     split = tl.program_id(1)
     n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,19 +168,8 @@ def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                             mask=n_ok[None, None, :])
             acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, codes, k, rows, n, n_ok, N,
                                        scale_ptr, low_ptr, GROUP, HAS_LOW)
-    total = tl.sum(acc, axis=0) + acc_low
-    if SPLITS == 1:
-        tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.store(partial_ptr + split * N + n, total, mask=n_ok)
-        tl.debug_barrier()  # every thread's partial sums stored before the count
-        if tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel") == SPLITS - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for part in tl.static_range(SPLITS):
-                total += tl.load(partial_ptr + part * N + n, mask=n_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(count_ptr + n_tile, 0)
+    _store_split_sums(tl.sum(acc, axis=0) + acc_low, out_ptr, n, n_ok, partial_ptr, N,
+                      count_ptr, n_tile, split, SPLITS)
 
 
 @functools.cache
@@ -249,9 +258,7 @@ def _gemv(x: torch.Tensor, weight: GroupQuantWeight, config: dict[str, int]) -> 
     """One token [1, in] @ weight^T with the one-token kernel, its splits reduced in-kernel."""
     splits, out_features = config.pop("splits"), weight.out_features
     grid_n = triton.cdiv(out_features, config["BLOCK_N"])
-    out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
-    partial = out if splits == 1 else torch.empty(splits, out_features, dtype=torch.float32,
-                                                  device=x.device)
+    out, partial = _outputs(x, 1, out_features, splits)
     _group_gemv_kernel[(grid_n, splits)](
         x, out_ptr=out, partial_ptr=partial, count_ptr=_split_counters(x.device, grid_n),
         N=out_features, K_SPLIT=weight.in_features // splits, SPLITS=splits,
@@ -263,8 +270,8 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per column tile, for the one-token kernel's in-kernel
-    reduction; every launch leaves them zero again, so one set per device serves every
+    """Zeroed int32 counters, one per output tile, for the kernels' in-kernel reduction of
+    split inputs; every launch leaves them zero again, so one set per device serves every
     layer of a stream. A call under CUDA-graph capture before any eager call gets its own
     (captured with its zeroing)."""
     counters = _COUNTERS.get(device)
@@ -278,24 +285,28 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _tile_gemm(x: torch.Tensor, weight: GroupQuantWeight, block_m: int,
                config: dict[str, int]) -> torch.Tensor:
-    """x [tokens, in] @ weight^T with the tile kernel; split inputs summed after."""
-    splits = config.pop("splits")
-    tokens, out_features = x.shape[0], weight.out_features
-    if splits == 1:
-        out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(splits, tokens, out_features, dtype=torch.float32, device=x.device)
-    layout = _layout(weight)
+    """x [tokens, in] @ weight^T with the tile kernel, its splits reduced in-kernel."""
+    splits, tokens, out_features = config.pop("splits"), x.shape[0], weight.out_features
+    out, partial = _outputs(x, tokens, out_features, splits)
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
+    layout = _layout(weight)
     _group_gemm_kernel[grid](
         x, layout.pop("codes_ptr"), layout.pop("scale_ptr"), layout.pop("low_ptr"), out,
-        tokens, out_features, x.stride(0), layout.pop("stride_ck"), layout.pop("stride_cn"),
-        out_features, tokens * out_features, K_SPLIT=weight.in_features // splits, **layout,
-        BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **config)
-    if splits > 1:
-        out = out.sum(0).to(x.dtype)
+        partial, _split_counters(x.device, grid[0] * grid[1]), tokens, out_features,
+        x.stride(0), layout.pop("stride_ck"), layout.pop("stride_cn"),
+        K_SPLIT=weight.in_features // splits, SPLITS=splits, **layout, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
     return out
+
+
+def _outputs(x: torch.Tensor, tokens: int, out_features: int, splits: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output [tokens, out] in x's dtype and the splits' float32 partial sums (the
+    output itself when there is one split)."""
+    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
+    if splits == 1:
+        return out, out
+    return out, torch.empty(splits, tokens, out_features, dtype=torch.float32, device=x.device)
 
 
 @triton.jit

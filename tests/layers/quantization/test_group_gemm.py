@@ -176,15 +176,15 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
     from tests.lora.test_triton_ops import _compile_for_hopper
     pointers = {"x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
                 "low_ptr": "*fp16", "out_ptr": "*fp32"}
-    strides = dict.fromkeys(["stride_xm", "stride_ck", "stride_cn", "stride_om", "stride_os"],
-                            "i32")
+    strides = dict.fromkeys(["stride_ck", "stride_cn"], "i32")
     layout = {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
               "STEP": 32 if bits == 4 else 16, "HAS_LOW": True}
-    _compile_for_hopper(_group_gemm_kernel, {**pointers, "M": "i32", "N": "i32", **strides}, {
-        **layout, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
-    _compile_for_hopper(_group_gemv_kernel, {
-        **pointers, "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "stride_ck": "i32",
-        "stride_cn": "i32"}, {**layout, "SPLITS": 4, "BLOCK_N": 128, "UNROLL": 4})
+    counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
+    _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
+                                             "stride_xm": "i32", **strides}, {
+        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
+    _compile_for_hopper(_group_gemv_kernel, {**counted, "N": "i32", **strides},
+                        {**layout, "SPLITS": 4, "BLOCK_N": 128, "UNROLL": 4})
 
 
 if __name__ == "__main__":
