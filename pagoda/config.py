@@ -82,14 +82,23 @@ class CacheConfig:
     memory_utilization: float | None = None  # fraction of the device this engine may use
     enable_prefix_caching: bool = True
     cpu_default_kv_bytes: int = 4 << 30
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ConfigError("block_size must be a power of two in [1, 256]")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be positive")
         if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+
+# --kv-cache-dtype values (vLLM's names): auto (the model's dtype) or float8 (element types
+# in pagoda.runner.memory.kv_cache_torch_dtype)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(slots=True)
@@ -195,7 +204,7 @@ class EngineConfig:
 
 
 
-_CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching"}
+_CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching", "kv_cache_dtype"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
 _LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
 _PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size",

@@ -85,19 +85,24 @@ def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
     return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": stamps[-1][1]}
 
 
-def model_shape(hf_config: Any, dtype: torch.dtype, held_bytes: int | None) -> ModelShape:
+def model_shape(hf_config: Any, dtype: torch.dtype, held_bytes: int | None,
+                kv_dtype: torch.dtype | None = None) -> ModelShape:
     """The roofline's shape of the model; `held_bytes`: the weights of a quantized model as
-    the engine holds them (None: the model dtype's bytes)."""
+    the engine holds them (None: the model dtype's bytes); `kv_dtype`: the KV cache's
+    element type (None: the model dtype)."""
     shape = ModelShape.from_config(hf_config, dtype)
+    if kv_dtype is not None:
+        shape = shape.with_kv_dtype(kv_dtype)
     return shape if held_bytes is None else shape.holding(held_bytes, hf_config)
 
 
 def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
            requests: list[BenchRequest], max_batch: int,
-           held_bytes: int | None = None) -> dict[str, Any]:
+           held_bytes: int | None = None, kv_dtype: torch.dtype | None = None
+           ) -> dict[str, Any]:
     """Measured ceilings and this workload's floor (and the single-stream decode floor)."""
     ceil = measure_ceilings(device, dtype)
-    shape = model_shape(hf_config, dtype, held_bytes)
+    shape = model_shape(hf_config, dtype, held_bytes, kv_dtype)
     floor = workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                            [r.output_len for r in requests], max_batch)
     first = requests[0]
@@ -111,7 +116,7 @@ def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
 
 def subset_floor(hf_config: Any, dtype: torch.dtype, ceil: Ceilings,
                  requests: list[BenchRequest], max_batch: int,
-                 held_bytes: int | None = None) -> float:
-    shape = model_shape(hf_config, dtype, held_bytes)
+                 held_bytes: int | None = None, kv_dtype: torch.dtype | None = None) -> float:
+    shape = model_shape(hf_config, dtype, held_bytes, kv_dtype)
     return workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                           [r.output_len for r in requests], max_batch)["total_s"]

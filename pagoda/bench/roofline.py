@@ -42,6 +42,7 @@ class ModelShape:
     weight_bytes_read: int  # bytes streamed per step of one token
     itemsize: int
     experts: ExpertLayout | None = None  # a mixture of experts' routed experts
+    kv_itemsize: int = 0  # bytes of a cached K or V element (0: itemsize)
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype) -> ModelShape:
@@ -53,6 +54,10 @@ class ModelShape:
         return cls(tuple(spec.layer_attention(config)),
                    config.num_attention_heads * head_dim(config), params, params * size, size,
                    spec.experts(config) if spec.experts else None)
+
+    def with_kv_dtype(self, kv_dtype: torch.dtype) -> ModelShape:
+        """The same model with its KV cache held in `kv_dtype` (a float8 cache)."""
+        return replace(self, kv_itemsize=torch.empty((), dtype=kv_dtype).element_size())
 
     def holding(self, held_bytes: int, config: Any) -> ModelShape:
         """The shape of a dense model whose weights the engine holds in `held_bytes` (a
@@ -74,12 +79,13 @@ class ModelShape:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token adds over all layers."""
-        return sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.layers) * self.itemsize
+        return sum(2 * layer.num_kv_heads * layer.head_dim
+                   for layer in self.layers) * (self.kv_itemsize or self.itemsize)
 
     def kv_bytes_read(self, context: int) -> int:
         """KV bytes one query token reads over `context` keys (all layers)."""
         return sum(2 * layer.num_kv_heads * layer.head_dim * _seen(context, layer.sliding_window)
-                   for layer in self.layers) * self.itemsize
+                   for layer in self.layers) * (self.kv_itemsize or self.itemsize)
 
     def attention_flops(self, context: int) -> float:
         """QK^T and PV for one query token over `context` keys (all layers)."""

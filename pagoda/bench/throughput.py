@@ -40,6 +40,7 @@ from pagoda.bench.datasets import (
     special_token_ids,
 )
 from pagoda.models.quantization import resolve_quantization
+from pagoda.runner.memory import kv_cache_torch_dtype
 from pagoda.sampling_params import SamplingParams
 
 SCHEMA = "pagoda.bench.throughput/1"
@@ -311,11 +312,13 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     max_batch = _max_concurrency(llm, requests)
     quantized = resolve_quantization(cfg.engine_kwargs.get("quantization"), source)
     held = llm.engine.model_info.weight_bytes if quantized else None
+    kv_dtype = kv_cache_torch_dtype(cfg.engine_kwargs.get("kv_cache_dtype") or "auto", dtype)
     del llm
     release_memory(device)
     if cfg.compare == "hf":
         systems |= _run_references(cfg, source, dtype, device, requests)
-    result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch, held)
+    result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch, held,
+                               kv_dtype)
     result |= {"config": config_dict(cfg), "workload": workload_stats(requests),
                "systems": {name: asdict(fig) for name, fig in systems.items()},
                "ratios": ratios(systems), "finished_at": _now()}
@@ -359,19 +362,20 @@ def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
 
 def _bounds(systems: dict[str, SystemFigures], hf_config: Any,
             dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
-            max_batch: int, held_bytes: int | None) -> dict[str, Any]:
+            max_batch: int, held_bytes: int | None, kv_dtype: torch.dtype) -> dict[str, Any]:
     """Roofline floors on CUDA (of the weights as held: `held_bytes` for a quantized
-    engine); each system's fraction = floor / its elapsed time."""
+    engine; of a KV cache of `kv_dtype`); each system's fraction = floor / its elapsed
+    time."""
     if device.type != "cuda":
         return {}
     from pagoda.bench.gpu_figures import bounds, subset_floor
     from pagoda.bench.roofline import Ceilings
 
-    found = bounds(hf_config, dtype, device, requests, max_batch, held_bytes)
+    found = bounds(hf_config, dtype, device, requests, max_batch, held_bytes, kv_dtype)
     ceil = Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9, found["matmul_tflops"] * 1e12)
     for fig in systems.values():
         floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch,
-                             held_bytes)
+                             held_bytes, kv_dtype)
         fig.fraction_of_bound["workload"] = floor / max(fig.elapsed_s, 1e-12)
     return found
 

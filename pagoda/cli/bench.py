@@ -9,14 +9,15 @@ from typing import Any
 from pagoda.bench import fleet as fleet_bench
 from pagoda.bench.reliability import suite as reliability_suite
 from pagoda.cli.bench_serve import add_serve_parser
-from pagoda.config import parse_bytes
+from pagoda.config import KV_CACHE_DTYPES, parse_bytes
 
 # flag dest -> LLM keyword argument; only passed on when the flag was given
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "load_format", "max_num_seqs",
                  "max_num_batched_tokens", "kv_cache_memory", "gpu_memory_utilization",
                  "enable_prefix_caching", "block_size", "enforce_eager", "attention_backend",
                  "tokenizer", "async_scheduling", "tensor_parallel_size",
-                 "pipeline_parallel_size", "distributed_executor_backend", "quantization")
+                 "pipeline_parallel_size", "distributed_executor_backend", "quantization",
+                 "kv_cache_dtype")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -130,6 +131,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=None,
                         help="KV cache bytes (suffixes K, M, G, T, e.g. 4G)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                        help="as pagoda serve's flag (fp8: K and V in one byte each)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from pagoda.cli.vllm_flags import add_vllm_flags
-from pagoda.config import parse_bytes
+from pagoda.config import KV_CACHE_DTYPES, parse_bytes
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    default=None,
                    help="KV cache size in bytes (e.g. 2GiB); overrides the fraction")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto (the model's dtype) or fp8 (= fp8_e4m3) / fp8_e5m2: K and V "
+                        "stored in one byte each, unscaled (half a 16-bit cache)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--quantization", "-q", default=None, metavar="FORMAT",
                    help="fp8, awq, gptq, compressed-tensors or gguf (default: what the "
@@ -104,6 +107,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size, "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_memory": args.kv_cache_memory,
         "enable_prefix_caching": args.enable_prefix_caching, "load_format": args.load_format,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "quantization": args.quantization, "seed": args.seed, "tokenizer": args.tokenizer,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling, "enable_lora": args.enable_lora,

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from pagoda.config import KV_CACHE_DTYPES
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quantization", "-q", default=None,
                    help="as serve's (default: what the checkpoint holds; fp8 quantizes a "
                         "16-bit checkpoint, none dequantizes a GGUF)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="as serve's (fp8: K and V in one byte each)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         result = estimate(source, max_model_len, args.concurrency,
                           args.tp, args.dtype, args.device, args.max_num_batched_tokens,
                           args.max_num_seqs, args.gpu_memory_utilization, args.pp,
-                          args.quantization)
+                          args.quantization, args.kv_cache_dtype)
     except PagodaError as exc:
         print(f"pagoda estimate: {exc}", file=sys.stderr)
         return 1
@@ -73,7 +77,8 @@ def format_estimate(e) -> str:
 
     per_gpu = " per GPU" if e.tensor_parallel > 1 or e.pipeline_parallel > 1 else ""
     kv_shape = (f"{e.concurrency} x {e.max_model_len} tokens, "
-                f"{e.kv_bytes_per_token / 1024:.0f} KiB per token")
+                f"{e.kv_bytes_per_token / 1024:.0f} KiB per token"
+                + (f", {e.kv_dtype}" if e.kv_dtype else ""))
     tp = f", tensor parallel {e.tensor_parallel}" if e.tensor_parallel > 1 else ""
     if e.pipeline_parallel > 1:
         tp += f", pipeline parallel {e.pipeline_parallel} (the first stage's figures)"

@@ -24,7 +24,12 @@ from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
 from pagoda.models.loader.checkpoint import load_model, model_quantization, weight_bytes
 from pagoda.models.source import ModelSource, resolve_model
-from pagoda.runner.memory import describe_kv_budget, kv_budget_bytes, num_blocks_for
+from pagoda.runner.memory import (
+    describe_kv_budget,
+    kv_budget_bytes,
+    kv_cache_torch_dtype,
+    num_blocks_for,
+)
 from pagoda.runner.model_runner import LaunchedStep, ModelRunner, RunnerConfig
 from pagoda.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
@@ -107,8 +112,9 @@ class Worker:
             sched = engine.scheduler
             lora = LoRAManager(model, engine.lora, self.device, dtype,
                                max(sched.max_num_batched_tokens, sched.max_num_seqs))
+        kv_dtype = kv_cache_torch_dtype(engine.cache.kv_cache_dtype, dtype)
         self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
-                                                      hf.vocab_size), backend, lora)
+                                                      hf.vocab_size, kv_dtype), backend, lora)
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
                                     backend.name, weight_bytes(model),
                                     sum(p.numel() for p in model.parameters()))
@@ -135,6 +141,10 @@ class Worker:
             note += (f"; only {num_blocks * spec.bytes_per_block / 2**30:.2f} GiB of it used: "
                      f"{self.config.engine.scheduler.max_num_seqs} sequences of "
                      f"{self.config.max_model_len} tokens, twice over")
+        if spec.dtype != self.runner.config.dtype:
+            note += (f"; K and V held as {str(spec.dtype).removeprefix('torch.')} "
+                     f"(--kv-cache-dtype {self.config.engine.cache.kv_cache_dtype}), "
+                     f"{spec.bytes_per_token} bytes a token")
         logger.info("%s", note)
         return KVCacheSizing(num_blocks, activation, spec.windows)
 

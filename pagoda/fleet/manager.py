@@ -228,7 +228,8 @@ class ModelManager:
                      tp=int(kwargs.get("tensor_parallel_size") or 1),
                      pp=int(kwargs.get("pipeline_parallel_size") or 1),
                      token_budget=int(kwargs.get("max_num_batched_tokens", 2048)),
-                     max_num_seqs=seqs, quantization=kwargs.get("quantization"))
+                     max_num_seqs=seqs, quantization=kwargs.get("quantization"),
+                     kv_cache_dtype=kwargs.get("kv_cache_dtype") or "auto")
         demand = seqs * e.kv_bytes_per_seq + (e.kv_bytes - e.kv_bytes_per_seq)  # + null block
         if not on_gpu:
             demand = min(demand, max(CPU_KV_DEMAND_CAP, e.kv_bytes))

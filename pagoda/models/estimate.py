@@ -30,6 +30,7 @@ from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_sha
 from pagoda.models.quantization import load_quantization, quantizes_at_load
 from pagoda.models.registry import arch_spec
 from pagoda.models.source import ModelSource
+from pagoda.runner.memory import kv_cache_torch_dtype
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
@@ -67,6 +68,7 @@ class MemoryEstimate:
     active_parameters: int | None = None  # a mixture of experts: what one token runs
     pipeline_parallel: int = 1  # with more than one stage, the figures are the first's
     quantization: str | None = None  # the form the weights are held in (None: --dtype)
+    kv_dtype: str | None = None  # the KV cache's element type when not dtype (float8)
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization
@@ -246,11 +248,12 @@ def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
 def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: int = 1,
              dtype: str = "auto", device: str | None = None, token_budget: int = 2048,
              max_num_seqs: int = 64, gpu_memory_utilization: float = 0.9,
-             pp: int = 1, quantization: str | None = None) -> MemoryEstimate:
+             pp: int = 1, quantization: str | None = None,
+             kv_cache_dtype: str = "auto") -> MemoryEstimate:
     """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens.
     `device`: a GPU name (H100, ...) to get a fit verdict, "cuda" for GPU figures without
     one, None or "cpu" for CPU figures. `quantization`: as `--quantization` (None: what the
-    checkpoint holds)."""
+    checkpoint holds); `kv_cache_dtype`: as `--kv-cache-dtype`."""
     config = source.hf_config
     if max_model_len < 1 or concurrency < 1 or tp < 1 or pp < 1:
         raise ConfigError("max_model_len, concurrency, tp and pp must be at least 1")
@@ -266,8 +269,9 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu")
     # a pipeline stage holds its share of the layers (bytes taken as spread like parameters)
     weights = held_total * stage_parameters(config, params, pp) // params // tp
-    per_token = kv_bytes_per_token(spec, config, torch_dtype, tp, pp)
-    block_bytes = kv_block_bytes(spec, config, torch_dtype, tp, pp)
+    kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, torch_dtype)
+    per_token = kv_bytes_per_token(spec, config, kv_dtype, tp, pp)
+    block_bytes = kv_block_bytes(spec, config, kv_dtype, tp, pp)
     per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget, pp) * block_bytes
     kv = concurrency * per_seq + block_bytes
     kv_unfreed = (concurrency * -(-max_model_len // BLOCK_SIZE) + 1) * BLOCK_SIZE * per_token
@@ -275,6 +279,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     overhead = CUDA_CONTEXT_BYTES if on_gpu else 0
     result = MemoryEstimate(
         model=source.name, dtype=str(torch_dtype).removeprefix("torch."), quantization=held,
+        kv_dtype=None if kv_dtype == torch_dtype else str(kv_dtype).removeprefix("torch."),
         num_parameters=params, weights_from=weights_from, weight_bytes=weights,
         kv_bytes_per_token=per_token, kv_bytes=kv, kv_bytes_per_seq=per_seq,
         kv_bytes_without_freeing=kv_unfreed, activation_bytes=activations,

@@ -56,6 +56,7 @@ class RunnerConfig:
     dtype: torch.dtype
     block_size: int
     vocab_size: int
+    kv_dtype: torch.dtype | None = None  # the KV cache's element type (None: dtype)
 
 
 class ModelRunner:
@@ -126,7 +127,8 @@ class ModelRunner:
     def kv_cache_spec(self) -> KVCacheSpec:
         layout = self.kv_layout
         return KVCacheSpec(layout.slots, self.config.block_size, layout.num_kv_heads,
-                           layout.head_dim, self.config.dtype, layout.windows)
+                           layout.head_dim, self.config.kv_dtype or self.config.dtype,
+                           layout.windows)
 
     def initialize_kv_cache(self, num_blocks: int, allocate=None) -> None:
         """Allocate one KV tensor (with `allocate(shape, dtype)` if given), one slab per layer

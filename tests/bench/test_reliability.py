@@ -35,6 +35,8 @@ def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_pa
     soak = report["soak"]
     assert soak["sent"] > soak["workers"] and soak["completed"] > 0 and soak["cancelled"] > 0
     assert not any(soak["residue_after"].values())
+    means = soak["server_means_s"]  # the server's own histograms over the soak
+    assert 0 < means["ttft"] and 0 <= means["queue"] <= means["ttft"] and means["itl"] > 0
     kill = report["faults"]["engine_kill"]
     assert kill["to_unhealthy_s"] < 5 and kill["to_exit_s"] < 30 and kill["exit_code"] != 0
     stop = report["faults"]["engine_stop"]

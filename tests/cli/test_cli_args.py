@@ -32,11 +32,13 @@ def test_vllm_serve_lines_parse(line):
 
 
 def test_unsupported_values_are_reported_not_silently_ignored():
-    argv = shlex.split("serve smollm2 --kv-cache-dtype fp8 --quantization awq")
+    argv = shlex.split("serve smollm2 --kv-cache-dtype fp8 --calculate-kv-scales "
+                       "--quantization awq")
     args = build_parser(argv).parse_args(argv)
     notes = compat_notes(args)
-    assert len(notes) == 1 and "fp8" in notes[0]
+    assert len(notes) == 1 and "--calculate-kv-scales" in notes[0] and "unscaled" in notes[0]
     assert engine_kwargs(args)["quantization"] == "awq"  # acted on, not a note
+    assert engine_kwargs(args)["kv_cache_dtype"] == "fp8"
 
 
 @pytest.mark.parametrize("text, value", [("1024", 1024), ("4KiB", 4096), ("2G", 2 << 30),

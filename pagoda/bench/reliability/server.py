@@ -62,10 +62,10 @@ class ServerProcess:
         except httpx.HTTPError:
             return None
 
-    def metrics(self) -> dict[str, float]:
-        """The residue gauges (summed over models) from /metrics."""
+    def metrics(self, names: tuple[str, ...] = RESIDUE_METRICS) -> dict[str, float]:
+        """These series' values from /metrics, each summed over its labels (models)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        values = dict.fromkeys(RESIDUE_METRICS, 0.0)
+        values = dict.fromkeys(names, 0.0)
         for line in text.splitlines():
             match = _METRIC.match(line)
             if match and match.group(1) in values:

@@ -18,8 +18,10 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
     mean_n = 1 + mix.multi_n_fraction * 1.5
     workers = max(2, math.ceil(overload * capacity / mean_n))
     idle_ttft = asyncio.run(unloaded_ttft(server.url, mix.model))
+    before = server.metrics(LATENCY_SERIES)
     result = asyncio.run(run_load(server.url, mix, workers, duration, seed))
     residue = server.wait_idle()
+    after = server.metrics(LATENCY_SERIES)
     counts = result.counts()
     ttfts = result.ttfts()
     p99 = percentile(ttfts, 99)
@@ -32,10 +34,30 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
         "ttft_p50_s": _round(percentile(ttfts, 50)), "ttft_p99_s": _round(p99),
         "ttft_p99_over_unloaded": _round(p99 / idle_ttft if p99 and idle_ttft else None),
         "completed_per_s": round(counts["completed"] / max(duration, 1e-9), 2),
+        "server_means_s": _means(before, after),
         "residue_after": residue,
         "leaked": any(residue.values()),
         "samples": result.samples(),
     }
+
+
+# the server's histograms of where a request's time goes (means over the soak): queue,
+# prefill (scheduled to first token), TTFT (arrival to first token), inter-token latency
+LATENCY = {"queue": "vllm:request_queue_time_seconds",
+           "prefill": "vllm:request_prefill_time_seconds",
+           "ttft": "vllm:time_to_first_token_seconds",
+           "itl": "vllm:inter_token_latency_seconds"}
+LATENCY_SERIES = tuple(f"{name}_{part}" for name in LATENCY.values() for part in ("sum", "count"))
+
+
+def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Each LATENCY histogram's mean over the interval between two scrapes."""
+    means = {}
+    for key, name in LATENCY.items():
+        count = after[f"{name}_count"] - before[f"{name}_count"]
+        total = after[f"{name}_sum"] - before[f"{name}_sum"]
+        means[key] = round(total / count, 4) if count else None
+    return means
 
 
 def _round(value: float | None) -> float | None:

@@ -135,8 +135,8 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0].flatten(0, 1), kv_cache[1].flatten(0, 1)
-        key_cache.index_copy_(0, metadata.slot_mapping, k.to(key_cache.dtype))
-        value_cache.index_copy_(0, metadata.slot_mapping, v.to(value_cache.dtype))
+        _store(key_cache, metadata.slot_mapping, k)
+        _store(value_cache, metadata.slot_mapping, v)
         gathers = metadata.gathers(sliding_window)
         out = torch.empty_like(q)
         if gathers.decodes is not None:
@@ -166,3 +166,12 @@ class TorchAttentionBackend(AttentionBackend):
             queries, keys, values, attn_mask=seq.mask, is_causal=seq.mask is None,
             scale=scale, enable_gqa=True)
         out[seq.query_start:end] = res.squeeze(0).transpose(0, 1)
+
+
+def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slots] = rows in the cache's dtype (float8 caches are written through a byte view:
+    index_copy_ has no float8 kernel on CPU)."""
+    rows = rows.to(cache.dtype)
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.index_copy_(0, slots, rows)

@@ -1,0 +1,65 @@
+"""A float8 KV cache on CUDA (--kv-cache-dtype fp8 / fp8_e5m2): the Triton store writes the
+rounded K and V, the attention kernels read them back (decode, split and mixed prefill
+batches) as the dense reference over the same rounded values; end to end, an engine with a
+float8 cache (CUDA graphs on) keeps a bfloat16 cache's next tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pagoda import LLM
+from tests.layers.test_triton_attention import (
+    check_against_dense,
+    dense_outputs,
+    make_batch,
+    run_triton,
+)
+from tests.models.parity import random_prompts
+from tests.runner.test_fp8_kv_cache import first_tokens
+from tests.utils import save_random_checkpoint
+
+ELEMENTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+STEPS = {"decode": [(c, 1) for c in (8300, 17, 1000, 4095, 64, 2500, 300, 7000)],
+         "mixed": [(0, 2048), (6000, 512), (300, 1000), (100, 33), (4000, 1), (77, 1)]}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("element", sorted(ELEMENTS))
+def test_a_float8_cache_reads_back_its_rounded_values(element, step, gpu_report):
+    dtype, fp8 = torch.bfloat16, ELEMENTS[element]
+    batch = make_batch(STEPS[step], block_size=16, heads=32, kv_heads=8, head_dim=128,
+                       dtype=dtype, device="cuda", seed=3)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(fp8).to(dtype)
+    batch.k.copy_(rounded(batch.k))
+    batch.v.copy_(rounded(batch.v))
+    batch.keys = [rounded(t) for t in batch.keys]
+    batch.values = [rounded(t) for t in batch.values]
+    scale = 128 ** -0.5
+    expected = dense_outputs(batch, scale)
+    batch.kv_cache = batch.kv_cache.to(fp8)
+    out = run_triton(batch, scale)
+    slots = batch.meta.slot_mapping
+    keep = slots >= 0
+    stored = batch.kv_cache.flatten(1, 2)[0, slots[keep]]
+    assert torch.equal(stored.view(torch.uint8), batch.k[keep].to(fp8).view(torch.uint8))
+    error = check_against_dense(batch, out, scale, expected)
+    gpu_report(element=element, step=step, max_err=error)
+
+
+def test_an_engine_with_a_float8_cache_keeps_the_next_tokens(tmp_path):
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=1024)
+    path = str(save_random_checkpoint(config, tmp_path, None))
+    prompts = random_prompts(512, (5, 17, 33, 64, 90, 120, 300, 700) * 2)
+    options = {"device": "cuda", "dtype": "bfloat16", "kv_cache_memory": 64 << 20,
+               "max_model_len": 1024}
+    expected = first_tokens(LLM(path, **options), prompts)
+    llm = LLM(path, kv_cache_dtype="fp8", **options)
+    assert llm.engine.core.executor.worker.runner.kv_cache.dtype == torch.float8_e4m3fn
+    got = first_tokens(llm, prompts)
+    assert sum(g[0] == e[0] for g, e in zip(got, expected)) >= 0.75 * len(prompts)
