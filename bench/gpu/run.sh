@@ -25,6 +25,16 @@ B3=bench/configs/llama-3.2-3b
 MODEL=${MODEL:-$B8}  # the decode1 and throughput stages' model (bench/configs/...)
 COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
 
+# the 8B's --model and flags for a quantized variant (issue 18's benchmarks)
+quant_model() {
+  case "$1" in
+    bf16) echo "--model $B8" ;;
+    fp8) echo "--model $B8 --quantization fp8" ;;
+    fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8" ;;
+    awq) echo "--model $B8-awq" ;;
+  esac
+}
+
 run_stage() {
   case "$1" in
     tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE ${TESTS:-tests/gpu} 2>&1 \
@@ -62,16 +72,14 @@ run_stage() {
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
                      ${QUANT_SWEEP:+--sweep} ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
-    quant-decode1) for q in bf16 fp8 awq; do
-                     case $q in bf16) m=$B8 flag= ;; fp8) m=$B8 flag="--quantization fp8" ;;
-                                awq) m=$B8-awq flag= ;; esac
-                     python3 -m pagoda.cli.main bench throughput --model $m $COMMON $flag \
+    # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache)
+    quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
+                     python3 -m pagoda.cli.main bench throughput $(quant_model $q) $COMMON \
                        --num-prompts 1 --input-len 1024 --output-len 256 \
                        --output-json "$OUT/decode1-$q.json" 2>&1 | grep -v INFO | tail -4
                    done ;;
-    quant-throughput) for q in bf16 fp8; do
-                        flag=; [ $q = fp8 ] && flag="--quantization fp8"
-                        python3 -m pagoda.cli.main bench throughput --model $B8 $COMMON $flag \
+    quant-throughput) for q in ${QUANT_VARIANTS:-bf16 fp8 fp8kv}; do
+                        python3 -m pagoda.cli.main bench throughput $(quant_model $q) $COMMON \
                           --num-prompts 1000 --input-len 1024 --output-len 512 --max-num-seqs 256 \
                           --max-num-batched-tokens 8192 --output-json "$OUT/throughput-$q.json" \
                           2>&1 | grep -v INFO | tail -4
