@@ -110,6 +110,11 @@ class SchedulerConfig:
     # schedule and launch step N+1 while step N runs on the device (its sampled tokens feed
     # N+1 on the device); None: on for CUDA, where it hides the host's work behind the GPU's
     async_scheduling: bool | None = None
+    # newly admitted requests' prefills get a step of their own before the next decode step;
+    # None: on for CPU, where a step's time grows with its tokens (a new request's first
+    # token comes a decode step sooner, the running ones' next token no later), off for
+    # GPUs (decodes ride along a prefill for little there)
+    prefill_first: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -205,7 +210,7 @@ class EngineConfig:
 
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "enable_prefix_caching", "kv_cache_dtype"}
-_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling"}
+_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "async_scheduling", "prefill_first"}
 _LORA_KEYS = {"max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
 _PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size",
                   "distributed_executor_backend", "enable_expert_parallel"}

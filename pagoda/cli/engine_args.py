@@ -36,6 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="disable CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare each step while the previous one runs (default: on for CUDA)")
+    g.add_argument("--prefill-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="give newly admitted requests' prefills a step of their own before "
+                        "the next decode step (default: on for CPU, where it brings first "
+                        "tokens a step sooner and delays no running request; off on GPUs)")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -110,7 +114,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_dtype": args.kv_cache_dtype,
         "quantization": args.quantization, "seed": args.seed, "tokenizer": args.tokenizer,
         "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling, "enable_lora": args.enable_lora,
+        "async_scheduling": args.async_scheduling, "prefill_first": args.prefill_first,
+        "enable_lora": args.enable_lora,
         "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
         "max_cpu_loras": args.max_cpu_loras, "lora_dtype": args.lora_dtype,
         "tensor_parallel_size": args.tensor_parallel_size,

@@ -34,8 +34,9 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # engine options a model entry may set (EngineConfig / engine_config keyword names)
 ENGINE_KEYS = {"max_model_len", "dtype", "load_format", "quantization", "tokenizer", "seed",
                "block_size", "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs",
-               "enforce_eager", "attention_backend", "async_scheduling", "enable_lora",
-               "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype"}
+               "enforce_eager", "attention_backend", "async_scheduling", "prefill_first",
+               "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype",
+               "kv_cache_dtype"}
 _MODEL_KEYS = ENGINE_KEYS | {"model", "name", "aliases", "pinned", "keep_alive", "priority",
                              "replicas", "devices", "chat_template", "preload", "system",
                              "parameters", "template", "lora_modules"}

@@ -10,6 +10,11 @@ request that samples counts the token as pending until update_from_output brings
 next decode is scheduled on that pending token, and a request whose pending token ends it
 (max_tokens, max_model_len) is not scheduled again.
 
+Prefill first (`prefill_first`): when requests can start, they get a step of their own
+before the running requests' next decode step (never two such steps in a row). Where a
+step's time grows with its tokens (CPU), the new request's first token then comes a decode
+step sooner and the running requests' next token no later.
+
 A pipeline (`pipeline_depth`: its number of stages) keeps several steps in flight another way:
 each step schedules only requests whose tokens are all back, and at most its share of the
 live requests, so the steps in flight hold different requests and every stage has one to
@@ -37,9 +42,12 @@ class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 max_model_len: int, max_loras: int = 0, pipeline_depth: int = 1) -> None:
+                 max_model_len: int, max_loras: int = 0, pipeline_depth: int = 1,
+                 prefill_first: bool = False) -> None:
         self.config = config
         self.pipeline_depth = pipeline_depth  # steps in flight, each with its own requests
+        self.prefill_first = prefill_first and pipeline_depth == 1
+        self._last_step_prefills_only = False
         self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold
         self.kv = kv_manager
         self.max_model_len = max_model_len
@@ -87,9 +95,11 @@ class Scheduler:
         self._finished_ids, self._preempted_ids = set(), set()
         budget, seats = self.config.max_num_batched_tokens, self._seats_per_step()
         self.running.sort(key=lambda r: r.sort_key)
-        budget, num_ending = self._schedule_running(out, budget, seats)
-        if not out.preempted_request_ids:
-            self._schedule_waiting(out, budget, len(self.running) - num_ending, seats)
+        self._last_step_prefills_only = self._schedule_prefills_alone(out, budget, seats)
+        if not self._last_step_prefills_only:
+            budget, num_ending = self._schedule_running(out, budget, seats)
+            if not out.preempted_request_ids:
+                self._schedule_waiting(out, budget, len(self.running) - num_ending, seats)
         for request_id, n in out.num_scheduled_tokens.items():
             request = self.requests[request_id]
             request.num_computed_tokens += n
@@ -109,6 +119,18 @@ class Scheduler:
             return self.config.max_num_seqs
         live = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
         return max(1, -(-live // self.pipeline_depth))
+
+    def _schedule_prefills_alone(self, out: SchedulerOutput, budget: int, seats: int) -> bool:
+        """Prefill first: a step of only the waiting requests that can start, when some can,
+        others are running and the last step was not one already. Whether it made one."""
+        if not self.prefill_first or self._last_step_prefills_only or not self.waiting \
+                or not self.running:
+            return False
+        active = sum(not self._ends_with_pending_token(r) for r in self.running)
+        if active >= self.config.max_num_seqs:
+            return False
+        self._schedule_waiting(out, budget, active, seats)
+        return bool(out.num_scheduled_tokens)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int,
                           seats: int) -> tuple[int, int]:

@@ -52,10 +52,10 @@ class FakeRunner:
 
 
 def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True,
-                   windows=(None,), pipeline_depth=1):
+                   windows=(None,), pipeline_depth=1, prefill_first=False):
     kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"), windows)
     return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len,
-                     pipeline_depth=pipeline_depth)
+                     pipeline_depth=pipeline_depth, prefill_first=prefill_first)
 
 
 def add(sched, rid, prompt, max_tokens=8, priority=0, **params):
@@ -131,6 +131,42 @@ def test_new_requests_join_a_running_batch():
     add(sched, "b", list(range(1, 5)))
     second = sched.schedule()
     assert second.num_scheduled_tokens == {"a": 1, "b": 4}
+
+
+def test_prefill_first_gives_new_requests_a_step_of_their_own():
+    sched = make_scheduler(budget=64, prefill_first=True)
+    runner = FakeRunner()
+    add(sched, "a", list(range(1, 9)), max_tokens=20)
+    first = sched.schedule()  # nothing running: an ordinary step
+    sched.update_from_output(first, runner.execute(first))
+    add(sched, "b", list(range(1, 5)))
+    add(sched, "c", list(range(2, 7)))
+    second = sched.schedule()
+    assert second.num_scheduled_tokens == {"b": 4, "c": 5}  # a's decode waits one step
+    sched.update_from_output(second, runner.execute(second))
+    add(sched, "d", list(range(3, 6)))
+    third = sched.schedule()  # never two prefill-only steps in a row: everyone runs
+    assert third.num_scheduled_tokens == {"a": 1, "b": 1, "c": 1, "d": 3}
+
+
+def test_prefill_first_waits_for_a_free_seat():
+    sched = make_scheduler(budget=64, max_seqs=1, prefill_first=True)
+    runner = FakeRunner()
+    add(sched, "a", list(range(1, 9)), max_tokens=5)
+    first = sched.schedule()
+    sched.update_from_output(first, runner.execute(first))
+    add(sched, "b", list(range(1, 5)))
+    second = sched.schedule()  # no seat for b: a decodes
+    assert second.num_scheduled_tokens == {"a": 1}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefill_first_keeps_every_output(overlap):
+    ps = prompts(6)
+    sched = make_scheduler(budget=32, max_seqs=3, prefill_first=True)
+    for rid, p in ps.items():
+        add(sched, rid, p)
+    assert run(sched, overlap=overlap)[0] == reference_outputs(ps)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
