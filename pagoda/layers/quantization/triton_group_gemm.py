@@ -35,10 +35,15 @@ MIN_SPLIT_INPUTS = 512
 # kernel at one token (127 against 141 us for an 8B layer's FP8 projections) and lost at 4
 # and 8 (each token reads the weights again)
 GEMV_TOKENS = 1
-# the one-token kernel's column tile, tiles loaded per iteration and warps
-GEMV_BLOCK_N = 128
-GEMV_UNROLL = 4
-GEMV_WARPS = 4
+# the one-token kernel's column tile, tiles loaded per iteration (UNROLL_WIDE for layers of
+# fewer than WIDE outputs) and warps: the best of a sweep at the 8B's four projections on
+# the H200 (bench/kernels/quant_bench.py --sweep; 128-column tiles with 4 tiles an
+# iteration and 4 warps spilled registers and ran 15-40x slower)
+GEMV_BLOCK_N = 64
+GEMV_UNROLL = 1
+GEMV_UNROLL_NARROW = 4
+GEMV_WIDE = 6144
+GEMV_WARPS = 8
 
 
 @triton.jit
@@ -184,7 +189,7 @@ def launch_config(tokens: int, out_features: int, in_features: int, step: int,
     """Tile sizes, input splits and warps for a call of `tokens` rows (BLOCK_M 0: the
     one-token kernel, for at most GEMV_TOKENS, with UNROLL tiles per iteration)."""
     if tokens <= GEMV_TOKENS:
-        unroll = GEMV_UNROLL
+        unroll = GEMV_UNROLL if out_features >= GEMV_WIDE else GEMV_UNROLL_NARROW
         while in_features % (unroll * CHUNK):
             unroll //= 2
         splits = _splits(tokens * triton.cdiv(out_features, GEMV_BLOCK_N), in_features,
