@@ -71,7 +71,7 @@ run_stage() {
     # issue 18: the quantized kernels at the 8B's layer shapes, then decode-1 and throughput
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
-                     ${QUANT_SWEEP:+--sweep} ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
+                     ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
                      python3 -m pagoda.cli.main bench throughput $(quant_model $q) $COMMON \

@@ -7,19 +7,16 @@ triton.testing.do_bench_cudagraph), the bytes of weights they read over that tim
 fraction of the device-copy bandwidth measured in the same run, and the speed-up over
 bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
 128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
-Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Then, at one token, the tile
-kernel against the one-token kernel per layout. Every timed call reads enough distinct
-weights (copies) that the L2 cache holds none of them from one call to the next. `--sweep`
-also times the one-token kernel's launch configurations per projection for 4-bit groups of
-128 and FP8 per row and prints the best against the default.
+Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Every timed call reads enough
+distinct weights (copies of the layer) that the L2 cache holds none of them from one call
+to the next.
 
-    PYTHONPATH=. python bench/kernels/quant_bench.py [--sweep] [--output-json PATH]
+    PYTHONPATH=. python bench/kernels/quant_bench.py [--tokens N ...] [--output-json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from datetime import datetime, timezone
@@ -31,7 +28,7 @@ from triton.testing import do_bench_cudagraph
 from pagoda.bench.roofline import measure_ceilings
 from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
 from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
-from pagoda.layers.quantization.triton_group_gemm import group_gemm, weight_config
+from pagoda.layers.quantization.triton_group_gemm import group_gemm
 from pagoda.models.loader.checkpoint import weight_bytes
 
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -87,84 +84,9 @@ def inputs(tokens: int) -> dict[str, torch.Tensor]:
             for n, (_, i) in PROJECTIONS.items()}
 
 
-def distinct_copies(outputs: int, inputs: int, layout: str) -> list[GroupQuantWeight]:
-    """Enough copies of one projection's weights (at least L2_FLUSH_BYTES in all) that a
-    call over all of them reads every byte from memory, not from the L2 cache."""
-    first = quantized(outputs, inputs, *LAYOUTS[layout])
-    count = -(-L2_FLUSH_BYTES // weight_bytes(first))
-    return [first] + [quantized(outputs, inputs, *LAYOUTS[layout]) for _ in range(count - 1)]
-
-
-def sweep(bandwidth: float) -> list[dict]:
-    """The one-token kernel's launch configurations per projection and layout, coordinate
-    by coordinate (column tile and splits, then tiles per iteration and warps); the best
-    against the default."""
-    rows = []
-    for layout in ("int4-g128", "fp8-row"):
-        for name, (outputs, ins) in PROJECTIONS.items():
-            weights = distinct_copies(outputs, ins, layout)
-            x = torch.randn(1, ins, device="cuda", dtype=torch.bfloat16)
-
-            def timed(config):
-                ms = do_bench_cudagraph(
-                    lambda: [group_gemm(x, w, config) for w in weights], rep=20)
-                return 1e3 * ms / len(weights)
-            default = weight_config(1, weights[0], 0)
-            best = (timed(default), default)
-            for block_n, splits in itertools.product((64, 128, 256), (1, 2, 4, 8, 16, 32)):
-                best = min(best, _try(timed, ins, best[1] | {"BLOCK_N": block_n,
-                                                             "splits": splits}),
-                           key=lambda r: r[0])
-            for unroll, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-                best = min(best, _try(timed, ins, best[1] | {"UNROLL": unroll,
-                                                             "num_warps": warps}),
-                           key=lambda r: r[0])
-            nbytes = weight_bytes(weights[0])
-            row = {"layout": layout, "projection": name, "default": default,
-                   "default_us": timed(default), "best_us": best[0], "best": best[1],
-                   "default_fraction_of_bandwidth": nbytes / timed(default) / 1e-6 / bandwidth,
-                   "best_fraction_of_bandwidth": nbytes / best[0] / 1e-6 / bandwidth}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
-
-
-def _try(timed, inputs: int, config: dict) -> tuple[float, dict]:
-    """(microseconds, config), infinite where the splits do not divide the inputs."""
-    if inputs % (config["splits"] * config["UNROLL"] * 64):
-        return float("inf"), config
-    return timed(config), config
-
-
-def one_token_kernels(bandwidth: float) -> list[dict]:
-    """At one token, per layout: the tile kernel (16-row tiles, tensor cores, its few-token
-    configuration) against the one-token kernel."""
-    rows = []
-    for layout in LAYOUTS:
-        weights = layer_weights(layout)
-        copies = -(-L2_FLUSH_BYTES // sum(weight_bytes(w) for w in weights.values()))
-        layers = [weights] + [layer_weights(layout) for _ in range(copies - 1)]
-        xs = inputs(1)
-        times = {}
-        for kernel, tokens in (("tile", 2), ("one-token", 1)):
-            configs = {n: weight_config(tokens, w, 0) for n, w in weights.items()}
-            times[kernel] = do_bench_cudagraph(
-                lambda: [group_gemm(xs[n], w, configs[n]) for layer in layers
-                         for n, w in layer.items()], rep=50) / len(layers)
-        nbytes = sum(weight_bytes(w) for w in weights.values())
-        row = {"layout": layout, "tile_us": 1e3 * times["tile"],
-               "one_token_us": 1e3 * times["one-token"],
-               "one_token_fraction_of_bandwidth":
-                   nbytes / (times["one-token"] / 1e3) / bandwidth}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
@@ -187,9 +109,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['layout']:>13} {tokens:>6} {row['us']:>8.1f} {row['gb_s']:>7.0f} "
                   f"{100 * row['fraction_of_bandwidth']:>5.1f}% {row['speedup_over_bf16']:>6.2f}x",
                   flush=True)
-    result["one_token_kernels"] = one_token_kernels(ceil.bandwidth)
-    if args.sweep:
-        result["sweep"] = sweep(ceil.bandwidth)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=1)

@@ -2,10 +2,9 @@
 a min) per group of inputs. Each program computes a BLOCK_M x BLOCK_N tile of y over one
 split of the inputs: it loads a tile of codes (4-bit: a 32-byte-row tile of packed bytes,
 both nibbles used), decodes it in registers with the group's scale and min, and multiplies
-it with the matching tile of x on the tensor cores. A one-token call runs another kernel,
-one program per tile of outputs, several tiles of codes loaded per iteration, products
-accumulated elementwise in float32 and summed once. Few-token calls (decode) split the
-inputs over several programs so that the weight reads spread over the whole GPU; the last
+it with the matching tile of x on the tensor cores (one-token calls too: on the H200 this
+beat a kernel without tensor cores for every layout but 4-bit groups of 32). Few-token
+calls (decode) split the inputs over several programs so that the weight reads spread over the whole GPU; the last
 program of a tile to finish adds the splits' float32 partial sums (no second launch). No
 autotuning and no host sync: the configuration is a function of the shapes, so CUDA graphs
 capture it. Also here: per-token FP8 quantization of activations in one launch (fp8_rows)."""
@@ -31,19 +30,6 @@ from pagoda.layers.quantization.group_gemm import (
 # the H200 found 8-16 splits of the 8B's projections fastest at one token)
 TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
-# calls of at most this many tokens run one token per program: on the H200 it beat the tile
-# kernel at one token (127 against 141 us for an 8B layer's FP8 projections) and lost at 4
-# and 8 (each token reads the weights again)
-GEMV_TOKENS = 1
-# the one-token kernel's column tile, tiles loaded per iteration (UNROLL_WIDE for layers of
-# fewer than WIDE outputs) and warps: the best of a sweep at the 8B's four projections on
-# the H200 (bench/kernels/quant_bench.py --sweep; 128-column tiles with 4 tiles an
-# iteration and 4 warps spilled registers and ran 15-40x slower)
-GEMV_BLOCK_N = 64
-GEMV_UNROLL = 1
-GEMV_UNROLL_NARROW = 4
-GEMV_WIDE = 6144
-GEMV_WARPS = 8
 
 
 @triton.jit
@@ -121,62 +107,6 @@ def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_p
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
-@triton.jit
-def _gemv_tiles(acc, acc_low, x_ptr, codes, k, rows, n, n_ok, N, scale_ptr, low_ptr,
-                GROUP: tl.constexpr, HAS_LOW: tl.constexpr):
-    """acc [STEP, BLOCK_N] += sum over the UNROLL tiles of code * scale * x, for `codes`
-    [UNROLL, STEP, BLOCK_N] whose tile u holds inputs k[u] + rows (one group's); acc_low +=
-    min * the inputs' sum (every code of a group shares its min)."""
-    group = k // GROUP  # [UNROLL, 1]
-    scale = tl.load(scale_ptr + group * N + n[None, :], mask=n_ok[None, :],
-                    other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + k[:, :, None] + rows[None, :, None]).to(tl.float32)  # [U, STEP, 1]
-    acc += tl.sum(codes.to(tl.float32) * (x * scale[:, None, :]), axis=0)
-    if HAS_LOW:
-        low = tl.load(low_ptr + group * N + n[None, :], mask=n_ok[None, :],
-                      other=0.0).to(tl.float32)
-        acc_low += tl.sum(low * tl.sum(x, axis=1), axis=0)
-    return acc, acc_low
-
-
-@triton.jit
-def _group_gemv_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
-                       N, stride_ck, stride_cn, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                       GROUP: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
-                       HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
-    """One token's BLOCK_N outputs (program axis 0) over one split of the inputs (axis 1),
-    without tensor cores: each iteration loads UNROLL tiles of codes at once (more bytes in
-    flight), products accumulate elementwise and are summed once."""
-    n_tile = tl.program_id(0)
-    split = tl.program_id(1)
-    n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    rows = tl.arange(0, STEP)
-    codes_at = rows[None, :, None] * stride_ck + n[None, None, :] * stride_cn
-    unrolled = tl.arange(0, UNROLL)[:, None]
-    acc = tl.zeros((STEP, BLOCK_N), dtype=tl.float32)
-    acc_low = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first = split * K_SPLIT
-    if BITS == 4:  # tile u: the chunk of 2 * STEP inputs at k[u], STEP rows of bytes
-        for offset in range(0, K_SPLIT, 2 * STEP * UNROLL):
-            k = first + offset + unrolled * (2 * STEP)
-            packed = tl.load(codes_ptr + (k // 2)[:, :, None] * stride_ck + codes_at,
-                             mask=n_ok[None, None, :])
-            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, packed & 15, k, rows, n, n_ok, N,
-                                       scale_ptr, low_ptr, GROUP, HAS_LOW)
-            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, packed >> 4, k + STEP, rows, n,
-                                       n_ok, N, scale_ptr, low_ptr, GROUP, HAS_LOW)
-    else:
-        for offset in range(0, K_SPLIT, STEP * UNROLL):
-            k = first + offset + unrolled * STEP
-            codes = tl.load(codes_ptr + k[:, :, None] * stride_ck + codes_at,
-                            mask=n_ok[None, None, :])
-            acc, acc_low = _gemv_tiles(acc, acc_low, x_ptr, codes, k, rows, n, n_ok, N,
-                                       scale_ptr, low_ptr, GROUP, HAS_LOW)
-    _store_split_sums(tl.sum(acc, axis=0) + acc_low, out_ptr, n, n_ok, partial_ptr, N,
-                      count_ptr, n_tile, split, SPLITS)
-
-
 @functools.cache
 def _multiprocessors(device_index: int | None) -> int:
     if device_index is None:  # the CPU interpreter: an H200's count
@@ -186,16 +116,7 @@ def _multiprocessors(device_index: int | None) -> int:
 
 def launch_config(tokens: int, out_features: int, in_features: int, step: int,
                   multiprocessors: int) -> dict[str, int]:
-    """Tile sizes, input splits and warps for a call of `tokens` rows (BLOCK_M 0: the
-    one-token kernel, for at most GEMV_TOKENS, with UNROLL tiles per iteration)."""
-    if tokens <= GEMV_TOKENS:
-        unroll = GEMV_UNROLL if out_features >= GEMV_WIDE else GEMV_UNROLL_NARROW
-        while in_features % (unroll * CHUNK):
-            unroll //= 2
-        splits = _splits(tokens * triton.cdiv(out_features, GEMV_BLOCK_N), in_features,
-                         unroll * CHUNK, multiprocessors)
-        return {"BLOCK_M": 0, "BLOCK_N": GEMV_BLOCK_N, "UNROLL": unroll, "splits": splits,
-                "num_warps": GEMV_WARPS, "num_stages": 1}
+    """Tile sizes, input splits and warps for a call of `tokens` rows."""
     block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
     block_n = 128
     splits = 1
@@ -240,12 +161,7 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
         flat = flat.contiguous()
     config = dict(config or weight_config(flat.shape[0], weight,
                                           x.device.index if x.is_cuda else None))
-    block_m = config.pop("BLOCK_M")
-    if block_m == 0:
-        rows = [_gemv(row, weight, dict(config)) for row in flat.split(1)]
-        out = rows[0] if len(rows) == 1 else torch.cat(rows)
-    else:
-        out = _tile_gemm(flat, weight, block_m, config)
+    out = _tile_gemm(flat, weight, config.pop("BLOCK_M"), config)
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
@@ -259,23 +175,11 @@ def _layout(weight: GroupQuantWeight) -> dict:
             "HAS_LOW": weight.low is not None}
 
 
-def _gemv(x: torch.Tensor, weight: GroupQuantWeight, config: dict[str, int]) -> torch.Tensor:
-    """One token [1, in] @ weight^T with the one-token kernel, its splits reduced in-kernel."""
-    splits, out_features = config.pop("splits"), weight.out_features
-    grid_n = triton.cdiv(out_features, config["BLOCK_N"])
-    out, partial = _outputs(x, 1, out_features, splits)
-    _group_gemv_kernel[(grid_n, splits)](
-        x, out_ptr=out, partial_ptr=partial, count_ptr=_split_counters(x.device, grid_n),
-        N=out_features, K_SPLIT=weight.in_features // splits, SPLITS=splits,
-        **_layout(weight), **config)
-    return out
-
-
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile, for the kernels' in-kernel reduction of
+    """Zeroed int32 counters, one per output tile, for the kernel's in-kernel reduction of
     split inputs; every launch leaves them zero again, so one set per device serves every
     layer of a stream. A call under CUDA-graph capture before any eager call gets its own
     (captured with its zeroing)."""

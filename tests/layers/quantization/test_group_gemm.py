@@ -25,9 +25,8 @@ from pagoda.layers.quantization.group_gemm import (
 )
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): the one-token
-# kernel (one token; its inputs split, and reduced in the kernel, from 1024), the tile
-# kernel with split inputs (3-12 tokens), and past the small-call limit (64 tokens)
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): split inputs
+# (1-12 tokens; added in the kernel), and past the small-call limit (64 tokens)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
@@ -78,7 +77,7 @@ def kernel_errors() -> dict[str, float]:
 
 
 def split_counters_left() -> int:
-    """How many of the one-token kernel's split counters are not back at zero."""
+    """How many of the kernel's split counters are not back at zero."""
     from pagoda.layers.quantization.triton_group_gemm import _COUNTERS
     return sum(int(counters.count_nonzero()) for counters in _COUNTERS.values())
 
@@ -142,8 +141,8 @@ def test_the_torch_path_is_codes_times_scale_plus_min(name):
 def test_small_calls_split_the_inputs_and_large_ones_do_not():
     from pagoda.layers.quantization.triton_group_gemm import launch_config
     decode = launch_config(1, 4096, 14336, 32, 132)
-    assert decode["BLOCK_M"] == 0  # one token per program
-    assert launch_config(2, 4096, 14336, 32, 132)["BLOCK_M"] == 16
+    assert decode["BLOCK_M"] == 16
+    assert launch_config(17, 4096, 14336, 32, 132)["BLOCK_M"] == 32
     assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
     assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
     assert 14336 // decode["splits"] >= 512
@@ -169,10 +168,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     ("u8", 4, "bf16", "tf32"), ("u8", 8, "fp16", "tf32"), ("fp8e4nv", 8, "bf16", "tf32"),
     ("u8", 4, "fp32", "ieee")])
 def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
-    from pagoda.layers.quantization.triton_group_gemm import (
-        _group_gemm_kernel,
-        _group_gemv_kernel,
-    )
+    from pagoda.layers.quantization.triton_group_gemm import _group_gemm_kernel
     from tests.lora.test_triton_ops import _compile_for_hopper
     pointers = {"x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
                 "low_ptr": "*fp16", "out_ptr": "*fp32"}
@@ -183,8 +179,6 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
     _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                              "stride_xm": "i32", **strides}, {
         **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
-    _compile_for_hopper(_group_gemv_kernel, {**counted, "N": "i32", **strides},
-                        {**layout, "SPLITS": 4, "BLOCK_N": 128, "UNROLL": 4})
 
 
 if __name__ == "__main__":
