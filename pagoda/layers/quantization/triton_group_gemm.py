@@ -225,8 +225,10 @@ def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constex
     k = tl.arange(0, BLOCK_K)
     ok = k < K
     x = tl.load(x_ptr + row * stride_x + k, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, 1e-12)
-    values = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    # IEEE divisions (Triton's `/` is approximate on GPUs), as torch rounds them
+    peak = tl.max(tl.abs(x), axis=0)
+    scale = tl.maximum(tl.math.div_rn(peak, tl.full([], FP8_MAX, tl.float32)), 1e-12)
+    values = tl.clamp(tl.math.div_rn(x, tl.zeros_like(x) + scale), -FP8_MAX, FP8_MAX)
     tl.store(out_ptr + row * K + k, values.to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(scale_ptr + row, scale)
 

@@ -181,5 +181,13 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
         **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
 
 
+def test_fp8_rows_compiles_for_hopper():
+    from pagoda.layers.quantization.triton_group_gemm import _fp8_rows_kernel
+    from tests.lora.test_triton_ops import _compile_for_hopper
+    _compile_for_hopper(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
+                                           "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
+                        {"FP8_MAX": 448.0, "BLOCK_K": 16384})
+
+
 if __name__ == "__main__":
     print(MARKER + json.dumps(kernel_errors()))
