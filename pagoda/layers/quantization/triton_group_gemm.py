@@ -4,10 +4,11 @@ split of the inputs: it loads a tile of codes (4-bit: a 32-byte-row tile of pack
 both nibbles used), decodes it in registers with the group's scale and min, and multiplies
 it with the matching tile of x on the tensor cores (one-token calls too: on the H200 this
 beat a kernel without tensor cores for every layout but 4-bit groups of 32). Few-token
-calls (decode) split the inputs over several programs so that the weight reads spread over the whole GPU; the last
-program of a tile to finish adds the splits' float32 partial sums (no second launch). No
-autotuning and no host sync: the configuration is a function of the shapes, so CUDA graphs
-capture it. Also here: per-token FP8 quantization of activations in one launch (fp8_rows)."""
+calls (decode) split the inputs over several programs so that the weight reads spread over
+the whole GPU; the last program of a tile to finish adds the splits' float32 partial sums
+(no second launch). No autotuning and no host sync: the configuration is a function of the
+shapes, so CUDA graphs capture it. Also here: per-token FP8 quantization of activations in
+one launch (fp8_rows)."""
 
 from __future__ import annotations
 
@@ -159,20 +160,22 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    config = dict(config or weight_config(flat.shape[0], weight,
-                                          x.device.index if x.is_cuda else None))
-    out = _tile_gemm(flat, weight, config.pop("BLOCK_M"), config)
-    return out.reshape(*x.shape[:-1], weight.out_features)
-
-
-def _layout(weight: GroupQuantWeight) -> dict:
-    """The kernels' arguments describing the weight (codes by input, scales, mins)."""
+    tokens, out_features = flat.shape[0], weight.out_features
+    config = dict(config or weight_config(tokens, weight, x.device.index if x.is_cuda else None))
+    splits, block_m = config.pop("splits"), config.pop("BLOCK_M")
+    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
+    partial = out if splits == 1 else torch.empty(splits, tokens, out_features,
+                                                  dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
     codes = weight.codes_by_input()
-    return {"codes_ptr": codes, "scale_ptr": weight.scale,
-            "low_ptr": weight.low if weight.low is not None else weight.scale,
-            "stride_ck": codes.stride(0), "stride_cn": codes.stride(1),
-            "GROUP": weight.group_size, "BITS": weight.bits, "STEP": _step(weight),
-            "HAS_LOW": weight.low is not None}
+    _group_gemm_kernel[grid](
+        flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
+        out, partial, _split_counters(x.device, grid[0] * grid[1]), tokens, out_features,
+        flat.stride(0), codes.stride(0), codes.stride(1), K_SPLIT=weight.in_features // splits,
+        SPLITS=splits, GROUP=weight.group_size, BITS=weight.bits, STEP=_step(weight),
+        HAS_LOW=weight.low is not None, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -190,32 +193,6 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
         return torch.zeros(tiles, dtype=torch.int32, device=device)
     _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     return _COUNTERS[device]
-
-
-def _tile_gemm(x: torch.Tensor, weight: GroupQuantWeight, block_m: int,
-               config: dict[str, int]) -> torch.Tensor:
-    """x [tokens, in] @ weight^T with the tile kernel, its splits reduced in-kernel."""
-    splits, tokens, out_features = config.pop("splits"), x.shape[0], weight.out_features
-    out, partial = _outputs(x, tokens, out_features, splits)
-    grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
-    layout = _layout(weight)
-    _group_gemm_kernel[grid](
-        x, layout.pop("codes_ptr"), layout.pop("scale_ptr"), layout.pop("low_ptr"), out,
-        partial, _split_counters(x.device, grid[0] * grid[1]), tokens, out_features,
-        x.stride(0), layout.pop("stride_ck"), layout.pop("stride_cn"),
-        K_SPLIT=weight.in_features // splits, SPLITS=splits, **layout, BLOCK_M=block_m,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
-    return out
-
-
-def _outputs(x: torch.Tensor, tokens: int, out_features: int, splits: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output [tokens, out] in x's dtype and the splits' float32 partial sums (the
-    output itself when there is one split)."""
-    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    if splits == 1:
-        return out, out
-    return out, torch.empty(splits, tokens, out_features, dtype=torch.float32, device=x.device)
 
 
 @triton.jit
