@@ -36,10 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="disable CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare each step while the previous one runs (default: on for CUDA)")
-    g.add_argument("--prefill-first", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--prefill-first", action=argparse.BooleanOptionalAction, default=False,
                    help="give newly admitted requests' prefills a step of their own before "
-                        "the next decode step (default: on for CPU, where it brings first "
-                        "tokens a step sooner and delays no running request; off on GPUs)")
+                        "the next decode step: first tokens sooner on average, fewer tokens "
+                        "a second and longer gaps between the running requests' tokens")
     g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,

@@ -77,12 +77,10 @@ class EngineCore:
                                          sizing.windows)
         # a pipeline keeps one step in flight per stage, each with requests of its own
         self.pipeline_depth = config.parallel.pipeline_parallel_size
-        prefill_first = config.scheduler.prefill_first
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
                                    config.lora.max_loras if config.lora else 0,
                                    pipeline_depth=self.pipeline_depth,
-                                   prefill_first=self.device.type == "cpu"
-                                   if prefill_first is None else prefill_first)
+                                   prefill_first=config.scheduler.prefill_first)
         self.loras = LoRARegistry(config.lora is not None)
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,

@@ -10,10 +10,10 @@ request that samples counts the token as pending until update_from_output brings
 next decode is scheduled on that pending token, and a request whose pending token ends it
 (max_tokens, max_model_len) is not scheduled again.
 
-Prefill first (`prefill_first`): when requests can start, they get a step of their own
-before the running requests' next decode step (never two such steps in a row). Where a
-step's time grows with its tokens (CPU), the new request's first token then comes a decode
-step sooner and the running requests' next token no later.
+Prefill first (`prefill_first`, off by default): when requests can start, they get a step of
+their own before the running requests' next decode step (never two such steps in a row):
+first tokens come sooner on average, at the cost of an extra step's overhead (fewer tokens a
+second) and a longer gap between the running requests' tokens.
 
 A pipeline (`pipeline_depth`: its number of stages) keeps several steps in flight another way:
 each step schedules only requests whose tokens are all back, and at most its share of the
