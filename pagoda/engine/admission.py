@@ -5,9 +5,10 @@ The time to start is predicted from what is in flight: a new sequence needs one 
 engine's max_num_seqs slots; running sequences free theirs once they have produced the
 output tokens they still owe (at most: a stop or EOS ends them sooner), and sequences
 already waiting take freed slots first and hold them for their own outputs. Steps times the
-decode step time measured from the tokens streaming back gives seconds. An upper bound on
-the work ahead keeps the admitted requests' time to first token under the limit, rather
-than under it on average."""
+decode step time measured from the tokens streaming back gives seconds, counting what is
+left of the step in flight: a request that finds a free slot still waits for that step to
+end before it can be scheduled. An upper bound on the work ahead keeps the admitted
+requests' time to first token under the limit, rather than under it on average."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class Admission:
     tokens_owed: int = 0
     finished: deque[float] = field(default_factory=deque)  # completion times (monotonic)
     step_time: float | None = None  # seconds per output token of a running sequence
+    last_tokens_at: float | None = None  # when tokens last streamed back: a step's end
 
     @property
     def sequences(self) -> int:
@@ -108,21 +110,31 @@ class Admission:
                        self.expected_wait(work.sequences))
         wait = self.expected_wait(work.sequences)
         if wait is not None and wait > limits.max_queue_wait:
-            self._shed(f"this request would wait about {wait:.1f} s to start (limit "
+            self._shed(f"this request would wait about {wait:.2g} s to start (limit "
                        f"{limits.max_queue_wait:g} s)", wait)
 
     def expected_wait(self, sequences: int) -> float | None:
-        """Seconds until `sequences` new sequences would all be running: 0 if there is room
-        now; else the steps until enough slots free (`steps_to_start`) times the measured
+        """Seconds until `sequences` new sequences would all be scheduled: what is left of
+        the step in flight if there is room now; else that plus the further steps until
+        enough slots free (`steps_to_start`, the step in flight the first) at the measured
         step time, or before any step was measured the rate at which sequences finished
         lately; None if neither is known."""
         ahead = self.sequences + sequences - self.max_num_seqs
+        in_flight = self.step_remainder()
         if ahead <= 0:
-            return 0.0
+            return in_flight
         if self.step_time is not None:
-            return self.steps_to_start(sequences) * self.step_time
+            return in_flight + max(self.steps_to_start(sequences) - 1, 0) * self.step_time
         rate = self.finish_rate()
         return None if rate is None else ahead / rate
+
+    def step_remainder(self, now: float | None = None) -> float:
+        """Seconds left of the step in flight: the measured step time less the time since
+        tokens last streamed back (0 before any step was measured)."""
+        if self.step_time is None or self.last_tokens_at is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.step_time - (now - self.last_tokens_at))
 
     def steps_to_start(self, sequences: int) -> int:
         """Decode steps until the last of `sequences` new sequences gets a slot, if every
@@ -161,7 +173,7 @@ class Admission:
         now = time.monotonic()
         if owed.last_token_at is not None and new_tokens > 0:  # a decode step's time
             self._measure_step((now - owed.last_token_at) / new_tokens)
-        owed.last_token_at = now
+        owed.last_token_at = self.last_tokens_at = now
         before = owed.total
         owed.prompt = 0
         owed.output = max(0, owed.output - new_tokens)

@@ -95,7 +95,28 @@ def test_the_step_time_comes_from_the_tokens_streaming_back(monkeypatch):
     for i in range(4):
         adm.progress(f"r{i}", 4)  # 4 tokens in 0.2 s: 50 ms a step
     assert adm.step_time == pytest.approx(0.05)
-    assert adm.expected_wait(1) == pytest.approx(96 * 0.05)  # they owe 96 more each
+    # they owe 96 more each: the step in flight (just begun) and 95 more
+    assert adm.expected_wait(1) == pytest.approx(96 * 0.05)
     with pytest.raises(EngineOverloadedError, match="wait about 4.8 s") as info:
         adm.check(Work(1, 1, 1))
     assert info.value.retry_after == pytest.approx(4.8)
+    clock[0] += 0.03  # 20 ms left of the step in flight
+    assert adm.expected_wait(1) == pytest.approx(0.02 + 95 * 0.05)
+
+
+def test_a_free_slot_still_waits_for_the_step_in_flight(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    adm = admission(max_queue_wait=0.02, max_sequences=100, max_tokens=10**9)
+    running(adm, [100, 100])  # two of the four slots
+    clock[0] += 0.2
+    for i in range(2):
+        adm.progress(f"r{i}", 4)  # a step takes 50 ms; one has just begun
+    assert adm.expected_wait(1) == pytest.approx(0.05)
+    with pytest.raises(EngineOverloadedError, match="wait about"):
+        adm.check(Work(1, 1, 1))
+    clock[0] += 0.04  # 10 ms left
+    assert adm.expected_wait(1) == pytest.approx(0.01)
+    adm.check(Work(1, 1, 1))
+    clock[0] += 1.0  # no tokens for a while: no step known to be in flight
+    assert adm.expected_wait(1) == 0.0
