@@ -91,7 +91,8 @@ class EngineCore:
                                     loaded.weight_bytes, kv_bytes, sizing.activation_bytes,
                                     config.scheduler.max_num_seqs, torch.get_num_threads(),
                                     config.parallel.tensor_parallel_size,
-                                    config.parallel.pipeline_parallel_size)
+                                    config.parallel.pipeline_parallel_size,
+                                    config.cache.kv_cache_dtype)
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)

@@ -29,6 +29,7 @@ class ModelInfo:
     # the model split over devices: weight_bytes and kv_cache_bytes are one rank's
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    kv_cache_dtype: str = "auto"  # as --kv-cache-dtype
 
 
 def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:

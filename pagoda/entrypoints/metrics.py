@@ -92,7 +92,8 @@ class EngineMetrics:
                                      "KV-cache usage (older name of vllm:kv_cache_usage_perc)",
                                      lbl, registry=r)
         self.cache_config = Gauge("vllm:cache_config_info", "The KV cache's configuration",
-                                  ["model_name", "block_size", "num_gpu_blocks", "device"],
+                                  ["model_name", "block_size", "num_gpu_blocks", "device",
+                                   "cache_dtype"],
                                   registry=r)
         self.parallel_config = Gauge(
             "pagoda:parallel_config_info", "How the model is split over devices (value 1)",
@@ -169,7 +170,8 @@ class EngineMetrics:
         if self._cache_info is not None:
             self.cache_config.remove(*self._cache_info.values())
         self._cache_info = {"model_name": self.model_name, "block_size": str(info.block_size),
-                            "num_gpu_blocks": str(info.num_kv_blocks), "device": info.device}
+                            "num_gpu_blocks": str(info.num_kv_blocks), "device": info.device,
+                            "cache_dtype": info.kv_cache_dtype}
         self.cache_config.labels(**self._cache_info).set(1)
         self.parallel_config.labels(
             model_name=self.model_name, tensor_parallel_size=str(info.tensor_parallel_size),

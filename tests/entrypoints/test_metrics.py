@@ -68,8 +68,8 @@ def test_cache_config_info_follows_the_loaded_engine():
     metrics.on_model_info(info)
     family = next(f for f in text_string_to_metric_families(metrics.render().decode())
                   if f.name == "vllm:cache_config_info")
-    assert [(s.labels["num_gpu_blocks"], s.labels["block_size"], s.value)
-            for s in family.samples] == [("80", "16", 1.0)]
+    assert [(s.labels["num_gpu_blocks"], s.labels["block_size"], s.labels["cache_dtype"],
+             s.value) for s in family.samples] == [("80", "16", "auto", 1.0)]
 
 
 def test_phases_and_tokens_of_one_request():
