@@ -141,27 +141,19 @@ def _splits(tiles: int, in_features: int, unit: int, multiprocessors: int) -> in
     return splits
 
 
-def weight_config(tokens: int, weight: GroupQuantWeight, device_index: int | None
-                  ) -> dict[str, int]:
-    """launch_config for a call of `tokens` rows on `weight` (device None: the interpreter)."""
-    return launch_config(tokens, weight.out_features, weight.in_features,
-                         _step(weight), _multiprocessors(device_index))
-
-
 def _step(weight: GroupQuantWeight) -> int:
     """Inputs per decoded tile: a 4-bit half chunk, or a group if shorter."""
     return min(HALF, weight.group_size)
 
 
-def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
-               config: dict[str, int] | None = None) -> torch.Tensor:
-    """x [..., in] @ weight^T -> [..., out] in x's dtype; `config` overrides launch_config's
-    (a benchmark's sweep)."""
+def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
+    """x [..., in] @ weight^T -> [..., out] in x's dtype."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     tokens, out_features = flat.shape[0], weight.out_features
-    config = dict(config or weight_config(tokens, weight, x.device.index if x.is_cuda else None))
+    config = launch_config(tokens, out_features, weight.in_features, _step(weight),
+                           _multiprocessors(x.device.index if x.is_cuda else None))
     splits, block_m = config.pop("splits"), config.pop("BLOCK_M")
     out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
     partial = out if splits == 1 else torch.empty(splits, tokens, out_features,
@@ -178,21 +170,21 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
     return out.reshape(*x.shape[:-1], out_features)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# every counter set ever handed out, per device: a captured CUDA graph keeps the address of
+# the one it was captured with, so none may be freed (they are a few KiB)
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 counters, one per output tile, for the kernel's in-kernel reduction of
     split inputs; every launch leaves them zero again, so one set per device serves every
-    layer of a stream. A call under CUDA-graph capture before any eager call gets its own
-    (captured with its zeroing)."""
-    counters = _COUNTERS.get(device)
-    if counters is not None and counters.numel() >= tiles:
-        return counters
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
-    _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return _COUNTERS[device]
+    layer of a stream. A larger call gets a larger set; a call under CUDA-graph capture
+    that needs a new one gets it from the graph's memory, zeroed in the graph."""
+    held = _COUNTERS.setdefault(device, [])
+    if held and held[-1].numel() >= tiles:
+        return held[-1]
+    held.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 @triton.jit
