@@ -40,6 +40,14 @@ def test_a_quantized_model_streams_the_bytes_it_holds_less_the_input_table(llama
     assert decode_step_floor(quantized, H200, [1024]) < decode_step_floor(llama8b, H200, [1024])
 
 
+def test_a_float8_kv_cache_halves_the_kv_bytes_read(llama8b):
+    fp8 = llama8b.with_kv_dtype(torch.float8_e4m3fn)
+    assert fp8.kv_bytes_per_token * 2 == llama8b.kv_bytes_per_token
+    assert fp8.kv_bytes_read(4096) * 2 == llama8b.kv_bytes_read(4096)
+    assert fp8.weight_bytes_read == llama8b.weight_bytes_read
+    assert decode_step_floor(fp8, H200, [4096]) < decode_step_floor(llama8b, H200, [4096])
+
+
 def test_decode_floor_is_bandwidth_bound(llama8b):
     one = decode_step_floor(llama8b, H200, [1024])
     assert one == pytest.approx((15.01e9 + 1024 * 131_072) / 4.3e12, rel=1e-3)  # ~3.5 ms

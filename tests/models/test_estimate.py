@@ -155,6 +155,12 @@ def test_the_command(capsys, smollm2_dir):
     assert main(["estimate", "bench/configs/llama-3.1-8b", "--max-model-len", "131072",
                  "--concurrency", "8", "--device", "L4"]) == 3  # does not fit
     assert "does NOT fit" in capsys.readouterr().out
+    assert main(["estimate", "smollm2", "--max-model-len", "2048", "--concurrency", "4",
+                 "--kv-cache-dtype", "fp8", "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert small["kv_bytes"] * 4 == result["kv_bytes"] and small["kv_dtype"] == "float8_e4m3fn"
+    assert main(["estimate", "smollm2", "--kv-cache-dtype", "fp8"]) == 0
+    assert "KiB per token, float8_e4m3fn)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa2-tied", "qwen3-gqa4-wide-heads-untied",

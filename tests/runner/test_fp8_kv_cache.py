@@ -68,3 +68,9 @@ def test_the_estimate_counts_a_float8_cache(checkpoint):
 def test_an_unknown_kv_cache_dtype_is_refused(checkpoint):
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         LLM(checkpoint, kv_cache_dtype="int8")
+
+
+def test_every_kv_cache_dtype_name_has_an_element_type():
+    from pagoda.config import KV_CACHE_DTYPES
+    from pagoda.runner.memory import FLOAT8_KV
+    assert set(KV_CACHE_DTYPES) == {"auto"} | set(FLOAT8_KV)
