@@ -5,7 +5,7 @@ in one run, at one decoder layer of Llama-3.1-8B (qkv 4096->6144, o 4096->4096, 
 For each weight layout and token count: the four projections' time (CUDA-graph medians,
 triton.testing.do_bench_cudagraph), the bytes of weights they read over that time as a
 fraction of the device-copy bandwidth measured in the same run, and the speed-up over
-bfloat16. Layouts: FP8 with a scale per row (above 64 tokens: torch._scaled_mm) or per
+bfloat16. Layouts: FP8 with a scale per row (above 32 tokens: torch._scaled_mm) or per
 128x128 block, 4-bit codes in groups of 128 (AWQ/GPTQ) or 32 with a min (GGUF Q4_0/Q4_1/
 Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Every timed call reads enough
 distinct weights (copies of the layer) that the L2 cache holds none of them from one call
@@ -37,7 +37,7 @@ PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, True),
            "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False)}
-TOKENS = [1, 4, 8, 16, 64, 256, 2048]
+TOKENS = [1, 4, 8, 16, 32, 64, 256, 2048]
 L2_FLUSH_BYTES = 256 << 20  # weights read per timed call: several times the H200's L2
 
 

@@ -33,7 +33,7 @@ SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of th
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
            "fp8-row": (None, 8, False, True), "fp8-block": (128, 8, False, True)}
-TOKENS = (1, 16, 64, 65, 300, 2048)
+TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
 
 
 def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
@@ -83,7 +83,7 @@ def test_gguf_blocks_through_the_kernel_match_their_decoding(name, dtype, gpu_re
     assert error < (1e-3 if dtype == torch.float32 else 1e-2)  # float16 scales and mins
 
 
-@pytest.mark.parametrize("tokens", [65, 300, 2048])
+@pytest.mark.parametrize("tokens", [33, 65, 300, 2048])
 def test_fp8_tensor_cores_match_the_dense_product(tokens, gpu_report):
     weight = random_weight(*SHAPES["qkv"], *LAYOUTS["fp8-row"])
     x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
@@ -92,6 +92,19 @@ def test_fp8_tensor_cores_match_the_dense_product(tokens, gpu_report):
     error = relative_error(scaled_mm(x, weight), expected)
     gpu_report(tokens=tokens, path="torch._scaled_mm", error=f"{error:.2e}")
     assert error < 5e-2  # activations rounded to float8 (3 mantissa bits) per token
+
+
+@pytest.mark.parametrize("layout", ["fp8-row", "fp8-block"])
+def test_fp8_few_token_products_clamp_activations_past_float16s_range(layout):
+    """The few-token kernel multiplies float8 values in float16: a bfloat16 activation past
+    float16's range counts as +-65504 (not infinity), and the rest are exact."""
+    weight = random_weight(*SHAPES["qkv"], *LAYOUTS[layout])
+    x = torch.randn(3, weight.in_features, device="cuda", dtype=torch.bfloat16)
+    x[0, 5], x[2, 100] = 2e5, -1e6
+    got = group_gemm(x, weight)
+    assert torch.isfinite(got).all()
+    expected = x.float().clamp(-65504, 65504) @ weight.dequantize(torch.float32).t()
+    assert relative_error(got, expected) < 1e-2
 
 
 def test_fp8_rows_round_as_torch_does():
@@ -105,7 +118,7 @@ def test_fp8_rows_round_as_torch_does():
     assert torch.equal(values.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("layout", ["int4-g32", "int8-g16", "fp8-block"])
+@pytest.mark.parametrize("layout", ["int4-g32", "int8-g16", "fp8-block", "fp8-row"])
 def test_graphs_replay_the_eager_products(layout):
     weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
     for tokens in (1, 16, 128):

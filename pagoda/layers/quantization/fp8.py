@@ -29,7 +29,12 @@ from pagoda.layers.linear import (
     WeightLoader,
 )
 from pagoda.layers.quantization.base import QuantizationConfig
-from pagoda.layers.quantization.group_gemm import FP8, SMALL_M, GroupQuantWeight, supports
+from pagoda.layers.quantization.group_gemm import (
+    FEW_TOKENS,
+    FP8,
+    GroupQuantWeight,
+    supports,
+)
 from pagoda.layers.quantization.pieces import (
     Layout,
     add_collected_parameters,
@@ -135,7 +140,7 @@ class Fp8LinearMethod(LinearMethod):
         if quantized is None:
             return "fp8 weights decoded per call (weight-only)"
         if quantized.group_size == quantized.in_features and _has_fp8_tensor_cores():
-            return f"triton group gemm up to {SMALL_M} tokens, torch._scaled_mm above"
+            return f"triton group gemm up to {FEW_TOKENS} tokens, torch._scaled_mm above"
         return "triton group gemm (fp8 weights)"
 
 
@@ -145,9 +150,9 @@ def _has_fp8_tensor_cores() -> bool:
 
 
 def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
-    """Whether a call goes to torch._scaled_mm: more than SMALL_M bfloat16 tokens, one
+    """Whether a call goes to torch._scaled_mm: more than FEW_TOKENS bfloat16 tokens, one
     scale per output row, a GPU with FP8 tensor cores, dims its kernels take."""
-    return (x.dtype == torch.bfloat16 and x.numel() > SMALL_M * weight.in_features
+    return (x.dtype == torch.bfloat16 and x.numel() > FEW_TOKENS * weight.in_features
             and weight.group_size == weight.in_features and _has_fp8_tensor_cores()
             and weight.in_features % 16 == 0 and weight.out_features % 16 == 0)
 

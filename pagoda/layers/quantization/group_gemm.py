@@ -28,8 +28,9 @@ FP8 = torch.float8_e4m3fn
 CHUNK = 64  # inputs per packed 4-bit chunk (two halves of HALF)
 HALF = CHUNK // 2
 SCALE_DTYPE = torch.float16
-SMALL_M = 64  # calls of at most this many tokens count as decode-sized (the kernel splits
-# their inputs; FP8 layers keep them off the tensor-core path)
+FEW_TOKENS = 32  # calls of at most this many tokens (decode) go to the few-token kernel;
+# FP8 layers with a scale per row send larger ones to FP8 tensor cores
+SMALL_M = 64  # calls of at most this many tokens split their inputs in the larger kernel
 
 
 def pack_int4_halves(codes: torch.Tensor) -> torch.Tensor:

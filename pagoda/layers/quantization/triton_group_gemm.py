@@ -1,14 +1,21 @@
-"""The Triton kernel behind GroupQuantWeight: y = x W^T with W held as codes and a scale (and
-a min) per group of inputs. Each program computes a BLOCK_M x BLOCK_N tile of y over one
-split of the inputs: it loads a tile of codes (4-bit: a 32-byte-row tile of packed bytes,
-both nibbles used), decodes it in registers with the group's scale and min, and multiplies
-it with the matching tile of x on the tensor cores (one-token calls too: on the H200 this
-beat a kernel without tensor cores for every layout but 4-bit groups of 32). Few-token
-calls (decode) split the inputs over several programs so that the weight reads spread over
-the whole GPU; the last program of a tile to finish adds the splits' float32 partial sums
-(no second launch). No autotuning and no host sync: the configuration is a function of the
-shapes, so CUDA graphs capture it. Also here: per-token FP8 quantization of activations in
-one launch (fp8_rows)."""
+"""The Triton kernels behind GroupQuantWeight: y = x W^T with W held as codes and a scale (and
+a min) per group of inputs, decoded in registers tile by tile (the weights are read once, in
+their quantized bytes) and multiplied on the tensor cores. Two kernels:
+
+- calls of at most FEW_TOKENS tokens (decode): each program computes a tile of BLOCK_N
+  outputs by the call's (up to 32) tokens, as W x^T, so the weights fill the wide side of
+  the tensor-core product and the tokens (padded to 16) the narrow one. The inputs are split
+  over several programs so that the weight reads spread over the whole GPU; the last program
+  of a tile to finish adds the splits' float32 partial sums (no second launch). Float8
+  values with a scale per row multiply in float16 (one conversion per weight, exact for
+  E4M3) and are scaled once at the end; on the H200 this read an 8B layer's FP8 weights at
+  1.5x the rate of the kernel below.
+- larger calls: BLOCK_M tokens by BLOCK_N outputs per program, the decoded weights
+  multiplied with the matching tile of x.
+
+No autotuning and no host sync: the configuration is a function of the shapes, so CUDA
+graphs capture it. Also here: per-token FP8 quantization of activations in one launch
+(fp8_rows)."""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import triton.language as tl
 
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
+    FEW_TOKENS,
     FP8,
     HALF,
     SMALL_M,
@@ -88,6 +96,84 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 
 
 @triton.jit
+def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                       M, N, K, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
+                       ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+    """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
+    accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
+    halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
+    applied once to the sums)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(2)
+    n_ok, t_ok = n < N, t < M
+    steps = tl.arange(0, STEP)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    first = split * K_SPLIT
+    if BITS == 4:  # a chunk of 2 * STEP inputs per STEP rows of bytes
+        for offset in range(0, K_SPLIT, 2 * STEP):
+            k = first + offset
+            packed = tl.load(codes_ptr + (k // 2 + steps)[None, :] * N + n[:, None],
+                             mask=n_ok[:, None])
+            acc = _few_tokens_step(acc, packed & 15, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT)
+            acc = _few_tokens_step(acc, packed >> 4, k + STEP, x_ptr, t, t_ok, n, n_ok, N,
+                                   stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8,
+                                   ROW_SCALE, DOT)
+    else:
+        for offset in range(0, K_SPLIT, STEP):
+            k = first + offset
+            if FLOAT8:
+                at = n[:, None] * K + (k + steps)[None, :]
+            else:
+                at = (k + steps)[None, :] * N + n[:, None]
+            codes = tl.load(codes_ptr + at, mask=n_ok[:, None])
+            acc = _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT)
+    if ROW_SCALE:
+        acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
+    # (outputs past N load undefined codes: their sums are never stored)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+
+
+@triton.jit
+def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
+                     GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
+                     FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr):
+    """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
+    group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
+    activations (clamped to its range)."""
+    x = tl.load(x_ptr + t[None, :] * stride_xm + (k + tl.arange(0, STEP))[:, None],
+                mask=t_ok[None, :], other=0.0)
+    dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
+    x = _half_saturating(x.to(tl.float32)) if DOT == 3 else x.to(dot_type)
+    if ROW_SCALE:  # scaled after the sums
+        return tl.dot(codes.to(dot_type), x, acc, input_precision="ieee")
+    if FLOAT8:
+        scale = tl.load(scale_ptr + (k // GROUP) * N + n, mask=n_ok, other=0.0)
+        return acc + tl.dot(codes.to(dot_type), x, input_precision="ieee") * scale[:, None]
+    group = k // GROUP
+    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(dot_type)
+    weights = codes.to(dot_type) * scale[:, None]
+    if HAS_LOW:
+        weights += tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(dot_type)[:, None]
+    return tl.dot(weights, x, acc, input_precision="ieee")
+
+
+@triton.jit
+def _half_saturating(x):
+    """float32 -> float16, values past float16's range to +-65504 (not infinity), in one
+    saturating conversion instruction per pair of values (a clamp first would add two
+    instructions per value)."""
+    return tl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x],
+                                     dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
                       SPLITS: tl.constexpr):
     """Store a program's float32 sums over its split of the inputs at out_ptr + at. With
@@ -117,8 +203,9 @@ def _multiprocessors(device_index: int | None) -> int:
 
 def launch_config(tokens: int, out_features: int, in_features: int, step: int,
                   multiprocessors: int) -> dict[str, int]:
-    """Tile sizes, input splits and warps for a call of `tokens` rows."""
-    block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 64 else 128
+    """Tile sizes, input splits and warps for a call of `tokens` (more than FEW_TOKENS) rows
+    in the larger kernel."""
+    block_m = 64 if tokens <= SMALL_M else 128
     block_n = 128
     splits = 1
     if tokens <= SMALL_M:
@@ -129,12 +216,13 @@ def launch_config(tokens: int, out_features: int, in_features: int, step: int,
             "num_warps": 8 if large else 4, "num_stages": 3 if large else 4}
 
 
-def _splits(tiles: int, in_features: int, unit: int, multiprocessors: int) -> int:
-    """Input splits (a power of two) for `tiles` output tiles: about TARGET_PROGRAMS
-    programs per multiprocessor, each split a whole number of `unit`s of inputs and at
-    least MIN_SPLIT_INPUTS."""
+def _splits(tiles: int, in_features: int, unit: int, multiprocessors: int,
+            target: int = TARGET_PROGRAMS) -> int:
+    """Input splits (a power of two) for `tiles` output tiles: about `target` programs per
+    multiprocessor, each split a whole number of `unit`s of inputs and at least
+    MIN_SPLIT_INPUTS."""
     splits = 1
-    while (tiles * splits * 2 <= TARGET_PROGRAMS * multiprocessors
+    while (tiles * splits * 2 <= target * multiprocessors
            and in_features % (2 * splits * unit) == 0
            and in_features // (2 * splits) >= MIN_SPLIT_INPUTS):
         splits *= 2
@@ -146,28 +234,87 @@ def _step(weight: GroupQuantWeight) -> int:
     return min(HALF, weight.group_size)
 
 
+def few_tokens_config(tokens: int, weight: GroupQuantWeight,
+                      multiprocessors: int) -> dict[str, int]:
+    """The few-token kernel's tiles, steps, input splits and warps for a call of `tokens`
+    (at most FEW_TOKENS) rows (from a sweep on the H200 at the 8B's shapes)."""
+    float8 = weight.codes.dtype == FP8
+    block_n = 32 if float8 and tokens <= 16 else 64
+    block_t = 16 if tokens <= 16 else 32
+    step = HALF if weight.bits == 4 else min(128, weight.group_size)
+    target = 2 if float8 and tokens > 16 else TARGET_PROGRAMS
+    tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
+    splits = _splits(tiles, weight.in_features, CHUNK if weight.bits == 4 else step,
+                     multiprocessors, target)
+    return {"BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "splits": splits,
+            "num_warps": 4, "num_stages": 3 if float8 and tokens > 16 else 4}
+
+
+def _dot_type(x: torch.dtype, float8: bool) -> int:
+    """The few-token kernel's DOT: float32 activations multiply in float32; float8 values
+    in float16 (clamping wider activations to its range); integer codes in x's type."""
+    if x == torch.float32:
+        return 0
+    if float8:
+        return 1 if x == torch.float16 else 3
+    return 1 if x == torch.float16 else 2
+
+
 def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     """x [..., in] @ weight^T -> [..., out] in x's dtype."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    tokens, out_features = flat.shape[0], weight.out_features
+    multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
+    out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+    if flat.shape[0] <= FEW_TOKENS:
+        _few_tokens(flat, weight, out, multiprocessors)
+    else:
+        _many_tokens(flat, weight, out, multiprocessors)
+    return out.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """Float32 partial sums for each split (none needed for one)."""
+    if splits == 1:
+        return out
+    return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
+
+
+def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+                multiprocessors: int) -> None:
+    tokens, out_features = out.shape
+    config = few_tokens_config(tokens, weight, multiprocessors)
+    splits, block_t = config.pop("splits"), config["BLOCK_T"]
+    grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(tokens, block_t), splits)
+    float8 = weight.codes.dtype == FP8
+    _few_tokens_kernel[grid](
+        flat, weight.codes, weight.scale, weight.low if weight.low is not None else weight.scale,
+        out, _partials(out, splits), _split_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, weight.in_features, flat.stride(0),
+        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
+        BITS=weight.bits, FLOAT8=float8,
+        ROW_SCALE=float8 and weight.group_size == weight.in_features,
+        HAS_LOW=weight.low is not None,
+        DOT=_dot_type(flat.dtype, float8), **config)
+
+
+def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+                 multiprocessors: int) -> None:
+    tokens, out_features = out.shape
     config = launch_config(tokens, out_features, weight.in_features, _step(weight),
-                           _multiprocessors(x.device.index if x.is_cuda else None))
+                           multiprocessors)
     splits, block_m = config.pop("splits"), config.pop("BLOCK_M")
-    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    partial = out if splits == 1 else torch.empty(splits, tokens, out_features,
-                                                  dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
     codes = weight.codes_by_input()
     _group_gemm_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, partial, _split_counters(x.device, grid[0] * grid[1]), tokens, out_features,
-        flat.stride(0), codes.stride(0), codes.stride(1), K_SPLIT=weight.in_features // splits,
-        SPLITS=splits, GROUP=weight.group_size, BITS=weight.bits, STEP=_step(weight),
-        HAS_LOW=weight.low is not None, BLOCK_M=block_m,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config)
-    return out.reshape(*x.shape[:-1], out_features)
+        out, _partials(out, splits), _split_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, flat.stride(0), codes.stride(0), codes.stride(1),
+        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
+        BITS=weight.bits, STEP=_step(weight), HAS_LOW=weight.low is not None,
+        BLOCK_M=block_m, DOT_PRECISION="ieee" if flat.dtype == torch.float32 else "tf32",
+        **config)
 
 
 # every counter set ever handed out, per device: a captured CUDA graph keeps the address of

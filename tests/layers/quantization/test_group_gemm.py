@@ -25,18 +25,24 @@ from pagoda.layers.quantization.group_gemm import (
 )
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes): split inputs
-# (1-12 tokens; added in the kernel), and past the small-call limit (64 tokens)
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). Up to 32 tokens
+# run in the few-token kernel (1-12 tokens: split inputs, added in the kernel), more in the
+# larger one (33-64 tokens: split inputs there too)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
     "int4-g32-tiles-split": (12, 40, 1024, 32, 4, True, False),
+    "int4-g32-many-split": (40, 96, 1024, 32, 4, True, False),
     "int8-g16": (3, 40, 128, 16, 8, True, False),
+    "int8-g32-tokens-32": (32, 72, 256, 32, 8, True, False),
     "int8-g32-large": (70, 40, 96, 32, 8, True, False),
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
+    "fp8-per-row-split": (1, 72, 2048, 2048, 8, False, True),
+    "fp8-per-row-tokens-20": (20, 72, 256, 256, 8, False, True),
     "fp8-blocks": (5, 40, 256, 128, 8, False, True),
+    "fp8-blocks-many": (48, 40, 256, 128, 8, False, True),
     "fp8-one-token": (1, 40, 256, 128, 8, False, True),
 }
 
@@ -86,7 +92,7 @@ def split_counters_left() -> int:
 # output). bfloat16 activations cannot run under the interpreter (its bfloat16 arithmetic is
 # wrong): they run on the GPU.
 HALF_CASES = ("int4-g32-split", "int4-g128-nomin", "int4-g64-large", "int4-g32-tiles-split",
-              "fp8-blocks")
+              "int8-g16", "fp8-per-row", "fp8-blocks", "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
 
 
@@ -138,17 +144,37 @@ def test_the_torch_path_is_codes_times_scale_plus_min(name):
                                atol=1e-6 * float(expected.abs().max()) + 1e-4)
 
 
-def test_small_calls_split_the_inputs_and_large_ones_do_not():
-    from pagoda.layers.quantization.triton_group_gemm import launch_config
-    decode = launch_config(1, 4096, 14336, 32, 132)
-    assert decode["BLOCK_M"] == 16
-    assert launch_config(17, 4096, 14336, 32, 132)["BLOCK_M"] == 32
-    assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
+def test_decode_calls_split_the_inputs_and_large_ones_do_not():
+    from pagoda.layers.quantization.triton_group_gemm import (
+        few_tokens_config,
+        launch_config,
+    )
+    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 112),
+                            None, 128, 4)
+    down.out_features = 4096  # the 8B's down projection (only the shape is read)
+    decode = few_tokens_config(1, down, 132)
+    assert decode["BLOCK_T"] == 16 and decode["STEP"] == 32
     assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
     assert 14336 // decode["splits"] >= 512
-    assert launch_config(1, 28672, 4096, 32, 132)["splits"] < decode["splits"]
+    assert few_tokens_config(17, down, 132)["BLOCK_T"] == 32
+    up = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 32), None,
+                          128, 4)
+    up.out_features = 28672
+    assert few_tokens_config(1, up, 132)["splits"] < decode["splits"]
+    assert launch_config(33, 4096, 14336, 32, 132)["BLOCK_M"] == 64
+    assert launch_config(33, 4096, 14336, 32, 132)["splits"] > 1
+    assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
     assert launch_config(4096, 4096, 14336, 32, 132)["splits"] == 1
-    assert launch_config(1, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
+    assert launch_config(40, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
+
+
+def test_float8_multiplies_in_float16_and_integer_codes_in_the_activations_type():
+    from pagoda.layers.quantization.triton_group_gemm import _dot_type
+    assert _dot_type(torch.bfloat16, True) == 3  # clamped to float16's range
+    assert _dot_type(torch.float16, True) == 1
+    assert _dot_type(torch.bfloat16, False) == 2
+    assert _dot_type(torch.float16, False) == 1
+    assert _dot_type(torch.float32, True) == _dot_type(torch.float32, False) == 0
 
 
 def test_the_kernel_matches_the_dense_product_under_the_interpreter():
@@ -167,8 +193,12 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
 @pytest.mark.parametrize(("codes", "bits", "activations", "precision"), [
     ("u8", 4, "bf16", "tf32"), ("u8", 8, "fp16", "tf32"), ("fp8e4nv", 8, "bf16", "tf32"),
     ("u8", 4, "fp32", "ieee")])
-def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
-    from pagoda.layers.quantization.triton_group_gemm import _group_gemm_kernel
+def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
+    from pagoda.layers.quantization.triton_group_gemm import (
+        _dot_type,
+        _few_tokens_kernel,
+        _group_gemm_kernel,
+    )
     from tests.lora.test_triton_ops import _compile_for_hopper
     pointers = {"x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
                 "low_ptr": "*fp16", "out_ptr": "*fp32"}
@@ -179,6 +209,16 @@ def test_the_kernel_compiles_for_hopper(codes, bits, activations, precision):
     _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                              "stride_xm": "i32", **strides}, {
         **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
+    float8 = codes == "fp8e4nv"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
+    for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
+                                                                   layout["STEP"]),):
+        _compile_for_hopper(_few_tokens_kernel, {
+            **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
+            "K": "i32", "stride_xm": "i32"}, {
+            **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
+            "ROW_SCALE": group == 4096,
+            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)})
 
 
 def test_fp8_rows_compiles_for_hopper():
