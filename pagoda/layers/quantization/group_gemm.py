@@ -8,7 +8,7 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
 `GroupQuantWeight` holds one layer's weights in that form and multiplies with the Triton
-kernel of `pagoda.layers.quantization.triton_group_gemm` on CUDA (the codes are decoded in
+kernels of `pagoda.layers.quantization.triton_group_gemm` on CUDA (the codes are decoded in
 registers tile by tile: the weights are read once, in their quantized bytes); elsewhere it
 decodes them and runs a dense matmul (the reference the kernel is tested against).
 

@@ -34,9 +34,9 @@ from pagoda.layers.quantization.group_gemm import (
     GroupQuantWeight,
 )
 
-# calls of at most SMALL_M tokens split the inputs into about TARGET_PROGRAMS programs per
-# streaming multiprocessor, each split covering at least MIN_SPLIT_INPUTS inputs (a sweep on
-# the H200 found 8-16 splits of the 8B's projections fastest at one token)
+# few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
+# into about TARGET_PROGRAMS programs per streaming multiprocessor, each split covering at
+# least MIN_SPLIT_INPUTS inputs (a sweep on the H200 found this fastest at one token)
 TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
 
