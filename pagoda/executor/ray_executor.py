@@ -3,7 +3,9 @@ node, `ray start --address=HEAD:6379` on the others), so that an engine's ranks 
 several machines. Ray is an optional extra (`pip install pagoda[ray]`).
 
 The ranks get one placement-group bundle each ({"GPU": 1} on CUDA, {"CPU": 1} on CPU), and
-each actor builds the same Worker a worker process builds (ray_worker.py). Calls and replies
+each actor builds the same Worker a worker process builds (ray_worker.py), with its machine's
+CPU cores shared among the ranks placed there as torch's threads (Ray would give a one-CPU
+actor one). Calls and replies
 are the multi-process executor's msgpack frames (worker_group.py), carried by actor method
 calls: Ray runs one actor's calls in the order they were sent, so a step can stay in flight
 the same way. torch.distributed's ranks meet at rank 0's node (PAGODA_HOST_IP on that node,
@@ -19,13 +21,14 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pagoda.errors import ConfigError
 from pagoda.executor import serial
 from pagoda.executor.base import WorkerConfig
-from pagoda.executor.ray_worker import RankPlacement, RayWorkerHost
+from pagoda.executor.ray_worker import RankPlacement, RayWorkerHost, threads_per_rank
 from pagoda.executor.worker_group import RankHandle, WorkerError, WorkerGroupExecutor
 from pagoda.logger import get_logger
 
@@ -117,15 +120,20 @@ class RayExecutor(WorkerGroupExecutor):
         for worker in self.workers:
             setup = (worker.rank, self.world_size, init_method, parallel.tensor_parallel_size,
                      0 if use_gpu else None)  # Ray shows each actor its own GPU only
-            worker.refs.append(worker.actor.start.remote(frame, config.max_model_len, setup))
+            worker.refs.append(worker.actor.start.remote(frame, config.max_model_len, setup,
+                                                         worker.placement.threads))
             worker.owed.append("start")
         for worker in self.workers:
             self._settle(worker)
 
     def _learn_placements(self) -> None:
-        for worker in self.workers:
-            fields = self._wait_one(worker, worker.actor.placement.remote())
-            worker.placement = RankPlacement(*fields)
+        """Where each actor is, and the CPU threads each rank gets there."""
+        placements = [RankPlacement(*self._wait_one(worker, worker.actor.placement.remote()))
+                      for worker in self.workers]
+        given = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = threads_per_rank(placements, int(given) if given.isdigit() else None)
+        for worker, placement, count in zip(self.workers, placements, threads):
+            worker.placement = replace(placement, threads=count)
 
     def _wait_one(self, worker: _RankActor, ref: Any) -> Any:
         """An actor's answer during start-up (not a reply frame)."""

@@ -14,7 +14,7 @@ from pagoda.executor import serial
 from pagoda.executor.base import WorkerConfig
 from pagoda.executor.worker import RankSetup, Worker
 from pagoda.executor.worker_calls import CallAnswerer, configure_rank_logging
-from pagoda.process import free_port
+from pagoda.process import affinity_cores, free_port
 
 HOST_IP_ENV = "PAGODA_HOST_IP"  # this node's address for the other ranks (vLLM's VLLM_HOST_IP)
 
@@ -28,11 +28,25 @@ class RankPlacement:
     node_id: str  # Ray's node id
     gpu_ids: tuple[str, ...]  # the GPUs Ray gave the actor (empty: it runs on CPU)
     pid: int
+    cores: int  # CPU cores the actor's process may run on
+    threads: int = 0  # CPU threads the executor gave the rank (0: not yet decided)
 
     def describe(self) -> str:
         gpus = f"GPU {','.join(self.gpu_ids)}" if self.gpu_ids else "CPU"
         return (f"rank {self.rank}: node {self.host_ip} (id {self.node_id[:12]}), {gpus}, "
-                f"pid {self.pid}")
+                f"{self.threads} CPU threads, pid {self.pid}")
+
+
+def threads_per_rank(placements: list[RankPlacement], given: int | None) -> list[int]:
+    """Each rank's CPU threads: `given` (OMP_NUM_THREADS where the engine runs) for every
+    rank, else its machine's cores shared among the ranks placed on that machine (ranks with
+    one host address share one machine: Ray nodes started on the same host do)."""
+    if given:
+        return [given] * len(placements)
+    sharing: dict[str, int] = {}
+    for placement in placements:
+        sharing[placement.host_ip] = sharing.get(placement.host_ip, 0) + 1
+    return [max(1, p.cores // sharing[p.host_ip]) for p in placements]
 
 
 class RayWorkerHost:
@@ -51,15 +65,20 @@ class RayWorkerHost:
         gpus = context.get_accelerator_ids().get("GPU", [])
         node_id = context.get_node_id()
         host_ip = os.environ.get(HOST_IP_ENV) or _node_address(ray, node_id)
-        return self.rank, host_ip, node_id, tuple(str(g) for g in gpus), os.getpid()
+        return (self.rank, host_ip, node_id, tuple(str(g) for g in gpus), os.getpid(),
+                affinity_cores())
 
     def free_port(self) -> int:
         """A port free on this node now, for torch.distributed's rendezvous (rank 0)."""
         return free_port("")
 
-    def start(self, config_frame: bytes, max_model_len: int, setup: tuple) -> bytes:
-        """Build the Worker; a reply frame: nothing, or the error that stopped it (a model
-        that cannot be found or loaded) for the executor to raise."""
+    def start(self, config_frame: bytes, max_model_len: int, setup: tuple,
+              threads: int) -> bytes:
+        """Run torch on `threads` CPU threads (Ray gives a one-CPU actor one) and build the
+        Worker; a reply frame: nothing, or the error that stopped it (a model that cannot be
+        found or loaded) for the executor to raise."""
+        import torch
+        torch.set_num_threads(threads)
         try:
             worker = Worker(WorkerConfig(serial.decode_config(config_frame), max_model_len),
                             rank=RankSetup(*setup))
@@ -70,6 +89,11 @@ class RayWorkerHost:
 
     def call(self, frame: bytes) -> bytes:
         return self.answerer.answer(frame).reply
+
+    def torch_threads(self) -> int:
+        """The CPU threads torch runs this rank's operations on."""
+        import torch
+        return torch.get_num_threads()
 
 
 def _node_address(ray, node_id: str) -> str:

@@ -1,6 +1,7 @@
 """The Ray executor on a real two-node Ray cluster started on this machine (two `ray start`
 processes, one CPU each): TP=2 places one rank on each node and gives the greedy tokens of
-the one-rank engine; a rank's actor process killed mid-run fails the next step at once with
+the one-rank engine; each rank runs torch on the CPU threads the executor gave it (not Ray's
+one per one-CPU actor); a rank's actor process killed mid-run fails the next step at once with
 WorkerError naming the rank; and without a cluster, `--distributed-executor-backend ray`
 stops with one line saying how to start one."""
 
@@ -24,6 +25,7 @@ from pagoda.cli.main import main  # noqa: E402
 from pagoda.errors import ConfigError  # noqa: E402
 from pagoda.executor import ray_executor  # noqa: E402
 from pagoda.executor.ray_executor import RayExecutor, WorkerError  # noqa: E402
+from pagoda.executor.ray_worker import RankPlacement, threads_per_rank  # noqa: E402
 from tests.executor.test_in_process import GREEDY, PROMPT  # noqa: E402
 from tests.utils import free_port, local_ray_cluster, tiny_chat_model  # noqa: E402
 
@@ -85,8 +87,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def two_node_llm(cluster, tiny_dir):
-    llm = LLM(str(tiny_dir), max_model_len=64, tensor_parallel_size=2,
-              distributed_executor_backend="ray")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "2")  # each rank's threads (Ray's default: one)
+        llm = LLM(str(tiny_dir), max_model_len=64, tensor_parallel_size=2,
+                  distributed_executor_backend="ray")
     yield llm
     with contextlib.suppress(WorkerError):
         llm.engine.core.shutdown()
@@ -106,6 +110,24 @@ def test_two_ranks_on_two_nodes_give_the_one_rank_tokens(two_node_llm, tiny_dir)
     got = two_node_llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in got] == \
         [o.outputs[0].token_ids for o in expected]
+
+
+def test_each_rank_runs_on_the_threads_it_was_given(two_node_llm):
+    executor = two_node_llm.engine.core.executor
+    assert [p.threads for p in executor.placements()] == [2, 2]
+    assert [ray.get(worker.actor.torch_threads.remote())
+            for worker in executor.workers] == [2, 2]
+
+
+def placed(rank: int, host: str, cores: int) -> RankPlacement:
+    return RankPlacement(rank, host, f"node-{host}", (), 1000 + rank, cores)
+
+
+def test_ranks_share_their_machines_cores():
+    placements = [placed(0, "10.0.0.1", 8), placed(1, "10.0.0.1", 8),
+                  placed(2, "10.0.0.2", 16), placed(3, "10.0.0.3", 1), placed(4, "10.0.0.3", 1)]
+    assert threads_per_rank(placements, None) == [4, 4, 16, 1, 1]
+    assert threads_per_rank(placements, 3) == [3] * 5  # OMP_NUM_THREADS: each rank's
 
 
 def test_a_killed_rank_fails_the_next_step_at_once(two_node_llm):
