@@ -109,3 +109,19 @@ def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
     assert held["gguf", 2] < 0.6 * held["gguf", 1]
     assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
         == held["gguf", 1]
+
+
+def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path):
+    """A GGUF with a block type per projection on two tensor-parallel ranks: the 4-bit types
+    stay in blocks, the others are decoded at load (each rank its own rows or inputs), and
+    the greedy tokens are one rank's."""
+    path = write_typed_gguf(tmp_path / "typed.gguf")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = []
+    for tp in (1, 2):
+        llm = LLM(str(path), quantization="gguf", kv_cache_memory=8 << 20, max_model_len=128,
+                  tensor_parallel_size=tp)
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        llm.engine.core.shutdown()
+    assert tokens[0] == tokens[1]

@@ -7,7 +7,8 @@ load); elsewhere blocks decoded per call; float tensors dense.
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
-fall whole on each rank's inputs is decoded at load instead (then sliced like floats)."""
+fall whole on each rank's inputs is decoded at load instead, each rank decoding only its
+rows and the blocks covering its inputs."""
 
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ def _rank_part(layer: LinearBase, tensor: GGUFWeight | torch.Tensor, shard: int 
     outputs, inputs = layer.rank_outputs(shard), layer.rank_inputs()
     if not isinstance(tensor, GGUFWeight):
         tensor = tensor if outputs is None else tensor.narrow(0, *outputs)
-        return tensor if inputs is None else tensor.narrow(1, *inputs)
+        tensor = tensor if inputs is None else tensor.narrow(1, *inputs)
+        materialize = getattr(tensor, "materialize", None)  # a checkpoint slice: read it now
+        return materialize() if materialize is not None else tensor
     rows, columns = tensor.rows, tensor.columns
     if outputs is not None:
         rows = rows.narrow(0, *outputs)

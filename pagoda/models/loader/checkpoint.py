@@ -91,12 +91,13 @@ def iter_weights(source: ModelSource, keep_blocks: Callable[[str, str], bool] | 
                  sliced: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, tensor) for every weight of the checkpoint; GGUF tensors
     that `keep_blocks(name, type)` picks come as their blocks. `sliced`: a tensor-parallel
-    rank's load, which reads only the slices it keeps (safetensors)."""
+    rank's load, which reads only the slices it keeps (safetensors; GGUF matrices decoded
+    at load decode only those)."""
     if source.format == "safetensors":
         yield from iter_safetensors(source.path, lazy=sliced)
     elif source.format == "gguf" and source.gguf_file is not None:
         yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors,
-                             keep_blocks)
+                             keep_blocks, lazy=sliced)
     else:
         raise UnsupportedModelError(f"{source.name}: no weights to read for format {source.format!r}")
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from pagoda.layers.quantization.gguf import GGUFWeight
     from pagoda.models.arch.base import GGUFLayout
+    from pagoda.models.loader.safetensors import CheckpointSlice
     from pagoda.models.hf_config import HFConfig
 
 # Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
@@ -195,11 +196,13 @@ def special_token_ids(meta: GGUFMeta) -> dict[str, Any]:
 
 
 def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
-              keep_blocks: Callable[[str, str], bool] | None = None
-              ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+              keep_blocks: Callable[[str, str], bool] | None = None, lazy: bool = False
+              ) -> Iterator[tuple[str, torch.Tensor | GGUFWeight | CheckpointSlice]]:
     """Each tensor renamed to HF and transformed into HF's layout: dequantized to float32,
     or, where `keep_blocks(HF name, GGUF type name)` says so, as its rows of blocks (the
-    layout's transforms only reorder rows, which blocks allow)."""
+    layout's transforms only reorder rows, which blocks allow). `lazy`: a matrix of a block
+    type pagoda decodes comes as a CheckpointSlice that decodes only the rows and blocks a
+    rank's weight loader keeps."""
     import torch
     found = tensors or read_gguf_tensors(path)
     layout = gguf_layout(found.architecture, path)
@@ -210,11 +213,49 @@ def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
         if name is None:
             raise UnsupportedModelError(
                 f"{path}: no HF name for GGUF tensor {tensor.name!r} ({found.architecture})")
-        if keep_blocks is not None and len(tensor.shape) == 2 \
-                and keep_blocks(name, tensor.tensor_type.name):
+        matrix = len(tensor.shape) == 2
+        if keep_blocks is not None and matrix and keep_blocks(name, tensor.tensor_type.name):
             yield name, _block_rows(tensor, layout.transform(name, tensor.data, config))
+        elif lazy and matrix and _decodes(tensor):
+            yield name, _decoded_on_read(tensor, layout.transform(name, tensor.data, config))
         else:
             yield name, torch.from_numpy(layout.transform(name, dequantize(tensor), config))
+
+
+def _decodes(tensor: GGUFTensor) -> bool:
+    from pagoda.layers.quantization.gguf_blocks import FORMATS
+    return tensor.tensor_type.name in FORMATS
+
+
+def _decoded_on_read(tensor: GGUFTensor, rows: np.ndarray) -> CheckpointSlice:
+    """A matrix of blocks ([out, row bytes], in HF's row order) as a CheckpointSlice of its
+    float32 values: reading a part decodes only its rows and the blocks covering its
+    columns."""
+    from pagoda.models.loader.safetensors import CheckpointSlice
+    source = DecodedBlocks(rows, tensor.tensor_type.name)
+    return CheckpointSlice(source, [(0, rows.shape[0]), (0, int(tensor.shape[0]))])
+
+
+class DecodedBlocks:
+    """Rows of GGUF blocks that decode to float32 where indexed by [row slice, column
+    slice]: the rows asked for, and in them the blocks covering the columns."""
+
+    def __init__(self, rows: np.ndarray, type_name: str) -> None:
+        self.rows = rows  # [out, row bytes] uint8, possibly a read-only map of the file
+        self.type_name = type_name
+
+    def __getitem__(self, key: tuple[slice, slice]) -> torch.Tensor:
+        import torch
+
+        from pagoda.layers.quantization.gguf_blocks import FORMATS, dequantize_rows
+        rows, columns = key
+        fmt = FORMATS[self.type_name]
+        first = columns.start // fmt.block_weights * fmt.block_weights
+        stop = -(-columns.stop // fmt.block_weights) * fmt.block_weights
+        raw = np.array(self.rows[rows, fmt.row_bytes(first):fmt.row_bytes(stop)],
+                       dtype=np.uint8, copy=True)  # out of the read-only map
+        decoded = dequantize_rows(torch.from_numpy(raw), self.type_name)
+        return decoded[:, columns.start - first:columns.stop - first]
 
 
 def _block_rows(tensor: GGUFTensor, rows: np.ndarray) -> GGUFWeight:
