@@ -59,7 +59,8 @@ def test_images_and_make_install_through_the_one_script():
     assert not any("pip install" in line for line in recipe), "make installs only via the script"
     for dockerfile in DOCKERFILES:
         runs = run_lines(dockerfile)
-        assert any(f"sh {INSTALL} /opt/venv/bin/python ." in run for run in runs), dockerfile
+        assert any(re.search(rf"sh {INSTALL} /opt/venv/bin/python (\.|\"\.\$\{{)", run)
+                   for run in runs), dockerfile
         unpinned = re.findall(r"PAGODA_UNPIN=(\S+)", " ".join(runs))
         assert unpinned in ([], ["triton"]), unpinned  # only the CUDA image's Triton
         assert not any("pip install" in run for run in runs), \
@@ -133,3 +134,17 @@ def test_compose_serves_three_models_on_one_gpu_with_prometheus_and_grafana():
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / "compose" / source).exists(), source
+
+
+def test_the_cuda_image_installs_the_extras_it_is_built_with():
+    """`--build-arg PAGODA_EXTRAS=ray` (the multi-node overlay's image) installs `.[ray]`;
+    without it, `.` alone."""
+    import subprocess
+    cuda = DEPLOY / "docker" / "Dockerfile"
+    run = next(r for r in run_lines(cuda) if f"sh {INSTALL}" in r)
+    target = re.search(r'/opt/venv/bin/python ("[^"]+")', run).group(1)
+    for extras, expected in (("", "."), ("ray", ".[ray]")):
+        shown = subprocess.run(["sh", "-c", f"printf %s {target}"], capture_output=True,
+                               text=True, env={"PAGODA_EXTRAS": extras}, check=True).stdout
+        assert shown == expected
+    assert re.search(r'^ARG PAGODA_EXTRAS=""$', cuda.read_text(), re.M)

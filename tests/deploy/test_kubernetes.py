@@ -134,7 +134,25 @@ def test_overlay_serves_as_the_guides_need(overlay, tmp_path):
         assert gpus is None and not dcgm
     models = one(docs, "ConfigMap")["data"]["models.yaml"]
     (tmp_path / "models.yaml").write_text(models)
-    assert fleet_from_yaml(tmp_path / "models.yaml").models
+    if overlay == "multi-node":  # a file of serve flags for the one sharded model
+        assert leader_serve_args(docs, tmp_path / "models.yaml").model_flag
+    else:
+        assert fleet_from_yaml(tmp_path / "models.yaml").models
+
+
+def leader_serve_args(docs, flag_file: Path):
+    """The multi-node leader's `pagoda serve` command line as pagoda parses it, with the
+    ConfigMap's file at `flag_file` and the group's size substituted."""
+    import shlex
+
+    from pagoda.cli.main import build_parser, dashed, parse_command_line
+    lws = one(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    command = lws["leaderTemplate"]["spec"]["containers"][0]["args"][0]
+    serve = command.split("exec pagoda ", 1)[1]
+    serve = serve.replace("$((LWS_GROUP_SIZE * 8))", str(lws["size"] * 8))
+    serve = serve.replace("/etc/pagoda/models.yaml", str(flag_file))
+    argv = dashed(shlex.split(serve))
+    return parse_command_line(build_parser(argv), argv)
 
 
 def test_single_gpu_deployments_recreate():
@@ -153,6 +171,27 @@ def test_multi_node_leader_serves_and_workers_join():
     selector = one(docs, "Service", "pagoda")["spec"]["selector"]
     assert selector.items() <= lws["leaderTemplate"]["metadata"]["labels"].items()
     assert lws["size"] >= 2
+    for container in (leader, worker):  # Ray in the image; each rank reachable at its pod
+        assert container["image"] == "pagoda:cuda-ray"
+        host_ip = {e["name"]: e for e in container["env"]}["PAGODA_HOST_IP"]
+        assert host_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_multi_node_leader_command_serves_one_model_over_ray(tmp_path):
+    """The leader's command, with its flag file, is one model sharded over every GPU of the
+    group on the Ray cluster: a command `pagoda serve` accepts (it refuses tensor
+    parallelism over a models file)."""
+    from pagoda.cli.serve import _parallel_problem
+    docs = render("multi-node")
+    flags = tmp_path / "models.yaml"
+    flags.write_text(one(docs, "ConfigMap")["data"]["models.yaml"])
+    args = leader_serve_args(docs, flags)
+    lws = one(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    assert args.tensor_parallel_size == lws["size"] * 8
+    assert args.distributed_executor_backend == "ray"
+    assert args.config is None and not args.model  # the file's `model:` and nothing else
+    assert args.model_flag == "/data/models/llama-3.1-405b-instruct-fp8"
+    assert _parallel_problem(args) is None
 
 
 def test_multi_model_overlay_serves_several_models_without_fractions(tmp_path):
