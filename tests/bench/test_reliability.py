@@ -45,3 +45,23 @@ def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_pa
     swaps = report["swaps"]
     assert swaps["completed"] > 0 and not swaps["half_loaded"]
     assert any("loading" in k or "waking" in k for k in swaps["transitions_seen"])
+
+
+def test_a_reset_on_arrival_as_the_server_exits_is_refused_not_lost():
+    """Near the server's exit, a request that got no status and failed at once met a server
+    going away (refused); one that failed after running, or long before the exit, or with a
+    status, stays lost."""
+    from pagoda.bench.reliability.faults import _refused_at_exit
+    from pagoda.bench.reliability.load import LoadResult, Outcome
+    t0, exit_after = 100.0, 0.8  # the fault at t0, the server gone 0.8 s later
+    at_exit = Outcome("lost", 100.75, 100.76, False, 1, detail="ReadError('')")
+    ran_then_cut = Outcome("lost", 99.0, 100.79, True, 1)  # in flight for 1.8 s
+    long_before = Outcome("lost", 90.0, 90.01, False, 1)
+    with_status = Outcome("lost", 100.75, 100.76, False, 1, status=200)
+    result = LoadResult(outcomes=[at_exit, ran_then_cut, long_before, with_status])
+    _refused_at_exit(result, {"t0": t0, "to_exit_s": exit_after})
+    assert [o.kind for o in result.outcomes] == ["refused", "lost", "lost", "lost"]
+    assert at_exit.detail.startswith("reset on arrival as the server exited")
+    never_exited = LoadResult(outcomes=[Outcome("lost", 100.75, 100.76, False, 1)])
+    _refused_at_exit(never_exited, {"t0": t0, "to_exit_s": None})
+    assert never_exited.outcomes[0].kind == "lost"

@@ -15,6 +15,11 @@ from pagoda.bench.reliability.load import LoadResult, Mix, run_load
 from pagoda.bench.reliability.server import ServerProcess
 
 POLL_S = 0.05
+# a request the server resets on arrival this close to its exit (no status, failed at once)
+# met a server going away: it was refused, not lost (the race no server can close: a
+# keep-alive connection the client reuses just as the server closes it)
+EXIT_RACE_S = 1.0
+AT_ONCE_S = 0.1
 
 
 async def _under_load(server: ServerProcess, mix: Mix, workers: int, warmup: float,
@@ -52,6 +57,7 @@ def engine_kill(server: ServerProcess, mix: Mix, workers: int, warmup: float) ->
         return {"t0": t0, "to_unhealthy_s": unhealthy, "to_exit_s": exited,
                 "exit_code": server.proc.returncode}
     result, figures = asyncio.run(_under_load(server, mix, workers, warmup, inject))
+    _refused_at_exit(result, figures)
     return _report(result, figures, ("error_event", "server_5xx", "shed"))
 
 
@@ -91,7 +97,22 @@ def server_term(server: ServerProcess, mix: Mix, workers: int, warmup: float) ->
         return {"t0": t0, "to_unhealthy_s": unhealthy, "to_exit_s": exited,
                 "exit_code": server.proc.returncode}
     result, figures = asyncio.run(_under_load(server, mix, workers, warmup, inject))
+    _refused_at_exit(result, figures)
     return _report(result, figures, ("aborted", "shed", "error_event"))
+
+
+def _refused_at_exit(result: LoadResult, figures: dict[str, Any]) -> None:
+    """Count as refused the lost requests that got no status and failed at once within
+    EXIT_RACE_S of the server's exit (figures' t0 + to_exit_s)."""
+    if figures["to_exit_s"] is None:
+        return
+    exited = figures["t0"] + figures["to_exit_s"]
+    for outcome in result.outcomes:
+        if (outcome.kind == "lost" and outcome.status is None
+                and outcome.ended >= exited - EXIT_RACE_S
+                and outcome.ended - outcome.sent < AT_ONCE_S):
+            outcome.kind = "refused"
+            outcome.detail = "reset on arrival as the server exited: " + outcome.detail
 
 
 def _report(result: LoadResult, figures: dict[str, Any], error_kinds: tuple[str, ...]

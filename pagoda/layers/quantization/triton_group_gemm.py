@@ -241,13 +241,19 @@ def few_tokens_config(tokens: int, weight: GroupQuantWeight,
     float8 = weight.codes.dtype == FP8
     block_n = 32 if float8 and tokens <= 16 else 64
     block_t = 16 if tokens <= 16 else 32
-    step = HALF if weight.bits == 4 else min(128, weight.group_size)
+    step = HALF if weight.bits == 4 else _largest_step(weight.group_size)
     target = 2 if float8 and tokens > 16 else TARGET_PROGRAMS
     tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
     splits = _splits(tiles, weight.in_features, CHUNK if weight.bits == 4 else step,
                      multiprocessors, target)
     return {"BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "splits": splits,
             "num_warps": 4, "num_stages": 3 if float8 and tokens > 16 else 4}
+
+
+def _largest_step(group_size: int) -> int:
+    """Inputs per step of 8-bit codes: the longest of 128, 64, 32 and 16 that divides a group
+    (every supported group is a multiple of 16; a step never crosses a group)."""
+    return next(step for step in (128, 64, 32, 16) if group_size % step == 0)
 
 
 def _dot_type(x: torch.dtype, float8: bool) -> int:

@@ -41,6 +41,7 @@ CASES = {
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
     "fp8-per-row-split": (1, 72, 2048, 2048, 8, False, True),
     "fp8-per-row-tokens-20": (20, 72, 256, 256, 8, False, True),
+    "fp8-per-row-inputs-not-128s": (3, 40, 320, 320, 8, False, True),  # steps of 64
     "fp8-blocks": (5, 40, 256, 128, 8, False, True),
     "fp8-blocks-many": (48, 40, 256, 128, 8, False, True),
     "fp8-one-token": (1, 40, 256, 128, 8, False, True),
@@ -166,6 +167,15 @@ def test_decode_calls_split_the_inputs_and_large_ones_do_not():
     assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
     assert launch_config(4096, 4096, 14336, 32, 132)["splits"] == 1
     assert launch_config(40, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
+
+
+def test_few_token_steps_divide_the_group():
+    from pagoda.layers.quantization.triton_group_gemm import few_tokens_config
+    for inputs, group, step in ((4096, 4096, 128), (320, 320, 64), (2880, 2880, 64),
+                                (4096, 32, 32), (4096, 16, 16), (4096, 128, 128)):
+        weight = GroupQuantWeight(torch.zeros(8, inputs, dtype=torch.uint8),
+                                  torch.ones(8, inputs // group), None, group, 8)
+        assert few_tokens_config(1, weight, 132)["STEP"] == step, (inputs, group)
 
 
 def test_float8_multiplies_in_float16_and_integer_codes_in_the_activations_type():
