@@ -5,10 +5,9 @@ several machines. Ray is an optional extra (`pip install pagoda[ray]`).
 The ranks get one placement-group bundle each ({"GPU": 1} on CUDA, {"CPU": 1} on CPU), and
 each actor builds the same Worker a worker process builds (ray_worker.py), with its machine's
 CPU cores shared among the ranks placed there as torch's threads (Ray would give a one-CPU
-actor one). Calls and replies
-are the multi-process executor's msgpack frames (worker_group.py), carried by actor method
-calls: Ray runs one actor's calls in the order they were sent, so a step can stay in flight
-the same way. torch.distributed's ranks meet at rank 0's node (PAGODA_HOST_IP on that node,
+actor one). Calls and replies are the multi-process executor's msgpack frames
+(worker_group.py), carried by actor method calls: Ray runs one actor's calls in the order
+they were sent, so a step can stay in flight the same way. torch.distributed's ranks meet at rank 0's node (PAGODA_HOST_IP on that node,
 else Ray's address for it) on a port free there; GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
 set here reach every actor.
 

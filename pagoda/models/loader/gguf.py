@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
     from pagoda.layers.quantization.gguf import GGUFWeight
     from pagoda.models.arch.base import GGUFLayout
-    from pagoda.models.loader.safetensors import CheckpointSlice
     from pagoda.models.hf_config import HFConfig
+    from pagoda.models.loader.safetensors import CheckpointSlice
 
 # Bump when the files converted at pull time change (gguf_hf_config's output, the tensor
 # index): pulled models then re-derive instead of trusting them, until `pagoda pull` redoes
