@@ -156,14 +156,14 @@ def local_ray_cluster(head: list[str], *others: list[str],
     port = free_port()
     # short: Ray's socket paths live under it and must fit a unix socket's 107 bytes
     temp = Path(tempfile.mkdtemp(prefix="pgray", dir="/tmp"))
-    ray = str(Path(sys.executable).with_name("ray"))
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's CLI, with or without its script
     environ = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     common = ["--object-store-memory=80000000", "--disable-usage-stats"]
     nodes: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> None:
         with log.open("wb") as out:
-            nodes.append(subprocess.Popen([ray, "start", "--block", *common, *args],
+            nodes.append(subprocess.Popen([*ray, "start", "--block", *common, *args],
                                           stdout=out, stderr=subprocess.STDOUT, env=environ))
         deadline = time.monotonic() + RAY_NODE_START_TIMEOUT_S
         while "Ray runtime started" not in log.read_text(errors="replace"):

@@ -6,13 +6,17 @@
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
-# after TESTS_TIMEOUT seconds (default 360).
+# after TESTS_TIMEOUT seconds (default 360). The carried .whl/ comes from
+# ../shared/tools/device-wheels.sh, and Ray (for tests/gpu/test_ray_executor_gpu.py) from
+# bench/gpu/pack_ray.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+  # Ray, cut to fit the carry (bench/gpu/pack_ray.sh): the Ray executor's GPU test needs it
+  [ -f .whl/ray-slim.tar.xz ] && tar -C /tmp/site -xJf .whl/ray-slim.tar.xz
 else
   export PYTHONPATH=.
 fi
