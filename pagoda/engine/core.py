@@ -79,8 +79,7 @@ class EngineCore:
         self.pipeline_depth = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
                                    config.lora.max_loras if config.lora else 0,
-                                   pipeline_depth=self.pipeline_depth,
-                                   prefill_first=config.scheduler.prefill_first)
+                                   pipeline_depth=self.pipeline_depth)
         self.loras = LoRARegistry(config.lora is not None)
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,

@@ -42,11 +42,10 @@ class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 max_model_len: int, max_loras: int = 0, pipeline_depth: int = 1,
-                 prefill_first: bool = False) -> None:
+                 max_model_len: int, max_loras: int = 0, pipeline_depth: int = 1) -> None:
         self.config = config
         self.pipeline_depth = pipeline_depth  # steps in flight, each with its own requests
-        self.prefill_first = prefill_first and pipeline_depth == 1
+        self.prefill_first = config.prefill_first and pipeline_depth == 1
         self._last_step_prefills_only = False
         self.max_loras = max_loras  # distinct LoRA adapters the running batch may hold
         self.kv = kv_manager

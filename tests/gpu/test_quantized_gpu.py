@@ -19,7 +19,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
 from pagoda.layers.quantization.gguf_blocks import byte_groups, dequantize_rows
-from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
+from pagoda.layers.quantization.group_gemm import FEW_TOKENS, FP8, GroupQuantWeight
 from pagoda.layers.quantization.triton_group_gemm import group_gemm
 from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
@@ -237,16 +237,17 @@ def test_an_fp8_block_checkpoint_agrees_with_its_weights(source, tmp_path, gpu_r
 
 def test_fp8_at_load_agrees_with_the_rounded_weights_in_bfloat16(source, tmp_path,
                                                                   gpu_report):
-    """Prompts under 64 tokens and decode steps run the Triton kernel on the per-row rounded
+    """Steps of at most FEW_TOKENS tokens run the Triton kernel on the per-row rounded
     weights; the tensor-core path (longer calls, activations rounded to FP8 too) is what
-    the layers report for calls past 64 tokens and is checked against the dense product
-    above."""
+    the layers report for calls past FEW_TOKENS tokens and is checked against the dense
+    product above."""
     reference = write_rounded_per_row(source, tmp_path / "rounded")
     assert any("_scaled_mm" in k for k in kernels_of(source, dtype="bfloat16",
                                                       quantization="fp8"))
-    # one teacher-forced step of 58 tokens: under the tensor-core path's 64
+    # teacher-forced prompts of 23 and 35 tokens, prefilled in steps of at most FEW_TOKENS
+    # (the few-token kernel's, not the tensor-core path's)
     rate = agreement(source, reference, random_prompts(CONFIG.vocab_size, (7, 19)),
-                     dtype="bfloat16", quantization="fp8")
+                     dtype="bfloat16", quantization="fp8", max_num_batched_tokens=FEW_TOKENS)
     gpu_report(format="fp8 at load, bf16", agreement=f"{rate:.3f}")
     # 0.844 on the H200: the reference's rounded weights are rounded again to bfloat16 at
     # load (float8 times a float32 scale needs more bits), near-tied logits of a random

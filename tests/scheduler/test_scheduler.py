@@ -54,8 +54,8 @@ class FakeRunner:
 def make_scheduler(num_blocks=64, budget=64, max_seqs=8, max_len=256, caching=True,
                    windows=(None,), pipeline_depth=1, prefill_first=False):
     kv = KVCacheManager(num_blocks, BS, caching, BlockHasher(BS, "m"), windows)
-    return Scheduler(SchedulerConfig(budget, max_seqs), kv, max_len,
-                     pipeline_depth=pipeline_depth, prefill_first=prefill_first)
+    return Scheduler(SchedulerConfig(budget, max_seqs, prefill_first=prefill_first), kv,
+                     max_len, pipeline_depth=pipeline_depth)
 
 
 def add(sched, rid, prompt, max_tokens=8, priority=0, **params):

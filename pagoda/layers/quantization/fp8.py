@@ -140,7 +140,7 @@ class Fp8LinearMethod(LinearMethod):
         if quantized is None:
             return "fp8 weights decoded per call (weight-only)"
         if quantized.group_size == quantized.in_features and _has_fp8_tensor_cores():
-            return f"triton group gemm up to {FEW_TOKENS} tokens, torch._scaled_mm above"
+            return f"triton few-token kernel up to {FEW_TOKENS} tokens, torch._scaled_mm above"
         return "triton group gemm (fp8 weights)"
 
 

@@ -146,7 +146,7 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
                      FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr):
     """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
     group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
-    activations (clamped to its range)."""
+    activations (saturated to its range)."""
     x = tl.load(x_ptr + t[None, :] * stride_xm + (k + tl.arange(0, STEP))[:, None],
                 mask=t_ok[None, :], other=0.0)
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
@@ -205,13 +205,11 @@ def launch_config(tokens: int, out_features: int, in_features: int, step: int,
                   multiprocessors: int) -> dict[str, int]:
     """Tile sizes, input splits and warps for a call of `tokens` (more than FEW_TOKENS) rows
     in the larger kernel."""
-    block_m = 64 if tokens <= SMALL_M else 128
-    block_n = 128
-    splits = 1
-    if tokens <= SMALL_M:
+    large = tokens > SMALL_M
+    block_m, block_n, splits = (128 if large else 64), 128, 1
+    if not large:
         splits = _splits(triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n),
                          in_features, max(step, CHUNK), multiprocessors)
-    large = tokens > SMALL_M
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
             "num_warps": 8 if large else 4, "num_stages": 3 if large else 4}
 
@@ -258,7 +256,7 @@ def _largest_step(group_size: int) -> int:
 
 def _dot_type(x: torch.dtype, float8: bool) -> int:
     """The few-token kernel's DOT: float32 activations multiply in float32; float8 values
-    in float16 (clamping wider activations to its range); integer codes in x's type."""
+    in float16 (wider activations saturated to its range); integer codes in x's type."""
     if x == torch.float32:
         return 0
     if float8:

@@ -223,6 +223,7 @@ def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
 
 
 def _decodes(tensor: GGUFTensor) -> bool:
+    """Whether pagoda decodes the tensor's block type itself (gguf_blocks.FORMATS)."""
     from pagoda.layers.quantization.gguf_blocks import FORMATS
     return tensor.tensor_type.name in FORMATS
 
@@ -317,10 +318,11 @@ def hf_name(layout: GGUFLayout, gguf_name: str) -> str | None:
 def _decode_blocks(tensor: GGUFTensor) -> np.ndarray | None:
     """A block type pagoda decodes itself, in torch (the same floats as gguf-py, several
     times faster); None for other types."""
-    from pagoda.layers.quantization.gguf_blocks import FORMATS, dequantize_rows
-    if tensor.tensor_type.name not in FORMATS:
+    if not _decodes(tensor):
         return None
     import torch
+
+    from pagoda.layers.quantization.gguf_blocks import dequantize_rows
     raw = np.array(tensor.data, dtype=np.uint8, copy=True)  # out of the read-only map
     rows = torch.from_numpy(raw.reshape(-1, raw.shape[-1]))
     return dequantize_rows(rows, tensor.tensor_type.name).numpy()
