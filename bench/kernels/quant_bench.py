@@ -12,11 +12,16 @@ distinct weights (copies of the layer) that the L2 cache holds none of them from
 to the next.
 
     PYTHONPATH=. python bench/kernels/quant_bench.py [--tokens N ...] [--output-json PATH]
+
+`--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
+grid of its launch settings instead (tile width, warps, pipeline stages, programs per
+multiprocessor), the shipped choice marked, at the first of --tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from datetime import datetime, timezone
@@ -27,7 +32,7 @@ from triton.testing import do_bench_cudagraph
 
 from pagoda.bench.roofline import measure_ceilings
 from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
-from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
+from pagoda.layers.quantization.group_gemm import CHUNK, FP8, GroupQuantWeight
 from pagoda.layers.quantization.triton_group_gemm import group_gemm
 from pagoda.models.loader.checkpoint import weight_bytes
 
@@ -79,6 +84,54 @@ def layers_call(layout: str | None):
     return call, len(layers), nbytes
 
 
+# the few-token kernel's launch settings a sweep tries
+SWEEP = {"BLOCK_N": (64, 128, 256), "num_warps": (4, 8), "num_stages": (3, 5),
+         "programs_per_sm": (4, 8)}
+
+
+def sweep_config(block_n: int, num_warps: int, num_stages: int, programs_per_sm: int):
+    """A replacement for few_tokens_config with these settings (steps and token tiles as
+    shipped; the input splits recomputed for the tile width and programs per SM)."""
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    shipped = kernels.few_tokens_config
+
+    def config(tokens, weight, multiprocessors):
+        chosen = shipped(tokens, weight, multiprocessors)
+        tiles = -(-tokens // chosen["BLOCK_T"]) * -(-weight.out_features // block_n)
+        unit = CHUNK if weight.bits == 4 else chosen["STEP"]
+        splits = kernels._splits(tiles, weight.in_features, unit, multiprocessors,
+                                 programs_per_sm)
+        return {**chosen, "BLOCK_N": block_n, "num_warps": num_warps,
+                "num_stages": num_stages, "splits": splits}
+    return config
+
+
+def sweep(layouts: list[str], tokens: int, bandwidth: float) -> list[dict]:
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    shipped = kernels.few_tokens_config
+    xs, rows = inputs(tokens), []
+    for layout in layouts:
+        call, layers, nbytes = layers_call(layout)
+        shipped_ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
+        print(f"{layout} at {tokens} tokens: shipped {1e3 * shipped_ms:.1f} us")
+        for settings in itertools.product(*SWEEP.values()):
+            kernels.few_tokens_config = sweep_config(*settings)
+            try:
+                ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
+            except Exception as error:  # e.g. a tile past the shared memory
+                print(f"  {settings}: {type(error).__name__}")
+                continue
+            finally:
+                kernels.few_tokens_config = shipped
+            row = {"layout": layout, "tokens": tokens, **dict(zip(SWEEP, settings)),
+                   "us": 1e3 * ms, "shipped_us": 1e3 * shipped_ms,
+                   "fraction_of_bandwidth": nbytes / (ms / 1e3) / bandwidth}
+            rows.append(row)
+            print(f"  {settings}: {row['us']:.1f} us, "
+                  f"{100 * row['fraction_of_bandwidth']:.1f}% bw", flush=True)
+    return rows
+
+
 def inputs(tokens: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16)
             for n, (_, i) in PROJECTIONS.items()}
@@ -88,10 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--sweep", nargs="+", choices=sorted(LAYOUTS), default=None,
+                        help="sweep the few-token kernel's settings for these layouts")
     args = parser.parse_args(argv)
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
+    if args.sweep:
+        result["rows"] = sweep(args.sweep, args.tokens[0], ceil.bandwidth)
+        _write(result, args.output_json)
+        return
     print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s")
     print(f"{'layout':>13} {'tokens':>6} {'us':>8} {'GB/s':>7} {'%bw':>6} {'x bf16':>7}")
     for tokens in args.tokens:
@@ -109,8 +168,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['layout']:>13} {tokens:>6} {row['us']:>8.1f} {row['gb_s']:>7.0f} "
                   f"{100 * row['fraction_of_bandwidth']:>5.1f}% {row['speedup_over_bf16']:>6.2f}x",
                   flush=True)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
+    _write(result, args.output_json)
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
 
 
