@@ -237,15 +237,20 @@ def few_tokens_config(tokens: int, weight: GroupQuantWeight,
     """The few-token kernel's tiles, steps, input splits and warps for a call of `tokens`
     (at most FEW_TOKENS) rows (from a sweep on the H200 at the 8B's shapes)."""
     float8 = weight.codes.dtype == FP8
-    block_n = 32 if float8 and tokens <= 16 else 64
     block_t = 16 if tokens <= 16 else 32
     step = HALF if weight.bits == 4 else _largest_step(weight.group_size)
-    target = 2 if float8 and tokens > 16 else TARGET_PROGRAMS
+    if float8:
+        block_n, target, stages = (32, TARGET_PROGRAMS, 4) if tokens <= 16 else (64, 2, 3)
+    elif tokens > 16:
+        block_n, target, stages = 64, TARGET_PROGRAMS, 4
+    else:  # integer codes, up to 16 tokens: the fastest in `quant_bench.py --sweep` at one
+        # token (8-bit: wide tiles, deep pipeline; both: twice the programs)
+        block_n, target, stages = (64, 8, 3) if weight.bits == 4 else (256, 8, 5)
     tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
     splits = _splits(tiles, weight.in_features, CHUNK if weight.bits == 4 else step,
                      multiprocessors, target)
     return {"BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "splits": splits,
-            "num_warps": 4, "num_stages": 3 if float8 and tokens > 16 else 4}
+            "num_warps": 4, "num_stages": stages}
 
 
 def _largest_step(group_size: int) -> int:
