@@ -37,6 +37,7 @@ def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_pa
     assert not any(soak["residue_after"].values())
     means = soak["server_means_s"]  # the server's own histograms over the soak
     assert 0 < means["ttft"] and 0 <= means["queue"] <= means["ttft"] and means["itl"] > 0
+    assert set(soak["ttft_p99_by_n_s"]) == {"1", "2", "3"}  # the tail by choices asked for
     kill = report["faults"]["engine_kill"]
     assert kill["to_unhealthy_s"] < 5 and kill["to_exit_s"] < 30 and kill["exit_code"] != 0
     stop = report["faults"]["engine_stop"]

@@ -70,9 +70,10 @@ class LoadResult:
         ends = [o.ended for o in self.outcomes if o.kind in kinds and o.ended >= after]
         return min(ends) - after if ends else None
 
-    def ttfts(self) -> list[float]:
+    def ttfts(self, n: int | None = None) -> list[float]:
+        """Sorted TTFTs of completed streams (of those asking for `n` choices)."""
         return sorted(o.ttft for o in self.outcomes if o.ttft is not None
-                      and o.kind == "completed")
+                      and o.kind == "completed" and n in (None, o.n))
 
     def samples(self, limit: int = 5) -> dict[str, list[str]]:
         """A few details of every unwanted outcome, for the report."""

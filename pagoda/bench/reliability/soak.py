@@ -33,6 +33,8 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
         "unloaded_ttft_s": round(idle_ttft, 4),
         "ttft_p50_s": _round(percentile(ttfts, 50)), "ttft_p99_s": _round(p99),
         "ttft_p99_over_unloaded": _round(p99 / idle_ttft if p99 and idle_ttft else None),
+        # where the tail is: requests for 2 or 3 choices need as many free slots
+        "ttft_p99_by_n_s": {n: _round(percentile(result.ttfts(n), 99)) for n in (1, 2, 3)},
         "completed_per_s": round(counts["completed"] / max(duration, 1e-9), 2),
         "server_means_s": _means(before, after),
         "residue_after": residue,
