@@ -15,7 +15,7 @@ to the next.
 
 `--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
 grid of its launch settings instead (tile width, warps, pipeline stages, programs per
-multiprocessor), the shipped choice marked, at the first of --tokens.
+multiprocessor) at the first of --tokens, after the shipped settings' time.
 """
 
 from __future__ import annotations
