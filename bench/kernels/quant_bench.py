@@ -15,7 +15,9 @@ to the next.
 
 `--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
 grid of its launch settings instead (tile width, warps, pipeline stages, programs per
-multiprocessor) at the first of --tokens, after the shipped settings' time.
+multiprocessor) at the first of --tokens, after the shipped settings' time;
+`--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words per program, warps,
+programs per multiprocessor).
 """
 
 from __future__ import annotations
@@ -132,6 +134,50 @@ def sweep(layouts: list[str], tokens: int, bandwidth: float) -> list[dict]:
     return rows
 
 
+# the one-token 4-bit kernel's launch settings a sweep tries
+ONE_TOKEN_SWEEP = {"BLOCK_W": (16, 32, 64), "num_warps": (2, 4, 8), "programs_per_sm": (4, 8, 16)}
+
+
+def one_token_config(block_w: int, num_warps: int, programs_per_sm: int):
+    """A replacement for one_token_int4_config with these settings."""
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    shipped = kernels.one_token_int4_config
+
+    def config(weight, multiprocessors):
+        chosen = shipped(weight, multiprocessors)
+        tiles = -(-weight.out_features // 4 // block_w)
+        splits = kernels._splits(tiles, weight.in_features, chosen["CHUNKS"] * CHUNK,
+                                 multiprocessors, programs_per_sm)
+        return {**chosen, "BLOCK_W": block_w, "num_warps": num_warps, "splits": splits}
+    return config
+
+
+def sweep_one_token(layouts: list[str], bandwidth: float) -> list[dict]:
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    shipped = kernels.one_token_int4_config
+    xs, rows = inputs(1), []
+    for layout in layouts:
+        call, layers, nbytes = layers_call(layout)
+        shipped_ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
+        print(f"{layout} at 1 token, one-token kernel: shipped {1e3 * shipped_ms:.1f} us")
+        for settings in itertools.product(*ONE_TOKEN_SWEEP.values()):
+            kernels.one_token_int4_config = one_token_config(*settings)
+            try:
+                ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
+            except Exception as error:
+                print(f"  {settings}: {type(error).__name__}")
+                continue
+            finally:
+                kernels.one_token_int4_config = shipped
+            row = {"layout": layout, "tokens": 1, **dict(zip(ONE_TOKEN_SWEEP, settings)),
+                   "us": 1e3 * ms, "shipped_us": 1e3 * shipped_ms,
+                   "fraction_of_bandwidth": nbytes / (ms / 1e3) / bandwidth}
+            rows.append(row)
+            print(f"  {settings}: {row['us']:.1f} us, "
+                  f"{100 * row['fraction_of_bandwidth']:.1f}% bw", flush=True)
+    return rows
+
+
 def inputs(tokens: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16)
             for n, (_, i) in PROJECTIONS.items()}
@@ -143,12 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--sweep", nargs="+", choices=sorted(LAYOUTS), default=None,
                         help="sweep the few-token kernel's settings for these layouts")
+    parser.add_argument("--sweep-one-token", nargs="+", default=None,
+                        choices=[name for name in LAYOUTS if LAYOUTS[name][1] == 4],
+                        help="sweep the one-token 4-bit kernel's settings for these layouts")
     args = parser.parse_args(argv)
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
-    if args.sweep:
-        result["rows"] = sweep(args.sweep, args.tokens[0], ceil.bandwidth)
+    if args.sweep or args.sweep_one_token:
+        result["rows"] = (sweep(args.sweep, args.tokens[0], ceil.bandwidth) if args.sweep
+                          else sweep_one_token(args.sweep_one_token, ceil.bandwidth))
         _write(result, args.output_json)
         return
     print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s")

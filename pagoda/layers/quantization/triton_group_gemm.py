@@ -164,6 +164,77 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
     return tl.dot(weights, x, acc, input_precision="ieee")
 
 
+HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
+
+
+@triton.jit
+def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
+                           count_ptr, N, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                           GROUP: tl.constexpr, HAS_LOW: tl.constexpr, CHUNKS: tl.constexpr,
+                           BLOCK_W: tl.constexpr):
+    """out[n] for one token and 4-bit codes on the CUDA cores (a GEMV: no tensor-core tile
+    padded from one row). The packed bytes are read as int32 words [in / 2, out / 4], byte b
+    of word w holding output 4 w + b; each step covers CHUNKS chunks of 64 inputs, all in one
+    group."""
+    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    words_per_row = N // 4
+    w_ok = w < words_per_row
+    rows = tl.arange(0, CHUNKS * HALF_T)
+    inputs = (rows // HALF_T) * (2 * HALF_T) + rows % HALF_T  # a row's low-nibble input
+    acc0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    first = tl.program_id(1) * K_SPLIT
+    for offset in range(0, K_SPLIT, CHUNKS * 2 * HALF_T):
+        k = first + offset
+        words = tl.load(words_ptr + (k // 2 + rows)[:, None] * words_per_row + w[None, :],
+                        mask=w_ok[None, :], other=0)
+        x_low = tl.load(x_ptr + k + inputs).to(tl.float32)
+        x_high = tl.load(x_ptr + k + HALF_T + inputs).to(tl.float32)
+        acc0 = _byte_sums(acc0, words, 0, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
+                          GROUP, HAS_LOW)
+        acc1 = _byte_sums(acc1, words, 1, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
+                          GROUP, HAS_LOW)
+        acc2 = _byte_sums(acc2, words, 2, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
+                          GROUP, HAS_LOW)
+        acc3 = _byte_sums(acc3, words, 3, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
+                          GROUP, HAS_LOW)
+    # [BLOCK_W, 4] in output order (n = 4 w + b), flattened
+    total = tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), (4 * BLOCK_W,))
+    n = tl.program_id(0) * 4 * BLOCK_W + tl.arange(0, 4 * BLOCK_W)
+    _store_split_sums(total, out_ptr, n, n < N, partial_ptr, N, count_ptr, tl.program_id(0),
+                      tl.program_id(1), SPLITS)
+
+
+@triton.jit
+def _unit_plus_sixteenth(words, bit: tl.constexpr):
+    """The nibble at `bit` of each word as the float 1 + code / 16: the code moved to the top
+    of an exponent-zero mantissa (a shift and one AND-OR, no conversion instruction)."""
+    if bit < 19:
+        moved = words << (19 - bit)
+    else:
+        moved = words >> (bit - 19)
+    return ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte_sums(acc, words, byte: tl.constexpr, x_low, x_high, k, w, w_ok, N, scale_ptr,
+               low_ptr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr):
+    """acc + this step's sums for outputs 4 w + byte. With S = sum x (1 + code / 16) and
+    X = sum x over a group's inputs, sum x code = 16 (S - X), and the group adds
+    scale * 16 (S - X) + low * X."""
+    n = 4 * w + byte
+    low_part = _unit_plus_sixteenth(words, 8 * byte) * x_low[:, None]
+    high_part = _unit_plus_sixteenth(words, 8 * byte + 4) * x_high[:, None]
+    unit_sums = tl.sum(low_part + high_part, axis=0)
+    x_sum = tl.sum(x_low, axis=0) + tl.sum(x_high, axis=0)
+    group = k // GROUP
+    scale = tl.load(scale_ptr + group * N + n, mask=w_ok, other=0.0).to(tl.float32)
+    acc += 16.0 * scale * (unit_sums - x_sum)
+    if HAS_LOW:
+        acc += tl.load(low_ptr + group * N + n, mask=w_ok, other=0.0).to(tl.float32) * x_sum
+    return acc
+
+
 @triton.jit
 def _half_saturating(x):
     """float32 -> float16, values past float16's range to +-65504 (not infinity), in one
@@ -276,7 +347,9 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
         flat = flat.contiguous()
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
     out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-    if flat.shape[0] <= FEW_TOKENS:
+    if takes_one_token_int4(flat.shape[0], weight):
+        _one_token_int4(flat, weight, out, multiprocessors)
+    elif flat.shape[0] <= FEW_TOKENS:
         _few_tokens(flat, weight, out, multiprocessors)
     else:
         _many_tokens(flat, weight, out, multiprocessors)
@@ -306,6 +379,37 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), **config)
+
+
+def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
+    """Whether a call goes to the one-token 4-bit kernel: one token, groups of a multiple of
+    128 inputs (on the H200 it beat the few-token kernel there, 92.7 against 108 us per 8B
+    layer in groups of 128; in groups of 32 its two sums per chunk made it slower)."""
+    return (tokens == 1 and weight.bits == 4 and weight.out_features % 4 == 0
+            and weight.group_size % (2 * CHUNK) == 0)
+
+
+def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int) -> dict[str, int]:
+    """The one-token 4-bit kernel's words per program, chunks per step, input splits and
+    warps (the fastest of `quant_bench.py --sweep-one-token` on the H200: 32 words, two
+    warps, 16 programs per multiprocessor)."""
+    chunks, block_w = 2, 32
+    tiles = triton.cdiv(weight.out_features // 4, block_w)
+    splits = _splits(tiles, weight.in_features, chunks * CHUNK, multiprocessors, 16)
+    return {"BLOCK_W": block_w, "CHUNKS": chunks, "splits": splits, "num_warps": 2}
+
+
+def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+                    multiprocessors: int) -> None:
+    config = one_token_int4_config(weight, multiprocessors)
+    splits = config.pop("splits")
+    grid = (triton.cdiv(weight.out_features // 4, config["BLOCK_W"]), splits)
+    _one_token_int4_kernel[grid](
+        flat, weight.codes.view(torch.int32), weight.scale,
+        weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
+        _split_counters(out.device, grid[0]), weight.out_features,
+        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
+        HAS_LOW=weight.low is not None, **config)
 
 
 def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,

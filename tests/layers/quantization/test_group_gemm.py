@@ -30,6 +30,9 @@ MARKER = "GROUP-GEMM-ERRORS "
 # larger one (33-64 tokens: split inputs there too)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
+    # one token, groups of a multiple of 128: the one-token 4-bit kernel
+    "int4-g128-one-token-split": (1, 200, 2048, 128, 4, False, False),
+    "int4-g256-one-token": (1, 132, 768, 256, 4, True, False),
     "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
@@ -92,7 +95,7 @@ def split_counters_left() -> int:
 # cases run again with float16 activations (relative error of the whole product, float16
 # output). bfloat16 activations cannot run under the interpreter (its bfloat16 arithmetic is
 # wrong): they run on the GPU.
-HALF_CASES = ("int4-g32-split", "int4-g128-nomin", "int4-g64-large", "int4-g32-tiles-split",
+HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin", "int4-g64-large", "int4-g32-tiles-split",
               "int8-g16", "fp8-per-row", "fp8-blocks", "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
 
@@ -229,6 +232,16 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096,
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)})
+
+
+def test_the_one_token_int4_kernel_compiles_for_hopper():
+    from pagoda.layers.quantization.triton_group_gemm import _one_token_int4_kernel
+    from tests.lora.test_triton_ops import _compile_for_hopper
+    _compile_for_hopper(_one_token_int4_kernel, {
+        "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32"}, {
+        "K_SPLIT": 512, "SPLITS": 4, "GROUP": 128, "HAS_LOW": True, "CHUNKS": 2,
+        "BLOCK_W": 32})
 
 
 def test_fp8_rows_compiles_for_hopper():
