@@ -1,0 +1,42 @@
+"""The one-token 4-bit kernel against the few-token kernel, int4 codes in groups of 128, one
+token, one Llama-3.1-8B layer's four projections: alternated three times in one process
+(CUDA-graph medians; the layers rotate through more weights than the L2 cache holds).
+
+    PYTHONPATH=. python bench/kernels/one_token_ab.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).parent))
+import quant_bench  # noqa: E402
+
+from pagoda.bench.roofline import measure_ceilings  # noqa: E402
+from pagoda.layers.quantization import triton_group_gemm as kernels  # noqa: E402
+
+
+def main() -> None:
+    bandwidth = measure_ceilings(torch.device("cuda"), torch.bfloat16).bandwidth
+    xs = quant_bench.inputs(1)
+    call, layers, nbytes = quant_bench.layers_call("int4-g128")
+    shipped = kernels.takes_one_token_int4
+    routes = {"one-token": shipped, "few-token": lambda tokens, weight: False}
+    try:
+        for round_ in range(3):
+            for name, route in routes.items():
+                kernels.takes_one_token_int4 = route
+                ms = do_bench_cudagraph(lambda: call(xs), rep=100) / layers
+                print(f"round {round_} {name}: {1e3 * ms:.1f} us, "
+                      f"{100 * nbytes / (ms / 1e3) / bandwidth:.1f}% of the copy bandwidth",
+                      flush=True)
+    finally:
+        kernels.takes_one_token_int4 = shipped
+
+
+if __name__ == "__main__":
+    main()
