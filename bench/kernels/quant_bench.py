@@ -108,24 +108,27 @@ def sweep_config(block_n: int, num_warps: int, num_stages: int, programs_per_sm:
     return config
 
 
-def sweep(layouts: list[str], tokens: int, bandwidth: float) -> list[dict]:
+def sweep(layouts: list[str], tokens: int, bandwidth: float, grid: dict, config_name: str,
+          make_config) -> list[dict]:
+    """Time each layout's layer with the kernel config function `config_name` of
+    triton_group_gemm replaced by make_config(*settings), for every settings in `grid`."""
     from pagoda.layers.quantization import triton_group_gemm as kernels
-    shipped = kernels.few_tokens_config
+    shipped = getattr(kernels, config_name)
     xs, rows = inputs(tokens), []
     for layout in layouts:
         call, layers, nbytes = layers_call(layout)
         shipped_ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
         print(f"{layout} at {tokens} tokens: shipped {1e3 * shipped_ms:.1f} us")
-        for settings in itertools.product(*SWEEP.values()):
-            kernels.few_tokens_config = sweep_config(*settings)
+        for settings in itertools.product(*grid.values()):
+            setattr(kernels, config_name, make_config(*settings))
             try:
                 ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
             except Exception as error:  # e.g. a tile past the shared memory
                 print(f"  {settings}: {type(error).__name__}")
                 continue
             finally:
-                kernels.few_tokens_config = shipped
-            row = {"layout": layout, "tokens": tokens, **dict(zip(SWEEP, settings)),
+                setattr(kernels, config_name, shipped)
+            row = {"layout": layout, "tokens": tokens, **dict(zip(grid, settings)),
                    "us": 1e3 * ms, "shipped_us": 1e3 * shipped_ms,
                    "fraction_of_bandwidth": nbytes / (ms / 1e3) / bandwidth}
             rows.append(row)
@@ -152,32 +155,6 @@ def one_token_config(block_w: int, num_warps: int, programs_per_sm: int):
     return config
 
 
-def sweep_one_token(layouts: list[str], bandwidth: float) -> list[dict]:
-    from pagoda.layers.quantization import triton_group_gemm as kernels
-    shipped = kernels.one_token_int4_config
-    xs, rows = inputs(1), []
-    for layout in layouts:
-        call, layers, nbytes = layers_call(layout)
-        shipped_ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
-        print(f"{layout} at 1 token, one-token kernel: shipped {1e3 * shipped_ms:.1f} us")
-        for settings in itertools.product(*ONE_TOKEN_SWEEP.values()):
-            kernels.one_token_int4_config = one_token_config(*settings)
-            try:
-                ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
-            except Exception as error:
-                print(f"  {settings}: {type(error).__name__}")
-                continue
-            finally:
-                kernels.one_token_int4_config = shipped
-            row = {"layout": layout, "tokens": 1, **dict(zip(ONE_TOKEN_SWEEP, settings)),
-                   "us": 1e3 * ms, "shipped_us": 1e3 * shipped_ms,
-                   "fraction_of_bandwidth": nbytes / (ms / 1e3) / bandwidth}
-            rows.append(row)
-            print(f"  {settings}: {row['us']:.1f} us, "
-                  f"{100 * row['fraction_of_bandwidth']:.1f}% bw", flush=True)
-    return rows
-
-
 def inputs(tokens: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16)
             for n, (_, i) in PROJECTIONS.items()}
@@ -197,8 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
     if args.sweep or args.sweep_one_token:
-        result["rows"] = (sweep(args.sweep, args.tokens[0], ceil.bandwidth) if args.sweep
-                          else sweep_one_token(args.sweep_one_token, ceil.bandwidth))
+        result["rows"] = (
+            sweep(args.sweep, args.tokens[0], ceil.bandwidth, SWEEP, "few_tokens_config",
+                  sweep_config) if args.sweep
+            else sweep(args.sweep_one_token, 1, ceil.bandwidth, ONE_TOKEN_SWEEP,
+                       "one_token_int4_config", one_token_config))
         _write(result, args.output_json)
         return
     print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s")
