@@ -1,7 +1,10 @@
 """The Triton kernels behind GroupQuantWeight: y = x W^T with W held as codes and a scale (and
 a min) per group of inputs, decoded in registers tile by tile (the weights are read once, in
-their quantized bytes) and multiplied on the tensor cores. Two kernels:
+their quantized bytes) and multiplied. Three kernels:
 
+- one-token calls of 4-bit codes in groups of a multiple of 128: a GEMV on the CUDA cores
+  (no tensor-core tile padded from one row), the codes read as int32 words and each nibble
+  made a float by bit operations alone (on the H200 1.14x the few-token kernel below);
 - calls of at most FEW_TOKENS tokens (decode): each program computes a tile of BLOCK_N
   outputs by the call's (up to 32) tokens, as W x^T, so the weights fill the wide side of
   the tensor-core product and the tokens (padded to 16) the narrow one. The inputs are split
