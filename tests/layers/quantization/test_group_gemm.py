@@ -95,8 +95,9 @@ def split_counters_left() -> int:
 # cases run again with float16 activations (relative error of the whole product, float16
 # output). bfloat16 activations cannot run under the interpreter (its bfloat16 arithmetic is
 # wrong): they run on the GPU.
-HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin", "int4-g64-large", "int4-g32-tiles-split",
-              "int8-g16", "fp8-per-row", "fp8-blocks", "fp8-blocks-many")
+HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
+              "int4-g64-large", "int4-g32-tiles-split", "int8-g16", "fp8-per-row",
+              "fp8-blocks", "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
 
 
