@@ -120,11 +120,13 @@ def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
 
 
 def _exponential_noise(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
-    """Exp(1) noise; a seeded row draws its own [V] from its generator, whatever the batch."""
+    """Exp(1) noise as -log U, U ~ Uniform[0, 1) (on CPU a fifth of exponential_'s time); a
+    seeded row draws its own [V] from its generator, whatever the batch. U = 0 gives infinite
+    noise, which only rules that token out; U < 1 keeps every draw above zero, so 0/0 never
+    turns into NaN."""
     noise = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
-        noise.exponential_()
+        noise.uniform_()
     for row, generator in generators.items():
-        noise[row].exponential_(generator=generator)
-    # A zero draw would turn 0/0 into NaN (which argmax prefers); the tiny floor keeps it a win.
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        noise[row].uniform_(generator=generator)
+    return noise.log_().neg_()
