@@ -136,17 +136,18 @@ serve_sweep() {
 # faults,swaps) and SOAK_S; every call writes its own JSON. The fuzz server takes at most
 # 1024 tokens of context (a conforming body without max_tokens then ends in seconds), and
 # FUZZ_ARGS' default reaches the issue's 2,000 cases with 500 generating in about 3 minutes
-# (45 and 900 gave 2,306 and 477).
+# (45 and 900 gave 2,306 and 477). SOAK_SEQS sets the server's --max-num-seqs (the soak's
+# capacity) and QUEUE_WAIT its --max-queue-wait.
 reliability() {
   python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
   local phases=${RELIABILITY_PHASES:-fuzz,soak,faults,swaps}
   local context=4096
   [ "$phases" = fuzz ] && context=1024
   python3 -m pagoda.cli.main bench reliability --model /tmp/b8w --profile full --phases "$phases" \
-    --max-num-seqs 256 --soak-seconds ${SOAK_S:-600} --soak-max-queue-wait ${QUEUE_WAIT:-1} \
+    --max-num-seqs ${SOAK_SEQS:-256} --soak-seconds ${SOAK_S:-600} --soak-max-queue-wait ${QUEUE_WAIT:-1} \
     ${FUZZ_ARGS:---fuzz-cases-per-route 45 --generation-cases 1100} \
     --server-args "$COMMON --max-model-len $context --max-num-batched-tokens 8192" --label h200 \
-    --output-json "$OUT/reliability-8b-${phases//,/-}.json" --log-dir "$OUT/reliability-logs" \
+    --output-json "$OUT/reliability-8b-${phases//,/-}${LABEL:+-$LABEL}.json" --log-dir "$OUT/reliability-logs" \
     2>&1 | grep -v INFO
 }
 EXTRA=${EXTRA:-}
