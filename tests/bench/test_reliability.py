@@ -22,6 +22,7 @@ def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_pa
     proc = subprocess.run(
         [sys.executable, "-m", "pagoda.cli.main", "bench", "reliability", "--model", tiny_model,
          "--profile", "short", "--server-args", "--kv-cache-memory 16MiB",
+         "--soak-client-processes", "2",
          "--output-json", str(out), "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=400)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +35,8 @@ def test_short_profile_runs_every_phase_and_meets_its_targets(tiny_model, tmp_pa
     assert fuzz["cases"] >= 40 and fuzz["generated"] >= 1 and fuzz["server_5xx"] == 0
     soak = report["soak"]
     assert soak["sent"] > soak["workers"] and soak["completed"] > 0 and soak["cancelled"] > 0
+    assert soak["client_processes"] == 2
+    assert 0 < soak["server_ttft_p99_at_most_s"] < float("inf")
     assert not any(soak["residue_after"].values())
     means = soak["server_means_s"]  # the server's own histograms over the soak
     assert 0 < means["ttft"] and 0 <= means["queue"] <= means["ttft"] and means["itl"] > 0
@@ -66,3 +69,14 @@ def test_a_reset_on_arrival_as_the_server_exits_is_refused_not_lost():
     never_exited = LoadResult(outcomes=[Outcome("lost", 100.75, 100.76, False, 1)])
     _refused_at_exit(never_exited, {"t0": t0, "to_exit_s": None})
     assert never_exited.outcomes[0].kind == "lost"
+
+
+def test_a_quantile_is_bounded_by_the_first_bucket_holding_its_share():
+    from pagoda.bench.reliability.soak import quantile_bound
+    inf = float("inf")
+    before = {0.1: 10.0, 0.25: 20.0, inf: 20.0}
+    after = {0.1: 60.0, 0.25: 118.0, inf: 120.0}  # between them: 50, 98, 100 observations
+    assert quantile_bound(before, after, 0.5) == 0.1
+    assert quantile_bound(before, after, 0.95) == 0.25
+    assert quantile_bound(before, after, 0.99) == inf
+    assert quantile_bound(after, after, 0.99) is None

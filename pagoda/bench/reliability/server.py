@@ -17,6 +17,7 @@ import httpx
 from pagoda.bench.http_overhead import wait_healthy
 
 _METRIC = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+|NaN)$")
+_BUCKET = re.compile(r'^(vllm:[a-z_]+)_bucket\{[^}]*le="([^"]+)"[^}]*\} ([0-9.eE+-]+)$')
 RESIDUE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting",
                    "vllm:kv_cache_usage_perc")
 
@@ -71,6 +72,18 @@ class ServerProcess:
             if match and match.group(1) in values:
                 values[match.group(1)] += float(match.group(2))
         return values
+
+    def histogram(self, name: str) -> dict[float, float]:
+        """A histogram's cumulative counts by bucket bound (+inf the total), summed over
+        its other labels (models)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        counts: dict[float, float] = {}
+        for line in text.splitlines():
+            match = _BUCKET.match(line)
+            if match and match.group(1) == name:
+                bound = float(match.group(2))
+                counts[bound] = counts.get(bound, 0.0) + float(match.group(3))
+        return counts
 
     def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
         """Poll /metrics until running, waiting and KV usage are 0 (or the timeout)."""

@@ -8,26 +8,37 @@ import asyncio
 import math
 from typing import Any
 
-from pagoda.bench.reliability.load import Mix, percentile, run_load, unloaded_ttft
+from pagoda.bench.reliability.load import (
+    Mix,
+    client_processes,
+    percentile,
+    run_load_in_processes,
+    unloaded_ttft,
+)
 from pagoda.bench.reliability.server import ServerProcess
 
 
 def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, duration: float,
-         seed: int = 0) -> dict[str, Any]:
-    """`capacity`: sequences the engine runs at once (its --max-num-seqs)."""
+         seed: int = 0, processes: int | None = None) -> dict[str, Any]:
+    """`capacity`: sequences the engine runs at once (its --max-num-seqs); `processes`:
+    client processes (default: enough for the workers, `client_processes`)."""
     mean_n = 1 + mix.multi_n_fraction * 1.5
     workers = max(2, math.ceil(overload * capacity / mean_n))
+    processes = processes or client_processes(workers)
     idle_ttft = asyncio.run(unloaded_ttft(server.url, mix.model))
     before = server.metrics(LATENCY_SERIES)
-    result = asyncio.run(run_load(server.url, mix, workers, duration, seed))
+    ttft_before = server.histogram(LATENCY["ttft"])
+    result = run_load_in_processes(server.url, mix, workers, duration, seed, processes)
     residue = server.wait_idle()
     after = server.metrics(LATENCY_SERIES)
+    ttft_after = server.histogram(LATENCY["ttft"])
     counts = result.counts()
     ttfts = result.ttfts()
     p99 = percentile(ttfts, 99)
     lost = counts["lost"] + counts["error_event"] + counts["aborted"]
     return {
-        "workers": workers, "capacity_sequences": capacity, "overload": overload,
+        "workers": workers, "client_processes": processes, "capacity_sequences": capacity,
+        "overload": overload,
         "duration_s": round(result.stopped - result.started, 1), **counts,
         "lost_total": lost,
         "unloaded_ttft_s": round(idle_ttft, 4),
@@ -35,6 +46,9 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
         "ttft_p99_over_unloaded": _round(p99 / idle_ttft if p99 and idle_ttft else None),
         # where the tail is: requests for 2 or 3 choices need as many free slots
         "ttft_p99_by_n_s": {n: _round(percentile(result.ttfts(n), 99)) for n in (1, 2, 3)},
+        # the server's own TTFT (arrival to first token, every request): its p99 lies at or
+        # below this bucket bound; far below the clients' p99, the tail is not the server's
+        "server_ttft_p99_at_most_s": quantile_bound(ttft_before, ttft_after, 0.99),
         "completed_per_s": round(counts["completed"] / max(duration, 1e-9), 2),
         "server_means_s": _means(before, after),
         "residue_after": residue,
@@ -60,6 +74,17 @@ def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float
         total = after[f"{name}_sum"] - before[f"{name}_sum"]
         means[key] = round(total / count, 4) if count else None
     return means
+
+
+def quantile_bound(before: dict[float, float], after: dict[float, float], q: float
+                   ) -> float | None:
+    """The smallest bucket bound holding a share `q` of what a histogram observed between
+    two scrapes (cumulative counts by bound): the quantile is at most this."""
+    total = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    return next(bound for bound in sorted(after)
+                if after[bound] - before.get(bound, 0.0) >= q * total)
 
 
 def _round(value: float | None) -> float | None:

@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-seconds", type=float, default=None, help="override the profile's")
     p.add_argument("--soak-max-queue-wait", type=float, default=None,
                    help="the soak server's --max-queue-wait (default: the server's default)")
+    p.add_argument("--soak-client-processes", type=int, default=None,
+                   help="processes the soak's clients run in (default: one per 64 workers)")
     p.add_argument("--fuzz-cases-per-route", type=int, default=None)
     p.add_argument("--generation-cases", type=int, default=None)
     p.add_argument("--swap-memory-limit", default=None,
@@ -148,7 +150,7 @@ class Suite:
         server = self._server("soak", () if wait is None else ("--max-queue-wait", str(wait)))
         try:
             return soak(server, self.mix, self.args.max_num_seqs, self.profile.overload,
-                        self.profile.soak_s, self.args.seed)
+                        self.profile.soak_s, self.args.seed, self.args.soak_client_processes)
         finally:
             server.stop()
 
