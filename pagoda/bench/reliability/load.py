@@ -21,15 +21,15 @@ PROMPTS = ["Tell me a story about a lighthouse.", "List five fruits and their co
            "What is the capital of France?", "Describe a cat in three sentences."]
 STOPS = [["\n\n"], ["."], ["the", "and"]]
 
-# Outcomes. completed: a full answer with usage; shed: 503 with Retry-After; cancelled: the
-# client went away on purpose; refused: nothing listened (connection refused); failed: a
-# clear error reached the client (an error event, a 5xx); lost: none of those (a cut stream,
-# a transport error mid-request, a hang).
 # One client process's event loop keeps up with about this many workers: in an H200 soak,
 # 94 workers in one process saw the server's own TTFT (median 0.080 s against its mean
 # 0.076 s), 373 a median of 4.1 s against the server's 0.16 s.
 WORKERS_PER_PROCESS = 64
 
+# Outcomes. completed: a full answer with usage; shed: 503 with Retry-After; cancelled: the
+# client went away on purpose; refused: nothing listened (connection refused); failed: a
+# clear error reached the client (an error event, a 5xx); lost: none of those (a cut stream,
+# a transport error mid-request, a hang).
 OUTCOMES = ("completed", "aborted", "shed", "shed_without_retry_after", "client_4xx",
             "server_5xx", "error_event", "cancelled", "refused", "lost")
 
