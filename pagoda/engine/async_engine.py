@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from pagoda.tokenizer.chat_template import Conversation, render_chat
 logger = get_logger(__name__)
 
 
-__all__ = ["AsyncEngine", "EngineOverloadedError", "RequestStream"]
+__all__ = ["AsyncEngine", "EngineOverloadedError", "OutputMailbox", "RequestStream"]
 DEFAULT_STALL_TIMEOUT_S = 10.0
 
 
@@ -72,12 +73,37 @@ class EngineObserver(Protocol):
         """The engine stopped: what it reported about its current state no longer holds."""
 
 
+class OutputMailbox:
+    """A request's outputs not yet read. Each RequestOutput holds everything the request has
+    produced so far, so an unread one is replaced by the next rather than queued behind it:
+    a reader that falls behind (a busy server, a slow client) gets the latest state in one
+    read instead of catching up one engine step at a time. Errors stay, in order."""
+
+    def __init__(self) -> None:
+        self._items: deque[RequestOutput | Exception] = deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | Exception) -> None:
+        if isinstance(item, RequestOutput) and self._items \
+                and isinstance(self._items[-1], RequestOutput):
+            self._items[-1] = item
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | Exception:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
 class RequestStream:
     """The outputs of one submitted request, as an async iterator. Closing it (or leaving
     it unfinished and unreferenced) aborts the request, whether or not it was ever read."""
 
     def __init__(self, engine: AsyncEngine, request_id: str,
-                 queue: asyncio.Queue[RequestOutput | Exception]) -> None:
+                 queue: OutputMailbox) -> None:
         self._engine = engine
         self.request_id = request_id
         self._queue = queue
@@ -139,7 +165,7 @@ class AsyncEngine:
                                    info.max_num_seqs or 64)
         self.stall_timeout = stall_timeout
         self.observer = observer
-        self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
+        self._queues: dict[str, OutputMailbox] = {}
         self._timings: dict[str, RequestTiming] = {}
         self._handler: asyncio.Task[None] | None = None
         self.dead: BaseException | None = None
@@ -250,7 +276,7 @@ class AsyncEngine:
 
     def _submit(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                 priority: int, arrival: float,
-                lora_name: str | None = None) -> asyncio.Queue[RequestOutput | Exception]:
+                lora_name: str | None = None) -> OutputMailbox:
         self.check_alive()
         work = Work(params.n, len(prompt.token_ids), params.max_tokens or 0)
         self.admission.check(work)
@@ -258,7 +284,7 @@ class AsyncEngine:
             raise PagodaError(f"request id {request_id!r} is already in use")
         children, core_requests = self.input_processor.fan_out(request_id, prompt, params,
                                                                priority, lora_name=lora_name)
-        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        queue = OutputMailbox()
         self._queues[request_id] = queue
         self.admission.admit([r.request_id for r in core_requests], work)
         self.output_processor.add_request(request_id, prompt.text, prompt.token_ids, children)

@@ -3,7 +3,7 @@ logprob formatting and fan-in of the `n` children of one request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pagoda.core_outputs import EngineCoreOutput, LogprobsLists
@@ -20,7 +20,6 @@ class ChildState:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     completion: CompletionOutput
-    streamed_text: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -138,9 +137,8 @@ class OutputProcessor:
         if child.detokenizer is None:
             return
         delta = child.detokenizer.get_delta(child.completion.finished)
-        if delta:
-            child.streamed_text.append(delta)
-            child.completion.text = "".join(child.streamed_text)
+        if delta:  # one copy of the text so far, not a join over every delta before
+            child.completion.text += delta
 
     def _add_logprobs(self, completion: CompletionOutput, lists: LogprobsLists) -> None:
         positions = self._logprob_dicts(lists)
