@@ -9,15 +9,24 @@ import time
 from collections.abc import Iterator
 
 
+# Net allocations between two collections of the youngest generation in a serving process.
+# At CPython's 700 the API process collected every ~100 streamed tokens, about 1.5 ms each
+# whatever it found: 14 % of its CPU with 256 streams. At 10,000 the same run collected 11
+# times instead of 672, and the process used 10 % less CPU.
+YOUNG_GC_THRESHOLD = 10_000
+
+
 def freeze_startup_objects() -> None:
     """Move everything alive now (model, CUDA graphs, imported libraries: hundreds of
-    thousands of objects) out of the garbage collector's reach. Its full passes scan every
-    tracked object, and in a step loop that allocates steadily they otherwise pause the
-    process for a tenth of a second or more every few seconds. Only for processes that keep
-    what they built at startup: a frozen object that later becomes cyclic garbage is never
-    reclaimed."""
+    thousands of objects) out of the garbage collector's reach, and collect the youngest
+    generation less often (YOUNG_GC_THRESHOLD). Full passes scan every tracked object, and in
+    a step loop that allocates steadily they otherwise pause the process for a tenth of a
+    second or more every few seconds. Only for processes that keep what they built at
+    startup: a frozen object that later becomes cyclic garbage is never reclaimed."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
 @contextlib.contextmanager

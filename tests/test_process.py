@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pagoda.process import StartupPhases, existing_objects_frozen
+from pagoda.process import YOUNG_GC_THRESHOLD, StartupPhases, existing_objects_frozen
 
 
 def test_objects_are_frozen_inside_the_block_and_released_after():
@@ -34,10 +34,12 @@ def test_an_existing_freeze_is_left_alone():
 
 def test_freeze_startup_objects_freezes_for_good():
     code = ("import gc; from pagoda.process import freeze_startup_objects; "
-            "freeze_startup_objects(); print(gc.get_freeze_count())")
+            "freeze_startup_objects(); print(gc.get_freeze_count(), gc.get_threshold()[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert int(out.stdout) > 1000
+    frozen, young_threshold = map(int, out.stdout.split())
+    assert frozen > 1000
+    assert young_threshold == YOUNG_GC_THRESHOLD
 
 
 def test_llm_generate_steps_with_existing_objects_frozen(smollm2_llm, monkeypatch):
