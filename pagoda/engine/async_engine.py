@@ -102,11 +102,10 @@ class RequestStream:
     """The outputs of one submitted request, as an async iterator. Closing it (or leaving
     it unfinished and unreferenced) aborts the request, whether or not it was ever read."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str,
-                 queue: OutputMailbox) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, mailbox: OutputMailbox) -> None:
         self._engine = engine
         self.request_id = request_id
-        self._queue = queue
+        self._mailbox = mailbox
         self._done = False
         self._loop = asyncio.get_running_loop()
 
@@ -117,7 +116,7 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            item = await self._queue.get()
+            item = await self._mailbox.get()
         except BaseException:
             self.close()
             raise
@@ -165,7 +164,7 @@ class AsyncEngine:
                                    info.max_num_seqs or 64)
         self.stall_timeout = stall_timeout
         self.observer = observer
-        self._queues: dict[str, OutputMailbox] = {}
+        self._mailboxes: dict[str, OutputMailbox] = {}
         self._timings: dict[str, RequestTiming] = {}
         self._handler: asyncio.Task[None] | None = None
         self.dead: BaseException | None = None
@@ -189,7 +188,7 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._queues)
+        return len(self._mailboxes)
 
     @property
     def max_pending(self) -> int:
@@ -244,12 +243,12 @@ class AsyncEngine:
                  lora_name: str | None = None) -> RequestStream:
         """Admit and submit a request now (raises EngineOverloadedError, EngineDeadError
         before anything is queued); the returned stream yields its outputs."""
-        queue = self._submit(request_id, prompt, params, priority, arrival or time.monotonic(),
-                             lora_name)
-        return RequestStream(self, request_id, queue)
+        mailbox = self._submit(request_id, prompt, params, priority,
+                               arrival or time.monotonic(), lora_name)
+        return RequestStream(self, request_id, mailbox)
 
     def _forget(self, request_id: str) -> None:
-        if self._queues.pop(request_id, None) is not None:
+        if self._mailboxes.pop(request_id, None) is not None:
             self.admission.finish_request()
 
     def check_alive(self) -> None:
@@ -280,12 +279,12 @@ class AsyncEngine:
         self.check_alive()
         work = Work(params.n, len(prompt.token_ids), params.max_tokens or 0)
         self.admission.check(work)
-        if request_id in self._queues:
+        if request_id in self._mailboxes:
             raise PagodaError(f"request id {request_id!r} is already in use")
         children, core_requests = self.input_processor.fan_out(request_id, prompt, params,
                                                                priority, lora_name=lora_name)
-        queue = OutputMailbox()
-        self._queues[request_id] = queue
+        mailbox = OutputMailbox()
+        self._mailboxes[request_id] = mailbox
         self.admission.admit([r.request_id for r in core_requests], work)
         self.output_processor.add_request(request_id, prompt.text, prompt.token_ids, children)
         for core_request in core_requests:
@@ -293,7 +292,7 @@ class AsyncEngine:
                 arrival, len(prompt.token_ids), self._max_tokens(params, len(prompt.token_ids)),
                 lora_name=lora_name)
             self.client.add_request(core_request)
-        return queue
+        return mailbox
 
     def _max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> int:
         limit = self.model_info.max_model_len - num_prompt_tokens
@@ -309,7 +308,7 @@ class AsyncEngine:
 
     def abort_all(self) -> None:
         """End every in-flight request with finish_reason 'abort' (used when draining)."""
-        for request_id, queue in list(self._queues.items()):
+        for request_id, mailbox in list(self._mailboxes.items()):
             child_ids = self.output_processor.child_ids(request_id)
             final = self.output_processor.abort(request_id)
             for child_id in child_ids:
@@ -317,7 +316,7 @@ class AsyncEngine:
             if self.dead is None and child_ids:
                 self.client.abort_requests(child_ids)
             if final is not None:
-                queue.put_nowait(final)
+                mailbox.put_nowait(final)
 
     # ---- output --------------------------------------------------------------------------------
     async def _output_loop(self) -> None:
@@ -333,9 +332,9 @@ class AsyncEngine:
                     for child_id in stopped:
                         self._finish_timing(child_id, "stop")
                 for result in results:
-                    queue = self._queues.get(result.request_id)
-                    if queue is not None:
-                        queue.put_nowait(result)
+                    mailbox = self._mailboxes.get(result.request_id)
+                    if mailbox is not None:
+                        mailbox.put_nowait(result)
                 self.stats = batch.stats
                 if self.observer is not None:
                     self.observer.on_stats(batch.stats)
@@ -348,22 +347,22 @@ class AsyncEngine:
         """Requests the engine refused (the frontend validates first, so this is rare)."""
         for error in errors:
             parent = self.output_processor.child_to_parent.get(error.request_id or "")
-            queue = self._queues.get(parent or "")
-            if queue is None:
+            mailbox = self._mailboxes.get(parent or "")
+            if mailbox is None:
                 continue
             if error.error_type in ("InvalidRequestError", "ContextLengthExceededError",
                                     "LoRANotLoadedError"):
-                queue.put_nowait(InvalidRequestError(error.message))
+                mailbox.put_nowait(InvalidRequestError(error.message))
             else:
-                queue.put_nowait(PagodaError("the engine rejected the request"))
+                mailbox.put_nowait(PagodaError("the engine rejected the request"))
             self.abort(parent)
 
     def _fail_all(self, exc: BaseException) -> None:
         self.dead = exc
         logger.error("engine core failed: %s", exc)
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError("the engine failed")
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        for mailbox in self._mailboxes.values():
+            mailbox.put_nowait(error)
 
     def _record_tokens(self, outputs: list[EngineCoreOutput]) -> None:
         now = time.monotonic()
