@@ -137,7 +137,8 @@ serve_sweep() {
 # 1024 tokens of context (a conforming body without max_tokens then ends in seconds), and
 # FUZZ_ARGS' default reaches the issue's 2,000 cases with 500 generating in about 3 minutes
 # (45 and 900 gave 2,306 and 477). SOAK_SEQS sets the server's --max-num-seqs (the soak's
-# capacity) and QUEUE_WAIT its --max-queue-wait.
+# capacity) and QUEUE_WAIT its --max-queue-wait. A 10-minute soak (SOAK_S=600) outlasts one
+# call: run it with bench/gpu/detached.sh over two.
 reliability() {
   python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
   local phases=${RELIABILITY_PHASES:-fuzz,soak,faults,swaps}
