@@ -65,7 +65,7 @@ class ServerProcess:
 
     def metrics(self, names: tuple[str, ...] = RESIDUE_METRICS) -> dict[str, float]:
         """These series' values from /metrics, each summed over its labels (models)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = self._scrape()
         values = dict.fromkeys(names, 0.0)
         for line in text.splitlines():
             match = _METRIC.match(line)
@@ -76,7 +76,7 @@ class ServerProcess:
     def histogram(self, name: str) -> dict[float, float]:
         """A histogram's cumulative counts by bucket bound (+inf the total), summed over
         its other labels (models)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = self._scrape()
         counts: dict[float, float] = {}
         for line in text.splitlines():
             match = _BUCKET.match(line)
@@ -84,6 +84,9 @@ class ServerProcess:
                 bound = float(match.group(2))
                 counts[bound] = counts.get(bound, 0.0) + float(match.group(3))
         return counts
+
+    def _scrape(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
 
     def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
         """Poll /metrics until running, waiting and KV usage are 0 (or the timeout)."""
