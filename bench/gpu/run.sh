@@ -139,6 +139,8 @@ serve_sweep() {
 # (45 and 900 gave 2,306 and 477). SOAK_SEQS sets the server's --max-num-seqs (the soak's
 # capacity) and QUEUE_WAIT its --max-queue-wait. A 10-minute soak (SOAK_S=600) outlasts one
 # call: run it with bench/gpu/detached.sh over two.
+# issue 23's suite on the dummy 8B; RELIABILITY_PHASES, SOAK_S, SOAK_SEQS, QUEUE_WAIT, LABEL,
+# FUZZ_ARGS and SERVER_EXTRA (more server flags, e.g. --prefill-first) choose what runs
 reliability() {
   python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
   local phases=${RELIABILITY_PHASES:-fuzz,soak,faults,swaps}
@@ -147,7 +149,7 @@ reliability() {
   python3 -m pagoda.cli.main bench reliability --model /tmp/b8w --profile full --phases "$phases" \
     --max-num-seqs ${SOAK_SEQS:-256} --soak-seconds ${SOAK_S:-600} --soak-max-queue-wait ${QUEUE_WAIT:-1} \
     ${FUZZ_ARGS:---fuzz-cases-per-route 45 --generation-cases 1100} \
-    --server-args "$COMMON --max-model-len $context --max-num-batched-tokens 8192" --label h200 \
+    --server-args "$COMMON --max-model-len $context --max-num-batched-tokens 8192 ${SERVER_EXTRA:-}" --label h200 \
     --output-json "$OUT/reliability-8b-${phases//,/-}${LABEL:+-$LABEL}.json" --log-dir "$OUT/reliability-logs" \
     2>&1 | grep -v INFO
 }

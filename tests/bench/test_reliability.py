@@ -80,3 +80,18 @@ def test_a_quantile_is_bounded_by_the_first_bucket_holding_its_share():
     assert quantile_bound(before, after, 0.95) == 0.25
     assert quantile_bound(before, after, 0.99) == inf
     assert quantile_bound(after, after, 0.99) is None
+
+
+def test_the_slowest_first_tokens_are_placed_by_the_second_they_were_sent_in():
+    from pagoda.bench.reliability.load import LoadResult, Outcome
+    result = LoadResult(started=100.0)
+    # 200 completed streams over 10 s, TTFT 0.05 s, but the two slowest (0.9 s) sent in
+    # second 7; a non-streamed request and a shed one carry no TTFT worth ranking
+    for i in range(200):
+        result.outcomes.append(Outcome("completed", 100.0 + i / 20, 101.0, True, 1,
+                                       200, 0.05))
+    result.outcomes[140].ttft = result.outcomes[141].ttft = 0.9
+    result.outcomes.append(Outcome("completed", 105.0, 106.0, False, 1, 200))
+    result.outcomes.append(Outcome("shed", 102.0, 102.0, True, 1, 503, 5.0))
+    assert result.slowest_ttft_seconds() == {"requests": 2, "seconds": 1, "busiest": {7: 2}}
+    assert LoadResult().slowest_ttft_seconds() == {"requests": 0, "seconds": 0, "busiest": {}}

@@ -83,6 +83,16 @@ class LoadResult:
         return sorted(o.ttft for o in self.outcomes if o.ttft is not None
                       and o.kind == "completed" and n in (None, o.n))
 
+    def slowest_ttft_seconds(self, share: float = 0.01, top: int = 5) -> dict[str, Any]:
+        """The slowest `share` of completed streams' TTFTs: how many distinct seconds of the
+        run (counted from its start) they were sent in, and the `top` seconds holding most."""
+        timed = sorted((o.ttft, o.sent) for o in self.outcomes
+                       if o.ttft is not None and o.kind == "completed")
+        slowest = timed[len(timed) - max(1, int(share * len(timed))):] if timed else []
+        by_second = Counter(int(sent - self.started) for _, sent in slowest)
+        return {"requests": len(slowest), "seconds": len(by_second),
+                "busiest": dict(by_second.most_common(top))}
+
     def samples(self, limit: int = 5) -> dict[str, list[str]]:
         """A few details of every unwanted outcome, for the report."""
         found: dict[str, list[str]] = {}

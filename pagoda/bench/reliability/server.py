@@ -73,16 +73,17 @@ class ServerProcess:
                 values[match.group(1)] += float(match.group(2))
         return values
 
-    def histogram(self, name: str) -> dict[float, float]:
-        """A histogram's cumulative counts by bucket bound (+inf the total), summed over
-        its other labels (models)."""
+    def histograms(self, names: tuple[str, ...]) -> dict[str, dict[float, float]]:
+        """Each of these histograms' cumulative counts by bucket bound (+inf the total),
+        summed over their other labels (models), from one scrape."""
         text = self._scrape()
-        counts: dict[float, float] = {}
+        counts: dict[str, dict[float, float]] = {name: {} for name in names}
         for line in text.splitlines():
             match = _BUCKET.match(line)
-            if match and match.group(1) == name:
+            if match and match.group(1) in counts:
+                buckets = counts[match.group(1)]
                 bound = float(match.group(2))
-                counts[bound] = counts.get(bound, 0.0) + float(match.group(3))
+                buckets[bound] = buckets.get(bound, 0.0) + float(match.group(3))
         return counts
 
     def _scrape(self) -> str:

@@ -27,11 +27,11 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
     processes = processes or client_processes(workers)
     idle_ttft = asyncio.run(unloaded_ttft(server.url, mix.model))
     before = server.metrics(LATENCY_SERIES)
-    ttft_before = server.histogram(LATENCY["ttft"])
+    buckets_before = server.histograms(tuple(LATENCY.values()))
     result = run_load_in_processes(server.url, mix, workers, duration, seed, processes)
     residue = server.wait_idle()
     after = server.metrics(LATENCY_SERIES)
-    ttft_after = server.histogram(LATENCY["ttft"])
+    buckets_after = server.histograms(tuple(LATENCY.values()))
     counts = result.counts()
     ttfts = result.ttfts()
     p99 = percentile(ttfts, 99)
@@ -48,7 +48,14 @@ def soak(server: ServerProcess, mix: Mix, capacity: int, overload: float, durati
         "ttft_p99_by_n_s": {n: _round(percentile(result.ttfts(n), 99)) for n in (1, 2, 3)},
         # the server's own TTFT (arrival to first token, every request): its p99 lies at or
         # below this bucket bound; far below the clients' p99, the tail is not the server's
-        "server_ttft_p99_at_most_s": quantile_bound(ttft_before, ttft_after, 0.99),
+        "server_ttft_p99_at_most_s": quantile_bound(buckets_before[LATENCY["ttft"]],
+                                                    buckets_after[LATENCY["ttft"]], 0.99),
+        # the same bound for queue, prefill and inter-token latency: which part holds the tail
+        "server_p99_at_most_s": {key: quantile_bound(buckets_before[name], buckets_after[name],
+                                                     0.99) for key, name in LATENCY.items()},
+        # when the slowest first tokens were asked for: a few seconds holding most of them
+        # point to stalls, a spread over the run to queueing
+        "slowest_ttft_seconds": result.slowest_ttft_seconds(),
         "completed_per_s": round(counts["completed"] / max(duration, 1e-9), 2),
         "server_means_s": _means(before, after),
         "residue_after": residue,
