@@ -5,7 +5,8 @@ The time to start is predicted from what is in flight: a new sequence needs one 
 engine's max_num_seqs slots; running sequences free theirs once they have produced the
 output tokens they still owe (at most: a stop or EOS ends them sooner), and sequences
 already waiting take freed slots first and hold them for their own outputs. Steps times the
-decode step time measured from the tokens streaming back gives seconds, counting what is
+decode step time (measured on the engine's clock from the batches of tokens it sends) gives
+seconds, counting what is
 left of the step in flight: a request that finds a free slot still waits for that step to
 end before it can be scheduled. An upper bound on the work ahead keeps the admitted
 requests' time to first token under the limit, rather than under it on average."""
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from pagoda.errors import PagodaError
 RATE_WINDOW_S = 60.0  # sequence completions counted for the fallback estimate
 MIN_RATE_SAMPLES = 4  # completions needed before the fallback estimate is trusted
 MAX_RETRY_AFTER_S = 60.0
-STEP_TIME_WEIGHT = 0.05  # weight of each new sample in the decode step time's moving average
+STEP_TIME_WEIGHT = 0.05  # weight of each batch's sample in the decode step time's moving average
 
 
 class EngineOverloadedError(PagodaError):
@@ -67,7 +69,7 @@ class Work:
 class _Owed:
     prompt: int
     output: int
-    last_token_at: float | None = None  # when its latest tokens arrived (monotonic)
+    last_token_at: float | None = None  # when the engine sent its latest tokens (monotonic)
 
     @property
     def total(self) -> int:
@@ -86,7 +88,7 @@ class Admission:
     tokens_owed: int = 0
     finished: deque[float] = field(default_factory=deque)  # completion times (monotonic)
     step_time: float | None = None  # seconds per output token of a running sequence
-    last_tokens_at: float | None = None  # when tokens last streamed back: a step's end
+    last_tokens_at: float | None = None  # when the engine last sent tokens: a step's end
 
     @property
     def sequences(self) -> int:
@@ -165,19 +167,27 @@ class Admission:
             self.owed[seq_id] = _Owed(work.prompt_tokens, work.max_tokens)
         self.tokens_owed += work.tokens
 
-    def progress(self, seq_id: str, new_tokens: int) -> None:
-        """A sequence produced tokens: its prompt is computed and it owes fewer outputs."""
-        owed = self.owed.get(seq_id)
-        if owed is None:
-            return
-        now = time.monotonic()
-        if owed.last_token_at is not None and new_tokens > 0:  # a decode step's time
-            self._measure_step((now - owed.last_token_at) / new_tokens)
-        owed.last_token_at = self.last_tokens_at = now
-        before = owed.total
-        owed.prompt = 0
-        owed.output = max(0, owed.output - new_tokens)
-        self.tokens_owed -= before - owed.total
+    def record_batch(self, new_tokens: list[tuple[str, int]], at: float) -> None:
+        """One batch of engine outputs: each sequence's new tokens (the first computes its
+        prompt too); `at`: when the engine sent it, on its clock (time.monotonic, the same
+        system-wide clock). The step time is measured once a batch, from the engine's
+        clock: the median of its sequences' seconds a token since their previous tokens.
+        The API process's own clock would not do: when it falls behind and reads several
+        batches at once, they look like instant steps."""
+        gaps = []
+        for seq_id, count in new_tokens:
+            owed = self.owed.get(seq_id)
+            if owed is None or count <= 0:
+                continue
+            if owed.last_token_at is not None:
+                gaps.append((at - owed.last_token_at) / count)
+            owed.last_token_at = self.last_tokens_at = at
+            before = owed.total
+            owed.prompt = 0
+            owed.output = max(0, owed.output - count)
+            self.tokens_owed -= before - owed.total
+        if gaps:
+            self._measure_step(statistics.median(gaps))
 
     def _measure_step(self, seconds: float) -> None:
         self.step_time = seconds if self.step_time is None else \

@@ -325,7 +325,7 @@ class AsyncEngine:
                 batch = await self.client.get_outputs()
                 self.last_heard = time.monotonic()
                 self._reject(batch.errors)
-                self._record_tokens(batch.outputs)
+                self._record_tokens(batch.outputs, batch.timestamp)
                 results, stopped = self.output_processor.process(batch.outputs)
                 if stopped:  # a stop string ended them: the core must stop too
                     self.client.abort_requests(stopped)
@@ -364,8 +364,11 @@ class AsyncEngine:
         for mailbox in self._mailboxes.values():
             mailbox.put_nowait(error)
 
-    def _record_tokens(self, outputs: list[EngineCoreOutput]) -> None:
+    def _record_tokens(self, outputs: list[EngineCoreOutput], sent_at: float) -> None:
+        """Timings and admission's bookkeeping for a batch the engine sent at `sent_at`."""
         now = time.monotonic()
+        self.admission.record_batch([(out.request_id, len(out.new_token_ids))
+                                     for out in outputs], sent_at)
         for out in outputs:
             timing = self._timings.get(out.request_id)
             if timing is None:
@@ -373,7 +376,6 @@ class AsyncEngine:
             if out.queue_time is not None:
                 timing.queue_time = out.queue_time
             if out.new_token_ids:
-                self.admission.progress(out.request_id, len(out.new_token_ids))
                 if timing.first_token is None:
                     timing.first_token = now
                 elif timing.last_token is not None:

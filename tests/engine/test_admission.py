@@ -42,7 +42,7 @@ def test_tokens_owed_shrink_as_sequences_progress_and_finish():
     adm.admit(["a"], Work(1, 100, 600))
     with pytest.raises(EngineOverloadedError, match="tokens"):
         adm.check(Work(1, 100, 300))
-    adm.progress("a", 10)  # prompt computed, 10 of 600 outputs done
+    adm.record_batch([("a", 10)], at=1.0)  # prompt computed, 10 of 600 outputs done
     assert adm.tokens_owed == 590
     adm.check(Work(1, 100, 300))
     adm.finish_sequence("a", completed=True)
@@ -68,11 +68,12 @@ def test_unknown_rate_admits_within_the_other_bounds():
     adm.check(Work(1, 1, 1))
 
 
-def running(adm: Admission, owed_outputs: list[int]) -> None:
-    """Sequences that have produced their first token and still owe `owed_outputs`."""
+def running(adm: Admission, owed_outputs: list[int], at: float = 100.0) -> None:
+    """Sequences that produced their first token (sent by the engine `at`) and still owe
+    `owed_outputs`."""
     for i, owed in enumerate(owed_outputs):
         adm.admit([f"r{i}"], Work(1, 10, owed + 1))
-        adm.progress(f"r{i}", 1)
+    adm.record_batch([(f"r{i}", 1) for i in range(len(owed_outputs))], at)
 
 
 def test_slots_free_as_running_sequences_finish_their_owed_tokens():
@@ -92,8 +93,7 @@ def test_the_step_time_comes_from_the_tokens_streaming_back(monkeypatch):
     running(adm, [100, 100, 100, 100])
     assert adm.step_time is None  # a first token says nothing about the step time
     clock[0] += 0.2
-    for i in range(4):
-        adm.progress(f"r{i}", 4)  # 4 tokens in 0.2 s: 50 ms a step
+    adm.record_batch([(f"r{i}", 4) for i in range(4)], clock[0])  # 4 tokens in 0.2 s
     assert adm.step_time == pytest.approx(0.05)
     # they owe 96 more each: the step in flight (just begun) and 95 more
     assert adm.expected_wait(1) == pytest.approx(96 * 0.05)
@@ -110,8 +110,7 @@ def test_a_free_slot_still_waits_for_the_step_in_flight(monkeypatch):
     adm = admission(max_queue_wait=0.02, max_sequences=100, max_tokens=10**9)
     running(adm, [100, 100])  # two of the four slots
     clock[0] += 0.2
-    for i in range(2):
-        adm.progress(f"r{i}", 4)  # a step takes 50 ms; one has just begun
+    adm.record_batch([("r0", 4), ("r1", 4)], clock[0])  # a step takes 50 ms; one has just begun
     assert adm.expected_wait(1) == pytest.approx(0.05)
     with pytest.raises(EngineOverloadedError, match="wait about"):
         adm.check(Work(1, 1, 1))
@@ -120,3 +119,26 @@ def test_a_free_slot_still_waits_for_the_step_in_flight(monkeypatch):
     adm.check(Work(1, 1, 1))
     clock[0] += 1.0  # no tokens for a while: no step known to be in flight
     assert adm.expected_wait(1) == 0.0
+
+
+def test_batches_read_late_and_at_once_still_measure_the_engine_step(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    adm = admission(max_sequences=100, max_tokens=10**9)
+    running(adm, [100, 100, 100], at=100.0)
+    # the engine sent a batch every 50 ms; a busy API process reads all five 0.3 s later
+    clock[0] = 100.55
+    for step in range(1, 6):
+        adm.record_batch([(f"r{i}", 1) for i in range(3)], at=100.0 + 0.05 * step)
+    assert adm.step_time == pytest.approx(0.05)
+    assert adm.step_remainder() == 0.0  # the last step ended 0.3 s ago on the engine's clock
+    assert adm.tokens_owed == 3 * 95
+
+
+def test_the_step_sample_is_the_batch_median_not_a_stray_sequence():
+    adm = admission(max_sequences=100, max_tokens=10**9)
+    running(adm, [100, 100, 100], at=100.0)
+    adm.record_batch([("r2", 1)], at=100.01)  # one sequence's extra batch (10 ms)
+    adm.step_time = None
+    adm.record_batch([("r0", 1), ("r1", 1), ("r2", 1)], at=100.05)
+    assert adm.step_time == pytest.approx(0.05)  # r2's 40 ms gap is not the median
