@@ -44,7 +44,7 @@ def measure_cold_start(model: str, serve_args: list[str], port: int = 8299,
             "engine_startup_s": engine_phases(lines), "server_log_tail": lines[-25:]}
 
 
-_PHASE = re.compile(r"([A-Za-z][\w ]*?) (\d+(?:\.\d+)?)s")
+_PHASE = re.compile(r"([A-Za-z][\w -]*?) (\d+(?:\.\d+)?)s")
 
 
 def engine_phases(log_lines: list[str]) -> dict[str, float]:

@@ -13,6 +13,7 @@ import torch
 from pagoda.config import EngineConfig, resolve_max_model_len
 from pagoda.core_outputs import EngineCoreOutput, SchedulerStats
 from pagoda.engine.model_info import ModelInfo, validate_prompt_ids
+from pagoda.engine.warmup import warm_up
 from pagoda.errors import InvalidRequestError
 from pagoda.executor.base import KVCacheSizing, WorkerConfig
 from pagoda.executor.factory import executor_for
@@ -81,6 +82,10 @@ class EngineCore:
                                    config.lora.max_loras if config.lora else 0,
                                    pipeline_depth=self.pipeline_depth)
         self.loras = LoRARegistry(config.lora is not None)
+        if self.device.type == "cuda":  # kernels compiled or loaded on first use: not mid-traffic
+            warm_up(self.executor, config.scheduler, sizing.num_blocks, block_size,
+                    tuple(sizing.windows), self.max_model_len, hf.vocab_size)
+            startup.mark("warm-up")
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,
                                                    config.scheduler.max_num_batched_tokens)

@@ -103,7 +103,12 @@ def test_startup_is_logged_phase_by_phase(checkpoint):
     from pagoda.bench.cold_start import engine_phases
     from tests.utils import logged_messages
     with logged_messages("pagoda.engine.core") as messages:
-        make(checkpoint, dtype="bfloat16")
+        llm = make(checkpoint, dtype="bfloat16")
     phases = engine_phases(messages)
     assert list(phases) == ["model config", "device init", "weights", "memory profile",
-                            "KV cache", "CUDA graphs"]
+                            "KV cache", "CUDA graphs", "warm-up"]
+    # the warm-up's requests left nothing behind
+    core = llm.engine.core
+    assert core.stats().num_computed_tokens_total == 0
+    assert core.kv_manager.num_free_blocks == core.kv_manager.pool.num_usable_blocks
+    assert not core.executor.worker.runner.batch.requests
