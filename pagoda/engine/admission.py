@@ -6,10 +6,10 @@ engine's max_num_seqs slots; running sequences free theirs once they have produc
 output tokens they still owe (at most: a stop or EOS ends them sooner), and sequences
 already waiting take freed slots first and hold them for their own outputs. Steps times the
 decode step time (measured on the engine's clock from the batches of tokens it sends) gives
-seconds, counting what is
-left of the step in flight: a request that finds a free slot still waits for that step to
-end before it can be scheduled. An upper bound on the work ahead keeps the admitted
-requests' time to first token under the limit, rather than under it on average."""
+seconds, counting what is left of the step in flight: a request that finds a free slot
+still waits for that step to end before it can be scheduled. An upper bound on the work
+ahead keeps the admitted requests' time to first token under the limit, rather than under
+it on average."""
 
 from __future__ import annotations
 
