@@ -141,7 +141,7 @@ class Fp8LinearMethod(LinearMethod):
             return "fp8 weights decoded per call (weight-only)"
         if quantized.group_size == quantized.in_features and _has_fp8_tensor_cores():
             return f"triton few-token kernel up to {FEW_TOKENS} tokens, torch._scaled_mm above"
-        return "triton group gemm (fp8 weights)"
+        return quantized.kernel_name()
 
 
 @functools.cache

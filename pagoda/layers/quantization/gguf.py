@@ -74,7 +74,7 @@ def _kernel_name(kernel: nn.Module) -> str:
     if isinstance(kernel, Int4PackedWeight):
         return "int4pack_mm_for_cpu"
     if isinstance(kernel, GroupQuantWeight):
-        return f"triton group gemm ({kernel.bits}-bit codes, groups of {kernel.group_size})"
+        return kernel.kernel_name()
     if isinstance(kernel, BlockRows):
         return f"{kernel.type_name} decoded per call"
     return "dense matmul"

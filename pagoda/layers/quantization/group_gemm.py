@@ -86,6 +86,20 @@ class GroupQuantWeight(nn.Module):
         self.low = None if low is None else nn.Parameter(
             low.t().to(SCALE_DTYPE).contiguous(), requires_grad=False)
 
+    @property
+    def has_one_token_kernel(self) -> bool:
+        """Whether one-token calls on CUDA take the 4-bit GEMV of `triton_group_gemm` (4-bit
+        codes, outputs a multiple of 4, groups a multiple of 128 inputs)."""
+        return self.bits == 4 and self.out_features % 4 == 0 \
+            and self.group_size % (2 * CHUNK) == 0
+
+    def kernel_name(self) -> str:
+        """What multiplies it on CUDA, for the startup log."""
+        if self.codes.dtype == FP8:
+            return "triton group gemm (fp8 weights)"
+        gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
+        return f"triton group gemm ({self.bits}-bit codes, groups of {self.group_size}{gemv})"
+
     def codes_by_input(self) -> torch.Tensor:
         """The codes as a [in (4 bits: in / 2), out] view."""
         return self.codes.t() if self.codes.dtype == FP8 else self.codes

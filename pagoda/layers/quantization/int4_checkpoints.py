@@ -157,7 +157,7 @@ class Int4CheckpointMethod(LinearMethod):
         return y if bias is None else y + bias
 
     def kernel(self, layer: LinearBase) -> str:
-        name = "triton group gemm" if isinstance(layer.int4, GroupQuantWeight) else \
+        name = layer.int4.kernel_name() if isinstance(layer.int4, GroupQuantWeight) else \
             "int4pack_mm_for_cpu"
         return name + (" (act order)" if hasattr(layer, "input_order") else "")
 

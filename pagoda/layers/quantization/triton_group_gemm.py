@@ -385,12 +385,11 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
-    """Whether a call goes to the one-token 4-bit kernel: one token, groups of a multiple of
-    128 inputs (on the H200, alternated in one run: 92.5 against the few-token kernel's
-    105.5 us per 8B layer in groups of 128; in groups of 32 a first version, with two sums
-    per chunk, was slower than the few-token kernel)."""
-    return (tokens == 1 and weight.bits == 4 and weight.out_features % 4 == 0
-            and weight.group_size % (2 * CHUNK) == 0)
+    """Whether a call goes to the one-token 4-bit kernel: one token and a weight it takes
+    (`GroupQuantWeight.has_one_token_kernel`). On the H200, alternated in one run: 92.5
+    against the few-token kernel's 105.5 us per 8B layer in groups of 128; in groups of 32 a
+    first version, with two sums per chunk, was slower than the few-token kernel."""
+    return tokens == 1 and weight.has_one_token_kernel
 
 
 def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int) -> dict[str, int]:

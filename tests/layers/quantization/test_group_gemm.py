@@ -128,6 +128,20 @@ def test_supported_layouts():
     assert not supports(4096, 48, 8) and not supports(100, 32, 8)
 
 
+def test_the_startup_log_names_the_one_token_gemv_where_calls_take_it():
+    def weight(outputs, inputs, group, bits, float8=False):
+        codes = torch.zeros(outputs, inputs, dtype=torch.uint8)
+        return GroupQuantWeight(codes.to(FP8) if float8 else codes,
+                                torch.ones(outputs, inputs // group), None, group, bits)
+    assert weight(200, 2048, 128, 4).kernel_name() == \
+        "triton group gemm (4-bit codes, groups of 128; one token: a CUDA-core GEMV)"
+    # groups of 32, outputs not a multiple of 4, 8-bit codes: the few-token kernel only
+    assert weight(96, 1024, 32, 4).kernel_name() == "triton group gemm (4-bit codes, groups of 32)"
+    assert not weight(198, 2048, 128, 4).has_one_token_kernel
+    assert weight(200, 2048, 16, 8).kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
+    assert weight(64, 256, 256, 8, float8=True).kernel_name() == "triton group gemm (fp8 weights)"
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_torch_path_is_codes_times_scale_plus_min(name):
     _, outputs, inputs, group, bits, with_min, float8 = CASES[name]
