@@ -140,6 +140,10 @@ def test_the_startup_log_names_the_one_token_gemv_where_calls_take_it():
     assert not weight(198, 2048, 128, 4).has_one_token_kernel
     assert weight(200, 2048, 16, 8).kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
     assert weight(64, 256, 256, 8, float8=True).kernel_name() == "triton group gemm (fp8 weights)"
+    from pagoda.layers.quantization.triton_group_gemm import takes_one_token_int4
+    gemv = weight(200, 2048, 128, 4)
+    assert takes_one_token_int4(1, gemv) and not takes_one_token_int4(2, gemv)
+    assert not takes_one_token_int4(1, weight(96, 1024, 32, 4))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
