@@ -23,6 +23,7 @@ def tiny_model(tmp_path_factory, smollm2_dir):
 
 
 def run_warm_up(llm: LLM) -> int:
+    """The warm-up as EngineCore runs it on CUDA."""
     core = llm.engine.core
     sizing = core.kv_manager
     return warm_up(core.executor, core.config.scheduler, core.model_info.num_kv_blocks,
@@ -51,3 +52,11 @@ def test_the_warm_up_leaves_no_trace(tiny_model, engine_args):
     assert (stats.prefix_cache_queries, stats.num_computed_tokens_total) == (0, 0)
     assert not core.executor.worker.runner.batch.requests  # the worker forgot them
     assert outputs(warmed) == outputs(cold)
+
+
+def test_the_warm_up_fits_a_context_shorter_than_its_prompts(tiny_model):
+    llm = LLM(str(tiny_model), max_num_seqs=4, max_model_len=8)
+    assert run_warm_up(llm) >= 4
+    core = llm.engine.core
+    assert core.kv_manager.num_free_blocks == core.kv_manager.pool.num_usable_blocks
+    assert not core.executor.worker.runner.batch.requests
