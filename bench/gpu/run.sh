@@ -139,8 +139,7 @@ serve_sweep() {
 # (45 and 900 gave 2,306 and 477). SOAK_SEQS sets the server's --max-num-seqs (the soak's
 # capacity) and QUEUE_WAIT its --max-queue-wait. A 10-minute soak (SOAK_S=600) outlasts one
 # call: run it with bench/gpu/detached.sh over two.
-# issue 23's suite on the dummy 8B; RELIABILITY_PHASES, SOAK_S, SOAK_SEQS, QUEUE_WAIT, LABEL,
-# FUZZ_ARGS and SERVER_EXTRA (more server flags, e.g. --prefill-first) choose what runs
+# SERVER_EXTRA adds server flags (e.g. --prefill-first); LABEL names the result file.
 reliability() {
   python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
   local phases=${RELIABILITY_PHASES:-fuzz,soak,faults,swaps}

@@ -82,10 +82,6 @@ class EngineCore:
                                    config.lora.max_loras if config.lora else 0,
                                    pipeline_depth=self.pipeline_depth)
         self.loras = LoRARegistry(config.lora is not None)
-        if self.device.type == "cuda":  # kernels compiled or loaded on first use: not mid-traffic
-            warm_up(self.executor, config.scheduler, sizing.num_blocks, block_size,
-                    tuple(sizing.windows), self.max_model_len, hf.vocab_size)
-            startup.mark("warm-up")
         eos = eos_ids(hf)
         capacity = self.kv_manager.capacity_tokens(self.max_model_len,
                                                    config.scheduler.max_num_batched_tokens)
@@ -97,6 +93,9 @@ class EngineCore:
                                     config.parallel.tensor_parallel_size,
                                     config.parallel.pipeline_parallel_size,
                                     config.cache.kv_cache_dtype)
+        if self.device.type == "cuda":  # kernels compiled or loaded on first use: not mid-traffic
+            self.warm_up()
+            startup.mark("warm-up")
         self.grammars = GrammarCompiler(
             lambda: get_tokenizer(self.source, config.tokenizer), hf.vocab_size)
         self.bitmask_filler = BitmaskFiller(hf.vocab_size)
@@ -111,6 +110,13 @@ class EngineCore:
         self._asleep = False
         self._log_capacity()
         logger.info("engine started in %s", startup.summary())
+
+    def warm_up(self) -> int:
+        """Run the warm-up steps (pagoda.engine.warmup) on this engine's executor, beside
+        its own scheduler; returns how many ran. At start on CUDA."""
+        return warm_up(self.executor, self.config.scheduler, self.model_info.num_kv_blocks,
+                       self.kv_manager.block_size, self.kv_manager.windows,
+                       self.max_model_len, self.model_info.vocab_size)
 
     def _start_executor(self, startup: StartupPhases) -> tuple[KVCacheSizing, int]:
         """Bring the executor up, timing each phase; returns the KV cache's sizing and bytes."""

@@ -40,13 +40,13 @@ def warm_up(executor: Executor, scheduler_config: SchedulerConfig, num_blocks: i
     scheduler = Scheduler(scheduler_config, kv, max_model_len)
     # each request needs a block or two; leave room so none is ever preempted
     batch = max(2, min(scheduler_config.max_num_seqs, (num_blocks - 1) // 2))
-    tokens = _prompt_tokens(vocab_size, max_model_len)
-    waves = ([tokens(7)], [tokens(3) for _ in range(batch - 2)], [tokens(11)])
+    waves = ([7], [3] * (batch - 2), [11])  # each wave's prompt lengths
     added = steps = 0
     for wave in waves:
-        for prompt in wave:
-            scheduler.add_request(EngineCoreRequest(f"{WARMUP_ID_PREFIX}{added}", prompt,
-                                                    SAMPLING[added % len(SAMPLING)]))
+        for length in wave:
+            scheduler.add_request(EngineCoreRequest(
+                f"{WARMUP_ID_PREFIX}{added}", _prompt(length, vocab_size, max_model_len),
+                SAMPLING[added % len(SAMPLING)]))
             added += 1
         _step(executor, scheduler)
         steps += 1
@@ -65,9 +65,8 @@ def _step(executor: Executor, scheduler: Scheduler) -> None:
     scheduler.update_from_output(sched_out, executor.collect_output())
 
 
-def _prompt_tokens(vocab_size: int, max_model_len: int):
-    """Prompts of ordinary token ids (away from 0 and the top of the vocabulary, where
+def _prompt(length: int, vocab_size: int, max_model_len: int) -> list[int]:
+    """A prompt of ordinary token ids (away from 0 and the top of the vocabulary, where
     special tokens usually sit), short enough to leave room for the two tokens sampled."""
     low, span = min(100, vocab_size // 4), max(1, vocab_size // 2)
-    return lambda length: [low + (i * 7919) % span
-                           for i in range(max(1, min(length, max_model_len - 2)))]
+    return [low + (i * 7919) % span for i in range(max(1, min(length, max_model_len - 2)))]

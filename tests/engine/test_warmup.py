@@ -1,14 +1,14 @@
 """The warm-up (run on CUDA at engine start) leaves no trace: the engine's queues, KV blocks,
 prefix cache and counters are untouched, the workers forget its requests, and outputs are
 those of an engine that never ran it. On CPU, where it does not run by itself, it is called
-directly; tests/gpu runs it at every engine start."""
+directly (EngineCore.warm_up, what the engine calls at start on CUDA); tests/gpu runs it at
+every engine start."""
 
 from __future__ import annotations
 
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.engine.warmup import warm_up
 from tests.utils import tiny_chat_model
 
 TEXTS = ["The capital of France is", "Water boils at", "def add(a, b):", "List three fruits:"]
@@ -20,15 +20,6 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
 def tiny_model(tmp_path_factory, smollm2_dir):
     return tiny_chat_model(tmp_path_factory.mktemp("tiny"), smollm2_dir, initializer_range=0.2,
                            num_hidden_layers=2, num_key_value_heads=2, hidden_size=64)
-
-
-def run_warm_up(llm: LLM) -> int:
-    """The warm-up as EngineCore runs it on CUDA."""
-    core = llm.engine.core
-    sizing = core.kv_manager
-    return warm_up(core.executor, core.config.scheduler, core.model_info.num_kv_blocks,
-                   sizing.block_size, sizing.windows, core.max_model_len,
-                   core.model_info.vocab_size)
 
 
 def outputs(llm: LLM) -> list[list[int]]:
@@ -44,7 +35,7 @@ def outputs(llm: LLM) -> list[list[int]]:
 def test_the_warm_up_leaves_no_trace(tiny_model, engine_args):
     cold = LLM(str(tiny_model), **engine_args)
     warmed = LLM(str(tiny_model), **engine_args)
-    assert run_warm_up(warmed) >= 4
+    assert warmed.engine.core.warm_up() >= 4
     core = warmed.engine.core
     assert not core.scheduler.requests and not core.scheduler.has_unfinished_requests()
     assert core.kv_manager.num_free_blocks == core.kv_manager.pool.num_usable_blocks
@@ -56,7 +47,7 @@ def test_the_warm_up_leaves_no_trace(tiny_model, engine_args):
 
 def test_the_warm_up_fits_a_context_shorter_than_its_prompts(tiny_model):
     llm = LLM(str(tiny_model), max_num_seqs=4, max_model_len=8)
-    assert run_warm_up(llm) >= 4
+    assert llm.engine.core.warm_up() >= 4
     core = llm.engine.core
     assert core.kv_manager.num_free_blocks == core.kv_manager.pool.num_usable_blocks
     assert not core.executor.worker.runner.batch.requests
