@@ -16,7 +16,7 @@ to the next.
 `--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
 grid of its launch settings instead (tile width, warps, pipeline stages, programs per
 multiprocessor) at the first of --tokens, after the shipped settings' time;
-`--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words per program, warps,
+`--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words and rows a step, warps,
 programs per multiprocessor).
 """
 
@@ -138,20 +138,18 @@ def sweep(layouts: list[str], tokens: int, bandwidth: float, grid: dict, config_
 
 
 # the one-token 4-bit kernel's launch settings a sweep tries
-ONE_TOKEN_SWEEP = {"BLOCK_W": (16, 32, 64), "num_warps": (2, 4, 8), "programs_per_sm": (4, 8, 16)}
+ONE_TOKEN_SWEEP = {"words": (32, 64), "rows": (8, 16), "num_warps": (1, 2),
+                   "programs_per_sm": (8, 16, 32)}
 
 
-def one_token_config(block_w: int, num_warps: int, programs_per_sm: int):
+def one_token_config(words: int, rows: int, num_warps: int, programs_per_sm: int):
     """A replacement for one_token_int4_config with these settings."""
     from pagoda.layers.quantization import triton_group_gemm as kernels
     shipped = kernels.one_token_int4_config
 
     def config(weight, multiprocessors):
-        chosen = shipped(weight, multiprocessors)
-        tiles = -(-weight.out_features // 4 // block_w)
-        splits = kernels._splits(tiles, weight.in_features, chosen["CHUNKS"] * CHUNK,
-                                 multiprocessors, programs_per_sm)
-        return {**chosen, "BLOCK_W": block_w, "num_warps": num_warps, "splits": splits}
+        return shipped(weight, multiprocessors, words=words, rows=rows, num_warps=num_warps,
+                       programs_per_sm=programs_per_sm)
     return config
 
 

@@ -89,9 +89,9 @@ class GroupQuantWeight(nn.Module):
     @property
     def has_one_token_kernel(self) -> bool:
         """Whether one-token calls on CUDA take the 4-bit GEMV of `triton_group_gemm` (4-bit
-        codes, outputs a multiple of 4, groups a multiple of 128 inputs)."""
-        return self.bits == 4 and self.out_features % 4 == 0 \
-            and self.group_size % (2 * CHUNK) == 0
+        codes, outputs a multiple of 4, groups a multiple of CHUNK inputs: a chunk's two
+        halves in one group)."""
+        return self.bits == 4 and self.out_features % 4 == 0 and self.group_size % CHUNK == 0
 
     def kernel_name(self) -> str:
         """What multiplies it on CUDA, for the startup log."""

@@ -2,9 +2,11 @@
 a min) per group of inputs, decoded in registers tile by tile (the weights are read once, in
 their quantized bytes) and multiplied. Three kernels:
 
-- one-token calls of 4-bit codes in groups of a multiple of 128: a GEMV on the CUDA cores
-  (no tensor-core tile padded from one row), the codes read as int32 words and each nibble
-  made a float by bit operations alone (on the H200 1.14x the few-token kernel below);
+- one-token calls of 4-bit codes in groups of a multiple of 64: a GEMV on the CUDA cores
+  (no tensor-core tile padded from one row), the codes read as int32 words, each nibble
+  made a float by a shift and one LOP3 and multiplied into a sum of its own (no sums
+  exchanged between threads until a group's end); on the H200 1.35x the few-token kernel
+  below, alternated in one run;
 - calls of at most FEW_TOKENS tokens (decode): each program computes a tile of BLOCK_N
   outputs by the call's (up to 32) tokens, as W x^T, so the weights fill the wide side of
   the tensor-core product and the tokens (padded to 16) the narrow one. The inputs are split
@@ -42,6 +44,7 @@ from pagoda.layers.quantization.group_gemm import (
 # least MIN_SPLIT_INPUTS inputs (a sweep on the H200 found this fastest at one token)
 TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
+MIN_SPLIT_ROWS = 32  # the one-token 4-bit kernel's: rows of bytes (two inputs each) a split
 
 
 @triton.jit
@@ -172,70 +175,109 @@ HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
 
 @triton.jit
 def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
-                           count_ptr, N, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                           GROUP: tl.constexpr, HAS_LOW: tl.constexpr, CHUNKS: tl.constexpr,
-                           BLOCK_W: tl.constexpr):
-    """out[n] for one token and 4-bit codes on the CUDA cores (a GEMV: no tensor-core tile
-    padded from one row). The packed bytes are read as int32 words [in / 2, out / 4], byte b
-    of word w holding output 4 w + b; each step covers CHUNKS chunks of 64 inputs, all in one
-    group."""
+                           count_ptr, N, one_bits, SPLIT_ROWS: tl.constexpr, SPLITS: tl.constexpr,
+                           PERIOD: tl.constexpr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out[n] for one token and 4-bit codes in groups of a multiple of CHUNK, on the CUDA
+    cores (a GEMV: no tensor-core tile padded from one row). The packed bytes are read as
+    int32 words [in / 2, out / 4], byte b of word w holding output 4 w + b. A program takes
+    BLOCK_W words over SPLIT_ROWS rows of bytes, ROWS rows a step (one load of the whole
+    [ROWS, BLOCK_W] tile, the next step's load in flight while this one's weights are
+    decoded), in periods of PERIOD rows that lie in one group. Every weight costs one
+    multiply-add into a sum of its own place in the tile; the sums are added across the
+    tile's rows (and threads) once a period, then scaled."""
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     words_per_row = N // 4
     w_ok = w < words_per_row
-    rows = tl.arange(0, CHUNKS * HALF_T)
-    inputs = (rows // HALF_T) * (2 * HALF_T) + rows % HALF_T  # a row's low-nibble input
-    acc0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    acc1, acc2, acc3 = acc0, acc0, acc0
-    first = tl.program_id(1) * K_SPLIT
-    for offset in range(0, K_SPLIT, CHUNKS * 2 * HALF_T):
-        k = first + offset
-        words = tl.load(words_ptr + (k // 2 + rows)[:, None] * words_per_row + w[None, :],
-                        mask=w_ok[None, :], other=0)
-        x_low = tl.load(x_ptr + k + inputs).to(tl.float32)
-        x_high = tl.load(x_ptr + k + HALF_T + inputs).to(tl.float32)
-        acc0 = _byte_sums(acc0, words, 0, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
-                          GROUP, HAS_LOW)
-        acc1 = _byte_sums(acc1, words, 1, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
-                          GROUP, HAS_LOW)
-        acc2 = _byte_sums(acc2, words, 2, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
-                          GROUP, HAS_LOW)
-        acc3 = _byte_sums(acc3, words, 3, x_low, x_high, k, w, w_ok, N, scale_ptr, low_ptr,
-                          GROUP, HAS_LOW)
+    steps = tl.arange(0, ROWS)
+    zeros = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    total0, total1, total2, total3 = zeros, zeros, zeros, zeros
+    tile = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
+    sums0, sums1, sums2, sums3 = tile, tile, tile, tile  # each byte's, this period
+    x_low_sum = tl.zeros((), dtype=tl.float32)  # this period's, times LOW_UNIT
+    x_high_sum = tl.zeros((), dtype=tl.float32)  # times HIGH_UNIT
+    first = tl.program_id(1) * SPLIT_ROWS
+    at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
+    words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
+    for offset in range(0, SPLIT_ROWS, ROWS):
+        row = first + offset
+        at += ROWS * words_per_row
+        following = tl.load(at, mask=w_ok[None, :] & (offset + ROWS < SPLIT_ROWS), other=0,
+                            eviction_policy="evict_first")
+        k = (row // HALF_T) * (2 * HALF_T) + row % HALF_T  # the low nibbles' first input
+        x_low = tl.load(x_ptr + k + steps).to(tl.float32) * LOW_UNIT
+        x_high = tl.load(x_ptr + k + HALF_T + steps).to(tl.float32) * HIGH_UNIT
+        x_low_sum += tl.sum(x_low, axis=0)
+        x_high_sum += tl.sum(x_high, axis=0)
+        sums0 = _nibble_products(sums0, words, 0, x_low[:, None], x_high[:, None], one_bits)
+        sums1 = _nibble_products(sums1, words, 1, x_low[:, None], x_high[:, None], one_bits)
+        sums2 = _nibble_products(sums2, words, 2, x_low[:, None], x_high[:, None], one_bits)
+        sums3 = _nibble_products(sums3, words, 3, x_low[:, None], x_high[:, None], one_bits)
+        words = following
+        if (offset + ROWS) % PERIOD == 0:  # the period's last step: add its sums, scaled
+            group = (row // PERIOD) * PERIOD // HALF_T * (2 * HALF_T) // GROUP
+            offset_sum = x_low_sum + x_high_sum
+            x_sum = x_low_sum / LOW_UNIT + x_high_sum / HIGH_UNIT  # (exact: powers of two)
+            total0 = _scaled(total0, sums0, offset_sum, x_sum, group, 4 * w, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total1 = _scaled(total1, sums1, offset_sum, x_sum, group, 4 * w + 1, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total2 = _scaled(total2, sums2, offset_sum, x_sum, group, 4 * w + 2, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total3 = _scaled(total3, sums3, offset_sum, x_sum, group, 4 * w + 3, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            sums0, sums1, sums2, sums3 = tile, tile, tile, tile
+            x_low_sum = tl.zeros((), dtype=tl.float32)
+            x_high_sum = tl.zeros((), dtype=tl.float32)
     # [BLOCK_W, 4] in output order (n = 4 w + b), flattened
-    total = tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), (4 * BLOCK_W,))
+    total = tl.reshape(tl.join(tl.join(total0, total2), tl.join(total1, total3)),
+                       (4 * BLOCK_W,))
     n = tl.program_id(0) * 4 * BLOCK_W + tl.arange(0, 4 * BLOCK_W)
     _store_split_sums(total, out_ptr, n, n < N, partial_ptr, N, count_ptr, tl.program_id(0),
                       tl.program_id(1), SPLITS)
 
 
+# A byte's two nibbles become floats by bit operations alone: the byte shifted so that its
+# low nibble lies in mantissa bits 15-18 and its high one in bits 19-22, each masked and
+# OR-ed into 1.0's bits (one LOP3: 1.0's bits come as a kernel argument, so they reach the
+# instruction in a register; two immediates would cost two instructions), giving
+# 1 + code / LOW_UNIT and 1 + code / HIGH_UNIT. The activations are scaled up by
+# LOW_UNIT = 256 and HIGH_UNIT = 16 before the products, so that x' (1 + code / unit) =
+# x' + code x: a period's sum is sum code x plus the period's sums of x' (taken off once a
+# period). The products are exact in float32; the offsets cost at most 8 bits of the sums'
+# 24.
+LOW_UNIT: tl.constexpr = tl.constexpr(256.0)
+HIGH_UNIT: tl.constexpr = tl.constexpr(16.0)
+ONE_BITS = 0x3F800000  # float32 1.0
+
+
 @triton.jit
-def _unit_plus_sixteenth(words, bit: tl.constexpr):
-    """The nibble at `bit` of each word as the float 1 + code / 16: the code moved to the top
-    of an exponent-zero mantissa (a shift and one AND-OR, no conversion instruction)."""
-    if bit < 19:
-        moved = words << (19 - bit)
+def _nibble_products(sums, words, byte: tl.constexpr, x_low, x_high, one_bits):
+    """sums + byte `byte`'s products: its low nibble times x_low and its high nibble times
+    x_high (the activations scaled by LOW_UNIT and HIGH_UNIT)."""
+    if byte == 0:
+        moved = words << 15
+    elif byte == 1:
+        moved = words << 7
+    elif byte == 2:
+        moved = words >> 1
     else:
-        moved = words >> (bit - 19)
-    return ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        moved = words >> 9
+    low_units = ((moved & 0x78000) | one_bits).to(tl.float32, bitcast=True)
+    high_units = ((moved & 0x780000) | one_bits).to(tl.float32, bitcast=True)
+    return sums + low_units * x_low + high_units * x_high
 
 
 @triton.jit
-def _byte_sums(acc, words, byte: tl.constexpr, x_low, x_high, k, w, w_ok, N, scale_ptr,
-               low_ptr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr):
-    """acc + this step's sums for outputs 4 w + byte. With S = sum x (1 + code / 16) and
-    X = sum x over a group's inputs, sum x code = 16 (S - X), and the group adds
-    scale * 16 (S - X) + low * X."""
-    n = 4 * w + byte
-    low_part = _unit_plus_sixteenth(words, 8 * byte) * x_low[:, None]
-    high_part = _unit_plus_sixteenth(words, 8 * byte + 4) * x_high[:, None]
-    unit_sums = tl.sum(low_part + high_part, axis=0)
-    x_sum = tl.sum(x_low, axis=0) + tl.sum(x_high, axis=0)
-    group = k // GROUP
-    scale = tl.load(scale_ptr + group * N + n, mask=w_ok, other=0.0).to(tl.float32)
-    acc += 16.0 * scale * (unit_sums - x_sum)
+def _scaled(total, sums, offset_sum, x_sum, group, n, ok, N, scale_ptr, low_ptr,
+            HAS_LOW: tl.constexpr):
+    """total + scale (sums added over the tile's rows - offset_sum) (+ low x_sum): one
+    period's part of outputs n, in `group`."""
+    scale = tl.load(scale_ptr + group * N + n, mask=ok, other=0.0).to(tl.float32)
+    total += scale * (tl.sum(sums, axis=0) - offset_sum)
     if HAS_LOW:
-        acc += tl.load(low_ptr + group * N + n, mask=w_ok, other=0.0).to(tl.float32) * x_sum
-    return acc
+        total += tl.load(low_ptr + group * N + n, mask=ok, other=0.0).to(tl.float32) * x_sum
+    return total
 
 
 @triton.jit
@@ -386,20 +428,38 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
     """Whether a call goes to the one-token 4-bit kernel: one token and a weight it takes
-    (`GroupQuantWeight.has_one_token_kernel`). On the H200, alternated in one run: 92.5
-    against the few-token kernel's 105.5 us per 8B layer in groups of 128; in groups of 32 a
-    first version, with two sums per chunk, was slower than the few-token kernel."""
+    (`GroupQuantWeight.has_one_token_kernel`). On the H200, alternated in one run: 78.0
+    against the few-token kernel's 105.3 us per 8B layer in groups of 128. Groups of 32 (a
+    chunk's halves in two groups, two sums a byte) were no faster than the few-token kernel
+    and stay there."""
     return tokens == 1 and weight.has_one_token_kernel
 
 
-def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int) -> dict[str, int]:
-    """The one-token 4-bit kernel's words per program, chunks per step, input splits and
-    warps (the fastest of `quant_bench.py --sweep-one-token` on the H200: 32 words, two
-    warps, 16 programs per multiprocessor)."""
-    chunks, block_w = 2, 32
-    tiles = triton.cdiv(weight.out_features // 4, block_w)
-    splits = _splits(tiles, weight.in_features, chunks * CHUNK, multiprocessors, 16)
-    return {"BLOCK_W": block_w, "CHUNKS": chunks, "splits": splits, "num_warps": 2}
+def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int, words: int = 32,
+                          rows: int = 16, num_warps: int = 1,
+                          programs_per_sm: int = 8) -> dict[str, int]:
+    """The one-token 4-bit kernel's words per program, rows a step, input splits, periods
+    and warps: about `programs_per_sm` programs per multiprocessor, each over a whole number
+    of steps and of periods (a period lies in one group: a split is a whole number of
+    groups or a whole fraction of one) and at least MIN_SPLIT_ROWS rows. The defaults were
+    the fastest of `quant_bench.py --sweep-one-token` on the H200 (8B layer, groups of 128),
+    or within 3 % of it."""
+    tiles = triton.cdiv(weight.out_features // 4, words)
+    byte_rows = weight.in_features // 2
+    group_rows = weight.group_size // 2
+    target = programs_per_sm * multiprocessors
+    splits = 1
+    for candidate in range(2, byte_rows // MIN_SPLIT_ROWS + 1):
+        split_rows = byte_rows // candidate
+        if byte_rows % candidate or split_rows % rows:
+            continue
+        if split_rows % group_rows and group_rows % split_rows:
+            continue
+        if abs(tiles * candidate - target) < abs(tiles * splits - target):
+            splits = candidate
+    split_rows = byte_rows // splits
+    return {"BLOCK_W": words, "ROWS": rows, "splits": splits, "num_warps": num_warps,
+            "SPLIT_ROWS": split_rows, "PERIOD": min(split_rows, group_rows)}
 
 
 def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
@@ -410,9 +470,8 @@ def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Ten
     _one_token_int4_kernel[grid](
         flat, weight.codes.view(torch.int32), weight.scale,
         weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
-        _split_counters(out.device, grid[0]), weight.out_features,
-        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
-        HAS_LOW=weight.low is not None, **config)
+        _split_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
+        GROUP=weight.group_size, HAS_LOW=weight.low is not None, **config)
 
 
 def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,

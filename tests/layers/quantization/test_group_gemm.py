@@ -30,9 +30,13 @@ MARKER = "GROUP-GEMM-ERRORS "
 # larger one (33-64 tokens: split inputs there too)
 CASES = {
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
-    # one token, groups of a multiple of 128: the one-token 4-bit kernel
+    # one token of 4-bit codes in groups of a multiple of 64: the one-token kernel (outputs
+    # a multiple of 4), splits of whole groups, of a group's part, and a group a row
     "int4-g128-one-token-split": (1, 200, 2048, 128, 4, False, False),
     "int4-g256-one-token": (1, 132, 768, 256, 4, True, False),
+    "int4-g64-one-token-many-words": (1, 1032, 1024, 64, 4, True, False),
+    "int4-per-row-one-token": (1, 8, 640, 640, 4, False, False),
+    "int4-one-token-outputs-not-4s": (1, 98, 256, 128, 4, True, False),
     "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
@@ -135,7 +139,9 @@ def test_the_startup_log_names_the_one_token_gemv_where_calls_take_it():
                                 torch.ones(outputs, inputs // group), None, group, bits)
     assert weight(200, 2048, 128, 4).kernel_name() == \
         "triton group gemm (4-bit codes, groups of 128; one token: a CUDA-core GEMV)"
-    # groups of 32, outputs not a multiple of 4, 8-bit codes: the few-token kernel only
+    assert weight(96, 1024, 64, 4).has_one_token_kernel
+    # groups of 32 (a chunk's halves in two groups), outputs not a multiple of 4, 8-bit
+    # codes: the few-token kernel only
     assert weight(96, 1024, 32, 4).kernel_name() == "triton group gemm (4-bit codes, groups of 32)"
     assert not weight(198, 2048, 128, 4).has_one_token_kernel
     assert weight(200, 2048, 16, 8).kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
@@ -144,6 +150,29 @@ def test_the_startup_log_names_the_one_token_gemv_where_calls_take_it():
     gemv = weight(200, 2048, 128, 4)
     assert takes_one_token_int4(1, gemv) and not takes_one_token_int4(2, gemv)
     assert not takes_one_token_int4(1, weight(96, 1024, 32, 4))
+
+
+@pytest.mark.parametrize(("outputs", "inputs", "group"), [
+    (4096, 14336, 128), (28672, 4096, 128), (6144, 4096, 128), (4096, 4096, 64),
+    (2048, 5632, 64), (512, 4096, 4096), (100, 640, 320), (4, 128, 64)])
+def test_one_token_splits_keep_each_period_in_one_group(outputs, inputs, group):
+    from pagoda.layers.quantization.triton_group_gemm import (
+        MIN_SPLIT_ROWS,
+        one_token_int4_config,
+    )
+    weight = GroupQuantWeight(torch.zeros(4, inputs, dtype=torch.uint8),
+                              torch.ones(4, inputs // group), None, group, 4)
+    weight.out_features = outputs  # only the shape is read
+    config = one_token_int4_config(weight, 132)
+    rows, split_rows, period = inputs // 2, config["SPLIT_ROWS"], config["PERIOD"]
+    group_rows = group // 2
+    assert split_rows * config["splits"] == rows
+    assert split_rows % period == 0 and period % config["ROWS"] == 0
+    assert group_rows % period == 0  # a period never crosses a group
+    assert split_rows >= MIN_SPLIT_ROWS or config["splits"] == 1
+    tiles = -(-outputs // 4 // config["BLOCK_W"])
+    if tiles * 2 <= 8 * 132 and rows // group_rows >= 4:  # room to split: it does
+        assert config["splits"] > 1
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -253,14 +282,16 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)})
 
 
-def test_the_one_token_int4_kernel_compiles_for_hopper():
+@pytest.mark.parametrize("group", [128, 4096])
+def test_the_one_token_int4_kernel_compiles_for_hopper(group):
     from pagoda.layers.quantization.triton_group_gemm import _one_token_int4_kernel
     from tests.lora.test_triton_ops import _compile_for_hopper
     _compile_for_hopper(_one_token_int4_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
-        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32"}, {
-        "K_SPLIT": 512, "SPLITS": 4, "GROUP": 128, "HAS_LOW": True, "CHUNKS": 2,
-        "BLOCK_W": 32})
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
+        "one_bits": "i32"}, {
+        "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group // 2, 256), "GROUP": group,
+        "HAS_LOW": True, "ROWS": 16, "BLOCK_W": 32})
 
 
 def test_fp8_rows_compiles_for_hopper():
