@@ -209,13 +209,14 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
         x_high = tl.load(x_ptr + k + HALF_T + steps).to(tl.float32) * HIGH_UNIT
         x_low_sum += tl.sum(x_low, axis=0)
         x_high_sum += tl.sum(x_high, axis=0)
-        sums0 = _nibble_products(sums0, words, 0, x_low[:, None], x_high[:, None], one_bits)
-        sums1 = _nibble_products(sums1, words, 1, x_low[:, None], x_high[:, None], one_bits)
-        sums2 = _nibble_products(sums2, words, 2, x_low[:, None], x_high[:, None], one_bits)
-        sums3 = _nibble_products(sums3, words, 3, x_low[:, None], x_high[:, None], one_bits)
+        x_low, x_high = x_low[:, None], x_high[:, None]
+        sums0 = _nibble_products(sums0, words, 0, x_low, x_high, one_bits)
+        sums1 = _nibble_products(sums1, words, 1, x_low, x_high, one_bits)
+        sums2 = _nibble_products(sums2, words, 2, x_low, x_high, one_bits)
+        sums3 = _nibble_products(sums3, words, 3, x_low, x_high, one_bits)
         words = following
         if (offset + ROWS) % PERIOD == 0:  # the period's last step: add its sums, scaled
-            group = (row // PERIOD) * PERIOD // HALF_T * (2 * HALF_T) // GROUP
+            group = row // (GROUP // 2)  # GROUP / 2 rows a group, chunk after chunk
             offset_sum = x_low_sum + x_high_sum
             x_sum = x_low_sum / LOW_UNIT + x_high_sum / HIGH_UNIT  # (exact: powers of two)
             total0 = _scaled(total0, sums0, offset_sum, x_sum, group, 4 * w, w_ok, N,
