@@ -178,10 +178,11 @@ class Worker:
         return kv.numel() * kv.element_size()
 
     def capture_cuda_graphs(self) -> bool:
-        """Capture decode steps on CUDA with a graph-safe backend, unless told not to."""
+        """Capture decode steps on CUDA with a graph-safe backend, unless told not to (a
+        pipeline stage captures its own layers; the transfers stay outside the graphs)."""
         engine = self.config.engine
         if self.device.type != "cuda" or engine.enforce_eager \
-                or self.runner.backend.name != "triton" or self.stage.count > 1:
+                or self.runner.backend.name != "triton":
             return False
         self.runner.capture_cuda_graphs(engine.scheduler.max_num_seqs, self.config.max_model_len)
         return True

@@ -93,7 +93,8 @@ class ModelRunner:
             self.lora.state.active = True  # the graphs must hold the adapter kernels
         self.graphs = CudaGraphRunner(self.model, self.backend, self.config.block_size,
                                       max_num_seqs, max_model_len, hidden, self.config.dtype,
-                                      self.config.device, len(self.kv_layout.groups))
+                                      self.config.device, len(self.kv_layout.groups),
+                                      self.model.stage)
         self.graphs.capture()
         self._graph_shape = (max_num_seqs, max_model_len)
         self._graph_addresses = self._addresses()
@@ -266,20 +267,20 @@ class ModelRunner:
     def _forward(self, step: StepBatch) -> torch.Tensor | None:
         """The step's hidden states; on a pipeline stage, the previous stage's activations
         come in first, and a stage before the last sends its own on and returns None."""
-        if self.graphs is not None and self.graphs.can_run(step.attn):  # LoRA always in
-            return self.graphs.run(step.input_ids, step.positions, step.kv_groups)
-        metadata = self.backend.build_group_metadata(step.kv_groups.metadata)
         stage = self.model.stage
-        if stage.count == 1:
-            return self.model(step.input_ids, step.positions, metadata)
         intermediate = None
         if not stage.is_first:
             shape = (step.input_ids.shape[0], self.model.config.hidden_size)
             intermediate = stage.receive(shape, self.config.dtype, self.config.device, 2)
-        out = self.model(step.input_ids, step.positions, metadata, intermediate)
+        if self.graphs is not None and self.graphs.can_run(step.attn):  # LoRA always in
+            out = self.graphs.run(step.input_ids, step.positions, step.kv_groups, intermediate)
+        else:
+            metadata = self.backend.build_group_metadata(step.kv_groups.metadata)
+            out = self.model(step.input_ids, step.positions, metadata,
+                             *(() if intermediate is None else (intermediate,)))
         if stage.is_last:
             return out
-        stage.send(out)
+        stage.send(out)  # its transfer is ordered before the stream's later work
         return None
 
     def _sample(self, launched: LaunchedStep, grammar_bitmask: torch.Tensor | None) -> None:
