@@ -21,6 +21,7 @@ from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
 from pagoda.layers.quantization.gguf_blocks import byte_groups, dequantize_rows
 from pagoda.layers.quantization.group_gemm import FEW_TOKENS, FP8, GroupQuantWeight
 from pagoda.layers.quantization.triton_group_gemm import group_gemm
+from pagoda.layers.tile_counters import nonzero_counters
 from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
 from tests.models.test_gguf_quantized import UNTIED, write_typed_gguf, write_untied_gguf
@@ -142,7 +143,6 @@ def test_split_sums_are_the_same_on_every_call(layout, tokens):
     """Split inputs are added by whichever program of a tile finishes last, in split order:
     repeated calls (shapes with many splits, interleaved) give identical bits, and the
     counters are back at zero after."""
-    from pagoda.layers.quantization.triton_group_gemm import _COUNTERS
     calls = []
     for outputs, inputs in (*SHAPES.values(), (28672, 4096), (4096, 4096)):
         weight = random_weight(outputs, inputs, *LAYOUTS[layout])
@@ -152,7 +152,7 @@ def test_split_sums_are_the_same_on_every_call(layout, tokens):
         for (x, weight), expected in zip(calls, first):
             assert torch.equal(group_gemm(x, weight), expected)
     torch.cuda.synchronize()
-    assert all(int(c.count_nonzero()) == 0 for held in _COUNTERS.values() for c in held)
+    assert nonzero_counters() == 0
 
 
 def engine(path, dtype: str = "float32", **options) -> LLM:

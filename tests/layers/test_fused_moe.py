@@ -23,9 +23,11 @@ from tests.layers.moe_cases import random_moe
 
 MARKER = "MOE-RESULTS "
 # (tokens, experts, top_k, hidden, inter, drop_experts): decode and prefill-like blocks,
-# an intermediate size that is not a power of two, an expert range
+# an intermediate size that is not a power of two, an expert range; up to MAX_SUMMED_TOKENS
+# (8) tokens the down GEMM adds each token's rows itself, past it a torch reduction does
 INTERPRETED_CASES = [(1, 8, 2, 32, 48, False), (7, 4, 4, 64, 16, False),
-                     (40, 8, 2, 32, 32, False), (9, 8, 3, 32, 16, True), (5, 8, 1, 32, 16, False)]
+                     (40, 8, 2, 32, 32, False), (9, 8, 3, 32, 16, True), (5, 8, 1, 32, 16, False),
+                     (3, 8, 3, 32, 16, True), (8, 8, 2, 96, 16, False)]
 # the layer from router logits: (tokens, experts, top_k, hidden, inter, renormalize,
 # first local expert, local experts)
 ROUTED_CASES = [(1, 8, 2, 32, 48, True, 0, None), (20, 6, 3, 32, 16, False, 0, None),
@@ -125,9 +127,10 @@ def test_triton_kernels_match_torch_under_the_interpreter():
         "from pagoda.layers.moe.triton_moe import align_to_experts\n"
         "ids = torch.tensor([[3, 1], [1, 0], [3, 1]], dtype=torch.int32)\n"
         "b = align_to_experts(ids, 4, 4)\n"
+        "from pagoda.layers.tile_counters import nonzero_counters\n"
         f"print({MARKER!r} + json.dumps({{'errors': errors, "
         "'sorted': b.sorted_ids.tolist(), 'experts': b.expert_ids.tolist(), "
-        "'padded': b.num_padded.item()}))\n")
+        "'padded': b.num_padded.item(), 'counters': nonzero_counters()}))\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
@@ -136,6 +139,7 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     result = json.loads(line[len(MARKER):])
     assert len(result["errors"]) == len(INTERPRETED_CASES) + len(ROUTED_CASES)
     assert max(result["errors"]) < 1e-5, result["errors"]
+    assert result["counters"] == 0  # every summing launch reset its tiles' counters
     # assignments t * 2 + j: expert 0 has 3; expert 1 has 1, 2, 5; expert 3 has 0, 4
     assert result["padded"] == 12
     assert result["experts"][:3] == [0, 1, 3] and set(result["experts"][3:]) <= {-1}

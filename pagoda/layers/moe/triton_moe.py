@@ -1,6 +1,7 @@
 """The experts on GPU: tokens grouped by expert, then one grouped GEMM for gate/up (with the
 SiLU-and-mul fused into its epilogue) and one for down (with the routing weight fused), and
-the top-k rows of each token summed.
+the top-k rows of each token summed (for a few tokens, by the down GEMM's last program of
+each output tile: no launch of its own).
 
 Grouping ("alignment"): each (token, slot) assignment gets a row in a list sorted by expert,
 each expert's rows padded to a multiple of BLOCK_M, so that every BLOCK_M-row block of the
@@ -26,6 +27,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagoda.layers.tile_counters import tile_counters
+
+# calls of at most this many tokens add each token's top-k rows inside the down GEMM
+MAX_SUMMED_TOKENS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,28 +298,46 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
-                     num_assignments, N: tl.constexpr, K: tl.constexpr,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, sum_ptr,
+                     count_ptr, num_assignments, num_blocks, N: tl.constexpr, K: tl.constexpr,
                      A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
 
     A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
     B holds gate rows [0, N) and up rows [N, 2N); C gets silu(gate) * up. MUL_WEIGHT: each
-    row is scaled by its assignment's routing weight."""
+    row is scaled by its assignment's routing weight. SUM_TOP_K (> 0): C's rows are each
+    token's SUM_TOP_K assignments in turn, and the last of the num_blocks programs of an N
+    tile to finish adds them into sum_ptr [tokens, N] (at most SUM_TOKENS tokens)."""
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
     expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
+    if SUM_TOP_K == 0:
+        if expert < 0:
+            return
+    if expert >= 0:  # (with SUM_TOP_K, a block past the real rows still counts itself done)
+        _expert_block(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, pid_m, offs_n,
+                      n_ok, num_assignments, N, K, A_ROW_DIV, GATED, MUL_WEIGHT, BLOCK_M,
+                      BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if SUM_TOP_K > 0:
+        _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n, num_assignments // SUM_TOP_K,
+                        num_blocks, offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
+
+
+@triton.jit
+def _expert_block(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, pid_m, offs_n, n_ok,
+                  num_assignments, N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
+                  GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Block pid_m's rows of C, columns offs_n, for `expert` (see _moe_gemm_kernel)."""
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < num_assignments
     a_rows = (rows // A_ROW_DIV).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     b_base = b_ptr + expert.to(tl.int64) * (N * (2 if GATED else 1) * K)
     a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
@@ -340,17 +364,44 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _sum_top_k_last(c_ptr, sum_ptr, counter_ptr, tokens, num_blocks, offs_n, n_ok,
+                    N: tl.constexpr, TOP_K: tl.constexpr, TOKENS: tl.constexpr):
+    """Count this program done on its N tile's counter; the last of the tile's num_blocks
+    programs adds each token's TOP_K rows of C (stored, rounded, by all of them) in float32
+    into sum_ptr, and resets the counter for the next launch."""
+    tl.debug_barrier()  # every thread's rows stored before the count
+    if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == num_blocks - 1:
+        t = tl.arange(0, TOKENS)
+        mask = (t < tokens)[:, None] & n_ok[None, :]
+        first = (t * TOP_K).to(tl.int64)[:, None] * N + offs_n[None, :]
+        total = tl.load(c_ptr + first, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        for j in tl.static_range(1, TOP_K):
+            total += tl.load(c_ptr + first + j * N, mask=mask, other=0.0,
+                             cache_modifier=".cg").to(tl.float32)
+        tl.store(sum_ptr + t[:, None] * N + offs_n[None, :],
+                 total.to(sum_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: ExpertBlocks,
                   weights: torch.Tensor | None, a_row_div: int, gated: bool,
-                  config: MoEConfig) -> None:
+                  config: MoEConfig, sums: torch.Tensor | None = None) -> None:
+    """`sums` [tokens, N]: each token's rows of `out` added there too, in the same launch."""
     n, k = out.shape[1], a.shape[1]
     block_n = config.block_n // 2 if gated else config.block_n  # two accumulators
     wide = a.dtype == torch.float32  # twice the shared memory per stage
-    grid = (blocks.expert_ids.numel() * triton.cdiv(n, block_n),)
+    n_tiles = triton.cdiv(n, block_n)
+    grid = (blocks.expert_ids.numel() * n_tiles,)
+    counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out, blocks.sorted_ids,
-        blocks.expert_ids, out.shape[0], N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
-        MUL_WEIGHT=weights is not None, BLOCK_M=config.block_m, BLOCK_N=block_n,
+        blocks.expert_ids, sums if sums is not None else out, counters, out.shape[0],
+        blocks.expert_ids.numel(), N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
+        MUL_WEIGHT=weights is not None,
+        SUM_TOP_K=0 if sums is None else out.shape[0] // sums.shape[0],
+        SUM_TOKENS=1 if sums is None else triton.next_power_of_2(sums.shape[0]),
+        BLOCK_M=config.block_m, BLOCK_N=block_n,
         BLOCK_K=max(16, min(config.block_k, triton.next_power_of_2(k))),
         DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
         num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
@@ -361,7 +412,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      config: MoEConfig | None = None, partial: bool = False) -> torch.Tensor:
     """The same sum as fused_moe_native, given the routing: four small launches to group
-    the assignments, two grouped GEMMs and the top-k sum. `partial`: some ids are -1
+    the assignments, two grouped GEMMs and the top-k sum (in the second for a few tokens). `partial`: some ids are -1
     (experts on other ranks), whose rows add nothing."""
     tokens, top_k = topk_ids.shape
     config = config or moe_config(tokens, top_k, w13.shape[0])
@@ -395,8 +446,12 @@ def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     alloc = torch.zeros if partial else torch.empty
     down = alloc(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _grouped_gemm(act, w2, down, blocks, weights, 1, False, config)
+    # few tokens (decode): the down GEMM's last program of each tile adds the top-k rows,
+    # saving a launch; more: one torch reduction (which also adds in float32)
+    sums = None
+    if 1 < top_k and tokens <= MAX_SUMMED_TOKENS:
+        sums = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    _grouped_gemm(act, w2, down, blocks, weights, 1, False, config, sums)
     if top_k == 1:
         return down
-    # one reduction kernel; torch accumulates 16-bit sums in float32
-    return down.view(tokens, top_k, hidden).sum(dim=1)
+    return sums if sums is not None else down.view(tokens, top_k, hidden).sum(dim=1)

@@ -38,6 +38,7 @@ from pagoda.layers.quantization.group_gemm import (
     SMALL_M,
     GroupQuantWeight,
 )
+from pagoda.layers.tile_counters import tile_counters
 
 # few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
 # into about TARGET_PROGRAMS programs per streaming multiprocessor, each split covering at
@@ -418,7 +419,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     float8 = weight.codes.dtype == FP8
     _few_tokens_kernel[grid](
         flat, weight.codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, _partials(out, splits), _split_counters(out.device, grid[0] * grid[1]), tokens,
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, weight.in_features, flat.stride(0),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, FLOAT8=float8,
@@ -471,7 +472,7 @@ def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Ten
     _one_token_int4_kernel[grid](
         flat, weight.codes.view(torch.int32), weight.scale,
         weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
-        _split_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
+        tile_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
         GROUP=weight.group_size, HAS_LOW=weight.low is not None, **config)
 
 
@@ -485,7 +486,7 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
     codes = weight.codes_by_input()
     _group_gemm_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, _partials(out, splits), _split_counters(out.device, grid[0] * grid[1]), tokens,
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), codes.stride(0), codes.stride(1),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, STEP=_step(weight), HAS_LOW=weight.low is not None,
@@ -495,21 +496,6 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
 
 # every counter set ever handed out, per device: a captured CUDA graph keeps the address of
 # the one it was captured with, so none may be freed (they are a few KiB)
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile, for the kernel's in-kernel reduction of
-    split inputs; every launch leaves them zero again, so one set per device serves every
-    layer of a stream. A larger call gets a larger set; a call under CUDA-graph capture
-    that needs a new one gets it from the graph's memory, zeroed in the graph."""
-    held = _COUNTERS.setdefault(device, [])
-    if held and held[-1].numel() >= tiles:
-        return held[-1]
-    held.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 @triton.jit
 def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
                      BLOCK_K: tl.constexpr):

@@ -23,6 +23,7 @@ from pagoda.layers.quantization.group_gemm import (
     supports,
     unpack_int4_halves,
 )
+from pagoda.layers.tile_counters import nonzero_counters
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). Up to 32 tokens
@@ -87,14 +88,8 @@ def kernel_errors() -> dict[str, float]:
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
     errors["fp8-rows"] = fp8_rows_error(generator)
-    errors["split-counters-left-nonzero"] = float(split_counters_left())
+    errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
-
-
-def split_counters_left() -> int:
-    """How many of the kernel's split counters are not back at zero."""
-    from pagoda.layers.quantization.triton_group_gemm import _COUNTERS
-    return sum(int(counters.count_nonzero()) for held in _COUNTERS.values() for counters in held)
 
 
 # cases run again with float16 activations (relative error of the whole product, float16
