@@ -2,8 +2,8 @@
 size, measured in one run (default shape: Qwen3-30B-A3B's, hidden 2048, 128 experts of 768,
 top 8; the dense layer has intermediate 8 x 768).
 
-For each token count: the MoE layer (router matmul, top-k, grouping, both grouped GEMMs, the
-top-k sum) and the dense layer (cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in
+For each token count: the MoE layer as the models run it (`FusedMoE.forward_with_router`: the
+router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the dense layer (cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in
 a CUDA graph (triton.testing.do_bench_cudagraph medians); their ratio; the expert bytes the
 MoE layer must read (the distinct experts its tokens picked) over its time, as a fraction of
 the device-copy bandwidth measured in the same run. `--profile N` prints the kernel table of
@@ -25,6 +25,7 @@ from triton.testing import do_bench_cudagraph
 
 from pagoda.bench.roofline import measure_ceilings
 from pagoda.layers.fused import silu_and_mul
+from pagoda.layers.linear import ReplicatedLinear
 from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.moe.triton_moe import moe_config
 
@@ -39,8 +40,9 @@ def moe_layer(hidden: int, inter: int, experts: int, top_k: int):
     layer = FusedMoE(experts, top_k, hidden, inter, renormalize=True).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(layer.gate_up_proj, std=hidden ** -0.5)
     torch.nn.init.normal_(layer.down_proj, std=inter ** -0.5)
-    router = torch.randn(experts, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
-    return lambda x: layer(x, F.linear(x, router))
+    router = ReplicatedLinear(hidden, experts).cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(router.weight, std=0.02)
+    return lambda x: layer.forward_with_router(x, router)
 
 
 def dense_layer(hidden: int, inter: int):

@@ -39,7 +39,7 @@ class SparseMoeBlock(nn.Module):
                                 moe_intermediate_size(config), renormalize, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x))
+        return self.experts.forward_with_router(x, self.gate)
 
 
 class MoeForCausalLM(CausalLM):

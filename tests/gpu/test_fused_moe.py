@@ -1,20 +1,30 @@
 """The Triton MoE kernel against the torch reference at real widths, bf16: token counts
 1...8192, expert counts 8...128, top-k 1...8; an expert range (expert parallelism); the
-whole layer (router + kernel); the kernel captured in a CUDA graph against eager
-(device only)."""
+whole layer (router + kernel), from the router's logits and, for decode batches, from the
+router's weights (its product in the routing launch); the kernel captured in a CUDA graph
+against eager (device only)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pagoda.layers.linear import ReplicatedLinear
+from pagoda.layers.moe import triton_moe
+from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.moe.native import fused_moe_native
-from pagoda.layers.moe.triton_moe import fused_moe_routed, fused_moe_triton
+from pagoda.layers.moe.triton_moe import (
+    fused_moe_from_router,
+    fused_moe_routed,
+    fused_moe_triton,
+)
 from tests.layers.moe_cases import (
     distinct_logits,
     kernel_error,
     random_moe,
     routed_error,
+    router_error,
+    router_for,
 )
 
 BF16_TOL = 2e-2  # relative to 1 + max |reference|: bf16 rows, float32 accumulation
@@ -99,4 +109,62 @@ def test_cuda_graph_of_the_routed_layer_replays_like_eager(tokens):
         x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
         graph.replay()
         torch.testing.assert_close(captured, fused_moe_routed(x, logits, w13, w2, 8, True),
+                                   rtol=0, atol=0)
+
+
+ROUTER = [(1, 128, 8, True, 0, None), (7, 128, 8, True, 0, None), (16, 128, 8, True, 32, 32),
+          (16, 8, 2, False, 0, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize", "start", "local"), ROUTER)
+def test_layer_from_the_router_weights_matches_the_torch_path(dtype, tokens, experts, top_k,
+                                                              renormalize, start, local,
+                                                              gpu_report):
+    """The router's product, routing and grouping in one launch, then the experts, against
+    the torch path on the logits the product gives."""
+    error = router_error(tokens, experts, top_k, *QWEN3_30B, renormalize, dtype, "cuda",
+                         start, local)
+    gpu_report(tokens=tokens, experts=experts, top_k=top_k, shape="router weights",
+               dtype=str(dtype).removeprefix("torch."), error=error)
+    assert error < (1e-4 if dtype == torch.float32 else BF16_TOL)
+
+
+def test_the_layer_takes_the_router_launch_for_decode_batches_only(monkeypatch):
+    """FusedMoE.forward_with_router: up to ONE_PROGRAM_TOKENS tokens through the one
+    launch, more through the router layer's logits; both equal the layer on those logits."""
+    hidden, inter = QWEN3_30B
+    layer = FusedMoE(128, 8, hidden, inter, True).to(device="cuda", dtype=torch.bfloat16)
+    router = ReplicatedLinear(hidden, 128).to(device="cuda", dtype=torch.bfloat16)
+    _, w13, w2, _, _ = random_moe(1, 128, 8, hidden, inter, torch.bfloat16, "cuda")
+    layer.gate_up_proj.data.copy_(w13)
+    layer.down_proj.data.copy_(w2)
+    launches = []
+    real = triton_moe.route_from_router
+    monkeypatch.setattr(triton_moe, "route_from_router",
+                        lambda *a: launches.append(a[0].shape[0]) or real(*a))
+    for tokens in (1, 16, 17):
+        x = random_moe(tokens, 128, 8, hidden, inter, torch.bfloat16, "cuda", seed=tokens)[0]
+        logits = distinct_logits(tokens, 128, torch.bfloat16, "cuda", seed=tokens)
+        router.weight.data.copy_(router_for(logits, x))
+        torch.testing.assert_close(layer.forward_with_router(x, router), layer(x, logits),
+                                   rtol=0, atol=0)
+    assert launches == [1, 16]
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_graph_of_the_router_launch_replays_like_eager(tokens):
+    x, w13, w2, _, _ = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
+    router = router_for(distinct_logits(tokens, 128, torch.bfloat16, "cuda"), x)
+    fused_moe_from_router(x, router, w13, w2, 8, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe_from_router(x, router, w13, w2, 8, True)
+    for seed in (1, 2):
+        x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
+        router.copy_(router_for(distinct_logits(tokens, 128, torch.bfloat16, "cuda",
+                                                seed=seed), x))
+        graph.replay()
+        torch.testing.assert_close(captured, fused_moe_from_router(x, router, w13, w2, 8, True),
                                    rtol=0, atol=0)

@@ -69,3 +69,37 @@ def routed_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
     ref = layer.forward_native(x.float(), logits.float()) if dtype == torch.float32 else \
         layer.float().forward_native(x.float(), logits.float())
     return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()
+
+
+def router_for(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x with its first `tokens` inputs made one-hot, and router weights [experts, hidden]
+    whose product with it is exactly `logits` (every other input meets a zero weight)."""
+    tokens, experts = logits.shape
+    x[:, :tokens] = torch.eye(tokens, dtype=x.dtype, device=x.device)
+    router = torch.zeros(experts, x.shape[1], dtype=x.dtype, device=x.device)
+    router[:, :tokens] = logits.t()
+    return router
+
+
+def router_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                 renormalize: bool, dtype: torch.dtype, device: str,
+                 expert_start: int = 0, local_experts: int | None = None) -> float:
+    """The layer from the hidden states and the router's weights (the router's product,
+    routing and grouping in one launch, then the experts) against the torch path on the
+    logits that product gives exactly."""
+    from pagoda.layers.moe.layer import ExpertRange, FusedMoE
+    from pagoda.layers.moe.triton_moe import fused_moe_from_router
+    x, w13, w2, _, _ = random_moe(tokens, experts, top_k, hidden, inter, dtype, device)
+    logits = distinct_logits(tokens, experts, dtype, device)
+    router = router_for(logits, x)
+    placement = ExpertRange(experts, expert_start, local_experts)
+    local = slice(expert_start, expert_start + placement.local)
+    ours = fused_moe_from_router(x, router, w13[local].contiguous(), w2[local].contiguous(),
+                                 top_k, renormalize, expert_start,
+                                 partial=not placement.whole).float()
+    layer = FusedMoE(experts, top_k, hidden, inter, renormalize, experts=placement)
+    layer = layer.to(device=device, dtype=torch.float32)
+    layer.gate_up_proj.data.copy_(w13[local])
+    layer.down_proj.data.copy_(w2[local])
+    ref = layer.forward_native(x.float(), logits.float())
+    return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()

@@ -32,6 +32,10 @@ INTERPRETED_CASES = [(1, 8, 2, 32, 48, False), (7, 4, 4, 64, 16, False),
 # first local expert, local experts)
 ROUTED_CASES = [(1, 8, 2, 32, 48, True, 0, None), (20, 6, 3, 32, 16, False, 0, None),
                 (9, 8, 3, 32, 16, True, 4, 4), (9, 8, 8, 32, 16, True, 2, 3)]
+# the layer from the hidden states and the router's weights (the same columns; the hidden
+# size a multiple of the router launch's 128-input split, two splits here)
+ROUTER_CASES = [(1, 8, 2, 256, 48, True, 0, None), (16, 6, 3, 256, 16, False, 0, None),
+                (9, 8, 3, 128, 16, True, 4, 4)]
 
 
 def per_token_loop(x, w13, w2, weights, ids):
@@ -124,6 +128,8 @@ def test_triton_kernels_match_torch_under_the_interpreter():
         "for t, e, k, h, i, drop in cases]\n"
         "from tests.layers.moe_cases import routed_error\n"
         f"errors += [routed_error(*c[:6], torch.float32, 'cpu', *c[6:]) for c in {ROUTED_CASES!r}]\n"
+        "from tests.layers.moe_cases import router_error\n"
+        f"errors += [router_error(*c[:6], torch.float32, 'cpu', *c[6:]) for c in {ROUTER_CASES!r}]\n"
         "from pagoda.layers.moe.triton_moe import align_to_experts\n"
         "ids = torch.tensor([[3, 1], [1, 0], [3, 1]], dtype=torch.int32)\n"
         "b = align_to_experts(ids, 4, 4)\n"
@@ -137,7 +143,8 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(li for li in run.stdout.splitlines() if li.startswith(MARKER))
     result = json.loads(line[len(MARKER):])
-    assert len(result["errors"]) == len(INTERPRETED_CASES) + len(ROUTED_CASES)
+    assert len(result["errors"]) == \
+        len(INTERPRETED_CASES) + len(ROUTED_CASES) + len(ROUTER_CASES)
     assert max(result["errors"]) < 1e-5, result["errors"]
     assert result["counters"] == 0  # every summing launch reset its tiles' counters
     # assignments t * 2 + j: expert 0 has 3; expert 1 has 1, 2, 5; expert 3 has 0, 4

@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from pagoda.layers.custom_op import DeviceDispatch
-from pagoda.layers.linear import copy_checked, new_parameter
+from pagoda.layers.linear import (
+    LinearBase,
+    UnquantizedLinearMethod,
+    copy_checked,
+    new_parameter,
+)
 from pagoda.layers.moe.native import fused_moe_native
 from pagoda.layers.moe.router import select_experts
 from pagoda.layers.parallel import SINGLE, ParallelGroup
@@ -138,6 +143,20 @@ class FusedMoE(DeviceDispatch):
         weights, ids = self.route(router_logits)
         out = fused_moe_native(x, self.gate_up_proj, self.down_proj, weights, ids)
         return self.group.all_reduce(out)
+
+    def forward_with_router(self, x: torch.Tensor, router: LinearBase) -> torch.Tensor:
+        """The layer from the hidden states and the router layer. On CUDA a decode batch
+        with an unquantized router (x's dtype, no bias) takes the router's product in the
+        routing launch; otherwise the router's logits come first."""
+        if x.is_cuda and type(router.method) is UnquantizedLinearMethod \
+                and router.bias is None and router.weight.dtype == x.dtype:
+            from pagoda.layers.moe import triton_moe
+            if triton_moe.takes_router(x.shape[0], x.shape[1]):
+                out = triton_moe.fused_moe_from_router(
+                    x, router.weight, self.gate_up_proj, self.down_proj, self.top_k,
+                    self.renormalize, self.placement.start, partial=not self.placement.whole)
+                return self.group.all_reduce(out)
+        return self(x, router(x))
 
     def forward_cuda(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.moe.triton_moe import fused_moe_routed

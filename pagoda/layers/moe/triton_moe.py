@@ -235,7 +235,67 @@ def _route_align_one_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_
                             BLOCK_K: tl.constexpr, BLOCK_LE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     """Decode batches (all tokens in one program): zero the counts, route and count, pad,
-    scatter, in one launch instead of four; barriers order the phases within the block."""
+    scatter, in one launch instead of four."""
+    _route_align_one(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, starts_ptr,
+                     expert_ids_ptr, num_padded_ptr, sorted_ids_ptr, n_tokens, stride_t,
+                     expert_start, n_blocks, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE,
+                     BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_LE, BLOCK_M, BLOCK_B)
+
+
+@triton.jit
+def _router_route_align_kernel(x_ptr, router_ptr, partial_ptr, count_ptr, logits_ptr,
+                               weights_ptr, ids_ptr, counts_ptr, ranks_ptr, starts_ptr,
+                               expert_ids_ptr, num_padded_ptr, sorted_ids_ptr, n_tokens,
+                               stride_x, expert_start, n_blocks, K: tl.constexpr,
+                               K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                               LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+                               RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_LE: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_B: tl.constexpr):
+    """Decode batches from the hidden states: each of SPLITS programs multiplies K_SPLIT of
+    the inputs by the router's weights [NUM_EXPERTS, K] and stores its float32 part of the
+    logits; the last to finish adds the parts in split order, rounds the logits to x's
+    dtype (as the router's own product would), and routes and groups as
+    _route_align_one_kernel does."""
+    split = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    k = split * K_SPLIT + tl.arange(0, K_SPLIT)
+    x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :], mask=(t < n_tokens)[:, None],
+                other=0.0)
+    w = tl.load(router_ptr + e[:, None] * K + k[None, :], mask=(e < NUM_EXPERTS)[:, None],
+                other=0.0)
+    part = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    at = t[:, None] * BLOCK_E + e[None, :]
+    tl.store(partial_ptr + split * (BLOCK_T * BLOCK_E) + at, part)
+    tl.debug_barrier()  # every thread's part stored before the count
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLITS - 1:
+        total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            total += tl.load(partial_ptr + s * (BLOCK_T * BLOCK_E) + at, cache_modifier=".cg")
+        tl.store(logits_ptr + t[:, None] * NUM_EXPERTS + e[None, :],
+                 total.to(logits_ptr.dtype.element_ty),
+                 mask=(t < n_tokens)[:, None] & (e < NUM_EXPERTS)[None, :])
+        tl.debug_barrier()
+        _route_align_one(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, starts_ptr,
+                         expert_ids_ptr, num_padded_ptr, sorted_ids_ptr, n_tokens, NUM_EXPERTS,
+                         expert_start, n_blocks, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K,
+                         RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_LE, BLOCK_M, BLOCK_B)
+        tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
+def _route_align_one(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, starts_ptr,
+                     expert_ids_ptr, num_padded_ptr, sorted_ids_ptr, n_tokens, stride_t,
+                     expert_start, n_blocks, NUM_EXPERTS: tl.constexpr,
+                     LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+                     RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_LE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_B: tl.constexpr):
+    """Zero the counts, route and count, pad, scatter, all tokens in this program; barriers
+    order the phases within the block."""
     local_experts = tl.arange(0, BLOCK_LE)
     tl.store(counts_ptr + local_experts, tl.zeros_like(local_experts),
              mask=local_experts < LOCAL_EXPERTS)
@@ -262,6 +322,47 @@ def _block(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+@dataclass(frozen=True, slots=True)
+class _Routing:
+    """The outputs of routing `tokens` tokens, and the one-program kernels' work buffers."""
+
+    weights: torch.Tensor  # [tokens, top_k] float32
+    ids: torch.Tensor  # [tokens, top_k] int32, local (-1: another rank's expert)
+    ranks: torch.Tensor  # [tokens * top_k] int32
+    counts: torch.Tensor  # [local experts] int32
+    starts: torch.Tensor
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+
+    @classmethod
+    def empty(cls, tokens: int, top_k: int, local_experts: int, block_m: int,
+              device: torch.device) -> _Routing:
+        n_blocks = max_blocks(tokens * top_k, local_experts, block_m)
+
+        def ints(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=torch.int32, device=device)
+        return cls(torch.empty(tokens, top_k, dtype=torch.float32, device=device),
+                   ints(tokens, top_k), ints(tokens * top_k), ints(local_experts),
+                   ints(local_experts), ints(n_blocks * block_m), ints(n_blocks), ints(1))
+
+    def one_program_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.weights, self.ids, self.counts, self.ranks, self.starts, self.expert_ids,
+                self.num_padded, self.sorted_ids)
+
+    def blocks(self, block_m: int) -> ExpertBlocks:
+        return ExpertBlocks(self.sorted_ids, self.expert_ids, self.num_padded, block_m)
+
+
+def _route_constants(tokens: int, num_experts: int, local_experts: int, top_k: int,
+                     renormalize: bool, block_m: int, n_blocks: int, min_block: int = 2) -> dict:
+    """The one-program routing's compile-time constants (tiles of at least min_block)."""
+    return {"NUM_EXPERTS": num_experts, "LOCAL_EXPERTS": local_experts, "TOP_K": top_k,
+            "RENORMALIZE": renormalize, "BLOCK_T": max(min_block, _block(tokens)),
+            "BLOCK_E": max(min_block, _block(num_experts)), "BLOCK_K": _block(top_k),
+            "BLOCK_LE": _block(local_experts), "BLOCK_M": block_m, "BLOCK_B": _block(n_blocks)}
+
+
 def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                      expert_start: int, local_experts: int,
                      block_m: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBlocks]:
@@ -270,31 +371,64 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     larger ones four (zeroed counts, route and count, pad, scatter)."""
     tokens, num_experts = router_logits.shape
     device = router_logits.device
+    if tokens <= ONE_PROGRAM_TOKENS:
+        routing = _Routing.empty(tokens, top_k, local_experts, block_m, device)
+        n_blocks = routing.expert_ids.numel()
+        _route_align_one_kernel[(1,)](
+            router_logits, *routing.one_program_args(), tokens, router_logits.stride(0),
+            expert_start, n_blocks, num_warps=4,
+            **_route_constants(tokens, num_experts, local_experts, top_k, renormalize,
+                               block_m, n_blocks))
+        return routing.weights, routing.ids, routing.blocks(block_m)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
     ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
-    block_e = _block(num_experts)
-    common = dict(NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
-                  RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_K=_block(top_k))
-    if tokens <= ONE_PROGRAM_TOKENS:
-        n_blocks = max_blocks(tokens * top_k, local_experts, block_m)
-        counts = torch.empty(local_experts, dtype=torch.int32, device=device)
-        starts = torch.empty(local_experts, dtype=torch.int32, device=device)
-        sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
-        expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=device)
-        num_padded = torch.empty(1, dtype=torch.int32, device=device)
-        _route_align_one_kernel[(1,)](
-            router_logits, weights, ids, counts, ranks, starts, expert_ids, num_padded,
-            sorted_ids, tokens, router_logits.stride(0), expert_start, n_blocks,
-            BLOCK_T=_block(tokens), BLOCK_LE=_block(local_experts), BLOCK_M=block_m,
-            BLOCK_B=_block(n_blocks), num_warps=4, **common)
-        return weights, ids, ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
     counts = torch.zeros(local_experts, dtype=torch.int32, device=device)
+    block_e = _block(num_experts)
     block_t = max(1, min(16, 4096 // block_e))
     _route_kernel[(triton.cdiv(tokens, block_t),)](
         router_logits, weights, ids, counts, ranks, tokens, router_logits.stride(0),
-        expert_start, BLOCK_T=block_t, num_warps=4, **common)
+        expert_start, NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_block(top_k),
+        num_warps=4)
     return weights, ids, _blocks_from_counts(ids.view(-1), counts, ranks, block_m)
+
+
+ROUTER_K_SPLIT = 128  # inputs each program of the router's product takes
+
+
+def takes_router(tokens: int, in_features: int) -> bool:
+    """Whether route_from_router takes a call of this shape."""
+    return tokens <= ONE_PROGRAM_TOKENS and in_features % ROUTER_K_SPLIT == 0
+
+
+def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+                      renormalize: bool, expert_start: int, local_experts: int,
+                      block_m: int) -> tuple[torch.Tensor, torch.Tensor, ExpertBlocks]:
+    """route_to_experts from the hidden states x [tokens, K] (at most ONE_PROGRAM_TOKENS)
+    and the router's weights [experts, K] (x's dtype, no bias), the router's product in the
+    same launch: its programs each take ROUTER_K_SPLIT inputs, the last routes."""
+    tokens, k = x.shape
+    num_experts = router_weight.shape[0]
+    if not takes_router(tokens, k):
+        raise ValueError(f"the router's launch takes at most {ONE_PROGRAM_TOKENS} tokens "
+                         f"and a multiple of {ROUTER_K_SPLIT} inputs")
+    x = x.contiguous()
+    routing = _Routing.empty(tokens, top_k, local_experts, block_m, x.device)
+    n_blocks = routing.expert_ids.numel()
+    constants = _route_constants(tokens, num_experts, local_experts, top_k, renormalize,
+                                 block_m, n_blocks, min_block=16)  # tl.dot's least tile
+    splits = k // ROUTER_K_SPLIT
+    partial = torch.empty(splits, constants["BLOCK_T"], constants["BLOCK_E"],
+                          dtype=torch.float32, device=x.device)
+    logits = torch.empty(tokens, num_experts, dtype=x.dtype, device=x.device)
+    _router_route_align_kernel[(splits,)](
+        x, router_weight.contiguous(), partial, tile_counters(x.device, 1), logits,
+        *routing.one_program_args(), tokens, x.stride(0), expert_start, n_blocks, K=k,
+        K_SPLIT=ROUTER_K_SPLIT, SPLITS=splits,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        **constants)
+    return routing.weights, routing.ids, routing.blocks(block_m)
 
 
 @triton.jit
@@ -429,6 +563,17 @@ def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     config = moe_config(x.shape[0], top_k, w13.shape[0])
     weights, _, blocks = route_to_experts(router_logits, top_k, renormalize, expert_start,
                                           w13.shape[0], config.block_m)
+    return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
+
+
+def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor,
+                          w2: torch.Tensor, top_k: int, renormalize: bool,
+                          expert_start: int = 0, partial: bool = False) -> torch.Tensor:
+    """fused_moe_routed from the hidden states and the router's weights, for a decode
+    batch: the router's product, routing and grouping in one launch (route_from_router)."""
+    config = moe_config(x.shape[0], top_k, w13.shape[0])
+    weights, _, blocks = route_from_router(x, router_weight, top_k, renormalize, expert_start,
+                                           w13.shape[0], config.block_m)
     return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
 
 
