@@ -95,21 +95,29 @@ def test_cuda_graph_replays_new_routing_like_eager(tokens):
         assert ((captured.float() - ref).abs().max() / (1 + ref.abs().max())).item() < BF16_TOL
 
 
+def assert_replays_like_eager(run, refill) -> None:
+    """Capture run() in a CUDA graph; after each refill(seed) of its inputs in place, a
+    replay equals an eager call bit for bit."""
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for seed in (1, 2):
+        refill(seed)
+        graph.replay()
+        torch.testing.assert_close(captured, run(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tokens", [1, 32])
 def test_cuda_graph_of_the_routed_layer_replays_like_eager(tokens):
     x, w13, w2, _, _ = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
     logits = distinct_logits(tokens, 128, torch.bfloat16, "cuda")
-    fused_moe_routed(x, logits, w13, w2, 8, True)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fused_moe_routed(x, logits, w13, w2, 8, True)
-    for seed in (1, 2):
+
+    def refill(seed: int) -> None:
         logits.copy_(distinct_logits(tokens, 128, torch.bfloat16, "cuda", seed=seed))
         x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
-        graph.replay()
-        torch.testing.assert_close(captured, fused_moe_routed(x, logits, w13, w2, 8, True),
-                                   rtol=0, atol=0)
+    assert_replays_like_eager(lambda: fused_moe_routed(x, logits, w13, w2, 8, True), refill)
 
 
 ROUTER = [(1, 128, 8, True, 0, None), (7, 128, 8, True, 0, None), (16, 128, 8, True, 32, 32),
@@ -156,15 +164,10 @@ def test_the_layer_takes_the_router_launch_for_decode_batches_only(monkeypatch):
 def test_cuda_graph_of_the_router_launch_replays_like_eager(tokens):
     x, w13, w2, _, _ = random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
     router = router_for(distinct_logits(tokens, 128, torch.bfloat16, "cuda"), x)
-    fused_moe_from_router(x, router, w13, w2, 8, True)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fused_moe_from_router(x, router, w13, w2, 8, True)
-    for seed in (1, 2):
+
+    def refill(seed: int) -> None:
         x.copy_(random_moe(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda", seed=seed)[0])
         router.copy_(router_for(distinct_logits(tokens, 128, torch.bfloat16, "cuda",
                                                 seed=seed), x))
-        graph.replay()
-        torch.testing.assert_close(captured, fused_moe_from_router(x, router, w13, w2, 8, True),
-                                   rtol=0, atol=0)
+    assert_replays_like_eager(lambda: fused_moe_from_router(x, router, w13, w2, 8, True),
+                              refill)
