@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+# every counter set ever handed out, per device: a captured CUDA graph keeps the address of
+# the one it was captured with, so none may be freed (they are a few KiB)
 COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 

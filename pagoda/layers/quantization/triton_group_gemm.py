@@ -494,8 +494,6 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
         **config)
 
 
-# every counter set ever handed out, per device: a captured CUDA graph keeps the address of
-# the one it was captured with, so none may be freed (they are a few KiB)
 @triton.jit
 def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
                      BLOCK_K: tl.constexpr):
