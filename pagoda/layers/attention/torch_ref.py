@@ -148,8 +148,8 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 group: DecodeGroup, scale: float, out: torch.Tensor) -> None:
-        keys = key_cache[group.slots].transpose(1, 2)  # [n, kv_heads, len, dim]
-        values = value_cache[group.slots].transpose(1, 2)
+        keys = _gather(key_cache, group.slots).transpose(1, 2)  # [n, kv_heads, len, dim]
+        values = _gather(value_cache, group.slots).transpose(1, 2)
         queries = q[group.token_index].unsqueeze(2)  # [n, heads, 1, dim]
         res = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=group.mask, scale=scale, enable_gqa=True)
@@ -160,12 +160,19 @@ class TorchAttentionBackend(AttentionBackend):
                  seq: PrefillSeq, scale: float, out: torch.Tensor) -> None:
         end = seq.query_start + seq.query_len
         queries = q[seq.query_start:end].transpose(0, 1).unsqueeze(0)
-        keys = key_cache[seq.slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        values = value_cache[seq.slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        keys = _gather(key_cache, seq.slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        values = _gather(value_cache, seq.slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         res = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=seq.mask, is_causal=seq.mask is None,
             scale=scale, enable_gqa=True)
         out[seq.query_start:end] = res.squeeze(0).transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] for slots of any shape, by index_select over the flattened slots (on CPU
+    about 5x faster than advanced indexing: a row copy per slot, 45 against 245 us for 16 x
+    130 slots of SmolLM2's rows, one thread)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
