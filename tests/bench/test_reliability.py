@@ -95,3 +95,24 @@ def test_the_slowest_first_tokens_are_placed_by_the_second_they_were_sent_in():
     result.outcomes.append(Outcome("shed", 102.0, 102.0, True, 1, 503, 5.0))
     assert result.slowest_ttft_seconds() == {"requests": 2, "seconds": 1, "busiest": {7: 2}}
     assert LoadResult().slowest_ttft_seconds() == {"requests": 0, "seconds": 0, "busiest": {}}
+
+
+def test_one_scrape_gives_series_summed_over_models_and_histogram_buckets():
+    """The parsers read what prometheus_client writes: a gauge of two models summed, a
+    histogram's cumulative buckets summed over them, +Inf the total."""
+    from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+    from pagoda.bench.reliability.server import histogram_buckets, series_values
+    registry = CollectorRegistry()
+    running = Gauge("vllm:num_requests_running", "running", ["model_name"], registry=registry)
+    queue = Histogram("vllm:request_queue_time_seconds", "queue", ["model_name"],
+                      buckets=(0.1, 1.0), registry=registry)
+    running.labels(model_name="a").set(2)
+    running.labels(model_name="b").set(3)
+    for model, seconds in (("a", 0.05), ("b", 0.5), ("b", 5.0)):
+        queue.labels(model_name=model).observe(seconds)
+    text = generate_latest(registry).decode()
+    assert series_values(text, ("vllm:num_requests_running", "vllm:num_requests_waiting")) == \
+        {"vllm:num_requests_running": 5.0, "vllm:num_requests_waiting": 0.0}
+    assert histogram_buckets(text, ("vllm:request_queue_time_seconds",)) == \
+        {"vllm:request_queue_time_seconds": {0.1: 1.0, 1.0: 2.0, float("inf"): 3.0}}

@@ -65,26 +65,14 @@ class ServerProcess:
 
     def metrics(self, names: tuple[str, ...] = RESIDUE_METRICS) -> dict[str, float]:
         """These series' values from /metrics, each summed over its labels (models)."""
-        text = self._scrape()
-        values = dict.fromkeys(names, 0.0)
-        for line in text.splitlines():
-            match = _METRIC.match(line)
-            if match and match.group(1) in values:
-                values[match.group(1)] += float(match.group(2))
-        return values
+        return series_values(self._scrape(), names)
 
-    def histograms(self, names: tuple[str, ...]) -> dict[str, dict[float, float]]:
-        """Each of these histograms' cumulative counts by bucket bound (+inf the total),
-        summed over their other labels (models), from one scrape."""
+    def snapshot(self, series: tuple[str, ...], histograms: tuple[str, ...]
+                 ) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+        """These series' values and these histograms' buckets from one scrape (so that both
+        describe the same moment)."""
         text = self._scrape()
-        counts: dict[str, dict[float, float]] = {name: {} for name in names}
-        for line in text.splitlines():
-            match = _BUCKET.match(line)
-            if match and match.group(1) in counts:
-                buckets = counts[match.group(1)]
-                bound = float(match.group(2))
-                buckets[bound] = buckets.get(bound, 0.0) + float(match.group(3))
-        return counts
+        return series_values(text, series), histogram_buckets(text, histograms)
 
     def _scrape(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -116,3 +104,26 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def series_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each of these series' values in a /metrics text, summed over its labels (models)."""
+    values = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        match = _METRIC.match(line)
+        if match and match.group(1) in values:
+            values[match.group(1)] += float(match.group(2))
+    return values
+
+
+def histogram_buckets(text: str, names: tuple[str, ...]) -> dict[str, dict[float, float]]:
+    """Each of these histograms' cumulative counts by bucket bound (+inf the total) in a
+    /metrics text, summed over their other labels (models)."""
+    counts: dict[str, dict[float, float]] = {name: {} for name in names}
+    for line in text.splitlines():
+        match = _BUCKET.match(line)
+        if match and match.group(1) in counts:
+            buckets = counts[match.group(1)]
+            bound = float(match.group(2))
+            buckets[bound] = buckets.get(bound, 0.0) + float(match.group(3))
+    return counts
