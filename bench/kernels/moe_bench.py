@@ -3,10 +3,11 @@ size, measured in one run (default shape: Qwen3-30B-A3B's, hidden 2048, 128 expe
 top 8; the dense layer has intermediate 8 x 768).
 
 For each token count: the MoE layer as the models run it (`FusedMoE.forward_with_router`: the
-router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the dense layer (cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in
-a CUDA graph (triton.testing.do_bench_cudagraph medians); their ratio; the expert bytes the
-MoE layer must read (the distinct experts its tokens picked) over its time, as a fraction of
-the device-copy bandwidth measured in the same run. `--profile N` prints the kernel table of
+router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the dense layer
+(cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in a CUDA graph
+(triton.testing.do_bench_cudagraph medians); their ratio; the expert bytes the MoE layer
+must read (the distinct experts its tokens picked) over its time, as a fraction of the
+device-copy bandwidth measured in the same run. `--profile N` prints the kernel table of
 the MoE layer at N tokens (torch.profiler).
 
     PYTHONPATH=. python bench/kernels/moe_bench.py [--shape mixtral] [--output-json PATH]

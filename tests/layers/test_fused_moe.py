@@ -126,17 +126,31 @@ def test_triton_kernels_match_torch_under_the_interpreter():
         f"cases = {INTERPRETED_CASES!r}\n"
         "errors = [kernel_error(t, e, k, h, i, torch.float32, 'cpu', drop) "
         "for t, e, k, h, i, drop in cases]\n"
-        "from tests.layers.moe_cases import routed_error\n"
-        f"errors += [routed_error(*c[:6], torch.float32, 'cpu', *c[6:]) for c in {ROUTED_CASES!r}]\n"
-        "from tests.layers.moe_cases import router_error\n"
-        f"errors += [router_error(*c[:6], torch.float32, 'cpu', *c[6:]) for c in {ROUTER_CASES!r}]\n"
+        "from tests.layers.moe_cases import routed_error, router_error\n"
+        f"errors += [routed_error(*c[:6], torch.float32, 'cpu', *c[6:]) "
+        f"for c in {ROUTED_CASES!r}]\n"
+        f"errors += [router_error(*c[:6], torch.float32, 'cpu', *c[6:]) "
+        f"for c in {ROUTER_CASES!r}]\n"
         "from pagoda.layers.moe.triton_moe import align_to_experts\n"
         "ids = torch.tensor([[3, 1], [1, 0], [3, 1]], dtype=torch.int32)\n"
         "b = align_to_experts(ids, 4, 4)\n"
+        # the top-k sum: inside the down GEMM up to 8 tokens, one torch reduction past them
+        "from tests.layers.moe_cases import random_moe\n"
+        "from pagoda.layers.moe.triton_moe import fused_moe_triton\n"
+        "few, many = random_moe(3, 8, 3, 32, 16, torch.float32, 'cpu'), "
+        "random_moe(9, 8, 3, 32, 16, torch.float32, 'cpu')\n"
+        "real_sum, torch_sums = torch.Tensor.sum, []\n"
+        "torch.Tensor.sum = lambda self, *a, **k: torch_sums.append(1) or real_sum(self, *a, **k)\n"
+        "fused_moe_triton(*few)\n"
+        "sums_few = len(torch_sums)\n"
+        "fused_moe_triton(*many)\n"
+        "torch.Tensor.sum = real_sum\n"
+        "sums = [sums_few, len(torch_sums) - sums_few]\n"
         "from pagoda.layers.tile_counters import nonzero_counters\n"
         f"print({MARKER!r} + json.dumps({{'errors': errors, "
         "'sorted': b.sorted_ids.tolist(), 'experts': b.expert_ids.tolist(), "
-        "'padded': b.num_padded.item(), 'counters': nonzero_counters()}))\n")
+        "'padded': b.num_padded.item(), 'counters': nonzero_counters(), "
+        "'torch_sums': sums}))\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
@@ -147,6 +161,7 @@ def test_triton_kernels_match_torch_under_the_interpreter():
         len(INTERPRETED_CASES) + len(ROUTED_CASES) + len(ROUTER_CASES)
     assert max(result["errors"]) < 1e-5, result["errors"]
     assert result["counters"] == 0  # every summing launch reset its tiles' counters
+    assert result["torch_sums"] == [0, 1]  # 3 tokens: summed in the kernel; 9: by torch
     # assignments t * 2 + j: expert 0 has 3; expert 1 has 1, 2, 5; expert 3 has 0, 4
     assert result["padded"] == 12
     assert result["experts"][:3] == [0, 1, 3] and set(result["experts"][3:]) <= {-1}

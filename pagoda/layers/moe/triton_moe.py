@@ -527,6 +527,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
     wide = a.dtype == torch.float32  # twice the shared memory per stage
     n_tiles = triton.cdiv(n, block_n)
     grid = (blocks.expert_ids.numel() * n_tiles,)
+    # (without sums the kernel reads no counter: any int32 tensor stands in)
     counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
     _moe_gemm_kernel[grid](
         a, b, out, weights if weights is not None else out, blocks.sorted_ids,
@@ -546,8 +547,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      config: MoEConfig | None = None, partial: bool = False) -> torch.Tensor:
     """The same sum as fused_moe_native, given the routing: four small launches to group
-    the assignments, two grouped GEMMs and the top-k sum (in the second for a few tokens). `partial`: some ids are -1
-    (experts on other ranks), whose rows add nothing."""
+    the assignments, two grouped GEMMs and the top-k sum (inside the second for a few
+    tokens). `partial`: some ids are -1 (experts on other ranks), whose rows add nothing."""
     tokens, top_k = topk_ids.shape
     config = config or moe_config(tokens, top_k, w13.shape[0])
     blocks = align_to_experts(topk_ids, w13.shape[0], config.block_m)
