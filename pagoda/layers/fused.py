@@ -12,13 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+
 if TYPE_CHECKING:
     from pagoda.layers.norm import RMSNorm
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,14 +46,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(n_rows,)](
         x, residual.contiguous() if has_res else x, weight, out, res_out, n_cols, eps,
         HAS_RESIDUAL=has_res, BLOCK=triton.next_power_of_2(n_cols),
-        num_warps=min(max(triton.next_power_of_2(n_cols) // 256, 1), 16))
+        num_warps=min(max(triton.next_power_of_2(n_cols) // 256, 1), 16),
+        **dependent_launch(x.device))
     return out, res_out
 
 
 @triton.jit
 def _norm_add_rms_norm_kernel(x_ptr, res_ptr, w_pre_ptr, w_ptr, out_ptr, res_out_ptr, n_cols,
-                              eps_pre, eps, BLOCK: tl.constexpr):
+                              eps_pre, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """rms_norm(x) * w_pre, rounded to x's dtype, added to the residual, then normed again."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -79,14 +84,16 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight_pre: torch
     block = triton.next_power_of_2(n_cols)
     _norm_add_rms_norm_kernel[(n_rows,)](x, residual.contiguous(), weight_pre, weight, out,
                                          res_out, n_cols, eps_pre, eps, BLOCK=block,
-                                         num_warps=min(max(block // 256, 1), 16))
+                                         num_warps=min(max(block // 256, 1), 16),
+                                         **dependent_launch(x.device))
     return out, res_out
 
 
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
                  num_k_heads, HALF: tl.constexpr, ROT_HALF: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     _rope_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_stride, k_stride, num_q_heads,
                 num_k_heads, HALF, ROT_HALF, HEAD_DIM, BLOCK_H)
@@ -134,12 +141,15 @@ def rope_qk_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin:
     _rope_kernel[(num_tokens,)](
         positions, q, k, cos_sin, q.stride(0), k.stride(0), num_q_heads, num_k_heads,
         HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)), num_warps=4)
+        BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)), num_warps=4,
+        **dependent_launch(q.device))
 
 
 @triton.jit
-def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
     """act(gate) * up over one row's block of columns; act is SiLU, or GELU's tanh form."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
@@ -162,7 +172,8 @@ def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     block = 1024
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](x, out, n_cols,
                                                             GELU_TANH=gelu_tanh, BLOCK=block,
-                                                            num_warps=4)
+                                                            num_warps=4,
+                                                            **dependent_launch(x.device))
     return out
 
 
@@ -198,10 +209,11 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, k
                           stride_kcs, stride_vcb, stride_vcs, QK_NORM: tl.constexpr,
                           HALF: tl.constexpr, ROT_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
     """With QK_NORM, each head of one token's q and k RMS-normed (in place); RoPE on them
     (in place), then its k and v rows into the paged cache (heads contiguous in a cache
     slot); slot < 0, or a token past num_slots, stores nothing."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     if QK_NORM:
         _norm_heads(q_ptr + token * q_stride, num_q_heads, q_norm_ptr, q_eps, HEAD_DIM, BLOCK_H,
@@ -261,4 +273,4 @@ def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
         BLOCK_KH=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, num_warps=4)
+        BLOCK_SIZE=block_size, num_warps=4, **dependent_launch(q.device))

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+
 # A program copies at most this many elements of one token's K (and as many of its V).
 _MAX_ELEMS_PER_PROGRAM = 2048
 
@@ -19,8 +21,10 @@ def _kv_store_kernel(
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (t, c) copies heads [c*BLOCK_H, (c+1)*BLOCK_H) of token t; slot < 0 = skip."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # CUDA-graph padding: this token has no KV slot
@@ -65,4 +69,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
         *k.stride(), *v.stride(), *key_cache.stride(), *value_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 256)),
+        **dependent_launch(k.device),
     )

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+
 LOG2E = 1.4426950408889634
 
 # Split-KV heuristic (see choose_num_segments).
@@ -138,9 +140,11 @@ def _unified_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (q-block, kv head[, segment]): the output rows, or with SPLIT the partial
     (max, sum, acc) of this segment."""
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     if DECODE_ONLY:
@@ -215,8 +219,10 @@ def _reduce_segments_kernel(
     out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr, query_start_loc_ptr,
     num_seqs, num_segments, stride_wt, stride_wh, stride_ot, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SEG_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Combine one (token, head)'s segment partials into its output row."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence
@@ -412,7 +418,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         BLOCK_SIZE=key_cache.shape[1], TILE=cfg.tile, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
         DECODE_ONLY=plan.decode_only, SPLIT=split, SLIDING=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
     )
     if split:
         _reduce_segments_kernel[(num_tokens, num_heads)](
@@ -421,5 +427,6 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
             # one lane width for every heuristic segment count: one compiled variant
             SEG_P=max(MAX_SEGMENTS, triton.next_power_of_2(plan.num_segments)), num_warps=4,
+            **dependent_launch(q.device),
         )
     return out

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.tile_counters import tile_counters
 
 # calls of at most this many tokens add each token's top-k rows inside the down GEMM
@@ -78,7 +79,8 @@ def max_blocks(num_assignments: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, n, BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
@@ -115,8 +117,9 @@ def _pad_blocks(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_i
 @triton.jit
 def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_ids_ptr,
                 sentinel, n_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """Each program recomputes the offsets (program 0 stores them) for its BLOCK_B blocks."""
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     if pid == 0:
@@ -128,7 +131,9 @@ def _pad_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_padded_ptr, sorted_i
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, n, BLOCK: tl.constexpr):
+def _scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, n, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
@@ -150,7 +155,8 @@ def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     n = flat.numel()
     counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
     ranks = torch.empty(n, dtype=torch.int32, device=flat.device)
-    _count_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat, counts, ranks, n, BLOCK=ALIGN_BLOCK)
+    _count_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat, counts, ranks, n, BLOCK=ALIGN_BLOCK,
+                                                  **dependent_launch(flat.device))
     return _blocks_from_counts(flat, counts, ranks, block_m)
 
 
@@ -167,9 +173,9 @@ def _blocks_from_counts(flat_ids: torch.Tensor, counts: torch.Tensor, ranks: tor
     _pad_kernel[(triton.cdiv(n_blocks, block_b),)](
         counts, starts, expert_ids, num_padded, sorted_ids, n, n_blocks,
         NUM_EXPERTS=num_experts, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_M=block_m, BLOCK_B=block_b)
+        BLOCK_M=block_m, BLOCK_B=block_b, **dependent_launch(device))
     _scatter_kernel[(triton.cdiv(n, ALIGN_BLOCK),)](flat_ids, ranks, starts, sorted_ids, n,
-                                                    BLOCK=ALIGN_BLOCK)
+                                                    BLOCK=ALIGN_BLOCK, **dependent_launch(device))
     return ExpertBlocks(sorted_ids, expert_ids, num_padded, block_m)
 
 
@@ -218,7 +224,9 @@ def _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens,
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, n_tokens,
                   stride_t, expert_start, NUM_EXPERTS: tl.constexpr,
                   LOCAL_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     _route_tile(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, tokens, n_tokens,
                 stride_t, expert_start, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE,
@@ -233,9 +241,10 @@ def _route_align_one_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_
                             TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_LE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """Decode batches (all tokens in one program): zero the counts, route and count, pad,
     scatter, in one launch instead of four."""
+    wait_for_previous_kernel(PDL)
     _route_align_one(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, starts_ptr,
                      expert_ids_ptr, num_padded_ptr, sorted_ids_ptr, n_tokens, stride_t,
                      expert_start, n_blocks, NUM_EXPERTS, LOCAL_EXPERTS, TOP_K, RENORMALIZE,
@@ -253,12 +262,13 @@ def _router_route_align_kernel(x_ptr, router_ptr, partial_ptr, count_ptr, logits
                                RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_LE: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_B: tl.constexpr):
+                               BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """Decode batches from the hidden states: each of SPLITS programs multiplies K_SPLIT of
     the inputs by the router's weights [NUM_EXPERTS, K] and stores its float32 part of the
     logits; the last to finish adds the parts in split order, rounds the logits to x's
     dtype (as the router's own product would), and routes and groups as
     _route_align_one_kernel does."""
+    wait_for_previous_kernel(PDL)
     split = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
@@ -376,7 +386,7 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         n_blocks = routing.expert_ids.numel()
         _route_align_one_kernel[(1,)](
             router_logits, *routing.one_program_args(), tokens, router_logits.stride(0),
-            expert_start, n_blocks, num_warps=4,
+            expert_start, n_blocks, num_warps=4, **dependent_launch(device),
             **_route_constants(tokens, num_experts, local_experts, top_k, renormalize,
                                block_m, n_blocks))
         return routing.weights, routing.ids, routing.blocks(block_m)
@@ -390,7 +400,7 @@ def route_to_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         router_logits, weights, ids, counts, ranks, tokens, router_logits.stride(0),
         expert_start, NUM_EXPERTS=num_experts, LOCAL_EXPERTS=local_experts, TOP_K=top_k,
         RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_block(top_k),
-        num_warps=4)
+        num_warps=4, **dependent_launch(device))
     return weights, ids, _blocks_from_counts(ids.view(-1), counts, ranks, block_m)
 
 
@@ -427,7 +437,7 @@ def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
         *routing.one_program_args(), tokens, x.stride(0), expert_start, n_blocks, K=k,
         K_SPLIT=ROUTER_K_SPLIT, SPLITS=splits,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
-        **constants)
+        **constants, **dependent_launch(x.device))
     return routing.weights, routing.ids, routing.blocks(block_m)
 
 
@@ -436,7 +446,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
                      count_ptr, num_assignments, num_blocks, N: tl.constexpr, K: tl.constexpr,
                      A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                      SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     PDL: tl.constexpr):
     """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
 
     A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
@@ -444,6 +455,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
     row is scaled by its assignment's routing weight. SUM_TOP_K (> 0): C's rows are each
     token's SUM_TOP_K assignments in turn, and the last of the num_blocks programs of an N
     tile to finish adds them into sum_ptr [tokens, N] (at most SUM_TOKENS tokens)."""
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     pid_m = pid // n_tiles
@@ -540,7 +552,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
         BLOCK_K=max(16, min(config.block_k, triton.next_power_of_2(k))),
         DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
         num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
-        config.num_stages)
+        config.num_stages, **dependent_launch(a.device))
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

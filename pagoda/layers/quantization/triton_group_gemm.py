@@ -38,6 +38,7 @@ from pagoda.layers.quantization.group_gemm import (
     SMALL_M,
     GroupQuantWeight,
 )
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.tile_counters import tile_counters
 
 # few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
@@ -70,7 +71,8 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        M, N, stride_xm, stride_ck, stride_cn, K_SPLIT: tl.constexpr,
                        SPLITS: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                        STEP: tl.constexpr, HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -107,11 +109,13 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        M, N, K, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+                       PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums)."""
+    wait_for_previous_kernel(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(2)
@@ -178,7 +182,7 @@ HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
 def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
                            count_ptr, N, one_bits, SPLIT_ROWS: tl.constexpr, SPLITS: tl.constexpr,
                            PERIOD: tl.constexpr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
     """out[n] for one token and 4-bit codes in groups of a multiple of CHUNK, on the CUDA
     cores (a GEMV: no tensor-core tile padded from one row). The packed bytes are read as
     int32 words [in / 2, out / 4], byte b of word w holding output 4 w + b. A program takes
@@ -187,6 +191,7 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
     decoded), in periods of PERIOD rows that lie in one group. Every weight costs one
     multiply-add into a sum of its own place in the tile; the sums are added across the
     tile's rows (and threads) once a period, then scaled."""
+    wait_for_previous_kernel(PDL)
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     words_per_row = N // 4
     w_ok = w < words_per_row
@@ -425,7 +430,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), **config)
+        DOT=_dot_type(flat.dtype, float8), **config, **dependent_launch(flat.device))
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
@@ -473,7 +478,8 @@ def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Ten
         flat, weight.codes.view(torch.int32), weight.scale,
         weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
         tile_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
-        GROUP=weight.group_size, HAS_LOW=weight.low is not None, **config)
+        GROUP=weight.group_size, HAS_LOW=weight.low is not None, **config,
+        **dependent_launch(flat.device))
 
 
 def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
@@ -491,12 +497,13 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, STEP=_step(weight), HAS_LOW=weight.low is not None,
         BLOCK_M=block_m, DOT_PRECISION="ieee" if flat.dtype == torch.float32 else "tf32",
-        **config)
+        **config, **dependent_launch(flat.device))
 
 
 @triton.jit
 def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     ok = k < K
@@ -517,5 +524,6 @@ def fp8_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tenso
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(width)
     _fp8_rows_kernel[(tokens,)](x, values, scale, width, x.stride(0), FP8_MAX=fp8_max,
-                                BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
+                                BLOCK_K=block, num_warps=min(16, max(4, block // 1024)),
+                                **dependent_launch(x.device))
     return values, scale

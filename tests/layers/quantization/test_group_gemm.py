@@ -265,7 +265,7 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
     counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
     _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                              "stride_xm": "i32", **strides}, {
-        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision})
+        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision, "PDL": True})
     float8 = codes == "fp8e4nv"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
     for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
@@ -275,7 +275,7 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096,
-            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)})
+            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8), "PDL": True})
 
 
 @pytest.mark.parametrize("group", [128, 4096])
@@ -287,7 +287,7 @@ def test_the_one_token_int4_kernel_compiles_for_hopper(group):
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
         "one_bits": "i32"}, {
         "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group // 2, 256), "GROUP": group,
-        "HAS_LOW": True, "ROWS": 16, "BLOCK_W": 32})
+        "HAS_LOW": True, "ROWS": 16, "BLOCK_W": 32, "PDL": True})
 
 
 def test_fp8_rows_compiles_for_hopper():
@@ -295,7 +295,7 @@ def test_fp8_rows_compiles_for_hopper():
     from tests.lora.test_triton_ops import _compile_for_hopper
     _compile_for_hopper(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
                                            "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
-                        {"FP8_MAX": 448.0, "BLOCK_K": 16384})
+                        {"FP8_MAX": 448.0, "BLOCK_K": 16384, "PDL": True})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (Hopper and later) for the Triton kernels of a forward pass.
+
+A kernel launched with it may be scheduled while the kernel before it in the stream is still
+finishing, instead of after that kernel's end has gone through the stream: at decode sizes a
+layer is a chain of short kernels, and each launch's latency is a fixed cost of every step.
+Each kernel that takes it has a PDL constexpr; with PDL set its programs first wait for the
+previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visible), so
+nothing they read or write races with it, and then let the next kernel launch
+(`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency as a programmatic
+edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper) and with PAGODA_PDL=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+OFF = {"PDL": False}
+ON = {"PDL": True, "launch_pdl": True}
+
+
+def dependent_launch(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel that takes PDL, for a launch on `device`."""
+    if device.type != "cuda":
+        return OFF
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ON if _enabled(index) else OFF
+
+
+@functools.cache
+def _enabled(device_index: int) -> bool:
+    return (os.environ.get("PAGODA_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device_index) >= (9, 0))
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """A kernel's first statement: with PDL, wait until the previous kernel in the stream
+    is complete, then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
