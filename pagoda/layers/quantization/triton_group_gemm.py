@@ -190,8 +190,8 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
     [ROWS, BLOCK_W] tile, the next step's load in flight while this one's weights are
     decoded), in periods of PERIOD rows that lie in one group. Every weight costs one
     multiply-add into a sum of its own place in the tile; the sums are added across the
-    tile's rows (and threads) once a period, then scaled."""
-    wait_for_previous_kernel(PDL)
+    tile's rows (and threads) once a period, then scaled. With PDL the first tile of
+    weights (which no kernel writes) is requested before the wait for the previous kernel."""
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     words_per_row = N // 4
     w_ok = w < words_per_row
@@ -205,6 +205,7 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
     first = tl.program_id(1) * SPLIT_ROWS
     at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
     words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
+    wait_for_previous_kernel(PDL)
     for offset in range(0, SPLIT_ROWS, ROWS):
         row = first + offset
         at += ROWS * words_per_row
