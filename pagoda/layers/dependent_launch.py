@@ -8,6 +8,8 @@ previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visi
 nothing they read or write races with it, and then let the next kernel launch
 (`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency as a programmatic
 edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper) and with PAGODA_PDL=0.
+LoRA's shrink and expand kernels launch as usual: a kernel launched without it waits for
+the whole of the one before, PDL or not.
 """
 
 from __future__ import annotations

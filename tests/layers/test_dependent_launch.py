@@ -1,7 +1,7 @@
 """Programmatic dependent launch: on where the GPU has it (and PAGODA_PDL is not 0), off on
-CPU; every Triton kernel of a forward pass takes the PDL switch, and with it on, compiled
-for sm_90 here, waits for the previous kernel before its first load or store. That the
-kernels give the same results with it is checked on the GPU (tests/gpu)."""
+CPU; every Triton kernel of the model's layers (not LoRA's) takes the PDL switch, and with
+it on, compiled for sm_90 here, waits for the previous kernel before its first load or
+store. That the kernels give the same results with it is checked on the GPU (tests/gpu)."""
 
 from __future__ import annotations
 
