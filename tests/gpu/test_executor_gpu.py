@@ -55,13 +55,17 @@ def greedy_of(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def decode_one_s(llm: LLM, tokens: int = 256) -> float:
-    """Seconds per output token of one request alone (after a warm-up)."""
+def decode_one_s(llm: LLM, tokens: int = 256, runs: int = 3) -> float:
+    """Seconds per output token of one request alone (after a warm-up), the fastest of
+    `runs` (on a step of about a millisecond one run's host hiccups move it by half)."""
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": PROMPTS[1]}], params)
-    start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": PROMPTS[1]}], params)
-    return (time.perf_counter() - start) / tokens
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": PROMPTS[1]}], params)
+        times.append((time.perf_counter() - start) / tokens)
+    return min(times)
 
 
 def test_one_worker_process_with_graphs_equals_in_process(checkpoint, gpu_report):
@@ -77,7 +81,8 @@ def test_one_worker_process_with_graphs_equals_in_process(checkpoint, gpu_report
     gpu_report(uni_ms_per_token=uni_s * 1e3, mp_ms_per_token=mp_s * 1e3,
                mp_over_uni=mp_s / uni_s)
     # the bench (bench/results) holds the 3 % bound on the 8B; on this 1 ms step only a gross
-    # regression fails: the worker process may add half a millisecond a step (0.2 ms seen)
+    # regression fails: the worker process may add half a millisecond a step (0.17-0.59 ms
+    # seen in single runs)
     assert mp_s - uni_s < MAX_WORKER_OVERHEAD_S
     worker.engine.core.shutdown()
 
