@@ -2,7 +2,7 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   quant-decode1 quant-throughput decode1 small throughput
+#   quant-decode1 quant-throughput decode1 pdl-decode1 small throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
@@ -54,6 +54,13 @@ run_stage() {
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \
                --input-len 1024 --output-len 256 --output-json "$OUT/decode1.json" $EXTRA 2>&1 | grep -v INFO ;;
+    # decode-1 of $MODEL with programmatic dependent launch on and off, alternated twice
+    pdl-decode1) for run in 1 2; do for pdl in 1 0; do
+                   PAGODA_PDL=$pdl python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON \
+                     --num-prompts 1 --input-len 1024 --output-len 256 \
+                     --output-json "$OUT/decode1-pdl$pdl-run$run.json" $EXTRA 2>&1 | grep "single stream" \
+                     | sed "s/^/PAGODA_PDL=$pdl: /"
+                 done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
                --input-len-range 100 1024 --output-len-range 100 1024 --max-num-seqs 256 \
                --max-num-batched-tokens 8192 --gpu-busy --output-json "$OUT/small.json" $EXTRA 2>&1 | grep -v INFO ;;
