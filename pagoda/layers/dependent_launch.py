@@ -3,13 +3,14 @@
 A kernel launched with it may be scheduled while the kernel before it in the stream is still
 finishing, instead of after that kernel's end has gone through the stream: at decode sizes a
 layer is a chain of short kernels, and each launch's latency is a fixed cost of every step.
-Each kernel that takes it has a PDL constexpr; with PDL set its programs first wait for the
-previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visible), so
-nothing they read or write races with it, and then let the next kernel launch
-(`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency as a programmatic
-edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper) and with PAGODA_PDL=0.
-LoRA's shrink and expand kernels launch as usual: a kernel launched without it waits for
-the whole of the one before, PDL or not.
+Each kernel that takes it has a PDL constexpr; with PDL set its programs wait for the
+previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visible) before
+they touch anything a kernel writes, so nothing races with it (only weights may be read
+before: the one-token 4-bit GEMV requests its first tile of them first), and then let the
+next kernel launch (`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency
+as a programmatic edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm)
+and with PAGODA_PDL=0. LoRA's shrink and expand kernels launch as usual: a kernel launched
+without it waits for the whole of the one before, PDL or not.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def dependent_launch(device: torch.device) -> dict[str, bool]:
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    return (os.environ.get("PAGODA_PDL", "1") != "0"
+    return (os.environ.get("PAGODA_PDL", "1") != "0" and torch.version.hip is None
             and torch.cuda.get_device_capability(device_index) >= (9, 0))
 
 

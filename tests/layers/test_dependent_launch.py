@@ -34,12 +34,16 @@ def test_off_on_cpu():
     assert launch.dependent_launch(torch.device("cpu")) == {"PDL": False}
 
 
-def test_on_from_hopper_on_unless_turned_off(capability, monkeypatch):
+def test_on_from_hopper_on_unless_turned_off_or_rocm(capability, monkeypatch):
     gpu = torch.device("cuda", 0)
     capability((9, 0))
     assert launch.dependent_launch(gpu) == {"PDL": True, "launch_pdl": True}
     capability((8, 9))
     assert launch.dependent_launch(gpu) == {"PDL": False}
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports gfx9 as 9.x
+    capability((9, 4))
+    assert launch.dependent_launch(gpu) == {"PDL": False}
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setenv("PAGODA_PDL", "0")
     capability((9, 0))
     assert launch.dependent_launch(gpu) == {"PDL": False}
