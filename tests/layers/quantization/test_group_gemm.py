@@ -265,7 +265,8 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
     counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
     _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                              "stride_xm": "i32", **strides}, {
-        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision, "PDL": True})
+        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision,
+        "PDL": True})
     float8 = codes == "fp8e4nv"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
     for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
