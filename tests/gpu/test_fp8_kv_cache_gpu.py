@@ -14,6 +14,7 @@ from tests.layers.test_triton_attention import (
     check_against_dense,
     dense_outputs,
     make_batch,
+    reference_attention,
     run_triton,
 )
 from tests.models.parity import random_prompts
@@ -21,7 +22,9 @@ from tests.runner.test_fp8_kv_cache import first_tokens
 from tests.utils import save_random_checkpoint
 
 ELEMENTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-STEPS = {"decode": [(c, 1) for c in (8300, 17, 1000, 4095, 64, 2500, 300, 7000)],
+DECODES = [(c, 1) for c in (8300, 17, 1000, 4095, 64, 2500, 300, 7000)]
+# 8 decodes split the KV into segments; 40 fill the GPU unsplit, in the float8 tile setting
+STEPS = {"decode": DECODES, "decode_batch": DECODES * 5,
          "mixed": [(0, 2048), (6000, 512), (300, 1000), (100, 33), (4000, 1), (77, 1)]}
 
 
@@ -48,6 +51,30 @@ def test_a_float8_cache_reads_back_its_rounded_values(element, step, gpu_report)
     assert torch.equal(stored.view(torch.uint8), batch.k[keep].to(fp8).view(torch.uint8))
     error = check_against_dense(batch, out, scale, expected)
     gpu_report(element=element, step=step, max_err=error)
+
+
+def test_queries_past_float16s_range_saturate_over_a_float8_cache():
+    """bfloat16 queries over a float8 cache multiply in float16: a query past float16's range
+    counts as +-65504 (its scores stay finite), not as infinity."""
+    dtype, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    batch = make_batch([(300, 1), (40, 1), (0, 5)], block_size=16, heads=8, kv_heads=2,
+                       head_dim=128, dtype=dtype, device="cuda", seed=5)
+    batch.q[0, 3] = 1e6
+    batch.q[1, 0, ::2] = -3e5
+    batch.kv_cache = batch.kv_cache.to(fp8).to(dtype)
+    batch.keys = [t.to(fp8).to(dtype) for t in batch.keys]
+    batch.values = [t.to(fp8).to(dtype) for t in batch.values]
+    batch.k.copy_(batch.k.to(fp8).to(dtype))
+    batch.v.copy_(batch.v.to(fp8).to(dtype))
+    scale = 128 ** -0.5
+    saturated = batch.q.float().clamp(-65504, 65504)
+    qsl = batch.meta.query_start_loc_cpu
+    expected = [reference_attention(saturated[qsl[i]:qsl[i + 1]], keys, values, scale)
+                for i, (keys, values) in enumerate(zip(batch.keys, batch.values))]
+    batch.kv_cache = batch.kv_cache.to(fp8)
+    out = run_triton(batch, scale)
+    assert torch.isfinite(out[:qsl[-1]]).all()
+    check_against_dense(batch, out, scale, expected)
 
 
 def test_an_engine_with_a_float8_cache_keeps_the_next_tokens(tmp_path):

@@ -326,6 +326,26 @@ def _rotary_window_case() -> None:
     assert not torch.allclose(out, outputs[0]), "the window changed nothing"
 
 
+def _float8_cache_case() -> None:
+    """float16 queries over a float8 cache: 20 unsplit decodes, which read it in the float8
+    tile setting (K and V are rounded to float8 first, so the store writes them exactly)."""
+    fp8, dtype = torch.float8_e4m3fn, torch.float16
+    seqs = [(c, 1) for c in (5, 130, 300, 17, 64, 250, 1, 90, 400, 33) * 2]
+    batch = make_batch(seqs, block_size=16, heads=8, kv_heads=2, head_dim=32, dtype=dtype,
+                       seed=9)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(fp8).to(dtype)
+    batch.k.copy_(rounded(batch.k))
+    batch.v.copy_(rounded(batch.v))
+    batch.keys = [rounded(t) for t in batch.keys]
+    batch.values = [rounded(t) for t in batch.values]
+    scale = 32 ** -0.5
+    expected = dense_outputs(batch, scale)
+    batch.kv_cache = batch.kv_cache.to(fp8)
+    check_against_dense(batch, run_triton(batch, scale, num_segments=1), scale, expected)
+
+
 def _without_padding(meta: CommonAttentionMetadata) -> CommonAttentionMetadata:
     real = meta.query_start_loc_cpu[-1]
     return CommonAttentionMetadata(
@@ -360,6 +380,7 @@ def _interpreter_cases() -> dict[str, Callable[[], None]]:
         "fp16": _mixed(16, 8, 2, 32, dtype=torch.float16),
         # bf16 runs on GPU only: the interpreter's tl.dot multiplies bf16's raw uint16 bits.
         "fp16_split2": _mixed(16, 8, 2, 32, dtype=torch.float16, seqs=DECODES, num_segments=2),
+        "fp16_float8_cache_decodes": _float8_cache_case,
         "padding_tokens_slot_minus1": _mixed(16, 8, 2, 16, pad_tokens=5, scale=0.3),
         "padding_decode_split": _mixed(16, 8, 2, 16, seqs=DECODES, pad_tokens=3,
                                        num_segments=2),
@@ -410,7 +431,8 @@ INTERPRETER_CASES = [
     "mixed_bs64_gqa8_dim24", "mixed_bs16_gqa18", "mixed_split3", "decode_unsplit",
     "decode_split4_gqa3", "decode_auto_split", "long_prefill_with_context", "dim128_strided_qkv",
     "tile16_bs64", "tile64_bs16_blockm16",
-    "blockm128_tile32", "fp16", "fp16_split2", "padding_tokens_slot_minus1",
+    "blockm128_tile32", "fp16", "fp16_split2", "fp16_float8_cache_decodes",
+    "padding_tokens_slot_minus1",
     "padding_decode_split", "graph_padding_unsplit", "graph_padding_split",
     "rotary_store_fused_window", "window24_mixed_bs16", "window1_mixed",
     "window_wider_than_context", "window20_tile16_bs32", "window40_tile16_bs64",
@@ -504,6 +526,21 @@ def test_split_heuristic():
     assert fp32.config.block_m == 16  # no tensor cores: small tiles, no register spills
 
 
+def test_float8_cache_plans():
+    """An unsplit decode over a one-byte cache reads 128-position tiles, five stages deep;
+    split decodes, prefill tiles and head dims past 128 keep the 16-bit settings."""
+    from pagoda.layers.attention.triton_unified import plan_attention
+    fp8 = torch.float8_e4m3fn
+    wide = plan_attention(32, 8, 128, [1] * 64, 4096, 132, cache_dtype=fp8)
+    assert wide.num_segments == 1 and (wide.config.tile, wide.config.num_stages) == (128, 5)
+    assert plan_attention(32, 8, 128, [1] * 64, 4096, 132).config.tile == 64
+    assert plan_attention(32, 8, 128, [1], 4096, 132, cache_dtype=fp8) \
+        == plan_attention(32, 8, 128, [1], 4096, 132)
+    assert plan_attention(32, 8, 128, [1, 2048], 8192, 132, cache_dtype=fp8) \
+        == plan_attention(32, 8, 128, [1, 2048], 8192, 132)
+    assert plan_attention(8, 4, 256, [1] * 64, 4096, 132, cache_dtype=fp8).config.tile == 32
+
+
 def test_window_plans():
     """A local layer's split is sized by its window, not the context; one plan per window."""
     from pagoda.layers.attention.metadata import CommonAttentionMetadata
@@ -539,6 +576,52 @@ def test_plan_rejects_bad_shapes():
         plan_attention(8, 2, 64, [1], 10, 132, config=KernelConfig(48, 32, 4, 2))
     with pytest.raises(ValueError, match="GQA group"):
         plan_attention(64, 1, 64, [1], 10, 132, config=KernelConfig(32, 32, 4, 2))
+
+
+def test_products_run_in_float16_for_a_float8_cache_under_bfloat16_queries():
+    from pagoda.layers.attention.triton_unified import _half_products
+    assert _half_products(torch.bfloat16, torch.float8_e4m3fn)
+    assert _half_products(torch.bfloat16, torch.float8_e5m2)
+    assert not _half_products(torch.bfloat16, torch.bfloat16)
+    assert not _half_products(torch.float16, torch.float8_e4m3fn)  # float16 already
+    assert not _half_products(torch.float32, torch.float8_e4m3fn)
+
+
+def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
+    """The decode kernel compiled for sm_90 here (no GPU needed): q [*, 32, 128], 8 KV heads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagoda.layers.attention import triton_unified
+    kernel = triton_unified._unified_attention_kernel
+    constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
+                     BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=False, SLIDING=False,
+                     DOT_PRECISION="tf32", HALF_PRODUCTS=half_products, PDL=True)
+    pointers = {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
+                "value_cache_ptr": cache}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.startswith("seg_"):
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointers.get(name, "i32")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+
+
+def test_a_float8_cache_converts_each_pair_of_values_once():
+    """In float16 products a pair of float8 K or V values takes one conversion; bfloat16
+    products would add one float16 -> bfloat16 conversion per value."""
+    half = _decode_kernel_ptx("bf16", "fp8e4nv", half_products=True)
+    assert half.count("cvt.rn.f16x2.e4m3x2") > 0 and half.count("cvt.bf16.f16") == 0
+    bf16 = _decode_kernel_ptx("bf16", "fp8e4nv", half_products=False)
+    assert bf16.count("cvt.bf16.f16") == 2 * bf16.count("cvt.rn.f16x2.e4m3x2") > 0
 
 
 def test_selector():

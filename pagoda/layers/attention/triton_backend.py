@@ -42,17 +42,17 @@ class TritonAttentionMetadata:
     query_lens: list[int]
     num_sms: int
     num_segments: int | None  # forced split (None: heuristic)
-    plans: dict[tuple[int, int, int, torch.dtype, int | None], AttentionPlan] = \
-        field(default_factory=dict)
+    plans: dict[tuple, AttentionPlan] = field(default_factory=dict)
 
     def plan(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-             sliding_window: int | None = None) -> AttentionPlan:
-        key = (num_heads, num_kv_heads, head_dim, dtype, sliding_window)
+             sliding_window: int | None = None,
+             cache_dtype: torch.dtype | None = None) -> AttentionPlan:
+        key = (num_heads, num_kv_heads, head_dim, dtype, sliding_window, cache_dtype)
         plan = self.plans.get(key)
         if plan is None:
             plan = plan_attention(num_heads, num_kv_heads, head_dim, self.query_lens,
                                   self.max_seq_len, self.num_sms, self.num_segments, dtype=dtype,
-                                  sliding_window=sliding_window)
+                                  sliding_window=sliding_window, cache_dtype=cache_dtype)
             self.plans[key] = plan
         return plan
 
@@ -123,7 +123,8 @@ class TritonAttentionBackend(AttentionBackend):
     def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: TritonAttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
-        plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype, sliding_window)
+        plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype, sliding_window,
+                             key_cache.dtype)
         return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
                                  metadata.seq_lens, metadata.block_tables, scale,
                                  metadata.num_seqs, plan, sliding_window=sliding_window)
