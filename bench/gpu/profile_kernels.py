@@ -1,7 +1,10 @@
 """Where a decode step's GPU time goes: torch.profiler over single-stream decode (CUDA graphs
-on), kernel time summed by name, per step, against the step's wall time."""
+on), kernel time summed by name, per step, against the step's wall time.
 
-import sys
+    python3 bench/gpu/profile_kernels.py [MODEL [BATCH]] [--quantization Q] [--kv-cache-dtype D]
+"""
+
+import argparse
 from collections import defaultdict
 
 import torch
@@ -9,10 +12,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from pagoda import LLM, SamplingParams
 
-model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.1-8b"
-batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
-          max_num_seqs=max(batch, 8))
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
+parser.add_argument("batch", nargs="?", type=int, default=1)
+parser.add_argument("--quantization", default=None)
+parser.add_argument("--kv-cache-dtype", default="auto")
+args = parser.parse_args()
+batch = args.batch
+llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
+          max_num_seqs=max(batch, 8), quantization=args.quantization,
+          kv_cache_dtype=args.kv_cache_dtype)
 prompts = [{"prompt_token_ids": list(range(1000 + i, 2024 + i))} for i in range(batch)]
 steps = 64
 params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)

@@ -31,6 +31,11 @@ from pagoda.layers.attention.triton_unified import (
     AttentionPlan, KernelConfig, plan_attention, unified_attention)
 
 
+# --kv-dtype: the cache's element type (auto: the queries' --dtype), as --kv-cache-dtype
+KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+             "fp8_e5m2": torch.float8_e5m2}
+
+
 @dataclass
 class Inputs:
     """One step's tensors: q/k/v of the new tokens, the KV cache and the metadata."""
@@ -64,7 +69,7 @@ def make_inputs(seqs: list[tuple[int, int]], args: argparse.Namespace, seed: int
     per_seq = [-(-(c + n) // bs) for c, n in seqs]
     num_blocks = 1 + sum(per_seq)
     kv_cache = torch.randn(2, num_blocks, bs, args.kv_heads, args.head_dim, device=dev,
-                           dtype=dtype, generator=gen)
+                           dtype=dtype, generator=gen).to(KV_DTYPES.get(args.kv_dtype, dtype))
     order = (torch.randperm(num_blocks - 1, device=dev, generator=gen) + 1).int()
     tables = torch.zeros(len(seqs), max(per_seq), dtype=torch.int32, device=dev)
     slots, qsl, lens, used = [], [0], [], 0
@@ -94,7 +99,8 @@ def make_plan(inp: Inputs, num_segments: int | None = None,
               config: KernelConfig | None = None) -> AttentionPlan:
     heads, kv_heads, dim = inp.q.shape[1], inp.k.shape[1], inp.q.shape[2]
     return plan_attention(heads, kv_heads, dim, inp.meta.query_lens_cpu, inp.meta.max_seq_len,
-                          num_sms(), num_segments, config, inp.q.dtype)
+                          num_sms(), num_segments, config, inp.q.dtype,
+                          cache_dtype=inp.kv_cache.dtype)
 
 
 def time_attention(inp: Inputs, plan: AttentionPlan) -> float:
@@ -291,6 +297,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="the KV cache's element type (auto: --dtype)")
     p.add_argument("--skip-backends", action="store_true", help="no torch_ref comparison")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel configs")
@@ -334,7 +342,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name()
     print(f"\n# attention kernels on {device}: H={args.heads} KVH={args.kv_heads} "
-          f"D={args.head_dim} {args.dtype} block={args.block_size}; torch {torch.__version__}, "
+          f"D={args.head_dim} {args.dtype} (KV cache: {args.kv_dtype}) "
+          f"block={args.block_size}; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
     titles = {"decode": "decode attention (us = median; S = split-KV segments; %copy = KV-read "
                         "GB/s / copy GB/s)",
