@@ -159,12 +159,14 @@ def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
 
 def scaled_mm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX) in
-    one Triton launch, the product rescaled by the token's and the output row's scales."""
+    one Triton launch, the product rescaled by the token's and the output row's scales.
+    The tensor cores' own accumulators sum the products without promoting partial sums to
+    float32 every few steps (fast accumulation, as vLLM's Hopper FP8 kernels)."""
     from pagoda.layers.quantization.triton_group_gemm import fp8_rows
     flat = x.reshape(-1, weight.in_features)
     x_fp8, x_scale = fp8_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), FP8_MAX)
     y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
-                         out_dtype=x.dtype)
+                         out_dtype=x.dtype, use_fast_accum=True)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 
