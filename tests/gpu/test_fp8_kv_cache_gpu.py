@@ -15,6 +15,7 @@ from tests.layers.test_triton_attention import (
     dense_outputs,
     make_batch,
     reference_attention,
+    round_kv_to,
     run_triton,
 )
 from tests.models.parity import random_prompts
@@ -34,13 +35,7 @@ def test_a_float8_cache_reads_back_its_rounded_values(element, step, gpu_report)
     dtype, fp8 = torch.bfloat16, ELEMENTS[element]
     batch = make_batch(STEPS[step], block_size=16, heads=32, kv_heads=8, head_dim=128,
                        dtype=dtype, device="cuda", seed=3)
-
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(fp8).to(dtype)
-    batch.k.copy_(rounded(batch.k))
-    batch.v.copy_(rounded(batch.v))
-    batch.keys = [rounded(t) for t in batch.keys]
-    batch.values = [rounded(t) for t in batch.values]
+    round_kv_to(batch, fp8)
     scale = 128 ** -0.5
     expected = dense_outputs(batch, scale)
     batch.kv_cache = batch.kv_cache.to(fp8)
@@ -61,11 +56,7 @@ def test_queries_past_float16s_range_saturate_over_a_float8_cache():
                        head_dim=128, dtype=dtype, device="cuda", seed=5)
     batch.q[0, 3] = 1e6
     batch.q[1, 0, ::2] = -3e5
-    batch.kv_cache = batch.kv_cache.to(fp8).to(dtype)
-    batch.keys = [t.to(fp8).to(dtype) for t in batch.keys]
-    batch.values = [t.to(fp8).to(dtype) for t in batch.values]
-    batch.k.copy_(batch.k.to(fp8).to(dtype))
-    batch.v.copy_(batch.v.to(fp8).to(dtype))
+    round_kv_to(batch, fp8)
     scale = 128 ** -0.5
     saturated = batch.q.float().clamp(-65504, 65504)
     qsl = batch.meta.query_start_loc_cpu

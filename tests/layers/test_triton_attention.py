@@ -326,20 +326,25 @@ def _rotary_window_case() -> None:
     assert not torch.allclose(out, outputs[0]), "the window changed nothing"
 
 
-def _float8_cache_case() -> None:
-    """float16 queries over a float8 cache: 20 unsplit decodes, which read it in the float8
-    tile setting (K and V are rounded to float8 first, so the store writes them exactly)."""
-    fp8, dtype = torch.float8_e4m3fn, torch.float16
-    seqs = [(c, 1) for c in (5, 130, 300, 17, 64, 250, 1, 90, 400, 33) * 2]
-    batch = make_batch(seqs, block_size=16, heads=8, kv_heads=2, head_dim=32, dtype=dtype,
-                       seed=9)
-
+def round_kv_to(batch: Batch, element: torch.dtype) -> None:
+    """Round the step's new K/V and the reference's K/V to `element`'s values (kept in their
+    own dtype): a cache of `element` then holds exactly what the reference attends over."""
     def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(fp8).to(dtype)
+        return t.to(element).to(t.dtype)
     batch.k.copy_(rounded(batch.k))
     batch.v.copy_(rounded(batch.v))
     batch.keys = [rounded(t) for t in batch.keys]
     batch.values = [rounded(t) for t in batch.values]
+
+
+def _float8_cache_case() -> None:
+    """float16 queries over a float8 cache: 20 unsplit decodes, which read it in the float8
+    tile setting (K and V are rounded to float8 first, so the store writes them exactly)."""
+    fp8 = torch.float8_e4m3fn
+    seqs = [(c, 1) for c in (5, 130, 300, 17, 64, 250, 1, 90, 400, 33) * 2]
+    batch = make_batch(seqs, block_size=16, heads=8, kv_heads=2, head_dim=32,
+                       dtype=torch.float16, seed=9)
+    round_kv_to(batch, fp8)
     scale = 32 ** -0.5
     expected = dense_outputs(batch, scale)
     batch.kv_cache = batch.kv_cache.to(fp8)
