@@ -185,3 +185,18 @@ def local_ray_cluster(head: list[str], *others: list[str],
                 node.kill()
                 node.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def compile_for_hopper(kernel, signature: dict, constants: dict) -> dict:
+    """Compile a Triton kernel for sm_90 with no GPU (Triton's own ptxas), as the H200 will,
+    and return its assembly by stage ("ptx", "cubin", ...): type errors the interpreter lets
+    through (a dot of mixed dtypes) fail here. `signature` types the runtime arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
+                                                                            "constexpr")},
+                       constexprs=constants)
+    asm = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+    assert asm["cubin"]
+    return asm

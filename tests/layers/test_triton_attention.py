@@ -290,7 +290,8 @@ def _rotary_case(with_qk_norm: bool) -> None:
         out = backend.forward_rotary(positions[:real], q[:real], k[:real], v[:real], rope, cache,
                                      backend.build_metadata(meta), dim ** -0.5, None, qk_norm)
         outputs[name] = (out[:batch.num_real_tokens], cache)
-    torch.testing.assert_close(outputs["triton"][0], outputs["torch"][0], **tolerance(torch.float32))
+    torch.testing.assert_close(outputs["triton"][0], outputs["torch"][0],
+                               **tolerance(torch.float32))
     if with_qk_norm:  # the kernel's fp32 norm may sum in another order
         torch.testing.assert_close(outputs["triton"][1], outputs["torch"][1],
                                    **tolerance(torch.float32))
@@ -432,7 +433,8 @@ def _window_cases(KernelConfig) -> dict[str, Callable[[], None]]:
 
 # Names only (no triton import in the pytest process); must match _interpreter_cases().
 INTERPRETER_CASES = [
-    "store_skips_negative_slots", "rotary_store_fused", "qk_norm_rotary_store_fused", "mixed_bs16_mha", "mixed_bs32_gqa4", "mixed_bs16_gqa3_smollm2",
+    "store_skips_negative_slots", "rotary_store_fused", "qk_norm_rotary_store_fused",
+    "mixed_bs16_mha", "mixed_bs32_gqa4", "mixed_bs16_gqa3_smollm2",
     "mixed_bs64_gqa8_dim24", "mixed_bs16_gqa18", "mixed_split3", "decode_unsplit",
     "decode_split4_gqa3", "decode_auto_split", "long_prefill_with_context", "dim128_strided_qkv",
     "tile16_bs64", "tile64_bs16_blockm16",
@@ -594,11 +596,8 @@ def test_products_run_in_float16_for_a_float8_cache_under_bfloat16_queries():
 
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
     """The decode kernel compiled for sm_90 here (no GPU needed): q [*, 32, 128], 8 KV heads."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from pagoda.layers.attention import triton_unified
+    from tests.utils import compile_for_hopper
     kernel = triton_unified._unified_attention_kernel
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=False, SLIDING=False,
@@ -608,16 +607,14 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
-            signature[name] = "constexpr"
-        elif name.startswith("seg_"):
+            continue
+        if name.startswith("seg_"):
             signature[name] = "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, "i32")
         else:
             signature[name] = "fp32" if name == "qk_scale" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+    return compile_for_hopper(kernel, signature, constants)["ptx"]
 
 
 def test_a_float8_cache_converts_each_pair_of_values_once():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from pagoda.layers.quantization.group_gemm import (
     unpack_int4_halves,
 )
 from pagoda.layers.tile_counters import nonzero_counters
+from tests.utils import compile_for_hopper
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). Up to 32 tokens
@@ -256,14 +258,13 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
         _few_tokens_kernel,
         _group_gemm_kernel,
     )
-    from tests.lora.test_triton_ops import _compile_for_hopper
     pointers = {"x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
                 "low_ptr": "*fp16", "out_ptr": "*fp32"}
     strides = dict.fromkeys(["stride_ck", "stride_cn"], "i32")
     layout = {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
               "STEP": 32 if bits == 4 else 16, "HAS_LOW": True}
     counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
-    _compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
+    compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                              "stride_xm": "i32", **strides}, {
         **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision,
         "PDL": True})
@@ -271,7 +272,7 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
     for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
                                                                    layout["STEP"]),):
-        _compile_for_hopper(_few_tokens_kernel, {
+        compile_for_hopper(_few_tokens_kernel, {
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
@@ -279,11 +280,9 @@ def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8), "PDL": True})
 
 
-@pytest.mark.parametrize("group", [128, 4096])
-def test_the_one_token_int4_kernel_compiles_for_hopper(group):
+def _one_token_int4_for_hopper(group: int) -> dict:
     from pagoda.layers.quantization.triton_group_gemm import _one_token_int4_kernel
-    from tests.lora.test_triton_ops import _compile_for_hopper
-    _compile_for_hopper(_one_token_int4_kernel, {
+    return compile_for_hopper(_one_token_int4_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
         "one_bits": "i32"}, {
@@ -291,10 +290,24 @@ def test_the_one_token_int4_kernel_compiles_for_hopper(group):
         "HAS_LOW": True, "ROWS": 16, "BLOCK_W": 32, "PDL": True})
 
 
+@pytest.mark.parametrize("group", [128, 4096])
+def test_the_one_token_int4_kernel_compiles_for_hopper(group):
+    _one_token_int4_for_hopper(group)
+
+
+def test_the_one_token_int4_kernel_requests_weights_before_waiting():
+    """With programmatic dependent launch, its first tile of weights (which no kernel
+    writes) is loaded before the wait for the previous kernel; activations after it."""
+    ptx = _one_token_int4_for_hopper(128)["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    first_load = re.search(r"\bld\.global", ptx).start()
+    assert -1 < first_load < wait
+    assert re.search(r"\bst\.global", ptx).start() > wait
+
+
 def test_fp8_rows_compiles_for_hopper():
     from pagoda.layers.quantization.triton_group_gemm import _fp8_rows_kernel
-    from tests.lora.test_triton_ops import _compile_for_hopper
-    _compile_for_hopper(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
+    compile_for_hopper(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
                                            "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
                         {"FP8_MAX": 448.0, "BLOCK_K": 16384, "PDL": True})
 
