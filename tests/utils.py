@@ -187,16 +187,17 @@ def local_ray_cluster(head: list[str], *others: list[str],
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def compile_for_hopper(kernel, signature: dict, constants: dict) -> dict:
-    """Compile a Triton kernel for sm_90 with no GPU (Triton's own ptxas), as the H200 will,
-    and return its assembly by stage ("ptx", "cubin", ...): type errors the interpreter lets
-    through (a dot of mixed dtypes) fail here. `signature` types the runtime arguments."""
+def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90) -> dict:
+    """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
+    A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",
+    "cubin", ...): type errors the interpreter lets through (a dot of mixed dtypes, a type
+    the architecture lacks) fail here. `signature` types the runtime arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
                                                                             "constexpr")},
                        constexprs=constants)
-    asm = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+    asm = triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm
     assert asm["cubin"]
     return asm

@@ -106,13 +106,13 @@ class Worker:
         quantization = model_quantization(engine.quantization, self.source, self.device)
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
                            engine.seed, self.group, self.stage, quantization=quantization)
-        backend = select_backend(engine.attention_backend, self.device)
+        kv_dtype = kv_cache_torch_dtype(engine.cache.kv_cache_dtype, dtype)
+        backend = select_backend(engine.attention_backend, self.device, kv_dtype)
         lora = None
         if engine.lora is not None:
             sched = engine.scheduler
             lora = LoRAManager(model, engine.lora, self.device, dtype,
                                max(sched.max_num_batched_tokens, sched.max_num_seqs))
-        kv_dtype = kv_cache_torch_dtype(engine.cache.kv_cache_dtype, dtype)
         self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
                                                       hf.vocab_size, kv_dtype), backend, lora)
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),

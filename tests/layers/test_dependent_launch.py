@@ -16,7 +16,7 @@ from pagoda.layers import fused
 from pagoda.layers.attention import triton_kv_store, triton_unified
 from pagoda.layers.moe import triton_moe
 from pagoda.layers.quantization import triton_group_gemm
-from tests.utils import compile_for_hopper
+from tests.utils import compile_for_cuda
 
 FORWARD_PASS_MODULES = (fused, triton_kv_store, triton_unified, triton_moe, triton_group_gemm)
 
@@ -61,7 +61,7 @@ def test_every_forward_pass_kernel_takes_the_switch():
 def test_a_kernel_compiled_with_it_waits_before_touching_memory():
     signature = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
                  "res_out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32"}
-    ptx = compile_for_hopper(fused._add_rms_norm_kernel, signature,
+    ptx = compile_for_cuda(fused._add_rms_norm_kernel, signature,
                              {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True})["ptx"]
     first_access = re.search(r"\b(ld|st)\.global", ptx).start()
     assert -1 < ptx.find("griddepcontrol.wait") < ptx.find("griddepcontrol.launch_dependents") \

@@ -597,7 +597,7 @@ def test_products_run_in_float16_for_a_float8_cache_under_bfloat16_queries():
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
     """The decode kernel compiled for sm_90 here (no GPU needed): q [*, 32, 128], 8 KV heads."""
     from pagoda.layers.attention import triton_unified
-    from tests.utils import compile_for_hopper
+    from tests.utils import compile_for_cuda
     kernel = triton_unified._unified_attention_kernel
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=False, SLIDING=False,
@@ -614,7 +614,7 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
             signature[name] = "*" + pointers.get(name, "i32")
         else:
             signature[name] = "fp32" if name == "qk_scale" else "i32"
-    return compile_for_hopper(kernel, signature, constants)["ptx"]
+    return compile_for_cuda(kernel, signature, constants)["ptx"]
 
 
 def test_a_float8_cache_converts_each_pair_of_values_once():
@@ -624,6 +624,15 @@ def test_a_float8_cache_converts_each_pair_of_values_once():
     assert half.count("cvt.rn.f16x2.e4m3x2") > 0 and half.count("cvt.bf16.f16") == 0
     bf16 = _decode_kernel_ptx("bf16", "fp8e4nv", half_products=False)
     assert bf16.count("cvt.bf16.f16") == 2 * bf16.count("cvt.rn.f16x2.e4m3x2") > 0
+
+
+def test_an_e4m3_cache_needs_triton_s_e4m3_type():
+    from pagoda.layers.attention.selector import float8_cache_error
+    error = float8_cache_error((8, 0), torch.float8_e4m3fn)
+    assert "8.9 or later" in error and "8.0" in error and "fp8_e5m2" in error
+    assert float8_cache_error((8, 0), torch.float8_e5m2) is None
+    assert float8_cache_error((8, 0), None) is None  # the model's dtype
+    assert float8_cache_error((9, 0), torch.float8_e4m3fn) is None
 
 
 def test_selector():

@@ -17,7 +17,7 @@ import torch
 
 from pagoda.lora.layers import LoRAStepState, LoRAWeights, ModuleShard, lora_torch
 from tests.lora.test_layers import random_adapter
-from tests.utils import compile_for_hopper
+from tests.utils import compile_for_cuda
 
 MARKER = "LORA-KERNEL-ERRORS "
 LAYOUTS = {"qkv": [48, 16, 16], "gate_up": [40, 40], "o": [24]}
@@ -89,15 +89,15 @@ def test_kernels_match_torch_under_the_interpreter():
 
 @pytest.mark.parametrize(("dtype", "precision"), [("bf16", "tf32"), ("fp16", "tf32"),
                                                   ("fp32", "ieee")])
-def test_kernels_compile_for_hopper(dtype, precision):
+def test_kernels_compile_for_cuda(dtype, precision):
     from pagoda.lora.triton_ops import _expand_kernel, _shrink_kernel
     ints = dict.fromkeys(["num_tokens", "rank"], "i32")
-    compile_for_hopper(_shrink_kernel, {
+    compile_for_cuda(_shrink_kernel, {
         "x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": "*fp32", "sorted_ptr": "*i32",
         "tiles_ptr": "*i32", **ints, "stride_x": "i32", "stride_as": "i32", "stride_ap": "i32",
         "stride_ar": "i32"}, {"K": 4096, "K_SPLIT": 512, "NUM_PIECES": 3, "BLOCK_M": 16,
                               "BLOCK_R": 16, "BLOCK_K": 128, "DOT_PRECISION": precision})
-    compile_for_hopper(_expand_kernel, {
+    compile_for_cuda(_expand_kernel, {
         "u_ptr": "*fp32", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "sorted_ptr": "*i32",
         "tiles_ptr": "*i32", "num_tokens": "i32", "N": "i32", "rank": "i32", "stride_y": "i32",
         "stride_bs": "i32", "stride_br": "i32", "OFF1": "i32", "OFF2": "i32"},

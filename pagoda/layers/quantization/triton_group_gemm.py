@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
     FEW_TOKENS,
@@ -38,8 +39,8 @@ from pagoda.layers.quantization.group_gemm import (
     SMALL_M,
     GroupQuantWeight,
 )
-from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.tile_counters import tile_counters
+from pagoda.layers.triton_support import has_e4m3
 
 # few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
 # into about TARGET_PROGRAMS programs per streaming multiprocessor, each split covering at
@@ -52,11 +53,11 @@ MIN_SPLIT_ROWS = 32  # the one-token 4-bit kernel's: rows of bytes (two inputs e
 @triton.jit
 def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
                   GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, E4M3_BYTES: tl.constexpr):
     """acc + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]); the STEP inputs lie in one group."""
     group = k // GROUP
     scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-    weights = codes.to(tl.float32) * scale[None, :]
+    weights = _codes_as(codes, tl.float32, E4M3_BYTES) * scale[None, :]
     if HAS_LOW:
         low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
         weights += low[None, :]
@@ -71,7 +72,10 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        M, N, stride_xm, stride_ck, stride_cn, K_SPLIT: tl.constexpr,
                        SPLITS: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                        STEP: tl.constexpr, HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
+    """out = x W^T for a [BLOCK_M, BLOCK_N] tile over one split of the inputs. Codes [K, N]
+    (4 bits: [K / 2, N] packed halves); E4M3_BYTES: float8 values given as their bytes."""
     wait_for_previous_kernel(PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,17 +91,19 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                              + n[None, :] * stride_cn,
                              mask=n_ok[None, :])
             acc = _decoded_step(acc, x_ptr, packed & 15, k, m, m_ok, n, n_ok, N, stride_xm,
-                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION)
+                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION,
+                                False)
             acc = _decoded_step(acc, x_ptr, packed >> 4, k + STEP, m, m_ok, n, n_ok, N,
                                 stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW,
-                                DOT_PRECISION)
+                                DOT_PRECISION, False)
     else:
         for offset in range(0, K_SPLIT, STEP):
             k = first + offset
             codes = tl.load(codes_ptr + (k + rows)[:, None] * stride_ck + n[None, :] * stride_cn,
                             mask=n_ok[None, :])
             acc = _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm,
-                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION)
+                                scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION,
+                                E4M3_BYTES)
     # (columns past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, m[:, None] * N + n[None, :], m_ok[:, None] & n_ok[None, :],
@@ -110,11 +116,11 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums)."""
+    applied once to the sums; E4M3_BYTES: given as their bytes)."""
     wait_for_previous_kernel(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -129,10 +135,11 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
             packed = tl.load(codes_ptr + (k // 2 + steps)[None, :] * N + n[:, None],
                              mask=n_ok[:, None])
             acc = _few_tokens_step(acc, packed & 15, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
-                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT)
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
+                                   False)
             acc = _few_tokens_step(acc, packed >> 4, k + STEP, x_ptr, t, t_ok, n, n_ok, N,
                                    stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8,
-                                   ROW_SCALE, DOT)
+                                   ROW_SCALE, DOT, False)
     else:
         for offset in range(0, K_SPLIT, STEP):
             k = first + offset
@@ -142,7 +149,8 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                 at = (k + steps)[None, :] * N + n[:, None]
             codes = tl.load(codes_ptr + at, mask=n_ok[:, None])
             acc = _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
-                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT)
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
+                                   E4M3_BYTES)
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
@@ -154,7 +162,8 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 @triton.jit
 def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
                      GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
-                     FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr):
+                     FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr,
+                     E4M3_BYTES: tl.constexpr):
     """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
     group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
     activations (saturated to its range)."""
@@ -163,10 +172,11 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
     x = _half_saturating(x.to(tl.float32)) if DOT == 3 else x.to(dot_type)
     if ROW_SCALE:  # scaled after the sums
-        return tl.dot(codes.to(dot_type), x, acc, input_precision="ieee")
+        return tl.dot(_codes_as(codes, dot_type, E4M3_BYTES), x, acc, input_precision="ieee")
     if FLOAT8:
         scale = tl.load(scale_ptr + (k // GROUP) * N + n, mask=n_ok, other=0.0)
-        return acc + tl.dot(codes.to(dot_type), x, input_precision="ieee") * scale[:, None]
+        return acc + tl.dot(_codes_as(codes, dot_type, E4M3_BYTES), x,
+                            input_precision="ieee") * scale[:, None]
     group = k // GROUP
     scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(dot_type)
     weights = codes.to(dot_type) * scale[:, None]
@@ -176,6 +186,21 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
 
 
 HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
+
+
+@triton.jit
+def _codes_as(codes, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
+    """codes converted to dtype. With E4M3_BYTES they are float8 E4M3 values given as their
+    bytes (Triton types E4M3 only from compute capability 8.9 on): the sign bit and the other
+    seven bits moved into float16's sign and into its exponent and mantissa fields read as
+    the value / 256 (float16 holds E4M3's three mantissa bits and, at that offset, every one
+    of its exponents, subnormals included), so one exact multiplication by 256 restores it.
+    (A NaN byte, which weights do not hold, would read as 480.)"""
+    if E4M3_BYTES:
+        bits = codes.to(tl.uint16)
+        half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        return (half.to(tl.float32) * 256.0).to(dtype)
+    return codes.to(dtype)
 
 
 @triton.jit
@@ -319,6 +344,20 @@ def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_p
 
 
 @functools.cache
+def _capability(device_index: int | None) -> tuple[int, int] | None:
+    return None if device_index is None else torch.cuda.get_device_capability(device_index)
+
+
+def _float8_codes(codes: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Float8 codes as the kernels take them on `device`, and whether those are bytes: on
+    GPUs where Triton has no E4M3 type the kernels decode the bytes by bit operations."""
+    index = device.index if device.type == "cuda" else None
+    if codes.dtype == FP8 and not has_e4m3(_capability(index)):
+        return codes.view(torch.uint8), True
+    return codes, False
+
+
+@functools.cache
 def _multiprocessors(device_index: int | None) -> int:
     if device_index is None:  # the CPU interpreter: an H200's count
         return 132
@@ -423,15 +462,17 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     splits, block_t = config.pop("splits"), config["BLOCK_T"]
     grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(tokens, block_t), splits)
     float8 = weight.codes.dtype == FP8
+    codes, as_bytes = _float8_codes(weight.codes, flat.device)
     _few_tokens_kernel[grid](
-        flat, weight.codes, weight.scale, weight.low if weight.low is not None else weight.scale,
+        flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, weight.in_features, flat.stride(0),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), **config, **dependent_launch(flat.device))
+        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
+        **dependent_launch(flat.device))
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
@@ -490,7 +531,7 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
                            multiprocessors)
     splits, block_m = config.pop("splits"), config.pop("BLOCK_M")
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
-    codes = weight.codes_by_input()
+    codes, as_bytes = _float8_codes(weight.codes_by_input(), flat.device)
     _group_gemm_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
@@ -498,7 +539,7 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, STEP=_step(weight), HAS_LOW=weight.low is not None,
         BLOCK_M=block_m, DOT_PRECISION="ieee" if flat.dtype == torch.float32 else "tf32",
-        **config, **dependent_launch(flat.device))
+        E4M3_BYTES=as_bytes, **config, **dependent_launch(flat.device))
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from pagoda.layers.quantization.group_gemm import (
     unpack_int4_halves,
 )
 from pagoda.layers.tile_counters import nonzero_counters
-from tests.utils import compile_for_hopper
+from tests.utils import compile_for_cuda
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). Up to 32 tokens
@@ -89,9 +89,45 @@ def kernel_errors() -> dict[str, float]:
         expected = x.float() @ weight.dequantize(torch.float32).t()
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
+    errors.update(float8_byte_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
+
+
+def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
+    """The float8 cases again with the weights reaching the kernels as their bytes, as on a
+    GPU before compute capability 8.9 (the capability query answers an A100's: there is no
+    such GPU here), plus weights holding every finite E4M3 value (subnormals, both zeros)."""
+    from pagoda.layers.quantization import triton_group_gemm
+    every_value = torch.arange(256, dtype=torch.uint8)
+    every_value[(every_value & 0x7F) == 0x7F] = 0  # the two NaN bytes
+    every_value = every_value.view(FP8)
+    real_query = triton_group_gemm._capability
+    triton_group_gemm._capability = lambda index: (8, 0)
+    errors = {}
+    try:
+        for name in [*FLOAT8_CASES, "fp8-every-value", "fp8-every-value-fp16"]:
+            tokens, outputs, inputs, *layout = CASES.get(name, (3, 40, 256, 256, 8, False,
+                                                                True))
+            weight = random_weight(outputs, inputs, *layout, generator)
+            if name.startswith("fp8-every-value"):
+                weight.codes.copy_(torch.stack([every_value.roll(7 * row)
+                                                for row in range(outputs)]))
+            x = torch.randn(tokens, inputs, generator=generator)
+            if name.endswith("fp16"):
+                x = x.half()
+            expected = x.float() @ weight.dequantize(torch.float32).t()
+            errors[f"{name}-bytes"] = ((group_gemm_of(x, weight).float() - expected).abs()
+                                       / (1 + expected.abs())).max().item()
+    finally:
+        triton_group_gemm._capability = real_query
+    return errors
+
+
+def group_gemm_of(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    return group_gemm(x, weight)
 
 
 # cases run again with float16 activations (relative error of the whole product, float16
@@ -101,6 +137,7 @@ HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
               "int4-g64-large", "int4-g32-tiles-split", "int8-g16", "fp8-per-row",
               "fp8-blocks", "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
+FLOAT8_CASES = [name for name, case in CASES.items() if case[-1]]
 
 
 def fp8_rows_error(generator: torch.Generator) -> float:
@@ -244,45 +281,53 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
-                           | {"fp8-rows", "split-counters-left-nonzero"})
+                           | {f"{n}-bytes" for n in FLOAT8_CASES}
+                           | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
+                              "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
-        assert error < (HALF_TOLERANCE if name.endswith("-fp16") else 5e-5), (name, error)
+        half = name.endswith("-fp16") or name.endswith("-fp16-bytes")
+        assert error < (HALF_TOLERANCE if half else 5e-5), (name, error)
 
 
-@pytest.mark.parametrize(("codes", "bits", "activations", "precision"), [
-    ("u8", 4, "bf16", "tf32"), ("u8", 8, "fp16", "tf32"), ("fp8e4nv", 8, "bf16", "tf32"),
-    ("u8", 4, "fp32", "ieee")])
-def test_the_kernels_compile_for_hopper(codes, bits, activations, precision):
+@pytest.mark.parametrize(("codes", "bits", "activations", "precision", "capability"), [
+    ("u8", 4, "bf16", "tf32", 90), ("u8", 8, "fp16", "tf32", 90),
+    ("fp8e4nv", 8, "bf16", "tf32", 90), ("u8", 4, "fp32", "ieee", 90),
+    # an A100: 4-bit codes, and float8 weights as their bytes (Triton has no E4M3 there)
+    ("u8", 4, "bf16", "tf32", 80), ("e4m3-bytes", 8, "bf16", "tf32", 80),
+    ("e4m3-bytes", 8, "fp16", "tf32", 80)])
+def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capability):
     from pagoda.layers.quantization.triton_group_gemm import (
         _dot_type,
         _few_tokens_kernel,
         _group_gemm_kernel,
     )
-    pointers = {"x_ptr": f"*{activations}", "codes_ptr": f"*{codes}", "scale_ptr": "*fp16",
-                "low_ptr": "*fp16", "out_ptr": "*fp32"}
+    as_bytes = codes == "e4m3-bytes"
+    float8 = as_bytes or codes == "fp8e4nv"
+    pointers = {"x_ptr": f"*{activations}", "codes_ptr": "*u8" if as_bytes else f"*{codes}",
+                "scale_ptr": "*fp16", "low_ptr": "*fp16", "out_ptr": "*fp32"}
     strides = dict.fromkeys(["stride_ck", "stride_cn"], "i32")
     layout = {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
-              "STEP": 32 if bits == 4 else 16, "HAS_LOW": True}
+              "STEP": 32 if bits == 4 else 16, "HAS_LOW": True, "E4M3_BYTES": as_bytes,
+              "PDL": capability >= 90}
     counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
-    compile_for_hopper(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
-                                             "stride_xm": "i32", **strides}, {
-        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision,
-        "PDL": True})
-    float8 = codes == "fp8e4nv"
+    compile_for_cuda(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
+                                          "stride_xm": "i32", **strides}, {
+        **layout, "SPLITS": 4, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": precision},
+        capability)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
     for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
                                                                    layout["STEP"]),):
-        compile_for_hopper(_few_tokens_kernel, {
+        compile_for_cuda(_few_tokens_kernel, {
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096,
-            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8), "PDL": True})
+            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
 
 
 def _one_token_int4_for_hopper(group: int) -> dict:
     from pagoda.layers.quantization.triton_group_gemm import _one_token_int4_kernel
-    return compile_for_hopper(_one_token_int4_kernel, {
+    return compile_for_cuda(_one_token_int4_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
         "one_bits": "i32"}, {
@@ -307,7 +352,7 @@ def test_the_one_token_int4_kernel_requests_weights_before_waiting():
 
 def test_fp8_rows_compiles_for_hopper():
     from pagoda.layers.quantization.triton_group_gemm import _fp8_rows_kernel
-    compile_for_hopper(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
+    compile_for_cuda(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
                                            "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
                         {"FP8_MAX": 448.0, "BLOCK_K": 16384, "PDL": True})
 
