@@ -100,6 +100,7 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
     GPU before compute capability 8.9 (the capability query answers an A100's: there is no
     such GPU here), plus weights holding every finite E4M3 value (subnormals, both zeros)."""
     from pagoda.layers.quantization import triton_group_gemm
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
     every_value = torch.arange(256, dtype=torch.uint8)
     every_value[(every_value & 0x7F) == 0x7F] = 0  # the two NaN bytes
     every_value = every_value.view(FP8)
@@ -108,8 +109,7 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
     errors = {}
     try:
         for name in [*FLOAT8_CASES, "fp8-every-value", "fp8-every-value-fp16"]:
-            tokens, outputs, inputs, *layout = CASES.get(name, (3, 40, 256, 256, 8, False,
-                                                                True))
+            tokens, outputs, inputs, *layout = CASES.get(name, EVERY_VALUE_CASE)
             weight = random_weight(outputs, inputs, *layout, generator)
             if name.startswith("fp8-every-value"):
                 weight.codes.copy_(torch.stack([every_value.roll(7 * row)
@@ -118,16 +118,11 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
             if name.endswith("fp16"):
                 x = x.half()
             expected = x.float() @ weight.dequantize(torch.float32).t()
-            errors[f"{name}-bytes"] = ((group_gemm_of(x, weight).float() - expected).abs()
+            errors[f"{name}-bytes"] = ((group_gemm(x, weight).float() - expected).abs()
                                        / (1 + expected.abs())).max().item()
     finally:
         triton_group_gemm._capability = real_query
     return errors
-
-
-def group_gemm_of(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
-    from pagoda.layers.quantization.triton_group_gemm import group_gemm
-    return group_gemm(x, weight)
 
 
 # cases run again with float16 activations (relative error of the whole product, float16
@@ -138,6 +133,8 @@ HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
               "fp8-blocks", "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
 FLOAT8_CASES = [name for name, case in CASES.items() if case[-1]]
+# float8 weights, a scale per row, each row holding all 256 bytes but the NaNs (as CASES)
+EVERY_VALUE_CASE = (3, 40, 256, 256, 8, False, True)
 
 
 def fp8_rows_error(generator: torch.Generator) -> float:
