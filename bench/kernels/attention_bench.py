@@ -28,8 +28,11 @@ from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
 from pagoda.layers.attention.triton_backend import TritonAttentionBackend
 from pagoda.layers.attention.triton_unified import (
-    AttentionPlan, KernelConfig, plan_attention, unified_attention)
-
+    AttentionPlan,
+    KernelConfig,
+    plan_attention,
+    unified_attention,
+)
 
 # --kv-dtype: the cache's element type (auto: the queries' --dtype), as --kv-cache-dtype
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,

@@ -350,8 +350,8 @@ def test_the_one_token_int4_kernel_requests_weights_before_waiting():
 def test_fp8_rows_compiles_for_hopper():
     from pagoda.layers.quantization.triton_group_gemm import _fp8_rows_kernel
     compile_for_cuda(_fp8_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv",
-                                           "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
-                        {"FP8_MAX": 448.0, "BLOCK_K": 16384, "PDL": True})
+                                        "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
+                     {"FP8_MAX": 448.0, "BLOCK_K": 16384, "PDL": True})
 
 
 if __name__ == "__main__":
