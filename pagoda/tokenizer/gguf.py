@@ -23,6 +23,8 @@ def tokenizer_from_gguf(gguf_file: Path) -> Any:
     read tokenizer files lying next to it, such as an earlier conversion's, and mix them in.
     A file that embeds no tokenizer transformers can build raises ModelNotFoundError."""
     from transformers import AutoTokenizer
+    if "tokenizer.ggml.tokens" not in gguf.GGUFReader(gguf_file, "r").fields:
+        raise ModelNotFoundError(f"{gguf_file} embeds no tokenizer (no tokenizer.ggml.tokens)")
     with tempfile.TemporaryDirectory(prefix="pagoda-gguf-") as alone:
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
         try:

@@ -351,6 +351,14 @@ def test_safetensors_checkpoint_resolves_and_iterates(hf_checkpoint: tuple[Path,
         load_tokenizer(source)
 
 
+def test_a_gguf_without_a_vocabulary_runs_on_token_ids(tmp_path: Path) -> None:
+    from pagoda.models.loader.tokenizer import get_tokenizer
+    path = write_llama_gguf(tmp_path / "bare.gguf", tiny_llama_config(), embedding(300, 64))
+    with pytest.raises(ModelNotFoundError, match="embeds no tokenizer"):
+        tokenizer_from_gguf(path)
+    assert get_tokenizer(resolve_model(str(path))) is None
+
+
 def test_safetensors_with_tokenizer_files(smollm2_dir: Path, hf_checkpoint: tuple[Path, dict],
                                           tmp_path: Path) -> None:
     path, _ = hf_checkpoint
