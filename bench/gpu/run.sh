@@ -27,15 +27,28 @@ B8=bench/configs/llama-3.1-8b
 B1=bench/configs/llama-3.2-1b
 B3=bench/configs/llama-3.2-3b
 MODEL=${MODEL:-$B8}  # the decode1 and throughput stages' model (bench/configs/...)
-COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096"
+SHAPE="--dtype bfloat16 --max-model-len 4096"
+COMMON="--load-format dummy $SHAPE"
+GGUF8=/tmp/b8-q4_k_m.gguf
 
-# the 8B's --model and flags for a quantized variant (issue 18's benchmarks)
+# the 8B as a GGUF of random Q4_K_M blocks (about 4.6 GiB) and its word tokenizer, made once
+make_gguf8() {
+  [ -f $GGUF8 ] || { python3 -m pagoda.bench.dummy_gguf $B8 $GGUF8.part --mix q4_k_m \
+                       && mv $GGUF8.part $GGUF8; }
+  [ -f /tmp/b8w/tokenizer.json ] || python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
+}
+
+# the 8B's --model and load flags for a quantized variant (issue 18's benchmarks); gguf reads
+# its weights from the file (not --load-format dummy) and keeps its blocks quantized on CUDA
+# only with --quantization gguf (else they are dequantized to bf16 at load)
 quant_model() {
   case "$1" in
-    bf16) echo "--model $B8" ;;
-    fp8) echo "--model $B8 --quantization fp8" ;;
-    fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8" ;;
-    awq) echo "--model $B8-awq" ;;
+    bf16) echo "--model $B8 $COMMON" ;;
+    fp8) echo "--model $B8 --quantization fp8 $COMMON" ;;
+    fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8 $COMMON" ;;
+    awq) echo "--model $B8-awq $COMMON" ;;
+    gguf) make_gguf8 >&2
+          echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
   esac
 }
 
@@ -83,14 +96,15 @@ run_stage() {
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
                      ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
-    # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache)
+    # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:
+    # the random Q4_K_M GGUF, written to $GGUF8 on first use)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
-                     python3 -m pagoda.cli.main bench throughput $(quant_model $q) $COMMON \
+                     python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
                        --num-prompts 1 --input-len 1024 --output-len 256 \
                        --output-json "$OUT/decode1-$q.json" 2>&1 | grep -v INFO | tail -4
                    done ;;
     quant-throughput) for q in ${QUANT_VARIANTS:-bf16 fp8 fp8kv}; do
-                        python3 -m pagoda.cli.main bench throughput $(quant_model $q) $COMMON \
+                        python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
                           --num-prompts 1000 --input-len 1024 --output-len 512 --max-num-seqs 256 \
                           --max-num-batched-tokens 8192 --output-json "$OUT/throughput-$q.json" \
                           2>&1 | grep -v INFO | tail -4

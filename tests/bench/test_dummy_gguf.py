@@ -1,0 +1,114 @@
+"""The dummy GGUF writer: llama.cpp's Q4_K_M block types per layer, blocks that decode to
+finite weights of the intended size, and a file pagoda loads and generates from."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+from pagoda.bench.dummy_gguf import (
+    WEIGHT_STD,
+    pack_q4_k_scales,
+    planned_bytes,
+    use_more_bits,
+    write_dummy_gguf,
+)
+from pagoda.bench.word_tokenizer import with_word_tokenizer
+from pagoda.models.hf_config import HFConfig
+
+LAYERS = 8  # use_more_bits picks layers 0 (the first eighth), 3 and 6 (every third), 7 (last)
+MORE_BITS_LAYERS = {0, 3, 6, 7}
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "bos_token_id": 1, "eos_token_id": [2, 3], "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-config")
+    (path / "config.json").write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_file(config_dir, tmp_path_factory):
+    return write_dummy_gguf(config_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def tensor_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def test_llama_cpp_picks_the_same_layers_for_32():
+    picked = [i for i in range(32) if use_more_bits(i, 32)]
+    assert picked == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert {i for i in range(LAYERS) if use_more_bits(i, LAYERS)} == MORE_BITS_LAYERS
+
+
+def test_q4_k_m_types_per_layer(q4_k_m_file):
+    types = tensor_types(q4_k_m_file)
+    assert types["token_embd.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+    assert types["rope_freqs.weight"] == types["output_norm.weight"] == "F32"
+    for layer in range(LAYERS):
+        wide = "Q6_K" if layer in MORE_BITS_LAYERS else "Q4_K"
+        assert types[f"blk.{layer}.attn_v.weight"] == types[f"blk.{layer}.ffn_down.weight"] == wide
+        for stem in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            assert types[f"blk.{layer}.{stem}.weight"] == "Q4_K"
+        assert types[f"blk.{layer}.attn_norm.weight"] == "F32"
+
+
+def test_q4_k_mix_and_the_file_size(config_dir, tmp_path):
+    path = write_dummy_gguf(config_dir, tmp_path / "q4_k.gguf", mix="q4_k")
+    types = tensor_types(path)
+    linear = {name: kind for name, kind in types.items() if kind != "F32"}
+    assert linear.pop("output.weight") == "Q6_K"
+    assert set(linear.values()) == {"Q4_K"} and len(linear) == 1 + 7 * LAYERS
+    header_room = 64 << 10
+    data = planned_bytes(HFConfig.from_dir(config_dir), "q4_k")
+    assert data < path.stat().st_size < data + header_room
+
+
+def test_blocks_decode_to_finite_centred_weights(q4_k_m_file):
+    for tensor in gguf.GGUFReader(q4_k_m_file).tensors:
+        if tensor.tensor_type.name == "F32":
+            continue
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        assert np.isfinite(values).all()
+        assert np.abs(values).max() < 3 * WEIGHT_STD
+        assert values.std() == pytest.approx(WEIGHT_STD, rel=0.1)
+        assert abs(values.mean()) < 0.05 * WEIGHT_STD
+
+
+def test_q4_k_scales_unpack_as_gguf_reads_them():
+    rng = np.random.default_rng(0)
+    scales, mins = (rng.integers(0, 64, size=(5, 8), dtype=np.uint8) for _ in range(2))
+    unpacked = gguf.quants.Q4_K.get_scale_min(pack_q4_k_scales(scales, mins))
+    assert np.array_equal(unpacked[0], scales) and np.array_equal(unpacked[1], mins)
+
+
+def test_the_same_seed_writes_the_same_file(config_dir, q4_k_m_file, tmp_path):
+    again = write_dummy_gguf(config_dir, tmp_path / "again.gguf")
+    assert again.read_bytes() == q4_k_m_file.read_bytes()
+
+
+def test_pagoda_loads_it_and_generates_with_a_word_tokenizer(config_dir, q4_k_m_file,
+                                                            tmp_path):
+    from pagoda import LLM, SamplingParams
+    from pagoda.models.loader.gguf import gguf_hf_config
+
+    config = gguf_hf_config(q4_k_m_file)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (256, LAYERS, 512)
+    assert config.rope_parameters["rope_type"] == "llama3"
+    tokenizer = with_word_tokenizer(config_dir, tmp_path / "tokenizer")
+    llm = LLM(str(q4_k_m_file), tokenizer=str(tokenizer), device="cpu",
+              kv_cache_memory=4 << 20, max_num_batched_tokens=64)
+    out = llm.generate(["w7 w8 w9 w10"], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 6
+    assert all(word.startswith(("w", "<")) for word in out.outputs[0].text.split())
