@@ -23,7 +23,6 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization.base import QuantizationConfig
-from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     INT4_FORMATS,
@@ -31,6 +30,7 @@ from pagoda.layers.quantization.gguf_blocks import (
     dequantize_rows,
     int4_groups,
 )
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
 
 
