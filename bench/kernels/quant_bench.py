@@ -11,7 +11,13 @@ Q4_K), 8-bit codes in groups of 32 (Q8_0, Q5_K) or 16 (Q6_K). Every timed call r
 distinct weights (copies of the layer) that the L2 cache holds none of them from one call
 to the next.
 
-    PYTHONPATH=. python bench/kernels/quant_bench.py [--tokens N ...] [--output-json PATH]
+    PYTHONPATH=. python bench/kernels/quant_bench.py [--tokens N ...] [--output-json PATH] [--pdl]
+
+The kernels launch without programmatic dependent launch unless --pdl is given: a timed call
+launches the group kernels back to back, and with it they measured 9-26 % slower per layer
+on the H200 at one token than without, alternated in one call (int4 groups of 128: 85.4
+against 78.5 us; 8-bit groups of 16: 162.1 against 128.7 us). A decode step's gain from it
+is measured end to end (`bench/gpu/run.sh pdl-decode1`). Results record which was used.
 
 `--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
 grid of its launch settings instead (tile width, warps, pipeline stages, programs per
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -167,10 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-one-token", nargs="+", default=None,
                         choices=[name for name in LAYOUTS if LAYOUTS[name][1] == 4],
                         help="sweep the one-token 4-bit kernel's settings for these layouts")
+    parser.add_argument("--pdl", action="store_true",
+                        help="launch with programmatic dependent launch, as the engine does")
     args = parser.parse_args(argv)
+    os.environ["PAGODA_PDL"] = "1" if args.pdl else "0"  # read at the first launch
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
-              "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
+              "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv,
+              "pdl": args.pdl, "rows": []}
     if args.sweep or args.sweep_one_token:
         result["rows"] = (
             sweep(args.sweep, args.tokens[0], ceil.bandwidth, SWEEP, "few_tokens_config",
