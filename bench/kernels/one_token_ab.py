@@ -1,12 +1,15 @@
 """The one-token 4-bit kernel against the few-token kernel, int4 codes in groups of 128, one
 token, one Llama-3.1-8B layer's four projections: alternated three times in one process
-(CUDA-graph medians; the layers rotate through more weights than the L2 cache holds).
+(CUDA-graph medians; the layers rotate through more weights than the L2 cache holds). Like
+quant_bench.py, without programmatic dependent launch unless --pdl is given.
 
-    PYTHONPATH=. python bench/kernels/one_token_ab.py
+    PYTHONPATH=. python bench/kernels/one_token_ab.py [--pdl]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,10 @@ from pagoda.layers.quantization import triton_group_gemm as kernels  # noqa: E40
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pdl", action="store_true",
+                        help="launch with programmatic dependent launch, as the engine does")
+    os.environ["PAGODA_PDL"] = "1" if parser.parse_args().pdl else "0"  # read at first launch
     bandwidth = measure_ceilings(torch.device("cuda"), torch.bfloat16).bandwidth
     xs = quant_bench.inputs(1)
     call, layers, nbytes = quant_bench.layers_call("int4-g128")
