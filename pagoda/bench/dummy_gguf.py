@@ -185,6 +185,18 @@ def tensor_data(tensor: PlannedTensor, config: HFConfig, rng: np.random.Generato
     return BLOCK_MAKERS[tensor.kind](rng, blocks, WEIGHT_STD).reshape(tensor.byte_shape())
 
 
+def add_decoder_metadata(writer: gguf.GGUFWriter, config) -> None:
+    """The hyperparameters every decoder-only GGUF carries, from an HF config (the tests'
+    GGUF files write them too)."""
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+
+
 def add_llama_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> None:
     """The hyperparameters llama.cpp's converter writes for a Llama, and the BOS / first EOS
     ids of the config (no vocabulary: the tokenizer comes from elsewhere)."""
@@ -192,17 +204,11 @@ def add_llama_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if mix == "q4_k_m":
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    add_decoder_metadata(writer, config)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     if getattr(config, "bos_token_id", None) is not None:
         writer.add_bos_token_id(int(config.bos_token_id))

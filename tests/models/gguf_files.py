@@ -10,17 +10,6 @@ import gguf
 import numpy as np
 
 
-def add_decoder_metadata(writer: gguf.GGUFWriter, config) -> None:
-    """The hyperparameters every decoder-only GGUF carries, from an HF config."""
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-
-
 def write_gguf(path: Path, arch: str, tensors: Mapping[str, np.ndarray],
                add_metadata: Callable[[gguf.GGUFWriter], None],
                types: Mapping[str, str] | None = None) -> Path:

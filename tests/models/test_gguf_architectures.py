@@ -19,12 +19,13 @@ from transformers import (
 )
 
 from pagoda import LLM
+from pagoda.bench.dummy_gguf import add_decoder_metadata
 from pagoda.models.arch.gemma3 import GEMMA3_BLOCK_NAMES
 from pagoda.models.arch.llama import DECODER_BLOCK_NAMES, DECODER_GLOBAL_NAMES
 from pagoda.models.arch.moe import QWEN3_MOE_BLOCK_NAMES
 from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
 from pagoda.models.loader.gguf import gguf_hf_config
-from tests.models.gguf_files import add_decoder_metadata, write_gguf
+from tests.models.gguf_files import write_gguf
 from tests.models.parity import check_parity, random_prompts
 from tests.models.test_qwen import CONFIGS as QWEN_CONFIGS
 

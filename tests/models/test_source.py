@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pagoda.bench.dummy_gguf import add_decoder_metadata
 from pagoda.errors import ModelNotFoundError, UnsupportedModelError
 from pagoda.models import store
 from pagoda.models.arch.llama import llama3_rope_factors, unpermute_rope_rows
@@ -21,7 +22,7 @@ from pagoda.models.loader.gguf import GGUF_CONFIG_VERSION, gguf_hf_config
 from pagoda.models.loader.tokenizer import load_tokenizer
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.tokenizer.gguf import tokenizer_from_gguf
-from tests.models.gguf_files import add_decoder_metadata, write_gguf
+from tests.models.gguf_files import write_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MULTI_BYTE = "Grüße, 世界! 🌏🚀 naïve café — ½ ∑ x² <|im_end|>"
