@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.attention.backend import UNIT_SCALES, KVScales
+from pagoda.layers.attention.triton_kv_store import cache_values
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 
 if TYPE_CHECKING:
@@ -204,15 +206,18 @@ def _norm_heads(base, num_heads, w_ptr, eps, HEAD_DIM: tl.constexpr, BLOCK_H: tl
 
 @triton.jit(do_not_specialize=["num_slots"])
 def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, key_cache_ptr,
-                          value_cache_ptr, q_norm_ptr, k_norm_ptr, q_eps, k_eps, q_stride,
-                          k_stride, v_stride, num_slots, num_q_heads, num_k_heads, stride_kcb,
-                          stride_kcs, stride_vcb, stride_vcs, QK_NORM: tl.constexpr,
+                          value_cache_ptr, k_divisor, v_divisor, q_norm_ptr, k_norm_ptr, q_eps,
+                          k_eps, q_stride, k_stride, v_stride, num_slots, num_q_heads,
+                          num_k_heads, stride_kcb, stride_kcs, stride_vcb, stride_vcs,
+                          QK_NORM: tl.constexpr,
                           HALF: tl.constexpr, ROT_HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          SCALED: tl.constexpr, PDL: tl.constexpr):
     """With QK_NORM, each head of one token's q and k RMS-normed (in place); RoPE on them
     (in place), then its k and v rows into the paged cache (heads contiguous in a cache
-    slot); slot < 0, or a token past num_slots, stores nothing."""
+    slot; with SCALED, divided by k_divisor and v_divisor); slot < 0, or a token past
+    num_slots, stores nothing."""
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     if QK_NORM:
@@ -237,19 +242,21 @@ def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, slot_ptr, k
     v = tl.load(v_ptr + token * v_stride + row, mask=mask)
     block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     tl.store(key_cache_ptr + block * stride_kcb + offset * stride_kcs + row,
-             k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+             cache_values(k, k_divisor, key_cache_ptr, SCALED), mask=mask)
     tl.store(value_cache_ptr + block * stride_vcb + offset * stride_vcs + row,
-             v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+             cache_values(v, v_divisor, value_cache_ptr, SCALED), mask=mask)
 
 
 def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos_sin: torch.Tensor, rotary_dim: int, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> None:
+                   qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+                   kv_scales: KVScales = UNIT_SCALES) -> None:
     """rope_qk_ and the KV store in one launch: q and k [tokens, heads, dim] are rotated in
     place (after each head is normed by qk_norm's q and k norm, when given: Qwen3, Gemma 3),
-    then each token's k and v rows go to caches [blocks, block_size, kv_heads, dim] at
-    slot_mapping (negative slots and tokens past its length are skipped)."""
+    then each token's k and v rows (divided by kv_scales) go to caches [blocks, block_size,
+    kv_heads, dim] at slot_mapping (negative slots and tokens past its length are
+    skipped)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_k_heads, cache_dim = key_cache.shape
     if k.shape[1:] != (num_k_heads, cache_dim) or v.shape[1:] != (num_k_heads, cache_dim) \
@@ -264,8 +271,8 @@ def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     rot_half = rotary_dim // 2
     q_norm, k_norm = qk_norm or (None, None)
     _rope_store_kv_kernel[(num_tokens,)](
-        positions, q, k, v, cos_sin, slot_mapping, key_cache, value_cache,
-        q_norm.weight if q_norm else q, k_norm.weight if k_norm else k,
+        positions, q, k, v, cos_sin, slot_mapping, key_cache, value_cache, kv_scales.k,
+        kv_scales.v, q_norm.weight if q_norm else q, k_norm.weight if k_norm else k,
         q_norm.eps if q_norm else 0.0, k_norm.eps if k_norm else 0.0,
         q.stride(0), k.stride(0), v.stride(0), slot_mapping.shape[0], num_q_heads,
         num_k_heads, key_cache.stride(0), key_cache.stride(1), value_cache.stride(0),
@@ -273,4 +280,5 @@ def rope_store_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HALF=triton.next_power_of_2(rot_half), ROT_HALF=rot_half,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
         BLOCK_KH=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, num_warps=4, **dependent_launch(q.device))
+        BLOCK_SIZE=block_size, SCALED=not kv_scales.is_unit, num_warps=4,
+        **dependent_launch(q.device))

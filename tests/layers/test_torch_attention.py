@@ -172,7 +172,7 @@ def test_layer_passes_its_window_and_its_kv_groups_metadata():
 
     class Recorder(TorchAttentionBackend):
         def forward_rotary(self, positions, q, k, v, rotary, kv_cache, metadata, scale,
-                           sliding_window=None, qk_norm=None):
+                           sliding_window=None, qk_norm=None, kv_scales=None):
             calls.append((sliding_window, metadata))
             return q
     for group, window in ((0, None), (1, 512)):
@@ -184,3 +184,85 @@ def test_layer_passes_its_window_and_its_kv_groups_metadata():
     assert calls == [(None, "full"), (512, "local")]
     with pytest.raises(ValueError, match="sliding_window"):
         Attention(4, 2, 8, 0.5, sliding_window=0)
+
+
+def test_a_scaled_float8_cache_holds_k_and_v_divided_and_reads_them_back():
+    """With a checkpoint's KV scales the cache holds K / k and V / v in float8; attention is
+    that over k (K / k) and v (V / v): the dense attention of those values. With values
+    beyond float8's range (448), only the scales keep them."""
+    from pagoda.layers.attention.backend import KVScales
+    gen = torch.Generator().manual_seed(5)
+    fp8, scales, dim = torch.float8_e4m3fn, KVScales(k=8.0, v=2.0), 16
+    seqs = [(20, 1), (0, 9), (33, 1)]
+    meta, cache, ks, vs = build_step(seqs, 16, 64, 2, dim, gen)
+    ks, vs = [k * 600 for k in ks], [v * 300 for v in vs]  # up to ~2000 and ~1000
+    flat = cache.flatten(1, 2)
+    for (context, _), k, v, slots in zip(seqs, ks, vs, _context_slots(meta, seqs)):
+        flat[0, slots] = k[:context]
+        flat[1, slots] = v[:context]
+    q = torch.randn(meta.num_tokens, 4, dim, generator=gen) * 0.05
+    new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, ks)])
+    new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, vs)])
+    held = torch.stack([(cache[0] / scales.k).to(fp8), (cache[1] / scales.v).to(fp8)])
+    backend = TorchAttentionBackend()
+    out = backend.forward(q, new_k, new_v, held, backend.build_metadata(meta), dim ** -0.5,
+                          kv_scales=scales)
+    stored = held.flatten(1, 2)[:, meta.slot_mapping].float()
+    assert torch.equal(stored[0], (new_k / scales.k).to(fp8).float())
+    assert torch.equal(stored[1], (new_v / scales.v).to(fp8).float())
+    for i, ((context, query), k, v) in enumerate(zip(seqs, ks, vs)):
+        rows = slice(meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1])
+        k_held = (k / scales.k).to(fp8).float() * scales.k
+        v_held = (v / scales.v).to(fp8).float() * scales.v
+        torch.testing.assert_close(out[rows], dense_attention(q[rows], k_held, v_held,
+                                                              dim ** -0.5),
+                                   rtol=1e-4, atol=1e-3)
+    unscaled = backend.forward(q, new_k, new_v, torch.stack([c.to(fp8) for c in cache]),
+                               backend.build_metadata(meta), dim ** -0.5)
+    assert not torch.allclose(unscaled, out, rtol=0.05, atol=1.0), "448 held them anyway"
+
+
+def _context_slots(meta, seqs):
+    """Each sequence's context slots (the positions before its new tokens)."""
+    for i, (context, _) in enumerate(seqs):
+        table = meta.block_tables[i].long()
+        pos = torch.arange(context)
+        yield table[pos // meta.block_size] * meta.block_size + pos % meta.block_size
+
+
+def test_the_layer_hands_its_kv_scales_to_a_float8_cache_only():
+    from pagoda.layers.attention.backend import UNIT_SCALES, KVScales
+    from pagoda.layers.attention.layer import Attention
+    seen = []
+
+    class Recorder(TorchAttentionBackend):
+        def forward_rotary(self, positions, q, k, v, rotary, kv_cache, metadata, scale,
+                           sliding_window=None, qk_norm=None, kv_scales=UNIT_SCALES):
+            seen.append(kv_scales)
+            return q
+    layer = Attention(4, 2, 8, 0.5)
+    layer.load_kv_scale("k", torch.tensor(0.5), "k_scale")
+    layer.load_kv_scale("v", torch.tensor([0.25]), "v_scale")
+    assert layer.kv_scales == KVScales(0.5, 0.25) and "kv_scales=(0.5, 0.25)" in repr(layer)
+    layer.backend = Recorder()
+    for dtype in (torch.float8_e4m3fn, torch.float32):
+        layer.kv_cache = torch.zeros(2, 1, 1, 2, 8, dtype=dtype)
+        layer(torch.zeros(3, 32), torch.zeros(3, 16), torch.zeros(3, 16), ["meta"],
+              torch.zeros(3, dtype=torch.long), None)
+    assert seen == [KVScales(0.5, 0.25), UNIT_SCALES]
+
+
+def test_a_per_head_kv_scale_serves_every_head_by_its_largest():
+    from pagoda.layers.attention.layer import Attention
+    layer = Attention(4, 2, 8, 0.5)
+    layer.load_kv_scale("k", torch.tensor([0.1, 0.3]), "k_scale")
+    assert layer.kv_scales.k == pytest.approx(0.3) and layer.kv_scales.v == 1.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_kv_scale_must_be_positive_and_finite(bad):
+    from pagoda.errors import UnsupportedModelError
+    from pagoda.layers.attention.layer import Attention
+    with pytest.raises(UnsupportedModelError, match="model.layers.3.self_attn.v_scale"):
+        Attention(4, 2, 8, 0.5).load_kv_scale("v", torch.tensor(bad),
+                                              "model.layers.3.self_attn.v_scale")

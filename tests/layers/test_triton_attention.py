@@ -352,6 +352,82 @@ def _float8_cache_case() -> None:
     check_against_dense(batch, run_triton(batch, scale, num_segments=1), scale, expected)
 
 
+def scale_kv_to_float8(batch: Batch, element: torch.dtype, scales) -> None:
+    """Make every K (V) the scale k (v) times an `element` value, and turn the cache into
+    `element` holding K / k and V / v: a scaled float8 cache then holds exactly what the
+    reference attends over."""
+    def rounded(t: torch.Tensor, scale: float) -> torch.Tensor:
+        return (t / scale).to(element).to(t.dtype) * scale
+    batch.k.copy_(rounded(batch.k, scales.k))
+    batch.v.copy_(rounded(batch.v, scales.v))
+    batch.keys = [rounded(t, scales.k) for t in batch.keys]
+    batch.values = [rounded(t, scales.v) for t in batch.values]
+    batch.kv_cache = torch.stack([(batch.kv_cache[0] / scales.k).to(element),
+                                  (batch.kv_cache[1] / scales.v).to(element)])
+
+
+def _float8_scaled_cache(num_segments: int) -> Callable[[], None]:
+    """A float8 cache with a checkpoint's scales (k 4, v 0.5): the new K and V are stored
+    divided by them, and both Triton kernels (unsplit, and split with its reduce) and the
+    torch backend attend as over the unscaled values."""
+    def case() -> None:
+        from pagoda.layers.attention.backend import KVScales
+        from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+        from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+        fp8, scales, scale = torch.float8_e4m3fn, KVScales(k=4.0, v=0.5), 32 ** -0.5
+        seqs = [(c, 1) for c in (5, 130, 300, 17, 64, 250, 1, 90)] + [(20, 6)]
+        batch = make_batch(seqs, block_size=16, heads=8, kv_heads=2, head_dim=32,
+                           dtype=torch.float16, seed=13)
+        scale_kv_to_float8(batch, fp8, scales)
+        expected = dense_outputs(batch, scale)
+        before = batch.kv_cache.clone()
+        backend = TritonAttentionBackend(num_segments=num_segments)
+        out = backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
+                              backend.build_metadata(batch.meta), scale, kv_scales=scales)
+        check_against_dense(batch, out, scale, expected)
+        slots = batch.meta.slot_mapping
+        stored = batch.kv_cache.flatten(1, 2)[:, slots].float()
+        assert torch.equal(stored[0], (batch.k.float() / scales.k).to(fp8).float())
+        assert torch.equal(stored[1], (batch.v.float() / scales.v).to(fp8).float())
+        reference = TorchAttentionBackend()
+        ref = reference.forward(batch.q, batch.k, batch.v, before,
+                                reference.build_metadata(batch.meta), scale, kv_scales=scales)
+        torch.testing.assert_close(out, ref, **tolerance(torch.float16))
+    return case
+
+
+def _rotary_scaled_case() -> None:
+    """forward_rotary with KV scales: the fused RoPE-and-store kernel writes what the torch
+    backend writes (rotated K / k, V / v) and the outputs agree. The cache is float32 here
+    (the backends take scales only for a float8 cache, but divide whatever they are given):
+    Triton's interpreter rounds float32 to float8 otherwise than the GPU and torch do (ties
+    away from zero, no saturation), so rotated keys would not round alike."""
+    from pagoda.layers.attention.backend import KVScales
+    from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+    from pagoda.layers.attention.triton_backend import TritonAttentionBackend
+    from pagoda.layers.rotary import RotaryEmbedding
+    heads, kv_heads, dim, scales = 8, 2, 32, KVScales(k=0.25, v=3.0)
+    batch = make_batch([(40, 1), (10, 20), (0, 3)], block_size=16, heads=heads,
+                       kv_heads=kv_heads, head_dim=dim, seed=14)
+    rope = RotaryEmbedding(dim, 256, {"rope_type": "default", "rope_theta": 1e4})
+    positions = torch.cat([torch.tensor([40]), torch.arange(10, 30), torch.arange(0, 3)])
+    outputs = []
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        cache = batch.kv_cache.clone()
+        out = backend.forward_rotary(positions, batch.q.clone(), batch.k.clone(),
+                                     batch.v.clone(), rope, cache,
+                                     backend.build_metadata(batch.meta), dim ** -0.5,
+                                     kv_scales=scales)
+        outputs.append((out, cache))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], **tolerance(torch.float32))
+    assert torch.equal(outputs[1][1], outputs[0][1]), "KV cache contents differ"
+    unscaled = TritonAttentionBackend().forward_rotary(
+        positions, batch.q.clone(), batch.k.clone(), batch.v.clone(), rope,
+        batch.kv_cache.clone(), TritonAttentionBackend().build_metadata(batch.meta),
+        dim ** -0.5)
+    assert not torch.allclose(unscaled, outputs[1][0]), "the scales changed nothing"
+
+
 def _without_padding(meta: CommonAttentionMetadata) -> CommonAttentionMetadata:
     real = meta.query_start_loc_cpu[-1]
     return CommonAttentionMetadata(
@@ -387,6 +463,9 @@ def _interpreter_cases() -> dict[str, Callable[[], None]]:
         # bf16 runs on GPU only: the interpreter's tl.dot multiplies bf16's raw uint16 bits.
         "fp16_split2": _mixed(16, 8, 2, 32, dtype=torch.float16, seqs=DECODES, num_segments=2),
         "fp16_float8_cache_decodes": _float8_cache_case,
+        "fp16_float8_scaled_cache": _float8_scaled_cache(num_segments=1),
+        "fp16_float8_scaled_cache_split2": _float8_scaled_cache(num_segments=2),
+        "rotary_store_scaled": _rotary_scaled_case,
         "padding_tokens_slot_minus1": _mixed(16, 8, 2, 16, pad_tokens=5, scale=0.3),
         "padding_decode_split": _mixed(16, 8, 2, 16, seqs=DECODES, pad_tokens=3,
                                        num_segments=2),
@@ -439,6 +518,7 @@ INTERPRETER_CASES = [
     "decode_split4_gqa3", "decode_auto_split", "long_prefill_with_context", "dim128_strided_qkv",
     "tile16_bs64", "tile64_bs16_blockm16",
     "blockm128_tile32", "fp16", "fp16_split2", "fp16_float8_cache_decodes",
+    "fp16_float8_scaled_cache", "fp16_float8_scaled_cache_split2", "rotary_store_scaled",
     "padding_tokens_slot_minus1",
     "padding_decode_split", "graph_padding_unsplit", "graph_padding_split",
     "rotary_store_fused_window", "window24_mixed_bs16", "window1_mixed",
@@ -594,16 +674,14 @@ def test_products_run_in_float16_for_a_float8_cache_under_bfloat16_queries():
     assert not _half_products(torch.float32, torch.float8_e4m3fn)
 
 
-def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
-    """The decode kernel compiled for sm_90 here (no GPU needed): q [*, 32, 128], 8 KV heads."""
-    from pagoda.layers.attention import triton_unified
+# the float scalars the attention kernels take (every other scalar is an integer)
+FLOAT_ARGS = {"qk_scale", "value_scale", "k_divisor", "v_divisor", "q_eps", "k_eps"}
+
+
+def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90) -> str:
+    """`kernel` compiled for a CUDA compute capability here (no GPU needed): pointers typed
+    by `pointers` (others int32; split workspaces float32), scalars int32 or FLOAT_ARGS."""
     from tests.utils import compile_for_cuda
-    kernel = triton_unified._unified_attention_kernel
-    constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
-                     BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=False, SLIDING=False,
-                     DOT_PRECISION="tf32", HALF_PRODUCTS=half_products, PDL=True)
-    pointers = {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
-                "value_cache_ptr": cache}
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -613,8 +691,51 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool) -> str:
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, "i32")
         else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
-    return compile_for_cuda(kernel, signature, constants)["ptx"]
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    return compile_for_cuda(kernel, signature, constants, capability)["ptx"]
+
+
+def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: bool = False,
+                       split: bool = False, capability: int = 90) -> str:
+    """The decode kernel compiled here: q [*, 32, 128], 8 KV heads."""
+    from pagoda.layers.attention import triton_unified
+    constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
+                     BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=split, SLIDING=False,
+                     DOT_PRECISION="tf32", HALF_PRODUCTS=half_products, SCALE_V=scale_v,
+                     PDL=capability >= 90)
+    return _ptx(triton_unified._unified_attention_kernel, constants,
+                {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
+                 "value_cache_ptr": cache}, capability)
+
+
+@pytest.mark.parametrize("cache", ["fp8e4nv", "fp8e5"])
+def test_the_kernels_of_a_scaled_float8_cache_compile_for_hopper(cache):
+    """The stores divide K and V by their scales (IEEE division), the attention kernels
+    (unsplit, split and its reduce) multiply the outputs by V's; compiled for an H200.
+    (Not for an A100 here: in a process that has compiled float8 kernels for sm_90,
+    Triton 3.6 then emits sm_89 float8 conversions for sm_80 too; in a fresh process
+    these kernels compile for sm_80 with an E5M2 cache.)"""
+    capability = 90
+    from pagoda.layers import fused
+    from pagoda.layers.attention import triton_kv_store, triton_unified
+    caches = {"key_cache_ptr": cache, "value_cache_ptr": cache, "k_ptr": "bf16",
+              "v_ptr": "bf16", "q_ptr": "bf16", "slot_mapping_ptr": "i64", "slot_ptr": "i64",
+              "pos_ptr": "i64", "cos_sin_ptr": "fp32", "q_norm_ptr": "bf16",
+              "k_norm_ptr": "bf16"}
+    pdl = capability >= 90
+    store = _ptx(triton_kv_store._kv_store_kernel, dict(
+        NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=128, SCALED=True,
+        PDL=pdl), caches, capability)
+    rope = _ptx(fused._rope_store_kv_kernel, dict(
+        QK_NORM=False, HALF=64, ROT_HALF=64, HEAD_DIM=128, BLOCK_H=32, BLOCK_KH=8,
+        BLOCK_D=128, BLOCK_SIZE=16, SCALED=True, PDL=pdl), caches, capability)
+    assert "div.rn.f32" in store and "div.rn.f32" in rope
+    for split in (False, True):
+        _decode_kernel_ptx("bf16", cache, half_products=True, scale_v=True, split=split,
+                           capability=capability)
+    _ptx(triton_unified._reduce_segments_kernel, dict(
+        HEAD_DIM=128, HEAD_DIM_P=128, SEG_P=16, SCALE_V=True, PDL=pdl),
+        {"out_ptr": "bf16"}, capability)
 
 
 def test_a_float8_cache_converts_each_pair_of_values_once():
@@ -633,6 +754,16 @@ def test_an_e4m3_cache_needs_triton_s_e4m3_type():
     assert float8_cache_error((8, 0), torch.float8_e5m2) is None
     assert float8_cache_error((8, 0), None) is None  # the model's dtype
     assert float8_cache_error((9, 0), torch.float8_e4m3fn) is None
+
+
+def test_which_backends_hold_an_e4m3_cache(monkeypatch):
+    from pagoda.layers.attention.selector import holds_e4m3_cache
+    assert holds_e4m3_cache("auto", "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert not holds_e4m3_cache("auto", "cuda:0") and not holds_e4m3_cache("triton", "cuda:0")
+    assert holds_e4m3_cache("torch", "cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert holds_e4m3_cache("auto", "cuda:0")
 
 
 def test_selector():

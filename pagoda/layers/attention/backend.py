@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +13,23 @@ from pagoda.layers.attention.metadata import CommonAttentionMetadata
 
 if TYPE_CHECKING:
     from pagoda.layers.norm import RMSNorm
+
+
+@dataclass(frozen=True, slots=True)
+class KVScales:
+    """The per-tensor scales of a float8 KV cache: it holds K / k and V / v (a checkpoint's
+    calibrated `k_scale` and `v_scale`; 1.0 without them). Caches of 16 or 32 bits hold K and
+    V as they are."""
+
+    k: float = 1.0
+    v: float = 1.0
+
+    @property
+    def is_unit(self) -> bool:
+        return self.k == 1.0 and self.v == 1.0
+
+
+UNIT_SCALES = KVScales()
 
 
 class AttentionBackend(ABC):
@@ -35,22 +53,24 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: Any, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
-        """Write k/v ([tokens, kv_heads, dim]) into the cache at the step's slots, then attend
-        q ([tokens, heads, dim]) over each sequence's cached context with causal masking
-        (and the sliding window, when given)."""
+                sliding_window: int | None = None,
+                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+        """Write k/v ([tokens, kv_heads, dim]) into the cache at the step's slots (divided by
+        kv_scales), then attend q ([tokens, heads, dim]) over each sequence's cached context
+        (multiplied by them) with causal masking (and the sliding window, when given)."""
 
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor, metadata: Any,
                        scale: float, sliding_window: int | None = None,
-                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+                       kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """Each head of q and k normed by qk_norm's q and k norm (when given), RoPE on them
         at `positions` (rotary: a RotaryEmbedding), then forward(). A backend may fuse the
         norm and the rotation into its KV store."""
         if qk_norm is not None:
             q, k = _norm_heads(q, qk_norm[0]), _norm_heads(k, qk_norm[1])
         q, k = rotary(positions, q, k)
-        return self.forward(q, k, v, kv_cache, metadata, scale, sliding_window)
+        return self.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_scales)
 
 
 def _norm_heads(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.layers.attention.backend import UNIT_SCALES, AttentionBackend, KVScales
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 
 
@@ -133,17 +133,21 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None,
+                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
+        """With kv_scales the cache holds K / k and V / v: the scores are scaled by k, the
+        outputs by v."""
         key_cache, value_cache = kv_cache[0].flatten(0, 1), kv_cache[1].flatten(0, 1)
-        _store(key_cache, metadata.slot_mapping, k)
-        _store(value_cache, metadata.slot_mapping, v)
+        _store(key_cache, metadata.slot_mapping, k, kv_scales.k)
+        _store(value_cache, metadata.slot_mapping, v, kv_scales.v)
         gathers = metadata.gathers(sliding_window)
         out = torch.empty_like(q)
+        scale *= kv_scales.k
         if gathers.decodes is not None:
             self._decode(q, key_cache, value_cache, gathers.decodes, scale, out)
         for seq in gathers.prefills:
             self._prefill(q, key_cache, value_cache, seq, scale, out)
-        return out
+        return out if kv_scales.v == 1.0 else out.mul_(kv_scales.v)
 
     @staticmethod
     def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -175,9 +179,12 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
-def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """cache[slots] = rows in the cache's dtype (float8 caches are written through a byte view:
-    index_copy_ has no float8 kernel on CPU)."""
+def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+           divisor: float = 1.0) -> None:
+    """cache[slots] = rows / divisor in the cache's dtype (float8 caches are written through a
+    byte view: index_copy_ has no float8 kernel on CPU)."""
+    if divisor != 1.0:
+        rows = rows.float() / divisor
     rows = rows.to(cache.dtype)
     if cache.element_size() == 1 and cache.dtype.is_floating_point:
         cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pagoda.layers.attention.backend import AttentionBackend
+from pagoda.layers.attention.backend import UNIT_SCALES, AttentionBackend, KVScales
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.triton_kv_store import store_kv
 from pagoda.layers.attention.triton_unified import (
@@ -102,29 +102,34 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: TritonAttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None,
+                kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
-        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window)
+        store_kv(k, v, key_cache, value_cache, metadata.slot_mapping, kv_scales)
+        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window,
+                            kv_scales)
 
     def forward_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, rotary: Any, kv_cache: torch.Tensor,
                        metadata: TritonAttentionMetadata, scale: float,
                        sliding_window: int | None = None,
-                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+                       qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+                       kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """The q/k head norms, RoPE and the KV store in one kernel (one or two launches per
         layer fewer)."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         rope_store_kv_(positions, q, k, v, rotary.cos_sin, rotary.rotary_dim, key_cache,
-                       value_cache, metadata.slot_mapping, qk_norm)
-        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window)
+                       value_cache, metadata.slot_mapping, qk_norm, kv_scales)
+        return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window,
+                            kv_scales)
 
     @staticmethod
     def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: TritonAttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, kv_scales: KVScales) -> torch.Tensor:
         plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype, sliding_window,
                              key_cache.dtype)
         return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
-                                 metadata.seq_lens, metadata.block_tables, scale,
-                                 metadata.num_seqs, plan, sliding_window=sliding_window)
+                                 metadata.seq_lens, metadata.block_tables,
+                                 scale * kv_scales.k, metadata.num_seqs, plan,
+                                 sliding_window=sliding_window, value_scale=kv_scales.v)

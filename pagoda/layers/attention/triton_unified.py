@@ -130,7 +130,7 @@ def _window_tiles(first_tile, num_tiles, num_segments, SPLIT: tl.constexpr):
 def _unified_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    num_seqs, num_segments, qk_scale,
+    num_seqs, num_segments, qk_scale, value_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -139,14 +139,14 @@ def _unified_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HALF_PRODUCTS: tl.constexpr, SCALE_V: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One (q-block, kv head[, segment]): the output rows, or with SPLIT the partial
-    (max, sum, acc) of this segment. With HALF_PRODUCTS (a float8 cache under 16-bit
-    queries) both products take float16 operands: q once, saturated to float16's range, and
-    every float8 K and V element in one conversion per pair (a float8 value to bfloat16 would
-    take a second, slower conversion through float16)."""
+    """One (q-block, kv head[, segment]): the output rows (times value_scale with SCALE_V),
+    or with SPLIT the partial (max, sum, acc) of this segment. With HALF_PRODUCTS (a float8
+    cache under 16-bit queries) both products take float16 operands: q once, saturated to
+    float16's range, and every float8 K and V element in one conversion per pair (a float8
+    value to bfloat16 would take a second, slower conversion through float16)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -214,6 +214,8 @@ def _unified_attention_kernel(
                  mask=row_ok[:, None])
     else:
         out = acc / l_i[:, None]
+        if SCALE_V:
+            out *= value_scale
         tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
                  + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dim_ok[None, :])
@@ -222,11 +224,12 @@ def _unified_attention_kernel(
 @triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh"])
 def _reduce_segments_kernel(
     out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr, query_start_loc_ptr,
-    num_seqs, num_segments, stride_wt, stride_wh, stride_ot, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SEG_P: tl.constexpr,
-    PDL: tl.constexpr,
+    num_seqs, num_segments, value_scale, stride_wt, stride_wh, stride_ot, stride_oh,
+    stride_od, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SEG_P: tl.constexpr,
+    SCALE_V: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Combine one (token, head)'s segment partials into its output row."""
+    """Combine one (token, head)'s segment partials into its output row (times value_scale
+    with SCALE_V)."""
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -246,6 +249,8 @@ def _reduce_segments_kernel(
     acc = tl.load(seg_acc_ptr + w[:, None] * HEAD_DIM_P + dims[None, :],
                   mask=seg_ok[:, None] & dim_ok[None, :], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / total
+    if SCALE_V:
+        out *= value_scale
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
@@ -405,9 +410,11 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, num_seqs: int,
                       plan: AttentionPlan, out: torch.Tensor | None = None,
-                      sliding_window: int | None = None) -> torch.Tensor:
+                      sliding_window: int | None = None,
+                      value_scale: float = 1.0) -> torch.Tensor:
     """Causal paged attention of q [tokens, heads, dim] over the cached KV of each sequence;
-    with sliding_window W the query at position p sees only the keys at (p - W, p].
+    with sliding_window W the query at position p sees only the keys at (p - W, p]. The
+    outputs are multiplied by value_scale (a float8 cache's V scale).
     Launch shapes depend only on q.shape, num_seqs and the plan, so the call is CUDA-graph
     capturable; output rows of tokens past query_start_loc[num_seqs] are left unwritten."""
     _check_inputs(q, key_cache, value_cache)
@@ -425,6 +432,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     head_dim_p = padded_head_dim(head_dim)
     grid_q = num_seqs if plan.decode_only else num_tokens // block_q + num_seqs
     split = plan.num_segments > 1
+    scale_v = value_scale != 1.0
     if split:
         seg_max, seg_sum, seg_acc = plan.segment_buffers(num_tokens, num_heads, head_dim_p,
                                                          q.device)
@@ -435,7 +443,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     _unified_attention_kernel[grid](
         q, key_cache, value_cache, out, seg_max, seg_sum, seg_acc,
         query_start_loc, seq_lens, block_tables,
-        num_seqs, plan.num_segments, scale * LOG2E,
+        num_seqs, plan.num_segments, scale * LOG2E, value_scale,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
         block_tables.stride(0), num_heads * plan.num_segments, plan.num_segments,
         sliding_window or 0,
@@ -443,16 +451,17 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         BLOCK_SIZE=key_cache.shape[1], TILE=cfg.tile, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
         DECODE_ONLY=plan.decode_only, SPLIT=split, SLIDING=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HALF_PRODUCTS=_half_products(q.dtype, key_cache.dtype),
+        HALF_PRODUCTS=_half_products(q.dtype, key_cache.dtype), SCALE_V=scale_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
     )
     if split:
         _reduce_segments_kernel[(num_tokens, num_heads)](
             out, seg_max, seg_sum, seg_acc, query_start_loc,
-            num_seqs, plan.num_segments, num_heads * plan.num_segments, plan.num_segments,
-            *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            num_seqs, plan.num_segments, value_scale, num_heads * plan.num_segments,
+            plan.num_segments, *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
             # one lane width for every heuristic segment count: one compiled variant
-            SEG_P=max(MAX_SEGMENTS, triton.next_power_of_2(plan.num_segments)), num_warps=4,
+            SEG_P=max(MAX_SEGMENTS, triton.next_power_of_2(plan.num_segments)),
+            SCALE_V=scale_v, num_warps=4,
             **dependent_launch(q.device),
         )
     return out
