@@ -96,8 +96,9 @@ class CacheConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
 
 
-# --kv-cache-dtype values (vLLM's names): auto (the model's dtype) or float8 (element types
-# in pagoda.runner.memory.kv_cache_torch_dtype)
+# --kv-cache-dtype values (vLLM's names): auto (the model's dtype, or float8 for a checkpoint
+# calibrated for it: pagoda.models.quantization.resolve_kv_cache_dtype) or float8 (element
+# types in pagoda.runner.memory.kv_cache_torch_dtype)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 

@@ -312,7 +312,7 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     max_batch = _max_concurrency(llm, requests)
     quantized = resolve_quantization(cfg.engine_kwargs.get("quantization"), source)
     held = llm.engine.model_info.weight_bytes if quantized else None
-    kv_dtype = kv_cache_torch_dtype(cfg.engine_kwargs.get("kv_cache_dtype") or "auto", dtype)
+    kv_dtype = kv_cache_torch_dtype(llm.engine.model_info.kv_cache_dtype, dtype)  # as held
     del llm
     release_memory(device)
     if cfg.compare == "hf":

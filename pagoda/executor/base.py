@@ -37,6 +37,7 @@ class LoadedModelInfo:
     attention_backend: str
     weight_bytes: int
     num_parameters: int
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype as held ("auto" resolved by the checkpoint)
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ import torch
 
 from pagoda.config import resolve_device, resolve_dtype
 from pagoda.executor.base import KVCacheSizing, LoadedModelInfo, WorkerConfig
-from pagoda.layers.attention.selector import select_backend
+from pagoda.layers.attention.layer import Attention
+from pagoda.layers.attention.selector import holds_e4m3_cache, select_backend
 from pagoda.layers.parallel import (
     SINGLE,
     WHOLE,
@@ -23,6 +24,7 @@ from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
 from pagoda.models.loader.checkpoint import load_model, model_quantization, weight_bytes
+from pagoda.models.quantization import checkpoint_kv_cache_dtype, resolve_kv_cache_dtype
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import (
     describe_kv_budget,
@@ -106,7 +108,10 @@ class Worker:
         quantization = model_quantization(engine.quantization, self.source, self.device)
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
                            engine.seed, self.group, self.stage, quantization=quantization)
-        kv_dtype = kv_cache_torch_dtype(engine.cache.kv_cache_dtype, dtype)
+        self.kv_cache_dtype = self._kv_cache_dtype()
+        kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, dtype)
+        if kv_dtype.itemsize == 1:
+            _log_kv_scales(model.attention_layers(), self.kv_cache_dtype)
         backend = select_backend(engine.attention_backend, self.device, kv_dtype)
         lora = None
         if engine.lora is not None:
@@ -117,8 +122,22 @@ class Worker:
                                                       hf.vocab_size, kv_dtype), backend, lora)
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
                                     backend.name, weight_bytes(model),
-                                    sum(p.numel() for p in model.parameters()))
+                                    sum(p.numel() for p in model.parameters()),
+                                    self.kv_cache_dtype)
         return self.info
+
+    def _kv_cache_dtype(self) -> str:
+        """--kv-cache-dtype, "auto" resolved to the checkpoint's calibrated float8 cache
+        where this device holds one (one log line where it does not)."""
+        engine = self.config.engine
+        holds = holds_e4m3_cache(engine.attention_backend, self.device)
+        resolved = resolve_kv_cache_dtype(engine.cache.kv_cache_dtype, self.source, holds)
+        if engine.cache.kv_cache_dtype == "auto" and checkpoint_kv_cache_dtype(self.source):
+            logger.info("%s: calibrated for a float8 KV cache; %s", self.source.name,
+                        "held in float8 (--kv-cache-dtype auto)" if resolved != "auto" else
+                        "this GPU's attention kernels have no float8 E4M3 (compute "
+                        "capability 8.9 on): K and V held in the model's dtype")
+        return resolved
 
     def determine_kv_cache_size(self) -> KVCacheSizing:
         """Blocks the KV budget buys: explicit bytes, else a fraction of the device's memory
@@ -143,7 +162,7 @@ class Worker:
                      f"{self.config.max_model_len} tokens, twice over")
         if spec.dtype != self.runner.config.dtype:
             note += (f"; K and V held as {str(spec.dtype).removeprefix('torch.')} "
-                     f"(--kv-cache-dtype {self.config.engine.cache.kv_cache_dtype}), "
+                     f"(--kv-cache-dtype {self.kv_cache_dtype}), "
                      f"{spec.bytes_per_token} bytes a token")
         logger.info("%s", note)
         return KVCacheSizing(num_blocks, activation, spec.windows)
@@ -259,3 +278,17 @@ def _join_groups(setup: RankSetup, device: torch.device, num_layers: int,
                 "of %d (layers %d-%d)", setup.rank, setup.world_size, device, backend, tp_rank,
                 tp, stage_index, pp, start, end - 1)
     return group, stage
+
+
+def _log_kv_scales(layers: list[Attention], kv_cache_dtype: str) -> None:
+    """One line: the float8 cache's K and V scales over the layers (the checkpoint's, or
+    1.0 where it has none)."""
+    ks = [layer.kv_scales.k for layer in layers]
+    vs = [layer.kv_scales.v for layer in layers]
+    if all(layer.kv_scales.is_unit for layer in layers):
+        logger.info("KV cache %s: K and V held unscaled (the checkpoint has no calibrated "
+                    "scales)", kv_cache_dtype)
+        return
+    logger.info("KV cache %s: K and V divided by the checkpoint's scales (k %.4g-%.4g, "
+                "v %.4g-%.4g over %d layers)", kv_cache_dtype, min(ks), max(ks), min(vs),
+                max(vs), len(layers))

@@ -24,10 +24,15 @@ from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.parallel import layer_ranges
+from pagoda.layers.triton_support import has_e4m3
 from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
-from pagoda.models.quantization import load_quantization, quantizes_at_load
+from pagoda.models.quantization import (
+    load_quantization,
+    quantizes_at_load,
+    resolve_kv_cache_dtype,
+)
 from pagoda.models.registry import arch_spec
 from pagoda.models.source import ModelSource
 from pagoda.runner.memory import kv_cache_torch_dtype
@@ -41,6 +46,9 @@ DEVICES_MIB = {"H100": 81559, "H200": 143771, "H20": 97871, "B200": 183359,
                "A100-80G": 81920, "A100-40G": 40960, "L40S": 46068, "L40": 46068,
                "L4": 23034, "A10": 23028, "T4": 15360, "RTX3090": 24576, "RTX4090": 24564,
                "RTX5090": 32607, "MI300X": 196592}
+# the named GPUs of compute capability below 8.9, whose attention kernels hold no float8
+# E4M3 KV cache (a checkpoint calibrated for one keeps its model dtype there)
+WITHOUT_E4M3 = frozenset({"A100-80G", "A100-40G", "A10", "T4", "RTX3090"})
 # other names for the same devices ("A100" alone is the 80 GB part, the one clouds rent)
 DEVICE_ALIASES = {"A100": "A100-80G", "A10080G": "A100-80G", "A10040G": "A100-40G",
                   "H100SXM": "H100", "H100PCIE": "H100", "GEFORCERTX4090": "RTX4090",
@@ -253,7 +261,8 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     """The memory `source` needs to serve `concurrency` sequences of `max_model_len` tokens.
     `device`: a GPU name (H100, ...) to get a fit verdict, "cuda" for GPU figures without
     one, None or "cpu" for CPU figures. `quantization`: as `--quantization` (None: what the
-    checkpoint holds); `kv_cache_dtype`: as `--kv-cache-dtype`."""
+    checkpoint holds); `kv_cache_dtype`: as `--kv-cache-dtype` ("auto": a float8 cache for a
+    checkpoint calibrated for one, as the engine holds it)."""
     config = source.hf_config
     if max_model_len < 1 or concurrency < 1 or tp < 1 or pp < 1:
         raise ConfigError("max_model_len, concurrency, tp and pp must be at least 1")
@@ -269,6 +278,9 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu")
     # a pipeline stage holds its share of the layers (bytes taken as spread like parameters)
     weights = held_total * stage_parameters(config, params, pp) // params // tp
+    named = _device(device) if on_gpu and not device.lower().startswith("cuda") else None
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, source,
+                                            _holds_float8_cache(on_gpu, named))
     kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, torch_dtype)
     per_token = kv_bytes_per_token(spec, config, kv_dtype, tp, pp)
     block_bytes = kv_block_bytes(spec, config, kv_dtype, tp, pp)
@@ -287,8 +299,8 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
         max_model_len=max_model_len, concurrency=concurrency, tensor_parallel=tp,
         pipeline_parallel=pp,
         token_budget=token_budget, active_parameters=active_parameters(spec, config, params))
-    if on_gpu and not device.lower().startswith("cuda"):  # a named GPU: does it fit?
-        result.device, result.device_bytes = _device(device)
+    if named is not None:  # a named GPU: does it fit?
+        result.device, result.device_bytes = named
         result.usable_bytes = int(result.device_bytes * gpu_memory_utilization)
     else:  # this machine's RAM: what a CPU engine may take (half of what is available)
         from pagoda.runner.memory import available_host_memory
@@ -342,6 +354,17 @@ def what_would_fit(e: MemoryEstimate, per_seq: int, block_bytes: int) -> list[st
         tips.append(f"a 4-bit variant (weights about "
                     f"{e.num_parameters * Q4_K_M_BYTES / 2**30:.1f} GiB as Q4_K_M GGUF)")
     return tips
+
+
+def _holds_float8_cache(on_gpu: bool, named: tuple[str, int] | None) -> bool:
+    """Whether the engine's attention kernels would hold a float8 E4M3 cache: on CPU, on a
+    named GPU not in WITHOUT_E4M3, on "cuda" this machine's GPU if it has one (any other
+    taken as able)."""
+    if named is not None:
+        return named[0] not in WITHOUT_E4M3
+    if on_gpu and torch.cuda.is_available():
+        return has_e4m3(torch.cuda.get_device_capability())
+    return True
 
 
 def _device(name: str) -> tuple[str, int]:

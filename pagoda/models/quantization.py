@@ -50,6 +50,8 @@ def checkpoint_quantization(source: ModelSource) -> str | None:
         return None
     method = str(config.get("quant_method", "")).lower()
     method = _ALIASES.get(method, method)
+    if method == "compressed-tensors" and not config.get("config_groups"):
+        return None  # a scheme for the KV cache alone: the weights are floats
     if method not in QUANTIZATION_METHODS:
         raise UnsupportedModelError(
             f"{source.name}: quantization {method or '(unnamed)'!r} is not supported "
@@ -98,3 +100,26 @@ def load_quantization(requested: str | None, source: ModelSource, device_type: s
 def quantizes_at_load(quantization: str | None, source: ModelSource) -> bool:
     """Whether `quantization` is applied at load to a checkpoint of floats."""
     return quantization in AT_LOAD and checkpoint_quantization(source) is None
+
+
+def checkpoint_kv_cache_dtype(source: ModelSource) -> str | None:
+    """The KV cache the checkpoint was calibrated for, as a --kv-cache-dtype value: "fp8"
+    for a compressed-tensors `kv_cache_scheme` of 8-bit floats (its scales are per layer in
+    the checkpoint); None for none, or for a scheme pagoda does not hold (integers)."""
+    config = quantization_config(source.hf_config) or {}
+    scheme = config.get("kv_cache_scheme")
+    if not isinstance(scheme, dict):
+        return None
+    if scheme.get("type") == "float" and int(scheme.get("num_bits") or 0) == 8:
+        return "fp8"
+    return None
+
+
+def resolve_kv_cache_dtype(requested: str, source: ModelSource, float8_cache: bool) -> str:
+    """--kv-cache-dtype as the engine holds it: `requested`, except that "auto" takes the
+    checkpoint's calibrated float8 cache (as vLLM does) where the device holds one
+    (`float8_cache`), and the model's dtype elsewhere."""
+    if requested != "auto":
+        return requested
+    calibrated = checkpoint_kv_cache_dtype(source)
+    return calibrated if calibrated is not None and float8_cache else "auto"

@@ -12,8 +12,9 @@ from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import seq_blocks
 
 CPU_MAX_FRACTION = 0.5  # of available RAM a CPU KV cache may take, whatever the flag says
-# float8 caches hold K and V unscaled (a scale of 1.0: vLLM's default without calibration);
-# E4M3's range (448) holds the keys and values of the models served
+# float8 caches hold K and V divided by the checkpoint's calibrated scales, or unscaled (a
+# scale of 1.0: vLLM's default without calibration; E4M3's range, 448, holds the keys and
+# values of the models served); see pagoda.layers.attention.backend.KVScales
 FLOAT8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
              "fp8_e5m2": torch.float8_e5m2}
 

@@ -1,7 +1,9 @@
 """A float8 KV cache on CUDA (--kv-cache-dtype fp8 / fp8_e5m2): the Triton store writes the
-rounded K and V, the attention kernels read them back (decode, split and mixed prefill
-batches) as the dense reference over the same rounded values; end to end, an engine with a
-float8 cache (CUDA graphs on) keeps a bfloat16 cache's next tokens."""
+rounded K and V (divided by a checkpoint's KV scales when it has them), the attention
+kernels read them back (decode, split and mixed prefill batches) as the dense reference over
+the same rounded values; end to end, an engine with a float8 cache (CUDA graphs on) keeps a
+bfloat16 cache's next tokens, with a calibrated checkpoint's keys and values past float8's
+range too."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 from transformers import LlamaConfig
 
 from pagoda import LLM
+from pagoda.layers.attention.backend import KVScales
+from pagoda.layers.attention.triton_backend import TritonAttentionBackend
 from tests.layers.test_triton_attention import (
     check_against_dense,
     dense_outputs,
@@ -17,9 +21,11 @@ from tests.layers.test_triton_attention import (
     reference_attention,
     round_kv_to,
     run_triton,
+    scale_kv_to_float8,
 )
 from tests.models.parity import random_prompts
 from tests.runner.test_fp8_kv_cache import first_tokens
+from tests.runner.test_fp8_kv_cache_scales import PROMPTS, agreement, checkpoints  # noqa: F401
 from tests.utils import save_random_checkpoint
 
 ELEMENTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -81,3 +87,38 @@ def test_an_engine_with_a_float8_cache_keeps_the_next_tokens(tmp_path):
     assert llm.engine.core.executor.worker.runner.kv_cache.dtype == torch.float8_e4m3fn
     got = first_tokens(llm, prompts)
     assert sum(g[0] == e[0] for g, e in zip(got, expected)) >= 0.75 * len(prompts)
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_a_scaled_float8_cache_reads_back_its_values(step, gpu_report):
+    """With a checkpoint's scales (k 4, v 0.5) the store writes K / k and V / v, and the
+    kernels (unsplit, split and reduced, prefill) attend as over K and V."""
+    fp8, scales, scale = torch.float8_e4m3fn, KVScales(k=4.0, v=0.5), 128 ** -0.5
+    batch = make_batch(STEPS[step], block_size=16, heads=32, kv_heads=8, head_dim=128,
+                       dtype=torch.bfloat16, device="cuda", seed=4)
+    scale_kv_to_float8(batch, fp8, scales)
+    expected = dense_outputs(batch, scale)
+    backend = TritonAttentionBackend()
+    out = backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
+                          backend.build_metadata(batch.meta), scale, kv_scales=scales)
+    slots = batch.meta.slot_mapping
+    keep = slots >= 0
+    stored = batch.kv_cache.flatten(1, 2)[:, slots[keep]]
+    assert torch.equal(stored[0].view(torch.uint8),
+                       (batch.k[keep].float() / scales.k).to(fp8).view(torch.uint8))
+    assert torch.equal(stored[1].view(torch.uint8),
+                       (batch.v[keep].float() / scales.v).to(fp8).view(torch.uint8))
+    gpu_report(step=step, max_err=check_against_dense(batch, out, scale, expected))
+
+
+def test_a_calibrated_checkpoint_keeps_its_loud_keys_on_the_gpu(checkpoints):  # noqa: F811
+    """The calibrated loud model of tests/runner/test_fp8_kv_cache_scales.py in bfloat16 with
+    CUDA graphs: `auto` holds a float8 cache with its scales and keeps the quiet model's
+    next tokens as a float8 cache of the quiet model does."""
+    options = {"device": "cuda", "dtype": "bfloat16", "kv_cache_memory": 64 << 20,
+               "max_model_len": 256}
+    expected = first_tokens(LLM(checkpoints["quiet"], **options), PROMPTS)
+    llm = LLM(checkpoints["calibrated"], **options)
+    assert llm.engine.core.executor.worker.runner.kv_cache.dtype == torch.float8_e4m3fn
+    same, _ = agreement(first_tokens(llm, PROMPTS), expected)
+    assert same >= 0.75 * len(PROMPTS)

@@ -9,7 +9,12 @@ import pytest
 
 from pagoda.errors import ConfigError, UnsupportedModelError
 from pagoda.models.hf_config import HFConfig
-from pagoda.models.quantization import checkpoint_quantization, resolve_quantization
+from pagoda.models.quantization import (
+    checkpoint_kv_cache_dtype,
+    checkpoint_quantization,
+    resolve_kv_cache_dtype,
+    resolve_quantization,
+)
 from pagoda.models.source import ModelSource, resolve_model
 
 
@@ -23,8 +28,9 @@ def hf_source(quantization_config: dict | None) -> ModelSource:
 
 @pytest.mark.parametrize("stored, name", [
     ({"quant_method": "awq", "bits": 4}, "awq"), ({"quant_method": "gptq"}, "gptq"),
-    ({"quant_method": "fp8"}, "fp8"), ({"quant_method": "compressed-tensors"},
-                                       "compressed-tensors"), (None, None)])
+    ({"quant_method": "fp8"}, "fp8"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {}}},
+     "compressed-tensors"), (None, None)])
 def test_the_checkpoint_says_its_format(stored, name):
     assert checkpoint_quantization(hf_source(stored)) == name
     assert resolve_quantization(None, hf_source(stored)) == name
@@ -47,6 +53,35 @@ def test_a_flag_the_checkpoint_disagrees_with_is_one_error(flag, stored, words):
     with pytest.raises(ConfigError) as caught:
         resolve_quantization(flag, hf_source(stored))
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+FLOAT8_KV = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+             "symmetric": True}
+
+
+def test_a_scheme_for_the_kv_cache_alone_leaves_the_weights_floats():
+    source = hf_source({"quant_method": "compressed-tensors", "config_groups": {},
+                        "kv_cache_scheme": FLOAT8_KV})
+    assert checkpoint_quantization(source) is None
+    assert checkpoint_kv_cache_dtype(source) == "fp8"
+
+
+@pytest.mark.parametrize("scheme, calibrated", [
+    (FLOAT8_KV, "fp8"), ({**FLOAT8_KV, "strategy": "attn_head"}, "fp8"),
+    ({"num_bits": 8, "type": "int"}, None), (None, None)])
+def test_the_kv_cache_a_checkpoint_was_calibrated_for(scheme, calibrated):
+    source = hf_source({"quant_method": "compressed-tensors", "config_groups": {"g": {}},
+                        "kv_cache_scheme": scheme})
+    assert checkpoint_kv_cache_dtype(source) == calibrated
+
+
+def test_auto_takes_the_calibrated_float8_cache_where_the_device_holds_one():
+    calibrated = hf_source({"quant_method": "compressed-tensors", "config_groups": {},
+                            "kv_cache_scheme": FLOAT8_KV})
+    assert resolve_kv_cache_dtype("auto", calibrated, float8_cache=True) == "fp8"
+    assert resolve_kv_cache_dtype("auto", calibrated, float8_cache=False) == "auto"
+    assert resolve_kv_cache_dtype("fp8_e5m2", calibrated, float8_cache=False) == "fp8_e5m2"
+    assert resolve_kv_cache_dtype("auto", hf_source(None), float8_cache=True) == "auto"
 
 
 def test_fp8_quantizes_a_16_bit_checkpoint_at_load():

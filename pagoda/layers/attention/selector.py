@@ -32,6 +32,15 @@ def float8_cache_error(capability: tuple[int, int], cache_dtype: torch.dtype | N
             f"--attention-backend torch")
 
 
+def holds_e4m3_cache(name: str, device: torch.device | str) -> bool:
+    """Whether the attention backend `name` chooses on `device` holds a float8 E4M3 KV cache
+    (the Triton kernels: from compute capability 8.9 on; the torch backend: anywhere)."""
+    device = torch.device(device)
+    if device.type != "cuda" or name == "torch" or (name == "auto" and not triton_available()):
+        return True
+    return has_e4m3(torch.cuda.get_device_capability(device))
+
+
 def select_backend(name: str, device: torch.device | str,
                    cache_dtype: torch.dtype | None = None) -> AttentionBackend:
     """"auto": triton on CUDA when importable, else torch; "torch" / "triton": that one.

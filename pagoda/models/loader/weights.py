@@ -1,6 +1,7 @@
 """Walks a checkpoint's (name, tensor) pairs onto a model's parameters through each
 parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj) and each
-expert's projections onto the stacked expert weights of a mixture of experts."""
+expert's projections onto the stacked expert weights of a mixture of experts; a float8 KV
+cache's calibrated scales go to their layer's attention module."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from pagoda.layers.attention.layer import Attention
 from pagoda.layers.linear import default_weight_loader
 
 # one expert's projection: Qwen-style names, or Mixtral's w1 (gate), w3 (up), w2 (down)
@@ -17,6 +19,23 @@ EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|
 # every expert's one projection stacked on dim 0 (how GGUF files store experts)
 STACKED_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")
 GATE_UP_HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}
+# a layer's KV cache scales, as checkpoints name them: compressed-tensors' (`k_scale`,
+# `v_scale`; before, the projections' `output_scale`), ModelOpt's (`k_proj.k_scale`), the
+# first FP8 checkpoints' one `kv_scale` for both, and vLLM's own (`attn.k_scale`). The
+# query and probability scales (`q_scale`, `prob_scale`) are for float8 attention
+# products, which pagoda does not run: read and not used.
+KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:attn\.)?(k_scale|v_scale|kv_scale|q_scale|prob_scale"
+                      r"|k_proj\.output_scale|v_proj\.output_scale|q_proj\.output_scale"
+                      r"|k_proj\.k_scale|v_proj\.v_scale)")
+KV_SCALE_OF = {"k_scale": "k", "v_scale": "v", "kv_scale": "kv", "k_proj.output_scale": "k",
+               "v_proj.output_scale": "v", "k_proj.k_scale": "k", "v_proj.v_scale": "v"}
+
+
+def kv_scale_target(name: str) -> tuple[str, str] | None:
+    """For a checkpoint's KV cache scale: its attention module's prefix and which scales it
+    sets ("k", "v", "kv"; "" for a query or probability scale, not used)."""
+    match = KV_SCALE.fullmatch(name)
+    return None if match is None else (match[1], KV_SCALE_OF.get(match[2], ""))
 
 
 def expert_target(name: str) -> tuple[str, int] | None:
@@ -62,10 +81,15 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     """Load every tensor; returns the names filled. A tensor with no parameter is an error,
     except those `ignored` and an lm_head tied to the embedding."""
     params = dict(model.named_parameters())
-    tied = {f"{name}.weight" for name, module in model.named_modules() if getattr(module, "tied", False)}
+    modules = dict(model.named_modules())
+    tied = {f"{name}.weight" for name, module in modules.items() if getattr(module, "tied", False)}
     loaded: set[str] = set()
     for name, tensor in weights:
         if name.endswith(ignored) or name in tied:
+            continue
+        scale = kv_scale_target(name)
+        if scale is not None:
+            _load_kv_scale(modules, name, tensor, *scale)
             continue
         target, piece = fused_target(name, packed)
         param = params.get(target)
@@ -75,6 +99,18 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         loader(param, tensor, piece)
         loaded |= _pieces(target, param) if piece is None else {f"{target}#{piece}"}
     return loaded
+
+
+def _load_kv_scale(modules: Mapping[str, nn.Module], name: str, tensor: torch.Tensor,
+                   prefix: str, which: str) -> None:
+    """Set the scales `which` of the attention module under `prefix` from `tensor`."""
+    holder = modules.get(prefix)
+    attention = next((m for m in holder.modules() if isinstance(m, Attention)), None) \
+        if holder is not None else None
+    if attention is None:
+        raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
+    for each in which:
+        attention.load_kv_scale(each, tensor, name)
 
 
 def _pieces(name: str, param: nn.Parameter) -> set[str]:
