@@ -30,6 +30,7 @@ from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
 from pagoda.models.quantization import (
     load_quantization,
+    quantization_config,
     quantizes_at_load,
     resolve_kv_cache_dtype,
 )
@@ -91,7 +92,10 @@ class MemoryEstimate:
 _LINEAR_WEIGHT = re.compile(r".*\.(q|k|v|o|gate|up|down)_proj\.(weight|qweight)")
 _EMBEDDING = "model.embed_tokens.weight"
 # tensors of quantized checkpoints that hold no parameters of their own
-_QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale")
+_QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale",
+              "weight_zero_point", "weight_g_idx", "weight_shape", "k_scale", "v_scale",
+              "kv_scale", "q_scale", "prob_scale", "output_scale")
+_PACKED_INTEGERS = ("qweight", "weight_packed")  # int32s of packed integer codes
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                       "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
@@ -105,19 +109,31 @@ def _shapes(source: ModelSource) -> tuple[Any, str] | None:
 
 
 def count_parameters(source: ModelSource, spec: ArchSpec) -> tuple[int, str]:
-    """Parameters the engine allocates for `source` (a packed 4-bit tensor counts the
+    """Parameters the engine allocates for `source` (a packed integer tensor counts the
     weights it holds; scales and zero points none), and where the count came from."""
     config = source.hf_config
     found = _shapes(source)
     if found is None:
         return spec.count_parameters(config), "config"
     shapes, origin = found
-    total = 0
+    total, per_int32 = 0, 32 // _packed_bits(config)
     for name, shape in shapes:
-        if not spec.keeps_weight(name, config) or name.rpartition(".")[2] in _QUANT_AUX:
+        leaf = name.rpartition(".")[2]
+        if not spec.keeps_weight(name, config) or leaf in _QUANT_AUX:
             continue
-        total += math.prod(shape) * (8 if name.endswith(".qweight") else 1)
+        total += math.prod(shape) * (per_int32 if leaf in _PACKED_INTEGERS else 1)
     return total, origin
+
+
+def _packed_bits(config: Any) -> int:
+    """The width of a packed integer checkpoint's codes (AWQ/GPTQ `bits`, compressed-tensors'
+    weights `num_bits`; 4 when the config does not say)."""
+    values = quantization_config(config) or {}
+    bits = values.get("bits", values.get("w_bit"))
+    groups = list((values.get("config_groups") or {}).values())
+    if bits is None and groups:
+        bits = (groups[0].get("weights") or {}).get("num_bits")
+    return int(bits or 4)
 
 
 def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
@@ -181,19 +197,22 @@ def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:
 def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
-    (AWQ/GPTQ scales twice: a bfloat16 scale and zero each; zero points folded in)."""
+    (AWQ/GPTQ/compressed-tensors integer scales twice: a 16-bit scale and min each; zero
+    points and act orders folded in)."""
     total = 0
     for name, dtype in safetensors_dtypes(source.path):
         if not spec.keeps_weight(name, source.hf_config):
             continue
         count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
-        if leaf in ("qzeros", "g_idx", "input_scale"):
+        prefix = name.removesuffix(leaf)
+        if leaf in ("qzeros", "g_idx", "input_scale", "weight_zero_point", "weight_g_idx",
+                    "weight_shape"):
             continue
-        if leaf == "scales":
+        if leaf == "scales" or (leaf == "weight_scale" and prefix + "weight_packed" in shapes):
             total += 4 * count
         elif leaf in ("weight_scale", "weight_scale_inv"):
-            total += _fp8_scale_bytes(shapes[name], shapes[name.removesuffix(leaf) + "weight"])
-        elif leaf == "qweight" or dtype.startswith("F8"):
+            total += _fp8_scale_bytes(shapes[name], shapes[prefix + "weight"])
+        elif leaf in ("qweight", "weight_packed") or dtype.startswith("F8"):
             total += count * _SAFETENSORS_BYTES.get(dtype, 4)
         else:
             total += count * itemsize

@@ -25,7 +25,7 @@ from pagoda.layers.tile_counters import nonzero_counters
 from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
 from tests.models.test_gguf_quantized import UNTIED, write_typed_gguf, write_untied_gguf
-from tests.models.test_quantized_checkpoints import CONFIG, write_fp8, write_quantized
+from tests.models.test_quantized_checkpoints import CONFIG, FORMATS, write_fp8, write_quantized
 from tests.utils import save_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -203,11 +203,12 @@ def source(tmp_path_factory):
     return save_random_checkpoint(CONFIG, tmp_path_factory.mktemp("tiny") / "fp32", None)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq"])
-def test_int4_checkpoints_agree_with_their_weights(fmt, source, tmp_path, gpu_report):
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq-int8"])
+def test_int_checkpoints_agree_with_their_weights(fmt, source, tmp_path, gpu_report):
     write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
-    assert all("triton group gemm" in k for k in kernels_of(tmp_path / fmt)
-               if k.startswith("Int4"))
+    kernels = [k for k in kernels_of(tmp_path / fmt) if k.startswith("IntCheckpoint")]
+    bits = FORMATS[fmt][0]["bits"]
+    assert kernels and all(f"triton group gemm ({bits}-bit codes" in k for k in kernels)
     rate = agreement(tmp_path / fmt, tmp_path / "reference",
                      random_prompts(CONFIG.vocab_size, (7, 19, 40)))
     gpu_report(format=fmt, agreement=f"{rate:.3f}")

@@ -1,8 +1,9 @@
-"""Tiny random Llama checkpoints packed as AWQ, as act-order GPTQ (packers written from the
-formats' documentation) and as FP8 with block scales, and a float32 one quantized to FP8
-at load, served by pagoda: tokens against the same model with the weights those tensors
-stand for, saved as a float32 checkpoint (transformers cannot read these formats without
-their kernels' packages); on two tensor-parallel ranks, one device's tokens (act-order GPTQ
+"""Tiny random Llama checkpoints packed as AWQ, as act-order GPTQ in 4 and 8 bits (packers
+written from the formats' documentation), as compressed-tensors W4A16 and W8A16 (packed by
+the library) and as FP8 with block scales, and a float32 one quantized to FP8 at load,
+served by pagoda: tokens against the same model with the weights those tensors stand for,
+saved as a float32 checkpoint (transformers cannot read these formats without their
+kernels' packages); on two tensor-parallel ranks, one device's tokens (act-order GPTQ
 refused)."""
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ FORMATS = {
              "version": "gemm"}, False, awq_tensors),
     "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
               "desc_act": True}, True, gptq_tensors),
+    "gptq-int8": ({"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": False,
+                   "desc_act": True}, False, gptq_tensors),
 }
+
+
+def method(fmt: str) -> str:
+    """The --quantization name of a FORMATS entry."""
+    return FORMATS[fmt][0]["quant_method"] if fmt in FORMATS else fmt.split()[0]
 
 
 def write_quantized(source, quantized_dir, reference_dir, fmt: str) -> None:
@@ -53,7 +61,8 @@ def write_quantized(source, quantized_dir, reference_dir, fmt: str) -> None:
             # act order: one input order per input (q, k, v share one; gate and up too)
             key = (parent, projection in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
             orders.setdefault(key, torch.randperm(tensor.shape[1]) // 128)
-            q = quantize(tensor.float(), 128, symmetric, orders[key] if fmt == "gptq" else None)
+            q = quantize(tensor.float(), 128, symmetric,
+                         orders[key] if method(fmt) == "gptq" else None, bits=config["bits"])
             packed |= {f"{module}.{key}": value for key, value in pack(q).items()}
             reference[name] = q.weights()
         else:
@@ -104,7 +113,7 @@ def test_next_tokens_agree_with_the_weights_they_stand_for(fmt, source, tmp_path
     prompts = random_prompts(CONFIG.vocab_size, (7, 19))
     continuations = greedy(tmp_path / "reference", prompts)
     sequences = [p + c for p, c in zip(prompts, continuations)]
-    ours = top_tokens(tmp_path / fmt, sequences, fmt)
+    ours = top_tokens(tmp_path / fmt, sequences, method(fmt))
     agreed = [sum(a == b for a, b in zip(top[len(p) - 1:], c))
               for top, p, c in zip(ours, prompts, continuations)]
     rate = sum(agreed) / (len(prompts) * NUM_TOKENS)
@@ -164,7 +173,7 @@ def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_pa
     assert greedy(source, prompts, quantization="fp8") == greedy(reference, prompts)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq", "fp8", "fp8 at load"])
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq-int8", "fp8", "fp8 at load"])
 def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
     if fmt == "fp8":
         write_fp8(source, tmp_path / fmt, tmp_path / "reference")
@@ -172,9 +181,9 @@ def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
         write_quantized(source, tmp_path / fmt, tmp_path / "reference", fmt)
     path, flag = (source, "fp8") if fmt == "fp8 at load" else (tmp_path / fmt, None)
     expected = estimate(resolve_model(str(path)), 128, quantization=flag)
-    assert expected.quantization == fmt.split()[0]
+    assert expected.quantization == method(fmt)
     model = load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"), 128,
-                       quantization=fmt.split()[0])
+                       quantization=method(fmt))
     assert expected.weight_bytes == weight_bytes(model)
     assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
 
@@ -230,3 +239,72 @@ def test_dummy_weights_of_an_awq_config_are_4_bit(tmp_path):
     assert kernels == {"int4pack_mm_for_cpu"}
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids) == 4
+
+
+def write_compressed_tensors(source, quantized_dir, reference_dir, bits: int) -> None:
+    """compressed-tensors pack-quantized (W4A16 / W8A16, symmetric, groups of 128) packed by
+    the library itself, beside the float32 weights it decompresses them to."""
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,
+    )
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
+                            group_size=128)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    packed, reference = {}, {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rpartition(".")[2] in PROJECTIONS:
+            groups = tensor.float().reshape(tensor.shape[0], -1, 128)
+            scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            stored = PackedQuantizationCompressor.compress(
+                {"weight": tensor.float(), "weight_scale": scale, "weight_zero_point": zero},
+                scheme)
+            packed |= {f"{module}.{key}": value for key, value in stored.items()}
+            reference[name] = PackedQuantizationCompressor.decompress(dict(stored),
+                                                                      scheme)["weight"]
+        else:
+            packed[name] = reference[name] = tensor
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "ignore": ["lm_head"], "config_groups": {"group_0": {
+                  "targets": ["Linear"], "format": "pack-quantized",
+                  "weights": args.model_dump()}}}
+    write_checkpoints(source, (quantized_dir, packed, config), (reference_dir, reference, None))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_compressed_tensors_integer_checkpoint_is_served_and_estimated(bits, source,
+                                                                         tmp_path):
+    """W4A16 and W8A16 as llmcompressor writes them: the next tokens of the weights they
+    stand for (8 bits decoded per call in float32 on CPU: the same greedy tokens), and the
+    estimate counts the parameters and bytes the engine holds."""
+    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", bits)
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    continuations = greedy(tmp_path / "reference", prompts)
+    sequences = [p + c for p, c in zip(prompts, continuations)]
+    ours = top_tokens(tmp_path / "ct", sequences, "compressed-tensors")
+    agreed = sum(a == b for top, p, c in zip(ours, prompts, continuations)
+                 for a, b in zip(top[len(p) - 1:], c))
+    assert agreed >= (1.0 if bits == 8 else 0.9) * len(prompts) * NUM_TOKENS
+    expected = estimate(resolve_model(str(tmp_path / "ct")), 128)
+    model = load_model(resolve_model(str(tmp_path / "ct")), torch.float32, torch.device("cpu"),
+                       128, quantization="compressed-tensors")
+    assert expected.weight_bytes == weight_bytes(model)
+    assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
+
+
+def test_dummy_weights_of_an_8_bit_gptq_config_are_bytes(tmp_path):
+    CONFIG.save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    values["quantization_config"] = FORMATS["gptq-int8"][0]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
+    model = llm.engine.core.executor.worker.runner.model
+    layers = [m for m in model.modules() if isinstance(m, LinearBase) and m.method is not None]
+    assert {m.method.kernel(m) for m in layers} == {"8-bit codes decoded per call (weight-only)"}
+    codes = layers[0].quantized.codes
+    assert codes.dtype == torch.uint8 and int(codes.max()) > 15
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids
+    assert len(out) == 4

@@ -21,10 +21,10 @@ def get_quantization_config(name: str, hf_config: Any) -> QuantizationConfig:
         return GGUFConfig()
     values = getattr(hf_config, "quantization_config", None) or {}
     if name == "awq":
-        from pagoda.layers.quantization.int4_checkpoints import AWQConfig
+        from pagoda.layers.quantization.int_checkpoints import AWQConfig
         return AWQConfig(values)
     if name == "gptq":
-        from pagoda.layers.quantization.int4_checkpoints import GPTQConfig
+        from pagoda.layers.quantization.int_checkpoints import GPTQConfig
         return GPTQConfig(values)
     if name == "fp8":
         from pagoda.layers.quantization.fp8 import Fp8Config

@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints (what llmcompressor writes): one config group targeting
-Linear layers, either 8-bit float weights (`float-quantized`: FP8, FP8_DYNAMIC) or 4-bit
-integers packed eight to an int32 (`pack-quantized`: W4A16, W4A16_ASYM)."""
+Linear layers, either 8-bit float weights (`float-quantized`: FP8, FP8_DYNAMIC) or 4 or
+8-bit integers packed into int32s (`pack-quantized`: W4A16, W4A16_ASYM, W8A16)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def compressed_tensors_config(values: dict[str, Any]) -> QuantizationConfig:
         from pagoda.layers.quantization.fp8 import CompressedTensorsFp8Config
         return CompressedTensorsFp8Config(args, ignore)
     fmt = groups[0].get("format") or values.get("format")
-    if kind == ("int", 4) and fmt == "pack-quantized":
-        from pagoda.layers.quantization.int4_checkpoints import PackedInt4Config
-        return PackedInt4Config(args, ignore)
+    if kind in (("int", 4), ("int", 8)) and fmt == "pack-quantized":
+        from pagoda.layers.quantization.int_checkpoints import PackedIntConfig
+        return PackedIntConfig(args, ignore)
     raise UnsupportedModelError(f"compressed-tensors {fmt or ''} weights of {kinds} are not "
-                                "supported yet (float8, and int4 pack-quantized, are)")
+                                "supported yet (float8, and int4 or int8 pack-quantized, "
+                                "are)")

@@ -1,7 +1,7 @@
 """compressed-tensors checkpoints packed by compressed-tensors itself (the library
-llmcompressor writes them with): int4 pack-quantized (symmetric and with zero points) and
-float8 weights, each loaded into a fused qkv and checked against the weights the library
-decompresses them to."""
+llmcompressor writes them with): int4 and int8 pack-quantized (symmetric and with zero
+points) and float8 weights, each loaded into a fused qkv and checked against the weights
+the library decompresses them to."""
 
 from __future__ import annotations
 
@@ -72,6 +72,24 @@ def test_int4_pack_quantized_matches_the_librarys_weights(symmetric):
     # bfloat16 activations and scales in the int4 kernel
     torch.testing.assert_close(layer(x), expected, rtol=0,
                                atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_pack_quantized_matches_the_librarys_weights(symmetric):
+    """W8A16: four bytes per int32, kept as bytes and decoded per call on CPU (float32
+    products; the mins held in float16 round by at most 2^-11 of their size)."""
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy="group",
+                            group_size=128)
+    layer = qkv_layer(config_of(args, "pack-quantized"))
+    pieces = [compressed(PackedQuantizationCompressor, args, rows, 128, seed)
+              for seed, rows in enumerate(SIZES)]
+    load(layer, [stored for stored, _ in pieces])
+    assert layer.method.kernel(layer) == "8-bit codes decoded per call (weight-only)"
+    assert layer.quantized.codes.numel() == sum(SIZES) * HIDDEN  # a byte a weight
+    x = torch.randn(4, HIDDEN)
+    expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
+    torch.testing.assert_close(layer(x), expected, rtol=0,
+                               atol=2e-3 * expected.abs().max().item())
 
 
 def test_float8_channel_weights_match_the_librarys_weights():

@@ -49,6 +49,10 @@ CASES = {
     "int8-g16": (3, 40, 128, 16, 8, True, False),
     "int8-g32-tokens-32": (32, 72, 256, 32, 8, True, False),
     "int8-g32-large": (70, 40, 96, 32, 8, True, False),
+    # 8-bit GPTQ / compressed-tensors W8A16: groups of 128 (a step a group)
+    "int8-g128-split": (1, 48, 1024, 128, 8, True, False),
+    "int8-g128-tokens-20": (20, 40, 512, 128, 8, True, False),
+    "int8-g128-large": (70, 40, 256, 128, 8, True, False),
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
     "fp8-per-row-split": (1, 72, 2048, 2048, 8, False, True),
     "fp8-per-row-tokens-20": (20, 72, 256, 256, 8, False, True),

@@ -21,7 +21,7 @@ from pagoda.layers.parallel import ParallelGroup
 from pagoda.layers.quantization.compressed_tensors import compressed_tensors_config
 from pagoda.layers.quantization.fp8 import Fp8Config
 from pagoda.layers.quantization.gguf import GGUFLinearMethod, GGUFWeight
-from pagoda.layers.quantization.int4_checkpoints import AWQConfig, GPTQConfig
+from pagoda.layers.quantization.int_checkpoints import AWQConfig, GPTQConfig
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.layers.quantization.packers import load_pieces as load
 from tests.layers.quantization.test_compressed_tensors import compressed, config_of

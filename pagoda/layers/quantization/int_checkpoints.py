@@ -1,19 +1,23 @@
-"""4-bit weight-only checkpoints (W4A16): AWQ (GEMM packing, zero points), GPTQ
-(symmetric or not, `desc_act` with `g_idx`) and compressed-tensors `pack-quantized`. Each
-layer's pieces are unpacked to codes, a scale and a min per group of inputs, then held for
-the Triton kernel on CUDA (group_gemm) or packed for torch's int4 matmul on CPU; GPTQ's
+"""Integer weight-only checkpoints (W4A16, W8A16): AWQ (4 bits, GEMM packing, zero
+points), GPTQ (4 or 8 bits, symmetric or not, `desc_act` with `g_idx`) and
+compressed-tensors `pack-quantized` (4 or 8 bits). Each layer's pieces are unpacked to
+codes, a scale and a min per group of inputs, then held for the Triton kernel on CUDA
+(group_gemm); on CPU 4-bit codes are packed for torch's int4 matmul and 8-bit ones kept as
+bytes, decoded per call (torch has no CPU kernel for bytes with a scale per group). GPTQ's
 act-order inputs are sorted by group first and the activations permuted to match.
 
+Integers of b bits pack 32 / b to an int32 (per = 8 for 4 bits, 4 for 8), lowest bits
+first.
 AWQ (AutoAWQ's GEMM layout): qweight int32 [in, out / 8], eight outputs per int32 in the
 nibble order 0 2 4 6 1 3 5 7; qzeros int32 [in / group, out / 8] likewise; scales
 [in / group, out]; weight = (q - zero) * scale.
-GPTQ: qweight int32 [in / 8, out], eight consecutive inputs per int32, lowest nibble
-first; qzeros int32 [groups, out / 8], eight consecutive outputs per int32; scales
-[groups, out]; g_idx [in], each input's group; weight = (q - (zero + 1)) * scale (the "+1"
-of the original gptq format; gptq_v2 stores zero itself).
-compressed-tensors pack-quantized: weight_packed int32 [out, in / 8], eight consecutive
-inputs per int32, lowest nibble first, each the signed code + 8; weight_scale [out, groups];
-asymmetric: weight_zero_point int32 [out / 8, groups], packed along the outputs likewise;
+GPTQ: qweight int32 [in / per, out], consecutive inputs per int32; qzeros int32
+[groups, out / per], consecutive outputs per int32; scales [groups, out]; g_idx [in],
+each input's group; weight = (q - (zero + 1)) * scale (the "+1" of the original gptq
+format; gptq_v2 stores zero itself).
+compressed-tensors pack-quantized: weight_packed int32 [out, in / per], consecutive inputs
+per int32, each the signed code + 2^(b-1); weight_scale [out, groups]; asymmetric:
+weight_zero_point int32 [out / per, groups], packed along the outputs likewise;
 weight_g_idx optional (act order); weight = (code - zero) * scale."""
 
 from __future__ import annotations
@@ -38,16 +42,23 @@ from pagoda.layers.quantization.pieces import (
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output each nibble of an AWQ int32 holds
 
 
-def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))
-                 ) -> torch.Tensor:
-    """int32 holding eight nibbles -> 8x as many values along `dim`; nibble i (bits 4i..)
-    is element `order[i]` of its group of eight."""
-    shifts = torch.tensor([4 * order.index(j) for j in range(8)], dtype=torch.int32,
+def per_int32(bits: int) -> int:
+    """Integers of `bits` bits an int32 packs."""
+    return 32 // bits
+
+
+def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] | None = None,
+                 bits: int = 4) -> torch.Tensor:
+    """int32 holding 32 / bits integers -> that many times the values along `dim`; integer
+    i (bits bits * i..) is element `order[i]` of its int32's run (default: in order)."""
+    per = per_int32(bits)
+    order = order or tuple(range(per))
+    shifts = torch.tensor([bits * order.index(j) for j in range(per)], dtype=torch.int32,
                           device=packed.device)
-    values = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [..., 8] per int32
+    values = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     values = values.movedim(-1, dim + 1 if dim >= 0 else dim)
     shape = list(packed.shape)
-    shape[dim] *= 8
+    shape[dim] *= per
     return values.reshape(shape)
 
 
@@ -64,12 +75,12 @@ def awq_groups(piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (codes, *_group_rows(piece["scales"], zeros))
 
 
-def gptq_groups(piece: dict[str, torch.Tensor], zero_offset: int
+def gptq_groups(piece: dict[str, torch.Tensor], zero_offset: int, bits: int = 4
                 ) -> tuple[torch.Tensor, ...]:
     """A GPTQ piece as codes [out, in] (inputs in checkpoint order), scale and min per
     group [out, groups]."""
-    codes = unpack_int32(piece["qweight"], 0).t()
-    zeros = unpack_int32(piece["qzeros"], 1) + zero_offset
+    codes = unpack_int32(piece["qweight"], 0, bits=bits).t()
+    zeros = unpack_int32(piece["qzeros"], 1, bits=bits) + zero_offset
     return (codes, *_group_rows(piece["scales"], zeros))
 
 
@@ -96,10 +107,10 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str 
     return order
 
 
-class Int4CheckpointMethod(LinearMethod):
-    """A linear layer of an AWQ, GPTQ or compressed-tensors int4 checkpoint."""
+class IntCheckpointMethod(LinearMethod):
+    """A linear layer of an AWQ, GPTQ or compressed-tensors integer checkpoint."""
 
-    def __init__(self, config: Int4CheckpointConfig) -> None:
+    def __init__(self, config: IntCheckpointConfig) -> None:
         self.config = config
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
@@ -109,14 +120,15 @@ class Int4CheckpointMethod(LinearMethod):
                 f"{self.config.name} weights do not split over {layer.group.size} "
                 f"tensor-parallel ranks here: each rank's {inputs[1]} of the {layer.in_features} "
                 f"inputs are not whole groups of {self.config.group_size}")
-        device = torch.empty(0).device
-        if device.type == "cuda" and not supports(layer.local_in, self.config.group_size, 4):
+        device, bits = torch.empty(0).device, self.config.bits
+        if (device.type == "cuda" or bits == 8) \
+                and not supports(layer.local_in, self.config.group_size, bits):
             raise UnsupportedModelError(
-                f"{self.config.name} weights on CUDA need groups of a multiple of 32 inputs "
-                f"and a layer width a multiple of 64 (width {layer.local_in}, group "
-                f"{self.config.group_size})")
-        if device.type != "cuda" and not int4_packable(device, layer.local_in,
-                                                       self.config.group_size):
+                f"{self.config.name} {bits}-bit weights need groups of 16 or a multiple of 32 "
+                "inputs (4 bits: of 32, and a layer width a multiple of 64) dividing the "
+                f"layer's width (width {layer.local_in}, group {self.config.group_size})")
+        if device.type != "cuda" and bits == 4 and not int4_packable(device, layer.local_in,
+                                                                     self.config.group_size):
             raise UnsupportedModelError(
                 f"{self.config.name} weights run on CUDA, or on CPU with group size one of "
                 f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
@@ -126,11 +138,12 @@ class Int4CheckpointMethod(LinearMethod):
 
     def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
         rows, groups = sum(piece_sizes(layer)), layer.local_in // self.config.group_size
-        device = generator.device
-        codes = torch.randint(0, 16, (rows, layer.local_in), generator=generator,
+        device, levels = generator.device, 1 << self.config.bits
+        codes = torch.randint(0, levels, (rows, layer.local_in), generator=generator,
                               device=device, dtype=torch.uint8)
-        scale = torch.full((rows, groups), std / 4.6, device=device)  # codes' std is 4.6
-        layer.dummy_groups = (codes, scale, -8.0 * scale)
+        # uniform codes' standard deviation: levels / sqrt(12) (4.6 for 4 bits)
+        scale = torch.full((rows, groups), std / (levels / 12 ** 0.5), device=device)
+        layer.dummy_groups = (codes, scale, -(levels // 2) * scale)
         return True
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
@@ -145,33 +158,42 @@ class Int4CheckpointMethod(LinearMethod):
         if order is not None:
             codes = codes[:, order]
             layer.register_buffer("input_order", order, persistent=False)
-        if codes.is_cuda:  # the collected tensors are on the layer's device
-            layer.int4 = GroupQuantWeight(codes, scale, low, self.config.group_size, 4)
+        group, bits = self.config.group_size, self.config.bits
+        if codes.is_cuda or bits == 8:  # (the collected tensors are on the layer's device)
+            layer.quantized = GroupQuantWeight(codes, scale, low, group, bits)
         else:
-            layer.int4 = Int4PackedWeight(codes, scale, low, self.config.group_size)
+            layer.quantized = Int4PackedWeight(codes, scale, low, group)
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         order = getattr(layer, "input_order", None)
-        y = layer.int4(x if order is None else x.index_select(-1, order))
+        y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
 
     def kernel(self, layer: LinearBase) -> str:
-        name = layer.int4.kernel_name() if isinstance(layer.int4, GroupQuantWeight) else \
-            "int4pack_mm_for_cpu"
+        weight = layer.quantized
+        if not isinstance(weight, GroupQuantWeight):
+            name = "int4pack_mm_for_cpu"
+        elif weight.codes.is_cuda:
+            name = weight.kernel_name()
+        else:
+            name = f"{weight.bits}-bit codes decoded per call (weight-only)"
         return name + (" (act order)" if hasattr(layer, "input_order") else "")
 
 
-class Int4CheckpointConfig(QuantizationConfig):
-    """What AWQ and GPTQ share: 4 bits, a group size, modules left unquantized."""
+class IntCheckpointConfig(QuantizationConfig):
+    """What AWQ, GPTQ and compressed-tensors integers share: a width of `supported_bits`, a
+    group size, modules left unquantized."""
 
     optional_names: tuple[str, ...] = ("g_idx",)
+    supported_bits: tuple[int, ...] = (4, 8)
 
     def __init__(self, values: dict[str, Any]) -> None:
-        bits = int(values.get("bits", values.get("w_bit", 4)))
-        if bits != 4:
-            raise UnsupportedModelError(f"{self.name} with {bits}-bit weights is not supported "
-                                        "(4 bits are)")
+        self.bits = int(values.get("bits", values.get("w_bit", 4)))
+        if self.bits not in self.supported_bits:
+            held = " or ".join(map(str, self.supported_bits))
+            raise UnsupportedModelError(f"{self.name} with {self.bits}-bit weights is not "
+                                        f"supported ({held} bits are)")
         self.group_size = int(values.get("group_size", values.get("q_group_size", 128)))
         if self.group_size <= 0:
             raise UnsupportedModelError(f"{self.name} without groups (group_size "
@@ -181,7 +203,7 @@ class Int4CheckpointConfig(QuantizationConfig):
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         if skipped_module(prefix, self.skipped):
             return None
-        return Int4CheckpointMethod(self)
+        return IntCheckpointMethod(self)
 
     def tensor_layouts(self) -> dict[str, Layout | None]:
         """Each checkpoint tensor's name and where its outputs and inputs lie."""
@@ -195,8 +217,9 @@ class Int4CheckpointConfig(QuantizationConfig):
         raise NotImplementedError
 
 
-class AWQConfig(Int4CheckpointConfig):
+class AWQConfig(IntCheckpointConfig):
     name = "awq"
+    supported_bits = (4,)
 
     def __init__(self, values: dict[str, Any]) -> None:
         super().__init__(values)
@@ -216,7 +239,7 @@ class AWQConfig(Int4CheckpointConfig):
         return awq_groups(piece)
 
 
-class GPTQConfig(Int4CheckpointConfig):
+class GPTQConfig(IntCheckpointConfig):
     name = "gptq"
 
     def __init__(self, values: dict[str, Any]) -> None:
@@ -224,9 +247,9 @@ class GPTQConfig(Int4CheckpointConfig):
         self.zero_offset = 0 if values.get("checkpoint_format") == "gptq_v2" else 1
 
     def tensor_layouts(self) -> dict[str, Layout | None]:
-        group = self.group_size  # eight inputs per int32 of qweight, eight outputs of qzeros
-        return {"qweight": Layout(output_dim=1, input_dim=0, input_unit=8),
-                "qzeros": Layout(output_dim=1, input_dim=0, output_unit=8, input_unit=group),
+        group, per = self.group_size, per_int32(self.bits)  # inputs of qweight, outputs of
+        return {"qweight": Layout(output_dim=1, input_dim=0, input_unit=per),  # qzeros
+                "qzeros": Layout(output_dim=1, input_dim=0, output_unit=per, input_unit=group),
                 "scales": Layout(output_dim=1, input_dim=0, input_unit=group),
                 "g_idx": Layout(input_dim=0)}
 
@@ -241,30 +264,31 @@ class GPTQConfig(Int4CheckpointConfig):
         return act_order(g_idx, self.group_size, layer, self.name)
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return gptq_groups(piece, self.zero_offset)
+        return gptq_groups(piece, self.zero_offset, self.bits)
 
 
-class PackedInt4Config(Int4CheckpointConfig):
-    """compressed-tensors `pack-quantized` 4-bit weights (`weights`: the config group's
-    weight arguments), grouped; symmetric or with zero points."""
+class PackedIntConfig(IntCheckpointConfig):
+    """compressed-tensors `pack-quantized` 4 or 8-bit weights (`weights`: the config
+    group's weight arguments), grouped; symmetric or with zero points."""
 
     name = "compressed-tensors"
     optional_names = ("weight_zero_point", "weight_g_idx")
 
     def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
         if weights.get("strategy") != "group":
-            raise UnsupportedModelError(f"compressed-tensors int4 {weights.get('strategy')} "
-                                        "scales are not supported (group is)")
+            raise UnsupportedModelError(f"compressed-tensors int{weights.get('num_bits')} "
+                                        f"{weights.get('strategy')} scales are not supported "
+                                        "(group is)")
         super().__init__({"bits": weights.get("num_bits"), "group_size": weights.get("group_size"),
                           "modules_to_not_convert": ignore})
         self.symmetric = bool(weights.get("symmetric", True))
 
     def tensor_layouts(self) -> dict[str, Layout | None]:
-        group = self.group_size  # eight inputs per int32 of weight_packed, eight outputs
-        return {"weight_packed": Layout(output_dim=0, input_dim=1, input_unit=8),  # of zeros
-                "weight_scale": Layout(output_dim=0, input_dim=1, input_unit=group),
+        group, per = self.group_size, per_int32(self.bits)  # inputs of weight_packed,
+        return {"weight_packed": Layout(output_dim=0, input_dim=1, input_unit=per),  # outputs
+                "weight_scale": Layout(output_dim=0, input_dim=1, input_unit=group),  # of zeros
                 "weight_shape": None,
-                "weight_zero_point": Layout(output_dim=0, input_dim=1, output_unit=8,
+                "weight_zero_point": Layout(output_dim=0, input_dim=1, output_unit=per,
                                             input_unit=group),
                 "weight_g_idx": Layout(input_dim=0)}
 
@@ -274,9 +298,9 @@ class PackedInt4Config(Int4CheckpointConfig):
         return GPTQConfig.input_order(self, renamed, layer) if renamed[0] else None
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        codes = unpack_int32(piece["weight_packed"], 1)
+        codes = unpack_int32(piece["weight_packed"], 1, bits=self.bits)
         scale = piece["weight_scale"].float()
         if self.symmetric:
-            return codes, scale, -8.0 * scale
-        zeros = unpack_int32(piece["weight_zero_point"], 0)[:codes.shape[0]]
+            return codes, scale, -float(1 << (self.bits - 1)) * scale
+        zeros = unpack_int32(piece["weight_zero_point"], 0, bits=self.bits)[:codes.shape[0]]
         return codes, scale, -zeros.float() * scale

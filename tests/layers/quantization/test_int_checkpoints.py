@@ -1,5 +1,6 @@
 """AWQ and GPTQ linear layers (fused pieces, act order, zero points) against the weights
-their packed tensors stand for, through torch's int4 CPU kernel."""
+their packed tensors stand for: 4-bit ones through torch's int4 CPU kernel, 8-bit GPTQ
+decoded per call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import QKVParallelLinear, RowParallelLinear
-from pagoda.layers.quantization.int4_checkpoints import (
+from pagoda.layers.quantization.int_checkpoints import (
     AWQConfig,
     GPTQConfig,
     unpack_int32,
@@ -18,7 +19,7 @@ from tests.layers.quantization.packers import (
     AWQ_ORDER,
     awq_tensors,
     gptq_tensors,
-    pack_nibbles,
+    pack_int32,
     quantize,
 )
 from tests.layers.quantization.packers import load_pieces as load
@@ -35,8 +36,14 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("order", [tuple(range(8)), AWQ_ORDER])
 def test_nibbles_unpack_as_they_were_packed(order):
     values = torch.randint(0, 16, (16, 32), dtype=torch.int32)
-    assert torch.equal(unpack_int32(pack_nibbles(values, 1, order), 1, order), values)
-    assert torch.equal(unpack_int32(pack_nibbles(values, 0), 0), values)
+    assert torch.equal(unpack_int32(pack_int32(values, 1, order), 1, order), values)
+    assert torch.equal(unpack_int32(pack_int32(values, 0), 0), values)
+
+
+def test_bytes_unpack_as_they_were_packed():
+    values = torch.randint(0, 256, (16, 32), dtype=torch.int32)
+    assert torch.equal(unpack_int32(pack_int32(values, 1, bits=8), 1, bits=8), values)
+    assert torch.equal(unpack_int32(pack_int32(values, 0, bits=8), 0, bits=8), values)
 
 
 def test_an_awq_fused_qkv_matches_its_weights():
@@ -66,10 +73,40 @@ def test_a_gptq_layer_matches_its_weights(desc_act):
     close(layer(x), F.linear(x, q.weights(), layer.bias))
 
 
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric):
+    """GPTQ Int8 (Qwen's GPTQ-Int8 checkpoints): four bytes per int32; on CPU the bytes are
+    kept and decoded per call in float32, from float16 scales and mins (a min of -zero *
+    scale rounds to float16: at most 2^-11 of 255 steps, an eighth of a step, per weight)."""
+    config = GPTQConfig({"quant_method": "gptq", "bits": 8, "group_size": 128,
+                         "sym": symmetric, "desc_act": desc_act})
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
+                              method=config.linear_method("qkv_proj", None))
+    g_idx = torch.randperm(HIDDEN) // 128 if desc_act else None
+    sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+    quantized = [quantize(torch.randn(n, HIDDEN) * 0.05, 128, symmetric, g_idx, bits=8)
+                 for n in sizes]
+    assert int(max(q.codes.max() for q in quantized)) > 15  # bytes, not nibbles
+    load(layer, [gptq_tensors(q) for q in quantized])
+    assert layer.quantized.codes.dtype == torch.uint8
+    assert layer.quantized.codes.numel() == sum(sizes) * HIDDEN  # a byte a weight
+    kernel = layer.method.kernel(layer)
+    assert kernel.startswith("8-bit codes decoded per call") and \
+        kernel.endswith("(act order)") == desc_act
+    x = torch.randn(5, HIDDEN)
+    weights = torch.cat([q.weights() for q in quantized])
+    step = torch.cat([q.scales.float().amax(0) for q in quantized])  # each row's largest
+    bound = (x.abs().sum(1, keepdim=True) * step / 8 + 1e-5).expand(5, -1)
+    assert ((layer(x) - F.linear(x, weights)).abs() <= bound).all()
+
+
 def test_formats_pagoda_does_not_read_are_refused():
     with pytest.raises(UnsupportedModelError, match="gemv packing"):
         AWQConfig({"version": "GEMV"})
-    with pytest.raises(UnsupportedModelError, match="8-bit"):
-        GPTQConfig({"bits": 8})
+    with pytest.raises(UnsupportedModelError, match="awq with 8-bit weights .*4 bits are"):
+        AWQConfig({"bits": 8})
+    with pytest.raises(UnsupportedModelError, match="gptq with 3-bit weights .*4 or 8 bits"):
+        GPTQConfig({"bits": 3})
     assert AWQConfig({"modules_to_not_convert": ["down_proj"]}).linear_method(
         "model.layers.0.mlp.down_proj", None) is None
