@@ -32,7 +32,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", default=None, metavar="FORMAT",
                    help="fp8, awq, gptq, compressed-tensors or gguf (default: what the "
                         "checkpoint holds; fp8 also quantizes a 16-bit checkpoint at load; "
-                        "none dequantizes a GGUF at load)")
+                        "none dequantizes a GGUF at load; vLLM's awq_marlin and gptq_marlin "
+                        "are taken as awq and gptq)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="disable CUDA graphs")

@@ -18,7 +18,10 @@ AT_LOAD = frozenset({"fp8"})
 # GGUF took before its blocks were kept; the reference the quantized path is checked against)
 DEQUANTIZE = "none"
 DEQUANTIZABLE = frozenset({"gguf"})
-_ALIASES = {"compressed_tensors": "compressed-tensors"}
+# other names vLLM takes for these formats (awq_marlin, gptq_marlin: the same checkpoints
+# through its Marlin kernels; pagoda picks its own kernels)
+_ALIASES = {"compressed_tensors": "compressed-tensors", "awq_marlin": "awq",
+            "gptq_marlin": "gptq"}
 
 
 DUMMY_FORMATS = ("awq", "gptq")  # formats whose linear method makes random weights

@@ -37,6 +37,13 @@ def test_the_checkpoint_says_its_format(stored, name):
     assert resolve_quantization(name, hf_source(stored)) == name
 
 
+@pytest.mark.parametrize("flag, stored", [("awq_marlin", "awq"), ("gptq_marlin", "gptq"),
+                                          ("compressed_tensors", "compressed-tensors")])
+def test_vllm_s_other_names_of_a_format_are_taken(flag, stored):
+    source = hf_source({"quant_method": stored, "config_groups": {"g": {}}})
+    assert resolve_quantization(flag, source) == stored
+
+
 def test_an_unknown_format_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="'bitsandbytes' is not supported"):
         checkpoint_quantization(hf_source({"quant_method": "bitsandbytes"}))
