@@ -2,7 +2,7 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   quant-decode1 quant-throughput decode1 pdl-decode1 small throughput
+#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 small throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
@@ -96,6 +96,9 @@ run_stage() {
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
                      ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
+    # the candidate 4-bit layout (bench/kernels/int4_planes.py) against the shipped kernels
+    int4-planes) python3 bench/kernels/int4_planes.py --output-json "$OUT/int4-planes.json" \
+                   ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -120 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:
     # the random Q4_K_M GGUF, written to $GGUF8 on first use)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
