@@ -136,3 +136,17 @@ def test_the_estimate_counts_the_float8_cache_the_checkpoint_asks_for(checkpoint
     assert estimate(calibrated, max_model_len=256, device="H100").kv_dtype == "float8_e4m3fn"
     assert estimate(calibrated, max_model_len=256,
                     kv_cache_dtype="fp8_e5m2").kv_dtype == "float8_e5m2"
+
+
+def test_two_tensor_parallel_ranks_hold_the_scales_too(checkpoints):
+    """Each rank's workers load the model themselves: the scales reach every rank's layers
+    (one KV head each here), and the ranks give one device's next tokens."""
+    one = first_tokens(engine(checkpoints["calibrated"]), PROMPTS)
+    llm = engine(checkpoints["calibrated"], tensor_parallel_size=2)
+    try:
+        assert llm.engine.model_info.kv_cache_dtype == "fp8"
+        two = first_tokens(llm, PROMPTS)
+    finally:
+        llm.engine.core.shutdown()
+    same, drift = agreement(two, one)
+    assert same >= len(PROMPTS) - 1 and drift < 0.01, (same, drift)
