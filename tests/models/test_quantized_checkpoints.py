@@ -226,17 +226,23 @@ def test_act_order_gptq_on_two_ranks_is_refused_in_one_line(source, tmp_path):
             tensor_parallel_size=2)
 
 
-def test_dummy_weights_of_an_awq_config_are_4_bit(tmp_path):
-    """Benchmarks of a quantized format with no checkpoint: an AWQ config with
-    `--load-format dummy` holds random 4-bit weights (a float config gets floats)."""
+@pytest.mark.parametrize("fmt, kernel, levels", [
+    ("awq", "int4pack_mm_for_cpu", 16),
+    ("gptq-int8", "8-bit codes decoded per call (weight-only)", 256)])
+def test_dummy_weights_of_an_integer_config_are_its_codes(fmt, kernel, levels, tmp_path):
+    """Benchmarks of a quantized format with no checkpoint: an AWQ (GPTQ-Int8) config with
+    `--load-format dummy` holds random 4-bit (byte) codes (a float config gets floats)."""
     CONFIG.save_pretrained(tmp_path)
     values = json.loads((tmp_path / "config.json").read_text())
-    values["quantization_config"] = FORMATS["awq"][0]
+    values["quantization_config"] = FORMATS[fmt][0]
     (tmp_path / "config.json").write_text(json.dumps(values))
     llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
     model = llm.engine.core.executor.worker.runner.model
-    kernels = {m.method.kernel(m) for m in model.modules() if isinstance(m, LinearBase)}
-    assert kernels == {"int4pack_mm_for_cpu"}
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert {m.method.kernel(m) for m in layers} == {kernel}
+    if levels > 16:
+        codes = layers[0].quantized.codes
+        assert codes.dtype == torch.uint8 and 15 < int(codes.max()) < levels
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids) == 4
 
@@ -292,19 +298,3 @@ def test_a_compressed_tensors_integer_checkpoint_is_served_and_estimated(bits, s
                        128, quantization="compressed-tensors")
     assert expected.weight_bytes == weight_bytes(model)
     assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
-
-
-def test_dummy_weights_of_an_8_bit_gptq_config_are_bytes(tmp_path):
-    CONFIG.save_pretrained(tmp_path)
-    values = json.loads((tmp_path / "config.json").read_text())
-    values["quantization_config"] = FORMATS["gptq-int8"][0]
-    (tmp_path / "config.json").write_text(json.dumps(values))
-    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
-    model = llm.engine.core.executor.worker.runner.model
-    layers = [m for m in model.modules() if isinstance(m, LinearBase) and m.method is not None]
-    assert {m.method.kernel(m) for m in layers} == {"8-bit codes decoded per call (weight-only)"}
-    codes = layers[0].quantized.codes
-    assert codes.dtype == torch.uint8 and int(codes.max()) > 15
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids
-    assert len(out) == 4
