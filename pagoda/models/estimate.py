@@ -141,8 +141,9 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear
     weights as their kernel holds them (gguf.held_bits: on CPU 4-bit types with a bfloat16
     scale and zero per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and
-    mins), AWQ/GPTQ likewise (scales and zeros doubling the scales' 16 bits), FP8 weights one
-    byte (+ float32 scales at load), everything else at `itemsize`."""
+    mins), AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the
+    scales' 16 bits; 8-bit ones on CPU decoded at load to `itemsize`), FP8 weights one byte
+    (+ float32 scales at load), everything else at `itemsize`."""
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
@@ -169,7 +170,10 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
                   and ".experts." not in n}
         weights = sum(math.prod(s) for s in linear.values())
         return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
-    return _quantized_safetensors_bytes(source, spec, shapes, itemsize)
+    bits = _packed_bits(source.hf_config)
+    decoded = torch.device(device).type == "cpu" and bits == 8  # no CPU kernel: floats
+    return _quantized_safetensors_bytes(source, spec, shapes, itemsize,
+                                        (32 // bits) * itemsize if decoded else None)
 
 
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
@@ -195,25 +199,31 @@ def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:
 
 
 def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
-                                 shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
+                                 shapes: dict[str, tuple[int, ...]], itemsize: int,
+                                 decoded_int32_bytes: int | None = None) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
     (AWQ/GPTQ/compressed-tensors integer scales twice: a 16-bit scale and min each; zero
-    points and act orders folded in)."""
+    points and act orders folded in), or with `decoded_int32_bytes` packed integers decoded
+    at load, that many bytes per int32 of codes and no scales."""
     total = 0
     for name, dtype in safetensors_dtypes(source.path):
         if not spec.keeps_weight(name, source.hf_config):
             continue
         count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
         prefix = name.removesuffix(leaf)
+        integer_scale = leaf == "scales" or (leaf == "weight_scale"
+                                             and prefix + "weight_packed" in shapes)
         if leaf in ("qzeros", "g_idx", "input_scale", "weight_zero_point", "weight_g_idx",
-                    "weight_shape"):
+                    "weight_shape") or (integer_scale and decoded_int32_bytes):
             continue
-        if leaf == "scales" or (leaf == "weight_scale" and prefix + "weight_packed" in shapes):
+        if integer_scale:
             total += 4 * count
         elif leaf in ("weight_scale", "weight_scale_inv"):
             total += _fp8_scale_bytes(shapes[name], shapes[prefix + "weight"])
-        elif leaf in ("qweight", "weight_packed") or dtype.startswith("F8"):
-            total += count * _SAFETENSORS_BYTES.get(dtype, 4)
+        elif leaf in _PACKED_INTEGERS:
+            total += count * (decoded_int32_bytes or _SAFETENSORS_BYTES.get(dtype, 4))
+        elif dtype.startswith("F8"):
+            total += count * _SAFETENSORS_BYTES[dtype]
         else:
             total += count * itemsize
     return total

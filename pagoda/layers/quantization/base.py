@@ -1,8 +1,13 @@
-"""What a quantization format provides: a linear method per layer, by the layer's name."""
+"""What a quantization format provides: a linear method per layer, by the layer's name; and
+the float form a method falls back to where no kernel takes its codes."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
@@ -21,3 +26,15 @@ class QuantizationConfig(ABC):
     def bind_embedding(self, embedding: VocabEmbedding) -> None:
         """Give an embedding whose table no LM head shares the format's form of its table
         (by default it stays in the model's dtype)."""
+
+
+class DenseWeight(nn.Module):
+    """A layer's weights held as floats (decoded at load, or stored so); `__call__(x)` is
+    x W^T in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
-from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     INT4_FORMATS,
@@ -57,17 +57,6 @@ class BlockRows(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_rows(self.rows, self.type_name).to(x.dtype))
-
-
-class DenseRows(nn.Module):
-    """A float tensor (F32/F16 in the file) in the model's dtype."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
 
 
 def _kernel_name(kernel: nn.Module) -> str:
@@ -195,7 +184,7 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
     device = layer.weight.device
     kind = _kind(pieces[0], device)
     if kind == "dense":
-        return DenseRows(torch.cat(pieces).to(device, torch.get_default_dtype()))
+        return DenseWeight(torch.cat(pieces).to(device, torch.get_default_dtype()))  # F32/F16
     if kind == "int4":
         groups = [int4_groups(p.rows, p.type_name) for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))

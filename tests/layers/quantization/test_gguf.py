@@ -14,9 +14,9 @@ from pagoda.layers.linear import (
     RowParallelLinear,
     deferred_linear_methods,
 )
+from pagoda.layers.quantization.base import DenseWeight
 from pagoda.layers.quantization.gguf import (
     BlockRows,
-    DenseRows,
     GGUFLinearMethod,
     GGUFWeight,
 )
@@ -79,7 +79,7 @@ def test_a_float_piece_stays_dense_beside_blocks():
     gate, gate_ref = gguf_piece("Q8_0", 64, HIDDEN, 5)
     up = torch.randn(64, HIDDEN)
     loaded(layer, [gate, up])
-    assert [type(k) for k in layer.gguf_kernels] == [BlockRows, DenseRows]
+    assert [type(k) for k in layer.gguf_kernels] == [BlockRows, DenseWeight]
     x = torch.randn(4, HIDDEN)
     torch.testing.assert_close(layer(x), F.linear(x, torch.cat([gate_ref, up])))
 

@@ -1,6 +1,6 @@
 """AWQ and GPTQ linear layers (fused pieces, act order, zero points) against the weights
 their packed tensors stand for: 4-bit ones through torch's int4 CPU kernel, 8-bit GPTQ
-decoded per call."""
+decoded at load."""
 
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ def test_a_gptq_layer_matches_its_weights(desc_act):
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric):
-    """GPTQ Int8 (Qwen's GPTQ-Int8 checkpoints): four bytes per int32; on CPU the bytes are
-    kept and decoded per call in float32, from float16 scales and mins (a min of -zero *
-    scale rounds to float16: at most 2^-11 of 255 steps, an eighth of a step, per weight)."""
+    """GPTQ Int8 (Qwen's GPTQ-Int8 checkpoints): four bytes per int32; on CPU decoded at
+    load to float32, from float16 scales and mins (a min of -zero * scale rounds to
+    float16: at most 2^-11 of 255 steps, an eighth of a step, per weight)."""
     config = GPTQConfig({"quant_method": "gptq", "bits": 8, "group_size": 128,
                          "sym": symmetric, "desc_act": desc_act})
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
@@ -89,10 +89,9 @@ def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric):
                  for n in sizes]
     assert int(max(q.codes.max() for q in quantized)) > 15  # bytes, not nibbles
     load(layer, [gptq_tensors(q) for q in quantized])
-    assert layer.quantized.codes.dtype == torch.uint8
-    assert layer.quantized.codes.numel() == sum(sizes) * HIDDEN  # a byte a weight
+    assert layer.quantized.weight.dtype == torch.float32
     kernel = layer.method.kernel(layer)
-    assert kernel.startswith("8-bit codes decoded per call") and \
+    assert kernel.startswith("8-bit codes decoded at load") and \
         kernel.endswith("(act order)") == desc_act
     x = torch.randn(5, HIDDEN)
     weights = torch.cat([q.weights() for q in quantized])
