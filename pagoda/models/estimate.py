@@ -142,8 +142,8 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     weights as their kernel holds them (gguf.held_bits: on CPU 4-bit types with a bfloat16
     scale and zero per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and
     mins), AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the
-    scales' 16 bits; 8-bit ones on CPU decoded at load to `itemsize`), FP8 weights one byte
-    (+ float32 scales at load), everything else at `itemsize`."""
+    scales' 16 bits), FP8 weights one byte (+ float32 scales), everything else at
+    `itemsize`; on CPU 8-bit integers and FP8 weights are decoded at load to `itemsize`."""
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
@@ -165,15 +165,15 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
                           for name, kind in kept.items())
         table, table_bytes = _gguf_table(source, shapes, types)
         return (params - packed - table) * itemsize + packed_bits // 8 + table_bytes
+    on_cpu = torch.device(device).type == "cpu"
     if quantizes_at_load(quantization, source):
+        if on_cpu:  # quantized, then decoded at load
+            return params * itemsize
         linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
                   and ".experts." not in n}
         weights = sum(math.prod(s) for s in linear.values())
         return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
-    bits = _packed_bits(source.hf_config)
-    decoded = torch.device(device).type == "cpu" and bits == 8  # no CPU kernel: floats
-    return _quantized_safetensors_bytes(source, spec, shapes, itemsize,
-                                        (32 // bits) * itemsize if decoded else None)
+    return _quantized_safetensors_bytes(source, spec, shapes, itemsize, on_cpu)
 
 
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
@@ -200,11 +200,13 @@ def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:
 
 def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  shapes: dict[str, tuple[int, ...]], itemsize: int,
-                                 decoded_int32_bytes: int | None = None) -> int:
+                                 on_cpu: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
     (AWQ/GPTQ/compressed-tensors integer scales twice: a 16-bit scale and min each; zero
-    points and act orders folded in), or with `decoded_int32_bytes` packed integers decoded
-    at load, that many bytes per int32 of codes and no scales."""
+    points and act orders folded in); on CPU, where no kernel takes them, 8-bit integers
+    and float8 weights decoded at load to `itemsize` (their scales folded in)."""
+    per_int32 = 32 // _packed_bits(source.hf_config)
+    decoded = on_cpu and per_int32 == 4  # 8-bit integers on CPU
     total = 0
     for name, dtype in safetensors_dtypes(source.path):
         if not spec.keeps_weight(name, source.hf_config):
@@ -214,16 +216,18 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
         integer_scale = leaf == "scales" or (leaf == "weight_scale"
                                              and prefix + "weight_packed" in shapes)
         if leaf in ("qzeros", "g_idx", "input_scale", "weight_zero_point", "weight_g_idx",
-                    "weight_shape") or (integer_scale and decoded_int32_bytes):
+                    "weight_shape") or (integer_scale and decoded):
             continue
         if integer_scale:
             total += 4 * count
-        elif leaf in ("weight_scale", "weight_scale_inv"):
-            total += _fp8_scale_bytes(shapes[name], shapes[prefix + "weight"])
+        elif leaf in ("weight_scale", "weight_scale_inv"):  # float8 weights' scales
+            total += 0 if on_cpu else _fp8_scale_bytes(shapes[name],
+                                                       shapes[prefix + "weight"])
         elif leaf in _PACKED_INTEGERS:
-            total += count * (decoded_int32_bytes or _SAFETENSORS_BYTES.get(dtype, 4))
+            total += count * (per_int32 * itemsize if decoded
+                              else _SAFETENSORS_BYTES.get(dtype, 4))
         elif dtype.startswith("F8"):
-            total += count * _SAFETENSORS_BYTES[dtype]
+            total += count * (itemsize if on_cpu else _SAFETENSORS_BYTES[dtype])
         else:
             total += count * itemsize
     return total
