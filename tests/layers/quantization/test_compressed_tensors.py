@@ -58,37 +58,25 @@ def config_of(args: QuantizationArgs, fmt: str) -> dict:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_pack_quantized_matches_the_librarys_weights(symmetric):
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group",
+@pytest.mark.parametrize("bits, kernel, tolerance", [
+    # bfloat16 activations and scales in the int4 kernel
+    (4, "int4pack_mm_for_cpu", 2e-2),
+    # W8A16: decoded at load on CPU (float32 weights from float16 scales and mins: the mins
+    # round by at most 2^-11 of their size)
+    (8, "8-bit codes decoded at load (dense matmul)", 2e-3)])
+def test_pack_quantized_matches_the_librarys_weights(symmetric, bits, kernel, tolerance):
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
                             group_size=128)
     layer = qkv_layer(config_of(args, "pack-quantized"))
     pieces = [compressed(PackedQuantizationCompressor, args, rows, 128, seed)
               for seed, rows in enumerate(SIZES)]
     assert ("weight_zero_point" in pieces[0][0]) != symmetric
     load(layer, [stored for stored, _ in pieces])
-    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu"
-    x = torch.randn(4, HIDDEN)
-    expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
-    # bfloat16 activations and scales in the int4 kernel
-    torch.testing.assert_close(layer(x), expected, rtol=0,
-                               atol=2e-2 * expected.abs().max().item())
-
-
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int8_pack_quantized_matches_the_librarys_weights(symmetric):
-    """W8A16: four bytes per int32, decoded at load on CPU (float32 weights from float16
-    scales and mins: the mins round by at most 2^-11 of their size)."""
-    args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy="group",
-                            group_size=128)
-    layer = qkv_layer(config_of(args, "pack-quantized"))
-    pieces = [compressed(PackedQuantizationCompressor, args, rows, 128, seed)
-              for seed, rows in enumerate(SIZES)]
-    load(layer, [stored for stored, _ in pieces])
-    assert layer.method.kernel(layer) == "8-bit codes decoded at load (dense matmul)"
+    assert layer.method.kernel(layer) == kernel
     x = torch.randn(4, HIDDEN)
     expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
     torch.testing.assert_close(layer(x), expected, rtol=0,
-                               atol=2e-3 * expected.abs().max().item())
+                               atol=tolerance * expected.abs().max().item())
 
 
 def test_float8_channel_weights_match_the_librarys_weights():
