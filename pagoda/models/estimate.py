@@ -94,7 +94,7 @@ _EMBEDDING = "model.embed_tokens.weight"
 # tensors of quantized checkpoints that hold no parameters of their own
 _QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale",
               "weight_zero_point", "weight_g_idx", "weight_shape", "k_scale", "v_scale",
-              "kv_scale", "q_scale", "prob_scale", "output_scale")
+              "kv_scale", "q_scale", "prob_scale", "output_scale", "input_zero_point")
 _PACKED_INTEGERS = ("qweight", "weight_packed")  # int32s of packed integer codes
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                       "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
@@ -202,30 +202,34 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  shapes: dict[str, tuple[int, ...]], itemsize: int,
                                  on_cpu: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
-    (AWQ/GPTQ/compressed-tensors integer scales twice: a 16-bit scale and min each; zero
-    points and act orders folded in); on CPU, where no kernel takes them, 8-bit integers
-    and float8 weights decoded at load to `itemsize` (their scales folded in)."""
+    (integer codes' scales twice: a 16-bit scale and min each; zero points and act orders
+    folded in); on CPU, where no kernel takes them, 8-bit integers and float8 weights
+    decoded at load to `itemsize` (their scales folded in)."""
+    dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)
     decoded = on_cpu and per_int32 == 4  # 8-bit integers on CPU
+
+    def integer_codes(name: str) -> bool:  # packed int32s, or int8 as they are
+        return name.rpartition(".")[2] in _PACKED_INTEGERS or dtypes.get(name) == "I8"
     total = 0
-    for name, dtype in safetensors_dtypes(source.path):
+    for name, dtype in dtypes.items():
         if not spec.keeps_weight(name, source.hf_config):
             continue
         count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
         prefix = name.removesuffix(leaf)
-        integer_scale = leaf == "scales" or (leaf == "weight_scale"
-                                             and prefix + "weight_packed" in shapes)
+        integer_scale = leaf == "scales" or (leaf == "weight_scale" and (
+            integer_codes(prefix + "weight_packed") or integer_codes(prefix + "weight")))
         if leaf in ("qzeros", "g_idx", "input_scale", "weight_zero_point", "weight_g_idx",
-                    "weight_shape") or (integer_scale and decoded):
+                    "weight_shape", "input_zero_point") or (integer_scale and decoded):
             continue
         if integer_scale:
             total += 4 * count
         elif leaf in ("weight_scale", "weight_scale_inv"):  # float8 weights' scales
             total += 0 if on_cpu else _fp8_scale_bytes(shapes[name],
                                                        shapes[prefix + "weight"])
-        elif leaf in _PACKED_INTEGERS:
-            total += count * (per_int32 * itemsize if decoded
-                              else _SAFETENSORS_BYTES.get(dtype, 4))
+        elif integer_codes(name):
+            per = per_int32 if leaf in _PACKED_INTEGERS else 1  # weights per element
+            total += count * (per * itemsize if decoded else _SAFETENSORS_BYTES[dtype])
         elif dtype.startswith("F8"):
             total += count * (itemsize if on_cpu else _SAFETENSORS_BYTES[dtype])
         else:

@@ -25,7 +25,14 @@ from pagoda.layers.tile_counters import nonzero_counters
 from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
 from tests.models.test_gguf_quantized import UNTIED, write_typed_gguf, write_untied_gguf
-from tests.models.test_quantized_checkpoints import CONFIG, FORMATS, write_fp8, write_quantized
+from tests.models.test_quantized_checkpoints import (
+    COMPRESSED_TENSORS,
+    CONFIG,
+    FORMATS,
+    write_compressed_tensors,
+    write_fp8,
+    write_quantized,
+)
 from tests.utils import save_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -212,6 +219,17 @@ def test_int_checkpoints_agree_with_their_weights(fmt, source, tmp_path, gpu_rep
     rate = agreement(tmp_path / fmt, tmp_path / "reference",
                      random_prompts(CONFIG.vocab_size, (7, 19, 40)))
     gpu_report(format=fmt, agreement=f"{rate:.3f}")
+    assert rate >= 0.95
+
+
+@pytest.mark.parametrize("scheme_name", sorted(COMPRESSED_TENSORS))
+def test_compressed_tensors_integers_agree_with_their_weights(scheme_name, source, tmp_path,
+                                                             gpu_report):
+    """W4A16, W8A16 and W8A8-int8 (weight-only) through the group kernel."""
+    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", scheme_name)
+    rate = agreement(tmp_path / "ct", tmp_path / "reference",
+                     random_prompts(CONFIG.vocab_size, (7, 19, 40)))
+    gpu_report(format=scheme_name, agreement=f"{rate:.3f}")
     assert rate >= 0.95
 
 

@@ -248,45 +248,54 @@ def test_dummy_weights_of_an_integer_config_are_its_codes(fmt, kernel, levels, t
     assert len(llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0].outputs[0].token_ids) == 4
 
 
-def write_compressed_tensors(source, quantized_dir, reference_dir, bits: int) -> None:
-    """compressed-tensors pack-quantized (W4A16 / W8A16, symmetric, groups of 128) packed by
-    the library itself, beside the float32 weights it decompresses them to."""
-    from compressed_tensors.compressors.pack_quantized.base import (
-        PackedQuantizationCompressor,
-    )
+# scheme -> (bits, format, strategy, group); W8A8 runs its int8 weights weight-only
+COMPRESSED_TENSORS = {"w4a16": (4, "pack-quantized", "group", 128),
+                      "w8a16": (8, "pack-quantized", "group", 128),
+                      "w8a8-int8": (8, "int-quantized", "channel", None)}
+
+
+def write_compressed_tensors(source, quantized_dir, reference_dir, scheme_name: str) -> None:
+    """compressed-tensors integer weights (symmetric; COMPRESSED_TENSORS' bits, format and
+    scales) compressed by the library itself, beside the float32 weights it decompresses
+    them to."""
+    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
-                            group_size=128)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    bits, fmt, strategy, group = COMPRESSED_TENSORS[scheme_name]
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy,
+                            group_size=group)
+    activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
+                                   dynamic=True) if fmt == "int-quantized" else None
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=activations)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
     packed, reference = {}, {}
     for name, tensor in load_file(source / "model.safetensors").items():
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module.rpartition(".")[2] in PROJECTIONS:
-            groups = tensor.float().reshape(tensor.shape[0], -1, 128)
+            groups = tensor.float().reshape(tensor.shape[0], -1, group or tensor.shape[1])
             scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-            stored = PackedQuantizationCompressor.compress(
+            stored = compressor.compress(
                 {"weight": tensor.float(), "weight_scale": scale, "weight_zero_point": zero},
                 scheme)
             packed |= {f"{module}.{key}": value for key, value in stored.items()}
-            reference[name] = PackedQuantizationCompressor.decompress(dict(stored),
-                                                                      scheme)["weight"]
+            reference[name] = compressor.decompress(dict(stored), scheme)["weight"]
         else:
             packed[name] = reference[name] = tensor
-    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-              "ignore": ["lm_head"], "config_groups": {"group_0": {
-                  "targets": ["Linear"], "format": "pack-quantized",
-                  "weights": args.model_dump()}}}
+    config = {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"], "format": fmt, "weights": args.model_dump(),
+                  "input_activations": activations.model_dump() if activations else None}}}
     write_checkpoints(source, (quantized_dir, packed, config), (reference_dir, reference, None))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_compressed_tensors_integer_checkpoint_is_served_and_estimated(bits, source,
+@pytest.mark.parametrize("scheme_name", sorted(COMPRESSED_TENSORS))
+def test_a_compressed_tensors_integer_checkpoint_is_served_and_estimated(scheme_name, source,
                                                                          tmp_path):
-    """W4A16 and W8A16 as llmcompressor writes them: the next tokens of the weights they
-    stand for (8 bits decoded at load to float32 on CPU: the same greedy tokens), and the
-    estimate counts the parameters and bytes the engine holds."""
-    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", bits)
+    """W4A16, W8A16 and W8A8-int8 as llmcompressor writes them: the next tokens of the
+    weights they stand for (8 bits decoded at load to float32 on CPU: the same greedy
+    tokens), and the estimate counts the parameters and bytes the engine holds."""
+    bits = COMPRESSED_TENSORS[scheme_name][0]
+    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", scheme_name)
     prompts = random_prompts(CONFIG.vocab_size, (7, 19))
     continuations = greedy(tmp_path / "reference", prompts)
     sequences = [p + c for p, c in zip(prompts, continuations)]
@@ -299,3 +308,14 @@ def test_a_compressed_tensors_integer_checkpoint_is_served_and_estimated(bits, s
                        128, quantization="compressed-tensors")
     assert expected.weight_bytes == weight_bytes(model)
     assert expected.num_parameters == sum(p.numel() for p in source_model_params(source))
+
+
+def test_w8a8_int8_on_two_tensor_parallel_ranks_gives_one_devices_tokens(source, tmp_path):
+    """A scale per output row: column-parallel ranks keep their rows' scales, row-parallel
+    ones every row's scale with their half of the inputs' codes."""
+    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", "w8a8-int8")
+    prompts = random_prompts(CONFIG.vocab_size, (7, 19))
+    one, one_bytes = greedy_and_weight_bytes(tmp_path / "ct", prompts)
+    two, two_bytes = greedy_and_weight_bytes(tmp_path / "ct", prompts, tensor_parallel_size=2)
+    assert two == one
+    assert two_bytes < 0.6 * one_bytes

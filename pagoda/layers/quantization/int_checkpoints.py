@@ -119,30 +119,28 @@ class IntCheckpointMethod(LinearMethod):
         self.config = config
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
-        inputs = layer.rank_inputs()
-        if inputs is not None and inputs[1] % self.config.group_size:
+        inputs, group = layer.rank_inputs(), self.config.group_of(layer)
+        if inputs is not None and inputs[1] % group:
             raise UnsupportedModelError(
                 f"{self.config.name} weights do not split over {layer.group.size} "
                 f"tensor-parallel ranks here: each rank's {inputs[1]} of the {layer.in_features} "
-                f"inputs are not whole groups of {self.config.group_size}")
+                f"inputs are not whole groups of {group}")
         device, bits = torch.empty(0).device, self.config.bits
-        if (device.type == "cuda" or bits == 8) \
-                and not supports(layer.local_in, self.config.group_size, bits):
+        if (device.type == "cuda" or bits == 8) and not supports(layer.local_in, group, bits):
             raise UnsupportedModelError(
                 f"{self.config.name} {bits}-bit weights need groups of 16 or a multiple of 32 "
                 "inputs (4 bits: of 32, and a layer width a multiple of 64) dividing the "
-                f"layer's width (width {layer.local_in}, group {self.config.group_size})")
+                f"layer's width (width {layer.local_in}, group {group})")
         if device.type != "cuda" and bits == 4 and not int4_packable(device, layer.local_in,
-                                                                     self.config.group_size):
+                                                                     group):
             raise UnsupportedModelError(
                 f"{self.config.name} weights run on CUDA, or on CPU with group size one of "
-                f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group "
-                f"{self.config.group_size})")
+                f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group {group})")
         add_collected_parameters(layer, self.config.tensor_layouts(), self.config.name,
                                  optional=self.config.optional_names)
 
     def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
-        rows, groups = sum(piece_sizes(layer)), layer.local_in // self.config.group_size
+        rows, groups = sum(piece_sizes(layer)), layer.local_in // self.config.group_of(layer)
         device, levels = generator.device, 1 << self.config.bits
         codes = torch.randint(0, levels, (rows, layer.local_in), generator=generator,
                               device=device, dtype=torch.uint8)
@@ -163,7 +161,7 @@ class IntCheckpointMethod(LinearMethod):
         if order is not None:
             codes = codes[:, order]
             layer.register_buffer("input_order", order, persistent=False)
-        group, bits = self.config.group_size, self.config.bits
+        group, bits = self.config.group_of(layer), self.config.bits
         if codes.is_cuda:  # (the collected tensors are on the layer's device)
             layer.quantized = GroupQuantWeight(codes, scale, low, group, bits)
         elif bits == 4:
@@ -217,6 +215,10 @@ class IntCheckpointConfig(QuantizationConfig):
             logger.info("%s %d-bit weights decoded at load to %s on CPU (no CPU kernel for "
                         "them)", self.name, self.bits,
                         str(torch.get_default_dtype()).removeprefix("torch."))
+
+    def group_of(self, layer: LinearBase) -> int:
+        """The inputs a scale covers in `layer` (this rank's part of it)."""
+        return self.group_size
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         if skipped_module(prefix, self.skipped):
@@ -322,3 +324,39 @@ class PackedIntConfig(IntCheckpointConfig):
             return codes, scale, -float(1 << (self.bits - 1)) * scale
         zeros = unpack_int32(piece["weight_zero_point"], 0, bits=self.bits)[:codes.shape[0]]
         return codes, scale, -zeros.float() * scale
+
+
+class NaiveInt8Config(IntCheckpointConfig):
+    """compressed-tensors `int-quantized` weights (llmcompressor's W8A8 int8 schemes): int8
+    [out, in] with a scale per output row (`channel`) or per group, and a zero point when
+    asymmetric; weight = (q - zero) * scale. Run weight-only (W8A16): the scheme's int8
+    activations are not quantized, the products take the model's dtype (codes held as
+    q + 128)."""
+
+    name = "compressed-tensors"
+    optional_names = ("weight_zero_point", "input_scale", "input_zero_point")
+
+    def __init__(self, weights: dict[str, Any], ignore: list[str]) -> None:
+        self.per_row = weights.get("strategy") == "channel"
+        if not self.per_row and weights.get("strategy") != "group":
+            raise UnsupportedModelError(f"compressed-tensors int8 {weights.get('strategy')} "
+                                        "scales are not supported (channel and group are)")
+        # (a scale per row covers the layer's width: group_of, not group_size, says so)
+        super().__init__({"bits": 8, "group_size": 1 if self.per_row else
+                          weights.get("group_size"), "modules_to_not_convert": ignore})
+
+    def group_of(self, layer: LinearBase) -> int:
+        return layer.local_in if self.per_row else self.group_size
+
+    def tensor_layouts(self) -> dict[str, Layout | None]:
+        scale = Layout(output_dim=0) if self.per_row else \
+            Layout(output_dim=0, input_dim=1, input_unit=self.group_size)
+        return {"weight": Layout(output_dim=0, input_dim=1), "weight_scale": scale,
+                "weight_zero_point": scale, "input_scale": None, "input_zero_point": None}
+
+    def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        codes = (piece["weight"].to(torch.int16) + 128).to(torch.uint8)
+        scale = piece["weight_scale"].float()
+        zero = piece.get("weight_zero_point")
+        offset = 128.0 if zero is None else 128.0 + zero.float()
+        return codes, scale, -offset * scale

@@ -1,7 +1,7 @@
 """compressed-tensors checkpoints packed by compressed-tensors itself (the library
 llmcompressor writes them with): int4 and int8 pack-quantized (symmetric and with zero
-points) and float8 weights, each loaded into a fused qkv and checked against the weights
-the library decompresses them to."""
+points), int8 int-quantized (W8A8's weights, per row or group) and float8 weights, each
+loaded into a fused qkv and checked against the weights the library decompresses them to."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.naive_quantized.base import (
     FloatQuantizationCompressor,
+    IntQuantizationCompressor,
 )
 from compressed_tensors.compressors.pack_quantized.base import (
     PackedQuantizationCompressor,
@@ -77,6 +78,29 @@ def test_pack_quantized_matches_the_librarys_weights(symmetric, bits, kernel, to
     expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
     torch.testing.assert_close(layer(x), expected, rtol=0,
                                atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("strategy, group, symmetric", [
+    ("channel", None, True), ("channel", None, False), ("group", 128, True)])
+def test_int8_int_quantized_matches_the_librarys_weights(strategy, group, symmetric):
+    """W8A8 int8 checkpoints' weights (int8 as they are, a scale per row or group), run
+    weight-only: decoded at load on CPU."""
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=group)
+    values = config_of(args, "int-quantized")
+    values["config_groups"]["group_0"]["input_activations"] = QuantizationArgs(
+        num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True).model_dump()
+    layer = qkv_layer(values)
+    pieces = [compressed(IntQuantizationCompressor, args, rows, group, seed)
+              for seed, rows in enumerate(SIZES)]
+    assert pieces[0][0]["weight"].dtype == torch.int8
+    assert ("weight_zero_point" in pieces[0][0]) != symmetric
+    load(layer, [stored for stored, _ in pieces])
+    assert layer.method.kernel(layer) == "8-bit codes decoded at load (dense matmul)"
+    x = torch.randn(4, HIDDEN)
+    expected = F.linear(x, torch.cat([weights for _, weights in pieces]))
+    torch.testing.assert_close(layer(x), expected, rtol=0,
+                               atol=2e-3 * expected.abs().max().item())
 
 
 def test_float8_channel_weights_match_the_librarys_weights():

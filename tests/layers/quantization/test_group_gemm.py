@@ -53,6 +53,8 @@ CASES = {
     "int8-g128-split": (1, 48, 1024, 128, 8, True, False),
     "int8-g128-tokens-20": (20, 40, 512, 128, 8, True, False),
     "int8-g128-large": (70, 40, 256, 128, 8, True, False),
+    # compressed-tensors int8 weights with a scale per row (W8A8 int8, run weight-only)
+    "int8-per-row-split": (1, 48, 1024, 1024, 8, True, False),
     "fp8-per-row": (5, 40, 256, 256, 8, False, True),
     "fp8-per-row-split": (1, 72, 2048, 2048, 8, False, True),
     "fp8-per-row-tokens-20": (20, 72, 256, 256, 8, False, True),
