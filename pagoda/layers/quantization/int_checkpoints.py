@@ -1,6 +1,7 @@
 """Integer weight-only checkpoints (W4A16, W8A16): AWQ (4 bits, GEMM packing, zero
-points), GPTQ (4 or 8 bits, symmetric or not, `desc_act` with `g_idx`) and
-compressed-tensors `pack-quantized` (4 or 8 bits). Each layer's pieces are unpacked to
+points), GPTQ (4 or 8 bits, symmetric or not, `desc_act` with `g_idx`), compressed-tensors
+`pack-quantized` (4 or 8 bits) and `int-quantized` (int8 weights of the W8A8 schemes, run
+weight-only). Each layer's pieces are unpacked to
 codes, a scale and a min per group of inputs, then held for the Triton kernel on CUDA
 (group_gemm); on CPU 4-bit codes are packed for torch's int4 matmul and 8-bit ones decoded
 at load to the model's dtype, as a GGUF's 8-bit types are (torch has no CPU kernel for bytes
@@ -20,7 +21,10 @@ format; gptq_v2 stores zero itself).
 compressed-tensors pack-quantized: weight_packed int32 [out, in / per], consecutive inputs
 per int32, each the signed code + 2^(b-1); weight_scale [out, groups]; asymmetric:
 weight_zero_point int32 [out / per, groups], packed along the outputs likewise;
-weight_g_idx optional (act order); weight = (code - zero) * scale."""
+weight_g_idx optional (act order); weight = (code - zero) * scale.
+compressed-tensors int-quantized: weight int8 [out, in]; weight_scale [out, 1] (a scale per
+row) or [out, groups]; asymmetric: weight_zero_point int8 likewise; weight = (q - zero) *
+scale."""
 
 from __future__ import annotations
 
