@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pagoda.layers.triton_support import cuda_capability
+
 OFF = {"PDL": False}
 ON = {"PDL": True, "launch_pdl": True}
 
@@ -38,7 +40,7 @@ def dependent_launch(device: torch.device) -> dict[str, bool]:
 @functools.cache
 def _enabled(device_index: int) -> bool:
     return (os.environ.get("PAGODA_PDL", "1") != "0" and torch.version.hip is None
-            and torch.cuda.get_device_capability(device_index) >= (9, 0))
+            and cuda_capability(device_index) >= (9, 0))
 
 
 @triton.jit

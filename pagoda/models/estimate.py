@@ -24,7 +24,7 @@ from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.parallel import layer_ranges
-from pagoda.layers.triton_support import has_e4m3
+from pagoda.layers.triton_support import cuda_capability, has_e4m3
 from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
@@ -400,7 +400,7 @@ def _holds_float8_cache(on_gpu: bool, named: tuple[str, int] | None) -> bool:
     if named is not None:
         return named[0] not in WITHOUT_E4M3
     if on_gpu and torch.cuda.is_available():
-        return has_e4m3(torch.cuda.get_device_capability())
+        return has_e4m3(cuda_capability(torch.cuda.current_device()))
     return True
 
 

@@ -16,6 +16,7 @@ from pagoda.layers import fused
 from pagoda.layers.attention import triton_kv_store, triton_unified
 from pagoda.layers.moe import triton_moe
 from pagoda.layers.quantization import triton_group_gemm
+from pagoda.layers.triton_support import cuda_capability
 from tests.utils import compile_for_cuda
 
 FORWARD_PASS_MODULES = (fused, triton_kv_store, triton_unified, triton_moe, triton_group_gemm)
@@ -26,9 +27,11 @@ def capability(monkeypatch):
     """Pretend a CUDA device of the given capability (the cache of answers cleared)."""
     def pretend(major_minor: tuple[int, int]) -> None:
         launch._enabled.cache_clear()
+        cuda_capability.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: major_minor)
     yield pretend
     launch._enabled.cache_clear()
+    cuda_capability.cache_clear()
 
 
 def test_off_on_cpu():

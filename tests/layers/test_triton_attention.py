@@ -758,12 +758,14 @@ def test_an_e4m3_cache_needs_triton_s_e4m3_type():
 
 def test_which_backends_hold_an_e4m3_cache(monkeypatch):
     from pagoda.layers.attention.selector import holds_e4m3_cache
+    from pagoda.layers.triton_support import cuda_capability
     assert holds_e4m3_cache("auto", "cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
-    assert not holds_e4m3_cache("auto", "cuda:0") and not holds_e4m3_cache("triton", "cuda:0")
-    assert holds_e4m3_cache("torch", "cuda:0")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert holds_e4m3_cache("auto", "cuda:0")
+    for capability, held in (((8, 0), False), ((9, 0), True)):
+        cuda_capability.cache_clear()  # the pretended device's answer, not a cached one
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+        assert holds_e4m3_cache("auto", "cuda:0") == held == holds_e4m3_cache("triton", "cuda:0")
+        assert holds_e4m3_cache("torch", "cuda:0")
+    cuda_capability.cache_clear()
 
 
 def test_selector():

@@ -9,7 +9,12 @@ import torch
 from pagoda.errors import ConfigError
 from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
-from pagoda.layers.triton_support import E4M3_CAPABILITY, has_e4m3
+from pagoda.layers.triton_support import (
+    E4M3_CAPABILITY,
+    cuda_capability,
+    device_index,
+    has_e4m3,
+)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -38,7 +43,7 @@ def holds_e4m3_cache(name: str, device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or name == "torch" or (name == "auto" and not triton_available()):
         return True
-    return has_e4m3(torch.cuda.get_device_capability(device))
+    return has_e4m3(cuda_capability(device_index(device)))
 
 
 def select_backend(name: str, device: torch.device | str,
@@ -55,7 +60,7 @@ def select_backend(name: str, device: torch.device | str,
             raise ConfigError(f"attention backend 'triton' needs a CUDA device, not {device}")
         if not triton_available():
             raise ConfigError("attention backend 'triton' needs the triton package")
-        problem = float8_cache_error(torch.cuda.get_device_capability(device), cache_dtype)
+        problem = float8_cache_error(cuda_capability(device_index(device)), cache_dtype)
         if problem:
             raise ConfigError(problem)
         from pagoda.layers.attention.triton_backend import TritonAttentionBackend

@@ -43,6 +43,7 @@ from pagoda.layers.quantization.pieces import (
     piece_shards,
     piece_sizes,
 )
+from pagoda.layers.triton_support import E4M3_CAPABILITY, cuda_capability
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -156,7 +157,8 @@ def _log_decoded_at_load(dtype: str, device: str) -> None:
 
 @functools.cache
 def _has_fp8_tensor_cores() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    return torch.cuda.is_available() and \
+        cuda_capability(torch.cuda.current_device()) >= E4M3_CAPABILITY
 
 
 def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:

@@ -40,7 +40,7 @@ from pagoda.layers.quantization.group_gemm import (
     GroupQuantWeight,
 )
 from pagoda.layers.tile_counters import tile_counters
-from pagoda.layers.triton_support import has_e4m3
+from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
 # few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
 # into about TARGET_PROGRAMS programs per streaming multiprocessor, each split covering at
@@ -343,9 +343,9 @@ def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_p
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
-@functools.cache
 def _capability(device_index: int | None) -> tuple[int, int] | None:
-    return None if device_index is None else torch.cuda.get_device_capability(device_index)
+    """The compute capability of a CUDA device; None for the CPU interpreter."""
+    return None if device_index is None else cuda_capability(device_index)
 
 
 def _float8_codes(codes: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
