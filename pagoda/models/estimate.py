@@ -23,8 +23,8 @@ import torch
 from pagoda.config import resolve_dtype
 from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
+from pagoda.layers.attention.selector import holds_e4m3_cache
 from pagoda.layers.parallel import layer_ranges
-from pagoda.layers.triton_support import cuda_capability, has_e4m3
 from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
@@ -395,12 +395,12 @@ def what_would_fit(e: MemoryEstimate, per_seq: int, block_bytes: int) -> list[st
 
 def _holds_float8_cache(on_gpu: bool, named: tuple[str, int] | None) -> bool:
     """Whether the engine's attention kernels would hold a float8 E4M3 cache: on CPU, on a
-    named GPU not in WITHOUT_E4M3, on "cuda" this machine's GPU if it has one (any other
-    taken as able)."""
+    named GPU not in WITHOUT_E4M3, on "cuda" this machine's GPU if it has one, as the
+    engine's default backend would (any other GPU taken as able)."""
     if named is not None:
         return named[0] not in WITHOUT_E4M3
     if on_gpu and torch.cuda.is_available():
-        return has_e4m3(cuda_capability(torch.cuda.current_device()))
+        return holds_e4m3_cache("auto", "cuda")
     return True
 
 

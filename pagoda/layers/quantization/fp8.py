@@ -74,7 +74,7 @@ def row_scales(scale: torch.Tensor, rows: int, columns: int,
 
 class Fp8LinearMethod(LinearMethod):
     """A layer of float8 weights with row (and column block) scales: on CUDA the group
-    kernel or FP8 tensor cores, elsewhere decoded per call."""
+    kernel or FP8 tensor cores, elsewhere decoded at load (DenseWeight)."""
 
     def __init__(self, block: tuple[int, int] | None, at_load: bool = False) -> None:
         self.block = block
