@@ -58,3 +58,37 @@ def smollm2_llm(smollm2_dir: Path):
               max_num_seqs=32, max_num_batched_tokens=1024, quantization="none")
     yield llm
     assert not llm.engine.has_unfinished_requests()
+
+
+def _use_cpu_kernel(kernel: str, monkeypatch) -> None:
+    from pagoda.layers.quantization import cpu_block_dot
+    if kernel == "torch":
+        monkeypatch.setenv("PAGODA_CPU_BLOCK_DOT", "0")
+    cpu_block_dot._library.cache_clear()
+    if kernel == "cpu_block_dot" and not cpu_block_dot.available():
+        pytest.skip("the CPU block-dot kernel does not run here (no g++ or no AVX-512 VNNI)")
+
+
+@pytest.fixture(params=["cpu_block_dot", "torch"])
+def cpu_kernel(request, monkeypatch):
+    """Each CPU path for quantized weights in turn: pagoda's block-dot kernel (skipped where
+    it does not run) and torch's kernels or decoding at load (PAGODA_CPU_BLOCK_DOT=0)."""
+    from pagoda.layers.quantization import cpu_block_dot
+    _use_cpu_kernel(request.param, monkeypatch)
+    yield request.param
+    cpu_block_dot._library.cache_clear()  # (before the variable is restored)
+
+
+@pytest.fixture
+def torch_cpu_kernels(monkeypatch):
+    """Quantized CPU layers on torch's kernels, not pagoda's block-dot kernel."""
+    from pagoda.layers.quantization import cpu_block_dot
+    _use_cpu_kernel("torch", monkeypatch)
+    yield
+    cpu_block_dot._library.cache_clear()
+
+
+@pytest.fixture
+def block_dot_kernel(monkeypatch):
+    """Quantized CPU layers on pagoda's block-dot kernel (skipped where it does not run)."""
+    _use_cpu_kernel("cpu_block_dot", monkeypatch)

@@ -202,12 +202,16 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  shapes: dict[str, tuple[int, ...]], itemsize: int,
                                  on_cpu: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
-    (integer codes' scales twice: a 16-bit scale and min each; zero points and act orders
-    folded in); on CPU, where no kernel takes them, 8-bit integers and float8 weights
-    decoded at load to `itemsize` (their scales folded in)."""
+    (integer codes' scales twice: a 16-bit scale and min each, 32-bit in the CPU block-dot
+    kernel; zero points and act orders folded in); on CPU, where no kernel takes them,
+    8-bit integers (without the block-dot kernel) and float8 weights decoded at load to
+    `itemsize` (their scales folded in)."""
+    from pagoda.layers.quantization import cpu_block_dot
     dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)
-    decoded = on_cpu and per_int32 == 4  # 8-bit integers on CPU
+    block_dot = on_cpu and cpu_block_dot.available()
+    decoded = on_cpu and per_int32 == 4 and not block_dot  # 8-bit integers on CPU
+    scale_bytes = 8 if block_dot else 4
 
     def integer_codes(name: str) -> bool:  # packed int32s, or int8 as they are
         return name.rpartition(".")[2] in _PACKED_INTEGERS or dtypes.get(name) == "I8"
@@ -223,7 +227,7 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                     "weight_shape", "input_zero_point") or (integer_scale and decoded):
             continue
         if integer_scale:
-            total += 4 * count
+            total += scale_bytes * count
         elif leaf in ("weight_scale", "weight_scale_inv"):  # float8 weights' scales
             total += 0 if on_cpu else _fp8_scale_bytes(shapes[name],
                                                        shapes[prefix + "weight"])

@@ -1,6 +1,7 @@
 """SmolLM2 (Q4_1) served with its linear weights in 4-bit form on CPU: every projection on
-the int4 kernel, its weights at most 0.4x the dequantized model's, and greedy tokens equal to
-the dequantized engine's (the shared `smollm2_llm`) over 32 tokens. A tiny untied GGUF keeps
+a 4-bit kernel (pagoda's block-dot kernel where it runs, else torch's int4 matmul), its
+weights at most 0.4x the dequantized model's, and greedy tokens against the dequantized
+engine's (the shared `smollm2_llm`) over 32 tokens of 16 prompts. A tiny untied GGUF keeps
 its Q8_0 embedding table in blocks."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from pagoda import LLM, SamplingParams
 from pagoda.layers.linear import LinearBase
+from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.gguf import GGUFLinearMethod
 from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
 from pagoda.models.estimate import estimate
@@ -18,7 +20,11 @@ from pagoda.models.source import resolve_model
 from tests.models.parity import random_prompts
 from tests.models.test_gguf_architectures import write_arch_gguf
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+           "The best way to learn", "Water boils at", "In 1492,", "import numpy as np\n",
+           "My favourite food is", "The theory of relativity", "Paris is known for",
+           "To make bread, you", "The largest planet", "Q: What is 2+2?\nA:",
+           "The quick brown fox", "Machine learning is", "Dear John,"]
 NUM_TOKENS = 32
 
 
@@ -32,11 +38,13 @@ def _model(llm: LLM):
     return llm.engine.core.executor.worker.runner.model
 
 
-def test_every_projection_runs_on_the_int4_kernel(quantized_llm):
+def test_every_projection_runs_on_a_4_bit_kernel(quantized_llm):
     layers = [m for m in _model(quantized_llm).modules() if isinstance(m, LinearBase)]
     assert len(layers) == 30 * 4  # qkv, o, gate_up, down per layer
     assert all(isinstance(m.method, GGUFLinearMethod) for m in layers)
-    assert {m.method.kernel(m) for m in layers} == {"int4pack_mm_for_cpu"}
+    kernel = ("cpu_block_dot (4-bit codes)" if cpu_block_dot.available()
+              else "int4pack_mm_for_cpu")
+    assert {m.method.kernel(m) for m in layers} == {kernel}
 
 
 def test_weights_take_at_most_0_4x_the_dequantized_bytes(quantized_llm, smollm2_llm):
@@ -45,11 +53,20 @@ def test_weights_take_at_most_0_4x_the_dequantized_bytes(quantized_llm, smollm2_
     assert quantized <= 0.4 * dequantized
 
 
-def test_greedy_tokens_equal_the_dequantized_engines(quantized_llm, smollm2_llm):
+def test_greedy_tokens_follow_the_dequantized_engines(quantized_llm, smollm2_llm):
+    """Exact equality cannot hold: the 4-bit kernels round the activations (bfloat16 in
+    torch's, int8 per block of 32 in the block-dot kernel) where the dequantized engine
+    multiplies float32s, and greedy decoding follows the first flipped near-tie. Stated
+    rate: >= 60% of the tokens come before each prompt's first difference, and >= 6 of the
+    16 prompts agree throughout (when written: 75% and 9 on the block-dot kernel, 76% and
+    11 on torch's int4 kernel)."""
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in quantized_llm.generate(PROMPTS, params)]
     theirs = [o.outputs[0].token_ids for o in smollm2_llm.generate(PROMPTS, params)]
-    assert ours == theirs
+    agreeing = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), NUM_TOKENS)
+                for o, t in zip(ours, theirs)]
+    assert sum(agreeing) >= 0.6 * NUM_TOKENS * len(PROMPTS)
+    assert agreeing.count(NUM_TOKENS) >= 6
 
 
 UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -111,10 +128,11 @@ def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
         == held["gguf", 1]
 
 
-def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path):
-    """A GGUF with a block type per projection on two tensor-parallel ranks: the 4-bit types
-    stay in blocks, the others are decoded at load (each rank its own rows or inputs), and
-    the greedy tokens are one rank's."""
+def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kernel):
+    """A GGUF with a block type per projection on two tensor-parallel ranks: every type
+    stays in blocks on the block-dot kernel; on torch's path the 4-bit types do and the
+    others are decoded at load (each rank its own rows or inputs); the greedy tokens are
+    one rank's."""
     path = write_typed_gguf(tmp_path / "typed.gguf")
     prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -123,5 +141,11 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path):
         llm = LLM(str(path), quantization="gguf", kv_cache_memory=8 << 20, max_model_len=128,
                   tensor_parallel_size=tp)
         tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        if tp == 1:
+            kernels = {part for m in _model(llm).modules() if isinstance(m, LinearBase)
+                       for part in m.method.kernel(m).split(" + ")}
+            assert kernels == ({"cpu_block_dot (4-bit codes)", "cpu_block_dot (8-bit codes)"}
+                               if cpu_kernel == "cpu_block_dot"
+                               else {"int4pack_mm_for_cpu", "dense matmul"})
         llm.engine.core.shutdown()
     assert tokens[0] == tokens[1]

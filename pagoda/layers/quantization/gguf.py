@@ -2,8 +2,10 @@
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: on CUDA every block type as codes with a scale and a min
 per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
-others); on CPU the 4-bit types packed for torch's int4 matmul (the others are decoded at
-load); elsewhere blocks decoded per call; float tensors dense.
+others); on CPU every type with groups of 32 (all but Q6_K) as codes for pagoda's AVX-512
+VNNI kernel (cpu_block_dot) where it runs, else the 4-bit types packed for torch's int4
+matmul (the others are decoded at load); elsewhere blocks decoded per call; float tensors
+dense.
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -22,7 +24,9 @@ from torch.nn import functional as F
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
+from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     INT4_FORMATS,
@@ -32,6 +36,7 @@ from pagoda.layers.quantization.gguf_blocks import (
 )
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
+from pagoda.layers.quantization.pieces import piece_sizes
 
 
 @dataclass(slots=True)
@@ -62,7 +67,7 @@ class BlockRows(nn.Module):
 def _kernel_name(kernel: nn.Module) -> str:
     if isinstance(kernel, Int4PackedWeight):
         return "int4pack_mm_for_cpu"
-    if isinstance(kernel, GroupQuantWeight):
+    if isinstance(kernel, (GroupQuantWeight, BlockDotWeight)):
         return kernel.kernel_name()
     if isinstance(kernel, BlockRows):
         return f"{kernel.type_name} decoded per call"
@@ -112,8 +117,12 @@ def _store_piece(layer: LinearBase, param: nn.Parameter, tensor: GGUFWeight | to
 def _keeps_blocks_on_rank(layer: LinearBase, type_name: str) -> bool:
     """Whether the layer keeps GGUF type `type_name` in its blocks: a type it has a kernel
     for, whose blocks fall whole on this rank's inputs."""
-    if not keeps_blocks(type_name, layer.weight.device):
+    device = layer.weight.device
+    if not keeps_blocks(type_name, device):
         return False
+    if device.type == "cpu" and type_name not in INT4_FORMATS and not all(
+            _block_dot_fits(rows, layer.local_in, type_name) for rows in piece_sizes(layer)):
+        return False  # (no kernel would hold its pieces: decoded at load)
     inputs = layer.rank_inputs()
     block = FORMATS[type_name].block_weights
     return inputs is None or (inputs[0] % block == 0 and inputs[1] % block == 0)
@@ -156,14 +165,23 @@ def group_layout(type_name: str) -> tuple[int, int]:
     return (4 if type_name in INT4_FORMATS else 8), (16 if type_name == "Q6_K" else 32)
 
 
+def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
+    """Whether the CPU block-dot kernel holds `rows` of GGUF type `type_name`."""
+    return cpu_block_dot.fits(rows, columns, group_layout(type_name)[1]) \
+        and cpu_block_dot.available()
+
+
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes: "int4" (packable), "group<bits>x<group>" (the GPU kernel), its
-    block type, or "dense"."""
+    """What a piece becomes: "blockdot<bits>" (the CPU kernel), "int4" (torch's CPU
+    kernel), "group<bits>x<group>" (the GPU kernel), its block type, or "dense"."""
     if isinstance(piece, torch.Tensor):
         return "dense"
+    bits, group = group_layout(piece.type_name)
+    if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
+                                                piece.type_name):
+        return f"blockdot{bits}"
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
-    bits, group = group_layout(piece.type_name)
     if device.type == "cuda" and supports(piece.columns, group, bits):
         return f"group{bits}x{group}"
     return piece.type_name
@@ -189,11 +207,12 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
         groups = [int4_groups(p.rows, p.type_name) for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
         return Int4PackedWeight(codes, scale, low, 32)
-    if kind.startswith("group"):
+    if kind.startswith(("group", "blockdot")):
         bits, group = group_layout(pieces[0].type_name)
         groups = [byte_groups(p.rows.to(device), p.type_name)[:3] for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
-        return GroupQuantWeight(codes, scale, low, group, bits)
+        kernel = GroupQuantWeight if kind.startswith("group") else BlockDotWeight
+        return kernel(codes, scale, low, group, bits)
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
@@ -243,10 +262,13 @@ class GGUFConfig(QuantizationConfig):
 
 def held_bits(type_name: str, device: torch.device) -> int:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
-    code and its share of a 16-bit scale and min per group."""
+    code and its share of the group's scale and min (16-bit on CUDA and in torch's int4
+    kernel, 32-bit in the CPU block-dot kernel)."""
+    bits, group = group_layout(type_name)
     if device.type == "cuda":
-        bits, group = group_layout(type_name)
         return bits + 32 // group
+    if _block_dot_holds(type_name):
+        return bits + 64 // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights
@@ -258,11 +280,19 @@ def keeps_table_blocks(type_name: str) -> bool:
     return type_name in FORMATS
 
 
+def _block_dot_holds(type_name: str) -> bool:
+    """Whether the CPU block-dot kernel runs here and holds GGUF type `type_name` (groups
+    of 32: every type but Q6_K's groups of 16)."""
+    return type_name in FORMATS and group_layout(type_name)[1] % cpu_block_dot.BLOCK == 0 \
+        and cpu_block_dot.available()
+
+
 def keeps_blocks(type_name: str, device: torch.device) -> bool:
     """Whether a linear layer on `device` keeps a tensor of GGUF type `type_name` in its
-    blocks: on CPU the 4-bit types, which torch's int4 matmul runs faster than floats
-    (decoding the others at every call costs 5-15x the matmul: they are decoded at load);
-    elsewhere every type pagoda decodes (on CUDA the Triton kernel runs them)."""
+    blocks: on CPU the types the block-dot kernel holds, and the 4-bit types (torch's int4
+    matmul runs them faster than floats; decoding the others at every call costs 5-15x the
+    matmul: they are decoded at load); elsewhere every type pagoda decodes (on CUDA the
+    Triton kernel runs them)."""
     if device.type == "cpu":
-        return type_name in INT4_FORMATS
+        return type_name in INT4_FORMATS or _block_dot_holds(type_name)
     return type_name in FORMATS

@@ -3,11 +3,12 @@ points), GPTQ (4 or 8 bits, symmetric or not, `desc_act` with `g_idx`), compress
 `pack-quantized` (4 or 8 bits) and `int-quantized` (int8 weights of the W8A8 schemes, run
 weight-only). Each layer's pieces are unpacked to
 codes, a scale and a min per group of inputs, then held for the Triton kernel on CUDA
-(group_gemm); on CPU 4-bit codes are packed for torch's int4 matmul and 8-bit ones decoded
-at load to the model's dtype, as a GGUF's 8-bit types are (torch has no CPU kernel for bytes
-with a scale per group, and decoding them at every call cost 7-23x the float32 matmul of a
-4096 x 4096 layer at 16 and 1 rows here). GPTQ's act-order inputs are sorted by group
-first and the activations permuted to match.
+(group_gemm); on CPU for pagoda's AVX-512 VNNI kernel (cpu_block_dot) where it runs and
+holds the shape, else 4-bit codes packed for torch's int4 matmul and 8-bit ones decoded at
+load to the model's dtype (torch has no CPU kernel for bytes with a scale per group, and
+decoding them at every call cost 7-23x the float32 matmul of a 4096 x 4096 layer at 16 and
+1 rows here). GPTQ's act-order inputs are sorted by group first and the activations
+permuted to match.
 
 Integers of b bits pack 32 / b to an int32 (per = 8 for 4 bits, 4 for 8), lowest bits
 first.
@@ -34,7 +35,9 @@ import torch
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
+from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization.fp8 import skipped_module
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
@@ -116,6 +119,12 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str 
     return order
 
 
+def _block_dot_fits(layer: LinearBase, group: int) -> bool:
+    """Whether the CPU block-dot kernel runs here and holds the layer's (stacked) pieces."""
+    return cpu_block_dot.fits(sum(piece_sizes(layer)), layer.local_in, group) \
+        and cpu_block_dot.available()
+
+
 class IntCheckpointMethod(LinearMethod):
     """A linear layer of an AWQ, GPTQ or compressed-tensors integer checkpoint."""
 
@@ -135,8 +144,8 @@ class IntCheckpointMethod(LinearMethod):
                 f"{self.config.name} {bits}-bit weights need groups of 16 or a multiple of 32 "
                 "inputs (4 bits: of 32, and a layer width a multiple of 64) dividing the "
                 f"layer's width (width {layer.local_in}, group {group})")
-        if device.type != "cuda" and bits == 4 and not int4_packable(device, layer.local_in,
-                                                                     group):
+        if device.type != "cuda" and bits == 4 and not (
+                int4_packable(device, layer.local_in, group) or _block_dot_fits(layer, group)):
             raise UnsupportedModelError(
                 f"{self.config.name} weights run on CUDA, or on CPU with group size one of "
                 f"{GROUP_SIZES} dividing the inputs ({layer.local_in}, group {group})")
@@ -168,6 +177,8 @@ class IntCheckpointMethod(LinearMethod):
         group, bits = self.config.group_of(layer), self.config.bits
         if codes.is_cuda:  # (the collected tensors are on the layer's device)
             layer.quantized = GroupQuantWeight(codes, scale, low, group, bits)
+        elif codes.device.type == "cpu" and _block_dot_fits(layer, group):
+            layer.quantized = BlockDotWeight(codes, scale, low, group, bits)
         elif bits == 4:
             layer.quantized = Int4PackedWeight(codes, scale, low, group)
         else:
@@ -183,7 +194,7 @@ class IntCheckpointMethod(LinearMethod):
 
     def kernel(self, layer: LinearBase) -> str:
         weight = layer.quantized
-        if isinstance(weight, GroupQuantWeight):
+        if isinstance(weight, (GroupQuantWeight, BlockDotWeight)):
             name = weight.kernel_name()
         elif isinstance(weight, Int4PackedWeight):
             name = "int4pack_mm_for_cpu"

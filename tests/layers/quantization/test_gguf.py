@@ -1,6 +1,7 @@
-"""GGUF linear layers kept in blocks against gguf-py's dequantized weights: a fused qkv
-whose pieces differ in type (4-bit ones packed for torch's int4 CPU matmul, others decoded
-per call), a float piece, bias, and a piece of the wrong shape."""
+"""GGUF linear layers kept in blocks against gguf-py's dequantized weights, on each CPU
+path (pagoda's block-dot kernel; torch's int4 matmul for 4-bit types and blocks decoded per
+call for the others): a fused qkv whose pieces differ in type, a float piece, bias, and a
+piece of the wrong shape."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pagoda.layers.linear import (
     deferred_linear_methods,
 )
 from pagoda.layers.quantization.base import DenseWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization.gguf import (
     BlockRows,
     GGUFLinearMethod,
@@ -39,49 +41,61 @@ def loaded(layer, pieces) -> None:
     layer.method.process_weights_after_loading(layer)
 
 
-def int4_tolerance(reference: torch.Tensor) -> dict:
-    # the int4 kernel runs on bfloat16 activations and scales: ~2^-8 relative per term
+def kernel_tolerance(reference: torch.Tensor) -> dict:
+    # the int4 kernel runs on bfloat16 activations and scales (~2^-8 relative per term), the
+    # block-dot kernel on int8 activations (half a step of 1/127 of each block's largest)
     return dict(rtol=0, atol=2e-2 * reference.abs().max().item())
 
 
-def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights():
+def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
     q, q_ref = gguf_piece("Q4_K", HEADS * HEAD_DIM, HIDDEN, 1)
     k, k_ref = gguf_piece("Q4_1", KV_HEADS * HEAD_DIM, HIDDEN, 2)
     v, v_ref = gguf_piece("Q6_K", KV_HEADS * HEAD_DIM, HIDDEN, 3)
     loaded(layer, [q, k, v])
-    kernels = list(layer.gguf_kernels)
-    assert [type(k) for k in kernels] == [Int4PackedWeight, BlockRows]  # q and k share one
-    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu + Q6_K decoded per call"
+    four_bit, name = ((BlockDotWeight, "cpu_block_dot (4-bit codes)")
+                      if cpu_kernel == "cpu_block_dot" else (Int4PackedWeight,
+                                                             "int4pack_mm_for_cpu"))
+    # q and k share one kernel; Q6_K's groups of 16 fit no CPU kernel
+    assert [type(k) for k in layer.gguf_kernels] == [four_bit, BlockRows]
+    assert layer.method.kernel(layer) == f"{name} + Q6_K decoded per call"
     x = torch.randn(7, HIDDEN)
     y = layer(x)
     q_out, k_out, v_out = layer.split(y)
     int4_ref = F.linear(x, torch.cat([q_ref, k_ref]))
-    torch.testing.assert_close(torch.cat([q_out, k_out], -1), int4_ref, **int4_tolerance(int4_ref))
+    torch.testing.assert_close(torch.cat([q_out, k_out], -1), int4_ref,
+                               **kernel_tolerance(int4_ref))
     torch.testing.assert_close(v_out, F.linear(x, v_ref))  # decoded per call: float32 exact
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K"])
-def test_a_row_parallel_layer_with_bias_matches(name):
+def test_a_row_parallel_layer_with_bias_matches(name, cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 64, bias=True, method=GGUFLinearMethod())
     piece, ref = gguf_piece(name, 64, HIDDEN, 4)
     loaded(layer, [piece])
     layer.bias.data.copy_(torch.randn(64))
     x = torch.randn(3, 2, HIDDEN)
     expected = F.linear(x, ref, layer.bias)
+    decoded_per_call = cpu_kernel == "torch" and name != "Q4_0"
+    assert isinstance(layer.gguf_kernels[0], BlockRows) == decoded_per_call
     # decoded per call: float32, up to the order of the sums (the bias is added after them)
-    tolerance = int4_tolerance(expected) if name == "Q4_0" else {"rtol": 1e-5, "atol": 1e-4}
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if decoded_per_call else kernel_tolerance(expected)
     torch.testing.assert_close(layer(x), expected, **tolerance)
 
 
-def test_a_float_piece_stays_dense_beside_blocks():
+def test_a_float_piece_stays_dense_beside_blocks(cpu_kernel):
     layer = MergedColumnParallelLinear(HIDDEN, [64, 64], method=GGUFLinearMethod())
     gate, gate_ref = gguf_piece("Q8_0", 64, HIDDEN, 5)
     up = torch.randn(64, HIDDEN)
     loaded(layer, [gate, up])
-    assert [type(k) for k in layer.gguf_kernels] == [BlockRows, DenseWeight]
+    blocks = BlockDotWeight if cpu_kernel == "cpu_block_dot" else BlockRows
+    assert [type(k) for k in layer.gguf_kernels] == [blocks, DenseWeight]
     x = torch.randn(4, HIDDEN)
-    torch.testing.assert_close(layer(x), F.linear(x, torch.cat([gate_ref, up])))
+    expected = F.linear(x, torch.cat([gate_ref, up]))
+    gate_out, up_out = layer(x).split(64, dim=-1)
+    torch.testing.assert_close(up_out, expected[:, 64:])
+    tolerance = kernel_tolerance(expected) if blocks is BlockDotWeight else {}
+    torch.testing.assert_close(gate_out, expected[:, :64], **tolerance)
 
 
 def test_a_piece_of_the_wrong_shape_is_refused():

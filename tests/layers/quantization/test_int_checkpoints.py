@@ -28,7 +28,9 @@ HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    # bfloat16 activations and scales in the kernel: ~2^-8 relative per term
+    # bfloat16 activations and scales in torch's int4 kernel (~2^-8 relative per term); int8
+    # activations per block of 32 in the block-dot kernel (half a step of 1/127 of each
+    # block's largest)
     torch.testing.assert_close(actual, expected, rtol=0,
                                atol=2e-2 * expected.abs().max().item())
 
@@ -46,7 +48,7 @@ def test_bytes_unpack_as_they_were_packed():
     assert torch.equal(unpack_int32(pack_int32(values, 0, bits=8), 0, bits=8), values)
 
 
-def test_an_awq_fused_qkv_matches_its_weights():
+def test_an_awq_fused_qkv_matches_its_weights(cpu_kernel):
     config = AWQConfig({"quant_method": "awq", "bits": 4, "group_size": 128,
                         "zero_point": True, "version": "gemm"})
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
@@ -54,13 +56,14 @@ def test_an_awq_fused_qkv_matches_its_weights():
     sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
     quantized = [quantize(torch.randn(n, HIDDEN) * 0.05, 128, symmetric=False) for n in sizes]
     load(layer, [awq_tensors(q) for q in quantized])
-    assert layer.method.kernel(layer) == "int4pack_mm_for_cpu"
+    assert layer.method.kernel(layer) == {"cpu_block_dot": "cpu_block_dot (4-bit codes)",
+                                          "torch": "int4pack_mm_for_cpu"}[cpu_kernel]
     x = torch.randn(5, HIDDEN)
     close(layer(x), F.linear(x, torch.cat([q.weights() for q in quantized])))
 
 
 @pytest.mark.parametrize("desc_act", [False, True])
-def test_a_gptq_layer_matches_its_weights(desc_act):
+def test_a_gptq_layer_matches_its_weights(desc_act, cpu_kernel):
     config = GPTQConfig({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
                          "desc_act": desc_act})
     layer = RowParallelLinear(HIDDEN, 96, bias=True, method=config.linear_method("o_proj", None))
@@ -75,10 +78,10 @@ def test_a_gptq_layer_matches_its_weights(desc_act):
 
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric):
-    """GPTQ Int8 (Qwen's GPTQ-Int8 checkpoints): four bytes per int32; on CPU decoded at
-    load to float32, from float16 scales and mins (a min of -zero * scale rounds to
-    float16: at most 2^-11 of 255 steps, an eighth of a step, per weight)."""
+def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric, torch_cpu_kernels):
+    """GPTQ Int8 (Qwen's GPTQ-Int8 checkpoints): four bytes per int32; without the block-dot
+    kernel decoded at load to float32, from float16 scales and mins (a min of -zero * scale
+    rounds to float16: at most 2^-11 of 255 steps, an eighth of a step, per weight)."""
     config = GPTQConfig({"quant_method": "gptq", "bits": 8, "group_size": 128,
                          "sym": symmetric, "desc_act": desc_act})
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS,
@@ -98,6 +101,21 @@ def test_an_8_bit_gptq_fused_qkv_matches_its_weights(desc_act, symmetric):
     step = torch.cat([q.scales.float().amax(0) for q in quantized])  # each row's largest
     bound = (x.abs().sum(1, keepdim=True) * step / 8 + 1e-5).expand(5, -1)
     assert ((layer(x) - F.linear(x, weights)).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_an_8_bit_gptq_layer_runs_on_the_block_dot_kernel(desc_act, block_dot_kernel):
+    config = GPTQConfig({"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": False,
+                         "desc_act": desc_act})
+    layer = RowParallelLinear(HIDDEN, 96, bias=True, method=config.linear_method("o_proj", None))
+    g_idx = torch.randperm(HIDDEN) // 128 if desc_act else None
+    q = quantize(torch.randn(96, HIDDEN) * 0.05, 128, False, g_idx, bits=8)
+    load(layer, [gptq_tensors(q)])
+    layer.bias.data.copy_(torch.randn(96))
+    assert layer.method.kernel(layer) == "cpu_block_dot (8-bit codes)" + (
+        " (act order)" if desc_act else "")
+    x = torch.randn(3, HIDDEN)
+    close(layer(x), F.linear(x, q.weights(), layer.bias))
 
 
 def test_formats_pagoda_does_not_read_are_refused():

@@ -1,0 +1,184 @@
+"""Quantized weights on CPU through pagoda's own AVX-512 VNNI kernel (`cpu_block_dot.cpp`):
+4- or 8-bit codes with a scale and a low per group of inputs, times activations quantized to
+int8 per block of 32 inputs, one integer dot product per block (llama.cpp's arithmetic for
+its quantized types). At 16 tokens it runs 3-4x float32's matmul and torch's int4 kernel on
+a 2-core AVX-512 VM (bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, Q5_*,
+GPTQ-Int8) as bytes where float weights would be decoded at load.
+
+The kernel is compiled with the machine's C++ compiler (`$CXX`, else g++) at first use into
+pagoda's home (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source and
+flags. Without a compiler, on a CPU without AVX-512 VNNI, or with `PAGODA_CPU_BLOCK_DOT=0`,
+`available()` is False and the layers use torch's int4 kernel (4-bit codes) or decode the
+weights at load (8-bit codes)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_block_dot.cpp")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
+         "-mavx512vl", "-mavx512vnni", "-mfma")
+BLOCK = 32  # inputs per activation block
+LANES = 16  # outputs per weight tile
+BITS = (4, 8)
+
+
+def kernels_dir() -> Path:
+    """Where compiled CPU kernels are kept: $PAGODA_HOME/kernels, else
+    ~/.cache/pagoda/kernels."""
+    home = os.environ.get("PAGODA_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "pagoda"
+    return root / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _library_path(compiler: str) -> Path:
+    """The library's file for this source, these flags and this compiler."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode())
+    return kernels_dir() / f"cpu_block_dot-{digest.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile the kernel into `path` (written whole, then renamed: concurrent builds are
+    safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.pagoda_block_dot.argtypes = [pointer, size, size, pointer, pointer, pointer,
+                                         pointer, flag, pointer, pointer, size, size, pointer,
+                                         flag]
+    library.pagoda_block_dot.restype = None
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with one log line) where it cannot run here."""
+    if os.environ.get("PAGODA_CPU_BLOCK_DOT", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C++ compiler (g++ or $CXX): quantized CPU layers use torch's kernels")
+        return None
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _build(compiler, path)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        logger.warning("the CPU block-dot kernel did not build (%s): quantized CPU layers "
+                       "use torch's kernels", str(detail).strip()[:500])
+        return None
+    if not library.pagoda_block_dot_supported():
+        logger.info("this CPU lacks AVX-512 VNNI: quantized CPU layers use torch's kernels")
+        return None
+    return _bind(library)
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (built, or built now)."""
+    return _library() is not None
+
+
+def fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel holds this shape: whole tiles of 16 outputs, whole blocks of 32
+    inputs, groups of a multiple of 32 dividing the inputs."""
+    return (out_features % LANES == 0 and in_features % BLOCK == 0 and group_size % BLOCK == 0
+            and in_features % group_size == 0)
+
+
+def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, in] codes (0..2^bits - 1) in the kernel's layout: per tile of 16 outputs and
+    block of 32 inputs, 8 rows of [16 outputs x 4 inputs] bytes, 4-bit codes two rows to a
+    byte (row 2l in the low nibble, 2l + 1 in the high)."""
+    out_features, in_features = codes.shape
+    tiles = codes.to(torch.uint8).reshape(out_features // LANES, LANES, in_features // BLOCK,
+                                          8, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:
+        pairs = tiles.reshape(*tiles.shape[:2], 4, 2, LANES, 4)
+        tiles = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
+    return tiles.contiguous()
+
+
+def tile_groups(values: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [tiles, groups, 16] float32, the kernel's scale and low layout."""
+    out_features, groups = values.shape
+    return values.float().reshape(out_features // LANES, LANES, groups).transpose(1, 2
+                                                                                  ).contiguous()
+
+
+class BlockDotWeight(nn.Module):
+    """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                 group_size: int, bits: int) -> None:
+        """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
+        weight is code * scale + low."""
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if bits not in BITS or not fits(self.out_features, self.in_features, group_size):
+            raise ValueError(f"no block-dot kernel for {bits}-bit [{self.out_features}, "
+                             f"{self.in_features}] weights in groups of {group_size}")
+        self.group_size, self.bits = group_size, bits
+        self.packed = nn.Parameter(tile_codes(codes, bits), requires_grad=False)
+        self.scale = nn.Parameter(tile_groups(scale), requires_grad=False)
+        self.low = nn.Parameter(tile_groups(low), requires_grad=False)
+
+    def kernel_name(self) -> str:
+        return f"cpu_block_dot ({self.bits}-bit codes)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        tokens, blocks = flat.shape[0], self.in_features // BLOCK
+        codes = torch.empty(tokens, self.in_features, dtype=torch.int8)
+        block_scale_sum = torch.empty(2, tokens, blocks)
+        out = torch.empty(tokens, self.out_features)
+        _library().pagoda_block_dot(
+            flat.data_ptr(), tokens, self.in_features, codes.data_ptr(),
+            block_scale_sum[0].data_ptr(), block_scale_sum[1].data_ptr(),
+            self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
+            self.out_features, self.group_size // BLOCK, out.data_ptr(),
+            torch.get_num_threads())
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Weight rows `index` decoded to float32 [len(index), in] (a table's lookup)."""
+        tile, lane = index // LANES, index % LANES
+        codes = self.packed[tile, :, :, lane]  # [n, blocks, rows, 4]: 4-bit rows paired
+        if self.bits == 4:
+            codes = torch.stack([codes & 0x0F, codes >> 4], dim=3)
+        codes = codes.reshape(len(index), self.in_features // self.group_size, self.group_size)
+        scale, low = self.scale[tile, :, lane], self.low[tile, :, lane]  # [n, groups]
+        weights = codes.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
+        return weights.reshape(len(index), self.in_features)

@@ -1,0 +1,131 @@
+"""pagoda's CPU block-dot kernel against a torch reference of its arithmetic (activations
+rounded to int8 per block of 32 at 1/127 of the block's largest, weights code * scale + low
+per group): 4- and 8-bit codes, groups of 32 to 256, token counts around its 8-row passes,
+threads; its table lookup; the shapes it refuses; and the machines it does not build on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+
+
+@pytest.fixture(autouse=True)
+def kernel(block_dot_kernel):
+    return block_dot_kernel
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: per block of 32, codes round(x / scale) (ties to even) at
+    scale = max |x| / 127, times the scale."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
+def random_weights(out_features: int, in_features: int, group: int, bits: int, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, low, the weights they stand for)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = in_features // group
+    codes = torch.randint(0, 1 << bits, (out_features, in_features), generator=gen,
+                          dtype=torch.uint8)
+    scale = torch.rand(out_features, groups, generator=gen) * 0.02 + 1e-3
+    low = torch.randn(out_features, groups, generator=gen) * 0.05
+    weights = codes.float() * scale.repeat_interleave(group, 1) \
+        + low.repeat_interleave(group, 1)
+    return codes, scale, low, weights
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_features, in_features, group", [
+    (48, 64, 32), (160, 256, 128), (32, 512, 256), (96, 384, 384)])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 19])
+def test_products_match_the_reference_arithmetic(bits, out_features, in_features, group,
+                                                 tokens):
+    codes, scale, low, weights = random_weights(out_features, in_features, group, bits, 0)
+    layer = BlockDotWeight(codes, scale, low, group, bits)
+    x = torch.randn(tokens, in_features)
+    x[0, 32:64] = 0  # a block of zeros: scale 0, no division by it
+    expected = quantized_activations(x).double() @ weights.double().t()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0,
+                               atol=2e-6 * expected.abs().max().item())
+
+
+def test_leading_dimensions_and_dtypes_are_kept():
+    codes, scale, low, weights = random_weights(64, 128, 64, 4, 1)
+    layer = BlockDotWeight(codes, scale, low, 64, 4)
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    expected = quantized_activations(x.float().reshape(6, 128)) @ weights.t()
+    torch.testing.assert_close(y.float().reshape(6, 64), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_threads_split_the_outputs_without_changing_a_bit():
+    codes, scale, low, _ = random_weights(256, 512, 128, 4, 2)
+    layer = BlockDotWeight(codes, scale, low, 128, 4)
+    x = torch.randn(70, 512)  # >= 64 tokens: the activations are quantized in parallel too
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(4)
+        assert torch.equal(layer(x), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_decode_to_the_weights_exactly(bits):
+    codes, scale, low, weights = random_weights(64, 256, 128, bits, 3)
+    layer = BlockDotWeight(codes, scale, low, 128, bits)
+    index = torch.tensor([0, 17, 63, 17, 40])
+    assert torch.equal(layer.rows(index), weights[index])
+
+
+@pytest.mark.parametrize("out_features, in_features, group", [
+    (40, 64, 32),    # outputs not whole tiles of 16
+    (48, 80, 16),    # groups of 16
+    (48, 96, 64),    # a group that does not divide the inputs
+])
+def test_shapes_it_cannot_hold_are_refused(out_features, in_features, group):
+    assert not cpu_block_dot.fits(out_features, in_features, group)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    groups = torch.ones(out_features, max(in_features // group, 1))
+    with pytest.raises(ValueError, match="no block-dot kernel"):
+        BlockDotWeight(codes, groups, groups, group, 4)
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
+def test_without_a_working_compiler_it_is_unavailable(compiler, monkeypatch, tmp_path, caplog):
+    """A missing compiler, or one that fails: the kernel is unavailable (the layers use
+    torch's kernels) and the log says why."""
+    monkeypatch.setenv("CXX", compiler)
+    monkeypatch.setenv("PAGODA_HOME", str(tmp_path))
+    cpu_block_dot._library.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger=cpu_block_dot.__name__):
+            assert not cpu_block_dot.available()
+    finally:
+        cpu_block_dot._library.cache_clear()
+    assert "torch's kernels" in caplog.text
+    assert not list(tmp_path.glob("kernels/*.so"))
+
+
+def test_it_builds_once_into_pagodas_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGODA_HOME", str(tmp_path))
+    cpu_block_dot._library.cache_clear()
+    try:
+        assert cpu_block_dot.available()
+        built = list(tmp_path.glob("kernels/cpu_block_dot-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        cpu_block_dot._library.cache_clear()
+        assert cpu_block_dot.available()
+        assert built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
+    finally:
+        cpu_block_dot._library.cache_clear()
