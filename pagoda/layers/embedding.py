@@ -1,6 +1,7 @@
 """Token embedding and the LM head, split over a tensor-parallel group by vocabulary rows
 (the LM head may share the embedding's weight). An embedding's table may be held in another
-form (quantized rows, `decode_rows` decoding only the rows looked up)."""
+form (quantized rows, `decode_rows` decoding only the rows looked up), and a table an LM head
+shares by a kernel (`quantized`: it multiplies, and its `rows` are a lookup)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class VocabShard(nn.Module):
         self.start = group.rank * self.rows
         self.weight = shared if shared is not None else new_parameter(
             self.rows, hidden_size, loader=self.weight_loader, output_dim=0)
+        # set: the table is held by this module instead (`quantized(x)` is x W^T,
+        # `quantized.rows(index)` the rows at `index` as float32)
+        self.quantized: nn.Module | None = None
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
                       shard: int | None = None) -> None:
@@ -45,6 +49,7 @@ class VocabEmbedding(VocabShard):
         super().__init__(vocab_size, hidden_size, group)
         # set: `weight` holds rows in another form, which this turns into [n, hidden] floats
         self.decode_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.dtype = torch.get_default_dtype()  # of the rows a quantized table looks up
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
@@ -56,6 +61,9 @@ class VocabEmbedding(VocabShard):
 
     def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
         """The rows of this rank's table at `local_ids`."""
+        if self.quantized is not None:
+            rows = self.quantized.rows(local_ids.reshape(-1)).to(self.dtype)
+            return rows.reshape(*local_ids.shape, rows.shape[-1])
         if self.decode_rows is None:
             return F.embedding(local_ids, self.weight)
         rows = self.decode_rows(self.weight.index_select(0, local_ids.reshape(-1)))
@@ -73,5 +81,7 @@ class LMHead(VocabShard):
         self.tied = tied_to is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.group.all_gather(F.linear(hidden, self.weight))
+        local = (F.linear(hidden, self.weight) if self.quantized is None
+                 else self.quantized(hidden))
+        logits = self.group.all_gather(local)
         return logits[..., :self.vocab_size].float()

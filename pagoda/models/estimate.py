@@ -163,7 +163,7 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         packed = sum(math.prod(shapes[name]) for name in kept)
         packed_bits = sum(math.prod(shapes[name]) * held_bits(kind, on)
                           for name, kind in kept.items())
-        table, table_bytes = _gguf_table(source, shapes, types)
+        table, table_bytes = _gguf_table(source, shapes, types, on)
         return (params - packed - table) * itemsize + packed_bits // 8 + table_bytes
     on_cpu = torch.device(device).type == "cpu"
     if quantizes_at_load(quantization, source):
@@ -177,16 +177,22 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
 
 
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
-               types: dict[str, str]) -> tuple[int, int]:
-    """(parameters, bytes) of a GGUF's embedding table kept in its blocks (untied, of a
-    block type pagoda decodes); (0, 0) when it is held as floats."""
-    from pagoda.layers.quantization.gguf import keeps_table_blocks
+               types: dict[str, str], device: torch.device) -> tuple[int, int]:
+    """(parameters, bytes) of a GGUF's embedding table kept in another form than floats:
+    untied, in its blocks (a block type pagoda decodes); tied, as codes of the CPU block-dot
+    kernel where it runs; (0, 0) when it is held as floats."""
+    from pagoda.layers.quantization.gguf import held_bits, holds_tied_table, keeps_table_blocks
     from pagoda.layers.quantization.gguf_blocks import FORMATS
     kind = types.get(_EMBEDDING)
-    if getattr(source.hf_config, "tie_word_embeddings", False) or kind is None \
-            or not keeps_table_blocks(kind):
+    if kind is None:
         return 0, 0
     rows, columns = shapes[_EMBEDDING]
+    if getattr(source.hf_config, "tie_word_embeddings", False):
+        if not holds_tied_table(kind, rows, columns, device):
+            return 0, 0
+        return rows * columns, rows * columns * held_bits(kind, device) // 8
+    if not keeps_table_blocks(kind):
+        return 0, 0
     return rows * columns, rows * FORMATS[kind].row_bytes(columns)
 
 

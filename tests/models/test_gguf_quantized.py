@@ -45,6 +45,14 @@ def test_every_projection_runs_on_a_4_bit_kernel(quantized_llm):
     kernel = ("cpu_block_dot (4-bit codes)" if cpu_block_dot.available()
               else "int4pack_mm_for_cpu")
     assert {m.method.kernel(m) for m in layers} == {kernel}
+    # the LM head tied to the Q8_0 embedding: its codes on the block-dot kernel, else floats
+    head = _model(quantized_llm).lm_head
+    assert (head.quantized is not None) == cpu_block_dot.available()
+
+
+def test_the_estimate_counts_the_bytes_the_quantized_engine_holds(quantized_llm, smollm2_dir):
+    expected = estimate(resolve_model(str(smollm2_dir)), 256, quantization="gguf")
+    assert expected.weight_bytes == quantized_llm.engine.model_info.weight_bytes
 
 
 def test_weights_take_at_most_0_4x_the_dequantized_bytes(quantized_llm, smollm2_llm):

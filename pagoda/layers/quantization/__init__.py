@@ -47,22 +47,35 @@ def bind_linear_methods(model: nn.Module, config: QuantizationConfig | None) -> 
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
-    """Let the format hold each embedding table no LM head is tied to in its own form."""
+    """Let the format hold each embedding table in its own form: one no LM head is tied
+    to, and one an LM head shares."""
     if config is None:
         return
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, LMHead) and m.tied}
+    heads = {id(m.weight): m for m in model.modules() if isinstance(m, LMHead) and m.tied}
     for module in model.modules():
-        if isinstance(module, VocabEmbedding) and id(module.weight) not in tied:
+        if not isinstance(module, VocabEmbedding):
+            continue
+        head = heads.get(id(module.weight))
+        if head is None:
             config.bind_embedding(module)
+        else:
+            config.bind_tied_table(module, head)
 
 
 def finish_linear_layers(model: nn.Module) -> dict[str, str]:
-    """Let each linear method repack what it loaded; returns the kernel each layer type
-    (the last part of its name: qkv_proj, down_proj...) runs on."""
+    """Let each linear method repack what it loaded, and run what a loader deferred to the
+    end of loading (a tied table's kernel); returns the kernel each layer type (the last part
+    of its name: qkv_proj, down_proj..., lm_head when a kernel holds it) runs on."""
+    for module in list(model.modules()):
+        after_loading = module.__dict__.pop("after_loading", None)  # what a loader deferred
+        if after_loading is not None:
+            after_loading()
     kernels: dict[str, dict[str, None]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             module.method.process_weights_after_loading(module)
             leaf = name.rpartition(".")[2]
             kernels.setdefault(leaf, {})[module.method.kernel(module)] = None
+        elif isinstance(module, LMHead) and module.quantized is not None:
+            kernels.setdefault("lm_head", {})[module.quantized.kernel_name()] = None
     return {leaf: ", ".join(found) for leaf, found in kernels.items()}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pagoda.layers.embedding import VocabEmbedding
+from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
 
 
@@ -26,6 +26,10 @@ class QuantizationConfig(ABC):
     def bind_embedding(self, embedding: VocabEmbedding) -> None:
         """Give an embedding whose table no LM head shares the format's form of its table
         (by default it stays in the model's dtype)."""
+
+    def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
+        """Give a table that `embedding` and `head` share the format's form (by default it
+        stays in the model's dtype)."""
 
 
 class DenseWeight(nn.Module):

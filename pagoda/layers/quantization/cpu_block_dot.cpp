@@ -81,23 +81,38 @@ TileProduct<BITS> tile_product_for(int rows) {
   return table[rows - 1];
 }
 
-// One row's blocks to int8 codes: scale = max |x| / 127, codes = x / scale rounded to
-// nearest even, sum = scale * the sum of the codes.
-void quantize_row(const float* x, int64_t cols, int8_t* codes, float* scale, float* sum) {
+// One block of 32 values to int8 codes: scale = max |x| / 127, codes = x / scale rounded to
+// nearest even, sum = scale * the sum of the codes. Returns the codes times the scale.
+inline void quantize_block(__m512 lo, __m512 hi, int8_t* codes, float* scale, float* sum,
+                           __m512* decoded_lo, __m512* decoded_hi) {
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const float d = amax / 127.0f;
+  const __m512 inverse = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+  const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+  const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtsepi32_epi8(qlo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + kLanes), _mm512_cvtsepi32_epi8(qhi));
+  *scale = d;
+  *sum = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+  *decoded_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(qlo), _mm512_set1_ps(d));
+  *decoded_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(qhi), _mm512_set1_ps(d));
+}
+
+// One row's blocks to codes (pass 0) and, with two passes, the codes of what the first
+// codes miss (pass 1, pass_stride bytes on: the two passes sum to x within ~2^-15 of each
+// block's largest).
+void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
+                  int64_t block_stride, int8_t* codes, float* scale, float* sum) {
   for (int64_t b = 0; b < cols / kBlock; ++b) {
-    const __m512 lo = _mm512_loadu_ps(x + b * kBlock);
-    const __m512 hi = _mm512_loadu_ps(x + b * kBlock + kLanes);
-    const float amax = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-    const float d = amax / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
-    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b * kBlock), _mm512_cvtsepi32_epi8(qlo));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b * kBlock + kLanes),
-                     _mm512_cvtsepi32_epi8(qhi));
-    scale[b] = d;
-    sum[b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    __m512 lo = _mm512_loadu_ps(x + b * kBlock), hi = _mm512_loadu_ps(x + b * kBlock + kLanes);
+    for (int pass = 0; pass < passes; ++pass) {
+      __m512 decoded_lo, decoded_hi;
+      quantize_block(lo, hi, codes + pass * pass_stride + b * kBlock,
+                     scale + pass * block_stride + b, sum + pass * block_stride + b,
+                     &decoded_lo, &decoded_hi);
+      lo = _mm512_sub_ps(lo, decoded_lo);
+      hi = _mm512_sub_ps(hi, decoded_hi);
+    }
   }
 }
 
@@ -133,23 +148,25 @@ int pagoda_block_dot_supported() {
          __builtin_cpu_supports("avx512vnni");
 }
 
-// out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8), x
-// quantized first into codes [tokens, cols] with a scale and a sum per block
-// [tokens, cols / 32] (the caller's scratch).
-void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int8_t* x_codes,
-                      float* x_scale, float* x_sum, const uint8_t* weights, int bits,
-                      const float* scale, const float* low, int64_t out_features,
+// out [passes * tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4
+// or 8): x quantized first into codes [passes * tokens, cols] with a scale and a sum per
+// block [passes * tokens, cols / 32] (the caller's scratch); with two passes, rows
+// tokens.. hold the product of what the first codes miss (the caller adds the halves).
+void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
+                      int8_t* x_codes, float* x_scale, float* x_sum, const uint8_t* weights,
+                      int bits, const float* scale, const float* low, int64_t out_features,
                       int64_t group_blocks, float* out, int threads) {
   const int64_t blocks = cols / kBlock;
 #pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 64)
   for (int64_t r = 0; r < tokens; ++r)
-    quantize_row(x + r * cols, cols, x_codes + r * cols, x_scale + r * blocks,
-                 x_sum + r * blocks);
+    quantize_row(x + r * cols, cols, passes, tokens * cols, tokens * blocks,
+                 x_codes + r * cols, x_scale + r * blocks, x_sum + r * blocks);
+  const int64_t rows = passes * tokens;
   if (bits == 4)
-    block_dot<4>(x_codes, x_scale, x_sum, tokens, cols, weights, scale, low, out_features,
+    block_dot<4>(x_codes, x_scale, x_sum, rows, cols, weights, scale, low, out_features,
                  group_blocks, out, threads);
   else
-    block_dot<8>(x_codes, x_scale, x_sum, tokens, cols, weights, scale, low, out_features,
+    block_dot<8>(x_codes, x_scale, x_sum, rows, cols, weights, scale, low, out_features,
                  group_blocks, out, threads);
 }
 

@@ -74,7 +74,7 @@ def _build(compiler: str, path: Path) -> None:
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.pagoda_block_dot.argtypes = [pointer, size, size, pointer, pointer, pointer,
+    library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, pointer, pointer,
                                          pointer, flag, pointer, pointer, size, size, pointer,
                                          flag]
     library.pagoda_block_dot.restype = None
@@ -142,34 +142,40 @@ class BlockDotWeight(nn.Module):
     """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                 group_size: int, bits: int) -> None:
+                 group_size: int, bits: int, activation_passes: int = 1) -> None:
         """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
-        weight is code * scale + low."""
+        weight is code * scale + low. `activation_passes` 2: the activations as int8 codes
+        plus the codes of what those miss (to ~2^-15 of each block's largest, at twice the
+        products)."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
         if bits not in BITS or not fits(self.out_features, self.in_features, group_size):
             raise ValueError(f"no block-dot kernel for {bits}-bit [{self.out_features}, "
                              f"{self.in_features}] weights in groups of {group_size}")
-        self.group_size, self.bits = group_size, bits
+        self.group_size, self.bits, self.activation_passes = group_size, bits, activation_passes
         self.packed = nn.Parameter(tile_codes(codes, bits), requires_grad=False)
         self.scale = nn.Parameter(tile_groups(scale), requires_grad=False)
         self.low = nn.Parameter(tile_groups(low), requires_grad=False)
 
     def kernel_name(self) -> str:
-        return f"cpu_block_dot ({self.bits}-bit codes)"
+        twice = ", activations in two passes" if self.activation_passes == 2 else ""
+        return f"cpu_block_dot ({self.bits}-bit codes{twice})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         tokens, blocks = flat.shape[0], self.in_features // BLOCK
-        codes = torch.empty(tokens, self.in_features, dtype=torch.int8)
-        block_scale_sum = torch.empty(2, tokens, blocks)
-        out = torch.empty(tokens, self.out_features)
+        rows = self.activation_passes * tokens  # each pass's codes are rows of their own
+        codes = torch.empty(rows, self.in_features, dtype=torch.int8)
+        block_scale_sum = torch.empty(2, rows, blocks)
+        out = torch.empty(rows, self.out_features)
         _library().pagoda_block_dot(
-            flat.data_ptr(), tokens, self.in_features, codes.data_ptr(),
-            block_scale_sum[0].data_ptr(), block_scale_sum[1].data_ptr(),
+            flat.data_ptr(), tokens, self.in_features, self.activation_passes,
+            codes.data_ptr(), block_scale_sum[0].data_ptr(), block_scale_sum[1].data_ptr(),
             self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
             self.out_features, self.group_size // BLOCK, out.data_ptr(),
             torch.get_num_threads())
+        if self.activation_passes == 2:
+            out = out[:tokens].add_(out[tokens:])
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:

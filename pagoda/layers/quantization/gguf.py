@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.embedding import VocabEmbedding
+from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
@@ -225,27 +225,58 @@ def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
                  tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
     """Keep this rank's rows of the checkpoint's table as the embedding's weight: its rows of
     blocks (decoded per lookup), or floats."""
-    dtype = torch.get_default_dtype()
     if not isinstance(tensor, GGUFWeight):
         embedding.weight = new_parameter(embedding.rows, embedding.hidden_size,
                                          loader=embedding.weight_loader, output_dim=0)
         embedding.weight_loader(embedding.weight, tensor)
         return
+    param.data = _rank_table_rows(embedding, tensor)
+    embedding.decode_rows = partial(decode_table_rows, type_name=tensor.type_name,
+                                    dtype=embedding.dtype)
+
+
+def _store_tied_table(embedding: VocabEmbedding, head: LMHead, param: nn.Parameter,
+                      tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
+    """Keep this rank's rows of a table the LM head shares: its blocks as codes for the CPU
+    block-dot kernel (the head multiplies by them; a lookup decodes its rows), or floats."""
+    if not isinstance(tensor, GGUFWeight):
+        _store_table(embedding, param, tensor)
+        head.weight = embedding.weight
+        return
+    rows = _rank_table_rows(embedding, tensor)
+    # held once loading ends (a module built now would be a weight the checkpoint lacks)
+    head.after_loading = partial(_hold_tied_table, embedding, head, rows, tensor.type_name)
+
+
+def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor,
+                     type_name: str) -> None:
+    bits, group = group_layout(type_name)
+    codes, scale, low, _ = byte_groups(rows, type_name)
+    # activations in two passes: with one, int8 hidden states flipped greedy tokens of
+    # SmolLM2 against its float32 head at 2.4x the rate of its linear layers' (bench/results)
+    embedding.quantized = head.quantized = BlockDotWeight(codes, scale, low, group, bits,
+                                                          activation_passes=2)
+
+
+def _rank_table_rows(embedding: VocabEmbedding, tensor: GGUFWeight) -> torch.Tensor:
+    """This rank's rows of blocks of the checkpoint's table (padding rows zero: they decode
+    to zeros)."""
     if tensor.shape != (embedding.vocab_size, embedding.hidden_size):
         raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit a "
                          f"[{embedding.vocab_size}, {embedding.hidden_size}] vocabulary table")
     end = min(embedding.start + embedding.rows, embedding.vocab_size)
     rows = torch.zeros(embedding.rows, tensor.rows.shape[1], dtype=torch.uint8,
-                       device=param.device)  # padding rows decode to zeros
+                       device=embedding.weight.device)
     rows[:end - embedding.start] = tensor.rows[embedding.start:end]
-    param.data = rows
-    embedding.decode_rows = partial(decode_table_rows, type_name=tensor.type_name, dtype=dtype)
+    return rows
 
 
 class GGUFConfig(QuantizationConfig):
     """Every linear layer of a GGUF model keeps its blocks, and so does an embedding no LM
-    head is tied to (decoded per lookup: an LM head needs every row at every step); tied
-    tables and norms are read as floats (the loader decodes the tensors nothing keeps)."""
+    head is tied to (decoded per lookup: an LM head needs every row at every step); a tied
+    table is held as codes where the CPU block-dot kernel runs it (the LM head's product and
+    the lookups), else read as floats, as norms are (the loader decodes the tensors nothing
+    keeps)."""
 
     name = "gguf"
 
@@ -258,6 +289,18 @@ class GGUFConfig(QuantizationConfig):
         placeholder.weight_loader = partial(_store_table, embedding)
         placeholder.gguf_blocks = keeps_table_blocks
         embedding.weight = placeholder
+
+    def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
+        if embedding.weight.device.type != "cpu" or not cpu_block_dot.fits(
+                embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK) \
+                or not cpu_block_dot.available():
+            return
+        # a placeholder the checkpoint's table loads through: the kernel holds the types
+        # _block_dot_holds names, the loader decodes the others to floats
+        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        placeholder.weight_loader = partial(_store_tied_table, embedding, head)
+        placeholder.gguf_blocks = _block_dot_holds
+        embedding.weight = head.weight = placeholder
 
 
 def held_bits(type_name: str, device: torch.device) -> int:
@@ -278,6 +321,12 @@ def keeps_table_blocks(type_name: str) -> bool:
     """Whether an embedding keeps a table of GGUF type `type_name` in blocks: every block
     type pagoda decodes (a lookup decodes a few rows, whatever the device)."""
     return type_name in FORMATS
+
+
+def holds_tied_table(type_name: str, rows: int, columns: int, device: torch.device) -> bool:
+    """Whether a tied [rows, columns] table of GGUF type `type_name` is held as codes of the
+    CPU block-dot kernel on `device` (else as floats)."""
+    return device.type == "cpu" and _block_dot_fits(rows, columns, type_name)
 
 
 def _block_dot_holds(type_name: str) -> bool:

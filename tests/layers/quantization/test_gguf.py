@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -17,8 +19,10 @@ from pagoda.layers.linear import (
 )
 from pagoda.layers.quantization.base import DenseWeight
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization import finish_linear_layers
 from pagoda.layers.quantization.gguf import (
     BlockRows,
+    GGUFConfig,
     GGUFLinearMethod,
     GGUFWeight,
 )
@@ -113,3 +117,37 @@ def test_deferred_layers_allocate_no_weights_until_bound():
     assert layer.weight.numel() == 0 and layer.weight.gguf_blocks
     with pytest.raises(RuntimeError):
         layer.bind_method(GGUFLinearMethod())
+
+
+def tied_table(vocab: int) -> tuple[VocabEmbedding, LMHead]:
+    embedding = VocabEmbedding(vocab, HIDDEN)
+    head = LMHead(vocab, HIDDEN, tied_to=embedding)
+    GGUFConfig().bind_tied_table(embedding, head)
+    return embedding, head
+
+
+def test_a_tied_table_is_held_by_the_block_dot_kernel(block_dot_kernel):
+    """The LM head multiplies by the Q8_0 codes (activations in two passes: float32's
+    logits to 1e-4 of the largest); lookups decode the rows exactly; no float table."""
+    embedding, head = tied_table(96)
+    assert embedding.weight is head.weight and embedding.weight.numel() == 0
+    keeps = embedding.weight.gguf_blocks
+    assert keeps("Q8_0") and keeps("Q4_K") and not keeps("Q6_K")  # groups of 16: floats
+    table, ref = gguf_piece("Q8_0", 96, HIDDEN, 7)
+    embedding.weight.weight_loader(embedding.weight, table)
+    kernels = finish_linear_layers(nn.ModuleList([embedding, head]))
+    assert kernels == {"lm_head": "cpu_block_dot (8-bit codes, activations in two passes)"}
+    assert isinstance(head.quantized, BlockDotWeight) and embedding.quantized is head.quantized
+    ids = torch.tensor([[3, 95], [0, 3]])
+    assert torch.equal(embedding(ids), ref[ids])
+    hidden = torch.randn(5, HIDDEN)
+    expected = F.linear(hidden, ref)
+    torch.testing.assert_close(head(hidden), expected, rtol=0,
+                               atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_tied_table_stays_float_without_the_kernel_or_whole_tiles(cpu_kernel):
+    """torch's path, or a vocabulary that is not whole tiles of 16 rows: the float table."""
+    embedding, head = tied_table(96 if cpu_kernel == "torch" else 100)
+    assert embedding.weight is head.weight and embedding.weight.dtype == torch.float32
+    assert embedding.weight.shape == (embedding.rows, HIDDEN)
