@@ -1,6 +1,7 @@
-"""SmolLM2 (Q4_1 GGUF) served with its linear weights kept in 4 bits against the same model
-dequantized to float32 at load (`--quantization none`), in one run on this machine: `pagoda
-bench serve` at 1 and 16 concurrent streams against each server in turn, the engine
+"""SmolLM2 (Q4_1 GGUF) served with its weights kept quantized (on pagoda's CPU block-dot
+kernel where it runs, and on torch's kernels with PAGODA_CPU_BLOCK_DOT=0) against the same
+model dequantized to float32 at load (`--quantization none`), in one run on this machine:
+`pagoda bench serve` at 1 and 16 concurrent streams against each server in turn, the engine
 process's resident memory (RSS) and the weight bytes the server reports (`/pagoda/ps`).
 
     python bench/cpu/quantized_smollm2.py --output bench/results/cpu-smollm2-quantized.json
@@ -21,7 +22,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-MODES = {"quantized": [], "dequantized": ["--quantization", "none"]}
+# mode -> (extra serve arguments, environment): the quantized model on pagoda's CPU block-dot
+# kernel (where it runs), on torch's kernels, and dequantized to float32 at load
+MODES = {"quantized": ([], {}),
+         "quantized-torch-kernels": ([], {"PAGODA_CPU_BLOCK_DOT": "0"}),
+         "dequantized": (["--quantization", "none"], {})}
 
 
 def git_commit() -> dict:
@@ -30,10 +35,11 @@ def git_commit() -> dict:
     return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
 
 
-def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(port: int, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
     argv = [sys.executable, "-m", "pagoda.cli.main", "serve", "smollm2", "--port", str(port),
             "--max-model-len", "512", "--kv-cache-memory", "256MiB", *extra]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -64,10 +70,11 @@ def bench(port: int, concurrency: int, prompts: int, out_dir: Path) -> dict:
 
 
 def run_mode(mode: str, port: int, out_dir: Path) -> dict:
-    server = start_server(port, MODES[mode])
+    extra, env = MODES[mode]
+    server = start_server(port, extra, env)
     try:
         ps = httpx.get(f"http://127.0.0.1:{port}/pagoda/ps", timeout=10).json()
-        result = {"argv_extra": MODES[mode], "ps": ps}
+        result = {"argv_extra": extra, "env": env, "ps": ps}
         for concurrency, prompts in ((1, 4), (16, 32)):
             figures = bench(port, concurrency, prompts, out_dir)
             result[f"streams_{concurrency}"] = {
@@ -97,13 +104,15 @@ def main() -> None:
         for port, mode in enumerate(MODES, start=8931):
             report["systems"][mode] = run_mode(mode, port, Path(tmp))
     report["machine"]["loadavg_end"] = os.getloadavg()
-    q, d = report["systems"]["quantized"], report["systems"]["dequantized"]
-    report["ratios_quantized_over_dequantized"] = {
-        **{f"output_tok_per_s_streams_{c}": q[f"streams_{c}"]["output_throughput"]
-           / d[f"streams_{c}"]["output_throughput"] for c in (1, 16)},
-        "engine_rss": q["engine_rss_bytes"] / d["engine_rss_bytes"]}
+    d = report["systems"]["dequantized"]
+    for mode in ("quantized", "quantized-torch-kernels"):
+        q = report["systems"][mode]
+        report[f"ratios_{mode}_over_dequantized"] = {
+            **{f"output_tok_per_s_streams_{c}": q[f"streams_{c}"]["output_throughput"]
+               / d[f"streams_{c}"]["output_throughput"] for c in (1, 16)},
+            "engine_rss": q["engine_rss_bytes"] / d["engine_rss_bytes"]}
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report["ratios_quantized_over_dequantized"], indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k.startswith("ratios_")}, indent=1))
 
 
 if __name__ == "__main__":
