@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from pagoda import LLM, SamplingParams
 from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization.cpu_block_dot import kernel_name
 from pagoda.layers.quantization.gguf import GGUFLinearMethod
 from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
 from pagoda.models.estimate import estimate
@@ -42,7 +43,7 @@ def test_every_projection_runs_on_a_4_bit_kernel(quantized_llm):
     layers = [m for m in _model(quantized_llm).modules() if isinstance(m, LinearBase)]
     assert len(layers) == 30 * 4  # qkv, o, gate_up, down per layer
     assert all(isinstance(m.method, GGUFLinearMethod) for m in layers)
-    kernel = ("cpu_block_dot (4-bit codes)" if cpu_block_dot.available()
+    kernel = (kernel_name(4, 2) if cpu_block_dot.available()
               else "int4pack_mm_for_cpu")
     assert {m.method.kernel(m) for m in layers} == {kernel}
     # the LM head tied to the Q8_0 embedding: its codes on the block-dot kernel, else floats
@@ -62,19 +63,21 @@ def test_weights_take_at_most_0_4x_the_dequantized_bytes(quantized_llm, smollm2_
 
 
 def test_greedy_tokens_follow_the_dequantized_engines(quantized_llm, smollm2_llm):
-    """Exact equality cannot hold: the 4-bit kernels round the activations (bfloat16 in
-    torch's, int8 per block of 32 in the block-dot kernel) where the dequantized engine
-    multiplies float32s, and greedy decoding follows the first flipped near-tie. Stated
-    rate: >= 60% of the tokens come before each prompt's first difference, and >= 6 of the
-    16 prompts agree throughout (when written: 75% and 9 on the block-dot kernel, 76% and
-    11 on torch's int4 kernel)."""
+    """Exact equality cannot hold: the 4-bit kernels round the activations (to within
+    ~2^-16 of each block of 32's largest in the block-dot kernel's two passes, to bfloat16
+    in torch's int4 kernel) where the dequantized engine multiplies float32s, and greedy
+    decoding follows the first flipped near-tie. Stated rates, the share of the tokens that
+    come before each prompt's first difference and the prompts that agree throughout: on
+    the block-dot kernel >= 95% and >= 15 of 16 (100% and 16 when written), on torch's int4
+    kernel >= 60% and >= 6 (76% and 11)."""
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in quantized_llm.generate(PROMPTS, params)]
     theirs = [o.outputs[0].token_ids for o in smollm2_llm.generate(PROMPTS, params)]
     agreeing = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), NUM_TOKENS)
                 for o, t in zip(ours, theirs)]
-    assert sum(agreeing) >= 0.6 * NUM_TOKENS * len(PROMPTS)
-    assert agreeing.count(NUM_TOKENS) >= 6
+    share, whole = (0.95, 15) if cpu_block_dot.available() else (0.6, 6)
+    assert sum(agreeing) >= share * NUM_TOKENS * len(PROMPTS)
+    assert agreeing.count(NUM_TOKENS) >= whole
 
 
 UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -152,7 +155,7 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kern
         if tp == 1:
             kernels = {part for m in _model(llm).modules() if isinstance(m, LinearBase)
                        for part in m.method.kernel(m).split(" + ")}
-            assert kernels == ({"cpu_block_dot (4-bit codes)", "cpu_block_dot (8-bit codes)"}
+            assert kernels == ({kernel_name(4, 2), kernel_name(8, 2)}
                                if cpu_kernel == "cpu_block_dot"
                                else {"int4pack_mm_for_cpu", "dense matmul"})
         llm.engine.core.shutdown()

@@ -1,9 +1,12 @@
 """Quantized weights on CPU through pagoda's own AVX-512 VNNI kernel (`cpu_block_dot.cpp`):
-4- or 8-bit codes with a scale and a low per group of inputs, times activations quantized to
-int8 per block of 32 inputs, one integer dot product per block (llama.cpp's arithmetic for
-its quantized types). At 16 tokens it runs 3-4x float32's matmul and torch's int4 kernel on
-a 2-core AVX-512 VM (bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, Q5_*,
-GPTQ-Int8) as bytes where float weights would be decoded at load.
+4- or 8-bit codes with a scale and a low per group of inputs (16, or a multiple of 32),
+times activations quantized to int8 per block of 32 inputs, one integer dot product per
+block; by default in two passes (the codes of what the first codes miss, at 1/256 of their
+scale: float32's log-probabilities within ~2e-4), or one (llama.cpp's arithmetic for its
+quantized types). At 16 tokens it runs about 2x (two passes) to 3x (one) float32's matmul
+and torch's int4 kernel on a 2-core AVX-512 VM (bench/results/README.md), and it holds 8-bit
+types (GGUF Q8_0, Q5_*, Q6_K, GPTQ-Int8) as bytes where float weights would be decoded at
+load.
 
 The kernel is compiled with the machine's C++ compiler (`$CXX`, else g++) at first use into
 pagoda's home (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source and
@@ -35,6 +38,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mav
 BLOCK = 32  # inputs per activation block
 LANES = 16  # outputs per weight tile
 BITS = (4, 8)
+PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 
 
 def kernels_dir() -> Path:
@@ -113,8 +117,9 @@ def available() -> bool:
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the kernel holds this shape: whole tiles of 16 outputs, whole blocks of 32
-    inputs, groups of a multiple of 32 dividing the inputs."""
-    return (out_features % LANES == 0 and in_features % BLOCK == 0 and group_size % BLOCK == 0
+    inputs, groups of 16 or a multiple of 32 dividing the inputs."""
+    return (out_features % LANES == 0 and in_features % BLOCK == 0
+            and (group_size == BLOCK // 2 or group_size % BLOCK == 0)
             and in_features % group_size == 0)
 
 
@@ -138,44 +143,56 @@ def tile_groups(values: torch.Tensor) -> torch.Tensor:
                                                                                   ).contiguous()
 
 
+def default_activation_passes() -> int:
+    """Passes over the activations: 2 (int8 codes, then codes of what those miss: within
+    ~2^-16 of each block's largest, at about 1.6x the products' time), or 1 with
+    PAGODA_CPU_ACTIVATION_PASSES=1 (llama.cpp's arithmetic: SmolLM2's log-probabilities
+    move 3x as far from float32's as on torch's bfloat16 int4 kernel)."""
+    value = os.environ.get(PASSES_VARIABLE, "2")
+    if value not in ("1", "2"):
+        raise ValueError(f"{PASSES_VARIABLE} must be 1 or 2, not {value!r}")
+    return int(value)
+
+
+def kernel_name(bits: int, activation_passes: int) -> str:
+    """What the startup log calls a layer on the kernel."""
+    return f"cpu_block_dot ({bits}-bit codes, {activation_passes}-pass activations)"
+
+
 class BlockDotWeight(nn.Module):
     """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                 group_size: int, bits: int, activation_passes: int = 1) -> None:
+                 group_size: int, bits: int, activation_passes: int | None = None) -> None:
         """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
-        weight is code * scale + low. `activation_passes` 2: the activations as int8 codes
-        plus the codes of what those miss (to ~2^-15 of each block's largest, at twice the
-        products)."""
+        weight is code * scale + low. `activation_passes`: 1 or 2 (default: the
+        environment's, default_activation_passes)."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
         if bits not in BITS or not fits(self.out_features, self.in_features, group_size):
             raise ValueError(f"no block-dot kernel for {bits}-bit [{self.out_features}, "
                              f"{self.in_features}] weights in groups of {group_size}")
-        self.group_size, self.bits, self.activation_passes = group_size, bits, activation_passes
+        self.group_size, self.bits = group_size, bits
+        self.activation_passes = activation_passes or default_activation_passes()
         self.packed = nn.Parameter(tile_codes(codes, bits), requires_grad=False)
         self.scale = nn.Parameter(tile_groups(scale), requires_grad=False)
         self.low = nn.Parameter(tile_groups(low), requires_grad=False)
 
     def kernel_name(self) -> str:
-        twice = ", activations in two passes" if self.activation_passes == 2 else ""
-        return f"cpu_block_dot ({self.bits}-bit codes{twice})"
+        return kernel_name(self.bits, self.activation_passes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         tokens, blocks = flat.shape[0], self.in_features // BLOCK
-        rows = self.activation_passes * tokens  # each pass's codes are rows of their own
-        codes = torch.empty(rows, self.in_features, dtype=torch.int8)
-        block_scale_sum = torch.empty(2, rows, blocks)
-        out = torch.empty(rows, self.out_features)
+        codes = torch.empty(self.activation_passes, tokens, self.in_features, dtype=torch.int8)
+        block_scale = torch.empty(tokens, blocks)
+        half_block_sum = torch.empty(tokens, 2 * blocks)
+        out = torch.empty(tokens, self.out_features)
         _library().pagoda_block_dot(
             flat.data_ptr(), tokens, self.in_features, self.activation_passes,
-            codes.data_ptr(), block_scale_sum[0].data_ptr(), block_scale_sum[1].data_ptr(),
+            codes.data_ptr(), block_scale.data_ptr(), half_block_sum.data_ptr(),
             self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
-            self.out_features, self.group_size // BLOCK, out.data_ptr(),
-            torch.get_num_threads())
-        if self.activation_passes == 2:
-            out = out[:tokens].add_(out[tokens:])
+            self.out_features, self.group_size, out.data_ptr(), torch.get_num_threads())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:

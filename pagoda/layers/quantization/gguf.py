@@ -2,10 +2,9 @@
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: on CUDA every block type as codes with a scale and a min
 per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
-others); on CPU every type with groups of 32 (all but Q6_K) as codes for pagoda's AVX-512
-VNNI kernel (cpu_block_dot) where it runs, else the 4-bit types packed for torch's int4
-matmul (the others are decoded at load); elsewhere blocks decoded per call; float tensors
-dense.
+others); on CPU every type as codes for pagoda's AVX-512 VNNI kernel (cpu_block_dot) where
+it runs, else the 4-bit types packed for torch's int4 matmul (the others are decoded at
+load); elsewhere blocks decoded per call; float tensors dense.
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -252,10 +251,7 @@ def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor
                      type_name: str) -> None:
     bits, group = group_layout(type_name)
     codes, scale, low, _ = byte_groups(rows, type_name)
-    # activations in two passes: with one, int8 hidden states flipped greedy tokens of
-    # SmolLM2 against its float32 head at 2.4x the rate of its linear layers' (bench/results)
-    embedding.quantized = head.quantized = BlockDotWeight(codes, scale, low, group, bits,
-                                                          activation_passes=2)
+    embedding.quantized = head.quantized = BlockDotWeight(codes, scale, low, group, bits)
 
 
 def _rank_table_rows(embedding: VocabEmbedding, tensor: GGUFWeight) -> torch.Tensor:
@@ -295,8 +291,7 @@ class GGUFConfig(QuantizationConfig):
                 embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK) \
                 or not cpu_block_dot.available():
             return
-        # a placeholder the checkpoint's table loads through: the kernel holds the types
-        # _block_dot_holds names, the loader decodes the others to floats
+        # a placeholder the checkpoint's table loads through (the kernel holds it)
         placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         placeholder.weight_loader = partial(_store_tied_table, embedding, head)
         placeholder.gguf_blocks = _block_dot_holds
@@ -330,17 +325,16 @@ def holds_tied_table(type_name: str, rows: int, columns: int, device: torch.devi
 
 
 def _block_dot_holds(type_name: str) -> bool:
-    """Whether the CPU block-dot kernel runs here and holds GGUF type `type_name` (groups
-    of 32: every type but Q6_K's groups of 16)."""
-    return type_name in FORMATS and group_layout(type_name)[1] % cpu_block_dot.BLOCK == 0 \
-        and cpu_block_dot.available()
+    """Whether the CPU block-dot kernel runs here and holds GGUF type `type_name` (every
+    type pagoda decodes)."""
+    return type_name in FORMATS and cpu_block_dot.available()
 
 
 def keeps_blocks(type_name: str, device: torch.device) -> bool:
     """Whether a linear layer on `device` keeps a tensor of GGUF type `type_name` in its
-    blocks: on CPU the types the block-dot kernel holds, and the 4-bit types (torch's int4
-    matmul runs them faster than floats; decoding the others at every call costs 5-15x the
-    matmul: they are decoded at load); elsewhere every type pagoda decodes (on CUDA the
+    blocks: on CPU every type where the block-dot kernel runs, else the 4-bit types (torch's
+    int4 matmul runs them faster than floats; decoding the others at every call costs 5-15x
+    the matmul: they are decoded at load); elsewhere every type pagoda decodes (on CUDA the
     Triton kernel runs them)."""
     if device.type == "cpu":
         return type_name in INT4_FORMATS or _block_dot_holds(type_name)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from pagoda.layers.linear import QKVParallelLinear
 from pagoda.layers.quantization.compressed_tensors import compressed_tensors_config
+from pagoda.layers.quantization.cpu_block_dot import kernel_name
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 32, 4, 2
 SIZES = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
@@ -61,8 +62,8 @@ def config_of(args: QuantizationArgs, fmt: str) -> dict:
 # (kernel name, tolerance as a share of the largest output) per CPU path and width
 KERNELS = {
     # int8 activations per block of 32: half a step of 1/127 of each block's largest
-    ("cpu_block_dot", 4): ("cpu_block_dot (4-bit codes)", 2e-2),
-    ("cpu_block_dot", 8): ("cpu_block_dot (8-bit codes)", 2e-2),
+    ("cpu_block_dot", 4): (kernel_name(4, 2), 2e-2),
+    ("cpu_block_dot", 8): (kernel_name(8, 2), 2e-2),
     # bfloat16 activations and scales in torch's int4 kernel
     ("torch", 4): ("int4pack_mm_for_cpu", 2e-2),
     # W8A16 decoded at load without the block-dot kernel (float32 weights from float16 scales

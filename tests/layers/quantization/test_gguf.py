@@ -17,9 +17,9 @@ from pagoda.layers.linear import (
     RowParallelLinear,
     deferred_linear_methods,
 )
-from pagoda.layers.quantization.base import DenseWeight
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization import finish_linear_layers
+from pagoda.layers.quantization.base import DenseWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, kernel_name
 from pagoda.layers.quantization.gguf import (
     BlockRows,
     GGUFConfig,
@@ -57,19 +57,25 @@ def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     k, k_ref = gguf_piece("Q4_1", KV_HEADS * HEAD_DIM, HIDDEN, 2)
     v, v_ref = gguf_piece("Q6_K", KV_HEADS * HEAD_DIM, HIDDEN, 3)
     loaded(layer, [q, k, v])
-    four_bit, name = ((BlockDotWeight, "cpu_block_dot (4-bit codes)")
-                      if cpu_kernel == "cpu_block_dot" else (Int4PackedWeight,
-                                                             "int4pack_mm_for_cpu"))
-    # q and k share one kernel; Q6_K's groups of 16 fit no CPU kernel
-    assert [type(k) for k in layer.gguf_kernels] == [four_bit, BlockRows]
-    assert layer.method.kernel(layer) == f"{name} + Q6_K decoded per call"
+    # q and k share one kernel; v's Q6_K (groups of 16) is bytes on the block-dot kernel, and
+    # on torch's path no kernel takes it
+    if cpu_kernel == "cpu_block_dot":
+        kernels = [BlockDotWeight, BlockDotWeight]
+        name = f"{kernel_name(4, 2)} + {kernel_name(8, 2)}"
+    else:
+        kernels = [Int4PackedWeight, BlockRows]
+        name = "int4pack_mm_for_cpu + Q6_K decoded per call"
+    assert [type(k) for k in layer.gguf_kernels] == kernels
+    assert layer.method.kernel(layer) == name
     x = torch.randn(7, HIDDEN)
     y = layer(x)
     q_out, k_out, v_out = layer.split(y)
     int4_ref = F.linear(x, torch.cat([q_ref, k_ref]))
     torch.testing.assert_close(torch.cat([q_out, k_out], -1), int4_ref,
                                **kernel_tolerance(int4_ref))
-    torch.testing.assert_close(v_out, F.linear(x, v_ref))  # decoded per call: float32 exact
+    v_expected = F.linear(x, v_ref)  # decoded per call: float32 exact
+    tolerance = kernel_tolerance(v_expected) if cpu_kernel == "cpu_block_dot" else {}
+    torch.testing.assert_close(v_out, v_expected, **tolerance)
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K"])
@@ -132,11 +138,11 @@ def test_a_tied_table_is_held_by_the_block_dot_kernel(block_dot_kernel):
     embedding, head = tied_table(96)
     assert embedding.weight is head.weight and embedding.weight.numel() == 0
     keeps = embedding.weight.gguf_blocks
-    assert keeps("Q8_0") and keeps("Q4_K") and not keeps("Q6_K")  # groups of 16: floats
+    assert all(keeps(kind) for kind in ("Q8_0", "Q4_K", "Q6_K"))
     table, ref = gguf_piece("Q8_0", 96, HIDDEN, 7)
     embedding.weight.weight_loader(embedding.weight, table)
     kernels = finish_linear_layers(nn.ModuleList([embedding, head]))
-    assert kernels == {"lm_head": "cpu_block_dot (8-bit codes, activations in two passes)"}
+    assert kernels == {"lm_head": kernel_name(8, 2)}
     assert isinstance(head.quantized, BlockDotWeight) and embedding.quantized is head.quantized
     ids = torch.tensor([[3, 95], [0, 3]])
     assert torch.equal(embedding(ids), ref[ids])

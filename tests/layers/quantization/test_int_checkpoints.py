@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import QKVParallelLinear, RowParallelLinear
+from pagoda.layers.quantization.cpu_block_dot import kernel_name
 from pagoda.layers.quantization.int_checkpoints import (
     AWQConfig,
     GPTQConfig,
@@ -56,8 +57,8 @@ def test_an_awq_fused_qkv_matches_its_weights(cpu_kernel):
     sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
     quantized = [quantize(torch.randn(n, HIDDEN) * 0.05, 128, symmetric=False) for n in sizes]
     load(layer, [awq_tensors(q) for q in quantized])
-    assert layer.method.kernel(layer) == {"cpu_block_dot": "cpu_block_dot (4-bit codes)",
-                                          "torch": "int4pack_mm_for_cpu"}[cpu_kernel]
+    expected = kernel_name(4, 2) if cpu_kernel == "cpu_block_dot" else "int4pack_mm_for_cpu"
+    assert layer.method.kernel(layer) == expected
     x = torch.randn(5, HIDDEN)
     close(layer(x), F.linear(x, torch.cat([q.weights() for q in quantized])))
 
@@ -112,7 +113,7 @@ def test_an_8_bit_gptq_layer_runs_on_the_block_dot_kernel(desc_act, block_dot_ke
     q = quantize(torch.randn(96, HIDDEN) * 0.05, 128, False, g_idx, bits=8)
     load(layer, [gptq_tensors(q)])
     layer.bias.data.copy_(torch.randn(96))
-    assert layer.method.kernel(layer) == "cpu_block_dot (8-bit codes)" + (
+    assert layer.method.kernel(layer) == kernel_name(8, 2) + (
         " (act order)" if desc_act else "")
     x = torch.randn(3, HIDDEN)
     close(layer(x), F.linear(x, q.weights(), layer.bias))

@@ -1,0 +1,92 @@
+"""pagoda's CPU block-dot kernel against float32 `mm` and torch's int4 kernel at SmolLM2's
+layer shapes, in one process on this machine: microseconds per call (the mean of `--calls`
+calls after 5 warm-up calls) at 1, 4, 16 and 64 token rows, on `--threads` threads, and
+each kernel's speed-up over float32.
+
+    python bench/cpu/block_dot_kernel.py --output bench/results/cpu-block-dot-kernel.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.int4 import Int4PackedWeight
+
+# (name, out, in): SmolLM2's fused qkv, gate_up, down and o projections and its LM head
+SHAPES = (("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536),
+          ("o_proj", 576, 576), ("lm_head", 49152, 576))
+TOKENS = (1, 4, 16, 64)
+GROUP = 32
+
+
+def mean_us(call, calls: int) -> float:
+    for _ in range(5):
+        call()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def kernels(out_features: int, in_features: int) -> dict:
+    """Each way to hold one random [out, in] layer, by name."""
+    gen = torch.Generator().manual_seed(0)
+    groups = in_features // GROUP
+    scale = torch.rand(out_features, groups, generator=gen) * 0.01
+    low = -8 * scale
+    codes4 = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    codes8 = torch.randint(0, 256, (out_features, in_features), generator=gen,
+                           dtype=torch.uint8)
+    dense = torch.randn(out_features, in_features, generator=gen)
+    return {
+        "float32 mm": lambda x: x @ dense.t(),
+        "torch int4": Int4PackedWeight(codes4, scale, low, GROUP),
+        **{f"block-dot {bits}-bit, {passes} pass{'es' if passes > 1 else ''}":
+           BlockDotWeight(codes, scale, low, GROUP, bits, activation_passes=passes)
+           for bits, codes in ((4, codes4), (8, codes8)) for passes in (1, 2)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    if not cpu_block_dot.available():
+        sys.exit("the block-dot kernel does not run on this machine")
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    report = {"benchmark": "cpu-block-dot-kernel", "command": [sys.executable, *sys.argv],
+              "git": commit, "threads": args.threads, "calls": args.calls,
+              "machine": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
+                          "platform": platform.platform(), "torch": torch.__version__},
+              "us_per_call": {}}
+    for name, out_features, in_features in SHAPES:
+        held = kernels(out_features, in_features)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, in_features)
+            times = {kernel: mean_us(lambda: call(x), args.calls)
+                     for kernel, call in held.items()}
+            report["us_per_call"][f"{name} {tokens}"] = times
+            base = times["float32 mm"]
+            print(f"{name:13s} {tokens:3d} tokens: " + ", ".join(
+                f"{k} {v:8.0f} us ({base / v:4.2f}x)" for k, v in times.items()), flush=True)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
