@@ -142,3 +142,15 @@ def test_it_builds_once_into_pagodas_home(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp  # found, not rebuilt
     finally:
         cpu_block_dot._library.cache_clear()
+
+
+def test_the_environment_picks_one_or_two_activation_passes(monkeypatch):
+    codes, scale, low, _ = random_weights(32, 64, 32, 4, 4)
+    assert BlockDotWeight(codes, scale, low, 32, 4).activation_passes == 2  # the default
+    monkeypatch.setenv(cpu_block_dot.PASSES_VARIABLE, "1")
+    layer = BlockDotWeight(codes, scale, low, 32, 4)
+    assert layer.activation_passes == 1
+    assert layer.kernel_name() == "cpu_block_dot (4-bit codes, 1-pass activations)"
+    monkeypatch.setenv(cpu_block_dot.PASSES_VARIABLE, "3")
+    with pytest.raises(ValueError, match="must be 1 or 2"):
+        BlockDotWeight(codes, scale, low, 32, 4)
