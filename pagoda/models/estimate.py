@@ -139,11 +139,13 @@ def _packed_bits(config: Any) -> int:
 def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
                device: str) -> int:
     """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear
-    weights as their kernel holds them (gguf.held_bits: on CPU 4-bit types with a bfloat16
-    scale and zero per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and
-    mins), AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the
-    scales' 16 bits), FP8 weights one byte (+ float32 scales), everything else at
-    `itemsize`; on CPU 8-bit integers and FP8 weights are decoded at load to `itemsize`."""
+    weights as their kernel holds them (gguf.held_bits: on CPU every type as codes with a
+    float32 scale and min per group on the block-dot kernel, else 4-bit types with bfloat16
+    ones per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and mins), a
+    tied GGUF table likewise where the block-dot kernel holds it, AWQ/GPTQ/compressed-tensors
+    integers likewise (scales and zeros doubling the scales' bits), FP8 weights one byte (+
+    float32 scales), everything else at `itemsize`; on CPU FP8 weights, and 8-bit integers
+    without the block-dot kernel, are decoded at load to `itemsize`."""
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:

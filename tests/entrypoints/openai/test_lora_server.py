@@ -11,6 +11,7 @@ import shutil
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoConfig, LlamaConfig
 
 from pagoda import LLM, SamplingParams
@@ -45,11 +46,14 @@ def adapters(smollm2_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(smollm2_dir, adapters):
     static = json.dumps({"name": "static", "path": str(adapters["root"] / "static")})
+    # the engine on this process's thread count: the offline engine's sums in the same order
+    # (a random adapter's logits are near ties, which another order's last bits can flip)
     srv = RemoteServer(str(smollm2_dir), "--served-model-name", "smol", "--max-model-len", "512",
                        "--kv-cache-memory", "64MiB", "--enable-lora", "--max-loras", "2",
                        "--max-cpu-loras", "2", "--lora-modules", static,
                        "--lora-dir", str(adapters["root"]), "--api-key", KEY,
-                       env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+                       env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                            "OMP_NUM_THREADS": str(torch.get_num_threads())})
     yield srv
     srv.stop()
 
