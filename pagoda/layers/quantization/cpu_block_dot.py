@@ -43,10 +43,9 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 
 def kernels_dir() -> Path:
     """Where compiled CPU kernels are kept: $PAGODA_HOME/kernels, else
-    ~/.cache/pagoda/kernels."""
-    home = os.environ.get("PAGODA_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "pagoda"
-    return root / "kernels"
+    ~/.cache/pagoda/kernels (beside the model store)."""
+    from pagoda.models.store import models_dir
+    return models_dir().parent / "kernels"
 
 
 def _compiler() -> str | None:
