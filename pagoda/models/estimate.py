@@ -211,9 +211,9 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  on_cpu: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
     (integer codes' scales twice: a 16-bit scale and min each, 32-bit in the CPU block-dot
-    kernel; zero points and act orders folded in); on CPU, where no kernel takes them,
-    8-bit integers (without the block-dot kernel) and float8 weights decoded at load to
-    `itemsize` (their scales folded in)."""
+    kernel, counted for every layer where it runs; zero points and act orders folded in); on
+    CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
+    weights decoded at load to `itemsize` (their scales folded in)."""
     from pagoda.layers.quantization import cpu_block_dot
     dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)

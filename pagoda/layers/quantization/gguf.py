@@ -287,6 +287,7 @@ class GGUFConfig(QuantizationConfig):
         embedding.weight = placeholder
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
+        # the kernel on this machine, whole tiles of rows and whole blocks of columns
         if embedding.weight.device.type != "cpu" or not cpu_block_dot.fits(
                 embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK) \
                 or not cpu_block_dot.available():
