@@ -22,7 +22,7 @@ namespace {
 constexpr int64_t kBlock = 32;    // inputs per activation block
 constexpr int64_t kLanes = 16;    // outputs per tile
 constexpr int kRows = 8;          // activation rows per sweep over a tile
-constexpr int kSecondShift = 8;    // the first pass's scale is the second's times 2^8
+constexpr int kSecondShift = 8;   // the first pass's scale is the second's times 2^8
 
 // The eight [16 outputs x 4 inputs] code vectors of one tile's block.
 template <int BITS>
