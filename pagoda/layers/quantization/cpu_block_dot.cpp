@@ -1,6 +1,7 @@
 // Products of weights held as 4- or 8-bit codes (a scale and a low per group of 16 inputs or
 // a multiple of 32) with activations quantized to int8 per block of 32 inputs, on AVX-512
-// VNNI CPUs: one integer dot product per block (vpdpbusd; per half block in groups of 16),
+// VNNI CPUs (vpdpbusd), or built for AVX2 (vpmaddubsw + vpmaddwd, 8-bit codes as two nibbles
+// so no pair saturates): one integer dot product per block (per half block in groups of 16),
 // scaled by the block's activation scale and the weights' group scale, plus the group's low
 // times its inputs' quantized activation sum. In one pass this is llama.cpp's arithmetic for
 // its quantized types; a second pass adds int8 codes of what the first codes miss, at
@@ -12,10 +13,14 @@
 // nibble and 8l+4+i in its high nibble), 8-bit codes 512 bytes (eight rows; in row q, byte
 // 4j+i holds output j's input 4q+i). Scales and lows are [tiles][groups][16] floats.
 //
-// Built by pagoda at first use (cpu_block_dot.py) with g++ and OpenMP.
+// Built by pagoda at first use (cpu_block_dot.py) with g++ and OpenMP, once with AVX-512
+// VNNI flags and once with AVX2 ones: the 16-lane vectors below are one zmm register or two
+// ymm registers.
 
 #include <immintrin.h>
 #include <stdint.h>
+
+#include <cmath>
 
 namespace {
 
@@ -24,29 +29,119 @@ constexpr int64_t kLanes = 16;    // outputs per tile
 constexpr int kRows = 8;          // activation rows per sweep over a tile
 constexpr int kSecondShift = 8;   // the first pass's scale is the second's times 2^8
 
+#if defined(__AVX512F__)
+
+using Ints = __m512i;    // 16 int32 lanes (or 64 bytes)
+using Floats = __m512;   // 16 float lanes
+
+inline Ints zero_ints() { return _mm512_setzero_si512(); }
+inline Ints load_bytes(const uint8_t* at) { return _mm512_loadu_si512(at); }
+inline Ints low_nibbles(Ints v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+inline Ints high_nibbles(Ints v) { return low_nibbles(_mm512_srli_epi16(v, 4)); }
+inline Ints shift_left(Ints v, int bits) { return _mm512_slli_epi32(v, bits); }
+inline Ints add(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
+inline Floats load_floats(const float* at) { return _mm512_loadu_ps(at); }
+inline void store_floats(float* at, Floats v) { _mm512_storeu_ps(at, v); }
+inline Floats zero_floats() { return _mm512_setzero_ps(); }
+inline Floats broadcast(float value) { return _mm512_set1_ps(value); }
+inline Floats mul(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+inline Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+
+// acc + per lane, the sum of 4 products of `codes`' bytes (unsigned) with `x`'s 4 bytes.
+template <int BITS>
+inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x));
+}
+
+#else  // AVX2: each 16-lane vector is two ymm registers
+
+struct Ints {
+  __m256i lo, hi;
+};
+struct Floats {
+  __m256 lo, hi;
+};
+
+inline Ints zero_ints() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline Ints load_bytes(const uint8_t* at) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32))};
+}
+inline Ints low_nibbles(Ints v) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(v.lo, nibble), _mm256_and_si256(v.hi, nibble)};
+}
+inline Ints high_nibbles(Ints v) {
+  return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)});
+}
+inline Ints shift_left(Ints v, int bits) {
+  return {_mm256_slli_epi32(v.lo, bits), _mm256_slli_epi32(v.hi, bits)};
+}
+inline Ints add(Ints a, Ints b) {
+  return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)};
+}
+inline Floats to_floats(Ints v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
+inline Floats load_floats(const float* at) { return {_mm256_loadu_ps(at), _mm256_loadu_ps(at + 8)}; }
+inline void store_floats(float* at, Floats v) {
+  _mm256_storeu_ps(at, v.lo);
+  _mm256_storeu_ps(at + 8, v.hi);
+}
+inline Floats zero_floats() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Floats broadcast(float value) { return {_mm256_set1_ps(value), _mm256_set1_ps(value)}; }
+inline Floats mul(Floats a, Floats b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+inline Floats fmadd(Floats a, Floats b, Floats c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+
+// The sums of 4 products of bytes 0..15 (unsigned) with x's 4 signed bytes, per int32 lane
+// (a pair of products stays within int16).
+inline __m256i small_dots(__m256i codes, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
+}
+
+// acc + per lane, the sum of 4 products of `codes`' bytes (unsigned) with `x`'s 4 bytes;
+// 8-bit codes as 16 * high nibble + low nibble (255 * 128 twice would saturate int16).
+template <int BITS>
+inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
+  const __m256i xs = _mm256_set1_epi32(x);
+  if constexpr (BITS == 4) {
+    return add(acc, {small_dots(codes.lo, xs), small_dots(codes.hi, xs)});
+  } else {
+    const Ints low = low_nibbles(codes), high = high_nibbles(codes);
+    const Ints dots = add(shift_left({small_dots(high.lo, xs), small_dots(high.hi, xs)}, 4),
+                          {small_dots(low.lo, xs), small_dots(low.hi, xs)});
+    return add(acc, dots);
+  }
+}
+
+#endif
+
 // The eight [16 outputs x 4 inputs] code vectors of one tile's block.
 template <int BITS>
-inline void load_codes(const uint8_t* block, __m512i codes[8]) {
+inline void load_codes(const uint8_t* block, Ints codes[8]) {
   if constexpr (BITS == 4) {
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int row = 0; row < 4; ++row) {
-      const __m512i packed = _mm512_loadu_si512(block + 64 * row);
-      codes[2 * row] = _mm512_and_si512(packed, nibble);
-      codes[2 * row + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      const Ints packed = load_bytes(block + 64 * row);
+      codes[2 * row] = low_nibbles(packed);
+      codes[2 * row + 1] = high_nibbles(packed);
     }
   } else {
-    for (int row = 0; row < 8; ++row) codes[row] = _mm512_loadu_si512(block + 64 * row);
+    for (int row = 0; row < 8; ++row) codes[row] = load_bytes(block + 64 * row);
   }
 }
 
 // Adds the products of one block's codes with one row's 32 activation codes to `first`
 // (inputs 0..15) and `second` (inputs 16..31): two independent chains.
-inline void add_block_products(const __m512i codes[8], const int8_t* activations,
-                               __m512i* first, __m512i* second) {
+template <int BITS>
+inline void add_block_products(const Ints codes[8], const int8_t* activations, Ints* first,
+                               Ints* second) {
   const int32_t* x = reinterpret_cast<const int32_t*>(activations);
   for (int q = 0; q < 4; ++q) {
-    *first = _mm512_dpbusd_epi32(*first, codes[q], _mm512_set1_epi32(x[q]));
-    *second = _mm512_dpbusd_epi32(*second, codes[q + 4], _mm512_set1_epi32(x[q + 4]));
+    *first = dot_add<BITS>(*first, codes[q], x[q]);
+    *second = dot_add<BITS>(*second, codes[q + 4], x[q + 4]);
   }
 }
 
@@ -60,47 +155,40 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
                   const float* low, int64_t group_blocks, float* out, int64_t out_stride) {
   const int64_t blocks = cols / kBlock;
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  Floats acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = zero_floats();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i codes[8];
+    Ints codes[8];
     load_codes<BITS>(tile + b * block_bytes, codes);
     const int64_t group = HALVES ? 2 * b : b / group_blocks;
-    const __m512 scale0 = _mm512_loadu_ps(scale + group * kLanes);
-    const __m512 low0 = _mm512_loadu_ps(low + group * kLanes);
+    const Floats scale0 = load_floats(scale + group * kLanes);
+    const Floats low0 = load_floats(low + group * kLanes);
     for (int r = 0; r < R; ++r) {
       const int8_t* x = xq + r * cols + b * kBlock;
-      __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
-      add_block_products(codes, x, &first, &second);
+      Ints first = zero_ints(), second = zero_ints();
+      add_block_products<BITS>(codes, x, &first, &second);
       if constexpr (PASSES == 2) {  // in units of the second pass's scale
-        first = _mm512_slli_epi32(first, kSecondShift);
-        second = _mm512_slli_epi32(second, kSecondShift);
-        add_block_products(codes, x + pass_stride, &first, &second);
-      }
-      __m512 dot0, dot1;  // the halves' products
-      if constexpr (HALVES) {
-        dot0 = _mm512_cvtepi32_ps(first);
-        dot1 = _mm512_cvtepi32_ps(second);
-      } else {
-        dot0 = _mm512_cvtepi32_ps(_mm512_add_epi32(first, second));
+        first = shift_left(first, kSecondShift);
+        second = shift_left(second, kSecondShift);
+        add_block_products<BITS>(codes, x + pass_stride, &first, &second);
       }
       const int64_t at = r * blocks + b;
-      const __m512 activation_scale = _mm512_set1_ps(xscale[at]);
+      const Floats activation_scale = broadcast(xscale[at]);
       const float sum0 = xsum[2 * at], sum1 = xsum[2 * at + 1];
-      if constexpr (HALVES) {
-        const __m512 scale1 = _mm512_loadu_ps(scale + (group + 1) * kLanes);
-        const __m512 low1 = _mm512_loadu_ps(low + (group + 1) * kLanes);
-        acc[r] = _mm512_fmadd_ps(dot0, _mm512_mul_ps(scale0, activation_scale), acc[r]);
-        acc[r] = _mm512_fmadd_ps(dot1, _mm512_mul_ps(scale1, activation_scale), acc[r]);
-        acc[r] = _mm512_fmadd_ps(low0, _mm512_set1_ps(sum0), acc[r]);
-        acc[r] = _mm512_fmadd_ps(low1, _mm512_set1_ps(sum1), acc[r]);
+      if constexpr (HALVES) {  // the halves' products, each with its group's scale and low
+        const Floats scale1 = load_floats(scale + (group + 1) * kLanes);
+        const Floats low1 = load_floats(low + (group + 1) * kLanes);
+        acc[r] = fmadd(to_floats(first), mul(scale0, activation_scale), acc[r]);
+        acc[r] = fmadd(to_floats(second), mul(scale1, activation_scale), acc[r]);
+        acc[r] = fmadd(low0, broadcast(sum0), acc[r]);
+        acc[r] = fmadd(low1, broadcast(sum1), acc[r]);
       } else {
-        acc[r] = _mm512_fmadd_ps(dot0, _mm512_mul_ps(scale0, activation_scale), acc[r]);
-        acc[r] = _mm512_fmadd_ps(low0, _mm512_set1_ps(sum0 + sum1), acc[r]);
+        acc[r] = fmadd(to_floats(add(first, second)), mul(scale0, activation_scale), acc[r]);
+        acc[r] = fmadd(low0, broadcast(sum0 + sum1), acc[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+  for (int r = 0; r < R; ++r) store_floats(out + r * out_stride, acc[r]);
 }
 
 using TileProduct = void (*)(const int8_t*, int64_t, const float*, const float*, int64_t,
@@ -117,6 +205,8 @@ TileProduct tile_product_for(int rows) {
   return table[rows - 1];
 }
 
+#if defined(__AVX512F__)
+
 // Values to int8 codes at `inverse` = 1 / their scale (rounded to nearest even, saturated).
 inline __m512i to_codes(__m512 values, __m512 inverse, int8_t* codes) {
   const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values, inverse));
@@ -124,7 +214,6 @@ inline __m512i to_codes(__m512 values, __m512 inverse, int8_t* codes) {
   return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)),
                           _mm512_set1_epi32(-128));  // the stored codes' saturation
 }
-
 // One row's blocks to codes: step = max |x| / 127, codes = x / step; with two passes,
 // codes of what those miss at step / 256 into the plane pass_stride bytes on. scale = the
 // last pass's step; sum[0..2) = each half block's activations as the codes stand for them.
@@ -160,6 +249,46 @@ void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
     sum[2 * b + 1] = last_step * sum_hi;
   }
 }
+
+#else  // AVX2: the same arithmetic, one value at a time
+
+// A value to an int8 code at `inverse` = 1 / its scale (rounded to nearest even, saturated).
+inline int to_code(float value, float inverse, int8_t* code) {
+  const float rounded = std::nearbyint(value * inverse);
+  const int q = rounded < -128.0f ? -128 : rounded > 127.0f ? 127 : static_cast<int>(rounded);
+  *code = static_cast<int8_t>(q);
+  return q;
+}
+
+void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
+                  int8_t* codes, float* scale, float* sum) {
+  const float parts = static_cast<float>(1 << kSecondShift);
+  for (int64_t b = 0; b < cols / kBlock; ++b) {
+    const float* values = x + b * kBlock;
+    int8_t* block = codes + b * kBlock;
+    float amax = 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(values[i]));
+    const float step = amax / 127.0f;
+    const float inverse = step > 0.0f ? 1.0f / step : 0.0f;
+    int first[2] = {0, 0}, second[2] = {0, 0};
+    for (int i = 0; i < kBlock; ++i) {
+      const int q = to_code(values[i], inverse, block + i);
+      first[i / kLanes] += q;
+      if (passes == 2) {
+        const float rest = values[i] - static_cast<float>(q) * step;
+        second[i / kLanes] += to_code(rest, inverse * parts, block + pass_stride + i);
+      }
+    }
+    const float last_step = passes == 2 ? step / parts : step;
+    const float unit = passes == 2 ? parts : 1.0f;
+    scale[b] = last_step;
+    sum[2 * b] = last_step * (static_cast<float>(first[0]) * unit + static_cast<float>(second[0]));
+    sum[2 * b + 1] =
+        last_step * (static_cast<float>(first[1]) * unit + static_cast<float>(second[1]));
+  }
+}
+
+#endif
 
 template <int BITS, int PASSES, bool HALVES>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
@@ -211,11 +340,15 @@ void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const f
 
 extern "C" {
 
-// Whether this CPU runs the kernels: AVX-512 F, BW and VNNI.
+// Whether this CPU runs this build: AVX-512 F, BW and VNNI, or AVX2 and FMA.
 int pagoda_block_dot_supported() {
   __builtin_cpu_init();
+#if defined(__AVX512F__)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
+#else
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
 }
 
 // out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8, groups

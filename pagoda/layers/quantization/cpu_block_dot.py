@@ -1,18 +1,19 @@
-"""Quantized weights on CPU through pagoda's own AVX-512 VNNI kernel (`cpu_block_dot.cpp`):
-4- or 8-bit codes with a scale and a low per group of inputs (16, or a multiple of 32),
-times activations quantized to int8 per block of 32 inputs, one integer dot product per
-block; by default in two passes (the codes of what the first codes miss, at 1/256 of their
-scale: float32's log-probabilities within ~2e-4), or one (llama.cpp's arithmetic for its
-quantized types). At 16 tokens it runs about 2x (two passes) to 3x (one) float32's matmul
-and torch's int4 kernel on a 2-core AVX-512 VM (bench/results/README.md), and it holds 8-bit
-types (GGUF Q8_0, Q5_*, Q6_K, GPTQ-Int8) as bytes where float weights would be decoded at
-load.
+"""Quantized weights on CPU through pagoda's own kernel (`cpu_block_dot.cpp`, for AVX-512
+VNNI or AVX2): 4- or 8-bit codes with a scale and a low per group of inputs (16, or a
+multiple of 32), times activations quantized to int8 per block of 32 inputs, one integer dot
+product per block; by default in two passes (the codes of what the first codes miss, at
+1/256 of their scale: float32's log-probabilities within ~2e-4), or one (llama.cpp's
+arithmetic for its quantized types). At 16 tokens the AVX-512 build runs about 2x (two
+passes) to 3x (one) float32's matmul and torch's int4 kernel on a 2-core AVX-512 VM
+(bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, Q5_*, Q6_K, GPTQ-Int8) as
+bytes where float weights would be decoded at load.
 
 The kernel is compiled with the machine's C++ compiler (`$CXX`, else g++) at first use into
 pagoda's home (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source and
-flags. Without a compiler, on a CPU without AVX-512 VNNI, or with `PAGODA_CPU_BLOCK_DOT=0`,
-`available()` is False and the layers use torch's int4 kernel (4-bit codes) or decode the
-weights at load (8-bit codes)."""
+flags: an AVX-512 VNNI build, else an AVX2 one (`PAGODA_CPU_BLOCK_DOT=avx2` picks it).
+Without a compiler, on a CPU with neither, or with `PAGODA_CPU_BLOCK_DOT=0`, `available()`
+is False and the layers use torch's int4 kernel (4-bit codes) or decode the weights at load
+(8-bit codes)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ from pagoda.logger import get_logger
 logger = get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_block_dot.cpp")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
-         "-mavx512vl", "-mavx512vnni", "-mfma")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+# the builds, best first: each runs where its pagoda_block_dot_supported() says so
+BUILDS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
+          "avx2": ("-mavx2", "-mfma")}
 BLOCK = 32  # inputs per activation block
 LANES = 16  # outputs per weight tile
 BITS = (4, 8)
@@ -52,27 +55,37 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
     """The library's file for this source, these flags and this compiler."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode())
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode())
     return kernels_dir() / f"cpu_block_dot-{digest.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, path: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], path: Path) -> None:
     """Compile the kernel into `path` (written whole, then renamed: concurrent builds are
     safe)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True,
+        subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _load(compiler: str, build: str) -> ctypes.CDLL | None:
+    """One build of the kernel (compiled now if missing), where this CPU runs it."""
+    flags = FLAGS + BUILDS[build]
+    path = _library_path(compiler, flags)
+    if not path.exists():
+        _build(compiler, flags, path)
+    library = ctypes.CDLL(str(path))
+    return library if library.pagoda_block_dot_supported() else None
 
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -86,27 +99,29 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with one log line) where it cannot run here."""
-    if os.environ.get("PAGODA_CPU_BLOCK_DOT", "1") == "0":
+    """The best build of the kernel this CPU runs, or None (with one log line) where none
+    can run here. PAGODA_CPU_BLOCK_DOT: 0 turns it off, a build's name (avx2) picks it."""
+    choice = os.environ.get("PAGODA_CPU_BLOCK_DOT", "auto")
+    if choice == "0":
         return None
     compiler = _compiler()
     if compiler is None:
         logger.info("no C++ compiler (g++ or $CXX): quantized CPU layers use torch's kernels")
         return None
-    try:
-        path = _library_path(compiler)
-        if not path.exists():
-            _build(compiler, path)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or error
-        logger.warning("the CPU block-dot kernel did not build (%s): quantized CPU layers "
-                       "use torch's kernels", str(detail).strip()[:500])
-        return None
-    if not library.pagoda_block_dot_supported():
-        logger.info("this CPU lacks AVX-512 VNNI: quantized CPU layers use torch's kernels")
-        return None
-    return _bind(library)
+    for build in [choice] if choice in BUILDS else BUILDS:
+        try:
+            library = _load(compiler, build)
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            logger.warning("the CPU block-dot kernel did not build (%s): quantized CPU "
+                           "layers use torch's kernels", str(detail).strip()[:500])
+            return None
+        if library is not None:
+            logger.info("CPU block-dot kernel: the %s build", build)
+            return _bind(library)
+    logger.info("this CPU runs no build of the block-dot kernel (%s): quantized CPU layers "
+                "use torch's kernels", ", ".join(BUILDS))
+    return None
 
 
 def available() -> bool:

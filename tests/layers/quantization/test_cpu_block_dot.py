@@ -1,8 +1,8 @@
-"""pagoda's CPU block-dot kernel against a torch reference of its arithmetic (activations
-rounded to int8 per block of 32 at 1/127 of the block's largest, in one or two passes;
-weights code * scale + low per group): 4- and 8-bit codes, groups of 32 to 384, token counts
-around its 8-row tiles, threads; its table lookup; the shapes it refuses; and the machines it
-does not build on."""
+"""pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
+of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
+largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
+groups of 16 to 384, token counts around its 8-row tiles, threads; its table lookup; the
+shapes it refuses; and the machines it does not build on."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 
 
-@pytest.fixture(autouse=True)
-def kernel(block_dot_kernel):
-    return block_dot_kernel
+@pytest.fixture(autouse=True, params=list(cpu_block_dot.BUILDS))
+def build(request, monkeypatch):
+    """Each build of the kernel this CPU runs (the AVX2 one runs on AVX-512 CPUs too)."""
+    monkeypatch.setenv("PAGODA_CPU_BLOCK_DOT", request.param)
+    cpu_block_dot._library.cache_clear()
+    if not cpu_block_dot.available():
+        pytest.skip(f"the {request.param} build of the block-dot kernel does not run here")
+    yield request.param
+    cpu_block_dot._library.cache_clear()
 
 
 def quantized_activations(x: torch.Tensor, passes: int = 1) -> torch.Tensor:
