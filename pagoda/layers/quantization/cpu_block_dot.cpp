@@ -82,7 +82,9 @@ inline Ints add(Ints a, Ints b) {
   return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)};
 }
 inline Floats to_floats(Ints v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
-inline Floats load_floats(const float* at) { return {_mm256_loadu_ps(at), _mm256_loadu_ps(at + 8)}; }
+inline Floats load_floats(const float* at) {
+  return {_mm256_loadu_ps(at), _mm256_loadu_ps(at + 8)};
+}
 inline void store_floats(float* at, Floats v) {
   _mm256_storeu_ps(at, v.lo);
   _mm256_storeu_ps(at + 8, v.hi);
