@@ -10,8 +10,8 @@ from pathlib import Path
 
 def default_models_file() -> Path:
     """$PAGODA_HOME/models.yaml, else ~/.cache/pagoda/models.yaml."""
-    from pagoda.models.store import models_dir
-    return models_dir().parent / "models.yaml"
+    from pagoda.home import home_dir
+    return home_dir() / "models.yaml"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

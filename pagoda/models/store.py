@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
 from pagoda.errors import ConfigError, ModelNotFoundError, PagodaError
+from pagoda.home import home_dir
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,9 +130,7 @@ class Manifest:
 
 def models_dir() -> Path:
     """Directory holding pulled models: $PAGODA_HOME/models, else ~/.cache/pagoda/models."""
-    home = os.environ.get("PAGODA_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "pagoda"
-    return root / "models"
+    return home_dir() / "models"
 
 
 def lookup(name: str) -> BuiltinModel | None:

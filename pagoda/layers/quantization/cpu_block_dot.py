@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pagoda.home import home_dir
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -46,9 +47,8 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 
 def kernels_dir() -> Path:
     """Where compiled CPU kernels are kept: $PAGODA_HOME/kernels, else
-    ~/.cache/pagoda/kernels (beside the model store)."""
-    from pagoda.models.store import models_dir
-    return models_dir().parent / "kernels"
+    ~/.cache/pagoda/kernels."""
+    return home_dir() / "kernels"
 
 
 def _compiler() -> str | None:
@@ -127,6 +127,11 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernel runs on this machine (built, or built now)."""
     return _library() is not None
+
+
+def holds(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel runs on this machine and holds this shape (`fits`)."""
+    return fits(out_features, in_features, group_size) and available()
 
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:

@@ -166,8 +166,7 @@ def group_layout(type_name: str) -> tuple[int, int]:
 
 def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
     """Whether the CPU block-dot kernel holds `rows` of GGUF type `type_name`."""
-    return cpu_block_dot.fits(rows, columns, group_layout(type_name)[1]) \
-        and cpu_block_dot.available()
+    return cpu_block_dot.holds(rows, columns, group_layout(type_name)[1])
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
@@ -288,9 +287,8 @@ class GGUFConfig(QuantizationConfig):
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
         # the kernel on this machine, whole tiles of rows and whole blocks of columns
-        if embedding.weight.device.type != "cpu" or not cpu_block_dot.fits(
-                embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK) \
-                or not cpu_block_dot.available():
+        if embedding.weight.device.type != "cpu" or not cpu_block_dot.holds(
+                embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK):
             return
         # a placeholder the checkpoint's table loads through (the kernel holds it)
         placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)

@@ -121,8 +121,7 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str 
 
 def _block_dot_fits(layer: LinearBase, group: int) -> bool:
     """Whether the CPU block-dot kernel runs here and holds the layer's (stacked) pieces."""
-    return cpu_block_dot.fits(sum(piece_sizes(layer)), layer.local_in, group) \
-        and cpu_block_dot.available()
+    return cpu_block_dot.holds(sum(piece_sizes(layer)), layer.local_in, group)
 
 
 class IntCheckpointMethod(LinearMethod):
