@@ -2,7 +2,7 @@
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: on CUDA every block type as codes with a scale and a min
 per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
-others); on CPU every type as codes for pagoda's AVX-512 VNNI kernel (cpu_block_dot) where
+others); on CPU every type as codes for pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where
 it runs, else the 4-bit types packed for torch's int4 matmul (the others are decoded at
 load); elsewhere blocks decoded per call; float tensors dense.
 

@@ -3,7 +3,7 @@ points), GPTQ (4 or 8 bits, symmetric or not, `desc_act` with `g_idx`), compress
 `pack-quantized` (4 or 8 bits) and `int-quantized` (int8 weights of the W8A8 schemes, run
 weight-only). Each layer's pieces are unpacked to
 codes, a scale and a min per group of inputs, then held for the Triton kernel on CUDA
-(group_gemm); on CPU for pagoda's AVX-512 VNNI kernel (cpu_block_dot) where it runs and
+(group_gemm); on CPU for pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where it runs and
 holds the shape, else 4-bit codes packed for torch's int4 matmul and 8-bit ones decoded at
 load to the model's dtype (torch has no CPU kernel for bytes with a scale per group, and
 decoding them at every call cost 7-23x the float32 matmul of a 4096 x 4096 layer at 16 and
