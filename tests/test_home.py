@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pagoda.cli.create import default_models_file
 from pagoda.home import home_dir
-from pagoda.layers.quantization.cpu_block_dot import kernels_dir
+from pagoda.layers.cpu_kernels import kernels_dir
 from pagoda.models.store import models_dir
 
 

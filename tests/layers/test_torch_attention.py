@@ -1,12 +1,27 @@
-"""The pure-torch paged backend equals dense causal attention on random paged layouts."""
+"""The pure-torch paged backend equals dense causal attention on random paged layouts, its
+decodes on CPU through pagoda's decode-attention kernel and through torch's SDPA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+
+
+@pytest.fixture(autouse=True, params=["kernel", "sdpa"])
+def decode_path(request, monkeypatch):
+    """Each CPU path of decodes: the kernel (skipped where it does not build) and the gather
+    into a padded copy with one SDPA call (PAGODA_CPU_DECODE_ATTENTION=0)."""
+    if request.param == "sdpa":
+        monkeypatch.setenv(cpu_decode_attention.VARIABLE, "0")
+    cpu_decode_attention._library.cache_clear()
+    if request.param == "kernel" and cpu_decode_attention._library() is None:
+        pytest.skip("the CPU decode-attention kernel does not build here")
+    yield request.param
+    cpu_decode_attention._library.cache_clear()
 
 
 def hf_visible(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.attention.backend import UNIT_SCALES, AttentionBackend, KVScales
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 
@@ -29,9 +30,26 @@ class PrefillSeq:
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """All single-token sequences of the step, attended in one padded SDPA call."""
+    """All single-token sequences of the step: row r's query token sits at token_index[r] of
+    the flat batch and sees its sequence's positions [firsts[r], seq_lens[r])."""
 
-    token_index: torch.Tensor  # [n] positions of their query tokens in the flat batch
+    token_index: torch.Tensor  # [n]
+    block_tables: torch.Tensor  # [n, max_blocks] int32
+    seq_lens: torch.Tensor  # [n] int32
+    firsts: torch.Tensor  # [n] int32
+    visible: list[int]  # each row's count of visible positions
+    block_size: int
+    padded: PaddedSlots | None = None  # built at the first torch (not kernel) call
+
+    def padded_slots(self) -> PaddedSlots:
+        """The rows' slots padded to the longest row, for one SDPA call (built once)."""
+        if self.padded is None:
+            self.padded = _padded_slots(self)
+        return self.padded
+
+
+@dataclass(slots=True)
+class PaddedSlots:
     slots: torch.Tensor  # [n, max_len] int64, padding points at the null block
     mask: torch.Tensor  # [n, 1, 1, max_len] bool
 
@@ -104,23 +122,27 @@ def _prefill_seq(common: CommonAttentionMetadata, i: int, window: int | None) ->
 
 def _decode_group(common: CommonAttentionMetadata, rows: list[int],
                   window: int | None) -> DecodeGroup:
-    """Row r reads its last min(seq_len, window) positions, padded to the longest row."""
-    device, bs = common.block_tables.device, common.block_size
+    """Row r reads its last min(seq_len, window) positions."""
+    device = common.block_tables.device
     seq_lens = [common.seq_lens_cpu[i] for i in rows]
     firsts = [_first_visible(n - 1, window) for n in seq_lens]
-    max_len = max(n - f for n, f in zip(seq_lens, firsts))
-    offs = torch.arange(max_len, device=device)
-    lens = torch.tensor(seq_lens, device=device)
-    if window is None:
-        pos = offs.unsqueeze(0).expand(len(rows), -1)
-    else:
-        pos = torch.tensor(firsts, device=device).unsqueeze(1) + offs
-    valid = pos < lens.unsqueeze(1)
-    tables = common.block_tables[rows].long()
+    index = torch.tensor([common.query_start_loc_cpu[i] for i in rows], device=device)
+    return DecodeGroup(index, common.block_tables[rows],
+                       torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                       torch.tensor(firsts, dtype=torch.int32, device=device),
+                       [n - f for n, f in zip(seq_lens, firsts)], common.block_size)
+
+
+def _padded_slots(group: DecodeGroup) -> PaddedSlots:
+    """Each row's slots from its first visible position, padded to the longest row."""
+    device, bs = group.block_tables.device, group.block_size
+    offs = torch.arange(max(group.visible), device=device)
+    pos = group.firsts.long().unsqueeze(1) + offs
+    valid = pos < group.seq_lens.unsqueeze(1)
+    tables = group.block_tables.long()
     block = torch.gather(tables, 1, (pos // bs).clamp(max=tables.shape[1] - 1))
     slots = torch.where(valid, block * bs + pos % bs, torch.zeros_like(block))
-    index = torch.tensor([common.query_start_loc_cpu[i] for i in rows], device=device)
-    return DecodeGroup(index, slots, valid[:, None, None, :])
+    return PaddedSlots(slots, valid[:, None, None, :])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -152,11 +174,19 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 group: DecodeGroup, scale: float, out: torch.Tensor) -> None:
-        keys = _gather(key_cache, group.slots).transpose(1, 2)  # [n, kv_heads, len, dim]
-        values = _gather(value_cache, group.slots).transpose(1, 2)
-        queries = q[group.token_index].unsqueeze(2)  # [n, heads, 1, dim]
-        res = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype),
-                                             attn_mask=group.mask, scale=scale, enable_gqa=True)
+        queries = q[group.token_index]  # [n, heads, dim]
+        if cpu_decode_attention.runs(queries, key_cache, value_cache):
+            res = cpu_decode_attention.decode_attention(
+                queries, key_cache, value_cache, group.block_tables, group.seq_lens,
+                group.firsts, group.block_size, scale)
+            out[group.token_index] = res.to(out.dtype)
+            return
+        padded = group.padded_slots()
+        keys = _gather(key_cache, padded.slots).transpose(1, 2)  # [n, kv_heads, len, dim]
+        values = _gather(value_cache, padded.slots).transpose(1, 2)
+        res = F.scaled_dot_product_attention(
+            queries.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=padded.mask,
+            scale=scale, enable_gqa=True)
         out[group.token_index] = res.squeeze(2)
 
     @staticmethod

@@ -8,34 +8,27 @@ passes) to 3x (one) float32's matmul and torch's int4 kernel on a 2-core AVX-512
 (bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, Q5_*, Q6_K, GPTQ-Int8) as
 bytes where float weights would be decoded at load.
 
-The kernel is compiled with the machine's C++ compiler (`$CXX`, else g++) at first use into
-pagoda's home (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source and
-flags: an AVX-512 VNNI build, else an AVX2 one (`PAGODA_CPU_BLOCK_DOT=avx2` picks it).
-Without a compiler, on a CPU with neither, or with `PAGODA_CPU_BLOCK_DOT=0`, `available()`
-is False and the layers use torch's int4 kernel (4-bit codes) or decode the weights at load
-(8-bit codes)."""
+The kernel is compiled at first use (`pagoda.layers.cpu_kernels`): an AVX-512 VNNI build,
+else an AVX2 one (`PAGODA_CPU_BLOCK_DOT=avx2` picks it). Without a compiler, on a CPU with
+neither, or with `PAGODA_CPU_BLOCK_DOT=0`, `available()` is False and the layers use torch's
+int4 kernel (4-bit codes) or decode the weights at load (8-bit codes)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pagoda.home import home_dir
+from pagoda.layers.cpu_kernels import KernelUnavailable, load_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_block_dot.cpp")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 # the builds, best first: each runs where its pagoda_block_dot_supported() says so
 BUILDS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
           "avx2": ("-mavx2", "-mfma")}
@@ -43,49 +36,6 @@ BLOCK = 32  # inputs per activation block
 LANES = 16  # outputs per weight tile
 BITS = (4, 8)
 PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
-
-
-def kernels_dir() -> Path:
-    """Where compiled CPU kernels are kept: $PAGODA_HOME/kernels, else
-    ~/.cache/pagoda/kernels."""
-    return home_dir() / "kernels"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
-def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
-    """The library's file for this source, these flags and this compiler."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode())
-    return kernels_dir() / f"cpu_block_dot-{digest.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, flags: tuple[str, ...], path: Path) -> None:
-    """Compile the kernel into `path` (written whole, then renamed: concurrent builds are
-    safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], check=True,
-                       capture_output=True, text=True, timeout=300)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-
-
-def _load(compiler: str, build: str) -> ctypes.CDLL | None:
-    """One build of the kernel (compiled now if missing), where this CPU runs it."""
-    flags = FLAGS + BUILDS[build]
-    path = _library_path(compiler, flags)
-    if not path.exists():
-        _build(compiler, flags, path)
-    library = ctypes.CDLL(str(path))
-    return library if library.pagoda_block_dot_supported() else None
 
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -104,24 +54,15 @@ def _library() -> ctypes.CDLL | None:
     choice = os.environ.get("PAGODA_CPU_BLOCK_DOT", "auto")
     if choice == "0":
         return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("no C++ compiler (g++ or $CXX): quantized CPU layers use torch's kernels")
+    try:
+        library, build = load_kernel(SOURCE, BUILDS, "pagoda_block_dot_supported",
+                                     choice if choice in BUILDS else None)
+    except KernelUnavailable as why:
+        logger.info("no CPU block-dot kernel (%s): quantized CPU layers use torch's kernels",
+                    why)
         return None
-    for build in [choice] if choice in BUILDS else BUILDS:
-        try:
-            library = _load(compiler, build)
-        except (OSError, subprocess.SubprocessError) as error:
-            detail = getattr(error, "stderr", None) or error
-            logger.warning("the CPU block-dot kernel did not build (%s): quantized CPU "
-                           "layers use torch's kernels", str(detail).strip()[:500])
-            return None
-        if library is not None:
-            logger.info("CPU block-dot kernel: the %s build", build)
-            return _bind(library)
-    logger.info("this CPU runs no build of the block-dot kernel (%s): quantized CPU layers "
-                "use torch's kernels", ", ".join(BUILDS))
-    return None
+    logger.info("CPU block-dot kernel: the %s build", build)
+    return _bind(library)
 
 
 def available() -> bool:

@@ -1,0 +1,224 @@
+// Decode attention on CPU: one query token per sequence against its cached keys and values,
+// read where they lie in the paged cache (no gather into a padded copy), float32 or bfloat16
+// caches. One task per (sequence, KV head) computes its query heads' attention block by block
+// of the cache with a running softmax (each block: the scores, the running maximum and sum
+// rescaled, the values' weighted sum), all in float32. The loops over a head's dimension are
+// written for the compiler to vectorize: pagoda builds this source with AVX-512 flags, with
+// AVX2 flags and with none (cpu_decode_attention.py), and the CPU picks the build it runs.
+
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float as_float(float value) { return value; }
+
+inline float as_float(uint16_t bfloat16) {
+  uint32_t bits = static_cast<uint32_t>(bfloat16) << 16;
+  float value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// e^x for x <= 0 in plain arithmetic the compiler vectorizes (std::exp is a scalar call):
+// x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to float32), e^r by
+// its Taylor series to r^6 (relative error under 2e-7), times 2^n from the exponent bits.
+// Below -87 (e^x under float32's least normal) it returns about 1e-38.
+inline float exp_nonpositive(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  memcpy(&power, &bits, sizeof(power));
+  return p * power;
+}
+
+struct Cache {
+  const void* keys;
+  const void* values;
+  int64_t slot_stride;  // elements between consecutive slots
+  int64_t head_stride;  // elements between a slot's KV heads
+};
+
+struct Task {
+  const float* q;        // [group, dim]: the query heads that share this KV head
+  const int32_t* table;  // the sequence's blocks
+  int64_t first, end;    // the visible positions [first, end)
+  int64_t kv_head;
+  float* out;            // [group, dim]
+};
+
+// A head's dimension: DIM when it is one of the sizes compiled for (the loops then unroll
+// and a head's running sum stays in registers), else `dim`.
+template <int DIM>
+struct Width {
+  int64_t dim;
+  constexpr int64_t operator()() const { return DIM > 0 ? DIM : dim; }
+};
+
+// q's dot products with `count` rows of keys (rows `stride` apart), four rows at a time (four
+// independent sums: one sum's chain of multiply-adds would wait on each one's latency)
+template <typename T, int DIM>
+inline void dots(const float* q, const T* keys, int64_t stride, int64_t count, float scale,
+                 float* scores, Width<DIM> width) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const T *k0 = keys + i * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < width(); ++d) {
+      s0 += q[d] * as_float(k0[d]);
+      s1 += q[d] * as_float(k1[d]);
+      s2 += q[d] * as_float(k2[d]);
+      s3 += q[d] * as_float(k3[d]);
+    }
+    scores[i] = scale * s0;
+    scores[i + 1] = scale * s1;
+    scores[i + 2] = scale * s2;
+    scores[i + 3] = scale * s3;
+  }
+  for (; i < count; ++i) {
+    const T* k = keys + i * stride;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < width(); ++d) sum += q[d] * as_float(k[d]);
+    scores[i] = scale * sum;
+  }
+}
+
+// acc += sum over i of weights[i] * row i of `values` (rows `stride` apart)
+template <typename T, int DIM>
+inline void add_weighted_rows(float* acc, const float* weights, const T* values,
+                              int64_t stride, int64_t count, Width<DIM> width) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T* v = values + i * stride;
+#pragma omp simd
+    for (int64_t d = 0; d < width(); ++d) acc[d] += weights[i] * as_float(v[d]);
+  }
+}
+
+// One block's scores of one query head: e^(s - the running maximum), with the running
+// maximum, total and weighted sum `acc` moved to the block's maximum first.
+template <int DIM>
+inline void softmax_step(float* scores, int64_t count, float* largest, float* total,
+                         float* acc, Width<DIM> width) {
+  float high = *largest;
+  for (int64_t i = 0; i < count; ++i) high = scores[i] > high ? scores[i] : high;
+  const float shrink = exp_nonpositive(*largest - high);  // ~0 on the first block
+  *largest = high;
+#pragma omp simd
+  for (int64_t d = 0; d < width(); ++d) acc[d] *= shrink;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) {
+    scores[i] = exp_nonpositive(scores[i] - high);
+    sum += scores[i];
+  }
+  *total = *total * shrink + sum;
+}
+
+// One task: for each of `group` query heads, softmax(q k^T scale) v over the visible
+// positions, a block of the cache at a time.
+template <typename T, int DIM>
+void attend(const Cache& cache, const Task& task, int64_t group, Width<DIM> width,
+            int64_t block_size, float scale) {
+  const int64_t dim = width();
+  const T* keys = static_cast<const T*>(cache.keys) + task.kv_head * cache.head_stride;
+  const T* values = static_cast<const T*>(cache.values) + task.kv_head * cache.head_stride;
+  std::vector<float> scores(group * block_size);
+  std::vector<float> largest(group, -std::numeric_limits<float>::infinity());
+  std::vector<float> total(group, 0.0f);
+  std::vector<float> acc(group * dim, 0.0f);
+  for (int64_t start = task.first; start < task.end;) {
+    const int64_t block = start / block_size;
+    const int64_t stop = std::min(task.end, (block + 1) * block_size);
+    const int64_t count = stop - start;
+    const int64_t slot = int64_t(task.table[block]) * block_size + start % block_size;
+    const T* block_keys = keys + slot * cache.slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      dots(task.q + g * dim, block_keys, cache.slot_stride, count, scale,
+           &scores[g * block_size], width);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* a = &acc[g * dim];
+      softmax_step(&scores[g * block_size], count, &largest[g], &total[g], a, width);
+      add_weighted_rows(a, &scores[g * block_size], values + slot * cache.slot_stride,
+                        cache.slot_stride, count, width);
+    }
+    start = stop;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+    for (int64_t d = 0; d < dim; ++d) task.out[g * dim + d] = acc[g * dim + d] * inverse;
+  }
+}
+
+template <typename T>
+void attend_any_width(const Cache& cache, const Task& task, int64_t group, int64_t dim,
+                      int64_t block_size, float scale) {
+  switch (dim) {
+    case 64: return attend<T>(cache, task, group, Width<64>{dim}, block_size, scale);
+    case 128: return attend<T>(cache, task, group, Width<128>{dim}, block_size, scale);
+    case 256: return attend<T>(cache, task, group, Width<256>{dim}, block_size, scale);
+    default: return attend<T>(cache, task, group, Width<0>{dim}, block_size, scale);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int pagoda_decode_attention_supported() {
+#if defined(__AVX512F__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#elif defined(__AVX2__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return 1;
+#endif
+}
+
+// out [n, heads, dim] float32: row r's query q [n, heads, dim] float32 attends to the
+// positions [firsts[r], seq_lens[r]) of its sequence, whose position p lies in slot
+// block_tables[r * table_stride + p / block_size] * block_size + p % block_size of the
+// caches (float32, or bfloat16 with cache_bfloat16; key and value caches share the strides).
+// Query head h reads KV head h / (heads / kv_heads).
+void pagoda_decode_attention(const float* q, const void* key_cache, const void* value_cache,
+                             int cache_bfloat16, int64_t slot_stride, int64_t head_stride,
+                             const int32_t* block_tables, int64_t table_stride,
+                             const int32_t* seq_lens, const int32_t* firsts, int64_t block_size,
+                             int64_t n, int64_t heads, int64_t kv_heads, int64_t dim,
+                             float scale, float* out, int threads) {
+  const Cache cache{key_cache, value_cache, slot_stride, head_stride};
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+  for (int64_t index = 0; index < n * kv_heads; ++index) {
+    const int64_t row = index / kv_heads, kv_head = index % kv_heads;
+    const int64_t offset = (row * heads + kv_head * group) * dim;
+    const Task task{q + offset, block_tables + row * table_stride, firsts[row], seq_lens[row],
+                    kv_head, out + offset};
+    if (cache_bfloat16) {
+      attend_any_width<uint16_t>(cache, task, group, dim, block_size, scale);
+    } else {
+      attend_any_width<float>(cache, task, group, dim, block_size, scale);
+    }
+  }
+}
+
+}  // extern "C"

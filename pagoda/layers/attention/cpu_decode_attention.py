@@ -1,0 +1,85 @@
+"""Decode attention on CPU through pagoda's own kernel (`cpu_decode_attention.cpp`): each
+single-token sequence's query against its keys and values where they lie in the paged cache,
+with a running softmax a block at a time, in float32. The torch path gathers every
+sequence's slots into a padded copy and runs one masked SDPA call over it; the kernel reads
+each cached row once.
+
+Compiled at first use (`pagoda.layers.cpu_kernels`) with AVX-512 flags, else AVX2 ones, else
+none (any CPU the compiler targets). Without a compiler, for caches other than float32 and
+bfloat16, or with `PAGODA_CPU_DECODE_ATTENTION=0`, the torch backend gathers and runs SDPA."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from pagoda.layers.cpu_kernels import KernelUnavailable, load_kernel
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
+# the builds, best first: each runs where its pagoda_decode_attention_supported() says so
+BUILDS = {"avx512": ("-mavx512f", "-mfma"), "avx2": ("-mavx2", "-mfma"), "generic": ()}
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
+VARIABLE = "PAGODA_CPU_DECODE_ATTENTION"
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.pagoda_decode_attention.argtypes = [
+        pointer, pointer, pointer, flag, size, size, pointer, size, pointer, pointer, size,
+        size, size, size, size, ctypes.c_float, pointer, flag]
+    library.pagoda_decode_attention.restype = None
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The best build this CPU runs, or None (with one log line). PAGODA_CPU_DECODE_ATTENTION:
+    0 turns the kernel off, a build's name picks it."""
+    choice = os.environ.get(VARIABLE, "auto")
+    if choice == "0":
+        return None
+    try:
+        library, build = load_kernel(SOURCE, BUILDS, "pagoda_decode_attention_supported",
+                                     choice if choice in BUILDS else None)
+    except KernelUnavailable as why:
+        logger.info("no CPU decode-attention kernel (%s): decode attention gathers the cache "
+                    "and runs torch's SDPA", why)
+        return None
+    logger.info("CPU decode-attention kernel: the %s build", build)
+    return _bind(library)
+
+
+def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: tensors on CPU, float32 or bfloat16 caches of the
+    same strides with contiguous rows, and the kernel built for this machine."""
+    return (query.device.type == "cpu" and key_cache.dtype in CACHE_DTYPES
+            and value_cache.dtype == key_cache.dtype
+            and value_cache.stride() == key_cache.stride() and key_cache.stride(-1) == 1
+            and _library() is not None)
+
+
+def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, firsts: torch.Tensor,
+                     block_size: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T scale) v for each row of q [n, heads, dim] over its sequence's positions
+    [firsts, seq_lens) (int32 [n]); the caches are [slots, kv_heads, dim] (slot = block *
+    block_size + position % block_size, blocks from block_tables int32 [n, blocks]). Returns
+    [n, heads, dim] float32."""
+    n, heads, dim = q.shape
+    kv_heads = key_cache.shape[1]
+    query = q.to(torch.float32).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    out = torch.empty(n, heads, dim)
+    _library().pagoda_decode_attention(
+        query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+        int(key_cache.dtype == torch.bfloat16), key_cache.stride(0), key_cache.stride(1),
+        tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), firsts.data_ptr(),
+        block_size, n, heads, kv_heads, dim, scale, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,88 @@
+"""pagoda's compiled CPU kernels: C++ sources kept beside the modules that call them, compiled
+with the machine's C++ compiler (`$CXX`, else g++) at first use into pagoda's home
+(`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source, flags and compiler,
+and called through ctypes. A source may have several builds (instruction-set flags, best
+first); each exports `<prefix>_supported()`, which says whether this CPU runs it."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pagoda.home import home_dir
+
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+
+
+class KernelUnavailable(Exception):
+    """No build of a kernel runs here; the message says why."""
+
+
+def kernels_dir() -> Path:
+    """Where compiled CPU kernels are kept: $PAGODA_HOME/kernels, else
+    ~/.cache/pagoda/kernels."""
+    return home_dir() / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
+    """The library's file for this source, these flags and this compiler."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    digest = hashlib.sha256("\0".join([source.read_text(), *flags, version]).encode())
+    return kernels_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+
+
+def _build(source: Path, compiler: str, flags: tuple[str, ...], path: Path) -> None:
+    """Compile `source` into `path` (written whole, then renamed: concurrent builds are
+    safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *flags, "-o", partial, str(source)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def _load_build(source: Path, compiler: str, flags: tuple[str, ...],
+                supported: str) -> ctypes.CDLL | None:
+    """One build (compiled now if missing), where this CPU runs it."""
+    path = _library_path(source, compiler, flags)
+    if not path.exists():
+        _build(source, compiler, flags, path)
+    library = ctypes.CDLL(str(path))
+    return library if getattr(library, supported)() else None
+
+
+def load_kernel(source: Path, builds: dict[str, tuple[str, ...]], supported: str,
+                only: str | None = None) -> tuple[ctypes.CDLL, str]:
+    """The first of `builds` (name -> compiler flags; or only the build `only`) that compiles
+    and that this CPU runs (its exported function `supported` says so), and its name.
+    Raises KernelUnavailable when there is none."""
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler (g++ or $CXX)")
+    failures = []
+    for name in [only] if only is not None else builds:
+        try:
+            library = _load_build(source, compiler, FLAGS + builds[name], supported)
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            failures.append(f"the {name} build did not compile: {str(detail).strip()[:300]}")
+            continue
+        if library is not None:
+            return library, name
+        failures.append(f"this CPU does not run the {name} build")
+    raise KernelUnavailable("; ".join(failures))
