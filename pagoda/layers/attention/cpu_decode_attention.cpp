@@ -1,10 +1,11 @@
 // Decode attention on CPU: one query token per sequence against its cached keys and values,
 // read where they lie in the paged cache (no gather into a padded copy), float32 or bfloat16
-// caches. One task per (sequence, KV head) computes its query heads' attention block by block
-// of the cache with a running softmax (each block: the scores, the running maximum and sum
-// rescaled, the values' weighted sum), all in float32. The loops over a head's dimension are
-// written for the compiler to vectorize: pagoda builds this source with AVX-512 flags, with
-// AVX2 flags and with none (cpu_decode_attention.py), and the CPU picks the build it runs.
+// caches. One task per sequence (or per part of its KV heads, where sequences are few)
+// computes its heads' attention block by block of the cache with a running softmax (each
+// block: the scores, the running maximum and sum rescaled, the values' weighted sum), all in
+// float32. The loops over a head's dimension are written for the compiler to vectorize:
+// pagoda builds this source with AVX-512 flags, with AVX2 flags and with none
+// (cpu_decode_attention.py), and the CPU picks the build it runs.
 
 #include <stdint.h>
 #include <string.h>
@@ -55,11 +56,11 @@ struct Cache {
 };
 
 struct Task {
-  const float* q;        // [group, dim]: the query heads that share this KV head
+  const float* q;        // [heads, dim]: the query heads of KV heads [kv_first, kv_end)
   const int32_t* table;  // the sequence's blocks
   int64_t first, end;    // the visible positions [first, end)
-  int64_t kv_head;
-  float* out;            // [group, dim]
+  int64_t kv_first, kv_end;
+  float* out;            // [heads, dim]
 };
 
 // A head's dimension: DIM when it is one of the sizes compiled for (the loops then unroll
@@ -100,10 +101,12 @@ inline void dots(const float* q, const T* keys, int64_t stride, int64_t count, f
   }
 }
 
-// acc += sum over i of weights[i] * row i of `values` (rows `stride` apart)
+// acc += sum over i of weights[i] * row i of `values` (rows `stride` apart); acc shares no
+// memory with them (so the compiler keeps it in registers across the rows)
 template <typename T, int DIM>
-inline void add_weighted_rows(float* acc, const float* weights, const T* values,
-                              int64_t stride, int64_t count, Width<DIM> width) {
+inline void add_weighted_rows(float* __restrict acc, const float* __restrict weights,
+                              const T* __restrict values, int64_t stride, int64_t count,
+                              Width<DIM> width) {
   for (int64_t i = 0; i < count; ++i) {
     const T* v = values + i * stride;
 #pragma omp simd
@@ -131,39 +134,37 @@ inline void softmax_step(float* scores, int64_t count, float* largest, float* to
   *total = *total * shrink + sum;
 }
 
-// One task: for each of `group` query heads, softmax(q k^T scale) v over the visible
-// positions, a block of the cache at a time.
+// One task: for each of its query heads (`group` per KV head), softmax(q k^T scale) v over
+// the visible positions, a block of the cache at a time (a block's rows of every KV head of
+// the task in turn, so that its memory is read while it is near).
 template <typename T, int DIM>
 void attend(const Cache& cache, const Task& task, int64_t group, Width<DIM> width,
             int64_t block_size, float scale) {
-  const int64_t dim = width();
-  const T* keys = static_cast<const T*>(cache.keys) + task.kv_head * cache.head_stride;
-  const T* values = static_cast<const T*>(cache.values) + task.kv_head * cache.head_stride;
-  std::vector<float> scores(group * block_size);
-  std::vector<float> largest(group, -std::numeric_limits<float>::infinity());
-  std::vector<float> total(group, 0.0f);
-  std::vector<float> acc(group * dim, 0.0f);
+  const int64_t dim = width(), heads = (task.kv_end - task.kv_first) * group;
+  const T* keys = static_cast<const T*>(cache.keys) + task.kv_first * cache.head_stride;
+  const T* values = static_cast<const T*>(cache.values) + task.kv_first * cache.head_stride;
+  std::vector<float> scores(heads * block_size);
+  std::vector<float> largest(heads, -std::numeric_limits<float>::infinity());
+  std::vector<float> total(heads, 0.0f);
+  std::vector<float> acc(heads * dim, 0.0f);
   for (int64_t start = task.first; start < task.end;) {
     const int64_t block = start / block_size;
     const int64_t stop = std::min(task.end, (block + 1) * block_size);
     const int64_t count = stop - start;
     const int64_t slot = int64_t(task.table[block]) * block_size + start % block_size;
-    const T* block_keys = keys + slot * cache.slot_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      dots(task.q + g * dim, block_keys, cache.slot_stride, count, scale,
-           &scores[g * block_size], width);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      float* a = &acc[g * dim];
-      softmax_step(&scores[g * block_size], count, &largest[g], &total[g], a, width);
-      add_weighted_rows(a, &scores[g * block_size], values + slot * cache.slot_stride,
-                        cache.slot_stride, count, width);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t at = slot * cache.slot_stride + (h / group) * cache.head_stride;
+      float* s = &scores[h * block_size];
+      float* a = &acc[h * dim];
+      dots(task.q + h * dim, keys + at, cache.slot_stride, count, scale, s, width);
+      softmax_step(s, count, &largest[h], &total[h], a, width);
+      add_weighted_rows(a, s, values + at, cache.slot_stride, count, width);
     }
     start = stop;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
-    for (int64_t d = 0; d < dim; ++d) task.out[g * dim + d] = acc[g * dim + d] * inverse;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inverse = total[h] > 0.0f ? 1.0f / total[h] : 0.0f;
+    for (int64_t d = 0; d < dim; ++d) task.out[h * dim + d] = acc[h * dim + d] * inverse;
   }
 }
 
@@ -207,12 +208,16 @@ void pagoda_decode_attention(const float* q, const void* key_cache, const void* 
                              float scale, float* out, int threads) {
   const Cache cache{key_cache, value_cache, slot_stride, head_stride};
   const int64_t group = heads / kv_heads;
+  // a task per sequence, or per part of its KV heads where sequences are fewer than twice
+  // the threads (the parts never change a result: each head's sums are its own)
+  const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + n - 1) / n));
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t index = 0; index < n * kv_heads; ++index) {
-    const int64_t row = index / kv_heads, kv_head = index % kv_heads;
-    const int64_t offset = (row * heads + kv_head * group) * dim;
+  for (int64_t index = 0; index < n * parts; ++index) {
+    const int64_t row = index / parts, part = index % parts;
+    const int64_t kv_first = part * kv_heads / parts, kv_end = (part + 1) * kv_heads / parts;
+    const int64_t offset = (row * heads + kv_first * group) * dim;
     const Task task{q + offset, block_tables + row * table_stride, firsts[row], seq_lens[row],
-                    kv_head, out + offset};
+                    kv_first, kv_end, out + offset};
     if (cache_bfloat16) {
       attend_any_width<uint16_t>(cache, task, group, dim, block_size, scale);
     } else {
