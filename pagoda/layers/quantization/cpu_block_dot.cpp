@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -28,6 +29,7 @@ constexpr int64_t kBlock = 32;    // inputs per activation block
 constexpr int64_t kLanes = 16;    // outputs per tile
 constexpr int kRows = 8;          // activation rows per sweep over a tile
 constexpr int kSecondShift = 8;   // the first pass's scale is the second's times 2^8
+constexpr size_t kKeptScratch = 1 << 20;  // activation codes a thread keeps between calls
 
 #if defined(__AVX512F__)
 
@@ -355,13 +357,21 @@ int pagoda_block_dot_supported() {
 
 // out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8, groups
 // of group_inputs: 16 or a multiple of 32), x quantized first (in 1 or 2 passes) into the
-// caller's scratch: codes [passes, tokens, cols], a scale per block [tokens, cols / 32] and
-// a sum per half block [tokens, cols / 16].
+// calling thread's scratch (kept for its next call, up to kKeptScratch codes): codes [passes, tokens, cols], a scale per
+// block [tokens, cols / 32] and a sum per half block [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
-                      int8_t* x_codes, float* x_scale, float* x_sum, const uint8_t* weights,
-                      int bits, const float* scale, const float* low, int64_t out_features,
-                      int64_t group_inputs, float* out, int threads) {
+                      const uint8_t* weights, int bits, const float* scale, const float* low,
+                      int64_t out_features, int64_t group_inputs, float* out, int threads) {
+  static thread_local std::vector<int8_t> codes_scratch;
+  static thread_local std::vector<float> scale_scratch, sum_scratch;
   const int64_t blocks = cols / kBlock;
+  codes_scratch.resize(passes * tokens * cols);
+  scale_scratch.resize(tokens * blocks);
+  sum_scratch.resize(2 * tokens * blocks);
+  // plain pointers: inside the parallel regions the names would be each thread's own
+  int8_t* x_codes = codes_scratch.data();
+  float* x_scale = scale_scratch.data();
+  float* x_sum = sum_scratch.data();
 #pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 64)
   for (int64_t r = 0; r < tokens; ++r)
     quantize_row(x + r * cols, cols, passes, tokens * cols, x_codes + r * cols,
@@ -372,6 +382,11 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
   else
     block_dot_passes<8>(passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale, low,
                         out_features, group_inputs, out, threads);
+  if (codes_scratch.size() > kKeptScratch) {  // a prefill's: not held between calls
+    std::vector<int8_t>().swap(codes_scratch);
+    std::vector<float>().swap(scale_scratch);
+    std::vector<float>().swap(sum_scratch);
+  }
 }
 
 }  // extern "C"

@@ -40,9 +40,8 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, pointer, pointer,
-                                         pointer, flag, pointer, pointer, size, size, pointer,
-                                         flag]
+    library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, flag, pointer,
+                                         pointer, size, size, pointer, flag]
     library.pagoda_block_dot.restype = None
     return library
 
@@ -142,18 +141,17 @@ class BlockDotWeight(nn.Module):
         return kernel_name(self.bits, self.activation_passes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        tokens, blocks = flat.shape[0], self.in_features // BLOCK
-        codes = torch.empty(self.activation_passes, tokens, self.in_features, dtype=torch.int8)
-        block_scale = torch.empty(tokens, blocks)
-        half_block_sum = torch.empty(tokens, 2 * blocks)
-        out = torch.empty(tokens, self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.to(torch.float32).contiguous()
+        out = torch.empty(flat.shape[0], self.out_features)
         _library().pagoda_block_dot(
-            flat.data_ptr(), tokens, self.in_features, self.activation_passes,
-            codes.data_ptr(), block_scale.data_ptr(), half_block_sum.data_ptr(),
+            flat.data_ptr(), flat.shape[0], self.in_features, self.activation_passes,
             self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
             self.out_features, self.group_size, out.data_ptr(), torch.get_num_threads())
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Weight rows `index` decoded to float32 [len(index), in] (a table's lookup)."""
