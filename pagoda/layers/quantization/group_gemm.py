@@ -1,7 +1,8 @@
 """Quantized weights on the GPU: every format pagoda keeps quantized there is, per output row,
 codes times a scale plus a min (or no min) per group of consecutive inputs:
 
-- 4-bit codes 0..15 (AWQ, GPTQ, compressed-tensors int4, GGUF Q4_0/Q4_1/Q4_K), packed two
+- 4-bit codes 0..15 (AWQ, GPTQ, compressed-tensors int4, GGUF Q4_0/Q4_1/Q4_K), packed four
+  to an int16 ("planes", where the inputs are a multiple of 128 and the groups of 32) or two
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
   byte each);
@@ -13,10 +14,12 @@ registers tile by tile: the weights are read once, in their quantized bytes); el
 decodes them and runs a dense matmul (the reference the kernel is tested against).
 
 Layout (chosen for the kernel's loads, contiguous along the outputs): codes [in, out]
-(float8 values stay [out, in], the layout torch._scaled_mm takes), or for 4 bits
-[in / 2, out] where, within each chunk of 64 inputs, byte j holds input j in its
-low nibble and input j + 32 in its high one; scales and mins [groups, out] float16 (float32
-scales for float8 values, whose per-row scales may be smaller than float16 holds)."""
+(float8 values stay [out, in], the layout torch._scaled_mm takes); for 4 bits in planes
+int16 [in / 4, out] where, within each step of 128 inputs, row j holds input 32 q + j in
+nibble q (q = 0..3), else [in / 2, out] bytes where, within each chunk of 64 inputs, byte j
+holds input j in its low nibble and input j + 32 in its high one; scales and mins
+[groups, out] float16 (float32 scales for float8 values, whose per-row scales may be smaller
+than float16 holds)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ SCALE_DTYPE = torch.float16
 FEW_TOKENS = 32  # calls of at most this many tokens (decode) go to the few-token kernel;
 # FP8 layers with a scale per row send larger ones to FP8 tensor cores
 SMALL_M = 64  # calls of at most this many tokens split their inputs in the larger kernel
+PLANE_ROWS = 32  # inputs per plane of a 4-bit planes step
+PLANE_STEP = 4 * PLANE_ROWS  # inputs per int16 row of a step
 
 
 def pack_int4_halves(codes: torch.Tensor) -> torch.Tensor:
@@ -49,6 +54,30 @@ def unpack_int4_halves(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(out_features, 2 * half_rows)
 
 
+def pack_int4_planes(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes 0..15 (in a multiple of PLANE_STEP) -> int16 [in / 4, out]: within each
+    step of PLANE_STEP inputs, row j holds input q PLANE_ROWS + j in nibble q."""
+    out_features, in_features = codes.shape
+    c = codes.to(torch.int32).reshape(out_features, in_features // PLANE_STEP, 4, PLANE_ROWS)
+    words = c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words)  # as int16 bits
+    return words.reshape(out_features, in_features // 4).to(torch.int16).t().contiguous()
+
+
+def unpack_int4_planes(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4_planes' inverse: int16 [in / 4, out] -> [out, in] uint8 codes."""
+    rows, out_features = packed.shape
+    words = packed.t().to(torch.int32).reshape(out_features, rows // PLANE_ROWS, 1, PLANE_ROWS)
+    planes = [(words >> (4 * q)) & 15 for q in range(4)]
+    return torch.cat(planes, dim=2).reshape(out_features, 4 * rows).to(torch.uint8)
+
+
+def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
+    """Whether 4-bit codes are held in planes: whole steps of PLANE_STEP inputs, groups a
+    multiple of PLANE_ROWS (a plane never crosses a group)."""
+    return bits == 4 and in_features % PLANE_STEP == 0 and group_size % PLANE_ROWS == 0
+
+
 def supports(in_features: int, group_size: int, bits: int) -> bool:
     """Whether GroupQuantWeight holds this shape: 4-bit groups a multiple of HALF and inputs
     a multiple of CHUNK; 8-bit groups of 16 or a multiple of 32 dividing the inputs."""
@@ -64,9 +93,10 @@ class GroupQuantWeight(nn.Module):
     `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group]."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
-                 group_size: int, bits: int) -> None:
+                 group_size: int, bits: int, planes: bool | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
-        `low` [out, in / group_size] (low None: no min)."""
+        `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
+        (default: where `takes_planes`), else in halves."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -74,7 +104,14 @@ class GroupQuantWeight(nn.Module):
                              "are not a supported layout")
         self.out_features, self.in_features = out_features, in_features
         self.group_size, self.bits = group_size, bits
-        if bits == 4:
+        fits = takes_planes(in_features, group_size, bits)
+        if planes and not fits:
+            raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs "
+                             "do not fit 4-bit planes")
+        self.planes = fits if planes is None else planes
+        if self.planes:
+            stored = pack_int4_planes(codes)
+        elif bits == 4:
             stored = pack_int4_halves(codes)
         elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes
             stored = codes.contiguous()
@@ -89,16 +126,19 @@ class GroupQuantWeight(nn.Module):
     @property
     def has_one_token_kernel(self) -> bool:
         """Whether one-token calls on CUDA take the 4-bit GEMV of `triton_group_gemm` (4-bit
-        codes, outputs a multiple of 4, groups a multiple of CHUNK inputs: a chunk's two
-        halves in one group)."""
-        return self.bits == 4 and self.out_features % 4 == 0 and self.group_size % CHUNK == 0
+        codes in halves, outputs a multiple of 4, groups a multiple of CHUNK inputs: a
+        chunk's two halves in one group)."""
+        return (self.bits == 4 and not self.planes and self.out_features % 4 == 0
+                and self.group_size % CHUNK == 0)
 
     def kernel_name(self) -> str:
         """What multiplies it on CUDA, for the startup log."""
         if self.codes.dtype == FP8:
             return "triton group gemm (fp8 weights)"
         gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
-        return f"triton group gemm ({self.bits}-bit codes, groups of {self.group_size}{gemv})"
+        planes = " in planes" if self.planes else ""
+        return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
+                f"{self.group_size}{gemv})")
 
     def codes_by_input(self) -> torch.Tensor:
         """The codes as a [in (4 bits: in / 2), out] view."""
@@ -106,7 +146,12 @@ class GroupQuantWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights as a dense [out, in] tensor of `dtype`."""
-        codes = unpack_int4_halves(self.codes) if self.bits == 4 else self.codes_by_input().t()
+        if self.planes:
+            codes = unpack_int4_planes(self.codes)
+        elif self.bits == 4:
+            codes = unpack_int4_halves(self.codes)
+        else:
+            codes = self.codes_by_input().t()
         groups = codes.float().reshape(self.out_features, -1, self.group_size)
         weight = groups * self.scale.t().float().unsqueeze(-1)
         if self.low is not None:

@@ -36,6 +36,8 @@ from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
     HALF,
+    PLANE_ROWS,
+    PLANE_STEP,
     SMALL_M,
     GroupQuantWeight,
 )
@@ -186,6 +188,109 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
 
 
 HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
+PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
+
+
+@triton.jit
+def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
+                   stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                   STEP_IN_GROUP: tl.constexpr, PLANE_GROUPS: tl.constexpr,
+                   HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+                   PDL: tl.constexpr):
+    """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
+    W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
+    [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
+    the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
+    1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
+    groups are whole steps (a scale a step); PLANE_GROUPS, its opposite: a scale a plane
+    (each lies in one group)."""
+    wait_for_previous_kernel(PDL)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(2)
+    n_ok, t_ok = n < N, t < M
+    rows = tl.arange(0, PLANE_ROWS_T)
+    dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
+        k = split * K_SPLIT + offset
+        first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
+        packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
+                         mask=n_ok[:, None])
+        if STEP_IN_GROUP:  # one scale (and min) a step
+            scale, low = _group_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
+                                              HAS_LOW, dot_type)
+        for q in tl.static_range(4):
+            if PLANE_GROUPS:  # one a plane (each lies in one group)
+                scale, low = _group_scale_and_low(scale_ptr, low_ptr,
+                                                  (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
+                                                  HAS_LOW, dot_type)
+            weights = _plane(packed, q, DOT, ASM) * scale[:, None]
+            if HAS_LOW:
+                weights += low[:, None]
+            x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
+                        mask=t_ok[None, :], other=0.0).to(dot_type)
+            acc = tl.dot(weights, x, acc, input_precision="ieee")
+    # (outputs past N load undefined codes: their sums are never stored)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+
+
+@triton.jit
+def _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
+                         dtype: tl.constexpr):
+    """Outputs n's scale and min in `group`, as dtype (a zero min without one)."""
+    scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(dtype)
+    if HAS_LOW:
+        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(dtype)
+    else:
+        low = tl.zeros_like(scale)
+    return scale, low
+
+
+@triton.jit
+def _plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
+    """Nibble Q of each int16 as the product's type. The 16-bit types take no conversion
+    instruction: the nibble is OR-ed into the mantissa of 1024 (float16) or 128 (bfloat16),
+    whose power of two is then taken off (exact); on a GPU one LOP3 makes two bfloat16s."""
+    if DOT == 0:
+        plane = ((packed >> (4 * Q)) & 15).to(tl.float32)
+    elif DOT == 1:
+        magic = (((packed >> (4 * Q)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        plane = magic - 1024.0
+    elif ASM:
+        plane = _bfloat16_plane_asm(packed, Q) - 128.0
+    else:
+        magic = (((packed >> (4 * Q)) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        plane = magic - 128.0
+    return plane
+
+
+@triton.jit
+def _bfloat16_plane_asm(packed, Q: tl.constexpr):
+    """bfloat16 128 + nibble Q of each int16, two values per instruction (a shift first for
+    Q > 0: the mask keeps bits 0-3 of each half of the 32-bit register)."""
+    if Q == 0:
+        plane = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif Q == 1:
+        plane = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif Q == 2:
+        plane = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        plane = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return plane
+
+
 
 
 @triton.jit
@@ -439,7 +544,9 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
         flat = flat.contiguous()
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
     out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-    if takes_one_token_int4(flat.shape[0], weight):
+    if weight.planes:
+        _planes(flat, weight, out, multiprocessors)
+    elif takes_one_token_int4(flat.shape[0], weight):
         _one_token_int4(flat, weight, out, multiprocessors)
     elif flat.shape[0] <= FEW_TOKENS:
         _few_tokens(flat, weight, out, multiprocessors)
@@ -472,6 +579,49 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
+        **dependent_launch(flat.device))
+
+
+def planes_config(tokens: int, weight: GroupQuantWeight,
+                  multiprocessors: int) -> dict[str, int]:
+    """The planes kernel's tiles, input splits and warps for a call of `tokens` rows. Up to
+    FEW_TOKENS: 64 outputs by 8, 16 or 32 tokens, about 8 programs per multiprocessor (the
+    fastest of `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens,
+    groups of 32 and 128); more: PLANES_LARGE's tiles, the inputs split only up to SMALL_M
+    tokens."""
+    if tokens <= FEW_TOKENS:
+        block_n, block_t, warps, stages = 64, (8 if tokens <= 8 else 16 if tokens <= 16
+                                               else 32), 4, 3
+        target = 8
+    else:
+        block_n, block_t, warps, stages = PLANES_LARGE
+        target = TARGET_PROGRAMS if tokens <= SMALL_M else 0
+    tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
+    splits = _splits(tiles, weight.in_features, PLANE_STEP, multiprocessors, target)
+    return {"BLOCK_N": block_n, "BLOCK_T": block_t, "splits": splits, "num_warps": warps,
+            "num_stages": stages}
+
+
+# the planes kernel's outputs, tokens, warps and stages a program for calls of more than
+# FEW_TOKENS tokens
+PLANES_LARGE = (128, 64, 4, 3)
+
+
+def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+            multiprocessors: int) -> None:
+    tokens, out_features = out.shape
+    config = planes_config(tokens, weight, multiprocessors)
+    splits = config.pop("splits")
+    grid = (triton.cdiv(out_features, config["BLOCK_N"]),
+            triton.cdiv(tokens, config["BLOCK_T"]), splits)
+    _planes_kernel[grid](
+        flat, weight.codes, weight.scale, weight.low if weight.low is not None else weight.scale,
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
+        PLANE_GROUPS=weight.group_size % PLANE_STEP != 0,
+        HAS_LOW=weight.low is not None, DOT=_dot_type(flat.dtype, False), ASM=flat.is_cuda,
+        **config,
         **dependent_launch(flat.device))
 
 

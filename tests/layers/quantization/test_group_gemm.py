@@ -1,9 +1,10 @@
 """The GPU form of quantized weights (codes with a scale and a min per group) and its Triton
-kernel: the packing round-trips, the torch path is the formula, and the kernel equals the
+kernels: the packings round-trip, the torch path is the formula, and the kernels equal the
 dense product of the decoded weights under Triton's CPU interpreter (TRITON_INTERPRET=1
-must be set before triton is imported, hence a subprocess) for every code width, group size
-and token count class it has a path for; it compiles for sm_90 with no GPU. Real sizes run
-on the GPU in tests/gpu/test_quantized_gpu.py."""
+must be set before triton is imported, hence a subprocess) for every code width, group size,
+4-bit layout (planes, and halves for shapes planes do not fit) and token count class they
+have a path for; they compile for sm_90 with no GPU. Real sizes run on the GPU in
+tests/gpu/test_quantized_gpu.py."""
 
 from __future__ import annotations
 
@@ -21,17 +22,31 @@ from pagoda.layers.quantization.group_gemm import (
     FP8,
     GroupQuantWeight,
     pack_int4_halves,
+    pack_int4_planes,
     supports,
+    takes_planes,
     unpack_int4_halves,
+    unpack_int4_planes,
 )
 from pagoda.layers.tile_counters import nonzero_counters
 from tests.utils import compile_for_cuda
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). Up to 32 tokens
-# run in the few-token kernel (1-12 tokens: split inputs, added in the kernel), more in the
-# larger one (33-64 tokens: split inputs there too)
+# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). 4-bit codes run
+# in planes where they fit (inputs a multiple of 128, groups of 32): up to 32 tokens in
+# tiles of 8-32 tokens with split inputs, more in larger tiles (split up to 64 tokens); each
+# such case runs again in halves (PLANE_CASES' "-halves"). Halves and 8-bit codes: up to 32
+# tokens run in the few-token kernel (1-12 tokens: split inputs, added in the kernel), more
+# in the larger one (33-64 tokens: split inputs there too)
 CASES = {
+    "int4-planes-g256-tokens-40": (40, 200, 256, 256, 4, True, False),
+    "int4-planes-g128-tokens-100": (100, 130, 384, 128, 4, False, False),
+    "int4-planes-g64-tokens-20": (20, 72, 2048, 64, 4, True, False),
+    "int4-planes-g96-one-token": (1, 40, 384, 96, 4, True, False),  # steps cross groups
+    "int4-planes-g192-tokens-3": (3, 40, 384, 192, 4, False, False),
+    # halves only: inputs not a multiple of 128 (one-token GEMV for groups of 64)
+    "int4-halves-g64-one-token": (1, 200, 1088, 64, 4, True, False),
+    "int4-halves-g32-tokens-5": (5, 40, 576, 32, 4, True, False),
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
     # one token of 4-bit codes in groups of a multiple of 64: the one-token kernel (splits of
     # whole groups, of a group's part, a group a row; outputs not a multiple of 4 fall back
@@ -66,7 +81,8 @@ CASES = {
 
 
 def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bool,
-                  float8: bool, generator: torch.Generator) -> GroupQuantWeight:
+                  float8: bool, generator: torch.Generator,
+                  planes: bool | None = None) -> GroupQuantWeight:
     if float8:
         codes = (torch.randn(outputs, inputs, generator=generator) * 100).clamp(-448, 448)
         codes = codes.to(FP8)
@@ -74,7 +90,12 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
         codes = torch.randint(0, 2 ** bits, (outputs, inputs), generator=generator)
     scale = torch.rand(outputs, inputs // group, generator=generator) * 0.01 + 0.001
     low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
-    return GroupQuantWeight(codes, scale, low, group, bits)
+    return GroupQuantWeight(codes, scale, low, group, bits, planes)
+
+
+# the 4-bit cases that run in planes, each run again in halves
+PLANE_CASES = [name for name, (_, _, inputs, group, bits, *_) in CASES.items()
+               if takes_planes(inputs, group, bits)]
 
 
 def kernel_errors() -> dict[str, float]:
@@ -88,6 +109,13 @@ def kernel_errors() -> dict[str, float]:
         expected = F.linear(x, weight.dequantize(torch.float32))
         errors[name] = ((group_gemm(x, weight) - expected).abs()
                         / (1 + expected.abs())).max().item()
+    for name in PLANE_CASES:
+        tokens, outputs, inputs, *layout = CASES[name]
+        weight = random_weight(outputs, inputs, *layout, generator, planes=False)
+        x = torch.randn(tokens, inputs, generator=generator)
+        expected = F.linear(x, weight.dequantize(torch.float32))
+        errors[f"{name}-halves"] = ((group_gemm(x, weight) - expected).abs()
+                                    / (1 + expected.abs())).max().item()
     for name in HALF_CASES:  # float16 activations: the decode without conversions
         tokens, outputs, inputs, *layout = CASES[name]
         weight = random_weight(outputs, inputs, *layout, generator)
@@ -135,8 +163,9 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
 # output). bfloat16 activations cannot run under the interpreter (its bfloat16 arithmetic is
 # wrong): they run on the GPU.
 HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
-              "int4-g64-large", "int4-g32-tiles-split", "int8-g16", "fp8-per-row",
-              "fp8-blocks", "fp8-blocks-many")
+              "int4-g64-large", "int4-g32-tiles-split", "int4-planes-g128-tokens-100",
+              "int4-halves-g32-tokens-5", "int8-g16", "fp8-per-row", "fp8-blocks",
+              "fp8-blocks-many")
 HALF_TOLERANCE = 1e-3
 FLOAT8_CASES = [name for name, case in CASES.items() if case[-1]]
 # float8 weights, a scale per row, each row holding all 256 bytes but the NaNs (as CASES)
@@ -152,6 +181,23 @@ def fp8_rows_error(generator: torch.Generator) -> float:
     x = torch.randn(5, 300, generator=generator) * 3
     _, scale = fp8_rows(x, FP8_MAX)
     return (scale - x.abs().amax(dim=1, keepdim=True) / FP8_MAX).abs().max().item()
+
+
+def test_int4_planes_round_trip_and_fit_whole_steps_of_groups_of_32():
+    codes = torch.randint(0, 16, (40, 384))
+    packed = pack_int4_planes(codes)
+    assert packed.dtype == torch.int16 and packed.shape == (96, 40)
+    assert torch.equal(unpack_int4_planes(packed), codes.to(torch.uint8))
+    # row j of a step holds inputs j, 32 + j, 64 + j and 96 + j in nibbles 0-3
+    assert (int(packed[5, 0]) & 0xFFFF) == sum(int(codes[0, 32 * q + 5]) << (4 * q)
+                                               for q in range(4))
+    assert takes_planes(4096, 128, 4) and takes_planes(14336, 32, 4) and takes_planes(384, 64, 4)
+    assert not takes_planes(576, 32, 4)  # not whole steps of 128 inputs
+    assert not takes_planes(4096, 16, 8) and not takes_planes(4096, 128, 8)
+    weight = GroupQuantWeight(codes, torch.ones(40, 3), None, 128, 4)
+    assert weight.planes and weight.codes.shape == (96, 40)
+    with pytest.raises(ValueError, match="do not fit 4-bit planes"):
+        GroupQuantWeight(codes[:, :320], torch.ones(40, 5), None, 64, 4, planes=True)
 
 
 def test_int4_halves_round_trip():
@@ -170,24 +216,43 @@ def test_supported_layouts():
     assert not supports(4096, 48, 8) and not supports(100, 32, 8)
 
 
-def test_the_startup_log_names_the_one_token_gemv_where_calls_take_it():
+def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     def weight(outputs, inputs, group, bits, float8=False):
         codes = torch.zeros(outputs, inputs, dtype=torch.uint8)
         return GroupQuantWeight(codes.to(FP8) if float8 else codes,
                                 torch.ones(outputs, inputs // group), None, group, bits)
     assert weight(200, 2048, 128, 4).kernel_name() == \
-        "triton group gemm (4-bit codes, groups of 128; one token: a CUDA-core GEMV)"
-    assert weight(96, 1024, 64, 4).has_one_token_kernel
-    # groups of 32 (a chunk's halves in two groups), outputs not a multiple of 4, 8-bit
-    # codes: the few-token kernel only
-    assert weight(96, 1024, 32, 4).kernel_name() == "triton group gemm (4-bit codes, groups of 32)"
-    assert not weight(198, 2048, 128, 4).has_one_token_kernel
+        "triton group gemm (4-bit codes in planes, groups of 128)"
+    assert weight(96, 1024, 32, 4).kernel_name() == \
+        "triton group gemm (4-bit codes in planes, groups of 32)"
+    # halves (inputs not whole steps of 128): one token takes the GEMV where a chunk's two
+    # halves lie in one group and the outputs are a multiple of 4
+    assert weight(200, 1088, 64, 4).kernel_name() == \
+        "triton group gemm (4-bit codes, groups of 64; one token: a CUDA-core GEMV)"
+    assert weight(96, 576, 32, 4).kernel_name() == "triton group gemm (4-bit codes, groups of 32)"
+    assert not weight(198, 1088, 64, 4).has_one_token_kernel
+    assert not weight(200, 2048, 128, 4).has_one_token_kernel  # planes
     assert weight(200, 2048, 16, 8).kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
     assert weight(64, 256, 256, 8, float8=True).kernel_name() == "triton group gemm (fp8 weights)"
     from pagoda.layers.quantization.triton_group_gemm import takes_one_token_int4
-    gemv = weight(200, 2048, 128, 4)
+    gemv = weight(200, 1088, 64, 4)
     assert takes_one_token_int4(1, gemv) and not takes_one_token_int4(2, gemv)
-    assert not takes_one_token_int4(1, weight(96, 1024, 32, 4))
+    assert not takes_one_token_int4(1, weight(96, 576, 32, 4))
+
+
+def test_planes_calls_split_the_inputs_up_to_64_tokens():
+    from pagoda.layers.quantization.triton_group_gemm import PLANES_LARGE, planes_config
+    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 112),
+                            None, 128, 4)
+    down.out_features = 4096  # the 8B's down projection (only the shape is read)
+    one = planes_config(1, down, 132)
+    assert (one["BLOCK_N"], one["BLOCK_T"]) == (64, 8)
+    assert one["splits"] > 1 and 14336 % (one["splits"] * 128) == 0
+    assert planes_config(16, down, 132)["BLOCK_T"] == 16
+    assert planes_config(32, down, 132)["BLOCK_T"] == 32
+    assert planes_config(64, down, 132)["splits"] > 1
+    large = planes_config(4096, down, 132)
+    assert large["splits"] == 1 and (large["BLOCK_N"], large["BLOCK_T"]) == PLANES_LARGE[:2]
 
 
 @pytest.mark.parametrize(("outputs", "inputs", "group"), [
@@ -284,6 +349,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
+                           | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
@@ -326,6 +392,23 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096,
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
+
+
+@pytest.mark.parametrize(("activations", "dot", "asm", "group", "capability"), [
+    ("bf16", 2, True, 128, 90), ("bf16", 2, True, 32, 90), ("fp16", 1, False, 64, 90),
+    ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
+def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
+    from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+    for block_n, block_t, splits, has_low in ((64, 8, 4, True), (128, 64, 1, False)):
+        compile_for_cuda(_planes_kernel, {
+            "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
+            "low_ptr": "*fp16", "out_ptr": f"*{activations}", "partial_ptr": "*fp32",
+            "count_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32"}, {
+            "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
+            "STEP_IN_GROUP": group % 128 == 0, "PLANE_GROUPS": group % 128 != 0,
+            "HAS_LOW": has_low,
+            "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
+            "PDL": capability >= 90}, capability)
 
 
 def _one_token_int4_for_hopper(group: int) -> dict:
