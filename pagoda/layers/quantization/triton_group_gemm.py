@@ -511,9 +511,15 @@ def few_tokens_config(tokens: int, weight: GroupQuantWeight,
         block_n, target, stages = (32, TARGET_PROGRAMS, 4) if tokens <= 16 else (64, 2, 3)
     elif tokens > 16:
         block_n, target, stages = 64, TARGET_PROGRAMS, 4
-    else:  # integer codes, up to 16 tokens: the fastest in `quant_bench.py --sweep` at one
-        # token (8-bit: wide tiles, deep pipeline; both: twice the programs)
-        block_n, target, stages = (64, 8, 3) if weight.bits == 4 else (256, 8, 5)
+    elif weight.bits == 4:  # up to 16 tokens: the fastest in `quant_bench.py --sweep` at
+        # one token (twice the programs)
+        block_n, target, stages = 64, 8, 3
+    elif step > 32:  # 8-bit codes in steps of 64 or 128 (GPTQ-Int8, int8 rows): the tiles
+        # below asked the H200 for 292 KiB of shared memory with float32 activations
+        block_n, target, stages = 128, 8, 3
+    else:  # 8-bit codes in steps of 16 or 32 (GGUF): the fastest of that sweep (wide
+        # tiles, deep pipeline)
+        block_n, target, stages = 256, 8, 5
     tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
     splits = _splits(tiles, weight.in_features, CHUNK if weight.bits == 4 else step,
                      multiprocessors, target)
@@ -604,7 +610,7 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
 
 # the planes kernel's outputs, tokens, warps and stages a program for calls of more than
 # FEW_TOKENS tokens
-PLANES_LARGE = (128, 64, 4, 3)
+PLANES_LARGE = (128, 128, 8, 3)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
