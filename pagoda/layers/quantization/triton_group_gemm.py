@@ -1,12 +1,18 @@
 """The Triton kernels behind GroupQuantWeight: y = x W^T with W held as codes and a scale (and
 a min) per group of inputs, decoded in registers tile by tile (the weights are read once, in
-their quantized bytes) and multiplied. Three kernels:
+their quantized bytes) and multiplied. Four kernels:
 
-- one-token calls of 4-bit codes in groups of a multiple of 64: a GEMV on the CUDA cores
-  (no tensor-core tile padded from one row), the codes read as int32 words, each nibble
-  made a float by a shift and one LOP3 and multiplied into a sum of its own (no sums
-  exchanged between threads until a group's end); on the H200 1.35x the few-token kernel
-  below, alternated in one run;
+- 4-bit codes in planes (every call): each int16 holds four codes of one output, and one
+  LOP3 turns two of them into two bfloat16 operands of the tensor-core product (no
+  conversion instruction); per step of 128 inputs, four [outputs, 32] products. Up to
+  FEW_TOKENS tokens the inputs are split over several programs as in the few-token kernel
+  below; on the H200 1.4x the one-token GEMV at one token (groups of 128), 1.6x the
+  few-token kernel at 1-16 tokens (groups of 32) and 1.5-2.0x the larger kernel at 512 and
+  2048 tokens;
+- one-token calls of 4-bit codes in halves, in groups of a multiple of 64: a GEMV on the
+  CUDA cores (no tensor-core tile padded from one row), the codes read as int32 words, each
+  nibble made a float by a shift and one LOP3 and multiplied into a sum of its own (no sums
+  exchanged between threads until a group's end);
 - calls of at most FEW_TOKENS tokens (decode): each program computes a tile of BLOCK_N
   outputs by the call's (up to 32) tokens, as W x^T, so the weights fill the wide side of
   the tensor-core product and the tokens (padded to 16) the narrow one. The inputs are split
