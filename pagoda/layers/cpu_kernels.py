@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -86,3 +87,22 @@ def load_kernel(source: Path, builds: dict[str, tuple[str, ...]], supported: str
             return library, name
         failures.append(f"this CPU does not run the {name} build")
     raise KernelUnavailable("; ".join(failures))
+
+
+def load_chosen_kernel(variable: str, source: Path, builds: dict[str, tuple[str, ...]],
+                       supported: str, what: str, instead: str,
+                       logger: logging.Logger) -> ctypes.CDLL | None:
+    """The build the environment variable `variable` picks (0: none; a build's name: that
+    build; else the best that runs here), logging on `logger` which build `what` is, or why
+    there is none and what runs `instead`."""
+    choice = os.environ.get(variable, "auto")
+    if choice == "0":
+        return None
+    try:
+        library, build = load_kernel(source, builds, supported,
+                                     choice if choice in builds else None)
+    except KernelUnavailable as why:
+        logger.info("no %s (%s): %s", what, why, instead)
+        return None
+    logger.info("%s: the %s build", what, build)
+    return library

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
 
-from pagoda.layers.cpu_kernels import KernelUnavailable, load_kernel
+from pagoda.layers.cpu_kernels import load_chosen_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -42,18 +41,11 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
 def _library() -> ctypes.CDLL | None:
     """The best build this CPU runs, or None (with one log line). PAGODA_CPU_DECODE_ATTENTION:
     0 turns the kernel off, a build's name picks it."""
-    choice = os.environ.get(VARIABLE, "auto")
-    if choice == "0":
-        return None
-    try:
-        library, build = load_kernel(SOURCE, BUILDS, "pagoda_decode_attention_supported",
-                                     choice if choice in BUILDS else None)
-    except KernelUnavailable as why:
-        logger.info("no CPU decode-attention kernel (%s): decode attention gathers the cache "
-                    "and runs torch's SDPA", why)
-        return None
-    logger.info("CPU decode-attention kernel: the %s build", build)
-    return _bind(library)
+    library = load_chosen_kernel(VARIABLE, SOURCE, BUILDS, "pagoda_decode_attention_supported",
+                                 "CPU decode-attention kernel",
+                                 "decode attention gathers the cache and runs torch's SDPA",
+                                 logger)
+    return None if library is None else _bind(library)
 
 
 def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:

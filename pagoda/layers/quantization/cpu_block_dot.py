@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.layers.cpu_kernels import KernelUnavailable, load_kernel
+from pagoda.layers.cpu_kernels import load_chosen_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -50,18 +50,10 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
 def _library() -> ctypes.CDLL | None:
     """The best build of the kernel this CPU runs, or None (with one log line) where none
     can run here. PAGODA_CPU_BLOCK_DOT: 0 turns it off, a build's name (avx2) picks it."""
-    choice = os.environ.get("PAGODA_CPU_BLOCK_DOT", "auto")
-    if choice == "0":
-        return None
-    try:
-        library, build = load_kernel(SOURCE, BUILDS, "pagoda_block_dot_supported",
-                                     choice if choice in BUILDS else None)
-    except KernelUnavailable as why:
-        logger.info("no CPU block-dot kernel (%s): quantized CPU layers use torch's kernels",
-                    why)
-        return None
-    logger.info("CPU block-dot kernel: the %s build", build)
-    return _bind(library)
+    library = load_chosen_kernel("PAGODA_CPU_BLOCK_DOT", SOURCE, BUILDS,
+                                 "pagoda_block_dot_supported", "CPU block-dot kernel",
+                                 "quantized CPU layers use torch's kernels", logger)
+    return None if library is None else _bind(library)
 
 
 def available() -> bool:
