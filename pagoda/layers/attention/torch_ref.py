@@ -1,5 +1,6 @@
 """Pure-torch paged attention: gather each sequence's pages, then SDPA. The CPU path and
-the oracle the GPU kernels are tested against.
+the oracle the GPU kernels are tested against; on CPU its single-token decodes run on
+pagoda's C++ kernel instead (`cpu_decode_attention`), which reads the cache in place.
 
 Sliding window (transformers' `sliding_window_causal_mask_function`: `kv_idx <= q_idx` and
 `kv_idx > q_idx - window`): the query at absolute position p sees the keys at positions
