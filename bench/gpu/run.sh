@@ -96,7 +96,7 @@ run_stage() {
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
                      ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
-    # the candidate 4-bit layout (bench/kernels/int4_planes.py) against the shipped kernels
+    # 4-bit codes in planes against the same codes in halves (bench/kernels/int4_planes.py)
     int4-planes) python3 bench/kernels/int4_planes.py --output-json "$OUT/int4-planes.json" \
                    ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -120 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:

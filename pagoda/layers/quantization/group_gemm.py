@@ -141,7 +141,8 @@ class GroupQuantWeight(nn.Module):
                 f"{self.group_size}{gemv})")
 
     def codes_by_input(self) -> torch.Tensor:
-        """The codes as a [in (4 bits: in / 2), out] view."""
+        """The codes as a [in, out] view (4 bits: [in / 2, out] in halves, [in / 4, out] in
+        planes)."""
         return self.codes.t() if self.codes.dtype == FP8 else self.codes
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:

@@ -48,9 +48,9 @@ CASES = {
     "int4-halves-g64-one-token": (1, 200, 1088, 64, 4, True, False),
     "int4-halves-g32-tokens-5": (5, 40, 576, 32, 4, True, False),
     "int4-g32-split": (1, 96, 1024, 32, 4, True, False),
-    # one token of 4-bit codes in groups of a multiple of 64: the one-token kernel (splits of
-    # whole groups, of a group's part, a group a row; outputs not a multiple of 4 fall back
-    # to the few-token kernel)
+    # one token of 4-bit codes in groups of a multiple of 64: in planes here, and in halves
+    # (their "-halves" runs) the one-token kernel (splits of whole groups, of a group's part,
+    # a group a row; outputs not a multiple of 4 fall back to the few-token kernel)
     "int4-g128-one-token-split": (1, 200, 2048, 128, 4, False, False),
     "int4-g256-one-token": (1, 132, 768, 256, 4, True, False),
     "int4-g64-one-token-many-words": (1, 1032, 1024, 64, 4, True, False),
