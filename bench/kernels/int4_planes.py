@@ -1,10 +1,13 @@
 """4-bit weights in planes (`triton_group_gemm._planes_kernel`) against the same weights in
 halves (the one-token GEMV, the few-token and the larger kernel) at one decoder layer of
-Llama-3.1-8B, per token count and group size, in one process; `--sweep-large` also times
-the planes kernel's candidate tiles for calls of more than 32 tokens (PLANES_LARGE).
+Llama-3.1-8B, per token count and group size, in one process. Planes run twice: with
+integer zero points (AWQ, GPTQ: the codes minus them in the product) and with mins that are
+not (GGUF Q4_1, Q4_K: a multiplication and an addition a weight). `--sweep-large` also
+times the planes kernel's candidate tiles for calls of more than 32 tokens (PLANES_LARGE),
+`--sweep-few` those for at most 32 (PLANES_FEW), both mins.
 
     PYTHONPATH=. python bench/kernels/int4_planes.py [--tokens 1 4 16 64 512 2048]
-        [--groups 128 32] [--sweep-large] [--output-json P]
+        [--groups 128 32] [--sweep-large] [--sweep-few] [--output-json P]
 
 Each timing checks the call's products against the halves kernels' first.
 """
@@ -26,34 +29,52 @@ LAYERS = 3  # copies of the layer per timed call: 340 MB, several times the H200
 # PLANES_LARGE candidates: outputs, tokens, warps, stages a program
 LARGE_TILES = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 4),
                (256, 64, 8, 3)]
+# PLANES_FEW candidates: outputs, warps, stages a program, programs a multiprocessor
+FEW_TILES = [(64, 4, 3, 8), (64, 4, 4, 4), (64, 2, 3, 8), (128, 4, 3, 4), (128, 4, 3, 8),
+             (128, 4, 4, 4), (128, 8, 3, 4), (128, 8, 4, 4), (256, 4, 3, 2), (256, 4, 3, 4),
+             (256, 8, 3, 4), (256, 8, 4, 2)]
 
 
-def layer(group: int, planes: bool) -> dict[str, GroupQuantWeight]:
-    """One random 8B layer (the same codes for either layout: seeded by group)."""
+def layer(group: int, planes: bool, zero_points: bool = True) -> dict[str, GroupQuantWeight]:
+    """One random 8B layer (the same codes and scales for either layout: seeded by group);
+    zero_points: mins of -8 scales (held as zero points in planes), else mins that are no
+    multiple of the scale."""
     gen = torch.Generator(device="cuda").manual_seed(group)
     weights = {}
     for name, (outputs, inputs) in PROJECTIONS.items():
         codes = torch.randint(0, 16, (outputs, inputs), device="cuda", dtype=torch.uint8,
                               generator=gen)
         scale = torch.rand(outputs, inputs // group, device="cuda", generator=gen) * 2e-3 + 1e-3
-        weights[name] = GroupQuantWeight(codes, scale, -8 * scale, group, 4, planes=planes)
+        scale = scale.half().float()
+        low = -8 * scale if zero_points else -8.25 * scale
+        weights[name] = GroupQuantWeight(codes, scale, low, group, 4, planes=planes)
+        assert planes is False or (weights[name].zeros is not None) == zero_points
     return weights
 
 
-def time_calls(tokens: int, group: int, sweep_large: bool) -> list[dict]:
+def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool) -> list[dict]:
     from triton.testing import do_bench_cudagraph
     halves = [layer(group, False) for _ in range(LAYERS)]
     planes = [layer(group, True) for _ in range(LAYERS)]
+    planes_mins = [layer(group, True, zero_points=False) for _ in range(LAYERS)]
     nbytes = sum(w.codes.numel() * w.codes.element_size() + 4 * w.scale.numel()
                  for w in halves[0].values())
     xs = {name: torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16)
           for name, (_, inputs) in PROJECTIONS.items()}
     expected = {n: triton_group_gemm.group_gemm(x, halves[0][n]).float() for n, x in xs.items()}
+    expected_mins = {n: torch.nn.functional.linear(x.float(), planes_mins[0][n].dequantize(
+        torch.float32)) for n, x in xs.items()}
     rows = []
 
     def record(kernel: str, layers: list, **settings) -> None:
-        got = {n: triton_group_gemm.group_gemm(x, layers[0][n]).float() for n, x in xs.items()}
-        error = max(((got[n] - expected[n]).abs().max() / expected[n].abs().max()).item()
+        reference = expected_mins if layers is planes_mins else expected
+        try:
+            got = {n: triton_group_gemm.group_gemm(x, layers[0][n]).float()
+                   for n, x in xs.items()}
+        except Exception as failure:  # e.g. a tile past the shared memory or registers
+            print(f"  {kernel} {settings or ''}: {type(failure).__name__}")
+            return
+        error = max(((got[n] - reference[n]).abs().max() / reference[n].abs().max()).item()
                     for n in xs)
         if error > 2e-2:
             print(f"  {kernel} {settings or ''}: wrong (relative error {error:.1e})")
@@ -68,6 +89,16 @@ def time_calls(tokens: int, group: int, sweep_large: bool) -> list[dict]:
     print(f"{tokens} tokens, groups of {group}:")
     record("halves", halves)
     record("planes", planes)
+    record("planes-mins", planes_mins)
+    if sweep_few and tokens <= triton_group_gemm.FEW_TOKENS:
+        shipped = triton_group_gemm.PLANES_FEW
+        try:
+            for tile in FEW_TILES:
+                triton_group_gemm.PLANES_FEW = tile
+                record("planes", planes, tile=tile)
+                record("planes-mins", planes_mins, tile=tile)
+        finally:
+            triton_group_gemm.PLANES_FEW = shipped
     if sweep_large and tokens > triton_group_gemm.FEW_TOKENS:
         shipped = triton_group_gemm.PLANES_LARGE
         try:
@@ -84,11 +115,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512, 2048])
     parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--sweep-large", action="store_true")
+    parser.add_argument("--sweep-few", action="store_true")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     os.environ["PAGODA_PDL"] = "0"
     rows = [row for group in args.groups for tokens in args.tokens
-            for row in time_calls(tokens, group, args.sweep_large)]
+            for row in time_calls(tokens, group, args.sweep_large, args.sweep_few)]
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -93,24 +93,27 @@ def layers_call(layout: str | None):
     return call, len(layers), nbytes
 
 
-# the few-token kernel's launch settings a sweep tries
-SWEEP = {"BLOCK_N": (64, 128, 256), "num_warps": (4, 8), "num_stages": (3, 5),
-         "programs_per_sm": (4, 8)}
+# the few-token kernel's launch settings a sweep tries (--grid replaces them); a BLOCK_T of
+# None keeps the shipped token tile
+SWEEP = {"BLOCK_T": (None,), "BLOCK_N": (64, 128, 256), "num_warps": (4, 8),
+         "num_stages": (3, 5), "programs_per_sm": (4, 8)}
 
 
-def sweep_config(block_n: int, num_warps: int, num_stages: int, programs_per_sm: int):
-    """A replacement for few_tokens_config with these settings (steps and token tiles as
-    shipped; the input splits recomputed for the tile width and programs per SM)."""
+def sweep_config(block_t: int | None, block_n: int, num_warps: int, num_stages: int,
+                 programs_per_sm: int):
+    """A replacement for few_tokens_config with these settings (steps as shipped; the input
+    splits recomputed for the tiles and programs per SM)."""
     from pagoda.layers.quantization import triton_group_gemm as kernels
     shipped = kernels.few_tokens_config
 
     def config(tokens, weight, multiprocessors):
         chosen = shipped(tokens, weight, multiprocessors)
-        tiles = -(-tokens // chosen["BLOCK_T"]) * -(-weight.out_features // block_n)
+        tile_t = block_t or chosen["BLOCK_T"]
+        tiles = -(-tokens // tile_t) * -(-weight.out_features // block_n)
         unit = CHUNK if weight.bits == 4 else chosen["STEP"]
         splits = kernels._splits(tiles, weight.in_features, unit, multiprocessors,
                                  programs_per_sm)
-        return {**chosen, "BLOCK_N": block_n, "num_warps": num_warps,
+        return {**chosen, "BLOCK_T": tile_t, "BLOCK_N": block_n, "num_warps": num_warps,
                 "num_stages": num_stages, "splits": splits}
     return config
 
@@ -174,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-one-token", nargs="+", default=None,
                         choices=[name for name in LAYOUTS if LAYOUTS[name][1] == 4],
                         help="sweep the one-token 4-bit kernel's settings for these layouts")
+    parser.add_argument("--grid", type=json.loads, default=None,
+                        help="--sweep's settings as JSON, e.g. '{\"BLOCK_T\": [8], ...}' "
+                             "(every key of SWEEP)")
     parser.add_argument("--pdl", action="store_true",
                         help="launch with programmatic dependent launch, as the engine does")
     args = parser.parse_args(argv)
@@ -184,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
               "pdl": args.pdl, "rows": []}
     if args.sweep or args.sweep_one_token:
         result["rows"] = (
-            sweep(args.sweep, args.tokens[0], ceil.bandwidth, SWEEP, "few_tokens_config",
+            sweep(args.sweep, args.tokens[0], ceil.bandwidth, args.grid or SWEEP,
+                  "few_tokens_config",
                   sweep_config) if args.sweep
             else sweep(args.sweep_one_token, 1, ceil.bandwidth, ONE_TOKEN_SWEEP,
                        "one_token_int4_config", one_token_config))

@@ -211,7 +211,8 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  on_cpu: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
     (integer codes' scales twice: a 16-bit scale and min each, 32-bit in the CPU block-dot
-    kernel, counted for every layer where it runs; zero points and act orders folded in); on
+    kernel, counted for every layer where it runs; zero points and act orders folded in; a
+    slight overcount where CUDA's 4-bit planes hold integer zero points, a byte each); on
     CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
     weights decoded at load to `itemsize` (their scales folded in)."""
     from pagoda.layers.quantization import cpu_block_dot

@@ -78,6 +78,21 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
     return bits == 4 and in_features % PLANE_STEP == 0 and group_size % PLANE_ROWS == 0
 
 
+# the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
+MAX_ZERO_POINT = 128
+
+
+def integer_zero_points(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
+    """The zero points z (0..MAX_ZERO_POINT) with low == -z * scale, both as stored
+    (SCALE_DTYPE), in every group; None if any min is not one."""
+    scale, low = scale.to(SCALE_DTYPE).float(), low.to(SCALE_DTYPE).float()
+    zeros = torch.where(scale != 0, -low / scale.where(scale != 0, 1.0), 0.0).round()
+    if not ((zeros >= 0) & (zeros <= MAX_ZERO_POINT)).all():
+        return None
+    rebuilt = (-zeros * scale).to(SCALE_DTYPE).float()
+    return zeros if torch.equal(rebuilt, low) else None
+
+
 def supports(in_features: int, group_size: int, bits: int) -> bool:
     """Whether GroupQuantWeight holds this shape: 4-bit groups a multiple of HALF and inputs
     a multiple of CHUNK; 8-bit groups of 16 or a multiple of 32 dividing the inputs."""
@@ -90,7 +105,11 @@ def supports(in_features: int, group_size: int, bits: int) -> bool:
 
 class GroupQuantWeight(nn.Module):
     """One linear layer's weights as codes with a scale (and a min) per group of inputs;
-    `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group]."""
+    `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group].
+    In planes, mins that are integer zero points (low = -zero * scale: AWQ, GPTQ,
+    compressed-tensors, GGUF Q4_0) are held as `zeros` instead (`low` None): W[o, i] =
+    (code[o, i] - zero[o, i // group]) * scale[o, i // group], the codes minus the zero
+    exact in the kernel's product and the scale applied to its sums."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None) -> None:
@@ -120,6 +139,11 @@ class GroupQuantWeight(nn.Module):
         self.codes = nn.Parameter(stored, requires_grad=False)
         scale_dtype = torch.float32 if codes.dtype == FP8 else SCALE_DTYPE
         self.scale = nn.Parameter(scale.t().to(scale_dtype).contiguous(), requires_grad=False)
+        zeros = integer_zero_points(scale, low) if self.planes and low is not None else None
+        if zeros is not None:
+            low = None
+        self.zeros = None if zeros is None else nn.Parameter(
+            zeros.t().to(torch.uint8).contiguous(), requires_grad=False)
         self.low = None if low is None else nn.Parameter(
             low.t().to(SCALE_DTYPE).contiguous(), requires_grad=False)
 
@@ -137,6 +161,8 @@ class GroupQuantWeight(nn.Module):
             return "triton group gemm (fp8 weights)"
         gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = " in planes" if self.planes else ""
+        if self.zeros is not None:
+            planes += " with zero points"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
                 f"{self.group_size}{gemv})")
 
@@ -154,6 +180,8 @@ class GroupQuantWeight(nn.Module):
         else:
             codes = self.codes_by_input().t()
         groups = codes.float().reshape(self.out_features, -1, self.group_size)
+        if self.zeros is not None:
+            groups = groups - self.zeros.t().float().unsqueeze(-1)
         weight = groups * self.scale.t().float().unsqueeze(-1)
         if self.low is not None:
             weight = weight + self.low.t().float().unsqueeze(-1)

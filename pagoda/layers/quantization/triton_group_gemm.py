@@ -201,7 +201,7 @@ PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kerne
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
                    stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    STEP_IN_GROUP: tl.constexpr, PLANE_GROUPS: tl.constexpr,
-                   HAS_LOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
@@ -210,7 +210,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
     groups are whole steps (a scale a step); PLANE_GROUPS, its opposite: a scale a plane
-    (each lies in one group)."""
+    (each lies in one group). ZERO_POINTS: low_ptr holds integer zero points (uint8), and
+    the product takes the codes minus them (exact) and scales its sums, a step's or a
+    plane's, in float32: no multiplication a weight."""
     wait_for_previous_kernel(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -224,24 +226,50 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
         first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
         packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
                          mask=n_ok[:, None])
-        if STEP_IN_GROUP:  # one scale (and min) a step
-            scale, low = _group_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                              HAS_LOW, dot_type)
+        if STEP_IN_GROUP:  # one scale (and min or zero point) a step
+            scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
+                                              HAS_LOW, ZERO_POINTS, DOT)
+            sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for q in tl.static_range(4):
             if PLANE_GROUPS:  # one a plane (each lies in one group)
-                scale, low = _group_scale_and_low(scale_ptr, low_ptr,
+                scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
-                                                  HAS_LOW, dot_type)
-            weights = _plane(packed, q, DOT, ASM) * scale[:, None]
-            if HAS_LOW:
-                weights += low[:, None]
+                                                  HAS_LOW, ZERO_POINTS, DOT)
             x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
                         mask=t_ok[None, :], other=0.0).to(dot_type)
-            acc = tl.dot(weights, x, acc, input_precision="ieee")
+            if not ZERO_POINTS:
+                weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
+                if HAS_LOW:
+                    weights += low[:, None]
+                acc = tl.dot(weights, x, acc, input_precision="ieee")
+            elif PLANE_GROUPS:
+                codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
+                acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
+            else:
+                codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
+                sums = tl.dot(codes, x, sums, input_precision="ieee")
+        if ZERO_POINTS and STEP_IN_GROUP:
+            acc += sums * scale[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
                       partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+
+
+@triton.jit
+def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
+                         ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
+    """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
+    scale in float32 and, for the min, the zero point plus the planes' bias (exact)."""
+    dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
+    if ZERO_POINTS:
+        scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(low_ptr + group * N + n, mask=n_ok, other=0)
+        low = _biased(zero.to(tl.float32), DOT).to(dot_type)
+    else:
+        scale, low = _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW,
+                                          dot_type)
+    return scale, low
 
 
 @triton.jit
@@ -257,20 +285,39 @@ def _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
 
 
 @triton.jit
-def _plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
-    """Nibble Q of each int16 as the product's type. The 16-bit types take no conversion
-    instruction: the nibble is OR-ed into the mantissa of 1024 (float16) or 128 (bfloat16),
-    whose power of two is then taken off (exact); on a GPU one LOP3 makes two bfloat16s."""
+def _biased(values, DOT: tl.constexpr):
+    """values plus what _biased_plane adds to each code: 0 (float32), 1024 (float16), 128
+    (bfloat16)."""
+    if DOT == 1:
+        values += 1024.0
+    elif DOT == 2:
+        values += 128.0
+    return values
+
+
+@triton.jit
+def _unbiased(values, DOT: tl.constexpr):
+    """_biased's inverse (exact for the codes)."""
+    if DOT == 1:
+        values -= 1024.0
+    elif DOT == 2:
+        values -= 128.0
+    return values
+
+
+@triton.jit
+def _biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
+    """Nibble Q of each int16 plus _biased's bias, as the product's type. The 16-bit types take
+    no conversion instruction: the nibble is OR-ed into the mantissa of 1024 (float16) or
+    128 (bfloat16); on a GPU one LOP3 makes two bfloat16s."""
     if DOT == 0:
         plane = ((packed >> (4 * Q)) & 15).to(tl.float32)
     elif DOT == 1:
-        magic = (((packed >> (4 * Q)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        plane = magic - 1024.0
+        plane = (((packed >> (4 * Q)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     elif ASM:
-        plane = _bfloat16_plane_asm(packed, Q) - 128.0
+        plane = _bfloat16_plane_asm(packed, Q)
     else:
-        magic = (((packed >> (4 * Q)) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        plane = magic - 128.0
+        plane = (((packed >> (4 * Q)) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return plane
 
 
@@ -597,14 +644,11 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
 def planes_config(tokens: int, weight: GroupQuantWeight,
                   multiprocessors: int) -> dict[str, int]:
     """The planes kernel's tiles, input splits and warps for a call of `tokens` rows. Up to
-    FEW_TOKENS: 64 outputs by 8, 16 or 32 tokens, about 8 programs per multiprocessor (the
-    fastest of `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens,
-    groups of 32 and 128); more: PLANES_LARGE's tiles, the inputs split only up to SMALL_M
-    tokens."""
+    FEW_TOKENS: PLANES_FEW's outputs by 8, 16 or 32 tokens; more: PLANES_LARGE's tiles, the
+    inputs split only up to SMALL_M tokens."""
     if tokens <= FEW_TOKENS:
-        block_n, block_t, warps, stages = 64, (8 if tokens <= 8 else 16 if tokens <= 16
-                                               else 32), 4, 3
-        target = 8
+        block_n, warps, stages, target = PLANES_FEW
+        block_t = 8 if tokens <= 8 else 16 if tokens <= 16 else 32
     else:
         block_n, block_t, warps, stages = PLANES_LARGE
         target = TARGET_PROGRAMS if tokens <= SMALL_M else 0
@@ -614,8 +658,12 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
             "num_stages": stages}
 
 
-# the planes kernel's outputs, tokens, warps and stages a program for calls of more than
-# FEW_TOKENS tokens
+# the planes kernel's outputs, warps, stages and programs a multiprocessor (the inputs split
+# towards it) for calls of at most FEW_TOKENS tokens (the fastest of
+# `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens, groups of 32
+# and 128)
+PLANES_FEW = (64, 4, 3, 8)
+# its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
 
 
@@ -626,13 +674,15 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     splits = config.pop("splits")
     grid = (triton.cdiv(out_features, config["BLOCK_N"]),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
+    mins = weight.zeros if weight.zeros is not None else weight.low
     _planes_kernel[grid](
-        flat, weight.codes, weight.scale, weight.low if weight.low is not None else weight.scale,
+        flat, weight.codes, weight.scale, mins if mins is not None else weight.scale,
         out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
-        PLANE_GROUPS=weight.group_size % PLANE_STEP != 0,
-        HAS_LOW=weight.low is not None, DOT=_dot_type(flat.dtype, False), ASM=flat.is_cuda,
+        PLANE_GROUPS=weight.group_size % PLANE_STEP != 0, HAS_LOW=weight.low is not None,
+        ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
+        ASM=flat.is_cuda,
         **config,
         **dependent_launch(flat.device))
 

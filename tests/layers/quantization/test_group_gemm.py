@@ -32,7 +32,8 @@ from pagoda.layers.tile_counters import nonzero_counters
 from tests.utils import compile_for_cuda
 
 MARKER = "GROUP-GEMM-ERRORS "
-# name -> (tokens, outputs, inputs, group, bits, with a min, float8 codes). 4-bit codes run
+# name -> (tokens, outputs, inputs, group, bits, with a min (or "zero points": mins that are
+# -z * scale for integers z), float8 codes). 4-bit codes run
 # in planes where they fit (inputs a multiple of 128, groups of 32): up to 32 tokens in
 # tiles of 8-32 tokens with split inputs, more in larger tiles (split up to 64 tokens); each
 # such case runs again in halves (PLANE_CASES' "-halves"). Halves and 8-bit codes: up to 32
@@ -44,6 +45,11 @@ CASES = {
     "int4-planes-g64-tokens-20": (20, 72, 2048, 64, 4, True, False),
     "int4-planes-g96-one-token": (1, 40, 384, 96, 4, True, False),  # steps cross groups
     "int4-planes-g192-tokens-3": (3, 40, 384, 192, 4, False, False),
+    # integer zero points (AWQ, GPTQ): the codes minus them in the product, scaled sums
+    "int4-planes-zero-points-g128-one-token": (1, 200, 1024, 128, 4, "zero points", False),
+    "int4-planes-zero-points-g32-tokens-12": (12, 72, 1024, 32, 4, "zero points", False),
+    "int4-planes-zero-points-g256-tokens-40": (40, 130, 512, 256, 4, "zero points", False),
+    "int4-planes-zero-points-g96-tokens-3": (3, 40, 384, 96, 4, "zero points", False),
     # halves only: inputs not a multiple of 128 (one-token GEMV for groups of 64)
     "int4-halves-g64-one-token": (1, 200, 1088, 64, 4, True, False),
     "int4-halves-g32-tokens-5": (5, 40, 576, 32, 4, True, False),
@@ -89,6 +95,10 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
     else:
         codes = torch.randint(0, 2 ** bits, (outputs, inputs), generator=generator)
     scale = torch.rand(outputs, inputs // group, generator=generator) * 0.01 + 0.001
+    if with_min == "zero points":  # as checkpoints store them: float16 scales
+        scale = scale.half().float()
+        zeros = torch.randint(0, 2 ** bits, scale.shape, generator=generator)
+        return GroupQuantWeight(codes, scale, -zeros * scale, group, bits, planes)
     low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
     return GroupQuantWeight(codes, scale, low, group, bits, planes)
 
@@ -165,7 +175,8 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
 HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
               "int4-g64-large", "int4-g32-tiles-split", "int4-planes-g128-tokens-100",
               "int4-halves-g32-tokens-5", "int8-g16", "fp8-per-row", "fp8-blocks",
-              "fp8-blocks-many")
+              "fp8-blocks-many", "int4-planes-zero-points-g32-tokens-12",
+              "int4-planes-zero-points-g128-one-token")
 HALF_TOLERANCE = 1e-3
 FLOAT8_CASES = [name for name, case in CASES.items() if case[-1]]
 # float8 weights, a scale per row, each row holding all 256 bytes but the NaNs (as CASES)
@@ -216,6 +227,28 @@ def test_supported_layouts():
     assert not supports(4096, 48, 8) and not supports(100, 32, 8)
 
 
+def test_planes_hold_integer_zero_points_as_such_and_other_mins_as_mins():
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (64, 256), generator=generator)
+    scale = (torch.rand(64, 2, generator=generator) + 0.5).half().float()
+    zeros = torch.randint(0, 16, (64, 2), generator=generator)
+    awq = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4)
+    assert awq.low is None and torch.equal(awq.zeros.t().long(), zeros)
+    decoded = (codes.float() - zeros.float().repeat_interleave(128, 1)) \
+        * scale.repeat_interleave(128, 1)
+    torch.testing.assert_close(awq.dequantize(torch.float32), decoded)
+    for low in (-zeros * scale + 1e-3,  # a min that is no multiple of the scale (GGUF Q4_1)
+                -200 * scale,  # past what the kernel subtracts exactly
+                zeros * scale):  # negative zero points
+        assert GroupQuantWeight(codes, scale, low, 128, 4).zeros is None
+    halves = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, planes=False)
+    assert halves.zeros is None and halves.low is not None  # only planes take them
+    from pagoda.layers.quantization.group_gemm import integer_zero_points
+    zero_scale = torch.zeros(2, 1)  # a group of zero weights: zero point 0
+    assert torch.equal(integer_zero_points(zero_scale, torch.zeros(2, 1)), torch.zeros(2, 1))
+    assert integer_zero_points(zero_scale, torch.ones(2, 1)) is None
+
+
 def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     def weight(outputs, inputs, group, bits, float8=False):
         codes = torch.zeros(outputs, inputs, dtype=torch.uint8)
@@ -225,6 +258,10 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
         "triton group gemm (4-bit codes in planes, groups of 128)"
     assert weight(96, 1024, 32, 4).kernel_name() == \
         "triton group gemm (4-bit codes in planes, groups of 32)"
+    with_zeros = GroupQuantWeight(torch.zeros(64, 256, dtype=torch.uint8), torch.ones(64, 2),
+                                  torch.full((64, 2), -8.0), 128, 4)
+    assert with_zeros.kernel_name() == \
+        "triton group gemm (4-bit codes in planes with zero points, groups of 128)"
     # halves (inputs not whole steps of 128): one token takes the GEMV where a chunk's two
     # halves lie in one group and the outputs are a multiple of 4
     assert weight(200, 1088, 64, 4).kernel_name() == \
@@ -399,14 +436,17 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
     ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
 def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
-    for block_n, block_t, splits, has_low in ((64, 8, 4, True), (128, 64, 1, False)):
+    for block_n, block_t, splits, has_low, zero_points in (
+            (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
+            (128, 64, 1, False, True)):
         compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
-            "low_ptr": "*fp16", "out_ptr": f"*{activations}", "partial_ptr": "*fp32",
-            "count_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32"}, {
+            "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
+            "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
+            "stride_xm": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
             "STEP_IN_GROUP": group % 128 == 0, "PLANE_GROUPS": group % 128 != 0,
-            "HAS_LOW": has_low,
+            "HAS_LOW": has_low, "ZERO_POINTS": zero_points,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
             "PDL": capability >= 90}, capability)
 
