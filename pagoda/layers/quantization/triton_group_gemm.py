@@ -211,8 +211,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
     groups are whole steps (a scale a step); PLANE_GROUPS, its opposite: a scale a plane
     (each lies in one group). ZERO_POINTS: low_ptr holds integer zero points (uint8), and
-    the product takes the codes minus them (exact) and scales its sums, a step's or a
-    plane's, in float32: no multiplication a weight."""
+    the weights' scale multiplies the sums, not the weights: a plane's sums of the codes
+    minus the biased zero points (exact) where a scale covers a plane; where it covers the
+    step, the sums of the biased codes as decoded, less the biased zero point times the
+    step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
+    the decoding."""
     wait_for_previous_kernel(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -230,6 +233,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, DOT)
             sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            x_sums = tl.zeros((16, BLOCK_T), dtype=tl.float32)  # each row: the step's x sums
         for q in tl.static_range(4):
             if PLANE_GROUPS:  # one a plane (each lies in one group)
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
@@ -245,11 +249,14 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             elif PLANE_GROUPS:
                 codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
-            else:
-                codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
-                sums = tl.dot(codes, x, sums, input_precision="ieee")
-        if ZERO_POINTS and STEP_IN_GROUP:
-            acc += sums * scale[:, None]
+            else:  # the biased codes' sums; the bias and zero points come off once a step
+                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
+                              input_precision="ieee")
+                ones = tl.full((16, PLANE_ROWS_T), 1.0, dot_type)
+                x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
+        if ZERO_POINTS and STEP_IN_GROUP:  # (rows of x_sums are equal: max is exact)
+            biased_zeros = low.to(tl.float32)[:, None]
+            acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
