@@ -46,7 +46,7 @@ quant_model() {
     bf16) echo "--model $B8 $COMMON" ;;
     fp8) echo "--model $B8 --quantization fp8 $COMMON" ;;
     fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8 $COMMON" ;;
-    awq) echo "--model $B8-awq $COMMON" ;;
+    awq|awq-zp) echo "--model $B8-awq $COMMON" ;;
     gguf) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
   esac
@@ -97,11 +97,15 @@ run_stage() {
     quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
                      ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
     # 4-bit codes in planes against the same codes in halves (bench/kernels/int4_planes.py)
+    # PLANES_SWEEP=1: also the few-token tile candidates (PLANES_FEW), both ways
     int4-planes) python3 bench/kernels/int4_planes.py --output-json "$OUT/int4-planes.json" \
-                   ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -120 ;;
+                   ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} ${PLANES_SWEEP:+--sweep-few} 2>&1 \
+                   | tail -120 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:
-    # the random Q4_K_M GGUF, written to $GGUF8 on first use)
+    # the random Q4_K_M GGUF, written to $GGUF8 on first use; awq-zp: AWQ with its zero
+    # points held as such in planes, PAGODA_PLANE_ZERO_POINTS=1)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
+                     PAGODA_PLANE_ZERO_POINTS=$([ $q = awq-zp ] && echo 1 || echo 0) \
                      python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
                        --num-prompts 1 --input-len 1024 --output-len 256 \
                        --output-json "$OUT/decode1-$q.json" 2>&1 | grep -v INFO | tail -4

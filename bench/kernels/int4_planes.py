@@ -1,10 +1,11 @@
 """4-bit weights in planes (`triton_group_gemm._planes_kernel`) against the same weights in
 halves (the one-token GEMV, the few-token and the larger kernel) at one decoder layer of
-Llama-3.1-8B, per token count and group size, in one process. Planes run twice: with
-integer zero points (AWQ, GPTQ: the codes minus them in the product) and with mins that are
-not (GGUF Q4_1, Q4_K: a multiplication and an addition a weight). `--sweep-large` also
-times the planes kernel's candidate tiles for calls of more than 32 tokens (PLANES_LARGE),
-`--sweep-few` those for at most 32 (PLANES_FEW), both mins.
+Llama-3.1-8B, per token count and group size, in one process. The planes run twice: their
+mins as mins (a multiplication and an addition a weight: GGUF Q4_1/Q4_K, and every format by
+default), and as integer zero points (`GroupQuantWeight(zero_points=True)`: AWQ, GPTQ,
+compressed-tensors, Q4_0; the sums scaled, not the weights). `--sweep-large` also times the
+planes kernel's candidate tiles for calls of more than 32 tokens (PLANES_LARGE),
+`--sweep-few` those for at most 32 (PLANES_FEW), both ways.
 
     PYTHONPATH=. python bench/kernels/int4_planes.py [--tokens 1 4 16 64 512 2048]
         [--groups 128 32] [--sweep-large] [--sweep-few] [--output-json P]
@@ -34,10 +35,9 @@ FEW_TILES = [(64, 4, 3, 8), (128, 4, 3, 8), (128, 4, 4, 4), (128, 2, 3, 8), (128
              (128, 2, 3, 4), (256, 4, 3, 4), (256, 4, 4, 4), (256, 4, 3, 2), (256, 8, 3, 4)]
 
 
-def layer(group: int, planes: bool, zero_points: bool = True) -> dict[str, GroupQuantWeight]:
-    """One random 8B layer (the same codes and scales for either layout: seeded by group);
-    zero_points: mins of -8 scales (held as zero points in planes), else mins that are no
-    multiple of the scale."""
+def layer(group: int, planes: bool, zero_points: bool = False) -> dict[str, GroupQuantWeight]:
+    """One random 8B layer with mins of -8 scales (the same codes and scales for every
+    layout: seeded by group); zero_points: planes hold them as zero points."""
     gen = torch.Generator(device="cuda").manual_seed(group)
     weights = {}
     for name, (outputs, inputs) in PROJECTIONS.items():
@@ -45,9 +45,9 @@ def layer(group: int, planes: bool, zero_points: bool = True) -> dict[str, Group
                               generator=gen)
         scale = torch.rand(outputs, inputs // group, device="cuda", generator=gen) * 2e-3 + 1e-3
         scale = scale.half().float()
-        low = -8 * scale if zero_points else -8.25 * scale
-        weights[name] = GroupQuantWeight(codes, scale, low, group, 4, planes=planes)
-        assert planes is False or (weights[name].zeros is not None) == zero_points
+        weights[name] = GroupQuantWeight(codes, scale, -8 * scale, group, 4, planes=planes,
+                                         zero_points=zero_points)
+        assert (weights[name].zeros is not None) == (planes and zero_points)
     return weights
 
 
@@ -55,25 +55,22 @@ def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool) -> l
     from triton.testing import do_bench_cudagraph
     halves = [layer(group, False) for _ in range(LAYERS)]
     planes = [layer(group, True) for _ in range(LAYERS)]
-    planes_mins = [layer(group, True, zero_points=False) for _ in range(LAYERS)]
+    zero_points = [layer(group, True, zero_points=True) for _ in range(LAYERS)]
     nbytes = sum(w.codes.numel() * w.codes.element_size() + 4 * w.scale.numel()
                  for w in halves[0].values())
     xs = {name: torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16)
           for name, (_, inputs) in PROJECTIONS.items()}
     expected = {n: triton_group_gemm.group_gemm(x, halves[0][n]).float() for n, x in xs.items()}
-    expected_mins = {n: torch.nn.functional.linear(x.float(), planes_mins[0][n].dequantize(
-        torch.float32)) for n, x in xs.items()}
     rows = []
 
     def record(kernel: str, layers: list, **settings) -> None:
-        reference = expected_mins if layers is planes_mins else expected
         try:
             got = {n: triton_group_gemm.group_gemm(x, layers[0][n]).float()
                    for n, x in xs.items()}
         except Exception as failure:  # e.g. a tile past the shared memory or registers
             print(f"  {kernel} {settings or ''}: {type(failure).__name__}")
             return
-        error = max(((got[n] - reference[n]).abs().max() / reference[n].abs().max()).item()
+        error = max(((got[n] - expected[n]).abs().max() / expected[n].abs().max()).item()
                     for n in xs)
         if error > 2e-2:
             print(f"  {kernel} {settings or ''}: wrong (relative error {error:.1e})")
@@ -88,14 +85,14 @@ def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool) -> l
     print(f"{tokens} tokens, groups of {group}:")
     record("halves", halves)
     record("planes", planes)
-    record("planes-mins", planes_mins)
+    record("planes-zero-points", zero_points)
     if sweep_few and tokens <= triton_group_gemm.FEW_TOKENS:
         shipped = triton_group_gemm.PLANES_FEW
         try:
             for tile in FEW_TILES:
                 triton_group_gemm.PLANES_FEW = tile
                 record("planes", planes, tile=tile)
-                record("planes-mins", planes_mins, tile=tile)
+                record("planes-zero-points", zero_points, tile=tile)
         finally:
             triton_group_gemm.PLANES_FEW = shipped
     if sweep_large and tokens > triton_group_gemm.FEW_TOKENS:

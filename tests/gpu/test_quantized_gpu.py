@@ -37,15 +37,18 @@ from tests.utils import save_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of the 8B
-# name -> (group (None: the whole row), bits, with a min, float8 values)
+# name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
+# integer zero points])
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
+           "int4-g128-zero-points": (128, 4, True, False, True),
+           "int4-g32-zero-points": (32, 4, True, False, True),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
            "fp8-row": (None, 8, False, True), "fp8-block": (128, 8, False, True)}
 TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
 
 
 def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
-                  float8: bool) -> GroupQuantWeight:
+                  float8: bool, zero_points: bool = False) -> GroupQuantWeight:
     group = group or inputs
     groups = inputs // group
     if float8:
@@ -55,7 +58,9 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
         codes = torch.randint(0, 2 ** bits, (outputs, inputs), device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
     low = -(2 ** (bits - 1)) * scale if with_min else None
-    return GroupQuantWeight(codes, scale, low, group, bits)
+    weight = GroupQuantWeight(codes, scale, low, group, bits, zero_points=zero_points)
+    assert (weight.zeros is not None) == zero_points
+    return weight
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -126,7 +131,8 @@ def test_fp8_rows_round_as_torch_does():
     assert torch.equal(values.view(torch.uint8), expected.view(torch.uint8))
 
 
-@pytest.mark.parametrize("layout", ["int4-g32", "int8-g16", "fp8-block", "fp8-row"])
+@pytest.mark.parametrize("layout", ["int4-g32", "int4-g128-zero-points", "int8-g16",
+                                    "fp8-block", "fp8-row"])
 def test_graphs_replay_the_eager_products(layout):
     weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
     for tokens in (1, 16, 128):
@@ -145,7 +151,8 @@ def test_graphs_replay_the_eager_products(layout):
 
 
 @pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("layout", ["int4-g128", "int8-g32", "fp8-row"])
+@pytest.mark.parametrize("layout", ["int4-g128", "int4-g128-zero-points", "int8-g32",
+                                    "fp8-row"])
 def test_split_sums_are_the_same_on_every_call(layout, tokens):
     """Split inputs are added by whichever program of a tile finishes last, in split order:
     repeated calls (shapes with many splits, interleaved) give identical bits, and the
@@ -219,6 +226,19 @@ def test_int_checkpoints_agree_with_their_weights(fmt, source, tmp_path, gpu_rep
     rate = agreement(tmp_path / fmt, tmp_path / "reference",
                      random_prompts(CONFIG.vocab_size, (7, 19, 40)))
     gpu_report(format=fmt, agreement=f"{rate:.3f}")
+    assert rate >= 0.95
+
+
+def test_awq_with_zero_points_in_planes_agrees_with_its_weights(source, tmp_path, monkeypatch,
+                                                               gpu_report):
+    from pagoda.layers.quantization import group_gemm as held
+    monkeypatch.setattr(held, "ZERO_POINTS_IN_PLANES", True)
+    write_quantized(source, tmp_path / "awq", tmp_path / "reference", "awq")
+    kernels = [k for k in kernels_of(tmp_path / "awq") if k.startswith("IntCheckpoint")]
+    assert kernels and all("in planes with zero points" in k for k in kernels)
+    rate = agreement(tmp_path / "awq", tmp_path / "reference",
+                     random_prompts(CONFIG.vocab_size, (7, 19, 40)))
+    gpu_report(format="awq, zero points", agreement=f"{rate:.3f}")
     assert rate >= 0.95
 
 

@@ -23,6 +23,8 @@ than float16 holds)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -78,6 +80,11 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
     return bits == 4 and in_features % PLANE_STEP == 0 and group_size % PLANE_ROWS == 0
 
 
+# whether planes hold integer zero points by default (PAGODA_PLANE_ZERO_POINTS=1 turns it
+# on): off until the planes kernel's zero points path has been timed and tested on a GPU
+# (`bench/kernels/int4_planes.py` times both, tests/gpu/test_quantized_gpu.py runs both); so
+# far it ran under Triton's CPU interpreter and compiled for sm_80 and sm_90 only
+ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -106,16 +113,18 @@ def supports(in_features: int, group_size: int, bits: int) -> bool:
 class GroupQuantWeight(nn.Module):
     """One linear layer's weights as codes with a scale (and a min) per group of inputs;
     `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group].
-    In planes, mins that are integer zero points (low = -zero * scale: AWQ, GPTQ,
-    compressed-tensors, GGUF Q4_0) are held as `zeros` instead (`low` None): W[o, i] =
-    (code[o, i] - zero[o, i // group]) * scale[o, i // group], the codes minus the zero
-    exact in the kernel's product and the scale applied to its sums."""
+    With `zero_points`, planes hold mins that are integer zero points (low = -zero * scale:
+    AWQ, GPTQ, compressed-tensors, GGUF Q4_0) as `zeros` instead (`low` None): W[o, i] =
+    (code[o, i] - zero[o, i // group]) * scale[o, i // group], and the kernel scales its
+    sums rather than each weight (see triton_group_gemm._planes_kernel)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
-                 group_size: int, bits: int, planes: bool | None = None) -> None:
+                 group_size: int, bits: int, planes: bool | None = None,
+                 zero_points: bool | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
-        (default: where `takes_planes`), else in halves."""
+        (default: where `takes_planes`), else in halves. `zero_points`: planes hold the mins
+        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -139,7 +148,10 @@ class GroupQuantWeight(nn.Module):
         self.codes = nn.Parameter(stored, requires_grad=False)
         scale_dtype = torch.float32 if codes.dtype == FP8 else SCALE_DTYPE
         self.scale = nn.Parameter(scale.t().to(scale_dtype).contiguous(), requires_grad=False)
-        zeros = integer_zero_points(scale, low) if self.planes and low is not None else None
+        if zero_points is None:
+            zero_points = ZERO_POINTS_IN_PLANES
+        zeros = (integer_zero_points(scale, low)
+                 if zero_points and self.planes and low is not None else None)
         if zeros is not None:
             low = None
         self.zeros = None if zeros is None else nn.Parameter(

@@ -98,7 +98,8 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
     if with_min == "zero points":  # as checkpoints store them: float16 scales
         scale = scale.half().float()
         zeros = torch.randint(0, 2 ** bits, scale.shape, generator=generator)
-        return GroupQuantWeight(codes, scale, -zeros * scale, group, bits, planes)
+        return GroupQuantWeight(codes, scale, -zeros * scale, group, bits, planes,
+                                zero_points=True)
     low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
     return GroupQuantWeight(codes, scale, low, group, bits, planes)
 
@@ -227,12 +228,13 @@ def test_supported_layouts():
     assert not supports(4096, 48, 8) and not supports(100, 32, 8)
 
 
-def test_planes_hold_integer_zero_points_as_such_and_other_mins_as_mins():
+def test_planes_hold_integer_zero_points_when_asked_and_other_mins_as_mins():
     generator = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 16, (64, 256), generator=generator)
     scale = (torch.rand(64, 2, generator=generator) + 0.5).half().float()
     zeros = torch.randint(0, 16, (64, 2), generator=generator)
-    awq = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4)
+    assert GroupQuantWeight(codes, scale, -zeros * scale, 128, 4).zeros is None  # (default)
+    awq = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, zero_points=True)
     assert awq.low is None and torch.equal(awq.zeros.t().long(), zeros)
     decoded = (codes.float() - zeros.float().repeat_interleave(128, 1)) \
         * scale.repeat_interleave(128, 1)
@@ -240,8 +242,9 @@ def test_planes_hold_integer_zero_points_as_such_and_other_mins_as_mins():
     for low in (-zeros * scale + 1e-3,  # a min that is no multiple of the scale (GGUF Q4_1)
                 -200 * scale,  # past what the kernel subtracts exactly
                 zeros * scale):  # negative zero points
-        assert GroupQuantWeight(codes, scale, low, 128, 4).zeros is None
-    halves = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, planes=False)
+        assert GroupQuantWeight(codes, scale, low, 128, 4, zero_points=True).zeros is None
+    halves = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, planes=False,
+                              zero_points=True)
     assert halves.zeros is None and halves.low is not None  # only planes take them
     from pagoda.layers.quantization.group_gemm import integer_zero_points
     zero_scale = torch.zeros(2, 1)  # a group of zero weights: zero point 0
@@ -259,7 +262,7 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     assert weight(96, 1024, 32, 4).kernel_name() == \
         "triton group gemm (4-bit codes in planes, groups of 32)"
     with_zeros = GroupQuantWeight(torch.zeros(64, 256, dtype=torch.uint8), torch.ones(64, 2),
-                                  torch.full((64, 2), -8.0), 128, 4)
+                                  torch.full((64, 2), -8.0), 128, 4, zero_points=True)
     assert with_zeros.kernel_name() == \
         "triton group gemm (4-bit codes in planes with zero points, groups of 128)"
     # halves (inputs not whole steps of 128): one token takes the GEMV where a chunk's two
