@@ -11,7 +11,8 @@ from torch import nn
 
 
 class DeviceDispatch(nn.Module):
-    """Subclasses define forward_native and forward_cuda with the same signature."""
+    """Subclasses define forward_native and forward_cuda with the same signature, and may
+    define forward_cpu (CPU tensors; default forward_native)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -20,11 +21,14 @@ class DeviceDispatch(nn.Module):
     def forward(self, *args: Any) -> Any:
         if self._impl is None:
             tensor = next(a for a in args if isinstance(a, torch.Tensor))
-            self._impl = self.forward_cuda if tensor.is_cuda else self.forward_native
+            self._impl = self.forward_cuda if tensor.is_cuda else self.forward_cpu
         return self._impl(*args)
 
     def forward_native(self, *args: Any) -> Any:
         raise NotImplementedError
 
     def forward_cuda(self, *args: Any) -> Any:
+        return self.forward_native(*args)
+
+    def forward_cpu(self, *args: Any) -> Any:
         return self.forward_native(*args)

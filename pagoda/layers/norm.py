@@ -22,6 +22,13 @@ class RMSNorm(DeviceDispatch):
         from pagoda.layers.fused import add_rms_norm
         return add_rms_norm(x, residual, self.weight, self.eps)
 
+    def forward_cpu(self, x: torch.Tensor,
+                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagoda.layers import cpu_fused
+        if cpu_fused.takes_norm(x, residual):
+            return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
+        return self.forward_native(x, residual)
+
     def forward_native(self, x: torch.Tensor,
                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:

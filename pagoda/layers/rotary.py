@@ -72,7 +72,9 @@ def inv_freq_for(p: dict[str, Any], dim: int, max_pos: int) -> tuple[torch.Tenso
 
 
 class RotaryEmbedding(DeviceDispatch):
-    """Applies RoPE to q and k of shape [tokens, heads, head_dim] at given positions."""
+    """Applies RoPE to q and k of shape [tokens, heads, head_dim] at given positions and
+    returns them: in place on CUDA and on CPU's fused kernel (cpu_fused), into new tensors on
+    the torch path."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any],
                  rotary_dim: int | None = None) -> None:
@@ -89,6 +91,14 @@ class RotaryEmbedding(DeviceDispatch):
         from pagoda.layers.fused import rope_qk_
         rope_qk_(positions, q, k, self.cos_sin, self.rotary_dim)  # in place
         return q, k
+
+    def forward_cpu(self, positions: torch.Tensor, q: torch.Tensor,
+                    k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagoda.layers import cpu_fused
+        if cpu_fused.takes_rope(positions, q, k, self.cos_sin):
+            cpu_fused.rope_(positions, q, k, self.cos_sin, self.rotary_dim)  # in place
+            return q, k
+        return self.forward_native(positions, q, k)
 
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor,
                        k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ def test_rotation_is_rotate_half_and_preserves_norm():
     q = torch.randn(3, 2, 8)
     k = torch.randn(3, 1, 8)
     positions = torch.tensor([0, 5, 15])
-    q2, k2 = rope(positions, q, k)
+    q2, k2 = rope(positions, q.clone(), k.clone())  # (in place where a kernel runs it)
     torch.testing.assert_close(q2[0], q[0])  # position 0 is the identity
     torch.testing.assert_close(q2.norm(dim=-1), q.norm(dim=-1))
     inv = 1.0 / (100.0 ** (torch.arange(0, 8, 2).float() / 8))
