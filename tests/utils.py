@@ -201,3 +201,16 @@ def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int =
     asm = triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm
     assert asm["cubin"]
     return asm
+
+
+def pick_cpu_kernel_build(module, request, monkeypatch) -> str:
+    """Point a C++ CPU kernel module of pagoda.layers (its VARIABLE and cached _library) at
+    the build request.param for one test, skipping the test where that build does not run
+    here; the next load after the test picks again."""
+    import pytest
+    monkeypatch.setenv(module.VARIABLE, request.param)
+    module._library.cache_clear()
+    request.addfinalizer(module._library.cache_clear)
+    if module._library() is None:
+        pytest.skip(f"the {request.param} build does not run here")
+    return request.param

@@ -10,16 +10,12 @@ import torch
 
 from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.attention.cpu_decode_attention import decode_attention
+from tests.utils import pick_cpu_kernel_build
 
 
 @pytest.fixture(params=list(cpu_decode_attention.BUILDS))
 def build(request, monkeypatch):
-    monkeypatch.setenv(cpu_decode_attention.VARIABLE, request.param)
-    cpu_decode_attention._library.cache_clear()
-    if cpu_decode_attention._library() is None:
-        pytest.skip(f"the {request.param} build does not run here")
-    yield request.param
-    cpu_decode_attention._library.cache_clear()
+    return pick_cpu_kernel_build(cpu_decode_attention, request, monkeypatch)
 
 
 def paged_step(lengths, firsts, block_size, kv_heads, dim, dtype, seed=0):

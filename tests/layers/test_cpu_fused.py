@@ -11,18 +11,14 @@ import torch
 from pagoda.layers import cpu_fused
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
+from tests.utils import pick_cpu_kernel_build
 
 ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
 
 
 @pytest.fixture(params=list(cpu_fused.BUILDS))
 def build(request, monkeypatch):
-    monkeypatch.setenv(cpu_fused.VARIABLE, request.param)
-    cpu_fused._library.cache_clear()
-    if cpu_fused._library() is None:
-        pytest.skip(f"the {request.param} build does not run here")
-    yield request.param
-    cpu_fused._library.cache_clear()
+    return pick_cpu_kernel_build(cpu_fused, request, monkeypatch)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])
