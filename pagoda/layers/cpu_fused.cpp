@@ -49,19 +49,18 @@ int pagoda_fused_supported() {
 }
 
 // out[r] = h / sqrt(mean(h^2) + eps) * weight with h = x[r] + residual[r] (x[r] without a
-// residual), and residual_out[r] = h where a residual is given. Rows `row_stride` floats
-// apart in x, out and residual_out; residual rows likewise.
+// residual), and residual_out[r] = h where a residual is given; every array [rows, cols].
 void pagoda_add_rms_norm(const float* x, const float* residual, const float* weight,
-                         int64_t rows, int64_t cols, int64_t row_stride, float eps, float* out,
-                         float* residual_out, int threads) {
+                         int64_t rows, int64_t cols, float eps, float* out, float* residual_out,
+                         int threads) {
 #pragma omp parallel for num_threads(threads_for(rows, threads)) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * row_stride;
-    float* o = out + r * row_stride;
+    const float* xr = x + r * cols;
+    float* o = out + r * cols;
     const float* h = xr;
     if (residual != nullptr) {
-      float* sum = residual_out + r * row_stride;
-      const float* res = residual + r * row_stride;
+      float* sum = residual_out + r * cols;
+      const float* res = residual + r * cols;
       for (int64_t c = 0; c < cols; ++c) sum[c] = xr[c] + res[c];
       h = sum;
     }

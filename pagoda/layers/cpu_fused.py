@@ -33,7 +33,7 @@ VARIABLE = "PAGODA_CPU_FUSED"
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.pagoda_add_rms_norm.argtypes = [pointer, pointer, pointer, size, size, size,
+    library.pagoda_add_rms_norm.argtypes = [pointer, pointer, pointer, size, size,
                                             ctypes.c_float, pointer, pointer, flag]
     library.pagoda_rope.argtypes = [pointer, pointer, pointer, pointer, size, size, size, size,
                                     size, size, size, size, flag]
@@ -71,7 +71,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     weight = weight.float().contiguous()
     _library().pagoda_add_rms_norm(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-        rows, cols, cols, eps, out.data_ptr(),
+        rows, cols, eps, out.data_ptr(),
         None if residual is None else summed.data_ptr(), torch.get_num_threads())
     return out, summed
 
