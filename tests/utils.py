@@ -191,13 +191,17 @@ def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int =
     """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
     A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",
     "cubin", ...): type errors the interpreter lets through (a dot of mixed dtypes, a type
-    the architecture lacks) fail here. `signature` types the runtime arguments."""
+    the architecture lacks) fail here. `signature` types the runtime arguments; pointers are
+    taken as 16-byte aligned, as Triton specializes them at run time for fresh tensors (so
+    that vector loads and pipelined copies are compiled as on the GPU)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in signature.items() if kind.startswith("*")}
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
                                                                             "constexpr")},
-                       constexprs=constants)
+                       constexprs=constants, attrs=aligned)
     asm = triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm
     assert asm["cubin"]
     return asm
