@@ -20,8 +20,9 @@ against 78.5 us; 8-bit groups of 16: 162.1 against 128.7 us). A decode step's ga
 is measured end to end (`bench/gpu/run.sh pdl-decode1`). Results record which was used.
 
 `--sweep LAYOUT ...` times the few-token kernel (calls of at most FEW_TOKENS tokens) over a
-grid of its launch settings instead (tile width, warps, pipeline stages, programs per
-multiprocessor) at the first of --tokens, after the shipped settings' time;
+grid of its launch settings instead (token tile, tile width, warps, pipeline stages, programs
+per multiprocessor; `--grid JSON` replaces SWEEP's) at the first of --tokens, after the
+shipped settings' time;
 `--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words and rows a step, warps,
 programs per multiprocessor).
 """
