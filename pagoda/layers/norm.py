@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
 from pagoda.layers.linear import copy_checked
 
@@ -24,7 +25,6 @@ class RMSNorm(DeviceDispatch):
 
     def forward_cpu(self, x: torch.Tensor,
                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        from pagoda.layers import cpu_fused
         if cpu_fused.takes_norm(x, residual):
             return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
         return self.forward_native(x, residual)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pagoda.errors import UnsupportedModelError
+from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
 
 
@@ -94,7 +95,6 @@ class RotaryEmbedding(DeviceDispatch):
 
     def forward_cpu(self, positions: torch.Tensor, q: torch.Tensor,
                     k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from pagoda.layers import cpu_fused
         if cpu_fused.takes_rope(positions, q, k, self.cos_sin):
             cpu_fused.rope_(positions, q, k, self.cos_sin, self.rotary_dim)  # in place
             return q, k

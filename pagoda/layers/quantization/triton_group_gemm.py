@@ -119,6 +119,15 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 
 
 @triton.jit
+def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A W x^T program's outputs n and tokens t (axes 0 and 1 of the grid), its split of the
+    inputs (axis 2), and which of n and t exist."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return n, t, tl.program_id(2), n < N, t < M
+
+
+@triton.jit
 def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
                        M, N, K, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
@@ -130,10 +139,7 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes)."""
     wait_for_previous_kernel(PDL)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    split = tl.program_id(2)
-    n_ok, t_ok = n < N, t < M
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     first = split * K_SPLIT
@@ -200,8 +206,8 @@ PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kerne
 @triton.jit
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
                    stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                   STEP_IN_GROUP: tl.constexpr, PLANE_GROUPS: tl.constexpr,
-                   HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
+                   ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
@@ -209,18 +215,15 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
     the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
-    groups are whole steps (a scale a step); PLANE_GROUPS, its opposite: a scale a plane
-    (each lies in one group). ZERO_POINTS: low_ptr holds integer zero points (uint8), and
+    groups are whole steps (a scale a step), else a scale a plane (each lies in one group,
+    as takes_planes requires). ZERO_POINTS: low_ptr holds integer zero points (uint8), and
     the weights' scale multiplies the sums, not the weights: a plane's sums of the codes
     minus the biased zero points (exact) where a scale covers a plane; where it covers the
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
     the decoding."""
     wait_for_previous_kernel(PDL)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    split = tl.program_id(2)
-    n_ok, t_ok = n < N, t < M
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -232,10 +235,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
         if STEP_IN_GROUP:  # one scale (and min or zero point) a step
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, DOT)
-            sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            x_sums = tl.zeros((16, BLOCK_T), dtype=tl.float32)  # each row: the step's x sums
+            if ZERO_POINTS:
+                sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                x_sums = tl.zeros((16, BLOCK_T), dtype=tl.float32)  # each row: x's sums
         for q in tl.static_range(4):
-            if PLANE_GROUPS:  # one a plane (each lies in one group)
+            if not STEP_IN_GROUP:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
                                                   HAS_LOW, ZERO_POINTS, DOT)
@@ -246,7 +250,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 if HAS_LOW:
                     weights += low[:, None]
                 acc = tl.dot(weights, x, acc, input_precision="ieee")
-            elif PLANE_GROUPS:
+            elif not STEP_IN_GROUP:
                 codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
             else:  # the biased codes' sums; the bias and zero points come off once a step
@@ -349,8 +353,6 @@ def _bfloat16_plane_asm(packed, Q: tl.constexpr):
             "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
             "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
     return plane
-
-
 
 
 @triton.jit
@@ -687,7 +689,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
-        PLANE_GROUPS=weight.group_size % PLANE_STEP != 0, HAS_LOW=weight.low is not None,
+        HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda,
         **config,

@@ -448,8 +448,8 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
             "stride_xm": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
-            "STEP_IN_GROUP": group % 128 == 0, "PLANE_GROUPS": group % 128 != 0,
-            "HAS_LOW": has_low, "ZERO_POINTS": zero_points,
+            "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
+            "ZERO_POINTS": zero_points,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
             "PDL": capability >= 90}, capability)
 
