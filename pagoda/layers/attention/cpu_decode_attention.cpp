@@ -5,10 +5,17 @@
 // block: the scores, the running maximum and sum rescaled, the values' weighted sum), all in
 // float32. The loops over a head's dimension are written for the compiler to vectorize:
 // pagoda builds this source with AVX-512 flags, with AVX2 flags and with none
-// (cpu_decode_attention.py), and the CPU picks the build it runs.
+// (cpu_decode_attention.py), and the CPU picks the build it runs. The AVX-512 build takes
+// runs of 16 cached rows with intrinsics where a head's dimension is 64, 128 or 256: the 16
+// scores without a horizontal sum per row, and the weighted values with the sums in
+// registers.
 
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -71,12 +78,88 @@ struct Width {
   constexpr int64_t operator()() const { return DIM > 0 ? DIM : dim; }
 };
 
-// q's dot products with `count` rows of keys (rows `stride` apart), four rows at a time (four
-// independent sums: one sum's chain of multiply-adds would wait on each one's latency)
+#if defined(__AVX512F__)
+
+inline __m512 load16(const float* at) { return _mm512_loadu_ps(at); }
+inline __m512 load16(const uint16_t* bfloat16) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bfloat16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// Lane i of the result: the sum of p[i]'s 16 lanes. Pairs of vectors are folded into one at
+// each step (their two halves' sums side by side), 16 -> 8 -> 4 -> 2 -> 1, which leaves row
+// 4e + l's sum in lane 4l + e; a last permutation puts it in lane 4e + l. 45 shuffles and
+// adds for 16 rows, where one horizontal sum a row takes 9 or more.
+inline __m512 lane_sums(const __m512 p[16]) {
+  __m512 halves[8], quarters[4], eighths[2];
+  for (int j = 0; j < 8; ++j)  // 128-bit lanes 0-1: row 2j's partial sums, 2-3: row 2j + 1's
+    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * j], p[2 * j + 1], 0x44),
+                              _mm512_shuffle_f32x4(p[2 * j], p[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // 128-bit lane l: row 4j + l's
+    quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // lane l, elements 0-1: row 8j + l's, 2-3: row 8j + 4 + l's
+    eighths[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0x44),
+                               _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0xEE));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                    _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+
+// q's dot products with 16 rows of keys (rows `stride` apart; DIM a multiple of 16), scaled:
+// each row's multiply-adds in a 16-lane vector, the 16 vectors' sums by lane_sums.
+template <typename T, int DIM>
+inline void sixteen_dots(const float* q, const T* keys, int64_t stride, float scale,
+                         float* scores) {
+  __m512 partial[16];
+  for (int i = 0; i < 16; ++i) {
+    const T* k = keys + i * stride;
+    __m512 sum = _mm512_mul_ps(load16(q), load16(k));
+    for (int d = 16; d < DIM; d += 16) sum = _mm512_fmadd_ps(load16(q + d), load16(k + d), sum);
+    partial[i] = sum;
+  }
+  _mm512_storeu_ps(scores, _mm512_mul_ps(lane_sums(partial), _mm512_set1_ps(scale)));
+}
+
+// acc[0..DIM) + the sum over 16 rows of values (rows `stride` apart; DIM a multiple of 16)
+// times their weights, with acc in registers: even and odd rows in separate sums (twice the
+// independent chains of multiply-adds).
+template <typename T, int DIM>
+inline void sixteen_weighted_rows(float* acc, const float* weights, const T* values,
+                                  int64_t stride) {
+  constexpr int kVectors = DIM / 16;
+  __m512 even[kVectors], odd[kVectors];
+  for (int c = 0; c < kVectors; ++c) {
+    even[c] = load16(acc + 16 * c);
+    odd[c] = _mm512_setzero_ps();
+  }
+  for (int i = 0; i < 16; i += 2) {
+    const T *v0 = values + i * stride, *v1 = v0 + stride;
+    const __m512 w0 = _mm512_set1_ps(weights[i]), w1 = _mm512_set1_ps(weights[i + 1]);
+    for (int c = 0; c < kVectors; ++c) {
+      even[c] = _mm512_fmadd_ps(w0, load16(v0 + 16 * c), even[c]);
+      odd[c] = _mm512_fmadd_ps(w1, load16(v1 + 16 * c), odd[c]);
+    }
+  }
+  for (int c = 0; c < kVectors; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_add_ps(even[c], odd[c]));
+}
+
+#endif
+
+// q's dot products with `count` rows of keys (rows `stride` apart): 16 rows at a time where
+// the AVX-512 build knows the head's dimension, then four rows at a time (four independent
+// sums: one sum's chain of multiply-adds would wait on each one's latency)
 template <typename T, int DIM>
 inline void dots(const float* q, const T* keys, int64_t stride, int64_t count, float scale,
                  float* scores, Width<DIM> width) {
   int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    for (; i + 16 <= count; i += 16)
+      sixteen_dots<T, DIM>(q, keys + i * stride, stride, scale, scores + i);
+  }
+#endif
   for (; i + 4 <= count; i += 4) {
     const T *k0 = keys + i * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
@@ -107,7 +190,14 @@ template <typename T, int DIM>
 inline void add_weighted_rows(float* __restrict acc, const float* __restrict weights,
                               const T* __restrict values, int64_t stride, int64_t count,
                               Width<DIM> width) {
-  for (int64_t i = 0; i < count; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    for (; i + 16 <= count; i += 16)
+      sixteen_weighted_rows<T, DIM>(acc, weights + i, values + i * stride, stride);
+  }
+#endif
+  for (; i < count; ++i) {
     const T* v = values + i * stride;
 #pragma omp simd
     for (int64_t d = 0; d < width(); ++d) acc[d] += weights[i] * as_float(v[d]);
@@ -120,6 +210,7 @@ template <int DIM>
 inline void softmax_step(float* scores, int64_t count, float* largest, float* total,
                          float* acc, Width<DIM> width) {
   float high = *largest;
+#pragma omp simd reduction(max : high)
   for (int64_t i = 0; i < count; ++i) high = scores[i] > high ? scores[i] : high;
   const float shrink = exp_nonpositive(*largest - high);  // ~0 on the first block
   *largest = high;
