@@ -30,6 +30,7 @@ constexpr int64_t kLanes = 16;    // outputs per tile
 constexpr int kRows = 8;          // activation rows per sweep over a tile
 constexpr int kSecondShift = 8;   // the first pass's scale is the second's times 2^8
 constexpr size_t kKeptScratch = 1 << 20;  // activation codes a thread keeps between calls
+constexpr int64_t kPrefetchBlocks = 8;    // how far ahead a sweep asks for codes
 
 #if defined(__AVX512F__)
 
@@ -161,20 +162,30 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   Floats acc[R];
   for (int r = 0; r < R; ++r) acc[r] = zero_floats();
+  int64_t whole_group = 0, blocks_into_group = 0;  // counted, not divided: a division is slow
   for (int64_t b = 0; b < blocks; ++b) {
+    // codes a few blocks on (the next tile's past the end): a layer larger than the caches
+    // (an LM head) streams from memory faster than the hardware's prefetchers fetch it
+    for (int64_t line = 0; line < block_bytes; line += 64)
+      __builtin_prefetch(tile + (b + kPrefetchBlocks) * block_bytes + line);
     Ints codes[8];
     load_codes<BITS>(tile + b * block_bytes, codes);
-    const int64_t group = HALVES ? 2 * b : b / group_blocks;
+    const int64_t group = HALVES ? 2 * b : whole_group;
+    if (++blocks_into_group == group_blocks) {
+      blocks_into_group = 0;
+      ++whole_group;
+    }
     const Floats scale0 = load_floats(scale + group * kLanes);
     const Floats low0 = load_floats(low + group * kLanes);
     for (int r = 0; r < R; ++r) {
       const int8_t* x = xq + r * cols + b * kBlock;
       Ints first = zero_ints(), second = zero_ints();
       add_block_products<BITS>(codes, x, &first, &second);
-      if constexpr (PASSES == 2) {  // in units of the second pass's scale
-        first = shift_left(first, kSecondShift);
-        second = shift_left(second, kSecondShift);
-        add_block_products<BITS>(codes, x + pass_stride, &first, &second);
+      if constexpr (PASSES == 2) {  // in units of the second pass's scale; its own chains
+        Ints finer_first = zero_ints(), finer_second = zero_ints();
+        add_block_products<BITS>(codes, x + pass_stride, &finer_first, &finer_second);
+        first = add(shift_left(first, kSecondShift), finer_first);
+        second = add(shift_left(second, kSecondShift), finer_second);
       }
       const int64_t at = r * blocks + b;
       const Floats activation_scale = broadcast(xscale[at]);
