@@ -55,6 +55,8 @@ inline float exp_nonpositive(float x) {
   return p * power;
 }
 
+constexpr int64_t kPrefetchBlocks = 2;  // how many blocks ahead a task asks for its rows
+
 struct Cache {
   const void* keys;
   const void* values;
@@ -225,13 +227,30 @@ inline void softmax_step(float* scores, int64_t count, float* largest, float* to
   *total = *total * shrink + sum;
 }
 
+// Asks for the cache lines of `rows` rows of `kv_heads` KV heads from `first` on (rows
+// `slot_stride` apart, heads `head_stride`) to be fetched into the L2 cache: a later block's
+// keys and values while this block's are used (blocks lie anywhere in the cache, so the
+// hardware's own prefetchers cannot guess the next one; into L1 they would evict the rows
+// in use).
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t rows, int64_t kv_heads, const Cache& cache,
+                          int64_t dim) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const T* row = first + i * cache.slot_stride + h * cache.head_stride;
+      for (int64_t d = 0; d < dim; d += kLine) __builtin_prefetch(row + d, 0, 2);
+    }
+}
+
 // One task: for each of its query heads (`group` per KV head), softmax(q k^T scale) v over
 // the visible positions, a block of the cache at a time (a block's rows of every KV head of
 // the task in turn, so that its memory is read while it is near).
 template <typename T, int DIM>
 void attend(const Cache& cache, const Task& task, int64_t group, Width<DIM> width,
             int64_t block_size, float scale) {
-  const int64_t dim = width(), heads = (task.kv_end - task.kv_first) * group;
+  const int64_t dim = width(), kv_heads = task.kv_end - task.kv_first;
+  const int64_t heads = kv_heads * group;
   const T* keys = static_cast<const T*>(cache.keys) + task.kv_first * cache.head_stride;
   const T* values = static_cast<const T*>(cache.values) + task.kv_first * cache.head_stride;
   std::vector<float> scores(heads * block_size);
@@ -243,6 +262,16 @@ void attend(const Cache& cache, const Task& task, int64_t group, Width<DIM> widt
     const int64_t stop = std::min(task.end, (block + 1) * block_size);
     const int64_t count = stop - start;
     const int64_t slot = int64_t(task.table[block]) * block_size + start % block_size;
+    // the blocks kPrefetchBlocks on (at the first block, every block up to there)
+    const int64_t nearest = start == task.first ? 1 : kPrefetchBlocks;
+    for (int64_t ahead = nearest; ahead <= kPrefetchBlocks; ++ahead) {
+      const int64_t from = (block + ahead) * block_size;
+      if (from >= task.end) break;
+      const int64_t rows = std::min(block_size, task.end - from);
+      const int64_t first_slot = int64_t(task.table[block + ahead]) * block_size;
+      prefetch_rows(keys + first_slot * cache.slot_stride, rows, kv_heads, cache, dim);
+      prefetch_rows(values + first_slot * cache.slot_stride, rows, kv_heads, cache, dim);
+    }
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t at = slot * cache.slot_stride + (h / group) * cache.head_stride;
       float* s = &scores[h * block_size];
