@@ -2,7 +2,9 @@
 slots gathered into a padded copy, one masked SDPA call), both through the torch backend's
 decode of one layer, in one process on this machine: microseconds per layer call (the mean of
 `--calls` calls after 3 warm-up calls) for several model shapes, sequence counts and context
-lengths, on `--threads` threads, and the kernel's speed-up.
+lengths, on `--threads` threads, and the kernel's speed-up. With `--layers N` the calls go
+to N layers' caches in turn, as a step's do (N = 30 puts most shapes' caches past the L3
+cache; with the default, 1, the small ones stay in it).
 
     python bench/cpu/decode_attention.py --output bench/results/cpu-decode-attention.json
 """
@@ -55,23 +57,25 @@ def decode_step(sequences: int, context: int, kv_heads: int, dim: int):
 
 
 def time_layer(path: str, heads: int, kv_heads: int, dim: int, sequences: int, context: int,
-               calls: int) -> float:
-    """Microseconds per layer call of the backend's forward on `path` (kernel or sdpa)."""
+               calls: int, layers: int) -> float:
+    """Microseconds per layer call of the backend's forward on `path` (kernel or sdpa), the
+    calls going to `layers` caches in turn."""
     os.environ[cpu_decode_attention.VARIABLE] = "auto" if path == "kernel" else "0"
     cpu_decode_attention._library.cache_clear()
     metadata, cache = decode_step(sequences, context, kv_heads, dim)
+    caches = [cache] + [torch.randn_like(cache) for _ in range(layers - 1)]
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(sequences, heads, dim, generator=gen)
     k, v = (torch.randn(sequences, kv_heads, dim, generator=gen) for _ in range(2))
     backend = TorchAttentionBackend()
 
-    def call():
-        return backend.forward(q, k, v, cache, metadata, dim ** -0.5)
-    for _ in range(3):
-        call()
+    def call(index: int):
+        return backend.forward(q, k, v, caches[index % layers], metadata, dim ** -0.5)
+    for index in range(max(3, layers)):
+        call(index)
     start = time.perf_counter()
-    for _ in range(calls):
-        call()
+    for index in range(calls):
+        call(index)
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="caches the calls go to in turn (a step's layers)")
     args = parser.parse_args()
     if cpu_decode_attention._library() is None:
         sys.exit("the decode-attention kernel does not build on this machine")
@@ -87,7 +93,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     report = {"benchmark": "cpu-decode-attention", "command": [sys.executable, *sys.argv],
-              "git": commit, "threads": args.threads, "calls": args.calls,
+              "git": commit, "threads": args.threads, "calls": args.calls, "layers": args.layers,
               "block_size": BLOCK_SIZE, "cache_dtype": "float32",
               "machine": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
                           "platform": platform.platform(), "torch": torch.__version__},
@@ -95,7 +101,7 @@ def main() -> None:
     for shape, heads, kv_heads, dim in SHAPES:
         for sequences, context in BATCHES:
             times = {path: time_layer(path, heads, kv_heads, dim, sequences, context,
-                                      args.calls) for path in ("kernel", "sdpa")}
+                                      args.calls, args.layers) for path in ("kernel", "sdpa")}
             report["us_per_layer_call"][f"{shape} {sequences} x {context}"] = times
             kernel, sdpa = times["kernel"], times["sdpa"]
             print(f"{shape:13s} {sequences:2d} x {context:4d}: kernel {kernel:7.0f} us, "
