@@ -79,6 +79,21 @@ def cpu_kernel(request, monkeypatch):
     cpu_block_dot._library.cache_clear()  # (before the variable is restored)
 
 
+@pytest.fixture(params=["cpu_fp8_dot", "decoded"])
+def fp8_cpu_kernel(request, monkeypatch):
+    """Each CPU path for float8 weights in turn: pagoda's float8 kernel (skipped where it
+    does not run) and the weights decoded at load (PAGODA_CPU_FP8_DOT=0)."""
+    from pagoda.layers.quantization import cpu_fp8_dot
+    if request.param == "decoded":
+        monkeypatch.setenv(cpu_fp8_dot.VARIABLE, "0")
+    cpu_fp8_dot._library.cache_clear()
+    if request.param == "cpu_fp8_dot" and not cpu_fp8_dot.available():
+        pytest.skip("the CPU float8 kernel does not run here (no g++, or neither AVX-512 "
+                    "nor AVX2)")
+    yield request.param
+    cpu_fp8_dot._library.cache_clear()  # (before the variable is restored)
+
+
 @pytest.fixture
 def torch_cpu_kernels(monkeypatch):
     """Quantized CPU layers on torch's kernels, not pagoda's block-dot kernel."""

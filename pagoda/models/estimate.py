@@ -144,8 +144,10 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     ones per 32; on CUDA every type as 4 or 8-bit codes with float16 scales and mins), a
     tied GGUF table likewise where the block-dot kernel holds it, AWQ/GPTQ/compressed-tensors
     integers likewise (scales and zeros doubling the scales' bits), FP8 weights one byte (+
-    float32 scales), everything else at `itemsize`; on CPU FP8 weights, and 8-bit integers
-    without the block-dot kernel, are decoded at load to `itemsize`."""
+    float32 scales; on CPU where pagoda's float8 kernel runs), everything else at
+    `itemsize`; on CPU FP8 weights without the float8 kernel, and 8-bit integers without the
+    block-dot kernel, are decoded at load to `itemsize`."""
+    from pagoda.layers.quantization import cpu_fp8_dot
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
@@ -169,7 +171,7 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         return (params - packed - table) * itemsize + packed_bits // 8 + table_bytes
     on_cpu = torch.device(device).type == "cpu"
     if quantizes_at_load(quantization, source):
-        if on_cpu:  # quantized, then decoded at load
+        if on_cpu and not cpu_fp8_dot.available():  # quantized, then decoded at load
             return params * itemsize
         linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
                   and ".experts." not in n}
@@ -214,12 +216,14 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
     kernel, counted for every layer where it runs; zero points and act orders folded in; a
     slight overcount where CUDA's 4-bit planes hold integer zero points, a byte each); on
     CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
-    weights decoded at load to `itemsize` (their scales folded in)."""
-    from pagoda.layers.quantization import cpu_block_dot
+    weights (without the float8 kernel) decoded at load to `itemsize` (their scales folded
+    in)."""
+    from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
     dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)
     block_dot = on_cpu and cpu_block_dot.available()
     decoded = on_cpu and per_int32 == 4 and not block_dot  # 8-bit integers on CPU
+    float8_decoded = on_cpu and not cpu_fp8_dot.available()
     scale_bytes = 8 if block_dot else 4
 
     def integer_codes(name: str) -> bool:  # packed int32s, or int8 as they are
@@ -238,13 +242,13 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
         if integer_scale:
             total += scale_bytes * count
         elif leaf in ("weight_scale", "weight_scale_inv"):  # float8 weights' scales
-            total += 0 if on_cpu else _fp8_scale_bytes(shapes[name],
-                                                       shapes[prefix + "weight"])
+            total += 0 if float8_decoded else _fp8_scale_bytes(shapes[name],
+                                                               shapes[prefix + "weight"])
         elif integer_codes(name):
             per = per_int32 if leaf in _PACKED_INTEGERS else 1  # weights per element
             total += count * (per * itemsize if decoded else _SAFETENSORS_BYTES[dtype])
         elif dtype.startswith("F8"):
-            total += count * (itemsize if on_cpu else _SAFETENSORS_BYTES[dtype])
+            total += count * (itemsize if float8_decoded else _SAFETENSORS_BYTES[dtype])
         else:
             total += count * itemsize
     return total

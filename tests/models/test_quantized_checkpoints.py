@@ -153,14 +153,16 @@ def write_fp8(source, quantized_dir, reference_dir) -> None:
     write_checkpoints(source, (quantized_dir, packed, config), (reference_dir, reference, None))
 
 
-def test_an_fp8_block_checkpoint_gives_its_weights_tokens(source, tmp_path):
-    """Decoded per call in float32, the weights are exactly the reference's: equal tokens."""
+def test_an_fp8_block_checkpoint_gives_its_weights_tokens(source, tmp_path, fp8_cpu_kernel):
+    """The weights are exactly the reference's and their products float32 (on the float8
+    kernel, summed in another order): equal tokens."""
     write_fp8(source, tmp_path / "fp8", tmp_path / "reference")
     prompts = random_prompts(CONFIG.vocab_size, (7, 19))
     assert greedy(tmp_path / "fp8", prompts) == greedy(tmp_path / "reference", prompts)
 
 
-def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_path):
+def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_path,
+                                                                  fp8_cpu_kernel):
     reference = tmp_path / "reference"
     reference.mkdir()
     tensors = load_file(source / "model.safetensors")
@@ -175,8 +177,19 @@ def test_fp8_at_load_gives_the_per_channel_rounded_weights_tokens(source, tmp_pa
     assert greedy(source, prompts, quantization="fp8") == greedy(reference, prompts)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq-int8", "fp8", "fp8 at load"])
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq-int8"])
 def test_the_estimate_counts_the_bytes_the_engine_holds(fmt, source, tmp_path):
+    check_the_estimate(fmt, source, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8 at load"])
+def test_the_estimate_counts_float8_bytes_on_each_cpu_path(fmt, source, tmp_path,
+                                                           fp8_cpu_kernel):
+    check_the_estimate(fmt, source, tmp_path)
+
+
+def check_the_estimate(fmt: str, source, tmp_path) -> None:
+    """The estimate's weight bytes for `fmt` are the bytes the loaded model holds."""
     if fmt == "fp8":
         write_fp8(source, tmp_path / fmt, tmp_path / "reference")
     elif fmt in FORMATS:

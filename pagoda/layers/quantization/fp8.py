@@ -2,10 +2,10 @@
 Triton group kernel (group_gemm) reads them for calls of few tokens (weight-only: decode is
 bound by the bytes of weights read), and calls of more tokens with a scale per output row run
 on FP8 tensor cores (`torch._scaled_mm`, Hopper and Ada) with the activations quantized per
-token at each call (W8A8); block-scaled layers use the Triton kernel at every size.
-Elsewhere (CPU, and shapes the kernel does not take) the weights are decoded at load to the
-model's dtype: decoding them at every call cost 10-22x the float32 matmul of a 4096 x 4096
-layer on CPU (81 against 8 ms at 16 rows, 74 against 3 ms at one). Three sources:
+token at each call (W8A8); block-scaled layers use the Triton kernel at every size. On CPU
+pagoda's float8 kernel (cpu_fp8_dot) keeps the bytes and decodes them in registers
+(weight-only, float32 products). Elsewhere (shapes no kernel takes, CPUs without AVX2 or a
+compiler) the weights are decoded at load to the model's dtype. Three sources:
 
 - `fp8` checkpoints (quantization_config quant_method "fp8"): `weight` with a per-tensor
   `weight_scale`, or with `weight_block_size` [128, 128] a `weight_scale_inv` per block;
@@ -28,7 +28,9 @@ from pagoda.layers.linear import (
     UnquantizedLinearMethod,
     WeightLoader,
 )
+from pagoda.layers.quantization import cpu_fp8_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight
 from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
@@ -74,7 +76,8 @@ def row_scales(scale: torch.Tensor, rows: int, columns: int,
 
 class Fp8LinearMethod(LinearMethod):
     """A layer of float8 weights with row (and column block) scales: on CUDA the group
-    kernel or FP8 tensor cores, elsewhere decoded at load (DenseWeight)."""
+    kernel or FP8 tensor cores, on CPU pagoda's float8 kernel, elsewhere decoded at load
+    (DenseWeight)."""
 
     def __init__(self, block: tuple[int, int] | None, at_load: bool = False) -> None:
         self.block = block
@@ -109,6 +112,9 @@ class Fp8LinearMethod(LinearMethod):
         if weight.is_cuda and supports(weight.shape[1], group, 8):
             layer.fp8 = GroupQuantWeight(weight, scale, None, group, 8)
             return
+        if weight.device.type == "cpu" and cpu_fp8_dot.holds(*weight.shape, group):
+            layer.fp8 = Fp8DotWeight(weight, scale)
+            return
         dtype = torch.get_default_dtype()
         decoded = weight.to(torch.float32).view(weight.shape[0], scale.shape[1], group)
         decoded = (decoded * scale.to(torch.float32).unsqueeze(-1)).view(weight.shape)
@@ -141,6 +147,8 @@ class Fp8LinearMethod(LinearMethod):
 
     def kernel(self, layer: LinearBase) -> str:
         held = layer.fp8
+        if isinstance(held, Fp8DotWeight):
+            return "cpu_fp8_dot (float8 bytes decoded in registers, float32 products)"
         if not isinstance(held, GroupQuantWeight):
             return "fp8 weights decoded at load (dense matmul)"
         if held.group_size == held.in_features and _has_fp8_tensor_cores():

@@ -1,6 +1,6 @@
 """FP8 weight-only linear layers against the weights they stand for: block scales, a fused
 qkv with a per-tensor scale per piece, compressed-tensors channel scales, and 16-bit
-weights quantized at load."""
+weights quantized at load; each on pagoda's CPU float8 kernel and decoded at load."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from tests.layers.quantization.packers import load_pieces as load
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS = 256, 64, 4, 2
 SIZES = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+KERNEL_NAMES = {"cpu_fp8_dot": "cpu_fp8_dot (float8 bytes decoded in registers, float32 "
+                               "products)",
+                "decoded": "fp8 weights decoded at load (dense matmul)"}
+pytestmark = pytest.mark.usefixtures("fp8_cpu_kernel")  # every test on each CPU path
 
 
 def fp8_weight(rows: int, columns: int) -> torch.Tensor:
@@ -61,18 +65,27 @@ def test_compressed_tensors_channel_scales():
     assert config.linear_method("lm_head", None) is None
 
 
-def test_16_bit_weights_quantized_at_load_stay_within_fp8_rounding():
+def test_16_bit_weights_quantized_at_load_stay_within_fp8_rounding(fp8_cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 96, method=Fp8Config(None).linear_method("o_proj", None))
     weight = torch.randn(96, HIDDEN)
     layer.weight.data.copy_(weight)
     layer.method.process_weights_after_loading(layer)
-    assert not hasattr(layer, "weight")  # on CPU: quantized, then decoded at load
-    assert layer.method.kernel(layer) == "fp8 weights decoded at load (dense matmul)"
-    decoded = layer.fp8.weight
+    assert not hasattr(layer, "weight")
+    assert layer.method.kernel(layer) == KERNEL_NAMES[fp8_cpu_kernel]
+    decoded = layer(torch.eye(HIDDEN)).t()  # the weights the layer multiplies by
     row_max = weight.abs().amax(1, keepdim=True)
     # E4M3: 3 mantissa bits, so half a step is 1/16 relative; subnormals below 2^-6 * scale
     bound = weight.abs() / 16 + row_max / 448 * 2.0 ** -9
     assert ((decoded - weight).abs() <= bound).all()
+
+
+def test_on_the_kernel_a_layer_holds_a_byte_per_weight(fp8_cpu_kernel):
+    layer = RowParallelLinear(HIDDEN, 96, method=Fp8Config(None).linear_method("o_proj", None))
+    layer.weight.data.copy_(torch.randn(96, HIDDEN))
+    layer.method.process_weights_after_loading(layer)
+    held = sum(p.numel() * p.element_size() for p in layer.parameters())
+    per_weight = 1 if fp8_cpu_kernel == "cpu_fp8_dot" else 4  # float32 once decoded
+    assert held == 96 * HIDDEN * per_weight + (96 * 4 if per_weight == 1 else 0)
 
 
 def test_compressed_tensors_formats_pagoda_does_not_read_are_refused():

@@ -1,0 +1,101 @@
+"""Float8 (E4M3) weights on CPU through pagoda's own kernel (`cpu_fp8_dot.cpp`, for AVX-512
+or AVX2 with F16C): the weights stay one byte each (a quarter of float32's) and are decoded
+in registers, multiplied with float32 activations in float32 and scaled per output row (and
+column block, for block scales). Weight-only: the products are the dequantized layer's, up
+to the order of the sums.
+
+The kernel is compiled at first use (`pagoda.layers.cpu_kernels`): an AVX-512 build, else an
+AVX2 one (`PAGODA_CPU_FP8_DOT=avx2` picks it). Without a compiler, on a CPU with neither, or
+with `PAGODA_CPU_FP8_DOT=0`, `available()` is False and float8 layers are decoded at load."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagoda.layers.cpu_kernels import load_chosen_kernel
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_fp8_dot.cpp")
+# the builds, best first: each runs where its pagoda_fp8_dot_supported() says so
+BUILDS = {"avx512": ("-mavx512f", "-mavx512bw", "-mfma", "-mf16c"),
+          "avx2": ("-mavx2", "-mfma", "-mf16c")}
+VARIABLE = "PAGODA_CPU_FP8_DOT"
+LANES = 16  # outputs per weight tile
+INPUT_STEP = 4  # inputs per step of the kernel's sweep (a group holds whole steps)
+FLOAT16_SHIFT = 2.0 ** 8  # the kernel decodes a float8 byte to its value / 2^8
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.pagoda_fp8_dot.argtypes = [pointer, size, size, pointer, pointer, size, size,
+                                       pointer, ctypes.c_int]
+    library.pagoda_fp8_dot.restype = None
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The best build of the kernel this CPU runs, or None (with one log line) where none
+    can run here. PAGODA_CPU_FP8_DOT: 0 turns it off, a build's name (avx2) picks it."""
+    library = load_chosen_kernel(VARIABLE, SOURCE, BUILDS, "pagoda_fp8_dot_supported",
+                                 "CPU float8 kernel", "float8 weights are decoded at load",
+                                 logger)
+    return None if library is None else _bind(library)
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (built, or built now)."""
+    return _library() is not None
+
+
+def fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel holds this shape: whole tiles of 16 outputs, groups of a multiple
+    of 4 inputs dividing the inputs."""
+    return (out_features % LANES == 0 and group_size % INPUT_STEP == 0
+            and in_features % group_size == 0)
+
+
+def holds(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel runs on this machine and holds this shape (`fits`)."""
+    return fits(out_features, in_features, group_size) and available()
+
+
+class Fp8DotWeight(nn.Module):
+    """[out, in] float8 weights, a scale per output and group of inputs, for the kernel;
+    `__call__(x)` is x W^T (W = weight * scale) in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """`weight` [out, in] float8 (E4M3); `scale` [out, groups] (in / groups inputs a
+        group)."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        groups = scale.shape[1]
+        self.group_size = self.in_features // groups
+        if not fits(self.out_features, self.in_features, self.group_size):
+            raise ValueError(f"no float8 kernel for [{self.out_features}, "
+                             f"{self.in_features}] weights in groups of {self.group_size}")
+        tiles = self.out_features // LANES
+        codes = weight.view(torch.uint8).reshape(tiles, LANES, self.in_features)
+        self.packed = nn.Parameter(codes.transpose(1, 2).contiguous(), requires_grad=False)
+        scale = (scale.float() * FLOAT16_SHIFT).reshape(tiles, LANES, groups)
+        self.scale = nn.Parameter(scale.transpose(1, 2).contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.to(torch.float32).contiguous()
+        out = torch.empty(flat.shape[0], self.out_features)
+        _library().pagoda_fp8_dot(
+            flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(),
+            self.scale.data_ptr(), self.out_features, self.group_size, out.data_ptr(),
+            torch.get_num_threads())
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
