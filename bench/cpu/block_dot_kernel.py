@@ -1,7 +1,8 @@
 """pagoda's CPU block-dot kernel against float32 `mm` and torch's int4 kernel at SmolLM2's
 layer shapes, in one process on this machine: microseconds per call (the mean of `--calls`
 calls after 5 warm-up calls) at 1, 4, 16 and 64 token rows, on `--threads` threads, and
-each kernel's speed-up over float32.
+each kernel's speed-up over float32; pagoda's float8 kernel (cpu_fp8_dot) beside them where
+it runs (the same weights as float8 with a scale per row).
 
     python bench/cpu/block_dot_kernel.py --output bench/results/cpu-block-dot-kernel.json
 """
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight
 from pagoda.layers.quantization.int4 import Int4PackedWeight
 
 # (name, out, in): SmolLM2's fused qkv, gate_up, down and o projections and its LM head
@@ -49,13 +51,17 @@ def kernels(out_features: int, in_features: int) -> dict:
     codes8 = torch.randint(0, 256, (out_features, in_features), generator=gen,
                            dtype=torch.uint8)
     dense = torch.randn(out_features, in_features, generator=gen)
-    return {
+    held = {
         "float32 mm": lambda x: x @ dense.t(),
         "torch int4": Int4PackedWeight(codes4, scale, low, GROUP),
         **{f"block-dot {bits}-bit, {passes} pass{'es' if passes > 1 else ''}":
            BlockDotWeight(codes, scale, low, GROUP, bits, activation_passes=passes)
            for bits, codes in ((4, codes4), (8, codes8)) for passes in (1, 2)},
     }
+    if cpu_fp8_dot.available():
+        row_scale = dense.abs().amax(dim=1, keepdim=True) / 448
+        held["float8"] = Fp8DotWeight((dense / row_scale).to(torch.float8_e4m3fn), row_scale)
+    return held
 
 
 def main() -> None:
