@@ -97,8 +97,8 @@ template <int R>
 constexpr int kChains = R >= kRows / 2 ? 1 : R >= kRows / 4 ? 2 : 4;
 
 // out[r][0..16) = activation rows r < R times one tile's 16 outputs: each group's products
-// summed in registers, then scaled into out. `x` holds the rows' activations input by
-// input, kRows floats an input (x[i * kRows + r]).
+// summed in registers, then scaled into the rows' totals. `x` holds the rows' activations
+// input by input, kRows floats an input (x[i * kRows + r]).
 template <int R>
 void tile_product(const float* x, int64_t cols, const uint8_t* tile, const float* scale,
                   int64_t group, float* out, int64_t out_stride) {
