@@ -4,7 +4,8 @@ decode of one layer, in one process on this machine: microseconds per layer call
 `--calls` calls after 3 warm-up calls) for several model shapes, sequence counts and context
 lengths, on `--threads` threads, and the kernel's speed-up. With `--layers N` the calls go
 to N layers' caches in turn, as a step's do (N = 30 puts most shapes' caches past the L3
-cache; with the default, 1, the small ones stay in it).
+cache; with the default, 1, the small ones stay in it); `--cache-dtype` picks the cache's
+elements (float32, bfloat16, or fp8: E4M3 bytes).
 
     python bench/cpu/decode_attention.py --output bench/results/cpu-decode-attention.json
 """
@@ -31,6 +32,8 @@ SHAPES = (("SmolLM2-135M", 9, 3, 64), ("Llama-3.2-1B", 32, 8, 64), ("Llama-3.1-8
 # (sequences, context length)
 BATCHES = ((1, 128), (1, 4096), (16, 128), (16, 1024))
 BLOCK_SIZE = 16
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "fp8": torch.float8_e4m3fn}  # --cache-dtype's (fp8: as --kv-cache-dtype's)
 
 
 def decode_step(sequences: int, context: int, kv_heads: int, dim: int):
@@ -57,13 +60,13 @@ def decode_step(sequences: int, context: int, kv_heads: int, dim: int):
 
 
 def time_layer(path: str, heads: int, kv_heads: int, dim: int, sequences: int, context: int,
-               calls: int, layers: int) -> float:
+               calls: int, layers: int, dtype: torch.dtype) -> float:
     """Microseconds per layer call of the backend's forward on `path` (kernel or sdpa), the
-    calls going to `layers` caches in turn."""
+    calls going to `layers` caches of `dtype` in turn."""
     os.environ[cpu_decode_attention.VARIABLE] = "auto" if path == "kernel" else "0"
     cpu_decode_attention._library.cache_clear()
     metadata, cache = decode_step(sequences, context, kv_heads, dim)
-    caches = [cache] + [torch.randn_like(cache) for _ in range(layers - 1)]
+    caches = [cache.to(dtype)] + [torch.randn_like(cache).to(dtype) for _ in range(layers - 1)]
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(sequences, heads, dim, generator=gen)
     k, v = (torch.randn(sequences, kv_heads, dim, generator=gen) for _ in range(2))
@@ -86,6 +89,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--layers", type=int, default=1,
                         help="caches the calls go to in turn (a step's layers)")
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float32")
     args = parser.parse_args()
     if cpu_decode_attention._library() is None:
         sys.exit("the decode-attention kernel does not build on this machine")
@@ -94,14 +98,15 @@ def main() -> None:
                             text=True).stdout.strip()
     report = {"benchmark": "cpu-decode-attention", "command": [sys.executable, *sys.argv],
               "git": commit, "threads": args.threads, "calls": args.calls, "layers": args.layers,
-              "block_size": BLOCK_SIZE, "cache_dtype": "float32",
+              "block_size": BLOCK_SIZE, "cache_dtype": args.cache_dtype,
               "machine": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
                           "platform": platform.platform(), "torch": torch.__version__},
               "us_per_layer_call": {}}
     for shape, heads, kv_heads, dim in SHAPES:
         for sequences, context in BATCHES:
             times = {path: time_layer(path, heads, kv_heads, dim, sequences, context,
-                                      args.calls, args.layers) for path in ("kernel", "sdpa")}
+                                      args.calls, args.layers, CACHE_DTYPES[args.cache_dtype])
+                     for path in ("kernel", "sdpa")}
             report["us_per_layer_call"][f"{shape} {sequences} x {context}"] = times
             kernel, sdpa = times["kernel"], times["sdpa"]
             print(f"{shape:13s} {sequences:2d} x {context:4d}: kernel {kernel:7.0f} us, "

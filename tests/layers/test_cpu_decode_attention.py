@@ -1,7 +1,8 @@
 """pagoda's CPU decode-attention kernel, each build this CPU runs (AVX-512, AVX2, generic),
-against attention computed in float64 from the same cache: float32 and bfloat16 caches, head
-dims, query heads per KV head, block sizes, lengths around a block, windows, thread counts;
-and where it steps aside (no compiler, float8 caches, the variable)."""
+against attention computed in float64 from the same cache: float32, bfloat16 and float8
+caches (every float8 byte read as torch reads it), head dims, query heads per KV head, block
+sizes, lengths around a block, windows, thread counts; and where it steps aside (no
+compiler, float16 or strided caches, the variable)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def run_kernel(q, cache, tables, lengths, firsts, block_size, scale):
                             torch.tensor(firsts, dtype=torch.int32), block_size, scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", list(cpu_decode_attention.CACHE_TYPES))
 @pytest.mark.parametrize("dim", [16, 64, 80, 128, 256])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (9, 3), (16, 2)])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
@@ -70,6 +71,19 @@ def test_it_matches_float64_attention(build, dtype, dim, heads, kv_heads, block_
     assert got.dtype == torch.float32 and got.shape == q.shape
     torch.testing.assert_close(got.double(), expected_attention(q, contexts, dim ** -0.5),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("positions", [1, 16])  # one row; a run of 16 (AVX-512's own path)
+def test_every_float8_byte_reads_as_torch_reads_it(build, dtype, positions):
+    """Equal keys weigh equal values equally, so the output is the value row: every byte."""
+    values = torch.arange(256, dtype=torch.uint8).view(dtype)
+    cache = torch.zeros(2, 16, 1, 256, dtype=torch.uint8).view(dtype)
+    cache[1, :positions, 0] = values
+    tables = torch.zeros(1, 1, dtype=torch.int32)
+    got = run_kernel(torch.randn(1, 1, 256), cache, tables, [positions], [0], 16, 0.0625)
+    finite = values.float().isfinite()
+    assert torch.equal(got[0, 0][finite], values.float()[finite])
 
 
 def test_large_scores_do_not_overflow(build):
@@ -99,15 +113,13 @@ def test_thread_count_never_changes_a_bit(build):
     assert torch.equal(one, two)
 
 
-def test_it_takes_cpu_float32_and_bfloat16_caches_only():
+def test_it_takes_cpu_float32_bfloat16_and_float8_caches_only():
     q = torch.zeros(1, 2, 8)
     if cpu_decode_attention._library() is None:
         pytest.skip("the CPU decode-attention kernel does not build here")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         cache = torch.zeros(4, 2, 8, dtype=dtype)
         assert cpu_decode_attention.runs(q, cache, cache)
-    fp8 = torch.zeros(4, 2, 8, dtype=torch.float8_e4m3fn)
-    assert not cpu_decode_attention.runs(q, fp8, fp8)
     half = torch.zeros(4, 2, 8, dtype=torch.float16)
     assert not cpu_decode_attention.runs(q, half, half)
     strided = torch.zeros(4, 2, 16)[..., ::2]

@@ -1,6 +1,6 @@
 // Decode attention on CPU: one query token per sequence against its cached keys and values,
-// read where they lie in the paged cache (no gather into a padded copy), float32 or bfloat16
-// caches. One task per sequence (or per part of its KV heads, where sequences are few)
+// read where they lie in the paged cache (no gather into a padded copy), float32, bfloat16
+// or float8 (E4M3, E5M2; their scales applied by the caller) caches. One task per sequence (or per part of its KV heads, where sequences are few)
 // computes its heads' attention block by block of the cache with a running softmax (each
 // block: the scores, the running maximum and sum rescaled, the values' weighted sum), all in
 // float32. The loops over a head's dimension are written for the compiler to vectorize:
@@ -24,6 +24,15 @@
 
 namespace {
 
+// Float8 cache elements: a byte each, E4M3 (NaN only at 0x7F and 0xFF) or E5M2 (a float16's
+// upper byte).
+struct E4M3 {
+  uint8_t bits;
+};
+struct E5M2 {
+  uint8_t bits;
+};
+
 inline float as_float(float value) { return value; }
 
 inline float as_float(uint16_t bfloat16) {
@@ -32,6 +41,36 @@ inline float as_float(uint16_t bfloat16) {
   memcpy(&value, &bits, sizeof(value));
   return value;
 }
+
+// A float16's value from its bits (subnormals, infinities and NaN included).
+inline float from_float16(uint16_t bits) {
+  const float sign = bits & 0x8000 ? -1.0f : 1.0f;
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  if (exponent == 0x1F)
+    return mantissa ? std::numeric_limits<float>::quiet_NaN()
+                    : sign * std::numeric_limits<float>::infinity();
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
+  return sign * std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
+}
+
+// Every byte's value, as the AVX-512 build decodes it: E4M3's bits sign-extended to 16 and
+// shifted left by 7, bit 14 cleared, are the float16 of its value / 2^8 (so its NaN bytes
+// read as -+480, which a cache written from finite values does not hold); E5M2's bits
+// shifted left by 8 are the float16 of its value.
+struct Float8Tables {
+  float e4m3[256], e5m2[256];
+  Float8Tables() {
+    for (int byte = 0; byte < 256; ++byte) {
+      const uint16_t widened = static_cast<uint16_t>(static_cast<int8_t>(byte)) << 7;
+      e4m3[byte] = 256.0f * from_float16(widened & 0xBFFF);
+      e5m2[byte] = from_float16(static_cast<uint16_t>(byte << 8));
+    }
+  }
+};
+const Float8Tables kFloat8;
+
+inline float as_float(E4M3 value) { return kFloat8.e4m3[value.bits]; }
+inline float as_float(E5M2 value) { return kFloat8.e5m2[value.bits]; }
 
 // e^x for x <= 0 in plain arithmetic the compiler vectorizes (std::exp is a scalar call):
 // x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to float32), e^r by
@@ -86,6 +125,17 @@ inline __m512 load16(const float* at) { return _mm512_loadu_ps(at); }
 inline __m512 load16(const uint16_t* bfloat16) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bfloat16));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline __m256i load16_bytes(const void* at) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(at)));
+}
+inline __m512 load16(const E4M3* at) {  // as Float8Tables: float16s of the values / 2^8
+  const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(load16_bytes(at), 7),
+                                          _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm512_mul_ps(_mm512_cvtph_ps(halves), _mm512_set1_ps(256.0f));
+}
+inline __m512 load16(const E5M2* at) {
+  return _mm512_cvtph_ps(_mm256_slli_epi16(load16_bytes(at), 8));
 }
 
 // Lane i of the result: the sum of p[i]'s 16 lanes. Pairs of vectors are folded into one at
@@ -318,10 +368,10 @@ int pagoda_decode_attention_supported() {
 // out [n, heads, dim] float32: row r's query q [n, heads, dim] float32 attends to the
 // positions [firsts[r], seq_lens[r]) of its sequence, whose position p lies in slot
 // block_tables[r * table_stride + p / block_size] * block_size + p % block_size of the
-// caches (float32, or bfloat16 with cache_bfloat16; key and value caches share the strides).
-// Query head h reads KV head h / (heads / kv_heads).
+// caches (cache_type: 0 float32, 1 bfloat16, 2 float8 E4M3, 3 float8 E5M2; key and value
+// caches share the strides). Query head h reads KV head h / (heads / kv_heads).
 void pagoda_decode_attention(const float* q, const void* key_cache, const void* value_cache,
-                             int cache_bfloat16, int64_t slot_stride, int64_t head_stride,
+                             int cache_type, int64_t slot_stride, int64_t head_stride,
                              const int32_t* block_tables, int64_t table_stride,
                              const int32_t* seq_lens, const int32_t* firsts, int64_t block_size,
                              int64_t n, int64_t heads, int64_t kv_heads, int64_t dim,
@@ -338,10 +388,11 @@ void pagoda_decode_attention(const float* q, const void* key_cache, const void* 
     const int64_t offset = (row * heads + kv_first * group) * dim;
     const Task task{q + offset, block_tables + row * table_stride, firsts[row], seq_lens[row],
                     kv_first, kv_end, out + offset};
-    if (cache_bfloat16) {
-      attend_any_width<uint16_t>(cache, task, group, dim, block_size, scale);
-    } else {
-      attend_any_width<float>(cache, task, group, dim, block_size, scale);
+    switch (cache_type) {
+      case 1: attend_any_width<uint16_t>(cache, task, group, dim, block_size, scale); break;
+      case 2: attend_any_width<E4M3>(cache, task, group, dim, block_size, scale); break;
+      case 3: attend_any_width<E5M2>(cache, task, group, dim, block_size, scale); break;
+      default: attend_any_width<float>(cache, task, group, dim, block_size, scale);
     }
   }
 }

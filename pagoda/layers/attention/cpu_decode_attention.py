@@ -5,8 +5,9 @@ sequence's slots into a padded copy and runs one masked SDPA call over it; the k
 each cached row once.
 
 Compiled at first use (`pagoda.layers.cpu_kernels`) with AVX-512 flags, else AVX2 ones, else
-none (any CPU the compiler targets). Without a compiler, for caches other than float32 and
-bfloat16, or with `PAGODA_CPU_DECODE_ATTENTION=0`, the torch backend gathers and runs SDPA."""
+none (any CPU the compiler targets). Without a compiler, for caches other than float32,
+bfloat16 and float8 (E4M3, E5M2), or with `PAGODA_CPU_DECODE_ATTENTION=0`, the torch backend
+gathers and runs SDPA."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ logger = get_logger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
 # the builds, best first: each runs where its pagoda_decode_attention_supported() says so
 BUILDS = {"avx512": ("-mavx512f", "-mfma"), "avx2": ("-mavx2", "-mfma"), "generic": ()}
-CACHE_DTYPES = (torch.float32, torch.bfloat16)
+# the caches it reads, by the kernel's code for each
+CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 VARIABLE = "PAGODA_CPU_DECODE_ATTENTION"
 
 
@@ -49,9 +51,9 @@ def _library() -> ctypes.CDLL | None:
 
 
 def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
-    """Whether the kernel takes this call: tensors on CPU, float32 or bfloat16 caches of the
-    same strides with contiguous rows, and the kernel built for this machine."""
-    return (query.device.type == "cpu" and key_cache.dtype in CACHE_DTYPES
+    """Whether the kernel takes this call: tensors on CPU, float32, bfloat16 or float8 caches
+    of the same strides with contiguous rows, and the kernel built for this machine."""
+    return (query.device.type == "cpu" and key_cache.dtype in CACHE_TYPES
             and value_cache.dtype == key_cache.dtype
             and value_cache.stride() == key_cache.stride() and key_cache.stride(-1) == 1
             and _library() is not None)
@@ -71,7 +73,7 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     out = torch.empty(n, heads, dim)
     _library().pagoda_decode_attention(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-        int(key_cache.dtype == torch.bfloat16), key_cache.stride(0), key_cache.stride(1),
+        CACHE_TYPES[key_cache.dtype], key_cache.stride(0), key_cache.stride(1),
         tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), firsts.data_ptr(),
         block_size, n, heads, kv_heads, dim, scale, out.data_ptr(), torch.get_num_threads())
     return out
