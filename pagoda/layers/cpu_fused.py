@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
 
 def takes_norm(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether add_rms_norm takes these: contiguous float32 CPU tensors, the kernel built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+    return (x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()
             and (residual is None or (residual.dtype == torch.float32
                                       and residual.is_contiguous()
                                       and residual.shape == x.shape))
@@ -80,7 +80,7 @@ def takes_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin: torch.Tensor) -> bool:
     """Whether rope_ takes these: float32 CPU q and k [tokens, heads, dim] with contiguous
     heads, int64 positions, a float32 contiguous table, the kernel built."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == cos_sin.dtype == torch.float32
+    return (q.is_cpu and q.dtype == k.dtype == cos_sin.dtype == torch.float32
             and positions.dtype == torch.int64 and positions.is_contiguous()
             and q.dim() == k.dim() == 3 and q.stride(2) == k.stride(2) == 1
             and q.stride(1) == q.shape[2] and k.stride(1) == k.shape[2]

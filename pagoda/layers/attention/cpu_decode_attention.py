@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
 def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
     """Whether the kernel takes this call: tensors on CPU, float32, bfloat16 or float8 caches
     of the same strides with contiguous rows, and the kernel built for this machine."""
-    return (query.device.type == "cpu" and key_cache.dtype in CACHE_TYPES
+    return (query.is_cpu and key_cache.dtype in CACHE_TYPES
             and value_cache.dtype == key_cache.dtype
             and value_cache.stride() == key_cache.stride() and key_cache.stride(-1) == 1
             and _library() is not None)
@@ -61,16 +61,17 @@ def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
 
 def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, firsts: torch.Tensor,
-                     block_size: int, scale: float) -> torch.Tensor:
+                     block_size: int, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T scale) v for each row of q [n, heads, dim] over its sequence's positions
     [firsts, seq_lens) (int32 [n]); the caches are [slots, kv_heads, dim] (slot = block *
     block_size + position % block_size, blocks from block_tables int32 [n, blocks]). Returns
-    [n, heads, dim] float32."""
+    [n, heads, dim] float32: `out` (contiguous float32, not q's memory) when given."""
     n, heads, dim = q.shape
     kv_heads = key_cache.shape[1]
     query = q.to(torch.float32).contiguous()
     tables = block_tables.to(torch.int32).contiguous()
-    out = torch.empty(n, heads, dim)
+    out = torch.empty(n, heads, dim) if out is None else out
     _library().pagoda_decode_attention(
         query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
         CACHE_TYPES[key_cache.dtype], key_cache.stride(0), key_cache.stride(1),

@@ -40,6 +40,7 @@ class DecodeGroup:
     firsts: torch.Tensor  # [n] int32
     visible: list[int]  # each row's count of visible positions
     block_size: int
+    whole_batch: bool  # the rows are the batch's tokens 0..n-1 in order (a decode-only step)
     padded: PaddedSlots | None = None  # built at the first torch (not kernel) call
 
     def padded_slots(self) -> PaddedSlots:
@@ -127,11 +128,12 @@ def _decode_group(common: CommonAttentionMetadata, rows: list[int],
     device = common.block_tables.device
     seq_lens = [common.seq_lens_cpu[i] for i in rows]
     firsts = [_first_visible(n - 1, window) for n in seq_lens]
-    index = torch.tensor([common.query_start_loc_cpu[i] for i in rows], device=device)
-    return DecodeGroup(index, common.block_tables[rows],
+    tokens = [common.query_start_loc_cpu[i] for i in rows]
+    return DecodeGroup(torch.tensor(tokens, device=device), common.block_tables[rows],
                        torch.tensor(seq_lens, dtype=torch.int32, device=device),
                        torch.tensor(firsts, dtype=torch.int32, device=device),
-                       [n - f for n, f in zip(seq_lens, firsts)], common.block_size)
+                       [n - f for n, f in zip(seq_lens, firsts)], common.block_size,
+                       tokens == list(range(common.num_tokens)))
 
 
 def _padded_slots(group: DecodeGroup) -> PaddedSlots:
@@ -175,12 +177,15 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 group: DecodeGroup, scale: float, out: torch.Tensor) -> None:
-        queries = q[group.token_index]  # [n, heads, dim]
+        whole = group.whole_batch and q.shape[0] == len(group.visible)
+        queries = q if whole else q[group.token_index]  # [n, heads, dim]
         if cpu_decode_attention.runs(queries, key_cache, value_cache):
+            into = out if whole and out.dtype == torch.float32 and out.is_contiguous() else None
             res = cpu_decode_attention.decode_attention(
                 queries, key_cache, value_cache, group.block_tables, group.seq_lens,
-                group.firsts, group.block_size, scale)
-            out[group.token_index] = res.to(out.dtype)
+                group.firsts, group.block_size, scale, out=into)
+            if into is None:
+                out[group.token_index] = res.to(out.dtype)
             return
         padded = group.padded_slots()
         keys = _gather(key_cache, padded.slots).transpose(1, 2)  # [n, kv_heads, len, dim]

@@ -110,6 +110,14 @@ def kernel_name(bits: int, activation_passes: int) -> str:
     return f"cpu_block_dot ({bits}-bit codes, {activation_passes}-pass activations)"
 
 
+def float32_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself where it is contiguous float32 (its rows then lie one after another, whatever
+    its leading dims), else a contiguous float32 copy: what the CPU kernels read."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.to(torch.float32).contiguous()
+
+
 class BlockDotWeight(nn.Module):
     """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
 
@@ -133,17 +141,14 @@ class BlockDotWeight(nn.Module):
         return kernel_name(self.bits, self.activation_passes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.to(torch.float32).contiguous()
-        out = torch.empty(flat.shape[0], self.out_features)
+        flat = float32_rows(x)
+        out = torch.empty(x.shape[:-1] + (self.out_features,))
         _library().pagoda_block_dot(
-            flat.data_ptr(), flat.shape[0], self.in_features, self.activation_passes,
-            self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
-            self.out_features, self.group_size, out.data_ptr(), torch.get_num_threads())
-        if x.dtype != torch.float32:
-            out = out.to(x.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+            flat.data_ptr(), flat.numel() // self.in_features, self.in_features,
+            self.activation_passes, self.packed.data_ptr(), self.bits, self.scale.data_ptr(),
+            self.low.data_ptr(), self.out_features, self.group_size, out.data_ptr(),
+            torch.get_num_threads())
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Weight rows `index` decoded to float32 [len(index), in] (a table's lookup)."""

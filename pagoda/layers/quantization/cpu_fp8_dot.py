@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.cpu_kernels import load_chosen_kernel
+from pagoda.layers.quantization.cpu_block_dot import float32_rows
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -88,14 +89,10 @@ class Fp8DotWeight(nn.Module):
         self.scale = nn.Parameter(scale.transpose(1, 2).contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.to(torch.float32).contiguous()
-        out = torch.empty(flat.shape[0], self.out_features)
+        flat = float32_rows(x)
+        out = torch.empty(x.shape[:-1] + (self.out_features,))
         _library().pagoda_fp8_dot(
-            flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(),
-            self.scale.data_ptr(), self.out_features, self.group_size, out.data_ptr(),
-            torch.get_num_threads())
-        if x.dtype != torch.float32:
-            out = out.to(x.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+            flat.data_ptr(), flat.numel() // self.in_features, self.in_features,
+            self.packed.data_ptr(), self.scale.data_ptr(), self.out_features, self.group_size,
+            out.data_ptr(), torch.get_num_threads())
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
