@@ -218,3 +218,17 @@ def pick_cpu_kernel_build(module, request, monkeypatch) -> str:
     if module._library() is None:
         pytest.skip(f"the {request.param} build does not run here")
     return request.param
+
+
+def on_thread_counts(call, counts: tuple[int, ...] = (1, 2)) -> list:
+    """call()'s result with torch on each thread count of `counts` in turn (the caller's
+    count restored after): the CPU kernels split work by torch.get_num_threads()."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(call())
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ import torch
 
 from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.attention.cpu_decode_attention import decode_attention
-from tests.utils import pick_cpu_kernel_build
+from tests.utils import on_thread_counts, pick_cpu_kernel_build
 
 
 @pytest.fixture(params=list(cpu_decode_attention.BUILDS))
@@ -102,14 +102,7 @@ def test_thread_count_never_changes_a_bit(build):
     lengths, firsts = [300, 17, 64, 5, 129], [0, 0, 0, 0, 100]
     cache, tables, _ = paged_step(lengths, firsts, 16, 4, 64, torch.float32)
     q = torch.randn(5, 8, 64, generator=torch.Generator().manual_seed(3))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_kernel(q, cache, tables, lengths, firsts, 16, 0.125)
-        torch.set_num_threads(2)
-        two = run_kernel(q, cache, tables, lengths, firsts, 16, 0.125)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_thread_counts(lambda: run_kernel(q, cache, tables, lengths, firsts, 16, 0.125))
     assert torch.equal(one, two)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from tests.utils import on_thread_counts
 
 
 @pytest.fixture(autouse=True, params=list(cpu_block_dot.BUILDS))
@@ -87,14 +88,8 @@ def test_threads_split_the_outputs_without_changing_a_bit():
     codes, scale, low, _ = random_weights(256, 512, 128, 4, 2)
     layer = BlockDotWeight(codes, scale, low, 128, 4)
     x = torch.randn(70, 512)  # >= 64 tokens: the activations are quantized in parallel too
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = layer(x)
-        torch.set_num_threads(4)
-        assert torch.equal(layer(x), one)
-    finally:
-        torch.set_num_threads(threads)
+    one, four = on_thread_counts(lambda: layer(x), (1, 4))
+    assert torch.equal(one, four)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

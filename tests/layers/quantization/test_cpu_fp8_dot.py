@@ -10,7 +10,7 @@ import torch
 
 from pagoda.layers.quantization import cpu_fp8_dot
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight, fits
-from tests.utils import pick_cpu_kernel_build
+from tests.utils import on_thread_counts, pick_cpu_kernel_build
 
 FP8 = torch.float8_e4m3fn
 
@@ -75,14 +75,8 @@ def test_the_thread_count_never_changes_a_bit(build):
     weight, scale = random_layer(64, 256, 128)
     layer = Fp8DotWeight(weight, scale)
     x = torch.randn(20, 256)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = layer(x)
-        torch.set_num_threads(2)
-        assert torch.equal(layer(x), one)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_thread_counts(lambda: layer(x))
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("out_features, in_features, group", [
