@@ -99,6 +99,31 @@ def test_mixed_batch_matches_dense(block_size, heads, kv_heads):
     torch.testing.assert_close(flat_k[meta.slot_mapping], new_k)  # new K/V were stored
 
 
+def test_a_decode_only_step_matches_dense_from_a_strided_q():
+    """Every token a decode: the backend reads q (a view into a fused qkv, as the models
+    pass it) and writes its output without index copies; the same values as dense."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim = 9, 3, 64
+    seqs = [(0, 1), (20, 1), (33, 1), (47, 1)]
+    meta, cache, ks, vs = build_step(seqs, 16, 64, kv_heads, dim, gen)
+    qkv = torch.randn(len(seqs), (heads + 2 * kv_heads) * dim, generator=gen)
+    q = qkv[:, :heads * dim].view(len(seqs), heads, dim)
+    backend = TorchAttentionBackend()
+    metadata = backend.build_metadata(meta)
+    out = backend.forward(q, torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]),
+                          cache, metadata, dim ** -0.5)
+    assert metadata.gathers(None).decodes.whole_batch
+    for i, (k, v) in enumerate(zip(ks, vs)):
+        torch.testing.assert_close(out[i:i + 1], dense_attention(q[i:i + 1], k, v, dim ** -0.5),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixed_steps_decodes_are_not_the_whole_batch():
+    meta, _, _, _ = build_step([(5, 1), (0, 3)], 16, 16, 2, 16, torch.Generator().manual_seed(0))
+    gathers = TorchAttentionBackend().build_metadata(meta).gathers(None)
+    assert not gathers.decodes.whole_batch
+
+
 def test_null_block_padding_is_harmless():
     """Padding slots of shorter decodes read the (zeroed) null block and are masked out."""
     gen = torch.Generator().manual_seed(0)
