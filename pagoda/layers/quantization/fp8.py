@@ -30,7 +30,6 @@ from pagoda.layers.linear import (
 )
 from pagoda.layers.quantization import cpu_fp8_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
-from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight
 from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
@@ -113,7 +112,7 @@ class Fp8LinearMethod(LinearMethod):
             layer.fp8 = GroupQuantWeight(weight, scale, None, group, 8)
             return
         if weight.device.type == "cpu" and cpu_fp8_dot.holds(*weight.shape, group):
-            layer.fp8 = Fp8DotWeight(weight, scale)
+            layer.fp8 = cpu_fp8_dot.Fp8DotWeight(weight, scale)
             return
         dtype = torch.get_default_dtype()
         decoded = weight.to(torch.float32).view(weight.shape[0], scale.shape[1], group)
@@ -147,7 +146,7 @@ class Fp8LinearMethod(LinearMethod):
 
     def kernel(self, layer: LinearBase) -> str:
         held = layer.fp8
-        if isinstance(held, Fp8DotWeight):
+        if isinstance(held, cpu_fp8_dot.Fp8DotWeight):
             return "cpu_fp8_dot (float8 bytes decoded in registers, float32 products)"
         if not isinstance(held, GroupQuantWeight):
             return "fp8 weights decoded at load (dense matmul)"
