@@ -1,14 +1,14 @@
 // Decode attention on CPU: one query token per sequence against its cached keys and values,
 // read where they lie in the paged cache (no gather into a padded copy), float32, bfloat16
-// or float8 (E4M3, E5M2; their scales applied by the caller) caches. One task per sequence (or per part of its KV heads, where sequences are few)
-// computes its heads' attention block by block of the cache with a running softmax (each
-// block: the scores, the running maximum and sum rescaled, the values' weighted sum), all in
-// float32. The loops over a head's dimension are written for the compiler to vectorize:
-// pagoda builds this source with AVX-512 flags, with AVX2 flags and with none
-// (cpu_decode_attention.py), and the CPU picks the build it runs. The AVX-512 build takes
-// runs of 16 cached rows with intrinsics where a head's dimension is 64, 128 or 256: the 16
-// scores without a horizontal sum per row, and the weighted values with the sums in
-// registers.
+// or float8 (E4M3, E5M2; their scales applied by the caller) caches. One task per sequence
+// (or per part of its KV heads, where sequences are few) computes its heads' attention
+// block by block of the cache with a running softmax (each block: the scores, the running
+// maximum and sum rescaled, the values' weighted sum), all in float32. The loops over a
+// head's dimension are written for the compiler to vectorize: pagoda builds this source
+// with AVX-512 flags, with AVX2 flags and with none (cpu_decode_attention.py), and the CPU
+// picks the build it runs. The AVX-512 build takes runs of 16 cached rows with intrinsics
+// where a head's dimension is 64, 128 or 256: the 16 scores without a horizontal sum per
+// row, and the weighted values with the sums in registers.
 
 #include <stdint.h>
 #include <string.h>
