@@ -2,7 +2,8 @@
 with the machine's C++ compiler (`$CXX`, else g++) at first use into pagoda's home
 (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source, flags and compiler,
 and called through ctypes. A source may have several builds (instruction-set flags, best
-first); each exports `<prefix>_supported()`, which says whether this CPU runs it."""
+first); each exports `<prefix>_supported()`, which says whether this CPU runs it. The kernels
+read float32 rows laid one after another (`float32_rows`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from pagoda.home import home_dir
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+
+
+def float32_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself where it is contiguous float32 (its rows then lie one after another, whatever
+    its leading dims), else a contiguous float32 copy: what the CPU kernels read."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.to(torch.float32).contiguous()
 
 
 class KernelUnavailable(Exception):

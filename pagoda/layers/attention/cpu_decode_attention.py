@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pagoda.layers.cpu_kernels import load_chosen_kernel
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -69,7 +69,7 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     [n, heads, dim] float32: `out` (contiguous float32, not q's memory) when given."""
     n, heads, dim = q.shape
     kv_heads = key_cache.shape[1]
-    query = q.to(torch.float32).contiguous()
+    query = float32_rows(q)
     tables = block_tables.to(torch.int32).contiguous()
     out = torch.empty(n, heads, dim) if out is None else out
     _library().pagoda_decode_attention(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.layers.cpu_kernels import load_chosen_kernel
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -108,14 +108,6 @@ def default_activation_passes() -> int:
 def kernel_name(bits: int, activation_passes: int) -> str:
     """What the startup log calls a layer on the kernel."""
     return f"cpu_block_dot ({bits}-bit codes, {activation_passes}-pass activations)"
-
-
-def float32_rows(x: torch.Tensor) -> torch.Tensor:
-    """x itself where it is contiguous float32 (its rows then lie one after another, whatever
-    its leading dims), else a contiguous float32 copy: what the CPU kernels read."""
-    if x.dtype == torch.float32 and x.is_contiguous():
-        return x
-    return x.to(torch.float32).contiguous()
 
 
 class BlockDotWeight(nn.Module):

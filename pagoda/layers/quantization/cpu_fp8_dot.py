@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.layers.cpu_kernels import load_chosen_kernel
-from pagoda.layers.quantization.cpu_block_dot import float32_rows
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
