@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -58,6 +62,39 @@ def _yarn(base: float, dim: int, p: dict[str, Any], max_pos: int) -> tuple[torch
     return inv_freq, float(attention_factor)
 
 
+# the tables built so far for the model being built (shared_rotary_tables), by parameters
+_SHARED_TABLES: ContextVar[dict[str, torch.Tensor] | None] = ContextVar(
+    "shared_rotary_tables", default=None)
+
+
+@contextmanager
+def shared_rotary_tables() -> Iterator[None]:
+    """Rotary embeddings built inside share one cos/sin table per distinct configuration
+    instead of one a layer: the tables are [max_position, rotary_dim] float32 each (64 MiB
+    a layer for a 128-wide head at 131,072 positions). Scope it to one model: a sleeping
+    model's tables leave the device with it."""
+    token = _SHARED_TABLES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_TABLES.reset(token)
+
+
+def cos_sin_table(params: dict[str, Any], rotary_dim: int, max_position: int) -> torch.Tensor:
+    """[max_position, rotary_dim] float32: each position's cos then sin of its angles (times
+    the configuration's scale), on the default device; shared inside shared_rotary_tables."""
+    shared = _SHARED_TABLES.get()
+    key = json.dumps([params, rotary_dim, max_position], sort_keys=True, default=str)
+    if shared is not None and key in shared:
+        return shared[key]
+    inv_freq, scale = inv_freq_for(params, rotary_dim, max_position)
+    angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
+    table = torch.cat([angles.cos() * scale, angles.sin() * scale], dim=-1).float()
+    if shared is not None:
+        shared[key] = table
+    return table
+
+
 def inv_freq_for(p: dict[str, Any], dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float64) and the cos/sin scale for a rope configuration."""
     base, kind = float(p["rope_theta"]), p["rope_type"]
@@ -82,10 +119,8 @@ class RotaryEmbedding(DeviceDispatch):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
-        inv_freq, scale = inv_freq_for(params, self.rotary_dim, max_position)
-        angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
-        cache = torch.cat([angles.cos() * scale, angles.sin() * scale], dim=-1).float()
-        self.register_buffer("cos_sin", cache, persistent=False)
+        self.register_buffer("cos_sin", cos_sin_table(params, self.rotary_dim, max_position),
+                             persistent=False)
 
     def forward_cuda(self, positions: torch.Tensor, q: torch.Tensor,
                      k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

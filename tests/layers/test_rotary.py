@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.rotary import RotaryEmbedding, inv_freq_for
+from pagoda.layers.rotary import RotaryEmbedding, inv_freq_for, shared_rotary_tables
 from pagoda.models.hf_config import rope_parameters
 
 ROPES = {
@@ -59,3 +59,16 @@ def test_rotation_is_rotate_half_and_preserves_norm():
 def test_unknown_scaling_type_is_rejected():
     with pytest.raises(UnsupportedModelError):
         inv_freq_for({"rope_type": "mystery", "rope_theta": 1.0}, 8, 16)
+
+
+def test_layers_built_together_share_a_table_per_configuration():
+    local, full = ROPES["default"], ROPES["llama3"]
+    with shared_rotary_tables():
+        ropes = [RotaryEmbedding(64, 128, params) for params in (local, full, local, full)]
+        partial = RotaryEmbedding(64, 128, local, rotary_dim=32)
+    assert ropes[0].cos_sin is ropes[2].cos_sin and ropes[1].cos_sin is ropes[3].cos_sin
+    assert ropes[0].cos_sin is not ropes[1].cos_sin
+    assert partial.cos_sin.shape == (128, 32) and ropes[0].cos_sin.shape == (128, 64)
+    alone = RotaryEmbedding(64, 128, local)  # outside: a table of its own, the same values
+    assert alone.cos_sin is not ropes[0].cos_sin
+    assert torch.equal(alone.cos_sin, ropes[0].cos_sin)

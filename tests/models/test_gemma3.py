@@ -4,10 +4,13 @@ shorter than the prompts, global layers, q/k norms, soft-capped logits."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import Gemma3TextConfig
 
 from pagoda.models.arch.base import FULL, SLIDING, layer_windows
 from pagoda.models.hf_config import HFConfig
+from pagoda.models.loader.checkpoint import load_model
+from pagoda.models.source import resolve_model
 from tests.models.parity import check_random_checkpoint
 
 COMMON = dict(hidden_size=64, intermediate_size=128, vocab_size=512, max_position_embeddings=512,
@@ -38,6 +41,14 @@ def test_every_sixth_layer_is_global_with_its_own_rope_base():
     assert layer_windows(config) == ([512] * 5 + [None]) * 2
     assert config.rope_parameters[FULL]["rope_theta"] == 1e6
     assert config.rope_parameters[SLIDING]["rope_theta"] == 1e4
+
+
+def test_layers_hold_one_rope_table_per_base(tmp_path):
+    CONFIGS["gemma3-mqa-softcap-scaled-rope"].save_pretrained(tmp_path)
+    model = load_model(resolve_model(str(tmp_path), "dummy"), torch.float32,
+                       torch.device("cpu"), max_position=64)
+    tables = {id(layer.self_attn.rotary_emb.cos_sin) for layer in model.model.layers}
+    assert len(model.model.layers) == 3 and len(tables) == 2  # local and global bases
 
 
 def test_the_real_gemma3_gguf_stops_at_end_of_turn(gemma3_270m_dir):

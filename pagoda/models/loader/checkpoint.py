@@ -18,6 +18,7 @@ from pagoda.layers.quantization import (
     finish_linear_layers,
     get_quantization_config,
 )
+from pagoda.layers.rotary import shared_rotary_tables
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
@@ -53,7 +54,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         raise UnsupportedModelError(f"{cls.__name__} does not support pipeline parallelism")
     config = get_quantization_config(quantization, source.hf_config) if quantization else None
     with _default_dtype(dtype), torch.device(device):
-        with deferred_linear_methods():
+        with deferred_linear_methods(), shared_rotary_tables():
             model = cls(source.hf_config, max_position, group, stage)
         bind_linear_methods(model, config)
         bind_embeddings(model, config)
