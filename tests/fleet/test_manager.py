@@ -47,10 +47,10 @@ def test_needs_come_from_the_config(smollm2_dir):
 
 def test_needs_count_weights_kept_quantized(smollm2_dir):
     m = manager(ModelSpec(str(smollm2_dir), "a"), quantization=None)
-    # on the block-dot kernel Q4_1 linears as 4-bit codes with a float32 scale and low per
-    # 32 (6 bits) and the tied Q8_0 table as bytes likewise (10 bits); on torch's kernels
+    # on the block-dot kernel Q4_1 linears as 4-bit codes with a float16 scale and low per
+    # 32 (5 bits) and the tied Q8_0 table as bytes likewise (9 bits); on torch's kernels
     # the linears packed to 5 bits and the table float32
-    held = 115156224 if cpu_block_dot.available() else 179741952
+    held = 98346240 if cpu_block_dot.available() else 179741952
     assert m.by_name["a"].need.weight_bytes == held
 
 

@@ -43,7 +43,7 @@ def test_every_projection_runs_on_a_4_bit_kernel(quantized_llm):
     layers = [m for m in _model(quantized_llm).modules() if isinstance(m, LinearBase)]
     assert len(layers) == 30 * 4  # qkv, o, gate_up, down per layer
     assert all(isinstance(m.method, GGUFLinearMethod) for m in layers)
-    kernel = (kernel_name(4, 2) if cpu_block_dot.available()
+    kernel = (kernel_name(4, 2, half_scales=True) if cpu_block_dot.available()  # Q4_1
               else "int4pack_mm_for_cpu")
     assert {m.method.kernel(m) for m in layers} == {kernel}
     # the LM head tied to the Q8_0 embedding: its codes on the block-dot kernel, else floats
@@ -156,7 +156,8 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kern
         if tp == 1:
             kernels = {part for m in _model(llm).modules() if isinstance(m, LinearBase)
                        for part in m.method.kernel(m).split(" + ")}
-            assert kernels == ({kernel_name(4, 2), kernel_name(8, 2)}
+            # (the legacy types' scales are float16s)
+            assert kernels == ({kernel_name(4, 2, True), kernel_name(8, 2, True)}
                                if cpu_kernel == "cpu_block_dot"
                                else {"int4pack_mm_for_cpu", "dense matmul"})
         llm.engine.core.shutdown()

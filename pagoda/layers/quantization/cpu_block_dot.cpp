@@ -11,11 +11,12 @@
 // Weights are laid out in tiles of 16 outputs: for tile t and block b, 4-bit codes take 256
 // bytes (four 64-byte rows; in row l, byte 4j+i holds output j's inputs 8l+i in its low
 // nibble and 8l+4+i in its high nibble), 8-bit codes 512 bytes (eight rows; in row q, byte
-// 4j+i holds output j's input 4q+i). Scales and lows are [tiles][groups][16] floats.
+// 4j+i holds output j's input 4q+i). Scales and lows are [tiles][groups][16] float32s, or
+// float16s where those hold them exactly (GGUF's legacy types: fewer bytes to stream).
 //
 // Built by pagoda at first use (cpu_block_dot.py) with g++ and OpenMP, once with AVX-512
-// VNNI flags and once with AVX2 ones: the 16-lane vectors below are one zmm register or two
-// ymm registers.
+// VNNI flags and once with AVX2 and F16C ones: the 16-lane vectors below are one zmm register
+// or two ymm registers.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -45,6 +46,9 @@ inline Ints shift_left(Ints v, int bits) { return _mm512_slli_epi32(v, bits); }
 inline Ints add(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
 inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
 inline Floats load_floats(const float* at) { return _mm512_loadu_ps(at); }
+inline Floats load_floats(const uint16_t* at) {  // float16s
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
 inline void store_floats(float* at, Floats v) { _mm512_storeu_ps(at, v); }
 inline Floats zero_floats() { return _mm512_setzero_ps(); }
 inline Floats broadcast(float value) { return _mm512_set1_ps(value); }
@@ -87,6 +91,10 @@ inline Ints add(Ints a, Ints b) {
 inline Floats to_floats(Ints v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
 inline Floats load_floats(const float* at) {
   return {_mm256_loadu_ps(at), _mm256_loadu_ps(at + 8)};
+}
+inline Floats load_floats(const uint16_t* at) {  // float16s
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 8)))};
 }
 inline void store_floats(float* at, Floats v) {
   _mm256_storeu_ps(at, v.lo);
@@ -153,11 +161,11 @@ inline void add_block_products(const Ints codes[8], const int8_t* activations, I
 // out[r][0..16) = activation rows r < R times one tile's 16 outputs. xq: PASSES planes of
 // [rows, cols] codes (plane stride pass_stride); xscale: each block's scale (of the last
 // pass's codes); xsum: each half block's activation sum. HALVES: groups of 16 inputs (two a
-// block), else of group_blocks blocks.
-template <int R, int BITS, int PASSES, bool HALVES>
+// block), else of group_blocks blocks. Scale: float, or uint16_t for float16s.
+template <int R, int BITS, int PASSES, bool HALVES, typename Scale>
 void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
-                  const float* xsum, int64_t cols, const uint8_t* tile, const float* scale,
-                  const float* low, int64_t group_blocks, float* out, int64_t out_stride) {
+                  const float* xsum, int64_t cols, const uint8_t* tile, const Scale* scale,
+                  const Scale* low, int64_t group_blocks, float* out, int64_t out_stride) {
   const int64_t blocks = cols / kBlock;
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   Floats acc[R];
@@ -206,17 +214,18 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
   for (int r = 0; r < R; ++r) store_floats(out + r * out_stride, acc[r]);
 }
 
+template <typename Scale>
 using TileProduct = void (*)(const int8_t*, int64_t, const float*, const float*, int64_t,
-                             const uint8_t*, const float*, const float*, int64_t, float*,
+                             const uint8_t*, const Scale*, const Scale*, int64_t, float*,
                              int64_t);
 
-template <int BITS, int PASSES, bool HALVES>
-TileProduct tile_product_for(int rows) {
-  static constexpr TileProduct table[] = {
-      tile_product<1, BITS, PASSES, HALVES>, tile_product<2, BITS, PASSES, HALVES>,
-      tile_product<3, BITS, PASSES, HALVES>, tile_product<4, BITS, PASSES, HALVES>,
-      tile_product<5, BITS, PASSES, HALVES>, tile_product<6, BITS, PASSES, HALVES>,
-      tile_product<7, BITS, PASSES, HALVES>, tile_product<8, BITS, PASSES, HALVES>};
+template <int BITS, int PASSES, bool HALVES, typename Scale>
+TileProduct<Scale> tile_product_for(int rows) {
+  static constexpr TileProduct<Scale> table[] = {
+      tile_product<1, BITS, PASSES, HALVES, Scale>, tile_product<2, BITS, PASSES, HALVES, Scale>,
+      tile_product<3, BITS, PASSES, HALVES, Scale>, tile_product<4, BITS, PASSES, HALVES, Scale>,
+      tile_product<5, BITS, PASSES, HALVES, Scale>, tile_product<6, BITS, PASSES, HALVES, Scale>,
+      tile_product<7, BITS, PASSES, HALVES, Scale>, tile_product<8, BITS, PASSES, HALVES, Scale>};
   return table[rows - 1];
 }
 
@@ -305,9 +314,9 @@ void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
 
 #endif
 
-template <int BITS, int PASSES, bool HALVES>
+template <int BITS, int PASSES, bool HALVES, typename Scale>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
-               int64_t cols, const uint8_t* weights, const float* scale, const float* low,
+               int64_t cols, const uint8_t* weights, const Scale* scale, const Scale* low,
                int64_t out_features, int64_t group_blocks, float* out, int threads) {
   const int64_t tiles = out_features / kLanes;
   const int64_t blocks = cols / kBlock;
@@ -317,7 +326,7 @@ void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t
   for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t r = 0; r < tokens; r += kRows) {
       const int count = tokens - r < kRows ? static_cast<int>(tokens - r) : kRows;
-      tile_product_for<BITS, PASSES, HALVES>(count)(
+      tile_product_for<BITS, PASSES, HALVES, Scale>(count)(
           xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols,
           weights + t * tile_bytes, scale + t * groups * kLanes, low + t * groups * kLanes,
           group_blocks, out + r * out_features + t * kLanes, out_features);
@@ -325,10 +334,10 @@ void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t
   }
 }
 
-template <int BITS, int PASSES>
+template <int BITS, int PASSES, typename Scale>
 void block_dot_groups(const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
-                      const float* scale, const float* low, int64_t out_features,
+                      const Scale* scale, const Scale* low, int64_t out_features,
                       int64_t group_inputs, float* out, int threads) {
   if (group_inputs == kBlock / 2)
     block_dot<BITS, PASSES, true>(xq, xscale, xsum, tokens, cols, weights, scale, low,
@@ -338,10 +347,10 @@ void block_dot_groups(const int8_t* xq, const float* xscale, const float* xsum,
                                    out_features, group_inputs / kBlock, out, threads);
 }
 
-template <int BITS>
+template <int BITS, typename Scale>
 void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
-                      const float* scale, const float* low, int64_t out_features,
+                      const Scale* scale, const Scale* low, int64_t out_features,
                       int64_t group_inputs, float* out, int threads) {
   if (passes == 2)
     block_dot_groups<BITS, 2>(xq, xscale, xsum, tokens, cols, weights, scale, low,
@@ -351,29 +360,47 @@ void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const f
                               out_features, group_inputs, out, threads);
 }
 
+template <typename Scale>
+void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
+                    const float* xsum, int64_t tokens, int64_t cols, const uint8_t* weights,
+                    const void* scale, const void* low, int64_t out_features,
+                    int64_t group_inputs, float* out, int threads) {
+  const Scale* scales = static_cast<const Scale*>(scale);
+  const Scale* lows = static_cast<const Scale*>(low);
+  if (bits == 4)
+    block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
+                        out_features, group_inputs, out, threads);
+  else
+    block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
+                        out_features, group_inputs, out, threads);
+}
+
 }  // namespace
 
 extern "C" {
 
-// Whether this CPU runs this build: AVX-512 F, BW and VNNI, or AVX2 and FMA.
+// Whether this CPU runs this build: AVX-512 F, BW and VNNI, or AVX2, FMA and F16C.
 int pagoda_block_dot_supported() {
   __builtin_cpu_init();
 #if defined(__AVX512F__)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
 #else
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #endif
 }
 
 // out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8, groups
-// of group_inputs: 16 or a multiple of 32), x quantized first (in 1 or 2 passes) into the
+// of group_inputs: 16 or a multiple of 32; scales and lows of scale_bits 32 or 16), x
+// quantized first (in 1 or 2 passes) into the
 // calling thread's scratch (kept for its next call, up to kKeptScratch codes): codes
 // [passes, tokens, cols], a scale per block [tokens, cols / 32] and a sum per half block
 // [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
-                      const uint8_t* weights, int bits, const float* scale, const float* low,
-                      int64_t out_features, int64_t group_inputs, float* out, int threads) {
+                      const uint8_t* weights, int bits, const void* scale, const void* low,
+                      int scale_bits, int64_t out_features, int64_t group_inputs, float* out,
+                      int threads) {
   static thread_local std::vector<int8_t> codes_scratch;
   static thread_local std::vector<float> scale_scratch, sum_scratch;
   const int64_t blocks = cols / kBlock;
@@ -388,12 +415,12 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
   for (int64_t r = 0; r < tokens; ++r)
     quantize_row(x + r * cols, cols, passes, tokens * cols, x_codes + r * cols,
                  x_scale + r * blocks, x_sum + 2 * r * blocks);
-  if (bits == 4)
-    block_dot_passes<4>(passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale, low,
-                        out_features, group_inputs, out, threads);
+  if (scale_bits == 16)
+    block_dot_bits<uint16_t>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
+                             scale, low, out_features, group_inputs, out, threads);
   else
-    block_dot_passes<8>(passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale, low,
-                        out_features, group_inputs, out, threads);
+    block_dot_bits<float>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale,
+                          low, out_features, group_inputs, out, threads);
   if (codes_scratch.size() > kKeptScratch) {  // a prefill's: not held between calls
     std::vector<int8_t>().swap(codes_scratch);
     std::vector<float>().swap(scale_scratch);

@@ -31,7 +31,7 @@ logger = get_logger(__name__)
 SOURCE = Path(__file__).with_name("cpu_block_dot.cpp")
 # the builds, best first: each runs where its pagoda_block_dot_supported() says so
 BUILDS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
-          "avx2": ("-mavx2", "-mfma")}
+          "avx2": ("-mavx2", "-mfma", "-mf16c")}
 BLOCK = 32  # inputs per activation block
 LANES = 16  # outputs per weight tile
 BITS = (4, 8)
@@ -41,7 +41,7 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, flag, pointer,
-                                         pointer, size, size, pointer, flag]
+                                         pointer, flag, size, size, pointer, flag]
     library.pagoda_block_dot.restype = None
     return library
 
@@ -87,10 +87,17 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return tiles.contiguous()
 
 
-def tile_groups(values: torch.Tensor) -> torch.Tensor:
-    """[out, groups] -> [tiles, groups, 16] float32, the kernel's scale and low layout."""
+def held_exactly(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every one of `values` is `dtype`'s to the bit (infinities and NaNs are not)."""
+    held = values.to(dtype)
+    return bool(held.isfinite().all()) and torch.equal(held.to(values.dtype), values)
+
+
+def tile_groups(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[out, groups] -> [tiles, groups, 16] of dtype (float32 or float16), the kernel's scale
+    and low layout."""
     out_features, groups = values.shape
-    return values.float().reshape(out_features // LANES, LANES, groups).transpose(1, 2
+    return values.to(dtype).reshape(out_features // LANES, LANES, groups).transpose(1, 2
                                                                                   ).contiguous()
 
 
@@ -105,19 +112,23 @@ def default_activation_passes() -> int:
     return int(value)
 
 
-def kernel_name(bits: int, activation_passes: int) -> str:
-    """What the startup log calls a layer on the kernel."""
-    return f"cpu_block_dot ({bits}-bit codes, {activation_passes}-pass activations)"
+def kernel_name(bits: int, activation_passes: int, half_scales: bool = False) -> str:
+    """What the startup log calls a layer on the kernel (scales float32 unless said)."""
+    scales = "float16 scales, " if half_scales else ""
+    return f"cpu_block_dot ({bits}-bit codes, {scales}{activation_passes}-pass activations)"
 
 
 class BlockDotWeight(nn.Module):
     """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                 group_size: int, bits: int, activation_passes: int | None = None) -> None:
+                 group_size: int, bits: int, activation_passes: int | None = None,
+                 half_scales: bool = False) -> None:
         """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
         weight is code * scale + low. `activation_passes`: 1 or 2 (default: the
-        environment's, default_activation_passes)."""
+        environment's, default_activation_passes). `half_scales`: hold the scales and lows
+        as float16 (fewer bytes to stream) where every one is float16's exactly, else as
+        float32."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
         if bits not in BITS or not fits(self.out_features, self.in_features, group_size):
@@ -126,11 +137,14 @@ class BlockDotWeight(nn.Module):
         self.group_size, self.bits = group_size, bits
         self.activation_passes = activation_passes or default_activation_passes()
         self.packed = nn.Parameter(tile_codes(codes, bits), requires_grad=False)
-        self.scale = nn.Parameter(tile_groups(scale), requires_grad=False)
-        self.low = nn.Parameter(tile_groups(low), requires_grad=False)
+        scale_dtype = torch.float16 if half_scales and held_exactly(scale, torch.float16) \
+            and held_exactly(low, torch.float16) else torch.float32
+        self.scale = nn.Parameter(tile_groups(scale, scale_dtype), requires_grad=False)
+        self.low = nn.Parameter(tile_groups(low, scale_dtype), requires_grad=False)
 
     def kernel_name(self) -> str:
-        return kernel_name(self.bits, self.activation_passes)
+        return kernel_name(self.bits, self.activation_passes,
+                           self.scale.dtype == torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = float32_rows(x)
@@ -138,8 +152,8 @@ class BlockDotWeight(nn.Module):
         _library().pagoda_block_dot(
             flat.data_ptr(), flat.numel() // self.in_features, self.in_features,
             self.activation_passes, self.packed.data_ptr(), self.bits, self.scale.data_ptr(),
-            self.low.data_ptr(), self.out_features, self.group_size, out.data_ptr(),
-            torch.get_num_threads())
+            self.low.data_ptr(), self.scale.element_size() * 8, self.out_features,
+            self.group_size, out.data_ptr(), torch.get_num_threads())
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
+    HALF_SCALE_FORMATS,
     INT4_FORMATS,
     byte_groups,
     dequantize_rows,
@@ -170,14 +171,15 @@ def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes: "blockdot<bits>" (the CPU kernel), "int4" (torch's CPU
-    kernel), "group<bits>x<group>" (the GPU kernel), its block type, or "dense"."""
+    """What a piece becomes: "blockdot<bits>" (the CPU kernel; "blockdot<bits>half" with
+    float16 scales), "int4" (torch's CPU kernel), "group<bits>x<group>" (the GPU kernel), its
+    block type, or "dense"."""
     if isinstance(piece, torch.Tensor):
         return "dense"
     bits, group = group_layout(piece.type_name)
     if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
                                                 piece.type_name):
-        return f"blockdot{bits}"
+        return f"blockdot{bits}" + ("half" if piece.type_name in HALF_SCALE_FORMATS else "")
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
     if device.type == "cuda" and supports(piece.columns, group, bits):
@@ -209,8 +211,9 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
         bits, group = group_layout(pieces[0].type_name)
         groups = [byte_groups(p.rows.to(device), p.type_name)[:3] for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
-        kernel = GroupQuantWeight if kind.startswith("group") else BlockDotWeight
-        return kernel(codes, scale, low, group, bits)
+        if kind.startswith("group"):
+            return GroupQuantWeight(codes, scale, low, group, bits)
+        return BlockDotWeight(codes, scale, low, group, bits, half_scales=kind.endswith("half"))
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
@@ -250,7 +253,8 @@ def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor
                      type_name: str) -> None:
     bits, group = group_layout(type_name)
     codes, scale, low, _ = byte_groups(rows, type_name)
-    embedding.quantized = head.quantized = BlockDotWeight(codes, scale, low, group, bits)
+    embedding.quantized = head.quantized = BlockDotWeight(
+        codes, scale, low, group, bits, half_scales=type_name in HALF_SCALE_FORMATS)
 
 
 def _rank_table_rows(embedding: VocabEmbedding, tensor: GGUFWeight) -> torch.Tensor:
@@ -300,12 +304,13 @@ class GGUFConfig(QuantizationConfig):
 def held_bits(type_name: str, device: torch.device) -> int:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
     code and its share of the group's scale and min (16-bit on CUDA and in torch's int4
-    kernel, 32-bit in the CPU block-dot kernel)."""
+    kernel; in the CPU block-dot kernel 16-bit for the types whose scales are float16s,
+    else 32-bit)."""
     bits, group = group_layout(type_name)
     if device.type == "cuda":
         return bits + 32 // group
     if _block_dot_holds(type_name):
-        return bits + 64 // group
+        return bits + (32 if type_name in HALF_SCALE_FORMATS else 64) // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights

@@ -32,6 +32,9 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q6_K", QK_K, 210),
 )}
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
+# types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
+# power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
+HALF_SCALE_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
 
 
 def _half(raw: torch.Tensor) -> torch.Tensor:

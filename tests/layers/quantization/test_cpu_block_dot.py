@@ -1,8 +1,8 @@
 """pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
 of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
 largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
-groups of 16 to 384, token counts around its 8-row tiles, threads; its table lookup; the
-shapes it refuses; and the machines it does not build on."""
+groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales; its
+table lookup; the shapes it refuses; and the machines it does not build on."""
 
 from __future__ import annotations
 
@@ -71,6 +71,35 @@ def test_products_match_the_reference_arithmetic(bits, out_features, in_features
     share = 2e-6 if passes == 1 else 2e-5
     torch.testing.assert_close(layer(x).double(), expected, rtol=0,
                                atol=share * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_features, in_features, group", [
+    (48, 64, 32), (32, 512, 256), (64, 128, 16)])
+@pytest.mark.parametrize("tokens", [1, 19])
+def test_float16_scales_give_the_float32_products(bits, out_features, in_features, group,
+                                                  tokens):
+    codes, scale, low, _ = random_weights(out_features, in_features, group, bits, 4)
+    scale, low = scale.half().float(), low.half().float()  # float16's values: held exactly
+    wide = BlockDotWeight(codes, scale, low, group, bits)
+    half = BlockDotWeight(codes, scale, low, group, bits, half_scales=True)
+    assert wide.scale.dtype == torch.float32 and half.scale.dtype == half.low.dtype == \
+        torch.float16
+    assert half.kernel_name() == cpu_block_dot.kernel_name(bits, 2, half_scales=True)
+    x = torch.randn(tokens, in_features)
+    assert torch.equal(half(x), wide(x))
+    index = torch.tensor([0, out_features - 1, 5])
+    assert torch.equal(half.rows(index), wide.rows(index))
+
+
+def test_scales_float16_cannot_hold_stay_float32():
+    codes, scale, low, _ = random_weights(32, 64, 32, 4, 5)  # random float32s
+    assert BlockDotWeight(codes, scale, low, 32, 4, half_scales=True).scale.dtype == \
+        torch.float32
+    scale = scale.half().float()
+    low = torch.full_like(scale, -1e5)  # past float16's largest
+    assert BlockDotWeight(codes, scale, low, 32, 4, half_scales=True).low.dtype == \
+        torch.float32
 
 
 def test_leading_dimensions_and_dtypes_are_kept():

@@ -57,11 +57,13 @@ def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     k, k_ref = gguf_piece("Q4_1", KV_HEADS * HEAD_DIM, HIDDEN, 2)
     v, v_ref = gguf_piece("Q6_K", KV_HEADS * HEAD_DIM, HIDDEN, 3)
     loaded(layer, [q, k, v])
-    # q and k share one kernel; v's Q6_K (groups of 16) is bytes on the block-dot kernel, and
-    # on torch's path no kernel takes it
+    # on the block-dot kernel, q's Q4_K and k's Q4_1 (its scales float16s) are held apart and
+    # v's Q6_K (groups of 16) as bytes; on torch's path q and k share one kernel and no kernel
+    # takes v
     if cpu_kernel == "cpu_block_dot":
-        kernels = [BlockDotWeight, BlockDotWeight]
-        name = f"{kernel_name(4, 2)} + {kernel_name(8, 2)}"
+        kernels = [BlockDotWeight] * 3
+        name = f"{kernel_name(4, 2)} + {kernel_name(4, 2, half_scales=True)} + " \
+            f"{kernel_name(8, 2)}"
     else:
         kernels = [Int4PackedWeight, BlockRows]
         name = "int4pack_mm_for_cpu + Q6_K decoded per call"
@@ -142,7 +144,7 @@ def test_a_tied_table_is_held_by_the_block_dot_kernel(block_dot_kernel):
     table, ref = gguf_piece("Q8_0", 96, HIDDEN, 7)
     embedding.weight.weight_loader(embedding.weight, table)
     kernels = finish_linear_layers(nn.ModuleList([embedding, head]))
-    assert kernels == {"lm_head": kernel_name(8, 2)}
+    assert kernels == {"lm_head": kernel_name(8, 2, half_scales=True)}  # Q8_0's d: float16s
     assert isinstance(head.quantized, BlockDotWeight) and embedding.quantized is head.quantized
     ids = torch.tensor([[3, 95], [0, 3]])
     assert torch.equal(embedding(ids), ref[ids])
