@@ -1,8 +1,10 @@
 """pagoda's CPU block-dot kernel against float32 `mm` and torch's int4 kernel at SmolLM2's
 layer shapes, in one process on this machine: microseconds per call (the mean of `--calls`
 calls after 5 warm-up calls) at 1, 4, 16 and 64 token rows, on `--threads` threads, and
-each kernel's speed-up over float32; pagoda's float8 kernel (cpu_fp8_dot) beside them where
-it runs (the same weights as float8 with a scale per row).
+each kernel's speed-up over float32; the block-dot kernel with its scales held as float16s
+too (the scales are float16 values, as GGUF's legacy types' are); pagoda's float8 kernel
+(cpu_fp8_dot) beside them where it runs (the same weights as float8 with a scale per row).
+`--gemma3-head` adds Gemma 3 270M's tied LM head (262,144 x 640).
 
     python bench/cpu/block_dot_kernel.py --output bench/results/cpu-block-dot-kernel.json
 """
@@ -45,7 +47,7 @@ def kernels(out_features: int, in_features: int) -> dict:
     """Each way to hold one random [out, in] layer, by name."""
     gen = torch.Generator().manual_seed(0)
     groups = in_features // GROUP
-    scale = torch.rand(out_features, groups, generator=gen) * 0.01
+    scale = (torch.rand(out_features, groups, generator=gen) * 0.01).half().float()
     low = -8 * scale
     codes4 = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     codes8 = torch.randint(0, 256, (out_features, in_features), generator=gen,
@@ -57,6 +59,9 @@ def kernels(out_features: int, in_features: int) -> dict:
         **{f"block-dot {bits}-bit, {passes} pass{'es' if passes > 1 else ''}":
            BlockDotWeight(codes, scale, low, GROUP, bits, activation_passes=passes)
            for bits, codes in ((4, codes4), (8, codes8)) for passes in (1, 2)},
+        **{f"block-dot {bits}-bit, 2 passes, float16 scales":
+           BlockDotWeight(codes, scale, low, GROUP, bits, activation_passes=2, half_scales=True)
+           for bits, codes in ((4, codes4), (8, codes8))},
     }
     if cpu_fp8_dot.available():
         row_scale = dense.abs().amax(dim=1, keepdim=True) / 448
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--gemma3-head", action="store_true")
     args = parser.parse_args()
     if not cpu_block_dot.available():
         sys.exit("the block-dot kernel does not run on this machine")
@@ -80,7 +86,8 @@ def main() -> None:
               "machine": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
                           "platform": platform.platform(), "torch": torch.__version__},
               "us_per_call": {}}
-    for name, out_features, in_features in SHAPES:
+    shapes = SHAPES + ((("gemma3 lm_head", 262144, 640),) if args.gemma3_head else ())
+    for name, out_features, in_features in shapes:
         held = kernels(out_features, in_features)
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features)
@@ -88,7 +95,7 @@ def main() -> None:
                      for kernel, call in held.items()}
             report["us_per_call"][f"{name} {tokens}"] = times
             base = times["float32 mm"]
-            print(f"{name:13s} {tokens:3d} tokens: " + ", ".join(
+            print(f"{name:14s} {tokens:3d} tokens: " + ", ".join(
                 f"{k} {v:8.0f} us ({base / v:4.2f}x)" for k, v in times.items()), flush=True)
     report["machine"]["loadavg_end"] = os.getloadavg()
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
