@@ -393,10 +393,9 @@ int pagoda_block_dot_supported() {
 
 // out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8, groups
 // of group_inputs: 16 or a multiple of 32; scales and lows of scale_bits 32 or 16), x
-// quantized first (in 1 or 2 passes) into the
-// calling thread's scratch (kept for its next call, up to kKeptScratch codes): codes
-// [passes, tokens, cols], a scale per block [tokens, cols / 32] and a sum per half block
-// [tokens, cols / 16].
+// quantized first (in 1 or 2 passes) into the calling thread's scratch (kept for its next
+// call, up to kKeptScratch codes): codes [passes, tokens, cols], a scale per block [tokens,
+// cols / 32] and a sum per half block [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                       const uint8_t* weights, int bits, const void* scale, const void* low,
                       int scale_bits, int64_t out_features, int64_t group_inputs, float* out,
