@@ -143,11 +143,11 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     scale and min per group on the block-dot kernel, float16 for the legacy types and
     float32 for the k-quants, else 4-bit types with bfloat16 ones per 32; on CUDA every type
     as 4 or 8-bit codes with float16 scales and mins), a tied GGUF table likewise where the
-    block-dot kernel holds it, AWQ/GPTQ/compressed-tensors
-    integers likewise (scales and zeros doubling the scales' bits), FP8 weights one byte (+
-    float32 scales; on CPU where pagoda's float8 kernel runs), everything else at
-    `itemsize`; on CPU FP8 weights without the float8 kernel, and 8-bit integers without the
-    block-dot kernel, are decoded at load to `itemsize`."""
+    block-dot kernel holds it, AWQ/GPTQ/compressed-tensors integers likewise (scales and
+    zeros doubling the scales' bits), FP8 weights one byte (+ float32 scales; on CPU where
+    pagoda's float8 kernel runs), everything else at `itemsize`; on CPU FP8 weights without
+    the float8 kernel, and 8-bit integers without the block-dot kernel, are decoded at load
+    to `itemsize`."""
     from pagoda.layers.quantization import cpu_fp8_dot
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)

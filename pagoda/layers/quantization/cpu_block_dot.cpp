@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -219,14 +220,18 @@ using TileProduct = void (*)(const int8_t*, int64_t, const float*, const float*,
                              const uint8_t*, const Scale*, const Scale*, int64_t, float*,
                              int64_t);
 
+template <int BITS, int PASSES, bool HALVES, typename Scale, int... R>
+TileProduct<Scale> tile_product_of(int rows, std::integer_sequence<int, R...>) {
+  static constexpr TileProduct<Scale> table[] = {
+      tile_product<R + 1, BITS, PASSES, HALVES, Scale>...};
+  return table[rows - 1];
+}
+
+// tile_product for `rows` activation rows, rows in 1..kRows
 template <int BITS, int PASSES, bool HALVES, typename Scale>
 TileProduct<Scale> tile_product_for(int rows) {
-  static constexpr TileProduct<Scale> table[] = {
-      tile_product<1, BITS, PASSES, HALVES, Scale>, tile_product<2, BITS, PASSES, HALVES, Scale>,
-      tile_product<3, BITS, PASSES, HALVES, Scale>, tile_product<4, BITS, PASSES, HALVES, Scale>,
-      tile_product<5, BITS, PASSES, HALVES, Scale>, tile_product<6, BITS, PASSES, HALVES, Scale>,
-      tile_product<7, BITS, PASSES, HALVES, Scale>, tile_product<8, BITS, PASSES, HALVES, Scale>};
-  return table[rows - 1];
+  return tile_product_of<BITS, PASSES, HALVES, Scale>(rows,
+                                                      std::make_integer_sequence<int, kRows>{});
 }
 
 #if defined(__AVX512F__)
