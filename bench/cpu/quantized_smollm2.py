@@ -1,8 +1,10 @@
 """SmolLM2 (Q4_1 GGUF) served with its weights kept quantized (on pagoda's CPU block-dot
 kernel where it runs, and on torch's kernels with PAGODA_CPU_BLOCK_DOT=0) against the same
-model dequantized to float32 at load (`--quantization none`), in one run on this machine:
-`pagoda bench serve` at 1 and 16 concurrent streams against each server in turn, the engine
-process's resident memory (RSS) and the weight bytes the server reports (`/pagoda/ps`).
+model dequantized to float32 at load (`--quantization none`), and the block-dot model
+without CPU plans (`--enforce-eager`: every decode step through the model's Python), in one
+run on this machine: `pagoda bench serve` at 1 and 16 concurrent streams against each server
+in turn, the engine process's resident memory (RSS) and the weight bytes the server reports
+(`/pagoda/ps`).
 
     python bench/cpu/quantized_smollm2.py --output bench/results/cpu-smollm2-quantized.json
 """
@@ -23,8 +25,10 @@ import httpx
 import psutil
 
 # mode -> (extra serve arguments, environment): the quantized model on pagoda's CPU block-dot
-# kernel (where it runs), on torch's kernels, and dequantized to float32 at load
+# kernel (where it runs; decode steps replayed from CPU plans), the same without plans, on
+# torch's kernels, and dequantized to float32 at load
 MODES = {"quantized": ([], {}),
+         "quantized-eager": (["--enforce-eager"], {}),
          "quantized-torch-kernels": ([], {"PAGODA_CPU_BLOCK_DOT": "0"}),
          "dequantized": (["--quantization", "none"], {})}
 
@@ -88,10 +92,18 @@ def run_mode(mode: str, port: int, out_dir: Path) -> dict:
         server.wait(60)
 
 
+def ratios(system: dict, baseline: dict) -> dict:
+    """Output tok/s at each stream count and engine RSS, system over baseline."""
+    return {**{f"output_tok_per_s_streams_{c}": system[f"streams_{c}"]["output_throughput"]
+               / baseline[f"streams_{c}"]["output_throughput"] for c in (1, 16)},
+            "engine_rss": system["engine_rss_bytes"] / baseline["engine_rss_bytes"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--notes", default="")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args()
     report = {"benchmark": "cpu-quantized-vs-dequantized", "model": "smollm2",
               "command": [sys.executable, *sys.argv], "notes": args.notes, "git": git_commit(),
@@ -101,16 +113,15 @@ def main() -> None:
               "workload": {"input_len": 64, "output_len": 64, "streams": {"1": 4, "16": 32}},
               "systems": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for port, mode in enumerate(MODES, start=8931):
+        for port, mode in enumerate(args.modes, start=8931):
             report["systems"][mode] = run_mode(mode, port, Path(tmp))
     report["machine"]["loadavg_end"] = os.getloadavg()
-    d = report["systems"]["dequantized"]
-    for mode in ("quantized", "quantized-torch-kernels"):
-        q = report["systems"][mode]
-        report[f"ratios_{mode}_over_dequantized"] = {
-            **{f"output_tok_per_s_streams_{c}": q[f"streams_{c}"]["output_throughput"]
-               / d[f"streams_{c}"]["output_throughput"] for c in (1, 16)},
-            "engine_rss": q["engine_rss_bytes"] / d["engine_rss_bytes"]}
+    systems = report["systems"]
+    for mode, baseline in (("quantized", "dequantized"), ("quantized-torch-kernels",
+                                                          "dequantized"),
+                           ("quantized", "quantized-eager")):
+        if mode in systems and baseline in systems:
+            report[f"ratios_{mode}_over_{baseline}"] = ratios(systems[mode], systems[baseline])
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k.startswith("ratios_")}, indent=1))
 

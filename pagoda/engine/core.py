@@ -128,8 +128,9 @@ class EngineCore:
         startup.mark("memory profile")
         kv_bytes = self.executor.initialize_kv_cache(sizing.num_blocks)
         startup.mark("KV cache")
-        if self.executor.capture_cuda_graphs():
-            startup.mark("CUDA graphs")
+        if self.executor.capture_decode_graphs():
+            on_cpu = self.executor.loaded_model.device == "cpu"
+            startup.mark("CPU plans" if on_cpu else "CUDA graphs")
         return sizing, kv_bytes
 
     def _log_capacity(self) -> None:

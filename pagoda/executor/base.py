@@ -80,7 +80,7 @@ class Executor(abc.ABC):
         """Allocate the KV cache; returns its bytes on one device."""
 
     @abc.abstractmethod
-    def capture_cuda_graphs(self) -> bool:
+    def capture_decode_graphs(self) -> bool:
         """Capture decode steps where the device and backend allow; returns whether it did."""
 
     @abc.abstractmethod

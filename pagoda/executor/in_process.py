@@ -35,8 +35,8 @@ class InProcessExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> int:
         return self.worker.initialize_kv_cache(num_blocks)
 
-    def capture_cuda_graphs(self) -> bool:
-        return self.worker.capture_cuda_graphs()
+    def capture_decode_graphs(self) -> bool:
+        return self.worker.capture_decode_graphs()
 
     def execute_model(self, sched_out: SchedulerOutput) -> None:
         self.worker.execute_model(sched_out)

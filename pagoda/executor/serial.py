@@ -74,7 +74,7 @@ class RemoveLoRA(msgspec.Struct, tag="remove_lora"):
 WorkerCall = PlainCall | InitKVCache | ExecuteModel | SampleTokens | AddLoRA | RemoveLoRA
 
 PLAIN_METHODS = frozenset({"init_device", "load_model", "determine_kv_cache_size",
-                           "capture_cuda_graphs", "collect_output", "sleep", "wake_up",
+                           "capture_decode_graphs", "collect_output", "sleep", "wake_up",
                            "prepare_sleep", "shutdown"})
 
 
@@ -92,7 +92,7 @@ _NONE = msgspec.Raw(_encoder.encode(None))
 
 RESULT_TYPES: dict[str, Any] = {
     "load_model": LoadedModelInfo, "determine_kv_cache_size": KVCacheSizing,
-    "initialize_kv_cache": int, "capture_cuda_graphs": bool,
+    "initialize_kv_cache": int, "capture_decode_graphs": bool,
     "collect_output": ModelRunnerOutput | None, "add_lora": int, "wake_up": bool,
     "prepare_sleep": bool,
 }

@@ -196,14 +196,22 @@ class Worker:
         kv = self.runner.kv_cache
         return kv.numel() * kv.element_size()
 
-    def capture_cuda_graphs(self) -> bool:
-        """Capture decode steps on CUDA with a graph-safe backend, unless told not to (a
-        pipeline stage captures its own layers; the transfers stay outside the graphs)."""
+    def capture_decode_graphs(self) -> bool:
+        """Capture decode steps, unless told not to: CUDA graphs with a graph-safe backend
+        (a pipeline stage captures its own layers; the transfers stay outside the graphs),
+        or on CPU, in one process without LoRA, plans of kernel calls where the model runs
+        wholly on pagoda's CPU kernels. Returns whether it did."""
         engine = self.config.engine
-        if self.device.type != "cuda" or engine.enforce_eager \
-                or self.runner.backend.name != "triton":
+        if engine.enforce_eager:
             return False
-        self.runner.capture_cuda_graphs(engine.scheduler.max_num_seqs, self.config.max_model_len)
+        shape = (engine.scheduler.max_num_seqs, self.config.max_model_len)
+        if self.device.type == "cpu":
+            alone = self.group.size == 1 and self.stage.is_first and self.stage.is_last
+            return alone and self.runner.lora is None and self.runner.backend.name == "torch" \
+                and self.runner.capture_cpu_plans(*shape)
+        if self.device.type != "cuda" or self.runner.backend.name != "triton":
+            return False
+        self.runner.capture_cuda_graphs(*shape)
         return True
 
     @property

@@ -110,8 +110,8 @@ class WorkerGroupExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> int:
         return self._call_all(serial.InitKVCache(num_blocks))[0]
 
-    def capture_cuda_graphs(self) -> bool:
-        return all(self._call_all(serial.PlainCall("capture_cuda_graphs")))
+    def capture_decode_graphs(self) -> bool:
+        return all(self._call_all(serial.PlainCall("capture_decode_graphs")))
 
     def execute_model(self, sched_out: SchedulerOutput) -> None:
         self._send_all(serial.ExecuteModel(sched_out))

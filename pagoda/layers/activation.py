@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
 
 
@@ -14,6 +15,10 @@ class SiluAndMul(DeviceDispatch):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import silu_and_mul
         return silu_and_mul(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_fused.gated("silu", x) if cpu_fused.takes_gated(x) \
+            else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
@@ -26,6 +31,10 @@ class GeluTanhAndMul(DeviceDispatch):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import gelu_tanh_and_mul
         return gelu_tanh_and_mul(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_fused.gated("gelu_tanh", x) if cpu_fused.takes_gated(x) \
+            else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)

@@ -1,6 +1,7 @@
-// pagoda's fused CPU layers in float32: the residual add with RMSNorm, and RoPE in place on q
-// and k. Each does in one pass over a row what the torch path does in five to eight operator
-// calls (a dispatch and a pass over memory each). Built by
+// pagoda's fused CPU layers in float32: the residual add with RMSNorm, RoPE in place on q
+// and k, and the gated activations (SiLU or GELU's tanh form of the gate, times up). Each
+// does in one pass over a row what the torch path does in two to eight operator calls (a
+// dispatch and a pass over memory each). Built by
 // pagoda/layers/cpu_fused.py with -ffp-contract=off, which keeps the compiler from
 // contracting a * b + c into one fused multiply-add: RoPE's products round as torch's do;
 // the norm's sum of squares is added in another order than torch's mean, so it may differ
@@ -30,6 +31,49 @@ float sum_of_squares(const float* h, int64_t cols) {
   float total = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+// e^x in float32 for x in about [-87, 88] (clamped there), within two units in the last
+// place: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to r^7, scaled by
+// 2^n through the exponent bits. Plain arithmetic the compiler vectorizes.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float silu(float x) { return x / (1.0f + exp_approx(-x)); }
+
+// GELU's tanh form: x / 2 (1 + tanh(u)) = x / (1 + e^{-2u}), u = sqrt(2 / pi)
+// (x + 0.044715 x^3) (the second form keeps its precision where the result is near 0).
+inline float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + exp_approx(-2.0f * u));
+}
+
+template <float (*ACTIVATION)(float)>
+void gated(const float* x, int64_t tokens, int64_t width, int64_t x_stride, float* out,
+           int threads) {
+#pragma omp parallel for num_threads(threads_for(tokens, threads)) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* gate = x + t * x_stride;
+    const float* up = gate + width;
+    float* o = out + t * width;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) o[i] = ACTIVATION(gate[i]) * up[i];
+  }
 }
 
 }  // namespace
@@ -98,6 +142,19 @@ void pagoda_rope(const int64_t* positions, float* q, float* k, const float* cos_
       }
     }
   }
+}
+
+// out [tokens, width] = silu(gate) * up, where token t's row of x (x_stride floats apart) is
+// [gate (width) | up (width)].
+void pagoda_silu_and_mul(const float* x, int64_t tokens, int64_t width, int64_t x_stride,
+                         float* out, int threads) {
+  gated<silu>(x, tokens, width, x_stride, out, threads);
+}
+
+// The same with GELU's tanh approximation (Gemma's gelu_pytorch_tanh) for silu.
+void pagoda_gelu_tanh_and_mul(const float* x, int64_t tokens, int64_t width,
+                              int64_t x_stride, float* out, int threads) {
+  gated<gelu_tanh>(x, tokens, width, x_stride, out, threads);
 }
 
 }  // extern "C"

@@ -1,7 +1,9 @@
 """Fused layers on CPU through pagoda's own kernel (`cpu_fused.cpp`), in float32: the residual
-add with RMSNorm, and RoPE in place on q and k, each one call where the torch path makes five
-to eight (on a small model's decode much of a layer's time is those calls' dispatch, and on
-a prefill their passes over memory). SiLU(gate) * up stays on torch's vectorized exp.
+add with RMSNorm, RoPE in place on q and k, and the gated activations (SiLU or GELU-tanh of the
+gate times up), each one call where the torch path makes two to eight (on a small model's
+decode much of a layer's time is those calls' dispatch, and on a prefill their passes over
+memory). The activations' exponential is a polynomial within two units in the last place of
+torch's.
 
 Compiled at first use (`pagoda.layers.cpu_kernels`) with AVX-512 flags, else AVX2 ones, else
 none. Without a compiler, for other dtypes or layouts, or with `PAGODA_CPU_FUSED=0`, the
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pagoda.layers.cpu_kernels import load_chosen_kernel
+from pagoda.layers.cpu_kernels import load_chosen_kernel, run_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -37,6 +39,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
                                             ctypes.c_float, pointer, pointer, flag]
     library.pagoda_rope.argtypes = [pointer, pointer, pointer, pointer, size, size, size, size,
                                     size, size, size, size, flag]
+    for gated in (library.pagoda_silu_and_mul, library.pagoda_gelu_tanh_and_mul):
+        gated.argtypes = [pointer, size, size, size, pointer, flag]
+        gated.restype = None
     library.pagoda_add_rms_norm.restype = library.pagoda_rope.restype = None
     return library
 
@@ -49,6 +54,11 @@ def _library() -> ctypes.CDLL | None:
                                  "CPU fused-layer kernel",
                                  "norms and RoPE run as torch operators", logger)
     return None if library is None else _bind(library)
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (built, or built now)."""
+    return _library() is not None
 
 
 def takes_norm(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
@@ -69,10 +79,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
     weight = weight.float().contiguous()
-    _library().pagoda_add_rms_norm(
-        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-        rows, cols, eps, out.data_ptr(),
-        None if residual is None else summed.data_ptr(), torch.get_num_threads())
+    run_kernel(
+        _library().pagoda_add_rms_norm, x.data_ptr(),
+        None if residual is None else residual.data_ptr(), weight.data_ptr(), rows, cols, eps,
+        out.data_ptr(), None if residual is None else summed.data_ptr(),
+        torch.get_num_threads())
     return out, summed
 
 
@@ -92,7 +103,30 @@ def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: to
     """Rotate-half RoPE in place on q [tokens, heads, dim] and k [tokens, kv_heads, dim] at
     `positions` (cos_sin [max_position, rotary_dim] = [cos | sin])."""
     tokens, q_heads, head_dim = q.shape
-    _library().pagoda_rope(
-        positions.data_ptr(), q.data_ptr(), k.data_ptr(), cos_sin.data_ptr(), tokens, q_heads,
-        k.shape[1], head_dim, rotary_dim, q.stride(0), k.stride(0), cos_sin.stride(0),
-        torch.get_num_threads())
+    run_kernel(
+        _library().pagoda_rope, positions.data_ptr(), q.data_ptr(), k.data_ptr(),
+        cos_sin.data_ptr(), tokens, q_heads, k.shape[1], head_dim, rotary_dim, q.stride(0),
+        k.stride(0), cos_sin.stride(0), torch.get_num_threads())
+
+
+GATED = ("silu", "gelu_tanh")  # the gated activations the kernel runs
+
+
+def takes_gated(x: torch.Tensor) -> bool:
+    """Whether gated takes x: float32 CPU [..., 2 * width], contiguous (or [tokens, 2 * width]
+    with contiguous rows), the kernel built."""
+    return (x.is_cpu and x.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] % 2 == 0
+            and (x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1))
+            and _library() is not None)
+
+
+def gated(activation: str, x: torch.Tensor) -> torch.Tensor:
+    """activation(gate) * up for x = [gate | up] on the last dim (an activation of GATED)."""
+    width = x.shape[-1] // 2
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    out = torch.empty(*x.shape[:-1], width)
+    function = _library().pagoda_silu_and_mul if activation == "silu" \
+        else _library().pagoda_gelu_tanh_and_mul
+    run_kernel(function, rows.data_ptr(), rows.shape[0], width, rows.stride(0),
+               out.data_ptr(), torch.get_num_threads())
+    return out

@@ -3,7 +3,11 @@ with the machine's C++ compiler (`$CXX`, else g++) at first use into pagoda's ho
 (`$PAGODA_HOME/kernels`, else ~/.cache/pagoda/kernels), once per source, flags and compiler,
 and called through ctypes. A source may have several builds (instruction-set flags, best
 first); each exports `<prefix>_supported()`, which says whether this CPU runs it. The kernels
-read float32 rows laid one after another (`float32_rows`)."""
+read float32 rows laid one after another (`float32_rows`).
+
+Every call goes through `run_kernel`, which inside `recording_kernel_calls()` also notes the
+call: its arguments are addresses and sizes, so calling it again reruns the kernel on the same
+memory (what `pagoda.runner.cpu_plans` replays a decode step from)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,40 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pagoda.home import home_dir
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+
+KernelCall = tuple[Callable[..., Any], tuple[Any, ...]]  # a C function and its arguments
+_recorded: ContextVar[list[KernelCall] | None] = ContextVar("pagoda_kernel_calls", default=None)
+
+
+def run_kernel(function: Callable[..., Any], *args: Any) -> None:
+    """Call a kernel's C function (it returns nothing: its results are in memory it was
+    given); inside recording_kernel_calls() the call is noted too."""
+    function(*args)
+    calls = _recorded.get()
+    if calls is not None:
+        calls.append((function, args))
+
+
+@contextmanager
+def recording_kernel_calls() -> Iterator[list[KernelCall]]:
+    """The kernel calls made inside, in order (the list fills as they run)."""
+    calls: list[KernelCall] = []
+    token = _recorded.set(calls)
+    try:
+        yield calls
+    finally:
+        _recorded.reset(token)
 
 
 def float32_rows(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pagoda.kv_cache.block_pool import NULL_BLOCK_ID
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.attention.backend import AttentionBackend
 from pagoda.lora.manager import LoRAManager
+from pagoda.runner.cpu_plans import CpuPlanRunner
 from pagoda.runner.cuda_graphs import CudaGraphRunner
 from pagoda.runner.input_batch import CachedRequestState, StepBatch, make_input_batch
 from pagoda.runner.memory import KVCacheSpec
@@ -74,7 +75,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
         self.num_kv_blocks = 0
-        self.graphs: CudaGraphRunner | None = None
+        self.graphs: CudaGraphRunner | CpuPlanRunner | None = None
         self._graph_shape: tuple[int, int] | None = None  # (max_num_seqs, max_model_len)
         self._graph_addresses: tuple | None = None  # what the captured graphs point at
         self.weight_sleeper = WeightSleeper(model, config.device)
@@ -99,6 +100,18 @@ class ModelRunner:
         self._graph_shape = (max_num_seqs, max_model_len)
         self._graph_addresses = self._addresses()
 
+    def capture_cpu_plans(self, max_num_seqs: int, max_model_len: int) -> bool:
+        """Note decode steps as plans of CPU kernel calls; False where the model computes
+        outside the kernels (then every step runs eagerly)."""
+        plans = CpuPlanRunner(self.model, self.config.block_size, max_num_seqs, max_model_len,
+                              len(self.kv_layout.groups))
+        if not plans.capture(self.kv_cache.dtype):
+            return False
+        self.graphs = plans
+        self._graph_shape = (max_num_seqs, max_model_len)
+        self._graph_addresses = self._addresses()
+        return True
+
     def _addresses(self) -> tuple:
         return address_fingerprint(self.weight_sleeper.tensors, self.kv_cache)
 
@@ -122,7 +135,10 @@ class ModelRunner:
         self.asleep = False
         if self.graphs is None or self._addresses() == self._graph_addresses:
             return False
-        self.capture_cuda_graphs(*self._graph_shape)
+        if isinstance(self.graphs, CpuPlanRunner):
+            self.capture_cpu_plans(*self._graph_shape)
+        else:
+            self.capture_cuda_graphs(*self._graph_shape)
         return True
 
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -77,7 +77,7 @@ def test_start_up_reports_the_model_and_sizes_the_cache(executor):
     assert info.weight_bytes == 4 * info.num_parameters
     assert executor.determine_kv_cache_size().num_blocks == 64
     assert executor.worker.runner.kv_cache.numel() * 4 == 64 * BLOCK_BYTES
-    assert executor.capture_cuda_graphs() is False  # CPU: nothing to capture
+    assert executor.capture_decode_graphs() is False  # CPU: nothing to capture
 
 
 def test_greedy_steps_with_one_in_flight_equal_the_engine(executor, tiny_dir):

@@ -69,7 +69,7 @@ def test_start_up_on_two_worker_processes(executor):
     assert (info.device, info.dtype, info.attention_backend) == ("cpu", "float32", "torch")
     # each rank holds one of the two KV heads: the same bytes buy twice the blocks
     assert executor.determine_kv_cache_size().num_blocks == 128
-    assert executor.capture_cuda_graphs() is False
+    assert executor.capture_decode_graphs() is False
 
 
 def test_greedy_steps_with_one_in_flight_equal_the_engine(executor, tiny_dir):

@@ -143,7 +143,7 @@ def stage_worker(checkpoint: str, stage: PipelineStage, blocks: int) -> Worker:
     worker.stage = stage
     worker.load_model()
     worker.initialize_kv_cache(blocks)
-    assert worker.capture_cuda_graphs()
+    assert worker.capture_decode_graphs()
     return worker
 
 

@@ -1,8 +1,9 @@
 """pagoda's CPU decode-attention kernel, each build this CPU runs (AVX-512, AVX2, generic),
 against attention computed in float64 from the same cache: float32, bfloat16 and float8
 caches (every float8 byte read as torch reads it), head dims, query heads per KV head, block
-sizes, lengths around a block, windows, thread counts; and where it steps aside (no
-compiler, float16 or strided caches, the variable)."""
+sizes, lengths around a block, windows, thread counts, queries read in place from a qkv
+row; the KV store (index_copy_'s writes, a negative slot skipped); and where they step aside
+(no compiler, float16 or strided caches, the variable)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,44 @@ def test_thread_count_never_changes_a_bit(build):
     q = torch.randn(5, 8, 64, generator=torch.Generator().manual_seed(3))
     one, two = on_thread_counts(lambda: run_kernel(q, cache, tables, lengths, firsts, 16, 0.125))
     assert torch.equal(one, two)
+
+
+def test_a_query_is_read_in_place_from_its_qkv_row(build):
+    lengths, firsts = [40, 3, 17], [0, 0, 9]
+    cache, tables, _ = paged_step(lengths, firsts, 16, 2, 64, torch.float32)
+    qkv = torch.randn(3, (8 + 2 * 2) * 64, generator=torch.Generator().manual_seed(5))
+    q = qkv[:, :8 * 64].view(3, 8, 64)  # rows 768 floats apart
+    assert not q.is_contiguous()
+    assert torch.equal(run_kernel(q, cache, tables, lengths, firsts, 16, 0.125),
+                       run_kernel(q.contiguous(), cache, tables, lengths, firsts, 16, 0.125))
+
+
+@pytest.mark.parametrize("dtype", cpu_decode_attention.STORED_TYPES)
+def test_store_rows_writes_as_index_copy_and_skips_negative_slots(build, dtype):
+    gen = torch.Generator().manual_seed(7)
+    kv = torch.randn(4, 3 * 2 * 16, generator=gen) * 100
+    rows = kv[:, 32:64].view(4, 2, 16)  # the k of a qkv row: rows 96 floats apart
+    slots = torch.tensor([5, -1, 0, 9])
+    cache = torch.randn(12, 2, 16, generator=gen).to(dtype)
+    expected = cache.clone()
+    expected.index_copy_(0, slots[slots >= 0], rows[slots >= 0].to(dtype))
+    assert cpu_decode_attention.stores(cache, slots, rows)
+    cpu_decode_attention.store_rows(cache, slots, rows)
+    assert torch.equal(cache.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_store_rows_takes_float32_rows_into_float32_or_bfloat16_caches_only():
+    if cpu_decode_attention._library() is None:
+        pytest.skip("the CPU decode-attention kernel does not build here")
+    rows, slots = torch.zeros(2, 2, 8), torch.tensor([0, 1])
+    assert cpu_decode_attention.stores(torch.zeros(4, 2, 8), slots, rows)
+    assert not cpu_decode_attention.stores(torch.zeros(4, 2, 8, dtype=torch.float16), slots,
+                                           rows)
+    assert not cpu_decode_attention.stores(torch.zeros(4, 2, 8), slots.int(), rows)
+    assert not cpu_decode_attention.stores(torch.zeros(4, 2, 8), slots, rows.bfloat16())
+    assert not cpu_decode_attention.stores(torch.zeros(4, 2, 16)[..., ::2], slots, rows)
+    assert not cpu_decode_attention.stores(torch.zeros(4, 2, 8), slots[:0], rows[:0])
 
 
 def test_it_takes_cpu_float32_bfloat16_and_float8_caches_only():

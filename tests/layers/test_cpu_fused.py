@@ -1,7 +1,8 @@
 """pagoda's fused CPU layers (`cpu_fused.cpp`), each build this CPU runs (AVX-512, AVX2,
-generic), against the layers' torch paths: RMSNorm with and without the residual add, and
-RoPE in place on q and k views of one qkv row (partial rotary dims, positions past the
-first); row counts on one thread and on several; and where they step aside."""
+generic), against the layers' torch paths: RMSNorm with and without the residual add, RoPE
+in place on q and k views of one qkv row (partial rotary dims, positions past the first),
+and the gated activations (against float64 and torch); row counts on one thread and on
+several; and where they step aside."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pagoda.layers import cpu_fused
+from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
 from tests.utils import pick_cpu_kernel_build
@@ -58,6 +60,41 @@ def test_rope_rotates_q_and_k_in_place_as_the_torch_path(build, tokens, heads, k
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
 
 
+def float64_gated(activation: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """activation(gate) * up in float64, and how far float32 arithmetic may stray from it
+    (GELU's argument u = sqrt(2 / pi) (x + 0.044715 x^3) is rounded before its sigmoid, which
+    multiplies u's relative error by 2 |u| (1 - sigmoid(2u)))."""
+    gate, up = x.double().chunk(2, dim=-1)
+    eps = 2.0 ** -23
+    if activation == "silu":
+        return gate * torch.sigmoid(gate) * up, 4 * eps * torch.ones_like(gate)
+    u = (2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate ** 3)
+    sensitivity = 2 * u.abs() * (1 - torch.sigmoid(2 * u))
+    return gate * torch.sigmoid(2 * u) * up, 4 * eps * (1 + 3 * sensitivity)
+
+
+@pytest.mark.parametrize("layer, activation", [(SiluAndMul, "silu"),
+                                               (GeluTanhAndMul, "gelu_tanh")])
+@pytest.mark.parametrize("shape", [(1, 3072), (5, 2, 96), (300, 22)])
+def test_gated_activations_are_float64s_to_a_few_steps(build, layer, activation, shape):
+    gen = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(*shape, generator=gen) * 6  # gates from about -25 to 25
+    assert cpu_fused.takes_gated(x)
+    got = layer().forward_cpu(x)
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    exact, steps = float64_gated(activation, x)
+    # each value within a few float32 steps (where the exponential is clamped, at e^-87,
+    # values below 1e-30 may be kept where float64's are smaller still)
+    assert bool(((got.double() - exact).abs() <= steps * exact.abs() + 1e-30).all())
+
+
+def test_gated_rows_may_be_strided():
+    x = torch.randn(4, 80)[:, :64]  # rows 80 floats apart: [gate (32) | up (32)]
+    assert cpu_fused.takes_gated(x)
+    torch.testing.assert_close(cpu_fused.gated("silu", x), SiluAndMul().forward_native(x),
+                               rtol=3e-7, atol=1e-7)
+
+
 def test_other_dtypes_and_layouts_take_the_torch_path():
     x = torch.randn(4, 64)
     assert not cpu_fused.takes_norm(x.bfloat16(), None)
@@ -69,6 +106,9 @@ def test_other_dtypes_and_layouts_take_the_torch_path():
     assert not cpu_fused.takes_rope(positions.int(), q, q, table)
     assert not cpu_fused.takes_rope(positions, q.bfloat16(), q.bfloat16(), table)
     assert not cpu_fused.takes_rope(positions, q.transpose(0, 1), q, table)
+    assert not cpu_fused.takes_gated(x.bfloat16())
+    assert not cpu_fused.takes_gated(torch.randn(4, 3, 64)[:, :2])  # leading dims strided
+    assert not cpu_fused.takes_gated(torch.randn(4, 63))  # no even split
     norm = RMSNorm(64)  # a bfloat16 model: the torch path, same results
     torch.testing.assert_close(norm.forward_cpu(x.bfloat16())[0], norm.forward_native(
         x.bfloat16())[0], rtol=0, atol=0)

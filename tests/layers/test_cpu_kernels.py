@@ -1,11 +1,13 @@
 """What the CPU kernels are handed: float32 rows one after another, without a copy where the
-activations already are."""
+activations already are; and their calls noted, to be made again on the same memory."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pagoda.layers.cpu_kernels import float32_rows
+from pagoda.layers import cpu_fused
+from pagoda.layers.cpu_kernels import float32_rows, recording_kernel_calls, run_kernel
 
 
 def test_contiguous_float32_activations_are_read_in_place():
@@ -18,3 +20,27 @@ def test_other_dtypes_and_strided_views_are_copied_to_contiguous_float32():
         rows = float32_rows(x)
         assert rows.dtype == torch.float32 and rows.is_contiguous()
         assert torch.equal(rows, x.float())
+
+
+def test_calls_are_noted_only_while_recording():
+    noted = []
+    run_kernel(noted.append, "before")
+    with recording_kernel_calls() as calls:
+        run_kernel(noted.append, "during")
+    run_kernel(noted.append, "after")
+    assert noted == ["before", "during", "after"]  # each ran once, as called
+    assert calls == [(noted.append, ("during",))]
+
+
+def test_a_noted_kernel_call_made_again_redoes_its_work_on_new_values():
+    if not cpu_fused.available():
+        pytest.skip("the CPU fused-layer kernel does not build here")
+    x, residual, weight = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64)
+    with recording_kernel_calls() as calls:
+        out, summed = cpu_fused.add_rms_norm(x, residual, weight, 1e-6)
+    assert len(calls) == 1
+    x.copy_(torch.randn(3, 64))  # new inputs in the same memory
+    function, args = calls[0]
+    function(*args)
+    expected, expected_sum = cpu_fused.add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(out, expected) and torch.equal(summed, expected_sum)

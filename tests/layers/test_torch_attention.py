@@ -1,5 +1,6 @@
 """The pure-torch paged backend equals dense causal attention on random paged layouts, its
-decodes on CPU through pagoda's decode-attention kernel and through torch's SDPA."""
+decodes on CPU through pagoda's decode-attention kernel and through torch's SDPA; a CPU
+plan's static decode metadata gives what the step's own does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import torch
 
 from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
-from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+from pagoda.layers.attention.torch_ref import (
+    TorchAttentionBackend,
+    fill_decode_firsts,
+    static_decode_metadata,
+)
 
 
 @pytest.fixture(autouse=True, params=["kernel", "sdpa"])
@@ -306,3 +311,28 @@ def test_a_kv_scale_must_be_positive_and_finite(bad):
     with pytest.raises(UnsupportedModelError, match="model.layers.3.self_attn.v_scale"):
         Attention(4, 2, 8, 0.5).load_kv_scale("v", torch.tensor(bad),
                                               "model.layers.3.self_attn.v_scale")
+
+
+@pytest.mark.parametrize("window", [None, 1, 8, 30])
+def test_static_decode_metadata_reads_what_the_steps_own_does(decode_path, window):
+    """The buffers a CPU plan refills (its firsts set by fill_decode_firsts) give the same
+    output, bit for bit, as the metadata built from the step; the kernel path only."""
+    if decode_path == "sdpa":
+        pytest.skip("static decode metadata is for the decode-attention kernel")
+    gen = torch.Generator().manual_seed(11)
+    seqs = [(40, 1), (3, 1), (7, 1), (100, 1)]
+    meta, cache, ks, vs = build_step(seqs, 4, 128, 2, 16, gen)
+    q = torch.randn(len(seqs), 8, 16, generator=gen)
+    new_k, new_v = torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs])
+    backend = TorchAttentionBackend()
+    expected = backend.forward(q, new_k, new_v, cache.clone(), backend.build_metadata(meta),
+                               0.25, sliding_window=window)
+    firsts = {None: torch.zeros(len(seqs), dtype=torch.int32)}
+    if window is not None:
+        firsts[window] = torch.full((len(seqs),), -1, dtype=torch.int32)
+    fill_decode_firsts(firsts, meta.seq_lens)
+    if window is not None:
+        assert firsts[window].tolist() == [max(0, n - window) for n in meta.seq_lens_cpu]
+    static = static_decode_metadata(meta, firsts)
+    got = backend.forward(q, new_k, new_v, cache.clone(), static, 0.25, sliding_window=window)
+    assert torch.equal(got, expected)

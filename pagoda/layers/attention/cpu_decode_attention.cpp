@@ -365,12 +365,14 @@ int pagoda_decode_attention_supported() {
 #endif
 }
 
-// out [n, heads, dim] float32: row r's query q [n, heads, dim] float32 attends to the
+// out [n, heads, dim] float32: row r's query q [n, heads, dim] float32 (rows q_stride
+// floats apart, heads contiguous) attends to the
 // positions [firsts[r], seq_lens[r]) of its sequence, whose position p lies in slot
 // block_tables[r * table_stride + p / block_size] * block_size + p % block_size of the
 // caches (cache_type: 0 float32, 1 bfloat16, 2 float8 E4M3, 3 float8 E5M2; key and value
 // caches share the strides). Query head h reads KV head h / (heads / kv_heads).
-void pagoda_decode_attention(const float* q, const void* key_cache, const void* value_cache,
+void pagoda_decode_attention(const float* q, int64_t q_stride, const void* key_cache,
+                             const void* value_cache,
                              int cache_type, int64_t slot_stride, int64_t head_stride,
                              const int32_t* block_tables, int64_t table_stride,
                              const int32_t* seq_lens, const int32_t* firsts, int64_t block_size,
@@ -385,14 +387,38 @@ void pagoda_decode_attention(const float* q, const void* key_cache, const void* 
   for (int64_t index = 0; index < n * parts; ++index) {
     const int64_t row = index / parts, part = index % parts;
     const int64_t kv_first = part * kv_heads / parts, kv_end = (part + 1) * kv_heads / parts;
-    const int64_t offset = (row * heads + kv_first * group) * dim;
-    const Task task{q + offset, block_tables + row * table_stride, firsts[row], seq_lens[row],
-                    kv_first, kv_end, out + offset};
+    const int64_t head_offset = kv_first * group * dim;
+    const Task task{q + row * q_stride + head_offset, block_tables + row * table_stride,
+                    firsts[row], seq_lens[row], kv_first, kv_end,
+                    out + row * heads * dim + head_offset};
     switch (cache_type) {
       case 1: attend_any_width<uint16_t>(cache, task, group, dim, block_size, scale); break;
       case 2: attend_any_width<E4M3>(cache, task, group, dim, block_size, scale); break;
       case 3: attend_any_width<E5M2>(cache, task, group, dim, block_size, scale); break;
       default: attend_any_width<float>(cache, task, group, dim, block_size, scale);
+    }
+  }
+}
+
+// cache[slots[t]] = rows[t] for each of `tokens` rows of `width` float32s (rows row_stride
+// floats apart, cache slots slot_stride elements apart; cache_type 0 float32, 1 bfloat16,
+// rounded to nearest even as torch rounds); a negative slot writes nothing.
+void pagoda_store_rows(void* cache, int cache_type, int64_t slot_stride, const int64_t* slots,
+                       const float* rows, int64_t tokens, int64_t width, int64_t row_stride) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slots[t] < 0) continue;
+    const float* row = rows + t * row_stride;
+    if (cache_type == 1) {
+      uint16_t* to = static_cast<uint16_t*>(cache) + slots[t] * slot_stride;
+      for (int64_t i = 0; i < width; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &row[i], sizeof(bits));
+        to[i] = std::isnan(row[i]) ? uint16_t(0x7FC0)
+                                   : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+      }
+    } else {
+      memcpy(static_cast<float*>(cache) + slots[t] * slot_stride, row,
+                  width * sizeof(float));
     }
   }
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel, run_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -33,9 +33,11 @@ VARIABLE = "PAGODA_CPU_DECODE_ATTENTION"
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pagoda_decode_attention.argtypes = [
-        pointer, pointer, pointer, flag, size, size, pointer, size, pointer, pointer, size,
+        pointer, size, pointer, pointer, flag, size, size, pointer, size, pointer, pointer, size,
         size, size, size, size, ctypes.c_float, pointer, flag]
-    library.pagoda_decode_attention.restype = None
+    library.pagoda_store_rows.argtypes = [pointer, flag, size, pointer, pointer, size, size,
+                                          size]
+    library.pagoda_decode_attention.restype = library.pagoda_store_rows.restype = None
     return library
 
 
@@ -48,6 +50,11 @@ def _library() -> ctypes.CDLL | None:
                                  "decode attention gathers the cache and runs torch's SDPA",
                                  logger)
     return None if library is None else _bind(library)
+
+
+def available() -> bool:
+    """Whether the kernel runs on this machine (built, or built now)."""
+    return _library() is not None
 
 
 def runs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
@@ -65,16 +72,41 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T scale) v for each row of q [n, heads, dim] over its sequence's positions
     [firsts, seq_lens) (int32 [n]); the caches are [slots, kv_heads, dim] (slot = block *
-    block_size + position % block_size, blocks from block_tables int32 [n, blocks]). Returns
-    [n, heads, dim] float32: `out` (contiguous float32, not q's memory) when given."""
+    block_size + position % block_size, blocks from block_tables int32 [n, blocks]). A
+    float32 q whose rows hold their heads contiguously is read in place (a view of the qkv
+    projection's output), any other q from a copy. Returns [n, heads, dim] float32: `out`
+    (contiguous float32, not q's memory) when given."""
     n, heads, dim = q.shape
     kv_heads = key_cache.shape[1]
-    query = float32_rows(q)
+    in_place = q.dtype == torch.float32 and n > 0 and q[0].is_contiguous()
+    query = q if in_place else float32_rows(q)
     tables = block_tables.to(torch.int32).contiguous()
     out = torch.empty(n, heads, dim) if out is None else out
-    _library().pagoda_decode_attention(
-        query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-        CACHE_TYPES[key_cache.dtype], key_cache.stride(0), key_cache.stride(1),
-        tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), firsts.data_ptr(),
-        block_size, n, heads, kv_heads, dim, scale, out.data_ptr(), torch.get_num_threads())
+    run_kernel(
+        _library().pagoda_decode_attention, query.data_ptr(), query.stride(0),
+        key_cache.data_ptr(), value_cache.data_ptr(), CACHE_TYPES[key_cache.dtype],
+        key_cache.stride(0), key_cache.stride(1), tables.data_ptr(), tables.stride(0),
+        seq_lens.data_ptr(), firsts.data_ptr(), block_size, n, heads, kv_heads, dim, scale,
+        out.data_ptr(), torch.get_num_threads())
     return out
+
+
+STORED_TYPES = (torch.float32, torch.bfloat16)  # the caches store_rows writes
+
+
+def stores(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether store_rows takes these: a float32 or bfloat16 cache [slots, heads, dim] with
+    contiguous slots, int64 slots, float32 rows [tokens, heads, dim] contiguous within a
+    token, the kernel built."""
+    width = cache.shape[1] * cache.shape[2]
+    return (cache.is_cpu and cache.dtype in STORED_TYPES and slots.dtype == torch.int64
+            and slots.is_contiguous() and rows.dtype == torch.float32 and len(rows) > 0
+            and cache[0].is_contiguous() and rows.shape[1:] == cache.shape[1:]
+            and rows[0].is_contiguous() and rows.stride(0) >= width and _library() is not None)
+
+
+def store_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slots] = rows, where `stores` says so; a negative slot writes nothing."""
+    run_kernel(_library().pagoda_store_rows, cache.data_ptr(), CACHE_TYPES[cache.dtype],
+               cache.stride(0), slots.data_ptr(), rows.data_ptr(), rows.shape[0],
+               cache.shape[1] * cache.shape[2], rows.stride(0))

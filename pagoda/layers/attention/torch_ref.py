@@ -85,6 +85,30 @@ class TorchAttentionMetadata:
         return found
 
 
+def static_decode_metadata(common: CommonAttentionMetadata,
+                           firsts: dict[int | None, torch.Tensor]) -> TorchAttentionMetadata:
+    """Metadata of a decode-only step whose tensors are buffers the caller refills before
+    each use (a CPU plan's static inputs; fill_decode_firsts sets `firsts`): every row's
+    query is its token, row r sees its sequence's positions [firsts[window][r], seq_lens[r]).
+    `firsts` holds, for each sliding window of the model (None: full attention), an int32
+    [num_seqs] buffer. For the decode-attention kernel only: the buffers do not give the
+    rows' visible counts that the padded SDPA path sizes its gather by."""
+    rows = common.num_seqs
+    token_index = torch.arange(rows, device=common.block_tables.device)
+    windows = {window: WindowGathers(DecodeGroup(
+        token_index, common.block_tables, common.seq_lens, first, [0] * rows,
+        common.block_size, whole_batch=True), []) for window, first in firsts.items()}
+    return TorchAttentionMetadata(common, windows)
+
+
+def fill_decode_firsts(firsts: dict[int | None, torch.Tensor], seq_lens: torch.Tensor) -> None:
+    """Set static_decode_metadata's `firsts` buffers in place for decode rows whose sequences
+    hold seq_lens positions: a window of W keys starts at max(0, seq_len - W)."""
+    for window, first in firsts.items():
+        if window is not None:
+            torch.clamp(seq_lens - window, min=0, out=first[:len(seq_lens)])
+
+
 def _first_visible(q_pos: int, window: int | None) -> int:
     """The first kv position the query at q_pos sees."""
     return 0 if window is None else max(0, q_pos - window + 1)
@@ -218,7 +242,11 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
            divisor: float = 1.0) -> None:
     """cache[slots] = rows / divisor in the cache's dtype (float8 caches are written through a
-    byte view: index_copy_ has no float8 kernel on CPU)."""
+    byte view: index_copy_ has no float8 kernel on CPU); on CPU, float32 and bfloat16 caches
+    by pagoda's kernel (one call, which skips a negative slot)."""
+    if divisor == 1.0 and cpu_decode_attention.stores(cache, slots, rows):
+        cpu_decode_attention.store_rows(cache, slots, rows)
+        return
     if divisor != 1.0:
         rows = rows.float() / divisor
     rows = rows.to(cache.dtype)

@@ -322,7 +322,8 @@ void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
 template <int BITS, int PASSES, bool HALVES, typename Scale>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
                int64_t cols, const uint8_t* weights, const Scale* scale, const Scale* low,
-               int64_t out_features, int64_t group_blocks, float* out, int threads) {
+               int64_t out_features, int64_t group_blocks, float* out, int64_t out_stride,
+               int threads) {
   const int64_t tiles = out_features / kLanes;
   const int64_t blocks = cols / kBlock;
   const int64_t groups = HALVES ? 2 * blocks : blocks / group_blocks;
@@ -334,7 +335,7 @@ void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t
       tile_product_for<BITS, PASSES, HALVES, Scale>(count)(
           xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols,
           weights + t * tile_bytes, scale + t * groups * kLanes, low + t * groups * kLanes,
-          group_blocks, out + r * out_features + t * kLanes, out_features);
+          group_blocks, out + r * out_stride + t * kLanes, out_stride);
     }
   }
 }
@@ -343,41 +344,49 @@ template <int BITS, int PASSES, typename Scale>
 void block_dot_groups(const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
                       const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, float* out, int threads) {
+                      int64_t group_inputs, float* out, int64_t out_stride, int threads) {
   if (group_inputs == kBlock / 2)
     block_dot<BITS, PASSES, true>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                                  out_features, 0, out, threads);
+                                  out_features, 0, out, out_stride, threads);
   else
     block_dot<BITS, PASSES, false>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                                   out_features, group_inputs / kBlock, out, threads);
+                                   out_features, group_inputs / kBlock, out, out_stride, threads);
 }
 
 template <int BITS, typename Scale>
 void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
                       const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, float* out, int threads) {
+                      int64_t group_inputs, float* out, int64_t out_stride, int threads) {
   if (passes == 2)
     block_dot_groups<BITS, 2>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, out, threads);
+                              out_features, group_inputs, out, out_stride, threads);
   else
     block_dot_groups<BITS, 1>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, out, threads);
+                              out_features, group_inputs, out, out_stride, threads);
 }
 
 template <typename Scale>
 void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
                     const float* xsum, int64_t tokens, int64_t cols, const uint8_t* weights,
                     const void* scale, const void* low, int64_t out_features,
-                    int64_t group_inputs, float* out, int threads) {
+                    int64_t group_inputs, float* out, int64_t out_stride, int threads) {
   const Scale* scales = static_cast<const Scale*>(scale);
   const Scale* lows = static_cast<const Scale*>(low);
   if (bits == 4)
     block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, out, threads);
+                        out_features, group_inputs, out, out_stride, threads);
   else
     block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, out, threads);
+                        out_features, group_inputs, out, out_stride, threads);
+}
+
+// A finite float16's value from its bits (scales and lows are finite: load checks them).
+inline float half_value(uint16_t bits) {
+  const float sign = bits & 0x8000 ? -1.0f : 1.0f;
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
+  return sign * std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
 }
 
 }  // namespace
@@ -396,15 +405,15 @@ int pagoda_block_dot_supported() {
 #endif
 }
 
-// out [tokens, out_features] = x [tokens, cols] times the tiled weights (bits 4 or 8, groups
-// of group_inputs: 16 or a multiple of 32; scales and lows of scale_bits 32 or 16), x
-// quantized first (in 1 or 2 passes) into the calling thread's scratch (kept for its next
-// call, up to kKeptScratch codes): codes [passes, tokens, cols], a scale per block [tokens,
-// cols / 32] and a sum per half block [tokens, cols / 16].
+// out [tokens, out_features] (rows out_stride floats apart) = x [tokens, cols] times the
+// tiled weights (bits 4 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
+// of scale_bits 32 or 16), x quantized first (in 1 or 2 passes) into the calling thread's
+// scratch (kept for its next call, up to kKeptScratch codes): codes [passes, tokens, cols], a
+// scale per block [tokens, cols / 32] and a sum per half block [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                       const uint8_t* weights, int bits, const void* scale, const void* low,
                       int scale_bits, int64_t out_features, int64_t group_inputs, float* out,
-                      int threads) {
+                      int64_t out_stride, int threads) {
   static thread_local std::vector<int8_t> codes_scratch;
   static thread_local std::vector<float> scale_scratch, sum_scratch;
   const int64_t blocks = cols / kBlock;
@@ -421,14 +430,45 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                  x_scale + r * blocks, x_sum + 2 * r * blocks);
   if (scale_bits == 16)
     block_dot_bits<uint16_t>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
-                             scale, low, out_features, group_inputs, out, threads);
+                             scale, low, out_features, group_inputs, out, out_stride, threads);
   else
     block_dot_bits<float>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale,
-                          low, out_features, group_inputs, out, threads);
+                          low, out_features, group_inputs, out, out_stride, threads);
   if (codes_scratch.size() > kKeptScratch) {  // a prefill's: not held between calls
     std::vector<int8_t>().swap(codes_scratch);
     std::vector<float>().swap(scale_scratch);
     std::vector<float>().swap(sum_scratch);
+  }
+}
+
+// out [n, cols] float32: rows ids[0..n) of the tiled weights decoded, code * scale + low (a
+// quantized table's lookup; an id outside [0, out_features) is the caller's to rule out).
+__attribute__((optimize("fp-contract=off")))  // code * scale rounds before + low, as torch's
+void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights, int bits,
+                           const void* scale, const void* low, int scale_bits, int64_t cols,
+                           int64_t group_inputs, float* out) {
+  const int64_t blocks = cols / kBlock, groups = cols / group_inputs;
+  const int64_t block_bytes = bits * kBlock * kLanes / 8;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t tile = ids[r] / kLanes, lane = ids[r] % kLanes;
+    const uint8_t* codes = weights + tile * blocks * block_bytes + lane * 4;
+    const int64_t first_group = (tile * groups) * kLanes + lane;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t block = c / kBlock, row = (c % kBlock) / 4, i = c % 4;
+      int code;
+      if (bits == 4) {
+        const uint8_t byte = codes[block * block_bytes + (row / 2) * 64 + i];
+        code = row % 2 == 0 ? byte & 0x0F : byte >> 4;
+      } else {
+        code = codes[block * block_bytes + row * 64 + i];
+      }
+      const int64_t at = first_group + (c / group_inputs) * kLanes;
+      const float s = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(scale)[at])
+                                       : static_cast<const float*>(scale)[at];
+      const float l = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(low)[at])
+                                       : static_cast<const float*>(low)[at];
+      out[r * cols + c] = static_cast<float>(code) * s + l;
+    }
   }
 }
 

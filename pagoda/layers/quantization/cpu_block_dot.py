@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel, run_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -41,8 +41,10 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, flag, pointer,
-                                         pointer, flag, size, size, pointer, flag]
-    library.pagoda_block_dot.restype = None
+                                         pointer, flag, size, size, pointer, size, flag]
+    library.pagoda_block_dot_rows.argtypes = [pointer, size, pointer, flag, pointer, pointer,
+                                              flag, size, size, pointer]
+    library.pagoda_block_dot.restype = library.pagoda_block_dot_rows.restype = None
     return library
 
 
@@ -146,18 +148,33 @@ class BlockDotWeight(nn.Module):
         return kernel_name(self.bits, self.activation_passes,
                            self.scale.dtype == torch.float16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T; into `out` when given (float32 [tokens, out_features] with unit column
+        stride: a column slice of a wider output)."""
         flat = float32_rows(x)
-        out = torch.empty(x.shape[:-1] + (self.out_features,))
-        _library().pagoda_block_dot(
-            flat.data_ptr(), flat.numel() // self.in_features, self.in_features,
+        tokens = flat.numel() // self.in_features
+        into = torch.empty(x.shape[:-1] + (self.out_features,)) if out is None else out
+        run_kernel(
+            _library().pagoda_block_dot, flat.data_ptr(), tokens, self.in_features,
             self.activation_passes, self.packed.data_ptr(), self.bits, self.scale.data_ptr(),
             self.low.data_ptr(), self.scale.element_size() * 8, self.out_features,
-            self.group_size, out.data_ptr(), torch.get_num_threads())
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+            self.group_size, into.data_ptr(), into.stride(-2) if into.dim() > 1 else 0,
+            torch.get_num_threads())
+        return into if x.dtype == torch.float32 or out is not None else into.to(x.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Weight rows `index` decoded to float32 [len(index), in] (a table's lookup)."""
+        """Weight rows `index` (each in [0, out_features)) decoded to float32 [len(index), in]
+        by the kernel (a table's lookup)."""
+        ids = index.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(len(ids), self.in_features)
+        run_kernel(_library().pagoda_block_dot_rows, ids.data_ptr(), len(ids),
+                   self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
+                   self.scale.element_size() * 8, self.in_features, self.group_size,
+                   out.data_ptr())
+        return out
+
+    def decoded_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """`rows` in torch operators (the reference the kernel is tested against)."""
         tile, lane = index // LANES, index % LANES
         codes = self.packed[tile, :, :, lane]  # [n, blocks, rows, 4]: 4-bit rows paired
         if self.bits == 4:

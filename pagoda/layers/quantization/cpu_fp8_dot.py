@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel
+from pagoda.layers.cpu_kernels import float32_rows, load_chosen_kernel, run_kernel
 from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
@@ -90,8 +90,9 @@ class Fp8DotWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = float32_rows(x)
         out = torch.empty(x.shape[:-1] + (self.out_features,))
-        _library().pagoda_fp8_dot(
-            flat.data_ptr(), flat.numel() // self.in_features, self.in_features,
+        run_kernel(
+            _library().pagoda_fp8_dot, flat.data_ptr(), flat.numel() // self.in_features,
+            self.in_features,
             self.packed.data_ptr(), self.scale.data_ptr(), self.out_features, self.group_size,
             out.data_ptr(), torch.get_num_threads())
         return out if x.dtype == torch.float32 else out.to(x.dtype)

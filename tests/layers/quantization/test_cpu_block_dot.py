@@ -1,8 +1,9 @@
 """pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
 of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
 largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
-groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales; its
-table lookup; the shapes it refuses; and the machines it does not build on."""
+groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, products
+written into a wider output's columns; its table lookup; the shapes it refuses; and the
+machines it does not build on."""
 
 from __future__ import annotations
 
@@ -122,11 +123,29 @@ def test_threads_split_the_outputs_without_changing_a_bit():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_rows_decode_to_the_weights_exactly(bits):
-    codes, scale, low, weights = random_weights(64, 256, 128, bits, 3)
-    layer = BlockDotWeight(codes, scale, low, 128, bits)
+@pytest.mark.parametrize("group", [16, 32, 128])
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_rows_decode_to_the_weights_exactly(bits, group, half_scales):
+    codes, scale, low, weights = random_weights(64, 256, group, bits, 3)
+    if half_scales:
+        scale, low = scale.half().float(), low.half().float()
+        weights = codes.float() * scale.repeat_interleave(group, 1) \
+            + low.repeat_interleave(group, 1)
+    layer = BlockDotWeight(codes, scale, low, group, bits, half_scales=half_scales)
     index = torch.tensor([0, 17, 63, 17, 40])
-    assert torch.equal(layer.rows(index), weights[index])
+    assert torch.equal(layer.rows(index), weights[index])  # the kernel's lookup
+    assert torch.equal(layer.decoded_rows(index), weights[index])  # its torch reference
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_products_land_in_the_columns_of_a_wider_output(tokens):
+    codes, scale, low, _ = random_weights(32, 128, 32, 4, 6)
+    layer = BlockDotWeight(codes, scale, low, 32, 4)
+    x = torch.randn(tokens, 128)
+    wide = torch.full((tokens, 80), 7.0)
+    assert layer(x, out=wide[:, 16:48]) is not None
+    assert torch.equal(wide[:, 16:48], layer(x))
+    assert bool((wide[:, :16] == 7).all() and (wide[:, 48:] == 7).all())
 
 
 @pytest.mark.parametrize("out_features, in_features, group", [

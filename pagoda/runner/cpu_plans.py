@@ -1,0 +1,164 @@
+"""CPU plans: decode steps replayed as a list of kernel calls, the CPU's counterpart of CUDA
+graphs. On CPU a small model's decode step spends more time in Python (module calls,
+dispatch, argument checks) than in its kernels: SmolLM2's 30 layers make about 150 kernel
+calls a token and four times as many module calls. Where every operation of the model's
+forward is one of pagoda's compiled CPU kernels (`pagoda.layers.cpu_kernels`), each call is
+an address-and-size list that reruns the same work on the same memory; a plan is the list,
+noted while the model runs once over static input buffers (`StaticInputs`, shared with the
+CUDA graphs), and a replay calls them in order without the model's Python.
+
+Capture checks that nothing else computed: every torch operator run while a plan is noted
+must be a view or an allocation (their memory is then kept for the plan), else the model has
+work outside the kernels (a torch matmul, a bias add, a LoRA adapter, a collective) and no
+plan is made: the step runs eagerly, as with --enforce-eager. Plans are captured for decode
+batches of 1, 2, 4, 8, 16 and 32 sequences (padded up as the graphs are: a padded row writes
+no KV and attends to nothing)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pagoda.layers import cpu_fused
+from pagoda.layers.attention import cpu_decode_attention
+from pagoda.layers.attention.metadata import CommonAttentionMetadata, StepKVGroups
+from pagoda.layers.attention.torch_ref import fill_decode_firsts, static_decode_metadata
+from pagoda.layers.cpu_kernels import KernelCall, recording_kernel_calls
+from pagoda.logger import get_logger
+from pagoda.runner.cuda_graphs import StaticInputs, capture_sizes
+
+logger = get_logger(__name__)
+
+MAX_PLAN_BATCH = 32  # plans for decode batches up to this many sequences (above, the
+# kernels' time outweighs the Python a plan saves)
+
+_aten = torch.ops.aten
+ALLOCATIONS = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided})
+
+
+def computes(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether an operator call did work a plan would miss: anything but an allocation or a
+    view (an out-of-place call whose every result shares a positional input's memory:
+    views, and reshape, contiguous or to when they return their input)."""
+    if func.overloadpacket in ALLOCATIONS:
+        return False
+    if func.overloadpacket.__name__.endswith("_") or "out" in kwargs:
+        return True  # in place, or into a given tensor
+    inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves(args)
+              if isinstance(a, torch.Tensor)}
+    results = [r for r in pytree.tree_leaves(out) if isinstance(r, torch.Tensor)]
+    return not results or any(r.untyped_storage().data_ptr() not in inputs for r in results)
+
+
+class _ViewsOnly(TorchDispatchMode):
+    """Runs the operators as usual, keeps what they return (a plan's kernels write into and
+    read from that memory) and notes the first one that computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Any] = []
+        self.computing: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.computing is None and computes(func, args, kwargs, out):
+            self.computing = str(func)
+        self.kept.append(out)
+        return out
+
+
+@dataclass(slots=True)
+class CpuPlan:
+    """One decode batch size's kernel calls and the memory they use; `output` is the
+    model's hidden states [batch, hidden] once replayed."""
+
+    calls: list[KernelCall]
+    kept: list[Any]
+    output: torch.Tensor
+
+    def replay(self) -> None:
+        for function, args in self.calls:
+            function(*args)
+
+
+class CpuPlanRunner:
+    """Owns the plans; run() replays the smallest that fits the batch (the interface of
+    CudaGraphRunner)."""
+
+    def __init__(self, model: nn.Module, block_size: int, max_num_seqs: int,
+                 max_model_len: int, num_kv_groups: int = 1) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(min(max_num_seqs, MAX_PLAN_BATCH))
+        max_blocks = -(-max_model_len // block_size)
+        device = torch.device("cpu")
+        self.inputs = StaticInputs(self.sizes[-1], max_blocks, model.config.hidden_size,
+                                   torch.float32, device, num_kv_groups)
+        windows = {layer.sliding_window for layer in model.kv_cache_spec()}
+        self.firsts = {window: torch.zeros(self.sizes[-1], dtype=torch.int32)
+                       for window in windows}
+        self.plans: dict[int, CpuPlan] = {}
+
+    @torch.inference_mode()
+    def capture(self, kv_cache_dtype: torch.dtype) -> bool:
+        """Note a plan for each batch size; False (and no plans, with one log line saying
+        why) where the model computes outside pagoda's kernels or the KV cache's dtype is
+        one they do not store (float8: torch writes it)."""
+        if not (cpu_fused.available() and cpu_decode_attention.available()):
+            logger.info("no CPU decode plans: pagoda's CPU kernels do not run here")
+            return False
+        if kv_cache_dtype not in cpu_decode_attention.STORED_TYPES:
+            logger.info("no CPU decode plans: a %s KV cache is written by torch", kv_cache_dtype)
+            return False
+        start = time.perf_counter()
+        for bs in self.sizes:
+            plan, computing = self._capture_one(bs)
+            if plan is None:
+                self.plans.clear()
+                logger.info("no CPU decode plans: the model computes outside pagoda's CPU "
+                            "kernels (%s); decode steps run eagerly", computing)
+                return False
+            self.plans[bs] = plan
+        logger.info("noted %d CPU decode plans (batch sizes %d..%d, %d kernel calls at 1) "
+                    "in %.2fs", len(self.plans), self.sizes[0], self.sizes[-1],
+                    len(self.plans[self.sizes[0]].calls), time.perf_counter() - start)
+        return True
+
+    def _capture_one(self, bs: int) -> tuple[CpuPlan | None, str | None]:
+        metadata = [static_decode_metadata(common, {w: f[:bs] for w, f in self.firsts.items()})
+                    for common in self.inputs.metadata(bs, self.max_model_len,
+                                                       self.block_size)]
+        args = (self.inputs.input_ids[:bs], self.inputs.positions[:bs], metadata)
+        self.model(*args)  # first: kernels built, lazily made tables made, outside the plan
+        guard = _ViewsOnly()
+        with recording_kernel_calls() as calls, guard:
+            output = self.model(*args)
+        if guard.computing is not None:
+            return None, guard.computing
+        return CpuPlan(calls, guard.kept + [metadata, output], output), None
+
+    def can_run(self, attn: CommonAttentionMetadata) -> bool:
+        return bool(self.plans) and attn.max_query_len == 1 \
+            and attn.num_seqs <= self.sizes[-1] \
+            and attn.block_tables.shape[1] <= self.inputs.block_tables.shape[2]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, groups: StepKVGroups,
+            intermediate: None = None) -> torch.Tensor:
+        """Replay a decode step: its hidden states, a view of the plan's output (the next
+        replay overwrites it). Plans are made for whole models only: no `intermediate`."""
+        assert intermediate is None, "CPU plans run whole models, not pipeline stages"
+        n = groups.metadata[0].num_seqs
+        bs = next(s for s in self.sizes if s >= n)
+        self.inputs.load(n, bs, input_ids, positions, groups)
+        fill_decode_firsts(self.firsts, self.inputs.seq_lens[:bs])
+        plan = self.plans[bs]
+        plan.replay()
+        return plan.output[:n]
