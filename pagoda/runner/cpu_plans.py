@@ -16,6 +16,7 @@ no KV and attends to nothing)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,18 +57,79 @@ def computes(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     return not results or any(r.untyped_storage().data_ptr() not in inputs for r in results)
 
 
-class _ViewsOnly(TorchDispatchMode):
-    """Runs the operators as usual, keeps what they return (a plan's kernels write into and
-    read from that memory) and notes the first one that computes."""
+class PlanArena:
+    """The memory plans' tensors are cut from: each plan's allocations take its bytes in
+    order from the start, so the plans (one replayed at a time, its output read before the
+    next) share them, as CUDA graphs share a memory pool. Noted largest first, the first
+    plan sizes it."""
+
+    ALIGN = 64  # bytes: every tensor starts on a cache line
+    CHUNK = 4 << 20  # bytes a chunk holds at least
 
     def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []  # uint8
+        self.chunk = self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk.numel() for chunk in self.chunks)
+
+    def rewind(self) -> None:
+        """The next plan's tensors start at the arena's start."""
+        self.chunk = self.offset = 0
+
+    def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of `shape` and `dtype` (its values are whatever lies there)."""
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        while True:
+            if self.chunk == len(self.chunks):
+                self.chunks.append(torch.empty(max(nbytes, self.CHUNK), dtype=torch.uint8))
+            chunk = self.chunks[self.chunk]
+            if self.offset + nbytes <= chunk.numel():
+                break
+            self.chunk, self.offset = self.chunk + 1, 0
+        tensor = chunk[self.offset:self.offset + nbytes].view(dtype).view(shape)
+        self.offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        return tensor
+
+
+def _arena_shape(func: Any, args: tuple, kwargs: dict) -> tuple[list[int], torch.dtype] | None:
+    """The shape and dtype of an allocation the arena serves (a contiguous CPU tensor, as
+    torch.empty or torch.empty_like of a contiguous tensor makes), else None."""
+    if kwargs.get("device", torch.device("cpu")) != torch.device("cpu") \
+            or kwargs.get("layout", torch.strided) != torch.strided \
+            or kwargs.get("pin_memory"):
+        return None
+    if func is _aten.empty.memory_format and kwargs.get("memory_format") in (
+            None, torch.contiguous_format):
+        return list(args[0]), kwargs.get("dtype") or torch.get_default_dtype()
+    if func is _aten.empty_like.default and args[0].is_contiguous() and args[0].is_cpu:
+        return list(args[0].shape), kwargs.get("dtype") or args[0].dtype
+    return None
+
+
+class _ViewsOnly(TorchDispatchMode):
+    """Runs the operators as usual, their allocations from `arena` where it serves them;
+    keeps what they return (a plan's kernels write into and read from that memory) and
+    notes the first one that computes."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No torch.compile runs inside: torch need not wrap __torch_dispatch__ to keep
+        Dynamo out (the wrapping imports Dynamo, about 125 MiB of the engine's memory)."""
+        return False
+
+    def __init__(self, arena: PlanArena) -> None:
         super().__init__()
+        self.arena = arena
         self.kept: list[Any] = []
         self.computing: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        allocation = _arena_shape(func, args, kwargs)
+        out = func(*args, **kwargs) if allocation is None else self.arena.take(*allocation)
         if self.computing is None and computes(func, args, kwargs, out):
             self.computing = str(func)
         self.kept.append(out)
@@ -106,6 +168,7 @@ class CpuPlanRunner:
         self.firsts = {window: torch.zeros(self.sizes[-1], dtype=torch.int32)
                        for window in windows}
         self.plans: dict[int, CpuPlan] = {}
+        self.arena = PlanArena()
 
     @torch.inference_mode()
     def capture(self, kv_cache_dtype: torch.dtype) -> bool:
@@ -119,7 +182,7 @@ class CpuPlanRunner:
             logger.info("no CPU decode plans: a %s KV cache is written by torch", kv_cache_dtype)
             return False
         start = time.perf_counter()
-        for bs in self.sizes:
+        for bs in reversed(self.sizes):  # the largest first: it sizes the arena
             plan, computing = self._capture_one(bs)
             if plan is None:
                 self.plans.clear()
@@ -127,9 +190,10 @@ class CpuPlanRunner:
                             "kernels (%s); decode steps run eagerly", computing)
                 return False
             self.plans[bs] = plan
-        logger.info("noted %d CPU decode plans (batch sizes %d..%d, %d kernel calls at 1) "
-                    "in %.2fs", len(self.plans), self.sizes[0], self.sizes[-1],
-                    len(self.plans[self.sizes[0]].calls), time.perf_counter() - start)
+        logger.info("noted %d CPU decode plans (batch sizes %d..%d, %d kernel calls each, "
+                    "%.1f MiB of activations shared) in %.2fs", len(self.plans), self.sizes[0],
+                    self.sizes[-1], len(self.plans[self.sizes[0]].calls),
+                    self.arena.nbytes / 2**20, time.perf_counter() - start)
         return True
 
     def _capture_one(self, bs: int) -> tuple[CpuPlan | None, str | None]:
@@ -138,7 +202,8 @@ class CpuPlanRunner:
                                                        self.block_size)]
         args = (self.inputs.input_ids[:bs], self.inputs.positions[:bs], metadata)
         self.model(*args)  # first: kernels built, lazily made tables made, outside the plan
-        guard = _ViewsOnly()
+        self.arena.rewind()
+        guard = _ViewsOnly(self.arena)
         with recording_kernel_calls() as calls, guard:
             output = self.model(*args)
         if guard.computing is not None:

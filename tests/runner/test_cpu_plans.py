@@ -13,7 +13,7 @@ from pagoda.layers import cpu_fused
 from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.runner import cpu_plans
-from pagoda.runner.cpu_plans import CpuPlanRunner, computes
+from pagoda.runner.cpu_plans import CpuPlanRunner, PlanArena, computes
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,",
            "Why is the sky blue?"]
@@ -49,6 +49,8 @@ def test_plans_decode_the_eager_tokens(smollm2_dir, eager_tokens):
     llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=8)
     plans = runner_of(llm).graphs
     assert isinstance(plans, CpuPlanRunner) and plans.sizes == [1, 2, 4, 8]
+    chunks = {chunk.untyped_storage().data_ptr() for chunk in plans.arena.chunks}
+    assert {plans.plans[bs].output.untyped_storage().data_ptr() for bs in plans.sizes} <= chunks
     assert greedy_tokens(llm, [24]) == eager_tokens["one"]
     # 5 sequences padded to 8, then 4, 3 (padded to 4), 2 and 1
     assert greedy_tokens(llm, [3, 9, 14, 20, 26]) == eager_tokens["five"]
@@ -96,3 +98,16 @@ def test_views_and_allocations_compute_nothing_the_rest_does():
     assert computes(aten.mul_.Tensor, (x, 2), {}, x.mul_(2))  # in place: returns x itself
     out = torch.empty(4, 6)
     assert computes(aten.clamp.out, (x,), {"min": 0, "out": out}, torch.clamp(x, min=0, out=out))
+
+
+def test_the_arena_cuts_aligned_tensors_and_rewinds_to_share_them(monkeypatch):
+    monkeypatch.setattr(PlanArena, "CHUNK", 1024)
+    arena = PlanArena()
+    a, b = arena.take([3], torch.float32), arena.take([2, 5], torch.int64)
+    assert (a.shape, a.dtype, b.shape, b.dtype) == ((3,), torch.float32, (2, 5), torch.int64)
+    assert b.data_ptr() - a.data_ptr() == PlanArena.ALIGN and b.is_contiguous()
+    big = arena.take([300], torch.float32)  # past the first chunk's 1024 bytes
+    assert len(arena.chunks) == 2 and big.data_ptr() == arena.chunks[1].data_ptr()
+    arena.rewind()
+    assert arena.take([3], torch.float32).data_ptr() == a.data_ptr()  # the next plan's
+    assert arena.nbytes == 1024 + 1200
