@@ -36,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "are taken as awq and gptq)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
-                   help="disable CUDA graphs")
+                   help="disable CUDA graphs (and CPU plans)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare each step while the previous one runs (default: on for CUDA)")
     g.add_argument("--prefill-first", action=argparse.BooleanOptionalAction, default=False,

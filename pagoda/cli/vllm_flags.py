@@ -132,7 +132,8 @@ _add("pagoda schedules with one policy: chunked prefill under one token budget",
 --num-scheduler-steps value
 --multi-step-stream-outputs switch
 --disable-async-output-proc switch""", quiet=("0", "0.0", "1"))
-_add("CUDA graphs capture decode batches up to --max-num-seqs (--enforce-eager turns them off)",
+_add("CUDA graphs capture decode batches up to --max-num-seqs, CPU plans up to 32 "
+     "(--enforce-eager turns them off)",
      """
 --cudagraph-capture-sizes values
 --cuda-graph-sizes values
