@@ -1,5 +1,5 @@
-// pagoda's fused CPU layers in float32: the residual add with RMSNorm, RoPE in place on q
-// and k, and the gated activations (SiLU or GELU's tanh form of the gate, times up). Each
+// pagoda's fused CPU layers in float32: the residual add with RMSNorm (or RMSNorm of each
+// head of q or k), RoPE in place on q and k, and the gated activations (SiLU or GELU's tanh form of the gate, times up). Each
 // does in one pass over a row what the torch path does in two to eight operator calls (a
 // dispatch and a pass over memory each). Built by
 // pagoda/layers/cpu_fused.py with -ffp-contract=off, which keeps the compiler from
@@ -108,6 +108,22 @@ void pagoda_add_rms_norm(const float* x, const float* residual, const float* wei
       for (int64_t c = 0; c < cols; ++c) sum[c] = xr[c] + res[c];
       h = sum;
     }
+    float inv = 1.0f / std::sqrt(sum_of_squares(h, cols) / static_cast<float>(cols) + eps);
+    for (int64_t c = 0; c < cols; ++c) o[c] = (h[c] * inv) * weight[c];
+  }
+}
+
+// out [tokens, heads, cols] = each head of x normed as pagoda_add_rms_norm norms a row
+// without a residual; x's heads lie contiguously within a token, its tokens token_stride
+// floats apart (q or k as a view of a qkv row).
+void pagoda_rms_norm_heads(const float* x, int64_t tokens, int64_t heads, int64_t cols,
+                           int64_t token_stride, const float* weight, float eps, float* out,
+                           int threads) {
+  const int64_t rows = tokens * heads;
+#pragma omp parallel for num_threads(threads_for(rows, threads)) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* h = x + (r / heads) * token_stride + (r % heads) * cols;
+    float* o = out + r * cols;
     float inv = 1.0f / std::sqrt(sum_of_squares(h, cols) / static_cast<float>(cols) + eps);
     for (int64_t c = 0; c < cols; ++c) o[c] = (h[c] * inv) * weight[c];
   }

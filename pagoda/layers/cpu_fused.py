@@ -1,5 +1,6 @@
 """Fused layers on CPU through pagoda's own kernel (`cpu_fused.cpp`), in float32: the residual
-add with RMSNorm, RoPE in place on q and k, and the gated activations (SiLU or GELU-tanh of the
+add with RMSNorm (and RMSNorm of each head of q or k), RoPE in place on q and k, and the
+gated activations (SiLU or GELU-tanh of the
 gate times up), each one call where the torch path makes two to eight (on a small model's
 decode much of a layer's time is those calls' dispatch, and on a prefill their passes over
 memory). The activations' exponential is a polynomial within two units in the last place of
@@ -39,6 +40,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
                                             ctypes.c_float, pointer, pointer, flag]
     library.pagoda_rope.argtypes = [pointer, pointer, pointer, pointer, size, size, size, size,
                                     size, size, size, size, flag]
+    library.pagoda_rms_norm_heads.argtypes = [pointer, size, size, size, size, pointer,
+                                              ctypes.c_float, pointer, flag]
+    library.pagoda_rms_norm_heads.restype = None
     for gated in (library.pagoda_silu_and_mul, library.pagoda_gelu_tanh_and_mul):
         gated.argtypes = [pointer, size, size, size, pointer, flag]
         gated.restype = None
@@ -85,6 +89,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         out.data_ptr(), None if residual is None else summed.data_ptr(),
         torch.get_num_threads())
     return out, summed
+
+
+def takes_heads(x: torch.Tensor) -> bool:
+    """Whether rms_norm_heads takes x: float32 CPU [tokens, heads, dim], each token's heads
+    contiguous, the kernel built."""
+    return (x.is_cpu and x.dtype == torch.float32 and x.dim() == 3 and len(x) > 0
+            and x[0].is_contiguous() and _library() is not None)
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each head of x [tokens, heads, dim] (a view of a qkv row, read in place),
+    into a new contiguous tensor: add_rms_norm's results without a residual."""
+    tokens, heads, dim = x.shape
+    out = torch.empty(tokens, heads, dim)
+    weight = weight.float().contiguous()
+    run_kernel(_library().pagoda_rms_norm_heads, x.data_ptr(), tokens, heads, dim,
+               x.stride(0), weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def takes_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -29,7 +29,7 @@ class VocabShard(nn.Module):
         self.weight = shared if shared is not None else new_parameter(
             self.rows, hidden_size, loader=self.weight_loader, output_dim=0)
         # set: the table is held by this module instead (`quantized(x)` is x W^T,
-        # `quantized.rows(index)` the rows at `index` as float32)
+        # `quantized.rows(index, scale)` the rows at `index` as float32, times scale)
         self.quantized: nn.Module | None = None
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
@@ -45,11 +45,15 @@ class VocabShard(nn.Module):
 class VocabEmbedding(VocabShard):
     """Looks up token ids; with a group, each rank looks up its rows and the sum is taken."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup = SINGLE) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, group: ParallelGroup = SINGLE,
+                 scale: float | None = None) -> None:
+        """`scale`: a factor every row looked up is multiplied by (Gemma's sqrt(hidden)),
+        in the rows' dtype."""
         super().__init__(vocab_size, hidden_size, group)
         # set: `weight` holds rows in another form, which this turns into [n, hidden] floats
         self.decode_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.dtype = torch.get_default_dtype()  # of the rows a quantized table looks up
+        self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
@@ -60,14 +64,16 @@ class VocabEmbedding(VocabShard):
         return self.group.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
     def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
-        """The rows of this rank's table at `local_ids`."""
-        if self.quantized is not None:
-            rows = self.quantized.rows(local_ids.reshape(-1)).to(self.dtype)
+        """The rows of this rank's table at `local_ids` (times the scale)."""
+        if self.quantized is not None:  # scaled by the kernel as it decodes
+            rows = self.quantized.rows(local_ids.reshape(-1), self.scale).to(self.dtype)
             return rows.reshape(*local_ids.shape, rows.shape[-1])
         if self.decode_rows is None:
-            return F.embedding(local_ids, self.weight)
-        rows = self.decode_rows(self.weight.index_select(0, local_ids.reshape(-1)))
-        return rows.reshape(*local_ids.shape, rows.shape[-1])
+            rows = F.embedding(local_ids, self.weight)
+        else:
+            rows = self.decode_rows(self.weight.index_select(0, local_ids.reshape(-1)))
+            rows = rows.reshape(*local_ids.shape, rows.shape[-1])
+        return rows if self.scale is None else rows * self.scale
 
 
 class LMHead(VocabShard):

@@ -29,6 +29,13 @@ class RMSNorm(DeviceDispatch):
             return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
         return self.forward_native(x, residual)
 
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """This norm over the last dim of x [tokens, heads, dim] (q's or k's heads, a view
+        of a qkv row): on CPU read in place by the fused kernel, else through a copy."""
+        if cpu_fused.takes_heads(x):
+            return cpu_fused.rms_norm_heads(x, self.weight, self.eps)
+        return self(x.reshape(-1, x.shape[-1]))[0].view(x.shape)
+
     def forward_native(self, x: torch.Tensor,
                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:

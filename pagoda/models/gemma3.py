@@ -60,10 +60,11 @@ class Gemma3Model(nn.Module):
                  stage: PipelineStage = WHOLE) -> None:
         super().__init__()
         self.stage = stage
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group)
         # transformers rounds the scale to the weights' dtype before multiplying
-        self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5,
-                                              dtype=torch.get_default_dtype()))
+        embed_scale = float(torch.tensor(config.hidden_size ** 0.5,
+                                         dtype=torch.get_default_dtype()))
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group,
+                                           scale=embed_scale)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, max_position, group, window)
             if stage.owns(i) else MissingLayer()
@@ -73,7 +74,7 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
         if intermediate is None:
-            hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None
+            hidden, residual = self.embed_tokens(input_ids), None  # scaled
         else:  # the previous stage applied its last post-feedforward norm
             hidden, residual = intermediate
         output_norm = None  # the previous layer's post-feedforward norm, still to apply

@@ -1,5 +1,6 @@
 """pagoda's fused CPU layers (`cpu_fused.cpp`), each build this CPU runs (AVX-512, AVX2,
-generic), against the layers' torch paths: RMSNorm with and without the residual add, RoPE
+generic), against the layers' torch paths: RMSNorm with and without the residual add and of
+q's heads read in place, RoPE
 in place on q and k views of one qkv row (partial rotary dims, positions past the first),
 and the gated activations (against float64 and torch); row counts on one thread and on
 several; and where they step aside."""
@@ -60,6 +61,22 @@ def test_rope_rotates_q_and_k_in_place_as_the_torch_path(build, tokens, heads, k
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
 
 
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_head_norms_read_q_in_place_as_the_row_kernel_reads_a_copy(build, tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    norm = RMSNorm(64, eps=1e-6)
+    norm.weight.data = torch.rand(64, generator=gen) + 0.5
+    qkv = torch.randn(tokens, (4 + 2 * 2) * 64, generator=gen)
+    q = qkv[:, :4 * 64].view(tokens, 4, 64)  # tokens 512 floats apart
+    assert cpu_fused.takes_heads(q)
+    got = norm.heads(q)
+    assert got.shape == q.shape and got.is_contiguous()
+    rows, _ = cpu_fused.add_rms_norm(q.reshape(-1, 64), None, norm.weight, norm.eps)
+    assert torch.equal(got, rows.view(q.shape))
+    torch.testing.assert_close(got, norm.forward_native(q.reshape(-1, 64))[0].view(q.shape),
+                               rtol=4e-7, atol=1e-7)
+
+
 def float64_gated(activation: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """activation(gate) * up in float64, and how far float32 arithmetic may stray from it
     (GELU's argument u = sqrt(2 / pi) (x + 0.044715 x^3) is rounded before its sigmoid, which
@@ -106,6 +123,8 @@ def test_other_dtypes_and_layouts_take_the_torch_path():
     assert not cpu_fused.takes_rope(positions.int(), q, q, table)
     assert not cpu_fused.takes_rope(positions, q.bfloat16(), q.bfloat16(), table)
     assert not cpu_fused.takes_rope(positions, q.transpose(0, 1), q, table)
+    assert not cpu_fused.takes_heads(q.bfloat16())
+    assert not cpu_fused.takes_heads(q.transpose(1, 2))  # a token's heads not contiguous
     assert not cpu_fused.takes_gated(x.bfloat16())
     assert not cpu_fused.takes_gated(torch.randn(4, 3, 64)[:, :2])  # leading dims strided
     assert not cpu_fused.takes_gated(torch.randn(4, 63))  # no even split

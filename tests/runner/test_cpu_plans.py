@@ -1,5 +1,6 @@
 """CPU plans: the built-in SmolLM2 (Q4_1 on the block-dot kernel) decodes the same tokens from
-its plans as eagerly, at batch sizes that fill a plan, pad one and outgrow them all; a model
+its plans as eagerly, at batch sizes that fill a plan, pad one and outgrow them all, and so
+do tiny Q8_0 Qwen2 (biases) and Gemma 3 (sliding windows, head norms) GGUFs; a model
 that computes outside pagoda's kernels, LoRA, --enforce-eager and a float8 KV cache get none;
 and what capture counts as computing."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from pagoda import LLM, SamplingParams
 from pagoda.layers import cpu_fused
@@ -14,6 +16,8 @@ from pagoda.layers.attention import cpu_decode_attention
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.runner import cpu_plans
 from pagoda.runner.cpu_plans import CpuPlanRunner, PlanArena, computes
+from tests.models.test_gguf_architectures import CASES as GGUF_CASES
+from tests.models.test_gguf_architectures import gguf_name, write_arch_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,",
            "Why is the sky blue?"]
@@ -54,6 +58,37 @@ def test_plans_decode_the_eager_tokens(smollm2_dir, eager_tokens):
     assert greedy_tokens(llm, [24]) == eager_tokens["one"]
     # 5 sequences padded to 8, then 4, 3 (padded to 4), 2 and 1
     assert greedy_tokens(llm, [3, 9, 14, 20, 26]) == eager_tokens["five"]
+
+
+def quantized_gguf(case: str, directory) -> str:
+    """A tiny random GGUF of `case` (tests/models/test_gguf_architectures) with every matrix
+    in Q8_0 blocks (vectors, biases and norms stay float32), its LM head tied to the table
+    (an untied table is decoded per lookup by torch: no plans)."""
+    config, arch, block_names = GGUF_CASES[case]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v.detach() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}  # tied: the head is the table (the block-dot kernel's)
+    types = {gguf_name(k, block_names): "Q8_0" for k, v in state.items() if v.dim() == 2}
+    return str(write_arch_gguf(directory / f"{case}.gguf", config, arch, block_names, state,
+                               types=types))
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma3"])
+def test_plans_of_a_biased_and_a_windowed_model_decode_the_eager_tokens(case, tmp_path):
+    """Qwen2's q/k/v biases (added by the block-dot kernel), Gemma 3's scaled embedding,
+    per-head q/k norms, GELU and sliding window of 8 (two KV groups) all run in plans."""
+    path = quantized_gguf(case, tmp_path)
+    prompts = [{"prompt_token_ids": list(range(7 + 11 * i, 12 + 17 * i))} for i in range(4)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+              for n in (4, 12, 19, 30)]
+    tokens = {}
+    for eager in (False, True):
+        llm = LLM(path, max_model_len=128, max_num_seqs=8, kv_cache_memory=16 << 20,
+                  enforce_eager=eager)
+        assert (runner_of(llm).graphs is None) == eager
+        tokens[eager] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+    assert tokens[False] == tokens[True]
 
 
 def test_batches_past_the_largest_plan_run_eagerly(smollm2_dir, eager_tokens, monkeypatch):

@@ -68,11 +68,7 @@ class AttentionBackend(ABC):
         at `positions` (rotary: a RotaryEmbedding), then forward(). A backend may fuse the
         norm and the rotation into its KV store."""
         if qk_norm is not None:
-            q, k = _norm_heads(q, qk_norm[0]), _norm_heads(k, qk_norm[1])
+            q, k = qk_norm[0].heads(q), qk_norm[1].heads(k)
         q, k = rotary(positions, q, k)
         return self.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_scales)
 
-
-def _norm_heads(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-    """norm over the last dim of x [tokens, heads, dim]."""
-    return norm(x.reshape(-1, x.shape[-1]))[0].view(x.shape)

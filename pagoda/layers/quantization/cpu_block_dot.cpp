@@ -319,11 +319,24 @@ void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
 
 #endif
 
+// Where a product goes: rows `stride` floats apart, plus a bias per output where not null.
+struct Output {
+  float* rows;
+  int64_t stride;
+  const float* bias;
+};
+
+// out[r][0..16) += bias[0..16) for `rows` rows out_stride floats apart (after the products:
+// the sum rounds as torch's y + bias does).
+inline void add_bias(const float* bias, int rows, float* out, int64_t out_stride) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < kLanes; ++l) out[r * out_stride + l] += bias[l];
+}
+
 template <int BITS, int PASSES, bool HALVES, typename Scale>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
                int64_t cols, const uint8_t* weights, const Scale* scale, const Scale* low,
-               int64_t out_features, int64_t group_blocks, float* out, int64_t out_stride,
-               int threads) {
+               int64_t out_features, int64_t group_blocks, const Output& output, int threads) {
   const int64_t tiles = out_features / kLanes;
   const int64_t blocks = cols / kBlock;
   const int64_t groups = HALVES ? 2 * blocks : blocks / group_blocks;
@@ -335,7 +348,10 @@ void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t
       tile_product_for<BITS, PASSES, HALVES, Scale>(count)(
           xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols,
           weights + t * tile_bytes, scale + t * groups * kLanes, low + t * groups * kLanes,
-          group_blocks, out + r * out_stride + t * kLanes, out_stride);
+          group_blocks, output.rows + r * output.stride + t * kLanes, output.stride);
+      if (output.bias != nullptr)
+        add_bias(output.bias + t * kLanes, count, output.rows + r * output.stride + t * kLanes,
+                 output.stride);
     }
   }
 }
@@ -344,41 +360,41 @@ template <int BITS, int PASSES, typename Scale>
 void block_dot_groups(const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
                       const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, float* out, int64_t out_stride, int threads) {
+                      int64_t group_inputs, const Output& output, int threads) {
   if (group_inputs == kBlock / 2)
     block_dot<BITS, PASSES, true>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                                  out_features, 0, out, out_stride, threads);
+                                  out_features, 0, output, threads);
   else
     block_dot<BITS, PASSES, false>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                                   out_features, group_inputs / kBlock, out, out_stride, threads);
+                                   out_features, group_inputs / kBlock, output, threads);
 }
 
 template <int BITS, typename Scale>
 void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
                       const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, float* out, int64_t out_stride, int threads) {
+                      int64_t group_inputs, const Output& output, int threads) {
   if (passes == 2)
     block_dot_groups<BITS, 2>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, out, out_stride, threads);
+                              out_features, group_inputs, output, threads);
   else
     block_dot_groups<BITS, 1>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, out, out_stride, threads);
+                              out_features, group_inputs, output, threads);
 }
 
 template <typename Scale>
 void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
                     const float* xsum, int64_t tokens, int64_t cols, const uint8_t* weights,
                     const void* scale, const void* low, int64_t out_features,
-                    int64_t group_inputs, float* out, int64_t out_stride, int threads) {
+                    int64_t group_inputs, const Output& output, int threads) {
   const Scale* scales = static_cast<const Scale*>(scale);
   const Scale* lows = static_cast<const Scale*>(low);
   if (bits == 4)
     block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, out, out_stride, threads);
+                        out_features, group_inputs, output, threads);
   else
     block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, out, out_stride, threads);
+                        out_features, group_inputs, output, threads);
 }
 
 // A finite float16's value from its bits (scales and lows are finite: load checks them).
@@ -407,13 +423,15 @@ int pagoda_block_dot_supported() {
 
 // out [tokens, out_features] (rows out_stride floats apart) = x [tokens, cols] times the
 // tiled weights (bits 4 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
-// of scale_bits 32 or 16), x quantized first (in 1 or 2 passes) into the calling thread's
-// scratch (kept for its next call, up to kKeptScratch codes): codes [passes, tokens, cols], a
-// scale per block [tokens, cols / 32] and a sum per half block [tokens, cols / 16].
+// of scale_bits 32 or 16), plus bias [out_features] where not null; x quantized first (in 1
+// or 2 passes) into the calling thread's scratch (kept for its next call, up to kKeptScratch
+// codes): codes [passes, tokens, cols], a scale per block [tokens, cols / 32] and a sum per
+// half block [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                       const uint8_t* weights, int bits, const void* scale, const void* low,
-                      int scale_bits, int64_t out_features, int64_t group_inputs, float* out,
-                      int64_t out_stride, int threads) {
+                      int scale_bits, int64_t out_features, int64_t group_inputs,
+                      const float* bias, float* out, int64_t out_stride, int threads) {
+  const Output output{out, out_stride, bias};
   static thread_local std::vector<int8_t> codes_scratch;
   static thread_local std::vector<float> scale_scratch, sum_scratch;
   const int64_t blocks = cols / kBlock;
@@ -430,10 +448,10 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                  x_scale + r * blocks, x_sum + 2 * r * blocks);
   if (scale_bits == 16)
     block_dot_bits<uint16_t>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
-                             scale, low, out_features, group_inputs, out, out_stride, threads);
+                             scale, low, out_features, group_inputs, output, threads);
   else
     block_dot_bits<float>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale,
-                          low, out_features, group_inputs, out, out_stride, threads);
+                          low, out_features, group_inputs, output, threads);
   if (codes_scratch.size() > kKeptScratch) {  // a prefill's: not held between calls
     std::vector<int8_t>().swap(codes_scratch);
     std::vector<float>().swap(scale_scratch);
@@ -441,12 +459,13 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
   }
 }
 
-// out [n, cols] float32: rows ids[0..n) of the tiled weights decoded, code * scale + low (a
-// quantized table's lookup; an id outside [0, out_features) is the caller's to rule out).
+// out [n, cols] float32: rows ids[0..n) of the tiled weights decoded, code * scale + low, times
+// multiplier unless it is 1 (a quantized table's lookup, Gemma's scaled by sqrt(hidden); an id
+// outside [0, out_features) is the caller's to rule out).
 __attribute__((optimize("fp-contract=off")))  // code * scale rounds before + low, as torch's
 void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights, int bits,
                            const void* scale, const void* low, int scale_bits, int64_t cols,
-                           int64_t group_inputs, float* out) {
+                           int64_t group_inputs, float multiplier, float* out) {
   const int64_t blocks = cols / kBlock, groups = cols / group_inputs;
   const int64_t block_bytes = bits * kBlock * kLanes / 8;
   for (int64_t r = 0; r < n; ++r) {
@@ -467,7 +486,8 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
                                        : static_cast<const float*>(scale)[at];
       const float l = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(low)[at])
                                        : static_cast<const float*>(low)[at];
-      out[r * cols + c] = static_cast<float>(code) * s + l;
+      const float value = static_cast<float>(code) * s + l;
+      out[r * cols + c] = multiplier == 1.0f ? value : value * multiplier;
     }
   }
 }

@@ -41,9 +41,10 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, flag, pointer,
-                                         pointer, flag, size, size, pointer, size, flag]
+                                         pointer, flag, size, size, pointer, pointer, size,
+                                         flag]
     library.pagoda_block_dot_rows.argtypes = [pointer, size, pointer, flag, pointer, pointer,
-                                              flag, size, size, pointer]
+                                              flag, size, size, ctypes.c_float, pointer]
     library.pagoda_block_dot.restype = library.pagoda_block_dot_rows.restype = None
     return library
 
@@ -74,6 +75,11 @@ def fits(out_features: int, in_features: int, group_size: int) -> bool:
     return (out_features % LANES == 0 and in_features % BLOCK == 0
             and (group_size == BLOCK // 2 or group_size % BLOCK == 0)
             and in_features % group_size == 0)
+
+
+def takes_bias(bias: torch.Tensor | None) -> bool:
+    """Whether the kernel adds this bias itself: float32 and contiguous."""
+    return bias is not None and bias.dtype == torch.float32 and bias.is_contiguous()
 
 
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,9 +154,10 @@ class BlockDotWeight(nn.Module):
         return kernel_name(self.bits, self.activation_passes,
                            self.scale.dtype == torch.float16)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T; into `out` when given (float32 [tokens, out_features] with unit column
-        stride: a column slice of a wider output)."""
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias: float32 [out_features], contiguous); into `out` when given (float32
+        [tokens, out_features] with unit column stride: a column slice of a wider output)."""
         flat = float32_rows(x)
         tokens = flat.numel() // self.in_features
         into = torch.empty(x.shape[:-1] + (self.out_features,)) if out is None else out
@@ -158,23 +165,25 @@ class BlockDotWeight(nn.Module):
             _library().pagoda_block_dot, flat.data_ptr(), tokens, self.in_features,
             self.activation_passes, self.packed.data_ptr(), self.bits, self.scale.data_ptr(),
             self.low.data_ptr(), self.scale.element_size() * 8, self.out_features,
-            self.group_size, into.data_ptr(), into.stride(-2) if into.dim() > 1 else 0,
-            torch.get_num_threads())
+            self.group_size, None if bias is None else bias.data_ptr(), into.data_ptr(),
+            into.stride(-2) if into.dim() > 1 else 0, torch.get_num_threads())
         return into if x.dtype == torch.float32 or out is not None else into.to(x.dtype)
 
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Weight rows `index` (each in [0, out_features)) decoded to float32 [len(index), in]
-        by the kernel (a table's lookup)."""
+        by the kernel (a table's lookup), times `scale` where given (rounded as torch's rows
+        * scale)."""
         ids = index.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(len(ids), self.in_features)
         run_kernel(_library().pagoda_block_dot_rows, ids.data_ptr(), len(ids),
                    self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
                    self.scale.element_size() * 8, self.in_features, self.group_size,
-                   out.data_ptr())
+                   1.0 if scale is None else scale, out.data_ptr())
         return out
 
     def decoded_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """`rows` in torch operators (the reference the kernel is tested against)."""
+        """`rows` (unscaled) in torch operators (the reference the kernel is tested
+        against)."""
         tile, lane = index // LANES, index % LANES
         codes = self.packed[tile, :, :, lane]  # [n, blocks, rows, 4]: 4-bit rows paired
         if self.bits == 4:

@@ -95,26 +95,28 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         kernels = layer.gguf_kernels
-        if len(kernels) > 1 and all(isinstance(k, BlockDotWeight) for k in kernels):
-            y = _block_dot_columns(kernels, x)
-        else:
-            outputs = [kernel(x) for kernel in kernels]
-            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if all(isinstance(k, BlockDotWeight) for k in kernels) and \
+                (bias is None or cpu_block_dot.takes_bias(bias)):
+            return _block_dot_columns(kernels, x, bias)
+        outputs = [kernel(x) for kernel in kernels]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
 
     def kernel(self, layer: LinearBase) -> str:
         return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))
 
 
-def _block_dot_columns(kernels: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """The block-dot kernels' products side by side, each written into its columns of one
-    output (no concatenation)."""
+def _block_dot_columns(kernels: nn.ModuleList, x: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """The block-dot kernels' products side by side (plus the bias), each written into its
+    columns of one output (no concatenation, no separate add)."""
     rows = x.reshape(-1, x.shape[-1])
     y = torch.empty(rows.shape[0], sum(k.out_features for k in kernels))
     column = 0
     for kernel in kernels:
-        kernel(rows, out=y[:, column:column + kernel.out_features])
-        column += kernel.out_features
+        end = column + kernel.out_features
+        kernel(rows, out=y[:, column:end], bias=None if bias is None else bias[column:end])
+        column = end
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

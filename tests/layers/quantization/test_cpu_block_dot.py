@@ -1,8 +1,8 @@
 """pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
 of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
 largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
-groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, products
-written into a wider output's columns; its table lookup; the shapes it refuses; and the
+groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, a bias,
+products written into a wider output's columns; its table lookup; the shapes it refuses; and the
 machines it does not build on."""
 
 from __future__ import annotations
@@ -135,6 +135,16 @@ def test_rows_decode_to_the_weights_exactly(bits, group, half_scales):
     index = torch.tensor([0, 17, 63, 17, 40])
     assert torch.equal(layer.rows(index), weights[index])  # the kernel's lookup
     assert torch.equal(layer.decoded_rows(index), weights[index])  # its torch reference
+    scale = float(torch.tensor(640 ** 0.5))  # Gemma 3 270M's embedding scale
+    assert torch.equal(layer.rows(index, scale), weights[index] * scale)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_a_bias_is_added_as_torch_adds_it(tokens):
+    codes, scale, low, _ = random_weights(48, 64, 32, 8, 8)
+    layer = BlockDotWeight(codes, scale, low, 32, 8)
+    x, bias = torch.randn(tokens, 64), torch.randn(48)
+    assert torch.equal(layer(x, bias=bias), layer(x) + bias)
 
 
 @pytest.mark.parametrize("tokens", [1, 9])
