@@ -150,6 +150,16 @@ class CpuPlan:
             function(*args)
 
 
+def _converted(call: KernelCall) -> KernelCall:
+    """The call with its arguments as the ctypes values its function declares (ctypes then
+    checks them without converting at each replay: about 0.4 us a call)."""
+    function, args = call
+    kinds = getattr(function, "argtypes", None)
+    if not kinds:
+        return call
+    return function, tuple(kind(value) for kind, value in zip(kinds, args, strict=True))
+
+
 class CpuPlanRunner:
     """Owns the plans; run() replays the smallest that fits the batch (the interface of
     CudaGraphRunner)."""
@@ -208,7 +218,8 @@ class CpuPlanRunner:
             output = self.model(*args)
         if guard.computing is not None:
             return None, guard.computing
-        return CpuPlan(calls, guard.kept + [metadata, output], output), None
+        return CpuPlan([_converted(call) for call in calls], guard.kept + [metadata, output],
+                       output), None
 
     def can_run(self, attn: CommonAttentionMetadata) -> bool:
         return bool(self.plans) and attn.max_query_len == 1 \
