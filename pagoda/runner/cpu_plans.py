@@ -16,6 +16,7 @@ no KV and attends to nothing)."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass
@@ -57,41 +58,109 @@ def computes(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     return not results or any(r.untyped_storage().data_ptr() not in inputs for r in results)
 
 
+@dataclass(slots=True)
+class Allocation:
+    """A tensor a plan's first pass allocated: when, where (that pass's memory) and its
+    size."""
+
+    noted_at: int  # the kernel calls noted before it: the first it can be handed to
+    start: int
+    nbytes: int
+
+
 class PlanArena:
-    """The memory plans' tensors are cut from: each plan's allocations take its bytes in
-    order from the start, so the plans (one replayed at a time, its output read before the
-    next) share them, as CUDA graphs share a memory pool. Noted largest first, the first
-    plan sizes it."""
+    """The memory plans' tensors are cut from, one buffer all plans share (one is replayed at
+    a time, its output read before the next), as CUDA graphs share a memory pool. A plan is
+    noted twice: the first pass (`measure`) hands out fresh memory and notes each
+    allocation; `pack` then places each in the buffer, over the bytes of tensors no later
+    kernel call reads (a layer's activations die within the layer); the second pass hands
+    out those places."""
 
     ALIGN = 64  # bytes: every tensor starts on a cache line
-    CHUNK = 4 << 20  # bytes a chunk holds at least
 
     def __init__(self) -> None:
-        self.chunks: list[torch.Tensor] = []  # uint8
-        self.chunk = self.offset = 0
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.places: list[int] | None = None  # each allocation's offset in the buffer
+        self.taken = 0
+        self.noted: list[Allocation] = []
+        self.calls: list[KernelCall] = []
 
     @property
     def nbytes(self) -> int:
-        return sum(chunk.numel() for chunk in self.chunks)
+        return self.buffer.numel()
 
-    def rewind(self) -> None:
-        """The next plan's tensors start at the arena's start."""
-        self.chunk = self.offset = 0
+    def measure(self, calls: list[KernelCall]) -> None:
+        """A first pass begins: allocations are fresh memory, noted against `calls` (the
+        pass's kernel calls, as they are noted)."""
+        self.places, self.noted, self.calls = None, [], calls
 
     def take(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous tensor of `shape` and `dtype` (its values are whatever lies there)."""
-        numel = math.prod(shape)
-        nbytes = numel * dtype.itemsize
-        while True:
-            if self.chunk == len(self.chunks):
-                self.chunks.append(torch.empty(max(nbytes, self.CHUNK), dtype=torch.uint8))
-            chunk = self.chunks[self.chunk]
-            if self.offset + nbytes <= chunk.numel():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.places is None:
+            tensor = torch.empty(shape, dtype=dtype)
+            self.noted.append(Allocation(len(self.calls), tensor.data_ptr(), nbytes))
+            return tensor
+        if self.taken == len(self.places):
+            raise RuntimeError("a plan's second pass allocated more than its first")
+        place = self.places[self.taken]
+        self.taken += 1
+        return self.buffer[place:place + nbytes].view(dtype).view(shape)
+
+    def pack(self, calls: list[KernelCall], output: torch.Tensor) -> None:
+        """Place the first pass's allocations (a tensor lives from its allocation to the last
+        call handed an address inside it; the output to the end) and get ready for the
+        second pass, growing the buffer where it is too small."""
+        last_use = _last_uses(self.noted, calls, output.data_ptr())
+        places, end = _first_fit(self.noted, last_use, self.ALIGN)
+        if end > self.buffer.numel():  # plans noted before keep the old buffer alive
+            self.buffer = torch.empty(end, dtype=torch.uint8)
+        self.places, self.taken = places, 0
+
+
+def _last_uses(noted: list[Allocation], calls: list[KernelCall], output: int) -> list[float]:
+    """Each allocation's last call handed an address inside it (its allocation time if none;
+    infinity for the one holding `output`)."""
+    starts = sorted(range(len(noted)), key=lambda i: noted[i].start)
+    addresses = [noted[i].start for i in starts]
+
+    def holder(address: int) -> int | None:
+        at = bisect.bisect_right(addresses, address) - 1
+        if at < 0:
+            return None
+        found = noted[starts[at]]
+        return starts[at] if address < found.start + max(found.nbytes, 1) else None
+
+    last: list[float] = [a.noted_at for a in noted]
+    for index, (_, args) in enumerate(calls):
+        for arg in args:
+            owner = holder(arg) if isinstance(arg, int) else None
+            if owner is not None:
+                last[owner] = max(last[owner], index)
+    owner = holder(output)
+    if owner is not None:
+        last[owner] = math.inf
+    return last
+
+
+def _first_fit(noted: list[Allocation], last_use: list[float],
+               align: int) -> tuple[list[int], int]:
+    """Offsets for the allocations, in order, each at the lowest place clear of every
+    allocation still in use when it is made; and the bytes they span."""
+    live: list[tuple[int, int, float]] = []  # (offset, end, last use)
+    places, extent = [], 0
+    for allocation, last in zip(noted, last_use, strict=True):
+        live = sorted(p for p in live if p[2] >= allocation.noted_at)
+        size = -(-allocation.nbytes // align) * align
+        place = 0
+        for offset, end, _ in live:
+            if place + size <= offset:
                 break
-            self.chunk, self.offset = self.chunk + 1, 0
-        tensor = chunk[self.offset:self.offset + nbytes].view(dtype).view(shape)
-        self.offset += -(-nbytes // self.ALIGN) * self.ALIGN
-        return tensor
+            place = max(place, end)
+        live.append((place, place + size, last))
+        places.append(place)
+        extent = max(extent, place + size)
+    return places, extent
 
 
 def _arena_shape(func: Any, args: tuple, kwargs: dict) -> tuple[list[int], torch.dtype] | None:
@@ -192,7 +261,7 @@ class CpuPlanRunner:
             logger.info("no CPU decode plans: a %s KV cache is written by torch", kv_cache_dtype)
             return False
         start = time.perf_counter()
-        for bs in reversed(self.sizes):  # the largest first: it sizes the arena
+        for bs in reversed(self.sizes):  # the largest first: it sizes the arena's buffer
             plan, computing = self._capture_one(bs)
             if plan is None:
                 self.plans.clear()
@@ -212,12 +281,19 @@ class CpuPlanRunner:
                                                        self.block_size)]
         args = (self.inputs.input_ids[:bs], self.inputs.positions[:bs], metadata)
         self.model(*args)  # first: kernels built, lazily made tables made, outside the plan
-        self.arena.rewind()
+        with recording_kernel_calls() as calls:
+            self.arena.measure(calls)
+            guard = _ViewsOnly(self.arena)
+            with guard:
+                output = self.model(*args)
+        if guard.computing is not None:
+            return None, guard.computing
+        self.arena.pack(calls, output)
         guard = _ViewsOnly(self.arena)
         with recording_kernel_calls() as calls, guard:
             output = self.model(*args)
-        if guard.computing is not None:
-            return None, guard.computing
+        if self.arena.taken != len(self.arena.places):
+            return None, "a plan's second pass allocated less than its first"
         return CpuPlan([_converted(call) for call in calls], guard.kept + [metadata, output],
                        output), None
 

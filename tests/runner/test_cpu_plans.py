@@ -53,8 +53,10 @@ def test_plans_decode_the_eager_tokens(smollm2_dir, eager_tokens):
     llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=8)
     plans = runner_of(llm).graphs
     assert isinstance(plans, CpuPlanRunner) and plans.sizes == [1, 2, 4, 8]
-    chunks = {chunk.untyped_storage().data_ptr() for chunk in plans.arena.chunks}
-    assert {plans.plans[bs].output.untyped_storage().data_ptr() for bs in plans.sizes} <= chunks
+    buffer = plans.arena.buffer.untyped_storage().data_ptr()
+    assert {plans.plans[bs].output.untyped_storage().data_ptr() for bs in plans.sizes} == \
+        {buffer}  # every plan's activations in the one buffer
+    assert plans.arena.nbytes < 2 << 20  # a layer's activations die within it
     assert greedy_tokens(llm, [24]) == eager_tokens["one"]
     # 5 sequences padded to 8, then 4, 3 (padded to 4), 2 and 1
     assert greedy_tokens(llm, [3, 9, 14, 20, 26]) == eager_tokens["five"]
@@ -135,14 +137,25 @@ def test_views_and_allocations_compute_nothing_the_rest_does():
     assert computes(aten.clamp.out, (x,), {"min": 0, "out": out}, torch.clamp(x, min=0, out=out))
 
 
-def test_the_arena_cuts_aligned_tensors_and_rewinds_to_share_them(monkeypatch):
-    monkeypatch.setattr(PlanArena, "CHUNK", 1024)
+def test_the_arena_reuses_the_bytes_of_tensors_no_later_call_reads():
     arena = PlanArena()
-    a, b = arena.take([3], torch.float32), arena.take([2, 5], torch.int64)
-    assert (a.shape, a.dtype, b.shape, b.dtype) == ((3,), torch.float32, (2, 5), torch.int64)
-    assert b.data_ptr() - a.data_ptr() == PlanArena.ALIGN and b.is_contiguous()
-    big = arena.take([300], torch.float32)  # past the first chunk's 1024 bytes
-    assert len(arena.chunks) == 2 and big.data_ptr() == arena.chunks[1].data_ptr()
-    arena.rewind()
-    assert arena.take([3], torch.float32).data_ptr() == a.data_ptr()  # the next plan's
-    assert arena.nbytes == 1024 + 1200
+    calls = []
+    arena.measure(calls)
+    a = arena.take([16], torch.float32)  # read by call 0 only
+    b = arena.take([2, 8], torch.float32)  # read by calls 0 and 1
+    calls.append((print, (a.data_ptr(), b.data_ptr())))
+    c = arena.take([16], torch.float32)  # made after call 0: may take a's bytes
+    calls.append((print, (b[1].data_ptr(), c.data_ptr(), 16)))  # b read through a view
+    out = arena.take([4], torch.float64)  # the output: lives to the end
+    calls.append((print, (c.data_ptr(), out.data_ptr())))
+    arena.pack(calls, out)
+    # c over a (dead after call 0) but clear of b (call 1 reads it); out over b
+    assert arena.places == [0, 64, 0, 64]
+    assert arena.nbytes == 128
+    second = [arena.take([16], torch.float32), arena.take([2, 8], torch.float32),
+              arena.take([16], torch.float32), arena.take([4], torch.float64)]
+    base = arena.buffer.data_ptr()
+    assert [t.data_ptr() - base for t in second] == [0, 64, 0, 64]
+    assert second[3].dtype == torch.float64 and second[1].shape == (2, 8)
+    with pytest.raises(RuntimeError):
+        arena.take([1], torch.float32)  # more than the first pass made
