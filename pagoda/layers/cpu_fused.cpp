@@ -1,7 +1,7 @@
 // pagoda's fused CPU layers in float32: the residual add with RMSNorm (or RMSNorm of each
-// head of q or k), RoPE in place on q and k, and the gated activations (SiLU or GELU's tanh form of the gate, times up). Each
-// does in one pass over a row what the torch path does in two to eight operator calls (a
-// dispatch and a pass over memory each). Built by
+// head of q or k), RoPE in place on q and k, and the gated activations (SiLU or GELU's tanh
+// form of the gate, times up). Each does in one pass over a row what the torch path does in
+// two to eight operator calls (a dispatch and a pass over memory each). Built by
 // pagoda/layers/cpu_fused.py with -ffp-contract=off, which keeps the compiler from
 // contracting a * b + c into one fused multiply-add: RoPE's products round as torch's do;
 // the norm's sum of squares is added in another order than torch's mean, so it may differ
@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <omp.h>
+
+#include "cpu_exp.h"
 
 namespace {
 
@@ -31,27 +33,6 @@ float sum_of_squares(const float* h, int64_t cols) {
   float total = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
-}
-
-// e^x in float32 for x in about [-87, 88] (clamped there), within two units in the last
-// place: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to r^7, scaled by
-// 2^n through the exponent bits. Plain arithmetic the compiler vectorizes.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 inline float silu(float x) { return x / (1.0f + exp_approx(-x)); }

@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,7 @@ import torch
 from pagoda.home import home_dir
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"', re.MULTILINE)
 
 KernelCall = tuple[Callable[..., Any], tuple[Any, ...]]  # a C function and its arguments
 _recorded: ContextVar[list[KernelCall] | None] = ContextVar("pagoda_kernel_calls", default=None)
@@ -76,11 +78,19 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def _source_text(source: Path) -> str:
+    """The source and the local headers it includes (`#include "name.h"`, beside it)."""
+    text = source.read_text()
+    headers = LOCAL_INCLUDE.findall(text)
+    return "\0".join([text, *((source.parent / name).read_text() for name in headers)])
+
+
 def _library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
-    """The library's file for this source, these flags and this compiler."""
+    """The library's file for this source (and its local headers), these flags and this
+    compiler."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    digest = hashlib.sha256("\0".join([source.read_text(), *flags, version]).encode())
+    digest = hashlib.sha256("\0".join([_source_text(source), *flags, version]).encode())
     return kernels_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 
 

@@ -1,12 +1,15 @@
 """What the CPU kernels are handed: float32 rows one after another, without a copy where the
-activations already are; and their calls noted, to be made again on the same memory."""
+activations already are; their calls noted, to be made again on the same memory; builds keyed
+by the headers their sources include."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
-from pagoda.layers import cpu_fused
+from pagoda.layers import cpu_fused, cpu_kernels
 from pagoda.layers.cpu_kernels import float32_rows, recording_kernel_calls, run_kernel
 
 
@@ -44,3 +47,15 @@ def test_a_noted_kernel_call_made_again_redoes_its_work_on_new_values():
     function(*args)
     expected, expected_sum = cpu_fused.add_rms_norm(x, residual, weight, 1e-6)
     assert torch.equal(out, expected) and torch.equal(summed, expected_sum)
+
+
+def test_a_build_is_keyed_by_the_local_headers_its_source_includes(tmp_path, monkeypatch):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    monkeypatch.setenv("PAGODA_HOME", str(tmp_path / "home"))
+    (tmp_path / "math.h").write_text("inline float one() { return 1.0f; }\n")
+    source = tmp_path / "kernel.cpp"
+    source.write_text('#include "math.h"\nextern "C" int supported() { return 1; }\n')
+    before = cpu_kernels._library_path(source, "g++", ("-O2",))
+    (tmp_path / "math.h").write_text("inline float one() { return 1.0f + 0.0f; }\n")
+    assert cpu_kernels._library_path(source, "g++", ("-O2",)) != before

@@ -22,6 +22,8 @@
 #include <limits>
 #include <vector>
 
+#include "../cpu_exp.h"
+
 namespace {
 
 // Float8 cache elements: a byte each, E4M3 (NaN only at 0x7F and 0xFF) or E5M2 (a float16's
@@ -71,28 +73,6 @@ const Float8Tables kFloat8;
 
 inline float as_float(E4M3 value) { return kFloat8.e4m3[value.bits]; }
 inline float as_float(E5M2 value) { return kFloat8.e5m2[value.bits]; }
-
-// e^x for x <= 0 in plain arithmetic the compiler vectorizes (std::exp is a scalar call):
-// x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to float32), e^r by
-// its Taylor series to r^6 (relative error under 2e-7), times 2^n from the exponent bits.
-// Below -87 (e^x under float32's least normal) it returns about 1e-38.
-inline float exp_nonpositive(float x) {
-  x = x > -87.0f ? x : -87.0f;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  memcpy(&power, &bits, sizeof(power));
-  return p * power;
-}
 
 constexpr int64_t kPrefetchBlocks = 2;  // how many blocks ahead a task asks for its rows
 
@@ -264,14 +244,14 @@ inline void softmax_step(float* scores, int64_t count, float* largest, float* to
   float high = *largest;
 #pragma omp simd reduction(max : high)
   for (int64_t i = 0; i < count; ++i) high = scores[i] > high ? scores[i] : high;
-  const float shrink = exp_nonpositive(*largest - high);  // ~0 on the first block
+  const float shrink = exp_approx(*largest - high);  // ~0 on the first block
   *largest = high;
 #pragma omp simd
   for (int64_t d = 0; d < width(); ++d) acc[d] *= shrink;
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) {
-    scores[i] = exp_nonpositive(scores[i] - high);
+    scores[i] = exp_approx(scores[i] - high);
     sum += scores[i];
   }
   *total = *total * shrink + sum;
