@@ -1,10 +1,9 @@
 """Fused layers on CPU through pagoda's own kernel (`cpu_fused.cpp`), in float32: the residual
 add with RMSNorm (and RMSNorm of each head of q or k), RoPE in place on q and k, and the
-gated activations (SiLU or GELU-tanh of the
-gate times up), each one call where the torch path makes two to eight (on a small model's
-decode much of a layer's time is those calls' dispatch, and on a prefill their passes over
-memory). The activations' exponential is a polynomial within two units in the last place of
-torch's.
+gated activations (SiLU or GELU-tanh of the gate times up), each one call where the torch
+path makes two to eight (on a small model's decode much of a layer's time is those calls'
+dispatch, and on a prefill their passes over memory). The activations' exponential is a
+polynomial (`cpu_exp.h`) within a few units in the last place.
 
 Compiled at first use (`pagoda.layers.cpu_kernels`) with AVX-512 flags, else AVX2 ones, else
 none. Without a compiler, for other dtypes or layouts, or with `PAGODA_CPU_FUSED=0`, the
@@ -147,8 +146,8 @@ def gated(activation: str, x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1] // 2
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     out = torch.empty(*x.shape[:-1], width)
-    function = _library().pagoda_silu_and_mul if activation == "silu" \
-        else _library().pagoda_gelu_tanh_and_mul
-    run_kernel(function, rows.data_ptr(), rows.shape[0], width, rows.stride(0),
-               out.data_ptr(), torch.get_num_threads())
+    if activation not in GATED:
+        raise ValueError(f"no gated activation {activation!r}; the kernel runs {GATED}")
+    run_kernel(getattr(_library(), f"pagoda_{activation}_and_mul"), rows.data_ptr(),
+               rows.shape[0], width, rows.stride(0), out.data_ptr(), torch.get_num_threads())
     return out

@@ -103,6 +103,7 @@ class ModelRunner:
     def capture_cpu_plans(self, max_num_seqs: int, max_model_len: int) -> bool:
         """Note decode steps as plans of CPU kernel calls; False where the model computes
         outside the kernels (then every step runs eagerly)."""
+        self.graphs = None  # earlier plans point at memory that may have moved
         plans = CpuPlanRunner(self.model, self.config.block_size, max_num_seqs, max_model_len,
                               len(self.kv_layout.groups))
         if not plans.capture(self.kv_cache.dtype):
