@@ -34,6 +34,18 @@ def runner_of(llm: LLM):
     return llm.engine.core.executor.worker.runner
 
 
+def counted_replays(plans: CpuPlanRunner, monkeypatch) -> list[int]:
+    """The batch sizes of the decode steps `plans` replays from now on."""
+    replayed: list[int] = []
+    original = plans.run
+
+    def run(input_ids, *args):
+        replayed.append(len(input_ids))
+        return original(input_ids, *args)
+    monkeypatch.setattr(plans, "run", run)
+    return replayed
+
+
 def greedy_tokens(llm: LLM, lengths: list[int]) -> list[list[int]]:
     """Each prompt's greedy tokens, prompt i stopping after lengths[i] (so the decode batch
     shrinks step by step)."""
@@ -49,17 +61,21 @@ def eager_tokens(smollm2_dir):
     return {"one": greedy_tokens(llm, [24]), "five": greedy_tokens(llm, [3, 9, 14, 20, 26])}
 
 
-def test_plans_decode_the_eager_tokens(smollm2_dir, eager_tokens):
+def test_plans_decode_the_eager_tokens(smollm2_dir, eager_tokens, monkeypatch):
     llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=8)
     plans = runner_of(llm).graphs
+    replayed = counted_replays(plans, monkeypatch)
     assert isinstance(plans, CpuPlanRunner) and plans.sizes == [1, 2, 4, 8]
     buffer = plans.arena.buffer.untyped_storage().data_ptr()
     assert {plans.plans[bs].output.untyped_storage().data_ptr() for bs in plans.sizes} == \
         {buffer}  # every plan's activations in the one buffer
     assert plans.arena.nbytes < 2 << 20  # a layer's activations die within it
     assert greedy_tokens(llm, [24]) == eager_tokens["one"]
+    assert replayed == [1] * 23  # every decode step (the first token is the prefill's)
+    replayed.clear()
     # 5 sequences padded to 8, then 4, 3 (padded to 4), 2 and 1
     assert greedy_tokens(llm, [3, 9, 14, 20, 26]) == eager_tokens["five"]
+    assert sorted(set(replayed)) == [1, 2, 3, 4, 5] and len(replayed) == 25
 
 
 def quantized_gguf(case: str, directory) -> str:
@@ -77,7 +93,8 @@ def quantized_gguf(case: str, directory) -> str:
 
 
 @pytest.mark.parametrize("case", ["qwen2", "gemma3"])
-def test_plans_of_a_biased_and_a_windowed_model_decode_the_eager_tokens(case, tmp_path):
+def test_plans_of_a_biased_and_a_windowed_model_decode_the_eager_tokens(case, tmp_path,
+                                                                       monkeypatch):
     """Qwen2's q/k/v biases (added by the block-dot kernel), Gemma 3's scaled embedding,
     per-head q/k norms, GELU and sliding window of 8 (two KV groups) all run in plans."""
     path = quantized_gguf(case, tmp_path)
@@ -89,7 +106,9 @@ def test_plans_of_a_biased_and_a_windowed_model_decode_the_eager_tokens(case, tm
         llm = LLM(path, max_model_len=128, max_num_seqs=8, kv_cache_memory=16 << 20,
                   enforce_eager=eager)
         assert (runner_of(llm).graphs is None) == eager
+        replayed = [] if eager else counted_replays(runner_of(llm).graphs, monkeypatch)
         tokens[eager] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        assert len(replayed) == (0 if eager else 29)  # every decode step replayed
     assert tokens[False] == tokens[True]
 
 
@@ -98,11 +117,9 @@ def test_batches_past_the_largest_plan_run_eagerly(smollm2_dir, eager_tokens, mo
     llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=8)
     plans = runner_of(llm).graphs
     assert plans.sizes == [1, 2]
-    replayed = []
-    original = plans.run
-    monkeypatch.setattr(plans, "run", lambda *args: replayed.append(1) or original(*args))
+    replayed = counted_replays(plans, monkeypatch)
     assert greedy_tokens(llm, [3, 9, 14, 20, 26]) == eager_tokens["five"]
-    assert len(replayed) == 26 - 14  # the steps of two sequences or one
+    assert replayed == [2] * (20 - 14) + [1] * (26 - 20)  # the steps of two sequences or one
 
 
 def test_a_model_computing_outside_the_kernels_gets_no_plans(smollm2_dir):
