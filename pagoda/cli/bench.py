@@ -135,7 +135,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="as pagoda serve's flag (fp8: K and V in one byte each)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=None)
-    parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs (and CPU plans)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="disable CUDA graphs (and CPU plans)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap step preparation with the device")
     parser.add_argument("--attention-backend", default=None, help="auto, torch or triton")

@@ -28,7 +28,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "fp8 (= fp8_e4m3) / fp8_e5m2: K and V stored in one byte each (half a "
                         "16-bit cache), divided by the checkpoint's k/v scales where it has "
                         "them")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    g.add_argument("--load-format", default="auto",
+                   choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--quantization", "-q", default=None, metavar="FORMAT",
                    help="fp8, awq, gptq, compressed-tensors or gguf (default: what the "
                         "checkpoint holds; fp8 also quantizes a 16-bit checkpoint at load; "
@@ -43,7 +44,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="give newly admitted requests' prefills a step of their own before "
                         "the next decode step: first tokens sooner on average, fewer tokens "
                         "a second and longer gaps between the running requests' tokens")
-    g.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the model's)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer path or name (default: the model's)")
     g.add_argument("--attention-backend", default="auto", help="auto, torch or triton")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split every layer over this many devices (one worker process each; "
