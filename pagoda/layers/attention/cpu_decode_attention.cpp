@@ -346,14 +346,14 @@ int pagoda_decode_attention_supported() {
 }
 
 // out [n, heads, dim] float32: row r's query q [n, heads, dim] float32 (rows q_stride
-// floats apart, heads contiguous) attends to the
-// positions [firsts[r], seq_lens[r]) of its sequence, whose position p lies in slot
-// block_tables[r * table_stride + p / block_size] * block_size + p % block_size of the
-// caches (cache_type: 0 float32, 1 bfloat16, 2 float8 E4M3, 3 float8 E5M2; key and value
-// caches share the strides). Query head h reads KV head h / (heads / kv_heads).
+// floats apart, heads contiguous) attends to the positions [firsts[r], seq_lens[r]) of its
+// sequence, whose position p lies in slot block_tables[r * table_stride + p / block_size] *
+// block_size + p % block_size of the caches (cache_type: 0 float32, 1 bfloat16, 2 float8
+// E4M3, 3 float8 E5M2; key and value caches share the strides). Query head h reads KV head
+// h / (heads / kv_heads).
 void pagoda_decode_attention(const float* q, int64_t q_stride, const void* key_cache,
-                             const void* value_cache,
-                             int cache_type, int64_t slot_stride, int64_t head_stride,
+                             const void* value_cache, int cache_type, int64_t slot_stride,
+                             int64_t head_stride,
                              const int32_t* block_tables, int64_t table_stride,
                              const int32_t* seq_lens, const int32_t* firsts, int64_t block_size,
                              int64_t n, int64_t heads, int64_t kv_heads, int64_t dim,
@@ -397,8 +397,7 @@ void pagoda_store_rows(void* cache, int cache_type, int64_t slot_stride, const i
                                    : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
       }
     } else {
-      memcpy(static_cast<float*>(cache) + slots[t] * slot_stride, row,
-                  width * sizeof(float));
+      memcpy(static_cast<float*>(cache) + slots[t] * slot_stride, row, width * sizeof(float));
     }
   }
 }
