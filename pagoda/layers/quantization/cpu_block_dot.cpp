@@ -468,6 +468,7 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
                            int64_t group_inputs, float multiplier, float* out) {
   const int64_t blocks = cols / kBlock, groups = cols / group_inputs;
   const int64_t block_bytes = bits * kBlock * kLanes / 8;
+  constexpr int64_t row_bytes = kLanes * 4;  // a block's row: 4 codes (or pairs) per output
   for (int64_t r = 0; r < n; ++r) {
     const int64_t tile = ids[r] / kLanes, lane = ids[r] % kLanes;
     const uint8_t* codes = weights + tile * blocks * block_bytes + lane * 4;
@@ -476,10 +477,10 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
       const int64_t block = c / kBlock, row = (c % kBlock) / 4, i = c % 4;
       int code;
       if (bits == 4) {
-        const uint8_t byte = codes[block * block_bytes + (row / 2) * 64 + i];
+        const uint8_t byte = codes[block * block_bytes + (row / 2) * row_bytes + i];
         code = row % 2 == 0 ? byte & 0x0F : byte >> 4;
       } else {
-        code = codes[block * block_bytes + row * 64 + i];
+        code = codes[block * block_bytes + row * row_bytes + i];
       }
       const int64_t at = first_group + (c / group_inputs) * kLanes;
       const float s = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(scale)[at])
