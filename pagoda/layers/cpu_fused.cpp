@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <omp.h>
 
-#include "cpu_exp.h"
+#include "cpu_math.h"
 
 namespace {
 

@@ -3,7 +3,7 @@ add with RMSNorm (and RMSNorm of each head of q or k), RoPE in place on q and k,
 gated activations (SiLU or GELU-tanh of the gate times up), each one call where the torch
 path makes two to eight (on a small model's decode much of a layer's time is those calls'
 dispatch, and on a prefill their passes over memory). The activations' exponential is a
-polynomial (`cpu_exp.h`) within a few units in the last place.
+polynomial (`cpu_math.h`) within a few units in the last place.
 
 Compiled at first use (`pagoda.layers.cpu_kernels`) with AVX-512 flags, else AVX2 ones, else
 none. Without a compiler, for other dtypes or layouts, or with `PAGODA_CPU_FUSED=0`, the

@@ -6,6 +6,9 @@ and what capture counts as computing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -176,3 +179,18 @@ def test_the_arena_reuses_the_bytes_of_tensors_no_later_call_reads():
     assert second[3].dtype == torch.float64 and second[1].shape == (2, 8)
     with pytest.raises(RuntimeError):
         arena.take([1], torch.float32)  # more than the first pass made
+
+
+def test_noting_a_plan_does_not_import_dynamo():
+    """torch wraps a dispatch mode's __torch_dispatch__ to keep Dynamo out unless the mode
+    opts out; the wrapping imports Dynamo (about 125 MiB of the engine's memory)."""
+    script = ("import sys, torch\n"
+              "from pagoda.runner.cpu_plans import PlanArena, _ViewsOnly\n"
+              "arena = PlanArena()\n"
+              "arena.measure([])\n"
+              "with torch.inference_mode(), _ViewsOnly(arena):\n"
+              "    torch.empty(3).view(3)\n"
+              "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"

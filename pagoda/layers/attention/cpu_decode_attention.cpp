@@ -22,7 +22,7 @@
 #include <limits>
 #include <vector>
 
-#include "../cpu_exp.h"
+#include "../cpu_math.h"
 
 namespace {
 
@@ -42,17 +42,6 @@ inline float as_float(uint16_t bfloat16) {
   float value;
   memcpy(&value, &bits, sizeof(value));
   return value;
-}
-
-// A float16's value from its bits (subnormals, infinities and NaN included).
-inline float from_float16(uint16_t bits) {
-  const float sign = bits & 0x8000 ? -1.0f : 1.0f;
-  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
-  if (exponent == 0x1F)
-    return mantissa ? std::numeric_limits<float>::quiet_NaN()
-                    : sign * std::numeric_limits<float>::infinity();
-  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
-  return sign * std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
 }
 
 // Every byte's value, as the AVX-512 build decodes it: E4M3's bits sign-extended to 16 and

@@ -25,6 +25,8 @@
 #include <utility>
 #include <vector>
 
+#include "../cpu_math.h"
+
 namespace {
 
 constexpr int64_t kBlock = 32;    // inputs per activation block
@@ -397,14 +399,6 @@ void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
                         out_features, group_inputs, output, threads);
 }
 
-// A finite float16's value from its bits (scales and lows are finite: load checks them).
-inline float half_value(uint16_t bits) {
-  const float sign = bits & 0x8000 ? -1.0f : 1.0f;
-  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
-  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
-  return sign * std::ldexp(static_cast<float>(1024 + mantissa), exponent - 25);
-}
-
 }  // namespace
 
 extern "C" {
@@ -483,9 +477,9 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
         code = codes[block * block_bytes + row * row_bytes + i];
       }
       const int64_t at = first_group + (c / group_inputs) * kLanes;
-      const float s = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(scale)[at])
+      const float s = scale_bits == 16 ? from_float16(static_cast<const uint16_t*>(scale)[at])
                                        : static_cast<const float*>(scale)[at];
-      const float l = scale_bits == 16 ? half_value(static_cast<const uint16_t*>(low)[at])
+      const float l = scale_bits == 16 ? from_float16(static_cast<const uint16_t*>(low)[at])
                                        : static_cast<const float*>(low)[at];
       const float value = static_cast<float>(code) * s + l;
       out[r * cols + c] = multiplier == 1.0f ? value : value * multiplier;

@@ -92,7 +92,6 @@ class Fp8DotWeight(nn.Module):
         out = torch.empty(x.shape[:-1] + (self.out_features,))
         run_kernel(
             _library().pagoda_fp8_dot, flat.data_ptr(), flat.numel() // self.in_features,
-            self.in_features,
-            self.packed.data_ptr(), self.scale.data_ptr(), self.out_features, self.group_size,
-            out.data_ptr(), torch.get_num_threads())
+            self.in_features, self.packed.data_ptr(), self.scale.data_ptr(), self.out_features,
+            self.group_size, out.data_ptr(), torch.get_num_threads())
         return out if x.dtype == torch.float32 else out.to(x.dtype)
