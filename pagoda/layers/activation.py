@@ -9,40 +9,32 @@ from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
 
 
-class GatedActivation(DeviceDispatch):
-    """act(gate) * up, for an input laid out as [gate | up] on the last dim. `name` is how
-    pagoda's kernels (the CPU one, and the quantized down projections that take it in their
-    loads: `RowParallelLinear.takes_gated`) know the activation."""
-
-    name = ""
-
-    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_fused.gated(self.name, x) if cpu_fused.takes_gated(x) \
-            else self.forward_native(x)
-
-
-class SiluAndMul(GatedActivation):
-    """silu(gate) * up."""
-
-    name = "silu"
+class SiluAndMul(DeviceDispatch):
+    """silu(gate) * up, for an input laid out as [gate | up] on the last dim."""
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import silu_and_mul
         return silu_and_mul(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_fused.gated("silu", x) if cpu_fused.takes_gated(x) \
+            else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 
-class GeluTanhAndMul(GatedActivation):
-    """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh)."""
-
-    name = "gelu_tanh"
+class GeluTanhAndMul(DeviceDispatch):
+    """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh), for [gate | up] on the last dim."""
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import gelu_tanh_and_mul
         return gelu_tanh_and_mul(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_fused.gated("gelu_tanh", x) if cpu_fused.takes_gated(x) \
+            else self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)

@@ -156,22 +156,14 @@ def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0)
+    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * n_cols + cols, gated_product(gate, up, GELU_TANH), mask=mask)
-
-
-@triton.jit
-def gated_product(gate, up, GELU_TANH: tl.constexpr):
-    """act(gate) * up in float32, rounded to up's type (act SiLU, or GELU's tanh form); the
-    quantized GEMMs that take the activation in their input loads compute exactly this."""
-    gate = gate.to(tl.float32)
     if GELU_TANH:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2/pi)
         act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(inner)
     else:
         act = gate / (1.0 + tl.exp(-gate))
-    return (act * up.to(tl.float32)).to(up.dtype)
+    tl.store(out_ptr + row * n_cols + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
 
 
 def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:

@@ -79,17 +79,6 @@ class LinearMethod(ABC):
         """What computes the layer's product, for the startup log."""
         return "dense matmul"
 
-    def takes_gated(self, layer: LinearBase, gate_up: torch.Tensor) -> bool:
-        """Whether apply_gated takes this call (a method whose kernel computes a gated MLP's
-        activation in its input loads says so; none here)."""
-        return False
-
-    def apply_gated(self, layer: LinearBase, gate_up: torch.Tensor, activation: str,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        """act(gate) * up @ W^T (+ bias) for gate_up = [gate | up] (activation: "silu" or
-        "gelu_tanh"), where takes_gated."""
-        raise NotImplementedError(f"{type(self).__name__} takes no gated activation")
-
     def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
         """Give the layer random weights of about `std` in the method's own form, as if a
         checkpoint had loaded (before process_weights_after_loading); False: the method has
@@ -273,20 +262,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
             return self.method.apply(self, x, self.bias)
-        return self._summed(self.method.apply(self, x))
-
-    def takes_gated(self, gate_up: torch.Tensor) -> bool:
-        """Whether forward_gated takes a gated MLP's [gate | up] (this rank's slices) with
-        the activation computed in the product's kernel."""
-        return self.method.takes_gated(self, gate_up)
-
-    def forward_gated(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-        """forward(act(gate) * up) in one kernel, where takes_gated."""
-        if self.group.size == 1:
-            return self.method.apply_gated(self, gate_up, activation, self.bias)
-        return self._summed(self.method.apply_gated(self, gate_up, activation))
-
-    def _summed(self, partial: torch.Tensor) -> torch.Tensor:
-        """The ranks' partial products summed, plus the bias."""
-        y = self.group.all_reduce(partial)
+        y = self.group.all_reduce(self.method.apply(self, x))
         return y if self.bias is None else y + self.bias

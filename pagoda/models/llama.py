@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pagoda.layers.activation import GatedActivation, SiluAndMul
+from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention.layer import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import (
@@ -73,8 +73,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, config: Any, group: ParallelGroup,
-                 act: GatedActivation | None = None) -> None:
+    def __init__(self, config: Any, group: ParallelGroup, act: nn.Module | None = None) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
@@ -84,10 +83,7 @@ class LlamaMLP(nn.Module):
         self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.down_proj.takes_gated(gate_up):  # the activation in the product's loads
-            return self.down_proj.forward_gated(gate_up, self.act.name)
-        return self.down_proj(self.act(gate_up))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
-from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization.fp8 import runs_on_tensor_cores, scaled_mm
 from pagoda.layers.quantization.gguf_blocks import byte_groups, dequantize_rows
@@ -80,25 +79,6 @@ def test_kernel_matches_the_dense_product(shape, layout, tokens, dtype, gpu_repo
     gpu_report(shape=shape, layout=layout, tokens=tokens, dtype=str(dtype)[6:],
                error=f"{error:.2e}")
     assert error < 1e-2  # 16-bit weights and output
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("tokens", [1, 16, 32])
-@pytest.mark.parametrize("layout", ["int4-g128", "int4-g32-zero-points", "int8-g16", "fp8-row",
-                                    "fp8-block"])
-def test_the_down_projection_takes_the_activation_in_its_loads(layout, tokens, activation,
-                                                               gpu_report):
-    """act(gate) * up computed in the kernel's loads against the activation kernel's output
-    multiplied (bfloat16, the 8B's down projection)."""
-    weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
-    gate_up = torch.randn(tokens, 2 * weight.in_features, device="cuda", dtype=torch.bfloat16)
-    assert weight.takes_gated(gate_up)
-    act = {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}[activation]()
-    expected = group_gemm(act(gate_up), weight).float()
-    error = relative_error(weight.forward_gated(gate_up, activation), expected)
-    gpu_report(layout=layout, tokens=tokens, activation=activation, error=f"{error:.2e}")
-    assert error < 1e-3
-    assert nonzero_counters() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -56,16 +56,6 @@ def test_row_parallel_partial_products_sum_to_the_full_output(size):
     torch.testing.assert_close(total + bias, F.linear(x, weight, bias))
 
 
-def test_a_dense_layer_takes_no_gated_activation():
-    """Only a method whose kernel computes a gated MLP's activation in its loads (quantized
-    weights on CUDA: tests/gpu/test_quantized_gpu.py) takes [gate | up]."""
-    layer = RowParallelLinear(8, 6)
-    gate_up = torch.randn(3, 16)
-    assert not layer.takes_gated(gate_up)
-    with pytest.raises(NotImplementedError, match="no gated activation"):
-        layer.forward_gated(gate_up, "silu")
-
-
 @pytest.mark.parametrize("size", [1, 2])
 def test_merged_gate_up_pieces_load_into_each_ranks_slices(size):
     gate, up, x = torch.randn(8, 4), torch.randn(8, 4), torch.randn(2, 4)

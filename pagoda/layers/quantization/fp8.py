@@ -144,14 +144,6 @@ class Fp8LinearMethod(LinearMethod):
             y = held(x)
         return y if bias is None else y + bias
 
-    def takes_gated(self, layer: LinearBase, gate_up: torch.Tensor) -> bool:
-        return isinstance(layer.fp8, GroupQuantWeight) and layer.fp8.takes_gated(gate_up)
-
-    def apply_gated(self, layer: LinearBase, gate_up: torch.Tensor, activation: str,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = layer.fp8.forward_gated(gate_up, activation)
-        return y if bias is None else y + bias
-
     def kernel(self, layer: LinearBase) -> str:
         held = layer.fp8
         if isinstance(held, cpu_fp8_dot.Fp8DotWeight):

@@ -102,16 +102,6 @@ class GGUFLinearMethod(LinearMethod):
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
 
-    def takes_gated(self, layer: LinearBase, gate_up: torch.Tensor) -> bool:
-        kernels = layer.gguf_kernels
-        return (len(kernels) == 1 and isinstance(kernels[0], GroupQuantWeight)
-                and kernels[0].takes_gated(gate_up))
-
-    def apply_gated(self, layer: LinearBase, gate_up: torch.Tensor, activation: str,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = layer.gguf_kernels[0].forward_gated(gate_up, activation)
-        return y if bias is None else y + bias
-
     def kernel(self, layer: LinearBase) -> str:
         return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))
 

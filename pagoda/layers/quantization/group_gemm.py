@@ -85,10 +85,6 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
 # (`bench/kernels/int4_planes.py` times both, tests/gpu/test_quantized_gpu.py runs both); so
 # far it ran under Triton's CPU interpreter and compiled for sm_80 and sm_90 only
 ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
-# a gated MLP's down projection takes its activation in the kernel's loads where it can
-# (GroupQuantWeight.takes_gated); PAGODA_FUSED_GATED=0 launches the activation apart (to
-# measure one against the other)
-FUSED_GATED = os.environ.get("PAGODA_FUSED_GATED", "1") != "0"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -208,17 +204,3 @@ class GroupQuantWeight(nn.Module):
             from pagoda.layers.quantization.triton_group_gemm import group_gemm
             return group_gemm(x, self)
         return F.linear(x, self.dequantize(x.dtype))
-
-    def takes_gated(self, gate_up: torch.Tensor) -> bool:
-        """Whether forward_gated takes this call: on CUDA, where its kernel computes the
-        activation in its input loads (triton_group_gemm.takes_gated)."""
-        if not gate_up.is_cuda or not FUSED_GATED:
-            return False
-        from pagoda.layers.quantization.triton_group_gemm import takes_gated
-        return takes_gated(gate_up.numel() // gate_up.shape[-1], self)
-
-    def forward_gated(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-        """act(gate) * up @ W^T for a gated MLP's [gate | up] (where takes_gated) in one
-        kernel."""
-        from pagoda.layers.quantization.triton_group_gemm import group_gemm
-        return group_gemm(gate_up, self, gated=activation)

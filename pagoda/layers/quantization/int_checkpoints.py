@@ -191,17 +191,6 @@ class IntCheckpointMethod(LinearMethod):
         y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
 
-    def takes_gated(self, layer: LinearBase, gate_up: torch.Tensor) -> bool:
-        # (inputs in act order would need gate and up reordered alike)
-        return (isinstance(layer.quantized, GroupQuantWeight)
-                and getattr(layer, "input_order", None) is None
-                and layer.quantized.takes_gated(gate_up))
-
-    def apply_gated(self, layer: LinearBase, gate_up: torch.Tensor, activation: str,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = layer.quantized.forward_gated(gate_up, activation)
-        return y if bias is None else y + bias
-
     def kernel(self, layer: LinearBase) -> str:
         weight = layer.quantized
         if isinstance(weight, (GroupQuantWeight, BlockDotWeight)):

@@ -24,10 +24,6 @@ their quantized bytes) and multiplied. Four kernels:
 - larger calls: BLOCK_M tokens by BLOCK_N outputs per program, the decoded weights
   multiplied with the matching tile of x.
 
-The planes and few-token kernels also take a gated MLP's [gate | up] and compute its
-activation (SiLU or GELU's tanh form) in their input loads (GATED), so a quantized down
-projection in decode needs no activation kernel of its own.
-
 No autotuning and no host sync: the configuration is a function of the shapes, so CUDA
 graphs capture it. Also here: per-token FP8 quantization of activations in one launch
 (fp8_rows)."""
@@ -41,7 +37,6 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
-from pagoda.layers.fused import gated_product
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
     FEW_TOKENS,
@@ -138,14 +133,13 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see _inputs."""
+    applied once to the sums; E4M3_BYTES: given as their bytes)."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
-    x_rows = x_ptr + t[None, :] * stride_xm
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     first = split * K_SPLIT
@@ -154,12 +148,12 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
             k = first + offset
             packed = tl.load(codes_ptr + (k // 2 + steps)[None, :] * N + n[:, None],
                              mask=n_ok[:, None])
-            acc = _few_tokens_step(acc, packed & 15, k, x_rows, t_ok, n, n_ok, N, K, scale_ptr,
-                                   low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT, False,
-                                   GATED)
-            acc = _few_tokens_step(acc, packed >> 4, k + STEP, x_rows, t_ok, n, n_ok, N, K,
-                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE,
-                                   DOT, False, GATED)
+            acc = _few_tokens_step(acc, packed & 15, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
+                                   False)
+            acc = _few_tokens_step(acc, packed >> 4, k + STEP, x_ptr, t, t_ok, n, n_ok, N,
+                                   stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8,
+                                   ROW_SCALE, DOT, False)
     else:
         for offset in range(0, K_SPLIT, STEP):
             k = first + offset
@@ -168,9 +162,9 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
             else:
                 at = (k + steps)[None, :] * N + n[:, None]
             codes = tl.load(codes_ptr + at, mask=n_ok[:, None])
-            acc = _few_tokens_step(acc, codes, k, x_rows, t_ok, n, n_ok, N, K, scale_ptr,
-                                   low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
-                                   E4M3_BYTES, GATED)
+            acc = _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
+                                   scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
+                                   E4M3_BYTES)
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
@@ -180,15 +174,15 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 
 
 @triton.jit
-def _few_tokens_step(acc, codes, k, x_rows, t_ok, n, n_ok, N, K, scale_ptr, low_ptr,
+def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
                      GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                      FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr,
-                     E4M3_BYTES: tl.constexpr, GATED: tl.constexpr):
-    """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T (x_rows: the tokens' rows of
-    x, [1, BLOCK_T] pointers); the STEP inputs lie in one group. DOT: the product's type, 0
-    float32, 1 float16, 2 bfloat16, 3 float16 from wider activations (saturated to its
-    range)."""
-    x = _inputs(x_rows + (k + tl.arange(0, STEP))[:, None], t_ok[None, :], K, GATED)
+                     E4M3_BYTES: tl.constexpr):
+    """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
+    group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
+    activations (saturated to its range)."""
+    x = tl.load(x_ptr + t[None, :] * stride_xm + (k + tl.arange(0, STEP))[:, None],
+                mask=t_ok[None, :], other=0.0)
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
     x = _half_saturating(x.to(tl.float32)) if DOT == 3 else x.to(dot_type)
     if ROW_SCALE:  # scaled after the sums
@@ -205,18 +199,6 @@ def _few_tokens_step(acc, codes, k, x_rows, t_ok, n, n_ok, N, K, scale_ptr, low_
     return tl.dot(weights, x, acc, input_precision="ieee")
 
 
-@triton.jit
-def _inputs(at, ok, K, GATED: tl.constexpr):
-    """The activations at pointers `at` (0 where not ok). GATED 0: x itself. GATED 1 (SiLU) or
-    2 (GELU's tanh form): x holds a gated MLP's [gate | up], K inputs each, and what loads is
-    act(gate) * up as its activation kernel stores it (fused.gated_product): the down
-    projection takes it in its loads, with no launch (or intermediate tensor) of its own."""
-    if GATED == 0:
-        return tl.load(at, mask=ok, other=0.0)
-    gate = tl.load(at, mask=ok, other=0.0)
-    return gated_product(gate, tl.load(at + K, mask=ok, other=0.0), GATED == 2)
-
-
 HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
 PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
 
@@ -227,7 +209,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   GATED: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -239,10 +221,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     minus the biased zero points (exact) where a scale covers a plane; where it covers the
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
-    the decoding. GATED: see _inputs."""
+    the decoding."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
-    x_rows = x_ptr + t[None, :] * stride_xm
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -262,8 +243,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
                                                   HAS_LOW, ZERO_POINTS, DOT)
-            x = _inputs(x_rows + (k + q * PLANE_ROWS_T + rows)[:, None], t_ok[None, :],
-                        K_SPLIT * SPLITS, GATED).to(dot_type)
+            x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
+                        mask=t_ok[None, :], other=0.0).to(dot_type)
             if not ZERO_POINTS:
                 weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
                 if HAS_LOW:
@@ -624,38 +605,19 @@ def _dot_type(x: torch.dtype, float8: bool) -> int:
     return 1 if x == torch.float16 else 2
 
 
-# a gated MLP's activations that the decode kernels take in their input loads (GATED)
-GATED_ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}
-
-
-def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
-    """Whether a call of `tokens` rows may pass `gated` to group_gemm: calls that go to the
-    planes or few-token kernel (at most FEW_TOKENS tokens, not the one-token 4-bit GEMV).
-    Larger calls would compute each activation once per tile of outputs."""
-    return tokens <= FEW_TOKENS and not takes_one_token_int4(tokens, weight)
-
-
-def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
-               gated: str | None = None) -> torch.Tensor:
-    """x [..., in] @ weight^T -> [..., out] in x's dtype. With `gated` (a GATED_ACTIVATIONS
-    name; where takes_gated): x is a gated MLP's [gate | up] ([..., 2 in]) and the product is
-    act(gate) * up @ weight^T, the activation computed in the kernel's input loads."""
-    width = weight.in_features * (2 if gated else 1)
-    flat = x.reshape(-1, width)
+def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
+    """x [..., in] @ weight^T -> [..., out] in x's dtype."""
+    flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    tokens = flat.shape[0]
-    if gated and not takes_gated(tokens, weight):
-        raise ValueError(f"a call of {tokens} tokens does not take a gated activation")
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
-    out = torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
-    activation = GATED_ACTIVATIONS[gated] if gated else 0
+    out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
     if weight.planes:
-        _planes(flat, weight, out, multiprocessors, activation)
-    elif takes_one_token_int4(tokens, weight):
+        _planes(flat, weight, out, multiprocessors)
+    elif takes_one_token_int4(flat.shape[0], weight):
         _one_token_int4(flat, weight, out, multiprocessors)
-    elif tokens <= FEW_TOKENS:
-        _few_tokens(flat, weight, out, multiprocessors, activation)
+    elif flat.shape[0] <= FEW_TOKENS:
+        _few_tokens(flat, weight, out, multiprocessors)
     else:
         _many_tokens(flat, weight, out, multiprocessors)
     return out.reshape(*x.shape[:-1], weight.out_features)
@@ -669,7 +631,7 @@ def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
 
 
 def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                multiprocessors: int, gated: int) -> None:
+                multiprocessors: int) -> None:
     tokens, out_features = out.shape
     config = few_tokens_config(tokens, weight, multiprocessors)
     splits, block_t = config.pop("splits"), config["BLOCK_T"]
@@ -684,7 +646,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
+        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
         **dependent_launch(flat.device))
 
 
@@ -715,7 +677,7 @@ PLANES_LARGE = (128, 128, 8, 3)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-            multiprocessors: int, gated: int) -> None:
+            multiprocessors: int) -> None:
     tokens, out_features = out.shape
     config = planes_config(tokens, weight, multiprocessors)
     splits = config.pop("splits")
@@ -729,7 +691,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
         HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
-        ASM=flat.is_cuda, GATED=gated, **config,
+        ASM=flat.is_cuda,
+        **config,
         **dependent_launch(flat.device))
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -136,7 +135,6 @@ def kernel_errors() -> dict[str, float]:
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
     errors.update(float8_byte_errors(generator))
-    errors.update(gated_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -169,35 +167,6 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
                                        / (1 + expected.abs())).max().item()
     finally:
         triton_group_gemm._capability = real_query
-    return errors
-
-
-# cases run again with a gated MLP's [gate | up] as the input, each with one activation
-# computed in the kernel's loads: the planes kernel (with mins or zero points), the few-token
-# kernel's 4-bit halves, 8-bit codes and float8 values
-GATED_CASES = {"int4-planes-g64-tokens-20": "silu", "int4-planes-zero-points-g32-tokens-12":
-               "gelu_tanh", "int4-planes-zero-points-g128-one-token": "silu",
-               "int4-halves-g32-tokens-5": "gelu_tanh", "int8-g16": "silu",
-               "int8-g128-split": "gelu_tanh", "fp8-per-row-split": "silu",
-               "fp8-blocks": "gelu_tanh"}
-
-
-def gated_errors(generator: torch.Generator) -> dict[str, float]:
-    """act(gate) * up @ W^T with the activation in the kernels' loads against the product of
-    the activated inputs (float32 activations)."""
-    from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
-    activations = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
-    errors = {}
-    for name, activation in GATED_CASES.items():
-        tokens, outputs, inputs, *layout = CASES[name]
-        weight = random_weight(outputs, inputs, *layout, generator)
-        assert takes_gated(tokens, weight), name
-        gate_up = torch.randn(tokens, 2 * inputs, generator=generator)
-        gate, up = gate_up.chunk(2, dim=-1)
-        expected = F.linear(activations[activation](gate) * up,
-                            weight.dequantize(torch.float32))
-        errors[f"{name}-{activation}"] = ((group_gemm(gate_up, weight, activation) - expected)
-                                          .abs() / (1 + expected.abs())).max().item()
     return errors
 
 
@@ -422,7 +391,6 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
                            | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
-                           | {f"{n}-{act}" for n, act in GATED_CASES.items()}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
@@ -462,7 +430,7 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
-            "ROW_SCALE": group == 4096, "GATED": 1 if float8 else 0,
+            "ROW_SCALE": group == 4096,
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
 
 
@@ -471,9 +439,9 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
     ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
 def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
-    for block_n, block_t, splits, has_low, zero_points, gated in (
-            (64, 8, 4, True, False, 1), (128, 64, 1, False, False, 0),
-            (64, 8, 4, False, True, 2), (128, 64, 1, False, True, 0)):
+    for block_n, block_t, splits, has_low, zero_points in (
+            (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
+            (128, 64, 1, False, True)):
         compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
@@ -482,7 +450,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
             "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points,
-            "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm, "GATED": gated,
+            "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
             "PDL": capability >= 90}, capability)
 
 
@@ -515,7 +483,7 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
                  "GROUP": group, "BITS": 8, "FLOAT8": False, "ROW_SCALE": False,
                  "STEP": config["STEP"], "HAS_LOW": True, "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_T": config["BLOCK_T"], "DOT": _dot_type(dtype, False),
-                 "E4M3_BYTES": False, "GATED": 0, "PDL": True}
+                 "E4M3_BYTES": False, "PDL": True}
     # the divisibility by 16 Triton specializes at run time for these arguments: without it
     # the loads are not pipelined and the shared memory asked for is a fraction of the GPU's
     divisible = [name for name in signature if name != "M"]
