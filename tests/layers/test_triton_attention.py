@@ -131,26 +131,21 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 def run_triton(batch: Batch, scale: float, num_segments: int | None = None,
                config=None, window: int | None = None) -> torch.Tensor:
-    """Store the new K/V and attend with the Triton kernels (config overrides the tile shape);
-    the split kernel's segment counters must be left zero for the next call."""
+    """Store the new K/V and attend with the Triton kernels (config overrides the tile shape)."""
     from pagoda.layers.attention.triton_backend import TritonAttentionBackend
     from pagoda.layers.attention.triton_kv_store import store_kv
     from pagoda.layers.attention.triton_unified import plan_attention, unified_attention
-    from pagoda.layers.tile_counters import nonzero_counters
     if config is None:
         backend = TritonAttentionBackend(num_segments=num_segments)
-        out = backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
-                              backend.build_metadata(batch.meta), scale, window)
-    else:
-        meta, (_, heads, dim), kv_heads = batch.meta, batch.q.shape, batch.k.shape[1]
-        store_kv(batch.k, batch.v, batch.kv_cache[0], batch.kv_cache[1], meta.slot_mapping)
-        plan = plan_attention(heads, kv_heads, dim, meta.query_lens_cpu, meta.max_seq_len, 132,
-                              num_segments, config, batch.q.dtype, sliding_window=window)
-        out = unified_attention(batch.q, batch.kv_cache[0], batch.kv_cache[1],
-                                meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
-                                meta.num_seqs, plan, sliding_window=window)
-    assert nonzero_counters() == 0, "a split attention left its segment counters set"
-    return out
+        return backend.forward(batch.q, batch.k, batch.v, batch.kv_cache,
+                               backend.build_metadata(batch.meta), scale, window)
+    meta, (_, heads, dim), kv_heads = batch.meta, batch.q.shape, batch.k.shape[1]
+    store_kv(batch.k, batch.v, batch.kv_cache[0], batch.kv_cache[1], meta.slot_mapping)
+    plan = plan_attention(heads, kv_heads, dim, meta.query_lens_cpu, meta.max_seq_len, 132,
+                          num_segments, config, batch.q.dtype, sliding_window=window)
+    return unified_attention(batch.q, batch.kv_cache[0], batch.kv_cache[1], meta.query_start_loc,
+                             meta.seq_lens, meta.block_tables, scale, meta.num_seqs, plan,
+                             sliding_window=window)
 
 
 def dense_outputs(batch: Batch, scale: float, window: int | None = None) -> list[torch.Tensor]:
@@ -373,7 +368,7 @@ def scale_kv_to_float8(batch: Batch, element: torch.dtype, scales) -> None:
 
 def _float8_scaled_cache(num_segments: int) -> Callable[[], None]:
     """A float8 cache with a checkpoint's scales (k 4, v 0.5): the new K and V are stored
-    divided by them, and the Triton kernel (unsplit, and split with its segments' combine) and the
+    divided by them, and both Triton kernels (unsplit, and split with its reduce) and the
     torch backend attend as over the unscaled values."""
     def case() -> None:
         from pagoda.layers.attention.backend import KVScales
@@ -715,15 +710,14 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: boo
 
 @pytest.mark.parametrize("cache", ["fp8e4nv", "fp8e5"])
 def test_the_kernels_of_a_scaled_float8_cache_compile_for_hopper(cache):
-    """The stores divide K and V by their scales (IEEE division), the attention kernel
-    (unsplit, and split with its segments' combine) multiplies the outputs by V's; compiled
-    for an H200.
+    """The stores divide K and V by their scales (IEEE division), the attention kernels
+    (unsplit, split and its reduce) multiply the outputs by V's; compiled for an H200.
     (Not for an A100 here: in a process that has compiled float8 kernels for sm_90,
     Triton 3.6 then emits sm_89 float8 conversions for sm_80 too; in a fresh process
     these kernels compile for sm_80 with an E5M2 cache.)"""
     capability = 90
     from pagoda.layers import fused
-    from pagoda.layers.attention import triton_kv_store
+    from pagoda.layers.attention import triton_kv_store, triton_unified
     caches = {"key_cache_ptr": cache, "value_cache_ptr": cache, "k_ptr": "bf16",
               "v_ptr": "bf16", "q_ptr": "bf16", "slot_mapping_ptr": "i64", "slot_ptr": "i64",
               "pos_ptr": "i64", "cos_sin_ptr": "fp32", "q_norm_ptr": "bf16",
@@ -739,6 +733,9 @@ def test_the_kernels_of_a_scaled_float8_cache_compile_for_hopper(cache):
     for split in (False, True):
         _decode_kernel_ptx("bf16", cache, half_products=True, scale_v=True, split=split,
                            capability=capability)
+    _ptx(triton_unified._reduce_segments_kernel, dict(
+        HEAD_DIM=128, HEAD_DIM_P=128, SEG_P=16, SCALE_V=True, PDL=pdl),
+        {"out_ptr": "bf16"}, capability)
 
 
 def test_a_float8_cache_converts_each_pair_of_values_once():

@@ -86,7 +86,7 @@ class TritonAttentionBackend(AttentionBackend):
     def build_group_metadata(self, groups: Sequence[CommonAttentionMetadata]
                              ) -> list[TritonAttentionMetadata]:
         """The groups share the first one's plans (hence its split workspaces: layers run one
-        after another, and every layer's split kernel combines its partials before it ends)."""
+        after another, and every layer's reduce consumes its workspace before the next)."""
         first = self.build_metadata(groups[0])
         return [first] + [replace(first, block_tables=c.block_tables, slot_mapping=c.slot_mapping)
                           for c in groups[1:]]

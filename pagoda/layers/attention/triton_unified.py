@@ -1,8 +1,6 @@
 """Unified Triton paged attention: one launch serves a mixed batch of prefill chunks (with
-cached context) and decodes; a split-KV variant serves small decode batches with long
-contexts (each segment stores its partials, and the last of a program's segments to finish
-combines them: no second launch); `plan_attention` picks the variant and `unified_attention`
-runs it.
+cached context) and decodes; a split-KV variant plus a reduce kernel serve small decode
+batches with long contexts; `plan_attention` picks the variant and `unified_attention` runs it.
 
 Layout. q/out are packed [tokens, heads, dim]; sequence s owns tokens
 [query_start_loc[s], query_start_loc[s+1]) and has seq_lens[s] tokens of KV in total, the last
@@ -37,7 +35,6 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
-from pagoda.layers.tile_counters import tile_counters
 
 LOG2E = 1.4426950408889634
 
@@ -132,7 +129,7 @@ def _window_tiles(first_tile, num_tiles, num_segments, SPLIT: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh", "window"])
 def _unified_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr,
-    count_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     num_seqs, num_segments, qk_scale, value_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -145,13 +142,11 @@ def _unified_attention_kernel(
     DOT_PRECISION: tl.constexpr, HALF_PRODUCTS: tl.constexpr, SCALE_V: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One (q-block, kv head[, segment]): the output rows (times value_scale with SCALE_V).
-    With SPLIT each segment stores its partial (max, sum, acc) and counts itself done on the
-    (q-block, kv head)'s counter; the last to finish combines the partials into the rows.
-    With HALF_PRODUCTS (a float8 cache under 16-bit queries) both products take float16
-    operands: q once, saturated to float16's range, and every float8 K and V element in one
-    conversion per pair (a float8 value to bfloat16 would take a second, slower conversion
-    through float16)."""
+    """One (q-block, kv head[, segment]): the output rows (times value_scale with SCALE_V),
+    or with SPLIT the partial (max, sum, acc) of this segment. With HALF_PRODUCTS (a float8
+    cache under 16-bit queries) both products take float16 operands: q once, saturated to
+    float16's range, and every float8 K and V element in one conversion per pair (a float8
+    value to bfloat16 would take a second, slower conversion through float16)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -211,56 +206,53 @@ def _unified_attention_kernel(
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
         HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
 
-    out_at = tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
-    out_ok = row_ok[:, None] & dim_ok[None, :]
     if SPLIT:
-        w = tokens * stride_wt + heads * stride_wh
-        seg = tl.program_id(2)
-        tl.store(seg_max_ptr + w + seg, m_i, mask=row_ok)
-        tl.store(seg_sum_ptr + w + seg, l_i, mask=row_ok)
-        tl.store(seg_acc_ptr + (w + seg)[:, None] * HEAD_DIM_P + dims[None, :], acc,
+        w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
+        tl.store(seg_max_ptr + w, m_i, mask=row_ok)
+        tl.store(seg_sum_ptr + w, l_i, mask=row_ok)
+        tl.store(seg_acc_ptr + w[:, None] * HEAD_DIM_P + dims[None, :], acc,
                  mask=row_ok[:, None])
-        tl.debug_barrier()  # every thread's partials stored before the count
-        tile = pid * tl.num_programs(1) + kv_head
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == num_segments - 1:
-            acc, l_i = _combined_segments(seg_max_ptr, seg_sum_ptr, seg_acc_ptr, w, row_ok,
-                                          dims, num_segments, BLOCK_M, HEAD_DIM_P)
-            _store_rows(out_ptr, out_at, out_ok, acc, l_i, value_scale, SCALE_V)
-            tl.atomic_xchg(count_ptr + tile, 0)
     else:
-        _store_rows(out_ptr, out_at, out_ok, acc, l_i, value_scale, SCALE_V)
+        out = acc / l_i[:, None]
+        if SCALE_V:
+            out *= value_scale
+        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.jit
-def _combined_segments(seg_max_ptr, seg_sum_ptr, seg_acc_ptr, w, row_ok, dims, num_segments,
-                       BLOCK_M: tl.constexpr, HEAD_DIM_P: tl.constexpr):
-    """The rows' (acc, sum) over all segments' partials, each scaled to the largest max (a
-    row no segment saw keys for: its sum is 0). Read from L2: other programs stored them."""
-    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for seg in range(num_segments):
-        m_max = tl.maximum(m_max, tl.load(seg_max_ptr + w + seg, mask=row_ok,
-                                          other=float("-inf"), cache_modifier=".cg"))
+@triton.jit(do_not_specialize=["num_seqs", "num_segments", "stride_wt", "stride_wh"])
+def _reduce_segments_kernel(
+    out_ptr, seg_max_ptr, seg_sum_ptr, seg_acc_ptr, query_start_loc_ptr,
+    num_seqs, num_segments, value_scale, stride_wt, stride_wh, stride_ot, stride_oh,
+    stride_od, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SEG_P: tl.constexpr,
+    SCALE_V: tl.constexpr, PDL: tl.constexpr,
+):
+    """Combine one (token, head)'s segment partials into its output row (times value_scale
+    with SCALE_V)."""
+    wait_for_previous_kernel(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence
+        return
+    segs = tl.arange(0, SEG_P)
+    seg_ok = segs < num_segments
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_ok = dims < HEAD_DIM
+    w = token * stride_wt + head * stride_wh + segs
+    m = tl.load(seg_max_ptr + w, mask=seg_ok, other=float("-inf"))
+    s = tl.load(seg_sum_ptr + w, mask=seg_ok, other=0.0)
+    m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    for seg in range(num_segments):
-        weight = tl.math.exp2(tl.load(seg_max_ptr + w + seg, mask=row_ok, other=float("-inf"),
-                                      cache_modifier=".cg") - m_max)
-        total += weight * tl.load(seg_sum_ptr + w + seg, mask=row_ok, other=0.0,
-                                  cache_modifier=".cg")
-        acc += weight[:, None] * tl.load(seg_acc_ptr + (w + seg)[:, None] * HEAD_DIM_P
-                                         + dims[None, :], mask=row_ok[:, None], other=0.0,
-                                         cache_modifier=".cg")
-    return acc, total
-
-
-@triton.jit
-def _store_rows(out_ptr, out_at, out_ok, acc, l_i, value_scale, SCALE_V: tl.constexpr):
-    """acc / l_i (times value_scale with SCALE_V) into the output rows."""
-    out = acc / l_i[:, None]
+    weight = tl.math.exp2(m - m_max)
+    total = tl.sum(s * weight, 0)
+    acc = tl.load(seg_acc_ptr + w[:, None] * HEAD_DIM_P + dims[None, :],
+                  mask=seg_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / total
     if SCALE_V:
         out *= value_scale
-    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,12 +437,11 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         seg_max, seg_sum, seg_acc = plan.segment_buffers(num_tokens, num_heads, head_dim_p,
                                                          q.device)
         grid = (grid_q, num_kv_heads, plan.num_segments)
-        counters = tile_counters(q.device, grid_q * num_kv_heads)
     else:
-        seg_max = seg_sum = seg_acc = counters = out  # unused
+        seg_max = seg_sum = seg_acc = out  # unused
         grid = (grid_q, num_kv_heads)
     _unified_attention_kernel[grid](
-        q, key_cache, value_cache, out, seg_max, seg_sum, seg_acc, counters,
+        q, key_cache, value_cache, out, seg_max, seg_sum, seg_acc,
         query_start_loc, seq_lens, block_tables,
         num_seqs, plan.num_segments, scale * LOG2E, value_scale,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
@@ -463,4 +454,14 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         HALF_PRODUCTS=_half_products(q.dtype, key_cache.dtype), SCALE_V=scale_v,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
     )
+    if split:
+        _reduce_segments_kernel[(num_tokens, num_heads)](
+            out, seg_max, seg_sum, seg_acc, query_start_loc,
+            num_seqs, plan.num_segments, value_scale, num_heads * plan.num_segments,
+            plan.num_segments, *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            # one lane width for every heuristic segment count: one compiled variant
+            SEG_P=max(MAX_SEGMENTS, triton.next_power_of_2(plan.num_segments)),
+            SCALE_V=scale_v, num_warps=4,
+            **dependent_launch(q.device),
+        )
     return out
