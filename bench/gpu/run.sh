@@ -2,7 +2,8 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 small throughput
+#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 prefetch-decode1 small
+#   throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
@@ -74,6 +75,14 @@ run_stage() {
                      --output-json "$OUT/decode1-pdl$pdl-run$run.json" $EXTRA 2>&1 | grep "single stream" \
                      | sed "s/^/PAGODA_PDL=$pdl: /"
                  done; done ;;
+    # decode-1 of AWQ and FP8 with the decode kernels' weights asked of L2 before their PDL
+    # wait (PAGODA_WEIGHT_PREFETCH) and without, alternated twice
+    prefetch-decode1) for run in 1 2; do for q in awq fp8; do for pf in 1 0; do
+                        PAGODA_WEIGHT_PREFETCH=$pf python3 -m pagoda.cli.main bench throughput \
+                          $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
+                          --output-json "$OUT/decode1-$q-prefetch$pf-run$run.json" 2>&1 \
+                          | grep "single stream" | sed "s/^/$q PAGODA_WEIGHT_PREFETCH=$pf: /"
+                      done; done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
                --input-len-range 100 1024 --output-len-range 100 1024 --max-num-seqs 256 \
                --max-num-batched-tokens 8192 --gpu-busy --output-json "$OUT/small.json" $EXTRA 2>&1 | grep -v INFO ;;

@@ -6,7 +6,9 @@ layer is a chain of short kernels, and each launch's latency is a fixed cost of 
 Each kernel that takes it has a PDL constexpr; with PDL set its programs wait for the
 previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visible) before
 they touch anything a kernel writes, so nothing races with it (only weights may be read
-before: the one-token 4-bit GEMV requests its first tile of them first), and then let the
+before: the one-token 4-bit GEMV requests its first tile of them first, and with
+PAGODA_WEIGHT_PREFETCH=1 the planes and float8 few-token kernels ask L2 for all of theirs,
+`prefetch_to_l2`), and then let the
 next kernel launch (`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency
 as a programmatic edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm)
 and with PAGODA_PDL=0. LoRA's shrink and expand kernels launch as usual: a kernel launched
@@ -41,6 +43,29 @@ def dependent_launch(device: torch.device) -> dict[str, bool]:
 def _enabled(device_index: int) -> bool:
     return (os.environ.get("PAGODA_PDL", "1") != "0" and torch.version.hip is None
             and cuda_capability(device_index) >= (9, 0))
+
+
+def prefetches_weights(device: torch.device) -> bool:
+    """Whether a kernel launched with PDL on `device` asks L2 for its weights before it
+    waits (`prefetch_to_l2`): with PAGODA_WEIGHT_PREFETCH=1 only, until it is timed on a
+    GPU (`bash bench/gpu/run.sh prefetch-decode1`)."""
+    return dependent_launch(device)["PDL"] and \
+        os.environ.get("PAGODA_WEIGHT_PREFETCH", "0") == "1"
+
+
+@triton.jit
+def prefetch_to_l2(base, ROWS: tl.constexpr, row_bytes, LINES: tl.constexpr, steps, step_bytes):
+    """Ask L2 (`prefetch.global.L2`) for the 128-byte lines at byte offsets
+    r row_bytes + l 128 + s step_bytes from `base` (r < ROWS, l < LINES, s < steps): a
+    kernel's weights, which no kernel writes, asked for before it waits for the previous
+    one, so that their reads start while that one finishes. A GPU only (inline PTX)."""
+    base = base.to(tl.pointer_type(tl.int8))
+    at = (tl.arange(0, ROWS).to(tl.int64) * row_bytes)[:, None] \
+        + (tl.arange(0, LINES) * 128)[None, :]
+    for step in range(steps):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [base + at + step * step_bytes], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit

@@ -36,7 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+from pagoda.layers.dependent_launch import (
+    dependent_launch,
+    prefetch_to_l2,
+    prefetches_weights,
+    wait_for_previous_kernel,
+)
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
     FEW_TOKENS,
@@ -133,16 +138,20 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes)."""
-    wait_for_previous_kernel(PDL)
+    applied once to the sums; E4M3_BYTES: given as their bytes). PREFETCH (float8 values,
+    whole tiles of outputs, splits of whole 128s): the program's weights asked of L2 first."""
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
+    first = split * K_SPLIT
+    if PREFETCH:  # BLOCK_N rows of K_SPLIT bytes
+        prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K + first,
+                       BLOCK_N, K, 1, K_SPLIT // 128, 128)
+    wait_for_previous_kernel(PDL)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    first = split * K_SPLIT
     if BITS == 4:  # a chunk of 2 * STEP inputs per STEP rows of bytes
         for offset in range(0, K_SPLIT, 2 * STEP):
             k = first + offset
@@ -209,7 +218,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -221,9 +230,14 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     minus the biased zero points (exact) where a scale covers a plane; where it covers the
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
-    the decoding."""
-    wait_for_previous_kernel(PDL)
+    the decoding. PREFETCH (whole tiles of outputs, BLOCK_N a multiple of 64): the
+    program's codes asked of L2 first."""
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
+    if PREFETCH:  # K_SPLIT / PLANE_STEP steps of PLANE_ROWS rows of BLOCK_N int16
+        prefetch_to_l2(codes_ptr + (split * (K_SPLIT // 4)).to(tl.int64) * N
+                       + tl.program_id(0) * BLOCK_N, PLANE_ROWS_T, 2 * N, BLOCK_N // 64,
+                       K_SPLIT // (4 * PLANE_ROWS_T), PLANE_ROWS_T * 2 * N)
+    wait_for_previous_kernel(PDL)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -623,6 +637,12 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
+def _prefetches(device: torch.device, out_features: int, block_n: int) -> bool:
+    """Whether a decode launch asks L2 for its weights before its wait (prefetch_to_l2):
+    with PDL, and outputs in whole tiles (no line past the weights asked for)."""
+    return prefetches_weights(device) and out_features % block_n == 0
+
+
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
     """Float32 partial sums for each split (none needed for one)."""
     if splits == 1:
@@ -646,8 +666,10 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
-        **dependent_launch(flat.device))
+        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes,
+        PREFETCH=(float8 and (weight.in_features // splits) % 128 == 0
+                  and _prefetches(flat.device, out_features, config["BLOCK_N"])),
+        **config, **dependent_launch(flat.device))
 
 
 def planes_config(tokens: int, weight: GroupQuantWeight,
@@ -692,6 +714,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda,
+        PREFETCH=(tokens <= FEW_TOKENS and config["BLOCK_N"] % 64 == 0
+                  and _prefetches(flat.device, out_features, config["BLOCK_N"])),
         **config,
         **dependent_launch(flat.device))
 
