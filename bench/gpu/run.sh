@@ -2,8 +2,8 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 prefetch-decode1 small
-#   throughput
+#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 prefetch-decode1 ab-decode1
+#   small throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
@@ -75,6 +75,21 @@ run_stage() {
                      --output-json "$OUT/decode1-pdl$pdl-run$run.json" $EXTRA 2>&1 | grep "single stream" \
                      | sed "s/^/PAGODA_PDL=$pdl: /"
                  done; done ;;
+    # decode-1 of each QUANT_VARIANTS (default bf16 awq fp8) in this tree and in the commit
+    # bench/gpu/pack_base.sh put in .base/, alternated twice (the base's JSONs: *-base-*)
+    ab-decode1) [ -f .base/COMMIT ] || { echo "no .base/: run bench/gpu/pack_base.sh"; return 1; }
+                [ -e .base/bench ] || ln -s ../bench .base/bench  # the configs
+                echo "base: $(cat .base/COMMIT)"
+                for run in 1 2; do for q in ${QUANT_VARIANTS:-bf16 awq fp8}; do
+                  for tree in . .base; do
+                    label=$q$([ $tree = .base ] && echo -base)-run$run
+                    (cd $tree && PAGODA_PLANE_ZERO_POINTS=$([ $q = awq-zp ] && echo 1 || echo 0) \
+                       PYTHONPATH=/tmp/site:. python3 -m pagoda.cli.main bench throughput \
+                       $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
+                       --output-json "$OUT/decode1-$label.json" 2>&1 | grep "single stream" \
+                       | sed "s/^/$label: /")
+                  done
+                done; done ;;
     # decode-1 of AWQ and FP8 with the decode kernels' weights asked of L2 before their PDL
     # wait (PAGODA_WEIGHT_PREFETCH) and without, alternated twice
     prefetch-decode1) for run in 1 2; do for q in awq fp8; do for pf in 1 0; do
