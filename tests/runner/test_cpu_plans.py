@@ -1,7 +1,8 @@
 """CPU plans: the built-in SmolLM2 (Q4_1 on the block-dot kernel) decodes the same tokens from
 its plans as eagerly, at batch sizes that fill a plan, pad one and outgrow them all, and so
 do tiny Q8_0 Qwen2 (biases) and Gemma 3 (sliding windows, head norms) GGUFs; a model
-that computes outside pagoda's kernels, LoRA, --enforce-eager and a float8 KV cache get none;
+that computes outside pagoda's kernels, LoRA, --enforce-eager, a float8 KV cache and pipeline
+stages get none;
 and what capture counts as computing."""
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ def test_no_plans_with_lora_enforce_eager_or_a_float8_cache(smollm2_dir, option)
     llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=4, **option)
     assert runner_of(llm).graphs is None
     assert len(greedy_tokens(llm, [4, 6])[1]) == 6  # and it serves
+
+
+def test_no_plans_on_pipeline_stages(smollm2_dir):
+    """A worker that holds part of the model (here one of two pipeline stages, each in its
+    own process) notes no plans, and the stages serve."""
+    llm = LLM(str(smollm2_dir), max_model_len=256, max_num_seqs=4, pipeline_parallel_size=2)
+    assert llm.engine.core.executor.capture_decode_graphs() is False
+    assert len(greedy_tokens(llm, [4, 6])[1]) == 6
+    llm.engine.core.shutdown()
 
 
 def test_views_and_allocations_compute_nothing_the_rest_does():
