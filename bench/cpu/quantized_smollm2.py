@@ -62,14 +62,17 @@ def engine_rss(server: subprocess.Popen) -> int:
     return max(child.memory_info().rss for child in children)
 
 
-def bench(port: int, concurrency: int, prompts: int, out_dir: Path) -> dict:
+def bench(port: int, concurrency: int, prompts: int, out_dir: Path,
+          extra: tuple[str, ...] = ()) -> dict:
+    """`pagoda bench serve` at `concurrency` streams (64 in / 64 out) against the server on
+    `port` (extra: more flags, e.g. the tokenizer of a server that is not pagoda)."""
     name = f"c{concurrency}-{port}.json"
     subprocess.run([sys.executable, "-m", "pagoda.cli.main", "bench", "serve", "--port", str(port),
                     "--dataset-name", "random", "--random-input-len", "64",
                     "--random-output-len", "64", "--ignore-eos", "--num-prompts", str(prompts),
                     "--max-concurrency", str(concurrency), "--num-warmups", "1",
                     "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
-                    "--disable-tqdm"], check=True, stdout=subprocess.DEVNULL)
+                    "--disable-tqdm", *extra], check=True, stdout=subprocess.DEVNULL)
     return json.loads((out_dir / name).read_text())
 
 

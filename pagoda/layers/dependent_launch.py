@@ -8,9 +8,8 @@ previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visi
 they touch anything a kernel writes, so nothing races with it (only weights may be read
 before: the one-token 4-bit GEMV requests its first tile of them first, and with
 PAGODA_WEIGHT_PREFETCH=1 the planes and float8 few-token kernels ask L2 for all of theirs,
-`prefetch_to_l2`), and then let the
-next kernel launch (`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency
-as a programmatic edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm)
+`prefetch_to_l2`), and then let the next kernel launch (`griddepcontrol.launch_dependents`).
+CUDA graphs capture the dependency as a programmatic edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm)
 and with PAGODA_PDL=0. LoRA's shrink and expand kernels launch as usual: a kernel launched
 without it waits for the whole of the one before, PDL or not.
 """
