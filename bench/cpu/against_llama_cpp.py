@@ -21,12 +21,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import psutil
-from quantized_smollm2 import bench, engine_rss, git_commit, start_server
+from quantized_smollm2 import bench, engine_rss, git_commit, start_server, wait_healthy
 
 from pagoda.models.source import resolve_model
 
@@ -39,16 +37,7 @@ def start_llama_server(binary: str, gguf: Path, port: int) -> subprocess.Popen:
     argv = [binary, "--model", str(gguf), "--port", str(port), "--parallel", "16",
             "--ctx-size", str(16 * 256), "--no-webui"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.terminate()
-    raise RuntimeError("llama-server did not become healthy")
+    return wait_healthy(proc, port, 120)
 
 
 def measure(port: int, out_dir: Path, extra: tuple[str, ...]) -> dict:

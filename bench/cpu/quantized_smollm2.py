@@ -44,7 +44,13 @@ def start_server(port: int, extra: list[str], env: dict[str, str]) -> subprocess
             "--max-model-len", "512", "--kv-cache-memory", "256MiB", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **env})
-    deadline = time.monotonic() + 300
+    return wait_healthy(proc, port, 300)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, seconds: float) -> subprocess.Popen:
+    """`proc` once its /health on `port` answers 200 (terminated, and an error, after
+    `seconds` without)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -53,7 +59,7 @@ def start_server(port: int, extra: list[str], env: dict[str, str]) -> subprocess
             pass
         time.sleep(1)
     proc.terminate()
-    raise RuntimeError("the server did not become healthy")
+    raise RuntimeError(f"the server on port {port} did not become healthy")
 
 
 def engine_rss(server: subprocess.Popen) -> int:
