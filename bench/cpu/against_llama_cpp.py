@@ -2,8 +2,9 @@
 (`llama-server`, continuous batching over parallel slots, as Ollama runs it) from the same
 file on this machine, one after the other: `pagoda bench serve` at 1 and 16 concurrent
 streams (64 tokens in, 64 out, EOS ignored) against each, and each server's resident memory.
-Both run at their defaults for this machine's cores; llama-server gets 16 slots and a
-context of 16 x 256 tokens (256 a slot, as pagoda's --max-model-len 512 covers 64 + 64).
+Both run at their defaults for this machine's cores and hold 4,096 tokens of KV cache:
+llama-server in 16 slots of 256 (its default float16 cache), pagoda in a float32 cache of
+4,096 tokens (`--kv-cache-memory`; its CPU default dtype), which a long run touches whole.
 
     python bench/cpu/against_llama_cpp.py --llama-server PATH/llama-server \\
         --output bench/results/cpu-smollm2-against-llama-cpp.json
@@ -29,13 +30,14 @@ from quantized_smollm2 import bench, engine_rss, git_commit, start_server, wait_
 from pagoda.models.source import resolve_model
 
 STREAMS = ((1, 4), (16, 32))  # concurrency, prompts
+CACHE_TOKENS = 16 * 256  # both servers' KV cache, in tokens
 FIGURES = ("output_throughput", "total_token_throughput", "mean_tpot_ms", "mean_ttft_ms",
            "completed", "total_output_tokens", "duration")
 
 
 def start_llama_server(binary: str, gguf: Path, port: int) -> subprocess.Popen:
     argv = [binary, "--model", str(gguf), "--port", str(port), "--parallel", "16",
-            "--ctx-size", str(16 * 256), "--no-webui"]
+            "--ctx-size", str(CACHE_TOKENS), "--no-webui"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_healthy(proc, port, 120)
 
@@ -48,10 +50,18 @@ def measure(port: int, out_dir: Path, extra: tuple[str, ...]) -> dict:
     return result
 
 
+def pagoda_cache_bytes(tokens: int) -> int:
+    """Bytes of pagoda's float32 KV cache for `tokens` tokens of the built-in SmolLM2."""
+    config = resolve_model("smollm2").hf_config
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    return tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+
+
 def run_pagoda(port: int, out_dir: Path) -> dict:
-    server = start_server(port, [], {})
+    extra = ["--kv-cache-memory", str(pagoda_cache_bytes(CACHE_TOKENS))]
+    server = start_server(port, extra, {})
     try:
-        result = {"argv_extra": [], **measure(port, out_dir, ())}
+        result = {"argv_extra": extra, **measure(port, out_dir, ())}
         result["rss_bytes"] = engine_rss(server)
         return result
     finally:
