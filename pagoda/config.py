@@ -78,7 +78,7 @@ class CacheConfig:
     """KV cache layout and size. Size: absolute bytes, else a fraction of memory."""
 
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV cache
+    kv_cache_memory: int | str | None = None  # bytes for the KV cache (or a size: "512MiB")
     memory_utilization: float | None = None  # fraction of the device this engine may use
     enable_prefix_caching: bool = True
     cpu_default_kv_bytes: int = 4 << 30
@@ -90,6 +90,12 @@ class CacheConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"got {self.kv_cache_dtype!r}")
+        if isinstance(self.kv_cache_memory, str):
+            try:
+                self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+            except ValueError:
+                raise ConfigError("kv_cache_memory must be bytes or a size like '512MiB', got "
+                                  f"{self.kv_cache_memory!r}") from None
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be positive")
         if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:

@@ -1,11 +1,12 @@
 """ParallelConfig's executor backend: `uni` for one rank and `mp` for more unless one is
-named; `ray` only when asked for; anything else refused with the list."""
+named; `ray` only when asked for; anything else refused with the list. CacheConfig's size
+given as a string."""
 
 from __future__ import annotations
 
 import pytest
 
-from pagoda.config import ParallelConfig
+from pagoda.config import CacheConfig, ParallelConfig
 from pagoda.errors import ConfigError
 
 
@@ -22,3 +23,13 @@ def test_an_unknown_backend_is_refused_with_the_choices():
         ParallelConfig(2, 1, "slurm")
     with pytest.raises(ConfigError, match="'uni' runs one worker"):
         ParallelConfig(2, 1, "uni")
+
+
+def test_the_kv_cache_size_may_be_given_as_a_size_string():
+    """As on the command line (--kv-cache-memory 512MiB): LLM(kv_cache_memory="512MiB")."""
+    assert CacheConfig(kv_cache_memory="512MiB").kv_cache_memory == 512 << 20
+    assert CacheConfig(kv_cache_memory=1024).kv_cache_memory == 1024
+    with pytest.raises(ConfigError, match="bytes or a size like '512MiB', got 'lots'"):
+        CacheConfig(kv_cache_memory="lots")
+    with pytest.raises(ConfigError, match="must be positive"):
+        CacheConfig(kv_cache_memory="0MiB")
