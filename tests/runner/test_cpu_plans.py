@@ -1,9 +1,8 @@
 """CPU plans: the built-in SmolLM2 (Q4_1 on the block-dot kernel) decodes the same tokens from
 its plans as eagerly, at batch sizes that fill a plan, pad one and outgrow them all, and so
-do tiny Q8_0 Qwen2 (biases) and Gemma 3 (sliding windows, head norms) GGUFs; a model
-that computes outside pagoda's kernels, LoRA, --enforce-eager, a float8 KV cache and pipeline
-stages get none;
-and what capture counts as computing."""
+do tiny Q8_0 Qwen2 (biases) and Gemma 3 (sliding windows, head norms) GGUFs; a model that
+computes outside pagoda's kernels, LoRA, --enforce-eager, a float8 KV cache and pipeline
+stages get none; and what capture counts as computing."""
 
 from __future__ import annotations
 
