@@ -48,8 +48,8 @@ def prefetches_weights(device: torch.device) -> bool:
     """Whether a kernel launched with PDL on `device` asks L2 for its weights before it
     waits (`prefetch_to_l2`): with PAGODA_WEIGHT_PREFETCH=1 only, until it is timed on a
     GPU (`bash bench/gpu/run.sh prefetch-decode1`)."""
-    return dependent_launch(device)["PDL"] and \
-        os.environ.get("PAGODA_WEIGHT_PREFETCH", "0") == "1"
+    return os.environ.get("PAGODA_WEIGHT_PREFETCH", "0") == "1" and \
+        dependent_launch(device)["PDL"]
 
 
 @triton.jit

@@ -144,14 +144,14 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). PREFETCH (float8 values,
     whole tiles of outputs, splits of whole 128s): the program's weights asked of L2 first."""
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
-    first = split * K_SPLIT
     if PREFETCH:  # BLOCK_N rows of K_SPLIT bytes
-        prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K + first,
-                       BLOCK_N, K, 1, K_SPLIT // 128, 128)
+        prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K
+                       + tl.program_id(2) * K_SPLIT, BLOCK_N, K, 1, K_SPLIT // 128, 128)
     wait_for_previous_kernel(PDL)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    first = split * K_SPLIT
     if BITS == 4:  # a chunk of 2 * STEP inputs per STEP rows of bytes
         for offset in range(0, K_SPLIT, 2 * STEP):
             k = first + offset
@@ -232,12 +232,12 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
     the decoding. PREFETCH (whole tiles of outputs, BLOCK_N a multiple of 64): the
     program's codes asked of L2 first."""
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     if PREFETCH:  # K_SPLIT / PLANE_STEP steps of PLANE_ROWS rows of BLOCK_N int16
-        prefetch_to_l2(codes_ptr + (split * (K_SPLIT // 4)).to(tl.int64) * N
+        prefetch_to_l2(codes_ptr + (tl.program_id(2) * (K_SPLIT // 4)).to(tl.int64) * N
                        + tl.program_id(0) * BLOCK_N, PLANE_ROWS_T, 2 * N, BLOCK_N // 64,
                        K_SPLIT // (4 * PLANE_ROWS_T), PLANE_ROWS_T * 2 * N)
     wait_for_previous_kernel(PDL)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
