@@ -90,9 +90,10 @@ run_stage() {
                        | sed "s/^/$label: /")
                   done
                 done; done ;;
-    # decode-1 of AWQ and FP8 with the decode kernels' weights asked of L2 before their PDL
-    # wait (PAGODA_WEIGHT_PREFETCH) and without, alternated twice
-    prefetch-decode1) for run in 1 2; do for q in awq fp8; do for pf in 1 0; do
+    # decode-1 of AWQ and FP8 with the decode kernels' first PREFETCH_STEPS (default 1 2 4
+    # 0) steps of weights asked of L2 before their PDL wait (PAGODA_WEIGHT_PREFETCH), alternated
+    # twice
+    prefetch-decode1) for run in 1 2; do for q in awq fp8; do for pf in ${PREFETCH_STEPS:-1 2 4 0}; do
                         PAGODA_WEIGHT_PREFETCH=$pf python3 -m pagoda.cli.main bench throughput \
                           $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
                           --output-json "$OUT/decode1-$q-prefetch$pf-run$run.json" 2>&1 \

@@ -7,10 +7,11 @@ Each kernel that takes it has a PDL constexpr; with PDL set its programs wait fo
 previous kernel (`griddepcontrol.wait`: that kernel complete and its writes visible) before
 they touch anything a kernel writes, so nothing races with it (only weights may be read
 before: the one-token 4-bit GEMV requests its first tile of them first, and with
-PAGODA_WEIGHT_PREFETCH=1 the planes and float8 few-token kernels ask L2 for all of theirs,
-`prefetch_to_l2`), and then let the next kernel launch (`griddepcontrol.launch_dependents`).
-CUDA graphs capture the dependency as a programmatic edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm)
-and with PAGODA_PDL=0. LoRA's shrink and expand kernels launch as usual: a kernel launched
+PAGODA_WEIGHT_PREFETCH=N the planes and float8 few-token kernels ask L2 for their first N
+steps of them, `prefetch_to_l2`), and then let the next kernel launch
+(`griddepcontrol.launch_dependents`). CUDA graphs capture the dependency as a programmatic
+edge. Off elsewhere (CPU, Triton's interpreter, GPUs before Hopper, ROCm) and with
+PAGODA_PDL=0. LoRA's shrink and expand kernels launch as usual: a kernel launched
 without it waits for the whole of the one before, PDL or not.
 """
 
@@ -44,12 +45,13 @@ def _enabled(device_index: int) -> bool:
             and cuda_capability(device_index) >= (9, 0))
 
 
-def prefetches_weights(device: torch.device) -> bool:
-    """Whether a kernel launched with PDL on `device` asks L2 for its weights before it
-    waits (`prefetch_to_l2`): with PAGODA_WEIGHT_PREFETCH=1 only, until it is timed on a
-    GPU (`bash bench/gpu/run.sh prefetch-decode1`)."""
-    return os.environ.get("PAGODA_WEIGHT_PREFETCH", "0") == "1" and \
-        dependent_launch(device)["PDL"]
+def prefetched_steps(device: torch.device) -> int:
+    """How many of its first steps of weights a kernel launched with PDL on `device` asks
+    of L2 before it waits (`prefetch_to_l2`): PAGODA_WEIGHT_PREFETCH (default 0, none). On
+    the H200 all of them (a split's whole weights) made AWQ decode-1 2.56 -> 3.43 ms a token
+    and FP8 3.25 -> 5.23 (`bash bench/gpu/run.sh prefetch-decode1`)."""
+    steps = int(os.environ.get("PAGODA_WEIGHT_PREFETCH", "0"))
+    return steps if dependent_launch(device)["PDL"] else 0
 
 
 @triton.jit

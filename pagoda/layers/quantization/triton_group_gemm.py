@@ -39,7 +39,7 @@ import triton.language as tl
 from pagoda.layers.dependent_launch import (
     dependent_launch,
     prefetch_to_l2,
-    prefetches_weights,
+    prefetched_steps,
     wait_for_previous_kernel,
 )
 from pagoda.layers.quantization.group_gemm import (
@@ -143,10 +143,11 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). PREFETCH (float8 values,
-    whole tiles of outputs, splits of whole 128s): the program's weights asked of L2 first."""
-    if PREFETCH:  # BLOCK_N rows of K_SPLIT bytes
+    whole tiles of outputs, splits of whole 128s): the first PREFETCH 128 bytes of each of
+    the program's rows of weights asked of L2 first."""
+    if PREFETCH:  # BLOCK_N rows of PREFETCH lines
         prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K
-                       + tl.program_id(2) * K_SPLIT, BLOCK_N, K, 1, K_SPLIT // 128, 128)
+                       + tl.program_id(2) * K_SPLIT, BLOCK_N, K, 1, PREFETCH, 128)
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     steps = tl.arange(0, STEP)
@@ -231,11 +232,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
     the decoding. PREFETCH (whole tiles of outputs, BLOCK_N a multiple of 64): the
-    program's codes asked of L2 first."""
-    if PREFETCH:  # K_SPLIT / PLANE_STEP steps of PLANE_ROWS rows of BLOCK_N int16
+    program's first PREFETCH steps of codes asked of L2 first."""
+    if PREFETCH:  # PREFETCH steps of PLANE_ROWS rows of BLOCK_N int16
         prefetch_to_l2(codes_ptr + (tl.program_id(2) * (K_SPLIT // 4)).to(tl.int64) * N
                        + tl.program_id(0) * BLOCK_N, PLANE_ROWS_T, 2 * N, BLOCK_N // 64,
-                       K_SPLIT // (4 * PLANE_ROWS_T), PLANE_ROWS_T * 2 * N)
+                       PREFETCH, PLANE_ROWS_T * 2 * N)
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
@@ -637,10 +638,13 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
-def _prefetches(device: torch.device, out_features: int, block_n: int) -> bool:
-    """Whether a decode launch asks L2 for its weights before its wait (prefetch_to_l2):
-    with PDL, and outputs in whole tiles (no line past the weights asked for)."""
-    return prefetches_weights(device) and out_features % block_n == 0
+def _prefetched_steps(device: torch.device, out_features: int, block_n: int,
+                      steps_in_split: int) -> int:
+    """How many of its first steps of weights a decode launch asks of L2 before its wait
+    (prefetch_to_l2): with PDL, and outputs in whole tiles (no line past the weights)."""
+    if out_features % block_n:
+        return 0
+    return min(prefetched_steps(device), steps_in_split)
 
 
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
@@ -667,8 +671,9 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes,
-        PREFETCH=(float8 and (weight.in_features // splits) % 128 == 0
-                  and _prefetches(flat.device, out_features, config["BLOCK_N"])),
+        PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
+                                   (weight.in_features // splits) // 128)
+        if float8 and (weight.in_features // splits) % 128 == 0 else 0,
         **config, **dependent_launch(flat.device))
 
 
@@ -714,8 +719,9 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda,
-        PREFETCH=(tokens <= FEW_TOKENS and config["BLOCK_N"] % 64 == 0
-                  and _prefetches(flat.device, out_features, config["BLOCK_N"])),
+        PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
+                                   (weight.in_features // splits) // PLANE_STEP)
+        if tokens <= FEW_TOKENS and config["BLOCK_N"] % 64 == 0 else 0,
         **config,
         **dependent_launch(flat.device))
 

@@ -430,7 +430,7 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
-            "ROW_SCALE": group == 4096, "PREFETCH": float8 and capability >= 90,
+            "ROW_SCALE": group == 4096, "PREFETCH": 2 if float8 and capability >= 90 else 0,
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)["ptx"]
         if float8 and capability >= 90:  # the weights asked of L2 before the wait
             assert -1 < ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
@@ -444,7 +444,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
     for block_n, block_t, splits, has_low, zero_points in (
             (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
             (128, 64, 1, False, True)):
-        prefetch = capability >= 90 and block_t == 8
+        prefetch = 2 if capability >= 90 and block_t == 8 else 0
         ptx = compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
