@@ -2,7 +2,7 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 prefetch-decode1 ab-decode1
+#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1 ab-decode1
 #   small throughput
 #   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -90,15 +90,17 @@ run_stage() {
                        | sed "s/^/$label: /")
                   done
                 done; done ;;
-    # decode-1 of AWQ and FP8 with the decode kernels' first PREFETCH_STEPS (default 1 2 4
-    # 0) steps of weights asked of L2 before their PDL wait (PAGODA_WEIGHT_PREFETCH), alternated
-    # twice
-    prefetch-decode1) for run in 1 2; do for q in awq fp8; do for pf in ${PREFETCH_STEPS:-1 2 4 0}; do
-                        PAGODA_WEIGHT_PREFETCH=$pf python3 -m pagoda.cli.main bench throughput \
+    # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
+    # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_GATED_PRODUCTS
+    # SWITCH_VALUES="1 0"; SWITCH=PAGODA_WEIGHT_PREFETCH SWITCH_VALUES="1 2 4 0")
+    switch-decode1) for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
+                      for value in $SWITCH_VALUES; do
+                        env $SWITCH=$value python3 -m pagoda.cli.main bench throughput \
                           $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
-                          --output-json "$OUT/decode1-$q-prefetch$pf-run$run.json" 2>&1 \
-                          | grep "single stream" | sed "s/^/$q PAGODA_WEIGHT_PREFETCH=$pf: /"
-                      done; done; done ;;
+                          --output-json "$OUT/decode1-$q-$SWITCH-$value-run$run.json" 2>&1 \
+                          | grep "single stream" | sed "s/^/$q $SWITCH=$value: /"
+                      done
+                    done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
                --input-len-range 100 1024 --output-len-range 100 1024 --max-num-seqs 256 \
                --max-num-batched-tokens 8192 --gpu-busy --output-json "$OUT/small.json" $EXTRA 2>&1 | grep -v INFO ;;
