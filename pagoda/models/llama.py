@@ -83,7 +83,11 @@ class LlamaMLP(nn.Module):
         self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        name = getattr(self.act, "name", None)  # the quantized decode products end in it
+        gated = self.gate_up_proj.gated(x, name) if name is not None else None
+        if gated is None:
+            gated = self.act(self.gate_up_proj(x))
+        return self.down_proj(gated)
 
 
 class LlamaDecoderLayer(nn.Module):
