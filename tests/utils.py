@@ -187,20 +187,18 @@ def local_ray_cluster(head: list[str], *others: list[str],
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90,
-                     divisible: tuple[str, ...] = ()) -> dict:
+def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90) -> dict:
     """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
     A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",
     "cubin", ...): type errors the interpreter lets through (a dot of mixed dtypes, a type
     the architecture lacks) fail here. `signature` types the runtime arguments; pointers are
     taken as 16-byte aligned, as Triton specializes them at run time for fresh tensors (so
-    that vector loads and pipelined copies are compiled as on the GPU), and the integer
-    arguments named in `divisible` as multiples of 16 (as it specializes such values)."""
+    that vector loads and pipelined copies are compiled as on the GPU)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, kind in signature.items() if kind.startswith("*") or name in divisible}
+               for name, kind in signature.items() if kind.startswith("*")}
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
                                                                             "constexpr")},
                        constexprs=constants, attrs=aligned)

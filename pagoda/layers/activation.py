@@ -12,8 +12,6 @@ from pagoda.layers.custom_op import DeviceDispatch
 class SiluAndMul(DeviceDispatch):
     """silu(gate) * up, for an input laid out as [gate | up] on the last dim."""
 
-    name = "silu"  # LinearMethod.apply_gated's name for it
-
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import silu_and_mul
         return silu_and_mul(x)
@@ -29,8 +27,6 @@ class SiluAndMul(DeviceDispatch):
 
 class GeluTanhAndMul(DeviceDispatch):
     """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh), for [gate | up] on the last dim."""
-
-    name = "gelu_tanh"  # LinearMethod.apply_gated's name for it
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import gelu_tanh_and_mul

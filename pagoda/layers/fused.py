@@ -158,20 +158,12 @@ def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
-    value = gated_activation(gate, up.to(tl.float32), GELU_TANH)
-    tl.store(out_ptr + row * n_cols + cols, value.to(up.dtype), mask=mask)
-
-
-@triton.jit
-def gated_activation(gate, up, GELU_TANH: tl.constexpr):
-    """act(gate) * up in float32 (float32 operands); act is SiLU, or GELU's tanh form (the
-    activation kernel's, and the quantized decode products' when they end in it)."""
     if GELU_TANH:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2/pi)
         act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(inner)
     else:
         act = gate / (1.0 + tl.exp(-gate))
-    return act * up
+    tl.store(out_ptr + row * n_cols + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
 
 
 def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:

@@ -72,13 +72,6 @@ class LinearMethod(ABC):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the layer's local weights."""
 
-    def apply_gated(self, layer: LinearBase, x: torch.Tensor,
-                    activation: str) -> torch.Tensor | None:
-        """act(x gate^T) * (x up^T) for a layer of [gate | up] outputs (no bias) in one
-        product, where the method's kernel ends in the activation (`activation`: "silu" or
-        "gelu_tanh"); None where it does not (the caller applies it after `apply`)."""
-        return None
-
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """Turn the loaded checkpoint tensors into the form `apply` reads (repacking)."""
 
@@ -216,14 +209,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.local_sizes, dim=-1))
-
-    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-        """act(gate) * up of a [gate | up] projection in one product where the method has
-        one (LinearMethod.apply_gated); None otherwise."""
-        if self.bias is not None or len(self.local_sizes) != 2 \
-                or self.local_sizes[0] != self.local_sizes[1]:
-            return None
-        return self.method.apply_gated(self, x, activation)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):

@@ -83,11 +83,7 @@ class LlamaMLP(nn.Module):
         self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = getattr(self.act, "name", None)  # the quantized decode products end in it
-        gated = self.gate_up_proj.gated(x, name) if name is not None else None
-        if gated is None:
-            gated = self.act(self.gate_up_proj(x))
-        return self.down_proj(gated)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -14,7 +14,6 @@ from pagoda.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
-    UnquantizedLinearMethod,
 )
 from pagoda.layers.parallel import ParallelGroup
 
@@ -125,28 +124,3 @@ def test_wrong_shape_names_both_shapes():
     layer = ColumnParallelLinear(4, 6)
     with pytest.raises(ValueError, match=r"\(6, 5\).*\(6, 4\)"):
         layer.weight.weight_loader(layer.weight, torch.randn(6, 5))
-
-
-class _GatedInOneProduct(UnquantizedLinearMethod):
-    """A method whose product ends in the activation (as the quantized decode kernels)."""
-
-    def apply_gated(self, layer, x, activation):
-        gate, up = self.apply(layer, x).chunk(2, dim=-1)
-        return {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}[
-            activation](gate) * up
-
-
-def test_gated_projections_go_to_the_method_only_when_it_takes_them():
-    """MergedColumnParallelLinear.gated: the method's gated product for [gate | up] halves
-    of one size and no bias; None (the caller activates after the product) for a bias,
-    unequal pieces, or a method without one (the dense default)."""
-    x = torch.randn(3, 16)
-    fused = MergedColumnParallelLinear(16, [8, 8], method=_GatedInOneProduct())
-    fused.weight.data.normal_()
-    gate, up = fused(x).chunk(2, dim=-1)
-    torch.testing.assert_close(fused.gated(x, "silu"), F.silu(gate) * up)
-    assert MergedColumnParallelLinear(16, [8, 8], bias=True,
-                                      method=_GatedInOneProduct()).gated(x, "silu") is None
-    assert MergedColumnParallelLinear(16, [8, 4],
-                                      method=_GatedInOneProduct()).gated(x, "silu") is None
-    assert MergedColumnParallelLinear(16, [8, 8]).gated(x, "silu") is None

@@ -144,13 +144,6 @@ class Fp8LinearMethod(LinearMethod):
             y = held(x)
         return y if bias is None else y + bias
 
-    def apply_gated(self, layer: LinearBase, x: torch.Tensor,
-                    activation: str) -> torch.Tensor | None:
-        held = layer.fp8
-        if not isinstance(held, GroupQuantWeight) or runs_on_tensor_cores(x, held):
-            return None
-        return held.gated(x, activation)
-
     def kernel(self, layer: LinearBase) -> str:
         held = layer.fp8
         if isinstance(held, cpu_fp8_dot.Fp8DotWeight):

@@ -204,14 +204,3 @@ class GroupQuantWeight(nn.Module):
             from pagoda.layers.quantization.triton_group_gemm import group_gemm
             return group_gemm(x, self)
         return F.linear(x, self.dequantize(x.dtype))
-
-    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-        """act(x gate^T) * (x up^T) for weights of [gate | up] rows in one launch, where the
-        call's kernel ends in the activation (triton_group_gemm.takes_gated) and
-        PAGODA_GATED_PRODUCTS=1 (until timed on a GPU); else None."""
-        if not x.is_cuda or os.environ.get("PAGODA_GATED_PRODUCTS", "0") != "1":
-            return None
-        from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
-        if not takes_gated(x.numel() // self.in_features, self):
-            return None
-        return group_gemm(x, self, activation)

@@ -191,14 +191,6 @@ class IntCheckpointMethod(LinearMethod):
         y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
 
-    def apply_gated(self, layer: LinearBase, x: torch.Tensor,
-                    activation: str) -> torch.Tensor | None:
-        weight = layer.quantized
-        if not isinstance(weight, GroupQuantWeight):
-            return None
-        order = getattr(layer, "input_order", None)
-        return weight.gated(x if order is None else x.index_select(-1, order), activation)
-
     def kernel(self, layer: LinearBase) -> str:
         weight = layer.quantized
         if isinstance(weight, (GroupQuantWeight, BlockDotWeight)):

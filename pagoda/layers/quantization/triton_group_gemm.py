@@ -42,7 +42,6 @@ from pagoda.layers.dependent_launch import (
     prefetched_steps,
     wait_for_previous_kernel,
 )
-from pagoda.layers.fused import gated_activation
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
     FEW_TOKENS,
@@ -125,27 +124,12 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 
 
 @triton.jit
-def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                            GATED: tl.constexpr):
+def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     """A W x^T program's outputs n and tokens t (axes 0 and 1 of the grid), its split of the
-    inputs (axis 2), and which of n and t exist. GATED ([gate | up] rows, N / 2 each, in
-    whole half tiles): the tile's first BLOCK_N / 2 outputs are gate rows, the rest the up
-    rows N / 2 further."""
-    if GATED:
-        j = tl.arange(0, BLOCK_N)  # (as one expression the loads stay vectors of BLOCK_N / 2)
-        n = tl.program_id(0) * (BLOCK_N // 2) + j + (j // (BLOCK_N // 2)) * (N // 2 - BLOCK_N // 2)
-    else:
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inputs (axis 2), and which of n and t exist."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     return n, t, tl.program_id(2), n < N, t < M
-
-
-@triton.jit
-def _gated_outputs(N, t, t_ok, BLOCK_N: tl.constexpr):
-    """A GATED program's positions in its [M, N / 2] output ([BLOCK_N / 2, BLOCK_T]) and
-    which exist."""
-    half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    return t[None, :] * (N // 2) + half[:, None], t_ok[None, :] & (half < N // 2)[:, None]
 
 
 @triton.jit
@@ -154,19 +138,18 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr,
-                       PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). PREFETCH (float8 values,
     whole tiles of outputs, splits of whole 128s): the first PREFETCH 128 bytes of each of
-    the program's rows of weights asked of L2 first. GATED: see _store_split_sums."""
+    the program's rows of weights asked of L2 first."""
     if PREFETCH:  # BLOCK_N rows of PREFETCH lines
         prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K
                        + tl.program_id(2) * K_SPLIT, BLOCK_N, K, 1, PREFETCH, 128)
     wait_for_previous_kernel(PDL)
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     first = split * K_SPLIT
@@ -196,10 +179,8 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    gated_at, gated_ok = _gated_outputs(N, t, t_ok, BLOCK_N)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, gated_at,
-                      gated_ok)
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
 
 
 @triton.jit
@@ -238,7 +219,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PREFETCH: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                   PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -251,14 +232,13 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
     the decoding. PREFETCH (whole tiles of outputs, BLOCK_N a multiple of 64): the
-    program's first PREFETCH steps of codes asked of L2 first. GATED: see
-    _store_split_sums."""
+    program's first PREFETCH steps of codes asked of L2 first."""
     if PREFETCH:  # PREFETCH steps of PLANE_ROWS rows of BLOCK_N int16
         prefetch_to_l2(codes_ptr + (tl.program_id(2) * (K_SPLIT // 4)).to(tl.int64) * N
                        + tl.program_id(0) * BLOCK_N, PLANE_ROWS_T, 2 * N, BLOCK_N // 64,
                        PREFETCH, PLANE_ROWS_T * 2 * N)
     wait_for_previous_kernel(PDL)
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -298,10 +278,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    gated_at, gated_ok = _gated_outputs(N, t, t_ok, BLOCK_N)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, gated_at,
-                      gated_ok)
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
 
 
 @triton.jit
@@ -528,17 +506,13 @@ def _half_saturating(x):
 
 @triton.jit
 def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
-                      SPLITS: tl.constexpr, GATED: tl.constexpr = 0, gated_at=None,
-                      gated_ok=None):
+                      SPLITS: tl.constexpr):
     """Store a program's float32 sums over its split of the inputs at out_ptr + at. With
     several splits: each program stores them as partials (split_stride apart) and counts
     itself done on its tile's counter; the last one adds the partials in split order, stores
-    the output and resets the counter for the next call (no second launch). GATED (1 SiLU,
-    2 GELU's tanh form; sums [BLOCK_N, BLOCK_T] of gate rows, then up rows): what is stored
-    is act(gate) * up at gated_at, each rounded to the output's type first, as the
-    activation kernel reads them."""
+    the output and resets the counter for the next call (no second launch)."""
     if SPLITS == 1:
-        _store_outputs(total, out_ptr, at, ok, GATED, gated_at, gated_ok)
+        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(partial_ptr + split * split_stride + at, total, mask=ok)
         tl.debug_barrier()  # every thread's partial sums stored before the count
@@ -547,22 +521,8 @@ def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_p
             for part in tl.static_range(SPLITS):
                 total += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
                                  cache_modifier=".cg")
-            _store_outputs(total, out_ptr, at, ok, GATED, gated_at, gated_ok)
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(count_ptr + tile, 0)
-
-
-@triton.jit
-def _store_outputs(total, out_ptr, at, ok, GATED: tl.constexpr, gated_at, gated_ok):
-    dtype = out_ptr.dtype.element_ty
-    if GATED:
-        rows: tl.constexpr = total.shape[0] // 2
-        gate, up = tl.split(tl.permute(tl.reshape(total, (2, rows, total.shape[1])),
-                                       (1, 2, 0)))
-        value = gated_activation(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32),
-                                 GATED == 2)
-        tl.store(out_ptr + gated_at, value.to(dtype), mask=gated_ok)
-    else:
-        tl.store(out_ptr + at, total.to(dtype), mask=ok)
 
 
 def _capability(device_index: int | None) -> tuple[int, int] | None:
@@ -660,41 +620,22 @@ def _dot_type(x: torch.dtype, float8: bool) -> int:
     return 1 if x == torch.float16 else 2
 
 
-# a gated product's activation: the kernels' GATED
-GATED = {"silu": 1, "gelu_tanh": 2}
-
-
-def group_gemm(x: torch.Tensor, weight: GroupQuantWeight,
-               activation: str | None = None) -> torch.Tensor:
-    """x [..., in] @ weight^T -> [..., out] in x's dtype. With `activation` (a GATED name;
-    where takes_gated): weight holds [gate | up] rows, and the product ends in
-    act(x gate^T) * (x up^T) -> [..., out / 2], as the activation kernel would give it."""
+def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
+    """x [..., in] @ weight^T -> [..., out] in x's dtype."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
-    gated = GATED[activation] if activation is not None else 0
-    if gated and not takes_gated(flat.shape[0], weight):
-        raise ValueError(f"no gated product of {flat.shape[0]} tokens for this weight")
-    out = torch.empty(flat.shape[0], weight.out_features // (2 if gated else 1),
-                      dtype=x.dtype, device=x.device)
+    out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
     if weight.planes:
-        _planes(flat, weight, out, multiprocessors, gated)
+        _planes(flat, weight, out, multiprocessors)
     elif takes_one_token_int4(flat.shape[0], weight):
         _one_token_int4(flat, weight, out, multiprocessors)
     elif flat.shape[0] <= FEW_TOKENS:
-        _few_tokens(flat, weight, out, multiprocessors, gated)
+        _few_tokens(flat, weight, out, multiprocessors)
     else:
         _many_tokens(flat, weight, out, multiprocessors)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
-    """Whether a call of `tokens` rows can end in a gated activation: decode sizes in the
-    planes or few-token kernel (not the one-token 4-bit GEMV), the [gate | up] halves in
-    whole half tiles of every tile size those take."""
-    return (0 < tokens <= FEW_TOKENS and not takes_one_token_int4(tokens, weight)
-            and weight.out_features % 2 == 0 and (weight.out_features // 2) % 128 == 0)
+    return out.reshape(*x.shape[:-1], weight.out_features)
 
 
 def _prefetched_steps(device: torch.device, out_features: int, block_n: int,
@@ -706,18 +647,16 @@ def _prefetched_steps(device: torch.device, out_features: int, block_n: int,
     return min(prefetched_steps(device), steps_in_split)
 
 
-def _partials(out: torch.Tensor, splits: int, out_features: int | None = None) -> torch.Tensor:
-    """Float32 partial sums [splits, tokens, out_features] (default: out's) for each split
-    (none needed for one)."""
+def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """Float32 partial sums for each split (none needed for one)."""
     if splits == 1:
         return out
-    return torch.empty(splits, out.shape[0], out_features or out.shape[1],
-                       dtype=torch.float32, device=out.device)
+    return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
 
 
 def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                multiprocessors: int, gated: int = 0) -> None:
-    tokens, out_features = out.shape[0], weight.out_features
+                multiprocessors: int) -> None:
+    tokens, out_features = out.shape
     config = few_tokens_config(tokens, weight, multiprocessors)
     splits, block_t = config.pop("splits"), config["BLOCK_T"]
     grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(tokens, block_t), splits)
@@ -725,9 +664,8 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     codes, as_bytes = _float8_codes(weight.codes, flat.device)
     _few_tokens_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, _partials(out, splits, out_features),
-        tile_counters(out.device, grid[0] * grid[1]), tokens, out_features,
-        weight.in_features, flat.stride(0),
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, weight.in_features, flat.stride(0),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
@@ -736,7 +674,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
                                    (weight.in_features // splits) // 128)
         if float8 and (weight.in_features // splits) % 128 == 0 else 0,
-        GATED=gated, **config, **dependent_launch(flat.device))
+        **config, **dependent_launch(flat.device))
 
 
 def planes_config(tokens: int, weight: GroupQuantWeight,
@@ -766,8 +704,8 @@ PLANES_LARGE = (128, 128, 8, 3)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-            multiprocessors: int, gated: int = 0) -> None:
-    tokens, out_features = out.shape[0], weight.out_features
+            multiprocessors: int) -> None:
+    tokens, out_features = out.shape
     config = planes_config(tokens, weight, multiprocessors)
     splits = config.pop("splits")
     grid = (triton.cdiv(out_features, config["BLOCK_N"]),
@@ -775,9 +713,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     mins = weight.zeros if weight.zeros is not None else weight.low
     _planes_kernel[grid](
         flat, weight.codes, weight.scale, mins if mins is not None else weight.scale,
-        out, _partials(out, splits, out_features),
-        tile_counters(out.device, grid[0] * grid[1]), tokens, out_features, flat.stride(0),
-        K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
         HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
@@ -785,7 +722,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
                                    (weight.in_features // splits) // PLANE_STEP)
         if tokens <= FEW_TOKENS and config["BLOCK_N"] % 64 == 0 else 0,
-        GATED=gated, **config,
+        **config,
         **dependent_launch(flat.device))
 
 

@@ -135,7 +135,6 @@ def kernel_errors() -> dict[str, float]:
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
     errors.update(float8_byte_errors(generator))
-    errors.update(gated_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -168,38 +167,6 @@ def float8_byte_errors(generator: torch.Generator) -> dict[str, float]:
                                        / (1 + expected.abs())).max().item()
     finally:
         triton_group_gemm._capability = real_query
-    return errors
-
-
-# decode products ending in a gated activation ([gate | up] weights of 128 outputs each):
-# name -> (tokens, inputs, group, bits, with a min, float8 codes, planes, activation)
-GATED_CASES = {
-    "gated-int4-planes-g128-one-token-split": (1, 2048, 128, 4, True, False, None, "silu"),
-    "gated-int4-planes-zero-points-g32-tokens-12": (12, 512, 32, 4, "zero points", False,
-                                                    None, "gelu_tanh"),
-    "gated-int4-halves-g64-tokens-3": (3, 1024, 64, 4, True, False, False, "silu"),
-    "gated-int8-g32-tokens-20": (20, 256, 32, 8, True, False, None, "silu"),
-    "gated-fp8-per-row-one-token-split": (1, 2048, 2048, 8, False, True, None, "silu"),
-    "gated-fp8-blocks-tokens-5": (5, 256, 128, 8, False, True, None, "gelu_tanh"),
-}
-
-
-def gated_errors(generator: torch.Generator) -> dict[str, float]:
-    """Each gated case against act(x gate^T) * (x up^T) of the dense weights (relative), and
-    against the activation kernel applied to the plain product (absolute: they match)."""
-    from pagoda.layers.fused import gelu_tanh_and_mul, silu_and_mul
-    from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
-    errors = {}
-    for name, (tokens, inputs, group, bits, low, float8, planes, act) in GATED_CASES.items():
-        weight = random_weight(256, inputs, group, bits, low, float8, generator, planes)
-        assert takes_gated(tokens, weight), name
-        x = torch.randn(tokens, inputs, generator=generator)
-        gate, up = F.linear(x, weight.dequantize(torch.float32)).chunk(2, dim=-1)
-        expected = (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
-        got = group_gemm(x, weight, act)
-        errors[name] = ((got - expected).abs() / (1 + expected.abs())).max().item()
-        apart = (silu_and_mul if act == "silu" else gelu_tanh_and_mul)(group_gemm(x, weight))
-        errors[f"{name}-vs-activation-kernel"] = (got - apart).abs().max().item()
     return errors
 
 
@@ -425,15 +392,10 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
-                              "fp8-rows", "split-counters-left-nonzero"}
-                           | set(GATED_CASES)
-                           | {f"{n}-vs-activation-kernel" for n in GATED_CASES})
+                              "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
         half = name.endswith("-fp16") or name.endswith("-fp16-bytes")
-        if name.endswith("-vs-activation-kernel"):
-            assert error == 0, (name, error)
-        else:
-            assert error < (HALF_TOLERANCE if half else 5e-5), (name, error)
+        assert error < (HALF_TOLERANCE if half else 5e-5), (name, error)
 
 
 @pytest.mark.parametrize(("codes", "bits", "activations", "precision", "capability"), [
@@ -469,8 +431,7 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096, "PREFETCH": 2 if float8 and capability >= 90 else 0,
-            "GATED": 1 if activations == "bf16" else 0, "BLOCK_N": 32, "BLOCK_T": 16,
-            "DOT": _dot_type(dtype, float8)}, capability)["ptx"]
+            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)["ptx"]
         if float8 and capability >= 90:  # the weights asked of L2 before the wait
             assert -1 < ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
 
@@ -480,9 +441,9 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
     ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
 def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
-    for block_n, block_t, splits, has_low, zero_points, gated in (
-            (64, 8, 4, True, False, 1), (128, 64, 1, False, False, 0),
-            (64, 8, 4, False, True, 2), (128, 64, 1, False, True, 0)):
+    for block_n, block_t, splits, has_low, zero_points in (
+            (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
+            (128, 64, 1, False, True)):
         prefetch = 2 if capability >= 90 and block_t == 8 else 0
         ptx = compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
@@ -493,28 +454,9 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
-            "PREFETCH": prefetch, "GATED": gated, "PDL": capability >= 90},
-            capability)["ptx"]
+            "PREFETCH": prefetch, "PDL": capability >= 90}, capability)["ptx"]
         if prefetch:  # the codes asked of L2 before the wait for the previous kernel
             assert -1 < ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
-
-
-@pytest.mark.parametrize("gated", [0, 1])
-def test_gated_planes_read_their_codes_as_the_plain_ones(gated):
-    """The planes kernel ending in a gated activation (its tile's outputs in two halves, N /
-    2 apart) still reads its codes by pipelined 16-byte copies, as without (compiled for
-    sm_90 with N divisible by 16, as Triton specializes it at run time)."""
-    from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
-    asm = compile_for_cuda(_planes_kernel, {
-        "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*fp16",
-        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
-        "N": "i32", "stride_xm": "i32"}, {
-        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True, "HAS_LOW": True,
-        "ZERO_POINTS": False, "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True,
-        "PREFETCH": 0, "GATED": gated, "PDL": True}, divisible=("N", "stride_xm"))
-    codes_copies = re.findall(r"async_copy_global_to_local %packed\S* .*contiguity = (\d+)",
-                              asm["ttgir"])
-    assert codes_copies and set(codes_copies) == {"8"}, codes_copies
 
 
 @pytest.mark.parametrize("activations", ["fp32", "bf16"])
@@ -546,7 +488,7 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
                  "GROUP": group, "BITS": 8, "FLOAT8": False, "ROW_SCALE": False,
                  "STEP": config["STEP"], "HAS_LOW": True, "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_T": config["BLOCK_T"], "DOT": _dot_type(dtype, False),
-                 "E4M3_BYTES": False, "PREFETCH": False, "GATED": 0, "PDL": True}
+                 "E4M3_BYTES": False, "PREFETCH": False, "PDL": True}
     # the divisibility by 16 Triton specializes at run time for these arguments: without it
     # the loads are not pipelined and the shared memory asked for is a fraction of the GPU's
     divisible = [name for name in signature if name != "M"]
