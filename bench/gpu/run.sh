@@ -91,8 +91,8 @@ run_stage() {
                   done
                 done; done ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
-    # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_GATED_PRODUCTS
-    # SWITCH_VALUES="1 0"; SWITCH=PAGODA_WEIGHT_PREFETCH SWITCH_VALUES="1 2 4 0")
+    # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
+    # SWITCH_VALUES="1 0")
     switch-decode1) for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
                       for value in $SWITCH_VALUES; do
                         env $SWITCH=$value python3 -m pagoda.cli.main bench throughput \

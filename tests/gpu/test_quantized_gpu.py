@@ -150,27 +150,6 @@ def test_graphs_replay_the_eager_products(layout):
         torch.testing.assert_close(captured, group_gemm(x, weight), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("steps", ["2", "1000"])
-@pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("layout", ["int4-g128", "int4-g32", "fp8-row", "fp8-block"])
-def test_weights_asked_of_l2_first_leave_the_products_alone(layout, tokens, steps,
-                                                            monkeypatch):
-    """PAGODA_WEIGHT_PREFETCH (the planes and float8 few-token kernels ask L2 for their first
-    steps of weights before the wait for the previous kernel; 1000: all of them) gives the
-    same bits, eager and graphs."""
-    weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
-    x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
-    plain = group_gemm(x, weight)
-    monkeypatch.setenv("PAGODA_WEIGHT_PREFETCH", steps)
-    assert torch.equal(group_gemm(x, weight), plain)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = group_gemm(x, weight)
-    graph.replay()
-    assert torch.equal(captured, plain)
-    assert nonzero_counters() == 0
-
-
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("layout", ["int4-g128", "int4-g128-zero-points", "int8-g32",
                                     "fp8-row"])

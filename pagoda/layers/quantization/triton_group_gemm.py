@@ -36,12 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.dependent_launch import (
-    dependent_launch,
-    prefetch_to_l2,
-    prefetched_steps,
-    wait_for_previous_kernel,
-)
+from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.quantization.group_gemm import (
     CHUNK,
     FEW_TOKENS,
@@ -138,16 +133,11 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes). PREFETCH (float8 values,
-    whole tiles of outputs, splits of whole 128s): the first PREFETCH 128 bytes of each of
-    the program's rows of weights asked of L2 first."""
-    if PREFETCH:  # BLOCK_N rows of PREFETCH lines
-        prefetch_to_l2(codes_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * K
-                       + tl.program_id(2) * K_SPLIT, BLOCK_N, K, 1, PREFETCH, 128)
+    applied once to the sums; E4M3_BYTES: given as their bytes)."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     steps = tl.arange(0, STEP)
@@ -219,7 +209,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -231,12 +221,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     minus the biased zero points (exact) where a scale covers a plane; where it covers the
     step, the sums of the biased codes as decoded, less the biased zero point times the
     step's sums of x (one 16-row product with ones), once a step: no arithmetic a weight but
-    the decoding. PREFETCH (whole tiles of outputs, BLOCK_N a multiple of 64): the
-    program's first PREFETCH steps of codes asked of L2 first."""
-    if PREFETCH:  # PREFETCH steps of PLANE_ROWS rows of BLOCK_N int16
-        prefetch_to_l2(codes_ptr + (tl.program_id(2) * (K_SPLIT // 4)).to(tl.int64) * N
-                       + tl.program_id(0) * BLOCK_N, PLANE_ROWS_T, 2 * N, BLOCK_N // 64,
-                       PREFETCH, PLANE_ROWS_T * 2 * N)
+    the decoding."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
@@ -638,15 +623,6 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
-def _prefetched_steps(device: torch.device, out_features: int, block_n: int,
-                      steps_in_split: int) -> int:
-    """How many of its first steps of weights a decode launch asks of L2 before its wait
-    (prefetch_to_l2): with PDL, and outputs in whole tiles (no line past the weights)."""
-    if out_features % block_n:
-        return 0
-    return min(prefetched_steps(device), steps_in_split)
-
-
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
     """Float32 partial sums for each split (none needed for one)."""
     if splits == 1:
@@ -670,11 +646,8 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes,
-        PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
-                                   (weight.in_features // splits) // 128)
-        if float8 and (weight.in_features // splits) % 128 == 0 else 0,
-        **config, **dependent_launch(flat.device))
+        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
+        **dependent_launch(flat.device))
 
 
 def planes_config(tokens: int, weight: GroupQuantWeight,
@@ -719,9 +692,6 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         HAS_LOW=weight.low is not None,
         ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda,
-        PREFETCH=_prefetched_steps(flat.device, out_features, config["BLOCK_N"],
-                                   (weight.in_features // splits) // PLANE_STEP)
-        if tokens <= FEW_TOKENS and config["BLOCK_N"] % 64 == 0 else 0,
         **config,
         **dependent_launch(flat.device))
 

@@ -426,14 +426,12 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[activations]
     for group, step in ((4096, 128), (128, 128)) if float8 else ((layout["GROUP"],
                                                                    layout["STEP"]),):
-        ptx = compile_for_cuda(_few_tokens_kernel, {
+        compile_for_cuda(_few_tokens_kernel, {
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
-            "ROW_SCALE": group == 4096, "PREFETCH": 2 if float8 and capability >= 90 else 0,
-            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)["ptx"]
-        if float8 and capability >= 90:  # the weights asked of L2 before the wait
-            assert -1 < ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
+            "ROW_SCALE": group == 4096,
+            "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
 
 
 @pytest.mark.parametrize(("activations", "dot", "asm", "group", "capability"), [
@@ -444,8 +442,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
     for block_n, block_t, splits, has_low, zero_points in (
             (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
             (128, 64, 1, False, True)):
-        prefetch = 2 if capability >= 90 and block_t == 8 else 0
-        ptx = compile_for_cuda(_planes_kernel, {
+        compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
@@ -454,9 +451,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
-            "PREFETCH": prefetch, "PDL": capability >= 90}, capability)["ptx"]
-        if prefetch:  # the codes asked of L2 before the wait for the previous kernel
-            assert -1 < ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
+            "PDL": capability >= 90}, capability)
 
 
 @pytest.mark.parametrize("activations", ["fp32", "bf16"])
@@ -488,7 +483,7 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
                  "GROUP": group, "BITS": 8, "FLOAT8": False, "ROW_SCALE": False,
                  "STEP": config["STEP"], "HAS_LOW": True, "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_T": config["BLOCK_T"], "DOT": _dot_type(dtype, False),
-                 "E4M3_BYTES": False, "PREFETCH": False, "PDL": True}
+                 "E4M3_BYTES": False, "PDL": True}
     # the divisibility by 16 Triton specializes at run time for these arguments: without it
     # the loads are not pipelined and the shared memory asked for is a fraction of the GPU's
     divisible = [name for name in signature if name != "M"]
