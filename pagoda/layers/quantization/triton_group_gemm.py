@@ -653,10 +653,10 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
 def planes_config(tokens: int, weight: GroupQuantWeight,
                   multiprocessors: int) -> dict[str, int]:
     """The planes kernel's tiles, input splits and warps for a call of `tokens` rows. Up to
-    8: PLANES_FEW's outputs by 8 tokens; up to FEW_TOKENS: PLANES_FEW_WIDE's by 16 or 32;
-    more: PLANES_LARGE's tiles, the inputs split only up to SMALL_M tokens."""
+    FEW_TOKENS: PLANES_FEW's outputs by 8, 16 or 32 tokens; more: PLANES_LARGE's tiles, the
+    inputs split only up to SMALL_M tokens."""
     if tokens <= FEW_TOKENS:
-        block_n, warps, stages, target = PLANES_FEW if tokens <= 8 else PLANES_FEW_WIDE
+        block_n, warps, stages, target = PLANES_FEW
         block_t = 8 if tokens <= 8 else 16 if tokens <= 16 else 32
     else:
         block_n, block_t, warps, stages = PLANES_LARGE
@@ -668,13 +668,10 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
 
 
 # the planes kernel's outputs, warps, stages and programs a multiprocessor (the inputs split
-# towards it) for calls of at most 8 tokens: the fastest of `bench/kernels/int4_planes.py
-# --tokens 1 --sweep-few` on an H100 at the 8B's layers (58.9 against 61.1 us a layer for
-# (64, 4, 3, 8) in groups of 128, 66.7 against 70.8 in groups of 32)
-PLANES_FEW = (128, 2, 3, 4)
-# the same for 9 to FEW_TOKENS tokens (the fastest of that sweep on the H200 at 1-16 tokens;
-# two warps would hold 16 or 32 tokens' sums of 128 outputs in 146-255 registers a thread)
-PLANES_FEW_WIDE = (64, 4, 3, 8)
+# towards it) for calls of at most FEW_TOKENS tokens (the fastest of
+# `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens, groups of 32
+# and 128)
+PLANES_FEW = (64, 4, 3, 8)
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
 

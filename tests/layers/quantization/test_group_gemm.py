@@ -281,21 +281,14 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
 
 
 def test_planes_calls_split_the_inputs_up_to_64_tokens():
-    from pagoda.layers.quantization.triton_group_gemm import (
-        PLANES_FEW,
-        PLANES_FEW_WIDE,
-        PLANES_LARGE,
-        planes_config,
-    )
+    from pagoda.layers.quantization.triton_group_gemm import PLANES_LARGE, planes_config
     down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 112),
                             None, 128, 4)
     down.out_features = 4096  # the 8B's down projection (only the shape is read)
     one = planes_config(1, down, 132)
-    assert (one["BLOCK_N"], one["BLOCK_T"], one["num_warps"]) == (PLANES_FEW[0], 8,
-                                                                   PLANES_FEW[1])
+    assert (one["BLOCK_N"], one["BLOCK_T"]) == (64, 8)
     assert one["splits"] > 1 and 14336 % (one["splits"] * 128) == 0
-    sixteen = planes_config(16, down, 132)
-    assert (sixteen["BLOCK_N"], sixteen["BLOCK_T"]) == (PLANES_FEW_WIDE[0], 16)
+    assert planes_config(16, down, 132)["BLOCK_T"] == 16
     assert planes_config(32, down, 132)["BLOCK_T"] == 32
     assert planes_config(64, down, 132)["splits"] > 1
     large = planes_config(4096, down, 132)
