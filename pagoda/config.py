@@ -103,9 +103,10 @@ class CacheConfig:
 
 
 # --kv-cache-dtype values (vLLM's names): auto (the model's dtype, or float8 for a checkpoint
-# calibrated for it: pagoda.models.quantization.resolve_kv_cache_dtype) or float8 (element
-# types in pagoda.runner.memory.kv_cache_torch_dtype)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# calibrated for it: pagoda.models.quantization.resolve_kv_cache_dtype), bfloat16 (half a
+# float32 model's cache on CPU) or float8 (element types in
+# pagoda.runner.memory.kv_cache_torch_dtype)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(slots=True)

@@ -26,10 +26,13 @@ import psutil
 
 # mode -> (extra serve arguments, environment): the quantized model on pagoda's CPU block-dot
 # kernel (where it runs; decode steps replayed from CPU plans), the same without plans, on
-# torch's kernels, and dequantized to float32 at load
+# torch's kernels, with a bfloat16 KV cache of as many tokens in half the bytes, and
+# dequantized to float32 at load
 MODES = {"quantized": ([], {}),
          "quantized-eager": (["--enforce-eager"], {}),
          "quantized-torch-kernels": ([], {"PAGODA_CPU_BLOCK_DOT": "0"}),
+         "quantized-bf16-kv": (["--kv-cache-dtype", "bfloat16", "--kv-cache-memory", "128MiB"],
+                               {}),
          "dequantized": (["--quantization", "none"], {})}
 
 
@@ -128,7 +131,8 @@ def main() -> None:
     systems = report["systems"]
     for mode, baseline in (("quantized", "dequantized"), ("quantized-torch-kernels",
                                                           "dequantized"),
-                           ("quantized", "quantized-eager")):
+                           ("quantized", "quantized-eager"),
+                           ("quantized-bf16-kv", "quantized")):
         if mode in systems and baseline in systems:
             report[f"ratios_{mode}_over_{baseline}"] = ratios(systems[mode], systems[baseline])
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")

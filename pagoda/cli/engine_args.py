@@ -24,10 +24,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="KV cache size in bytes (e.g. 2GiB); overrides the fraction")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="auto (the model's dtype; fp8 for a checkpoint calibrated for it) or "
-                        "fp8 (= fp8_e4m3) / fp8_e5m2: K and V stored in one byte each (half a "
-                        "16-bit cache), divided by the checkpoint's k/v scales where it has "
-                        "them")
+                   help="auto (the model's dtype; fp8 for a checkpoint calibrated for it), "
+                        "bfloat16 (half a float32 model's cache: CPU) or fp8 (= fp8_e4m3) / "
+                        "fp8_e5m2: K and V stored in one byte each (half a 16-bit cache), "
+                        "divided by the checkpoint's k/v scales where it has them")
     g.add_argument("--load-format", default="auto",
                    choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--quantization", "-q", default=None, metavar="FORMAT",

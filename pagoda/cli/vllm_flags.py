@@ -153,7 +153,7 @@ _add("pagoda chooses its kernels itself (--attention-backend torch|triton)", """
 _add("a float8 KV cache (--kv-cache-dtype fp8) holds every layer, unscaled (a scale of 1.0)", """
 --calculate-kv-scales switch
 --kv-cache-dtype-skip-layers values""")
-_add("the KV cache is stored in the model's dtype (or float8: --kv-cache-dtype)", """
+_add("the KV cache is stored in the model's dtype (or bfloat16, float8: --kv-cache-dtype)", """
 --kv-sharing-fast-prefill switch
 --mamba-cache-dtype value
 --mamba-ssm-cache-dtype value

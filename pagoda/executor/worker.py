@@ -27,6 +27,7 @@ from pagoda.models.loader.checkpoint import load_model, model_quantization, weig
 from pagoda.models.quantization import checkpoint_kv_cache_dtype, resolve_kv_cache_dtype
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import (
+    check_kv_cache_dtype,
     describe_kv_budget,
     kv_budget_bytes,
     kv_cache_torch_dtype,
@@ -110,6 +111,7 @@ class Worker:
                            engine.seed, self.group, self.stage, quantization=quantization)
         self.kv_cache_dtype = self._kv_cache_dtype()
         kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, dtype)
+        check_kv_cache_dtype(kv_dtype, dtype, self.device)
         if kv_dtype.itemsize == 1:
             _log_kv_scales(model.attention_layers(), self.kv_cache_dtype)
         backend = select_backend(engine.attention_backend, self.device, kv_dtype)

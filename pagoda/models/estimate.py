@@ -77,7 +77,7 @@ class MemoryEstimate:
     active_parameters: int | None = None  # a mixture of experts: what one token runs
     pipeline_parallel: int = 1  # with more than one stage, the figures are the first's
     quantization: str | None = None  # the form the weights are held in (None: --dtype)
-    kv_dtype: str | None = None  # the KV cache's element type when not dtype (float8)
+    kv_dtype: str | None = None  # the KV cache's element type when not dtype (float8, bfloat16)
     device: str | None = None
     device_bytes: int | None = None
     usable_bytes: int | None = None  # device_bytes x gpu_memory_utilization

@@ -17,11 +17,25 @@ CPU_MAX_FRACTION = 0.5  # of available RAM a CPU KV cache may take, whatever the
 # values of the models served); see pagoda.layers.attention.backend.KVScales
 FLOAT8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
              "fp8_e5m2": torch.float8_e5m2}
+# 16-bit caches named apart from the model's dtype: K and V rounded to them as they are
+# stored, read back as the model's dtype (a float32 model on CPU holds half the bytes)
+SIXTEEN_BIT_KV = {"bfloat16": torch.bfloat16}
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type for a --kv-cache-dtype value and the model's dtype."""
-    return FLOAT8_KV.get(kv_cache_dtype, model_dtype)
+    return FLOAT8_KV.get(kv_cache_dtype) or SIXTEEN_BIT_KV.get(kv_cache_dtype, model_dtype)
+
+
+def check_kv_cache_dtype(kv_dtype: torch.dtype, model_dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """A 16-bit cache of another type than the model's is read by the CPU kernels only (the
+    GPU's attention kernels read 16-bit caches as their queries' type)."""
+    if device.type != "cpu" and kv_dtype.itemsize == 2 and kv_dtype != model_dtype:
+        raise ConfigError(f"--kv-cache-dtype {str(kv_dtype).removeprefix('torch.')} under a "
+                          f"{str(model_dtype).removeprefix('torch.')} model runs on CPU only; "
+                          f"on {device.type} it takes --dtype "
+                          f"{str(kv_dtype).removeprefix('torch.')} (or --kv-cache-dtype auto)")
 
 
 @dataclass(frozen=True, slots=True)

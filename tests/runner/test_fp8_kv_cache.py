@@ -72,5 +72,5 @@ def test_an_unknown_kv_cache_dtype_is_refused(checkpoint):
 
 def test_every_kv_cache_dtype_name_has_an_element_type():
     from pagoda.config import KV_CACHE_DTYPES
-    from pagoda.runner.memory import FLOAT8_KV
-    assert set(KV_CACHE_DTYPES) == {"auto"} | set(FLOAT8_KV)
+    from pagoda.runner.memory import FLOAT8_KV, SIXTEEN_BIT_KV
+    assert set(KV_CACHE_DTYPES) == {"auto"} | set(FLOAT8_KV) | set(SIXTEEN_BIT_KV)
