@@ -1,8 +1,8 @@
 """--kv-cache-dtype bfloat16 under a float32 model (CPU): K and V rounded to bfloat16 as they
 are stored, in half the bytes of the float32 cache (twice its tokens for the same memory; the
 estimate agrees), read back by the CPU decode-attention kernel and replayed from CPU plans:
-greedy tokens stay those of the float32 cache. On a GPU such a cache must
-be the model's own dtype (one clear error otherwise)."""
+greedy tokens stay those of the float32 cache. On a GPU such a cache must be the model's
+own dtype (one clear error otherwise)."""
 
 from __future__ import annotations
 
