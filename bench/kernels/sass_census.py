@@ -1,0 +1,87 @@
+"""The instructions of the planes kernel's main loop as a Hopper runs them, with no GPU: the
+kernel compiled for sm_90 by Triton (its own ptxas, the integer arguments divisible by 16 as
+Triton specializes them at run time), disassembled with the cuobjdump Triton ships, and the
+loop (from its wait for the step's copies to its branch back) counted by opcode. One step
+of the decode tile reads BLOCK_N x 32 int16 of codes (4 x 32 inputs for BLOCK_N outputs);
+the figure that matters is bytes of weights per warp instruction, against what the memory
+needs: at the roofline's bandwidth an H200 multiprocessor takes 3.82 TB/s / 132 = 29 GB/s,
+and its four schedulers issue about 4 x 1.98 G warp instructions a second.
+
+    PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
+        [--warps 4] [--stages 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pagoda.layers.quantization.group_gemm import PLANE_ROWS
+from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+
+OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def planes_sass(zero_points: bool, block_n: int, warps: int, stages: int) -> str:
+    """The planes kernel's SASS at one token (8-token tiles), groups of 128, a 2048-input
+    split of 2 (the 8B gate-up product's), bfloat16 activations."""
+    signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16",
+                 "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
+                 "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
+                 "stride_xm": "i32"}
+    constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
+                 "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "BLOCK_N": block_n,
+                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True}
+    divisible = {(_planes_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name, kind in signature.items()
+                 if kind.startswith("*") or name in ("N", "stride_xm")}
+    source = ASTSource(fn=_planes_kernel, constexprs=constants, attrs=divisible,
+                       signature={**signature, **dict.fromkeys(constants, "constexpr")})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        return subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """The opcodes from the loop's wait for its step's copies (the first DEPBAR.LE with
+    copies still in flight) to its branch back."""
+    lines = sass.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.search(r"DEPBAR\.LE SB0, 0x[1-9a-f]",
+                                                                 line))
+    end = next(i for i in range(start, len(lines)) if re.search(r"\bBRA\b", lines[i]))
+    return [m.group(1) for line in lines[start:end + 1] if (m := OPCODE.match(line))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zero-points", action="store_true")
+    parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
+    args = parser.parse_args()
+    opcodes = main_loop(planes_sass(args.zero_points, args.block_n, args.warps, args.stages))
+    counts = collections.Counter(opcodes)
+    threads = 32 * args.warps
+    step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step
+    warp_instructions = len(opcodes) * args.warps
+    print(f"loop: {len(opcodes)} instructions a thread a step, {warp_instructions} a program "
+          f"({threads} threads) for {step_bytes} bytes of codes: "
+          f"{step_bytes / warp_instructions:.2f} bytes a warp instruction")
+    print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+
+
+if __name__ == "__main__":
+    main()
