@@ -454,6 +454,23 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "PDL": capability >= 90}, capability)
 
 
+def test_zero_points_planes_sum_x_without_a_reduction_across_threads():
+    """With zero points and a scale a step, the planes kernel takes the step's sums of x from
+    a product with ones laid out as its sums (every row the same sums), not from 16 rows
+    reduced across threads: its sm_90 code shuffles nothing between lanes (`python
+    bench/kernels/sass_census.py --zero-points` counts the loop: 189 instructions a step
+    against 200 with the reduction)."""
+    from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+    ptx = compile_for_cuda(_planes_kernel, {
+        "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*u8",
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
+        "N": "i32", "stride_xm": "i32"}, {
+        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True, "HAS_LOW": False,
+        "ZERO_POINTS": True, "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True,
+        "PDL": True})["ptx"]
+    assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
+
+
 @pytest.mark.parametrize("activations", ["fp32", "bf16"])
 @pytest.mark.parametrize("group", [16, 32, 128, 4096])
 def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
