@@ -458,8 +458,8 @@ def test_zero_points_planes_sum_x_without_a_reduction_across_threads():
     """With zero points and a scale a step, the planes kernel takes the step's sums of x from
     a product with ones laid out as its sums (every row the same sums), not from 16 rows
     reduced across threads: its sm_90 code shuffles nothing between lanes (`python
-    bench/kernels/sass_census.py --zero-points` counts the loop: 189 instructions a step
-    against 200 with the reduction)."""
+    bench/kernels/sass_census.py --zero-points` counts the loop; the reduction cost 11
+    instructions a step)."""
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
         "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*u8",
