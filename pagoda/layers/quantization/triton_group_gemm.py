@@ -227,12 +227,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    codes_at = codes_ptr + (split * (K_SPLIT // 4) + rows)[None, :] * N + n[:, None]
-    x_at = x_ptr + t[None, :] * stride_xm + (split * K_SPLIT + rows)[:, None]
     for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
         k = split * K_SPLIT + offset
-        packed = tl.load(codes_at, mask=n_ok[:, None])
-        codes_at += PLANE_ROWS_T * N
+        first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
+        packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
+                         mask=n_ok[:, None])
         if STEP_IN_GROUP:  # one scale (and min or zero point) a step
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, DOT)
@@ -244,7 +243,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
                                                   HAS_LOW, ZERO_POINTS, DOT)
-            x = tl.load(x_at + q * PLANE_ROWS_T, mask=t_ok[None, :], other=0.0).to(dot_type)
+            x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
+                        mask=t_ok[None, :], other=0.0).to(dot_type)
             if not ZERO_POINTS:
                 weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
                 if HAS_LOW:
@@ -258,7 +258,6 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                               input_precision="ieee")
                 ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
                 x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
-        x_at += 4 * PLANE_ROWS_T
         if ZERO_POINTS and STEP_IN_GROUP:  # (x_sums in the sums' layout: no reduction)
             biased_zeros = low.to(tl.float32)[:, None]
             acc += (sums - biased_zeros * x_sums) * scale[:, None]
