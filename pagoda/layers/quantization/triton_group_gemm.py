@@ -220,8 +220,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     the weights' scale multiplies the sums, not the weights: a plane's sums of the codes
     minus the biased zero points (exact) where a scale covers a plane; where it covers the
     step, the sums of the biased codes as decoded, less the biased zero point times the
-    step's sums of x (a product with ones, in the sums' layout), once a step: no arithmetic
-    a weight but the decoding."""
+    step's sums of x (a product with ones), once a step: no arithmetic a weight but the
+    decoding."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
@@ -237,7 +237,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                                               HAS_LOW, ZERO_POINTS, DOT)
             if ZERO_POINTS:
                 sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-                x_sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)  # each row: x's sums
+                # each row: x's sums; in the sums' layout at decode sizes (no reduction
+                # across threads after), in 16 rows where a tile of tokens makes a product
+                # as large as the weights' one
+                x_sums = tl.zeros((BLOCK_N if BLOCK_T <= 32 else 16, BLOCK_T), dtype=tl.float32)
         for q in tl.static_range(4):
             if not STEP_IN_GROUP:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
@@ -256,11 +259,14 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             else:  # the biased codes' sums; the bias and zero points come off once a step
                 sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
                               input_precision="ieee")
-                ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
+                ones = tl.full((BLOCK_N if BLOCK_T <= 32 else 16, PLANE_ROWS_T), 1.0, dot_type)
                 x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
-        if ZERO_POINTS and STEP_IN_GROUP:  # (x_sums in the sums' layout: no reduction)
+        if ZERO_POINTS and STEP_IN_GROUP:
             biased_zeros = low.to(tl.float32)[:, None]
-            acc += (sums - biased_zeros * x_sums) * scale[:, None]
+            if BLOCK_T <= 32:
+                acc += (sums - biased_zeros * x_sums) * scale[:, None]
+            else:  # (rows of x_sums are equal: max is exact)
+                acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
