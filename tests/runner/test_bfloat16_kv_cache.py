@@ -18,7 +18,6 @@ from pagoda.runner.cpu_plans import CpuPlanRunner
 from pagoda.runner.memory import check_kv_cache_dtype, kv_cache_torch_dtype
 from tests.models.parity import random_prompts
 from tests.runner.test_cpu_plans import counted_replays, runner_of
-from tests.runner.test_fp8_kv_cache import checkpoint  # noqa: F401 (a fixture)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -28,7 +27,7 @@ def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_a_bfloat16_cache_holds_twice_the_tokens_and_decodes_as_float32(checkpoint,  # noqa: F811
+def test_a_bfloat16_cache_holds_twice_the_tokens_and_decodes_as_float32(checkpoint,
                                                                          monkeypatch):
     prompts = random_prompts(512, (5, 17, 33, 64, 90, 120, 3, 48))
     exact = LLM(checkpoint, kv_cache_memory=8 << 20, max_model_len=256)
@@ -65,7 +64,7 @@ def test_plans_over_a_bfloat16_cache_decode_the_eager_tokens(smollm2_dir, monkey
     assert replayed  # the decode steps ran from the plans
 
 
-def test_the_estimate_counts_a_bfloat16_cache(checkpoint):  # noqa: F811
+def test_the_estimate_counts_a_bfloat16_cache(checkpoint):
     source = resolve_model(checkpoint)
     full = estimate(source, max_model_len=256, concurrency=3)
     half = estimate(source, max_model_len=256, concurrency=3, kv_cache_dtype="bfloat16")

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from pagoda import LLM, SamplingParams
 from pagoda.errors import ConfigError
 from pagoda.models.estimate import estimate
 from pagoda.models.source import resolve_model
 from tests.models.parity import random_prompts
-from tests.utils import save_random_checkpoint
 
 NEXT = SamplingParams(temperature=0, max_tokens=1, logprobs=0)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                         max_position_embeddings=512)
-    return str(save_random_checkpoint(config, tmp_path_factory.mktemp("llama"), None))
 
 
 def first_tokens(llm: LLM, prompts: list[list[int]]) -> list[tuple[int, float]]:
