@@ -53,6 +53,17 @@ quant_model() {
   esac
 }
 
+# decode-1 of the 8B as quantized variant $1 (quant_model; awq-zp: zero points in planes),
+# its JSON at $OUT/decode1-$2.json, its single-stream line labelled $3
+quant_decode1() {
+  local zero_points=${PAGODA_PLANE_ZERO_POINTS:-0}
+  [ $1 = awq-zp ] && zero_points=1
+  PAGODA_PLANE_ZERO_POINTS=$zero_points python3 -m pagoda.cli.main bench throughput \
+    $(quant_model $1) --num-prompts 1 --input-len 1024 --output-len 256 \
+    --output-json "$OUT/decode1-$2.json" 2>&1 \
+    | grep "single stream" | sed "s/^/$3: /"
+}
+
 run_stage() {
   case "$1" in
     tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE ${TESTS:-tests/gpu} 2>&1 \
@@ -83,22 +94,18 @@ run_stage() {
                 for run in 1 2; do for q in ${QUANT_VARIANTS:-bf16 awq fp8}; do
                   for tree in . .base; do
                     label=$q$([ $tree = .base ] && echo -base)-run$run
-                    (cd $tree && PAGODA_PLANE_ZERO_POINTS=$([ $q = awq-zp ] && echo 1 || echo 0) \
-                       PYTHONPATH=/tmp/site:. python3 -m pagoda.cli.main bench throughput \
-                       $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
-                       --output-json "$OUT/decode1-$label.json" 2>&1 | grep "single stream" \
-                       | sed "s/^/$label: /")
+                    (cd $tree && PYTHONPATH=/tmp/site:. quant_decode1 $q $label $label)
                   done
                 done; done ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
     # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")
-    switch-decode1) for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
+    switch-decode1) [ -n "${SWITCH:-}" ] && [ -n "${SWITCH_VALUES:-}" ] \
+                      || { echo "switch-decode1: set SWITCH and SWITCH_VALUES"; return 1; }
+                    for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
                       for value in $SWITCH_VALUES; do
-                        env $SWITCH=$value python3 -m pagoda.cli.main bench throughput \
-                          $(quant_model $q) --num-prompts 1 --input-len 1024 --output-len 256 \
-                          --output-json "$OUT/decode1-$q-$SWITCH-$value-run$run.json" 2>&1 \
-                          | grep "single stream" | sed "s/^/$q $SWITCH=$value: /"
+                        (export $SWITCH=$value
+                         quant_decode1 $q $q-$SWITCH-$value-run$run "$q $SWITCH=$value")
                       done
                     done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
