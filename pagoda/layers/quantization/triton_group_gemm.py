@@ -226,6 +226,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
+    # zero points a step: x's sums in the sums' layout at decode sizes (no reduction across
+    # threads after); in 16 rows, reduced, where a tile of many tokens would make that
+    # product with ones as large as the weights' one
+    X_SUMS_ROWS: tl.constexpr = BLOCK_N if BLOCK_T <= 32 else 16
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
         k = split * K_SPLIT + offset
@@ -237,10 +241,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                                               HAS_LOW, ZERO_POINTS, DOT)
             if ZERO_POINTS:
                 sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-                # each row: x's sums; in the sums' layout at decode sizes (no reduction
-                # across threads after), in 16 rows where a tile of tokens makes a product
-                # as large as the weights' one
-                x_sums = tl.zeros((BLOCK_N if BLOCK_T <= 32 else 16, BLOCK_T), dtype=tl.float32)
+                x_sums = tl.zeros((X_SUMS_ROWS, BLOCK_T), dtype=tl.float32)  # each row: x's sums
         for q in tl.static_range(4):
             if not STEP_IN_GROUP:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
@@ -259,11 +260,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             else:  # the biased codes' sums; the bias and zero points come off once a step
                 sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
                               input_precision="ieee")
-                ones = tl.full((BLOCK_N if BLOCK_T <= 32 else 16, PLANE_ROWS_T), 1.0, dot_type)
+                ones = tl.full((X_SUMS_ROWS, PLANE_ROWS_T), 1.0, dot_type)
                 x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
         if ZERO_POINTS and STEP_IN_GROUP:
             biased_zeros = low.to(tl.float32)[:, None]
-            if BLOCK_T <= 32:
+            if X_SUMS_ROWS == BLOCK_N:
                 acc += (sums - biased_zeros * x_sums) * scale[:, None]
             else:  # (rows of x_sums are equal: max is exact)
                 acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
