@@ -1,13 +1,14 @@
 """Each of an 8B layer's four products alone at one token in 4-bit planes (groups of 128),
 against a kernel that only reads the same bytes (the same number of programs, 16-byte loads,
 no arithmetic, one store a program) and an empty launch: how much of a product's time is
-reading its weights and how much is fixed cost. Each product runs as the split kernel
-(`_planes_kernel`) and as the stream-K one (`_planes_stream_kernel`, at `--stream-per-sm`
-programs a multiprocessor), with mins and with zero points, the variants alternated in one
-process and each checked against the split kernel's products. CUDA-graph medians over LAYERS
-copies (more than L2 holds), PDL as the engine launches.
+reading its weights and how much is fixed cost. Each product runs with its rows of planes
+as packed and padded (`--row-pads`, int16s after each row: rows a power of two bytes apart
+may meet in the same memory channels), with mins and with zero points, the variants
+alternated in one process and each checked equal to the unpadded products. The read kernel
+also runs with the programs' slices a power of two bytes apart and not. CUDA-graph medians
+over LAYERS copies (more than L2 holds), PDL as the engine launches.
 
-    PYTHONPATH=. python bench/kernels/planes_products.py [--stream-per-sm 2 4 8]
+    PYTHONPATH=. python bench/kernels/planes_products.py [--row-pads 0 64 128]
         [--rounds 2] [--output-json P]
 """
 
@@ -30,10 +31,12 @@ LAYERS = 8
 
 
 @triton.jit
-def _read_kernel(src_ptr, out_ptr, WORDS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Sum (xor) of WORDS int32 from this program's slice: the bytes read, nothing else."""
+def _read_kernel(src_ptr, out_ptr, WORDS: tl.constexpr, STRIDE: tl.constexpr,
+                 BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Sum (xor) of WORDS int32 from this program's slice (STRIDE words after the previous
+    program's): the bytes read, nothing else."""
     wait_for_previous_kernel(PDL)
-    base = src_ptr + tl.program_id(0).to(tl.int64) * WORDS
+    base = src_ptr + tl.program_id(0).to(tl.int64) * STRIDE
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for offset in range(0, WORDS, BLOCK):
         acc ^= tl.load(base + offset + tl.arange(0, BLOCK))
@@ -52,8 +55,9 @@ def median_us(calls) -> float:
     return do_bench_cudagraph(calls, rep=200) * 1000
 
 
-def product_weights(outputs: int, inputs: int, zero_points: bool) -> list[GroupQuantWeight]:
-    """LAYERS random weights (seeded: both forms hold the same codes and scales)."""
+def product_weights(outputs: int, inputs: int, zero_points: bool,
+                    row_pad: int) -> list[GroupQuantWeight]:
+    """LAYERS random weights (seeded: every variant holds the same codes and scales)."""
     generator = torch.Generator(device="cuda").manual_seed(outputs + inputs)
     weights = []
     for _ in range(LAYERS):
@@ -62,26 +66,23 @@ def product_weights(outputs: int, inputs: int, zero_points: bool) -> list[GroupQ
         scale = torch.rand(outputs, inputs // 128, device="cuda", generator=generator)
         scale = scale * 2e-3 + 1e-3
         weights.append(GroupQuantWeight(codes, scale, -8 * scale, 128, 4, planes=True,
-                                        zero_points=zero_points))
+                                        zero_points=zero_points, plane_row_pad=row_pad))
     return weights
 
 
-def run_as(stream_per_sm: int | None, calls):
-    """calls() with the planes' few-token products by the split kernel (None) or by the
-    stream-K kernel at that many programs a multiprocessor."""
-    shipped = triton_group_gemm.STREAM_PLANES, triton_group_gemm.PLANES_STREAM
-    triton_group_gemm.STREAM_PLANES = stream_per_sm is not None
-    if stream_per_sm is not None:
-        triton_group_gemm.PLANES_STREAM = (*shipped[1][:3], stream_per_sm)
-    try:
-        return calls()
-    finally:
-        triton_group_gemm.STREAM_PLANES, triton_group_gemm.PLANES_STREAM = shipped
+def read_us(weights: list[GroupQuantWeight], grid: int, stride_pad: int, out, launch) -> float:
+    """The read kernel over each weight's codes by `grid` programs, the slices `stride_pad`
+    words more than their length apart (the same words read either way)."""
+    words = weights[0].codes.numel() // 2  # int32 words of codes
+    per = (words // grid - stride_pad) // 512 * 512
+    return median_us(lambda: [_read_kernel[(grid,)](
+        w.codes.view(torch.int32), out, WORDS=per, STRIDE=per + stride_pad, BLOCK=512,
+        num_warps=4, **launch) for w in weights]) / LAYERS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stream-per-sm", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--row-pads", type=int, nargs="+", default=[0, 64, 128])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output-json")
     args = parser.parse_args()
@@ -92,44 +93,37 @@ def main() -> None:
     empty = median_us(lambda: [_empty_kernel[(sms,)](out, **launch) for _ in range(LAYERS)])
     print(f"empty launch: {empty / LAYERS:.2f} us")
     rows.append({"kernel": "empty", "us": empty / LAYERS})
-    kernels = {"split": None, **{f"stream {n}/SM": n for n in args.stream_per_sm}}
     for name, (outputs, inputs) in PROJECTIONS.items():
         x = torch.randn(1, inputs, device="cuda", dtype=torch.bfloat16)
-        forms = {form: product_weights(outputs, inputs, form == "zero points")
-                 for form in ("mins", "zero points")}
-        for form, weights in forms.items():  # each kernel's products against the split one's
-            for label, per_sm in kernels.items():
-                for weight in weights:
-                    got = run_as(per_sm, lambda: triton_group_gemm.group_gemm(x, weight))
-                    expected = triton_group_gemm.group_gemm(x, weight).float()
-                    error = (got.float() - expected).abs().max() / expected.abs().max()
-                    assert error < 1e-2, (name, form, label, error.item())
-        first = forms["mins"]
+        variants = {(form, pad): product_weights(outputs, inputs, form == "zero points", pad)
+                    for form in ("mins", "zero points") for pad in args.row_pads}
+        for (form, pad), weights in variants.items():  # padding changes no product
+            unpadded = variants[form, args.row_pads[0]]
+            for weight, reference in zip(weights, unpadded):
+                assert weight.codes.stride(0) == outputs + pad
+                assert torch.equal(triton_group_gemm.group_gemm(x, weight),
+                                   triton_group_gemm.group_gemm(x, reference)), (form, pad)
+        first = variants["mins", args.row_pads[0]]
         nbytes = first[0].codes.numel() * 2 + 4 * first[0].scale.numel()
         config = triton_group_gemm.planes_config(1, first[0], sms)
         programs = triton.cdiv(outputs, config["BLOCK_N"]) * config["splits"]
-        times = {(form, label): [] for form in forms for label in kernels}
+        times = {variant: [] for variant in variants}
         for _ in range(args.rounds):  # alternated
-            for form, label in times:
-                weights, per_sm = forms[form], kernels[label]
-                times[form, label].append(run_as(per_sm, lambda: median_us(
-                    lambda: [triton_group_gemm.group_gemm(x, w) for w in weights])) / LAYERS)
-        words = first[0].codes.numel() // 2  # int32 words of codes
-        reads = {}
-        for grid in (programs, sms * 4):
-            per = words // grid // 512 * 512
-            reads[grid] = median_us(lambda: [_read_kernel[(grid,)](
-                w.codes.view(torch.int32), out, WORDS=per, BLOCK=512, num_warps=4, **launch)
-                for w in first]) / LAYERS
+            for variant, weights in variants.items():
+                times[variant].append(median_us(
+                    lambda: [triton_group_gemm.group_gemm(x, w) for w in weights]) / LAYERS)
+        reads = {f"{grid} programs, slices {stride_pad} words apart": read_us(
+                     first, grid, stride_pad, out, launch)
+                 for grid in (programs, sms * 4) for stride_pad in (0, 512)}
         row = {"projection": name, "bytes": nbytes, "splits": config["splits"],
-               "programs": programs, "read_same_programs_us": reads[programs],
-               "read_4_per_sm_us": reads[sms * 4],
-               "products_us": {f"{label}, {form}": us for (form, label), us in times.items()}}
+               "programs": programs, "reads_us": reads,
+               "products_us": {f"{form}, rows padded by {pad}": us
+                               for (form, pad), us in times.items()}}
         rows.append(row)
-        print(f"{name:8s} {nbytes / 1e6:6.1f} MB {programs:5d} programs: read alone "
-              f"{reads[programs]:6.2f} us, read by {sms * 4} programs {reads[sms * 4]:6.2f} us")
-        for label, us in row["products_us"].items():
-            print(f"    {label:28s} " + " ".join(f"{u:6.2f}" for u in us)
+        print(f"{name:8s} {nbytes / 1e6:6.1f} MB {programs:5d} programs")
+        for label, us in {**row["products_us"], **{f"read, {k}": [v] for k, v in
+                                                     reads.items()}}.items():
+            print(f"    {label:44s} " + " ".join(f"{u:6.2f}" for u in us)
                   + f" us ({nbytes / min(us) / 1e3:5.0f} GB/s at best)")
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -31,7 +31,6 @@ graphs capture it. Also here: per-token FP8 quantization of activations in one l
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -202,18 +201,18 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
 
 HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
 PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
-PLANE_STEP_T: tl.constexpr = tl.constexpr(PLANE_STEP)  # PLANE_STEP inside kernels
 
 
 @triton.jit
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
-                   stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                   STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
+                   stride_xm, stride_codes, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                   GROUP: tl.constexpr, STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
-    W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
+    W x^T, from 4-bit codes in planes (int16 [K / 4, N], rows stride_codes apart): per step of
+    PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
     the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
@@ -229,8 +228,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
         acc = _planes_step(acc, split * K_SPLIT + offset, x_ptr, codes_ptr, scale_ptr, low_ptr,
-                           n, n_ok, t, t_ok, N, stride_xm, GROUP, STEP_IN_GROUP, HAS_LOW,
-                           ZERO_POINTS, BLOCK_N, BLOCK_T, DOT, ASM)
+                           n, n_ok, t, t_ok, N, stride_xm, stride_codes, GROUP, STEP_IN_GROUP,
+                           HAS_LOW, ZERO_POINTS, BLOCK_N, BLOCK_T, DOT, ASM)
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
@@ -238,82 +237,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
 
 
 @triton.jit
-def _planes_stream_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
-                          count_ptr, M, N, stride_xm, K: tl.constexpr, GROUP: tl.constexpr,
-                          STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                          ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                          PDL: tl.constexpr):
-    """_planes_kernel's products for at most BLOCK_T tokens with the work split evenly over
-    the launch's programs (stream-K): the tiles' steps of PLANE_STEP inputs, taken tile by
-    tile, are one sequence of units; each program takes an equal run of it and adds its
-    steps tile by tile. A tile wholly in one program is stored from there; one shared by
-    several programs has their sums stored as partials (slot: the program's place among
-    them) and added by the last to finish, in slot order."""
-    wait_for_previous_kernel(PDL)
-    STEPS: tl.constexpr = K // PLANE_STEP_T
-    units = tl.cdiv(N, BLOCK_N) * STEPS
-    programs = tl.num_programs(0)
-    program = tl.program_id(0)
-    unit = program * units // programs
-    end = (program + 1) * units // programs
-    t = tl.arange(0, BLOCK_T)
-    t_ok = t < M
-    while unit < end:
-        tile = unit // STEPS
-        tile_end = (tile + 1) * STEPS
-        if end < tile_end:
-            tile_end = end
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for step in range(unit - tile * STEPS, tile_end - tile * STEPS):
-            # (a tensor also under the interpreter, whose loops count in Python ints)
-            k = tl.full((), PLANE_STEP_T, tl.int32) * step
-            acc = _planes_step(acc, k, x_ptr, codes_ptr, scale_ptr, low_ptr, n, n_ok, t, t_ok,
-                               N, stride_xm, GROUP, STEP_IN_GROUP, HAS_LOW, ZERO_POINTS,
-                               BLOCK_N, BLOCK_T, DOT, ASM)
-        _store_stream_sums(acc, out_ptr, t[None, :] * N + n[:, None],
-                           t_ok[None, :] & n_ok[:, None], partial_ptr, M * N, count_ptr, tile,
-                           program, programs, units, STEPS)
-        unit = tile_end
-
-
-@triton.jit
-def _store_stream_sums(total, out_ptr, at, ok, partial_ptr, slot_stride, count_ptr, tile,
-                       program, programs, units, STEPS: tl.constexpr):
-    """Store a stream-K program's float32 sums over its part of `tile`: at out_ptr + at
-    where the tile is wholly its own, else as the partial of its slot, the last of the
-    tile's programs to finish adding the partials in slot order (and resetting the tile's
-    counter for the next call)."""
-    first = _stream_program_of(tile * STEPS, programs, units)
-    shared_by = _stream_program_of((tile + 1) * STEPS - 1, programs, units) - first + 1
-    if shared_by == 1:
-        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(partial_ptr + (program - first) * slot_stride + at, total, mask=ok)
-        tl.debug_barrier()  # every thread's partial sums stored before the count
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == shared_by - 1:
-            total = tl.zeros_like(total)
-            for slot in range(shared_by):
-                total += tl.load(partial_ptr + slot * slot_stride + at, mask=ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(count_ptr + tile, 0)
-
-
-@triton.jit
-def _stream_program_of(unit, programs, units):
-    """The program whose run holds `unit` (program p's run: [p units // programs,
-    (p + 1) units // programs))."""
-    return ((unit + 1) * programs - 1) // units
-
-
-@triton.jit
 def _planes_step(acc, k, x_ptr, codes_ptr, scale_ptr, low_ptr, n, n_ok, t, t_ok, N, stride_xm,
-                 GROUP: tl.constexpr, STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                 ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                 DOT: tl.constexpr, ASM: tl.constexpr):
+                 stride_codes, GROUP: tl.constexpr, STEP_IN_GROUP: tl.constexpr,
+                 HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
     """acc plus outputs n's products with tokens t over the PLANE_STEP inputs from k (the
     planes kernels' step; their docstrings say how)."""
     rows = tl.arange(0, PLANE_ROWS_T)
@@ -323,7 +250,7 @@ def _planes_step(acc, k, x_ptr, codes_ptr, scale_ptr, low_ptr, n, n_ok, t, t_ok,
     # product with ones as large as the weights' one
     X_SUMS_ROWS: tl.constexpr = BLOCK_N if BLOCK_T <= 32 else 16
     first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
-    packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
+    packed = tl.load(codes_ptr + (first_row + rows)[None, :] * stride_codes + n[:, None],
                      mask=n_ok[:, None])
     if STEP_IN_GROUP:  # one scale (and min or zero point) a step
         scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
@@ -767,18 +694,11 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
 PLANES_FEW = (64, 4, 3, 8)
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
-# calls of at most FEW_TOKENS tokens by the stream-K kernel (PAGODA_PLANE_STREAM=1), its
-# outputs, warps, stages and programs a multiprocessor
-STREAM_PLANES = os.environ.get("PAGODA_PLANE_STREAM", "0") == "1"
-PLANES_STREAM = (64, 4, 3, 4)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
             multiprocessors: int) -> None:
     tokens, out_features = out.shape
-    if tokens <= FEW_TOKENS and STREAM_PLANES:
-        _planes_stream(flat, weight, out, multiprocessors)
-        return
     config = planes_config(tokens, weight, multiprocessors)
     splits = config.pop("splits")
     grid = (triton.cdiv(out_features, config["BLOCK_N"]),
@@ -786,39 +706,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     _planes_kernel[grid](
         flat, weight.codes, weight.scale, _planes_mins(weight), out, _partials(out, splits),
         tile_counters(out.device, grid[0] * grid[1]), tokens, out_features, flat.stride(0),
-        K_SPLIT=weight.in_features // splits, SPLITS=splits, **_planes_constants(flat, weight),
-        **config, **dependent_launch(flat.device))
-
-
-def _planes_stream(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                   multiprocessors: int) -> None:
-    tokens, out_features = out.shape
-    block_n, warps, stages, per_multiprocessor = PLANES_STREAM
-    tiles = triton.cdiv(out_features, block_n)
-    steps = weight.in_features // PLANE_STEP
-    programs = min(per_multiprocessor * multiprocessors, tiles * steps)
-    partials = torch.empty(stream_slots(tiles, steps, programs), *out.shape,
-                           dtype=torch.float32, device=out.device)
-    _planes_stream_kernel[(programs,)](
-        flat, weight.codes, weight.scale, _planes_mins(weight), out, partials,
-        tile_counters(out.device, tiles), tokens, out_features, flat.stride(0),
-        K=weight.in_features, BLOCK_N=block_n, BLOCK_T=8 if tokens <= 8 else 16 if tokens <= 16
-        else 32, **_planes_constants(flat, weight), num_warps=warps, num_stages=stages,
-        **dependent_launch(flat.device))
-
-
-@functools.cache
-def stream_slots(tiles: int, steps: int, programs: int) -> int:
-    """The most programs that share a tile when `programs` take equal runs of `tiles` x
-    `steps` units (as _planes_stream_kernel splits them)."""
-    units = tiles * steps
-    return max(_program_of((tile + 1) * steps - 1, programs, units)
-               - _program_of(tile * steps, programs, units) + 1 for tile in range(tiles))
-
-
-def _program_of(unit: int, programs: int, units: int) -> int:
-    """_stream_program_of on the host."""
-    return ((unit + 1) * programs - 1) // units
+        weight.codes.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        **_planes_constants(flat, weight), **config, **dependent_launch(flat.device))
 
 
 def _planes_mins(weight: GroupQuantWeight) -> torch.Tensor:
