@@ -1,15 +1,13 @@
 """Each of an 8B layer's four products alone at one token in 4-bit planes (groups of 128),
 against a kernel that only reads the same bytes (the same number of programs, 16-byte loads,
 no arithmetic, one store a program) and an empty launch: how much of a product's time is
-reading its weights and how much is fixed cost. Each product runs with its rows of planes
-as packed and padded (`--row-pads`, int16s after each row: rows a power of two bytes apart
-may meet in the same memory channels), with mins and with zero points, the variants
-alternated in one process and each checked equal to the unpadded products. The read kernel
-also runs with the programs' slices a power of two bytes apart and not. CUDA-graph medians
-over LAYERS copies (more than L2 holds), PDL as the engine launches.
+reading its weights and how much is fixed cost. Each product runs with mins and with zero
+points, alternated in one process. The read kernel runs at the product's program count and
+at 4 a multiprocessor, with its programs' slices end to end (most of these shapes then put
+them a power of two bytes apart) and with 512 words between them. CUDA-graph medians over
+LAYERS copies (more than L2 holds), PDL as the engine launches.
 
-    PYTHONPATH=. python bench/kernels/planes_products.py [--row-pads 0 64 128]
-        [--rounds 2] [--output-json P]
+    PYTHONPATH=. python bench/kernels/planes_products.py [--rounds 2] [--output-json P]
 """
 
 from __future__ import annotations
@@ -55,9 +53,8 @@ def median_us(calls) -> float:
     return do_bench_cudagraph(calls, rep=200) * 1000
 
 
-def product_weights(outputs: int, inputs: int, zero_points: bool,
-                    row_pad: int) -> list[GroupQuantWeight]:
-    """LAYERS random weights (seeded: every variant holds the same codes and scales)."""
+def product_weights(outputs: int, inputs: int, zero_points: bool) -> list[GroupQuantWeight]:
+    """LAYERS random weights (seeded: both forms hold the same codes and scales)."""
     generator = torch.Generator(device="cuda").manual_seed(outputs + inputs)
     weights = []
     for _ in range(LAYERS):
@@ -66,7 +63,7 @@ def product_weights(outputs: int, inputs: int, zero_points: bool,
         scale = torch.rand(outputs, inputs // 128, device="cuda", generator=generator)
         scale = scale * 2e-3 + 1e-3
         weights.append(GroupQuantWeight(codes, scale, -8 * scale, 128, 4, planes=True,
-                                        zero_points=zero_points, plane_row_pad=row_pad))
+                                        zero_points=zero_points))
     return weights
 
 
@@ -82,7 +79,6 @@ def read_us(weights: list[GroupQuantWeight], grid: int, stride_pad: int, out, la
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--row-pads", type=int, nargs="+", default=[0, 64, 128])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output-json")
     args = parser.parse_args()
@@ -95,15 +91,9 @@ def main() -> None:
     rows.append({"kernel": "empty", "us": empty / LAYERS})
     for name, (outputs, inputs) in PROJECTIONS.items():
         x = torch.randn(1, inputs, device="cuda", dtype=torch.bfloat16)
-        variants = {(form, pad): product_weights(outputs, inputs, form == "zero points", pad)
-                    for form in ("mins", "zero points") for pad in args.row_pads}
-        for (form, pad), weights in variants.items():  # padding changes no product
-            unpadded = variants[form, args.row_pads[0]]
-            for weight, reference in zip(weights, unpadded):
-                assert weight.codes.stride(0) == outputs + pad
-                assert torch.equal(triton_group_gemm.group_gemm(x, weight),
-                                   triton_group_gemm.group_gemm(x, reference)), (form, pad)
-        first = variants["mins", args.row_pads[0]]
+        variants = {form: product_weights(outputs, inputs, form == "zero points")
+                    for form in ("mins", "zero points")}
+        first = variants["mins"]
         nbytes = first[0].codes.numel() * 2 + 4 * first[0].scale.numel()
         config = triton_group_gemm.planes_config(1, first[0], sms)
         programs = triton.cdiv(outputs, config["BLOCK_N"]) * config["splits"]
@@ -112,13 +102,11 @@ def main() -> None:
             for variant, weights in variants.items():
                 times[variant].append(median_us(
                     lambda: [triton_group_gemm.group_gemm(x, w) for w in weights]) / LAYERS)
-        reads = {f"{grid} programs, slices {stride_pad} words apart": read_us(
+        reads = {f"{grid} programs, {stride_pad} words between slices": read_us(
                      first, grid, stride_pad, out, launch)
                  for grid in (programs, sms * 4) for stride_pad in (0, 512)}
         row = {"projection": name, "bytes": nbytes, "splits": config["splits"],
-               "programs": programs, "reads_us": reads,
-               "products_us": {f"{form}, rows padded by {pad}": us
-                               for (form, pad), us in times.items()}}
+               "programs": programs, "reads_us": reads, "products_us": times}
         rows.append(row)
         print(f"{name:8s} {nbytes / 1e6:6.1f} MB {programs:5d} programs")
         for label, us in {**row["products_us"], **{f"read, {k}": [v] for k, v in

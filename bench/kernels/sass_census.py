@@ -36,13 +36,13 @@ def planes_sass(zero_points: bool, block_n: int, warps: int, stages: int) -> str
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
                  "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-                 "stride_xm": "i32", "stride_codes": "i32"}
+                 "stride_xm": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "BLOCK_N": block_n,
                  "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True}
     divisible = {(_planes_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in signature.items()
-                 if kind.startswith("*") or name in ("N", "stride_xm", "stride_codes")}
+                 if kind.startswith("*") or name in ("N", "stride_xm")}
     source = ASTSource(fn=_planes_kernel, constexprs=constants, attrs=divisible,
                        signature={**signature, **dict.fromkeys(constants, "constexpr")})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -74,24 +74,12 @@ def unpack_int4_planes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(planes, dim=2).reshape(out_features, 4 * rows).to(torch.uint8)
 
 
-def _padded_rows(rows: torch.Tensor, pad: int) -> torch.Tensor:
-    """`rows` as a view into rows `pad` elements longer (zeros after each)."""
-    if not pad:
-        return rows
-    held = torch.zeros(rows.shape[0], rows.shape[1] + pad, dtype=rows.dtype, device=rows.device)
-    held[:, :rows.shape[1]] = rows
-    return held[:, :rows.shape[1]]
-
-
 def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
     """Whether 4-bit codes are held in planes: whole steps of PLANE_STEP inputs, groups a
     multiple of PLANE_ROWS (a plane never crosses a group)."""
     return bits == 4 and in_features % PLANE_STEP == 0 and group_size % PLANE_ROWS == 0
 
 
-# int16s of padding after each row of planes (a multiple of 16 keeps rows 32-byte aligned):
-# rows a power of two bytes apart may meet in the same memory channels
-PLANE_ROW_PAD = int(os.environ.get("PAGODA_PLANE_ROW_PAD", "0"))
 # whether planes hold integer zero points by default (PAGODA_PLANE_ZERO_POINTS=1 turns it
 # on): off until the planes kernel's zero points path has been timed and tested on a GPU
 # (`bench/kernels/int4_planes.py` times both, tests/gpu/test_quantized_gpu.py runs both); so
@@ -132,12 +120,11 @@ class GroupQuantWeight(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None,
-                 zero_points: bool | None = None, plane_row_pad: int = PLANE_ROW_PAD) -> None:
+                 zero_points: bool | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
         (default: where `takes_planes`), else in halves. `zero_points`: planes hold the mins
-        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES).
-        `plane_row_pad`: int16s of padding after each row of planes (PLANE_ROW_PAD)."""
+        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -151,7 +138,7 @@ class GroupQuantWeight(nn.Module):
                              "do not fit 4-bit planes")
         self.planes = fits if planes is None else planes
         if self.planes:
-            stored = _padded_rows(pack_int4_planes(codes), plane_row_pad)
+            stored = pack_int4_planes(codes)
         elif bits == 4:
             stored = pack_int4_halves(codes)
         elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes

@@ -205,14 +205,13 @@ PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kerne
 
 @triton.jit
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
-                   stride_xm, stride_codes, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                   GROUP: tl.constexpr, STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
+                   stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                   STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
-    W x^T, from 4-bit codes in planes (int16 [K / 4, N], rows stride_codes apart): per step of
-    PLANE_STEP inputs one
+    W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
     the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
@@ -225,66 +224,54 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     decoding."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
-        acc = _planes_step(acc, split * K_SPLIT + offset, x_ptr, codes_ptr, scale_ptr, low_ptr,
-                           n, n_ok, t, t_ok, N, stride_xm, stride_codes, GROUP, STEP_IN_GROUP,
-                           HAS_LOW, ZERO_POINTS, BLOCK_N, BLOCK_T, DOT, ASM)
-    # (outputs past N load undefined codes: their sums are never stored)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
-
-
-@triton.jit
-def _planes_step(acc, k, x_ptr, codes_ptr, scale_ptr, low_ptr, n, n_ok, t, t_ok, N, stride_xm,
-                 stride_codes, GROUP: tl.constexpr, STEP_IN_GROUP: tl.constexpr,
-                 HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
-    """acc plus outputs n's products with tokens t over the PLANE_STEP inputs from k (the
-    planes kernels' step; their docstrings say how)."""
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     # zero points a step: x's sums in the sums' layout at decode sizes (no reduction across
     # threads after); in 16 rows, reduced, where a tile of many tokens would make that
     # product with ones as large as the weights' one
     X_SUMS_ROWS: tl.constexpr = BLOCK_N if BLOCK_T <= 32 else 16
-    first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
-    packed = tl.load(codes_ptr + (first_row + rows)[None, :] * stride_codes + n[:, None],
-                     mask=n_ok[:, None])
-    if STEP_IN_GROUP:  # one scale (and min or zero point) a step
-        scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                          HAS_LOW, ZERO_POINTS, DOT)
-        if ZERO_POINTS:
-            sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            x_sums = tl.zeros((X_SUMS_ROWS, BLOCK_T), dtype=tl.float32)  # each row: x's sums
-    for q in tl.static_range(4):
-        if not STEP_IN_GROUP:  # one a plane
-            scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
-                                              (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
+        k = split * K_SPLIT + offset
+        first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
+        packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
+                         mask=n_ok[:, None])
+        if STEP_IN_GROUP:  # one scale (and min or zero point) a step
+            scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, DOT)
-        x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
-                    mask=t_ok[None, :], other=0.0).to(dot_type)
-        if not ZERO_POINTS:
-            weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
-            if HAS_LOW:
-                weights += low[:, None]
-            acc = tl.dot(weights, x, acc, input_precision="ieee")
-        elif not STEP_IN_GROUP:
-            codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
-            acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
-        else:  # the biased codes' sums; the bias and zero points come off once a step
-            sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
-                          input_precision="ieee")
-            ones = tl.full((X_SUMS_ROWS, PLANE_ROWS_T), 1.0, dot_type)
-            x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
-    if ZERO_POINTS and STEP_IN_GROUP:
-        biased_zeros = low.to(tl.float32)[:, None]
-        if X_SUMS_ROWS == BLOCK_N:
-            acc += (sums - biased_zeros * x_sums) * scale[:, None]
-        else:  # (rows of x_sums are equal: max is exact)
-            acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
-    return acc
+            if ZERO_POINTS:
+                sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                x_sums = tl.zeros((X_SUMS_ROWS, BLOCK_T), dtype=tl.float32)  # each row: x's sums
+        for q in tl.static_range(4):
+            if not STEP_IN_GROUP:  # one a plane
+                scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
+                                                  (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
+                                                  HAS_LOW, ZERO_POINTS, DOT)
+            x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
+                        mask=t_ok[None, :], other=0.0).to(dot_type)
+            if not ZERO_POINTS:
+                weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
+                if HAS_LOW:
+                    weights += low[:, None]
+                acc = tl.dot(weights, x, acc, input_precision="ieee")
+            elif not STEP_IN_GROUP:
+                codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
+                acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
+            else:  # the biased codes' sums; the bias and zero points come off once a step
+                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
+                              input_precision="ieee")
+                ones = tl.full((X_SUMS_ROWS, PLANE_ROWS_T), 1.0, dot_type)
+                x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
+        if ZERO_POINTS and STEP_IN_GROUP:
+            biased_zeros = low.to(tl.float32)[:, None]
+            if X_SUMS_ROWS == BLOCK_N:
+                acc += (sums - biased_zeros * x_sums) * scale[:, None]
+            else:  # (rows of x_sums are equal: max is exact)
+                acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
+    # (outputs past N load undefined codes: their sums are never stored)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
 
 
 @triton.jit
@@ -703,24 +690,17 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     splits = config.pop("splits")
     grid = (triton.cdiv(out_features, config["BLOCK_N"]),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
-    _planes_kernel[grid](
-        flat, weight.codes, weight.scale, _planes_mins(weight), out, _partials(out, splits),
-        tile_counters(out.device, grid[0] * grid[1]), tokens, out_features, flat.stride(0),
-        weight.codes.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
-        **_planes_constants(flat, weight), **config, **dependent_launch(flat.device))
-
-
-def _planes_mins(weight: GroupQuantWeight) -> torch.Tensor:
-    """The planes kernels' low_ptr: zero points, mins, or (neither) any tensor."""
     mins = weight.zeros if weight.zeros is not None else weight.low
-    return mins if mins is not None else weight.scale
-
-
-def _planes_constants(flat: torch.Tensor, weight: GroupQuantWeight) -> dict[str, object]:
-    """The planes kernels' constants that the weight's format and x's type set."""
-    return {"GROUP": weight.group_size, "STEP_IN_GROUP": weight.group_size % PLANE_STEP == 0,
-            "HAS_LOW": weight.low is not None, "ZERO_POINTS": weight.zeros is not None,
-            "DOT": _dot_type(flat.dtype, False), "ASM": flat.is_cuda}
+    _planes_kernel[grid](
+        flat, weight.codes, weight.scale, mins if mins is not None else weight.scale,
+        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
+        out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
+        HAS_LOW=weight.low is not None,
+        ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
+        ASM=flat.is_cuda,
+        **config,
+        **dependent_launch(flat.device))
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:

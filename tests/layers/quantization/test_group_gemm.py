@@ -446,7 +446,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-            "stride_xm": "i32", "stride_codes": "i32"}, {
+            "stride_xm": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
             "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points,
@@ -464,7 +464,7 @@ def test_zero_points_planes_sum_x_without_a_reduction_across_threads():
     ptx = compile_for_cuda(_planes_kernel, {
         "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*u8",
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
-        "N": "i32", "stride_xm": "i32", "stride_codes": "i32"}, {
+        "N": "i32", "stride_xm": "i32"}, {
         "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True, "HAS_LOW": False,
         "ZERO_POINTS": True, "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True,
         "PDL": True})["ptx"]
