@@ -81,9 +81,9 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
 
 
 # whether planes hold integer zero points by default (PAGODA_PLANE_ZERO_POINTS=1 turns it
-# on): off until the planes kernel's zero points path has been timed and tested on a GPU
-# (`bench/kernels/int4_planes.py` times both, tests/gpu/test_quantized_gpu.py runs both); so
-# far it ran under Triton's CPU interpreter and compiled for sm_80 and sm_90 only
+# on): off, as its products took as long as the mins' on the H100 and the H200 (faster for
+# qkv and gate-up, slower for o and down; `bench/kernels/planes_products.py`), its GPU tests
+# passing (tests/gpu/test_quantized_gpu.py runs both)
 ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
