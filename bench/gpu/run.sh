@@ -4,7 +4,7 @@
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
 #   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1 ab-decode1
 #   small throughput
-#   profile profile-kernels profile-steps profile-cpu-ops profile-host imports coldstart
+#   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports coldstart
 #   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
 # after TESTS_TIMEOUT seconds (default 360). The carried .whl/ comes from
@@ -153,6 +153,17 @@ run_stage() {
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     profile-kernels) python3 bench/gpu/profile_kernels.py $B8 1 2>&1 | grep -v INFO | tail -28; \
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;
+    # the gate-up planes product at one token under Nsight Compute: its counters, stall reasons
+    # and per-instruction samples of its sm_90 code
+    profile-planes) timeout 200 ncu --clock-control none --set full --import-source no \
+                      --kernel-name regex:_planes_kernel --launch-skip 2 --launch-count 1 \
+                      -o "$OUT/planes-gate-up" python3 bench/kernels/planes_products.py \
+                      --eager gate_up > "$OUT/profile-planes.log" 2>&1
+                    ncu -i "$OUT/planes-gate-up.ncu-rep" --page details --print-details all \
+                      > "$OUT/planes-gate-up-details.txt" 2>&1
+                    ncu -i "$OUT/planes-gate-up.ncu-rep" --page source --print-source sass --csv \
+                      > "$OUT/planes-gate-up-sass.csv" 2>&1
+                    tail -3 "$OUT/profile-planes.log"; wc -l "$OUT"/planes-gate-up-* ;;
     profile-steps) python3 bench/gpu/profile_steps.py $B1 2>&1 | grep -v INFO | tail -30 ;;
     profile-cpu-ops) python3 bench/gpu/profile_cpu_ops.py $B1 2>&1 | grep -v INFO | tail -30 ;;
     imports) python3 bench/gpu/import_profile.py --top 12 torch pagoda.engine.core_proc \

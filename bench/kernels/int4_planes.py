@@ -30,9 +30,11 @@ LAYERS = 3  # copies of the layer per timed call: 340 MB, several times the H200
 # PLANES_LARGE candidates: outputs, tokens, warps, stages a program
 LARGE_TILES = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 4),
                (256, 64, 8, 3)]
-# PLANES_FEW candidates: outputs, warps, stages a program, programs a multiprocessor
-FEW_TILES = [(64, 4, 3, 8), (128, 4, 3, 8), (128, 4, 4, 4), (128, 2, 3, 8), (128, 2, 4, 8),
-             (128, 2, 3, 4), (256, 4, 3, 4), (256, 4, 4, 4), (256, 4, 3, 2), (256, 8, 3, 4)]
+# PLANES_FEW candidates: outputs, warps, stages a program, programs a multiprocessor (the
+# deeper 64-output ones: more loads in flight, where a profile found warps waiting on memory)
+FEW_TILES = [(64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 5, 8), (64, 2, 3, 16), (128, 4, 3, 8),
+             (128, 4, 4, 4), (128, 2, 3, 8), (128, 2, 4, 8), (128, 2, 3, 4), (256, 4, 3, 4),
+             (256, 4, 4, 4), (256, 4, 3, 2), (256, 8, 3, 4)]
 
 
 def layer(group: int, planes: bool, zero_points: bool = False) -> dict[str, GroupQuantWeight]:

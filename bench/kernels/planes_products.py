@@ -8,6 +8,9 @@ them a power of two bytes apart) and with 512 words between them. CUDA-graph med
 LAYERS copies (more than L2 holds), PDL as the engine launches.
 
     PYTHONPATH=. python bench/kernels/planes_products.py [--rounds 2] [--output-json P]
+
+`--eager PROJECTION` only calls that product three times outside graphs (for a profiler:
+`bash bench/gpu/run.sh profile-planes`).
 """
 
 from __future__ import annotations
@@ -77,11 +80,24 @@ def read_us(weights: list[GroupQuantWeight], grid: int, stride_pad: int, out, la
         num_warps=4, **launch) for w in weights]) / LAYERS
 
 
+def call_eagerly(outputs: int, inputs: int, calls: int = 3) -> None:
+    """One product with mins at one token, `calls` times, outside graphs."""
+    weight = product_weights(outputs, inputs, zero_points=False)[0]
+    x = torch.randn(1, inputs, device="cuda", dtype=torch.bfloat16)
+    for _ in range(calls):
+        triton_group_gemm.group_gemm(x, weight)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output-json")
+    parser.add_argument("--eager", choices=sorted(PROJECTIONS))
     args = parser.parse_args()
+    if args.eager:
+        call_eagerly(*PROJECTIONS[args.eager])
+        return
     launch = dependent_launch(torch.device("cuda"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.zeros(sms * 64, dtype=torch.int32, device="cuda")
