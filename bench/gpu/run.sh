@@ -4,8 +4,8 @@
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
 #   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1 ab-decode1
 #   small throughput
-#   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports coldstart
-#   serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
+#   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports
+#   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
 # after TESTS_TIMEOUT seconds (default 360). The carried .whl/ comes from
 # ../shared/tools/device-wheels.sh, and Ray (for tests/gpu/test_ray_executor_gpu.py) from
