@@ -37,8 +37,10 @@ models:
 
 
 def offline(models, adapter: str | None) -> str:
+    """The greedy text of the offline engine with the fleet's LoRA slots (another slot count
+    adds the adapters' products in another order)."""
     llm = LLM(str(models["tiny"]), max_model_len=256, kv_cache_memory=16 << 20,
-              enable_lora=True)
+              enable_lora=True, max_loras=2)
     if adapter:
         llm.add_lora(adapter, str(models[adapter]))
     params = SamplingParams(temperature=0, max_tokens=8)
