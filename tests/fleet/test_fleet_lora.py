@@ -55,7 +55,8 @@ def test_adapters_route_to_their_base_model(tmp_path, models):
     try:
         client = server.client()
         cards = {m.id: m for m in client.models.list().data}
-        assert cards["first-lora"].parent == "first" and cards["first-lora"].root == str(models["a"])
+        assert cards["first-lora"].parent == "first"
+        assert cards["first-lora"].root == str(models["a"])
         assert cards["second-lora"].parent == "second"
         for name, text in expected.items():
             out = client.completions.create(model=name, prompt=PROMPT, max_tokens=8,
