@@ -142,9 +142,10 @@ class MultiprocExecutor(WorkerGroupExecutor):
             pass
         return error
 
-    def _first_dead(self, timeout: float) -> _WorkerProcess | None:
-        """A worker that has exited, waiting up to `timeout` for one to."""
-        sentinels = {w.process.sentinel: w for w in self.workers}
+    def _first_dead(self, timeout: float, besides: _WorkerProcess) -> _WorkerProcess | None:
+        """A worker other than `besides` that has exited, waiting up to `timeout` for one
+        to."""
+        sentinels = {w.process.sentinel: w for w in self.workers if w is not besides}
         ready = wait(list(sentinels), timeout)
         return sentinels[ready[0]] if ready else None
 

@@ -7,9 +7,9 @@ each actor builds the same Worker a worker process builds (ray_worker.py), with 
 CPU cores shared among the ranks placed there as torch's threads (Ray would give a one-CPU
 actor one). Calls and replies are the multi-process executor's msgpack frames
 (worker_group.py), carried by actor method calls: Ray runs one actor's calls in the order
-they were sent, so a step can stay in flight the same way. torch.distributed's ranks meet at rank 0's node (PAGODA_HOST_IP on that node,
-else Ray's address for it) on a port free there; GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
-set here reach every actor.
+they were sent, so a step can stay in flight the same way. torch.distributed's ranks meet at
+rank 0's node (PAGODA_HOST_IP on that node, else Ray's address for it) on a port free there;
+GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME set here reach every actor.
 
 An actor that dies (its process killed, its node lost) fails the waiting call at once with
 WorkerError naming the rank, even while the other ranks wait for it in a collective.
@@ -201,11 +201,11 @@ class RayExecutor(WorkerGroupExecutor):
         why = (str(worker.death).strip().splitlines() or [""])[0]
         self._fail(f"Ray worker {where} is gone: {type(worker.death).__name__}: {why}")
 
-    def _first_dead(self, timeout: float) -> _RankActor | None:
-        """A rank whose pending replies fail because its actor is gone, waiting up to
-        `timeout` for one to."""
+    def _first_dead(self, timeout: float, besides: _RankActor) -> _RankActor | None:
+        """A rank other than `besides` whose pending replies fail because its actor is
+        gone, waiting up to `timeout` for one to."""
         from ray.exceptions import RayActorError
-        owners = {ref: w for w in self.workers for ref in w.refs}
+        owners = {ref: w for w in self.workers if w is not besides for ref in w.refs}
         if not owners:
             return None
         ready, _ = self._ray.wait(list(owners), num_returns=len(owners), timeout=timeout)

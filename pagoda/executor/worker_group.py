@@ -81,8 +81,8 @@ class WorkerGroupExecutor(Executor):
         """Raise for a dead worker, saying which rank it was and how it ended."""
 
     @abc.abstractmethod
-    def _first_dead(self, timeout: float) -> Any | None:
-        """A worker found dead, waiting up to `timeout` for one to be."""
+    def _first_dead(self, timeout: float, besides: RankHandle) -> Any | None:
+        """A worker other than `besides` found dead, waiting up to `timeout` for one to be."""
 
     # ---- the Executor interface ---------------------------------------------------------------
     @property
@@ -194,7 +194,8 @@ class WorkerGroupExecutor(Executor):
         known = KNOWN_ERRORS.get(reply.error_type or "")
         if known is not None:
             raise known(reply.error or "")
-        dead = self._first_dead(DEATH_GRACE_S)
-        if dead is not None and dead is not worker:
+        # (the answering rank exits after its error: look past it for the peer behind it)
+        dead = self._first_dead(DEATH_GRACE_S, besides=worker)
+        if dead is not None:
             self._fail_dead(dead)
         self._fail(self._dead)

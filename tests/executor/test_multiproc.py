@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
@@ -21,6 +22,7 @@ from transformers import LlamaConfig
 from pagoda import LLM, SamplingParams
 from pagoda.config import engine_config
 from pagoda.errors import ConfigError, UnsupportedModelError
+from pagoda.executor import serial
 from pagoda.executor.base import WorkerConfig
 from pagoda.executor.factory import executor_for
 from pagoda.executor.multiproc import MultiprocExecutor, WorkerError
@@ -160,6 +162,23 @@ def test_a_killed_worker_fails_the_next_call(tiny_dir):
         os.kill(executor.worker_pids()[0], signal.SIGKILL)
         with pytest.raises(WorkerError, match="rank 0 .* killed by signal 9"):
             run(executor, prefill("a", PROMPT, GREEDY, block=1))
+    finally:
+        executor.shutdown()
+
+
+def test_a_ranks_error_after_its_peers_death_names_the_dead_peer(tiny_dir):
+    """A rank whose collective failed because its peer died answers with that error and
+    exits; the executor names the peer even when the answering rank is gone first too (a
+    wait on every rank's sentinel then finds the answering rank before its peer)."""
+    executor = start(tiny_dir)
+    try:
+        for worker in executor.workers:
+            os.kill(worker.process.pid, signal.SIGKILL)
+            worker.process.join(30)
+        reply = serial.WorkerReply(msgspec.Raw(b""), "RuntimeError",
+                                   "Connection closed by peer")
+        with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) was killed by signal 9"):
+            executor._raise_worker_error(executor.workers[0], "execute_model", reply)
     finally:
         executor.shutdown()
 
