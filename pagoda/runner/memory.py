@@ -32,10 +32,10 @@ def check_kv_cache_dtype(kv_dtype: torch.dtype, model_dtype: torch.dtype,
     """A 16-bit cache of another type than the model's is read by the CPU kernels only (the
     GPU's attention kernels read 16-bit caches as their queries' type)."""
     if device.type != "cpu" and kv_dtype.itemsize == 2 and kv_dtype != model_dtype:
-        raise ConfigError(f"--kv-cache-dtype {str(kv_dtype).removeprefix('torch.')} under a "
-                          f"{str(model_dtype).removeprefix('torch.')} model runs on CPU only; "
-                          f"on {device.type} it takes --dtype "
-                          f"{str(kv_dtype).removeprefix('torch.')} (or --kv-cache-dtype auto)")
+        cache, model = (str(t).removeprefix("torch.") for t in (kv_dtype, model_dtype))
+        raise ConfigError(f"--kv-cache-dtype {cache} under a {model} model runs on CPU only; "
+                          f"on {device.type} it takes --dtype {cache} (or --kv-cache-dtype "
+                          "auto)")
 
 
 @dataclass(frozen=True, slots=True)
