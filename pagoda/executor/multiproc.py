@@ -93,7 +93,9 @@ class MultiprocExecutor(WorkerGroupExecutor):
 
     def _receive(self, worker: _WorkerProcess) -> bytes:
         """The worker's next frame; raises WorkerError as soon as any worker is found dead
-        (a live rank may be blocked in a collective with the dead one: never wait on it)."""
+        (a live rank may be blocked in a collective with the dead one: never wait on it).
+        The worker's own pipe comes first: what it holds, or its end, says more than another
+        rank that exited after it (that rank's error is about the worker's death)."""
         while True:
             if worker.conn.poll():
                 try:
@@ -102,10 +104,9 @@ class MultiprocExecutor(WorkerGroupExecutor):
                     self._fail_dead(worker)
             sentinels = {w.process.sentinel: w for w in self.workers}
             ready = wait([worker.conn, *sentinels])
-            for handle in ready:
-                dead = sentinels.get(handle)
-                if dead is not None and not (dead is worker and worker.conn.poll()):
-                    self._fail_dead(dead)
+            if worker.conn in ready:
+                continue
+            self._fail_dead(sentinels[ready[0]])
 
     def _send(self, worker: _WorkerProcess, frame: bytes) -> bool:
         try:
