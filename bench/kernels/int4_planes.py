@@ -49,7 +49,7 @@ def layer(group: int, planes: bool, zero_points: bool = False) -> dict[str, Grou
         scale = scale.half().float()
         weights[name] = GroupQuantWeight(codes, scale, -8 * scale, group, 4, planes=planes,
                                          zero_points=zero_points)
-        assert (weights[name].zeros is not None) == (planes and zero_points)
+        assert weights[name].holds_zero_points == (planes and zero_points)
     return weights
 
 

@@ -1,10 +1,11 @@
 """Each of an 8B layer's four products alone at one token in 4-bit planes (groups of 128),
 against a kernel that only reads the same bytes (the same number of programs, 16-byte loads,
 no arithmetic, one store a program) and an empty launch: how much of a product's time is
-reading its weights and how much is fixed cost. Each product runs with mins and with zero
-points, alternated in one process. The read kernel runs at the product's program count and
-at 4 a multiprocessor, with its programs' slices end to end (most of these shapes then put
-them a power of two bytes apart) and with 512 words between them. CUDA-graph medians over
+reading its weights and how much is fixed cost. Each product runs in each of FORMS (mins
+applied weight by weight or to a step's sums, zero points), alternated in one process. The
+read kernel runs at the product's program count and at 4 a multiprocessor, with its
+programs' slices end to end (most of these shapes then put them a power of two bytes
+apart) and with 512 words between them. CUDA-graph medians over
 LAYERS copies (more than L2 holds), PDL as the engine launches.
 
     PYTHONPATH=. python bench/kernels/planes_products.py [--rounds 2] [--output-json P]
@@ -56,8 +57,15 @@ def median_us(calls) -> float:
     return do_bench_cudagraph(calls, rep=200) * 1000
 
 
-def product_weights(outputs: int, inputs: int, zero_points: bool) -> list[GroupQuantWeight]:
-    """LAYERS random weights (seeded: both forms hold the same codes and scales)."""
+# how a product's mins are held and applied: as mins or integer zero points, to each
+# weight (no step words) or to a step's sums (the default)
+FORMS = {"mins, weight by weight": (False, False), "mins, step sums": (False, True),
+         "zero points, step sums": (True, True)}
+
+
+def product_weights(outputs: int, inputs: int, zero_points: bool,
+                    step_sums: bool = True) -> list[GroupQuantWeight]:
+    """LAYERS random weights (seeded: every form holds the same codes and scales)."""
     generator = torch.Generator(device="cuda").manual_seed(outputs + inputs)
     weights = []
     for _ in range(LAYERS):
@@ -66,7 +74,7 @@ def product_weights(outputs: int, inputs: int, zero_points: bool) -> list[GroupQ
         scale = torch.rand(outputs, inputs // 128, device="cuda", generator=generator)
         scale = scale * 2e-3 + 1e-3
         weights.append(GroupQuantWeight(codes, scale, -8 * scale, 128, 4, planes=True,
-                                        zero_points=zero_points))
+                                        zero_points=zero_points, step_sums=step_sums))
     return weights
 
 
@@ -107,10 +115,10 @@ def main() -> None:
     rows.append({"kernel": "empty", "us": empty / LAYERS})
     for name, (outputs, inputs) in PROJECTIONS.items():
         x = torch.randn(1, inputs, device="cuda", dtype=torch.bfloat16)
-        variants = {form: product_weights(outputs, inputs, form == "zero points")
-                    for form in ("mins", "zero points")}
-        first = variants["mins"]
-        nbytes = first[0].codes.numel() * 2 + 4 * first[0].scale.numel()
+        variants = {form: product_weights(outputs, inputs, *held)
+                    for form, held in FORMS.items()}
+        first = variants["mins, weight by weight"]
+        nbytes = first[0].codes.numel() * 2 + 4 * first[0].scale.numel()  # (+ mins)
         config = triton_group_gemm.planes_config(1, first[0], sms)
         programs = triton.cdiv(outputs, config["BLOCK_N"]) * config["splits"]
         times = {variant: [] for variant in variants}

@@ -38,9 +38,11 @@ from tests.utils import save_random_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of the 8B
 # name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
-# integer zero points])
+# integer zero points[, planes in groups of whole steps without their step words]])
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
+           "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
            "int4-g128-zero-points": (128, 4, True, False, True),
+           "int4-g128-zero-points-weight-by-weight": (128, 4, True, False, True, True),
            "int4-g32-zero-points": (32, 4, True, False, True),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
            "fp8-row": (None, 8, False, True), "fp8-block": (128, 8, False, True)}
@@ -48,7 +50,8 @@ TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
 
 
 def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
-                  float8: bool, zero_points: bool = False) -> GroupQuantWeight:
+                  float8: bool, zero_points: bool = False,
+                  weight_by_weight: bool = False) -> GroupQuantWeight:
     group = group or inputs
     groups = inputs // group
     if float8:
@@ -58,8 +61,9 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
         codes = torch.randint(0, 2 ** bits, (outputs, inputs), device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
     low = -(2 ** (bits - 1)) * scale if with_min else None
-    weight = GroupQuantWeight(codes, scale, low, group, bits, zero_points=zero_points)
-    assert (weight.zeros is not None) == zero_points
+    weight = GroupQuantWeight(codes, scale, low, group, bits, zero_points=zero_points,
+                              step_sums=not weight_by_weight)
+    assert weight.holds_zero_points == zero_points
     return weight
 
 

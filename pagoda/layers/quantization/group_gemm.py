@@ -85,6 +85,10 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
 # qkv and gate-up, slower for o and down; `bench/kernels/planes_products.py`), its GPU tests
 # passing (tests/gpu/test_quantized_gpu.py runs both)
 ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
+# whether planes in groups of whole steps (PLANE_STEP inputs) hold each group's scale and min
+# (or zero point) as one int32 word an output (`step_words`), which the planes kernel applies
+# to a step's sums rather than weight by weight (PAGODA_PLANE_STEP_SUMS=0: off)
+STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -110,6 +114,17 @@ def supports(in_features: int, group_size: int, bits: int) -> bool:
     return group_size == 16 or group_size % 32 == 0
 
 
+def step_words(scale: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+    """int32 words [groups, out]: the float16 scale's bits in the low half and the float16
+    min's (or the uint8 zero point) in the high (none: 0), as the planes kernel reads a
+    step's scale and min in one load."""
+    words = scale.view(torch.int16).to(torch.int32) & 0xFFFF
+    if low is not None:
+        high = low.to(torch.int32) if low.dtype == torch.uint8 else low.view(torch.int16)
+        words |= high.to(torch.int32) << 16
+    return words
+
+
 class GroupQuantWeight(nn.Module):
     """One linear layer's weights as codes with a scale (and a min) per group of inputs;
     `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group].
@@ -120,11 +135,14 @@ class GroupQuantWeight(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None,
-                 zero_points: bool | None = None) -> None:
+                 zero_points: bool | None = None, step_sums: bool | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
         (default: where `takes_planes`), else in halves. `zero_points`: planes hold the mins
-        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES)."""
+        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES).
+        `step_sums`: planes in groups of whole steps hold each group's scale and min (or
+        zero point) as one word an output, `step_words`, in place of `scale`, `low` and
+        `zeros` (default STEP_SUMS_IN_PLANES)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -146,18 +164,43 @@ class GroupQuantWeight(nn.Module):
         else:
             stored = codes.to(torch.uint8).t().contiguous()
         self.codes = nn.Parameter(stored, requires_grad=False)
-        scale_dtype = torch.float32 if codes.dtype == FP8 else SCALE_DTYPE
-        self.scale = nn.Parameter(scale.t().to(scale_dtype).contiguous(), requires_grad=False)
-        if zero_points is None:
-            zero_points = ZERO_POINTS_IN_PLANES
+        self._hold_scales(scale, low, codes.dtype == FP8,
+                          ZERO_POINTS_IN_PLANES if zero_points is None else zero_points,
+                          STEP_SUMS_IN_PLANES if step_sums is None else step_sums)
+
+    def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
+                     zero_points: bool, step_sums: bool) -> None:
+        """Set `scale`, `low` and `zeros` ([groups, out]; None where not held) or, in their
+        place, `step_words`; and `holds_mins` and `holds_zero_points`."""
         zeros = (integer_zero_points(scale, low)
                  if zero_points and self.planes and low is not None else None)
         if zeros is not None:
             low = None
-        self.zeros = None if zeros is None else nn.Parameter(
-            zeros.t().to(torch.uint8).contiguous(), requires_grad=False)
-        self.low = None if low is None else nn.Parameter(
-            low.t().to(SCALE_DTYPE).contiguous(), requires_grad=False)
+        self.holds_zero_points, self.holds_mins = zeros is not None, low is not None
+        scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
+        zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
+        low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
+        as_words = step_sums and self.planes and self.group_size % PLANE_STEP == 0
+        held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None}
+        if as_words:
+            held = {"scale": None, "low": None, "zeros": None,
+                    "step_words": step_words(scale, zeros if zeros is not None else low)}
+        for name, tensor in held.items():
+            setattr(self, name, None if tensor is None
+                    else nn.Parameter(tensor, requires_grad=False))
+
+    def scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The scales, mins and zero points as held ([groups, out]; None where there are
+        none), unpacked from `step_words` where they are held so."""
+        if self.step_words is None:
+            return self.scale, self.low, self.zeros
+        low_half = ((self.step_words & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extended
+        scale = low_half.to(torch.int16).view(SCALE_DTYPE)
+        high = self.step_words >> 16
+        if self.holds_zero_points:
+            return scale, None, high.to(torch.uint8)
+        low = high.to(torch.int16).view(SCALE_DTYPE) if self.holds_mins else None
+        return scale, low, None
 
     @property
     def has_one_token_kernel(self) -> bool:
@@ -173,7 +216,7 @@ class GroupQuantWeight(nn.Module):
             return "triton group gemm (fp8 weights)"
         gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = " in planes" if self.planes else ""
-        if self.zeros is not None:
+        if self.holds_zero_points:
             planes += " with zero points"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
                 f"{self.group_size}{gemv})")
@@ -192,11 +235,12 @@ class GroupQuantWeight(nn.Module):
         else:
             codes = self.codes_by_input().t()
         groups = codes.float().reshape(self.out_features, -1, self.group_size)
-        if self.zeros is not None:
-            groups = groups - self.zeros.t().float().unsqueeze(-1)
-        weight = groups * self.scale.t().float().unsqueeze(-1)
-        if self.low is not None:
-            weight = weight + self.low.t().float().unsqueeze(-1)
+        scale, low, zeros = self.scales_and_mins()
+        if zeros is not None:
+            groups = groups - zeros.t().float().unsqueeze(-1)
+        weight = groups * scale.t().float().unsqueeze(-1)
+        if low is not None:
+            weight = weight + low.t().float().unsqueeze(-1)
         return weight.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,7 @@ PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kerne
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
                    stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                   ZERO_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
@@ -216,58 +216,64 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
     groups are whole steps (a scale a step), else a scale a plane (each lies in one group,
-    as takes_planes requires). ZERO_POINTS: low_ptr holds integer zero points (uint8), and
+    as takes_planes requires). ZERO_POINTS: the mins are integer zero points (uint8), and
     the weights' scale multiplies the sums, not the weights: a plane's sums of the codes
-    minus the biased zero points (exact) where a scale covers a plane; where it covers the
-    step, the sums of the biased codes as decoded, less the biased zero point times the
-    step's sums of x (a product with ones), once a step: no arithmetic a weight but the
-    decoding."""
+    minus the biased zero points (exact). STEP_SUMS, where a scale covers the step:
+    scale_ptr holds the weight's step_words (scale and min or zero point in one int32), and
+    in tiles of up to 32 tokens a step's sums of the biased codes as decoded are multiplied
+    by the scale and added to (min - bias x scale) or -(zero point + bias) x scale times the
+    step's sums of x (a product with ones), in float32 once a step: no arithmetic a weight
+    but the decoding. Else, and in larger tiles (whose sums a step outnumber a thread's
+    weights: a 1024-token prefill took twice as long so on an H100), the weights are scaled
+    (and their min added) one by one in the product's type."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    # zero points a step: x's sums in the sums' layout at decode sizes (no reduction across
-    # threads after); in 16 rows, reduced, where a tile of many tokens would make that
-    # product with ones as large as the weights' one
-    X_SUMS_ROWS: tl.constexpr = BLOCK_N if BLOCK_T <= 32 else 16
+    SUMS_A_STEP: tl.constexpr = STEP_IN_GROUP and STEP_SUMS and BLOCK_T <= 32
+    STEP: tl.constexpr = 4 * PLANE_ROWS_T
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for offset in range(0, K_SPLIT, 4 * PLANE_ROWS_T):
+    if SUMS_A_STEP:  # scale_ptr: a word a group and output (see _step_scales), each loaded
+        # at the end of the step before its own: the pipeline's copies take only what feeds
+        # a product, and a load waited for in its own step would stall it
+        last_k = split * K_SPLIT + K_SPLIT - STEP
+        words = _step_words(scale_ptr, split * K_SPLIT // GROUP, n, n_ok, N)
+    for offset in range(0, K_SPLIT, STEP):
         k = split * K_SPLIT + offset
         first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
         packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
                          mask=n_ok[:, None])
-        if STEP_IN_GROUP:  # one scale (and min or zero point) a step
+        if SUMS_A_STEP:
+            sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            # x's sums in the sums' layout (every row the same: no reduction across threads)
+            x_sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                              HAS_LOW, ZERO_POINTS, DOT)
-            if ZERO_POINTS:
-                sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-                x_sums = tl.zeros((X_SUMS_ROWS, BLOCK_T), dtype=tl.float32)  # each row: x's sums
+                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
         for q in tl.static_range(4):
             if not STEP_IN_GROUP:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
-                                                  HAS_LOW, ZERO_POINTS, DOT)
+                                                  HAS_LOW, ZERO_POINTS, False, DOT)
             x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
                         mask=t_ok[None, :], other=0.0).to(dot_type)
-            if not ZERO_POINTS:
+            if SUMS_A_STEP:  # the biased codes' sums; bias and min come off once a step
+                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
+                              input_precision="ieee")
+                ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
+                x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
+            elif not ZERO_POINTS:
                 weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
                 if HAS_LOW:
                     weights += low[:, None]
                 acc = tl.dot(weights, x, acc, input_precision="ieee")
-            elif not STEP_IN_GROUP:
+            else:
                 codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
-            else:  # the biased codes' sums; the bias and zero points come off once a step
-                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
-                              input_precision="ieee")
-                ones = tl.full((X_SUMS_ROWS, PLANE_ROWS_T), 1.0, dot_type)
-                x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
-        if ZERO_POINTS and STEP_IN_GROUP:
-            biased_zeros = low.to(tl.float32)[:, None]
-            if X_SUMS_ROWS == BLOCK_N:
-                acc += (sums - biased_zeros * x_sums) * scale[:, None]
-            else:  # (rows of x_sums are equal: max is exact)
-                acc += (sums - biased_zeros * tl.max(x_sums, axis=0)[None, :]) * scale[:, None]
+        if SUMS_A_STEP:
+            scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
+            acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
+            words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n, n_ok, N)
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
@@ -276,18 +282,50 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
 
 @triton.jit
 def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
-                         ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
+                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr):
     """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
-    scale in float32 and, for the min, the zero point plus the planes' bias (exact)."""
+    scale in float32 and, for the min, the zero point plus the planes' bias (exact). WORDS:
+    scale_ptr holds step words (low_ptr unread)."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    if ZERO_POINTS:
-        scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(low_ptr + group * N + n, mask=n_ok, other=0)
-        low = _biased(zero.to(tl.float32), DOT).to(dot_type)
+    if WORDS:
+        words = _step_words(scale_ptr, group, n, n_ok, N)
+        scale = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        if ZERO_POINTS:
+            low = (words >> 16).to(tl.float32)
+        else:
+            low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(dot_type)
+    elif ZERO_POINTS:
+        scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0)
+        low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0).to(tl.float32)
     else:
         scale, low = _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW,
                                           dot_type)
+    if ZERO_POINTS:
+        scale, low = scale.to(tl.float32), _biased(low, DOT).to(dot_type)
+    else:
+        scale = scale.to(dot_type)
     return scale, low
+
+
+@triton.jit
+def _step_words(words_ptr, group, n, n_ok, N):
+    """Outputs n's words (int32) in `group`: float16 scale in the low half, float16 min or
+    uint8 zero point in the high."""
+    return tl.load(words_ptr + group * N + n, mask=n_ok, other=0)
+
+
+@triton.jit
+def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
+    """From a step's words, the (float32) scale that multiplies its biased codes' sums and
+    what multiplies its sums of x: -(zero point + bias) x scale, or min - bias x scale."""
+    scale = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    bias = _biased(tl.zeros_like(scale), DOT)
+    if ZERO_POINTS:
+        x_sums_weight = -((words >> 16).to(tl.float32) + bias) * scale
+    else:
+        low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x_sums_weight = low - bias * scale
+    return scale, x_sums_weight
 
 
 @triton.jit
@@ -690,14 +728,19 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     splits = config.pop("splits")
     grid = (triton.cdiv(out_features, config["BLOCK_N"]),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
-    mins = weight.zeros if weight.zeros is not None else weight.low
+    words = weight.step_words
+    if words is None:
+        mins = weight.zeros if weight.zeros is not None else weight.low
+        scale, mins = weight.scale, mins if mins is not None else weight.scale
+    else:  # (low_ptr unread)
+        scale, mins = words, words
     _planes_kernel[grid](
-        flat, weight.codes, weight.scale, mins if mins is not None else weight.scale,
-        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
+        flat, weight.codes, scale, mins, out, _partials(out, splits),
+        tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
-        HAS_LOW=weight.low is not None,
-        ZERO_POINTS=weight.zeros is not None, DOT=_dot_type(flat.dtype, False),
+        HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
+        STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda,
         **config,
         **dependent_launch(flat.device))

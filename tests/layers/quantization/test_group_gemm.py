@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from pagoda.layers.quantization.group_gemm import (
     FP8,
+    PLANE_STEP,
     GroupQuantWeight,
     pack_int4_halves,
     pack_int4_planes,
@@ -87,8 +88,8 @@ CASES = {
 
 
 def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bool,
-                  float8: bool, generator: torch.Generator,
-                  planes: bool | None = None) -> GroupQuantWeight:
+                  float8: bool, generator: torch.Generator, planes: bool | None = None,
+                  step_sums: bool = True) -> GroupQuantWeight:
     if float8:
         codes = (torch.randn(outputs, inputs, generator=generator) * 100).clamp(-448, 448)
         codes = codes.to(FP8)
@@ -99,14 +100,17 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
         scale = scale.half().float()
         zeros = torch.randint(0, 2 ** bits, scale.shape, generator=generator)
         return GroupQuantWeight(codes, scale, -zeros * scale, group, bits, planes,
-                                zero_points=True)
+                                zero_points=True, step_sums=step_sums)
     low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
-    return GroupQuantWeight(codes, scale, low, group, bits, planes)
+    return GroupQuantWeight(codes, scale, low, group, bits, planes, step_sums=step_sums)
 
 
 # the 4-bit cases that run in planes, each run again in halves
 PLANE_CASES = [name for name, (_, _, inputs, group, bits, *_) in CASES.items()
                if takes_planes(inputs, group, bits)]
+# those in groups of whole steps (their scales and mins applied to a step's sums, from the
+# weight's step words), each run again without the words (scaled weight by weight)
+STEP_CASES = [name for name in PLANE_CASES if CASES[name][3] % PLANE_STEP == 0]
 
 
 def kernel_errors() -> dict[str, float]:
@@ -127,6 +131,14 @@ def kernel_errors() -> dict[str, float]:
         expected = F.linear(x, weight.dequantize(torch.float32))
         errors[f"{name}-halves"] = ((group_gemm(x, weight) - expected).abs()
                                     / (1 + expected.abs())).max().item()
+    for name in STEP_CASES:  # planes without their step words: scaled weight by weight
+        tokens, outputs, inputs, *layout = CASES[name]
+        weight = random_weight(outputs, inputs, *layout, generator, step_sums=False)
+        assert weight.step_words is None
+        x = torch.randn(tokens, inputs, generator=generator)
+        expected = F.linear(x, weight.dequantize(torch.float32))
+        errors[f"{name}-weight-by-weight"] = ((group_gemm(x, weight) - expected).abs()
+                                              / (1 + expected.abs())).max().item()
     for name in HALF_CASES:  # float16 activations: the decode without conversions
         tokens, outputs, inputs, *layout = CASES[name]
         weight = random_weight(outputs, inputs, *layout, generator)
@@ -233,19 +245,53 @@ def test_planes_hold_integer_zero_points_when_asked_and_other_mins_as_mins():
     codes = torch.randint(0, 16, (64, 256), generator=generator)
     scale = (torch.rand(64, 2, generator=generator) + 0.5).half().float()
     zeros = torch.randint(0, 16, (64, 2), generator=generator)
-    assert GroupQuantWeight(codes, scale, -zeros * scale, 128, 4).zeros is None  # (default)
-    awq = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, zero_points=True)
-    assert awq.low is None and torch.equal(awq.zeros.t().long(), zeros)
+    assert not GroupQuantWeight(codes, scale, -zeros * scale, 128, 4).holds_zero_points
     decoded = (codes.float() - zeros.float().repeat_interleave(128, 1)) \
         * scale.repeat_interleave(128, 1)
-    torch.testing.assert_close(awq.dequantize(torch.float32), decoded)
+    for step_sums in (True, False):
+        awq = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, zero_points=True,
+                               step_sums=step_sums)
+        held_scale, low, held_zeros = awq.scales_and_mins()
+        assert awq.holds_zero_points and not awq.holds_mins and low is None
+        assert torch.equal(held_zeros.t().long(), zeros)
+        assert torch.equal(held_scale.t().float(), scale)
+        torch.testing.assert_close(awq.dequantize(torch.float32), decoded)
     for low in (-zeros * scale + 1e-3,  # a min that is no multiple of the scale (GGUF Q4_1)
                 -200 * scale,  # past what the kernel subtracts exactly
                 zeros * scale):  # negative zero points
-        assert GroupQuantWeight(codes, scale, low, 128, 4, zero_points=True).zeros is None
+        weight = GroupQuantWeight(codes, scale, low, 128, 4, zero_points=True)
+        assert not weight.holds_zero_points and weight.holds_mins
     halves = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, planes=False,
                               zero_points=True)
     assert halves.zeros is None and halves.low is not None  # only planes take them
+
+
+@pytest.mark.parametrize("with_min", [True, False])
+def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_min):
+    """Planes in groups of whole steps hold one int32 word a group and output (the float16
+    scale's bits low, the min's high), no separate scales; unpacked they are the same
+    float16 values, negative and subnormal mins included."""
+    generator = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (48, 512), generator=generator)
+    scale = torch.rand(48, 4, generator=generator) * 0.01 + 1e-3
+    low = -torch.rand(48, 4, generator=generator) * 0.05 if with_min else None
+    if low is not None:
+        low[0, :2] = torch.tensor([-1e-7, 3e-6])  # float16 subnormals, either sign
+    words = GroupQuantWeight(codes, scale, low, 128, 4)
+    separate = GroupQuantWeight(codes, scale, low, 128, 4, step_sums=False)
+    assert words.step_words.dtype == torch.int32 and words.step_words.shape == (4, 48)
+    assert words.scale is None and words.low is None and separate.step_words is None
+    assert words.holds_mins == with_min
+    for held, expected in zip(words.scales_and_mins(), separate.scales_and_mins()):
+        assert (held is None) == (expected is None)
+        if held is not None:
+            assert torch.equal(held.view(torch.int16), expected.view(torch.int16))
+    weight_bytes = sum(p.numel() * p.element_size() for p in words.parameters())
+    assert weight_bytes == 48 * 512 // 2 + 4 * 4 * 48
+    assert GroupQuantWeight(codes[:, :384], scale[:, :3], None, 128, 4).step_words is not None
+    assert GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4).step_words is None
+
+
     from pagoda.layers.quantization.group_gemm import integer_zero_points
     zero_scale = torch.zeros(2, 1)  # a group of zero weights: zero point 0
     assert torch.equal(integer_zero_points(zero_scale, torch.zeros(2, 1)), torch.zeros(2, 1))
@@ -390,6 +436,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     errors = json.loads(line.removeprefix(MARKER))
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
                            | {f"{n}-halves" for n in PLANE_CASES}
+                           | {f"{n}-weight-by-weight" for n in STEP_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
@@ -439,36 +486,65 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
     ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
 def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
-    for block_n, block_t, splits, has_low, zero_points in (
-            (64, 8, 4, True, False), (128, 64, 1, False, False), (64, 8, 4, False, True),
-            (128, 64, 1, False, True)):
+    for block_n, block_t, splits, has_low, zero_points, step_sums in (
+            (64, 8, 4, True, False, True), (64, 8, 4, True, False, False),
+            (128, 64, 1, False, False, True), (64, 8, 4, False, True, True),
+            (64, 8, 4, False, True, False), (128, 64, 1, False, True, True)):
+        step_sums = step_sums and group % PLANE_STEP == 0
         compile_for_cuda(_planes_kernel, {
-            "x_ptr": f"*{activations}", "codes_ptr": "*i16", "scale_ptr": "*fp16",
+            "x_ptr": f"*{activations}", "codes_ptr": "*i16",
+            "scale_ptr": "*i32" if step_sums else "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
             "stride_xm": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
-            "STEP_IN_GROUP": group % 128 == 0, "HAS_LOW": has_low,
-            "ZERO_POINTS": zero_points,
+            "STEP_IN_GROUP": group % PLANE_STEP == 0, "HAS_LOW": has_low,
+            "ZERO_POINTS": zero_points, "STEP_SUMS": step_sums,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
             "PDL": capability >= 90}, capability)
 
 
-def test_zero_points_planes_sum_x_without_a_reduction_across_threads():
-    """With zero points and a scale a step, the planes kernel takes the step's sums of x from
-    a product with ones laid out as its sums (every row the same sums), not from 16 rows
-    reduced across threads: its sm_90 code shuffles nothing between lanes (`python
-    bench/kernels/sass_census.py --zero-points` counts the loop; the reduction cost 11
-    instructions a step)."""
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points):
+    """With a scale a step, the planes kernel takes the step's sums of x from a product with
+    ones laid out as its sums (every row the same sums), not from 16 rows reduced across
+    threads: its sm_90 code shuffles nothing between lanes (the reduction cost 11
+    instructions a step). And each step's words are loaded (LDG) straight into the
+    registers the loop carries them in, so no instruction of the step they are loaded in
+    waits for them (a move or repacking of a loaded register at the loop's end did: `python
+    bench/kernels/sass_census.py` counts the loop)."""
+    from bench.kernels.sass_census import planes_sass
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
-        "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*u8",
-        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
-        "N": "i32", "stride_xm": "i32"}, {
-        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True, "HAS_LOW": False,
-        "ZERO_POINTS": True, "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True,
-        "PDL": True})["ptx"]
+        "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*i32",
+        "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
+        "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
+        "stride_xm": "i32"}, {
+        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
+        "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
+        "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True})["ptx"]
     assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
+    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3))
+    assert loop["loaded"], "no synchronous load of the words in the loop"
+    assert not loop["read_after_load"], loop["read_after_load"]
+
+
+def loaded_in_loop(sass: str) -> dict[str, list[str]]:
+    """The registers the planes loop loads synchronously (LDG), and the instructions after
+    such a load, in the same pass of the loop, that read one of them."""
+    lines = [line.split(";")[0].strip() for line in sass.splitlines()]
+    start = next(i for i, line in enumerate(lines) if re.search(r"DEPBAR\.LE SB0, 0x[1-9a-f]",
+                                                                 line))
+    end = next(i for i in range(start, len(lines)) if re.search(r"\bBRA\b", lines[i]))
+    loaded, read_after_load = [], []
+    for line in lines[start:end + 1]:
+        operands = line.split(None, 2)[-1] if "LDG" in line else line
+        if loaded and any(re.search(rf"\b{register}\b", operands.split(",", 1)[-1])
+                          for register in loaded):
+            read_after_load.append(line)
+        if (load := re.search(r"\bLDG\.E\S*\s+(R\d+)", line)):
+            loaded.append(load.group(1))
+    return {"loaded": loaded, "read_after_load": read_after_load}
 
 
 @pytest.mark.parametrize("activations", ["fp32", "bf16"])
