@@ -71,6 +71,15 @@ def test_engine_death_mid_run(tiny_model, smollm2_tokenizer):
     assert all(r.output_tokens == 16 for r in result.records if r.success)
 
 
+def resume(pid: int) -> bool:
+    """SIGCONT to a stopped process; False if it no longer exists."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_a_stalled_server_fails_requests_by_timeout(tiny_model, smollm2_tokenizer):
     server = start(tiny_model)
     engine = server.engine_pids()[0]
@@ -80,8 +89,12 @@ def test_a_stalled_server_fails_requests_by_timeout(tiny_model, smollm2_tokenize
         result = run(server, smollm2_tokenizer, 16, 24, rate=8.0, stall_s=1.5, timeout_s=6)
     finally:
         stopper.join()
-        os.kill(engine, signal.SIGCONT)
+        resumed = resume(engine)
+        log = server.output()
         server.stop()
+    # (a stopped process exits only when killed: the server's log says what it saw; this
+    # failed once in seven make test runs, its cause not yet found)
+    assert resumed, f"the engine process was gone when it was to be resumed:\n{log}"
     assert time.monotonic() - began < 45
     m = result.metrics
     assert m["completed"] >= 1 and m["failed"] >= 1 and m["completed"] + m["failed"] == 16
