@@ -8,7 +8,7 @@ needs: at the roofline's bandwidth an H200 multiprocessor takes 3.82 TB/s / 132 
 and its four schedulers issue about 4 x 1.98 G warp instructions a second.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
-        [--warps 4] [--stages 3] [--weight-by-weight]
+        [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2]
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int) -> str:
+                stages: int, words_to_l2: bool = False) -> str:
     """The planes kernel's SASS at one token (8-token tiles), groups of 128, a 2048-input
     split of 2 (the 8B gate-up product's), bfloat16 activations; step_sums: mins applied to
-    a step's sums (the kernel's STEP_SUMS), not weight by weight."""
+    a step's sums (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its
+    WORDS_TO_L2."""
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
                  "scale_ptr": "*i32" if step_sums else "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
@@ -43,7 +44,7 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
-                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True}
+                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2}
     divisible = {(_planes_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in signature.items()
                  if kind.startswith("*") or name in ("N", "stride_xm")}
@@ -75,11 +76,13 @@ def main() -> None:
     parser.add_argument("--weight-by-weight", action="store_true",
                         help="mins applied to each weight (STEP_SUMS off)")
     parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--words-to-l2", action="store_true",
+                        help="each step's words asked of L2 three steps ahead")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     args = parser.parse_args()
     opcodes = main_loop(planes_sass(args.zero_points, not args.weight_by_weight, args.block_n,
-                                    args.warps, args.stages))
+                                    args.warps, args.stages, args.words_to_l2))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps
     step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step

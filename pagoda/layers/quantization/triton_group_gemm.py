@@ -31,6 +31,7 @@ graphs capture it. Also here: per-token FP8 quantization of activations in one l
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -209,7 +210,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, WORDS_TO_L2: tl.constexpr = False):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -225,7 +226,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     step's sums of x (a product with ones), in float32 once a step: no arithmetic a weight
     but the decoding. Else, and in larger tiles (whose sums a step outnumber a thread's
     weights: a 1024-token prefill took twice as long so on an H100), the weights are scaled
-    (and their min added) one by one in the product's type."""
+    (and their min added) one by one in the product's type. WORDS_TO_L2 (with STEP_SUMS, a
+    GPU): each step's words are asked of L2 three steps before their step (WORD_PREFETCH)."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
@@ -238,6 +240,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
         # a product, and a load waited for in its own step would stall it
         last_k = split * K_SPLIT + K_SPLIT - STEP
         words = _step_words(scale_ptr, split * K_SPLIT // GROUP, n, n_ok, N)
+        if WORDS_TO_L2:  # the next two steps' (then one a step, below)
+            for ahead in tl.static_range(1, 3):
+                _ask_l2_for_words(scale_ptr,
+                                  tl.minimum(split * K_SPLIT + ahead * STEP, last_k) // GROUP,
+                                  N, BLOCK_N)
     for offset in range(0, K_SPLIT, STEP):
         k = split * K_SPLIT + offset
         first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
@@ -274,6 +281,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
             acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
             words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n, n_ok, N)
+            if WORDS_TO_L2:  # loaded two steps from now
+                _ask_l2_for_words(scale_ptr, tl.minimum(k + 3 * STEP, last_k) // GROUP, N,
+                                  BLOCK_N)
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
@@ -312,6 +322,17 @@ def _step_words(words_ptr, group, n, n_ok, N):
     """Outputs n's words (int32) in `group`: float16 scale in the low half, float16 min or
     uint8 zero point in the high."""
     return tl.load(words_ptr + group * N + n, mask=n_ok, other=0)
+
+
+@triton.jit
+def _ask_l2_for_words(words_ptr, group, N, BLOCK_N: tl.constexpr):
+    """prefetch.global.L2 of the 128-byte lines that hold this program's words in `group`
+    (a GPU only: inline PTX)."""
+    LINES: tl.constexpr = max(BLOCK_N // 32, 1)  # 32 words a line
+    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, LINES) * 32, N - 1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [words_ptr + group * N + n], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit
@@ -719,6 +740,10 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
 PLANES_FEW = (64, 4, 3, 8)
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
+# whether the planes kernel asks L2 for each step's words three steps ahead
+# (PAGODA_PLANE_WORD_PREFETCH=1): a profile found warps waiting on words loaded a step ahead
+# (bench/results/README.md); off until timed on a GPU
+WORD_PREFETCH = os.environ.get("PAGODA_PLANE_WORD_PREFETCH", "0") == "1"
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
@@ -741,7 +766,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
-        ASM=flat.is_cuda,
+        ASM=flat.is_cuda, WORDS_TO_L2=WORD_PREFETCH and words is not None and flat.is_cuda,
         **config,
         **dependent_launch(flat.device))
 

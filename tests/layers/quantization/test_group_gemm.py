@@ -504,15 +504,18 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "PDL": capability >= 90}, capability)
 
 
-@pytest.mark.parametrize("zero_points", [False, True])
-def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points):
+@pytest.mark.parametrize(("zero_points", "words_to_l2"), [(False, False), (True, False),
+                                                         (False, True)])
+def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points,
+                                                                        words_to_l2):
     """With a scale a step, the planes kernel takes the step's sums of x from a product with
     ones laid out as its sums (every row the same sums), not from 16 rows reduced across
     threads: its sm_90 code shuffles nothing between lanes (the reduction cost 11
     instructions a step). And each step's words are loaded (LDG) straight into the
     registers the loop carries them in, so no instruction of the step they are loaded in
     waits for them (a move or repacking of a loaded register at the loop's end did: `python
-    bench/kernels/sass_census.py` counts the loop)."""
+    bench/kernels/sass_census.py` counts the loop). With WORDS_TO_L2 the words are also
+    asked of L2 (prefetch.global.L2), two steps' before the loop and one step's in it."""
     from bench.kernels.sass_census import planes_sass
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
@@ -522,9 +525,11 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
         "stride_xm": "i32"}, {
         "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
         "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
-        "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True})["ptx"]
+        "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True,
+        "WORDS_TO_L2": words_to_l2})["ptx"]
     assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
-    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3))
+    assert ("prefetch.global.L2" in ptx) == words_to_l2
+    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2))
     assert loop["loaded"], "no synchronous load of the words in the loop"
     assert not loop["read_after_load"], loop["read_after_load"]
 
