@@ -264,6 +264,10 @@ def test_planes_hold_integer_zero_points_when_asked_and_other_mins_as_mins():
     halves = GroupQuantWeight(codes, scale, -zeros * scale, 128, 4, planes=False,
                               zero_points=True)
     assert halves.zeros is None and halves.low is not None  # only planes take them
+    from pagoda.layers.quantization.group_gemm import integer_zero_points
+    zero_scale = torch.zeros(2, 1)  # a group of zero weights: zero point 0
+    assert torch.equal(integer_zero_points(zero_scale, torch.zeros(2, 1)), torch.zeros(2, 1))
+    assert integer_zero_points(zero_scale, torch.ones(2, 1)) is None
 
 
 @pytest.mark.parametrize("with_min", [True, False])
@@ -290,12 +294,6 @@ def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_m
     assert weight_bytes == 48 * 512 // 2 + 4 * 4 * 48
     assert GroupQuantWeight(codes[:, :384], scale[:, :3], None, 128, 4).step_words is not None
     assert GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4).step_words is None
-
-
-    from pagoda.layers.quantization.group_gemm import integer_zero_points
-    zero_scale = torch.zeros(2, 1)  # a group of zero weights: zero point 0
-    assert torch.equal(integer_zero_points(zero_scale, torch.zeros(2, 1)), torch.zeros(2, 1))
-    assert integer_zero_points(zero_scale, torch.ones(2, 1)) is None
 
 
 def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
