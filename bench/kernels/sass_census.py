@@ -60,14 +60,19 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                               check=True).stdout
 
 
-def main_loop(sass: str) -> list[str]:
-    """The opcodes from the loop's wait for its step's copies (the first DEPBAR.LE with
-    copies still in flight) to its branch back."""
-    lines = sass.splitlines()
+def main_loop_lines(sass: str) -> list[str]:
+    """The loop's instructions as disassembled (up to their ';'), from its wait for its
+    step's copies (the first DEPBAR.LE with copies still in flight) to its branch back."""
+    lines = [line.split(";")[0] for line in sass.splitlines()]
     start = next(i for i, line in enumerate(lines) if re.search(r"DEPBAR\.LE SB0, 0x[1-9a-f]",
                                                                  line))
     end = next(i for i in range(start, len(lines)) if re.search(r"\bBRA\b", lines[i]))
-    return [m.group(1) for line in lines[start:end + 1] if (m := OPCODE.match(line))]
+    return lines[start:end + 1]
+
+
+def main_loop(sass: str) -> list[str]:
+    """The opcodes of main_loop_lines."""
+    return [m.group(1) for line in main_loop_lines(sass) if (m := OPCODE.match(line))]
 
 
 def main() -> None:

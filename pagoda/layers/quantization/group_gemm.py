@@ -131,7 +131,9 @@ class GroupQuantWeight(nn.Module):
     With `zero_points`, planes hold mins that are integer zero points (low = -zero * scale:
     AWQ, GPTQ, compressed-tensors, GGUF Q4_0) as `zeros` instead (`low` None): W[o, i] =
     (code[o, i] - zero[o, i // group]) * scale[o, i // group], and the kernel scales its
-    sums rather than each weight (see triton_group_gemm._planes_kernel)."""
+    sums rather than each weight (see triton_group_gemm._planes_kernel). Planes in groups of
+    whole steps hold scales and mins (or zero points) packed as `step_words` instead of the
+    three tensors; `scales_and_mins()` reads them either way."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None,

@@ -298,12 +298,9 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
     scale_ptr holds step words (low_ptr unread)."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     if WORDS:
-        words = _step_words(scale_ptr, group, n, n_ok, N)
-        scale = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-        if ZERO_POINTS:
-            low = (words >> 16).to(tl.float32)
-        else:
-            low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(dot_type)
+        scale, low = _word_halves(_step_words(scale_ptr, group, n, n_ok, N), ZERO_POINTS)
+        if not ZERO_POINTS:
+            low = low.to(dot_type)
     elif ZERO_POINTS:
         scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0)
         low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0).to(tl.float32)
@@ -325,6 +322,18 @@ def _step_words(words_ptr, group, n, n_ok, N):
 
 
 @triton.jit
+def _word_halves(words, ZERO_POINTS: tl.constexpr):
+    """A word's float16 scale (its low half) and, from its high half, the float16 min or
+    the uint8 zero point (as float32)."""
+    scale = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    if ZERO_POINTS:
+        low = (words >> 16).to(tl.float32)
+    else:
+        low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, low
+
+
+@triton.jit
 def _ask_l2_for_words(words_ptr, group, N, BLOCK_N: tl.constexpr):
     """prefetch.global.L2 of the 128-byte lines that hold this program's words in `group`
     (a GPU only: inline PTX)."""
@@ -339,12 +348,12 @@ def _ask_l2_for_words(words_ptr, group, N, BLOCK_N: tl.constexpr):
 def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
     """From a step's words, the (float32) scale that multiplies its biased codes' sums and
     what multiplies its sums of x: -(zero point + bias) x scale, or min - bias x scale."""
-    scale = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    scale, low = _word_halves(words, ZERO_POINTS)
+    scale = scale.to(tl.float32)
     bias = _biased(tl.zeros_like(scale), DOT)
     if ZERO_POINTS:
-        x_sums_weight = -((words >> 16).to(tl.float32) + bias) * scale
+        x_sums_weight = -(low + bias) * scale
     else:
-        low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         x_sums_weight = low - bias * scale
     return scale, x_sums_weight
 

@@ -535,15 +535,11 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
 def loaded_in_loop(sass: str) -> dict[str, list[str]]:
     """The registers the planes loop loads synchronously (LDG), and the instructions after
     such a load, in the same pass of the loop, that read one of them."""
-    lines = [line.split(";")[0].strip() for line in sass.splitlines()]
-    start = next(i for i, line in enumerate(lines) if re.search(r"DEPBAR\.LE SB0, 0x[1-9a-f]",
-                                                                 line))
-    end = next(i for i in range(start, len(lines)) if re.search(r"\bBRA\b", lines[i]))
+    from bench.kernels.sass_census import main_loop_lines
     loaded, read_after_load = [], []
-    for line in lines[start:end + 1]:
-        operands = line.split(None, 2)[-1] if "LDG" in line else line
-        if loaded and any(re.search(rf"\b{register}\b", operands.split(",", 1)[-1])
-                          for register in loaded):
+    for line in (line.strip() for line in main_loop_lines(sass)):
+        sources = line.split(",", 1)[-1]  # (the destination comes first)
+        if loaded and any(re.search(rf"\b{register}\b", sources) for register in loaded):
             read_after_load.append(line)
         if (load := re.search(r"\bLDG\.E\S*\s+(R\d+)", line)):
             loaded.append(load.group(1))
