@@ -46,7 +46,9 @@ from pagoda.sampling_params import SamplingParams
 SCHEMA = "pagoda.bench.throughput/1"
 RATIO_METRICS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
 _WARMUP_OUTPUT_LEN = 4
-_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PAGODA_HOME")
+_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+# besides those: every PAGODA_ variable (the kernels' switches among them) but the secret
+_SECRET_ENV_VARS = ("PAGODA_API_KEY",)
 
 
 @dataclass(slots=True)
@@ -214,7 +216,8 @@ def load_hf_model(source: Any, dtype: torch.dtype, device: torch.device, seed: i
     if source.format == "dummy":
         torch.manual_seed(seed)
         with torch.device(device):  # random init where it runs: fast for large models
-            model = AutoModelForCausalLM.from_config(source.hf_config.to_transformers(), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(source.hf_config.to_transformers(),
+                                                     dtype=dtype)
     elif source.format == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
             str(source.gguf_file.parent), gguf_file=source.gguf_file.name, dtype=dtype)
@@ -445,8 +448,16 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": platform.node(),
         "loadavg_start": _loadavg(),
-        "env": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
+        "env": recorded_environment_variables(),
     }
+
+
+def recorded_environment_variables() -> dict[str, str]:
+    """The variables that change how a run goes: threads, devices and pagoda's own switches
+    (PAGODA_PLANE_STEP_SUMS and the like), never a secret."""
+    return {name: value for name, value in sorted(os.environ.items())
+            if (name in _ENV_VARS or name.startswith("PAGODA_"))
+            and name not in _SECRET_ENV_VARS}
 
 
 def device_name(device: torch.device) -> str:
@@ -510,8 +521,8 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
 
     systems = result["systems"]
     model = result["model"]
-    table = Table(title=f"throughput: {Path(model['spec']).name} ({model['dtype']}, {model['device']}), "
-                        f"{result['workload']['num_requests']} requests")
+    table = Table(title=f"throughput: {Path(model['spec']).name} ({model['dtype']}, "
+                        f"{model['device']}), {result['workload']['num_requests']} requests")
     table.add_column("metric")
     for name in systems:
         table.add_column(name, justify="right")
@@ -554,8 +565,8 @@ def _print_gpu_lines(result: dict[str, Any], console: Any) -> None:
                f"{1e3 * single['tpot_s']:.2f} ms"
         if found:
             floor_tpot = found["decode1_tpot_floor_s"]
-            line += f" (floor {1e3 * floor_tpot:.2f} ms: {100 * floor_tpot / single['tpot_s']:.1f}% " \
-                    "of the roofline)"
+            share = 100 * floor_tpot / single["tpot_s"]
+            line += f" (floor {1e3 * floor_tpot:.2f} ms: {share:.1f}% of the roofline)"
         console.print(line)
 
 

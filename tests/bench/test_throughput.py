@@ -48,10 +48,12 @@ def tiny_llama(tmp_path_factory):
 def test_lengths_within_range_and_no_special_tokens():
     reqs = random_requests(200, 100, 20, 0.5, VOCAB, seed=3, excluded_token_ids=[0, 1, 2])
     assert {len(r.prompt_token_ids) for r in reqs} <= set(range(50, 151))
-    assert min(len(r.prompt_token_ids) for r in reqs) < 70 < max(len(r.prompt_token_ids) for r in reqs)
+    lengths = [len(r.prompt_token_ids) for r in reqs]
+    assert min(lengths) < 70 < max(lengths)
     assert all(10 <= r.output_len <= 30 for r in reqs)
     assert all(3 <= t < VOCAB for r in reqs for t in r.prompt_token_ids)
-    assert random_requests(5, seed=3, vocab_size=VOCAB)[0] == random_requests(5, seed=3, vocab_size=VOCAB)[0]
+    first = random_requests(5, seed=3, vocab_size=VOCAB)[0]
+    assert first == random_requests(5, seed=3, vocab_size=VOCAB)[0]
     explicit = random_requests(50, vocab_size=VOCAB, input_len_range=(100, 1024),
                                output_len_range=(7, 7))
     assert all(100 <= len(r.prompt_token_ids) <= 1024 and r.output_len == 7 for r in explicit)
@@ -133,3 +135,16 @@ def test_the_executor_backend_and_tensor_parallel_size_reach_the_engine():
     assert engine["distributed_executor_backend"] == "mp" and engine["tensor_parallel_size"] == 1
     assert "distributed_executor_backend" not in throughput_config(
         parse(build_parser(argv[:2]), argv[:2])).engine_kwargs
+
+
+def test_the_environment_records_pagoda_switches_but_not_secrets(monkeypatch):
+    from pagoda.bench.throughput import environment
+
+    monkeypatch.setenv("PAGODA_PLANE_STEP_SUMS", "0")
+    monkeypatch.setenv("PAGODA_API_KEY", "sk-secret")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "1")
+    recorded = environment()["env"]
+    assert recorded["PAGODA_PLANE_STEP_SUMS"] == "0"
+    assert recorded["OMP_NUM_THREADS"] == "2"
+    assert "PAGODA_API_KEY" not in recorded and "UNRELATED_VARIABLE" not in recorded
