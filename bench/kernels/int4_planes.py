@@ -8,7 +8,8 @@ planes kernel's candidate tiles for calls of more than 32 tokens (PLANES_LARGE),
 `--sweep-few` those for at most 32 (PLANES_FEW), both ways.
 
     PYTHONPATH=. python bench/kernels/int4_planes.py [--tokens 1 4 16 64 512 2048]
-        [--groups 128 32] [--sweep-large] [--sweep-few] [--output-json P]
+        [--groups 128 32] [--sweep-large] [--sweep-few [--few-tiles 64,4,3,8 ...]]
+        [--output-json P]
 
 Each timing checks the call's products against the halves kernels' first.
 """
@@ -53,7 +54,8 @@ def layer(group: int, planes: bool, zero_points: bool = False) -> dict[str, Grou
     return weights
 
 
-def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool) -> list[dict]:
+def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool,
+               few_tiles: list[tuple[int, ...]] = FEW_TILES) -> list[dict]:
     from triton.testing import do_bench_cudagraph
     halves = [layer(group, False) for _ in range(LAYERS)]
     planes = [layer(group, True) for _ in range(LAYERS)]
@@ -91,7 +93,7 @@ def time_calls(tokens: int, group: int, sweep_large: bool, sweep_few: bool) -> l
     if sweep_few and tokens <= triton_group_gemm.FEW_TOKENS:
         shipped = triton_group_gemm.PLANES_FEW
         try:
-            for tile in FEW_TILES:
+            for tile in few_tiles:
                 triton_group_gemm.PLANES_FEW = tile
                 record("planes", planes, tile=tile)
                 record("planes-zero-points", zero_points, tile=tile)
@@ -114,11 +116,15 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--sweep-large", action="store_true")
     parser.add_argument("--sweep-few", action="store_true")
+    parser.add_argument("--few-tiles", nargs="+", default=None, metavar="N,WARPS,STAGES,PER_SM",
+                        help="the --sweep-few candidates (default: FEW_TILES)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     os.environ["PAGODA_PDL"] = "0"
+    few_tiles = (FEW_TILES if args.few_tiles is None
+                 else [tuple(int(n) for n in tile.split(",")) for tile in args.few_tiles])
     rows = [row for group in args.groups for tokens in args.tokens
-            for row in time_calls(tokens, group, args.sweep_large, args.sweep_few)]
+            for row in time_calls(tokens, group, args.sweep_large, args.sweep_few, few_tiles)]
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
