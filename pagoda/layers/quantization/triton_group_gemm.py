@@ -742,11 +742,23 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
             "num_stages": stages}
 
 
+def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel tile given as comma-separated integers in environment variable `name` (a
+    benchmark's way to time another tile end to end), else `default`."""
+    given = os.environ.get(name)
+    if not given:
+        return default
+    tile = tuple(int(part) for part in given.split(","))
+    if len(tile) != len(default) or min(tile) < 1:
+        raise ValueError(f"{name}={given!r}: {len(default)} positive integers expected")
+    return tile
+
+
 # the planes kernel's outputs, warps, stages and programs a multiprocessor (the inputs split
 # towards it) for calls of at most FEW_TOKENS tokens (the fastest of
 # `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens, groups of 32
-# and 128)
-PLANES_FEW = (64, 4, 3, 8)
+# and 128); PAGODA_PLANES_FEW_TILE=64,4,3,8 names another
+PLANES_FEW = tile_from_environment("PAGODA_PLANES_FEW_TILE", (64, 4, 3, 8))
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
 # whether the planes kernel asks L2 for each step's words three steps ahead

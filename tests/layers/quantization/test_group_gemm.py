@@ -339,6 +339,19 @@ def test_planes_calls_split_the_inputs_up_to_64_tokens():
     assert large["splits"] == 1 and (large["BLOCK_N"], large["BLOCK_T"]) == PLANES_LARGE[:2]
 
 
+def test_a_kernel_tile_from_the_environment(monkeypatch):
+    from pagoda.layers.quantization.triton_group_gemm import tile_from_environment
+
+    monkeypatch.delenv("PAGODA_TEST_TILE", raising=False)
+    assert tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8)) == (64, 4, 3, 8)
+    monkeypatch.setenv("PAGODA_TEST_TILE", "32,1,3,16")
+    assert tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8)) == (32, 1, 3, 16)
+    for wrong in ("32,1,3", "32,0,3,16"):
+        monkeypatch.setenv("PAGODA_TEST_TILE", wrong)
+        with pytest.raises(ValueError, match="4 positive integers"):
+            tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8))
+
+
 @pytest.mark.parametrize(("outputs", "inputs", "group"), [
     (4096, 14336, 128), (28672, 4096, 128), (6144, 4096, 128), (4096, 4096, 64),
     (2048, 5632, 64), (512, 4096, 4096), (100, 640, 320), (4, 128, 64)])
