@@ -5,7 +5,9 @@ loop (from its wait for the step's copies to its branch back) counted by opcode.
 of the decode tile reads BLOCK_N x 32 int16 of codes (4 x 32 inputs for BLOCK_N outputs);
 the figure that matters is bytes of weights per warp instruction, against what the memory
 needs: at the roofline's bandwidth an H200 multiprocessor takes 3.82 TB/s / 132 = 29 GB/s,
-and its four schedulers issue about 4 x 1.98 G warp instructions a second.
+and its four schedulers issue about 4 x 1.98 G warp instructions a second. Also printed: the
+registers a thread and shared memory a program, which bound the programs a multiprocessor
+holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
         [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2]
@@ -30,12 +32,12 @@ from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, words_to_l2: bool = False) -> str:
-    """The planes kernel's SASS at one token (8-token tiles), groups of 128, a 2048-input
-    split of 2 (the 8B gate-up product's), bfloat16 activations; step_sums: mins applied to
-    a step's sums (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its
-    WORDS_TO_L2."""
+def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
+                   stages: int, words_to_l2: bool = False):
+    """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of 128, a
+    2048-input split of 2 (the 8B gate-up product's), bfloat16 activations; step_sums: mins
+    applied to a step's sums (the kernel's STEP_SUMS), not weight by weight; words_to_l2:
+    its WORDS_TO_L2."""
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
                  "scale_ptr": "*i32" if step_sums else "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
@@ -50,14 +52,30 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                  if kind.startswith("*") or name in ("N", "stride_xm")}
     source = ASTSource(fn=_planes_kernel, constexprs=constants, attrs=divisible,
                        signature={**signature, **dict.fromkeys(constants, "constexpr")})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def cuobjdump(kernel, option: str) -> str:
+    """What Triton's own cuobjdump prints for the compiled kernel's cubin with `option`."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        return subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True,
+        return subprocess.run([tool, option, cubin.name], capture_output=True, text=True,
                               check=True).stdout
+
+
+def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
+                stages: int, words_to_l2: bool = False) -> str:
+    """compile_planes's SASS."""
+    return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
+                                    words_to_l2), "-sass")
+
+
+def registers(kernel) -> int:
+    """Registers a thread of the compiled kernel (cuobjdump's resource usage)."""
+    return int(re.search(r"REG:(\d+)", cuobjdump(kernel, "-res-usage")).group(1))
 
 
 def main_loop_lines(sass: str) -> list[str]:
@@ -86,8 +104,9 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     args = parser.parse_args()
-    opcodes = main_loop(planes_sass(args.zero_points, not args.weight_by_weight, args.block_n,
-                                    args.warps, args.stages, args.words_to_l2))
+    kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
+                            args.warps, args.stages, args.words_to_l2)
+    opcodes = main_loop(cuobjdump(kernel, "-sass"))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps
     step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step
@@ -96,6 +115,8 @@ def main() -> None:
           f"({threads} threads) for {step_bytes} bytes of codes: "
           f"{step_bytes / warp_instructions:.2f} bytes a warp instruction")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+    print(f"  {registers(kernel)} registers a thread, {kernel.metadata.shared} bytes of shared "
+          "memory a program")
 
 
 if __name__ == "__main__":
