@@ -748,10 +748,11 @@ def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...
     given = os.environ.get(name)
     if not given:
         return default
-    tile = tuple(int(part) for part in given.split(","))
-    if len(tile) != len(default) or min(tile) < 1:
+    parts = given.split(",")
+    if len(parts) != len(default) or not all(part.strip().isdigit() and int(part) > 0
+                                             for part in parts):
         raise ValueError(f"{name}={given!r}: {len(default)} positive integers expected")
-    return tile
+    return tuple(int(part) for part in parts)
 
 
 # the planes kernel's outputs, warps, stages and programs a multiprocessor (the inputs split

@@ -346,7 +346,7 @@ def test_a_kernel_tile_from_the_environment(monkeypatch):
     assert tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8)) == (64, 4, 3, 8)
     monkeypatch.setenv("PAGODA_TEST_TILE", "32,1,3,16")
     assert tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8)) == (32, 1, 3, 16)
-    for wrong in ("32,1,3", "32,0,3,16"):
+    for wrong in ("32,1,3", "32,0,3,16", "32,one,3,16", "32,1,3,16,8"):
         monkeypatch.setenv("PAGODA_TEST_TILE", wrong)
         with pytest.raises(ValueError, match="4 positive integers"):
             tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8))
