@@ -116,15 +116,16 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--sweep-large", action="store_true")
     parser.add_argument("--sweep-few", action="store_true")
-    parser.add_argument("--few-tiles", nargs="+", default=None, metavar="N,WARPS,STAGES,PER_SM",
+    parser.add_argument("--few-tiles", nargs="+", default=FEW_TILES,
+                        type=lambda tile: triton_group_gemm.parse_tile(tile, 4),
+                        metavar="N,WARPS,STAGES,PER_SM",
                         help="the --sweep-few candidates (default: FEW_TILES)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     os.environ["PAGODA_PDL"] = "0"
-    few_tiles = (FEW_TILES if args.few_tiles is None
-                 else [tuple(int(n) for n in tile.split(",")) for tile in args.few_tiles])
     rows = [row for group in args.groups for tokens in args.tokens
-            for row in time_calls(tokens, group, args.sweep_large, args.sweep_few, few_tiles)]
+            for row in time_calls(tokens, group, args.sweep_large, args.sweep_few,
+                                  args.few_tiles)]
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -742,17 +742,25 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
             "num_stages": stages}
 
 
+def parse_tile(given: str, length: int) -> tuple[int, ...]:
+    """A kernel tile written as `length` comma-separated positive integers ("64,4,3,8")."""
+    parts = given.split(",")
+    if len(parts) != length or not all(part.strip().isdigit() and int(part) > 0
+                                       for part in parts):
+        raise ValueError(f"{given!r}: {length} positive integers expected")
+    return tuple(int(part) for part in parts)
+
+
 def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
-    """A kernel tile given as comma-separated integers in environment variable `name` (a
-    benchmark's way to time another tile end to end), else `default`."""
+    """A kernel tile given in environment variable `name` (a benchmark's way to time
+    another tile end to end; see parse_tile), else `default`."""
     given = os.environ.get(name)
     if not given:
         return default
-    parts = given.split(",")
-    if len(parts) != len(default) or not all(part.strip().isdigit() and int(part) > 0
-                                             for part in parts):
-        raise ValueError(f"{name}={given!r}: {len(default)} positive integers expected")
-    return tuple(int(part) for part in parts)
+    try:
+        return parse_tile(given, len(default))
+    except ValueError as wrong:
+        raise ValueError(f"{name}={wrong}") from None
 
 
 # the planes kernel's outputs, warps, stages and programs a multiprocessor (the inputs split
