@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Iterator
 
-
 # Net allocations between two collections of the youngest generation in a serving process.
 # At CPython's 700 the API process collected every ~100 streamed tokens, about 1.5 ms each
 # whatever it found: 14 % of its CPU with 256 streams. At 10,000 the same run collected 11

@@ -94,7 +94,8 @@ class SamplingParams:
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed",
+                                      "stop")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop strings must be non-empty strings", "stop")
@@ -118,7 +119,8 @@ class SamplingParams:
             try:
                 token_id = int(token)
             except (TypeError, ValueError):
-                raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from None
+                raise InvalidRequestError("logit_bias keys must be token ids",
+                                          "logit_bias") from None
             if token_id < 0:
                 raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias")
             _check_float(bias, "logit_bias", -100.0, 100.0)
@@ -129,10 +131,12 @@ class SamplingParams:
         """Reject token ids the model does not have."""
         for t in self.stop_token_ids:
             if t >= vocab_size:
-                raise InvalidRequestError(f"stop token id {t} is out of vocabulary", "stop_token_ids")
+                raise InvalidRequestError(f"stop token id {t} is out of vocabulary",
+                                          "stop_token_ids")
         for t in self.logit_bias or {}:
             if t >= vocab_size:
-                raise InvalidRequestError(f"logit_bias token id {t} is out of vocabulary", "logit_bias")
+                raise InvalidRequestError(f"logit_bias token id {t} is out of vocabulary",
+                                          "logit_bias")
 
     def clone(self, **changes: object) -> "SamplingParams":
         return replace(self, **changes)

@@ -19,6 +19,7 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(num_steps):
         engine.step(final_only=True)
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22,
+                                max_name_column_width=60))
 for request_id in list(engine.output_processor.requests):
     engine.abort_request(request_id)

@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
             result["sharing"] = measure_sharing(models, args, Path(tmp))
             for name, ratio in result["sharing"]["together_over_alone"].items():
                 print(f"{name}: alone {result['sharing']['alone'][name]['output_throughput']:.0f}"
-                      f" tok/s, all busy {result['sharing']['together'][name]['output_throughput']:.0f}"
+                      f" tok/s, all busy "
+                      f"{result['sharing']['together'][name]['output_throughput']:.0f}"
                       f" tok/s ({ratio:.2f}x)")
         if args.swap:
             result["swap"] = measure_swaps(_pairs(args.swap), args, Path(tmp))

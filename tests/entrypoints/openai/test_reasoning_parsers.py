@@ -1,5 +1,5 @@
-"""Reasoning parsers: where reasoning ends, content kept whole after it, markers split across deltas,
-bounded time, and streaming that reassembles to exactly what ``parse()`` returns."""
+"""Reasoning parsers: where reasoning ends, content kept whole after it, markers split across
+deltas, bounded time, and streaming that reassembles to exactly what ``parse()`` returns."""
 
 from __future__ import annotations
 

@@ -83,8 +83,9 @@ def test_body_limit_and_queue_bound(tiny_model):
         rejected = next(r for r in responses if r.status_code == 503)
         assert int(rejected.headers["retry-after"]) >= 1
         assert rejected.json()["error"]["code"] == "server_is_overloaded"
-        assert httpx.post(f"{srv.url}/v1/completions",
-                          json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert httpx.post(
+            f"{srv.url}/v1/completions",
+            json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
     finally:
         assert srv.stop() == 0
 
