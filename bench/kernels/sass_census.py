@@ -10,7 +10,7 @@ registers a thread and shared memory a program, which bound the programs a multi
 holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
-        [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2]
+        [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2] [--group 128]
 """
 
 from __future__ import annotations
@@ -26,24 +26,25 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagoda.layers.quantization.group_gemm import PLANE_ROWS
+from pagoda.layers.quantization.group_gemm import PLANE_ROWS, PLANE_STEP
 from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
 
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                   stages: int, words_to_l2: bool = False):
-    """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of 128, a
-    2048-input split of 2 (the 8B gate-up product's), bfloat16 activations; step_sums: mins
-    applied to a step's sums (the kernel's STEP_SUMS), not weight by weight; words_to_l2:
-    its WORDS_TO_L2."""
+                   stages: int, words_to_l2: bool = False, group: int = 128):
+    """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
+    inputs, a 2048-input split of 2 (the 8B gate-up product's), bfloat16 activations;
+    step_sums: mins applied to a step's (or in groups smaller than a step, a plane's) sums
+    (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its WORDS_TO_L2."""
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
                  "scale_ptr": "*i32" if step_sums else "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
                  "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
                  "stride_xm": "i32"}
-    constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
+    constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
+                 "STEP_IN_GROUP": group % PLANE_STEP == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
                  "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2}
@@ -67,10 +68,10 @@ def cuobjdump(kernel, option: str) -> str:
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, words_to_l2: bool = False) -> str:
+                stages: int, words_to_l2: bool = False, group: int = 128) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    words_to_l2), "-sass")
+                                    words_to_l2, group), "-sass")
 
 
 def registers(kernel) -> int:
@@ -103,9 +104,10 @@ def main() -> None:
                         help="each step's words asked of L2 three steps ahead")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--group", type=int, default=128, help="inputs a group")
     args = parser.parse_args()
     kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
-                            args.warps, args.stages, args.words_to_l2)
+                            args.warps, args.stages, args.words_to_l2, args.group)
     opcodes = main_loop(cuobjdump(kernel, "-sass"))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps

@@ -89,6 +89,9 @@ ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
 # (or zero point) as one int32 word an output (`step_words`), which the planes kernel applies
 # to a step's sums rather than weight by weight (PAGODA_PLANE_STEP_SUMS=0: off)
 STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
+# the same for planes in groups smaller than a step (GGUF's 32), whose kernel scales each
+# plane's sums (PAGODA_PLANE_GROUP_SUMS=1: on); off until timed on a GPU
+GROUP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_GROUP_SUMS", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -142,9 +145,9 @@ class GroupQuantWeight(nn.Module):
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
         (default: where `takes_planes`), else in halves. `zero_points`: planes hold the mins
         as integer zero points where every one is (default ZERO_POINTS_IN_PLANES).
-        `step_sums`: planes in groups of whole steps hold each group's scale and min (or
-        zero point) as one word an output, `step_words`, in place of `scale`, `low` and
-        `zeros` (default STEP_SUMS_IN_PLANES)."""
+        `step_sums`: planes hold each group's scale and min (or zero point) as one word an
+        output, `step_words`, in place of `scale`, `low` and `zeros` (default
+        STEP_SUMS_IN_PLANES in groups of whole steps, GROUP_SUMS_IN_PLANES in smaller ones)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -168,7 +171,12 @@ class GroupQuantWeight(nn.Module):
         self.codes = nn.Parameter(stored, requires_grad=False)
         self._hold_scales(scale, low, codes.dtype == FP8,
                           ZERO_POINTS_IN_PLANES if zero_points is None else zero_points,
-                          STEP_SUMS_IN_PLANES if step_sums is None else step_sums)
+                          self._default_step_sums() if step_sums is None else step_sums)
+
+    def _default_step_sums(self) -> bool:
+        if self.group_size % PLANE_STEP == 0:
+            return STEP_SUMS_IN_PLANES
+        return GROUP_SUMS_IN_PLANES
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool, step_sums: bool) -> None:
@@ -182,7 +190,7 @@ class GroupQuantWeight(nn.Module):
         scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
         zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
         low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
-        as_words = step_sums and self.planes and self.group_size % PLANE_STEP == 0
+        as_words = step_sums and self.planes
         held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None}
         if as_words:
             held = {"scale": None, "low": None, "zeros": None,

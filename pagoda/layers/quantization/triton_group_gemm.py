@@ -226,15 +226,26 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     step's sums of x (a product with ones), in float32 once a step: no arithmetic a weight
     but the decoding. Else, and in larger tiles (whose sums a step outnumber a thread's
     weights: a 1024-token prefill took twice as long so on an H100), the weights are scaled
-    (and their min added) one by one in the product's type. WORDS_TO_L2 (with STEP_SUMS, a
-    GPU): each step's words are asked of L2 three steps before their step (WORD_PREFETCH)."""
+    (and their min added) one by one in the product's type. STEP_SUMS in groups of one plane
+    or two (GGUF's 32; 64): scale_ptr holds a word a group, and in tiles of up to 32 tokens
+    each plane's sums are scaled and its sums of x weighted so (the step's words loaded at
+    the end of the step before); in other groups smaller than a step the words are applied
+    weight by weight. WORDS_TO_L2 (with STEP_SUMS in whole-step groups, a GPU): each step's
+    words are asked of L2 three steps before their step (WORD_PREFETCH)."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     rows = tl.arange(0, PLANE_ROWS_T)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     SUMS_A_STEP: tl.constexpr = STEP_IN_GROUP and STEP_SUMS and BLOCK_T <= 32
+    SUMS_A_PLANE: tl.constexpr = ((GROUP == PLANE_ROWS_T or GROUP == 2 * PLANE_ROWS_T)
+                                  and STEP_SUMS and BLOCK_T <= 32)
     STEP: tl.constexpr = 4 * PLANE_ROWS_T
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    if SUMS_A_PLANE:  # the first step's four words (a plane's group each), then each
+        # step's loaded at the end of the step before, as SUMS_A_STEP's
+        last_k = split * K_SPLIT + K_SPLIT - STEP
+        word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, n, n_ok,
+                                                  N)
     if SUMS_A_STEP:  # scale_ptr: a word a group and output (see _step_scales), each loaded
         # at the end of the step before its own: the pipeline's copies take only what feeds
         # a product, and a load waited for in its own step would stall it
@@ -258,13 +269,21 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
         for q in tl.static_range(4):
-            if not STEP_IN_GROUP:  # one a plane
+            if not STEP_IN_GROUP and not SUMS_A_PLANE:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
                                                   (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
-                                                  HAS_LOW, ZERO_POINTS, False, DOT)
+                                                  HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
             x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
                         mask=t_ok[None, :], other=0.0).to(dot_type)
-            if SUMS_A_STEP:  # the biased codes' sums; bias and min come off once a step
+            if SUMS_A_PLANE:  # the plane's biased codes' sums, its bias and min off at once
+                ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
+                word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
+                scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT)
+                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, input_precision="ieee")
+                x_sums = tl.dot(ones, x, input_precision="ieee")
+                acc += sums * scale[:, None]
+                acc += x_sums * x_sums_weight[:, None]
+            elif SUMS_A_STEP:  # the biased codes' sums; bias and min come off once a step
                 sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
                               input_precision="ieee")
                 ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
@@ -277,6 +296,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             else:
                 codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
+        if SUMS_A_PLANE:
+            word0, word1, word2, word3 = _plane_words(scale_ptr, tl.minimum(k + STEP, last_k),
+                                                      GROUP, n, n_ok, N)
         if SUMS_A_STEP:
             scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
             acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
@@ -312,6 +334,19 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
     else:
         scale = scale.to(dot_type)
     return scale, low
+
+
+@triton.jit
+def _plane_words(words_ptr, k, GROUP: tl.constexpr, n, n_ok, N):
+    """Outputs n's words (int32) in the groups of the four planes of the step at input k,
+    in groups of one plane or two."""
+    at = words_ptr + (k // GROUP) * N + n
+    first = tl.load(at, mask=n_ok, other=0)
+    second = tl.load(at + N, mask=n_ok, other=0)
+    if GROUP == PLANE_ROWS_T:
+        return first, second, tl.load(at + 2 * N, mask=n_ok, other=0), \
+            tl.load(at + 3 * N, mask=n_ok, other=0)
+    return first, first, second, second
 
 
 @triton.jit

@@ -105,12 +105,10 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
     return GroupQuantWeight(codes, scale, low, group, bits, planes, step_sums=step_sums)
 
 
-# the 4-bit cases that run in planes, each run again in halves
+# the 4-bit cases that run in planes (from step words: a step's or a plane's sums scaled),
+# each run again in halves and in planes without the words (scaled weight by weight)
 PLANE_CASES = [name for name, (_, _, inputs, group, bits, *_) in CASES.items()
                if takes_planes(inputs, group, bits)]
-# those in groups of whole steps (their scales and mins applied to a step's sums, from the
-# weight's step words), each run again without the words (scaled weight by weight)
-STEP_CASES = [name for name in PLANE_CASES if CASES[name][3] % PLANE_STEP == 0]
 
 
 def kernel_errors() -> dict[str, float]:
@@ -131,7 +129,7 @@ def kernel_errors() -> dict[str, float]:
         expected = F.linear(x, weight.dequantize(torch.float32))
         errors[f"{name}-halves"] = ((group_gemm(x, weight) - expected).abs()
                                     / (1 + expected.abs())).max().item()
-    for name in STEP_CASES:  # planes without their step words: scaled weight by weight
+    for name in PLANE_CASES:  # planes without their step words: scaled weight by weight
         tokens, outputs, inputs, *layout = CASES[name]
         weight = random_weight(outputs, inputs, *layout, generator, step_sums=False)
         assert weight.step_words is None
@@ -293,7 +291,10 @@ def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_m
     weight_bytes = sum(p.numel() * p.element_size() for p in words.parameters())
     assert weight_bytes == 48 * 512 // 2 + 4 * 4 * 48
     assert GroupQuantWeight(codes[:, :384], scale[:, :3], None, 128, 4).step_words is not None
-    assert GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4).step_words is None
+    smaller_groups = GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4)
+    assert smaller_groups.step_words is None  # (GROUP_SUMS_IN_PLANES off)
+    asked = GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4, step_sums=True)
+    assert asked.step_words.shape == (16, 48)
 
 
 def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
@@ -447,7 +448,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     errors = json.loads(line.removeprefix(MARKER))
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
                            | {f"{n}-halves" for n in PLANE_CASES}
-                           | {f"{n}-weight-by-weight" for n in STEP_CASES}
+                           | {f"{n}-weight-by-weight" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
@@ -501,7 +502,6 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             (64, 8, 4, True, False, True), (64, 8, 4, True, False, False),
             (128, 64, 1, False, False, True), (64, 8, 4, False, True, True),
             (64, 8, 4, False, True, False), (128, 64, 1, False, True, True)):
-        step_sums = step_sums and group % PLANE_STEP == 0
         compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16",
             "scale_ptr": "*i32" if step_sums else "*fp16",
@@ -515,10 +515,11 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "PDL": capability >= 90}, capability)
 
 
-@pytest.mark.parametrize(("zero_points", "words_to_l2"), [(False, False), (True, False),
-                                                         (False, True)])
+@pytest.mark.parametrize(("zero_points", "words_to_l2", "group"), [
+    (False, False, 128), (True, False, 128), (False, True, 128), (False, False, 32),
+    (True, False, 32)])
 def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points,
-                                                                        words_to_l2):
+                                                                        words_to_l2, group):
     """With a scale a step, the planes kernel takes the step's sums of x from a product with
     ones laid out as its sums (every row the same sums), not from 16 rows reduced across
     threads: its sm_90 code shuffles nothing between lanes (the reduction cost 11
@@ -526,7 +527,8 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     registers the loop carries them in, so no instruction of the step they are loaded in
     waits for them (a move or repacking of a loaded register at the loop's end did: `python
     bench/kernels/sass_census.py` counts the loop). With WORDS_TO_L2 the words are also
-    asked of L2 (prefetch.global.L2), two steps' before the loop and one step's in it."""
+    asked of L2 (prefetch.global.L2), two steps' before the loop and one step's in it. The
+    same in groups of 32 (GGUF's), whose four words a step scale each plane's sums."""
     from bench.kernels.sass_census import planes_sass
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
@@ -534,13 +536,13 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
         "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
         "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
         "stride_xm": "i32"}, {
-        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": 128, "STEP_IN_GROUP": True,
+        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "STEP_IN_GROUP": group == 128,
         "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
         "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True,
         "WORDS_TO_L2": words_to_l2})["ptx"]
     assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
     assert ("prefetch.global.L2" in ptx) == words_to_l2
-    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2))
+    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2, group))
     assert loop["loaded"], "no synchronous load of the words in the loop"
     assert not loop["read_after_load"], loop["read_after_load"]
 
