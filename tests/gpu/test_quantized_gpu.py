@@ -38,9 +38,10 @@ from tests.utils import save_random_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of the 8B
 # name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
-# integer zero points[, planes in groups of whole steps without their step words]])
+# integer zero points[, planes without their step words: scaled weight by weight]])
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
+           "int4-g32-weight-by-weight": (32, 4, True, False, False, True),
            "int4-g128-zero-points": (128, 4, True, False, True),
            "int4-g128-zero-points-weight-by-weight": (128, 4, True, False, True, True),
            "int4-g32-zero-points": (32, 4, True, False, True),
