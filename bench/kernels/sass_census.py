@@ -11,6 +11,11 @@ holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
         [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2] [--group 128]
+
+`--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
+with 8-bit codes in groups of 16, GGUF Q6_K's, or float8 values with a scale a row), its
+tile named by --block-n, --block-t, --warps and --stages; a step is 16 inputs (int8-g16) or
+128 (fp8-row) of bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pagoda.layers.quantization.group_gemm import PLANE_ROWS, PLANE_STEP
-from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _planes_kernel
 
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -48,10 +53,34 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
                  "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2}
-    divisible = {(_planes_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+    return _compile(_planes_kernel, signature, constants, warps, stages)
+
+
+# the few-token layouts counted: codes' type, group, step, float8, the product's type (DOT)
+FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2), "fp8-row": ("*fp8e4nv", 2048, 128,
+                                                                        True, 3)}
+
+
+def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stages: int):
+    """The few-token kernel compiled for sm_90 as compile_planes compiles the planes kernel,
+    for one of FEW_TOKEN_LAYOUTS (mins with integer codes, a scale a row with float8)."""
+    codes, group, step, float8, dot = FEW_TOKEN_LAYOUTS[layout]
+    scales = "*fp32" if float8 else "*fp16"
+    signature = {"x_ptr": "*bf16", "codes_ptr": codes, "scale_ptr": scales, "low_ptr": scales,
+                 "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
+                 "N": "i32", "K": "i32", "stride_xm": "i32"}
+    constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "BITS": 8, "FLOAT8": float8,
+                 "ROW_SCALE": float8, "HAS_LOW": not float8, "DOT": dot, "E4M3_BYTES": False,
+                 "BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "PDL": True}
+    return _compile(_few_tokens_kernel, signature, constants, warps, stages)
+
+
+def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int):
+    """`kernel` compiled for sm_90, its pointers, N, K and stride_xm divisible by 16."""
+    divisible = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in signature.items()
-                 if kind.startswith("*") or name in ("N", "stride_xm")}
-    source = ASTSource(fn=_planes_kernel, constexprs=constants, attrs=divisible,
+                 if kind.startswith("*") or name in ("N", "K", "stride_xm")}
+    source = ASTSource(fn=kernel, constexprs=constants, attrs=divisible,
                        signature={**signature, **dict.fromkeys(constants, "constexpr")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})
@@ -105,13 +134,21 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--group", type=int, default=128, help="inputs a group")
+    parser.add_argument("--few-tokens", choices=sorted(FEW_TOKEN_LAYOUTS), default=None,
+                        help="count the few-token kernel's loop for this layout instead")
+    parser.add_argument("--block-t", type=int, default=16, help="(--few-tokens) tokens a tile")
     args = parser.parse_args()
-    kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
-                            args.warps, args.stages, args.words_to_l2, args.group)
+    if args.few_tokens:
+        kernel = compile_few_tokens(args.few_tokens, args.block_n, args.block_t, args.warps,
+                                    args.stages)
+        step_bytes = args.block_n * FEW_TOKEN_LAYOUTS[args.few_tokens][2]  # a byte a code
+    else:
+        kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
+                                args.warps, args.stages, args.words_to_l2, args.group)
+        step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step
     opcodes = main_loop(cuobjdump(kernel, "-sass"))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps
-    step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step
     warp_instructions = len(opcodes) * args.warps
     print(f"loop: {len(opcodes)} instructions a thread a step, {warp_instructions} a program "
           f"({threads} threads) for {step_bytes} bytes of codes: "

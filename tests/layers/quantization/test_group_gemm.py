@@ -547,6 +547,17 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     assert not loop["read_after_load"], loop["read_after_load"]
 
 
+@pytest.mark.parametrize("layout", ["int8-g16", "fp8-row"])
+def test_the_census_finds_the_few_token_kernels_loop(layout):
+    """`sass_census.py --few-tokens` counts a loop of tensor-core products; the float8 one
+    converts its codes in pairs (F2FP), with no integer conversion (I2F)."""
+    from bench.kernels.sass_census import compile_few_tokens, cuobjdump, main_loop
+    opcodes = main_loop(cuobjdump(compile_few_tokens(layout, 64, 16, 4, 3), "-sass"))
+    assert {"HMMA", "HGMMA"} & set(opcodes), opcodes
+    if layout == "fp8-row":
+        assert "F2FP" in opcodes and "I2F" not in opcodes
+
+
 def loaded_in_loop(sass: str) -> dict[str, list[str]]:
     """The registers the planes loop loads synchronously (LDG), and the instructions after
     such a load, in the same pass of the loop, that read one of them."""
