@@ -12,6 +12,7 @@ distinct weights (copies of the layer) that the L2 cache holds none of them from
 to the next.
 
     PYTHONPATH=. python bench/kernels/quant_bench.py [--tokens N ...] [--output-json PATH] [--pdl]
+        [--layouts LAYOUT ...]
 
 The kernels launch without programmatic dependent launch unless --pdl is given: a timed call
 launches the group kernels back to back, and with it they measured 9-26 % slower per layer
@@ -48,21 +49,24 @@ from pagoda.models.loader.checkpoint import weight_bytes
 
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                "down": (4096, 14336)}
-# name -> (group (None: the whole row), bits, with a min, float8 values)
+# name -> (group (None: the whole row), bits, with a min, float8 values[, codes below this:
+# "int6-g16" holds GGUF Q6_K's 0..63, which byte planes take (PAGODA_BYTE_PLANES=1)])
 LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, True),
            "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
-           "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False)}
+           "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False),
+           "int6-g16": (16, 8, True, False, 64)}
 TOKENS = [1, 4, 8, 16, 32, 64, 256, 2048]
 L2_FLUSH_BYTES = 256 << 20  # weights read per timed call: several times the H200's L2
 
 
 def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
-              float8: bool) -> GroupQuantWeight:
+              float8: bool, codes_below: int | None = None) -> GroupQuantWeight:
     group = group or inputs
     if float8:
         codes = torch.randn(outputs, inputs, device="cuda").to(FP8)
     else:
-        codes = torch.randint(0, 2 ** bits, (outputs, inputs), device="cuda", dtype=torch.uint8)
+        codes = torch.randint(0, codes_below or 2 ** bits, (outputs, inputs), device="cuda",
+                              dtype=torch.uint8)
     scale = torch.full((outputs, inputs // group), 1e-3, device="cuda")
     return GroupQuantWeight(codes, scale, -scale if with_min else None, group, bits)
 
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=None,
+                        help="time only these layouts (and bfloat16)")
     parser.add_argument("--sweep", nargs="+", choices=sorted(LAYOUTS), default=None,
                         help="sweep the few-token kernel's settings for these layouts")
     parser.add_argument("--sweep-one-token", nargs="+", default=None,
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     for tokens in args.tokens:
         xs = inputs(tokens)
         base_ms = None
-        for layout in [None, *LAYOUTS]:
+        for layout in [None, *(args.layouts or LAYOUTS)]:
             call, layers, nbytes = layers_call(layout)
             ms = do_bench_cudagraph(lambda: call(xs), rep=50) / layers
             base_ms = base_ms or ms

@@ -11,6 +11,7 @@ holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
         [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2] [--group 128]
+        [--bits 4|8]
 
 `--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
 with 8-bit codes in groups of 16, GGUF Q6_K's, or float8 values with a scale a row), its
@@ -31,28 +32,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagoda.layers.quantization.group_gemm import PLANE_ROWS, PLANE_STEP
+from pagoda.layers.quantization.group_gemm import (
+    BYTE_PLANE_ROWS,
+    BYTE_PLANE_STEP,
+    PLANE_ROWS,
+    PLANE_STEP,
+)
 from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _planes_kernel
 
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                   stages: int, words_to_l2: bool = False, group: int = 128):
+                   stages: int, words_to_l2: bool = False, group: int = 128, bits: int = 4):
     """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
     inputs, a 2048-input split of 2 (the 8B gate-up product's), bfloat16 activations;
     step_sums: mins applied to a step's (or in groups smaller than a step, a plane's) sums
-    (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its WORDS_TO_L2."""
+    (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its WORDS_TO_L2; bits 8:
+    codes in byte planes (its PLANE_BITS)."""
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
                  "scale_ptr": "*i32" if step_sums else "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
                  "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
                  "stride_xm": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
-                 "STEP_IN_GROUP": group % PLANE_STEP == 0,
+                 "STEP_IN_GROUP": group % (PLANE_STEP if bits == 4 else BYTE_PLANE_STEP) == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
-                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2}
+                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2,
+                 "PLANE_BITS": bits}
     return _compile(_planes_kernel, signature, constants, warps, stages)
 
 
@@ -97,10 +105,10 @@ def cuobjdump(kernel, option: str) -> str:
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, words_to_l2: bool = False, group: int = 128) -> str:
+                stages: int, words_to_l2: bool = False, group: int = 128, bits: int = 4) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    words_to_l2, group), "-sass")
+                                    words_to_l2, group, bits), "-sass")
 
 
 def registers(kernel) -> int:
@@ -134,6 +142,8 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--group", type=int, default=128, help="inputs a group")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="8: codes in byte planes")
     parser.add_argument("--few-tokens", choices=sorted(FEW_TOKEN_LAYOUTS), default=None,
                         help="count the few-token kernel's loop for this layout instead")
     parser.add_argument("--block-t", type=int, default=16, help="(--few-tokens) tokens a tile")
@@ -144,8 +154,10 @@ def main() -> None:
         step_bytes = args.block_n * FEW_TOKEN_LAYOUTS[args.few_tokens][2]  # a byte a code
     else:
         kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
-                                args.warps, args.stages, args.words_to_l2, args.group)
-        step_bytes = args.block_n * PLANE_ROWS * 2  # int16 codes a program reads a step
+                                args.warps, args.stages, args.words_to_l2, args.group,
+                                args.bits)
+        rows = PLANE_ROWS if args.bits == 4 else BYTE_PLANE_ROWS
+        step_bytes = args.block_n * rows * 2  # int16 codes a program reads a step
     opcodes = main_loop(cuobjdump(kernel, "-sass"))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps

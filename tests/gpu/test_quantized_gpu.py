@@ -38,7 +38,8 @@ from tests.utils import save_random_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of the 8B
 # name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
-# integer zero points[, planes without their step words: scaled weight by weight]])
+# integer zero points[, planes without their step words: scaled weight by weight[, codes
+# 0..63 (GGUF Q6_K's) in byte planes]]])
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
            "int4-g32-weight-by-weight": (32, 4, True, False, False, True),
@@ -46,24 +47,28 @@ LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-zero-points-weight-by-weight": (128, 4, True, False, True, True),
            "int4-g32-zero-points": (32, 4, True, False, True),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
+           "int6-g16-byte-planes": (16, 8, True, False, False, False, True),
+           "int6-g16-byte-planes-weight-by-weight": (16, 8, True, False, False, True, True),
+           "int6-g32-byte-planes": (32, 8, True, False, False, False, True),
            "fp8-row": (None, 8, False, True), "fp8-block": (128, 8, False, True)}
 TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
 
 
 def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
-                  float8: bool, zero_points: bool = False,
-                  weight_by_weight: bool = False) -> GroupQuantWeight:
+                  float8: bool, zero_points: bool = False, weight_by_weight: bool = False,
+                  byte_planes: bool = False) -> GroupQuantWeight:
     group = group or inputs
     groups = inputs // group
     if float8:
         codes = (torch.randn(outputs, inputs, device="cuda") * 64).clamp(-448, 448).to(FP8)
         scale = torch.rand(outputs, groups, device="cuda") * 1e-4 + 1e-4
     else:
-        codes = torch.randint(0, 2 ** bits, (outputs, inputs), device="cuda", dtype=torch.uint8)
+        codes = torch.randint(0, 64 if byte_planes else 2 ** bits, (outputs, inputs),
+                              device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
     low = -(2 ** (bits - 1)) * scale if with_min else None
-    weight = GroupQuantWeight(codes, scale, low, group, bits, zero_points=zero_points,
-                              step_sums=not weight_by_weight)
+    weight = GroupQuantWeight(codes, scale, low, group, bits, planes=True if byte_planes else None,
+                              zero_points=zero_points, step_sums=not weight_by_weight)
     assert weight.holds_zero_points == zero_points
     return weight
 
@@ -99,6 +104,22 @@ def test_gguf_blocks_through_the_kernel_match_their_decoding(name, dtype, gpu_re
     error = relative_error(group_gemm(x, weight), expected)
     gpu_report(type=name, dtype=str(dtype)[6:], error=f"{error:.2e}")
     assert error < (1e-3 if dtype == torch.float32 else 1e-2)  # float16 scales and mins
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_gguf_codes_of_at_most_7_bits_in_byte_planes_match_their_decoding(name, dtype, tokens,
+                                                                         gpu_report):
+    rows = torch.from_numpy(random_rows(name, 256, 1024)).cuda()
+    codes, scale, low, group = byte_groups(rows, name)
+    weight = GroupQuantWeight(codes, scale, low, group, 8, planes=True)
+    assert weight.codes.dtype == torch.int16
+    x = torch.randn(tokens, 1024, device="cuda").to(dtype)
+    expected = x.float() @ dequantize_rows(rows, name).t()
+    error = relative_error(group_gemm(x, weight), expected)
+    gpu_report(type=name, dtype=str(dtype)[6:], tokens=tokens, error=f"{error:.2e}")
+    assert error < (1e-3 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("tokens", [33, 65, 300, 2048])

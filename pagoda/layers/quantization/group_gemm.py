@@ -5,7 +5,8 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
   to an int16 ("planes", where the inputs are a multiple of 128 and the groups of 32) or two
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
-  byte each);
+  byte each), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) optionally two to an int16
+  ("byte planes", where the inputs are a multiple of 32 and the groups of 16: BYTE_PLANES);
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
 `GroupQuantWeight` holds one layer's weights in that form and multiplies with the Triton
@@ -16,10 +17,11 @@ decodes them and runs a dense matmul (the reference the kernel is tested against
 Layout (chosen for the kernel's loads, contiguous along the outputs): codes [in, out]
 (float8 values stay [out, in], the layout torch._scaled_mm takes); for 4 bits in planes
 int16 [in / 4, out] where, within each step of 128 inputs, row j holds input 32 q + j in
-nibble q (q = 0..3), else [in / 2, out] bytes where, within each chunk of 64 inputs, byte j
-holds input j in its low nibble and input j + 32 in its high one; scales and mins
-[groups, out] float16 (float32 scales for float8 values, whose per-row scales may be smaller
-than float16 holds)."""
+nibble q (q = 0..3); in byte planes int16 [in / 2, out] where, within each step of 32
+inputs, row j holds input 16 q + j in byte q (q = 0, 1); else for 4 bits [in / 2, out]
+bytes where, within each chunk of 64 inputs, byte j holds input j in its low nibble and
+input j + 32 in its high one; scales and mins [groups, out] float16 (float32 scales for
+float8 values, whose per-row scales may be smaller than float16 holds)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ FEW_TOKENS = 32  # calls of at most this many tokens (decode) go to the few-toke
 SMALL_M = 64  # calls of at most this many tokens split their inputs in the larger kernel
 PLANE_ROWS = 32  # inputs per plane of a 4-bit planes step
 PLANE_STEP = 4 * PLANE_ROWS  # inputs per int16 row of a step
+BYTE_PLANE_ROWS = 16  # inputs per plane of a byte planes step (a group of GGUF Q6_K)
+BYTE_PLANE_STEP = 2 * BYTE_PLANE_ROWS
+# the largest code byte planes hold: 128 plus it is a bfloat16 integer, as the kernel decodes
+MAX_BYTE_PLANE_CODE = 127
 
 
 def pack_int4_halves(codes: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,34 @@ def unpack_int4_planes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(planes, dim=2).reshape(out_features, 4 * rows).to(torch.uint8)
 
 
+def pack_byte_planes(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes 0..MAX_BYTE_PLANE_CODE (in a multiple of BYTE_PLANE_STEP) -> int16
+    [in / 2, out]: within each step of BYTE_PLANE_STEP inputs, row j holds input
+    q BYTE_PLANE_ROWS + j in byte q."""
+    out_features, in_features = codes.shape
+    c = codes.to(torch.int32).reshape(out_features, in_features // BYTE_PLANE_STEP, 2,
+                                      BYTE_PLANE_ROWS)
+    words = c[:, :, 0] | (c[:, :, 1] << 8)  # below 1 << 15: no sign
+    return words.reshape(out_features, in_features // 2).to(torch.int16).t().contiguous()
+
+
+def unpack_byte_planes(packed: torch.Tensor) -> torch.Tensor:
+    """pack_byte_planes' inverse: int16 [in / 2, out] -> [out, in] uint8 codes."""
+    rows, out_features = packed.shape
+    words = packed.t().to(torch.int32).reshape(out_features, rows // BYTE_PLANE_ROWS, 1,
+                                               BYTE_PLANE_ROWS)
+    return torch.cat([words & 0xFF, words >> 8], dim=2).reshape(out_features, 2 * rows) \
+        .to(torch.uint8)
+
+
+def takes_byte_planes(codes: torch.Tensor, group_size: int) -> bool:
+    """Whether 8-bit integer codes [out, in] fit byte planes: whole steps of BYTE_PLANE_STEP
+    inputs, groups a multiple of BYTE_PLANE_ROWS, no code past MAX_BYTE_PLANE_CODE."""
+    return (codes.dtype != FP8 and codes.shape[1] % BYTE_PLANE_STEP == 0
+            and group_size % BYTE_PLANE_ROWS == 0
+            and int(codes.max()) <= MAX_BYTE_PLANE_CODE)
+
+
 def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
     """Whether 4-bit codes are held in planes: whole steps of PLANE_STEP inputs, groups a
     multiple of PLANE_ROWS (a plane never crosses a group)."""
@@ -92,6 +126,10 @@ STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # the same for planes in groups smaller than a step (GGUF's 32), whose kernel scales each
 # plane's sums (PAGODA_PLANE_GROUP_SUMS=1: on); off until timed on a GPU
 GROUP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_GROUP_SUMS", "0") == "1"
+# whether 8-bit codes of at most 7 bits (GGUF Q5_0/Q5_1, Q5_K, Q6_K) are held in byte planes
+# by default (PAGODA_BYTE_PLANES=1: on), the planes kernel decoding them as it does nibbles
+# (no conversion instruction); off until timed on a GPU
+BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -143,8 +181,10 @@ class GroupQuantWeight(nn.Module):
                  zero_points: bool | None = None, step_sums: bool | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
-        (default: where `takes_planes`), else in halves. `zero_points`: planes hold the mins
-        as integer zero points where every one is (default ZERO_POINTS_IN_PLANES).
+        (default: where `takes_planes`), else in halves; 8-bit integer codes in byte planes
+        (default: BYTE_PLANES where `takes_byte_planes`), else a byte each. `zero_points`:
+        planes hold the mins as integer zero points where every one is (default
+        ZERO_POINTS_IN_PLANES).
         `step_sums`: planes hold each group's scale and min (or zero point) as one word an
         output, `step_words`, in place of `scale`, `low` and `zeros` (default
         STEP_SUMS_IN_PLANES in groups of whole steps, GROUP_SUMS_IN_PLANES in smaller ones)."""
@@ -155,13 +195,18 @@ class GroupQuantWeight(nn.Module):
                              "are not a supported layout")
         self.out_features, self.in_features = out_features, in_features
         self.group_size, self.bits = group_size, bits
-        fits = takes_planes(in_features, group_size, bits)
+        if bits == 4:
+            fits = takes_planes(in_features, group_size, bits)
+        else:
+            fits = (planes or (planes is None and BYTE_PLANES)) \
+                and takes_byte_planes(codes, group_size)
         if planes and not fits:
             raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs "
-                             "do not fit 4-bit planes")
+                             "(or codes past MAX_BYTE_PLANE_CODE) do not fit planes")
         self.planes = fits if planes is None else planes
+        self.plane_step = PLANE_STEP if bits == 4 else BYTE_PLANE_STEP
         if self.planes:
-            stored = pack_int4_planes(codes)
+            stored = pack_int4_planes(codes) if bits == 4 else pack_byte_planes(codes)
         elif bits == 4:
             stored = pack_int4_halves(codes)
         elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes
@@ -174,7 +219,7 @@ class GroupQuantWeight(nn.Module):
                           self._default_step_sums() if step_sums is None else step_sums)
 
     def _default_step_sums(self) -> bool:
-        if self.group_size % PLANE_STEP == 0:
+        if self.group_size % self.plane_step == 0:
             return STEP_SUMS_IN_PLANES
         return GROUP_SUMS_IN_PLANES
 
@@ -225,7 +270,7 @@ class GroupQuantWeight(nn.Module):
         if self.codes.dtype == FP8:
             return "triton group gemm (fp8 weights)"
         gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
-        planes = " in planes" if self.planes else ""
+        planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
         if self.holds_zero_points:
             planes += " with zero points"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
@@ -239,7 +284,8 @@ class GroupQuantWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights as a dense [out, in] tensor of `dtype`."""
         if self.planes:
-            codes = unpack_int4_planes(self.codes)
+            codes = (unpack_int4_planes(self.codes) if self.bits == 4
+                     else unpack_byte_planes(self.codes))
         elif self.bits == 4:
             codes = unpack_int4_halves(self.codes)
         else:

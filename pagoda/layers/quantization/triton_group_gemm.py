@@ -39,12 +39,12 @@ import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.quantization.group_gemm import (
+    BYTE_PLANE_ROWS,
     CHUNK,
     FEW_TOKENS,
     FP8,
     HALF,
     PLANE_ROWS,
-    PLANE_STEP,
     SMALL_M,
     GroupQuantWeight,
 )
@@ -202,6 +202,7 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
 
 HALF_T: tl.constexpr = tl.constexpr(HALF)  # HALF inside kernels
 PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
+BYTE_PLANE_ROWS_T: tl.constexpr = tl.constexpr(BYTE_PLANE_ROWS)  # BYTE_PLANE_ROWS inside
 
 
 @triton.jit
@@ -210,11 +211,14 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr, WORDS_TO_L2: tl.constexpr = False):
+                   PDL: tl.constexpr, WORDS_TO_L2: tl.constexpr = False,
+                   PLANE_BITS: tl.constexpr = 4):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
-    the decoded weights times those inputs' activations. DOT: the product's type (0 float32,
+    the decoded weights times those inputs' activations. PLANE_BITS 8: codes in byte planes
+    (int16 [K / 2, N]), the same with steps of BYTE_PLANE_STEP inputs, BYTE_PLANE_ROWS rows
+    and two planes (bytes). DOT: the product's type (0 float32,
     1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
     groups are whole steps (a scale a step), else a scale a plane (each lies in one group,
     as takes_planes requires). ZERO_POINTS: the mins are integer zero points (uint8), and
@@ -234,18 +238,20 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     words are asked of L2 three steps before their step (WORD_PREFETCH)."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
-    rows = tl.arange(0, PLANE_ROWS_T)
+    ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
+    PLANES: tl.constexpr = 16 // PLANE_BITS  # a plane a nibble or a byte of an int16
+    STEP: tl.constexpr = PLANES * ROWS
+    rows = tl.arange(0, ROWS)
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
     SUMS_A_STEP: tl.constexpr = STEP_IN_GROUP and STEP_SUMS and BLOCK_T <= 32
-    SUMS_A_PLANE: tl.constexpr = ((GROUP == PLANE_ROWS_T or GROUP == 2 * PLANE_ROWS_T)
+    SUMS_A_PLANE: tl.constexpr = (not STEP_IN_GROUP and (GROUP == ROWS or GROUP == 2 * ROWS)
                                   and STEP_SUMS and BLOCK_T <= 32)
-    STEP: tl.constexpr = 4 * PLANE_ROWS_T
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     if SUMS_A_PLANE:  # the first step's four words (a plane's group each), then each
         # step's loaded at the end of the step before, as SUMS_A_STEP's
         last_k = split * K_SPLIT + K_SPLIT - STEP
-        word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, n, n_ok,
-                                                  N)
+        word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, ROWS,
+                                                  PLANES, n, n_ok, N)
     if SUMS_A_STEP:  # scale_ptr: a word a group and output (see _step_scales), each loaded
         # at the end of the step before its own: the pipeline's copies take only what feeds
         # a product, and a load waited for in its own step would stall it
@@ -258,7 +264,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                                   N, BLOCK_N)
     for offset in range(0, K_SPLIT, STEP):
         k = split * K_SPLIT + offset
-        first_row = tl.multiple_of(k // 4, PLANE_ROWS_T)
+        first_row = tl.multiple_of(k // PLANES, ROWS)
         packed = tl.load(codes_ptr + (first_row + rows)[None, :] * N + n[:, None],
                          mask=n_ok[:, None])
         if SUMS_A_STEP:
@@ -268,37 +274,43 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
         elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
                                               HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
-        for q in tl.static_range(4):
+        if PLANES == 2:  # both planes' activations in one load (one plane's, 2 bytes a
+            # thread, are too few for the pipeline's asynchronous copies)
+            x_first, x_second = _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS)
+        for q in tl.static_range(PLANES):
             if not STEP_IN_GROUP and not SUMS_A_PLANE:  # one a plane
-                scale, low = _plane_scale_and_low(scale_ptr, low_ptr,
-                                                  (k + q * PLANE_ROWS_T) // GROUP, n, n_ok, N,
-                                                  HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
-            x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * PLANE_ROWS_T + rows)[:, None],
-                        mask=t_ok[None, :], other=0.0).to(dot_type)
+                scale, low = _plane_scale_and_low(scale_ptr, low_ptr, (k + q * ROWS) // GROUP,
+                                                  n, n_ok, N, HAS_LOW, ZERO_POINTS, STEP_SUMS,
+                                                  DOT)
+            if PLANES == 2:
+                x = (x_first if q == 0 else x_second).to(dot_type)
+            else:
+                x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * ROWS + rows)[:, None],
+                            mask=t_ok[None, :], other=0.0).to(dot_type)
+            plane = _biased_plane(packed, q, DOT, ASM, PLANE_BITS)
             if SUMS_A_PLANE:  # the plane's biased codes' sums, its bias and min off at once
-                ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
+                ones = tl.full((BLOCK_N, ROWS), 1.0, dot_type)
                 word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
                 scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT)
-                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, input_precision="ieee")
+                sums = tl.dot(plane, x, input_precision="ieee")
                 x_sums = tl.dot(ones, x, input_precision="ieee")
                 acc += sums * scale[:, None]
                 acc += x_sums * x_sums_weight[:, None]
             elif SUMS_A_STEP:  # the biased codes' sums; bias and min come off once a step
-                sums = tl.dot(_biased_plane(packed, q, DOT, ASM), x, sums,
-                              input_precision="ieee")
-                ones = tl.full((BLOCK_N, PLANE_ROWS_T), 1.0, dot_type)
+                sums = tl.dot(plane, x, sums, input_precision="ieee")
+                ones = tl.full((BLOCK_N, ROWS), 1.0, dot_type)
                 x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
             elif not ZERO_POINTS:
-                weights = _unbiased(_biased_plane(packed, q, DOT, ASM), DOT) * scale[:, None]
+                weights = _unbiased(plane, DOT) * scale[:, None]
                 if HAS_LOW:
                     weights += low[:, None]
                 acc = tl.dot(weights, x, acc, input_precision="ieee")
             else:
-                codes = _biased_plane(packed, q, DOT, ASM) - low[:, None]
+                codes = plane - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
         if SUMS_A_PLANE:
             word0, word1, word2, word3 = _plane_words(scale_ptr, tl.minimum(k + STEP, last_k),
-                                                      GROUP, n, n_ok, N)
+                                                      GROUP, ROWS, PLANES, n, n_ok, N)
         if SUMS_A_STEP:
             scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
             acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
@@ -310,6 +322,17 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
                       partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+
+
+@triton.jit
+def _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS: tl.constexpr):
+    """Tokens t's activations at inputs k + j and k + ROWS + j (j < ROWS): two [ROWS,
+    BLOCK_T] tiles from one load."""
+    rows = tl.arange(0, ROWS)
+    planes = tl.arange(0, 2)
+    at = (x_ptr + t[None, :, None] * stride_xm
+          + (k + planes[None, None, :] * ROWS + rows[:, None, None]))
+    return tl.split(tl.load(at, mask=t_ok[None, :, None], other=0.0))
 
 
 @triton.jit
@@ -337,15 +360,19 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
 
 
 @triton.jit
-def _plane_words(words_ptr, k, GROUP: tl.constexpr, n, n_ok, N):
-    """Outputs n's words (int32) in the groups of the four planes of the step at input k,
-    in groups of one plane or two."""
+def _plane_words(words_ptr, k, GROUP: tl.constexpr, ROWS: tl.constexpr, PLANES: tl.constexpr,
+                 n, n_ok, N):
+    """Outputs n's words (int32) in the groups of the (up to four) planes of the step at
+    input k, in groups of one plane (of ROWS inputs) or two; four words whatever PLANES
+    (those past the step's planes repeat, loading nothing past it)."""
     at = words_ptr + (k // GROUP) * N + n
     first = tl.load(at, mask=n_ok, other=0)
     second = tl.load(at + N, mask=n_ok, other=0)
-    if GROUP == PLANE_ROWS_T:
+    if GROUP == ROWS and PLANES == 4:
         return first, second, tl.load(at + 2 * N, mask=n_ok, other=0), \
             tl.load(at + 3 * N, mask=n_ok, other=0)
+    if GROUP == ROWS:
+        return first, second, first, second
     return first, first, second, second
 
 
@@ -427,18 +454,24 @@ def _unbiased(values, DOT: tl.constexpr):
 
 
 @triton.jit
-def _biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
-    """Nibble Q of each int16 plus _biased's bias, as the product's type. The 16-bit types take
-    no conversion instruction: the nibble is OR-ed into the mantissa of 1024 (float16) or
-    128 (bfloat16); on a GPU one LOP3 makes two bfloat16s."""
+def _biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+                  PLANE_BITS: tl.constexpr = 4):
+    """Nibble (PLANE_BITS 8: byte) Q of each int16 plus _biased's bias, as the product's
+    type. The 16-bit types take no conversion instruction: the code is OR-ed into the
+    mantissa of 1024 (float16) or 128 (bfloat16: exact for codes up to 127, as byte planes
+    hold); on a GPU one LOP3 makes two bfloat16s."""
+    MASK: tl.constexpr = (1 << PLANE_BITS) - 1
+    code = (packed >> (PLANE_BITS * Q)) & MASK
     if DOT == 0:
-        plane = ((packed >> (4 * Q)) & 15).to(tl.float32)
+        plane = code.to(tl.float32)
     elif DOT == 1:
-        plane = (((packed >> (4 * Q)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    elif ASM:
+        plane = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif ASM and PLANE_BITS == 4:
         plane = _bfloat16_plane_asm(packed, Q)
+    elif ASM:
+        plane = _bfloat16_byte_plane_asm(packed, Q)
     else:
-        plane = (((packed >> (4 * Q)) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        plane = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return plane
 
 
@@ -461,6 +494,21 @@ def _bfloat16_plane_asm(packed, Q: tl.constexpr):
     else:
         plane = tl.inline_asm_elementwise(
             "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return plane
+
+
+@triton.jit
+def _bfloat16_byte_plane_asm(packed, Q: tl.constexpr):
+    """bfloat16 128 + byte Q of each int16 (a code up to 127), two values per instruction
+    (a shift first for Q = 1)."""
+    if Q == 0:
+        plane = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, 0x00FF00FF, 0x43004300, 0xea;",
+            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        plane = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x00FF00FF, 0x43004300, 0xea; }",
             "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
     return plane
 
@@ -766,13 +814,13 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
     FEW_TOKENS: PLANES_FEW's outputs by 8, 16 or 32 tokens; more: PLANES_LARGE's tiles, the
     inputs split only up to SMALL_M tokens."""
     if tokens <= FEW_TOKENS:
-        block_n, warps, stages, target = PLANES_FEW
+        block_n, warps, stages, target = PLANES_FEW if weight.bits == 4 else BYTE_PLANES_FEW
         block_t = 8 if tokens <= 8 else 16 if tokens <= 16 else 32
     else:
         block_n, block_t, warps, stages = PLANES_LARGE
         target = TARGET_PROGRAMS if tokens <= SMALL_M else 0
     tiles = triton.cdiv(tokens, block_t) * triton.cdiv(weight.out_features, block_n)
-    splits = _splits(tiles, weight.in_features, PLANE_STEP, multiprocessors, target)
+    splits = _splits(tiles, weight.in_features, weight.plane_step, multiprocessors, target)
     return {"BLOCK_N": block_n, "BLOCK_T": block_t, "splits": splits, "num_warps": warps,
             "num_stages": stages}
 
@@ -803,6 +851,10 @@ def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...
 # `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens, groups of 32
 # and 128); PAGODA_PLANES_FEW_TILE=64,4,3,8 names another
 PLANES_FEW = tile_from_environment("PAGODA_PLANES_FEW_TILE", (64, 4, 3, 8))
+# the same for codes in byte planes (PAGODA_BYTE_PLANES_FEW_TILE): twice the outputs, for
+# steps of as many bytes (a step of 16 rows; its sm_90 loop: 172 instructions a thread a
+# step against 132 for half the bytes at 64 outputs); not yet timed on a GPU
+BYTE_PLANES_FEW = tile_from_environment("PAGODA_BYTE_PLANES_FEW_TILE", (128, 4, 3, 8))
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
 # whether the planes kernel asks L2 for each step's words three steps ahead
@@ -828,11 +880,11 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         flat, weight.codes, scale, mins, out, _partials(out, splits),
         tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
-        GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % PLANE_STEP == 0,
+        GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % weight.plane_step == 0,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda, WORDS_TO_L2=WORD_PREFETCH and words is not None and flat.is_cuda,
-        **config,
+        PLANE_BITS=weight.bits, **config,
         **dependent_launch(flat.device))
 
 

@@ -70,6 +70,22 @@ def test_byte_groups_rebuild_the_weights(name):
                                atol=1e-6 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("name", ["Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_codes_of_at_most_7_bits_fit_byte_planes_and_come_back_whole(name):
+    """GGUF's 5 and 6-bit codes (not Q8_0's bytes) fit the GPU kernel's byte planes, and the
+    weights held so decode to what their groups hold (float16 scales and mins)."""
+    from pagoda.layers.quantization.group_gemm import GroupQuantWeight, takes_byte_planes
+    rows = random_rows(name, 3, 512, seed=2)
+    codes, scale, low, group = byte_groups(torch.from_numpy(rows), name)
+    assert takes_byte_planes(codes, group)
+    planes = GroupQuantWeight(codes, scale, low, group, 8, planes=True)
+    assert planes.codes.dtype == torch.int16 and planes.codes.shape == (256, 3)
+    one_a_byte = GroupQuantWeight(codes, scale, low, group, 8, planes=False)
+    assert torch.equal(planes.dequantize(torch.float32), one_a_byte.dequantize(torch.float32))
+    q8_codes = byte_groups(torch.from_numpy(random_rows("Q8_0", 3, 512, seed=2)), "Q8_0")[0]
+    assert not takes_byte_planes(q8_codes, 32)  # codes up to 255
+
+
 def _first_tensors_by_type(tensors) -> dict[str, object]:
     found = {}
     for tensor in tensors:

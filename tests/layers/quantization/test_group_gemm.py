@@ -111,6 +111,55 @@ PLANE_CASES = [name for name, (_, _, inputs, group, bits, *_) in CASES.items()
                if takes_planes(inputs, group, bits)]
 
 
+# 8-bit codes of at most 7 bits (GGUF Q6_K's 0..63 here) in byte planes: name -> (tokens,
+# outputs, inputs, group, with a min (or "zero points")); each run from step words (a
+# plane's or a step's sums scaled) and again weight by weight ("-weight-by-weight")
+BYTE_PLANE_CASES = {
+    "bytes-g16-one-token": (1, 72, 512, 16, True),
+    "bytes-g16-tokens-12-split": (12, 40, 1024, 16, True),
+    "bytes-g32-tokens-20": (20, 48, 256, 32, True),  # a step a group: a step's sums scaled
+    "bytes-g16-tokens-40": (40, 40, 256, 16, True),  # the larger tiles
+    "bytes-g16-zero-points-tokens-3": (3, 40, 256, 16, "zero points"),
+    "bytes-g64-tokens-5": (5, 40, 384, 64, True),  # two steps a group
+    "bytes-g16-nomin-tokens-2": (2, 40, 256, 16, False),
+}
+
+
+def byte_plane_weight(outputs: int, inputs: int, group: int, with_min: bool | str,
+                      generator: torch.Generator, step_sums: bool) -> GroupQuantWeight:
+    codes = torch.randint(0, 64, (outputs, inputs), generator=generator)
+    scale = (torch.rand(outputs, inputs // group, generator=generator) * 0.01 + 0.001)
+    if with_min == "zero points":
+        scale = scale.half().float()
+        low = -torch.randint(0, 64, scale.shape, generator=generator) * scale
+    else:
+        low = -torch.rand(scale.shape, generator=generator) * 0.05 if with_min else None
+    weight = GroupQuantWeight(codes, scale, low, group, 8, planes=True,
+                              zero_points=with_min == "zero points", step_sums=step_sums)
+    assert weight.planes and weight.codes.dtype == torch.int16
+    return weight
+
+
+def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    errors = {}
+    for name, (tokens, outputs, inputs, group, with_min) in BYTE_PLANE_CASES.items():
+        for step_sums, suffix in ((True, ""), (False, "-weight-by-weight")):
+            weight = byte_plane_weight(outputs, inputs, group, with_min, generator, step_sums)
+            x = torch.randn(tokens, inputs, generator=generator)
+            expected = F.linear(x, weight.dequantize(torch.float32))
+            errors[name + suffix] = ((group_gemm(x, weight) - expected).abs()
+                                     / (1 + expected.abs())).max().item()
+    # float16 activations: the codes OR-ed into the mantissa of 1024 (bfloat16's 128 is for a
+    # GPU: the interpreter has no bfloat16 constants)
+    weight = byte_plane_weight(40, 512, 16, True, generator, True)
+    x = torch.randn(3, 512, generator=generator).half()
+    expected = x.float() @ weight.dequantize(torch.float32).t()
+    errors["bytes-g16-tokens-3-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
+                                         / expected.norm()).item()
+    return errors
+
+
 def kernel_errors() -> dict[str, float]:
     """Max |kernel - dense| / (1 + |dense|) per case, float32 activations."""
     from pagoda.layers.quantization.triton_group_gemm import group_gemm
@@ -145,6 +194,7 @@ def kernel_errors() -> dict[str, float]:
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
                                   / expected.norm()).item()
     errors.update(float8_byte_errors(generator))
+    errors.update(byte_plane_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -218,8 +268,34 @@ def test_int4_planes_round_trip_and_fit_whole_steps_of_groups_of_32():
     assert not takes_planes(4096, 16, 8) and not takes_planes(4096, 128, 8)
     weight = GroupQuantWeight(codes, torch.ones(40, 3), None, 128, 4)
     assert weight.planes and weight.codes.shape == (96, 40)
-    with pytest.raises(ValueError, match="do not fit 4-bit planes"):
+    with pytest.raises(ValueError, match="do not fit planes"):
         GroupQuantWeight(codes[:, :320], torch.ones(40, 5), None, 64, 4, planes=True)
+
+
+def test_byte_planes_round_trip_and_take_codes_of_at_most_7_bits():
+    from pagoda.layers.quantization.group_gemm import (
+        BYTE_PLANES,
+        pack_byte_planes,
+        takes_byte_planes,
+        unpack_byte_planes,
+    )
+    codes = torch.randint(0, 128, (40, 96))
+    packed = pack_byte_planes(codes)
+    assert packed.dtype == torch.int16 and packed.shape == (48, 40)
+    assert torch.equal(unpack_byte_planes(packed), codes.to(torch.uint8))
+    # row j of a step of 32 inputs holds inputs j and 16 + j in bytes 0 and 1
+    assert int(packed[21, 3]) == int(codes[3, 32 + 5]) | int(codes[3, 32 + 16 + 5]) << 8
+    assert takes_byte_planes(codes, 16) and takes_byte_planes(codes, 32)
+    assert not takes_byte_planes(codes[:, :80], 16)  # not whole steps of 32 inputs
+    too_wide = codes.clone()
+    too_wide[7, 9] = 128  # past a bfloat16 128 + code
+    assert not takes_byte_planes(too_wide, 16)
+    weight = GroupQuantWeight(codes, torch.ones(40, 6), None, 16, 8, planes=True)
+    assert weight.planes and "8-bit codes in byte planes" in weight.kernel_name()
+    default = GroupQuantWeight(codes, torch.ones(40, 6), None, 16, 8)
+    assert default.planes == BYTE_PLANES  # (PAGODA_BYTE_PLANES)
+    with pytest.raises(ValueError, match="do not fit planes"):
+        GroupQuantWeight(too_wide, torch.ones(40, 6), None, 16, 8, planes=True)
 
 
 def test_int4_halves_round_trip():
@@ -450,10 +526,12 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-weight-by-weight" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
+                           | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16"}
+                           | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
-        half = name.endswith("-fp16") or name.endswith("-fp16-bytes")
+        half = name.endswith(("-fp16", "-fp16-bytes"))
         assert error < (HALF_TOLERANCE if half else 5e-5), (name, error)
 
 
@@ -493,11 +571,14 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
 
 
-@pytest.mark.parametrize(("activations", "dot", "asm", "group", "capability"), [
-    ("bf16", 2, True, 128, 90), ("bf16", 2, True, 32, 90), ("fp16", 1, False, 64, 90),
-    ("fp32", 0, False, 128, 90), ("bf16", 2, True, 128, 80)])
-def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability):
+@pytest.mark.parametrize(("activations", "dot", "asm", "group", "capability", "bits"), [
+    ("bf16", 2, True, 128, 90, 4), ("bf16", 2, True, 32, 90, 4), ("fp16", 1, False, 64, 90, 4),
+    ("fp32", 0, False, 128, 90, 4), ("bf16", 2, True, 128, 80, 4), ("bf16", 2, True, 16, 90, 8),
+    ("bf16", 2, True, 32, 90, 8), ("fp16", 1, False, 16, 80, 8)])
+def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capability, bits):
+    from pagoda.layers.quantization.group_gemm import BYTE_PLANE_STEP
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+    step = PLANE_STEP if bits == 4 else BYTE_PLANE_STEP
     for block_n, block_t, splits, has_low, zero_points, step_sums in (
             (64, 8, 4, True, False, True), (64, 8, 4, True, False, False),
             (128, 64, 1, False, False, True), (64, 8, 4, False, True, True),
@@ -509,17 +590,18 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
             "stride_xm": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
-            "STEP_IN_GROUP": group % PLANE_STEP == 0, "HAS_LOW": has_low,
+            "STEP_IN_GROUP": group % step == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points, "STEP_SUMS": step_sums,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
-            "PDL": capability >= 90}, capability)
+            "PDL": capability >= 90, "PLANE_BITS": bits}, capability)
 
 
-@pytest.mark.parametrize(("zero_points", "words_to_l2", "group"), [
-    (False, False, 128), (True, False, 128), (False, True, 128), (False, False, 32),
-    (True, False, 32)])
+@pytest.mark.parametrize(("zero_points", "words_to_l2", "group", "bits"), [
+    (False, False, 128, 4), (True, False, 128, 4), (False, True, 128, 4), (False, False, 32, 4),
+    (True, False, 32, 4), (False, False, 16, 8)])
 def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points,
-                                                                        words_to_l2, group):
+                                                                        words_to_l2, group,
+                                                                        bits):
     """With a scale a step, the planes kernel takes the step's sums of x from a product with
     ones laid out as its sums (every row the same sums), not from 16 rows reduced across
     threads: its sm_90 code shuffles nothing between lanes (the reduction cost 11
@@ -528,7 +610,8 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     waits for them (a move or repacking of a loaded register at the loop's end did: `python
     bench/kernels/sass_census.py` counts the loop). With WORDS_TO_L2 the words are also
     asked of L2 (prefetch.global.L2), two steps' before the loop and one step's in it. The
-    same in groups of 32 (GGUF's), whose four words a step scale each plane's sums."""
+    same in groups of 32 (GGUF's), whose four words a step scale each plane's sums, and for
+    byte planes in groups of 16 (GGUF Q6_K's)."""
     from bench.kernels.sass_census import planes_sass
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
@@ -536,13 +619,14 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
         "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
         "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
         "stride_xm": "i32"}, {
-        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "STEP_IN_GROUP": group == 128,
+        "K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
+        "STEP_IN_GROUP": group == 128 or (bits == 8 and group == 32), "PLANE_BITS": bits,
         "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
         "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True,
         "WORDS_TO_L2": words_to_l2})["ptx"]
     assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
     assert ("prefetch.global.L2" in ptx) == words_to_l2
-    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2, group))
+    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2, group, bits))
     assert loop["loaded"], "no synchronous load of the words in the loop"
     assert not loop["read_after_load"], loop["read_after_load"]
 
