@@ -10,7 +10,7 @@ registers a thread and shared memory a program, which bound the programs a multi
 holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
-        [--warps 4] [--stages 3] [--weight-by-weight] [--words-to-l2] [--group 128]
+        [--warps 4] [--stages 3] [--weight-by-weight] [--group 128]
         [--bits 4|8]
 
 `--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
@@ -44,12 +44,12 @@ OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)
 
 
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                   stages: int, words_to_l2: bool = False, group: int = 128, bits: int = 4):
+                   stages: int, group: int = 128, bits: int = 4):
     """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
     inputs, a 2048-input split of 2 (the 8B gate-up product's), bfloat16 activations;
     step_sums: mins applied to a step's (or in groups smaller than a step, a plane's) sums
-    (the kernel's STEP_SUMS), not weight by weight; words_to_l2: its WORDS_TO_L2; bits 8:
-    codes in byte planes (its PLANE_BITS)."""
+    (the kernel's STEP_SUMS), not weight by weight; bits 8: codes in byte planes (its
+    PLANE_BITS)."""
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
                  "scale_ptr": "*i32" if step_sums else "*fp16",
                  "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
@@ -59,8 +59,7 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                  "STEP_IN_GROUP": group % (PLANE_STEP if bits == 4 else BYTE_PLANE_STEP) == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
-                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "WORDS_TO_L2": words_to_l2,
-                 "PLANE_BITS": bits}
+                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits}
     return _compile(_planes_kernel, signature, constants, warps, stages)
 
 
@@ -105,10 +104,10 @@ def cuobjdump(kernel, option: str) -> str:
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, words_to_l2: bool = False, group: int = 128, bits: int = 4) -> str:
+                stages: int, group: int = 128, bits: int = 4) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    words_to_l2, group, bits), "-sass")
+                                    group, bits), "-sass")
 
 
 def registers(kernel) -> int:
@@ -137,8 +136,6 @@ def main() -> None:
     parser.add_argument("--weight-by-weight", action="store_true",
                         help="mins applied to each weight (STEP_SUMS off)")
     parser.add_argument("--block-n", type=int, default=64)
-    parser.add_argument("--words-to-l2", action="store_true",
-                        help="each step's words asked of L2 three steps ahead")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--group", type=int, default=128, help="inputs a group")
@@ -154,7 +151,7 @@ def main() -> None:
         step_bytes = args.block_n * FEW_TOKEN_LAYOUTS[args.few_tokens][2]  # a byte a code
     else:
         kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
-                                args.warps, args.stages, args.words_to_l2, args.group,
+                                args.warps, args.stages, args.group,
                                 args.bits)
         rows = PLANE_ROWS if args.bits == 4 else BYTE_PLANE_ROWS
         step_bytes = args.block_n * rows * 2  # int16 codes a program reads a step

@@ -176,18 +176,6 @@ def test_graphs_replay_the_eager_products(layout):
         torch.testing.assert_close(captured, group_gemm(x, weight), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 32])
-@pytest.mark.parametrize("layout", ["int4-g128", "int4-g128-zero-points"])
-def test_words_asked_of_l2_change_no_bit(layout, tokens, monkeypatch):
-    """PAGODA_PLANE_WORD_PREFETCH only asks L2 for the words ahead: the same sums."""
-    from pagoda.layers.quantization import triton_group_gemm
-    weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
-    x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
-    plain = group_gemm(x, weight)
-    monkeypatch.setattr(triton_group_gemm, "WORD_PREFETCH", True)
-    assert torch.equal(group_gemm(x, weight), plain)
-
-
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("layout", ["int4-g128", "int4-g128-zero-points", "int8-g32",
                                     "fp8-row"])

@@ -119,13 +119,14 @@ def takes_planes(in_features: int, group_size: int, bits: int) -> bool:
 # qkv and gate-up, slower for o and down; `bench/kernels/planes_products.py`), its GPU tests
 # passing (tests/gpu/test_quantized_gpu.py runs both)
 ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
-# whether planes in groups of whole steps (PLANE_STEP inputs) hold each group's scale and min
-# (or zero point) as one int32 word an output (`step_words`), which the planes kernel applies
-# to a step's sums rather than weight by weight (PAGODA_PLANE_STEP_SUMS=0: off)
+# whether planes in groups of whole steps (PLANE_STEP inputs), and byte planes, hold each
+# group's scale and min (or zero point) as one int32 word an output (`step_words`), which
+# the planes kernel applies to a step's (byte planes in groups of 16: a plane's) sums rather
+# than weight by weight (PAGODA_PLANE_STEP_SUMS=0: off). 4-bit planes in smaller groups
+# (GGUF's 32) are scaled weight by weight: a plane's sums scaled took as long at one token
+# and 8 % longer at 16 on an H100; byte planes in groups of 16 took 203 us a layer weight by
+# weight against 124 (bench/results/README.md)
 STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
-# the same for planes in groups smaller than a step (GGUF's 32), whose kernel scales each
-# plane's sums (PAGODA_PLANE_GROUP_SUMS=1: on); off until timed on a GPU
-GROUP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_GROUP_SUMS", "0") == "1"
 # whether 8-bit codes of at most 7 bits (GGUF Q5_0/Q5_1, Q5_K, Q6_K) are held in byte planes
 # by default (PAGODA_BYTE_PLANES=1: on), the planes kernel decoding them as it does nibbles
 # (no conversion instruction); off until timed on a GPU
@@ -187,7 +188,7 @@ class GroupQuantWeight(nn.Module):
         ZERO_POINTS_IN_PLANES).
         `step_sums`: planes hold each group's scale and min (or zero point) as one word an
         output, `step_words`, in place of `scale`, `low` and `zeros` (default
-        STEP_SUMS_IN_PLANES in groups of whole steps, GROUP_SUMS_IN_PLANES in smaller ones)."""
+        STEP_SUMS_IN_PLANES in groups of whole steps and in byte planes, else off)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -219,9 +220,7 @@ class GroupQuantWeight(nn.Module):
                           self._default_step_sums() if step_sums is None else step_sums)
 
     def _default_step_sums(self) -> bool:
-        if self.group_size % self.plane_step == 0:
-            return STEP_SUMS_IN_PLANES
-        return GROUP_SUMS_IN_PLANES
+        return STEP_SUMS_IN_PLANES and (self.bits == 8 or self.group_size % PLANE_STEP == 0)
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool, step_sums: bool) -> None:

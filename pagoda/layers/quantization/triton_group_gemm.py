@@ -211,8 +211,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr, WORDS_TO_L2: tl.constexpr = False,
-                   PLANE_BITS: tl.constexpr = 4):
+                   PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
     W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
     [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
@@ -234,8 +233,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     or two (GGUF's 32; 64): scale_ptr holds a word a group, and in tiles of up to 32 tokens
     each plane's sums are scaled and its sums of x weighted so (the step's words loaded at
     the end of the step before); in other groups smaller than a step the words are applied
-    weight by weight. WORDS_TO_L2 (with STEP_SUMS in whole-step groups, a GPU): each step's
-    words are asked of L2 three steps before their step (WORD_PREFETCH)."""
+    weight by weight."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
@@ -257,11 +255,6 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
         # a product, and a load waited for in its own step would stall it
         last_k = split * K_SPLIT + K_SPLIT - STEP
         words = _step_words(scale_ptr, split * K_SPLIT // GROUP, n, n_ok, N)
-        if WORDS_TO_L2:  # the next two steps' (then one a step, below)
-            for ahead in tl.static_range(1, 3):
-                _ask_l2_for_words(scale_ptr,
-                                  tl.minimum(split * K_SPLIT + ahead * STEP, last_k) // GROUP,
-                                  N, BLOCK_N)
     for offset in range(0, K_SPLIT, STEP):
         k = split * K_SPLIT + offset
         first_row = tl.multiple_of(k // PLANES, ROWS)
@@ -315,9 +308,6 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
             acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
             words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n, n_ok, N)
-            if WORDS_TO_L2:  # loaded two steps from now
-                _ask_l2_for_words(scale_ptr, tl.minimum(k + 3 * STEP, last_k) // GROUP, N,
-                                  BLOCK_N)
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
@@ -393,17 +383,6 @@ def _word_halves(words, ZERO_POINTS: tl.constexpr):
     else:
         low = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return scale, low
-
-
-@triton.jit
-def _ask_l2_for_words(words_ptr, group, N, BLOCK_N: tl.constexpr):
-    """prefetch.global.L2 of the 128-byte lines that hold this program's words in `group`
-    (a GPU only: inline PTX)."""
-    LINES: tl.constexpr = max(BLOCK_N // 32, 1)  # 32 words a line
-    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, LINES) * 32, N - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                              [words_ptr + group * N + n], dtype=tl.int32, is_pure=False,
-                              pack=1)
 
 
 @triton.jit
@@ -852,15 +831,12 @@ def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...
 # and 128); PAGODA_PLANES_FEW_TILE=64,4,3,8 names another
 PLANES_FEW = tile_from_environment("PAGODA_PLANES_FEW_TILE", (64, 4, 3, 8))
 # the same for codes in byte planes (PAGODA_BYTE_PLANES_FEW_TILE): twice the outputs, for
-# steps of as many bytes (a step of 16 rows; its sm_90 loop: 172 instructions a thread a
-# step against 132 for half the bytes at 64 outputs); not yet timed on a GPU
+# steps of as many bytes (a step is 16 rows). On an H100, Q6_K's layout at one and 16
+# tokens: 124.1 and 181.2 us a layer; (64, 4, 3, 8) 122.0 and 231.2, (128, 2, 3, 8) 129.9
+# and 151.9 (the few-token kernel: 133.2 and 151.7)
 BYTE_PLANES_FEW = tile_from_environment("PAGODA_BYTE_PLANES_FEW_TILE", (128, 4, 3, 8))
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
-# whether the planes kernel asks L2 for each step's words three steps ahead
-# (PAGODA_PLANE_WORD_PREFETCH=1): a profile found warps waiting on words loaded a step ahead
-# (bench/results/README.md); off until timed on a GPU
-WORD_PREFETCH = os.environ.get("PAGODA_PLANE_WORD_PREFETCH", "0") == "1"
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
@@ -883,8 +859,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.group_size % weight.plane_step == 0,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
-        ASM=flat.is_cuda, WORDS_TO_L2=WORD_PREFETCH and words is not None and flat.is_cuda,
-        PLANE_BITS=weight.bits, **config,
+        ASM=flat.is_cuda, PLANE_BITS=weight.bits, **config,
         **dependent_launch(flat.device))
 
 

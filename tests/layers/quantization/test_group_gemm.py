@@ -368,7 +368,7 @@ def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_m
     assert weight_bytes == 48 * 512 // 2 + 4 * 4 * 48
     assert GroupQuantWeight(codes[:, :384], scale[:, :3], None, 128, 4).step_words is not None
     smaller_groups = GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4)
-    assert smaller_groups.step_words is None  # (GROUP_SUMS_IN_PLANES off)
+    assert smaller_groups.step_words is None  # 4-bit groups smaller than a step
     asked = GroupQuantWeight(codes, torch.rand(48, 16), None, 32, 4, step_sums=True)
     assert asked.step_words.shape == (16, 48)
 
@@ -596,11 +596,9 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "PDL": capability >= 90, "PLANE_BITS": bits}, capability)
 
 
-@pytest.mark.parametrize(("zero_points", "words_to_l2", "group", "bits"), [
-    (False, False, 128, 4), (True, False, 128, 4), (False, True, 128, 4), (False, False, 32, 4),
-    (True, False, 32, 4), (False, False, 16, 8)])
-def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points,
-                                                                        words_to_l2, group,
+@pytest.mark.parametrize(("zero_points", "group", "bits"), [
+    (False, 128, 4), (True, 128, 4), (False, 32, 4), (True, 32, 4), (False, 16, 8)])
+def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_points, group,
                                                                         bits):
     """With a scale a step, the planes kernel takes the step's sums of x from a product with
     ones laid out as its sums (every row the same sums), not from 16 rows reduced across
@@ -608,10 +606,9 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     instructions a step). And each step's words are loaded (LDG) straight into the
     registers the loop carries them in, so no instruction of the step they are loaded in
     waits for them (a move or repacking of a loaded register at the loop's end did: `python
-    bench/kernels/sass_census.py` counts the loop). With WORDS_TO_L2 the words are also
-    asked of L2 (prefetch.global.L2), two steps' before the loop and one step's in it. The
-    same in groups of 32 (GGUF's), whose four words a step scale each plane's sums, and for
-    byte planes in groups of 16 (GGUF Q6_K's)."""
+    bench/kernels/sass_census.py` counts the loop). The same in groups of 32 (GGUF's),
+    whose four words a step scale each plane's sums, and for byte planes in groups of 16
+    (GGUF Q6_K's, whose two planes' activations come in one load the pipeline copies)."""
     from bench.kernels.sass_census import planes_sass
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     ptx = compile_for_cuda(_planes_kernel, {
@@ -622,11 +619,9 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
         "K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
         "STEP_IN_GROUP": group == 128 or (bits == 8 and group == 32), "PLANE_BITS": bits,
         "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
-        "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True,
-        "WORDS_TO_L2": words_to_l2})["ptx"]
+        "BLOCK_N": 64, "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True})["ptx"]
     assert "griddepcontrol.wait" in ptx and "shfl.sync" not in ptx
-    assert ("prefetch.global.L2" in ptx) == words_to_l2
-    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, words_to_l2, group, bits))
+    loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, group, bits))
     assert loop["loaded"], "no synchronous load of the words in the loop"
     assert not loop["read_after_load"], loop["read_after_load"]
 
