@@ -129,7 +129,9 @@ ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
 STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # whether 8-bit codes of at most 7 bits (GGUF Q5_0/Q5_1, Q5_K, Q6_K) are held in byte planes
 # by default (PAGODA_BYTE_PLANES=1: on), the planes kernel decoding them as it does nibbles
-# (no conversion instruction); off until timed on a GPU
+# (no conversion instruction). Off: on an H100 the 8B layer's products in Q6_K's layout took
+# 124 against the few-token kernel's 133 us at one token but 181 against 152 at 16
+# (triton_group_gemm.BYTE_PLANES_FEW)
 BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
@@ -202,8 +204,9 @@ class GroupQuantWeight(nn.Module):
             fits = (planes or (planes is None and BYTE_PLANES)) \
                 and takes_byte_planes(codes, group_size)
         if planes and not fits:
-            raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs "
-                             "(or codes past MAX_BYTE_PLANE_CODE) do not fit planes")
+            past = "" if bits == 4 else f" (or codes past {MAX_BYTE_PLANE_CODE})"
+            raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs"
+                             f"{past} do not fit planes")
         self.planes = fits if planes is None else planes
         self.plane_step = PLANE_STEP if bits == 4 else BYTE_PLANE_STEP
         if self.planes:

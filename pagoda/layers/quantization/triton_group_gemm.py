@@ -212,28 +212,26 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4):
-    """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as
-    W x^T, from 4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one
-    [PLANE_ROWS, BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j)
-    the decoded weights times those inputs' activations. PLANE_BITS 8: codes in byte planes
-    (int16 [K / 2, N]), the same with steps of BYTE_PLANE_STEP inputs, BYTE_PLANE_ROWS rows
-    and two planes (bytes). DOT: the product's type (0 float32,
-    1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU). STEP_IN_GROUP: the
-    groups are whole steps (a scale a step), else a scale a plane (each lies in one group,
-    as takes_planes requires). ZERO_POINTS: the mins are integer zero points (uint8), and
-    the weights' scale multiplies the sums, not the weights: a plane's sums of the codes
-    minus the biased zero points (exact). STEP_SUMS, where a scale covers the step:
-    scale_ptr holds the weight's step_words (scale and min or zero point in one int32), and
-    in tiles of up to 32 tokens a step's sums of the biased codes as decoded are multiplied
-    by the scale and added to (min - bias x scale) or -(zero point + bias) x scale times the
-    step's sums of x (a product with ones), in float32 once a step: no arithmetic a weight
-    but the decoding. Else, and in larger tiles (whose sums a step outnumber a thread's
-    weights: a 1024-token prefill took twice as long so on an H100), the weights are scaled
-    (and their min added) one by one in the product's type. STEP_SUMS in groups of one plane
-    or two (GGUF's 32; 64): scale_ptr holds a word a group, and in tiles of up to 32 tokens
-    each plane's sums are scaled and its sums of x weighted so (the step's words loaded at
-    the end of the step before); in other groups smaller than a step the words are applied
-    weight by weight."""
+    """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
+    4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
+    BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
+    times those inputs' activations. PLANE_BITS 8: codes in byte planes (int16 [K / 2, N]), the same
+    with steps of BYTE_PLANE_STEP inputs, BYTE_PLANE_ROWS rows and two planes (bytes). DOT: the
+    product's type (0 float32, 1 float16, 2 bfloat16); ASM: bfloat16 planes by inline PTX (a GPU).
+    STEP_IN_GROUP: the groups are whole steps (a scale a step), else a scale a plane (each lies in
+    one group, as takes_planes requires). ZERO_POINTS: the mins are integer zero points (uint8), and
+    the weights' scale multiplies the sums, not the weights: a plane's sums of the codes minus the
+    biased zero points (exact). STEP_SUMS, where a scale covers the step: scale_ptr holds the
+    weight's step_words (scale and min or zero point in one int32), and in tiles of up to 32 tokens
+    a step's sums of the biased codes as decoded are multiplied by the scale and added to (min -
+    bias x scale) or -(zero point + bias) x scale times the step's sums of x (a product with ones),
+    in float32 once a step: no arithmetic a weight but the decoding. Else, and in larger tiles
+    (whose sums a step outnumber a thread's weights: a 1024-token prefill took twice as long so on
+    an H100), the weights are scaled (and their min added) one by one in the product's type.
+    STEP_SUMS in groups of one plane or two (GGUF's 32; 64): scale_ptr holds a word a group, and in
+    tiles of up to 32 tokens each plane's sums are scaled and its sums of x weighted so (the step's
+    words loaded at the end of the step before); in other groups smaller than a step the words are
+    applied weight by weight."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
