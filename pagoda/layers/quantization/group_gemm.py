@@ -130,8 +130,9 @@ STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # whether 8-bit codes of at most 7 bits (GGUF Q5_0/Q5_1, Q5_K, Q6_K) are held in byte planes
 # by default (PAGODA_BYTE_PLANES=1: on), the planes kernel decoding them as it does nibbles
 # (no conversion instruction). Off: on an H100 the 8B layer's products in Q6_K's layout took
-# 124 against the few-token kernel's 133 us at one token but 181 against 152 at 16
-# (triton_group_gemm.BYTE_PLANES_FEW)
+# 122 against the few-token kernel's 133 us at one token and as long at 16 (each with its
+# fastest tile: triton_group_gemm.BYTE_PLANES_EIGHT, BYTE_PLANES_FEW), but neither a GGUF
+# decode end to end nor prefill through them is timed
 BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128

@@ -791,8 +791,12 @@ def planes_config(tokens: int, weight: GroupQuantWeight,
     FEW_TOKENS: PLANES_FEW's outputs by 8, 16 or 32 tokens; more: PLANES_LARGE's tiles, the
     inputs split only up to SMALL_M tokens."""
     if tokens <= FEW_TOKENS:
-        block_n, warps, stages, target = PLANES_FEW if weight.bits == 4 else BYTE_PLANES_FEW
         block_t = 8 if tokens <= 8 else 16 if tokens <= 16 else 32
+        if weight.bits == 4:
+            block_n, warps, stages, target = PLANES_FEW
+        else:
+            block_n, warps, stages, target = BYTE_PLANES_EIGHT if block_t == 8 \
+                else BYTE_PLANES_FEW
     else:
         block_n, block_t, warps, stages = PLANES_LARGE
         target = TARGET_PROGRAMS if tokens <= SMALL_M else 0
@@ -828,11 +832,13 @@ def tile_from_environment(name: str, default: tuple[int, ...]) -> tuple[int, ...
 # `bench/kernels/int4_planes.py` on the H200 at the 8B's layers, 1-16 tokens, groups of 32
 # and 128); PAGODA_PLANES_FEW_TILE=64,4,3,8 names another
 PLANES_FEW = tile_from_environment("PAGODA_PLANES_FEW_TILE", (64, 4, 3, 8))
-# the same for codes in byte planes (PAGODA_BYTE_PLANES_FEW_TILE): twice the outputs, for
-# steps of as many bytes (a step is 16 rows). On an H100, Q6_K's layout at one and 16
-# tokens: 124.1 and 181.2 us a layer; (64, 4, 3, 8) 122.0 and 231.2, (128, 2, 3, 8) 129.9
-# and 151.9 (the few-token kernel: 133.2 and 151.7)
-BYTE_PLANES_FEW = tile_from_environment("PAGODA_BYTE_PLANES_FEW_TILE", (128, 4, 3, 8))
+# the same for codes in byte planes, in calls of up to 8 tokens and of 9 to FEW_TOKENS
+# (PAGODA_BYTE_PLANES_FEW_TILE names one for both): the fastest of five tiles on an H100 at
+# one and at 16 tokens, Q6_K's layout, us a layer: (64, 4, 3, 8) 122.0 and 231.2, (128, 2,
+# 3, 8) 129.9 and 151.9, (128, 4, 3, 8) 124.1 and 181.2 (the few-token kernel: 133.2 and
+# 151.7); bench/results/README.md
+BYTE_PLANES_EIGHT = tile_from_environment("PAGODA_BYTE_PLANES_FEW_TILE", (64, 4, 3, 8))
+BYTE_PLANES_FEW = tile_from_environment("PAGODA_BYTE_PLANES_FEW_TILE", (128, 2, 3, 8))
 # its outputs, tokens, warps and stages a program for calls of more than FEW_TOKENS tokens
 PLANES_LARGE = (128, 128, 8, 3)
 

@@ -416,6 +416,22 @@ def test_planes_calls_split_the_inputs_up_to_64_tokens():
     assert large["splits"] == 1 and (large["BLOCK_N"], large["BLOCK_T"]) == PLANES_LARGE[:2]
 
 
+def test_byte_planes_take_their_own_tiles_up_to_8_tokens_and_above():
+    from pagoda.layers.quantization.triton_group_gemm import (
+        BYTE_PLANES_EIGHT,
+        BYTE_PLANES_FEW,
+        planes_config,
+    )
+    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 896),
+                            None, 16, 8, planes=True)
+    down.out_features = 4096
+    for tokens, tile in ((1, BYTE_PLANES_EIGHT), (8, BYTE_PLANES_EIGHT), (9, BYTE_PLANES_FEW),
+                         (32, BYTE_PLANES_FEW)):
+        config = planes_config(tokens, down, 132)
+        assert (config["BLOCK_N"], config["num_warps"], config["num_stages"]) == tile[:3]
+        assert 14336 % (config["splits"] * 32) == 0  # whole steps of byte planes a split
+
+
 def test_a_kernel_tile_from_the_environment(monkeypatch):
     from pagoda.layers.quantization.triton_group_gemm import tile_from_environment
 
