@@ -209,7 +209,6 @@ class GroupQuantWeight(nn.Module):
             raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs"
                              f"{past} do not fit planes")
         self.planes = fits if planes is None else planes
-        self.plane_step = PLANE_STEP if bits == 4 else BYTE_PLANE_STEP
         if self.planes:
             stored = pack_int4_planes(codes) if bits == 4 else pack_byte_planes(codes)
         elif bits == 4:
@@ -222,6 +221,11 @@ class GroupQuantWeight(nn.Module):
         self._hold_scales(scale, low, codes.dtype == FP8,
                           ZERO_POINTS_IN_PLANES if zero_points is None else zero_points,
                           self._default_step_sums() if step_sums is None else step_sums)
+
+    @property
+    def plane_step(self) -> int:
+        """Inputs a step of its planes: PLANE_STEP (nibbles) or BYTE_PLANE_STEP (bytes)."""
+        return PLANE_STEP if self.bits == 4 else BYTE_PLANE_STEP
 
     def _default_step_sums(self) -> bool:
         return STEP_SUMS_IN_PLANES and (self.bits == 8 or self.group_size % PLANE_STEP == 0)

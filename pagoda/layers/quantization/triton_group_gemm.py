@@ -8,7 +8,8 @@ their quantized bytes) and multiplied. Four kernels:
   FEW_TOKENS tokens the inputs are split over several programs as in the few-token kernel
   below; on the H200 1.4x the one-token GEMV at one token (groups of 128), 1.6x the
   few-token kernel at 1-16 tokens (groups of 32) and 1.5-2.0x the larger kernel at 512 and
-  2048 tokens;
+  2048 tokens. Codes of at most 7 bits in byte planes (GGUF's 5 and 6-bit types, with
+  PAGODA_BYTE_PLANES) take the same kernel, two bytes to an int16 and steps of 32 inputs;
 - one-token calls of 4-bit codes in halves, in groups of a multiple of 64: a GEMV on the
   CUDA cores (no tensor-core tile padded from one row), the codes read as int32 words, each
   nibble made a float by a shift and one LOP3 and multiplied into a sum of its own (no sums
@@ -436,58 +437,29 @@ def _biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
     """Nibble (PLANE_BITS 8: byte) Q of each int16 plus _biased's bias, as the product's
     type. The 16-bit types take no conversion instruction: the code is OR-ed into the
     mantissa of 1024 (float16) or 128 (bfloat16: exact for codes up to 127, as byte planes
-    hold); on a GPU one LOP3 makes two bfloat16s."""
+    hold); on a GPU one LOP3 makes two bfloat16s (a shift first for all but plane 0)."""
     MASK: tl.constexpr = (1 << PLANE_BITS) - 1
     code = (packed >> (PLANE_BITS * Q)) & MASK
     if DOT == 0:
         plane = code.to(tl.float32)
     elif DOT == 1:
         plane = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    elif ASM and PLANE_BITS == 4:
-        plane = _bfloat16_plane_asm(packed, Q)
     elif ASM:
-        plane = _bfloat16_byte_plane_asm(packed, Q)
+        plane = tl.inline_asm_elementwise(_bfloat16_plane_ptx(PLANE_BITS * Q, MASK), "=r,r",
+                                          [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
         plane = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return plane
 
 
-@triton.jit
-def _bfloat16_plane_asm(packed, Q: tl.constexpr):
-    """bfloat16 128 + nibble Q of each int16, two values per instruction (a shift first for
-    Q > 0: the mask keeps bits 0-3 of each half of the 32-bit register)."""
-    if Q == 0:
-        plane = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    elif Q == 1:
-        plane = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    elif Q == 2:
-        plane = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        plane = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea; }",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    return plane
-
-
-@triton.jit
-def _bfloat16_byte_plane_asm(packed, Q: tl.constexpr):
-    """bfloat16 128 + byte Q of each int16 (a code up to 127), two values per instruction
-    (a shift first for Q = 1)."""
-    if Q == 0:
-        plane = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, 0x00FF00FF, 0x43004300, 0xea;",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        plane = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x00FF00FF, 0x43004300, 0xea; }",
-            "=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=2)
-    return plane
+@triton.constexpr_function
+def _bfloat16_plane_ptx(shift: int, mask: int) -> str:
+    """The PTX that makes bfloat16 128 + (int16 >> shift) & mask of both halves of a 32-bit
+    register: the mask keeps those bits of each half, the OR puts them in 128's mantissa."""
+    lop3 = f"lop3.b32 $0, {{}}, 0x{mask:04X}{mask:04X}, 0x43004300, 0xea;"
+    if shift == 0:
+        return lop3.format("$1")
+    return f"{{ .reg .b32 t; shr.b32 t, $1, {shift}; {lop3.format('t')} }}"
 
 
 @triton.jit
