@@ -5,8 +5,8 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
   to an int16 ("planes", where the inputs are a multiple of 128 and the groups of 32) or two
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
-  byte each), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) optionally two to an int16
-  ("byte planes", where the inputs are a multiple of 32 and the groups of 16: BYTE_PLANES);
+  byte each), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16 ("byte
+  planes", where the inputs are a multiple of 32 and the groups of 16; BYTE_PLANES);
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
 `GroupQuantWeight` holds one layer's weights in that form and multiplies with the Triton
@@ -128,12 +128,11 @@ ZERO_POINTS_IN_PLANES = os.environ.get("PAGODA_PLANE_ZERO_POINTS", "0") == "1"
 # weight against 124 (bench/results/README.md)
 STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # whether 8-bit codes of at most 7 bits (GGUF Q5_0/Q5_1, Q5_K, Q6_K) are held in byte planes
-# by default (PAGODA_BYTE_PLANES=1: on), the planes kernel decoding them as it does nibbles
-# (no conversion instruction). Off: on an H100 the 8B layer's products in Q6_K's layout took
-# 122 against the few-token kernel's 133 us at one token and as long at 16 (each with its
-# fastest tile: triton_group_gemm.BYTE_PLANES_EIGHT, BYTE_PLANES_FEW), but neither a GGUF
-# decode end to end nor prefill through them is timed
-BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "0") == "1"
+# (PAGODA_BYTE_PLANES=0: off), the planes kernel decoding them as it does nibbles (no
+# conversion instruction). On an H100, alternated in one call: decode-1 of the 8B as a
+# Q4_K_M GGUF 3.64 ms a token against 3.89 with a byte each; Q6_K's layout 123 against 133
+# us a layer at one token, as long at 16, 718 against 983 at 256 (bench/results/README.md)
+BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 

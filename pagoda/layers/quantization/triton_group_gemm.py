@@ -8,8 +8,8 @@ their quantized bytes) and multiplied. Four kernels:
   FEW_TOKENS tokens the inputs are split over several programs as in the few-token kernel
   below; on the H200 1.4x the one-token GEMV at one token (groups of 128), 1.6x the
   few-token kernel at 1-16 tokens (groups of 32) and 1.5-2.0x the larger kernel at 512 and
-  2048 tokens. Codes of at most 7 bits in byte planes (GGUF's 5 and 6-bit types, with
-  PAGODA_BYTE_PLANES) take the same kernel, two bytes to an int16 and steps of 32 inputs;
+  2048 tokens. Codes of at most 7 bits in byte planes (GGUF's 5 and 6-bit types; off with
+  PAGODA_BYTE_PLANES=0) take the same kernel, two bytes to an int16 and steps of 32 inputs;
 - one-token calls of 4-bit codes in halves, in groups of a multiple of 64: a GEMV on the
   CUDA cores (no tensor-core tile padded from one row), the codes read as int32 words, each
   nibble made a float by a shift and one LOP3 and multiplied into a sum of its own (no sums

@@ -393,7 +393,9 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     assert weight(96, 576, 32, 4).kernel_name() == "triton group gemm (4-bit codes, groups of 32)"
     assert not weight(198, 1088, 64, 4).has_one_token_kernel
     assert not weight(200, 2048, 128, 4).has_one_token_kernel  # planes
-    assert weight(200, 2048, 16, 8).kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
+    bytes_each = GroupQuantWeight(torch.full((200, 2048), 200, dtype=torch.uint8),
+                                  torch.ones(200, 128), None, 16, 8)  # codes past byte planes
+    assert bytes_each.kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
     assert weight(64, 256, 256, 8, float8=True).kernel_name() == "triton group gemm (fp8 weights)"
     from pagoda.layers.quantization.triton_group_gemm import takes_one_token_int4
     gemv = weight(200, 1088, 64, 4)
