@@ -91,6 +91,27 @@ def test_kernel_matches_the_dense_product(shape, layout, tokens, dtype, gpu_repo
     assert error < 1e-2  # 16-bit weights and output
 
 
+@pytest.mark.parametrize("decode_from", [0, 1])  # PAGODA_DECODE_FROM: never, always
+@pytest.mark.parametrize("tokens", [300, 2048])
+@pytest.mark.parametrize("layout", ["int4-g128", "int4-g32", "int4-g128-zero-points",
+                                    "int6-g16-byte-planes", "int6-g32-byte-planes"])
+def test_long_calls_on_planes_match_the_dense_product_either_way(layout, tokens, decode_from,
+                                                                  monkeypatch, gpu_report):
+    """Long calls decoded first (cuBLAS on a slice of weights at a time, several slices of
+    the down product here) and in the planes kernel's large tiles."""
+    from pagoda.layers.quantization import triton_plane_decode as decode
+    monkeypatch.setattr(decode, "DECODE_FROM_ALL", decode_from)
+    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 16 << 20)
+    weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
+    assert decode.decodes_first(tokens, weight) == (decode_from == 1)
+    x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
+    expected = x.float() @ weight.dequantize(torch.float32).t()
+    error = relative_error(group_gemm(x, weight), expected)
+    gpu_report(layout=layout, tokens=tokens, decoded_first=decode_from == 1,
+               error=f"{error:.2e}")
+    assert error < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K",
                                   "Q8_0"])

@@ -25,6 +25,9 @@ their quantized bytes) and multiplied. Four kernels:
 - larger calls: BLOCK_M tokens by BLOCK_N outputs per program, the decoded weights
   multiplied with the matching tile of x.
 
+Calls of many tokens on codes in planes decode the weights first and multiply with cuBLAS
+(`triton_plane_decode`).
+
 No autotuning and no host sync: the configuration is a function of the shapes, so CUDA
 graphs capture it. Also here: per-token FP8 quantization of activations in one launch
 (fp8_rows)."""
@@ -49,6 +52,7 @@ from pagoda.layers.quantization.group_gemm import (
     SMALL_M,
     GroupQuantWeight,
 )
+from pagoda.layers.quantization.triton_plane_decode import decoded_product, decodes_first
 from pagoda.layers.tile_counters import tile_counters
 from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
@@ -723,7 +727,9 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
         flat = flat.contiguous()
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
     out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-    if weight.planes:
+    if decodes_first(flat.shape[0], weight):
+        decoded_product(flat, weight, out)
+    elif weight.planes:
         _planes(flat, weight, out, multiprocessors)
     elif takes_one_token_int4(flat.shape[0], weight):
         _one_token_int4(flat, weight, out, multiprocessors)

@@ -1,0 +1,145 @@
+"""Long calls on codes in planes decode the weights and multiply with cuBLAS: the decoding
+kernel writes exactly GroupQuantWeight.dequantize's weights (under Triton's CPU interpreter,
+in a subprocess: TRITON_INTERPRET=1 must be set before triton is imported) for 4-bit planes
+and byte planes, with mins, zero points, no min and step words, slice by slice; the product
+through it equals the dense one; and the kernel compiles for sm_90. Real sizes run on the
+GPU in tests/gpu/test_quantized_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tests.layers.quantization.test_group_gemm import byte_plane_weight, random_weight
+from tests.utils import compile_for_cuda
+
+MARKER = "PLANE_DECODE_ERRORS "
+# name -> (bits, outputs, inputs, group, with a min (or "zero points"), step words)
+CASES = {
+    "nibbles-g128-mins": (4, 384, 512, 128, True, True),
+    "nibbles-g128-mins-scale-tensors": (4, 384, 512, 128, True, False),
+    "nibbles-g128-zero-points": (4, 256, 384, 128, "zero points", True),
+    "nibbles-g32-mins": (4, 200, 256, 32, True, True),  # a last slice narrower than a block
+    "nibbles-g64-no-min": (4, 256, 256, 64, False, True),
+    "bytes-g16-mins": (8, 384, 256, 16, True, True),
+    "bytes-g32-zero-points": (8, 256, 256, 32, "zero points", True),
+    "bytes-g16-no-min": (8, 136, 128, 16, False, False),
+}
+SLICE_OUTPUTS = 128  # the slices the product decodes here: several a weight
+
+
+def case_weight(name: str, generator: torch.Generator):
+    bits, outputs, inputs, group, with_min, words = CASES[name]
+    if bits == 8:
+        return byte_plane_weight(outputs, inputs, group, with_min, generator, words)
+    return random_weight(outputs, inputs, group, 4, with_min, False, generator, planes=True,
+                         step_sums=words)
+
+
+def decode_errors() -> dict[str, float]:
+    """For every case and activation type: the largest difference between the decoded
+    weights and `dequantize`'s (whole and from output 64 on), and the product's largest
+    error relative to the dense product's largest output."""
+    from pagoda.layers.quantization import triton_plane_decode as decode
+    generator = torch.Generator().manual_seed(0)
+    errors = {}
+    for name in CASES:
+        weight = case_weight(name, generator)
+        outputs, inputs = weight.out_features, weight.in_features
+        assert weight.planes
+        for dtype in (torch.float32, torch.float16):
+            suffix = "" if dtype == torch.float32 else "-fp16"
+            expected = weight.dequantize(dtype)
+            workspace = torch.empty(outputs * inputs, dtype=dtype)
+            scales = weight.scales_and_mins()
+            whole = decode.decode_slice(weight, 0, outputs, workspace, scales)
+            errors[f"{name}{suffix}-whole"] = (whole.t() - expected).abs().max().item()
+            tail = decode.decode_slice(weight, 64, outputs - 64, workspace, scales)
+            errors[f"{name}{suffix}-tail"] = (tail.t() - expected[64:]).abs().max().item()
+            decode.DECODED_SLICE_BYTES = SLICE_OUTPUTS * inputs * dtype.itemsize
+            x = torch.randn(5, inputs, generator=generator).to(dtype)
+            out = torch.full((5, outputs), float("nan"), dtype=dtype)
+            decode.decoded_product(x, weight, out)
+            dense = F.linear(x.float(), expected.float())
+            errors[f"{name}{suffix}-product"] = ((out.float() - dense).abs().max()
+                                                 / dense.abs().max()).item()
+    return errors
+
+
+def test_the_decoding_kernel_matches_dequantize_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m",
+                           "tests.layers.quantization.test_triton_plane_decode"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
+    errors = json.loads(line.removeprefix(MARKER))
+    assert len(errors) == len(CASES) * 2 * 3
+    for name, error in errors.items():
+        if name.endswith(("-whole", "-tail")):
+            assert error == 0.0, (name, error)  # the same float32 formula, rounded once
+        else:  # float16 products round their inputs' products to float16 in cuBLAS's place
+            assert error < (2e-3 if "-fp16" in name else 1e-5), (name, error)
+
+
+def test_a_weight_decodes_in_slices_of_bounded_bytes(monkeypatch):
+    from pagoda.layers.quantization import triton_plane_decode as decode
+    weight = case_weight("nibbles-g128-mins", torch.Generator().manual_seed(1))
+    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 130 * 512 * 2)
+    assert decode.slice_width(weight, 2) == 128  # whole blocks of outputs only
+    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 1)
+    assert decode.slice_width(weight, 2) == decode.DECODE_BLOCK_N  # at least one block
+    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 64 << 20)
+    assert decode.slice_width(weight, 4) == weight.out_features  # all of a small weight
+
+
+def test_which_calls_decode_first(monkeypatch):
+    from pagoda.layers.quantization import triton_plane_decode as decode
+    generator = torch.Generator().manual_seed(2)
+    g128 = case_weight("nibbles-g128-mins", generator)
+    g32 = case_weight("nibbles-g32-mins", generator)
+    g16 = case_weight("bytes-g16-mins", generator)
+    for weight, layout in ((g128, (4, True)), (g32, (4, False)), (g16, (8, False))):
+        threshold = decode.DECODE_FROM[layout]
+        assert decode.decodes_first(threshold, weight)
+        assert not decode.decodes_first(threshold - 1, weight)
+    halves = random_weight(64, 192, 64, 4, True, False, generator)  # not whole steps
+    assert not halves.planes and not decode.decodes_first(1 << 20, halves)
+    monkeypatch.setattr(decode, "DECODE_FROM_ALL", 0)  # PAGODA_DECODE_FROM=0: never
+    assert not decode.decodes_first(1 << 20, g128)
+    monkeypatch.setattr(decode, "DECODE_FROM_ALL", 3)
+    assert decode.decodes_first(3, g16) and not decode.decodes_first(2, g128)
+
+
+@pytest.mark.parametrize("given", ["-1", "many", "2.5"])
+def test_a_wrong_decode_threshold_is_one_clear_error(monkeypatch, given):
+    from pagoda.layers.quantization import triton_plane_decode as decode
+    monkeypatch.setenv("PAGODA_DECODE_FROM", given)
+    with pytest.raises(ValueError, match="PAGODA_DECODE_FROM"):
+        decode._decode_from_environment()
+
+
+@pytest.mark.parametrize(("bits", "group", "out", "has_low", "zeros"), [
+    (4, 128, "bf16", True, False), (4, 32, "fp16", True, False), (4, 128, "bf16", False, True),
+    (8, 16, "bf16", True, False), (8, 32, "fp32", False, False)])
+def test_the_decoding_kernel_compiles_for_cuda(bits, group, out, has_low, zeros):
+    from pagoda.layers.quantization.group_gemm import BYTE_PLANE_ROWS, PLANE_ROWS
+    from pagoda.layers.quantization.triton_plane_decode import (
+        DECODE_BLOCK_N,
+        _decode_planes_kernel,
+    )
+    compile_for_cuda(_decode_planes_kernel, {
+        "codes_ptr": "*i16", "scale_ptr": "*fp16", "low_ptr": "*fp16", "zeros_ptr": "*u8",
+        "w_ptr": f"*{out}", "N": "i32", "first": "i32", "width": "i32"}, {
+        "GROUP": group, "PLANE_BITS": bits, "HAS_LOW": has_low, "HAS_ZEROS": zeros,
+        "ROWS": PLANE_ROWS if bits == 4 else BYTE_PLANE_ROWS, "BLOCK_N": DECODE_BLOCK_N})
+
+
+if __name__ == "__main__":
+    print(MARKER + json.dumps(decode_errors()))
