@@ -26,6 +26,10 @@ per multiprocessor; `--grid JSON` replaces SWEEP's) at the first of --tokens, af
 shipped settings' time;
 `--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words and rows a step, warps,
 programs per multiprocessor).
+
+Calls of many tokens on planes decode their weights first (`triton_plane_decode`; with
+PAGODA_DECODE_FROM=1 every call does, with 0 none); `--decoded-slice-mib N` sets the slice of
+weights they decode at a time.
 """
 
 from __future__ import annotations
@@ -189,12 +193,19 @@ def main(argv: list[str] | None = None) -> None:
                              "(every key of SWEEP)")
     parser.add_argument("--pdl", action="store_true",
                         help="launch with programmatic dependent launch, as the engine does")
+    parser.add_argument("--decoded-slice-mib", type=int, default=None,
+                        help="the workspace of calls that decode their weights first "
+                             "(triton_plane_decode.DECODED_SLICE_BYTES), in MiB")
     args = parser.parse_args(argv)
     os.environ["PAGODA_PDL"] = "1" if args.pdl else "0"  # read at the first launch
+    from pagoda.layers.quantization import triton_plane_decode
+    if args.decoded_slice_mib:
+        triton_plane_decode.DECODED_SLICE_BYTES = args.decoded_slice_mib << 20
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv,
-              "pdl": args.pdl, "rows": []}
+              "pdl": args.pdl,
+              "decoded_slice_bytes": triton_plane_decode.DECODED_SLICE_BYTES, "rows": []}
     if args.sweep or args.sweep_one_token:
         result["rows"] = (
             sweep(args.sweep, args.tokens[0], ceil.bandwidth, args.grid or SWEEP,
