@@ -37,9 +37,13 @@ SLICE_OUTPUTS = 128  # the slices the product decodes here: several a weight
 def case_weight(name: str, generator: torch.Generator):
     bits, outputs, inputs, group, with_min, words = CASES[name]
     if bits == 8:
-        return byte_plane_weight(outputs, inputs, group, with_min, generator, words)
-    return random_weight(outputs, inputs, group, 4, with_min, False, generator, planes=True,
-                         step_sums=words)
+        weight = byte_plane_weight(outputs, inputs, group, with_min, generator, words)
+    else:
+        weight = random_weight(outputs, inputs, group, 4, with_min, False, generator,
+                               planes=True, step_sums=words)
+    assert weight.holds_zero_points == (with_min == "zero points")
+    assert (weight.step_words is not None) == words
+    return weight
 
 
 def decode_errors() -> dict[str, float]:
