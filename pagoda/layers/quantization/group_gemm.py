@@ -136,6 +136,29 @@ BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
+# the fewest tokens of a call on planes that decodes the weights to 16 bits first and
+# multiplies with cuBLAS (triton_plane_decode), by layout: (bits, groups of a whole step or
+# not) -> tokens; PAGODA_DECODE_FROM=T sets T for every layout (0: never).
+# On an H100, an 8B layer's four products in us, decoded first against the planes kernel,
+# alternated in one call: 4-bit in groups of 128 (AWQ, GPTQ) 878 / 830 at 1024 tokens,
+# 1524 / 1687 at 2048; groups of 32 (GGUF Q4_*) 598 / 547 at 512, 852 / 1042 at 1024; GGUF
+# Q6_K's codes in byte planes 708 / 713 at 256, 813 / 958 at 512 (bf16 cuBLAS 212 at 256,
+# 645 at 1024, 1273 at 2048). Byte planes in groups of 32 (Q5_*) were not timed: they take
+# groups of 16's threshold.
+DECODE_FROM = {(4, True): 1536, (4, False): 768, (8, True): 256, (8, False): 256}
+
+
+def _decode_from_environment() -> int | None:
+    given = os.environ.get("PAGODA_DECODE_FROM")
+    if given is None or given == "":
+        return None
+    if not given.isdigit():
+        raise ValueError(f"PAGODA_DECODE_FROM={given!r}: a number of tokens expected")
+    return int(given)
+
+
+DECODE_FROM_ALL = _decode_from_environment()
+
 
 def integer_zero_points(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
     """The zero points z (0..MAX_ZERO_POINT) with low == -z * scale, both as stored
@@ -264,6 +287,17 @@ class GroupQuantWeight(nn.Module):
         return scale, low, None
 
     @property
+    def decoded_from(self) -> int | None:
+        """The fewest tokens of a call on CUDA that decodes the weights to 16 bits and
+        multiplies with cuBLAS (DECODE_FROM by layout, or PAGODA_DECODE_FROM); None: no
+        call does (codes not in planes, or PAGODA_DECODE_FROM=0)."""
+        if not self.planes:
+            return None
+        if DECODE_FROM_ALL is not None:
+            return DECODE_FROM_ALL or None
+        return DECODE_FROM[(self.bits, self.group_size % self.plane_step == 0)]
+
+    @property
     def has_one_token_kernel(self) -> bool:
         """Whether one-token calls on CUDA take the 4-bit GEMV of `triton_group_gemm` (4-bit
         codes in halves, outputs a multiple of 4, groups a multiple of CHUNK inputs: a
@@ -279,6 +313,8 @@ class GroupQuantWeight(nn.Module):
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
         if self.holds_zero_points:
             planes += " with zero points"
+        if self.decoded_from is not None:
+            gemv += f"; from {self.decoded_from} tokens: decoded to 16 bits for cuBLAS"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
                 f"{self.group_size}{gemv})")
 

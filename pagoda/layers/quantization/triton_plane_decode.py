@@ -5,14 +5,11 @@ A call of many tokens is bound by its multiply-adds, not by the bytes of its wei
 the planes kernel's decoding in every tile (each weight decoded once per 128 tokens) and its
 Triton tensor-core loop cost more than writing the weights out once in 16 bits and reading
 them back into cuBLAS's GEMM. `decodes_first` says which calls go that way (from
-`bench/kernels/quant_bench.py --layouts ... --tokens ...` with PAGODA_DECODE_FROM set to 1
-and to 0 on an H100: bench/results/README.md); `decoded_product` runs them. The slice a
-call decodes is at most DECODED_SLICE_BYTES, reused slice after slice, so a layer of any
-width takes a bounded workspace."""
+`GroupQuantWeight.decoded_from`: group_gemm.DECODE_FROM, measured on an H100);
+`decoded_product` runs them. The slice a call decodes is at most DECODED_SLICE_BYTES, reused
+slice after slice, so a layer of any width takes a bounded workspace."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -20,40 +17,15 @@ import triton.language as tl
 
 from pagoda.layers.quantization.group_gemm import BYTE_PLANE_ROWS, PLANE_ROWS, GroupQuantWeight
 
-# the fewest tokens of a call that decodes its weights first, by layout: (bits, groups of a
-# whole step or not) -> tokens; PAGODA_DECODE_FROM=T sets T for every layout (0: never).
-# On an H100, an 8B layer's four products in us, decoded first against the planes kernel,
-# alternated in one call: 4-bit in groups of 128 (AWQ, GPTQ) 878 / 830 at 1024 tokens,
-# 1524 / 1687 at 2048; groups of 32 (GGUF Q4_*) 598 / 547 at 512, 852 / 1042 at 1024; GGUF
-# Q6_K's codes in byte planes 708 / 713 at 256, 813 / 958 at 512 (bf16 cuBLAS 212 at 256,
-# 645 at 1024, 1273 at 2048). Byte planes in groups of 32 (Q5_*) were not timed: they take
-# groups of 16's threshold.
-DECODE_FROM = {(4, True): 1536, (4, False): 768, (8, True): 256, (8, False): 256}
 DECODED_SLICE_BYTES = 64 << 20  # the workspace a call decodes into, at most
 DECODE_BLOCK_N = 128  # outputs a decoding program writes (one step of inputs each)
 
 
-def _decode_from_environment() -> int | None:
-    given = os.environ.get("PAGODA_DECODE_FROM")
-    if given is None or given == "":
-        return None
-    if not given.isdigit():
-        raise ValueError(f"PAGODA_DECODE_FROM={given!r}: a number of tokens expected")
-    return int(given)
-
-
-DECODE_FROM_ALL = _decode_from_environment()
-
-
 def decodes_first(tokens: int, weight: GroupQuantWeight) -> bool:
-    """Whether a call of `tokens` rows on `weight` (codes in planes or byte planes) decodes
-    the weights and multiplies with cuBLAS rather than in the planes kernel."""
-    if not weight.planes:
-        return False
-    if DECODE_FROM_ALL is not None:
-        return DECODE_FROM_ALL > 0 and tokens >= DECODE_FROM_ALL
-    whole_steps = weight.group_size % weight.plane_step == 0
-    return tokens >= DECODE_FROM[(weight.bits, whole_steps)]
+    """Whether a call of `tokens` rows on `weight` decodes the weights and multiplies with
+    cuBLAS rather than in the planes kernel (GroupQuantWeight.decoded_from)."""
+    start = weight.decoded_from
+    return start is not None and tokens >= start
 
 
 @triton.jit

@@ -379,13 +379,16 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
         return GroupQuantWeight(codes.to(FP8) if float8 else codes,
                                 torch.ones(outputs, inputs // group), None, group, bits)
     assert weight(200, 2048, 128, 4).kernel_name() == \
-        "triton group gemm (4-bit codes in planes, groups of 128)"
+        "triton group gemm (4-bit codes in planes, groups of 128; from 1536 tokens: " \
+        "decoded to 16 bits for cuBLAS)"
     assert weight(96, 1024, 32, 4).kernel_name() == \
-        "triton group gemm (4-bit codes in planes, groups of 32)"
+        "triton group gemm (4-bit codes in planes, groups of 32; from 768 tokens: " \
+        "decoded to 16 bits for cuBLAS)"
     with_zeros = GroupQuantWeight(torch.zeros(64, 256, dtype=torch.uint8), torch.ones(64, 2),
                                   torch.full((64, 2), -8.0), 128, 4, zero_points=True)
     assert with_zeros.kernel_name() == \
-        "triton group gemm (4-bit codes in planes with zero points, groups of 128)"
+        "triton group gemm (4-bit codes in planes with zero points, groups of 128; from " \
+        "1536 tokens: decoded to 16 bits for cuBLAS)"
     # halves (inputs not whole steps of 128): one token takes the GEMV where a chunk's two
     # halves lie in one group and the outputs are a multiple of 4
     assert weight(200, 1088, 64, 4).kernel_name() == \

@@ -104,29 +104,33 @@ def test_a_weight_decodes_in_slices_of_bounded_bytes(monkeypatch):
 
 
 def test_which_calls_decode_first(monkeypatch):
-    from pagoda.layers.quantization import triton_plane_decode as decode
+    from pagoda.layers.quantization import group_gemm
+    from pagoda.layers.quantization.triton_plane_decode import decodes_first
     generator = torch.Generator().manual_seed(2)
     g128 = case_weight("nibbles-g128-mins", generator)
     g32 = case_weight("nibbles-g32-mins", generator)
     g16 = case_weight("bytes-g16-mins", generator)
     for weight, layout in ((g128, (4, True)), (g32, (4, False)), (g16, (8, False))):
-        threshold = decode.DECODE_FROM[layout]
-        assert decode.decodes_first(threshold, weight)
-        assert not decode.decodes_first(threshold - 1, weight)
+        threshold = group_gemm.DECODE_FROM[layout]
+        assert weight.decoded_from == threshold
+        assert decodes_first(threshold, weight) and not decodes_first(threshold - 1, weight)
+        assert f"; from {threshold} tokens: decoded to 16 bits for cuBLAS" in \
+            weight.kernel_name()
     halves = random_weight(64, 192, 64, 4, True, False, generator)  # not whole steps
-    assert not halves.planes and not decode.decodes_first(1 << 20, halves)
-    monkeypatch.setattr(decode, "DECODE_FROM_ALL", 0)  # PAGODA_DECODE_FROM=0: never
-    assert not decode.decodes_first(1 << 20, g128)
-    monkeypatch.setattr(decode, "DECODE_FROM_ALL", 3)
-    assert decode.decodes_first(3, g16) and not decode.decodes_first(2, g128)
+    assert not halves.planes and halves.decoded_from is None
+    assert not decodes_first(1 << 20, halves) and "decoded" not in halves.kernel_name()
+    monkeypatch.setattr(group_gemm, "DECODE_FROM_ALL", 0)  # PAGODA_DECODE_FROM=0: never
+    assert g128.decoded_from is None and not decodes_first(1 << 20, g128)
+    monkeypatch.setattr(group_gemm, "DECODE_FROM_ALL", 3)
+    assert decodes_first(3, g16) and not decodes_first(2, g128)
 
 
 @pytest.mark.parametrize("given", ["-1", "many", "2.5"])
 def test_a_wrong_decode_threshold_is_one_clear_error(monkeypatch, given):
-    from pagoda.layers.quantization import triton_plane_decode as decode
+    from pagoda.layers.quantization import group_gemm
     monkeypatch.setenv("PAGODA_DECODE_FROM", given)
     with pytest.raises(ValueError, match="PAGODA_DECODE_FROM"):
-        decode._decode_from_environment()
+        group_gemm._decode_from_environment()
 
 
 @pytest.mark.parametrize(("bits", "group", "out", "has_low", "zeros"), [
