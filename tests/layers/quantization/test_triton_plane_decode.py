@@ -2,8 +2,8 @@
 kernel writes exactly GroupQuantWeight.dequantize's weights (under Triton's CPU interpreter,
 in a subprocess: TRITON_INTERPRET=1 must be set before triton is imported) for 4-bit planes
 and byte planes, with mins, zero points, no min and step words, slice by slice; the product
-through it equals the dense one; and the kernel compiles for sm_90. Real sizes run on the
-GPU in tests/gpu/test_quantized_gpu.py."""
+through it equals the dense one, and group_gemm takes it past the threshold; and the kernel
+compiles for sm_90. Real sizes run on the GPU in tests/gpu/test_quantized_gpu.py."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def decode_errors() -> dict[str, float]:
     """For every case and activation type: the largest difference between the decoded
     weights and `dequantize`'s (whole and from output 64 on), and the product's largest
     error relative to the dense product's largest output."""
+    from pagoda.layers.quantization import group_gemm, triton_group_gemm
     from pagoda.layers.quantization import triton_plane_decode as decode
     generator = torch.Generator().manual_seed(0)
     errors = {}
@@ -73,6 +74,10 @@ def decode_errors() -> dict[str, float]:
             dense = F.linear(x.float(), expected.float())
             errors[f"{name}{suffix}-product"] = ((out.float() - dense).abs().max()
                                                  / dense.abs().max()).item()
+            group_gemm.DECODE_FROM_ALL = 5  # the call below decodes first
+            dispatched = triton_group_gemm.group_gemm(x, weight)
+            group_gemm.DECODE_FROM_ALL = None
+            errors[f"{name}{suffix}-dispatched"] = (dispatched - out).abs().max().item()
     return errors
 
 
@@ -84,10 +89,11 @@ def test_the_decoding_kernel_matches_dequantize_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
     errors = json.loads(line.removeprefix(MARKER))
-    assert len(errors) == len(CASES) * 2 * 3
+    assert len(errors) == len(CASES) * 2 * 4
     for name, error in errors.items():
-        if name.endswith(("-whole", "-tail")):
-            assert error == 0.0, (name, error)  # the same float32 formula, rounded once
+        if name.endswith(("-whole", "-tail", "-dispatched")):
+            assert error == 0.0, (name, error)  # the same float32 formula, rounded once;
+            # group_gemm's call the same as decoded_product's
         else:  # float16 products round their inputs' products to float16 in cuBLAS's place
             assert error < (2e-3 if "-fp16" in name else 1e-5), (name, error)
 
