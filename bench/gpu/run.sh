@@ -2,7 +2,8 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
-#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1 ab-decode1
+#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
+#   switch-prefill ab-decode1
 #   small throughput
 #   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -64,6 +65,21 @@ quant_decode1() {
     | grep "single stream" | sed "s/^/$3: /"
 }
 
+# prefill of 64 prompts of 1024 tokens (one output token each) of the 8B as quantized variant
+# $1, its JSON at $OUT/prefill-$2.json, its elapsed time labelled $3
+quant_prefill() {
+  python3 -m pagoda.cli.main bench throughput $(quant_model $1) --num-prompts 64 \
+    --input-len 1024 --output-len 1 --output-json "$OUT/prefill-$2.json" > /dev/null 2>&1
+  python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['systems']['pagoda']; \
+print(sys.argv[2] + ': prefill %.3f s, %d tok/s' % (s['elapsed_s'], s['total_tokens_per_s']))" \
+    "$OUT/prefill-$2.json" "$3"
+}
+
+# run "$@" with the environment variable SWITCH set to $VALUE ("default": unset)
+with_switch() {
+  if [ "$VALUE" = default ]; then (unset $SWITCH; "$@"); else (export $SWITCH=$VALUE; "$@"); fi
+}
+
 run_stage() {
   case "$1" in
     tests) timeout ${TESTS_TIMEOUT:-360} python3 -m pytest -q -rfE ${TESTS:-tests/gpu} 2>&1 \
@@ -100,12 +116,16 @@ run_stage() {
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
     # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")
-    switch-decode1) [ -n "${SWITCH:-}" ] && [ -n "${SWITCH_VALUES:-}" ] \
-                      || { echo "switch-decode1: set SWITCH and SWITCH_VALUES"; return 1; }
+    # ("default" in SWITCH_VALUES leaves it unset); switch-prefill the same for quant_prefill
+    # (e.g. SWITCH=PAGODA_DECODE_FROM SWITCH_VALUES="default 0" QUANT_VARIANTS="gguf awq")
+    switch-decode1|switch-prefill)
+                    [ -n "${SWITCH:-}" ] && [ -n "${SWITCH_VALUES:-}" ] \
+                      || { echo "$1: set SWITCH and SWITCH_VALUES"; return 1; }
+                    local measure=quant_decode1
+                    [ $1 = switch-prefill ] && measure=quant_prefill
                     for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
-                      for value in $SWITCH_VALUES; do
-                        (export $SWITCH=$value
-                         quant_decode1 $q $q-$SWITCH-$value-run$run "$q $SWITCH=$value")
+                      for VALUE in $SWITCH_VALUES; do
+                        with_switch $measure $q $q-$SWITCH-$VALUE-run$run "$q $SWITCH=$VALUE"
                       done
                     done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
