@@ -195,17 +195,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="launch with programmatic dependent launch, as the engine does")
     parser.add_argument("--decoded-slice-mib", type=int, default=None,
                         help="the workspace of calls that decode their weights first "
-                             "(triton_plane_decode.DECODED_SLICE_BYTES), in MiB")
+                             "(group_gemm.DECODED_SLICE_BYTES), in MiB")
     args = parser.parse_args(argv)
     os.environ["PAGODA_PDL"] = "1" if args.pdl else "0"  # read at the first launch
-    from pagoda.layers.quantization import triton_plane_decode
+    from pagoda.layers.quantization import group_gemm as layouts
     if args.decoded_slice_mib:
-        triton_plane_decode.DECODED_SLICE_BYTES = args.decoded_slice_mib << 20
+        layouts.DECODED_SLICE_BYTES = args.decoded_slice_mib << 20
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv,
               "pdl": args.pdl,
-              "decoded_slice_bytes": triton_plane_decode.DECODED_SLICE_BYTES, "rows": []}
+              "decoded_slice_bytes": layouts.DECODED_SLICE_BYTES, "rows": []}
     if args.sweep or args.sweep_one_token:
         result["rows"] = (
             sweep(args.sweep, args.tokens[0], ceil.bandwidth, args.grid or SWEEP,

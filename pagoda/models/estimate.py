@@ -25,6 +25,7 @@ from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.attention.selector import holds_e4m3_cache
 from pagoda.layers.parallel import layer_ranges
+from pagoda.layers.quantization.group_gemm import DECODE_FROM, DECODED_SLICE_BYTES
 from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
@@ -295,17 +296,26 @@ def kv_blocks_per_seq(spec: ArchSpec, config: Any, max_model_len: int, chunk: in
     return layout.blocks_per_seq(max_model_len, chunk, BLOCK_SIZE)
 
 
+# formats whose GPU weights may be integer codes in planes, whose long calls decode them
+# into a workspace first (group_gemm.DECODE_FROM; compressed-tensors counted whatever its
+# scheme: an allowance errs high)
+DECODED_FIRST_FORMATS = frozenset({"awq", "gptq", "compressed-tensors", "gguf"})
+
+
 def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
-                         max_num_seqs: int) -> int:
+                         max_num_seqs: int, gpu_quantization: str | None = None) -> int:
     """Hidden states, attention and MLP intermediates for one step of `token_budget` tokens,
     plus float32 logits (and their softmax) for up to `max_num_seqs` sampled rows. The
     per-token factors match the engine's profiled peak for the Llama-3.1-8B shape on an H200
-    (2.38 GiB above the weights at 8192 tokens and 256 sequences)."""
+    (2.38 GiB above the weights at 8192 tokens and 256 sequences). `gpu_quantization`: the
+    form of the weights on a GPU, whose long calls may decode into DECODED_SLICE_BYTES."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden = config.hidden_size
     per_token = (12 * hidden + 6 * config.intermediate_size) * itemsize
     logits = 3 * min(max_num_seqs, token_budget) * config.vocab_size * 4
-    return token_budget * per_token + logits
+    decoded = (DECODED_SLICE_BYTES if gpu_quantization in DECODED_FIRST_FORMATS
+               and token_budget >= min(DECODE_FROM.values()) else 0)
+    return token_budget * per_token + logits + decoded
 
 
 def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: int = 1,
@@ -342,7 +352,8 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     per_seq = kv_blocks_per_seq(spec, config, max_model_len, token_budget, pp) * block_bytes
     kv = concurrency * per_seq + block_bytes
     kv_unfreed = (concurrency * -(-max_model_len // BLOCK_SIZE) + 1) * BLOCK_SIZE * per_token
-    activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs)
+    activations = activation_allowance(config, torch_dtype, token_budget, max_num_seqs,
+                                       held if on_gpu else None)
     overhead = CUDA_CONTEXT_BYTES if on_gpu else 0
     result = MemoryEstimate(
         model=source.name, dtype=str(torch_dtype).removeprefix("torch."), quantization=held,

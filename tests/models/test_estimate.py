@@ -295,3 +295,21 @@ def test_fp8_at_load_counts_a_byte_per_linear_weight_of_a_config_only_model():
     tables = config.vocab_size * config.hidden_size * 2  # untied embedding and LM head
     assert fp8.quantization == "fp8" and bf16.quantization is None
     assert fp8.weight_bytes == 2 * tables + (bf16.num_parameters - tables)
+
+
+def test_integer_codes_on_a_gpu_allow_for_the_slice_long_calls_decode_into():
+    from pagoda.layers.quantization.group_gemm import DECODE_FROM, DECODED_SLICE_BYTES
+    bf16 = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    awq = resolve_model("bench/configs/llama-3.1-8b-awq", "dummy")
+    first = min(DECODE_FROM.values())
+    for budget, extra in ((first, DECODED_SLICE_BYTES), (first - 1, 0)):
+        plain = estimate(bf16, 4096, device="H100", token_budget=budget)
+        codes = estimate(awq, 4096, device="H100", token_budget=budget)
+        assert codes.quantization == "awq"
+        assert codes.activation_bytes == plain.activation_bytes + extra
+    # float8 weights and CPU kernels decode nothing first
+    fp8 = estimate(bf16, 4096, device="H100", token_budget=2048, quantization="fp8")
+    assert fp8.activation_bytes == estimate(bf16, 4096, device="H100",
+                                            token_budget=2048).activation_bytes
+    assert estimate(awq, 4096, device="cpu", token_budget=2048).activation_bytes == \
+        estimate(bf16, 4096, device="cpu", token_budget=2048).activation_bytes

@@ -146,6 +146,9 @@ MAX_ZERO_POINT = 128
 # 645 at 1024, 1273 at 2048). Byte planes in groups of 32 (Q5_*) were not timed: they take
 # groups of 16's threshold.
 DECODE_FROM = {(4, True): 1536, (4, False): 768, (8, True): 256, (8, False): 256}
+# the workspace such a call decodes its weights into, a slice of outputs at a time, at most
+# (on an H100 slices of 8, 16 and 32 MiB were slower than 64 at 256-2048 tokens)
+DECODED_SLICE_BYTES = 64 << 20
 
 
 def _decode_from_environment() -> int | None:

@@ -6,8 +6,9 @@ the planes kernel's decoding in every tile (each weight decoded once per 128 tok
 Triton tensor-core loop cost more than writing the weights out once in 16 bits and reading
 them back into cuBLAS's GEMM. `decodes_first` says which calls go that way (from
 `GroupQuantWeight.decoded_from`: group_gemm.DECODE_FROM, measured on an H100);
-`decoded_product` runs them. The slice a call decodes is at most DECODED_SLICE_BYTES, reused
-slice after slice, so a layer of any width takes a bounded workspace."""
+`decoded_product` runs them. The slice a call decodes is at most group_gemm's
+DECODED_SLICE_BYTES, reused slice after slice, so a layer of any width takes a bounded
+workspace."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.layers.quantization import group_gemm
 from pagoda.layers.quantization.group_gemm import BYTE_PLANE_ROWS, PLANE_ROWS, GroupQuantWeight
 
-DECODED_SLICE_BYTES = 64 << 20  # the workspace a call decodes into, at most
 DECODE_BLOCK_N = 128  # outputs a decoding program writes (one step of inputs each)
 
 
@@ -78,8 +79,8 @@ def decode_slice(weight: GroupQuantWeight, first: int, width: int, into: torch.T
 
 def slice_width(weight: GroupQuantWeight, element_bytes: int) -> int:
     """Outputs a slice decodes: all of them, or the most whole DECODE_BLOCK_Ns whose weights
-    fit DECODED_SLICE_BYTES."""
-    fits = DECODED_SLICE_BYTES // (weight.in_features * element_bytes)
+    fit group_gemm.DECODED_SLICE_BYTES."""
+    fits = group_gemm.DECODED_SLICE_BYTES // (weight.in_features * element_bytes)
     fits = max(DECODE_BLOCK_N, fits // DECODE_BLOCK_N * DECODE_BLOCK_N)
     return min(weight.out_features, fits)
 

@@ -67,7 +67,7 @@ def decode_errors() -> dict[str, float]:
             errors[f"{name}{suffix}-whole"] = (whole.t() - expected).abs().max().item()
             tail = decode.decode_slice(weight, 64, outputs - 64, workspace, scales)
             errors[f"{name}{suffix}-tail"] = (tail.t() - expected[64:]).abs().max().item()
-            decode.DECODED_SLICE_BYTES = SLICE_OUTPUTS * inputs * dtype.itemsize
+            group_gemm.DECODED_SLICE_BYTES = SLICE_OUTPUTS * inputs * dtype.itemsize
             x = torch.randn(5, inputs, generator=generator).to(dtype)
             out = torch.full((5, outputs), float("nan"), dtype=dtype)
             decode.decoded_product(x, weight, out)
@@ -99,13 +99,14 @@ def test_the_decoding_kernel_matches_dequantize_under_the_interpreter():
 
 
 def test_a_weight_decodes_in_slices_of_bounded_bytes(monkeypatch):
+    from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization import triton_plane_decode as decode
     weight = case_weight("nibbles-g128-mins", torch.Generator().manual_seed(1))
-    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 130 * 512 * 2)
+    monkeypatch.setattr(group_gemm, "DECODED_SLICE_BYTES", 130 * 512 * 2)
     assert decode.slice_width(weight, 2) == 128  # whole blocks of outputs only
-    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 1)
+    monkeypatch.setattr(group_gemm, "DECODED_SLICE_BYTES", 1)
     assert decode.slice_width(weight, 2) == decode.DECODE_BLOCK_N  # at least one block
-    monkeypatch.setattr(decode, "DECODED_SLICE_BYTES", 64 << 20)
+    monkeypatch.setattr(group_gemm, "DECODED_SLICE_BYTES", 64 << 20)
     assert decode.slice_width(weight, 4) == weight.out_features  # all of a small weight
 
 
