@@ -312,14 +312,14 @@ class GroupQuantWeight(nn.Module):
         """What multiplies it on CUDA, for the startup log."""
         if self.codes.dtype == FP8:
             return "triton group gemm (fp8 weights)"
-        gemv = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
+        other_paths = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
         if self.holds_zero_points:
             planes += " with zero points"
         if self.decoded_from is not None:
-            gemv += f"; from {self.decoded_from} tokens: decoded to 16 bits for cuBLAS"
+            other_paths += f"; from {self.decoded_from} tokens: decoded to 16 bits for cuBLAS"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "
-                f"{self.group_size}{gemv})")
+                f"{self.group_size}{other_paths})")
 
     def codes_by_input(self) -> torch.Tensor:
         """The codes as a [in, out] view (4 bits: [in / 2, out] in halves, [in / 4, out] in
