@@ -248,9 +248,19 @@ class GroupQuantWeight(nn.Module):
                           self._default_step_sums() if step_sums is None else step_sums)
 
     @property
+    def plane_rows(self) -> int:
+        """Inputs a plane of its planes: PLANE_ROWS (nibbles) or BYTE_PLANE_ROWS (bytes)."""
+        return PLANE_ROWS if self.bits == 4 else BYTE_PLANE_ROWS
+
+    @property
     def plane_step(self) -> int:
         """Inputs a step of its planes: PLANE_STEP (nibbles) or BYTE_PLANE_STEP (bytes)."""
         return PLANE_STEP if self.bits == 4 else BYTE_PLANE_STEP
+
+    @property
+    def groups_of_whole_steps(self) -> bool:
+        """Whether each group of its planes is a whole number of steps (a scale a step)."""
+        return self.group_size % self.plane_step == 0
 
     def _default_step_sums(self) -> bool:
         return STEP_SUMS_IN_PLANES and (self.bits == 8 or self.group_size % PLANE_STEP == 0)
@@ -298,7 +308,7 @@ class GroupQuantWeight(nn.Module):
             return None
         if DECODE_FROM_ALL is not None:
             return DECODE_FROM_ALL or None
-        return DECODE_FROM[(self.bits, self.group_size % self.plane_step == 0)]
+        return DECODE_FROM[(self.bits, self.groups_of_whole_steps)]
 
     @property
     def has_one_token_kernel(self) -> bool:

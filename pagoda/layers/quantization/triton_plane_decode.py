@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.quantization import group_gemm
-from pagoda.layers.quantization.group_gemm import BYTE_PLANE_ROWS, PLANE_ROWS, GroupQuantWeight
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight
 
 DECODE_BLOCK_N = 128  # outputs a decoding program writes (one step of inputs each)
 
@@ -67,13 +67,12 @@ def decode_slice(weight: GroupQuantWeight, first: int, width: int, into: torch.T
     elements, returned as that [in, width] view; `scales`: weight.scales_and_mins()."""
     scale, low, zeros = scales
     decoded = into.view(-1)[:weight.in_features * width].view(weight.in_features, width)
-    rows = PLANE_ROWS if weight.bits == 4 else BYTE_PLANE_ROWS
     grid = (triton.cdiv(width, DECODE_BLOCK_N), weight.in_features // weight.plane_step)
     _decode_planes_kernel[grid](
         weight.codes, scale, low if low is not None else scale,
         zeros if zeros is not None else scale, decoded, weight.out_features, first, width,
         GROUP=weight.group_size, PLANE_BITS=weight.bits, HAS_LOW=low is not None,
-        HAS_ZEROS=zeros is not None, ROWS=rows, BLOCK_N=DECODE_BLOCK_N, num_warps=4)
+        HAS_ZEROS=zeros is not None, ROWS=weight.plane_rows, BLOCK_N=DECODE_BLOCK_N, num_warps=4)
     return decoded
 
 

@@ -294,6 +294,7 @@ def test_byte_planes_round_trip_and_take_codes_of_at_most_7_bits():
     assert weight.planes and "8-bit codes in byte planes" in weight.kernel_name()
     default = GroupQuantWeight(codes, torch.ones(40, 6), None, 16, 8)
     assert default.planes == BYTE_PLANES  # (PAGODA_BYTE_PLANES)
+    assert BYTE_PLANES or os.environ.get("PAGODA_BYTE_PLANES") == "0"  # on by default
     with pytest.raises(ValueError, match="do not fit planes"):
         GroupQuantWeight(too_wide, torch.ones(40, 6), None, 16, 8, planes=True)
 
@@ -516,6 +517,14 @@ def test_decode_calls_split_the_inputs_and_large_ones_do_not():
     assert launch_config(65, 4096, 14336, 32, 132)["BLOCK_M"] == 128
     assert launch_config(4096, 4096, 14336, 32, 132)["splits"] == 1
     assert launch_config(40, 4096, 576, 32, 132)["splits"] == 1  # 9 chunks: no even split
+
+
+def test_float8_calls_of_up_to_8_tokens_take_tiles_of_8_tokens_by_2_warps():
+    from pagoda.layers.quantization.triton_group_gemm import few_tokens_config
+    weight = GroupQuantWeight(torch.zeros(64, 4096).to(FP8), torch.ones(64, 1), None, 4096, 8)
+    for tokens, tile_tokens, warps in ((1, 8, 2), (8, 8, 2), (9, 16, 4), (16, 16, 4)):
+        config = few_tokens_config(tokens, weight, 132)
+        assert (config["BLOCK_T"], config["num_warps"]) == (tile_tokens, warps), tokens
 
 
 def test_few_token_steps_divide_the_group():

@@ -117,7 +117,9 @@ def test_which_calls_decode_first(monkeypatch):
     g128 = case_weight("nibbles-g128-mins", generator)
     g32 = case_weight("nibbles-g32-mins", generator)
     g16 = case_weight("bytes-g16-mins", generator)
-    for weight, layout in ((g128, (4, True)), (g32, (4, False)), (g16, (8, False))):
+    bytes_g32 = case_weight("bytes-g32-zero-points", generator)
+    for weight, layout in ((g128, (4, True)), (g32, (4, False)), (g16, (8, False)),
+                           (bytes_g32, (8, True))):
         threshold = group_gemm.DECODE_FROM[layout]
         assert weight.decoded_from == threshold
         assert decodes_first(threshold, weight) and not decodes_first(threshold - 1, weight)
