@@ -99,10 +99,10 @@ def test_long_calls_on_planes_match_the_dense_product_either_way(layout, tokens,
                                                                   monkeypatch, gpu_report):
     """Long calls decoded first (cuBLAS on a slice of weights at a time, several slices of
     the down product here) and in the planes kernel's large tiles."""
-    from pagoda.layers.quantization import group_gemm
+    from pagoda.layers.quantization import group_gemm as layouts
     from pagoda.layers.quantization import triton_plane_decode as decode
-    monkeypatch.setattr(group_gemm, "DECODE_FROM_ALL", decode_from)
-    monkeypatch.setattr(group_gemm, "DECODED_SLICE_BYTES", 16 << 20)
+    monkeypatch.setattr(layouts, "DECODE_FROM_ALL", decode_from)
+    monkeypatch.setattr(layouts, "DECODED_SLICE_BYTES", 16 << 20)
     weight = random_weight(*SHAPES["down"], *LAYOUTS[layout])
     assert decode.decodes_first(tokens, weight) == (decode_from == 1)
     x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
