@@ -155,6 +155,58 @@ def test_fp8_tensor_cores_match_the_dense_product(tokens, gpu_report):
     assert error < 5e-2  # activations rounded to float8 (3 mantissa bits) per token
 
 
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+@pytest.mark.parametrize("tokens", [33, 64, 256, 300, 512])
+@pytest.mark.parametrize("splits", [None, 1, 2, 4])
+def test_the_triton_fp8_product_matches_cublas(shape, tokens, splits, gpu_report):
+    """pagoda's FP8 tensor-core kernel against torch._scaled_mm on the same float8 operands
+    (both with fast accumulation), at its own configuration and at each input split, eager
+    and replayed in a graph; every tile counter left zero."""
+    from pagoda.layers.quantization.triton_fp8_gemm import fp8_config, fp8_gemm
+    from pagoda.layers.quantization.triton_group_gemm import _multiprocessors
+    weight = random_weight(*SHAPES[shape], *LAYOUTS["fp8-row"])
+    a = (torch.randn(tokens, weight.in_features, device="cuda") * 0.5).to(FP8)
+    a_scale = torch.rand(tokens, 1, device="cuda") + 0.5
+    config = fp8_config(tokens, weight.out_features, weight.in_features,
+                        _multiprocessors(torch.cuda.current_device()))
+    if splits is not None:
+        config["splits"] = splits
+    got = fp8_gemm(a, a_scale, weight.codes, weight.scale, torch.bfloat16, config)
+    expected = (a.float() @ weight.codes.float().t()) * a_scale * weight.scale
+    cublas = torch._scaled_mm(a, weight.codes.t(), scale_a=a_scale, scale_b=weight.scale,
+                              out_dtype=torch.bfloat16, use_fast_accum=True)
+    error, cublas_error = relative_error(got, expected), relative_error(cublas, expected)
+    gpu_report(shape=shape, tokens=tokens, config=str(config), error=f"{error:.2e}",
+               cublas_error=f"{cublas_error:.2e}")
+    assert error < max(2 * cublas_error, 1e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = fp8_gemm(a, a_scale, weight.codes, weight.scale, torch.bfloat16, config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, got)  # partial sums added in split order
+    assert nonzero_counters() == 0
+
+
+def test_fp8_products_of_33_to_64_tokens_take_the_triton_kernel(monkeypatch):
+    from pagoda.layers.quantization import triton_fp8_gemm
+    weight = random_weight(*SHAPES["down"], *LAYOUTS["fp8-row"])
+    calls = []
+    monkeypatch.setattr(triton_fp8_gemm, "fp8_gemm", lambda a, *rest, **k: calls.append(a) or
+                        torch.zeros(a.shape[0], weight.out_features, device="cuda",
+                                    dtype=torch.bfloat16))
+    for tokens in (33, 64, 65, 256):
+        scaled_mm(torch.randn(tokens, weight.in_features, device="cuda",
+                              dtype=torch.bfloat16), weight)
+    assert [a.shape[0] for a in calls] == [33, 64]
+    monkeypatch.setenv("PAGODA_FP8_GEMM", "cublas")
+    scaled_mm(torch.randn(48, weight.in_features, device="cuda", dtype=torch.bfloat16), weight)
+    monkeypatch.setenv("PAGODA_FP8_GEMM", "triton")
+    scaled_mm(torch.randn(256, weight.in_features, device="cuda", dtype=torch.bfloat16),
+              weight)
+    assert [a.shape[0] for a in calls] == [33, 64, 256]
+
+
 @pytest.mark.parametrize("layout", ["fp8-row", "fp8-block"])
 def test_fp8_few_token_products_clamp_activations_past_float16s_range(layout):
     """The few-token kernel multiplies float8 values in float16: a bfloat16 activation past

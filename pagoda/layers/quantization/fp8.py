@@ -151,7 +151,9 @@ class Fp8LinearMethod(LinearMethod):
         if not isinstance(held, GroupQuantWeight):
             return "fp8 weights decoded at load (dense matmul)"
         if held.group_size == held.in_features and _has_fp8_tensor_cores():
-            return f"triton few-token kernel up to {FEW_TOKENS} tokens, torch._scaled_mm above"
+            from pagoda.layers.quantization.triton_fp8_gemm import UP_TO_TOKENS
+            return (f"triton few-token kernel up to {FEW_TOKENS} tokens, triton fp8 tensor-core "
+                    f"kernel to {UP_TO_TOKENS}, torch._scaled_mm above")
         return held.kernel_name()
 
 
@@ -178,14 +180,20 @@ def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
 
 def scaled_mm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX) in
-    one Triton launch, the product rescaled by the token's and the output row's scales.
-    The tensor cores' own accumulators sum the products without promoting partial sums to
-    float32 every few steps (fast accumulation, as vLLM's Hopper FP8 kernels)."""
+    one Triton launch, the product rescaled by the token's and the output row's scales, by
+    pagoda's Triton kernel where it takes the call (`triton_fp8_gemm.takes`: 33 to 64
+    tokens) and torch._scaled_mm (cuBLAS) otherwise. The tensor cores' own accumulators sum
+    the products without promoting partial sums to float32 every few steps (fast
+    accumulation, as vLLM's Hopper FP8 kernels)."""
+    from pagoda.layers.quantization import triton_fp8_gemm
     from pagoda.layers.quantization.triton_group_gemm import fp8_rows
     flat = x.reshape(-1, weight.in_features)
     x_fp8, x_scale = fp8_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), FP8_MAX)
-    y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
-                         out_dtype=x.dtype, use_fast_accum=True)
+    if triton_fp8_gemm.takes(*x_fp8.shape):
+        y = triton_fp8_gemm.fp8_gemm(x_fp8, x_scale, weight.codes, weight.scale, x.dtype)
+    else:
+        y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
+                             out_dtype=x.dtype, use_fast_accum=True)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 
