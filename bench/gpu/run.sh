@@ -3,7 +3,7 @@
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
 #   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
-#   switch-prefill ab-decode1
+#   switch-prefill switch-batch ab-decode1
 #   small throughput
 #   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -41,8 +41,8 @@ make_gguf8() {
 }
 
 # the 8B's --model and load flags for a quantized variant (issue 18's benchmarks); gguf reads
-# its weights from the file (not --load-format dummy) and keeps its blocks quantized on CUDA
-# only with --quantization gguf (else they are dequantized to bf16 at load)
+# its weights from the file (not --load-format dummy) and keeps its blocks quantized
+# (gguf-dequantized: --quantization none, decoded to bf16 at load)
 quant_model() {
   case "$1" in
     bf16) echo "--model $B8 $COMMON" ;;
@@ -51,6 +51,8 @@ quant_model() {
     awq|awq-zp) echo "--model $B8-awq $COMMON" ;;
     gguf) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
+    gguf-dequantized) make_gguf8 >&2
+          echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization none $SHAPE" ;;
   esac
 }
 
@@ -73,6 +75,18 @@ quant_prefill() {
   python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['systems']['pagoda']; \
 print(sys.argv[2] + ': prefill %.3f s, %d tok/s' % (s['elapsed_s'], s['total_tokens_per_s']))" \
     "$OUT/prefill-$2.json" "$3"
+}
+
+# BATCH (default 48) prompts of 1024 tokens decoded together for 512 tokens by the 8B as
+# quantized variant $1, its JSON at $OUT/batch-$2.json, its elapsed time labelled $3
+quant_batch() {
+  local batch=${BATCH:-48}
+  python3 -m pagoda.cli.main bench throughput $(quant_model $1) --num-prompts $batch \
+    --input-len 1024 --output-len 512 --max-num-seqs $batch \
+    --output-json "$OUT/batch-$2.json" > /dev/null 2>&1
+  python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['systems']['pagoda']; \
+print(sys.argv[2] + ': %.3f s, %.1f output tok/s' % (s['elapsed_s'], s['output_tokens_per_s']))" \
+    "$OUT/batch-$2.json" "$3"
 }
 
 # run "$@" with the environment variable SWITCH set to $VALUE ("default": unset)
@@ -117,12 +131,15 @@ run_stage() {
     # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")
     # ("default" in SWITCH_VALUES leaves it unset); switch-prefill the same for quant_prefill
-    # (e.g. SWITCH=PAGODA_DECODE_FROM SWITCH_VALUES="default 0" QUANT_VARIANTS="gguf awq")
-    switch-decode1|switch-prefill)
+    # (e.g. SWITCH=PAGODA_DECODE_FROM SWITCH_VALUES="default 0" QUANT_VARIANTS="gguf awq"),
+    # switch-batch for quant_batch (e.g. SWITCH=PAGODA_FP8_GEMM SWITCH_VALUES="default cublas"
+    # QUANT_VARIANTS=fp8 BATCH=48)
+    switch-decode1|switch-prefill|switch-batch)
                     [ -n "${SWITCH:-}" ] && [ -n "${SWITCH_VALUES:-}" ] \
                       || { echo "$1: set SWITCH and SWITCH_VALUES"; return 1; }
                     local measure=quant_decode1
                     [ $1 = switch-prefill ] && measure=quant_prefill
+                    [ $1 = switch-batch ] && measure=quant_batch
                     for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
                       for VALUE in $SWITCH_VALUES; do
                         with_switch $measure $q $q-$SWITCH-$VALUE-run$run "$q $SWITCH=$VALUE"
@@ -156,8 +173,9 @@ run_stage() {
                    ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} ${PLANES_SWEEP:+--sweep-few} 2>&1 \
                    | tail -120 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:
-    # the random Q4_K_M GGUF, written to $GGUF8 on first use; awq-zp: AWQ with its zero
-    # points held as such in planes, PAGODA_PLANE_ZERO_POINTS=1)
+    # the random Q4_K_M GGUF, written to $GGUF8 on first use; gguf-dequantized: the same
+    # decoded to bf16 at load; awq-zp: AWQ with its zero points held as such in planes,
+    # PAGODA_PLANE_ZERO_POINTS=1); quant-throughput's prompts THROUGHPUT_PROMPTS (1000)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
                      PAGODA_PLANE_ZERO_POINTS=$([ $q = awq-zp ] && echo 1 || echo 0) \
                      python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
@@ -166,7 +184,7 @@ run_stage() {
                    done ;;
     quant-throughput) for q in ${QUANT_VARIANTS:-bf16 fp8 fp8kv}; do
                         python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
-                          --num-prompts 1000 --input-len 1024 --output-len 512 --max-num-seqs 256 \
+                          --num-prompts ${THROUGHPUT_PROMPTS:-1000} --input-len 1024 --output-len 512 --max-num-seqs 256 \
                           --max-num-batched-tokens 8192 --output-json "$OUT/throughput-$q.json" \
                           2>&1 | grep -v INFO | tail -4
                       done ;;
