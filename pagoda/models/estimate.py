@@ -30,10 +30,10 @@ from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
 from pagoda.models.quantization import (
-    load_quantization,
     quantization_config,
     quantizes_at_load,
     resolve_kv_cache_dtype,
+    resolve_quantization,
 )
 from pagoda.models.registry import arch_spec
 from pagoda.models.source import ModelSource
@@ -339,7 +339,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
                                 getattr(config, "dtype", None))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     params, weights_from = count_parameters(source, spec)
-    held = load_quantization(quantization, source, "cuda" if on_gpu else "cpu")
+    held = resolve_quantization(quantization, source)
     held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu")
     # a pipeline stage holds its share of the layers (bytes taken as spread like parameters)
     weights = held_total * stage_parameters(config, params, pp) // params // tp

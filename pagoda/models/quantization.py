@@ -91,18 +91,6 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> str | No
                       f"{held}{hint}")
 
 
-def load_quantization(requested: str | None, source: ModelSource, device_type: str) -> str | None:
-    """The form the engine holds the weights in on a `device_type` device: as
-    resolve_quantization says, except that a GGUF found on a GPU is dequantized at load
-    unless `--quantization gguf` asks to keep it quantized. Kept, it takes a third of the
-    memory and decodes a single stream faster than bf16 (the 8B in Q4_K_M 3.64 ms a token
-    on an H100, where bf16 took 6.03 ms in an earlier call), but its kernels multiply
-    batches of 64 to 256 tokens at 0.3-0.8x bf16's matmul (bench/results/README.md): the
-    throughput of a kept GGUF against a dequantized one is not yet measured end to end."""
-    found = resolve_quantization(requested, source)
-    return None if found == "gguf" and requested is None and device_type != "cpu" else found
-
-
 def quantizes_at_load(quantization: str | None, source: ModelSource) -> bool:
     """Whether `quantization` is applied at load to a checkpoint of floats."""
     return quantization in AT_LOAD and checkpoint_quantization(source) is None

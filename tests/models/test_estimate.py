@@ -83,6 +83,16 @@ def test_gguf_estimate_dequantizes_nothing(smollm2_dir, monkeypatch):
     assert estimate(source, max_model_len=256) == expected
 
 
+def test_a_gguf_on_a_gpu_counts_its_blocks_unless_decoded_at_load(smollm2_dir):
+    source = resolve_model(str(smollm2_dir))
+    kept = estimate(source, max_model_len=256, device="H100")
+    decoded = estimate(source, max_model_len=256, device="H100", quantization="none")
+    assert kept.quantization == "gguf" and decoded.quantization is None
+    # the linear layers' Q4_1 blocks against bfloat16 (the table tied to the LM head stays
+    # bfloat16 on a GPU either way)
+    assert kept.weight_bytes < decoded.weight_bytes / 2
+
+
 def test_untied_gqa_checkpoint_with_head_dim_matches_the_engine(tmp_path):
     config = MistralConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,

@@ -101,3 +101,17 @@ def test_a_quantized_gguf_is_gguf(smollm2_dir):
     assert resolve_quantization("GGUF", source) == "gguf"
     with pytest.raises(ConfigError, match="holds gguf-quantized weights"):
         resolve_quantization("awq", source)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_gguf_is_kept_quantized_on_every_device_unless_none_asks(smollm2_dir, device,
+                                                                     caplog):
+    import torch
+
+    from pagoda.models.loader.checkpoint import _log_gguf_kept, model_quantization
+    source = resolve_model(str(smollm2_dir))
+    _log_gguf_kept.cache_clear()
+    with caplog.at_level("INFO", logger="pagoda"):
+        assert model_quantization(None, source, torch.device(device)) == "gguf"
+    assert ("GGUF blocks kept quantized on the GPU" in caplog.text) == (device == "cuda")
+    assert model_quantization("none", source, torch.device(device)) is None
