@@ -9,9 +9,24 @@ them from one call to the next. The activations are float8 already (the per-toke
 quantization, `fp8_rows`, is the same launch before either). bfloat16's cuBLAS product is
 timed beside them for scale. The summary gives, per token count, the layer's four products
 by cuBLAS, by the shipped Triton configuration and by the best configuration of each.
+(The figures of bench/results/README.md for this mode were taken with programmatic
+dependent launch on, before `--pdl` existed.)
 
     PYTHONPATH=. python bench/kernels/fp8_gemm.py [--tokens N ...] [--output-json PATH]
-        [--grid JSON]
+        [--grid JSON] [--pdl] [--few-tokens N [--planes]]
+
+`--few-tokens N` times instead, projection by projection, the weight-only few-token kernel
+that calls of up to 32 tokens take (`triton_group_gemm.few_tokens_config`), at its shipped
+settings and over FEW_GRID's (tile width, warps, stages, programs a multiprocessor): each
+setting's time and its rate of weight bytes against the device-copy bandwidth measured in
+the same run. With `--planes` the same for 4-bit codes in planes, groups of 128 with mins
+(AWQ's layout; the settings replace `triton_group_gemm.PLANES_FEW`). Programmatic dependent
+launch is off unless `--pdl`. With it on, an H100 timed the float8 gate-up product at one
+token in 42.9 us at 64 outputs by 4 warps against 52.2 at the shipped 32 by 2, yet the 8B's
+decode step with that tile took 3.70 ms a token against 3.69 (bench/results/README.md):
+launched back to back, a copy's programs may wait on the multiprocessors while the copy
+before runs, which a decode step's products (each after a small kernel) do not meet (a
+reading, not profiled).
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -37,6 +53,10 @@ GRID = {"tile": [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 2
                  (64, 256, 4)],
         "num_stages": [3, 4, 5], "splits": [1, 2, 4]}
 L2_FLUSH_BYTES = 256 << 20
+FEW_GRID = {"BLOCK_N": [32, 64], "num_warps": [2, 4], "num_stages": [3, 4, 6],
+            "programs_per_sm": [2, 4, 8, 16]}
+PLANES_GRID = {"BLOCK_N": [32, 64, 128], "num_warps": [2, 4], "num_stages": [3, 4],
+               "programs_per_sm": [4, 8, 16]}
 
 
 def weights(outputs: int, inputs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,7 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=json.loads, default=None,
                         help="the sweep as JSON, keys as GRID's")
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--few-tokens", type=int, default=None,
+                        help="sweep the few-token kernel per projection at this many tokens")
+    parser.add_argument("--pdl", action="store_true",
+                        help="launch the Triton kernels with programmatic dependent launch")
+    parser.add_argument("--planes", action="store_true",
+                        help="--few-tokens: the planes kernel on 4-bit codes in groups of 128")
     args = parser.parse_args(argv)
+    os.environ["PAGODA_PDL"] = "1" if args.pdl else "0"  # read at the first launch
+    if args.few_tokens:
+        grid = args.grid or (PLANES_GRID if args.planes else FEW_GRID)
+        _write(_few_token_sweep(args.few_tokens, grid, args.planes, args.pdl),
+               args.output_json)
+        return
     grid = args.grid or GRID
     multiprocessors = _multiprocessors(torch.cuda.current_device())
     result = {"device": torch.cuda.get_device_name(), "date":
@@ -68,9 +100,90 @@ def main(argv: list[str] | None = None) -> None:
             result["rows"].append(_projection(name, tokens, outputs, inputs, held[name], grid,
                                               multiprocessors))
         _summary(result["rows"], tokens)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
+    _write(result, args.output_json)
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _few_token_sweep(tokens: int, grid: dict, planes: bool, pdl: bool) -> dict:
+    """Each projection's few-token product at `tokens` tokens, shipped and over `grid`."""
+    from pagoda.bench.roofline import measure_ceilings
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    from pagoda.models.loader.checkpoint import weight_bytes
+    ceilings = measure_ceilings(torch.device("cuda"))
+    result = {"device": ceilings.device, "bandwidth_gb_s": ceilings.bandwidth / 1e9,
+              "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv,
+              "tokens": tokens, "layout": "int4-g128 planes" if planes else "fp8-row", "pdl": pdl,
+              "rows": []}
+    for name, (outputs, inputs) in PROJECTIONS.items():
+        held = _few_token_weights(outputs, inputs, planes)
+        x = torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16)
+        rate = weight_bytes(held[0]) / ceilings.bandwidth * 1e6  # us at the copy bandwidth
+        shipped = timed(lambda: [kernels.group_gemm(x, w) for w in held], len(held))
+        print(f"{name:>8}: shipped {shipped:6.2f} us ({100 * rate / shipped:.1f}% of the copy "
+              "bandwidth)", flush=True)
+        for settings in itertools.product(*grid.values()):
+            restore = _set_few_settings(kernels, planes, **dict(zip(grid, settings)))
+            try:
+                us = timed(lambda: [kernels.group_gemm(x, w) for w in held], len(held))
+            except Exception as error:  # e.g. a tile past the shared memory
+                print(f"  {settings}: {type(error).__name__}")
+                continue
+            finally:
+                restore()
+            result["rows"].append({"projection": name, **dict(zip(grid, settings)), "us": us,
+                                   "shipped_us": shipped, "fraction_of_bandwidth": rate / us})
+        best = sorted((r for r in result["rows"] if r["projection"] == name),
+                      key=lambda r: r["us"])[:3]
+        for row in best:
+            print(f"    {row['us']:6.2f} us ({100 * row['fraction_of_bandwidth']:.1f}%) "
+                  f"{ {key: row[key] for key in grid} }", flush=True)
+    return result
+
+
+def _few_token_weights(outputs: int, inputs: int, planes: bool) -> list:
+    """Copies of a projection as float8 rows, or as 4-bit planes in groups of 128 with mins,
+    enough to flush L2."""
+    from pagoda.layers.quantization.group_gemm import GroupQuantWeight
+    if not planes:
+        return [GroupQuantWeight(w, s.view(-1, 1), None, inputs, 8)
+                for w, s in weights(outputs, inputs)]
+    copies = -(-L2_FLUSH_BYTES // (outputs * inputs // 2))
+    scale = torch.full((outputs, inputs // 128), 1e-3, device="cuda")
+    return [GroupQuantWeight(torch.randint(0, 16, (outputs, inputs), device="cuda",
+                                           dtype=torch.uint8), scale, -scale, 128, 4)
+            for _ in range(copies)]
+
+
+def _set_few_settings(kernels, planes: bool, **settings):
+    """Point the kernel module's few-token settings at `settings`; returns their undoing."""
+    if planes:
+        shipped = kernels.PLANES_FEW
+        kernels.PLANES_FEW = (settings["BLOCK_N"], settings["num_warps"],
+                              settings["num_stages"], settings["programs_per_sm"])
+        return lambda: setattr(kernels, "PLANES_FEW", shipped)
+    shipped = kernels.few_tokens_config
+    kernels.few_tokens_config = _few_config(shipped, **settings)
+    return lambda: setattr(kernels, "few_tokens_config", shipped)
+
+
+def _few_config(shipped, BLOCK_N: int, num_warps: int, num_stages: int, programs_per_sm: int):
+    """few_tokens_config with these settings (token tile and step as shipped, the input
+    splits recomputed for the tile width and programs a multiprocessor)."""
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+
+    def config(tokens, weight, multiprocessors):
+        chosen = shipped(tokens, weight, multiprocessors)
+        tiles = -(-tokens // chosen["BLOCK_T"]) * -(-weight.out_features // BLOCK_N)
+        splits = kernels._splits(tiles, weight.in_features, chosen["STEP"], multiprocessors,
+                                 programs_per_sm)
+        return {**chosen, "BLOCK_N": BLOCK_N, "num_warps": num_warps,
+                "num_stages": num_stages, "splits": splits}
+    return config
 
 
 def _projection(name: str, tokens: int, outputs: int, inputs: int, held: list, grid: dict,
