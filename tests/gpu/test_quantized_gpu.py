@@ -358,6 +358,7 @@ def test_gguf_block_types_agree_with_their_dequantized_weights(tmp_path, gpu_rep
     prompts = random_prompts(UNTIED.vocab_size, (7, 19, 40))
     kernels = kernels_of(path, quantization="gguf")
     assert any("4-bit" in k for k in kernels) and any("8-bit" in k for k in kernels)
+    assert kernels_of(path) == kernels  # kept without the flag too
     dequantized = greedy(path, prompts, quantization="none")
     ours = greedy(path, prompts, quantization="gguf")
     matching = sum(a == b for x, y in zip(ours, dequantized) for a, b in zip(x, y))
