@@ -142,7 +142,8 @@ run_stage() {
                     [ $1 = switch-batch ] && measure=quant_batch
                     for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
                       for VALUE in $SWITCH_VALUES; do
-                        with_switch $measure $q $q-$SWITCH-$VALUE-run$run "$q $SWITCH=$VALUE"
+                        # (a comma in a file name keeps it from coming back from the device)
+                        with_switch $measure $q $q-$SWITCH-${VALUE//,/-}-run$run "$q $SWITCH=$VALUE"
                       done
                     done; done ;;
     small) python3 -m pagoda.cli.main bench throughput --model $B1 $COMMON --num-prompts 256 \
