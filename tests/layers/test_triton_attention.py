@@ -299,6 +299,61 @@ def _rotary_case(with_qk_norm: bool) -> None:
         assert torch.equal(outputs["triton"][1], outputs["torch"][1]), "KV cache contents differ"
 
 
+def _rotary_decode(num_segments: int | None = None, window: int | None = None,
+                   rotary_dim: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    return lambda: _rotary_decode_case(num_segments, window, rotary_dim, dtype)
+
+
+def _rotary_decode_case(num_segments: int | None, window: int | None, rotary_dim: int | None,
+                        dtype: torch.dtype) -> None:
+    """A decode step's RoPE and KV store run inside the attention kernel (NewToken; the
+    fused store kernel is not called): its outputs are the torch backend's, and its cache
+    holds exactly what the same step with PAGODA_ROPE_IN_ATTENTION=0 stores (and, in
+    float32, the torch backend's), on views into one qkv buffer with the CUDA-graph runner's
+    padding (empty sequences, slot -1 tokens)."""
+    from pagoda.layers.attention import triton_backend
+    from pagoda.layers.attention.torch_ref import TorchAttentionBackend
+    from pagoda.layers.rotary import RotaryEmbedding
+    heads, kv_heads, dim = 8, 2, 32
+    batch = make_batch(DECODES + [(0, 0)] * 2, block_size=16, heads=heads, kv_heads=kv_heads,
+                       head_dim=dim, dtype=dtype, seed=15, pad_tokens=2)
+    rope = RotaryEmbedding(dim, 512, {"rope_type": "default", "rope_theta": 1e4}, rotary_dim)
+    positions = torch.tensor([context for context, _ in DECODES] + [0, 0])
+    qkv = torch.cat([batch.q, batch.k, batch.v], dim=1)
+    real = batch.num_real_tokens
+
+    def run(backend, meta, tokens: int):
+        cache, fused = batch.kv_cache.clone(), qkv.clone()
+        q, k, v = fused[:, :heads], fused[:, heads:heads + kv_heads], fused[:, heads + kv_heads:]
+        out = backend.forward_rotary(positions[:tokens], q[:tokens], k[:tokens], v[:tokens],
+                                     rope, cache, backend.build_metadata(meta), dim ** -0.5,
+                                     window)
+        return out[:real], cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a decode step called the fused RoPE-and-store kernel")
+    store = triton_backend.rope_store_kv_
+    triton_backend.rope_store_kv_ = refuse
+    try:
+        inside = run(triton_backend.TritonAttentionBackend(num_segments), batch.meta,
+                     qkv.shape[0])
+    finally:
+        triton_backend.rope_store_kv_ = store
+    os.environ["PAGODA_ROPE_IN_ATTENTION"] = "0"
+    try:
+        apart = run(triton_backend.TritonAttentionBackend(num_segments), batch.meta,
+                    qkv.shape[0])
+    finally:
+        del os.environ["PAGODA_ROPE_IN_ATTENTION"]
+    reference = run(TorchAttentionBackend(), _without_padding(batch.meta), real)
+    torch.testing.assert_close(inside[0], reference[0], **tolerance(dtype))
+    torch.testing.assert_close(inside[0], apart[0], **tolerance(dtype))
+    assert torch.equal(inside[1], apart[1]), "KV cache contents differ from the store kernel's"
+    if dtype == torch.float32:
+        assert torch.equal(inside[1], reference[1]), "KV cache contents differ from torch's"
+
+
 def _rotary_window_case() -> None:
     """forward_rotary passes the layer's window through (Triton vs torch_ref, padded)."""
     from pagoda.layers.attention.torch_ref import TorchAttentionBackend
@@ -466,6 +521,13 @@ def _interpreter_cases() -> dict[str, Callable[[], None]]:
         "fp16_float8_scaled_cache": _float8_scaled_cache(num_segments=1),
         "fp16_float8_scaled_cache_split2": _float8_scaled_cache(num_segments=2),
         "rotary_store_scaled": _rotary_scaled_case,
+        "rotary_decode_in_attention_unsplit": _rotary_decode(num_segments=1),
+        "rotary_decode_in_attention_split4": _rotary_decode(num_segments=4),
+        "rotary_decode_in_attention_auto_split": _rotary_decode(),
+        "rotary_decode_in_attention_window13_split2": _rotary_decode(num_segments=2,
+                                                                     window=13),
+        "rotary_decode_in_attention_partial_fp16": _rotary_decode(
+            num_segments=2, rotary_dim=16, dtype=torch.float16),
         "padding_tokens_slot_minus1": _mixed(16, 8, 2, 16, pad_tokens=5, scale=0.3),
         "padding_decode_split": _mixed(16, 8, 2, 16, seqs=DECODES, pad_tokens=3,
                                        num_segments=2),
@@ -519,6 +581,9 @@ INTERPRETER_CASES = [
     "tile16_bs64", "tile64_bs16_blockm16",
     "blockm128_tile32", "fp16", "fp16_split2", "fp16_float8_cache_decodes",
     "fp16_float8_scaled_cache", "fp16_float8_scaled_cache_split2", "rotary_store_scaled",
+    "rotary_decode_in_attention_unsplit", "rotary_decode_in_attention_split4",
+    "rotary_decode_in_attention_auto_split", "rotary_decode_in_attention_window13_split2",
+    "rotary_decode_in_attention_partial_fp16",
     "padding_tokens_slot_minus1",
     "padding_decode_split", "graph_padding_unsplit", "graph_padding_split",
     "rotary_store_fused_window", "window24_mixed_bs16", "window1_mixed",
@@ -696,16 +761,31 @@ def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90
 
 
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: bool = False,
-                       split: bool = False, capability: int = 90) -> str:
-    """The decode kernel compiled here: q [*, 32, 128], 8 KV heads."""
+                       split: bool = False, capability: int = 90,
+                       new_token: bool = False) -> str:
+    """The decode kernel compiled here: q [*, 32, 128], 8 KV heads (with new_token, RoPE
+    over all 128 dims and the KV store in the kernel)."""
     from pagoda.layers.attention import triton_unified
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=split, SLIDING=False,
                      DOT_PRECISION="tf32", HALF_PRODUCTS=half_products, SCALE_V=scale_v,
+                     NEW_TOKEN=new_token, ROT_HALF=64 if new_token else 0,
                      PDL=capability >= 90)
     return _ptx(triton_unified._unified_attention_kernel, constants,
                 {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
-                 "value_cache_ptr": cache}, capability)
+                 "value_cache_ptr": cache, "new_k_ptr": query, "new_v_ptr": query,
+                 "pos_ptr": "i64", "cos_sin_ptr": "fp32", "slot_ptr": "i64"}, capability)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(split):
+    """NEW_TOKEN with bfloat16 queries and cache (the interpreter runs no bfloat16 dots):
+    compiled for an H200, the kernel stores 16-bit values (the new K and V rows) where
+    without it a split decode stores only float32 partials."""
+    with_new = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split,
+                                  new_token=True)
+    without = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split)
+    assert with_new.count("st.global.b16") > without.count("st.global.b16")
 
 
 @pytest.mark.parametrize("cache", ["fp8e4nv", "fp8e5"])

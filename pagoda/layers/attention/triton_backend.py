@@ -1,6 +1,6 @@
 """The GPU attention backend: a Triton KV-store kernel (or, for rotary models, RoPE fused into
-the store) plus the unified paged-attention kernel (split-KV for small decode batches with
-long contexts)."""
+the store; in decode steps, both inside the attention kernel) plus the unified paged-attention
+kernel (split-KV for small decode batches with long contexts)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.triton_kv_store import store_kv
 from pagoda.layers.attention.triton_unified import (
     AttentionPlan,
+    NewToken,
     plan_attention,
+    takes_new_token,
     unified_attention,
 )
 from pagoda.layers.fused import rope_store_kv_
@@ -116,8 +118,20 @@ class TritonAttentionBackend(AttentionBackend):
                        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
                        kv_scales: KVScales = UNIT_SCALES) -> torch.Tensor:
         """The q/k head norms, RoPE and the KV store in one kernel (one or two launches per
-        layer fewer)."""
+        layer fewer); in decode steps without head norms over a cache of the queries' type,
+        RoPE and the store in the attention kernel itself (NewToken: one launch fewer
+        again)."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
+        if qk_norm is None:
+            plan = metadata.plan(q.shape[1], key_cache.shape[2], q.shape[2], q.dtype,
+                                 sliding_window, key_cache.dtype)
+            if takes_new_token(plan, q, key_cache):
+                new = NewToken(k, v, positions, rotary.cos_sin, rotary.rotary_dim,
+                               metadata.slot_mapping)
+                return unified_attention(q, key_cache, value_cache, metadata.query_start_loc,
+                                         metadata.seq_lens, metadata.block_tables, scale,
+                                         metadata.num_seqs, plan, sliding_window=sliding_window,
+                                         new_token=new)
         rope_store_kv_(positions, q, k, v, rotary.cos_sin, rotary.rotary_dim, key_cache,
                        value_cache, metadata.slot_mapping, qk_norm, kv_scales)
         return self._attend(q, key_cache, value_cache, metadata, scale, sliding_window,

@@ -27,6 +27,7 @@ split variant divides the tiles [kv_start // TILE, cdiv(kv_end, TILE)) among the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -93,11 +94,12 @@ def _attend_tiles(
                     + dims[None, :] * stride_vd,
                     mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+        # (kv_end may stop short of the causal limit: a decode's new position, NEW_TOKEN)
         if SLIDING:
             visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
         else:
-            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+            visible = pos[None, :] <= q_pos[:, None]
+        s = tl.where(visible & pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far
         p = tl.math.exp2(s - m_safe[:, None])
@@ -107,6 +109,25 @@ def _attend_tiles(
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _rotated(row_ptr, dims, mask, pos, cos_sin_ptr, stride_d, ROT_HALF: tl.constexpr):
+    """The values at row_ptr + dims * stride_d (row_ptr: one row's pointer or a column of
+    them) rotated by RoPE at position `pos`, rotate-half on the first 2 * ROT_HALF dims (as
+    fused.rope_qk_: in float32, rounded to the values' type); cos_sin is [positions,
+    2 * ROT_HALF] = [cos | sin]."""
+    x = tl.load(row_ptr + dims * stride_d, mask=mask, other=0.0)
+    first = dims < ROT_HALF
+    turned = dims < 2 * ROT_HALF
+    half = tl.where(first, dims, dims - ROT_HALF)
+    partner = tl.load(row_ptr + tl.where(first, dims + ROT_HALF, half) * stride_d,
+                      mask=mask & turned, other=0.0).to(tl.float32)
+    c = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + half, mask=turned, other=1.0)
+    s = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + ROT_HALF + half, mask=turned, other=0.0)
+    xf = x.to(tl.float32)
+    out = tl.where(first, xf * c - partner * s, xf * c + partner * s)
+    return tl.where(turned, out, xf).to(x.dtype)
 
 
 @triton.jit
@@ -123,6 +144,36 @@ def _window_tiles(first_tile, num_tiles, num_segments, SPLIT: tl.constexpr):
     return tile_lo, tile_hi
 
 
+@triton.jit
+def _new_position(q, acc, l_i, m_i, token, kv_head, pos, qk_scale, new_k_ptr, new_v_ptr,
+                  cos_sin_ptr, slot_ptr, stride_nkt, stride_nvt, num_slots, k_base, v_base,
+                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, dims,
+                  dim_ok, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  ROT_HALF: tl.constexpr):
+    """The online softmax of q's rows taking in the step's own position (its k rotated by
+    RoPE at `pos`, its v as given), and that k and v written into the cache at the token's
+    slot."""
+    k = _rotated(new_k_ptr + token * stride_nkt + kv_head * HEAD_DIM, dims, dim_ok, pos,
+                 cos_sin_ptr, 1, ROT_HALF)
+    v = tl.load(new_v_ptr + token * stride_nvt + kv_head * HEAD_DIM + dims, mask=dim_ok,
+                other=0.0)
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
+    m_new = tl.maximum(m_i, s)
+    p = tl.math.exp2(s - m_new)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
+    slot = tl.load(slot_ptr + token, mask=token < num_slots, other=-1).to(tl.int64)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        tl.store(k_base + block * stride_kb + offset * stride_ks + dims * stride_kd, k,
+                 mask=dim_ok)
+        tl.store(v_base + block * stride_vb + offset * stride_vs + dims * stride_vd, v,
+                 mask=dim_ok)
+    return acc, l_i, m_new
+
+
 # Integers that only size the launch or index the small split-KV workspace are not
 # specialized on: each value class would otherwise compile its own variant at startup. Nor is
 # the window (0 for full layers, where it is unused): one variant serves every window.
@@ -136,17 +187,27 @@ def _unified_attention_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_bt, stride_wt, stride_wh, window,
+    new_k_ptr, new_v_ptr, pos_ptr, cos_sin_ptr, slot_ptr, stride_nkt, stride_nvt, num_slots,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HALF_PRODUCTS: tl.constexpr, SCALE_V: tl.constexpr,
-    PDL: tl.constexpr,
+    NEW_TOKEN: tl.constexpr, ROT_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (q-block, kv head[, segment]): the output rows (times value_scale with SCALE_V),
     or with SPLIT the partial (max, sum, acc) of this segment. With HALF_PRODUCTS (a float8
     cache under 16-bit queries) both products take float16 operands: q once, saturated to
     float16's range, and every float8 K and V element in one conversion per pair (a float8
-    value to bfloat16 would take a second, slower conversion through float16)."""
+    value to bfloat16 would take a second, slower conversion through float16).
+
+    NEW_TOKEN (decodes over a cache of q's type): q, and the step's k and v rows at
+    new_k_ptr and new_v_ptr ([tokens, kv heads, HEAD_DIM]), are as the qkv product left
+    them. Each program rotates its q rows by RoPE at pos_ptr's position (see _rotated); the
+    KV tiles stop short of the new position, and the first segment's program (or the only
+    one) rotates the new k, adds the new position to its sums from registers and writes k
+    and v into the cache at slot_ptr's slot (none for a slot < 0 or a token past
+    num_slots): the launch of fused.rope_store_kv_ saved, no program waiting on its own
+    writes."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -174,8 +235,14 @@ def _unified_attention_kernel(
     tokens = (q_start + q_local).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM_P)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
-                + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q_rows = q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+    if NEW_TOKEN:
+        pos = tl.load(pos_ptr + q_start)
+        q = _rotated(q_rows, dims[None, :], row_ok[:, None] & dim_ok[None, :], pos,
+                     cos_sin_ptr, stride_qd, ROT_HALF)
+    else:
+        q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0)
     if HALF_PRODUCTS:
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     # Padding rows borrow the last query's position so that no row is ever fully masked.
@@ -200,11 +267,19 @@ def _unified_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     k_base = key_cache_ptr + kv_head * stride_kh
     v_base = value_cache_ptr + kv_head * stride_vh
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     acc, l_i, m_i = _attend_tiles(
-        q, acc, l_i, m_i, k_base, v_base, block_tables_ptr + seq.to(tl.int64) * stride_bt,
-        q_pos, tile_lo, tile_hi, kv_start, kv_end, window, qk_scale,
+        q, acc, l_i, m_i, k_base, v_base, table, q_pos, tile_lo, tile_hi, kv_start,
+        kv_end - 1 if NEW_TOKEN else kv_end, window, qk_scale,
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
         HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
+    if NEW_TOKEN:
+        if tl.program_id(2) == 0:  # the first segment, or the only program (a 2-D grid)
+            acc, l_i, m_i = _new_position(
+                q, acc, l_i, m_i, q_start, kv_head, pos, qk_scale, new_k_ptr, new_v_ptr,
+                cos_sin_ptr, slot_ptr, stride_nkt, stride_nvt, num_slots, k_base, v_base,
+                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, dims,
+                dim_ok, HEAD_DIM, BLOCK_SIZE, ROT_HALF)
 
     if SPLIT:
         w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
@@ -253,6 +328,20 @@ def _reduce_segments_kernel(
         out *= value_scale
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """A decode step's own k and v rows ([tokens, kv heads, dim], as the qkv product left
+    them: not rotated, not stored) and what their RoPE and KV store take, for the attention
+    kernel to do both (its NEW_TOKEN)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor  # [positions, rotary_dim] = [cos | sin]
+    rotary_dim: int
+    slot_mapping: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,18 +495,44 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
     return cache.itemsize == 1 and query == torch.bfloat16
 
 
+def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether a step's RoPE and KV store can run in its attention kernel (NewToken): every
+    sequence decoding one token, over a cache of q's type (PAGODA_ROPE_IN_ATTENTION=0:
+    never). On an H100 the 8B's FP8 decode-1 took 3.63 ms a token so against 3.68 with the
+    separate RoPE-and-store launch (bench/results/README.md)."""
+    return (plan.decode_only and key_cache.dtype == q.dtype
+            and os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0")
+
+
+def _check_new_token(new: NewToken, plan: AttentionPlan, q: torch.Tensor,
+                     key_cache: torch.Tensor) -> None:
+    if not plan.decode_only or key_cache.dtype != q.dtype:
+        raise ValueError("the new token's RoPE and store run in decode-only steps over a "
+                         "cache of the queries' type")
+    head_dim = q.shape[2]
+    if new.k.shape[1:] != key_cache.shape[2:] or new.v.shape[1:] != key_cache.shape[2:] \
+            or new.k.stride()[1:] != (head_dim, 1) or new.v.stride()[1:] != (head_dim, 1):
+        raise ValueError(f"new k {tuple(new.k.shape)} / v {tuple(new.v.shape)} do not match the "
+                         f"cache's heads, each token's heads contiguous")
+
+
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, num_seqs: int,
                       plan: AttentionPlan, out: torch.Tensor | None = None,
                       sliding_window: int | None = None,
-                      value_scale: float = 1.0) -> torch.Tensor:
+                      value_scale: float = 1.0, new_token: NewToken | None = None
+                      ) -> torch.Tensor:
     """Causal paged attention of q [tokens, heads, dim] over the cached KV of each sequence;
     with sliding_window W the query at position p sees only the keys at (p - W, p]. The
-    outputs are multiplied by value_scale (a float8 cache's V scale).
+    outputs are multiplied by value_scale (a float8 cache's V scale). With `new_token` (a
+    decode step, `takes_new_token`), q and the step's k are rotated by RoPE and k and v
+    stored here, and seq_lens count the new position.
     Launch shapes depend only on q.shape, num_seqs and the plan, so the call is CUDA-graph
     capturable; output rows of tokens past query_start_loc[num_seqs] are left unwritten."""
     _check_inputs(q, key_cache, value_cache)
+    if new_token is not None:
+        _check_new_token(new_token, plan, q, key_cache)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
     num_tokens, num_heads, head_dim = q.shape
@@ -446,12 +561,14 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         num_seqs, plan.num_segments, scale * LOG2E, value_scale,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
         block_tables.stride(0), num_heads * plan.num_segments, plan.num_segments,
-        sliding_window or 0,
+        sliding_window or 0, *_new_token_arguments(new_token, q),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=key_cache.shape[1], TILE=cfg.tile, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
         DECODE_ONLY=plan.decode_only, SPLIT=split, SLIDING=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HALF_PRODUCTS=_half_products(q.dtype, key_cache.dtype), SCALE_V=scale_v,
+        NEW_TOKEN=new_token is not None,
+        ROT_HALF=new_token.rotary_dim // 2 if new_token is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
     )
     if split:
@@ -465,3 +582,11 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             **dependent_launch(q.device),
         )
     return out
+
+
+def _new_token_arguments(new: NewToken | None, q: torch.Tensor) -> tuple:
+    """The kernel's new_k_ptr ... num_slots (unread placeholders without a new token)."""
+    if new is None:
+        return q, q, q, q, q, 0, 0, 0
+    return (new.k, new.v, new.positions, new.cos_sin, new.slot_mapping, new.k.stride(0),
+            new.v.stride(0), new.slot_mapping.shape[0])
