@@ -187,6 +187,21 @@ def local_ray_cluster(head: list[str], *others: list[str],
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def interpreter_report(module: str, marker: str) -> dict:
+    """Run `python -m module` under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set
+    before triton is imported, hence a subprocess) and return the JSON it printed on its line
+    starting with `marker`."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(marker))
+    return json.loads(line.removeprefix(marker))
+
+
 def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90) -> dict:
     """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
     A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",

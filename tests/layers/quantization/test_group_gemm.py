@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from pagoda.layers.quantization.group_gemm import (
     unpack_int4_planes,
 )
 from pagoda.layers.tile_counters import nonzero_counters
-from tests.utils import compile_for_cuda
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min (or "zero points": mins that are
@@ -546,12 +544,7 @@ def test_float8_multiplies_in_float16_and_integer_codes_in_the_activations_type(
 
 
 def test_the_kernel_matches_the_dense_product_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.layers.quantization.test_group_gemm"],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
-    errors = json.loads(line.removeprefix(MARKER))
+    errors = interpreter_report("tests.layers.quantization.test_group_gemm", MARKER)
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
                            | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-weight-by-weight" for n in PLANE_CASES}

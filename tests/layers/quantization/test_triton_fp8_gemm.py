@@ -7,14 +7,11 @@ Real sizes, against torch._scaled_mm, run on the GPU in tests/gpu/test_quantized
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.utils import compile_for_cuda
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "FP8_GEMM_ERRORS "
 # (tokens, outputs, inputs, splits): whole tiles, partial tiles of tokens and outputs, splits
@@ -42,13 +39,7 @@ def product_errors() -> dict[str, float]:
 
 
 def test_the_kernel_matches_the_float32_product_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m",
-                           "tests.layers.quantization.test_triton_fp8_gemm"],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
-    errors = json.loads(line.removeprefix(MARKER))
+    errors = interpreter_report("tests.layers.quantization.test_triton_fp8_gemm", MARKER)
     assert len(errors) == len(CASES)
     for name, error in errors.items():
         assert error < 1e-6, (name, error)  # float32 sums of exact float8 products

@@ -8,16 +8,13 @@ compiles for sm_90. Real sizes run on the GPU in tests/gpu/test_quantized_gpu.py
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from tests.layers.quantization.test_group_gemm import byte_plane_weight, random_weight
-from tests.utils import compile_for_cuda
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "PLANE_DECODE_ERRORS "
 # name -> (bits, outputs, inputs, group, with a min (or "zero points"), step words)
@@ -82,13 +79,7 @@ def decode_errors() -> dict[str, float]:
 
 
 def test_the_decoding_kernel_matches_dequantize_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m",
-                           "tests.layers.quantization.test_triton_plane_decode"],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
-    errors = json.loads(line.removeprefix(MARKER))
+    errors = interpreter_report("tests.layers.quantization.test_triton_plane_decode", MARKER)
     assert len(errors) == len(CASES) * 2 * 4
     for name, error in errors.items():
         if name.endswith(("-whole", "-tail", "-dispatched")):
