@@ -498,8 +498,8 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
 def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether a step's RoPE and KV store can run in its attention kernel (NewToken): every
     sequence decoding one token, over a cache of q's type (PAGODA_ROPE_IN_ATTENTION=0:
-    never). On an H100 the 8B's FP8 decode-1 took 3.63 ms a token so against 3.68 with the
-    separate RoPE-and-store launch (bench/results/README.md)."""
+    never). On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this way against 3.68
+    with the separate RoPE-and-store launch (bench/results/README.md)."""
     return (plan.decode_only and key_cache.dtype == q.dtype
             and os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0")
 
@@ -513,7 +513,7 @@ def _check_new_token(new: NewToken, plan: AttentionPlan, q: torch.Tensor,
     if new.k.shape[1:] != key_cache.shape[2:] or new.v.shape[1:] != key_cache.shape[2:] \
             or new.k.stride()[1:] != (head_dim, 1) or new.v.stride()[1:] != (head_dim, 1):
         raise ValueError(f"new k {tuple(new.k.shape)} / v {tuple(new.v.shape)} do not match the "
-                         f"cache's heads, each token's heads contiguous")
+                         "cache's heads, each token's heads contiguous")
 
 
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

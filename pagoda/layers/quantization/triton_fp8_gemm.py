@@ -58,9 +58,10 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, out_ptr, partial_pt
 
 
 # the tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) and the calls it takes: on an H100, the
-# 8B layer's four products at 64 tokens in 100.9 us against cuBLAS's 111.5 (o 11.3 against
-# 13.3, down 28.7 against 35.5); at 128 tokens no configuration of the sweep beat cuBLAS by
-# more than 2 % over the layer, and from 256 on cuBLAS was faster (bench/kernels/fp8_gemm.py)
+# 8B layer's four products in 104.4 us against cuBLAS's 112.6 at 48 tokens, 103.7 against
+# 113.5 at 64 (the o and down products gain most); at 128 tokens no setting of a 36-setting
+# sweep beat cuBLAS by more than 2 % over the layer, and from 256 on cuBLAS was faster
+# (bench/kernels/fp8_gemm.py, bench/results/README.md)
 FP8_TILE = (64, 64, 128, 4, 4)
 FROM_TOKENS, UP_TO_TOKENS = 33, 64
 MAX_SPLITS = 4
