@@ -67,26 +67,31 @@ quant_decode1() {
     | grep "single stream" | sed "s/^/$3: /"
 }
 
-# prefill of 64 prompts of 1024 tokens (one output token each) of the 8B as quantized variant
-# $1, its JSON at $OUT/prefill-$2.json, its elapsed time labelled $3
-quant_prefill() {
-  python3 -m pagoda.cli.main bench throughput $(quant_model $1) --num-prompts 64 \
-    --input-len 1024 --output-len 1 --output-json "$OUT/prefill-$2.json" > /dev/null 2>&1
+# `bench throughput` of the 8B as quantized variant $1 with the flags after $3, its JSON at
+# $OUT/$2.json, its elapsed time and token rates printed labelled $3
+quant_elapsed() {
+  local variant=$1 name=$2 label=$3
+  shift 3
+  python3 -m pagoda.cli.main bench throughput $(quant_model $variant) "$@" \
+    --output-json "$OUT/$name.json" > /dev/null 2>&1
   python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['systems']['pagoda']; \
-print(sys.argv[2] + ': prefill %.3f s, %d tok/s' % (s['elapsed_s'], s['total_tokens_per_s']))" \
-    "$OUT/prefill-$2.json" "$3"
+print(sys.argv[2] + ': %.3f s, %.1f output tok/s, %d tok/s in all' \
+      % (s['elapsed_s'], s['output_tokens_per_s'], s['total_tokens_per_s']))" \
+    "$OUT/$name.json" "$label"
+}
+
+# prefill of 64 prompts of 1024 tokens (one output token each) of the 8B as quantized variant
+# $1, its JSON at $OUT/prefill-$2.json, labelled $3
+quant_prefill() {
+  quant_elapsed $1 prefill-$2 "$3" --num-prompts 64 --input-len 1024 --output-len 1
 }
 
 # BATCH (default 48) prompts of 1024 tokens decoded together for 512 tokens by the 8B as
-# quantized variant $1, its JSON at $OUT/batch-$2.json, its elapsed time labelled $3
+# quantized variant $1, its JSON at $OUT/batch-$2.json, labelled $3
 quant_batch() {
   local batch=${BATCH:-48}
-  python3 -m pagoda.cli.main bench throughput $(quant_model $1) --num-prompts $batch \
-    --input-len 1024 --output-len 512 --max-num-seqs $batch \
-    --output-json "$OUT/batch-$2.json" > /dev/null 2>&1
-  python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['systems']['pagoda']; \
-print(sys.argv[2] + ': %.3f s, %.1f output tok/s' % (s['elapsed_s'], s['output_tokens_per_s']))" \
-    "$OUT/batch-$2.json" "$3"
+  quant_elapsed $1 batch-$2 "$3" --num-prompts $batch --input-len 1024 --output-len 512 \
+    --max-num-seqs $batch
 }
 
 # run "$@" with the environment variable SWITCH set to $VALUE ("default": unset)

@@ -39,20 +39,25 @@ import sys
 from datetime import datetime, timezone
 
 import torch
+from quant_bench import (  # this script's directory
+    L2_FLUSH_BYTES,
+    LAYOUTS,
+    PROJECTIONS,
+    quantized,
+    sweep_config,
+)
 from torch.nn import functional as F
 from triton.testing import do_bench_cudagraph
 
 from pagoda.layers.quantization.group_gemm import FP8
 from pagoda.layers.quantization.triton_fp8_gemm import fp8_config, fp8_gemm
 from pagoda.layers.quantization.triton_group_gemm import _multiprocessors
+from pagoda.models.loader.checkpoint import weight_bytes
 
-PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-               "down": (4096, 14336)}
 TOKENS = [64, 128, 256, 512, 1024]
 GRID = {"tile": [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8),
                  (64, 256, 4)],
         "num_stages": [3, 4, 5], "splits": [1, 2, 4]}
-L2_FLUSH_BYTES = 256 << 20
 FEW_GRID = {"BLOCK_N": [32, 64], "num_warps": [2, 4], "num_stages": [3, 4, 6],
             "programs_per_sm": [2, 4, 8, 16]}
 PLANES_GRID = {"BLOCK_N": [32, 64, 128], "num_warps": [2, 4], "num_stages": [3, 4],
@@ -113,7 +118,6 @@ def _few_token_sweep(tokens: int, grid: dict, planes: bool, pdl: bool) -> dict:
     """Each projection's few-token product at `tokens` tokens, shipped and over `grid`."""
     from pagoda.bench.roofline import measure_ceilings
     from pagoda.layers.quantization import triton_group_gemm as kernels
-    from pagoda.models.loader.checkpoint import weight_bytes
     ceilings = measure_ceilings(torch.device("cuda"))
     result = {"device": ceilings.device, "bandwidth_gb_s": ceilings.bandwidth / 1e9,
               "date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv,
@@ -146,17 +150,12 @@ def _few_token_sweep(tokens: int, grid: dict, planes: bool, pdl: bool) -> dict:
 
 
 def _few_token_weights(outputs: int, inputs: int, planes: bool) -> list:
-    """Copies of a projection as float8 rows, or as 4-bit planes in groups of 128 with mins,
-    enough to flush L2."""
-    from pagoda.layers.quantization.group_gemm import GroupQuantWeight
-    if not planes:
-        return [GroupQuantWeight(w, s.view(-1, 1), None, inputs, 8)
-                for w, s in weights(outputs, inputs)]
-    copies = -(-L2_FLUSH_BYTES // (outputs * inputs // 2))
-    scale = torch.full((outputs, inputs // 128), 1e-3, device="cuda")
-    return [GroupQuantWeight(torch.randint(0, 16, (outputs, inputs), device="cuda",
-                                           dtype=torch.uint8), scale, -scale, 128, 4)
-            for _ in range(copies)]
+    """Copies of a projection as float8 rows, or as 4-bit planes in groups of 128 with mins
+    (quant_bench's layouts), enough to flush L2."""
+    layout = LAYOUTS["int4-g128" if planes else "fp8-row"]
+    first = quantized(outputs, inputs, *layout)
+    copies = -(-L2_FLUSH_BYTES // weight_bytes(first))
+    return [first] + [quantized(outputs, inputs, *layout) for _ in range(copies - 1)]
 
 
 def _set_few_settings(kernels, planes: bool, **settings):
@@ -167,23 +166,10 @@ def _set_few_settings(kernels, planes: bool, **settings):
                               settings["num_stages"], settings["programs_per_sm"])
         return lambda: setattr(kernels, "PLANES_FEW", shipped)
     shipped = kernels.few_tokens_config
-    kernels.few_tokens_config = _few_config(shipped, **settings)
+    kernels.few_tokens_config = sweep_config(None, settings["BLOCK_N"], settings["num_warps"],
+                                             settings["num_stages"],
+                                             settings["programs_per_sm"])
     return lambda: setattr(kernels, "few_tokens_config", shipped)
-
-
-def _few_config(shipped, BLOCK_N: int, num_warps: int, num_stages: int, programs_per_sm: int):
-    """few_tokens_config with these settings (token tile and step as shipped, the input
-    splits recomputed for the tile width and programs a multiprocessor)."""
-    from pagoda.layers.quantization import triton_group_gemm as kernels
-
-    def config(tokens, weight, multiprocessors):
-        chosen = shipped(tokens, weight, multiprocessors)
-        tiles = -(-tokens // chosen["BLOCK_T"]) * -(-weight.out_features // BLOCK_N)
-        splits = kernels._splits(tiles, weight.in_features, chosen["STEP"], multiprocessors,
-                                 programs_per_sm)
-        return {**chosen, "BLOCK_N": BLOCK_N, "num_warps": num_warps,
-                "num_stages": num_stages, "splits": splits}
-    return config
 
 
 def _projection(name: str, tokens: int, outputs: int, inputs: int, held: list, grid: dict,

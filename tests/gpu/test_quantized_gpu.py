@@ -199,9 +199,9 @@ def test_fp8_products_of_33_to_64_tokens_take_the_triton_kernel(monkeypatch):
         scaled_mm(torch.randn(tokens, weight.in_features, device="cuda",
                               dtype=torch.bfloat16), weight)
     assert [a.shape[0] for a in calls] == [33, 64]
-    monkeypatch.setenv("PAGODA_FP8_GEMM", "cublas")
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "cublas")  # PAGODA_FP8_GEMM=cublas
     scaled_mm(torch.randn(48, weight.in_features, device="cuda", dtype=torch.bfloat16), weight)
-    monkeypatch.setenv("PAGODA_FP8_GEMM", "triton")
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "triton")
     scaled_mm(torch.randn(256, weight.in_features, device="cuda", dtype=torch.bfloat16),
               weight)
     assert [a.shape[0] for a in calls] == [33, 64, 256]

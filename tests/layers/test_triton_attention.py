@@ -312,7 +312,7 @@ def _rotary_decode_case(num_segments: int | None, window: int | None, rotary_dim
     holds exactly what the same step with PAGODA_ROPE_IN_ATTENTION=0 stores (and, in
     float32, the torch backend's), on views into one qkv buffer with the CUDA-graph runner's
     padding (empty sequences, slot -1 tokens)."""
-    from pagoda.layers.attention import triton_backend
+    from pagoda.layers.attention import triton_backend, triton_unified
     from pagoda.layers.attention.torch_ref import TorchAttentionBackend
     from pagoda.layers.rotary import RotaryEmbedding
     heads, kv_heads, dim = 8, 2, 32
@@ -340,12 +340,12 @@ def _rotary_decode_case(num_segments: int | None, window: int | None, rotary_dim
                      qkv.shape[0])
     finally:
         triton_backend.rope_store_kv_ = store
-    os.environ["PAGODA_ROPE_IN_ATTENTION"] = "0"
-    try:
+    switch, triton_unified.ROPE_IN_ATTENTION = triton_unified.ROPE_IN_ATTENTION, False
+    try:  # as with PAGODA_ROPE_IN_ATTENTION=0
         apart = run(triton_backend.TritonAttentionBackend(num_segments), batch.meta,
                     qkv.shape[0])
     finally:
-        del os.environ["PAGODA_ROPE_IN_ATTENTION"]
+        triton_unified.ROPE_IN_ATTENTION = switch
     reference = run(TorchAttentionBackend(), _without_padding(batch.meta), real)
     torch.testing.assert_close(inside[0], reference[0], **tolerance(dtype))
     torch.testing.assert_close(inside[0], apart[0], **tolerance(dtype))

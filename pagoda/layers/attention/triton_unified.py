@@ -51,6 +51,9 @@ SPLIT_MAX_QUERY_LEN = 16  # decode and speculative-decode batches only
 MAX_SEGMENTS = 32
 PROGRAMS_PER_SM = 2  # the split grid aims for this many programs per multiprocessor
 UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pipelining
+# decode steps rotate q and k by RoPE and store k and v in the attention kernel (NewToken;
+# PAGODA_ROPE_IN_ATTENTION=0: in the fused store kernel before it), read once
+ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
 
 
 @triton.jit
@@ -496,17 +499,21 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
 
 
 def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
-    """Whether a step's RoPE and KV store can run in its attention kernel (NewToken): every
-    sequence decoding one token, over a cache of q's type (PAGODA_ROPE_IN_ATTENTION=0:
-    never). On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this way against 3.68
-    with the separate RoPE-and-store launch (bench/results/README.md)."""
-    return (plan.decode_only and key_cache.dtype == q.dtype
-            and os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0")
+    """Whether a step's RoPE and KV store run in its attention kernel (NewToken): where
+    `_fits_new_token`, unless PAGODA_ROPE_IN_ATTENTION=0. On an H100 the 8B's FP8 decode-1
+    took 3.63 ms a token this way against 3.68 with the separate RoPE-and-store launch
+    (bench/results/README.md)."""
+    return ROPE_IN_ATTENTION and _fits_new_token(plan, q, key_cache)
+
+
+def _fits_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Every sequence decoding one token, over a cache of q's type."""
+    return plan.decode_only and key_cache.dtype == q.dtype
 
 
 def _check_new_token(new: NewToken, plan: AttentionPlan, q: torch.Tensor,
                      key_cache: torch.Tensor) -> None:
-    if not plan.decode_only or key_cache.dtype != q.dtype:
+    if not _fits_new_token(plan, q, key_cache):
         raise ValueError("the new token's RoPE and store run in decode-only steps over a "
                          "cache of the queries' type")
     head_dim = q.shape[2]

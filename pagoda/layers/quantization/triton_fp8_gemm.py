@@ -65,16 +65,17 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, out_ptr, partial_pt
 FP8_TILE = (64, 64, 128, 4, 4)
 FROM_TOKENS, UP_TO_TOKENS = 33, 64
 MAX_SPLITS = 4
+# PAGODA_FP8_GEMM=triton sends every call this kernel takes here, cublas none (read once)
+CHOSEN = os.environ.get("PAGODA_FP8_GEMM", "")
 
 
 def takes(tokens: int, in_features: int) -> bool:
     """Whether a call goes to this kernel rather than torch._scaled_mm: FROM_TOKENS to
-    UP_TO_TOKENS tokens (PAGODA_FP8_GEMM=triton: every call, cublas: none) over inputs a
-    whole number of the tile's steps."""
-    chosen = os.environ.get("PAGODA_FP8_GEMM", "")
-    if chosen == "cublas" or in_features % FP8_TILE[2]:
+    UP_TO_TOKENS tokens (or as CHOSEN says) over inputs a whole number of the tile's
+    steps."""
+    if CHOSEN == "cublas" or in_features % FP8_TILE[2]:
         return False
-    return chosen == "triton" or FROM_TOKENS <= tokens <= UP_TO_TOKENS
+    return CHOSEN == "triton" or FROM_TOKENS <= tokens <= UP_TO_TOKENS
 
 
 def fp8_config(tokens: int, out_features: int, in_features: int,

@@ -46,14 +46,15 @@ def test_the_kernel_matches_the_float32_product_under_the_interpreter():
 
 
 def test_calls_of_33_to_64_tokens_take_it(monkeypatch):
+    from pagoda.layers.quantization import triton_fp8_gemm
     from pagoda.layers.quantization.triton_fp8_gemm import takes
-    monkeypatch.delenv("PAGODA_FP8_GEMM", raising=False)
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "")  # PAGODA_FP8_GEMM unset
     assert [takes(tokens, 4096) for tokens in (32, 33, 64, 65, 256)] == \
         [False, True, True, False, False]
     assert not takes(48, 4096 + 64)  # inputs not whole steps of 128
-    monkeypatch.setenv("PAGODA_FP8_GEMM", "triton")
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "triton")
     assert takes(2048, 4096) and not takes(2048, 4096 + 64)
-    monkeypatch.setenv("PAGODA_FP8_GEMM", "cublas")
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "cublas")
     assert not takes(48, 4096)
 
 
