@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pagoda.sampling.greedy import greedy_tokens
 from pagoda.sampling.logprobs import LogprobsTensors, gather_logprobs
 from pagoda.sampling.metadata import LogitBias, Penalties, SamplingMetadata, TokenMask
 
@@ -26,8 +27,10 @@ class Sampler:
 
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of `logits` [B, V]; `logits` itself is left unchanged."""
-        logits = logits.float()
         num_logprobs = meta.max_num_logprobs
+        if num_logprobs is None and meta.all_greedy and not _processes(meta):
+            return SamplerOutput(greedy_tokens(logits))  # in the logits' own type
+        logits = logits.float()
         if num_logprobs is None:
             return SamplerOutput(_sample(process_logits(logits, meta), meta))
         raw_logprobs = logits.log_softmax(-1)
@@ -44,6 +47,12 @@ def process_logits(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     if meta.penalties is not None:
         logits = apply_penalties(logits, meta.penalties)
     return logits
+
+
+def _processes(meta: SamplingMetadata) -> bool:
+    """Whether process_logits changes any logit."""
+    return (meta.logit_bias is not None or meta.stop_mask is not None
+            or meta.penalties is not None)
 
 
 def warp_logits(logits: Tensor, meta: SamplingMetadata) -> Tensor:
@@ -106,17 +115,17 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
 def _sample(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     """Greedy rows take the argmax of the processed logits; random rows are drawn."""
     if meta.all_greedy:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     drawn = _sample_random(warp_logits(logits, meta), meta)
     if meta.greedy_mask is None:
         return drawn
-    return torch.where(meta.greedy_mask, logits.argmax(-1), drawn)
+    return torch.where(meta.greedy_mask, greedy_tokens(logits), drawn)
 
 
 def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     """Exponential race: argmax(probs / E) with E ~ Exp(1) is a draw from probs."""
     probs = logits.softmax(-1)
-    return probs.div_(_exponential_noise(probs, meta.generators)).argmax(-1)
+    return greedy_tokens(probs.div_(_exponential_noise(probs, meta.generators)))
 
 
 def _exponential_noise(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
