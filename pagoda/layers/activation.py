@@ -12,6 +12,8 @@ from pagoda.layers.custom_op import DeviceDispatch
 class SiluAndMul(DeviceDispatch):
     """silu(gate) * up, for an input laid out as [gate | up] on the last dim."""
 
+    kernel_kind = 1  # what the gate-up product kernels that apply it to their outputs call it
+
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import silu_and_mul
         return silu_and_mul(x)
@@ -27,6 +29,8 @@ class SiluAndMul(DeviceDispatch):
 
 class GeluTanhAndMul(DeviceDispatch):
     """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh), for [gate | up] on the last dim."""
+
+    kernel_kind = 2
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import gelu_tanh_and_mul

@@ -156,14 +156,22 @@ def _gated_act_kernel(x_ptr, out_ptr, n_cols, GELU_TANH: tl.constexpr, BLOCK: tl
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * n_cols + cols, gated_value(gate, up, GELU_TANH), mask=mask)
+
+
+@triton.jit
+def gated_value(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up computed in float32 and rounded to up's type; act is SiLU, or GELU's
+    tanh form (also read by the gate-up products that apply it to their outputs)."""
+    gate = gate.to(tl.float32)
     if GELU_TANH:
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2/pi)
         act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(inner)
     else:
         act = gate / (1.0 + tl.exp(-gate))
-    tl.store(out_ptr + row * n_cols + cols, (act * up.to(tl.float32)).to(up.dtype), mask=mask)
+    return (act * up.to(tl.float32)).to(up.dtype)
 
 
 def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:

@@ -72,6 +72,13 @@ class LinearMethod(ABC):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the layer's local weights."""
 
+    def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """activation(x W^T (+ bias)) for a layer whose outputs are [gate | up] halves, in
+        one kernel where the method has one for the call; None where it has none (the layer
+        then launches the activation after the product)."""
+        return None
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """Turn the loaded checkpoint tensors into the form `apply` reads (repacking)."""
 
@@ -206,6 +213,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard is None:
             raise ValueError("a merged projection loads its pieces one by one")
         return self.piece_start(shard), self.local_sizes[shard]
+
+    def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
+        """x W^T; with `activation` (a gated one, of gate and up pieces), activation of it,
+        computed by the product where the method can."""
+        if activation is None:
+            return self.method.apply(self, x, self.bias)
+        y = self.method.apply_gated(self, x, activation, self.bias)
+        return activation(self.method.apply(self, x, self.bias)) if y is None else y
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.local_sizes, dim=-1))

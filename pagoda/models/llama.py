@@ -84,7 +84,7 @@ class LlamaMLP(nn.Module):
         self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x, activation=self.act))
 
 
 class LlamaDecoderLayer(nn.Module):

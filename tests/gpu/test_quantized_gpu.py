@@ -250,6 +250,22 @@ def test_graphs_replay_the_eager_products(layout):
         torch.testing.assert_close(captured, group_gemm(x, weight), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 8, 32])
+@pytest.mark.parametrize("layout", ["int4-g128-zero-points", "int4-g32", "int6-g16-byte-planes",
+                                    "fp8-row", "fp8-block", "int8-g16"])
+def test_the_gated_activation_in_the_gate_up_product_changes_no_bit(layout, tokens, kind):
+    """The 8B's gate-up product applying SiLU (1) or GELU (2) gating to its outputs rounds
+    them as the separate kernel does: the same bits as the activation launched after it."""
+    from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
+    activation = {1: SiluAndMul(), 2: GeluTanhAndMul()}[kind]
+    weight = random_weight(2 * 14336, 4096, *LAYOUTS[layout])
+    x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
+    got = weight.gated(x, activation)
+    assert got is not None and got.shape == (tokens, 14336)
+    torch.testing.assert_close(got, activation(group_gemm(x, weight)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("layout", ["int4-g128", "int4-g128-zero-points", "int8-g32",
                                     "fp8-row"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import (
     ColumnParallelLinear,
@@ -14,6 +15,7 @@ from pagoda.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from pagoda.layers.parallel import ParallelGroup
 
@@ -54,6 +56,29 @@ def test_row_parallel_partial_products_sum_to_the_full_output(size):
         total += layer.method.apply(layer, x[:, start:start + part])
         torch.testing.assert_close(layer.bias.data, bias)  # added once, after the sum
     torch.testing.assert_close(total + bias, F.linear(x, weight, bias))
+
+
+class _GatedInOneCall(UnquantizedLinearMethod):
+    """A method with a product that applies the gated activation (as the quantized ones'
+    few-token kernels do), counting its calls."""
+
+    calls = 0
+
+    def apply_gated(self, layer, x, activation, bias=None):
+        self.calls += 1
+        return activation.forward_native(F.linear(x, layer.weight, bias))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_merged_gate_up_takes_the_gated_activation_of_its_output(fused):
+    gate, up, x = torch.randn(4, 5), torch.randn(4, 5), torch.randn(3, 5)
+    method = _GatedInOneCall() if fused else None
+    layer = MergedColumnParallelLinear(5, [4, 4], method=method)
+    layer.weight.weight_loader(layer.weight, gate, 0)
+    layer.weight.weight_loader(layer.weight, up, 1)
+    torch.testing.assert_close(layer(x, activation=SiluAndMul()),
+                               F.silu(F.linear(x, gate)) * F.linear(x, up))
+    assert not fused or method.calls == 1
 
 
 @pytest.mark.parametrize("size", [1, 2])

@@ -20,6 +20,7 @@ import functools
 from typing import Any
 
 import torch
+from torch import nn
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import (
@@ -143,6 +144,11 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = held(x)
         return y if bias is None else y + bias
+
+    def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        held = layer.fp8
+        return held.gated(x, activation, bias) if isinstance(held, GroupQuantWeight) else None
 
     def kernel(self, layer: LinearBase) -> str:
         held = layer.fp8

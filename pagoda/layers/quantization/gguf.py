@@ -102,6 +102,13 @@ class GGUFLinearMethod(LinearMethod):
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
 
+    def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        kernels = layer.gguf_kernels
+        if len(kernels) != 1 or not isinstance(kernels[0], GroupQuantWeight):
+            return None
+        return kernels[0].gated(x, activation, bias)
+
     def kernel(self, layer: LinearBase) -> str:
         return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))
 

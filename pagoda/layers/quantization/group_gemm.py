@@ -359,3 +359,16 @@ class GroupQuantWeight(nn.Module):
             from pagoda.layers.quantization.triton_group_gemm import group_gemm
             return group_gemm(x, self)
         return F.linear(x, self.dequantize(x.dtype))
+
+    def gated(self, x: torch.Tensor, activation: nn.Module,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """activation(x W^T) for outputs of [gate | up] halves, computed by the product's
+        last step where a CUDA kernel takes the call (few tokens, an activation the kernels
+        know, no bias); else None."""
+        kind = getattr(activation, "kernel_kind", 0)
+        if not (x.is_cuda and kind) or bias is not None:
+            return None
+        from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
+        if not takes_gated(x.numel() // self.in_features, self):
+            return None
+        return group_gemm(x, self, kind)

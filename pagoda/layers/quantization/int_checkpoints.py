@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
@@ -190,6 +191,13 @@ class IntCheckpointMethod(LinearMethod):
         order = getattr(layer, "input_order", None)
         y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
+
+    def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        weight, order = layer.quantized, getattr(layer, "input_order", None)
+        if not isinstance(weight, GroupQuantWeight):
+            return None
+        return weight.gated(x if order is None else x.index_select(-1, order), activation, bias)
 
     def kernel(self, layer: LinearBase) -> str:
         weight = layer.quantized

@@ -26,7 +26,9 @@ their quantized bytes) and multiplied. Four kernels:
   multiplied with the matching tile of x.
 
 Calls of many tokens on codes in planes decode the weights first and multiply with cuBLAS
-(`triton_plane_decode`).
+(`triton_plane_decode`). A gate-up product of few tokens on the planes or the few-token kernel
+applies its gated activation itself (`takes_gated`): each tile holds gates and their ups, and
+its last step stores act(gate) * up, in place of the activation's own launch.
 
 No autotuning and no host sync: the configuration is a function of the shapes, so CUDA
 graphs capture it. Also here: per-token FP8 quantization of activations in one launch
@@ -42,6 +44,7 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+from pagoda.layers.fused import gated_value
 from pagoda.layers.quantization.group_gemm import (
     BYTE_PLANE_ROWS,
     CHUNK,
@@ -62,6 +65,9 @@ from pagoda.layers.triton_support import cuda_capability, has_e4m3
 TARGET_PROGRAMS = 4
 MIN_SPLIT_INPUTS = 512
 MIN_SPLIT_ROWS = 32  # the one-token 4-bit kernel's: rows of bytes (two inputs each) a split
+# gate-up products of few tokens apply the gated activation to their outputs (takes_gated;
+# PAGODA_GATED_IN_PRODUCT=0: a launch of its own after them); read once
+GATED_IN_PRODUCT = os.environ.get("PAGODA_GATED_IN_PRODUCT", "1") != "0"
 
 
 @triton.jit
@@ -125,12 +131,22 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 
 
 @triton.jit
-def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                            GATED: tl.constexpr = 0):
     """A W x^T program's outputs n and tokens t (axes 0 and 1 of the grid), its split of the
-    inputs (axis 2), and which of n and t exist."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inputs (axis 2), and which of n and t exist. GATED: the outputs are [gate | up] halves
+    of N / 2, and a tile's first BLOCK_N / 2 outputs are gates, its others their ups."""
+    if GATED:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        i = tl.arange(0, BLOCK_N)
+        gate = tl.program_id(0) * HALF_N + i % HALF_N
+        n = gate + (i // HALF_N) * (N // 2)
+        n_ok = gate < N // 2
+    else:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    return n, t, tl.program_id(2), n < N, t < M
+    return n, t, tl.program_id(2), n_ok, t < M
 
 
 @triton.jit
@@ -139,13 +155,14 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes)."""
+    applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see
+    _store_split_sums."""
     wait_for_previous_kernel(PDL)
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     first = split * K_SPLIT
@@ -176,7 +193,7 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, N // 2)
 
 
 @triton.jit
@@ -216,7 +233,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4):
+                   PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
     4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
     BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
@@ -236,9 +253,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     STEP_SUMS in groups of one plane or two (GGUF's 32; 64): scale_ptr holds a word a group, and in
     tiles of up to 32 tokens each plane's sums are scaled and its sums of x weighted so (the step's
     words loaded at the end of the step before); in other groups smaller than a step the words are
-    applied weight by weight."""
+    applied weight by weight. GATED: see _store_split_sums."""
     wait_for_previous_kernel(PDL)
-    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T)
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
     PLANES: tl.constexpr = 16 // PLANE_BITS  # a plane a nibble or a byte of an int16
     STEP: tl.constexpr = PLANES * ROWS
@@ -314,7 +331,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS)
+                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, N // 2)
 
 
 @triton.jit
@@ -602,13 +619,17 @@ def _half_saturating(x):
 
 @triton.jit
 def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
-                      SPLITS: tl.constexpr):
+                      SPLITS: tl.constexpr, GATED: tl.constexpr = 0, gated_width=0):
     """Store a program's float32 sums over its split of the inputs at out_ptr + at. With
     several splits: each program stores them as partials (split_stride apart) and counts
     itself done on its tile's counter; the last one adds the partials in split order, stores
-    the output and resets the counter for the next call (no second launch)."""
+    the output and resets the counter for the next call (no second launch). GATED (1 SiLU,
+    2 GELU's tanh form): the sums' rows are a tile of gates and then their ups (as
+    _outputs_by_tokens_tile lays them out) of outputs [gate | up] 2 gated_width wide, and
+    act(gate) * up is stored instead, in rows gated_width wide, computed from the rounded
+    outputs as the separate kernel computes it (fused.gated_value)."""
     if SPLITS == 1:
-        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_output(total, out_ptr, at, ok, GATED, gated_width)
     else:
         tl.store(partial_ptr + split * split_stride + at, total, mask=ok)
         tl.debug_barrier()  # every thread's partial sums stored before the count
@@ -617,8 +638,30 @@ def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_p
             for part in tl.static_range(SPLITS):
                 total += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
                                  cache_modifier=".cg")
-            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            _store_output(total, out_ptr, at, ok, GATED, gated_width)
             tl.atomic_xchg(count_ptr + tile, 0)
+
+
+@triton.jit
+def _store_output(total, out_ptr, at, ok, GATED: tl.constexpr, gated_width):
+    """total at out_ptr + at in out's type; GATED: see _store_split_sums."""
+    dtype = out_ptr.dtype.element_ty
+    if GATED:
+        gate, up = _tile_halves(total.to(dtype))
+        at, _ = _tile_halves(at)
+        ok, _ = _tile_halves(ok.to(tl.int8))
+        tl.store(out_ptr + at - (at // (2 * gated_width)) * gated_width,
+                 gated_value(gate, up, GATED == 2), mask=ok != 0)
+    else:
+        tl.store(out_ptr + at, total.to(dtype), mask=ok)
+
+
+@triton.jit
+def _tile_halves(x):
+    """The first and second halves of the rows of x [ROWS, COLUMNS]."""
+    ROWS: tl.constexpr = x.shape[0]
+    halves = tl.reshape(x, (2, ROWS // 2, x.shape[1]))
+    return tl.split(tl.permute(halves, (1, 2, 0)))
 
 
 def _capability(device_index: int | None) -> tuple[int, int] | None:
@@ -720,13 +763,22 @@ def _dot_type(x: torch.dtype, float8: bool) -> int:
     return 1 if x == torch.float16 else 2
 
 
-def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
-    """x [..., in] @ weight^T -> [..., out] in x's dtype."""
+def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0) -> torch.Tensor:
+    """x [..., in] @ weight^T -> [..., out] in x's dtype. gated (1 SiLU, 2 GELU's tanh form;
+    calls `takes_gated` allows): the outputs are [gate | up] halves, and act(gate) * up
+    [..., out / 2] comes out, computed by the product's last step."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
+    if gated and not takes_gated(flat.shape[0], weight):
+        raise ValueError(f"a call of {flat.shape[0]} tokens on outputs of {weight.out_features}"
+                         " takes no gated activation")
     multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
-    out = torch.empty(flat.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+    out = torch.empty(flat.shape[0], weight.out_features // (2 if gated else 1), dtype=x.dtype,
+                      device=x.device)
+    if gated:
+        (_planes if weight.planes else _few_tokens)(flat, weight, out, multiprocessors, gated)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     if decodes_first(flat.shape[0], weight):
         decoded_product(flat, weight, out)
     elif weight.planes:
@@ -740,31 +792,49 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
-def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
-    """Float32 partial sums for each split (none needed for one)."""
+def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
+    """Whether a call of `tokens` on a gate-up weight can apply the gated activation to its
+    outputs: one of up to FEW_TOKENS tokens on the planes or the few-token kernel, whose
+    tiles hold a gate's and its up's sums (not with PAGODA_GATED_IN_PRODUCT=0)."""
+    return (GATED_IN_PRODUCT and tokens <= FEW_TOKENS and weight.out_features % 2 == 0
+            and not decodes_first(tokens, weight)
+            and (weight.planes or not takes_one_token_int4(tokens, weight)))
+
+
+def _partials(out: torch.Tensor, splits: int, outputs: int | None = None) -> torch.Tensor:
+    """Float32 partial sums of `outputs` (out's own by default) for each split (none needed
+    for one)."""
     if splits == 1:
         return out
-    return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device)
+    return torch.empty(splits, out.shape[0], outputs or out.shape[1], dtype=torch.float32,
+                       device=out.device)
 
 
 def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                multiprocessors: int) -> None:
-    tokens, out_features = out.shape
+                multiprocessors: int, gated: int = 0) -> None:
+    tokens, out_features = out.shape[0], weight.out_features
     config = few_tokens_config(tokens, weight, multiprocessors)
     splits, block_t = config.pop("splits"), config["BLOCK_T"]
-    grid = (triton.cdiv(out_features, config["BLOCK_N"]), triton.cdiv(tokens, block_t), splits)
+    grid = (_output_tiles(out_features, config["BLOCK_N"], gated), triton.cdiv(tokens, block_t),
+            splits)
     float8 = weight.codes.dtype == FP8
     codes, as_bytes = _float8_codes(weight.codes, flat.device)
     _few_tokens_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
-        out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,
-        out_features, weight.in_features, flat.stride(0),
+        out, _partials(out, splits, out_features), tile_counters(out.device, grid[0] * grid[1]),
+        tokens, out_features, weight.in_features, flat.stride(0),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
-        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, **config,
+        DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
         **dependent_launch(flat.device))
+
+
+def _output_tiles(out_features: int, block_n: int, gated: int) -> int:
+    """Programs along the outputs: gated, each holds block_n / 2 gates and their ups."""
+    return triton.cdiv(out_features // 2, block_n // 2) if gated else \
+        triton.cdiv(out_features, block_n)
 
 
 def planes_config(tokens: int, weight: GroupQuantWeight,
@@ -826,11 +896,11 @@ PLANES_LARGE = (128, 128, 8, 3)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-            multiprocessors: int) -> None:
-    tokens, out_features = out.shape
+            multiprocessors: int, gated: int = 0) -> None:
+    tokens, out_features = out.shape[0], weight.out_features
     config = planes_config(tokens, weight, multiprocessors)
     splits = config.pop("splits")
-    grid = (triton.cdiv(out_features, config["BLOCK_N"]),
+    grid = (_output_tiles(out_features, config["BLOCK_N"], gated),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
     words = weight.step_words
     if words is None:
@@ -839,13 +909,13 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     else:  # (low_ptr unread)
         scale, mins = words, words
     _planes_kernel[grid](
-        flat, weight.codes, scale, mins, out, _partials(out, splits),
+        flat, weight.codes, scale, mins, out, _partials(out, splits, out_features),
         tile_counters(out.device, grid[0] * grid[1]), tokens,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.groups_of_whole_steps,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
-        ASM=flat.is_cuda, PLANE_BITS=weight.bits, **config,
+        ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, **config,
         **dependent_launch(flat.device))
 
 

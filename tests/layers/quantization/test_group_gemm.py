@@ -158,6 +158,39 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
     return errors
 
 
+# cases whose gate-up product applies the gated activation to its outputs (GATED_KINDS by
+# name: 1 SiLU, 2 GELU's tanh form), tiles of gates and their ups partly past the outputs:
+# planes of 4-bit codes (a step's sums, a plane's, zero points), byte planes, the few-token
+# kernel's 4-bit halves, 8-bit codes and float8 rows, split inputs or not
+GATED_CASES = {"int4-planes-zero-points-g128-one-token": 1, "int4-planes-g64-tokens-20": 2,
+               "int4-g32-tiles-split": 1, "int4-halves-g32-tokens-5": 2, "int8-g16": 1,
+               "fp8-per-row-split": 2, "fp8-blocks": 1}
+GATED_BYTE_PLANE_CASES = {"bytes-g16-tokens-12-split": 2, "bytes-g32-tokens-20": 1}
+
+
+def gated_errors(generator: torch.Generator) -> dict[str, float]:
+    """The gate-up product applying the gated activation to its outputs against the dense
+    product and the activation applied after it (torch)."""
+    from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    activations = {1: SiluAndMul(), 2: GeluTanhAndMul()}
+    weights = {name: (CASES[name][0], random_weight(*CASES[name][1:], generator), kind)
+               for name, kind in GATED_CASES.items()}
+    for name, kind in GATED_BYTE_PLANE_CASES.items():
+        tokens, outputs, inputs, group, with_min = BYTE_PLANE_CASES[name]
+        weights[name] = (tokens, byte_plane_weight(outputs, inputs, group, with_min, generator,
+                                                   True), kind)
+    errors = {}
+    for name, (tokens, weight, kind) in weights.items():
+        x = torch.randn(tokens, weight.in_features, generator=generator)
+        expected = activations[kind].forward_native(
+            F.linear(x, weight.dequantize(torch.float32)))
+        got = group_gemm(x, weight, gated=kind)
+        assert got.shape == expected.shape
+        errors[f"{name}-gated"] = ((got - expected).abs() / (1 + expected.abs())).max().item()
+    return errors
+
+
 def kernel_errors() -> dict[str, float]:
     """Max |kernel - dense| / (1 + |dense|) per case, float32 activations."""
     from pagoda.layers.quantization.triton_group_gemm import group_gemm
@@ -193,6 +226,7 @@ def kernel_errors() -> dict[str, float]:
                                   / expected.norm()).item()
     errors.update(float8_byte_errors(generator))
     errors.update(byte_plane_errors(generator))
+    errors.update(gated_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -543,6 +577,21 @@ def test_float8_multiplies_in_float16_and_integer_codes_in_the_activations_type(
     assert _dot_type(torch.float32, True) == _dot_type(torch.float32, False) == 0
 
 
+def test_gate_up_products_of_few_tokens_take_the_gated_activation(monkeypatch):
+    from pagoda.layers.quantization import triton_group_gemm
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
+    generator = torch.Generator().manual_seed(0)
+    planes = random_weight(40, 256, 128, 4, True, False, generator)
+    halves = random_weight(200, 2048, 128, 4, False, False, generator, planes=False)
+    assert [takes_gated(tokens, planes) for tokens in (1, 32, 33)] == [True, True, False]
+    assert not takes_gated(1, halves) and takes_gated(2, halves)  # one token: the 4-bit GEMV
+    assert not takes_gated(1, random_weight(39, 256, 128, 4, True, False, generator))
+    with pytest.raises(ValueError, match="33 tokens on outputs of 40 takes no gated"):
+        group_gemm(torch.zeros(33, 256), planes, gated=1)
+    monkeypatch.setattr(triton_group_gemm, "GATED_IN_PRODUCT", False)
+    assert not takes_gated(1, planes)
+
+
 def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     errors = interpreter_report("tests.layers.quantization.test_group_gemm", MARKER)
     assert set(errors) == (set(CASES) | {f"{n}-fp16" for n in HALF_CASES}
@@ -551,6 +600,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
                            | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16"}
                            | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
+                           | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
@@ -590,7 +640,7 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
             "K": "i32", "stride_xm": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
-            "ROW_SCALE": group == 4096,
+            "ROW_SCALE": group == 4096, "GATED": 1 + (group == 4096),
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
 
 
@@ -616,7 +666,8 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "STEP_IN_GROUP": group % step == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points, "STEP_SUMS": step_sums,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
-            "PDL": capability >= 90, "PLANE_BITS": bits}, capability)
+            "PDL": capability >= 90, "PLANE_BITS": bits,
+            "GATED": (1 + bits // 8) if block_t == 8 and step_sums else 0}, capability)
 
 
 @pytest.mark.parametrize(("zero_points", "group", "bits"), [
