@@ -157,9 +157,9 @@ class Fp8LinearMethod(LinearMethod):
         if not isinstance(held, GroupQuantWeight):
             return "fp8 weights decoded at load (dense matmul)"
         if held.group_size == held.in_features and _has_fp8_tensor_cores():
-            from pagoda.layers.quantization.triton_fp8_gemm import UP_TO_TOKENS
-            return (f"triton few-token kernel up to {FEW_TOKENS} tokens, triton fp8 tensor-core "
-                    f"kernel to {UP_TO_TOKENS}, torch._scaled_mm above")
+            from pagoda.layers.quantization.triton_fp8_gemm import kernels_above_few_tokens
+            return (f"triton few-token kernel up to {FEW_TOKENS} tokens, "
+                    f"{kernels_above_few_tokens(held.in_features)}")
         return held.kernel_name()
 
 

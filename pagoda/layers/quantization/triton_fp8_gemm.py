@@ -78,6 +78,16 @@ def takes(tokens: int, in_features: int) -> bool:
     return CHOSEN == "triton" or FROM_TOKENS <= tokens <= UP_TO_TOKENS
 
 
+def kernels_above_few_tokens(in_features: int) -> str:
+    """What multiplies calls of more than FEW_TOKENS tokens (as `takes` chooses), for the
+    startup log."""
+    if CHOSEN == "cublas" or in_features % FP8_TILE[2]:
+        return "torch._scaled_mm"
+    if CHOSEN == "triton":
+        return "triton fp8 tensor-core kernel"
+    return f"triton fp8 tensor-core kernel to {UP_TO_TOKENS} tokens, torch._scaled_mm above"
+
+
 def fp8_config(tokens: int, out_features: int, in_features: int,
                multiprocessors: int) -> dict[str, int]:
     """FP8_TILE, and the inputs split (up to MAX_SPLITS ways) while the programs stay within

@@ -58,6 +58,19 @@ def test_calls_of_33_to_64_tokens_take_it(monkeypatch):
     assert not takes(48, 4096)
 
 
+def test_the_startup_log_names_the_kernels_the_calls_take(monkeypatch):
+    from pagoda.layers.quantization import triton_fp8_gemm
+    from pagoda.layers.quantization.triton_fp8_gemm import kernels_above_few_tokens
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "")
+    assert kernels_above_few_tokens(4096) == \
+        "triton fp8 tensor-core kernel to 64 tokens, torch._scaled_mm above"
+    assert kernels_above_few_tokens(4096 + 64) == "torch._scaled_mm"
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "cublas")
+    assert kernels_above_few_tokens(4096) == "torch._scaled_mm"
+    monkeypatch.setattr(triton_fp8_gemm, "CHOSEN", "triton")
+    assert kernels_above_few_tokens(4096) == "triton fp8 tensor-core kernel"
+
+
 def test_inputs_are_split_while_the_tiles_leave_multiprocessors_idle():
     from pagoda.layers.quantization.triton_fp8_gemm import fp8_config
     splits = {name: fp8_config(64, outputs, inputs, 132)["splits"] for name, (outputs, inputs)
