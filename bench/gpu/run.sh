@@ -9,7 +9,7 @@
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
 # after TESTS_TIMEOUT seconds (default 360). The carried .whl/ comes from
-# ../shared/tools/device-wheels.sh, and Ray (for tests/gpu/test_ray_executor_gpu.py) from
+# ../shared/tools/device-wheels.sh (with compressed-tensors for its GPU checkpoints), and Ray (for tests/gpu/test_ray_executor_gpu.py) from
 # bench/gpu/pack_ray.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
