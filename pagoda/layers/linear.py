@@ -219,6 +219,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         computed by the product where the method can."""
         if activation is None:
             return self.method.apply(self, x, self.bias)
+        if len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
+            raise ValueError(f"a gated activation takes a gate and an up of one size, not "
+                             f"pieces of {self.local_sizes}")
         y = self.method.apply_gated(self, x, activation, self.bias)
         return activation(self.method.apply(self, x, self.bias)) if y is None else y
 

@@ -79,6 +79,8 @@ def test_merged_gate_up_takes_the_gated_activation_of_its_output(fused):
     torch.testing.assert_close(layer(x, activation=SiluAndMul()),
                                F.silu(F.linear(x, gate)) * F.linear(x, up))
     assert not fused or method.calls == 1
+    with pytest.raises(ValueError, match=r"not pieces of \[4, 3\]"):
+        MergedColumnParallelLinear(5, [4, 3], method=method)(x, activation=SiluAndMul())
 
 
 @pytest.mark.parametrize("size", [1, 2])
