@@ -5,7 +5,8 @@ decode step of Llama 3's vocabulary on an H100); here the vocabulary is cut into
 pieces, a program each takes its piece's largest logit and where it lies, and a second launch
 takes each row's largest of those. It reads the logits in their own type (a float copy would
 be one more launch) and, as torch, returns the first of equal largest values; a NaN counts as
-+inf (torch takes it over +inf too). The CPU, and tensors Triton does not take, use torch's.
++inf (where torch's argmax would prefer it to an earlier +inf). The CPU, and tensors Triton
+does not take, use torch's.
 """
 
 from __future__ import annotations
