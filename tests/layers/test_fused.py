@@ -8,15 +8,13 @@ imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_fu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding
+from tests.utils import interpreter_report
 
 MARKER = "FUSED-RESULTS "
 
@@ -125,12 +123,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_fused_kernels_match_torch_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.layers.test_fused"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
-    errors = json.loads(line[len(MARKER):])
+    errors = interpreter_report("tests.layers.test_fused", MARKER)
     assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
                            "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul",
                            "qk_norm_rope_store_kv", "norm_add_rms_norm"}

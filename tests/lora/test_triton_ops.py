@@ -8,16 +8,13 @@ on the GPU in tests/gpu/test_lora_gpu.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pagoda.lora.layers import LoRAStepState, LoRAWeights, ModuleShard, lora_torch
 from tests.lora.test_layers import random_adapter
-from tests.utils import compile_for_cuda
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "LORA-KERNEL-ERRORS "
 LAYOUTS = {"qkv": [48, 16, 16], "gate_up": [40, 40], "o": [24]}
@@ -73,12 +70,7 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 7, in_features: i
 
 
 def test_kernels_match_torch_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.lora.test_triton_ops"], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(MARKER))
-    errors = json.loads(line.removeprefix(MARKER))
+    errors = interpreter_report("tests.lora.test_triton_ops", MARKER)
     tolerance = {shape_name(*shape): value for shape, value in TOLERANCE.items()}
     assert set(errors) == set(tolerance)
     for shape, by_layout in errors.items():

@@ -73,15 +73,19 @@ def takes(tokens: int, in_features: int) -> bool:
     """Whether a call goes to this kernel rather than torch._scaled_mm: FROM_TOKENS to
     UP_TO_TOKENS tokens (or as CHOSEN says) over inputs a whole number of the tile's
     steps."""
-    if CHOSEN == "cublas" or in_features % FP8_TILE[2]:
-        return False
-    return CHOSEN == "triton" or FROM_TOKENS <= tokens <= UP_TO_TOKENS
+    return _allowed(in_features) and (CHOSEN == "triton" or FROM_TOKENS <= tokens <= UP_TO_TOKENS)
+
+
+def _allowed(in_features: int) -> bool:
+    """Whether any call of `in_features` inputs may come here (not PAGODA_FP8_GEMM=cublas,
+    inputs a whole number of the tile's steps)."""
+    return CHOSEN != "cublas" and in_features % FP8_TILE[2] == 0
 
 
 def kernels_above_few_tokens(in_features: int) -> str:
     """What multiplies calls of more than FEW_TOKENS tokens (as `takes` chooses), for the
     startup log."""
-    if CHOSEN == "cublas" or in_features % FP8_TILE[2]:
+    if not _allowed(in_features):
         return "torch._scaled_mm"
     if CHOSEN == "triton":
         return "triton fp8 tensor-core kernel"
