@@ -25,7 +25,10 @@ from pagoda.errors import ConfigError
 from pagoda.kv_cache.groups import group_layers
 from pagoda.layers.attention.selector import holds_e4m3_cache
 from pagoda.layers.parallel import layer_ranges
-from pagoda.layers.quantization.group_gemm import DECODE_FROM, DECODED_SLICE_BYTES
+from pagoda.layers.quantization.group_gemm import (
+    DECODED_SLICE_BYTES,
+    fewest_tokens_decoded_first,
+)
 from pagoda.models.arch.base import ArchSpec, LayerAttention
 from pagoda.models.loader.gguf import gguf_shapes, gguf_types
 from pagoda.models.loader.safetensors import safetensors_dtypes, safetensors_shapes
@@ -297,8 +300,8 @@ def kv_blocks_per_seq(spec: ArchSpec, config: Any, max_model_len: int, chunk: in
 
 
 # formats whose GPU weights may be integer codes in planes, whose long calls decode them
-# into a workspace first (group_gemm.DECODE_FROM; compressed-tensors counted whatever its
-# scheme: an allowance errs high)
+# into a workspace first (group_gemm.fewest_tokens_decoded_first; compressed-tensors counted
+# whatever its scheme: an allowance errs high)
 DECODED_FIRST_FORMATS = frozenset({"awq", "gptq", "compressed-tensors", "gguf"})
 
 
@@ -313,8 +316,9 @@ def activation_allowance(config: Any, dtype: torch.dtype, token_budget: int,
     hidden = config.hidden_size
     per_token = (12 * hidden + 6 * config.intermediate_size) * itemsize
     logits = 3 * min(max_num_seqs, token_budget) * config.vocab_size * 4
+    decoded_from = fewest_tokens_decoded_first()
     decoded = (DECODED_SLICE_BYTES if gpu_quantization in DECODED_FIRST_FORMATS
-               and token_budget >= min(DECODE_FROM.values()) else 0)
+               and decoded_from is not None and token_budget >= decoded_from else 0)
     return token_budget * per_token + logits + decoded
 
 

@@ -323,3 +323,21 @@ def test_integer_codes_on_a_gpu_allow_for_the_slice_long_calls_decode_into():
                                             token_budget=2048).activation_bytes
     assert estimate(awq, 4096, device="cpu", token_budget=2048).activation_bytes == \
         estimate(bf16, 4096, device="cpu", token_budget=2048).activation_bytes
+
+
+def test_the_decoding_allowance_follows_pagoda_decode_from(monkeypatch):
+    """PAGODA_DECODE_FROM=0 (never decode first) drops the slice; a threshold below every
+    layout's default adds it for budgets the defaults would not."""
+    from pagoda.layers.quantization import group_gemm
+    awq = resolve_model("bench/configs/llama-3.1-8b-awq", "dummy")
+    bf16 = resolve_model("bench/configs/llama-3.1-8b", "dummy")
+    budget = min(group_gemm.DECODE_FROM.values())
+    extra = {}
+    for decode_from, tokens in ((None, budget), (0, budget), (64, 64), (None, 64)):
+        monkeypatch.setattr(group_gemm, "DECODE_FROM_ALL", decode_from)
+        codes = estimate(awq, 4096, device="H100", token_budget=tokens).activation_bytes
+        plain = estimate(bf16, 4096, device="H100", token_budget=tokens).activation_bytes
+        extra[(decode_from, tokens)] = codes - plain
+    slice_bytes = group_gemm.DECODED_SLICE_BYTES
+    assert extra == {(None, budget): slice_bytes, (0, budget): 0, (64, 64): slice_bytes,
+                     (None, 64): 0}

@@ -163,6 +163,14 @@ def _decode_from_environment() -> int | None:
 DECODE_FROM_ALL = _decode_from_environment()
 
 
+def fewest_tokens_decoded_first() -> int | None:
+    """The fewest tokens of a call that decodes its weights first, over every layout, as
+    PAGODA_DECODE_FROM leaves it; None: no call does."""
+    if DECODE_FROM_ALL is not None:
+        return DECODE_FROM_ALL or None
+    return min(DECODE_FROM.values())
+
+
 def integer_zero_points(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
     """The zero points z (0..MAX_ZERO_POINT) with low == -z * scale, both as stored
     (SCALE_DTYPE), in every group; None if any min is not one."""
