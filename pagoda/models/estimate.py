@@ -222,7 +222,7 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
     slight overcount where CUDA's 4-bit planes hold integer zero points, a byte each); on
     CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
     weights (without the float8 kernel) decoded at load to `itemsize` (their scales folded
-    in)."""
+    in); a mixture of experts' experts decoded at load to `itemsize` everywhere."""
     from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
     dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)
@@ -238,6 +238,10 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
         if not spec.keeps_weight(name, source.hf_config):
             continue
         count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
+        if ".experts." in name:  # decoded at load (decoded_experts): weights at itemsize
+            per = per_int32 if leaf in _PACKED_INTEGERS else 1
+            total += count * per * itemsize if leaf in ("weight", *_PACKED_INTEGERS) else 0
+            continue
         prefix = name.removesuffix(leaf)
         integer_scale = leaf == "scales" or (leaf == "weight_scale" and (
             integer_codes(prefix + "weight_packed") or integer_codes(prefix + "weight")))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.embedding import LMHead
-from pagoda.layers.linear import ReplicatedLinear
+from pagoda.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
 from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.models.arch.base import layer_windows
@@ -34,7 +34,9 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, config: Any, group: ParallelGroup, renormalize: bool) -> None:
         super().__init__()
         experts = num_experts(config)
-        self.gate = ReplicatedLinear(config.hidden_size, experts)
+        # the router stays in the model's dtype in every checkpoint format (as in vLLM)
+        self.gate = ReplicatedLinear(config.hidden_size, experts,
+                                     method=UnquantizedLinearMethod())
         self.experts = FusedMoE(experts, int(config.num_experts_per_tok), config.hidden_size,
                                 moe_intermediate_size(config), renormalize, group)
 

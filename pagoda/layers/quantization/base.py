@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
 
@@ -30,6 +31,29 @@ class QuantizationConfig(ABC):
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
         """Give a table that `embedding` and `head` share the format's form (by default it
         stays in the model's dtype)."""
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """One expert projection's float weight [out, in] from its checkpoint tensors
+        (`weight`, `qweight`, `weight_scale`...: the names after the projection's), or None
+        while some it needs have not come yet. Experts run in the model's dtype: no kernel
+        takes their codes, so a quantized checkpoint's experts are decoded at load. By
+        default a float weight is taken as it is."""
+        if set(tensors) != {"weight"}:
+            raise UnsupportedModelError(f"{self.name} experts ({', '.join(sorted(tensors))}) "
+                                        "are not supported")
+        return tensors["weight"]
+
+
+def decoded_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
+                   group_of_input: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 weights codes * scale + low from codes [out, in] and a scale and low per
+    group [out, groups]; input i is in group `group_of_input[i]` (default: i // (in / groups),
+    groups of consecutive inputs)."""
+    inputs, groups = codes.shape[1], scale.shape[1]
+    if group_of_input is None:
+        group_of_input = torch.arange(inputs, device=codes.device) // (inputs // groups)
+    weight = codes.float() * scale.float()[:, group_of_input]
+    return weight if low is None else weight + low.float()[:, group_of_input]
 
 
 class DenseWeight(nn.Module):

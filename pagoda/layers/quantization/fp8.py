@@ -30,7 +30,11 @@ from pagoda.layers.linear import (
     WeightLoader,
 )
 from pagoda.layers.quantization import cpu_fp8_dot
-from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.base import (
+    DenseWeight,
+    QuantizationConfig,
+    decoded_groups,
+)
 from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
@@ -215,6 +219,21 @@ def skipped_module(prefix: str, names: list[str]) -> bool:
     return False
 
 
+def decode_fp8_expert(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None
+                      ) -> torch.Tensor | None:
+    """An expert projection's float32 weight from float8 `weight` and its `weight_scale_inv`
+    or `weight_scale` (per tensor, per row or per `block`); a float weight as it is; None
+    until both have come."""
+    weight = tensors.get("weight")
+    if weight is not None and weight.dtype != FP8:
+        return weight
+    scale = tensors.get("weight_scale_inv", tensors.get("weight_scale"))
+    if weight is None or scale is None:
+        return None
+    rows, columns = weight.shape
+    return decoded_groups(weight, row_scales(scale, rows, columns, block), None)
+
+
 class Fp8Config(QuantizationConfig):
     """An fp8 checkpoint's config, or `--quantization fp8` on a 16-bit one (`values` None)."""
 
@@ -232,6 +251,9 @@ class Fp8Config(QuantizationConfig):
         if skipped_module(prefix, self.skipped):
             return None
         return Fp8LinearMethod(self.block, self.at_load)
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return decode_fp8_expert(tensors, self.block)
 
 
 class CompressedTensorsFp8Config(QuantizationConfig):
@@ -253,3 +275,6 @@ class CompressedTensorsFp8Config(QuantizationConfig):
         if skipped_module(prefix, self.skipped):
             return None
         return Fp8LinearMethod(self.block)
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return decode_fp8_expert(tensors, self.block)

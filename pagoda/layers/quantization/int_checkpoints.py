@@ -37,7 +37,11 @@ from torch import nn
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
 from pagoda.layers.quantization import cpu_block_dot
-from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.base import (
+    DenseWeight,
+    QuantizationConfig,
+    decoded_groups,
+)
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
 from pagoda.layers.quantization.fp8 import skipped_module
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
@@ -258,6 +262,20 @@ class IntCheckpointConfig(QuantizationConfig):
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def expert_needs(self) -> set[str]:
+        """The tensors of one expert projection its decoding needs."""
+        return set(self.tensor_layouts()) - set(self.optional_names)
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        weight = tensors.get("weight")
+        if weight is not None and weight.is_floating_point():  # an expert left unquantized
+            return weight
+        if not self.expert_needs() <= set(tensors):
+            return None
+        codes, scale, low = self.unpack(tensors)
+        g_idx = tensors.get("g_idx", tensors.get("weight_g_idx"))
+        return decoded_groups(codes, scale, low, None if g_idx is None else g_idx.long())
+
 
 class AWQConfig(IntCheckpointConfig):
     name = "awq"
@@ -287,6 +305,7 @@ class GPTQConfig(IntCheckpointConfig):
     def __init__(self, values: dict[str, Any]) -> None:
         super().__init__(values)
         self.zero_offset = 0 if values.get("checkpoint_format") == "gptq_v2" else 1
+        self.act_order = bool(values.get("desc_act", False))
 
     def tensor_layouts(self) -> dict[str, Layout | None]:
         group, per = self.group_size, per_int32(self.bits)  # inputs of qweight, outputs of
@@ -308,6 +327,9 @@ class GPTQConfig(IntCheckpointConfig):
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return gptq_groups(piece, self.zero_offset, self.bits)
 
+    def expert_needs(self) -> set[str]:
+        return super().expert_needs() | ({"g_idx"} if self.act_order else set())
+
 
 class PackedIntConfig(IntCheckpointConfig):
     """compressed-tensors `pack-quantized` 4 or 8-bit weights (`weights`: the config
@@ -324,6 +346,7 @@ class PackedIntConfig(IntCheckpointConfig):
         super().__init__({"bits": weights.get("num_bits"), "group_size": weights.get("group_size"),
                           "modules_to_not_convert": ignore})
         self.symmetric = bool(weights.get("symmetric", True))
+        self.act_order = weights.get("actorder") not in (None, False)
 
     def tensor_layouts(self) -> dict[str, Layout | None]:
         group, per = self.group_size, per_int32(self.bits)  # inputs of weight_packed,
@@ -338,6 +361,10 @@ class PackedIntConfig(IntCheckpointConfig):
                     ) -> torch.Tensor | None:
         renamed = [{"g_idx": p["weight_g_idx"]} if "weight_g_idx" in p else {} for p in pieces]
         return GPTQConfig.input_order(self, renamed, layer) if renamed[0] else None
+
+    def expert_needs(self) -> set[str]:
+        return super().expert_needs() | ({"weight_g_idx"} if self.act_order else set()) | \
+            (set() if self.symmetric else {"weight_zero_point"})
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         codes = unpack_int32(piece["weight_packed"], 1, bits=self.bits)
@@ -375,6 +402,9 @@ class NaiveInt8Config(IntCheckpointConfig):
             Layout(output_dim=0, input_dim=1, input_unit=self.group_size)
         return {"weight": Layout(output_dim=0, input_dim=1), "weight_scale": scale,
                 "weight_zero_point": scale, "input_scale": None, "input_zero_point": None}
+
+    def expert_needs(self) -> set[str]:
+        return {"weight", "weight_scale"}
 
     def unpack(self, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         codes = (piece["weight"].to(torch.int16) + 128).to(torch.uint8)

@@ -19,13 +19,14 @@ from pagoda.layers.quantization import (
     finish_linear_layers,
     get_quantization_config,
 )
+from pagoda.layers.quantization.base import QuantizationConfig
 from pagoda.layers.rotary import shared_rotary_tables
 from pagoda.logger import get_logger
 from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
 from pagoda.models.loader.gguf import FLOAT_TYPES, iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
-from pagoda.models.loader.weights import fused_target
+from pagoda.models.loader.weights import decoded_experts, fused_target
 from pagoda.models.quantization import resolve_quantization
 from pagoda.models.registry import model_class
 from pagoda.models.source import ModelSource
@@ -62,7 +63,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         if source.format == "dummy":
             init_dummy_weights(model, seed)
         else:
-            _load_checkpoint(model, source)
+            _load_checkpoint(model, source, config)
             source.gguf_tensors = None  # unmap the GGUF: its pages would count as ours for good
         kernels = finish_linear_layers(model)
     model.eval()
@@ -134,10 +135,13 @@ class _BlockKeeper:
         return True
 
 
-def _load_checkpoint(model: CausalLM, source: ModelSource) -> None:
+def _load_checkpoint(model: CausalLM, source: ModelSource,
+                     config: QuantizationConfig | None) -> None:
     total = len(model.expected_weights())
     keeper = _BlockKeeper(model) if source.format == "gguf" else None
     weights = iter_weights(source, keeper, sliced=model.group.size > 1)
+    if config is not None:  # a mixture of experts' experts run in the model's dtype
+        weights = decoded_experts(weights, config)
     loaded = model.load_weights(_with_progress(weights, total, source.name))
     if keeper is not None and keeper.decoded:
         logger.info("%s: GGUF %s weights of linear layers decoded at load (no kernel for their "

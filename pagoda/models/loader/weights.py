@@ -1,7 +1,8 @@
 """Walks a checkpoint's (name, tensor) pairs onto a model's parameters through each
 parameter's `weight_loader`, mapping pieces of fused modules (q/k/v -> qkv_proj) and each
-expert's projections onto the stacked expert weights of a mixture of experts; a float8 KV
-cache's calibrated scales go to their layer's attention module."""
+expert's projections onto the stacked expert weights of a mixture of experts (a quantized
+checkpoint's experts decoded first); a float8 KV cache's calibrated scales go to their
+layer's attention module."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from pagoda.errors import UnsupportedModelError
 from pagoda.layers.attention.layer import Attention
 from pagoda.layers.linear import default_weight_loader
+from pagoda.layers.quantization.base import QuantizationConfig
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
 
 # one expert's projection: Qwen-style names, or Mixtral's w1 (gate), w3 (up), w2 (down)
 EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+# any tensor of one expert's projection (a quantized checkpoint's codes, scales, zeros...)
+EXPERT_TENSOR = re.compile(r"(.*\.experts\.\d+\.(?:gate_proj|up_proj|down_proj|w1|w3|w2))"
+                           r"\.(\w+)")
 # every expert's one projection stacked on dim 0 (how GGUF files store experts)
 STACKED_EXPERTS = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight")
 GATE_UP_HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}
@@ -60,6 +69,43 @@ def split_stacked_experts(weights: Iterable[tuple[str, torch.Tensor]]
             continue
         for expert in range(tensor.shape[0]):
             yield f"{match[1]}.{expert}.{match[2]}.weight", tensor[expert]
+
+
+def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: QuantizationConfig
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each expert projection of a quantized checkpoint as one float `weight`, decoded by
+    `config` once the tensors it needs have come (they may come in any order); the tensors
+    it does not need that come after (an input scale, an unused g_idx) are dropped. An
+    expert missing some at the end is an error. Other tensors pass as they are."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    done: set[str] = set()
+    decoded = False
+    for name, tensor in weights:
+        match = EXPERT_TENSOR.fullmatch(name)
+        if match is None:
+            yield name, tensor
+            continue
+        projection, leaf = match[1], match[2]
+        if projection in done:
+            continue
+        tensors = waiting.setdefault(projection, {})
+        tensors[leaf] = tensor
+        weight = config.decode_expert(tensors)
+        if weight is None:
+            continue
+        del waiting[projection]
+        done.add(projection)
+        if set(tensors) != {"weight"} and not decoded:
+            decoded = True
+            logger.info("%s experts decoded at load to %s (no kernel takes their codes; the "
+                        "other linear layers keep theirs)", config.name,
+                        str(torch.get_default_dtype()).removeprefix("torch."))
+        yield f"{projection}.weight", weight
+    if waiting:
+        projection, tensors = next(iter(waiting.items()))
+        raise UnsupportedModelError(f"{len(waiting)} expert projections of the checkpoint are "
+                                    f"incomplete: {projection} has only "
+                                    f"{', '.join(sorted(tensors))}")
 
 
 def fused_target(name: str, packed: Mapping[str, tuple[str, ...]]) -> tuple[str, int | None]:

@@ -65,3 +65,35 @@ def test_a_scale_of_a_layer_the_model_lacks_is_refused():
     with pytest.raises(KeyError, match="model.layers.7.self_attn.k_scale"):
         load_named_weights(Model(), [("model.layers.7.self_attn.k_scale", torch.tensor(1.0))],
                            {}, ())
+
+
+def test_quantized_experts_are_decoded_once_their_tensors_have_come():
+    """A Mixtral expert's float8 weight after its scale, an input scale after the decode
+    (dropped), an unquantized expert, and the tensors of other modules passing in order."""
+    from pagoda.layers.quantization.fp8 import FP8, Fp8Config
+    from pagoda.models.loader.weights import decoded_experts
+    config = Fp8Config({"quant_method": "fp8", "activation_scheme": "static"})
+    codes = torch.tensor([[1.0, -2.0], [0.5, 4.0]]).to(FP8)
+    expert = "model.layers.0.block_sparse_moe.experts.1.w2"
+    plain = torch.ones(2, 2)
+    stream = [(f"{expert}.weight_scale", torch.tensor(0.5)),
+              ("model.norm.weight", plain),
+              (f"{expert}.weight", codes),
+              (f"{expert}.input_scale", torch.tensor(2.0)),
+              ("model.layers.0.mlp.experts.0.up_proj.weight", plain)]
+    out = list(decoded_experts(stream, config))
+    assert [name for name, _ in out] == ["model.norm.weight", f"{expert}.weight",
+                                         "model.layers.0.mlp.experts.0.up_proj.weight"]
+    torch.testing.assert_close(out[1][1], torch.tensor([[0.5, -1.0], [0.25, 2.0]]))
+    assert out[2][1] is plain
+
+
+def test_quantized_experts_lacking_a_tensor_at_the_end_are_refused():
+    from pagoda.errors import UnsupportedModelError
+    from pagoda.layers.quantization.int_checkpoints import AWQConfig
+    from pagoda.models.loader.weights import decoded_experts
+    config = AWQConfig({"bits": 4, "group_size": 128})
+    stream = [("model.layers.2.mlp.experts.7.down_proj.qweight", torch.zeros(128, 16,
+                                                                           dtype=torch.int32))]
+    with pytest.raises(UnsupportedModelError, match=r"1 expert projections .* has only qweight"):
+        list(decoded_experts(stream, config))

@@ -1,0 +1,128 @@
+"""Mixture-of-experts checkpoints in quantized formats (FP8 with block scales, as
+Qwen3-30B-A3B-FP8 ships; AWQ; act-order GPTQ), written from a random Qwen3-MoE: the experts
+are decoded at load to the model's dtype and equal the weights their tensors stand for, the
+router stays unquantized, and the tokens are those of a float32 checkpoint holding those
+weights. The estimate counts the experts as the engine holds them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3MoeConfig
+
+from pagoda import LLM, SamplingParams
+from pagoda.errors import UnsupportedModelError
+from pagoda.layers.linear import UnquantizedLinearMethod
+from pagoda.layers.moe.layer import FusedMoE
+from pagoda.models.estimate import estimate
+from pagoda.models.loader.checkpoint import load_model, weight_bytes
+from pagoda.models.source import resolve_model
+from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
+from tests.models.parity import random_prompts
+from tests.models.test_quantized_checkpoints import expand_blocks, fp8_blocks, write_checkpoints
+from tests.utils import save_random_checkpoint
+
+CONFIG = Qwen3MoeConfig(hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                        vocab_size=512, max_position_embeddings=256, initializer_range=0.2,
+                        tie_word_embeddings=False)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT = ("gate_proj", "up_proj", "down_proj")
+NUM_TOKENS = 24
+# each format's quantization_config; every checkpoint but the FP8 one leaves the attention
+# unquantized (the experts' tokens then depend on the decoding alone)
+FORMATS = {
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128]},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": ["self_attn"]},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+             "desc_act": True, "modules_to_not_convert": ["self_attn"]},
+}
+
+
+def pack(fmt: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One float32 weight in `fmt`: its tensors and the weight they stand for."""
+    if fmt == "fp8":
+        values, scale = fp8_blocks(weight)
+        return {"weight": values, "weight_scale_inv": scale}, \
+            values.float() * expand_blocks(scale)
+    order = torch.randperm(weight.shape[1]) // 128 if fmt == "gptq" else None
+    q = quantize(weight, 128, fmt == "gptq", order)
+    return (awq_tensors if fmt == "awq" else gptq_tensors)(q), q.weights()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_random_checkpoint(CONFIG, tmp_path_factory.mktemp("moe") / "fp32", None)
+
+
+def write(source, tmp_path, fmt: str):
+    """The checkpoint in `fmt` and a float32 one of the weights it stands for."""
+    torch.manual_seed(1)
+    packed, reference = {}, {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        module, _, leaf = name.rpartition(".")
+        projection = module.rpartition(".")[2]
+        quantized = projection in EXPERT and ".experts." in name or \
+            (fmt == "fp8" and projection in ATTENTION)
+        if leaf == "weight" and quantized:
+            tensors, reference[name] = pack(fmt, tensor.float())
+            packed |= {f"{module}.{key}": value for key, value in tensors.items()}
+        else:
+            packed[name] = reference[name] = tensor
+    assert any(".experts.3.down_proj.weight" in name for name in reference)
+    quantized_dir, reference_dir = tmp_path / fmt, tmp_path / "reference"
+    write_checkpoints(source, (quantized_dir, packed, FORMATS[fmt]),
+                      (reference_dir, reference, None))
+    return quantized_dir, reference_dir
+
+
+def greedy(path, prompts: list[list[int]]) -> list[list[int]]:
+    llm = LLM(str(path), kv_cache_memory=8 << 20, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def loaded(path, quantization=None):
+    source = resolve_model(str(path), "auto")
+    return load_model(source, torch.float32, torch.device("cpu"), 128,
+                      quantization=quantization)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_experts_decode_to_the_weights_they_stand_for(fmt, source, tmp_path):
+    quantized_dir, reference_dir = write(source, tmp_path, fmt)
+    ours, reference = loaded(quantized_dir, fmt), loaded(reference_dir)
+    experts = [(name, m) for name, m in ours.named_modules() if isinstance(m, FusedMoE)]
+    assert len(experts) == CONFIG.num_hidden_layers
+    expected = dict(reference.named_parameters())
+    for name, moe in experts:
+        for param in ("gate_up_proj", "down_proj"):
+            torch.testing.assert_close(getattr(moe, param), expected[f"{name}.{param}"],
+                                       rtol=1e-6, atol=1e-7)
+    routers = [m for name, m in ours.named_modules() if name.endswith("mlp.gate")]
+    assert routers and all(type(r.method) is UnquantizedLinearMethod for r in routers)
+    prompts = random_prompts(CONFIG.vocab_size, (6, 21))
+    assert greedy(quantized_dir, prompts) == greedy(reference_dir, prompts)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_the_estimate_counts_decoded_experts_as_the_engine_holds_them(fmt, source, tmp_path):
+    quantized_dir, _ = write(source, tmp_path, fmt)
+    model = loaded(quantized_dir, fmt)
+    figures = estimate(resolve_model(str(quantized_dir), "auto"), 128, dtype="float32")
+    assert figures.quantization == fmt
+    assert figures.weight_bytes == weight_bytes(model)
+
+
+def test_an_expert_missing_its_scale_is_one_clear_error(source, tmp_path):
+    quantized_dir, _ = write(source, tmp_path, "fp8")
+    tensors = load_file(quantized_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"]
+    save_file(tensors, quantized_dir / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="experts.2.up_proj has only weight"):
+        loaded(quantized_dir, "fp8")
