@@ -2,7 +2,8 @@
 Qwen3-30B-A3B-FP8 ships; AWQ; act-order GPTQ), written from a random Qwen3-MoE: the experts
 are decoded at load to the model's dtype and equal the weights their tensors stand for, the
 router stays unquantized, and the tokens are those of a float32 checkpoint holding those
-weights. The estimate counts the experts as the engine holds them."""
+weights, on one device or two tensor-parallel ranks. The estimate counts the experts as the
+engine holds them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.source import resolve_model
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.models.parity import random_prompts
-from tests.models.test_quantized_checkpoints import expand_blocks, fp8_blocks, write_checkpoints
+from tests.models.test_quantized_checkpoints import (
+    expand_blocks,
+    fp8_blocks,
+    greedy_and_weight_bytes,
+    write_checkpoints,
+)
 from tests.utils import save_random_checkpoint
 
 CONFIG = Qwen3MoeConfig(hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
@@ -126,3 +132,14 @@ def test_an_expert_missing_its_scale_is_one_clear_error(source, tmp_path):
     save_file(tensors, quantized_dir / "model.safetensors")
     with pytest.raises(UnsupportedModelError, match="experts.2.up_proj has only weight"):
         loaded(quantized_dir, "fp8")
+
+
+def test_two_tensor_parallel_ranks_give_one_devices_tokens(source, tmp_path):
+    """Each rank decodes every expert's tensors and keeps its slice of the intermediate
+    size (the FP8 attention split as in a dense model)."""
+    quantized_dir, _ = write(source, tmp_path, "fp8")
+    prompts = random_prompts(CONFIG.vocab_size, (6, 21))
+    one, one_bytes = greedy_and_weight_bytes(quantized_dir, prompts)
+    two, two_bytes = greedy_and_weight_bytes(quantized_dir, prompts, tensor_parallel_size=2)
+    assert two == one
+    assert two_bytes < 0.6 * one_bytes

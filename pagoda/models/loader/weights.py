@@ -76,7 +76,9 @@ def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: Quantiz
     """Each expert projection of a quantized checkpoint as one float `weight`, decoded by
     `config` once the tensors it needs have come (they may come in any order); the tensors
     it does not need that come after (an input scale, an unused g_idx) are dropped. An
-    expert missing some at the end is an error. Other tensors pass as they are."""
+    expert missing some at the end is an error. Other tensors pass as they are. Experts are
+    decoded on the device being loaded onto (the default device while the model loads)."""
+    device = torch.empty(0).device
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     done: set[str] = set()
     decoded = False
@@ -89,7 +91,7 @@ def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: Quantiz
         if projection in done:
             continue
         tensors = waiting.setdefault(projection, {})
-        tensors[leaf] = tensor
+        tensors[leaf] = tensor.to(device)
         weight = config.decode_expert(tensors)
         if weight is None:
             continue
