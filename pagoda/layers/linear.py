@@ -35,6 +35,11 @@ def deferred_linear_methods() -> Iterator[None]:
         _METHODS_DEFERRED.reset(token)
 
 
+def linear_methods_deferred() -> bool:
+    """Whether layers built now wait for `bind_method` (inside deferred_linear_methods)."""
+    return _METHODS_DEFERRED.get()
+
+
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy `src` into `dst` of the same shape; a checkpoint slice not read yet is read now
     (only the part that `dst` takes)."""

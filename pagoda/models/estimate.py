@@ -141,7 +141,7 @@ def _packed_bits(config: Any) -> int:
 
 
 def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
-               device: str) -> int:
+               device: str, tp: int = 1) -> int:
     """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear
     weights as their kernel holds them (gguf.held_bits: on CPU every type as codes with a
     scale and min per group on the block-dot kernel, float16 for the legacy types and
@@ -151,12 +151,16 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     zeros doubling the scales' bits), FP8 weights one byte (+ float32 scales; on CPU where
     pagoda's float8 kernel runs), everything else at `itemsize`; on CPU FP8 weights without
     the float8 kernel, and 8-bit integers without the block-dot kernel, are decoded at load
-    to `itemsize`."""
-    from pagoda.layers.quantization import cpu_fp8_dot
+    to `itemsize`. A mixture of experts' experts as the engine holds them (bind_experts):
+    codes like the other layers' on one CPU rank where the format gives them and the
+    block-dot kernel runs, else decoded at load to `itemsize`."""
+    from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot, get_quantization_config
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
+    experts_as_codes = device == "cpu" and tp == 1 and cpu_block_dot.available() and \
+        get_quantization_config(quantization, source.hf_config).holds_expert_codes
     found = _shapes(source)
     if found is None:  # config only (dummy weights): every parameter but the vocabulary
         config = source.hf_config  # tables is a linear weight, one byte each (+ its scales)
@@ -168,7 +172,7 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         types = dict(gguf_types(source.gguf_file, source.gguf_tensors))
         on = torch.device(device)
         kept = {name: kind for name, kind in types.items() if _LINEAR_WEIGHT.fullmatch(name)
-                and ".experts." not in name and keeps_blocks(kind, on)}
+                and (".experts." not in name or experts_as_codes) and keeps_blocks(kind, on)}
         packed = sum(math.prod(shapes[name]) for name in kept)
         packed_bits = sum(math.prod(shapes[name]) * held_bits(kind, on)
                           for name, kind in kept.items())
@@ -182,7 +186,8 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
                   and ".experts." not in n}
         weights = sum(math.prod(s) for s in linear.values())
         return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
-    return _quantized_safetensors_bytes(source, spec, shapes, itemsize, on_cpu)
+    return _quantized_safetensors_bytes(source, spec, shapes, itemsize, on_cpu,
+                                        experts_as_codes)
 
 
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
@@ -215,14 +220,15 @@ def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:
 
 def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
                                  shapes: dict[str, tuple[int, ...]], itemsize: int,
-                                 on_cpu: bool) -> int:
+                                 on_cpu: bool, experts_as_codes: bool) -> int:
     """A quantized checkpoint's tensors: float ones at `itemsize`, quantized ones as stored
     (integer codes' scales twice: a 16-bit scale and min each, 32-bit in the CPU block-dot
     kernel, counted for every layer where it runs; zero points and act orders folded in; a
     slight overcount where CUDA's 4-bit planes hold integer zero points, a byte each); on
     CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
     weights (without the float8 kernel) decoded at load to `itemsize` (their scales folded
-    in); a mixture of experts' experts decoded at load to `itemsize` everywhere."""
+    in); a mixture of experts' experts as the other layers where `experts_as_codes`, else
+    decoded at load to `itemsize`."""
     from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
     dtypes = dict(safetensors_dtypes(source.path))
     per_int32 = 32 // _packed_bits(source.hf_config)
@@ -238,7 +244,7 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
         if not spec.keeps_weight(name, source.hf_config):
             continue
         count, leaf = math.prod(shapes[name]), name.rpartition(".")[2]
-        if ".experts." in name:  # decoded at load (decoded_experts): weights at itemsize
+        if ".experts." in name and not experts_as_codes:  # decoded at load: at itemsize
             per = per_int32 if leaf in _PACKED_INTEGERS else 1
             total += count * per * itemsize if leaf in ("weight", *_PACKED_INTEGERS) else 0
             continue
@@ -348,7 +354,7 @@ def estimate(source: ModelSource, max_model_len: int, concurrency: int = 1, tp: 
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     params, weights_from = count_parameters(source, spec)
     held = resolve_quantization(quantization, source)
-    held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu")
+    held_total = held_bytes(source, spec, itemsize, held, "cuda" if on_gpu else "cpu", tp)
     # a pipeline stage holds its share of the layers (bytes taken as spread like parameters)
     weights = held_total * stage_parameters(config, params, pp) // params // tp
     named = _device(device) if on_gpu and not device.lower().startswith("cuda") else None

@@ -17,6 +17,7 @@ ranks' partial outputs are summed over the group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +27,10 @@ from pagoda.layers.linear import (
     LinearBase,
     UnquantizedLinearMethod,
     copy_checked,
+    linear_methods_deferred,
     new_parameter,
 )
-from pagoda.layers.moe.native import fused_moe_native
+from pagoda.layers.moe.native import fused_moe_native, moe_by_expert
 from pagoda.layers.moe.router import select_experts
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 
@@ -83,13 +85,69 @@ class FusedMoE(DeviceDispatch):
         self.width_rank = 0 if split_experts else group.rank
         self.local_inter = intermediate_size if split_experts else \
             group.split(intermediate_size)[1]
-        local = self.placement.local
-        self.gate_up_proj = new_parameter(local, 2 * self.local_inter, hidden_size,
+        self.hidden_size = hidden_size
+        self.holds_codes = False  # see hold_codes
+        self.expert_kernels: nn.ModuleList | None = None
+        if not linear_methods_deferred():
+            self.hold_floats()
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether hold_floats or hold_codes gave the layer its weights."""
+        return "gate_up_proj" in self._parameters
+
+    # -- what holds the weights (bound once a quantization format is known) -------------
+
+    def hold_floats(self) -> None:
+        """Every expert in the model's dtype, stacked (every device and kernel)."""
+        local, total = self.placement.local, self.placement.total
+        self.gate_up_proj = new_parameter(local, 2 * self.local_inter, self.hidden_size,
                                           loader=self._load_gate_up)
-        self.gate_up_proj.num_pieces = 2 * num_experts
-        self.down_proj = new_parameter(local, hidden_size, self.local_inter,
+        self.gate_up_proj.num_pieces = 2 * total
+        self.down_proj = new_parameter(local, self.hidden_size, self.local_inter,
                                        loader=self._load_down)
-        self.down_proj.num_pieces = num_experts
+        self.down_proj.num_pieces = total
+
+    def hold_codes(self) -> None:
+        """Each expert's projections as the checkpoint's codes for the CPU block-dot kernel
+        (a GGUF's blocks, an integer format's codes, given as GroupCodes or GGUFWeight) or as
+        floats where none fits; built into `expert_kernels` once loading ends. One rank
+        holding every expert."""
+        if self.placement.local != self.placement.total or self.group.size > 1:
+            raise ValueError("experts held as codes are one rank's, whole")
+        total = self.placement.total
+        self.holds_codes = True
+        self.gate_up_proj = self._placeholder(2 * total)
+        self.down_proj = self._placeholder(total)
+        self.code_pieces: dict[tuple[str, int], Any] = {}
+        self.after_loading = self._build_expert_kernels
+
+    def _placeholder(self, pieces: int) -> nn.Parameter:
+        """An empty parameter each expert's piece loads through (kept in code_pieces)."""
+        param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        param.weight_loader = self._store_piece
+        param.num_pieces = pieces
+        param.gguf_blocks = keeps_expert_blocks
+        return param
+
+    def _store_piece(self, param: nn.Parameter, piece: Any, index: int | None = None) -> None:
+        if index is None:
+            raise ValueError("experts held as codes load one tensor an expert")
+        kind = "gate_up" if param is self.gate_up_proj else "down"
+        rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" else \
+            (self.hidden_size, self.intermediate_size)
+        if tuple(piece.shape) != (rows, columns):
+            raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
+                             f"[{rows}, {columns}]")
+        self.code_pieces[(kind, index)] = piece
+
+    def _build_expert_kernels(self) -> None:
+        pieces, self.code_pieces = self.code_pieces, {}
+        self.expert_kernels = nn.ModuleList(
+            nn.ModuleList([expert_kernel([pieces[("gate_up", 2 * e)],
+                                          pieces[("gate_up", 2 * e + 1)]]),
+                           expert_kernel([pieces[("down", e)]])])
+            for e in range(self.placement.total))
 
     # -- loading -------------------------------------------------------------------------
 
@@ -141,7 +199,12 @@ class FusedMoE(DeviceDispatch):
 
     def forward_native(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(router_logits)
-        out = fused_moe_native(x, self.gate_up_proj, self.down_proj, weights, ids)
+        if self.expert_kernels is None:
+            out = fused_moe_native(x, self.gate_up_proj, self.down_proj, weights, ids)
+        else:
+            kernels = self.expert_kernels
+            out = moe_by_expert(x, lambda e, rows: kernels[e][0](rows),
+                                lambda e, rows: kernels[e][1](rows), weights, ids, len(kernels))
         return self.group.all_reduce(out)
 
     def forward_with_router(self, x: torch.Tensor, router: LinearBase) -> torch.Tensor:
@@ -159,8 +222,33 @@ class FusedMoE(DeviceDispatch):
         return self(x, router(x))
 
     def forward_cuda(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.expert_kernels is not None:
+            raise ValueError("experts held as codes run on CPU")
         from pagoda.layers.moe.triton_moe import fused_moe_routed
         out = fused_moe_routed(x, router_logits, self.gate_up_proj, self.down_proj, self.top_k,
                                self.renormalize, self.placement.start,
                                partial=not self.placement.whole)
         return self.group.all_reduce(out)
+
+
+def keeps_expert_blocks(type_name: str) -> bool:
+    """Whether an expert held as codes keeps a GGUF type's blocks (any type pagoda decodes:
+    they become codes, or floats where the kernel holds none of their shape)."""
+    from pagoda.layers.quantization.gguf_blocks import FORMATS
+    return type_name in FORMATS
+
+
+def expert_kernel(pieces: list[Any]) -> nn.Module:
+    """One module computing x W^T for `pieces` stacked by rows (an expert's gate and up, or
+    its down): the block-dot kernel over their codes where it holds them together, else
+    their float weights (GroupCodes and GGUF blocks decoded, floats as they are)."""
+    from pagoda.layers.quantization.base import DenseWeight
+    from pagoda.layers.quantization.cpu_block_dot import GroupCodes, stacked_kernel
+    from pagoda.layers.quantization.gguf import GGUFWeight, group_codes
+    codes = [group_codes(p) if isinstance(p, GGUFWeight) else p for p in pieces]
+    if all(isinstance(c, GroupCodes) for c in codes):
+        kernel = stacked_kernel(codes)
+        if kernel is not None:
+            return kernel
+    floats = [c.decoded() if isinstance(c, GroupCodes) else c.float() for c in codes]
+    return DenseWeight(torch.cat(floats).to(torch.get_default_dtype()))

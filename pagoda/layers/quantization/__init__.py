@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, UnquantizedLinearMethod
+from pagoda.layers.moe.layer import FusedMoE
+from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import QuantizationConfig
 
 
@@ -46,6 +49,20 @@ def bind_linear_methods(model: nn.Module, config: QuantizationConfig | None) -> 
             module.bind_method(method or UnquantizedLinearMethod())
 
 
+def bind_experts(model: nn.Module, config: QuantizationConfig | None,
+                 from_checkpoint: bool) -> None:
+    """Give every mixture-of-experts layer built without weights what holds them: the
+    checkpoint's codes for the CPU block-dot kernel where the format gives them, the kernel
+    runs here and one rank holds every expert; else floats in the model's dtype (a quantized
+    checkpoint's experts decoded at load)."""
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and not module.holds_weights:
+            codes = (from_checkpoint and config is not None and config.holds_expert_codes
+                     and torch.empty(0).device.type == "cpu" and module.group.size == 1
+                     and cpu_block_dot.available())
+            module.hold_codes() if codes else module.hold_floats()
+
+
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
     """Let the format hold each embedding table in its own form: one no LM head is tied
     to, and one an LM head shares."""
@@ -76,6 +93,16 @@ def finish_linear_layers(model: nn.Module) -> dict[str, str]:
             module.method.process_weights_after_loading(module)
             leaf = name.rpartition(".")[2]
             kernels.setdefault(leaf, {})[module.method.kernel(module)] = None
+        elif isinstance(module, FusedMoE) and module.expert_kernels is not None:
+            found = kernels.setdefault("experts", {})
+            for expert in module.expert_kernels:
+                for kernel in expert:
+                    found[_kernel_name(kernel)] = None
         elif isinstance(module, LMHead) and module.quantized is not None:
             kernels.setdefault("lm_head", {})[module.quantized.kernel_name()] = None
     return {leaf: ", ".join(found) for leaf, found in kernels.items()}
+
+
+def _kernel_name(kernel: nn.Module) -> str:
+    name = getattr(kernel, "kernel_name", None)
+    return name() if name is not None else "dense matmul"

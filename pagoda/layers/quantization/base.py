@@ -4,6 +4,7 @@ the float form a method falls back to where no kernel takes its codes."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from torch.nn import functional as F
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
+
+if TYPE_CHECKING:
+    from pagoda.layers.quantization.cpu_block_dot import GroupCodes
 
 
 class QuantizationConfig(ABC):
@@ -31,6 +35,14 @@ class QuantizationConfig(ABC):
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
         """Give a table that `embedding` and `head` share the format's form (by default it
         stays in the model's dtype)."""
+
+    # whether expert_codes gives an expert projection's codes (CPU block-dot kernel)
+    holds_expert_codes = False
+
+    def expert_codes(self, tensors: dict[str, Any]) -> GroupCodes | torch.Tensor | None:
+        """As decode_expert, the projection's codes for a kernel (or a float weight left
+        unquantized) where `holds_expert_codes`."""
+        raise NotImplementedError
 
     def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """One expert projection's float weight [out, in] from its checkpoint tensors

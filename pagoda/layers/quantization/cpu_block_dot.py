@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,6 +125,46 @@ def kernel_name(bits: int, activation_passes: int, half_scales: bool = False) ->
     """What the startup log calls a layer on the kernel (scales float32 unless said)."""
     scales = "float16 scales, " if half_scales else ""
     return f"cpu_block_dot ({bits}-bit codes, {scales}{activation_passes}-pass activations)"
+
+
+@dataclass(slots=True)
+class GroupCodes:
+    """One weight matrix as codes [out, in] (0..2^bits - 1) with a scale and a low per
+    group of `group` inputs ([out, in / group]): each weight is code * scale + low. What a
+    quantized checkpoint's tensors unpack to before a kernel holds them."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
+    group: int
+    bits: int
+    half_scales: bool = False  # the scales are float16's exactly (GGUF's legacy types)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def layout(self) -> tuple[int, int, bool]:
+        return self.group, self.bits, self.half_scales
+
+    def decoded(self) -> torch.Tensor:
+        """The float32 weights."""
+        rows, columns = self.codes.shape
+        weights = self.codes.float().view(rows, -1, self.group) * self.scale.float()[..., None]
+        return (weights + self.low.float()[..., None]).view(rows, columns)
+
+
+def stacked_kernel(pieces: list[GroupCodes]) -> BlockDotWeight | None:
+    """One kernel holding `pieces`' rows one after another, where they share a layout and
+    the kernel holds their shape; else None."""
+    group, bits, half = pieces[0].layout()
+    rows, columns = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
+    if any(p.layout() != (group, bits, half) for p in pieces) or \
+            not holds(rows, columns, group) or bits not in BITS:
+        return None
+    codes, scale, low = (torch.cat(parts) for parts in zip(
+        *((p.codes, p.scale, p.low) for p in pieces)))
+    return BlockDotWeight(codes, scale, low, group, bits, half_scales=half)
 
 
 class BlockDotWeight(nn.Module):

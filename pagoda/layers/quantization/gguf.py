@@ -25,7 +25,7 @@ from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, GroupCodes
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
@@ -191,6 +191,15 @@ def group_layout(type_name: str) -> tuple[int, int]:
     return (4 if type_name in INT4_FORMATS else 8), (16 if type_name == "Q6_K" else 32)
 
 
+def group_codes(piece: GGUFWeight) -> GroupCodes:
+    """A matrix of blocks as codes with a scale and a min per group, as the CPU block-dot
+    kernel holds them."""
+    bits, group = group_layout(piece.type_name)
+    codes, scale, low = byte_groups(piece.rows, piece.type_name)[:3]
+    return GroupCodes(codes, scale, low, group, bits,
+                      half_scales=piece.type_name in HALF_SCALE_FORMATS)
+
+
 def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
     """Whether the CPU block-dot kernel holds `rows` of GGUF type `type_name`."""
     return cpu_block_dot.holds(rows, columns, group_layout(type_name)[1])
@@ -305,8 +314,15 @@ class GGUFConfig(QuantizationConfig):
 
     name = "gguf"
 
+    holds_expert_codes = True
+
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         return GGUFLinearMethod()
+
+    def expert_codes(self, tensors: dict[str, GGUFWeight | torch.Tensor]
+                     ) -> GroupCodes | torch.Tensor | None:
+        weight = tensors["weight"]
+        return group_codes(weight) if isinstance(weight, GGUFWeight) else weight
 
     def bind_embedding(self, embedding: VocabEmbedding) -> None:
         # a placeholder for the float table: the checkpoint's loads through it

@@ -42,7 +42,7 @@ from pagoda.layers.quantization.base import (
     QuantizationConfig,
     decoded_groups,
 )
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, GroupCodes
 from pagoda.layers.quantization.fp8 import skipped_module
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import GROUP_SIZES, Int4PackedWeight, int4_packable
@@ -266,15 +266,36 @@ class IntCheckpointConfig(QuantizationConfig):
         """The tensors of one expert projection its decoding needs."""
         return set(self.tensor_layouts()) - set(self.optional_names)
 
-    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    @property
+    def holds_expert_codes(self) -> bool:
+        """Groups of consecutive inputs only: act order would permute each expert's inputs."""
+        return not getattr(self, "act_order", False)
+
+    def _expert_groups(self, tensors: dict[str, torch.Tensor]
+                       ) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """A float weight left unquantized, or (codes, scale, low); None until complete."""
         weight = tensors.get("weight")
-        if weight is not None and weight.is_floating_point():  # an expert left unquantized
+        if weight is not None and weight.is_floating_point():
             return weight
         if not self.expert_needs() <= set(tensors):
             return None
-        codes, scale, low = self.unpack(tensors)
+        return self.unpack(tensors)
+
+    def expert_codes(self, tensors: dict[str, torch.Tensor]
+                     ) -> GroupCodes | torch.Tensor | None:
+        found = self._expert_groups(tensors)
+        if found is None or isinstance(found, torch.Tensor):
+            return found
+        codes, scale, low = found
+        return GroupCodes(codes.to(torch.uint8), scale.float(), low.float(),
+                          codes.shape[1] // scale.shape[1], self.bits)
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        found = self._expert_groups(tensors)
+        if found is None or isinstance(found, torch.Tensor):
+            return found
         g_idx = tensors.get("g_idx", tensors.get("weight_g_idx"))
-        return decoded_groups(codes, scale, low, None if g_idx is None else g_idx.long())
+        return decoded_groups(*found, None if g_idx is None else g_idx.long())
 
 
 class AWQConfig(IntCheckpointConfig):

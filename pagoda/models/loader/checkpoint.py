@@ -15,6 +15,7 @@ from pagoda.layers.linear import deferred_linear_methods
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.quantization import (
     bind_embeddings,
+    bind_experts,
     bind_linear_methods,
     finish_linear_layers,
     get_quantization_config,
@@ -26,7 +27,12 @@ from pagoda.models.interface import CausalLM
 from pagoda.models.loader.dummy import init_dummy_weights
 from pagoda.models.loader.gguf import FLOAT_TYPES, iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
-from pagoda.models.loader.weights import decoded_experts, fused_target
+from pagoda.models.loader.weights import (
+    STACKED_EXPERTS,
+    decoded_experts,
+    expert_target,
+    fused_target,
+)
 from pagoda.models.quantization import resolve_quantization
 from pagoda.models.registry import model_class
 from pagoda.models.source import ModelSource
@@ -59,6 +65,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         with deferred_linear_methods(), shared_rotary_tables():
             model = cls(source.hf_config, max_position, group, stage)
         bind_linear_methods(model, config)
+        bind_experts(model, config, from_checkpoint=source.format != "dummy")
         bind_embeddings(model, config)
         if source.format == "dummy":
             init_dummy_weights(model, seed)
@@ -124,7 +131,9 @@ class _BlockKeeper:
         self.decoded: set[str] = set()
 
     def __call__(self, name: str, type_name: str) -> bool:
-        target = self.params.get(fused_target(name, self.packed)[0])
+        stacked = STACKED_EXPERTS.fullmatch(name)  # every expert's one projection
+        target = self.params.get(fused_target(name, self.packed)[0] if stacked is None else
+                                 expert_target(f"{stacked[1]}.0.{stacked[2]}.weight")[0])
         keeps = getattr(target, "gguf_blocks", None)
         if keeps is None:
             return False
@@ -140,8 +149,9 @@ def _load_checkpoint(model: CausalLM, source: ModelSource,
     total = len(model.expected_weights())
     keeper = _BlockKeeper(model) if source.format == "gguf" else None
     weights = iter_weights(source, keeper, sliced=model.group.size > 1)
-    if config is not None:  # a mixture of experts' experts run in the model's dtype
-        weights = decoded_experts(weights, config)
+    if config is not None:  # a mixture of experts' experts: codes, or decoded at load
+        as_codes = any(getattr(m, "holds_codes", False) for m in model.modules())
+        weights = decoded_experts(weights, config, as_codes)
     loaded = model.load_weights(_with_progress(weights, total, source.name))
     if keeper is not None and keeper.decoded:
         logger.info("%s: GGUF %s weights of linear layers decoded at load (no kernel for their "

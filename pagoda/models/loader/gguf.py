@@ -215,9 +215,14 @@ def iter_gguf(path: Path, config: HFConfig, tensors: GGUFIndex | None = None,
         if name is None:
             raise UnsupportedModelError(
                 f"{path}: no HF name for GGUF tensor {tensor.name!r} ({found.architecture})")
-        matrix = len(tensor.shape) == 2
-        if keep_blocks is not None and matrix and keep_blocks(name, tensor.tensor_type.name):
-            yield name, _block_rows(tensor, layout.transform(name, tensor.data, config))
+        matrix, stacked = len(tensor.shape) == 2, len(tensor.shape) == 3
+        if keep_blocks is not None and (matrix or stacked) and \
+                keep_blocks(name, tensor.tensor_type.name):
+            rows = layout.transform(name, tensor.data, config)
+            if stacked:
+                yield from _expert_block_rows(tensor, name, rows)
+            else:
+                yield name, _block_rows(tensor, rows)
         elif lazy and matrix and _decodes(tensor):
             yield name, _decoded_on_read(tensor, layout.transform(name, tensor.data, config))
         else:
@@ -259,6 +264,22 @@ class DecodedBlocks:
                        dtype=np.uint8, copy=True)  # out of the read-only map
         decoded = dequantize_rows(torch.from_numpy(raw), self.type_name)
         return decoded[:, columns.start - first:columns.stop - first]
+
+
+def _expert_block_rows(tensor: GGUFTensor, name: str, rows: np.ndarray
+                       ) -> Iterator[tuple[str, GGUFWeight]]:
+    """A stack of every expert's one projection ([experts, out, row bytes]) as each expert's
+    blocks, named as a checkpoint names one expert's tensor."""
+    from pagoda.layers.quantization.gguf import GGUFWeight
+    from pagoda.models.loader.weights import STACKED_EXPERTS
+    match = STACKED_EXPERTS.fullmatch(name)
+    if match is None:
+        raise UnsupportedModelError(f"GGUF tensor {tensor.name!r} ({name}) holds three "
+                                    "dimensions but no experts")
+    stack = _block_rows(tensor, rows)
+    for expert in range(rows.shape[0]):
+        yield (f"{match[1]}.{expert}.{match[2]}.weight",
+               GGUFWeight(stack.rows[expert], stack.type_name, stack.columns))
 
 
 def _block_rows(tensor: GGUFTensor, rows: np.ndarray) -> GGUFWeight:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,13 +72,15 @@ def split_stacked_experts(weights: Iterable[tuple[str, torch.Tensor]]
             yield f"{match[1]}.{expert}.{match[2]}.weight", tensor[expert]
 
 
-def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: QuantizationConfig
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each expert projection of a quantized checkpoint as one float `weight`, decoded by
-    `config` once the tensors it needs have come (they may come in any order); the tensors
-    it does not need that come after (an input scale, an unused g_idx) are dropped. An
-    expert missing some at the end is an error. Other tensors pass as they are. Experts are
-    decoded on the device being loaded onto (the default device while the model loads)."""
+def decoded_experts(weights: Iterable[tuple[str, Any]], config: QuantizationConfig,
+                    as_codes: bool = False) -> Iterator[tuple[str, Any]]:
+    """Each expert projection of a quantized checkpoint as one `weight`: floats decoded by
+    `config`, or (`as_codes`) its codes for a kernel, once the tensors it needs have come
+    (they may come in any order); the tensors it does not need that come after (an input
+    scale, an unused g_idx) are dropped. An expert missing some at the end is an error.
+    Other tensors pass as they are. Experts are decoded on the device being loaded onto (the
+    default device while the model loads)."""
+    decode = config.expert_codes if as_codes else config.decode_expert
     device = torch.empty(0).device
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     done: set[str] = set()
@@ -91,13 +94,13 @@ def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: Quantiz
         if projection in done:
             continue
         tensors = waiting.setdefault(projection, {})
-        tensors[leaf] = tensor.to(device)
-        weight = config.decode_expert(tensors)
+        tensors[leaf] = _read_onto(tensor, device)
+        weight = decode(tensors)
         if weight is None:
             continue
         del waiting[projection]
         done.add(projection)
-        if set(tensors) != {"weight"} and not decoded:
+        if set(tensors) != {"weight"} and not decoded and not as_codes:
             decoded = True
             logger.info("%s experts decoded at load to %s (no kernel takes their codes; the "
                         "other linear layers keep theirs)", config.name,
@@ -108,6 +111,14 @@ def decoded_experts(weights: Iterable[tuple[str, torch.Tensor]], config: Quantiz
         raise UnsupportedModelError(f"{len(waiting)} expert projections of the checkpoint are "
                                     f"incomplete: {projection} has only "
                                     f"{', '.join(sorted(tensors))}")
+
+
+def _read_onto(tensor: Any, device: torch.device) -> Any:
+    """A tensor on `device` (a checkpoint slice read now); GGUF blocks as they are."""
+    materialize = getattr(tensor, "materialize", None)
+    if materialize is not None:
+        tensor = materialize()
+    return tensor.to(device) if isinstance(tensor, torch.Tensor) else tensor
 
 
 def fused_target(name: str, packed: Mapping[str, tuple[str, ...]]) -> tuple[str, int | None]:
