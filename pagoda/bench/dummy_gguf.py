@@ -1,9 +1,11 @@
-"""A GGUF file of a Llama model with random weights stored as real k-quant blocks, so that
-the GGUF path can be benchmarked at any size (an 8B Q4_K_M) without a download.
+"""A GGUF file of a Llama or Qwen3-MoE model with random weights stored as real k-quant
+blocks, so that the GGUF path can be benchmarked at any size (an 8B Q4_K_M) without a
+download.
 
     python -m pagoda.bench.dummy_gguf CONFIG_DIR OUT.gguf [--mix q4_k_m|q4_k] [--seed N]
 
-CONFIG_DIR holds an HF config.json of a Llama model (bench/configs/llama-3.1-8b). The file
+CONFIG_DIR holds an HF config.json of a Llama or Qwen3-MoE model (bench/configs/llama-3.1-8b,
+bench/configs/qwen3-30b-a3b). The file
 carries the metadata pagoda's GGUF loader reads (the shape, rms epsilon, rope base and, for
 Llama 3 rope scaling, llama.cpp's rope_freqs tensor) and no tokenizer: pass one with
 `--tokenizer` (`python -m pagoda.bench.word_tokenizer CONFIG_DIR DIR` makes one).
@@ -23,6 +25,9 @@ The mixes follow llama.cpp's choice of block types for Llama:
   (every third layer of the middle). For 32 layers that is layers 0-3, 6, 9, ..., 27, 28-31.
 - q4_k: every linear weight and the token embedding in Q4_K, the output head in Q6_K.
 A model with tied embeddings has no output head: its token embedding takes the head's type.
+A Qwen3-MoE's experts are stacked per projection as llama.cpp stores them (ffn_gate_exps,
+ffn_up_exps, ffn_down_exps: the down projection's type as ffn_down's above), beside its
+float32 router (random, so tokens pick varied experts) and q/k norms.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
     """Every tensor of the file in writing order, llama.cpp's names and block types."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    experts = config.model_type == "qwen3_moe"
     plan = []
     if config.rope_parameters.get("rope_type") == "llama3":
         plan.append(PlannedTensor("rope_freqs.weight", (config.head_dim // 2,), F32))
@@ -107,13 +113,30 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
     shapes = linear_shapes(config)
     for layer in range(layers):
         plan.append(PlannedTensor(f"blk.{layer}.attn_norm.weight", (hidden,), F32))
+        stems = LINEAR_STEMS[:4] if experts else LINEAR_STEMS
         plan += [PlannedTensor(f"blk.{layer}.{stem}.weight", shapes[stem],
-                               linear_kind(stem, layer, layers, mix)) for stem in LINEAR_STEMS]
+                               linear_kind(stem, layer, layers, mix)) for stem in stems]
+        if experts:
+            plan += [PlannedTensor(f"blk.{layer}.{norm}.weight", (config.head_dim,), F32)
+                     for norm in ("attn_q_norm", "attn_k_norm")]
+            plan += expert_tensors(config, layer, mix)
         plan.append(PlannedTensor(f"blk.{layer}.ffn_norm.weight", (hidden,), F32))
     plan.append(PlannedTensor("output_norm.weight", (hidden,), F32))
     if not tied:
         plan.append(PlannedTensor("output.weight", (config.vocab_size, hidden), Q6_K))
     return plan
+
+
+def expert_tensors(config: HFConfig, layer: int, mix: str) -> list[PlannedTensor]:
+    """A Qwen3-MoE layer's router (float32, random) and its experts stacked per projection,
+    down in Q6_K where llama.cpp gives ffn_down more bits."""
+    experts, hidden = config.num_experts, config.hidden_size
+    inter, layers = config.moe_intermediate_size, config.num_hidden_layers
+    return [PlannedTensor(f"blk.{layer}.ffn_gate_inp.weight", (experts, hidden), F32),
+            PlannedTensor(f"blk.{layer}.ffn_gate_exps.weight", (experts, inter, hidden), Q4_K),
+            PlannedTensor(f"blk.{layer}.ffn_up_exps.weight", (experts, inter, hidden), Q4_K),
+            PlannedTensor(f"blk.{layer}.ffn_down_exps.weight", (experts, hidden, inter),
+                          linear_kind("ffn_down", layer, layers, mix))]
 
 
 def check_block_shapes(plan: list[PlannedTensor]) -> None:
@@ -179,6 +202,8 @@ def tensor_data(tensor: PlannedTensor, config: HFConfig, rng: np.random.Generato
     if tensor.name == "rope_freqs.weight":
         rope = config.rope_parameters
         return llama3_rope_factors(rope, rope["rope_theta"], config.head_dim)
+    if tensor.name.endswith("ffn_gate_inp.weight"):  # a router: varied picks of experts
+        return rng.normal(0.0, WEIGHT_STD, tensor.shape).astype(np.float32)
     if tensor.kind == F32:
         return np.ones(tensor.shape, dtype=np.float32)
     blocks = int(np.prod(tensor.shape)) // QK_K
@@ -197,9 +222,10 @@ def add_decoder_metadata(writer: gguf.GGUFWriter, config) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
-def add_llama_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> None:
-    """The hyperparameters llama.cpp's converter writes for a Llama, and the BOS / first EOS
-    ids of the config (no vocabulary: the tokenizer comes from elsewhere)."""
+def add_model_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> None:
+    """The hyperparameters llama.cpp's converter writes for a Llama (and a Qwen3-MoE's
+    expert counts), and the BOS / first EOS ids of the config (no vocabulary: the tokenizer
+    comes from elsewhere)."""
     writer.add_name(f"dummy {mix}")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if mix == "q4_k_m":
@@ -210,6 +236,10 @@ def add_llama_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "qwen3_moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if getattr(config, "bos_token_id", None) is not None:
         writer.add_bos_token_id(int(config.bos_token_id))
     eos = getattr(config, "eos_token_id", None)
@@ -218,25 +248,30 @@ def add_llama_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
         writer.add_eos_token_id(int(eos))
 
 
-def llama_config(config_dir: Path) -> HFConfig:
-    """The config of `config_dir`, which must describe a Llama."""
+# model types written, and their GGUF architecture
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3_moe": "qwen3moe"}
+
+
+def dummy_config(config_dir: Path) -> HFConfig:
+    """The config of `config_dir`, which must describe a Llama or a Qwen3-MoE."""
     config = HFConfig.from_dir(config_dir)
-    if config.model_type != "llama":
-        raise ValueError(f"{config_dir}: model_type {config.model_type!r}; only llama "
-                         "configs are written as dummy GGUF files")
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{config_dir}: model_type {config.model_type!r}; only "
+                         f"{' and '.join(GGUF_ARCHITECTURES)} configs are written as dummy "
+                         "GGUF files")
     return config
 
 
 def write_dummy_gguf(config_dir: Path, out: Path, mix: str = "q4_k_m", seed: int = 0) -> Path:
-    """Write the dummy GGUF of `config_dir`'s Llama to `out`, one tensor in memory at a
+    """Write the dummy GGUF of `config_dir`'s model to `out`, one tensor in memory at a
     time; the same seed writes the same bytes."""
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; use one of {', '.join(MIXES)}")
-    config = llama_config(config_dir)
+    config = dummy_config(config_dir)
     plan = plan_tensors(config, mix)
     check_block_shapes(plan)
-    writer = gguf.GGUFWriter(str(out), "llama")
-    add_llama_metadata(writer, config, mix)
+    writer = gguf.GGUFWriter(str(out), GGUF_ARCHITECTURES[config.model_type])
+    add_model_metadata(writer, config, mix)
     for tensor in plan:
         dtype = np.dtype(np.float32 if tensor.kind == F32 else np.uint8)
         writer.add_tensor_info(tensor.name, tensor.byte_shape(), dtype, tensor.nbytes(),

@@ -112,3 +112,31 @@ def test_pagoda_loads_it_and_generates_with_a_word_tokenizer(config_dir, q4_k_m_
     out = llm.generate(["w7 w8 w9 w10"], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 6
     assert all(word.startswith(("w", "<")) for word in out.outputs[0].text.split())
+
+
+def test_a_qwen3_moe_file_stacks_its_experts_and_pagoda_serves_it(tmp_path):
+    """Experts stacked per projection in Q4_K (down in Q6_K where llama.cpp gives ffn_down
+    more bits), a random float32 router; pagoda reads the config back and generates."""
+    from pagoda import LLM, SamplingParams
+    from pagoda.models.loader.gguf import gguf_hf_config
+    moe = {**TINY, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "num_hidden_layers": 2, "head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 256, "norm_topk_prob": True, "mlp_only_layers": []}
+    del moe["rope_scaling"]
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    path = write_dummy_gguf(tmp_path, tmp_path / "moe.gguf")
+    types = tensor_types(path)
+    assert types["blk.1.ffn_gate_exps.weight"] == types["blk.1.ffn_up_exps.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down_exps.weight"] == "Q4_K"
+    assert types["blk.1.ffn_down_exps.weight"] == "Q6_K"  # the last of 2 layers: more bits
+    assert types["blk.0.ffn_gate_inp.weight"] == types["blk.0.attn_q_norm.weight"] == "F32"
+    router = next(t for t in gguf.GGUFReader(path).tensors
+                  if t.name == "blk.0.ffn_gate_inp.weight")
+    assert router.data.std() == pytest.approx(WEIGHT_STD, rel=0.1)
+    config = gguf_hf_config(path)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == \
+        (4, 2, 256)
+    llm = LLM(str(path), device="cpu", kv_cache_memory=4 << 20, max_num_batched_tokens=64)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4

@@ -215,7 +215,8 @@ def write_qwen3moe_gguf(tmp_path) -> Path:
 def test_a_gguf_s_experts_stay_in_their_blocks_codes_on_cpu(tmp_path):
     """Kept: each expert's gate and up in one 4-bit kernel, its down in an 8-bit one, each
     decoding to what the GGUF's blocks decode to (`--quantization none`, every tensor decoded
-    at load), in a fraction of the memory; the next tokens agree at >= 97 %."""
+    at load), in a fraction of the memory the estimate counts; the next tokens agree at
+    >= 97 %."""
     path = write_qwen3moe_gguf(tmp_path)
     kept, decoded = loaded(path, "gguf"), loaded(path)
     moes = [m for m in kept.modules() if isinstance(m, FusedMoE)]
@@ -227,6 +228,8 @@ def test_a_gguf_s_experts_stay_in_their_blocks_codes_on_cpu(tmp_path):
             torch.testing.assert_close(held, expected, rtol=1e-6, atol=1e-6)
     expert_bytes = sum(p.numel() * p.element_size() for m in moes for p in m.parameters())
     assert expert_bytes < 0.4 * sum(p.numel() * 4 for m in decoded_moes for p in m.parameters())
+    source = resolve_model(str(path), "auto")
+    assert estimate(source, 128, dtype="float32").weight_bytes == weight_bytes(kept)
     prompts = random_prompts(512, (6, 21))  # QWEN3_MOE's vocabulary
     continuations = greedy(path, prompts, quantization="none")
     sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
