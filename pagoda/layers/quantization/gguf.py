@@ -25,7 +25,7 @@ from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, GroupCodes
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, GroupCodes, stacked_kernel
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
@@ -206,15 +206,16 @@ def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes: "blockdot<bits>" (the CPU kernel; "blockdot<bits>half" with
+    """What a piece becomes: "blockdot<bits>x<group>" (the CPU kernel; "...half" with
     float16 scales), "int4" (torch's CPU kernel), "group<bits>x<group>" (the GPU kernel), its
-    block type, or "dense"."""
+    block type, or "dense". Pieces of one kind share a kernel."""
     if isinstance(piece, torch.Tensor):
         return "dense"
     bits, group = group_layout(piece.type_name)
     if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
                                                 piece.type_name):
-        return f"blockdot{bits}" + ("half" if piece.type_name in HALF_SCALE_FORMATS else "")
+        half = "half" if piece.type_name in HALF_SCALE_FORMATS else ""
+        return f"blockdot{bits}x{group}{half}"
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
     if device.type == "cuda" and supports(piece.columns, group, bits):
@@ -242,13 +243,13 @@ def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
         groups = [int4_groups(p.rows, p.type_name) for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
         return Int4PackedWeight(codes, scale, low, 32)
-    if kind.startswith(("group", "blockdot")):
+    if kind.startswith("blockdot"):  # (each piece fits the kernel, so do they stacked)
+        return stacked_kernel([group_codes(p) for p in pieces])
+    if kind.startswith("group"):
         bits, group = group_layout(pieces[0].type_name)
         groups = [byte_groups(p.rows.to(device), p.type_name)[:3] for p in pieces]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
-        if kind.startswith("group"):
-            return GroupQuantWeight(codes, scale, low, group, bits)
-        return BlockDotWeight(codes, scale, low, group, bits, half_scales=kind.endswith("half"))
+        return GroupQuantWeight(codes, scale, low, group, bits)
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 

@@ -112,6 +112,20 @@ def test_a_float_piece_stays_dense_beside_blocks(cpu_kernel):
     torch.testing.assert_close(gate_out, expected[:, :64], **tolerance)
 
 
+def test_byte_codes_in_groups_of_32_and_of_16_take_two_kernels(block_dot_kernel):
+    """A Q5_K_M file's qkv: q and k in Q5_K (groups of 32), v in Q6_K (groups of 16), all
+    byte codes: two kernels, one for each group size (one kernel failed to stack them)."""
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
+    pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in (
+        ("Q5_K", HEADS * HEAD_DIM, 1), ("Q5_K", KV_HEADS * HEAD_DIM, 2),
+        ("Q6_K", KV_HEADS * HEAD_DIM, 3))]
+    loaded(layer, [piece for piece, _ in pieces])
+    assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(8, 32), (8, 16)]
+    x = torch.randn(5, HIDDEN)
+    expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
+    torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
+
+
 def test_a_piece_of_the_wrong_shape_is_refused():
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
     wrong, _ = gguf_piece("Q4_0", KV_HEADS * HEAD_DIM, HIDDEN, 6)
