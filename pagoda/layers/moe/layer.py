@@ -111,7 +111,8 @@ class FusedMoE(DeviceDispatch):
     def hold_codes(self) -> None:
         """Each expert's projections as the checkpoint's codes for the CPU block-dot kernel
         (a GGUF's blocks, an integer format's codes, given as GroupCodes or GGUFWeight) or as
-        floats where none fits; built into `expert_kernels` once loading ends. One rank
+        floats where none fits: an expert's kernels are built once its three pieces have
+        come (its unpacked codes are not kept), `expert_kernels` once loading ends. One rank
         holding every expert."""
         if self.placement.local != self.placement.total or self.group.size > 1:
             raise ValueError("experts held as codes are one rank's, whole")
@@ -120,7 +121,8 @@ class FusedMoE(DeviceDispatch):
         self.gate_up_proj = self._placeholder(2 * total)
         self.down_proj = self._placeholder(total)
         self.code_pieces: dict[tuple[str, int], Any] = {}
-        self.after_loading = self._build_expert_kernels
+        self.built_experts: list[nn.ModuleList | None] = [None] * total
+        self.after_loading = self._collect_expert_kernels
 
     def _placeholder(self, pieces: int) -> nn.Parameter:
         """An empty parameter each expert's piece loads through (kept in code_pieces)."""
@@ -140,14 +142,19 @@ class FusedMoE(DeviceDispatch):
             raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
                              f"[{rows}, {columns}]")
         self.code_pieces[(kind, index)] = piece
+        expert = index // 2 if kind == "gate_up" else index
+        keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))
+        if all(key in self.code_pieces for key in keys):
+            gate, up, down = (self.code_pieces.pop(key) for key in keys)
+            self.built_experts[expert] = nn.ModuleList([expert_kernel([gate, up]),
+                                                        expert_kernel([down])])
 
-    def _build_expert_kernels(self) -> None:
-        pieces, self.code_pieces = self.code_pieces, {}
-        self.expert_kernels = nn.ModuleList(
-            nn.ModuleList([expert_kernel([pieces[("gate_up", 2 * e)],
-                                          pieces[("gate_up", 2 * e + 1)]]),
-                           expert_kernel([pieces[("down", e)]])])
-            for e in range(self.placement.total))
+    def _collect_expert_kernels(self) -> None:
+        missing = [e for e, kernels in enumerate(self.built_experts) if kernels is None]
+        if missing:
+            raise ValueError(f"experts {missing[:5]} lack some of their projections")
+        self.expert_kernels = nn.ModuleList(self.built_experts)
+        self.built_experts = []
 
     # -- loading -------------------------------------------------------------------------
 

@@ -47,9 +47,9 @@ class QuantizationConfig(ABC):
     def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """One expert projection's float weight [out, in] from its checkpoint tensors
         (`weight`, `qweight`, `weight_scale`...: the names after the projection's), or None
-        while some it needs have not come yet. Experts run in the model's dtype: no kernel
-        takes their codes, so a quantized checkpoint's experts are decoded at load. By
-        default a float weight is taken as it is."""
+        while some it needs have not come yet: experts held in the model's dtype (no kernel
+        there takes their codes) are decoded at load. By default a float weight is taken as
+        it is."""
         if set(tensors) != {"weight"}:
             raise UnsupportedModelError(f"{self.name} experts ({', '.join(sorted(tensors))}) "
                                         "are not supported")
