@@ -237,3 +237,19 @@ def test_a_gguf_s_experts_stay_in_their_blocks_codes_on_cpu(tmp_path):
     agreed = sum(a == b for top, p, c in zip(ours, prompts, continuations, strict=True)
                  for a, b in zip(top[len(p) - 1:], c))
     assert agreed / (len(prompts) * NUM_TOKENS) >= 0.97
+
+
+def test_a_gguf_s_experts_held_as_floats_say_so_in_one_line(tmp_path, cpu_kernel):
+    """Without the block-dot kernel the experts are decoded at load while the other layers
+    keep their blocks (torch's int4 kernel): one log line names the experts' types."""
+    from tests.utils import logged_messages
+    path = write_qwen3moe_gguf(tmp_path)
+    with logged_messages("pagoda.models.loader.checkpoint") as messages:
+        model = loaded(path, "gguf")
+    held_as_codes = [m.holds_codes for m in model.modules() if isinstance(m, FusedMoE)]
+    lines = [m for m in messages if "experts decoded at load" in m]
+    if cpu_kernel == "cpu_block_dot":
+        assert all(held_as_codes) and not lines
+    else:
+        assert not any(held_as_codes)
+        assert len(lines) == 1 and "GGUF Q4_0, Q8_0 experts decoded at load" in lines[0]

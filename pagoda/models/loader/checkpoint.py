@@ -123,12 +123,15 @@ def iter_weights(source: ModelSource, keep_blocks: Callable[[str, str], bool] | 
 
 class _BlockKeeper:
     """Whether GGUF tensor `name` of a block type loads into a parameter that keeps that
-    type's blocks; remembers the types such a parameter had decoded instead."""
+    type's blocks; remembers the types such a parameter had decoded instead, and those of
+    experts held as floats while other layers keep their blocks."""
 
     def __init__(self, model: CausalLM) -> None:
         self.params = dict(model.named_parameters())
         self.packed = model.packed_modules
         self.decoded: set[str] = set()
+        self.decoded_experts: set[str] = set()
+        self.keeps_any = any(hasattr(p, "gguf_blocks") for p in self.params.values())
 
     def __call__(self, name: str, type_name: str) -> bool:
         stacked = STACKED_EXPERTS.fullmatch(name)  # every expert's one projection
@@ -136,6 +139,8 @@ class _BlockKeeper:
                                  expert_target(f"{stacked[1]}.0.{stacked[2]}.weight")[0])
         keeps = getattr(target, "gguf_blocks", None)
         if keeps is None:
+            if stacked and self.keeps_any and type_name not in FLOAT_TYPES:
+                self.decoded_experts.add(type_name)
             return False
         if not keeps(type_name):
             if type_name not in FLOAT_TYPES:  # floats are read as floats, not decoded
@@ -156,6 +161,10 @@ def _load_checkpoint(model: CausalLM, source: ModelSource,
     if keeper is not None and keeper.decoded:
         logger.info("%s: GGUF %s weights of linear layers decoded at load (no kernel for their "
                     "blocks on this device)", source.name, ", ".join(sorted(keeper.decoded)))
+    if keeper is not None and keeper.decoded_experts:
+        logger.info("%s: GGUF %s experts decoded at load (experts keep their blocks on CPU "
+                    "only, one rank holding them all)", source.name,
+                    ", ".join(sorted(keeper.decoded_experts)))
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])
