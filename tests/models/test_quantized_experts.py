@@ -1,8 +1,9 @@
 """Mixture-of-experts checkpoints in quantized formats (FP8 with block scales, as
-Qwen3-30B-A3B-FP8 ships; AWQ; act-order GPTQ), written from a random Qwen3-MoE: the experts
+Qwen3-30B-A3B-FP8 ships; AWQ; act-order GPTQ; compressed-tensors integers packed by the
+library; a GGUF of Q4_0 and Q8_0 experts), written from random Qwen3-MoE models: the experts
 are held as codes on the CPU block-dot kernel where the format allows, else decoded at load
 to the model's dtype, and compute the weights their tensors stand for; the router stays
-unquantized; the tokens are those of a float32 checkpoint holding those weights, on one
+unquantized; the next tokens are those of a float32 checkpoint holding those weights, on one
 device or two tensor-parallel ranks. The estimate counts the experts as the engine holds
 them."""
 
@@ -27,11 +28,13 @@ from pagoda.models.source import resolve_model
 from tests.layers.quantization.packers import awq_tensors, gptq_tensors, quantize
 from tests.models.parity import random_prompts
 from tests.models.test_quantized_checkpoints import (
+    COMPRESSED_TENSORS,
     expand_blocks,
     fp8_blocks,
     greedy_and_weight_bytes,
     top_tokens,
     write_checkpoints,
+    write_compressed_tensors,
 )
 from tests.utils import save_random_checkpoint
 
@@ -253,3 +256,29 @@ def test_a_gguf_s_experts_held_as_floats_say_so_in_one_line(tmp_path, cpu_kernel
     else:
         assert not any(held_as_codes)
         assert len(lines) == 1 and "GGUF Q4_0, Q8_0 experts decoded at load" in lines[0]
+
+
+@pytest.mark.parametrize("scheme_name", sorted(COMPRESSED_TENSORS))
+def test_compressed_tensors_experts_compressed_by_the_library(scheme_name, source, tmp_path):
+    """W4A16, W8A16 and W8A8-int8 as llmcompressor writes them, every projection but the
+    router: each expert computes the weights the library decompresses them to (held as
+    codes where the block-dot kernel runs), the next tokens agree at >= 97 % and the estimate
+    counts what the engine holds."""
+    write_compressed_tensors(source, tmp_path / "ct", tmp_path / "reference", scheme_name)
+    ours, reference = loaded(tmp_path / "ct", "compressed-tensors"), loaded(tmp_path / "reference")
+    expected = dict(reference.named_parameters())
+    for name, moe in ((n, m) for n, m in ours.named_modules() if isinstance(m, FusedMoE)):
+        assert moe.holds_codes == cpu_block_dot.available()
+        for held, param in zip(expert_weights(moe), ("gate_up_proj", "down_proj"),
+                               strict=True):
+            torch.testing.assert_close(held, expected[f"{name}.{param}"], rtol=1e-6,
+                                       atol=1e-6)
+    prompts = random_prompts(CONFIG.vocab_size, (6, 21))
+    continuations = greedy(tmp_path / "reference", prompts)
+    sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    top = top_tokens(tmp_path / "ct", sequences, "compressed-tensors")
+    agreed = sum(a == b for t, p, c in zip(top, prompts, continuations, strict=True)
+                 for a, b in zip(t[len(p) - 1:], c))
+    assert agreed >= 0.97 * len(prompts) * NUM_TOKENS
+    figures = estimate(resolve_model(str(tmp_path / "ct"), "auto"), 128, dtype="float32")
+    assert figures.weight_bytes == weight_bytes(ours)
