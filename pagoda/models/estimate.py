@@ -152,14 +152,14 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     pagoda's float8 kernel runs), everything else at `itemsize`; on CPU FP8 weights without
     the float8 kernel, and 8-bit integers without the block-dot kernel, are decoded at load
     to `itemsize`. A mixture of experts' experts as the engine holds them (bind_experts):
-    codes like the other layers' on one CPU rank where the format gives them and the
-    block-dot kernel runs, else decoded at load to `itemsize`."""
-    from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot, get_quantization_config
+    codes like the other layers' on one CPU rank where the format gives them and its CPU
+    kernel runs, else decoded at load to `itemsize`."""
+    from pagoda.layers.quantization import cpu_fp8_dot, get_quantization_config
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
-    experts_as_codes = device == "cpu" and tp == 1 and cpu_block_dot.available() and \
+    experts_as_codes = device == "cpu" and tp == 1 and \
         get_quantization_config(quantization, source.hf_config).holds_expert_codes
     found = _shapes(source)
     if found is None:  # config only (dummy weights): every parameter but the vocabulary

@@ -20,8 +20,9 @@ from pagoda import LLM, SamplingParams
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import UnquantizedLinearMethod
 from pagoda.layers.moe.layer import FusedMoE
-from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
 from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight
 from pagoda.models.estimate import estimate
 from pagoda.models.loader.checkpoint import load_model, weight_bytes
 from pagoda.models.source import resolve_model
@@ -120,21 +121,29 @@ def expert_weights(moe: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
 def held_weight(kernel: torch.nn.Module) -> torch.Tensor:
     if isinstance(kernel, BlockDotWeight):
         return kernel.decoded_rows(torch.arange(kernel.out_features))
+    if isinstance(kernel, Fp8DotWeight):  # one weight times one in each product: exact
+        return kernel(torch.eye(kernel.in_features)).t()
     return kernel.weight
+
+
+def held_as_codes(fmt: str) -> bool:
+    """Whether `fmt`'s experts stay codes here: AWQ's on the block-dot kernel, FP8's on the
+    float8 one (act-order GPTQ's are decoded)."""
+    return {"awq": cpu_block_dot.available(), "fp8": cpu_fp8_dot.available()}.get(fmt, False)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_experts_hold_the_weights_they_stand_for(fmt, source, tmp_path):
-    """AWQ's experts stay codes on the CPU block-dot kernel where it runs; FP8's and act-order
-    GPTQ's are decoded at load. Either way each expert computes the weights its tensors
-    stand for, and the router stays unquantized."""
+    """AWQ's experts stay codes on the CPU block-dot kernel, FP8's float8 rows on the float8
+    kernel, where they run; act-order GPTQ's are decoded at load. Either way each expert
+    computes the weights its tensors stand for, and the router stays unquantized."""
     quantized_dir, reference_dir = write(source, tmp_path, fmt)
     ours, reference = loaded(quantized_dir, fmt), loaded(reference_dir)
     experts = [(name, m) for name, m in ours.named_modules() if isinstance(m, FusedMoE)]
     assert len(experts) == CONFIG.num_hidden_layers
     expected = dict(reference.named_parameters())
     for name, moe in experts:
-        assert moe.holds_codes == (fmt == "awq" and cpu_block_dot.available())
+        assert moe.holds_codes == held_as_codes(fmt)
         for held, param in zip(expert_weights(moe), ("gate_up_proj", "down_proj"),
                                strict=True):
             torch.testing.assert_close(held, expected[f"{name}.{param}"], rtol=1e-6,
@@ -147,7 +156,7 @@ def test_experts_hold_the_weights_they_stand_for(fmt, source, tmp_path):
 def test_next_tokens_agree_with_the_weights_they_stand_for(fmt, source, tmp_path):
     """The reference's greedy continuations scored by the quantized model: the same top
     token at every position where the experts were decoded (float32 products of the same
-    weights), at >= 97 % of them on the block-dot kernel (its int8 activations)."""
+    weights), at >= 97 % of them where a CPU kernel holds their codes."""
     quantized_dir, reference_dir = write(source, tmp_path, fmt)
     prompts = random_prompts(CONFIG.vocab_size, (6, 21))
     continuations = greedy(reference_dir, prompts)
@@ -157,12 +166,11 @@ def test_next_tokens_agree_with_the_weights_they_stand_for(fmt, source, tmp_path
                  for a, b in zip(top[len(p) - 1:], c))
     rate = agreed / (len(prompts) * NUM_TOKENS)
     print(f"{fmt}: next-token agreement {rate:.3f}")
-    codes = fmt == "awq" and cpu_block_dot.available()
-    assert rate >= 0.97 if codes else rate == 1.0
+    assert rate >= 0.97 if held_as_codes(fmt) else rate == 1.0
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_the_estimate_counts_decoded_experts_as_the_engine_holds_them(fmt, source, tmp_path):
+def test_the_estimate_counts_the_experts_as_the_engine_holds_them(fmt, source, tmp_path):
     quantized_dir, _ = write(source, tmp_path, fmt)
     model = loaded(quantized_dir, fmt)
     figures = estimate(resolve_model(str(quantized_dir), "auto"), 128, dtype="float32")
@@ -179,15 +187,16 @@ def test_an_expert_missing_its_scale_is_one_clear_error(source, tmp_path):
         loaded(quantized_dir, "fp8")
 
 
-def test_two_tensor_parallel_ranks_give_one_devices_tokens(source, tmp_path):
+def test_two_tensor_parallel_ranks_give_the_weights_tokens(source, tmp_path):
     """Each rank decodes every expert's tensors and keeps its slice of the intermediate
-    size (the FP8 attention split as in a dense model)."""
-    quantized_dir, _ = write(source, tmp_path, "fp8")
+    size (the FP8 attention split as in a dense model): the tokens of the float32 weights
+    the checkpoint stands for, each rank holding under 0.6x of them."""
+    quantized_dir, reference_dir = write(source, tmp_path, "fp8")
     prompts = random_prompts(CONFIG.vocab_size, (6, 21))
-    one, one_bytes = greedy_and_weight_bytes(quantized_dir, prompts)
+    reference, reference_bytes = greedy_and_weight_bytes(reference_dir, prompts)
     two, two_bytes = greedy_and_weight_bytes(quantized_dir, prompts, tensor_parallel_size=2)
-    assert two == one
-    assert two_bytes < 0.6 * one_bytes
+    assert two == reference
+    assert two_bytes < 0.6 * reference_bytes
 
 
 def write_qwen3moe_gguf(tmp_path) -> Path:

@@ -109,9 +109,9 @@ class FusedMoE(DeviceDispatch):
         self.down_proj.num_pieces = total
 
     def hold_codes(self) -> None:
-        """Each expert's projections as the checkpoint's codes for the CPU block-dot kernel
-        (a GGUF's blocks, an integer format's codes, given as GroupCodes or GGUFWeight) or as
-        floats where none fits: an expert's kernels are built once its three pieces have
+        """Each expert's projections as the checkpoint's codes for a CPU kernel (a GGUF's
+        blocks, an integer format's codes or float8 rows: GGUFWeight, GroupCodes, Fp8Rows)
+        or as floats where none fits: an expert's kernels are built once its three pieces have
         come (its unpacked codes are not kept), `expert_kernels` once loading ends. One rank
         holding every expert."""
         if self.placement.local != self.placement.total or self.group.size > 1:
@@ -247,15 +247,19 @@ def keeps_expert_blocks(type_name: str) -> bool:
 
 def expert_kernel(pieces: list[Any]) -> nn.Module:
     """One module computing x W^T for `pieces` stacked by rows (an expert's gate and up, or
-    its down): the block-dot kernel over their codes where it holds them together, else
-    their float weights (GroupCodes and GGUF blocks decoded, floats as they are)."""
+    its down): the CPU kernel of their codes (block-dot for GroupCodes and GGUF blocks, the
+    float8 one for Fp8Rows) where it holds them together, else their float weights
+    (codes decoded, floats as they are)."""
     from pagoda.layers.quantization.base import DenseWeight
     from pagoda.layers.quantization.cpu_block_dot import GroupCodes, stacked_kernel
+    from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows, stacked_fp8_kernel
     from pagoda.layers.quantization.gguf import GGUFWeight, group_codes
     codes = [group_codes(p) if isinstance(p, GGUFWeight) else p for p in pieces]
-    if all(isinstance(c, GroupCodes) for c in codes):
-        kernel = stacked_kernel(codes)
+    stackers = {GroupCodes: stacked_kernel, Fp8Rows: stacked_fp8_kernel}
+    kind = type(codes[0])
+    if kind in stackers and all(type(c) is kind for c in codes):
+        kernel = stackers[kind](codes)
         if kernel is not None:
             return kernel
-    floats = [c.decoded() if isinstance(c, GroupCodes) else c.float() for c in codes]
+    floats = [c.float() if isinstance(c, torch.Tensor) else c.decoded() for c in codes]
     return DenseWeight(torch.cat(floats).to(torch.get_default_dtype()))

@@ -12,7 +12,6 @@ from torch import nn
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, UnquantizedLinearMethod
 from pagoda.layers.moe.layer import FusedMoE
-from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import QuantizationConfig
 
 
@@ -52,14 +51,13 @@ def bind_linear_methods(model: nn.Module, config: QuantizationConfig | None) -> 
 def bind_experts(model: nn.Module, config: QuantizationConfig | None,
                  from_checkpoint: bool) -> None:
     """Give every mixture-of-experts layer built without weights what holds them: the
-    checkpoint's codes for the CPU block-dot kernel where the format gives them, the kernel
-    runs here and one rank holds every expert; else floats in the model's dtype (a quantized
-    checkpoint's experts decoded at load)."""
+    checkpoint's codes for a CPU kernel where the format gives them, its kernel runs here
+    (`holds_expert_codes`) and one rank holds every expert; else floats in the model's dtype
+    (a quantized checkpoint's experts decoded at load)."""
     for module in model.modules():
         if isinstance(module, FusedMoE) and not module.holds_weights:
             codes = (from_checkpoint and config is not None and config.holds_expert_codes
-                     and torch.empty(0).device.type == "cpu" and module.group.size == 1
-                     and cpu_block_dot.available())
+                     and torch.empty(0).device.type == "cpu" and module.group.size == 1)
             module.hold_codes() if codes else module.hold_floats()
 
 

@@ -16,6 +16,7 @@ from pagoda.layers.linear import LinearBase, LinearMethod
 
 if TYPE_CHECKING:
     from pagoda.layers.quantization.cpu_block_dot import GroupCodes
+    from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 
 
 class QuantizationConfig(ABC):
@@ -36,11 +37,12 @@ class QuantizationConfig(ABC):
         """Give a table that `embedding` and `head` share the format's form (by default it
         stays in the model's dtype)."""
 
-    # whether expert_codes gives an expert projection's codes (CPU block-dot kernel)
+    # whether expert_codes gives expert projections' codes for a CPU kernel running here
     holds_expert_codes = False
 
-    def expert_codes(self, tensors: dict[str, Any]) -> GroupCodes | torch.Tensor | None:
-        """As decode_expert, the projection's codes for a kernel (or a float weight left
+    def expert_codes(self, tensors: dict[str, Any]
+                     ) -> GroupCodes | Fp8Rows | torch.Tensor | None:
+        """As decode_expert, the projection's codes for a CPU kernel (or a float weight left
         unquantized) where `holds_expert_codes`."""
         raise NotImplementedError
 
@@ -56,7 +58,7 @@ class QuantizationConfig(ABC):
         return tensors["weight"]
 
 
-def decoded_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
+def decoded_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                    group_of_input: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 weights codes * scale + low from codes [out, in] and a scale and low per
     group [out, groups]; input i is in group `group_of_input[i]` (default: i // (in / groups),
@@ -64,8 +66,7 @@ def decoded_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor |
     inputs, groups = codes.shape[1], scale.shape[1]
     if group_of_input is None:
         group_of_input = torch.arange(inputs, device=codes.device) // (inputs // groups)
-    weight = codes.float() * scale.float()[:, group_of_input]
-    return weight if low is None else weight + low.float()[:, group_of_input]
+    return codes.float() * scale.float()[:, group_of_input] + low.float()[:, group_of_input]
 
 
 class DenseWeight(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,6 +66,38 @@ def fits(out_features: int, in_features: int, group_size: int) -> bool:
 def holds(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the kernel runs on this machine and holds this shape (`fits`)."""
     return fits(out_features, in_features, group_size) and available()
+
+
+@dataclass(slots=True)
+class Fp8Rows:
+    """[out, in] float8 weights with a scale per output and group of inputs ([out, groups]):
+    what an FP8 checkpoint's tensors give before the kernel holds them."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def decoded(self) -> torch.Tensor:
+        """The float32 weights."""
+        rows, columns = self.weight.shape
+        groups = self.scale.shape[1]
+        weights = self.weight.float().view(rows, groups, columns // groups)
+        return (weights * self.scale.float()[..., None]).view(rows, columns)
+
+
+def stacked_fp8_kernel(pieces: list[Fp8Rows]) -> Fp8DotWeight | None:
+    """One kernel holding `pieces`' rows one after another, where they share a group size
+    and the kernel holds their shape; else None."""
+    groups, columns = pieces[0].scale.shape[1], pieces[0].shape[1]
+    rows = sum(p.shape[0] for p in pieces)
+    if any(p.scale.shape[1] != groups for p in pieces) or \
+            not holds(rows, columns, columns // groups):
+        return None
+    return Fp8DotWeight(torch.cat([p.weight for p in pieces]),
+                        torch.cat([p.scale for p in pieces]))
 
 
 class Fp8DotWeight(nn.Module):

@@ -30,11 +30,7 @@ from pagoda.layers.linear import (
     WeightLoader,
 )
 from pagoda.layers.quantization import cpu_fp8_dot
-from pagoda.layers.quantization.base import (
-    DenseWeight,
-    QuantizationConfig,
-    decoded_groups,
-)
+from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
 from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
@@ -219,11 +215,11 @@ def skipped_module(prefix: str, names: list[str]) -> bool:
     return False
 
 
-def decode_fp8_expert(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None
-                      ) -> torch.Tensor | None:
-    """An expert projection's float32 weight from float8 `weight` and its `weight_scale_inv`
-    or `weight_scale` (per tensor, per row or per `block`); a float weight as it is; None
-    until both have come."""
+def fp8_expert_rows(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None
+                    ) -> cpu_fp8_dot.Fp8Rows | torch.Tensor | None:
+    """An expert projection's float8 `weight` with its `weight_scale_inv` or `weight_scale`
+    (per tensor, per row or per `block`) as rows of the float8 kernel; a float weight as it
+    is; None until both have come."""
     weight = tensors.get("weight")
     if weight is not None and weight.dtype != FP8:
         return weight
@@ -231,10 +227,30 @@ def decode_fp8_expert(tensors: dict[str, torch.Tensor], block: tuple[int, int] |
     if weight is None or scale is None:
         return None
     rows, columns = weight.shape
-    return decoded_groups(weight, row_scales(scale, rows, columns, block), None)
+    return cpu_fp8_dot.Fp8Rows(weight, row_scales(scale, rows, columns, block))
 
 
-class Fp8Config(QuantizationConfig):
+class Fp8ExpertsConfig(QuantizationConfig):
+    """What the fp8 configs share for experts: float8 rows on CPU's float8 kernel where it
+    runs, else decoded (checkpoints of float8 weights; `block`: their block scales)."""
+
+    block: tuple[int, int] | None = None
+    at_load = False
+
+    @property
+    def holds_expert_codes(self) -> bool:
+        return not self.at_load and cpu_fp8_dot.available()
+
+    def expert_codes(self, tensors: dict[str, torch.Tensor]
+                     ) -> cpu_fp8_dot.Fp8Rows | torch.Tensor | None:
+        return fp8_expert_rows(tensors, self.block)
+
+    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        rows = fp8_expert_rows(tensors, self.block)
+        return rows.decoded() if isinstance(rows, cpu_fp8_dot.Fp8Rows) else rows
+
+
+class Fp8Config(Fp8ExpertsConfig):
     """An fp8 checkpoint's config, or `--quantization fp8` on a 16-bit one (`values` None)."""
 
     name = "fp8"
@@ -252,11 +268,8 @@ class Fp8Config(QuantizationConfig):
             return None
         return Fp8LinearMethod(self.block, self.at_load)
 
-    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return decode_fp8_expert(tensors, self.block)
 
-
-class CompressedTensorsFp8Config(QuantizationConfig):
+class CompressedTensorsFp8Config(Fp8ExpertsConfig):
     """compressed-tensors checkpoints of FP8 weights (`float-quantized`, llmcompressor's
     FP8 and FP8_DYNAMIC schemes): `weights` is the config group's weight arguments."""
 
@@ -275,6 +288,3 @@ class CompressedTensorsFp8Config(QuantizationConfig):
         if skipped_module(prefix, self.skipped):
             return None
         return Fp8LinearMethod(self.block)
-
-    def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return decode_fp8_expert(tensors, self.block)

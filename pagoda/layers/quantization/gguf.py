@@ -315,7 +315,9 @@ class GGUFConfig(QuantizationConfig):
 
     name = "gguf"
 
-    holds_expert_codes = True
+    @property
+    def holds_expert_codes(self) -> bool:
+        return cpu_block_dot.available()
 
     def linear_method(self, prefix: str, layer: LinearBase) -> LinearMethod | None:
         return GGUFLinearMethod()

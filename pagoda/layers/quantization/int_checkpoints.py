@@ -268,8 +268,9 @@ class IntCheckpointConfig(QuantizationConfig):
 
     @property
     def holds_expert_codes(self) -> bool:
-        """Groups of consecutive inputs only: act order would permute each expert's inputs."""
-        return not getattr(self, "act_order", False)
+        """Where the block-dot kernel runs, for groups of consecutive inputs only (act order
+        would permute each expert's inputs)."""
+        return not getattr(self, "act_order", False) and cpu_block_dot.available()
 
     def _expert_groups(self, tensors: dict[str, torch.Tensor]
                        ) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
