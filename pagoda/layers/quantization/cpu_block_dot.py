@@ -149,9 +149,8 @@ class GroupCodes:
 
     def decoded(self) -> torch.Tensor:
         """The float32 weights."""
-        rows, columns = self.codes.shape
-        weights = self.codes.float().view(rows, -1, self.group) * self.scale.float()[..., None]
-        return (weights + self.low.float()[..., None]).view(rows, columns)
+        from pagoda.layers.quantization.base import decoded_groups
+        return decoded_groups(self.codes, self.scale, self.low)
 
 
 def stacked_kernel(pieces: list[GroupCodes]) -> BlockDotWeight | None:
