@@ -1,11 +1,11 @@
 """Mixture-of-experts checkpoints in quantized formats (FP8 with block scales, as
 Qwen3-30B-A3B-FP8 ships; AWQ; act-order GPTQ; compressed-tensors integers packed by the
 library; a GGUF of Q4_0 and Q8_0 experts), written from random Qwen3-MoE models: the experts
-are held as codes on the CPU block-dot kernel where the format allows, else decoded at load
-to the model's dtype, and compute the weights their tensors stand for; the router stays
-unquantized; the next tokens are those of a float32 checkpoint holding those weights, on one
-device or two tensor-parallel ranks. The estimate counts the experts as the engine holds
-them."""
+are held as codes on a CPU kernel where the format allows (block-dot; float8 for FP8), else
+decoded at load to the model's dtype, and compute the weights their tensors stand for; the
+router stays unquantized; the next tokens are those of a float32 checkpoint holding those
+weights, on one device or two tensor-parallel ranks. The estimate counts the experts as the
+engine holds them."""
 
 from __future__ import annotations
 
@@ -105,7 +105,6 @@ def greedy(path, prompts: list[list[int]], **options) -> list[list[int]]:
 
 def loaded(path, quantization=None):
     source = resolve_model(str(path), "auto")
-    quantization = None if quantization == "none" else quantization
     return load_model(source, torch.float32, torch.device("cpu"), 128,
                       quantization=quantization)
 

@@ -56,8 +56,8 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
     (a quantized checkpoint's experts decoded at load)."""
     for module in model.modules():
         if isinstance(module, FusedMoE) and not module.holds_weights:
-            codes = (from_checkpoint and config is not None and config.holds_expert_codes
-                     and torch.empty(0).device.type == "cpu" and module.group.size == 1)
+            codes = (from_checkpoint and config is not None and module.group.size == 1
+                     and torch.empty(0).device.type == "cpu" and config.holds_expert_codes)
             module.hold_codes() if codes else module.hold_floats()
 
 
