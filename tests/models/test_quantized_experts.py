@@ -290,3 +290,27 @@ def test_compressed_tensors_experts_compressed_by_the_library(scheme_name, sourc
     assert agreed >= 0.97 * len(prompts) * NUM_TOKENS
     figures = estimate(resolve_model(str(tmp_path / "ct"), "auto"), 128, dtype="float32")
     assert figures.weight_bytes == weight_bytes(ours)
+
+
+def test_experts_packed_as_floats_beside_quantized_attention(tmp_path):
+    """A checkpoint whose attention is FP8 and whose experts are floats packed as
+    transformers 5 saves them: each expert's floats are taken as they are, and the tokens
+    are the float32 weights' (the FP8 attention on the float8 kernel)."""
+    source = save_random_checkpoint(CONFIG, tmp_path / "packed", None, original_format=False)
+    tensors = load_file(source / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in tensors
+    packed, reference = {}, {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module.rpartition(".")[2] in ATTENTION:
+            stored, reference[name] = pack("fp8", tensor.float())
+            packed |= {f"{module}.{key}": value for key, value in stored.items()}
+        else:
+            packed[name] = reference[name] = tensor
+    write_checkpoints(source, (tmp_path / "fp8", packed, FORMATS["fp8"]),
+                      (tmp_path / "reference", reference, None))
+    model = loaded(tmp_path / "fp8", "fp8")
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert all(m.holds_codes == held_as_codes("fp8") for m in experts)
+    prompts = random_prompts(CONFIG.vocab_size, (6, 21))
+    assert greedy(tmp_path / "fp8", prompts) == greedy(tmp_path / "reference", prompts)

@@ -133,8 +133,9 @@ class FusedMoE(DeviceDispatch):
         return param
 
     def _store_piece(self, param: nn.Parameter, piece: Any, index: int | None = None) -> None:
-        if index is None:
-            raise ValueError("experts held as codes load one tensor an expert")
+        if index is None:  # every expert's floats packed in one tensor (transformers 5)
+            self._store_packed(param, piece)
+            return
         kind = "gate_up" if param is self.gate_up_proj else "down"
         rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" else \
             (self.hidden_size, self.intermediate_size)
@@ -148,6 +149,17 @@ class FusedMoE(DeviceDispatch):
             gate, up, down = (self.code_pieces.pop(key) for key in keys)
             self.built_experts[expert] = nn.ModuleList([expert_kernel([gate, up]),
                                                         expert_kernel([down])])
+
+    def _store_packed(self, param: nn.Parameter, packed: torch.Tensor) -> None:
+        """Each expert's pieces of a packed float tensor ([experts, 2 * inter, hidden]: its
+        gate rows, then its up rows; or [experts, hidden, inter])."""
+        inter = self.intermediate_size
+        for expert in range(self._packed_local(packed).shape[0]):
+            if param is self.gate_up_proj:
+                self._store_piece(param, packed[expert].narrow(0, 0, inter), 2 * expert)
+                self._store_piece(param, packed[expert].narrow(0, inter, inter), 2 * expert + 1)
+            else:
+                self._store_piece(param, packed[expert], expert)
 
     def _collect_expert_kernels(self) -> None:
         missing = [e for e, kernels in enumerate(self.built_experts) if kernels is None]
