@@ -154,12 +154,12 @@ class FusedMoE(DeviceDispatch):
         """Each expert's pieces of a packed float tensor ([experts, 2 * inter, hidden]: its
         gate rows, then its up rows; or [experts, hidden, inter])."""
         inter = self.intermediate_size
-        for expert in range(self._packed_local(packed).shape[0]):
+        for expert, stack in enumerate(self._packed_local(packed)):
             if param is self.gate_up_proj:
-                self._store_piece(param, packed[expert].narrow(0, 0, inter), 2 * expert)
-                self._store_piece(param, packed[expert].narrow(0, inter, inter), 2 * expert + 1)
+                self._store_piece(param, stack.narrow(0, 0, inter), 2 * expert)
+                self._store_piece(param, stack.narrow(0, inter, inter), 2 * expert + 1)
             else:
-                self._store_piece(param, packed[expert], expert)
+                self._store_piece(param, stack, expert)
 
     def _collect_expert_kernels(self) -> None:
         missing = [e for e, kernels in enumerate(self.built_experts) if kernels is None]

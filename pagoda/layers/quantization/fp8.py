@@ -116,9 +116,7 @@ class Fp8LinearMethod(LinearMethod):
             layer.fp8 = cpu_fp8_dot.Fp8DotWeight(weight, scale)
             return
         dtype = torch.get_default_dtype()
-        decoded = weight.to(torch.float32).view(weight.shape[0], scale.shape[1], group)
-        decoded = (decoded * scale.to(torch.float32).unsqueeze(-1)).view(weight.shape)
-        layer.fp8 = DenseWeight(decoded.to(dtype))
+        layer.fp8 = DenseWeight(cpu_fp8_dot.Fp8Rows(weight, scale).decoded().to(dtype))
         _log_decoded_at_load(str(dtype).removeprefix("torch."), weight.device.type)
 
     def _from_checkpoint(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,6 +220,7 @@ class IntCheckpointConfig(QuantizationConfig):
 
     optional_names: tuple[str, ...] = ("g_idx",)
     supported_bits: tuple[int, ...] = (4, 8)
+    act_order = False  # inputs in group order (GPTQ's desc_act, compressed-tensors' actorder)
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.bits = int(values.get("bits", values.get("w_bit", 4)))
@@ -270,7 +271,7 @@ class IntCheckpointConfig(QuantizationConfig):
     def holds_expert_codes(self) -> bool:
         """Where the block-dot kernel runs, for groups of consecutive inputs only (act order
         would permute each expert's inputs)."""
-        return not getattr(self, "act_order", False) and cpu_block_dot.available()
+        return not self.act_order and cpu_block_dot.available()
 
     def _expert_groups(self, tensors: dict[str, torch.Tensor]
                        ) -> torch.Tensor | tuple[torch.Tensor, ...] | None:

@@ -28,10 +28,9 @@ from pagoda.models.loader.dummy import init_dummy_weights
 from pagoda.models.loader.gguf import FLOAT_TYPES, iter_gguf
 from pagoda.models.loader.safetensors import iter_safetensors
 from pagoda.models.loader.weights import (
-    STACKED_EXPERTS,
     decoded_experts,
-    expert_target,
     fused_target,
+    stacked_expert_target,
 )
 from pagoda.models.quantization import resolve_quantization
 from pagoda.models.registry import model_class
@@ -134,9 +133,8 @@ class _BlockKeeper:
         self.keeps_any = any(hasattr(p, "gguf_blocks") for p in self.params.values())
 
     def __call__(self, name: str, type_name: str) -> bool:
-        stacked = STACKED_EXPERTS.fullmatch(name)  # every expert's one projection
-        target = self.params.get(fused_target(name, self.packed)[0] if stacked is None else
-                                 expert_target(f"{stacked[1]}.0.{stacked[2]}.weight")[0])
+        stacked = stacked_expert_target(name)  # every expert's one projection
+        target = self.params.get(stacked or fused_target(name, self.packed)[0])
         keeps = getattr(target, "gguf_blocks", None)
         if keeps is None:
             if stacked and self.keeps_any and type_name not in FLOAT_TYPES:

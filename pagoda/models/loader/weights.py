@@ -60,6 +60,15 @@ def expert_target(name: str) -> tuple[str, int] | None:
     return f"{prefix}.down_proj", expert
 
 
+def stacked_expert_target(name: str) -> str | None:
+    """For every expert's one projection stacked in one tensor (GGUF): the stacked
+    parameter its experts load into."""
+    match = STACKED_EXPERTS.fullmatch(name)
+    if match is None:
+        return None
+    return f"{match[1]}.{'gate_up_proj' if match[2] in GATE_UP_HALF else 'down_proj'}"
+
+
 def split_stacked_experts(weights: Iterable[tuple[str, torch.Tensor]]
                           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each [experts, ...] stack of one projection as one tensor per expert (views)."""
@@ -84,7 +93,7 @@ def decoded_experts(weights: Iterable[tuple[str, Any]], config: QuantizationConf
     device = torch.empty(0).device
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     done: set[str] = set()
-    decoded = False
+    logged = False
     for name, tensor in weights:
         match = EXPERT_TENSOR.fullmatch(name)
         if match is None:
@@ -100,8 +109,8 @@ def decoded_experts(weights: Iterable[tuple[str, Any]], config: QuantizationConf
             continue
         del waiting[projection]
         done.add(projection)
-        if set(tensors) != {"weight"} and not decoded and not as_codes:
-            decoded = True
+        if set(tensors) != {"weight"} and not logged and not as_codes:
+            logged = True
             logger.info("%s experts decoded at load to %s (no kernel takes their codes; the "
                         "other linear layers keep theirs)", config.name,
                         str(torch.get_default_dtype()).removeprefix("torch."))
