@@ -153,14 +153,15 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     the float8 kernel, and 8-bit integers without the block-dot kernel, are decoded at load
     to `itemsize`. A mixture of experts' experts as the engine holds them (bind_experts):
     codes like the other layers' on one CPU rank where the format gives them and its CPU
-    kernel runs, else decoded at load to `itemsize`."""
-    from pagoda.layers.quantization import cpu_fp8_dot, get_quantization_config
+    kernel runs, on CUDA as the format's codes stacked for the fused MoE kernel (taken to
+    fit it; floats quantized to float8 by `--quantization fp8`), else decoded at load to
+    `itemsize`."""
+    from pagoda.layers.quantization import cpu_fp8_dot
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
-    experts_as_codes = device == "cpu" and tp == 1 and \
-        get_quantization_config(quantization, source.hf_config).holds_expert_codes
+    experts_as_codes = _experts_as_codes(source, quantization, device, tp)
     found = _shapes(source)
     if found is None:  # config only (dummy weights): every parameter but the vocabulary
         config = source.hf_config  # tables is a linear weight, one byte each (+ its scales)
@@ -184,10 +185,26 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
             return params * itemsize
         linear = {n: s for n, s in shapes.items() if _LINEAR_WEIGHT.fullmatch(n)
                   and ".experts." not in n}
+        if experts_as_codes:  # float8 on the GPU: each expert's weights, one or stacked
+            linear |= {n: s for n, s in shapes.items() if ".experts." in n and len(s) >= 2}
         weights = sum(math.prod(s) for s in linear.values())
-        return (params - weights) * itemsize + weights + sum(4 * s[0] for s in linear.values())
+        scales = sum(4 * math.prod(s[:-1]) for s in linear.values())  # float32 a row
+        return (params - weights) * itemsize + weights + scales
     return _quantized_safetensors_bytes(source, spec, shapes, itemsize, on_cpu,
                                         experts_as_codes)
+
+
+def _experts_as_codes(source: ModelSource, quantization: str, device: str, tp: int) -> bool:
+    """Whether a mixture of experts' experts are held as the other layers' codes
+    (bind_experts): on one CPU rank where the format's CPU kernel takes them; on CUDA where
+    the format gives them (taken to fit the fused MoE kernel) or quantizes floats to
+    float8."""
+    from pagoda.layers.quantization import get_quantization_config
+    config = get_quantization_config(quantization, source.hf_config)
+    if device == "cpu":
+        return tp == 1 and config.holds_expert_codes
+    return torch.device(device).type == "cuda" and \
+        (config.gives_expert_codes or config.float8_experts)
 
 
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],

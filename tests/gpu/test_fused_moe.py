@@ -2,7 +2,8 @@
 1...8192, expert counts 8...128, top-k 1...8; an expert range (expert parallelism); the
 whole layer (router + kernel), from the router's logits and, for decode batches, from the
 router's weights (its product in the routing launch); the kernel captured in a CUDA graph
-against eager (device only)."""
+against eager (device only); experts held as codes (float8 with row or block scales, 4-bit
+and 6-bit integers in groups) against the weights they decode to."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pagoda.layers.moe.triton_moe import (
     fused_moe_triton,
 )
 from tests.layers.moe_cases import (
+    codes_kernel_error,
     distinct_logits,
     kernel_error,
     random_moe,
@@ -26,6 +28,7 @@ from tests.layers.moe_cases import (
     router_error,
     router_for,
 )
+from tests.layers.test_expert_codes import loaded_layer
 
 BF16_TOL = 2e-2  # relative to 1 + max |reference|: bf16 rows, float32 accumulation
 QWEN3_30B = (2048, 768)  # hidden, one expert's intermediate size
@@ -171,3 +174,45 @@ def test_cuda_graph_of_the_router_launch_replays_like_eager(tokens):
                                                 seed=seed), x))
     assert_replays_like_eager(lambda: fused_moe_from_router(x, router, w13, w2, 8, True),
                               refill)
+
+
+CODES_TOKENS = [1, 7, 64, 2048]
+# Qwen3-30B-A3B-FP8's block scales and per-row ones; AWQ/GPTQ's 4-bit groups of 128; GGUF
+# Q4_K's 4-bit groups of 32 and Q6_K's 6-bit groups of 16
+CODES_LAYOUTS = [("float8", None), ("float8", 128), ("int", 4, 128), ("int", 4, 32),
+                 ("int", 6, 16)]
+
+
+@pytest.mark.parametrize("tokens", CODES_TOKENS)
+@pytest.mark.parametrize("layout", CODES_LAYOUTS, ids=str)
+def test_expert_codes_match_their_decoded_weights(tokens, layout, gpu_report):
+    """Qwen3-30B-A3B's experts (128, top 8) held as codes, bf16 activations, against the
+    torch path on the weights they decode to."""
+    error = codes_kernel_error(tokens, 128, 8, *QWEN3_30B, layout, torch.bfloat16, "cuda")
+    gpu_report(tokens=tokens, experts=128, top_k=8, shape=str(layout), error=error)
+    assert error < BF16_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+@pytest.mark.parametrize("layout", [("float8", 128), ("int", 4, 32)], ids=str)
+def test_a_layer_of_codes_from_its_router_matches_its_torch_path(tokens, layout):
+    """FusedMoE holding stacked codes: forward_with_router (the router's launch up to 16
+    tokens, the router's logits past them) and the routed layer against the torch path
+    decoding them, and a CUDA graph of the router launch replaying like eager."""
+    hidden, inter = QWEN3_30B
+    _, w13, w2, _, _ = random_moe(1, 128, 8, hidden, inter, torch.float32, "cuda")
+    with torch.device("cuda"):
+        layer = loaded_layer(w13, w2, layout)
+        router = ReplicatedLinear(hidden, 128).to(dtype=torch.bfloat16)
+    x = random_moe(tokens, 128, 8, hidden, inter, torch.bfloat16, "cuda", seed=tokens)[0]
+    logits = distinct_logits(tokens, 128, torch.bfloat16, "cuda", seed=tokens)
+    router.weight.data.copy_(router_for(logits, x))
+    reference = layer.forward_native(x, logits).float()
+    for ours in (layer.forward_with_router(x, router), layer(x, logits)):
+        error = ((ours.float() - reference).abs().max() / (1 + reference.abs().max())).item()
+        assert error < BF16_TOL
+    if tokens <= 16:
+        def refill(seed: int) -> None:
+            x.copy_(random_moe(tokens, 128, 8, hidden, inter, torch.bfloat16, "cuda",
+                               seed=seed)[0])
+        assert_replays_like_eager(lambda: layer.forward_with_router(x, router), refill)

@@ -103,3 +103,60 @@ def router_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
     layer.down_proj.data.copy_(w2[local])
     ref = layer.forward_native(x.float(), logits.float())
     return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()
+
+
+def float8_experts(w: torch.Tensor, columns: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked experts [experts, rows, inputs] as float8 values and float32 scales
+    [experts, rows, groups]: one a row, or one a row and `columns` inputs."""
+    experts, rows, inputs = w.shape
+    groups = inputs // columns if columns else 1
+    grouped = w.float().view(experts, rows, groups, inputs // groups)
+    scale = (grouped.abs().amax(dim=-1) / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    values = (grouped / scale[..., None]).to(torch.float8_e4m3fn).view(experts, rows, inputs)
+    return values, scale
+
+
+def integer_experts(w: torch.Tensor, bits: int, group: int):
+    """Stacked experts [experts, rows, inputs] as GroupCodes pieces, one an expert: codes of
+    `bits` bits with a scale and low (float16 values) a row and `group` inputs."""
+    from pagoda.layers.quantization.cpu_block_dot import GroupCodes
+    experts, rows, inputs = w.shape
+    grouped = w.float().view(experts, rows, inputs // group, group)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scale = ((high - low) / (2 ** bits - 1)).clamp(min=1e-6).half().float()
+    low = low.half().float()
+    codes = ((grouped - low[..., None]) / scale[..., None]).round().clamp(0, 2 ** bits - 1)
+    codes = codes.to(torch.uint8).view(experts, rows, inputs)
+    return [GroupCodes(codes[e], scale[e], low[e], group, bits) for e in range(experts)]
+
+
+def stacked_codes(w: torch.Tensor, layout: tuple):
+    """w's experts as one ExpertCodes stack in `layout`: ("float8", inputs a scale or None)
+    or ("int", bits, group)."""
+    from pagoda.layers.moe import expert_codes
+    experts, rows, inputs = w.shape
+    if layout[0] == "float8":
+        return expert_codes.ExpertCodes(*float8_experts(w, layout[1]))
+    pieces = integer_experts(w, *layout[1:])
+    stack = expert_codes.empty_stack(pieces[0], experts, rows, inputs)
+    for expert, piece in enumerate(pieces):
+        expert_codes.put(stack, expert, 0, piece)
+    return stack
+
+
+def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                       layout: tuple, dtype: torch.dtype, device: str,
+                       drop_experts: bool = False) -> float:
+    """kernel_error for experts held as codes (stacked_codes' layouts): the kernel against
+    the torch path on the weights they decode to."""
+    from pagoda.layers.moe.triton_moe import fused_moe_triton
+    x, w13, w2, weights, ids = random_moe(tokens, experts, top_k, hidden, inter,
+                                          torch.float32, device)
+    x = x.to(dtype)
+    if drop_experts:
+        ids = torch.where(ids < experts // 2, ids, torch.full_like(ids, -1))
+    codes = stacked_codes(w13, layout), stacked_codes(w2, layout)
+    ours = fused_moe_triton(x, *codes, weights, ids, partial=drop_experts).float()
+    decoded = [torch.stack([c.decoded(e, torch.float32) for e in range(experts)]) for c in codes]
+    ref = fused_moe_native(x.float(), *decoded, weights, ids)
+    return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()

@@ -17,6 +17,7 @@ ranks' partial outputs are summed over the group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ from pagoda.layers.linear import (
 from pagoda.layers.moe.native import fused_moe_native, moe_by_expert
 from pagoda.layers.moe.router import select_experts
 from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.logger import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ class FusedMoE(DeviceDispatch):
             group.split(intermediate_size)[1]
         self.hidden_size = hidden_size
         self.holds_codes = False  # see hold_codes
+        self.holds_stacked_codes = False  # see hold_stacked_codes
         self.expert_kernels: nn.ModuleList | None = None
         if not linear_methods_deferred():
             self.hold_floats()
@@ -124,10 +129,124 @@ class FusedMoE(DeviceDispatch):
         self.built_experts: list[nn.ModuleList | None] = [None] * total
         self.after_loading = self._collect_expert_kernels
 
-    def _placeholder(self, pieces: int) -> nn.Parameter:
-        """An empty parameter each expert's piece loads through (kept in code_pieces)."""
+    def hold_stacked_codes(self) -> None:
+        """Every expert's codes stacked for the GPU's fused MoE kernel (ExpertCodes: an FP8
+        checkpoint's float8 values, an integer or GGUF checkpoint's codes): a projection's
+        stack is made when its first piece comes (its layout then known) and its pieces go
+        in as they come. A piece that does not fit (floats, another layout, one the kernel
+        does not take) turns the layer to floats: hold_floats, what has come decoded, one
+        log line."""
+        total = self.placement.total
+        self.holds_stacked_codes = True
+        self.stacks: dict[str, Any] = {}
+        self.gate_up_proj = self._placeholder(2 * total, partial(self._stack_piece, "gate_up"))
+        self.down_proj = self._placeholder(total, partial(self._stack_piece, "down"))
+        self.after_loading = self._hold_stacks
+
+    def stacked_experts(self) -> tuple[Any, Any]:
+        """(gate-up, down) for the GPU kernel: the stacked floats, or ExpertCodes."""
+        if not self.holds_stacked_codes:
+            return self.gate_up_proj, self.down_proj
+        from pagoda.layers.moe.expert_codes import ExpertCodes
+        return tuple(ExpertCodes(getattr(self, f"{kind}_proj"), getattr(self, f"{kind}_scale"),
+                                 getattr(self, f"{kind}_low", None), self.code_bits[kind])
+                     for kind in ("gate_up", "down"))
+
+    def quantize_to_float8(self) -> None:
+        """Floats (loaded, or dummy) -> float8 values with a scale a row, expert by expert
+        (`--quantization fp8` at load)."""
+        from pagoda.layers.moe.expert_codes import quantized_float8
+        self.stacks = {kind: quantized_float8(getattr(self, f"{kind}_proj"))
+                       for kind in ("gate_up", "down")}
+        self._hold_stacks()
+
+    def _stack_piece(self, kind: str, param: nn.Parameter, piece: Any,
+                     index: int | None = None) -> None:
+        if self.holds_stacked_codes:
+            if index is not None and self._stacked(kind, piece, index):
+                return
+            self._stacks_to_floats()
+        target = getattr(self, f"{kind}_proj")  # floats from here on
+        decoded = getattr(piece, "decoded", None)
+        target.weight_loader(target, decoded() if decoded is not None else piece, index)
+
+    def _stacked(self, kind: str, piece: Any, index: int) -> bool:
+        """Put this rank's part of an expert's piece in its stack (made from the first);
+        False where it does not fit."""
+        from pagoda.layers.moe import expert_codes
+        expert = self._local_expert(index // 2 if kind == "gate_up" else index)
+        if expert is None:
+            return True  # another rank's expert
+        part = self._rank_piece(kind, piece)
+        rows, inputs = self._stack_shape(kind)
+        if part is None or not expert_codes.takes(part, inputs):
+            return False
+        stack = self.stacks.get(kind)
+        if stack is None:
+            stack = self.stacks[kind] = expert_codes.empty_stack(part, self.placement.local,
+                                                                 rows, inputs)
+        if not expert_codes.same_layout(stack, part):
+            return False
+        expert_codes.put(stack, expert, index % 2 * self.local_inter if kind == "gate_up"
+                         else 0, part)
+        return True
+
+    def _stack_shape(self, kind: str) -> tuple[int, int]:
+        """(rows, inputs) of one expert's stacked projection on this rank."""
+        return (2 * self.local_inter, self.hidden_size) if kind == "gate_up" else \
+            (self.hidden_size, self.local_inter)
+
+    def _rank_piece(self, kind: str, piece: Any) -> Any:
+        """This rank's part of an expert's piece (Fp8Rows, GroupCodes; else as it is), its
+        shape checked; None where its groups do not split as the rank's slice does."""
+        from pagoda.layers.moe.expert_codes import narrowed
+        from pagoda.layers.quantization.cpu_block_dot import GroupCodes
+        from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+        if not isinstance(piece, (Fp8Rows, GroupCodes)):
+            return piece
+        rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" \
+            else (self.hidden_size, self.intermediate_size)
+        if tuple(piece.shape) != (rows, columns):
+            raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
+                             f"[{rows}, {columns}]")
+        if self.local_inter == self.intermediate_size:
+            return piece
+        return narrowed(piece, 0 if kind == "gate_up" else 1,
+                        self.width_rank * self.local_inter, self.local_inter)
+
+    def _stacks_to_floats(self) -> None:
+        """The layer holds floats (a piece did not fit the stacks): what has come decoded."""
+        stacks = self.stacks
+        self.holds_stacked_codes, self.stacks = False, {}
+        del self.after_loading
+        self.hold_floats()
+        for kind, stack in stacks.items():
+            target = getattr(self, f"{kind}_proj")
+            for expert in range(stack.shape[0]):
+                target.data[expert] = stack.decoded(expert, target.dtype)
+        logger.info("experts of a layout the GPU's MoE kernel does not take: held as floats")
+
+    def _hold_stacks(self) -> None:
+        """The stacks as the layer's parameters (once loading ends)."""
+        from pagoda.layers.moe.expert_codes import kernel_name
+        if set(self.stacks) != {"gate_up", "down"}:
+            raise ValueError("experts lack some of their projections")
+        self.holds_stacked_codes = True
+        self.code_bits = {}
+        for kind, stack in self.stacks.items():
+            for name, tensor in (("proj", stack.codes), ("scale", stack.scale),
+                                 ("low", stack.low)):
+                if tensor is not None:
+                    setattr(self, f"{kind}_{name}", nn.Parameter(tensor, requires_grad=False))
+            self.code_bits[kind] = stack.bits
+        self.kernel_name = kernel_name(self.stacks["gate_up"], self.stacks["down"])
+        self.stacks = {}
+
+    def _placeholder(self, pieces: int, loader: Any = None) -> nn.Parameter:
+        """An empty parameter each expert's piece loads through (by default kept in
+        code_pieces)."""
         param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        param.weight_loader = self._store_piece
+        param.weight_loader = loader or self._store_piece
         param.num_pieces = pieces
         param.gguf_blocks = keeps_expert_blocks
         return param
@@ -218,7 +337,11 @@ class FusedMoE(DeviceDispatch):
 
     def forward_native(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(router_logits)
-        if self.expert_kernels is None:
+        if self.holds_stacked_codes:  # (the GPU's reference path) each call decodes them
+            stacks = [torch.stack([codes.decoded(e, x.dtype) for e in range(codes.shape[0])])
+                      for codes in self.stacked_experts()]
+            out = fused_moe_native(x, *stacks, weights, ids)
+        elif self.expert_kernels is None:
             out = fused_moe_native(x, self.gate_up_proj, self.down_proj, weights, ids)
         else:
             kernels = self.expert_kernels
@@ -235,8 +358,8 @@ class FusedMoE(DeviceDispatch):
             from pagoda.layers.moe import triton_moe
             if triton_moe.takes_router(x.shape[0], x.shape[1]):
                 out = triton_moe.fused_moe_from_router(
-                    x, router.weight, self.gate_up_proj, self.down_proj, self.top_k,
-                    self.renormalize, self.placement.start, partial=not self.placement.whole)
+                    x, router.weight, *self.stacked_experts(), self.top_k, self.renormalize,
+                    self.placement.start, partial=not self.placement.whole)
                 return self.group.all_reduce(out)
         return self(x, router(x))
 
@@ -244,7 +367,7 @@ class FusedMoE(DeviceDispatch):
         if self.expert_kernels is not None:
             raise ValueError("experts held as codes run on CPU")
         from pagoda.layers.moe.triton_moe import fused_moe_routed
-        out = fused_moe_routed(x, router_logits, self.gate_up_proj, self.down_proj, self.top_k,
+        out = fused_moe_routed(x, router_logits, *self.stacked_experts(), self.top_k,
                                self.renormalize, self.placement.start,
                                partial=not self.placement.whole)
         return self.group.all_reduce(out)

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+from pagoda.layers.moe.expert_codes import ExpertCodes
+from pagoda.layers.quantization.triton_group_gemm import codes_as, float8_codes
 from pagoda.layers.tile_counters import tile_counters
 
 # calls of at most this many tokens add each token's top-k rows inside the down GEMM
@@ -58,6 +60,10 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
     if rows_per_expert <= 128:
         return MoEConfig(64, 128, 64, 8, 3)
     return MoEConfig(128, 128, 64, 8, 3)
+
+
+# an expert projection's weights: floats [experts, rows, inputs], or their codes
+Experts = torch.Tensor | ExpertCodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,10 +448,12 @@ def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, sum_ptr,
-                     count_ptr, num_assignments, num_blocks, N: tl.constexpr, K: tl.constexpr,
-                     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _moe_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
+                     expert_ids_ptr, sum_ptr, count_ptr, num_assignments, num_blocks,
+                     N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
+                     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr,
+                     SUM_TOKENS: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
+                     GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      PDL: tl.constexpr):
     """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
@@ -454,7 +462,14 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
     B holds gate rows [0, N) and up rows [N, 2N); C gets silu(gate) * up. MUL_WEIGHT: each
     row is scaled by its assignment's routing weight. SUM_TOP_K (> 0): C's rows are each
     token's SUM_TOP_K assignments in turn, and the last of the num_blocks programs of an N
-    tile to finish adds them into sum_ptr [tokens, N] (at most SUM_TOKENS tokens)."""
+    tile to finish adds them into sum_ptr [tokens, N] (at most SUM_TOKENS tokens).
+
+    CODES: what B holds (ExpertCodes): 0 floats; 1 float8 values (their bytes with
+    E4M3_BYTES), each row's K inputs in GROUPS groups of one float32 scale ([experts, rows,
+    GROUPS] at b_scale_ptr); 2 integer codes of BITS bits (4: two a byte, byte j of each 64
+    inputs holding inputs j and j + 32), weight = code * scale + low with a float16 scale and
+    low a row and group. Codes are converted to A's type exactly, the scales applied to the
+    products of each group (a step of inputs lies in one group)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
@@ -467,40 +482,64 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
         if expert < 0:
             return
     if expert >= 0:  # (with SUM_TOP_K, a block past the real rows still counts itself done)
-        _expert_block(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, pid_m, offs_n,
-                      n_ok, num_assignments, N, K, A_ROW_DIV, GATED, MUL_WEIGHT, BLOCK_M,
-                      BLOCK_N, BLOCK_K, DOT_PRECISION)
+        _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
+                      expert, pid_m, offs_n, n_ok, num_assignments, N, K, A_ROW_DIV, GATED,
+                      MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M, BLOCK_N, BLOCK_K,
+                      DOT_PRECISION)
     if SUM_TOP_K > 0:
         _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n, num_assignments // SUM_TOP_K,
                         num_blocks, offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
 
 
 @triton.jit
-def _expert_block(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, pid_m, offs_n, n_ok,
-                  num_assignments, N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
-                  GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
+                  expert, pid_m, offs_n, n_ok, num_assignments, N: tl.constexpr,
+                  K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
+                  GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Block pid_m's rows of C, columns offs_n, for `expert` (see _moe_gemm_kernel)."""
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < num_assignments
     a_rows = (rows // A_ROW_DIV).to(tl.int64)
+    NIBBLES: tl.constexpr = CODES == 2 and BITS == 4  # 64-input steps, two codes a byte
+    ROW_BYTES: tl.constexpr = K // 2 if NIBBLES else K
     offs_k = tl.arange(0, BLOCK_K)
-    b_base = b_ptr + expert.to(tl.int64) * (N * (2 if GATED else 1) * K)
-    a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
-    b_ptrs = b_base + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    offs_kb = tl.arange(0, BLOCK_K // 2 if NIBBLES else BLOCK_K)
+    b_rows = N * (2 if GATED else 1)
+    b_base = b_ptr + expert.to(tl.int64) * (b_rows * ROW_BYTES)
+    a_base = a_ptr + a_rows[:, None] * K  # each row's first input
+    b_ptrs = b_base + offs_n[None, :].to(tl.int64) * ROW_BYTES + offs_kb[:, None]
+    # each column's scales and lows: its gate row's, and N rows on its up row's
+    s_at = (expert.to(tl.int64) * b_rows + offs_n) * GROUPS
+    up_b, up_s = N * ROW_BYTES, N * GROUPS  # the up rows' offsets
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if NIBBLES:
+            acc = _nibbles_step(acc, a_base, row_ok, b_ptrs, b_scale_ptr, b_low_ptr, s_at, k0,
+                                n_ok, K, GROUPS, DOT_PRECISION)
+            if GATED:
+                acc_up = _nibbles_step(acc_up, a_base, row_ok, b_ptrs + up_b, b_scale_ptr,
+                                       b_low_ptr, s_at + up_s, k0, n_ok, K, GROUPS,
+                                       DOT_PRECISION)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_base + k0 + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            group = k0 // (K // max(GROUPS, 1))
+            acc = _step(acc, a, b_ptrs, b_scale_ptr, b_low_ptr, s_at + group, k_ok, n_ok,
+                        CODES, GROUPS, E4M3_BYTES, DOT_PRECISION)
+            if GATED:
+                acc_up = _step(acc_up, a, b_ptrs + up_b, b_scale_ptr, b_low_ptr,
+                               s_at + up_s + group, k_ok, n_ok, CODES, GROUPS, E4M3_BYTES,
+                               DOT_PRECISION)
+        b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
+    if CODES == 1 and GROUPS == 1:  # one scale a row: applied once
+        acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
         if GATED:
-            b_up = tl.load(b_ptrs + N * K, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+            acc_up = acc_up * tl.load(b_scale_ptr + s_at + N, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -508,6 +547,54 @@ def _expert_block(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert, pid_
         acc = acc * w[:, None]
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.constexpr,
+          GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for one step of inputs (in one group, its scales at s_at): b as stored;
+    float8 values converted to a's type and, with several groups a row, scaled by their
+    group's; or byte codes times their scale plus their low."""
+    if CODES == 0:
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :])  # (no float8 `other`)
+    if CODES == 1:
+        b = tl.where(k_ok[:, None], codes_as(b, a.dtype, E4M3_BYTES), 0.0).to(a.dtype)
+        if GROUPS == 1:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
+        return acc + tl.dot(a, b, input_precision=DOT_PRECISION) * scale[None, :]
+    b = tl.where(k_ok[:, None], b.to(a.dtype), 0.0).to(a.dtype)  # (a is 0 past K)
+    return _scaled_group(acc, a, b, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION)
+
+
+@triton.jit
+def _nibbles_step(acc, a_base, row_ok, b_ptrs, scale_ptr, low_ptr, s_at, k0, n_ok,
+                  K: tl.constexpr, GROUPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for inputs k0..k0+63 of 4-bit codes ([32, BLOCK_N] bytes at b_ptrs):
+    the low nibbles are inputs k0..k0+31, the high ones k0+32..k0+63, each half in one
+    group."""
+    packed = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
+    half = tl.arange(0, 32)[None, :]
+    a_low = tl.load(a_base + k0 + half, mask=row_ok[:, None], other=0.0)
+    a_high = tl.load(a_base + k0 + 32 + half, mask=row_ok[:, None], other=0.0)
+    group_size: tl.constexpr = K // GROUPS
+    acc = _scaled_group(acc, a_low, (packed & 0xF).to(a_low.dtype), scale_ptr, low_ptr,
+                        s_at + k0 // group_size, n_ok, DOT_PRECISION)
+    return _scaled_group(acc, a_high, (packed >> 4).to(a_high.dtype), scale_ptr, low_ptr,
+                         s_at + (k0 + 32) // group_size, n_ok, DOT_PRECISION)
+
+
+@triton.jit
+def _scaled_group(acc, a, codes, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION: tl.constexpr):
+    """acc + a @ (codes * scale + low) for inputs of one group: its scale and low a column
+    (float16), the low times each row's sum of a."""
+    scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
+    low = tl.load(low_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
+    sums = tl.sum(a.to(tl.float32), axis=1)
+    return acc + tl.dot(a, codes, input_precision=DOT_PRECISION) * scale[None, :] \
+        + sums[:, None] * low[None, :]
 
 
 @triton.jit
@@ -530,7 +617,7 @@ def _sum_top_k_last(c_ptr, sum_ptr, counter_ptr, tokens, num_blocks, offs_n, n_o
         tl.atomic_xchg(counter_ptr, 0)
 
 
-def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: ExpertBlocks,
+def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: ExpertBlocks,
                   weights: torch.Tensor | None, a_row_div: int, gated: bool,
                   config: MoEConfig, sums: torch.Tensor | None = None) -> None:
     """`sums` [tokens, N]: each token's rows of `out` added there too, in the same launch."""
@@ -539,36 +626,48 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
     wide = a.dtype == torch.float32  # twice the shared memory per stage
     n_tiles = triton.cdiv(n, block_n)
     grid = (blocks.expert_ids.numel() * n_tiles,)
+    block_k = max(16, min(config.block_k, triton.next_power_of_2(k)))
+    codes, scale, low, kind, bits, groups, e4m3_bytes = b, out, out, 0, 8, 0, False
+    if isinstance(b, ExpertCodes):
+        codes, scale, groups = b.codes, b.scale, b.scale.shape[-1]
+        kind, bits, low = (1, 8, out) if b.low is None else (2, b.bits, b.low)
+        if kind == 1:
+            codes, e4m3_bytes = float8_codes(codes, codes.device)
+        if bits == 4:  # steps of one byte's two halves
+            block_k = 64
+        elif groups > 1:  # a step within one group
+            block_k = min(block_k, k // groups)
     # (without sums the kernel reads no counter: any int32 tensor stands in)
     counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else out, blocks.sorted_ids,
+        a, codes, scale, low, out, weights if weights is not None else out, blocks.sorted_ids,
         blocks.expert_ids, sums if sums is not None else out, counters, out.shape[0],
         blocks.expert_ids.numel(), N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
         MUL_WEIGHT=weights is not None,
         SUM_TOP_K=0 if sums is None else out.shape[0] // sums.shape[0],
         SUM_TOKENS=1 if sums is None else triton.next_power_of_2(sums.shape[0]),
-        BLOCK_M=config.block_m, BLOCK_N=block_n,
-        BLOCK_K=max(16, min(config.block_k, triton.next_power_of_2(k))),
+        CODES=kind, BITS=bits, GROUPS=groups, E4M3_BYTES=e4m3_bytes,
+        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
         num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
         config.num_stages, **dependent_launch(a.device))
 
 
-def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def fused_moe_triton(x: torch.Tensor, w13: Experts, w2: Experts,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      config: MoEConfig | None = None, partial: bool = False) -> torch.Tensor:
     """The same sum as fused_moe_native, given the routing: four small launches to group
     the assignments, two grouped GEMMs and the top-k sum (inside the second for a few
-    tokens). `partial`: some ids are -1 (experts on other ranks), whose rows add nothing."""
+    tokens). `partial`: some ids are -1 (experts on other ranks), whose rows add nothing.
+    w13 and w2: floats, or codes (ExpertCodes)."""
     tokens, top_k = topk_ids.shape
     config = config or moe_config(tokens, top_k, w13.shape[0])
     blocks = align_to_experts(topk_ids, w13.shape[0], config.block_m)
     return experts_forward(x, w13, w2, topk_weights, blocks, top_k, config, partial)
 
 
-def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
-                     w2: torch.Tensor, top_k: int, renormalize: bool, expert_start: int = 0,
+def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: Experts,
+                     w2: Experts, top_k: int, renormalize: bool, expert_start: int = 0,
                      partial: bool = False) -> torch.Tensor:
     """The whole layer from the router's logits: routing and grouping in three kernels
     (route_to_experts), then the experts. Experts [expert_start, expert_start + w13.shape[0])
@@ -579,8 +678,8 @@ def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
 
 
-def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor,
-                          w2: torch.Tensor, top_k: int, renormalize: bool,
+def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: Experts,
+                          w2: Experts, top_k: int, renormalize: bool,
                           expert_start: int = 0, partial: bool = False) -> torch.Tensor:
     """fused_moe_routed from the hidden states and the router's weights, for a decode
     batch: the router's product, routing and grouping in one launch (route_from_router)."""
@@ -590,7 +689,7 @@ def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: tor
     return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
 
 
-def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
                     topk_weights: torch.Tensor, blocks: ExpertBlocks, top_k: int,
                     config: MoEConfig, partial: bool) -> torch.Tensor:
     """gate/up with SiLU-and-mul, down with the routing weight, then each token's top-k

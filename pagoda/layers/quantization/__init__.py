@@ -52,13 +52,28 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
                  from_checkpoint: bool) -> None:
     """Give every mixture-of-experts layer built without weights what holds them: the
     checkpoint's codes for a CPU kernel where the format gives them, its kernel runs here
-    (`holds_expert_codes`) and one rank holds every expert; else floats in the model's dtype
-    (a quantized checkpoint's experts decoded at load)."""
+    (`holds_expert_codes`) and one rank holds every expert; on a GPU the checkpoint's codes
+    stacked for the fused MoE kernel where the format gives them (`gives_expert_codes`;
+    floats where their layout does not fit), and float8 for floats under `--quantization
+    fp8` (dummy ones too); else floats in the model's dtype (a quantized checkpoint's
+    experts decoded at load)."""
+    device = torch.empty(0).device.type  # the device being loaded onto
     for module in model.modules():
-        if isinstance(module, FusedMoE) and not module.holds_weights:
-            codes = (from_checkpoint and config is not None and module.group.size == 1
-                     and torch.empty(0).device.type == "cpu" and config.holds_expert_codes)
-            module.hold_codes() if codes else module.hold_floats()
+        if not isinstance(module, FusedMoE) or module.holds_weights:
+            continue
+        if config is None:
+            module.hold_floats()
+        elif from_checkpoint and module.group.size == 1 and device == "cpu" \
+                and config.holds_expert_codes:
+            module.hold_codes()
+        elif device == "cuda" and from_checkpoint and not config.at_load \
+                and config.gives_expert_codes:
+            module.hold_stacked_codes()
+        elif device == "cuda" and config.float8_experts:
+            module.hold_floats()
+            module.after_loading = module.quantize_to_float8
+        else:
+            module.hold_floats()
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
@@ -91,6 +106,8 @@ def finish_linear_layers(model: nn.Module) -> dict[str, str]:
             module.method.process_weights_after_loading(module)
             leaf = name.rpartition(".")[2]
             kernels.setdefault(leaf, {})[module.method.kernel(module)] = None
+        elif isinstance(module, FusedMoE) and module.holds_stacked_codes:
+            kernels.setdefault("experts", {})[module.kernel_name] = None
         elif isinstance(module, FusedMoE) and module.expert_kernels is not None:
             found = kernels.setdefault("experts", {})
             for expert in module.expert_kernels:

@@ -39,6 +39,12 @@ class QuantizationConfig(ABC):
 
     # whether expert_codes gives expert projections' codes for a CPU kernel running here
     holds_expert_codes = False
+    # whether expert_codes gives expert projections' codes (held so by the GPU's fused MoE
+    # kernel where it takes their layout)
+    gives_expert_codes = False
+    # whether the format's experts are float8 (floats quantized so under `--quantization fp8`)
+    float8_experts = False
+    at_load = False  # whether the format quantizes floats at load (`--quantization fp8`)
 
     def expert_codes(self, tensors: dict[str, Any]
                      ) -> GroupCodes | Fp8Rows | torch.Tensor | None:

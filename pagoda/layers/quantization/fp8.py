@@ -233,7 +233,8 @@ class Fp8ExpertsConfig(QuantizationConfig):
     runs, else decoded (checkpoints of float8 weights; `block`: their block scales)."""
 
     block: tuple[int, int] | None = None
-    at_load = False
+    float8_experts = True
+    gives_expert_codes = True
 
     @property
     def holds_expert_codes(self) -> bool:

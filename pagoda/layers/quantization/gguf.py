@@ -313,6 +313,8 @@ class GGUFConfig(QuantizationConfig):
     the lookups), else read as floats, as norms are (the loader decodes the tensors nothing
     keeps)."""
 
+    gives_expert_codes = True
+
     name = "gguf"
 
     @property

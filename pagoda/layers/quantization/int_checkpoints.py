@@ -283,6 +283,11 @@ class IntCheckpointConfig(QuantizationConfig):
             return None
         return self.unpack(tensors)
 
+    @property
+    def gives_expert_codes(self) -> bool:
+        """Groups of consecutive inputs only: act order's codes are decoded."""
+        return not self.act_order
+
     def expert_codes(self, tensors: dict[str, torch.Tensor]
                      ) -> GroupCodes | torch.Tensor | None:
         found = self._expert_groups(tensors)

@@ -77,7 +77,7 @@ def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_pt
     """acc + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]); the STEP inputs lie in one group."""
     group = k // GROUP
     scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
-    weights = _codes_as(codes, tl.float32, E4M3_BYTES) * scale[None, :]
+    weights = codes_as(codes, tl.float32, E4M3_BYTES) * scale[None, :]
     if HAS_LOW:
         low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
         weights += low[None, :]
@@ -209,10 +209,10 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
     x = _half_saturating(x.to(tl.float32)) if DOT == 3 else x.to(dot_type)
     if ROW_SCALE:  # scaled after the sums
-        return tl.dot(_codes_as(codes, dot_type, E4M3_BYTES), x, acc, input_precision="ieee")
+        return tl.dot(codes_as(codes, dot_type, E4M3_BYTES), x, acc, input_precision="ieee")
     if FLOAT8:
         scale = tl.load(scale_ptr + (k // GROUP) * N + n, mask=n_ok, other=0.0)
-        return acc + tl.dot(_codes_as(codes, dot_type, E4M3_BYTES), x,
+        return acc + tl.dot(codes_as(codes, dot_type, E4M3_BYTES), x,
                             input_precision="ieee") * scale[:, None]
     group = k // GROUP
     scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(dot_type)
@@ -484,7 +484,7 @@ def _bfloat16_plane_ptx(shift: int, mask: int) -> str:
 
 
 @triton.jit
-def _codes_as(codes, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
+def codes_as(codes, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
     """codes converted to dtype. With E4M3_BYTES they are float8 E4M3 values given as their
     bytes (Triton types E4M3 only from compute capability 8.9 on): the sign bit and the other
     seven bits moved into float16's sign and into its exponent and mantissa fields read as
@@ -669,7 +669,7 @@ def _capability(device_index: int | None) -> tuple[int, int] | None:
     return None if device_index is None else cuda_capability(device_index)
 
 
-def _float8_codes(codes: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
+def float8_codes(codes: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
     """Float8 codes as the kernels take them on `device`, and whether those are bytes: on
     GPUs where Triton has no E4M3 type the kernels decode the bytes by bit operations."""
     index = device.index if device.type == "cuda" else None
@@ -818,7 +818,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     grid = (_output_tiles(out_features, config["BLOCK_N"], gated), triton.cdiv(tokens, block_t),
             splits)
     float8 = weight.codes.dtype == FP8
-    codes, as_bytes = _float8_codes(weight.codes, flat.device)
+    codes, as_bytes = float8_codes(weight.codes, flat.device)
     _few_tokens_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits, out_features), tile_counters(out.device, grid[0] * grid[1]),
@@ -975,7 +975,7 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
                            multiprocessors)
     splits, block_m = config.pop("splits"), config.pop("BLOCK_M")
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, config["BLOCK_N"]), splits)
-    codes, as_bytes = _float8_codes(weight.codes_by_input(), flat.device)
+    codes, as_bytes = float8_codes(weight.codes_by_input(), flat.device)
     _group_gemm_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits), tile_counters(out.device, grid[0] * grid[1]), tokens,

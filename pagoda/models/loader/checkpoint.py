@@ -153,7 +153,8 @@ def _load_checkpoint(model: CausalLM, source: ModelSource,
     keeper = _BlockKeeper(model) if source.format == "gguf" else None
     weights = iter_weights(source, keeper, sliced=model.group.size > 1)
     if config is not None:  # a mixture of experts' experts: codes, or decoded at load
-        as_codes = any(getattr(m, "holds_codes", False) for m in model.modules())
+        as_codes = any(getattr(m, "holds_codes", False) or
+                       getattr(m, "holds_stacked_codes", False) for m in model.modules())
         weights = decoded_experts(weights, config, as_codes)
     loaded = model.load_weights(_with_progress(weights, total, source.name))
     if keeper is not None and keeper.decoded:

@@ -1,0 +1,176 @@
+"""Every expert's weights of one projection held as codes for the GPU's fused MoE kernel
+(`triton_moe`): an FP8 checkpoint's float8 values with a float32 scale a row and group of
+inputs; an integer or GGUF checkpoint's codes (4 bits or less two a byte, wider ones a byte
+each) with a float16 scale and low a row and group (each weight is code * scale + low, the
+dense GPU kernels' form of those formats). A checkpoint brings each expert's projections
+as pieces (`Fp8Rows`, `GroupCodes`); a stack is made from the first piece (its layout) and
+takes the others' codes as they come."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from pagoda.layers.quantization.base import decoded_groups
+from pagoda.layers.quantization.cpu_block_dot import GroupCodes
+from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+
+FLOAT8 = torch.float8_e4m3fn
+NIBBLE_STEP = 64  # inputs a byte's two halves span: byte j holds inputs j and j + 32
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCodes:
+    """One projection of every expert: float8 values `codes` [experts, rows, inputs] with a
+    float32 `scale` a row and group of inputs [experts, rows, groups] (`low` None); or
+    integer codes of `bits` bits (4: [experts, rows, inputs / 2], two a byte, byte j of each
+    NIBBLE_STEP inputs holding inputs j (low nibble) and j + 32; 8: [experts, rows, inputs])
+    with a float16 `scale` and `low` a row and group."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor | None = None
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(experts, rows, inputs) of the weights they stand for."""
+        experts, rows, stored = self.codes.shape
+        return experts, rows, stored * (2 if self.bits == 4 else 1)
+
+    @property
+    def group(self) -> int:
+        return self.shape[2] // self.scale.shape[2]
+
+    def decoded(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """One expert's weights [rows, inputs] in `dtype`."""
+        codes, scale = self.codes[expert], self.scale[expert].float()
+        if self.low is None:
+            rows, inputs = codes.shape
+            grouped = codes.float().view(rows, scale.shape[1], -1) * scale[..., None]
+            return grouped.view(rows, inputs).to(dtype)
+        if self.bits == 4:
+            codes = unpacked_nibbles(codes)
+        return decoded_groups(codes, scale, self.low[expert].float()).to(dtype)
+
+    def describe(self) -> str:
+        """What the codes are, for the startup log."""
+        if self.low is None:
+            return "float8 weights"
+        return f"{self.bits}-bit codes in groups of {self.group}"
+
+
+def kernel_name(gate_up: ExpertCodes, down: ExpertCodes) -> str:
+    """The startup log's name of a layer's experts' kernel."""
+    held = gate_up.describe()
+    if down.describe() != held:
+        held = f"{held} (gate-up), {down.describe()} (down)"
+    return f"{held} on the fused MoE kernel"
+
+
+def packed_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, inputs] codes of at most 4 bits -> [rows, inputs / 2] bytes (ExpertCodes)."""
+    rows, inputs = codes.shape
+    halves = codes.view(rows, inputs // NIBBLE_STEP, 2, NIBBLE_STEP // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(rows, inputs // 2)
+
+
+def unpacked_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    rows, stored = packed.shape
+    steps = packed.view(rows, stored // (NIBBLE_STEP // 2), NIBBLE_STEP // 2)
+    return torch.stack([steps & 0xF, steps >> 4], dim=2).reshape(rows, 2 * stored)
+
+
+def takes(piece: object, inputs: int) -> bool:
+    """Whether the kernel takes `piece`'s layout over `inputs` inputs: float8 values with
+    a scale a row or groups of a power of two (at least 16) of inputs; codes of at most 4
+    bits in groups of a multiple of 32 over a multiple of NIBBLE_STEP inputs; codes of at
+    most 8 bits in groups of a power of two (at least 16), or one group a row."""
+    if isinstance(piece, Fp8Rows):
+        return _fits_steps(inputs // piece.scale.shape[1], inputs)
+    if not isinstance(piece, GroupCodes) or piece.bits > 8:
+        return False
+    if piece.bits <= 4:
+        return inputs % NIBBLE_STEP == 0 and piece.group % 32 == 0
+    return _fits_steps(piece.group, inputs)
+
+
+def _fits_steps(group: int, inputs: int) -> bool:
+    return group == inputs or (group >= 16 and group & (group - 1) == 0)
+
+
+def empty_stack(piece: Fp8Rows | GroupCodes, experts: int, rows: int,
+                inputs: int) -> ExpertCodes:
+    """A stack for `experts` x `rows` weights of `inputs` inputs in `piece`'s layout."""
+    if isinstance(piece, Fp8Rows):
+        groups = piece.scale.shape[1]
+        return ExpertCodes(torch.empty(experts, rows, inputs, dtype=FLOAT8),
+                           torch.empty(experts, rows, groups, dtype=torch.float32))
+    bits = 4 if piece.bits <= 4 else 8
+    groups = inputs // piece.group
+
+    def halves() -> torch.Tensor:
+        return torch.empty(experts, rows, groups, dtype=torch.float16)
+    stored = inputs // 2 if bits == 4 else inputs
+    return ExpertCodes(torch.empty(experts, rows, stored, dtype=torch.uint8), halves(),
+                       halves(), bits)
+
+
+def same_layout(stack: ExpertCodes, piece: object) -> bool:
+    """Whether `piece` goes into `stack` as it is."""
+    if isinstance(piece, Fp8Rows):
+        return stack.low is None and piece.scale.shape[1] == stack.scale.shape[2]
+    return isinstance(piece, GroupCodes) and stack.low is not None and \
+        piece.group == stack.group and (4 if piece.bits <= 4 else 8) == stack.bits
+
+
+def put(stack: ExpertCodes, expert: int, first_row: int, piece: Fp8Rows | GroupCodes) -> None:
+    """Write a piece's rows at `first_row` of `expert` (same_layout holds)."""
+    rows = slice(first_row, first_row + piece.shape[0])
+    if isinstance(piece, Fp8Rows):
+        stack.codes[expert, rows] = piece.weight
+        stack.scale[expert, rows] = piece.scale
+        return
+    codes = piece.codes.to(torch.uint8)
+    stack.codes[expert, rows] = packed_nibbles(codes) if stack.bits == 4 else codes
+    stack.scale[expert, rows] = piece.scale
+    stack.low[expert, rows] = piece.low
+
+
+def narrowed(piece: Fp8Rows | GroupCodes, dim: int, start: int,
+             length: int) -> Fp8Rows | GroupCodes | None:
+    """A piece's rows (dim 0) or inputs (dim 1) [start, start + length), its scales with
+    them; None where the inputs cut a group of several scales."""
+    codes = piece.weight if isinstance(piece, Fp8Rows) else piece.codes
+    scale = piece.scale
+    if dim == 0:
+        parts = {"scale": scale.narrow(0, start, length)}
+        if isinstance(piece, GroupCodes):
+            parts["low"] = piece.low.narrow(0, start, length)
+    else:
+        inputs, groups = codes.shape[1], scale.shape[1]
+        group = inputs // groups
+        if groups > 1 and (start % group or length % group):
+            return None
+        first, count = (start // group, length // group) if groups > 1 else (0, 1)
+        parts = {"scale": scale.narrow(1, first, count)}
+        if isinstance(piece, GroupCodes):
+            parts |= {"low": piece.low.narrow(1, first, count),
+                      "group": group if groups > 1 else length}
+    key = "weight" if isinstance(piece, Fp8Rows) else "codes"
+    return replace(piece, **{key: codes.narrow(dim, start, length)}, **parts)
+
+
+def quantized_float8(stack: torch.Tensor) -> ExpertCodes:
+    """Floats [experts, rows, inputs] as float8 with a scale a row, expert by expert (the
+    dense layers' per-channel quantization)."""
+    from pagoda.layers.quantization.fp8 import quantize_per_channel
+    experts, rows, inputs = stack.shape
+    codes = ExpertCodes(torch.empty(experts, rows, inputs, dtype=FLOAT8, device=stack.device),
+                        torch.empty(experts, rows, 1, dtype=torch.float32, device=stack.device))
+    for expert in range(experts):
+        values, scale = quantize_per_channel(stack[expert])
+        codes.codes[expert] = values
+        codes.scale[expert] = scale
+    return codes

@@ -1,0 +1,187 @@
+"""Experts held as codes for the GPU's fused MoE kernel (pagoda/layers/moe/expert_codes.py):
+a layer's stacks made from an FP8, integer or GGUF checkpoint's pieces (a tensor-parallel
+rank's rows and groups too), what does not fit turning the layer to floats, floats quantized
+to float8 at load, and the kernel on every layout against the weights they decode to under
+Triton's CPU interpreter (a subprocess: TRITON_INTERPRET=1 must be set before triton is
+imported); tests/gpu/test_fused_moe.py runs the kernel at real sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagoda.layers.linear import deferred_linear_methods
+from pagoda.layers.moe import expert_codes
+from pagoda.layers.moe.layer import FusedMoE
+from pagoda.layers.parallel import SINGLE, ParallelGroup
+from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
+
+MARKER = "CODES-RESULTS "
+# (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
+# or a row and 32 inputs; 4-bit codes in groups of 32 and 64 (two a byte); 8-bit and 6-bit
+# (GGUF Q6_K's) codes a byte in groups of 16 and 32, an intermediate size of 48
+CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
+               (7, 4, 4, 64, 32, ("float8", 32), False),
+               (1, 8, 2, 64, 64, ("int", 4, 32), False),
+               (7, 4, 4, 128, 64, ("int", 4, 64), True),
+               (40, 8, 2, 64, 64, ("int", 8, 16), False),
+               (5, 8, 2, 64, 48, ("int", 6, 16), False)]
+
+
+def pieces_of(w: torch.Tensor, layout: tuple) -> list:
+    """Each expert's piece of stacked floats in `layout` (as checkpoints bring them)."""
+    if layout[0] == "float8":
+        values, scale = float8_experts(w, layout[1])
+        return [Fp8Rows(values[e], scale[e]) for e in range(w.shape[0])]
+    return integer_experts(w, *layout[1:])
+
+
+def loaded_layer(w13: torch.Tensor, w2: torch.Tensor, layout: tuple,
+                 group: ParallelGroup = SINGLE) -> FusedMoE:
+    """A layer holding stacked codes, loaded piece by piece as a checkpoint's experts."""
+    with deferred_linear_methods():
+        layer = FusedMoE(w13.shape[0], 2, w13.shape[2], w2.shape[2], True, group)
+    layer.hold_stacked_codes()
+    inter = w2.shape[2]
+    gate_up_param, down_param = layer.gate_up_proj, layer.down_proj  # as the loader finds them
+    for e, (gate_up, down) in enumerate(zip(pieces_of(w13, layout), pieces_of(w2, layout),
+                                            strict=True)):
+        for half in (0, 1):
+            gate_up_param.weight_loader(gate_up_param, expert_codes.narrowed(
+                gate_up, 0, half * inter, inter), 2 * e + half)
+        down_param.weight_loader(down_param, down, e)
+    layer.__dict__.pop("after_loading")()
+    return layer
+
+
+def decoded(layer: FusedMoE) -> list[torch.Tensor]:
+    return [torch.stack([codes.decoded(e, torch.float32) for e in range(codes.shape[0])])
+            for codes in layer.stacked_experts()]
+
+
+def reference(w13: torch.Tensor, w2: torch.Tensor) -> FusedMoE:
+    layer = FusedMoE(w13.shape[0], 2, w13.shape[2], w2.shape[2], True)
+    layer.gate_up_proj.data.copy_(w13)
+    layer.down_proj.data.copy_(w2)
+    return layer
+
+
+@pytest.mark.parametrize("layout", [("float8", None), ("float8", 16), ("int", 4, 32),
+                                    ("int", 8, 16)], ids=str)
+def test_a_layer_stacks_its_experts_codes(layout):
+    """The stacks hold each expert's codes as its pieces brought them (float8 values, or
+    integers two or one a byte, scales and lows as float16), the torch path computes the
+    weights they decode to, and two tensor-parallel ranks each hold their rows and groups."""
+    x, w13, w2, _, _ = random_moe(5, 4, 2, 64, 64, torch.float32, "cpu")
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    layer = loaded_layer(w13, w2, layout)
+    gate_up, down = layer.stacked_experts()
+    float8 = layout[0] == "float8"
+    assert layer.holds_stacked_codes and gate_up.codes.dtype == \
+        (torch.float8_e4m3fn if float8 else torch.uint8)
+    assert gate_up.codes.shape[2] == (32 if layout[1:] == (4, 32) else 64)  # two a byte
+    held = decoded(layer)
+    for stack, weight in zip(held, (w13, w2), strict=True):
+        torch.testing.assert_close(stack, weight, rtol=0.07, atol=0.03)  # the codes' rounding
+    torch.testing.assert_close(layer(x, logits), reference(*held)(x, logits))
+    if layout == ("float8", 16) or layout == ("int", 8, 16):
+        parts = [decoded(loaded_layer(w13, w2, layout, ParallelGroup(rank, 2)))
+                 for rank in (0, 1)]
+        torch.testing.assert_close(torch.cat([parts[0][0][:, :32], parts[1][0][:, :32],
+                                              parts[0][0][:, 32:], parts[1][0][:, 32:]], 1),
+                                   held[0])
+        torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]], 2), held[1])
+
+
+def test_nibbles_pack_two_halves_of_each_64_inputs():
+    codes = torch.randint(0, 16, (3, 128), dtype=torch.uint8)
+    packed = expert_codes.packed_nibbles(codes)
+    assert packed.shape == (3, 64)
+    assert torch.equal(packed[:, 5] & 0xF, codes[:, 5]) and torch.equal(packed[:, 5] >> 4,
+                                                                      codes[:, 37])
+    assert torch.equal(expert_codes.unpacked_nibbles(packed), codes)
+
+
+@pytest.mark.parametrize("first", ["floats", "other-layout"])
+def test_a_piece_that_does_not_fit_turns_the_layer_to_floats(first):
+    """A float expert, or one of another layout: the layer holds floats, the experts that
+    came as codes decoded into them."""
+    _, w13, w2, _, _ = random_moe(1, 2, 2, 64, 32, torch.float32, "cpu")
+    with deferred_linear_methods():
+        layer = FusedMoE(2, 2, 64, 32, True)
+    layer.hold_stacked_codes()
+    param = layer.gate_up_proj  # as the loader finds it
+    codes = integer_experts(w13[:1, :32], 4, 32)[0]
+    param.weight_loader(param, codes, 0)
+    odd = w13[0, 32:] if first == "floats" else integer_experts(w13[:1, 32:], 8, 16)[0]
+    param.weight_loader(param, odd, 1)
+    assert not layer.holds_stacked_codes and "after_loading" not in layer.__dict__
+    assert layer.gate_up_proj.dtype == torch.float32 and not hasattr(layer, "gate_up_scale")
+    torch.testing.assert_close(layer.gate_up_proj[0, :32], codes.decoded(), rtol=2e-3,
+                               atol=1e-3)  # the stack's float16 scales
+    expected = odd if first == "floats" else odd.decoded()
+    assert torch.equal(layer.gate_up_proj[0, 32:], expected)
+
+
+def test_floats_quantized_to_float8_at_load():
+    """`--quantization fp8` on a float checkpoint: each expert row's float8 values and scale
+    are those of the dense layers' per-channel quantization."""
+    from pagoda.layers.quantization.fp8 import quantize_per_channel
+    _, w13, w2, _, _ = random_moe(1, 3, 2, 16, 8, torch.float32, "cpu")
+    layer = reference(w13, w2)
+    layer.quantize_to_float8()
+    _, down = layer.stacked_experts()
+    assert layer.holds_stacked_codes and down.scale.shape == (3, 16, 1)
+    for e in range(3):
+        values, scale = quantize_per_channel(w2[e])
+        assert torch.equal(down.codes[e].view(torch.uint8), values.view(torch.uint8))
+        assert torch.equal(down.scale[e], scale)
+
+
+def test_the_kernel_takes_what_it_can_step_through():
+    floats = torch.zeros(4, 128)
+    groups = integer_experts(floats[None], 4, 32)[0]
+    assert expert_codes.takes(groups, 128)
+    assert not expert_codes.takes(groups, 96)  # not a whole number of 64-input steps
+    assert not expert_codes.takes(integer_experts(floats[None, :, :96], 8, 48)[0], 96)
+    assert expert_codes.takes(integer_experts(floats[None, :, :96], 8, 96)[0], 96)  # a row
+    assert not expert_codes.takes(floats, 128)
+
+
+def test_codes_match_their_decoded_weights_under_the_interpreter():
+    """The grouped GEMMs converting codes as they read them (float8 scaled once a row or a
+    step at a time, integers times their scale plus their low, 4-bit ones two a byte)
+    against the torch path on the weights they decode to, float32 and float16."""
+    code = (
+        "import json, torch\n"
+        "from tests.layers.moe_cases import codes_kernel_error\n"
+        f"cases = {CODES_CASES!r}\n"
+        "errors = {str(d): [codes_kernel_error(*c[:6], d, 'cpu', c[6]) for c in cases] "
+        "for d in (torch.float32, torch.float16)}\n"
+        f"print({MARKER!r} + json.dumps(errors))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(li for li in run.stdout.splitlines() if li.startswith(MARKER))
+    errors = json.loads(line[len(MARKER):])
+    assert max(errors["torch.float32"]) < 1e-5, errors
+    assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
+
+
+def test_a_rank_s_inputs_keep_whole_groups():
+    """A tensor-parallel rank's slice of an expert's inputs takes its groups' scales; a slice
+    that cuts a group of several is refused (the layer then holds floats)."""
+    piece = integer_experts(torch.randn(1, 4, 128), 8, 32)[0]
+    half = expert_codes.narrowed(piece, 1, 64, 64)
+    assert half.group == 32 and torch.equal(half.scale, piece.scale[:, 2:])
+    assert torch.equal(half.decoded(), piece.decoded()[:, 64:])
+    assert expert_codes.narrowed(piece, 1, 48, 48) is None
+    row = integer_experts(torch.randn(1, 4, 128), 8, 128)[0]  # one scale a row
+    assert expert_codes.narrowed(row, 1, 32, 96).group == 96
