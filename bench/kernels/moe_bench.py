@@ -7,10 +7,14 @@ router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the de
 (cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in a CUDA graph
 (triton.testing.do_bench_cudagraph medians); their ratio; the expert bytes the MoE layer
 must read (the distinct experts its tokens picked) over its time, as a fraction of the
-device-copy bandwidth measured in the same run. `--profile N` prints the kernel table of
-the MoE layer at N tokens (torch.profiler).
+device-copy bandwidth measured in the same run. `--float8` times beside them the same
+layer with its experts quantized to float8 with a scale a row (`FusedMoE.quantize_to_float8`,
+as `--quantization fp8` holds them): its time, its speed-up over the bf16 layer and its rate
+of float8 expert bytes. `--profile N` prints the kernel table of the MoE layer at N tokens
+(torch.profiler; of the float8 layer with `--float8`).
 
-    PYTHONPATH=. python bench/kernels/moe_bench.py [--shape mixtral] [--output-json PATH]
+    PYTHONPATH=. python bench/kernels/moe_bench.py [--shape mixtral] [--float8]
+        [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ SHAPES = {  # hidden, one expert's intermediate, experts, top_k
 TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096, 8192]
 
 
-def moe_layer(hidden: int, inter: int, experts: int, top_k: int):
+def moe_layer(hidden: int, inter: int, experts: int, top_k: int, float8: bool = False):
     layer = FusedMoE(experts, top_k, hidden, inter, renormalize=True).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(layer.gate_up_proj, std=hidden ** -0.5)
     torch.nn.init.normal_(layer.down_proj, std=inter ** -0.5)
+    if float8:
+        layer.quantize_to_float8()
     router = ReplicatedLinear(hidden, experts).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(router.weight, std=0.02)
     return lambda x: layer.forward_with_router(x, router)
@@ -70,11 +76,24 @@ def profile(fn, x: torch.Tensor) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
+def _float8_row(layer, x: torch.Tensor, bf16_ms: float, read: float, bandwidth: float) -> dict:
+    """The float8 layer's time at x, against the bf16 layer's, and its rate of `read`
+    bytes of float8 experts (their scales, 4 bytes a row, left out)."""
+    ms = do_bench_cudagraph(lambda: layer(x), rep=200)
+    rate = read / (ms / 1e3)
+    print(f"{'':>7} float8 experts {ms * 1e3:>9.1f} us: {bf16_ms / ms:.2f}x the bf16 layer, "
+          f"{rate / 1e9:.0f} GB/s of float8 experts ({rate / bandwidth:.0%} of copy)")
+    return {"float8_us": ms * 1e3, "bf16_over_float8": bf16_ms / ms,
+            "float8_expert_gb_s": rate / 1e9, "float8_fraction_of_copy": rate / bandwidth}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--profile", type=int, default=None, metavar="TOKENS")
+    parser.add_argument("--float8", action="store_true",
+                        help="also the layer with float8 experts (a scale a row)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -84,8 +103,10 @@ def main() -> int:
     torch.manual_seed(0)
     moe = moe_layer(hidden, inter, experts, top_k)
     dense = dense_layer(hidden, top_k * inter)
+    float8 = moe_layer(hidden, inter, experts, top_k, float8=True) if args.float8 else None
     if args.profile:
-        profile(moe, torch.randn(args.profile, hidden, device="cuda", dtype=torch.bfloat16))
+        profile(float8 or moe, torch.randn(args.profile, hidden, device="cuda",
+                                           dtype=torch.bfloat16))
         return 0
     bandwidth = measure_ceilings(torch.device("cuda")).bandwidth
     expert_bytes = 3 * hidden * inter * 2
@@ -106,6 +127,8 @@ def main() -> int:
                      "fraction_of_copy": rate / bandwidth, "config": str(config)})
         print(f"{tokens:>7} {moe_ms * 1e3:>9.1f} {dense_ms * 1e3:>9.1f} {moe_ms / dense_ms:>9.2f} "
               f"{rate / 1e9:>11.0f} {rate / bandwidth:>8.0%}  {config}")
+        if float8 is not None:
+            rows[-1] |= _float8_row(float8, x, moe_ms, read / 2, bandwidth)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(),
