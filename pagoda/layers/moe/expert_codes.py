@@ -102,19 +102,22 @@ def _fits_steps(group: int, inputs: int) -> bool:
 
 def empty_stack(piece: Fp8Rows | GroupCodes, experts: int, rows: int,
                 inputs: int) -> ExpertCodes:
-    """A stack for `experts` x `rows` weights of `inputs` inputs in `piece`'s layout."""
+    """A stack for `experts` x `rows` weights of `inputs` inputs in `piece`'s layout, on
+    its device."""
+    device = piece.scale.device
     if isinstance(piece, Fp8Rows):
         groups = piece.scale.shape[1]
-        return ExpertCodes(torch.empty(experts, rows, inputs, dtype=FLOAT8),
-                           torch.empty(experts, rows, groups, dtype=torch.float32))
+        return ExpertCodes(torch.empty(experts, rows, inputs, dtype=FLOAT8, device=device),
+                           torch.empty(experts, rows, groups, dtype=torch.float32,
+                                       device=device))
     bits = 4 if piece.bits <= 4 else 8
     groups = inputs // piece.group
 
     def halves() -> torch.Tensor:
-        return torch.empty(experts, rows, groups, dtype=torch.float16)
+        return torch.empty(experts, rows, groups, dtype=torch.float16, device=device)
     stored = inputs // 2 if bits == 4 else inputs
-    return ExpertCodes(torch.empty(experts, rows, stored, dtype=torch.uint8), halves(),
-                       halves(), bits)
+    return ExpertCodes(torch.empty(experts, rows, stored, dtype=torch.uint8, device=device),
+                       halves(), halves(), bits)
 
 
 def same_layout(stack: ExpertCodes, piece: object) -> bool:
