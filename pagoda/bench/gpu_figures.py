@@ -12,6 +12,7 @@ import torch
 from pagoda.bench.datasets import BenchRequest
 from pagoda.bench.roofline import (
     Ceilings,
+    HeldWeights,
     ModelShape,
     decode_step_floor,
     measure_ceilings,
@@ -85,24 +86,24 @@ def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
     return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": stamps[-1][1]}
 
 
-def model_shape(hf_config: Any, dtype: torch.dtype, held_bytes: int | None,
+def model_shape(hf_config: Any, dtype: torch.dtype, held: HeldWeights | None,
                 kv_dtype: torch.dtype | None = None) -> ModelShape:
-    """The roofline's shape of the model; `held_bytes`: the weights of a quantized model as
+    """The roofline's shape of the model; `held`: the weights of a quantized model as
     the engine holds them (None: the model dtype's bytes); `kv_dtype`: the KV cache's
     element type (None: the model dtype)."""
     shape = ModelShape.from_config(hf_config, dtype)
     if kv_dtype is not None:
         shape = shape.with_kv_dtype(kv_dtype)
-    return shape if held_bytes is None else shape.holding(held_bytes, hf_config)
+    return shape if held is None else shape.holding(held, hf_config)
 
 
 def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
            requests: list[BenchRequest], max_batch: int,
-           held_bytes: int | None = None, kv_dtype: torch.dtype | None = None
+           held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None
            ) -> dict[str, Any]:
     """Measured ceilings and this workload's floor (and the single-stream decode floor)."""
     ceil = measure_ceilings(device, dtype)
-    shape = model_shape(hf_config, dtype, held_bytes, kv_dtype)
+    shape = model_shape(hf_config, dtype, held, kv_dtype)
     floor = workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                            [r.output_len for r in requests], max_batch)
     first = requests[0]
@@ -116,7 +117,7 @@ def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
 
 def subset_floor(hf_config: Any, dtype: torch.dtype, ceil: Ceilings,
                  requests: list[BenchRequest], max_batch: int,
-                 held_bytes: int | None = None, kv_dtype: torch.dtype | None = None) -> float:
-    shape = model_shape(hf_config, dtype, held_bytes, kv_dtype)
+                 held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None) -> float:
+    shape = model_shape(hf_config, dtype, held, kv_dtype)
     return workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                           [r.output_len for r in requests], max_batch)["total_s"]

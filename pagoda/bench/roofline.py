@@ -31,6 +31,15 @@ class Ceilings:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldWeights:
+    """The bytes of weights an engine holds (a quantized model's), and of them its routed
+    experts' (0: none, or not counted apart)."""
+
+    total: int
+    experts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelShape:
     """What one token costs the model, from its architecture's declaration: the weights it
     streams and, per layer, the KV it reads (a sliding-window layer reads only its window)."""
@@ -43,6 +52,7 @@ class ModelShape:
     itemsize: int
     experts: ExpertLayout | None = None  # a mixture of experts' routed experts
     kv_itemsize: int = 0  # bytes of a cached K or V element (0: itemsize)
+    expert_param_bytes: float = 0.0  # bytes a routed expert's parameter is held in (0: itemsize)
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype) -> ModelShape:
@@ -59,13 +69,20 @@ class ModelShape:
         """The same model with its KV cache held in `kv_dtype` (a float8 cache)."""
         return replace(self, kv_itemsize=torch.empty((), dtype=kv_dtype).element_size())
 
-    def holding(self, held_bytes: int, config: Any) -> ModelShape:
-        """The shape of a dense model whose weights the engine holds in `held_bytes` (a
-        quantized one): a step streams those bytes, less an untied input embedding's
-        (gathered, in the model dtype)."""
+    def holding(self, held: HeldWeights, config: Any) -> ModelShape:
+        """The shape of the model whose weights the engine holds as `held` (a quantized
+        one): a step streams those bytes, less an untied input embedding's (gathered, in the
+        model dtype) and, in a mixture of experts, less the experts a token is not routed to
+        (each expert parameter at the experts' bytes a parameter)."""
         table = 0 if getattr(config, "tie_word_embeddings", False) else \
             config.vocab_size * config.hidden_size * self.itemsize
-        return replace(self, weight_bytes_read=held_bytes - table)
+        read = held.total - table
+        if self.experts is None or not held.experts:
+            return replace(self, weight_bytes_read=read)
+        e = self.experts
+        per_param = held.experts / (e.moe_layers * e.num_experts * e.params_per_expert)
+        return replace(self, weight_bytes_read=round(read - e.idle_parameters * per_param),
+                       expert_param_bytes=per_param)
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens streams: a dense model all of them,
@@ -74,7 +91,7 @@ class ModelShape:
             return self.weight_bytes_read
         e = self.experts
         extra = e.moe_layers * (e.experts_touched(batch) - e.top_k) * e.params_per_expert
-        return self.weight_bytes_read + extra * self.itemsize
+        return self.weight_bytes_read + extra * (self.expert_param_bytes or self.itemsize)
 
     @property
     def kv_bytes_per_token(self) -> int:

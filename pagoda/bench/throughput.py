@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ from pagoda.bench.datasets import (
 from pagoda.models.quantization import resolve_quantization
 from pagoda.runner.memory import kv_cache_torch_dtype
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.bench.roofline import HeldWeights
 
 SCHEMA = "pagoda.bench.throughput/1"
 RATIO_METRICS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
@@ -314,7 +317,9 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     result["gpu"] = _gpu_extras(llm, cfg, requests) if device.type == "cuda" else {}
     max_batch = _max_concurrency(llm, requests)
     quantized = resolve_quantization(cfg.engine_kwargs.get("quantization"), source)
-    held = llm.engine.model_info.weight_bytes if quantized else None
+    from pagoda.bench.roofline import HeldWeights
+    info = llm.engine.model_info
+    held = HeldWeights(info.weight_bytes, info.expert_weight_bytes) if quantized else None
     kv_dtype = kv_cache_torch_dtype(llm.engine.model_info.kv_cache_dtype, dtype)  # as held
     del llm
     release_memory(device)
@@ -365,20 +370,19 @@ def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
 
 def _bounds(systems: dict[str, SystemFigures], hf_config: Any,
             dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
-            max_batch: int, held_bytes: int | None, kv_dtype: torch.dtype) -> dict[str, Any]:
-    """Roofline floors on CUDA (of the weights as held: `held_bytes` for a quantized
-    engine; of a KV cache of `kv_dtype`); each system's fraction = floor / its elapsed
-    time."""
+            max_batch: int, held: HeldWeights | None, kv_dtype: torch.dtype) -> dict[str, Any]:
+    """Roofline floors on CUDA (of the weights as held: `held` for a quantized engine; of a
+    KV cache of `kv_dtype`); each system's fraction = floor / its elapsed time."""
     if device.type != "cuda":
         return {}
     from pagoda.bench.gpu_figures import bounds, subset_floor
     from pagoda.bench.roofline import Ceilings
 
-    found = bounds(hf_config, dtype, device, requests, max_batch, held_bytes, kv_dtype)
+    found = bounds(hf_config, dtype, device, requests, max_batch, held, kv_dtype)
     ceil = Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9, found["matmul_tflops"] * 1e12)
     for fig in systems.values():
         floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch,
-                             held_bytes, kv_dtype)
+                             held, kv_dtype)
         fig.fraction_of_bound["workload"] = floor / max(fig.elapsed_s, 1e-12)
     return found
 

@@ -92,7 +92,7 @@ class EngineCore:
                                     config.scheduler.max_num_seqs, torch.get_num_threads(),
                                     config.parallel.tensor_parallel_size,
                                     config.parallel.pipeline_parallel_size,
-                                    loaded.kv_cache_dtype)
+                                    loaded.kv_cache_dtype, loaded.expert_weight_bytes)
         if self.device.type == "cuda":  # kernels compiled or loaded on first use: not mid-traffic
             self.warm_up()
             startup.mark("warm-up")

@@ -30,6 +30,7 @@ class ModelInfo:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     kv_cache_dtype: str = "auto"  # as --kv-cache-dtype
+    expert_weight_bytes: int = 0  # of weight_bytes, a mixture of experts' routed experts'
 
 
 def validate_prompt_ids(token_ids: list[int], info: ModelInfo) -> None:

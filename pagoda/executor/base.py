@@ -38,6 +38,7 @@ class LoadedModelInfo:
     weight_bytes: int
     num_parameters: int
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype as held ("auto" resolved by the checkpoint)
+    expert_weight_bytes: int = 0  # of weight_bytes, a mixture of experts' routed experts'
 
 
 @dataclass(slots=True)

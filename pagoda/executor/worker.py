@@ -23,7 +23,12 @@ from pagoda.layers.parallel import (
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
-from pagoda.models.loader.checkpoint import load_model, model_quantization, weight_bytes
+from pagoda.models.loader.checkpoint import (
+    expert_weight_bytes,
+    load_model,
+    model_quantization,
+    weight_bytes,
+)
 from pagoda.models.quantization import checkpoint_kv_cache_dtype, resolve_kv_cache_dtype
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import (
@@ -125,7 +130,7 @@ class Worker:
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
                                     backend.name, weight_bytes(model),
                                     sum(p.numel() for p in model.parameters()),
-                                    self.kv_cache_dtype)
+                                    self.kv_cache_dtype, expert_weight_bytes(model))
         return self.info
 
     def _kv_cache_dtype(self) -> str:

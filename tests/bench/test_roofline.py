@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from pagoda.bench.roofline import (
     Ceilings,
+    HeldWeights,
     ModelShape,
     decode_step_floor,
     prefill_floor,
@@ -34,7 +35,7 @@ def test_a_quantized_model_streams_the_bytes_it_holds_less_the_input_table(llama
     config = AutoConfig.from_pretrained("bench/configs/llama-3.1-8b")
     table = config.vocab_size * config.hidden_size * 2  # untied, bfloat16, gathered
     held = 5_700_000_000  # e.g. 4-bit projections, a bfloat16 LM head and input table
-    quantized = llama8b.holding(held, config)
+    quantized = llama8b.holding(HeldWeights(held), config)
     assert quantized.weight_bytes_read == held - table
     assert quantized.matmul_params == llama8b.matmul_params  # the same FLOPs
     assert decode_step_floor(quantized, H200, [1024]) < decode_step_floor(llama8b, H200, [1024])
@@ -107,6 +108,27 @@ def test_mixture_of_experts_batches_touch_more_experts_up_to_all(qwen3_30b_a3b):
                                 + 2 * 48 * (expected_two - 8) * 3 * 2048 * 768)
     assert qwen3_30b_a3b.step_weight_bytes(1) < two < qwen3_30b_a3b.step_weight_bytes(16)
     assert qwen3_30b_a3b.step_weight_bytes(256) == pytest.approx(every_expert, rel=1e-6)
+
+
+def test_a_quantized_mixture_of_experts_streams_its_routed_experts_bytes(qwen3_30b_a3b):
+    """Float8 experts (a byte a parameter and a float32 scale a row) among weights held in
+    31.3 GB: one token streams them less the input table and the 120 experts a layer it is
+    not routed to, at the experts' bytes a parameter; a batch its touched experts at that
+    rate."""
+    config = AutoConfig.from_pretrained("bench/configs/qwen3-30b-a3b")
+    expert_params = 48 * 128 * 3 * 2048 * 768
+    expert_bytes = expert_params + 48 * 128 * (2 * 768 + 2048) * 4
+    held = HeldWeights(31_300_000_000, expert_bytes)
+    shape = qwen3_30b_a3b.holding(held, config)
+    per_param = expert_bytes / expert_params
+    idle = 48 * (128 - 8) * 3 * 2048 * 768
+    table = 151936 * 2048 * 2
+    assert shape.weight_bytes_read == round(held.total - table - idle * per_param)
+    touched = 128 * (1 - (1 - 8 / 128) ** 2)
+    assert shape.step_weight_bytes(2) == pytest.approx(
+        shape.weight_bytes_read + 48 * (touched - 8) * 3 * 2048 * 768 * per_param)
+    assert qwen3_30b_a3b.holding(HeldWeights(held.total), config).weight_bytes_read == \
+        held.total - table  # the experts not counted apart: every byte
 
 
 def test_dense_models_stream_the_same_bytes_at_any_batch(llama8b):

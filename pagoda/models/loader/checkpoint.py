@@ -188,3 +188,9 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(id(param))
             total += param.numel() * param.element_size()
     return total
+
+
+def expert_weight_bytes(model: nn.Module) -> int:
+    """Of weight_bytes, what a mixture of experts' routed experts hold (however held)."""
+    from pagoda.layers.moe.layer import FusedMoE
+    return sum(weight_bytes(m) for m in model.modules() if isinstance(m, FusedMoE))
