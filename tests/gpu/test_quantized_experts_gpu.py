@@ -104,7 +104,7 @@ def test_float_experts_quantized_to_float8_at_load(source, gpu_report):  # noqa:
     """`--quantization fp8` on the float32 checkpoint: its experts become float8 with the
     dense layers' per-channel quantization of their weights, bit for bit. Next tokens
     against the float32 weights (recorded, not a bound: every linear layer is rounded to
-    float8 here, and products of more than 64 tokens also round the activations)."""
+    float8 here, and products of more than 32 tokens also round the activations)."""
     from pagoda.layers.quantization.fp8 import quantize_per_channel
     check_experts_as_codes(source, "fp8", "float8 weights")
     floats, _ = loaded_on_the_gpu(source, None)
