@@ -3,7 +3,8 @@ a layer's stacks made from an FP8, integer or GGUF checkpoint's pieces (a tensor
 rank's rows and groups too), what does not fit turning the layer to floats, floats quantized
 to float8 at load, and the kernel on every layout against the weights they decode to under
 Triton's CPU interpreter (a subprocess: TRITON_INTERPRET=1 must be set before triton is
-imported); tests/gpu/test_fused_moe.py runs the kernel at real sizes."""
+imported) and compiled for sm_90 with bfloat16 activations (which the interpreter cannot
+run); tests/gpu/test_fused_moe.py runs the kernel at real sizes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
+from tests.utils import compile_for_cuda
 
 MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
@@ -185,3 +187,30 @@ def test_a_rank_s_inputs_keep_whole_groups():
     assert expert_codes.narrowed(piece, 1, 48, 48) is None
     row = integer_experts(torch.randn(1, 4, 128), 8, 128)[0]  # one scale a row
     assert expert_codes.narrowed(row, 1, 32, 96).group == 96
+
+
+# (CODES, BITS, GROUPS, codes' type, scales' type) of the kernel's paths
+COMPILED = [(1, 8, 1, "*fp8e4nv", "*fp32"), (1, 8, 16, "*fp8e4nv", "*fp32"),
+            (2, 4, 16, "*u8", "*fp16"), (2, 8, 64, "*u8", "*fp16")]
+
+
+@pytest.mark.parametrize(("codes", "bits", "groups", "stored", "scales"), COMPILED)
+@pytest.mark.parametrize("tile", [(16, 32, 128), (128, 128, 64)], ids=["decode", "prefill"])
+def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, groups, stored,
+                                                                   scales, tile):
+    """Qwen3-30B-A3B's gate-up product (2048 inputs, 768 outputs a half) at the decode and
+    prefill tiles of moe_config: tensor-core products, the prefill tile's Hopper's wgmma."""
+    from pagoda.layers.moe.triton_moe import _moe_gemm_kernel
+    block_m, block_n, block_k = tile
+    block_k = 64 if bits == 4 else min(block_k, 2048 // groups)
+    pointers = {"a_ptr": "*bf16", "b_ptr": stored, "b_scale_ptr": scales,
+                "b_low_ptr": scales if codes == 2 else "*bf16", "c_ptr": "*bf16",
+                "weights_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                "sum_ptr": "*bf16", "count_ptr": "*i32", "num_assignments": "i32",
+                "num_blocks": "i32"}
+    asm = compile_for_cuda(_moe_gemm_kernel, pointers, {
+        "N": 768, "K": 2048, "A_ROW_DIV": 8, "GATED": True, "MUL_WEIGHT": False,
+        "SUM_TOP_K": 0, "SUM_TOKENS": 1, "CODES": codes, "BITS": bits, "GROUPS": groups,
+        "E4M3_BYTES": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "DOT_PRECISION": "tf32", "PDL": True})
+    assert ("wgmma" if block_m == 128 else "mma.sync") in asm["ptx"]  # tensor cores either way
