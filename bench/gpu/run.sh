@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
-#   stages: tests kernels kernels-graph moe-kernels executor-cost lora quant-kernels
+#   stages: tests kernels kernels-graph moe-kernels quant-moe executor-cost lora quant-kernels
 #   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
 #   switch-prefill switch-batch ab-decode1
 #   small throughput
@@ -28,6 +28,7 @@ git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
 B8=bench/configs/llama-3.1-8b
 B1=bench/configs/llama-3.2-1b
 B3=bench/configs/llama-3.2-3b
+M30=bench/configs/qwen3-30b-a3b
 MODEL=${MODEL:-$B8}  # the decode1 and throughput stages' model (bench/configs/...)
 SHAPE="--dtype bfloat16 --max-model-len 4096"
 COMMON="--load-format dummy $SHAPE"
@@ -110,6 +111,17 @@ run_stage() {
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
     moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
                python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
+    # Qwen3-30B-A3B's MoE layer with its experts as codes against bf16, then decode-1 of the
+    # dummy model in bf16, FP8 (quantized at load) and AWQ (dummy 4-bit codes, groups of 128)
+    quant-moe) python3 bench/kernels/moe_bench.py --codes float8 int4-g128 int4-g32 int8-g32 \
+                 --tokens 1 4 16 64 256 1024 4096 --output-json "$OUT/moe-kernels-codes.json" \
+                 2>&1 | tail -36
+               for q in bf16 fp8 awq; do
+                 case $q in bf16) m=$M30;; fp8) m="$M30 --quantization fp8";; awq) m=$M30-awq;; esac
+                 python3 -m pagoda.cli.main bench throughput --model $m $COMMON --num-prompts 1 \
+                   --input-len 1024 --output-len 256 --output-json "$OUT/decode1-qwen3-30b-$q.json" \
+                   2>&1 | grep "single stream" | sed "s/^/$q: /"
+               done ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \

@@ -7,13 +7,15 @@ router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the de
 (cuBLAS gate/up, SiLU-and-mul, cuBLAS down), each captured in a CUDA graph
 (triton.testing.do_bench_cudagraph medians); their ratio; the expert bytes the MoE layer
 must read (the distinct experts its tokens picked) over its time, as a fraction of the
-device-copy bandwidth measured in the same run. `--float8` times beside them the same
-layer with its experts quantized to float8 with a scale a row (`FusedMoE.quantize_to_float8`,
-as `--quantization fp8` holds them): its time, its speed-up over the bf16 layer and its rate
-of float8 expert bytes. `--profile N` prints the kernel table of the MoE layer at N tokens
-(torch.profiler; of the float8 layer with `--float8`).
+device-copy bandwidth measured in the same run. `--codes LAYOUT...` times beside them the
+same layer with its experts held as codes (`FusedMoE.quantize_experts`): `float8` (a scale
+a row, as `--quantization fp8` holds them; `--float8` is the same), `int4-g128` (AWQ's and
+GPTQ's 4 bits in groups of 128), `int4-g32` (GGUF Q4_K's), `int8-g32` (Q8_0's): each one's
+time, its speed-up over the bf16 layer and its rate of the codes' bytes (scales and lows
+left out). `--profile N` prints the kernel table of the MoE layer at N tokens
+(torch.profiler; of the first layout's layer with `--codes`).
 
-    PYTHONPATH=. python bench/kernels/moe_bench.py [--shape mixtral] [--float8]
+    PYTHONPATH=. python bench/kernels/moe_bench.py [--shape mixtral] [--codes float8 int4-g128]
         [--output-json PATH]
 """
 
@@ -39,14 +41,17 @@ SHAPES = {  # hidden, one expert's intermediate, experts, top_k
     "mixtral-8x7b": (4096, 14336, 8, 2),
 }
 TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096, 8192]
+# each --codes layout: FusedMoE.quantize_experts' argument, and the codes' bytes a weight
+CODES = {"float8": (None, 1.0), "int4-g128": ((4, 128), 0.5), "int4-g32": ((4, 32), 0.5),
+         "int8-g32": ((8, 32), 1.0)}
 
 
-def moe_layer(hidden: int, inter: int, experts: int, top_k: int, float8: bool = False):
+def moe_layer(hidden: int, inter: int, experts: int, top_k: int, codes: str | None = None):
     layer = FusedMoE(experts, top_k, hidden, inter, renormalize=True).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(layer.gate_up_proj, std=hidden ** -0.5)
     torch.nn.init.normal_(layer.down_proj, std=inter ** -0.5)
-    if float8:
-        layer.quantize_to_float8()
+    if codes is not None:
+        layer.quantize_experts(CODES[codes][0])
     router = ReplicatedLinear(hidden, experts).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(router.weight, std=0.02)
     return lambda x: layer.forward_with_router(x, router)
@@ -76,15 +81,17 @@ def profile(fn, x: torch.Tensor) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
-def _float8_row(layer, x: torch.Tensor, bf16_ms: float, read: float, bandwidth: float) -> dict:
-    """The float8 layer's time at x, against the bf16 layer's, and its rate of `read`
-    bytes of float8 experts (their scales, 4 bytes a row, left out)."""
+def _codes_row(name: str, layer, x: torch.Tensor, bf16_ms: float, read: float,
+               bandwidth: float) -> dict:
+    """The layer with experts held as `name` codes timed at x, against the bf16 layer, and
+    its rate of `read` bytes of codes (their scales left out), keyed by the layout's name
+    (float8_us, bf16_over_float8, ...)."""
     ms = do_bench_cudagraph(lambda: layer(x), rep=200)
     rate = read / (ms / 1e3)
-    print(f"{'':>7} float8 experts {ms * 1e3:>9.1f} us: {bf16_ms / ms:.2f}x the bf16 layer, "
-          f"{rate / 1e9:.0f} GB/s of float8 experts ({rate / bandwidth:.0%} of copy)")
-    return {"float8_us": ms * 1e3, "bf16_over_float8": bf16_ms / ms,
-            "float8_expert_gb_s": rate / 1e9, "float8_fraction_of_copy": rate / bandwidth}
+    print(f"{'':>7} {name} experts {ms * 1e3:>9.1f} us: {bf16_ms / ms:.2f}x the bf16 layer, "
+          f"{rate / 1e9:.0f} GB/s of codes ({rate / bandwidth:.0%} of copy)")
+    return {f"{name}_us": ms * 1e3, f"bf16_over_{name}": bf16_ms / ms,
+            f"{name}_expert_gb_s": rate / 1e9, f"{name}_fraction_of_copy": rate / bandwidth}
 
 
 def main() -> int:
@@ -92,10 +99,12 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--profile", type=int, default=None, metavar="TOKENS")
-    parser.add_argument("--float8", action="store_true",
-                        help="also the layer with float8 experts (a scale a row)")
+    parser.add_argument("--codes", nargs="*", choices=sorted(CODES), default=[],
+                        help="also the layer with its experts held as these codes")
+    parser.add_argument("--float8", action="store_true", help="--codes float8")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
+    layouts = list(dict.fromkeys(args.codes + ["float8"] * args.float8))
     if not torch.cuda.is_available():
         print("moe_bench needs a CUDA device", file=sys.stderr)
         return 2
@@ -103,10 +112,10 @@ def main() -> int:
     torch.manual_seed(0)
     moe = moe_layer(hidden, inter, experts, top_k)
     dense = dense_layer(hidden, top_k * inter)
-    float8 = moe_layer(hidden, inter, experts, top_k, float8=True) if args.float8 else None
+    held = {name: moe_layer(hidden, inter, experts, top_k, name) for name in layouts}
     if args.profile:
-        profile(float8 or moe, torch.randn(args.profile, hidden, device="cuda",
-                                           dtype=torch.bfloat16))
+        profile(held[layouts[0]] if layouts else moe,
+                torch.randn(args.profile, hidden, device="cuda", dtype=torch.bfloat16))
         return 0
     bandwidth = measure_ceilings(torch.device("cuda")).bandwidth
     expert_bytes = 3 * hidden * inter * 2
@@ -127,8 +136,9 @@ def main() -> int:
                      "fraction_of_copy": rate / bandwidth, "config": str(config)})
         print(f"{tokens:>7} {moe_ms * 1e3:>9.1f} {dense_ms * 1e3:>9.1f} {moe_ms / dense_ms:>9.2f} "
               f"{rate / 1e9:>11.0f} {rate / bandwidth:>8.0%}  {config}")
-        if float8 is not None:
-            rows[-1] |= _float8_row(float8, x, moe_ms, read / 2, bandwidth)
+        for name, layer in held.items():
+            rows[-1] |= _codes_row(name, layer, x, moe_ms, read / 2 * CODES[name][1],
+                                   bandwidth)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(),

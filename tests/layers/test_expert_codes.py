@@ -137,7 +137,7 @@ def test_floats_quantized_to_float8_at_load():
     from pagoda.layers.quantization.fp8 import quantize_per_channel
     _, w13, w2, _, _ = random_moe(1, 3, 2, 16, 8, torch.float32, "cpu")
     layer = reference(w13, w2)
-    layer.quantize_to_float8()
+    layer.quantize_experts()
     _, down = layer.stacked_experts()
     assert layer.holds_stacked_codes and down.scale.shape == (3, 16, 1)
     for e in range(3):
@@ -214,3 +214,18 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
         "E4M3_BYTES": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "DOT_PRECISION": "tf32", "PDL": True})
     assert ("wgmma" if block_m == 128 else "mma.sync") in asm["ptx"]  # tensor cores either way
+
+
+@pytest.mark.parametrize("layout", [(4, 32), (8, 16)])
+def test_floats_quantized_to_integer_codes(layout):
+    """Dummy experts of an integer format (benchmarks): each group's codes span its
+    minimum to its maximum, within half a step of the floats."""
+    _, w13, w2, _, _ = random_moe(1, 3, 2, 64, 64, torch.float32, "cpu")
+    layer = reference(w13, w2)
+    layer.quantize_experts(layout)
+    gate_up, down = layer.stacked_experts()
+    assert layer.holds_stacked_codes and (gate_up.bits, gate_up.group) == layout
+    for codes, weight in ((gate_up, w13), (down, w2)):
+        step = codes.scale.float().amax()
+        decoded = torch.stack([codes.decoded(e, torch.float32) for e in range(3)])
+        assert (decoded - weight).abs().max() <= 0.51 * step + 1e-3  # float16 scales

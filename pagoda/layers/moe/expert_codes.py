@@ -89,11 +89,16 @@ def takes(piece: object, inputs: int) -> bool:
     most 8 bits in groups of a power of two (at least 16), or one group a row."""
     if isinstance(piece, Fp8Rows):
         return _fits_steps(inputs // piece.scale.shape[1], inputs)
-    if not isinstance(piece, GroupCodes) or piece.bits > 8:
+    return isinstance(piece, GroupCodes) and integers_fit(piece.bits, piece.group, inputs)
+
+
+def integers_fit(bits: int, group: int, inputs: int) -> bool:
+    """Whether the kernel takes codes of `bits` bits in groups of `group` over `inputs`."""
+    if bits > 8 or inputs % group:
         return False
-    if piece.bits <= 4:
-        return inputs % NIBBLE_STEP == 0 and piece.group % 32 == 0
-    return _fits_steps(piece.group, inputs)
+    if bits <= 4:
+        return inputs % NIBBLE_STEP == 0 and group % 32 == 0
+    return _fits_steps(group, inputs)
 
 
 def _fits_steps(group: int, inputs: int) -> bool:
@@ -163,6 +168,23 @@ def narrowed(piece: Fp8Rows | GroupCodes, dim: int, start: int,
                       "group": group if groups > 1 else length}
     key = "weight" if isinstance(piece, Fp8Rows) else "codes"
     return replace(piece, **{key: codes.narrow(dim, start, length)}, **parts)
+
+
+def quantized_integers(stack: torch.Tensor, bits: int, group: int) -> ExpertCodes:
+    """Floats [experts, rows, inputs] as `bits`-bit codes with a scale and low (each group's
+    minimum) a row and `group` inputs, expert by expert: dummy experts in an integer
+    format's form, for benchmarks."""
+    experts, rows, inputs = stack.shape
+    floats = stack[0].new_empty(0)
+    held = empty_stack(GroupCodes(floats, floats, floats, group, bits), experts, rows, inputs)
+    for expert in range(experts):
+        grouped = stack[expert].float().view(rows, inputs // group, group)
+        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        scale = ((high - low) / (2 ** bits - 1)).clamp(min=1e-8)
+        codes = ((grouped - low[..., None]) / scale[..., None]).round_().clamp_(0, 2 ** bits - 1)
+        put(held, expert, 0, GroupCodes(codes.to(torch.uint8).view(rows, inputs), scale, low,
+                                        group, bits))
+    return held
 
 
 def quantized_float8(stack: torch.Tensor) -> ExpertCodes:

@@ -152,11 +152,13 @@ class FusedMoE(DeviceDispatch):
                                  getattr(self, f"{kind}_low", None), self.code_bits[kind])
                      for kind in ("gate_up", "down"))
 
-    def quantize_to_float8(self) -> None:
-        """Floats (loaded, or dummy) -> float8 values with a scale a row, expert by expert
-        (`--quantization fp8` at load)."""
-        from pagoda.layers.moe.expert_codes import quantized_float8
-        self.stacks = {kind: quantized_float8(getattr(self, f"{kind}_proj"))
+    def quantize_experts(self, layout: tuple[int, int] | None = None) -> None:
+        """Floats (loaded, or dummy) -> float8 values with a scale a row (`--quantization
+        fp8` at load), or to (bits, group) integer codes (dummy experts of an integer
+        format), expert by expert."""
+        from pagoda.layers.moe.expert_codes import quantized_float8, quantized_integers
+        self.stacks = {kind: quantized_float8(getattr(self, f"{kind}_proj")) if layout is None
+                       else quantized_integers(getattr(self, f"{kind}_proj"), *layout)
                        for kind in ("gate_up", "down")}
         self._hold_stacks()
 

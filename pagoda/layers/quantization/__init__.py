@@ -4,6 +4,7 @@ methods, and finishing the layers once the checkpoint is loaded."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,8 +56,8 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
     (`holds_expert_codes`) and one rank holds every expert; on a GPU the checkpoint's codes
     stacked for the fused MoE kernel where the format gives them (`gives_expert_codes`;
     floats where their layout does not fit), and float8 for floats under `--quantization
-    fp8` (dummy ones too); else floats in the model's dtype (a quantized checkpoint's
-    experts decoded at load)."""
+    fp8` (dummy ones too) and integer codes for an integer format's dummy ones; else floats
+    in the model's dtype (a quantized checkpoint's experts decoded at load)."""
     device = torch.empty(0).device.type  # the device being loaded onto
     for module in model.modules():
         if not isinstance(module, FusedMoE) or module.holds_weights:
@@ -69,11 +70,21 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
         elif device == "cuda" and from_checkpoint and not config.at_load \
                 and config.gives_expert_codes:
             module.hold_stacked_codes()
-        elif device == "cuda" and config.float8_experts:
-            module.hold_floats()
-            module.after_loading = module.quantize_to_float8
+        elif device == "cuda" and (config.float8_experts or _dummy_codes_fit(module, config)):
+            module.hold_floats()  # quantized once loaded (or filled with dummy values)
+            module.after_loading = partial(module.quantize_experts, None if
+                                           config.float8_experts else config.dummy_expert_layout)
         else:
             module.hold_floats()
+
+
+def _dummy_codes_fit(module: FusedMoE, config: QuantizationConfig) -> bool:
+    """Whether dummy experts take an integer format's codes: the kernel takes its layout
+    over both projections' inputs."""
+    from pagoda.layers.moe.expert_codes import integers_fit
+    layout = config.dummy_expert_layout
+    return layout is not None and all(integers_fit(*layout, inputs) for inputs in
+                                      (module.hidden_size, module.local_inter))
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:

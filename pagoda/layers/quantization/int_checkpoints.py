@@ -288,6 +288,10 @@ class IntCheckpointConfig(QuantizationConfig):
         """Groups of consecutive inputs only: act order's codes are decoded."""
         return not self.act_order
 
+    @property
+    def dummy_expert_layout(self) -> tuple[int, int] | None:
+        return (self.bits, self.group_size) if self.gives_expert_codes else None
+
     def expert_codes(self, tensors: dict[str, torch.Tensor]
                      ) -> GroupCodes | torch.Tensor | None:
         found = self._expert_groups(tensors)
