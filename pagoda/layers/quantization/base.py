@@ -50,8 +50,9 @@ class QuantizationConfig(ABC):
 
     def expert_codes(self, tensors: dict[str, Any]
                      ) -> GroupCodes | Fp8Rows | torch.Tensor | None:
-        """As decode_expert, the projection's codes for a CPU kernel (or a float weight left
-        unquantized) where `holds_expert_codes`."""
+        """As decode_expert, the projection's codes (or a float weight left unquantized) for
+        a CPU kernel where `holds_expert_codes`, for the GPU's MoE kernel where
+        `gives_expert_codes`."""
         raise NotImplementedError
 
     def decode_expert(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
