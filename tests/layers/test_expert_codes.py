@@ -2,16 +2,13 @@
 a layer's stacks made from an FP8, integer or GGUF checkpoint's pieces (a tensor-parallel
 rank's rows and groups too), what does not fit turning the layer to floats, floats quantized
 to float8 at load, and the kernel on every layout against the weights they decode to under
-Triton's CPU interpreter (a subprocess: TRITON_INTERPRET=1 must be set before triton is
-imported) and compiled for sm_90 with bfloat16 activations (which the interpreter cannot
-run); tests/gpu/test_fused_moe.py runs the kernel at real sizes."""
+Triton's CPU interpreter (this module's __main__ in a subprocess: TRITON_INTERPRET=1 must
+be set before triton is imported) and compiled for sm_90 with bfloat16 activations (which
+the interpreter cannot run); tests/gpu/test_fused_moe.py runs the kernel at real sizes."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
-from tests.utils import compile_for_cuda
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
@@ -156,23 +153,19 @@ def test_the_kernel_takes_what_it_can_step_through():
     assert not expert_codes.takes(floats, 128)
 
 
+def kernel_errors() -> dict[str, list[float]]:
+    """codes_kernel_error of every CODES_CASES case, float32 and float16 activations (run
+    under the interpreter: this module's __main__)."""
+    from tests.layers.moe_cases import codes_kernel_error
+    return {str(dtype): [codes_kernel_error(*case[:6], dtype, "cpu", case[6])
+                         for case in CODES_CASES] for dtype in (torch.float32, torch.float16)}
+
+
 def test_codes_match_their_decoded_weights_under_the_interpreter():
     """The grouped GEMMs converting codes as they read them (float8 scaled once a row or a
     step at a time, integers times their scale plus their low, 4-bit ones two a byte)
     against the torch path on the weights they decode to, float32 and float16."""
-    code = (
-        "import json, torch\n"
-        "from tests.layers.moe_cases import codes_kernel_error\n"
-        f"cases = {CODES_CASES!r}\n"
-        "errors = {str(d): [codes_kernel_error(*c[:6], d, 'cpu', c[6]) for c in cases] "
-        "for d in (torch.float32, torch.float16)}\n"
-        f"print({MARKER!r} + json.dumps(errors))\n")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(li for li in run.stdout.splitlines() if li.startswith(MARKER))
-    errors = json.loads(line[len(MARKER):])
+    errors = interpreter_report("tests.layers.test_expert_codes", MARKER)
     assert max(errors["torch.float32"]) < 1e-5, errors
     assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
 
@@ -229,3 +222,7 @@ def test_floats_quantized_to_integer_codes(layout):
         step = codes.scale.float().amax()
         decoded = torch.stack([codes.decoded(e, torch.float32) for e in range(3)])
         assert (decoded - weight).abs().max() <= 0.51 * step + 1e-3  # float16 scales
+
+
+if __name__ == "__main__":
+    print(MARKER + json.dumps(kernel_errors()))
