@@ -49,6 +49,7 @@ quant_model() {
     bf16) echo "--model $B8 $COMMON" ;;
     fp8) echo "--model $B8 --quantization fp8 $COMMON" ;;
     fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8 $COMMON" ;;
+    moe-fp8) echo "--model $M30 --quantization fp8 $COMMON" ;;
     awq|awq-zp) echo "--model $B8-awq $COMMON" ;;
     gguf) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
@@ -112,15 +113,22 @@ run_stage() {
     moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
                python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
     # Qwen3-30B-A3B's MoE layer with its experts as codes against bf16, then decode-1 of the
-    # dummy model in bf16, FP8 (quantized at load) and AWQ (dummy 4-bit codes, groups of 128)
-    quant-moe) python3 bench/kernels/moe_bench.py --codes float8 int4-g128 int4-g32 int8-g32 \
-                 --tokens 1 4 16 64 256 1024 4096 --output-json "$OUT/moe-kernels-codes.json" \
-                 2>&1 | tail -36
+    # dummy model in bf16, FP8 (quantized at load) and AWQ (dummy 4-bit codes, groups of 128),
+    # then the FP8 model's prefill (64 x 1,024 tokens) with its experts' products weight-only
+    # and on FP8 tensor cores from 256 tokens (PAGODA_MOE_FP8_FROM)
+    quant-moe) python3 bench/kernels/moe_bench.py --codes float8 float8-tc int4-g128 int4-g32 \
+                 int8-g32 --tokens 1 4 16 64 256 1024 4096 \
+                 --output-json "$OUT/moe-kernels-codes.json" 2>&1 | tail -44
                for q in bf16 fp8 awq; do
                  case $q in bf16) m=$M30;; fp8) m="$M30 --quantization fp8";; awq) m=$M30-awq;; esac
                  python3 -m pagoda.cli.main bench throughput --model $m $COMMON --num-prompts 1 \
                    --input-len 1024 --output-len 256 --output-json "$OUT/decode1-qwen3-30b-$q.json" \
                    2>&1 | grep "single stream" | sed "s/^/$q: /"
+               done
+               for from in default 256; do
+                 (SWITCH=PAGODA_MOE_FP8_FROM VALUE=$from with_switch quant_elapsed moe-fp8 \
+                    prefill-qwen3-30b-fp8-moe-fp8-from-$from "fp8 PAGODA_MOE_FP8_FROM=$from" \
+                    --num-prompts 64 --input-len 1024 --output-len 1)
                done ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;

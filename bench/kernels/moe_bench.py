@@ -9,7 +9,8 @@ router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the de
 must read (the distinct experts its tokens picked) over its time, as a fraction of the
 device-copy bandwidth measured in the same run. `--codes LAYOUT...` times beside them the
 same layer with its experts held as codes (`FusedMoE.quantize_experts`): `float8` (a scale
-a row, as `--quantization fp8` holds them; `--float8` is the same), `int4-g128` (AWQ's and
+a row, as `--quantization fp8` holds them; `--float8` is the same), `float8-tc` (the same on
+FP8 tensor cores, the activations quantized a row: `PAGODA_MOE_FP8_FROM`), `int4-g128` (AWQ's and
 GPTQ's 4 bits in groups of 128), `int4-g32` (GGUF Q4_K's), `int8-g32` (Q8_0's): each one's
 time, its speed-up over the bf16 layer and its rate of the codes' bytes (scales and lows
 left out). `--profile N` prints the kernel table of the MoE layer at N tokens
@@ -33,6 +34,7 @@ from triton.testing import do_bench_cudagraph
 from pagoda.bench.roofline import measure_ceilings
 from pagoda.layers.fused import silu_and_mul
 from pagoda.layers.linear import ReplicatedLinear
+from pagoda.layers.moe import triton_moe
 from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.moe.triton_moe import moe_config
 
@@ -42,8 +44,8 @@ SHAPES = {  # hidden, one expert's intermediate, experts, top_k
 }
 TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096, 8192]
 # each --codes layout: FusedMoE.quantize_experts' argument, and the codes' bytes a weight
-CODES = {"float8": (None, 1.0), "int4-g128": ((4, 128), 0.5), "int4-g32": ((4, 32), 0.5),
-         "int8-g32": ((8, 32), 1.0)}
+CODES = {"float8": (None, 1.0), "float8-tc": (None, 1.0), "int4-g128": ((4, 128), 0.5),
+         "int4-g32": ((4, 32), 0.5), "int8-g32": ((8, 32), 1.0)}
 
 
 def moe_layer(hidden: int, inter: int, experts: int, top_k: int, codes: str | None = None):
@@ -54,7 +56,20 @@ def moe_layer(hidden: int, inter: int, experts: int, top_k: int, codes: str | No
         layer.quantize_experts(CODES[codes][0])
     router = ReplicatedLinear(hidden, experts).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(router.weight, std=0.02)
+    if codes == "float8-tc":
+        return lambda x: _on_fp8_tensor_cores(layer.forward_with_router, x, router)
     return lambda x: layer.forward_with_router(x, router)
+
+
+def _on_fp8_tensor_cores(call, *args):
+    """call(*args) with every call's float8 experts on FP8 tensor cores (PAGODA_MOE_FP8_FROM
+    at one token)."""
+    saved = triton_moe.FP8_TENSOR_CORES_FROM
+    triton_moe.FP8_TENSOR_CORES_FROM = 1
+    try:
+        return call(*args)
+    finally:
+        triton_moe.FP8_TENSOR_CORES_FROM = saved
 
 
 def dense_layer(hidden: int, inter: int):

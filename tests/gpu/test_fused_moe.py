@@ -178,9 +178,9 @@ def test_cuda_graph_of_the_router_launch_replays_like_eager(tokens):
 
 CODES_TOKENS = [1, 7, 64, 2048]
 # Qwen3-30B-A3B-FP8's block scales and per-row ones; AWQ/GPTQ's 4-bit groups of 128; GGUF
-# Q4_K's 4-bit groups of 32 and Q6_K's 6-bit groups of 16
+# Q4_K's 4-bit groups of 32 and Q6_K's 6-bit groups of 16; float8 on FP8 tensor cores
 CODES_LAYOUTS = [("float8", None), ("float8", 128), ("int", 4, 128), ("int", 4, 32),
-                 ("int", 6, 16)]
+                 ("int", 6, 16), ("float8-tc", None), ("float8-tc", 128)]
 
 
 @pytest.mark.parametrize("tokens", CODES_TOKENS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.layers.moe.native import fused_moe_native
+from pagoda.layers.moe.native import fused_moe_native, moe_by_expert
 from pagoda.layers.moe.router import select_experts
 
 
@@ -144,11 +144,33 @@ def stacked_codes(w: torch.Tensor, layout: tuple):
     return stack
 
 
+def float8_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Activations as the FP8 tensor-core path takes them: rounded to float8 with a scale a
+    row by its own quantizer (fp8_rows: bit for bit torch's on a GPU; under the interpreter
+    its float8 rounding differs from torch's, so the reference takes the kernel's), in
+    float32."""
+    from pagoda.layers.moe.triton_moe import FP8_MAX
+    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
+    values, scale = fp8_rows(rows.contiguous(), FP8_MAX)
+    return values.float() * scale
+
+
 def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
                        layout: tuple, dtype: torch.dtype, device: str,
-                       drop_experts: bool = False) -> float:
+                       drop_experts: bool = False, rounded=lambda rows: rows) -> float:
     """kernel_error for experts held as codes (stacked_codes' layouts): the kernel against
-    the torch path on the weights they decode to."""
+    the torch path on the weights they decode to (layout ("float8-tc", inputs a scale or
+    None): float8 experts on FP8 tensor cores, the activations quantized too)."""
+    if layout[0] == "float8-tc":
+        from pagoda.layers.moe import triton_moe
+        saved = triton_moe.FP8_TENSOR_CORES_FROM
+        triton_moe.FP8_TENSOR_CORES_FROM = 1
+        try:
+            return codes_kernel_error(tokens, experts, top_k, hidden, inter,
+                                      ("float8", layout[1]), dtype, device, drop_experts,
+                                      float8_rows)
+        finally:
+            triton_moe.FP8_TENSOR_CORES_FROM = saved
     from pagoda.layers.moe.triton_moe import fused_moe_triton
     x, w13, w2, weights, ids = random_moe(tokens, experts, top_k, hidden, inter,
                                           torch.float32, device)
@@ -157,6 +179,11 @@ def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter
         ids = torch.where(ids < experts // 2, ids, torch.full_like(ids, -1))
     codes = stacked_codes(w13, layout), stacked_codes(w2, layout)
     ours = fused_moe_triton(x, *codes, weights, ids, partial=drop_experts).float()
-    decoded = [torch.stack([c.decoded(e, torch.float32) for e in range(experts)]) for c in codes]
-    ref = fused_moe_native(x.float(), *decoded, weights, ids)
+    gate_up, down = [torch.stack([c.decoded(e, torch.float32) for e in range(experts)])
+                     for c in codes]
+    # each product's input rows `rounded` as the kernel takes them, the gated activation
+    # rounded to x's dtype between the products as the kernel stores it
+    ref = moe_by_expert(x.float(), lambda e, rows: rounded(rows) @ gate_up[e].t(),
+                        lambda e, rows: rounded(rows.to(dtype).float()) @ down[e].t(),
+                        weights, ids, experts)
     return ((ours - ref).abs().max() / (1 + ref.abs().max())).item()

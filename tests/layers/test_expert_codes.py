@@ -9,6 +9,7 @@ the interpreter cannot run); tests/gpu/test_fused_moe.py runs the kernel at real
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,18 +20,22 @@ from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
+from tests.layers.moe_cases import stacked_codes as stack_of
 from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
 # or a row and 32 inputs; 4-bit codes in groups of 32 and 64 (two a byte); 8-bit and 6-bit
-# (GGUF Q6_K's) codes a byte in groups of 16 and 32, an intermediate size of 48
+# (GGUF Q6_K's) codes a byte in groups of 16 and 32, an intermediate size of 48; float8 on
+# FP8 tensor cores (activations quantized a row), a scale a row or a 128 x 128 block
 CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (7, 4, 4, 64, 32, ("float8", 32), False),
                (1, 8, 2, 64, 64, ("int", 4, 32), False),
                (7, 4, 4, 128, 64, ("int", 4, 64), True),
                (40, 8, 2, 64, 64, ("int", 8, 16), False),
-               (5, 8, 2, 64, 48, ("int", 6, 16), False)]
+               (5, 8, 2, 64, 48, ("int", 6, 16), False),
+               (7, 4, 4, 128, 128, ("float8-tc", None), True),
+               (40, 8, 2, 256, 128, ("float8-tc", 128), False)]
 
 
 def pieces_of(w: torch.Tensor, layout: tuple) -> list:
@@ -163,11 +168,32 @@ def kernel_errors() -> dict[str, list[float]]:
 
 def test_codes_match_their_decoded_weights_under_the_interpreter():
     """The grouped GEMMs converting codes as they read them (float8 scaled once a row or a
-    step at a time, integers times their scale plus their low, 4-bit ones two a byte)
-    against the torch path on the weights they decode to, float32 and float16."""
+    step at a time, integers times their scale plus their low, 4-bit ones two a byte), and
+    float8 by float8 activations on tensor cores, against the torch path on the weights they
+    decode to (and the activations as the path rounds them), float32 and float16."""
     errors = interpreter_report("tests.layers.test_expert_codes", MARKER)
     assert max(errors["torch.float32"]) < 1e-5, errors
     assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
+
+
+def test_float8_experts_take_fp8_tensor_cores_only_when_asked(monkeypatch):
+    """PAGODA_MOE_FP8_FROM (unset: never, until timed on a GPU): calls of at least that many
+    tokens whose experts are float8 over whole 128-input steps."""
+    from pagoda.layers.moe import triton_moe
+    _, w13, w2, _, _ = random_moe(1, 2, 2, 128, 128, torch.float32, "cpu")
+    float8 = [stack_of(w, ("float8", None)) for w in (w13, w2)]
+    assert triton_moe.FP8_TENSOR_CORES_FROM is None or "PAGODA_MOE_FP8_FROM" in os.environ
+    monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", None)
+    assert not triton_moe.takes_fp8_tensor_cores(4096, *float8)
+    monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", 256)
+    assert triton_moe.takes_fp8_tensor_cores(256, *float8)
+    assert not triton_moe.takes_fp8_tensor_cores(255, *float8)
+    assert not triton_moe.takes_fp8_tensor_cores(4096, w13, w2)  # floats
+    integers = [stack_of(w, ("int", 4, 32)) for w in (w13, w2)]
+    assert not triton_moe.takes_fp8_tensor_cores(4096, *integers)
+    _, w13, w2, _, _ = random_moe(1, 2, 2, 64, 64, torch.float32, "cpu")
+    assert not triton_moe.takes_fp8_tensor_cores(4096, *(stack_of(w, ("float8", None))
+                                                         for w in (w13, w2)))  # 64 inputs
 
 
 def test_a_rank_s_inputs_keep_whole_groups():
@@ -184,7 +210,8 @@ def test_a_rank_s_inputs_keep_whole_groups():
 
 # (CODES, BITS, GROUPS, codes' type, scales' type) of the kernel's paths
 COMPILED = [(1, 8, 1, "*fp8e4nv", "*fp32"), (1, 8, 16, "*fp8e4nv", "*fp32"),
-            (2, 4, 16, "*u8", "*fp16"), (2, 8, 64, "*u8", "*fp16")]
+            (2, 4, 16, "*u8", "*fp16"), (2, 8, 64, "*u8", "*fp16"),
+            (3, 8, 1, "*fp8e4nv", "*fp32"), (3, 8, 16, "*fp8e4nv", "*fp32")]
 
 
 @pytest.mark.parametrize(("codes", "bits", "groups", "stored", "scales"), COMPILED)
@@ -192,11 +219,13 @@ COMPILED = [(1, 8, 1, "*fp8e4nv", "*fp32"), (1, 8, 16, "*fp8e4nv", "*fp32"),
 def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, groups, stored,
                                                                    scales, tile):
     """Qwen3-30B-A3B's gate-up product (2048 inputs, 768 outputs a half) at the decode and
-    prefill tiles of moe_config: tensor-core products, the prefill tile's Hopper's wgmma."""
+    prefill tiles of moe_config: tensor-core products, the prefill tile's Hopper's wgmma
+    (float8 by float8 on the FP8 tensor-core path)."""
     from pagoda.layers.moe.triton_moe import _moe_gemm_kernel
     block_m, block_n, block_k = tile
     block_k = 64 if bits == 4 else min(block_k, 2048 // groups)
-    pointers = {"a_ptr": "*bf16", "b_ptr": stored, "b_scale_ptr": scales,
+    pointers = {"a_ptr": "*fp8e4nv" if codes == 3 else "*bf16", "a_scale_ptr": "*fp32",
+                "b_ptr": stored, "b_scale_ptr": scales,
                 "b_low_ptr": scales if codes == 2 else "*bf16", "c_ptr": "*bf16",
                 "weights_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
                 "sum_ptr": "*bf16", "count_ptr": "*i32", "num_assignments": "i32",
@@ -207,6 +236,8 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
         "E4M3_BYTES": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "DOT_PRECISION": "tf32", "PDL": True})
     assert ("wgmma" if block_m == 128 else "mma.sync") in asm["ptx"]  # tensor cores either way
+    if codes == 3 and block_m == 128:  # float8 products on Hopper's FP8 tensor cores
+        assert ".e4m3.e4m3" in asm["ptx"]
 
 
 @pytest.mark.parametrize("layout", [(4, 32), (8, 16)])

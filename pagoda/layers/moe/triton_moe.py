@@ -22,6 +22,7 @@ layer shape, and Triton's CPU interpreter (which tests run on) cannot take a run
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,13 @@ import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.moe.expert_codes import ExpertCodes
-from pagoda.layers.quantization.triton_group_gemm import codes_as, float8_codes
+from pagoda.layers.quantization.triton_group_gemm import codes_as, float8_codes, fp8_rows
 from pagoda.layers.tile_counters import tile_counters
+from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
 # calls of at most this many tokens add each token's top-k rows inside the down GEMM
 MAX_SUMMED_TOKENS = 8
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +451,9 @@ def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
-                     expert_ids_ptr, sum_ptr, count_ptr, num_assignments, num_blocks,
+def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
+                     sorted_ids_ptr, expert_ids_ptr, sum_ptr, count_ptr, num_assignments,
+                     num_blocks,
                      N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
                      GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr,
                      SUM_TOKENS: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
@@ -469,7 +473,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, s
     GROUPS] at b_scale_ptr); 2 integer codes of BITS bits (4: two a byte, byte j of each 64
     inputs holding inputs j and j + 32), weight = code * scale + low with a float16 scale and
     low a row and group. Codes are converted to A's type exactly, the scales applied to the
-    products of each group (a step of inputs lies in one group)."""
+    products of each group (a step of inputs lies in one group). 3: float8 values as 1, and A
+    float8 too with a float32 scale a row (a_scale_ptr): products on FP8 tensor cores (K a
+    whole number of steps)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
@@ -482,8 +488,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, s
         if expert < 0:
             return
     if expert >= 0:  # (with SUM_TOP_K, a block past the real rows still counts itself done)
-        _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
-                      expert, pid_m, offs_n, n_ok, num_assignments, N, K, A_ROW_DIV, GATED,
+        _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
+                      sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N, K,
+                      A_ROW_DIV, GATED,
                       MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M, BLOCK_N, BLOCK_K,
                       DOT_PRECISION)
     if SUM_TOP_K > 0:
@@ -492,8 +499,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, s
 
 
 @triton.jit
-def _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sorted_ids_ptr,
-                  expert, pid_m, offs_n, n_ok, num_assignments, N: tl.constexpr,
+def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
+                  sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N: tl.constexpr,
                   K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
                   GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -526,8 +533,11 @@ def _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sort
                                        DOT_PRECISION)
         else:
             k_ok = offs_k < K - k0
-            a = tl.load(a_base + k0 + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+            if CODES == 3:  # (no float8 `other`: a row left out is stored nowhere)
+                a = tl.load(a_base + k0 + offs_k[None, :], mask=row_ok[:, None])
+            else:
+                a = tl.load(a_base + k0 + offs_k[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             group = k0 // (K // max(GROUPS, 1))
             acc = _step(acc, a, b_ptrs, b_scale_ptr, b_low_ptr, s_at + group, k_ok, n_ok,
                         CODES, GROUPS, E4M3_BYTES, DOT_PRECISION)
@@ -536,10 +546,15 @@ def _expert_block(a_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr, sort
                                s_at + up_s + group, k_ok, n_ok, CODES, GROUPS, E4M3_BYTES,
                                DOT_PRECISION)
         b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
-    if CODES == 1 and GROUPS == 1:  # one scale a row: applied once
+    if CODES >= 1 and CODES != 2 and GROUPS == 1:  # one scale a row: applied once
         acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(b_scale_ptr + s_at + N, mask=n_ok, other=0.0)[None, :]
+    if CODES == 3:  # each row's activation scale
+        a_scale = tl.load(a_scale_ptr + a_rows, mask=row_ok, other=0.0)[:, None]
+        acc = acc * a_scale
+        if GATED:
+            acc_up = acc_up * a_scale
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -559,8 +574,9 @@ def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.conste
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :])  # (no float8 `other`)
-    if CODES == 1:
-        b = tl.where(k_ok[:, None], codes_as(b, a.dtype, E4M3_BYTES), 0.0).to(a.dtype)
+    if CODES != 2:
+        if CODES == 1:  # converted to a's type; on FP8 tensor cores (3) as they are
+            b = tl.where(k_ok[:, None], codes_as(b, a.dtype, E4M3_BYTES), 0.0).to(a.dtype)
         if GROUPS == 1:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
@@ -619,8 +635,11 @@ def _sum_top_k_last(c_ptr, sum_ptr, counter_ptr, tokens, num_blocks, offs_n, n_o
 
 def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: ExpertBlocks,
                   weights: torch.Tensor | None, a_row_div: int, gated: bool,
-                  config: MoEConfig, sums: torch.Tensor | None = None) -> None:
-    """`sums` [tokens, N]: each token's rows of `out` added there too, in the same launch."""
+                  config: MoEConfig, sums: torch.Tensor | None = None,
+                  a_scale: torch.Tensor | None = None) -> None:
+    """`sums` [tokens, N]: each token's rows of `out` added there too, in the same launch.
+    `a_scale` [rows of a]: a holds float8 values with these scales, b float8 codes (FP8
+    tensor cores)."""
     n, k = out.shape[1], a.shape[1]
     block_n = config.block_n // 2 if gated else config.block_n  # two accumulators
     wide = a.dtype == torch.float32  # twice the shared memory per stage
@@ -631,7 +650,9 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
     if isinstance(b, ExpertCodes):
         codes, scale, groups = b.codes, b.scale, b.scale.shape[-1]
         kind, bits, low = (1, 8, out) if b.low is None else (2, b.bits, b.low)
-        if kind == 1:
+        if kind == 1 and a_scale is not None:
+            kind = 3
+        elif kind == 1:
             codes, e4m3_bytes = float8_codes(codes, codes.device)
         if bits == 4:  # steps of one byte's two halves
             block_k = 64
@@ -640,7 +661,8 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
     # (without sums the kernel reads no counter: any int32 tensor stands in)
     counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
     _moe_gemm_kernel[grid](
-        a, codes, scale, low, out, weights if weights is not None else out, blocks.sorted_ids,
+        a, a_scale if a_scale is not None else out, codes, scale, low, out,
+        weights if weights is not None else out, blocks.sorted_ids,
         blocks.expert_ids, sums if sums is not None else out, counters, out.shape[0],
         blocks.expert_ids.numel(), N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
         MUL_WEIGHT=weights is not None,
@@ -689,6 +711,38 @@ def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: Exp
     return experts_forward(x, w13, w2, weights, blocks, top_k, config, partial)
 
 
+def _fp8_tensor_cores_from() -> int | None:
+    """PAGODA_MOE_FP8_FROM: the fewest tokens of a call whose float8 experts run on FP8
+    tensor cores (activations quantized per row); unset: none (not yet timed on a GPU)."""
+    given = os.environ.get("PAGODA_MOE_FP8_FROM")
+    return int(given) if given else None
+
+
+FP8_TENSOR_CORES_FROM = _fp8_tensor_cores_from()
+
+
+def takes_fp8_tensor_cores(tokens: int, w13: Experts, w2: Experts) -> bool:
+    """Whether a call's products run on FP8 tensor cores: float8 experts over inputs a
+    whole number of 128-input steps, a device with float8 (compute capability 8.9 on; the
+    CPU interpreter), and at least FP8_TENSOR_CORES_FROM tokens."""
+    if FP8_TENSOR_CORES_FROM is None or tokens < FP8_TENSOR_CORES_FROM:
+        return False
+    if not all(isinstance(w, ExpertCodes) and w.low is None and w.shape[2] % 128 == 0
+               for w in (w13, w2)):
+        return False
+    device = w13.codes.device
+    return has_e4m3(cuda_capability(device.index) if device.type == "cuda" else None)
+
+
+def _activations(x: torch.Tensor, float8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A grouped GEMM's activations: as they are, or (FP8 tensor cores) float8 values with
+    a float32 scale a row."""
+    if not float8:
+        return x, None
+    values, scale = fp8_rows(x, FP8_MAX)
+    return values, scale.view(-1)
+
+
 def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
                     topk_weights: torch.Tensor, blocks: ExpertBlocks, top_k: int,
                     config: MoEConfig, partial: bool) -> torch.Tensor:
@@ -698,7 +752,9 @@ def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
     x = x.contiguous()
     inter2 = w13.shape[1]
     act = torch.empty(tokens * top_k, inter2 // 2, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, act, blocks, None, top_k, True, config)
+    on_tensor_cores = takes_fp8_tensor_cores(tokens, w13, w2)
+    x_in, x_scale = _activations(x, on_tensor_cores)
+    _grouped_gemm(x_in, w13, act, blocks, None, top_k, True, config, a_scale=x_scale)
     # rows of experts on other ranks are never written: zeroed, they add nothing
     alloc = torch.zeros if partial else torch.empty
     down = alloc(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
@@ -708,7 +764,8 @@ def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
     sums = None
     if 1 < top_k and tokens <= MAX_SUMMED_TOKENS:
         sums = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, down, blocks, weights, 1, False, config, sums)
+    act_in, act_scale = _activations(act, on_tensor_cores)
+    _grouped_gemm(act_in, w2, down, blocks, weights, 1, False, config, sums, act_scale)
     if top_k == 1:
         return down
     return sums if sums is not None else down.view(tokens, top_k, hidden).sum(dim=1)
