@@ -453,8 +453,7 @@ def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
 @triton.jit
 def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
                      sorted_ids_ptr, expert_ids_ptr, sum_ptr, count_ptr, num_assignments,
-                     num_blocks,
-                     N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
+                     num_blocks, N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
                      GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr,
                      SUM_TOKENS: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
                      GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -490,9 +489,8 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     if expert >= 0:  # (with SUM_TOP_K, a block past the real rows still counts itself done)
         _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
                       sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N, K,
-                      A_ROW_DIV, GATED,
-                      MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M, BLOCK_N, BLOCK_K,
-                      DOT_PRECISION)
+                      A_ROW_DIV, GATED, MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M,
+                      BLOCK_N, BLOCK_K, DOT_PRECISION)
     if SUM_TOP_K > 0:
         _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n, num_assignments // SUM_TOP_K,
                         num_blocks, offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
@@ -546,7 +544,7 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                                s_at + up_s + group, k_ok, n_ok, CODES, GROUPS, E4M3_BYTES,
                                DOT_PRECISION)
         b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
-    if CODES >= 1 and CODES != 2 and GROUPS == 1:  # one scale a row: applied once
+    if (CODES == 1 or CODES == 3) and GROUPS == 1:  # float8's one scale a row: applied once
         acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(b_scale_ptr + s_at + N, mask=n_ok, other=0.0)[None, :]
