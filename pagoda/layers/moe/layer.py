@@ -97,6 +97,12 @@ class FusedMoE(DeviceDispatch):
             self.hold_floats()
 
     @property
+    def loads_codes(self) -> bool:
+        """Whether its loaders take a checkpoint's expert codes (hold_codes,
+        hold_stacked_codes) rather than floats."""
+        return self.holds_codes or self.holds_stacked_codes
+
+    @property
     def holds_weights(self) -> bool:
         """Whether hold_floats or hold_codes gave the layer its weights."""
         return "gate_up_proj" in self._parameters
@@ -206,11 +212,7 @@ class FusedMoE(DeviceDispatch):
         from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
         if not isinstance(piece, (Fp8Rows, GroupCodes)):
             return piece
-        rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" \
-            else (self.hidden_size, self.intermediate_size)
-        if tuple(piece.shape) != (rows, columns):
-            raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
-                             f"[{rows}, {columns}]")
+        self._check_piece_shape(kind, piece)
         if self.local_inter == self.intermediate_size:
             return piece
         return narrowed(piece, 0 if kind == "gate_up" else 1,
@@ -244,6 +246,15 @@ class FusedMoE(DeviceDispatch):
         self.kernel_name = kernel_name(self.stacks["gate_up"], self.stacks["down"])
         self.stacks = {}
 
+    def _check_piece_shape(self, kind: str, piece: Any) -> None:
+        """One expert's gate or up ("gate_up") is [intermediate, hidden], its down
+        [hidden, intermediate] (whole, before a rank's slice)."""
+        rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" \
+            else (self.hidden_size, self.intermediate_size)
+        if tuple(piece.shape) != (rows, columns):
+            raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
+                             f"[{rows}, {columns}]")
+
     def _placeholder(self, pieces: int, loader: Any = None) -> nn.Parameter:
         """An empty parameter each expert's piece loads through (by default kept in
         code_pieces)."""
@@ -258,11 +269,7 @@ class FusedMoE(DeviceDispatch):
             self._store_packed(param, piece)
             return
         kind = "gate_up" if param is self.gate_up_proj else "down"
-        rows, columns = (self.intermediate_size, self.hidden_size) if kind == "gate_up" else \
-            (self.hidden_size, self.intermediate_size)
-        if tuple(piece.shape) != (rows, columns):
-            raise ValueError(f"expert tensor of shape {tuple(piece.shape)} does not fit "
-                             f"[{rows}, {columns}]")
+        self._check_piece_shape(kind, piece)
         self.code_pieces[(kind, index)] = piece
         expert = index // 2 if kind == "gate_up" else index
         keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))

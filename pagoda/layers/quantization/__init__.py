@@ -70,10 +70,12 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
         elif device == "cuda" and from_checkpoint and not config.at_load \
                 and config.gives_expert_codes:
             module.hold_stacked_codes()
-        elif device == "cuda" and (config.float8_experts or _dummy_codes_fit(module, config)):
-            module.hold_floats()  # quantized once loaded (or filled with dummy values)
-            module.after_loading = partial(module.quantize_experts, None if
-                                           config.float8_experts else config.dummy_expert_layout)
+        elif device == "cuda" and config.float8_experts:  # quantized once loaded (or dummy)
+            module.hold_floats()
+            module.after_loading = module.quantize_experts
+        elif device == "cuda" and _dummy_codes_fit(module, config):
+            module.hold_floats()
+            module.after_loading = partial(module.quantize_experts, config.dummy_expert_layout)
         else:
             module.hold_floats()
 

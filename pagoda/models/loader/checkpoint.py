@@ -12,6 +12,7 @@ from torch import nn
 
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import deferred_linear_methods
+from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.quantization import (
     bind_embeddings,
@@ -153,8 +154,7 @@ def _load_checkpoint(model: CausalLM, source: ModelSource,
     keeper = _BlockKeeper(model) if source.format == "gguf" else None
     weights = iter_weights(source, keeper, sliced=model.group.size > 1)
     if config is not None:  # a mixture of experts' experts: codes, or decoded at load
-        as_codes = any(getattr(m, "holds_codes", False) or
-                       getattr(m, "holds_stacked_codes", False) for m in model.modules())
+        as_codes = any(m.loads_codes for m in model.modules() if isinstance(m, FusedMoE))
         weights = decoded_experts(weights, config, as_codes)
     loaded = model.load_weights(_with_progress(weights, total, source.name))
     if keeper is not None and keeper.decoded:
@@ -192,5 +192,4 @@ def weight_bytes(model: nn.Module) -> int:
 
 def expert_weight_bytes(model: nn.Module) -> int:
     """Of weight_bytes, what a mixture of experts' routed experts hold (however held)."""
-    from pagoda.layers.moe.layer import FusedMoE
     return sum(weight_bytes(m) for m in model.modules() if isinstance(m, FusedMoE))
