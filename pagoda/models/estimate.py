@@ -161,13 +161,10 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     params, _ = count_parameters(source, spec)
     if quantization is None:
         return params * itemsize
-    experts_as_codes = _experts_as_codes(source, quantization, device, tp)
     found = _shapes(source)
-    if found is None:  # config only (dummy weights): every parameter but the vocabulary
-        config = source.hf_config  # tables is a linear weight, one byte each (+ its scales)
-        tables = config.vocab_size * config.hidden_size * \
-            (1 + (not getattr(config, "tie_word_embeddings", False)))
-        return tables * itemsize + (params - tables)
+    if found is None:
+        return _config_only_bytes(source, spec, params, itemsize, quantization, device, tp)
+    experts_as_codes = _experts_as_codes(source, quantization, device, tp)
     shapes = dict(found[0])
     if quantization == "gguf":
         types = dict(gguf_types(source.gguf_file, source.gguf_tensors))
@@ -192,6 +189,59 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         return (params - weights) * itemsize + weights + scales
     return _quantized_safetensors_bytes(source, spec, shapes, itemsize, on_cpu,
                                         experts_as_codes)
+
+
+def _config_only_bytes(source: ModelSource, spec: ArchSpec, params: int, itemsize: int,
+                       quantization: str, device: str, tp: int) -> int:
+    """Bytes of a model known by its config alone (dummy weights, a format with random
+    weights of its own or quantized at load): the vocabulary tables at `itemsize`, every
+    other parameter a linear weight at the format's bits (`_dummy_weight_bits`; norms and
+    routers too, a slight undercount), a mixture of experts' experts too where dummy experts
+    take the format's codes (on a GPU, float8 or integer codes the fused MoE kernel takes),
+    else at `itemsize` (per-row float32 scales of float8 weights not counted)."""
+    from pagoda.layers.quantization import get_quantization_config
+    config = source.hf_config
+    tables = config.vocab_size * config.hidden_size * \
+        (1 + (not getattr(config, "tie_word_embeddings", False)))
+    layout = None if spec.experts is None else spec.experts(config)
+    experts = 0 if layout is None else \
+        layout.moe_layers * layout.num_experts * layout.params_per_expert
+    quantized = get_quantization_config(quantization, config)
+    bits = _dummy_weight_bits(quantized, device, itemsize)
+    as_codes = experts and _dummy_experts_as_codes(quantized, spec, config, device, tp)
+    expert_bits = bits if as_codes else 8 * itemsize
+    return tables * itemsize + round(((params - tables - experts) * bits
+                                      + experts * expert_bits) / 8)
+
+
+def _dummy_weight_bits(config: Any, device: str, itemsize: int) -> float:
+    """Bits a dummy linear weight of quantization `config` takes on `device`: float8 one
+    byte (decoded on CPU without pagoda's float8 kernel); integer codes with their group's
+    scale and min (16-bit each on a GPU and in torch's CPU int4 kernel, 32-bit in the CPU
+    block-dot kernel; 8-bit codes on CPU without it decoded to `itemsize`)."""
+    from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
+    on_cpu = torch.device(device).type == "cpu"
+    bits, group = getattr(config, "bits", None), getattr(config, "group_size", None)
+    if bits is None or group is None:  # float8
+        return 8 * itemsize if on_cpu and not cpu_fp8_dot.available() else 8
+    if not on_cpu or (bits == 4 and not cpu_block_dot.available()):
+        return bits + 32 / group
+    return bits + 64 / group if cpu_block_dot.available() else 8 * itemsize
+
+
+def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device: str,
+                            tp: int) -> bool:
+    """Whether dummy experts take the format's codes (bind_experts): on a GPU float8 ones,
+    or integers whose layout the fused MoE kernel takes over both projections' inputs."""
+    from pagoda.layers.moe.expert_codes import integers_fit
+    if torch.device(device).type != "cuda":
+        return False
+    if config.float8_experts:
+        return True
+    quantized, hidden = config.dummy_expert_layout, hf_config.hidden_size
+    intermediate = spec.experts(hf_config).params_per_expert // (3 * hidden)
+    return quantized is not None and all(integers_fit(*quantized, n)
+                                         for n in (hidden, intermediate // tp))
 
 
 def _experts_as_codes(source: ModelSource, quantization: str, device: str, tp: int) -> bool:

@@ -169,3 +169,22 @@ def test_gguf_experts_stay_in_codes_and_agree_with_the_decoded_file(tmp_path, gp
     rate = agreed / (len(prompts) * NUM_TOKENS)
     gpu_report(format="gguf", agreement=rate)
     assert rate >= 0.97
+
+
+@pytest.mark.parametrize(("base", "quantization"), [("qwen3-30b-a3b-awq", "awq"),
+                                                    ("qwen3-30b-a3b", "fp8")])
+def test_dummy_experts_take_the_format_codes_as_the_estimate_counts(base, quantization,
+                                                                   tmp_path):
+    """A config alone (dummy weights) on the GPU: AWQ's experts 4-bit codes, --quantization
+    fp8's float8, and the estimate within 0.5 % of the engine's bytes (norms and routers
+    counted as codes)."""
+    from tests.models.test_estimate import small_config
+    path = small_config(base, tmp_path / base, hidden_size=512, moe_intermediate_size=256,
+                        num_experts=8, num_attention_heads=4, num_key_value_heads=2)
+    model = load_model(resolve_model(path, "dummy"), torch.bfloat16, torch.device("cuda"), 128,
+                       quantization=quantization)
+    moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moes and all(m.holds_stacked_codes for m in moes)
+    figures = estimate(resolve_model(path, "dummy"), 128, dtype="bfloat16", device="cuda",
+                       quantization=quantization)
+    assert figures.weight_bytes == pytest.approx(weight_bytes(model), rel=0.005)

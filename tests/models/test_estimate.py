@@ -307,6 +307,52 @@ def test_fp8_at_load_counts_a_byte_per_linear_weight_of_a_config_only_model():
     assert fp8.weight_bytes == 2 * tables + (bf16.num_parameters - tables)
 
 
+def small_config(base: str, directory: Path, **sizes) -> str:
+    """bench/configs/`base` (its quantization_config kept) at the given sizes, two layers."""
+    config = json.loads(Path("bench/configs", base, "config.json").read_text())
+    config.update(num_hidden_layers=2, vocab_size=1000, **sizes)
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+@pytest.mark.parametrize(("base", "sizes"), [
+    ("llama-3.1-8b-awq", {"hidden_size": 512, "intermediate_size": 1024,
+                          "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}),
+    ("qwen3-30b-a3b-awq", {"hidden_size": 512, "moe_intermediate_size": 256, "num_experts": 8,
+                           "num_attention_heads": 4, "num_key_value_heads": 2})])
+def test_a_config_only_integer_model_counts_the_codes_the_engine_holds(base, sizes, tmp_path):
+    """Dummy AWQ weights: the dense layers' 4-bit codes with their groups' scales as the CPU
+    kernels hold them, a mixture of experts' experts as the floats dummy experts are on CPU
+    (norms and the router counted as codes: within 0.5 %; a byte a weight, as the estimate
+    once counted, is 29 % over for the first and 60 % under for the second)."""
+    spec = small_config(base, tmp_path / base, **sizes)
+    e = estimate(resolve_model(spec, "dummy"), 256, device="cpu")
+    assert e.quantization == "awq" and e.weights_from == "config"
+    llm = LLM(spec, load_format="dummy", max_model_len=256, device="cpu")
+    assert e.weight_bytes == pytest.approx(allocated(llm)[0], rel=0.005)
+
+
+def test_a_config_only_mixture_of_experts_counts_its_experts_as_a_gpu_holds_them():
+    """On a GPU dummy experts take the format's codes: AWQ's 4 bits with 16-bit scale and min
+    per 128 inputs, float8 under --quantization fp8; the tables stay 16-bit."""
+    awq = resolve_model("bench/configs/qwen3-30b-a3b-awq", "dummy")
+    bf16 = resolve_model("bench/configs/qwen3-30b-a3b", "dummy")
+    config = bf16.hf_config
+    tables = 2 * config.vocab_size * config.hidden_size
+    params = estimate(bf16, 4096, device="H100").num_parameters
+    linear = params - tables
+    assert estimate(awq, 4096, device="H100").weight_bytes == \
+        2 * tables + round(linear * (4 + 32 / 128) / 8)
+    assert estimate(bf16, 4096, device="H100", quantization="fp8").weight_bytes == \
+        2 * tables + linear
+    # on CPU dummy experts are floats
+    layout = arch_spec(config).experts(config)
+    experts = layout.moe_layers * layout.num_experts * layout.params_per_expert
+    assert estimate(bf16, 4096, device="cpu", quantization="fp8", dtype="bfloat16"
+                    ).weight_bytes == 2 * tables + (linear - experts) + 2 * experts
+
+
 def test_integer_codes_on_a_gpu_allow_for_the_slice_long_calls_decode_into():
     from pagoda.layers.quantization.group_gemm import DECODE_FROM, DECODED_SLICE_BYTES
     bf16 = resolve_model("bench/configs/llama-3.1-8b", "dummy")
