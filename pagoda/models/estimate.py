@@ -197,8 +197,8 @@ def _config_only_bytes(source: ModelSource, spec: ArchSpec, params: int, itemsiz
     weights of its own or quantized at load): the vocabulary tables at `itemsize`, every
     other parameter a linear weight at the format's bits (`_dummy_weight_bits`; norms and
     routers too, a slight undercount), a mixture of experts' experts too where dummy experts
-    take the format's codes (on a GPU, float8 or integer codes the fused MoE kernel takes),
-    else at `itemsize` (per-row float32 scales of float8 weights not counted)."""
+    take the format's codes (`_dummy_experts_as_codes`), else at `itemsize` (per-row float32
+    scales of float8 weights not counted)."""
     from pagoda.layers.quantization import get_quantization_config
     config = source.hf_config
     tables = config.vocab_size * config.hidden_size * \
@@ -231,9 +231,12 @@ def _dummy_weight_bits(config: Any, device: str, itemsize: int) -> float:
 
 def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device: str,
                             tp: int) -> bool:
-    """Whether dummy experts take the format's codes (bind_experts): on a GPU float8 ones,
-    or integers whose layout the fused MoE kernel takes over both projections' inputs."""
+    """Whether dummy experts take the format's codes (bind_experts): an integer format's on
+    one CPU rank where its CPU kernel runs; on a GPU float8 ones, or integers whose layout
+    the fused MoE kernel takes over both projections' inputs."""
     from pagoda.layers.moe.expert_codes import integers_fit
+    if torch.device(device).type == "cpu":
+        return tp == 1 and config.holds_expert_codes and config.dummy_expert_layout is not None
     if torch.device(device).type != "cuda":
         return False
     if config.float8_experts:

@@ -322,10 +322,9 @@ def small_config(base: str, directory: Path, **sizes) -> str:
     ("qwen3-30b-a3b-awq", {"hidden_size": 512, "moe_intermediate_size": 256, "num_experts": 8,
                            "num_attention_heads": 4, "num_key_value_heads": 2})])
 def test_a_config_only_integer_model_counts_the_codes_the_engine_holds(base, sizes, tmp_path):
-    """Dummy AWQ weights: the dense layers' 4-bit codes with their groups' scales as the CPU
-    kernels hold them, a mixture of experts' experts as the floats dummy experts are on CPU
-    (norms and the router counted as codes: within 0.5 %; a byte a weight, as the estimate
-    once counted, is 29 % over for the first and 60 % under for the second)."""
+    """Dummy AWQ weights on CPU: every linear layer's and expert's 4-bit codes with their
+    groups' scales as the block-dot kernel holds them (norms and the router counted as
+    codes: within 0.5 %; a byte a weight, as the estimate once counted, is 29 % over)."""
     spec = small_config(base, tmp_path / base, **sizes)
     e = estimate(resolve_model(spec, "dummy"), 256, device="cpu")
     assert e.quantization == "awq" and e.weights_from == "config"
@@ -346,7 +345,7 @@ def test_a_config_only_mixture_of_experts_counts_its_experts_as_a_gpu_holds_them
         2 * tables + round(linear * (4 + 32 / 128) / 8)
     assert estimate(bf16, 4096, device="H100", quantization="fp8").weight_bytes == \
         2 * tables + linear
-    # on CPU dummy experts are floats
+    # on CPU --quantization fp8 leaves experts floats
     layout = arch_spec(config).experts(config)
     experts = layout.moe_layers * layout.num_experts * layout.params_per_expert
     assert estimate(bf16, 4096, device="cpu", quantization="fp8", dtype="bfloat16"

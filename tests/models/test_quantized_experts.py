@@ -9,6 +9,7 @@ engine holds them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,30 @@ def test_a_gguf_s_experts_stay_in_their_blocks_codes_on_cpu(tmp_path):
     agreed = sum(a == b for top, p, c in zip(ours, prompts, continuations, strict=True)
                  for a, b in zip(top[len(p) - 1:], c))
     assert agreed / (len(prompts) * NUM_TOKENS) >= 0.97
+
+
+@pytest.mark.skipif(not cpu_block_dot.available(), reason="the block-dot kernel is not built")
+def test_dummy_experts_of_an_integer_format_are_its_codes_on_cpu(tmp_path):
+    """A config alone with AWQ's quantization_config (dummy weights): every expert random
+    4-bit codes on the block-dot kernel, as the checkpoint's would be held, whose weights
+    have the dummy weights' spread; the model generates."""
+    config = CONFIG.to_dict() | {"quantization_config": FORMATS["awq"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = resolve_model(str(tmp_path), "dummy")
+    model = load_model(source, torch.float32, torch.device("cpu"), 128, quantization="awq")
+    moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert len(moes) == 2 and all(m.holds_codes for m in moes)
+    kernels = [k for m in moes for expert in m.expert_kernels for k in expert]
+    assert len(kernels) == 2 * 2 * CONFIG.num_experts
+    assert all(isinstance(k, BlockDotWeight) and k.bits == 4 for k in kernels)
+    gate_up, down = expert_weights(moes[0])
+    assert gate_up.shape == (CONFIG.num_experts, 2 * 128, 256)
+    assert float(gate_up.std()) == pytest.approx(0.02, rel=0.1)
+    assert abs(float(down.mean())) < 0.15 * float(down.std())  # (codes 0-15 about 8: -0.5 step)
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8
 
 
 def test_a_gguf_s_experts_held_as_floats_say_so_in_one_line(tmp_path, cpu_kernel):

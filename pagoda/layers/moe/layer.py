@@ -135,6 +135,32 @@ class FusedMoE(DeviceDispatch):
         self.built_experts: list[nn.ModuleList | None] = [None] * total
         self.after_loading = self._collect_expert_kernels
 
+    def hold_dummy_codes(self, layout: tuple[int, int]) -> None:
+        """hold_codes for dummy weights of an integer format: each expert random codes of
+        `layout` (bits, group), made by init_dummy."""
+        self.hold_codes()
+        self.dummy_layout = layout
+
+    def init_dummy(self, generator: torch.Generator, std: float) -> bool:
+        """Give every expert random codes (hold_dummy_codes; weights of mean 0 and standard
+        deviation `std`); False where the layer holds no dummy codes."""
+        from pagoda.layers.quantization.cpu_block_dot import GroupCodes
+        from pagoda.layers.quantization.int_checkpoints import dummy_codes
+        layout = getattr(self, "dummy_layout", None)
+        if layout is None:
+            return False
+        bits, group = layout
+
+        def random(rows: int, columns: int) -> GroupCodes:
+            return GroupCodes(*dummy_codes(rows, columns, bits, group, generator, std),
+                              group, bits)
+        inter, hidden = self.intermediate_size, self.hidden_size
+        for expert in range(self.placement.total):
+            self.built_experts[expert] = nn.ModuleList([
+                expert_kernel([random(inter, hidden), random(inter, hidden)]),
+                expert_kernel([random(hidden, inter)])])
+        return True
+
     def hold_stacked_codes(self) -> None:
         """Every expert's codes stacked for the GPU's fused MoE kernel (ExpertCodes: an FP8
         checkpoint's float8 values, an integer or GGUF checkpoint's codes): a projection's

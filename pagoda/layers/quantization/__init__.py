@@ -53,7 +53,8 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
                  from_checkpoint: bool) -> None:
     """Give every mixture-of-experts layer built without weights what holds them: the
     checkpoint's codes for a CPU kernel where the format gives them, its kernel runs here
-    (`holds_expert_codes`) and one rank holds every expert; on a GPU the checkpoint's codes
+    (`holds_expert_codes`) and one rank holds every expert (dummy ones of an integer format
+    its random codes there); on a GPU the checkpoint's codes
     stacked for the fused MoE kernel where the format gives them (`gives_expert_codes`;
     floats where their layout does not fit), and float8 for floats under `--quantization
     fp8` (dummy ones too) and integer codes for an integer format's dummy ones; else floats
@@ -64,9 +65,13 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
             continue
         if config is None:
             module.hold_floats()
-        elif from_checkpoint and module.group.size == 1 and device == "cpu" \
-                and config.holds_expert_codes:
-            module.hold_codes()
+        elif module.group.size == 1 and device == "cpu" and config.holds_expert_codes:
+            if from_checkpoint:
+                module.hold_codes()
+            elif config.dummy_expert_layout is not None:
+                module.hold_dummy_codes(config.dummy_expert_layout)
+            else:
+                module.hold_floats()
         elif device == "cuda" and from_checkpoint and not config.at_load \
                 and config.gives_expert_codes:
             module.hold_stacked_codes()

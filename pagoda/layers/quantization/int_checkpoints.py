@@ -124,6 +124,18 @@ def act_order(g_idx: torch.Tensor, group_size: int, layer: LinearBase, fmt: str 
     return order
 
 
+def dummy_codes(rows: int, columns: int, bits: int, group: int, generator: torch.Generator,
+                std: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, low) of a random [rows, columns] weight in `bits`-bit codes with a scale
+    and low per `group` inputs, its weights of mean 0 and standard deviation `std`."""
+    levels, device = 1 << bits, generator.device
+    codes = torch.randint(0, levels, (rows, columns), generator=generator, device=device,
+                          dtype=torch.uint8)
+    # uniform codes' standard deviation: levels / sqrt(12) (4.6 for 4 bits)
+    scale = torch.full((rows, columns // group), std / (levels / 12 ** 0.5), device=device)
+    return codes, scale, -(levels // 2) * scale
+
+
 def _block_dot_fits(layer: LinearBase, group: int) -> bool:
     """Whether the CPU block-dot kernel runs here and holds the layer's (stacked) pieces."""
     return cpu_block_dot.holds(sum(piece_sizes(layer)), layer.local_in, group)
@@ -157,13 +169,9 @@ class IntCheckpointMethod(LinearMethod):
                                  optional=self.config.optional_names)
 
     def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
-        rows, groups = sum(piece_sizes(layer)), layer.local_in // self.config.group_of(layer)
-        device, levels = generator.device, 1 << self.config.bits
-        codes = torch.randint(0, levels, (rows, layer.local_in), generator=generator,
-                              device=device, dtype=torch.uint8)
-        # uniform codes' standard deviation: levels / sqrt(12) (4.6 for 4 bits)
-        scale = torch.full((rows, groups), std / (levels / 12 ** 0.5), device=device)
-        layer.dummy_groups = (codes, scale, -(levels // 2) * scale)
+        layer.dummy_groups = dummy_codes(sum(piece_sizes(layer)), layer.local_in,
+                                         self.config.bits, self.config.group_of(layer),
+                                         generator, std)
         return True
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
