@@ -197,8 +197,7 @@ def _config_only_bytes(source: ModelSource, spec: ArchSpec, params: int, itemsiz
     weights of its own or quantized at load): the vocabulary tables at `itemsize`, every
     other parameter a linear weight at the format's bits (`_dummy_weight_bits`; norms and
     routers too, a slight undercount), a mixture of experts' experts too where dummy experts
-    take the format's codes (`_dummy_experts_as_codes`), else at `itemsize` (per-row float32
-    scales of float8 weights not counted)."""
+    take the format's codes (`_dummy_experts_as_codes`), else at `itemsize`."""
     from pagoda.layers.quantization import get_quantization_config
     config = source.hf_config
     tables = config.vocab_size * config.hidden_size * \
@@ -207,23 +206,25 @@ def _config_only_bytes(source: ModelSource, spec: ArchSpec, params: int, itemsiz
     experts = 0 if layout is None else \
         layout.moe_layers * layout.num_experts * layout.params_per_expert
     quantized = get_quantization_config(quantization, config)
-    bits = _dummy_weight_bits(quantized, device, itemsize)
+    bits = _dummy_weight_bits(quantized, device, itemsize, config.hidden_size)
     as_codes = experts and _dummy_experts_as_codes(quantized, spec, config, device, tp)
     expert_bits = bits if as_codes else 8 * itemsize
     return tables * itemsize + round(((params - tables - experts) * bits
                                       + experts * expert_bits) / 8)
 
 
-def _dummy_weight_bits(config: Any, device: str, itemsize: int) -> float:
-    """Bits a dummy linear weight of quantization `config` takes on `device`: float8 one
-    byte (decoded on CPU without pagoda's float8 kernel); integer codes with their group's
-    scale and min (16-bit each on a GPU and in torch's CPU int4 kernel, 32-bit in the CPU
-    block-dot kernel; 8-bit codes on CPU without it decoded to `itemsize`)."""
+def _dummy_weight_bits(config: Any, device: str, itemsize: int, hidden: int) -> float:
+    """Bits a dummy linear weight of quantization `config` takes on `device`: float8 a byte
+    and its row's float32 scale (rows taken `hidden` inputs long: the down projections'
+    longer rows a slight overcount; decoded on CPU without pagoda's float8 kernel); integer
+    codes with their group's scale and min (16-bit each on a GPU and in torch's CPU int4
+    kernel, 32-bit in the CPU block-dot kernel; 8-bit codes on CPU without it decoded to
+    `itemsize`)."""
     from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
     on_cpu = torch.device(device).type == "cpu"
     bits, group = getattr(config, "bits", None), getattr(config, "group_size", None)
     if bits is None or group is None:  # float8
-        return 8 * itemsize if on_cpu and not cpu_fp8_dot.available() else 8
+        return 8 * itemsize if on_cpu and not cpu_fp8_dot.available() else 8 + 32 / hidden
     if not on_cpu or (bits == 4 and not cpu_block_dot.available()):
         return bits + 32 / group
     return bits + 64 / group if cpu_block_dot.available() else 8 * itemsize

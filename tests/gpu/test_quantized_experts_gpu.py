@@ -109,9 +109,8 @@ def test_float_experts_quantized_to_float8_at_load(source, gpu_report):  # noqa:
     check_experts_as_codes(source, "fp8", "float8 weights")
     floats, _ = loaded_on_the_gpu(source, None)
     held, _ = loaded_on_the_gpu(source, "fp8")
-    moes = [(a, b) for a, b in zip(floats.modules(), held.modules(), strict=True)
-            if isinstance(a, FusedMoE)]
-    for original, quantized in moes:
+    moes = [[m for m in model.modules() if isinstance(m, FusedMoE)] for model in (floats, held)]
+    for original, quantized in zip(*moes, strict=True):
         for weights, codes in zip((original.gate_up_proj, original.down_proj),
                                   quantized.stacked_experts(), strict=True):
             values, scale = quantize_per_channel(weights[1])

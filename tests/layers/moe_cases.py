@@ -138,7 +138,7 @@ def stacked_codes(w: torch.Tensor, layout: tuple):
     if layout[0] == "float8":
         return expert_codes.ExpertCodes(*float8_experts(w, layout[1]))
     pieces = integer_experts(w, *layout[1:])
-    stack = expert_codes.empty_stack(pieces[0], experts, rows, inputs)
+    stack = expert_codes.empty_stack(pieces[0], experts, rows, inputs, w.device)
     for expert, piece in enumerate(pieces):
         expert_codes.put(stack, expert, 0, piece)
     return stack

@@ -297,6 +297,11 @@ def test_the_command_reports_active_parameters(capsys):
     assert "active" not in capsys.readouterr().out
 
 
+def float8_bytes(weights: int, hidden: int) -> int:
+    """Linear weights in float8 with a float32 scale a row of `hidden` inputs."""
+    return round(weights * (8 + 32 / hidden) / 8)
+
+
 def test_fp8_at_load_counts_a_byte_per_linear_weight_of_a_config_only_model():
     source = resolve_model("bench/configs/llama-3.1-8b", "dummy")
     bf16 = estimate(source, 8192, device="H100")
@@ -304,7 +309,8 @@ def test_fp8_at_load_counts_a_byte_per_linear_weight_of_a_config_only_model():
     config = source.hf_config
     tables = config.vocab_size * config.hidden_size * 2  # untied embedding and LM head
     assert fp8.quantization == "fp8" and bf16.quantization is None
-    assert fp8.weight_bytes == 2 * tables + (bf16.num_parameters - tables)
+    assert fp8.weight_bytes == 2 * tables + float8_bytes(bf16.num_parameters - tables,
+                                                         config.hidden_size)
 
 
 def small_config(base: str, directory: Path, **sizes) -> str:
@@ -334,7 +340,8 @@ def test_a_config_only_integer_model_counts_the_codes_the_engine_holds(base, siz
 
 def test_a_config_only_mixture_of_experts_counts_its_experts_as_a_gpu_holds_them():
     """On a GPU dummy experts take the format's codes: AWQ's 4 bits with 16-bit scale and min
-    per 128 inputs, float8 under --quantization fp8; the tables stay 16-bit."""
+    per 128 inputs, float8 with a scale a row under --quantization fp8; the tables stay
+    16-bit."""
     awq = resolve_model("bench/configs/qwen3-30b-a3b-awq", "dummy")
     bf16 = resolve_model("bench/configs/qwen3-30b-a3b", "dummy")
     config = bf16.hf_config
@@ -344,12 +351,13 @@ def test_a_config_only_mixture_of_experts_counts_its_experts_as_a_gpu_holds_them
     assert estimate(awq, 4096, device="H100").weight_bytes == \
         2 * tables + round(linear * (4 + 32 / 128) / 8)
     assert estimate(bf16, 4096, device="H100", quantization="fp8").weight_bytes == \
-        2 * tables + linear
+        2 * tables + float8_bytes(linear, config.hidden_size)
     # on CPU --quantization fp8 leaves experts floats
     layout = arch_spec(config).experts(config)
     experts = layout.moe_layers * layout.num_experts * layout.params_per_expert
     assert estimate(bf16, 4096, device="cpu", quantization="fp8", dtype="bfloat16"
-                    ).weight_bytes == 2 * tables + (linear - experts) + 2 * experts
+                    ).weight_bytes == 2 * tables + float8_bytes(linear - experts,
+                                                                config.hidden_size) + 2 * experts
 
 
 def test_integer_codes_on_a_gpu_allow_for_the_slice_long_calls_decode_into():

@@ -105,11 +105,10 @@ def _fits_steps(group: int, inputs: int) -> bool:
     return group == inputs or (group >= 16 and group & (group - 1) == 0)
 
 
-def empty_stack(piece: Fp8Rows | GroupCodes, experts: int, rows: int,
-                inputs: int) -> ExpertCodes:
-    """A stack for `experts` x `rows` weights of `inputs` inputs in `piece`'s layout, on
-    its device."""
-    device = piece.scale.device
+def empty_stack(piece: Fp8Rows | GroupCodes, experts: int, rows: int, inputs: int,
+                device: torch.device) -> ExpertCodes:
+    """A stack on `device` for `experts` x `rows` weights of `inputs` inputs in `piece`'s
+    layout (a checkpoint's pieces may be read on another: a GGUF's on CPU)."""
     if isinstance(piece, Fp8Rows):
         groups = piece.scale.shape[1]
         return ExpertCodes(torch.empty(experts, rows, inputs, dtype=FLOAT8, device=device),
@@ -176,7 +175,8 @@ def quantized_integers(stack: torch.Tensor, bits: int, group: int) -> ExpertCode
     format's form, for benchmarks."""
     experts, rows, inputs = stack.shape
     floats = stack[0].new_empty(0)
-    held = empty_stack(GroupCodes(floats, floats, floats, group, bits), experts, rows, inputs)
+    held = empty_stack(GroupCodes(floats, floats, floats, group, bits), experts, rows, inputs,
+                       stack.device)
     for expert in range(experts):
         grouped = stack[expert].float().view(rows, inputs // group, group)
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)

@@ -217,8 +217,8 @@ class FusedMoE(DeviceDispatch):
             return False
         stack = self.stacks.get(kind)
         if stack is None:
-            stack = self.stacks[kind] = expert_codes.empty_stack(part, self.placement.local,
-                                                                 rows, inputs)
+            stack = self.stacks[kind] = expert_codes.empty_stack(
+                part, self.placement.local, rows, inputs, self.gate_up_proj.device)
         if not expert_codes.same_layout(stack, part):
             return False
         expert_codes.put(stack, expert, index % 2 * self.local_inter if kind == "gate_up"
