@@ -232,12 +232,13 @@ def _dummy_weight_bits(config: Any, device: str, itemsize: int, hidden: int) -> 
 
 def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device: str,
                             tp: int) -> bool:
-    """Whether dummy experts take the format's codes (bind_experts): an integer format's on
-    one CPU rank where its CPU kernel runs; on a GPU float8 ones, or integers whose layout
-    the fused MoE kernel takes over both projections' inputs."""
+    """Whether dummy experts take the format's codes (bind_experts): float8 ones, or an
+    integer format's; on CPU where one rank holds them and the format's CPU kernel runs, on
+    a GPU where the fused MoE kernel takes their layout over both projections' inputs."""
     from pagoda.layers.moe.expert_codes import integers_fit
     if torch.device(device).type == "cpu":
-        return tp == 1 and config.holds_expert_codes and config.dummy_expert_layout is not None
+        return tp == 1 and config.holds_expert_codes and (
+            config.float8_experts or config.dummy_expert_layout is not None)
     if torch.device(device).type != "cuda":
         return False
     if config.float8_experts:

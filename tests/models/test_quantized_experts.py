@@ -4,8 +4,9 @@ library; a GGUF of Q4_0 and Q8_0 experts), written from random Qwen3-MoE models:
 are held as codes on a CPU kernel where the format allows (block-dot; float8 for FP8), else
 decoded at load to the model's dtype, and compute the weights their tensors stand for; the
 router stays unquantized; the next tokens are those of a float32 checkpoint holding those
-weights, on one device or two tensor-parallel ranks. The estimate counts the experts as the
-engine holds them."""
+weights, on one device or two tensor-parallel ranks. A float checkpoint's experts under
+`--quantization fp8`, and dummy experts of a format, are its codes on CPU too. The estimate
+counts the experts as the engine holds them."""
 
 from __future__ import annotations
 
@@ -251,25 +252,51 @@ def test_a_gguf_s_experts_stay_in_their_blocks_codes_on_cpu(tmp_path):
     assert agreed / (len(prompts) * NUM_TOKENS) >= 0.97
 
 
-@pytest.mark.skipif(not cpu_block_dot.available(), reason="the block-dot kernel is not built")
-def test_dummy_experts_of_an_integer_format_are_its_codes_on_cpu(tmp_path):
-    """A config alone with AWQ's quantization_config (dummy weights): every expert random
-    4-bit codes on the block-dot kernel, as the checkpoint's would be held, whose weights
+@pytest.mark.skipif(not cpu_fp8_dot.available(), reason="the float8 kernel is not built")
+def test_float_experts_quantized_to_float8_rows_at_load_on_cpu(source):
+    """`--quantization fp8` on a float32 checkpoint: each expert's projections are float8
+    with a scale a row on the float8 kernel, bit for bit the dense layers' quantization of
+    their weights, in a third of the floats' bytes; the estimate counts them so."""
+    from pagoda.layers.quantization.fp8 import quantize_per_channel
+    floats, held = loaded(source), loaded(source, "fp8")
+    pairs = [[m for m in model.modules() if isinstance(m, FusedMoE)] for model in (floats, held)]
+    for original, quantized in zip(*pairs, strict=True):
+        assert quantized.holds_codes
+        for expert, (gate_up, down) in enumerate(quantized.expert_kernels):
+            assert isinstance(gate_up, Fp8DotWeight) and isinstance(down, Fp8DotWeight)
+            values, scale = quantize_per_channel(original.down_proj[expert])
+            assert torch.equal(held_weight(down), values.float() * scale)
+    expert_bytes = sum(p.numel() * p.element_size() for moe in pairs[1]
+                       for p in moe.parameters())
+    assert expert_bytes < 0.3 * sum(p.numel() * 4 for moe in pairs[0] for p in moe.parameters())
+    figures = estimate(resolve_model(str(source), "auto"), 128, dtype="float32",
+                       quantization="fp8")
+    assert figures.weight_bytes == weight_bytes(held)
+
+
+@pytest.mark.parametrize(("fmt", "kernel"), [("awq", BlockDotWeight), ("fp8", Fp8DotWeight)])
+def test_dummy_experts_are_the_format_codes_on_cpu(fmt, kernel, tmp_path):
+    """A config alone (dummy weights), with AWQ's quantization_config or under
+    `--quantization fp8`: every expert random codes on the format's CPU kernel (4-bit codes
+    on the block-dot kernel; float8 rows), as the checkpoint's would be held, whose weights
     have the dummy weights' spread; the model generates."""
-    config = CONFIG.to_dict() | {"quantization_config": FORMATS["awq"]}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    if not (cpu_block_dot.available() if fmt == "awq" else cpu_fp8_dot.available()):
+        pytest.skip(f"the {kernel.__name__} kernel is not built")
+    stored = {"quantization_config": FORMATS["awq"]} if fmt == "awq" else {}
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_dict() | stored))
     source = resolve_model(str(tmp_path), "dummy")
-    model = load_model(source, torch.float32, torch.device("cpu"), 128, quantization="awq")
+    model = load_model(source, torch.float32, torch.device("cpu"), 128, quantization=fmt)
     moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
     assert len(moes) == 2 and all(m.holds_codes for m in moes)
     kernels = [k for m in moes for expert in m.expert_kernels for k in expert]
     assert len(kernels) == 2 * 2 * CONFIG.num_experts
-    assert all(isinstance(k, BlockDotWeight) and k.bits == 4 for k in kernels)
+    assert all(isinstance(k, kernel) for k in kernels)
     gate_up, down = expert_weights(moes[0])
     assert gate_up.shape == (CONFIG.num_experts, 2 * 128, 256)
     assert float(gate_up.std()) == pytest.approx(0.02, rel=0.1)
-    assert abs(float(down.mean())) < 0.15 * float(down.std())  # (codes 0-15 about 8: -0.5 step)
-    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128)
+    assert abs(float(down.mean())) < 0.15 * float(down.std())  # (AWQ: codes 0-15 about 8)
+    llm = LLM(str(tmp_path), load_format="dummy", kv_cache_memory=8 << 20, max_model_len=128,
+              quantization=fmt)
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8

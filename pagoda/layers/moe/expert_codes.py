@@ -169,6 +169,25 @@ def narrowed(piece: Fp8Rows | GroupCodes, dim: int, start: int,
     return replace(piece, **{key: codes.narrow(dim, start, length)}, **parts)
 
 
+def random_group_codes(bits: int, group: int, rows: int, columns: int,
+                       generator: torch.Generator, std: float) -> GroupCodes:
+    """A random [rows, columns] piece in `bits`-bit codes, a scale and low per `group`
+    inputs, its weights of mean 0 and standard deviation `std`: a dummy expert's projection
+    of an integer format."""
+    from pagoda.layers.quantization.int_checkpoints import dummy_codes
+    return GroupCodes(*dummy_codes(rows, columns, bits, group, generator, std), group, bits)
+
+
+def random_float8_rows(rows: int, columns: int, generator: torch.Generator,
+                       std: float) -> Fp8Rows:
+    """N(0, std) weights [rows, columns] as float8 with a scale a row (the dense layers'
+    quantization at load): a dummy expert's projection under `--quantization fp8`."""
+    from pagoda.layers.quantization.fp8 import quantize_per_channel
+    weights = torch.empty(rows, columns, device=generator.device).normal_(0.0, std,
+                                                                         generator=generator)
+    return Fp8Rows(*quantize_per_channel(weights))
+
+
 def quantized_integers(stack: torch.Tensor, bits: int, group: int) -> ExpertCodes:
     """Floats [experts, rows, inputs] as `bits`-bit codes with a scale and low (each group's
     minimum) a row and `group` inputs, expert by expert: dummy experts in an integer

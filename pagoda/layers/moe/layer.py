@@ -16,6 +16,7 @@ ranks' partial outputs are summed over the group."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -90,7 +91,7 @@ class FusedMoE(DeviceDispatch):
         self.local_inter = intermediate_size if split_experts else \
             group.split(intermediate_size)[1]
         self.hidden_size = hidden_size
-        self.holds_codes = False  # see hold_codes
+        self.holds_codes = self.float8_pieces = False  # see hold_codes
         self.holds_stacked_codes = False  # see hold_stacked_codes
         self.expert_kernels: nn.ModuleList | None = None
         if not linear_methods_deferred():
@@ -119,46 +120,42 @@ class FusedMoE(DeviceDispatch):
                                        loader=self._load_down)
         self.down_proj.num_pieces = total
 
-    def hold_codes(self) -> None:
+    def hold_codes(self, float8: bool = False) -> None:
         """Each expert's projections as the checkpoint's codes for a CPU kernel (a GGUF's
         blocks, an integer format's codes or float8 rows: GGUFWeight, GroupCodes, Fp8Rows)
-        or as floats where none fits: an expert's kernels are built once its three pieces have
+        or as floats where none fits (`float8`: float pieces quantized to float8 rows as they
+        come, `--quantization fp8`): an expert's kernels are built once its three pieces have
         come (its unpacked codes are not kept), `expert_kernels` once loading ends. One rank
         holding every expert."""
         if self.placement.local != self.placement.total or self.group.size > 1:
             raise ValueError("experts held as codes are one rank's, whole")
         total = self.placement.total
-        self.holds_codes = True
+        self.holds_codes, self.float8_pieces = True, float8
         self.gate_up_proj = self._placeholder(2 * total)
         self.down_proj = self._placeholder(total)
         self.code_pieces: dict[tuple[str, int], Any] = {}
         self.built_experts: list[nn.ModuleList | None] = [None] * total
         self.after_loading = self._collect_expert_kernels
 
-    def hold_dummy_codes(self, layout: tuple[int, int]) -> None:
-        """hold_codes for dummy weights of an integer format: each expert random codes of
-        `layout` (bits, group), made by init_dummy."""
+    def hold_dummy_codes(self, random_piece: Callable[..., Any]) -> None:
+        """hold_codes for dummy weights of a format: each expert's pieces made by
+        `random_piece(rows, columns, generator, std)` (codes of the format for a CPU kernel)
+        in init_dummy."""
         self.hold_codes()
-        self.dummy_layout = layout
+        self.random_piece = random_piece
 
     def init_dummy(self, generator: torch.Generator, std: float) -> bool:
         """Give every expert random codes (hold_dummy_codes; weights of mean 0 and standard
         deviation `std`); False where the layer holds no dummy codes."""
-        from pagoda.layers.quantization.cpu_block_dot import GroupCodes
-        from pagoda.layers.quantization.int_checkpoints import dummy_codes
-        layout = getattr(self, "dummy_layout", None)
-        if layout is None:
+        make = getattr(self, "random_piece", None)
+        if make is None:
             return False
-        bits, group = layout
-
-        def random(rows: int, columns: int) -> GroupCodes:
-            return GroupCodes(*dummy_codes(rows, columns, bits, group, generator, std),
-                              group, bits)
         inter, hidden = self.intermediate_size, self.hidden_size
         for expert in range(self.placement.total):
-            self.built_experts[expert] = nn.ModuleList([
-                expert_kernel([random(inter, hidden), random(inter, hidden)]),
-                expert_kernel([random(hidden, inter)])])
+            gate, up, down = (make(rows, columns, generator, std) for rows, columns in
+                              ((inter, hidden), (inter, hidden), (hidden, inter)))
+            self.built_experts[expert] = nn.ModuleList([expert_kernel([gate, up]),
+                                                        expert_kernel([down])])
         return True
 
     def hold_stacked_codes(self) -> None:
@@ -296,6 +293,10 @@ class FusedMoE(DeviceDispatch):
             return
         kind = "gate_up" if param is self.gate_up_proj else "down"
         self._check_piece_shape(kind, piece)
+        if self.float8_pieces and isinstance(piece, torch.Tensor):
+            from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+            from pagoda.layers.quantization.fp8 import quantize_per_channel
+            piece = Fp8Rows(*quantize_per_channel(piece))
         self.code_pieces[(kind, index)] = piece
         expert = index // 2 if kind == "gate_up" else index
         keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))

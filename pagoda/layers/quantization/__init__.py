@@ -53,12 +53,13 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
                  from_checkpoint: bool) -> None:
     """Give every mixture-of-experts layer built without weights what holds them: the
     checkpoint's codes for a CPU kernel where the format gives them, its kernel runs here
-    (`holds_expert_codes`) and one rank holds every expert (dummy ones of an integer format
-    its random codes there); on a GPU the checkpoint's codes
-    stacked for the fused MoE kernel where the format gives them (`gives_expert_codes`;
-    floats where their layout does not fit), and float8 for floats under `--quantization
-    fp8` (dummy ones too) and integer codes for an integer format's dummy ones; else floats
-    in the model's dtype (a quantized checkpoint's experts decoded at load)."""
+    (`holds_expert_codes`) and one rank holds every expert (float ones quantized to float8
+    under `--quantization fp8`, dummy ones random codes of the format); on a GPU the
+    checkpoint's codes stacked for the fused MoE kernel where the format gives them
+    (`gives_expert_codes`; floats where their layout does not fit), and float8 for floats
+    under `--quantization fp8` (dummy ones too) and integer codes for an integer format's
+    dummy ones; else floats in the model's dtype (a quantized checkpoint's experts decoded
+    at load)."""
     device = torch.empty(0).device.type  # the device being loaded onto
     for module in model.modules():
         if not isinstance(module, FusedMoE) or module.holds_weights:
@@ -66,12 +67,7 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
         if config is None:
             module.hold_floats()
         elif module.group.size == 1 and device == "cpu" and config.holds_expert_codes:
-            if from_checkpoint:
-                module.hold_codes()
-            elif config.dummy_expert_layout is not None:
-                module.hold_dummy_codes(config.dummy_expert_layout)
-            else:
-                module.hold_floats()
+            _hold_codes_on_cpu(module, config, from_checkpoint)
         elif device == "cuda" and from_checkpoint and not config.at_load \
                 and config.gives_expert_codes:
             module.hold_stacked_codes()
@@ -83,6 +79,23 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
             module.after_loading = partial(module.quantize_experts, config.dummy_expert_layout)
         else:
             module.hold_floats()
+
+
+def _hold_codes_on_cpu(module: FusedMoE, config: QuantizationConfig,
+                       from_checkpoint: bool) -> None:
+    """The checkpoint's codes (float experts quantized to float8 rows under `--quantization
+    fp8`); dummy experts random ones of the format (float8 rows, or an integer format's
+    codes), floats where the format has none."""
+    from pagoda.layers.moe.expert_codes import random_float8_rows, random_group_codes
+    layout = config.dummy_expert_layout
+    if from_checkpoint:
+        module.hold_codes(float8=config.at_load)
+    elif config.float8_experts:
+        module.hold_dummy_codes(random_float8_rows)
+    elif layout is not None:
+        module.hold_dummy_codes(partial(random_group_codes, *layout))
+    else:
+        module.hold_floats()
 
 
 def _dummy_codes_fit(module: FusedMoE, config: QuantizationConfig) -> bool:

@@ -230,7 +230,8 @@ def fp8_expert_rows(tensors: dict[str, torch.Tensor], block: tuple[int, int] | N
 
 class Fp8ExpertsConfig(QuantizationConfig):
     """What the fp8 configs share for experts: float8 rows on CPU's float8 kernel where it
-    runs, else decoded (checkpoints of float8 weights; `block`: their block scales)."""
+    runs (a float checkpoint's quantized a row at load), else decoded (checkpoints of
+    float8 weights; `block`: their block scales)."""
 
     block: tuple[int, int] | None = None
     float8_experts = True
@@ -238,7 +239,7 @@ class Fp8ExpertsConfig(QuantizationConfig):
 
     @property
     def holds_expert_codes(self) -> bool:
-        return not self.at_load and cpu_fp8_dot.available()
+        return cpu_fp8_dot.available()
 
     def expert_codes(self, tensors: dict[str, torch.Tensor]
                      ) -> cpu_fp8_dot.Fp8Rows | torch.Tensor | None:
