@@ -202,13 +202,15 @@ def interpreter_report(module: str, marker: str) -> dict:
     return json.loads(line.removeprefix(marker))
 
 
-def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90) -> dict:
+def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90,
+                     **options) -> dict:
     """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
     A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",
     "cubin", ...): type errors the interpreter lets through (a dot of mixed dtypes, a type
     the architecture lacks) fail here. `signature` types the runtime arguments; pointers are
     taken as 16-byte aligned, as Triton specializes them at run time for fresh tensors (so
-    that vector loads and pipelined copies are compiled as on the GPU)."""
+    that vector loads and pipelined copies are compiled as on the GPU); `options` as a
+    launch's (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -217,7 +219,7 @@ def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int =
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
                                                                             "constexpr")},
                        constexprs=constants, attrs=aligned)
-    asm = triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm
+    asm = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options).asm
     assert asm["cubin"]
     return asm
 

@@ -9,8 +9,9 @@ router's product, top-k, grouping, both grouped GEMMs, the top-k sum) and the de
 must read (the distinct experts its tokens picked) over its time, as a fraction of the
 device-copy bandwidth measured in the same run. `--codes LAYOUT...` times beside them the
 same layer with its experts held as codes (`FusedMoE.quantize_experts`): `float8` (a scale
-a row, as `--quantization fp8` holds them; `--float8` is the same), `float8-tc` (the same on
-FP8 tensor cores, the activations quantized a row: `PAGODA_MOE_FP8_FROM`), `int4-g128` (AWQ's and
+a row, as `--quantization fp8` holds them, weight-only; `--float8` is the same), `float8-tc`
+(the same on FP8 tensor cores, the activations quantized a row: the default since it was
+timed, `PAGODA_MOE_FP8_FROM`), `int4-g128` (AWQ's and
 GPTQ's 4 bits in groups of 128), `int4-g32` (GGUF Q4_K's), `int8-g32` (Q8_0's): each one's
 time, its speed-up over the bf16 layer and its rate of the codes' bytes (scales and lows
 left out). `--profile N` prints the kernel table of the MoE layer at N tokens
@@ -56,16 +57,16 @@ def moe_layer(hidden: int, inter: int, experts: int, top_k: int, codes: str | No
         layer.quantize_experts(CODES[codes][0])
     router = ReplicatedLinear(hidden, experts).cuda().to(torch.bfloat16)
     torch.nn.init.normal_(router.weight, std=0.02)
-    if codes == "float8-tc":
-        return lambda x: _on_fp8_tensor_cores(layer.forward_with_router, x, router)
-    return lambda x: layer.forward_with_router(x, router)
+    tensor_cores_from = 1 if codes == "float8-tc" else None
+    return lambda x: _fp8_tensor_cores_from(tensor_cores_from, layer.forward_with_router, x,
+                                            router)
 
 
-def _on_fp8_tensor_cores(call, *args):
-    """call(*args) with every call's float8 experts on FP8 tensor cores (PAGODA_MOE_FP8_FROM
-    at one token)."""
+def _fp8_tensor_cores_from(tokens: int | None, call, *args):
+    """call(*args) with float8 experts' calls of `tokens` or more on FP8 tensor cores (None:
+    none, weight-only; PAGODA_MOE_FP8_FROM)."""
     saved = triton_moe.FP8_TENSOR_CORES_FROM
-    triton_moe.FP8_TENSOR_CORES_FROM = 1
+    triton_moe.FP8_TENSOR_CORES_FROM = tokens
     try:
         return call(*args)
     finally:

@@ -155,22 +155,31 @@ def float8_rows(rows: torch.Tensor) -> torch.Tensor:
     return values.float() * scale
 
 
+# layout -> (the layout it runs, the triton_moe setting changed, its value, the activations
+# as the kernel then rounds them)
+KERNEL_SETTINGS = {"float8-tc": ("float8", "FP8_TENSOR_CORES_FROM", 1, float8_rows),
+                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, lambda rows: rows)}
+
+
 def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
                        layout: tuple, dtype: torch.dtype, device: str,
                        drop_experts: bool = False, rounded=lambda rows: rows) -> float:
     """kernel_error for experts held as codes (stacked_codes' layouts): the kernel against
-    the torch path on the weights they decode to (layout ("float8-tc", inputs a scale or
-    None): float8 experts on FP8 tensor cores, the activations quantized too)."""
-    if layout[0] == "float8-tc":
+    the torch path on the weights they decode to. Two layouts run another's with a setting
+    of the kernel changed (KERNEL_SETTINGS): ("float8-tc", inputs a scale or None), float8
+    experts on FP8 tensor cores with the activations quantized too; ("int-decoded", bits,
+    group), integer codes decoded to weights before each product in blocks of any size
+    (under the interpreter, which reads the setting at each call)."""
+    if layout[0] in KERNEL_SETTINGS:
         from pagoda.layers.moe import triton_moe
-        saved = triton_moe.FP8_TENSOR_CORES_FROM
-        triton_moe.FP8_TENSOR_CORES_FROM = 1
+        base, name, value, rows = KERNEL_SETTINGS[layout[0]]
+        saved = getattr(triton_moe, name)
+        setattr(triton_moe, name, value)
         try:
             return codes_kernel_error(tokens, experts, top_k, hidden, inter,
-                                      ("float8", layout[1]), dtype, device, drop_experts,
-                                      float8_rows)
+                                      (base, *layout[1:]), dtype, device, drop_experts, rows)
         finally:
-            triton_moe.FP8_TENSOR_CORES_FROM = saved
+            setattr(triton_moe, name, saved)
     from pagoda.layers.moe.triton_moe import fused_moe_triton
     x, w13, w2, weights, ids = random_moe(tokens, experts, top_k, hidden, inter,
                                           torch.float32, device)

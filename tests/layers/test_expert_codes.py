@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -27,7 +30,8 @@ MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
 # or a row and 32 inputs; 4-bit codes in groups of 32 and 64 (two a byte); 8-bit and 6-bit
 # (GGUF Q6_K's) codes a byte in groups of 16 and 32, an intermediate size of 48; float8 on
-# FP8 tensor cores (activations quantized a row), a scale a row or a 128 x 128 block
+# FP8 tensor cores (activations quantized a row), a scale a row or a 128 x 128 block; integer
+# codes decoded to weights before each product (the prefill tiles' way)
 CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (7, 4, 4, 64, 32, ("float8", 32), False),
                (1, 8, 2, 64, 64, ("int", 4, 32), False),
@@ -35,7 +39,9 @@ CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (40, 8, 2, 64, 64, ("int", 8, 16), False),
                (5, 8, 2, 64, 48, ("int", 6, 16), False),
                (7, 4, 4, 128, 128, ("float8-tc", None), True),
-               (40, 8, 2, 256, 128, ("float8-tc", 128), False)]
+               (40, 8, 2, 256, 128, ("float8-tc", 128), False),
+               (7, 4, 4, 128, 64, ("int-decoded", 4, 64), True),
+               (40, 8, 2, 64, 64, ("int-decoded", 8, 16), False)]
 
 
 def pieces_of(w: torch.Tensor, layout: tuple) -> list:
@@ -176,13 +182,20 @@ def test_codes_match_their_decoded_weights_under_the_interpreter():
     assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
 
 
-def test_float8_experts_take_fp8_tensor_cores_only_when_asked(monkeypatch):
-    """PAGODA_MOE_FP8_FROM (unset: never, until timed on a GPU): calls of at least that many
+def test_float8_experts_take_fp8_tensor_cores_from_pagoda_moe_fp8_from(monkeypatch):
+    """PAGODA_MOE_FP8_FROM (unset: every call; "off": none): calls of at least that many
     tokens whose experts are float8 over whole 128-input steps."""
     from pagoda.layers.moe import triton_moe
     _, w13, w2, _, _ = random_moe(1, 2, 2, 128, 128, torch.float32, "cpu")
     float8 = [stack_of(w, ("float8", None)) for w in (w13, w2)]
-    assert triton_moe.FP8_TENSOR_CORES_FROM is None or "PAGODA_MOE_FP8_FROM" in os.environ
+    for given, expected in ((None, 1), ("off", None), ("256", 256)):
+        if given is None:
+            monkeypatch.delenv("PAGODA_MOE_FP8_FROM", raising=False)
+        else:
+            monkeypatch.setenv("PAGODA_MOE_FP8_FROM", given)
+        assert triton_moe._fp8_tensor_cores_from() == expected
+    monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", 1)
+    assert triton_moe.takes_fp8_tensor_cores(1, *float8)
     monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", None)
     assert not triton_moe.takes_fp8_tensor_cores(4096, *float8)
     monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", 256)
@@ -208,22 +221,30 @@ def test_a_rank_s_inputs_keep_whole_groups():
     assert expert_codes.narrowed(row, 1, 32, 96).group == 96
 
 
-# (CODES, BITS, GROUPS, codes' type, scales' type) of the kernel's paths
-COMPILED = [(1, 8, 1, "*fp8e4nv", "*fp32"), (1, 8, 16, "*fp8e4nv", "*fp32"),
-            (2, 4, 16, "*u8", "*fp16"), (2, 8, 64, "*u8", "*fp16"),
-            (3, 8, 1, "*fp8e4nv", "*fp32"), (3, 8, 16, "*fp8e4nv", "*fp32")]
+# (CODES, BITS, inputs a group (None: one scale a row), codes' type, scales' type) of the
+# kernel's paths
+COMPILED = [(1, 8, None, "*fp8e4nv", "*fp32"), (1, 8, 128, "*fp8e4nv", "*fp32"),
+            (2, 4, 128, "*u8", "*fp16"), (2, 4, 32, "*u8", "*fp16"), (2, 8, 32, "*u8", "*fp16"),
+            (3, 8, None, "*fp8e4nv", "*fp32"), (3, 8, 128, "*fp8e4nv", "*fp32")]
 
 
-@pytest.mark.parametrize(("codes", "bits", "groups", "stored", "scales"), COMPILED)
-@pytest.mark.parametrize("tile", [(16, 32, 128), (128, 128, 64)], ids=["decode", "prefill"])
-def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, groups, stored,
-                                                                   scales, tile):
-    """Qwen3-30B-A3B's gate-up product (2048 inputs, 768 outputs a half) at the decode and
-    prefill tiles of moe_config: tensor-core products, the prefill tile's Hopper's wgmma
-    (float8 by float8 on the FP8 tensor-core path)."""
-    from pagoda.layers.moe.triton_moe import _moe_gemm_kernel
-    block_m, block_n, block_k = tile
-    block_k = 64 if bits == 4 else min(block_k, 2048 // groups)
+@pytest.mark.parametrize(("codes", "bits", "group", "stored", "scales"), COMPILED)
+@pytest.mark.parametrize("tokens", [1, 1024, 4096])
+@pytest.mark.parametrize("gated", [True, False], ids=["gate_up", "down"])
+def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, group, stored,
+                                                                   scales, tokens, gated):
+    """Qwen3-30B-A3B's products (gate-up: 2048 inputs, 768 outputs a half; down: 768 inputs,
+    2048 outputs) at the tiles moe_config and launch_tile give 1, 1,024 and 4,096 tokens:
+    tensor-core products (Hopper's wgmma from 64 rows a block; float8 by float8 on the FP8
+    tensor-core path), and no register spills: integer codes, and float8 ones in blocks of
+    128 inputs, spilled at the 128-row tile (the int4 down product 155 local loads and stores
+    a thread, and the layer ran 5x slower than bf16 at 4,096 tokens on an H100) until they
+    were decoded to weights before each product there."""
+    from pagoda.layers.moe.triton_moe import _moe_gemm_kernel, launch_tile, moe_config
+    config = moe_config(tokens, 8, 128)
+    n, k = (768, 2048) if gated else (2048, 768)
+    groups = 1 if group is None else k // group
+    block_n, block_k = launch_tile(config, gated, codes, bits, groups, k)
     pointers = {"a_ptr": "*fp8e4nv" if codes == 3 else "*bf16", "a_scale_ptr": "*fp32",
                 "b_ptr": stored, "b_scale_ptr": scales,
                 "b_low_ptr": scales if codes == 2 else "*bf16", "c_ptr": "*bf16",
@@ -231,13 +252,26 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
                 "sum_ptr": "*bf16", "count_ptr": "*i32", "num_assignments": "i32",
                 "num_blocks": "i32"}
     asm = compile_for_cuda(_moe_gemm_kernel, pointers, {
-        "N": 768, "K": 2048, "A_ROW_DIV": 8, "GATED": True, "MUL_WEIGHT": False,
-        "SUM_TOP_K": 0, "SUM_TOKENS": 1, "CODES": codes, "BITS": bits, "GROUPS": groups,
-        "E4M3_BYTES": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-        "DOT_PRECISION": "tf32", "PDL": True})
-    assert ("wgmma" if block_m == 128 else "mma.sync") in asm["ptx"]  # tensor cores either way
-    if codes == 3 and block_m == 128:  # float8 products on Hopper's FP8 tensor cores
+        "N": n, "K": k, "A_ROW_DIV": 8 if gated else 1, "GATED": gated,
+        "MUL_WEIGHT": not gated, "SUM_TOP_K": 0, "SUM_TOKENS": 1, "CODES": codes,
+        "BITS": bits, "GROUPS": groups, "E4M3_BYTES": False, "BLOCK_M": config.block_m,
+        "BLOCK_N": block_n, "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "PDL": True},
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    assert ("wgmma" if config.block_m >= 64 else "mma.sync") in asm["ptx"]
+    if codes == 3 and config.block_m >= 64:  # float8 products on Hopper's FP8 tensor cores
         assert ".e4m3.e4m3" in asm["ptx"]
+    assert not re.search(r"\b(LDL|STL)\b", cuobjdump(asm["cubin"]))
+
+
+def cuobjdump(cubin: bytes) -> str:
+    """The SASS of a cubin, by the cuobjdump Triton ships."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([tool, "-sass", file.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
 @pytest.mark.parametrize("layout", [(4, 32), (8, 16)])

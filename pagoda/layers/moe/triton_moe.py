@@ -37,6 +37,11 @@ from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
 # calls of at most this many tokens add each token's top-k rows inside the down GEMM
 MAX_SUMMED_TOKENS = 8
+# expert blocks of at least this many rows decode integer codes (and float8 ones in several
+# groups a row) to weights before each product: compiled for sm_90, the 128-row tile's second
+# accumulator for a group's product spilled registers (the int4 down product 155 local loads
+# and stores a thread)
+DECODED_FROM_ROWS = tl.constexpr(64)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
@@ -472,9 +477,11 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     GROUPS] at b_scale_ptr); 2 integer codes of BITS bits (4: two a byte, byte j of each 64
     inputs holding inputs j and j + 32), weight = code * scale + low with a float16 scale and
     low a row and group. Codes are converted to A's type exactly, the scales applied to the
-    products of each group (a step of inputs lies in one group). 3: float8 values as 1, and A
-    float8 too with a float32 scale a row (a_scale_ptr): products on FP8 tensor cores (K a
-    whole number of steps)."""
+    products of each group (a step of inputs lies in one group); in blocks of
+    DECODED_FROM_ROWS rows or more each weight is decoded to A's type before the product
+    (float8 in several groups a row too). 3: float8 values as 1, and A float8 too with a
+    float32 scale a row (a_scale_ptr): products on FP8 tensor cores (K a whole number of
+    steps)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
@@ -508,6 +515,7 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
     row_ok = rows < num_assignments
     a_rows = (rows // A_ROW_DIV).to(tl.int64)
     NIBBLES: tl.constexpr = CODES == 2 and BITS == 4  # 64-input steps, two codes a byte
+    DECODE: tl.constexpr = BLOCK_M >= DECODED_FROM_ROWS  # integer weights decoded first
     ROW_BYTES: tl.constexpr = K // 2 if NIBBLES else K
     offs_k = tl.arange(0, BLOCK_K)
     offs_kb = tl.arange(0, BLOCK_K // 2 if NIBBLES else BLOCK_K)
@@ -524,11 +532,11 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
     for k0 in range(0, K, BLOCK_K):
         if NIBBLES:
             acc = _nibbles_step(acc, a_base, row_ok, b_ptrs, b_scale_ptr, b_low_ptr, s_at, k0,
-                                n_ok, K, GROUPS, DOT_PRECISION)
+                                n_ok, K, GROUPS, DOT_PRECISION, DECODE)
             if GATED:
                 acc_up = _nibbles_step(acc_up, a_base, row_ok, b_ptrs + up_b, b_scale_ptr,
                                        b_low_ptr, s_at + up_s, k0, n_ok, K, GROUPS,
-                                       DOT_PRECISION)
+                                       DOT_PRECISION, DECODE)
         else:
             k_ok = offs_k < K - k0
             if CODES == 3:  # (no float8 `other`: a row left out is stored nowhere)
@@ -538,11 +546,11 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             group = k0 // (K // max(GROUPS, 1))
             acc = _step(acc, a, b_ptrs, b_scale_ptr, b_low_ptr, s_at + group, k_ok, n_ok,
-                        CODES, GROUPS, E4M3_BYTES, DOT_PRECISION)
+                        CODES, GROUPS, E4M3_BYTES, DOT_PRECISION, DECODE)
             if GATED:
                 acc_up = _step(acc_up, a, b_ptrs + up_b, b_scale_ptr, b_low_ptr,
                                s_at + up_s + group, k_ok, n_ok, CODES, GROUPS, E4M3_BYTES,
-                               DOT_PRECISION)
+                               DOT_PRECISION, DECODE)
         b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
     if (CODES == 1 or CODES == 3) and GROUPS == 1:  # float8's one scale a row: applied once
         acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
@@ -564,7 +572,8 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
 
 @triton.jit
 def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.constexpr,
-          GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+          GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          DECODE: tl.constexpr):
     """acc + a @ b for one step of inputs (in one group, its scales at s_at): b as stored;
     float8 values converted to a's type and, with several groups a row, scaled by their
     group's; or byte codes times their scale plus their low."""
@@ -573,6 +582,11 @@ def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.conste
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :])  # (no float8 `other`)
     if CODES != 2:
+        if CODES == 1 and GROUPS > 1 and DECODE:  # scaled before one product into acc
+            scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
+            b = codes_as(b, tl.float32, E4M3_BYTES) * scale[None, :]
+            b = tl.where(k_ok[:, None], b, 0.0).to(a.dtype)
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if CODES == 1:  # converted to a's type; on FP8 tensor cores (3) as they are
             b = tl.where(k_ok[:, None], codes_as(b, a.dtype, E4M3_BYTES), 0.0).to(a.dtype)
         if GROUPS == 1:
@@ -580,12 +594,13 @@ def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.conste
         scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
         return acc + tl.dot(a, b, input_precision=DOT_PRECISION) * scale[None, :]
     b = tl.where(k_ok[:, None], b.to(a.dtype), 0.0).to(a.dtype)  # (a is 0 past K)
-    return _scaled_group(acc, a, b, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION)
+    return _scaled_group(acc, a, b, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION, DECODE)
 
 
 @triton.jit
 def _nibbles_step(acc, a_base, row_ok, b_ptrs, scale_ptr, low_ptr, s_at, k0, n_ok,
-                  K: tl.constexpr, GROUPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  K: tl.constexpr, GROUPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DECODE: tl.constexpr):
     """acc + a @ b for inputs k0..k0+63 of 4-bit codes ([32, BLOCK_N] bytes at b_ptrs):
     the low nibbles are inputs k0..k0+31, the high ones k0+32..k0+63, each half in one
     group."""
@@ -595,17 +610,23 @@ def _nibbles_step(acc, a_base, row_ok, b_ptrs, scale_ptr, low_ptr, s_at, k0, n_o
     a_high = tl.load(a_base + k0 + 32 + half, mask=row_ok[:, None], other=0.0)
     group_size: tl.constexpr = K // GROUPS
     acc = _scaled_group(acc, a_low, (packed & 0xF).to(a_low.dtype), scale_ptr, low_ptr,
-                        s_at + k0 // group_size, n_ok, DOT_PRECISION)
+                        s_at + k0 // group_size, n_ok, DOT_PRECISION, DECODE)
     return _scaled_group(acc, a_high, (packed >> 4).to(a_high.dtype), scale_ptr, low_ptr,
-                         s_at + (k0 + 32) // group_size, n_ok, DOT_PRECISION)
+                         s_at + (k0 + 32) // group_size, n_ok, DOT_PRECISION, DECODE)
 
 
 @triton.jit
-def _scaled_group(acc, a, codes, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION: tl.constexpr):
+def _scaled_group(acc, a, codes, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION: tl.constexpr,
+                  DECODE: tl.constexpr):
     """acc + a @ (codes * scale + low) for inputs of one group: its scale and low a column
-    (float16), the low times each row's sum of a."""
+    (float16); the low times each row's sum of a, or (DECODE: tiles of many rows, where a
+    second product's accumulator would not fit the registers) each weight decoded to a's
+    type before one product into acc."""
     scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
     low = tl.load(low_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
+    if DECODE:
+        weights = codes.to(tl.float32) * scale[None, :] + low[None, :]
+        return tl.dot(a, weights.to(a.dtype), acc, input_precision=DOT_PRECISION)
     sums = tl.sum(a.to(tl.float32), axis=1)
     return acc + tl.dot(a, codes, input_precision=DOT_PRECISION) * scale[None, :] \
         + sums[:, None] * low[None, :]
@@ -631,6 +652,23 @@ def _sum_top_k_last(c_ptr, sum_ptr, counter_ptr, tokens, num_blocks, offs_n, n_o
         tl.atomic_xchg(counter_ptr, 0)
 
 
+def launch_tile(config: MoEConfig, gated: bool, codes: int, bits: int, groups: int,
+                k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of a grouped GEMM over `k` inputs with experts held as `codes`
+    (_moe_gemm_kernel's CODES, BITS, GROUPS): half the config's outputs where a tile holds two
+    accumulators (gated: gate and up; float8 on FP8 tensor cores in several groups a row,
+    each group's product scaled apart); steps of 64 inputs for 4-bit codes (a byte's two
+    halves), else within one group."""
+    two_accumulators = gated or (codes == 3 and groups > 1)
+    block_n = config.block_n // 2 if two_accumulators else config.block_n
+    block_k = max(16, min(config.block_k, triton.next_power_of_2(k)))
+    if codes == 2 and bits == 4:
+        block_k = 64
+    elif groups > 1:
+        block_k = min(block_k, k // groups)
+    return block_n, block_k
+
+
 def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: ExpertBlocks,
                   weights: torch.Tensor | None, a_row_div: int, gated: bool,
                   config: MoEConfig, sums: torch.Tensor | None = None,
@@ -639,11 +677,7 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
     `a_scale` [rows of a]: a holds float8 values with these scales, b float8 codes (FP8
     tensor cores)."""
     n, k = out.shape[1], a.shape[1]
-    block_n = config.block_n // 2 if gated else config.block_n  # two accumulators
     wide = a.dtype == torch.float32  # twice the shared memory per stage
-    n_tiles = triton.cdiv(n, block_n)
-    grid = (blocks.expert_ids.numel() * n_tiles,)
-    block_k = max(16, min(config.block_k, triton.next_power_of_2(k)))
     codes, scale, low, kind, bits, groups, e4m3_bytes = b, out, out, 0, 8, 0, False
     if isinstance(b, ExpertCodes):
         codes, scale, groups = b.codes, b.scale, b.scale.shape[-1]
@@ -652,10 +686,9 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
             kind = 3
         elif kind == 1:
             codes, e4m3_bytes = float8_codes(codes, codes.device)
-        if bits == 4:  # steps of one byte's two halves
-            block_k = 64
-        elif groups > 1:  # a step within one group
-            block_k = min(block_k, k // groups)
+    block_n, block_k = launch_tile(config, gated, kind, bits, groups, k)
+    n_tiles = triton.cdiv(n, block_n)
+    grid = (blocks.expert_ids.numel() * n_tiles,)
     # (without sums the kernel reads no counter: any int32 tensor stands in)
     counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
     _moe_gemm_kernel[grid](
@@ -711,9 +744,10 @@ def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: Exp
 
 def _fp8_tensor_cores_from() -> int | None:
     """PAGODA_MOE_FP8_FROM: the fewest tokens of a call whose float8 experts run on FP8
-    tensor cores (activations quantized per row); unset: none (not yet timed on a GPU)."""
-    given = os.environ.get("PAGODA_MOE_FP8_FROM")
-    return int(given) if given else None
+    tensor cores (activations quantized per row); unset: every call (on an H100 Qwen3-30B-A3B's
+    MoE layer ran 1.3-1.5x faster so than weight-only from 1 to 4,096 tokens); "off": none."""
+    given = os.environ.get("PAGODA_MOE_FP8_FROM", "1")
+    return None if given == "off" else int(given)
 
 
 FP8_TENSOR_CORES_FROM = _fp8_tensor_cores_from()
