@@ -41,7 +41,8 @@ make_gguf8() {
   [ -f /tmp/b8w/tokenizer.json ] || python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
 }
 
-# the 8B's --model and load flags for a quantized variant (issue 18's benchmarks); gguf reads
+# the 8B's --model and load flags for a quantized variant (issue 18's benchmarks; moe-*: the
+# dummy Qwen3-30B-A3B in bf16, FP8 at load, AWQ); gguf reads
 # its weights from the file (not --load-format dummy) and keeps its blocks quantized
 # (gguf-dequantized: --quantization none, decoded to bf16 at load)
 quant_model() {
@@ -49,7 +50,9 @@ quant_model() {
     bf16) echo "--model $B8 $COMMON" ;;
     fp8) echo "--model $B8 --quantization fp8 $COMMON" ;;
     fp8kv) echo "--model $B8 --quantization fp8 --kv-cache-dtype fp8 $COMMON" ;;
+    moe-bf16) echo "--model $M30 $COMMON" ;;
     moe-fp8) echo "--model $M30 --quantization fp8 $COMMON" ;;
+    moe-awq) echo "--model $M30-awq $COMMON" ;;
     awq|awq-zp) echo "--model $B8-awq $COMMON" ;;
     gguf) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
@@ -112,24 +115,20 @@ run_stage() {
     kernels) python3 bench/kernels/attention_bench.py 2>&1 | tail -30 ;;
     moe-kernels) python3 bench/kernels/moe_bench.py --output-json "$OUT/moe-kernels.json" 2>&1 | tail -16; \
                python3 bench/kernels/moe_bench.py --profile 1 2>&1 | tail -22 ;;
-    # Qwen3-30B-A3B's MoE layer with its experts as codes against bf16, then decode-1 of the
-    # dummy model in bf16, FP8 (quantized at load) and AWQ (dummy 4-bit codes, groups of 128),
-    # then the FP8 model's prefill (64 x 1,024 tokens) with its experts' products weight-only
-    # and on FP8 tensor cores from 256 tokens (PAGODA_MOE_FP8_FROM)
+    # Qwen3-30B-A3B's MoE layer with its experts as codes against bf16, then decode-1 and
+    # prefill (64 x 1,024 tokens) of the dummy model in bf16, FP8 (quantized at load; its
+    # experts on FP8 tensor cores, then weight-only: PAGODA_MOE_FP8_FROM=off) and AWQ (dummy
+    # 4-bit codes, groups of 128)
     quant-moe) python3 bench/kernels/moe_bench.py --codes float8 float8-tc int4-g128 int4-g32 \
                  int8-g32 --tokens 1 4 16 64 256 1024 4096 \
                  --output-json "$OUT/moe-kernels-codes.json" 2>&1 | tail -44
-               for q in bf16 fp8 awq; do
-                 case $q in bf16) m=$M30;; fp8) m="$M30 --quantization fp8";; awq) m=$M30-awq;; esac
-                 python3 -m pagoda.cli.main bench throughput --model $m $COMMON --num-prompts 1 \
-                   --input-len 1024 --output-len 256 --output-json "$OUT/decode1-qwen3-30b-$q.json" \
-                   2>&1 | grep "single stream" | sed "s/^/$q: /"
+               for q in moe-bf16 moe-fp8 moe-awq; do
+                 quant_decode1 $q qwen3-30b-$q $q
+                 quant_prefill $q qwen3-30b-$q "$q prefill"
                done
-               for from in default 256; do
-                 (SWITCH=PAGODA_MOE_FP8_FROM VALUE=$from with_switch quant_elapsed moe-fp8 \
-                    prefill-qwen3-30b-fp8-moe-fp8-from-$from "fp8 PAGODA_MOE_FP8_FROM=$from" \
-                    --num-prompts 64 --input-len 1024 --output-len 1)
-               done ;;
+               (export PAGODA_MOE_FP8_FROM=off
+                quant_decode1 moe-fp8 qwen3-30b-moe-fp8-weight-only "moe-fp8 weight-only"
+                quant_prefill moe-fp8 qwen3-30b-moe-fp8-weight-only "moe-fp8 weight-only prefill") ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \
