@@ -745,7 +745,7 @@ def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: Exp
 def _fp8_tensor_cores_from() -> int | None:
     """PAGODA_MOE_FP8_FROM: the fewest tokens of a call whose float8 experts run on FP8
     tensor cores (activations quantized per row); unset: every call (on an H100 Qwen3-30B-A3B's
-    MoE layer ran 1.3-1.5x faster so than weight-only from 1 to 4,096 tokens); "off": none."""
+    MoE layer ran 1.2-1.6x faster than weight-only from 1 to 4,096 tokens); "off": none."""
     given = os.environ.get("PAGODA_MOE_FP8_FROM", "1")
     return None if given == "off" else int(given)
 
