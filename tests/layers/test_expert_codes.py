@@ -121,7 +121,7 @@ def test_nibbles_pack_two_halves_of_each_64_inputs():
 @pytest.mark.parametrize("first", ["floats", "other-layout"])
 def test_a_piece_that_does_not_fit_turns_the_layer_to_floats(first):
     """A float expert, or one of another layout: the layer holds floats, the experts that
-    came as codes decoded into them."""
+    came as codes decoded into them, and says so (`stacks_refused`)."""
     _, w13, w2, _, _ = random_moe(1, 2, 2, 64, 32, torch.float32, "cpu")
     with deferred_linear_methods():
         layer = FusedMoE(2, 2, 64, 32, True)
@@ -132,6 +132,7 @@ def test_a_piece_that_does_not_fit_turns_the_layer_to_floats(first):
     odd = w13[0, 32:] if first == "floats" else integer_experts(w13[:1, 32:], 8, 16)[0]
     param.weight_loader(param, odd, 1)
     assert not layer.holds_stacked_codes and "after_loading" not in layer.__dict__
+    assert layer.stacks_refused  # (the loader's one line counts such layers)
     assert layer.gate_up_proj.dtype == torch.float32 and not hasattr(layer, "gate_up_scale")
     torch.testing.assert_close(layer.gate_up_proj[0, :32], codes.decoded(), rtol=2e-3,
                                atol=1e-3)  # the stack's float16 scales

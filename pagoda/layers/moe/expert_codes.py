@@ -15,9 +15,10 @@ import torch
 from pagoda.layers.quantization.base import decoded_groups
 from pagoda.layers.quantization.cpu_block_dot import GroupCodes
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+from pagoda.layers.quantization.group_gemm import CHUNK, pack_int4_halves, unpack_int4_halves
 
 FLOAT8 = torch.float8_e4m3fn
-NIBBLE_STEP = 64  # inputs a byte's two halves span: byte j holds inputs j and j + 32
+NIBBLE_STEP = CHUNK  # inputs a byte's two halves span: byte j holds inputs j and j + 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +71,14 @@ def kernel_name(gate_up: ExpertCodes, down: ExpertCodes) -> str:
 
 
 def packed_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[rows, inputs] codes of at most 4 bits -> [rows, inputs / 2] bytes (ExpertCodes)."""
-    rows, inputs = codes.shape
-    halves = codes.view(rows, inputs // NIBBLE_STEP, 2, NIBBLE_STEP // 2)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(rows, inputs // 2)
+    """[rows, inputs] codes of at most 4 bits -> [rows, inputs / 2] bytes (ExpertCodes: the
+    dense kernels' halves, a row's bytes in a row)."""
+    return pack_int4_halves(codes).t()
 
 
 def unpacked_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    rows, stored = packed.shape
-    steps = packed.view(rows, stored // (NIBBLE_STEP // 2), NIBBLE_STEP // 2)
-    return torch.stack([steps & 0xF, steps >> 4], dim=2).reshape(rows, 2 * stored)
+    """packed_nibbles' inverse."""
+    return unpack_int4_halves(packed.t())
 
 
 def takes(piece: object, inputs: int) -> bool:

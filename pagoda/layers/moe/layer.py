@@ -35,9 +35,6 @@ from pagoda.layers.linear import (
 from pagoda.layers.moe.native import fused_moe_native, moe_by_expert
 from pagoda.layers.moe.router import select_experts
 from pagoda.layers.parallel import SINGLE, ParallelGroup
-from pagoda.logger import get_logger
-
-logger = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +90,7 @@ class FusedMoE(DeviceDispatch):
         self.hidden_size = hidden_size
         self.holds_codes = self.float8_pieces = False  # see hold_codes
         self.holds_stacked_codes = False  # see hold_stacked_codes
+        self.stacks_refused = False  # a piece did not fit the stacks: floats instead
         self.expert_kernels: nn.ModuleList | None = None
         if not linear_methods_deferred():
             self.hold_floats()
@@ -163,8 +161,8 @@ class FusedMoE(DeviceDispatch):
         checkpoint's float8 values, an integer or GGUF checkpoint's codes): a projection's
         stack is made when its first piece comes (its layout then known) and its pieces go
         in as they come. A piece that does not fit (floats, another layout, one the kernel
-        does not take) turns the layer to floats: hold_floats, what has come decoded, one
-        log line."""
+        does not take) turns the layer to floats: hold_floats, what has come decoded
+        (`stacks_refused`)."""
         total = self.placement.total
         self.holds_stacked_codes = True
         self.stacks: dict[str, Any] = {}
@@ -242,16 +240,16 @@ class FusedMoE(DeviceDispatch):
                         self.width_rank * self.local_inter, self.local_inter)
 
     def _stacks_to_floats(self) -> None:
-        """The layer holds floats (a piece did not fit the stacks): what has come decoded."""
+        """The layer holds floats (a piece did not fit the stacks): what has come decoded
+        (the loader says so in one line for every such layer)."""
         stacks = self.stacks
-        self.holds_stacked_codes, self.stacks = False, {}
+        self.holds_stacked_codes, self.stacks, self.stacks_refused = False, {}, True
         del self.after_loading
         self.hold_floats()
         for kind, stack in stacks.items():
             target = getattr(self, f"{kind}_proj")
             for expert in range(stack.shape[0]):
                 target.data[expert] = stack.decoded(expert, target.dtype)
-        logger.info("experts of a layout the GPU's MoE kernel does not take: held as floats")
 
     def _hold_stacks(self) -> None:
         """The stacks as the layer's parameters (once loading ends)."""

@@ -44,7 +44,7 @@ class QuantizationConfig(ABC):
     gives_expert_codes = False
     # whether the format's experts are float8 (floats quantized so under `--quantization fp8`)
     float8_experts = False
-    # (bits, group) of an integer format's codes, which dummy experts take on a GPU
+    # (bits, group) of an integer format's codes, which dummy experts take (bind_experts)
     dummy_expert_layout: tuple[int, int] | None = None
     at_load = False  # whether the format quantizes floats at load (`--quantization fp8`)
 

@@ -164,6 +164,10 @@ def _load_checkpoint(model: CausalLM, source: ModelSource,
         logger.info("%s: GGUF %s experts decoded at load (experts keep their blocks on CPU "
                     "only, one rank holding them all)", source.name,
                     ", ".join(sorted(keeper.decoded_experts)))
+    refused = sum(m.stacks_refused for m in model.modules() if isinstance(m, FusedMoE))
+    if refused:
+        logger.info("%s: experts of %d layers held as floats (a layout the GPU's MoE kernel "
+                    "does not take)", source.name, refused)
     missing = model.expected_weights() - loaded
     if missing:
         sample = ", ".join(sorted(missing)[:5])
