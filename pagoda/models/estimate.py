@@ -235,7 +235,7 @@ def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device:
     """Whether dummy experts take the format's codes (bind_experts): float8 ones, or an
     integer format's; on CPU where one rank holds them and the format's CPU kernel runs, on
     a GPU where the fused MoE kernel takes their layout over both projections' inputs."""
-    from pagoda.layers.moe.expert_codes import integers_fit
+    from pagoda.layers.moe.expert_codes import layer_takes_integers
     if torch.device(device).type == "cpu":
         return tp == 1 and config.holds_expert_codes and (
             config.float8_experts or config.dummy_expert_layout is not None)
@@ -243,10 +243,9 @@ def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device:
         return False
     if config.float8_experts:
         return True
-    quantized, hidden = config.dummy_expert_layout, hf_config.hidden_size
+    hidden = hf_config.hidden_size
     intermediate = spec.experts(hf_config).params_per_expert // (3 * hidden)
-    return quantized is not None and all(integers_fit(*quantized, n)
-                                         for n in (hidden, intermediate // tp))
+    return layer_takes_integers(config.dummy_expert_layout, hidden, intermediate // tp)
 
 
 def _experts_as_codes(source: ModelSource, quantization: str, device: str, tp: int) -> bool:

@@ -100,6 +100,12 @@ def integers_fit(bits: int, group: int, inputs: int) -> bool:
     return _fits_steps(group, inputs)
 
 
+def layer_takes_integers(layout: tuple[int, int] | None, hidden: int, inter: int) -> bool:
+    """Whether a layer's experts (gate-up over `hidden` inputs, down over `inter`) take
+    integer codes of `layout` (bits, group; None: no integer format)."""
+    return layout is not None and all(integers_fit(*layout, n) for n in (hidden, inter))
+
+
 def _fits_steps(group: int, inputs: int) -> bool:
     return group == inputs or (group >= 16 and group & (group - 1) == 0)
 

@@ -101,10 +101,9 @@ def _hold_codes_on_cpu(module: FusedMoE, config: QuantizationConfig,
 def _dummy_codes_fit(module: FusedMoE, config: QuantizationConfig) -> bool:
     """Whether dummy experts take an integer format's codes: the kernel takes its layout
     over both projections' inputs."""
-    from pagoda.layers.moe.expert_codes import integers_fit
-    layout = config.dummy_expert_layout
-    return layout is not None and all(integers_fit(*layout, inputs) for inputs in
-                                      (module.hidden_size, module.local_inter))
+    from pagoda.layers.moe.expert_codes import layer_takes_integers
+    return layer_takes_integers(config.dummy_expert_layout, module.hidden_size,
+                                module.local_inter)
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
