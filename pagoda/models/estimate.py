@@ -235,17 +235,14 @@ def _dummy_experts_as_codes(config: Any, spec: ArchSpec, hf_config: Any, device:
     """Whether dummy experts take the format's codes (bind_experts): float8 ones, or an
     integer format's; on CPU where one rank holds them and the format's CPU kernel runs, on
     a GPU where the fused MoE kernel takes their layout over both projections' inputs."""
-    from pagoda.layers.moe.expert_codes import layer_takes_integers
-    if torch.device(device).type == "cpu":
-        return tp == 1 and config.holds_expert_codes and (
-            config.float8_experts or config.dummy_expert_layout is not None)
-    if torch.device(device).type != "cuda":
-        return False
-    if config.float8_experts:
-        return True
+    from pagoda.layers.quantization import random_expert_piece
     hidden = hf_config.hidden_size
-    intermediate = spec.experts(hf_config).params_per_expert // (3 * hidden)
-    return layer_takes_integers(config.dummy_expert_layout, hidden, intermediate // tp)
+    inter = spec.experts(hf_config).params_per_expert // (3 * hidden) // tp
+    kind = torch.device(device).type
+    cpu_kernel = kind == "cpu" and tp == 1 and config.holds_expert_codes
+    if not (cpu_kernel or kind == "cuda"):
+        return False
+    return random_expert_piece(config, hidden, inter, stacked=kind == "cuda") is not None
 
 
 def _experts_as_codes(source: ModelSource, quantization: str, device: str, tp: int) -> bool:

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
+from functools import partial
 
 import pytest
 import torch
@@ -277,8 +278,8 @@ def cuobjdump(cubin: bytes) -> str:
 
 @pytest.mark.parametrize("layout", [(4, 32), (8, 16)])
 def test_floats_quantized_to_integer_codes(layout):
-    """Dummy experts of an integer format (benchmarks): each group's codes span its
-    minimum to its maximum, within half a step of the floats."""
+    """Floats quantized to integer codes (moe_bench's codes of the bf16 layer's weights):
+    each group's codes span its minimum to its maximum, within half a step of the floats."""
     _, w13, w2, _, _ = random_moe(1, 3, 2, 64, 64, torch.float32, "cpu")
     layer = reference(w13, w2)
     layer.quantize_experts(layout)
@@ -288,6 +289,31 @@ def test_floats_quantized_to_integer_codes(layout):
         step = codes.scale.float().amax()
         decoded = torch.stack([codes.decoded(e, torch.float32) for e in range(3)])
         assert (decoded - weight).abs().max() <= 0.51 * step + 1e-3  # float16 scales
+
+
+@pytest.mark.parametrize("make", [expert_codes.random_float8_rows,
+                                  partial(expert_codes.random_group_codes, 4, 32)],
+                         ids=["float8", "int4-g32"])
+def test_dummy_experts_stack_random_codes_and_never_floats(make):
+    """Dummy experts of a quantized config on a GPU (hold_dummy_codes, stacked): each
+    expert's stacks hold the codes its random pieces were made with, piece by piece through
+    the loaders; the layer never holds its experts as floats."""
+    with deferred_linear_methods():
+        layer = FusedMoE(3, 2, 128, 64, True)
+    layer.hold_dummy_codes(make, stacked=True)
+    assert layer.gate_up_proj.numel() == 0  # a placeholder, not floats
+    assert layer.init_dummy(torch.Generator().manual_seed(5), 0.02)
+    layer.__dict__.pop("after_loading")()
+    replay = torch.Generator().manual_seed(5)
+    gate_up, down = layer.stacked_experts()
+    assert layer.holds_stacked_codes and not layer.stacks_refused
+    for e in range(3):
+        gate, up, expert_down = (make(rows, columns, replay, 0.02).decoded()
+                                 for rows, columns in ((64, 128), (64, 128), (128, 64)))
+        torch.testing.assert_close(gate_up.decoded(e, torch.float32), torch.cat([gate, up]),
+                                   rtol=1e-3, atol=1e-6)  # float16 scales in the stacks
+        torch.testing.assert_close(down.decoded(e, torch.float32), expert_down,
+                                   rtol=1e-3, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -135,25 +135,31 @@ class FusedMoE(DeviceDispatch):
         self.built_experts: list[nn.ModuleList | None] = [None] * total
         self.after_loading = self._collect_expert_kernels
 
-    def hold_dummy_codes(self, random_piece: Callable[..., Any]) -> None:
-        """hold_codes for dummy weights of a format: each expert's pieces made by
-        `random_piece(rows, columns, generator, std)` (codes of the format for a CPU kernel)
-        in init_dummy."""
-        self.hold_codes()
+    def hold_dummy_codes(self, random_piece: Callable[..., Any], stacked: bool = False) -> None:
+        """hold_codes (or hold_stacked_codes, `stacked`: a GPU's) for dummy weights of a
+        format: each expert's pieces made by `random_piece(rows, columns, generator, std)`
+        (codes of the format) in init_dummy, with no floats held on the way."""
+        if stacked:
+            self.hold_stacked_codes()
+        else:
+            self.hold_codes()
         self.random_piece = random_piece
 
     def init_dummy(self, generator: torch.Generator, std: float) -> bool:
-        """Give every expert random codes (hold_dummy_codes; weights of mean 0 and standard
-        deviation `std`); False where the layer holds no dummy codes."""
+        """Give every expert here random codes (hold_dummy_codes; weights of mean 0 and
+        standard deviation `std`), piece by piece through the loaders; False where the layer
+        holds no dummy codes."""
         make = getattr(self, "random_piece", None)
         if make is None:
             return False
         inter, hidden = self.intermediate_size, self.hidden_size
-        for expert in range(self.placement.total):
-            gate, up, down = (make(rows, columns, generator, std) for rows, columns in
-                              ((inter, hidden), (inter, hidden), (hidden, inter)))
-            self.built_experts[expert] = nn.ModuleList([expert_kernel([gate, up]),
-                                                        expert_kernel([down])])
+        gate_up, down = self.gate_up_proj, self.down_proj  # their loaders, as a checkpoint's
+        first = self.placement.start
+        for expert in range(first, first + self.placement.local):
+            for param, index, rows, columns in ((gate_up, 2 * expert, inter, hidden),
+                                                (gate_up, 2 * expert + 1, inter, hidden),
+                                                (down, expert, hidden, inter)):
+                param.weight_loader(param, make(rows, columns, generator, std), index)
         return True
 
     def hold_stacked_codes(self) -> None:

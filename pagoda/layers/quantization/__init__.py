@@ -4,6 +4,7 @@ methods, and finishing the layers once the checkpoint is loaded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -54,56 +55,71 @@ def bind_experts(model: nn.Module, config: QuantizationConfig | None,
     """Give every mixture-of-experts layer built without weights what holds them: the
     checkpoint's codes for a CPU kernel where the format gives them, its kernel runs here
     (`holds_expert_codes`) and one rank holds every expert (float ones quantized to float8
-    under `--quantization fp8`, dummy ones random codes of the format); on a GPU the
-    checkpoint's codes stacked for the fused MoE kernel where the format gives them
-    (`gives_expert_codes`; floats where their layout does not fit), and float8 for floats
-    under `--quantization fp8` (dummy ones too) and integer codes for an integer format's
-    dummy ones; else floats in the model's dtype (a quantized checkpoint's experts decoded
-    at load)."""
+    under `--quantization fp8`); on a GPU the checkpoint's codes stacked for the fused MoE
+    kernel where the format gives them (`gives_expert_codes`; floats where their layout
+    does not fit), and float8 for floats under `--quantization fp8`; dummy experts random
+    codes of the format (float8, or an integer format's where the kernel takes them) made
+    as such; else floats in the model's dtype (a quantized checkpoint's experts decoded at
+    load)."""
     device = torch.empty(0).device.type  # the device being loaded onto
     for module in model.modules():
         if not isinstance(module, FusedMoE) or module.holds_weights:
             continue
         if config is None:
             module.hold_floats()
-        elif module.group.size == 1 and device == "cpu" and config.holds_expert_codes:
-            _hold_codes_on_cpu(module, config, from_checkpoint)
-        elif device == "cuda" and from_checkpoint and not config.at_load \
-                and config.gives_expert_codes:
-            module.hold_stacked_codes()
-        elif device == "cuda" and config.float8_experts:  # quantized once loaded (or dummy)
-            module.hold_floats()
-            module.after_loading = module.quantize_experts
-        elif device == "cuda" and _dummy_codes_fit(module, config):
-            module.hold_floats()
-            module.after_loading = partial(module.quantize_experts, config.dummy_expert_layout)
+        elif from_checkpoint:
+            _hold_checkpoint_experts(module, config, device)
         else:
-            module.hold_floats()
+            _hold_dummy_experts(module, config, device)
 
 
-def _hold_codes_on_cpu(module: FusedMoE, config: QuantizationConfig,
-                       from_checkpoint: bool) -> None:
-    """The checkpoint's codes (float experts quantized to float8 rows under `--quantization
-    fp8`); dummy experts random ones of the format (float8 rows, or an integer format's
-    codes), floats where the format has none."""
-    from pagoda.layers.moe.expert_codes import random_float8_rows, random_group_codes
-    layout = config.dummy_expert_layout
-    if from_checkpoint:
+def _codes_on_cpu(module: FusedMoE, config: QuantizationConfig, device: str) -> bool:
+    """Whether the layer's experts are held for a CPU kernel of the format."""
+    return module.group.size == 1 and device == "cpu" and config.holds_expert_codes
+
+
+def _hold_checkpoint_experts(module: FusedMoE, config: QuantizationConfig,
+                             device: str) -> None:
+    if _codes_on_cpu(module, config, device):
         module.hold_codes(float8=config.at_load)
-    elif config.float8_experts:
-        module.hold_dummy_codes(random_float8_rows)
-    elif layout is not None:
-        module.hold_dummy_codes(partial(random_group_codes, *layout))
+    elif device == "cuda" and not config.at_load and config.gives_expert_codes:
+        module.hold_stacked_codes()
+    elif device == "cuda" and config.float8_experts:  # quantized once loaded
+        module.hold_floats()
+        module.after_loading = module.quantize_experts
     else:
         module.hold_floats()
 
 
-def _dummy_codes_fit(module: FusedMoE, config: QuantizationConfig) -> bool:
-    """Whether dummy experts take an integer format's codes: the kernel takes its layout
-    over both projections' inputs."""
-    from pagoda.layers.moe.expert_codes import layer_takes_integers
-    return layer_takes_integers(config.dummy_expert_layout, module.hidden_size,
-                                module.local_inter)
+def _hold_dummy_experts(module: FusedMoE, config: QuantizationConfig, device: str) -> None:
+    stacked = device == "cuda"
+    random_piece = None
+    if stacked or _codes_on_cpu(module, config, device):
+        random_piece = random_expert_piece(config, module.hidden_size, module.local_inter,
+                                           stacked)
+    if random_piece is None:
+        module.hold_floats()
+    else:
+        module.hold_dummy_codes(random_piece, stacked)
+
+
+def random_expert_piece(config: QuantizationConfig, hidden: int, inter: int,
+                        stacked: bool) -> Callable[..., Any] | None:
+    """What makes a dummy expert's projection in the format's form: float8 rows under
+    `--quantization fp8`, an integer format's codes (`stacked`, for the GPU kernel: where
+    it takes their layout over both projections' inputs, gate-up's `hidden` and down's
+    `inter`); None where the format has none."""
+    from pagoda.layers.moe.expert_codes import (
+        layer_takes_integers,
+        random_float8_rows,
+        random_group_codes,
+    )
+    layout = config.dummy_expert_layout
+    if config.float8_experts:
+        return random_float8_rows
+    if layout is None or stacked and not layer_takes_integers(layout, hidden, inter):
+        return None
+    return partial(random_group_codes, *layout)
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
