@@ -141,19 +141,50 @@ def test_a_piece_that_does_not_fit_turns_the_layer_to_floats(first):
     assert torch.equal(layer.gate_up_proj[0, 32:], expected)
 
 
-def test_floats_quantized_to_float8_at_load():
-    """`--quantization fp8` on a float checkpoint: each expert row's float8 values and scale
-    are those of the dense layers' per-channel quantization."""
+@pytest.mark.parametrize("packed", [False, True], ids=["pieces", "packed"])
+@pytest.mark.parametrize("rank", [None, 0, 1])
+def test_floats_quantized_to_float8_as_they_load(packed, rank):
+    """`--quantization fp8` on a float checkpoint (hold_stacked_codes(float8=True)): each
+    piece becomes float8 as it comes, each row's values and scale those of the dense layers'
+    per-channel quantization of the floats in the model's dtype; every expert's floats in
+    one tensor (transformers 5) alike; a tensor-parallel rank holds its rows, of the whole
+    rows' scales."""
     from pagoda.layers.quantization.fp8 import quantize_per_channel
-    _, w13, w2, _, _ = random_moe(1, 3, 2, 16, 8, torch.float32, "cpu")
-    layer = reference(w13, w2)
-    layer.quantize_experts()
-    _, down = layer.stacked_experts()
-    assert layer.holds_stacked_codes and down.scale.shape == (3, 16, 1)
-    for e in range(3):
-        values, scale = quantize_per_channel(w2[e])
-        assert torch.equal(down.codes[e].view(torch.uint8), values.view(torch.uint8))
-        assert torch.equal(down.scale[e], scale)
+    _, w13, w2, _, _ = random_moe(1, 3, 2, 64, 32, torch.float32, "cpu")
+    with deferred_linear_methods():
+        layer = FusedMoE(3, 2, 64, 32, True,
+                         SINGLE if rank is None else ParallelGroup(rank, 2))
+    layer.hold_stacked_codes(float8=True)
+    gate_up_param, down_param = layer.gate_up_proj, layer.down_proj
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # the model's, as the loader sets it
+    try:
+        if packed:
+            gate_up_param.weight_loader(gate_up_param, w13)
+            down_param.weight_loader(down_param, w2)
+        else:
+            for e in range(3):
+                for half in (0, 1):
+                    gate_up_param.weight_loader(gate_up_param, w13[e, half * 32:][:32],
+                                                2 * e + half)
+                down_param.weight_loader(down_param, w2[e], e)
+    finally:
+        torch.set_default_dtype(previous)
+    layer.__dict__.pop("after_loading")()
+    assert layer.holds_stacked_codes and not layer.stacks_refused
+    rows = slice(None) if rank is None else slice(16 * rank, 16 * rank + 16)
+    for kind, codes, weights in zip(("gate_up", "down"), layer.stacked_experts(), (w13, w2),
+                                    strict=True):
+        assert codes.scale.shape[2] == 1
+        for e in range(3):
+            values, scale = quantize_per_channel(weights[e].bfloat16())
+            if kind == "gate_up":  # the rank's rows of the gate, then of the up
+                keep = torch.cat([torch.arange(32)[rows], torch.arange(32, 64)[rows]])
+                values, scale = values[keep], scale[keep]
+            else:
+                values = values[:, rows]
+            assert torch.equal(codes.codes[e].view(torch.uint8), values.view(torch.uint8))
+            assert torch.equal(codes.scale[e], scale)
 
 
 def test_the_kernel_takes_what_it_can_step_through():

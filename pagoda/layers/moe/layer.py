@@ -88,7 +88,7 @@ class FusedMoE(DeviceDispatch):
         self.local_inter = intermediate_size if split_experts else \
             group.split(intermediate_size)[1]
         self.hidden_size = hidden_size
-        self.holds_codes = self.float8_pieces = False  # see hold_codes
+        self.holds_codes = self.float8_pieces = False  # see hold_codes, hold_stacked_codes
         self.holds_stacked_codes = False  # see hold_stacked_codes
         self.stacks_refused = False  # a piece did not fit the stacks: floats instead
         self.expert_kernels: nn.ModuleList | None = None
@@ -162,15 +162,16 @@ class FusedMoE(DeviceDispatch):
                 param.weight_loader(param, make(rows, columns, generator, std), index)
         return True
 
-    def hold_stacked_codes(self) -> None:
+    def hold_stacked_codes(self, float8: bool = False) -> None:
         """Every expert's codes stacked for the GPU's fused MoE kernel (ExpertCodes: an FP8
-        checkpoint's float8 values, an integer or GGUF checkpoint's codes): a projection's
-        stack is made when its first piece comes (its layout then known) and its pieces go
-        in as they come. A piece that does not fit (floats, another layout, one the kernel
-        does not take) turns the layer to floats: hold_floats, what has come decoded
-        (`stacks_refused`)."""
+        checkpoint's float8 values, an integer or GGUF checkpoint's codes; `float8`: float
+        pieces quantized to float8 rows as they come, `--quantization fp8`, so the experts
+        are never all held as floats): a projection's stack is made when its first piece
+        comes (its layout then known) and its pieces go in as they come. A piece that does
+        not fit (floats, another layout, one the kernel does not take) turns the layer to
+        floats: hold_floats, what has come decoded (`stacks_refused`)."""
         total = self.placement.total
-        self.holds_stacked_codes = True
+        self.holds_stacked_codes, self.float8_pieces = True, float8
         self.stacks: dict[str, Any] = {}
         self.gate_up_proj = self._placeholder(2 * total, partial(self._stack_piece, "gate_up"))
         self.down_proj = self._placeholder(total, partial(self._stack_piece, "down"))
@@ -186,9 +187,9 @@ class FusedMoE(DeviceDispatch):
                      for kind in ("gate_up", "down"))
 
     def quantize_experts(self, layout: tuple[int, int] | None = None) -> None:
-        """Floats (loaded, or dummy) -> float8 values with a scale a row (`--quantization
-        fp8` at load), or to (bits, group) integer codes (dummy experts of an integer
-        format), expert by expert."""
+        """Floats -> float8 values with a scale a row (the quantization of `--quantization
+        fp8`), or to (bits, group) integer codes, expert by expert (moe_bench's codes of the
+        same weights)."""
         from pagoda.layers.moe.expert_codes import quantized_float8, quantized_integers
         self.stacks = {kind: quantized_float8(getattr(self, f"{kind}_proj")) if layout is None
                        else quantized_integers(getattr(self, f"{kind}_proj"), *layout)
@@ -197,6 +198,12 @@ class FusedMoE(DeviceDispatch):
 
     def _stack_piece(self, kind: str, param: nn.Parameter, piece: Any,
                      index: int | None = None) -> None:
+        if self.holds_stacked_codes and self.float8_pieces and isinstance(piece, torch.Tensor):
+            if index is None:  # every expert's floats in one tensor
+                self._store_packed(param, piece)
+                return
+            from pagoda.layers.moe.expert_codes import float8_rows
+            piece = float8_rows(piece.to(self.gate_up_proj.device, torch.get_default_dtype()))
         if self.holds_stacked_codes:
             if index is not None and self._stacked(kind, piece, index):
                 return
@@ -298,9 +305,8 @@ class FusedMoE(DeviceDispatch):
         kind = "gate_up" if param is self.gate_up_proj else "down"
         self._check_piece_shape(kind, piece)
         if self.float8_pieces and isinstance(piece, torch.Tensor):
-            from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
-            from pagoda.layers.quantization.fp8 import quantize_per_channel
-            piece = Fp8Rows(*quantize_per_channel(piece))
+            from pagoda.layers.moe.expert_codes import float8_rows
+            piece = float8_rows(piece)
         self.code_pieces[(kind, index)] = piece
         expert = index // 2 if kind == "gate_up" else index
         keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))
@@ -311,14 +317,14 @@ class FusedMoE(DeviceDispatch):
 
     def _store_packed(self, param: nn.Parameter, packed: torch.Tensor) -> None:
         """Each expert's pieces of a packed float tensor ([experts, 2 * inter, hidden]: its
-        gate rows, then its up rows; or [experts, hidden, inter])."""
-        inter = self.intermediate_size
-        for expert, stack in enumerate(self._packed_local(packed)):
+        gate rows, then its up rows; or [experts, hidden, inter]) through the loader."""
+        inter, load = self.intermediate_size, param.weight_loader
+        for expert, stack in enumerate(self._packed_local(packed), self.placement.start):
             if param is self.gate_up_proj:
-                self._store_piece(param, stack.narrow(0, 0, inter), 2 * expert)
-                self._store_piece(param, stack.narrow(0, inter, inter), 2 * expert + 1)
+                load(param, stack.narrow(0, 0, inter), 2 * expert)
+                load(param, stack.narrow(0, inter, inter), 2 * expert + 1)
             else:
-                self._store_piece(param, stack, expert)
+                load(param, stack, expert)
 
     def _collect_expert_kernels(self) -> None:
         missing = [e for e, kernels in enumerate(self.built_experts) if kernels is None]

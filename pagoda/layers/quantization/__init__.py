@@ -84,9 +84,8 @@ def _hold_checkpoint_experts(module: FusedMoE, config: QuantizationConfig,
         module.hold_codes(float8=config.at_load)
     elif device == "cuda" and not config.at_load and config.gives_expert_codes:
         module.hold_stacked_codes()
-    elif device == "cuda" and config.float8_experts:  # quantized once loaded
-        module.hold_floats()
-        module.after_loading = module.quantize_experts
+    elif device == "cuda" and config.float8_experts:
+        module.hold_stacked_codes(float8=True)
     else:
         module.hold_floats()
 
