@@ -288,7 +288,7 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
         "N": n, "K": k, "A_ROW_DIV": 8 if gated else 1, "GATED": gated,
         "MUL_WEIGHT": not gated, "SUM_TOP_K": 0, "SUM_TOKENS": 1, "CODES": codes,
         "BITS": bits, "GROUPS": groups, "E4M3_BYTES": False, "BLOCK_M": config.block_m,
-        "BLOCK_N": block_n, "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "PDL": True},
+        "BLOCK_N": block_n, "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "DOT": 2, "PDL": True},
         num_warps=config.num_warps, num_stages=config.num_stages)
     assert ("wgmma" if config.block_m >= 64 else "mma.sync") in asm["ptx"]
     if codes == 3 and config.block_m >= 64:  # float8 products on Hopper's FP8 tensor cores

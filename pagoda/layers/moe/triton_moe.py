@@ -31,7 +31,13 @@ import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.moe.expert_codes import ExpertCodes
-from pagoda.layers.quantization.triton_group_gemm import codes_as, float8_codes, fp8_rows
+from pagoda.layers.quantization.triton_group_gemm import (
+    biased,
+    biased_plane,
+    codes_as,
+    float8_codes,
+    fp8_rows,
+)
 from pagoda.layers.tile_counters import tile_counters
 from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
@@ -463,7 +469,7 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
                      SUM_TOKENS: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
                      GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PDL: tl.constexpr):
+                     DOT: tl.constexpr, PDL: tl.constexpr):
     """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
 
     A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
@@ -476,8 +482,10 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     E4M3_BYTES), each row's K inputs in GROUPS groups of one float32 scale ([experts, rows,
     GROUPS] at b_scale_ptr); 2 integer codes of BITS bits (4: two a byte, byte j of each 64
     inputs holding inputs j and j + 32), weight = code * scale + low with a float16 scale and
-    low a row and group. Codes are converted to A's type exactly, the scales applied to the
-    products of each group (a step of inputs lies in one group); in blocks of
+    low a row and group. Codes are converted to A's type exactly (4-bit ones with no
+    conversion instruction: biased_plane, by DOT: 0 float32, 1 float16, 2 bfloat16 A), the
+    scales applied to the products of each group (a step of inputs lies in one group); in
+    blocks of
     DECODED_FROM_ROWS rows or more each weight is decoded to A's type before the product
     (float8 in several groups a row too). 3: float8 values as 1, and A float8 too with a
     float32 scale a row (a_scale_ptr): products on FP8 tensor cores (K a whole number of
@@ -497,7 +505,7 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
         _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
                       sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N, K,
                       A_ROW_DIV, GATED, MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M,
-                      BLOCK_N, BLOCK_K, DOT_PRECISION)
+                      BLOCK_N, BLOCK_K, DOT_PRECISION, DOT)
     if SUM_TOP_K > 0:
         _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n, num_assignments // SUM_TOP_K,
                         num_blocks, offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
@@ -509,7 +517,8 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                   K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
                   GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DOT: tl.constexpr):
     """Block pid_m's rows of C, columns offs_n, for `expert` (see _moe_gemm_kernel)."""
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < num_assignments
@@ -530,13 +539,19 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if NIBBLES:
-            acc = _nibbles_step(acc, a_base, row_ok, b_ptrs, b_scale_ptr, b_low_ptr, s_at, k0,
-                                n_ok, K, GROUPS, DOT_PRECISION, DECODE)
+        if NIBBLES:  # a step's two halves of inputs, and their rows' sums, shared by gate, up
+            half = k0 + tl.arange(0, 32)[None, :]
+            a_low = tl.load(a_base + half, mask=row_ok[:, None], other=0.0)
+            a_high = tl.load(a_base + 32 + half, mask=row_ok[:, None], other=0.0)
+            sums_low = tl.sum(a_low.to(tl.float32), axis=1)
+            sums_high = tl.sum(a_high.to(tl.float32), axis=1)
+            acc = _nibbles_step(acc, a_low, a_high, sums_low, sums_high, b_ptrs, b_scale_ptr,
+                                b_low_ptr, s_at, k0, n_ok, K, GROUPS, DOT_PRECISION, DECODE,
+                                DOT)
             if GATED:
-                acc_up = _nibbles_step(acc_up, a_base, row_ok, b_ptrs + up_b, b_scale_ptr,
-                                       b_low_ptr, s_at + up_s, k0, n_ok, K, GROUPS,
-                                       DOT_PRECISION, DECODE)
+                acc_up = _nibbles_step(acc_up, a_low, a_high, sums_low, sums_high,
+                                       b_ptrs + up_b, b_scale_ptr, b_low_ptr, s_at + up_s, k0,
+                                       n_ok, K, GROUPS, DOT_PRECISION, DECODE, DOT)
         else:
             k_ok = offs_k < K - k0
             if CODES == 3:  # (no float8 `other`: a row left out is stored nowhere)
@@ -594,40 +609,58 @@ def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.conste
         scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
         return acc + tl.dot(a, b, input_precision=DOT_PRECISION) * scale[None, :]
     b = tl.where(k_ok[:, None], b.to(a.dtype), 0.0).to(a.dtype)  # (a is 0 past K)
-    return _scaled_group(acc, a, b, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION, DECODE)
+    sums = tl.sum(a.to(tl.float32), axis=1)
+    return _scaled_group(acc, a, b, sums, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION,
+                         DECODE, 0)
 
 
 @triton.jit
-def _nibbles_step(acc, a_base, row_ok, b_ptrs, scale_ptr, low_ptr, s_at, k0, n_ok,
-                  K: tl.constexpr, GROUPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DECODE: tl.constexpr):
+def _nibbles_step(acc, a_low, a_high, sums_low, sums_high, b_ptrs, scale_ptr, low_ptr, s_at,
+                  k0, n_ok, K: tl.constexpr, GROUPS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr, DOT: tl.constexpr):
     """acc + a @ b for inputs k0..k0+63 of 4-bit codes ([32, BLOCK_N] bytes at b_ptrs):
-    the low nibbles are inputs k0..k0+31, the high ones k0+32..k0+63, each half in one
-    group."""
-    packed = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
-    half = tl.arange(0, 32)[None, :]
-    a_low = tl.load(a_base + k0 + half, mask=row_ok[:, None], other=0.0)
-    a_high = tl.load(a_base + k0 + 32 + half, mask=row_ok[:, None], other=0.0)
+    the low nibbles are inputs k0..k0+31 (a_low, each row's sum sums_low), the high ones
+    k0+32..k0+63 (a_high), each half in one group; the codes biased_plane's (no conversion
+    instruction), their bias taken off with the group's low. Both halves in one group: the
+    second product accumulates onto the first, scaled once."""
+    packed = tl.load(b_ptrs, mask=n_ok[None, :], other=0).to(tl.int16)
     group_size: tl.constexpr = K // GROUPS
-    acc = _scaled_group(acc, a_low, (packed & 0xF).to(a_low.dtype), scale_ptr, low_ptr,
-                        s_at + k0 // group_size, n_ok, DOT_PRECISION, DECODE)
-    return _scaled_group(acc, a_high, (packed >> 4).to(a_high.dtype), scale_ptr, low_ptr,
-                         s_at + (k0 + 32) // group_size, n_ok, DOT_PRECISION, DECODE)
+    low_codes = biased_plane(packed, 0, DOT, False)
+    high_codes = biased_plane(packed, 1, DOT, False)
+    s_low, s_high = s_at + k0 // group_size, s_at + (k0 + 32) // group_size
+    if group_size % 64 == 0 and not DECODE:
+        scale, low = _group_scale_low(scale_ptr, low_ptr, s_low, n_ok, DOT)
+        products = tl.dot(a_high, high_codes, tl.dot(a_low, low_codes,
+                                                     input_precision=DOT_PRECISION),
+                          input_precision=DOT_PRECISION)
+        return acc + products * scale[None, :] + (sums_low + sums_high)[:, None] * low[None, :]
+    acc = _scaled_group(acc, a_low, low_codes, sums_low, scale_ptr, low_ptr, s_low, n_ok,
+                        DOT_PRECISION, DECODE, DOT)
+    return _scaled_group(acc, a_high, high_codes, sums_high, scale_ptr, low_ptr, s_high, n_ok,
+                         DOT_PRECISION, DECODE, DOT)
 
 
 @triton.jit
-def _scaled_group(acc, a, codes, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION: tl.constexpr,
-                  DECODE: tl.constexpr):
-    """acc + a @ (codes * scale + low) for inputs of one group: its scale and low a column
-    (float16); the low times each row's sum of a, or (DECODE: tiles of many rows, where a
-    second product's accumulator would not fit the registers) each weight decoded to a's
-    type before one product into acc."""
+def _group_scale_low(scale_ptr, low_ptr, s_at, n_ok, DOT: tl.constexpr):
+    """A group's float32 scale a column, and its low less biased_plane's bias (DOT's; 0:
+    none) times the scale: code * scale + low = (code + bias) * scale + that."""
     scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
     low = tl.load(low_ptr + s_at, mask=n_ok, other=0.0).to(tl.float32)
+    return scale, low - biased(tl.zeros_like(scale), DOT) * scale
+
+
+@triton.jit
+def _scaled_group(acc, a, codes, sums, scale_ptr, low_ptr, s_at, n_ok,
+                  DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr, DOT: tl.constexpr):
+    """acc + a @ (codes * scale + low) for inputs of one group (codes plus DOT's bias, see
+    _group_scale_low): its scale and low a column (float16); the low times each row's sum
+    of a (`sums`), or (DECODE: tiles of many rows, where a second product's accumulator
+    would not fit the registers) each weight decoded to a's type before one product into
+    acc."""
+    scale, low = _group_scale_low(scale_ptr, low_ptr, s_at, n_ok, DOT)
     if DECODE:
         weights = codes.to(tl.float32) * scale[None, :] + low[None, :]
         return tl.dot(a, weights.to(a.dtype), acc, input_precision=DOT_PRECISION)
-    sums = tl.sum(a.to(tl.float32), axis=1)
     return acc + tl.dot(a, codes, input_precision=DOT_PRECISION) * scale[None, :] \
         + sums[:, None] * low[None, :]
 
@@ -702,6 +735,7 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
         CODES=kind, BITS=bits, GROUPS=groups, E4M3_BYTES=e4m3_bytes,
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
+        DOT=0 if wide else 1 if a.dtype == torch.float16 else 2,
         num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else
         config.num_stages, **dependent_launch(a.device))
 

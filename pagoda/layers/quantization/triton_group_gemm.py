@@ -300,7 +300,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             else:
                 x = tl.load(x_ptr + t[None, :] * stride_xm + (k + q * ROWS + rows)[:, None],
                             mask=t_ok[None, :], other=0.0).to(dot_type)
-            plane = _biased_plane(packed, q, DOT, ASM, PLANE_BITS)
+            plane = biased_plane(packed, q, DOT, ASM, PLANE_BITS)
             if SUMS_A_PLANE:  # the plane's biased codes' sums, its bias and min off at once
                 ones = tl.full((BLOCK_N, ROWS), 1.0, dot_type)
                 word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
@@ -363,7 +363,7 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
         scale, low = _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW,
                                           dot_type)
     if ZERO_POINTS:
-        scale, low = scale.to(tl.float32), _biased(low, DOT).to(dot_type)
+        scale, low = scale.to(tl.float32), biased(low, DOT).to(dot_type)
     else:
         scale = scale.to(dot_type)
     return scale, low
@@ -411,7 +411,7 @@ def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
     what multiplies its sums of x: -(zero point + bias) x scale, or min - bias x scale."""
     scale, low = _word_halves(words, ZERO_POINTS)
     scale = scale.to(tl.float32)
-    bias = _biased(tl.zeros_like(scale), DOT)
+    bias = biased(tl.zeros_like(scale), DOT)
     if ZERO_POINTS:
         x_sums_weight = -(low + bias) * scale
     else:
@@ -432,8 +432,8 @@ def _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
 
 
 @triton.jit
-def _biased(values, DOT: tl.constexpr):
-    """values plus what _biased_plane adds to each code: 0 (float32), 1024 (float16), 128
+def biased(values, DOT: tl.constexpr):
+    """values plus what biased_plane adds to each code: 0 (float32), 1024 (float16), 128
     (bfloat16)."""
     if DOT == 1:
         values += 1024.0
@@ -444,7 +444,7 @@ def _biased(values, DOT: tl.constexpr):
 
 @triton.jit
 def _unbiased(values, DOT: tl.constexpr):
-    """_biased's inverse (exact for the codes)."""
+    """biased's inverse (exact for the codes)."""
     if DOT == 1:
         values -= 1024.0
     elif DOT == 2:
@@ -453,9 +453,9 @@ def _unbiased(values, DOT: tl.constexpr):
 
 
 @triton.jit
-def _biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+def biased_plane(packed, Q: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                   PLANE_BITS: tl.constexpr = 4):
-    """Nibble (PLANE_BITS 8: byte) Q of each int16 plus _biased's bias, as the product's
+    """Nibble (PLANE_BITS 8: byte) Q of each int16 plus biased's bias, as the product's
     type. The 16-bit types take no conversion instruction: the code is OR-ed into the
     mantissa of 1024 (float16) or 128 (bfloat16: exact for codes up to 127, as byte planes
     hold); on a GPU one LOP3 makes two bfloat16s (a shift first for all but plane 0)."""
