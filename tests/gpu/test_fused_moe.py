@@ -195,10 +195,14 @@ def test_expert_codes_match_their_decoded_weights(tokens, layout, gpu_report):
 
 @pytest.mark.parametrize("tokens", [1, 16, 300])
 @pytest.mark.parametrize("layout", [("float8", 128), ("int", 4, 32)], ids=str)
-def test_a_layer_of_codes_from_its_router_matches_its_torch_path(tokens, layout):
+def test_a_layer_of_codes_from_its_router_matches_its_torch_path(tokens, layout, monkeypatch):
     """FusedMoE holding stacked codes: forward_with_router (the router's launch up to 16
     tokens, the router's logits past them) and the routed layer against the torch path
-    decoding them, and a CUDA graph of the router launch replaying like eager."""
+    decoding them, and a CUDA graph of the router launch replaying like eager (float8
+    weight-only: the tensor-core path's rounded activations are
+    test_expert_codes_match_their_decoded_weights' float8-tc)."""
+    from pagoda.layers.moe import triton_moe
+    monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", None)
     hidden, inter = QWEN3_30B
     _, w13, w2, _, _ = random_moe(1, 128, 8, hidden, inter, torch.float32, "cuda")
     with torch.device("cuda"):

@@ -175,9 +175,10 @@ def test_gguf_experts_stay_in_codes_and_agree_with_the_decoded_file(tmp_path, gp
 def test_dummy_experts_take_the_format_codes_as_the_estimate_counts(base, quantization,
                                                                    tmp_path):
     """A config alone (dummy weights) on the GPU: AWQ's experts 4-bit codes, --quantization
-    fp8's float8, made as codes (the load's peak within 4 MiB and 10 % of the weights it
-    holds: bf16 experts quantized once loaded peaked at twice and more), and the estimate
-    within 0.5 % of the engine's bytes (norms and routers counted as codes)."""
+    fp8's float8, made as codes (the load's peak within 4 MiB and 50 % of the weights it
+    holds: 14.8 MB for AWQ's 9.6 on an H100; bf16 experts quantized once loaded would peak
+    at 2.5-4x), and the estimate within 0.5 % of the engine's bytes (norms and routers
+    counted as codes)."""
     from tests.models.test_estimate import small_config
     path = small_config(base, tmp_path / base, hidden_size=512, moe_intermediate_size=256,
                         num_experts=16, num_attention_heads=4, num_key_value_heads=2)
@@ -189,7 +190,7 @@ def test_dummy_experts_take_the_format_codes_as_the_estimate_counts(base, quanti
     moes = [m for m in model.modules() if isinstance(m, FusedMoE)]
     assert moes and all(m.holds_stacked_codes for m in moes)
     peak = torch.cuda.max_memory_allocated() - before
-    assert peak <= 1.1 * weight_bytes(model) + (4 << 20), (peak, weight_bytes(model))
+    assert peak <= 1.5 * weight_bytes(model) + (4 << 20), (peak, weight_bytes(model))
     figures = estimate(resolve_model(path, "dummy"), 128, dtype="bfloat16", device="cuda",
                        quantization=quantization)
     assert figures.weight_bytes == pytest.approx(weight_bytes(model), rel=0.005)

@@ -3,6 +3,8 @@ experts and routing, and the kernel's error against the torch reference."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from pagoda.layers.moe.native import fused_moe_native, moe_by_expert
@@ -144,42 +146,57 @@ def stacked_codes(w: torch.Tensor, layout: tuple):
     return stack
 
 
-def float8_rows(rows: torch.Tensor) -> torch.Tensor:
+def float8_rows(rows: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """Activations as the FP8 tensor-core path takes them: rounded to float8 with a scale a
-    row by its own quantizer (fp8_rows: bit for bit torch's on a GPU; under the interpreter
-    its float8 rounding differs from torch's, so the reference takes the kernel's), in
-    float32."""
+    row (or a row and `group` inputs: block-scaled weights') by its own quantizer (fp8_rows:
+    bit for bit torch's on a GPU; under the interpreter its float8 rounding differs from
+    torch's, so the reference takes the kernel's), in float32."""
     from pagoda.layers.moe.triton_moe import FP8_MAX
     from pagoda.layers.quantization.triton_group_gemm import fp8_rows
-    values, scale = fp8_rows(rows.contiguous(), FP8_MAX)
-    return values.float() * scale
+    tokens, inputs = rows.shape
+    values, scale = fp8_rows(rows.contiguous().view(-1, group or inputs), FP8_MAX)
+    return (values.float() * scale).view(tokens, inputs)
 
 
-# layout -> (the layout it runs, the triton_moe setting changed, its value, the activations
-# as the kernel then rounds them)
-KERNEL_SETTINGS = {"float8-tc": ("float8", "FP8_TENSOR_CORES_FROM", 1, float8_rows),
-                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, lambda rows: rows)}
+def unrounded(rows: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    return rows
+
+
+# layout -> (the stacks' layout it runs, the triton_moe setting it runs under, its value,
+# the activations as the kernel then rounds them given the layout's group): float8
+# weight-only (the activations in 16 bits), on FP8 tensor cores, and integer codes decoded
+# to weights before each product
+KERNEL_SETTINGS = {"float8": ("float8", "FP8_TENSOR_CORES_FROM", None, unrounded),
+                   "float8-tc": ("float8", "FP8_TENSOR_CORES_FROM", 1, float8_rows),
+                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, unrounded)}
 
 
 def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
                        layout: tuple, dtype: torch.dtype, device: str,
-                       drop_experts: bool = False, rounded=lambda rows: rows) -> float:
+                       drop_experts: bool = False) -> float:
     """kernel_error for experts held as codes (stacked_codes' layouts): the kernel against
-    the torch path on the weights they decode to. Two layouts run another's with a setting
-    of the kernel changed (KERNEL_SETTINGS): ("float8-tc", inputs a scale or None), float8
-    experts on FP8 tensor cores with the activations quantized too; ("int-decoded", bits,
-    group), integer codes decoded to weights before each product in blocks of any size
+    the torch path on the weights they decode to. Layouts of KERNEL_SETTINGS run with a
+    setting of the kernel: ("float8", inputs a scale or None), float8 experts weight-only;
+    ("float8-tc", ...) on FP8 tensor cores with the activations quantized too; ("int-decoded",
+    bits, group), integer codes decoded to weights before each product in blocks of any size
     (under the interpreter, which reads the setting at each call)."""
-    if layout[0] in KERNEL_SETTINGS:
-        from pagoda.layers.moe import triton_moe
-        base, name, value, rows = KERNEL_SETTINGS[layout[0]]
-        saved = getattr(triton_moe, name)
-        setattr(triton_moe, name, value)
-        try:
-            return codes_kernel_error(tokens, experts, top_k, hidden, inter,
-                                      (base, *layout[1:]), dtype, device, drop_experts, rows)
-        finally:
-            setattr(triton_moe, name, saved)
+    if layout[0] not in KERNEL_SETTINGS:
+        return _codes_error(tokens, experts, top_k, hidden, inter, layout, dtype, device,
+                            drop_experts, unrounded)
+    from pagoda.layers.moe import triton_moe
+    base, name, value, rounding = KERNEL_SETTINGS[layout[0]]
+    saved = getattr(triton_moe, name)
+    setattr(triton_moe, name, value)
+    try:
+        return _codes_error(tokens, experts, top_k, hidden, inter, (base, *layout[1:]), dtype,
+                            device, drop_experts, partial(rounding, group=layout[1]))
+    finally:
+        setattr(triton_moe, name, saved)
+
+
+def _codes_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
+                 layout: tuple, dtype: torch.dtype, device: str, drop_experts: bool,
+                 rounded) -> float:
     from pagoda.layers.moe.triton_moe import fused_moe_triton
     x, w13, w2, weights, ids = random_moe(tokens, experts, top_k, hidden, inter,
                                           torch.float32, device)

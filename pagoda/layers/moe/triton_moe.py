@@ -488,7 +488,8 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     blocks of
     DECODED_FROM_ROWS rows or more each weight is decoded to A's type before the product
     (float8 in several groups a row too). 3: float8 values as 1, and A float8 too with a
-    float32 scale a row (a_scale_ptr): products on FP8 tensor cores (K a whole number of
+    float32 scale a row, or a row and group of B's (a_scale_ptr [rows, GROUPS]: a block-scaled
+    checkpoint's 1 x 128 activation blocks): products on FP8 tensor cores (K a whole number of
     steps)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
@@ -560,18 +561,22 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                 a = tl.load(a_base + k0 + offs_k[None, :],
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             group = k0 // (K // max(GROUPS, 1))
-            acc = _step(acc, a, b_ptrs, b_scale_ptr, b_low_ptr, s_at + group, k_ok, n_ok,
-                        CODES, GROUPS, E4M3_BYTES, DOT_PRECISION, DECODE)
+            a_group_scale = 1.0
+            if CODES == 3 and GROUPS > 1:  # each row's activation scale in this group
+                a_group_scale = tl.load(a_scale_ptr + a_rows * GROUPS + group, mask=row_ok,
+                                        other=0.0)[:, None]
+            acc = _step(acc, a, a_group_scale, b_ptrs, b_scale_ptr, b_low_ptr, s_at + group,
+                        k_ok, n_ok, CODES, GROUPS, E4M3_BYTES, DOT_PRECISION, DECODE)
             if GATED:
-                acc_up = _step(acc_up, a, b_ptrs + up_b, b_scale_ptr, b_low_ptr,
-                               s_at + up_s + group, k_ok, n_ok, CODES, GROUPS, E4M3_BYTES,
-                               DOT_PRECISION, DECODE)
+                acc_up = _step(acc_up, a, a_group_scale, b_ptrs + up_b, b_scale_ptr,
+                               b_low_ptr, s_at + up_s + group, k_ok, n_ok, CODES, GROUPS,
+                               E4M3_BYTES, DOT_PRECISION, DECODE)
         b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
     if (CODES == 1 or CODES == 3) and GROUPS == 1:  # float8's one scale a row: applied once
         acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(b_scale_ptr + s_at + N, mask=n_ok, other=0.0)[None, :]
-    if CODES == 3:  # each row's activation scale
+    if CODES == 3 and GROUPS == 1:  # each row's activation scale
         a_scale = tl.load(a_scale_ptr + a_rows, mask=row_ok, other=0.0)[:, None]
         acc = acc * a_scale
         if GATED:
@@ -586,12 +591,13 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
 
 
 @triton.jit
-def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.constexpr,
+def _step(acc, a, a_scale, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.constexpr,
           GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr,
           DECODE: tl.constexpr):
     """acc + a @ b for one step of inputs (in one group, its scales at s_at): b as stored;
     float8 values converted to a's type and, with several groups a row, scaled by their
-    group's; or byte codes times their scale plus their low."""
+    group's (on FP8 tensor cores, and by a's rows' scales in the group, `a_scale`
+    [BLOCK_M, 1]); or byte codes times their scale plus their low."""
     if CODES == 0:
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -607,7 +613,7 @@ def _step(acc, a, b_ptrs, scale_ptr, low_ptr, s_at, k_ok, n_ok, CODES: tl.conste
         if GROUPS == 1:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         scale = tl.load(scale_ptr + s_at, mask=n_ok, other=0.0)
-        return acc + tl.dot(a, b, input_precision=DOT_PRECISION) * scale[None, :]
+        return acc + tl.dot(a, b, input_precision=DOT_PRECISION) * scale[None, :] * a_scale
     b = tl.where(k_ok[:, None], b.to(a.dtype), 0.0).to(a.dtype)  # (a is 0 past K)
     sums = tl.sum(a.to(tl.float32), axis=1)
     return _scaled_group(acc, a, b, sums, scale_ptr, low_ptr, s_at, n_ok, DOT_PRECISION,
@@ -707,8 +713,8 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
                   config: MoEConfig, sums: torch.Tensor | None = None,
                   a_scale: torch.Tensor | None = None) -> None:
     """`sums` [tokens, N]: each token's rows of `out` added there too, in the same launch.
-    `a_scale` [rows of a]: a holds float8 values with these scales, b float8 codes (FP8
-    tensor cores)."""
+    `a_scale` [rows of a x b's groups of inputs]: a holds float8 values with these scales,
+    b float8 codes (FP8 tensor cores)."""
     n, k = out.shape[1], a.shape[1]
     wide = a.dtype == torch.float32  # twice the shared memory per stage
     codes, scale, low, kind, bits, groups, e4m3_bytes = b, out, out, 0, 8, 0, False
@@ -778,7 +784,8 @@ def fused_moe_from_router(x: torch.Tensor, router_weight: torch.Tensor, w13: Exp
 
 def _fp8_tensor_cores_from() -> int | None:
     """PAGODA_MOE_FP8_FROM: the fewest tokens of a call whose float8 experts run on FP8
-    tensor cores (activations quantized per row); unset: every call (on an H100 Qwen3-30B-A3B's
+    tensor cores (activations quantized per row, or per row and 128 inputs where the weights
+    have block scales); unset: every call (on an H100 Qwen3-30B-A3B's
     MoE layer ran 1.2-1.6x faster than weight-only from 1 to 4,096 tokens); "off": none."""
     given = os.environ.get("PAGODA_MOE_FP8_FROM", "1")
     return None if given == "off" else int(given)
@@ -800,13 +807,18 @@ def takes_fp8_tensor_cores(tokens: int, w13: Experts, w2: Experts) -> bool:
     return has_e4m3(cuda_capability(device.index) if device.type == "cuda" else None)
 
 
-def _activations(x: torch.Tensor, float8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _activations(x: torch.Tensor, float8: bool,
+                 weights: Experts) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A grouped GEMM's activations: as they are, or (FP8 tensor cores) float8 values with
-    a float32 scale a row."""
+    a float32 scale a row, or a row and group of the weights' inputs where their scales
+    have several groups a row (block scales: the activations in 1 x 128 blocks, as such
+    checkpoints' dynamic activation scheme has them)."""
     if not float8:
         return x, None
-    values, scale = fp8_rows(x, FP8_MAX)
-    return values, scale.view(-1)
+    tokens, inputs = x.shape
+    groups = weights.scale.shape[-1]
+    values, scale = fp8_rows(x.reshape(tokens * groups, inputs // groups), FP8_MAX)
+    return values.view(tokens, inputs), scale.view(-1)
 
 
 def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
@@ -819,7 +831,7 @@ def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
     inter2 = w13.shape[1]
     act = torch.empty(tokens * top_k, inter2 // 2, dtype=x.dtype, device=x.device)
     on_tensor_cores = takes_fp8_tensor_cores(tokens, w13, w2)
-    x_in, x_scale = _activations(x, on_tensor_cores)
+    x_in, x_scale = _activations(x, on_tensor_cores, w13)
     _grouped_gemm(x_in, w13, act, blocks, None, top_k, True, config, a_scale=x_scale)
     # rows of experts on other ranks are never written: zeroed, they add nothing
     alloc = torch.zeros if partial else torch.empty
@@ -830,7 +842,7 @@ def experts_forward(x: torch.Tensor, w13: Experts, w2: Experts,
     sums = None
     if 1 < top_k and tokens <= MAX_SUMMED_TOKENS:
         sums = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    act_in, act_scale = _activations(act, on_tensor_cores)
+    act_in, act_scale = _activations(act, on_tensor_cores, w2)
     _grouped_gemm(act_in, w2, down, blocks, weights, 1, False, config, sums, act_scale)
     if top_k == 1:
         return down
