@@ -70,16 +70,27 @@ def agreement(quantized, reference, quantization: str, vocab_size: int) -> float
 KERNELS = {"fp8": "float8 weights", "awq": "4-bit codes in groups of 128"}
 
 
-@pytest.mark.parametrize("fmt", sorted(KERNELS))
-def test_experts_stay_codes_and_agree_with_the_reference(fmt, source, tmp_path,  # noqa: F811
-                                                         gpu_report):
+# (format, its experts' float8 products on FP8 tensor cores) -> the bar of next-token
+# agreement with the float32 weights
+AGREEMENT_BARS = {("awq", False): 0.9, ("fp8", False): 0.9, ("fp8", True): 0.85}
+
+
+@pytest.mark.parametrize(("fmt", "tensor_cores"), sorted(AGREEMENT_BARS), ids=str)
+def test_experts_stay_codes_and_agree_with_the_reference(fmt, tensor_cores, source,  # noqa: F811
+                                                         tmp_path, gpu_report, monkeypatch):
     """FP8 with block scales (Qwen3-30B-A3B-FP8's layout, its attention FP8 too) and AWQ:
-    >= 90 % of next tokens agree with the float32 weights they stand for."""
+    >= 90 % of next tokens agree with the float32 weights they stand for; FP8's experts on
+    FP8 tensor cores (the default: the activations in float8 too, a scale a row and 128
+    inputs, as the format's dynamic activations are) >= 85 %: float8's 3 mantissa bits flip
+    near-ties of a random model's logits (0.896 on an H200 when written; weight-only 1.000
+    on an H100)."""
+    from pagoda.layers.moe import triton_moe
+    monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", 1 if tensor_cores else None)
     quantized_dir, reference_dir = write(source, tmp_path, fmt)
     check_experts_as_codes(quantized_dir, fmt, KERNELS[fmt])
     rate = agreement(quantized_dir, reference_dir, fmt, CONFIG.vocab_size)
-    gpu_report(format=fmt, agreement=rate)
-    assert rate >= 0.9
+    gpu_report(format=f"{fmt}{' tensor cores' if tensor_cores else ''}", agreement=rate)
+    assert rate >= AGREEMENT_BARS[fmt, tensor_cores]
 
 
 def test_act_order_experts_are_decoded_and_give_the_reference_tokens(source, tmp_path,  # noqa: F811
