@@ -200,8 +200,8 @@ def random_float8_rows(rows: int, columns: int, generator: torch.Generator,
 
 def quantized_integers(stack: torch.Tensor, bits: int, group: int) -> ExpertCodes:
     """Floats [experts, rows, inputs] as `bits`-bit codes with a scale and low (each group's
-    minimum) a row and `group` inputs, expert by expert: dummy experts in an integer
-    format's form, for benchmarks."""
+    minimum) a row and `group` inputs, expert by expert (moe_bench's codes of the bf16
+    layer's weights)."""
     experts, rows, inputs = stack.shape
     floats = stack[0].new_empty(0)
     held = empty_stack(GroupCodes(floats, floats, floats, group, bits), experts, rows, inputs,

@@ -485,9 +485,8 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     low a row and group. Codes are converted to A's type exactly (4-bit ones with no
     conversion instruction: biased_plane, by DOT: 0 float32, 1 float16, 2 bfloat16 A), the
     scales applied to the products of each group (a step of inputs lies in one group); in
-    blocks of
-    DECODED_FROM_ROWS rows or more each weight is decoded to A's type before the product
-    (float8 in several groups a row too). 3: float8 values as 1, and A float8 too with a
+    blocks of DECODED_FROM_ROWS rows or more each weight is decoded to A's type before the
+    product (float8 in several groups a row too). 3: float8 values as 1, and A float8 too with a
     float32 scale a row, or a row and group of B's (a_scale_ptr [rows, GROUPS]: a block-scaled
     checkpoint's 1 x 128 activation blocks): products on FP8 tensor cores (K a whole number of
     steps)."""
