@@ -82,8 +82,8 @@ def test_experts_stay_codes_and_agree_with_the_reference(fmt, tensor_cores, sour
     >= 90 % of next tokens agree with the float32 weights they stand for; FP8's experts on
     FP8 tensor cores (the default: the activations in float8 too, a scale a row and 128
     inputs, as the format's dynamic activations are) >= 85 %: float8's 3 mantissa bits flip
-    near-ties of a random model's logits (0.896 on an H200 when written; weight-only 1.000
-    on an H100)."""
+    near-ties of a random model's logits (on an H200 when written: 0.896, and 1.000
+    weight-only)."""
     from pagoda.layers.moe import triton_moe
     monkeypatch.setattr(triton_moe, "FP8_TENSOR_CORES_FROM", 1 if tensor_cores else None)
     quantized_dir, reference_dir = write(source, tmp_path, fmt)
