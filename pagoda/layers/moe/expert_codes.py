@@ -183,18 +183,12 @@ def random_group_codes(bits: int, group: int, rows: int, columns: int,
     return GroupCodes(*dummy_codes(rows, columns, bits, group, generator, std), group, bits)
 
 
-def float8_rows(weights: torch.Tensor) -> Fp8Rows:
-    """Float weights [rows, inputs] as float8 with a scale a row (the dense layers'
-    quantization under `--quantization fp8`): an expert's projection quantized at load."""
-    from pagoda.layers.quantization.fp8 import quantize_per_channel
-    return Fp8Rows(*quantize_per_channel(weights))
-
-
 def random_float8_rows(rows: int, columns: int, generator: torch.Generator,
                        std: float) -> Fp8Rows:
-    """N(0, std) weights [rows, columns] as float8_rows: a dummy expert's projection under
-    `--quantization fp8`."""
-    return float8_rows(torch.empty(rows, columns, device=generator.device).normal_(
+    """N(0, std) weights [rows, columns] quantized as `--quantization fp8` quantizes a loaded
+    piece: a dummy expert's projection under it."""
+    from pagoda.layers.quantization.fp8 import float8_rows_at_load
+    return float8_rows_at_load(torch.empty(rows, columns, device=generator.device).normal_(
         0.0, std, generator=generator))
 
 

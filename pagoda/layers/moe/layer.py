@@ -202,8 +202,8 @@ class FusedMoE(DeviceDispatch):
             if index is None:  # every expert's floats in one tensor
                 self._store_packed(param, piece)
                 return
-            from pagoda.layers.moe.expert_codes import float8_rows
-            piece = float8_rows(piece.to(self.gate_up_proj.device, torch.get_default_dtype()))
+            from pagoda.layers.quantization.fp8 import float8_rows_at_load
+            piece = float8_rows_at_load(piece.to(self.gate_up_proj.device))
         if self.holds_stacked_codes:
             if index is not None and self._stacked(kind, piece, index):
                 return
@@ -305,8 +305,8 @@ class FusedMoE(DeviceDispatch):
         kind = "gate_up" if param is self.gate_up_proj else "down"
         self._check_piece_shape(kind, piece)
         if self.float8_pieces and isinstance(piece, torch.Tensor):
-            from pagoda.layers.moe.expert_codes import float8_rows
-            piece = float8_rows(piece)
+            from pagoda.layers.quantization.fp8 import float8_rows_at_load
+            piece = float8_rows_at_load(piece)
         self.code_pieces[(kind, index)] = piece
         expert = index // 2 if kind == "gate_up" else index
         keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))

@@ -26,7 +26,6 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import (
     LinearBase,
     LinearMethod,
-    UnquantizedLinearMethod,
     WeightLoader,
 )
 from pagoda.layers.quantization import cpu_fp8_dot
@@ -58,6 +57,13 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def float8_rows_at_load(weights: torch.Tensor) -> cpu_fp8_dot.Fp8Rows:
+    """A 16/32-bit piece of a layer or an expert as float8 with a scale a row
+    (`--quantization fp8`), from its values in the model's dtype (as a 16-bit layer held
+    them)."""
+    return cpu_fp8_dot.Fp8Rows(*quantize_per_channel(weights.to(torch.get_default_dtype())))
+
+
 def row_scales(scale: torch.Tensor, rows: int, columns: int,
                block: tuple[int, int] | None, offset: int = 0) -> torch.Tensor:
     """A piece's scale as [rows, column groups] float32: one group of all columns for a
@@ -84,8 +90,9 @@ class Fp8LinearMethod(LinearMethod):
         self.at_load = at_load
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
-        if self.at_load:  # 16-bit weights load as usual, then are quantized
-            UnquantizedLinearMethod().create_weights(layer, loader)
+        if self.at_load:  # each 16-bit piece quantized as it loads: no layer held in 16 bits
+            add_collected_parameters(layer, {"weight": Layout(output_dim=0, input_dim=1)},
+                                     "fp8", convert=float8_rows_at_load)
             return
         if self.block is not None and layer.local_in % self.block[1]:
             raise UnsupportedModelError(f"fp8 block scales of {self.block[1]} columns do not "
@@ -102,12 +109,17 @@ class Fp8LinearMethod(LinearMethod):
         return {"weight": Layout(output_dim=0, input_dim=1), "weight_scale": scale,
                 "weight_scale_inv": scale, "input_scale": None}
 
+    def init_dummy(self, layer: LinearBase, generator: torch.Generator, std: float) -> bool:
+        """`--quantization fp8`: N(0, std) weights quantized as a loaded piece is."""
+        if not self.at_load:
+            return False
+        weights = torch.empty(layer.local_out, layer.local_in, device=generator.device)
+        layer.collected[("weight", None)] = float8_rows_at_load(
+            weights.normal_(0.0, std, generator=generator))
+        return True
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        if self.at_load:
-            weight, scale = quantize_per_channel(layer.weight.data)
-            del layer.weight
-        else:
-            weight, scale = self._from_checkpoint(layer)
+        weight, scale = self._at_load(layer) if self.at_load else self._from_checkpoint(layer)
         group = weight.shape[1] // scale.shape[1]
         if weight.is_cuda and supports(weight.shape[1], group, 8):
             layer.fp8 = GroupQuantWeight(weight, scale, None, group, 8)
@@ -118,6 +130,13 @@ class Fp8LinearMethod(LinearMethod):
         dtype = torch.get_default_dtype()
         layer.fp8 = DenseWeight(cpu_fp8_dot.Fp8Rows(weight, scale).decoded().to(dtype))
         _log_decoded_at_load(str(dtype).removeprefix("torch."), weight.device.type)
+
+    def _at_load(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float8 rows each piece became as it loaded, stacked."""
+        rows = [piece.get("weight") for piece in collected_pieces(layer)]
+        if any(r is None for r in rows) or sum(r.shape[0] for r in rows) != layer.local_out:
+            raise UnsupportedModelError("a layer quantized at load lacks some of its weights")
+        return torch.cat([r.weight for r in rows]), torch.cat([r.scale for r in rows])
 
     def _from_checkpoint(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor]:
         weights, scales = [], []

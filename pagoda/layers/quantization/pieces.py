@@ -6,8 +6,10 @@ one stored entry covers (eight for a nibble-packed int32, a group for a group's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,26 +33,30 @@ class Layout:
 
 
 def add_collected_parameters(layer: LinearBase, layouts: dict[str, Layout | None], fmt: str,
-                             optional: tuple[str, ...] = ()) -> None:
+                             optional: tuple[str, ...] = (),
+                             convert: Callable[[torch.Tensor], Any] | None = None) -> None:
     """Register empty parameters named as `layouts`' keys (those `optional` a checkpoint may
     lack; a layout of None: the tensor is kept whole on every rank); what loads into them is
-    narrowed to this rank's part and kept in `layer.collected[(name, piece)]` until
+    narrowed to this rank's part, on the layer's device, and kept in
+    `layer.collected[(name, piece)]` (as `convert` makes it, where given) until
     `collected_pieces` takes it."""
     layer.collected = {}
     for name, layout in layouts.items():
         param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        param.weight_loader = partial(_collect, layer, name, layout, fmt)
+        param.weight_loader = partial(_collect, layer, name, layout, fmt, convert)
         param.optional = name in optional
         setattr(layer, name, param)
 
 
 def _collect(layer: LinearBase, name: str, layout: Layout | None, fmt: str,
-             param: nn.Parameter, tensor: torch.Tensor, shard: int | None = None) -> None:
+             convert: Callable[[torch.Tensor], Any] | None, param: nn.Parameter,
+             tensor: torch.Tensor, shard: int | None = None) -> None:
     if layout is not None:
         tensor = rank_part(layer, tensor, layout, shard, f"{fmt} {name}")
     materialize = getattr(tensor, "materialize", None)  # a checkpoint slice: read it now
     tensor = materialize() if materialize is not None else tensor
-    layer.collected[(name, shard)] = tensor.to(param.device)  # where the layer repacks it
+    tensor = tensor.to(param.device)  # where the layer repacks it
+    layer.collected[(name, shard)] = tensor if convert is None else convert(tensor)
 
 
 def rank_part(layer: LinearBase, tensor: torch.Tensor, layout: Layout, shard: int | None,

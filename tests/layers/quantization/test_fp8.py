@@ -68,9 +68,7 @@ def test_compressed_tensors_channel_scales():
 def test_16_bit_weights_quantized_at_load_stay_within_fp8_rounding(fp8_cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 96, method=Fp8Config(None).linear_method("o_proj", None))
     weight = torch.randn(96, HIDDEN)
-    layer.weight.data.copy_(weight)
-    layer.method.process_weights_after_loading(layer)
-    assert not hasattr(layer, "weight")
+    load(layer, [{"weight": weight}])
     assert layer.method.kernel(layer) == KERNEL_NAMES[fp8_cpu_kernel]
     decoded = layer(torch.eye(HIDDEN)).t()  # the weights the layer multiplies by
     row_max = weight.abs().amax(1, keepdim=True)
@@ -81,11 +79,33 @@ def test_16_bit_weights_quantized_at_load_stay_within_fp8_rounding(fp8_cpu_kerne
 
 def test_on_the_kernel_a_layer_holds_a_byte_per_weight(fp8_cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 96, method=Fp8Config(None).linear_method("o_proj", None))
-    layer.weight.data.copy_(torch.randn(96, HIDDEN))
-    layer.method.process_weights_after_loading(layer)
+    load(layer, [{"weight": torch.randn(96, HIDDEN)}])
     held = sum(p.numel() * p.element_size() for p in layer.parameters())
     per_weight = 1 if fp8_cpu_kernel == "cpu_fp8_dot" else 4  # float32 once decoded
     assert held == 96 * HIDDEN * per_weight + (96 * 4 if per_weight == 1 else 0)
+
+
+def test_a_fused_layer_quantized_at_load_holds_each_piece_as_float8_as_it_comes():
+    """`--quantization fp8` on a 16-bit checkpoint: each piece of a fused qkv is float8 rows
+    once it has loaded (no layer is ever held in 16 bits), its values and scales those of
+    the whole weight's per-channel quantization in the model's dtype; a missing piece stops
+    the layer with one error."""
+    from pagoda.layers.quantization.fp8 import quantize_per_channel
+    method = Fp8Config(None).linear_method("qkv", None)
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=method)
+    weights = [torch.randn(rows, HIDDEN) for rows in SIZES]
+    layer.weight.weight_loader(layer.weight, weights[0], 0)
+    assert layer.weight.numel() == 0 and layer.collected[("weight", 0)].weight.dtype == FP8
+    for shard in (1, 2):
+        layer.weight.weight_loader(layer.weight, weights[shard], shard)
+    values, scale = method._at_load(layer)
+    expected_values, expected_scale = quantize_per_channel(torch.cat(weights))
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scale, expected_scale)
+    partial = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=method)
+    partial.weight.weight_loader(partial.weight, weights[0], 0)
+    with pytest.raises(UnsupportedModelError, match="lacks some of its weights"):
+        method.process_weights_after_loading(partial)
 
 
 def test_compressed_tensors_formats_pagoda_does_not_read_are_refused():
