@@ -30,6 +30,7 @@ from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
     INT4_FORMATS,
+    SIXTEEN_A_GROUP,
     byte_groups,
     dequantize_rows,
     int4_groups,
@@ -188,7 +189,7 @@ def _piece_rows(layer: LinearBase, shard: int | None) -> int:
 
 def group_layout(type_name: str) -> tuple[int, int]:
     """(bits per code, inputs per group) of GGUF type `type_name` held for the GPU kernel."""
-    return (4 if type_name in INT4_FORMATS else 8), (16 if type_name == "Q6_K" else 32)
+    return (4 if type_name in INT4_FORMATS else 8), (16 if type_name in SIXTEEN_A_GROUP else 32)
 
 
 def group_codes(piece: GGUFWeight) -> GroupCodes:

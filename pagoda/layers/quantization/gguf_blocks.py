@@ -28,10 +28,12 @@ class BlockFormat:
 FORMATS = {f.name: f for f in (
     BlockFormat("Q4_0", 32, 18), BlockFormat("Q4_1", 32, 20), BlockFormat("Q5_0", 32, 22),
     BlockFormat("Q5_1", 32, 24), BlockFormat("Q8_0", 32, 34),
+    BlockFormat("Q2_K", QK_K, 84), BlockFormat("Q3_K", QK_K, 110),
     BlockFormat("Q4_K", QK_K, 144), BlockFormat("Q5_K", QK_K, 176),
     BlockFormat("Q6_K", QK_K, 210),
 )}
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
+SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
 HALF_SCALE_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
@@ -131,6 +133,45 @@ def _q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, d[..., None] * scales
 
 
+def _two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K's 64 bytes of 2-bit fields [..., 64] -> [..., 256] (0..3): byte 32 * half
+    + l holds weights 128 * half + 32 * j + l in its bits 2j and 2j + 1."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device)
+    fields = (qs.reshape(*qs.shape[:-1], 2, 1, 32) >> shifts.view(4, 1)) & 3
+    return fields.reshape(*qs.shape[:-1], 256)
+
+
+def _q2_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K's codes (0..3) as [rows, blocks, 16 groups, 16], and each group's scale and the
+    min it subtracts [rows, blocks, 16]: 16 bytes of 4-bit scales (low) and mins (high),
+    64 of codes, d and dmin."""
+    codes = _two_bit_fields(blocks[..., 16:80]).reshape(*blocks.shape[:2], 16, 16)
+    packed = blocks[..., 0:16]
+    d, dmin = _half(blocks[..., 80:82]), _half(blocks[..., 82:84])
+    return codes, d[..., None] * (packed & 15).float(), dmin[..., None] * (packed >> 4).float()
+
+
+def _q3_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K's codes (0..7: the weight's multiple of its scale plus 4) as [rows, blocks, 16
+    groups, 16], and each group's scale [rows, blocks, 16]: 32 bytes of third bits (bit b
+    of byte l: weight 32b + l), 64 of 2-bit fields, 12 of 6-bit signed scales, d."""
+    low = _two_bit_fields(blocks[..., 32:96])
+    bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(8, 1)
+    high = ((blocks[..., 0:32].unsqueeze(-2) >> bits) & 1).reshape(*blocks.shape[:2], 256)
+    codes = (low | (high << 2)).reshape(*blocks.shape[:2], 16, 16)
+    return codes, _half(blocks[..., 108:110])[..., None] * _q3_k_scales(blocks[..., 96:108])
+
+
+def _q3_k_scales(raw: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes of sixteen 6-bit scales (less 32) -> [..., 16] float32: scale i's
+    low four bits are byte i's low nibble (i < 8) or byte i - 8's high one, its top two
+    bits byte 8 + i % 4's bits 2 (i // 4) and up."""
+    raw = raw.to(torch.int32)
+    low = torch.cat([raw[..., 0:8] & 15, raw[..., 0:8] >> 4], dim=-1)
+    high = torch.cat([(raw[..., 8:12] >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
+    return ((low | (high << 4)) - 32).float()
+
+
 def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     codes, factor = _q6_k_codes(blocks)
     return ((codes.to(torch.int32) - 32).float() * factor[..., None]).reshape(blocks.shape[0], -1)
@@ -140,12 +181,20 @@ def byte_groups(rows: torch.Tensor, name: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Any type's rows as codes [rows, columns] (uint8), a scale and a min per group
     ([rows, groups] float32) and the group's size: weight = code * scale + min. The 4-bit
-    types' codes fit 4 bits (int4_groups); the others' 5, 6 or 8."""
+    types' codes fit 4 bits (int4_groups); the others' 2, 3, 5, 6 or 8."""
     fmt = FORMATS[name]
     blocks = _blocks(rows, fmt)
     count = rows.shape[0]
     if name in INT4_FORMATS:
         return (*int4_groups(rows, name), 32)
+    if name == "Q2_K":
+        codes, scale, mins = _q2_k_groups(blocks)
+        return codes.reshape(count, -1), scale.reshape(count, -1), \
+            (-mins).reshape(count, -1), 16
+    if name == "Q3_K":
+        codes, scale = _q3_k_groups(blocks)
+        return codes.reshape(count, -1), scale.reshape(count, -1), \
+            (-4.0 * scale).reshape(count, -1), 16
     if name == "Q6_K":
         codes, scale = _q6_k_codes(blocks)
         return codes.reshape(count, -1), scale.reshape(count, -1), \
@@ -188,6 +237,13 @@ def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
         return (weights + _half(blocks[..., 2:4])[..., None]).reshape(rows.shape[0], -1)
     if name == "Q5_K":
         return _dequantize_q5_k(blocks)
+    if name == "Q2_K":
+        codes, scale, mins = _q2_k_groups(blocks)
+        return (scale[..., None] * codes.float() - mins[..., None]).reshape(rows.shape[0], -1)
+    if name == "Q3_K":
+        codes, scale = _q3_k_groups(blocks)
+        weights = scale[..., None] * (codes.float() - 4.0)
+        return weights.reshape(rows.shape[0], -1)
     if name == "Q6_K":
         return _dequantize_q6_k(blocks)
     raise ValueError(f"GGUF type {name} has no torch decoder")

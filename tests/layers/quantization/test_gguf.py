@@ -82,7 +82,7 @@ def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     torch.testing.assert_close(v_out, v_expected, **tolerance)
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K", "Q2_K", "Q3_K"])
 def test_a_row_parallel_layer_with_bias_matches(name, cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 64, bias=True, method=GGUFLinearMethod())
     piece, ref = gguf_piece(name, 64, HIDDEN, 4)

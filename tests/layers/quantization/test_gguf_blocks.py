@@ -20,7 +20,8 @@ from pagoda.models.loader.gguf import read_gguf_tensors
 
 # byte offsets of each type's float16 fields (d, and m / dmin where it has one)
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-               "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+               "Q6_K": (208,)}
 
 
 def random_rows(name: str, rows: int, columns: int, seed: int = 0) -> np.ndarray:
@@ -70,9 +71,9 @@ def test_byte_groups_rebuild_the_weights(name):
                                atol=1e-6 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_codes_of_at_most_7_bits_fit_byte_planes_and_come_back_whole(name):
-    """GGUF's 5 and 6-bit codes (not Q8_0's bytes) fit the GPU kernel's byte planes, and the
+    """GGUF's 2, 3, 5 and 6-bit codes (not Q8_0's bytes) fit the GPU kernel's byte planes, and the
     weights held so decode to what their groups hold (float16 scales and mins)."""
     from pagoda.layers.quantization.group_gemm import GroupQuantWeight, takes_byte_planes
     rows = random_rows(name, 3, 512, seed=2)
