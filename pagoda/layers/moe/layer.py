@@ -198,13 +198,11 @@ class FusedMoE(DeviceDispatch):
 
     def _stack_piece(self, kind: str, param: nn.Parameter, piece: Any,
                      index: int | None = None) -> None:
-        if self.holds_stacked_codes and self.float8_pieces and isinstance(piece, torch.Tensor):
-            if index is None:  # every expert's floats in one tensor
+        if self.holds_stacked_codes:
+            if index is None and self._quantizes(piece):  # every expert's floats in one
                 self._store_packed(param, piece)
                 return
-            from pagoda.layers.quantization.fp8 import float8_rows_at_load
-            piece = float8_rows_at_load(piece.to(self.gate_up_proj.device))
-        if self.holds_stacked_codes:
+            piece = self._float8_piece(piece)
             if index is not None and self._stacked(kind, piece, index):
                 return
             self._stacks_to_floats()
@@ -304,9 +302,7 @@ class FusedMoE(DeviceDispatch):
             return
         kind = "gate_up" if param is self.gate_up_proj else "down"
         self._check_piece_shape(kind, piece)
-        if self.float8_pieces and isinstance(piece, torch.Tensor):
-            from pagoda.layers.quantization.fp8 import float8_rows_at_load
-            piece = float8_rows_at_load(piece)
+        piece = self._float8_piece(piece)
         self.code_pieces[(kind, index)] = piece
         expert = index // 2 if kind == "gate_up" else index
         keys = (("gate_up", 2 * expert), ("gate_up", 2 * expert + 1), ("down", expert))
@@ -314,6 +310,18 @@ class FusedMoE(DeviceDispatch):
             gate, up, down = (self.code_pieces.pop(key) for key in keys)
             self.built_experts[expert] = nn.ModuleList([expert_kernel([gate, up]),
                                                         expert_kernel([down])])
+
+    def _quantizes(self, piece: Any) -> bool:
+        """Whether `piece` is floats the layer quantizes as they come (`float8_pieces`)."""
+        return self.float8_pieces and isinstance(piece, torch.Tensor)
+
+    def _float8_piece(self, piece: Any) -> Any:
+        """A piece as the layer takes it: floats it quantizes as float8 rows on its device
+        (`--quantization fp8`), anything else as it is."""
+        if not self._quantizes(piece):
+            return piece
+        from pagoda.layers.quantization.fp8 import float8_rows_at_load
+        return float8_rows_at_load(piece.to(self.gate_up_proj.device))
 
     def _store_packed(self, param: nn.Parameter, packed: torch.Tensor) -> None:
         """Each expert's pieces of a packed float tensor ([experts, 2 * inter, hidden]: its
