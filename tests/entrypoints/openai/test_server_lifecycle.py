@@ -123,13 +123,15 @@ def test_engine_death_fails_requests_and_exits_nonzero(tiny_model):
 
 
 def test_sigterm_drains_then_aborts(tiny_model):
-    """SIGTERM once the long stream has begun: the short one ends ("length"), the long one is
+    """SIGTERM once both streams have begun: the short one ends ("length"), the long one is
     aborted when the 0.3 s drain ends (its 900 tokens would need 3,000 a second; the tiny
-    model streamed over 600 a second here, enough to finish in a 1 s drain after 0.5 s)."""
+    model streamed over 600 a second here, enough to finish in a 1 s drain after 0.5 s).
+    The signal waits for both first chunks: a request still on its way when the server
+    stops taking new ones is refused, not drained."""
     srv = start(tiny_model, "--shutdown-timeout", "0.3")
     engine_pid = srv.engine_pids()[0]
     finishes: list[str | None] = []
-    long_begun = threading.Event()
+    begun = {5: threading.Event(), 900: threading.Event()}
 
     def stream(max_tokens):
         body = {"model": "tiny", "prompt": "hi", "max_tokens": max_tokens, "stream": True,
@@ -137,16 +139,15 @@ def test_sigterm_drains_then_aborts(tiny_model):
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    if max_tokens > 5:
-                        long_begun.set()
+                    begun[max_tokens].set()
                     reason = json.loads(line[6:])["choices"][0]["finish_reason"]
                     if reason:
                         finishes.append(reason)
 
-    readers = [threading.Thread(target=stream, args=(n,)) for n in (5, 900)]
+    readers = [threading.Thread(target=stream, args=(n,)) for n in begun]
     for reader in readers:
         reader.start()
-    assert long_begun.wait(30)
+    assert all(event.wait(30) for event in begun.values())
     srv.proc.send_signal(signal.SIGTERM)
     for reader in readers:
         reader.join(30)
