@@ -2,7 +2,9 @@
 layer shapes, in one process on this machine: microseconds per call (the mean of `--calls`
 calls after 5 warm-up calls) at 1, 4, 16 and 64 token rows, on `--threads` threads, and
 each kernel's speed-up over float32; the block-dot kernel with its scales held as float16s
-too (the scales are float16 values, as GGUF's legacy types' are); pagoda's float8 kernel
+too (the scales are float16 values, as GGUF's legacy types' are), and in groups of 16 (GGUF
+Q2_K/Q3_K/Q6_K's: 4-bit codes as the kernel holds Q2_K's and Q3_K's, 8-bit as Q6_K's and,
+before they were narrowed to nibbles, Q2_K's and Q3_K's); pagoda's float8 kernel
 (cpu_fp8_dot) beside them where it runs (the same weights as float8 with a scale per row).
 `--gemma3-head` adds Gemma 3 270M's tied LM head (262,144 x 640).
 
@@ -62,11 +64,20 @@ def kernels(out_features: int, in_features: int) -> dict:
         **{f"block-dot {bits}-bit, 2 passes, float16 scales":
            BlockDotWeight(codes, scale, low, GROUP, bits, activation_passes=2, half_scales=True)
            for bits, codes in ((4, codes4), (8, codes8))},
+        # GGUF Q2_K/Q3_K's layout (a scale and min a 16 inputs), held as nibbles or bytes
+        **{f"block-dot {bits}-bit, groups of 16, 2 passes":
+           BlockDotWeight(codes, sixteens(scale), sixteens(low), 16, bits, activation_passes=2)
+           for bits, codes in ((4, codes4), (8, codes8))},
     }
     if cpu_fp8_dot.available():
         row_scale = dense.abs().amax(dim=1, keepdim=True) / 448
         held["float8"] = Fp8DotWeight((dense / row_scale).to(torch.float8_e4m3fn), row_scale)
     return held
+
+
+def sixteens(per_group: torch.Tensor) -> torch.Tensor:
+    """[out, in / GROUP] scales as [out, in / 16] (each group's twice)."""
+    return per_group.repeat_interleave(GROUP // 16, dim=1)
 
 
 def main() -> None:

@@ -78,6 +78,12 @@ def fits(out_features: int, in_features: int, group_size: int) -> bool:
             and in_features % group_size == 0)
 
 
+def narrowest_bits(bits: int, codes: torch.Tensor) -> int:
+    """The bits a code the kernel holds `bits`-bit codes in: 4 where every code fits a
+    nibble (GGUF Q2_K's and Q3_K's, given as bytes: half the bytes to hold and stream)."""
+    return 4 if bits == 8 and codes.numel() and int(codes.max()) < 16 else bits
+
+
 def takes_bias(bias: torch.Tensor | None) -> bool:
     """Whether the kernel adds this bias itself: float32 and contiguous."""
     return bias is not None and bias.dtype == torch.float32 and bias.is_contiguous()
@@ -182,9 +188,9 @@ class BlockDotWeight(nn.Module):
         if bits not in BITS or not fits(self.out_features, self.in_features, group_size):
             raise ValueError(f"no block-dot kernel for {bits}-bit [{self.out_features}, "
                              f"{self.in_features}] weights in groups of {group_size}")
-        self.group_size, self.bits = group_size, bits
+        self.group_size, self.bits = group_size, narrowest_bits(bits, codes)
         self.activation_passes = activation_passes or default_activation_passes()
-        self.packed = nn.Parameter(tile_codes(codes, bits), requires_grad=False)
+        self.packed = nn.Parameter(tile_codes(codes, self.bits), requires_grad=False)
         scale_dtype = torch.float16 if half_scales and held_exactly(scale, torch.float16) \
             and held_exactly(low, torch.float16) else torch.float32
         self.scale = nn.Parameter(tile_groups(scale, scale_dtype), requires_grad=False)

@@ -30,6 +30,7 @@ from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
     INT4_FORMATS,
+    NIBBLE_FORMATS,
     SIXTEEN_A_GROUP,
     byte_groups,
     dequantize_rows,
@@ -189,7 +190,18 @@ def _piece_rows(layer: LinearBase, shard: int | None) -> int:
 
 def group_layout(type_name: str) -> tuple[int, int]:
     """(bits per code, inputs per group) of GGUF type `type_name` held for the GPU kernel."""
-    return (4 if type_name in INT4_FORMATS else 8), (16 if type_name in SIXTEEN_A_GROUP else 32)
+    return (4 if type_name in INT4_FORMATS else 8), _group(type_name)
+
+
+def block_dot_layout(type_name: str) -> tuple[int, int]:
+    """(bits per code, inputs per group) of GGUF type `type_name` held by the CPU block-dot
+    kernel: nibbles for every type whose codes fit them (Q2_K and Q3_K too: the kernel
+    narrows their byte codes, BlockDotWeight)."""
+    return (4 if type_name in NIBBLE_FORMATS else 8), _group(type_name)
+
+
+def _group(type_name: str) -> int:
+    return 16 if type_name in SIXTEEN_A_GROUP else 32
 
 
 def group_codes(piece: GGUFWeight) -> GroupCodes:
@@ -203,7 +215,7 @@ def group_codes(piece: GGUFWeight) -> GroupCodes:
 
 def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
     """Whether the CPU block-dot kernel holds `rows` of GGUF type `type_name`."""
-    return cpu_block_dot.holds(rows, columns, group_layout(type_name)[1])
+    return cpu_block_dot.holds(rows, columns, _group(type_name))
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
@@ -212,11 +224,12 @@ def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
     block type, or "dense". Pieces of one kind share a kernel."""
     if isinstance(piece, torch.Tensor):
         return "dense"
-    bits, group = group_layout(piece.type_name)
     if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
                                                 piece.type_name):
+        bits, group = block_dot_layout(piece.type_name)
         half = "half" if piece.type_name in HALF_SCALE_FORMATS else ""
         return f"blockdot{bits}x{group}{half}"
+    bits, group = group_layout(piece.type_name)
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
     if device.type == "cuda" and supports(piece.columns, group, bits):
@@ -354,10 +367,11 @@ def held_bits(type_name: str, device: torch.device) -> int:
     code and its share of the group's scale and min (16-bit on CUDA and in torch's int4
     kernel; in the CPU block-dot kernel 16-bit for the types whose scales are float16s,
     else 32-bit)."""
-    bits, group = group_layout(type_name)
     if device.type == "cuda":
+        bits, group = group_layout(type_name)
         return bits + 32 // group
     if _block_dot_holds(type_name):
+        bits, group = block_dot_layout(type_name)
         return bits + (32 if type_name in HALF_SCALE_FORMATS else 64) // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32

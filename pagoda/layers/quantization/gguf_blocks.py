@@ -33,6 +33,8 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q6_K", QK_K, 210),
 )}
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
+# types whose codes fit four bits (the CPU block-dot kernel holds them as nibbles)
+NIBBLE_FORMATS = INT4_FORMATS | frozenset({"Q2_K", "Q3_K"})
 SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer

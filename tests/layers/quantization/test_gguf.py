@@ -25,6 +25,7 @@ from pagoda.layers.quantization.gguf import (
     GGUFConfig,
     GGUFLinearMethod,
     GGUFWeight,
+    held_bits,
 )
 from pagoda.layers.quantization.int4 import Int4PackedWeight
 from tests.layers.quantization.test_gguf_blocks import gguf_py, random_rows
@@ -121,6 +122,28 @@ def test_byte_codes_in_groups_of_32_and_of_16_take_two_kernels(block_dot_kernel)
         ("Q6_K", KV_HEADS * HEAD_DIM, 3))]
     loaded(layer, [piece for piece, _ in pieces])
     assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(8, 32), (8, 16)]
+    x = torch.randn(5, HIDDEN)
+    expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
+    torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
+
+
+def test_two_and_three_bit_codes_are_held_as_nibbles(block_dot_kernel):
+    """A Q3_K_M-like qkv: q in Q3_K and k in Q2_K share one kernel of 4-bit codes (their
+    codes fit a nibble: 8 bits a weight with the scales, not 12), v's Q6_K bytes another;
+    what held_bits tells the estimate is what the kernels hold."""
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
+    pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in (
+        ("Q3_K", HEADS * HEAD_DIM, 1), ("Q2_K", KV_HEADS * HEAD_DIM, 2),
+        ("Q6_K", KV_HEADS * HEAD_DIM, 3))]
+    loaded(layer, [piece for piece, _ in pieces])
+    nibbles, bytes_ = layer.gguf_kernels
+    assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(4, 16), (8, 16)]
+    assert layer.method.kernel(layer) == f"{kernel_name(4, 2)} + {kernel_name(8, 2)}"
+    cpu = torch.device("cpu")
+    for kernel, kind in ((nibbles, "Q3_K"), (bytes_, "Q6_K")):
+        held = sum(p.numel() * p.element_size() for p in kernel.parameters())
+        assert held * 8 == kernel.out_features * HIDDEN * held_bits(kind, cpu)
+    assert held_bits("Q3_K", cpu) == held_bits("Q2_K", cpu) == 8
     x = torch.randn(5, HIDDEN)
     expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
     torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
