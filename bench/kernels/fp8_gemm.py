@@ -51,7 +51,7 @@ from triton.testing import do_bench_cudagraph
 
 from pagoda.layers.quantization.group_gemm import FP8
 from pagoda.layers.quantization.triton_fp8_gemm import fp8_config, fp8_gemm
-from pagoda.layers.quantization.triton_group_gemm import _multiprocessors
+from pagoda.layers.quantization.triton_group_gemm import multiprocessor_count
 from pagoda.models.loader.checkpoint import weight_bytes
 
 TOKENS = [64, 128, 256, 512, 1024]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                args.output_json)
         return
     grid = args.grid or GRID
-    multiprocessors = _multiprocessors(torch.cuda.current_device())
+    multiprocessors = multiprocessor_count(torch.cuda.current_device())
     result = {"device": torch.cuda.get_device_name(), "date":
               datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "rows": []}
     held = {name: weights(*shape) for name, shape in PROJECTIONS.items()}

@@ -163,12 +163,12 @@ def test_the_triton_fp8_product_matches_cublas(shape, tokens, splits, gpu_report
     (both with fast accumulation), at its own configuration and at each input split, eager
     and replayed in a graph; every tile counter left zero."""
     from pagoda.layers.quantization.triton_fp8_gemm import fp8_config, fp8_gemm
-    from pagoda.layers.quantization.triton_group_gemm import _multiprocessors
+    from pagoda.layers.quantization.triton_group_gemm import multiprocessor_count
     weight = random_weight(*SHAPES[shape], *LAYOUTS["fp8-row"])
     a = (torch.randn(tokens, weight.in_features, device="cuda") * 0.5).to(FP8)
     a_scale = torch.rand(tokens, 1, device="cuda") + 0.5
     config = fp8_config(tokens, weight.out_features, weight.in_features,
-                        _multiprocessors(torch.cuda.current_device()))
+                        multiprocessor_count(torch.cuda.current_device()))
     if splits is not None:
         config["splits"] = splits
     got = fp8_gemm(a, a_scale, weight.codes, weight.scale, torch.bfloat16, config)

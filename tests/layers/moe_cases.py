@@ -165,11 +165,13 @@ def unrounded(rows: torch.Tensor, group: int | None = None) -> torch.Tensor:
 
 # layout -> (the stacks' layout it runs, the triton_moe setting it runs under, its value,
 # the activations as the kernel then rounds them given the layout's group): float8
-# weight-only (the activations in 16 bits), on FP8 tensor cores, and integer codes decoded
-# to weights before each product
+# weight-only (the activations in 16 bits), on FP8 tensor cores, integer codes decoded
+# to weights before each product, and integer codes in tiles of few rows with their inputs
+# not split (the interpreter's 132 multiprocessors split every small call's)
 KERNEL_SETTINGS = {"float8": ("float8", "FP8_TENSOR_CORES_FROM", None, unrounded),
                    "float8-tc": ("float8", "FP8_TENSOR_CORES_FROM", 1, float8_rows),
-                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, unrounded)}
+                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, unrounded),
+                   "int-unsplit": ("int", "SPLIT_K", 1, unrounded)}
 
 
 def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
@@ -179,8 +181,9 @@ def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter
     the torch path on the weights they decode to. Layouts of KERNEL_SETTINGS run with a
     setting of the kernel: ("float8", inputs a scale or None), float8 experts weight-only;
     ("float8-tc", ...) on FP8 tensor cores with the activations quantized too; ("int-decoded",
-    bits, group), integer codes decoded to weights before each product in blocks of any size
-    (under the interpreter, which reads the setting at each call)."""
+    bits, group), integer codes decoded to weights before each product in blocks of any size;
+    ("int-unsplit", bits, group), integer codes with no split of the inputs (under the
+    interpreter, which reads the setting at each call)."""
     if layout[0] not in KERNEL_SETTINGS:
         return _codes_error(tokens, experts, top_k, hidden, inter, layout, dtype, device,
                             drop_experts, unrounded)

@@ -32,7 +32,11 @@ MARKER = "CODES-RESULTS "
 # or a row and 32 inputs; 4-bit codes in groups of 32 and 64 (two a byte); 8-bit and 6-bit
 # (GGUF Q6_K's) codes a byte in groups of 16 and 32, an intermediate size of 48; float8 on
 # FP8 tensor cores (activations quantized a row), a scale a row or a 128 x 128 block; integer
-# codes decoded to weights before each product (the prefill tiles' way)
+# codes decoded to weights before each product (the prefill tiles' way). Integer codes in
+# tiles of few rows split their inputs among programs wherever a call has several steps of
+# them (the interpreter counts an H200's multiprocessors): the gate-up product with dropped
+# experts, both products with the top-k sums in the down one, 3 splits of 48 inputs;
+# "int-unsplit" runs the same without
 CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (7, 4, 4, 64, 32, ("float8", 32), False),
                (1, 8, 2, 64, 64, ("int", 4, 32), False),
@@ -42,7 +46,10 @@ CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (7, 4, 4, 128, 128, ("float8-tc", None), True),
                (40, 8, 2, 256, 128, ("float8-tc", 128), False),
                (7, 4, 4, 128, 64, ("int-decoded", 4, 64), True),
-               (40, 8, 2, 64, 64, ("int-decoded", 8, 16), False)]
+               (40, 8, 2, 64, 64, ("int-decoded", 8, 16), False),
+               (3, 8, 2, 256, 128, ("int", 4, 32), False),
+               (7, 4, 4, 128, 64, ("int-unsplit", 4, 64), True),
+               (5, 8, 2, 64, 48, ("int-unsplit", 6, 16), False)]
 
 
 def pieces_of(w: torch.Tensor, layout: tuple) -> list:
@@ -200,17 +207,21 @@ def test_the_kernel_takes_what_it_can_step_through():
 def kernel_errors() -> dict[str, list[float]]:
     """codes_kernel_error of every CODES_CASES case, float32 and float16 activations (run
     under the interpreter: this module's __main__)."""
+    from pagoda.layers.tile_counters import nonzero_counters
     from tests.layers.moe_cases import codes_kernel_error
-    return {str(dtype): [codes_kernel_error(*case[:6], dtype, "cpu", case[6])
-                         for case in CODES_CASES] for dtype in (torch.float32, torch.float16)}
+    errors = {str(dtype): [codes_kernel_error(*case[:6], dtype, "cpu", case[6])
+                           for case in CODES_CASES] for dtype in (torch.float32, torch.float16)}
+    return {**errors, "counters left non-zero": nonzero_counters()}
 
 
 def test_codes_match_their_decoded_weights_under_the_interpreter():
     """The grouped GEMMs converting codes as they read them (float8 scaled once a row or a
     step at a time, integers times their scale plus their low, 4-bit ones two a byte), and
     float8 by float8 activations on tensor cores, against the torch path on the weights they
-    decode to (and the activations as the path rounds them), float32 and float16."""
+    decode to (and the activations as the path rounds them), float32 and float16; the
+    split inputs' counters (and the top-k sums') reset by the programs that used them."""
     errors = interpreter_report("tests.layers.test_expert_codes", MARKER)
+    assert errors["counters left non-zero"] == 0, errors
     assert max(errors["torch.float32"]) < 1e-5, errors
     assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
 
@@ -273,22 +284,32 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
     128 inputs, spilled at the 128-row tile (the int4 down product 155 local loads and stores
     a thread, and the layer ran 5x slower than bf16 at 4,096 tokens on an H100) until they
     were decoded to weights before each product there."""
-    from pagoda.layers.moe.triton_moe import _moe_gemm_kernel, launch_tile, moe_config
+    from pagoda.layers.moe.triton_moe import (
+        _moe_gemm_kernel,
+        launch_tile,
+        moe_config,
+        split_count,
+    )
     config = moe_config(tokens, 8, 128)
     n, k = (768, 2048) if gated else (2048, 768)
     groups = 1 if group is None else k // group
     block_n, block_k = launch_tile(config, gated, codes, bits, groups, k)
+    # the splits an H200 (132 multiprocessors) gives the 8 experts one token hits
+    splits = split_count(codes, config, min(8 * tokens, 128) * (n // block_n), k, block_k, 132)
+    assert (splits > 1) == (codes == 2 and tokens == 1)
     pointers = {"a_ptr": "*fp8e4nv" if codes == 3 else "*bf16", "a_scale_ptr": "*fp32",
                 "b_ptr": stored, "b_scale_ptr": scales,
                 "b_low_ptr": scales if codes == 2 else "*bf16", "c_ptr": "*bf16",
                 "weights_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                "sum_ptr": "*bf16", "count_ptr": "*i32", "num_assignments": "i32",
+                "sum_ptr": "*bf16", "count_ptr": "*i32", "partial_ptr": "*fp32",
+                "split_count_ptr": "*i32", "num_assignments": "i32",
                 "num_blocks": "i32"}
     asm = compile_for_cuda(_moe_gemm_kernel, pointers, {
         "N": n, "K": k, "A_ROW_DIV": 8 if gated else 1, "GATED": gated,
         "MUL_WEIGHT": not gated, "SUM_TOP_K": 0, "SUM_TOKENS": 1, "CODES": codes,
         "BITS": bits, "GROUPS": groups, "E4M3_BYTES": False, "BLOCK_M": config.block_m,
-        "BLOCK_N": block_n, "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "DOT": 2, "PDL": True},
+        "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLITS": splits, "DOT_PRECISION": "tf32",
+        "DOT": 2, "PDL": True},
         num_warps=config.num_warps, num_stages=config.num_stages)
     assert ("wgmma" if config.block_m >= 64 else "mma.sync") in asm["ptx"]
     if codes == 3 and config.block_m >= 64:  # float8 products on Hopper's FP8 tensor cores

@@ -16,6 +16,11 @@ top_k) experts hit padding up to BLOCK_M - 1 rows), so shapes depend on the toke
 and the whole layer can be captured in a CUDA graph. Blocks past the real rows see expert -1
 and return at once.
 
+Experts held as integer codes, in tiles of few rows (decode), split their inputs among
+programs (`split_count`): each program stores its float32 sums, and the last of a block's
+splits to finish (a counter a block and tile, as the dense kernels' splits) adds them in
+split order and finishes the block.
+
 Loop bounds (hidden and intermediate sizes) are compile-time constants: one compilation per
 layer shape, and Triton's CPU interpreter (which tests run on) cannot take a runtime bound.
 """
@@ -37,6 +42,7 @@ from pagoda.layers.quantization.triton_group_gemm import (
     codes_as,
     float8_codes,
     fp8_rows,
+    multiprocessor_count,
 )
 from pagoda.layers.tile_counters import tile_counters
 from pagoda.layers.triton_support import cuda_capability, has_e4m3
@@ -463,14 +469,17 @@ def route_from_router(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
 
 @triton.jit
 def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
-                     sorted_ids_ptr, expert_ids_ptr, sum_ptr, count_ptr, num_assignments,
-                     num_blocks, N: tl.constexpr, K: tl.constexpr, A_ROW_DIV: tl.constexpr,
-                     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr,
+                     sorted_ids_ptr, expert_ids_ptr, sum_ptr, count_ptr, partial_ptr,
+                     split_count_ptr, num_assignments, num_blocks, N: tl.constexpr,
+                     K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr,
                      SUM_TOKENS: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
                      GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     DOT: tl.constexpr, PDL: tl.constexpr):
-    """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block.
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+    """C[row] = A[row // A_ROW_DIV] @ B[expert]^T for the rows of one expert block (with
+    SPLITS > 1, over one of SPLITS equal splits of the inputs, program_id(1): see
+    _finish_split).
 
     A: [*, K] contiguous; B: [experts, N or 2N, K] contiguous; C: [assignments, N]. GATED:
     B holds gate rows [0, N) and up rows [N, 2N); C gets silu(gate) * up. MUL_WEIGHT: each
@@ -501,25 +510,34 @@ def _moe_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, w
     if SUM_TOP_K == 0:
         if expert < 0:
             return
-    if expert >= 0:  # (with SUM_TOP_K, a block past the real rows still counts itself done)
+    if expert >= 0:
         _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
-                      sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N, K,
-                      A_ROW_DIV, GATED, MUL_WEIGHT, CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M,
-                      BLOCK_N, BLOCK_K, DOT_PRECISION, DOT)
-    if SUM_TOP_K > 0:
-        _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n, num_assignments // SUM_TOP_K,
-                        num_blocks, offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
+                      sorted_ids_ptr, sum_ptr, count_ptr + pid_n, partial_ptr,
+                      split_count_ptr + pid, expert, pid_m, offs_n, n_ok, num_assignments,
+                      num_blocks, N, K, A_ROW_DIV, GATED, MUL_WEIGHT, SUM_TOP_K, SUM_TOKENS,
+                      CODES, BITS, GROUPS, E4M3_BYTES, BLOCK_M, BLOCK_N, BLOCK_K, SPLITS,
+                      DOT_PRECISION, DOT)
+    else:  # with SUM_TOP_K, a block past the real rows still counts itself done (once)
+        if SUM_TOP_K > 0:
+            if tl.program_id(1) == 0:
+                _sum_top_k_last(c_ptr, sum_ptr, count_ptr + pid_n,
+                                num_assignments // SUM_TOP_K, num_blocks, offs_n, n_ok, N,
+                                SUM_TOP_K, SUM_TOKENS)
 
 
 @triton.jit
 def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weights_ptr,
-                  sorted_ids_ptr, expert, pid_m, offs_n, n_ok, num_assignments, N: tl.constexpr,
+                  sorted_ids_ptr, sum_ptr, count_ptr, partial_ptr, split_count_ptr, expert,
+                  pid_m, offs_n, n_ok, num_assignments, num_blocks, N: tl.constexpr,
                   K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
-                  MUL_WEIGHT: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr,
-                  GROUPS: tl.constexpr, E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr,
+                  CODES: tl.constexpr, BITS: tl.constexpr, GROUPS: tl.constexpr,
+                  E4M3_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   DOT: tl.constexpr):
-    """Block pid_m's rows of C, columns offs_n, for `expert` (see _moe_gemm_kernel)."""
+    """Block pid_m's rows of C, columns offs_n, for `expert` over this program's split of
+    the inputs (see _moe_gemm_kernel); the block's C stored by the last of its splits, which
+    then counts the block done on its N tile (SUM_TOP_K)."""
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < num_assignments
     a_rows = (rows // A_ROW_DIV).to(tl.int64)
@@ -531,14 +549,18 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
     b_rows = N * (2 if GATED else 1)
     b_base = b_ptr + expert.to(tl.int64) * (b_rows * ROW_BYTES)
     a_base = a_ptr + a_rows[:, None] * K  # each row's first input
-    b_ptrs = b_base + offs_n[None, :].to(tl.int64) * ROW_BYTES + offs_kb[:, None]
+    K_SPLIT: tl.constexpr = K // SPLITS
+    k_first = tl.program_id(1) * K_SPLIT
+    b_ptrs = (b_base + offs_n[None, :].to(tl.int64) * ROW_BYTES + offs_kb[:, None]
+              + (k_first // 2 if NIBBLES else k_first))
     # each column's scales and lows: its gate row's, and N rows on its up row's
     s_at = (expert.to(tl.int64) * b_rows + offs_n) * GROUPS
     up_b, up_s = N * ROW_BYTES, N * GROUPS  # the up rows' offsets
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for offset in range(0, K_SPLIT, BLOCK_K):
+        k0 = k_first + offset
         if NIBBLES:  # a step's two halves of inputs, and their rows' sums, shared by gate, up
             half = k0 + tl.arange(0, 32)[None, :]
             a_low = tl.load(a_base + half, mask=row_ok[:, None], other=0.0)
@@ -571,6 +593,46 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                                b_low_ptr, s_at + up_s + group, k_ok, n_ok, CODES, GROUPS,
                                E4M3_BYTES, DOT_PRECISION, DECODE)
         b_ptrs += BLOCK_K // 2 if NIBBLES else BLOCK_K
+    if SPLITS == 1:
+        _finish_block(acc, acc_up if GATED else acc, a_scale_ptr, b_scale_ptr, c_ptr,
+                      weights_ptr, sum_ptr, count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok,
+                      num_assignments, num_blocks, N, GATED, MUL_WEIGHT, SUM_TOP_K,
+                      SUM_TOKENS, CODES, GROUPS)
+    else:
+        width: tl.constexpr = 2 * N if GATED else N
+        at = rows.to(tl.int64)[:, None] * width + offs_n[None, :]
+        ok = row_ok[:, None] & n_ok[None, :]
+        split_stride = num_assignments * width
+        mine = partial_ptr + tl.program_id(1) * split_stride + at
+        tl.store(mine, acc, mask=ok)
+        if GATED:
+            tl.store(mine + N, acc_up, mask=ok)
+        tl.debug_barrier()  # every thread's partial sums stored before the count
+        if tl.atomic_add(split_count_ptr, 1, sem="acq_rel") == SPLITS - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in tl.static_range(SPLITS):  # in split order: the same sums every time
+                acc += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
+                               cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(partial_ptr + part * split_stride + at + N, mask=ok,
+                                      other=0.0, cache_modifier=".cg")
+            _finish_block(acc, acc_up, a_scale_ptr, b_scale_ptr, c_ptr, weights_ptr, sum_ptr,
+                          count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok,
+                          num_assignments, num_blocks, N, GATED, MUL_WEIGHT, SUM_TOP_K,
+                          SUM_TOKENS, CODES, GROUPS)
+            tl.atomic_xchg(split_count_ptr, 0)
+
+
+@triton.jit
+def _finish_block(acc, acc_up, a_scale_ptr, b_scale_ptr, c_ptr, weights_ptr, sum_ptr,
+                  count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok, num_assignments,
+                  num_blocks, N: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                  SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr, CODES: tl.constexpr,
+                  GROUPS: tl.constexpr):
+    """A block's C from its products' whole sums (acc, and acc_up with GATED): float8's
+    scales a row, the gated activation and the routing weight applied, C stored and, with
+    SUM_TOP_K, the block counted done on its N tile (see _moe_gemm_kernel)."""
     if (CODES == 1 or CODES == 3) and GROUPS == 1:  # float8's one scale a row: applied once
         acc = acc * tl.load(b_scale_ptr + s_at, mask=n_ok, other=0.0)[None, :]
         if GATED:
@@ -587,6 +649,9 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
         acc = acc * w[:, None]
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    if SUM_TOP_K > 0:
+        _sum_top_k_last(c_ptr, sum_ptr, count_ptr, num_assignments // SUM_TOP_K, num_blocks,
+                        offs_n, n_ok, N, SUM_TOP_K, SUM_TOKENS)
 
 
 @triton.jit
@@ -707,6 +772,38 @@ def launch_tile(config: MoEConfig, gated: bool, codes: int, bits: int, groups: i
     return block_n, block_k
 
 
+def _split_k_from_environment() -> int | None:
+    given = os.environ.get("PAGODA_MOE_SPLIT_K", "")
+    if given == "":
+        return None
+    if not given.isdigit() or int(given) < 1:
+        raise ValueError(f"PAGODA_MOE_SPLIT_K={given!r}: a number of splits (1: none) expected")
+    return int(given)
+
+
+# integer-coded experts in tiles of few rows (decode) split their inputs among programs
+# until about SPLIT_PROGRAMS_PER_SM programs a multiprocessor are busy: at one token
+# Qwen3-30B-A3B's gate-up product has 192 programs of 4 warps walking 2,048 inputs each (the
+# 8 experts hit by 24 tiles), too few to hide the latency of their decoding; the last
+# program of each block adds the splits' sums. PAGODA_MOE_SPLIT_K=S asks for S splits (the
+# largest count up to S that divides the steps; 1: none) wherever integer codes take them.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_K = _split_k_from_environment()
+
+
+def split_count(kind: int, config: MoEConfig, busy_programs: int, k: int, block_k: int,
+                multiprocessors: int) -> int:
+    """Splits of the inputs for a grouped GEMM of `kind` (_moe_gemm_kernel's CODES) whose
+    unsplit grid keeps `busy_programs` programs busy: integer codes in tiles of fewer than
+    DECODED_FROM_ROWS rows only, a count dividing k's steps of block_k inputs."""
+    if kind != 2 or config.block_m >= DECODED_FROM_ROWS or k % block_k:
+        return 1
+    wanted = SPLIT_K or triton.cdiv(SPLIT_PROGRAMS_PER_SM * multiprocessors,
+                                    max(busy_programs, 1))
+    steps = k // block_k
+    return max(s for s in range(1, min(wanted, steps) + 1) if steps % s == 0)
+
+
 def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: ExpertBlocks,
                   weights: torch.Tensor | None, a_row_div: int, gated: bool,
                   config: MoEConfig, sums: torch.Tensor | None = None,
@@ -726,19 +823,32 @@ def _grouped_gemm(a: torch.Tensor, b: Experts, out: torch.Tensor, blocks: Expert
             codes, e4m3_bytes = float8_codes(codes, codes.device)
     block_n, block_k = launch_tile(config, gated, kind, bits, groups, k)
     n_tiles = triton.cdiv(n, block_n)
-    grid = (blocks.expert_ids.numel() * n_tiles,)
-    # (without sums the kernel reads no counter: any int32 tensor stands in)
-    counters = tile_counters(out.device, n_tiles) if sums is not None else blocks.expert_ids
+    num_blocks = blocks.expert_ids.numel()
+    # the blocks with rows: about one an expert hit, at the few rows a split is for
+    busy_blocks = min(num_blocks, out.shape[0], b.shape[0])
+    device_index = a.device.index if a.device.type == "cuda" else None
+    splits = split_count(kind, config, busy_blocks * n_tiles, k, block_k,
+                         multiprocessor_count(device_index))
+    grid = (num_blocks * n_tiles, splits)
+    # top-k sums' counters first (one an N tile), then the splits' (one a block and tile);
+    # a launch reading none of them takes any int32 tensor
+    counters = blocks.expert_ids
+    if sums is not None or splits > 1:
+        counters = tile_counters(out.device, n_tiles + num_blocks * n_tiles)
+    partials = out  # (unread with one split)
+    if splits > 1:
+        partials = torch.empty(splits, out.shape[0], n * (2 if gated else 1),
+                               dtype=torch.float32, device=out.device)
     _moe_gemm_kernel[grid](
         a, a_scale if a_scale is not None else out, codes, scale, low, out,
         weights if weights is not None else out, blocks.sorted_ids,
-        blocks.expert_ids, sums if sums is not None else out, counters, out.shape[0],
-        blocks.expert_ids.numel(), N=n, K=k, A_ROW_DIV=a_row_div, GATED=gated,
-        MUL_WEIGHT=weights is not None,
+        blocks.expert_ids, sums if sums is not None else out, counters, partials,
+        counters[n_tiles:] if splits > 1 else counters, out.shape[0], num_blocks, N=n, K=k,
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None,
         SUM_TOP_K=0 if sums is None else out.shape[0] // sums.shape[0],
         SUM_TOKENS=1 if sums is None else triton.next_power_of_2(sums.shape[0]),
         CODES=kind, BITS=bits, GROUPS=groups, E4M3_BYTES=e4m3_bytes,
-        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
         DOT_PRECISION="ieee" if wide else "tf32",  # float32 exact, as the torch path
         DOT=0 if wide else 1 if a.dtype == torch.float16 else 2,
         num_warps=config.num_warps, num_stages=min(config.num_stages, 2) if wide else

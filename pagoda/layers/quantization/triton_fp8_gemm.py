@@ -20,9 +20,9 @@ import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
 from pagoda.layers.quantization.triton_group_gemm import (
-    _multiprocessors,
     _partials,
     _store_split_sums,
+    multiprocessor_count,
 )
 from pagoda.layers.tile_counters import tile_counters
 
@@ -113,7 +113,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
     tokens, in_features = a.shape
     out_features = w.shape[0]
     config = dict(config or fp8_config(tokens, out_features, in_features,
-                                       _multiprocessors(a.device.index)))
+                                       multiprocessor_count(a.device.index)))
     splits = config.pop("splits")
     if in_features % (splits * config["BLOCK_K"]):
         raise ValueError(f"{in_features} inputs are not {splits} splits of whole steps")

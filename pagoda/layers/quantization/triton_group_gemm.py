@@ -679,7 +679,7 @@ def float8_codes(codes: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
 
 
 @functools.cache
-def _multiprocessors(device_index: int | None) -> int:
+def multiprocessor_count(device_index: int | None) -> int:
     if device_index is None:  # the CPU interpreter: an H200's count
         return 132
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -773,7 +773,7 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0) -> tor
     if gated and not takes_gated(flat.shape[0], weight):
         raise ValueError(f"a call of {flat.shape[0]} tokens on outputs of {weight.out_features}"
                          " takes no gated activation")
-    multiprocessors = _multiprocessors(x.device.index if x.is_cuda else None)
+    multiprocessors = multiprocessor_count(x.device.index if x.is_cuda else None)
     out = torch.empty(flat.shape[0], weight.out_features // (2 if gated else 1), dtype=x.dtype,
                       device=x.device)
     if gated:
