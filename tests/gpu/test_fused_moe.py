@@ -52,6 +52,17 @@ def test_kernel_matches_torch_at_mixtral_width(tokens, gpu_report):
     assert error < BF16_TOL
 
 
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("splits", [2, 4])
+def test_kernel_with_split_inputs_matches_torch_bf16(tokens, splits, monkeypatch, gpu_report):
+    """bf16 experts at decode with their inputs split (PAGODA_MOE_SPLIT_K: by default only
+    integer codes split)."""
+    monkeypatch.setattr(triton_moe, "SPLIT_K", splits)
+    error = kernel_error(tokens, 128, 8, *QWEN3_30B, torch.bfloat16, "cuda")
+    gpu_report(tokens=tokens, experts=128, top_k=8, shape=f"{splits} splits", error=error)
+    assert error < BF16_TOL
+
+
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_kernel_with_experts_on_another_rank(tokens, gpu_report):
     error = kernel_error(tokens, 64, 8, *QWEN3_30B, torch.bfloat16, "cuda", drop_experts=True)
@@ -178,9 +189,12 @@ def test_cuda_graph_of_the_router_launch_replays_like_eager(tokens):
 
 CODES_TOKENS = [1, 7, 64, 2048]
 # Qwen3-30B-A3B-FP8's block scales and per-row ones; AWQ/GPTQ's 4-bit groups of 128; GGUF
-# Q4_K's 4-bit groups of 32 and Q6_K's 6-bit groups of 16; float8 on FP8 tensor cores
+# Q4_K's 4-bit groups of 32 and Q6_K's 6-bit groups of 16; float8 on FP8 tensor cores;
+# integer codes at decode with their inputs not split (the default splits them), float8
+# ones on tensor cores split in two (PAGODA_MOE_SPLIT_K=2)
 CODES_LAYOUTS = [("float8", None), ("float8", 128), ("int", 4, 128), ("int", 4, 32),
-                 ("int", 6, 16), ("float8-tc", None), ("float8-tc", 128)]
+                 ("int", 6, 16), ("float8-tc", None), ("float8-tc", 128),
+                 ("int-unsplit", 4, 128), ("float8-tc-split", 128)]
 
 
 @pytest.mark.parametrize("tokens", CODES_TOKENS)

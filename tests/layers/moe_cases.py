@@ -163,39 +163,47 @@ def unrounded(rows: torch.Tensor, group: int | None = None) -> torch.Tensor:
     return rows
 
 
-# layout -> (the stacks' layout it runs, the triton_moe setting it runs under, its value,
-# the activations as the kernel then rounds them given the layout's group): float8
-# weight-only (the activations in 16 bits), on FP8 tensor cores, integer codes decoded
-# to weights before each product, and integer codes in tiles of few rows with their inputs
-# not split (the interpreter's 132 multiprocessors split every small call's)
-KERNEL_SETTINGS = {"float8": ("float8", "FP8_TENSOR_CORES_FROM", None, unrounded),
-                   "float8-tc": ("float8", "FP8_TENSOR_CORES_FROM", 1, float8_rows),
-                   "int-decoded": ("int", "DECODED_FROM_ROWS", 1, unrounded),
-                   "int-unsplit": ("int", "SPLIT_K", 1, unrounded)}
+# layout -> (the stacks' layout it runs, the triton_moe settings it runs under, the
+# activations as the kernel then rounds them given the layout's group): float8 weight-only
+# (the activations in 16 bits), on FP8 tensor cores, integer codes decoded to weights before
+# each product, integer codes in tiles of few rows with their inputs not split (the
+# interpreter's 132 multiprocessors split every small call's), and float8 experts with
+# their inputs split in two (PAGODA_MOE_SPLIT_K's way: by default only integer codes split)
+KERNEL_SETTINGS = {
+    "float8": ("float8", {"FP8_TENSOR_CORES_FROM": None}, unrounded),
+    "float8-tc": ("float8", {"FP8_TENSOR_CORES_FROM": 1}, float8_rows),
+    "int-decoded": ("int", {"DECODED_FROM_ROWS": 1}, unrounded),
+    "int-unsplit": ("int", {"SPLIT_K": 1}, unrounded),
+    "float8-split": ("float8", {"FP8_TENSOR_CORES_FROM": None, "SPLIT_K": 2}, unrounded),
+    "float8-tc-split": ("float8", {"FP8_TENSOR_CORES_FROM": 1, "SPLIT_K": 2}, float8_rows),
+}
 
 
 def codes_kernel_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
                        layout: tuple, dtype: torch.dtype, device: str,
                        drop_experts: bool = False) -> float:
     """kernel_error for experts held as codes (stacked_codes' layouts): the kernel against
-    the torch path on the weights they decode to. Layouts of KERNEL_SETTINGS run with a
-    setting of the kernel: ("float8", inputs a scale or None), float8 experts weight-only;
+    the torch path on the weights they decode to. Layouts of KERNEL_SETTINGS run with
+    settings of the kernel: ("float8", inputs a scale or None), float8 experts weight-only;
     ("float8-tc", ...) on FP8 tensor cores with the activations quantized too; ("int-decoded",
     bits, group), integer codes decoded to weights before each product in blocks of any size;
-    ("int-unsplit", bits, group), integer codes with no split of the inputs (under the
-    interpreter, which reads the setting at each call)."""
+    ("int-unsplit", bits, group), integer codes with no split of the inputs; ("float8-split",
+    ...) and ("float8-tc-split", ...), float8 experts with their inputs split in two (under
+    the interpreter, which reads the settings at each call)."""
     if layout[0] not in KERNEL_SETTINGS:
         return _codes_error(tokens, experts, top_k, hidden, inter, layout, dtype, device,
                             drop_experts, unrounded)
     from pagoda.layers.moe import triton_moe
-    base, name, value, rounding = KERNEL_SETTINGS[layout[0]]
-    saved = getattr(triton_moe, name)
-    setattr(triton_moe, name, value)
+    base, settings, rounding = KERNEL_SETTINGS[layout[0]]
+    saved = {name: getattr(triton_moe, name) for name in settings}
+    for name, value in settings.items():
+        setattr(triton_moe, name, value)
     try:
         return _codes_error(tokens, experts, top_k, hidden, inter, (base, *layout[1:]), dtype,
                             device, drop_experts, partial(rounding, group=layout[1]))
     finally:
-        setattr(triton_moe, name, saved)
+        for name, value in saved.items():
+            setattr(triton_moe, name, value)
 
 
 def _codes_error(tokens: int, experts: int, top_k: int, hidden: int, inter: int,

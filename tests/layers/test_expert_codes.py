@@ -36,7 +36,8 @@ MARKER = "CODES-RESULTS "
 # tiles of few rows split their inputs among programs wherever a call has several steps of
 # them (the interpreter counts an H200's multiprocessors): the gate-up product with dropped
 # experts, both products with the top-k sums in the down one, 3 splits of 48 inputs;
-# "int-unsplit" runs the same without
+# "int-unsplit" runs the same without, and "float8-split" / "float8-tc-split" split float8
+# experts' inputs in two (as PAGODA_MOE_SPLIT_K=2 would)
 CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (7, 4, 4, 64, 32, ("float8", 32), False),
                (1, 8, 2, 64, 64, ("int", 4, 32), False),
@@ -49,7 +50,9 @@ CODES_CASES = [(1, 8, 2, 32, 48, ("float8", None), False),
                (40, 8, 2, 64, 64, ("int-decoded", 8, 16), False),
                (3, 8, 2, 256, 128, ("int", 4, 32), False),
                (7, 4, 4, 128, 64, ("int-unsplit", 4, 64), True),
-               (5, 8, 2, 64, 48, ("int-unsplit", 6, 16), False)]
+               (5, 8, 2, 64, 48, ("int-unsplit", 6, 16), False),
+               (3, 4, 2, 256, 64, ("float8-split", None), True),
+               (3, 4, 2, 256, 128, ("float8-tc-split", None), False)]
 
 
 def pieces_of(w: torch.Tensor, layout: tuple) -> list:

@@ -28,6 +28,9 @@ MARKER = "MOE-RESULTS "
 INTERPRETED_CASES = [(1, 8, 2, 32, 48, False), (7, 4, 4, 64, 16, False),
                      (40, 8, 2, 32, 32, False), (9, 8, 3, 32, 16, True), (5, 8, 1, 32, 16, False),
                      (3, 8, 3, 32, 16, True), (8, 8, 2, 96, 16, False)]
+# float experts with their inputs split in two (PAGODA_MOE_SPLIT_K=2: by default only integer
+# codes split): the gate-up product, and the down one adding the top-k rows
+SPLIT_CASES = [(3, 8, 2, 256, 64, False), (1, 4, 2, 256, 256, True)]
 # the layer from router logits: (tokens, experts, top_k, hidden, inter, renormalize,
 # first local expert, local experts)
 ROUTED_CASES = [(1, 8, 2, 32, 48, True, 0, None), (20, 6, 3, 32, 16, False, 0, None),
@@ -131,6 +134,11 @@ def test_triton_kernels_match_torch_under_the_interpreter():
         f"for c in {ROUTED_CASES!r}]\n"
         f"errors += [router_error(*c[:6], torch.float32, 'cpu', *c[6:]) "
         f"for c in {ROUTER_CASES!r}]\n"
+        "from pagoda.layers.moe import triton_moe\n"
+        "triton_moe.SPLIT_K = 2\n"
+        "errors += [kernel_error(t, e, k, h, i, torch.float32, 'cpu', drop) "
+        f"for t, e, k, h, i, drop in {SPLIT_CASES!r}]\n"
+        "triton_moe.SPLIT_K = None\n"
         "from pagoda.layers.moe.triton_moe import align_to_experts\n"
         "ids = torch.tensor([[3, 1], [1, 0], [3, 1]], dtype=torch.int32)\n"
         "b = align_to_experts(ids, 4, 4)\n"
@@ -158,7 +166,7 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     line = next(li for li in run.stdout.splitlines() if li.startswith(MARKER))
     result = json.loads(line[len(MARKER):])
     assert len(result["errors"]) == \
-        len(INTERPRETED_CASES) + len(ROUTED_CASES) + len(ROUTER_CASES)
+        len(INTERPRETED_CASES) + len(ROUTED_CASES) + len(ROUTER_CASES) + len(SPLIT_CASES)
     assert max(result["errors"]) < 1e-5, result["errors"]
     assert result["counters"] == 0  # every summing launch reset its tiles' counters
     assert result["torch_sums"] == [0, 1]  # 3 tokens: summed in the kernel; 9: by torch

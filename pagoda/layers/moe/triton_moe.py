@@ -786,7 +786,8 @@ def _split_k_from_environment() -> int | None:
 # Qwen3-30B-A3B's gate-up product has 192 programs of 4 warps walking 2,048 inputs each (the
 # 8 experts hit by 24 tiles), too few to hide the latency of their decoding; the last
 # program of each block adds the splits' sums. PAGODA_MOE_SPLIT_K=S asks for S splits (the
-# largest count up to S that divides the steps; 1: none) wherever integer codes take them.
+# largest count up to S that divides the steps; 1: none) in every tile of few rows, float
+# and float8 experts' too (to time them so).
 SPLIT_PROGRAMS_PER_SM = 4
 SPLIT_K = _split_k_from_environment()
 
@@ -794,9 +795,10 @@ SPLIT_K = _split_k_from_environment()
 def split_count(kind: int, config: MoEConfig, busy_programs: int, k: int, block_k: int,
                 multiprocessors: int) -> int:
     """Splits of the inputs for a grouped GEMM of `kind` (_moe_gemm_kernel's CODES) whose
-    unsplit grid keeps `busy_programs` programs busy: integer codes in tiles of fewer than
-    DECODED_FROM_ROWS rows only, a count dividing k's steps of block_k inputs."""
-    if kind != 2 or config.block_m >= DECODED_FROM_ROWS or k % block_k:
+    unsplit grid keeps `busy_programs` programs busy: in tiles of fewer than
+    DECODED_FROM_ROWS rows only, integer codes only unless SPLIT_K says, a count dividing
+    k's steps of block_k inputs."""
+    if config.block_m >= DECODED_FROM_ROWS or k % block_k or (kind != 2 and SPLIT_K is None):
         return 1
     wanted = SPLIT_K or triton.cdiv(SPLIT_PROGRAMS_PER_SM * multiprocessors,
                                     max(busy_programs, 1))
