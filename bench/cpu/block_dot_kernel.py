@@ -4,9 +4,12 @@ calls after 5 warm-up calls) at 1, 4, 16 and 64 token rows, on `--threads` threa
 each kernel's speed-up over float32; the block-dot kernel with its scales held as float16s
 too (the scales are float16 values, as GGUF's legacy types' are), and in groups of 16 (GGUF
 Q2_K/Q3_K/Q6_K's: 4-bit codes as the kernel holds Q2_K's and Q3_K's, 8-bit as Q6_K's and,
-before they were narrowed to nibbles, Q2_K's and Q3_K's); pagoda's float8 kernel
-(cpu_fp8_dot) beside them where it runs (the same weights as float8 with a scale per row).
-`--gemma3-head` adds Gemma 3 270M's tied LM head (262,144 x 640).
+before they were narrowed to nibbles, Q2_K's and Q3_K's), and, where the inputs are whole
+super-blocks of 256, with the k-quants' scales factored as they store them (int8 a group
+times a float a super-block); pagoda's float8 kernel (cpu_fp8_dot) beside them where it runs
+(the same weights as float8 with a scale per row). `--gemma3-head` adds Gemma 3 270M's tied
+LM head (262,144 x 640); `--shapes llama-3.2-1b` takes Llama 3.2 1B's layers instead of
+SmolLM2's (their inputs all whole super-blocks).
 
     python bench/cpu/block_dot_kernel.py --output bench/results/cpu-block-dot-kernel.json
 """
@@ -25,11 +28,13 @@ from pathlib import Path
 import torch
 
 from pagoda.layers.quantization import cpu_block_dot, cpu_fp8_dot
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, ScaleFactors
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8DotWeight
 from pagoda.layers.quantization.int4 import Int4PackedWeight
 
 # (name, out, in): SmolLM2's fused qkv, gate_up, down and o projections and its LM head
+LLAMA_1B_SHAPES = (("qkv_proj", 3072, 2048), ("gate_up_proj", 16384, 2048),
+                   ("down_proj", 2048, 8192), ("o_proj", 2048, 2048))
 SHAPES = (("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576), ("down_proj", 576, 1536),
           ("o_proj", 576, 576), ("lm_head", 49152, 576))
 TOKENS = (1, 4, 16, 64)
@@ -69,10 +74,32 @@ def kernels(out_features: int, in_features: int) -> dict:
            BlockDotWeight(codes, sixteens(scale), sixteens(low), 16, bits, activation_passes=2)
            for bits, codes in ((4, codes4), (8, codes8))},
     }
+    # the k-quants' scales as they store them, against float32 ones above: Q4_K's (4-bit,
+    # groups of 32, own mins), Q6_K's (8-bit, groups of 16, lows of the scales)
+    if in_features % 256 == 0:
+        held["block-dot 4-bit, 2 passes, factored scales"] = factored_kernel(codes4, GROUP, 4,
+                                                                             True)
+        held["block-dot 8-bit, groups of 16, 2 passes, factored scales"] = \
+            factored_kernel(codes8, 16, 8, False)
     if cpu_fp8_dot.available():
         row_scale = dense.abs().amax(dim=1, keepdim=True) / 448
         held["float8"] = Fp8DotWeight((dense / row_scale).to(torch.float8_e4m3fn), row_scale)
     return held
+
+
+def factored_kernel(codes: torch.Tensor, group: int, bits: int, own_lows: bool
+                    ) -> BlockDotWeight:
+    """The kernel holding random k-quant scales factored: int8 sub-scales (and sub-mins) a
+    group, float16-valued factors a super-block of 256 inputs."""
+    out_features, in_features = codes.shape
+    gen = torch.Generator().manual_seed(1)
+    groups, supers = in_features // group, in_features // 256
+    sub_scale = torch.randint(0, 64, (out_features, groups), generator=gen).to(torch.int8)
+    d = (torch.rand(out_features, supers, generator=gen) * 1e-3).half().float()
+    sub_low = sub_scale.flip(1) if own_lows else None
+    factors = ScaleFactors(sub_scale, sub_low, d, -d if own_lows else -32 * d, 256 // group)
+    scale, low = factors.products()
+    return BlockDotWeight(codes, scale, low, group, bits, activation_passes=2, factors=factors)
 
 
 def sixteens(per_group: torch.Tensor) -> torch.Tensor:
@@ -86,6 +113,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--gemma3-head", action="store_true")
+    parser.add_argument("--shapes", choices=["smollm2", "llama-3.2-1b"], default="smollm2")
     args = parser.parse_args()
     if not cpu_block_dot.available():
         sys.exit("the block-dot kernel does not run on this machine")
@@ -97,7 +125,8 @@ def main() -> None:
               "machine": {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
                           "platform": platform.platform(), "torch": torch.__version__},
               "us_per_call": {}}
-    shapes = SHAPES + ((("gemma3 lm_head", 262144, 640),) if args.gemma3_head else ())
+    shapes = SHAPES if args.shapes == "smollm2" else LLAMA_1B_SHAPES
+    shapes += (("gemma3 lm_head", 262144, 640),) if args.gemma3_head else ()
     for name, out_features, in_features in shapes:
         held = kernels(out_features, in_features)
         for tokens in TOKENS:

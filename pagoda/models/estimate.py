@@ -142,20 +142,19 @@ def _packed_bits(config: Any) -> int:
 
 def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization: str | None,
                device: str, tp: int = 1) -> int:
-    """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear
-    weights as their kernel holds them (gguf.held_bits: on CPU every type as codes with a
-    scale and min per group on the block-dot kernel, float16 for the legacy types and
-    float32 for the k-quants, else 4-bit types with bfloat16 ones per 32; on CUDA every type
-    as 4 or 8-bit codes with float16 scales and mins), a tied GGUF table likewise where the
-    block-dot kernel holds it, AWQ/GPTQ/compressed-tensors integers likewise (scales and
-    zeros doubling the scales' bits), FP8 weights one byte (+ float32 scales; on CPU where
-    pagoda's float8 kernel runs), everything else at `itemsize`; on CPU FP8 weights without
-    the float8 kernel, and 8-bit integers without the block-dot kernel, are decoded at load
-    to `itemsize`. A mixture of experts' experts as the engine holds them (bind_experts):
-    codes like the other layers' on one CPU rank where the format gives them and its CPU
-    kernel runs, on CUDA as the format's codes stacked for the fused MoE kernel (taken to
-    fit it; floats quantized to float8 by `--quantization fp8`), else decoded at load to
-    `itemsize`."""
+    """Bytes of weights the engine holds for `source` in `quantization`'s form: GGUF linear weights
+    as their kernel holds them (gguf.held_bits: on CPU every type as codes with a scale and min
+    per group on the block-dot kernel, float16 for the legacy types and factored as the k-quants
+    store them, else 4-bit types with bfloat16 ones per 32; on CUDA every type as 4 or 8-bit
+    codes with float16 scales and mins), a tied GGUF table likewise where the block-dot kernel
+    holds it, AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the
+    scales' bits), FP8 weights one byte (+ float32 scales; on CPU where pagoda's float8 kernel
+    runs), everything else at `itemsize`; on CPU FP8 weights without the float8 kernel, and
+    8-bit integers without the block-dot kernel, are decoded at load to `itemsize`. A mixture of
+    experts' experts as the engine holds them (bind_experts): codes like the other layers' on
+    one CPU rank where the format gives them and its CPU kernel runs, on CUDA as the format's
+    codes stacked for the fused MoE kernel (taken to fit it; floats quantized to float8 by
+    `--quantization fp8`), else decoded at load to `itemsize`."""
     from pagoda.layers.quantization import cpu_fp8_dot
     from pagoda.layers.quantization.gguf import held_bits, keeps_blocks
     params, _ = count_parameters(source, spec)
@@ -175,7 +174,7 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         packed_bits = sum(math.prod(shapes[name]) * held_bits(kind, on)
                           for name, kind in kept.items())
         table, table_bytes = _gguf_table(source, shapes, types, on)
-        return (params - packed - table) * itemsize + packed_bits // 8 + table_bytes
+        return (params - packed - table) * itemsize + int(packed_bits // 8) + table_bytes
     on_cpu = torch.device(device).type == "cpu"
     if quantizes_at_load(quantization, source):
         if on_cpu and not cpu_fp8_dot.available():  # quantized, then decoded at load
@@ -272,7 +271,7 @@ def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
     if getattr(source.hf_config, "tie_word_embeddings", False):
         if not holds_tied_table(kind, rows, columns, device):
             return 0, 0
-        return rows * columns, rows * columns * held_bits(kind, device) // 8
+        return rows * columns, int(rows * columns * held_bits(kind, device) // 8)
     if not keeps_table_blocks(kind):
         return 0, 0
     return rows * columns, rows * FORMATS[kind].row_bytes(columns)

@@ -12,7 +12,11 @@
 // bytes (four 64-byte rows; in row l, byte 4j+i holds output j's inputs 8l+i in its low
 // nibble and 8l+4+i in its high nibble), 8-bit codes 512 bytes (eight rows; in row q, byte
 // 4j+i holds output j's input 4q+i). Scales and lows are [tiles][groups][16] float32s, or
-// float16s where those hold them exactly (GGUF's legacy types: fewer bytes to stream).
+// float16s where those hold them exactly (GGUF's legacy types: fewer bytes to stream), or
+// factored as GGUF's k-quants store them (fewer bytes still): int8 sub-scales and sub-lows
+// [tiles][groups][16] times float32 factors [tiles][superblocks][2][16] (a superblock's
+// scale factor, then its low factor), a superblock 2^shift groups; each product is exact
+// in float32, so the factored scales are the plain ones to the bit.
 //
 // Built by pagoda at first use (cpu_block_dot.py) with g++ and OpenMP, once with AVX-512
 // VNNI flags and once with AVX2 and F16C ones: the 16-lane vectors below are one zmm register
@@ -51,6 +55,10 @@ inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
 inline Floats load_floats(const float* at) { return _mm512_loadu_ps(at); }
 inline Floats load_floats(const uint16_t* at) {  // float16s
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
+inline Floats load_floats(const int8_t* at) {  // small integers
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
 }
 inline void store_floats(float* at, Floats v) { _mm512_storeu_ps(at, v); }
 inline Floats zero_floats() { return _mm512_setzero_ps(); }
@@ -98,6 +106,12 @@ inline Floats load_floats(const float* at) {
 inline Floats load_floats(const uint16_t* at) {  // float16s
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))),
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 8)))};
+}
+inline Floats load_floats(const int8_t* at) {  // small integers
+  return {_mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)))),
+          _mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8))))};
 }
 inline void store_floats(float* at, Floats v) {
   _mm256_storeu_ps(at, v.lo);
@@ -161,14 +175,53 @@ inline void add_block_products(const Ints codes[8], const int8_t* activations, I
   }
 }
 
+// A layer's scales and lows as float32s or float16s ([tiles][groups][16] each).
+template <typename Scale>
+struct PlainScales {
+  const Scale* scale;
+  const Scale* low;
+  int64_t groups;  // a tile's
+
+  PlainScales tile(int64_t t) const {
+    return {scale + t * groups * kLanes, low + t * groups * kLanes, groups};
+  }
+  Floats scale_of(int64_t group) const { return load_floats(scale + group * kLanes); }
+  Floats low_of(int64_t group) const { return load_floats(low + group * kLanes); }
+};
+
+// A layer's scales and lows factored: int8 sub-scales and sub-lows ([tiles][groups][16]
+// each; one array may serve both) times float32 factors ([tiles][supers][2][16]), 2^shift
+// groups a superblock.
+struct FactoredScales {
+  const int8_t* scale;
+  const int8_t* low;
+  const float* factors;
+  int64_t groups;  // a tile's
+  int shift;
+
+  FactoredScales tile(int64_t t) const {
+    const int64_t supers = groups >> shift;
+    return {scale + t * groups * kLanes, low + t * groups * kLanes,
+            factors + t * supers * 2 * kLanes, groups, shift};
+  }
+  Floats scale_of(int64_t group) const {
+    return mul(load_floats(scale + group * kLanes),
+               load_floats(factors + (group >> shift) * 2 * kLanes));
+  }
+  Floats low_of(int64_t group) const {
+    return mul(load_floats(low + group * kLanes),
+               load_floats(factors + ((group >> shift) * 2 + 1) * kLanes));
+  }
+};
+
 // out[r][0..16) = activation rows r < R times one tile's 16 outputs. xq: PASSES planes of
 // [rows, cols] codes (plane stride pass_stride); xscale: each block's scale (of the last
 // pass's codes); xsum: each half block's activation sum. HALVES: groups of 16 inputs (two a
-// block), else of group_blocks blocks. Scale: float, or uint16_t for float16s.
-template <int R, int BITS, int PASSES, bool HALVES, typename Scale>
+// block), else of group_blocks blocks. Scales: the tile's (PlainScales, FactoredScales).
+template <int R, int BITS, int PASSES, bool HALVES, typename Scales>
 void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
-                  const float* xsum, int64_t cols, const uint8_t* tile, const Scale* scale,
-                  const Scale* low, int64_t group_blocks, float* out, int64_t out_stride) {
+                  const float* xsum, int64_t cols, const uint8_t* tile, const Scales& scales,
+                  int64_t group_blocks, float* out, int64_t out_stride) {
   const int64_t blocks = cols / kBlock;
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   Floats acc[R];
@@ -186,8 +239,8 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
       blocks_into_group = 0;
       ++whole_group;
     }
-    const Floats scale0 = load_floats(scale + group * kLanes);
-    const Floats low0 = load_floats(low + group * kLanes);
+    const Floats scale0 = scales.scale_of(group);
+    const Floats low0 = scales.low_of(group);
     for (int r = 0; r < R; ++r) {
       const int8_t* x = xq + r * cols + b * kBlock;
       Ints first = zero_ints(), second = zero_ints();
@@ -202,8 +255,8 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
       const Floats activation_scale = broadcast(xscale[at]);
       const float sum0 = xsum[2 * at], sum1 = xsum[2 * at + 1];
       if constexpr (HALVES) {  // the halves' products, each with its group's scale and low
-        const Floats scale1 = load_floats(scale + (group + 1) * kLanes);
-        const Floats low1 = load_floats(low + (group + 1) * kLanes);
+        const Floats scale1 = scales.scale_of(group + 1);
+        const Floats low1 = scales.low_of(group + 1);
         acc[r] = fmadd(to_floats(first), mul(scale0, activation_scale), acc[r]);
         acc[r] = fmadd(to_floats(second), mul(scale1, activation_scale), acc[r]);
         acc[r] = fmadd(low0, broadcast(sum0), acc[r]);
@@ -217,23 +270,22 @@ void tile_product(const int8_t* xq, int64_t pass_stride, const float* xscale,
   for (int r = 0; r < R; ++r) store_floats(out + r * out_stride, acc[r]);
 }
 
-template <typename Scale>
+template <typename Scales>
 using TileProduct = void (*)(const int8_t*, int64_t, const float*, const float*, int64_t,
-                             const uint8_t*, const Scale*, const Scale*, int64_t, float*,
-                             int64_t);
+                             const uint8_t*, const Scales&, int64_t, float*, int64_t);
 
-template <int BITS, int PASSES, bool HALVES, typename Scale, int... R>
-TileProduct<Scale> tile_product_of(int rows, std::integer_sequence<int, R...>) {
-  static constexpr TileProduct<Scale> table[] = {
-      tile_product<R + 1, BITS, PASSES, HALVES, Scale>...};
+template <int BITS, int PASSES, bool HALVES, typename Scales, int... R>
+TileProduct<Scales> tile_product_of(int rows, std::integer_sequence<int, R...>) {
+  static constexpr TileProduct<Scales> table[] = {
+      tile_product<R + 1, BITS, PASSES, HALVES, Scales>...};
   return table[rows - 1];
 }
 
 // tile_product for `rows` activation rows, rows in 1..kRows
-template <int BITS, int PASSES, bool HALVES, typename Scale>
-TileProduct<Scale> tile_product_for(int rows) {
-  return tile_product_of<BITS, PASSES, HALVES, Scale>(rows,
-                                                      std::make_integer_sequence<int, kRows>{});
+template <int BITS, int PASSES, bool HALVES, typename Scales>
+TileProduct<Scales> tile_product_for(int rows) {
+  return tile_product_of<BITS, PASSES, HALVES, Scales>(
+      rows, std::make_integer_sequence<int, kRows>{});
 }
 
 #if defined(__AVX512F__)
@@ -335,22 +387,21 @@ inline void add_bias(const float* bias, int rows, float* out, int64_t out_stride
     for (int64_t l = 0; l < kLanes; ++l) out[r * out_stride + l] += bias[l];
 }
 
-template <int BITS, int PASSES, bool HALVES, typename Scale>
+template <int BITS, int PASSES, bool HALVES, typename Scales>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
-               int64_t cols, const uint8_t* weights, const Scale* scale, const Scale* low,
+               int64_t cols, const uint8_t* weights, const Scales& scales,
                int64_t out_features, int64_t group_blocks, const Output& output, int threads) {
   const int64_t tiles = out_features / kLanes;
   const int64_t blocks = cols / kBlock;
-  const int64_t groups = HALVES ? 2 * blocks : blocks / group_blocks;
   const int64_t tile_bytes = blocks * BITS * kBlock * kLanes / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t r = 0; r < tokens; r += kRows) {
       const int count = tokens - r < kRows ? static_cast<int>(tokens - r) : kRows;
-      tile_product_for<BITS, PASSES, HALVES, Scale>(count)(
+      tile_product_for<BITS, PASSES, HALVES, Scales>(count)(
           xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols,
-          weights + t * tile_bytes, scale + t * groups * kLanes, low + t * groups * kLanes,
-          group_blocks, output.rows + r * output.stride + t * kLanes, output.stride);
+          weights + t * tile_bytes, scales.tile(t), group_blocks,
+          output.rows + r * output.stride + t * kLanes, output.stride);
       if (output.bias != nullptr)
         add_bias(output.bias + t * kLanes, count, output.rows + r * output.stride + t * kLanes,
                  output.stride);
@@ -358,45 +409,53 @@ void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t
   }
 }
 
-template <int BITS, int PASSES, typename Scale>
+template <int BITS, int PASSES, typename Scales>
 void block_dot_groups(const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
-                      const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, const Output& output, int threads) {
+                      const Scales& scales, int64_t out_features, int64_t group_inputs,
+                      const Output& output, int threads) {
   if (group_inputs == kBlock / 2)
-    block_dot<BITS, PASSES, true>(xq, xscale, xsum, tokens, cols, weights, scale, low,
+    block_dot<BITS, PASSES, true>(xq, xscale, xsum, tokens, cols, weights, scales,
                                   out_features, 0, output, threads);
   else
-    block_dot<BITS, PASSES, false>(xq, xscale, xsum, tokens, cols, weights, scale, low,
+    block_dot<BITS, PASSES, false>(xq, xscale, xsum, tokens, cols, weights, scales,
                                    out_features, group_inputs / kBlock, output, threads);
 }
 
-template <int BITS, typename Scale>
+template <int BITS, typename Scales>
 void block_dot_passes(int passes, const int8_t* xq, const float* xscale, const float* xsum,
                       int64_t tokens, int64_t cols, const uint8_t* weights,
-                      const Scale* scale, const Scale* low, int64_t out_features,
-                      int64_t group_inputs, const Output& output, int threads) {
+                      const Scales& scales, int64_t out_features, int64_t group_inputs,
+                      const Output& output, int threads) {
   if (passes == 2)
-    block_dot_groups<BITS, 2>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, output, threads);
+    block_dot_groups<BITS, 2>(xq, xscale, xsum, tokens, cols, weights, scales, out_features,
+                              group_inputs, output, threads);
   else
-    block_dot_groups<BITS, 1>(xq, xscale, xsum, tokens, cols, weights, scale, low,
-                              out_features, group_inputs, output, threads);
+    block_dot_groups<BITS, 1>(xq, xscale, xsum, tokens, cols, weights, scales, out_features,
+                              group_inputs, output, threads);
 }
 
-template <typename Scale>
+template <typename Scales>
 void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
                     const float* xsum, int64_t tokens, int64_t cols, const uint8_t* weights,
-                    const void* scale, const void* low, int64_t out_features,
-                    int64_t group_inputs, const Output& output, int threads) {
-  const Scale* scales = static_cast<const Scale*>(scale);
-  const Scale* lows = static_cast<const Scale*>(low);
+                    const Scales& scales, int64_t out_features, int64_t group_inputs,
+                    const Output& output, int threads) {
   if (bits == 4)
-    block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, output, threads);
+    block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, out_features,
+                        group_inputs, output, threads);
   else
-    block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, lows,
-                        out_features, group_inputs, output, threads);
+    block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, out_features,
+                        group_inputs, output, threads);
+}
+
+// One weight's scale (or low) at index `at` of [tiles][groups][16] (see FactoredScales).
+inline float scale_at(const void* values, const float* factors, int scale_bits, int64_t at,
+                      int64_t groups, int shift, int which) {
+  if (scale_bits == 16) return from_float16(static_cast<const uint16_t*>(values)[at]);
+  if (scale_bits == 32) return static_cast<const float*>(values)[at];
+  const int64_t tile = at / (groups * kLanes), group = at / kLanes % groups, lane = at % kLanes;
+  const int64_t factor = ((tile * (groups >> shift) + (group >> shift)) * 2 + which) * kLanes;
+  return static_cast<float>(static_cast<const int8_t*>(values)[at]) * factors[factor + lane];
 }
 
 }  // namespace
@@ -417,14 +476,16 @@ int pagoda_block_dot_supported() {
 
 // out [tokens, out_features] (rows out_stride floats apart) = x [tokens, cols] times the
 // tiled weights (bits 4 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
-// of scale_bits 32 or 16), plus bias [out_features] where not null; x quantized first (in 1
+// of scale_bits 32 or 16, or 8: int8s times `factors`, 2^shift groups a superblock, see
+// FactoredScales), plus bias [out_features] where not null; x quantized first (in 1
 // or 2 passes) into the calling thread's scratch (kept for its next call, up to kKeptScratch
 // codes): codes [passes, tokens, cols], a scale per block [tokens, cols / 32] and a sum per
 // half block [tokens, cols / 16].
 void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
                       const uint8_t* weights, int bits, const void* scale, const void* low,
-                      int scale_bits, int64_t out_features, int64_t group_inputs,
-                      const float* bias, float* out, int64_t out_stride, int threads) {
+                      int scale_bits, const float* factors, int shift, int64_t out_features,
+                      int64_t group_inputs, const float* bias, float* out, int64_t out_stride,
+                      int threads) {
   const Output output{out, out_stride, bias};
   static thread_local std::vector<int8_t> codes_scratch;
   static thread_local std::vector<float> scale_scratch, sum_scratch;
@@ -440,12 +501,22 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
   for (int64_t r = 0; r < tokens; ++r)
     quantize_row(x + r * cols, cols, passes, tokens * cols, x_codes + r * cols,
                  x_scale + r * blocks, x_sum + 2 * r * blocks);
-  if (scale_bits == 16)
-    block_dot_bits<uint16_t>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
-                             scale, low, out_features, group_inputs, output, threads);
+  const int64_t groups = cols / group_inputs;
+  if (scale_bits == 8)
+    block_dot_bits(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
+                   FactoredScales{static_cast<const int8_t*>(scale),
+                                  static_cast<const int8_t*>(low), factors, groups, shift},
+                   out_features, group_inputs, output, threads);
+  else if (scale_bits == 16)
+    block_dot_bits(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
+                   PlainScales<uint16_t>{static_cast<const uint16_t*>(scale),
+                                         static_cast<const uint16_t*>(low), groups},
+                   out_features, group_inputs, output, threads);
   else
-    block_dot_bits<float>(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights, scale,
-                          low, out_features, group_inputs, output, threads);
+    block_dot_bits(bits, passes, x_codes, x_scale, x_sum, tokens, cols, weights,
+                   PlainScales<float>{static_cast<const float*>(scale),
+                                      static_cast<const float*>(low), groups},
+                   out_features, group_inputs, output, threads);
   if (codes_scratch.size() > kKeptScratch) {  // a prefill's: not held between calls
     std::vector<int8_t>().swap(codes_scratch);
     std::vector<float>().swap(scale_scratch);
@@ -458,7 +529,8 @@ void pagoda_block_dot(const float* x, int64_t tokens, int64_t cols, int passes,
 // outside [0, out_features) is the caller's to rule out).
 __attribute__((optimize("fp-contract=off")))  // code * scale rounds before + low, as torch's
 void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights, int bits,
-                           const void* scale, const void* low, int scale_bits, int64_t cols,
+                           const void* scale, const void* low, int scale_bits,
+                           const float* factors, int shift, int64_t cols,
                            int64_t group_inputs, float multiplier, float* out) {
   const int64_t blocks = cols / kBlock, groups = cols / group_inputs;
   const int64_t block_bytes = bits * kBlock * kLanes / 8;
@@ -477,10 +549,8 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
         code = codes[block * block_bytes + row * row_bytes + i];
       }
       const int64_t at = first_group + (c / group_inputs) * kLanes;
-      const float s = scale_bits == 16 ? from_float16(static_cast<const uint16_t*>(scale)[at])
-                                       : static_cast<const float*>(scale)[at];
-      const float l = scale_bits == 16 ? from_float16(static_cast<const uint16_t*>(low)[at])
-                                       : static_cast<const float*>(low)[at];
+      const float s = scale_at(scale, factors, scale_bits, at, groups, shift, 0);
+      const float l = scale_at(low, factors, scale_bits, at, groups, shift, 1);
       const float value = static_cast<float>(code) * s + l;
       out[r * cols + c] = multiplier == 1.0f ? value : value * multiplier;
     }

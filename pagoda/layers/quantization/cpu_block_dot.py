@@ -42,10 +42,11 @@ PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.pagoda_block_dot.argtypes = [pointer, size, size, flag, pointer, flag, pointer,
-                                         pointer, flag, size, size, pointer, pointer, size,
-                                         flag]
+                                         pointer, flag, pointer, flag, size, size, pointer,
+                                         pointer, size, flag]
     library.pagoda_block_dot_rows.argtypes = [pointer, size, pointer, flag, pointer, pointer,
-                                              flag, size, size, ctypes.c_float, pointer]
+                                              flag, pointer, flag, size, size, ctypes.c_float,
+                                              pointer]
     library.pagoda_block_dot.restype = library.pagoda_block_dot_rows.restype = None
     return library
 
@@ -127,10 +128,43 @@ def default_activation_passes() -> int:
     return int(value)
 
 
-def kernel_name(bits: int, activation_passes: int, half_scales: bool = False) -> str:
+def kernel_name(bits: int, activation_passes: int, half_scales: bool = False,
+                factored: bool = False) -> str:
     """What the startup log calls a layer on the kernel (scales float32 unless said)."""
-    scales = "float16 scales, " if half_scales else ""
+    scales = "float16 scales, " if half_scales else "factored scales, " if factored else ""
     return f"cpu_block_dot ({bits}-bit codes, {scales}{activation_passes}-pass activations)"
+
+
+@dataclass(slots=True)
+class ScaleFactors:
+    """A matrix's group scales and lows as GGUF's k-quants store them: each group's integer
+    sub-scale and sub-low ([out, groups] int8) times its superblock's scale and low factors
+    ([out, supers] float32), `groups_per_super` groups a superblock (a power of two). Each
+    product is exact in float32: they are GroupCodes' scale and low to the bit, in about a
+    quarter of the bytes."""
+
+    sub_scale: torch.Tensor
+    sub_low: torch.Tensor | None  # None: the sub-scales serve (the low a multiple of the scale)
+    scale_factor: torch.Tensor
+    low_factor: torch.Tensor
+    groups_per_super: int
+
+    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, low) [out, groups] float32."""
+        sub_low = self.sub_scale if self.sub_low is None else self.sub_low
+        spread = [f.repeat_interleave(self.groups_per_super, dim=1)
+                  for f in (self.scale_factor, self.low_factor)]
+        return self.sub_scale.float() * spread[0], sub_low.float() * spread[1]
+
+    def layout(self) -> int:
+        return self.groups_per_super
+
+
+def factored_exactly(factors: ScaleFactors, scale: torch.Tensor, low: torch.Tensor) -> bool:
+    """Whether `factors`' products are `scale` and `low` to the bit."""
+    products = factors.products()
+    return all(p.shape == v.shape and torch.equal(p, v.float())
+               for p, v in zip(products, (scale, low), strict=True))
 
 
 @dataclass(slots=True)
@@ -145,13 +179,15 @@ class GroupCodes:
     group: int
     bits: int
     half_scales: bool = False  # the scales are float16's exactly (GGUF's legacy types)
+    factors: ScaleFactors | None = None  # the scales and lows factored (GGUF's k-quants)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def layout(self) -> tuple[int, int, bool]:
-        return self.group, self.bits, self.half_scales
+    def layout(self) -> tuple:
+        return (self.group, self.bits, self.half_scales,
+                None if self.factors is None else self.factors.layout())
 
     def decoded(self) -> torch.Tensor:
         """The float32 weights."""
@@ -162,14 +198,26 @@ class GroupCodes:
 def stacked_kernel(pieces: list[GroupCodes]) -> BlockDotWeight | None:
     """One kernel holding `pieces`' rows one after another, where they share a layout and
     the kernel holds their shape; else None."""
-    group, bits, half = pieces[0].layout()
+    group, bits, half, factored = pieces[0].layout()
     rows, columns = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
-    if any(p.layout() != (group, bits, half) for p in pieces) or \
+    if any(p.layout() != pieces[0].layout() for p in pieces) or \
             not holds(rows, columns, group) or bits not in BITS:
         return None
     codes, scale, low = (torch.cat(parts) for parts in zip(
         *((p.codes, p.scale, p.low) for p in pieces)))
-    return BlockDotWeight(codes, scale, low, group, bits, half_scales=half)
+    factors = None if factored is None else _stacked_factors([p.factors for p in pieces])
+    return BlockDotWeight(codes, scale, low, group, bits, half_scales=half, factors=factors)
+
+
+def _stacked_factors(parts: list[ScaleFactors]) -> ScaleFactors:
+    """Factors of one layout, rows one after another (sub-lows of their own for all where
+    one part has them: the sub-scales stand in for the others')."""
+    sub_low = None
+    if any(p.sub_low is not None for p in parts):
+        sub_low = torch.cat([p.sub_scale if p.sub_low is None else p.sub_low for p in parts])
+    return ScaleFactors(torch.cat([p.sub_scale for p in parts]), sub_low,
+                        torch.cat([p.scale_factor for p in parts]),
+                        torch.cat([p.low_factor for p in parts]), parts[0].groups_per_super)
 
 
 class BlockDotWeight(nn.Module):
@@ -177,11 +225,12 @@ class BlockDotWeight(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                  group_size: int, bits: int, activation_passes: int | None = None,
-                 half_scales: bool = False) -> None:
+                 half_scales: bool = False, factors: ScaleFactors | None = None) -> None:
         """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
         weight is code * scale + low. `activation_passes`: 1 or 2 (default: the
         environment's, default_activation_passes). `half_scales`: hold the scales and lows
-        as float16 (fewer bytes to stream) where every one is float16's exactly, else as
+        as float16 (fewer bytes to stream) where every one is float16's exactly; `factors`:
+        hold them factored where their products are scale and low exactly; else as
         float32."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -191,14 +240,36 @@ class BlockDotWeight(nn.Module):
         self.group_size, self.bits = group_size, narrowest_bits(bits, codes)
         self.activation_passes = activation_passes or default_activation_passes()
         self.packed = nn.Parameter(tile_codes(codes, self.bits), requires_grad=False)
+        self.factor_shift = 0
+        self.factors = nn.Parameter(torch.empty(0), requires_grad=False)  # (unread unfactored)
+        if factors is not None and factored_exactly(factors, scale, low):
+            self._hold_factored(factors)
+            return
         scale_dtype = torch.float16 if half_scales and held_exactly(scale, torch.float16) \
             and held_exactly(low, torch.float16) else torch.float32
         self.scale = nn.Parameter(tile_groups(scale, scale_dtype), requires_grad=False)
         self.low = nn.Parameter(tile_groups(low, scale_dtype), requires_grad=False)
 
+    def _hold_factored(self, factors: ScaleFactors) -> None:
+        """The int8 sub-scales and sub-lows tiled as scales are ([tiles, groups, 16]; one
+        parameter for both where the sub-scales serve), the factors [tiles, supers, 2, 16]."""
+        self.scale = nn.Parameter(tile_groups(factors.sub_scale, torch.int8),
+                                  requires_grad=False)
+        self.low = self.scale if factors.sub_low is None else nn.Parameter(
+            tile_groups(factors.sub_low, torch.int8), requires_grad=False)
+        pairs = torch.stack([factors.scale_factor, factors.low_factor], dim=-1).float()
+        supers = pairs.shape[1]
+        self.factors = nn.Parameter(pairs.reshape(-1, LANES, supers, 2).permute(0, 2, 3, 1)
+                                    .contiguous(), requires_grad=False)
+        self.factor_shift = factors.groups_per_super.bit_length() - 1
+
+    @property
+    def factored(self) -> bool:
+        return self.scale.dtype == torch.int8
+
     def kernel_name(self) -> str:
         return kernel_name(self.bits, self.activation_passes,
-                           self.scale.dtype == torch.float16)
+                           self.scale.dtype == torch.float16, self.factored)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,8 +281,9 @@ class BlockDotWeight(nn.Module):
         run_kernel(
             _library().pagoda_block_dot, flat.data_ptr(), tokens, self.in_features,
             self.activation_passes, self.packed.data_ptr(), self.bits, self.scale.data_ptr(),
-            self.low.data_ptr(), self.scale.element_size() * 8, self.out_features,
-            self.group_size, None if bias is None else bias.data_ptr(), into.data_ptr(),
+            self.low.data_ptr(), self.scale.element_size() * 8, self.factors.data_ptr(),
+            self.factor_shift, self.out_features, self.group_size,
+            None if bias is None else bias.data_ptr(), into.data_ptr(),
             into.stride(-2) if into.dim() > 1 else 0, torch.get_num_threads())
         return into if x.dtype == torch.float32 or out is not None else into.to(x.dtype)
 
@@ -223,9 +295,17 @@ class BlockDotWeight(nn.Module):
         out = torch.empty(len(ids), self.in_features)
         run_kernel(_library().pagoda_block_dot_rows, ids.data_ptr(), len(ids),
                    self.packed.data_ptr(), self.bits, self.scale.data_ptr(), self.low.data_ptr(),
-                   self.scale.element_size() * 8, self.in_features, self.group_size,
+                   self.scale.element_size() * 8, self.factors.data_ptr(), self.factor_shift,
+                   self.in_features, self.group_size,
                    1.0 if scale is None else scale, out.data_ptr())
         return out
+
+    def _group_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and lows as float32 [tiles, groups, 16] (factored: their products)."""
+        if not self.factored:
+            return self.scale.float(), self.low.float()
+        per_group = self.factors.repeat_interleave(1 << self.factor_shift, dim=1)
+        return (self.scale.float() * per_group[:, :, 0], self.low.float() * per_group[:, :, 1])
 
     def decoded_rows(self, index: torch.Tensor) -> torch.Tensor:
         """`rows` (unscaled) in torch operators (the reference the kernel is tested
@@ -235,6 +315,6 @@ class BlockDotWeight(nn.Module):
         if self.bits == 4:
             codes = torch.stack([codes & 0x0F, codes >> 4], dim=3)
         codes = codes.reshape(len(index), self.in_features // self.group_size, self.group_size)
-        scale, low = self.scale[tile, :, lane], self.low[tile, :, lane]  # [n, groups]
+        scale, low = (values[tile, :, lane] for values in self._group_scales())  # [n, groups]
         weights = codes.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
         return weights.reshape(len(index), self.in_features)

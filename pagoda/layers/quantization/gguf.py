@@ -30,11 +30,15 @@ from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
     INT4_FORMATS,
+    K_QUANTS,
+    LOWS_OF_SCALES,
     NIBBLE_FORMATS,
+    QK_K,
     SIXTEEN_A_GROUP,
     byte_groups,
     dequantize_rows,
     int4_groups,
+    scale_factors,
 )
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
@@ -210,7 +214,8 @@ def group_codes(piece: GGUFWeight) -> GroupCodes:
     bits, group = group_layout(piece.type_name)
     codes, scale, low = byte_groups(piece.rows, piece.type_name)[:3]
     return GroupCodes(codes, scale, low, group, bits,
-                      half_scales=piece.type_name in HALF_SCALE_FORMATS)
+                      half_scales=piece.type_name in HALF_SCALE_FORMATS,
+                      factors=scale_factors(piece.rows, piece.type_name))
 
 
 def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
@@ -304,7 +309,8 @@ def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor
     bits, group = group_layout(type_name)
     codes, scale, low, _ = byte_groups(rows, type_name)
     embedding.quantized = head.quantized = BlockDotWeight(
-        codes, scale, low, group, bits, half_scales=type_name in HALF_SCALE_FORMATS)
+        codes, scale, low, group, bits, half_scales=type_name in HALF_SCALE_FORMATS,
+        factors=scale_factors(rows, type_name))
 
 
 def _rank_table_rows(embedding: VocabEmbedding, tensor: GGUFWeight) -> torch.Tensor:
@@ -362,17 +368,21 @@ class GGUFConfig(QuantizationConfig):
         embedding.weight = head.weight = placeholder
 
 
-def held_bits(type_name: str, device: torch.device) -> int:
+def held_bits(type_name: str, device: torch.device) -> float:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
     code and its share of the group's scale and min (16-bit on CUDA and in torch's int4
-    kernel; in the CPU block-dot kernel 16-bit for the types whose scales are float16s,
-    else 32-bit)."""
+    kernel; in the CPU block-dot kernel 16-bit for the types whose scales are float16s, the
+    k-quants' factored: an int8 sub-scale a group, an int8 sub-min where the type has mins,
+    two float32 factors a super-block of 256)."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
         return bits + 32 // group
     if _block_dot_holds(type_name):
         bits, group = block_dot_layout(type_name)
-        return bits + (32 if type_name in HALF_SCALE_FORMATS else 64) // group
+        if type_name in K_QUANTS:
+            sub_bits = 8 if type_name in LOWS_OF_SCALES else 16
+            return bits + sub_bits / group + 64 / QK_K
+        return bits + 32 // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights

@@ -2,13 +2,17 @@
 weights takes, and how a row of blocks decodes back to floats (the formats as llama.cpp's
 ggml-common.h lays them out). 4-bit formats also decode to (codes, scale, min) per group of
 32 weights, the form torch's int4 weight-packed matmul takes; every format decodes to byte
-codes with a scale and a min per group, the form of the GPU kernel (group_gemm)."""
+codes with a scale and a min per group, the form of the GPU kernel (group_gemm); the
+k-quants' scales and mins also as they store them (scale_factors: integers a group times a
+super-block's float), the form the CPU block-dot kernel holds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from pagoda.layers.quantization.cpu_block_dot import ScaleFactors
 
 QK_K = 256  # weights per super-block of the k-quants
 
@@ -35,6 +39,8 @@ FORMATS = {f.name: f for f in (
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
 # types whose codes fit four bits (the CPU block-dot kernel holds them as nibbles)
 NIBBLE_FORMATS = INT4_FORMATS | frozenset({"Q2_K", "Q3_K"})
+K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})  # super-blocks of 256
+LOWS_OF_SCALES = frozenset({"Q3_K", "Q6_K"})  # k-quants whose lows are multiples of the scale
 SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
@@ -218,6 +224,41 @@ def byte_groups(rows: torch.Tensor, name: str
     else:
         raise ValueError(f"GGUF type {name} has no code decoder")
     return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1), 32
+
+
+def scale_factors(rows: torch.Tensor, name: str) -> ScaleFactors | None:
+    """A k-quant's byte_groups scales and lows as the blocks store them: integer sub-scales
+    (and sub-mins) a group times each super-block's d (and dmin), the lows of the types
+    without mins a multiple of their scales; None for the legacy types (one float16 scale
+    a block of 32)."""
+    if name not in K_QUANTS:
+        return None
+    blocks = _blocks(rows, FORMATS[name])
+    if name in ("Q4_K", "Q5_K"):
+        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+        sc, m = _k_scales_mins(blocks[..., 4:16])
+        return _factors(sc, m, d, -dmin, 8)
+    if name == "Q6_K":
+        d = _half(blocks[..., 208:210])
+        return _factors(blocks[..., 192:208].contiguous().view(torch.int8), None, d, -32.0 * d,
+                        16)
+    if name == "Q3_K":
+        d = _half(blocks[..., 108:110])
+        return _factors(_q3_k_scales(blocks[..., 96:108]), None, d, -4.0 * d, 16)
+    packed = blocks[..., 0:16]  # Q2_K
+    d, dmin = _half(blocks[..., 80:82]), _half(blocks[..., 82:84])
+    return _factors(packed & 15, packed >> 4, d, -dmin, 16)
+
+
+def _factors(sub_scale: torch.Tensor, sub_low: torch.Tensor | None, scale_factor: torch.Tensor,
+             low_factor: torch.Tensor, groups_per_super: int) -> ScaleFactors:
+    """[rows, blocks, groups a block] sub-scales and sub-lows, [rows, blocks] factors."""
+    rows = sub_scale.shape[0]
+
+    def small(values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.int8).reshape(rows, -1)
+    return ScaleFactors(small(sub_scale), None if sub_low is None else small(sub_low),
+                        scale_factor.float(), low_factor.float(), groups_per_super)
 
 
 def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:

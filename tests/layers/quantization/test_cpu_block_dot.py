@@ -1,9 +1,10 @@
 """pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
 of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
 largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
-groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, a bias,
-products written into a wider output's columns; its table lookup; the shapes it refuses; and the
-machines it does not build on."""
+groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, factored
+scales (int8 times a float a super-block: GGUF's k-quants'), a bias, products written into a
+wider output's columns; its table lookup; the shapes it refuses; and the machines it does not
+build on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from pagoda.layers.quantization import cpu_block_dot
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight
+from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, ScaleFactors
 from tests.utils import on_thread_counts
 
 
@@ -137,6 +138,62 @@ def test_rows_decode_to_the_weights_exactly(bits, group, half_scales):
     assert torch.equal(layer.decoded_rows(index), weights[index])  # its torch reference
     scale = float(torch.tensor(640 ** 0.5))  # Gemma 3 270M's embedding scale
     assert torch.equal(layer.rows(index, scale), weights[index] * scale)
+
+
+def random_factors(out_features: int, groups: int, groups_per_super: int, own_lows: bool,
+                   seed: int) -> ScaleFactors:
+    """Sub-scales and sub-lows in int8's range, float16-valued factors (as GGUF's d and
+    dmin); without own lows each low is -32 times its scale (Q6_K's)."""
+    gen = torch.Generator().manual_seed(seed)
+    supers = groups // groups_per_super
+
+    def factor(sign: float) -> torch.Tensor:
+        return (sign * (torch.rand(out_features, supers, generator=gen) * 1e-3 + 1e-5)
+                ).half().float()
+    sub_scale = torch.randint(-128, 128, (out_features, groups), generator=gen).to(torch.int8)
+    sub_low = torch.randint(0, 64, (out_features, groups), generator=gen).to(torch.int8) \
+        if own_lows else None
+    scale_factor = factor(1.0)
+    low_factor = -factor(1.0) if own_lows else -32.0 * scale_factor
+    return ScaleFactors(sub_scale, sub_low, scale_factor, low_factor, groups_per_super)
+
+
+@pytest.mark.parametrize(("bits", "group", "own_lows"), [(4, 32, True), (8, 32, True),
+                                                         (8, 16, False), (4, 16, True)])
+@pytest.mark.parametrize("tokens", [1, 7, 19])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_factored_scales_give_the_float32_products_to_the_bit(bits, group, own_lows, tokens,
+                                                              passes):
+    """Q4_K's layout (4-bit, groups of 32, sub-mins), Q5_K's (8-bit), Q6_K's (8-bit, groups
+    of 16, lows of the scales) and Q2_K's (4-bit, groups of 16): the products of the plain
+    kernel holding the factors' float32 products, bit for bit, and the lookups too."""
+    out_features, in_features = 48, 512
+    groups = in_features // group
+    factors = random_factors(out_features, groups, 256 // group, own_lows, 5)
+    scale, low = factors.products()
+    codes = random_weights(out_features, in_features, group, bits, 4)[0]
+    factored = BlockDotWeight(codes, scale, low, group, bits, passes, factors=factors)
+    plain = BlockDotWeight(codes, scale, low, group, bits, passes)
+    assert factored.factored and not plain.factored
+    held = {name: p.numel() * p.element_size() for name, p in factored.named_parameters()}
+    # int8 sub-scales (and sub-lows), two float32 factors per 256 inputs
+    assert held["scale"] == out_features * groups
+    assert ("low" in held) == own_lows  # (one parameter where the sub-scales serve both)
+    assert held["factors"] == out_features * (in_features // 256) * 2 * 4
+    x = torch.randn(tokens, in_features)
+    assert torch.equal(factored(x), plain(x))
+    index = torch.tensor([0, 17, 47, 17])
+    assert torch.equal(factored.rows(index), plain.rows(index))
+    assert torch.equal(factored.decoded_rows(index), plain.decoded_rows(index))
+
+
+def test_factors_whose_products_are_not_the_scales_are_not_held():
+    """A kernel given factors that do not multiply to its scales holds the scales."""
+    factors = random_factors(32, 8, 8, True, 6)
+    scale, low = factors.products()
+    codes = random_weights(32, 256, 32, 4, 7)[0]
+    layer = BlockDotWeight(codes, scale * 1.5, low, 32, 4, factors=factors)
+    assert not layer.factored and layer.scale.dtype == torch.float32
 
 
 @pytest.mark.parametrize("tokens", [1, 9])
