@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -387,25 +388,56 @@ inline void add_bias(const float* bias, int rows, float* out, int64_t out_stride
     for (int64_t l = 0; l < kLanes; ++l) out[r * out_stride + l] += bias[l];
 }
 
+// One tile's products for every token, kRows rows a sweep. TileScales: the tile's.
+template <int BITS, int PASSES, bool HALVES, typename TileScales>
+void sweep_tile(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
+                int64_t cols, const uint8_t* tile, const TileScales& scales,
+                int64_t group_blocks, const Output& output, int64_t first_output) {
+  const int64_t blocks = cols / kBlock;
+  for (int64_t r = 0; r < tokens; r += kRows) {
+    const int count = tokens - r < kRows ? static_cast<int>(tokens - r) : kRows;
+    float* out = output.rows + r * output.stride + first_output;
+    tile_product_for<BITS, PASSES, HALVES, TileScales>(count)(
+        xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols, tile,
+        scales, group_blocks, out, output.stride);
+    if (output.bias != nullptr) add_bias(output.bias + first_output, count, out, output.stride);
+  }
+}
+
+// A tile's factored scales and lows multiplied out into `scratch` (2 x groups x 16 floats):
+// a call sweeping the tile more than once then reads floats, as unfactored scales (the
+// same values: each product is exact).
+PlainScales<float> multiplied_out(const FactoredScales& tile, std::vector<float>& scratch) {
+  scratch.resize(2 * tile.groups * kLanes);
+  float* scale = scratch.data();
+  float* low = scale + tile.groups * kLanes;
+  for (int64_t g = 0; g < tile.groups; ++g) {
+    store_floats(scale + g * kLanes, tile.scale_of(g));
+    store_floats(low + g * kLanes, tile.low_of(g));
+  }
+  return {scale, low, tile.groups};
+}
+
 template <int BITS, int PASSES, bool HALVES, typename Scales>
 void block_dot(const int8_t* xq, const float* xscale, const float* xsum, int64_t tokens,
                int64_t cols, const uint8_t* weights, const Scales& scales,
                int64_t out_features, int64_t group_blocks, const Output& output, int threads) {
   const int64_t tiles = out_features / kLanes;
-  const int64_t blocks = cols / kBlock;
-  const int64_t tile_bytes = blocks * BITS * kBlock * kLanes / 8;
+  const int64_t tile_bytes = (cols / kBlock) * BITS * kBlock * kLanes / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
-    for (int64_t r = 0; r < tokens; r += kRows) {
-      const int count = tokens - r < kRows ? static_cast<int>(tokens - r) : kRows;
-      tile_product_for<BITS, PASSES, HALVES, Scales>(count)(
-          xq + r * cols, tokens * cols, xscale + r * blocks, xsum + 2 * r * blocks, cols,
-          weights + t * tile_bytes, scales.tile(t), group_blocks,
-          output.rows + r * output.stride + t * kLanes, output.stride);
-      if (output.bias != nullptr)
-        add_bias(output.bias + t * kLanes, count, output.rows + r * output.stride + t * kLanes,
-                 output.stride);
+    const uint8_t* tile = weights + t * tile_bytes;
+    if constexpr (std::is_same_v<Scales, FactoredScales>) {
+      if (tokens > kRows) {  // several sweeps: the factors' products once, not each sweep
+        static thread_local std::vector<float> scratch;
+        sweep_tile<BITS, PASSES, HALVES>(xq, xscale, xsum, tokens, cols, tile,
+                                         multiplied_out(scales.tile(t), scratch), group_blocks,
+                                         output, t * kLanes);
+        continue;
+      }
     }
+    sweep_tile<BITS, PASSES, HALVES>(xq, xscale, xsum, tokens, cols, tile, scales.tile(t),
+                                     group_blocks, output, t * kLanes);
   }
 }
 
