@@ -599,29 +599,45 @@ def _expert_block(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b_low_ptr, c_ptr, weig
                       num_assignments, num_blocks, N, GATED, MUL_WEIGHT, SUM_TOP_K,
                       SUM_TOKENS, CODES, GROUPS)
     else:
-        width: tl.constexpr = 2 * N if GATED else N
-        at = rows.to(tl.int64)[:, None] * width + offs_n[None, :]
-        ok = row_ok[:, None] & n_ok[None, :]
-        split_stride = num_assignments * width
-        mine = partial_ptr + tl.program_id(1) * split_stride + at
-        tl.store(mine, acc, mask=ok)
-        if GATED:
-            tl.store(mine + N, acc_up, mask=ok)
-        tl.debug_barrier()  # every thread's partial sums stored before the count
-        if tl.atomic_add(split_count_ptr, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for part in tl.static_range(SPLITS):  # in split order: the same sums every time
-                acc += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
-                               cache_modifier=".cg")
-                if GATED:
-                    acc_up += tl.load(partial_ptr + part * split_stride + at + N, mask=ok,
-                                      other=0.0, cache_modifier=".cg")
-            _finish_block(acc, acc_up, a_scale_ptr, b_scale_ptr, c_ptr, weights_ptr, sum_ptr,
-                          count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok,
-                          num_assignments, num_blocks, N, GATED, MUL_WEIGHT, SUM_TOP_K,
-                          SUM_TOKENS, CODES, GROUPS)
-            tl.atomic_xchg(split_count_ptr, 0)
+        _finish_split(acc, acc_up if GATED else acc, partial_ptr, split_count_ptr, a_scale_ptr,
+                      b_scale_ptr, c_ptr, weights_ptr, sum_ptr, count_ptr, rows, row_ok,
+                      a_rows, s_at, offs_n, n_ok, num_assignments, num_blocks, N, GATED,
+                      MUL_WEIGHT, SUM_TOP_K, SUM_TOKENS, CODES, GROUPS, BLOCK_M, BLOCK_N,
+                      SPLITS)
+
+
+@triton.jit
+def _finish_split(acc, acc_up, partial_ptr, split_count_ptr, a_scale_ptr, b_scale_ptr, c_ptr,
+                  weights_ptr, sum_ptr, count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok,
+                  num_assignments, num_blocks, N: tl.constexpr, GATED: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr, SUM_TOP_K: tl.constexpr, SUM_TOKENS: tl.constexpr,
+                  CODES: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """Store this split's float32 sums (partial_ptr [SPLITS, assignments, N or 2N: gate
+    then up]) and count it done on the block's counter; the last of the block's splits adds
+    them all in split order, finishes the block (_finish_block) and resets the counter."""
+    width: tl.constexpr = 2 * N if GATED else N
+    at = rows.to(tl.int64)[:, None] * width + offs_n[None, :]
+    ok = row_ok[:, None] & n_ok[None, :]
+    split_stride = num_assignments * width
+    mine = partial_ptr + tl.program_id(1) * split_stride + at
+    tl.store(mine, acc, mask=ok)
+    if GATED:
+        tl.store(mine + N, acc_up, mask=ok)
+    tl.debug_barrier()  # every thread's partial sums stored before the count
+    if tl.atomic_add(split_count_ptr, 1, sem="acq_rel") == SPLITS - 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for part in tl.static_range(SPLITS):  # in split order: the same sums every time
+            acc += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
+                           cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(partial_ptr + part * split_stride + at + N, mask=ok,
+                                  other=0.0, cache_modifier=".cg")
+        _finish_block(acc, acc_up, a_scale_ptr, b_scale_ptr, c_ptr, weights_ptr, sum_ptr,
+                      count_ptr, rows, row_ok, a_rows, s_at, offs_n, n_ok, num_assignments,
+                      num_blocks, N, GATED, MUL_WEIGHT, SUM_TOP_K, SUM_TOKENS, CODES, GROUPS)
+        tl.atomic_xchg(split_count_ptr, 0)
 
 
 @triton.jit
