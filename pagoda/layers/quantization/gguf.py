@@ -232,14 +232,22 @@ def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
     if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
                                                 piece.type_name):
         bits, group = block_dot_layout(piece.type_name)
-        half = "half" if piece.type_name in HALF_SCALE_FORMATS else ""
-        return f"blockdot{bits}x{group}{half}"
+        return f"blockdot{bits}x{group}{_block_dot_scales(piece.type_name)}"
     bits, group = group_layout(piece.type_name)
     if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
         return "int4"
     if device.type == "cuda" and supports(piece.columns, group, bits):
         return f"group{bits}x{group}"
     return piece.type_name
+
+
+def _block_dot_scales(type_name: str) -> str:
+    """How the CPU block-dot kernel holds a type's scales and lows: float16s (the legacy
+    types), factored with sub-lows of their own, or factored with the sub-scales serving as
+    sub-lows (held_bits counts each so: pieces of different forms get kernels apart)."""
+    if type_name in HALF_SCALE_FORMATS:
+        return "half"
+    return "scaled-lows" if type_name in LOWS_OF_SCALES else "factored"
 
 
 def _runs(pieces: list, device: torch.device) -> list[list]:

@@ -128,27 +128,25 @@ def test_byte_codes_in_groups_of_32_and_of_16_take_two_kernels(block_dot_kernel)
 
 
 def test_two_and_three_bit_codes_are_held_as_nibbles(block_dot_kernel):
-    """A Q3_K_M-like qkv: q in Q3_K and k in Q2_K share one kernel of 4-bit codes (their
-    codes fit a nibble) with their scales factored as the blocks store them (int8 a group of
-    16, Q2_K's mins too, floats a super-block of 256: 5.25 bits a weight, not 12), v's Q6_K
-    bytes another (8.75 bits, not 12); what held_bits tells the estimate is what the kernels
-    hold."""
+    """A Q3_K_M-like qkv: q in Q3_K and k in Q2_K held as 4-bit codes (their codes fit a
+    nibble), v's Q6_K as bytes, each with its scales factored as the blocks store them (int8
+    a group of 16, Q2_K's mins too, floats a super-block of 256): 4.75, 5.25 and 8.75 bits a
+    weight, where float32 scales took 12; what held_bits tells the estimate is what each
+    kernel holds (Q3_K's and Q2_K's apart: their lows differ in form)."""
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
-    pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in (
-        ("Q3_K", HEADS * HEAD_DIM, 1), ("Q2_K", KV_HEADS * HEAD_DIM, 2),
-        ("Q6_K", KV_HEADS * HEAD_DIM, 3))]
+    kinds = ("Q3_K", "Q2_K", "Q6_K")
+    pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in zip(
+        kinds, (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM), (1, 2, 3))]
     loaded(layer, [piece for piece, _ in pieces])
-    nibbles, bytes_ = layer.gguf_kernels
-    assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(4, 16), (8, 16)]
-    assert layer.method.kernel(layer) == \
-        f"{kernel_name(4, 2, factored=True)} + {kernel_name(8, 2, factored=True)}"
+    assert [(k.bits, k.group_size, k.factored) for k in layer.gguf_kernels] == \
+        [(4, 16, True), (4, 16, True), (8, 16, True)]
+    assert layer.method.kernel(layer) == " + ".join(  # (each name once)
+        kernel_name(bits, 2, factored=True) for bits in (4, 8))
     cpu = torch.device("cpu")
-    for kernel, kind in ((nibbles, "Q2_K"), (bytes_, "Q6_K")):  # (Q3_K's lows stacked with
-        # Q2_K's own: the kernel holds sub-lows, as Q2_K alone)
+    for kernel, kind in zip(layer.gguf_kernels, kinds, strict=True):
         held = sum(p.numel() * p.element_size() for p in kernel.parameters())
         assert held * 8 == kernel.out_features * HIDDEN * held_bits(kind, cpu)
-    assert (held_bits("Q2_K", cpu), held_bits("Q3_K", cpu), held_bits("Q6_K", cpu)) == \
-        (5.25, 4.75, 8.75)
+    assert [held_bits(kind, cpu) for kind in kinds] == [4.75, 5.25, 8.75]
     x = torch.randn(5, HIDDEN)
     expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
     torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
