@@ -80,8 +80,9 @@ def fits(out_features: int, in_features: int, group_size: int) -> bool:
 
 
 def narrowest_bits(bits: int, codes: torch.Tensor) -> int:
-    """The bits a code the kernel holds `bits`-bit codes in: 4 where every code fits a
-    nibble (GGUF Q2_K's and Q3_K's, given as bytes: half the bytes to hold and stream)."""
+    """The bits the kernel holds each of `codes` (given as `bits`-bit codes) in: 4 where
+    every code fits a nibble (GGUF Q2_K's and Q3_K's, given as bytes: half the bytes to hold
+    and stream), else `bits`."""
     return 4 if bits == 8 and codes.numel() and int(codes.max()) < 16 else bits
 
 
