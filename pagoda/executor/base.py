@@ -36,7 +36,7 @@ class LoadedModelInfo:
     dtype: str  # torch's name: "float32", "bfloat16"
     attention_backend: str
     weight_bytes: int
-    num_parameters: int
+    num_parameters: int  # the checkpoint's (the whole model's, however it is held)
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype as held ("auto" resolved by the checkpoint)
     expert_weight_bytes: int = 0  # of weight_bytes, a mixture of experts' routed experts'
 

@@ -23,6 +23,7 @@ from pagoda.layers.parallel import (
 from pagoda.logger import get_logger
 from pagoda.lora.manager import LoRAManager
 from pagoda.lora.request import LoRAAdapterError, LoRARequest
+from pagoda.models.estimate import count_parameters
 from pagoda.models.loader.checkpoint import (
     expert_weight_bytes,
     load_model,
@@ -30,6 +31,7 @@ from pagoda.models.loader.checkpoint import (
     weight_bytes,
 )
 from pagoda.models.quantization import checkpoint_kv_cache_dtype, resolve_kv_cache_dtype
+from pagoda.models.registry import arch_spec
 from pagoda.models.source import ModelSource, resolve_model
 from pagoda.runner.memory import (
     check_kv_cache_dtype,
@@ -127,9 +129,11 @@ class Worker:
                                max(sched.max_num_batched_tokens, sched.max_num_seqs))
         self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
                                                       hf.vocab_size, kv_dtype), backend, lora)
+        # the model's parameters as its checkpoint counts them (the held tensors' elements
+        # depend on how a quantized format is held, and on this rank's share)
+        num_parameters, _ = count_parameters(self.source, arch_spec(hf))
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
-                                    backend.name, weight_bytes(model),
-                                    sum(p.numel() for p in model.parameters()),
+                                    backend.name, weight_bytes(model), num_parameters,
                                     self.kv_cache_dtype, expert_weight_bytes(model))
         return self.info
 

@@ -15,6 +15,8 @@ from pagoda.engine.core import EngineCore
 from pagoda.executor.base import Executor, WorkerConfig
 from pagoda.executor.factory import executor_for
 from pagoda.executor.in_process import InProcessExecutor
+from pagoda.models.estimate import estimate
+from pagoda.models.source import resolve_model
 from pagoda.request import EngineCoreRequest
 from pagoda.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from pagoda.structured_output.bitmask import bitmask_words
@@ -78,6 +80,19 @@ def test_start_up_reports_the_model_and_sizes_the_cache(executor):
     assert executor.determine_kv_cache_size().num_blocks == 64
     assert executor.worker.runner.kv_cache.numel() * 4 == 64 * BLOCK_BYTES
     assert executor.capture_decode_graphs() is False  # CPU: nothing to capture
+
+
+def test_a_quantized_model_reports_its_checkpoint_s_parameters(smollm2_dir):
+    """SmolLM2's GGUF held as 4-bit codes: the parameters reported are the checkpoint's (the
+    estimate's count), not the elements of the tensors that hold them."""
+    config = engine_config(str(smollm2_dir), max_model_len=64, kv_cache_memory=64 * BLOCK_BYTES)
+    executor = executor_for(WorkerConfig(config, 64))
+    executor.init_device()
+    info = executor.load_model()
+    held = sum(p.numel() for p in executor.worker.runner.model.parameters())
+    expected = estimate(resolve_model(str(smollm2_dir)), 64).num_parameters
+    assert info.num_parameters == expected != held
+    assert expected == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
 
 
 def test_greedy_steps_with_one_in_flight_equal_the_engine(executor, tiny_dir):
