@@ -2,6 +2,11 @@
 on), kernel time summed by name, per step, against the step's wall time.
 
     python3 bench/gpu/profile_kernels.py [MODEL [BATCH]] [--quantization Q] [--kv-cache-dtype D]
+        [--load-format gguf --tokenizer DIR]
+
+MODEL is a config directory whose weights are drawn at random (the default load format,
+dummy), or a checkpoint with `--load-format` (a random GGUF of bench/gpu/run.sh's $GGUF8
+and the word tokenizer beside it).
 """
 
 import argparse
@@ -17,11 +22,13 @@ parser.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
 parser.add_argument("batch", nargs="?", type=int, default=1)
 parser.add_argument("--quantization", default=None)
 parser.add_argument("--kv-cache-dtype", default="auto")
+parser.add_argument("--load-format", default="dummy")
+parser.add_argument("--tokenizer", default=None)
 args = parser.parse_args()
 batch = args.batch
-llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, device="cuda",
-          max_num_seqs=max(batch, 8), quantization=args.quantization,
-          kv_cache_dtype=args.kv_cache_dtype)
+llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, dtype="bfloat16",
+          max_model_len=4096, device="cuda", max_num_seqs=max(batch, 8),
+          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
 prompts = [{"prompt_token_ids": list(range(1000 + i, 2024 + i))} for i in range(batch)]
 steps = 64
 params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)

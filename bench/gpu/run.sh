@@ -5,7 +5,7 @@
 #   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
 #   switch-prefill switch-batch ab-decode1
 #   small throughput
-#   profile profile-kernels profile-planes profile-steps profile-cpu-ops profile-host imports
+#   profile profile-kernels profile-gguf profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
 # Results go to $OUT (or /tmp/out); the tests stage runs TESTS (default tests/gpu) and stops
 # after TESTS_TIMEOUT seconds (default 360). The carried .whl/ comes from
@@ -216,6 +216,10 @@ run_stage() {
     profile) python3 bench/gpu/profile_decode.py 2>&1 | grep -v "^$" | head -45 ;;
     profile-kernels) python3 bench/gpu/profile_kernels.py $B8 1 2>&1 | grep -v INFO | tail -28; \
                python3 bench/gpu/profile_kernels.py $B1 128 2>&1 | grep -v INFO | tail -28 ;;
+    # where the 8B as a Q4_K_M GGUF (kept) spends a decode-1 step, each kernel's own time
+    profile-gguf) make_gguf8 >&2
+                  PAGODA_PDL=0 python3 bench/gpu/profile_kernels.py $GGUF8 1 --load-format gguf \
+                    --tokenizer /tmp/b8w 2>&1 | grep -v INFO | tail -28 ;;
     # the gate-up planes product at one token under Nsight Compute: its counters, stall reasons
     # and per-instruction samples of its sm_90 code
     profile-planes) timeout 200 ncu --clock-control none --set full --import-source no \
