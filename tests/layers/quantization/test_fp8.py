@@ -98,7 +98,8 @@ def test_a_fused_layer_quantized_at_load_holds_each_piece_as_float8_as_it_comes(
     assert layer.weight.numel() == 0 and layer.collected[("weight", 0)].weight.dtype == FP8
     for shard in (1, 2):
         layer.weight.weight_loader(layer.weight, weights[shard], shard)
-    values, scale = method._at_load(layer)
+    rows = [layer.collected[("weight", shard)] for shard in range(len(SIZES))]
+    values, scale = torch.cat([r.weight for r in rows]), torch.cat([r.scale for r in rows])
     expected_values, expected_scale = quantize_per_channel(torch.cat(weights))
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
     assert torch.equal(scale, expected_scale)
