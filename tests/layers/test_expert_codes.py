@@ -23,6 +23,7 @@ from pagoda.layers.moe import expert_codes
 from pagoda.layers.moe.layer import FusedMoE
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
+from pagoda.layers.quantization.fp8 import random_float8_rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
 from tests.layers.moe_cases import stacked_codes as stack_of
 from tests.utils import compile_for_cuda, interpreter_report
@@ -346,7 +347,7 @@ def test_floats_quantized_to_integer_codes(layout):
         assert (decoded - weight).abs().max() <= 0.51 * step + 1e-3  # float16 scales
 
 
-@pytest.mark.parametrize("make", [expert_codes.random_float8_rows,
+@pytest.mark.parametrize("make", [random_float8_rows,
                                   partial(expert_codes.random_group_codes, 4, 32)],
                          ids=["float8", "int4-g32"])
 def test_dummy_experts_stack_random_codes_and_never_floats(make):

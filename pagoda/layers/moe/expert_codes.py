@@ -183,15 +183,6 @@ def random_group_codes(bits: int, group: int, rows: int, columns: int,
     return GroupCodes(*dummy_codes(rows, columns, bits, group, generator, std), group, bits)
 
 
-def random_float8_rows(rows: int, columns: int, generator: torch.Generator,
-                       std: float) -> Fp8Rows:
-    """N(0, std) weights [rows, columns] quantized as `--quantization fp8` quantizes a loaded
-    piece: a dummy expert's projection under it."""
-    from pagoda.layers.quantization.fp8 import float8_rows_at_load
-    return float8_rows_at_load(torch.empty(rows, columns, device=generator.device).normal_(
-        0.0, std, generator=generator))
-
-
 def quantized_integers(stack: torch.Tensor, bits: int, group: int) -> ExpertCodes:
     """Floats [experts, rows, inputs] as `bits`-bit codes with a scale and low (each group's
     minimum) a row and `group` inputs, expert by expert (moe_bench's codes of the bf16

@@ -108,11 +108,8 @@ def random_expert_piece(config: QuantizationConfig, hidden: int, inter: int,
     `--quantization fp8`, an integer format's codes (`stacked`, for the GPU kernel: where
     it takes their layout over both projections' inputs, gate-up's `hidden` and down's
     `inter`); None where the format has none."""
-    from pagoda.layers.moe.expert_codes import (
-        layer_takes_integers,
-        random_float8_rows,
-        random_group_codes,
-    )
+    from pagoda.layers.moe.expert_codes import layer_takes_integers, random_group_codes
+    from pagoda.layers.quantization.fp8 import random_float8_rows
     layout = config.dummy_expert_layout
     if config.float8_experts:
         return random_float8_rows

@@ -64,6 +64,14 @@ def float8_rows_at_load(weights: torch.Tensor) -> cpu_fp8_dot.Fp8Rows:
     return cpu_fp8_dot.Fp8Rows(*quantize_per_channel(weights.to(torch.get_default_dtype())))
 
 
+def random_float8_rows(rows: int, columns: int, generator: torch.Generator,
+                       std: float) -> cpu_fp8_dot.Fp8Rows:
+    """N(0, std) weights [rows, columns] quantized as a loaded piece is (float8_rows_at_load):
+    a dummy layer's or expert's projection under `--quantization fp8`."""
+    weights = torch.empty(rows, columns, device=generator.device)
+    return float8_rows_at_load(weights.normal_(0.0, std, generator=generator))
+
+
 def row_scales(scale: torch.Tensor, rows: int, columns: int,
                block: tuple[int, int] | None, offset: int = 0) -> torch.Tensor:
     """A piece's scale as [rows, column groups] float32: one group of all columns for a
@@ -113,9 +121,8 @@ class Fp8LinearMethod(LinearMethod):
         """`--quantization fp8`: N(0, std) weights quantized as a loaded piece is."""
         if not self.at_load:
             return False
-        weights = torch.empty(layer.local_out, layer.local_in, device=generator.device)
-        layer.collected[("weight", None)] = float8_rows_at_load(
-            weights.normal_(0.0, std, generator=generator))
+        layer.collected[("weight", None)] = random_float8_rows(layer.local_out, layer.local_in,
+                                                                generator, std)
         return True
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
