@@ -40,7 +40,9 @@ INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + mi
 # types whose codes fit four bits (the CPU block-dot kernel holds them as nibbles)
 NIBBLE_FORMATS = INT4_FORMATS | frozenset({"Q2_K", "Q3_K"})
 K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})  # super-blocks of 256
-LOWS_OF_SCALES = frozenset({"Q3_K", "Q6_K"})  # k-quants whose lows are multiples of the scale
+# the k-quants without mins: a weight is (code - offset) * scale, its low a multiple of it
+K_OFFSETS = {"Q3_K": 4.0, "Q6_K": 32.0}
+LOWS_OF_SCALES = frozenset(K_OFFSETS)
 SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
@@ -90,9 +92,7 @@ def int4_groups(rows: torch.Tensor, name: str
         scale, low = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
         codes = _nibbles(blocks[..., 4:20])
     elif name == "Q4_K":
-        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
-        sc, m = _k_scales_mins(blocks[..., 4:16])
-        scale, low = d.unsqueeze(-1) * sc, -dmin.unsqueeze(-1) * m
+        scale, low = _k_scales(blocks, name)
         # four 32-byte chunks: low nibbles = sub-block 2j, high nibbles = sub-block 2j + 1
         codes = _nibbles(blocks[..., 16:144].reshape(*blocks.shape[:2], 4, 32))
     else:
@@ -116,29 +116,18 @@ def _q5_k_codes(blocks: torch.Tensor) -> torch.Tensor:
     return (low | (fifth << 4)).reshape(*blocks.shape[:2], 8, 32)
 
 
-def _dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
-    sc, m = _k_scales_mins(blocks[..., 4:16])
-    codes = _q5_k_codes(blocks).float()
-    weights = d[..., None, None] * sc[..., None] * codes - dmin[..., None, None] * m[..., None]
-    return weights.reshape(blocks.shape[0], -1)
-
-
-def _q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
     """Q6_K's codes (0..63, the weight's multiple of its scale plus 32) as [rows, blocks,
-    16 groups, 16] uint8, and each group's scale [rows, blocks, 16] float32."""
+    16 groups, 16] uint8."""
     rows, count = blocks.shape[:2]
     ql = blocks[..., 0:128].reshape(rows, count, 2, 2, 32)  # [half, low/high 32 bytes, l]
     qh = blocks[..., 128:192].reshape(rows, count, 2, 1, 32)
-    scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
-    d = _half(blocks[..., 208:210])
     low = torch.stack([ql & 0x0F, ql >> 4], dim=3)  # [half, nibble, which 32, l]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
     high = ((qh >> shifts.view(1, 1, 1, 4, 1)) & 3).reshape(rows, count, 2, 2, 2, 32)
     # element 32 * (2 * nibble + which) + l of each half; qh shift 2 * (2 * nibble + which);
     # scale index within a half: 2 * quarter + l / 16
-    codes = (low | (high << 4)).reshape(rows, count, 16, 16)
-    return codes, d[..., None] * scales
+    return (low | (high << 4)).reshape(rows, count, 16, 16)
 
 
 def _two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
@@ -149,25 +138,20 @@ def _two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
     return fields.reshape(*qs.shape[:-1], 256)
 
 
-def _q2_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q2_K's codes (0..3) as [rows, blocks, 16 groups, 16], and each group's scale and the
-    min it subtracts [rows, blocks, 16]: 16 bytes of 4-bit scales (low) and mins (high),
-    64 of codes, d and dmin."""
-    codes = _two_bit_fields(blocks[..., 16:80]).reshape(*blocks.shape[:2], 16, 16)
-    packed = blocks[..., 0:16]
-    d, dmin = _half(blocks[..., 80:82]), _half(blocks[..., 82:84])
-    return codes, d[..., None] * (packed & 15).float(), dmin[..., None] * (packed >> 4).float()
+def _q2_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q2_K's codes (0..3) as [rows, blocks, 16 groups, 16] (its block: 16 bytes of 4-bit
+    scales and mins, 64 of codes, d and dmin)."""
+    return _two_bit_fields(blocks[..., 16:80]).reshape(*blocks.shape[:2], 16, 16)
 
 
-def _q3_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q3_k_codes(blocks: torch.Tensor) -> torch.Tensor:
     """Q3_K's codes (0..7: the weight's multiple of its scale plus 4) as [rows, blocks, 16
-    groups, 16], and each group's scale [rows, blocks, 16]: 32 bytes of third bits (bit b
-    of byte l: weight 32b + l), 64 of 2-bit fields, 12 of 6-bit signed scales, d."""
+    groups, 16] (its block: 32 bytes of third bits, bit b of byte l for weight 32b + l, 64
+    of 2-bit fields, 12 of 6-bit signed scales, d)."""
     low = _two_bit_fields(blocks[..., 32:96])
     bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(8, 1)
     high = ((blocks[..., 0:32].unsqueeze(-2) >> bits) & 1).reshape(*blocks.shape[:2], 256)
-    codes = (low | (high << 2)).reshape(*blocks.shape[:2], 16, 16)
-    return codes, _half(blocks[..., 108:110])[..., None] * _q3_k_scales(blocks[..., 96:108])
+    return (low | (high << 2)).reshape(*blocks.shape[:2], 16, 16)
 
 
 def _q3_k_scales(raw: torch.Tensor) -> torch.Tensor:
@@ -180,9 +164,32 @@ def _q3_k_scales(raw: torch.Tensor) -> torch.Tensor:
     return ((low | (high << 4)) - 32).float()
 
 
-def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
-    codes, factor = _q6_k_codes(blocks)
-    return ((codes.to(torch.int32) - 32).float() * factor[..., None]).reshape(blocks.shape[0], -1)
+def _k_factors(blocks: torch.Tensor, name: str
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A k-quant's scales and mins as its blocks store them: the sub-scales and sub-mins
+    [rows, blocks, groups] (integers; None where the low is a multiple of the scale: the
+    sub-scales serve) and each super-block's scale and low factors [rows, blocks] (d, and
+    -dmin or that multiple of d)."""
+    if name in ("Q4_K", "Q5_K"):
+        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+        sc, m = _k_scales_mins(blocks[..., 4:16])
+        return sc, m, d, -dmin
+    if name == "Q6_K":
+        d = _half(blocks[..., 208:210])
+        return blocks[..., 192:208].contiguous().view(torch.int8), None, d, -K_OFFSETS[name] * d
+    if name == "Q3_K":
+        d = _half(blocks[..., 108:110])
+        return _q3_k_scales(blocks[..., 96:108]), None, d, -K_OFFSETS[name] * d
+    packed = blocks[..., 0:16]  # Q2_K
+    return packed & 15, packed >> 4, _half(blocks[..., 80:82]), -_half(blocks[..., 82:84])
+
+
+def _k_scales(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A k-quant's scale and low (weight = code * scale + low) a group, [rows, blocks,
+    groups] float32: the products of _k_factors (exact in float32)."""
+    sub_scale, sub_low, scale_factor, low_factor = _k_factors(blocks, name)
+    sub_low = sub_scale if sub_low is None else sub_low
+    return sub_scale.float() * scale_factor[..., None], sub_low.float() * low_factor[..., None]
 
 
 def byte_groups(rows: torch.Tensor, name: str
@@ -195,24 +202,12 @@ def byte_groups(rows: torch.Tensor, name: str
     count = rows.shape[0]
     if name in INT4_FORMATS:
         return (*int4_groups(rows, name), 32)
-    if name == "Q2_K":
-        codes, scale, mins = _q2_k_groups(blocks)
-        return codes.reshape(count, -1), scale.reshape(count, -1), \
-            (-mins).reshape(count, -1), 16
-    if name == "Q3_K":
-        codes, scale = _q3_k_groups(blocks)
-        return codes.reshape(count, -1), scale.reshape(count, -1), \
-            (-4.0 * scale).reshape(count, -1), 16
-    if name == "Q6_K":
-        codes, scale = _q6_k_codes(blocks)
-        return codes.reshape(count, -1), scale.reshape(count, -1), \
-            (-32.0 * scale).reshape(count, -1), 16
-    if name == "Q5_K":
-        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
-        sc, m = _k_scales_mins(blocks[..., 4:16])
-        scale, low = d[..., None] * sc, -dmin[..., None] * m
-        codes = _q5_k_codes(blocks)
-    elif name == "Q8_0":
+    if name in K_QUANTS:
+        codes = _K_CODES[name](blocks)
+        scale, low = _k_scales(blocks, name)
+        return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1), \
+            QK_K // scale.shape[-1]
+    if name == "Q8_0":
         scale = _half(blocks[..., 0:2])
         codes = (blocks[..., 2:34].contiguous().view(torch.int8).to(torch.int16) + 128
                  ).to(torch.uint8)
@@ -233,32 +228,12 @@ def scale_factors(rows: torch.Tensor, name: str) -> ScaleFactors | None:
     a block of 32)."""
     if name not in K_QUANTS:
         return None
-    blocks = _blocks(rows, FORMATS[name])
-    if name in ("Q4_K", "Q5_K"):
-        d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
-        sc, m = _k_scales_mins(blocks[..., 4:16])
-        return _factors(sc, m, d, -dmin, 8)
-    if name == "Q6_K":
-        d = _half(blocks[..., 208:210])
-        return _factors(blocks[..., 192:208].contiguous().view(torch.int8), None, d, -32.0 * d,
-                        16)
-    if name == "Q3_K":
-        d = _half(blocks[..., 108:110])
-        return _factors(_q3_k_scales(blocks[..., 96:108]), None, d, -4.0 * d, 16)
-    packed = blocks[..., 0:16]  # Q2_K
-    d, dmin = _half(blocks[..., 80:82]), _half(blocks[..., 82:84])
-    return _factors(packed & 15, packed >> 4, d, -dmin, 16)
-
-
-def _factors(sub_scale: torch.Tensor, sub_low: torch.Tensor | None, scale_factor: torch.Tensor,
-             low_factor: torch.Tensor, groups_per_super: int) -> ScaleFactors:
-    """[rows, blocks, groups a block] sub-scales and sub-lows, [rows, blocks] factors."""
-    rows = sub_scale.shape[0]
+    sub_scale, sub_low, scale_factor, low_factor = _k_factors(_blocks(rows, FORMATS[name]), name)
 
     def small(values: torch.Tensor) -> torch.Tensor:
-        return values.to(torch.int8).reshape(rows, -1)
+        return values.to(torch.int8).reshape(rows.shape[0], -1)
     return ScaleFactors(small(sub_scale), None if sub_low is None else small(sub_low),
-                        scale_factor.float(), low_factor.float(), groups_per_super)
+                        scale_factor.float(), low_factor.float(), sub_scale.shape[-1])
 
 
 def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
@@ -278,15 +253,22 @@ def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
     if name == "Q5_1":
         weights = _half(blocks[..., 0:2])[..., None] * _q5(blocks, 4).float()
         return (weights + _half(blocks[..., 2:4])[..., None]).reshape(rows.shape[0], -1)
-    if name == "Q5_K":
-        return _dequantize_q5_k(blocks)
-    if name == "Q2_K":
-        codes, scale, mins = _q2_k_groups(blocks)
-        return (scale[..., None] * codes.float() - mins[..., None]).reshape(rows.shape[0], -1)
-    if name == "Q3_K":
-        codes, scale = _q3_k_groups(blocks)
-        weights = scale[..., None] * (codes.float() - 4.0)
-        return weights.reshape(rows.shape[0], -1)
-    if name == "Q6_K":
-        return _dequantize_q6_k(blocks)
+    if name in K_QUANTS:
+        return _dequantize_k(blocks, name).reshape(rows.shape[0], -1)
     raise ValueError(f"GGUF type {name} has no torch decoder")
+
+
+def _dequantize_k(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """A k-quant's weights [rows, blocks, groups, group size] float32, as gguf-py's
+    dequantization rounds them: the types without mins as their scale times the code less
+    its offset, the others as code * scale + low."""
+    codes = _K_CODES[name](blocks).float()
+    scale, low = _k_scales(blocks, name)
+    offset = K_OFFSETS.get(name)
+    if offset is not None:
+        return scale[..., None] * (codes - offset)
+    return scale[..., None] * codes + low[..., None]
+
+
+# the codes of the k-quants other than Q4_K (a 4-bit format: int4_groups)
+_K_CODES = {"Q2_K": _q2_k_codes, "Q3_K": _q3_k_codes, "Q5_K": _q5_k_codes, "Q6_K": _q6_k_codes}
