@@ -230,6 +230,33 @@ def test_codes_match_their_decoded_weights_under_the_interpreter():
     assert max(errors["torch.float16"]) < 2e-3, errors  # the activations rounded to float16
 
 
+def test_integer_codes_at_decode_launch_their_inputs_split(monkeypatch):
+    """A one-token gate-up product of 4-bit codes launches split_count's splits (the grid's
+    second dimension, its SPLITS constant) and a float workspace for their sums; floats
+    launch one split (the launch recorded, not run: the interpreter cases above run it)."""
+    from pagoda.layers.moe import triton_moe
+    launches = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            return lambda *args, **constants: launches.append((grid, args, constants))
+    monkeypatch.setattr(triton_moe, "_moe_gemm_kernel", Recorded())
+    _, w13, _, _, _ = random_moe(1, 8, 2, 256, 128, torch.float32, "cpu")
+    blocks = triton_moe.ExpertBlocks(torch.tensor([0, 1] + [2] * 14, dtype=torch.int32),
+                                     torch.tensor([3, -1], dtype=torch.int32),
+                                     torch.tensor([16], dtype=torch.int32), 16)
+    config = triton_moe.moe_config(1, 2, 8)
+    x = torch.randn(1, 256)
+    for experts in (stack_of(w13, ("int", 4, 32)), w13):
+        triton_moe._grouped_gemm(x, experts, torch.empty(2, 128), blocks, None, 2, True,
+                                 config)
+    (codes_grid, codes_args, codes_constants), (floats_grid, _, floats_constants) = launches
+    splits = codes_grid[1]
+    assert splits > 1 and codes_constants["SPLITS"] == splits
+    assert codes_args[11].shape == (splits, 2, 256)  # float32 sums of gate and up, a split
+    assert floats_grid[1] == floats_constants["SPLITS"] == 1
+
+
 def test_float8_experts_take_fp8_tensor_cores_from_pagoda_moe_fp8_from(monkeypatch):
     """PAGODA_MOE_FP8_FROM (unset: every call; "off": none): calls of at least that many
     tokens whose experts are float8 over whole 128-input steps."""
