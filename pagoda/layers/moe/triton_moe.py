@@ -804,7 +804,7 @@ def _split_k_from_environment() -> int | None:
 # program of each block adds the splits' sums. PAGODA_MOE_SPLIT_K=S asks for S splits (the
 # largest count up to S that divides the steps; 1: none) in every tile of few rows, float
 # and float8 experts' too (to time them so).
-SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_PROGRAMS_PER_SM = 8
 SPLIT_K = _split_k_from_environment()
 
 
