@@ -95,6 +95,7 @@ class MemoryEstimate:
 # a linear layer's weight, which quantization formats replace (experts and routers stay)
 _LINEAR_WEIGHT = re.compile(r".*\.(q|k|v|o|gate|up|down)_proj\.(weight|qweight)")
 _EMBEDDING = "model.embed_tokens.weight"
+_HEAD = "lm_head.weight"
 # tensors of quantized checkpoints that hold no parameters of their own
 _QUANT_AUX = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale",
               "weight_zero_point", "weight_g_idx", "weight_shape", "k_scale", "v_scale",
@@ -147,8 +148,9 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     per group on the block-dot kernel, float16 for the legacy types and factored as the k-quants
     store them, else 4-bit types with bfloat16 ones per 32; on CUDA every type as 4 or 8-bit
     codes with float16 scales and mins), a tied GGUF table likewise where the block-dot kernel
-    holds it, AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the
-    scales' bits), FP8 weights one byte (+ float32 scales; on CPU where pagoda's float8 kernel
+    holds it, an untied GGUF LM head likewise where a kernel holds its type,
+    AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the scales'
+    bits), FP8 weights one byte (+ float32 scales; on CPU where pagoda's float8 kernel
     runs), everything else at `itemsize`; on CPU FP8 weights without the float8 kernel, and
     8-bit integers without the block-dot kernel, are decoded at load to `itemsize`. A mixture of
     experts' experts as the engine holds them (bind_experts): codes like the other layers' on
@@ -174,7 +176,9 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
         packed_bits = sum(math.prod(shapes[name]) * held_bits(kind, on)
                           for name, kind in kept.items())
         table, table_bytes = _gguf_table(source, shapes, types, on)
-        return (params - packed - table) * itemsize + int(packed_bits // 8) + table_bytes
+        head, head_bytes = _gguf_head(shapes, types, on)
+        return ((params - packed - table - head) * itemsize + int(packed_bits // 8)
+                + table_bytes + head_bytes)
     on_cpu = torch.device(device).type == "cpu"
     if quantizes_at_load(quantization, source):
         if on_cpu and not cpu_fp8_dot.available():  # quantized, then decoded at load
@@ -275,6 +279,21 @@ def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
     if not keeps_table_blocks(kind):
         return 0, 0
     return rows * columns, rows * FORMATS[kind].row_bytes(columns)
+
+
+def _gguf_head(shapes: dict[str, tuple[int, ...]], types: dict[str, str],
+               device: torch.device) -> tuple[int, int]:
+    """(parameters, bytes) of a GGUF's untied LM head kept in its blocks (gguf.holds_head:
+    where a kernel multiplies its type, as it holds linear layers' codes); (0, 0) when it is
+    held as floats or tied."""
+    from pagoda.layers.quantization.gguf import held_bits, holds_head
+    kind = types.get(_HEAD)
+    if kind is None:
+        return 0, 0
+    rows, columns = shapes[_HEAD]
+    if not holds_head(kind, rows, columns, device):
+        return 0, 0
+    return rows * columns, int(rows * columns * held_bits(kind, device) // 8)
 
 
 def _fp8_scale_bytes(scale: tuple[int, ...], weight: tuple[int, ...]) -> int:

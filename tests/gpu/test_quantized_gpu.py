@@ -8,7 +8,8 @@
   types and FP8 (block checkpoint, and at load on a bfloat16 model) agree with the weights
   they stand for.
 - An FP8 block checkpoint on two ranks over NCCL gives one GPU's tokens, and an untied GGUF's
-  Q8_0 embedding kept in blocks on the GPU gives the dequantized table's."""
+  Q8_0 embedding kept in blocks on the GPU gives the dequantized table's; its LM head in
+  Q8_0 or Q4_0 multiplies its codes in the group kernel."""
 
 from __future__ import annotations
 
@@ -22,9 +23,16 @@ from pagoda.layers.quantization.gguf_blocks import byte_groups, dequantize_rows
 from pagoda.layers.quantization.group_gemm import FEW_TOKENS, FP8, GroupQuantWeight
 from pagoda.layers.quantization.triton_group_gemm import group_gemm
 from pagoda.layers.tile_counters import nonzero_counters
+from pagoda.models.estimate import estimate
+from pagoda.models.source import resolve_model
 from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
-from tests.models.test_gguf_quantized import UNTIED, write_typed_gguf, write_untied_gguf
+from tests.models.test_gguf_quantized import (
+    UNTIED,
+    output_table,
+    write_typed_gguf,
+    write_untied_gguf,
+)
 from tests.models.test_quantized_checkpoints import (
     COMPRESSED_TENSORS,
     CONFIG,
@@ -438,6 +446,33 @@ def test_fp8_blocks_on_two_ranks_give_one_gpus_tokens(tmp_path):
 
 def test_an_untied_q8_0_table_decoded_per_lookup_on_the_gpu(tmp_path):
     path = write_untied_gguf(tmp_path / "untied.gguf")
+    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
+    assert greedy(path, prompts, quantization="gguf") == \
+        greedy(path, prompts, quantization="none")
+
+
+@pytest.mark.parametrize("head_type", ["Q8_0", "Q4_0"])
+def test_an_untied_gguf_head_multiplies_its_codes_on_the_gpu(head_type, tmp_path, gpu_report):
+    """The LM head of an untied GGUF whose output table is `head_type` keeps its blocks as
+    the group kernel's codes: its logits against the table gguf-py decodes (float32
+    activations, tf32 products in the few-token kernel), the estimate's bytes as held,
+    greedy tokens as with the table decoded at load."""
+    path = write_untied_gguf(tmp_path / "head.gguf", head_type)
+    llm = engine(path, quantization="gguf")
+    try:
+        head = llm.engine.core.executor.worker.runner.model.lm_head
+        assert isinstance(head.quantized, GroupQuantWeight)
+        hidden = torch.randn(6, UNTIED.hidden_size, device="cuda")
+        reference = hidden @ output_table(path).cuda().T
+        error = relative_error(head(hidden), reference)
+        held = llm.engine.model_info.weight_bytes
+    finally:
+        llm.engine.core.shutdown()
+    figures = estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
+                       quantization="gguf")
+    gpu_report(format=f"gguf {head_type} LM head", relative_error=f"{error:.1e}")
+    assert error < 2e-3
+    assert figures.weight_bytes == held
     prompts = random_prompts(UNTIED.vocab_size, (5, 17))
     assert greedy(path, prompts, quantization="gguf") == \
         greedy(path, prompts, quantization="none")

@@ -6,6 +6,7 @@ its Q8_0 embedding table in blocks."""
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -87,13 +88,24 @@ UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_h
                      tie_word_embeddings=False)
 
 
-def write_untied_gguf(path):
-    """A random Qwen3 (UNTIED) as a GGUF: its token_embd Q8_0, every other tensor float32."""
+def write_untied_gguf(path, head_type: str | None = None):
+    """A random Qwen3 (UNTIED) as a GGUF: its token_embd Q8_0, its output table `head_type`
+    (None: float32), every other tensor float32."""
     torch.manual_seed(0)
     state = {k: v.detach() for k, v in
              AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()}
-    return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state,
-                           types={"token_embd.weight": "Q8_0"})
+    types = {"token_embd.weight": "Q8_0"}
+    if head_type is not None:
+        types["output.weight"] = head_type
+    return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state, types=types)
+
+
+def output_table(path) -> torch.Tensor:
+    """The GGUF's output table decoded by gguf-py, [vocab, hidden] float32."""
+    reader = gguf.GGUFReader(str(path))
+    tensor = next(t for t in reader.tensors if t.name == "output.weight")
+    table = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(table.reshape(UNTIED.vocab_size, UNTIED.hidden_size).copy())
 
 
 # a block type per projection: q, k and v of one fused layer in three types
@@ -138,6 +150,38 @@ def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
     assert held["gguf", 2] < 0.6 * held["gguf", 1]
     assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
         == held["gguf", 1]
+
+
+@pytest.mark.parametrize("head_type", ["Q8_0", "Q4_0"])
+def test_an_untied_head_keeps_its_blocks_where_a_kernel_takes_them(tmp_path, cpu_kernel,
+                                                                   head_type):
+    """An untied Qwen3 GGUF whose output table is `head_type`: the LM head keeps its blocks
+    where a CPU kernel takes the type (the block-dot kernel every type, torch's int4 matmul
+    the 4-bit ones; else decoded at load), the estimate counts what is held, and its logits
+    are those of the table gguf-py decodes, within the kernel's rounding of the activations
+    (bfloat16 in torch's int4 kernel); greedy tokens against the table decoded at load, and
+    on two tensor-parallel ranks (each keeping its half of the vocabulary's rows)."""
+    path = write_untied_gguf(tmp_path / "head.gguf", head_type)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
+        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
+                  tensor_parallel_size=tp)
+        tokens[mode, tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if (mode, tp) == ("gguf", 1):
+            head = _model(llm).lm_head
+            kept = cpu_kernel == "cpu_block_dot" or head_type == "Q4_0"
+            assert (head.quantized is not None) == kept
+            assert head.weight.dtype == (torch.uint8 if kept else torch.float32)
+            assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+                == llm.engine.model_info.weight_bytes
+            hidden = torch.randn(6, UNTIED.hidden_size)
+            reference = hidden @ output_table(path).T
+            error = (head(hidden) - reference).abs().max() / reference.abs().max()
+            assert error < (1e-4 if cpu_kernel == "cpu_block_dot" else 1e-2)
+        llm.engine.core.shutdown()
+    assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
 
 
 def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kernel):

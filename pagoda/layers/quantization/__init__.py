@@ -119,12 +119,14 @@ def random_expert_piece(config: QuantizationConfig, hidden: int, inter: int,
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
-    """Let the format hold each embedding table in its own form: one no LM head is tied
-    to, and one an LM head shares."""
+    """Let the format hold each vocabulary table in its own form: an embedding's no LM head
+    is tied to, one an LM head shares, and an untied LM head's."""
     if config is None:
         return
     heads = {id(m.weight): m for m in model.modules() if isinstance(m, LMHead) and m.tied}
-    for module in model.modules():
+    for module in list(model.modules()):
+        if isinstance(module, LMHead) and not module.tied:
+            config.bind_head(module)
         if not isinstance(module, VocabEmbedding):
             continue
         head = heads.get(id(module.weight))
@@ -156,7 +158,7 @@ def finish_linear_layers(model: nn.Module) -> dict[str, str]:
                 for kernel in expert:
                     found[_kernel_name(kernel)] = None
         elif isinstance(module, LMHead) and module.quantized is not None:
-            kernels.setdefault("lm_head", {})[module.quantized.kernel_name()] = None
+            kernels.setdefault("lm_head", {})[_kernel_name(module.quantized)] = None
     return {leaf: ", ".join(found) for leaf, found in kernels.items()}
 
 

@@ -33,6 +33,10 @@ class QuantizationConfig(ABC):
         """Give an embedding whose table no LM head shares the format's form of its table
         (by default it stays in the model's dtype)."""
 
+    def bind_head(self, head: LMHead) -> None:
+        """Give an LM head tied to no embedding the format's form of its table (by default
+        it stays in the model's dtype)."""
+
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
         """Give a table that `embedding` and `head` share the format's form (by default it
         stays in the model's dtype)."""

@@ -4,7 +4,8 @@ may differ in type) become kernels: on CUDA every block type as codes with a sca
 per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
 others); on CPU every type as codes for pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where
 it runs, else the 4-bit types packed for torch's int4 matmul (the others are decoded at
-load); elsewhere blocks decoded per call; float tensors dense.
+load); elsewhere blocks decoded per call; float tensors dense. An untied LM head keeps its
+blocks the same way where a kernel takes them (GGUFConfig.bind_head).
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagoda.errors import UnsupportedModelError
-from pagoda.layers.embedding import LMHead, VocabEmbedding
+from pagoda.layers.embedding import LMHead, VocabEmbedding, VocabShard
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
@@ -96,7 +97,7 @@ class GGUFLinearMethod(LinearMethod):
         pieces = [layer.gguf_pieces[key] for key in sorted(layer.gguf_pieces, key=_order)]
         layer.gguf_pieces = {}
         for group in _runs(pieces, layer.weight.device):
-            layer.gguf_kernels.append(_kernel(group, layer))
+            layer.gguf_kernels.append(_kernel(group, layer.weight.device))
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,21 +225,26 @@ def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes: "blockdot<bits>x<group>" (the CPU kernel; "...half" with
-    float16 scales), "int4" (torch's CPU kernel), "group<bits>x<group>" (the GPU kernel), its
-    block type, or "dense". Pieces of one kind share a kernel."""
+    """What a piece becomes (kernel_kind); float pieces "dense". Pieces of one kind share a
+    kernel."""
     if isinstance(piece, torch.Tensor):
         return "dense"
-    if device.type == "cpu" and _block_dot_fits(piece.rows.shape[0], piece.columns,
-                                                piece.type_name):
-        bits, group = block_dot_layout(piece.type_name)
-        return f"blockdot{bits}x{group}{_block_dot_scales(piece.type_name)}"
-    bits, group = group_layout(piece.type_name)
-    if piece.type_name in INT4_FORMATS and int4_packable(device, piece.columns, 32):
+    return kernel_kind(piece.type_name, piece.rows.shape[0], piece.columns, device)
+
+
+def kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) -> str:
+    """What [rows, columns] of GGUF type `type_name` become on `device`: "blockdot<bits>x<group>"
+    (the CPU kernel; "...half" with float16 scales), "int4" (torch's CPU kernel),
+    "group<bits>x<group>" (the GPU kernel), else the block type (decoded at every call)."""
+    if device.type == "cpu" and _block_dot_fits(rows, columns, type_name):
+        bits, group = block_dot_layout(type_name)
+        return f"blockdot{bits}x{group}{_block_dot_scales(type_name)}"
+    bits, group = group_layout(type_name)
+    if type_name in INT4_FORMATS and int4_packable(device, columns, 32):
         return "int4"
-    if device.type == "cuda" and supports(piece.columns, group, bits):
+    if device.type == "cuda" and supports(columns, group, bits):
         return f"group{bits}x{group}"
-    return piece.type_name
+    return type_name
 
 
 def _block_dot_scales(type_name: str) -> str:
@@ -261,8 +267,7 @@ def _runs(pieces: list, device: torch.device) -> list[list]:
     return runs
 
 
-def _kernel(pieces: list, layer: LinearBase) -> nn.Module:
-    device = layer.weight.device
+def _kernel(pieces: list, device: torch.device) -> nn.Module:
     kind = _kind(pieces[0], device)
     if kind == "dense":
         return DenseWeight(torch.cat(pieces).to(device, torch.get_default_dtype()))  # F32/F16
@@ -321,25 +326,49 @@ def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor
         factors=scale_factors(rows, type_name))
 
 
-def _rank_table_rows(embedding: VocabEmbedding, tensor: GGUFWeight) -> torch.Tensor:
+def _store_head(head: LMHead, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,
+                shard: int | None = None) -> None:
+    """Keep this rank's rows of an untied LM head's table: its blocks, made a kernel once
+    loading ends (a module built now would be a weight the checkpoint lacks), or floats."""
+    if not isinstance(tensor, GGUFWeight):
+        head.weight = new_parameter(head.rows, head.hidden_size, loader=head.weight_loader,
+                                    output_dim=0)
+        head.weight_loader(head.weight, tensor)
+        return
+    blocks = GGUFWeight(_rank_table_rows(head, tensor), tensor.type_name, tensor.columns)
+    head.after_loading = partial(_hold_head, head, blocks)
+
+
+def _hold_head(head: LMHead, blocks: GGUFWeight) -> None:
+    head.quantized = _kernel([blocks], blocks.rows.device)
+
+
+def holds_head(type_name: str, rows: int, columns: int, device: torch.device) -> bool:
+    """Whether an untied LM head of [rows, columns] (a rank's rows) in GGUF type `type_name`
+    keeps its blocks on `device`: where a kernel multiplies them (else decoded at load; blocks
+    decoded at every call would cost the head's product many times over)."""
+    return type_name in FORMATS and kernel_kind(type_name, rows, columns, device) != type_name
+
+
+def _rank_table_rows(table: VocabShard, tensor: GGUFWeight) -> torch.Tensor:
     """This rank's rows of blocks of the checkpoint's table (padding rows zero: they decode
     to zeros)."""
-    if tensor.shape != (embedding.vocab_size, embedding.hidden_size):
+    if tensor.shape != (table.vocab_size, table.hidden_size):
         raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit a "
-                         f"[{embedding.vocab_size}, {embedding.hidden_size}] vocabulary table")
-    end = min(embedding.start + embedding.rows, embedding.vocab_size)
-    rows = torch.zeros(embedding.rows, tensor.rows.shape[1], dtype=torch.uint8,
-                       device=embedding.weight.device)
-    rows[:end - embedding.start] = tensor.rows[embedding.start:end]
+                         f"[{table.vocab_size}, {table.hidden_size}] vocabulary table")
+    end = min(table.start + table.rows, table.vocab_size)
+    rows = torch.zeros(table.rows, tensor.rows.shape[1], dtype=torch.uint8,
+                       device=table.weight.device)
+    rows[:end - table.start] = tensor.rows[table.start:end]
     return rows
 
 
 class GGUFConfig(QuantizationConfig):
     """Every linear layer of a GGUF model keeps its blocks, and so does an embedding no LM
-    head is tied to (decoded per lookup: an LM head needs every row at every step); a tied
-    table is held as codes where the CPU block-dot kernel runs it (the LM head's product and
-    the lookups), else read as floats, as norms are (the loader decodes the tensors nothing
-    keeps)."""
+    head is tied to (decoded per lookup), and an untied LM head where a kernel multiplies its
+    type (holds_head); a tied table is held as codes where the CPU block-dot kernel runs it
+    (the LM head's product and the lookups), else read as floats, as norms are (the loader
+    decodes the tensors nothing keeps)."""
 
     gives_expert_codes = True
 
@@ -363,6 +392,15 @@ class GGUFConfig(QuantizationConfig):
         placeholder.weight_loader = partial(_store_table, embedding)
         placeholder.gguf_blocks = keeps_table_blocks
         embedding.weight = placeholder
+
+    def bind_head(self, head: LMHead) -> None:
+        # a placeholder the checkpoint's table loads through (a kernel holds it)
+        keeps = partial(holds_head, rows=head.rows, columns=head.hidden_size,
+                        device=head.weight.device)
+        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        placeholder.weight_loader = partial(_store_head, head)
+        placeholder.gguf_blocks = keeps
+        head.weight = placeholder
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
         # the kernel on this machine, whole tiles of rows and whole blocks of columns
