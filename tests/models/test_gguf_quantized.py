@@ -2,7 +2,7 @@
 a 4-bit kernel (pagoda's block-dot kernel where it runs, else torch's int4 matmul), its
 weights at most 0.4x the dequantized model's, and greedy tokens against the dequantized
 engine's (the shared `smollm2_llm`) over 32 tokens of 16 prompts. A tiny untied GGUF keeps
-its Q8_0 embedding table in blocks."""
+its Q8_0 embedding table in blocks, and its LM head's where a CPU kernel takes them."""
 
 from __future__ import annotations
 

@@ -119,12 +119,12 @@ def random_expert_piece(config: QuantizationConfig, hidden: int, inter: int,
 
 
 def bind_embeddings(model: nn.Module, config: QuantizationConfig | None) -> None:
-    """Let the format hold each vocabulary table in its own form: an embedding's no LM head
-    is tied to, one an LM head shares, and an untied LM head's."""
+    """Let the format hold each vocabulary table in its own form: an embedding's that no LM
+    head is tied to, one that an embedding and an LM head share, and an untied LM head's."""
     if config is None:
         return
     heads = {id(m.weight): m for m in model.modules() if isinstance(m, LMHead) and m.tied}
-    for module in list(model.modules()):
+    for module in model.modules():
         if isinstance(module, LMHead) and not module.tied:
             config.bind_head(module)
         if not isinstance(module, VocabEmbedding):

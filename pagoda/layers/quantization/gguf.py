@@ -225,14 +225,14 @@ def _block_dot_fits(rows: int, columns: int, type_name: str) -> bool:
 
 
 def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
-    """What a piece becomes (kernel_kind); float pieces "dense". Pieces of one kind share a
+    """What a piece becomes (_kernel_kind); float pieces "dense". Pieces of one kind share a
     kernel."""
     if isinstance(piece, torch.Tensor):
         return "dense"
-    return kernel_kind(piece.type_name, piece.rows.shape[0], piece.columns, device)
+    return _kernel_kind(piece.type_name, piece.rows.shape[0], piece.columns, device)
 
 
-def kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) -> str:
+def _kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) -> str:
     """What [rows, columns] of GGUF type `type_name` become on `device`: "blockdot<bits>x<group>"
     (the CPU kernel; "...half" with float16 scales), "int4" (torch's CPU kernel),
     "group<bits>x<group>" (the GPU kernel), else the block type (decoded at every call)."""
@@ -347,7 +347,7 @@ def holds_head(type_name: str, rows: int, columns: int, device: torch.device) ->
     """Whether an untied LM head of [rows, columns] (a rank's rows) in GGUF type `type_name`
     keeps its blocks on `device`: where a kernel multiplies them (else decoded at load; blocks
     decoded at every call would cost the head's product many times over)."""
-    return type_name in FORMATS and kernel_kind(type_name, rows, columns, device) != type_name
+    return type_name in FORMATS and _kernel_kind(type_name, rows, columns, device) != type_name
 
 
 def _rank_table_rows(table: VocabShard, tensor: GGUFWeight) -> torch.Tensor:
@@ -395,11 +395,11 @@ class GGUFConfig(QuantizationConfig):
 
     def bind_head(self, head: LMHead) -> None:
         # a placeholder the checkpoint's table loads through (a kernel holds it)
-        keeps = partial(holds_head, rows=head.rows, columns=head.hidden_size,
-                        device=head.weight.device)
+        device = head.weight.device
         placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         placeholder.weight_loader = partial(_store_head, head)
-        placeholder.gguf_blocks = keeps
+        placeholder.gguf_blocks = partial(holds_head, rows=head.rows, columns=head.hidden_size,
+                                          device=device)
         head.weight = placeholder
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
