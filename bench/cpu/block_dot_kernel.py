@@ -6,10 +6,11 @@ too (the scales are float16 values, as GGUF's legacy types' are), and in groups 
 Q2_K/Q3_K/Q6_K's: 4-bit codes as the kernel holds Q2_K's and Q3_K's, 8-bit as Q6_K's and,
 before they were narrowed to nibbles, Q2_K's and Q3_K's), and, where the inputs are whole
 super-blocks of 256, with the k-quants' scales factored as they store them (int8 a group
-times a float a super-block); pagoda's float8 kernel (cpu_fp8_dot) beside them where it runs
-(the same weights as float8 with a scale per row). `--gemma3-head` adds Gemma 3 270M's tied
-LM head (262,144 x 640); `--shapes llama-3.2-1b` takes Llama 3.2 1B's layers instead of
-SmolLM2's (their inputs all whole super-blocks).
+times a float a super-block: Q6_K's codes 0..63 as 6-bit codes, as the kernel holds them,
+and as bytes, as it held them before); pagoda's float8 kernel (cpu_fp8_dot) beside them
+where it runs (the same weights as float8 with a scale per row). `--gemma3-head` adds
+Gemma 3 270M's tied LM head (262,144 x 640); `--shapes llama-3.2-1b` takes Llama 3.2 1B's
+layers instead of SmolLM2's (their inputs all whole super-blocks).
 
     python bench/cpu/block_dot_kernel.py --output bench/results/cpu-block-dot-kernel.json
 """
@@ -59,6 +60,7 @@ def kernels(out_features: int, in_features: int) -> dict:
     codes4 = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     codes8 = torch.randint(0, 256, (out_features, in_features), generator=gen,
                            dtype=torch.uint8)
+    codes6 = codes8 % 64
     dense = torch.randn(out_features, in_features, generator=gen)
     held = {
         "float32 mm": lambda x: x @ dense.t(),
@@ -75,12 +77,14 @@ def kernels(out_features: int, in_features: int) -> dict:
            for bits, codes in ((4, codes4), (8, codes8))},
     }
     # the k-quants' scales as they store them, against float32 ones above: Q4_K's (4-bit,
-    # groups of 32, own mins), Q6_K's (8-bit, groups of 16, lows of the scales)
+    # groups of 32, own mins), Q6_K's (groups of 16, lows of the scales; bytes, 6-bit codes)
     if in_features % 256 == 0:
         held["block-dot 4-bit, 2 passes, factored scales"] = factored_kernel(codes4, GROUP, 4,
                                                                              True)
         held["block-dot 8-bit, groups of 16, 2 passes, factored scales"] = \
             factored_kernel(codes8, 16, 8, False)
+        held["block-dot 6-bit, groups of 16, 2 passes, factored scales"] = \
+            factored_kernel(codes6, 16, 6, False)
     if cpu_fp8_dot.available():
         row_scale = dense.abs().amax(dim=1, keepdim=True) / 448
         held["float8"] = Fp8DotWeight((dense / row_scale).to(torch.float8_e4m3fn), row_scale)

@@ -1,4 +1,4 @@
-// Products of weights held as 4- or 8-bit codes (a scale and a low per group of 16 inputs or
+// Products of weights held as 4-, 6- or 8-bit codes (a scale and a low per group of 16 inputs or
 // a multiple of 32) with activations quantized to int8 per block of 32 inputs, on AVX-512
 // VNNI CPUs (vpdpbusd), or built for AVX2 (vpmaddubsw + vpmaddwd, 8-bit codes as two nibbles
 // so no pair saturates): one integer dot product per block (per half block in groups of 16),
@@ -11,7 +11,9 @@
 // Weights are laid out in tiles of 16 outputs: for tile t and block b, 4-bit codes take 256
 // bytes (four 64-byte rows; in row l, byte 4j+i holds output j's inputs 8l+i in its low
 // nibble and 8l+4+i in its high nibble), 8-bit codes 512 bytes (eight rows; in row q, byte
-// 4j+i holds output j's input 4q+i). Scales and lows are [tiles][groups][16] float32s, or
+// 4j+i holds output j's input 4q+i), 6-bit codes 384 bytes: their low nibbles as 4-bit codes
+// are, then two rows of their high pairs (in row h, bits 2s and 2s+1 of byte 4j+i hold those
+// of output j's input 4(4h+s)+i). Scales and lows are [tiles][groups][16] float32s, or
 // float16s where those hold them exactly (GGUF's legacy types: fewer bytes to stream), or
 // factored as GGUF's k-quants store them (fewer bytes still): int8 sub-scales and sub-lows
 // [tiles][groups][16] times float32 factors [tiles][superblocks][2][16] (a superblock's
@@ -50,6 +52,14 @@ inline Ints zero_ints() { return _mm512_setzero_si512(); }
 inline Ints load_bytes(const uint8_t* at) { return _mm512_loadu_si512(at); }
 inline Ints low_nibbles(Ints v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
 inline Ints high_nibbles(Ints v) { return low_nibbles(_mm512_srli_epi16(v, 4)); }
+// `low` with each byte's bits 2S and 2S+1 of `pairs` as its bits 4 and 5 (a 6-bit code's
+// high pair): a shift (none for S = 2) and one ternary-logic op, low | (moved & 0x30)
+template <int S>
+inline Ints with_high_pair(Ints low, Ints pairs) {
+  const Ints moved = S == 3 ? _mm512_srli_epi16(pairs, 2)
+                     : S == 2 ? pairs : _mm512_slli_epi16(pairs, 4 - 2 * S);
+  return _mm512_ternarylogic_epi32(low, moved, _mm512_set1_epi8(0x30), 0xF8);
+}
 inline Ints shift_left(Ints v, int bits) { return _mm512_slli_epi32(v, bits); }
 inline Ints add(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
 inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
@@ -94,6 +104,18 @@ inline Ints low_nibbles(Ints v) {
 inline Ints high_nibbles(Ints v) {
   return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)});
 }
+template <int S>
+inline __m256i with_high_pair(__m256i low, __m256i pairs) {
+  const __m256i moved = S == 3 ? _mm256_srli_epi16(pairs, 2)
+                        : S == 2 ? pairs : _mm256_slli_epi16(pairs, 4 - 2 * S);
+  return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(0x30)));
+}
+// `low` with each byte's bits 2S and 2S+1 of `pairs` as its bits 4 and 5 (a 6-bit code's
+// high pair)
+template <int S>
+inline Ints with_high_pair(Ints low, Ints pairs) {
+  return {with_high_pair<S>(low.lo, pairs.lo), with_high_pair<S>(low.hi, pairs.hi)};
+}
 inline Ints shift_left(Ints v, int bits) {
   return {_mm256_slli_epi32(v.lo, bits), _mm256_slli_epi32(v.hi, bits)};
 }
@@ -127,7 +149,7 @@ inline Floats fmadd(Floats a, Floats b, Floats c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
 
-// The sums of 4 products of bytes 0..15 (unsigned) with x's 4 signed bytes, per int32 lane
+// The sums of 4 products of bytes 0..63 (unsigned) with x's 4 signed bytes, per int32 lane
 // (a pair of products stays within int16).
 inline __m256i small_dots(__m256i codes, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
@@ -138,7 +160,7 @@ inline __m256i small_dots(__m256i codes, __m256i x) {
 template <int BITS>
 inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   const __m256i xs = _mm256_set1_epi32(x);
-  if constexpr (BITS == 4) {
+  if constexpr (BITS <= 6) {
     return add(acc, {small_dots(codes.lo, xs), small_dots(codes.hi, xs)});
   } else {
     const Ints low = low_nibbles(codes), high = high_nibbles(codes);
@@ -153,11 +175,21 @@ inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
 // The eight [16 outputs x 4 inputs] code vectors of one tile's block.
 template <int BITS>
 inline void load_codes(const uint8_t* block, Ints codes[8]) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 4 || BITS == 6) {
     for (int row = 0; row < 4; ++row) {
       const Ints packed = load_bytes(block + 64 * row);
       codes[2 * row] = low_nibbles(packed);
       codes[2 * row + 1] = high_nibbles(packed);
+    }
+    if constexpr (BITS == 6) {
+      for (int row = 0; row < 2; ++row) {
+        const Ints pairs = load_bytes(block + 256 + 64 * row);
+        Ints* four = codes + 4 * row;
+        four[0] = with_high_pair<0>(four[0], pairs);
+        four[1] = with_high_pair<1>(four[1], pairs);
+        four[2] = with_high_pair<2>(four[2], pairs);
+        four[3] = with_high_pair<3>(four[3], pairs);
+      }
     }
   } else {
     for (int row = 0; row < 8; ++row) codes[row] = load_bytes(block + 64 * row);
@@ -475,6 +507,9 @@ void block_dot_bits(int bits, int passes, const int8_t* xq, const float* xscale,
   if (bits == 4)
     block_dot_passes<4>(passes, xq, xscale, xsum, tokens, cols, weights, scales, out_features,
                         group_inputs, output, threads);
+  else if (bits == 6)
+    block_dot_passes<6>(passes, xq, xscale, xsum, tokens, cols, weights, scales, out_features,
+                        group_inputs, output, threads);
   else
     block_dot_passes<8>(passes, xq, xscale, xsum, tokens, cols, weights, scales, out_features,
                         group_inputs, output, threads);
@@ -507,7 +542,7 @@ int pagoda_block_dot_supported() {
 }
 
 // out [tokens, out_features] (rows out_stride floats apart) = x [tokens, cols] times the
-// tiled weights (bits 4 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
+// tiled weights (bits 4, 6 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
 // of scale_bits 32 or 16, or 8: int8s times `factors`, 2^shift groups a superblock, see
 // FactoredScales), plus bias [out_features] where not null; x quantized first (in 1
 // or 2 passes) into the calling thread's scratch (kept for its next call, up to kKeptScratch
@@ -574,9 +609,13 @@ void pagoda_block_dot_rows(const int64_t* ids, int64_t n, const uint8_t* weights
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t block = c / kBlock, row = (c % kBlock) / 4, i = c % 4;
       int code;
-      if (bits == 4) {
+      if (bits == 4 || bits == 6) {
         const uint8_t byte = codes[block * block_bytes + (row / 2) * row_bytes + i];
         code = row % 2 == 0 ? byte & 0x0F : byte >> 4;
+        if (bits == 6) {
+          const uint8_t pairs = codes[block * block_bytes + (4 + row / 4) * row_bytes + i];
+          code |= ((pairs >> (2 * (row % 4))) & 0x03) << 4;
+        }
       } else {
         code = codes[block * block_bytes + row * row_bytes + i];
       }

@@ -1,12 +1,12 @@
 """Quantized weights on CPU through pagoda's own kernel (`cpu_block_dot.cpp`, for AVX-512
-VNNI or AVX2): 4- or 8-bit codes with a scale and a low per group of inputs (16, or a
+VNNI or AVX2): 4-, 6- or 8-bit codes with a scale and a low per group of inputs (16, or a
 multiple of 32), times activations quantized to int8 per block of 32 inputs, one integer dot
 product per block; by default in two passes (the codes of what the first codes miss, at
 1/256 of their scale: float32's log-probabilities within ~2e-4), or one (llama.cpp's
 arithmetic for its quantized types). At 16 tokens the AVX-512 build runs about 2x (two
 passes) to 3x (one) float32's matmul and torch's int4 kernel on a 2-core AVX-512 VM
-(bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, Q5_*, Q6_K, GPTQ-Int8) as
-bytes where float weights would be decoded at load.
+(bench/results/README.md), and it holds 8-bit types (GGUF Q8_0, GPTQ-Int8) as bytes, and
+GGUF's Q5_* and Q6_K as 6-bit codes, where float weights would be decoded at load.
 
 The kernel is compiled at first use (`pagoda.layers.cpu_kernels`): an AVX-512 VNNI build,
 else an AVX2 one (`PAGODA_CPU_BLOCK_DOT=avx2` picks it). Without a compiler, on a CPU with
@@ -35,7 +35,7 @@ BUILDS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-
           "avx2": ("-mavx2", "-mfma", "-mf16c")}
 BLOCK = 32  # inputs per activation block
 LANES = 16  # outputs per weight tile
-BITS = (4, 8)
+BITS = (4, 6, 8)
 PASSES_VARIABLE = "PAGODA_CPU_ACTIVATION_PASSES"
 
 
@@ -82,8 +82,12 @@ def fits(out_features: int, in_features: int, group_size: int) -> bool:
 def narrowest_bits(bits: int, codes: torch.Tensor) -> int:
     """The bits the kernel holds each of `codes` (given as `bits`-bit codes) in: 4 where
     every code fits a nibble (GGUF Q2_K's and Q3_K's, given as bytes: half the bytes to hold
-    and stream), else `bits`."""
-    return 4 if bits == 8 and codes.numel() and int(codes.max()) < 16 else bits
+    and stream), 6 where every code fits 6 bits (Q5_*'s and Q6_K's: three quarters), else
+    `bits`."""
+    if bits != 8 or not codes.numel():
+        return bits
+    top = int(codes.max())
+    return 4 if top < 16 else 6 if top < 64 else 8
 
 
 def takes_bias(bias: torch.Tensor | None) -> bool:
@@ -94,14 +98,21 @@ def takes_bias(bias: torch.Tensor | None) -> bool:
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[out, in] codes (0..2^bits - 1) in the kernel's layout: per tile of 16 outputs and
     block of 32 inputs, 8 rows of [16 outputs x 4 inputs] bytes, 4-bit codes two rows to a
-    byte (row 2l in the low nibble, 2l + 1 in the high)."""
+    byte (row 2l in the low nibble, 2l + 1 in the high); 6-bit codes their low nibbles so,
+    then their high pairs four rows to a byte (row 4h + s in bits 2s and 2s + 1 of row h)."""
     out_features, in_features = codes.shape
     tiles = codes.to(torch.uint8).reshape(out_features // LANES, LANES, in_features // BLOCK,
                                           8, 4).permute(0, 2, 3, 1, 4)
+    if bits == 8:
+        return tiles.contiguous()
+    pairs = (tiles & 0x0F).reshape(*tiles.shape[:2], 4, 2, LANES, 4)
+    nibbles = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
     if bits == 4:
-        pairs = tiles.reshape(*tiles.shape[:2], 4, 2, LANES, 4)
-        tiles = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
-    return tiles.contiguous()
+        return nibbles.contiguous()
+    highs = (tiles >> 4).reshape(*tiles.shape[:2], 2, 4, LANES, 4)
+    high_rows = highs[:, :, :, 0] | (highs[:, :, :, 1] << 2) | (highs[:, :, :, 2] << 4) \
+        | (highs[:, :, :, 3] << 6)
+    return torch.cat([nibbles, high_rows], dim=2).contiguous()
 
 
 def held_exactly(values: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -222,7 +233,7 @@ def _stacked_factors(parts: list[ScaleFactors]) -> ScaleFactors:
 
 
 class BlockDotWeight(nn.Module):
-    """[out, in] weights as 4- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
+    """[out, in] weights as 4-, 6- or 8-bit codes for the kernel; `__call__(x)` is x W^T."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                  group_size: int, bits: int, activation_passes: int | None = None,
@@ -313,8 +324,13 @@ class BlockDotWeight(nn.Module):
         against)."""
         tile, lane = index // LANES, index % LANES
         codes = self.packed[tile, :, :, lane]  # [n, blocks, rows, 4]: 4-bit rows paired
-        if self.bits == 4:
-            codes = torch.stack([codes & 0x0F, codes >> 4], dim=3)
+        if self.bits != 8:
+            nibbles = codes[:, :, :4]
+            codes = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=3).flatten(2, 3)
+        if self.bits == 6:  # [n, blocks, 2, 4]: each byte the high pairs of four rows
+            pairs = self.packed[tile, :, 4:, lane]
+            highs = torch.stack([(pairs >> (2 * s)) & 0x03 for s in range(4)], dim=3)
+            codes = codes | (highs.flatten(2, 3) << 4)
         codes = codes.reshape(len(index), self.in_features // self.group_size, self.group_size)
         scale, low = (values[tile, :, lane] for values in self._group_scales())  # [n, groups]
         weights = codes.float() * scale.unsqueeze(-1) + low.unsqueeze(-1)

@@ -35,6 +35,7 @@ from pagoda.layers.quantization.gguf_blocks import (
     LOWS_OF_SCALES,
     NIBBLE_FORMATS,
     QK_K,
+    SIX_BIT_FORMATS,
     SIXTEEN_A_GROUP,
     byte_groups,
     dequantize_rows,
@@ -201,8 +202,9 @@ def group_layout(type_name: str) -> tuple[int, int]:
 def block_dot_layout(type_name: str) -> tuple[int, int]:
     """(bits per code, inputs per group) of GGUF type `type_name` held by the CPU block-dot
     kernel: nibbles for every type whose codes fit them (Q2_K and Q3_K too: the kernel
-    narrows their byte codes, BlockDotWeight)."""
-    return (4 if type_name in NIBBLE_FORMATS else 8), _group(type_name)
+    narrows their byte codes, BlockDotWeight), six bits for Q5_* and Q6_K, else bytes."""
+    bits = 4 if type_name in NIBBLE_FORMATS else 6 if type_name in SIX_BIT_FORMATS else 8
+    return bits, _group(type_name)
 
 
 def _group(type_name: str) -> int:

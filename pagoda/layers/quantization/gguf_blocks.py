@@ -39,6 +39,8 @@ FORMATS = {f.name: f for f in (
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
 # types whose codes fit four bits (the CPU block-dot kernel holds them as nibbles)
 NIBBLE_FORMATS = INT4_FORMATS | frozenset({"Q2_K", "Q3_K"})
+# types whose codes fit six bits (the CPU block-dot kernel holds them as nibbles and pairs)
+SIX_BIT_FORMATS = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K"})
 K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})  # super-blocks of 256
 # the k-quants without mins: a weight is (code - offset) * scale, its low a multiple of it
 K_OFFSETS = {"Q3_K": 4.0, "Q6_K": 32.0}

@@ -1,6 +1,7 @@
 """pagoda's CPU block-dot kernel, each build (AVX-512 VNNI, AVX2), against a torch reference
 of its arithmetic (activations rounded to int8 per block of 32 at 1/127 of the block's
-largest, in one or two passes; weights code * scale + low per group): 4- and 8-bit codes,
+largest, in one or two passes; weights code * scale + low per group): 4-, 6- and 8-bit codes
+(byte codes narrowed to the fewest bits that hold them),
 groups of 16 to 384, token counts around its 8-row tiles, threads, float16 scales, factored
 scales (int8 times a float a super-block: GGUF's k-quants'), a bias, products written into a
 wider output's columns; its table lookup; the shapes it refuses; and the machines it does not
@@ -55,7 +56,7 @@ def random_weights(out_features: int, in_features: int, group: int, bits: int, s
     return codes, scale, low, weights
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("out_features, in_features, group", [
     (48, 64, 32), (160, 256, 128), (32, 512, 256), (96, 384, 384), (64, 128, 16)])
 @pytest.mark.parametrize("tokens", [1, 7, 8, 19])
@@ -75,7 +76,7 @@ def test_products_match_the_reference_arithmetic(bits, out_features, in_features
                                atol=share * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("out_features, in_features, group", [
     (48, 64, 32), (32, 512, 256), (64, 128, 16)])
 @pytest.mark.parametrize("tokens", [1, 19])
@@ -123,7 +124,7 @@ def test_threads_split_the_outputs_without_changing_a_bit():
     assert torch.equal(one, four)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("group", [16, 32, 128])
 @pytest.mark.parametrize("half_scales", [False, True])
 def test_rows_decode_to_the_weights_exactly(bits, group, half_scales):
@@ -158,14 +159,16 @@ def random_factors(out_features: int, groups: int, groups_per_super: int, own_lo
     return ScaleFactors(sub_scale, sub_low, scale_factor, low_factor, groups_per_super)
 
 
-@pytest.mark.parametrize(("bits", "group", "own_lows"), [(4, 32, True), (8, 32, True),
-                                                         (8, 16, False), (4, 16, True)])
+@pytest.mark.parametrize(("bits", "group", "own_lows"), [(4, 32, True), (6, 32, True),
+                                                         (6, 16, False), (4, 16, True),
+                                                         (8, 16, False)])
 @pytest.mark.parametrize("tokens", [1, 7, 19])
 @pytest.mark.parametrize("passes", [1, 2])
 def test_factored_scales_give_the_float32_products_to_the_bit(bits, group, own_lows, tokens,
                                                               passes):
-    """Q4_K's layout (4-bit, groups of 32, sub-mins), Q5_K's (8-bit), Q6_K's (8-bit, groups
-    of 16, lows of the scales) and Q2_K's (4-bit, groups of 16): the products of the plain
+    """Q4_K's layout (4-bit, groups of 32, sub-mins), Q5_K's (6-bit), Q6_K's (6-bit, groups
+    of 16, lows of the scales), Q2_K's (4-bit, groups of 16) and the same with byte codes:
+    the products of the plain
     kernel holding the factors' float32 products, bit for bit, and the lookups too."""
     out_features, in_features = 48, 512
     groups = in_features // group
@@ -185,6 +188,26 @@ def test_factored_scales_give_the_float32_products_to_the_bit(bits, group, own_l
     index = torch.tensor([0, 17, 47, 17])
     assert torch.equal(factored.rows(index), plain.rows(index))
     assert torch.equal(factored.decoded_rows(index), plain.decoded_rows(index))
+
+
+@pytest.mark.parametrize(("top", "bits", "row_bytes"), [(15, 4, 128), (63, 6, 192),
+                                                       (255, 8, 256)])
+def test_byte_codes_are_held_in_the_fewest_bits_that_hold_them(top, bits, row_bytes):
+    """Byte codes up to `top` (Q2_K's and Q3_K's up to 15, Q5's and Q6_K's up to 63) held
+    as nibbles, as nibbles and high pairs, or as bytes: the packed bytes a row of 256 inputs,
+    and the products and lookups of the codes they stand for."""
+    codes, scale, low, weights = random_weights(32, 256, 32, 8, 8)
+    codes = (codes.int() % (top + 1)).to(torch.uint8)
+    weights = codes.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
+    layer = BlockDotWeight(codes, scale, low, 32, 8, activation_passes=1)
+    assert layer.bits == bits
+    assert layer.packed.numel() == 32 * row_bytes
+    x = torch.randn(5, 256)
+    expected = quantized_activations(x).double() @ weights.double().t()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0,
+                               atol=2e-6 * expected.abs().max().item())
+    index = torch.tensor([0, 31, 9])
+    assert torch.equal(layer.rows(index), weights[index])
 
 
 def test_factors_whose_products_are_not_the_scales_are_not_held():

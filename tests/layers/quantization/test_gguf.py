@@ -59,12 +59,12 @@ def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     v, v_ref = gguf_piece("Q6_K", KV_HEADS * HEAD_DIM, HIDDEN, 3)
     loaded(layer, [q, k, v])
     # on the block-dot kernel, q's Q4_K and k's Q4_1 (its scales float16s) are held apart and
-    # v's Q6_K (groups of 16) as bytes; on torch's path q and k share one kernel and no kernel
-    # takes v
+    # v's Q6_K (groups of 16) as 6-bit codes; on torch's path q and k share one kernel and no
+    # kernel takes v
     if cpu_kernel == "cpu_block_dot":
         kernels = [BlockDotWeight] * 3
         name = f"{kernel_name(4, 2, factored=True)} + " \
-            f"{kernel_name(4, 2, half_scales=True)} + {kernel_name(8, 2, factored=True)}"
+            f"{kernel_name(4, 2, half_scales=True)} + {kernel_name(6, 2, factored=True)}"
     else:
         kernels = [Int4PackedWeight, BlockRows]
         name = "int4pack_mm_for_cpu + Q6_K decoded per call"
@@ -115,13 +115,13 @@ def test_a_float_piece_stays_dense_beside_blocks(cpu_kernel):
 
 def test_byte_codes_in_groups_of_32_and_of_16_take_two_kernels(block_dot_kernel):
     """A Q5_K_M file's qkv: q and k in Q5_K (groups of 32), v in Q6_K (groups of 16), all
-    byte codes: two kernels, one for each group size (one kernel failed to stack them)."""
+    6-bit codes: two kernels, one for each group size (one kernel failed to stack them)."""
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
     pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in (
         ("Q5_K", HEADS * HEAD_DIM, 1), ("Q5_K", KV_HEADS * HEAD_DIM, 2),
         ("Q6_K", KV_HEADS * HEAD_DIM, 3))]
     loaded(layer, [piece for piece, _ in pieces])
-    assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(8, 32), (8, 16)]
+    assert [(k.bits, k.group_size) for k in layer.gguf_kernels] == [(6, 32), (6, 16)]
     x = torch.randn(5, HIDDEN)
     expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
     torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
@@ -129,24 +129,25 @@ def test_byte_codes_in_groups_of_32_and_of_16_take_two_kernels(block_dot_kernel)
 
 def test_two_and_three_bit_codes_are_held_as_nibbles(block_dot_kernel):
     """A Q3_K_M-like qkv: q in Q3_K and k in Q2_K held as 4-bit codes (their codes fit a
-    nibble), v's Q6_K as bytes, each with its scales factored as the blocks store them (int8
-    a group of 16, Q2_K's mins too, floats a super-block of 256): 4.75, 5.25 and 8.75 bits a
-    weight, where float32 scales took 12; what held_bits tells the estimate is what each
-    kernel holds (Q3_K's and Q2_K's apart: their lows differ in form)."""
+    nibble), v's Q6_K as 6-bit codes, each with its scales factored as the blocks store them
+    (int8 a group of 16, Q2_K's mins too, floats a super-block of 256): 4.75, 5.25 and 6.75
+    bits a weight, where bytes and float32 scales took 12 (Q6_K); what held_bits tells the
+    estimate is what each kernel holds (Q3_K's and Q2_K's apart: their lows differ in
+    form)."""
     layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, method=GGUFLinearMethod())
     kinds = ("Q3_K", "Q2_K", "Q6_K")
     pieces = [gguf_piece(kind, rows, HIDDEN, seed) for kind, rows, seed in zip(
         kinds, (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM), (1, 2, 3))]
     loaded(layer, [piece for piece, _ in pieces])
     assert [(k.bits, k.group_size, k.factored) for k in layer.gguf_kernels] == \
-        [(4, 16, True), (4, 16, True), (8, 16, True)]
+        [(4, 16, True), (4, 16, True), (6, 16, True)]
     assert layer.method.kernel(layer) == " + ".join(  # (each name once)
-        kernel_name(bits, 2, factored=True) for bits in (4, 8))
+        kernel_name(bits, 2, factored=True) for bits in (4, 6))
     cpu = torch.device("cpu")
     for kernel, kind in zip(layer.gguf_kernels, kinds, strict=True):
         held = sum(p.numel() * p.element_size() for p in kernel.parameters())
         assert held * 8 == kernel.out_features * HIDDEN * held_bits(kind, cpu)
-    assert [held_bits(kind, cpu) for kind in kinds] == [4.75, 5.25, 8.75]
+    assert [held_bits(kind, cpu) for kind in kinds] == [4.75, 5.25, 6.75]
     x = torch.randn(5, HIDDEN)
     expected = F.linear(x, torch.cat([reference for _, reference in pieces]))
     torch.testing.assert_close(layer(x), expected, **kernel_tolerance(expected))
