@@ -1,5 +1,5 @@
-// Products of weights held as 4-, 6- or 8-bit codes (a scale and a low per group of 16 inputs or
-// a multiple of 32) with activations quantized to int8 per block of 32 inputs, on AVX-512
+// Products of weights held as 4-, 6- or 8-bit codes (a scale and a low per group of 16
+// inputs or a multiple of 32) with activations quantized to int8 per block of 32 inputs, on AVX-512
 // VNNI CPUs (vpdpbusd), or built for AVX2 (vpmaddubsw + vpmaddwd, 8-bit codes as two nibbles
 // so no pair saturates): one integer dot product per block (per half block in groups of 16),
 // scaled by the block's activation scale and the weights' group scale, plus the group's low
@@ -11,14 +11,14 @@
 // Weights are laid out in tiles of 16 outputs: for tile t and block b, 4-bit codes take 256
 // bytes (four 64-byte rows; in row l, byte 4j+i holds output j's inputs 8l+i in its low
 // nibble and 8l+4+i in its high nibble), 8-bit codes 512 bytes (eight rows; in row q, byte
-// 4j+i holds output j's input 4q+i), 6-bit codes 384 bytes: their low nibbles as 4-bit codes
-// are, then two rows of their high pairs (in row h, bits 2s and 2s+1 of byte 4j+i hold those
-// of output j's input 4(4h+s)+i). Scales and lows are [tiles][groups][16] float32s, or
-// float16s where those hold them exactly (GGUF's legacy types: fewer bytes to stream), or
-// factored as GGUF's k-quants store them (fewer bytes still): int8 sub-scales and sub-lows
-// [tiles][groups][16] times float32 factors [tiles][superblocks][2][16] (a superblock's
-// scale factor, then its low factor), a superblock 2^shift groups; each product is exact
-// in float32, so the factored scales are the plain ones to the bit.
+// 4j+i holds output j's input 4q+i), 6-bit codes 384 bytes (their low nibbles laid out as
+// 4-bit codes, then two rows of their high bit pairs: in row h, bits 2s and 2s+1 of byte
+// 4j+i are those of output j's input 4(4h+s)+i). Scales and lows are [tiles][groups][16]
+// float32s, or float16s where those hold them exactly (GGUF's legacy types: fewer bytes to
+// stream), or factored as GGUF's k-quants store them (fewer bytes still): int8 sub-scales
+// and sub-lows [tiles][groups][16] times float32 factors [tiles][superblocks][2][16] (a
+// superblock's scale factor, then its low factor), a superblock 2^shift groups; each product
+// is exact in float32, so the factored scales are the plain ones to the bit.
 //
 // Built by pagoda at first use (cpu_block_dot.py) with g++ and OpenMP, once with AVX-512
 // VNNI flags and once with AVX2 and F16C ones: the 16-lane vectors below are one zmm register
@@ -104,14 +104,14 @@ inline Ints low_nibbles(Ints v) {
 inline Ints high_nibbles(Ints v) {
   return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)});
 }
+// `low` with each byte's bits 2S and 2S+1 of `pairs` as its bits 4 and 5 (a 6-bit code's
+// high pair)
 template <int S>
 inline __m256i with_high_pair(__m256i low, __m256i pairs) {
   const __m256i moved = S == 3 ? _mm256_srli_epi16(pairs, 2)
                         : S == 2 ? pairs : _mm256_slli_epi16(pairs, 4 - 2 * S);
   return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(0x30)));
 }
-// `low` with each byte's bits 2S and 2S+1 of `pairs` as its bits 4 and 5 (a 6-bit code's
-// high pair)
 template <int S>
 inline Ints with_high_pair(Ints low, Ints pairs) {
   return {with_high_pair<S>(low.lo, pairs.lo), with_high_pair<S>(low.hi, pairs.hi)};
@@ -542,8 +542,8 @@ int pagoda_block_dot_supported() {
 }
 
 // out [tokens, out_features] (rows out_stride floats apart) = x [tokens, cols] times the
-// tiled weights (bits 4, 6 or 8, groups of group_inputs: 16 or a multiple of 32; scales and lows
-// of scale_bits 32 or 16, or 8: int8s times `factors`, 2^shift groups a superblock, see
+// tiled weights (bits 4, 6 or 8, groups of group_inputs: 16 or a multiple of 32; scales and
+// lows of scale_bits 32 or 16, or 8: int8s times `factors`, 2^shift groups a superblock, see
 // FactoredScales), plus bias [out_features] where not null; x quantized first (in 1
 // or 2 passes) into the calling thread's scratch (kept for its next call, up to kKeptScratch
 // codes): codes [passes, tokens, cols], a scale per block [tokens, cols / 32] and a sum per
