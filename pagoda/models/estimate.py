@@ -266,7 +266,7 @@ def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
     """(parameters, bytes) of a GGUF's embedding table kept in another form than floats:
     untied, in its blocks (a block type pagoda decodes); tied, as codes of the CPU block-dot
     kernel where it runs; (0, 0) when it is held as floats."""
-    from pagoda.layers.quantization.gguf import held_bits, holds_tied_table, keeps_table_blocks
+    from pagoda.layers.quantization.gguf import holds_tied_table, keeps_table_blocks
     from pagoda.layers.quantization.gguf_blocks import FORMATS
     kind = types.get(_EMBEDDING)
     if kind is None:
@@ -275,7 +275,7 @@ def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
     if getattr(source.hf_config, "tie_word_embeddings", False):
         if not holds_tied_table(kind, rows, columns, device):
             return 0, 0
-        return rows * columns, int(rows * columns * held_bits(kind, device) // 8)
+        return _held_as_codes(rows, columns, kind, device)
     if not keeps_table_blocks(kind):
         return 0, 0
     return rows * columns, rows * FORMATS[kind].row_bytes(columns)
@@ -286,13 +286,21 @@ def _gguf_head(shapes: dict[str, tuple[int, ...]], types: dict[str, str],
     """(parameters, bytes) of a GGUF's untied LM head kept in its blocks (gguf.holds_head:
     where a kernel multiplies its type, as it holds linear layers' codes); (0, 0) when it is
     held as floats or tied."""
-    from pagoda.layers.quantization.gguf import held_bits, holds_head
+    from pagoda.layers.quantization.gguf import holds_head
     kind = types.get(_HEAD)
     if kind is None:
         return 0, 0
     rows, columns = shapes[_HEAD]
     if not holds_head(kind, rows, columns, device):
         return 0, 0
+    return _held_as_codes(rows, columns, kind, device)
+
+
+def _held_as_codes(rows: int, columns: int, kind: str, device: torch.device
+                   ) -> tuple[int, int]:
+    """(parameters, bytes) of a [rows, columns] GGUF table of type `kind` held as a kernel's
+    codes on `device` (gguf.held_bits)."""
+    from pagoda.layers.quantization.gguf import held_bits
     return rows * columns, int(rows * columns * held_bits(kind, device) // 8)
 
 

@@ -238,8 +238,9 @@ class BlockDotWeight(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                  group_size: int, bits: int, activation_passes: int | None = None,
                  half_scales: bool = False, factors: ScaleFactors | None = None) -> None:
-        """`codes` [out, in] in 0..2^bits - 1; `scale`, `low` [out, in / group_size]: each
-        weight is code * scale + low. `activation_passes`: 1 or 2 (default: the
+        """`codes` [out, in] in 0..2^bits - 1 (byte codes held in the fewest bits that hold
+        them, narrowest_bits); `scale`, `low` [out, in / group_size]: each weight is
+        code * scale + low. `activation_passes`: 1 or 2 (default: the
         environment's, default_activation_passes). `half_scales`: hold the scales and lows
         as float16 (fewer bytes to stream) where every one is float16's exactly; `factors`:
         hold them factored where their products are scale and low exactly; else as

@@ -235,9 +235,10 @@ def _kind(piece: GGUFWeight | torch.Tensor, device: torch.device) -> str:
 
 
 def _kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) -> str:
-    """What [rows, columns] of GGUF type `type_name` become on `device`: "blockdot<bits>x<group>"
-    (the CPU kernel; "...half" with float16 scales), "int4" (torch's CPU kernel),
-    "group<bits>x<group>" (the GPU kernel), else the block type (decoded at every call)."""
+    """What [rows, columns] of GGUF type `type_name` become on `device`:
+    "blockdot<bits>x<group><scales>" (the CPU kernel; _block_dot_scales), "int4" (torch's CPU
+    kernel), "group<bits>x<group>" (the GPU kernel), else the block type (decoded at every
+    call)."""
     if device.type == "cpu" and _block_dot_fits(rows, columns, type_name):
         bits, group = block_dot_layout(type_name)
         return f"blockdot{bits}x{group}{_block_dot_scales(type_name)}"
@@ -314,18 +315,14 @@ def _store_tied_table(embedding: VocabEmbedding, head: LMHead, param: nn.Paramet
         _store_table(embedding, param, tensor)
         head.weight = embedding.weight
         return
-    rows = _rank_table_rows(embedding, tensor)
+    blocks = GGUFWeight(_rank_table_rows(embedding, tensor), tensor.type_name, tensor.columns)
     # held once loading ends (a module built now would be a weight the checkpoint lacks)
-    head.after_loading = partial(_hold_tied_table, embedding, head, rows, tensor.type_name)
+    head.after_loading = partial(_hold_tied_table, embedding, head, blocks)
 
 
-def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, rows: torch.Tensor,
-                     type_name: str) -> None:
-    bits, group = group_layout(type_name)
-    codes, scale, low, _ = byte_groups(rows, type_name)
-    embedding.quantized = head.quantized = BlockDotWeight(
-        codes, scale, low, group, bits, half_scales=type_name in HALF_SCALE_FORMATS,
-        factors=scale_factors(rows, type_name))
+def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, blocks: GGUFWeight) -> None:
+    # (bind_tied_table binds only where the block-dot kernel holds the table)
+    embedding.quantized = head.quantized = _kernel([blocks], blocks.rows.device)
 
 
 def _store_head(head: LMHead, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,
