@@ -9,7 +9,8 @@
   they stand for.
 - An FP8 block checkpoint on two ranks over NCCL gives one GPU's tokens, and an untied GGUF's
   Q8_0 embedding kept in blocks on the GPU gives the dequantized table's; its LM head in
-  Q8_0 or Q4_0 multiplies its codes in the group kernel."""
+  Q8_0 or Q4_0 multiplies its codes in the group kernel, as does a table tied to the LM head
+  (its lookups decoding the rows looked up)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tests.models.parity import random_prompts
 from tests.models.test_gguf_quantized import (
     UNTIED,
     output_table,
+    write_tied_gguf,
     write_typed_gguf,
     write_untied_gguf,
 )
@@ -476,3 +478,36 @@ def test_an_untied_gguf_head_multiplies_its_codes_on_the_gpu(head_type, tmp_path
     prompts = random_prompts(UNTIED.vocab_size, (5, 17))
     assert greedy(path, prompts, quantization="gguf") == \
         greedy(path, prompts, quantization="none")
+
+
+@pytest.mark.parametrize("table_type", ["Q8_0", "Q4_0"])
+def test_a_tied_gguf_table_is_held_as_codes_on_the_gpu(table_type, tmp_path, gpu_report):
+    """A GGUF whose LM head is tied to its `table_type` token_embd holds the table once, as
+    the group kernel's codes: the head's logits and the embedding's lookups against the
+    table gguf-py decodes, the estimate's bytes as held, greedy tokens as with the table
+    decoded at load, in CUDA graphs (the engine's default) as eager."""
+    path = write_tied_gguf(tmp_path / "tied.gguf", table_type)
+    llm = engine(path, quantization="gguf")
+    try:
+        model = llm.engine.core.executor.worker.runner.model
+        head, embedding = model.lm_head, model.model.embed_tokens
+        assert isinstance(head.quantized, GroupQuantWeight)
+        assert embedding.quantized is head.quantized and embedding.weight.numel() == 0
+        table = output_table(path, "token_embd.weight").cuda()
+        hidden = torch.randn(6, UNTIED.hidden_size, device="cuda")
+        head_error = relative_error(head(hidden), hidden @ table.T)
+        ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1], [7, 7, 1]], device="cuda")
+        lookup_error = relative_error(embedding(ids), table[ids])
+        held = llm.engine.model_info.weight_bytes
+    finally:
+        llm.engine.core.shutdown()
+    figures = estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
+                       quantization="gguf")
+    gpu_report(format=f"gguf tied {table_type} table", relative_error=f"{head_error:.1e}",
+               lookup_error=f"{lookup_error:.1e}")
+    assert head_error < 2e-3 and lookup_error < 1e-6
+    assert figures.weight_bytes == held
+    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
+    tokens = greedy(path, prompts, quantization="gguf")
+    assert tokens == greedy(path, prompts, quantization="none")
+    assert tokens == greedy(path, prompts, quantization="gguf", enforce_eager=True)

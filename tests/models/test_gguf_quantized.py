@@ -6,6 +6,8 @@ its Q8_0 embedding table in blocks, and its LM head's where a CPU kernel takes t
 
 from __future__ import annotations
 
+import copy
+
 import gguf
 import pytest
 import torch
@@ -100,10 +102,24 @@ def write_untied_gguf(path, head_type: str | None = None):
     return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state, types=types)
 
 
-def output_table(path) -> torch.Tensor:
-    """The GGUF's output table decoded by gguf-py, [vocab, hidden] float32."""
+def write_tied_gguf(path, table_type: str):
+    """The random Qwen3 of write_untied_gguf with its LM head tied to its token_embd (no
+    output table), which is `table_type`; every other tensor float32."""
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in
+             AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()
+             if k != "lm_head.weight"}
+    tied = copy.deepcopy(UNTIED)
+    tied.tie_word_embeddings = True
+    return write_arch_gguf(path, tied, "qwen3", QWEN3_BLOCK_NAMES, state,
+                           types={"token_embd.weight": table_type})
+
+
+def output_table(path, name: str = "output.weight") -> torch.Tensor:
+    """The GGUF's output table (or the table `name`) decoded by gguf-py, [vocab, hidden]
+    float32."""
     reader = gguf.GGUFReader(str(path))
-    tensor = next(t for t in reader.tensors if t.name == "output.weight")
+    tensor = next(t for t in reader.tensors if t.name == name)
     table = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return torch.from_numpy(table.reshape(UNTIED.vocab_size, UNTIED.hidden_size).copy())
 
@@ -182,6 +198,44 @@ def test_an_untied_head_keeps_its_blocks_where_a_kernel_takes_them(tmp_path, cpu
             assert error < (1e-4 if cpu_kernel == "cpu_block_dot" else 1e-2)
         llm.engine.core.shutdown()
     assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
+
+
+def test_a_tied_table_is_held_once_where_the_block_dot_kernel_runs(tmp_path, cpu_kernel):
+    """A Qwen3 GGUF whose LM head is tied to its Q4_0 token_embd: the block-dot kernel holds
+    the table once for the head's product and the lookups (torch's path: floats, shared),
+    the estimate counts what is held, lookups are the rows gguf-py decodes; greedy tokens
+    against the table decoded at load, and on two tensor-parallel ranks."""
+    path = write_tied_gguf(tmp_path / "tied.gguf", "Q4_0")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
+        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
+                  tensor_parallel_size=tp)
+        tokens[mode, tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if (mode, tp) == ("gguf", 1):
+            model = _model(llm)
+            held = cpu_kernel == "cpu_block_dot"
+            assert (model.lm_head.quantized is not None) == held
+            assert model.model.embed_tokens.quantized is model.lm_head.quantized
+            assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+                == llm.engine.model_info.weight_bytes
+            table = output_table(path, "token_embd.weight")
+            ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1]])
+            assert torch.equal(model.model.embed_tokens(ids), table[ids])
+        llm.engine.core.shutdown()
+    assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
+
+
+def test_the_estimate_counts_a_tied_table_on_cuda_as_the_group_kernels_codes(tmp_path):
+    """On CUDA a tied Q4_0 table is held as 4-bit codes with a 16-bit scale and min a group
+    of 32 (5 bits a weight) in place of its bfloat16 floats; nothing else differs (the
+    file's other tensors are floats either way)."""
+    source = resolve_model(str(write_tied_gguf(tmp_path / "tied.gguf", "Q4_0")))
+    held, decoded = (estimate(source, 128, dtype="bfloat16", device="cuda", quantization=mode)
+                     for mode in ("gguf", "none"))
+    table = UNTIED.vocab_size * UNTIED.hidden_size
+    assert decoded.weight_bytes - held.weight_bytes == table * 2 - table * 5 // 8
 
 
 def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kernel):

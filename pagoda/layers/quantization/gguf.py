@@ -5,7 +5,8 @@ per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for
 others); on CPU every type as codes for pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where
 it runs, else the 4-bit types packed for torch's int4 matmul (the others are decoded at
 load); elsewhere blocks decoded per call; float tensors dense. An untied LM head keeps its
-blocks the same way where a kernel takes them (GGUFConfig.bind_head).
+blocks the same way where a kernel takes them (GGUFConfig.bind_head), and so does a table
+tied to the LM head where the kernel also decodes rows for lookups (bind_tied_table).
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -309,8 +310,8 @@ def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
 
 def _store_tied_table(embedding: VocabEmbedding, head: LMHead, param: nn.Parameter,
                       tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
-    """Keep this rank's rows of a table the LM head shares: its blocks as codes for the CPU
-    block-dot kernel (the head multiplies by them; a lookup decodes its rows), or floats."""
+    """Keep this rank's rows of a table the LM head shares: its blocks as a kernel's codes
+    (holds_tied_table: the head multiplies by them; a lookup decodes its rows), or floats."""
     if not isinstance(tensor, GGUFWeight):
         _store_table(embedding, param, tensor)
         head.weight = embedding.weight
@@ -321,7 +322,7 @@ def _store_tied_table(embedding: VocabEmbedding, head: LMHead, param: nn.Paramet
 
 
 def _hold_tied_table(embedding: VocabEmbedding, head: LMHead, blocks: GGUFWeight) -> None:
-    # (bind_tied_table binds only where the block-dot kernel holds the table)
+    # (the table's type is one a kernel with lookups holds: holds_tied_table)
     embedding.quantized = head.quantized = _kernel([blocks], blocks.rows.device)
 
 
@@ -365,9 +366,9 @@ def _rank_table_rows(table: VocabShard, tensor: GGUFWeight) -> torch.Tensor:
 class GGUFConfig(QuantizationConfig):
     """Every linear layer of a GGUF model keeps its blocks, and so does an embedding no LM
     head is tied to (decoded per lookup), and an untied LM head where a kernel multiplies its
-    type (holds_head); a tied table is held as codes where the CPU block-dot kernel runs it
-    (the LM head's product and the lookups), else read as floats, as norms are (the loader
-    decodes the tensors nothing keeps)."""
+    type (holds_head); a tied table is held as codes where the CPU block-dot kernel or the
+    GPU group kernel runs it (the LM head's product and the lookups: holds_tied_table),
+    else read as floats, as norms are (the loader decodes the tensors nothing keeps)."""
 
     gives_expert_codes = True
 
@@ -402,14 +403,12 @@ class GGUFConfig(QuantizationConfig):
         head.weight = placeholder
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
-        # the kernel on this machine, whole tiles of rows and whole blocks of columns
-        if embedding.weight.device.type != "cpu" or not cpu_block_dot.holds(
-                embedding.rows, embedding.hidden_size, cpu_block_dot.BLOCK):
-            return
-        # a placeholder the checkpoint's table loads through (the kernel holds it)
+        # a placeholder the checkpoint's table loads through (a kernel holds it)
         placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         placeholder.weight_loader = partial(_store_tied_table, embedding, head)
-        placeholder.gguf_blocks = _block_dot_holds
+        placeholder.gguf_blocks = partial(holds_tied_table, rows=embedding.rows,
+                                          columns=embedding.hidden_size,
+                                          device=embedding.weight.device)
         embedding.weight = head.weight = placeholder
 
 
@@ -440,9 +439,12 @@ def keeps_table_blocks(type_name: str) -> bool:
 
 
 def holds_tied_table(type_name: str, rows: int, columns: int, device: torch.device) -> bool:
-    """Whether a tied [rows, columns] table of GGUF type `type_name` is held as codes of the
-    CPU block-dot kernel on `device` (else as floats)."""
-    return device.type == "cpu" and _block_dot_fits(rows, columns, type_name)
+    """Whether a tied [rows, columns] table (a rank's rows) of GGUF type `type_name` is held
+    as codes on `device` (else as floats): by a kernel that also decodes rows for lookups,
+    the CPU block-dot kernel's or the GPU group kernel's."""
+    if type_name not in FORMATS:
+        return False
+    return _kernel_kind(type_name, rows, columns, device).startswith(("blockdot", "group"))
 
 
 def _block_dot_holds(type_name: str) -> bool:

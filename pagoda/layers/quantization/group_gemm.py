@@ -294,14 +294,20 @@ class GroupQuantWeight(nn.Module):
             setattr(self, name, None if tensor is None
                     else nn.Parameter(tensor, requires_grad=False))
 
-    def scales_and_mins(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def scales_and_mins(self, outputs: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The scales, mins and zero points as held ([groups, out]; None where there are
-        none), unpacked from `step_words` where they are held so."""
-        if self.step_words is None:
-            return self.scale, self.low, self.zeros
-        low_half = ((self.step_words & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extended
+        none), unpacked from `step_words` where they are held so; of the outputs at index
+        `outputs` only ([groups, len(outputs)]) where given."""
+        held = (self.scale, self.low, self.zeros, self.step_words)
+        if outputs is not None:
+            held = tuple(None if t is None else t.index_select(1, outputs) for t in held)
+        scale, low, zeros, words = held
+        if words is None:
+            return scale, low, zeros
+        low_half = ((words & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extended
         scale = low_half.to(torch.int16).view(SCALE_DTYPE)
-        high = self.step_words >> 16
+        high = words >> 16
         if self.holds_zero_points:
             return scale, None, high.to(torch.uint8)
         low = high.to(torch.int16).view(SCALE_DTYPE) if self.holds_mins else None
@@ -346,21 +352,35 @@ class GroupQuantWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights as a dense [out, in] tensor of `dtype`."""
+        return self._decoded(self.codes_by_input(), *self.scales_and_mins()).to(dtype)
+
+    def rows(self, index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Weight rows `index` (each in [0, out_features)) as float32 [len(index), in] (a
+        table's lookup: only those outputs' codes and scales are read), times `scale` where
+        given."""
+        outputs = index.reshape(-1)
+        by_input = self.codes_by_input().index_select(1, outputs)
+        weights = self._decoded(by_input, *self.scales_and_mins(outputs))
+        return weights if scale is None else weights * scale
+
+    def _decoded(self, by_input: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
+                 zeros: torch.Tensor | None) -> torch.Tensor:
+        """Codes held by input (`codes_by_input()`, or some of its outputs' columns) and their
+        outputs' scales, mins and zero points ([groups, n]) as float32 weights [n, in]."""
         if self.planes:
-            codes = (unpack_int4_planes(self.codes) if self.bits == 4
-                     else unpack_byte_planes(self.codes))
+            codes = (unpack_int4_planes(by_input) if self.bits == 4
+                     else unpack_byte_planes(by_input))
         elif self.bits == 4:
-            codes = unpack_int4_halves(self.codes)
+            codes = unpack_int4_halves(by_input)
         else:
-            codes = self.codes_by_input().t()
-        groups = codes.float().reshape(self.out_features, -1, self.group_size)
-        scale, low, zeros = self.scales_and_mins()
+            codes = by_input.t()
+        groups = codes.float().reshape(codes.shape[0], -1, self.group_size)
         if zeros is not None:
             groups = groups - zeros.t().float().unsqueeze(-1)
         weight = groups * scale.t().float().unsqueeze(-1)
         if low is not None:
             weight = weight + low.t().float().unsqueeze(-1)
-        return weight.reshape(self.out_features, self.in_features).to(dtype)
+        return weight.reshape(codes.shape[0], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:

@@ -198,7 +198,16 @@ def test_a_tied_table_is_held_by_the_block_dot_kernel(block_dot_kernel):
 
 
 def test_a_tied_table_stays_float_without_the_kernel_or_whole_tiles(cpu_kernel):
-    """torch's path, or a vocabulary that is not whole tiles of 16 rows: the float table."""
-    embedding, head = tied_table(96 if cpu_kernel == "torch" else 100)
+    """torch's path, or a vocabulary that is not whole tiles of 16 rows: the loader is asked
+    for floats, and the embedding and the head share the float table."""
+    vocab = 96 if cpu_kernel == "torch" else 100
+    embedding, head = tied_table(vocab)
+    assert not embedding.weight.gguf_blocks("Q8_0")
+    _, table = gguf_piece("Q8_0", vocab, HIDDEN, 7)  # as the loader decodes it
+    embedding.weight.weight_loader(embedding.weight, table)
+    assert finish_linear_layers(nn.ModuleList([embedding, head])) == {}
     assert embedding.weight is head.weight and embedding.weight.dtype == torch.float32
     assert embedding.weight.shape == (embedding.rows, HIDDEN)
+    assert head.quantized is None and embedding.quantized is None
+    ids = torch.tensor([[3, vocab - 1]])
+    assert torch.equal(embedding(ids), table[ids])

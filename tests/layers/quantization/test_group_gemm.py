@@ -406,6 +406,43 @@ def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_m
     assert asked.step_words.shape == (16, 48)
 
 
+ROW_LAYOUTS = {  # (bits, group, GroupQuantWeight's keywords, mins: None, "min", "zero")
+    "int4-planes-step-words": (4, 128, {}, "min"),
+    "int4-planes-g32": (4, 32, {}, "min"),
+    "int4-planes-zero-points": (4, 128, {"zero_points": True}, "zero"),
+    "int4-halves": (4, 64, {"planes": False}, None),
+    "int8-byte-planes-g16": (8, 16, {}, "min"),
+    "int8-bytes": (8, 32, {"planes": False}, "min"),
+    "float8-rows": (8, 256, {}, None),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(ROW_LAYOUTS))
+def test_rows_decode_the_outputs_looked_up_as_the_whole_weight_does(layout):
+    """A table held as codes (a tied GGUF table on the GPU) looks rows up by their outputs'
+    codes and scales alone: bit for bit the rows of `dequantize`, repeats and any order,
+    times a scale where given."""
+    bits, group, keywords, mins = ROW_LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 2 ** (bits - 1), (48, 256), generator=generator)
+    scale = torch.rand(48, 256 // group, generator=generator) + 0.5
+    low = None
+    if mins == "min":
+        low = -torch.rand(48, 256 // group, generator=generator)
+    elif mins == "zero":
+        scale = scale.half().float()
+        low = -torch.randint(0, 16, scale.shape, generator=generator) * scale
+    if layout.startswith("float8"):
+        codes = torch.randn(48, 256, generator=generator).to(FP8)
+    weight = GroupQuantWeight(codes, scale, low, group, bits, **keywords)
+    assert weight.planes == ("planes" in layout)
+    assert weight.holds_zero_points == (mins == "zero")
+    index = torch.tensor([7, 0, 47, 7, 20])
+    whole = weight.dequantize(torch.float32)
+    assert torch.equal(weight.rows(index), whole[index])
+    assert torch.equal(weight.rows(index.reshape(1, 5), 2.5), whole[index] * 2.5)
+
+
 def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     def weight(outputs, inputs, group, bits, float8=False):
         codes = torch.zeros(outputs, inputs, dtype=torch.uint8)
