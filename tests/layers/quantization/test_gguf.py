@@ -27,6 +27,7 @@ from pagoda.layers.quantization.gguf import (
     GGUFWeight,
     held_bits,
 )
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight
 from pagoda.layers.quantization.int4 import Int4PackedWeight
 from tests.layers.quantization.test_gguf_blocks import gguf_py, random_rows
 
@@ -195,6 +196,33 @@ def test_a_tied_table_is_held_by_the_block_dot_kernel(block_dot_kernel):
     expected = F.linear(hidden, ref)
     torch.testing.assert_close(head(hidden), expected, rtol=0,
                                atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q6_K"])
+def test_a_tied_table_the_gpu_kernel_holds_serves_the_head_and_the_lookups(kind, monkeypatch):
+    """A table of a type the GPU group kernel takes (as on CUDA: the kernel kind forced
+    here, on CPU, where its product is the decoded weights'): held once as its codes, the
+    head's product and the lookups (their rows decoded alone) are the table gguf-py
+    decodes, to the float16 rounding of the k-quants' group scales and mins (as the GPU
+    holds every layer's)."""
+    from pagoda.layers.quantization import gguf
+    monkeypatch.setattr(gguf, "_kernel_kind", lambda type_name, rows, columns, device:
+                        "group{}x{}".format(*gguf.group_layout(type_name)))
+    embedding, head = tied_table(96)
+    table, ref = gguf_piece(kind, 96, HIDDEN, 8)
+    assert embedding.weight.gguf_blocks(kind)
+    embedding.weight.weight_loader(embedding.weight, table)
+    kernels = finish_linear_layers(nn.ModuleList([embedding, head]))
+    assert kernels["lm_head"].startswith("triton group gemm")
+    assert isinstance(head.quantized, GroupQuantWeight) and embedding.quantized is head.quantized
+    ids = torch.tensor([[3, 95], [0, 3]])
+    rounding = 0 if kind == "Q8_0" else 2 ** -11  # (Q8_0's scales are float16s)
+    torch.testing.assert_close(embedding(ids), ref[ids], rtol=0,
+                               atol=rounding * ref.abs().max().item())
+    hidden = torch.randn(5, HIDDEN)
+    expected = F.linear(hidden, ref)
+    torch.testing.assert_close(head(hidden), expected, rtol=0,
+                               atol=(rounding + 1e-6) * expected.abs().max().item())
 
 
 def test_a_tied_table_stays_float_without_the_kernel_or_whole_tiles(cpu_kernel):
