@@ -1,12 +1,13 @@
 // Products of weights held as 4-, 6- or 8-bit codes (a scale and a low per group of 16
-// inputs or a multiple of 32) with activations quantized to int8 per block of 32 inputs, on AVX-512
-// VNNI CPUs (vpdpbusd), or built for AVX2 (vpmaddubsw + vpmaddwd, 8-bit codes as two nibbles
-// so no pair saturates): one integer dot product per block (per half block in groups of 16),
-// scaled by the block's activation scale and the weights' group scale, plus the group's low
-// times its inputs' quantized activation sum. In one pass this is llama.cpp's arithmetic for
-// its quantized types; a second pass adds int8 codes of what the first codes miss, at
-// 1/256 of the first scale (the activations to ~2^-16 of each block's largest), in the same
-// sweep over the weights: its products join the first's, shifted by 8 bits, as integers.
+// inputs or a multiple of 32) with activations quantized to int8 per block of 32 inputs, on
+// AVX-512 VNNI CPUs (vpdpbusd), or built for AVX2 (vpmaddubsw + vpmaddwd; 8-bit codes less
+// 128 as a magnitude and a sign, so no pair saturates): one integer dot product per block
+// (per half block in groups of 16), scaled by the block's activation scale and the weights'
+// group scale, plus the group's low times its inputs' quantized activation sum. In one pass
+// this is llama.cpp's arithmetic for its quantized types; a second pass adds int8 codes of
+// what the first codes miss, at 1/256 of the first scale (the activations to ~2^-16 of each
+// block's largest), in the same sweep over the weights: its products join the first's,
+// shifted by 8 bits, as integers.
 //
 // Weights are laid out in tiles of 16 outputs: for tile t and block b, 4-bit codes take 256
 // bytes (four 64-byte rows; in row l, byte 4j+i holds output j's inputs 8l+i in its low
@@ -83,6 +84,11 @@ inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x));
 }
 
+// 8-bit codes' products are taken of the codes as they are (no pair to saturate)
+constexpr bool kCodesLess128 = false;
+inline Ints less_128(Ints codes) { return codes; }  // (not called)
+inline Ints sum_of_16(const int8_t*) { return zero_ints(); }  // (not called)
+
 #else  // AVX2: each 16-lane vector is two ymm registers
 
 struct Ints {
@@ -155,19 +161,42 @@ inline __m256i small_dots(__m256i codes, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
 }
 
+// The sums of 4 products of signed bytes w (8-bit codes less 128: less_128) with x's 4
+// signed bytes, per int32 lane: |w| (unsigned, at most 128) times x with w's sign, which no
+// x of this build overflows (activation codes within +-127: quantize_row), a pair within
+// int16.
+inline __m256i signed_dots(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                           _mm256_set1_epi16(1));
+}
+
 // acc + per lane, the sum of 4 products of `codes`' bytes (unsigned) with `x`'s 4 bytes;
-// 8-bit codes as 16 * high nibble + low nibble (255 * 128 twice would saturate int16).
+// 8-bit codes taken less 128 (255 * 128 twice would saturate int16): add_block_products
+// adds 128 times the activations' sum back.
 template <int BITS>
 inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   const __m256i xs = _mm256_set1_epi32(x);
   if constexpr (BITS <= 6) {
     return add(acc, {small_dots(codes.lo, xs), small_dots(codes.hi, xs)});
   } else {
-    const Ints low = low_nibbles(codes), high = high_nibbles(codes);
-    const Ints dots = add(shift_left({small_dots(high.lo, xs), small_dots(high.hi, xs)}, 4),
-                          {small_dots(low.lo, xs), small_dots(low.hi, xs)});
-    return add(acc, dots);
+    return add(acc, {signed_dots(codes.lo, xs), signed_dots(codes.hi, xs)});
   }
+}
+
+// 8-bit codes' products are taken of the codes less 128 (signed_dots)
+constexpr bool kCodesLess128 = true;
+inline Ints less_128(Ints codes) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  return {_mm256_xor_si256(codes.lo, bias), _mm256_xor_si256(codes.hi, bias)};
+}
+
+// The sum of 16 int8s, in every lane.
+inline Ints sum_of_16(const int8_t* at) {
+  const __m128i biased = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)),
+                                       _mm_set1_epi8(static_cast<char>(0x80)));
+  const __m128i halves = _mm_sad_epu8(biased, _mm_setzero_si128());  // two sums of x + 128
+  const int32_t sum = _mm_cvtsi128_si32(halves) + _mm_extract_epi16(halves, 4) - 16 * 128;
+  return {_mm256_set1_epi32(sum), _mm256_set1_epi32(sum)};
 }
 
 #endif
@@ -192,7 +221,10 @@ inline void load_codes(const uint8_t* block, Ints codes[8]) {
       }
     }
   } else {
-    for (int row = 0; row < 8; ++row) codes[row] = load_bytes(block + 64 * row);
+    for (int row = 0; row < 8; ++row) {
+      codes[row] = load_bytes(block + 64 * row);
+      if constexpr (kCodesLess128) codes[row] = less_128(codes[row]);  // once, for every row
+    }
   }
 }
 
@@ -205,6 +237,10 @@ inline void add_block_products(const Ints codes[8], const int8_t* activations, I
   for (int q = 0; q < 4; ++q) {
     *first = dot_add<BITS>(*first, codes[q], x[q]);
     *second = dot_add<BITS>(*second, codes[q + 4], x[q + 4]);
+  }
+  if constexpr (BITS == 8 && kCodesLess128) {  // the 128 each code was taken less, times x
+    *first = add(*first, shift_left(sum_of_16(activations), 7));
+    *second = add(*second, shift_left(sum_of_16(activations + 16), 7));
   }
 }
 
@@ -368,10 +404,12 @@ void quantize_row(const float* x, int64_t cols, int passes, int64_t pass_stride,
 
 #else  // AVX2: the same arithmetic, one value at a time
 
-// A value to an int8 code at `inverse` = 1 / its scale (rounded to nearest even, saturated).
+// A value to an int8 code at `inverse` = 1 / its scale (rounded to nearest even, saturated
+// to +-127: signed_dots takes no -128; the first pass's codes never reach it, the second's
+// only for a rest within 1/512 of a step of minus half a step, then coded 1/256 off).
 inline int to_code(float value, float inverse, int8_t* code) {
   const float rounded = std::nearbyint(value * inverse);
-  const int q = rounded < -128.0f ? -128 : rounded > 127.0f ? 127 : static_cast<int>(rounded);
+  const int q = rounded < -127.0f ? -127 : rounded > 127.0f ? 127 : static_cast<int>(rounded);
   *code = static_cast<int8_t>(q);
   return q;
 }

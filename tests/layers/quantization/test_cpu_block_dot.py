@@ -28,17 +28,18 @@ def build(request, monkeypatch):
     cpu_block_dot._library.cache_clear()
 
 
-def quantized_activations(x: torch.Tensor, passes: int = 1) -> torch.Tensor:
+def quantized_activations(x: torch.Tensor, passes: int = 1, lowest: int = -128
+                          ) -> torch.Tensor:
     """x as the kernel sees it: per block of 32, codes round(x / scale) (ties to even) at
     scale = max |x| / 127, times the scale; a second pass adds what the first missed, in
-    codes of scale / 256."""
+    codes of scale / 256 (no lower than `lowest`)."""
     blocks = x.reshape(x.shape[0], -1, 32)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     codes = torch.round(blocks * inverse)
     if passes == 2:
         rest = blocks - codes * scale
-        codes = codes + torch.round(rest * (inverse * 256)).clamp(-128, 127) / 256
+        codes = codes + torch.round(rest * (inverse * 256)).clamp(lowest, 127) / 256
     return (codes * scale).reshape(x.shape)
 
 
@@ -74,6 +75,23 @@ def test_products_match_the_reference_arithmetic(bits, out_features, in_features
     share = 2e-6 if passes == 1 else 2e-5
     torch.testing.assert_close(layer(x).double(), expected, rtol=0,
                                atol=share * expected.abs().max().item())
+
+
+def test_second_pass_codes_at_the_bottom_of_int8_with_byte_codes(build):
+    """Rests just under minus half a step give second-pass activation codes of -128 (-127
+    on the AVX2 build, which multiplies byte codes less 128 as a magnitude and x with their
+    sign: x = -128 has no negation), against byte codes 0 and 255 among others: the
+    products are the reference's at the build's codes."""
+    codes, scale, low, weights = random_weights(32, 64, 32, 8, 5)
+    codes[:, ::3], codes[:, 1::3] = 0, 255
+    weights = codes.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
+    layer = BlockDotWeight(codes, scale, low, 32, 8, activation_passes=2)
+    x = torch.full((2, 64), -0.004995)  # a step of 0.01: first codes 0, rests -127.87 / 256
+    x[:, 0], x[1, 1::2] = 1.27, 0.004995
+    expected = quantized_activations(x, 2, -127 if build == "avx2" else -128).double() \
+        @ weights.double().t()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0,
+                               atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
