@@ -33,13 +33,16 @@ MODEL=${MODEL:-$B8}  # the decode1 and throughput stages' model (bench/configs/.
 SHAPE="--dtype bfloat16 --max-model-len 4096"
 COMMON="--load-format dummy $SHAPE"
 GGUF8=/tmp/b8-q4_k_m.gguf
+GGUF1=/tmp/b1-q4_k_m.gguf
 
-# the 8B as a GGUF of random Q4_K_M blocks (about 4.6 GiB) and its word tokenizer, made once
-make_gguf8() {
-  [ -f $GGUF8 ] || { python3 -m pagoda.bench.dummy_gguf $B8 $GGUF8.part --mix q4_k_m \
-                       && mv $GGUF8.part $GGUF8; }
-  [ -f /tmp/b8w/tokenizer.json ] || python3 -m pagoda.bench.word_tokenizer $B8 /tmp/b8w > /dev/null
+# config $1 as a GGUF of random Q4_K_M blocks at $2 and its word tokenizer in $3, made once
+make_gguf() {
+  [ -f $2 ] || { python3 -m pagoda.bench.dummy_gguf $1 $2.part --mix q4_k_m && mv $2.part $2; }
+  [ -f $3/tokenizer.json ] || python3 -m pagoda.bench.word_tokenizer $1 $3 > /dev/null
 }
+
+# the 8B as a GGUF of random Q4_K_M blocks (about 4.6 GiB), its head untied
+make_gguf8() { make_gguf $B8 $GGUF8 /tmp/b8w; }
 
 # the 8B's --model and load flags for a quantized variant (issue 18's benchmarks; moe-*: the
 # dummy Qwen3-30B-A3B in bf16, FP8 at load, AWQ); gguf reads
@@ -58,6 +61,9 @@ quant_model() {
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
     gguf-dequantized) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization none $SHAPE" ;;
+    # Llama 3.2 1B as a random Q4_K_M GGUF: its LM head tied to a Q6_K table
+    gguf1b) make_gguf $B1 $GGUF1 /tmp/b1w >&2
+            echo "--model $GGUF1 --tokenizer /tmp/b1w --load-format gguf --quantization gguf $SHAPE" ;;
   esac
 }
 

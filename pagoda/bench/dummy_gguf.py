@@ -2,7 +2,7 @@
 blocks, so that the GGUF path can be benchmarked at any size (an 8B Q4_K_M) without a
 download.
 
-    python -m pagoda.bench.dummy_gguf CONFIG_DIR OUT.gguf [--mix q4_k_m|q4_k] [--seed N]
+    python -m pagoda.bench.dummy_gguf CONFIG_DIR OUT.gguf [--mix q4_k_m|q4_k|q8_0] [--seed N]
 
 CONFIG_DIR holds an HF config.json of a Llama or Qwen3-MoE model (bench/configs/llama-3.1-8b,
 bench/configs/qwen3-30b-a3b). The file
@@ -13,7 +13,8 @@ Llama 3 rope scaling, llama.cpp's rope_freqs tensor) and no tokenizer: pass one 
 The blocks are random bytes with chosen scales, not quantized floats: every Q4_K sub-block
 gets a random 6-bit scale s and the same 6-bit min, with dmin = 7.5 d, so its weights are
 d * s * (code - 7.5), centred on zero; Q6_K sub-blocks get int8 scales of random sign and
-size. The super-block scale d is set so the weights have a standard deviation of about 0.02,
+size; Q8_0 blocks random int8 codes under one float16 scale. The (super-)block scale d is
+set so the weights have a standard deviation of about 0.02,
 as pagoda's dummy loader draws them; norms are ones. Rows are stored as llama.cpp stores
 them (its q/k row permutation is immaterial for random rows).
 
@@ -24,6 +25,7 @@ The mixes follow llama.cpp's choice of block types for Llama:
   i < n // 8 or i >= 7 * n // 8), or when i - n // 8 leaves a remainder of 2 on division by 3
   (every third layer of the middle). For 32 layers that is layers 0-3, 6, 9, ..., 27, 28-31.
 - q4_k: every linear weight and the token embedding in Q4_K, the output head in Q6_K.
+- q8_0 (its Q8_0): every linear weight, the token embedding and the output head in Q8_0.
 A model with tied embeddings has no output head: its token embedding takes the head's type.
 A Qwen3-MoE's experts are stacked per projection as llama.cpp stores them (ffn_gate_exps,
 ffn_up_exps, ffn_down_exps: the down projection's type as ffn_down's above), beside its
@@ -45,12 +47,13 @@ from pagoda.models.hf_config import HFConfig
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 Q6_K = gguf.GGMLQuantizationType.Q6_K
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 F32 = gguf.GGMLQuantizationType.F32
-QK_K = 256  # weights per k-quant super-block
-MIXES = ("q4_k_m", "q4_k")
+MIXES = ("q4_k_m", "q4_k", "q8_0")
 WEIGHT_STD = 0.02  # as pagoda's dummy loader
 Q4_K_CODE_STD = float(np.sqrt((16**2 - 1) / 12))  # codes 0..15 around their mean 7.5
 Q6_K_CODE_STD = float(np.sqrt((64**2 - 1) / 12))  # codes 0..63 less 32
+Q8_0_CODE_STD = float(np.sqrt((256**2 - 1) / 12))  # int8 codes -128..127
 Q4_K_SCALES = (32, 64)  # 6-bit sub-block scales drawn from [low, high)
 Q6_K_SCALES = (8, 17)  # magnitudes of the int8 sub-block scales, [low, high)
 # the GGUF stems of each layer's linear weights (linear_shapes gives their shapes)
@@ -85,6 +88,8 @@ def use_more_bits(layer: int, num_layers: int) -> bool:
 
 def linear_kind(stem: str, layer: int, num_layers: int, mix: str) -> gguf.GGMLQuantizationType:
     """The block type of layer `layer`'s linear weight `stem` in `mix`."""
+    if mix == "q8_0":
+        return Q8_0
     if mix == "q4_k_m" and stem in MORE_BITS_STEMS and use_more_bits(layer, num_layers):
         return Q6_K
     return Q4_K
@@ -109,7 +114,7 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
     if config.rope_parameters.get("rope_type") == "llama3":
         plan.append(PlannedTensor("rope_freqs.weight", (config.head_dim // 2,), F32))
     plan.append(PlannedTensor("token_embd.weight", (config.vocab_size, hidden),
-                              Q6_K if tied else Q4_K))
+                              head_kind(mix) if tied else linear_kind("", 0, layers, mix)))
     shapes = linear_shapes(config)
     for layer in range(layers):
         plan.append(PlannedTensor(f"blk.{layer}.attn_norm.weight", (hidden,), F32))
@@ -123,8 +128,13 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
         plan.append(PlannedTensor(f"blk.{layer}.ffn_norm.weight", (hidden,), F32))
     plan.append(PlannedTensor("output_norm.weight", (hidden,), F32))
     if not tied:
-        plan.append(PlannedTensor("output.weight", (config.vocab_size, hidden), Q6_K))
+        plan.append(PlannedTensor("output.weight", (config.vocab_size, hidden), head_kind(mix)))
     return plan
+
+
+def head_kind(mix: str) -> gguf.GGMLQuantizationType:
+    """The block type of the output head (or a tied token embedding) in `mix`."""
+    return Q8_0 if mix == "q8_0" else Q6_K
 
 
 def expert_tensors(config: HFConfig, layer: int, mix: str) -> list[PlannedTensor]:
@@ -133,18 +143,24 @@ def expert_tensors(config: HFConfig, layer: int, mix: str) -> list[PlannedTensor
     experts, hidden = config.num_experts, config.hidden_size
     inter, layers = config.moe_intermediate_size, config.num_hidden_layers
     return [PlannedTensor(f"blk.{layer}.ffn_gate_inp.weight", (experts, hidden), F32),
-            PlannedTensor(f"blk.{layer}.ffn_gate_exps.weight", (experts, inter, hidden), Q4_K),
-            PlannedTensor(f"blk.{layer}.ffn_up_exps.weight", (experts, inter, hidden), Q4_K),
+            PlannedTensor(f"blk.{layer}.ffn_gate_exps.weight", (experts, inter, hidden),
+                          linear_kind("ffn_gate", layer, layers, mix)),
+            PlannedTensor(f"blk.{layer}.ffn_up_exps.weight", (experts, inter, hidden),
+                          linear_kind("ffn_up", layer, layers, mix)),
             PlannedTensor(f"blk.{layer}.ffn_down_exps.weight", (experts, hidden, inter),
                           linear_kind("ffn_down", layer, layers, mix))]
 
 
 def check_block_shapes(plan: list[PlannedTensor]) -> None:
-    """K-quants need rows that are whole super-blocks; say which tensor has none."""
+    """Rows must be whole blocks (k-quants: super-blocks of 256); say which tensor's are
+    not."""
     for tensor in plan:
-        if tensor.kind != F32 and tensor.shape[-1] % QK_K:
+        if tensor.kind == F32:
+            continue
+        block_weights = gguf.GGML_QUANT_SIZES[tensor.kind][0]
+        if tensor.shape[-1] % block_weights:
             raise ValueError(f"{tensor.name}: rows of {tensor.shape[-1]} weights are not a "
-                             f"multiple of {QK_K}, which {tensor.kind.name} needs")
+                             f"multiple of {block_weights}, which {tensor.kind.name} needs")
 
 
 def pack_q4_k_scales(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
@@ -194,7 +210,14 @@ def q6_k_blocks(rng: np.random.Generator, blocks: int, std: float) -> np.ndarray
                            scales.view(np.uint8), half_bytes(d, blocks)], axis=1)
 
 
-BLOCK_MAKERS = {Q4_K: q4_k_blocks, Q6_K: q6_k_blocks}
+def q8_0_blocks(rng: np.random.Generator, blocks: int, std: float) -> np.ndarray:
+    """`blocks` Q8_0 blocks of random int8 codes under one scale d set so the weights have
+    about `std`."""
+    return np.concatenate([half_bytes(std / Q8_0_CODE_STD, blocks),
+                           random_bytes(rng, blocks, 32)], axis=1)
+
+
+BLOCK_MAKERS = {Q4_K: q4_k_blocks, Q6_K: q6_k_blocks, Q8_0: q8_0_blocks}
 
 
 def tensor_data(tensor: PlannedTensor, config: HFConfig, rng: np.random.Generator) -> np.ndarray:
@@ -206,7 +229,7 @@ def tensor_data(tensor: PlannedTensor, config: HFConfig, rng: np.random.Generato
         return rng.normal(0.0, WEIGHT_STD, tensor.shape).astype(np.float32)
     if tensor.kind == F32:
         return np.ones(tensor.shape, dtype=np.float32)
-    blocks = int(np.prod(tensor.shape)) // QK_K
+    blocks = int(np.prod(tensor.shape)) // gguf.GGML_QUANT_SIZES[tensor.kind][0]
     return BLOCK_MAKERS[tensor.kind](rng, blocks, WEIGHT_STD).reshape(tensor.byte_shape())
 
 
@@ -228,8 +251,8 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
     comes from elsewhere)."""
     writer.add_name(f"dummy {mix}")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if mix == "q4_k_m":
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    if mix in FILE_TYPES:
+        writer.add_file_type(FILE_TYPES[mix])
     add_decoder_metadata(writer, config)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
@@ -248,6 +271,8 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
         writer.add_eos_token_id(int(eos))
 
 
+# the file type a mix declares (llama.cpp's names for its mixes; q4_k is none of them)
+FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 # model types written, and their GGUF architecture
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 

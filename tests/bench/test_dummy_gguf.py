@@ -75,6 +75,18 @@ def test_q4_k_mix_and_the_file_size(config_dir, tmp_path):
     assert data < path.stat().st_size < data + header_room
 
 
+def test_q8_0_mix_holds_every_table_in_q8_0_blocks_of_the_intended_size(config_dir, tmp_path):
+    path = write_dummy_gguf(config_dir, tmp_path / "q8_0.gguf", mix="q8_0")
+    reader = gguf.GGUFReader(path)
+    linear = [t for t in reader.tensors if t.tensor_type.name != "F32"]
+    assert {t.tensor_type.name for t in linear} == {"Q8_0"} and len(linear) == 2 + 7 * LAYERS
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == \
+        gguf.LlamaFileType.MOSTLY_Q8_0
+    values = gguf.quants.dequantize(linear[0].data, linear[0].tensor_type)
+    assert values.std() == pytest.approx(WEIGHT_STD, rel=0.05)
+    assert abs(values.mean()) < 0.05 * WEIGHT_STD
+
+
 def test_blocks_decode_to_finite_centred_weights(q4_k_m_file):
     for tensor in gguf.GGUFReader(q4_k_m_file).tensors:
         if tensor.tensor_type.name == "F32":
