@@ -168,6 +168,23 @@ def test_an_untied_embedding_stays_in_its_blocks(tmp_path):
         == held["gguf", 1]
 
 
+def tokens_of_three_engines(path, check_kept) -> dict[tuple[str, int], list[list[int]]]:
+    """Greedy tokens of the GGUF at `path` kept quantized on one rank, decoded at load, and
+    kept on two tensor-parallel ranks, by (mode, ranks); `check_kept(llm)` looks at the
+    first engine before it shuts down."""
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
+        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
+                  tensor_parallel_size=tp)
+        tokens[mode, tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if (mode, tp) == ("gguf", 1):
+            check_kept(llm)
+        llm.engine.core.shutdown()
+    return tokens
+
+
 @pytest.mark.parametrize("head_type", ["Q8_0", "Q4_0"])
 def test_an_untied_head_keeps_its_blocks_where_a_kernel_takes_them(tmp_path, cpu_kernel,
                                                                    head_type):
@@ -178,25 +195,20 @@ def test_an_untied_head_keeps_its_blocks_where_a_kernel_takes_them(tmp_path, cpu
     (bfloat16 in torch's int4 kernel); greedy tokens against the table decoded at load, and
     on two tensor-parallel ranks (each keeping its half of the vocabulary's rows)."""
     path = write_untied_gguf(tmp_path / "head.gguf", head_type)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    tokens = {}
-    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
-        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
-                  tensor_parallel_size=tp)
-        tokens[mode, tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        if (mode, tp) == ("gguf", 1):
-            head = _model(llm).lm_head
-            kept = cpu_kernel == "cpu_block_dot" or head_type == "Q4_0"
-            assert (head.quantized is not None) == kept
-            assert head.weight.dtype == (torch.uint8 if kept else torch.float32)
-            assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
-                == llm.engine.model_info.weight_bytes
-            hidden = torch.randn(6, UNTIED.hidden_size)
-            reference = hidden @ output_table(path).T
-            error = (head(hidden) - reference).abs().max() / reference.abs().max()
-            assert error < (1e-4 if cpu_kernel == "cpu_block_dot" else 1e-2)
-        llm.engine.core.shutdown()
+
+    def check_kept(llm):
+        head = _model(llm).lm_head
+        kept = cpu_kernel == "cpu_block_dot" or head_type == "Q4_0"
+        assert (head.quantized is not None) == kept
+        assert head.weight.dtype == (torch.uint8 if kept else torch.float32)
+        assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+            == llm.engine.model_info.weight_bytes
+        hidden = torch.randn(6, UNTIED.hidden_size)
+        reference = hidden @ output_table(path).T
+        error = (head(hidden) - reference).abs().max() / reference.abs().max()
+        assert error < (1e-4 if cpu_kernel == "cpu_block_dot" else 1e-2)
+
+    tokens = tokens_of_three_engines(path, check_kept)
     assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
 
 
@@ -206,24 +218,18 @@ def test_a_tied_table_is_held_once_where_the_block_dot_kernel_runs(tmp_path, cpu
     the estimate counts what is held, lookups are the rows gguf-py decodes; greedy tokens
     against the table decoded at load, and on two tensor-parallel ranks."""
     path = write_tied_gguf(tmp_path / "tied.gguf", "Q4_0")
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(UNTIED.vocab_size, (5, 17))]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    tokens = {}
-    for mode, tp in (("gguf", 1), ("none", 1), ("gguf", 2)):
-        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128,
-                  tensor_parallel_size=tp)
-        tokens[mode, tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        if (mode, tp) == ("gguf", 1):
-            model = _model(llm)
-            held = cpu_kernel == "cpu_block_dot"
-            assert (model.lm_head.quantized is not None) == held
-            assert model.model.embed_tokens.quantized is model.lm_head.quantized
-            assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
-                == llm.engine.model_info.weight_bytes
-            table = output_table(path, "token_embd.weight")
-            ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1]])
-            assert torch.equal(model.model.embed_tokens(ids), table[ids])
-        llm.engine.core.shutdown()
+
+    def check_kept(llm):
+        model = _model(llm)
+        assert (model.lm_head.quantized is not None) == (cpu_kernel == "cpu_block_dot")
+        assert model.model.embed_tokens.quantized is model.lm_head.quantized
+        assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+            == llm.engine.model_info.weight_bytes
+        table = output_table(path, "token_embd.weight")
+        ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1]])
+        assert torch.equal(model.model.embed_tokens(ids), table[ids])
+
+    tokens = tokens_of_three_engines(path, check_kept)
     assert tokens["gguf", 1] == tokens["none", 1] == tokens["gguf", 2]
 
 
