@@ -50,6 +50,8 @@ Q6_K = gguf.GGMLQuantizationType.Q6_K
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 F32 = gguf.GGMLQuantizationType.F32
 MIXES = ("q4_k_m", "q4_k", "q8_0")
+# the file type a mix declares (llama.cpp's names for its mixes; q4_k is none of them)
+FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 WEIGHT_STD = 0.02  # as pagoda's dummy loader
 Q4_K_CODE_STD = float(np.sqrt((16**2 - 1) / 12))  # codes 0..15 around their mean 7.5
 Q6_K_CODE_STD = float(np.sqrt((64**2 - 1) / 12))  # codes 0..63 less 32
@@ -114,7 +116,7 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
     if config.rope_parameters.get("rope_type") == "llama3":
         plan.append(PlannedTensor("rope_freqs.weight", (config.head_dim // 2,), F32))
     plan.append(PlannedTensor("token_embd.weight", (config.vocab_size, hidden),
-                              head_kind(mix) if tied else linear_kind("", 0, layers, mix)))
+                              head_kind(mix) if tied else embedding_kind(mix)))
     shapes = linear_shapes(config)
     for layer in range(layers):
         plan.append(PlannedTensor(f"blk.{layer}.attn_norm.weight", (hidden,), F32))
@@ -135,6 +137,11 @@ def plan_tensors(config: HFConfig, mix: str) -> list[PlannedTensor]:
 def head_kind(mix: str) -> gguf.GGMLQuantizationType:
     """The block type of the output head (or a tied token embedding) in `mix`."""
     return Q8_0 if mix == "q8_0" else Q6_K
+
+
+def embedding_kind(mix: str) -> gguf.GGMLQuantizationType:
+    """The block type of an untied token embedding in `mix`."""
+    return Q8_0 if mix == "q8_0" else Q4_K
 
 
 def expert_tensors(config: HFConfig, layer: int, mix: str) -> list[PlannedTensor]:
@@ -271,8 +278,6 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: HFConfig, mix: str) -> N
         writer.add_eos_token_id(int(eos))
 
 
-# the file type a mix declares (llama.cpp's names for its mixes; q4_k is none of them)
-FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 # model types written, and their GGUF architecture
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen3_moe": "qwen3moe"}
 

@@ -171,8 +171,8 @@ inline __m256i signed_dots(__m256i w, __m256i x) {
 }
 
 // acc + per lane, the sum of 4 products of `codes`' bytes (unsigned) with `x`'s 4 bytes;
-// 8-bit codes taken less 128 (255 * 128 twice would saturate int16): add_block_products
-// adds 128 times the activations' sum back.
+// 8-bit codes come less 128 (load_codes: 255 * 128 twice would saturate int16), and
+// add_block_products adds 128 times the activations' sum back.
 template <int BITS>
 inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   const __m256i xs = _mm256_set1_epi32(x);
