@@ -84,10 +84,10 @@ inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x));
 }
 
-// 8-bit codes' products are taken of the codes as they are (no pair to saturate)
-constexpr bool kCodesLess128 = false;
-inline Ints less_128(Ints codes) { return codes; }  // (not called)
-inline Ints sum_of_16(const int8_t*) { return zero_ints(); }  // (not called)
+// 8-bit codes go into vpdpbusd as they are (no pair to saturate): nothing to prepare, nothing
+// to add back
+inline Ints byte_codes(Ints codes) { return codes; }
+inline void add_byte_code_offset(const int8_t*, Ints*, Ints*) {}
 
 #else  // AVX2: each 16-lane vector is two ymm registers
 
@@ -161,7 +161,7 @@ inline __m256i small_dots(__m256i codes, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
 }
 
-// The sums of 4 products of signed bytes w (8-bit codes less 128: less_128) with x's 4
+// The sums of 4 products of signed bytes w (8-bit codes less 128: byte_codes) with x's 4
 // signed bytes, per int32 lane: |w| (unsigned, at most 128) times x with w's sign, which no
 // x of this build overflows (activation codes within +-127: quantize_row), a pair within
 // int16.
@@ -171,8 +171,8 @@ inline __m256i signed_dots(__m256i w, __m256i x) {
 }
 
 // acc + per lane, the sum of 4 products of `codes`' bytes (unsigned) with `x`'s 4 bytes;
-// 8-bit codes come less 128 (load_codes: 255 * 128 twice would saturate int16), and
-// add_block_products adds 128 times the activations' sum back.
+// 8-bit codes come less 128 (byte_codes: 255 * 128 twice would saturate int16), and
+// add_byte_code_offset adds 128 times the activations' sum back.
 template <int BITS>
 inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   const __m256i xs = _mm256_set1_epi32(x);
@@ -183,9 +183,8 @@ inline Ints dot_add(Ints acc, Ints codes, int32_t x) {
   }
 }
 
-// 8-bit codes' products are taken of the codes less 128 (signed_dots)
-constexpr bool kCodesLess128 = true;
-inline Ints less_128(Ints codes) {
+// 8-bit codes less 128, as signed_dots takes them (once a block, for every row)
+inline Ints byte_codes(Ints codes) {
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
   return {_mm256_xor_si256(codes.lo, bias), _mm256_xor_si256(codes.hi, bias)};
 }
@@ -197,6 +196,13 @@ inline Ints sum_of_16(const int8_t* at) {
   const __m128i halves = _mm_sad_epu8(biased, _mm_setzero_si128());  // two sums of x + 128
   const int32_t sum = _mm_cvtsi128_si32(halves) + _mm_extract_epi16(halves, 4) - 16 * 128;
   return {_mm256_set1_epi32(sum), _mm256_set1_epi32(sum)};
+}
+
+// The 128 each byte code was taken less, times the 32 activations, added back to the sums
+// of their halves.
+inline void add_byte_code_offset(const int8_t* activations, Ints* first, Ints* second) {
+  *first = add(*first, shift_left(sum_of_16(activations), 7));
+  *second = add(*second, shift_left(sum_of_16(activations + 16), 7));
 }
 
 #endif
@@ -221,10 +227,7 @@ inline void load_codes(const uint8_t* block, Ints codes[8]) {
       }
     }
   } else {
-    for (int row = 0; row < 8; ++row) {
-      codes[row] = load_bytes(block + 64 * row);
-      if constexpr (kCodesLess128) codes[row] = less_128(codes[row]);  // once, for every row
-    }
+    for (int row = 0; row < 8; ++row) codes[row] = byte_codes(load_bytes(block + 64 * row));
   }
 }
 
@@ -238,10 +241,7 @@ inline void add_block_products(const Ints codes[8], const int8_t* activations, I
     *first = dot_add<BITS>(*first, codes[q], x[q]);
     *second = dot_add<BITS>(*second, codes[q + 4], x[q + 4]);
   }
-  if constexpr (BITS == 8 && kCodesLess128) {  // the 128 each code was taken less, times x
-    *first = add(*first, shift_left(sum_of_16(activations), 7));
-    *second = add(*second, shift_left(sum_of_16(activations + 16), 7));
-  }
+  if constexpr (BITS == 8) add_byte_code_offset(activations, first, second);
 }
 
 // A layer's scales and lows as float32s or float16s ([tiles][groups][16] each).

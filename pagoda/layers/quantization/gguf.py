@@ -87,10 +87,9 @@ class GGUFLinearMethod(LinearMethod):
     """A linear layer whose weights stay in the GGUF's blocks."""
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
-        # a placeholder the checkpoint's tensors are loaded through (the layer keeps them)
-        layer.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        layer.weight.weight_loader = partial(_store_piece, layer)
-        layer.weight.gguf_blocks = partial(_keeps_blocks_on_rank, layer)
+        # the checkpoint's tensors load through it (the layer keeps them)
+        layer.weight = _placeholder(partial(_store_piece, layer),
+                                    partial(_keeps_blocks_on_rank, layer))
         layer.weight.output_dim, layer.weight.input_dim = 0, 1
         layer.gguf_pieces = {}
         layer.gguf_kernels = nn.ModuleList()
@@ -120,6 +119,15 @@ class GGUFLinearMethod(LinearMethod):
 
     def kernel(self, layer: LinearBase) -> str:
         return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))
+
+
+def _placeholder(loader, keeps) -> nn.Parameter:
+    """An empty parameter that a checkpoint's tensor loads through (`loader`, which keeps
+    it); `keeps(type_name)` says whether the loader hands it the tensor's blocks (else its
+    floats)."""
+    placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+    placeholder.weight_loader, placeholder.gguf_blocks = loader, keeps
+    return placeholder
 
 
 def _block_dot_columns(kernels: nn.ModuleList, x: torch.Tensor,
@@ -387,29 +395,17 @@ class GGUFConfig(QuantizationConfig):
         return group_codes(weight) if isinstance(weight, GGUFWeight) else weight
 
     def bind_embedding(self, embedding: VocabEmbedding) -> None:
-        # a placeholder for the float table: the checkpoint's loads through it
-        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        placeholder.weight_loader = partial(_store_table, embedding)
-        placeholder.gguf_blocks = keeps_table_blocks
-        embedding.weight = placeholder
+        embedding.weight = _placeholder(partial(_store_table, embedding), keeps_table_blocks)
 
     def bind_head(self, head: LMHead) -> None:
-        # a placeholder the checkpoint's table loads through (a kernel holds it)
-        device = head.weight.device
-        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        placeholder.weight_loader = partial(_store_head, head)
-        placeholder.gguf_blocks = partial(holds_head, rows=head.rows, columns=head.hidden_size,
-                                          device=device)
-        head.weight = placeholder
+        head.weight = _placeholder(partial(_store_head, head), partial(
+            holds_head, rows=head.rows, columns=head.hidden_size, device=head.weight.device))
 
     def bind_tied_table(self, embedding: VocabEmbedding, head: LMHead) -> None:
-        # a placeholder the checkpoint's table loads through (a kernel holds it)
-        placeholder = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        placeholder.weight_loader = partial(_store_tied_table, embedding, head)
-        placeholder.gguf_blocks = partial(holds_tied_table, rows=embedding.rows,
-                                          columns=embedding.hidden_size,
-                                          device=embedding.weight.device)
-        embedding.weight = head.weight = placeholder
+        embedding.weight = head.weight = _placeholder(
+            partial(_store_tied_table, embedding, head),
+            partial(holds_tied_table, rows=embedding.rows, columns=embedding.hidden_size,
+                    device=embedding.weight.device))
 
 
 def held_bits(type_name: str, device: torch.device) -> float:
