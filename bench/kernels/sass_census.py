@@ -11,7 +11,7 @@ holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
         [--warps 4] [--stages 3] [--weight-by-weight] [--group 128]
-        [--bits 4|8]
+        [--bits 4|8] [--factored 0|1|2]
 
 `--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
 with 8-bit codes in groups of 16, GGUF Q6_K's, or float8 values with a scale a row), its
@@ -44,22 +44,27 @@ OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)
 
 
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                   stages: int, group: int = 128, bits: int = 4):
+                   stages: int, group: int = 128, bits: int = 4, factored: int = 0):
     """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
     inputs, a 2048-input split of 2 (the 8B gate-up product's), bfloat16 activations;
     step_sums: mins applied to a step's (or in groups smaller than a step, a plane's) sums
     (the kernel's STEP_SUMS), not weight by weight; bits 8: codes in byte planes (its
-    PLANE_BITS)."""
-    signature = {"x_ptr": "*bf16", "codes_ptr": "*i16",
-                 "scale_ptr": "*i32" if step_sums else "*fp16",
-                 "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
+    PLANE_BITS); factored 1 or 2: a GGUF k-quant's scales held factored (its FACTORED:
+    words of sub-scales, and of sub-mins with 2, and a super-block's factor words)."""
+    scales = "*i32" if step_sums else "*fp16"
+    lows = "*u8" if zero_points else "*fp16"
+    if factored:
+        scales, lows = "*i32", "*i32"
+    signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": scales,
+                 "low_ptr": lows, "out_ptr": "*bf16",
                  "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
                  "stride_xm": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
                  "STEP_IN_GROUP": group % (PLANE_STEP if bits == 4 else BYTE_PLANE_STEP) == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
-                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits}
+                 "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits,
+                 "FACTORED": factored, "SUPER": 256 if factored else 0}
     return _compile(_planes_kernel, signature, constants, warps, stages)
 
 
@@ -104,10 +109,10 @@ def cuobjdump(kernel, option: str) -> str:
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, group: int = 128, bits: int = 4) -> str:
+                stages: int, group: int = 128, bits: int = 4, factored: int = 0) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    group, bits), "-sass")
+                                    group, bits, factored), "-sass")
 
 
 def registers(kernel) -> int:
@@ -141,6 +146,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128, help="inputs a group")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="8: codes in byte planes")
+    parser.add_argument("--factored", type=int, choices=(0, 1, 2), default=0,
+                        help="a GGUF k-quant's factored scales: 1 sub-scales (Q6_K), 2 with "
+                        "sub-mins (Q4_K)")
     parser.add_argument("--few-tokens", choices=sorted(FEW_TOKEN_LAYOUTS), default=None,
                         help="count the few-token kernel's loop for this layout instead")
     parser.add_argument("--block-t", type=int, default=16, help="(--few-tokens) tokens a tile")
@@ -152,7 +160,7 @@ def main() -> None:
     else:
         kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
                                 args.warps, args.stages, args.group,
-                                args.bits)
+                                args.bits, args.factored)
         rows = PLANE_ROWS if args.bits == 4 else BYTE_PLANE_ROWS
         step_bytes = args.block_n * rows * 2  # int16 codes a program reads a step
     opcodes = main_loop(cuobjdump(kernel, "-sass"))

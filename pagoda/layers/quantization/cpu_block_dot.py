@@ -217,11 +217,11 @@ def stacked_kernel(pieces: list[GroupCodes]) -> BlockDotWeight | None:
         return None
     codes, scale, low = (torch.cat(parts) for parts in zip(
         *((p.codes, p.scale, p.low) for p in pieces)))
-    factors = None if factored is None else _stacked_factors([p.factors for p in pieces])
+    factors = None if factored is None else stacked_factors([p.factors for p in pieces])
     return BlockDotWeight(codes, scale, low, group, bits, half_scales=half, factors=factors)
 
 
-def _stacked_factors(parts: list[ScaleFactors]) -> ScaleFactors:
+def stacked_factors(parts: list[ScaleFactors]) -> ScaleFactors:
     """Factors of one layout, rows one after another (sub-lows of their own for all where
     one part has them: the sub-scales stand in for the others')."""
     sub_low = None

@@ -27,7 +27,13 @@ from pagoda.layers.embedding import LMHead, VocabEmbedding, VocabShard
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
-from pagoda.layers.quantization.cpu_block_dot import BlockDotWeight, GroupCodes, stacked_kernel
+from pagoda.layers.quantization.cpu_block_dot import (
+    BlockDotWeight,
+    GroupCodes,
+    ScaleFactors,
+    stacked_factors,
+    stacked_kernel,
+)
 from pagoda.layers.quantization.gguf_blocks import (
     FORMATS,
     HALF_SCALE_FORMATS,
@@ -43,7 +49,11 @@ from pagoda.layers.quantization.gguf_blocks import (
     int4_groups,
     scale_factors,
 )
-from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
+from pagoda.layers.quantization.group_gemm import (
+    FACTORED_SCALES_IN_PLANES,
+    GroupQuantWeight,
+    supports,
+)
 from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
 from pagoda.layers.quantization.pieces import piece_sizes
 
@@ -291,10 +301,18 @@ def _kernel(pieces: list, device: torch.device) -> nn.Module:
         return stacked_kernel([group_codes(p) for p in pieces])
     if kind.startswith("group"):
         bits, group = group_layout(pieces[0].type_name)
-        groups = [byte_groups(p.rows.to(device), p.type_name)[:3] for p in pieces]
+        rows = [p.rows.to(device) for p in pieces]
+        groups = [byte_groups(r, p.type_name)[:3] for r, p in zip(rows, pieces)]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
-        return GroupQuantWeight(codes, scale, low, group, bits)
+        factors = [scale_factors(r, p.type_name) for r, p in zip(rows, pieces)]
+        return GroupQuantWeight(codes, scale, low, group, bits,
+                                factors=_stacked_or_none(factors))
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
+
+
+def _stacked_or_none(factors: list[ScaleFactors | None]) -> ScaleFactors | None:
+    """Pieces' factored scales stacked, or None where a piece has none (a legacy type)."""
+    return None if None in factors else stacked_factors(factors)
 
 
 def decode_table_rows(rows: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -410,22 +428,30 @@ class GGUFConfig(QuantizationConfig):
 
 def held_bits(type_name: str, device: torch.device) -> float:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
-    code and its share of the group's scale and min (16-bit on CUDA and in torch's int4
-    kernel; in the CPU block-dot kernel 16-bit for the types whose scales are float16s, the
-    k-quants' factored: an int8 sub-scale a group, an int8 sub-min where the type has mins,
-    two float32 factors a super-block of 256)."""
+    code and its share of the group's scale and min (16-bit each on CUDA and in torch's
+    int4 kernel), but for the k-quants, held factored: an int8 sub-scale a group, an int8
+    sub-min where the type has mins, and a super-block of 256's two factors (float16 in the
+    GPU's planes, float32 in the CPU block-dot kernel)."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
+        if type_name in K_QUANTS and FACTORED_SCALES_IN_PLANES:
+            return _factored_bits(type_name, bits, group, 16)
         return bits + 32 // group
     if _block_dot_holds(type_name):
         bits, group = block_dot_layout(type_name)
         if type_name in K_QUANTS:
-            sub_bits = 8 if type_name in LOWS_OF_SCALES else 16
-            return bits + sub_bits / group + 64 / QK_K
+            return _factored_bits(type_name, bits, group, 32)
         return bits + 32 // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights
+
+
+def _factored_bits(type_name: str, bits: int, group: int, factor_bits: int) -> float:
+    """Bits a weight of a k-quant held factored: its code, its share of the group's int8
+    sub-scale (and sub-min) and of its super-block's two factors of `factor_bits`."""
+    sub_bits = 8 if type_name in LOWS_OF_SCALES else 16
+    return bits + sub_bits / group + 2 * factor_bits / QK_K
 
 
 def keeps_table_blocks(type_name: str) -> bool:

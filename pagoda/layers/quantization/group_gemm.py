@@ -26,10 +26,14 @@ float8 values, whose per-row scales may be smaller than float16 holds)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from pagoda.layers.quantization.cpu_block_dot import ScaleFactors
 
 FP8 = torch.float8_e4m3fn
 CHUNK = 64  # inputs per packed 4-bit chunk (two halves of HALF)
@@ -133,6 +137,12 @@ STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 # Q4_K_M GGUF 3.64 ms a token against 3.89 with a byte each; Q6_K's layout 123 against 133
 # us a layer at one token, as long at 16, 718 against 983 at 256 (bench/results/README.md)
 BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
+# whether planes hold GGUF k-quants' scales and mins as the blocks store them
+# (`factored_words`: an integer sub-scale and sub-min a group, a super-block's two float16
+# factors; PAGODA_PLANE_FACTORED_SCALES=0: float16 scales and mins a group), the kernels
+# multiplying them out in float32 (exact): Q4_K's held bits a weight 5 -> 4.625, Q6_K's 10
+# -> 8.625
+FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -203,6 +213,42 @@ def step_words(scale: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
     return words
 
 
+def factored_words(factors: ScaleFactors) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A k-quant's factored scales ([out, groups] sub-scales and sub-mins, [out, supers]
+    factors) as the planes kernel reads them: sub-words int32 [groups / 4, out], each
+    holding four consecutive groups' int8 sub-scales (group 4 j + b in byte b), where the
+    type has sub-mins their word after each ([groups / 2, out]: scales, mins, scales, ...);
+    and factor words int32 [supers, out], the float16 scale factor's bits in the low half
+    and the low factor's in the high. Whole int32 words, so the kernel loads them into the
+    registers it reads them from (a 16-bit load is repacked, which waits for it). None
+    where a factor is not a float16 (a low factor that is a multiple of a huge d) or the
+    groups are not whole words."""
+    halves = [f.to(torch.float16) for f in (factors.scale_factor, factors.low_factor)]
+    if factors.sub_scale.shape[1] % 4 or not all(
+            torch.equal(h.float(), f) for h, f in
+            zip(halves, (factors.scale_factor, factors.low_factor))):
+        return None
+    subs = [factors.sub_scale] + ([] if factors.sub_low is None else [factors.sub_low])
+    words = torch.stack([sub.to(torch.int8).contiguous().view(torch.int32).t()
+                         for sub in subs], dim=1)
+    return (words.reshape(-1, words.shape[-1]).contiguous(),
+            step_words(*(h.t() for h in halves)).contiguous())
+
+
+def _factored_products(sub_words: torch.Tensor, factor_words: torch.Tensor,
+                       groups_per_super: int, with_lows: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """factored_words' scales and mins multiplied out, float32 [groups, out] (exact)."""
+    bytes_ = sub_words.reshape(-1, 1 + with_lows, sub_words.shape[-1]).transpose(0, 2)
+    bytes_ = bytes_.contiguous().view(torch.int8).float()  # [out, 1 or 2, groups]
+    sub_scale, sub_low = bytes_[:, 0].t(), bytes_[:, -1].t()
+    low_half = ((factor_words & 0xFFFF) ^ 0x8000) - 0x8000
+    factors = [half.to(torch.int16).view(SCALE_DTYPE).float()
+               .repeat_interleave(groups_per_super, dim=0)
+               for half in (low_half, factor_words >> 16)]
+    return sub_scale * factors[0], sub_low * factors[1]
+
+
 class GroupQuantWeight(nn.Module):
     """One linear layer's weights as codes with a scale (and a min) per group of inputs;
     `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group].
@@ -211,11 +257,14 @@ class GroupQuantWeight(nn.Module):
     (code[o, i] - zero[o, i // group]) * scale[o, i // group], and the kernel scales its
     sums rather than each weight (see triton_group_gemm._planes_kernel). Planes in groups of
     whole steps hold scales and mins (or zero points) packed as `step_words` instead of the
-    three tensors; `scales_and_mins()` reads them either way."""
+    three tensors, and planes of a GGUF k-quant its sub-scales and factors
+    (`factored_words`: `sub_words` and `factor_words`); `scales_and_mins()` reads them
+    whichever way."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None,
-                 zero_points: bool | None = None, step_sums: bool | None = None) -> None:
+                 zero_points: bool | None = None, step_sums: bool | None = None,
+                 factors: ScaleFactors | None = None) -> None:
         """`codes` [out, in]: integers (bits 4 or 8) or float8 values (bits 8); `scale`,
         `low` [out, in / group_size] (low None: no min). `planes`: 4-bit codes in planes
         (default: where `takes_planes`), else in halves; 8-bit integer codes in byte planes
@@ -223,8 +272,11 @@ class GroupQuantWeight(nn.Module):
         planes hold the mins as integer zero points where every one is (default
         ZERO_POINTS_IN_PLANES).
         `step_sums`: planes hold each group's scale and min (or zero point) as one word an
-        output, `step_words`, in place of `scale`, `low` and `zeros` (default
-        STEP_SUMS_IN_PLANES in groups of whole steps and in byte planes, else off)."""
+        output, `step_words`, in place of `scale`, `low` and `zeros`, and the kernel scales
+        sums with them (default STEP_SUMS_IN_PLANES in groups of whole steps, in byte planes
+        and with factors, else off). `factors`: a GGUF k-quant's `scale` and `low` as its
+        blocks store them, which planes hold so (`factored_words`, in place of the words;
+        not with PAGODA_PLANE_FACTORED_SCALES=0)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -251,9 +303,12 @@ class GroupQuantWeight(nn.Module):
         else:
             stored = codes.to(torch.uint8).t().contiguous()
         self.codes = nn.Parameter(stored, requires_grad=False)
-        self._hold_scales(scale, low, codes.dtype == FP8,
-                          ZERO_POINTS_IN_PLANES if zero_points is None else zero_points,
-                          self._default_step_sums() if step_sums is None else step_sums)
+        factored = self._hold_factored(factors)
+        self.step_sums = self.planes and (self._default_step_sums() if step_sums is None
+                                          else step_sums)
+        if not factored:
+            self._hold_scales(scale, low, codes.dtype == FP8,
+                              ZERO_POINTS_IN_PLANES if zero_points is None else zero_points)
 
     @property
     def plane_rows(self) -> int:
@@ -271,10 +326,34 @@ class GroupQuantWeight(nn.Module):
         return self.group_size % self.plane_step == 0
 
     def _default_step_sums(self) -> bool:
-        return STEP_SUMS_IN_PLANES and (self.bits == 8 or self.group_size % PLANE_STEP == 0)
+        """On where the words' scales multiply sums: in byte planes, groups of whole steps,
+        and factored scales (multiplied out weight by weight they took 1.7-2x the loop's
+        instructions at one token, `bench/kernels/sass_census.py --weight-by-weight
+        --factored 2`)."""
+        return STEP_SUMS_IN_PLANES and (self.bits == 8 or self.group_size % PLANE_STEP == 0
+                                        or bool(self.factored))
+
+    def _hold_factored(self, factors: ScaleFactors | None) -> bool:
+        """Hold a k-quant's scales and mins as `factored_words` (`sub_words`,
+        `factor_words`; `factored` 1, or 2 where it has sub-mins), where its planes take
+        them; whether they are held so."""
+        words = (factored_words(factors)
+                 if factors is not None and self.planes and FACTORED_SCALES_IN_PLANES
+                 else None)
+        self.sub_words = self.factor_words = None
+        self.groups_per_super = self.factored = 0
+        if words is None:
+            return False
+        self.sub_words, self.factor_words = (nn.Parameter(held, requires_grad=False)
+                                             for held in words)
+        self.groups_per_super = factors.groups_per_super
+        self.factored = 1 if factors.sub_low is None else 2
+        self.holds_zero_points, self.holds_mins = False, True
+        self.scale = self.low = self.zeros = self.step_words = None
+        return True
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
-                     zero_points: bool, step_sums: bool) -> None:
+                     zero_points: bool) -> None:
         """Set `scale`, `low` and `zeros` ([groups, out]; None where not held) or, in their
         place, `step_words`; and `holds_mins` and `holds_zero_points`."""
         zeros = (integer_zero_points(scale, low)
@@ -285,9 +364,8 @@ class GroupQuantWeight(nn.Module):
         scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
         zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
         low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
-        as_words = step_sums and self.planes
         held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None}
-        if as_words:
+        if self.step_sums:
             held = {"scale": None, "low": None, "zeros": None,
                     "step_words": step_words(scale, zeros if zeros is not None else low)}
         for name, tensor in held.items():
@@ -297,8 +375,15 @@ class GroupQuantWeight(nn.Module):
     def scales_and_mins(self, outputs: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The scales, mins and zero points as held ([groups, out]; None where there are
-        none), unpacked from `step_words` where they are held so; of the outputs at index
-        `outputs` only ([groups, len(outputs)]) where given."""
+        none), unpacked from `step_words` where they are held so (multiplied out in float32
+        where they are held factored); of the outputs at index `outputs` only ([groups,
+        len(outputs)]) where given."""
+        if self.sub_words is not None:
+            factored = (self.sub_words, self.factor_words)
+            if outputs is not None:
+                factored = tuple(t.index_select(1, outputs) for t in factored)
+            return (*_factored_products(*factored, self.groups_per_super, self.factored == 2),
+                    None)
         held = (self.scale, self.low, self.zeros, self.step_words)
         if outputs is not None:
             held = tuple(None if t is None else t.index_select(1, outputs) for t in held)
@@ -340,6 +425,8 @@ class GroupQuantWeight(nn.Module):
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
         if self.holds_zero_points:
             planes += " with zero points"
+        if self.sub_words is not None:
+            planes += " with factored scales"
         if self.decoded_from is not None:
             other_paths += f"; from {self.decoded_from} tokens: decoded to 16 bits for cuBLAS"
         return (f"triton group gemm ({self.bits}-bit codes{planes}, groups of "

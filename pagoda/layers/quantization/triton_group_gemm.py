@@ -233,7 +233,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0):
+                   PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0,
+                   FACTORED: tl.constexpr = 0, SUPER: tl.constexpr = 0):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
     4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
     BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
@@ -253,7 +254,11 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     STEP_SUMS in groups of one plane or two (GGUF's 32; 64): scale_ptr holds a word a group, and in
     tiles of up to 32 tokens each plane's sums are scaled and its sums of x weighted so (the step's
     words loaded at the end of the step before); in other groups smaller than a step the words are
-    applied weight by weight. GATED: see _store_split_sums."""
+    applied weight by weight. FACTORED (a GGUF k-quant's scales as its blocks store them,
+    group_gemm.factored_words; 1: sub-scales, 2: sub-scales and sub-mins): scale_ptr holds
+    the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
+    inputs, each group's scale and min their products in float32 (_factored), loaded where
+    the words they stand for are. GATED: see _store_split_sums."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
@@ -268,13 +273,21 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     if SUMS_A_PLANE:  # the first step's four words (a plane's group each), then each
         # step's loaded at the end of the step before, as SUMS_A_STEP's
         last_k = split * K_SPLIT + K_SPLIT - STEP
-        word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, ROWS,
-                                                  PLANES, n, n_ok, N)
+        if FACTORED:
+            scales, lows, factors = _factored_words(scale_ptr, low_ptr, split * K_SPLIT,
+                                                    GROUP, SUPER, n, n_ok, N, FACTORED)
+        else:
+            word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, ROWS,
+                                                      PLANES, n, n_ok, N)
     if SUMS_A_STEP:  # scale_ptr: a word a group and output (see _step_scales), each loaded
         # at the end of the step before its own: the pipeline's copies take only what feeds
         # a product, and a load waited for in its own step would stall it
         last_k = split * K_SPLIT + K_SPLIT - STEP
-        words = _step_words(scale_ptr, split * K_SPLIT // GROUP, n, n_ok, N)
+        if FACTORED:
+            scales, lows, factors = _factored_words(scale_ptr, low_ptr, split * K_SPLIT,
+                                                    GROUP, SUPER, n, n_ok, N, FACTORED)
+        else:
+            words = _step_words(scale_ptr, split * K_SPLIT // GROUP, n, n_ok, N)
     for offset in range(0, K_SPLIT, STEP):
         k = split * K_SPLIT + offset
         first_row = tl.multiple_of(k // PLANES, ROWS)
@@ -286,12 +299,19 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             x_sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
+                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT,
+                                              FACTORED, GROUP, SUPER)
+        elif FACTORED and not SUMS_A_PLANE:  # the step's groups' words, loaded once
+            scales, lows, factors = _factored_words(scale_ptr, low_ptr, k, GROUP, SUPER, n,
+                                                    n_ok, N, FACTORED)
         if PLANES == 2:  # both planes' activations in one load (one plane's, 2 bytes a
             # thread, are too few for the pipeline's asynchronous copies)
             x_first, x_second = _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS)
         for q in tl.static_range(PLANES):
-            if not STEP_IN_GROUP and not SUMS_A_PLANE:  # one a plane
+            if not STEP_IN_GROUP and not SUMS_A_PLANE and FACTORED:  # one a plane
+                scale, low = _factored(scales, lows, factors, (k + q * ROWS) // GROUP)
+                scale, low = scale.to(dot_type), low.to(dot_type)
+            elif not STEP_IN_GROUP and not SUMS_A_PLANE:
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr, (k + q * ROWS) // GROUP,
                                                   n, n_ok, N, HAS_LOW, ZERO_POINTS, STEP_SUMS,
                                                   DOT)
@@ -303,8 +323,12 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             plane = biased_plane(packed, q, DOT, ASM, PLANE_BITS)
             if SUMS_A_PLANE:  # the plane's biased codes' sums, its bias and min off at once
                 ones = tl.full((BLOCK_N, ROWS), 1.0, dot_type)
-                word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
-                scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT)
+                if FACTORED:
+                    scale, low = _factored(scales, lows, factors, (k + q * ROWS) // GROUP)
+                    scale, x_sums_weight = _sums_scales(scale, low, False, DOT)
+                else:
+                    word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
+                    scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT)
                 sums = tl.dot(plane, x, input_precision="ieee")
                 x_sums = tl.dot(ones, x, input_precision="ieee")
                 acc += sums * scale[:, None]
@@ -322,12 +346,27 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 codes = plane - low[:, None]
                 acc += tl.dot(codes, x, input_precision="ieee") * scale[:, None]
         if SUMS_A_PLANE:
-            word0, word1, word2, word3 = _plane_words(scale_ptr, tl.minimum(k + STEP, last_k),
-                                                      GROUP, ROWS, PLANES, n, n_ok, N)
+            if FACTORED:
+                scales, lows, factors = _factored_words(
+                    scale_ptr, low_ptr, tl.minimum(k + STEP, last_k), GROUP, SUPER, n, n_ok,
+                    N, FACTORED)
+            else:
+                word0, word1, word2, word3 = _plane_words(
+                    scale_ptr, tl.minimum(k + STEP, last_k), GROUP, ROWS, PLANES, n, n_ok, N)
         if SUMS_A_STEP:
-            scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
+            if FACTORED:
+                scale, low = _factored(scales, lows, factors, k // GROUP)
+                scale, x_sums_weight = _sums_scales(scale, low, False, DOT)
+            else:
+                scale, x_sums_weight = _step_scales(words, ZERO_POINTS, DOT)
             acc += sums * scale[:, None] + x_sums_weight[:, None] * x_sums
-            words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n, n_ok, N)
+            if FACTORED:  # (the next step's words loaded after the sums, as they must be)
+                scales, lows, factors = _factored_words(
+                    scale_ptr, low_ptr, tl.minimum(k + STEP, last_k), GROUP, SUPER, n, n_ok,
+                    N, FACTORED)
+            else:
+                words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n,
+                                    n_ok, N)
     # (outputs past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
@@ -347,12 +386,20 @@ def _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS: tl.constexpr):
 
 @triton.jit
 def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
-                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr):
+                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr,
+                         FACTORED: tl.constexpr = 0, GROUP: tl.constexpr = 0,
+                         SUPER: tl.constexpr = 0):
     """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
     scale in float32 and, for the min, the zero point plus the planes' bias (exact). WORDS:
-    scale_ptr holds step words (low_ptr unread)."""
+    scale_ptr holds step words (low_ptr unread); FACTORED: sub-words, and low_ptr the
+    factor words of super-blocks of SUPER inputs, in groups of GROUP (see _planes_kernel)."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    if WORDS:
+    if FACTORED:
+        scales, lows, factors = _factored_words(scale_ptr, low_ptr, group * GROUP, GROUP,
+                                                SUPER, n, n_ok, N, FACTORED)
+        scale, low = _factored(scales, lows, factors, group)
+        low = low.to(dot_type)
+    elif WORDS:
         scale, low = _word_halves(_step_words(scale_ptr, group, n, n_ok, N), ZERO_POINTS)
         if not ZERO_POINTS:
             low = low.to(dot_type)
@@ -407,16 +454,49 @@ def _word_halves(words, ZERO_POINTS: tl.constexpr):
 
 @triton.jit
 def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
-    """From a step's words, the (float32) scale that multiplies its biased codes' sums and
-    what multiplies its sums of x: -(zero point + bias) x scale, or min - bias x scale."""
+    """From a step's words, _sums_scales of its scale and min (or zero point)."""
     scale, low = _word_halves(words, ZERO_POINTS)
-    scale = scale.to(tl.float32)
+    return _sums_scales(scale.to(tl.float32), low, ZERO_POINTS, DOT)
+
+
+@triton.jit
+def _sums_scales(scale, low, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
+    """From a group's (float32) scale and min (or zero point), what multiplies its biased
+    codes' sums (the scale) and what multiplies its sums of x: -(zero point + bias) x
+    scale, or min - bias x scale."""
     bias = biased(tl.zeros_like(scale), DOT)
     if ZERO_POINTS:
         x_sums_weight = -(low + bias) * scale
     else:
         x_sums_weight = low - bias * scale
     return scale, x_sums_weight
+
+
+@triton.jit
+def _factored_words(sub_ptr, factors_ptr, k, GROUP: tl.constexpr, SUPER: tl.constexpr, n, n_ok,
+                    N, FACTORED: tl.constexpr):
+    """Outputs n's words for the group holding input k (group_gemm.factored_words): the
+    word of its sub-scales, that of its sub-mins (FACTORED 2; else the sub-scales' again)
+    and its super-block's factor word, each a whole int32 load."""
+    row = (k // GROUP // 4) * FACTORED
+    scales = tl.load(sub_ptr + row * N + n, mask=n_ok, other=0)
+    lows = tl.load(sub_ptr + (row + 1) * N + n, mask=n_ok, other=0) if FACTORED == 2 \
+        else scales
+    factors = tl.load(factors_ptr + (k // SUPER) * N + n, mask=n_ok, other=0)
+    return scales, lows, factors
+
+
+@triton.jit
+def _factored(scales, lows, factors, group):
+    """Group `group`'s scale and min (float32; exact) from _factored_words: its int8
+    sub-scale (byte group % 4 of `scales`) times the float16 scale factor (the low half of
+    `factors`), its sub-min (of `lows`) times the low factor (the high half)."""
+    shift = 24 - 8 * (group % 4)
+    sub_scale = ((scales << shift) >> 24).to(tl.float32)
+    sub_low = ((lows << shift) >> 24).to(tl.float32)
+    scale_factor = (factors & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    low_factor = (factors >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return sub_scale * scale_factor.to(tl.float32), sub_low * low_factor.to(tl.float32)
 
 
 @triton.jit
@@ -903,7 +983,9 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     grid = (_output_tiles(out_features, config["BLOCK_N"], gated),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
     words = weight.step_words
-    if words is None:
+    if weight.sub_words is not None:
+        scale, mins = weight.sub_words, weight.factor_words
+    elif words is None:
         mins = weight.zeros if weight.zeros is not None else weight.low
         scale, mins = weight.scale, mins if mins is not None else weight.scale
     else:  # (low_ptr unread)
@@ -914,8 +996,9 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.groups_of_whole_steps,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
-        STEP_SUMS=words is not None, DOT=_dot_type(flat.dtype, False),
-        ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, **config,
+        STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),
+        ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, FACTORED=weight.factored,
+        SUPER=weight.group_size * weight.groups_per_super, **config,
         **dependent_launch(flat.device))
 
 

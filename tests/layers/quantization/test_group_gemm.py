@@ -158,6 +158,57 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
     return errors
 
 
+# GGUF k-quants with their scales held factored (random blocks, 512 inputs: two
+# super-blocks): name -> (type, tokens, step sums, gated). Step sums scale a plane's sums
+# (Q4_K's nibble planes, the byte planes of groups of 16) or a step's (Q5_K); up to 32
+# tokens; more, and Q4_K without step sums, scale weight by weight
+FACTORED_CASES = {
+    "factored-q4_k-one-token": ("Q4_K", 1, None, 0),
+    "factored-q4_k-tokens-12": ("Q4_K", 12, None, 0),
+    "factored-q4_k-tokens-40": ("Q4_K", 40, None, 0),
+    "factored-q4_k-weight-by-weight-tokens-5": ("Q4_K", 5, False, 0),
+    "factored-q4_k-gated-tokens-3": ("Q4_K", 3, None, 1),
+    "factored-q6_k-one-token": ("Q6_K", 1, None, 0),
+    "factored-q6_k-tokens-40": ("Q6_K", 40, None, 0),
+    "factored-q5_k-tokens-3": ("Q5_K", 3, None, 0),
+    "factored-q2_k-tokens-12": ("Q2_K", 12, None, 0),
+    "factored-q3_k-one-token": ("Q3_K", 1, None, 0),
+}
+FACTORED_TOLERANCE = 1e-5  # of the output's norm (the random blocks' weights reach 1e3)
+
+
+def factored_weight(type_name: str, outputs: int, inputs: int, seed: int,
+                    step_sums: bool | None = None) -> GroupQuantWeight:
+    """Random GGUF blocks of `type_name` as the GPU holds them: codes in planes, the
+    scales factored."""
+    from pagoda.layers.quantization.gguf_blocks import INT4_FORMATS, byte_groups, scale_factors
+    from tests.layers.quantization.test_gguf_blocks import random_rows
+    rows = torch.from_numpy(random_rows(type_name, outputs, inputs, seed))
+    codes, scale, low, group = byte_groups(rows, type_name)
+    bits = 4 if type_name in INT4_FORMATS else 8
+    return GroupQuantWeight(codes, scale, low, group, bits, step_sums=step_sums,
+                            factors=scale_factors(rows, type_name))
+
+
+def factored_errors(generator: torch.Generator) -> dict[str, float]:
+    """The kernels on factored scales against the dense product (the gated case against
+    the activation after it): |kernel - dense| / |dense| over the whole output."""
+    from pagoda.layers.activation import SiluAndMul
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    errors = {}
+    for seed, (name, (type_name, tokens, step_sums, gated)) in enumerate(
+            FACTORED_CASES.items()):
+        weight = factored_weight(type_name, 40, 512, seed, step_sums)
+        assert weight.sub_words is not None
+        x = torch.randn(tokens, 512, generator=generator)
+        expected = F.linear(x, weight.dequantize(torch.float32))
+        if gated:
+            expected = SiluAndMul().forward_native(expected)
+        got = group_gemm(x, weight, gated=gated)
+        errors[name] = ((got - expected).norm() / expected.norm()).item()
+    return errors
+
+
 # cases whose gate-up product applies the gated activation to its outputs (GATED_KINDS by
 # name: 1 SiLU, 2 GELU's tanh form), tiles of gates and their ups partly past the outputs:
 # planes of 4-bit codes (a step's sums, a plane's, zero points), byte planes, the few-token
@@ -227,6 +278,7 @@ def kernel_errors() -> dict[str, float]:
     errors.update(float8_byte_errors(generator))
     errors.update(byte_plane_errors(generator))
     errors.update(gated_errors(generator))
+    errors.update(factored_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -638,11 +690,14 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16"}
                            | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
                            | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
+                           | set(FACTORED_CASES)
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
         half = name.endswith(("-fp16", "-fp16-bytes"))
-        assert error < (HALF_TOLERANCE if half else 5e-5), (name, error)
+        tolerance = FACTORED_TOLERANCE if name in FACTORED_CASES else \
+            HALF_TOLERANCE if half else 5e-5
+        assert error < tolerance, (name, error)
 
 
 @pytest.mark.parametrize(("codes", "bits", "activations", "precision", "capability"), [
@@ -735,6 +790,90 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     loop = loaded_in_loop(planes_sass(zero_points, True, 64, 4, 3, group, bits))
     assert loop["loaded"], "no synchronous load of the words in the loop"
     assert not loop["read_after_load"], loop["read_after_load"]
+
+
+@pytest.mark.parametrize(("group", "bits", "factored"), [(32, 4, 2), (16, 8, 1), (32, 8, 2)])
+def test_factored_words_are_loaded_a_step_ahead_and_waited_for_by_no_instruction(
+        group, bits, factored):
+    """GGUF Q4_K's (nibble planes, sub-mins), Q6_K's and Q5_K's (byte planes) factored scales:
+    whole int32 words loaded at the end of the step before theirs, read in no instruction
+    of the step they are loaded in (16-bit sub-words were repacked with PRMT right after
+    their load, a wait on memory every step)."""
+    from bench.kernels.sass_census import planes_sass
+    loop = loaded_in_loop(planes_sass(False, True, 64, 4, 3, group, bits, factored))
+    assert loop["loaded"], "no synchronous load of the words in the loop"
+    assert not loop["read_after_load"], loop["read_after_load"]
+
+
+@pytest.mark.parametrize(("bits", "group", "factored", "step_in_group"), [
+    (4, 32, 2, False), (8, 16, 1, False), (8, 16, 2, False), (8, 32, 2, True)])
+def test_the_planes_kernel_compiles_for_cuda_with_factored_scales(bits, group, factored,
+                                                                   step_in_group):
+    """Every path of the planes kernel that reads factored scales (a plane's sums, a
+    step's, weight by weight in larger tiles and without step sums) compiles for sm_90."""
+    from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
+    for block_t, step_sums in ((8, True), (64, True), (8, False)):
+        compile_for_cuda(_planes_kernel, {
+            "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*i32", "low_ptr": "*i32",
+            "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
+            "N": "i32", "stride_xm": "i32"}, {
+            "K_SPLIT": 1024, "SPLITS": 2, "GROUP": group, "STEP_IN_GROUP": step_in_group,
+            "HAS_LOW": True, "ZERO_POINTS": False, "STEP_SUMS": step_sums, "BLOCK_N": 64,
+            "BLOCK_T": block_t, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits,
+            "GATED": 1 if block_t == 8 and step_sums else 0, "FACTORED": factored,
+            "SUPER": 256})
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_factored_words_hold_a_k_quants_scales_bit_for_bit_in_fewer_bytes(type_name):
+    """A k-quant's scales and mins held as its blocks store them (int8 sub-scales and
+    sub-mins four to a word, float16 factors a super-block) multiply out to byte_groups'
+    float32 scales and mins exactly, for the whole weight and for looked-up rows, in
+    fewer bytes than float16 scales and mins (words of them where the kernel scales sums)."""
+    from pagoda.layers.quantization.gguf_blocks import byte_groups, scale_factors
+    from tests.layers.quantization.test_gguf_blocks import random_rows
+    rows = torch.from_numpy(random_rows(type_name, 24, 512, seed=6))
+    codes, scale, low, group = byte_groups(rows, type_name)
+    bits = 8 if type_name != "Q4_K" else 4
+    factored = GroupQuantWeight(codes, scale, low, group, bits,
+                                factors=scale_factors(rows, type_name))
+    floats = GroupQuantWeight(codes, scale, low, group, bits)
+    assert factored.sub_words.dtype == factored.factor_words.dtype == torch.int32
+    assert factored.factored == (1 if type_name in ("Q3_K", "Q6_K") else 2)
+    assert factored.step_sums and factored.scale is None and factored.step_words is None
+    assert factored.factor_words.shape == (2, 24)  # two super-blocks of 256
+    assert factored.sub_words.shape == (512 // group // 4 * factored.factored, 24)
+    held_scale, held_low, zeros = factored.scales_and_mins()
+    assert zeros is None
+    assert torch.equal(held_scale, scale.t()) and torch.equal(held_low, low.t())
+    index = torch.tensor([23, 0, 5, 5])
+    assert torch.equal(factored.rows(index),
+                       (codes.float().reshape(24, -1, group) * scale[..., None]
+                        + low[..., None]).reshape(24, 512)[index])
+
+    def bytes_of(weight: GroupQuantWeight) -> int:
+        return sum(p.numel() * p.element_size() for p in weight.parameters())
+    assert bytes_of(factored) < bytes_of(floats)
+    assert bytes_of(factored) == codes.numel() * bits // 8 + factored.sub_words.numel() * 4 \
+        + 2 * 24 * 4
+
+
+def test_k_quant_scales_stay_float16s_where_a_factor_is_no_float16_or_when_switched_off(
+        monkeypatch):
+    """A low factor past float16's range (Q6_K's -32 d of a huge d) keeps the float16
+    scales and mins, as PAGODA_PLANE_FACTORED_SCALES=0 does."""
+    from pagoda.layers.quantization import group_gemm
+    from pagoda.layers.quantization.gguf_blocks import byte_groups, scale_factors
+    from tests.layers.quantization.test_gguf_blocks import random_rows
+    rows = torch.from_numpy(random_rows("Q6_K", 8, 256, seed=7))
+    codes, scale, low, group = byte_groups(rows, "Q6_K")
+    factors = scale_factors(rows, "Q6_K")
+    factors.low_factor[3, 0] = -32 * 4096.0  # d = 4096: -32 d is no float16
+    held = GroupQuantWeight(codes, scale, low, group, 8, factors=factors)
+    assert held.sub_words is None and held.step_words is not None and not held.factored
+    monkeypatch.setattr(group_gemm, "FACTORED_SCALES_IN_PLANES", False)
+    off = GroupQuantWeight(codes, scale, low, group, 8, factors=scale_factors(rows, "Q6_K"))
+    assert off.sub_words is None and off.step_words is not None
 
 
 @pytest.mark.parametrize("layout", ["int8-g16", "fp8-row"])
