@@ -138,6 +138,32 @@ def test_gguf_blocks_through_the_kernel_match_their_decoding(name, dtype, gpu_re
     assert error < (1e-3 if dtype == torch.float32 else 1e-2)  # float16 scales and mins
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_with_factored_scales_match_their_decoding(name, dtype, tokens, monkeypatch,
+                                                            gpu_report):
+    """PAGODA_PLANE_FACTORED_SCALES=1: the k-quants' scales held as their blocks store
+    them, in every path of the planes kernel (a plane's or step's sums at 1 and 16 tokens,
+    weight by weight at 40 and Q4_K's 300, byte planes decoded first at 300), against
+    gguf-py's decoding."""
+    from pagoda.layers.quantization import group_gemm as held
+    from pagoda.layers.quantization.gguf_blocks import scale_factors
+    monkeypatch.setattr(held, "FACTORED_SCALES_IN_PLANES", True)
+    rows = torch.from_numpy(random_rows(name, 256, 1024)).cuda()
+    codes, scale, low, group = byte_groups(rows, name)
+    bits = 4 if name == "Q4_K" else 8
+    weight = GroupQuantWeight(codes, scale, low, group, bits,
+                              factors=scale_factors(rows, name))
+    assert weight.factored and weight.sub_words.is_cuda
+    x = torch.randn(tokens, 1024, device="cuda").to(dtype)
+    expected = x.float() @ dequantize_rows(rows, name).t()
+    error = relative_error(group_gemm(x, weight), expected)
+    gpu_report(type=name, dtype=str(dtype)[6:], tokens=tokens, error=f"{error:.2e}")
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert nonzero_counters() == 0
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])

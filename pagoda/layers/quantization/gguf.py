@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import LMHead, VocabEmbedding, VocabShard
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
-from pagoda.layers.quantization import cpu_block_dot
+from pagoda.layers.quantization import cpu_block_dot, group_gemm
 from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
 from pagoda.layers.quantization.cpu_block_dot import (
     BlockDotWeight,
@@ -49,11 +49,7 @@ from pagoda.layers.quantization.gguf_blocks import (
     int4_groups,
     scale_factors,
 )
-from pagoda.layers.quantization.group_gemm import (
-    FACTORED_SCALES_IN_PLANES,
-    GroupQuantWeight,
-    supports,
-)
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight, supports
 from pagoda.layers.quantization.int4 import Int4PackedWeight, int4_packable
 from pagoda.layers.quantization.pieces import piece_sizes
 
@@ -431,10 +427,11 @@ def held_bits(type_name: str, device: torch.device) -> float:
     code and its share of the group's scale and min (16-bit each on CUDA and in torch's
     int4 kernel), but for the k-quants, held factored: an int8 sub-scale a group, an int8
     sub-min where the type has mins, and a super-block of 256's two factors (float16 in the
-    GPU's planes, float32 in the CPU block-dot kernel)."""
+    GPU's planes, with PAGODA_PLANE_FACTORED_SCALES=1; float32 in the CPU block-dot
+    kernel)."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
-        if type_name in K_QUANTS and FACTORED_SCALES_IN_PLANES:
+        if type_name in K_QUANTS and group_gemm.FACTORED_SCALES_IN_PLANES:
             return _factored_bits(type_name, bits, group, 16)
         return bits + 32 // group
     if _block_dot_holds(type_name):

@@ -139,10 +139,11 @@ STEP_SUMS_IN_PLANES = os.environ.get("PAGODA_PLANE_STEP_SUMS", "1") == "1"
 BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
 # whether planes hold GGUF k-quants' scales and mins as the blocks store them
 # (`factored_words`: an integer sub-scale and sub-min a group, a super-block's two float16
-# factors; PAGODA_PLANE_FACTORED_SCALES=0: float16 scales and mins a group), the kernels
-# multiplying them out in float32 (exact): Q4_K's held bits a weight 5 -> 4.625, Q6_K's 10
-# -> 8.625
-FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "1") == "1"
+# factors; PAGODA_PLANE_FACTORED_SCALES=1), the kernel multiplying them out in float32
+# (exact): Q4_K's held bits a weight 5 -> 4.625, Q6_K's 10 -> 8.625. Off (float16 scales
+# and mins a group) until its GPU tests and decode timing have run: built and checked under
+# Triton's interpreter and compiled for sm_90 with no GPU lent (bench/results/README.md)
+FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -276,7 +277,7 @@ class GroupQuantWeight(nn.Module):
         sums with them (default STEP_SUMS_IN_PLANES in groups of whole steps, in byte planes
         and with factors, else off). `factors`: a GGUF k-quant's `scale` and `low` as its
         blocks store them, which planes hold so (`factored_words`, in place of the words;
-        not with PAGODA_PLANE_FACTORED_SCALES=0)."""
+        with PAGODA_PLANE_FACTORED_SCALES=1)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):

@@ -194,7 +194,9 @@ def factored_errors(generator: torch.Generator) -> dict[str, float]:
     """The kernels on factored scales against the dense product (the gated case against
     the activation after it): |kernel - dense| / |dense| over the whole output."""
     from pagoda.layers.activation import SiluAndMul
+    from pagoda.layers.quantization import group_gemm as held
     from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    held.FACTORED_SCALES_IN_PLANES = True  # (this subprocess's: PAGODA_PLANE_FACTORED_SCALES=1)
     errors = {}
     for seed, (name, (type_name, tokens, step_sums, gated)) in enumerate(
             FACTORED_CASES.items()):
@@ -824,8 +826,16 @@ def test_the_planes_kernel_compiles_for_cuda_with_factored_scales(bits, group, f
             "SUPER": 256})
 
 
+@pytest.fixture
+def factored_scales(monkeypatch) -> None:
+    """GGUF k-quants' scales held factored, as PAGODA_PLANE_FACTORED_SCALES=1 has it."""
+    from pagoda.layers.quantization import group_gemm
+    monkeypatch.setattr(group_gemm, "FACTORED_SCALES_IN_PLANES", True)
+
+
 @pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
-def test_factored_words_hold_a_k_quants_scales_bit_for_bit_in_fewer_bytes(type_name):
+def test_factored_words_hold_a_k_quants_scales_bit_for_bit_in_fewer_bytes(type_name,
+                                                                         factored_scales):
     """A k-quant's scales and mins held as its blocks store them (int8 sub-scales and
     sub-mins four to a word, float16 factors a super-block) multiply out to byte_groups'
     float32 scales and mins exactly, for the whole weight and for looked-up rows, in
@@ -861,7 +871,7 @@ def test_factored_words_hold_a_k_quants_scales_bit_for_bit_in_fewer_bytes(type_n
 def test_k_quant_scales_stay_float16s_where_a_factor_is_no_float16_or_when_switched_off(
         monkeypatch):
     """A low factor past float16's range (Q6_K's -32 d of a huge d) keeps the float16
-    scales and mins, as PAGODA_PLANE_FACTORED_SCALES=0 does."""
+    scales and mins, as PAGODA_PLANE_FACTORED_SCALES=0 (the default) does."""
     from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf_blocks import byte_groups, scale_factors
     from tests.layers.quantization.test_gguf_blocks import random_rows
@@ -869,6 +879,9 @@ def test_k_quant_scales_stay_float16s_where_a_factor_is_no_float16_or_when_switc
     codes, scale, low, group = byte_groups(rows, "Q6_K")
     factors = scale_factors(rows, "Q6_K")
     factors.low_factor[3, 0] = -32 * 4096.0  # d = 4096: -32 d is no float16
+    monkeypatch.setattr(group_gemm, "FACTORED_SCALES_IN_PLANES", True)
+    assert GroupQuantWeight(codes, scale, low, group, 8,
+                            factors=scale_factors(rows, "Q6_K")).factored == 1
     held = GroupQuantWeight(codes, scale, low, group, 8, factors=factors)
     assert held.sub_words is None and held.step_words is not None and not held.factored
     monkeypatch.setattr(group_gemm, "FACTORED_SCALES_IN_PLANES", False)
