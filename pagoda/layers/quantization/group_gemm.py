@@ -342,16 +342,22 @@ class GroupQuantWeight(nn.Module):
                  if factors is not None and self.planes and FACTORED_SCALES_IN_PLANES
                  else None)
         self.sub_words = self.factor_words = None
-        self.groups_per_super = self.factored = 0
+        self.factored = 0
         if words is None:
             return False
         self.sub_words, self.factor_words = (nn.Parameter(held, requires_grad=False)
                                              for held in words)
-        self.groups_per_super = factors.groups_per_super
         self.factored = 1 if factors.sub_low is None else 2
         self.holds_zero_points, self.holds_mins = False, True
         self.scale = self.low = self.zeros = self.step_words = None
         return True
+
+    @property
+    def groups_per_super(self) -> int:
+        """Groups a super-block of its factored scales (0: not factored)."""
+        if not self.factored:
+            return 0
+        return self.in_features // self.group_size // self.factor_words.shape[0]
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool) -> None:
@@ -379,7 +385,7 @@ class GroupQuantWeight(nn.Module):
         none), unpacked from `step_words` where they are held so (multiplied out in float32
         where they are held factored); of the outputs at index `outputs` only ([groups,
         len(outputs)]) where given."""
-        if self.sub_words is not None:
+        if self.factored:
             factored = (self.sub_words, self.factor_words)
             if outputs is not None:
                 factored = tuple(t.index_select(1, outputs) for t in factored)
@@ -426,7 +432,7 @@ class GroupQuantWeight(nn.Module):
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
         if self.holds_zero_points:
             planes += " with zero points"
-        if self.sub_words is not None:
+        if self.factored:
             planes += " with factored scales"
         if self.decoded_from is not None:
             other_paths += f"; from {self.decoded_from} tokens: decoded to 16 bits for cuBLAS"

@@ -297,21 +297,21 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
             # x's sums in the sums' layout (every row the same: no reduction across threads)
             x_sums = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
-            scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT,
-                                              FACTORED, GROUP, SUPER)
-        elif FACTORED and not SUMS_A_PLANE:  # the step's groups' words, loaded once
+        elif FACTORED and not SUMS_A_PLANE:  # weight by weight: the step's groups' words,
+            # loaded once (each plane's group scaled from them below)
             scales, lows, factors = _factored_words(scale_ptr, low_ptr, k, GROUP, SUPER, n,
                                                     n_ok, N, FACTORED)
+        elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
+            scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
+                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
         if PLANES == 2:  # both planes' activations in one load (one plane's, 2 bytes a
             # thread, are too few for the pipeline's asynchronous copies)
             x_first, x_second = _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS)
         for q in tl.static_range(PLANES):
-            if not STEP_IN_GROUP and not SUMS_A_PLANE and FACTORED:  # one a plane
+            if FACTORED and not SUMS_A_PLANE and not SUMS_A_STEP:  # weight by weight
                 scale, low = _factored(scales, lows, factors, (k + q * ROWS) // GROUP)
                 scale, low = scale.to(dot_type), low.to(dot_type)
-            elif not STEP_IN_GROUP and not SUMS_A_PLANE:
+            elif not STEP_IN_GROUP and not SUMS_A_PLANE:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr, (k + q * ROWS) // GROUP,
                                                   n, n_ok, N, HAS_LOW, ZERO_POINTS, STEP_SUMS,
                                                   DOT)
@@ -386,20 +386,12 @@ def _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS: tl.constexpr):
 
 @triton.jit
 def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
-                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr,
-                         FACTORED: tl.constexpr = 0, GROUP: tl.constexpr = 0,
-                         SUPER: tl.constexpr = 0):
+                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr):
     """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
     scale in float32 and, for the min, the zero point plus the planes' bias (exact). WORDS:
-    scale_ptr holds step words (low_ptr unread); FACTORED: sub-words, and low_ptr the
-    factor words of super-blocks of SUPER inputs, in groups of GROUP (see _planes_kernel)."""
+    scale_ptr holds step words (low_ptr unread)."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    if FACTORED:
-        scales, lows, factors = _factored_words(scale_ptr, low_ptr, group * GROUP, GROUP,
-                                                SUPER, n, n_ok, N, FACTORED)
-        scale, low = _factored(scales, lows, factors, group)
-        low = low.to(dot_type)
-    elif WORDS:
+    if WORDS:
         scale, low = _word_halves(_step_words(scale_ptr, group, n, n_ok, N), ZERO_POINTS)
         if not ZERO_POINTS:
             low = low.to(dot_type)
@@ -983,7 +975,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     grid = (_output_tiles(out_features, config["BLOCK_N"], gated),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
     words = weight.step_words
-    if weight.sub_words is not None:
+    if weight.factored:
         scale, mins = weight.sub_words, weight.factor_words
     elif words is None:
         mins = weight.zeros if weight.zeros is not None else weight.low
