@@ -247,7 +247,7 @@ def _factored_products(sub_words: torch.Tensor, factor_words: torch.Tensor,
     factors = [half.to(torch.int16).view(SCALE_DTYPE).float()
                .repeat_interleave(groups_per_super, dim=0)
                for half in (low_half, factor_words >> 16)]
-    return sub_scale * factors[0], sub_low * factors[1]
+    return ((sub_scale * factors[0]).contiguous(), (sub_low * factors[1]).contiguous())
 
 
 class GroupQuantWeight(nn.Module):
