@@ -161,7 +161,8 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
 # GGUF k-quants with their scales held factored (random blocks, 512 inputs: two
 # super-blocks): name -> (type, tokens, step sums, gated). Step sums scale a plane's sums
 # (Q4_K's nibble planes, the byte planes of groups of 16) or a step's (Q5_K); up to 32
-# tokens; more, and Q4_K without step sums, scale weight by weight
+# tokens; more, and Q4_K without step sums, scale weight by weight; a long call on byte
+# planes decodes the weights first
 FACTORED_CASES = {
     "factored-q4_k-one-token": ("Q4_K", 1, None, 0),
     "factored-q4_k-tokens-12": ("Q4_K", 12, None, 0),
@@ -170,6 +171,7 @@ FACTORED_CASES = {
     "factored-q4_k-gated-tokens-3": ("Q4_K", 3, None, 1),
     "factored-q6_k-one-token": ("Q6_K", 1, None, 0),
     "factored-q6_k-tokens-40": ("Q6_K", 40, None, 0),
+    "factored-q6_k-decoded-first-tokens-300": ("Q6_K", 300, None, 0),  # (from 256 tokens)
     "factored-q5_k-tokens-3": ("Q5_K", 3, None, 0),
     "factored-q2_k-tokens-12": ("Q2_K", 12, None, 0),
     "factored-q3_k-one-token": ("Q3_K", 1, None, 0),
