@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -762,15 +763,18 @@ def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90
 
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: bool = False,
                        split: bool = False, capability: int = 90,
-                       new_token: bool = False) -> str:
+                       new_token: bool = False, unit_strides: bool = False) -> str:
     """The decode kernel compiled here: q [*, 32, 128], 8 KV heads (with new_token, RoPE
-    over all 128 dims and the KV store in the kernel)."""
+    over all 128 dims and the KV store in the kernel; with unit_strides, the head dims'
+    strides of 1 as Triton specializes them at run time)."""
     from pagoda.layers.attention import triton_unified
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=split, SLIDING=False,
                      DOT_PRECISION="tf32", HALF_PRODUCTS=half_products, SCALE_V=scale_v,
                      NEW_TOKEN=new_token, ROT_HALF=64 if new_token else 0,
                      PDL=capability >= 90)
+    if unit_strides:
+        constants.update(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
     return _ptx(triton_unified._unified_attention_kernel, constants,
                 {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
                  "value_cache_ptr": cache, "new_k_ptr": query, "new_v_ptr": query,
@@ -786,6 +790,44 @@ def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(sp
                                   new_token=True)
     without = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split)
     assert with_new.count("st.global.b16") > without.count("st.global.b16")
+
+
+# bytes a PTX global load reads, by its type suffix
+LOAD_BYTES = {"b8": 1, "b16": 2, "b32": 4, "b64": 8, "v2.b32": 8, "v4.b32": 16, "v2.b64": 16}
+
+
+def _global_access_before_wait(ptx: str) -> tuple[int, int]:
+    """Bytes a thread loads and number of stores in the code before the kernel's first
+    `griddepcontrol.wait` (its main path's)."""
+    head = ptx[:ptx.index("griddepcontrol.wait")]
+    loaded = sum(LOAD_BYTES[kind] for kind in re.findall(r"ld\.global\.(?:nc\.)?([\w.]+?)\s",
+                                                         head))
+    return loaded, len(re.findall(r"st\.global", head))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_decode_reads_its_cached_keys_and_values_before_waiting_for_the_qkv_product(split):
+    """With PDL, a decode whose RoPE and KV store run in the attention kernel reads what no
+    kernel of its step writes (its first KV tile, through the block table) before it waits
+    for the previous kernel, and stores nothing before it; other decodes wait first.
+    Compiled for an H200: each of the 128 threads' share of a 64-position tile of K and V
+    (256 bytes) is loaded before the wait."""
+    early = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split,
+                               new_token=True, unit_strides=True)
+    loaded, stores = _global_access_before_wait(early)
+    assert loaded >= 2 * 64 * 128 * 2 // 128 and stores == 0
+    late = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split,
+                              unit_strides=True)
+    assert _global_access_before_wait(late) == (0, 0)
+
+
+def test_the_segment_reduction_reads_only_the_batch_s_token_count_before_its_wait():
+    """The split decode's reduce kernel reads the token count (one 4-byte load) before
+    waiting for the attention kernel's partials."""
+    from pagoda.layers.attention import triton_unified
+    reduce = _ptx(triton_unified._reduce_segments_kernel, dict(
+        HEAD_DIM=128, HEAD_DIM_P=128, SEG_P=32, SCALE_V=False, PDL=True), {"out_ptr": "bf16"})
+    assert _global_access_before_wait(reduce) == (4, 0)
 
 
 @pytest.mark.parametrize("cache", ["fp8e4nv", "fp8e5"])

@@ -79,55 +79,85 @@ def _attend_tiles(
     """Online softmax of q's rows over KV tiles [tile_lo, tile_hi); scores in log2 units.
     With SLIDING, positions before kv_start are not loaded and row r sees (q_pos[r] - window,
     q_pos[r]]; without, kv_start and window are unused."""
-    offs_t = tl.arange(0, TILE)
-    dims = tl.arange(0, HEAD_DIM_P)
-    dim_ok = dims < HEAD_DIM
     for tile in range(tile_lo, tile_hi):
-        pos = tile * TILE + offs_t
-        if SLIDING:
-            pos_ok = (pos < kv_end) & (pos >= kv_start)
-        else:
-            pos_ok = pos < kv_end
-        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        in_block = pos % BLOCK_SIZE
-        k = tl.load(k_base + block[None, :] * stride_kb + in_block[None, :] * stride_ks
-                    + dims[:, None] * stride_kd,
-                    mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
-        v = tl.load(v_base + block[:, None] * stride_vb + in_block[:, None] * stride_vs
-                    + dims[None, :] * stride_vd,
-                    mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
-        # (kv_end may stop short of the causal limit: a decode's new position, NEW_TOKEN)
-        if SLIDING:
-            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
-        else:
-            visible = pos[None, :] <= q_pos[:, None]
-        s = tl.where(visible & pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        pos, pos_ok, k, v = _kv_tile(k_base, v_base, table_ptr, tile, True, kv_start, kv_end,
+                                     stride_kb, stride_ks, stride_kd, stride_vb, stride_vs,
+                                     stride_vd, HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE,
+                                     SLIDING)
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, pos, pos_ok, k, v, q_pos, window,
+                                     qk_scale, DOT_PRECISION, SLIDING)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _rotated(row_ptr, dims, mask, pos, cos_sin_ptr, stride_d, ROT_HALF: tl.constexpr):
+def _kv_tile(k_base, v_base, table_ptr, tile, tile_ok, kv_start, kv_end, stride_kb, stride_ks,
+             stride_kd, stride_vb, stride_vs, stride_vd, HEAD_DIM: tl.constexpr,
+             HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+             SLIDING: tl.constexpr):
+    """KV tile `tile`: its positions, which of them are read (none unless tile_ok), and
+    their K [HEAD_DIM_P, TILE] and V [TILE, HEAD_DIM_P] through the block table."""
+    pos = tile * TILE + tl.arange(0, TILE)
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_ok = dims < HEAD_DIM
+    if SLIDING:
+        pos_ok = (pos < kv_end) & (pos >= kv_start) & tile_ok
+    else:
+        pos_ok = (pos < kv_end) & tile_ok
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    in_block = pos % BLOCK_SIZE
+    k = tl.load(k_base + block[None, :] * stride_kb + in_block[None, :] * stride_ks
+                + dims[:, None] * stride_kd,
+                mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
+    v = tl.load(v_base + block[:, None] * stride_vb + in_block[:, None] * stride_vs
+                + dims[None, :] * stride_vd,
+                mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
+    return pos, pos_ok, k, v
+
+
+@triton.jit
+def _attend_tile(q, acc, l_i, m_i, pos, pos_ok, k, v, q_pos, window, qk_scale,
+                 DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr):
+    """The online softmax of q's rows taking in one loaded KV tile (_kv_tile)."""
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    # (kv_end may stop short of the causal limit: a decode's new position, NEW_TOKEN)
+    if SLIDING:
+        visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+    else:
+        visible = pos[None, :] <= q_pos[:, None]
+    s = tl.where(visible & pos_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _rope_factors(cos_sin_ptr, pos, dims, ROT_HALF: tl.constexpr):
+    """RoPE's cos and sin at position `pos` for each of `dims` (1 and 0 past the first
+    2 * ROT_HALF dims, which it leaves as they are); cos_sin is [positions, 2 * ROT_HALF] =
+    [cos | sin]."""
+    turned = dims < 2 * ROT_HALF
+    half = tl.where(dims < ROT_HALF, dims, dims - ROT_HALF)
+    c = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + half, mask=turned, other=1.0)
+    s = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + ROT_HALF + half, mask=turned, other=0.0)
+    return c, s
+
+
+@triton.jit
+def _rotated(row_ptr, dims, mask, c, s, stride_d, ROT_HALF: tl.constexpr):
     """The values at row_ptr + dims * stride_d (row_ptr: one row's pointer or a column of
-    them) rotated by RoPE at position `pos`, rotate-half on the first 2 * ROT_HALF dims (as
-    fused.rope_qk_: in float32, rounded to the values' type); cos_sin is [positions,
-    2 * ROT_HALF] = [cos | sin]."""
+    them) rotated by RoPE with _rope_factors' c and s (of dims' shape), rotate-half on the
+    first 2 * ROT_HALF dims (as fused.rope_qk_: in float32, rounded to the values' type)."""
     x = tl.load(row_ptr + dims * stride_d, mask=mask, other=0.0)
     first = dims < ROT_HALF
     turned = dims < 2 * ROT_HALF
     half = tl.where(first, dims, dims - ROT_HALF)
     partner = tl.load(row_ptr + tl.where(first, dims + ROT_HALF, half) * stride_d,
                       mask=mask & turned, other=0.0).to(tl.float32)
-    c = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + half, mask=turned, other=1.0)
-    s = tl.load(cos_sin_ptr + pos * (2 * ROT_HALF) + ROT_HALF + half, mask=turned, other=0.0)
     xf = x.to(tl.float32)
     out = tl.where(first, xf * c - partner * s, xf * c + partner * s)
     return tl.where(turned, out, xf).to(x.dtype)
@@ -148,25 +178,23 @@ def _window_tiles(first_tile, num_tiles, num_segments, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _new_position(q, acc, l_i, m_i, token, kv_head, pos, qk_scale, new_k_ptr, new_v_ptr,
-                  cos_sin_ptr, slot_ptr, stride_nkt, stride_nvt, num_slots, k_base, v_base,
-                  stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, dims,
-                  dim_ok, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  ROT_HALF: tl.constexpr):
+def _new_position(q, acc, l_i, m_i, token, kv_head, qk_scale, new_k_ptr, new_v_ptr, c, s,
+                  slot, stride_nkt, stride_nvt, k_base, v_base, stride_kb, stride_ks,
+                  stride_kd, stride_vb, stride_vs, stride_vd, dims, dim_ok,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROT_HALF: tl.constexpr):
     """The online softmax of q's rows taking in the step's own position (its k rotated by
-    RoPE at `pos`, its v as given), and that k and v written into the cache at the token's
-    slot."""
-    k = _rotated(new_k_ptr + token * stride_nkt + kv_head * HEAD_DIM, dims, dim_ok, pos,
-                 cos_sin_ptr, 1, ROT_HALF)
+    RoPE with the position's factors c and s, its v as given), and that k and v written into
+    the cache at `slot` (none for a slot < 0)."""
+    k = _rotated(new_k_ptr + token * stride_nkt + kv_head * HEAD_DIM, dims, dim_ok, c, s, 1,
+                 ROT_HALF)
     v = tl.load(new_v_ptr + token * stride_nvt + kv_head * HEAD_DIM + dims, mask=dim_ok,
                 other=0.0)
-    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
-    m_new = tl.maximum(m_i, s)
-    p = tl.math.exp2(s - m_new)
+    scores = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
+    m_new = tl.maximum(m_i, scores)
+    p = tl.math.exp2(scores - m_new)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + p
     acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
-    slot = tl.load(slot_ptr + token, mask=token < num_slots, other=-1).to(tl.int64)
     if slot >= 0:
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
@@ -175,6 +203,14 @@ def _new_position(q, acc, l_i, m_i, token, kv_head, pos, qk_scale, new_k_ptr, ne
         tl.store(v_base + block * stride_vb + offset * stride_vs + dims * stride_vd, v,
                  mask=dim_ok)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _wait_if(EARLY: tl.constexpr, PDL: tl.constexpr):
+    """A program of a kernel that has not yet waited for the previous kernel (EARLY) waits
+    for it before it ends."""
+    if EARLY:
+        wait_for_previous_kernel(PDL)
 
 
 # Integers that only size the launch or index the small split-KV workspace are not
@@ -210,8 +246,13 @@ def _unified_attention_kernel(
     one) rotates the new k, adds the new position to its sums from registers and writes k
     and v into the cache at slot_ptr's slot (none for a slot < 0 or a token past
     num_slots): the launch of fused.rope_store_kv_ saved, no program waiting on its own
-    writes."""
-    wait_for_previous_kernel(PDL)
+    writes. With PDL such a decode reads what no kernel of the step writes before its wait
+    for the previous kernel (EARLY): the sequence's lengths, block table, position and slot,
+    RoPE's factors and its first KV tile (every cached position is older than the step),
+    so that only q's loads, the products and the stores follow the qkv product's end."""
+    EARLY: tl.constexpr = NEW_TOKEN
+    if not EARLY:
+        wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     if DECODE_ONLY:
@@ -219,6 +260,7 @@ def _unified_attention_kernel(
     else:
         seq = _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_Q)
     if seq >= num_seqs:
+        _wait_if(EARLY, PDL)
         return
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -227,6 +269,7 @@ def _unified_attention_kernel(
     else:
         q_block_start = (pid - (q_start // BLOCK_Q + seq)) * BLOCK_Q
     if q_block_start >= q_len:
+        _wait_if(EARLY, PDL)
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
@@ -240,14 +283,14 @@ def _unified_attention_kernel(
     dim_ok = dims < HEAD_DIM
     q_rows = q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
     if NEW_TOKEN:
-        pos = tl.load(pos_ptr + q_start)
-        q = _rotated(q_rows, dims[None, :], row_ok[:, None] & dim_ok[None, :], pos,
-                     cos_sin_ptr, stride_qd, ROT_HALF)
+        rope_cos, rope_sin = _rope_factors(cos_sin_ptr, tl.load(pos_ptr + q_start), dims,
+                                           ROT_HALF)
+        slot = tl.load(slot_ptr + q_start, mask=q_start < num_slots, other=-1).to(tl.int64)
     else:
         q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :],
                     other=0.0)
-    if HALF_PRODUCTS:
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        if HALF_PRODUCTS:
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     # Padding rows borrow the last query's position so that no row is ever fully masked.
     q_pos = context + tl.minimum(q_local, q_len - 1)
     kv_end = context + tl.minimum(q_block_start + BLOCK_Q, q_len)  # causal limit of the block
@@ -264,25 +307,39 @@ def _unified_attention_kernel(
         else:
             tile_lo = 0
             tile_hi = num_tiles
+    kv_cached_end = kv_end - 1 if NEW_TOKEN else kv_end  # (the new position from registers)
+    k_base = key_cache_ptr + kv_head * stride_kh
+    v_base = value_cache_ptr + kv_head * stride_vh
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if EARLY:
+        first_pos, first_ok, first_k, first_v = _kv_tile(
+            k_base, v_base, table, tile_lo, tile_lo < tile_hi, kv_start, kv_cached_end,
+            stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, HEAD_DIM,
+            HEAD_DIM_P, BLOCK_SIZE, TILE, SLIDING)
+        wait_for_previous_kernel(PDL)
+    if NEW_TOKEN:
+        q = _rotated(q_rows, dims[None, :], row_ok[:, None] & dim_ok[None, :],
+                     rope_cos[None, :], rope_sin[None, :], stride_qd, ROT_HALF)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    k_base = key_cache_ptr + kv_head * stride_kh
-    v_base = value_cache_ptr + kv_head * stride_vh
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if EARLY:
+        acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, first_pos, first_ok, first_k, first_v,
+                                     q_pos, window, qk_scale, DOT_PRECISION, SLIDING)
+        tile_lo += 1
     acc, l_i, m_i = _attend_tiles(
         q, acc, l_i, m_i, k_base, v_base, table, q_pos, tile_lo, tile_hi, kv_start,
-        kv_end - 1 if NEW_TOKEN else kv_end, window, qk_scale,
+        kv_cached_end, window, qk_scale,
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
         HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
     if NEW_TOKEN:
         if tl.program_id(2) == 0:  # the first segment, or the only program (a 2-D grid)
             acc, l_i, m_i = _new_position(
-                q, acc, l_i, m_i, q_start, kv_head, pos, qk_scale, new_k_ptr, new_v_ptr,
-                cos_sin_ptr, slot_ptr, stride_nkt, stride_nvt, num_slots, k_base, v_base,
-                stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, dims,
-                dim_ok, HEAD_DIM, BLOCK_SIZE, ROT_HALF)
+                q, acc, l_i, m_i, q_start, kv_head, qk_scale, new_k_ptr, new_v_ptr, rope_cos,
+                rope_sin, slot, stride_nkt, stride_nvt, k_base, v_base, stride_kb, stride_ks,
+                stride_kd, stride_vb, stride_vs, stride_vd, dims, dim_ok, HEAD_DIM,
+                BLOCK_SIZE, ROT_HALF)
 
     if SPLIT:
         w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
@@ -307,11 +364,13 @@ def _reduce_segments_kernel(
     SCALE_V: tl.constexpr, PDL: tl.constexpr,
 ):
     """Combine one (token, head)'s segment partials into its output row (times value_scale
-    with SCALE_V)."""
-    wait_for_previous_kernel(PDL)
+    with SCALE_V). (The batch's token count, which no kernel writes, is read before the wait
+    for the previous kernel.)"""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    if token >= tl.load(query_start_loc_ptr + num_seqs):  # padding past the last sequence
+    num_tokens = tl.load(query_start_loc_ptr + num_seqs)
+    wait_for_previous_kernel(PDL)
+    if token >= num_tokens:  # padding past the last sequence
         return
     segs = tl.arange(0, SEG_P)
     seg_ok = segs < num_segments
