@@ -66,7 +66,9 @@ def test_products_match_the_reference_arithmetic(bits, out_features, in_features
                                                  tokens, passes):
     codes, scale, low, weights = random_weights(out_features, in_features, group, bits, 0)
     layer = BlockDotWeight(codes, scale, low, group, bits, activation_passes=passes)
-    x = torch.randn(tokens, in_features)
+    # (activations of their own seed: drawn from the global one they depended on the tests
+    # run before in the same process)
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(tokens))
     x[0, 32:64] = 0  # a block of zeros: scale 0, no division by it
     expected = quantized_activations(x, passes).double() @ weights.double().t()
     # float32 sums; with two passes a second-pass code may also land one step apart (the
