@@ -43,6 +43,11 @@ from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _pl
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
+# the W x^T kernels' norm_* arguments (unread: the kernels compiled without a norm)
+NO_NORM = {"norm_ptr": "*bf16", "residual_ptr": "*bf16", "residual_out_ptr": "*bf16",
+           "squares_ptr": "*fp32", "norm_tiles": "i32", "norm_width": "i32", "norm_eps": "fp32"}
+
+
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                    stages: int, group: int = 128, bits: int = 4, factored: int = 0):
     """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
@@ -57,8 +62,8 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
         scales, lows = "*i32", "*i32"
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": scales,
                  "low_ptr": lows, "out_ptr": "*bf16",
-                 "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-                 "stride_xm": "i32"}
+                 "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM, "M": "i32",
+                 "N": "i32", "stride_xm": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
                  "STEP_IN_GROUP": group % (PLANE_STEP if bits == 4 else BYTE_PLANE_STEP) == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
@@ -79,8 +84,8 @@ def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stag
     codes, group, step, float8, dot = FEW_TOKEN_LAYOUTS[layout]
     scales = "*fp32" if float8 else "*fp16"
     signature = {"x_ptr": "*bf16", "codes_ptr": codes, "scale_ptr": scales, "low_ptr": scales,
-                 "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
-                 "N": "i32", "K": "i32", "stride_xm": "i32"}
+                 "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM,
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "BITS": 8, "FLOAT8": float8,
                  "ROW_SCALE": float8, "HAS_LOW": not float8, "DOT": dot, "E4M3_BYTES": False,
                  "BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "PDL": True}

@@ -28,7 +28,11 @@ their quantized bytes) and multiplied. Four kernels:
 Calls of many tokens on codes in planes decode the weights first and multiply with cuBLAS
 (`triton_plane_decode`). A gate-up product of few tokens on the planes or the few-token kernel
 applies its gated activation itself (`takes_gated`): each tile holds gates and their ups, and
-its last step stores act(gate) * up, in place of the activation's own launch.
+its last step stores act(gate) * up, in place of the activation's own launch. An RMSNorm
+between two such products of few tokens runs in them (group_gemm_then_norm, then group_gemm's
+`normed`): the first's last step stores the new residual, that times the norm's weight and
+each row's sums of squares over its tile, and the second divides its sums by the rows' rms,
+in place of the norm's own launch and the waits around it.
 
 No autotuning and no host sync: the configuration is a function of the shapes, so CUDA
 graphs capture it. Also here: per-token FP8 quantization of activations in one launch
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -151,16 +156,19 @@ def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 
 @triton.jit
 def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                       norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles,
+                       norm_width, norm_eps,
                        M, N, K, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0,
+                       NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see
-    _store_split_sums."""
+    _store_split_sums; NORM (and the norm_* arguments): see _store_products."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     steps = tl.arange(0, STEP)
@@ -191,9 +199,9 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, N // 2)
+    _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
+                    GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
+                    norm_tiles, norm_width, norm_eps, NORM_TILES)
 
 
 @triton.jit
@@ -228,13 +236,16 @@ BYTE_PLANE_ROWS_T: tl.constexpr = tl.constexpr(BYTE_PLANE_ROWS)  # BYTE_PLANE_RO
 
 
 @triton.jit
-def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr, M, N,
-                   stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                   norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles, norm_width,
+                   norm_eps, M, N, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                   GROUP: tl.constexpr,
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0,
-                   FACTORED: tl.constexpr = 0, SUPER: tl.constexpr = 0):
+                   FACTORED: tl.constexpr = 0, SUPER: tl.constexpr = 0,
+                   NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
     4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
     BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
@@ -258,7 +269,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     group_gemm.factored_words; 1: sub-scales, 2: sub-scales and sub-mins): scale_ptr holds
     the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
     inputs, each group's scale and min their products in float32 (_factored), loaded where
-    the words they stand for are. GATED: see _store_split_sums."""
+    the words they stand for are. GATED: see _store_split_sums; NORM (and the norm_*
+    arguments): see _store_products."""
     wait_for_previous_kernel(PDL)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
@@ -368,9 +380,9 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n,
                                     n_ok, N)
     # (outputs past N load undefined codes: their sums are never stored)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    _store_split_sums(acc, out_ptr, t[None, :] * N + n[:, None], t_ok[None, :] & n_ok[:, None],
-                      partial_ptr, M * N, count_ptr, tile, split, SPLITS, GATED, N // 2)
+    _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
+                    GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
+                    norm_tiles, norm_width, norm_eps, NORM_TILES)
 
 
 @triton.jit
@@ -692,26 +704,96 @@ def _half_saturating(x):
 @triton.jit
 def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
                       SPLITS: tl.constexpr, GATED: tl.constexpr = 0, gated_width=0):
-    """Store a program's float32 sums over its split of the inputs at out_ptr + at. With
-    several splits: each program stores them as partials (split_stride apart) and counts
-    itself done on its tile's counter; the last one adds the partials in split order, stores
-    the output and resets the counter for the next call (no second launch). GATED (1 SiLU,
-    2 GELU's tanh form): the sums' rows are a tile of gates and then their ups (as
-    _outputs_by_tokens_tile lays them out) of outputs [gate | up] 2 gated_width wide, and
-    act(gate) * up is stored instead, in rows gated_width wide, computed from the rounded
-    outputs as the separate kernel computes it (fused.gated_value)."""
-    if SPLITS == 1:
+    """Store a program's float32 sums over its split of the inputs at out_ptr + at, once
+    every split's are in (_summed_splits). GATED (1 SiLU, 2 GELU's tanh form): the sums'
+    rows are a tile of gates and then their ups (as _outputs_by_tokens_tile lays them out)
+    of outputs [gate | up] 2 gated_width wide, and act(gate) * up is stored instead, in rows
+    gated_width wide, computed from the rounded outputs as the separate kernel computes it
+    (fused.gated_value)."""
+    total, last = _summed_splits(total, at, ok, partial_ptr, split_stride, count_ptr, tile,
+                                 split, SPLITS)
+    if last:
         _store_output(total, out_ptr, at, ok, GATED, gated_width)
-    else:
-        tl.store(partial_ptr + split * split_stride + at, total, mask=ok)
-        tl.debug_barrier()  # every thread's partial sums stored before the count
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
-            total = tl.zeros_like(total)
-            for part in tl.static_range(SPLITS):
-                total += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
-                                 cache_modifier=".cg")
-            _store_output(total, out_ptr, at, ok, GATED, gated_width)
-            tl.atomic_xchg(count_ptr + tile, 0)
+
+
+@triton.jit
+def _summed_splits(total, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
+                   SPLITS: tl.constexpr):
+    """A program's float32 sums over its split of the inputs added to the other splits',
+    and whether this program holds them all (the last of its tile's to finish). With
+    several splits, each program stores its sums as partials at partial_ptr + at
+    (split_stride apart) and counts itself done on its tile's counter; the last one adds the
+    partials in split order and resets the counter for the next call (no second launch)."""
+    if SPLITS == 1:
+        return total, True
+    tl.store(partial_ptr + split * split_stride + at, total, mask=ok)
+    tl.debug_barrier()  # every thread's partial sums stored before the count
+    last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1
+    if last:
+        total = tl.zeros_like(total)
+        for part in tl.static_range(SPLITS):
+            total += tl.load(partial_ptr + part * split_stride + at, mask=ok, other=0.0,
+                             cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + tile, 0)
+    return total, last
+
+
+@triton.jit
+def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split,
+                    SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, norm_ptr,
+                    residual_ptr, residual_out_ptr, squares_ptr, norm_tiles, norm_width,
+                    norm_eps, NORM_TILES: tl.constexpr):
+    """The W x^T kernels' end: sums [BLOCK_N outputs n, BLOCK_T tokens t] over a split of
+    the inputs, stored as _store_split_sums stores them, and with NORM:
+
+    - 1 (the outputs feed an RMSNorm that the next product applies): the rounded outputs
+      plus the residual are stored as the new residual, and that sum times the norm's
+      weight (norm_ptr) in place of the outputs, with each token's sum of the new residual's
+      squares over the tile's outputs at squares_ptr [output tiles, M];
+    - 2 (the inputs are such a product's, of width norm_width): each token's sums are
+      multiplied by its 1 / rms (_inverse_rms of the norm_tiles rows of squares at
+      squares_ptr; NORM_TILES a power of two at least norm_tiles) before they are stored."""
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    at = t[None, :] * N + n[:, None]
+    ok = t_ok[None, :] & n_ok[:, None]
+    total, last = _summed_splits(total, at, ok, partial_ptr, M * N, count_ptr, tile, split,
+                                 SPLITS)
+    if last:
+        if NORM == 2:
+            total *= _inverse_rms(squares_ptr, norm_tiles, t, t_ok, M, norm_width, norm_eps,
+                                  NORM_TILES)[None, :]
+        if NORM == 1:
+            _store_normed(total, out_ptr, at, ok, n_ok, t, t_ok, norm_ptr + n, residual_ptr,
+                          residual_out_ptr, squares_ptr + tl.program_id(0) * M)
+        else:
+            _store_output(total, out_ptr, at, ok, GATED, N // 2)
+
+
+@triton.jit
+def _store_normed(total, out_ptr, at, ok, n_ok, t, t_ok, weight_ptrs, residual_ptr,
+                  residual_out_ptr, squares_ptr):
+    """Outputs [n, t] rounded to out's type plus the residual (the new residual, rounded as
+    fused.add_rms_norm rounds it) stored at residual_out_ptr, that times the norm's weight
+    at out_ptr, and each token's sum of the new residual's squares over these outputs at
+    squares_ptr + t."""
+    dtype = out_ptr.dtype.element_ty
+    residual = (total.to(dtype) + tl.load(residual_ptr + at, mask=ok, other=0.0)).to(dtype)
+    tl.store(residual_out_ptr + at, residual, mask=ok)
+    values = tl.where(ok, residual.to(tl.float32), 0.0)
+    tl.store(squares_ptr + t, tl.sum(values * values, axis=0), mask=t_ok)
+    weight = tl.load(weight_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (values * weight[:, None]).to(dtype), mask=ok)
+
+
+@triton.jit
+def _inverse_rms(squares_ptr, norm_tiles, t, t_ok, M, width, eps, NORM_TILES: tl.constexpr):
+    """Each token t's 1 / sqrt(mean square + eps) over a row of `width` values, from its
+    sums of squares by output tile [norm_tiles, M] at squares_ptr (added in tile order), as
+    fused.add_rms_norm computes it from the whole row."""
+    tiles = tl.arange(0, NORM_TILES)
+    squares = tl.load(squares_ptr + tiles[:, None] * M + t[None, :],
+                      mask=(tiles < norm_tiles)[:, None] & t_ok[None, :], other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / width + eps)
 
 
 @triton.jit
@@ -835,42 +917,134 @@ def _dot_type(x: torch.dtype, float8: bool) -> int:
     return 1 if x == torch.float16 else 2
 
 
-def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0) -> torch.Tensor:
+def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
+               normed: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """x [..., in] @ weight^T -> [..., out] in x's dtype. gated (1 SiLU, 2 GELU's tanh form;
     calls `takes_gated` allows): the outputs are [gate | up] halves, and act(gate) * up
-    [..., out / 2] comes out, computed by the product's last step."""
+    [..., out / 2] comes out, computed by the product's last step. normed (calls
+    `takes_norm` allows): x is a row times an RMSNorm's weight, not yet divided by its rms,
+    and `normed` holds each row's sums of squares by output tile [tiles, rows] of the product
+    that wrote it (group_gemm_then_norm); the product divides its sums by the rms (with the
+    norm's `norm_eps`)."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    if gated and not takes_gated(flat.shape[0], weight):
-        raise ValueError(f"a call of {flat.shape[0]} tokens on outputs of {weight.out_features}"
+    tokens = flat.shape[0]
+    if gated and not takes_gated(tokens, weight):
+        raise ValueError(f"a call of {tokens} tokens on outputs of {weight.out_features}"
                          " takes no gated activation")
+    if normed is not None and not takes_norm(tokens, weight):
+        raise ValueError(f"a call of {tokens} tokens takes no normed inputs")
     multiprocessors = multiprocessor_count(x.device.index if x.is_cuda else None)
-    out = torch.empty(flat.shape[0], weight.out_features // (2 if gated else 1), dtype=x.dtype,
+    out = torch.empty(tokens, weight.out_features // (2 if gated else 1), dtype=x.dtype,
                       device=x.device)
-    if gated:
-        (_planes if weight.planes else _few_tokens)(flat, weight, out, multiprocessors, gated)
+    if gated or normed is not None:
+        norm = None if normed is None else _NormArguments.inputs(normed, weight.in_features,
+                                                                 norm_eps, out)
+        (_planes if weight.planes else _few_tokens)(flat, weight, out, multiprocessors, gated,
+                                                    norm)
         return out.reshape(*x.shape[:-1], out.shape[-1])
-    if decodes_first(flat.shape[0], weight):
+    if decodes_first(tokens, weight):
         decoded_product(flat, weight, out)
     elif weight.planes:
         _planes(flat, weight, out, multiprocessors)
-    elif takes_one_token_int4(flat.shape[0], weight):
+    elif takes_one_token_int4(tokens, weight):
         _one_token_int4(flat, weight, out, multiprocessors)
-    elif flat.shape[0] <= FEW_TOKENS:
+    elif tokens <= FEW_TOKENS:
         _few_tokens(flat, weight, out, multiprocessors)
     else:
         _many_tokens(flat, weight, out, multiprocessors)
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
+def group_gemm_then_norm(x: torch.Tensor, weight: GroupQuantWeight, residual: torch.Tensor,
+                         norm_weight: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An RMSNorm of x W^T plus `residual` (calls `takes_norm` allows), but for its division
+    by the rms, which the next product applies (group_gemm's `normed`): the new residual
+    times the norm's weight [..., out], the new residual [..., out], and each row's sums of
+    the new residual's squares by output tile [tiles, rows] (float32), all from the
+    product's last step."""
+    flat = x.reshape(-1, weight.in_features)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    tokens = flat.shape[0]
+    if not takes_norm(tokens, weight):
+        raise ValueError(f"a call of {tokens} tokens takes no norm of its outputs")
+    shape = (*x.shape[:-1], weight.out_features)
+    if residual.shape != shape or residual.dtype != x.dtype or norm_weight.shape != shape[-1:]:
+        raise ValueError(f"a residual {tuple(residual.shape)} ({residual.dtype}) and norm "
+                         f"weight {tuple(norm_weight.shape)} do not fit outputs {shape} "
+                         f"({x.dtype})")
+    out = torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
+    norm = _NormArguments.outputs(residual.reshape(tokens, -1).contiguous(), norm_weight, out)
+    (_planes if weight.planes else _few_tokens)(
+        flat, weight, out, multiprocessor_count(x.device.index if x.is_cuda else None), 0,
+        norm)
+    return out.view(shape), norm.residual_out.view(shape), norm.squares
+
+
+def takes_norm(tokens: int, weight: GroupQuantWeight) -> bool:
+    """Whether a call of `tokens` can norm its outputs for the next product
+    (group_gemm_then_norm) or take inputs so normed (group_gemm's `normed`): as a call that
+    takes a gated activation, on the planes or the few-token kernel."""
+    return (tokens <= FEW_TOKENS and not decodes_first(tokens, weight)
+            and (weight.planes or not takes_one_token_int4(tokens, weight)))
+
+
 def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
     """Whether a call of `tokens` on a gate-up weight can apply the gated activation to its
     outputs: one of up to FEW_TOKENS tokens on the planes or the few-token kernel, whose
     tiles hold a gate's and its up's sums (not with PAGODA_GATED_IN_PRODUCT=0)."""
-    return (GATED_IN_PRODUCT and tokens <= FEW_TOKENS and weight.out_features % 2 == 0
-            and not decodes_first(tokens, weight)
-            and (weight.planes or not takes_one_token_int4(tokens, weight)))
+    return GATED_IN_PRODUCT and weight.out_features % 2 == 0 and takes_norm(tokens, weight)
+
+
+@dataclass(slots=True)
+class _NormArguments:
+    """The norm_* arguments of the W x^T kernels (their NORM: see _store_products): 1, the
+    outputs feed an RMSNorm (its weight, the residual, the new residual and the squares
+    written, one row a program along the outputs); 2, the inputs came from such a product
+    (its squares read)."""
+
+    kind: int
+    squares: torch.Tensor
+    weight: torch.Tensor
+    residual: torch.Tensor
+    residual_out: torch.Tensor
+    width: int = 0
+    eps: float = 0.0
+
+    @classmethod
+    def outputs(cls, residual: torch.Tensor, weight: torch.Tensor,
+                out: torch.Tensor) -> _NormArguments:
+        """For a product whose outputs `out` feed the norm (squares allocated at launch)."""
+        return cls(1, out, weight, residual, torch.empty_like(residual))
+
+    @classmethod
+    def inputs(cls, squares: torch.Tensor, width: int, eps: float,
+               out: torch.Tensor) -> _NormArguments:
+        """For a product whose inputs (of `width`) such a product normed."""
+        return cls(2, squares, out, out, out, width, eps)
+
+    def launch(self, output_tiles: int, tokens: int) -> dict:
+        """The kernel's arguments for a grid of `output_tiles` programs along the outputs."""
+        if self.kind == 1:
+            self.squares = torch.empty(output_tiles, tokens, dtype=torch.float32,
+                                       device=self.weight.device)
+        tiles = self.squares.shape[0]
+        return {"norm_ptr": self.weight, "residual_ptr": self.residual,
+                "residual_out_ptr": self.residual_out, "squares_ptr": self.squares,
+                "norm_tiles": tiles, "norm_width": self.width, "norm_eps": self.eps,
+                "NORM": self.kind, "NORM_TILES": triton.next_power_of_2(tiles)}
+
+
+def _norm_launch(norm: _NormArguments | None, out: torch.Tensor, output_tiles: int,
+                 tokens: int) -> dict:
+    """A W x^T kernel launch's norm_* arguments (unread placeholders without a norm)."""
+    if norm is not None:
+        return norm.launch(output_tiles, tokens)
+    return {"norm_ptr": out, "residual_ptr": out, "residual_out_ptr": out, "squares_ptr": out,
+            "norm_tiles": 0, "norm_width": 0, "norm_eps": 0.0}
 
 
 def _partials(out: torch.Tensor, splits: int, outputs: int | None = None) -> torch.Tensor:
@@ -883,7 +1057,8 @@ def _partials(out: torch.Tensor, splits: int, outputs: int | None = None) -> tor
 
 
 def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                multiprocessors: int, gated: int = 0) -> None:
+                multiprocessors: int, gated: int = 0, norm: _NormArguments | None = None
+                ) -> None:
     tokens, out_features = out.shape[0], weight.out_features
     config = few_tokens_config(tokens, weight, multiprocessors)
     splits, block_t = config.pop("splits"), config["BLOCK_T"]
@@ -894,13 +1069,13 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     _few_tokens_kernel[grid](
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits, out_features), tile_counters(out.device, grid[0] * grid[1]),
-        tokens, out_features, weight.in_features, flat.stride(0),
+        M=tokens, N=out_features, K=weight.in_features, stride_xm=flat.stride(0),
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
-        **dependent_launch(flat.device))
+        **_norm_launch(norm, out, grid[0], tokens), **dependent_launch(flat.device))
 
 
 def _output_tiles(out_features: int, block_n: int, gated: int) -> int:
@@ -968,7 +1143,7 @@ PLANES_LARGE = (128, 128, 8, 3)
 
 
 def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-            multiprocessors: int, gated: int = 0) -> None:
+            multiprocessors: int, gated: int = 0, norm: _NormArguments | None = None) -> None:
     tokens, out_features = out.shape[0], weight.out_features
     config = planes_config(tokens, weight, multiprocessors)
     splits = config.pop("splits")
@@ -984,14 +1159,14 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         scale, mins = words, words
     _planes_kernel[grid](
         flat, weight.codes, scale, mins, out, _partials(out, splits, out_features),
-        tile_counters(out.device, grid[0] * grid[1]), tokens,
-        out_features, flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        tile_counters(out.device, grid[0] * grid[1]), M=tokens, N=out_features,
+        stride_xm=flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.groups_of_whole_steps,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, FACTORED=weight.factored,
         SUPER=weight.group_size * weight.groups_per_super, **config,
-        **dependent_launch(flat.device))
+        **_norm_launch(norm, out, grid[0], tokens), **dependent_launch(flat.device))
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:

@@ -246,6 +246,55 @@ def gated_errors(generator: torch.Generator) -> dict[str, float]:
     return errors
 
 
+# a product whose outputs feed an RMSNorm, and the next product, which finishes it: name ->
+# (tokens, the first product's CASES layout or byte planes' (outputs, inputs, group, with a
+# min), the second's, its gated activation). The outputs' width is the second's inputs:
+# planes, few-token and byte-plane kernels on either side, split inputs and several token
+# tiles
+NORMED_CASES = {
+    "normed-int4-planes-into-int4-g32": (3, (256, 1024, 128, 4, "zero points", False),
+                                         (96, 256, 32, 4, True, False), 0),
+    "normed-int8-into-fp8-rows-gated": (5, (128, 2048, 16, 8, True, False),
+                                        (144, 128, 128, 8, False, True), 1),
+    "normed-fp8-rows-into-int4-planes-gated": (20, (256, 2048, 2048, 8, False, True),
+                                               (160, 256, 64, 4, True, False), 2),
+    "normed-bytes-into-int8-g128": (12, ("bytes", 128, 1024, 16, True),
+                                    (40, 128, 128, 8, True, False), 0),
+}
+NORMED_TOLERANCE = 1e-4  # float32 sums of squares and products added in other orders
+
+
+def normed_errors(generator: torch.Generator) -> dict[str, float]:
+    """A product that leaves the RMSNorm of its outputs plus the residual for the next
+    product to finish (group_gemm_then_norm, then group_gemm's `normed`) against the dense
+    products with the norm between them (torch); and the new residual it stores."""
+    from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm, group_gemm_then_norm
+
+    def weight(layout: tuple) -> GroupQuantWeight:
+        if layout[0] == "bytes":
+            return byte_plane_weight(*layout[1:], generator, True)
+        return random_weight(*layout, generator)
+    activations = {1: SiluAndMul(), 2: GeluTanhAndMul()}
+    eps, errors = 1e-5, {}
+    for name, (tokens, first_layout, second_layout, gated) in NORMED_CASES.items():
+        first, second = weight(first_layout), weight(second_layout)
+        x = torch.randn(tokens, first.in_features, generator=generator)
+        residual = torch.randn(tokens, first.out_features, generator=generator)
+        norm_weight = torch.rand(first.out_features, generator=generator) + 0.5
+        new_residual = F.linear(x, first.dequantize(torch.float32)) + residual
+        normed = new_residual * torch.rsqrt(new_residual.pow(2).mean(-1, keepdim=True) + eps)
+        expected = F.linear(normed * norm_weight, second.dequantize(torch.float32))
+        if gated:
+            expected = activations[gated].forward_native(expected)
+        values, got_residual, squares = group_gemm_then_norm(x, first, residual, norm_weight)
+        got = group_gemm(values, second, gated, normed=squares, norm_eps=eps)
+        errors[name] = ((got - expected).abs() / (1 + expected.abs())).max().item()
+        errors[f"{name}-residual"] = ((got_residual - new_residual).abs()
+                                      / (1 + new_residual.abs())).max().item()
+    return errors
+
+
 def kernel_errors() -> dict[str, float]:
     """Max |kernel - dense| / (1 + |dense|) per case, float32 activations."""
     from pagoda.layers.quantization.triton_group_gemm import group_gemm
@@ -283,6 +332,7 @@ def kernel_errors() -> dict[str, float]:
     errors.update(byte_plane_errors(generator))
     errors.update(gated_errors(generator))
     errors.update(factored_errors(generator))
+    errors.update(normed_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -694,13 +744,14 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16"}
                            | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
                            | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
-                           | set(FACTORED_CASES)
+                           | set(FACTORED_CASES) | set(NORMED_CASES)
+                           | {f"{n}-residual" for n in NORMED_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
         half = name.endswith(("-fp16", "-fp16-bytes"))
         tolerance = FACTORED_TOLERANCE if name in FACTORED_CASES else \
-            HALF_TOLERANCE if half else 5e-5
+            NORMED_TOLERANCE if name.startswith("normed-") else HALF_TOLERANCE if half else 5e-5
         assert error < tolerance, (name, error)
 
 
@@ -764,6 +815,51 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
             "PDL": capability >= 90, "PLANE_BITS": bits,
             "GATED": (1 + bits // 8) if block_t == 8 and step_sums else 0}, capability)
+
+
+# the W x^T kernels' norm_* arguments, typed for compile_for_cuda
+NORM_ARGUMENTS = {"norm_ptr": "*bf16", "residual_ptr": "*bf16", "residual_out_ptr": "*bf16",
+                  "squares_ptr": "*fp32", "norm_tiles": "i32", "norm_width": "i32",
+                  "norm_eps": "fp32"}
+
+
+def _norm_kernels_ptx(norm: int) -> list[str]:
+    """The planes (4-bit and byte planes) and few-token (float8 rows) kernels with NORM
+    `norm` (and the gated activation with 2), compiled for an H200 at one token in
+    bfloat16."""
+    from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _planes_kernel
+    counted = {"x_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
+               "count_ptr": "*i32", **NORM_ARGUMENTS, "M": "i32", "N": "i32",
+               "stride_xm": "i32"}
+    shared = {"SPLITS": 2, "BLOCK_T": 8, "PDL": True, "GATED": 1 if norm == 2 else 0,
+              "NORM": norm, "NORM_TILES": 64}
+    assembly = [compile_for_cuda(_planes_kernel, {
+        **counted, "codes_ptr": "*i16", "scale_ptr": "*i32", "low_ptr": "*i32"}, {
+        **shared, "K_SPLIT": 1024, "GROUP": group, "STEP_IN_GROUP": group == 128,
+        "HAS_LOW": True, "ZERO_POINTS": False, "STEP_SUMS": True, "BLOCK_N": 64, "DOT": 2,
+        "ASM": True, "PLANE_BITS": bits}, 90)["ptx"] for group, bits in ((128, 4), (16, 8))]
+    assembly.append(compile_for_cuda(_few_tokens_kernel, {
+        **counted, "codes_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "low_ptr": "*fp32",
+        "K": "i32"}, {
+        **shared, "K_SPLIT": 2048, "GROUP": 4096, "BITS": 8, "FLOAT8": True,
+        "ROW_SCALE": True, "HAS_LOW": False, "STEP": 128, "E4M3_BYTES": False,
+        "BLOCK_N": 32, "DOT": 3}, 90)["ptx"])
+    return assembly
+
+
+def test_the_kernels_that_norm_their_outputs_or_finish_a_norm_compile_for_hopper():
+    """Compiled for an H200, the kernels that norm their outputs (NORM 1) store 16-bit
+    values twice as often as without (the new residual and the normed values) and more
+    float32s (the squares); those that finish a norm (NORM 2) take a square root, which
+    the kernels without take nowhere."""
+    def count(ptx: str, pattern: str) -> int:
+        return len(re.findall(pattern, ptx))
+    for plain, storing, finishing in zip(_norm_kernels_ptx(0), _norm_kernels_ptx(1),
+                                         _norm_kernels_ptx(2), strict=True):
+        sixteen = r"st\.global(?:\.v\d)?\.b16"
+        assert count(storing, sixteen) == 2 * count(plain, sixteen) > 0
+        assert count(storing, r"st\.global\.b32") > count(plain, r"st\.global\.b32")
+        assert count(finishing, r"sqrt") > 0 == count(plain, r"sqrt")
 
 
 @pytest.mark.parametrize(("zero_points", "group", "bits"), [
