@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.normed_rows import NormedRows
 from pagoda.layers.parallel import SINGLE, ParallelGroup
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
@@ -82,6 +83,24 @@ class LinearMethod(ABC):
         """activation(x W^T (+ bias)) for a layer whose outputs are [gate | up] halves, in
         one kernel where the method has one for the call; None where it has none (the layer
         then launches the activation after the product)."""
+        return None
+
+    def apply_then_norm(self, layer: LinearBase, x: torch.Tensor, norm_weight: torch.Tensor,
+                        eps: float, residual: torch.Tensor
+                        ) -> tuple[NormedRows, torch.Tensor] | None:
+        """The RMSNorm (weight, eps) of x W^T plus `residual`, left for the next product to
+        finish (NormedRows), and the new residual, in one kernel where the method has one
+        for the call; None where it has none."""
+        return None
+
+    def finishes_norm(self, layer: LinearBase, tokens: int) -> bool:
+        """Whether a call of `tokens` takes NormedRows (apply_normed) in one kernel."""
+        return False
+
+    def apply_normed(self, layer: LinearBase, rows: NormedRows,
+                     activation: nn.Module | None = None) -> torch.Tensor | None:
+        """rows (finished) W^T, and with `activation` (a gated one) activation of it, in one
+        kernel where `finishes_norm`; None where the method has none."""
         return None
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
@@ -153,6 +172,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
+    def finishes_norm(self, tokens: int) -> bool:
+        """Whether a call of `tokens` takes an RMSNorm's NormedRows and finishes the norm in
+        its product (no bias: the method's kernel adds none)."""
+        return self.bias is None and self.method.finishes_norm(self, tokens)
+
 
 class ReplicatedLinear(LinearBase):
     """The whole matrix on every rank."""
@@ -219,14 +243,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("a merged projection loads its pieces one by one")
         return self.piece_start(shard), self.local_sizes[shard]
 
-    def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows,
+                activation: nn.Module | None = None) -> torch.Tensor:
         """x W^T; with `activation` (a gated one, of gate and up pieces), activation of it,
-        computed by the product where the method can."""
-        if activation is None:
-            return self.method.apply(self, x, self.bias)
-        if len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
+        computed by the product where the method can. x may be an RMSNorm's NormedRows,
+        finished in the product where `finishes_norm` (else first)."""
+        if activation is not None and (len(self.local_sizes) != 2
+                                       or self.local_sizes[0] != self.local_sizes[1]):
             raise ValueError(f"a gated activation takes a gate and an up of one size, not "
                              f"pieces of {self.local_sizes}")
+        if isinstance(x, NormedRows):
+            if self.finishes_norm(x.values.numel() // x.shape[-1]):
+                y = self.method.apply_normed(self, x, activation)
+                if y is not None:
+                    return y
+            x = x.materialize()
+        if activation is None:
+            return self.method.apply(self, x, self.bias)
         y = self.method.apply_gated(self, x, activation, self.bias)
         return activation(self.method.apply(self, x, self.bias)) if y is None else y
 
@@ -287,3 +320,12 @@ class RowParallelLinear(LinearBase):
             return self.method.apply(self, x, self.bias)
         y = self.group.all_reduce(self.method.apply(self, x))
         return y if self.bias is None else y + self.bias
+
+    def then_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor) -> tuple[NormedRows, torch.Tensor] | None:
+        """The RMSNorm (weight, eps) of x W^T plus `residual` left for the next product to
+        finish, and the new residual, from the product's kernel; None where it has none (a
+        group of ranks, whose sum comes after the kernel; a bias; a method without one)."""
+        if self.group.size != 1 or self.bias is not None:
+            return None
+        return self.method.apply_then_norm(self, x, norm_weight, eps, residual)

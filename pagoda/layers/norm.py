@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
-from pagoda.layers.linear import copy_checked
+from pagoda.layers.linear import LinearBase, RowParallelLinear, copy_checked
+from pagoda.layers.normed_rows import NormedRows
+
+# an RMSNorm between two products that can do it (product_then_norm) is done by their
+# kernels (PAGODA_NORM_IN_PRODUCTS=0: by its own launch); read once
+NORM_IN_PRODUCTS = os.environ.get("PAGODA_NORM_IN_PRODUCTS", "1") != "0"
 
 
 class RMSNorm(DeviceDispatch):
@@ -70,3 +77,25 @@ def norm_add_norm(x: torch.Tensor, residual: torch.Tensor | None, first: RMSNorm
         return norm_add_rms_norm(x, residual, first.weight, first.eps, second.weight,
                                  second.eps)
     return second(first(x)[0], residual)
+
+
+def product_then_norm(product: RowParallelLinear, x: torch.Tensor, norm: RMSNorm,
+                      residual: torch.Tensor | None, consumer: LinearBase | None
+                      ) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
+    """`norm(product(x), residual)`: the normed rows and the new residual, from
+    norm_in_products where the products can, else from the norm's own kernel."""
+    done = norm_in_products(product, x, norm, residual, consumer)
+    return done if done is not None else norm(product(x), residual)
+
+
+def norm_in_products(product: RowParallelLinear, x: torch.Tensor, norm: RMSNorm,
+                     residual: torch.Tensor | None, consumer: LinearBase | None
+                     ) -> tuple[NormedRows, torch.Tensor] | None:
+    """`norm(product(x), residual)` run by the products around it: `product` stores the
+    new residual and returns NormedRows, which the next product (`consumer`) finishes in
+    place of taking the norm's rows (no launch of its own, no wait between). None where
+    they cannot (then nothing ran)."""
+    if not NORM_IN_PRODUCTS or residual is None or consumer is None \
+            or not consumer.finishes_norm(x.numel() // x.shape[-1]):
+        return None
+    return product.then_norm(x, norm.weight, norm.eps, residual)

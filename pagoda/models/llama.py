@@ -17,7 +17,8 @@ from pagoda.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagoda.layers.norm import RMSNorm
+from pagoda.layers.norm import RMSNorm, norm_in_products, product_then_norm
+from pagoda.layers.normed_rows import NormedRows
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.rotary import RotaryEmbedding
 from pagoda.models.arch.base import head_dim, layer_windows
@@ -65,10 +66,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, hidden, attn_metadata))
+
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor | NormedRows,
+               attn_metadata: Any) -> torch.Tensor:
+        """The attention's output heads, before the output projection."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-        return self.o_proj(self.attn(q, k, v, attn_metadata, positions, self.rotary_emb,
-                                     qk_norm))
+        return self.attn(q, k, v, attn_metadata, positions, self.rotary_emb, qk_norm)
 
 
 class LlamaMLP(nn.Module):
@@ -83,7 +88,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, group=group)
         self.act = act or SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x, activation=self.act))
 
 
@@ -97,14 +102,34 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, max_position, group, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp or LlamaMLP(config, group)  # a mixture of experts passes its own
+        # the next layer's input norm and qkv projection (a tuple: not submodules of this
+        # layer), where the down projection and they can do that norm (hand_norm_to)
+        self.next_norm: tuple[RMSNorm, QKVParallelLinear] | None = None
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+    def hand_norm_to(self, after: LlamaDecoderLayer) -> None:
+        """Let this layer's down projection and `after`'s qkv projection do `after`'s input
+        norm where their kernels can (the layer then returns NormedRows, which `after`
+        takes in place of its norm's rows)."""
+        if isinstance(self.mlp, LlamaMLP):
+            self.next_norm = (after.input_layernorm, after.self_attn.qkv_proj)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | NormedRows,
                 residual: torch.Tensor | None,
-                attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+                attn_metadata: Any) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
+        if not isinstance(hidden, NormedRows):  # (else the layer before did the norm)
+            hidden, residual = self.input_layernorm(hidden, residual)
+        heads = self.self_attn.attend(positions, hidden, attn_metadata)
+        # the norms in the products around them where they can
+        mlp = self.mlp if isinstance(self.mlp, LlamaMLP) else None
+        hidden, residual = product_then_norm(self.self_attn.o_proj, heads,
+                                             self.post_attention_layernorm, residual,
+                                             mlp.gate_up_proj if mlp is not None else None)
+        if mlp is None or self.next_norm is None:
+            return self.mlp(hidden), residual
+        norm, qkv = self.next_norm
+        activated = mlp.gate_up_proj(hidden, activation=mlp.act)
+        done = norm_in_products(mlp.down_proj, activated, norm, residual, qkv)
+        return done if done is not None else (mlp.down_proj(activated), residual)
 
 
 class LlamaModel(nn.Module):
@@ -118,6 +143,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for layer, after in zip(layers, layers[1:]):  # two decoder layers of this stage
+            if isinstance(layer, LlamaDecoderLayer) and isinstance(after, LlamaDecoderLayer):
+                layer.hand_norm_to(after)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import LinearBase, LinearMethod
+from pagoda.layers.normed_rows import NormedRows
+from pagoda.layers.quantization.group_gemm import GroupQuantWeight
 
 if TYPE_CHECKING:
     from pagoda.layers.quantization.cpu_block_dot import GroupCodes
@@ -92,3 +94,40 @@ class DenseWeight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
+
+
+class GroupWeightMethod(LinearMethod):
+    """A linear method whose layers may hold their weights as a GroupQuantWeight
+    (`group_weight`): an RMSNorm between two such layers is done by their kernels (the
+    first's last step stores the normed rows but for their rms, the second's divides by
+    it)."""
+
+    def group_weight(self, layer: LinearBase) -> GroupQuantWeight | None:
+        """The layer's weights as a GroupQuantWeight, or None where they are not one."""
+        return None
+
+    def input_order(self, layer: LinearBase) -> torch.Tensor | None:
+        """The order the layer's kernel takes its inputs in (None: as given)."""
+        return None
+
+    def apply_then_norm(self, layer: LinearBase, x: torch.Tensor, norm_weight: torch.Tensor,
+                        eps: float, residual: torch.Tensor
+                        ) -> tuple[NormedRows, torch.Tensor] | None:
+        weight, order = self.group_weight(layer), self.input_order(layer)
+        if weight is None:
+            return None
+        return weight.then_norm(x if order is None else x.index_select(-1, order), residual,
+                                norm_weight, eps)
+
+    def finishes_norm(self, layer: LinearBase, tokens: int) -> bool:
+        weight = self.group_weight(layer)
+        return weight is not None and weight.finishes_norm(tokens)
+
+    def apply_normed(self, layer: LinearBase, rows: NormedRows,
+                     activation: nn.Module | None = None) -> torch.Tensor | None:
+        weight, order = self.group_weight(layer), self.input_order(layer)
+        if weight is None:
+            return None
+        if order is not None:
+            rows = NormedRows(rows.values.index_select(-1, order), rows.squares, rows.eps)
+        return weight.normed(rows, activation)

@@ -29,7 +29,7 @@ from pagoda.layers.linear import (
     WeightLoader,
 )
 from pagoda.layers.quantization import cpu_fp8_dot
-from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.base import DenseWeight, GroupWeightMethod, QuantizationConfig
 from pagoda.layers.quantization.group_gemm import (
     FEW_TOKENS,
     FP8,
@@ -88,7 +88,7 @@ def row_scales(scale: torch.Tensor, rows: int, columns: int,
     return scale.repeat_interleave(block_rows, dim=0)[offset:offset + rows]
 
 
-class Fp8LinearMethod(LinearMethod):
+class Fp8LinearMethod(GroupWeightMethod):
     """A layer of float8 weights with row (and column block) scales: on CUDA the group
     kernel or FP8 tensor cores, on CPU pagoda's float8 kernel, elsewhere decoded at load
     (DenseWeight)."""
@@ -168,6 +168,10 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = held(x)
         return y if bias is None else y + bias
+
+    def group_weight(self, layer: LinearBase) -> GroupQuantWeight | None:
+        held = layer.fp8
+        return held if isinstance(held, GroupQuantWeight) else None
 
     def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
                     bias: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from pagoda.errors import UnsupportedModelError
 from pagoda.layers.embedding import LMHead, VocabEmbedding, VocabShard
 from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader, new_parameter
 from pagoda.layers.quantization import cpu_block_dot, group_gemm
-from pagoda.layers.quantization.base import DenseWeight, QuantizationConfig
+from pagoda.layers.quantization.base import DenseWeight, GroupWeightMethod, QuantizationConfig
 from pagoda.layers.quantization.cpu_block_dot import (
     BlockDotWeight,
     GroupCodes,
@@ -89,7 +89,7 @@ def _kernel_name(kernel: nn.Module) -> str:
     return "dense matmul"
 
 
-class GGUFLinearMethod(LinearMethod):
+class GGUFLinearMethod(GroupWeightMethod):
     """A linear layer whose weights stay in the GGUF's blocks."""
 
     def create_weights(self, layer: LinearBase, loader: WeightLoader) -> None:
@@ -118,10 +118,16 @@ class GGUFLinearMethod(LinearMethod):
 
     def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        weight = self.group_weight(layer)
+        return None if weight is None else weight.gated(x, activation, bias)
+
+    def group_weight(self, layer: LinearBase) -> GroupQuantWeight | None:
+        """The layer's one kernel where its blocks are all of one type and a
+        GroupQuantWeight (a layer of several types runs a kernel each)."""
         kernels = layer.gguf_kernels
         if len(kernels) != 1 or not isinstance(kernels[0], GroupQuantWeight):
             return None
-        return kernels[0].gated(x, activation, bias)
+        return kernels[0]
 
     def kernel(self, layer: LinearBase) -> str:
         return " + ".join(dict.fromkeys(_kernel_name(k) for k in layer.gguf_kernels))

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.normed_rows import NormedRows
+
 if TYPE_CHECKING:
     from pagoda.layers.quantization.cpu_block_dot import ScaleFactors
 
@@ -482,6 +484,39 @@ class GroupQuantWeight(nn.Module):
             from pagoda.layers.quantization.triton_group_gemm import group_gemm
             return group_gemm(x, self)
         return F.linear(x, self.dequantize(x.dtype))
+
+    def then_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                  eps: float) -> tuple[NormedRows, torch.Tensor] | None:
+        """The RMSNorm (weight, eps) of x W^T plus `residual` left for the next product to
+        finish, and the new residual, from the product's last step where a CUDA kernel
+        takes the call (few tokens); else None."""
+        if not (x.is_cuda and self.finishes_norm(x.numel() // self.in_features)):
+            return None
+        from pagoda.layers.quantization.triton_group_gemm import group_gemm_then_norm
+        values, new_residual, squares = group_gemm_then_norm(x, self, residual, norm_weight)
+        return NormedRows(values, squares, eps), new_residual
+
+    def finishes_norm(self, tokens: int) -> bool:
+        """Whether a call of `tokens` norms its outputs for the next product (then_norm) or
+        finishes the norm of its inputs (normed) in a CUDA kernel."""
+        if not self.codes.is_cuda:
+            return False
+        from pagoda.layers.quantization.triton_group_gemm import takes_norm
+        return takes_norm(tokens, self)
+
+    def normed(self, rows: NormedRows, activation: nn.Module | None = None
+               ) -> torch.Tensor | None:
+        """rows (finished: divided by their rms) W^T, with `activation` (a gated one)
+        activation of it, where `finishes_norm` and the kernels know the activation; else
+        None."""
+        kind = getattr(activation, "kernel_kind", 0) if activation is not None else 0
+        tokens = rows.values.numel() // self.in_features
+        if (activation is not None and not kind) or not self.finishes_norm(tokens):
+            return None
+        from pagoda.layers.quantization.triton_group_gemm import group_gemm, takes_gated
+        if kind and not takes_gated(tokens, self):
+            return None
+        return group_gemm(rows.values, self, kind, normed=rows.squares, norm_eps=rows.eps)
 
     def gated(self, x: torch.Tensor, activation: nn.Module,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:

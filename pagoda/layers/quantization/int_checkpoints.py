@@ -39,6 +39,7 @@ from pagoda.layers.linear import LinearBase, LinearMethod, WeightLoader
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.base import (
     DenseWeight,
+    GroupWeightMethod,
     QuantizationConfig,
     decoded_groups,
 )
@@ -141,7 +142,7 @@ def _block_dot_fits(layer: LinearBase, group: int) -> bool:
     return cpu_block_dot.holds(sum(piece_sizes(layer)), layer.local_in, group)
 
 
-class IntCheckpointMethod(LinearMethod):
+class IntCheckpointMethod(GroupWeightMethod):
     """A linear layer of an AWQ, GPTQ or compressed-tensors integer checkpoint."""
 
     def __init__(self, config: IntCheckpointConfig) -> None:
@@ -203,6 +204,13 @@ class IntCheckpointMethod(LinearMethod):
         order = getattr(layer, "input_order", None)
         y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
+
+    def group_weight(self, layer: LinearBase) -> GroupQuantWeight | None:
+        weight = layer.quantized
+        return weight if isinstance(weight, GroupQuantWeight) else None
+
+    def input_order(self, layer: LinearBase) -> torch.Tensor | None:
+        return getattr(layer, "input_order", None)
 
     def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
