@@ -46,9 +46,18 @@ def _enabled(device_index: int) -> bool:
 
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
+def wait_for_previous_kernel(PDL: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True):
     """A kernel's first statement: with PDL, wait until the previous kernel in the stream
-    is complete, then let the next one launch."""
+    is complete, then (unless LAUNCH_NEXT is off: the kernel calls launch_next_kernel later)
+    let the next one launch."""
     if PDL:
         gdc_wait()
+        if LAUNCH_NEXT:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def launch_next_kernel(PDL: tl.constexpr):
+    """With PDL, let the next kernel launch (for a kernel that waited without doing so)."""
+    if PDL:
         gdc_launch_dependents()

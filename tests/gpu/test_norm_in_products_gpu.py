@@ -28,13 +28,22 @@ NORMED_LAYOUTS = ["int4-g128-zero-points", "int4-g128", "int4-g32", "int6-g16-by
                   "fp8-row", "fp8-block", "int8-g16"]
 
 
+def _weight(outputs: int, inputs: int, layout: str) -> GroupQuantWeight:
+    """Random codes in `layout`; byte planes' 0..63 with mins of -32 scales (random_weight's
+    -128 make every weight negative, and the gate-up outputs overflow float16)."""
+    if layout != "int6-g16-byte-planes":
+        return random_weight(outputs, inputs, *LAYOUTS[layout])
+    codes = torch.randint(0, 64, (outputs, inputs), device="cuda", dtype=torch.uint8)
+    scale = torch.rand(outputs, inputs // 16, device="cuda") * 2e-3 + 1e-3
+    return GroupQuantWeight(codes, scale, -32 * scale, 16, 8, planes=True)
+
+
 def _pair(layout: str) -> tuple[GroupQuantWeight, GroupQuantWeight, RMSNorm]:
     """The 8B's output projection, its gate-up projection (random codes) and a norm of
     random weights between them."""
     norm = RMSNorm(4096, 1e-5).cuda()
     norm.weight.data = (torch.rand(4096, device="cuda") + 0.5).to(torch.bfloat16)
-    return (random_weight(4096, 4096, *LAYOUTS[layout]),
-            random_weight(2 * 14336, 4096, *LAYOUTS[layout]), norm)
+    return _weight(4096, 4096, layout), _weight(2 * 14336, 4096, layout), norm
 
 
 def _normed_pair(first: GroupQuantWeight, second: GroupQuantWeight, norm: RMSNorm,
@@ -102,9 +111,10 @@ def test_an_awq_model_decodes_the_same_tokens_with_the_norm_in_its_products(tmp_
         normed.append(done is not None)
         return done
     monkeypatch.setattr(GroupQuantWeight, "then_norm", counted)
+    monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "1")
     with_norm = greedy(tmp_path / "awq", prompts)
     assert normed and all(normed)
-    monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", False)
+    monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "0")
     launched = len(normed)
     without = greedy(tmp_path / "awq", prompts)
     assert len(normed) == launched  # the norm's own launch

@@ -59,3 +59,16 @@ def test_without_a_kernel_for_it_the_norm_runs_between_the_products():
     normed, new_residual = product_then_norm(output, x, norm, residual, gate_up)
     expected, expected_residual = norm(output(x), residual)
     assert torch.equal(normed, expected) and torch.equal(new_residual, expected_residual)
+
+
+def test_the_products_do_the_norm_by_default_only_where_kernels_launch_without_pdl(
+        monkeypatch):
+    from pagoda.layers import norm as norms
+    from pagoda.layers.dependent_launch import dependent_launch
+    cpu = torch.device("cpu")
+    assert not dependent_launch(cpu)["PDL"]
+    assert norms._norms_in_products(cpu)  # "auto": no PDL here
+    monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "0")
+    assert not norms._norms_in_products(cpu)
+    monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "1")
+    assert norms._norms_in_products(cpu)

@@ -850,16 +850,22 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
 def test_the_kernels_that_norm_their_outputs_or_finish_a_norm_compile_for_hopper():
     """Compiled for an H200, the kernels that norm their outputs (NORM 1) store 16-bit
     values twice as often as without (the new residual and the normed values) and more
-    float32s (the squares); those that finish a norm (NORM 2) take a square root, which
+    float32s (the squares), and let the next kernel launch only after their products (the
+    others as they start); those that finish a norm (NORM 2) take a square root, which
     the kernels without take nowhere."""
     def count(ptx: str, pattern: str) -> int:
         return len(re.findall(pattern, ptx))
+
+    def launched_after_products(ptx: str) -> bool:
+        return ptx.index("griddepcontrol.launch_dependents") > ptx.index("mma.")
     for plain, storing, finishing in zip(_norm_kernels_ptx(0), _norm_kernels_ptx(1),
                                          _norm_kernels_ptx(2), strict=True):
         sixteen = r"st\.global(?:\.v\d)?\.b16"
         assert count(storing, sixteen) == 2 * count(plain, sixteen) > 0
         assert count(storing, r"st\.global\.b32") > count(plain, r"st\.global\.b32")
         assert count(finishing, r"sqrt") > 0 == count(plain, r"sqrt")
+        assert launched_after_products(storing)
+        assert not launched_after_products(plain) and not launched_after_products(finishing)
 
 
 @pytest.mark.parametrize(("zero_points", "group", "bits"), [
