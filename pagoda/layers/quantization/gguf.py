@@ -306,9 +306,11 @@ def _kernel(pieces: list, device: torch.device) -> nn.Module:
         rows = [p.rows.to(device) for p in pieces]
         groups = [byte_groups(r, p.type_name)[:3] for r, p in zip(rows, pieces)]
         codes, scale, low = (torch.cat(parts) for parts in zip(*groups))
-        factors = [scale_factors(r, p.type_name) for r, p in zip(rows, pieces)]
-        return GroupQuantWeight(codes, scale, low, group, bits,
-                                factors=_stacked_or_none(factors))
+        factors = None  # (read only with PAGODA_PLANE_FACTORED_SCALES=1)
+        if group_gemm.FACTORED_SCALES_IN_PLANES:
+            factors = _stacked_or_none([scale_factors(r, p.type_name)
+                                        for r, p in zip(rows, pieces)])
+        return GroupQuantWeight(codes, scale, low, group, bits, factors=factors)
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
 
 
