@@ -19,7 +19,8 @@ from pagoda.layers.norm import RMSNorm
 from pagoda.layers.quantization.group_gemm import GroupQuantWeight
 from pagoda.layers.quantization.triton_group_gemm import group_gemm
 from pagoda.layers.tile_counters import nonzero_counters
-from tests.gpu.test_quantized_gpu import LAYOUTS, greedy, random_weight, relative_error
+from tests.gpu.test_quantized_checkpoints_gpu import greedy
+from tests.gpu.test_quantized_gpu import LAYOUTS, random_weight, relative_error
 from tests.models.parity import random_prompts
 from tests.models.test_quantized_checkpoints import CONFIG, write_quantized
 from tests.utils import save_random_checkpoint
