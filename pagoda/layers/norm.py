@@ -102,12 +102,12 @@ def norm_in_products(product: RowParallelLinear, x: torch.Tensor, norm: RMSNorm,
     they cannot (then nothing ran)."""
     if residual is None or consumer is None \
             or not consumer.finishes_norm(x.numel() // x.shape[-1]) \
-            or not _norms_in_products(x.device):
+            or not _norm_in_products_on(x.device):
         return None
     return product.then_norm(x, norm.weight, norm.eps, residual)
 
 
-def _norms_in_products(device: torch.device) -> bool:
+def _norm_in_products_on(device: torch.device) -> bool:
     """NORM_IN_PRODUCTS for kernels launched on `device`."""
     if NORM_IN_PRODUCTS != "auto":
         return NORM_IN_PRODUCTS == "1"

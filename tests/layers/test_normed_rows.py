@@ -67,8 +67,8 @@ def test_the_products_do_the_norm_by_default_only_where_kernels_launch_without_p
     from pagoda.layers.dependent_launch import dependent_launch
     cpu = torch.device("cpu")
     assert not dependent_launch(cpu)["PDL"]
-    assert norms._norms_in_products(cpu)  # "auto": no PDL here
+    assert norms._norm_in_products_on(cpu)  # "auto": no PDL here
     monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "0")
-    assert not norms._norms_in_products(cpu)
+    assert not norms._norm_in_products_on(cpu)
     monkeypatch.setattr(norms, "NORM_IN_PRODUCTS", "1")
-    assert norms._norms_in_products(cpu)
+    assert norms._norm_in_products_on(cpu)
