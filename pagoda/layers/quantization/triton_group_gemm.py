@@ -77,6 +77,9 @@ MIN_SPLIT_ROWS = 32  # the one-token 4-bit kernel's: rows of bytes (two inputs e
 # gate-up products of few tokens apply the gated activation to their outputs (takes_gated;
 # PAGODA_GATED_IN_PRODUCT=0: a launch of its own after them); read once
 GATED_IN_PRODUCT = os.environ.get("PAGODA_GATED_IN_PRODUCT", "1") != "0"
+# every product of few tokens lets the next kernel launch after its products (see
+# _launches_late; not yet timed, off), read once
+PRODUCTS_LAUNCH_LATE = os.environ.get("PAGODA_PRODUCTS_LAUNCH_LATE", "0") == "1"
 
 
 @triton.jit
@@ -167,13 +170,15 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
                        E4M3_BYTES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1):
+                       NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1,
+                       LAUNCH_LATE: tl.constexpr = 0):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see
-    _store_split_sums; NORM (and the norm_* arguments): see _store_products."""
-    wait_for_previous_kernel(PDL, NORM != 1)  # (see _store_products)
+    _store_split_sums; NORM (and the norm_* arguments) and LAUNCH_LATE: see
+    _store_products."""
+    wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     steps = tl.arange(0, STEP)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -205,7 +210,7 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     # (outputs past N load undefined codes: their sums are never stored)
     _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
                     GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
-                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL)
+                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL, LAUNCH_LATE)
 
 
 @triton.jit
@@ -249,7 +254,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    BLOCK_T: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                    PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0,
                    FACTORED: tl.constexpr = 0, SUPER: tl.constexpr = 0,
-                   NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1):
+                   NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1,
+                   LAUNCH_LATE: tl.constexpr = 0):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
     4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
     BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
@@ -274,8 +280,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
     inputs, each group's scale and min their products in float32 (_factored), loaded where
     the words they stand for are. GATED: see _store_split_sums; NORM (and the norm_*
-    arguments): see _store_products."""
-    wait_for_previous_kernel(PDL, NORM != 1)  # (see _store_products)
+    arguments) and LAUNCH_LATE: see _store_products."""
+    wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
     PLANES: tl.constexpr = 16 // PLANE_BITS  # a plane a nibble or a byte of an int16
@@ -386,7 +392,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     # (outputs past N load undefined codes: their sums are never stored)
     _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
                     GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
-                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL)
+                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL, LAUNCH_LATE)
 
 
 @triton.jit
@@ -746,9 +752,11 @@ def _summed_splits(total, at, ok, partial_ptr, split_stride, count_ptr, tile, sp
 def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split,
                     SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, norm_ptr,
                     residual_ptr, residual_out_ptr, squares_ptr, norm_tiles, norm_width,
-                    norm_eps, NORM_TILES: tl.constexpr, PDL: tl.constexpr):
+                    norm_eps, NORM_TILES: tl.constexpr, PDL: tl.constexpr,
+                    LAUNCH_LATE: tl.constexpr):
     """The W x^T kernels' end: sums [BLOCK_N outputs n, BLOCK_T tokens t] over a split of
-    the inputs, stored as _store_split_sums stores them, and with NORM:
+    the inputs, stored as _store_split_sums stores them (with LAUNCH_LATE, the next
+    kernel let launch first: _launches_late), and with NORM:
 
     - 1 (the outputs feed an RMSNorm that the next product applies): the rounded outputs
       plus the residual are stored as the new residual, and that sum times the norm's
@@ -757,10 +765,7 @@ def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_p
     - 2 (the inputs are such a product's, of width norm_width): each token's sums are
       multiplied by its 1 / rms (_inverse_rms of the norm_tiles rows of squares at
       squares_ptr; NORM_TILES a power of two at least norm_tiles) before they are stored."""
-    if NORM == 1:  # the next kernel, which finishes the norm, launches once every program
-        # is here: launched as these start, its programs took the multiprocessors' free
-        # places while these ran, and an H100 decoded an 8B's AWQ 2.84 ms a token against
-        # 2.64 so (bench/results/README.md)
+    if LAUNCH_LATE:
         launch_next_kernel(PDL)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     at = t[None, :] * N + n[:, None]
@@ -1047,6 +1052,15 @@ class _NormArguments:
                 "NORM": self.kind, "NORM_TILES": triton.next_power_of_2(tiles)}
 
 
+def _launches_late(norm: _NormArguments | None) -> bool:
+    """Whether a W x^T product lets the next kernel launch (PDL) only once its programs are
+    past their products, not as they start: where it starts a norm (launched as it starts,
+    the next product's programs took the multiprocessors' free places while it ran, and an
+    H100 decoded an 8B's AWQ at 2.84 ms a token against 2.64 so; bench/results/README.md),
+    and every product with PAGODA_PRODUCTS_LAUNCH_LATE=1 (untimed)."""
+    return PRODUCTS_LAUNCH_LATE or (norm is not None and norm.kind == 1)
+
+
 def _norm_launch(norm: _NormArguments | None, out: torch.Tensor, output_tiles: int,
                  tokens: int) -> dict:
     """A W x^T kernel launch's norm_* arguments (unread placeholders without a norm)."""
@@ -1084,7 +1098,8 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
-        **_norm_launch(norm, out, grid[0], tokens), **dependent_launch(flat.device))
+        **_norm_launch(norm, out, grid[0], tokens), LAUNCH_LATE=_launches_late(norm),
+        **dependent_launch(flat.device))
 
 
 def _output_tiles(out_features: int, block_n: int, gated: int) -> int:
@@ -1175,7 +1190,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, FACTORED=weight.factored,
         SUPER=weight.group_size * weight.groups_per_super, **config,
-        **_norm_launch(norm, out, grid[0], tokens), **dependent_launch(flat.device))
+        **_norm_launch(norm, out, grid[0], tokens), LAUNCH_LATE=_launches_late(norm),
+        **dependent_launch(flat.device))
 
 
 def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:

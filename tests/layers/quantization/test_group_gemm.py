@@ -832,7 +832,7 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
                "count_ptr": "*i32", **NORM_ARGUMENTS, "M": "i32", "N": "i32",
                "stride_xm": "i32"}
     shared = {"SPLITS": 2, "BLOCK_T": 8, "PDL": True, "GATED": 1 if norm == 2 else 0,
-              "NORM": norm, "NORM_TILES": 64}
+              "NORM": norm, "NORM_TILES": 64, "LAUNCH_LATE": norm == 1}
     assembly = [compile_for_cuda(_planes_kernel, {
         **counted, "codes_ptr": "*i16", "scale_ptr": "*i32", "low_ptr": "*i32"}, {
         **shared, "K_SPLIT": 1024, "GROUP": group, "STEP_IN_GROUP": group == 128,
@@ -847,12 +847,25 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
     return assembly
 
 
+def test_products_that_start_a_norm_let_the_next_kernel_launch_after_their_loop(monkeypatch):
+    """_launches_late: where a product starts a norm, and for every product with
+    PAGODA_PRODUCTS_LAUNCH_LATE=1."""
+    from pagoda.layers.quantization import triton_group_gemm as kernels
+    out, squares = torch.zeros(2, 8), torch.zeros(4, 2)
+    starts = kernels._NormArguments.outputs(out, torch.ones(8), out)
+    finishes = kernels._NormArguments.inputs(squares, 8, 1e-6, out)
+    assert kernels._launches_late(starts)
+    assert not kernels._launches_late(finishes) and not kernels._launches_late(None)
+    monkeypatch.setattr(kernels, "PRODUCTS_LAUNCH_LATE", True)
+    assert kernels._launches_late(finishes) and kernels._launches_late(None)
+
+
 def test_the_kernels_that_norm_their_outputs_or_finish_a_norm_compile_for_hopper():
     """Compiled for an H200, the kernels that norm their outputs (NORM 1) store 16-bit
     values twice as often as without (the new residual and the normed values) and more
-    float32s (the squares), and let the next kernel launch only after their products (the
-    others as they start); those that finish a norm (NORM 2) take a square root, which
-    the kernels without take nowhere."""
+    float32s (the squares), and with LAUNCH_LATE let the next kernel launch only after their
+    products (the others as they start); those that finish a norm (NORM 2) take a square
+    root, which the kernels without take nowhere."""
     def count(ptx: str, pattern: str) -> int:
         return len(re.findall(pattern, ptx))
 
