@@ -201,7 +201,7 @@ class IntCheckpointMethod(GroupWeightMethod):
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        order = getattr(layer, "input_order", None)
+        order = self.input_order(layer)
         y = layer.quantized(x if order is None else x.index_select(-1, order))
         return y if bias is None else y + bias
 
@@ -214,8 +214,8 @@ class IntCheckpointMethod(GroupWeightMethod):
 
     def apply_gated(self, layer: LinearBase, x: torch.Tensor, activation: nn.Module,
                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        weight, order = layer.quantized, getattr(layer, "input_order", None)
-        if not isinstance(weight, GroupQuantWeight):
+        weight, order = self.group_weight(layer), self.input_order(layer)
+        if weight is None:
             return None
         return weight.gated(x if order is None else x.index_select(-1, order), activation, bias)
 
