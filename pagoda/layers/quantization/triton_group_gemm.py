@@ -176,8 +176,7 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
     applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see
-    _store_split_sums; NORM (and the norm_* arguments) and LAUNCH_LATE: see
-    _store_products."""
+    _store_output; NORM (and the norm_* arguments) and LAUNCH_LATE: see _store_products."""
     wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
     steps = tl.arange(0, STEP)
@@ -279,7 +278,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     group_gemm.factored_words; 1: sub-scales, 2: sub-scales and sub-mins): scale_ptr holds
     the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
     inputs, each group's scale and min their products in float32 (_factored), loaded where
-    the words they stand for are. GATED: see _store_split_sums; NORM (and the norm_*
+    the words they stand for are. GATED: see _store_output; NORM (and the norm_*
     arguments) and LAUNCH_LATE: see _store_products."""
     wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
@@ -713,17 +712,13 @@ def _half_saturating(x):
 
 @triton.jit
 def _store_split_sums(total, out_ptr, at, ok, partial_ptr, split_stride, count_ptr, tile, split,
-                      SPLITS: tl.constexpr, GATED: tl.constexpr = 0, gated_width=0):
+                      SPLITS: tl.constexpr):
     """Store a program's float32 sums over its split of the inputs at out_ptr + at, once
-    every split's are in (_summed_splits). GATED (1 SiLU, 2 GELU's tanh form): the sums'
-    rows are a tile of gates and then their ups (as _outputs_by_tokens_tile lays them out)
-    of outputs [gate | up] 2 gated_width wide, and act(gate) * up is stored instead, in rows
-    gated_width wide, computed from the rounded outputs as the separate kernel computes it
-    (fused.gated_value)."""
+    every split's are in (_summed_splits)."""
     total, last = _summed_splits(total, at, ok, partial_ptr, split_stride, count_ptr, tile,
                                  split, SPLITS)
     if last:
-        _store_output(total, out_ptr, at, ok, GATED, gated_width)
+        _store_output(total, out_ptr, at, ok, 0, 0)
 
 
 @triton.jit
@@ -755,8 +750,8 @@ def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_p
                     norm_eps, NORM_TILES: tl.constexpr, PDL: tl.constexpr,
                     LAUNCH_LATE: tl.constexpr):
     """The W x^T kernels' end: sums [BLOCK_N outputs n, BLOCK_T tokens t] over a split of
-    the inputs, stored as _store_split_sums stores them (with LAUNCH_LATE, the next
-    kernel let launch first: _launches_late), and with NORM:
+    the inputs, stored as _store_split_sums stores them (gated with GATED: _store_output;
+    with LAUNCH_LATE, the next kernel let launch first: _launches_late), and with NORM:
 
     - 1 (the outputs feed an RMSNorm that the next product applies): the rounded outputs
       plus the residual are stored as the new residual, and that sum times the norm's
@@ -812,7 +807,11 @@ def _inverse_rms(squares_ptr, norm_tiles, t, t_ok, M, width, eps, NORM_TILES: tl
 
 @triton.jit
 def _store_output(total, out_ptr, at, ok, GATED: tl.constexpr, gated_width):
-    """total at out_ptr + at in out's type; GATED: see _store_split_sums."""
+    """total at out_ptr + at in out's type. GATED (1 SiLU, 2 GELU's tanh form): total's rows
+    are a tile of gates and then their ups (as _outputs_by_tokens_tile lays them out) of
+    outputs [gate | up] 2 gated_width wide, and act(gate) * up is stored instead, in rows
+    gated_width wide, computed from the rounded outputs as the separate kernel computes it
+    (fused.gated_value)."""
     dtype = out_ptr.dtype.element_ty
     if GATED:
         gate, up = _tile_halves(total.to(dtype))
@@ -1000,8 +999,9 @@ def group_gemm_then_norm(x: torch.Tensor, weight: GroupQuantWeight, residual: to
 
 def takes_norm(tokens: int, weight: GroupQuantWeight) -> bool:
     """Whether a call of `tokens` can norm its outputs for the next product
-    (group_gemm_then_norm) or take inputs so normed (group_gemm's `normed`): as a call that
-    takes a gated activation, on the planes or the few-token kernel."""
+    (group_gemm_then_norm) or take inputs so normed (group_gemm's `normed`): one of up to
+    FEW_TOKENS tokens on the planes or the few-token kernel (not decoded first, nor the
+    one-token 4-bit GEMV), whose last step these are done in."""
     return (tokens <= FEW_TOKENS and not decodes_first(tokens, weight)
             and (weight.planes or not takes_one_token_int4(tokens, weight)))
 
