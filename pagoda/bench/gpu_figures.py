@@ -72,7 +72,9 @@ def gpu_busy_fraction(run: Callable[[], Any]) -> dict[str, float]:
 
 
 def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
-    """TTFT and mean time per output token of one request alone (streamed)."""
+    """TTFT and time per output token of one request alone (streamed): the mean over the
+    decode, and the median and slowest gap between outputs (a mean raised by a few slow
+    steps shows as a max far above the median)."""
     from pagoda.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True,
@@ -80,10 +82,20 @@ def single_stream_latency(llm: Any, request: BenchRequest) -> dict[str, float]:
     stamps, start = [], time.perf_counter()
     for out in llm.stream({"prompt_token_ids": request.prompt_token_ids}, params):
         stamps.append((time.perf_counter(), len(out.outputs[0].token_ids)))
-    ttft = stamps[0][0] - start
+    return {"ttft_s": stamps[0][0] - start, **decode_gaps(stamps),
+            "output_tokens": stamps[-1][1]}
+
+
+def decode_gaps(stamps: list[tuple[float, int]]) -> dict[str, float]:
+    """From (time, tokens so far) at each streamed output after the first: the mean time
+    per token, and the median and largest time per token between consecutive outputs."""
     decode_tokens = stamps[-1][1] - stamps[0][1]
-    tpot = (stamps[-1][0] - stamps[0][0]) / max(decode_tokens, 1)
-    return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": stamps[-1][1]}
+    gaps = sorted((t1 - t0) / (n1 - n0)
+                  for (t0, n0), (t1, n1) in zip(stamps, stamps[1:]) if n1 > n0)
+    if not gaps:
+        return {"tpot_s": 0.0, "tpot_median_s": 0.0, "tpot_max_s": 0.0}
+    return {"tpot_s": (stamps[-1][0] - stamps[0][0]) / decode_tokens,
+            "tpot_median_s": gaps[len(gaps) // 2], "tpot_max_s": gaps[-1]}
 
 
 def model_shape(hf_config: Any, dtype: torch.dtype, held: HeldWeights | None,

@@ -567,6 +567,9 @@ def _print_gpu_lines(result: dict[str, Any], console: Any) -> None:
         single = gpu["single_stream"]
         line = f"single stream: TTFT {1e3 * single['ttft_s']:.1f} ms, TPOT " \
                f"{1e3 * single['tpot_s']:.2f} ms"
+        if "tpot_median_s" in single:
+            line += f" (median {1e3 * single['tpot_median_s']:.2f}, " \
+                    f"max {1e3 * single['tpot_max_s']:.2f})"
         if found:
             floor_tpot = found["decode1_tpot_floor_s"]
             share = 100 * floor_tpot / single["tpot_s"]
