@@ -2,7 +2,10 @@
 on), kernel time summed by name, per step, against the step's wall time.
 
     python3 bench/gpu/profile_kernels.py [MODEL [BATCH]] [--quantization Q] [--kv-cache-dtype D]
-        [--load-format gguf --tokenizer DIR]
+        [--load-format gguf --tokenizer DIR] [--by-grid]
+
+--by-grid also sums the kernels by name and launch grid (telling apart a kernel's launches
+for different projections).
 
 MODEL is a config directory whose weights are drawn at random (the default load format,
 dummy), or a checkpoint with `--load-format` (a random GGUF of bench/gpu/run.sh's $GGUF8
@@ -24,6 +27,7 @@ parser.add_argument("--quantization", default=None)
 parser.add_argument("--kv-cache-dtype", default="auto")
 parser.add_argument("--load-format", default="dummy")
 parser.add_argument("--tokenizer", default=None)
+parser.add_argument("--by-grid", action="store_true")
 args = parser.parse_args()
 batch = args.batch
 llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer, dtype="bfloat16",
@@ -50,3 +54,21 @@ print(f"batch {batch}: {steps} steps, kernel time {total_us / 1e3:.1f} ms over a
       f"{total_us / steps / 1e3:.3f} ms of kernels per step, {len(kernels) / steps:.0f} kernels")
 for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
     print(f"{us / steps:9.1f} us/step {n // steps:5d}x/step  {100 * us / total_us:5.1f}%  {name}")
+
+if args.by_grid:  # the trace's kernel events carry their grids
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    by_grid: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "kernel":
+            entry = by_grid[(e["name"][:40], str(e.get("args", {}).get("grid")))]
+            entry[0] += e.get("dur", 0.0)
+            entry[1] += 1
+    print("by name and grid:")
+    for (name, grid), (us, n) in sorted(by_grid.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"{us / steps:9.1f} us/step {n / steps:6.1f}x/step {us / n:8.2f} us each  "
+              f"{name} grid {grid}")
