@@ -70,16 +70,16 @@ from pagoda.layers.triton_support import cuda_capability, has_e4m3
 
 # few-token calls (and calls of at most SMALL_M tokens in the tile kernel) split the inputs
 # into about TARGET_PROGRAMS programs per streaming multiprocessor, each split covering at
-# least MIN_SPLIT_INPUTS inputs (a sweep on the H200 found this fastest at one token)
+# least MIN_SPLIT_INPUTS inputs (a sweep on the H200 found this fastest at one token;
+# PAGODA_MIN_SPLIT_INPUTS names another, a benchmark's way to time one; read once)
 TARGET_PROGRAMS = 4
-MIN_SPLIT_INPUTS = 512
+MIN_SPLIT_INPUTS = int(os.environ.get("PAGODA_MIN_SPLIT_INPUTS", "512"))
+# ... and NARROW_MIN_SPLIT_INPUTS where too few output tiles leave multiprocessors idle
+NARROW_MIN_SPLIT_INPUTS = 128
 MIN_SPLIT_ROWS = 32  # the one-token 4-bit kernel's: rows of bytes (two inputs each) a split
 # gate-up products of few tokens apply the gated activation to their outputs (takes_gated;
 # PAGODA_GATED_IN_PRODUCT=0: a launch of its own after them); read once
 GATED_IN_PRODUCT = os.environ.get("PAGODA_GATED_IN_PRODUCT", "1") != "0"
-# every product of few tokens lets the next kernel launch after its products (see
-# _launches_late; not yet timed, off), read once
-PRODUCTS_LAUNCH_LATE = os.environ.get("PAGODA_PRODUCTS_LAUNCH_LATE", "0") == "1"
 
 
 @triton.jit
@@ -869,11 +869,25 @@ def _splits(tiles: int, in_features: int, unit: int, multiprocessors: int,
             target: int = TARGET_PROGRAMS) -> int:
     """Input splits (a power of two) for `tiles` output tiles: about `target` programs per
     multiprocessor, each split a whole number of `unit`s of inputs and at least
-    MIN_SPLIT_INPUTS."""
+    MIN_SPLIT_INPUTS; or NARROW_MIN_SPLIT_INPUTS where that leaves fewer programs than
+    multiprocessors (a GGUF's Q6_K value projection of the 8B, 16 tiles: on an H100 7.5 us
+    in 32 splits against 12.5 in 8)."""
+    splits = _splits_of_at_least(MIN_SPLIT_INPUTS, tiles, in_features, unit,
+                                 target * multiprocessors)
+    if target and tiles * splits < multiprocessors:
+        splits = _splits_of_at_least(NARROW_MIN_SPLIT_INPUTS, tiles, in_features, unit,
+                                     target * multiprocessors)
+    return splits
+
+
+def _splits_of_at_least(inputs: int, tiles: int, in_features: int, unit: int,
+                        programs: int) -> int:
+    """The most splits (a power of two) of at least `inputs` inputs each, a whole number of
+    `unit`s, whose tiles x splits stay within `programs`."""
     splits = 1
-    while (tiles * splits * 2 <= target * multiprocessors
+    while (tiles * splits * 2 <= programs
            and in_features % (2 * splits * unit) == 0
-           and in_features // (2 * splits) >= MIN_SPLIT_INPUTS):
+           and in_features // (2 * splits) >= inputs):
         splits *= 2
     return splits
 
@@ -1056,9 +1070,10 @@ def _launches_late(norm: _NormArguments | None) -> bool:
     """Whether a W x^T product lets the next kernel launch (PDL) only once its programs are
     past their products, not as they start: where it starts a norm (launched as it starts,
     the next product's programs took the multiprocessors' free places while it ran, and an
-    H100 decoded an 8B's AWQ at 2.84 ms a token against 2.64 so; bench/results/README.md),
-    and every product with PAGODA_PRODUCTS_LAUNCH_LATE=1 (untimed)."""
-    return PRODUCTS_LAUNCH_LATE or (norm is not None and norm.kind == 1)
+    H100 decoded an 8B's AWQ at 2.84 ms a token against 2.64 so; bench/results/README.md).
+    Every product launched so was slower on an H100 (AWQ 2.63 against 2.56 ms a token, FP8
+    3.53 against 3.48), so the others let it launch as they start."""
+    return norm is not None and norm.kind == 1
 
 
 def _norm_launch(norm: _NormArguments | None, out: torch.Tensor, output_tiles: int,

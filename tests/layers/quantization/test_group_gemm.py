@@ -613,6 +613,26 @@ def test_byte_planes_take_their_own_tiles_up_to_8_tokens_and_above():
         assert 14336 % (config["splits"] * 32) == 0  # whole steps of byte planes a split
 
 
+def test_narrow_products_split_their_inputs_finer_to_reach_every_multiprocessor():
+    """A product too narrow to give each multiprocessor a program in splits of
+    MIN_SPLIT_INPUTS (the 8B's value projection as Q6_K byte planes: 16 tiles of 64) splits
+    down to NARROW_MIN_SPLIT_INPUTS; one that does (the output projection) keeps its splits."""
+    from pagoda.layers.quantization.triton_group_gemm import (
+        MIN_SPLIT_INPUTS,
+        NARROW_MIN_SPLIT_INPUTS,
+        planes_config,
+    )
+    value = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 256),
+                             None, 16, 8, planes=True)
+    value.out_features = 1024
+    splits = planes_config(1, value, 132)["splits"]
+    assert 16 * splits >= 132 and 4096 // splits == NARROW_MIN_SPLIT_INPUTS
+    output = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 32),
+                              None, 128, 4)
+    output.out_features = 4096
+    assert 4096 // planes_config(1, output, 132)["splits"] == MIN_SPLIT_INPUTS
+
+
 def test_a_kernel_tile_from_the_environment(monkeypatch):
     from pagoda.layers.quantization.triton_group_gemm import tile_from_environment
 
@@ -847,17 +867,14 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
     return assembly
 
 
-def test_products_that_start_a_norm_let_the_next_kernel_launch_after_their_loop(monkeypatch):
-    """_launches_late: where a product starts a norm, and for every product with
-    PAGODA_PRODUCTS_LAUNCH_LATE=1."""
+def test_products_that_start_a_norm_let_the_next_kernel_launch_after_their_loop():
+    """_launches_late: where a product starts a norm, and only there."""
     from pagoda.layers.quantization import triton_group_gemm as kernels
     out, squares = torch.zeros(2, 8), torch.zeros(4, 2)
     starts = kernels._NormArguments.outputs(out, torch.ones(8), out)
     finishes = kernels._NormArguments.inputs(squares, 8, 1e-6, out)
     assert kernels._launches_late(starts)
     assert not kernels._launches_late(finishes) and not kernels._launches_late(None)
-    monkeypatch.setattr(kernels, "PRODUCTS_LAUNCH_LATE", True)
-    assert kernels._launches_late(finishes) and kernels._launches_late(None)
 
 
 def test_the_kernels_that_norm_their_outputs_or_finish_a_norm_compile_for_hopper():
