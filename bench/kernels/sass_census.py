@@ -63,7 +63,7 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": scales,
                  "low_ptr": lows, "out_ptr": "*bf16",
                  "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM, "M": "i32",
-                 "N": "i32", "stride_xm": "i32"}
+                 "N": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
                  "STEP_IN_GROUP": group % (PLANE_STEP if bits == 4 else BYTE_PLANE_STEP) == 0,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
@@ -85,7 +85,8 @@ def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stag
     scales = "*fp32" if float8 else "*fp16"
     signature = {"x_ptr": "*bf16", "codes_ptr": codes, "scale_ptr": scales, "low_ptr": scales,
                  "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM,
-                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_om": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "BITS": 8, "FLOAT8": float8,
                  "ROW_SCALE": float8, "HAS_LOW": not float8, "DOT": dot, "E4M3_BYTES": False,
                  "BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "PDL": True}
@@ -93,10 +94,10 @@ def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stag
 
 
 def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int):
-    """`kernel` compiled for sm_90, its pointers, N, K and stride_xm divisible by 16."""
+    """`kernel` compiled for sm_90, its pointers, N, K and the strides divisible by 16."""
     divisible = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in signature.items()
-                 if kind.startswith("*") or name in ("N", "K", "stride_xm")}
+                 if kind.startswith("*") or name in ("N", "K", "stride_xm", "stride_om")}
     source = ASTSource(fn=kernel, constexprs=constants, attrs=divisible,
                        signature={**signature, **dict.fromkeys(constants, "constexpr")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -152,6 +152,31 @@ def test_gguf_codes_of_at_most_7_bits_in_byte_planes_match_their_decoding(name, 
     assert error < (1e-3 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_a_qkv_of_mixed_gguf_types_stores_each_kernel_into_its_columns(tokens, gpu_report):
+    """A Q4_K_M file's qkv on the GPU (q and k in Q4_K, v in Q6_K: two kernels): each
+    kernel's product stored into its columns of one output, bit for bit what the kernel
+    returns alone, and against gguf-py's decoding."""
+    from pagoda.layers.linear import QKVParallelLinear
+    from pagoda.layers.quantization.gguf import GGUFLinearMethod, GGUFWeight
+    layer = QKVParallelLinear(1024, 128, 8, 2, method=GGUFLinearMethod()).cuda()
+    pieces = [random_rows(kind, rows, 1024, seed) for kind, rows, seed in
+              (("Q4_K", 1024, 1), ("Q4_K", 256, 2), ("Q6_K", 256, 3))]
+    for shard, (kind, rows) in enumerate(zip(("Q4_K", "Q4_K", "Q6_K"), pieces)):
+        layer.weight.weight_loader(layer.weight, GGUFWeight(torch.from_numpy(rows), kind, 1024),
+                                   shard)
+    layer.method.process_weights_after_loading(layer)
+    assert [k.bits for k in layer.gguf_kernels] == [4, 8]
+    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    assert torch.equal(y, torch.cat([kernel(x) for kernel in layer.gguf_kernels], -1))
+    reference = torch.cat([dequantize_rows(torch.from_numpy(rows).cuda(), kind) for kind, rows
+                           in zip(("Q4_K", "Q4_K", "Q6_K"), pieces)])
+    error = relative_error(y, x.float() @ reference.t())
+    gpu_report(tokens=tokens, error=f"{error:.2e}")
+    assert error < 1e-2
+
+
 @pytest.mark.parametrize("tokens", [33, 65, 300, 2048])
 def test_fp8_tensor_cores_match_the_dense_product(tokens, gpu_report):
     weight = random_weight(*SHAPES["qkv"], *LAYOUTS["fp8-row"])

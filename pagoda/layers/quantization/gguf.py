@@ -15,6 +15,7 @@ rows and the blocks covering its inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -112,6 +113,9 @@ class GGUFLinearMethod(GroupWeightMethod):
         if all(isinstance(k, BlockDotWeight) for k in kernels) and \
                 (bias is None or cpu_block_dot.takes_bias(bias)):
             return _block_dot_columns(kernels, x, bias)
+        if len(kernels) > 1 and all(isinstance(k, GroupQuantWeight) for k in kernels):
+            y = _group_columns(kernels, x)
+            return y if bias is None else y + bias
         outputs = [kernel(x) for kernel in kernels]
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return y if bias is None else y + bias
@@ -148,13 +152,30 @@ def _block_dot_columns(kernels: nn.ModuleList, x: torch.Tensor,
     columns of one output (no concatenation, no separate add)."""
     rows = x.reshape(-1, x.shape[-1])
     y = torch.empty(rows.shape[0], sum(k.out_features for k in kernels))
-    column = 0
-    for kernel in kernels:
-        end = column + kernel.out_features
-        kernel(rows, out=y[:, column:end], bias=None if bias is None else bias[column:end])
-        column = end
+    for kernel, columns in _columns(kernels):
+        kernel(rows, out=y[:, columns], bias=None if bias is None else bias[columns])
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _group_columns(kernels: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """The group kernels' products side by side (a layer of several block types, as a
+    Q4_K_M file's qkv with its values in Q6_K), each stored into its columns of one output
+    (on CUDA by its kernel: no concatenation after them)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.empty(rows.shape[0], sum(k.out_features for k in kernels), dtype=x.dtype,
+                    device=x.device)
+    for kernel, columns in _columns(kernels):
+        kernel(rows, out=y[:, columns])
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _columns(kernels: nn.ModuleList) -> Iterator[tuple[nn.Module, slice]]:
+    """Each kernel with its columns of the kernels' outputs side by side."""
+    column = 0
+    for kernel in kernels:
+        yield kernel, slice(column, column + kernel.out_features)
+        column += kernel.out_features
 
 
 def _store_piece(layer: LinearBase, param: nn.Parameter, tensor: GGUFWeight | torch.Tensor,

@@ -479,11 +479,14 @@ class GroupQuantWeight(nn.Module):
             weight = weight + low.t().float().unsqueeze(-1)
         return weight.reshape(codes.shape[0], self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T; out: where to write it ([rows, out], rows possibly further apart than
+        their width: see triton_group_gemm.group_gemm), returned."""
         if x.is_cuda:
             from pagoda.layers.quantization.triton_group_gemm import group_gemm
-            return group_gemm(x, self)
-        return F.linear(x, self.dequantize(x.dtype))
+            return group_gemm(x, self, out=out)
+        y = F.linear(x, self.dequantize(x.dtype))
+        return y if out is None else out.copy_(y.reshape(out.shape))
 
     def then_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                   eps: float) -> tuple[NormedRows, torch.Tensor] | None:

@@ -165,7 +165,8 @@ def _outputs_by_tokens_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
                        norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles,
                        norm_width, norm_eps,
-                       M, N, K, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                       M, N, K, stride_xm, stride_om, K_SPLIT: tl.constexpr,
+                       SPLITS: tl.constexpr,
                        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT8: tl.constexpr,
                        ROW_SCALE: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
@@ -207,9 +208,10 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
-    _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
-                    GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
-                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL, LAUNCH_LATE)
+    _store_products(acc, out_ptr, stride_om, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr,
+                    split, SPLITS, GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr,
+                    squares_ptr, norm_tiles, norm_width, norm_eps, NORM_TILES, PDL,
+                    LAUNCH_LATE)
 
 
 @triton.jit
@@ -246,7 +248,8 @@ BYTE_PLANE_ROWS_T: tl.constexpr = tl.constexpr(BYTE_PLANE_ROWS)  # BYTE_PLANE_RO
 @triton.jit
 def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
                    norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles, norm_width,
-                   norm_eps, M, N, stride_xm, K_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                   norm_eps, M, N, stride_xm, stride_om, K_SPLIT: tl.constexpr,
+                   SPLITS: tl.constexpr,
                    GROUP: tl.constexpr,
                    STEP_IN_GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, STEP_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -389,9 +392,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 words = _step_words(scale_ptr, tl.minimum(k + STEP, last_k) // GROUP, n,
                                     n_ok, N)
     # (outputs past N load undefined codes: their sums are never stored)
-    _store_products(acc, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split, SPLITS,
-                    GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr, squares_ptr,
-                    norm_tiles, norm_width, norm_eps, NORM_TILES, PDL, LAUNCH_LATE)
+    _store_products(acc, out_ptr, stride_om, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr,
+                    split, SPLITS, GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr,
+                    squares_ptr, norm_tiles, norm_width, norm_eps, NORM_TILES, PDL,
+                    LAUNCH_LATE)
 
 
 @triton.jit
@@ -744,14 +748,15 @@ def _summed_splits(total, at, ok, partial_ptr, split_stride, count_ptr, tile, sp
 
 
 @triton.jit
-def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr, split,
-                    SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, norm_ptr,
-                    residual_ptr, residual_out_ptr, squares_ptr, norm_tiles, norm_width,
-                    norm_eps, NORM_TILES: tl.constexpr, PDL: tl.constexpr,
+def _store_products(total, out_ptr, stride_om, n, t, n_ok, t_ok, N, M, partial_ptr, count_ptr,
+                    split, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                    norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles,
+                    norm_width, norm_eps, NORM_TILES: tl.constexpr, PDL: tl.constexpr,
                     LAUNCH_LATE: tl.constexpr):
     """The W x^T kernels' end: sums [BLOCK_N outputs n, BLOCK_T tokens t] over a split of
-    the inputs, stored as _store_split_sums stores them (gated with GATED: _store_output;
-    with LAUNCH_LATE, the next kernel let launch first: _launches_late), and with NORM:
+    the inputs, stored as _store_split_sums stores them, in rows stride_om apart (gated with
+    GATED: _store_output, in rows of their own width; with LAUNCH_LATE, the next kernel let
+    launch first: _launches_late), and with NORM:
 
     - 1 (the outputs feed an RMSNorm that the next product applies): the rounded outputs
       plus the residual are stored as the new residual, and that sum times the norm's
@@ -774,8 +779,10 @@ def _store_products(total, out_ptr, n, t, n_ok, t_ok, N, M, partial_ptr, count_p
         if NORM == 1:
             _store_normed(total, out_ptr, at, ok, n_ok, t, t_ok, norm_ptr + n, residual_ptr,
                           residual_out_ptr, squares_ptr + tl.program_id(0) * M)
-        else:
+        elif GATED:
             _store_output(total, out_ptr, at, ok, GATED, N // 2)
+        else:
+            _store_output(total, out_ptr, t[None, :] * stride_om + n[:, None], ok, 0, 0)
 
 
 @triton.jit
@@ -945,14 +952,17 @@ def _dot_type(x: torch.dtype, float8: bool) -> int:
 
 
 def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
-               normed: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+               normed: torch.Tensor | None = None, norm_eps: float = 0.0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight^T -> [..., out] in x's dtype. gated (1 SiLU, 2 GELU's tanh form;
     calls `takes_gated` allows): the outputs are [gate | up] halves, and act(gate) * up
     [..., out / 2] comes out, computed by the product's last step. normed (calls
     `takes_norm` allows): x is a row times an RMSNorm's weight, not yet divided by its rms,
     and `normed` holds each row's sums of squares by output tile [tiles, rows] of the product
     that wrote it (group_gemm_then_norm); the product divides its sums by the rms (with the
-    norm's `norm_eps`)."""
+    norm's `norm_eps`). out (neither gated nor normed): a [rows, out] tensor of x's type whose
+    rows may lie further apart than their width (columns of a wider output), written in
+    place and returned; the kernels of few tokens store into it directly."""
     flat = x.reshape(-1, weight.in_features)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
@@ -963,25 +973,50 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
     if normed is not None and not takes_norm(tokens, weight):
         raise ValueError(f"a call of {tokens} tokens takes no normed inputs")
     multiprocessors = multiprocessor_count(x.device.index if x.is_cuda else None)
-    out = torch.empty(tokens, weight.out_features // (2 if gated else 1), dtype=x.dtype,
-                      device=x.device)
     if gated or normed is not None:
+        if out is not None:
+            raise ValueError("a gated or normed product makes its own output")
+        out = torch.empty(tokens, weight.out_features // (2 if gated else 1), dtype=x.dtype,
+                          device=x.device)
         norm = None if normed is None else _NormArguments.inputs(normed, weight.in_features,
                                                                  norm_eps, out)
         (_planes if weight.planes else _few_tokens)(flat, weight, out, multiprocessors, gated,
                                                     norm)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+    if out is not None:
+        _check_output(out, tokens, weight.out_features, x)
+    product = _product(tokens, weight)
+    into = out if out is not None and product in (_planes, _few_tokens) else \
+        torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
+    product(flat, weight, into, multiprocessors)
+    if out is not None:
+        return out if into is out else out.copy_(into)
+    return into.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _product(tokens: int, weight: GroupQuantWeight):
+    """The launcher of a call of `tokens` rows (each takes flat x, the weight, the output
+    and the multiprocessor count)."""
     if decodes_first(tokens, weight):
-        decoded_product(flat, weight, out)
-    elif weight.planes:
-        _planes(flat, weight, out, multiprocessors)
-    elif takes_one_token_int4(tokens, weight):
-        _one_token_int4(flat, weight, out, multiprocessors)
-    elif tokens <= FEW_TOKENS:
-        _few_tokens(flat, weight, out, multiprocessors)
-    else:
-        _many_tokens(flat, weight, out, multiprocessors)
-    return out.reshape(*x.shape[:-1], weight.out_features)
+        return _decoded_first
+    if weight.planes:
+        return _planes
+    if takes_one_token_int4(tokens, weight):
+        return _one_token_int4
+    return _few_tokens if tokens <= FEW_TOKENS else _many_tokens
+
+
+def _decoded_first(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+                   multiprocessors: int) -> None:
+    decoded_product(flat, weight, out)
+
+
+def _check_output(out: torch.Tensor, tokens: int, outputs: int, x: torch.Tensor) -> None:
+    if out.shape != (tokens, outputs) or out.dtype != x.dtype or out.device != x.device \
+            or out.stride(-1) != 1:
+        raise ValueError(f"an output {tuple(out.shape)} ({out.dtype}, strides "
+                         f"{out.stride()}) does not take [{tokens}, {outputs}] rows of "
+                         f"{x.dtype} with unit column stride")
 
 
 def group_gemm_then_norm(x: torch.Tensor, weight: GroupQuantWeight, residual: torch.Tensor,
@@ -1108,8 +1143,8 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         flat, codes, weight.scale, weight.low if weight.low is not None else weight.scale,
         out, _partials(out, splits, out_features), tile_counters(out.device, grid[0] * grid[1]),
         M=tokens, N=out_features, K=weight.in_features, stride_xm=flat.stride(0),
-        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
-        BITS=weight.bits, FLOAT8=float8,
+        stride_om=out.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        GROUP=weight.group_size, BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
         HAS_LOW=weight.low is not None,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
@@ -1199,7 +1234,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     _planes_kernel[grid](
         flat, weight.codes, scale, mins, out, _partials(out, splits, out_features),
         tile_counters(out.device, grid[0] * grid[1]), M=tokens, N=out_features,
-        stride_xm=flat.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
+        stride_xm=flat.stride(0), stride_om=out.stride(0), K_SPLIT=weight.in_features // splits,
+        SPLITS=splits,
         GROUP=weight.group_size, STEP_IN_GROUP=weight.groups_of_whole_steps,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),

@@ -84,6 +84,23 @@ def test_a_fused_qkv_of_mixed_types_matches_the_dequantized_weights(cpu_kernel):
     torch.testing.assert_close(v_out, v_expected, **tolerance)
 
 
+def test_group_kernels_of_a_layer_write_their_columns_of_one_output():
+    """A layer held as several group kernels (as a GPU holds a Q4_K_M file's qkv: 4-bit
+    planes, then byte planes) gives each kernel's product in its columns, the bias after."""
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, bias=True,
+                              method=GGUFLinearMethod())
+    generator = torch.Generator().manual_seed(0)
+    layer.gguf_kernels = nn.ModuleList([
+        GroupQuantWeight(torch.randint(0, 16, (rows, HIDDEN), generator=generator),
+                         torch.rand(rows, HIDDEN // 32, generator=generator), None, 32, bits,
+                         planes=True)
+        for rows, bits in (((HEADS + KV_HEADS) * HEAD_DIM, 4), (KV_HEADS * HEAD_DIM, 8))])
+    layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=generator))
+    x = torch.randn(3, 2, HIDDEN, generator=generator)
+    expected = torch.cat([kernel(x) for kernel in layer.gguf_kernels], -1) + layer.bias
+    torch.testing.assert_close(layer(x), expected)
+
+
 @pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_K", "Q2_K", "Q3_K"])
 def test_a_row_parallel_layer_with_bias_matches(name, cpu_kernel):
     layer = RowParallelLinear(HIDDEN, 64, bias=True, method=GGUFLinearMethod())

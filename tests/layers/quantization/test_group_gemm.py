@@ -158,6 +158,40 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
     return errors
 
 
+# products written into columns of a wider output (group_gemm's `out`): the planes and
+# few-token kernels store rows that far apart, the other paths copy into them
+COLUMN_CASES = ["int4-planes-g96-one-token", "int4-planes-g128-tokens-100",
+                "int4-planes-zero-points-g32-tokens-12", "fp8-per-row-split", "int8-g16",
+                "int8-g32-large", "int4-g128-one-token-split-halves",
+                "bytes-g16-tokens-12-split"]
+
+
+def column_errors(generator: torch.Generator) -> dict[str, float]:
+    """Each COLUMN_CASES product stored at columns 8.. of an output 24 columns wider than
+    it, filled with NaN: its error against the dense product, or inf where a column
+    outside its own was written."""
+    from pagoda.layers.quantization.triton_group_gemm import group_gemm
+    errors = {}
+    for name in COLUMN_CASES:
+        if name in BYTE_PLANE_CASES:
+            tokens, outputs, inputs, group, with_min = BYTE_PLANE_CASES[name]
+            weight = byte_plane_weight(outputs, inputs, group, with_min, generator, True)
+        else:
+            tokens, outputs, inputs, *layout = CASES[name.removesuffix("-halves")]
+            weight = random_weight(outputs, inputs, *layout, generator,
+                                   planes=False if name.endswith("-halves") else None)
+        x = torch.randn(tokens, inputs, generator=generator)
+        expected = F.linear(x, weight.dequantize(torch.float32))
+        wide = torch.full((tokens, outputs + 24), float("nan"))
+        returned = group_gemm(x, weight, out=wide[:, 8:8 + outputs])
+        outside = torch.cat([wide[:, :8], wide[:, 8 + outputs:]], dim=1)
+        written = returned.data_ptr() == wide[:, 8:].data_ptr() and outside.isnan().all()
+        errors[f"{name}-columns"] = ((wide[:, 8:8 + outputs] - expected).abs()
+                                     / (1 + expected.abs())).max().item() if written \
+            else float("inf")
+    return errors
+
+
 # GGUF k-quants with their scales held factored (random blocks, 512 inputs: two
 # super-blocks): name -> (type, tokens, step sums, gated). Step sums scale a plane's sums
 # (Q4_K's nibble planes, the byte planes of groups of 16) or a step's (Q5_K); up to 32
@@ -333,6 +367,7 @@ def kernel_errors() -> dict[str, float]:
     errors.update(gated_errors(generator))
     errors.update(factored_errors(generator))
     errors.update(normed_errors(generator))
+    errors.update(column_errors(generator))
     errors["fp8-rows"] = fp8_rows_error(generator)
     errors["split-counters-left-nonzero"] = float(nonzero_counters())
     return errors
@@ -766,6 +801,7 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
                            | set(FACTORED_CASES) | set(NORMED_CASES)
                            | {f"{n}-residual" for n in NORMED_CASES}
+                           | {f"{n}-columns" for n in COLUMN_CASES}
                            | {"fp8-every-value-bytes", "fp8-every-value-fp16-bytes",
                               "fp8-rows", "split-counters-left-nonzero"})
     for name, error in errors.items():
@@ -805,7 +841,7 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
                                                                    layout["STEP"]),):
         compile_for_cuda(_few_tokens_kernel, {
             **counted, "scale_ptr": "*fp32" if float8 else "*fp16", "M": "i32", "N": "i32",
-            "K": "i32", "stride_xm": "i32"}, {
+            "K": "i32", "stride_xm": "i32", "stride_om": "i32"}, {
             **layout, "GROUP": group, "STEP": step, "SPLITS": 2, "FLOAT8": float8,
             "ROW_SCALE": group == 4096, "GATED": 1 + (group == 4096),
             "BLOCK_N": 32, "BLOCK_T": 16, "DOT": _dot_type(dtype, float8)}, capability)
@@ -828,7 +864,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "scale_ptr": "*i32" if step_sums else "*fp16",
             "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": f"*{activations}",
             "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-            "stride_xm": "i32"}, {
+            "stride_xm": "i32", "stride_om": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": splits, "GROUP": group,
             "STEP_IN_GROUP": group % step == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points, "STEP_SUMS": step_sums,
@@ -850,7 +886,7 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
     from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _planes_kernel
     counted = {"x_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
                "count_ptr": "*i32", **NORM_ARGUMENTS, "M": "i32", "N": "i32",
-               "stride_xm": "i32"}
+               "stride_xm": "i32", "stride_om": "i32"}
     shared = {"SPLITS": 2, "BLOCK_T": 8, "PDL": True, "GATED": 1 if norm == 2 else 0,
               "NORM": norm, "NORM_TILES": 64, "LAUNCH_LATE": norm == 1}
     assembly = [compile_for_cuda(_planes_kernel, {
@@ -917,7 +953,7 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
         "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*i32",
         "low_ptr": "*u8" if zero_points else "*fp16", "out_ptr": "*bf16",
         "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32",
-        "stride_xm": "i32"}, {
+        "stride_xm": "i32", "stride_om": "i32"}, {
         "K_SPLIT": 2048, "SPLITS": 2, "GROUP": group,
         "STEP_IN_GROUP": group == 128 or (bits == 8 and group == 32), "PLANE_BITS": bits,
         "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "STEP_SUMS": True,
@@ -952,7 +988,7 @@ def test_the_planes_kernel_compiles_for_cuda_with_factored_scales(bits, group, f
         compile_for_cuda(_planes_kernel, {
             "x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": "*i32", "low_ptr": "*i32",
             "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "M": "i32",
-            "N": "i32", "stride_xm": "i32"}, {
+            "N": "i32", "stride_xm": "i32", "stride_om": "i32"}, {
             "K_SPLIT": 1024, "SPLITS": 2, "GROUP": group, "STEP_IN_GROUP": step_in_group,
             "HAS_LOW": True, "ZERO_POINTS": False, "STEP_SUMS": step_sums, "BLOCK_N": 64,
             "BLOCK_T": block_t, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits,
@@ -1072,7 +1108,8 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
     dtype = torch.float32 if activations == "fp32" else torch.bfloat16
     signature = {"x_ptr": f"*{activations}", "codes_ptr": "*u8", "scale_ptr": "*fp16",
                  "low_ptr": "*fp16", "out_ptr": f"*{activations}", "partial_ptr": "*fp32",
-                 "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+                 "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_om": "i32"}
     constants = {"K_SPLIT": 4096 // config["splits"], "SPLITS": config["splits"],
                  "GROUP": group, "BITS": 8, "FLOAT8": False, "ROW_SCALE": False,
                  "STEP": config["STEP"], "HAS_LOW": True, "BLOCK_N": config["BLOCK_N"],
