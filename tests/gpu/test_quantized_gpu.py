@@ -48,7 +48,8 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
         codes = torch.randint(0, 64 if byte_planes else 2 ** bits, (outputs, inputs),
                               device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
-    low = -(2 ** (bits - 1)) * scale if with_min else None
+    # mins centre the codes' range (byte planes hold 0..63 here)
+    low = -(32 if byte_planes else 2 ** (bits - 1)) * scale if with_min else None
     weight = GroupQuantWeight(codes, scale, low, group, bits, planes=True if byte_planes else None,
                               zero_points=zero_points, step_sums=not weight_by_weight)
     assert weight.holds_zero_points == zero_points
