@@ -29,7 +29,7 @@ class VocabShard(nn.Module):
         self.weight = shared if shared is not None else new_parameter(
             self.rows, hidden_size, loader=self.weight_loader, output_dim=0)
         # set: the table is held by this module instead (`quantized(x)` is x W^T,
-        # `quantized.rows(index, scale)` the rows at `index` as float32, times scale)
+        # `quantized.rows(index, scale, dtype)` the rows at `index` times scale, in dtype)
         self.quantized: nn.Module | None = None
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor,
@@ -66,7 +66,7 @@ class VocabEmbedding(VocabShard):
     def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
         """The rows of this rank's table at `local_ids` (times the scale)."""
         if self.quantized is not None:  # scaled by the kernel as it decodes
-            rows = self.quantized.rows(local_ids.reshape(-1), self.scale).to(self.dtype)
+            rows = self.quantized.rows(local_ids.reshape(-1), self.scale, self.dtype)
             return rows.reshape(*local_ids.shape, rows.shape[-1])
         if self.decode_rows is None:
             rows = F.embedding(local_ids, self.weight)

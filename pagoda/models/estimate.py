@@ -265,10 +265,15 @@ def _experts_as_codes(source: ModelSource, quantization: str, device: str, tp: i
 def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
                types: dict[str, str], device: torch.device) -> tuple[int, int]:
     """(parameters, bytes) of a GGUF's embedding table kept in another form than floats:
-    untied, in its blocks (a block type pagoda decodes); tied, as the codes of the CPU
+    untied, as the GPU group kernel's codes where one holds it (gguf.holds_untied_table),
+    else in its blocks (a block type pagoda decodes); tied, as the codes of the CPU
     block-dot kernel or the GPU group kernel where one holds it (gguf.holds_tied_table);
     (0, 0) when it is held as floats."""
-    from pagoda.layers.quantization.gguf import holds_tied_table, keeps_table_blocks
+    from pagoda.layers.quantization.gguf import (
+        holds_tied_table,
+        holds_untied_table,
+        keeps_table_blocks,
+    )
     from pagoda.layers.quantization.gguf_blocks import FORMATS
     kind = types.get(_EMBEDDING)
     if kind is None:
@@ -277,6 +282,8 @@ def _gguf_table(source: ModelSource, shapes: dict[str, tuple[int, ...]],
     if getattr(source.hf_config, "tie_word_embeddings", False):
         if not holds_tied_table(kind, rows, columns, device):
             return 0, 0
+        return _held_as_codes(rows, columns, kind, device)
+    if holds_untied_table(kind, rows, columns, device):
         return _held_as_codes(rows, columns, kind, device)
     if not keeps_table_blocks(kind):
         return 0, 0

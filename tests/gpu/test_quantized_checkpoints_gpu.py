@@ -190,13 +190,6 @@ def test_fp8_blocks_on_two_ranks_give_one_gpus_tokens(tmp_path):
         greedy(tmp_path / "fp8", prompts)
 
 
-def test_an_untied_q8_0_table_decoded_per_lookup_on_the_gpu(tmp_path):
-    path = write_untied_gguf(tmp_path / "untied.gguf")
-    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
-    assert greedy(path, prompts, quantization="gguf") == \
-        greedy(path, prompts, quantization="none")
-
-
 @pytest.mark.parametrize("head_type", ["Q8_0", "Q4_0"])
 def test_an_untied_gguf_head_multiplies_its_codes_on_the_gpu(head_type, tmp_path, gpu_report):
     """The LM head of an untied GGUF whose output table is `head_type` keeps its blocks as
@@ -255,3 +248,31 @@ def test_a_tied_gguf_table_is_held_as_codes_on_the_gpu(table_type, tmp_path, gpu
     tokens = greedy(path, prompts, quantization="gguf")
     assert tokens == greedy(path, prompts, quantization="none")
     assert tokens == greedy(path, prompts, quantization="gguf", enforce_eager=True)
+
+
+@pytest.mark.parametrize("table_type", ["Q8_0", "Q4_0"])
+def test_an_untied_gguf_table_is_held_as_codes_on_the_gpu(table_type, tmp_path, gpu_report):
+    """An untied GGUF's `table_type` token_embd held as the group kernel's codes on the GPU
+    (gguf.holds_untied_table), its lookups one launch (triton_rows): against the table
+    gguf-py decodes, the estimate's bytes as held, greedy tokens as with the table decoded
+    at load."""
+    path = write_untied_gguf(tmp_path / "untied.gguf", table_type=table_type)
+    llm = engine(path, quantization="gguf")
+    try:
+        embedding = llm.engine.core.executor.worker.runner.model.model.embed_tokens
+        assert isinstance(embedding.quantized, GroupQuantWeight)
+        assert embedding.weight.numel() == 0 and embedding.decode_rows is None
+        table = output_table(path, "token_embd.weight").cuda()
+        ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1], [7, 7, 1]], device="cuda")
+        lookup_error = relative_error(embedding(ids), table[ids])
+        held = llm.engine.model_info.weight_bytes
+    finally:
+        llm.engine.core.shutdown()
+    figures = estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
+                       quantization="gguf")
+    gpu_report(format=f"gguf untied {table_type} table", lookup_error=f"{lookup_error:.1e}")
+    assert lookup_error < 1e-6 and figures.weight_bytes == held
+    prompts = random_prompts(UNTIED.vocab_size, (5, 17))
+    assert greedy(path, prompts, quantization="gguf") == \
+        greedy(path, prompts, quantization="none")
+

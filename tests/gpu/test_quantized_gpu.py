@@ -178,6 +178,26 @@ def test_a_qkv_of_mixed_gguf_types_stores_each_kernel_into_its_columns(tokens, g
     assert error < 1e-2
 
 
+@pytest.mark.parametrize("layout", ["int4-planes-g128-words", "int4-planes-g32",
+                                    "int4-planes-zero-points", "bytes-planes-g16-words",
+                                    "bytes-each-g32"])
+def test_a_tables_lookup_in_one_launch_decodes_as_torch_does(layout):
+    """GroupQuantWeight.rows on CUDA (triton_rows, one launch) against its torch decoding of
+    the same rows on CPU, float32 (the kernel may fuse a multiply and an add) and in the
+    activations' type."""
+    from tests.layers.quantization.test_triton_rows import LAYOUTS, layout_weight
+    weight = layout_weight(*LAYOUTS[layout], torch.Generator().manual_seed(0))
+    index = torch.tensor([3, 0, weight.out_features - 1, 3])
+    dtypes = (torch.float32, torch.bfloat16)
+    expected = [weight.rows(index, 2.5, dtype) for dtype in dtypes]  # (on CPU: torch)
+    weight.cuda()
+    for dtype, torch_rows in zip(dtypes, expected, strict=True):
+        got = weight.rows(index.cuda(), 2.5, dtype)
+        assert got.dtype == dtype and got.is_cuda
+        torch.testing.assert_close(got.cpu().float(), torch_rows.float(), atol=1e-7,
+                                   rtol=1e-6 if dtype == torch.float32 else 8e-3)
+
+
 @pytest.mark.parametrize("tokens", [33, 65, 300, 2048])
 def test_fp8_tensor_cores_match_the_dense_product(tokens, gpu_report):
     weight = random_weight(*SHAPES["qkv"], *LAYOUTS["fp8-row"])

@@ -90,13 +90,13 @@ UNTIED = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_h
                      tie_word_embeddings=False)
 
 
-def write_untied_gguf(path, head_type: str | None = None):
-    """A random Qwen3 (UNTIED) as a GGUF: its token_embd Q8_0, its output table `head_type`
-    (None: float32), every other tensor float32."""
+def write_untied_gguf(path, head_type: str | None = None, table_type: str = "Q8_0"):
+    """A random Qwen3 (UNTIED) as a GGUF: its token_embd `table_type`, its output table
+    `head_type` (None: float32), every other tensor float32."""
     torch.manual_seed(0)
     state = {k: v.detach() for k, v in
              AutoModelForCausalLM.from_config(UNTIED, dtype=torch.float32).state_dict().items()}
-    types = {"token_embd.weight": "Q8_0"}
+    types = {"token_embd.weight": table_type}
     if head_type is not None:
         types["output.weight"] = head_type
     return write_arch_gguf(path, UNTIED, "qwen3", QWEN3_BLOCK_NAMES, state, types=types)
@@ -267,3 +267,18 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kern
                                else {"int4pack_mm_for_cpu", "dense matmul"})
         llm.engine.core.shutdown()
     assert tokens[0] == tokens[1]
+
+
+def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path):
+    """On a GPU an untied table is held as the group kernel's codes (its lookups one launch:
+    gguf.holds_untied_table), a code and a 32-bit scale word a group of 32 for Q8_0; on CPU
+    in its blocks (34 bytes a block of 32). The estimates differ by the table's bytes only."""
+    from pagoda.layers.quantization.gguf import holds_untied_table
+    rows, columns = UNTIED.vocab_size, UNTIED.hidden_size
+    assert holds_untied_table("Q8_0", rows, columns, torch.device("cuda"))
+    assert not holds_untied_table("Q8_0", rows, columns, torch.device("cpu"))
+    source = resolve_model(str(write_untied_gguf(tmp_path / "untied.gguf")))
+    on_cpu = estimate(source, 128, quantization="gguf", dtype="float32").weight_bytes
+    on_gpu = estimate(source, 128, quantization="gguf", dtype="float32",
+                      device="H100").weight_bytes
+    assert on_gpu - on_cpu == rows * columns * 9 // 8 - rows * columns // 32 * 34

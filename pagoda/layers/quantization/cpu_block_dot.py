@@ -300,10 +300,11 @@ class BlockDotWeight(nn.Module):
             into.stride(-2) if into.dim() > 1 else 0, torch.get_num_threads())
         return into if x.dtype == torch.float32 or out is not None else into.to(x.dtype)
 
-    def rows(self, index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def rows(self, index: torch.Tensor, scale: float | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weight rows `index` (each in [0, out_features)) decoded to float32 [len(index), in]
         by the kernel (a table's lookup), times `scale` where given (rounded as torch's rows
-        * scale)."""
+        * scale), in `dtype`."""
         ids = index.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(len(ids), self.in_features)
         run_kernel(_library().pagoda_block_dot_rows, ids.data_ptr(), len(ids),
@@ -311,7 +312,7 @@ class BlockDotWeight(nn.Module):
                    self.scale.element_size() * 8, self.factors.data_ptr(), self.factor_shift,
                    self.in_features, self.group_size,
                    1.0 if scale is None else scale, out.data_ptr())
-        return out
+        return out.to(dtype)
 
     def _group_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scales and lows as float32 [tiles, groups, 16] (factored: their products)."""

@@ -347,16 +347,27 @@ def decode_table_rows(rows: torch.Tensor, type_name: str, dtype: torch.dtype) ->
 
 def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
                  tensor: GGUFWeight | torch.Tensor, shard: int | None = None) -> None:
-    """Keep this rank's rows of the checkpoint's table as the embedding's weight: its rows of
+    """Keep this rank's rows of the checkpoint's table: as the GPU group kernel's codes where
+    one holds its type (holds_untied_table), else as the embedding's weight: its rows of
     blocks (decoded per lookup), or floats."""
     if not isinstance(tensor, GGUFWeight):
         embedding.weight = new_parameter(embedding.rows, embedding.hidden_size,
                                          loader=embedding.weight_loader, output_dim=0)
         embedding.weight_loader(embedding.weight, tensor)
         return
+    if holds_untied_table(tensor.type_name, embedding.rows, embedding.hidden_size,
+                          param.device):
+        blocks = GGUFWeight(_rank_table_rows(embedding, tensor), tensor.type_name,
+                            tensor.columns)
+        embedding.after_loading = partial(_hold_table, embedding, blocks)
+        return
     param.data = _rank_table_rows(embedding, tensor)
     embedding.decode_rows = partial(decode_table_rows, type_name=tensor.type_name,
                                     dtype=embedding.dtype)
+
+
+def _hold_table(embedding: VocabEmbedding, blocks: GGUFWeight) -> None:
+    embedding.quantized = _kernel([blocks], blocks.rows.device)
 
 
 def _store_tied_table(embedding: VocabEmbedding, head: LMHead, param: nn.Parameter,
@@ -493,6 +504,14 @@ def holds_tied_table(type_name: str, rows: int, columns: int, device: torch.devi
     if type_name not in FORMATS:
         return False
     return _kernel_kind(type_name, rows, columns, device).startswith(("blockdot", "group"))
+
+
+def holds_untied_table(type_name: str, rows: int, columns: int, device: torch.device) -> bool:
+    """Whether an embedding no LM head is tied to holds its [rows, columns] table (a rank's
+    rows) of GGUF type `type_name` as the GPU group kernel's codes, its lookups decoded in
+    one launch (triton_rows), as a tied table is held; elsewhere it keeps the blocks, a
+    lookup decoding its rows in torch operators."""
+    return device.type == "cuda" and holds_tied_table(type_name, rows, columns, device)
 
 
 def _block_dot_holds(type_name: str) -> bool:

@@ -451,14 +451,20 @@ class GroupQuantWeight(nn.Module):
         """The weights as a dense [out, in] tensor of `dtype`."""
         return self._decoded(self.codes_by_input(), *self.scales_and_mins()).to(dtype)
 
-    def rows(self, index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        """Weight rows `index` (each in [0, out_features)) as float32 [len(index), in] (a
-        table's lookup: only those outputs' codes and scales are read), times `scale` where
-        given."""
+    def rows(self, index: torch.Tensor, scale: float | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weight rows `index` (each in [0, out_features)) as [len(index), in] of `dtype` (a
+        table's lookup: only those outputs' codes and scales are read), decoded in float32
+        and times `scale` where given; on CUDA in one launch where the kernel takes the
+        layout (triton_rows)."""
+        if index.is_cuda:
+            from pagoda.layers.quantization.triton_rows import looked_up_rows, takes_rows
+            if takes_rows(self):
+                return looked_up_rows(self, index, scale, dtype)
         outputs = index.reshape(-1)
         by_input = self.codes_by_input().index_select(1, outputs)
         weights = self._decoded(by_input, *self.scales_and_mins(outputs))
-        return weights if scale is None else weights * scale
+        return (weights if scale is None else weights * scale).to(dtype)
 
     def _decoded(self, by_input: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  zeros: torch.Tensor | None) -> torch.Tensor:

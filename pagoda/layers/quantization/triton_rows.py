@@ -1,0 +1,111 @@
+"""A table's lookup in one launch: the rows of a GroupQuantWeight at a few indices (an
+embedding's tokens), decoded from its codes and scales straight into the activations' type.
+The torch form of the same (`GroupQuantWeight.rows` off CUDA) takes some thirty launches a
+lookup (unpacking, gathering, scaling, converting); this takes one, which a decode step of a
+GGUF model makes once. Codes in planes (4-bit nibbles or byte planes) and codes a byte each
+held by input, with scales and mins as step words or as their own arrays, integer zero
+points or none; other forms (halves, float8, factored scales) keep the torch path."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagoda.layers.quantization.group_gemm import (
+    BYTE_PLANE_ROWS,
+    FP8,
+    PLANE_ROWS,
+    GroupQuantWeight,
+)
+
+BLOCK_INPUTS = 1024  # inputs a program decodes
+PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
+BYTE_PLANE_ROWS_T: tl.constexpr = tl.constexpr(BYTE_PLANE_ROWS)  # BYTE_PLANE_ROWS inside
+
+
+def takes_rows(weight: GroupQuantWeight) -> bool:
+    """Whether the kernel decodes lookups of `weight`'s rows: codes in planes or a byte each
+    (not halves, float8 or factored scales)."""
+    if weight.factored or weight.codes.dtype == FP8:
+        return False
+    return weight.planes or weight.bits == 8
+
+
+def looked_up_rows(weight: GroupQuantWeight, index: torch.Tensor, scale: float | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Rows `index` of `weight` ([len(index), in] of `dtype`), times `scale` where given,
+    decoded in float32 as GroupQuantWeight.rows decodes them (as `takes_rows` allows)."""
+    outputs = index.reshape(-1)
+    out = torch.empty(outputs.numel(), weight.in_features, dtype=dtype, device=index.device)
+    if outputs.numel() == 0:
+        return out
+    words = weight.step_words
+    scales = words if words is not None else weight.scale
+    lows = weight.zeros if weight.holds_zero_points else weight.low
+    grid = (outputs.numel(), triton.cdiv(weight.in_features, BLOCK_INPUTS))
+    _rows_kernel[grid](
+        weight.codes, scales, lows if lows is not None else scales, outputs, out,
+        weight.out_features, weight.in_features, 1.0 if scale is None else scale,
+        PLANE_BITS=weight.bits if weight.planes else 0, GROUP=weight.group_size,
+        WORDS=words is not None, HAS_LOW=weight.holds_mins,
+        ZERO_POINTS=weight.holds_zero_points, SCALED=scale is not None,
+        BLOCK=BLOCK_INPUTS)
+    return out
+
+
+@triton.jit
+def _rows_kernel(codes_ptr, scale_ptr, low_ptr, index_ptr, out_ptr, N, K, table_scale,
+                 PLANE_BITS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
+                 HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, SCALED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """out[i, k] for BLOCK inputs k of looked-up row i (output index[i] of the weight):
+    (code - zero point) * scale + min, times table_scale with SCALED. Codes: PLANE_BITS 4,
+    int16 [K / 4, N] nibble planes; 8, int16 [K / 2, N] byte planes; 0, uint8 [K, N]. The
+    scales: WORDS, int32 [groups, N] step words (a float16 scale in the low half, the min's
+    float16 or the zero point's byte in the high); else scale_ptr [groups, N] and low_ptr
+    (mins, or uint8 zero points with ZERO_POINTS)."""
+    row = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < K
+    n = tl.load(index_ptr + row).to(tl.int64)
+    code = _code(codes_ptr, k, ok, n, N, PLANE_BITS).to(tl.float32)
+    at = (k // GROUP) * N + n
+    if WORDS:
+        word = tl.load(scale_ptr + at, mask=ok, other=0)
+        scale = _float16_bits(word).to(tl.float32)
+        if ZERO_POINTS:
+            code -= ((word >> 16) & 0xFF).to(tl.float32)
+        value = code * scale
+        if HAS_LOW:
+            value += _float16_bits(word >> 16).to(tl.float32)
+    else:
+        if ZERO_POINTS:
+            code -= tl.load(low_ptr + at, mask=ok, other=0).to(tl.float32)
+        value = code * tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_LOW:
+            value += tl.load(low_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    if SCALED:
+        value *= table_scale
+    tl.store(out_ptr + row.to(tl.int64) * K + k, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _code(codes_ptr, k, ok, n, N, PLANE_BITS: tl.constexpr):
+    """The codes of output n at inputs k (as _rows_kernel lays them out), as int32."""
+    if PLANE_BITS == 0:
+        code = tl.load(codes_ptr + k.to(tl.int64) * N + n, mask=ok, other=0).to(tl.int32)
+    else:
+        ROWS: tl.constexpr = PLANE_ROWS_T if PLANE_BITS == 4 else BYTE_PLANE_ROWS_T
+        STEP: tl.constexpr = (16 // PLANE_BITS) * ROWS
+        in_step = k % STEP
+        row = (k // STEP) * ROWS + in_step % ROWS
+        word = tl.load(codes_ptr + row.to(tl.int64) * N + n, mask=ok, other=0).to(tl.int32)
+        code = (word >> ((in_step // ROWS) * PLANE_BITS)) & ((1 << PLANE_BITS) - 1)
+    return code
+
+
+@triton.jit
+def _float16_bits(word):
+    """The float16 whose bits are the low 16 of int32 `word`."""
+    return (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
