@@ -230,20 +230,16 @@ def test_a_tied_gguf_table_is_held_as_codes_on_the_gpu(table_type, tmp_path, gpu
         head, embedding = model.lm_head, model.model.embed_tokens
         assert isinstance(head.quantized, GroupQuantWeight)
         assert embedding.quantized is head.quantized and embedding.weight.numel() == 0
-        table = output_table(path, "token_embd.weight").cuda()
         hidden = torch.randn(6, UNTIED.hidden_size, device="cuda")
-        head_error = relative_error(head(hidden), hidden @ table.T)
-        ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1], [7, 7, 1]], device="cuda")
-        lookup_error = relative_error(embedding(ids), table[ids])
+        head_error = relative_error(head(hidden), hidden @ output_table(path, TABLE).cuda().T)
+        lookup_error = table_lookup_error(embedding, path)
         held = llm.engine.model_info.weight_bytes
     finally:
         llm.engine.core.shutdown()
-    figures = estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
-                       quantization="gguf")
     gpu_report(format=f"gguf tied {table_type} table", relative_error=f"{head_error:.1e}",
                lookup_error=f"{lookup_error:.1e}")
     assert head_error < 2e-3 and lookup_error < 1e-6
-    assert figures.weight_bytes == held
+    assert estimated_bytes(path) == held
     prompts = random_prompts(UNTIED.vocab_size, (5, 17))
     tokens = greedy(path, prompts, quantization="gguf")
     assert tokens == greedy(path, prompts, quantization="none")
@@ -262,17 +258,29 @@ def test_an_untied_gguf_table_is_held_as_codes_on_the_gpu(table_type, tmp_path, 
         embedding = llm.engine.core.executor.worker.runner.model.model.embed_tokens
         assert isinstance(embedding.quantized, GroupQuantWeight)
         assert embedding.weight.numel() == 0 and embedding.decode_rows is None
-        table = output_table(path, "token_embd.weight").cuda()
-        ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1], [7, 7, 1]], device="cuda")
-        lookup_error = relative_error(embedding(ids), table[ids])
+        lookup_error = table_lookup_error(embedding, path)
         held = llm.engine.model_info.weight_bytes
     finally:
         llm.engine.core.shutdown()
-    figures = estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
-                       quantization="gguf")
     gpu_report(format=f"gguf untied {table_type} table", lookup_error=f"{lookup_error:.1e}")
-    assert lookup_error < 1e-6 and figures.weight_bytes == held
+    assert lookup_error < 1e-6 and estimated_bytes(path) == held
     prompts = random_prompts(UNTIED.vocab_size, (5, 17))
     assert greedy(path, prompts, quantization="gguf") == \
         greedy(path, prompts, quantization="none")
+
+
+TABLE = "token_embd.weight"
+
+
+def table_lookup_error(embedding, path) -> float:
+    """The relative error of `embedding`'s lookups (ids with repeats, the first and last
+    rows) against the GGUF's token_embd as gguf-py decodes it."""
+    ids = torch.tensor([[0, 7, UNTIED.vocab_size - 1], [7, 7, 1]], device="cuda")
+    return relative_error(embedding(ids), output_table(path, TABLE).cuda()[ids])
+
+
+def estimated_bytes(path) -> int:
+    """The weight bytes `pagoda estimate` counts for the GGUF at `path` kept on a GPU."""
+    return estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
+                    quantization="gguf").weight_bytes
 

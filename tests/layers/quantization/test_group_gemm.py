@@ -617,11 +617,19 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     assert not takes_one_token_int4(1, weight(96, 576, 32, 4))
 
 
+def shaped_weight(outputs: int, inputs: int, group: int, bits: int,
+                  planes: bool | None = None) -> GroupQuantWeight:
+    """A weight of `outputs` x `inputs` for launch configurations, which read only its
+    shape and layout (a few rows of zero codes are stored; out_features says the rest)."""
+    weight = GroupQuantWeight(torch.zeros(4, inputs, dtype=torch.uint8),
+                              torch.ones(4, inputs // group), None, group, bits, planes)
+    weight.out_features = outputs
+    return weight
+
+
 def test_planes_calls_split_the_inputs_up_to_64_tokens():
     from pagoda.layers.quantization.triton_group_gemm import PLANES_LARGE, planes_config
-    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 112),
-                            None, 128, 4)
-    down.out_features = 4096  # the 8B's down projection (only the shape is read)
+    down = shaped_weight(4096, 14336, 128, 4)  # the 8B's down projection
     one = planes_config(1, down, 132)
     assert (one["BLOCK_N"], one["BLOCK_T"]) == (64, 8)
     assert one["splits"] > 1 and 14336 % (one["splits"] * 128) == 0
@@ -638,9 +646,7 @@ def test_byte_planes_take_their_own_tiles_up_to_8_tokens_and_above():
         BYTE_PLANES_FEW,
         planes_config,
     )
-    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 896),
-                            None, 16, 8, planes=True)
-    down.out_features = 4096
+    down = shaped_weight(4096, 14336, 16, 8, planes=True)
     for tokens, tile in ((1, BYTE_PLANES_EIGHT), (8, BYTE_PLANES_EIGHT), (9, BYTE_PLANES_FEW),
                          (32, BYTE_PLANES_FEW)):
         config = planes_config(tokens, down, 132)
@@ -657,14 +663,9 @@ def test_narrow_products_split_their_inputs_finer_to_reach_every_multiprocessor(
         NARROW_MIN_SPLIT_INPUTS,
         planes_config,
     )
-    value = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 256),
-                             None, 16, 8, planes=True)
-    value.out_features = 1024
-    splits = planes_config(1, value, 132)["splits"]
+    splits = planes_config(1, shaped_weight(1024, 4096, 16, 8, planes=True), 132)["splits"]
     assert 16 * splits >= 132 and 4096 // splits == NARROW_MIN_SPLIT_INPUTS
-    output = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 32),
-                              None, 128, 4)
-    output.out_features = 4096
+    output = shaped_weight(4096, 4096, 128, 4)
     assert 4096 // planes_config(1, output, 132)["splits"] == MIN_SPLIT_INPUTS
 
 
@@ -689,10 +690,7 @@ def test_one_token_splits_keep_each_period_in_one_group(outputs, inputs, group):
         MIN_SPLIT_ROWS,
         one_token_int4_config,
     )
-    weight = GroupQuantWeight(torch.zeros(4, inputs, dtype=torch.uint8),
-                              torch.ones(4, inputs // group), None, group, 4)
-    weight.out_features = outputs  # only the shape is read
-    config = one_token_int4_config(weight, 132)
+    config = one_token_int4_config(shaped_weight(outputs, inputs, group, 4), 132)
     rows, split_rows, period = inputs // 2, config["SPLIT_ROWS"], config["PERIOD"]
     group_rows = group // 2
     assert split_rows * config["splits"] == rows
@@ -730,17 +728,13 @@ def test_decode_calls_split_the_inputs_and_large_ones_do_not():
         few_tokens_config,
         launch_config,
     )
-    down = GroupQuantWeight(torch.zeros(64, 14336, dtype=torch.uint8), torch.ones(64, 112),
-                            None, 128, 4)
-    down.out_features = 4096  # the 8B's down projection (only the shape is read)
+    down = shaped_weight(4096, 14336, 128, 4)  # the 8B's down projection
     decode = few_tokens_config(1, down, 132)
     assert decode["BLOCK_T"] == 16 and decode["STEP"] == 32
     assert decode["splits"] > 1 and 14336 % (decode["splits"] * 64) == 0
     assert 14336 // decode["splits"] >= 512
     assert few_tokens_config(17, down, 132)["BLOCK_T"] == 32
-    up = GroupQuantWeight(torch.zeros(64, 4096, dtype=torch.uint8), torch.ones(64, 32), None,
-                          128, 4)
-    up.out_features = 28672
+    up = shaped_weight(28672, 4096, 128, 4)
     assert few_tokens_config(1, up, 132)["splits"] < decode["splits"]
     assert launch_config(33, 4096, 14336, 32, 132)["BLOCK_M"] == 64
     assert launch_config(33, 4096, 14336, 32, 132)["splits"] > 1
@@ -1101,9 +1095,7 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
         _few_tokens_kernel,
         few_tokens_config,
     )
-    weight = GroupQuantWeight(torch.zeros(16, 4096, dtype=torch.uint8),
-                              torch.ones(16, 4096 // group), None, group, 8)
-    weight.out_features = 4096
+    weight = shaped_weight(4096, 4096, group, 8)
     config = few_tokens_config(1, weight, 132)
     dtype = torch.float32 if activations == "fp32" else torch.bfloat16
     signature = {"x_ptr": f"*{activations}", "codes_ptr": "*u8", "scale_ptr": "*fp16",
