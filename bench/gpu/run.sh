@@ -298,10 +298,21 @@ reliability() {
     --output-json "$OUT/reliability-8b-${phases//,/-}${LABEL:+-$LABEL}.json" --log-dir "$OUT/reliability-logs" \
     2>&1 | grep -v INFO
 }
+# processes a stage left on the GPU (a test's engine outliving its pytest, stopped at
+# TESTS_TIMEOUT) stopped, so that no later timing shares the GPU with them
+stop_gpu_leftovers() {
+  local pids
+  pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
+  [ -z "$pids" ] && return 0
+  echo "stopping processes left on the GPU: $(echo $pids)"
+  kill $pids 2>/dev/null; sleep 5; kill -9 $pids 2>/dev/null; sleep 1
+}
+
 EXTRA=${EXTRA:-}
 for stage in "$@"; do
   echo "=== $stage ==="
   start=$(date +%s)
   run_stage "$stage"
+  stop_gpu_leftovers
   echo "=== $stage done in $(( $(date +%s) - start )) s ==="
 done
