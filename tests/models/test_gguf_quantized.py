@@ -272,10 +272,14 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kern
 def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path):
     """On a GPU an untied table is held as the group kernel's codes (its lookups one launch:
     gguf.holds_untied_table), a code and a 32-bit scale word a group of 32 for Q8_0; on CPU
-    in its blocks (34 bytes a block of 32). The estimates differ by the table's bytes only."""
+    in its blocks (34 bytes a block of 32). The estimates differ by the table's bytes only.
+    A type whose codes would take much more than its blocks (Q6_K: 10 bits against 6.56)
+    keeps its blocks on a GPU too."""
     from pagoda.layers.quantization.gguf import holds_untied_table
     rows, columns = UNTIED.vocab_size, UNTIED.hidden_size
     assert holds_untied_table("Q8_0", rows, columns, torch.device("cuda"))
+    assert holds_untied_table("Q4_K", rows, columns, torch.device("cuda"))
+    assert not holds_untied_table("Q6_K", rows, columns, torch.device("cuda"))
     assert not holds_untied_table("Q8_0", rows, columns, torch.device("cpu"))
     source = resolve_model(str(write_untied_gguf(tmp_path / "untied.gguf")))
     on_cpu = estimate(source, 128, quantization="gguf", dtype="float32").weight_bytes

@@ -484,6 +484,11 @@ def held_bits(type_name: str, device: torch.device) -> float:
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights
 
 
+def block_bits(type_name: str) -> float:
+    """Bits a weight GGUF type `type_name`'s blocks take."""
+    return FORMATS[type_name].block_bytes * 8 / FORMATS[type_name].block_weights
+
+
 def _factored_bits(type_name: str, bits: int, group: int, factor_bits: int) -> float:
     """Bits a weight of a k-quant held factored: its code, its share of the group's int8
     sub-scale (and sub-min) and of its super-block's two factors of `factor_bits`."""
@@ -509,9 +514,12 @@ def holds_tied_table(type_name: str, rows: int, columns: int, device: torch.devi
 def holds_untied_table(type_name: str, rows: int, columns: int, device: torch.device) -> bool:
     """Whether an embedding no LM head is tied to holds its [rows, columns] table (a rank's
     rows) of GGUF type `type_name` as the GPU group kernel's codes, its lookups decoded in
-    one launch (triton_rows), as a tied table is held; elsewhere it keeps the blocks, a
+    one launch (triton_rows), as a tied table is held: where those codes take at most a bit
+    a weight more than the blocks (the 4-bit types and Q8_0; Q6_K's would take 10 bits
+    against 6.56, some 0.2 GB more for an 8B's table). Elsewhere it keeps the blocks, a
     lookup decoding its rows in torch operators."""
-    return device.type == "cuda" and holds_tied_table(type_name, rows, columns, device)
+    return (device.type == "cuda" and holds_tied_table(type_name, rows, columns, device)
+            and held_bits(type_name, device) <= block_bits(type_name) + 1)
 
 
 def _block_dot_holds(type_name: str) -> bool:
