@@ -36,7 +36,7 @@ def looked_up_rows(weight: GroupQuantWeight, index: torch.Tensor, scale: float |
                    dtype: torch.dtype) -> torch.Tensor:
     """Rows `index` of `weight` ([len(index), in] of `dtype`), times `scale` where given,
     decoded in float32 as GroupQuantWeight.rows decodes them (as `takes_rows` allows)."""
-    outputs = index.reshape(-1)
+    outputs = index.reshape(-1).contiguous()
     out = torch.empty(outputs.numel(), weight.in_features, dtype=dtype, device=index.device)
     if outputs.numel() == 0:
         return out
