@@ -305,7 +305,8 @@ stop_gpu_leftovers() {
   pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
   [ -z "$pids" ] && return 0
   echo "stopping processes left on the GPU: $(echo $pids)"
-  kill $pids 2>/dev/null; sleep 5; kill -9 $pids 2>/dev/null; sleep 1
+  kill $pids 2>/dev/null || return 0  # (none of ours: another namespace's)
+  sleep 5; kill -9 $pids 2>/dev/null; sleep 1
 }
 
 EXTRA=${EXTRA:-}
