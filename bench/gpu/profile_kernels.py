@@ -61,7 +61,8 @@ if args.by_grid:  # the trace's kernel events carry their grids
 
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
+        with open(trace.name) as written:
+            events = json.load(written)["traceEvents"]
     by_grid: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.get("cat") == "kernel":

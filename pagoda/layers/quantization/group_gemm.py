@@ -518,7 +518,7 @@ class GroupQuantWeight(nn.Module):
         """rows (finished: divided by their rms) W^T, with `activation` (a gated one)
         activation of it, where `finishes_norm` and the kernels know the activation; else
         None."""
-        kind = getattr(activation, "kernel_kind", 0) if activation is not None else 0
+        kind = getattr(activation, "kernel_kind", 0)
         tokens = rows.values.numel() // self.in_features
         if (activation is not None and not kind) or not self.finishes_norm(tokens):
             return None

@@ -12,16 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.layers.quantization.group_gemm import (
-    BYTE_PLANE_ROWS,
-    FP8,
-    PLANE_ROWS,
-    GroupQuantWeight,
+from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
+from pagoda.layers.quantization.triton_group_gemm import (
+    BYTE_PLANE_ROWS_T,
+    PLANE_ROWS_T,
+    _word_halves,
 )
 
 BLOCK_INPUTS = 1024  # inputs a program decodes
-PLANE_ROWS_T: tl.constexpr = tl.constexpr(PLANE_ROWS)  # PLANE_ROWS inside kernels
-BYTE_PLANE_ROWS_T: tl.constexpr = tl.constexpr(BYTE_PLANE_ROWS)  # BYTE_PLANE_ROWS inside
 
 
 def takes_rows(weight: GroupQuantWeight) -> bool:
@@ -72,13 +70,12 @@ def _rows_kernel(codes_ptr, scale_ptr, low_ptr, index_ptr, out_ptr, N, K, table_
     code = _code(codes_ptr, k, ok, n, N, PLANE_BITS).to(tl.float32)
     at = (k // GROUP) * N + n
     if WORDS:
-        word = tl.load(scale_ptr + at, mask=ok, other=0)
-        scale = _float16_bits(word).to(tl.float32)
+        scale, low = _word_halves(tl.load(scale_ptr + at, mask=ok, other=0), ZERO_POINTS)
         if ZERO_POINTS:
-            code -= ((word >> 16) & 0xFF).to(tl.float32)
-        value = code * scale
+            code -= low
+        value = code * scale.to(tl.float32)
         if HAS_LOW:
-            value += _float16_bits(word >> 16).to(tl.float32)
+            value += low
     else:
         if ZERO_POINTS:
             code -= tl.load(low_ptr + at, mask=ok, other=0).to(tl.float32)
@@ -103,9 +100,3 @@ def _code(codes_ptr, k, ok, n, N, PLANE_BITS: tl.constexpr):
         word = tl.load(codes_ptr + row.to(tl.int64) * N + n, mask=ok, other=0).to(tl.int32)
         code = (word >> ((in_step // ROWS) * PLANE_BITS)) & ((1 << PLANE_BITS) - 1)
     return code
-
-
-@triton.jit
-def _float16_bits(word):
-    """The float16 whose bits are the low 16 of int32 `word`."""
-    return (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
