@@ -145,7 +145,8 @@ BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
 # (exact): Q4_K's held bits a weight 5 -> 4.625, Q6_K's 10 -> 8.625. Off (float16 scales
 # and mins a group): on the H200 the 8B as a Q4_K_M GGUF decoded a token in 3.27 and 3.25 ms
 # with it against 3.20 and 3.22 without, alternated in one call, though a step read 4.35 GB
-# against 4.89 (its loop issues more instructions a step; bench/results/README.md)
+# against 4.89 (its loop issues more instructions a step); on an H100 3.15 and 3.15 against
+# 3.07 and 3.07 (bench/results/README.md)
 FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
