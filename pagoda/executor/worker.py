@@ -114,6 +114,11 @@ class Worker:
         torch.manual_seed(engine.seed)
         dtype = resolve_dtype(engine.dtype, self.device, getattr(hf, "dtype", None))
         quantization = model_quantization(engine.quantization, self.source, self.device)
+        # the model's parameters as its checkpoint counts them (the held tensors' elements
+        # depend on how a quantized format is held, and on this rank's share), counted while
+        # a GGUF's tensor index is open: loading drops it, and a count after would parse the
+        # file's whole header again (its vocabulary: seconds, a minute for Llama 3's)
+        num_parameters, _ = count_parameters(self.source, arch_spec(hf))
         model = load_model(self.source, dtype, self.device, self.config.max_model_len,
                            engine.seed, self.group, self.stage, quantization=quantization)
         self.kv_cache_dtype = self._kv_cache_dtype()
@@ -129,9 +134,6 @@ class Worker:
                                max(sched.max_num_batched_tokens, sched.max_num_seqs))
         self.runner = ModelRunner(model, RunnerConfig(self.device, dtype, engine.cache.block_size,
                                                       hf.vocab_size, kv_dtype), backend, lora)
-        # the model's parameters as its checkpoint counts them (the held tensors' elements
-        # depend on how a quantized format is held, and on this rank's share)
-        num_parameters, _ = count_parameters(self.source, arch_spec(hf))
         self.info = LoadedModelInfo(str(self.device), str(dtype).removeprefix("torch."),
                                     backend.name, weight_bytes(model), num_parameters,
                                     self.kv_cache_dtype, expert_weight_bytes(model))
