@@ -106,6 +106,8 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     with path.open("rb") as file:
         prefix = file.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if length > path.stat().st_size - 8:  # (not a header: never read it)
+            length = -1
         raw = file.read(length) if length >= 0 else b""
     if length < 0 or len(raw) != length:
         raise UnsupportedModelError(f"{path}: truncated safetensors header")

@@ -8,13 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pagoda.errors import UnsupportedModelError
 from pagoda.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from pagoda.layers.parallel import ParallelGroup
-from pagoda.models.loader.safetensors import CheckpointSlice, iter_safetensors
+from pagoda.models.loader.safetensors import (
+    CheckpointSlice,
+    iter_safetensors,
+    safetensors_header,
+)
 
 
 class Recorder:
@@ -71,3 +76,21 @@ def test_a_rank_reads_only_its_slices():
     part, recorder = lazy(k)
     qkv.weight.weight_loader(qkv.weight, part, 1)
     assert recorder.reads == [((0, 2), (0, 4))]
+
+
+@pytest.mark.parametrize("content", [
+    b"not a safetensors file", (16).to_bytes(8, "little") + b"{}",
+    (2).to_bytes(8, "little") + b"{x", b"\x02\x00"])
+def test_a_header_that_is_not_one_is_refused_clearly(tmp_path, content):
+    """Text, a length past the file's end, bad JSON, a cut prefix: an UnsupportedModelError
+    naming the file (text used to be read as a length of exabytes: a MemoryError)."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UnsupportedModelError, match="model.safetensors: (truncated|unreadable)"):
+        safetensors_header(path)
+
+
+def test_a_real_header_lists_its_tensors(tmp_path):
+    save_file({"w": torch.zeros(2, 3)}, tmp_path / "model.safetensors")
+    header = safetensors_header(tmp_path / "model.safetensors")
+    assert list(header) == ["w"] and header["w"]["shape"] == [2, 3]
