@@ -283,4 +283,3 @@ def estimated_bytes(path) -> int:
     """The weight bytes `pagoda estimate` counts for the GGUF at `path` kept on a GPU."""
     return estimate(resolve_model(str(path)), 256, dtype="float32", device="cuda",
                     quantization="gguf").weight_bytes
-

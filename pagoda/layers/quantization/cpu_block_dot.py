@@ -302,9 +302,9 @@ class BlockDotWeight(nn.Module):
 
     def rows(self, index: torch.Tensor, scale: float | None = None,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Weight rows `index` (each in [0, out_features)) decoded to float32 [len(index), in]
-        by the kernel (a table's lookup), times `scale` where given (rounded as torch's rows
-        * scale), in `dtype`."""
+        """Weight rows `index` (each in [0, out_features)) as [len(index), in] of `dtype`,
+        decoded in float32 by the kernel (a table's lookup), times `scale` where given
+        (rounded as torch's rows * scale)."""
         ids = index.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(len(ids), self.in_features)
         run_kernel(_library().pagoda_block_dot_rows, ids.data_ptr(), len(ids),

@@ -367,6 +367,7 @@ def _store_table(embedding: VocabEmbedding, param: nn.Parameter,
 
 
 def _hold_table(embedding: VocabEmbedding, blocks: GGUFWeight) -> None:
+    """After loading: the embedding's table as the group kernel's codes (_store_table)."""
     embedding.quantized = _kernel([blocks], blocks.rows.device)
 
 

@@ -1008,6 +1008,7 @@ def _product(tokens: int, weight: GroupQuantWeight):
 
 def _decoded_first(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
                    multiprocessors: int) -> None:
+    """decoded_product as a launcher of _product's form (it needs no multiprocessor count)."""
     decoded_product(flat, weight, out)
 
 
@@ -1234,9 +1235,9 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     _planes_kernel[grid](
         flat, weight.codes, scale, mins, out, _partials(out, splits, out_features),
         tile_counters(out.device, grid[0] * grid[1]), M=tokens, N=out_features,
-        stride_xm=flat.stride(0), stride_om=out.stride(0), K_SPLIT=weight.in_features // splits,
-        SPLITS=splits,
-        GROUP=weight.group_size, STEP_IN_GROUP=weight.groups_of_whole_steps,
+        stride_xm=flat.stride(0), stride_om=out.stride(0),
+        K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
+        STEP_IN_GROUP=weight.groups_of_whole_steps,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, FACTORED=weight.factored,
