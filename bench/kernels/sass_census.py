@@ -11,7 +11,7 @@ holds.
 
     PYTHONPATH=. python bench/kernels/sass_census.py [--zero-points] [--block-n 64]
         [--warps 4] [--stages 3] [--weight-by-weight] [--group 128]
-        [--bits 4|8] [--factored 0|1|2]
+        [--bits 4|8] [--factored 0|1|2] [--shared-zero Z]
 
 `--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
 with 8-bit codes in groups of 16, GGUF Q6_K's, or float8 values with a scale a row), its
@@ -49,16 +49,19 @@ NO_NORM = {"norm_ptr": "*bf16", "residual_ptr": "*bf16", "residual_out_ptr": "*b
 
 
 def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                   stages: int, group: int = 128, bits: int = 4, factored: int = 0):
+                   stages: int, group: int = 128, bits: int = 4, factored: int = 0,
+                   shared_zero: int | None = None):
     """The planes kernel compiled for sm_90 at one token (8-token tiles), groups of `group`
     inputs, a 2048-input split of 2 (the 8B gate-up product's), bfloat16 activations;
     step_sums: mins applied to a step's (or in groups smaller than a step, a plane's) sums
     (the kernel's STEP_SUMS), not weight by weight; bits 8: codes in byte planes (its
     PLANE_BITS); factored 1 or 2: a GGUF k-quant's scales held factored (its FACTORED:
-    words of sub-scales, and of sub-mins with 2, and a super-block's factor words)."""
+    words of sub-scales, and of sub-mins with 2, and a super-block's factor words);
+    shared_zero: every group's zero point, the scales in pairs (its SHARED_ZERO,
+    with zero points and step sums: GGUF Q6_K's layout, in byte planes in groups of 16)."""
     scales = "*i32" if step_sums else "*fp16"
     lows = "*u8" if zero_points else "*fp16"
-    if factored:
+    if factored or shared_zero is not None:
         scales, lows = "*i32", "*i32"
     signature = {"x_ptr": "*bf16", "codes_ptr": "*i16", "scale_ptr": scales,
                  "low_ptr": lows, "out_ptr": "*bf16",
@@ -69,7 +72,8 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                  "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points,
                  "STEP_SUMS": step_sums, "BLOCK_N": block_n,
                  "BLOCK_T": 8, "DOT": 2, "ASM": True, "PDL": True, "PLANE_BITS": bits,
-                 "FACTORED": factored, "SUPER": 256 if factored else 0}
+                 "FACTORED": factored, "SUPER": 256 if factored else 0,
+                 "SHARED_ZERO": shared_zero}
     return _compile(_planes_kernel, signature, constants, warps, stages)
 
 
@@ -115,10 +119,11 @@ def cuobjdump(kernel, option: str) -> str:
 
 
 def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
-                stages: int, group: int = 128, bits: int = 4, factored: int = 0) -> str:
+                stages: int, group: int = 128, bits: int = 4, factored: int = 0,
+                shared_zero: int | None = None) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    group, bits, factored), "-sass")
+                                    group, bits, factored, shared_zero), "-sass")
 
 
 def registers(kernel) -> int:
@@ -155,6 +160,9 @@ def main() -> None:
     parser.add_argument("--factored", type=int, choices=(0, 1, 2), default=0,
                         help="a GGUF k-quant's factored scales: 1 sub-scales (Q6_K), 2 with "
                         "sub-mins (Q4_K)")
+    parser.add_argument("--shared-zero", type=int, default=None,
+                        help="every group's zero point, the scales in pairs (with "
+                        "--zero-points; Q6_K: --bits 8 --group 16 --shared-zero 32)")
     parser.add_argument("--few-tokens", choices=sorted(FEW_TOKEN_LAYOUTS), default=None,
                         help="count the few-token kernel's loop for this layout instead")
     parser.add_argument("--block-t", type=int, default=16, help="(--few-tokens) tokens a tile")
@@ -166,7 +174,7 @@ def main() -> None:
     else:
         kernel = compile_planes(args.zero_points, not args.weight_by_weight, args.block_n,
                                 args.warps, args.stages, args.group,
-                                args.bits, args.factored)
+                                args.bits, args.factored, args.shared_zero)
         rows = PLANE_ROWS if args.bits == 4 else BYTE_PLANE_ROWS
         step_bytes = args.block_n * rows * 2  # int16 codes a program reads a step
     opcodes = main_loop(cuobjdump(kernel, "-sass"))

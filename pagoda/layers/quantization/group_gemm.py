@@ -148,6 +148,12 @@ BYTE_PLANES = os.environ.get("PAGODA_BYTE_PLANES", "1") == "1"
 # against 4.89 (its loop issues more instructions a step); on an H100 3.15 and 3.15 against
 # 3.07 and 3.07 (bench/results/README.md)
 FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") == "1"
+# whether byte planes in groups of 16 whose groups all share one integer zero point (GGUF
+# Q6_K's 32, Q3_K's 4: a min that is -z times the scale) hold only the scales, two groups'
+# float16s to an int32 (`scale_pairs`), the zero point a constant of the kernel
+# (PAGODA_PLANE_SCALE_PAIRS=0: off, a word a group as for other mins): 9 bits a weight of
+# Q6_K where the words took 10
+SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -218,6 +224,29 @@ def step_words(scale: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
     return words
 
 
+def scale_pairs(scale: torch.Tensor) -> torch.Tensor:
+    """int32 words [groups / 2, out] from float16 scales [groups, out] (groups even): group 2 j's
+    bits in the low half of word j, group 2 j + 1's in the high, as the planes kernel reads
+    two planes' scales in one load."""
+    halves = scale.view(torch.int16).to(torch.int32)
+    return (halves[0::2] & 0xFFFF) | (halves[1::2] << 16)
+
+
+def shared_zero_point(scale: torch.Tensor, low: torch.Tensor | None) -> int | None:
+    """The integer z (0..MAX_ZERO_POINT) with low == -z * scale in every group, exactly as
+    given (GGUF Q6_K's float32 products: 32, before either is rounded to a float16), or
+    None."""
+    if low is None or scale.numel() == 0:
+        return None
+    largest = scale.abs().argmax()
+    if float(scale.reshape(-1)[largest]) == 0:
+        return None
+    zero = round(-float(low.reshape(-1)[largest]) / float(scale.reshape(-1)[largest]))
+    if not 0 <= zero <= MAX_ZERO_POINT:
+        return None
+    return zero if torch.equal(low, -zero * scale) else None
+
+
 def factored_words(factors: ScaleFactors) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A k-quant's factored scales ([out, groups] sub-scales and sub-mins, [out, supers]
     factors) as the planes kernel reads them: sub-words int32 [groups / 4, out], each
@@ -254,6 +283,12 @@ def _factored_products(sub_words: torch.Tensor, factor_words: torch.Tensor,
     return ((sub_scale * factors[0]).contiguous(), (sub_low * factors[1]).contiguous())
 
 
+def _low_halves(words: torch.Tensor) -> torch.Tensor:
+    """The float16s in the low halves of int32 words."""
+    signed = ((words & 0xFFFF) ^ 0x8000) - 0x8000
+    return signed.to(torch.int16).view(SCALE_DTYPE)
+
+
 class GroupQuantWeight(nn.Module):
     """One linear layer's weights as codes with a scale (and a min) per group of inputs;
     `__call__(x)` is x W^T, W[o, i] = code[o, i] * scale[o, i // group] + low[o, i // group].
@@ -262,8 +297,10 @@ class GroupQuantWeight(nn.Module):
     (code[o, i] - zero[o, i // group]) * scale[o, i // group], and the kernel scales its
     sums rather than each weight (see triton_group_gemm._planes_kernel). Planes in groups of
     whole steps hold scales and mins (or zero points) packed as `step_words` instead of the
-    three tensors, and planes of a GGUF k-quant its sub-scales and factors
-    (`factored_words`: `sub_words` and `factor_words`); `scales_and_mins()` reads them
+    three tensors; byte planes in groups of 16 whose zero points are all one integer
+    (`shared_zero`) only their scales, two groups' to a word (`scale_pairs`); and planes of a
+    GGUF k-quant its sub-scales and factors (`factored_words`: `sub_words` and
+    `factor_words`, with PAGODA_PLANE_FACTORED_SCALES=1); `scales_and_mins()` reads them
     whichever way."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
@@ -279,7 +316,9 @@ class GroupQuantWeight(nn.Module):
         `step_sums`: planes hold each group's scale and min (or zero point) as one word an
         output, `step_words`, in place of `scale`, `low` and `zeros`, and the kernel scales
         sums with them (default STEP_SUMS_IN_PLANES in groups of whole steps, in byte planes
-        and with factors, else off). `factors`: a GGUF k-quant's `scale` and `low` as its
+        and with factors, else off); with them, byte planes in groups of 16 whose mins are
+        all -z times the scale for one integer z hold `scale_pairs` and `shared_zero` z
+        instead (SCALE_PAIRS_IN_PLANES). `factors`: a GGUF k-quant's `scale` and `low` as its
         blocks store them, which planes hold so (`factored_words`, in place of the words;
         with PAGODA_PLANE_FACTORED_SCALES=1)."""
         super().__init__()
@@ -353,7 +392,8 @@ class GroupQuantWeight(nn.Module):
                                              for held in words)
         self.factored = 1 if factors.sub_low is None else 2
         self.holds_zero_points, self.holds_mins = False, True
-        self.scale = self.low = self.zeros = self.step_words = None
+        self.scale = self.low = self.zeros = self.step_words = self.scale_pairs = None
+        self.shared_zero = None
         return True
 
     @property
@@ -363,21 +403,33 @@ class GroupQuantWeight(nn.Module):
             return 0
         return self.in_features // self.group_size // self.factor_words.shape[0]
 
+    def _takes_scale_pairs(self) -> bool:
+        """Whether its scales may be held in pairs (where its zero points are all one):
+        SCALE_PAIRS_IN_PLANES, byte planes in groups of one plane, scaled sums."""
+        return (SCALE_PAIRS_IN_PLANES and self.planes and self.step_sums and self.bits == 8
+                and self.group_size == BYTE_PLANE_ROWS)
+
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool) -> None:
         """Set `scale`, `low` and `zeros` ([groups, out]; None where not held) or, in their
-        place, `step_words`; and `holds_mins` and `holds_zero_points`."""
-        zeros = (integer_zero_points(scale, low)
-                 if zero_points and self.planes and low is not None else None)
-        if zeros is not None:
+        place, `step_words` or `scale_pairs` (then `shared_zero`); and `holds_mins` and
+        `holds_zero_points`."""
+        self.shared_zero = shared_zero_point(scale, low) if self._takes_scale_pairs() else None
+        zeros = (integer_zero_points(scale, low) if zero_points and self.planes
+                 and low is not None and self.shared_zero is None else None)
+        if zeros is not None or self.shared_zero is not None:
             low = None
-        self.holds_zero_points, self.holds_mins = zeros is not None, low is not None
+        self.holds_zero_points = zeros is not None or self.shared_zero is not None
+        self.holds_mins = low is not None
         scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
         zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
         low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
-        held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None}
-        if self.step_sums:
-            held = {"scale": None, "low": None, "zeros": None,
+        held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None,
+                "scale_pairs": None}
+        if self.shared_zero is not None:
+            held = {**dict.fromkeys(held), "scale_pairs": scale_pairs(scale)}
+        elif self.step_sums:
+            held = {**dict.fromkeys(held),
                     "step_words": step_words(scale, zeros if zeros is not None else low)}
         for name, tensor in held.items():
             setattr(self, name, None if tensor is None
@@ -386,23 +438,26 @@ class GroupQuantWeight(nn.Module):
     def scales_and_mins(self, outputs: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The scales, mins and zero points as held ([groups, out]; None where there are
-        none), unpacked from `step_words` where they are held so (multiplied out in float32
-        where they are held factored); of the outputs at index `outputs` only ([groups,
-        len(outputs)]) where given."""
+        none), unpacked from `step_words` or `scale_pairs` where they are held so (the shared
+        zero point a group's; multiplied out in float32 where they are held factored); of
+        the outputs at index `outputs` only ([groups, len(outputs)]) where given."""
         if self.factored:
             factored = (self.sub_words, self.factor_words)
             if outputs is not None:
                 factored = tuple(t.index_select(1, outputs) for t in factored)
             return (*_factored_products(*factored, self.groups_per_super, self.factored == 2),
                     None)
-        held = (self.scale, self.low, self.zeros, self.step_words)
+        held = (self.scale, self.low, self.zeros, self.step_words, self.scale_pairs)
         if outputs is not None:
             held = tuple(None if t is None else t.index_select(1, outputs) for t in held)
-        scale, low, zeros, words = held
+        scale, low, zeros, words, pairs = held
+        if pairs is not None:
+            scale = _low_halves(torch.stack([pairs, pairs >> 16], dim=1).flatten(0, 1))
+            return scale, None, torch.full(scale.shape, self.shared_zero, dtype=torch.uint8,
+                                           device=scale.device)
         if words is None:
             return scale, low, zeros
-        low_half = ((words & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extended
-        scale = low_half.to(torch.int16).view(SCALE_DTYPE)
+        scale = _low_halves(words)
         high = words >> 16
         if self.holds_zero_points:
             return scale, None, high.to(torch.uint8)
@@ -434,7 +489,9 @@ class GroupQuantWeight(nn.Module):
             return "triton group gemm (fp8 weights)"
         other_paths = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
-        if self.holds_zero_points:
+        if self.shared_zero is not None:
+            planes += f" with one zero point ({self.shared_zero})"
+        elif self.holds_zero_points:
             planes += " with zero points"
         if self.factored:
             planes += " with factored scales"

@@ -257,7 +257,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                    PDL: tl.constexpr, PLANE_BITS: tl.constexpr = 4, GATED: tl.constexpr = 0,
                    FACTORED: tl.constexpr = 0, SUPER: tl.constexpr = 0,
                    NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1,
-                   LAUNCH_LATE: tl.constexpr = 0):
+                   LAUNCH_LATE: tl.constexpr = 0, SHARED_ZERO: tl.constexpr = None):
     """out[t, n] for BLOCK_N outputs by BLOCK_T tokens over one split of the inputs, as W x^T, from
     4-bit codes in planes (int16 [K / 4, N]): per step of PLANE_STEP inputs one [PLANE_ROWS,
     BLOCK_N] tile of int16, and per plane q (nibble q: inputs q PLANE_ROWS + j) the decoded weights
@@ -277,7 +277,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     STEP_SUMS in groups of one plane or two (GGUF's 32; 64): scale_ptr holds a word a group, and in
     tiles of up to 32 tokens each plane's sums are scaled and its sums of x weighted so (the step's
     words loaded at the end of the step before); in other groups smaller than a step the words are
-    applied weight by weight. FACTORED (a GGUF k-quant's scales as its blocks store them,
+    applied weight by weight. SHARED_ZERO (where given; with ZERO_POINTS and STEP_SUMS, in
+    groups of one plane): every group's zero point, scale_ptr holding only the scales, two
+    groups' float16s to a word (group_gemm.scale_pairs): a step's one word in byte planes.
+    FACTORED (a GGUF k-quant's scales as its blocks store them,
     group_gemm.factored_words; 1: sub-scales, 2: sub-scales and sub-mins): scale_ptr holds
     the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
     inputs, each group's scale and min their products in float32 (_factored), loaded where
@@ -302,7 +305,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                                                     GROUP, SUPER, n, n_ok, N, FACTORED)
         else:
             word0, word1, word2, word3 = _plane_words(scale_ptr, split * K_SPLIT, GROUP, ROWS,
-                                                      PLANES, n, n_ok, N)
+                                                      PLANES, n, n_ok, N, SHARED_ZERO is not None)
     if SUMS_A_STEP:  # scale_ptr: a word a group and output (see _step_scales), each loaded
         # at the end of the step before its own: the pipeline's copies take only what feeds
         # a product, and a load waited for in its own step would stall it
@@ -327,7 +330,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                                                     n_ok, N, FACTORED)
         elif STEP_IN_GROUP:  # one scale and min a step, applied weight by weight
             scale, low = _plane_scale_and_low(scale_ptr, low_ptr, k // GROUP, n, n_ok, N,
-                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT)
+                                              HAS_LOW, ZERO_POINTS, STEP_SUMS, DOT,
+                                              SHARED_ZERO)
         if PLANES == 2:  # both planes' activations in one load (one plane's, 2 bytes a
             # thread, are too few for the pipeline's asynchronous copies)
             x_first, x_second = _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS)
@@ -338,7 +342,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
             elif not STEP_IN_GROUP and not SUMS_A_PLANE:  # one a plane
                 scale, low = _plane_scale_and_low(scale_ptr, low_ptr, (k + q * ROWS) // GROUP,
                                                   n, n_ok, N, HAS_LOW, ZERO_POINTS, STEP_SUMS,
-                                                  DOT)
+                                                  DOT, SHARED_ZERO)
             if PLANES == 2:
                 x = (x_first if q == 0 else x_second).to(dot_type)
             else:
@@ -352,7 +356,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                     scale, x_sums_weight = _sums_scales(scale, low, False, DOT)
                 else:
                     word = word0 if q == 0 else word1 if q == 1 else word2 if q == 2 else word3
-                    scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT)
+                    scale, x_sums_weight = _step_scales(word, ZERO_POINTS, DOT, SHARED_ZERO)
                 sums = tl.dot(plane, x, input_precision="ieee")
                 x_sums = tl.dot(ones, x, input_precision="ieee")
                 acc += sums * scale[:, None]
@@ -376,7 +380,8 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                     N, FACTORED)
             else:
                 word0, word1, word2, word3 = _plane_words(
-                    scale_ptr, tl.minimum(k + STEP, last_k), GROUP, ROWS, PLANES, n, n_ok, N)
+                    scale_ptr, tl.minimum(k + STEP, last_k), GROUP, ROWS, PLANES, n, n_ok, N,
+                    SHARED_ZERO is not None)
         if SUMS_A_STEP:
             if FACTORED:
                 scale, low = _factored(scales, lows, factors, k // GROUP)
@@ -411,12 +416,18 @@ def _two_planes_of_x(x_ptr, k, t, t_ok, stride_xm, ROWS: tl.constexpr):
 
 @triton.jit
 def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.constexpr,
-                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr):
+                         ZERO_POINTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr,
+                         SHARED_ZERO: tl.constexpr = None):
     """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
     scale in float32 and, for the min, the zero point plus the planes' bias (exact). WORDS:
-    scale_ptr holds step words (low_ptr unread)."""
+    scale_ptr holds step words (low_ptr unread); or with SHARED_ZERO (where given, the zero
+    point of every group), scale pairs."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    if WORDS:
+    if SHARED_ZERO is not None:
+        pair = _step_words(scale_ptr, group // 2, n, n_ok, N)
+        scale, _ = _word_halves(pair >> (16 * (group % 2)), ZERO_POINTS)
+        low = tl.zeros_like(scale.to(tl.float32)) + SHARED_ZERO
+    elif WORDS:
         scale, low = _word_halves(_step_words(scale_ptr, group, n, n_ok, N), ZERO_POINTS)
         if not ZERO_POINTS:
             low = low.to(dot_type)
@@ -435,10 +446,15 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
 
 @triton.jit
 def _plane_words(words_ptr, k, GROUP: tl.constexpr, ROWS: tl.constexpr, PLANES: tl.constexpr,
-                 n, n_ok, N):
+                 n, n_ok, N, PAIRS: tl.constexpr = False):
     """Outputs n's words (int32) in the groups of the (up to four) planes of the step at
     input k, in groups of one plane (of ROWS inputs) or two; four words whatever PLANES
-    (those past the step's planes repeat, loading nothing past it)."""
+    (those past the step's planes repeat, loading nothing past it). PAIRS (byte planes in
+    groups of one plane): scale pairs, the step's one word, its second plane's scale
+    shifted into the low half of that plane's word."""
+    if PAIRS:
+        pair = tl.load(words_ptr + (k // (2 * GROUP)) * N + n, mask=n_ok, other=0)
+        return pair, pair >> 16, pair, pair >> 16
     at = words_ptr + (k // GROUP) * N + n
     first = tl.load(at, mask=n_ok, other=0)
     second = tl.load(at + N, mask=n_ok, other=0)
@@ -470,9 +486,13 @@ def _word_halves(words, ZERO_POINTS: tl.constexpr):
 
 
 @triton.jit
-def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr):
-    """From a step's words, _sums_scales of its scale and min (or zero point)."""
+def _step_scales(words, ZERO_POINTS: tl.constexpr, DOT: tl.constexpr,
+                 SHARED_ZERO: tl.constexpr = None):
+    """From a step's words, _sums_scales of its scale and min (or zero point; SHARED_ZERO
+    where given, the words' high halves unread)."""
     scale, low = _word_halves(words, ZERO_POINTS)
+    if SHARED_ZERO is not None:
+        low = tl.zeros_like(low) + SHARED_ZERO
     return _sums_scales(scale.to(tl.float32), low, ZERO_POINTS, DOT)
 
 
@@ -1224,7 +1244,7 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
     splits = config.pop("splits")
     grid = (_output_tiles(out_features, config["BLOCK_N"], gated),
             triton.cdiv(tokens, config["BLOCK_T"]), splits)
-    words = weight.step_words
+    words = weight.step_words if weight.scale_pairs is None else weight.scale_pairs
     if weight.factored:
         scale, mins = weight.sub_words, weight.factor_words
     elif words is None:
@@ -1241,7 +1261,8 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         HAS_LOW=weight.holds_mins, ZERO_POINTS=weight.holds_zero_points,
         STEP_SUMS=weight.step_sums, DOT=_dot_type(flat.dtype, False),
         ASM=flat.is_cuda, PLANE_BITS=weight.bits, GATED=gated, FACTORED=weight.factored,
-        SUPER=weight.group_size * weight.groups_per_super, **config,
+        SUPER=weight.group_size * weight.groups_per_super,
+        SHARED_ZERO=weight.shared_zero, **config,
         **_norm_launch(norm, out, grid[0], tokens), LAUNCH_LATE=_launches_late(norm),
         **dependent_launch(flat.device))
 

@@ -4,7 +4,8 @@ The torch form of the same (`GroupQuantWeight.rows` off CUDA) takes some thirty 
 lookup (unpacking, gathering, scaling, converting); this takes one, which a decode step of a
 GGUF model makes once. Codes in planes (4-bit nibbles or byte planes) and codes a byte each
 held by input, with scales and mins as step words or as their own arrays, integer zero
-points or none; other forms (halves, float8, factored scales) keep the torch path."""
+points (one for every group, its scales in pairs) or none; other forms (halves, float8,
+factored scales) keep the torch path."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def looked_up_rows(weight: GroupQuantWeight, index: torch.Tensor, scale: float |
     out = torch.empty(outputs.numel(), weight.in_features, dtype=dtype, device=index.device)
     if outputs.numel() == 0:
         return out
-    words = weight.step_words
+    words = weight.step_words if weight.scale_pairs is None else weight.scale_pairs
     scales = words if words is not None else weight.scale
     lows = weight.zeros if weight.holds_zero_points else weight.low
     grid = (outputs.numel(), triton.cdiv(weight.in_features, BLOCK_INPUTS))
@@ -48,7 +49,7 @@ def looked_up_rows(weight: GroupQuantWeight, index: torch.Tensor, scale: float |
         PLANE_BITS=weight.bits if weight.planes else 0, GROUP=weight.group_size,
         WORDS=words is not None, HAS_LOW=weight.holds_mins,
         ZERO_POINTS=weight.holds_zero_points, SCALED=scale is not None,
-        BLOCK=BLOCK_INPUTS)
+        SHARED_ZERO=weight.shared_zero, BLOCK=BLOCK_INPUTS)
     return out
 
 
@@ -56,20 +57,26 @@ def looked_up_rows(weight: GroupQuantWeight, index: torch.Tensor, scale: float |
 def _rows_kernel(codes_ptr, scale_ptr, low_ptr, index_ptr, out_ptr, N, K, table_scale,
                  PLANE_BITS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
                  HAS_LOW: tl.constexpr, ZERO_POINTS: tl.constexpr, SCALED: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 SHARED_ZERO: tl.constexpr, BLOCK: tl.constexpr):
     """out[i, k] for BLOCK inputs k of looked-up row i (output index[i] of the weight):
     (code - zero point) * scale + min, times table_scale with SCALED. Codes: PLANE_BITS 4,
     int16 [K / 4, N] nibble planes; 8, int16 [K / 2, N] byte planes; 0, uint8 [K, N]. The
     scales: WORDS, int32 [groups, N] step words (a float16 scale in the low half, the min's
-    float16 or the zero point's byte in the high); else scale_ptr [groups, N] and low_ptr
-    (mins, or uint8 zero points with ZERO_POINTS)."""
+    float16 or the zero point's byte in the high), or with SHARED_ZERO (where given: every
+    group's zero point) int32 [groups / 2, N] scale pairs (group 2 j's float16 in the low
+    half of word j, 2 j + 1's in the high); else scale_ptr [groups, N] and low_ptr (mins,
+    or uint8 zero points with ZERO_POINTS)."""
     row = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < K
     n = tl.load(index_ptr + row).to(tl.int64)
     code = _code(codes_ptr, k, ok, n, N, PLANE_BITS).to(tl.float32)
     at = (k // GROUP) * N + n
-    if WORDS:
+    if SHARED_ZERO is not None:
+        pair = tl.load(scale_ptr + (k // (2 * GROUP)) * N + n, mask=ok, other=0)
+        scale, _ = _word_halves(pair >> (16 * ((k // GROUP) % 2)), True)
+        value = (code - SHARED_ZERO) * scale.to(tl.float32)
+    elif WORDS:
         scale, low = _word_halves(tl.load(scale_ptr + at, mask=ok, other=0), ZERO_POINTS)
         if ZERO_POINTS:
             code -= low

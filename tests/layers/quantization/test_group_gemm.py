@@ -110,8 +110,10 @@ PLANE_CASES = [name for name, (_, _, inputs, group, bits, *_) in CASES.items()
 
 
 # 8-bit codes of at most 7 bits (GGUF Q6_K's 0..63 here) in byte planes: name -> (tokens,
-# outputs, inputs, group, with a min (or "zero points")); each run from step words (a
-# plane's or a step's sums scaled) and again weight by weight ("-weight-by-weight")
+# outputs, inputs, group, with a min (or "zero points", or "shared zero": Q6_K's 32 for
+# every group, its scales held in pairs)); each run from step words or scale pairs (a
+# plane's or a step's sums scaled; in the larger tiles weight by weight) and again weight
+# by weight from their own arrays ("-weight-by-weight")
 BYTE_PLANE_CASES = {
     "bytes-g16-one-token": (1, 72, 512, 16, True),
     "bytes-g16-tokens-12-split": (12, 40, 1024, 16, True),
@@ -120,6 +122,9 @@ BYTE_PLANE_CASES = {
     "bytes-g16-zero-points-tokens-3": (3, 40, 256, 16, "zero points"),
     "bytes-g64-tokens-5": (5, 40, 384, 64, True),  # two steps a group
     "bytes-g16-nomin-tokens-2": (2, 40, 256, 16, False),
+    "bytes-g16-shared-zero-one-token": (1, 72, 512, 16, "shared zero"),
+    "bytes-g16-shared-zero-tokens-12-split": (12, 40, 1024, 16, "shared zero"),
+    "bytes-g16-shared-zero-tokens-40": (40, 40, 256, 16, "shared zero"),
 }
 
 
@@ -130,11 +135,14 @@ def byte_plane_weight(outputs: int, inputs: int, group: int, with_min: bool | st
     if with_min == "zero points":
         scale = scale.half().float()
         low = -torch.randint(0, 64, scale.shape, generator=generator) * scale
+    elif with_min == "shared zero":
+        low = -32 * scale
     else:
         low = -torch.rand(scale.shape, generator=generator) * 0.05 if with_min else None
     weight = GroupQuantWeight(codes, scale, low, group, 8, planes=True,
                               zero_points=with_min == "zero points", step_sums=step_sums)
     assert weight.planes and weight.codes.dtype == torch.int16
+    assert (weight.shared_zero == 32) == (with_min == "shared zero" and step_sums)
     return weight
 
 
@@ -150,11 +158,13 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
                                      / (1 + expected.abs())).max().item()
     # float16 activations: the codes OR-ed into the mantissa of 1024 (bfloat16's 128 is for a
     # GPU: the interpreter has no bfloat16 constants)
-    weight = byte_plane_weight(40, 512, 16, True, generator, True)
-    x = torch.randn(3, 512, generator=generator).half()
-    expected = x.float() @ weight.dequantize(torch.float32).t()
-    errors["bytes-g16-tokens-3-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
-                                         / expected.norm()).item()
+    for with_min, name in ((True, "bytes-g16-tokens-3-fp16"),
+                           ("shared zero", "bytes-g16-shared-zero-tokens-3-fp16")):
+        weight = byte_plane_weight(40, 512, 16, with_min, generator, True)
+        x = torch.randn(3, 512, generator=generator).half()
+        expected = x.float() @ weight.dequantize(torch.float32).t()
+        errors[name] = ((group_gemm(x, weight).float() - expected).norm()
+                        / expected.norm()).item()
     return errors
 
 
@@ -254,7 +264,8 @@ def factored_errors(generator: torch.Generator) -> dict[str, float]:
 GATED_CASES = {"int4-planes-zero-points-g128-one-token": 1, "int4-planes-g64-tokens-20": 2,
                "int4-g32-tiles-split": 1, "int4-halves-g32-tokens-5": 2, "int8-g16": 1,
                "fp8-per-row-split": 2, "fp8-blocks": 1}
-GATED_BYTE_PLANE_CASES = {"bytes-g16-tokens-12-split": 2, "bytes-g32-tokens-20": 1}
+GATED_BYTE_PLANE_CASES = {"bytes-g16-tokens-12-split": 2, "bytes-g32-tokens-20": 1,
+                          "bytes-g16-shared-zero-one-token": 1}
 
 
 def gated_errors(generator: torch.Generator) -> dict[str, float]:
@@ -547,12 +558,46 @@ def test_step_words_hold_the_scales_and_mins_bit_for_bit_in_place_of_them(with_m
     assert asked.step_words.shape == (16, 48)
 
 
+def test_byte_planes_of_one_zero_point_hold_only_their_scales_two_to_a_word(monkeypatch):
+    """GGUF Q6_K's layout (byte planes in groups of 16, every min -32 times its scale)
+    holds its scales two groups to an int32 and the zero point once: 9 bits a weight where
+    step words take 10; unpacked they are the same float16 scales, float16 subnormals too
+    (whose mins rounded to float16 are no multiple of them), and the weights (code - 32)
+    times them. Mins of more than one zero point, scales scaled weight by weight, and
+    PAGODA_PLANE_SCALE_PAIRS=0 keep the words."""
+    from pagoda.layers.quantization import group_gemm
+    generator = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 64, (40, 256), generator=generator)
+    scale = torch.rand(40, 16, generator=generator) * 0.01 + 1e-3
+    scale[0, :2] = torch.tensor([1e-7, 3e-5])  # float16 subnormals
+    pairs = GroupQuantWeight(codes, scale, -32 * scale, 16, 8)
+    assert pairs.shared_zero == 32 and pairs.holds_zero_points and not pairs.holds_mins
+    assert pairs.step_words is None and pairs.scale_pairs.shape == (8, 40)
+    assert "one zero point (32)" in pairs.kernel_name()
+    weight_bytes = sum(p.numel() * p.element_size() for p in pairs.parameters())
+    assert weight_bytes * 8 == 9 * 40 * 256
+    held_scale, low, zeros = pairs.scales_and_mins()
+    assert low is None and zeros.dtype == torch.uint8 and bool((zeros == 32).all())
+    assert torch.equal(held_scale, scale.t().half())
+    expected = (codes.float() - 32) * scale.half().float().repeat_interleave(16, dim=1)
+    assert torch.equal(pairs.dequantize(torch.float32), expected)
+    two_zeros = -32 * scale
+    two_zeros[5, 3] = -31 * scale[5, 3]
+    for other in (GroupQuantWeight(codes, scale, two_zeros, 16, 8),
+                  GroupQuantWeight(codes, scale, -32 * scale, 16, 8, step_sums=False)):
+        assert other.shared_zero is None and other.scale_pairs is None
+    monkeypatch.setattr(group_gemm, "SCALE_PAIRS_IN_PLANES", False)
+    switched_off = GroupQuantWeight(codes, scale, -32 * scale, 16, 8)
+    assert switched_off.scale_pairs is None and switched_off.step_words.shape == (16, 40)
+
+
 ROW_LAYOUTS = {  # (bits, group, GroupQuantWeight's keywords, mins: None, "min", "zero")
     "int4-planes-step-words": (4, 128, {}, "min"),
     "int4-planes-g32": (4, 32, {}, "min"),
     "int4-planes-zero-points": (4, 128, {"zero_points": True}, "zero"),
     "int4-halves": (4, 64, {"planes": False}, None),
     "int8-byte-planes-g16": (8, 16, {}, "min"),
+    "int8-byte-planes-g16-scale-pairs": (8, 16, {}, "shared zero"),
     "int8-bytes": (8, 32, {"planes": False}, "min"),
     "float8-rows": (8, 256, {}, None),
 }
@@ -573,11 +618,14 @@ def test_rows_decode_the_outputs_looked_up_as_the_whole_weight_does(layout):
     elif mins == "zero":
         scale = scale.half().float()
         low = -torch.randint(0, 16, scale.shape, generator=generator) * scale
+    elif mins == "shared zero":
+        low = -32 * scale
     if layout.startswith("float8"):
         codes = torch.randn(48, 256, generator=generator).to(FP8)
     weight = GroupQuantWeight(codes, scale, low, group, bits, **keywords)
     assert weight.planes == ("planes" in layout)
-    assert weight.holds_zero_points == (mins == "zero")
+    assert weight.holds_zero_points == (mins in ("zero", "shared zero"))
+    assert (weight.scale_pairs is not None) == (mins == "shared zero")
     index = torch.tensor([7, 0, 47, 7, 20])
     whole = weight.dequantize(torch.float32)
     assert torch.equal(weight.rows(index), whole[index])
@@ -790,7 +838,8 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | {f"{n}-halves" for n in PLANE_CASES}
                            | {f"{n}-weight-by-weight" for n in PLANE_CASES}
                            | {f"{n}-bytes" for n in FLOAT8_CASES}
-                           | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16"}
+                           | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16",
+                                                     "bytes-g16-shared-zero-tokens-3-fp16"}
                            | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
                            | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
                            | set(FACTORED_CASES) | set(NORMED_CASES)
@@ -849,10 +898,12 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
     from pagoda.layers.quantization.group_gemm import BYTE_PLANE_STEP
     from pagoda.layers.quantization.triton_group_gemm import _planes_kernel
     step = PLANE_STEP if bits == 4 else BYTE_PLANE_STEP
-    for block_n, block_t, splits, has_low, zero_points, step_sums in (
-            (64, 8, 4, True, False, True), (64, 8, 4, True, False, False),
-            (128, 64, 1, False, False, True), (64, 8, 4, False, True, True),
-            (64, 8, 4, False, True, False), (128, 64, 1, False, True, True)):
+    combinations = [(64, 8, 4, True, False, True, None), (64, 8, 4, True, False, False, None),
+                    (128, 64, 1, False, False, True, None), (64, 8, 4, False, True, True, None),
+                    (64, 8, 4, False, True, False, None), (128, 64, 1, False, True, True, None)]
+    if bits == 8 and group == 16:  # scale pairs (GGUF Q6_K's): a plane's sums, and larger tiles
+        combinations += [(64, 8, 4, False, True, True, 32), (128, 64, 1, False, True, True, 32)]
+    for block_n, block_t, splits, has_low, zero_points, step_sums, shared_zero in combinations:
         compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16",
             "scale_ptr": "*i32" if step_sums else "*fp16",
@@ -863,7 +914,7 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
             "STEP_IN_GROUP": group % step == 0, "HAS_LOW": has_low,
             "ZERO_POINTS": zero_points, "STEP_SUMS": step_sums,
             "BLOCK_N": block_n, "BLOCK_T": block_t, "DOT": dot, "ASM": asm,
-            "PDL": capability >= 90, "PLANE_BITS": bits,
+            "PDL": capability >= 90, "PLANE_BITS": bits, "SHARED_ZERO": shared_zero,
             "GATED": (1 + bits // 8) if block_t == 8 and step_sums else 0}, capability)
 
 
@@ -958,6 +1009,21 @@ def test_step_sums_take_x_sums_without_a_reduction_and_wait_for_no_load(zero_poi
     assert not loop["read_after_load"], loop["read_after_load"]
 
 
+def test_scale_pairs_take_one_load_a_step_and_fewer_instructions_than_words():
+    """Byte planes in groups of 16 with one zero point (GGUF Q6_K's): the step's two scales
+    come in one int32 load an output (a thread's tile rows take two), half the loads of a
+    word a group of scale and min, read by no instruction of the step they are loaded in;
+    and the loop issues fewer instructions (115 against 132 a thread a step when
+    written)."""
+    from bench.kernels.sass_census import main_loop, planes_sass
+    pairs = planes_sass(True, True, 64, 4, 3, 16, 8, shared_zero=32)
+    words = planes_sass(False, True, 64, 4, 3, 16, 8)
+    loop = loaded_in_loop(pairs)
+    assert 2 * len(loop["loaded"]) == len(loaded_in_loop(words)["loaded"]) == 4
+    assert not loop["read_after_load"], loop["read_after_load"]
+    assert len(main_loop(pairs)) < len(main_loop(words))
+
+
 @pytest.mark.parametrize(("group", "bits", "factored"), [(32, 4, 2), (16, 8, 1), (32, 8, 2)])
 def test_factored_words_are_loaded_a_step_ahead_and_waited_for_by_no_instruction(
         group, bits, factored):
@@ -1035,7 +1101,8 @@ def test_factored_words_hold_a_k_quants_scales_bit_for_bit_in_fewer_bytes(type_n
 def test_k_quant_scales_stay_float16s_where_a_factor_is_no_float16_or_when_switched_off(
         monkeypatch):
     """A low factor past float16's range (Q6_K's -32 d of a huge d) keeps the float16
-    scales and mins, as PAGODA_PLANE_FACTORED_SCALES=0 (the default) does."""
+    scales (Q6_K's in pairs, its mins all -32 times them), as
+    PAGODA_PLANE_FACTORED_SCALES=0 (the default) does."""
     from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf_blocks import byte_groups, scale_factors
     from tests.layers.quantization.test_gguf_blocks import random_rows
@@ -1047,10 +1114,10 @@ def test_k_quant_scales_stay_float16s_where_a_factor_is_no_float16_or_when_switc
     assert GroupQuantWeight(codes, scale, low, group, 8,
                             factors=scale_factors(rows, "Q6_K")).factored == 1
     held = GroupQuantWeight(codes, scale, low, group, 8, factors=factors)
-    assert held.sub_words is None and held.step_words is not None and not held.factored
+    assert held.sub_words is None and held.scale_pairs is not None and not held.factored
     monkeypatch.setattr(group_gemm, "FACTORED_SCALES_IN_PLANES", False)
     off = GroupQuantWeight(codes, scale, low, group, 8, factors=scale_factors(rows, "Q6_K"))
-    assert off.sub_words is None and off.step_words is not None
+    assert off.sub_words is None and off.scale_pairs is not None
 
 
 @pytest.mark.parametrize("layout", ["int8-g16", "fp8-row"])

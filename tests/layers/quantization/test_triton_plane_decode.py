@@ -17,7 +17,8 @@ from tests.layers.quantization.test_group_gemm import byte_plane_weight, random_
 from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "PLANE_DECODE_ERRORS "
-# name -> (bits, outputs, inputs, group, with a min (or "zero points"), step words)
+# name -> (bits, outputs, inputs, group, with a min (or "zero points", or "shared zero":
+# GGUF Q6_K's 32 in every group, the scales in pairs), step words)
 CASES = {
     "nibbles-g128-mins": (4, 384, 512, 128, True, True),
     "nibbles-g128-mins-scale-tensors": (4, 384, 512, 128, True, False),
@@ -27,6 +28,7 @@ CASES = {
     "bytes-g16-mins": (8, 384, 256, 16, True, True),
     "bytes-g32-zero-points": (8, 256, 256, 32, "zero points", True),
     "bytes-g16-no-min": (8, 136, 128, 16, False, False),
+    "bytes-g16-scale-pairs": (8, 256, 256, 16, "shared zero", True),
 }
 SLICE_OUTPUTS = 128  # the slices the product decodes here: several a weight
 
@@ -38,8 +40,8 @@ def case_weight(name: str, generator: torch.Generator):
     else:
         weight = random_weight(outputs, inputs, group, 4, with_min, False, generator,
                                planes=True, step_sums=words)
-    assert weight.holds_zero_points == (with_min == "zero points")
-    assert (weight.step_words is not None) == words
+    assert weight.holds_zero_points == (with_min in ("zero points", "shared zero"))
+    assert (weight.step_words is not None or weight.scale_pairs is not None) == words
     return weight
 
 

@@ -15,8 +15,8 @@ from pagoda.layers.quantization.group_gemm import FP8, GroupQuantWeight
 from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "TRITON-ROWS-ERRORS "
-# name -> (outputs, inputs, group, bits, mins ("zero points": integer ones), planes,
-# step words)
+# name -> (outputs, inputs, group, bits, mins ("zero points": integer ones; "shared zero":
+# 32 in every group, GGUF Q6_K's, its scales in pairs), planes, step words)
 LAYOUTS = {
     "int4-planes-g128-words": (40, 512, 128, 4, True, True, True),
     "int4-planes-g32": (40, 256, 32, 4, True, True, False),
@@ -24,6 +24,7 @@ LAYOUTS = {
     "int4-planes-zero-points": (40, 256, 64, 4, "zero points", True, False),
     "int4-planes-no-min": (24, 256, 128, 4, False, True, False),
     "bytes-planes-g16-words": (40, 256, 16, 8, True, True, True),
+    "bytes-planes-g16-scale-pairs": (40, 256, 16, 8, "shared zero", True, True),
     "bytes-each-g32": (40, 256, 32, 8, True, False, False),
     "bytes-each-per-row": (40, 160, 160, 8, False, False, False),
 }
@@ -36,10 +37,14 @@ def layout_weight(outputs: int, inputs: int, group: int, bits: int, mins: bool |
     scale = (torch.rand(outputs, inputs // group, generator=generator) * 0.01 + 0.001).half()
     if mins == "zero points":
         low = -torch.randint(0, top, scale.shape, generator=generator) * scale.float()
+    elif mins == "shared zero":
+        low = -32 * scale.float()
     else:
         low = -torch.rand(scale.shape, generator=generator) * 0.05 if mins else None
-    return GroupQuantWeight(codes, scale.float(), low, group, bits, planes,
-                            zero_points=mins == "zero points", step_sums=words)
+    weight = GroupQuantWeight(codes, scale.float(), low, group, bits, planes,
+                              zero_points=mins == "zero points", step_sums=words)
+    assert (weight.scale_pairs is not None) == (mins == "shared zero")
+    return weight
 
 
 def errors() -> dict[str, float]:
@@ -79,9 +84,10 @@ def test_the_kernel_takes_planes_and_bytes_but_not_halves_or_float8():
     assert takes_rows(planes) and not takes_rows(halves) and not takes_rows(float8)
 
 
-@pytest.mark.parametrize(("plane_bits", "words", "zero_points"), [
-    (4, True, False), (4, False, True), (8, True, False), (0, False, False)])
-def test_the_kernel_compiles_for_hopper(plane_bits, words, zero_points):
+@pytest.mark.parametrize(("plane_bits", "words", "zero_points", "shared_zero"), [
+    (4, True, False, None), (4, False, True, None), (8, True, False, None),
+    (0, False, False, None), (8, True, True, 32)])
+def test_the_kernel_compiles_for_hopper(plane_bits, words, zero_points, shared_zero):
     from pagoda.layers.quantization.triton_rows import _rows_kernel
     lows = "*u8" if zero_points and not words else "*fp16"
     compile_for_cuda(_rows_kernel, {
@@ -89,8 +95,9 @@ def test_the_kernel_compiles_for_hopper(plane_bits, words, zero_points):
         "scale_ptr": "*i32" if words else "*fp16", "low_ptr": "*i32" if words else lows,
         "index_ptr": "*i64", "out_ptr": "*bf16", "N": "i32", "K": "i32",
         "table_scale": "fp32"}, {
-        "PLANE_BITS": plane_bits, "GROUP": 32, "WORDS": words, "HAS_LOW": not zero_points,
-        "ZERO_POINTS": zero_points, "SCALED": True, "BLOCK": 1024}, 90, num_warps=4)
+        "PLANE_BITS": plane_bits, "GROUP": 32 if shared_zero is None else 16, "WORDS": words,
+        "HAS_LOW": not zero_points, "ZERO_POINTS": zero_points, "SCALED": True,
+        "SHARED_ZERO": shared_zero, "BLOCK": 1024}, 90, num_warps=4)
 
 
 if __name__ == "__main__":
