@@ -32,11 +32,13 @@ class Ceilings:
 
 @dataclass(frozen=True, slots=True)
 class HeldWeights:
-    """The bytes of weights an engine holds (a quantized model's), and of them its routed
-    experts' (0: none, or not counted apart)."""
+    """The bytes of weights an engine holds (a quantized model's), of them its routed
+    experts' (0: none, or not counted apart) and its input table's (None: the table's
+    parameters at the model's itemsize)."""
 
     total: int
     experts: int = 0
+    table: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +73,14 @@ class ModelShape:
 
     def holding(self, held: HeldWeights, config: Any) -> ModelShape:
         """The shape of the model whose weights the engine holds as `held` (a quantized
-        one): a step streams those bytes, less an untied input embedding's (gathered, in the
-        model dtype) and, in a mixture of experts, less the experts a token is not routed to
-        (each expert parameter at the experts' bytes a parameter)."""
-        table = 0 if getattr(config, "tie_word_embeddings", False) else \
+        one): a step streams those bytes, less an untied input embedding's (gathered: its
+        bytes in `held`, by default in the model dtype) and, in a mixture of experts, less the
+        experts a token is not routed to (each expert parameter at the experts' bytes a
+        parameter)."""
+        table = held.table if held.table is not None else \
             config.vocab_size * config.hidden_size * self.itemsize
+        if getattr(config, "tie_word_embeddings", False):
+            table = 0
         read = held.total - table
         if self.experts is None or not held.experts:
             return replace(self, weight_bytes_read=read)

@@ -317,9 +317,9 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     result["gpu"] = _gpu_extras(llm, cfg, requests) if device.type == "cuda" else {}
     max_batch = _max_concurrency(llm, requests)
     quantized = resolve_quantization(cfg.engine_kwargs.get("quantization"), source)
-    from pagoda.bench.roofline import HeldWeights
     info = llm.engine.model_info
-    held = HeldWeights(info.weight_bytes, info.expert_weight_bytes) if quantized else None
+    held = floor_weights(source, info.weight_bytes, info.expert_weight_bytes) \
+        if quantized else None
     kv_dtype = kv_cache_torch_dtype(llm.engine.model_info.kv_cache_dtype, dtype)  # as held
     del llm
     release_memory(device)
@@ -332,6 +332,22 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
                "ratios": ratios(systems), "finished_at": _now()}
     result["environment"]["loadavg_end"] = _loadavg()
     return result
+
+
+def floor_weights(source: Any, weight_bytes: int, expert_bytes: int) -> HeldWeights:
+    """The weights a quantized model's floor counts: as the engine holds them (its
+    `weight_bytes`, `expert_bytes` of them its routed experts'), but a GGUF file's as its
+    blocks store them, the fewest bytes a step of any engine reads (pagoda holds the
+    k-quants' codes with float16 scales: more bytes, which a floor of its own would
+    excuse)."""
+    from pagoda.bench.roofline import HeldWeights
+    if source.gguf_file is None:
+        return HeldWeights(weight_bytes, expert_bytes)
+    from pagoda.models.loader.gguf import gguf_tensor_bytes
+    stored = dict(gguf_tensor_bytes(source.gguf_file))
+    return HeldWeights(sum(stored.values()),
+                       sum(size for name, size in stored.items() if ".experts." in name),
+                       stored.get("model.embed_tokens.weight"))
 
 
 def _gpu_extras(llm: Any, cfg: ThroughputConfig, requests: list[BenchRequest]) -> dict[str, Any]:

@@ -152,3 +152,26 @@ def test_a_qwen3_moe_file_stacks_its_experts_and_pagoda_serves_it(tmp_path):
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
                        SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_a_gguf_floor_counts_the_files_blocks_less_the_gathered_table(q4_k_m_file,
+                                                                      config_dir):
+    """A quantized GGUF's decode floor reads the file's blocks, however pagoda holds them
+    (its float16 scales take more), less the untied token table's blocks (a step gathers
+    one row), not that table's parameters at bfloat16."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig
+
+    from pagoda.bench.roofline import HeldWeights, ModelShape
+    from pagoda.bench.throughput import floor_weights
+    reader = gguf.GGUFReader(q4_k_m_file)
+    stored = {t.name: int(t.n_bytes) for t in reader.tensors}
+    held = floor_weights(SimpleNamespace(gguf_file=q4_k_m_file), 0, 0)
+    assert held.table == stored["token_embd.weight"] > 0 and held.experts == 0
+    assert held.total == sum(stored.values()) - stored["rope_freqs.weight"]  # (not a weight)
+    config = AutoConfig.from_pretrained(config_dir)
+    shape = ModelShape.from_config(config, torch.bfloat16).holding(held, config)
+    assert shape.weight_bytes_read == held.total - stored["token_embd.weight"]
+    assert floor_weights(SimpleNamespace(gguf_file=None), 10, 2) == HeldWeights(10, 2)

@@ -323,6 +323,17 @@ def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
             yield name, tuple(int(d) for d in reversed(tensor.shape))
 
 
+def gguf_tensor_bytes(path: Path, tensors: GGUFIndex | None = None
+                      ) -> Iterator[tuple[str, int]]:
+    """(HF tensor name, bytes in the file) for every GGUF tensor the loader turns into a
+    weight: its blocks' bytes as stored."""
+    found = tensors or read_gguf_tensors(path)
+    layout = gguf_layout(found.architecture, path)
+    for tensor in found.tensors:
+        if tensor.name not in layout.skipped:
+            yield hf_name(layout, tensor.name) or tensor.name, int(tensor.data.nbytes)
+
+
 def read_gguf_tensors(path: Path) -> GGUFIndex:
     """The file's architecture and tensors, through gguf's reader (parses all metadata)."""
     return GGUFMeta.open(path).tensor_index()
