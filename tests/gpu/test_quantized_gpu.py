@@ -21,7 +21,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of the 8B
 # name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
 # integer zero points[, planes without their step words: scaled weight by weight[, codes
-# 0..63 (GGUF Q6_K's) in byte planes]]])
+# 0..63 (GGUF Q6_K's) in byte planes, whose mins of -32 times the scale hold the scales in
+# pairs in groups of 16[, mins of -31.5 times the scale: held as step words]]]])
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
            "int4-g32-weight-by-weight": (32, 4, True, False, False, True),
@@ -31,6 +32,7 @@ LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
            "int6-g16-byte-planes": (16, 8, True, False, False, False, True),
            "int6-g16-byte-planes-weight-by-weight": (16, 8, True, False, False, True, True),
+           "int6-g16-byte-planes-step-words": (16, 8, True, False, False, False, True, True),
            "int6-g32-byte-planes": (32, 8, True, False, False, False, True),
            "fp8-row": (None, 8, False, True), "fp8-block": (128, 8, False, True)}
 TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
@@ -38,7 +40,7 @@ TOKENS = (1, 16, 17, 32, 33, 64, 65, 300, 2048)  # the few-token kernel up to 32
 
 def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
                   float8: bool, zero_points: bool = False, weight_by_weight: bool = False,
-                  byte_planes: bool = False) -> GroupQuantWeight:
+                  byte_planes: bool = False, off_grid_mins: bool = False) -> GroupQuantWeight:
     group = group or inputs
     groups = inputs // group
     if float8:
@@ -49,10 +51,13 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
                               device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
     # mins centre the codes' range (byte planes hold 0..63 here)
-    low = -(32 if byte_planes else 2 ** (bits - 1)) * scale if with_min else None
+    centre = (31.5 if off_grid_mins else 32) if byte_planes else 2 ** (bits - 1)
+    low = -centre * scale if with_min else None
     weight = GroupQuantWeight(codes, scale, low, group, bits, planes=True if byte_planes else None,
                               zero_points=zero_points, step_sums=not weight_by_weight)
-    assert weight.holds_zero_points == zero_points
+    pairs = byte_planes and group == 16 and not weight_by_weight and not off_grid_mins
+    assert (weight.shared_zero == 32) == pairs
+    assert weight.holds_zero_points == (zero_points or pairs)
     return weight
 
 
