@@ -22,7 +22,9 @@ SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of th
 # name -> (group (None: the whole row), bits, with a min, float8 values[, the mins held as
 # integer zero points[, planes without their step words: scaled weight by weight[, codes
 # 0..63 (GGUF Q6_K's) in byte planes, whose mins of -32 times the scale hold the scales in
-# pairs in groups of 16[, mins of -31.5 times the scale: held as step words]]]])
+# pairs in groups of 16[, mins half a step off the codes' centre: held as mins (step words
+# in byte planes)]]]]). The mins centre the codes: 8-bit codes a byte each with mins of
+# -128 times the scale are held as signed bytes (GGUF Q8_0's)
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
            "int4-g32-weight-by-weight": (32, 4, True, False, False, True),
@@ -30,6 +32,7 @@ LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-zero-points-weight-by-weight": (128, 4, True, False, True, True),
            "int4-g32-zero-points": (32, 4, True, False, True),
            "int8-g16": (16, 8, True, False), "int8-g32": (32, 8, True, False),
+           "int8-g32-mins": (32, 8, True, False, False, False, False, True),
            "int6-g16-byte-planes": (16, 8, True, False, False, False, True),
            "int6-g16-byte-planes-weight-by-weight": (16, 8, True, False, False, True, True),
            "int6-g16-byte-planes-step-words": (16, 8, True, False, False, False, True, True),
@@ -51,13 +54,15 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
                               device="cuda", dtype=torch.uint8)
         scale = torch.rand(outputs, groups, device="cuda") * 2e-3 + 1e-3
     # mins centre the codes' range (byte planes hold 0..63 here)
-    centre = (31.5 if off_grid_mins else 32) if byte_planes else 2 ** (bits - 1)
+    centre = (32 if byte_planes else 2 ** (bits - 1)) - (0.5 if off_grid_mins else 0)
     low = -centre * scale if with_min else None
     weight = GroupQuantWeight(codes, scale, low, group, bits, planes=True if byte_planes else None,
                               zero_points=zero_points, step_sums=not weight_by_weight)
     pairs = byte_planes and group == 16 and not weight_by_weight and not off_grid_mins
     assert (weight.shared_zero == 32) == pairs
     assert weight.holds_zero_points == (zero_points or pairs)
+    assert weight.signed_bytes == (bits == 8 and with_min and not float8 and not byte_planes
+                                   and not off_grid_mins)
     return weight
 
 

@@ -5,8 +5,9 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
   to an int16 ("planes", where the inputs are a multiple of 128 and the groups of 32) or two
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
-  byte each), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16 ("byte
-  planes", where the inputs are a multiple of 32 and the groups of 16; BYTE_PLANES);
+  byte each; those whose lows are all -128 times the scale, Q8_0's, as signed bytes with
+  no min: SIGNED_BYTES), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16
+  ("byte planes", where the inputs are a multiple of 32 and the groups of 16; BYTE_PLANES);
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
 `GroupQuantWeight` holds one layer's weights in that form and multiplies with the Triton
@@ -154,6 +155,11 @@ FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") 
 # (PAGODA_PLANE_SCALE_PAIRS=0: off, a word a group as for other mins): 9 bits a weight of
 # Q6_K where the words took 10
 SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
+# whether byte codes held a byte each (not in planes: GGUF Q8_0's, 8-bit GPTQ's) whose lows
+# are all -128 times their scales are held as signed bytes, code - 128, with no min
+# (PAGODA_SIGNED_BYTES=0: off): Q8_0's 8.5 bits a weight, as its blocks, where codes and
+# mins took 9, and no group's min loaded or added in the kernels
+SIGNED_BYTES = os.environ.get("PAGODA_SIGNED_BYTES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -338,12 +344,15 @@ class GroupQuantWeight(nn.Module):
             raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs"
                              f"{past} do not fit planes")
         self.planes = fits if planes is None else planes
+        if self._takes_signed_bytes(codes, scale, low):
+            codes, low = (codes.to(torch.int16) - 128).to(torch.int8), None
         if self.planes:
             stored = pack_int4_planes(codes) if bits == 4 else pack_byte_planes(codes)
         elif bits == 4:
             stored = pack_int4_halves(codes)
-        elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes
-            stored = codes.contiguous()
+        elif codes.dtype in (FP8, torch.int8):  # (float8: as checkpoints hold them, the
+            # layout torch._scaled_mm takes)
+            stored = codes.contiguous() if codes.dtype == FP8 else codes.t().contiguous()
         else:
             stored = codes.to(torch.uint8).t().contiguous()
         self.codes = nn.Parameter(stored, requires_grad=False)
@@ -353,6 +362,19 @@ class GroupQuantWeight(nn.Module):
         if not factored:
             self._hold_scales(scale, low, codes.dtype == FP8,
                               ZERO_POINTS_IN_PLANES if zero_points is None else zero_points)
+
+    def _takes_signed_bytes(self, codes: torch.Tensor, scale: torch.Tensor,
+                            low: torch.Tensor | None) -> bool:
+        """Whether its codes are held as signed bytes with no min: SIGNED_BYTES, 8-bit
+        integer codes a byte each, every low -128 times its scale."""
+        return (SIGNED_BYTES and self.bits == 8 and not self.planes and codes.dtype != FP8
+                and shared_zero_point(scale, low) == 128)
+
+    @property
+    def signed_bytes(self) -> bool:
+        """Whether its codes are signed bytes (code - 128 of a weight whose lows were all -128
+        times the scale; no min held)."""
+        return self.codes.dtype == torch.int8
 
     @property
     def plane_rows(self) -> int:
@@ -489,6 +511,8 @@ class GroupQuantWeight(nn.Module):
             return "triton group gemm (fp8 weights)"
         other_paths = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
+        if self.signed_bytes:
+            planes += " signed"
         if self.shared_zero is not None:
             planes += f" with one zero point ({self.shared_zero})"
         elif self.holds_zero_points:

@@ -16,7 +16,8 @@ from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "TRITON-ROWS-ERRORS "
 # name -> (outputs, inputs, group, bits, mins ("zero points": integer ones; "shared zero":
-# 32 in every group, GGUF Q6_K's, its scales in pairs), planes, step words)
+# 32 in every group, GGUF Q6_K's, its scales in pairs; "minus 128": codes a byte each held
+# signed, GGUF Q8_0's), planes, step words)
 LAYOUTS = {
     "int4-planes-g128-words": (40, 512, 128, 4, True, True, True),
     "int4-planes-g32": (40, 256, 32, 4, True, True, False),
@@ -27,6 +28,7 @@ LAYOUTS = {
     "bytes-planes-g16-scale-pairs": (40, 256, 16, 8, "shared zero", True, True),
     "bytes-each-g32": (40, 256, 32, 8, True, False, False),
     "bytes-each-per-row": (40, 160, 160, 8, False, False, False),
+    "bytes-each-signed": (40, 256, 32, 8, "minus 128", False, False),
 }
 
 
@@ -39,11 +41,14 @@ def layout_weight(outputs: int, inputs: int, group: int, bits: int, mins: bool |
         low = -torch.randint(0, top, scale.shape, generator=generator) * scale.float()
     elif mins == "shared zero":
         low = -32 * scale.float()
+    elif mins == "minus 128":
+        low = -128 * scale.float()
     else:
         low = -torch.rand(scale.shape, generator=generator) * 0.05 if mins else None
     weight = GroupQuantWeight(codes, scale.float(), low, group, bits, planes,
                               zero_points=mins == "zero points", step_sums=words)
     assert (weight.scale_pairs is not None) == (mins == "shared zero")
+    assert weight.signed_bytes == (mins == "minus 128")
     return weight
 
 
