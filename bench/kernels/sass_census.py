@@ -13,10 +13,11 @@ holds.
         [--warps 4] [--stages 3] [--weight-by-weight] [--group 128]
         [--bits 4|8] [--factored 0|1|2] [--shared-zero Z]
 
-`--few-tokens int8-g16|fp8-row` counts the few-token kernel's loop instead (`_few_tokens_kernel`
-with 8-bit codes in groups of 16, GGUF Q6_K's, or float8 values with a scale a row), its
-tile named by --block-n, --block-t, --warps and --stages; a step is 16 inputs (int8-g16) or
-128 (fp8-row) of bytes.
+`--few-tokens LAYOUT` counts the few-token kernel's loop instead (`_few_tokens_kernel` with
+8-bit codes in groups of 16, GGUF Q6_K's; in groups of 32 with mins, without (centred: GGUF
+Q8_0's, the mins -128 times the scale) or as signed bytes; or float8 values with a scale a
+row), its tile named by --block-n, --block-t, --warps and --stages; a step is 16 inputs
+(int8-g16), 32 (int8-g32*) or 128 (fp8-row) of bytes.
 """
 
 from __future__ import annotations
@@ -77,22 +78,28 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
     return _compile(_planes_kernel, signature, constants, warps, stages)
 
 
-# the few-token layouts counted: codes' type, group, step, float8, the product's type (DOT)
-FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2), "fp8-row": ("*fp8e4nv", 2048, 128,
-                                                                        True, 3)}
+# the few-token layouts counted: codes' type, group, step, float8, the product's type (DOT),
+# a min a group (int8-g32-centred: GGUF Q8_0's codes, their mins -128 times the scale
+# computed, not loaded; int8-g32-signed: the same codes as signed bytes with no min)
+FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2, True),
+                     "int8-g32": ("*u8", 32, 32, False, 2, True),
+                     "int8-g32-centred": ("*u8", 32, 32, False, 2, 128),
+                     "int8-g32-signed": ("*i8", 32, 32, False, 2, False),
+                     "fp8-row": ("*fp8e4nv", 2048, 128, True, 3, False)}
 
 
 def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stages: int):
     """The few-token kernel compiled for sm_90 as compile_planes compiles the planes kernel,
-    for one of FEW_TOKEN_LAYOUTS (mins with integer codes, a scale a row with float8)."""
-    codes, group, step, float8, dot = FEW_TOKEN_LAYOUTS[layout]
+    for one of FEW_TOKEN_LAYOUTS (a scale a row with float8)."""
+    codes, group, step, float8, dot, low = FEW_TOKEN_LAYOUTS[layout]
     scales = "*fp32" if float8 else "*fp16"
     signature = {"x_ptr": "*bf16", "codes_ptr": codes, "scale_ptr": scales, "low_ptr": scales,
                  "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM,
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                  "stride_om": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "BITS": 8, "FLOAT8": float8,
-                 "ROW_SCALE": float8, "HAS_LOW": not float8, "DOT": dot, "E4M3_BYTES": False,
+                 "ROW_SCALE": float8, "HAS_LOW": low is True, "DOT": dot, "E4M3_BYTES": False,
+                 "SHARED_ZERO": None if isinstance(low, bool) else low,
                  "BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "PDL": True}
     return _compile(_few_tokens_kernel, signature, constants, warps, stages)
 

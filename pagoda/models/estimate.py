@@ -328,7 +328,7 @@ def _quantized_safetensors_bytes(source: ModelSource, spec: ArchSpec,
     (integer codes' scales twice: a 16-bit scale and min each, 32-bit in the CPU block-dot
     kernel, counted for every layer where it runs; zero points and act orders folded in; a
     slight overcount where CUDA's 4-bit planes hold integer zero points, a byte each, and
-    where its 8-bit codes of symmetric groups are signed bytes with no min); on
+    where its 8-bit codes of symmetric groups hold no min); on
     CPU, where no kernel takes them, 8-bit integers (without the block-dot kernel) and float8
     weights (without the float8 kernel) decoded at load to `itemsize` (their scales folded
     in); a mixture of experts' experts as the other layers where `experts_as_codes`, else

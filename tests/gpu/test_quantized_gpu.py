@@ -24,7 +24,7 @@ SHAPES = {"qkv": (6144, 4096), "down": (4096, 14336)}  # (outputs, inputs) of th
 # 0..63 (GGUF Q6_K's) in byte planes, whose mins of -32 times the scale hold the scales in
 # pairs in groups of 16[, mins half a step off the codes' centre: held as mins (step words
 # in byte planes)]]]]). The mins centre the codes: 8-bit codes a byte each with mins of
-# -128 times the scale are held as signed bytes (GGUF Q8_0's)
+# -128 times the scale are held without them, the zero point 128 shared (GGUF Q8_0's)
 LAYOUTS = {"int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
            "int4-g128-weight-by-weight": (128, 4, True, False, False, True),
            "int4-g32-weight-by-weight": (32, 4, True, False, False, True),
@@ -61,8 +61,8 @@ def random_weight(outputs: int, inputs: int, group: int | None, bits: int, with_
     pairs = byte_planes and group == 16 and not weight_by_weight and not off_grid_mins
     assert (weight.shared_zero == 32) == pairs
     assert weight.holds_zero_points == (zero_points or pairs)
-    assert weight.signed_bytes == (bits == 8 and with_min and not float8 and not byte_planes
-                                   and not off_grid_mins)
+    centred = bits == 8 and with_min and not float8 and not byte_planes and not off_grid_mins
+    assert (weight.shared_zero == 128) == centred
     return weight
 
 

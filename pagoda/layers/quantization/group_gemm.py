@@ -5,8 +5,8 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
   to an int16 ("planes", where the inputs are a multiple of 128 and the groups of 32) or two
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
-  byte each; those whose lows are all -128 times the scale, Q8_0's, as signed bytes with
-  no min: SIGNED_BYTES), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16
+  byte each; those whose lows are all -128 times the scale, Q8_0's, with no min:
+  CENTRED_BYTES), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16
   ("byte planes", where the inputs are a multiple of 32 and the groups of 16; BYTE_PLANES);
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
@@ -156,10 +156,12 @@ FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") 
 # Q6_K where the words took 10
 SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
 # whether byte codes held a byte each (not in planes: GGUF Q8_0's, 8-bit GPTQ's) whose lows
-# are all -128 times their scales are held as signed bytes, code - 128, with no min
-# (PAGODA_SIGNED_BYTES=0: off): Q8_0's 8.5 bits a weight, as its blocks, where codes and
-# mins took 9, and no group's min loaded or added in the kernels
-SIGNED_BYTES = os.environ.get("PAGODA_SIGNED_BYTES", "1") == "1"
+# are all -128 times their scales hold no mins, the kernels taking -128 times the scale
+# for one (`shared_zero` 128; PAGODA_CENTRED_BYTES=0: off): Q8_0's 8.5 bits a weight, as
+# its blocks, where codes and mins took 9, and no group's min loaded. (As signed bytes the
+# few-token kernel's loop took 413 instructions a step against 347: sm_90 converts signed
+# bytes to bfloat16 in more instructions than unsigned ones.)
+CENTRED_BYTES = os.environ.get("PAGODA_CENTRED_BYTES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -324,9 +326,10 @@ class GroupQuantWeight(nn.Module):
         sums with them (default STEP_SUMS_IN_PLANES in groups of whole steps, in byte planes
         and with factors, else off); with them, byte planes in groups of 16 whose mins are
         all -z times the scale for one integer z hold `scale_pairs` and `shared_zero` z
-        instead (SCALE_PAIRS_IN_PLANES). `factors`: a GGUF k-quant's `scale` and `low` as its
-        blocks store them, which planes hold so (`factored_words`, in place of the words;
-        with PAGODA_PLANE_FACTORED_SCALES=1)."""
+        instead (SCALE_PAIRS_IN_PLANES); bytes a code whose mins are all -128 times the
+        scale hold no mins, `shared_zero` 128 (CENTRED_BYTES). `factors`: a GGUF k-quant's
+        `scale` and `low` as its blocks store them, which planes hold so (`factored_words`,
+        in place of the words; with PAGODA_PLANE_FACTORED_SCALES=1)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
@@ -344,15 +347,12 @@ class GroupQuantWeight(nn.Module):
             raise ValueError(f"{bits}-bit groups of {group_size} over {in_features} inputs"
                              f"{past} do not fit planes")
         self.planes = fits if planes is None else planes
-        if self._takes_signed_bytes(codes, scale, low):
-            codes, low = (codes.to(torch.int16) - 128).to(torch.int8), None
         if self.planes:
             stored = pack_int4_planes(codes) if bits == 4 else pack_byte_planes(codes)
         elif bits == 4:
             stored = pack_int4_halves(codes)
-        elif codes.dtype in (FP8, torch.int8):  # (float8: as checkpoints hold them, the
-            # layout torch._scaled_mm takes)
-            stored = codes.contiguous() if codes.dtype == FP8 else codes.t().contiguous()
+        elif codes.dtype == FP8:  # as checkpoints hold them, the layout torch._scaled_mm takes
+            stored = codes.contiguous()
         else:
             stored = codes.to(torch.uint8).t().contiguous()
         self.codes = nn.Parameter(stored, requires_grad=False)
@@ -362,19 +362,6 @@ class GroupQuantWeight(nn.Module):
         if not factored:
             self._hold_scales(scale, low, codes.dtype == FP8,
                               ZERO_POINTS_IN_PLANES if zero_points is None else zero_points)
-
-    def _takes_signed_bytes(self, codes: torch.Tensor, scale: torch.Tensor,
-                            low: torch.Tensor | None) -> bool:
-        """Whether its codes are held as signed bytes with no min: SIGNED_BYTES, 8-bit
-        integer codes a byte each, every low -128 times its scale."""
-        return (SIGNED_BYTES and self.bits == 8 and not self.planes and codes.dtype != FP8
-                and shared_zero_point(scale, low) == 128)
-
-    @property
-    def signed_bytes(self) -> bool:
-        """Whether its codes are signed bytes (code - 128 of a weight whose lows were all -128
-        times the scale; no min held)."""
-        return self.codes.dtype == torch.int8
 
     @property
     def plane_rows(self) -> int:
@@ -425,30 +412,36 @@ class GroupQuantWeight(nn.Module):
             return 0
         return self.in_features // self.group_size // self.factor_words.shape[0]
 
-    def _takes_scale_pairs(self) -> bool:
-        """Whether its scales may be held in pairs (where its zero points are all one):
-        SCALE_PAIRS_IN_PLANES, byte planes in groups of one plane, scaled sums."""
-        return (SCALE_PAIRS_IN_PLANES and self.planes and self.step_sums and self.bits == 8
-                and self.group_size == BYTE_PLANE_ROWS)
+    def _shared_zero(self, scale: torch.Tensor, low: torch.Tensor | None,
+                     float8: bool) -> int | None:
+        """The zero point every group shares, where its layout takes one: any in byte planes
+        of a group a plane with scaled sums (their scales then in pairs,
+        SCALE_PAIRS_IN_PLANES); 128 in bytes a code (CENTRED_BYTES); else None."""
+        pairs = (SCALE_PAIRS_IN_PLANES and self.planes and self.step_sums and self.bits == 8
+                 and self.group_size == BYTE_PLANE_ROWS)
+        centred = CENTRED_BYTES and self.bits == 8 and not self.planes and not float8
+        shared = shared_zero_point(scale, low) if pairs or centred else None
+        return shared if pairs or shared == 128 else None
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool) -> None:
         """Set `scale`, `low` and `zeros` ([groups, out]; None where not held) or, in their
-        place, `step_words` or `scale_pairs` (then `shared_zero`); and `holds_mins` and
-        `holds_zero_points`."""
-        self.shared_zero = shared_zero_point(scale, low) if self._takes_scale_pairs() else None
+        place, `step_words` or `scale_pairs`; `shared_zero` (then no `low`); and
+        `holds_mins` and `holds_zero_points`."""
+        self.shared_zero = self._shared_zero(scale, low, float8)
         zeros = (integer_zero_points(scale, low) if zero_points and self.planes
                  and low is not None and self.shared_zero is None else None)
         if zeros is not None or self.shared_zero is not None:
             low = None
-        self.holds_zero_points = zeros is not None or self.shared_zero is not None
+        self.holds_zero_points = zeros is not None or (self.shared_zero is not None
+                                                       and self.planes)
         self.holds_mins = low is not None
         scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
         zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
         low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
         held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None,
                 "scale_pairs": None}
-        if self.shared_zero is not None:
+        if self.shared_zero is not None and self.planes:
             held = {**dict.fromkeys(held), "scale_pairs": scale_pairs(scale)}
         elif self.step_sums:
             held = {**dict.fromkeys(held),
@@ -475,6 +468,7 @@ class GroupQuantWeight(nn.Module):
         scale, low, zeros, words, pairs = held
         if pairs is not None:
             scale = _low_halves(torch.stack([pairs, pairs >> 16], dim=1).flatten(0, 1))
+        if self.shared_zero is not None:
             return scale, None, torch.full(scale.shape, self.shared_zero, dtype=torch.uint8,
                                            device=scale.device)
         if words is None:
@@ -511,8 +505,6 @@ class GroupQuantWeight(nn.Module):
             return "triton group gemm (fp8 weights)"
         other_paths = "; one token: a CUDA-core GEMV" if self.has_one_token_kernel else ""
         planes = (" in planes" if self.bits == 4 else " in byte planes") if self.planes else ""
-        if self.signed_bytes:
-            planes += " signed"
         if self.shared_zero is not None:
             planes += f" with one zero point ({self.shared_zero})"
         elif self.holds_zero_points:

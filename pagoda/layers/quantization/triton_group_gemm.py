@@ -85,14 +85,18 @@ GATED_IN_PRODUCT = os.environ.get("PAGODA_GATED_IN_PRODUCT", "1") != "0"
 @triton.jit
 def _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
                   GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, E4M3_BYTES: tl.constexpr):
-    """acc + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]); the STEP inputs lie in one group."""
+                  DOT_PRECISION: tl.constexpr, E4M3_BYTES: tl.constexpr,
+                  SHARED_ZERO: tl.constexpr = None):
+    """acc + x[m, k:k+STEP] @ decode(codes [STEP, BLOCK_N]); the STEP inputs lie in one group.
+    SHARED_ZERO (no min held): each group's min is -SHARED_ZERO times its scale."""
     group = k // GROUP
     scale = tl.load(scale_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
     weights = codes_as(codes, tl.float32, E4M3_BYTES) * scale[None, :]
     if HAS_LOW:
         low = tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
         weights += low[None, :]
+    elif SHARED_ZERO is not None:
+        weights -= (scale * SHARED_ZERO)[None, :]
     columns = k + tl.arange(0, STEP)
     x = tl.load(x_ptr + m[:, None] * stride_xm + columns[None, :], mask=m_ok[:, None],
                 other=0.0)
@@ -105,9 +109,11 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        SPLITS: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                        STEP: tl.constexpr, HAS_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr):
+                       E4M3_BYTES: tl.constexpr, PDL: tl.constexpr,
+                       SHARED_ZERO: tl.constexpr = None):
     """out = x W^T for a [BLOCK_M, BLOCK_N] tile over one split of the inputs. Codes [K, N]
-    (4 bits: [K / 2, N] packed halves); E4M3_BYTES: float8 values given as their bytes."""
+    (4 bits: [K / 2, N] packed halves); E4M3_BYTES: float8 values given as their bytes;
+    SHARED_ZERO: see _decoded_step."""
     wait_for_previous_kernel(PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,7 +141,7 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                             mask=n_ok[None, :])
             acc = _decoded_step(acc, x_ptr, codes, k, m, m_ok, n, n_ok, N, stride_xm,
                                 scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION,
-                                E4M3_BYTES)
+                                E4M3_BYTES, SHARED_ZERO)
     # (columns past N load undefined codes: their sums are never stored)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     _store_split_sums(acc, out_ptr, m[:, None] * N + n[None, :], m_ok[:, None] & n_ok[None, :],
@@ -172,11 +178,12 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
                        E4M3_BYTES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr = 0,
                        NORM: tl.constexpr = 0, NORM_TILES: tl.constexpr = 1,
-                       LAUNCH_LATE: tl.constexpr = 0):
+                       LAUNCH_LATE: tl.constexpr = 0, SHARED_ZERO: tl.constexpr = None):
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes). GATED: see
+    applied once to the sums; E4M3_BYTES: given as their bytes). SHARED_ZERO (8-bit codes,
+    no min held): each group's min is -SHARED_ZERO times its scale. GATED: see
     _store_output; NORM (and the norm_* arguments) and LAUNCH_LATE: see _store_products."""
     wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
@@ -204,7 +211,7 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
             codes = tl.load(codes_ptr + at, mask=n_ok[:, None])
             acc = _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
                                    scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
-                                   E4M3_BYTES)
+                                   E4M3_BYTES, SHARED_ZERO)
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[:, None]
     # (outputs past N load undefined codes: their sums are never stored)
@@ -218,10 +225,11 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
 def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale_ptr, low_ptr,
                      GROUP: tl.constexpr, STEP: tl.constexpr, HAS_LOW: tl.constexpr,
                      FLOAT8: tl.constexpr, ROW_SCALE: tl.constexpr, DOT: tl.constexpr,
-                     E4M3_BYTES: tl.constexpr):
+                     E4M3_BYTES: tl.constexpr, SHARED_ZERO: tl.constexpr = None):
     """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
     group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
-    activations (saturated to its range)."""
+    activations (saturated to its range). SHARED_ZERO: see _few_tokens_kernel (its min,
+    -SHARED_ZERO times the scale in the product's type, exact for 128)."""
     x = tl.load(x_ptr + t[None, :] * stride_xm + (k + tl.arange(0, STEP))[:, None],
                 mask=t_ok[None, :], other=0.0)
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
@@ -237,6 +245,8 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
     weights = codes.to(dot_type) * scale[:, None]
     if HAS_LOW:
         weights += tl.load(low_ptr + group * N + n, mask=n_ok, other=0.0).to(dot_type)[:, None]
+    elif SHARED_ZERO is not None:
+        weights += (scale * -SHARED_ZERO)[:, None]
     return tl.dot(weights, x, acc, input_precision="ieee")
 
 
@@ -1167,7 +1177,7 @@ def _few_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         stride_om=out.stride(0), K_SPLIT=weight.in_features // splits, SPLITS=splits,
         GROUP=weight.group_size, BITS=weight.bits, FLOAT8=float8,
         ROW_SCALE=float8 and weight.group_size == weight.in_features,
-        HAS_LOW=weight.low is not None,
+        HAS_LOW=weight.low is not None, SHARED_ZERO=weight.shared_zero,
         DOT=_dot_type(flat.dtype, float8), E4M3_BYTES=as_bytes, GATED=gated, **config,
         **_norm_launch(norm, out, grid[0], tokens), LAUNCH_LATE=_launches_late(norm),
         **dependent_launch(flat.device))
@@ -1331,7 +1341,8 @@ def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor
         K_SPLIT=weight.in_features // splits, SPLITS=splits, GROUP=weight.group_size,
         BITS=weight.bits, STEP=_step(weight), HAS_LOW=weight.low is not None,
         BLOCK_M=block_m, DOT_PRECISION="ieee" if flat.dtype == torch.float32 else "tf32",
-        E4M3_BYTES=as_bytes, **config, **dependent_launch(flat.device))
+        E4M3_BYTES=as_bytes, SHARED_ZERO=weight.shared_zero, **config,
+        **dependent_launch(flat.device))
 
 
 @triton.jit

@@ -65,14 +65,14 @@ def _rows_kernel(codes_ptr, scale_ptr, low_ptr, index_ptr, out_ptr, N, K, table_
     float16 or the zero point's byte in the high), or with SHARED_ZERO (where given: every
     group's zero point) int32 [groups / 2, N] scale pairs (group 2 j's float16 in the low
     half of word j, 2 j + 1's in the high); else scale_ptr [groups, N] and low_ptr (mins,
-    or uint8 zero points with ZERO_POINTS)."""
+    or uint8 zero points with ZERO_POINTS; neither with SHARED_ZERO)."""
     row = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < K
     n = tl.load(index_ptr + row).to(tl.int64)
     code = _code(codes_ptr, k, ok, n, N, PLANE_BITS).to(tl.float32)
     at = (k // GROUP) * N + n
-    if SHARED_ZERO is not None:
+    if SHARED_ZERO is not None and WORDS:  # scale pairs
         pair = tl.load(scale_ptr + (k // (2 * GROUP)) * N + n, mask=ok, other=0)
         scale, _ = _word_halves(pair >> (16 * ((k // GROUP) % 2)), True)
         value = (code - SHARED_ZERO) * scale.to(tl.float32)
@@ -86,6 +86,8 @@ def _rows_kernel(codes_ptr, scale_ptr, low_ptr, index_ptr, out_ptr, N, K, table_
     else:
         if ZERO_POINTS:
             code -= tl.load(low_ptr + at, mask=ok, other=0).to(tl.float32)
+        elif SHARED_ZERO is not None:
+            code -= SHARED_ZERO
         value = code * tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
         if HAS_LOW:
             value += tl.load(low_ptr + at, mask=ok, other=0.0).to(tl.float32)

@@ -177,9 +177,9 @@ def test_held_bits_on_cuda_are_what_the_group_kernel_holds(kind, paired, unpaire
                                                           monkeypatch):
     """What held_bits tells the estimate for a GPU is the bytes of the group kernel's
     weights: byte planes of Q6_K and Q3_K hold only their scales, two groups' to a word
-    (every low is -32 or -4 times its group's scale), and Q8_0's codes are signed bytes
-    with no min (its lows -128 times the scale): half a bit or a bit a weight fewer than
-    with PAGODA_PLANE_SCALE_PAIRS=0 and PAGODA_SIGNED_BYTES=0; Q2_K's mins are mins."""
+    (every low is -32 or -4 times its group's scale), and Q8_0's codes with no min (its
+    lows -128 times the scale): half a bit or a bit a weight fewer than with
+    PAGODA_PLANE_SCALE_PAIRS=0 and PAGODA_CENTRED_BYTES=0; Q2_K's mins are mins."""
     from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf import group_layout
     from pagoda.layers.quantization.gguf_blocks import byte_groups
@@ -189,7 +189,7 @@ def test_held_bits_on_cuda_are_what_the_group_kernel_holds(kind, paired, unpaire
     cuda = torch.device("cuda")
     for pairs, expected in ((True, paired), (False, unpaired)):
         monkeypatch.setattr(group_gemm, "SCALE_PAIRS_IN_PLANES", pairs)
-        monkeypatch.setattr(group_gemm, "SIGNED_BYTES", pairs)
+        monkeypatch.setattr(group_gemm, "CENTRED_BYTES", pairs)
         kernel = GroupQuantWeight(codes, scale, low, group, bits)
         held = sum(p.numel() * p.element_size() for p in kernel.parameters())
         assert held * 8 == 64 * HIDDEN * held_bits(kind, cuda) == 64 * HIDDEN * expected
