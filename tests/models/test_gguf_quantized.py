@@ -269,12 +269,15 @@ def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kern
     assert tokens[0] == tokens[1]
 
 
-def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path):
+def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path,
+                                                                         monkeypatch):
     """On a GPU an untied table is held as the group kernel's codes (its lookups one launch:
-    gguf.holds_untied_table), a code and a 32-bit scale word a group of 32 for Q8_0; on CPU
-    in its blocks (34 bytes a block of 32). The estimates differ by the table's bytes only.
-    A type whose codes would take much more than its blocks (Q6_K: 10 bits against 6.56)
-    keeps its blocks on a GPU too."""
+    gguf.holds_untied_table), for Q8_0 a code and a float16 scale a group of 32 (its lows
+    -128 times the scale, no min held): its blocks' 34 bytes a block of 32, as on CPU, which
+    keeps the blocks; with its mins held too (PAGODA_CENTRED_BYTES=0) the estimates differ
+    by the mins' bytes only. A type whose codes would take much more than its blocks (Q6_K:
+    9 bits against 6.56) keeps its blocks on a GPU too."""
+    from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf import holds_untied_table
     rows, columns = UNTIED.vocab_size, UNTIED.hidden_size
     assert holds_untied_table("Q8_0", rows, columns, torch.device("cuda"))
@@ -285,4 +288,8 @@ def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path
     on_cpu = estimate(source, 128, quantization="gguf", dtype="float32").weight_bytes
     on_gpu = estimate(source, 128, quantization="gguf", dtype="float32",
                       device="H100").weight_bytes
-    assert on_gpu - on_cpu == rows * columns * 9 // 8 - rows * columns // 32 * 34
+    assert on_gpu == on_cpu
+    monkeypatch.setattr(group_gemm, "CENTRED_BYTES", False)
+    with_mins = estimate(source, 128, quantization="gguf", dtype="float32",
+                         device="H100").weight_bytes
+    assert with_mins - on_cpu == rows * columns * 9 // 8 - rows * columns // 32 * 34

@@ -158,9 +158,9 @@ SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
 # whether byte codes held a byte each (not in planes: GGUF Q8_0's, 8-bit GPTQ's) whose lows
 # are all -128 times their scales hold no mins, the kernels taking -128 times the scale
 # for one (`shared_zero` 128; PAGODA_CENTRED_BYTES=0: off): Q8_0's 8.5 bits a weight, as
-# its blocks, where codes and mins took 9, and no group's min loaded. (As signed bytes the
-# few-token kernel's loop took 413 instructions a step against 347: sm_90 converts signed
-# bytes to bfloat16 in more instructions than unsigned ones.)
+# its blocks, where codes and mins took 9, and no group's min loaded: the few-token loop of
+# up to 16 tokens issues 323 instructions a step against 334 (sm_90, counted; as signed
+# bytes it took 422: sm_90 converts them to bfloat16 in more instructions)
 CENTRED_BYTES = os.environ.get("PAGODA_CENTRED_BYTES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
@@ -306,7 +306,8 @@ class GroupQuantWeight(nn.Module):
     sums rather than each weight (see triton_group_gemm._planes_kernel). Planes in groups of
     whole steps hold scales and mins (or zero points) packed as `step_words` instead of the
     three tensors; byte planes in groups of 16 whose zero points are all one integer
-    (`shared_zero`) only their scales, two groups' to a word (`scale_pairs`); and planes of a
+    (`shared_zero`) only their scales, two groups' to a word (`scale_pairs`), and bytes a
+    code whose zero points are all 128 no mins (`shared_zero` 128); and planes of a
     GGUF k-quant its sub-scales and factors (`factored_words`: `sub_words` and
     `factor_words`, with PAGODA_PLANE_FACTORED_SCALES=1); `scales_and_mins()` reads them
     whichever way."""
