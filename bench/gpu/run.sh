@@ -34,10 +34,13 @@ SHAPE="--dtype bfloat16 --max-model-len 4096"
 COMMON="--load-format dummy $SHAPE"
 GGUF8=/tmp/b8-q4_k_m.gguf
 GGUF1=/tmp/b1-q4_k_m.gguf
+GGUF8_Q8=/tmp/b8-q8_0.gguf
 
-# config $1 as a GGUF of random Q4_K_M blocks at $2 and its word tokenizer in $3, made once
+# config $1 as a GGUF of random blocks of mix $4 (default q4_k_m) at $2 and its word
+# tokenizer in $3, made once
 make_gguf() {
-  [ -f $2 ] || { python3 -m pagoda.bench.dummy_gguf $1 $2.part --mix q4_k_m && mv $2.part $2; }
+  [ -f $2 ] || { python3 -m pagoda.bench.dummy_gguf $1 $2.part --mix ${4:-q4_k_m} \
+                   && mv $2.part $2; }
   [ -f $3/tokenizer.json ] || python3 -m pagoda.bench.word_tokenizer $1 $3 > /dev/null
 }
 
@@ -61,6 +64,10 @@ quant_model() {
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
     gguf-dequantized) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization none $SHAPE" ;;
+    # the 8B as a GGUF of random Q8_0 blocks (about 8 GiB; its lows -128 times the scale:
+    # PAGODA_CENTRED_BYTES=0 holds them as mins)
+    gguf-q8_0) make_gguf $B8 $GGUF8_Q8 /tmp/b8w q8_0 >&2
+               echo "--model $GGUF8_Q8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
     # Llama 3.2 1B as a random Q4_K_M GGUF: its LM head tied to a Q6_K table
     gguf1b) make_gguf $B1 $GGUF1 /tmp/b1w >&2
             echo "--model $GGUF1 --tokenizer /tmp/b1w --load-format gguf --quantization gguf $SHAPE" ;;
@@ -205,8 +212,9 @@ run_stage() {
                    | tail -120 ;;
     # QUANT_VARIANTS (default bf16 fp8 awq; fp8kv: FP8 weights and a float8 KV cache; gguf:
     # the random Q4_K_M GGUF, written to $GGUF8 on first use; gguf-dequantized: the same
-    # decoded to bf16 at load; awq-zp: AWQ with its zero points held as such in planes,
-    # PAGODA_PLANE_ZERO_POINTS=1); quant-throughput's prompts THROUGHPUT_PROMPTS (1000)
+    # decoded to bf16 at load; gguf-q8_0: the 8B as random Q8_0 blocks; awq-zp: AWQ with its
+    # zero points held as such in planes, PAGODA_PLANE_ZERO_POINTS=1); quant-throughput's
+    # prompts THROUGHPUT_PROMPTS (1000)
     quant-decode1) for q in ${QUANT_VARIANTS:-bf16 fp8 awq}; do
                      PAGODA_PLANE_ZERO_POINTS=$([ $q = awq-zp ] && echo 1 || echo 0) \
                      python3 -m pagoda.cli.main bench throughput $(quant_model $q) \
