@@ -188,7 +188,8 @@ def engine_details(before: Any, after: Any, output_lens: list[int]) -> dict[str,
 
 
 def model_facts(llm: Any) -> dict[str, Any]:
-    """What was loaded: spec, format, architecture, size, dtype, KV capacity."""
+    """What was loaded: spec, format, architecture, size, the bytes its weights are held in
+    (a quantized model's floor may count others: floor_weights), dtype, KV capacity."""
     core = llm.engine.core
     hf = core.source.hf_config
     return {
@@ -198,6 +199,7 @@ def model_facts(llm: Any) -> dict[str, Any]:
         "architecture": (getattr(hf, "architectures", None) or [None])[0],
         "model_type": getattr(hf, "model_type", None),
         "num_parameters": core.executor.loaded_model.num_parameters,
+        "weight_bytes": llm.engine.model_info.weight_bytes,
         "num_layers": getattr(hf, "num_hidden_layers", None),
         "hidden_size": getattr(hf, "hidden_size", None),
         "vocab_size": hf.vocab_size,

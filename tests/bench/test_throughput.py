@@ -118,6 +118,7 @@ def test_throughput_counts_json_and_hf_ratio(tiny_llama, tmp_path, monkeypatch, 
     assert result["environment"]["torch_threads"] == 1
     assert "commit" in result["git"]
     assert result["model"]["format"] == "dummy" and result["model"]["dtype"] == "float32"
+    assert result["model"]["weight_bytes"] == 4 * result["model"]["num_parameters"]  # float32
     assert result["config"]["engine_kwargs"]["max_num_seqs"] == 4
     assert result["command"][:3] == ["pagoda", "bench", "throughput"]
     assert result["command"][result["command"].index("--compare") + 1] == "hf"
