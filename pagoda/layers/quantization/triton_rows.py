@@ -4,8 +4,8 @@ The torch form of the same (`GroupQuantWeight.rows` off CUDA) takes some thirty 
 lookup (unpacking, gathering, scaling, converting); this takes one, which a decode step of a
 GGUF model makes once. Codes in planes (4-bit nibbles or byte planes) and codes a byte each
 held by input, with scales and mins as step words or as their own arrays, integer zero
-points (one for every group, its scales in pairs) or none; other forms (halves, float8,
-factored scales) keep the torch path."""
+points (or one for every group: the scales then in pairs in byte planes, alone for bytes a
+code) or none; other forms (halves, float8, factored scales) keep the torch path."""
 
 from __future__ import annotations
 
