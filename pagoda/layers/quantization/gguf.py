@@ -522,8 +522,8 @@ def holds_untied_table(type_name: str, rows: int, columns: int, device: torch.de
     """Whether an embedding no LM head is tied to holds its [rows, columns] table (a rank's
     rows) of GGUF type `type_name` as the GPU group kernel's codes, its lookups decoded in
     one launch (triton_rows), as a tied table is held: where those codes take at most a bit
-    a weight more than the blocks (the 4-bit types and Q8_0; Q6_K's would take 10 bits
-    against 6.56, some 0.2 GB more for an 8B's table). Elsewhere it keeps the blocks, a
+    a weight more than the blocks (the 4-bit types and Q8_0; Q6_K's would take 9 bits
+    against 6.56, some 0.16 GB more for an 8B's table). Elsewhere it keeps the blocks, a
     lookup decoding its rows in torch operators."""
     return (device.type == "cuda" and holds_tied_table(type_name, rows, columns, device)
             and held_bits(type_name, device) <= block_bits(type_name) + 1)
