@@ -65,7 +65,7 @@ quant_model() {
     gguf-dequantized) make_gguf8 >&2
           echo "--model $GGUF8 --tokenizer /tmp/b8w --load-format gguf --quantization none $SHAPE" ;;
     # the 8B as a GGUF of random Q8_0 blocks (about 8 GiB; its lows -128 times the scale:
-    # PAGODA_CENTRED_BYTES=0 holds them as mins)
+    # PAGODA_CENTRED_CODES=0 holds them as mins)
     gguf-q8_0) make_gguf $B8 $GGUF8_Q8 /tmp/b8w q8_0 >&2
                echo "--model $GGUF8_Q8 --tokenizer /tmp/b8w --load-format gguf --quantization gguf $SHAPE" ;;
     # Llama 3.2 1B as a random Q4_K_M GGUF: its LM head tied to a Q6_K table

@@ -234,14 +234,15 @@ def test_a_tied_table_is_held_once_where_the_block_dot_kernel_runs(tmp_path, cpu
 
 
 def test_the_estimate_counts_a_tied_table_on_cuda_as_the_group_kernels_codes(tmp_path):
-    """On CUDA a tied Q4_0 table is held as 4-bit codes with a 16-bit scale and min a group
-    of 32 (5 bits a weight) in place of its bfloat16 floats; nothing else differs (the
-    file's other tensors are floats either way)."""
+    """On CUDA a tied Q4_0 table is held as 4-bit codes with a 16-bit scale a group of 32
+    (4.5 bits a weight: its mins, -8 times the scales, are not held) in place of its
+    bfloat16 floats; nothing else differs (the file's other tensors are floats either
+    way)."""
     source = resolve_model(str(write_tied_gguf(tmp_path / "tied.gguf", "Q4_0")))
     held, decoded = (estimate(source, 128, dtype="bfloat16", device="cuda", quantization=mode)
                      for mode in ("gguf", "none"))
     table = UNTIED.vocab_size * UNTIED.hidden_size
-    assert decoded.weight_bytes - held.weight_bytes == table * 2 - table * 5 // 8
+    assert decoded.weight_bytes - held.weight_bytes == table * 2 - table * 9 // 16
 
 
 def test_typed_projections_on_two_ranks_give_one_ranks_tokens(tmp_path, cpu_kernel):
@@ -274,7 +275,7 @@ def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path
     """On a GPU an untied table is held as the group kernel's codes (its lookups one launch:
     gguf.holds_untied_table), for Q8_0 a code and a float16 scale a group of 32 (its lows
     -128 times the scale, no min held): its blocks' 34 bytes a block of 32, as on CPU, which
-    keeps the blocks; with its mins held too (PAGODA_CENTRED_BYTES=0) the estimates differ
+    keeps the blocks; with its mins held too (PAGODA_CENTRED_CODES=0) the estimates differ
     by the mins' bytes only. A type whose codes would take much more than its blocks (Q6_K:
     9 bits against 6.56) keeps its blocks on a GPU too."""
     from pagoda.layers.quantization import group_gemm
@@ -289,7 +290,7 @@ def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path
     on_gpu = estimate(source, 128, quantization="gguf", dtype="float32",
                       device="H100").weight_bytes
     assert on_gpu == on_cpu
-    monkeypatch.setattr(group_gemm, "CENTRED_BYTES", False)
+    monkeypatch.setattr(group_gemm, "CENTRED_CODES", False)
     with_mins = estimate(source, 128, quantization="gguf", dtype="float32",
                          device="H100").weight_bytes
     assert with_mins - on_cpu == rows * columns * 9 // 8 - rows * columns // 32 * 34

@@ -466,19 +466,19 @@ class GGUFConfig(QuantizationConfig):
 def held_bits(type_name: str, device: torch.device) -> float:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
     code and its share of the group's scale and min (16-bit each on CUDA and in torch's
-    int4 kernel; Q3_K's and Q6_K's on CUDA only the scale, their lows one multiple of it in
-    every group: group_gemm.SCALE_PAIRS_IN_PLANES, and Q8_0's, its lows -128 times it:
-    group_gemm.CENTRED_BYTES), but for the k-quants, held factored: an
-    int8 sub-scale a group, an int8 sub-min where the type has mins, and a super-block of
-    256's two factors (float16 in the GPU's planes, with PAGODA_PLANE_FACTORED_SCALES=1;
-    float32 in the CPU block-dot kernel)."""
+    int4 kernel; on CUDA only the scale where the lows are one multiple of it in every
+    group: Q3_K's and Q6_K's, group_gemm.SCALE_PAIRS_IN_PLANES, and Q8_0's and Q4_0's,
+    group_gemm.CENTRED_CODES), but for the k-quants, held factored: an int8 sub-scale a
+    group, an int8 sub-min where the type has mins, and a super-block of 256's two factors
+    (float16 in the GPU's planes, with PAGODA_PLANE_FACTORED_SCALES=1; float32 in the CPU
+    block-dot kernel)."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
         if type_name in K_QUANTS and group_gemm.FACTORED_SCALES_IN_PLANES:
             return _factored_bits(type_name, bits, group, 16)
         if (type_name in LOWS_OF_SCALES and group_gemm.BYTE_PLANES
                 and group_gemm.SCALE_PAIRS_IN_PLANES) or \
-                (type_name == "Q8_0" and group_gemm.CENTRED_BYTES):
+                (type_name in ("Q8_0", "Q4_0") and group_gemm.CENTRED_CODES):
             return bits + 16 / group
         return bits + 32 // group
     if _block_dot_holds(type_name):

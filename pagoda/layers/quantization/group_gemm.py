@@ -6,7 +6,7 @@ codes times a scale plus a min (or no min) per group of consecutive inputs:
   to a byte;
 - 8-bit codes 0..255 (GGUF Q8_0, Q5_0/Q5_1, Q5_K, Q6_K: their 5, 6 and 8-bit codes held in a
   byte each; those whose lows are all -128 times the scale, Q8_0's, with no min:
-  CENTRED_BYTES), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16
+  CENTRED_CODES), those of at most 7 bits (Q5_0/Q5_1, Q5_K, Q6_K) two to an int16
   ("byte planes", where the inputs are a multiple of 32 and the groups of 16; BYTE_PLANES);
 - float8 E4M3 values (FP8 checkpoints), a scale per row or per block, no min.
 
@@ -155,13 +155,16 @@ FACTORED_SCALES_IN_PLANES = os.environ.get("PAGODA_PLANE_FACTORED_SCALES", "0") 
 # (PAGODA_PLANE_SCALE_PAIRS=0: off, a word a group as for other mins): 9 bits a weight of
 # Q6_K where the words took 10
 SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
-# whether byte codes held a byte each (not in planes: GGUF Q8_0's, 8-bit GPTQ's) whose lows
-# are all -128 times their scales hold no mins, the kernels taking -128 times the scale
-# for one (`shared_zero` 128; PAGODA_CENTRED_BYTES=0: off): Q8_0's 8.5 bits a weight, as
-# its blocks, where codes and mins took 9, and no group's min loaded: the few-token loop of
-# up to 16 tokens issues 323 instructions a step against 334 (sm_90, counted; as signed
-# bytes it took 422: sm_90 converts them to bfloat16 in more instructions)
-CENTRED_BYTES = os.environ.get("PAGODA_CENTRED_BYTES", "1") == "1"
+# whether codes whose lows are all -z times their scales, z a power of two, hold their
+# scales alone, the kernels taking -z times the scale for the min (exact; `shared_zero` z;
+# PAGODA_CENTRED_CODES=0: off): byte codes a byte each (not in planes: GGUF Q8_0's, z 128;
+# 8-bit GPTQ's) and 4-bit codes scaled weight by weight (GGUF Q4_0's, z 8: in planes
+# without step sums, or in halves but for the one-token kernel's groups of 64). Q8_0's 8.5
+# bits a weight and Q4_0's 4.5, their blocks' own, where codes and mins took 9 and 5, and
+# no group's min loaded: the few-token loop of Q8_0 up to 16 tokens issues 323 instructions
+# a step against 334 (sm_90, counted; as signed bytes it took 422: sm_90 converts them to
+# bfloat16 in more instructions)
+CENTRED_CODES = os.environ.get("PAGODA_CENTRED_CODES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -307,7 +310,8 @@ class GroupQuantWeight(nn.Module):
     whole steps hold scales and mins (or zero points) packed as `step_words` instead of the
     three tensors; byte planes in groups of 16 whose zero points are all one integer
     (`shared_zero`) only their scales, two groups' to a word (`scale_pairs`), and bytes a
-    code whose zero points are all 128 no mins (`shared_zero` 128); and planes of a
+    code and 4-bit codes scaled weight by weight whose zero points are all one power of two
+    no mins (`shared_zero`); and planes of a
     GGUF k-quant its sub-scales and factors (`factored_words`: `sub_words` and
     `factor_words`, with PAGODA_PLANE_FACTORED_SCALES=1); `scales_and_mins()` reads them
     whichever way."""
@@ -327,8 +331,9 @@ class GroupQuantWeight(nn.Module):
         sums with them (default STEP_SUMS_IN_PLANES in groups of whole steps, in byte planes
         and with factors, else off); with them, byte planes in groups of 16 whose mins are
         all -z times the scale for one integer z hold `scale_pairs` and `shared_zero` z
-        instead (SCALE_PAIRS_IN_PLANES); bytes a code whose mins are all -128 times the
-        scale hold no mins, `shared_zero` 128 (CENTRED_BYTES). `factors`: a GGUF k-quant's
+        instead (SCALE_PAIRS_IN_PLANES); bytes a code and 4-bit codes scaled weight by weight
+        whose mins are all -z times the scale, z a power of two, hold no mins, `shared_zero`
+        z (CENTRED_CODES). `factors`: a GGUF k-quant's
         `scale` and `low` as its blocks store them, which planes hold so (`factored_words`,
         in place of the words; with PAGODA_PLANE_FACTORED_SCALES=1)."""
         super().__init__()
@@ -413,36 +418,48 @@ class GroupQuantWeight(nn.Module):
             return 0
         return self.in_features // self.group_size // self.factor_words.shape[0]
 
-    def _shared_zero(self, scale: torch.Tensor, low: torch.Tensor | None,
-                     float8: bool) -> int | None:
-        """The zero point every group shares, where its layout takes one: any in byte planes
-        of a group a plane with scaled sums (their scales then in pairs,
-        SCALE_PAIRS_IN_PLANES); 128 in bytes a code (CENTRED_BYTES); else None."""
-        pairs = (SCALE_PAIRS_IN_PLANES and self.planes and self.step_sums and self.bits == 8
-                 and self.group_size == BYTE_PLANE_ROWS)
-        centred = CENTRED_BYTES and self.bits == 8 and not self.planes and not float8
-        shared = shared_zero_point(scale, low) if pairs or centred else None
-        return shared if pairs or shared == 128 else None
+    @property
+    def _pairs_scales(self) -> bool:
+        """Whether a zero point all its groups share holds its scales in pairs
+        (SCALE_PAIRS_IN_PLANES: byte planes of a group a plane with scaled sums)."""
+        return (SCALE_PAIRS_IN_PLANES and self.planes and self.step_sums and self.bits == 8
+                and self.group_size == BYTE_PLANE_ROWS)
+
+    def _shared_zero(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
+                     zero_points: bool) -> int | None:
+        """The zero point every group shares, where its layout takes one: any with scale
+        pairs; a power of two (CENTRED_CODES) in bytes a code, and in 4-bit codes scaled
+        weight by weight (planes without step sums, halves but for the one-token kernel's)
+        unless integer zero points are asked for; else None."""
+        centred = CENTRED_CODES and not float8 and not zero_points and (
+            (self.bits == 8 and not self.planes)
+            or (self.bits == 4 and not self.step_sums and not self.has_one_token_kernel))
+        if not (self._pairs_scales or centred):
+            return None
+        shared = shared_zero_point(scale, low)
+        if shared is None or self._pairs_scales:
+            return shared
+        return shared if shared > 0 and shared & (shared - 1) == 0 else None
 
     def _hold_scales(self, scale: torch.Tensor, low: torch.Tensor | None, float8: bool,
                      zero_points: bool) -> None:
         """Set `scale`, `low` and `zeros` ([groups, out]; None where not held) or, in their
         place, `step_words` or `scale_pairs`; `shared_zero` (then no `low`); and
         `holds_mins` and `holds_zero_points`."""
-        self.shared_zero = self._shared_zero(scale, low, float8)
+        self.shared_zero = self._shared_zero(scale, low, float8, zero_points)
         zeros = (integer_zero_points(scale, low) if zero_points and self.planes
                  and low is not None and self.shared_zero is None else None)
         if zeros is not None or self.shared_zero is not None:
             low = None
-        self.holds_zero_points = zeros is not None or (self.shared_zero is not None
-                                                       and self.planes)
+        pairs = self.shared_zero is not None and self._pairs_scales
+        self.holds_zero_points = zeros is not None or pairs
         self.holds_mins = low is not None
         scale = scale.t().to(torch.float32 if float8 else SCALE_DTYPE).contiguous()
         zeros = None if zeros is None else zeros.t().to(torch.uint8).contiguous()
         low = None if low is None else low.t().to(SCALE_DTYPE).contiguous()
         held = {"scale": scale, "low": low, "zeros": zeros, "step_words": None,
                 "scale_pairs": None}
-        if self.shared_zero is not None and self.planes:
+        if pairs:
             held = {**dict.fromkeys(held), "scale_pairs": scale_pairs(scale)}
         elif self.step_sums:
             held = {**dict.fromkeys(held),

@@ -130,10 +130,10 @@ def _group_gemm_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                              mask=n_ok[None, :])
             acc = _decoded_step(acc, x_ptr, packed & 15, k, m, m_ok, n, n_ok, N, stride_xm,
                                 scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, DOT_PRECISION,
-                                False)
+                                False, SHARED_ZERO)
             acc = _decoded_step(acc, x_ptr, packed >> 4, k + STEP, m, m_ok, n, n_ok, N,
                                 stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW,
-                                DOT_PRECISION, False)
+                                DOT_PRECISION, False, SHARED_ZERO)
     else:
         for offset in range(0, K_SPLIT, STEP):
             k = first + offset
@@ -182,8 +182,8 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
     """out[t, n] for BLOCK_N outputs n by BLOCK_T tokens t over one split of the inputs,
     accumulated as W x^T ([BLOCK_N, BLOCK_T]). Codes by layout: 4-bit [K / 2, N] packed
     halves, 8-bit integers [K, N], float8 values [N, K] (ROW_SCALE: one scale per row,
-    applied once to the sums; E4M3_BYTES: given as their bytes). SHARED_ZERO (8-bit codes,
-    no min held): each group's min is -SHARED_ZERO times its scale. GATED: see
+    applied once to the sums; E4M3_BYTES: given as their bytes). SHARED_ZERO (integer
+    codes, no min held): each group's min is -SHARED_ZERO times its scale. GATED: see
     _store_output; NORM (and the norm_* arguments) and LAUNCH_LATE: see _store_products."""
     wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, M, BLOCK_N, BLOCK_T, GATED)
@@ -197,10 +197,10 @@ def _few_tokens_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_pt
                              mask=n_ok[:, None])
             acc = _few_tokens_step(acc, packed & 15, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm,
                                    scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8, ROW_SCALE, DOT,
-                                   False)
+                                   False, SHARED_ZERO)
             acc = _few_tokens_step(acc, packed >> 4, k + STEP, x_ptr, t, t_ok, n, n_ok, N,
                                    stride_xm, scale_ptr, low_ptr, GROUP, STEP, HAS_LOW, FLOAT8,
-                                   ROW_SCALE, DOT, False)
+                                   ROW_SCALE, DOT, False, SHARED_ZERO)
     else:
         for offset in range(0, K_SPLIT, STEP):
             k = first + offset
@@ -287,9 +287,10 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
     STEP_SUMS in groups of one plane or two (GGUF's 32; 64): scale_ptr holds a word a group, and in
     tiles of up to 32 tokens each plane's sums are scaled and its sums of x weighted so (the step's
     words loaded at the end of the step before); in other groups smaller than a step the words are
-    applied weight by weight. SHARED_ZERO (where given; with ZERO_POINTS and STEP_SUMS, in
-    groups of one plane): every group's zero point, scale_ptr holding only the scales, two
-    groups' float16s to a word (group_gemm.scale_pairs): a step's one word in byte planes.
+    applied weight by weight. SHARED_ZERO (where given): every group's zero point, scale_ptr
+    holding only the scales; with ZERO_POINTS and STEP_SUMS, in groups of one plane, two
+    groups' float16s to a word (group_gemm.scale_pairs: a step's one word in byte planes);
+    without STEP_SUMS, as float16s, each min -SHARED_ZERO times its scale (GGUF Q4_0's).
     FACTORED (a GGUF k-quant's scales as its blocks store them,
     group_gemm.factored_words; 1: sub-scales, 2: sub-scales and sub-mins): scale_ptr holds
     the sub-words (four groups' a word) and low_ptr the factor words a super-block of SUPER
@@ -377,7 +378,7 @@ def _planes_kernel(x_ptr, codes_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, c
                 x_sums = tl.dot(ones, x, x_sums, input_precision="ieee")
             elif not ZERO_POINTS:
                 weights = _unbiased(plane, DOT) * scale[:, None]
-                if HAS_LOW:
+                if HAS_LOW or SHARED_ZERO is not None:
                     weights += low[:, None]
                 acc = tl.dot(weights, x, acc, input_precision="ieee")
             else:
@@ -430,10 +431,11 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
                          SHARED_ZERO: tl.constexpr = None):
     """Outputs n's scale and min in `group` in the product's type; with ZERO_POINTS, the
     scale in float32 and, for the min, the zero point plus the planes' bias (exact). WORDS:
-    scale_ptr holds step words (low_ptr unread); or with SHARED_ZERO (where given, the zero
-    point of every group), scale pairs."""
+    scale_ptr holds step words (low_ptr unread), or with SHARED_ZERO (where given, the zero
+    point of every group) scale pairs; SHARED_ZERO without WORDS: the scales alone, each
+    min -SHARED_ZERO times its scale (a power of two: exact)."""
     dot_type = tl.float32 if DOT == 0 else tl.float16 if DOT == 1 else tl.bfloat16
-    if SHARED_ZERO is not None:
+    if SHARED_ZERO is not None and WORDS:  # scale pairs
         pair = _step_words(scale_ptr, group // 2, n, n_ok, N)
         scale, _ = _word_halves(pair >> (16 * (group % 2)), ZERO_POINTS)
         low = tl.zeros_like(scale.to(tl.float32)) + SHARED_ZERO
@@ -447,6 +449,8 @@ def _plane_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW: tl.cons
     else:
         scale, low = _group_scale_and_low(scale_ptr, low_ptr, group, n, n_ok, N, HAS_LOW,
                                           dot_type)
+        if SHARED_ZERO is not None:
+            low = scale * -SHARED_ZERO
     if ZERO_POINTS:
         scale, low = scale.to(tl.float32), biased(low, DOT).to(dot_type)
     else:

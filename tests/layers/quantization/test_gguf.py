@@ -172,14 +172,15 @@ def test_two_and_three_bit_codes_are_held_as_nibbles(block_dot_kernel):
 
 
 @pytest.mark.parametrize(("kind", "paired", "unpaired"), [
-    ("Q6_K", 9, 10), ("Q3_K", 9, 10), ("Q2_K", 10, 10), ("Q4_K", 5, 5), ("Q8_0", 8.5, 9)])
+    ("Q6_K", 9, 10), ("Q3_K", 9, 10), ("Q2_K", 10, 10), ("Q4_K", 5, 5), ("Q8_0", 8.5, 9),
+    ("Q4_0", 4.5, 5)])
 def test_held_bits_on_cuda_are_what_the_group_kernel_holds(kind, paired, unpaired,
                                                           monkeypatch):
     """What held_bits tells the estimate for a GPU is the bytes of the group kernel's
     weights: byte planes of Q6_K and Q3_K hold only their scales, two groups' to a word
-    (every low is -32 or -4 times its group's scale), and Q8_0's codes with no min (its
-    lows -128 times the scale): half a bit or a bit a weight fewer than with
-    PAGODA_PLANE_SCALE_PAIRS=0 and PAGODA_CENTRED_BYTES=0; Q2_K's mins are mins."""
+    (every low is -32 or -4 times its group's scale), and Q8_0's and Q4_0's codes with no
+    min (their lows -128 and -8 times the scale): half a bit or a bit a weight fewer than with
+    PAGODA_PLANE_SCALE_PAIRS=0 and PAGODA_CENTRED_CODES=0; Q2_K's mins are mins."""
     from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf import group_layout
     from pagoda.layers.quantization.gguf_blocks import byte_groups
@@ -189,7 +190,7 @@ def test_held_bits_on_cuda_are_what_the_group_kernel_holds(kind, paired, unpaire
     cuda = torch.device("cuda")
     for pairs, expected in ((True, paired), (False, unpaired)):
         monkeypatch.setattr(group_gemm, "SCALE_PAIRS_IN_PLANES", pairs)
-        monkeypatch.setattr(group_gemm, "CENTRED_BYTES", pairs)
+        monkeypatch.setattr(group_gemm, "CENTRED_CODES", pairs)
         kernel = GroupQuantWeight(codes, scale, low, group, bits)
         held = sum(p.numel() * p.element_size() for p in kernel.parameters())
         assert held * 8 == 64 * HIDDEN * held_bits(kind, cuda) == 64 * HIDDEN * expected

@@ -32,8 +32,8 @@ from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "GROUP-GEMM-ERRORS "
 # name -> (tokens, outputs, inputs, group, bits, with a min (or "zero points": mins that are
-# -z * scale for integers z; "centred": 8-bit codes whose mins are all -128 * scale, GGUF
-# Q8_0's, held without them), float8 codes). 4-bit codes run
+# -z * scale for integers z; "centred": codes whose mins are all -2^(bits - 1) * scale,
+# GGUF Q8_0's and Q4_0's, held without them), float8 codes). 4-bit codes run
 # in planes where they fit (inputs a multiple of 128, groups of 32): up to 32 tokens in
 # tiles of 8-32 tokens with split inputs, more in larger tiles (split up to 64 tokens); each
 # such case runs again in halves (PLANE_CASES' "-halves"). Halves and 8-bit codes: up to 32
@@ -71,6 +71,9 @@ CASES = {
     "int8-g32-tokens-32": (32, 72, 256, 32, 8, True, False),
     "int8-g32-large": (70, 40, 96, 32, 8, True, False),
     "int8-g32-centred-tokens-5": (5, 40, 256, 32, 8, "centred", False),
+    "int4-planes-g32-centred-one-token": (1, 72, 1024, 32, 4, "centred", False),
+    "int4-planes-g32-centred-tokens-12": (12, 40, 512, 32, 4, "centred", False),
+    "int4-planes-g32-centred-tokens-40": (40, 40, 256, 32, 4, "centred", False),
     "int8-g32-centred-split": (1, 96, 2048, 32, 8, "centred", False),
     "int8-g32-centred-large": (70, 40, 256, 32, 8, "centred", False),
     # 8-bit GPTQ / compressed-tensors W8A16: groups of 128 (a step a group)
@@ -104,9 +107,12 @@ def random_weight(outputs: int, inputs: int, group: int, bits: int, with_min: bo
         return GroupQuantWeight(codes, scale, -zeros * scale, group, bits, planes,
                                 zero_points=True, step_sums=step_sums)
     if with_min == "centred":
-        weight = GroupQuantWeight(codes, scale, -128 * scale, group, bits, planes,
+        weight = GroupQuantWeight(codes, scale, -2 ** (bits - 1) * scale, group, bits, planes,
                                   step_sums=step_sums)
-        assert weight.shared_zero == 128 and weight.low is None
+        takes_it = (not weight.planes if bits == 8
+                    else not weight.step_sums and not weight.has_one_token_kernel)
+        assert (weight.shared_zero == 2 ** (bits - 1)) == takes_it
+        assert weight.holds_mins != takes_it
         return weight
     low = -torch.rand(outputs, inputs // group, generator=generator) * 0.05 if with_min else None
     return GroupQuantWeight(codes, scale, low, group, bits, planes, step_sums=step_sums)
@@ -377,7 +383,8 @@ def kernel_errors() -> dict[str, float]:
                                               / (1 + expected.abs())).max().item()
     for name in HALF_CASES:  # float16 activations: the decode without conversions
         tokens, outputs, inputs, *layout = CASES[name]
-        weight = random_weight(outputs, inputs, *layout, generator)
+        weight = random_weight(outputs, inputs, *layout, generator,
+                               step_sums=name not in HALF_WEIGHT_BY_WEIGHT)
         x = torch.randn(tokens, inputs, generator=generator).half()
         expected = x.float() @ weight.dequantize(torch.float32).t()
         errors[f"{name}-fp16"] = ((group_gemm(x, weight).float() - expected).norm()
@@ -431,6 +438,9 @@ HALF_CASES = ("int4-g32-split", "int4-g128-one-token-split", "int4-g128-nomin",
               "int4-halves-g32-tokens-5", "int8-g16", "fp8-per-row", "fp8-blocks",
               "fp8-blocks-many", "int4-planes-zero-points-g32-tokens-12",
               "int4-planes-zero-points-g128-one-token", "int8-g32-centred-tokens-5")
+# of them, those run in planes without step words (GGUF Q4_0's mins taken from its scales)
+HALF_WEIGHT_BY_WEIGHT = ("int4-planes-g32-centred-tokens-12",)
+HALF_CASES += HALF_WEIGHT_BY_WEIGHT
 HALF_TOLERANCE = 1e-3
 FLOAT8_CASES = [name for name, case in CASES.items() if case[-1]]
 # float8 weights, a scale per row, each row holding all 256 bytes but the NaNs (as CASES)
@@ -605,7 +615,7 @@ def test_byte_codes_of_lows_minus_128_scales_are_held_without_mins(monkeypatch):
     them plus 128, their lows -128 times the scale) hold their codes and scales alone, the
     zero point 128 shared: 8.5 bits a weight, the blocks' own, where codes and mins took 9,
     the weights exactly gguf-py's. Lows of another multiple, byte planes in groups of 32, and
-    PAGODA_CENTRED_BYTES=0 keep their mins."""
+    PAGODA_CENTRED_CODES=0 keep their mins."""
     from pagoda.layers.quantization import group_gemm
     from pagoda.layers.quantization.gguf_blocks import byte_groups
     from tests.layers.quantization.test_gguf_blocks import gguf_py, random_rows
@@ -622,18 +632,22 @@ def test_byte_codes_of_lows_minus_128_scales_are_held_without_mins(monkeypatch):
     for other in (GroupQuantWeight(codes, scale, -127 * scale, group, 8),
                   GroupQuantWeight(codes // 2, scale, -128 * scale, group, 8)):  # planes
         assert other.shared_zero is None and other.holds_mins
-    monkeypatch.setattr(group_gemm, "CENTRED_BYTES", False)
+    monkeypatch.setattr(group_gemm, "CENTRED_CODES", False)
     assert GroupQuantWeight(codes, scale, low, group, 8).holds_mins
 
 
-ROW_LAYOUTS = {  # (bits, group, GroupQuantWeight's keywords, mins: None, "min", "zero")
+# (bits, group, GroupQuantWeight's keywords, mins: None, "min", "zero" (integer zero
+# points), "shared zero" (-32 x the scale: scale pairs) or "centred" (-2^(bits - 1) x the
+# scale: no mins held))
+ROW_LAYOUTS = {
     "int4-planes-step-words": (4, 128, {}, "min"),
     "int4-planes-g32": (4, 32, {}, "min"),
     "int4-planes-zero-points": (4, 128, {"zero_points": True}, "zero"),
     "int4-halves": (4, 64, {"planes": False}, None),
     "int8-byte-planes-g16": (8, 16, {}, "min"),
     "int8-byte-planes-g16-scale-pairs": (8, 16, {}, "shared zero"),
-    "int8-bytes-centred": (8, 32, {"planes": False}, "minus 128"),
+    "int8-bytes-centred": (8, 32, {"planes": False}, "centred"),
+    "int4-planes-g32-centred": (4, 32, {}, "centred"),
     "int8-bytes": (8, 32, {"planes": False}, "min"),
     "float8-rows": (8, 256, {}, None),
 }
@@ -656,15 +670,15 @@ def test_rows_decode_the_outputs_looked_up_as_the_whole_weight_does(layout):
         low = -torch.randint(0, 16, scale.shape, generator=generator) * scale
     elif mins == "shared zero":
         low = -32 * scale
-    elif mins == "minus 128":
-        low = -128 * scale
+    elif mins == "centred":
+        low = -2 ** (bits - 1) * scale
     if layout.startswith("float8"):
         codes = torch.randn(48, 256, generator=generator).to(FP8)
     weight = GroupQuantWeight(codes, scale, low, group, bits, **keywords)
     assert weight.planes == ("planes" in layout)
     assert weight.holds_zero_points == (mins in ("zero", "shared zero"))
     assert (weight.scale_pairs is not None) == (mins == "shared zero")
-    assert (weight.shared_zero == 128) == (mins == "minus 128")
+    assert (weight.shared_zero == 2 ** (bits - 1)) == (mins == "centred")
     index = torch.tensor([7, 0, 47, 7, 20])
     whole = weight.dequantize(torch.float32)
     assert torch.equal(weight.rows(index), whole[index])

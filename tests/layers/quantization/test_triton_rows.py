@@ -16,8 +16,8 @@ from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "TRITON-ROWS-ERRORS "
 # name -> (outputs, inputs, group, bits, mins ("zero points": integer ones; "shared zero":
-# 32 in every group, GGUF Q6_K's, its scales in pairs; "minus 128": codes a byte each held
-# without mins, GGUF Q8_0's), planes, step words)
+# 32 in every group, GGUF Q6_K's, its scales in pairs; "centred": mins of -2^(bits - 1)
+# times the scale, held without them, GGUF Q8_0's and Q4_0's), planes, step words)
 LAYOUTS = {
     "int4-planes-g128-words": (40, 512, 128, 4, True, True, True),
     "int4-planes-g32": (40, 256, 32, 4, True, True, False),
@@ -28,7 +28,8 @@ LAYOUTS = {
     "bytes-planes-g16-scale-pairs": (40, 256, 16, 8, "shared zero", True, True),
     "bytes-each-g32": (40, 256, 32, 8, True, False, False),
     "bytes-each-per-row": (40, 160, 160, 8, False, False, False),
-    "bytes-each-centred": (40, 256, 32, 8, "minus 128", False, False),
+    "bytes-each-centred": (40, 256, 32, 8, "centred", False, False),
+    "int4-planes-g32-centred": (40, 256, 32, 4, "centred", True, False),
 }
 
 
@@ -41,14 +42,14 @@ def layout_weight(outputs: int, inputs: int, group: int, bits: int, mins: bool |
         low = -torch.randint(0, top, scale.shape, generator=generator) * scale.float()
     elif mins == "shared zero":
         low = -32 * scale.float()
-    elif mins == "minus 128":
-        low = -128 * scale.float()
+    elif mins == "centred":
+        low = -2 ** (bits - 1) * scale.float()
     else:
         low = -torch.rand(scale.shape, generator=generator) * 0.05 if mins else None
     weight = GroupQuantWeight(codes, scale.float(), low, group, bits, planes,
                               zero_points=mins == "zero points", step_sums=words)
     assert (weight.scale_pairs is not None) == (mins == "shared zero")
-    assert (weight.shared_zero == 128) == (mins == "minus 128")
+    assert (weight.shared_zero == 2 ** (bits - 1)) == (mins == "centred")
     return weight
 
 
