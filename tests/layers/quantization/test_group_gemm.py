@@ -907,13 +907,17 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
         assert error < tolerance, (name, error)
 
 
-@pytest.mark.parametrize(("codes", "bits", "activations", "precision", "capability"), [
-    ("u8", 4, "bf16", "tf32", 90), ("u8", 8, "fp16", "tf32", 90),
-    ("fp8e4nv", 8, "bf16", "tf32", 90), ("u8", 4, "fp32", "ieee", 90),
+@pytest.mark.parametrize(("codes", "bits", "activations", "precision", "capability",
+                          "shared_zero"), [
+    ("u8", 4, "bf16", "tf32", 90, None), ("u8", 8, "fp16", "tf32", 90, None),
+    ("fp8e4nv", 8, "bf16", "tf32", 90, None), ("u8", 4, "fp32", "ieee", 90, None),
     # an A100: 4-bit codes, and float8 weights as their bytes (Triton has no E4M3 there)
-    ("u8", 4, "bf16", "tf32", 80), ("e4m3-bytes", 8, "bf16", "tf32", 80),
-    ("e4m3-bytes", 8, "fp16", "tf32", 80)])
-def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capability):
+    ("u8", 4, "bf16", "tf32", 80, None), ("e4m3-bytes", 8, "bf16", "tf32", 80, None),
+    ("e4m3-bytes", 8, "fp16", "tf32", 80, None),
+    # mins taken from the scales (GGUF Q4_0's and Q8_0's)
+    ("u8", 4, "bf16", "tf32", 90, 8), ("u8", 8, "bf16", "tf32", 90, 128)])
+def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capability,
+                                      shared_zero):
     from pagoda.layers.quantization.triton_group_gemm import (
         _dot_type,
         _few_tokens_kernel,
@@ -925,8 +929,8 @@ def test_the_kernels_compile_for_cuda(codes, bits, activations, precision, capab
                 "scale_ptr": "*fp16", "low_ptr": "*fp16", "out_ptr": "*fp32"}
     strides = dict.fromkeys(["stride_ck", "stride_cn"], "i32")
     layout = {"K_SPLIT": 1024, "GROUP": 128 if bits == 4 else 16, "BITS": bits,
-              "STEP": 32 if bits == 4 else 16, "HAS_LOW": True, "E4M3_BYTES": as_bytes,
-              "PDL": capability >= 90}
+              "STEP": 32 if bits == 4 else 16, "HAS_LOW": shared_zero is None,
+              "E4M3_BYTES": as_bytes, "PDL": capability >= 90, "SHARED_ZERO": shared_zero}
     counted = {**pointers, "partial_ptr": "*fp32", "count_ptr": "*i32"}
     compile_for_cuda(_group_gemm_kernel, {**counted, "M": "i32", "N": "i32",
                                           "stride_xm": "i32", **strides}, {
@@ -956,6 +960,8 @@ def test_the_planes_kernel_compiles_for_cuda(activations, dot, asm, group, capab
                     (64, 8, 4, False, True, False, None), (128, 64, 1, False, True, True, None)]
     if bits == 8 and group == 16:  # scale pairs (GGUF Q6_K's): a plane's sums, and larger tiles
         combinations += [(64, 8, 4, False, True, True, 32), (128, 64, 1, False, True, True, 32)]
+    if bits == 4 and group == 32:  # the scales alone, weight by weight (GGUF Q4_0's)
+        combinations += [(64, 8, 4, False, False, False, 8), (128, 64, 1, False, False, False, 8)]
     for block_n, block_t, splits, has_low, zero_points, step_sums, shared_zero in combinations:
         compile_for_cuda(_planes_kernel, {
             "x_ptr": f"*{activations}", "codes_ptr": "*i16",
