@@ -229,7 +229,7 @@ def _few_tokens_step(acc, codes, k, x_ptr, t, t_ok, n, n_ok, N, stride_xm, scale
     """acc + decode(codes [BLOCK_N, STEP]) @ x[t, k:k+STEP]^T; the STEP inputs lie in one
     group. DOT: the product's type, 0 float32, 1 float16, 2 bfloat16, 3 float16 from wider
     activations (saturated to its range). SHARED_ZERO: see _few_tokens_kernel (its min,
-    -SHARED_ZERO times the scale in the product's type, exact for 128)."""
+    -SHARED_ZERO times the scale in the product's type: exact, a power of two)."""
     x = tl.load(x_ptr + t[None, :] * stride_xm + (k + tl.arange(0, STEP))[:, None],
                 mask=t_ok[None, :], other=0.0)
     dot_type = tl.float32 if DOT == 0 else tl.bfloat16 if DOT == 2 else tl.float16
