@@ -79,27 +79,28 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
 
 
 # the few-token layouts counted: codes' type, group, step, float8, the product's type (DOT),
-# a min a group (int8-g32-centred: GGUF Q8_0's codes, their mins -128 times the scale
-# computed, not loaded; int8-g32-signed: the same codes as signed bytes with no min)
-FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2, True),
-                     "int8-g32": ("*u8", 32, 32, False, 2, True),
-                     "int8-g32-centred": ("*u8", 32, 32, False, 2, 128),
-                     "int8-g32-signed": ("*i8", 32, 32, False, 2, False),
-                     "fp8-row": ("*fp8e4nv", 2048, 128, True, 3, False)}
+# a min a group loaded, the zero point every group shares (int8-g32-centred: GGUF Q8_0's
+# codes, their mins -128 times the scale computed, not loaded; int8-g32-signed: the same
+# codes as signed bytes with no min)
+FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2, True, None),
+                     "int8-g32": ("*u8", 32, 32, False, 2, True, None),
+                     "int8-g32-centred": ("*u8", 32, 32, False, 2, False, 128),
+                     "int8-g32-signed": ("*i8", 32, 32, False, 2, False, None),
+                     "fp8-row": ("*fp8e4nv", 2048, 128, True, 3, False, None)}
 
 
 def compile_few_tokens(layout: str, block_n: int, block_t: int, warps: int, stages: int):
     """The few-token kernel compiled for sm_90 as compile_planes compiles the planes kernel,
     for one of FEW_TOKEN_LAYOUTS (a scale a row with float8)."""
-    codes, group, step, float8, dot, low = FEW_TOKEN_LAYOUTS[layout]
+    codes, group, step, float8, dot, has_low, shared_zero = FEW_TOKEN_LAYOUTS[layout]
     scales = "*fp32" if float8 else "*fp16"
     signature = {"x_ptr": "*bf16", "codes_ptr": codes, "scale_ptr": scales, "low_ptr": scales,
                  "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NO_NORM,
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                  "stride_om": "i32"}
     constants = {"K_SPLIT": 2048, "SPLITS": 2, "GROUP": group, "BITS": 8, "FLOAT8": float8,
-                 "ROW_SCALE": float8, "HAS_LOW": low is True, "DOT": dot, "E4M3_BYTES": False,
-                 "SHARED_ZERO": None if isinstance(low, bool) else low,
+                 "ROW_SCALE": float8, "HAS_LOW": has_low, "DOT": dot, "E4M3_BYTES": False,
+                 "SHARED_ZERO": shared_zero,
                  "BLOCK_N": block_n, "BLOCK_T": block_t, "STEP": step, "PDL": True}
     return _compile(_few_tokens_kernel, signature, constants, warps, stages)
 

@@ -302,36 +302,37 @@ def block_types(tensors: GGUFIndex) -> set[str]:
     return {t.tensor_type.name for t in tensors.tensors} - FLOAT_TYPES
 
 
-def gguf_types(path: Path, tensors: GGUFIndex | None = None) -> Iterator[tuple[str, str]]:
-    """(HF tensor name, GGUF type name) for every tensor the loader turns into a weight."""
+def _weight_tensors(path: Path, tensors: GGUFIndex | None
+                    ) -> Iterator[tuple[str, GGUFTensor]]:
+    """(HF tensor name, tensor) for every tensor of the file's index (`tensors`, when the
+    source has it; else read) that the loader turns into a weight."""
     found = tensors or read_gguf_tensors(path)
     layout = gguf_layout(found.architecture, path)
     for tensor in found.tensors:
         if tensor.name not in layout.skipped:
-            yield hf_name(layout, tensor.name) or tensor.name, tensor.tensor_type.name
+            yield hf_name(layout, tensor.name) or tensor.name, tensor
+
+
+def gguf_types(path: Path, tensors: GGUFIndex | None = None) -> Iterator[tuple[str, str]]:
+    """(HF tensor name, GGUF type name) for every tensor the loader turns into a weight."""
+    for name, tensor in _weight_tensors(path, tensors):
+        yield name, tensor.tensor_type.name
 
 
 def gguf_shapes(path: Path, tensors: GGUFIndex | None = None
                 ) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF tensor name, shape) for every GGUF tensor the loader turns into a weight, from the
-    file's tensor index (`tensors`, when the source has it; no tensor is dequantized)."""
-    found = tensors or read_gguf_tensors(path)
-    layout = gguf_layout(found.architecture, path)
-    for tensor in found.tensors:
-        if tensor.name not in layout.skipped:
-            name = hf_name(layout, tensor.name) or tensor.name
-            yield name, tuple(int(d) for d in reversed(tensor.shape))
+    file's tensor index (no tensor is dequantized)."""
+    for name, tensor in _weight_tensors(path, tensors):
+        yield name, tuple(int(d) for d in reversed(tensor.shape))
 
 
 def gguf_tensor_bytes(path: Path, tensors: GGUFIndex | None = None
                       ) -> Iterator[tuple[str, int]]:
     """(HF tensor name, bytes in the file) for every GGUF tensor the loader turns into a
     weight: its blocks' bytes as stored."""
-    found = tensors or read_gguf_tensors(path)
-    layout = gguf_layout(found.architecture, path)
-    for tensor in found.tensors:
-        if tensor.name not in layout.skipped:
-            yield hf_name(layout, tensor.name) or tensor.name, int(tensor.data.nbytes)
+    for name, tensor in _weight_tensors(path, tensors):
+        yield name, int(tensor.data.nbytes)
 
 
 def read_gguf_tensors(path: Path) -> GGUFIndex:
