@@ -15,9 +15,10 @@ holds.
 
 `--few-tokens LAYOUT` counts the few-token kernel's loop instead (`_few_tokens_kernel` with
 8-bit codes in groups of 16, GGUF Q6_K's; in groups of 32 with mins, without (centred: GGUF
-Q8_0's, the mins -128 times the scale) or as signed bytes; or float8 values with a scale a
-row), its tile named by --block-n, --block-t, --warps and --stages; a step is 16 inputs
-(int8-g16), 32 (int8-g32*) or 128 (fp8-row) of bytes.
+Q8_0's, the mins -128 times the scale); or float8 values with a scale a row; the products in
+float16 from bfloat16 activations, as the kernel takes 8-bit codes and float8 values), its
+tile named by --block-n, --block-t, --warps and --stages; a step is 16 inputs (int8-g16), 32
+(int8-g32*) or 128 (fp8-row) of bytes.
 """
 
 from __future__ import annotations
@@ -80,12 +81,10 @@ def compile_planes(zero_points: bool, step_sums: bool, block_n: int, warps: int,
 
 # the few-token layouts counted: codes' type, group, step, float8, the product's type (DOT),
 # a min a group loaded, the zero point every group shares (int8-g32-centred: GGUF Q8_0's
-# codes, their mins -128 times the scale computed, not loaded; int8-g32-signed: the same
-# codes as signed bytes with no min)
-FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 2, True, None),
-                     "int8-g32": ("*u8", 32, 32, False, 2, True, None),
-                     "int8-g32-centred": ("*u8", 32, 32, False, 2, False, 128),
-                     "int8-g32-signed": ("*i8", 32, 32, False, 2, False, None),
+# codes, their mins -128 times the scale computed, not loaded)
+FEW_TOKEN_LAYOUTS = {"int8-g16": ("*u8", 16, 16, False, 3, True, None),
+                     "int8-g32": ("*u8", 32, 32, False, 3, True, None),
+                     "int8-g32-centred": ("*u8", 32, 32, False, 3, False, 128),
                      "fp8-row": ("*fp8e4nv", 2048, 128, True, 3, False, None)}
 
 

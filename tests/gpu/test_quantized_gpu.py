@@ -271,10 +271,11 @@ def test_fp8_products_of_33_to_64_tokens_take_the_triton_kernel(monkeypatch):
     assert [a.shape[0] for a in calls] == [33, 64, 256]
 
 
-@pytest.mark.parametrize("layout", ["fp8-row", "fp8-block"])
-def test_fp8_few_token_products_clamp_activations_past_float16s_range(layout):
-    """The few-token kernel multiplies float8 values in float16: a bfloat16 activation past
-    float16's range counts as +-65504 (not infinity), and the rest are exact."""
+@pytest.mark.parametrize("layout", ["fp8-row", "fp8-block", "int8-g32", "int8-g32-mins"])
+def test_few_token_products_in_float16_clamp_activations_past_its_range(layout):
+    """The few-token kernel multiplies float8 values and 8-bit codes in float16: a bfloat16
+    activation past float16's range counts as +-65504 (not infinity), and the rest are
+    exact."""
     weight = random_weight(*SHAPES["qkv"], *LAYOUTS[layout])
     x = torch.randn(3, weight.in_features, device="cuda", dtype=torch.bfloat16)
     x[0, 5], x[2, 100] = 2e5, -1e6
