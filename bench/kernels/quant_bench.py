@@ -53,17 +53,19 @@ from pagoda.models.loader.checkpoint import weight_bytes
 
 PROJECTIONS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                "down": (4096, 14336)}
-# name -> (group (None: the whole row), bits, with a min, float8 values[, codes below this:
-# "int6-g16" holds GGUF Q6_K's 0..63, which byte planes take (PAGODA_BYTE_PLANES=1)])
-LAYOUTS = {"fp8-row": (None, 8, False, True), "fp8-block128": (128, 8, False, True),
-           "int4-g128": (128, 4, True, False), "int4-g32": (32, 4, True, False),
-           "int8-g32": (32, 8, True, False), "int8-g16": (16, 8, True, False),
-           "int6-g16": (16, 8, True, False, 64)}
+# name -> (group (None: the whole row), bits, each min -this times the scale (0: none),
+# float8 values[, codes below this: "int6-g16" holds GGUF Q6_K's 0..63, which byte planes
+# take (PAGODA_BYTE_PLANES=1)]); "int8-g32-centred" holds GGUF Q8_0's codes, centred on 128
+# (held without mins)
+LAYOUTS = {"fp8-row": (None, 8, 0, True), "fp8-block128": (128, 8, 0, True),
+           "int4-g128": (128, 4, 1, False), "int4-g32": (32, 4, 1, False),
+           "int8-g32": (32, 8, 1, False), "int8-g32-centred": (32, 8, 128, False),
+           "int8-g16": (16, 8, 1, False), "int6-g16": (16, 8, 1, False, 64)}
 TOKENS = [1, 4, 8, 16, 32, 64, 256, 2048]
 L2_FLUSH_BYTES = 256 << 20  # weights read per timed call: several times the H200's L2
 
 
-def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min: bool,
+def quantized(outputs: int, inputs: int, group: int | None, bits: int, min_scales: int,
               float8: bool, codes_below: int | None = None) -> GroupQuantWeight:
     group = group or inputs
     if float8:
@@ -72,7 +74,8 @@ def quantized(outputs: int, inputs: int, group: int | None, bits: int, with_min:
         codes = torch.randint(0, codes_below or 2 ** bits, (outputs, inputs), device="cuda",
                               dtype=torch.uint8)
     scale = torch.full((outputs, inputs // group), 1e-3, device="cuda")
-    return GroupQuantWeight(codes, scale, -scale if with_min else None, group, bits)
+    return GroupQuantWeight(codes, scale, -min_scales * scale if min_scales else None, group,
+                            bits)
 
 
 def layer_weights(layout: str | None) -> dict:
