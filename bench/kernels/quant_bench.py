@@ -24,8 +24,8 @@ is measured end to end (`bench/gpu/run.sh pdl-decode1`). Results record which wa
 grid of its launch settings instead (token tile, tile width, warps, pipeline stages, programs
 per multiprocessor; `--grid JSON` replaces SWEEP's) at the first of --tokens, after the
 shipped settings' time;
-`--sweep-one-token LAYOUT ...` likewise the one-token 4-bit kernel (words and rows a step, warps,
-programs per multiprocessor).
+`--sweep-one-token LAYOUT ...` likewise the one-token GEMVs (4-bit codes in halves, 8-bit
+codes a byte each: words and rows a step, warps, programs per multiprocessor).
 
 Calls of many tokens on planes decode their weights first (`triton_plane_decode`; with
 PAGODA_DECODE_FROM=1 every call does, with 0 none); `--decoded-slice-mib N` sets the slice of
@@ -159,15 +159,15 @@ def sweep(layouts: list[str], tokens: int, bandwidth: float, grid: dict, config_
     return rows
 
 
-# the one-token 4-bit kernel's launch settings a sweep tries
+# the one-token GEMVs' launch settings a sweep tries
 ONE_TOKEN_SWEEP = {"words": (32, 64), "rows": (8, 16), "num_warps": (1, 2),
                    "programs_per_sm": (8, 16, 32)}
 
 
 def one_token_config(words: int, rows: int, num_warps: int, programs_per_sm: int):
-    """A replacement for one_token_int4_config with these settings."""
+    """A replacement for one_token_gemv_config with these settings."""
     from pagoda.layers.quantization import triton_group_gemm as kernels
-    shipped = kernels.one_token_int4_config
+    shipped = kernels.one_token_gemv_config
 
     def config(weight, multiprocessors):
         return shipped(weight, multiprocessors, words=words, rows=rows, num_warps=num_warps,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", nargs="+", choices=sorted(LAYOUTS), default=None,
                         help="sweep the few-token kernel's settings for these layouts")
     parser.add_argument("--sweep-one-token", nargs="+", default=None,
-                        choices=[name for name in LAYOUTS if LAYOUTS[name][1] == 4],
+                        choices=[name for name in LAYOUTS if not LAYOUTS[name][3]],
                         help="sweep the one-token 4-bit kernel's settings for these layouts")
     parser.add_argument("--grid", type=json.loads, default=None,
                         help="--sweep's settings as JSON, e.g. '{\"BLOCK_T\": [8], ...}' "
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                   "few_tokens_config",
                   sweep_config) if args.sweep
             else sweep(args.sweep_one_token, 1, ceil.bandwidth, ONE_TOKEN_SWEEP,
-                       "one_token_int4_config", one_token_config))
+                       "one_token_gemv_config", one_token_config))
         _write(result, args.output_json)
         return
     print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s")

@@ -165,6 +165,10 @@ SCALE_PAIRS_IN_PLANES = os.environ.get("PAGODA_PLANE_SCALE_PAIRS", "1") == "1"
 # a step against 334 (sm_90, counted; as signed bytes it took 422: sm_90 converts them to
 # bfloat16 in more instructions)
 CENTRED_CODES = os.environ.get("PAGODA_CENTRED_CODES", "1") == "1"
+# whether one-token calls of 8-bit integer codes a byte each (GGUF Q8_0, GPTQ-Int8, int8
+# checkpoints) take the byte GEMV of triton_group_gemm (PAGODA_ONE_TOKEN_BYTES=0: the
+# few-token kernel's tensor-core tile, padded from one token)
+ONE_TOKEN_BYTES = os.environ.get("PAGODA_ONE_TOKEN_BYTES", "1") == "1"
 # the largest zero point the planes kernel subtracts exactly: 128 plus it is a bfloat16 integer
 MAX_ZERO_POINT = 128
 
@@ -511,11 +515,15 @@ class GroupQuantWeight(nn.Module):
 
     @property
     def has_one_token_kernel(self) -> bool:
-        """Whether one-token calls on CUDA take the 4-bit GEMV of `triton_group_gemm` (4-bit
-        codes in halves, outputs a multiple of 4, groups a multiple of CHUNK inputs: a
-        chunk's two halves in one group)."""
-        return (self.bits == 4 and not self.planes and self.out_features % 4 == 0
-                and self.group_size % CHUNK == 0)
+        """Whether one-token calls on CUDA take a GEMV of `triton_group_gemm`: outputs a
+        multiple of 4, and 4-bit codes in halves in groups of a multiple of CHUNK inputs (a
+        chunk's two halves in one group), or 8-bit integer codes a byte each
+        (ONE_TOKEN_BYTES)."""
+        if self.planes or self.out_features % 4:
+            return False
+        if self.bits == 4:
+            return self.group_size % CHUNK == 0
+        return ONE_TOKEN_BYTES and self.codes.dtype != FP8
 
     def kernel_name(self) -> str:
         """What multiplies it on CUDA, for the startup log."""

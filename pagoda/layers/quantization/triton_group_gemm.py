@@ -748,6 +748,104 @@ def _nibble_products(sums, words, byte: tl.constexpr, x_low, x_high, one_bits):
 
 
 @triton.jit
+def _one_token_bytes_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
+                            count_ptr, N, one_bits, SPLIT_ROWS: tl.constexpr,
+                            SPLITS: tl.constexpr, PERIOD: tl.constexpr, GROUP: tl.constexpr,
+                            HAS_LOW: tl.constexpr, SHARED_ZERO: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr,
+                            PDL: tl.constexpr):
+    """out[n] for one token and 8-bit codes a byte each, on the CUDA cores as
+    _one_token_int4_kernel: the codes [in, out] read as int32 words [in, out / 4], byte b
+    of word w holding output 4 w + b, a row an input. Every code costs its decoding
+    (_byte_units: one PRMT on a GPU) and one multiply-add. SHARED_ZERO (no min held): each
+    group's min is -SHARED_ZERO times its scale."""
+    UNIT: tl.constexpr = ASM_BYTE_UNIT if ASM else BYTE_UNIT
+    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    words_per_row = N // 4
+    w_ok = w < words_per_row
+    steps = tl.arange(0, ROWS)
+    zeros = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    total0, total1, total2, total3 = zeros, zeros, zeros, zeros
+    tile = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
+    sums0, sums1, sums2, sums3 = tile, tile, tile, tile  # each byte's, this period
+    x_sum = tl.zeros((), dtype=tl.float32)  # this period's
+    first = tl.program_id(1) * SPLIT_ROWS
+    at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
+    words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
+    wait_for_previous_kernel(PDL)
+    for offset in range(0, SPLIT_ROWS, ROWS):
+        row = first + offset
+        at += ROWS * words_per_row
+        following = tl.load(at, mask=w_ok[None, :] & (offset + ROWS < SPLIT_ROWS), other=0,
+                            eviction_policy="evict_first")
+        x = tl.load(x_ptr + row + steps).to(tl.float32)
+        x_sum += tl.sum(x, axis=0)
+        x_units = (x * UNIT)[:, None]
+        sums0 += _byte_units(words, 0, ASM, one_bits) * x_units
+        sums1 += _byte_units(words, 1, ASM, one_bits) * x_units
+        sums2 += _byte_units(words, 2, ASM, one_bits) * x_units
+        sums3 += _byte_units(words, 3, ASM, one_bits) * x_units
+        words = following
+        if (offset + ROWS) % PERIOD == 0:  # the period's last step: add its sums, scaled
+            group = row // GROUP
+            # the units' sums of x, and the shared zero point's (exact: powers of two)
+            offset_sum = x_sum * UNIT
+            if SHARED_ZERO is not None:
+                offset_sum += x_sum * SHARED_ZERO
+            total0 = _scaled(total0, sums0, offset_sum, x_sum, group, 4 * w, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total1 = _scaled(total1, sums1, offset_sum, x_sum, group, 4 * w + 1, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total2 = _scaled(total2, sums2, offset_sum, x_sum, group, 4 * w + 2, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            total3 = _scaled(total3, sums3, offset_sum, x_sum, group, 4 * w + 3, w_ok, N,
+                             scale_ptr, low_ptr, HAS_LOW)
+            sums0, sums1, sums2, sums3 = tile, tile, tile, tile
+            x_sum = tl.zeros((), dtype=tl.float32)
+    total = tl.reshape(tl.join(tl.join(total0, total2), tl.join(total1, total3)),
+                       (4 * BLOCK_W,))
+    n = tl.program_id(0) * 4 * BLOCK_W + tl.arange(0, 4 * BLOCK_W)
+    _store_split_sums(total, out_ptr, n, n < N, partial_ptr, N, count_ptr, tl.program_id(0),
+                      tl.program_id(1), SPLITS)
+
+
+# A code byte becomes a float by bit operations alone, as nibbles do above: in mantissa
+# bits 15-22 of 1.0 (a shift and a LOP3), 1 + code / BYTE_UNIT; on a GPU in bits 8-15 (one
+# PRMT: the byte and 1.0's upper bytes put in place at once), 1 + code / ASM_BYTE_UNIT.
+# Each product with the activations times the unit is exact in float32 for activations of
+# up to 15 (ASM: 8, bfloat16's) significant bits; wider ones (float16, float32) are
+# rounded once, at most 2^-24 of unit x, against the code's code x.
+BYTE_UNIT: tl.constexpr = tl.constexpr(256.0)
+ASM_BYTE_UNIT: tl.constexpr = tl.constexpr(32768.0)
+
+
+@triton.constexpr_function
+def _byte_units_ptx(byte: int) -> str:
+    """The PTX that makes float32 1 + (byte `byte` of an int32) / ASM_BYTE_UNIT: a PRMT whose
+    result bytes are 1.0's byte 0 (0x00), the code byte, and 1.0's bytes 2 and 3."""
+    return f"prmt.b32 $0, $1, 0x3F800000, 0x{0x7604 + 16 * byte:04X};"
+
+
+@triton.jit
+def _byte_units(words, byte: tl.constexpr, ASM: tl.constexpr, one_bits):
+    """1 + (byte `byte` of each word) / the unit, as float32."""
+    if ASM:
+        units = tl.inline_asm_elementwise(_byte_units_ptx(byte), "=r,r", [words],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        if byte == 0:
+            moved = words << 15
+        elif byte == 1:
+            moved = words << 7
+        elif byte == 2:
+            moved = words >> 1
+        else:
+            moved = words >> 9
+        units = ((moved & 0x7F8000) | one_bits).to(tl.float32, bitcast=True)
+    return units
+
+
+@triton.jit
 def _scaled(total, sums, offset_sum, x_sum, group, n, ok, N, scale_ptr, low_ptr,
             HAS_LOW: tl.constexpr):
     """total + scale (sums added over the tile's rows - offset_sum) (+ low x_sum): one
@@ -1056,8 +1154,8 @@ def _product(tokens: int, weight: GroupQuantWeight):
         return _decoded_first
     if weight.planes:
         return _planes
-    if takes_one_token_int4(tokens, weight):
-        return _one_token_int4
+    if takes_one_token_gemv(tokens, weight):
+        return _one_token_gemv
     return _few_tokens if tokens <= FEW_TOKENS else _many_tokens
 
 
@@ -1108,7 +1206,7 @@ def takes_norm(tokens: int, weight: GroupQuantWeight) -> bool:
     FEW_TOKENS tokens on the planes or the few-token kernel (not decoded first, nor the
     one-token 4-bit GEMV), whose last step these are done in."""
     return (tokens <= FEW_TOKENS and not decodes_first(tokens, weight)
-            and (weight.planes or not takes_one_token_int4(tokens, weight)))
+            and (weight.planes or not takes_one_token_gemv(tokens, weight)))
 
 
 def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
@@ -1303,27 +1401,28 @@ def _planes(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
         **dependent_launch(flat.device))
 
 
-def takes_one_token_int4(tokens: int, weight: GroupQuantWeight) -> bool:
-    """Whether a call goes to the one-token 4-bit kernel: one token and a weight it takes
-    (`GroupQuantWeight.has_one_token_kernel`). On the H200, alternated in one run: 78.0
-    against the few-token kernel's 105.3 us per 8B layer in groups of 128. Groups of 32 (a
-    chunk's halves in two groups, two sums a byte) were no faster than the few-token kernel
-    and stay there."""
+def takes_one_token_gemv(tokens: int, weight: GroupQuantWeight) -> bool:
+    """Whether a call goes to a one-token GEMV (the 4-bit or the byte kernel): one token
+    and a weight it takes (`GroupQuantWeight.has_one_token_kernel`). On the H200,
+    alternated in one run: 78.0 against the few-token kernel's 105.3 us per 8B layer of
+    4-bit codes in groups of 128. 4-bit groups of 32 (a chunk's halves in two groups, two
+    sums a byte) were no faster than the few-token kernel and stay there."""
     return tokens == 1 and weight.has_one_token_kernel
 
 
-def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int, words: int = 32,
+def one_token_gemv_config(weight: GroupQuantWeight, multiprocessors: int, words: int = 32,
                           rows: int = 16, num_warps: int = 1,
                           programs_per_sm: int = 8) -> dict[str, int]:
-    """The one-token 4-bit kernel's words per program, rows a step, input splits, periods
-    and warps: about `programs_per_sm` programs per multiprocessor, each over a whole number
-    of steps and of periods (a period lies in one group: a split is a whole number of
-    groups or a whole fraction of one) and at least MIN_SPLIT_ROWS rows. The defaults were
-    the fastest of `quant_bench.py --sweep-one-token` on the H200 (8B layer, groups of 128),
-    or within 3 % of it."""
+    """A one-token GEMV's words per program, rows a step (a row of bytes: two 4-bit inputs,
+    or one 8-bit), input splits, periods and warps: about `programs_per_sm` programs per
+    multiprocessor, each over a whole number of steps and of periods (a period lies in one
+    group: a split is a whole number of groups or a whole fraction of one) and at least
+    MIN_SPLIT_ROWS rows. The defaults were the fastest of `quant_bench.py
+    --sweep-one-token` on the H200 (8B layer, 4-bit groups of 128), or within 3 % of it."""
     tiles = triton.cdiv(weight.out_features // 4, words)
-    byte_rows = weight.in_features // 2
-    group_rows = weight.group_size // 2
+    inputs_a_row = 2 if weight.bits == 4 else 1
+    byte_rows = weight.in_features // inputs_a_row
+    group_rows = weight.group_size // inputs_a_row
     target = programs_per_sm * multiprocessors
     splits = 1
     for candidate in range(2, byte_rows // MIN_SPLIT_ROWS + 1):
@@ -1339,17 +1438,22 @@ def one_token_int4_config(weight: GroupQuantWeight, multiprocessors: int, words:
             "SPLIT_ROWS": split_rows, "PERIOD": min(split_rows, group_rows)}
 
 
-def _one_token_int4(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
+def _one_token_gemv(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
                     multiprocessors: int) -> None:
-    config = one_token_int4_config(weight, multiprocessors)
+    config = one_token_gemv_config(weight, multiprocessors)
     splits = config.pop("splits")
     grid = (triton.cdiv(weight.out_features // 4, config["BLOCK_W"]), splits)
-    _one_token_int4_kernel[grid](
-        flat, weight.codes.view(torch.int32), weight.scale,
-        weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
-        tile_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
-        GROUP=weight.group_size, HAS_LOW=weight.low is not None, **config,
-        **dependent_launch(flat.device))
+    arguments = (flat, weight.codes.view(torch.int32), weight.scale,
+                 weight.low if weight.low is not None else weight.scale, out,
+                 _partials(out, splits), tile_counters(out.device, grid[0]),
+                 weight.out_features, ONE_BITS)
+    shared = {"SPLITS": splits, "GROUP": weight.group_size, "HAS_LOW": weight.low is not None,
+              **config, **dependent_launch(flat.device)}
+    if weight.bits == 4:
+        _one_token_int4_kernel[grid](*arguments, **shared)
+    else:
+        _one_token_bytes_kernel[grid](*arguments, SHARED_ZERO=weight.shared_zero,
+                                      ASM=flat.is_cuda, **shared)
 
 
 def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,

@@ -62,7 +62,11 @@ CASES = {
     "int4-g64-one-token-many-words": (1, 1032, 1024, 64, 4, True, False),
     "int4-per-row-one-token": (1, 8, 640, 640, 4, False, False),
     "int4-one-token-outputs-not-4s": (1, 98, 256, 128, 4, True, False),
+    # one token of 8-bit codes a byte each: the byte GEMV (outputs a multiple of 4), else
+    # the few-token kernel
     "int8-g16-one-token-split": (1, 200, 2048, 16, 8, True, False),
+    "int8-g32-centred-one-token-many-words": (1, 1032, 1024, 32, 8, "centred", False),
+    "int8-one-token-outputs-not-4s": (1, 98, 256, 32, 8, True, False),
     "int4-g128-nomin": (7, 80, 256, 128, 4, False, False),
     "int4-g64-large": (80, 48, 128, 64, 4, True, False),
     "int4-g32-tiles-split": (12, 40, 1024, 32, 4, True, False),
@@ -710,12 +714,17 @@ def test_the_startup_log_names_the_4_bit_layout_and_the_one_token_gemv():
     assert not weight(200, 2048, 128, 4).has_one_token_kernel  # planes
     bytes_each = GroupQuantWeight(torch.full((200, 2048), 200, dtype=torch.uint8),
                                   torch.ones(200, 128), None, 16, 8)  # codes past byte planes
-    assert bytes_each.kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
+    assert bytes_each.kernel_name() == \
+        "triton group gemm (8-bit codes, groups of 16; one token: a CUDA-core GEMV)"
+    narrow = GroupQuantWeight(torch.full((198, 2048), 200, dtype=torch.uint8),
+                              torch.ones(198, 128), None, 16, 8)
+    assert narrow.kernel_name() == "triton group gemm (8-bit codes, groups of 16)"
+    assert not weight(64, 256, 256, 8, float8=True).has_one_token_kernel
     assert weight(64, 256, 256, 8, float8=True).kernel_name() == "triton group gemm (fp8 weights)"
-    from pagoda.layers.quantization.triton_group_gemm import takes_one_token_int4
+    from pagoda.layers.quantization.triton_group_gemm import takes_one_token_gemv
     gemv = weight(200, 1088, 64, 4)
-    assert takes_one_token_int4(1, gemv) and not takes_one_token_int4(2, gemv)
-    assert not takes_one_token_int4(1, weight(96, 576, 32, 4))
+    assert takes_one_token_gemv(1, gemv) and not takes_one_token_gemv(2, gemv)
+    assert not takes_one_token_gemv(1, weight(96, 576, 32, 4))
 
 
 def shaped_weight(outputs: int, inputs: int, group: int, bits: int,
@@ -789,9 +798,9 @@ def test_a_kernel_tile_from_the_environment(monkeypatch):
 def test_one_token_splits_keep_each_period_in_one_group(outputs, inputs, group):
     from pagoda.layers.quantization.triton_group_gemm import (
         MIN_SPLIT_ROWS,
-        one_token_int4_config,
+        one_token_gemv_config,
     )
-    config = one_token_int4_config(shaped_weight(outputs, inputs, group, 4), 132)
+    config = one_token_gemv_config(shaped_weight(outputs, inputs, group, 4), 132)
     rows, split_rows, period = inputs // 2, config["SPLIT_ROWS"], config["PERIOD"]
     group_rows = group // 2
     assert split_rows * config["splits"] == rows
@@ -1286,6 +1295,23 @@ def test_the_one_token_int4_kernel_requests_weights_before_waiting():
     first_load = re.search(r"\bld\.global", ptx).start()
     assert -1 < first_load < wait
     assert re.search(r"\bst\.global", ptx).start() > wait
+
+
+@pytest.mark.parametrize(("group", "shared_zero"), [(32, 128), (128, None)])
+def test_the_one_token_byte_kernel_decodes_each_code_in_one_prmt_on_hopper(group, shared_zero):
+    """On a GPU (ASM) a code byte becomes a float in one PRMT, the byte and 1.0's upper bytes
+    put in place at once: four a word of four codes, and no shift or mask of them."""
+    from pagoda.layers.quantization.triton_group_gemm import _one_token_bytes_kernel
+    asm = compile_for_cuda(_one_token_bytes_kernel, {
+        "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
+        "one_bits": "i32"}, {
+        "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group, 256), "GROUP": group,
+        "HAS_LOW": shared_zero is None, "SHARED_ZERO": shared_zero, "ROWS": 16,
+        "BLOCK_W": 32, "ASM": True, "PDL": True})
+    selectors = re.findall(r"prmt\.b32\s+%r\d+, %r\d+, 0x3F800000, (0x76[0-3]4);", asm["ptx"])
+    assert sorted(set(selectors)) == ["0x7604", "0x7614", "0x7624", "0x7634"]
+    assert "0x7F8000" not in asm["ptx"] and "8355840" not in asm["ptx"]  # no mask
 
 
 def test_fp8_rows_compiles_for_hopper():
