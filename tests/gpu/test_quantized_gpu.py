@@ -321,12 +321,16 @@ def test_graphs_replay_the_eager_products(layout):
                                     "fp8-row", "fp8-block", "int8-g16"])
 def test_the_gated_activation_in_the_gate_up_product_changes_no_bit(layout, tokens, kind):
     """The 8B's gate-up product applying SiLU (1) or GELU (2) gating to its outputs rounds
-    them as the separate kernel does: the same bits as the activation launched after it."""
+    them as the separate kernel does: the same bits as the activation launched after it.
+    (One token of bytes goes to the byte GEMV, which applies none.)"""
     from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
     activation = {1: SiluAndMul(), 2: GeluTanhAndMul()}[kind]
     weight = random_weight(2 * 14336, 4096, *LAYOUTS[layout])
     x = torch.randn(tokens, weight.in_features, device="cuda", dtype=torch.bfloat16)
     got = weight.gated(x, activation)
+    if tokens == 1 and weight.has_one_token_kernel:
+        assert got is None
+        return
     assert got is not None and got.shape == (tokens, 14336)
     torch.testing.assert_close(got, activation(group_gemm(x, weight)), rtol=0, atol=0)
 

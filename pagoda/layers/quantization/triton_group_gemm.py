@@ -1406,19 +1406,26 @@ def takes_one_token_gemv(tokens: int, weight: GroupQuantWeight) -> bool:
     and a weight it takes (`GroupQuantWeight.has_one_token_kernel`). On the H200,
     alternated in one run: 78.0 against the few-token kernel's 105.3 us per 8B layer of
     4-bit codes in groups of 128. 4-bit groups of 32 (a chunk's halves in two groups, two
-    sums a byte) were no faster than the few-token kernel and stay there."""
+    sums a byte) were no faster than the few-token kernel and stay there. GGUF Q8_0's
+    bytes, an 8B layer on an H100 (`one_token_ab.py --layout int8-g32-centred --pdl`,
+    `quant_bench.py --sweep-one-token`): the few-token kernel 125.6 us, this at the 4-bit
+    kernel's tile 148.9, at its own (64 words) 101.2. Such a call takes no gated
+    activation or norm (`takes_norm`): those run as kernels of their own."""
     return tokens == 1 and weight.has_one_token_kernel
 
 
-def one_token_gemv_config(weight: GroupQuantWeight, multiprocessors: int, words: int = 32,
-                          rows: int = 16, num_warps: int = 1,
+def one_token_gemv_config(weight: GroupQuantWeight, multiprocessors: int,
+                          words: int | None = None, rows: int = 16, num_warps: int = 1,
                           programs_per_sm: int = 8) -> dict[str, int]:
-    """A one-token GEMV's words per program, rows a step (a row of bytes: two 4-bit inputs,
-    or one 8-bit), input splits, periods and warps: about `programs_per_sm` programs per
-    multiprocessor, each over a whole number of steps and of periods (a period lies in one
-    group: a split is a whole number of groups or a whole fraction of one) and at least
-    MIN_SPLIT_ROWS rows. The defaults were the fastest of `quant_bench.py
-    --sweep-one-token` on the H200 (8B layer, 4-bit groups of 128), or within 3 % of it."""
+    """A one-token GEMV's words per program (default 32 of 4-bit codes, 64 of bytes), rows a
+    step (a row of bytes: two 4-bit inputs, or one 8-bit), input splits, periods and warps:
+    about `programs_per_sm` programs per multiprocessor, each over a whole number of steps
+    and of periods (a period lies in one group: a split is a whole number of groups or a
+    whole fraction of one) and at least MIN_SPLIT_ROWS rows. The defaults were the fastest
+    of `quant_bench.py --sweep-one-token` at an 8B layer (4-bit groups of 128 on the H200,
+    or within 3 % of it; GGUF Q8_0's bytes on an H100, 101.2 us against 112.2 for the
+    next)."""
+    words = words or (32 if weight.bits == 4 else 64)
     tiles = triton.cdiv(weight.out_features // 4, words)
     inputs_a_row = 2 if weight.bits == 4 else 1
     byte_rows = weight.in_features // inputs_a_row

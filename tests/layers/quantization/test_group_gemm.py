@@ -792,17 +792,23 @@ def test_a_kernel_tile_from_the_environment(monkeypatch):
             tile_from_environment("PAGODA_TEST_TILE", (64, 4, 3, 8))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("outputs", "inputs", "group"), [
     (4096, 14336, 128), (28672, 4096, 128), (6144, 4096, 128), (4096, 4096, 64),
-    (2048, 5632, 64), (512, 4096, 4096), (100, 640, 320), (4, 128, 64)])
-def test_one_token_splits_keep_each_period_in_one_group(outputs, inputs, group):
+    (2048, 5632, 64), (512, 4096, 4096), (100, 640, 320), (4, 128, 64), (28672, 4096, 32),
+    (4096, 14336, 32)])
+def test_one_token_splits_keep_each_period_in_one_group(outputs, inputs, group, bits):
+    """A row of bytes holds two 4-bit inputs or one 8-bit input; the byte GEMV takes 64
+    words a program, the 4-bit one 32."""
     from pagoda.layers.quantization.triton_group_gemm import (
         MIN_SPLIT_ROWS,
         one_token_gemv_config,
     )
-    config = one_token_gemv_config(shaped_weight(outputs, inputs, group, 4), 132)
-    rows, split_rows, period = inputs // 2, config["SPLIT_ROWS"], config["PERIOD"]
-    group_rows = group // 2
+    config = one_token_gemv_config(shaped_weight(outputs, inputs, group, bits), 132)
+    assert config["BLOCK_W"] == (32 if bits == 4 else 64)
+    inputs_a_row = 2 if bits == 4 else 1
+    rows, split_rows, period = inputs // inputs_a_row, config["SPLIT_ROWS"], config["PERIOD"]
+    group_rows = group // inputs_a_row
     assert split_rows * config["splits"] == rows
     assert split_rows % period == 0 and period % config["ROWS"] == 0
     assert group_rows % period == 0  # a period never crosses a group
