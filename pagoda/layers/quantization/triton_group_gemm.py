@@ -650,19 +650,26 @@ def codes_as(codes, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
 
 
 @triton.jit
-def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
-                           count_ptr, N, one_bits, SPLIT_ROWS: tl.constexpr, SPLITS: tl.constexpr,
-                           PERIOD: tl.constexpr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
-    """out[n] for one token and 4-bit codes in groups of a multiple of CHUNK, on the CUDA
-    cores (a GEMV: no tensor-core tile padded from one row). The packed bytes are read as
-    int32 words [in / 2, out / 4], byte b of word w holding output 4 w + b. A program takes
+def _one_token_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
+                      N, one_bits, SPLIT_ROWS: tl.constexpr, SPLITS: tl.constexpr,
+                      PERIOD: tl.constexpr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr,
+                      BITS: tl.constexpr = 4, SHARED_ZERO: tl.constexpr = None,
+                      ASM: tl.constexpr = False):
+    """out[n] for one token on the CUDA cores (a GEMV: no tensor-core tile padded from one
+    row), from 4-bit codes in halves in groups of a multiple of CHUNK (BITS 4) or 8-bit
+    codes a byte each (BITS 8). The codes' bytes are read as int32 words [in / 2, out / 4]
+    (8 bits: [in, out / 4]), byte b of word w holding output 4 w + b. A program takes
     BLOCK_W words over SPLIT_ROWS rows of bytes, ROWS rows a step (one load of the whole
     [ROWS, BLOCK_W] tile, the next step's load in flight while this one's weights are
-    decoded), in periods of PERIOD rows that lie in one group. Every weight costs one
-    multiply-add into a sum of its own place in the tile; the sums are added across the
-    tile's rows (and threads) once a period, then scaled. With PDL the first tile of
-    weights (which no kernel writes) is requested before the wait for the previous kernel."""
+    decoded), in periods of PERIOD rows that lie in one group. Every weight costs its
+    decoding (_nibble_products, _byte_units) and one multiply-add into a sum of its own
+    place in the tile; the sums are added across the tile's rows (and threads) once a
+    period, then scaled. SHARED_ZERO (no min held): each group's min is -SHARED_ZERO times
+    its scale. With PDL the first tile of weights (which no kernel writes) is requested
+    before the wait for the previous kernel."""
+    INPUTS_A_ROW: tl.constexpr = 2 if BITS == 4 else 1
+    UNIT: tl.constexpr = ASM_BYTE_UNIT if ASM else BYTE_UNIT  # (bytes)
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     words_per_row = N // 4
     w_ok = w < words_per_row
@@ -671,8 +678,10 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
     total0, total1, total2, total3 = zeros, zeros, zeros, zeros
     tile = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
     sums0, sums1, sums2, sums3 = tile, tile, tile, tile  # each byte's, this period
-    x_low_sum = tl.zeros((), dtype=tl.float32)  # this period's, times LOW_UNIT
-    x_high_sum = tl.zeros((), dtype=tl.float32)  # times HIGH_UNIT
+    # this period's sums of x times the units it multiplies (4 bits: LOW_UNIT and
+    # HIGH_UNIT, the low and high nibbles'; 8 bits: UNIT, in x_low_sum)
+    x_low_sum = tl.zeros((), dtype=tl.float32)
+    x_high_sum = tl.zeros((), dtype=tl.float32)
     first = tl.program_id(1) * SPLIT_ROWS
     at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
     words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
@@ -682,21 +691,37 @@ def _one_token_int4_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partia
         at += ROWS * words_per_row
         following = tl.load(at, mask=w_ok[None, :] & (offset + ROWS < SPLIT_ROWS), other=0,
                             eviction_policy="evict_first")
-        k = (row // HALF_T) * (2 * HALF_T) + row % HALF_T  # the low nibbles' first input
-        x_low = tl.load(x_ptr + k + steps).to(tl.float32) * LOW_UNIT
-        x_high = tl.load(x_ptr + k + HALF_T + steps).to(tl.float32) * HIGH_UNIT
-        x_low_sum += tl.sum(x_low, axis=0)
-        x_high_sum += tl.sum(x_high, axis=0)
-        x_low, x_high = x_low[:, None], x_high[:, None]
-        sums0 = _nibble_products(sums0, words, 0, x_low, x_high, one_bits)
-        sums1 = _nibble_products(sums1, words, 1, x_low, x_high, one_bits)
-        sums2 = _nibble_products(sums2, words, 2, x_low, x_high, one_bits)
-        sums3 = _nibble_products(sums3, words, 3, x_low, x_high, one_bits)
+        if BITS == 4:
+            k = (row // HALF_T) * (2 * HALF_T) + row % HALF_T  # the low nibbles' first input
+            x_low = tl.load(x_ptr + k + steps).to(tl.float32) * LOW_UNIT
+            x_high = tl.load(x_ptr + k + HALF_T + steps).to(tl.float32) * HIGH_UNIT
+            x_low_sum += tl.sum(x_low, axis=0)
+            x_high_sum += tl.sum(x_high, axis=0)
+            x_low, x_high = x_low[:, None], x_high[:, None]
+            sums0 = _nibble_products(sums0, words, 0, x_low, x_high, one_bits)
+            sums1 = _nibble_products(sums1, words, 1, x_low, x_high, one_bits)
+            sums2 = _nibble_products(sums2, words, 2, x_low, x_high, one_bits)
+            sums3 = _nibble_products(sums3, words, 3, x_low, x_high, one_bits)
+        else:
+            x_units = tl.load(x_ptr + row + steps).to(tl.float32) * UNIT
+            x_low_sum += tl.sum(x_units, axis=0)
+            x_units = x_units[:, None]
+            sums0 += _byte_units(words, 0, ASM, one_bits) * x_units
+            sums1 += _byte_units(words, 1, ASM, one_bits) * x_units
+            sums2 += _byte_units(words, 2, ASM, one_bits) * x_units
+            sums3 += _byte_units(words, 3, ASM, one_bits) * x_units
         words = following
         if (offset + ROWS) % PERIOD == 0:  # the period's last step: add its sums, scaled
-            group = row // (GROUP // 2)  # GROUP / 2 rows a group, chunk after chunk
+            group = row // (GROUP // INPUTS_A_ROW)  # (4 bits: chunk after chunk)
+            # the units' sums of x come off, and x's own sum times the shared zero point
+            # (exact: powers of two)
             offset_sum = x_low_sum + x_high_sum
-            x_sum = x_low_sum / LOW_UNIT + x_high_sum / HIGH_UNIT  # (exact: powers of two)
+            if BITS == 4:
+                x_sum = x_low_sum / LOW_UNIT + x_high_sum / HIGH_UNIT
+            else:
+                x_sum = x_low_sum / UNIT
+            if SHARED_ZERO is not None:
+                offset_sum += x_sum * SHARED_ZERO
             total0 = _scaled(total0, sums0, offset_sum, x_sum, group, 4 * w, w_ok, N,
                              scale_ptr, low_ptr, HAS_LOW)
             total1 = _scaled(total1, sums1, offset_sum, x_sum, group, 4 * w + 1, w_ok, N,
@@ -734,6 +759,16 @@ ONE_BITS = 0x3F800000  # float32 1.0
 def _nibble_products(sums, words, byte: tl.constexpr, x_low, x_high, one_bits):
     """sums + byte `byte`'s products: its low nibble times x_low and its high nibble times
     x_high (the activations scaled by LOW_UNIT and HIGH_UNIT)."""
+    moved = _byte_at_bit_15(words, byte)
+    low_units = ((moved & 0x78000) | one_bits).to(tl.float32, bitcast=True)
+    high_units = ((moved & 0x780000) | one_bits).to(tl.float32, bitcast=True)
+    return sums + low_units * x_low + high_units * x_high
+
+
+@triton.jit
+def _byte_at_bit_15(words, byte: tl.constexpr):
+    """The words shifted so that byte `byte` of each lies in bits 15-22 (float32's mantissa
+    bits below its first seven)."""
     if byte == 0:
         moved = words << 15
     elif byte == 1:
@@ -742,71 +777,7 @@ def _nibble_products(sums, words, byte: tl.constexpr, x_low, x_high, one_bits):
         moved = words >> 1
     else:
         moved = words >> 9
-    low_units = ((moved & 0x78000) | one_bits).to(tl.float32, bitcast=True)
-    high_units = ((moved & 0x780000) | one_bits).to(tl.float32, bitcast=True)
-    return sums + low_units * x_low + high_units * x_high
-
-
-@triton.jit
-def _one_token_bytes_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr,
-                            count_ptr, N, one_bits, SPLIT_ROWS: tl.constexpr,
-                            SPLITS: tl.constexpr, PERIOD: tl.constexpr, GROUP: tl.constexpr,
-                            HAS_LOW: tl.constexpr, SHARED_ZERO: tl.constexpr,
-                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr,
-                            PDL: tl.constexpr):
-    """out[n] for one token and 8-bit codes a byte each, on the CUDA cores as
-    _one_token_int4_kernel: the codes [in, out] read as int32 words [in, out / 4], byte b
-    of word w holding output 4 w + b, a row an input. Every code costs its decoding
-    (_byte_units: one PRMT on a GPU) and one multiply-add. SHARED_ZERO (no min held): each
-    group's min is -SHARED_ZERO times its scale."""
-    UNIT: tl.constexpr = ASM_BYTE_UNIT if ASM else BYTE_UNIT
-    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    words_per_row = N // 4
-    w_ok = w < words_per_row
-    steps = tl.arange(0, ROWS)
-    zeros = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    total0, total1, total2, total3 = zeros, zeros, zeros, zeros
-    tile = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
-    sums0, sums1, sums2, sums3 = tile, tile, tile, tile  # each byte's, this period
-    x_sum = tl.zeros((), dtype=tl.float32)  # this period's
-    first = tl.program_id(1) * SPLIT_ROWS
-    at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
-    words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
-    wait_for_previous_kernel(PDL)
-    for offset in range(0, SPLIT_ROWS, ROWS):
-        row = first + offset
-        at += ROWS * words_per_row
-        following = tl.load(at, mask=w_ok[None, :] & (offset + ROWS < SPLIT_ROWS), other=0,
-                            eviction_policy="evict_first")
-        x = tl.load(x_ptr + row + steps).to(tl.float32)
-        x_sum += tl.sum(x, axis=0)
-        x_units = (x * UNIT)[:, None]
-        sums0 += _byte_units(words, 0, ASM, one_bits) * x_units
-        sums1 += _byte_units(words, 1, ASM, one_bits) * x_units
-        sums2 += _byte_units(words, 2, ASM, one_bits) * x_units
-        sums3 += _byte_units(words, 3, ASM, one_bits) * x_units
-        words = following
-        if (offset + ROWS) % PERIOD == 0:  # the period's last step: add its sums, scaled
-            group = row // GROUP
-            # the units' sums of x, and the shared zero point's (exact: powers of two)
-            offset_sum = x_sum * UNIT
-            if SHARED_ZERO is not None:
-                offset_sum += x_sum * SHARED_ZERO
-            total0 = _scaled(total0, sums0, offset_sum, x_sum, group, 4 * w, w_ok, N,
-                             scale_ptr, low_ptr, HAS_LOW)
-            total1 = _scaled(total1, sums1, offset_sum, x_sum, group, 4 * w + 1, w_ok, N,
-                             scale_ptr, low_ptr, HAS_LOW)
-            total2 = _scaled(total2, sums2, offset_sum, x_sum, group, 4 * w + 2, w_ok, N,
-                             scale_ptr, low_ptr, HAS_LOW)
-            total3 = _scaled(total3, sums3, offset_sum, x_sum, group, 4 * w + 3, w_ok, N,
-                             scale_ptr, low_ptr, HAS_LOW)
-            sums0, sums1, sums2, sums3 = tile, tile, tile, tile
-            x_sum = tl.zeros((), dtype=tl.float32)
-    total = tl.reshape(tl.join(tl.join(total0, total2), tl.join(total1, total3)),
-                       (4 * BLOCK_W,))
-    n = tl.program_id(0) * 4 * BLOCK_W + tl.arange(0, 4 * BLOCK_W)
-    _store_split_sums(total, out_ptr, n, n < N, partial_ptr, N, count_ptr, tl.program_id(0),
-                      tl.program_id(1), SPLITS)
+    return moved
 
 
 # A code byte becomes a float by bit operations alone, as nibbles do above: in mantissa
@@ -833,15 +804,8 @@ def _byte_units(words, byte: tl.constexpr, ASM: tl.constexpr, one_bits):
         units = tl.inline_asm_elementwise(_byte_units_ptx(byte), "=r,r", [words],
                                           dtype=tl.float32, is_pure=True, pack=1)
     else:
-        if byte == 0:
-            moved = words << 15
-        elif byte == 1:
-            moved = words << 7
-        elif byte == 2:
-            moved = words >> 1
-        else:
-            moved = words >> 9
-        units = ((moved & 0x7F8000) | one_bits).to(tl.float32, bitcast=True)
+        units = ((_byte_at_bit_15(words, byte) & 0x7F8000) | one_bits).to(tl.float32,
+                                                                         bitcast=True)
     return units
 
 
@@ -1450,17 +1414,13 @@ def _one_token_gemv(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Ten
     config = one_token_gemv_config(weight, multiprocessors)
     splits = config.pop("splits")
     grid = (triton.cdiv(weight.out_features // 4, config["BLOCK_W"]), splits)
-    arguments = (flat, weight.codes.view(torch.int32), weight.scale,
-                 weight.low if weight.low is not None else weight.scale, out,
-                 _partials(out, splits), tile_counters(out.device, grid[0]),
-                 weight.out_features, ONE_BITS)
-    shared = {"SPLITS": splits, "GROUP": weight.group_size, "HAS_LOW": weight.low is not None,
-              **config, **dependent_launch(flat.device)}
-    if weight.bits == 4:
-        _one_token_int4_kernel[grid](*arguments, **shared)
-    else:
-        _one_token_bytes_kernel[grid](*arguments, SHARED_ZERO=weight.shared_zero,
-                                      ASM=flat.is_cuda, **shared)
+    _one_token_kernel[grid](
+        flat, weight.codes.view(torch.int32), weight.scale,
+        weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
+        tile_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
+        GROUP=weight.group_size, HAS_LOW=weight.low is not None, BITS=weight.bits,
+        SHARED_ZERO=weight.shared_zero, ASM=flat.is_cuda, **config,
+        **dependent_launch(flat.device))
 
 
 def _many_tokens(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,

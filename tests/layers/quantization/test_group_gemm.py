@@ -1279,8 +1279,8 @@ def test_8_bit_few_token_tiles_fit_hoppers_shared_memory(activations, group):
 
 
 def _one_token_int4_for_hopper(group: int) -> dict:
-    from pagoda.layers.quantization.triton_group_gemm import _one_token_int4_kernel
-    return compile_for_cuda(_one_token_int4_kernel, {
+    from pagoda.layers.quantization.triton_group_gemm import _one_token_kernel
+    return compile_for_cuda(_one_token_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
         "one_bits": "i32"}, {
@@ -1307,14 +1307,14 @@ def test_the_one_token_int4_kernel_requests_weights_before_waiting():
 def test_the_one_token_byte_kernel_decodes_each_code_in_one_prmt_on_hopper(group, shared_zero):
     """On a GPU (ASM) a code byte becomes a float in one PRMT, the byte and 1.0's upper bytes
     put in place at once: four a word of four codes, and no shift or mask of them."""
-    from pagoda.layers.quantization.triton_group_gemm import _one_token_bytes_kernel
-    asm = compile_for_cuda(_one_token_bytes_kernel, {
+    from pagoda.layers.quantization.triton_group_gemm import _one_token_kernel
+    asm = compile_for_cuda(_one_token_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
         "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
         "one_bits": "i32"}, {
         "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group, 256), "GROUP": group,
         "HAS_LOW": shared_zero is None, "SHARED_ZERO": shared_zero, "ROWS": 16,
-        "BLOCK_W": 32, "ASM": True, "PDL": True})
+        "BLOCK_W": 32, "ASM": True, "PDL": True, "BITS": 8})
     selectors = re.findall(r"prmt\.b32\s+%r\d+, %r\d+, 0x3F800000, (0x76[0-3]4);", asm["ptx"])
     assert sorted(set(selectors)) == ["0x7604", "0x7614", "0x7624", "0x7634"]
     assert "0x7F8000" not in asm["ptx"] and "8355840" not in asm["ptx"]  # no mask
