@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="sweep the few-token kernel's settings for these layouts")
     parser.add_argument("--sweep-one-token", nargs="+", default=None,
                         choices=[name for name in LAYOUTS if not LAYOUTS[name][3]],
-                        help="sweep the one-token 4-bit kernel's settings for these layouts")
+                        help="sweep the one-token GEMVs' settings for these layouts")
     parser.add_argument("--grid", type=json.loads, default=None,
                         help="--sweep's settings as JSON, e.g. '{\"BLOCK_T\": [8], ...}' "
                              "(every key of SWEEP)")
