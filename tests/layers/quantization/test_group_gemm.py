@@ -1303,6 +1303,35 @@ def test_the_one_token_int4_kernel_requests_weights_before_waiting():
     assert re.search(r"\bst\.global", ptx).start() > wait
 
 
+def test_the_byte_units_prmt_puts_each_code_byte_in_the_mantissa_of_one():
+    """PTX's prmt as documented (result byte i is byte selector nibble i of the eight bytes
+    of b:a; a selector's fourth bit, sign replication, is never set here), run on the
+    _byte_units_ptx strings: byte k of a word becomes 1 + code / ASM_BYTE_UNIT, as the
+    interpreter's shift and mask make 1 + code / BYTE_UNIT."""
+    import struct
+
+    from pagoda.layers.quantization.triton_group_gemm import (
+        ASM_BYTE_UNIT,
+        _byte_units_ptx,
+    )
+
+    def prmt(a: int, b: int, selector: int) -> int:
+        pool = (b << 32 | a).to_bytes(8, "little")
+        assert not selector & 0x8888
+        return int.from_bytes(bytes(pool[selector >> 4 * i & 7] for i in range(4)), "little")
+
+    generator = torch.Generator().manual_seed(0)
+    for word in torch.randint(0, 2 ** 32, (64,), generator=generator, dtype=torch.int64):
+        word = int(word)
+        for byte in range(4):
+            b, selector = re.fullmatch(r"prmt\.b32 \$0, \$1, (0x[0-9A-F]+), (0x[0-9A-F]+);",
+                                       _byte_units_ptx(byte)).groups()
+            bits = prmt(word, int(b, 16), int(selector, 16))
+            value = struct.unpack("<f", bits.to_bytes(4, "little"))[0]
+            code = word >> 8 * byte & 0xFF
+            assert value == 1 + code / ASM_BYTE_UNIT.value, (hex(word), byte)
+
+
 @pytest.mark.parametrize(("group", "shared_zero"), [(32, 128), (128, None)])
 def test_the_one_token_byte_kernel_decodes_each_code_in_one_prmt_on_hopper(group, shared_zero):
     """On a GPU (ASM) a code byte becomes a float in one PRMT, the byte and 1.0's upper bytes
