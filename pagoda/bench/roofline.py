@@ -77,10 +77,12 @@ class ModelShape:
         bytes in `held`, by default in the model dtype) and, in a mixture of experts, less the
         experts a token is not routed to (each expert parameter at the experts' bytes a
         parameter)."""
-        table = held.table if held.table is not None else \
-            config.vocab_size * config.hidden_size * self.itemsize
         if getattr(config, "tie_word_embeddings", False):
             table = 0
+        elif held.table is not None:
+            table = held.table
+        else:
+            table = config.vocab_size * config.hidden_size * self.itemsize
         read = held.total - table
         if self.experts is None or not held.experts:
             return replace(self, weight_bytes_read=read)

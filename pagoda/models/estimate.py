@@ -148,9 +148,8 @@ def held_bytes(source: ModelSource, spec: ArchSpec, itemsize: int, quantization:
     per group on the block-dot kernel, float16 for the legacy types and factored as the k-quants
     store them, else 4-bit types with bfloat16 ones per 32; on CUDA every type as 4 or 8-bit
     codes with float16 scales and mins, Q3_K's, Q6_K's, Q8_0's and Q4_0's scales alone), a
-    tied GGUF table
-    likewise where a kernel that also looks rows up holds it (gguf.holds_tied_table), an
-    untied GGUF LM head likewise where a kernel holds its type,
+    tied GGUF table likewise where a kernel that also looks rows up holds it
+    (gguf.holds_tied_table), an untied GGUF LM head likewise where a kernel holds its type,
     AWQ/GPTQ/compressed-tensors integers likewise (scales and zeros doubling the scales'
     bits), FP8 weights one byte (+ float32 scales; on CPU where pagoda's float8 kernel
     runs), everything else at `itemsize`; on CPU FP8 weights without the float8 kernel, and

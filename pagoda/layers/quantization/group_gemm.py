@@ -314,10 +314,9 @@ class GroupQuantWeight(nn.Module):
     three tensors; byte planes in groups of 16 whose zero points are all one integer
     (`shared_zero`) only their scales, two groups' to a word (`scale_pairs`), and bytes a
     code and 4-bit codes scaled weight by weight whose zero points are all one power of two
-    no mins (`shared_zero`); and planes of a
-    GGUF k-quant its sub-scales and factors (`factored_words`: `sub_words` and
-    `factor_words`, with PAGODA_PLANE_FACTORED_SCALES=1); `scales_and_mins()` reads them
-    whichever way."""
+    no mins (`shared_zero`); and planes of a GGUF k-quant its sub-scales and factors
+    (`factored_words`: `sub_words` and `factor_words`, with PAGODA_PLANE_FACTORED_SCALES=1);
+    `scales_and_mins()` reads them whichever way."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None,
                  group_size: int, bits: int, planes: bool | None = None,
@@ -336,9 +335,9 @@ class GroupQuantWeight(nn.Module):
         all -z times the scale for one integer z hold `scale_pairs` and `shared_zero` z
         instead (SCALE_PAIRS_IN_PLANES); bytes a code and 4-bit codes scaled weight by weight
         whose mins are all -z times the scale, z a power of two, hold no mins, `shared_zero`
-        z (CENTRED_CODES). `factors`: a GGUF k-quant's
-        `scale` and `low` as its blocks store them, which planes hold so (`factored_words`,
-        in place of the words; with PAGODA_PLANE_FACTORED_SCALES=1)."""
+        z (CENTRED_CODES). `factors`: a GGUF k-quant's `scale` and `low` as its blocks store
+        them, which planes hold so (`factored_words`, in place of the words; with
+        PAGODA_PLANE_FACTORED_SCALES=1)."""
         super().__init__()
         out_features, in_features = codes.shape
         if not supports(in_features, group_size, bits):
