@@ -651,11 +651,14 @@ def codes_as(codes, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
 
 @triton.jit
 def _one_token_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr, count_ptr,
-                      N, one_bits, SPLIT_ROWS: tl.constexpr, SPLITS: tl.constexpr,
-                      PERIOD: tl.constexpr, GROUP: tl.constexpr, HAS_LOW: tl.constexpr,
-                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr,
-                      BITS: tl.constexpr = 4, SHARED_ZERO: tl.constexpr = None,
-                      ASM: tl.constexpr = False):
+                      norm_ptr, residual_ptr, residual_out_ptr, squares_ptr, norm_tiles,
+                      norm_width, norm_eps, N, stride_om, one_bits, SPLIT_ROWS: tl.constexpr,
+                      SPLITS: tl.constexpr, PERIOD: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_LOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                      PDL: tl.constexpr, BITS: tl.constexpr = 4,
+                      SHARED_ZERO: tl.constexpr = None, ASM: tl.constexpr = False,
+                      GATED: tl.constexpr = 0, NORM: tl.constexpr = 0,
+                      NORM_TILES: tl.constexpr = 1, LAUNCH_LATE: tl.constexpr = 0):
     """out[n] for one token on the CUDA cores (a GEMV: no tensor-core tile padded from one
     row), from 4-bit codes in halves in groups of a multiple of CHUNK (BITS 4) or 8-bit
     codes a byte each (BITS 8). The codes' bytes are read as int32 words [in / 2, out / 4]
@@ -667,12 +670,13 @@ def _one_token_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr
     place in the tile; the sums are added across the tile's rows (and threads) once a
     period, then scaled. SHARED_ZERO (no min held): each group's min is -SHARED_ZERO times
     its scale. With PDL the first tile of weights (which no kernel writes) is requested
-    before the wait for the previous kernel."""
+    before the wait for the previous kernel. The grid is [tiles, 1, splits], as the W x^T
+    kernels' of one token tile, and the end theirs (_store_products: GATED, the tile's
+    first half of words a gate's and the other its ups'; NORM, LAUNCH_LATE)."""
     INPUTS_A_ROW: tl.constexpr = 2 if BITS == 4 else 1
     UNIT: tl.constexpr = ASM_BYTE_UNIT if ASM else BYTE_UNIT  # (bytes)
-    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     words_per_row = N // 4
-    w_ok = w < words_per_row
+    w, w_ok = _one_token_words(words_per_row, BLOCK_W, GATED)
     steps = tl.arange(0, ROWS)
     zeros = tl.zeros((BLOCK_W,), dtype=tl.float32)
     total0, total1, total2, total3 = zeros, zeros, zeros, zeros
@@ -682,10 +686,10 @@ def _one_token_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr
     # HIGH_UNIT, the low and high nibbles'; 8 bits: UNIT, in x_low_sum)
     x_low_sum = tl.zeros((), dtype=tl.float32)
     x_high_sum = tl.zeros((), dtype=tl.float32)
-    first = tl.program_id(1) * SPLIT_ROWS
+    first = tl.program_id(2) * SPLIT_ROWS
     at = words_ptr + (first + steps)[:, None] * words_per_row + w[None, :]
     words = tl.load(at, mask=w_ok[None, :], other=0, eviction_policy="evict_first")
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, not LAUNCH_LATE)
     for offset in range(0, SPLIT_ROWS, ROWS):
         row = first + offset
         at += ROWS * words_per_row
@@ -733,12 +737,28 @@ def _one_token_kernel(x_ptr, words_ptr, scale_ptr, low_ptr, out_ptr, partial_ptr
             sums0, sums1, sums2, sums3 = tile, tile, tile, tile
             x_low_sum = tl.zeros((), dtype=tl.float32)
             x_high_sum = tl.zeros((), dtype=tl.float32)
-    # [BLOCK_W, 4] in output order (n = 4 w + b), flattened
+    # [BLOCK_W, 4] in output order (n = 4 w + b), flattened, as one token's tile
     total = tl.reshape(tl.join(tl.join(total0, total2), tl.join(total1, total3)),
-                       (4 * BLOCK_W,))
-    n = tl.program_id(0) * 4 * BLOCK_W + tl.arange(0, 4 * BLOCK_W)
-    _store_split_sums(total, out_ptr, n, n < N, partial_ptr, N, count_ptr, tl.program_id(0),
-                      tl.program_id(1), SPLITS)
+                       (4 * BLOCK_W, 1))
+    n, t, split, n_ok, t_ok = _outputs_by_tokens_tile(N, 1, 4 * BLOCK_W, 1, GATED)
+    _store_products(total, out_ptr, stride_om, n, t, n_ok, t_ok, N, 1, partial_ptr, count_ptr,
+                    split, SPLITS, GATED, NORM, norm_ptr, residual_ptr, residual_out_ptr,
+                    squares_ptr, norm_tiles, norm_width, norm_eps, NORM_TILES, PDL,
+                    LAUNCH_LATE)
+
+
+@triton.jit
+def _one_token_words(words_per_row, BLOCK_W: tl.constexpr, GATED: tl.constexpr):
+    """A one-token program's words of a row and which exist: BLOCK_W in a row; GATED, the
+    outputs [gate | up] halves, BLOCK_W / 2 of the gates' and the same of their ups' (as
+    _outputs_by_tokens_tile's tile of 4 BLOCK_W outputs holds them)."""
+    i = tl.arange(0, BLOCK_W)
+    if GATED:
+        HALF_W: tl.constexpr = BLOCK_W // 2
+        gate = tl.program_id(0) * HALF_W + i % HALF_W
+        return gate + (i // HALF_W) * (words_per_row // 2), gate < words_per_row // 2
+    w = tl.program_id(0) * BLOCK_W + i
+    return w, w < words_per_row
 
 
 # A byte's two nibbles become floats by bit operations alone: the byte shifted so that its
@@ -1097,14 +1117,13 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
                           device=x.device)
         norm = None if normed is None else _NormArguments.inputs(normed, weight.in_features,
                                                                  norm_eps, out)
-        (_planes if weight.planes else _few_tokens)(flat, weight, out, multiprocessors, gated,
-                                                    norm)
+        _product(tokens, weight)(flat, weight, out, multiprocessors, gated, norm)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     if out is not None:
         _check_output(out, tokens, weight.out_features, x)
     product = _product(tokens, weight)
-    into = out if out is not None and product in (_planes, _few_tokens) else \
-        torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
+    into = out if out is not None and product in (_planes, _few_tokens, _one_token_gemv) \
+        else torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
     product(flat, weight, into, multiprocessors)
     if out is not None:
         return out if into is out else out.copy_(into)
@@ -1113,7 +1132,8 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
 
 def _product(tokens: int, weight: GroupQuantWeight):
     """The launcher of a call of `tokens` rows (each takes flat x, the weight, the output
-    and the multiprocessor count)."""
+    and the multiprocessor count; those of the calls `takes_norm` allows, the planes, the
+    one-token GEMV and the few-token kernel, also a gated kind and _NormArguments)."""
     if decodes_first(tokens, weight):
         return _decoded_first
     if weight.planes:
@@ -1158,7 +1178,7 @@ def group_gemm_then_norm(x: torch.Tensor, weight: GroupQuantWeight, residual: to
                          f"({x.dtype})")
     out = torch.empty(tokens, weight.out_features, dtype=x.dtype, device=x.device)
     norm = _NormArguments.outputs(residual.reshape(tokens, -1).contiguous(), norm_weight, out)
-    (_planes if weight.planes else _few_tokens)(
+    _product(tokens, weight)(
         flat, weight, out, multiprocessor_count(x.device.index if x.is_cuda else None), 0,
         norm)
     return out.view(shape), norm.residual_out.view(shape), norm.squares
@@ -1167,17 +1187,18 @@ def group_gemm_then_norm(x: torch.Tensor, weight: GroupQuantWeight, residual: to
 def takes_norm(tokens: int, weight: GroupQuantWeight) -> bool:
     """Whether a call of `tokens` can norm its outputs for the next product
     (group_gemm_then_norm) or take inputs so normed (group_gemm's `normed`): one of up to
-    FEW_TOKENS tokens on the planes or the few-token kernel (not decoded first, nor the
-    one-token 4-bit GEMV), whose last step these are done in."""
-    return (tokens <= FEW_TOKENS and not decodes_first(tokens, weight)
-            and (weight.planes or not takes_one_token_gemv(tokens, weight)))
+    FEW_TOKENS tokens on the planes, the one-token GEMV or the few-token kernel (not
+    decoded first), whose last step these are done in."""
+    return tokens <= FEW_TOKENS and not decodes_first(tokens, weight)
 
 
 def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
     """Whether a call of `tokens` on a gate-up weight can apply the gated activation to its
-    outputs: one of up to FEW_TOKENS tokens on the planes or the few-token kernel, whose
-    tiles hold a gate's and its up's sums (not with PAGODA_GATED_IN_PRODUCT=0)."""
-    return GATED_IN_PRODUCT and weight.out_features % 2 == 0 and takes_norm(tokens, weight)
+    outputs: one `takes_norm` allows, whose tiles hold a gate's and its up's sums (the
+    one-token GEMV's, words of four outputs: each half a multiple of 4), and not with
+    PAGODA_GATED_IN_PRODUCT=0."""
+    halves = 8 if takes_one_token_gemv(tokens, weight) else 2
+    return GATED_IN_PRODUCT and weight.out_features % halves == 0 and takes_norm(tokens, weight)
 
 
 @dataclass(slots=True)
@@ -1373,8 +1394,7 @@ def takes_one_token_gemv(tokens: int, weight: GroupQuantWeight) -> bool:
     sums a byte) were no faster than the few-token kernel and stay there. GGUF Q8_0's
     bytes, an 8B layer on an H100 (`one_token_ab.py --layout int8-g32-centred --pdl`,
     `quant_bench.py --sweep-one-token`): the few-token kernel 125.6 us, this at the 4-bit
-    kernel's tile 148.9, at its own (64 words) 101.2. Such a call takes no gated
-    activation or norm (`takes_norm`): those run as kernels of their own."""
+    kernel's tile 148.9, at its own (64 words) 101.2."""
     return tokens == 1 and weight.has_one_token_kernel
 
 
@@ -1410,16 +1430,19 @@ def one_token_gemv_config(weight: GroupQuantWeight, multiprocessors: int,
 
 
 def _one_token_gemv(flat: torch.Tensor, weight: GroupQuantWeight, out: torch.Tensor,
-                    multiprocessors: int) -> None:
+                    multiprocessors: int, gated: int = 0,
+                    norm: _NormArguments | None = None) -> None:
     config = one_token_gemv_config(weight, multiprocessors)
     splits = config.pop("splits")
-    grid = (triton.cdiv(weight.out_features // 4, config["BLOCK_W"]), splits)
+    grid = (_output_tiles(weight.out_features, 4 * config["BLOCK_W"], gated), 1, splits)
     _one_token_kernel[grid](
         flat, weight.codes.view(torch.int32), weight.scale,
-        weight.low if weight.low is not None else weight.scale, out, _partials(out, splits),
-        tile_counters(out.device, grid[0]), weight.out_features, ONE_BITS, SPLITS=splits,
-        GROUP=weight.group_size, HAS_LOW=weight.low is not None, BITS=weight.bits,
-        SHARED_ZERO=weight.shared_zero, ASM=flat.is_cuda, **config,
+        weight.low if weight.low is not None else weight.scale, out,
+        _partials(out, splits, weight.out_features), tile_counters(out.device, grid[0]),
+        **_norm_launch(norm, out, grid[0], 1), N=weight.out_features,
+        stride_om=out.stride(0), one_bits=ONE_BITS, SPLITS=splits, GROUP=weight.group_size,
+        HAS_LOW=weight.low is not None, BITS=weight.bits, SHARED_ZERO=weight.shared_zero,
+        ASM=flat.is_cuda, GATED=gated, LAUNCH_LATE=_launches_late(norm), **config,
         **dependent_launch(flat.device))
 
 

@@ -187,12 +187,12 @@ def byte_plane_errors(generator: torch.Generator) -> dict[str, float]:
     return errors
 
 
-# products written into columns of a wider output (group_gemm's `out`): the planes and
-# few-token kernels store rows that far apart, the other paths copy into them
+# products written into columns of a wider output (group_gemm's `out`): the planes,
+# few-token and one-token kernels store rows that far apart, the other paths copy into them
 COLUMN_CASES = ["int4-planes-g96-one-token", "int4-planes-g128-tokens-100",
                 "int4-planes-zero-points-g32-tokens-12", "fp8-per-row-split", "int8-g16",
                 "int8-g32-large", "int4-g128-one-token-split-halves",
-                "bytes-g16-tokens-12-split"]
+                "int8-g16-one-token-split", "bytes-g16-tokens-12-split"]
 
 
 def column_errors(generator: torch.Generator) -> dict[str, float]:
@@ -285,6 +285,13 @@ GATED_CASES = {"int4-planes-zero-points-g128-one-token": 1, "int4-planes-g64-tok
                "fp8-per-row-split": 2, "fp8-blocks": 1}
 GATED_BYTE_PLANE_CASES = {"bytes-g16-tokens-12-split": 2, "bytes-g32-tokens-20": 1,
                           "bytes-g16-shared-zero-one-token": 1}
+# one token on the one-token GEMV (4-bit halves, bytes a code, the last tile's gate words
+# partly past the outputs): its tile of words half gates', half their ups'
+GATED_GEMV_CASES = {"int4-g128-one-token-split": 1, "int8-g16-one-token-split": 2,
+                    "int8-g32-centred-one-token-many-words": 1}
+# their error: act(gate) up of a gate and an up each within the GEMV's error of its plain
+# outputs (its offsets cost up to 8 bits of float32's 24), which the product adds up
+GATED_GEMV_TOLERANCE = 5e-4
 
 
 def gated_errors(generator: torch.Generator) -> dict[str, float]:
@@ -299,6 +306,10 @@ def gated_errors(generator: torch.Generator) -> dict[str, float]:
         tokens, outputs, inputs, group, with_min = BYTE_PLANE_CASES[name]
         weights[name] = (tokens, byte_plane_weight(outputs, inputs, group, with_min, generator,
                                                    True), kind)
+    for name, kind in GATED_GEMV_CASES.items():
+        weight = random_weight(*CASES[name][1:], generator, planes=False)
+        assert weight.has_one_token_kernel
+        weights[name] = (CASES[name][0], weight, kind)
     errors = {}
     for name, (tokens, weight, kind) in weights.items():
         x = torch.randn(tokens, weight.in_features, generator=generator)
@@ -313,8 +324,8 @@ def gated_errors(generator: torch.Generator) -> dict[str, float]:
 # a product whose outputs feed an RMSNorm, and the next product, which finishes it: name ->
 # (tokens, the first product's CASES layout or byte planes' (outputs, inputs, group, with a
 # min), the second's, its gated activation). The outputs' width is the second's inputs:
-# planes, few-token and byte-plane kernels on either side, split inputs and several token
-# tiles
+# planes, few-token, byte-plane and one-token GEMV ("halves": 4-bit codes so) kernels on
+# either side, split inputs and several token tiles
 NORMED_CASES = {
     "normed-int4-planes-into-int4-g32": (3, (256, 1024, 128, 4, "zero points", False),
                                          (96, 256, 32, 4, True, False), 0),
@@ -324,6 +335,10 @@ NORMED_CASES = {
                                                (160, 256, 64, 4, True, False), 2),
     "normed-bytes-into-int8-g128": (12, ("bytes", 128, 1024, 16, True),
                                     (40, 128, 128, 8, True, False), 0),
+    "normed-int8-gemv-into-int4-gemv-gated": (1, (256, 2048, 16, 8, True, False),
+                                              ("halves", 192, 256, 128, 4, False, False), 1),
+    "normed-int4-gemv-into-int8-gemv": (1, ("halves", 128, 1024, 128, 4, True, False),
+                                        (200, 128, 32, 8, "centred", False), 0),
 }
 NORMED_TOLERANCE = 1e-4  # float32 sums of squares and products added in other orders
 
@@ -338,6 +353,8 @@ def normed_errors(generator: torch.Generator) -> dict[str, float]:
     def weight(layout: tuple) -> GroupQuantWeight:
         if layout[0] == "bytes":
             return byte_plane_weight(*layout[1:], generator, True)
+        if layout[0] == "halves":
+            return random_weight(*layout[1:], generator, planes=False)
         return random_weight(*layout, generator)
     activations = {1: SiluAndMul(), 2: GeluTanhAndMul()}
     eps, errors = 1e-5, {}
@@ -893,7 +910,10 @@ def test_gate_up_products_of_few_tokens_take_the_gated_activation(monkeypatch):
     planes = random_weight(40, 256, 128, 4, True, False, generator)
     halves = random_weight(200, 2048, 128, 4, False, False, generator, planes=False)
     assert [takes_gated(tokens, planes) for tokens in (1, 32, 33)] == [True, True, False]
-    assert not takes_gated(1, halves) and takes_gated(2, halves)  # one token: the 4-bit GEMV
+    # one token on the 4-bit GEMV: gates and ups each a whole number of words of 4 outputs
+    assert takes_gated(1, halves) and takes_gated(2, halves)
+    narrow = random_weight(204, 2048, 128, 4, False, False, generator, planes=False)
+    assert narrow.has_one_token_kernel and not takes_gated(1, narrow) and takes_gated(2, narrow)
     assert not takes_gated(1, random_weight(39, 256, 128, 4, True, False, generator))
     with pytest.raises(ValueError, match="33 tokens on outputs of 40 takes no gated"):
         group_gemm(torch.zeros(33, 256), planes, gated=1)
@@ -910,7 +930,8 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
                            | set(BYTE_PLANE_CASES) | {"bytes-g16-tokens-3-fp16",
                                                      "bytes-g16-shared-zero-tokens-3-fp16"}
                            | {f"{n}-weight-by-weight" for n in BYTE_PLANE_CASES}
-                           | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES)}
+                           | {f"{n}-gated" for n in (*GATED_CASES, *GATED_BYTE_PLANE_CASES,
+                                                      *GATED_GEMV_CASES)}
                            | set(FACTORED_CASES) | set(NORMED_CASES)
                            | {f"{n}-residual" for n in NORMED_CASES}
                            | {f"{n}-columns" for n in COLUMN_CASES}
@@ -919,7 +940,8 @@ def test_the_kernel_matches_the_dense_product_under_the_interpreter():
     for name, error in errors.items():
         half = name.endswith(("-fp16", "-fp16-bytes"))
         tolerance = FACTORED_TOLERANCE if name in FACTORED_CASES else \
-            NORMED_TOLERANCE if name.startswith("normed-") else HALF_TOLERANCE if half else 5e-5
+            NORMED_TOLERANCE if name.startswith("normed-") else HALF_TOLERANCE if half else \
+            GATED_GEMV_TOLERANCE if name.removesuffix("-gated") in GATED_GEMV_CASES else 5e-5
         assert error < tolerance, (name, error)
 
 
@@ -1000,10 +1022,14 @@ NORM_ARGUMENTS = {"norm_ptr": "*bf16", "residual_ptr": "*bf16", "residual_out_pt
 
 
 def _norm_kernels_ptx(norm: int) -> list[str]:
-    """The planes (4-bit and byte planes) and few-token (float8 rows) kernels with NORM
-    `norm` (and the gated activation with 2), compiled for an H200 at one token in
-    bfloat16."""
-    from pagoda.layers.quantization.triton_group_gemm import _few_tokens_kernel, _planes_kernel
+    """The planes (4-bit and byte planes), few-token (float8 rows) and one-token GEMV (bytes)
+    kernels with NORM `norm` (and the gated activation with 2), compiled for an H200 at one
+    token in bfloat16."""
+    from pagoda.layers.quantization.triton_group_gemm import (
+        _few_tokens_kernel,
+        _one_token_kernel,
+        _planes_kernel,
+    )
     counted = {"x_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
                "count_ptr": "*i32", **NORM_ARGUMENTS, "M": "i32", "N": "i32",
                "stride_xm": "i32", "stride_om": "i32"}
@@ -1020,6 +1046,12 @@ def _norm_kernels_ptx(norm: int) -> list[str]:
         **shared, "K_SPLIT": 2048, "GROUP": 4096, "BITS": 8, "FLOAT8": True,
         "ROW_SCALE": True, "HAS_LOW": False, "STEP": 128, "E4M3_BYTES": False,
         "BLOCK_N": 32, "DOT": 3}, 90)["ptx"])
+    assembly.append(compile_for_cuda(_one_token_kernel, {
+        **{name: kind for name, kind in counted.items() if name not in ("M", "stride_xm")},
+        "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16", "one_bits": "i32"}, {
+        **{name: value for name, value in shared.items() if name != "BLOCK_T"},
+        "SPLIT_ROWS": 256, "PERIOD": 32, "GROUP": 32, "HAS_LOW": False, "SHARED_ZERO": 128,
+        "ROWS": 16, "BLOCK_W": 64, "ASM": True, "BITS": 8}, 90)["ptx"])
     return assembly
 
 
@@ -1042,8 +1074,9 @@ def test_the_kernels_that_norm_their_outputs_or_finish_a_norm_compile_for_hopper
     def count(ptx: str, pattern: str) -> int:
         return len(re.findall(pattern, ptx))
 
-    def launched_after_products(ptx: str) -> bool:
-        return ptx.index("griddepcontrol.launch_dependents") > ptx.index("mma.")
+    def launched_after_products(ptx: str) -> bool:  # (the GEMV's products: fma, no mma)
+        product = "mma." if "mma." in ptx else "fma.rn.f32"
+        return ptx.index("griddepcontrol.launch_dependents") > ptx.index(product)
     for plain, storing, finishing in zip(_norm_kernels_ptx(0), _norm_kernels_ptx(1),
                                          _norm_kernels_ptx(2), strict=True):
         sixteen = r"st\.global(?:\.v\d)?\.b16"
@@ -1282,8 +1315,8 @@ def _one_token_int4_for_hopper(group: int) -> dict:
     from pagoda.layers.quantization.triton_group_gemm import _one_token_kernel
     return compile_for_cuda(_one_token_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
-        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
-        "one_bits": "i32"}, {
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NORM_ARGUMENTS,
+        "N": "i32", "stride_om": "i32", "one_bits": "i32"}, {
         "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group // 2, 256), "GROUP": group,
         "HAS_LOW": True, "ROWS": 16, "BLOCK_W": 32, "PDL": True})
 
@@ -1339,8 +1372,8 @@ def test_the_one_token_byte_kernel_decodes_each_code_in_one_prmt_on_hopper(group
     from pagoda.layers.quantization.triton_group_gemm import _one_token_kernel
     asm = compile_for_cuda(_one_token_kernel, {
         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "low_ptr": "*fp16",
-        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32",
-        "one_bits": "i32"}, {
+        "out_ptr": "*bf16", "partial_ptr": "*fp32", "count_ptr": "*i32", **NORM_ARGUMENTS,
+        "N": "i32", "stride_om": "i32", "one_bits": "i32"}, {
         "SPLIT_ROWS": 256, "SPLITS": 4, "PERIOD": min(group, 256), "GROUP": group,
         "HAS_LOW": shared_zero is None, "SHARED_ZERO": shared_zero, "ROWS": 16,
         "BLOCK_W": 32, "ASM": True, "PDL": True, "BITS": 8})
