@@ -242,6 +242,11 @@ def _serve_fleet(args: argparse.Namespace) -> int:
                                 replicas=replicas, devices=replica_devices(args, replicas))
     if args.memory_limit is not None:
         fleet.memory_limit = args.memory_limit
+    if args.kv_cache_memory is not None:
+        from pagoda.logger import get_logger
+        get_logger("pagoda.cli").warning(
+            "--kv-cache-memory ignored: with several models, replicas or --config the memory "
+            "planner sizes each KV cache (bound what they share with --memory-limit)")
     if args.keep_alive != "-1":  # the flag wins over the file
         fleet.keep_alive = parse_keep_alive(args.keep_alive)
     for spec in fleet.models:

@@ -99,7 +99,7 @@ def describe_kv_budget(cache: CacheConfig, device: torch.device, budget: int) ->
     """One startup line: how the KV cache budget was sized, and from what."""
     gib = budget / 2**30
     if cache.kv_cache_memory is not None:
-        return f"KV cache budget {gib:.2f} GiB from --kv-cache-memory"
+        return f"KV cache budget {gib:.2f} GiB as given (--kv-cache-memory, or a memory plan)"
     if device.type == "cuda":
         fraction = cache.memory_utilization if cache.memory_utilization is not None else 0.9
         return (f"KV cache budget {gib:.2f} GiB: {fraction:g} of {device}'s memory less the "

@@ -9,6 +9,7 @@ import pytest
 
 from pagoda.cli.main import build_parser, parse
 from pagoda.cli.serve import run_serve
+from tests.utils import logged_messages
 
 
 def serve(argv: list[str], monkeypatch):
@@ -57,3 +58,17 @@ def test_sizes_that_do_not_combine_yet_are_refused(argv, problem, monkeypatch, c
     status, fleet = serve(argv, monkeypatch)
     assert (status, fleet) == (2, None)
     assert problem in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["a", "b"], ["m", "-dp", "2"]])
+def test_a_kv_cache_size_is_left_to_the_planner_with_one_startup_line(argv, monkeypatch):
+    """The planner hands each engine of a fleet its KV budget: --kv-cache-memory is not acted
+    on there, and the startup says so (a single model's engine takes it as its budget)."""
+    with logged_messages("pagoda.cli") as messages:
+        status, fleet = serve([*argv, "--device", "cpu", "--kv-cache-memory", "256MiB"],
+                              monkeypatch)
+    assert status == 0 and fleet is not None
+    assert [m for m in messages if m.startswith("--kv-cache-memory ignored")] == [messages[-1]]
+    with logged_messages("pagoda.cli") as messages:
+        serve([*argv, "--device", "cpu"], monkeypatch)
+    assert not any("--kv-cache-memory" in m for m in messages)

@@ -72,5 +72,5 @@ def test_a_gpu_fraction_on_cpu_never_takes_more_than_half_the_ram():
 
 def test_the_budget_note_names_its_source():
     assert describe_kv_budget(CacheConfig(kv_cache_memory=1 << 30), CPU, 1 << 30) == \
-        "KV cache budget 1.00 GiB from --kv-cache-memory"
+        "KV cache budget 1.00 GiB as given (--kv-cache-memory, or a memory plan)"
     assert "the CPU default, min(4 GiB" in describe_kv_budget(CacheConfig(), CPU, 4 << 30)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pagoda.cli.main import main
+from pagoda.layers.cpu_kernels import kernels_dir
 from pagoda.tokenizer.chat_template import render_template
 from pagoda.tokenizer.go_template import to_jinja
 from tests.utils import RemoteServer, free_port, tiny_chat_model
@@ -32,13 +33,16 @@ WEATHER_TOOL = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, smollm2_dir):
     """A PAGODA_HOME whose store holds SmolLM2 (linked, so pull finds it and delete never
-    touches the real one)."""
+    touches the real one), its compiled CPU kernels the real home's (a build of each takes
+    seconds)."""
     home = tmp_path_factory.mktemp("home")
     store_dir = home / "models" / "smollm2"
     store_dir.mkdir(parents=True)
     for path in smollm2_dir.iterdir():
         if path.is_file():
             (store_dir / path.name).symlink_to(path)
+    kernels_dir().mkdir(parents=True, exist_ok=True)
+    (home / "kernels").symlink_to(kernels_dir())
     return home
 
 
@@ -68,7 +72,7 @@ def ollama_port():
 @pytest.fixture(scope="module")
 def server(models_file, home, ollama_port):
     srv = RemoteServer(f"--config={models_file}", "--ollama-port", str(ollama_port),
-                       "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
+                       "--max-model-len", "2048", "--memory-limit", "2GiB",
                        env={"PAGODA_HOME": str(home)})
     yield srv
     assert srv.stop() == 0
