@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -15,9 +16,25 @@ def configure_logging(level: str | None = None) -> None:
     root = logging.getLogger("pagoda")
     if root.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                            "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level or os.environ.get("PAGODA_LOG_LEVEL", "INFO"))
     root.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes, not the stream it was
+    at configuration (a later redirection, such as a test's capture, sees the lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
