@@ -329,9 +329,9 @@ def test_the_gated_activation_in_the_gate_up_product_changes_no_bit(layout, toke
     them as the separate kernel does: the same bits as the activation launched after it.
     One token of 4-bit halves or bytes, on the one-token GEMV, comes within rounding of it:
     on an H100 (SiLU) 647 of 14,336 outputs of bytes differed (5.7e-4 of the norm) and 38
-    of 4-bit halves (8.6e-5), the float32 sums of its two compiled forms rounding apart
-    (why was not found: compiled for sm_90, both have the same counts of float32
-    instructions but for the activation's)."""
+    of 4-bit halves (8.6e-5). Why was not found: compiled for sm_90, the two forms issue
+    the same sequence of float instructions but for the activation's (which is the separate
+    kernel's), and under the interpreter they agree bit for bit."""
     from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
     activation = {1: SiluAndMul(), 2: GeluTanhAndMul()}[kind]
     weight = random_weight(2 * 14336, 4096, *LAYOUTS[layout])
