@@ -330,8 +330,8 @@ def test_the_gated_activation_in_the_gate_up_product_changes_no_bit(layout, toke
     One token of 4-bit halves or bytes, on the one-token GEMV, comes within rounding of it:
     on an H100 (SiLU) 647 of 14,336 outputs of bytes differed (5.7e-4 of the norm) and 38
     of 4-bit halves (8.6e-5). Why was not found: compiled for sm_90, the two forms issue
-    the same sequence of float instructions but for the activation's (which is the separate
-    kernel's), and under the interpreter they agree bit for bit."""
+    the same float opcodes in the same order but for the activation's (the separate
+    kernel's; operands not compared), and under the interpreter they agree bit for bit."""
     from pagoda.layers.activation import GeluTanhAndMul, SiluAndMul
     activation = {1: SiluAndMul(), 2: GeluTanhAndMul()}[kind]
     weight = random_weight(2 * 14336, 4096, *LAYOUTS[layout])
