@@ -1131,9 +1131,9 @@ def group_gemm(x: torch.Tensor, weight: GroupQuantWeight, gated: int = 0,
 
 
 def _product(tokens: int, weight: GroupQuantWeight):
-    """The launcher of a call of `tokens` rows (each takes flat x, the weight, the output
-    and the multiprocessor count; those of the calls `takes_norm` allows, the planes, the
-    one-token GEMV and the few-token kernel, also a gated kind and _NormArguments)."""
+    """The launcher of a call of `tokens` rows. Each takes flat x, the weight, the output
+    and the multiprocessor count; the planes, one-token GEMV and few-token launchers (the
+    calls `takes_norm` allows reach only these) also take a gated kind and _NormArguments."""
     if decodes_first(tokens, weight):
         return _decoded_first
     if weight.planes:
@@ -1197,8 +1197,9 @@ def takes_gated(tokens: int, weight: GroupQuantWeight) -> bool:
     outputs: one `takes_norm` allows, whose tiles hold a gate's and its up's sums (the
     one-token GEMV's, words of four outputs: each half a multiple of 4), and not with
     PAGODA_GATED_IN_PRODUCT=0."""
-    halves = 8 if takes_one_token_gemv(tokens, weight) else 2
-    return GATED_IN_PRODUCT and weight.out_features % halves == 0 and takes_norm(tokens, weight)
+    multiple = 8 if takes_one_token_gemv(tokens, weight) else 2
+    return (GATED_IN_PRODUCT and weight.out_features % multiple == 0
+            and takes_norm(tokens, weight))
 
 
 @dataclass(slots=True)
