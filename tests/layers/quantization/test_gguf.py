@@ -264,12 +264,14 @@ def test_a_tied_table_the_gpu_kernel_holds_serves_the_head_and_the_lookups(kind,
     k_quant = kind != "Q8_0"
     assert (head.quantized.sub_words is not None) == (factored and k_quant)
     rounding = 2 ** -11 if k_quant and not factored else 0  # (Q8_0's scales are float16s)
-    torch.testing.assert_close(embedding(ids), ref[ids], rtol=0,
-                               atol=rounding * ref.abs().max().item())
-    hidden = torch.randn(5, HIDDEN)
-    expected = F.linear(hidden, ref)
+    atol = rounding * ref.abs().max().item()
+    torch.testing.assert_close(embedding(ids), ref[ids], rtol=0, atol=atol)
+    held = head.quantized.dequantize(torch.float32)  # every row, as the head multiplies it
+    torch.testing.assert_close(held, ref, rtol=0, atol=atol)
+    hidden = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    expected = F.linear(hidden, held)
     torch.testing.assert_close(head(hidden), expected, rtol=0,
-                               atol=(rounding + 1e-6) * expected.abs().max().item())
+                               atol=1e-6 * expected.abs().max().item())
 
 
 def test_a_tied_table_stays_float_without_the_kernel_or_whole_tiles(cpu_kernel):
