@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
-#   stages: tests kernels kernels-graph moe-kernels quant-moe executor-cost lora quant-kernels
-#   int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
-#   switch-prefill switch-batch ab-decode1
+#   stages: tests kernels kernels-graph attention-new-token moe-kernels quant-moe executor-cost
+#   lora quant-kernels int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
+#   switch-prefill switch-batch ab-decode1 ab-throughput
 #   small throughput
 #   profile profile-kernels profile-gguf profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -142,6 +142,10 @@ run_stage() {
                (export PAGODA_MOE_FP8_FROM=off
                 quant_decode1 moe-fp8 qwen3-30b-moe-fp8-weight-only "moe-fp8 weight-only"
                 quant_prefill moe-fp8 qwen3-30b-moe-fp8-weight-only "moe-fp8 weight-only prefill") ;;
+    # a decode's RoPE and KV store in the attention kernel against their own launch (NewToken)
+    attention-new-token) python3 bench/kernels/attention_bench.py --new-token --batches 1 16 64 256 \
+                           --contexts 1024 4096 --output-json "$OUT/attention-new-token.json" \
+                           2>&1 | tail -12 ;;
     kernels-graph) python3 bench/kernels/attention_bench.py --graph-sweep --sweep-top 8 \
                      2> "$OUT/kernels-graph.log" | tee "$OUT/kernels-graph.txt" ;;
     decode1) python3 -m pagoda.cli.main bench throughput --model $MODEL $COMMON --num-prompts 1 \
@@ -164,6 +168,19 @@ run_stage() {
                     (cd $tree && PYTHONPATH=/tmp/site:. quant_decode1 $q $label $label)
                   done
                 done; done ;;
+    # issue 18's throughput workload (THROUGHPUT_PROMPTS, default 1000, of 1,024 -> 512) of
+    # QUANT_VARIANTS (default bf16), this tree and .base/ alternated twice
+    ab-throughput) [ -f .base/COMMIT ] || { echo "no .base/: run bench/gpu/pack_base.sh"; return 1; }
+                   [ -e .base/bench ] || ln -s ../bench .base/bench
+                   echo "base: $(cat .base/COMMIT)"
+                   for run in 1 2; do for q in ${QUANT_VARIANTS:-bf16}; do
+                     for tree in . .base; do
+                       label=throughput-$q$([ $tree = .base ] && echo -base)-run$run
+                       (cd $tree && PYTHONPATH=/tmp/site:. quant_elapsed $q $label $label \
+                          --num-prompts ${THROUGHPUT_PROMPTS:-1000} --input-len 1024 \
+                          --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192)
+                     done
+                   done; done ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
     # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")

@@ -5,7 +5,10 @@ segment count) and the heuristic's choice; achieved KV-read bandwidth (K and V b
 sequence / median time) as a fraction of the device-copy bandwidth measured in the same run
 ((read + write bytes) / time of a large torch copy). Plus the whole backend forward (store +
 attention) of torch_ref vs triton at a few decode points, and prefill chunks in TFLOP/s.
-Times are triton.testing.do_bench medians, L2 flushed before each repetition.
+Times are triton.testing.do_bench medians, L2 flushed before each repetition. With
+--new-token: decode steps' RoPE and KV store inside the attention kernel (NewToken) against
+the separate rope_store_kv_ launch before it, per layer in CUDA graphs, at --batches x
+--contexts.
 
     PYTHONPATH=. python bench/kernels/attention_bench.py [--sweep] [--output-json PATH]
 """
@@ -24,6 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from pagoda.layers.attention import triton_unified
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
 from pagoda.layers.attention.triton_backend import TritonAttentionBackend
@@ -33,6 +37,7 @@ from pagoda.layers.attention.triton_unified import (
     plan_attention,
     unified_attention,
 )
+from pagoda.layers.rotary import RotaryEmbedding
 
 # --kv-dtype: the cache's element type (auto: the queries' --dtype), as --kv-cache-dtype
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
@@ -261,6 +266,63 @@ def bench_graph_sweep(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
     return rows
 
 
+# Llama 3.1's RoPE, for the --new-token comparison
+LLAMA3_ROPE = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+GRAPH_CACHE_BYTES = 1 << 30  # the layers' caches of one --new-token point: several times L2
+
+
+def time_new_token_in_graph(inp: Inputs, caches: list[torch.Tensor], rope: RotaryEmbedding,
+                            in_attention: bool) -> float:
+    """Median milliseconds per layer of a decode step's RoPE, KV store and attention as the
+    model runs them (TritonAttentionBackend.forward_rotary), replayed from a CUDA graph: in
+    the attention kernel (NewToken) or, as with PAGODA_ROPE_IN_ATTENTION=0, the fused
+    RoPE-and-store launch and then the attention kernel."""
+    backend = TritonAttentionBackend()
+    meta = backend.build_metadata(inp.meta)
+    positions = (inp.meta.seq_lens - 1).long()
+    scale = inp.q.shape[2] ** -0.5
+
+    def step() -> None:
+        for cache in caches:
+            backend.forward_rotary(positions, inp.q, inp.k, inp.v, rope, cache, meta, scale)
+    switch, triton_unified.ROPE_IN_ATTENTION = triton_unified.ROPE_IN_ATTENTION, in_attention
+    try:
+        step()  # compiles outside the capture
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
+    finally:
+        triton_unified.ROPE_IN_ATTENTION = switch
+
+
+def bench_new_token(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
+    """NewToken against the separate RoPE-and-store launch at each batch x context, the two
+    alternated twice (enough layers' caches that a step reads them from memory)."""
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            inp = make_inputs([(context - 1, 1)] * batch, args, seed=batch + context)
+            cache_bytes = inp.kv_cache.numel() * inp.kv_cache.element_size()
+            layers = max(1, min(32, -(-GRAPH_CACHE_BYTES // cache_bytes)))
+            caches = [inp.kv_cache] + [inp.kv_cache.clone() for _ in range(layers - 1)]
+            rope = RotaryEmbedding(args.head_dim, context, LLAMA3_ROPE).cuda()
+            times = {True: [], False: []}
+            for _ in range(2):
+                for in_attention in (True, False):
+                    times[in_attention].append(
+                        time_new_token_in_graph(inp, caches, rope, in_attention))
+            fused, apart = min(times[True]), min(times[False])
+            rows.append({"batch": batch, "context": context, "layers": layers,
+                         "in_attention_us": fused * 1e3, "apart_us": apart * 1e3,
+                         "ratio": fused / apart,
+                         "in_attention_%copy": 100 * inp.kv_bytes / (fused * 1e-3) / 1e9
+                         / copy_gbs})
+            _progress(rows[-1])
+            del caches
+    return rows
+
+
 def _progress(row: dict) -> None:
     print("  " + " ".join(f"{k}={_fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
 
@@ -308,6 +370,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-top", type=int, default=4, help="configs shown per sweep point")
     p.add_argument("--graph-sweep", action="store_true",
                    help="small-batch decode configs timed in CUDA graphs, then exit")
+    p.add_argument("--new-token", action="store_true",
+                   help="decode's RoPE and KV store in the attention kernel against their own "
+                        "launch, in CUDA graphs at --batches x --contexts, then exit")
     p.add_argument("--capture-len", type=int, default=4096,
                    help="the sequence length graph-sweep plans are made at (max_model_len)")
     p.add_argument("--graph-points", type=_batch_by_context, nargs="+",
@@ -331,6 +396,17 @@ def main() -> None:
     started = datetime.now(timezone.utc).isoformat()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s", file=sys.stderr)
+    if args.new_token:
+        rows = bench_new_token(args, copy_gbs)
+        print_table("decode RoPE + KV store + attention, us per layer: in the attention kernel "
+                    "(NewToken) or apart (best of two)", rows)
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump({"schema": "pagoda.bench.attention_new_token/1",
+                           "device_name": torch.cuda.get_device_name(),
+                           "commit": _git_commit(), "argv": sys.argv, "started_at": started,
+                           "copy_bandwidth_gbs": copy_gbs, "rows": rows}, f, indent=1)
+        return
     if args.graph_sweep:
         print_table("small-batch decode in CUDA graphs (us per layer, best first)",
                     bench_graph_sweep(args, copy_gbs))
