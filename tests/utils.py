@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +43,6 @@ class RemoteServer:
     def __init__(self, model: str, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 240.0) -> None:
         import os
-        import subprocess
         import sys
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,7 +98,6 @@ class RemoteServer:
 
     def stop(self, sig: int | None = None, timeout: float = 60.0) -> int:
         import signal
-        import subprocess
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGTERM)
             try:
@@ -147,7 +147,6 @@ def local_ray_cluster(head: list[str], *others: list[str],
     """Ray nodes on this machine, each one `ray start --block` process with its own
     arguments (`head`: the head node's); yields the head's address. Every node ends with the
     block, even after a failure (a terminated `ray start --block` ends its node's processes)."""
-    import subprocess
     import sys
     import tempfile
     import time
@@ -192,7 +191,6 @@ def interpreter_report(module: str, marker: str) -> dict:
     before triton is imported, hence a subprocess) and return the JSON it printed on its line
     starting with `marker`."""
     import json
-    import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True,
@@ -203,25 +201,44 @@ def interpreter_report(module: str, marker: str) -> dict:
 
 
 def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int = 90,
-                     **options) -> dict:
+                     divisible: tuple[str, ...] = (), **options) -> dict:
     """Compile a Triton kernel for a CUDA compute capability (90: the H200's; 80: an
     A100's) with no GPU (Triton's own ptxas) and return its assembly by stage ("ptx",
     "cubin", ...): type errors the interpreter lets through (a dot of mixed dtypes, a type
-    the architecture lacks) fail here. `signature` types the runtime arguments; pointers are
-    taken as 16-byte aligned, as Triton specializes them at run time for fresh tensors (so
-    that vector loads and pipelined copies are compiled as on the GPU); `options` as a
-    launch's (num_warps, num_stages)."""
+    the architecture lacks) fail here. `signature` types the runtime arguments; pointers,
+    and the integers named in `divisible`, are taken as multiples of 16, as Triton
+    specializes them at run time (so that vector loads and pipelined copies are compiled as
+    on the GPU); `options` as a launch's (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, kind in signature.items() if kind.startswith("*")}
+               for name, kind in signature.items() if kind.startswith("*") or name in divisible}
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants,
                                                                             "constexpr")},
                        constexprs=constants, attrs=aligned)
     asm = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options).asm
     assert asm["cubin"]
     return asm
+
+
+def cuobjdump(cubin: bytes, option: str = "-sass") -> str:
+    """What the cuobjdump Triton ships prints for a cubin with `option` (-sass: its SASS;
+    -res-usage: registers a thread and shared memory)."""
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([tool, option, file.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def cubin_registers(cubin: bytes) -> int:
+    """Registers a thread of a compiled kernel's cubin."""
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
 def pick_cpu_kernel_build(module, request, monkeypatch) -> str:

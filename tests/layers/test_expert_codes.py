@@ -9,10 +9,7 @@ the interpreter cannot run); tests/gpu/test_fused_moe.py runs the kernel at real
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import tempfile
 from functools import partial
 
 import pytest
@@ -26,7 +23,7 @@ from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 from pagoda.layers.quantization.fp8 import random_float8_rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
 from tests.layers.moe_cases import stacked_codes as stack_of
-from tests.utils import compile_for_cuda, interpreter_report
+from tests.utils import compile_for_cuda, cuobjdump, interpreter_report
 
 MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row
@@ -346,17 +343,6 @@ def test_each_codes_path_compiles_for_hopper_with_bf16_activations(codes, bits, 
     if codes == 3 and config.block_m >= 64:  # float8 products on Hopper's FP8 tensor cores
         assert ".e4m3.e4m3" in asm["ptx"]
     assert not re.search(r"\b(LDL|STL)\b", cuobjdump(asm["cubin"]))
-
-
-def cuobjdump(cubin: bytes) -> str:
-    """The SASS of a cubin, by the cuobjdump Triton ships."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        return subprocess.run([tool, "-sass", file.name], capture_output=True, text=True,
-                              check=True).stdout
 
 
 @pytest.mark.parametrize("layout", [(4, 32), (8, 16)])
