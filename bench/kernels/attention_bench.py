@@ -27,16 +27,17 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from pagoda.layers.attention import triton_unified
 from pagoda.layers.attention.metadata import CommonAttentionMetadata
 from pagoda.layers.attention.torch_ref import TorchAttentionBackend
 from pagoda.layers.attention.triton_backend import TritonAttentionBackend
 from pagoda.layers.attention.triton_unified import (
     AttentionPlan,
     KernelConfig,
+    NewToken,
     plan_attention,
     unified_attention,
 )
+from pagoda.layers.fused import rope_store_kv_
 from pagoda.layers.rotary import RotaryEmbedding
 
 # --kv-dtype: the cache's element type (auto: the queries' --dtype), as --kv-cache-dtype
@@ -275,25 +276,28 @@ GRAPH_CACHE_BYTES = 1 << 30  # the layers' caches of one --new-token point: seve
 
 def time_new_token_in_graph(inp: Inputs, caches: list[torch.Tensor], rope: RotaryEmbedding,
                             in_attention: bool) -> float:
-    """Median milliseconds per layer of a decode step's RoPE, KV store and attention as the
-    model runs them (TritonAttentionBackend.forward_rotary), replayed from a CUDA graph: in
-    the attention kernel (NewToken) or, as with PAGODA_ROPE_IN_ATTENTION=0, the fused
-    RoPE-and-store launch and then the attention kernel."""
-    backend = TritonAttentionBackend()
-    meta = backend.build_metadata(inp.meta)
-    positions = (inp.meta.seq_lens - 1).long()
-    scale = inp.q.shape[2] ** -0.5
+    """Median milliseconds per layer of a decode step's RoPE, KV store and attention
+    replayed from a CUDA graph: in the attention kernel (NewToken, whatever the batch; the
+    model takes it only where `takes_new_token`) or as the fused RoPE-and-store launch and
+    then the attention kernel (PAGODA_ROPE_IN_ATTENTION=0)."""
+    out = torch.empty_like(inp.q)
+    m, scale, plan = inp.meta, inp.q.shape[2] ** -0.5, make_plan(inp)
+    positions = (m.seq_lens - 1).long()
 
     def step() -> None:
         for cache in caches:
-            backend.forward_rotary(positions, inp.q, inp.k, inp.v, rope, cache, meta, scale)
-    switch, triton_unified.ROPE_IN_ATTENTION = triton_unified.ROPE_IN_ATTENTION, in_attention
-    try:
-        step()  # compiles outside the capture
-        torch.cuda.synchronize()
-        return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
-    finally:
-        triton_unified.ROPE_IN_ATTENTION = switch
+            new = None
+            if in_attention:
+                new = NewToken(inp.k, inp.v, positions, rope.cos_sin, rope.rotary_dim,
+                               m.slot_mapping)
+            else:
+                rope_store_kv_(positions, inp.q, inp.k, inp.v, rope.cos_sin, rope.rotary_dim,
+                               cache[0], cache[1], m.slot_mapping)
+            unified_attention(inp.q, cache[0], cache[1], m.query_start_loc, m.seq_lens,
+                              m.block_tables, scale, m.num_seqs, plan, out=out, new_token=new)
+    step()  # compiles outside the capture
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
 
 
 def bench_new_token(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
@@ -314,6 +318,7 @@ def bench_new_token(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
                         time_new_token_in_graph(inp, caches, rope, in_attention))
             fused, apart = min(times[True]), min(times[False])
             rows.append({"batch": batch, "context": context, "layers": layers,
+                         "model_takes_it": make_plan(inp).few_programs,
                          "in_attention_us": fused * 1e3, "apart_us": apart * 1e3,
                          "ratio": fused / apart,
                          "in_attention_%copy": 100 * inp.kv_bytes / (fused * 1e-3) / 1e9

@@ -744,9 +744,12 @@ def test_products_run_in_float16_for_a_float8_cache_under_bfloat16_queries():
 FLOAT_ARGS = {"qk_scale", "value_scale", "k_divisor", "v_divisor", "q_eps", "k_eps"}
 
 
-def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90) -> str:
+def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90,
+         stage: str = "ptx") -> str | bytes:
     """`kernel` compiled for a CUDA compute capability here (no GPU needed): pointers typed
-    by `pointers` (others int32; split workspaces float32), scalars int32 or FLOAT_ARGS."""
+    by `pointers` (others int32; split workspaces float32), scalars int32 or FLOAT_ARGS;
+    the strides but the block table's and the workspace's multiples of 16, as Triton
+    specializes them at run time for the caches and q. Its PTX, or `stage`'s assembly."""
     from tests.utils import compile_for_cuda
     signature = {}
     for name in kernel.arg_names:
@@ -758,15 +761,18 @@ def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90
             signature[name] = "*" + pointers.get(name, "i32")
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    return compile_for_cuda(kernel, signature, constants, capability)["ptx"]
+    divisible = tuple(name for name in signature if name.startswith("stride_")
+                      and name not in ("stride_bt", "stride_wt", "stride_wh"))
+    return compile_for_cuda(kernel, signature, constants, capability, divisible)[stage]
 
 
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: bool = False,
                        split: bool = False, capability: int = 90,
-                       new_token: bool = False, unit_strides: bool = False) -> str:
-    """The decode kernel compiled here: q [*, 32, 128], 8 KV heads (with new_token, RoPE
-    over all 128 dims and the KV store in the kernel; with unit_strides, the head dims'
-    strides of 1 as Triton specializes them at run time)."""
+                       new_token: bool = False, unit_strides: bool = False,
+                       stage: str = "ptx") -> str | bytes:
+    """The decode kernel compiled here (its PTX, or `stage`'s assembly): q [*, 32, 128], 8
+    KV heads (with new_token, RoPE over all 128 dims and the KV store in the kernel; with
+    unit_strides, the head dims' strides of 1 as Triton specializes them at run time)."""
     from pagoda.layers.attention import triton_unified
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=split, SLIDING=False,
@@ -778,7 +784,8 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: boo
     return _ptx(triton_unified._unified_attention_kernel, constants,
                 {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
                  "value_cache_ptr": cache, "new_k_ptr": query, "new_v_ptr": query,
-                 "pos_ptr": "i64", "cos_sin_ptr": "fp32", "slot_ptr": "i64"}, capability)
+                 "pos_ptr": "i64", "cos_sin_ptr": "fp32", "slot_ptr": "i64"}, capability,
+                stage)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -790,6 +797,40 @@ def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(sp
                                   new_token=True)
     without = _decode_kernel_ptx("bf16", "bf16", half_products=False, split=split)
     assert with_new.count("st.global.b16") > without.count("st.global.b16")
+
+
+def test_rope_in_attention_is_taken_while_the_launch_has_few_programs():
+    """A decode takes its RoPE and KV store in the attention kernel only where its launch
+    has at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor: one sequence (split 32
+    ways over 8 KV heads on 132 multiprocessors) does, a batch of 256 does not, and neither
+    does a prefill or a float8 cache."""
+    from pagoda.layers.attention.triton_unified import plan_attention, takes_new_token
+    cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
+
+    def takes(query_lens, cache=cache):
+        q = torch.empty(sum(query_lens), 32, 128, dtype=torch.bfloat16)
+        plan = plan_attention(32, 8, 128, query_lens, 1100, 132, dtype=torch.bfloat16,
+                              cache_dtype=cache.dtype)
+        return takes_new_token(plan, q, cache)
+    assert takes([1]) and takes([1] * 33)
+    assert not takes([1] * 34) and not takes([1] * 256)
+    assert not takes([5]) and not takes([1], cache.to(torch.float8_e4m3fn))
+
+
+def test_rope_in_attention_costs_the_registers_that_bound_its_programs_a_multiprocessor():
+    """What NEW_TOKEN_PROGRAMS_PER_SM stands on, compiled for an H200 with no GPU: the
+    unsplit decode of 4 warps fits 4 programs in a multiprocessor's 64k registers, and
+    with RoPE and the store in the kernel only NEW_TOKEN_PROGRAMS_PER_SM."""
+    from pagoda.layers.attention.triton_unified import NEW_TOKEN_PROGRAMS_PER_SM
+    from tests.utils import cubin_registers
+
+    def programs_a_multiprocessor(new_token: bool) -> int:
+        cubin = _decode_kernel_ptx("bf16", "bf16", half_products=False, new_token=new_token,
+                                   unit_strides=True, stage="cubin")
+        allocated = -(-cubin_registers(cubin) // 8) * 8  # a warp's registers come in 8s
+        return 65536 // (allocated * 4 * 32)
+    assert programs_a_multiprocessor(False) == 4
+    assert programs_a_multiprocessor(True) == NEW_TOKEN_PROGRAMS_PER_SM
 
 
 # bytes a PTX global load reads, by its type suffix
