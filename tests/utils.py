@@ -42,7 +42,6 @@ class RemoteServer:
 
     def __init__(self, model: str, *args: str, env: dict[str, str] | None = None,
                  startup_timeout: float = 240.0) -> None:
-        import os
         import sys
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -430,7 +430,7 @@ class AttentionPlan:
     config: KernelConfig
     decode_only: bool  # every sequence has exactly one query: program = sequence
     num_segments: int  # 1 = the unsplit kernel
-    few_programs: bool = True  # at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor
+    few_programs: bool  # at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
