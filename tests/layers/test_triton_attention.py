@@ -799,11 +799,11 @@ def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(sp
     assert with_new.count("st.global.b16") > without.count("st.global.b16")
 
 
-def test_rope_in_attention_is_taken_while_the_launch_has_few_programs():
-    """A decode takes its RoPE and KV store in the attention kernel only where its launch
-    has at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor: one sequence (split 32
-    ways over 8 KV heads on 132 multiprocessors) does, a batch of 256 does not, and neither
-    does a prefill or a float8 cache."""
+def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_few_programs():
+    """A decode takes its RoPE and KV store in the attention kernel where its launch is
+    split (1-16 sequences over 8 KV heads on 132 multiprocessors) or has at most
+    NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor (up to 33 sequences unsplit); a batch
+    of 34 or 256 does not, and neither does a prefill or a float8 cache."""
     from pagoda.layers.attention.triton_unified import plan_attention, takes_new_token
     cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
 
@@ -812,7 +812,7 @@ def test_rope_in_attention_is_taken_while_the_launch_has_few_programs():
         plan = plan_attention(32, 8, 128, query_lens, 1100, 132, dtype=torch.bfloat16,
                               cache_dtype=cache.dtype)
         return takes_new_token(plan, q, cache)
-    assert takes([1]) and takes([1] * 33)
+    assert takes([1]) and takes([1] * 2) and takes([1] * 16) and takes([1] * 33)
     assert not takes([1] * 34) and not takes([1] * 256)
     assert not takes([5]) and not takes([1], cache.to(torch.float8_e4m3fn))
 

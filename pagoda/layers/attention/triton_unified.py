@@ -54,11 +54,11 @@ UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pi
 # decode steps rotate q and k by RoPE and store k and v in the attention kernel (NewToken;
 # PAGODA_ROPE_IN_ATTENTION=0: in the fused store kernel before it), read once
 ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
-# ... where the launch has at most this many programs a multiprocessor. Compiled for sm_90
-# (8 kv heads, dim 128, bfloat16, 4 warps) the decode kernel with NewToken takes 190
-# registers a thread, room for 2 programs a multiprocessor, where the plain decode's 124
-# leave room for 4: a large batch's unsplit decode would read its cache with half the warps
-# in flight to save one small launch a layer.
+# ... in split launches (a few sequences), and in unsplit ones of at most this many programs
+# a multiprocessor. Compiled for sm_90 (8 kv heads, dim 128, bfloat16, 4 warps) the unsplit
+# decode with NewToken takes 190 registers a thread, room for 2 programs a multiprocessor,
+# where the plain decode's 124 leave room for 4: a large batch's decode would read its cache
+# with half the warps in flight to save one small launch a layer.
 NEW_TOKEN_PROGRAMS_PER_SM = 2
 
 
@@ -430,7 +430,7 @@ class AttentionPlan:
     config: KernelConfig
     decode_only: bool  # every sequence has exactly one query: program = sequence
     num_segments: int  # 1 = the unsplit kernel
-    few_programs: bool  # at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor
+    rope_inside: bool  # split, or at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
@@ -513,8 +513,8 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
         chosen = _stages_for_segments(chosen, kv_len, num_segments)
         if cache_dtype is not None and cache_dtype.itemsize == 1 and num_segments == 1:
             chosen = _float8_cache_config(chosen, head_dim)
-    few = num_programs * num_segments <= NEW_TOKEN_PROGRAMS_PER_SM * num_sms
-    return AttentionPlan(chosen, max_query_len == 1, num_segments, few)
+    rope_inside = num_segments > 1 or num_programs <= NEW_TOKEN_PROGRAMS_PER_SM * num_sms
+    return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside)
 
 
 def _float8_cache_config(config: KernelConfig, head_dim: int) -> KernelConfig:
@@ -567,10 +567,11 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
 
 def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether a step's RoPE and KV store run in its attention kernel (NewToken): where
-    `_fits_new_token` and the launch has few programs (NEW_TOKEN_PROGRAMS_PER_SM), unless
-    PAGODA_ROPE_IN_ATTENTION=0. On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this
-    way against 3.68 with the separate RoPE-and-store launch (bench/results/README.md)."""
-    return ROPE_IN_ATTENTION and plan.few_programs and _fits_new_token(plan, q, key_cache)
+    `_fits_new_token` and the plan's launch suits the kernel's registers (`rope_inside`:
+    split, or few programs, NEW_TOKEN_PROGRAMS_PER_SM), unless PAGODA_ROPE_IN_ATTENTION=0.
+    On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this way against 3.68 with the
+    separate RoPE-and-store launch (bench/results/README.md)."""
+    return ROPE_IN_ATTENTION and plan.rope_inside and _fits_new_token(plan, q, key_cache)
 
 
 def _fits_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
