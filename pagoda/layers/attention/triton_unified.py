@@ -57,8 +57,9 @@ ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
 # ... in split launches (a few sequences), and in unsplit ones of at most this many programs
 # a multiprocessor. Compiled for sm_90 (8 kv heads, dim 128, bfloat16, 4 warps) the unsplit
 # decode with NewToken takes 190 registers a thread, room for 2 programs a multiprocessor,
-# where the plain decode's 124 leave room for 4: a large batch's decode would read its cache
-# with half the warps in flight to save one small launch a layer.
+# where the plain decode's 124 leave room for 4 (at dim 256: 255, 2, against 155, 3): a large
+# batch's decode would read its cache with fewer warps in flight to save one small launch a
+# layer.
 NEW_TOKEN_PROGRAMS_PER_SM = 2
 
 
