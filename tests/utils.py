@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -219,25 +218,6 @@ def compile_for_cuda(kernel, signature: dict, constants: dict, capability: int =
     asm = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options).asm
     assert asm["cubin"]
     return asm
-
-
-def cuobjdump(cubin: bytes, option: str = "-sass") -> str:
-    """What the cuobjdump Triton ships prints for a cubin with `option` (-sass: its SASS;
-    -res-usage: registers a thread and shared memory)."""
-    import tempfile
-
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        return subprocess.run([tool, option, file.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
-def cubin_registers(cubin: bytes) -> int:
-    """Registers a thread of a compiled kernel's cubin."""
-    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
 def pick_cpu_kernel_build(module, request, monkeypatch) -> str:

@@ -226,12 +226,19 @@ def time_layers_in_graph(inp: Inputs, caches: list[torch.Tensor], plan: Attentio
     holds) read from memory, not L2."""
     out = torch.empty_like(inp.q)
     m, scale = inp.meta, inp.q.shape[2] ** -0.5
+    return _graph_ms_per_layer(
+        lambda cache: unified_attention(inp.q, cache[0], cache[1], m.query_start_loc,
+                                        m.seq_lens, m.block_tables, scale, m.num_seqs, plan,
+                                        out=out), caches)
 
+
+def _graph_ms_per_layer(layer, caches: list[torch.Tensor]) -> float:
+    """Median milliseconds per layer of `layer(cache)` over each of `caches` (one a layer)
+    replayed from a CUDA graph (compiled outside the capture)."""
     def step() -> None:
         for cache in caches:
-            unified_attention(inp.q, cache[0], cache[1], m.query_start_loc, m.seq_lens,
-                              m.block_tables, scale, m.num_seqs, plan, out=out)
-    step()  # compiles outside the capture
+            layer(cache)
+    step()
     torch.cuda.synchronize()
     return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
 
@@ -284,20 +291,17 @@ def time_new_token_in_graph(inp: Inputs, caches: list[torch.Tensor], rope: Rotar
     m, scale, plan = inp.meta, inp.q.shape[2] ** -0.5, make_plan(inp)
     positions = (m.seq_lens - 1).long()
 
-    def step() -> None:
-        for cache in caches:
-            new = None
-            if in_attention:
-                new = NewToken(inp.k, inp.v, positions, rope.cos_sin, rope.rotary_dim,
-                               m.slot_mapping)
-            else:
-                rope_store_kv_(positions, inp.q, inp.k, inp.v, rope.cos_sin, rope.rotary_dim,
-                               cache[0], cache[1], m.slot_mapping)
-            unified_attention(inp.q, cache[0], cache[1], m.query_start_loc, m.seq_lens,
-                              m.block_tables, scale, m.num_seqs, plan, out=out, new_token=new)
-    step()  # compiles outside the capture
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(step, rep=50, return_mode="median") / len(caches)
+    def layer(cache: torch.Tensor) -> None:
+        new = None
+        if in_attention:
+            new = NewToken(inp.k, inp.v, positions, rope.cos_sin, rope.rotary_dim,
+                           m.slot_mapping)
+        else:
+            rope_store_kv_(positions, inp.q, inp.k, inp.v, rope.cos_sin, rope.rotary_dim,
+                           cache[0], cache[1], m.slot_mapping)
+        unified_attention(inp.q, cache[0], cache[1], m.query_start_loc, m.seq_lens,
+                          m.block_tables, scale, m.num_seqs, plan, out=out, new_token=new)
+    return _graph_ms_per_layer(layer, caches)
 
 
 def bench_new_token(args: argparse.Namespace, copy_gbs: float) -> list[dict]:

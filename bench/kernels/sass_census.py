@@ -115,13 +115,14 @@ def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int):
                           options={"num_warps": warps, "num_stages": stages})
 
 
-def cuobjdump(kernel, option: str) -> str:
-    """What Triton's own cuobjdump prints for the compiled kernel's cubin with `option`."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
+def cuobjdump(cubin: bytes, option: str = "-sass") -> str:
+    """What the cuobjdump Triton ships prints for a compiled kernel's cubin with `option`
+    (-sass: its SASS; -res-usage: registers a thread and shared memory)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-        return subprocess.run([tool, option, cubin.name], capture_output=True, text=True,
+        return subprocess.run([tool, option, file.name], capture_output=True, text=True,
                               check=True).stdout
 
 
@@ -130,12 +131,12 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                 shared_zero: int | None = None) -> str:
     """compile_planes's SASS."""
     return cuobjdump(compile_planes(zero_points, step_sums, block_n, warps, stages,
-                                    group, bits, factored, shared_zero), "-sass")
+                                    group, bits, factored, shared_zero).asm["cubin"])
 
 
-def registers(kernel) -> int:
-    """Registers a thread of the compiled kernel (cuobjdump's resource usage)."""
-    return int(re.search(r"REG:(\d+)", cuobjdump(kernel, "-res-usage")).group(1))
+def registers(cubin: bytes) -> int:
+    """Registers a thread of a compiled kernel's cubin (cuobjdump's resource usage)."""
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
 def main_loop_lines(sass: str) -> list[str]:
@@ -184,7 +185,7 @@ def main() -> None:
                                 args.bits, args.factored, args.shared_zero)
         rows = PLANE_ROWS if args.bits == 4 else BYTE_PLANE_ROWS
         step_bytes = args.block_n * rows * 2  # int16 codes a program reads a step
-    opcodes = main_loop(cuobjdump(kernel, "-sass"))
+    opcodes = main_loop(cuobjdump(kernel.asm["cubin"]))
     counts = collections.Counter(opcodes)
     threads = 32 * args.warps
     warp_instructions = len(opcodes) * args.warps
@@ -192,8 +193,8 @@ def main() -> None:
           f"({threads} threads) for {step_bytes} bytes of codes: "
           f"{step_bytes / warp_instructions:.2f} bytes a warp instruction")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
-    print(f"  {registers(kernel)} registers a thread, {kernel.metadata.shared} bytes of shared "
-          "memory a program")
+    print(f"  {registers(kernel.asm['cubin'])} registers a thread, "
+          f"{kernel.metadata.shared} bytes of shared memory a program")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from functools import partial
 import pytest
 import torch
 
+from bench.kernels.sass_census import cuobjdump
 from pagoda.layers.linear import deferred_linear_methods
 from pagoda.layers.moe import expert_codes
 from pagoda.layers.moe.layer import FusedMoE
@@ -23,7 +24,7 @@ from pagoda.layers.quantization.cpu_fp8_dot import Fp8Rows
 from pagoda.layers.quantization.fp8 import random_float8_rows
 from tests.layers.moe_cases import float8_experts, integer_experts, random_moe
 from tests.layers.moe_cases import stacked_codes as stack_of
-from tests.utils import compile_for_cuda, cuobjdump, interpreter_report
+from tests.utils import compile_for_cuda, interpreter_report
 
 MARKER = "CODES-RESULTS "
 # (tokens, experts, top_k, hidden, inter, layout, drop_experts): float8 with a scale a row

@@ -821,13 +821,13 @@ def test_rope_in_attention_costs_the_registers_that_bound_its_programs_a_multipr
     """What NEW_TOKEN_PROGRAMS_PER_SM stands on, compiled for an H200 with no GPU: the
     unsplit decode of 4 warps fits 4 programs in a multiprocessor's 64k registers, and
     with RoPE and the store in the kernel only NEW_TOKEN_PROGRAMS_PER_SM."""
+    from bench.kernels.sass_census import registers
     from pagoda.layers.attention.triton_unified import NEW_TOKEN_PROGRAMS_PER_SM
-    from tests.utils import cubin_registers
 
     def programs_a_multiprocessor(new_token: bool) -> int:
         cubin = _decode_kernel_ptx("bf16", "bf16", half_products=False, new_token=new_token,
                                    unit_strides=True, stage="cubin")
-        allocated = -(-cubin_registers(cubin) // 8) * 8  # a warp's registers come in 8s
+        allocated = -(-registers(cubin) // 8) * 8  # a warp's registers come in 8s
         return 65536 // (allocated * 4 * 32)
     assert programs_a_multiprocessor(False) == 4
     assert programs_a_multiprocessor(True) == NEW_TOKEN_PROGRAMS_PER_SM

@@ -1235,7 +1235,7 @@ def test_the_census_finds_the_few_token_kernels_loop(layout):
     that decode bytes; with it GGUF Q8_0 decoded an 8B at 4.61 ms a token on an H100,
     against 3.48 for FP8's bytes); the float8 one converts its codes in pairs (F2FP)."""
     from bench.kernels.sass_census import compile_few_tokens, cuobjdump, main_loop
-    opcodes = main_loop(cuobjdump(compile_few_tokens(layout, 64, 16, 4, 3), "-sass"))
+    opcodes = main_loop(cuobjdump(compile_few_tokens(layout, 64, 16, 4, 3).asm["cubin"]))
     assert {"HMMA", "HGMMA"} & set(opcodes), opcodes
     assert "I2F" not in opcodes
     if layout == "fp8-row":
@@ -1249,7 +1249,7 @@ def test_centred_bytes_load_no_mins_and_issue_fewer_instructions():
     import collections
 
     from bench.kernels.sass_census import compile_few_tokens, cuobjdump, main_loop
-    loops = {layout: main_loop(cuobjdump(compile_few_tokens(layout, 256, 16, 4, 5), "-sass"))
+    loops = {layout: main_loop(cuobjdump(compile_few_tokens(layout, 256, 16, 4, 5).asm["cubin"]))
              for layout in ("int8-g32", "int8-g32-centred")}
     copies = {layout: collections.Counter(loop)["LDGSTS"] for layout, loop in loops.items()}
     assert copies["int8-g32-centred"] < copies["int8-g32"], copies
