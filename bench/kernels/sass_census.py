@@ -136,7 +136,14 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
 
 def registers(cubin: bytes) -> int:
     """Registers a thread of a compiled kernel's cubin (cuobjdump's resource usage)."""
-    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
+    return registers_and_stack(cubin)[0]
+
+
+def registers_and_stack(cubin: bytes) -> tuple[int, int]:
+    """Registers a thread of a compiled kernel's cubin, and the bytes of stack a thread
+    takes (what ptxas spilled, where it was held to fewer registers)."""
+    found = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
+    return int(found.group(1)), int(found.group(2))
 
 
 def main_loop_lines(sass: str) -> list[str]:

@@ -335,3 +335,16 @@ def test_window_and_full_layers_in_one_graph(gpu_report):
     gpu_report(kind="cuda-graph", variant="window512+full",
                plan=f"{_plan_name(batch, None, window)}+{_plan_name(batch, None)}",
                dtype="bf16", B=batch_size, max_err=err, tol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 128), (8, 4, 256)], ids=["dim128", "dim256"])
+@pytest.mark.parametrize("batch_size", [1, 8, 48])
+def test_decode_rope_and_store_in_the_attention_kernel(batch_size, shape):
+    """NewToken on the GPU, where its launch caps its registers and reads its first KV tile
+    before the PDL wait: split (1 and 8 decodes) and unsplit in one wave (48), at head dims
+    128 and 256, bfloat16, contexts up to 8k+: outputs within bfloat16's tolerance of the
+    torch backend's and of the separate RoPE-and-store launch's, the cache exactly the
+    latter's."""
+    from tests.layers.test_triton_attention import _rotary_decode_case
+    decodes = [(c, 1) for c in _contexts(batch_size, seed=batch_size + shape[2])]
+    _rotary_decode_case(None, None, None, torch.bfloat16, decodes, shape, device="cuda")

@@ -307,20 +307,23 @@ def _rotary_decode(num_segments: int | None = None, window: int | None = None,
 
 
 def _rotary_decode_case(num_segments: int | None, window: int | None, rotary_dim: int | None,
-                        dtype: torch.dtype) -> None:
+                        dtype: torch.dtype, decodes: list[tuple[int, int]] = DECODES,
+                        shape: tuple[int, int, int] = (8, 2, 32), device: str = "cpu") -> None:
     """A decode step's RoPE and KV store run inside the attention kernel (NewToken; the
     fused store kernel is not called): its outputs are the torch backend's, and its cache
     holds exactly what the same step with PAGODA_ROPE_IN_ATTENTION=0 stores (and, in
     float32, the torch backend's), on views into one qkv buffer with the CUDA-graph runner's
-    padding (empty sequences, slot -1 tokens)."""
+    padding (empty sequences, slot -1 tokens). `shape`: heads, kv heads and head dim."""
     from pagoda.layers.attention import triton_backend, triton_unified
     from pagoda.layers.attention.torch_ref import TorchAttentionBackend
     from pagoda.layers.rotary import RotaryEmbedding
-    heads, kv_heads, dim = 8, 2, 32
-    batch = make_batch(DECODES + [(0, 0)] * 2, block_size=16, heads=heads, kv_heads=kv_heads,
-                       head_dim=dim, dtype=dtype, seed=15, pad_tokens=2)
-    rope = RotaryEmbedding(dim, 512, {"rope_type": "default", "rope_theta": 1e4}, rotary_dim)
-    positions = torch.tensor([context for context, _ in DECODES] + [0, 0])
+    heads, kv_heads, dim = shape
+    batch = make_batch(decodes + [(0, 0)] * 2, block_size=16, heads=heads, kv_heads=kv_heads,
+                       head_dim=dim, dtype=dtype, device=device, seed=15, pad_tokens=2)
+    longest = max(context for context, _ in decodes) + 1
+    rope = RotaryEmbedding(dim, max(512, longest), {"rope_type": "default", "rope_theta": 1e4},
+                           rotary_dim).to(device)
+    positions = torch.tensor([context for context, _ in decodes] + [0, 0], device=device)
     qkv = torch.cat([batch.q, batch.k, batch.v], dim=1)
     real = batch.num_real_tokens
 
@@ -745,11 +748,12 @@ FLOAT_ARGS = {"qk_scale", "value_scale", "k_divisor", "v_divisor", "q_eps", "k_e
 
 
 def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90,
-         stage: str = "ptx") -> str | bytes:
+         stage: str = "ptx", **options) -> str | bytes:
     """`kernel` compiled for a CUDA compute capability here (no GPU needed): pointers typed
     by `pointers` (others int32; split workspaces float32), scalars int32 or FLOAT_ARGS;
     the strides but the block table's and the workspace's multiples of 16, as Triton
-    specializes them at run time for the caches and q. Its PTX, or `stage`'s assembly."""
+    specializes them at run time for the caches and q; `options` as a launch's. Its PTX, or
+    `stage`'s assembly."""
     from tests.utils import compile_for_cuda
     signature = {}
     for name in kernel.arg_names:
@@ -763,16 +767,18 @@ def _ptx(kernel, constants: dict, pointers: dict[str, str], capability: int = 90
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     divisible = tuple(name for name in signature if name.startswith("stride_")
                       and name not in ("stride_bt", "stride_wt", "stride_wh"))
-    return compile_for_cuda(kernel, signature, constants, capability, divisible)[stage]
+    return compile_for_cuda(kernel, signature, constants, capability, divisible,
+                            **options)[stage]
 
 
 def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: bool = False,
                        split: bool = False, capability: int = 90,
                        new_token: bool = False, unit_strides: bool = False,
-                       stage: str = "ptx") -> str | bytes:
+                       stage: str = "ptx", **options) -> str | bytes:
     """The decode kernel compiled here (its PTX, or `stage`'s assembly): q [*, 32, 128], 8
     KV heads (with new_token, RoPE over all 128 dims and the KV store in the kernel; with
-    unit_strides, the head dims' strides of 1 as Triton specializes them at run time)."""
+    unit_strides, the head dims' strides of 1 as Triton specializes them at run time);
+    `options` as a launch's (num_stages, maxnreg)."""
     from pagoda.layers.attention import triton_unified
     constants = dict(GROUP=4, HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_SIZE=16, TILE=64,
                      BLOCK_M=16, BLOCK_Q=4, DECODE_ONLY=True, SPLIT=split, SLIDING=False,
@@ -785,7 +791,7 @@ def _decode_kernel_ptx(query: str, cache: str, half_products: bool, scale_v: boo
                 {"q_ptr": query, "out_ptr": query, "key_cache_ptr": cache,
                  "value_cache_ptr": cache, "new_k_ptr": query, "new_v_ptr": query,
                  "pos_ptr": "i64", "cos_sin_ptr": "fp32", "slot_ptr": "i64"}, capability,
-                stage)
+                stage, **options)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -799,11 +805,11 @@ def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(sp
     assert with_new.count("st.global.b16") > without.count("st.global.b16")
 
 
-def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_few_programs():
+def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_one_wave():
     """A decode takes its RoPE and KV store in the attention kernel where its launch is
-    split (1-16 sequences over 8 KV heads on 132 multiprocessors) or has at most
-    NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor (up to 33 sequences unsplit); a batch
-    of 34 or 256 does not, and neither does a prefill or a float8 cache."""
+    split (1-16 sequences over 8 KV heads on 132 multiprocessors) or fits in one wave of
+    decode_programs_per_sm programs a multiprocessor (4 at dim 128: up to 66 sequences
+    unsplit); a batch of 67 or 256 does not, and neither does a prefill or a float8 cache."""
     from pagoda.layers.attention.triton_unified import plan_attention, takes_new_token
     cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
 
@@ -812,25 +818,39 @@ def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_few_pro
         plan = plan_attention(32, 8, 128, query_lens, 1100, 132, dtype=torch.bfloat16,
                               cache_dtype=cache.dtype)
         return takes_new_token(plan, q, cache)
-    assert takes([1]) and takes([1] * 2) and takes([1] * 16) and takes([1] * 33)
-    assert not takes([1] * 34) and not takes([1] * 256)
+    assert takes([1]) and takes([1] * 2) and takes([1] * 16) and takes([1] * 66)
+    assert not takes([1] * 67) and not takes([1] * 256)
     assert not takes([5]) and not takes([1], cache.to(torch.float8_e4m3fn))
 
 
-def test_rope_in_attention_costs_the_registers_that_bound_its_programs_a_multiprocessor():
-    """What NEW_TOKEN_PROGRAMS_PER_SM stands on, compiled for an H200 with no GPU: the
-    unsplit decode of 4 warps fits 4 programs in a multiprocessor's 64k registers, and
-    with RoPE and the store in the kernel only NEW_TOKEN_PROGRAMS_PER_SM."""
-    from bench.kernels.sass_census import registers
-    from pagoda.layers.attention.triton_unified import NEW_TOKEN_PROGRAMS_PER_SM
+@pytest.mark.parametrize("split,stages", [(False, 3), (True, 1), (True, 3)])
+def test_rope_in_attention_is_held_to_the_plain_decode_s_programs_a_multiprocessor(split,
+                                                                                  stages):
+    """Compiled for an H200 with no GPU: the plain decode of 4 warps fits
+    decode_programs_per_sm (4) programs in a multiprocessor's 64k registers; with RoPE and
+    the store in the kernel ptxas would take more registers (room for fewer programs),
+    and the launch's cap (new_token_max_registers) keeps the plain decode's count for at
+    most 64 bytes a thread spilled to the stack."""
+    from bench.kernels.sass_census import registers_and_stack
+    from pagoda.layers.attention.triton_unified import (
+        decode_programs_per_sm,
+        new_token_max_registers,
+    )
 
-    def programs_a_multiprocessor(new_token: bool) -> int:
-        cubin = _decode_kernel_ptx("bf16", "bf16", half_products=False, new_token=new_token,
-                                   unit_strides=True, stage="cubin")
-        allocated = -(-registers(cubin) // 8) * 8  # a warp's registers come in 8s
-        return 65536 // (allocated * 4 * 32)
-    assert programs_a_multiprocessor(False) == 4
-    assert programs_a_multiprocessor(True) == NEW_TOKEN_PROGRAMS_PER_SM
+    def usage(new_token: bool, **options) -> tuple[int, int]:
+        return registers_and_stack(_decode_kernel_ptx(
+            "bf16", "bf16", half_products=False, split=split, new_token=new_token,
+            unit_strides=True, stage="cubin", num_stages=stages, **options))
+
+    def programs_a_multiprocessor(registers: int) -> int:
+        return 65536 // (-(-registers // 8) * 8 * 4 * 32)  # a warp's registers come in 8s
+    cap = new_token_max_registers(128, 4)
+    plain, _ = usage(False)
+    uncapped, _ = usage(True)
+    capped, stack = usage(True, maxnreg=cap)
+    assert programs_a_multiprocessor(plain) == decode_programs_per_sm(128) == 4
+    assert programs_a_multiprocessor(uncapped) < 4
+    assert capped <= cap and programs_a_multiprocessor(capped) == 4 and stack <= 64
 
 
 # bytes a PTX global load reads, by its type suffix

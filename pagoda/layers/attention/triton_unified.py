@@ -54,13 +54,16 @@ UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pi
 # decode steps rotate q and k by RoPE and store k and v in the attention kernel (NewToken;
 # PAGODA_ROPE_IN_ATTENTION=0: in the fused store kernel before it), read once
 ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
-# ... in split launches (a few sequences), and in unsplit ones of at most this many programs
-# a multiprocessor. Compiled for sm_90 (8 kv heads, dim 128, bfloat16, 4 warps) the unsplit
-# decode with NewToken takes 190 registers a thread, room for 2 programs a multiprocessor,
-# where the plain decode's 124 leave room for 4 (at dim 256: 255, 2, against 155, 3): a large
-# batch's decode would read its cache with fewer warps in flight to save one small launch a
-# layer.
-NEW_TOKEN_PROGRAMS_PER_SM = 2
+# ... in split launches (a few sequences), and in unsplit ones of at most one wave of
+# programs (decode_programs_per_sm a multiprocessor). Compiled for sm_90 (8 kv heads, dim
+# 128, bfloat16, 4 warps) the plain decode takes 117-124 registers a thread, room for 4
+# programs a multiprocessor; with NewToken ptxas takes 151-168, room for 3 (at dim 256:
+# 142-149 and 221-238, 3 and 2), so its launches cap them at the plain decode's room
+# (new_token_max_registers: 128, and 168 at dim 256), for at most 40 bytes a thread spilled.
+# On an H100, RoPE, store and attention of 1-64 decodes at 1k-4k contexts took 0.68-1.00x
+# the time of the separate launches so (1.05-1.10x uncapped at 8-16 decodes of 4k), and
+# 256 decodes 1.01x: bench/results/README.md.
+REGISTERS_PER_SM = 65536
 
 
 @triton.jit
@@ -250,7 +253,8 @@ def _unified_attention_kernel(
     new_k_ptr and new_v_ptr ([tokens, kv heads, HEAD_DIM]), are as the qkv product left
     them. Each program rotates its q rows by RoPE at pos_ptr's position (see _rotated); the
     KV tiles stop short of the new position, and the first segment's program (or the only
-    one) rotates the new k, adds the new position to its sums from registers and writes k
+    one) rotates the new k, adds the new position to its sums from registers (before the loop
+    over its tiles, which then holds neither RoPE's factors nor the slot) and writes k
     and v into the cache at slot_ptr's slot (none for a slot < 0 or a token past
     num_slots): the launch of fused.rope_store_kv_ saved, no program waiting on its own
     writes. With PDL such a decode reads what no kernel of the step writes before its wait
@@ -335,11 +339,6 @@ def _unified_attention_kernel(
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, first_pos, first_ok, first_k, first_v,
                                      q_pos, window, qk_scale, DOT_PRECISION, SLIDING)
         tile_lo += 1
-    acc, l_i, m_i = _attend_tiles(
-        q, acc, l_i, m_i, k_base, v_base, table, q_pos, tile_lo, tile_hi, kv_start,
-        kv_cached_end, window, qk_scale,
-        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
     if NEW_TOKEN:
         if tl.program_id(2) == 0:  # the first segment, or the only program (a 2-D grid)
             acc, l_i, m_i = _new_position(
@@ -347,6 +346,11 @@ def _unified_attention_kernel(
                 rope_sin, slot, stride_nkt, stride_nvt, k_base, v_base, stride_kb, stride_ks,
                 stride_kd, stride_vb, stride_vs, stride_vd, dims, dim_ok, HEAD_DIM,
                 BLOCK_SIZE, ROT_HALF)
+    acc, l_i, m_i = _attend_tiles(
+        q, acc, l_i, m_i, k_base, v_base, table, q_pos, tile_lo, tile_hi, kv_start,
+        kv_cached_end, window, qk_scale,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
 
     if SPLIT:
         w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
@@ -431,7 +435,7 @@ class AttentionPlan:
     config: KernelConfig
     decode_only: bool  # every sequence has exactly one query: program = sequence
     num_segments: int  # 1 = the unsplit kernel
-    rope_inside: bool  # split, or at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor
+    rope_inside: bool  # split, or unsplit in one wave (decode_programs_per_sm)
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
@@ -514,7 +518,8 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
         chosen = _stages_for_segments(chosen, kv_len, num_segments)
         if cache_dtype is not None and cache_dtype.itemsize == 1 and num_segments == 1:
             chosen = _float8_cache_config(chosen, head_dim)
-    rope_inside = num_segments > 1 or num_programs <= NEW_TOKEN_PROGRAMS_PER_SM * num_sms
+    one_wave = decode_programs_per_sm(padded_head_dim(head_dim)) * num_sms
+    rope_inside = num_segments > 1 or num_programs <= one_wave
     return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside)
 
 
@@ -568,8 +573,9 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
 
 def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether a step's RoPE and KV store run in its attention kernel (NewToken): where
-    `_fits_new_token` and the plan's launch suits the kernel's registers (`rope_inside`:
-    split, or few programs, NEW_TOKEN_PROGRAMS_PER_SM), unless PAGODA_ROPE_IN_ATTENTION=0.
+    `_fits_new_token` and the plan's launch suits it (`rope_inside`: split, or unsplit in
+    one wave of decode_programs_per_sm programs a multiprocessor), unless
+    PAGODA_ROPE_IN_ATTENTION=0.
     On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this way against 3.68 with the
     separate RoPE-and-store launch (bench/results/README.md)."""
     return ROPE_IN_ATTENTION and plan.rope_inside and _fits_new_token(plan, q, key_cache)
@@ -646,6 +652,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         NEW_TOKEN=new_token is not None,
         ROT_HALF=new_token.rotary_dim // 2 if new_token is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
+        **_register_cap(new_token is not None, head_dim_p, cfg.num_warps, q.device),
     )
     if split:
         _reduce_segments_kernel[(num_tokens, num_heads)](
@@ -658,6 +665,28 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             **dependent_launch(q.device),
         )
     return out
+
+
+def decode_programs_per_sm(head_dim_p: int) -> int:
+    """Programs of the 4-warp decode kernel a multiprocessor's registers hold (the plain
+    decode's, and NewToken's under new_token_max_registers) at a padded head dim."""
+    return 4 if head_dim_p <= 128 else 3
+
+
+def new_token_max_registers(head_dim_p: int, num_warps: int) -> int:
+    """The registers a thread of a NewToken decode is held to: the most (a warp's come in
+    8s) that keep decode_programs_per_sm programs of num_warps warps a multiprocessor."""
+    per_thread = REGISTERS_PER_SM // (decode_programs_per_sm(head_dim_p) * num_warps * 32)
+    return per_thread // 8 * 8
+
+
+def _register_cap(new_token: bool, head_dim_p: int, num_warps: int,
+                  device: torch.device) -> dict[str, int]:
+    """The launch option of a NewToken decode on an NVIDIA GPU (new_token_max_registers);
+    none elsewhere."""
+    if not new_token or device.type != "cuda" or torch.version.hip is not None:
+        return {}
+    return {"maxnreg": new_token_max_registers(head_dim_p, num_warps)}
 
 
 def _new_token_arguments(new: NewToken | None, q: torch.Tensor) -> tuple:
