@@ -823,6 +823,21 @@ def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_one_wav
     assert not takes([5]) and not takes([1], cache.to(torch.float8_e4m3fn))
 
 
+def test_rope_in_attention_caps_its_registers_in_launches_of_many_programs():
+    """NewToken's registers are capped (to the plain decode's programs a multiprocessor)
+    only where its launch has more than NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor,
+    which its uncapped registers would not all hold at once: 8 split decodes (8 kv heads x
+    8 segments) and 34 unsplit ones are, 1 split decode (16 segments) and 32 unsplit are
+    not."""
+    from pagoda.layers.attention.triton_unified import plan_attention
+
+    def capped(decodes: int) -> tuple[int, bool]:
+        plan = plan_attention(32, 8, 128, [1] * decodes, 1100, 132)
+        return plan.num_segments, plan.new_token_capped
+    assert capped(1) == (16, False) and capped(8) == (8, True)
+    assert capped(32) == (1, False) and capped(34) == (1, True)
+
+
 @pytest.mark.parametrize("split,stages", [(False, 3), (True, 1), (True, 3)])
 def test_rope_in_attention_is_held_to_the_plain_decode_s_programs_a_multiprocessor(split,
                                                                                   stages):

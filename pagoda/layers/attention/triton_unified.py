@@ -58,11 +58,14 @@ ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
 # programs (decode_programs_per_sm a multiprocessor). Compiled for sm_90 (8 kv heads, dim
 # 128, bfloat16, 4 warps) the plain decode takes 117-124 registers a thread, room for 4
 # programs a multiprocessor; with NewToken ptxas takes 151-168, room for 3 (at dim 256:
-# 142-149 and 221-238, 3 and 2), so its launches cap them at the plain decode's room
+# 142-149 and 221-238, 3 and 2). So a NewToken launch of more programs than
+# NEW_TOKEN_PROGRAMS_PER_SM a multiprocessor caps them at the plain decode's room
 # (new_token_max_registers: 128, and 168 at dim 256), for at most 40 bytes a thread spilled.
-# On an H100, RoPE, store and attention of 1-64 decodes at 1k-4k contexts took 0.68-1.00x
-# the time of the separate launches so (1.05-1.10x uncapped at 8-16 decodes of 4k), and
-# 256 decodes 1.01x: bench/results/README.md.
+# On an H100, RoPE, store and attention of 8 and 16 decodes at 4k contexts (512 programs)
+# took 0.94 and 0.96x the separate launches' time capped, 1.05 and 1.10x uncapped; 32
+# decodes (256 programs) 0.89-0.94x uncapped and 0.96-0.97x capped; 256 decodes 1.01x
+# capped: bench/results/README.md.
+NEW_TOKEN_PROGRAMS_PER_SM = 2
 REGISTERS_PER_SM = 65536
 
 
@@ -436,6 +439,7 @@ class AttentionPlan:
     decode_only: bool  # every sequence has exactly one query: program = sequence
     num_segments: int  # 1 = the unsplit kernel
     rope_inside: bool  # split, or unsplit in one wave (decode_programs_per_sm)
+    new_token_capped: bool  # NewToken's registers capped (NEW_TOKEN_PROGRAMS_PER_SM)
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
@@ -520,7 +524,8 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
             chosen = _float8_cache_config(chosen, head_dim)
     one_wave = decode_programs_per_sm(padded_head_dim(head_dim)) * num_sms
     rope_inside = num_segments > 1 or num_programs <= one_wave
-    return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside)
+    capped = num_programs * num_segments > NEW_TOKEN_PROGRAMS_PER_SM * num_sms
+    return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside, capped)
 
 
 def _float8_cache_config(config: KernelConfig, head_dim: int) -> KernelConfig:
@@ -652,7 +657,8 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         NEW_TOKEN=new_token is not None,
         ROT_HALF=new_token.rotary_dim // 2 if new_token is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dependent_launch(q.device),
-        **_register_cap(new_token is not None, head_dim_p, cfg.num_warps, q.device),
+        **_register_cap(new_token is not None and plan.new_token_capped, head_dim_p,
+                        cfg.num_warps, q.device),
     )
     if split:
         _reduce_segments_kernel[(num_tokens, num_heads)](
@@ -680,11 +686,11 @@ def new_token_max_registers(head_dim_p: int, num_warps: int) -> int:
     return per_thread // 8 * 8
 
 
-def _register_cap(new_token: bool, head_dim_p: int, num_warps: int,
+def _register_cap(capped: bool, head_dim_p: int, num_warps: int,
                   device: torch.device) -> dict[str, int]:
-    """The launch option of a NewToken decode on an NVIDIA GPU (new_token_max_registers);
-    none elsewhere."""
-    if not new_token or device.type != "cuda" or torch.version.hip is not None:
+    """The launch option of a capped NewToken decode (`capped`) on an NVIDIA GPU
+    (new_token_max_registers); none elsewhere."""
+    if not capped or device.type != "cuda" or torch.version.hip is not None:
         return {}
     return {"maxnreg": new_token_max_registers(head_dim_p, num_warps)}
 
