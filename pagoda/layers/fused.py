@@ -129,8 +129,17 @@ def _rope_heads(base, heads, num_heads, offs, rot, cos, sin, ROT_HALF: tl.conste
     x2 = tl.load(second, mask=mask, other=0.0)
     c, s = cos[None, :], sin[None, :]
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first, (x1f * c - x2f * s).to(x1.dtype), mask=mask)
-    tl.store(second, (x2f * c + x1f * s).to(x1.dtype), mask=mask)
+    tl.store(first, rope_rotation(x1f, x2f, c, -s).to(x1.dtype), mask=mask)
+    tl.store(second, rope_rotation(x2f, x1f, c, s).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def rope_rotation(x, partner, c, signed_s):
+    """One RoPE output, x * c + partner * signed_s in float32, rounded as every kernel
+    that rotates rounds it (partner's product, then one fused multiply-add), so that a k row
+    rotated here and one rotated in the attention kernel are the same bits: left to the
+    compiler, the two sums contract differently."""
+    return tl.fma(x, c, partner * signed_s)
 
 
 def rope_qk_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,

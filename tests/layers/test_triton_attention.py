@@ -805,11 +805,11 @@ def test_a_decode_s_rope_and_store_in_the_attention_kernel_compile_for_hopper(sp
     assert with_new.count("st.global.b16") > without.count("st.global.b16")
 
 
-def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_one_wave():
+def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_few_programs():
     """A decode takes its RoPE and KV store in the attention kernel where its launch is
-    split (1-16 sequences over 8 KV heads on 132 multiprocessors) or fits in one wave of
-    decode_programs_per_sm programs a multiprocessor (4 at dim 128: up to 66 sequences
-    unsplit); a batch of 67 or 256 does not, and neither does a prefill or a float8 cache."""
+    split (1-16 sequences over 8 KV heads on 132 multiprocessors) or has at most
+    NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor (up to 33 sequences unsplit); a batch
+    of 34 or 256 does not, and neither does a prefill or a float8 cache."""
     from pagoda.layers.attention.triton_unified import plan_attention, takes_new_token
     cache = torch.empty(1, 16, 8, 128, dtype=torch.bfloat16)
 
@@ -818,54 +818,66 @@ def test_rope_in_attention_is_taken_by_split_decodes_and_unsplit_ones_of_one_wav
         plan = plan_attention(32, 8, 128, query_lens, 1100, 132, dtype=torch.bfloat16,
                               cache_dtype=cache.dtype)
         return takes_new_token(plan, q, cache)
-    assert takes([1]) and takes([1] * 2) and takes([1] * 16) and takes([1] * 66)
-    assert not takes([1] * 67) and not takes([1] * 256)
+    assert takes([1]) and takes([1] * 2) and takes([1] * 16) and takes([1] * 33)
+    assert not takes([1] * 34) and not takes([1] * 256)
     assert not takes([5]) and not takes([1], cache.to(torch.float8_e4m3fn))
 
 
-def test_rope_in_attention_caps_its_registers_in_launches_of_many_programs():
-    """NewToken's registers are capped (to the plain decode's programs a multiprocessor)
-    only where its launch has more than NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor,
-    which its uncapped registers would not all hold at once: 8 split decodes (8 kv heads x
-    8 segments) and 34 unsplit ones are, 1 split decode (16 segments) and 32 unsplit are
-    not."""
+def test_rope_in_attention_caps_its_registers_in_split_launches_of_many_programs():
+    """A split NewToken decode's registers are capped (to the plain decode's programs a
+    multiprocessor) where its launch has more than NEW_TOKEN_PROGRAMS_PER_SM programs a
+    multiprocessor: 8 decodes (8 kv heads x 8 segments), not 1 (16 segments), and no
+    unsplit one."""
     from pagoda.layers.attention.triton_unified import plan_attention
 
     def capped(decodes: int) -> tuple[int, bool]:
         plan = plan_attention(32, 8, 128, [1] * decodes, 1100, 132)
         return plan.num_segments, plan.new_token_capped
     assert capped(1) == (16, False) and capped(8) == (8, True)
-    assert capped(32) == (1, False) and capped(34) == (1, True)
+    assert capped(32) == (1, False) and capped(256) == (1, False)
 
 
-@pytest.mark.parametrize("split,stages", [(False, 3), (True, 1), (True, 3)])
-def test_rope_in_attention_is_held_to_the_plain_decode_s_programs_a_multiprocessor(split,
-                                                                                  stages):
-    """Compiled for an H200 with no GPU: the plain decode of 4 warps fits
-    decode_programs_per_sm (4) programs in a multiprocessor's 64k registers; with RoPE and
-    the store in the kernel ptxas would take more registers (room for fewer programs),
-    and the launch's cap (new_token_max_registers) keeps the plain decode's count for at
-    most 64 bytes a thread spilled to the stack."""
+def _registers_and_stack(split: bool, new_token: bool, **options) -> tuple[int, int]:
+    """The decode kernel's registers a thread and stack bytes, compiled for an H200."""
     from bench.kernels.sass_census import registers_and_stack
+    return registers_and_stack(_decode_kernel_ptx(
+        "bf16", "bf16", half_products=False, split=split, new_token=new_token,
+        unit_strides=True, stage="cubin", **options))
+
+
+def _programs_a_multiprocessor(registers: int, warps: int = 4) -> int:
+    return 65536 // (-(-registers // 8) * 8 * warps * 32)  # a warp's registers come in 8s
+
+
+def test_rope_in_attention_costs_the_registers_that_bound_its_programs_a_multiprocessor():
+    """What NEW_TOKEN_PROGRAMS_PER_SM stands on, compiled for an H200 with no GPU: the
+    unsplit decode of 4 warps fits 4 programs in a multiprocessor's 64k registers, and
+    with RoPE and the store in the kernel only NEW_TOKEN_PROGRAMS_PER_SM."""
+    from pagoda.layers.attention.triton_unified import NEW_TOKEN_PROGRAMS_PER_SM
+    plain, _ = _registers_and_stack(False, False)
+    with_new, _ = _registers_and_stack(False, True)
+    assert _programs_a_multiprocessor(plain) == 4
+    assert _programs_a_multiprocessor(with_new) == NEW_TOKEN_PROGRAMS_PER_SM
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_split_rope_in_attention_is_held_to_the_plain_decode_s_programs_a_multiprocessor(
+        stages):
+    """Compiled for an H200: a split decode with RoPE and the store in the kernel would
+    take more registers than the plain one's 4 programs a multiprocessor leave; the cap
+    its launch takes (new_token_max_registers) keeps decode_programs_per_sm of them for at
+    most 8 bytes a thread spilled to the stack."""
     from pagoda.layers.attention.triton_unified import (
         decode_programs_per_sm,
         new_token_max_registers,
     )
-
-    def usage(new_token: bool, **options) -> tuple[int, int]:
-        return registers_and_stack(_decode_kernel_ptx(
-            "bf16", "bf16", half_products=False, split=split, new_token=new_token,
-            unit_strides=True, stage="cubin", num_stages=stages, **options))
-
-    def programs_a_multiprocessor(registers: int) -> int:
-        return 65536 // (-(-registers // 8) * 8 * 4 * 32)  # a warp's registers come in 8s
     cap = new_token_max_registers(128, 4)
-    plain, _ = usage(False)
-    uncapped, _ = usage(True)
-    capped, stack = usage(True, maxnreg=cap)
-    assert programs_a_multiprocessor(plain) == decode_programs_per_sm(128) == 4
-    assert programs_a_multiprocessor(uncapped) < 4
-    assert capped <= cap and programs_a_multiprocessor(capped) == 4 and stack <= 64
+    plain, _ = _registers_and_stack(True, False, num_stages=stages)
+    uncapped, _ = _registers_and_stack(True, True, num_stages=stages)
+    capped, stack = _registers_and_stack(True, True, num_stages=stages, maxnreg=cap)
+    assert _programs_a_multiprocessor(plain) >= decode_programs_per_sm(128) == 4
+    assert _programs_a_multiprocessor(uncapped) < 4
+    assert capped <= cap and _programs_a_multiprocessor(capped) == 4 and stack <= 8
 
 
 # bytes a PTX global load reads, by its type suffix

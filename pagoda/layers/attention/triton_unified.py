@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+from pagoda.layers.fused import rope_rotation
 
 LOG2E = 1.4426950408889634
 
@@ -54,17 +55,18 @@ UNPIPELINED_TILES = 2  # segments of at most this many KV tiles skip software pi
 # decode steps rotate q and k by RoPE and store k and v in the attention kernel (NewToken;
 # PAGODA_ROPE_IN_ATTENTION=0: in the fused store kernel before it), read once
 ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
-# ... in split launches (a few sequences), and in unsplit ones of at most one wave of
-# programs (decode_programs_per_sm a multiprocessor). Compiled for sm_90 (8 kv heads, dim
-# 128, bfloat16, 4 warps) the plain decode takes 117-124 registers a thread, room for 4
-# programs a multiprocessor; with NewToken ptxas takes 151-168, room for 3 (at dim 256:
-# 142-149 and 221-238, 3 and 2). So a NewToken launch of more programs than
-# NEW_TOKEN_PROGRAMS_PER_SM a multiprocessor caps them at the plain decode's room
-# (new_token_max_registers: 128, and 168 at dim 256), for at most 40 bytes a thread spilled.
-# On an H100, RoPE, store and attention of 8 and 16 decodes at 4k contexts (512 programs)
-# took 0.94 and 0.96x the separate launches' time capped, 1.05 and 1.10x uncapped; 32
-# decodes (256 programs) 0.89-0.94x uncapped and 0.96-0.97x capped; 256 decodes 1.01x
-# capped: bench/results/README.md.
+# ... in split launches (a few sequences), and in unsplit ones of at most this many
+# programs a multiprocessor. Compiled for sm_90 (8 kv heads, dim 128, bfloat16, 4 warps)
+# the plain decode takes 117-124 registers a thread, room for 4 programs a multiprocessor;
+# the unsplit one with NewToken 190, room for 2, and the split one 151-161, 3 (at dim 256:
+# 142-149, 3; 255, 2; 221, 2). So a split NewToken launch of more programs than this many a
+# multiprocessor caps its registers at the plain decode's room (new_token_max_registers:
+# 128, and 168 at dim 256), for at most 8 bytes a thread spilled (40 at dim 256, one
+# pipeline stage). On an H100,
+# RoPE, store and attention of 8 and 16 decodes at 4k contexts (512 programs) took 0.94 and
+# 0.96x the separate launches' time capped, 1.05 and 1.10x uncapped; 32 unsplit decodes
+# 0.89-0.94x; 64 and 256, 0.98-1.06x (which is why they keep the separate launch):
+# bench/results/README.md.
 NEW_TOKEN_PROGRAMS_PER_SM = 2
 REGISTERS_PER_SM = 65536
 
@@ -172,7 +174,7 @@ def _rotated(row_ptr, dims, mask, c, s, stride_d, ROT_HALF: tl.constexpr):
     partner = tl.load(row_ptr + tl.where(first, dims + ROT_HALF, half) * stride_d,
                       mask=mask & turned, other=0.0).to(tl.float32)
     xf = x.to(tl.float32)
-    out = tl.where(first, xf * c - partner * s, xf * c + partner * s)
+    out = rope_rotation(xf, partner, c, tl.where(first, -s, s))
     return tl.where(turned, out, xf).to(x.dtype)
 
 
@@ -256,8 +258,7 @@ def _unified_attention_kernel(
     new_k_ptr and new_v_ptr ([tokens, kv heads, HEAD_DIM]), are as the qkv product left
     them. Each program rotates its q rows by RoPE at pos_ptr's position (see _rotated); the
     KV tiles stop short of the new position, and the first segment's program (or the only
-    one) rotates the new k, adds the new position to its sums from registers (before the loop
-    over its tiles, which then holds neither RoPE's factors nor the slot) and writes k
+    one) rotates the new k, adds the new position to its sums from registers and writes k
     and v into the cache at slot_ptr's slot (none for a slot < 0 or a token past
     num_slots): the launch of fused.rope_store_kv_ saved, no program waiting on its own
     writes. With PDL such a decode reads what no kernel of the step writes before its wait
@@ -342,8 +343,13 @@ def _unified_attention_kernel(
         acc, l_i, m_i = _attend_tile(q, acc, l_i, m_i, first_pos, first_ok, first_k, first_v,
                                      q_pos, window, qk_scale, DOT_PRECISION, SLIDING)
         tile_lo += 1
-    if NEW_TOKEN:
-        if tl.program_id(2) == 0:  # the first segment, or the only program (a 2-D grid)
+    # A split launch's first segment takes in the new position before its walk, which then
+    # holds neither RoPE's factors nor the slot (spilling nothing under the register cap);
+    # an unsplit program after it, so that its walk's first loads do not wait behind the
+    # store into the cache they read.
+    NEW_FIRST: tl.constexpr = NEW_TOKEN and SPLIT
+    if NEW_FIRST:
+        if tl.program_id(2) == 0:
             acc, l_i, m_i = _new_position(
                 q, acc, l_i, m_i, q_start, kv_head, qk_scale, new_k_ptr, new_v_ptr, rope_cos,
                 rope_sin, slot, stride_nkt, stride_nvt, k_base, v_base, stride_kb, stride_ks,
@@ -354,6 +360,12 @@ def _unified_attention_kernel(
         kv_cached_end, window, qk_scale,
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
         HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE, DOT_PRECISION, SLIDING)
+    if NEW_TOKEN and not NEW_FIRST:
+        acc, l_i, m_i = _new_position(
+            q, acc, l_i, m_i, q_start, kv_head, qk_scale, new_k_ptr, new_v_ptr, rope_cos,
+            rope_sin, slot, stride_nkt, stride_nvt, k_base, v_base, stride_kb, stride_ks,
+            stride_kd, stride_vb, stride_vs, stride_vd, dims, dim_ok, HEAD_DIM, BLOCK_SIZE,
+            ROT_HALF)
 
     if SPLIT:
         w = tokens * stride_wt + heads * stride_wh + tl.program_id(2)
@@ -438,8 +450,8 @@ class AttentionPlan:
     config: KernelConfig
     decode_only: bool  # every sequence has exactly one query: program = sequence
     num_segments: int  # 1 = the unsplit kernel
-    rope_inside: bool  # split, or unsplit in one wave (decode_programs_per_sm)
-    new_token_capped: bool  # NewToken's registers capped (NEW_TOKEN_PROGRAMS_PER_SM)
+    rope_inside: bool  # split, or unsplit of few programs (NEW_TOKEN_PROGRAMS_PER_SM)
+    new_token_capped: bool  # split NewToken's registers capped (NEW_TOKEN_PROGRAMS_PER_SM)
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def segment_buffers(self, num_tokens: int, num_heads: int, head_dim_p: int,
@@ -522,9 +534,9 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
         chosen = _stages_for_segments(chosen, kv_len, num_segments)
         if cache_dtype is not None and cache_dtype.itemsize == 1 and num_segments == 1:
             chosen = _float8_cache_config(chosen, head_dim)
-    one_wave = decode_programs_per_sm(padded_head_dim(head_dim)) * num_sms
-    rope_inside = num_segments > 1 or num_programs <= one_wave
-    capped = num_programs * num_segments > NEW_TOKEN_PROGRAMS_PER_SM * num_sms
+    few = NEW_TOKEN_PROGRAMS_PER_SM * num_sms
+    rope_inside = num_segments > 1 or num_programs <= few
+    capped = num_segments > 1 and num_programs * num_segments > few
     return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside, capped)
 
 
@@ -578,8 +590,8 @@ def _half_products(query: torch.dtype, cache: torch.dtype) -> bool:
 
 def takes_new_token(plan: AttentionPlan, q: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether a step's RoPE and KV store run in its attention kernel (NewToken): where
-    `_fits_new_token` and the plan's launch suits it (`rope_inside`: split, or unsplit in
-    one wave of decode_programs_per_sm programs a multiprocessor), unless
+    `_fits_new_token` and the plan's launch suits it (`rope_inside`: split, or unsplit
+    with at most NEW_TOKEN_PROGRAMS_PER_SM programs a multiprocessor), unless
     PAGODA_ROPE_IN_ATTENTION=0.
     On an H100 the 8B's FP8 decode-1 took 3.63 ms a token this way against 3.68 with the
     separate RoPE-and-store launch (bench/results/README.md)."""
@@ -675,7 +687,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 
 def decode_programs_per_sm(head_dim_p: int) -> int:
     """Programs of the 4-warp decode kernel a multiprocessor's registers hold (the plain
-    decode's, and NewToken's under new_token_max_registers) at a padded head dim."""
+    decode's, and a split NewToken's under new_token_max_registers) at a padded head dim."""
     return 4 if head_dim_p <= 128 else 3
 
 
