@@ -62,11 +62,10 @@ ROPE_IN_ATTENTION = os.environ.get("PAGODA_ROPE_IN_ATTENTION", "1") != "0"
 # 142-149, 3; 255, 2; 221, 2). So a split NewToken launch of more programs than this many a
 # multiprocessor caps its registers at the plain decode's room (new_token_max_registers:
 # 128, and 168 at dim 256), for at most 8 bytes a thread spilled (40 at dim 256, one
-# pipeline stage). On an H100,
-# RoPE, store and attention of 8 and 16 decodes at 4k contexts (512 programs) took 0.94 and
-# 0.96x the separate launches' time capped, 1.05 and 1.10x uncapped; 32 unsplit decodes
-# 0.89-0.94x; 64 and 256, 0.98-1.06x (which is why they keep the separate launch):
-# bench/results/README.md.
+# pipeline stage). On an H100, RoPE, store and attention of 8 and 16 decodes at 4k contexts
+# (512 programs) took 0.94 and 0.96x the separate launches' time capped, 1.05 and 1.10x
+# uncapped; 32 unsplit decodes 0.89-0.94x; 64 and 256, 0.98-1.06x (which is why they keep
+# the separate launch): bench/results/README.md.
 NEW_TOKEN_PROGRAMS_PER_SM = 2
 REGISTERS_PER_SM = 65536
 
