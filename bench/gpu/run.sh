@@ -112,6 +112,28 @@ quant_batch() {
     --max-num-seqs $batch
 }
 
+# issue 18's throughput workload (THROUGHPUT_PROMPTS, default 1000, of 1,024 -> 512) of the
+# 8B as quantized variant $1, its JSON at $OUT/$2.json, labelled $3
+throughput_of() {
+  quant_elapsed $1 $2 "$3" --num-prompts ${THROUGHPUT_PROMPTS:-1000} --input-len 1024 \
+    --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192
+}
+
+# MEASURE (quant_decode1 or throughput_of) of each of the variants $1 in this tree and in
+# .base/ (bench/gpu/pack_base.sh), alternated twice, labelled $2VARIANT[-base]-runN
+against_base() {
+  local variants=$1 prefix=$2 measure=$3
+  [ -f .base/COMMIT ] || { echo "no .base/: run bench/gpu/pack_base.sh"; return 1; }
+  [ -e .base/bench ] || ln -s ../bench .base/bench  # the configs
+  echo "base: $(cat .base/COMMIT)"
+  for run in 1 2; do for q in $variants; do
+    for tree in . .base; do
+      local label=$prefix$q$([ $tree = .base ] && echo -base)-run$run
+      (cd $tree && PYTHONPATH=/tmp/site:. $measure $q $label $label)
+    done
+  done; done
+}
+
 # run "$@" with the environment variable SWITCH set to $VALUE ("default": unset)
 with_switch() {
   if [ "$VALUE" = default ]; then (unset $SWITCH; "$@"); else (export $SWITCH=$VALUE; "$@"); fi
@@ -159,28 +181,10 @@ run_stage() {
                  done; done ;;
     # decode-1 of each QUANT_VARIANTS (default bf16 awq fp8) in this tree and in the commit
     # bench/gpu/pack_base.sh put in .base/, alternated twice (the base's JSONs: *-base-*)
-    ab-decode1) [ -f .base/COMMIT ] || { echo "no .base/: run bench/gpu/pack_base.sh"; return 1; }
-                [ -e .base/bench ] || ln -s ../bench .base/bench  # the configs
-                echo "base: $(cat .base/COMMIT)"
-                for run in 1 2; do for q in ${QUANT_VARIANTS:-bf16 awq fp8}; do
-                  for tree in . .base; do
-                    label=$q$([ $tree = .base ] && echo -base)-run$run
-                    (cd $tree && PYTHONPATH=/tmp/site:. quant_decode1 $q $label $label)
-                  done
-                done; done ;;
+    ab-decode1) against_base "${QUANT_VARIANTS:-bf16 awq fp8}" "" quant_decode1 ;;
     # issue 18's throughput workload (THROUGHPUT_PROMPTS, default 1000, of 1,024 -> 512) of
     # QUANT_VARIANTS (default bf16), this tree and .base/ alternated twice
-    ab-throughput) [ -f .base/COMMIT ] || { echo "no .base/: run bench/gpu/pack_base.sh"; return 1; }
-                   [ -e .base/bench ] || ln -s ../bench .base/bench
-                   echo "base: $(cat .base/COMMIT)"
-                   for run in 1 2; do for q in ${QUANT_VARIANTS:-bf16}; do
-                     for tree in . .base; do
-                       label=throughput-$q$([ $tree = .base ] && echo -base)-run$run
-                       (cd $tree && PYTHONPATH=/tmp/site:. quant_elapsed $q $label $label \
-                          --num-prompts ${THROUGHPUT_PROMPTS:-1000} --input-len 1024 \
-                          --output-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192)
-                     done
-                   done; done ;;
+    ab-throughput) against_base "${QUANT_VARIANTS:-bf16}" throughput- throughput_of ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
     # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")
