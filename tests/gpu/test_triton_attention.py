@@ -337,14 +337,20 @@ def test_window_and_full_layers_in_one_graph(gpu_report):
                dtype="bf16", B=batch_size, max_err=err, tol=2e-2)
 
 
-@pytest.mark.parametrize("shape", [(32, 8, 128), (8, 4, 256)], ids=["dim128", "dim256"])
-@pytest.mark.parametrize("batch_size", [1, 8, 24])
+# (decodes, (heads, kv heads, head dim)): on 132 multiprocessors split (1), split and
+# capped (8: 512 programs), unsplit (24 at dim 128, 48 at dim 256: 192 programs)
+NEW_TOKEN_CASES = [(1, (32, 8, 128)), (8, (32, 8, 128)), (24, (32, 8, 128)),
+                   (1, (8, 4, 256)), (8, (8, 4, 256)), (48, (8, 4, 256))]
+
+
+@pytest.mark.parametrize("batch_size, shape", NEW_TOKEN_CASES,
+                         ids=[f"{b}-dim{s[2]}" for b, s in NEW_TOKEN_CASES])
 def test_decode_rope_and_store_in_the_attention_kernel(batch_size, shape):
-    """NewToken on the GPU, where it reads its first KV tile before the PDL wait: split (1
-    decode; 8, whose launch caps its registers) and unsplit (24 at dim 128), at head dims
-    128 and 256, bfloat16, contexts up to 8k+: outputs within bfloat16's tolerance of the
-    torch backend's and of the separate RoPE-and-store launch's, the cache exactly the
-    latter's (both kernels round RoPE alike: fused.rope_rotation)."""
+    """NewToken on the GPU, where it reads its first KV tile before the PDL wait, split,
+    split with its registers capped, and unsplit, at head dims 128 and 256, bfloat16,
+    contexts up to 8k+: outputs within bfloat16's tolerance of the torch backend's and of
+    the separate RoPE-and-store launch's, the cache exactly the latter's (both kernels round
+    RoPE alike: fused.rope_rotation)."""
     from tests.layers.test_triton_attention import _rotary_decode_case
     decodes = [(c, 1) for c in _contexts(batch_size, seed=batch_size + shape[2])]
     _rotary_decode_case(None, None, None, torch.bfloat16, decodes, shape, device="cuda")
