@@ -827,7 +827,7 @@ def test_rope_in_attention_caps_its_registers_in_split_launches_of_many_programs
     """A split NewToken decode's registers are capped (to the plain decode's programs a
     multiprocessor) where its launch has more than NEW_TOKEN_PROGRAMS_PER_SM programs a
     multiprocessor: 8 decodes (8 kv heads x 8 segments), not 1 (16 segments), and no
-    unsplit one."""
+    unsplit one; where the cap was counted (16-row tiles of 16-bit queries)."""
     from pagoda.layers.attention.triton_unified import plan_attention
 
     def capped(decodes: int) -> tuple[int, bool]:
@@ -835,6 +835,12 @@ def test_rope_in_attention_caps_its_registers_in_split_launches_of_many_programs
         return plan.num_segments, plan.new_token_capped
     assert capped(1) == (16, False) and capped(8) == (8, True)
     assert capped(32) == (1, False) and capped(256) == (1, False)
+    # only the shapes the cap was counted for (16-row tiles of 16-bit queries): not float32
+    # queries, nor a GQA group of 32 (64-row tiles), though both launch 512 programs
+    wide = plan_attention(64, 2, 128, [1] * 16, 1100, 132)
+    float32 = plan_attention(32, 8, 128, [1] * 8, 1100, 132, dtype=torch.float32)
+    assert 16 * 2 * wide.num_segments == 8 * 8 * float32.num_segments == 512
+    assert not wide.new_token_capped and not float32.new_token_capped
 
 
 def _registers_and_stack(split: bool, new_token: bool, **options) -> tuple[int, int]:

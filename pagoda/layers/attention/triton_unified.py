@@ -535,8 +535,16 @@ def plan_attention(num_heads: int, num_kv_heads: int, head_dim: int, query_lens:
             chosen = _float8_cache_config(chosen, head_dim)
     few = NEW_TOKEN_PROGRAMS_PER_SM * num_sms
     rope_inside = num_segments > 1 or num_programs <= few
-    capped = num_segments > 1 and num_programs * num_segments > few
+    capped = num_segments > 1 and num_programs * num_segments > few \
+        and _capped_shape(chosen, head_dim, dtype)
     return AttentionPlan(chosen, max_query_len == 1, num_segments, rope_inside, capped)
+
+
+def _capped_shape(config: KernelConfig, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether new_token_max_registers was counted for this kernel: 16-row tiles of 16-bit
+    queries at head dims up to 256 (wider tiles and float32 hold more in registers, and
+    would spill under the cap)."""
+    return config.block_m == 16 and dtype.itemsize == 2 and padded_head_dim(head_dim) <= 256
 
 
 def _float8_cache_config(config: KernelConfig, head_dim: int) -> KernelConfig:
