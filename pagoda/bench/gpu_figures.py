@@ -99,37 +99,52 @@ def decode_gaps(stamps: list[tuple[float, int]]) -> dict[str, float]:
 
 
 def model_shape(hf_config: Any, dtype: torch.dtype, held: HeldWeights | None,
-                kv_dtype: torch.dtype | None = None) -> ModelShape:
+                kv_dtype: torch.dtype | None = None, float8: bool = False) -> ModelShape:
     """The roofline's shape of the model; `held`: the weights of a quantized model as
     the engine holds them (None: the model dtype's bytes); `kv_dtype`: the KV cache's
-    element type (None: the model dtype)."""
+    element type (None: the model dtype); `float8`: its weights are float8 (an FP8
+    model's), their products counted at the float8 rate."""
     shape = ModelShape.from_config(hf_config, dtype)
     if kv_dtype is not None:
         shape = shape.with_kv_dtype(kv_dtype)
+    if float8:
+        shape = shape.with_float8_products(hf_config)
     return shape if held is None else shape.holding(held, hf_config)
 
 
 def bounds(hf_config: Any, dtype: torch.dtype, device: torch.device,
            requests: list[BenchRequest], max_batch: int,
-           held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None
-           ) -> dict[str, Any]:
-    """Measured ceilings and this workload's floor (and the single-stream decode floor)."""
-    ceil = measure_ceilings(device, dtype)
-    shape = model_shape(hf_config, dtype, held, kv_dtype)
+           held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None,
+           float8: bool = False) -> dict[str, Any]:
+    """Measured ceilings and this workload's floor (and the single-stream decode floor);
+    `float8`: model_shape's, and the float8 products' rate measured too."""
+    ceil = measure_ceilings(device, dtype, float8)
+    shape = model_shape(hf_config, dtype, held, kv_dtype, float8)
     floor = workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                            [r.output_len for r in requests], max_batch)
     first = requests[0]
     mid_context = len(first.prompt_token_ids) + first.output_len // 2
+    float8_rate = ceil.float8_matmul_flops
     return {"device": ceil.device, "bandwidth_gb_s": ceil.bandwidth / 1e9,
-            "matmul_tflops": ceil.matmul_flops / 1e12, "max_batch": max_batch,
-            "weight_gb_per_step": shape.weight_bytes_read / 1e9,
+            "matmul_tflops": ceil.matmul_flops / 1e12,
+            "float8_matmul_tflops": float8_rate / 1e12 if float8_rate else None,
+            "max_batch": max_batch, "weight_gb_per_step": shape.weight_bytes_read / 1e9,
             "kv_bytes_per_token": shape.kv_bytes_per_token, "workload_floor": floor,
             "decode1_tpot_floor_s": decode_step_floor(shape, ceil, [mid_context])}
 
 
+def ceilings_of(found: dict[str, Any]) -> Ceilings:
+    """The ceilings `bounds` measured, from its figures."""
+    float8_tflops = found.get("float8_matmul_tflops")
+    return Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9,
+                    found["matmul_tflops"] * 1e12,
+                    float8_tflops * 1e12 if float8_tflops else None)
+
+
 def subset_floor(hf_config: Any, dtype: torch.dtype, ceil: Ceilings,
                  requests: list[BenchRequest], max_batch: int,
-                 held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None) -> float:
-    shape = model_shape(hf_config, dtype, held, kv_dtype)
+                 held: HeldWeights | None = None, kv_dtype: torch.dtype | None = None,
+                 float8: bool = False) -> float:
+    shape = model_shape(hf_config, dtype, held, kv_dtype, float8)
     return workload_floor(shape, ceil, [len(r.prompt_token_ids) for r in requests],
                           [r.output_len for r in requests], max_batch)["total_s"]

@@ -3,6 +3,9 @@
 Decode is bandwidth-bound: each step must stream every weight byte (the input embedding is
 only gathered) plus the KV of every active sequence. Prefill is compute-bound. A step's
 floor is max(bytes / bandwidth, FLOPs / peak); a workload's floor sums its steps' floors.
+The products of float8 weights (an FP8 checkpoint's, or `--quantization fp8`'s: all but the
+16-bit LM head) count at the float8 tensor cores' measured rate where the device has them,
+the rest (attention among it) at the model dtype's.
 
 A mixture of experts reads, per step, the weights every token runs (attention, router, dense
 layers, head) and only the experts its tokens picked: top_k per MoE layer for one token, the
@@ -28,6 +31,7 @@ class Ceilings:
     device: str
     bandwidth: float  # bytes/s, a large device-to-device copy (read + write counted)
     matmul_flops: float  # FLOP/s, a large matrix product in the model dtype
+    float8_matmul_flops: float | None = None  # FLOP/s, the same in float8 (None: not measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class ModelShape:
     experts: ExpertLayout | None = None  # a mixture of experts' routed experts
     kv_itemsize: int = 0  # bytes of a cached K or V element (0: itemsize)
     expert_param_bytes: float = 0.0  # bytes a routed expert's parameter is held in (0: itemsize)
+    float8_params: int = 0  # of matmul_params, those held in float8 (their products may run
+    # on float8 tensor cores)
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype) -> ModelShape:
@@ -90,6 +96,21 @@ class ModelShape:
         per_param = held.experts / (e.moe_layers * e.num_experts * e.params_per_expert)
         return replace(self, weight_bytes_read=round(read - e.idle_parameters * per_param),
                        expert_param_bytes=per_param)
+
+    def with_float8_products(self, config: Any) -> ModelShape:
+        """The same model with its weights in float8 but for the LM head (vocab x hidden),
+        which float8 checkpoints keep in 16 bits."""
+        return replace(self, float8_params=self.matmul_params
+                       - config.vocab_size * config.hidden_size)
+
+    def matmul_seconds(self, tokens: int, attention_flops: float, ceil: Ceilings) -> float:
+        """Seconds the products of `tokens` tokens and `attention_flops` of attention take at
+        least: float8 weights' at the float8 rate (where measured), the rest at the model
+        dtype's."""
+        fast = self.float8_params if ceil.float8_matmul_flops else 0
+        slow = 2.0 * (self.matmul_params - fast) * tokens + attention_flops
+        seconds = slow / ceil.matmul_flops
+        return seconds + 2.0 * fast * tokens / ceil.float8_matmul_flops if fast else seconds
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens streams: a dense model all of them,
@@ -134,36 +155,51 @@ def _causal_pairs(n: int, window: int | None) -> float:
     return window * window / 2 + (n - window) * window
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ceilings:
-    """Bandwidth by a 2 GiB copy, matmul rate by an 8192^3 product (medians of several)."""
+MATMUL_SIDE = 8192  # the ceilings' square products
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                     float8: bool = False) -> Ceilings:
+    """Bandwidth by a 2 GiB copy, matmul rate by an 8192^3 product (medians of several);
+    with `float8`, on a GPU with float8 tensor cores (compute capability 8.9 and later), the
+    rate of the same product of float8 operands (torch._scaled_mm with fast accumulation,
+    the fastest the tensor cores go) too."""
     from triton.testing import do_bench
     n = (1 << 30) // 2
     src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16).view(-1)
     src = torch.cat([src, src])  # 2 GiB
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device, dtype=dtype)
+    b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device, dtype=dtype)
     mm_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    flops = 2 * MATMUL_SIDE ** 3
+    float8_rate = None
+    if float8 and torch.cuda.get_device_capability(device) >= (8, 9):
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # b8 column-major
+        one = torch.ones((), device=device)
+        mm8_ms = do_bench(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one,
+                                                   out_dtype=torch.bfloat16,
+                                                   use_fast_accum=True),
+                          warmup=50, rep=300, return_mode="median")
+        float8_rate = flops / (mm8_ms / 1e3)
     name = torch.cuda.get_device_name(device)
     return Ceilings(name, 2 * src.numel() * src.element_size() / (copy_ms / 1e3),
-                    2 * 8192 ** 3 / (mm_ms / 1e3))
+                    flops / (mm_ms / 1e3), float8_rate)
 
 
 def decode_step_floor(shape: ModelShape, ceil: Ceilings, contexts: list[int]) -> float:
     """Seconds one decode step over sequences of these context lengths needs at least."""
     kv_bytes = sum(shape.kv_bytes_read(c) for c in contexts)
-    flops = 2.0 * shape.matmul_params * len(contexts) + sum(
-        shape.attention_flops(c) for c in contexts)
+    attention = sum(shape.attention_flops(c) for c in contexts)
     return max((shape.step_weight_bytes(len(contexts)) + kv_bytes) / ceil.bandwidth,
-               flops / ceil.matmul_flops)
+               shape.matmul_seconds(len(contexts), attention, ceil))
 
 
 def prefill_floor(shape: ModelShape, ceil: Ceilings, prompt_lens: list[int]) -> float:
     """Seconds to prefill these prompts at least (compute: matmuls + causal attention)."""
-    flops = sum(2.0 * shape.matmul_params * n + shape.prefill_attention_flops(n)
-                for n in prompt_lens)
-    return flops / ceil.matmul_flops
+    attention = sum(shape.prefill_attention_flops(n) for n in prompt_lens)
+    return shape.matmul_seconds(sum(prompt_lens), attention, ceil)
 
 
 def workload_floor(shape: ModelShape, ceil: Ceilings, prompt_lens: list[int],

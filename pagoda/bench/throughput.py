@@ -39,7 +39,7 @@ from pagoda.bench.datasets import (
     random_requests,
     special_token_ids,
 )
-from pagoda.models.quantization import resolve_quantization
+from pagoda.models.quantization import holds_float8_weights, resolve_quantization
 from pagoda.runner.memory import kv_cache_torch_dtype
 from pagoda.sampling_params import SamplingParams
 
@@ -323,12 +323,13 @@ def run_benchmark(cfg: ThroughputConfig) -> dict[str, Any]:
     held = floor_weights(source, info.weight_bytes, info.expert_weight_bytes) \
         if quantized else None
     kv_dtype = kv_cache_torch_dtype(llm.engine.model_info.kv_cache_dtype, dtype)  # as held
+    float8 = holds_float8_weights(quantized, hf_config)
     del llm
     release_memory(device)
     if cfg.compare == "hf":
         systems |= _run_references(cfg, source, dtype, device, requests)
     result["bounds"] = _bounds(systems, hf_config, dtype, device, requests, max_batch, held,
-                               kv_dtype)
+                               kv_dtype, float8)
     result |= {"config": config_dict(cfg), "workload": workload_stats(requests),
                "systems": {name: asdict(fig) for name, fig in systems.items()},
                "ratios": ratios(systems), "finished_at": _now()}
@@ -388,19 +389,20 @@ def _run_references(cfg: ThroughputConfig, source: Any, dtype: torch.dtype,
 
 def _bounds(systems: dict[str, SystemFigures], hf_config: Any,
             dtype: torch.dtype, device: torch.device, requests: list[BenchRequest],
-            max_batch: int, held: HeldWeights | None, kv_dtype: torch.dtype) -> dict[str, Any]:
+            max_batch: int, held: HeldWeights | None, kv_dtype: torch.dtype,
+            float8: bool) -> dict[str, Any]:
     """Roofline floors on CUDA (of the weights as held: `held` for a quantized engine; of a
-    KV cache of `kv_dtype`); each system's fraction = floor / its elapsed time."""
+    KV cache of `kv_dtype`; with `float8`, the weights' products at the float8 rate); each
+    system's fraction = floor / its elapsed time."""
     if device.type != "cuda":
         return {}
-    from pagoda.bench.gpu_figures import bounds, subset_floor
-    from pagoda.bench.roofline import Ceilings
+    from pagoda.bench.gpu_figures import bounds, ceilings_of, subset_floor
 
-    found = bounds(hf_config, dtype, device, requests, max_batch, held, kv_dtype)
-    ceil = Ceilings(found["device"], found["bandwidth_gb_s"] * 1e9, found["matmul_tflops"] * 1e12)
+    found = bounds(hf_config, dtype, device, requests, max_batch, held, kv_dtype, float8)
+    ceil = ceilings_of(found)
     for fig in systems.values():
         floor = subset_floor(hf_config, dtype, ceil, requests[:fig.num_requests], max_batch,
-                             held, kv_dtype)
+                             held, kv_dtype, float8)
         fig.fraction_of_bound["workload"] = floor / max(fig.elapsed_s, 1e-12)
     return found
 
@@ -567,8 +569,11 @@ def _print_gpu_lines(result: dict[str, Any], console: Any) -> None:
     found = result.get("bounds") or {}
     if found:
         floor = found["workload_floor"]
+        float8 = found.get("float8_matmul_tflops")
         console.print(f"roofline on {found['device']}: {found['bandwidth_gb_s']:.0f} GB/s, "
-                      f"{found['matmul_tflops']:.0f} TFLOP/s measured; workload floor "
+                      f"{found['matmul_tflops']:.0f} TFLOP/s"
+                      + (f" ({float8:.0f} in float8)" if float8 else "")
+                      + " measured; workload floor "
                       f"{floor['total_s']:.2f} s (prefill {floor['prefill_s']:.2f} s, decode "
                       f"{floor['decode_s']:.2f} s) at up to {found['max_batch']} sequences")
         for name, fig in result["systems"].items():

@@ -96,6 +96,18 @@ def quantizes_at_load(quantization: str | None, source: ModelSource) -> bool:
     return quantization in AT_LOAD and checkpoint_quantization(source) is None
 
 
+def holds_float8_weights(quantization: str | None, hf_config: Any) -> bool:
+    """Whether a model loaded as `quantization` (resolve_quantization's) holds its weights
+    in float8: `fp8`, or a compressed-tensors group of 8-bit float weights."""
+    if quantization == "fp8":
+        return True
+    if quantization != "compressed-tensors":
+        return False
+    groups = (quantization_config(hf_config) or {}).get("config_groups") or {}
+    weights = [group.get("weights") or {} for group in groups.values()]
+    return any(w.get("type") == "float" and int(w.get("num_bits") or 0) == 8 for w in weights)
+
+
 def checkpoint_kv_cache_dtype(source: ModelSource) -> str | None:
     """The KV cache the checkpoint was calibrated for, as a --kv-cache-dtype value: "fp8"
     for a compressed-tensors `kv_cache_scheme` of 8-bit floats (its scales are per layer in

@@ -62,6 +62,27 @@ def test_prefill_floor_is_compute_bound(llama8b):
     assert floor == pytest.approx(flops / 807e12)
 
 
+def test_float8_weights_products_count_at_the_float8_rate(llama8b):
+    """An FP8 model's products but the 16-bit LM head's run at the float8 rate where it
+    was measured; attention stays at the model dtype's; with no float8 rate, as before."""
+    config = AutoConfig.from_pretrained("bench/configs/llama-3.1-8b")
+    fp8 = llama8b.with_float8_products(config)
+    head = 128_256 * 4096
+    assert fp8.float8_params == llama8b.matmul_params - head
+    with_float8 = Ceilings("H200", bandwidth=4.3e12, matmul_flops=807e12,
+                           float8_matmul_flops=1600e12)
+    attention = 4 * 32 * 4096 * 1024 * 1024 / 2
+    expected = (2 * fp8.float8_params * 1024 / 1600e12
+                + (2 * head * 1024 + attention) / 807e12)
+    assert prefill_floor(fp8, with_float8, [1024]) == pytest.approx(expected)
+    assert prefill_floor(fp8, with_float8, [1024]) < prefill_floor(fp8, H200, [1024])
+    assert prefill_floor(fp8, H200, [1024]) == prefill_floor(llama8b, H200, [1024])
+    assert prefill_floor(llama8b, with_float8, [1024]) == prefill_floor(llama8b, H200, [1024])
+    # decode stays bound by the bytes it streams
+    assert decode_step_floor(fp8, with_float8, [1024]) == decode_step_floor(llama8b, H200,
+                                                                            [1024])
+
+
 def test_workload_floor_waves(llama8b):
     one_wave = workload_floor(llama8b, H200, [100] * 4, [3] * 4, max_batch=4)
     two_waves = workload_floor(llama8b, H200, [100] * 4, [3] * 4, max_batch=2)

@@ -12,6 +12,7 @@ from pagoda.models.hf_config import HFConfig
 from pagoda.models.quantization import (
     checkpoint_kv_cache_dtype,
     checkpoint_quantization,
+    holds_float8_weights,
     resolve_kv_cache_dtype,
     resolve_quantization,
 )
@@ -89,6 +90,23 @@ def test_auto_takes_the_calibrated_float8_cache_where_the_device_holds_one():
     assert resolve_kv_cache_dtype("auto", calibrated, float8_cache=False) == "auto"
     assert resolve_kv_cache_dtype("fp8_e5m2", calibrated, float8_cache=False) == "fp8_e5m2"
     assert resolve_kv_cache_dtype("auto", hf_source(None), float8_cache=True) == "auto"
+
+
+def _compressed_tensors(weights: dict) -> dict:
+    return {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": weights}}}
+
+
+@pytest.mark.parametrize("quantization, stored, float8", [
+    ("fp8", None, True), ("fp8", {"quant_method": "fp8"}, True),
+    ("compressed-tensors", _compressed_tensors({"type": "float", "num_bits": 8}), True),
+    ("compressed-tensors", _compressed_tensors({"type": "int", "num_bits": 4}), False),
+    ("compressed-tensors", _compressed_tensors({"type": "int", "num_bits": 8}), False),
+    ("awq", {"quant_method": "awq", "bits": 4}, False), ("gguf", None, False),
+    (None, None, False)])
+def test_which_models_hold_float8_weights(quantization, stored, float8):
+    """The roofline counts these models' products at the float8 rate: FP8 at load or in
+    the checkpoint, and compressed-tensors' 8-bit float weights; not integers."""
+    assert holds_float8_weights(quantization, hf_source(stored).hf_config) is float8
 
 
 def test_fp8_quantizes_a_16_bit_checkpoint_at_load():
