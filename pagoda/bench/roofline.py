@@ -107,10 +107,12 @@ class ModelShape:
         """Seconds the products of `tokens` tokens and `attention_flops` of attention take at
         least: float8 weights' at the float8 rate (where measured), the rest at the model
         dtype's."""
-        fast = self.float8_params if ceil.float8_matmul_flops else 0
-        slow = 2.0 * (self.matmul_params - fast) * tokens + attention_flops
-        seconds = slow / ceil.matmul_flops
-        return seconds + 2.0 * fast * tokens / ceil.float8_matmul_flops if fast else seconds
+        float8 = self.float8_params if ceil.float8_matmul_flops else 0
+        seconds = (2.0 * (self.matmul_params - float8) * tokens + attention_flops) \
+            / ceil.matmul_flops
+        if float8:
+            seconds += 2.0 * float8 * tokens / ceil.float8_matmul_flops
+        return seconds
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens streams: a dense model all of them,
