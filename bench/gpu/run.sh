@@ -24,7 +24,9 @@ else
 fi
 export PYTHONUNBUFFERED=1 PAGODA_LOG_LEVEL=INFO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-git log -1 --format=%H 2>/dev/null | tee -a "$OUT/gpu.txt"
+# the device copy's git history stays at the session's first commit: the code's fingerprint
+# (bench/gpu/tree_id.sh COMMIT gives a commit's, to match) says what ran
+echo "tree $(bash bench/gpu/tree_id.sh 2>/dev/null)" | tee -a "$OUT/gpu.txt"
 B8=bench/configs/llama-3.1-8b
 B1=bench/configs/llama-3.2-1b
 B3=bench/configs/llama-3.2-3b
