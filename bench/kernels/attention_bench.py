@@ -321,8 +321,10 @@ def bench_new_token(args: argparse.Namespace, copy_gbs: float) -> list[dict]:
                     times[in_attention].append(
                         time_new_token_in_graph(inp, caches, rope, in_attention))
             fused, apart = min(times[True]), min(times[False])
+            plan = make_plan(inp)
             rows.append({"batch": batch, "context": context, "layers": layers,
-                         "model_takes_it": make_plan(inp).rope_inside,
+                         "segments": plan.num_segments, "capped": plan.new_token_capped,
+                         "model_takes_it": plan.rope_inside,
                          "in_attention_us": fused * 1e3, "apart_us": apart * 1e3,
                          "ratio": fused / apart,
                          "in_attention_%copy": 100 * inp.kv_bytes / (fused * 1e-3) / 1e9
