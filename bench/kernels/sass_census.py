@@ -134,11 +134,6 @@ def planes_sass(zero_points: bool, step_sums: bool, block_n: int, warps: int,
                                     group, bits, factored, shared_zero).asm["cubin"])
 
 
-def registers(cubin: bytes) -> int:
-    """Registers a thread of a compiled kernel's cubin (cuobjdump's resource usage)."""
-    return registers_and_stack(cubin)[0]
-
-
 def registers_and_stack(cubin: bytes) -> tuple[int, int]:
     """Registers a thread of a compiled kernel's cubin, and the bytes of stack a thread
     takes (what ptxas spilled, where it was held to fewer registers)."""
@@ -200,7 +195,8 @@ def main() -> None:
           f"({threads} threads) for {step_bytes} bytes of codes: "
           f"{step_bytes / warp_instructions:.2f} bytes a warp instruction")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
-    print(f"  {registers(kernel.asm['cubin'])} registers a thread, "
+    registers, stack = registers_and_stack(kernel.asm["cubin"])
+    print(f"  {registers} registers a thread ({stack} bytes of stack), "
           f"{kernel.metadata.shared} bytes of shared memory a program")
 
 
