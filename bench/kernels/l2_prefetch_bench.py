@@ -11,8 +11,9 @@ rows) and each pair (the kernel before, the product), in CUDA graphs, one run:
 - `after`: the kernel before, then the product (the product's time: the pair's less the
   kernel before's alone);
 - `prefetched`: the same, with the product's weights asked of L2 from a second stream as
-  the kernel before starts (bulk prefetches: one instruction per chunk, by one warp a
-  program), joined before the product.
+  the kernel before starts (`pagoda.layers.l2_prefetch.launch`: bulk prefetches, one
+  instruction a chunk, one warp a program; chunks of each of CHUNKS bytes), joined before
+  the product.
 
 `prefetched` near `hot` and the kernel before no slower says the reads can move into the
 kernel before; `prefetched` near `after`, that they cannot. The kernels before: a 6 us
@@ -31,46 +32,29 @@ import sys
 from datetime import datetime, timezone
 
 import torch
-import triton
-import triton.language as tl
 
 os.environ.setdefault("PAGODA_PDL", "0")  # fork and join edges: plain launches throughout
 
 from bench.kernels.quant_bench import PROJECTIONS, layer_weights, product  # noqa: E402
 from pagoda.bench.roofline import measure_ceilings  # noqa: E402
+from pagoda.layers import l2_prefetch  # noqa: E402
 
 COLD_BYTES = 256 << 20  # weights read per timed sequence: several times the H200's L2
-CHUNK_BYTES = 16 << 10  # one bulk prefetch
-LANES = 32  # prefetches a program (one warp, one each)
+CHUNKS = [4 << 10, 16 << 10, 64 << 10]  # bytes a bulk prefetch, tried in turn
 SPIN_US = 6.0
 PAIRS = [("spin", "o"), ("spin", "qkv"), ("down", "qkv"), ("o", "gate_up")]
 LAYOUTS = [None, "int4-g128", "fp8-row"]
 
 
-@triton.jit
-def _bulk_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr):
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
-    start = lane.to(tl.int64) * CHUNK
-    size = (tl.minimum(nbytes - start, CHUNK) // 16 * 16).to(tl.int32)  # whole 16 bytes
-    ptr = base.to(tl.pointer_type(tl.int8)) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0;\n\t"
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0; }",
-        "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
 def tensors_of(weight) -> list[torch.Tensor]:
     if isinstance(weight, torch.Tensor):
         return [weight]
-    return [t for t in [*weight.parameters(), *weight.buffers()] if t.is_cuda]
+    return l2_prefetch.weight_tensors(weight)
 
 
 def prefetch(weight) -> None:
-    """Ask L2 for every byte of `weight`'s tensors."""
-    for t in tensors_of(weight):
-        nbytes = t.numel() * t.element_size()
-        grid = (triton.cdiv(triton.cdiv(nbytes, CHUNK_BYTES), LANES),)
-        _bulk_prefetch_kernel[grid](t, nbytes, CHUNK=CHUNK_BYTES, LANES=LANES, num_warps=1)
+    """Ask L2 for `weight`'s tensors (the engine's launch, without PDL here)."""
+    l2_prefetch.launch(tensors_of(weight))
 
 
 def nbytes_of(weight) -> int:
@@ -162,7 +146,14 @@ def measure(layout: str | None, before: str, name: str, cycles: int, bandwidth: 
            "cold_us": graph_us(seq.cold, reps), "hot_us": graph_us(seq.hot, reps),
            "before_us": graph_us(seq.before_alone, reps)}
     row["after_us"] = graph_us(seq.after, reps) - row["before_us"]
-    row["prefetched_us"] = graph_us(lambda: seq.prefetched(side), reps) - row["before_us"]
+    shipped = l2_prefetch.CHUNK_BYTES
+    try:
+        for chunk in CHUNKS:
+            l2_prefetch.CHUNK_BYTES = chunk
+            row[f"prefetched_{chunk >> 10}k_us"] = \
+                graph_us(lambda: seq.prefetched(side), reps) - row["before_us"]
+    finally:
+        l2_prefetch.CHUNK_BYTES = shipped
     row["cold_fraction_of_bandwidth"] = row["weight_bytes"] / (row["cold_us"] * 1e-6) / bandwidth
     return row
 
@@ -178,14 +169,17 @@ def main(argv: list[str] | None = None) -> None:
               "rows": []}
     print(f"{ceil.device}: copy bandwidth {ceil.bandwidth / 1e9:.0f} GB/s; spin {cycles} cycles")
     print(f"{'layout':>10} {'before':>6} {'product':>8} {'MB':>6} {'cold':>7} {'hot':>7} "
-          f"{'before':>7} {'after':>7} {'prefetched':>10} (us)")
+          f"{'before':>7} {'after':>7} "
+          + " ".join(f"{f'pf {chunk >> 10}k':>7}" for chunk in CHUNKS) + " (us)")
     for layout in LAYOUTS:
         for before, name in PAIRS:
             row = measure(layout, before, name, cycles, ceil.bandwidth)
             result["rows"].append(row)
             print(f"{row['layout']:>10} {before:>6} {name:>8} {row['weight_bytes'] / 1e6:>6.1f} "
                   f"{row['cold_us']:>7.2f} {row['hot_us']:>7.2f} {row['before_us']:>7.2f} "
-                  f"{row['after_us']:>7.2f} {row['prefetched_us']:>10.2f}", flush=True)
+                  f"{row['after_us']:>7.2f} "
+                  + " ".join(f"{row[f'prefetched_{chunk >> 10}k_us']:>7.2f}" for chunk in CHUNKS),
+                  flush=True)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=1)
