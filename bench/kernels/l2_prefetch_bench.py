@@ -11,14 +11,15 @@ rows) and each pair (the kernel before, the product), in CUDA graphs, one run:
 - `after`: the kernel before, then the product (the product's time: the pair's less the
   kernel before's alone);
 - `prefetched`: the same, with the product's weights asked of L2 from a second stream as
-  the kernel before starts (`pagoda.layers.l2_prefetch.launch`: bulk prefetches, one
-  instruction a chunk, one warp a program; chunks of each of CHUNKS bytes), joined before
-  the product.
+  the kernel before starts (bulk prefetches, one instruction a chunk, one warp a program;
+  chunks of each of CHUNKS bytes), joined before the product.
 
 `prefetched` near `hot` and the kernel before no slower says the reads can move into the
 kernel before; `prefetched` near `after`, that they cannot. The kernels before: a 6 us
 spin that reads nothing (`torch.cuda._sleep`, a stand-in for the attention), or another
-product (down before qkv, as a layer's end before the next layer's start).
+product (down before qkv, as a layer's end before the next layer's start). On an H100 the
+4-bit products in L2 were only 1.2-1.3 us faster than cold, and the same prefetch in the
+engine made decode slower (bench/results/README.md, thirty-second session): not kept.
 
     PYTHONPATH=. python bench/kernels/l2_prefetch_bench.py [--output-json PATH]
 """
@@ -32,29 +33,47 @@ import sys
 from datetime import datetime, timezone
 
 import torch
+import triton
+import triton.language as tl
 
 os.environ.setdefault("PAGODA_PDL", "0")  # fork and join edges: plain launches throughout
 
 from bench.kernels.quant_bench import PROJECTIONS, layer_weights, product  # noqa: E402
 from pagoda.bench.roofline import measure_ceilings  # noqa: E402
-from pagoda.layers import l2_prefetch  # noqa: E402
 
 COLD_BYTES = 256 << 20  # weights read per timed sequence: several times the H200's L2
 CHUNKS = [4 << 10, 16 << 10, 64 << 10]  # bytes a bulk prefetch, tried in turn
+LANES = 32  # prefetches a program (one warp, one each)
 SPIN_US = 6.0
 PAIRS = [("spin", "o"), ("spin", "qkv"), ("down", "qkv"), ("o", "gate_up")]
 LAYOUTS = [None, "int4-g128", "fp8-row"]
 
 
+@triton.jit
+def _bulk_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    """Ask L2 for `base`'s first `nbytes` (whole 16-byte units), a CHUNK a lane."""
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    start = lane.to(tl.int64) * CHUNK
+    size = (tl.minimum(nbytes - start, CHUNK) // 16 * 16).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0;\n\t"
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0; }",
+        "=r,l,r", [base.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
 def tensors_of(weight) -> list[torch.Tensor]:
     if isinstance(weight, torch.Tensor):
         return [weight]
-    return l2_prefetch.weight_tensors(weight)
+    return [t for t in (*weight.parameters(), *weight.buffers()) if t.numel()]
 
 
-def prefetch(weight) -> None:
-    """Ask L2 for `weight`'s tensors (the engine's launch, without PDL here)."""
-    l2_prefetch.launch(tensors_of(weight))
+def prefetch(weight, chunk: int) -> None:
+    """Ask L2 for every byte of `weight`'s tensors, in bulk prefetches of `chunk` bytes."""
+    for t in tensors_of(weight):
+        nbytes = t.numel() * t.element_size()
+        grid = (triton.cdiv(triton.cdiv(nbytes, chunk), LANES),)
+        _bulk_prefetch_kernel[grid](t, nbytes, CHUNK=chunk, LANES=LANES, num_warps=1)
 
 
 def nbytes_of(weight) -> int:
@@ -128,11 +147,11 @@ class Sequence:
         self.run_before(layer)
         product(self.x[self.name], layer[self.name])
 
-    def prefetched(self, side: torch.cuda.Stream) -> None:
+    def prefetched(self, side: torch.cuda.Stream, chunk: int) -> None:
         layer = self._next()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            prefetch(layer[self.name])
+            prefetch(layer[self.name], chunk)
         self.run_before(layer)
         torch.cuda.current_stream().wait_stream(side)
         product(self.x[self.name], layer[self.name])
@@ -146,14 +165,9 @@ def measure(layout: str | None, before: str, name: str, cycles: int, bandwidth: 
            "cold_us": graph_us(seq.cold, reps), "hot_us": graph_us(seq.hot, reps),
            "before_us": graph_us(seq.before_alone, reps)}
     row["after_us"] = graph_us(seq.after, reps) - row["before_us"]
-    shipped = l2_prefetch.CHUNK_BYTES
-    try:
-        for chunk in CHUNKS:
-            l2_prefetch.CHUNK_BYTES = chunk
-            row[f"prefetched_{chunk >> 10}k_us"] = \
-                graph_us(lambda: seq.prefetched(side), reps) - row["before_us"]
-    finally:
-        l2_prefetch.CHUNK_BYTES = shipped
+    for chunk in CHUNKS:
+        row[f"prefetched_{chunk >> 10}k_us"] = \
+            graph_us(lambda: seq.prefetched(side, chunk), reps) - row["before_us"]
     row["cold_fraction_of_bandwidth"] = row["weight_bytes"] / (row["cold_us"] * 1e-6) / bandwidth
     return row
 

@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pagoda.layers import l2_prefetch
 from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention.layer import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
@@ -73,7 +72,6 @@ class LlamaAttention(nn.Module):
                attn_metadata: Any) -> torch.Tensor:
         """The attention's output heads, before the output projection."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        l2_prefetch.prefetch(self.o_proj, q.shape[0], "o")  # read while attention runs
         qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None else None
         return self.attn(q, k, v, attn_metadata, positions, self.rotary_emb, qk_norm)
 
@@ -130,7 +128,6 @@ class LlamaDecoderLayer(nn.Module):
             return self.mlp(hidden), residual
         norm, qkv = self.next_norm
         activated = mlp.gate_up_proj(hidden, activation=mlp.act)
-        l2_prefetch.prefetch(qkv, activated.shape[0], "qkv")
         done = norm_in_products(mlp.down_proj, activated, norm, residual, qkv)
         return done if done is not None else (mlp.down_proj(activated), residual)
 
