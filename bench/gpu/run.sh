@@ -2,8 +2,8 @@
 # One GPU-machine pass: install carried wheels, run tests/gpu, then the benchmarks asked for.
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph attention-new-token moe-kernels quant-moe executor-cost
-#   lora quant-kernels l2-prefetch int4-planes quant-decode1 quant-throughput decode1 pdl-decode1 switch-decode1
-#   switch-prefill switch-batch ab-decode1 ab-throughput
+#   lora quant-kernels l2-prefetch int4-planes quant-decode1 quant-throughput decode1 pdl-decode1
+#   switch-decode1 switch-prefill switch-batch ab-decode1 ab-throughput
 #   small throughput
 #   profile profile-kernels profile-gguf profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -226,11 +226,11 @@ run_stage() {
                    done ;;
     # issue 18: the quantized kernels at the 8B's layer shapes, then decode-1 and throughput
     # of the dummy 8B in bf16, FP8 (quantized at load) and AWQ (4-bit, groups of 128)
+    quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
+                     ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
     # one-token products with their weights cold, hot, and asked of L2 during the kernel before
     l2-prefetch) python3 bench/kernels/l2_prefetch_bench.py --output-json "$OUT/l2-prefetch.json" \
                    2>&1 | tail -16 ;;
-    quant-kernels) python3 bench/kernels/quant_bench.py --output-json "$OUT/quant-kernels.json" \
-                     ${QUANT_TOKENS:+--tokens $QUANT_TOKENS} 2>&1 | tail -80 ;;
     # 4-bit codes in planes against the same codes in halves (bench/kernels/int4_planes.py)
     # PLANES_SWEEP=1: also the few-token tile candidates (PLANES_FEW), both ways
     int4-planes) python3 bench/kernels/int4_planes.py --output-json "$OUT/int4-planes.json" \
