@@ -104,8 +104,13 @@ def holds_float8_weights(quantization: str | None, hf_config: Any) -> bool:
     if quantization != "compressed-tensors":
         return False
     groups = (quantization_config(hf_config) or {}).get("config_groups") or {}
-    weights = [group.get("weights") or {} for group in groups.values()]
-    return any(w.get("type") == "float" and int(w.get("num_bits") or 0) == 8 for w in weights)
+    return any(_float8_scheme(group.get("weights") or {}) for group in groups.values())
+
+
+def _float8_scheme(scheme: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors scheme (a group's weights, a kv_cache_scheme) holds
+    8-bit floats."""
+    return scheme.get("type") == "float" and int(scheme.get("num_bits") or 0) == 8
 
 
 def checkpoint_kv_cache_dtype(source: ModelSource) -> str | None:
@@ -116,9 +121,7 @@ def checkpoint_kv_cache_dtype(source: ModelSource) -> str | None:
     scheme = config.get("kv_cache_scheme")
     if not isinstance(scheme, dict):
         return None
-    if scheme.get("type") == "float" and int(scheme.get("num_bits") or 0) == 8:
-        return "fp8"
-    return None
+    return "fp8" if _float8_scheme(scheme) else None
 
 
 def resolve_kv_cache_dtype(requested: str, source: ModelSource, float8_cache: bool) -> str:
