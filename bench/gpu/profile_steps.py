@@ -1,17 +1,35 @@
 """Where the GPU waits in a batched workload: CUDA events around every launched step give
 each step's device time and the device's idle time before it; grouped by step kind and batch
 size, that says which steps the host cannot keep up with. Default workload: the 1B
-host-overhead one (256 requests, input and output lengths uniform in [100, 1024])."""
+host-overhead one (256 requests, input and output lengths uniform in [100, 1024]).
 
-import sys
+    python3 bench/gpu/profile_steps.py [MODEL] [--sync] [--sync-debug] [--quantization Q]
+        [--kv-cache-dtype D] [--fixed COUNT INPUT OUTPUT]
+
+--fixed: COUNT requests of INPUT -> OUTPUT tokens instead (issue 18's throughput workload of
+the 8B is `bench/configs/llama-3.1-8b --fixed 1000 1024 512`)."""
+
+import argparse
 import time
 from collections import defaultdict
 
 import torch
 from workload import host_overhead_llm, host_overhead_requests
 
-llm = host_overhead_llm(**({"async_scheduling": False} if "--sync" in sys.argv else {}))
-prompts, params = host_overhead_requests(detokenize=False)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("model", nargs="?")  # (read by host_overhead_llm)
+parser.add_argument("--sync", action="store_true", help="async scheduling off")
+parser.add_argument("--sync-debug", action="store_true",
+                    help="warn (with a stack) at every op that waits for the device")
+parser.add_argument("--quantization", default=None)
+parser.add_argument("--kv-cache-dtype", default="auto")
+parser.add_argument("--fixed", type=int, nargs=3, default=None,
+                    metavar=("COUNT", "INPUT", "OUTPUT"))
+args = parser.parse_args()
+llm = host_overhead_llm(quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        **({"async_scheduling": False} if args.sync else {}))
+prompts, params = host_overhead_requests(detokenize=False,
+                                         fixed=tuple(args.fixed) if args.fixed else None)
 llm.generate(prompts[:8], params[:8])
 
 core = llm.engine.core
@@ -32,7 +50,7 @@ def timed_execute(sched_out):
 
 
 core._execute = timed_execute
-if "--sync-debug" in sys.argv:  # warn (with a stack) at every op that waits for the device
+if args.sync_debug:
     torch.cuda.set_sync_debug_mode("warn")
 stats_before = torch.cuda.memory_stats()
 t0 = time.perf_counter()

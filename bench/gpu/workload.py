@@ -19,10 +19,16 @@ def host_overhead_llm(device: str = "cuda", **engine) -> LLM:
                max_num_seqs=256, max_num_batched_tokens=8192, **engine)
 
 
-def host_overhead_requests(detokenize: bool = True) -> tuple[list[dict], list[SamplingParams]]:
-    """Its prompts (token ids) and their sampling parameters (greedy, fixed lengths)."""
-    requests = random_requests(256, vocab_size=128000, input_len_range=(100, 1024),
-                               output_len_range=(100, 1024), seed=0)
+def host_overhead_requests(detokenize: bool = True, fixed: tuple[int, int, int] | None = None
+                           ) -> tuple[list[dict], list[SamplingParams]]:
+    """Its prompts (token ids) and their sampling parameters (greedy, each its length);
+    `fixed` (count, input length, output length): that many requests of those lengths
+    instead (issue 18's throughput workload is (1000, 1024, 512))."""
+    count, input_range, output_range = 256, (100, 1024), (100, 1024)
+    if fixed is not None:
+        count, input_range, output_range = fixed[0], (fixed[1],) * 2, (fixed[2],) * 2
+    requests = random_requests(count, vocab_size=128000, input_len_range=input_range,
+                               output_len_range=output_range, seed=0)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True,
                              detokenize=detokenize) for r in requests]
