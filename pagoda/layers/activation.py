@@ -7,12 +7,25 @@ from torch.nn import functional as F
 
 from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
+from pagoda.layers.float8_rows import Float8Rows
 
 
-class SiluAndMul(DeviceDispatch):
+class GatedActivation(DeviceDispatch):
+    """act(gate) * up, for an input laid out as [gate | up] on the last dim."""
+
+    kernel_kind = 0  # what the gate-up product kernels that apply it to their outputs call it
+
+    def float8_rows(self, x: torch.Tensor) -> Float8Rows:
+        """The activation of x [tokens, 2 d] (on a GPU) as Float8Rows, for an FP8 product
+        on tensor cores: quantized in the activation's own launch."""
+        from pagoda.layers.fused import gated_act_float8
+        return gated_act_float8(x, gelu_tanh=self.kernel_kind == 2)
+
+
+class SiluAndMul(GatedActivation):
     """silu(gate) * up, for an input laid out as [gate | up] on the last dim."""
 
-    kernel_kind = 1  # what the gate-up product kernels that apply it to their outputs call it
+    kernel_kind = 1
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         from pagoda.layers.fused import silu_and_mul
@@ -27,7 +40,7 @@ class SiluAndMul(DeviceDispatch):
         return F.silu(gate) * up
 
 
-class GeluTanhAndMul(DeviceDispatch):
+class GeluTanhAndMul(GatedActivation):
     """gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh), for [gate | up] on the last dim."""
 
     kernel_kind = 2

@@ -15,14 +15,18 @@ import triton.language as tl
 from pagoda.layers.attention.backend import UNIT_SCALES, KVScales
 from pagoda.layers.attention.triton_kv_store import cache_values
 from pagoda.layers.dependent_launch import dependent_launch, wait_for_previous_kernel
+from pagoda.layers.float8_rows import FLOAT8_MAX, Float8Rows
 
 if TYPE_CHECKING:
     from pagoda.layers.norm import RMSNorm
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, n_cols, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                         FP8_MAX: tl.constexpr = 0.0):
+    """One row's norm; FP8_MAX (non-zero): stored as float8_row's float8 values of the
+    rounded normed row, its scale at scale_ptr + row."""
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -34,23 +38,63 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, ep
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, (xf * rstd * w).to(x.dtype), mask=mask)
+    normed = (xf * rstd * w).to(x.dtype)
+    if FP8_MAX:
+        store_float8_row(normed, out_ptr + row * n_cols + cols, mask, scale_ptr + row, FP8_MAX)
+    else:
+        tl.store(out_ptr + row * n_cols + cols, normed, mask=mask)
+
+
+@triton.jit
+def float8_row(values, FP8_MAX: tl.constexpr):
+    """A row of values (float32, any masked-off places 0) as float8 terms: each over the
+    row's scale (its absolute max over FP8_MAX, at least 1e-12), clamped to +-FP8_MAX (to be
+    cast), and that scale; IEEE divisions (Triton's `/` is approximate on GPUs), as torch
+    rounds them."""
+    peak = tl.max(tl.abs(values), axis=0)
+    scale = tl.maximum(tl.math.div_rn(peak, tl.full([], FP8_MAX, tl.float32)), 1e-12)
+    terms = tl.clamp(tl.math.div_rn(values, tl.zeros_like(values) + scale), -FP8_MAX, FP8_MAX)
+    return terms, scale
+
+
+@triton.jit
+def store_float8_row(values, at, mask, scale_at, FP8_MAX: tl.constexpr):
+    """float8_row of a row of values (in their own type, 0 where masked) stored at `at`
+    (float8) and its scale at scale_at."""
+    terms, scale = float8_row(values.to(tl.float32), FP8_MAX)
+    tl.store(at, terms.to(at.dtype.element_ty), mask=mask)
+    tl.store(scale_at, scale)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * weight, x + residual) in one pass over [tokens, hidden]."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, _add_rms_norm(x, residual, weight, eps, out, None)
+
+
+def add_rms_norm_float8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float) -> tuple[Float8Rows, torch.Tensor]:
+    """add_rms_norm's normed rows as Float8Rows (float8_rows of them: the quantization of
+    an FP8 product's activations, in the norm's pass), and x + residual."""
+    rows = Float8Rows.empty(x.shape[0], x.shape[1], x.dtype, x.device)
+    return rows, _add_rms_norm(x, residual, weight, eps, rows.values, rows)
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                  eps: float, out: torch.Tensor, rows: Float8Rows | None) -> torch.Tensor:
+    """The norm's launch into `out` (rows: as those float8 rows); returns x + residual."""
     x = x.contiguous()
     n_rows, n_cols = x.shape
-    out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     has_res = residual is not None
+    block = triton.next_power_of_2(n_cols)
     _add_rms_norm_kernel[(n_rows,)](
-        x, residual.contiguous() if has_res else x, weight, out, res_out, n_cols, eps,
-        HAS_RESIDUAL=has_res, BLOCK=triton.next_power_of_2(n_cols),
-        num_warps=min(max(triton.next_power_of_2(n_cols) // 256, 1), 16),
-        **dependent_launch(x.device))
-    return out, res_out
+        x, residual.contiguous() if has_res else x, weight, out, res_out,
+        rows.scale if rows is not None else res_out, n_cols, eps, HAS_RESIDUAL=has_res,
+        BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+        FP8_MAX=FLOAT8_MAX if rows is not None else 0.0, **dependent_launch(x.device))
+    return res_out
 
 
 @triton.jit
@@ -194,6 +238,37 @@ def _gated_act(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
                                                             num_warps=4,
                                                             **dependent_launch(x.device))
     return out
+
+
+@triton.jit
+def _gated_act_float8_kernel(x_ptr, out_ptr, scale_ptr, n_cols, GELU_TANH: tl.constexpr,
+                             BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
+    """act(gate) * up over one whole row, rounded to up's type, stored as float8_row's
+    float8 values (its scale at scale_ptr + row)."""
+    wait_for_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
+    store_float8_row(gated_value(gate, up, GELU_TANH), out_ptr + row * n_cols + cols, mask,
+                      scale_ptr + row, FP8_MAX)
+
+
+def gated_act_float8(x: torch.Tensor, gelu_tanh: bool) -> Float8Rows:
+    """act(x[:, :d]) * x[:, d:] (SiLU, or GELU's tanh form) as Float8Rows (the float8_rows
+    of the rounded products, each row in one program: the quantization of an FP8 product's
+    activations, in the activation's pass)."""
+    x = x.contiguous()
+    n_rows, width = x.shape
+    n_cols = width // 2
+    rows = Float8Rows.empty(n_rows, n_cols, x.dtype, x.device)
+    block = triton.next_power_of_2(n_cols)
+    _gated_act_float8_kernel[(n_rows,)](x, rows.values, rows.scale, n_cols,
+                                        GELU_TANH=gelu_tanh, BLOCK=block, FP8_MAX=FLOAT8_MAX,
+                                        num_warps=min(16, max(4, block // 1024)),
+                                        **dependent_launch(x.device))
+    return rows
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagoda.layers.float8_rows import Float8Rows
 from pagoda.layers.normed_rows import NormedRows
 from pagoda.layers.parallel import SINGLE, ParallelGroup
+
+if TYPE_CHECKING:
+    from pagoda.layers.activation import GatedActivation
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
 
@@ -103,6 +108,17 @@ class LinearMethod(ABC):
         kernel where `finishes_norm`; None where the method has none."""
         return None
 
+    def takes_float8_rows(self, layer: LinearBase, rows: torch.Tensor) -> bool:
+        """Whether a call on rows like `rows` (their tokens, type and device) multiplies
+        them as float8 on tensor cores, and so takes them as Float8Rows (the kernel that
+        writes them quantizing them: apply_float8_rows)."""
+        return False
+
+    def apply_float8_rows(self, layer: LinearBase, rows: Float8Rows,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+        """rows W^T (+ bias), where `takes_float8_rows`."""
+        return self.apply(layer, rows.materialize(), bias)
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """Turn the loaded checkpoint tensors into the form `apply` reads (repacking)."""
 
@@ -169,8 +185,21 @@ class LinearBase(nn.Module):
         """(start, size) of the input columns this rank keeps; None when it keeps them all."""
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+    def forward(self, x: torch.Tensor | Float8Rows) -> torch.Tensor:
+        return self.product(x, self.bias)
+
+    def product(self, x: torch.Tensor | Float8Rows,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) by the method, x in its own type or as Float8Rows."""
+        if isinstance(x, Float8Rows):
+            return self.method.apply_float8_rows(self, x, bias)
+        return self.method.apply(self, x, bias)
+
+    def takes_float8_rows(self, rows: torch.Tensor) -> bool:
+        """Whether a call on rows like `rows` (any leading dims, then the inputs) would
+        multiply them as float8 on tensor cores: the kernel that writes them may then hand
+        them over as Float8Rows."""
+        return self.method.takes_float8_rows(self, rows)
 
     def finishes_norm(self, tokens: int) -> bool:
         """Whether a call of `tokens` takes an RMSNorm's NormedRows and finishes the norm in
@@ -243,11 +272,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("a merged projection loads its pieces one by one")
         return self.piece_start(shard), self.local_sizes[shard]
 
-    def forward(self, x: torch.Tensor | NormedRows,
-                activation: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows | Float8Rows,
+                activation: GatedActivation | None = None,
+                float8_for: LinearBase | None = None) -> torch.Tensor | Float8Rows:
         """x W^T; with `activation` (a gated one, of gate and up pieces), activation of it,
-        computed by the product where the method can. x may be an RMSNorm's NormedRows,
-        finished in the product where `finishes_norm` (else first)."""
+        computed by the product where the method can (else after it: as Float8Rows where
+        `float8_for`, the product the activations feed, takes them). x may be an RMSNorm's
+        NormedRows, finished in the product where `finishes_norm` (else first), or
+        Float8Rows."""
         if activation is not None and (len(self.local_sizes) != 2
                                        or self.local_sizes[0] != self.local_sizes[1]):
             raise ValueError(f"a gated activation takes a gate and an up of one size, not "
@@ -259,9 +291,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                     return y
             x = x.materialize()
         if activation is None:
-            return self.method.apply(self, x, self.bias)
-        y = self.method.apply_gated(self, x, activation, self.bias)
-        return activation(self.method.apply(self, x, self.bias)) if y is None else y
+            return self.product(x, self.bias)
+        if not isinstance(x, Float8Rows):
+            y = self.method.apply_gated(self, x, activation, self.bias)
+            if y is not None:
+                return y
+        y = self.product(x, self.bias)
+        if float8_for is not None and float8_for.takes_float8_rows(y):
+            return activation.float8_rows(y)
+        return activation(y)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.local_sizes, dim=-1))
@@ -315,10 +353,10 @@ class RowParallelLinear(LinearBase):
     def rank_inputs(self) -> tuple[int, int] | None:
         return self.group.split(self.in_features) if self.group.size > 1 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Float8Rows) -> torch.Tensor:
         if self.group.size == 1:
-            return self.method.apply(self, x, self.bias)
-        y = self.group.all_reduce(self.method.apply(self, x))
+            return self.product(x, self.bias)
+        y = self.group.all_reduce(self.product(x))
         return y if self.bias is None else y + self.bias
 
     def then_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,

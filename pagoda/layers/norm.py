@@ -9,6 +9,7 @@ from torch import nn
 
 from pagoda.layers import cpu_fused
 from pagoda.layers.custom_op import DeviceDispatch
+from pagoda.layers.float8_rows import Float8Rows
 from pagoda.layers.linear import LinearBase, RowParallelLinear, copy_checked
 from pagoda.layers.normed_rows import NormedRows
 
@@ -40,6 +41,13 @@ class RMSNorm(DeviceDispatch):
         if cpu_fused.takes_norm(x, residual):
             return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
         return self.forward_native(x, residual)
+
+    def float8_rows(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                    ) -> tuple[Float8Rows, torch.Tensor]:
+        """This norm of x (+ residual) on a GPU as Float8Rows, for an FP8 product on tensor
+        cores (quantized in the norm's own launch), and the new residual."""
+        from pagoda.layers.fused import add_rms_norm_float8
+        return add_rms_norm_float8(x, residual, self.weight, self.eps)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """This norm over the last dim of x [tokens, heads, dim] (q's or k's heads, a view
@@ -84,23 +92,36 @@ def norm_add_norm(x: torch.Tensor, residual: torch.Tensor | None, first: RMSNorm
     return second(first(x)[0], residual)
 
 
+def norm_for_product(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                     consumer: LinearBase | None
+                     ) -> tuple[torch.Tensor | Float8Rows, torch.Tensor]:
+    """`norm(x, residual)`: the normed rows, as Float8Rows where the product they feed
+    (`consumer`) multiplies them as float8, and the new residual."""
+    if consumer is not None and consumer.takes_float8_rows(x):
+        return norm.float8_rows(x, residual)
+    return norm(x, residual)
+
+
 def product_then_norm(product: RowParallelLinear, x: torch.Tensor, norm: RMSNorm,
                       residual: torch.Tensor | None, consumer: LinearBase | None
-                      ) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
+                      ) -> tuple[torch.Tensor | NormedRows | Float8Rows, torch.Tensor]:
     """`norm(product(x), residual)`: the normed rows and the new residual, from
-    norm_in_products where the products can, else from the norm's own kernel."""
+    norm_in_products where the products can, else from the norm's own kernel
+    (norm_for_product)."""
     done = norm_in_products(product, x, norm, residual, consumer)
-    return done if done is not None else norm(product(x), residual)
+    return done if done is not None else norm_for_product(norm, product(x), residual,
+                                                          consumer)
 
 
-def norm_in_products(product: RowParallelLinear, x: torch.Tensor, norm: RMSNorm,
+def norm_in_products(product: RowParallelLinear, x: torch.Tensor | Float8Rows, norm: RMSNorm,
                      residual: torch.Tensor | None, consumer: LinearBase | None
                      ) -> tuple[NormedRows, torch.Tensor] | None:
     """`norm(product(x), residual)` run by the products around it: `product` stores the
     new residual and returns NormedRows, which the next product (`consumer`) finishes in
     place of taking the norm's rows (no launch of its own, no wait between). None where
-    they cannot (then nothing ran)."""
-    if residual is None or consumer is None \
+    they cannot (then nothing ran; float8 rows are of calls of more tokens than these
+    kernels take)."""
+    if residual is None or consumer is None or isinstance(x, Float8Rows) \
             or not consumer.finishes_norm(x.numel() // x.shape[-1]) \
             or not _norm_in_products_on(x.device):
         return None

@@ -12,12 +12,13 @@ from torch import nn
 from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention.layer import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
+from pagoda.layers.float8_rows import Float8Rows
 from pagoda.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagoda.layers.norm import RMSNorm, norm_in_products, product_then_norm
+from pagoda.layers.norm import RMSNorm, norm_for_product, norm_in_products, product_then_norm
 from pagoda.layers.normed_rows import NormedRows
 from pagoda.layers.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 from pagoda.layers.rotary import RotaryEmbedding
@@ -68,7 +69,7 @@ class LlamaAttention(nn.Module):
                 attn_metadata: Any) -> torch.Tensor:
         return self.o_proj(self.attend(positions, hidden, attn_metadata))
 
-    def attend(self, positions: torch.Tensor, hidden: torch.Tensor | NormedRows,
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor | NormedRows | Float8Rows,
                attn_metadata: Any) -> torch.Tensor:
         """The attention's output heads, before the output projection."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
@@ -88,8 +89,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, group=group)
         self.act = act or SiluAndMul()
 
-    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x, activation=self.act))
+    def forward(self, x: torch.Tensor | NormedRows | Float8Rows) -> torch.Tensor:
+        return self.down_proj(self.activated(x))
+
+    def activated(self, x: torch.Tensor | NormedRows | Float8Rows) -> torch.Tensor | Float8Rows:
+        """The gated activation of x's gate and up products: the down product's input."""
+        return self.gate_up_proj(x, activation=self.act, float8_for=self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -117,7 +122,8 @@ class LlamaDecoderLayer(nn.Module):
                 residual: torch.Tensor | None,
                 attn_metadata: Any) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
         if not isinstance(hidden, NormedRows):  # (else the layer before did the norm)
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = norm_for_product(self.input_layernorm, hidden, residual,
+                                                self.self_attn.qkv_proj)
         heads = self.self_attn.attend(positions, hidden, attn_metadata)
         # the norms in the products around them where they can
         mlp = self.mlp if isinstance(self.mlp, LlamaMLP) else None
@@ -127,7 +133,7 @@ class LlamaDecoderLayer(nn.Module):
         if mlp is None or self.next_norm is None:
             return self.mlp(hidden), residual
         norm, qkv = self.next_norm
-        activated = mlp.gate_up_proj(hidden, activation=mlp.act)
+        activated = mlp.activated(hidden)
         done = norm_in_products(mlp.down_proj, activated, norm, residual, qkv)
         return done if done is not None else (mlp.down_proj(activated), residual)
 

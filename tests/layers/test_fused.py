@@ -1,5 +1,6 @@
 """Fused Triton kernels (RMSNorm+residual, RoPE, q/k head norms+RoPE+KV store, SiLU-and-mul)
-equal the layers' torch paths.
+equal the layers' torch paths; the norm's and the gated activations' float8 rows are what
+fp8_rows makes of their plain rows.
 
 They run here under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, hence a subprocess), and at real sizes on the GPU in tests/gpu/test_fused.py.
@@ -55,7 +56,26 @@ def compare_all(device: str, dtype: torch.dtype, tokens: int = 5) -> dict[str, f
                                              SiluAndMul().forward_native(gate_up))
     errors["gelu_tanh_and_mul"] = _relative_error(fused.gelu_tanh_and_mul(gate_up),
                                                   GeluTanhAndMul().forward_native(gate_up))
+    for name, r in (("rms_norm_float8", None), ("add_rms_norm_float8", res)):
+        rows, new_res = fused.add_rms_norm_float8(x, r, norm.weight, norm.eps)
+        out, ref_res = fused.add_rms_norm(x, r, norm.weight, norm.eps)
+        errors[name] = max(_float8_rows_mismatch(rows, out), _relative_error(new_res, ref_res))
+    errors["silu_and_mul_float8"] = _float8_rows_mismatch(
+        fused.gated_act_float8(gate_up, gelu_tanh=False), fused.silu_and_mul(gate_up))
+    errors["gelu_tanh_and_mul_float8"] = _float8_rows_mismatch(
+        fused.gated_act_float8(gate_up, gelu_tanh=True), fused.gelu_tanh_and_mul(gate_up))
     return errors
+
+
+def _float8_rows_mismatch(rows, plain: torch.Tensor) -> float:
+    """The largest difference between Float8Rows written by a kernel and fp8_rows of the
+    same kernel's plain rows (values and scales; 0 when bit for bit)."""
+    from pagoda.layers.float8_rows import FLOAT8_MAX
+    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
+    values, scale = fp8_rows(plain, FLOAT8_MAX)
+    assert rows.dtype == plain.dtype and rows.values.dtype == values.dtype
+    return max((rows.values.float() - values.float()).abs().max().item(),
+               (rows.scale - scale).abs().max().item())
 
 
 def _rope_store_kv_error(rope, rot_dim, randn, tokens, device) -> float:
@@ -126,9 +146,14 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     errors = interpreter_report("tests.layers.test_fused", MARKER)
     assert set(errors) == {"rms_norm", "add_rms_norm", "rope_64", "rope_32", "rope_store_kv_64",
                            "rope_store_kv_32", "silu_and_mul", "gelu_tanh_and_mul",
-                           "qk_norm_rope_store_kv", "norm_add_rms_norm"}
+                           "qk_norm_rope_store_kv", "norm_add_rms_norm", "rms_norm_float8",
+                           "add_rms_norm_float8", "silu_and_mul_float8",
+                           "gelu_tanh_and_mul_float8"}
     for name, error in errors.items():
-        assert error < 1e-5, (name, error)
+        if name.endswith("float8"):  # float8 rows as fp8_rows makes them, bit for bit
+            assert error == 0, (name, error)
+        else:
+            assert error < 1e-5, (name, error)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ A weight is float8 value * its scale; activation scales (`input_scale`) are read
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagoda.errors import UnsupportedModelError
+from pagoda.layers.float8_rows import Float8Rows
 from pagoda.layers.linear import (
     LinearBase,
     LinearMethod,
@@ -49,6 +51,10 @@ from pagoda.logger import get_logger
 
 logger = get_logger(__name__)
 FP8_MAX = torch.finfo(FP8).max
+# whether the norms and gated activations before FP8 products on tensor cores write their
+# rows as float8 (Float8Rows), in place of the products' own quantizing launch;
+# PAGODA_FLOAT8_ROWS_HANDED_OVER=0 turns it off (a benchmark's way to time both); read once
+FLOAT8_ROWS_HANDED_OVER = os.environ.get("PAGODA_FLOAT8_ROWS_HANDED_OVER", "1") != "0"
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +175,16 @@ class Fp8LinearMethod(GroupWeightMethod):
             y = held(x)
         return y if bias is None else y + bias
 
+    def takes_float8_rows(self, layer: LinearBase, rows: torch.Tensor) -> bool:
+        held = layer.fp8
+        return FLOAT8_ROWS_HANDED_OVER and isinstance(held, GroupQuantWeight) and rows.is_cuda \
+            and _tensor_core_call(rows.numel() // rows.shape[-1], rows.dtype, held)
+
+    def apply_float8_rows(self, layer: LinearBase, rows: Float8Rows,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = scaled_mm_of_rows(rows.values, rows.scale, layer.fp8, rows.dtype)
+        return y if bias is None else y + bias
+
     def group_weight(self, layer: LinearBase) -> GroupQuantWeight | None:
         held = layer.fp8
         return held if isinstance(held, GroupQuantWeight) else None
@@ -207,28 +223,39 @@ def _has_fp8_tensor_cores() -> bool:
 def runs_on_tensor_cores(x: torch.Tensor, weight: GroupQuantWeight) -> bool:
     """Whether a call goes to torch._scaled_mm: more than FEW_TOKENS bfloat16 tokens, one
     scale per output row, a GPU with FP8 tensor cores, dims its kernels take."""
-    return (x.dtype == torch.bfloat16 and x.numel() > FEW_TOKENS * weight.in_features
+    return _tensor_core_call(x.numel() // weight.in_features, x.dtype, weight)
+
+
+def _tensor_core_call(tokens: int, dtype: torch.dtype, weight: GroupQuantWeight) -> bool:
+    """runs_on_tensor_cores for a call of `tokens` rows of `dtype`."""
+    return (dtype == torch.bfloat16 and tokens > FEW_TOKENS
             and weight.group_size == weight.in_features and _has_fp8_tensor_cores()
             and weight.in_features % 16 == 0 and weight.out_features % 16 == 0)
 
 
 def scaled_mm(x: torch.Tensor, weight: GroupQuantWeight) -> torch.Tensor:
     """x W^T on FP8 tensor cores: x quantized per token (its absolute max to FP8_MAX) in
-    one Triton launch, the product rescaled by the token's and the output row's scales, by
+    one Triton launch (fp8_rows), then scaled_mm_of_rows."""
+    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
+    flat = x.reshape(-1, weight.in_features)
+    x_fp8, x_scale = fp8_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), FP8_MAX)
+    y = scaled_mm_of_rows(x_fp8, x_scale, weight, x.dtype)
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def scaled_mm_of_rows(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: GroupQuantWeight,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Float8 rows [tokens, in] times their float32 scales [tokens, 1], by W^T on FP8 tensor
+    cores, in `dtype`: the product rescaled by the token's and the output row's scales, by
     pagoda's Triton kernel where it takes the call (`triton_fp8_gemm.takes`: 33 to 64
     tokens) and torch._scaled_mm (cuBLAS) otherwise. The tensor cores' own accumulators sum
     the products without promoting partial sums to float32 every few steps (fast
     accumulation, as vLLM's Hopper FP8 kernels)."""
     from pagoda.layers.quantization import triton_fp8_gemm
-    from pagoda.layers.quantization.triton_group_gemm import fp8_rows
-    flat = x.reshape(-1, weight.in_features)
-    x_fp8, x_scale = fp8_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), FP8_MAX)
     if triton_fp8_gemm.takes(*x_fp8.shape):
-        y = triton_fp8_gemm.fp8_gemm(x_fp8, x_scale, weight.codes, weight.scale, x.dtype)
-    else:
-        y = torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
-                             out_dtype=x.dtype, use_fast_accum=True)
-    return y.reshape(*x.shape[:-1], weight.out_features)
+        return triton_fp8_gemm.fp8_gemm(x_fp8, x_scale, weight.codes, weight.scale, dtype)
+    return torch._scaled_mm(x_fp8, weight.codes.t(), scale_a=x_scale, scale_b=weight.scale,
+                            out_dtype=dtype, use_fast_accum=True)
 
 
 def skipped_module(prefix: str, names: list[str]) -> bool:

@@ -53,7 +53,7 @@ from pagoda.layers.dependent_launch import (
     launch_next_kernel,
     wait_for_previous_kernel,
 )
-from pagoda.layers.fused import gated_value
+from pagoda.layers.fused import gated_value, store_float8_row
 from pagoda.layers.quantization.group_gemm import (
     BYTE_PLANE_ROWS,
     CHUNK,
@@ -1473,13 +1473,8 @@ def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, FP8_MAX: tl.constex
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     ok = k < K
-    x = tl.load(x_ptr + row * stride_x + k, mask=ok, other=0.0).to(tl.float32)
-    # IEEE divisions (Triton's `/` is approximate on GPUs), as torch rounds them
-    peak = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(tl.math.div_rn(peak, tl.full([], FP8_MAX, tl.float32)), 1e-12)
-    values = tl.clamp(tl.math.div_rn(x, tl.zeros_like(x) + scale), -FP8_MAX, FP8_MAX)
-    tl.store(out_ptr + row * K + k, values.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(scale_ptr + row, scale)
+    x = tl.load(x_ptr + row * stride_x + k, mask=ok, other=0.0)
+    store_float8_row(x, out_ptr + row * K + k, ok, scale_ptr + row, FP8_MAX)
 
 
 def fp8_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
