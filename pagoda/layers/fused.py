@@ -39,7 +39,7 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr,
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     normed = (xf * rstd * w).to(x.dtype)
-    if FP8_MAX:
+    if FP8_MAX != 0.0:
         store_float8_row(normed, out_ptr + row * n_cols + cols, mask, scale_ptr + row, FP8_MAX)
     else:
         tl.store(out_ptr + row * n_cols + cols, normed, mask=mask)

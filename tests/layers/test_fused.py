@@ -158,3 +158,18 @@ def test_fused_kernels_match_torch_under_the_interpreter():
 
 if __name__ == "__main__":
     print(MARKER + json.dumps(compare_all("cpu", torch.float32)))
+
+
+def test_the_norm_kernel_compiles_for_sm90_with_and_without_float8_rows():
+    """The interpreter runs a float constexpr `if` that Triton's compiler refuses."""
+    from pagoda.layers import fused
+    from tests.utils import compile_for_cuda
+    for fp8_max in (0.0, 448.0):
+        out = "*fp8e4nv" if fp8_max else "*bf16"
+        assembly = compile_for_cuda(
+            fused._add_rms_norm_kernel,
+            {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": out,
+             "res_out_ptr": "*bf16", "scale_ptr": "*fp32", "n_cols": "i32", "eps": "fp32"},
+            {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True, "FP8_MAX": fp8_max},
+            num_warps=16)
+        assert "cubin" in assembly
