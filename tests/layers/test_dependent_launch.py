@@ -63,9 +63,10 @@ def test_every_forward_pass_kernel_takes_the_switch():
 
 def test_a_kernel_compiled_with_it_waits_before_touching_memory():
     signature = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-                 "res_out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32"}
+                 "res_out_ptr": "*bf16", "scale_ptr": "*fp32", "n_cols": "i32", "eps": "fp32"}
     ptx = compile_for_cuda(fused._add_rms_norm_kernel, signature,
-                           {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True})["ptx"]
+                           {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True,
+                            "FP8_MAX": 0.0})["ptx"]
     first_access = re.search(r"\b(ld|st)\.global", ptx).start()
     assert -1 < ptx.find("griddepcontrol.wait") < ptx.find("griddepcontrol.launch_dependents") \
         < first_access
