@@ -14,6 +14,7 @@ from pagoda.layers.linear import (
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
+from pagoda.layers.quantization.fp8 import quantize_per_channel
 
 
 def test_materialized_rows_are_their_values_times_their_scales():
@@ -55,8 +56,7 @@ class _ActivationRows(SiluAndMul):
 
     def float8_rows(self, x: torch.Tensor) -> Float8Rows:
         plain = self.forward_native(x)
-        scale = (plain.float().abs().amax(dim=1, keepdim=True) / FLOAT8_MAX).clamp(min=1e-12)
-        return Float8Rows((plain.float() / scale).to(FLOAT8), scale, plain.dtype)
+        return Float8Rows(*quantize_per_channel(plain), plain.dtype)
 
 
 def _layers(method) -> tuple[MergedColumnParallelLinear, RowParallelLinear]:
