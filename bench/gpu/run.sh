@@ -3,7 +3,7 @@
 # Usage (repo root, on the device): bash bench/gpu/run.sh STAGE...
 #   stages: tests kernels kernels-graph attention-new-token moe-kernels quant-moe executor-cost
 #   lora quant-kernels l2-prefetch int4-planes quant-decode1 quant-throughput decode1 pdl-decode1
-#   switch-decode1 switch-prefill switch-batch ab-decode1 ab-throughput
+#   switch-decode1 switch-prefill switch-batch switch-throughput ab-decode1 ab-throughput
 #   small throughput
 #   profile profile-kernels profile-gguf profile-planes profile-steps profile-cpu-ops profile-host imports
 #   coldstart serve-sweep structured fleet reliability (.bench-tok: a tokenizer dir).
@@ -188,19 +188,20 @@ run_stage() {
     # QUANT_VARIANTS (default bf16), this tree and .base/ alternated twice
     ab-throughput) against_base "${QUANT_VARIANTS:-bf16}" throughput- throughput_of ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
-    # to each of SWITCH_VALUES, alternated twice (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
+    # to each of SWITCH_VALUES, alternated twice (RUNS: "1 2") (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
     # SWITCH_VALUES="1 0")
     # ("default" in SWITCH_VALUES leaves it unset); switch-prefill the same for quant_prefill
     # (e.g. SWITCH=PAGODA_DECODE_FROM SWITCH_VALUES="default 0" QUANT_VARIANTS="gguf awq"),
     # switch-batch for quant_batch (e.g. SWITCH=PAGODA_FP8_GEMM SWITCH_VALUES="default cublas"
-    # QUANT_VARIANTS=fp8 BATCH=48)
-    switch-decode1|switch-prefill|switch-batch)
+    # QUANT_VARIANTS=fp8 BATCH=48), switch-throughput for throughput_of (THROUGHPUT_PROMPTS)
+    switch-decode1|switch-prefill|switch-batch|switch-throughput)
                     [ -n "${SWITCH:-}" ] && [ -n "${SWITCH_VALUES:-}" ] \
                       || { echo "$1: set SWITCH and SWITCH_VALUES"; return 1; }
                     local measure=quant_decode1
                     [ $1 = switch-prefill ] && measure=quant_prefill
                     [ $1 = switch-batch ] && measure=quant_batch
-                    for run in 1 2; do for q in ${QUANT_VARIANTS:-awq fp8}; do
+                    [ $1 = switch-throughput ] && measure=throughput_of
+                    for run in ${RUNS:-1 2}; do for q in ${QUANT_VARIANTS:-awq fp8}; do
                       for VALUE in $SWITCH_VALUES; do
                         # (a comma in a file name keeps it from coming back from the device)
                         with_switch $measure $q $q-$SWITCH-${VALUE//,/-}-run$run "$q $SWITCH=$VALUE"
