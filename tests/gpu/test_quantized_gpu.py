@@ -113,7 +113,7 @@ def test_long_calls_on_planes_match_the_dense_product_either_way(layout, tokens,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
-                                  "Q5_K", "Q6_K", "Q8_0"])
+                                  "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS"])
 def test_gguf_blocks_through_the_kernel_match_their_decoding(name, dtype, gpu_report):
     rows = torch.from_numpy(random_rows(name, 256, 1024)).cuda()
     codes, scale, low, group = byte_groups(rows, name)

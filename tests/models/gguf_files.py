@@ -12,12 +12,19 @@ import numpy as np
 
 def write_gguf(path: Path, arch: str, tensors: Mapping[str, np.ndarray],
                add_metadata: Callable[[gguf.GGUFWriter], None],
-               types: Mapping[str, str] | None = None) -> Path:
+               types: Mapping[str, str] | None = None,
+               blocks: Mapping[str, tuple[str, np.ndarray]] | None = None) -> Path:
     """A GGUF of architecture `arch` holding `tensors` (as float32, or quantized by gguf-py
-    to the type `types` names for them) and the metadata `add_metadata` writes."""
+    to the type `types` names for them; those `blocks` names as its (type, [rows, row
+    bytes] uint8 blocks) instead: the types gguf-py cannot quantize to) and the metadata
+    `add_metadata` writes."""
     writer = gguf.GGUFWriter(str(path), arch)
     add_metadata(writer)
     for name, array in tensors.items():
+        if name in (blocks or {}):
+            kind, rows = blocks[name]
+            writer.add_tensor(name, rows, raw_dtype=gguf.GGMLQuantizationType[kind])
+            continue
         array = np.ascontiguousarray(array, dtype=np.float32)
         kind = (types or {}).get(name)
         if kind is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -61,9 +62,11 @@ def gguf_name(hf_name: str, block_names) -> str | None:
 
 def write_arch_gguf(path: Path, config, arch: str, block_names,
                     state: dict[str, torch.Tensor], extra_metadata=None,
-                    types: dict[str, str] | None = None) -> Path:
+                    types: dict[str, str] | None = None,
+                    blocks: dict[str, tuple[str, np.ndarray]] | None = None) -> Path:
     """`extra_metadata`: a function adding the architecture's own keys to the writer;
-    `types`: GGUF tensor name -> the block type it is stored in (default float32)."""
+    `types`: GGUF tensor name -> the block type it is stored in (default float32);
+    `blocks`: GGUF tensor name -> (type, its blocks), written in place of the state's."""
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         add_decoder_metadata(writer, config)
         if extra_metadata is not None:
@@ -86,7 +89,7 @@ def write_arch_gguf(path: Path, config, arch: str, block_names,
         if arch == "gemma3" and name.endswith("norm.weight"):
             array = array + 1.0
         tensors[target] = array
-    return write_gguf(path, arch, tensors, add_metadata, types)
+    return write_gguf(path, arch, tensors, add_metadata, types, blocks)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

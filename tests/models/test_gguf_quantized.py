@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
@@ -18,11 +19,13 @@ from pagoda.layers.linear import LinearBase
 from pagoda.layers.quantization import cpu_block_dot
 from pagoda.layers.quantization.cpu_block_dot import kernel_name
 from pagoda.layers.quantization.gguf import GGUFLinearMethod
+from pagoda.layers.quantization.gguf_blocks import FORMATS, TABLE_FORMATS
 from pagoda.models.arch.qwen import QWEN3_BLOCK_NAMES
 from pagoda.models.estimate import estimate
 from pagoda.models.source import resolve_model
+from tests.layers.quantization.test_gguf_blocks import random_rows
 from tests.models.parity import random_prompts
-from tests.models.test_gguf_architectures import write_arch_gguf
+from tests.models.test_gguf_architectures import gguf_name, write_arch_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "The best way to learn", "Water boils at", "In 1492,", "import numpy as np\n",
@@ -294,3 +297,60 @@ def test_an_untied_table_on_a_gpu_is_counted_as_the_group_kernels_codes(tmp_path
     with_mins = estimate(source, 128, quantization="gguf", dtype="float32",
                          device="H100").weight_bytes
     assert with_mins - on_cpu == rows * columns * 9 // 8 - rows * columns // 32 * 34
+
+
+# a random Qwen3 whose projections all take IQ4_XS's super-blocks of 256 inputs
+WIDE = Qwen3Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   head_dim=128, hidden_size=256, intermediate_size=512, vocab_size=512,
+                   max_position_embeddings=256, initializer_range=0.2)
+
+
+def table_type_blocks(type_name: str, rows: int, columns: int, seed: int) -> np.ndarray:
+    """Random blocks of IQ4_NL or IQ4_XS (which gguf-py cannot quantize to) whose float16
+    d is small enough for a sane model: weights within 0.13 (IQ4_NL) or 4.1 (IQ4_XS)."""
+    blocks = random_rows(type_name, rows, columns, seed).reshape(
+        rows, -1, FORMATS[type_name].block_bytes)
+    d = np.random.default_rng(seed).uniform(-1e-3, 1e-3, blocks.shape[:2]).astype(np.float16)
+    blocks[..., 0:2] = d[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_table_type_gguf(path, type_name: str):
+    """The random Qwen3 WIDE as a GGUF whose every projection is `type_name`'s random blocks
+    (tied embedding and norms float32)."""
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in
+             AutoModelForCausalLM.from_config(WIDE, dtype=torch.float32).state_dict().items()}
+    blocks = {}
+    for seed, (name, tensor) in enumerate(state.items()):
+        target = gguf_name(name, QWEN3_BLOCK_NAMES)
+        if target is not None and name.endswith("_proj.weight"):
+            blocks[target] = (type_name, table_type_blocks(type_name, *tensor.shape, seed))
+    assert len(blocks) == 7 * WIDE.num_hidden_layers
+    return write_arch_gguf(path, WIDE, "qwen3", QWEN3_BLOCK_NAMES, state, blocks=blocks)
+
+
+@pytest.mark.parametrize("type_name", sorted(TABLE_FORMATS))
+def test_table_types_are_held_as_byte_codes_where_the_block_dot_kernel_runs(
+        tmp_path, cpu_kernel, type_name):
+    """A GGUF whose projections are IQ4_NL or IQ4_XS (a 4-bit index into a table of 16 int8
+    values, a scale per 32 weights): the block-dot kernel holds them as byte codes (the value
+    plus 128; IQ4_NL's scales float16s, IQ4_XS's float32s), torch's path decodes them at load;
+    the estimate counts what is held, and the greedy tokens are those of the weights decoded
+    at load."""
+    path = write_table_type_gguf(tmp_path / f"{type_name}.gguf", type_name)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(WIDE.vocab_size, (5, 17))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for mode in ("gguf", "none"):
+        llm = LLM(str(path), quantization=mode, kv_cache_memory=8 << 20, max_model_len=128)
+        tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if mode == "gguf":
+            kernels = {m.method.kernel(m) for m in _model(llm).modules()
+                       if isinstance(m, LinearBase)}
+            assert kernels == ({kernel_name(8, 2, half_scales=type_name == "IQ4_NL")}
+                               if cpu_kernel == "cpu_block_dot" else {"dense matmul"})
+            assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
+                == llm.engine.model_info.weight_bytes
+        llm.engine.core.shutdown()
+    assert tokens["gguf"] == tokens["none"]

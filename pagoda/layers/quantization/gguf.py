@@ -2,11 +2,13 @@
 as `GGUFWeight` rows of blocks; after loading, the layer's pieces (q, k, v of a fused qkv
 may differ in type) become kernels: on CUDA every block type as codes with a scale and a min
 per group for the Triton kernel (4-bit codes for Q4_0/Q4_1/Q4_K, a byte each for the
-others); on CPU every type as codes for pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where
-it runs, else the 4-bit types packed for torch's int4 matmul (the others are decoded at
-load); elsewhere blocks decoded per call; float tensors dense. An untied LM head keeps its
-blocks the same way where a kernel takes them (GGUFConfig.bind_head), and so does a table
-tied to the LM head where the kernel also decodes rows for lookups (bind_tied_table).
+others, IQ4_NL's and IQ4_XS's table values among them); on CPU every type as codes for
+pagoda's AVX-512 VNNI or AVX2 kernel (cpu_block_dot) where it runs, else the 4-bit types
+packed for torch's int4 matmul (the others are decoded at load); elsewhere blocks decoded
+per call; float tensors dense. An untied LM head keeps its blocks the same way where a
+kernel takes them (GGUFConfig.bind_head), and so does a table tied to the LM head where the
+kernel also decodes rows for lookups (bind_tied_table). Block types gguf_blocks does not
+decode are decoded at load by gguf-py (models/loader/gguf.py).
 
 Under tensor parallelism a rank keeps its rows of blocks (column-parallel layers: whole
 rows) or its span of blocks in every row (row-parallel layers): a type whose blocks do not
@@ -36,6 +38,7 @@ from pagoda.layers.quantization.cpu_block_dot import (
     stacked_kernel,
 )
 from pagoda.layers.quantization.gguf_blocks import (
+    CENTRED_FORMATS,
     FORMATS,
     HALF_SCALE_FORMATS,
     INT4_FORMATS,
@@ -294,10 +297,13 @@ def _kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) 
 
 def _block_dot_scales(type_name: str) -> str:
     """How the CPU block-dot kernel holds a type's scales and lows: float16s (the legacy
-    types), factored with sub-lows of their own, or factored with the sub-scales serving as
-    sub-lows (held_bits counts each so: pieces of different forms get kernels apart)."""
+    types), factored with sub-lows of their own, factored with the sub-scales serving as
+    sub-lows, or float32s (IQ4_XS) (held_bits counts each so: pieces of different forms get
+    kernels apart)."""
     if type_name in HALF_SCALE_FORMATS:
         return "half"
+    if type_name not in K_QUANTS:
+        return "float"
     return "scaled-lows" if type_name in LOWS_OF_SCALES else "factored"
 
 
@@ -467,25 +473,25 @@ def held_bits(type_name: str, device: torch.device) -> float:
     """Bits per weight a linear layer that keeps GGUF type `type_name` holds on `device`: a
     code and its share of the group's scale and min (16-bit each on CUDA and in torch's
     int4 kernel; on CUDA only the scale where the lows are one multiple of it in every
-    group: Q3_K's and Q6_K's, group_gemm.SCALE_PAIRS_IN_PLANES, and Q8_0's and Q4_0's,
+    group: Q3_K's and Q6_K's, group_gemm.SCALE_PAIRS_IN_PLANES, and those of CENTRED_FORMATS,
     group_gemm.CENTRED_CODES), but for the k-quants, held factored: an int8 sub-scale a
     group, an int8 sub-min where the type has mins, and a super-block of 256's two factors
     (float16 in the GPU's planes, with PAGODA_PLANE_FACTORED_SCALES=1; float32 in the CPU
-    block-dot kernel)."""
+    block-dot kernel), and IQ4_XS's float32 scale and low a group in the CPU kernel."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
         if type_name in K_QUANTS and group_gemm.FACTORED_SCALES_IN_PLANES:
             return _factored_bits(type_name, bits, group, 16)
         if (type_name in LOWS_OF_SCALES and group_gemm.BYTE_PLANES
                 and group_gemm.SCALE_PAIRS_IN_PLANES) or \
-                (type_name in ("Q8_0", "Q4_0") and group_gemm.CENTRED_CODES):
+                (type_name in CENTRED_FORMATS and group_gemm.CENTRED_CODES):
             return bits + 16 / group
         return bits + 32 // group
     if _block_dot_holds(type_name):
         bits, group = block_dot_layout(type_name)
         if type_name in K_QUANTS:
             return _factored_bits(type_name, bits, group, 32)
-        return bits + 32 // group
+        return bits + (32 if type_name in HALF_SCALE_FORMATS else 64) // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights

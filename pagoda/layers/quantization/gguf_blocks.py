@@ -4,7 +4,9 @@ ggml-common.h lays them out). 4-bit formats also decode to (codes, scale, min) p
 32 weights, the form torch's int4 weight-packed matmul takes; every format decodes to byte
 codes with a scale and a min per group, the form of the GPU kernel (group_gemm); the
 k-quants' scales and mins also as they store them (scale_factors: integers a group times a
-super-block's float), the form the CPU block-dot kernel holds."""
+super-block's float), the form the CPU block-dot kernel holds. The non-linear 4-bit types
+(IQ4_NL, IQ4_XS: each 4-bit index picks one of 16 int8 values) decode to byte codes, the
+value plus 128, with a low of -128 times the scale."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q2_K", QK_K, 84), BlockFormat("Q3_K", QK_K, 110),
     BlockFormat("Q4_K", QK_K, 144), BlockFormat("Q5_K", QK_K, 176),
     BlockFormat("Q6_K", QK_K, 210),
+    BlockFormat("IQ4_NL", 32, 18), BlockFormat("IQ4_XS", QK_K, 136),
 )}
 INT4_FORMATS = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly codes * scale + min per 32
 # types whose codes fit four bits (the CPU block-dot kernel holds them as nibbles)
@@ -48,7 +51,15 @@ LOWS_OF_SCALES = frozenset(K_OFFSETS)
 SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
-HALF_SCALE_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
+HALF_SCALE_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"})
+# the types whose 4-bit indices pick one of these 16 values (llama.cpp's kvalues_iq4nl), times
+# a scale per 32 weights: IQ4_NL's a float16 a block, IQ4_XS's a 6-bit sub-scale less 32
+# times its super-block's float16
+TABLE_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+TABLE_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
+# the types whose lows are all one power of two times their scales (Q4_0's -8, Q8_0's and the
+# table types' codes' -128): the GPU kernel holds their scales alone (group_gemm.CENTRED_CODES)
+CENTRED_FORMATS = frozenset({"Q4_0", "Q8_0"}) | TABLE_FORMATS
 
 
 def _half(raw: torch.Tensor) -> torch.Tensor:
@@ -209,7 +220,11 @@ def byte_groups(rows: torch.Tensor, name: str
         scale, low = _k_scales(blocks, name)
         return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1), \
             QK_K // scale.shape[-1]
-    if name == "Q8_0":
+    if name in TABLE_FORMATS:
+        values, scale = _table_values(blocks, name)
+        codes = (values + 128).to(torch.uint8)
+        low = -128.0 * scale
+    elif name == "Q8_0":
         scale = _half(blocks[..., 0:2])
         codes = (blocks[..., 2:34].contiguous().view(torch.int8).to(torch.int16) + 128
                  ).to(torch.uint8)
@@ -257,7 +272,31 @@ def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
         return (weights + _half(blocks[..., 2:4])[..., None]).reshape(rows.shape[0], -1)
     if name in K_QUANTS:
         return _dequantize_k(blocks, name).reshape(rows.shape[0], -1)
+    if name in TABLE_FORMATS:
+        values, scale = _table_values(blocks, name)
+        return (scale[..., None] * values.float()).reshape(rows.shape[0], -1)
     raise ValueError(f"GGUF type {name} has no torch decoder")
+
+
+def _table_values(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IQ4_NL or IQ4_XS matrix's weights over their scales, [rows, groups, 32] int16 of
+    TABLE_VALUES, and the scales [rows, groups] float32 (a group: 32 weights, whose
+    indices' low nibbles are its first 16 and high nibbles its last 16)."""
+    table = torch.tensor(TABLE_VALUES, dtype=torch.int16, device=blocks.device)
+    count = blocks.shape[0]
+    if name == "IQ4_NL":
+        scale = _half(blocks[..., 0:2])
+        indices = _nibbles(blocks[..., 2:18])
+    else:  # IQ4_XS: d, 16 bits of sub-scale highs, 4 bytes of sub-scale lows, 128 of indices
+        d = _half(blocks[..., 0:2])
+        highs = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
+        lows = _nibbles(blocks[..., 4:8])  # sub-block 2i's low nibble, then 2i + 1's
+        lows = torch.stack([lows[..., :4], lows[..., 4:]], dim=-1).reshape(*lows.shape[:-1], 8)
+        shifts = 2 * torch.arange(8, dtype=torch.int32, device=blocks.device)
+        sub = lows.to(torch.int32) | (((highs >> shifts) & 3) << 4)
+        scale = (d[..., None] * (sub - 32).float()).reshape(count, -1)
+        indices = _nibbles(blocks[..., 8:136].reshape(count, -1, 8, 16))
+    return table[indices.long()].reshape(count, -1, 32), scale.reshape(count, -1)
 
 
 def _dequantize_k(blocks: torch.Tensor, name: str) -> torch.Tensor:

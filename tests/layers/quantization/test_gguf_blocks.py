@@ -21,7 +21,7 @@ from pagoda.models.loader.gguf import read_gguf_tensors
 # byte offsets of each type's float16 fields (d, and m / dmin where it has one)
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-               "Q6_K": (208,)}
+               "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def random_rows(name: str, rows: int, columns: int, seed: int = 0) -> np.ndarray:

@@ -657,6 +657,29 @@ def test_byte_codes_of_lows_minus_128_scales_are_held_without_mins(monkeypatch):
     assert GroupQuantWeight(codes, scale, low, group, 8).holds_mins
 
 
+
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
+def test_table_types_are_held_as_centred_byte_codes(type_name):
+    """GGUF's IQ4_NL and IQ4_XS (a 4-bit index into 16 int8 values, a scale per 32 weights)
+    as the GPU holds them: byte codes (the value plus 128) and a float16 scale a group, the
+    zero point 128 shared: 8.5 bits a weight, as gguf.held_bits counts them; the weights
+    gguf-py's (IQ4_NL's float16 scales exactly, IQ4_XS's products of a float16 and a
+    sub-scale rounded to float16)."""
+    from pagoda.layers.quantization.gguf import held_bits
+    from pagoda.layers.quantization.gguf_blocks import byte_groups
+    from tests.layers.quantization.test_gguf_blocks import gguf_py, random_rows
+    raw = random_rows(type_name, 40, 512, seed=9)
+    weight = GroupQuantWeight(*byte_groups(torch.from_numpy(raw), type_name), 8)
+    assert weight.shared_zero == 128 and weight.low is None
+    weight_bytes = sum(p.numel() * p.element_size() for p in weight.parameters())
+    assert weight_bytes * 8 == 40 * 512 * held_bits(type_name, torch.device("cuda")) == \
+        40 * 512 * 8.5
+    expected = torch.from_numpy(gguf_py(raw, type_name)).float()
+    tolerance = 0 if type_name == "IQ4_NL" else 2.0 ** -11
+    torch.testing.assert_close(weight.dequantize(torch.float32), expected, rtol=tolerance,
+                               atol=0)
+
+
 # (bits, group, GroupQuantWeight's keywords, mins: None, "min", "zero" (integer zero
 # points), "shared zero" (-32 x the scale: scale pairs) or "centred" (-2^(bits - 1) x the
 # scale: no mins held))
