@@ -26,6 +26,9 @@ The mixes follow llama.cpp's choice of block types for Llama:
   (every third layer of the middle). For 32 layers that is layers 0-3, 6, 9, ..., 27, 28-31.
 - q4_k: every linear weight and the token embedding in Q4_K, the output head in Q6_K.
 - q8_0 (its Q8_0): every linear weight, the token embedding and the output head in Q8_0.
+- iq4_xs: q4_k with IQ4_XS in place of Q4_K (each 4-bit index picks one of 16 int8 values,
+  times a 6-bit sub-scale less 32 per 32 weights times the super-block's d), the output
+  head in Q6_K.
 A model with tied embeddings has no output head: its token embedding takes the head's type.
 A Qwen3-MoE's experts are stacked per projection as llama.cpp stores them (ffn_gate_exps,
 ffn_up_exps, ffn_down_exps: the down projection's type as ffn_down's above), beside its
@@ -42,16 +45,19 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from pagoda.layers.quantization.gguf_blocks import TABLE_VALUES
 from pagoda.models.arch.llama import llama3_rope_factors
 from pagoda.models.hf_config import HFConfig
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 Q6_K = gguf.GGMLQuantizationType.Q6_K
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
+IQ4_XS = gguf.GGMLQuantizationType.IQ4_XS
 F32 = gguf.GGMLQuantizationType.F32
-MIXES = ("q4_k_m", "q4_k", "q8_0")
+MIXES = ("q4_k_m", "q4_k", "q8_0", "iq4_xs")
 # the file type a mix declares (llama.cpp's names for its mixes; q4_k is none of them)
-FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "iq4_xs": gguf.LlamaFileType.MOSTLY_IQ4_XS}
 WEIGHT_STD = 0.02  # as pagoda's dummy loader
 Q4_K_CODE_STD = float(np.sqrt((16**2 - 1) / 12))  # codes 0..15 around their mean 7.5
 Q6_K_CODE_STD = float(np.sqrt((64**2 - 1) / 12))  # codes 0..63 less 32
@@ -94,7 +100,7 @@ def linear_kind(stem: str, layer: int, num_layers: int, mix: str) -> gguf.GGMLQu
         return Q8_0
     if mix == "q4_k_m" and stem in MORE_BITS_STEMS and use_more_bits(layer, num_layers):
         return Q6_K
-    return Q4_K
+    return IQ4_XS if mix == "iq4_xs" else Q4_K
 
 
 def linear_shapes(config: HFConfig) -> dict[str, tuple[int, int]]:
@@ -141,7 +147,7 @@ def head_kind(mix: str) -> gguf.GGMLQuantizationType:
 
 def embedding_kind(mix: str) -> gguf.GGMLQuantizationType:
     """The block type of an untied token embedding in `mix`."""
-    return Q8_0 if mix == "q8_0" else Q4_K
+    return Q8_0 if mix == "q8_0" else IQ4_XS if mix == "iq4_xs" else Q4_K
 
 
 def expert_tensors(config: HFConfig, layer: int, mix: str) -> list[PlannedTensor]:
@@ -224,7 +230,16 @@ def q8_0_blocks(rng: np.random.Generator, blocks: int, std: float) -> np.ndarray
                            random_bytes(rng, blocks, 32)], axis=1)
 
 
-BLOCK_MAKERS = {Q4_K: q4_k_blocks, Q6_K: q6_k_blocks, Q8_0: q8_0_blocks}
+def iq4_xs_blocks(rng: np.random.Generator, blocks: int, std: float) -> np.ndarray:
+    """`blocks` IQ4_XS blocks of random indices and 6-bit sub-scales (uniform over 0..63,
+    less 32) under one d set so the weights have about `std`."""
+    values = np.array(TABLE_VALUES, dtype=np.float64)
+    sub_scale_square = (64**2 - 1) / 12 + 0.25  # E[(s - 32)^2], s uniform over 0..63
+    d = std / float(np.sqrt(sub_scale_square * np.mean(values**2)))
+    return np.concatenate([half_bytes(d, blocks), random_bytes(rng, blocks, 134)], axis=1)
+
+
+BLOCK_MAKERS = {Q4_K: q4_k_blocks, Q6_K: q6_k_blocks, Q8_0: q8_0_blocks, IQ4_XS: iq4_xs_blocks}
 
 
 def tensor_data(tensor: PlannedTensor, config: HFConfig, rng: np.random.Generator) -> np.ndarray:

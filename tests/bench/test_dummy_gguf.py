@@ -87,6 +87,21 @@ def test_q8_0_mix_holds_every_table_in_q8_0_blocks_of_the_intended_size(config_d
     assert abs(values.mean()) < 0.05 * WEIGHT_STD
 
 
+def test_iq4_xs_mix_holds_its_linear_weights_in_iq4_xs_of_the_intended_size(config_dir,
+                                                                             tmp_path):
+    path = write_dummy_gguf(config_dir, tmp_path / "iq4_xs.gguf", mix="iq4_xs")
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors if t.tensor_type.name != "F32"}
+    assert types.pop("output.weight") == "Q6_K"
+    assert set(types.values()) == {"IQ4_XS"} and len(types) == 1 + 7 * LAYERS
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == \
+        gguf.LlamaFileType.MOSTLY_IQ4_XS
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name == "IQ4_XS":
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            assert values.std() == pytest.approx(WEIGHT_STD, rel=0.05)
+            assert abs(values.mean()) < 0.05 * WEIGHT_STD
+
 def test_blocks_decode_to_finite_centred_weights(q4_k_m_file):
     for tensor in gguf.GGUFReader(q4_k_m_file).tensors:
         if tensor.tensor_type.name == "F32":
