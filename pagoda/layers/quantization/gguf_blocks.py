@@ -290,7 +290,8 @@ def _table_values(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
     else:  # IQ4_XS: d, 16 bits of sub-scale highs, 4 bytes of sub-scale lows, 128 of indices
         d = _half(blocks[..., 0:2])
         highs = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
-        lows = _nibbles(blocks[..., 4:8])  # sub-block 2i's low nibble, then 2i + 1's
+        # byte i's low nibble is sub-block 2i's, its high nibble 2i + 1's
+        lows = _nibbles(blocks[..., 4:8])
         lows = torch.stack([lows[..., :4], lows[..., 4:]], dim=-1).reshape(*lows.shape[:-1], 8)
         shifts = 2 * torch.arange(8, dtype=torch.int32, device=blocks.device)
         sub = lows.to(torch.int32) | (((highs >> shifts) & 3) << 4)
