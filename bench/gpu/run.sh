@@ -188,8 +188,8 @@ run_stage() {
     # QUANT_VARIANTS (default bf16), this tree and .base/ alternated twice
     ab-throughput) against_base "${QUANT_VARIANTS:-bf16}" throughput- throughput_of ;;
     # decode-1 of QUANT_VARIANTS (default awq fp8) with the environment variable SWITCH set
-    # to each of SWITCH_VALUES, alternated twice (RUNS: "1 2") (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS
-    # SWITCH_VALUES="1 0")
+    # to each of SWITCH_VALUES, alternated twice (RUNS, default "1 2", names the rounds)
+    # (e.g. SWITCH=PAGODA_PLANE_ZERO_POINTS SWITCH_VALUES="1 0")
     # ("default" in SWITCH_VALUES leaves it unset); switch-prefill the same for quant_prefill
     # (e.g. SWITCH=PAGODA_DECODE_FROM SWITCH_VALUES="default 0" QUANT_VARIANTS="gguf awq"),
     # switch-batch for quant_batch (e.g. SWITCH=PAGODA_FP8_GEMM SWITCH_VALUES="default cublas"

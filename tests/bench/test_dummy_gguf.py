@@ -102,6 +102,7 @@ def test_iq4_xs_mix_holds_its_linear_weights_in_iq4_xs_of_the_intended_size(conf
             assert values.std() == pytest.approx(WEIGHT_STD, rel=0.05)
             assert abs(values.mean()) < 0.05 * WEIGHT_STD
 
+
 def test_blocks_decode_to_finite_centred_weights(q4_k_m_file):
     for tensor in gguf.GGUFReader(q4_k_m_file).tensors:
         if tensor.tensor_type.name == "F32":

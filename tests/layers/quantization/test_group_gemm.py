@@ -657,7 +657,6 @@ def test_byte_codes_of_lows_minus_128_scales_are_held_without_mins(monkeypatch):
     assert GroupQuantWeight(codes, scale, low, group, 8).holds_mins
 
 
-
 @pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
 def test_table_types_are_held_as_centred_byte_codes(type_name):
     """GGUF's IQ4_NL and IQ4_XS (a 4-bit index into 16 int8 values, a scale per 32 weights)
