@@ -335,7 +335,8 @@ def test_table_types_are_held_as_byte_codes_where_the_block_dot_kernel_runs(
         tmp_path, cpu_kernel, type_name):
     """A GGUF whose projections are IQ4_NL or IQ4_XS (a 4-bit index into a table of 16 int8
     values, a scale per 32 weights): the block-dot kernel holds them as byte codes (the value
-    plus 128; IQ4_NL's scales float16s, IQ4_XS's float32s), torch's path decodes them at load;
+    plus 128; IQ4_NL's scales float16s, IQ4_XS's as its blocks store them: an int8
+    sub-scale a group times a super-block's float), torch's path decodes them at load;
     the estimate counts what is held, and the greedy tokens are those of the weights decoded
     at load."""
     path = write_table_type_gguf(tmp_path / f"{type_name}.gguf", type_name)
@@ -348,7 +349,9 @@ def test_table_types_are_held_as_byte_codes_where_the_block_dot_kernel_runs(
         if mode == "gguf":
             kernels = {m.method.kernel(m) for m in _model(llm).modules()
                        if isinstance(m, LinearBase)}
-            assert kernels == ({kernel_name(8, 2, half_scales=type_name == "IQ4_NL")}
+            on_block_dot = kernel_name(8, 2, half_scales=type_name == "IQ4_NL",
+                                       factored=type_name == "IQ4_XS")
+            assert kernels == ({on_block_dot}
                                if cpu_kernel == "cpu_block_dot" else {"dense matmul"})
             assert estimate(resolve_model(str(path)), 128, quantization="gguf").weight_bytes \
                 == llm.engine.model_info.weight_bytes

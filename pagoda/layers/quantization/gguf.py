@@ -39,6 +39,7 @@ from pagoda.layers.quantization.cpu_block_dot import (
 )
 from pagoda.layers.quantization.gguf_blocks import (
     CENTRED_FORMATS,
+    FACTORED_FORMATS,
     FORMATS,
     HALF_SCALE_FORMATS,
     INT4_FORMATS,
@@ -297,13 +298,11 @@ def _kernel_kind(type_name: str, rows: int, columns: int, device: torch.device) 
 
 def _block_dot_scales(type_name: str) -> str:
     """How the CPU block-dot kernel holds a type's scales and lows: float16s (the legacy
-    types), factored with sub-lows of their own, factored with the sub-scales serving as
-    sub-lows, or float32s (IQ4_XS) (held_bits counts each so: pieces of different forms get
-    kernels apart)."""
+    types and IQ4_NL), factored with sub-lows of their own, or factored with the sub-scales
+    serving as sub-lows (held_bits counts each so: pieces of different forms get kernels
+    apart)."""
     if type_name in HALF_SCALE_FORMATS:
         return "half"
-    if type_name not in K_QUANTS:
-        return "float"
     return "scaled-lows" if type_name in LOWS_OF_SCALES else "factored"
 
 
@@ -336,6 +335,7 @@ def _kernel(pieces: list, device: torch.device) -> nn.Module:
         factors = None  # (read only with PAGODA_PLANE_FACTORED_SCALES=1)
         if group_gemm.FACTORED_SCALES_IN_PLANES:
             factors = _stacked_or_none([scale_factors(r, p.type_name)
+                                        if p.type_name in K_QUANTS else None
                                         for r, p in zip(rows, pieces)])
         return GroupQuantWeight(codes, scale, low, group, bits, factors=factors)
     return BlockRows(torch.cat([p.rows for p in pieces]).to(device), kind)
@@ -477,7 +477,7 @@ def held_bits(type_name: str, device: torch.device) -> float:
     group_gemm.CENTRED_CODES), but for the k-quants, held factored: an int8 sub-scale a
     group, an int8 sub-min where the type has mins, and a super-block of 256's two factors
     (float16 in the GPU's planes, with PAGODA_PLANE_FACTORED_SCALES=1; float32 in the CPU
-    block-dot kernel), and IQ4_XS's float32 scale and low a group in the CPU kernel."""
+    block-dot kernel, which holds IQ4_XS's so too)."""
     if device.type == "cuda":
         bits, group = group_layout(type_name)
         if type_name in K_QUANTS and group_gemm.FACTORED_SCALES_IN_PLANES:
@@ -489,9 +489,9 @@ def held_bits(type_name: str, device: torch.device) -> float:
         return bits + 32 // group
     if _block_dot_holds(type_name):
         bits, group = block_dot_layout(type_name)
-        if type_name in K_QUANTS:
+        if type_name in FACTORED_FORMATS:
             return _factored_bits(type_name, bits, group, 32)
-        return bits + (32 if type_name in HALF_SCALE_FORMATS else 64) // group
+        return bits + 32 // group
     if type_name in INT4_FORMATS:
         return 4 + 32 // 32
     return FORMATS[type_name].block_bytes * 8 // FORMATS[type_name].block_weights

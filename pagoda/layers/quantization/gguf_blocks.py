@@ -47,7 +47,9 @@ SIX_BIT_FORMATS = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K"})
 K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})  # super-blocks of 256
 # the k-quants without mins: a weight is (code - offset) * scale, its low a multiple of it
 K_OFFSETS = {"Q3_K": 4.0, "Q6_K": 32.0}
-LOWS_OF_SCALES = frozenset(K_OFFSETS)
+# the types whose lows are one multiple of their scales in every group (the k-quants of
+# K_OFFSETS; IQ4_XS's byte codes, -128)
+LOWS_OF_SCALES = frozenset(K_OFFSETS) | {"IQ4_XS"}
 SIXTEEN_A_GROUP = frozenset({"Q2_K", "Q3_K", "Q6_K"})  # a scale (and min) per 16 weights
 # types whose byte_groups scales and mins are float16s (a block's d, its m, or d times a
 # power of two); the k-quants' are products of a float16 and a 6- or 8-bit integer
@@ -60,6 +62,9 @@ TABLE_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
 # the types whose lows are all one power of two times their scales (Q4_0's -8, Q8_0's and the
 # table types' codes' -128): the GPU kernel holds their scales alone (group_gemm.CENTRED_CODES)
 CENTRED_FORMATS = frozenset({"Q4_0", "Q8_0"}) | TABLE_FORMATS
+# the types whose scales are integer sub-scales a group times a super-block's float16
+# (scale_factors)
+FACTORED_FORMATS = K_QUANTS | {"IQ4_XS"}
 
 
 def _half(raw: torch.Tensor) -> torch.Tensor:
@@ -179,10 +184,10 @@ def _q3_k_scales(raw: torch.Tensor) -> torch.Tensor:
 
 def _k_factors(blocks: torch.Tensor, name: str
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """A k-quant's scales and mins as its blocks store them: the sub-scales and sub-mins
-    [rows, blocks, groups] (integers; None where the low is a multiple of the scale: the
-    sub-scales serve) and each super-block's scale and low factors [rows, blocks] (d, and
-    -dmin or that multiple of d)."""
+    """A k-quant's (or IQ4_XS's) scales and mins as its blocks store them: the sub-scales
+    and sub-mins [rows, blocks, groups] (integers; None where the low is a multiple of the
+    scale: the sub-scales serve) and each super-block's scale and low factors [rows,
+    blocks] (d, and -dmin or that multiple of d)."""
     if name in ("Q4_K", "Q5_K"):
         d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
         sc, m = _k_scales_mins(blocks[..., 4:16])
@@ -193,6 +198,9 @@ def _k_factors(blocks: torch.Tensor, name: str
     if name == "Q3_K":
         d = _half(blocks[..., 108:110])
         return _q3_k_scales(blocks[..., 96:108]), None, d, -K_OFFSETS[name] * d
+    if name == "IQ4_XS":  # (its codes are the table's values plus 128)
+        sub_scale, d = _iq4_xs_sub_scales(blocks)
+        return sub_scale, None, d, -128.0 * d
     packed = blocks[..., 0:16]  # Q2_K
     return packed & 15, packed >> 4, _half(blocks[..., 80:82]), -_half(blocks[..., 82:84])
 
@@ -239,11 +247,11 @@ def byte_groups(rows: torch.Tensor, name: str
 
 
 def scale_factors(rows: torch.Tensor, name: str) -> ScaleFactors | None:
-    """A k-quant's byte_groups scales and lows as the blocks store them: integer sub-scales
-    (and sub-mins) a group times each super-block's d (and dmin), the lows of the types
-    without mins a multiple of their scales; None for the legacy types (one float16 scale
-    a block of 32)."""
-    if name not in K_QUANTS:
+    """A k-quant's or IQ4_XS's byte_groups scales and lows as the blocks store them: integer
+    sub-scales (and sub-mins) a group times each super-block's d (and dmin), the lows of the
+    types without mins a multiple of their scales; None for the other types (one float16
+    scale a block of 32)."""
+    if name not in FACTORED_FORMATS:
         return None
     sub_scale, sub_low, scale_factor, low_factor = _k_factors(_blocks(rows, FORMATS[name]), name)
 
@@ -288,16 +296,22 @@ def _table_values(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
         scale = _half(blocks[..., 0:2])
         indices = _nibbles(blocks[..., 2:18])
     else:  # IQ4_XS: d, 16 bits of sub-scale highs, 4 bytes of sub-scale lows, 128 of indices
-        d = _half(blocks[..., 0:2])
-        highs = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
-        # byte i's low nibble is sub-block 2i's, its high nibble 2i + 1's
-        lows = _nibbles(blocks[..., 4:8])
-        lows = torch.stack([lows[..., :4], lows[..., 4:]], dim=-1).reshape(*lows.shape[:-1], 8)
-        shifts = 2 * torch.arange(8, dtype=torch.int32, device=blocks.device)
-        sub = lows.to(torch.int32) | (((highs >> shifts) & 3) << 4)
-        scale = (d[..., None] * (sub - 32).float()).reshape(count, -1)
+        sub_scale, d = _iq4_xs_sub_scales(blocks)
+        scale = d[..., None] * sub_scale.float()
         indices = _nibbles(blocks[..., 8:136].reshape(count, -1, 8, 16))
     return table[indices.long()].reshape(count, -1, 32), scale.reshape(count, -1)
+
+
+def _iq4_xs_sub_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ4_XS's eight 6-bit sub-scales less 32 a block, [rows, blocks, 8] int32 (each one's
+    low four bits a nibble of bytes 4-7, its top two bits of the 16-bit word at 2), and
+    each block's d [rows, blocks] float32."""
+    highs = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
+    # byte i's low nibble is sub-block 2i's, its high nibble 2i + 1's
+    lows = _nibbles(blocks[..., 4:8])
+    lows = torch.stack([lows[..., :4], lows[..., 4:]], dim=-1).reshape(*lows.shape[:-1], 8)
+    shifts = 2 * torch.arange(8, dtype=torch.int32, device=blocks.device)
+    return (lows.to(torch.int32) | (((highs >> shifts) & 3) << 4)) - 32, _half(blocks[..., 0:2])
 
 
 def _dequantize_k(blocks: torch.Tensor, name: str) -> torch.Tensor:

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from pagoda.layers.quantization.cpu_block_dot import factored_exactly
 from pagoda.layers.quantization.gguf_blocks import (
+    FACTORED_FORMATS,
     FORMATS,
     INT4_FORMATS,
+    LOWS_OF_SCALES,
     byte_groups,
     dequantize_rows,
     int4_groups,
+    scale_factors,
 )
 from pagoda.models.gguf_index import read_tensor_index
 from pagoda.models.loader.gguf import read_gguf_tensors
@@ -70,6 +74,17 @@ def test_byte_groups_rebuild_the_weights(name):
     torch.testing.assert_close(weights.reshape(3, -1), expected, rtol=1e-5,
                                atol=1e-6 * float(expected.abs().max()))
 
+
+@pytest.mark.parametrize("name", sorted(FACTORED_FORMATS))
+def test_factored_scales_are_the_byte_groups_scales_and_lows_to_the_bit(name):
+    """The k-quants' and IQ4_XS's scales as their blocks store them (an integer a group
+    times a super-block's float16) multiply out to byte_groups' scales and lows exactly,
+    the form the CPU block-dot kernel holds in fewer bytes."""
+    rows = torch.from_numpy(random_rows(name, 3, 512, seed=3))
+    _, scale, low, _ = byte_groups(rows, name)
+    factors = scale_factors(rows, name)
+    assert factors.sub_scale.dtype == torch.int8 and factored_exactly(factors, scale, low)
+    assert (factors.sub_low is None) == (name in LOWS_OF_SCALES)
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_codes_of_at_most_7_bits_fit_byte_planes_and_come_back_whole(name):
