@@ -59,9 +59,12 @@ HALF_SCALE_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"
 # times its super-block's float16
 TABLE_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 TABLE_FORMATS = frozenset({"IQ4_NL", "IQ4_XS"})
-# the types whose lows are all one power of two times their scales (Q4_0's -8, Q8_0's and the
-# table types' codes' -128): the GPU kernel holds their scales alone (group_gemm.CENTRED_CODES)
-CENTRED_FORMATS = frozenset({"Q4_0", "Q8_0"}) | TABLE_FORMATS
+# the types whose weights are a signed byte's value times a scale per 32 (Q8_0's stored, the
+# table types' looked up): codes are the value plus 128, lows -128 times the scale
+SIGNED_BYTE_FORMATS = frozenset({"Q8_0"}) | TABLE_FORMATS
+# the types whose lows are all one power of two times their scales (Q4_0's -8, the signed
+# bytes' -128): the GPU kernel holds their scales alone (group_gemm.CENTRED_CODES)
+CENTRED_FORMATS = frozenset({"Q4_0"}) | SIGNED_BYTE_FORMATS
 # the types whose scales are integer sub-scales a group times a super-block's float16
 # (scale_factors)
 FACTORED_FORMATS = K_QUANTS | {"IQ4_XS"}
@@ -228,14 +231,9 @@ def byte_groups(rows: torch.Tensor, name: str
         scale, low = _k_scales(blocks, name)
         return codes.reshape(count, -1), scale.reshape(count, -1), low.reshape(count, -1), \
             QK_K // scale.shape[-1]
-    if name in TABLE_FORMATS:
-        values, scale = _table_values(blocks, name)
+    if name in SIGNED_BYTE_FORMATS:
+        values, scale = _signed_values(blocks, name)
         codes = (values + 128).to(torch.uint8)
-        low = -128.0 * scale
-    elif name == "Q8_0":
-        scale = _half(blocks[..., 0:2])
-        codes = (blocks[..., 2:34].contiguous().view(torch.int8).to(torch.int16) + 128
-                 ).to(torch.uint8)
         low = -128.0 * scale
     elif name in ("Q5_0", "Q5_1"):
         scale = _half(blocks[..., 0:2])
@@ -269,9 +267,9 @@ def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
         codes, scale, low = int4_groups(rows, name)
         groups = codes.reshape(rows.shape[0], -1, 32).float()
         return (groups * scale[..., None] + low[..., None]).reshape(rows.shape[0], -1)
-    if name == "Q8_0":
-        values = blocks[..., 2:34].contiguous().view(torch.int8).float()
-        return (_half(blocks[..., 0:2])[..., None] * values).reshape(rows.shape[0], -1)
+    if name in SIGNED_BYTE_FORMATS:
+        values, scale = _signed_values(blocks, name)
+        return (scale[..., None] * values.float()).reshape(rows.shape[0], -1)
     if name == "Q5_0":
         codes = _q5(blocks, 2).float() - 16.0
         return (_half(blocks[..., 0:2])[..., None] * codes).reshape(rows.shape[0], -1)
@@ -280,18 +278,18 @@ def dequantize_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
         return (weights + _half(blocks[..., 2:4])[..., None]).reshape(rows.shape[0], -1)
     if name in K_QUANTS:
         return _dequantize_k(blocks, name).reshape(rows.shape[0], -1)
-    if name in TABLE_FORMATS:
-        values, scale = _table_values(blocks, name)
-        return (scale[..., None] * values.float()).reshape(rows.shape[0], -1)
     raise ValueError(f"GGUF type {name} has no torch decoder")
 
 
-def _table_values(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """An IQ4_NL or IQ4_XS matrix's weights over their scales, [rows, groups, 32] int16 of
-    TABLE_VALUES, and the scales [rows, groups] float32 (a group: 32 weights, whose
-    indices' low nibbles are its first 16 and high nibbles its last 16)."""
-    table = torch.tensor(TABLE_VALUES, dtype=torch.int16, device=blocks.device)
+def _signed_values(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SIGNED_BYTE_FORMATS matrix's weights over their scales, [rows, groups, 32] int16
+    (Q8_0's stored int8s; for IQ4_NL and IQ4_XS TABLE_VALUES, a group's indices' low nibbles
+    its first 16 and high nibbles its last 16), and the scales [rows, groups] float32."""
     count = blocks.shape[0]
+    if name == "Q8_0":
+        values = blocks[..., 2:34].contiguous().view(torch.int8).to(torch.int16)
+        return values.reshape(count, -1, 32), _half(blocks[..., 0:2]).reshape(count, -1)
+    table = torch.tensor(TABLE_VALUES, dtype=torch.int16, device=blocks.device)
     if name == "IQ4_NL":
         scale = _half(blocks[..., 0:2])
         indices = _nibbles(blocks[..., 2:18])
